@@ -1,0 +1,168 @@
+"""The array backend: turns a device string into an array module `xp`.
+
+NumPy serves `cpu`; CuPy serves `cuda` / `cuda:N`. CuPy is imported here and
+nowhere else, lazily, so xpmodel installs and runs without it. Layer code asks
+`array_module(x)` for the module that owns an array and does all its math
+through it.
+"""
+from dataclasses import dataclass
+
+import numpy
+
+_cupy = None          # the cupy module once imported
+_cupy_error = None    # why it could not be imported
+
+
+def _import_cupy():
+    global _cupy, _cupy_error
+    if _cupy is None and _cupy_error is None:
+        try:
+            import cupy
+            _cupy = cupy
+        except Exception as exc:  # ImportError, or a broken CUDA install
+            _cupy_error = exc
+    return _cupy
+
+
+def cuda_available():
+    """True when CuPy imports and sees at least one GPU."""
+    cupy = _import_cupy()
+    if cupy is None:
+        return False
+    try:
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+class DeviceError(RuntimeError):
+    """A device was asked for that this machine cannot provide."""
+
+
+@dataclass(frozen=True)
+class Device:
+    """A resolved device: its array module and, for CUDA, the GPU index."""
+    kind: str   # "cpu" or "cuda"
+    index: int  # GPU ordinal; 0 on CPU
+
+    @property
+    def xp(self):
+        return numpy if self.kind == "cpu" else _cupy
+
+    @property
+    def is_cuda(self):
+        return self.kind == "cuda"
+
+    def __str__(self):
+        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+
+    def activate(self):
+        """Make this device current for the allocations that follow."""
+        if self.is_cuda:
+            _cupy.cuda.Device(self.index).use()
+
+
+_INSTALL_HINT = ("install CuPy for your CUDA version: pip install 'xpmodel[cuda12]' "
+                 "or 'xpmodel[cuda13]'")
+
+
+def get_device(spec="cpu"):
+    """Resolve `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when usable, else CPU)."""
+    if isinstance(spec, Device):
+        return spec
+    text = str(spec).strip().lower()
+    if text == "auto":
+        return get_device("cuda") if cuda_available() else Device("cpu", 0)
+    if text == "cpu":
+        return Device("cpu", 0)
+    if text == "cuda" or text.startswith("cuda:"):
+        index_text = text[5:] if text.startswith("cuda:") else "0"
+        if not index_text.isdigit():
+            raise DeviceError(f"bad device {spec!r}: expected cpu, cuda, cuda:N or auto")
+        index = int(index_text)
+        if _import_cupy() is None:
+            raise DeviceError(f"device {spec!r} needs CuPy, which is not importable "
+                              f"({_cupy_error.__class__.__name__}): {_INSTALL_HINT}")
+        try:
+            count = _cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:
+            raise DeviceError(f"device {spec!r}: CuPy sees no usable GPU ({exc})") from None
+        if count == 0:
+            raise DeviceError(f"device {spec!r}: no GPU found")
+        if index >= count:
+            raise DeviceError(f"device {spec!r}: only {count} GPU(s) present")
+        return Device("cuda", index)
+    raise DeviceError(f"bad device {spec!r}: expected cpu, cuda, cuda:N or auto")
+
+
+def array_module(array):
+    """The module (numpy or cupy) that owns `array`."""
+    if _cupy is not None and isinstance(array, _cupy.ndarray):
+        return _cupy
+    return numpy
+
+
+def is_cuda_array(array):
+    return _cupy is not None and isinstance(array, _cupy.ndarray)
+
+
+def to_host(array):
+    """A NumPy copy (or the array itself when already on the host)."""
+    if is_cuda_array(array):
+        return array.get()
+    return numpy.asarray(array)
+
+
+def to_device(array, device):
+    """`array` placed on `device` (no copy when it is already there)."""
+    device = get_device(device)
+    if device.is_cuda:
+        with _cupy.cuda.Device(device.index):
+            return _cupy.asarray(array)
+    return to_host(array)
+
+
+_DTYPES = {"float32": numpy.float32, "fp32": numpy.float32,
+           "float64": numpy.float64, "fp64": numpy.float64,
+           "float16": numpy.float16, "fp16": numpy.float16}
+
+
+def get_dtype(name):
+    """A NumPy dtype from `float32`, `float64` or `float16` (or a dtype)."""
+    if isinstance(name, str):
+        if name not in _DTYPES:
+            raise ValueError(f"unknown dtype {name!r}: expected one of float32, float64, float16")
+        return numpy.dtype(_DTYPES[name])
+    return numpy.dtype(name)
+
+
+def random_generator(device, seed):
+    """A seeded generator on `device` with `normal`, `random` and `integers`."""
+    device = get_device(device)
+    if device.is_cuda:
+        with _cupy.cuda.Device(device.index):
+            return _cupy.random.default_rng(seed)
+    return numpy.random.default_rng(seed)
+
+
+def scatter_add_rows(target, index, rows):
+    """target[index[i]] += rows[i] for every i, repeated indices summed.
+
+    target: (V, C); index: (N,) ints; rows: (N, C).
+    """
+    xp = array_module(target)
+    if xp is numpy:
+        # sort + reduceat sums each distinct index once; np.add.at is far slower
+        order = numpy.argsort(index, kind="stable")
+        sorted_index = index[order]
+        starts = numpy.flatnonzero(numpy.r_[True, sorted_index[1:] != sorted_index[:-1]])
+        sums = numpy.add.reduceat(rows[order], starts, axis=0)
+        target[sorted_index[starts]] += sums.astype(target.dtype, copy=False)
+    else:
+        import cupyx
+        cupyx.scatter_add(target, index, rows.astype(target.dtype, copy=False))
+
+
+def synchronize(device):
+    if get_device(device).is_cuda:
+        _cupy.cuda.get_current_stream().synchronize()

@@ -1,0 +1,24 @@
+"""Errors that the command line reports as one line, without a traceback.
+
+`UsageError` (exit 2) is for what the user asked for: bad configs, flags,
+values. `XpmodelError` (exit 1) is for what went wrong while doing it: bad
+data, corrupt checkpoints, numeric faults, a full disk.
+"""
+
+
+class XpmodelError(Exception):
+    """A runtime failure with a message fit to show the user as is."""
+    exit_code = 1
+
+
+class UsageError(XpmodelError, ValueError):
+    """A bad config value, flag or argument."""
+    exit_code = 2
+
+
+class DataError(XpmodelError):
+    """A corpus, token file or tokenizer that cannot be used."""
+
+
+class CheckpointError(XpmodelError):
+    """A checkpoint or run directory that cannot be used."""
