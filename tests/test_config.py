@@ -1,0 +1,432 @@
+"""Tests for xpmodel.config: shipped configs, overrides, validation messages, save/load."""
+import dataclasses
+import os
+
+import pytest
+
+from xpmodel.config import (
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    save_config,
+    shipped_configs,
+)
+from xpmodel.errors import UsageError
+
+SHIPPED = ("default", "shakespeare-char", "shakespeare-char-cpu", "gpt2-small")
+SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def write(tmp_path, text, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def usage_error(*args, **kwargs):
+    """The UsageError that load_config raises, checked to be a one-line message."""
+    with pytest.raises(UsageError) as info:
+        load_config(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# ---------------------------------------------------------------------------
+# Shipped configs.
+
+def test_all_shipped_configs_are_listed():
+    assert set(SHIPPED) <= set(shipped_configs())
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_config_loads(name):
+    config = load_config(name)
+    assert isinstance(config, RunConfig)
+    assert config.model.n_embd % config.model.n_head == 0
+    assert (config.train.max_iters is None) != (config.train.epochs is None)
+
+
+def test_default_is_loaded_without_a_name():
+    assert load_config() == load_config("default")
+
+
+def test_default_config_shape():
+    config = load_config("default")
+    assert (config.model.n_layer, config.model.n_head, config.model.n_embd) == (6, 8, 256)
+    assert (config.model.block_size, config.train.batch_size) == (128, 16)
+    assert (config.data.tokenizer, config.data.vocab_size, config.data.source) == ("bpe", 4096, "shakespeare")
+    assert config.train.lr == 3e-4 and config.train.grad_clip == 1.0
+    # Sized to finish within about ten minutes at ~1.5 steps/s on 2 CPU cores.
+    assert config.train.max_iters / 1.5 <= 600
+
+
+def test_shakespeare_char_matches_nanogpt():
+    config = load_config("shakespeare-char")
+    assert config.data.tokenizer == "byte"
+    assert (config.model.n_layer, config.model.n_head, config.model.n_embd) == (6, 6, 384)
+    assert (config.model.block_size, config.train.batch_size, config.model.dropout) == (256, 64, 0.2)
+    assert (config.train.lr, config.train.min_lr, config.train.beta2) == (1e-3, 1e-4, 0.99)
+    assert config.train.max_iters == config.train.lr_decay_iters == 5000
+    assert (config.train.eval_interval, config.train.eval_batches) == (250, 200)
+
+
+def test_cpu_variant_inherits_from_its_base():
+    config = load_config("shakespeare-char-cpu")
+    assert (config.model.n_layer, config.model.n_head, config.model.n_embd) == (4, 4, 128)
+    assert (config.model.block_size, config.train.batch_size, config.model.dropout) == (64, 12, 0.0)
+    assert config.train.max_iters == config.train.lr_decay_iters == 2000
+    # From shakespeare-char, not restated in the CPU file:
+    assert config.data.tokenizer == "byte"
+    assert (config.train.lr, config.train.min_lr, config.train.beta2) == (1e-3, 1e-4, 0.99)
+
+
+def test_gpt2_small_shape():
+    config = load_config("gpt2-small")
+    assert (config.model.n_layer, config.model.n_head, config.model.n_embd) == (12, 12, 768)
+    assert (config.model.block_size, config.data.vocab_size) == (1024, 50304)
+    assert config.train.precision == "fp16"
+    assert (config.train.lr, config.train.min_lr) == (6e-4, 6e-5)
+
+
+def test_dataclass_defaults_are_valid():
+    config = RunConfig()
+    assert config.data.tokenizer == "bpe" and config.train.max_iters == 5000
+    assert config.train.epochs is None
+
+
+# ---------------------------------------------------------------------------
+# YAML files and layering.
+
+def test_file_may_omit_sections_and_keys(tmp_path):
+    path = write(tmp_path, "model:\n  n_layer: 2\n")
+    config = load_config(path)
+    assert config.model.n_layer == 2
+    assert config.model.n_embd == ModelConfig().n_embd
+    assert config.data == DataConfig()
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == RunConfig()
+
+
+def test_path_given_as_string(tmp_path):
+    path = write(tmp_path, "train:\n  seed: 7\n")
+    assert load_config(str(path)).train.seed == 7
+
+
+def test_yaml_scientific_notation_without_dot_is_a_float(tmp_path):
+    # YAML 1.1 reads `1e-3` as a string; float fields accept it anyway.
+    config = load_config(write(tmp_path, "train:\n  lr: 1e-3\n  min_lr: 0\n"))
+    assert config.train.lr == 0.001 and isinstance(config.train.lr, float)
+    assert config.train.min_lr == 0.0 and isinstance(config.train.min_lr, float)
+
+
+def test_setting_epochs_replaces_inherited_max_iters(tmp_path):
+    config = load_config(write(tmp_path, "train:\n  epochs: 3\n"))
+    assert (config.train.epochs, config.train.max_iters) == (3, None)
+
+
+def test_base_inherits_and_overrides(tmp_path):
+    write(tmp_path, "model:\n  n_layer: 3\n  n_head: 4\n", name="parent.yaml")
+    path = write(tmp_path, "base: parent.yaml\nmodel:\n  n_head: 2\n")
+    config = load_config(path)
+    assert (config.model.n_layer, config.model.n_head) == (3, 2)
+
+
+def test_base_may_name_a_shipped_config(tmp_path):
+    config = load_config(write(tmp_path, "base: shakespeare-char\ntrain:\n  max_iters: 300\n"))
+    assert (config.model.n_embd, config.train.max_iters) == (384, 300)
+
+
+def test_base_loop_is_rejected(tmp_path):
+    write(tmp_path, "base: b.yaml\n", name="a.yaml")
+    write(tmp_path, "base: a.yaml\n", name="b.yaml")
+    assert "loops" in usage_error(tmp_path / "a.yaml")
+
+
+# ---------------------------------------------------------------------------
+# Overrides.
+
+def test_overrides_are_typed_by_the_schema():
+    config = load_config("default", [
+        "model.n_layer=4", "train.lr=1e-3", "train.weight_decay=0", "data.crop_augment=true",
+        "data.source=notes.txt", "train.max_iters=200", "data.cache_dir=/tmp/cache",
+    ])
+    assert config.model.n_layer == 4 and type(config.model.n_layer) is int
+    assert config.train.lr == 1e-3 and type(config.train.lr) is float
+    assert config.train.weight_decay == 0.0 and type(config.train.weight_decay) is float
+    assert config.data.crop_augment is True
+    assert config.data.source == "notes.txt"
+    assert config.train.max_iters == 200
+    assert config.data.cache_dir == "/tmp/cache"
+
+
+def test_override_string_fields_keep_their_text():
+    config = load_config("default", ["data.source=2024", "train.sample_prompt=yes"])
+    assert config.data.source == "2024"
+    assert config.train.sample_prompt == "yes"
+
+
+def test_quoted_override_uses_yaml_escapes():
+    config = load_config("default", ['train.sample_prompt="ROMEO:\\n"'])
+    assert config.train.sample_prompt == "ROMEO:\n"
+
+
+@pytest.mark.parametrize("word", ["none", "null", "None"])
+def test_null_override_clears_an_optional_field(word):
+    config = load_config("default", ["train.init_from=run1", f"train.lr_decay_iters={word}"])
+    assert config.train.lr_decay_iters is None
+    config = load_config("default", [f"train.init_from={word}"])
+    assert config.train.init_from is None
+
+
+def test_epochs_override_replaces_max_iters():
+    config = load_config("default", ["train.epochs=2"])
+    assert (config.train.epochs, config.train.max_iters) == (2, None)
+
+
+def test_later_override_of_the_same_key_wins():
+    assert load_config("default", ["model.n_layer=2", "model.n_layer=3"]).model.n_layer == 3
+
+
+def test_single_override_string_is_not_split_into_characters():
+    assert load_config("default", "model.n_layer=2").model.n_layer == 2
+
+
+# ---------------------------------------------------------------------------
+# Errors: unknown names.
+
+@pytest.mark.parametrize("section", ["data", "model", "train"])
+def test_unknown_key_in_file_lists_valid_keys(tmp_path, section):
+    path = write(tmp_path, f"{section}:\n  no_such_key: 1\n")
+    message = usage_error(path)
+    assert str(path) in message
+    assert f"{section}.no_such_key" in message
+    for spec in dataclasses.fields(SECTION_CLASSES[section]):
+        assert spec.name in message
+
+
+@pytest.mark.parametrize("section", ["data", "model", "train"])
+def test_unknown_key_in_override_lists_valid_keys(section):
+    message = usage_error("default", [f"{section}.no_such_key=1"])
+    assert f"{section}.no_such_key=1" in message
+    for spec in dataclasses.fields(SECTION_CLASSES[section]):
+        assert spec.name in message
+
+
+def test_misspelt_key_gets_a_suggestion():
+    assert "did you mean n_layer" in usage_error("default", ["model.n_layers=4"])
+
+
+def test_unknown_section(tmp_path):
+    message = usage_error(write(tmp_path, "optim:\n  lr: 0.1\n"))
+    assert "'optim'" in message and "data, model, train" in message
+
+
+@pytest.mark.parametrize("override", ["optim.lr=0.1", "n_layer=4"])
+def test_override_without_a_section(override):
+    message = usage_error("default", [override])
+    assert override in message and "SECTION.KEY" in message
+
+
+def test_override_without_equals_sign():
+    message = usage_error("default", ["model.n_layer"])
+    assert "'model.n_layer'" in message and "KEY=VALUE" in message
+
+
+def test_unknown_config_name_lists_shipped_names():
+    message = usage_error("no-such-config")
+    assert "'no-such-config'" in message
+    for name in SHIPPED:
+        assert name in message
+
+
+def test_missing_config_file(tmp_path):
+    path = tmp_path / "absent.yaml"
+    message = usage_error(path)
+    assert str(path) in message and "no such config file" in message
+
+
+# ---------------------------------------------------------------------------
+# Errors: malformed YAML.
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    path = write(tmp_path, "model:\n  n_layer: 4\n  n_head: [8\ntrain:\n  lr: 0.1\n")
+    message = usage_error(path)
+    assert str(path) in message and "invalid YAML" in message
+    assert "line 4" in message
+
+
+def test_duplicate_key_names_file_and_line(tmp_path):
+    path = write(tmp_path, "model:\n  n_layer: 4\n  n_layer: 5\n")
+    message = usage_error(path)
+    assert str(path) in message and "duplicate key 'n_layer'" in message and "line 3" in message
+
+
+@pytest.mark.parametrize("text", ["- 1\n- 2\n", "just a string\n", "42\n"])
+def test_top_level_must_be_a_mapping(tmp_path, text):
+    path = write(tmp_path, text)
+    message = usage_error(path)
+    assert str(path) in message and "mapping" in message
+
+
+def test_section_must_be_a_mapping(tmp_path):
+    message = usage_error(write(tmp_path, "model: 4\n"))
+    assert "section model" in message and "mapping" in message
+
+
+# ---------------------------------------------------------------------------
+# Errors: wrong types.
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.n_layer=abc", "model.n_layer must be an integer"),
+    ("model.n_layer=2.5", "model.n_layer must be an integer"),
+    ("model.n_layer=true", "model.n_layer must be an integer"),
+    ("train.lr=fast", "train.lr must be a number"),
+    ("train.lr=false", "train.lr must be a number"),
+    ("data.crop_augment=1", "data.crop_augment must be true or false"),
+    ("data.crop_augment=maybe", "data.crop_augment must be true or false"),
+    ("train.max_iters=ten", "train.max_iters must be an integer or null"),
+    ("train.lr=nan", "train.lr must be a finite number"),
+])
+def test_wrong_type_in_override(override, expected):
+    assert expected in usage_error("default", [override])
+
+
+def test_bool_is_not_an_integer_in_a_file(tmp_path):
+    path = write(tmp_path, "train:\n  batch_size: true\n")
+    message = usage_error(path)
+    assert str(path) in message and "train.batch_size must be an integer" in message and "bool" in message
+
+
+def test_number_is_not_a_string_in_a_file(tmp_path):
+    message = usage_error(write(tmp_path, "data:\n  source: 12\n"))
+    assert "data.source must be a string" in message
+
+
+@pytest.mark.parametrize("override", ["model.n_layer=null", "data.source=none", "train.lr=~"])
+def test_null_only_for_optional_fields(override):
+    key = override.split("=")[0]
+    assert f"{key} must be" in usage_error("default", [override])
+
+
+# ---------------------------------------------------------------------------
+# Errors: impossible values.
+
+@pytest.mark.parametrize("override", [
+    "model.n_layer=0", "model.n_head=-1", "model.n_embd=0", "model.block_size=-8",
+    "train.batch_size=0", "train.grad_accum=0", "train.max_iters=0", "train.lr=0",
+    "train.lr=-1e-3", "train.min_lr=-1e-5", "train.warmup_iters=-1", "train.weight_decay=-0.1",
+    "train.eps=0", "train.grad_clip=-1", "train.eval_interval=0", "train.eval_batches=0",
+    "train.sample_interval=-1", "train.save_interval=0", "train.log_interval=0",
+    "train.keep_last=0", "train.early_stop_patience=-1", "train.lr_decay_iters=0",
+    "train.seed=-5", "data.vocab_size=255", "data.val_fraction=0", "data.val_fraction=1",
+    "model.dropout=1", "model.dropout=-0.1", "data.token_dropout=1.5", "train.beta2=1",
+])
+def test_out_of_range_value(override):
+    key, value = override.split("=")
+    message = usage_error("default", [override])
+    assert f"override '{override}'" in message and f"{key} must be" in message
+
+
+@pytest.mark.parametrize("override", ["train.sample_interval=0", "train.grad_clip=0",
+                                      "train.early_stop_patience=0", "train.warmup_iters=0",
+                                      "data.token_dropout=0", "model.dropout=0"])
+def test_zero_is_allowed_where_it_means_off(override):
+    load_config("default", [override])
+
+
+@pytest.mark.parametrize("override, choice_key", [
+    ("data.tokenizer=char", "data.tokenizer"), ("data.batching=sequential", "data.batching"),
+    ("train.schedule=linear", "train.schedule"), ("train.precision=bf16", "train.precision"),
+])
+def test_choice_outside_its_choices(override, choice_key):
+    message = usage_error("default", [override])
+    assert f"{choice_key} must be one of" in message
+
+
+def test_embedding_width_must_divide_into_heads(tmp_path):
+    path = write(tmp_path, "model:\n  n_embd: 250\n  n_head: 8\n")
+    message = usage_error(path)
+    assert str(path) in message and "model.n_embd (250)" in message and "model.n_head (8)" in message
+
+
+def test_min_lr_above_lr():
+    message = usage_error("default", ["train.min_lr=1e-3"])
+    assert "train.min_lr" in message and "train.lr" in message and "with overrides" in message
+
+
+def test_warmup_longer_than_the_run():
+    message = usage_error("default", ["train.warmup_iters=900", "train.max_iters=800"])
+    assert "train.warmup_iters (900)" in message and "train.max_iters" in message
+
+
+def test_warmup_longer_than_the_decay():
+    assert "train.lr_decay_iters" in usage_error("default", ["train.lr_decay_iters=50"])
+
+
+def test_both_run_lengths_set(tmp_path):
+    message = usage_error(write(tmp_path, "train:\n  max_iters: 100\n  epochs: 2\n"))
+    assert "train.max_iters and train.epochs are both set" in message
+
+
+def test_neither_run_length_set():
+    message = usage_error("default", ["train.max_iters=null"])
+    assert "train.max_iters and train.epochs are both unset" in message
+
+
+def test_error_is_a_value_error_with_usage_exit_code():
+    with pytest.raises(ValueError) as info:
+        load_config("default", ["model.n_layer=0"])
+    assert info.value.exit_code == 2
+
+
+def test_dataclasses_check_themselves():
+    with pytest.raises(UsageError, match="model.n_embd"):
+        ModelConfig(n_embd=100, n_head=8)
+    with pytest.raises(UsageError, match="train.batch_size must be an integer"):
+        TrainConfig(batch_size=True)
+    assert TrainConfig(lr=1).lr == 1.0 and type(TrainConfig(lr=1).lr) is float
+
+
+# ---------------------------------------------------------------------------
+# Saving and reading back.
+
+def test_config_to_dict_has_every_field():
+    document = config_to_dict(RunConfig())
+    assert list(document) == ["data", "model", "train"]
+    for section, cls in SECTION_CLASSES.items():
+        assert list(document[section]) == [spec.name for spec in dataclasses.fields(cls)]
+    assert document["train"]["sample_prompt"] == "\n"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_save_and_load_roundtrip(tmp_path, name):
+    config = load_config(name, ["train.sample_prompt=\"To be: \\n'or'\"", "data.cache_dir=/tmp/x y"])
+    path = tmp_path / "config.yaml"
+    save_config(config, path)
+    assert load_config(path) == config
+    assert os.listdir(tmp_path) == ["config.yaml"]    # no temporary file left behind
+
+
+def test_save_replaces_an_existing_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    save_config(load_config("default"), path)
+    changed = load_config("default", ["model.n_layer=2", "train.epochs=1"])
+    save_config(changed, path)
+    assert load_config(path) == changed
+
+
+def test_config_from_dict_roundtrip():
+    config = load_config("shakespeare-char-cpu")
+    assert config_from_dict(config_to_dict(config)) == config
+
+
+def test_config_from_dict_names_its_label():
+    with pytest.raises(UsageError, match="checkpoint: unknown key model.width"):
+        config_from_dict({"model": {"width": 3}}, label="checkpoint")

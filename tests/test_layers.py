@@ -1,0 +1,147 @@
+"""Each layer's backward against finite differences of its forward (float64)."""
+import numpy as np
+import pytest
+
+from gradcheck import directional_check
+from xpmodel.layers.attention import attention_backward, attention_forward
+from xpmodel.layers.crossentropy import (crossentropy_backward, crossentropy_forward,
+                                         lm_head_backward, lm_head_forward)
+from xpmodel.layers.dropout import dropout_backward, dropout_forward
+from xpmodel.layers.embedding import embedding_backward, embedding_forward
+from xpmodel.layers.gelu import gelu_backward, gelu_forward
+from xpmodel.layers.layernorm import layernorm_backward, layernorm_forward
+from xpmodel.layers.linear import linear_backward, linear_forward
+
+TOL = 1e-7
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def test_linear(rng):
+    x, w, b = rng.standard_normal((5, 4)), rng.standard_normal((4, 3)), rng.standard_normal(3)
+    r = rng.standard_normal((5, 3))
+    dw, db = np.zeros_like(w), np.zeros_like(b)
+    dx = linear_backward(r, x, w, dw, db)
+    assert directional_check(lambda x_: np.sum(linear_forward(x_, w, b) * r), x, dx, rng) < TOL
+    assert directional_check(lambda w_: np.sum(linear_forward(x, w_, b) * r), w, dw, rng) < TOL
+    assert directional_check(lambda b_: np.sum(linear_forward(x, w, b_) * r), b, db, rng) < TOL
+
+
+def test_linear_backward_adds_into_gradients(rng):
+    x, w, b = rng.standard_normal((5, 4)), rng.standard_normal((4, 3)), rng.standard_normal(3)
+    r = rng.standard_normal((5, 3))
+    dw, db = np.ones_like(w), np.ones_like(b)
+    linear_backward(r, x, w, dw, db)
+    np.testing.assert_allclose(dw, 1.0 + x.T @ r)
+    np.testing.assert_allclose(db, 1.0 + r.sum(0))
+
+
+def test_layernorm(rng):
+    x, w, b = rng.standard_normal((6, 8)), rng.standard_normal(8), rng.standard_normal(8)
+    r = rng.standard_normal((6, 8))
+    out, cache = layernorm_forward(x, w, b)
+    ref = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-5) * w + b
+    np.testing.assert_allclose(out, ref, rtol=1e-12)
+    dw, db = np.zeros_like(w), np.zeros_like(b)
+    dx = layernorm_backward(r, cache, w, dw, db)
+    f = lambda x_, w_, b_: np.sum(layernorm_forward(x_, w_, b_)[0] * r)
+    assert directional_check(lambda x_: f(x_, w, b), x, dx, rng) < TOL
+    assert directional_check(lambda w_: f(x, w_, b), w, dw, rng) < TOL
+    assert directional_check(lambda b_: f(x, w, b_), b, db, rng) < TOL
+
+
+def test_gelu(rng):
+    x = rng.standard_normal((4, 7)) * 3
+    r = rng.standard_normal((4, 7))
+    out = gelu_forward(x.copy())
+    ref = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+    np.testing.assert_allclose(out, ref, rtol=1e-12)
+    dx = gelu_backward(r, x)
+    assert directional_check(lambda x_: np.sum(gelu_forward(x_) * r), x, dx, rng) < TOL
+
+
+def test_attention(rng):
+    B, T, H, D = 2, 5, 3, 4
+    qkv = rng.standard_normal((B, T, 3 * H * D))
+    r = rng.standard_normal((B * T, H * D))
+    y, cache = attention_forward(qkv, H)
+    dqkv = attention_backward(r, cache).reshape(qkv.shape)
+    f = lambda q_: np.sum(attention_forward(q_, H)[0] * r)
+    assert directional_check(f, qkv, dqkv, rng) < TOL
+
+
+def test_attention_is_causal(rng):
+    B, T, H, D = 1, 6, 2, 4
+    qkv = rng.standard_normal((B, T, 3 * H * D))
+    y, _ = attention_forward(qkv, H)
+    changed = qkv.copy()
+    changed[:, 4:] += 1.0          # the future must not change earlier outputs
+    y2, _ = attention_forward(changed, H)
+    np.testing.assert_array_equal(y.reshape(B, T, -1)[:, :4], y2.reshape(B, T, -1)[:, :4])
+    assert not np.allclose(y.reshape(B, T, -1)[:, 4:], y2.reshape(B, T, -1)[:, 4:])
+
+
+def test_attention_with_dropout(rng):
+    B, T, H, D = 2, 4, 2, 3
+    qkv = rng.standard_normal((B, T, 3 * H * D))
+    r = rng.standard_normal((B * T, H * D))
+    y, cache = attention_forward(qkv, H, 0.3, np.random.default_rng(5))
+    dqkv = attention_backward(r, cache).reshape(qkv.shape)
+    f = lambda q_: np.sum(attention_forward(q_, H, 0.3, np.random.default_rng(5))[0] * r)
+    assert directional_check(f, qkv, dqkv, rng) < TOL
+
+
+def test_embedding(rng):
+    V, Tmax, C, B, T = 7, 6, 4, 3, 5
+    wte, wpe = rng.standard_normal((V, C)), rng.standard_normal((Tmax, C))
+    idx = rng.integers(0, V, (B, T))
+    idx[0, :3] = 2                  # repeated ids must accumulate
+    r = rng.standard_normal((B, T, C))
+    dwte, dwpe = np.zeros_like(wte), np.zeros_like(wpe)
+    embedding_backward(r, idx, dwte, dwpe)
+    assert directional_check(lambda w: np.sum(embedding_forward(idx, w, wpe) * r), wte, dwte, rng) < TOL
+    assert directional_check(lambda w: np.sum(embedding_forward(idx, wte, w) * r), wpe, dwpe, rng) < TOL
+    assert np.all(dwpe[T:] == 0)
+
+
+def test_crossentropy_with_ignore_index(rng):
+    N, V, C = 6, 5, 3
+    x, wte = rng.standard_normal((N, C)), rng.standard_normal((V, C))
+    targets = rng.integers(0, V, N)
+    targets[2] = -1
+    weights = rng.standard_normal(N)
+
+    def loss(x_, w_):
+        losses, _ = crossentropy_forward(lm_head_forward(x_, w_), targets)
+        return float(np.sum(losses * weights))
+
+    logits = lm_head_forward(x, wte)
+    losses, probs = crossentropy_forward(logits.copy(), targets)
+    ref = np.log(np.exp(logits).sum(1)) - logits[np.arange(N), np.maximum(targets, 0)]
+    np.testing.assert_allclose(losses[targets >= 0], ref[targets >= 0], rtol=1e-12)
+    assert losses[2] == 0.0
+    dwte = np.zeros_like(wte)
+    dx = lm_head_backward(crossentropy_backward(weights, probs, targets), x, wte, dwte)
+    assert directional_check(lambda x_: loss(x_, wte), x, dx, rng) < TOL
+    assert directional_check(lambda w_: loss(x, w_), wte, dwte, rng) < TOL
+
+
+def test_crossentropy_is_stable_for_huge_logits():
+    logits = np.array([[1e4, 0.0, -1e4]])
+    losses, probs = crossentropy_forward(logits, np.array([1]))
+    assert np.isfinite(losses).all() and losses[0] == pytest.approx(1e4)
+
+
+def test_dropout(rng):
+    x = rng.standard_normal((200, 50))
+    out, mask = dropout_forward(x, 0.25, np.random.default_rng(1))
+    dropped = np.mean(out == 0)
+    assert 0.2 < dropped < 0.3
+    np.testing.assert_allclose(out[out != 0], x[out != 0] / 0.75)
+    r = rng.standard_normal(x.shape)
+    np.testing.assert_array_equal(dropout_backward(r, mask), r * mask)
+    same, none = dropout_forward(x, 0.0, None)
+    assert same is x and none is None

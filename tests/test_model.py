@@ -1,0 +1,208 @@
+"""The whole model: against PyTorch autograd on the same weights, against
+finite differences, and on the behaviour its API promises."""
+import numpy as np
+import pytest
+
+import xpmodel
+from gradcheck import directional_check
+
+torch = pytest.importorskip("torch")
+from torch_gpt import torch_adamw, torch_forward, torch_loss, torch_params  # noqa: E402
+
+TINY = xpmodel.GPTConfig(vocab_size=50, block_size=12, n_layer=2, n_head=4, n_embd=16)
+
+
+def batch(config, B=3, T=10, seed=0):
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, config.vocab_size, (B, T))
+    return idx, np.roll(idx, -1, axis=1)
+
+
+def randomize(model, seed=1):
+    """Random biases and LayerNorm affines, so every gradient path is exercised."""
+    rng = np.random.default_rng(seed)
+    for name, view in model.params.items():
+        if view.ndim == 1:
+            view[...] = rng.normal(1.0 if name.endswith("ln_1.weight") or name.endswith(
+                "ln_2.weight") or name == "ln_f.weight" else 0.0, 0.1, view.shape)
+
+
+def relative_error(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-9), ("float32", 1e-4)])
+def test_matches_torch_logits_loss_and_every_gradient(dtype, tol):
+    model = xpmodel.GPT(TINY, dtype=dtype, seed=3)
+    randomize(model)
+    idx, targets = batch(TINY)
+    targets[0, 4] = -1                        # an ignored position
+    loss = float(model.forward_backward(idx, targets))
+    logits = model.forward(idx)
+
+    tdtype = torch.float64 if dtype == "float64" else torch.float32
+    tp = torch_params(model.state_arrays(), tdtype)
+    t_idx, t_targets = torch.tensor(idx), torch.tensor(targets)
+    t_logits = torch_forward(tp, t_idx, TINY.n_layer, TINY.n_head)
+    t_loss = torch_loss(tp, t_idx, t_targets, TINY.n_layer, TINY.n_head)
+    t_loss.backward()
+
+    assert relative_error(logits, t_logits.detach().numpy()) < tol
+    assert abs(loss - t_loss.item()) / t_loss.item() < tol
+    for name, grad in model.grads.items():
+        assert relative_error(grad, tp[name].grad.numpy()) < tol, name
+
+
+def test_ten_adamw_steps_match_torch_in_float64():
+    model = xpmodel.GPT(TINY, dtype="float64", seed=4)
+    tp = torch_params(model.state_arrays(), torch.float64)
+    opt = xpmodel.AdamW(model, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    topt = torch_adamw(tp, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ours, theirs = [], []
+    for step in range(10):
+        idx, targets = batch(TINY, seed=step % 2)
+        lr = 1e-2 * (step + 1) / 10
+        model.zero_grad()
+        ours.append(float(model.forward_backward(idx, targets)))
+        xpmodel.clip_grad_norm(model, 0.5)
+        opt.lr = lr
+        opt.step()
+
+        topt.zero_grad()
+        loss = torch_loss(tp, torch.tensor(idx), torch.tensor(targets), TINY.n_layer, TINY.n_head)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(tp.values()), 0.5)
+        for group in topt.param_groups:
+            group["lr"] = lr
+        topt.step()
+        theirs.append(loss.item())
+    np.testing.assert_allclose(ours, theirs, rtol=1e-8)
+    assert ours[-1] < ours[0]
+    for name, value in model.params.items():
+        assert relative_error(value, tp[name].detach().numpy()) < 1e-8, name
+
+
+def test_whole_model_finite_differences():
+    model = xpmodel.GPT(TINY, dtype="float64", seed=5)
+    randomize(model)
+    idx, targets = batch(TINY, B=2, T=6)
+    model.forward_backward(idx, targets)
+    flat_grad = model.flat_grads.copy()
+
+    def loss_at(flat):
+        return float(model.loss(idx, targets))
+    error = directional_check(loss_at, model.flat_params, flat_grad, np.random.default_rng(0),
+                              eps=1e-6, trials=4)
+    assert error < 1e-7
+
+
+def test_gradients_accumulate_and_scale():
+    model = xpmodel.GPT(TINY, dtype="float64")
+    idx, targets = batch(TINY)
+    model.forward_backward(idx, targets)
+    once = model.flat_grads.copy()
+    model.forward_backward(idx, targets, scale=0.5)
+    np.testing.assert_allclose(model.flat_grads, 1.5 * once, rtol=1e-12)
+    model.zero_grad()
+    assert not model.flat_grads.any()
+
+
+def test_loss_matches_forward_backward_loss():
+    model = xpmodel.GPT(TINY, dtype="float64")
+    idx, targets = batch(TINY)
+    assert float(model.loss(idx, targets)) == pytest.approx(float(model.forward_backward(idx, targets)), rel=1e-12)
+
+
+def test_tiny_model_overfits_one_batch():
+    config = xpmodel.GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    model = xpmodel.GPT(config, seed=0)
+    opt = xpmodel.AdamW(model, lr=3e-3, weight_decay=0.0)
+    idx, targets = batch(config, B=4, T=16)
+    for _ in range(300):
+        model.zero_grad()
+        loss = float(model.forward_backward(idx, targets))
+        xpmodel.clip_grad_norm(model, 1.0)
+        opt.step()
+    assert loss < 0.1
+
+
+def test_params_are_views_of_the_flat_buffer_with_gpt2_names_and_shapes():
+    model = xpmodel.GPT(TINY)
+    C = TINY.n_embd
+    assert model.params["wte.weight"].shape == (50, C)
+    assert model.params["wpe.weight"].shape == (12, C)
+    assert model.params["h.1.attn.c_attn.weight"].shape == (C, 3 * C)
+    assert model.params["h.1.mlp.c_proj.weight"].shape == (4 * C, C)
+    assert model.params["ln_f.bias"].shape == (C,)
+    assert sum(v.size for v in model.params.values()) == model.flat_params.size
+    model.params["ln_f.bias"][0] = 7.0
+    assert 7.0 in model.flat_params
+    model.grads["wte.weight"][0, 0] = 3.0
+    assert 3.0 in model.flat_grads
+
+
+def test_initialisation_follows_gpt2():
+    config = xpmodel.GPTConfig(vocab_size=500, block_size=64, n_layer=4, n_head=4, n_embd=128)
+    model = xpmodel.GPT(config, seed=0)
+    assert np.std(model.params["wte.weight"]) == pytest.approx(0.02, rel=0.05)
+    assert np.std(model.params["h.0.mlp.c_proj.weight"]) == pytest.approx(0.02 / np.sqrt(8), rel=0.05)
+    assert np.all(model.params["h.0.ln_1.weight"] == 1) and np.all(model.params["h.0.attn.c_attn.bias"] == 0)
+    again = xpmodel.GPT(config, seed=0, dtype="float64")
+    np.testing.assert_allclose(again.params["wte.weight"], model.params["wte.weight"], rtol=1e-6)
+
+
+def test_dropout_only_in_train_mode_and_seeded():
+    config = xpmodel.GPTConfig(vocab_size=50, block_size=12, n_layer=2, n_head=4, n_embd=16, dropout=0.3)
+    model = xpmodel.GPT(config, seed=2)
+    idx, targets = batch(config)
+    model.eval()
+    assert float(model.forward_backward(idx, targets)) == float(model.forward_backward(idx, targets))
+    model.train()
+    first = float(model.forward_backward(idx, targets))
+    second = float(model.forward_backward(idx, targets))
+    assert first != second
+    replay = xpmodel.GPT(config, seed=2)
+    assert float(replay.forward_backward(idx, targets)) == first
+
+
+def test_dropout_gradients_match_finite_differences():
+    config = xpmodel.GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=8, dropout=0.2)
+    model = xpmodel.GPT(config, dtype="float64", seed=1)
+    idx, targets = batch(config, B=2, T=5)
+    model.forward_backward(idx, targets)
+    grad = model.flat_grads.copy()
+
+    def loss_at(flat):
+        model.dropout_calls = 0               # replay the same masks
+        model.zero_grad()
+        return float(model.forward_backward(idx, targets))
+    assert directional_check(loss_at, model.flat_params, grad, np.random.default_rng(1), eps=1e-6) < 1e-7
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n_embd=30, n_head=4), "divisible"),
+    (dict(n_layer=0), "n_layer"),
+    (dict(vocab_size=-1), "vocab_size"),
+    (dict(block_size=2.5), "block_size"),
+    (dict(dropout=1.0), "dropout"),
+])
+def test_config_rejects_impossible_values(kwargs, match):
+    values = dict(vocab_size=50, block_size=12, n_layer=2, n_head=4, n_embd=16)
+    values.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        xpmodel.GPTConfig(**values)
+
+
+def test_bad_inputs_are_clear_errors():
+    model = xpmodel.GPT(TINY)
+    with pytest.raises(ValueError, match="block_size"):
+        model.forward(np.zeros((1, 13), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"\[0, 50\)"):
+        model.forward(np.full((1, 3), 50))
+    with pytest.raises(ValueError, match="shape"):
+        model.forward(np.zeros(3, dtype=np.int64))
+    with pytest.raises(ValueError, match="targets"):
+        model.forward_backward(np.zeros((1, 3), dtype=np.int64), np.zeros((1, 4), dtype=np.int64))
+    with pytest.raises(ValueError, match="float32 or float64"):
+        xpmodel.GPT(TINY, dtype="float16")

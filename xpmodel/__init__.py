@@ -1,0 +1,11 @@
+"""xpmodel: GPT-2 language models with hand-written forward and backward
+passes, on NumPy (CPU) or CuPy (CUDA)."""
+from .backend import get_device
+from .model import GPT, GPTConfig
+from .optim import SGD, AdamW, clip_grad_norm, grad_norm
+from .schedule import ConstantSchedule, CosineSchedule
+
+__version__ = "0.1.0"
+
+__all__ = ["GPT", "GPTConfig", "AdamW", "SGD", "clip_grad_norm", "grad_norm",
+           "CosineSchedule", "ConstantSchedule", "get_device", "__version__"]

@@ -1,0 +1,567 @@
+"""The run configuration: YAML files and `KEY=VALUE` overrides turned into typed dataclasses.
+
+A run is described by three sections, each a dataclass: `data` (corpus and
+tokenizer), `model` (the network's shape) and `train` (optimizer, schedule,
+evaluation, checkpoints). `RunConfig` holds the three.
+
+A config is built in layers, each replacing the keys it names:
+  dataclass defaults < `base:` config (recursively) < the YAML file < overrides.
+Every key is checked as it is read, so an error names the file or override it
+came from; checks that relate several keys run once on the finished config.
+The dataclasses also check themselves on construction, so a config built in
+code is held to the same rules as one read from YAML.
+
+Every problem raises `UsageError` with a one-line message that names the file
+and the dotted key; an unknown key's message lists the section's valid keys.
+
+This file does not know what the settings do; the trainer, the data pipeline
+and the model read them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import importlib.resources
+import math
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from xpmodel.errors import UsageError
+
+TOKENIZERS = ("bpe", "byte")
+BATCHINGS = ("random", "epochs")
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("fp32", "fp16")
+
+DEFAULT_CONFIG = "default"
+_YAML_SUFFIXES = (".yaml", ".yml")
+_MAX_BASE_DEPTH = 16    # deeper `base:` chains are almost surely a mistake
+
+
+# ---------------------------------------------------------------------------
+# Per-key rules, attached to dataclass fields as metadata.
+
+@dataclass(frozen=True)
+class _Range:
+    """An interval a number must fall in; None bounds are open-ended."""
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+
+    def contains(self, value):
+        if self.low is not None and (value < self.low or (value == self.low and not self.low_inclusive)):
+            return False
+        if self.high is not None and (value > self.high or (value == self.high and not self.high_inclusive)):
+            return False
+        return True
+
+    def describe(self):
+        if self.high is None:
+            return f"{'>=' if self.low_inclusive else '>'} {self.low:g}"
+        if self.low is None:
+            return f"{'<=' if self.high_inclusive else '<'} {self.high:g}"
+        opening = "[" if self.low_inclusive else "("
+        closing = "]" if self.high_inclusive else ")"
+        return f"in {opening}{self.low:g}, {self.high:g}{closing}"
+
+
+POSITIVE = _Range(low=0, low_inclusive=False)
+NON_NEGATIVE = _Range(low=0)
+OPEN_UNIT = _Range(0, 1, low_inclusive=False, high_inclusive=False)    # (0, 1)
+HALF_OPEN_UNIT = _Range(0, 1, high_inclusive=False)                    # [0, 1)
+
+
+def _setting(default, within=None, choices=None):
+    """A dataclass field whose value must lie `within` a range or be one of `choices`."""
+    return field(default=default, metadata={"within": within, "choices": choices})
+
+
+# ---------------------------------------------------------------------------
+# The three sections.
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes tokens and batches."""
+    # a file, folder, glob, or built-in corpus name
+    source: str = "shakespeare"
+    # "byte": the 256-symbol byte tokenizer
+    tokenizer: str = _setting("bpe", choices=TOKENIZERS)
+    # BPE vocabulary size; ignored for "byte"
+    vocab_size: int = _setting(4096, within=_Range(low=256))
+    # share of the tokens held out for validation
+    val_fraction: float = _setting(0.1, within=OPEN_UNIT)
+    # "random": nanoGPT-style windows; "epochs": each once per epoch
+    batching: str = _setting("random", choices=BATCHINGS)
+    # start training windows at random offsets within the text
+    crop_augment: bool = False
+    # chance an input token is replaced (augmentation)
+    token_dropout: float = _setting(0.0, within=HALF_OPEN_UNIT)
+    # tokenized-corpus cache; None: the default
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        _check_fields(self, "data")
+
+
+@dataclass
+class ModelConfig:
+    """The GPT-2 network's shape (the vocabulary size comes from the tokenizer)."""
+    # transformer blocks
+    n_layer: int = _setting(6, within=POSITIVE)
+    # attention heads per block
+    n_head: int = _setting(8, within=POSITIVE)
+    # C, the residual stream width
+    n_embd: int = _setting(256, within=POSITIVE)
+    # T, the longest context the model sees
+    block_size: int = _setting(128, within=POSITIVE)
+    # dropout on attention, residual, embedding outputs
+    dropout: float = _setting(0.0, within=HALF_OPEN_UNIT)
+
+    def __post_init__(self):
+        _check_fields(self, "model")
+        if self.n_embd % self.n_head:
+            raise UsageError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+
+
+@dataclass
+class TrainConfig:
+    """Optimizer, learning-rate schedule, evaluation, sampling and checkpoints."""
+    # B, sequences per micro-batch
+    batch_size: int = _setting(16, within=POSITIVE)
+    # micro-batches summed into one optimizer step
+    grad_accum: int = _setting(1, within=POSITIVE)
+    # optimizer steps to run (set this or epochs)
+    max_iters: int | None = _setting(5000, within=POSITIVE)
+    # passes over the training tokens (set this or max_iters)
+    epochs: int | None = _setting(None, within=POSITIVE)
+    # peak learning rate
+    lr: float = _setting(3e-4, within=POSITIVE)
+    # learning rate at the end of the decay
+    min_lr: float = _setting(3e-5, within=NON_NEGATIVE)
+    # steps of linear warmup from 0 to lr
+    warmup_iters: int = _setting(100, within=NON_NEGATIVE)
+    # decay ends here; None: the run's length
+    lr_decay_iters: int | None = _setting(None, within=POSITIVE)
+    # learning-rate shape after warmup
+    schedule: str = _setting("cosine", choices=SCHEDULES)
+    # AdamW decoupled decay (matrices only)
+    weight_decay: float = _setting(0.1, within=NON_NEGATIVE)
+    # AdamW first-moment decay
+    beta1: float = _setting(0.9, within=HALF_OPEN_UNIT)
+    # AdamW second-moment decay
+    beta2: float = _setting(0.95, within=HALF_OPEN_UNIT)
+    # AdamW denominator guard
+    eps: float = _setting(1e-8, within=POSITIVE)
+    # global gradient-norm limit; 0 = off
+    grad_clip: float = _setting(1.0, within=NON_NEGATIVE)
+    # steps between validation-loss estimates
+    eval_interval: int = _setting(500, within=POSITIVE)
+    # batches averaged per loss estimate
+    eval_batches: int = _setting(20, within=POSITIVE)
+    # steps between printed samples; 0 = off
+    sample_interval: int = _setting(500, within=NON_NEGATIVE)
+    # text the samples continue
+    sample_prompt: str = "\n"
+    # tokens generated per sample
+    sample_tokens: int = _setting(200, within=POSITIVE)
+    # steps between checkpoints
+    save_interval: int = _setting(1000, within=POSITIVE)
+    # periodic checkpoints kept on disk
+    keep_last: int = _setting(3, within=POSITIVE)
+    # steps between log lines
+    log_interval: int = _setting(10, within=POSITIVE)
+    # evals without improvement before stopping; 0 = off
+    early_stop_patience: int = _setting(0, within=NON_NEGATIVE)
+    # "fp16": half precision with loss scaling
+    precision: str = _setting("fp32", choices=PRECISIONS)
+    # seeds weight init, batching and dropout
+    seed: int = _setting(1337, within=NON_NEGATIVE)
+    # checkpoint or run dir to start from; None: fresh
+    init_from: str | None = None
+
+    def __post_init__(self):
+        _check_fields(self, "train")
+        if (self.max_iters is None) == (self.epochs is None):
+            state = "both set" if self.max_iters is not None else "both unset"
+            raise UsageError(
+                f"train.max_iters and train.epochs are {state}; set exactly one "
+                f"(the other to null) to say how long to train")
+        if self.min_lr > self.lr:
+            raise UsageError(f"train.min_lr ({self.min_lr:g}) must not exceed train.lr ({self.lr:g})")
+        if self.max_iters is not None and self.warmup_iters > self.max_iters:
+            raise UsageError(
+                f"train.warmup_iters ({self.warmup_iters}) is longer than the run "
+                f"(train.max_iters = {self.max_iters})")
+        if self.lr_decay_iters is not None and self.warmup_iters > self.lr_decay_iters:
+            raise UsageError(
+                f"train.warmup_iters ({self.warmup_iters}) must not exceed "
+                f"train.lr_decay_iters ({self.lr_decay_iters})")
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs to know."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+_TOP_LEVEL_KEYS = ("base", *SECTIONS)
+# Alternative ways to say how long to train: a layer that sets one clears the
+# other, so `epochs: 3` over a base that sets max_iters means what it says.
+_RUN_LENGTH_KEYS = ("max_iters", "epochs")
+
+
+# ---------------------------------------------------------------------------
+# Checking one value against its field.
+
+def _check_fields(config, section):
+    """Type-check, convert and range-check every field of one section in place."""
+    for spec in dataclasses.fields(config):
+        value = check_value(section, spec.name, getattr(config, spec.name))
+        object.__setattr__(config, spec.name, value)
+
+
+def check_value(section, key, value):
+    """Return `value` converted to the type of `section.key`, or raise UsageError."""
+    spec = _fields_by_name(section)[key]
+    dotted = f"{section}.{key}"
+    value = _convert(dotted, value, _field_types(section)[key])
+    if value is None:
+        return None
+    within, choices = spec.metadata.get("within"), spec.metadata.get("choices")
+    if within is not None and not within.contains(value):
+        raise UsageError(f"{dotted} must be {within.describe()}, got {value!r}")
+    if choices is not None and value not in choices:
+        raise UsageError(f"{dotted} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+@functools.cache
+def _fields_by_name(section):
+    return {spec.name: spec for spec in dataclasses.fields(SECTIONS[section])}
+
+
+@functools.cache
+def _field_types(section):
+    # Annotations are strings under `from __future__ import annotations`.
+    return typing.get_type_hints(SECTIONS[section])
+
+
+def _convert(dotted, value, annotation):
+    """Check `value` against a field type such as `int` or `int | None`, converting where lossless."""
+    kinds = typing.get_args(annotation) or (annotation,)
+    optional = type(None) in kinds
+    kind = next(k for k in kinds if k is not type(None))
+    if value is None:
+        if optional:
+            return None
+        raise UsageError(f"{dotted} must be {_DESCRIPTIONS[kind]}, not null")
+    if kind is bool and isinstance(value, bool):
+        return value
+    # bool is a subclass of int, but `n_layer: true` is a mistake, not a 1.
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float:
+        number = _as_float(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise UsageError(f"{dotted} must be a finite number, got {value!r}")
+            return number
+    if kind is str and isinstance(value, str):
+        return value
+    expected = _DESCRIPTIONS[kind] + (" or null" if optional else "")
+    raise UsageError(f"{dotted} must be {expected}, got {_show(value)} ({type(value).__name__})")
+
+
+_DESCRIPTIONS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _as_float(value):
+    """A float for an int, float or numeric string; None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    # YAML 1.1 reads `3e-4` (no dot) as a string, so numeric strings are accepted.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _show(value, limit=60):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _unknown_key_message(section, key):
+    valid = list(_fields_by_name(section))
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown key {section}.{key}{hint}; valid {section} keys: {', '.join(valid)}"
+
+
+def _unknown_section_message(section):
+    return f"unknown section {section!r}; valid top-level keys: {', '.join(_TOP_LEVEL_KEYS)}"
+
+
+# ---------------------------------------------------------------------------
+# Finding and reading YAML files.
+
+def _shipped_dir():
+    """The directory of shipped configs: the installed package, else the source tree."""
+    try:
+        return importlib.resources.files("xpmodel.configs")
+    except (ModuleNotFoundError, TypeError):
+        return Path(__file__).resolve().parent.parent / "configs"
+
+
+def shipped_configs():
+    """Names of the configs that ship with xpmodel, sorted."""
+    names = []
+    for entry in _shipped_dir().iterdir():
+        stem, dot, suffix = entry.name.rpartition(".")
+        if entry.is_file() and dot and "." + suffix in _YAML_SUFFIXES:
+            names.append(stem)
+    return sorted(names)
+
+
+def _looks_like_path(text):
+    return "/" in text or os.sep in text or text.endswith(_YAML_SUFFIXES)
+
+
+def _locate(name_or_path, relative_to=None):
+    """Return (label, text) for a shipped config name or a YAML file path."""
+    if isinstance(name_or_path, os.PathLike) or _looks_like_path(str(name_or_path)):
+        path = Path(name_or_path)
+        if relative_to is not None and not path.is_absolute():
+            path = relative_to / path
+        return str(path), _read_text(path, str(path))
+    name = str(name_or_path)
+    if name in shipped_configs():
+        entry = _shipped_dir().joinpath(name + ".yaml")
+        return str(entry), _read_text(entry, str(entry))
+    if Path(name).is_file():
+        return name, _read_text(Path(name), name)
+    raise UsageError(
+        f"unknown config {name!r}: not a file and not a shipped config; "
+        f"shipped configs: {', '.join(shipped_configs())}")
+
+
+def _read_text(path, label):
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{label}: no such config file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{label}: is a directory, not a config file") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{label}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise UsageError(f"{label}: cannot read config file ({exc.strerror})") from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A safe YAML loader that rejects a key repeated within one mapping."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                continue    # the base loader reports unhashable keys itself
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text, label):
+    try:
+        document = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UsageError(f"{label}: {where}invalid YAML: {' '.join(problem.split())}") from None
+    if document is None:    # an empty file: all defaults
+        return {}
+    if not isinstance(document, dict):
+        raise UsageError(
+            f"{label}: the top level must be a mapping of sections "
+            f"({', '.join(_TOP_LEVEL_KEYS)}), got {type(document).__name__}")
+    return document
+
+
+# ---------------------------------------------------------------------------
+# Layering: each layer is a {section: {key: value}} mapping checked key by key.
+
+def _read_layers(name_or_path, relative_to=None, chain=()):
+    """Return [(label, document)] for a config and its `base:` ancestors, oldest first."""
+    label, text = _locate(name_or_path, relative_to)
+    if label in chain:
+        raise UsageError(f"{label}: `base:` chain loops back on itself ({' -> '.join((*chain, label))})")
+    if len(chain) >= _MAX_BASE_DEPTH:
+        raise UsageError(f"{label}: `base:` chain deeper than {_MAX_BASE_DEPTH} configs")
+    document = _parse_yaml(text, label)
+    base = document.get("base")
+    if base is None:
+        return [(label, document)]
+    if not isinstance(base, str) or not base:
+        raise UsageError(f"{label}: base must be a config name or path, got {_show(base)}")
+    # A relative base path is read next to the file that names it.
+    return _read_layers(base, Path(label).parent, (*chain, label)) + [(label, document)]
+
+
+def _apply_document(merged, document, label):
+    """Check a parsed YAML document's sections and keys and lay them over `merged`."""
+    for section, values in document.items():
+        if section == "base":
+            continue
+        if section not in SECTIONS:
+            raise UsageError(f"{label}: {_unknown_section_message(section)}")
+        if values is None:      # `model:` with nothing under it
+            continue
+        if not isinstance(values, dict):
+            raise UsageError(
+                f"{label}: section {section} must be a mapping of keys, got {_show(values)}")
+        _apply_values(merged, section, values, {key: label for key in values})
+
+
+def _apply_values(merged, section, values, labels):
+    """Check each key of one section and lay the values over `merged`."""
+    valid = _fields_by_name(section)
+    checked = {}
+    for key, value in values.items():
+        if key not in valid:
+            raise UsageError(f"{labels[key]}: {_unknown_key_message(section, key)}")
+        try:
+            checked[key] = check_value(section, key, value)
+        except UsageError as exc:
+            raise UsageError(f"{labels[key]}: {exc}") from None
+    target = merged.setdefault(section, {})
+    if section == "train":
+        named = [key for key in _RUN_LENGTH_KEYS if key in checked]
+        if len(named) == 1:
+            for other in _RUN_LENGTH_KEYS:
+                target[other] = None
+    target.update(checked)
+
+
+def _build(merged, label):
+    """Construct the dataclasses, blaming `label` for any rule that spans several keys."""
+    try:
+        return RunConfig(**{name: cls(**merged.get(name, {})) for name, cls in SECTIONS.items()})
+    except UsageError as exc:
+        raise UsageError(f"{label}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------
+# Overrides: `section.key=value` strings from the command line.
+
+def _parse_override(text):
+    """Split `section.key=value` into (section, key, value) with the value typed by its field."""
+    label = f"override {text!r}"
+    if not isinstance(text, str) or "=" not in text:
+        raise UsageError(f"{label}: expected KEY=VALUE, e.g. model.n_layer=4")
+    dotted, _, raw = text.partition("=")
+    section, dot, key = dotted.strip().partition(".")
+    if section not in SECTIONS:
+        raise UsageError(
+            f"{label}: the key must be SECTION.KEY with SECTION one of {', '.join(SECTIONS)}")
+    if not dot or key not in _fields_by_name(section):
+        raise UsageError(f"{label}: {_unknown_key_message(section, key)}")
+    return section, key, _override_value(raw, _field_types(section)[key]), label
+
+
+def _override_value(raw, annotation):
+    """Read an override's text the way YAML would, but keep strings literal for string fields."""
+    if raw.strip().lower() in ("none", "null", "~"):
+        return None
+    kinds = typing.get_args(annotation) or (annotation,)
+    quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+    # `data.source=2024.txt` or `train.sample_prompt=yes` mean the text itself;
+    # quoting (`'"\n"'`) opts into YAML escapes.
+    if str in kinds and not quoted:
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw      # not YAML; the type check names it
+
+
+def _apply_overrides(merged, overrides):
+    by_section = {}
+    for text in overrides:
+        section, key, value, label = _parse_override(text)
+        values, labels = by_section.setdefault(section, ({}, {}))
+        values[key], labels[key] = value, label
+    for section, (values, labels) in by_section.items():
+        _apply_values(merged, section, values, labels)
+
+
+# ---------------------------------------------------------------------------
+# Public entry points.
+
+def load_config(name_or_path=None, overrides=()):
+    """Read a shipped config by name (default: "default") or a YAML file, then apply overrides."""
+    if isinstance(overrides, str):     # one override, not its characters
+        overrides = (overrides,)
+    merged = {}
+    layers = _read_layers(DEFAULT_CONFIG if name_or_path is None else name_or_path)
+    for label, document in layers:
+        _apply_document(merged, document, label)
+    _apply_overrides(merged, overrides)
+    label = layers[-1][0] + (" with overrides" if overrides else "")
+    return _build(merged, label)
+
+
+def config_from_dict(document, label="config"):
+    """Check and build a RunConfig from a {section: {key: value}} mapping, e.g. one saved in a checkpoint."""
+    if not isinstance(document, dict):
+        raise UsageError(f"{label}: expected a mapping of sections, got {type(document).__name__}")
+    merged = {}
+    if document.get("base") is not None:
+        for base_label, base_document in _read_layers(document["base"]):
+            _apply_document(merged, base_document, base_label)
+    _apply_document(merged, document, label)
+    return _build(merged, label)
+
+
+def config_to_dict(config):
+    """The config as plain {section: {key: value}} data, in field order."""
+    return {name: dataclasses.asdict(getattr(config, name)) for name in SECTIONS}
+
+
+def save_config(config, path):
+    """Write the config as YAML that `load_config(path)` reads back equal; the write is atomic."""
+    path = Path(path)
+    text = ("# xpmodel run config, complete: every key is spelled out.\n"
+            + yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True))
+    # A crash mid-write must not leave a truncated config beside a checkpoint.
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        try:
+            os.unlink(temp_name)
+        except FileNotFoundError:
+            pass
+        raise

@@ -1,0 +1,219 @@
+"""The token file: a 64-byte header, then the token ids, plus a readable JSON sidecar.
+
+Header layout (little-endian, `struct` format `<8sIIQI32s4x`):
+
+    offset  size  field
+         0     8  magic b"XPMTOK\\0\\0"
+         8     4  format version (uint32), FORMAT_VERSION
+        12     4  dtype code (uint32): 1 = uint16 ids, 2 = uint32 ids
+        16     8  token count (uint64)
+        24     4  vocab size (uint32)
+        28    32  tokenizer fingerprint (the raw sha256 bytes)
+        60     4  zero padding, so the ids start 64-byte aligned
+
+The ids follow immediately: uint16 when the vocab has at most 65536 entries,
+else uint32. The sidecar `<file>.json` repeats these facts in readable form
+and adds the caller's `meta` (the corpus description, the cache key).
+
+Writes are atomic: ids stream into a temporary file next to the target, the
+count is patched into its header at the end, and the file is renamed over
+the target only when complete. Reads check every header field and that the
+file size matches the count before anything is mapped, so a corrupt or
+crafted header cannot trigger a large allocation.
+"""
+
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from xpmodel.errors import DataError, UsageError
+
+MAGIC = b"XPMTOK\0\0"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<8sIIQI32s4x")
+HEADER_BYTES = HEADER.size  # 64
+_COUNT_OFFSET = 16
+_DTYPE_CODES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
+MAX_VOCAB_SIZE = 2**32 - 1  # the largest value the uint32 header field holds
+
+
+@dataclass(frozen=True)
+class TokenFileHeader:
+    """The facts stored in a token file's header."""
+
+    version: int
+    dtype: np.dtype
+    count: int
+    vocab_size: int
+    tokenizer_fingerprint: str  # hex
+
+    @property
+    def data_bytes(self) -> int:
+        return self.count * self.dtype.itemsize
+
+
+def sidecar_path(path: "str | os.PathLike") -> Path:
+    """Where the JSON sidecar of the token file `path` lives."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest id type that holds every id of a vocab of `vocab_size`."""
+    if not 1 <= vocab_size <= MAX_VOCAB_SIZE:
+        raise DataError(f"vocab size {vocab_size} does not fit a token file (1 to {MAX_VOCAB_SIZE})")
+    return _DTYPE_CODES[1] if vocab_size <= 2**16 else _DTYPE_CODES[2]
+
+
+def write_token_file(
+    path: "str | os.PathLike",
+    chunks: Iterable,
+    vocab_size: int,
+    tokenizer_fingerprint: str,
+    meta: dict | None = None,
+) -> Path:
+    """Stream integer id arrays from `chunks` into the token file `path`, atomically."""
+    path = Path(path)
+    dtype = token_dtype(vocab_size)
+    fingerprint = _fingerprint_bytes(tokenizer_fingerprint)
+    dtype_code = next(code for code, known in _DTYPE_CODES.items() if known == dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        count = 0
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(HEADER.pack(MAGIC, FORMAT_VERSION, dtype_code, 0, vocab_size, fingerprint))
+            for chunk in chunks:
+                ids = np.asarray(chunk)  # (n,)
+                if ids.size == 0:
+                    continue
+                _check_ids(ids, vocab_size, path)
+                file.write(ids.astype(dtype, copy=False).tobytes())
+                count += ids.size
+            file.seek(_COUNT_OFFSET)
+            file.write(struct.pack("<Q", count))
+            file.flush()
+            os.fsync(file.fileno())
+        sidecar = {
+            "format": "xpmodel-tokens",
+            "version": FORMAT_VERSION,
+            "dtype": dtype.name,
+            "count": count,
+            "vocab_size": vocab_size,
+            "tokenizer_fingerprint": tokenizer_fingerprint,
+            "meta": meta or {},
+        }
+        # The ids land first: a stale sidecar next to a new token file fails
+        # the cache check in prepare.py and is rebuilt, never trusted.
+        os.replace(temp_name, path)
+        _write_json_atomically(sidecar_path(path), sidecar)
+    except BaseException:
+        # BaseException so that Ctrl-C leaves no half-written file behind.
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+        raise
+    return path
+
+
+def read_token_header(path: "str | os.PathLike") -> TokenFileHeader:
+    """The validated header of the token file `path`; DataError naming it if anything is off."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as file:
+            raw = file.read(HEADER_BYTES)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such token file") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot read token file ({error.strerror})") from None
+    if len(raw) < len(MAGIC) or raw[: len(MAGIC)] != MAGIC:
+        raise DataError(f"{path}: not an xpmodel token file (bad magic bytes)")
+    if len(raw) < HEADER_BYTES:
+        raise DataError(f"{path}: truncated token file ({size} bytes, shorter than its {HEADER_BYTES}-byte header)")
+    _, version, dtype_code, count, vocab_size, fingerprint = HEADER.unpack(raw)
+    if version > FORMAT_VERSION:
+        raise DataError(
+            f"{path}: token file format version {version} is newer than this xpmodel reads "
+            f"(up to {FORMAT_VERSION}); upgrade xpmodel or re-run prepare"
+        )
+    if version != FORMAT_VERSION:
+        raise DataError(f"{path}: unknown token file format version {version}")
+    if dtype_code not in _DTYPE_CODES:
+        raise DataError(f"{path}: unknown token dtype code {dtype_code} in header")
+    dtype = _DTYPE_CODES[dtype_code]
+    expected_size = HEADER_BYTES + count * dtype.itemsize  # Python ints: no overflow
+    if size != expected_size:
+        raise DataError(
+            f"{path}: token file is {size} bytes but its header promises {count} {dtype.name} ids "
+            f"({expected_size} bytes); the file is truncated or corrupt"
+        )
+    if vocab_size == 0 or vocab_size > np.iinfo(dtype).max + 1:
+        raise DataError(f"{path}: vocab size {vocab_size} in header does not fit its {dtype.name} ids")
+    return TokenFileHeader(version, dtype, count, vocab_size, fingerprint.hex())
+
+
+def read_token_file(path: "str | os.PathLike", expected_fingerprint: str | None = None) -> np.ndarray:
+    """The ids of the token file `path` as a read-only memmap (N,), after validating it."""
+    header = read_token_header(path)
+    if expected_fingerprint is not None and header.tokenizer_fingerprint != expected_fingerprint:
+        raise DataError(
+            f"{path}: tokenized by a different tokenizer (fingerprint {header.tokenizer_fingerprint[:12]}…, "
+            f"expected {expected_fingerprint[:12]}…); re-run prepare with this tokenizer"
+        )
+    if header.count == 0:
+        # mmap cannot map zero bytes; an empty array behaves the same for readers.
+        return np.empty(0, dtype=header.dtype)
+    return np.memmap(path, dtype=header.dtype, mode="r", offset=HEADER_BYTES, shape=(header.count,))
+
+
+def read_sidecar(path: "str | os.PathLike") -> dict:
+    """The JSON sidecar of the token file `path`; DataError naming the sidecar if unreadable."""
+    sidecar = sidecar_path(path)
+    try:
+        with open(sidecar, encoding="utf-8") as file:
+            facts = json.load(file)
+    except FileNotFoundError:
+        raise DataError(f"{sidecar}: token file sidecar is missing") from None
+    except (OSError, ValueError) as error:
+        raise DataError(f"{sidecar}: unreadable token file sidecar ({error})") from None
+    if not isinstance(facts, dict):
+        raise DataError(f"{sidecar}: token file sidecar is not a JSON object")
+    return facts
+
+
+def _fingerprint_bytes(fingerprint: str) -> bytes:
+    try:
+        raw = bytes.fromhex(fingerprint)
+    except (TypeError, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise UsageError(f"tokenizer fingerprint must be 64 hex digits (a sha256), got {fingerprint!r}")
+    return raw
+
+
+def _check_ids(ids: np.ndarray, vocab_size: int, path: Path) -> None:
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise UsageError(f"{path}: token chunks must be 1-D integer arrays, got {ids.dtype} {ids.shape}")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise DataError(f"{path}: token id {bad} is outside the vocab of {vocab_size}")
+
+
+def _write_json_atomically(path: Path, facts: dict) -> None:
+    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            json.dump(facts, file, indent=2, sort_keys=True)
+            file.write("\n")
+        os.replace(temp_name, path)
+    except BaseException:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+        raise

@@ -1,0 +1,73 @@
+"""Causal multi-head self-attention on a fused qkv activation.
+
+The projections around it (c_attn before, c_proj after) are plain linear
+layers; this file holds what sits between them: split into heads, scaled
+dot-product scores, causal softmax, optional dropout on the probabilities,
+and the weighted sum of values.
+"""
+import math
+
+from ..backend import array_module
+from .dropout import dropout_backward, dropout_forward
+
+
+def causal_softmax_forward(scores):
+    """scores: (..., T, T) -> probabilities with future positions masked out.
+
+    Works in place on `scores`.
+    """
+    xp = array_module(scores)
+    T = scores.shape[-1]
+    future = xp.triu(xp.ones((T, T), dtype=bool), k=1)
+    scores[..., future] = -xp.inf
+    scores -= scores.max(axis=-1, keepdims=True)
+    probs = xp.exp(scores, out=scores)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return probs
+
+
+def causal_softmax_backward(dprobs, probs):
+    """dprobs, probs: (..., T, T); returns dscores, in place on dprobs.
+
+    Masked positions have probability 0, so their gradient is 0 too.
+    """
+    dot = (dprobs * probs).sum(axis=-1, keepdims=True)
+    dprobs -= dot
+    dprobs *= probs
+    return dprobs
+
+
+def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
+    """qkv: (B, T, 3C) -> y (B*T, C), cache for backward."""
+    xp = array_module(qkv)
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    D = C // n_head
+    # (3, B, H, T, D): one copy makes q, k and v contiguous for batched matmul
+    heads = xp.ascontiguousarray(qkv.reshape(B, T, 3, n_head, D).transpose(2, 0, 3, 1, 4))
+    q, k, v = heads[0], heads[1], heads[2]
+    scores = xp.matmul(q, k.transpose(0, 1, 3, 2))     # (B, H, T, T)
+    scores *= 1.0 / math.sqrt(D)
+    probs = causal_softmax_forward(scores)
+    probs_used, drop_mask = dropout_forward(probs, dropout_p, rng)
+    y = xp.matmul(probs_used, v)                        # (B, H, T, D)
+    y = y.transpose(0, 2, 1, 3).reshape(B * T, C)
+    return y, (heads, probs, probs_used, drop_mask)
+
+
+def attention_backward(dy, cache):
+    """dy: (B*T, C) -> dqkv (B*T, 3C)."""
+    xp = array_module(dy)
+    heads, probs, probs_used, drop_mask = cache
+    _, B, H, T, D = heads.shape
+    q, k, v = heads[0], heads[1], heads[2]
+    dy = xp.ascontiguousarray(dy.reshape(B, T, H, D).transpose(0, 2, 1, 3))  # (B, H, T, D)
+    dheads = xp.empty_like(heads)
+    xp.matmul(probs_used.transpose(0, 1, 3, 2), dy, out=dheads[2])          # dv
+    dprobs = xp.matmul(dy, v.transpose(0, 1, 3, 2))                          # (B, H, T, T)
+    dprobs = dropout_backward(dprobs, drop_mask)
+    dscores = causal_softmax_backward(dprobs, probs)
+    dscores *= 1.0 / math.sqrt(D)
+    xp.matmul(dscores, k, out=dheads[0])                                     # dq
+    xp.matmul(dscores.transpose(0, 1, 3, 2), q, out=dheads[1])               # dk
+    return dheads.transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * H * D)

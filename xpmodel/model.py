@@ -1,0 +1,291 @@
+"""GPT-2 (pre-LayerNorm) assembled from the hand-written layers.
+
+Dimension letters: B batch, T time, C n_embd, H n_head, V vocab, N = B*T.
+The residual stream is kept as an (N, C) matrix so every projection is a
+2-D matmul. Parameters and gradients are named views into two flat buffers
+(see params.py); backward adds into the gradient views.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy
+
+from .backend import get_device, get_dtype, random_generator, to_device, to_host
+from .layers.attention import attention_backward, attention_forward
+from .layers.crossentropy import (IGNORE_INDEX, crossentropy_backward, crossentropy_forward,
+                                  lm_head_backward, lm_head_forward)
+from .layers.dropout import dropout_backward, dropout_forward
+from .layers.embedding import embedding_backward, embedding_forward
+from .layers.gelu import gelu_backward, gelu_forward
+from .layers.layernorm import layernorm_backward, layernorm_forward
+from .layers.linear import linear_backward, linear_forward
+from .layers.residual import residual_backward, residual_forward
+from .params import FlatLayout, parameter_shapes
+
+# Rows of logits evaluated at once: bounds the (rows, V) buffer to ~16 MB in fp32.
+_LOGIT_ELEMENTS_PER_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)):
+                raise ValueError(f"GPTConfig.{name} must be an integer, got {value!r}")
+            if value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be positive, got {value}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by "
+                             f"n_head ({self.n_head})")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+    def num_params(self, include_positions=True):
+        layout = FlatLayout(parameter_shapes(self))
+        return layout.size - (0 if include_positions else self.block_size * self.n_embd)
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token: 6N + 12 L C T (N without position embeddings)."""
+        T = seq_len or self.block_size
+        return 6 * self.num_params(include_positions=False) + 12 * self.n_layer * self.n_embd * T
+
+
+class GPT:
+    """A GPT-2 language model on one device.
+
+    params / grads: name -> writable view into the flat buffers
+    `flat_params` / `flat_grads` (float32 or, on CPU, float64).
+    """
+
+    def __init__(self, config, device="cpu", dtype="float32", seed=0):
+        if not isinstance(config, GPTConfig):
+            raise TypeError("GPT needs a GPTConfig")
+        self.config = config
+        self.device = get_device(device)
+        self.dtype = get_dtype(dtype)
+        if self.dtype == numpy.float16:
+            raise ValueError("GPT parameters must be float32 or float64; "
+                             "use train.precision=fp16 for mixed precision")
+        self.device.activate()
+        self.xp = self.device.xp
+        self.layout = FlatLayout(parameter_shapes(config))
+        self.flat_params = to_device(_init_parameters(config, self.layout, seed)
+                                     .astype(self.dtype), self.device)
+        self.flat_grads = self.xp.zeros_like(self.flat_params)
+        self.params = self.layout.views(self.flat_params)
+        self.grads = self.layout.views(self.flat_grads)
+        self.seed = seed
+        self.dropout_calls = 0   # counts training passes; seeds each pass's dropout masks
+        self.training = True
+
+    # ---- modes and bookkeeping -------------------------------------------------
+    def train(self):
+        self.training = True
+        return self
+
+    def eval(self):
+        self.training = False
+        return self
+
+    def zero_grad(self):
+        self.flat_grads.fill(0)
+
+    def num_params(self):
+        return self.layout.size
+
+    # ---- forward / backward -----------------------------------------------------
+    def forward(self, idx):
+        """idx: (B, T) ints -> logits (B, T, V)."""
+        idx = self._check_ids(idx, "idx")
+        B, T = idx.shape
+        hidden, _ = self._forward_hidden(idx, rng=None)
+        logits = lm_head_forward(hidden, self.params["wte.weight"])
+        return logits.reshape(B, T, self.config.vocab_size)
+
+    def loss(self, idx, targets):
+        """Mean cross-entropy over non-ignored targets, without gradients."""
+        idx = self._check_ids(idx, "idx")
+        targets = self._check_targets(targets, idx.shape)
+        hidden, _ = self._forward_hidden(idx, rng=None)
+        total, count = 0.0, self.xp.sum(targets != IGNORE_INDEX)
+        for rows in self._logit_chunks(hidden.shape[0]):
+            logits = lm_head_forward(hidden[rows], self.params["wte.weight"])
+            losses, _ = crossentropy_forward(logits, targets[rows])
+            total = total + losses.sum()
+        return total / count
+
+    def forward_backward(self, idx, targets, scale=1.0):
+        """Forward, loss and backward for one batch; gradients are added.
+
+        idx, targets: (B, T) ints (targets may hold -1 to ignore a position).
+        scale multiplies the gradient (gradient accumulation, loss scaling);
+        the returned loss, a 0-d array, is the unscaled mean cross-entropy.
+        """
+        idx = self._check_ids(idx, "idx")
+        targets = self._check_targets(targets, idx.shape)
+        xp, P, G = self.xp, self.params, self.grads
+        rng = self._dropout_rng() if self.training and self.config.dropout > 0 else None
+        hidden, caches = self._forward_hidden(idx, rng)
+
+        count = xp.sum(targets != IGNORE_INDEX)
+        dlosses = scale / count
+        total = 0.0
+        dhidden = xp.empty_like(hidden)
+        for rows in self._logit_chunks(hidden.shape[0]):
+            logits = lm_head_forward(hidden[rows], P["wte.weight"])
+            losses, probs = crossentropy_forward(logits, targets[rows])
+            total = total + losses.sum()
+            dlogits = crossentropy_backward(dlosses, probs, targets[rows])
+            dhidden[rows] = lm_head_backward(dlogits, hidden[rows], P["wte.weight"], G["wte.weight"])
+
+        self._backward_hidden(dhidden, idx, caches)
+        return total / count
+
+    def _forward_hidden(self, idx, rng):
+        """idx (B, T) -> final LayerNorm output (N, C) and the caches of every layer."""
+        P, cfg = self.params, self.config
+        B, T = idx.shape
+        p_drop = cfg.dropout if rng is not None else 0.0
+        x, emb_mask = dropout_forward(embedding_forward(idx, P["wte.weight"], P["wpe.weight"]),
+                                      p_drop, rng)
+        x = x.reshape(B * T, cfg.n_embd)
+        block_caches = []
+        for i in range(cfg.n_layer):
+            p = f"h.{i}."
+            ln1, ln1_cache = layernorm_forward(x, P[p + "ln_1.weight"], P[p + "ln_1.bias"])
+            qkv = linear_forward(ln1, P[p + "attn.c_attn.weight"], P[p + "attn.c_attn.bias"])
+            y, attn_cache = attention_forward(qkv.reshape(B, T, 3 * cfg.n_embd), cfg.n_head,
+                                              p_drop, rng)
+            attn_out = linear_forward(y, P[p + "attn.c_proj.weight"], P[p + "attn.c_proj.bias"])
+            attn_out, attn_mask = dropout_forward(attn_out, p_drop, rng)
+            x = residual_forward(x, attn_out)
+
+            ln2, ln2_cache = layernorm_forward(x, P[p + "ln_2.weight"], P[p + "ln_2.bias"])
+            h = linear_forward(ln2, P[p + "mlp.c_fc.weight"], P[p + "mlp.c_fc.bias"])
+            g = gelu_forward(h)
+            mlp_out = linear_forward(g, P[p + "mlp.c_proj.weight"], P[p + "mlp.c_proj.bias"])
+            mlp_out, mlp_mask = dropout_forward(mlp_out, p_drop, rng)
+            x = residual_forward(x, mlp_out)
+            block_caches.append((ln1, ln1_cache, y, attn_cache, attn_mask,
+                                 ln2, ln2_cache, h, g, mlp_mask))
+        hidden, lnf_cache = layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"])
+        return hidden, (emb_mask, block_caches, lnf_cache)
+
+    def _backward_hidden(self, dhidden, idx, caches):
+        """dhidden: (N, C) gradient of the final LayerNorm output."""
+        P, G, cfg = self.params, self.grads, self.config
+        B, T = idx.shape
+        emb_mask, block_caches, lnf_cache = caches
+        dx = layernorm_backward(dhidden, lnf_cache, P["ln_f.weight"],
+                                G["ln_f.weight"], G["ln_f.bias"])
+        for i in reversed(range(cfg.n_layer)):
+            p = f"h.{i}."
+            (ln1, ln1_cache, y, attn_cache, attn_mask,
+             ln2, ln2_cache, h, g, mlp_mask) = block_caches[i]
+            dx, dmlp_out = residual_backward(dx)
+            dmlp_out = dropout_backward(dmlp_out, mlp_mask)
+            dg = linear_backward(dmlp_out, g, P[p + "mlp.c_proj.weight"],
+                                 G[p + "mlp.c_proj.weight"], G[p + "mlp.c_proj.bias"])
+            dh = gelu_backward(dg, h)
+            dln2 = linear_backward(dh, ln2, P[p + "mlp.c_fc.weight"],
+                                   G[p + "mlp.c_fc.weight"], G[p + "mlp.c_fc.bias"])
+            dx += layernorm_backward(dln2, ln2_cache, P[p + "ln_2.weight"],
+                                     G[p + "ln_2.weight"], G[p + "ln_2.bias"])
+
+            dx, dattn_out = residual_backward(dx)
+            dattn_out = dropout_backward(dattn_out, attn_mask)
+            dy = linear_backward(dattn_out, y, P[p + "attn.c_proj.weight"],
+                                 G[p + "attn.c_proj.weight"], G[p + "attn.c_proj.bias"])
+            dqkv = attention_backward(dy, attn_cache)
+            dln1 = linear_backward(dqkv, ln1, P[p + "attn.c_attn.weight"],
+                                   G[p + "attn.c_attn.weight"], G[p + "attn.c_attn.bias"])
+            dx += layernorm_backward(dln1, ln1_cache, P[p + "ln_1.weight"],
+                                     G[p + "ln_1.weight"], G[p + "ln_1.bias"])
+        demb = dropout_backward(dx.reshape(B, T, cfg.n_embd), emb_mask)
+        embedding_backward(demb, idx, G["wte.weight"], G["wpe.weight"])
+
+    # ---- helpers ----------------------------------------------------------------
+    def _logit_chunks(self, n_rows):
+        step = max(1, _LOGIT_ELEMENTS_PER_CHUNK // self.config.vocab_size)
+        return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+    def _dropout_rng(self):
+        """A generator for this training pass, derived from (seed, pass count)
+        so a resumed run draws the same masks as an uninterrupted one."""
+        seed = int(numpy.random.SeedSequence([self.seed, self.dropout_calls]).generate_state(1)[0])
+        self.dropout_calls += 1
+        return random_generator(self.device, seed)
+
+    def _check_ids(self, idx, what):
+        shape = getattr(idx, "shape", None)
+        if shape is None or len(shape) != 2:
+            raise ValueError(f"{what} must be a (B, T) integer array, got shape {shape}")
+        if shape[1] > self.config.block_size:
+            raise ValueError(f"{what}: sequence length {shape[1]} exceeds block_size "
+                             f"{self.config.block_size}")
+        if shape[0] == 0 or shape[1] == 0:
+            raise ValueError(f"{what}: empty batch of shape {shape}")
+        if not numpy.issubdtype(idx.dtype, numpy.integer):
+            raise ValueError(f"{what} must hold integers, got {idx.dtype}")
+        if isinstance(idx, numpy.ndarray):
+            low, high = int(idx.min()), int(idx.max())
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"{what}: token ids must be in [0, {self.config.vocab_size}), "
+                                 f"got range [{low}, {high}]")
+        return to_device(idx.astype(numpy.int64, copy=False), self.device)
+
+    def _check_targets(self, targets, shape):
+        if getattr(targets, "shape", None) != shape:
+            raise ValueError(f"targets must have the shape of idx {shape}, "
+                             f"got {getattr(targets, 'shape', None)}")
+        targets = to_device(targets.astype(numpy.int64, copy=False), self.device).reshape(-1)
+        if isinstance(targets, numpy.ndarray):
+            bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= self.config.vocab_size))
+            if bad.any():
+                raise ValueError(f"targets: ids must be in [0, {self.config.vocab_size}) "
+                                 f"or {IGNORE_INDEX}, got {int(targets[bad][0])}")
+        return targets
+
+    def state_arrays(self):
+        """name -> host (NumPy) copy of every parameter."""
+        return {name: to_host(view) for name, view in self.params.items()}
+
+    def load_state_arrays(self, arrays):
+        """Copy named arrays (host or device) into the parameters, checking shapes."""
+        missing = [n for n in self.layout.names if n not in arrays]
+        unexpected = [n for n in arrays if n not in self.layout.shapes]
+        if missing or unexpected:
+            raise ValueError(f"parameter names do not match: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        for name, view in self.params.items():
+            value = arrays[name]
+            if tuple(value.shape) != tuple(view.shape):
+                raise ValueError(f"parameter {name}: shape {tuple(value.shape)} does not "
+                                 f"match the model's {tuple(view.shape)}")
+            view[...] = to_device(numpy.asarray(to_host(value), dtype=self.dtype), self.device)
+
+
+def _init_parameters(config, layout, seed):
+    """GPT-2 initialisation on the host in float64: N(0, 0.02) matrices,
+    N(0, 0.02/sqrt(2 L)) residual projections, zero biases, unit LayerNorm.
+    Drawing on the host gives the same weights on every device and dtype."""
+    rng = numpy.random.default_rng(seed)
+    flat = numpy.zeros(layout.size, dtype=numpy.float64)
+    views = layout.views(flat)
+    residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+    for name in layout.names:
+        view = views[name]
+        if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
+            view.fill(1.0)
+        elif view.ndim == 2:
+            std = residual_std if name.endswith("c_proj.weight") else 0.02
+            view[...] = rng.normal(0.0, std, size=view.shape)
+    return flat

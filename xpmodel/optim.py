@@ -1,0 +1,104 @@
+"""Optimizers over the flat parameter buffer, and global-norm clipping.
+
+Each step is a handful of whole-buffer operations; weight decay touches only
+the leading matrix slice of the buffer (see params.py).
+"""
+import math
+
+
+class AdamW:
+    """The update rule of torch.optim.AdamW (decoupled weight decay, bias
+    correction), with decay on matrices only. `lr` may be changed before
+    any step, which is how schedules drive it."""
+
+    def __init__(self, model, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+        _check_positive("lr", lr, allow_zero=True)
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"AdamW betas must be in [0, 1), got {betas}")
+        _check_positive("eps", eps)
+        _check_positive("weight_decay", weight_decay, allow_zero=True)
+        self.model = model
+        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+        xp = model.xp
+        self.m = xp.zeros_like(model.flat_params)   # first moment, flat like the params
+        self.v = xp.zeros_like(model.flat_params)   # second moment
+        self._scratch = xp.empty_like(model.flat_params)
+        self.step_count = 0
+
+    def step(self):
+        xp = self.model.xp
+        p, g, m, v, tmp = (self.model.flat_params, self.model.flat_grads,
+                           self.m, self.v, self._scratch)
+        beta1, beta2 = self.betas
+        self.step_count += 1
+        n_decay = self.model.layout.n_decay
+        p[:n_decay] *= 1.0 - self.lr * self.weight_decay
+        m *= beta1
+        xp.multiply(g, 1.0 - beta1, out=tmp)
+        m += tmp
+        v *= beta2
+        xp.multiply(g, g, out=tmp)
+        tmp *= 1.0 - beta2
+        v += tmp
+        bias1 = 1.0 - beta1 ** self.step_count
+        bias2 = 1.0 - beta2 ** self.step_count
+        # p -= lr / bias1 * m / (sqrt(v) / sqrt(bias2) + eps)
+        xp.sqrt(v, out=tmp)
+        tmp *= 1.0 / math.sqrt(bias2)
+        tmp += self.eps
+        xp.divide(m, tmp, out=tmp)
+        tmp *= self.lr / bias1
+        p -= tmp
+
+    def state_arrays(self):
+        return {"m": self.m, "v": self.v}
+
+    def load_state(self, m, v, step_count):
+        self.m[...] = m
+        self.v[...] = v
+        self.step_count = int(step_count)
+
+
+class SGD:
+    """Plain SGD with optional momentum and decoupled-free L2 weight decay on matrices."""
+
+    def __init__(self, model, lr, momentum=0.0, weight_decay=0.0):
+        _check_positive("lr", lr, allow_zero=True)
+        self.model, self.lr, self.momentum, self.weight_decay = model, lr, momentum, weight_decay
+        self.velocity = model.xp.zeros_like(model.flat_params) if momentum else None
+        self.step_count = 0
+
+    def step(self):
+        p, g = self.model.flat_params, self.model.flat_grads
+        n_decay = self.model.layout.n_decay
+        self.step_count += 1
+        update = g.copy()
+        if self.weight_decay:
+            update[:n_decay] += self.weight_decay * p[:n_decay]
+        if self.velocity is not None:
+            self.velocity *= self.momentum
+            self.velocity += update
+            update = self.velocity
+        p -= self.lr * update
+
+
+def grad_norm(model):
+    """Global L2 norm of all gradients, a 0-d array (no host sync on GPU)."""
+    g = model.flat_grads
+    return model.xp.sqrt(model.xp.dot(g, g))
+
+
+def clip_grad_norm(model, max_norm):
+    """Scale gradients so their global L2 norm is at most max_norm, as
+    torch.nn.utils.clip_grad_norm_ does; returns the norm before clipping."""
+    norm = grad_norm(model)
+    coef = max_norm / (norm + 1e-6)
+    model.flat_grads *= model.xp.minimum(coef, 1.0).astype(model.flat_grads.dtype)
+    return norm
+
+
+def _check_positive(name, value, allow_zero=False):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 \
+            or (value == 0 and not allow_zero) or math.isnan(value):
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} "
+                         f"number, got {value!r}")

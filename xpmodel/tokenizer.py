@@ -1,0 +1,519 @@
+"""Byte-level BPE tokenizer, the way GPT-2 tokenizes text.
+
+Text is split by GPT-2's pre-tokenization regex into pieces (words with their
+leading space, digit runs, punctuation runs, whitespace runs); each piece is
+UTF-8 encoded and its bytes are merged pairwise by learned rank. Every string
+round-trips exactly, because the pieces cover the text and ids 0..255 cover
+every byte.
+
+Id space, in order:
+    0 .. 255                    the raw bytes (id == byte value)
+    256 .. 256 + M - 1          the M merges, in rank order (lower id merges first)
+    256 + M .. vocab_size - 1   the special tokens, e.g. "<|endoftext|>"
+
+With no merges this is a plain byte tokenizer, used for character-level runs.
+
+Files are one readable JSON document (see `save`); nothing is pickled.
+Hugging Face export lives in `tokenizer_hf.py`. This file does not read
+corpora or write token files: the data module streams text through
+`encode_chunks`.
+"""
+import hashlib
+import heapq
+import json
+import multiprocessing
+import operator
+import os
+from collections import Counter, defaultdict, deque
+from pathlib import Path
+
+import numpy
+import regex
+
+from xpmodel.errors import DataError, UsageError
+
+GPT2_SPLIT_PATTERN = (
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+)
+ENDOFTEXT = "<|endoftext|>"
+FILE_FORMAT = "xpmodel-bpe-tokenizer"
+FILE_VERSION = 1
+
+_SPLIT = regex.compile(GPT2_SPLIT_PATTERN)
+# Pieces longer than this are merged with a heap (O(n log n)) instead of
+# repeated scans (O(n * merges applied)): a long run of spaces or a base64 blob
+# would otherwise be quadratic.
+_LONG_PIECE = 64
+# The per-piece encode cache is dropped when it grows past this many pieces,
+# so encoding an unbounded corpus keeps bounded memory.
+_CACHE_LIMIT = 1 << 20
+
+
+class BPETokenizer:
+    """A byte-level BPE tokenizer: merges learned by `train`, or loaded by `load`.
+
+    `merges[k] == (left_id, right_id)` makes token id 256 + k; each side is a
+    byte or an earlier merge. Special tokens take the ids after the merges, in
+    the order given.
+    """
+
+    def __init__(self, merges=(), special_tokens=(ENDOFTEXT,)):
+        self._merges = tuple((int(a), int(b)) for a, b in merges)
+        self._specials = tuple(special_tokens)
+        self._token_bytes = [bytes([i]) for i in range(256)]  # id -> bytes, merges included
+        self._merge_ids = {}  # (left_id, right_id) -> merged id; ids order ranks
+        for pair in self._merges:
+            new_id = len(self._token_bytes)
+            left, right = pair
+            if not (0 <= left < new_id and 0 <= right < new_id):
+                raise UsageError(f"merge {new_id - 256} {list(pair)} refers to an id "
+                                 f"not defined before it")
+            if pair in self._merge_ids:
+                raise UsageError(f"merge {new_id - 256} {list(pair)} is listed twice")
+            self._merge_ids[pair] = new_id
+            self._token_bytes.append(self._token_bytes[left] + self._token_bytes[right])
+        self._check_specials()
+        first_special = len(self._token_bytes)
+        self._special_ids = {s: first_special + i for i, s in enumerate(self._specials)}
+        self._token_bytes.extend(s.encode("utf-8") for s in self._specials)
+        self._special_split = None
+        if self._specials:
+            # Longest first, so a special that contains another wins.
+            alternatives = sorted(self._specials, key=len, reverse=True)
+            self._special_split = regex.compile(
+                "(" + "|".join(regex.escape(s) for s in alternatives) + ")")
+        self._piece_cache = {}  # piece str -> list of ids
+
+    def _check_specials(self):
+        if isinstance(self._specials, str) or not all(
+                isinstance(s, str) and s for s in self._specials):
+            raise UsageError("special_tokens must be a sequence of non-empty strings, "
+                             f"got {self._specials!r}")
+        if len(set(self._specials)) != len(self._specials):
+            raise UsageError(f"special_tokens has duplicates: {list(self._specials)}")
+
+    # ----- training -------------------------------------------------------
+
+    @classmethod
+    def train(cls, texts, vocab_size, special_tokens=(ENDOFTEXT,)):
+        """Learn merges from `texts` (a str or an iterable of str).
+
+        `vocab_size` counts every id: 256 bytes + merges + special tokens, so
+        4096 with one special token learns 3839 merges. The 256 byte ids and
+        the special tokens are always present: `vocab_size=256` means no
+        merges (a byte tokenizer), and its one special token still gets id 256,
+        giving 257 ids. Training stops early when no pair of adjacent tokens
+        is left to merge; `tok.vocab_size` is always the true id count.
+
+        Ties between equally frequent pairs go to the lowest (left id,
+        right id), so training is reproducible. A pair whose bytes already
+        form a token is never merged, so every id has distinct bytes (which
+        the Hugging Face vocab needs).
+        """
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+            raise UsageError(f"vocab_size must be an integer, got {vocab_size!r}")
+        if vocab_size < 256:
+            raise UsageError(f"vocab_size must be at least 256 (the byte ids), "
+                             f"got {vocab_size}")
+        special_tokens = tuple(special_tokens)
+        cls((), special_tokens)  # validates special_tokens before the slow part
+        if isinstance(texts, str):
+            texts = (texts,)
+        word_counts = Counter()
+        for text in texts:
+            word_counts.update(_SPLIT.findall(text))
+        num_merges = max(0, vocab_size - 256 - len(special_tokens))
+        merges = _learn_merges(word_counts, num_merges)
+        return cls(merges, special_tokens)
+
+    # ----- the id space ---------------------------------------------------
+
+    @property
+    def vocab_size(self):
+        """Number of ids: 256 + len(merges) + len(special_tokens)."""
+        return len(self._token_bytes)
+
+    @property
+    def merges(self):
+        """The merges in rank order: a tuple of (left_id, right_id)."""
+        return self._merges
+
+    @property
+    def special_tokens(self):
+        """A new dict of special token string -> id."""
+        return dict(self._special_ids)
+
+    @property
+    def eot_id(self):
+        """The id of "<|endoftext|>", or None when it is not a special token."""
+        return self._special_ids.get(ENDOFTEXT)
+
+    def token_bytes(self, token_id):
+        """The bytes that one id decodes to."""
+        return self.decode_bytes((token_id,))
+
+    # ----- encoding -------------------------------------------------------
+
+    def encode_ordinary(self, text):
+        """Encode `text` as plain text (special token strings are just text). -> list[int]"""
+        cache = self._piece_cache
+        if len(cache) > _CACHE_LIMIT:
+            cache.clear()
+        ids = []
+        extend = ids.extend
+        for piece in _SPLIT.findall(text):
+            piece_ids = cache.get(piece)
+            if piece_ids is None:
+                piece_ids = self._encode_piece(piece)
+                cache[piece] = piece_ids
+            extend(piece_ids)
+        return ids
+
+    def encode(self, text, allowed_special=frozenset()):
+        """Encode `text`, turning the allowed special token strings into their ids.
+
+        `allowed_special` is a set of special token strings or "all". Text that
+        contains a special token string that is not allowed raises UsageError
+        (a ValueError), because silently encoding it as text is rarely meant:
+        use `encode_ordinary` for that.
+        """
+        if allowed_special == "all":
+            allowed = set(self._specials)
+        else:
+            allowed = set(allowed_special)
+            unknown = allowed - set(self._specials)
+            if unknown:
+                raise UsageError(f"allowed_special names tokens that are not special "
+                                 f"tokens of this tokenizer: {sorted(unknown)}")
+        for special in self._specials:
+            if special not in allowed and special in text:
+                raise UsageError(
+                    f"text contains the special token {special!r}, which is not allowed; "
+                    f"pass allowed_special={{{special!r}}} to encode it as a special token, "
+                    f"or use encode_ordinary to encode it as text")
+        if not allowed:
+            return self.encode_ordinary(text)
+        ids = []
+        # With a capturing group, split alternates text, special, text, ...
+        for i, part in enumerate(self._special_split.split(text)):
+            if i % 2:
+                ids.append(self._special_ids[part])
+            elif part:
+                ids.extend(self.encode_ordinary(part))
+        return ids
+
+    def encode_chunks(self, chunks, workers=None):
+        """Encode an iterable of str, yielding one numpy uint32 array per chunk, in order.
+
+        Chunks are ordinary text, as in `encode_ordinary`. With `workers` > 1
+        (default: the CPU count) and the fork start method, chunks are encoded
+        in worker processes that inherit this tokenizer; only strings and
+        arrays cross the process boundary, and at most a few chunks per worker
+        are in flight, so a corpus larger than memory streams through.
+        Without fork, or with workers <= 1, chunks are encoded here, one by one.
+        """
+        workers = (os.cpu_count() or 1) if workers is None else int(workers)
+        if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+            for chunk in chunks:
+                yield self._encode_to_array(chunk)
+            return
+        context = multiprocessing.get_context("fork")
+        pool = context.Pool(workers, initializer=_install_worker_tokenizer, initargs=(self,))
+        try:
+            pending = deque()
+            for chunk in chunks:
+                pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().get()
+            while pending:
+                yield pending.popleft().get()
+            pool.close()
+        finally:
+            pool.terminate()
+            pool.join()
+
+    def _encode_to_array(self, text):
+        return numpy.array(self.encode_ordinary(text), dtype=numpy.uint32)  # (tokens,)
+
+    def _encode_piece(self, piece):
+        ids = list(piece.encode("utf-8"))
+        if len(ids) > _LONG_PIECE:
+            return _merge_long(ids, self._merge_ids)
+        return _merge_short(ids, self._merge_ids)
+
+    # ----- decoding -------------------------------------------------------
+
+    def decode_bytes(self, ids):
+        """The bytes that a sequence of ids (list, tuple or numpy array) stands for."""
+        if isinstance(ids, numpy.ndarray):
+            ids = ids.tolist()
+        elif not isinstance(ids, (list, tuple)):
+            ids = list(ids)
+        table = self._token_bytes
+        try:
+            if min(ids, default=0) >= 0:
+                return b"".join([table[i] for i in ids])
+        except (IndexError, TypeError):
+            pass
+        bad = next(i for i in ids if not _is_id_below(i, len(table)))
+        raise UsageError(f"token id {bad!r} is not in this tokenizer's vocabulary "
+                         f"(ids 0..{len(table) - 1})")
+
+    def decode(self, ids):
+        """The text that `ids` stand for. Bytes that do not form valid UTF-8 (ids that
+        end mid-character) become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # ----- files ----------------------------------------------------------
+
+    def to_json(self):
+        """The tokenizer as a JSON document (str): one merge per line, readable and diffable."""
+        header = json.dumps({"format": FILE_FORMAT, "version": FILE_VERSION,
+                             "pre_tokenizer": "gpt2",
+                             "special_tokens": list(self._specials)})
+        merge_lines = ",\n".join(f"  [{a}, {b}]" for a, b in self._merges)
+        return header[:-1] + ', "merges": [\n' + merge_lines + "\n]}\n"
+
+    def save(self, path):
+        """Write the tokenizer to one JSON file (written whole, then renamed into place)."""
+        path = Path(path)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(self.to_json(), encoding="utf-8")
+        os.replace(partial, path)
+
+    @classmethod
+    def load(cls, path):
+        """Read a file written by `save`. Raises DataError naming the file if it
+        is missing, truncated, corrupt or not an xpmodel tokenizer."""
+        path = Path(path)
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"cannot read tokenizer file {path}: {exc}") from exc
+        try:
+            return cls._from_document(document)
+        except (UsageError, TypeError, ValueError) as exc:
+            raise DataError(f"tokenizer file {path} is not usable: {exc}") from exc
+
+    @classmethod
+    def _from_document(cls, document):
+        if not isinstance(document, dict) or document.get("format") != FILE_FORMAT:
+            raise UsageError(f"it is not an xpmodel tokenizer (no \"format\": \"{FILE_FORMAT}\")")
+        if document.get("version") != FILE_VERSION:
+            raise UsageError(f"format version {document.get('version')!r} is not supported "
+                             f"(this xpmodel reads version {FILE_VERSION})")
+        if document.get("pre_tokenizer") != "gpt2":
+            raise UsageError(f"pre_tokenizer {document.get('pre_tokenizer')!r} is not supported")
+        merges = document.get("merges")
+        specials = document.get("special_tokens")
+        if not isinstance(merges, list) or not isinstance(specials, list):
+            raise UsageError("\"merges\" and \"special_tokens\" must be lists")
+        for k, pair in enumerate(merges):
+            if not (isinstance(pair, list) and len(pair) == 2
+                    and all(type(i) is int for i in pair)):
+                raise UsageError(f"merge {k} is {pair!r}, not a pair of ids")
+        return cls(merges, specials)
+
+    def fingerprint(self):
+        """Hex sha256 of the tokenizer's content: equal fingerprints mean equal encodings."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
+    def export_hf(self, directory, model_max_length=None):
+        """Write a Hugging Face tokenizer directory; see `tokenizer_hf.export_hf`."""
+        from xpmodel.tokenizer_hf import export_hf
+        export_hf(self, directory, model_max_length)
+
+    def __eq__(self, other):
+        if not isinstance(other, BPETokenizer):
+            return NotImplemented
+        return self._merges == other._merges and self._specials == other._specials
+
+    __hash__ = None  # tokenizers are compared by content; use fingerprint() as a key
+
+    def __repr__(self):
+        return (f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self._merges)}, "
+                f"special_tokens={list(self._specials)})")
+
+
+def _is_id_below(value, limit):
+    try:
+        return 0 <= operator.index(value) < limit
+    except TypeError:
+        return False
+
+
+# ----- merging one piece ----------------------------------------------------
+
+
+def _merge_short(ids, merge_ids):
+    """Apply merges to one piece's byte ids, lowest merged id (= rank) first.
+
+    Each round merges every occurrence of the best pair, left to right."""
+    get = merge_ids.get
+    while len(ids) > 1:
+        best_id = None
+        for pair in zip(ids, ids[1:]):
+            new_id = get(pair)
+            if new_id is not None and (best_id is None or new_id < best_id):
+                best_id, best_pair = new_id, pair
+        if best_id is None:
+            break
+        left, right = best_pair
+        merged = []
+        i, n = 0, len(ids)
+        while i < n:
+            if ids[i] == left and i + 1 < n and ids[i + 1] == right:
+                merged.append(best_id)
+                i += 2
+            else:
+                merged.append(ids[i])
+                i += 1
+        ids = merged
+    return ids
+
+
+def _merge_long(ids, merge_ids):
+    """Same result as `_merge_short`, in O(n log n) for long pieces.
+
+    Symbols form a linked list; a heap holds candidate merges keyed by
+    (merged id, position), so equal ranks apply left to right as in the
+    round-based version. A merge only creates pairs of higher rank (they
+    contain the new id), so rank order is kept. Stale heap entries are
+    skipped by checking the two symbols are still there and unchanged.
+    """
+    n = len(ids)
+    symbols = list(ids)               # (n,) id at each position; -1 once merged away
+    next_pos = list(range(1, n + 1))  # (n,) n means none
+    prev_pos = list(range(-1, n - 1))  # (n,) -1 means none
+    heap = []
+    for pos in range(n - 1):
+        new_id = merge_ids.get((symbols[pos], symbols[pos + 1]))
+        if new_id is not None:
+            heap.append((new_id, pos, symbols[pos], symbols[pos + 1]))
+    heapq.heapify(heap)
+    while heap:
+        new_id, pos, left, right = heapq.heappop(heap)
+        right_pos = next_pos[pos]
+        if symbols[pos] != left or right_pos >= n or symbols[right_pos] != right:
+            continue
+        symbols[pos] = new_id
+        symbols[right_pos] = -1
+        after = next_pos[right_pos]
+        next_pos[pos] = after
+        if after < n:
+            prev_pos[after] = pos
+            candidate = merge_ids.get((new_id, symbols[after]))
+            if candidate is not None:
+                heapq.heappush(heap, (candidate, pos, new_id, symbols[after]))
+        before = prev_pos[pos]
+        if before >= 0:
+            candidate = merge_ids.get((symbols[before], new_id))
+            if candidate is not None:
+                heapq.heappush(heap, (candidate, before, symbols[before], new_id))
+    return [s for s in symbols if s >= 0]
+
+
+# ----- learning merges ------------------------------------------------------
+
+
+def _learn_merges(word_counts, num_merges):
+    """Learn up to `num_merges` merges from a Counter of piece str -> frequency.
+
+    Each unique piece is a list of ids. `pair_counts` holds the weighted count
+    of every adjacent pair, `pair_words` which pieces may hold it (entries go
+    stale, and are skipped, once a piece no longer holds the pair). A merge
+    rewrites only the pieces that hold its pair and adjusts the counts of the
+    neighbouring pairs; a heap of (-count, left, right) with lazy invalidation
+    finds the next best pair.
+    """
+    words = []  # unique pieces, each a list of ids
+    freqs = []  # how often each piece occurs
+    for piece, freq in word_counts.items():
+        words.append(list(piece.encode("utf-8")))
+        freqs.append(freq)
+    pair_counts = defaultdict(int)
+    pair_words = defaultdict(set)
+    for index, word in enumerate(words):
+        freq = freqs[index]
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += freq
+            pair_words[pair].add(index)
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+
+    known_bytes = {bytes([i]) for i in range(256)}
+    token_bytes = [bytes([i]) for i in range(256)]
+    merges = []
+    while len(merges) < num_merges and heap:
+        negative_count, pair = heapq.heappop(heap)
+        if pair_counts.get(pair, 0) != -negative_count:
+            continue  # stale: the count changed and a newer entry was pushed
+        left, right = pair
+        merged_bytes = token_bytes[left] + token_bytes[right]
+        if merged_bytes in known_bytes:
+            del pair_counts[pair]  # never merged: the bytes already have an id
+            continue
+        new_id = 256 + len(merges)
+        merges.append(pair)
+        token_bytes.append(merged_bytes)
+        known_bytes.add(merged_bytes)
+        del pair_counts[pair]
+        deltas = defaultdict(int)
+        for index in pair_words.pop(pair):
+            _merge_in_word(words, index, freqs[index], left, right, new_id, deltas, pair_words)
+        deltas.pop(pair, None)
+        for changed, delta in deltas.items():
+            if delta:
+                count = pair_counts[changed] + delta
+                if count > 0:
+                    pair_counts[changed] = count
+                    heapq.heappush(heap, (-count, changed))
+                else:
+                    del pair_counts[changed]
+    return merges
+
+
+def _merge_in_word(words, index, freq, left, right, new_id, deltas, pair_words):
+    """Replace every (left, right) in words[index] by new_id, left to right.
+
+    Records the change in the counts of neighbouring pairs in `deltas` and
+    indexes the new pairs. The left neighbour is read from the merged output,
+    so back-to-back merges ("abab" -> "XX") count the pair between them once.
+    """
+    word = words[index]
+    n = len(word)
+    merged = []
+    i = 0
+    while i < n:
+        if word[i] == left and i + 1 < n and word[i + 1] == right:
+            if merged:
+                before = merged[-1]
+                deltas[(before, left)] -= freq
+                deltas[(before, new_id)] += freq
+                pair_words[(before, new_id)].add(index)
+            if i + 2 < n:
+                after = word[i + 2]
+                deltas[(right, after)] -= freq
+                deltas[(new_id, after)] += freq
+                pair_words[(new_id, after)].add(index)
+            merged.append(new_id)
+            i += 2
+        else:
+            merged.append(word[i])
+            i += 1
+    if len(merged) != n:
+        words[index] = merged
+
+
+# ----- worker processes for encode_chunks -----------------------------------
+
+_worker_tokenizer = None  # set in each forked worker by _install_worker_tokenizer
+
+
+def _install_worker_tokenizer(tokenizer):
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _encode_in_worker(text):
+    return _worker_tokenizer._encode_to_array(text)
