@@ -56,11 +56,18 @@ def test_layernorm(rng):
 def test_gelu(rng):
     x = rng.standard_normal((4, 7)) * 3
     r = rng.standard_normal((4, 7))
-    out = gelu_forward(x.copy())
+    out, s = gelu_forward(x.copy())
     ref = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
-    np.testing.assert_allclose(out, ref, rtol=1e-12)
-    dx = gelu_backward(r, x)
-    assert directional_check(lambda x_: np.sum(gelu_forward(x_) * r), x, dx, rng) < TOL
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-15)
+    dx = gelu_backward(r, x, s)
+    assert directional_check(lambda x_: np.sum(gelu_forward(x_)[0] * r), x, dx, rng) < TOL
+
+
+def test_gelu_saturates_without_overflow():
+    x = np.array([-1e4, -50.0, 0.0, 50.0, 1e4], dtype=np.float32)
+    out, s = gelu_forward(x)
+    assert np.all(np.isfinite(out)) and np.all(np.isfinite(gelu_backward(np.ones_like(x), x, s)))
+    np.testing.assert_allclose(out, [0, 0, 0, 50, 1e4], atol=1e-6)
 
 
 def test_attention(rng):

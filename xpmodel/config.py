@@ -97,13 +97,13 @@ class DataConfig:
     vocab_size: int = _setting(4096, within=_Range(low=256))
     # share of the tokens held out for validation
     val_fraction: float = _setting(0.1, within=OPEN_UNIT)
-    # "random": nanoGPT-style windows; "epochs": each once per epoch
+    # "random": nanoGPT-style random windows; "epochs": every window once per epoch
     batching: str = _setting("random", choices=BATCHINGS)
     # start training windows at random offsets within the text
     crop_augment: bool = False
     # chance an input token is replaced (augmentation)
     token_dropout: float = _setting(0.0, within=HALF_OPEN_UNIT)
-    # tokenized-corpus cache; None: the default
+    # where tokenized corpora are cached; None: the default cache directory
     cache_dir: str | None = None
 
     def __post_init__(self):
@@ -121,7 +121,7 @@ class ModelConfig:
     n_embd: int = _setting(256, within=POSITIVE)
     # T, the longest context the model sees
     block_size: int = _setting(128, within=POSITIVE)
-    # dropout on attention, residual, embedding outputs
+    # dropout on attention weights, residual branches and embeddings
     dropout: float = _setting(0.0, within=HALF_OPEN_UNIT)
 
     def __post_init__(self):
@@ -148,11 +148,11 @@ class TrainConfig:
     min_lr: float = _setting(3e-5, within=NON_NEGATIVE)
     # steps of linear warmup from 0 to lr
     warmup_iters: int = _setting(100, within=NON_NEGATIVE)
-    # decay ends here; None: the run's length
+    # step at which the decay reaches min_lr; None: the run's length
     lr_decay_iters: int | None = _setting(None, within=POSITIVE)
     # learning-rate shape after warmup
     schedule: str = _setting("cosine", choices=SCHEDULES)
-    # AdamW decoupled decay (matrices only)
+    # AdamW decoupled weight decay (applied to matrices only)
     weight_decay: float = _setting(0.1, within=NON_NEGATIVE)
     # AdamW first-moment decay
     beta1: float = _setting(0.9, within=HALF_OPEN_UNIT)
@@ -178,13 +178,13 @@ class TrainConfig:
     keep_last: int = _setting(3, within=POSITIVE)
     # steps between log lines
     log_interval: int = _setting(10, within=POSITIVE)
-    # evals without improvement before stopping; 0 = off
+    # evaluations without a better val loss before stopping; 0 = off
     early_stop_patience: int = _setting(0, within=NON_NEGATIVE)
-    # "fp16": half precision with loss scaling
+    # "fp16": half-precision compute with loss scaling
     precision: str = _setting("fp32", choices=PRECISIONS)
     # seeds weight init, batching and dropout
     seed: int = _setting(1337, within=NON_NEGATIVE)
-    # checkpoint or run dir to start from; None: fresh
+    # checkpoint or run directory to start from; None: fresh weights
     init_from: str | None = None
 
     def __post_init__(self):

@@ -170,12 +170,12 @@ class GPT:
 
             ln2, ln2_cache = layernorm_forward(x, P[p + "ln_2.weight"], P[p + "ln_2.bias"])
             h = linear_forward(ln2, P[p + "mlp.c_fc.weight"], P[p + "mlp.c_fc.bias"])
-            g = gelu_forward(h)
+            g, gelu_cache = gelu_forward(h)
             mlp_out = linear_forward(g, P[p + "mlp.c_proj.weight"], P[p + "mlp.c_proj.bias"])
             mlp_out, mlp_mask = dropout_forward(mlp_out, p_drop, rng)
             x = residual_forward(x, mlp_out)
             block_caches.append((ln1, ln1_cache, y, attn_cache, attn_mask,
-                                 ln2, ln2_cache, h, g, mlp_mask))
+                                 ln2, ln2_cache, h, gelu_cache, g, mlp_mask))
         hidden, lnf_cache = layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"])
         return hidden, (emb_mask, block_caches, lnf_cache)
 
@@ -189,12 +189,12 @@ class GPT:
         for i in reversed(range(cfg.n_layer)):
             p = f"h.{i}."
             (ln1, ln1_cache, y, attn_cache, attn_mask,
-             ln2, ln2_cache, h, g, mlp_mask) = block_caches[i]
+             ln2, ln2_cache, h, gelu_cache, g, mlp_mask) = block_caches[i]
             dx, dmlp_out = residual_backward(dx)
             dmlp_out = dropout_backward(dmlp_out, mlp_mask)
             dg = linear_backward(dmlp_out, g, P[p + "mlp.c_proj.weight"],
                                  G[p + "mlp.c_proj.weight"], G[p + "mlp.c_proj.bias"])
-            dh = gelu_backward(dg, h)
+            dh = gelu_backward(dg, h, gelu_cache)
             dln2 = linear_backward(dh, ln2, P[p + "mlp.c_fc.weight"],
                                    G[p + "mlp.c_fc.weight"], G[p + "mlp.c_fc.bias"])
             dx += layernorm_backward(dln2, ln2_cache, P[p + "ln_2.weight"],

@@ -4,7 +4,8 @@ Text is split by GPT-2's pre-tokenization regex into pieces (words with their
 leading space, digit runs, punctuation runs, whitespace runs); each piece is
 UTF-8 encoded and its bytes are merged pairwise by learned rank. Every string
 round-trips exactly, because the pieces cover the text and ids 0..255 cover
-every byte.
+every byte. (Text must be valid Unicode: a lone surrogate has no UTF-8 form
+and raises UnicodeEncodeError, a ValueError.)
 
 Id space, in order:
     0 .. 255                    the raw bytes (id == byte value)
@@ -58,6 +59,7 @@ class BPETokenizer:
     """
 
     def __init__(self, merges=(), special_tokens=(ENDOFTEXT,)):
+        _check_special_tokens(special_tokens)
         self._merges = tuple((int(a), int(b)) for a, b in merges)
         self._specials = tuple(special_tokens)
         self._token_bytes = [bytes([i]) for i in range(256)]  # id -> bytes, merges included
@@ -72,7 +74,6 @@ class BPETokenizer:
                 raise UsageError(f"merge {new_id - 256} {list(pair)} is listed twice")
             self._merge_ids[pair] = new_id
             self._token_bytes.append(self._token_bytes[left] + self._token_bytes[right])
-        self._check_specials()
         first_special = len(self._token_bytes)
         self._special_ids = {s: first_special + i for i, s in enumerate(self._specials)}
         self._token_bytes.extend(s.encode("utf-8") for s in self._specials)
@@ -83,14 +84,6 @@ class BPETokenizer:
             self._special_split = regex.compile(
                 "(" + "|".join(regex.escape(s) for s in alternatives) + ")")
         self._piece_cache = {}  # piece str -> list of ids
-
-    def _check_specials(self):
-        if isinstance(self._specials, str) or not all(
-                isinstance(s, str) and s for s in self._specials):
-            raise UsageError("special_tokens must be a sequence of non-empty strings, "
-                             f"got {self._specials!r}")
-        if len(set(self._specials)) != len(self._specials):
-            raise UsageError(f"special_tokens has duplicates: {list(self._specials)}")
 
     # ----- training -------------------------------------------------------
 
@@ -115,8 +108,8 @@ class BPETokenizer:
         if vocab_size < 256:
             raise UsageError(f"vocab_size must be at least 256 (the byte ids), "
                              f"got {vocab_size}")
+        _check_special_tokens(special_tokens)  # before the slow part, not after
         special_tokens = tuple(special_tokens)
-        cls((), special_tokens)  # validates special_tokens before the slow part
         if isinstance(texts, str):
             texts = (texts,)
         word_counts = Counter()
@@ -333,6 +326,15 @@ class BPETokenizer:
     def __repr__(self):
         return (f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self._merges)}, "
                 f"special_tokens={list(self._specials)})")
+
+
+def _check_special_tokens(special_tokens):
+    if isinstance(special_tokens, str) or not all(
+            isinstance(s, str) and s for s in special_tokens):
+        raise UsageError("special_tokens must be a sequence of non-empty strings, "
+                         f"got {special_tokens!r}")
+    if len(set(special_tokens)) != len(special_tokens):
+        raise UsageError(f"special_tokens has duplicates: {list(special_tokens)}")
 
 
 def _is_id_below(value, limit):

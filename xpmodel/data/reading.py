@@ -21,6 +21,7 @@ from xpmodel.data.sources import PLAY_MARKDOWN, Source, resolve_source
 from xpmodel.errors import DataError
 
 DEFAULT_CHUNK_BYTES = 1 << 20
+_CLEAN_CUT_SEARCH_BYTES = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,10 @@ def _plain_pieces(path, chunk_bytes: int) -> Iterator[tuple[str, int]]:
 def _cut_point(window: bytes) -> int:
     last_newline = window.rfind(b"\n")
     position = last_newline
-    while position >= len(window) // 2:
+    # The search for a clean cut is bounded, so indented text (every newline
+    # followed by spaces) costs little before falling back to the last newline.
+    floor = max(len(window) // 2, len(window) - _CLEAN_CUT_SEARCH_BYTES)
+    while position >= floor:
         before, after = window[position - 1 : position], window[position + 1 : position + 2]
         if before and after and not before.isspace() and not after.isspace():
             return position + 1

@@ -1,46 +1,44 @@
-"""GELU, tanh approximation, as GPT-2 uses it."""
+"""GELU, tanh approximation, as GPT-2 uses it.
+
+0.5 x (1 + tanh(u)) equals x * sigmoid(2u), with u = sqrt(2/pi) (x + 0.044715 x^3);
+the sigmoid form needs one exp instead of a tanh, which is several times
+cheaper on NumPy, and its value `s` is all that backward needs besides x.
+"""
 import math
 
 from ..backend import array_module
 
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_K = math.sqrt(2.0 / math.pi)
 _CUBIC = 0.044715
+_MAX_EXPONENT = 80.0   # exp(80) is finite in float32; the sigmoid is 0 there anyway
 
 
 def gelu_forward(x):
-    """x: any shape -> 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    """x: any shape -> out (x's shape), cache s = sigmoid(2u) (x's shape)."""
     xp = array_module(x)
-    inner = x * x
-    inner *= _CUBIC * _SQRT_2_OVER_PI
-    inner += _SQRT_2_OVER_PI
-    inner *= x
-    out = xp.tanh(inner, out=inner)
-    out += 1.0
-    out *= x
-    out *= 0.5
-    return out
+    s = x * x
+    s *= -2.0 * _K * _CUBIC
+    s -= 2.0 * _K
+    s *= x                       # -2u
+    xp.minimum(s, _MAX_EXPONENT, out=s)
+    xp.exp(s, out=s)
+    s += 1.0
+    xp.reciprocal(s, out=s)      # sigmoid(2u)
+    return x * s, s
 
 
-def gelu_backward(dout, x):
-    """dout, x: same shape as forward's input; returns dx."""
-    xp = array_module(dout)
-    x2 = x * x
-    inner = x2 * (_CUBIC * _SQRT_2_OVER_PI)
-    inner += _SQRT_2_OVER_PI
-    inner *= x
-    tanh = xp.tanh(inner, out=inner)
-    # d/dx = 0.5 (1 + tanh) + 0.5 x (1 - tanh^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-    dinner = x2
-    dinner *= 3.0 * _CUBIC * _SQRT_2_OVER_PI
-    dinner += _SQRT_2_OVER_PI
-    dinner *= x
-    dinner *= 0.5
-    sech2 = tanh * tanh
-    sech2 *= -1.0
-    sech2 += 1.0
-    dinner *= sech2
-    tanh += 1.0
-    tanh *= 0.5
-    dinner += tanh
-    dinner *= dout
-    return dinner
+def gelu_backward(dout, x, s):
+    """dout, x, s: x's shape; returns dx.
+
+    d/dx [x s] = s + x s (1 - s) 2 du/dx, with du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+    """
+    dx = x * x
+    dx *= 6.0 * _K * _CUBIC
+    dx += 2.0 * _K
+    dx *= x
+    dx *= s
+    one_minus_s = 1.0 - s
+    dx *= one_minus_s
+    dx += s
+    dx *= dout
+    return dx

@@ -1,0 +1,118 @@
+"""CPU training-step benchmark: xpmodel (NumPy) against the same model in
+PyTorch eager, timed alternately in one process.
+
+A step is zero-grad, forward, backward, global-norm clip and AdamW, on
+random tokens. Prints tokens/s (B*T / median step time), xpmodel's peak
+traced memory for one step, and the ratio to PyTorch.
+
+    python tools/bench_cpu.py [--configs seed nano-cpu] [--steps 20] [--threads 2]
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+CONFIGS = {   # name: (n_layer, n_head, n_embd, block_size, batch_size, vocab_size)
+    "nano-cpu": (4, 4, 128, 64, 12, 256),
+    "seed": (6, 8, 256, 128, 16, 4096),
+}
+
+
+def xpmodel_step(config, B):
+    import numpy as np
+    import xpmodel
+    model = xpmodel.GPT(config, seed=0)
+    opt = xpmodel.AdamW(model, lr=3e-4)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, config.vocab_size, (B, config.block_size))
+    targets = rng.integers(0, config.vocab_size, (B, config.block_size))
+
+    def step():
+        model.zero_grad()
+        loss = model.forward_backward(idx, targets)
+        xpmodel.clip_grad_norm(model, 1.0)
+        opt.step()
+        return float(loss)
+    return step
+
+
+def torch_step(config, B):
+    import torch
+    from torch_gpt import torch_adamw, torch_loss, torch_params
+    import xpmodel
+    params = torch_params(xpmodel.GPT(config, seed=0).state_arrays())
+    opt = torch_adamw(params, 3e-4, (0.9, 0.95), 1e-8, 0.1)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g)
+    targets = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch_loss(params, idx, targets, config.n_layer, config.n_head, fused_attention=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        opt.step()
+        return loss.item()
+    return step
+
+
+def time_steps(step, n):
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per framework")
+    parser.add_argument("--rounds", type=int, default=4, help="alternations between frameworks")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import xpmodel
+    try:
+        import torch
+        torch.set_num_threads(args.threads)
+    except ImportError:
+        torch = None
+        print("torch not installed: timing xpmodel alone")
+    import numpy
+    print(f"numpy {numpy.__version__}, torch {torch.__version__ if torch else '-'}, "
+          f"threads {args.threads}, cpus {os.cpu_count()}")
+    for name in args.configs:
+        L, H, C, T, B, V = CONFIGS[name]
+        config = xpmodel.GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C)
+        ours = xpmodel_step(config, B)
+        ours()                                  # warm up
+        tracemalloc.start()
+        ours()
+        peak_mb = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+        theirs = torch_step(config, B) if torch else None
+        if theirs:
+            theirs()
+        our_times, their_times = [], []
+        per_round = max(1, args.steps // args.rounds)
+        for _ in range(args.rounds):
+            our_times += time_steps(ours, per_round)
+            if theirs:
+                their_times += time_steps(theirs, per_round)
+        tokens = B * T
+        our_tps = tokens / statistics.median(our_times)
+        line = (f"{name:9s} B={B} T={T} C={C} L={L} V={V}: xpmodel {our_tps:9,.0f} tok/s "
+                f"(peak {peak_mb:,.0f} MB traced)")
+        if theirs:
+            their_tps = tokens / statistics.median(their_times)
+            line += f" | torch eager {their_tps:9,.0f} tok/s | ratio {our_tps / their_tps:.2f}x"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Split a token stream into train/val and cut it into (x, y) batches.
+
+B is the batch size, T the block size (context length). Every batch is a
+pair of int64 arrays x, y of shape (B, T), where y is x shifted left by one
+token: the model reads x[b, :t+1] and is scored on predicting y[b, t].
+
+Two training samplers, both resumable bit for bit from `state_dict()`:
+
+- `EpochSampler` cuts the stream into non-overlapping windows of T+1
+  tokens, visits them in a fresh random order each epoch and drops the
+  windows that do not fill a whole batch. The order (and the crop offset)
+  of epoch e come from a generator seeded by (seed, e), so its state is just
+  (seed, epoch, position).
+- `RandomWindowSampler` draws B window starts uniformly at random per batch,
+  as nanoGPT does. Batch k uses a generator seeded by (seed, k), so its state
+  is just (seed, step).
+
+Augmentation, off by default: `random_crop` (EpochSampler) shifts where the
+windows are cut by a random offset in [0, T) each epoch, so window borders
+move between epochs; `token_dropout` = p replaces a fraction p of the INPUT
+ids by ids drawn uniformly from [0, vocab_size), leaving the targets as
+they were, from a generator seeded by the batch's place in the stream.
+
+`eval_batches` gives the same evenly spaced windows on every call, so that
+validation losses of different steps are comparable.
+"""
+
+from typing import Iterator
+
+import numpy as np
+
+from xpmodel.errors import DataError, UsageError
+
+# Generator streams of one epoch in EpochSampler, kept apart by this tag.
+_ORDER_STREAM = 0
+_DROPOUT_STREAM = 1
+
+
+def split_tokens(tokens, val_fraction: float = 0.1, *, block_size: int, source: str = "corpus"):
+    """(train, val): the stream's first part and its last `val_fraction`, both contiguous views."""
+    _require_positive_int("block_size", block_size)
+    if not 0.0 <= val_fraction < 1.0:
+        raise UsageError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    total, window = len(tokens), block_size + 1
+    if total < window:
+        raise DataError(f"{source}: corpus has {total} tokens, fewer than block_size + 1 = {window}")
+    n_val = int(round(total * val_fraction))
+    train, val = tokens[: total - n_val], tokens[total - n_val :]
+    if val_fraction > 0 and len(val) < window:
+        raise DataError(
+            f"{source}: validation split has {len(val)} tokens, fewer than block_size + 1 = {window}; "
+            f"raise val_fraction from {val_fraction} to at least {window / total:.3g}"
+        )
+    if len(train) < window:
+        raise DataError(
+            f"{source}: training split has {len(train)} tokens, fewer than block_size + 1 = {window}; "
+            f"lower val_fraction from {val_fraction}"
+        )
+    return train, val
+
+
+def eval_batches(tokens, batch_size: int, block_size: int, n_batches: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """n_batches (x, y) batches of windows spread evenly from the start to the end of `tokens`."""
+    for name, value in (("batch_size", batch_size), ("block_size", block_size), ("n_batches", n_batches)):
+        _require_positive_int(name, value)
+    last_start = len(tokens) - (block_size + 1)
+    if last_start < 0:
+        raise DataError(f"evaluation split has {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}")
+    starts = np.linspace(0, last_start, num=batch_size * n_batches).round().astype(np.int64)  # (n_batches * B,)
+    for batch in range(n_batches):
+        yield _gather_windows(tokens, starts[batch * batch_size : (batch + 1) * batch_size], block_size)
+
+
+class _Sampler:
+    """What both samplers share: argument checks, window gathering, token dropout, state checks."""
+
+    kind = ""
+
+    def __init__(self, tokens, batch_size, block_size, seed, token_dropout, vocab_size):
+        _require_positive_int("batch_size", batch_size)
+        _require_positive_int("block_size", block_size)
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
+        if not 0.0 <= token_dropout < 1.0:
+            raise UsageError(f"token_dropout must be in [0, 1), got {token_dropout}")
+        if token_dropout > 0 and not vocab_size:
+            raise UsageError("token_dropout needs vocab_size to draw replacement ids from")
+        self.tokens = tokens  # (N,) ids, e.g. a memmap of a token file
+        self.batch_size = int(batch_size)
+        self.block_size = int(block_size)
+        self.seed = int(seed)
+        self.token_dropout = float(token_dropout)
+        self.vocab_size = int(vocab_size) if vocab_size else None
+
+    def _config(self) -> dict:
+        return {
+            "sampler": self.kind,
+            "batch_size": self.batch_size,
+            "block_size": self.block_size,
+            "tokens": len(self.tokens),
+            "token_dropout": self.token_dropout,
+        }
+
+    def _check_state(self, state: dict) -> None:
+        for key, value in self._config().items():
+            if state.get(key) != value:
+                raise UsageError(
+                    f"sampler state was saved with {key}={state.get(key)!r}, but this run has {key}={value!r}"
+                )
+
+    def _batch(self, starts: np.ndarray, dropout_rng: np.random.Generator):
+        x, y = _gather_windows(self.tokens, starts, self.block_size)
+        if self.token_dropout > 0:
+            dropped = dropout_rng.random(x.shape) < self.token_dropout  # (B, T)
+            x[dropped] = dropout_rng.integers(0, self.vocab_size, size=int(dropped.sum()))
+        return x, y
+
+
+class EpochSampler(_Sampler):
+    """Every non-overlapping (T+1)-token window once per epoch, in a seeded random order."""
+
+    kind = "epoch"
+
+    def __init__(
+        self,
+        tokens,
+        batch_size: int,
+        block_size: int,
+        seed: int = 0,
+        *,
+        random_crop: bool = False,
+        token_dropout: float = 0.0,
+        vocab_size: int | None = None,
+    ):
+        super().__init__(tokens, batch_size, block_size, seed, token_dropout, vocab_size)
+        self.random_crop = bool(random_crop)
+        window = self.block_size + 1
+        largest_offset = self.block_size - 1 if self.random_crop else 0
+        fewest_windows = max(len(tokens) - largest_offset, 0) // window
+        if fewest_windows < self.batch_size:
+            raise DataError(
+                f"{len(tokens)} tokens make only {fewest_windows} windows of block_size + 1 = {window}, "
+                f"fewer than one batch of {self.batch_size}"
+            )
+        self.epoch = 0
+        self.position = 0  # batches already served in this epoch
+        self._layout_epoch = -1
+        self._offset = 0
+        self._order = np.empty(0, dtype=np.int64)  # (windows this epoch,) window indices in visiting order
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches in the current epoch (random_crop can make it one window shorter)."""
+        self._lay_out_epoch()
+        return len(self._order) // self.batch_size
+
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        """The next (x, y), each (B, T) int64, moving on to a new epoch when this one is used up."""
+        if self.position >= self.batches_per_epoch:
+            self.epoch += 1
+            self.position = 0
+            self._lay_out_epoch()
+        B = self.batch_size
+        windows = self._order[self.position * B : (self.position + 1) * B]  # (B,)
+        starts = self._offset + windows * (self.block_size + 1)
+        dropout_rng = np.random.default_rng([self.seed, self.epoch, _DROPOUT_STREAM, self.position])
+        self.position += 1
+        return self._batch(starts, dropout_rng)
+
+    def state_dict(self) -> dict:
+        """Where the sampler stands, as plain JSON-serialisable values."""
+        return {**self._config(), "seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where the sampler that saved `state` stopped (its seed included)."""
+        self._check_state(state)
+        self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
+        self._layout_epoch = -1
+
+    def _config(self) -> dict:
+        return {**super()._config(), "random_crop": self.random_crop}
+
+    def _lay_out_epoch(self) -> None:
+        if self._layout_epoch == self.epoch:
+            return
+        rng = np.random.default_rng([self.seed, self.epoch, _ORDER_STREAM])
+        self._offset = int(rng.integers(0, self.block_size)) if self.random_crop else 0
+        n_windows = (len(self.tokens) - self._offset) // (self.block_size + 1)
+        self._order = rng.permutation(n_windows)
+        self._layout_epoch = self.epoch
+
+
+class RandomWindowSampler(_Sampler):
+    """B windows of T+1 tokens starting anywhere, drawn afresh for every batch."""
+
+    kind = "random_window"
+
+    def __init__(
+        self,
+        tokens,
+        batch_size: int,
+        block_size: int,
+        seed: int = 0,
+        *,
+        token_dropout: float = 0.0,
+        vocab_size: int | None = None,
+    ):
+        super().__init__(tokens, batch_size, block_size, seed, token_dropout, vocab_size)
+        if len(tokens) < self.block_size + 1:
+            raise DataError(f"{len(tokens)} tokens are fewer than block_size + 1 = {self.block_size + 1}")
+        self.step = 0  # batches served so far
+
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        """The next (x, y), each (B, T) int64."""
+        rng = np.random.default_rng([self.seed, self.step])
+        # A window [s, s + T] must end inside the stream: s <= N - T - 1.
+        starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)  # (B,)
+        self.step += 1
+        return self._batch(starts, rng)
+
+    def state_dict(self) -> dict:
+        """Where the sampler stands, as plain JSON-serialisable values."""
+        return {**self._config(), "seed": self.seed, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where the sampler that saved `state` stopped (its seed included)."""
+        self._check_state(state)
+        self.seed, self.step = int(state["seed"]), int(state["step"])
+
+
+def _gather_windows(tokens, starts: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    # One contiguous slice per row reads a memmap sequentially.
+    windows = np.stack([np.asarray(tokens[start : start + block_size + 1]) for start in starts.tolist()])
+    windows = windows.astype(np.int64, copy=False)  # (B, T+1)
+    return np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])  # x, y: (B, T)
+
+
+def _require_positive_int(name: str, value) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,140 @@
+"""Tokenise a corpus once into a token file, and reuse it while nothing has changed.
+
+The token file is found again by a cache key: the sha256 of the token file
+format version, the corpus fingerprint (files, sizes, mtimes, contents; see
+`sources.corpus_fingerprint`) and the tokenizer fingerprint. Any change to
+the corpus or the tokenizer gives a new key and so a fresh file; an
+unchanged pair reuses the existing file without reading the corpus.
+
+Where token files live: `out_path` when given (reused only if its sidecar
+carries the same key), else `<cache_dir>/<name>-<key>.tok` with `cache_dir`
+taken from the argument, else `$XPMODEL_CACHE/tokens`, else
+`~/.cache/xpmodel/tokens`.
+
+Documents (files, or plays for the shakespeare corpus) are joined with the
+tokenizer's end-of-text id between them, when the tokenizer has one
+(`eot_id` not None), so a model learns where one document stops; nothing is
+added before the first or after the last.
+
+Memory stays bounded: files are read piece by piece (`reading.py`), encoded
+by `tokenizer.encode_chunks` (parallel over `workers` processes) and written
+as the ids come back.
+"""
+
+import collections
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from xpmodel.data.reading import DEFAULT_CHUNK_BYTES, TextPiece, iter_text_pieces
+from xpmodel.data.sources import corpus_fingerprint, resolve_source
+from xpmodel.data.tokenfile import (
+    FORMAT_VERSION,
+    MAX_VOCAB_SIZE,
+    read_sidecar,
+    read_token_header,
+    write_token_file,
+)
+from xpmodel.errors import DataError, UsageError
+
+ProgressCallback = Callable[[int, int], None]  # (bytes_done, bytes_total)
+
+MIN_VOCAB_SIZE = 256
+
+
+def default_cache_dir() -> Path:
+    """Where token files go when no folder is named: $XPMODEL_CACHE/tokens or ~/.cache/xpmodel/tokens."""
+    root = os.environ.get("XPMODEL_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "xpmodel") / "tokens"
+
+
+def token_cache_key(source, tokenizer) -> str:
+    """The hex key under which the tokens of `source` by `tokenizer` are cached."""
+    facts = f"tokens-v{FORMAT_VERSION}\0{corpus_fingerprint(source)}\0{tokenizer.fingerprint()}"
+    return hashlib.sha256(facts.encode()).hexdigest()
+
+
+def prepare(
+    source,
+    tokenizer,
+    out_path: "str | os.PathLike | None" = None,
+    cache_dir: "str | os.PathLike | None" = None,
+    workers: int | None = None,
+    progress: ProgressCallback | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Path:
+    """The path of a token file holding `source` encoded by `tokenizer`, built only if needed."""
+    vocab_size = int(tokenizer.vocab_size)
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise UsageError(f"vocab size {vocab_size} is below {MIN_VOCAB_SIZE}: a byte-level tokenizer needs one id per byte")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise DataError(f"vocab size {vocab_size} does not fit a token file (at most {MAX_VOCAB_SIZE})")
+    source = resolve_source(source)
+    key = token_cache_key(source, tokenizer)
+    if out_path is not None:
+        target = Path(out_path)
+    else:
+        folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        target = folder / f"{_file_stem(source.spec)}-{key[:24]}.tok"
+    if _is_current(target, key):
+        return target
+    total = source.total_bytes()
+    eot_id = getattr(tokenizer, "eot_id", None)
+    meta = {"cache_key": key, "source": source.describe(), "eot_between_documents": eot_id is not None}
+    chunks = _encoded_chunks(source, tokenizer, eot_id, workers, chunk_bytes, progress, total)
+    write_token_file(target, chunks, vocab_size, tokenizer.fingerprint(), meta)
+    if progress is not None:
+        progress(total, total)
+    return target
+
+
+def _encoded_chunks(source, tokenizer, eot_id, workers, chunk_bytes, progress, total) -> Iterator[np.ndarray]:
+    # encode_chunks returns one id array per text, in order. The texts'
+    # bookkeeping waits in a queue until its ids come back (the tokenizer may
+    # read ahead of what it has returned).
+    waiting: collections.deque[TextPiece] = collections.deque()
+
+    def texts() -> Iterator[str]:
+        for piece in iter_text_pieces(source, chunk_bytes):
+            waiting.append(piece)
+            yield piece.text
+
+    eot = None if eot_id is None else np.array([eot_id], dtype=np.uint32)
+    done = 0
+    if progress is not None:
+        progress(done, total)
+    for ids in tokenizer.encode_chunks(texts(), workers=workers):
+        piece = waiting.popleft()
+        if eot is not None and piece.first_in_document and piece.document > 0:
+            yield eot
+        yield ids
+        done += piece.source_bytes
+        if progress is not None:
+            progress(done, total)
+
+
+def _is_current(target: Path, key: str) -> bool:
+    if not target.is_file():
+        return False
+    try:
+        header = read_token_header(target)
+        sidecar = read_sidecar(target)
+    except DataError:
+        return False  # an unreadable old file is rebuilt, not reported
+    meta = sidecar.get("meta")
+    return (
+        isinstance(meta, dict)
+        and meta.get("cache_key") == key
+        and sidecar.get("count") == header.count
+        and sidecar.get("tokenizer_fingerprint") == header.tokenizer_fingerprint
+    )
+
+
+def _file_stem(spec: str) -> str:
+    # A readable hint of the corpus in the file name; the key makes it unique.
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(spec).name.replace("*", "all")).strip("._")
+    return stem[:40] or "corpus"
