@@ -166,3 +166,18 @@ def scatter_add_rows(target, index, rows):
 def synchronize(device):
     if get_device(device).is_cuda:
         _cupy.cuda.get_current_stream().synchronize()
+
+
+def out_of_memory_errors():
+    """The exception types that mean host or GPU memory ran out."""
+    if _cupy is None:
+        return (MemoryError,)
+    return (MemoryError, _cupy.cuda.memory.OutOfMemoryError)
+
+
+def gpu_name(device):
+    """The GPU's marketing name, e.g. 'NVIDIA H100 80GB HBM3'."""
+    device = get_device(device)
+    props = _cupy.cuda.runtime.getDeviceProperties(device.index)
+    name = props["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)

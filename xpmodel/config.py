@@ -112,7 +112,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The GPT-2 network's shape (the vocabulary size comes from the tokenizer)."""
+    """The GPT-2 network's shape (the vocabulary size comes from the tokenizer
+    unless `vocab_size` pads it, e.g. to 50304, a multiple of 64)."""
     # transformer blocks
     n_layer: int = _setting(6, within=POSITIVE)
     # attention heads per block
@@ -123,6 +124,8 @@ class ModelConfig:
     block_size: int = _setting(128, within=POSITIVE)
     # dropout on attention weights, residual branches and embeddings
     dropout: float = _setting(0.0, within=HALF_OPEN_UNIT)
+    # embedding rows; None: the tokenizer's vocabulary size; larger pads it
+    vocab_size: int | None = _setting(None, within=_Range(low=256))
 
     def __post_init__(self):
         _check_fields(self, "model")

@@ -1,21 +1,32 @@
-"""Export a BPETokenizer as a Hugging Face tokenizer directory.
+"""Hugging Face tokenizer directories, out of and into BPETokenizer.
 
-Writes, for the same ids as xpmodel's tokenizer:
+`export_hf` writes, for the same ids as xpmodel's tokenizer:
     tokenizer.json           for `tokenizers.Tokenizer.from_file`
     vocab.json, merges.txt   for transformers' GPT2Tokenizer / GPT2TokenizerFast
     tokenizer_config.json,
     special_tokens_map.json  so `transformers.AutoTokenizer.from_pretrained(dir)` works
 
+`read_hf_tokenizer` / `import_hf_tokenizer` read a GPT-2-style byte-level BPE
+back (tokenizer.json, else vocab.json + merges.txt). Hugging Face vocabs may
+number their tokens in any order; GPT-2's own puts the 256 byte tokens in
+the order of the bytes-to-unicode table ("!" is id 0, "Ġ" is 220), where
+BPETokenizer needs id == byte value. So an import relabels ids: bytes at
+0..255, merge k at 256 + k, special tokens after, and returns for each new id
+the Hugging Face id it came from, so model rows can be permuted to match.
+The text-to-token mapping itself is unchanged; for GPT-2 only ids 0..255 move.
+
 Hugging Face names byte-level tokens by GPT-2's bytes-to-unicode table, which
 maps every byte to a printable character, so token strings never hold spaces
 or control characters. Neither `tokenizers` nor `transformers` is needed to
-write the files.
+read or write the files.
 """
 import json
 from pathlib import Path
 
-from xpmodel.errors import UsageError
-from xpmodel.tokenizer import ENDOFTEXT
+import numpy
+
+from xpmodel.errors import DataError, UsageError
+from xpmodel.tokenizer import ENDOFTEXT, BPETokenizer
 
 
 def gpt2_byte_to_unicode():
@@ -98,3 +109,226 @@ def export_hf(tokenizer, directory, model_max_length=None):
 
 def _write_json(path, document):
     path.write_text(json.dumps(document, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+# ----- import ---------------------------------------------------------------
+
+
+def import_hf_tokenizer(directory):
+    """A BPETokenizer from a Hugging Face GPT-2-style tokenizer directory.
+
+    Ids may be relabeled (see the module docstring and `read_hf_tokenizer`);
+    text encodes to the same tokens as with Hugging Face.
+    """
+    return read_hf_tokenizer(directory)[0]
+
+
+def read_hf_tokenizer(directory):
+    """Read a byte-level BPE tokenizer from `directory`.
+
+    Reads tokenizer.json when present (as GPT2TokenizerFast does), otherwise
+    vocab.json + merges.txt (+ added tokens from tokenizer_config.json or
+    added_tokens.json). Tokenizers that would not split text as GPT-2 does
+    (another normalizer or pre-tokenizer, a prefix space, BPE dropout,
+    non-special added tokens) raise UsageError naming the feature.
+
+    Returns (tokenizer, hf_ids): hf_ids is an int64 array (tokenizer.vocab_size,)
+    holding, for each xpmodel id, the Hugging Face id of the same token.
+    """
+    directory = Path(directory)
+    if (directory / "tokenizer.json").is_file():
+        vocab, merges, added = _read_tokenizer_json(directory / "tokenizer.json")
+    elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+        vocab, merges, added = _read_vocab_and_merges(directory)
+    else:
+        raise UsageError(f"{directory}: no Hugging Face tokenizer (needs tokenizer.json, "
+                         f"or vocab.json and merges.txt)")
+    try:
+        return _relabel(vocab, merges, added)
+    except UsageError as exc:
+        raise UsageError(f"{directory}: tokenizer not usable: {exc}") from None
+
+
+def _read_tokenizer_json(path):
+    """-> (vocab name -> id, merges [(left, right)], added [(id, content, special)])."""
+    document = _load_json(path)
+    model = document.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        kind = model.get("type") if isinstance(model, dict) else model
+        raise UsageError(f"{path}: model type {kind!r} is not supported (xpmodel reads BPE)")
+    for key in ("continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            raise UsageError(f"{path}: BPE {key} {model[key]!r} is not supported")
+    if model.get("byte_fallback"):
+        raise UsageError(f"{path}: BPE byte_fallback is not supported")
+    if model.get("dropout") not in (None, 0, 0.0):
+        raise UsageError(f"{path}: BPE dropout {model['dropout']!r} is not supported "
+                         f"(it makes encoding random)")
+    if document.get("normalizer") is not None:
+        raise UsageError(f"{path}: normalizer {_kind(document['normalizer'])} is not "
+                         f"supported (GPT-2 has none)")
+    _check_byte_level(document.get("pre_tokenizer"), path)
+    merges = []
+    for k, entry in enumerate(model.get("merges") or []):
+        if isinstance(entry, str):
+            entry = entry.split(" ")
+        if not (isinstance(entry, list) and len(entry) == 2
+                and all(isinstance(side, str) and side for side in entry)):
+            raise DataError(f"{path}: merge {k} is {entry!r}, not a pair of tokens")
+        merges.append(tuple(entry))
+    added = [(t.get("id"), t.get("content"), t.get("special", False))
+             for t in document.get("added_tokens") or [] if isinstance(t, dict)]
+    return _check_vocab(model.get("vocab"), path), merges, added
+
+
+def _read_vocab_and_merges(directory):
+    """vocab.json + merges.txt, as GPT2Tokenizer reads them."""
+    config = {}
+    if (directory / "tokenizer_config.json").is_file():
+        config = _load_json(directory / "tokenizer_config.json")
+    if config.get("add_prefix_space"):
+        raise UsageError(f"{directory / 'tokenizer_config.json'}: add_prefix_space is not "
+                         f"supported (GPT-2 adds no space)")
+    vocab = _check_vocab(_load_json(directory / "vocab.json"), directory / "vocab.json")
+    merges = []
+    path = directory / "merges.txt"
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    for number, line in enumerate(lines, 1):
+        line = line.rstrip("\r")
+        if not line or (number == 1 and line.startswith("#version")):
+            continue
+        sides = line.split(" ")
+        if len(sides) != 2 or not all(sides):
+            raise DataError(f"{path}:{number}: {line!r} is not two tokens separated by a space")
+        merges.append(tuple(sides))
+    added = []
+    decoder = config.get("added_tokens_decoder")
+    if isinstance(decoder, dict):
+        for token_id, entry in decoder.items():
+            if isinstance(entry, dict):
+                added.append((_int_or_none(token_id), entry.get("content"),
+                              entry.get("special", False)))
+    if (directory / "added_tokens.json").is_file():
+        extra = _load_json(directory / "added_tokens.json")
+        if isinstance(extra, dict):
+            added.extend((token_id, content, True) for content, token_id in extra.items())
+    return vocab, merges, added
+
+
+def _relabel(vocab, merges, added):
+    """Build the BPETokenizer and the xpmodel id -> Hugging Face id table."""
+    id_to_name = {token_id: name for name, token_id in vocab.items()}
+    special_names = set()
+    for token_id, content, special in added:
+        if type(token_id) is not int or token_id < 0 or not isinstance(content, str) or not content:
+            raise UsageError(f"added token {content!r} with id {token_id!r} is malformed")
+        if id_to_name.get(token_id, content) != content:
+            raise UsageError(f"id {token_id} is both {id_to_name[token_id]!r} and {content!r}")
+        if vocab.get(content, token_id) != token_id:
+            raise UsageError(f"{content!r} has two ids, {vocab[content]} and {token_id}")
+        if not special:
+            raise UsageError(f"added token {content!r} (id {token_id}) is not special; "
+                             f"xpmodel only matches special tokens outside BPE")
+        id_to_name[token_id] = content
+        special_names.add(content)
+    missing = sorted(set(range(len(id_to_name))) - set(id_to_name))
+    if missing:
+        raise UsageError(f"token ids are not contiguous from 0: id {missing[0]} has no token")
+    name_to_id = {name: token_id for token_id, name in id_to_name.items()}
+
+    byte_to_char = gpt2_byte_to_unicode()
+    char_to_byte = {c: b for b, c in byte_to_char.items()}
+    xp_ids = {}    # token string -> xpmodel id
+    hf_ids = []    # xpmodel id -> Hugging Face id
+    for byte in range(256):
+        name = byte_to_char[byte]
+        if name not in name_to_id or name in special_names:
+            raise UsageError(f"the vocab has no byte token for byte {byte} ({name!r}); "
+                             f"only byte-level BPE (as GPT-2's) is supported")
+        xp_ids[name] = byte
+        hf_ids.append(name_to_id[name])
+    merge_pairs = []
+    for rank, (left, right) in enumerate(merges):
+        if left not in xp_ids or right not in xp_ids:
+            raise UsageError(f"merge {rank} ({left!r} {right!r}) uses a token that neither a "
+                             f"byte nor an earlier merge makes")
+        merged = left + right
+        if merged not in name_to_id or merged in special_names:
+            raise UsageError(f"merge {rank} makes {merged!r}, which is not an ordinary "
+                             f"token of the vocab")
+        if merged in xp_ids:
+            raise UsageError(f"merge {rank} makes {merged!r}, which an earlier merge or "
+                             f"byte already makes")
+        xp_ids[merged] = 256 + rank
+        merge_pairs.append((xp_ids[left], xp_ids[right]))
+        hf_ids.append(name_to_id[merged])
+    specials = []
+    made = set(hf_ids)
+    for token_id in range(len(id_to_name)):
+        if token_id in made:
+            continue
+        name = id_to_name[token_id]
+        # A vocab entry outside BPE that Hugging Face decodes as itself (like
+        # "<|endoftext|>" in GPT-2's vocab.json) is a special token.
+        if name not in special_names and _byte_level_text(name, char_to_byte) != name:
+            raise UsageError(f"token {name!r} (id {token_id}) is neither a byte, a merge "
+                             f"result nor a special token")
+        specials.append(name)
+        hf_ids.append(token_id)
+    tokenizer = BPETokenizer(merge_pairs, specials)
+    return tokenizer, numpy.array(hf_ids, dtype=numpy.int64)
+
+
+def _byte_level_text(name, char_to_byte):
+    """The text a byte-level token string decodes to, or None if it is not one."""
+    try:
+        return bytes(char_to_byte[c] for c in name).decode("utf-8", errors="replace")
+    except KeyError:
+        return None
+
+
+def _check_byte_level(pre_tokenizer, path):
+    """GPT-2's split: ByteLevel with the GPT-2 regex and no prefix space."""
+    if isinstance(pre_tokenizer, dict) and pre_tokenizer.get("type") == "Sequence":
+        steps = pre_tokenizer.get("pretokenizers") or []
+        pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizer
+    if not (isinstance(pre_tokenizer, dict) and pre_tokenizer.get("type") == "ByteLevel"
+            and pre_tokenizer.get("use_regex", True)):
+        raise UsageError(f"{path}: pre_tokenizer {_kind(pre_tokenizer)} is not supported "
+                         f"(xpmodel splits text as GPT-2's ByteLevel does)")
+    if pre_tokenizer.get("add_prefix_space"):
+        raise UsageError(f"{path}: ByteLevel add_prefix_space is not supported "
+                         f"(GPT-2 adds no space)")
+
+
+def _check_vocab(vocab, path):
+    if not isinstance(vocab, dict) or not vocab:
+        raise DataError(f"{path}: the vocab is not a non-empty object of token -> id")
+    for name, token_id in vocab.items():
+        if type(token_id) is not int or token_id < 0:
+            raise DataError(f"{path}: token {name!r} has id {token_id!r}, not a "
+                            f"non-negative integer")
+    if len(set(vocab.values())) != len(vocab):
+        raise DataError(f"{path}: two tokens share an id")
+    return vocab
+
+
+def _kind(component):
+    return repr(component.get("type")) if isinstance(component, dict) else repr(component)
+
+
+def _int_or_none(text):
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _load_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None

@@ -1,0 +1,228 @@
+"""Generation: the KV cache against the full forward, cached against uncached
+generation, and the sampling rules."""
+import numpy as np
+import pytest
+
+import xpmodel
+from xpmodel import generate as gen
+from xpmodel.generate import KVCache, decode_step, generate, prefill, sample_next
+
+TINY = xpmodel.GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=16)
+
+
+def tiny_model(dtype="float64", seed=0):
+    """Random weights at a larger scale than GPT-2's init, random biases and
+    LayerNorm affines: every term of the forward matters and the logits are
+    spread out, so greedy choices are far from ties."""
+    model = xpmodel.GPT(TINY, dtype=dtype, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    for name, view in model.params.items():
+        is_gain = name.endswith("ln_1.weight") or name.endswith("ln_2.weight") \
+            or name == "ln_f.weight"
+        view[...] = rng.normal(1.0 if is_gain else 0.0, 0.3 if view.ndim == 2 else 0.1,
+                               view.shape)
+    return model
+
+
+def ids(n, seed=0, batch=None):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, TINY.vocab_size, n if batch is None else (batch, n))
+
+
+def relative_error(a, b):
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+# ---- the cache against the full forward --------------------------------------------
+
+@pytest.mark.parametrize("T", [1, 7, 16])
+def test_prefill_matches_forward_last_position(T):
+    model = tiny_model()
+    idx = ids(T, batch=3)
+    logits, cache = prefill(model, idx)
+    assert logits.shape == (3, TINY.vocab_size)
+    assert cache.length == T
+    assert relative_error(logits, model.forward(idx)[:, -1]) < 1e-12
+
+
+def test_each_decode_step_matches_forward_on_the_extended_sequence():
+    model = tiny_model()
+    seq = ids(TINY.block_size, seed=1, batch=2)
+    logits, cache = prefill(model, seq[:, :3])
+    for t in range(3, TINY.block_size):
+        logits = decode_step(model, cache, seq[:, t])
+        assert cache.length == t + 1
+        full = model.forward(seq[:, :t + 1])[:, -1]
+        assert relative_error(logits, full) < 1e-10, t
+
+
+def test_decode_step_on_a_full_cache_is_refused():
+    model = tiny_model()
+    _, cache = prefill(model, ids(TINY.block_size, batch=1))
+    with pytest.raises(ValueError, match="full"):
+        decode_step(model, cache, np.array([1]))
+
+
+def test_prefill_reuses_a_given_cache_and_checks_its_batch():
+    model = tiny_model()
+    cache = KVCache(model, 2)
+    assert cache.keys[0].shape == (2, TINY.n_head, TINY.block_size, TINY.n_embd // TINY.n_head)
+    assert len(cache.values) == TINY.n_layer
+    _, same = prefill(model, ids(5, batch=2), cache)
+    assert same is cache and cache.length == 5
+    with pytest.raises(ValueError, match="batch"):
+        prefill(model, ids(5, batch=3), cache)
+    with pytest.raises(ValueError, match="shape"):
+        decode_step(model, cache, np.array([1, 2, 3]))
+
+
+def test_float32_cache_matches_forward():
+    model = tiny_model("float32")
+    seq = ids(8, seed=2, batch=1)
+    logits, cache = prefill(model, seq[:, :5])
+    assert cache.keys[0].dtype == np.float32
+    for t in range(5, 8):
+        logits = decode_step(model, cache, seq[:, t])
+    assert relative_error(logits, model.forward(seq)[:, -1]) < 1e-5
+
+
+# ---- cached against uncached generation --------------------------------------------
+
+def run(model, prompt, n, **kwargs):
+    return list(generate(model, prompt, n, **kwargs))
+
+
+@pytest.mark.parametrize("prompt_len", [10, 20])
+def test_greedy_cached_equals_uncached_past_block_size(prompt_len):
+    model = tiny_model()
+    prompt = ids(prompt_len, seed=3)
+    cached = run(model, prompt, 30, temperature=0)
+    uncached = run(model, prompt, 30, temperature=0, use_cache=False)
+    assert len(cached) == 30
+    assert cached == uncached
+
+
+@pytest.mark.parametrize("options", [dict(), dict(top_k=5), dict(top_p=0.9),
+                                     dict(top_k=8, top_p=0.8, temperature=0.7)])
+def test_seeded_sampling_cached_equals_uncached_and_is_reproducible(options):
+    model = tiny_model()
+    prompt = ids(10, seed=4)
+    cached = run(model, prompt, 30, seed=7, **options)
+    assert cached == run(model, prompt, 30, seed=7, use_cache=False, **options)
+    assert cached == run(model, prompt, 30, seed=7, **options)
+    assert cached != run(model, prompt, 30, seed=8, **options)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    model = tiny_model()
+    prompt = ids(6, seed=5)
+    greedy = run(model, prompt, 20, temperature=0)
+    assert run(model, prompt, 20, top_k=1, seed=1) == greedy
+    assert run(model, prompt, 20, top_p=1e-9, seed=1) == greedy
+
+
+def test_stop_id_ends_generation_without_being_yielded():
+    model = tiny_model()
+    prompt = ids(6, seed=6)
+    tokens = run(model, prompt, 20, seed=2)
+    stop = tokens[5]
+    first = tokens.index(stop)
+    assert run(model, prompt, 20, seed=2, stop_id=stop) == tokens[:first]
+    assert run(model, prompt, 0) == []
+
+
+def test_cached_generation_never_calls_the_full_forward(monkeypatch):
+    model = tiny_model()
+
+    def no_full_forward(idx):
+        raise AssertionError("the cached path ran model.forward")
+    monkeypatch.setattr(model, "forward", no_full_forward)
+    calls = {"prefill": 0, "decode": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+    monkeypatch.setattr(gen, "prefill", counting("prefill", gen.prefill))
+    monkeypatch.setattr(gen, "decode_step", counting("decode", gen.decode_step))
+    tokens = run(model, ids(6, seed=8), 10, seed=3)
+    # one prompt pass, then one single-position step per further token
+    assert len(tokens) == 10 and calls == {"prefill": 1, "decode": 9}
+
+
+def test_mode_is_eval_during_steps_and_restored(monkeypatch):
+    model = tiny_model()
+    modes = []
+    forward = model.forward
+
+    def recording_forward(idx):
+        modes.append(model.training)
+        return forward(idx)
+    monkeypatch.setattr(model, "forward", recording_forward)
+
+    model.train()
+    stream = generate(model, ids(4), 5, use_cache=False, seed=0)
+    next(stream)
+    assert model.training                 # restored while the caller holds the stream
+    list(stream)
+    assert modes == [False] * 5 and model.training
+
+    model.eval()
+    run(model, ids(4), 5, seed=0)
+    assert not model.training
+
+
+# ---- sample_next -------------------------------------------------------------------
+
+def test_sample_next_respects_top_k():
+    logits = np.random.default_rng(0).normal(size=TINY.vocab_size)
+    top = set(np.argsort(logits)[-5:].tolist())
+    rng = np.random.default_rng(1)
+    drawn = {sample_next(logits, 3.0, top_k=5, rng=rng) for _ in range(2000)}
+    assert drawn == top
+    assert sample_next(logits, 1.0, top_k=1000, rng=rng) in range(TINY.vocab_size)
+
+
+def test_sample_next_respects_top_p():
+    probs = np.array([0.05, 0.5, 0.15, 0.3])
+    logits = np.log(probs)
+    rng = np.random.default_rng(2)
+    draws = [sample_next(logits, 1.0, top_p=0.7, rng=rng) for _ in range(4000)]
+    assert set(draws) == {1, 3}
+    assert abs(draws.count(1) / len(draws) - 0.5 / 0.8) < 0.03   # renormalised over the kept set
+    assert set(sample_next(logits, 1.0, top_p=0.9, rng=rng) for _ in range(500)) == {1, 2, 3}
+    assert set(sample_next(logits, 1.0, top_p=1.0, rng=rng) for _ in range(500)) == {0, 1, 2, 3}
+    assert sample_next(logits, 1.0, top_p=0.4, rng=rng) == 1
+
+
+def test_sample_next_greedy_and_temperature():
+    logits = np.array([0.0, 2.0, 2.0, -1.0])
+    assert sample_next(logits, 0.0) == 1                   # argmax, lowest id on ties
+    assert sample_next(logits, 1e-300, rng=np.random.default_rng(0)) in (1, 2)
+    assert sample_next(np.array([-np.inf, 0.0, -np.inf]), 1.0,
+                       rng=np.random.default_rng(0)) == 1
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=-0.5), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_k=2.5), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(prompt_ids=[]), "empty"),
+    (dict(prompt_ids=[1, TINY.vocab_size]), "token ids"),
+    (dict(stop_id="x"), "stop_id"),
+])
+def test_bad_arguments_raise_when_generate_is_called(kwargs, match):
+    model = tiny_model()
+    args = dict(prompt_ids=[1, 2, 3], max_new_tokens=3)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        generate(model, **args)          # raised before the first token is asked for
+    if "temperature" in kwargs or "top_k" in kwargs or "top_p" in kwargs:
+        sampling = {k: v for k, v in kwargs.items() if k in ("temperature", "top_k", "top_p")}
+        with pytest.raises(ValueError, match=match):
+            sample_next(np.zeros(4), **sampling)

@@ -1,0 +1,151 @@
+"""The `xpmodel` command line.
+
+Every failure xpmodel foresees is one line on stderr, `error: ...`, with exit
+code 2 for usage and config mistakes and 1 for runtime failures; `--debug`
+shows the traceback instead.
+"""
+import argparse
+import sys
+
+from . import __version__
+from .errors import UsageError, XpmodelError
+
+_EPILOG = "Run `xpmodel COMMAND --help` for the options of each command."
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args) or 0
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        code, message = _describe(exc)
+        print(f"error: {message}", file=sys.stderr)
+        return code
+
+
+def _describe(exc):
+    """(exit code, one-line message) for an exception."""
+    from .backend import DeviceError
+    from .trainer import Interrupted
+    if isinstance(exc, Interrupted):
+        return exc.exit_code, f"stopped by {exc}"
+    if isinstance(exc, XpmodelError):
+        return exc.exit_code, str(exc)
+    if isinstance(exc, DeviceError):
+        return 2, str(exc)
+    if isinstance(exc, ValueError):
+        return 2, str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return 1, f"{where}{exc.strerror or exc}"
+    return 1, f"{exc.__class__.__name__}: {exc} (run with --debug for the traceback)"
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="xpmodel", epilog=_EPILOG,
+        description="Train GPT-2 language models with hand-written forward and backward "
+                    "passes, on NumPy (CPU) or CuPy (CUDA).")
+    parser.add_argument("--version", action="version", version=f"xpmodel {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.set_defaults(debug=False)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    from . import commands as c
+    p = commands.add_parser("train", parents=[common], help="train a model",
+                            description="Train a model from a config, or resume a run.")
+    p.add_argument("--config", default=None,
+                   help="a YAML file or the name of a shipped config (default: default)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/CONFIG_NAME)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from the weights of a run or a Hugging Face GPT-2 directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--quiet", action="store_true", help="plain log lines, no live display")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. model.n_layer=4 train.max_iters=200")
+    p.set_defaults(handler=c.train_command)
+
+    p = commands.add_parser("sample", parents=[common], help="generate text from a run",
+                            description="Stream generated text from a trained run.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
+    p.set_defaults(handler=c.sample_command)
+
+    p = commands.add_parser("eval", parents=[common], help="loss, perplexity and bits per byte",
+                            description="Evaluate a run on its validation split or on other text.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--data", default=None, metavar="SOURCE",
+                   help="a file, folder, glob or built-in corpus (default: the run's validation split)")
+    p.add_argument("--batches", type=int, default=None, help="batches to evaluate (default: all)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
+    p.set_defaults(handler=c.eval_command)
+
+    p = commands.add_parser("plot", parents=[common], help="plot a run's losses to a PNG",
+                            description="Plot train/validation loss and learning rate against step.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/loss.png)")
+    p.set_defaults(handler=c.plot_command)
+
+    p = commands.add_parser("prepare", parents=[common], help="tokenize a corpus into a token file",
+                            description="Tokenize a corpus once into a token file that runs reuse.")
+    p.add_argument("source", metavar="SOURCE", help="a file, folder, glob or built-in corpus")
+    p.add_argument("--tokenizer", required=True, metavar="FILE", help="a tokenizer JSON file")
+    p.add_argument("--out", default=None, help="token file path (default: the cache)")
+    p.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
+    p.set_defaults(handler=c.prepare_command)
+
+    p = commands.add_parser("tokenizer", parents=[common], help="tokenizer tools",
+                            description="Train a byte-level BPE tokenizer.")
+    sub = p.add_subparsers(title="tokenizer commands", metavar="COMMAND")
+    q = sub.add_parser("train", parents=[common], help="train a BPE tokenizer on a corpus",
+                       description="Learn a byte-level BPE vocabulary from a corpus.")
+    q.add_argument("source", metavar="SOURCE", help="a file, folder, glob or built-in corpus")
+    q.add_argument("--vocab-size", type=int, required=True)
+    q.add_argument("--out", required=True, help="tokenizer JSON file to write")
+    q.add_argument("--export-hf", default=None, metavar="DIR",
+                   help="also write Hugging Face tokenizer files to DIR")
+    q.set_defaults(handler=c.tokenizer_train_command)
+    p.set_defaults(handler=lambda args: p.print_help() or 2)
+
+    p = commands.add_parser("export-hf", parents=[common], help="export a run as a transformers GPT-2",
+                            description="Write a run as a GPT2LMHeadModel directory with its tokenizer.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
+    p.set_defaults(handler=c.export_hf_command)
+
+    p = commands.add_parser("import-hf", parents=[common], help="turn a GPT-2 directory into a run",
+                            description="Make an xpmodel run from a local Hugging Face GPT-2 directory "
+                                        "(safetensors only).")
+    p.add_argument("hf_dir", metavar="HF_DIR")
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=c.import_hf_command)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""A run's data: its tokenizer and its train/validation token streams.
+
+The BPE tokenizer for a corpus is trained once and cached beside the token
+files, keyed by the corpus fingerprint and the vocabulary size; the byte
+tokenizer needs no training. Token files come from `data.prepare`, which
+caches them too, so an unchanged corpus is never tokenized twice.
+"""
+import hashlib
+import os
+from pathlib import Path
+
+from .data import (corpus_fingerprint, iter_texts, prepare, read_token_file, resolve_source,
+                   split_tokens, tokenizing_progress)
+from .errors import DataError
+from .tokenizer import BPETokenizer
+
+# A BPE vocabulary is learned from at most this much text; beyond it the
+# merge statistics barely change and training time keeps growing.
+_TOKENIZER_TRAIN_BYTES = 64 * 2**20
+
+
+def cache_root(data_config):
+    if data_config.cache_dir:
+        return Path(data_config.cache_dir).expanduser()
+    root = os.environ.get("XPMODEL_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "xpmodel"
+
+
+def build_tokenizer(data_config, say=print):
+    """The run's tokenizer: bytes, or BPE trained on (the start of) the corpus."""
+    if data_config.tokenizer == "byte":
+        return BPETokenizer()
+    source = resolve_source(data_config.source)
+    key = hashlib.sha256(f"bpe-{data_config.vocab_size}\0{corpus_fingerprint(source)}"
+                         .encode()).hexdigest()[:24]
+    path = cache_root(data_config) / "tokenizers" / f"bpe-{data_config.vocab_size}-{key}.json"
+    if path.exists():
+        try:
+            return BPETokenizer.load(path)
+        except DataError:
+            path.unlink(missing_ok=True)   # a damaged cache entry is rebuilt
+    say(f"training a {data_config.vocab_size}-token BPE tokenizer on {data_config.source} ...")
+    tokenizer = BPETokenizer.train(_leading_texts(source, _TOKENIZER_TRAIN_BYTES),
+                                   data_config.vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(path)
+    return tokenizer
+
+
+def _leading_texts(source, budget):
+    used = 0
+    for _, text in iter_texts(source):
+        yield text
+        used += len(text)
+        if used >= budget:
+            return
+
+
+def load_tokens(data_config, tokenizer, block_size, show_progress=True):
+    """(train, val) token arrays for the run's corpus, read from the cached token file."""
+    cache_dir = cache_root(data_config) / "tokens"
+    if show_progress:
+        with tokenizing_progress() as progress:
+            path = prepare(data_config.source, tokenizer, cache_dir=cache_dir, progress=progress)
+    else:
+        path = prepare(data_config.source, tokenizer, cache_dir=cache_dir)
+    tokens = read_token_file(path, expected_fingerprint=tokenizer.fingerprint())
+    return split_tokens(tokens, data_config.val_fraction, block_size=block_size,
+                        source=str(data_config.source))

@@ -1,0 +1,74 @@
+"""What a training run shows the user.
+
+In a terminal: a rich progress bar (step/total, ETA) whose fields carry the
+smoothed loss, last validation loss, learning rate, gradient norm, tokens/s
+and, on a GPU, MFU; evaluations and samples are printed above it through
+the progress console, so the bar never tears. Without a terminal (CI, pipes,
+--quiet) the same figures become plain log lines, with no escape codes.
+"""
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+def _fields_text(fields):
+    parts = [f"loss {fields['loss']}", f"val {fields['val']}", f"lr {fields['lr']}",
+             f"|g| {fields['grad_norm']}", f"{fields['tok_s']} tok/s"]
+    if fields.get("mfu"):
+        parts.append(f"MFU {fields['mfu']}")
+    return "  ".join(parts)
+
+
+class TrainDisplay:
+    """Live bar or plain lines; use as a context manager."""
+
+    def __init__(self, total_steps, start_step=0, quiet=False, enabled=True, stream=None):
+        self.enabled = enabled
+        self.console = Console(file=stream or sys.stdout, highlight=False)
+        self.live = enabled and not quiet and self.console.is_terminal
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.fields = {"loss": "-", "val": "-", "lr": "-", "grad_norm": "-", "tok_s": "-", "mfu": ""}
+        self._progress = None
+        self._task = None
+
+    def __enter__(self):
+        if self.live:
+            self._progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TimeRemainingColumn(), TextColumn("{task.fields[summary]}"),
+                console=self.console, transient=False)
+            self._progress.__enter__()
+            self._task = self._progress.add_task("train", total=self.total_steps,
+                                                 completed=self.start_step,
+                                                 summary=_fields_text(self.fields))
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+            self._progress = None
+
+    def step(self, step, loss, lr, grad_norm, tokens_per_s, mfu=None, log_line=False):
+        """Refresh the figures after `step` steps; in plain mode print when log_line."""
+        self.fields.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", grad_norm=f"{grad_norm:.3f}",
+                           tok_s=f"{tokens_per_s:,.0f}", mfu=f"{100 * mfu:.1f}%" if mfu else "")
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, summary=_fields_text(self.fields))
+        elif log_line:
+            self.print(f"step {step}/{self.total_steps}  " + _fields_text(self.fields))
+
+    def validation(self, step, val_loss, perplexity, best):
+        self.fields["val"] = f"{val_loss:.4f}"
+        self.print(f"step {step}: val loss {val_loss:.4f}, perplexity {perplexity:.2f}"
+                   + ("  (best so far)" if best else ""))
+
+    def sample(self, step, text):
+        self.print(f"--- sample at step {step} ---")
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        self.print("---")
+
+    def print(self, text):
+        if self.enabled:
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)

@@ -1,0 +1,332 @@
+"""Autoregressive text generation, with a key/value cache.
+
+Dimension letters as in model.py: B batch, T time, C n_embd, H n_head,
+D head size (C // H), V vocab.
+
+`prefill` runs a prompt through the model once and keeps every layer's keys
+and values in a `KVCache`; `decode_step` then feeds one new position per
+sequence, attending over the cache, so each generated token costs one
+position instead of a forward over the whole context. Both reuse the layer
+forward functions, so their logits match `GPT.forward` to rounding.
+
+`generate` streams token ids for one sequence; `sample_next` turns one logit
+vector into a token (greedy, temperature, top-k, nucleus). Contexts longer
+than block_size are cropped to their last block_size tokens, as the uncached
+path (`GPT.forward` on the cropped window every step) does. Because positions
+are absolute, a cropped window shifts every position, so once the cache is
+full it is rebuilt from the new window: cached and uncached generation see the
+same window at every step and produce the same tokens.
+
+This is inference only: no dropout, no caches for backward.
+"""
+import math
+import numbers
+from contextlib import contextmanager
+
+import numpy
+
+from .backend import to_host
+from .layers.attention import attention_forward
+from .layers.crossentropy import lm_head_forward
+from .layers.embedding import embedding_forward
+from .layers.gelu import gelu_forward
+from .layers.layernorm import layernorm_forward
+from .layers.linear import linear_forward
+from .layers.residual import residual_forward
+
+
+class KVCache:
+    """Keys and values of every layer for up to block_size positions.
+
+    keys[i], values[i]: (B, H, block_size, D) on the model's device, in its
+    dtype; positions [0, length) are filled. All sequences in the batch share
+    the same length.
+    """
+
+    def __init__(self, model, batch_size):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
+                or batch_size < 1:
+            raise ValueError(f"KVCache batch_size must be a positive integer, got {batch_size!r}")
+        cfg = model.config
+        self.batch_size = int(batch_size)
+        self.capacity = cfg.block_size
+        shape = (self.batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        model.device.activate()
+        xp = model.xp
+        self.keys = [xp.zeros(shape, dtype=model.dtype) for _ in range(cfg.n_layer)]
+        self.values = [xp.zeros(shape, dtype=model.dtype) for _ in range(cfg.n_layer)]
+        self.length = 0
+
+    @property
+    def is_full(self):
+        return self.length >= self.capacity
+
+    def _check_fits(self, model):
+        cfg = model.config
+        expected = (self.batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        if len(self.keys) != cfg.n_layer or tuple(self.keys[0].shape) != expected:
+            raise ValueError(f"KVCache of {len(self.keys)} layers x {tuple(self.keys[0].shape)} "
+                             f"does not fit this model ({cfg.n_layer} layers x {expected})")
+
+
+def prefill(model, idx, cache=None):
+    """Run a prompt through the model, filling a cache.
+
+    idx: (B, T) ints with T <= block_size. `cache`, when given, must have
+    batch size B; it is overwritten (a fresh one is made otherwise).
+    Returns (logits (B, V) of the last position, cache) with cache.length == T.
+    """
+    idx = model._check_ids(idx, "idx")
+    B, T = idx.shape
+    if cache is None:
+        cache = KVCache(model, B)
+    else:
+        cache._check_fits(model)
+        if cache.batch_size != B:
+            raise ValueError(f"prefill: cache batch size {cache.batch_size} does not match "
+                             f"the prompt batch size {B}")
+    cfg, P = model.config, model.params
+    H, D = cfg.n_head, cfg.n_embd // cfg.n_head
+
+    def attend(layer, qkv):
+        # qkv: (B*T, 3C); keys and values go to the cache as (B, H, T, D)
+        qkv = qkv.reshape(B, T, 3 * cfg.n_embd)
+        split = qkv.reshape(B, T, 3, H, D)
+        cache.keys[layer][:, :, :T] = split[:, :, 1].transpose(0, 2, 1, 3)
+        cache.values[layer][:, :, :T] = split[:, :, 2].transpose(0, 2, 1, 3)
+        y, _ = attention_forward(qkv, H)
+        return y
+
+    x = embedding_forward(idx, P["wte.weight"], P["wpe.weight"]).reshape(B * T, cfg.n_embd)
+    hidden = _blocks_forward(model, x, attend)
+    cache.length = T
+    last = hidden.reshape(B, T, cfg.n_embd)[:, -1]
+    return lm_head_forward(last, P["wte.weight"]), cache
+
+
+def decode_step(model, cache, token_ids):
+    """Feed one new token per sequence at position cache.length.
+
+    token_ids: (B,) ints. Appends this position's keys and values to the cache
+    and returns the logits (B, V) for the position after it. A full cache
+    (length == block_size) raises ValueError: rebuild it with `prefill` on a
+    cropped window.
+    """
+    cache._check_fits(model)
+    if cache.is_full:
+        raise ValueError(f"decode_step: the cache is full ({cache.capacity} positions); "
+                         f"rebuild it with prefill on a cropped window")
+    if not hasattr(token_ids, "shape"):
+        token_ids = numpy.asarray(token_ids)
+    if token_ids.ndim != 1 or token_ids.shape[0] != cache.batch_size:
+        raise ValueError(f"decode_step: token_ids must have shape ({cache.batch_size},), "
+                         f"got {tuple(token_ids.shape)}")
+    B = cache.batch_size
+    ids = model._check_ids(token_ids.reshape(B, 1), "token_ids")
+    cfg, P, xp = model.config, model.params, model.xp
+    H, D = cfg.n_head, cfg.n_embd // cfg.n_head
+    pos = cache.length
+    scale = 1.0 / math.sqrt(D)
+
+    def attend(layer, qkv):
+        # qkv: (B, 3C); one query per sequence against positions [0, pos]
+        split = qkv.reshape(B, 3, H, D)
+        keys, values = cache.keys[layer], cache.values[layer]
+        keys[:, :, pos] = split[:, 1]
+        values[:, :, pos] = split[:, 2]
+        q = split[:, 0].reshape(B, H, 1, D)
+        scores = xp.matmul(q, keys[:, :, :pos + 1].transpose(0, 1, 3, 2))   # (B, H, 1, pos+1)
+        scores *= scale
+        scores -= scores.max(axis=-1, keepdims=True)
+        probs = xp.exp(scores, out=scores)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        y = xp.matmul(probs, values[:, :, :pos + 1])                        # (B, H, 1, D)
+        return y.reshape(B, cfg.n_embd)
+
+    # positions start at `pos`: embed against the slice of wpe beginning there
+    x = embedding_forward(ids, P["wte.weight"], P["wpe.weight"][pos:pos + 1])
+    hidden = _blocks_forward(model, x.reshape(B, cfg.n_embd), attend)
+    cache.length = pos + 1
+    return lm_head_forward(hidden, P["wte.weight"])
+
+
+def _blocks_forward(model, x, attend):
+    """x: (N, C) embedded rows -> final LayerNorm output (N, C).
+
+    attend(layer, qkv (N, 3C)) -> y (N, C) is the only part that differs
+    between the prompt and a single new position.
+    """
+    P = model.params
+    for i in range(model.config.n_layer):
+        p = f"h.{i}."
+        ln1, _ = layernorm_forward(x, P[p + "ln_1.weight"], P[p + "ln_1.bias"])
+        qkv = linear_forward(ln1, P[p + "attn.c_attn.weight"], P[p + "attn.c_attn.bias"])
+        y = attend(i, qkv)
+        x = residual_forward(x, linear_forward(y, P[p + "attn.c_proj.weight"],
+                                               P[p + "attn.c_proj.bias"]))
+        ln2, _ = layernorm_forward(x, P[p + "ln_2.weight"], P[p + "ln_2.bias"])
+        h = linear_forward(ln2, P[p + "mlp.c_fc.weight"], P[p + "mlp.c_fc.bias"])
+        g, _ = gelu_forward(h)
+        x = residual_forward(x, linear_forward(g, P[p + "mlp.c_proj.weight"],
+                                               P[p + "mlp.c_proj.bias"]))
+    hidden, _ = layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"])
+    return hidden
+
+
+# ---- sampling -------------------------------------------------------------------
+
+def _check_sampling(temperature, top_k, top_p):
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), "
+                         f"got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral)
+                              or top_k < 1):
+        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real)
+                              or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, rng=None):
+    """Draw one token id from a host logit vector.
+
+    logits: (V,). temperature 0 is greedy (argmax, lowest id on ties);
+    otherwise the logits are divided by it, then top_k keeps the k largest,
+    and top_p keeps the smallest set of most likely tokens whose
+    probabilities (after top_k) sum to >= top_p, never fewer than one.
+    rng: a numpy Generator (a fresh unseeded one when None).
+    """
+    _check_sampling(temperature, top_k, top_p)
+    logits = numpy.asarray(logits, dtype=numpy.float64)
+    if logits.ndim != 1 or logits.shape[0] == 0:
+        raise ValueError(f"logits must be a non-empty (V,) vector, got shape {logits.shape}")
+    if temperature == 0:
+        return int(numpy.argmax(logits))
+    if rng is None:
+        rng = numpy.random.default_rng()
+    # shift before dividing: a tiny temperature then gives -large, never inf - inf
+    scaled = (logits - logits.max()) / temperature
+    if top_k is None and top_p is None:
+        ids = None
+    else:
+        ids = numpy.argsort(-scaled, kind="stable")     # most likely first, ties by id
+        if top_k is not None:
+            ids = ids[:top_k]
+        scaled = scaled[ids]
+    probs = numpy.exp(scaled)
+    probs /= probs.sum()
+    if top_p is not None:
+        # cumulative[n-1] >= top_p for the first time at n = searchsorted + 1
+        cumulative = numpy.cumsum(probs)
+        keep = min(int(numpy.searchsorted(cumulative, top_p, side="left")) + 1, probs.shape[0])
+        probs = probs[:keep] / cumulative[keep - 1]
+    cumulative = numpy.cumsum(probs)
+    choice = int(numpy.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+    choice = min(choice, probs.shape[0] - 1)
+    return int(ids[choice]) if ids is not None else choice
+
+
+# ---- generation -----------------------------------------------------------------
+
+@contextmanager
+def _eval_mode(model):
+    """The model in eval mode inside the block, its previous mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        if was_training:
+            model.train()
+
+
+def _check_prompt(prompt_ids, vocab_size):
+    prompt = numpy.asarray(to_host(prompt_ids))
+    if prompt.size == 0:
+        raise ValueError("prompt_ids is empty: generation needs at least one token")
+    if prompt.ndim != 1:
+        raise ValueError(f"prompt_ids must be a 1-D sequence of token ids, got shape "
+                         f"{prompt.shape}")
+    if not numpy.issubdtype(prompt.dtype, numpy.integer):
+        raise ValueError(f"prompt_ids must hold integers, got {prompt.dtype}")
+    low, high = int(prompt.min()), int(prompt.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"prompt_ids: token ids must be in [0, {vocab_size}), "
+                         f"got range [{low}, {high}]")
+    return [int(t) for t in prompt]
+
+
+def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+             seed=None, stop_id=None, use_cache=True):
+    """Stream up to max_new_tokens new token ids continuing prompt_ids.
+
+    prompt_ids: a non-empty 1-D sequence of ints (one sequence). Sampling is
+    as in `sample_next`, with a numpy Generator seeded by `seed`. Stops early
+    when stop_id is drawn (it is not yielded). With use_cache=False every
+    step runs `model.forward` on the last block_size tokens; with the cache
+    the same windows are evaluated incrementally, giving the same tokens.
+    The model runs in eval mode during each step; its mode is restored
+    before each token is yielded. Arguments are checked here, before the
+    first token is asked for.
+    """
+    context = _check_prompt(prompt_ids, model.config.vocab_size)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
+            or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    _check_sampling(temperature, top_k, top_p)
+    if stop_id is not None and (isinstance(stop_id, bool)
+                                or not isinstance(stop_id, numbers.Integral)):
+        raise ValueError(f"stop_id must be None or an integer token id, got {stop_id!r}")
+    next_logits = _cached_logits(model) if use_cache else _uncached_logits(model)
+    return _stream(model, context, int(max_new_tokens), next_logits, temperature, top_k,
+                   top_p, numpy.random.default_rng(seed), stop_id)
+
+
+def _stream(model, context, max_new_tokens, next_logits, temperature, top_k, top_p, rng,
+            stop_id):
+    for _ in range(max_new_tokens):
+        with _eval_mode(model):
+            logits = next_logits(context)
+        token = sample_next(logits, temperature, top_k, top_p, rng)
+        if stop_id is not None and token == stop_id:
+            return
+        context.append(token)
+        yield token
+
+
+def _window(context, block_size):
+    """The last block_size tokens as a (1, T) host array."""
+    return numpy.array([context[-block_size:]], dtype=numpy.int64)
+
+
+def _uncached_logits(model):
+    """context (list of ids) -> host logits (V,) of its last cropped position."""
+    block_size = model.config.block_size
+
+    def next_logits(context):
+        return to_host(model.forward(_window(context, block_size))[0, -1])
+    return next_logits
+
+
+def _cached_logits(model):
+    """Like _uncached_logits, but through a KVCache.
+
+    While the context fits in block_size, each call feeds only the token
+    appended since the last call. Past that, every window is shifted by one,
+    and with it every position embedding, so the cache is refilled from the
+    cropped window: the logits are those of the same window the uncached
+    path evaluates.
+    """
+    block_size = model.config.block_size
+    cache, seen = None, 0   # seen: the context length the cache reflects
+
+    def next_logits(context):
+        nonlocal cache, seen
+        if cache is not None and len(context) == seen + 1 and not cache.is_full:
+            logits = decode_step(model, cache, numpy.array([context[-1]], dtype=numpy.int64))
+        else:
+            logits, cache = prefill(model, _window(context, block_size), cache)
+        seen = len(context)
+        return to_host(logits[0])
+    return next_logits

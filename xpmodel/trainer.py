@@ -1,0 +1,416 @@
+"""The training loop: a run's config, data, model and optimizer, driven step by
+step with evaluation, sampling, checkpoints and exact resume.
+
+A step is `grad_accum` micro-batches of forward/backward, a global-norm clip,
+a finiteness check, and one AdamW update at the schedule's learning rate.
+Everything that decides a step's result (weights, moments, optimizer step
+count, dropout pass count, sampler position, loss scale) is in the
+checkpoint, so a resumed run repeats an uninterrupted one exactly on CPU.
+"""
+import math
+import os
+import signal
+import time
+from dataclasses import replace
+
+import numpy
+
+from .backend import get_device, gpu_name, out_of_memory_errors, to_device, to_host
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import config_to_dict
+from .corpus import build_tokenizer, load_tokens
+from .data import EpochSampler, RandomWindowSampler, eval_batches
+from .display import TrainDisplay
+from .errors import CheckpointError, UsageError, XpmodelError
+from .generate import generate
+from .loss_scale import LossScaler
+from .model import GPT, GPTConfig
+from .optim import AdamW, clip_grad_norm, grad_norm
+from .rundir import RunDir, default_run_path
+from .runs import load_pretrained
+from .schedule import ConstantSchedule, CosineSchedule
+
+_SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# Dense fp16 tensor-core peaks (FLOP/s) for MFU, by GPU name.
+_GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+class Interrupted(Exception):
+    """A signal asked the run to stop after saving."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = _SIGNAL_EXIT[signum]
+
+
+def model_config(config, tokenizer):
+    m = config.model
+    vocab = m.vocab_size or tokenizer.vocab_size
+    if vocab < tokenizer.vocab_size:
+        raise UsageError(f"model.vocab_size={vocab} is smaller than the tokenizer's "
+                         f"{tokenizer.vocab_size} ids")
+    return GPTConfig(vocab_size=vocab, block_size=m.block_size, n_layer=m.n_layer,
+                     n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout)
+
+
+def make_schedule(train_config, total_steps):
+    t = train_config
+    if t.schedule == "constant":
+        return ConstantSchedule(t.lr, t.warmup_iters)
+    decay = t.lr_decay_iters or total_steps
+    return CosineSchedule(t.lr, t.min_lr, min(t.warmup_iters, decay), decay)
+
+
+class Trainer:
+    """One run. `Trainer.start(...)` or `Trainer.resume(...)`, then `run()`."""
+
+    def __init__(self, config, run, tokenizer, device, quiet=False, dist=None, show=True):
+        self.config, self.run_dir, self.tokenizer = config, run, tokenizer
+        self.device = get_device(device)
+        self.dist = dist
+        self.is_main = dist is None or dist.is_main
+        t = config.train
+        self.display_enabled = show and self.is_main
+        self.quiet = quiet
+        self._say = (lambda text: print(text, flush=True)) if self.display_enabled else (lambda text: None)
+
+        self.train_tokens, self.val_tokens = load_tokens(
+            config.data, tokenizer, config.model.block_size,
+            show_progress=self.display_enabled and not quiet)
+        self.gpt_config = model_config(config, tokenizer)
+        self.model = GPT(self.gpt_config, device=self.device, seed=t.seed)
+        if dist is not None:
+            dist.broadcast_(self.model.flat_params)
+        self.optimizer = AdamW(self.model, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                               weight_decay=t.weight_decay)
+        self.scaler = LossScaler() if t.precision == "fp16" else None
+        self.sampler = self._make_sampler()
+        self.total_steps = self._count_steps()
+        self.schedule = make_schedule(t, self.total_steps)
+        self.step = 0
+        self.tokens_seen = 0
+        self.best_val = math.inf
+        self.evals_without_improvement = 0
+        self.elapsed_before = 0.0      # training seconds spent before this process
+        self.last_val = None
+        self._stop_signal = None
+
+    # ---- construction -----------------------------------------------------------
+    @classmethod
+    def start(cls, config, device="cpu", out=None, overwrite=False, quiet=False, dist=None,
+              config_name="default", show=True):
+        is_main = dist is None or dist.is_main
+        pretrained = None
+        if config.train.init_from:
+            pretrained = load_pretrained(config.train.init_from)
+            source_config, _, tokenizer = pretrained
+            config = replace(config, model=replace(
+                config.model, n_layer=source_config.n_layer, n_head=source_config.n_head,
+                n_embd=source_config.n_embd, block_size=source_config.block_size,
+                vocab_size=source_config.vocab_size if source_config.vocab_size != tokenizer.vocab_size else None))
+        else:
+            tokenizer = build_tokenizer(config.data, say=print if (show and is_main) else (lambda s: None))
+        run = RunDir(out or default_run_path(config_name))
+        if is_main:
+            run.create(config, tokenizer, overwrite=overwrite)
+        if dist is not None:
+            dist.barrier()
+        trainer = cls(config, run, tokenizer, device, quiet=quiet, dist=dist, show=show)
+        if pretrained is not None:
+            trainer.model.load_state_arrays(pretrained[1])
+            trainer._say(f"initialised weights from {config.train.init_from}")
+        return trainer
+
+    @classmethod
+    def resume(cls, path, device="cpu", overrides_config=None, quiet=False, dist=None, show=True):
+        run = RunDir(path)
+        run.require_run("--resume")
+        config = overrides_config or run.load_config()
+        tokenizer = run.load_tokenizer()
+        trainer = cls(config, run, tokenizer, device, quiet=quiet, dist=dist, show=show)
+        checkpoint, skipped = run.latest_checkpoint()
+        for problem in skipped:
+            trainer._say(f"skipping unreadable checkpoint: {problem}")
+        if checkpoint is None:
+            raise CheckpointError(f"--resume {path}: the run has no checkpoint to resume from; "
+                                  f"start it again with --out {path} --overwrite")
+        trainer._load(checkpoint)
+        if trainer.is_main:
+            run.remove_stale_temporaries()
+            run.truncate_metrics(trainer.step)
+        trainer._say(f"resumed {path} at step {trainer.step} from {checkpoint.name}")
+        return trainer
+
+    def _make_sampler(self):
+        d, t, T = self.config.data, self.config.train, self.config.model.block_size
+        common = dict(token_dropout=d.token_dropout, vocab_size=self.tokenizer.vocab_size)
+        if d.batching == "epochs":
+            return EpochSampler(self.train_tokens, t.batch_size, T, t.seed,
+                                random_crop=d.crop_augment, **common)
+        return RandomWindowSampler(self.train_tokens, t.batch_size, T, t.seed, **common)
+
+    def _count_steps(self):
+        t = self.config.train
+        if t.max_iters is not None:
+            return t.max_iters
+        steps = t.epochs * self.sampler.batches_per_epoch // t.grad_accum
+        if steps == 0:
+            raise UsageError(f"train.epochs={t.epochs}: one epoch has only "
+                             f"{self.sampler.batches_per_epoch} batches, fewer than "
+                             f"train.grad_accum={t.grad_accum}")
+        return steps
+
+    # ---- checkpoints -------------------------------------------------------------
+    def _meta(self):
+        return {
+            "step": self.step, "tokens_seen": self.tokens_seen,
+            "elapsed": self.elapsed_before + self._elapsed(),
+            "optimizer_steps": self.optimizer.step_count,
+            "dropout_calls": self.model.dropout_calls,
+            "sampler": self.sampler.state_dict(),
+            "loss_scaler": self.scaler.state_dict() if self.scaler else None,
+            "best_val": None if math.isinf(self.best_val) else self.best_val,
+            "evals_without_improvement": self.evals_without_improvement,
+            "world_size": 1 if self.dist is None else self.dist.world_size,
+            "config": config_to_dict(self.config),
+            "vocab_size": self.gpt_config.vocab_size,
+            "tokenizer_fingerprint": self.tokenizer.fingerprint(),
+        }
+
+    def save(self, path=None):
+        """Write a checkpoint (rank 0 only), refusing to save non-finite weights."""
+        if not self.is_main:
+            return None
+        xp = self.model.xp
+        if not bool(xp.isfinite(xp.dot(self.model.flat_params, self.model.flat_params))):
+            raise XpmodelError(f"step {self.step}: weights hold NaN or Inf; not saving over the "
+                               f"last good checkpoint")
+        path = path or self.run_dir.step_path(self.step)
+        optim = {"m": to_host(self.optimizer.m), "v": to_host(self.optimizer.v)}
+        try:
+            save_checkpoint(path, self.model.state_arrays(), optim, self._meta())
+        except OSError as exc:
+            raise XpmodelError(f"could not write checkpoint {path}: {exc.strerror or exc}; "
+                               f"the previous checkpoint is intact") from None
+        if path != self.run_dir.best_path:
+            self.run_dir.prune_checkpoints(self.config.train.keep_last)
+        return path
+
+    def _load(self, path):
+        n = self.model.flat_params.size
+        from .checkpoint import read_checkpoint_meta
+        if read_checkpoint_meta(path).get("kind") == "imported":
+            _, params, _ = load_checkpoint(path, self.model.layout.shapes, {})
+            self.model.load_state_arrays(params)   # weights only: a fresh start from them
+            return
+        meta, params, optim = load_checkpoint(path, self.model.layout.shapes, {"m": n, "v": n})
+        if meta.get("tokenizer_fingerprint") != self.tokenizer.fingerprint():
+            raise CheckpointError(f"{path}: saved with a different tokenizer than {self.run_dir.tokenizer_path}")
+        world = 1 if self.dist is None else self.dist.world_size
+        if meta.get("world_size", 1) != world:
+            raise CheckpointError(f"{path}: saved by {meta.get('world_size')} ranks, resumed with "
+                                  f"{world}; resume with mpirun -n {meta.get('world_size')}")
+        try:
+            self.model.load_state_arrays(params)
+            moments = [to_device(numpy.asarray(optim[k], dtype=self.model.dtype), self.device)
+                       for k in ("m", "v")]
+            self.optimizer.load_state(*moments, meta["optimizer_steps"])
+            self.model.dropout_calls = int(meta["dropout_calls"])
+            self.sampler.load_state_dict(meta["sampler"])
+            if self.scaler and meta.get("loss_scaler"):
+                self.scaler.load_state_dict(meta["loss_scaler"])
+            self.step = int(meta["step"])
+            self.tokens_seen = int(meta["tokens_seen"])
+            self.elapsed_before = float(meta["elapsed"])
+            self.best_val = math.inf if meta.get("best_val") is None else float(meta["best_val"])
+            self.evals_without_improvement = int(meta["evals_without_improvement"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: incompatible checkpoint ({exc})") from None
+
+    # ---- the loop ----------------------------------------------------------------
+    def _elapsed(self):
+        return time.perf_counter() - self._started if hasattr(self, "_started") else 0.0
+
+    def run(self):
+        """Train to the end (or a signal or early stop); returns the summary dict."""
+        t = self.config.train
+        self._started = time.perf_counter()
+        self._install_signal_handlers()
+        metrics = open(self.run_dir.metrics_path, "a") if self.is_main else None
+        display = TrainDisplay(self.total_steps, self.step, quiet=self.quiet,
+                               enabled=self.display_enabled)
+        last_loss = float("nan")
+        smoothed = None
+        window_start, window_tokens = time.perf_counter(), 0
+        stop_reason = "finished"
+        try:
+            with display:
+                while self.step < self.total_steps:
+                    loss, norm, lr, finite = self._train_step()
+                    self.step += 1
+                    tokens = t.batch_size * t.grad_accum * self.config.model.block_size
+                    self.tokens_seen += tokens
+                    window_tokens += tokens
+                    last_loss = loss
+                    smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
+                    now = time.perf_counter()
+                    tokens_per_s = window_tokens / max(now - window_start, 1e-9)
+                    if self.step % t.log_interval == 0:
+                        window_start, window_tokens = now, 0
+                    record = {"type": "train", "step": self.step, "loss": loss, "lr": lr,
+                              "grad_norm": norm, "tokens_per_s": tokens_per_s,
+                              "skipped": not finite, "time": round(self.elapsed_before + self._elapsed(), 3)}
+                    if self.scaler:
+                        record["loss_scale"] = self.scaler.scale
+                    if metrics:
+                        self.run_dir.append_metrics(record, metrics)
+                    display.step(self.step, smoothed, lr, norm, tokens_per_s, self._mfu(tokens_per_s),
+                                 log_line=self.step % t.log_interval == 0)
+
+                    if self.step % t.eval_interval == 0 or self.step == self.total_steps:
+                        if self._evaluate(display, metrics):
+                            stop_reason = "early stop"
+                    if t.sample_interval and self.step % t.sample_interval == 0 and self.is_main:
+                        display.sample(self.step, self.sample_text())
+                    if self.step % t.save_interval == 0 or self.step == self.total_steps:
+                        self.save()
+                    if self._stop_signal is not None:
+                        raise Interrupted(self._stop_signal)
+                    if stop_reason == "early stop":
+                        display.print(f"early stop: no val improvement in {t.early_stop_patience} evaluations")
+                        self.save()
+                        break
+        except Interrupted as interrupt:
+            if self.run_dir.step_path(self.step).exists() or not self.is_main:
+                path = self.run_dir.step_path(self.step)
+            else:
+                path = self.save()
+            self._say(f"interrupted by {interrupt}: checkpoint at step {self.step} saved to {path}")
+            raise
+        finally:
+            if metrics:
+                metrics.close()
+            self._restore_signal_handlers()
+        summary = self._summary(last_loss, stop_reason)
+        if self.display_enabled:
+            self._print_summary(summary)
+        return summary
+
+    def _train_step(self):
+        """One optimizer step; returns (loss, grad norm, lr, applied) as host values."""
+        t, model = self.config.train, self.model
+        lr = self.schedule(self.step)
+        self.optimizer.lr = lr
+        model.zero_grad()
+        scale = self.scaler.scale if self.scaler else 1.0
+        total = 0.0
+        for _ in range(t.grad_accum):
+            x, y = self.sampler.next_batch()
+            if self.dist is not None:
+                start, stop = self.dist.shard(x.shape[0])
+                x, y = x[start:stop], y[start:stop]
+            try:
+                total = total + model.forward_backward(x, y, scale=scale / t.grad_accum)
+            except out_of_memory_errors() as exc:
+                raise XpmodelError(f"out of {'GPU ' if self.device.is_cuda else ''}memory ({exc.__class__.__name__}): "
+                                   f"lower train.batch_size (raise train.grad_accum to keep the batch), "
+                                   f"model.block_size, model.n_embd or model.n_layer") from None
+        if self.dist is not None:
+            self.dist.allreduce_mean_(model.flat_grads)
+            total = self.dist.mean_scalar(float(total))
+        loss = float(total) / t.grad_accum
+        if self.scaler:
+            finite = self.scaler.unscale_and_check(model)
+            self.scaler.update(finite, self.step + 1)
+            if not finite:
+                return loss, float("inf"), lr, False
+        norm = clip_grad_norm(model, t.grad_clip) if t.grad_clip > 0 else grad_norm(model)
+        norm = float(norm)
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            latest = self.run_dir.checkpoint_steps()
+            where = f"; the last good checkpoint is step {latest[-1]}" if latest else ""
+            raise XpmodelError(f"step {self.step + 1}: loss is {loss}, gradient norm {norm}: "
+                               f"training diverged, weights not updated{where}; "
+                               f"lower train.lr or raise train.warmup_iters")
+        self.optimizer.step()
+        return loss, norm, lr, True
+
+    def _evaluate(self, display, metrics):
+        """Validation loss on `eval_batches` batches; True when early stopping triggers."""
+        t = self.config.train
+        val_loss = self.evaluate_loss(self.val_tokens, t.eval_batches)
+        perplexity = math.exp(min(val_loss, 700))
+        best = val_loss < self.best_val
+        if best:
+            self.best_val = val_loss
+            self.evals_without_improvement = 0
+            self.save(self.run_dir.best_path)
+        else:
+            self.evals_without_improvement += 1
+        self.last_val = val_loss
+        if metrics:
+            self.run_dir.append_metrics({"type": "eval", "step": self.step, "val_loss": val_loss,
+                                         "val_perplexity": perplexity}, metrics)
+        display.validation(self.step, val_loss, perplexity, best)
+        return bool(t.early_stop_patience) and self.evals_without_improvement >= t.early_stop_patience
+
+    def evaluate_loss(self, tokens, n_batches):
+        was_training = self.model.training
+        self.model.eval()
+        T = self.config.model.block_size
+        losses = [float(self.model.loss(x, y)) for x, y in
+                  eval_batches(tokens, self.config.train.batch_size, T, n_batches)]
+        if was_training:
+            self.model.train()
+        return float(numpy.mean(losses))
+
+    def sample_text(self):
+        t = self.config.train
+        prompt = self.tokenizer.encode(t.sample_prompt, allowed_special="all") or [self.tokenizer.eot_id or 0]
+        ids = list(generate(self.model, prompt, t.sample_tokens, temperature=0.8, top_k=200,
+                            seed=t.seed + self.step, stop_id=self.tokenizer.eot_id))
+        return t.sample_prompt + self.tokenizer.decode(ids)
+
+    def _mfu(self, tokens_per_s):
+        if not self.device.is_cuda:
+            return None
+        name = gpu_name(self.device)
+        peak = next((flops for key, flops in _GPU_PEAK_FLOPS.items() if key in name), None)
+        if peak is None:
+            return None
+        return self.gpt_config.flops_per_token() * tokens_per_s / peak
+
+    def _summary(self, last_loss, stop_reason):
+        wall = self.elapsed_before + self._elapsed()
+        summary = {"stop_reason": stop_reason, "steps": self.step, "train_loss": last_loss,
+                   "val_loss": self.last_val, "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
+                   "val_perplexity": math.exp(self.last_val) if self.last_val is not None else None,
+                   "tokens_seen": self.tokens_seen, "wall_time_s": wall,
+                   "tokens_per_s": self.tokens_seen / wall if wall > 0 else 0.0,
+                   "run_dir": str(self.run_dir.path)}
+        return summary
+
+    def _print_summary(self, s):
+        val = f"{s['val_loss']:.4f} (perplexity {s['val_perplexity']:.2f})" if s["val_loss"] is not None else "-"
+        print(f"done ({s['stop_reason']}): {s['steps']} steps, train loss {s['train_loss']:.4f}, "
+              f"val loss {val}, {s['tokens_seen']:,} tokens in {s['wall_time_s']:.1f} s "
+              f"({s['tokens_per_s']:,.0f} tokens/s); run saved in {s['run_dir']}", flush=True)
+
+    # ---- signals -------------------------------------------------------------------
+    def _install_signal_handlers(self):
+        self._previous_handlers = {}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:
+                os._exit(_SIGNAL_EXIT.get(signum, 130))   # second signal: leave now; files are atomic
+            self._stop_signal = signum
+
+        for signum in _SIGNAL_EXIT:
+            try:
+                self._previous_handlers[signum] = signal.signal(signum, handler)
+            except ValueError:
+                pass   # not the main thread: leave signals alone
+
+    def _restore_signal_handlers(self):
+        for signum, previous in self._previous_handlers.items():
+            signal.signal(signum, previous)
