@@ -2,10 +2,11 @@
 passes, on NumPy (CPU) or CuPy (CUDA)."""
 from .backend import get_device
 from .model import GPT, GPTConfig
+from .loss_scale import LossScaler
 from .optim import SGD, AdamW, clip_grad_norm, grad_norm
 from .schedule import ConstantSchedule, CosineSchedule
 
 __version__ = "0.1.0"
 
 __all__ = ["GPT", "GPTConfig", "AdamW", "SGD", "clip_grad_norm", "grad_norm",
-           "CosineSchedule", "ConstantSchedule", "get_device", "__version__"]
+           "CosineSchedule", "ConstantSchedule", "LossScaler", "get_device", "__version__"]

@@ -136,6 +136,13 @@ def get_dtype(name):
     return numpy.dtype(name)
 
 
+def upcast(array):
+    """float16 arrays as float32 (for statistics); anything else unchanged."""
+    if array.dtype == numpy.float16:
+        return array.astype(numpy.float32)
+    return array
+
+
 def random_generator(device, seed):
     """A seeded generator on `device` with `normal`, `random` and `integers`."""
     device = get_device(device)

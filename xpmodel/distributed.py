@@ -28,6 +28,8 @@ import contextlib
 import hashlib
 import os
 import pickle
+import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -167,10 +169,12 @@ class Distributed:
 
     def check_world_size(self, saved_world_size, what="the checkpoint"):
         """Raise UsageError when `what` was written by a run with another number of ranks."""
-        if saved_world_size is not None and int(saved_world_size) != self.world_size:
-            raise UsageError(f"{what} was written by a run with {saved_world_size} rank(s), "
-                             f"but this run has {self.world_size}: resume it with "
-                             f"mpirun -n {saved_world_size} (or without mpirun for 1)")
+        if saved_world_size is None or int(saved_world_size) == self.world_size:
+            return
+        saved = int(saved_world_size)
+        how = "without mpirun" if saved == 1 else f"under mpirun -n {saved}"
+        raise UsageError(f"{what} was written by a run with {saved} rank(s), but this run "
+                         f"has {self.world_size}: resume it {how}")
 
     # ---- failure ----------------------------------------------------------------
     def abort(self, message, code=1):
@@ -460,6 +464,27 @@ class MPIDistributed(Distributed):
             self._host_note_shown = True
             print(f"note: {reason}; GPU gradients are averaged over MPI through host memory "
                   f"(slower)", file=sys.stderr, flush=True)
+
+
+def local_mpirun(ranks, argv, mpirun="mpirun"):
+    """(command, environment) that start `argv` as `ranks` MPI ranks on this
+    machine, for tests and benchmarks. With Open MPI it may place more ranks
+    than cores, run as root, and skips the shared-memory single-copy path,
+    which containers without ptrace rights refuse."""
+    path = shutil.which(mpirun)
+    if path is None:
+        raise UsageError(f"{mpirun} not found: install Open MPI (apt-get install openmpi-bin "
+                         f"libopenmpi-dev) and {_MPI_HINT}")
+    version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
+    command, env = [path, "-n", str(ranks)], dict(os.environ)
+    if "Open MPI" in version or "OpenRTE" in version:
+        command += ["--map-by", ":OVERSUBSCRIBE"]
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            command.append("--allow-run-as-root")
+            env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+        env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")   # Open MPI 4
+        env.setdefault("OMPI_MCA_btl_sm_single_copy_mechanism", "none")      # Open MPI 5
+    return command + [str(arg) for arg in argv], env
 
 
 def _import_nccl():

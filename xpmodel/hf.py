@@ -40,7 +40,7 @@ from safetensors.numpy import save_file
 from .errors import DataError, UsageError
 from .model import GPTConfig
 from .params import parameter_shapes
-from .tokenizer_hf import read_hf_tokenizer
+from .tokenizer_hf import hf_vocab, read_hf_tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -57,7 +57,7 @@ _HF_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_laye
                 "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1,
                 "layer_norm_epsilon": LAYER_NORM_EPSILON, "scale_attn_weights": True,
                 "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-                "add_cross_attention": False, "tie_word_embeddings": True}
+                "add_cross_attention": False}
 _PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 _OTHER_FORMATS = ("tf_model.h5", "flax_model.msgpack", "model.ckpt.index")
 # Causal-mask buffers that older checkpoints saved; they hold no parameters.
@@ -77,6 +77,7 @@ def export_hf(model, tokenizer, out_dir):
     if tokenizer.vocab_size > cfg.vocab_size:
         raise UsageError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab "
                          f"has only {cfg.vocab_size} rows")
+    hf_vocab(tokenizer)   # refuses a tokenizer Hugging Face cannot hold, before writing
     out_dir = Path(out_dir)
     if out_dir.exists():
         if not out_dir.is_dir():
@@ -149,15 +150,14 @@ def import_hf(hf_dir):
         raise UsageError(f"{hf_dir} has no config.json; it is not a Hugging Face model directory")
     hf_cfg = _read_json(hf_dir / "config.json")
     config = config_from_hf(hf_cfg, hf_dir / "config.json")
-    tie = hf_cfg.get("tie_word_embeddings", True)
-    arrays = _read_weights(hf_dir, config, tie)
-    tokenizer, hf_ids = read_hf_tokenizer(hf_dir)
+    tokenizer, hf_ids = read_hf_tokenizer(hf_dir)   # hf_ids: (tokenizer.vocab_size,)
     if tokenizer.vocab_size > config.vocab_size:
         raise DataError(f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} ids but the "
                         f"model's vocab has only {config.vocab_size} rows")
+    arrays = _read_weights(hf_dir, config, hf_cfg.get("tie_word_embeddings", True))
     if not numpy.array_equal(hf_ids, numpy.arange(len(hf_ids))):
-        wte = arrays["wte.weight"]
-        wte[:len(hf_ids)] = wte[hf_ids]   # row i now embeds xpmodel's token i
+        wte = arrays["wte.weight"]          # (V, C); rows past the tokenizer's stay
+        wte[:len(hf_ids)] = wte[hf_ids]     # row i now embeds xpmodel's token i
     return config, arrays, tokenizer
 
 
@@ -167,6 +167,8 @@ def config_from_hf(hf_cfg, where="config.json"):
         raise DataError(f"{where}: not a JSON object")
     model_type = hf_cfg.get("model_type")
     architectures = hf_cfg.get("architectures") or []
+    if not isinstance(architectures, list):
+        raise DataError(f"{where}: architectures must be a list, got {architectures!r}")
     others = [a for a in architectures if a not in ARCHITECTURES]
     if others or model_type != "gpt2":
         name = others[0] if others else f"model_type {model_type!r}"
@@ -319,7 +321,8 @@ class _SafetensorsFile:
             try:
                 dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
                 shape = tuple(int(s) for s in shape)
-                ok = isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_len
+                ok = (isinstance(start, int) and isinstance(end, int)
+                      and 0 <= start <= end <= data_len)
             except (TypeError, KeyError, ValueError):
                 ok = False
             if not ok or any(s < 0 for s in shape):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy
 
-from .backend import get_device, get_dtype, random_generator, to_device, to_host
+from .backend import get_device, get_dtype, random_generator, to_device, to_host, upcast
 from .layers.attention import attention_backward, attention_forward
 from .layers.crossentropy import (IGNORE_INDEX, crossentropy_backward, crossentropy_forward,
                                   lm_head_backward, lm_head_forward)
@@ -65,7 +65,7 @@ class GPT:
     `flat_params` / `flat_grads` (float32 or, on CPU, float64).
     """
 
-    def __init__(self, config, device="cpu", dtype="float32", seed=0):
+    def __init__(self, config, device="cpu", dtype="float32", seed=0, precision="fp32"):
         if not isinstance(config, GPTConfig):
             raise TypeError("GPT needs a GPTConfig")
         self.config = config
@@ -82,6 +82,20 @@ class GPT:
         self.flat_grads = self.xp.zeros_like(self.flat_params)
         self.params = self.layout.views(self.flat_params)
         self.grads = self.layout.views(self.flat_grads)
+        if precision not in ("fp32", "fp16"):
+            raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
+        if precision == "fp16" and self.dtype != numpy.float32:
+            raise ValueError("fp16 mixed precision keeps float32 master weights: use dtype float32")
+        self.precision = precision
+        # Matmul weights: the masters themselves, or a float16 copy refreshed
+        # from them (one whole-buffer cast) at the start of every pass.
+        if precision == "fp16":
+            self.flat_working = self.xp.empty(self.layout.size, dtype=numpy.float16)
+            self.weights = self.layout.views(self.flat_working)
+        else:
+            self.flat_working = None
+            self.weights = self.params
+        self.compute_dtype = numpy.dtype(numpy.float16) if precision == "fp16" else self.dtype
         self.seed = seed
         self.dropout_calls = 0   # counts training passes; seeds each pass's dropout masks
         self.training = True
@@ -107,8 +121,8 @@ class GPT:
         idx = self._check_ids(idx, "idx")
         B, T = idx.shape
         hidden, _ = self._forward_hidden(idx, rng=None)
-        logits = lm_head_forward(hidden, self.params["wte.weight"])
-        return logits.reshape(B, T, self.config.vocab_size)
+        logits = lm_head_forward(hidden, self.weights["wte.weight"])
+        return upcast(logits).reshape(B, T, self.config.vocab_size)
 
     def loss(self, idx, targets):
         """Mean cross-entropy over non-ignored targets, without gradients."""
@@ -117,8 +131,8 @@ class GPT:
         hidden, _ = self._forward_hidden(idx, rng=None)
         total, count = 0.0, self.xp.sum(targets != IGNORE_INDEX)
         for rows in self._logit_chunks(hidden.shape[0]):
-            logits = lm_head_forward(hidden[rows], self.params["wte.weight"])
-            losses, _ = crossentropy_forward(logits, targets[rows])
+            logits = lm_head_forward(hidden[rows], self.weights["wte.weight"])
+            losses, _ = crossentropy_forward(upcast(logits), targets[rows])
             total = total + losses.sum()
         return total / count
 
@@ -131,7 +145,7 @@ class GPT:
         """
         idx = self._check_ids(idx, "idx")
         targets = self._check_targets(targets, idx.shape)
-        xp, P, G = self.xp, self.params, self.grads
+        xp, W, G = self.xp, self.weights, self.grads
         rng = self._dropout_rng() if self.training and self.config.dropout > 0 else None
         hidden, caches = self._forward_hidden(idx, rng)
 
@@ -140,18 +154,22 @@ class GPT:
         total = 0.0
         dhidden = xp.empty_like(hidden)
         for rows in self._logit_chunks(hidden.shape[0]):
-            logits = lm_head_forward(hidden[rows], P["wte.weight"])
-            losses, probs = crossentropy_forward(logits, targets[rows])
+            logits = lm_head_forward(hidden[rows], W["wte.weight"])
+            losses, probs = crossentropy_forward(upcast(logits), targets[rows])
             total = total + losses.sum()
-            dlogits = crossentropy_backward(dlosses, probs, targets[rows])
-            dhidden[rows] = lm_head_backward(dlogits, hidden[rows], P["wte.weight"], G["wte.weight"])
+            dlogits = crossentropy_backward(dlosses, probs, targets[rows]).astype(hidden.dtype, copy=False)
+            dhidden[rows] = lm_head_backward(dlogits, hidden[rows], W["wte.weight"], G["wte.weight"])
 
         self._backward_hidden(dhidden, idx, caches)
         return total / count
 
     def _forward_hidden(self, idx, rng):
-        """idx (B, T) -> final LayerNorm output (N, C) and the caches of every layer."""
-        P, cfg = self.params, self.config
+        """idx (B, T) -> final LayerNorm output (N, C) in the compute dtype and
+        the caches of every layer. The residual stream x stays in the master dtype."""
+        P, W, cfg = self.params, self.weights, self.config
+        if self.flat_working is not None:
+            self.flat_working[...] = self.flat_params
+        low = self.compute_dtype
         B, T = idx.shape
         p_drop = cfg.dropout if rng is not None else 0.0
         x, emb_mask = dropout_forward(embedding_forward(idx, P["wte.weight"], P["wpe.weight"]),
@@ -161,53 +179,57 @@ class GPT:
         for i in range(cfg.n_layer):
             p = f"h.{i}."
             ln1, ln1_cache = layernorm_forward(x, P[p + "ln_1.weight"], P[p + "ln_1.bias"])
-            qkv = linear_forward(ln1, P[p + "attn.c_attn.weight"], P[p + "attn.c_attn.bias"])
+            ln1 = ln1.astype(low, copy=False)
+            qkv = linear_forward(ln1, W[p + "attn.c_attn.weight"], W[p + "attn.c_attn.bias"])
             y, attn_cache = attention_forward(qkv.reshape(B, T, 3 * cfg.n_embd), cfg.n_head,
                                               p_drop, rng)
-            attn_out = linear_forward(y, P[p + "attn.c_proj.weight"], P[p + "attn.c_proj.bias"])
+            attn_out = linear_forward(y, W[p + "attn.c_proj.weight"], W[p + "attn.c_proj.bias"])
             attn_out, attn_mask = dropout_forward(attn_out, p_drop, rng)
             x = residual_forward(x, attn_out)
 
             ln2, ln2_cache = layernorm_forward(x, P[p + "ln_2.weight"], P[p + "ln_2.bias"])
-            h = linear_forward(ln2, P[p + "mlp.c_fc.weight"], P[p + "mlp.c_fc.bias"])
+            ln2 = ln2.astype(low, copy=False)
+            h = linear_forward(ln2, W[p + "mlp.c_fc.weight"], W[p + "mlp.c_fc.bias"])
             g, gelu_cache = gelu_forward(h)
-            mlp_out = linear_forward(g, P[p + "mlp.c_proj.weight"], P[p + "mlp.c_proj.bias"])
+            mlp_out = linear_forward(g, W[p + "mlp.c_proj.weight"], W[p + "mlp.c_proj.bias"])
             mlp_out, mlp_mask = dropout_forward(mlp_out, p_drop, rng)
             x = residual_forward(x, mlp_out)
             block_caches.append((ln1, ln1_cache, y, attn_cache, attn_mask,
                                  ln2, ln2_cache, h, gelu_cache, g, mlp_mask))
         hidden, lnf_cache = layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"])
+        hidden = hidden.astype(low, copy=False)
         return hidden, (emb_mask, block_caches, lnf_cache)
 
     def _backward_hidden(self, dhidden, idx, caches):
         """dhidden: (N, C) gradient of the final LayerNorm output."""
-        P, G, cfg = self.params, self.grads, self.config
+        P, W, G, cfg = self.params, self.weights, self.grads, self.config
         B, T = idx.shape
+        low = self.compute_dtype
         emb_mask, block_caches, lnf_cache = caches
-        dx = layernorm_backward(dhidden, lnf_cache, P["ln_f.weight"],
+        dx = layernorm_backward(upcast(dhidden), lnf_cache, P["ln_f.weight"],
                                 G["ln_f.weight"], G["ln_f.bias"])
         for i in reversed(range(cfg.n_layer)):
             p = f"h.{i}."
             (ln1, ln1_cache, y, attn_cache, attn_mask,
              ln2, ln2_cache, h, gelu_cache, g, mlp_mask) = block_caches[i]
             dx, dmlp_out = residual_backward(dx)
-            dmlp_out = dropout_backward(dmlp_out, mlp_mask)
-            dg = linear_backward(dmlp_out, g, P[p + "mlp.c_proj.weight"],
+            dmlp_out = dropout_backward(dmlp_out.astype(low, copy=False), mlp_mask)
+            dg = linear_backward(dmlp_out, g, W[p + "mlp.c_proj.weight"],
                                  G[p + "mlp.c_proj.weight"], G[p + "mlp.c_proj.bias"])
             dh = gelu_backward(dg, h, gelu_cache)
-            dln2 = linear_backward(dh, ln2, P[p + "mlp.c_fc.weight"],
+            dln2 = linear_backward(dh, ln2, W[p + "mlp.c_fc.weight"],
                                    G[p + "mlp.c_fc.weight"], G[p + "mlp.c_fc.bias"])
-            dx += layernorm_backward(dln2, ln2_cache, P[p + "ln_2.weight"],
+            dx += layernorm_backward(upcast(dln2), ln2_cache, P[p + "ln_2.weight"],
                                      G[p + "ln_2.weight"], G[p + "ln_2.bias"])
 
             dx, dattn_out = residual_backward(dx)
-            dattn_out = dropout_backward(dattn_out, attn_mask)
-            dy = linear_backward(dattn_out, y, P[p + "attn.c_proj.weight"],
+            dattn_out = dropout_backward(dattn_out.astype(low, copy=False), attn_mask)
+            dy = linear_backward(dattn_out, y, W[p + "attn.c_proj.weight"],
                                  G[p + "attn.c_proj.weight"], G[p + "attn.c_proj.bias"])
             dqkv = attention_backward(dy, attn_cache)
-            dln1 = linear_backward(dqkv, ln1, P[p + "attn.c_attn.weight"],
+            dln1 = linear_backward(dqkv, ln1, W[p + "attn.c_attn.weight"],
                                    G[p + "attn.c_attn.weight"], G[p + "attn.c_attn.bias"])
-            dx += layernorm_backward(dln1, ln1_cache, P[p + "ln_1.weight"],
+            dx += layernorm_backward(upcast(dln1), ln1_cache, P[p + "ln_1.weight"],
                                      G[p + "ln_1.weight"], G[p + "ln_1.bias"])
         demb = dropout_backward(dx.reshape(B, T, cfg.n_embd), emb_mask)
         embedding_backward(demb, idx, G["wte.weight"], G["wpe.weight"])

@@ -78,7 +78,7 @@ class Trainer:
             config.data, tokenizer, config.model.block_size,
             show_progress=self.display_enabled and not quiet)
         self.gpt_config = model_config(config, tokenizer)
-        self.model = GPT(self.gpt_config, device=self.device, seed=t.seed)
+        self.model = GPT(self.gpt_config, device=self.device, seed=t.seed, precision=t.precision)
         if dist is not None:
             dist.broadcast_(self.model.flat_params)
         self.optimizer = AdamW(self.model, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
@@ -317,7 +317,7 @@ class Trainer:
                                    f"model.block_size, model.n_embd or model.n_layer") from None
         if self.dist is not None:
             self.dist.allreduce_mean_(model.flat_grads)
-            total = self.dist.mean_scalar(float(total))
+            total = float(self.dist.allreduce_mean_(numpy.array([float(total)]))[0])
         loss = float(total) / t.grad_accum
         if self.scaler:
             finite = self.scaler.unscale_and_check(model)

@@ -1,5 +1,8 @@
 """Causal multi-head self-attention on a fused qkv activation.
 
+The softmax and its gradient are computed in at least float32, whatever the
+dtype of q, k and v.
+
 The projections around it (c_attn before, c_proj after) are plain linear
 layers; this file holds what sits between them: split into heads, scaled
 dot-product scores, causal softmax, optional dropout on the probabilities,
@@ -7,7 +10,7 @@ and the weighted sum of values.
 """
 import math
 
-from ..backend import array_module
+from ..backend import array_module, upcast
 from .dropout import dropout_backward, dropout_forward
 
 
@@ -46,11 +49,12 @@ def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
     # (3, B, H, T, D): one copy makes q, k and v contiguous for batched matmul
     heads = xp.ascontiguousarray(qkv.reshape(B, T, 3, n_head, D).transpose(2, 0, 3, 1, 4))
     q, k, v = heads[0], heads[1], heads[2]
-    scores = xp.matmul(q, k.transpose(0, 1, 3, 2))     # (B, H, T, T)
+    scores = upcast(xp.matmul(q, k.transpose(0, 1, 3, 2)))     # (B, H, T, T), >= float32
     scores *= 1.0 / math.sqrt(D)
     probs = causal_softmax_forward(scores)
     probs_used, drop_mask = dropout_forward(probs, dropout_p, rng)
-    y = xp.matmul(probs_used, v)                        # (B, H, T, D)
+    probs_used = probs_used.astype(qkv.dtype, copy=False)
+    y = xp.matmul(probs_used, v)                                # (B, H, T, D)
     y = y.transpose(0, 2, 1, 3).reshape(B * T, C)
     return y, (heads, probs, probs_used, drop_mask)
 
@@ -64,10 +68,11 @@ def attention_backward(dy, cache):
     dy = xp.ascontiguousarray(dy.reshape(B, T, H, D).transpose(0, 2, 1, 3))  # (B, H, T, D)
     dheads = xp.empty_like(heads)
     xp.matmul(probs_used.transpose(0, 1, 3, 2), dy, out=dheads[2])          # dv
-    dprobs = xp.matmul(dy, v.transpose(0, 1, 3, 2))                          # (B, H, T, T)
+    dprobs = upcast(xp.matmul(dy, v.transpose(0, 1, 3, 2)))                  # (B, H, T, T)
     dprobs = dropout_backward(dprobs, drop_mask)
     dscores = causal_softmax_backward(dprobs, probs)
     dscores *= 1.0 / math.sqrt(D)
+    dscores = dscores.astype(heads.dtype, copy=False)
     xp.matmul(dscores, k, out=dheads[0])                                     # dq
     xp.matmul(dscores.transpose(0, 1, 3, 2), q, out=dheads[1])               # dk
     return dheads.transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * H * D)

@@ -6,7 +6,7 @@ cheaper on NumPy, and its value `s` is all that backward needs besides x.
 """
 import math
 
-from ..backend import array_module
+from ..backend import array_module, upcast
 
 _K = math.sqrt(2.0 / math.pi)
 _CUBIC = 0.044715
@@ -14,8 +14,9 @@ _MAX_EXPONENT = 80.0   # exp(80) is finite in float32; the sigmoid is 0 there an
 
 
 def gelu_forward(x):
-    """x: any shape -> out (x's shape), cache s = sigmoid(2u) (x's shape)."""
+    """x: any shape -> out (x's dtype and shape), cache s = sigmoid(2u) in >= float32."""
     xp = array_module(x)
+    low, x = x.dtype, upcast(x)
     s = x * x
     s *= -2.0 * _K * _CUBIC
     s -= 2.0 * _K
@@ -24,14 +25,16 @@ def gelu_forward(x):
     xp.exp(s, out=s)
     s += 1.0
     xp.reciprocal(s, out=s)      # sigmoid(2u)
-    return x * s, s
+    return (x * s).astype(low, copy=False), s
 
 
 def gelu_backward(dout, x, s):
     """dout, x, s: x's shape; returns dx.
 
     d/dx [x s] = s + x s (1 - s) 2 du/dx, with du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+    The result has dout's dtype.
     """
+    low, x = dout.dtype, upcast(x)
     dx = x * x
     dx *= 6.0 * _K * _CUBIC
     dx += 2.0 * _K
@@ -41,4 +44,4 @@ def gelu_backward(dout, x, s):
     dx *= one_minus_s
     dx += s
     dx *= dout
-    return dx
+    return dx.astype(low, copy=False)

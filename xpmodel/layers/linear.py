@@ -13,9 +13,10 @@ def linear_forward(x, w, b):
 def linear_backward(dout, x, w, dw, db):
     """dout: (N, Cout), x: (N, Cin) as given to forward.
 
-    Adds into dw (Cin, Cout) and db (Cout,); returns dx (N, Cin).
+    Adds into dw (Cin, Cout) and db (Cout,), which may be wider than the
+    activations (float32 master gradients of a float16 pass); returns dx (N, Cin).
     """
     xp = array_module(dout)
     dw += xp.matmul(x.T, dout)
-    db += dout.sum(axis=0)
+    db += dout.sum(axis=0, dtype=db.dtype)
     return xp.matmul(dout, w.T)

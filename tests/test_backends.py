@@ -1,0 +1,119 @@
+"""The model on every backend (NumPy always, CuPy where a GPU is present)
+against a NumPy float64 reference, in both precisions.
+
+CUDA cases skip cleanly on machines without CuPy or a GPU."""
+import numpy as np
+import pytest
+
+import xpmodel
+from xpmodel.backend import cuda_available, to_host
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not cuda_available(), reason="needs CuPy and a CUDA GPU"))]
+CONFIG = xpmodel.GPTConfig(vocab_size=96, block_size=32, n_layer=2, n_head=4, n_embd=64)
+
+
+def batch(B=4, T=32, seed=0):
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, CONFIG.vocab_size, (B, T))
+    return idx, np.roll(idx, -1, axis=1)
+
+
+def relative_error(a, b):
+    a, b = to_host(a).astype(np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    model = xpmodel.GPT(CONFIG, dtype="float64", seed=7)
+    idx, targets = batch()
+    loss = float(model.forward_backward(idx, targets))
+    return loss, model.forward(idx), model.flat_grads.copy()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_matches_float64_reference(device, reference):
+    ref_loss, ref_logits, ref_grads = reference
+    model = xpmodel.GPT(CONFIG, device=device, seed=7)
+    idx, targets = batch()
+    loss = float(model.forward_backward(idx, targets))
+    assert abs(loss - ref_loss) / ref_loss < 1e-5
+    assert relative_error(model.forward(idx), ref_logits) < 1e-4
+    assert relative_error(model.flat_grads, ref_grads) < 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_mixed_precision_gradients_are_close(device, reference):
+    ref_loss, _, ref_grads = reference
+    model = xpmodel.GPT(CONFIG, device=device, seed=7, precision="fp16")
+    idx, targets = batch()
+    loss = float(model.forward_backward(idx, targets, scale=256.0))
+    model.flat_grads *= 1.0 / 256.0
+    assert model.flat_params.dtype == np.float32 and model.flat_working.dtype == np.float16
+    assert abs(loss - ref_loss) / ref_loss < 5e-3
+    assert relative_error(model.flat_grads, ref_grads) < 3e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_training_follows_the_fp32_loss_curve(device):
+    """Tolerance: every step's fp16 loss within 2% of the fp32 run's."""
+    curves = {}
+    idx, targets = batch(seed=3)
+    for precision in ("fp32", "fp16"):
+        model = xpmodel.GPT(CONFIG, device=device, seed=1, precision=precision)
+        opt = xpmodel.AdamW(model, lr=2e-3)
+        scaler = xpmodel.LossScaler(scale=1024.0) if precision == "fp16" else None
+        losses = []
+        for _ in range(40):
+            model.zero_grad()
+            losses.append(float(model.forward_backward(idx, targets,
+                                                       scale=scaler.scale if scaler else 1.0)))
+            if scaler:
+                assert scaler.unscale_and_check(model)
+            xpmodel.clip_grad_norm(model, 1.0)
+            opt.step()
+        curves[precision] = np.array(losses)
+    assert curves["fp32"][-1] < 0.6 * curves["fp32"][0]
+    np.testing.assert_allclose(curves["fp16"], curves["fp32"], rtol=2e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_loss_scaling_recovers_from_an_injected_overflow(device):
+    model = xpmodel.GPT(CONFIG, device=device, seed=1, precision="fp16")
+    scaler = xpmodel.LossScaler(scale=2.0 ** 12, growth_interval=3)
+    opt = xpmodel.AdamW(model, lr=1e-3)
+    idx, targets = batch()
+    before = model.flat_params.copy()
+    model.zero_grad()
+    model.forward_backward(idx, targets, scale=scaler.scale)
+    model.flat_grads[5] = np.inf                      # an overflow in one gradient
+    finite = scaler.unscale_and_check(model)
+    scaler.update(finite, step=1)
+    assert not finite and scaler.scale == 2.0 ** 11
+    assert bool((model.flat_params == before).all())  # the step was skipped
+    for step in range(2, 5):
+        model.zero_grad()
+        model.forward_backward(idx, targets, scale=scaler.scale)
+        finite = scaler.unscale_and_check(model)
+        scaler.update(finite, step)
+        assert finite
+        opt.step()
+    assert scaler.scale == 2.0 ** 12                   # grew back after 3 good steps
+    assert not bool((model.flat_params == before).all())
+
+
+def test_cuda_request_without_a_gpu_is_a_clear_error():
+    if cuda_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(xpmodel.backend.DeviceError, match="pip install"):
+        xpmodel.GPT(CONFIG, device="cuda")
+
+
+def test_device_strings():
+    from xpmodel.backend import DeviceError, get_device
+    assert str(get_device("cpu")) == "cpu"
+    assert get_device("auto").kind == ("cuda" if cuda_available() else "cpu")
+    for bad in ("gpu", "cuda:x", "tpu:0"):
+        with pytest.raises(DeviceError, match="expected cpu, cuda, cuda:N or auto"):
+            get_device(bad)
