@@ -194,6 +194,19 @@ def test_a_hung_rank_times_out_the_others(tmp_path, on_error):
 
 
 @needs_mpi
+def test_a_rank_that_exits_early_does_not_hang_the_job(tmp_path):
+    # sys.exit finalizes MPI, which would wait forever for rank 0, itself stuck in
+    # an all-reduce whose own timeout is set far beyond the test's limit
+    result, seconds = run_ranks("train_steps.py", tmp_path, "--steps", 50, "--fault", "sysexit",
+                                "--on-error", "uncaught", "--rank0-timeout", 600,
+                                env={"XPMODEL_COLLECTIVE_TIMEOUT": "2"})
+    assert result.returncode != 0
+    assert "rank 1: this rank is exiting, but the other ranks did not also finish within 2 s" \
+        in result.stderr
+    assert seconds < 30
+
+
+@needs_mpi
 def test_an_exception_on_one_rank_aborts_the_job(tmp_path):
     result, seconds = run_ranks("train_steps.py", tmp_path, "--steps", 50, "--fault", "raise",
                                 "--on-error", "uncaught")

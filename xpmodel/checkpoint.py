@@ -8,13 +8,21 @@ state, best validation loss, the config and the tokenizer's fingerprint.
 
 Writing goes to a temporary file in the same folder, is flushed and fsynced,
 then renamed over the target, so a crash at any instant leaves either the old
-file or the new one. Reading checks the header's names, shapes and dtypes
-against what the caller expects before loading any tensor, so a crafted file
-cannot make xpmodel allocate what it describes; nothing is unpickled.
+file or the new one. Reading checks the header's framing (every tensor's
+dtype, shape and byte range against the file's size) and then its names and
+shapes against what the caller expects before loading any tensor, so a
+crafted file cannot make xpmodel allocate what it describes; nothing is
+unpickled.
+
+For tests of crash safety, the environment variable XPMODEL_TEST_SLOW_SAVE
+(seconds) makes every checkpoint write pause between the fsync of its
+temporary file and the rename, widening the window a kill can land in.
 """
 import json
+import math
 import os
 import struct
+import time
 from pathlib import Path
 
 import numpy
@@ -26,22 +34,54 @@ from .errors import CheckpointError
 FORMAT = "xpmodel-checkpoint"
 FORMAT_VERSION = 1
 _MAX_HEADER_BYTES = 100 * 2**20   # a real header is a few KB per parameter
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+                "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+_SLOW_SAVE_ENV = "XPMODEL_TEST_SLOW_SAVE"
+
+# Temporary files being written right now, so that a second Ctrl-C, which
+# leaves at once, can remove them on its way out (see `abandon_partial_writes`).
+_in_flight = set()
 
 
-def atomic_write_bytes(path, data):
-    """Write `data` to `path` so that readers see the old file or the new one."""
+def atomic_write_bytes(path, data, pause=0.0):
+    """Write `data` to `path` so that readers see the old file or the new one.
+
+    pause: seconds to wait between the fsync and the rename (crash tests only).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _in_flight.add(tmp)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if pause > 0:
+            time.sleep(pause)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        _in_flight.discard(tmp)
     _fsync_dir(path.parent)
+
+
+def abandon_partial_writes():
+    """Remove the temporary files of writes in progress; for a process about
+    to exit without finishing them. The targets keep their previous contents."""
+    for tmp in list(_in_flight):
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def _test_pause():
+    try:
+        return max(0.0, float(os.environ.get(_SLOW_SAVE_ENV, "0") or 0))
+    except ValueError:
+        return 0.0
 
 
 def _fsync_dir(directory):
@@ -65,7 +105,7 @@ def save_checkpoint(path, params, optimizer_state, meta):
                     for name, value in optimizer_state.items()})
     document = dict(meta, format=FORMAT, format_version=FORMAT_VERSION)
     data = safetensors_bytes(tensors, metadata={"xpmodel": json.dumps(document)})
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data, pause=_test_pause())
 
 
 def read_checkpoint_meta(path):
@@ -74,7 +114,7 @@ def read_checkpoint_meta(path):
     header = read_checkpoint_header(path)
     try:
         document = json.loads(header.get("__metadata__", {}).get("xpmodel", ""))
-    except (json.JSONDecodeError, AttributeError):
+    except (json.JSONDecodeError, AttributeError, TypeError):
         raise CheckpointError(f"{path}: not an xpmodel checkpoint (no xpmodel metadata)") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an xpmodel checkpoint")
@@ -88,15 +128,19 @@ def read_checkpoint_meta(path):
 def load_checkpoint(path, param_shapes, optimizer_sizes):
     """Read a checkpoint, checking it holds exactly the expected tensors.
 
-    param_shapes: name -> shape; optimizer_sizes: name -> flat length.
+    param_shapes: name -> shape; optimizer_sizes: name -> flat length, or
+    None to read the weights alone (whatever optimizer state the file holds).
     Returns (meta, params name -> array, optimizer name -> array).
     """
     path = Path(path)
     meta = read_checkpoint_meta(path)
     header = read_checkpoint_header(path)
     expected = {f"param/{n}": tuple(s) for n, s in param_shapes.items()}
-    expected.update({f"optim/{n}": (size,) for n, size in optimizer_sizes.items()})
-    found = {k: tuple(v.get("shape", ())) for k, v in header.items() if k != "__metadata__"}
+    found = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    if optimizer_sizes is None:
+        found = {k: v for k, v in found.items() if not k.startswith("optim/")}
+    else:
+        expected.update({f"optim/{n}": (size,) for n, size in optimizer_sizes.items()})
     if set(found) != set(expected):
         missing = sorted(set(expected) - set(found))[:3]
         extra = sorted(set(found) - set(expected))[:3]
@@ -146,11 +190,26 @@ def read_checkpoint_header(path):
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt checkpoint header")
     data_len = size - 8 - header_len
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt checkpoint header (metadata)")
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1] <= data_len):
+        if not _entry_fits(entry, data_len):
             raise CheckpointError(f"{path}: truncated or corrupt checkpoint (tensor {name})")
     return header
+
+
+def _entry_fits(entry, data_len):
+    """True when a header entry has a known dtype, a shape of non-negative ints,
+    and a byte range inside the data that is exactly the shape's size."""
+    if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPE_BYTES:
+        return False
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        return False
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1] <= data_len):
+        return False
+    return math.prod(shape) * _DTYPE_BYTES[entry["dtype"]] == offsets[1] - offsets[0]

@@ -205,17 +205,19 @@ class MPIDistributed(Distributed):
     def __init__(self, MPI, comm, device_spec="cpu"):
         self._MPI = MPI
         self._comm = comm
+        self._exit_comm = comm.Dup()   # for the exit barrier, apart from training's collectives
         self.rank = comm.Get_rank()
         self.world_size = comm.Get_size()
-        self.local_rank = self._find_local_rank()
         self._failed = None         # the CollectiveTimeout or MPI error that ended us
         self._nccl = None           # cupy.cuda.nccl, once NCCL is set up
         self._nccl_comms = {}       # GPU index -> NcclCommunicator
         self._nccl_decided = False
         self._host_note_shown = False
         self.backend = "mpi"
-        super().__init__(device_spec)
+        self.timeout = collective_timeout()
         self._install_exit_hooks()
+        self.local_rank = self._find_local_rank()
+        super().__init__(device_spec)
 
     def _find_local_rank(self):
         for name in _LOCAL_RANK_ENVS:
@@ -320,8 +322,11 @@ class MPIDistributed(Distributed):
             self.abort(f"{type(err).__name__}: {err}", 1)
 
     def _install_exit_hooks(self):
-        """Abort rather than finalize when this rank ends on an error: MPI's
-        finalize waits for every rank, and the others wait in a collective."""
+        """Never let a rank that ends early hang the job. MPI's finalize waits
+        for every rank, while the others wait in a collective for this one; so
+        an uncaught exception or a failed collective aborts the job, and any
+        other exit first waits (up to the collective timeout) for the other
+        ranks to exit too, and aborts the job if they do not."""
         previous_hook = sys.excepthook
 
         def abort_after_traceback(kind, value, tb):
@@ -330,12 +335,20 @@ class MPIDistributed(Distributed):
             self._comm.Abort(1)
 
         sys.excepthook = abort_after_traceback
-        atexit.register(self._abort_if_failed)  # runs before mpi4py finalizes
+        atexit.register(self._exit)   # runs before mpi4py finalizes MPI
 
-    def _abort_if_failed(self):
-        if self._failed is not None:
-            _flush_stdio()
-            self._comm.Abort(getattr(self._failed, "exit_code", 1))
+    def _exit(self):
+        if self._failed is None:
+            try:
+                self._wait(self._exit_comm.Ibarrier(), "exit barrier", None)
+                return
+            except XpmodelError:
+                _flush_stdio()
+                print(f"rank {self.rank}: this rank is exiting, but the other ranks did not "
+                      f"also finish within {self.timeout:g} s; ending the job",
+                      file=sys.stderr, flush=True)
+        _flush_stdio()
+        self._comm.Abort(getattr(self._failed, "exit_code", 1))
 
     def _fail(self, error):
         self._failed = error

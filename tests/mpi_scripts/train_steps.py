@@ -4,13 +4,15 @@ Run under `mpirun -n K` by tests/test_distributed.py, or imported and run in
 one process as the reference; either way `train` follows the same code path,
 which is the point: its results must not depend on K.
 
-    python train_steps.py OUT [--steps N] [--fault {none,exit,kill,hang,raise}]
+    python train_steps.py OUT [--steps N] [--fault {none,exit,kill,hang,raise,sysexit}]
                               [--fault-step S] [--on-error {guard,exit,uncaught}]
+                              [--rank0-timeout SECONDS]
 
 Rank 0 writes OUT/result.npz (final flat parameters and per-step global
 losses); every rank writes OUT/rank{R}.json (its parameter checksum) and
 OUT/progress{R}.txt (the last step it started). A fault makes rank 1 misbehave
-at step S: exit without finalizing MPI, SIGKILL itself, hang, or raise.
+at step S: exit without finalizing MPI, SIGKILL itself, hang, raise, or leave
+through sys.exit(2), which finalizes MPI like a normal exit.
 """
 import argparse
 import hashlib
@@ -72,18 +74,24 @@ def inject(fault):
         time.sleep(3600)
     elif fault == "raise":
         raise RuntimeError("injected failure on rank 1")
+    elif fault == "sysexit":
+        sys.exit(2)
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--fault", choices=["none", "exit", "kill", "hang", "raise"],
+    parser.add_argument("--fault", choices=["none", "exit", "kill", "hang", "raise", "sysexit"],
                         default="none")
     parser.add_argument("--fault-step", type=int, default=1)
     parser.add_argument("--on-error", choices=["guard", "exit", "uncaught"], default="guard")
+    parser.add_argument("--rank0-timeout", type=float, default=None,
+                        help="rank 0's collective timeout, to outlast the other ranks'")
     args = parser.parse_args()
     dist = init_distributed("cpu")
+    if dist.rank == 0 and args.rank0_timeout is not None:
+        dist.timeout = args.rank0_timeout
 
     def run():
         assert dist.agree(("seed", 0, CONFIG)), "ranks disagree on the config"
