@@ -4,9 +4,10 @@ from .backend import get_device
 from .model import GPT, GPTConfig
 from .loss_scale import LossScaler
 from .optim import SGD, AdamW, clip_grad_norm, grad_norm
+from .runs import load
 from .schedule import ConstantSchedule, CosineSchedule
 
 __version__ = "0.1.0"
 
 __all__ = ["GPT", "GPTConfig", "AdamW", "SGD", "clip_grad_norm", "grad_norm",
-           "CosineSchedule", "ConstantSchedule", "LossScaler", "get_device", "__version__"]
+           "CosineSchedule", "ConstantSchedule", "LossScaler", "get_device", "load", "__version__"]

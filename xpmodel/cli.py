@@ -2,9 +2,12 @@
 
 Every failure xpmodel foresees is one line on stderr, `error: ...`, with exit
 code 2 for usage and config mistakes and 1 for runtime failures; `--debug`
-shows the traceback instead.
+shows the traceback instead. A training run stopped by Ctrl-C or SIGTERM
+saves a checkpoint, says where on stderr and exits with 130 or 143.
 """
 import argparse
+import os
+import signal
 import sys
 
 from . import __version__
@@ -13,43 +16,83 @@ from .errors import UsageError, XpmodelError
 _EPILOG = "Run `xpmodel COMMAND --help` for the options of each command."
 
 
+class Terminated(BaseException):
+    """SIGTERM outside a training loop: unwinds like Ctrl-C, so partial files are removed."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    previous = _install_sigterm()
     try:
         return args.handler(args) or 0
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as exc:
         if args.debug:
             raise
-        print("interrupted", file=sys.stderr)
-        return 130
+        terminated = isinstance(exc, Terminated)
+        print(f"{'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
+    except BrokenPipeError:
+        # The reader went away (`xpmodel sample ... | head`): stop quietly.
+        _silence_stdout()
+        return 0
     except Exception as exc:
         if args.debug:
             raise
+        from .trainer import Interrupted
+        if isinstance(exc, Interrupted):
+            print(str(exc), file=sys.stderr)
+            return exc.exit_code
         code, message = _describe(exc)
         print(f"error: {message}", file=sys.stderr)
         return code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _install_sigterm():
+    try:
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:
+        return None   # not the main thread
+
+
+def _silence_stdout():
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def _describe(exc):
     """(exit code, one-line message) for an exception."""
     from .backend import DeviceError
-    from .trainer import Interrupted
-    if isinstance(exc, Interrupted):
-        return exc.exit_code, f"stopped by {exc}"
     if isinstance(exc, XpmodelError):
-        return exc.exit_code, str(exc)
+        return exc.exit_code, _one_line(str(exc))
     if isinstance(exc, DeviceError):
-        return 2, str(exc)
+        return 2, _one_line(str(exc))
+    if isinstance(exc, MemoryError):
+        return 1, "out of memory: lower train.batch_size, model.block_size or the model's size"
     if isinstance(exc, ValueError):
-        return 2, str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        return 2, _one_line(str(exc)) if str(exc) else exc.__class__.__name__
     if isinstance(exc, OSError):
         where = f"{exc.filename}: " if exc.filename else ""
-        return 1, f"{where}{exc.strerror or exc}"
-    return 1, f"{exc.__class__.__name__}: {exc} (run with --debug for the traceback)"
+        return 1, _one_line(f"{where}{exc.strerror or exc}")
+    return 1, _one_line(f"{exc.__class__.__name__}: {exc}") + " (run with --debug for the traceback)"
+
+
+def _one_line(text):
+    return " ".join(text.split())
 
 
 def build_parser():
@@ -58,9 +101,11 @@ def build_parser():
         description="Train GPT-2 language models with hand-written forward and backward "
                     "passes, on NumPy (CPU) or CuPy (CUDA).")
     parser.add_argument("--version", action="version", version=f"xpmodel {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    parser.set_defaults(debug=False)
+    # SUPPRESS: a subcommand without --debug keeps what `xpmodel --debug` set.
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on errors")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     from . import commands as c

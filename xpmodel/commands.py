@@ -6,6 +6,8 @@ import numpy
 
 from .errors import DataError, UsageError
 
+_EVAL_TOKENS_PER_BATCH = 4096
+
 
 def train_command(args):
     from .config import config_to_dict, load_config
@@ -49,6 +51,14 @@ def sample_command(args):
     from .runs import load
     if args.num_samples < 1:
         raise UsageError(f"--num-samples must be at least 1, got {args.num_samples}")
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be at least 0, got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"--temperature must be a number >= 0 (0 is greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     model, tokenizer = load(args.run_dir, device=args.device, checkpoint=args.checkpoint)
     prompt = tokenizer.encode(args.prompt, allowed_special="all")
     if not prompt:
@@ -97,7 +107,9 @@ def eval_command(args):
         what = args.data
     if len(tokens) < 2:
         raise DataError(f"{what}: fewer than 2 tokens to evaluate")
-    result = evaluate_tokens(model, tokenizer, tokens, config.train.batch_size, args.batches)
+    # No gradients or backward caches here, so batches can be larger than in training.
+    batch_size = max(config.train.batch_size, _EVAL_TOKENS_PER_BATCH // T)
+    result = evaluate_tokens(model, tokenizer, tokens, batch_size, args.batches)
     print(f"{what}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
           f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']:,} tokens)")
     return 0

@@ -5,11 +5,22 @@ smoothed loss, last validation loss, learning rate, gradient norm, tokens/s
 and, on a GPU, MFU; evaluations and samples are printed above it through
 the progress console, so the bar never tears. Without a terminal (CI, pipes,
 --quiet) the same figures become plain log lines, with no escape codes.
+Generated samples are shown with their control characters escaped, so an
+untrained model's output cannot move the cursor or recolour the terminal.
 """
+import re
 import sys
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text):
+    """`text` with control characters other than newline and tab shown as escapes."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def _fields_text(fields):
@@ -23,13 +34,15 @@ def _fields_text(fields):
 class TrainDisplay:
     """Live bar or plain lines; use as a context manager."""
 
-    def __init__(self, total_steps, start_step=0, quiet=False, enabled=True, stream=None):
+    def __init__(self, total_steps, start_step=0, quiet=False, enabled=True, stream=None,
+                 last_val=None):
         self.enabled = enabled
         self.console = Console(file=stream or sys.stdout, highlight=False)
         self.live = enabled and not quiet and self.console.is_terminal
         self.total_steps = total_steps
         self.start_step = start_step
-        self.fields = {"loss": "-", "val": "-", "lr": "-", "grad_norm": "-", "tok_s": "-", "mfu": ""}
+        self.fields = {"loss": "-", "val": "-" if last_val is None else f"{last_val:.4f}",
+                       "lr": "-", "grad_norm": "-", "tok_s": "-", "mfu": ""}
         self._progress = None
         self._task = None
 
@@ -66,7 +79,8 @@ class TrainDisplay:
 
     def sample(self, step, text):
         self.print(f"--- sample at step {step} ---")
-        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        if self.enabled:
+            self.console.print(printable(text), markup=False, highlight=False, soft_wrap=True)
         self.print("---")
 
     def print(self, text):

@@ -1,53 +1,60 @@
 """Loading trained runs: `xpmodel.load(RUN_DIR)` and weights for `--init-from`."""
 from pathlib import Path
 
-from .checkpoint import load_checkpoint, read_checkpoint_header, read_checkpoint_meta
+from .checkpoint import load_checkpoint, read_checkpoint_meta
 from .errors import CheckpointError, UsageError
 from .model import GPT, GPTConfig
+from .params import parameter_shapes
 from .rundir import RunDir
 
 
 def load(run_dir, device="cpu", checkpoint="latest"):
-    """(model, tokenizer) of a run, from its latest (or best) checkpoint, in eval mode."""
+    """(model, tokenizer) of a run, from its latest (or best) checkpoint, in eval mode.
+
+    The model's shape comes from the run's config.yaml; a checkpoint whose
+    tensors do not have exactly those shapes is refused before any tensor is
+    read. A damaged latest checkpoint is passed over for an older one.
+    """
     run = RunDir(run_dir)
     run.require_run("RUN_DIR")
     config = run.load_config()
     tokenizer = run.load_tokenizer()
-    path = _checkpoint_path(run, checkpoint)
-    arrays, meta = _read_weights(path)
-    m = config.model
-    gpt_config = GPTConfig(vocab_size=int(meta.get("vocab_size") or tokenizer.vocab_size),
-                           block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
-                           n_embd=m.n_embd, dropout=m.dropout)
-    if meta.get("tokenizer_fingerprint") != tokenizer.fingerprint():
-        raise CheckpointError(f"{path}: saved with a different tokenizer than {run.tokenizer_path}")
+    problems = []
+    for path in _candidates(run, checkpoint):
+        try:
+            gpt_config, arrays = _read_weights(path, config, tokenizer, run)
+            break
+        except CheckpointError as exc:
+            problems.append(str(exc))
+    else:
+        detail = f": {problems[0]}" if problems else ""
+        raise CheckpointError(f"{run.path}: the run has no usable checkpoint{detail}")
     model = GPT(gpt_config, device=device)
-    try:
-        model.load_state_arrays(arrays)
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
+    model.load_state_arrays(arrays)
     return model.eval(), tokenizer
 
 
-def _checkpoint_path(run, which):
-    if which == "best" and run.best_path.exists():
-        return run.best_path
-    path, _ = run.latest_checkpoint()
-    if path is None:
-        if run.best_path.exists():
-            return run.best_path
-        raise CheckpointError(f"{run.path}: the run has no readable checkpoint")
-    return path
+def _candidates(run, which):
+    """Checkpoint paths to try, in order of preference."""
+    best = [run.best_path] if run.best_path.is_file() and run.contains(run.best_path) else []
+    latest = [path for path, problem in run.checkpoints_newest_first() if problem is None]
+    return best + latest if which == "best" else latest + best
 
 
-def _read_weights(path):
-    """name -> array of a checkpoint, checked against its own header."""
+def _read_weights(path, config, tokenizer, run):
+    """(GPTConfig, name -> array) of one checkpoint, checked against the run's config."""
     meta = read_checkpoint_meta(path)
-    header = read_checkpoint_header(path)
-    shapes = {k[len("param/"):]: v["shape"] for k, v in header.items() if k.startswith("param/")}
-    sizes = {k[len("optim/"):]: v["shape"][0] for k, v in header.items() if k.startswith("optim/")}
-    _, params, _ = load_checkpoint(path, shapes, sizes)
-    return params, meta
+    if meta.get("tokenizer_fingerprint") != tokenizer.fingerprint():
+        raise CheckpointError(f"{path}: saved with a different tokenizer than {run.tokenizer_path}")
+    vocab = meta.get("vocab_size") or tokenizer.vocab_size
+    if type(vocab) is not int or vocab < tokenizer.vocab_size:
+        raise CheckpointError(f"{path}: vocab_size {vocab!r} does not fit the run's tokenizer "
+                              f"of {tokenizer.vocab_size} ids")
+    m = config.model
+    gpt_config = GPTConfig(vocab_size=vocab, block_size=m.block_size, n_layer=m.n_layer,
+                           n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout)
+    _, params, _ = load_checkpoint(path, dict(parameter_shapes(gpt_config)), None)
+    return gpt_config, params
 
 
 def load_pretrained(source):
@@ -82,8 +89,8 @@ def import_run(hf_dir, out, overwrite=False):
                       vocab_size=gpt_config.vocab_size if gpt_config.vocab_size != tokenizer.vocab_size else None),
         train=base.train)
     run = RunDir(out)
-    run.create(config, tokenizer, overwrite=overwrite)
     meta = {"kind": "imported", "source": str(hf_dir), "step": 0,
             "vocab_size": gpt_config.vocab_size, "tokenizer_fingerprint": tokenizer.fingerprint()}
-    save_checkpoint(run.step_path(0), arrays, {}, meta)
+    run.create(config, tokenizer, overwrite=overwrite,
+               first_checkpoint=lambda path: save_checkpoint(path, arrays, {}, meta))
     return run.path

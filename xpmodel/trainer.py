@@ -10,16 +10,18 @@ checkpoint, so a resumed run repeats an uninterrupted one exactly on CPU.
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import replace
 
 import numpy
 
 from .backend import get_device, gpu_name, out_of_memory_errors, to_device, to_host
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import abandon_partial_writes, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .config import config_to_dict
 from .corpus import build_tokenizer, load_tokens
 from .data import EpochSampler, RandomWindowSampler, eval_batches
+from .data.tokenfile import MAX_VOCAB_SIZE
 from .display import TrainDisplay
 from .errors import CheckpointError, UsageError, XpmodelError
 from .generate import generate
@@ -36,11 +38,21 @@ _GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
 
 
 class Interrupted(Exception):
-    """A signal asked the run to stop after saving."""
+    """A signal asked the run to stop; raised once the checkpoint is saved."""
 
     def __init__(self, signum):
         super().__init__(signal.Signals(signum).name)
+        self.signal_name = signal.Signals(signum).name
         self.exit_code = _SIGNAL_EXIT[signum]
+        self.step = None
+        self.checkpoint = None
+        self.run_dir = None
+
+    def __str__(self):
+        if self.checkpoint is None:
+            return f"stopped by {self.signal_name}"
+        return (f"stopped by {self.signal_name} at step {self.step}; checkpoint saved to "
+                f"{self.checkpoint}; continue with: xpmodel train --resume {self.run_dir}")
 
 
 def model_config(config, tokenizer):
@@ -51,6 +63,24 @@ def model_config(config, tokenizer):
                          f"{tokenizer.vocab_size} ids")
     return GPTConfig(vocab_size=vocab, block_size=m.block_size, n_layer=m.n_layer,
                      n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout)
+
+
+def check_fits_in_memory(gpt_config, device):
+    """Refuse, before allocating, a model whose training state cannot fit in
+    host memory: weights, gradients and two AdamW moments in float32, one
+    scratch buffer, and the float64 buffer the weights are drawn in."""
+    if device.is_cuda:
+        return   # CuPy reports its own out-of-memory, caught where it happens
+    try:
+        available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    n = gpt_config.num_params()
+    needed = n * (5 * 4 + 8)
+    if needed > available:
+        raise UsageError(f"a model of {n:,} parameters needs about {needed / 2**30:,.1f} GiB to "
+                         f"train, more than this machine's {available / 2**30:,.1f} GiB; lower "
+                         f"model.n_layer, model.n_embd or model.vocab_size")
 
 
 def make_schedule(train_config, total_steps):
@@ -74,15 +104,22 @@ class Trainer:
         self.quiet = quiet
         self._say = (lambda text: print(text, flush=True)) if self.display_enabled else (lambda text: None)
 
+        self.gpt_config = model_config(config, tokenizer)
+        check_fits_in_memory(self.gpt_config, self.device)
         self.train_tokens, self.val_tokens = load_tokens(
             config.data, tokenizer, config.model.block_size,
-            show_progress=self.display_enabled and not quiet)
-        self.gpt_config = model_config(config, tokenizer)
-        self.model = GPT(self.gpt_config, device=self.device, seed=t.seed, precision=t.precision)
+            show_progress=self.display_enabled and not quiet and sys.stdout.isatty())
+        try:
+            self.model = GPT(self.gpt_config, device=self.device, seed=t.seed, precision=t.precision)
+            self.optimizer = AdamW(self.model, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                                   weight_decay=t.weight_decay)
+        except out_of_memory_errors() as exc:
+            raise XpmodelError(f"out of {'GPU ' if self.device.is_cuda else ''}memory creating a "
+                               f"model of {self.gpt_config.num_params():,} parameters "
+                               f"({exc.__class__.__name__}): lower model.n_layer, model.n_embd "
+                               f"or model.vocab_size") from None
         if dist is not None:
             dist.broadcast_(self.model.flat_params)
-        self.optimizer = AdamW(self.model, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-                               weight_decay=t.weight_decay)
         self.scaler = LossScaler() if t.precision == "fp16" else None
         self.sampler = self._make_sampler()
         self.total_steps = self._count_steps()
@@ -99,7 +136,17 @@ class Trainer:
     @classmethod
     def start(cls, config, device="cpu", out=None, overwrite=False, quiet=False, dist=None,
               config_name="default", show=True):
+        """A new run in `out`. Everything that can fail on bad input (device,
+        data, model size) is checked before the run directory is written;
+        the directory gets run.json only after its step-0 checkpoint."""
         is_main = dist is None or dist.is_main
+        device = get_device(device)
+        run = RunDir(out or default_run_path(config_name))
+        if is_main:
+            run.check_can_create(overwrite)
+        if config.data.tokenizer == "bpe" and config.data.vocab_size > MAX_VOCAB_SIZE:
+            raise UsageError(f"data.vocab_size={config.data.vocab_size} is more ids than a token "
+                             f"file holds ({MAX_VOCAB_SIZE:,})")
         pretrained = None
         if config.train.init_from:
             pretrained = load_pretrained(config.train.init_from)
@@ -110,14 +157,14 @@ class Trainer:
                 vocab_size=source_config.vocab_size if source_config.vocab_size != tokenizer.vocab_size else None))
         else:
             tokenizer = build_tokenizer(config.data, say=print if (show and is_main) else (lambda s: None))
-        run = RunDir(out or default_run_path(config_name))
-        if is_main:
-            run.create(config, tokenizer, overwrite=overwrite)
-        if dist is not None:
-            dist.barrier()
         trainer = cls(config, run, tokenizer, device, quiet=quiet, dist=dist, show=show)
         if pretrained is not None:
             trainer.model.load_state_arrays(pretrained[1])
+        if is_main:
+            run.create(config, tokenizer, overwrite=overwrite, first_checkpoint=trainer.save)
+        if dist is not None:
+            dist.barrier()
+        if pretrained is not None:
             trainer._say(f"initialised weights from {config.train.init_from}")
         return trainer
 
@@ -128,13 +175,24 @@ class Trainer:
         config = overrides_config or run.load_config()
         tokenizer = run.load_tokenizer()
         trainer = cls(config, run, tokenizer, device, quiet=quiet, dist=dist, show=show)
-        checkpoint, skipped = run.latest_checkpoint()
-        for problem in skipped:
-            trainer._say(f"skipping unreadable checkpoint: {problem}")
+        checkpoint = None
+        problems = []
+        for candidate, problem in run.checkpoints_newest_first():
+            if problem is None:
+                try:
+                    trainer._load(candidate)
+                    checkpoint = candidate
+                    break
+                except CheckpointError as exc:
+                    problem = str(exc)
+            problems.append(problem)
+            trainer._say(f"skipping checkpoint: {problem}")
         if checkpoint is None:
+            if problems:
+                raise CheckpointError(f"--resume {path}: no usable checkpoint; the newest: "
+                                      f"{problems[0]}")
             raise CheckpointError(f"--resume {path}: the run has no checkpoint to resume from; "
                                   f"start it again with --out {path} --overwrite")
-        trainer._load(checkpoint)
         if trainer.is_main:
             run.remove_stale_temporaries()
             run.truncate_metrics(trainer.step)
@@ -170,6 +228,7 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "loss_scaler": self.scaler.state_dict() if self.scaler else None,
             "best_val": None if math.isinf(self.best_val) else self.best_val,
+            "last_val": self.last_val,
             "evals_without_improvement": self.evals_without_improvement,
             "world_size": 1 if self.dist is None else self.dist.world_size,
             "config": config_to_dict(self.config),
@@ -198,7 +257,6 @@ class Trainer:
 
     def _load(self, path):
         n = self.model.flat_params.size
-        from .checkpoint import read_checkpoint_meta
         if read_checkpoint_meta(path).get("kind") == "imported":
             _, params, _ = load_checkpoint(path, self.model.layout.shapes, {})
             self.model.load_state_arrays(params)   # weights only: a fresh start from them
@@ -223,6 +281,7 @@ class Trainer:
             self.tokens_seen = int(meta["tokens_seen"])
             self.elapsed_before = float(meta["elapsed"])
             self.best_val = math.inf if meta.get("best_val") is None else float(meta["best_val"])
+            self.last_val = None if meta.get("last_val") is None else float(meta["last_val"])
             self.evals_without_improvement = int(meta["evals_without_improvement"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: incompatible checkpoint ({exc})") from None
@@ -238,7 +297,7 @@ class Trainer:
         self._install_signal_handlers()
         metrics = open(self.run_dir.metrics_path, "a") if self.is_main else None
         display = TrainDisplay(self.total_steps, self.step, quiet=self.quiet,
-                               enabled=self.display_enabled)
+                               enabled=self.display_enabled, last_val=self.last_val)
         last_loss = float("nan")
         smoothed = None
         window_start, window_tokens = time.perf_counter(), 0
@@ -278,14 +337,14 @@ class Trainer:
                         raise Interrupted(self._stop_signal)
                     if stop_reason == "early stop":
                         display.print(f"early stop: no val improvement in {t.early_stop_patience} evaluations")
-                        self.save()
+                        if not self.run_dir.step_path(self.step).exists():
+                            self.save()
                         break
         except Interrupted as interrupt:
-            if self.run_dir.step_path(self.step).exists() or not self.is_main:
-                path = self.run_dir.step_path(self.step)
-            else:
+            path = self.run_dir.step_path(self.step)
+            if self.is_main and not path.exists():
                 path = self.save()
-            self._say(f"interrupted by {interrupt}: checkpoint at step {self.step} saved to {path}")
+            interrupt.step, interrupt.checkpoint, interrupt.run_dir = self.step, path, self.run_dir.path
             raise
         finally:
             if metrics:
@@ -402,7 +461,10 @@ class Trainer:
 
         def handler(signum, frame):
             if self._stop_signal is not None:
-                os._exit(_SIGNAL_EXIT.get(signum, 130))   # second signal: leave now; files are atomic
+                # A second signal: leave now. Every file is written atomically, so
+                # only the temporary file of a save in progress needs removing.
+                abandon_partial_writes()
+                os._exit(_SIGNAL_EXIT.get(signum, 130))
             self._stop_signal = signum
 
         for signum in _SIGNAL_EXIT:

@@ -1,0 +1,79 @@
+"""A trained run through `xpmodel export-hf`, `import-hf` and `train --init-from`."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+import xpmodel  # noqa: E402
+from xpmodel.generate import generate  # noqa: E402
+
+TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16",
+        "train.batch_size=4", "train.max_iters=4", "train.eval_interval=4", "train.eval_batches=2",
+        "train.sample_interval=0", "train.warmup_iters=0", "train.save_interval=4", "data.tokenizer=byte"]
+
+
+def xpmodel_cli(*args, env):
+    result = subprocess.run([sys.executable, "-m", "xpmodel.cli", *args], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    import os
+    monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
+    return dict(os.environ)
+
+
+def test_export_import_and_fine_tune(tmp_path, env, tinyshakespeare):
+    run, hf_dir, imported, tuned = (tmp_path / n for n in ("run", "hf", "imported", "tuned"))
+    xpmodel_cli("train", "--device", "cpu", "--quiet", "--out", str(run), "--config",
+                "shakespeare-char-cpu", f"data.source={tinyshakespeare}", *TINY, env=env)
+    xpmodel_cli("export-hf", str(run), str(hf_dir), env=env)
+
+    model, tokenizer = xpmodel.load(run)
+    hf_model, info = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    text = "ROMEO:\nWherefore art thou?"
+    ids = tokenizer.encode(text)
+    assert hf_tokenizer(text)["input_ids"] == ids
+    with torch.no_grad():
+        hf_logits = hf_model(torch.tensor([ids[:16]])).logits.numpy()
+    ours = model.forward(np.array([ids[:16]]))
+    assert np.max(np.abs(ours - hf_logits)) / np.max(np.abs(hf_logits)) < 1e-4
+    greedy = list(generate(model, ids[:4], 10, temperature=0.0))
+    hf_greedy = hf_model.generate(torch.tensor([ids[:4]]), max_new_tokens=10, do_sample=False,
+                                  pad_token_id=tokenizer.eot_id)[0, 4:].tolist()
+    assert greedy[:len(hf_greedy)] == hf_greedy
+
+    xpmodel_cli("import-hf", str(hf_dir), "--out", str(imported), env=env)
+    reloaded, reloaded_tokenizer = xpmodel.load(imported)
+    assert reloaded_tokenizer.fingerprint() == tokenizer.fingerprint()
+    for name, value in model.params.items():
+        np.testing.assert_array_equal(reloaded.params[name], value)
+    sample = xpmodel_cli("sample", str(imported), "--prompt", "ROMEO:", "--temperature", "0",
+                         "--max-new-tokens", "8", env=env)
+    assert sample.stdout.startswith("ROMEO:")
+
+    xpmodel_cli("train", "--device", "cpu", "--quiet", "--out", str(tuned), "--init-from",
+                str(hf_dir), f"data.source={tinyshakespeare}", *TINY, env=env)
+    tuned_model, _ = xpmodel.load(tuned)
+    assert tuned_model.config == model.config
+    assert not np.array_equal(tuned_model.params["wte.weight"], model.params["wte.weight"])
+
+
+def test_pickled_checkpoints_are_refused(tmp_path, env):
+    hf_dir = tmp_path / "bin_only"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    (hf_dir / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    result = subprocess.run([sys.executable, "-m", "xpmodel.cli", "import-hf", str(hf_dir), "--out",
+                             str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 2
+    assert "pickle" in result.stderr and len(result.stderr.strip().splitlines()) == 1
