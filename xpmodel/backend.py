@@ -144,8 +144,12 @@ def upcast(array):
 
 
 def random_generator(device, seed):
-    """A seeded generator on `device` with `normal`, `random` and `integers`."""
+    """A seeded generator on `device` with `normal`, `random` and `integers`.
+
+    seed: an int or a sequence of ints (mixed into one seed)."""
     device = get_device(device)
+    if not isinstance(seed, (int, numpy.integer)):
+        seed = int(numpy.random.SeedSequence(list(seed)).generate_state(1)[0])
     if device.is_cuda:
         with _cupy.cuda.Device(device.index):
             return _cupy.random.default_rng(seed)

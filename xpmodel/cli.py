@@ -20,7 +20,15 @@ class Terminated(BaseException):
     """SIGTERM outside a training loop: unwinds like Ctrl-C, so partial files are removed."""
 
 
+_MAIN_PID = os.getpid()
+
+
 def _raise_terminated(signum, frame):
+    if os.getpid() != _MAIN_PID:
+        # A forked worker (the tokenizer's pool) inherited this handler: die as usual.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise Terminated()
 
 
@@ -59,6 +67,8 @@ def main(argv=None):
 
 
 def _install_sigterm():
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     try:
         return signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:

@@ -47,6 +47,9 @@ def train_command(args):
 
 
 def sample_command(args):
+    """Stream samples; control characters a model generates (an escape byte
+    from a byte-level model, say) are shown escaped, never sent to the terminal."""
+    from .display import printable
     from .generate import generate
     from .runs import load
     if args.num_samples < 1:
@@ -75,15 +78,15 @@ def sample_command(args):
             pending.append(token)
             text = tokenizer.decode_bytes(pending)
             try:
-                out.write(text.decode("utf-8"))
+                out.write(printable(text.decode("utf-8")))
                 pending = []
             except UnicodeDecodeError:
                 if len(pending) > 8:
-                    out.write(text.decode("utf-8", errors="replace"))
+                    out.write(printable(text.decode("utf-8", errors="replace")))
                     pending = []
             out.flush()
         if pending:
-            out.write(tokenizer.decode(pending))
+            out.write(printable(tokenizer.decode(pending)))
         out.write("\n")
         out.flush()
     return 0

@@ -16,8 +16,11 @@ mpirun ends the job when a rank exits without finalizing. Beyond that, every
 collective has a deadline (XPMODEL_COLLECTIVE_TIMEOUT seconds, default 300;
 0 waits forever): a rank that passes it raises `CollectiveTimeout`, and when
 that process exits the MPI job is aborted instead of finalized, since
-finalizing would wait for the missing rank. `abort` and `abort_on_error` end
-the whole job at once; an uncaught exception on any rank does the same.
+finalizing would wait for the missing rank. A rank that exits normally first
+waits, up to the same deadline, for the others to exit too, and aborts the
+job if they do not. `abort` and `abort_on_error` end the whole job at once;
+an uncaught exception on any rank does the same. On GPUs the deadline makes
+each NCCL collective wait for its stream (one host sync per call).
 
 Without an MPI launcher in the environment, `init_distributed` returns a
 single-process `Distributed` whose collectives do nothing, and mpi4py is
@@ -83,7 +86,8 @@ def collective_timeout():
 
 
 def init_distributed(device_spec="cpu"):
-    """The process group this program was launched into (see the module doc).
+    """The process group this program was launched into (see the module doc);
+    call it once per process, before building the model.
 
     device_spec: the device the user asked for; the result's `device_spec`
     is the one this rank must use (`cuda` becomes `cuda:{local_rank}`).
@@ -113,7 +117,7 @@ class Distributed:
     rank = 0
     world_size = 1
     local_rank = 0
-    backend = "none"   # "mpi", "nccl" or "mpi-host" once a collective has run
+    backend = "none"   # "mpi"; for CuPy arrays "nccl", or "mpi-host" without NCCL
 
     def __init__(self, device_spec="cpu"):
         self.timeout = collective_timeout()
@@ -255,7 +259,6 @@ class MPIDistributed(Distributed):
         else:
             self._wait(self._comm.Iallreduce(self._MPI.IN_PLACE, flat, self._MPI.SUM),
                        "all-reduce", timeout)
-            self.backend = "mpi"
         flat /= self.world_size
         return flat
 
@@ -303,6 +306,7 @@ class MPIDistributed(Distributed):
         _flush_stdio()
         print(self._line(message), file=sys.stderr, flush=True)
         self._comm.Abort(code)
+        raise SystemExit(code)   # not reached: Abort ends this process too
 
     @contextlib.contextmanager
     def abort_on_error(self):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy
 
 from .backend import get_device, get_dtype, random_generator, to_device, to_host, upcast
+from .cpu_threads import run_parallel, single_threaded_blas, split, thread_count
 from .layers.attention import attention_backward, attention_forward
 from .layers.crossentropy import (IGNORE_INDEX, crossentropy_backward, crossentropy_forward,
                                   lm_head_backward, lm_head_forward)
@@ -99,6 +100,8 @@ class GPT:
         self.seed = seed
         self.dropout_calls = 0   # counts training passes; seeds each pass's dropout masks
         self.training = True
+        self._threads = thread_count()
+        self._grad_buffers = []  # per-shard gradient buffers for CPU threads 1..
 
     # ---- modes and bookkeeping -------------------------------------------------
     def train(self):
@@ -120,6 +123,7 @@ class GPT:
         """idx: (B, T) ints -> logits (B, T, V)."""
         idx = self._check_ids(idx, "idx")
         B, T = idx.shape
+        self._refresh_working_copy()
         hidden, _ = self._forward_hidden(idx, rng=None)
         logits = lm_head_forward(hidden, self.weights["wte.weight"])
         return upcast(logits).reshape(B, T, self.config.vocab_size)
@@ -128,13 +132,9 @@ class GPT:
         """Mean cross-entropy over non-ignored targets, without gradients."""
         idx = self._check_ids(idx, "idx")
         targets = self._check_targets(targets, idx.shape)
-        hidden, _ = self._forward_hidden(idx, rng=None)
-        total, count = 0.0, self.xp.sum(targets != IGNORE_INDEX)
-        for rows in self._logit_chunks(hidden.shape[0]):
-            logits = lm_head_forward(hidden[rows], self.weights["wte.weight"])
-            losses, _ = crossentropy_forward(upcast(logits), targets[rows])
-            total = total + losses.sum()
-        return total / count
+        self._refresh_working_copy()
+        totals = self._run_shards(idx.shape[0], lambda rows, k: self._shard_loss(idx[rows], targets[rows]))
+        return sum(totals[1:], totals[0]) / self.xp.sum(targets != IGNORE_INDEX)
 
     def forward_backward(self, idx, targets, scale=1.0):
         """Forward, loss and backward for one batch; gradients are added.
@@ -145,12 +145,59 @@ class GPT:
         """
         idx = self._check_ids(idx, "idx")
         targets = self._check_targets(targets, idx.shape)
-        xp, W, G = self.xp, self.weights, self.grads
-        rng = self._dropout_rng() if self.training and self.config.dropout > 0 else None
-        hidden, caches = self._forward_hidden(idx, rng)
-
-        count = xp.sum(targets != IGNORE_INDEX)
+        self._refresh_working_copy()
+        count = self.xp.sum(targets != IGNORE_INDEX)
         dlosses = scale / count
+        seed = self._dropout_seed() if self.training and self.config.dropout > 0 else None
+        shards = split(idx.shape[0], self._n_shards(idx.shape[0]))
+        grads = [self.grads] + [self.layout.views(flat) for flat in self._shard_grad_buffers(len(shards))]
+
+        def shard_pass(rows, k):
+            rng = None if seed is None else random_generator(self.device, [seed, k])
+            return self._shard_forward_backward(idx[rows], targets[rows], dlosses, rng, grads[k])
+
+        totals = self._run_shards(idx.shape[0], shard_pass)
+        for k in range(1, len(shards)):
+            self.flat_grads += self._grad_buffers[k - 1]
+        return sum(totals[1:], totals[0]) / count
+
+    def _run_shards(self, batch_size, shard_fn):
+        """shard_fn(rows, k) for each shard k of the batch, one thread each on CPU."""
+        shards = split(batch_size, self._n_shards(batch_size))
+        if len(shards) == 1:
+            return [shard_fn(shards[0], 0)]
+        with single_threaded_blas():
+            return run_parallel([lambda rows=rows, k=k: shard_fn(rows, k)
+                                 for k, rows in enumerate(shards)])
+
+    def _n_shards(self, batch_size):
+        return 1 if self.device.is_cuda else min(batch_size, self._threads)
+
+    def _shard_grad_buffers(self, n_shards):
+        """Zeroed gradient buffers for shards 1.. (shard 0 adds into flat_grads)."""
+        while len(self._grad_buffers) < n_shards - 1:
+            self._grad_buffers.append(self.xp.zeros_like(self.flat_grads))
+        for flat in self._grad_buffers[:n_shards - 1]:
+            flat.fill(0)
+        return self._grad_buffers[:n_shards - 1]
+
+    def _shard_loss(self, idx, targets):
+        """Summed cross-entropy of one shard: idx, targets (b, T)."""
+        hidden, _ = self._forward_hidden(idx, rng=None)
+        targets = targets.reshape(-1)
+        total = 0.0
+        for rows in self._logit_chunks(hidden.shape[0]):
+            logits = lm_head_forward(hidden[rows], self.weights["wte.weight"])
+            losses, _ = crossentropy_forward(upcast(logits), targets[rows])
+            total = total + losses.sum()
+        return total
+
+    def _shard_forward_backward(self, idx, targets, dlosses, rng, G):
+        """Forward and backward of one shard, adding into the gradient views G;
+        returns the shard's summed cross-entropy."""
+        W, xp = self.weights, self.xp
+        hidden, caches = self._forward_hidden(idx, rng)
+        targets = targets.reshape(-1)
         total = 0.0
         dhidden = xp.empty_like(hidden)
         for rows in self._logit_chunks(hidden.shape[0]):
@@ -159,16 +206,17 @@ class GPT:
             total = total + losses.sum()
             dlogits = crossentropy_backward(dlosses, probs, targets[rows]).astype(hidden.dtype, copy=False)
             dhidden[rows] = lm_head_backward(dlogits, hidden[rows], W["wte.weight"], G["wte.weight"])
+        self._backward_hidden(dhidden, idx, caches, G)
+        return total
 
-        self._backward_hidden(dhidden, idx, caches)
-        return total / count
+    def _refresh_working_copy(self):
+        if self.flat_working is not None:
+            self.flat_working[...] = self.flat_params
 
     def _forward_hidden(self, idx, rng):
         """idx (B, T) -> final LayerNorm output (N, C) in the compute dtype and
         the caches of every layer. The residual stream x stays in the master dtype."""
         P, W, cfg = self.params, self.weights, self.config
-        if self.flat_working is not None:
-            self.flat_working[...] = self.flat_params
         low = self.compute_dtype
         B, T = idx.shape
         p_drop = cfg.dropout if rng is not None else 0.0
@@ -200,9 +248,9 @@ class GPT:
         hidden = hidden.astype(low, copy=False)
         return hidden, (emb_mask, block_caches, lnf_cache)
 
-    def _backward_hidden(self, dhidden, idx, caches):
-        """dhidden: (N, C) gradient of the final LayerNorm output."""
-        P, W, G, cfg = self.params, self.weights, self.grads, self.config
+    def _backward_hidden(self, dhidden, idx, caches, G):
+        """dhidden: (N, C) gradient of the final LayerNorm output; adds into the views G."""
+        P, W, cfg = self.params, self.weights, self.config
         B, T = idx.shape
         low = self.compute_dtype
         emb_mask, block_caches, lnf_cache = caches
@@ -239,12 +287,12 @@ class GPT:
         step = max(1, _LOGIT_ELEMENTS_PER_CHUNK // self.config.vocab_size)
         return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
 
-    def _dropout_rng(self):
-        """A generator for this training pass, derived from (seed, pass count)
+    def _dropout_seed(self):
+        """The dropout seed of this training pass, derived from (seed, pass count)
         so a resumed run draws the same masks as an uninterrupted one."""
         seed = int(numpy.random.SeedSequence([self.seed, self.dropout_calls]).generate_state(1)[0])
         self.dropout_calls += 1
-        return random_generator(self.device, seed)
+        return seed
 
     def _check_ids(self, idx, what):
         shape = getattr(idx, "shape", None)
@@ -268,7 +316,7 @@ class GPT:
         if getattr(targets, "shape", None) != shape:
             raise ValueError(f"targets must have the shape of idx {shape}, "
                              f"got {getattr(targets, 'shape', None)}")
-        targets = to_device(targets.astype(numpy.int64, copy=False), self.device).reshape(-1)
+        targets = to_device(targets.astype(numpy.int64, copy=False), self.device)
         if isinstance(targets, numpy.ndarray):
             bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= self.config.vocab_size))
             if bad.any():

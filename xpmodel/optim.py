@@ -5,6 +5,8 @@ the leading matrix slice of the buffer (see params.py).
 """
 import math
 
+from .cpu_threads import run_parallel, split, thread_count
+
 
 class AdamW:
     """The update rule of torch.optim.AdamW (decoupled weight decay, bias
@@ -26,13 +28,22 @@ class AdamW:
         self.step_count = 0
 
     def step(self):
-        xp = self.model.xp
-        p, g, m, v, tmp = (self.model.flat_params, self.model.flat_grads,
-                           self.m, self.v, self._scratch)
-        beta1, beta2 = self.betas
         self.step_count += 1
-        n_decay = self.model.layout.n_decay
-        p[:n_decay] *= 1.0 - self.lr * self.weight_decay
+        model = self.model
+        n_decay = model.layout.n_decay
+        model.flat_params[:n_decay] *= 1.0 - self.lr * self.weight_decay
+        size = model.flat_params.size
+        if model.device.is_cuda:
+            self._update(slice(0, size))
+        else:   # elementwise work: one slice of the buffer per CPU thread
+            run_parallel([lambda part=part: self._update(part) for part in split(size, thread_count())])
+
+    def _update(self, part):
+        """The Adam update on `part` (a slice) of the flat buffers."""
+        xp = self.model.xp
+        p, g, m, v, tmp = (self.model.flat_params[part], self.model.flat_grads[part],
+                           self.m[part], self.v[part], self._scratch[part])
+        beta1, beta2 = self.betas
         m *= beta1
         xp.multiply(g, 1.0 - beta1, out=tmp)
         m += tmp

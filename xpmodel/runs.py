@@ -27,8 +27,9 @@ def load(run_dir, device="cpu", checkpoint="latest"):
         except CheckpointError as exc:
             problems.append(str(exc))
     else:
-        detail = f": {problems[0]}" if problems else ""
-        raise CheckpointError(f"{run.path}: the run has no usable checkpoint{detail}")
+        if problems:
+            raise CheckpointError(f"{run.path}: no usable checkpoint; the newest: {problems[0]}")
+        raise CheckpointError(f"{run.path}: the run has no checkpoint")
     model = GPT(gpt_config, device=device)
     model.load_state_arrays(arrays)
     return model.eval(), tokenizer

@@ -298,10 +298,14 @@ class Trainer:
         metrics = open(self.run_dir.metrics_path, "a") if self.is_main else None
         display = TrainDisplay(self.total_steps, self.step, quiet=self.quiet,
                                enabled=self.display_enabled, last_val=self.last_val)
-        last_loss = float("nan")
+        last_loss = None
         smoothed = None
         window_start, window_tokens = time.perf_counter(), 0
         stop_reason = "finished"
+        if self.step >= self.total_steps:
+            stop_reason = "already complete"
+            self._say(f"the run already reached step {self.total_steps}; to train further, "
+                      f"resume with a larger train.max_iters (or train.epochs)")
         try:
             with display:
                 while self.step < self.total_steps:
@@ -357,6 +361,12 @@ class Trainer:
 
     def _train_step(self):
         """One optimizer step; returns (loss, grad norm, lr, applied) as host values."""
+        # NaN and Inf are looked for and reported once per step, so NumPy's own
+        # warnings about them would only repeat that on stderr.
+        with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return self._optimizer_step()
+
+    def _optimizer_step(self):
         t, model = self.config.train, self.model
         lr = self.schedule(self.step)
         self.optimizer.lr = lr
@@ -451,15 +461,21 @@ class Trainer:
 
     def _print_summary(self, s):
         val = f"{s['val_loss']:.4f} (perplexity {s['val_perplexity']:.2f})" if s["val_loss"] is not None else "-"
-        print(f"done ({s['stop_reason']}): {s['steps']} steps, train loss {s['train_loss']:.4f}, "
+        train = "-" if s["train_loss"] is None else f"{s['train_loss']:.4f}"
+        print(f"done ({s['stop_reason']}): {s['steps']} steps, train loss {train}, "
               f"val loss {val}, {s['tokens_seen']:,} tokens in {s['wall_time_s']:.1f} s "
               f"({s['tokens_per_s']:,.0f} tokens/s); run saved in {s['run_dir']}", flush=True)
 
     # ---- signals -------------------------------------------------------------------
     def _install_signal_handlers(self):
         self._previous_handlers = {}
+        owner = os.getpid()
 
         def handler(signum, frame):
+            if os.getpid() != owner:   # a forked child inherited this handler
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
             if self._stop_signal is not None:
                 # A second signal: leave now. Every file is written atomically, so
                 # only the temporary file of a save in progress needs removing.

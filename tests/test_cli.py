@@ -1,0 +1,373 @@
+"""The `xpmodel` command line end to end, on a model small enough to train in
+a second: train, resume, sample, eval, plot, prepare, tokenizer, help, config
+errors, plain output without a terminal, and `xpmodel.load`.
+
+Most commands run in-process through `cli.main` (no interpreter start-up);
+the ones whose promise is about the real process (exit status, stderr, no
+traceback, no escape codes) run as subprocesses.
+"""
+import json
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy
+import pytest
+
+import xpmodel
+from xpmodel import cli
+from xpmodel.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from xpmodel.config import load_config
+from xpmodel.corpus import load_tokens
+from xpmodel.data import eval_batches, read_token_header
+from xpmodel.params import parameter_shapes
+from xpmodel.rundir import RunDir
+from xpmodel.tokenizer import BPETokenizer
+
+TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
+ESCAPE = "\x1b"
+
+
+def write_corpus(path, lines=1500, seed=0):
+    """Deterministic English-like text, about 45 KB."""
+    words = ("the king shall speak of love and war to my lord good night sweet prince "
+             "what is this fair day come hither now").split()
+    rng = random.Random(seed)
+    text = "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))).capitalize() + "."
+                     for _ in range(lines))
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+def subprocess_env(cache):
+    return dict(os.environ, XPMODEL_CACHE=str(cache), OPENBLAS_NUM_THREADS="1",
+                OMP_NUM_THREADS="1", COLUMNS="120")
+
+
+def xpmodel_process(*args, cache, timeout=120):
+    return subprocess.run([sys.executable, "-m", "xpmodel.cli", *map(str, args)],
+                          capture_output=True, encoding="utf-8", errors="replace",
+                          env=subprocess_env(cache), timeout=timeout)
+
+
+def run_cli(capsys, *args):
+    """(exit code, stdout, stderr) of `xpmodel ARGS` run in this process."""
+    try:
+        code = cli.main([str(a) for a in args])
+    except SystemExit as exit:   # argparse's --help and usage errors
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 30-step run trained by a real `xpmodel train` process; tests copy it before changing it."""
+    root = tmp_path_factory.mktemp("trained")
+    corpus = write_corpus(root / "corpus.txt")
+    run = root / "run"
+    result = xpmodel_process("train", "--config", TINY, "--device", "cpu", "--out", run,
+                             f"data.source={corpus}", "train.sample_interval=10",
+                             "train.sample_tokens=40", cache=root / "cache")
+    assert result.returncode == 0, result.stderr
+    return {"run": run, "corpus": corpus, "cache": root / "cache", "stdout": result.stdout,
+            "stderr": result.stderr}
+
+
+def copy_run(trained, tmp_path):
+    target = tmp_path / "run"
+    shutil.copytree(trained["run"], target)
+    return target
+
+
+# ---- train -------------------------------------------------------------------------
+
+def test_train_writes_a_complete_run(trained):
+    run = RunDir(trained["run"])
+    for name in ("run.json", "config.yaml", "tokenizer.json", "metrics.jsonl"):
+        assert (run.path / name).is_file(), name
+    records = run.read_metrics()
+    train = [r for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["step"] for r in train] == list(range(1, 31))
+    for record in train:
+        for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s"):
+            assert isinstance(record[key], (int, float)) and math.isfinite(record[key]), key
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert all(math.isfinite(r["val_loss"]) for r in evals)
+    assert train[-1]["loss"] < train[0]["loss"]
+    # keep_last periodic checkpoints plus the best one, nothing else
+    names = sorted(p.name for p in run.checkpoint_dir.iterdir())
+    assert names == ["best.safetensors", "step-00000020.safetensors", "step-00000030.safetensors"]
+    assert load_config(run.config_path).data.source == str(trained["corpus"])
+
+
+def test_train_output_is_plain_without_a_terminal(trained):
+    out = trained["stdout"]
+    assert ESCAPE not in out and ESCAPE not in trained["stderr"]
+    assert "step 10: val loss" in out
+    assert "--- sample at step 10 ---" in out
+    assert "done (finished): 30 steps" in out
+    assert "tokenizing" not in out   # the progress bar is for terminals only
+
+
+def test_resume_continues_from_the_checkpoint_and_can_raise_max_iters(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    code, out, err = run_cli(capsys, "train", "--resume", run, "train.max_iters=40")
+    assert code == 0, err
+    assert f"resumed {run} at step 30" in out
+    records = RunDir(run).read_metrics()
+    steps = [r["step"] for r in records if r["type"] == "train"]
+    assert steps == list(range(1, 41))
+    assert load_config(run / "config.yaml").train.max_iters == 40
+    assert (run / "checkpoints" / "step-00000040.safetensors").is_file()
+    code, out, err = run_cli(capsys, "train", "--resume", run)
+    assert code == 0, err
+    assert "already reached step 40" in out
+
+
+def test_resume_refuses_to_change_the_model(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    code, _, err = run_cli(capsys, "train", "--resume", run, "model.n_layer=2")
+    assert code == 2
+    assert_one_line_error(err)
+    assert "model" in err
+
+
+# ---- sample ------------------------------------------------------------------------
+
+def test_sample_greedy_is_deterministic_and_seed_reproducible(trained, capsys):
+    run = trained["run"]
+    greedy = [run_cli(capsys, "sample", run, "--prompt", "The king", "--max-new-tokens", 30,
+                      "--temperature", 0) for _ in range(2)]
+    assert greedy[0][0] == 0 and greedy[0][1] == greedy[1][1]
+    assert greedy[0][1].startswith("The king") and len(greedy[0][1]) > len("The king\n")
+    seeded = [run_cli(capsys, "sample", run, "--max-new-tokens", 40, "--seed", seed)[1]
+              for seed in (7, 7, 8)]
+    assert seeded[0] == seeded[1]
+    assert seeded[0] != seeded[2]
+
+
+def make_likeliest_everywhere(run, token):
+    """Change the run's latest weights so that `token` is always the likeliest
+    next one: the final LayerNorm outputs a constant direction that only
+    `token`'s embedding row matches."""
+    path = sorted((run / "checkpoints").glob("step-*"))[-1]
+    meta = read_checkpoint_meta(path)
+    config = xpmodel.GPTConfig(vocab_size=meta["vocab_size"], block_size=16, n_layer=1,
+                               n_head=2, n_embd=16)
+    n = config.num_params()
+    _, params, optim = load_checkpoint(path, dict(parameter_shapes(config)), {"m": n, "v": n})
+    params["ln_f.weight"][:] = 0.0
+    params["ln_f.bias"][:] = 0.0
+    params["ln_f.bias"][0] = 1.0
+    params["wte.weight"][token, 0] = 50.0
+    meta = {k: v for k, v in meta.items() if k not in ("format", "format_version")}
+    save_checkpoint(path, params, optim, meta)
+
+
+def test_sample_stops_at_endoftext(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    make_likeliest_everywhere(run, BPETokenizer.load(run / "tokenizer.json").eot_id)
+    for extra in (["--temperature", 0], ["--seed", 1]):
+        code, out, err = run_cli(capsys, "sample", run, "--prompt", "Good", "--max-new-tokens",
+                                 50, *extra)
+        assert code == 0, err
+        assert out == "Good\n"
+
+
+def test_sample_never_prints_control_characters(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    make_likeliest_everywhere(run, 0x1b)   # the escape byte
+    code, out, err = run_cli(capsys, "sample", run, "--prompt", "Good", "--max-new-tokens", 5,
+                             "--temperature", 0)
+    assert code == 0, err
+    assert out == "Good" + "\\x1b" * 5 + "\n"
+
+
+def test_training_samples_are_shown_without_control_characters(capsys):
+    from xpmodel.display import TrainDisplay
+    with TrainDisplay(10, quiet=True) as display:
+        display.sample(3, "red \x1b[31malert\x07 done\tok\n")
+    out = capsys.readouterr().out
+    assert ESCAPE not in out and "\x07" not in out
+    assert "red \\x1b[31malert\\x07 done" in out   # (the tab is expanded to spaces)
+
+
+def test_sample_rejects_bad_options(trained, capsys):
+    for args in (["--temperature", "-1"], ["--top-k", "0"], ["--top-p", "1.5"],
+                 ["--num-samples", "0"]):
+        code, out, err = run_cli(capsys, "sample", trained["run"], *args)
+        assert code == 2, args
+        assert_one_line_error(err)
+        assert out == ""
+
+
+# ---- eval --------------------------------------------------------------------------
+
+_EVAL_LINE = re.compile(r"loss (\S+)\s+perplexity (\S+)\s+bits/byte (\S+)\s+\((\S+) tokens\)")
+
+
+def test_eval_on_the_validation_split_and_on_a_file(trained, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "eval", trained["run"])
+    assert code == 0, err
+    assert out.startswith("validation split:")
+    loss, perplexity, bits, _ = _EVAL_LINE.search(out).groups()
+    assert float(perplexity) == pytest.approx(math.exp(float(loss)), rel=1e-3)
+    # the byte tokenizer spends one token per byte
+    assert float(bits) == pytest.approx(float(loss) / math.log(2), rel=1e-3)
+
+    other = write_corpus(tmp_path / "other.txt", lines=200, seed=3)
+    code, out, err = run_cli(capsys, "eval", trained["run"], "--data", other, "--batches", 2)
+    assert code == 0, err
+    assert out.startswith(f"{other}:")
+    loss, perplexity, bits, tokens = _EVAL_LINE.search(out).groups()
+    assert 0 < float(loss) < 10 and int(tokens.replace(",", "")) > 0
+
+
+# ---- plot --------------------------------------------------------------------------
+
+def test_plot_writes_a_png(trained, tmp_path, capsys):
+    target = tmp_path / "curves.png"
+    code, out, err = run_cli(capsys, "plot", trained["run"], "--out", target)
+    assert code == 0, err
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(target) in out
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(trained, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # makes `import matplotlib` fail
+    code, out, err = run_cli(capsys, "plot", trained["run"], "--out", "unused.png")
+    assert code == 2
+    assert_one_line_error(err)
+    assert "matplotlib" in err and "pip install" in err
+
+
+# ---- help --------------------------------------------------------------------------
+
+def test_top_level_help(tmp_path):
+    result = xpmodel_process("--help", cache=tmp_path)
+    assert result.returncode == 0
+    for command in ("train", "sample", "eval", "plot", "prepare", "tokenizer"):
+        assert command in result.stdout
+    assert ESCAPE not in result.stdout
+
+
+@pytest.mark.parametrize("command, words", [
+    (["train"], "Train a model"), (["sample"], "generated text"), (["eval"], "Evaluate"),
+    (["plot"], "Plot"), (["prepare"], "Tokenize"), (["tokenizer"], "tokenizer"),
+    (["tokenizer", "train"], "BPE"), (["export-hf"], "GPT2LMHeadModel"),
+    (["import-hf"], "Hugging Face"),
+])
+def test_each_command_describes_itself(command, words, capsys):
+    code, out, _ = run_cli(capsys, *command, "--help")
+    assert code == 0
+    assert words in out and "usage: xpmodel" in out
+
+
+def test_no_command_prints_usage(capsys):
+    code, out, _ = run_cli(capsys)
+    assert code == 2 and "usage: xpmodel" in out
+
+
+# ---- prepare and tokenizer ---------------------------------------------------------
+
+def test_tokenizer_train_then_prepare(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=300)
+    tokenizer_path = tmp_path / "tok.json"
+    code, out, err = run_cli(capsys, "tokenizer", "train", corpus, "--vocab-size", 300,
+                             "--out", tokenizer_path)
+    assert code == 0, err
+    tokenizer = BPETokenizer.load(tokenizer_path)
+    assert tokenizer.vocab_size == 300 and "300-id tokenizer" in out
+    tokens = tmp_path / "corpus.tok"
+    code, out, err = run_cli(capsys, "prepare", corpus, "--tokenizer", tokenizer_path,
+                             "--out", tokens, "--workers", 1)
+    assert code == 0, err
+    header = read_token_header(tokens)
+    assert header.count == len(tokenizer.encode(corpus.read_text()))
+    assert f"wrote {header.count:,} tokens to {tokens}" in out
+
+
+# ---- config errors -----------------------------------------------------------------
+
+def _bad_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  n_layer: [1,\n")
+    return ["--config", path]
+
+
+@pytest.mark.parametrize("make_args, culprit", [
+    (lambda p: ["model.n_layre=2"], "n_layre"),
+    (lambda p: ["train.lr=fast"], "train.lr"),
+    (lambda p: ["model.n_layer=true"], "model.n_layer"),
+    (_bad_yaml, "invalid YAML"),
+    (lambda p: ["model.n_embd=30", "model.n_head=4"], "divisible"),
+    (lambda p: ["--config", p / "missing.yaml"], "missing.yaml"),
+])
+def test_config_errors_exit_2_with_one_line(make_args, culprit, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "train", "--config", TINY, "--out", tmp_path / "run",
+                             *make_args(tmp_path))
+    assert code == 2
+    assert_one_line_error(err)
+    assert culprit in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_error_in_a_real_process_and_debug_traceback(tmp_path):
+    result = xpmodel_process("train", "--config", TINY, "model.n_layre=2", cache=tmp_path)
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr)
+    result = xpmodel_process("train", "--debug", "--config", TINY, "model.n_layre=2",
+                             cache=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "UsageError" in result.stderr
+    result = xpmodel_process("--debug", "train", "--config", TINY, "model.n_layre=2",
+                             cache=tmp_path)
+    assert "Traceback" in result.stderr
+
+
+# ---- Python API --------------------------------------------------------------------
+
+def test_load_returns_the_trained_model_and_tokenizer(trained, monkeypatch):
+    monkeypatch.setenv("XPMODEL_CACHE", str(trained["cache"]))
+    model, tokenizer = xpmodel.load(trained["run"], device="cpu")
+    text = "Good night, sweet prince."
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    ids = numpy.array([tokenizer.encode(text)[:16]])
+    assert numpy.isfinite(model.forward(ids)).all()
+    # the loss training logged at its last evaluation, recomputed from the saved weights
+    run = RunDir(trained["run"])
+    config = run.load_config()
+    _, val = load_tokens(config.data, tokenizer, config.model.block_size, show_progress=False)
+    losses = [float(model.loss(x, y)) for x, y in
+              eval_batches(val, config.train.batch_size, config.model.block_size,
+                           config.train.eval_batches)]
+    logged = [r for r in run.read_metrics() if r["type"] == "eval"][-1]
+    assert logged["step"] == 30
+    assert float(numpy.mean(losses)) == pytest.approx(logged["val_loss"], rel=1e-6)
+    best, _ = xpmodel.load(trained["run"], checkpoint="best")
+    assert best.config == model.config
+
+
+def test_metrics_lines_are_strict_json(trained):
+    for line in (trained["run"] / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"non-JSON constant {name}"))

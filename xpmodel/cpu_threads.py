@@ -1,0 +1,62 @@
+"""Using every CPU core for NumPy work.
+
+NumPy runs elementwise work on one core, and OpenBLAS's own threading costs
+more than it saves on the many small per-head products of attention. So on
+CPU, xpmodel splits a batch into one shard per core and runs each shard's
+whole forward/backward pass in its own thread (NumPy releases the GIL inside
+BLAS calls and ufunc loops), with BLAS limited to one thread meanwhile.
+
+The thread count is XPMODEL_NUM_THREADS when set, else OMP_NUM_THREADS or
+OPENBLAS_NUM_THREADS, else the cores this process may run on.
+"""
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+_pool = None
+_controller = None
+
+
+def thread_count():
+    for name in ("XPMODEL_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def run_parallel(tasks):
+    """Call every zero-argument callable in `tasks` concurrently; their results, in order."""
+    global _pool
+    if len(tasks) == 1:
+        return [tasks[0]()]
+    if _pool is None or _pool._max_workers < len(tasks) - 1:
+        _pool = ThreadPoolExecutor(max_workers=len(tasks) - 1, thread_name_prefix="xpmodel")
+    futures = [_pool.submit(task) for task in tasks[1:]]
+    first = tasks[0]()            # the calling thread takes a share too
+    return [first] + [future.result() for future in futures]
+
+
+@contextmanager
+def single_threaded_blas():
+    """BLAS on one thread for the duration (xpmodel's own threads share the cores)."""
+    global _controller
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        yield
+        return
+    if _controller is None:
+        _controller = ThreadpoolController()
+    with _controller.limit(limits=1, user_api="blas"):
+        yield
+
+
+def split(n, parts):
+    """`parts` contiguous slices covering range(n) as evenly as possible (none empty)."""
+    parts = max(1, min(parts, n))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
