@@ -29,8 +29,8 @@ never imported.
 import atexit
 import contextlib
 import hashlib
+import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -283,13 +283,8 @@ class MPIDistributed(Distributed):
         self._wait(self._comm.Ibarrier(), "barrier", timeout)
 
     def agree(self, value, timeout=None):
-        values = self._allgather_objects(value, "agreement check", timeout)
-        first = values[0]
-        try:
-            return all(bool(other == first) for other in values[1:])
-        except (TypeError, ValueError):    # values whose == is not a plain bool
-            blobs = [pickle.dumps(v) for v in values]
-            return all(blob == blobs[0] for blob in blobs[1:])
+        blobs = self._allgather_blobs(_canonical_bytes(value), "agreement check", timeout)
+        return all(blob == blobs[0] for blob in blobs[1:])
 
     def max_across(self, x, timeout=None):
         buffer = numpy.array([float(x)], dtype=numpy.float64)
@@ -399,9 +394,10 @@ class MPIDistributed(Distributed):
                 time.sleep(pause)
                 pause = min(2 * pause, _MAX_PAUSE_S)
 
-    # ---- object collectives (pickled, with the same deadline) --------------------
-    def _allgather_objects(self, value, what, timeout):
-        blob = numpy.frombuffer(pickle.dumps(value), dtype=numpy.uint8)
+    # ---- byte-string collectives (with the same deadline) ---------------------------
+    def _allgather_blobs(self, data, what, timeout):
+        """Every rank's `data` (bytes), in rank order."""
+        blob = numpy.frombuffer(data, dtype=numpy.uint8)
         sizes = numpy.zeros(self.world_size, dtype=numpy.int64)
         self._wait(self._comm.Iallgather(numpy.array([blob.size], dtype=numpy.int64), sizes),
                    what, timeout)
@@ -409,16 +405,16 @@ class MPIDistributed(Distributed):
         gathered = numpy.empty(int(sizes.sum()), dtype=numpy.uint8)
         self._wait(self._comm.Iallgatherv(blob, [gathered, sizes, displacements,
                                                  self._MPI.BYTE]), what, timeout)
-        return [pickle.loads(gathered[start:start + size].tobytes())
-                for start, size in zip(displacements, sizes)]
+        return [gathered[start:start + size].tobytes() for start, size in zip(displacements, sizes)]
 
-    def _broadcast_object(self, value, what, root=0, timeout=None):
-        blob = numpy.frombuffer(pickle.dumps(value), dtype=numpy.uint8)
+    def _broadcast_json(self, value, what, root=0, timeout=None):
+        """Rank `root`'s JSON-serialisable `value` on every rank."""
+        blob = numpy.frombuffer(_canonical_bytes(value), dtype=numpy.uint8)
         size = numpy.array([blob.size], dtype=numpy.int64)
         self._wait(self._comm.Ibcast(size, root=root), what, timeout)
         buffer = blob.copy() if self.rank == root else numpy.empty(int(size[0]), numpy.uint8)
         self._wait(self._comm.Ibcast(buffer, root=root), what, timeout)
-        return pickle.loads(buffer.tobytes())
+        return json.loads(buffer.tobytes())
 
     def _all_true(self, flag, what):
         buffer = numpy.array([1 if flag else 0], dtype=numpy.int32)
@@ -460,7 +456,9 @@ class MPIDistributed(Distributed):
                     unique_id = self._nccl.get_unique_id()
                 except Exception as exc:
                     reason = f"ncclGetUniqueId failed: {exc}"
-            unique_id = self._broadcast_object(unique_id, "NCCL setup")
+            shared = self._broadcast_json(None if unique_id is None else list(unique_id),
+                                          "NCCL setup")
+            unique_id = None if shared is None else tuple(shared)
             if unique_id is None:
                 self._nccl = None
                 self._use_host_staging(reason)
@@ -539,3 +537,9 @@ def _flush_stdio():
             stream.flush()
         except Exception:
             pass
+
+
+def _canonical_bytes(value):
+    """A value as canonical JSON bytes, so equal values compare equal across ranks
+    (nothing is pickled)."""
+    return json.dumps(value, sort_keys=True, default=repr).encode()
