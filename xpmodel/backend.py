@@ -5,6 +5,7 @@ nowhere else, lazily, so xpmodel installs and runs without it. Layer code asks
 `array_module(x)` for the module that owns an array and does all its math
 through it.
 """
+import contextlib
 from dataclasses import dataclass
 
 import numpy
@@ -141,6 +142,11 @@ def upcast(array):
     if array.dtype == numpy.float16:
         return array.astype(numpy.float32)
     return array
+
+
+def ignore_overflow(xp):
+    """A context in which float overflow to inf is expected (NumPy would warn)."""
+    return numpy.errstate(over="ignore", divide="ignore") if xp is numpy else contextlib.nullcontext()
 
 
 def random_generator(device, seed):

@@ -8,8 +8,16 @@ BLAS calls and ufunc loops), with BLAS limited to one thread meanwhile.
 
 The thread count is XPMODEL_NUM_THREADS when set, else OMP_NUM_THREADS or
 OPENBLAS_NUM_THREADS, else the cores this process may run on.
+
+Every step allocates and frees activations of many megabytes. glibc serves
+such blocks with fresh mmap()s and hands them back on free, so each step
+would page-fault its whole working set in again; `keep_freed_memory` makes
+it reuse freed memory instead (the process keeps its peak size).
 """
+import ctypes
+import ctypes.util
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -60,3 +68,21 @@ def split(n, parts):
     parts = max(1, min(parts, n))
     bounds = [n * i // parts for i in range(parts + 1)]
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # mallopt parameters (malloc.h)
+_memory_kept = False
+
+
+def keep_freed_memory():
+    """Ask glibc to keep and reuse freed large blocks (once per process; Linux only)."""
+    global _memory_kept
+    if _memory_kept or not sys.platform.startswith("linux"):
+        return
+    _memory_kept = True
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)   # mallopt takes a C int
+    except (OSError, AttributeError):
+        pass   # not glibc: its allocator keeps its own policy

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy
 
 from .backend import get_device, get_dtype, random_generator, to_device, to_host, upcast
-from .cpu_threads import run_parallel, single_threaded_blas, split, thread_count
+from .cpu_threads import keep_freed_memory, run_parallel, single_threaded_blas, split, thread_count
 from .layers.attention import attention_backward, attention_forward
 from .layers.crossentropy import (IGNORE_INDEX, crossentropy_backward, crossentropy_forward,
                                   lm_head_backward, lm_head_forward)
@@ -101,6 +101,8 @@ class GPT:
         self.dropout_calls = 0   # counts training passes; seeds each pass's dropout masks
         self.training = True
         self._threads = thread_count()
+        if not self.device.is_cuda:
+            keep_freed_memory()
         self._grad_buffers = []  # per-shard gradient buffers for CPU threads 1..
 
     # ---- modes and bookkeeping -------------------------------------------------

@@ -14,15 +14,25 @@ from ..backend import array_module, upcast
 from .dropout import dropout_backward, dropout_forward
 
 
+_causal_masks = {}   # (module, T, dtype) -> (T, T) additive mask
+
+
+def _causal_mask(xp, T, dtype):
+    """(T, T): 0 on and below the diagonal, -inf above (the future)."""
+    key = (xp.__name__, T, dtype.str)
+    if key not in _causal_masks:
+        future = xp.triu(xp.ones((T, T), dtype=bool), k=1)
+        _causal_masks[key] = xp.where(future, -xp.inf, 0.0).astype(dtype)
+    return _causal_masks[key]
+
+
 def causal_softmax_forward(scores):
     """scores: (..., T, T) -> probabilities with future positions masked out.
 
     Works in place on `scores`.
     """
     xp = array_module(scores)
-    T = scores.shape[-1]
-    future = xp.triu(xp.ones((T, T), dtype=bool), k=1)
-    scores[..., future] = -xp.inf
+    scores += _causal_mask(xp, scores.shape[-1], scores.dtype)
     scores -= scores.max(axis=-1, keepdims=True)
     probs = xp.exp(scores, out=scores)
     probs /= probs.sum(axis=-1, keepdims=True)

@@ -6,11 +6,10 @@ cheaper on NumPy, and its value `s` is all that backward needs besides x.
 """
 import math
 
-from ..backend import array_module, upcast
+from ..backend import array_module, ignore_overflow, upcast
 
 _K = math.sqrt(2.0 / math.pi)
 _CUBIC = 0.044715
-_MAX_EXPONENT = 80.0   # exp(80) is finite in float32; the sigmoid is 0 there anyway
 
 
 def gelu_forward(x):
@@ -21,10 +20,10 @@ def gelu_forward(x):
     s *= -2.0 * _K * _CUBIC
     s -= 2.0 * _K
     s *= x                       # -2u
-    xp.minimum(s, _MAX_EXPONENT, out=s)
-    xp.exp(s, out=s)
-    s += 1.0
-    xp.reciprocal(s, out=s)      # sigmoid(2u)
+    with ignore_overflow(xp):    # exp -> inf for very negative x gives sigmoid 0: exact
+        xp.exp(s, out=s)
+        s += 1.0
+        xp.reciprocal(s, out=s)  # sigmoid(2u)
     return (x * s).astype(low, copy=False), s
 
 
