@@ -35,7 +35,7 @@ def causal_softmax_forward(scores):
     scores += _causal_mask(xp, scores.shape[-1], scores.dtype)
     scores -= scores.max(axis=-1, keepdims=True)
     probs = xp.exp(scores, out=scores)
-    probs /= probs.sum(axis=-1, keepdims=True)
+    probs *= 1.0 / probs.sum(axis=-1, keepdims=True)
     return probs
 
 
@@ -59,8 +59,8 @@ def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
     # (3, B, H, T, D): one copy makes q, k and v contiguous for batched matmul
     heads = xp.ascontiguousarray(qkv.reshape(B, T, 3, n_head, D).transpose(2, 0, 3, 1, 4))
     q, k, v = heads[0], heads[1], heads[2]
+    q *= 1.0 / math.sqrt(D)            # scaling q is T/D times cheaper than scaling scores
     scores = upcast(xp.matmul(q, k.transpose(0, 1, 3, 2)))     # (B, H, T, T), >= float32
-    scores *= 1.0 / math.sqrt(D)
     probs = causal_softmax_forward(scores)
     probs_used, drop_mask = dropout_forward(probs, dropout_p, rng)
     probs_used = probs_used.astype(qkv.dtype, copy=False)
@@ -74,15 +74,14 @@ def attention_backward(dy, cache):
     xp = array_module(dy)
     heads, probs, probs_used, drop_mask = cache
     _, B, H, T, D = heads.shape
-    q, k, v = heads[0], heads[1], heads[2]
+    q, k, v = heads[0], heads[1], heads[2]   # q already scaled by 1/sqrt(D)
     dy = xp.ascontiguousarray(dy.reshape(B, T, H, D).transpose(0, 2, 1, 3))  # (B, H, T, D)
     dheads = xp.empty_like(heads)
     xp.matmul(probs_used.transpose(0, 1, 3, 2), dy, out=dheads[2])          # dv
     dprobs = upcast(xp.matmul(dy, v.transpose(0, 1, 3, 2)))                  # (B, H, T, T)
     dprobs = dropout_backward(dprobs, drop_mask)
-    dscores = causal_softmax_backward(dprobs, probs)
-    dscores *= 1.0 / math.sqrt(D)
-    dscores = dscores.astype(heads.dtype, copy=False)
+    dscores = causal_softmax_backward(dprobs, probs).astype(heads.dtype, copy=False)
     xp.matmul(dscores, k, out=dheads[0])                                     # dq
+    dheads[0] *= 1.0 / math.sqrt(D)
     xp.matmul(dscores.transpose(0, 1, 3, 2), q, out=dheads[1])               # dk
     return dheads.transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * H * D)

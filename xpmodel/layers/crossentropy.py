@@ -39,7 +39,7 @@ def crossentropy_forward(logits, targets):
     sums = probs.sum(axis=1)
     losses = xp.log(sums) - target_logit
     losses *= keep
-    probs /= sums[:, None]
+    probs *= (1.0 / sums)[:, None]
     return losses, probs
 
 
