@@ -113,7 +113,7 @@ def tiny_config(corpus, *overrides):
 
 # ---- kill -9 ------------------------------------------------------------------------
 
-KILL_SETTINGS = ["train.max_iters=150", "train.save_interval=3", "train.eval_interval=6",
+KILL_SETTINGS = ["train.max_iters=240", "train.save_interval=3", "train.eval_interval=6",
                  "train.keep_last=2", "train.log_interval=50"]
 
 
@@ -212,16 +212,16 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
     args = ["train", "--resume", run_dir] if run.is_run() else [*start_args, "--out", run_dir]
     finished = subprocess.run(command(*args), env=env, capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr
-    assert "done (finished): 150 steps" in finished.stdout
+    assert "done (finished): 240 steps" in finished.stdout
 
     killed_train, killed_eval = train_losses(run_dir)
     reference_train, reference_eval = train_losses(reference)
-    assert [s for s, *_ in killed_train] == list(range(1, 151))
+    assert [s for s, *_ in killed_train] == list(range(1, 241))
     assert killed_train == reference_train     # bit for bit: floats compared with ==
     assert killed_eval == reference_eval
     assert not stray_files(run_dir)
     assert sorted(p.name for p in checkpoints.iterdir()) == [
-        "best.safetensors", "step-00000147.safetensors", "step-00000150.safetensors"]
+        "best.safetensors", "step-00000237.safetensors", "step-00000240.safetensors"]
 
 
 # ---- signals ------------------------------------------------------------------------

@@ -4,10 +4,13 @@ Every failure xpmodel foresees is one line on stderr, `error: ...`, with exit
 code 2 for usage and config mistakes and 1 for runtime failures; `--debug`
 shows the traceback instead. A training run stopped by Ctrl-C or SIGTERM
 saves a checkpoint, says where on stderr and exits with 130 or 143.
+
+SIGTERM keeps its default action outside the training loop: the tokenizer's
+forked workers inherit it, and a Python-level handler could leave a worker
+that is blocked in C unkillable by its pool.
 """
 import argparse
 import os
-import signal
 import sys
 
 from . import __version__
@@ -16,37 +19,19 @@ from .errors import UsageError, XpmodelError
 _EPILOG = "Run `xpmodel COMMAND --help` for the options of each command."
 
 
-class Terminated(BaseException):
-    """SIGTERM outside a training loop: unwinds like Ctrl-C, so partial files are removed."""
-
-
-_MAIN_PID = os.getpid()
-
-
-def _raise_terminated(signum, frame):
-    if os.getpid() != _MAIN_PID:
-        # A forked worker (the tokenizer's pool) inherited this handler: die as usual.
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
-    raise Terminated()
-
-
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
-    previous = _install_sigterm()
     try:
         return args.handler(args) or 0
-    except (KeyboardInterrupt, Terminated) as exc:
+    except KeyboardInterrupt:
         if args.debug:
             raise
-        terminated = isinstance(exc, Terminated)
-        print(f"{'terminated' if terminated else 'interrupted'}", file=sys.stderr)
-        return 143 if terminated else 130
+        print("interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # The reader went away (`xpmodel sample ... | head`): stop quietly.
         _silence_stdout()
@@ -61,18 +46,6 @@ def main(argv=None):
         code, message = _describe(exc)
         print(f"error: {message}", file=sys.stderr)
         return code
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _install_sigterm():
-    global _MAIN_PID
-    _MAIN_PID = os.getpid()
-    try:
-        return signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:
-        return None   # not the main thread
 
 
 def _silence_stdout():

@@ -104,8 +104,9 @@ def eval_command(args):
         _, tokens = load_tokens(config.data, tokenizer, T, show_progress=False)
         what = "validation split"
     else:
-        from .corpus import cache_root
-        path = prepare(args.data, tokenizer, cache_dir=cache_root(config.data) / "tokens")
+        from .corpus import cache_root, encoding_workers
+        path = prepare(args.data, tokenizer, cache_dir=cache_root(config.data) / "tokens",
+                       workers=encoding_workers(args.data))
         tokens = read_token_file(path, expected_fingerprint=tokenizer.fingerprint())
         what = args.data
     if len(tokens) < 2:

@@ -17,6 +17,9 @@ from .tokenizer import BPETokenizer
 # A BPE vocabulary is learned from at most this much text; beyond it the
 # merge statistics barely change and training time keeps growing.
 _TOKENIZER_TRAIN_BYTES = 64 * 2**20
+# Below this much text, starting a pool of encoding processes costs more than
+# it saves; the corpus is encoded in this process.
+_PARALLEL_ENCODING_BYTES = 8 * 2**20
 
 
 def cache_root(data_config):
@@ -56,14 +59,22 @@ def _leading_texts(source, budget):
             return
 
 
+def encoding_workers(source):
+    """Processes to encode `source` with: one for a small corpus, else all cores."""
+    return 1 if resolve_source(source).total_bytes() < _PARALLEL_ENCODING_BYTES else None
+
+
 def load_tokens(data_config, tokenizer, block_size, show_progress=True):
     """(train, val) token arrays for the run's corpus, read from the cached token file."""
     cache_dir = cache_root(data_config) / "tokens"
+    source = resolve_source(data_config.source)
+    workers = encoding_workers(source)
     if show_progress:
         with tokenizing_progress() as progress:
-            path = prepare(data_config.source, tokenizer, cache_dir=cache_dir, progress=progress)
+            path = prepare(source, tokenizer, cache_dir=cache_dir, workers=workers,
+                           progress=progress)
     else:
-        path = prepare(data_config.source, tokenizer, cache_dir=cache_dir)
+        path = prepare(source, tokenizer, cache_dir=cache_dir, workers=workers)
     tokens = read_token_file(path, expected_fingerprint=tokenizer.fingerprint())
     return split_tokens(tokens, data_config.val_fraction, block_size=block_size,
                         source=str(data_config.source))

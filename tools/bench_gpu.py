@@ -1,0 +1,157 @@
+"""GPU training-step benchmark: xpmodel (CuPy) against the same model in
+PyTorch eager with AMP fp16, and torch.compile when it works, alternating in
+one process on the same GPU.
+
+A step is zero-grad, forward, backward, global-norm clip and AdamW on random
+tokens. Prints tokens/s (B*T / median step time), MFU against the GPU's dense
+fp16 peak, peak GPU memory of each side and the ratios.
+
+    python tools/bench_gpu.py [--configs char-mid gpt2-small] [--steps 20] [--no-compile]
+    python tools/bench_gpu.py --device cpu --precision fp32 --configs tiny   # a smoke test
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = {   # name: (n_layer, n_head, n_embd, block_size, batch_size, vocab_size)
+    "tiny": (2, 2, 64, 32, 4, 256),
+    "char-mid": (6, 6, 384, 256, 64, 4096),
+    "gpt2-small": (12, 12, 768, 1024, 16, 50304),
+}
+PEAK_FP16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+def xpmodel_step(config, B, device, precision):
+    import numpy as np
+    import xpmodel
+    from xpmodel.backend import synchronize
+    model = xpmodel.GPT(config, device=device, seed=0, precision=precision)
+    opt = xpmodel.AdamW(model, lr=3e-4)
+    scaler = xpmodel.LossScaler() if precision == "fp16" else None
+    rng = np.random.default_rng(0)
+    idx = model.xp.asarray(rng.integers(0, config.vocab_size, (B, config.block_size)))
+    targets = model.xp.asarray(rng.integers(0, config.vocab_size, (B, config.block_size)))
+
+    def step():
+        model.zero_grad()
+        model.forward_backward(idx, targets, scale=scaler.scale if scaler else 1.0)
+        if scaler:
+            scaler.update(scaler.unscale_and_check(model), 0)
+        xpmodel.clip_grad_norm(model, 1.0)
+        opt.step()
+        synchronize(model.device)
+    return step, model
+
+
+def torch_step(config, B, device, precision, compiled):
+    import torch
+    import xpmodel
+    from torch_gpt import torch_adamw, torch_loss, torch_params
+    params = torch_params(xpmodel.GPT(config, seed=0).state_arrays(), device=device)
+    opt = torch_adamw(params, 3e-4, (0.9, 0.95), 1e-8, 0.1)
+    scaler = torch.amp.GradScaler(device) if precision == "fp16" else None
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g).to(device)
+    targets = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g).to(device)
+
+    def loss_fn(idx, targets):
+        return torch_loss(params, idx, targets, config.n_layer, config.n_head, fused_attention=True)
+    if compiled:
+        loss_fn = torch.compile(loss_fn)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.float16,
+                            enabled=precision == "fp16"):
+            loss = loss_fn(idx, targets)
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    return step
+
+
+def time_steps(step, n):
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory(side, device):
+    """Peak GPU bytes of one side since its counter was reset (None on CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    if side == "xpmodel":
+        import cupy
+        return cupy.get_default_memory_pool().total_bytes()
+    import torch
+    return torch.cuda.max_memory_allocated()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["char-mid", "gpt2-small"], choices=list(CONFIGS))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--precision", default="fp16", choices=("fp16", "fp32"))
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per side")
+    parser.add_argument("--rounds", type=int, default=4, help="alternations between sides")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import xpmodel
+    import torch
+    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    peak = next((v for k, v in PEAK_FP16.items() if k in gpu), None)
+    print(f"device {gpu}, precision {args.precision}, torch {torch.__version__}")
+    for name in args.configs:
+        L, H, C, T, B, V = CONFIGS[name]
+        config = xpmodel.GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C)
+        flops_per_token = config.flops_per_token()
+        sides = {}
+        ours, model = xpmodel_step(config, B, args.device, args.precision)
+        ours()
+        sides["xpmodel"] = ours
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        sides["torch eager"] = torch_step(config, B, args.device, args.precision, compiled=False)
+        sides["torch eager"]()
+        memory = {"xpmodel": peak_memory("xpmodel", args.device),
+                  "torch eager": peak_memory("torch", args.device)}
+        if not args.no_compile:
+            try:
+                compiled = torch_step(config, B, args.device, args.precision, compiled=True)
+                compiled()
+                sides["torch.compile"] = compiled
+            except Exception as exc:   # compile needs a working toolchain
+                print(f"  torch.compile unavailable: {exc.__class__.__name__}: {str(exc)[:120]}")
+        times = {side: [] for side in sides}
+        for _ in range(args.rounds):
+            for side, step in sides.items():
+                times[side] += time_steps(step, max(1, args.steps // args.rounds))
+        tokens = B * T
+        tps = {side: tokens / statistics.median(t) for side, t in times.items()}
+        print(f"{name}: L={L} H={H} C={C} T={T} B={B} V={V}")
+        for side, value in tps.items():
+            mfu = f", MFU {100 * value * flops_per_token / peak:.1f}%" if peak else ""
+            mem = f", peak memory {memory[side] / 2**30:.2f} GiB" if memory.get(side) else ""
+            ratio = "" if side == "xpmodel" else f", xpmodel/this {tps['xpmodel'] / value:.2f}x"
+            print(f"  {side:14s} {value:12,.0f} tokens/s{mfu}{mem}{ratio}", flush=True)
+        del model
+
+
+if __name__ == "__main__":
+    main()
