@@ -107,6 +107,17 @@ def corpus(tmp_path):
     return write_corpus(tmp_path / "corpus.txt")
 
 
+@pytest.fixture
+def processes():
+    """Popen objects to kill at teardown, should a test fail while they run."""
+    started = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def tiny_config(corpus, *overrides):
     return load_config(TINY, [f"data.source={corpus}", *overrides])
 
@@ -143,7 +154,8 @@ def _step_temporaries(folder):
         return set()
 
 
-def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path, corpus):
+def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path, corpus,
+                                                                          processes):
     cache = tmp_path / "cache"
     env = process_env(cache)
     reference = tmp_path / "reference"
@@ -167,6 +179,7 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
         with open(log, "a") as err:
             process = subprocess.Popen(command(*args), env=slow_env, stdout=subprocess.DEVNULL,
                                        stderr=err)
+        processes.append(process)
         mode = rng.choice(["startup", "steps", "steps", "save", "save"])
         if attempts <= 2:   # first inside the creation of the run directory
             mode = "create"
@@ -226,7 +239,7 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
 
 # ---- signals ------------------------------------------------------------------------
 
-def _start_long_run(tmp_path, corpus, extra_env=None):
+def _start_long_run(tmp_path, corpus, processes, extra_env=None):
     run_dir = tmp_path / "run"
     env = process_env(tmp_path / "cache", **(extra_env or {}))
     process = subprocess.Popen(
@@ -234,14 +247,15 @@ def _start_long_run(tmp_path, corpus, extra_env=None):
                 f"data.source={corpus}", "train.max_iters=100000", "train.save_interval=100000",
                 "train.eval_interval=100000", "train.log_interval=1000"),
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    processes.append(process)
     metrics = run_dir / "metrics.jsonl"
     assert _wait(process, lambda: _line_count(metrics) >= 20, timeout=60), process.communicate()
     return process, RunDir(run_dir)
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_saves_a_checkpoint_and_exits(signum, code, tmp_path, corpus, capsys):
-    process, run = _start_long_run(tmp_path, corpus)
+def test_a_signal_saves_a_checkpoint_and_exits(signum, code, tmp_path, corpus, capsys, processes):
+    process, run = _start_long_run(tmp_path, corpus, processes)
     process.send_signal(signum)
     out, err = process.communicate(timeout=60)
     assert process.returncode == code, err
@@ -263,8 +277,8 @@ def test_a_signal_saves_a_checkpoint_and_exits(signum, code, tmp_path, corpus, c
         assert steps == list(range(1, step + 4))
 
 
-def test_a_second_ctrl_c_leaves_at_once_without_damage(tmp_path, corpus):
-    process, run = _start_long_run(tmp_path, corpus, {"XPMODEL_TEST_SLOW_SAVE": "2"})
+def test_a_second_ctrl_c_leaves_at_once_without_damage(tmp_path, corpus, processes):
+    process, run = _start_long_run(tmp_path, corpus, processes, {"XPMODEL_TEST_SLOW_SAVE": "2"})
     process.send_signal(signal.SIGINT)
     # the first Ctrl-C starts the save, which now pauses before its rename
     assert _wait(process, lambda: bool(_step_temporaries(run.checkpoint_dir)), timeout=30)

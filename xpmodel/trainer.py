@@ -6,6 +6,13 @@ a finiteness check, and one AdamW update at the schedule's learning rate.
 Everything that decides a step's result (weights, moments, optimizer step
 count, dropout pass count, sampler position, loss scale) is in the
 checkpoint, so a resumed run repeats an uninterrupted one exactly on CPU.
+
+Faults: a non-finite loss or gradient in fp32 stops the run before the update,
+and weights that are not finite are never saved, so the last checkpoint stays
+good; in fp16 an overflow skips the step instead (see loss_scale.py). SIGINT
+or SIGTERM finishes the current step, saves, and raises `Interrupted` (exit
+130 / 143); a second one leaves at once. A kill at any other instant loses
+at most `save_interval` steps, since every file is replaced atomically.
 """
 import math
 import os
@@ -480,6 +487,7 @@ class Trainer:
                 # A second signal: leave now. Every file is written atomically, so
                 # only the temporary file of a save in progress needs removing.
                 abandon_partial_writes()
+                _show_cursor()   # the live display hid it
                 os._exit(_SIGNAL_EXIT.get(signum, 130))
             self._stop_signal = signum
 
@@ -492,3 +500,11 @@ class Trainer:
     def _restore_signal_handlers(self):
         for signum, previous in self._previous_handlers.items():
             signal.signal(signum, previous)
+
+
+def _show_cursor():
+    try:
+        if sys.stdout.isatty():
+            os.write(sys.stdout.fileno(), b"\x1b[?25h\n")
+    except (OSError, ValueError):
+        pass
