@@ -19,8 +19,9 @@ import pytest
 from safetensors.numpy import save_file
 
 import xpmodel
-from xpmodel import checkpoint as checkpoint_module
-from xpmodel.checkpoint import (FORMAT, abandon_partial_writes, atomic_write_bytes, load_checkpoint,
+from xpmodel import atomic as atomic_module
+from xpmodel.atomic import abandon_partial_writes, atomic_write_bytes
+from xpmodel.checkpoint import (FORMAT, load_checkpoint,
                                 read_checkpoint_meta, save_checkpoint)
 from xpmodel.config import load_config, save_config
 from xpmodel.data.tokenfile import HEADER, MAGIC, read_token_file
@@ -127,7 +128,7 @@ def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary(failure, tm
                 self.handle.write(data[:100])
                 fail()
 
-        monkeypatch.setattr(checkpoint_module, "open",
+        monkeypatch.setattr(atomic_module, "open",
                             lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
     else:
         monkeypatch.setattr(os, {"fsync": "fsync", "replace": "replace", "ctrl-c": "replace"}[failure],

@@ -22,13 +22,13 @@ import json
 import math
 import os
 import struct
-import time
 from pathlib import Path
 
 import numpy
 from safetensors import safe_open
 from safetensors.numpy import save as safetensors_bytes
 
+from .atomic import atomic_write_bytes
 from .errors import CheckpointError
 
 FORMAT = "xpmodel-checkpoint"
@@ -38,63 +38,11 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
                 "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 _SLOW_SAVE_ENV = "XPMODEL_TEST_SLOW_SAVE"
 
-# Temporary files being written right now, so that a second Ctrl-C, which
-# leaves at once, can remove them on its way out (see `abandon_partial_writes`).
-_in_flight = set()
-
-
-def atomic_write_bytes(path, data, pause=0.0):
-    """Write `data` to `path` so that readers see the old file or the new one.
-
-    pause: seconds to wait between the fsync and the rename (crash tests only).
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _in_flight.add(tmp)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if pause > 0:
-            time.sleep(pause)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        _in_flight.discard(tmp)
-    _fsync_dir(path.parent)
-
-
-def abandon_partial_writes():
-    """Remove the temporary files of writes in progress; for a process about
-    to exit without finishing them. The targets keep their previous contents."""
-    for tmp in list(_in_flight):
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-
-
 def _test_pause():
     try:
         return max(0.0, float(os.environ.get(_SLOW_SAVE_ENV, "0") or 0))
     except ValueError:
         return 0.0
-
-
-def _fsync_dir(directory):
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(path, params, optimizer_state, meta):

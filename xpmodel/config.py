@@ -25,13 +25,13 @@ import functools
 import importlib.resources
 import math
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from xpmodel.atomic import atomic_write_bytes
 from xpmodel.errors import UsageError
 
 TOKENIZERS = ("bpe", "byte")
@@ -554,17 +554,4 @@ def save_config(config, path):
     path = Path(path)
     text = ("# xpmodel run config, complete: every key is spelled out.\n"
             + yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True))
-    # A crash mid-write must not leave a truncated config beside a checkpoint.
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        try:
-            os.unlink(temp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))

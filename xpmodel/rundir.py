@@ -23,7 +23,8 @@ import re
 import time
 from pathlib import Path
 
-from .checkpoint import FORMAT_VERSION, CheckpointError, atomic_write_bytes, read_checkpoint_meta
+from .atomic import atomic_write_bytes
+from .checkpoint import FORMAT_VERSION, CheckpointError, read_checkpoint_meta
 from .config import load_config, save_config
 from .errors import UsageError
 from .tokenizer import BPETokenizer

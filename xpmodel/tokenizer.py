@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy
 import regex
 
+from xpmodel.atomic import atomic_write_bytes
 from xpmodel.errors import DataError, UsageError
 
 GPT2_SPLIT_PATTERN = (
@@ -199,27 +200,30 @@ class BPETokenizer:
         """Encode an iterable of str, yielding one numpy uint32 array per chunk, in order.
 
         Chunks are ordinary text, as in `encode_ordinary`. With `workers` > 1
-        (default: the CPU count) and the fork start method, chunks are encoded
-        in worker processes that inherit this tokenizer; only strings and
-        arrays cross the process boundary, and at most a few chunks per worker
-        are in flight, so a corpus larger than memory streams through.
-        Without fork, or with workers <= 1, chunks are encoded here, one by one.
+        (default: the CPU count), chunks are encoded in worker processes that
+        rebuild this tokenizer from its JSON; only strings and arrays cross
+        the process boundary, and at most a few chunks per worker are in
+        flight, so a corpus larger than memory streams through. Workers are
+        started by a fork server (or spawned), never forked from this process,
+        whose other threads may hold locks a forked child would wait on forever.
+        With workers <= 1, chunks are encoded here, one by one.
         """
         workers = (os.cpu_count() or 1) if workers is None else int(workers)
-        if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        if workers <= 1:
             for chunk in chunks:
                 yield self._encode_to_array(chunk)
             return
-        context = multiprocessing.get_context("fork")
-        pool = context.Pool(workers, initializer=_install_worker_tokenizer, initargs=(self,))
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        pool = context.Pool(workers, initializer=_install_worker_tokenizer, initargs=(self.to_json(),))
         try:
             pending = deque()
             for chunk in chunks:
                 pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
                 if len(pending) >= 2 * workers:
-                    yield pending.popleft().get()
+                    yield pending.popleft().get(_WORKER_TIMEOUT_S)
             while pending:
-                yield pending.popleft().get()
+                yield pending.popleft().get(_WORKER_TIMEOUT_S)
             pool.close()
         finally:
             pool.terminate()
@@ -269,10 +273,7 @@ class BPETokenizer:
 
     def save(self, path):
         """Write the tokenizer to one JSON file (written whole, then renamed into place)."""
-        path = Path(path)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(self.to_json(), encoding="utf-8")
-        os.replace(partial, path)
+        atomic_write_bytes(Path(path), self.to_json().encode("utf-8"))
 
     @classmethod
     def load(cls, path):
@@ -509,12 +510,13 @@ def _merge_in_word(words, index, freq, left, right, new_id, deltas, pair_words):
 
 # ----- worker processes for encode_chunks -----------------------------------
 
-_worker_tokenizer = None  # set in each forked worker by _install_worker_tokenizer
+_worker_tokenizer = None  # set in each worker by _install_worker_tokenizer
+_WORKER_TIMEOUT_S = 600   # one chunk (about a megabyte) takes well under a second
 
 
-def _install_worker_tokenizer(tokenizer):
+def _install_worker_tokenizer(document):
     global _worker_tokenizer
-    _worker_tokenizer = tokenizer
+    _worker_tokenizer = BPETokenizer._from_document(json.loads(document))
 
 
 def _encode_in_worker(text):

@@ -24,7 +24,8 @@ from dataclasses import replace
 import numpy
 
 from .backend import get_device, gpu_name, out_of_memory_errors, to_device, to_host
-from .checkpoint import abandon_partial_writes, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from .atomic import abandon_partial_writes
+from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .config import config_to_dict
 from .corpus import build_tokenizer, load_tokens
 from .data import EpochSampler, RandomWindowSampler, eval_batches
