@@ -10,12 +10,22 @@ _EVAL_TOKENS_PER_BATCH = 4096
 
 
 def train_command(args):
-    from .config import config_to_dict, load_config
     from .distributed import init_distributed
-    from .trainer import Trainer
+    from .trainer import Interrupted
     dist = init_distributed(args.device)
-    device = dist.device_spec if dist.world_size > 1 else args.device
-    dist = dist if dist.world_size > 1 else None
+    if dist.world_size == 1:
+        return _train(args, args.device, None)
+    # Several ranks: any failure on one rank ends the whole job at once.
+    with dist.abort_on_error():
+        try:
+            return _train(args, dist.device_spec, dist)
+        except Interrupted as stop:
+            dist.abort(f"stopped by {stop}", stop.exit_code)
+
+
+def _train(args, device, dist):
+    from .config import config_to_dict, load_config
+    from .trainer import Trainer
     if args.resume:
         if args.config or args.init_from or args.out:
             raise UsageError("--resume RUN_DIR takes its config from the run; drop --config, "
@@ -36,6 +46,8 @@ def train_command(args):
             from .config import save_config
             save_config(config, run.config_path)
     else:
+        if dist is not None and not args.out:
+            raise UsageError("under mpirun every rank must name the same run: pass --out RUN_DIR")
         overrides = list(args.overrides)
         if args.init_from:
             overrides.append(f"train.init_from={args.init_from}")

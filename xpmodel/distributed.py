@@ -41,6 +41,7 @@ import numpy
 
 from . import backend
 from .backend import array_module, cuda_available, is_cuda_array, to_host
+from .cpu_threads import thread_count
 from .errors import UsageError, XpmodelError
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -221,7 +222,21 @@ class MPIDistributed(Distributed):
         self.timeout = collective_timeout()
         self._install_exit_hooks()
         self.local_rank = self._find_local_rank()
+        self._share_cpu_threads()
         super().__init__(device_spec)
+
+    def _share_cpu_threads(self):
+        """Split this node's cores between its ranks for xpmodel's CPU threads,
+        unless the user chose a thread count."""
+        if any(os.environ.get(name) for name in
+               ("XPMODEL_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")):
+            return
+        node = self._comm.Split_type(self._MPI.COMM_TYPE_SHARED, key=self.rank)
+        try:
+            ranks_here = node.Get_size()
+        finally:
+            node.Free()
+        os.environ["XPMODEL_NUM_THREADS"] = str(max(1, thread_count() // ranks_here))
 
     def _find_local_rank(self):
         for name in _LOCAL_RANK_ENVS:

@@ -99,6 +99,7 @@ class GPT:
         self.compute_dtype = numpy.dtype(numpy.float16) if precision == "fp16" else self.dtype
         self.seed = seed
         self.dropout_calls = 0   # counts training passes; seeds each pass's dropout masks
+        self.dropout_stream = 0  # set apart per data-parallel rank so ranks draw different masks
         self.training = True
         self._threads = thread_count()
         if not self.device.is_cuda:
@@ -155,7 +156,7 @@ class GPT:
         grads = [self.grads] + [self.layout.views(flat) for flat in self._shard_grad_buffers(len(shards))]
 
         def shard_pass(rows, k):
-            rng = None if seed is None else random_generator(self.device, [seed, k])
+            rng = None if seed is None else random_generator(self.device, [seed, self.dropout_stream, k])
             return self._shard_forward_backward(idx[rows], targets[rows], dlosses, rng, grads[k])
 
         totals = self._run_shards(idx.shape[0], shard_pass)

@@ -128,6 +128,7 @@ class Trainer:
                                f"or model.vocab_size") from None
         if dist is not None:
             dist.broadcast_(self.model.flat_params)
+            self.model.dropout_stream = dist.rank
         self.scaler = LossScaler() if t.precision == "fp16" else None
         self.sampler = self._make_sampler()
         self.total_steps = self._count_steps()

@@ -1,0 +1,63 @@
+"""`mpirun -n 2 xpmodel train`: the same run as one process, printed once,
+and a resume with a different number of ranks refused clearly."""
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xpmodel.distributed import local_mpirun
+
+TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
+needs_mpi = pytest.mark.skipif(
+    shutil.which("mpirun") is None or importlib.util.find_spec("mpi4py") is None,
+    reason="mpirun or mpi4py not installed (apt-get install openmpi-bin libopenmpi-dev; "
+           "pip install mpi4py)")
+
+
+def train(out, data, env, ranks=None, extra=()):
+    argv = [sys.executable, "-m", "xpmodel.cli", "train", "--config", str(TINY), "--device", "cpu",
+            "--quiet", "--out", str(out), f"data.source={data}", "train.batch_size=8", *extra]
+    if ranks:
+        command, launch_env = local_mpirun(ranks, argv)
+        launch_env.update(env)
+    else:
+        command, launch_env = argv, env
+    return subprocess.run(command, env=launch_env, capture_output=True, text=True, timeout=180)
+
+
+def losses(run):
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return np.array([r["loss"] for r in records if r["type"] == "train"])
+
+
+@needs_mpi
+def test_two_ranks_train_like_one_process(tmp_path, tinyshakespeare):
+    env = {**os.environ, "XPMODEL_CACHE": str(tmp_path / "cache"), "XPMODEL_COLLECTIVE_TIMEOUT": "60"}
+    single = train(tmp_path / "one", tinyshakespeare, env)
+    assert single.returncode == 0, single.stderr
+    double = train(tmp_path / "two", tinyshakespeare, env, ranks=2)
+    assert double.returncode == 0, double.stderr
+    assert double.stdout.count("done (finished)") == 1          # only rank 0 prints
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+
+    resumed = train(tmp_path / "two", tinyshakespeare, env, extra=())
+    assert resumed.returncode == 2                               # --out on an existing run
+    resumed = subprocess.run([sys.executable, "-m", "xpmodel.cli", "train", "--resume",
+                              str(tmp_path / "two"), "--device", "cpu", "train.max_iters=40"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode != 0
+    assert "mpirun -n 2" in resumed.stderr and len(resumed.stderr.strip().splitlines()) == 1
+
+
+@needs_mpi
+def test_a_failure_on_one_rank_ends_the_job_with_one_message(tmp_path):
+    env = {**os.environ, "XPMODEL_CACHE": str(tmp_path / "cache")}
+    result = train(tmp_path / "run", tmp_path / "missing.txt", env, ranks=2)
+    assert result.returncode != 0
+    assert "missing.txt" in result.stderr
