@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy
 import pytest
 
+from cli_helpers import assert_one_line_error, run_cli
 import xpmodel
-from xpmodel import cli
 from xpmodel.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from xpmodel.config import load_config
 from xpmodel.corpus import load_tokens
@@ -53,23 +53,6 @@ def xpmodel_process(*args, cache, timeout=120):
     return subprocess.run([sys.executable, "-m", "xpmodel.cli", *map(str, args)],
                           capture_output=True, encoding="utf-8", errors="replace",
                           env=subprocess_env(cache), timeout=timeout)
-
-
-def run_cli(capsys, *args):
-    """(exit code, stdout, stderr) of `xpmodel ARGS` run in this process."""
-    try:
-        code = cli.main([str(a) for a in args])
-    except SystemExit as exit:   # argparse's --help and usage errors
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(err):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: "), err
-    assert "Traceback" not in err
 
 
 @pytest.fixture(autouse=True)

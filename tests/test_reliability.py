@@ -25,8 +25,8 @@ import numpy
 import pytest
 from safetensors.numpy import save_file
 
+from cli_helpers import assert_one_line_error, run_cli
 import xpmodel
-from xpmodel import cli
 from xpmodel.checkpoint import load_checkpoint, read_checkpoint_header, read_checkpoint_meta
 from xpmodel.config import load_config
 from xpmodel.errors import XpmodelError
@@ -57,22 +57,6 @@ def process_env(cache, **extra):
 
 def command(*args):
     return [sys.executable, "-m", "xpmodel.cli", *map(str, args)]
-
-
-def run_cli(capsys, *args):
-    try:
-        code = cli.main([str(a) for a in args])
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(err):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: "), err
-    assert "Traceback" not in err
 
 
 def stray_files(root):

@@ -21,7 +21,6 @@ temporary file and the rename, widening the window a kill can land in.
 import json
 import math
 import os
-import struct
 from pathlib import Path
 
 import numpy
@@ -30,10 +29,10 @@ from safetensors.numpy import save as safetensors_bytes
 
 from .atomic import atomic_write_bytes
 from .errors import CheckpointError
+from .safetensors_header import read_safetensors_header
 
 FORMAT = "xpmodel-checkpoint"
 FORMAT_VERSION = 1
-_MAX_HEADER_BYTES = 100 * 2**20   # a real header is a few KB per parameter
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
                 "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 _SLOW_SAVE_ENV = "XPMODEL_TEST_SLOW_SAVE"
@@ -118,26 +117,7 @@ def load_checkpoint(path, param_shapes, optimizer_sizes):
 
 def read_checkpoint_header(path):
     """The safetensors JSON header, with its length and offsets checked against the file size."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{path}: truncated checkpoint ({size} bytes)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > min(size - 8, _MAX_HEADER_BYTES):
-                raise CheckpointError(f"{path}: corrupt checkpoint header (length {header_len})")
-            header = json.loads(f.read(header_len))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: checkpoint not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path}: corrupt checkpoint header") from None
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({exc.strerror})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt checkpoint header")
-    data_len = size - 8 - header_len
+    header, _, data_len = read_safetensors_header(path, CheckpointError, "checkpoint")
     metadata = header.get("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: corrupt checkpoint header (metadata)")

@@ -31,13 +31,13 @@ Nothing is unpickled: a directory with only pytorch_model.bin is refused.
 import json
 import math
 import os
-import struct
 from pathlib import Path
 
 import numpy
 from safetensors.numpy import save_file
 
 from .errors import DataError, UsageError
+from .safetensors_header import read_safetensors_header
 from .model import GPTConfig
 from .params import parameter_shapes
 from .tokenizer_hf import hf_vocab, read_hf_tokenizer
@@ -63,7 +63,6 @@ _OTHER_FORMATS = ("tf_model.h5", "flax_model.msgpack", "model.ckpt.index")
 # Causal-mask buffers that older checkpoints saved; they hold no parameters.
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 _SAFETENSORS_DTYPES = {"F32": "<f4", "F64": "<f8", "F16": "<f2", "BF16": "<u2"}
-_MAX_HEADER_BYTES = 100 * 2**20
 
 
 # ----- export ---------------------------------------------------------------
@@ -296,24 +295,8 @@ class _SafetensorsFile:
 
     def __init__(self, path):
         self.path = Path(path)
-        try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
-                prefix = f.read(8)
-                if len(prefix) < 8:
-                    raise DataError(f"{self.path}: truncated safetensors file")
-                (header_len,) = struct.unpack("<Q", prefix)
-                if header_len > min(size - 8, _MAX_HEADER_BYTES):
-                    raise DataError(f"{self.path}: corrupt safetensors header")
-                header = json.loads(f.read(header_len))
-        except OSError as exc:
-            raise DataError(f"cannot read {self.path}: {exc}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise DataError(f"{self.path}: corrupt safetensors header") from None
-        if not isinstance(header, dict):
-            raise DataError(f"{self.path}: corrupt safetensors header")
-        self._data_start = 8 + header_len
-        data_len = size - self._data_start
+        header, self._data_start, data_len = read_safetensors_header(
+            self.path, DataError, "safetensors file")
         self._entries = {}
         for key, entry in header.items():
             if key == "__metadata__":
