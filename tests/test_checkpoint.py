@@ -350,3 +350,10 @@ def test_a_model_loaded_from_a_run_matches_the_saved_weights(tmp_path):
     ids = numpy.arange(16).reshape(1, 16)
     numpy.testing.assert_array_equal(model.forward(ids), reference.forward(ids))
     assert not model.training and tokenizer == BPETokenizer()
+
+
+def test_a_failed_write_names_the_target_not_the_temporary(tmp_path):
+    target = tmp_path / "missing-folder" / "c.json"
+    with pytest.raises(OSError) as failure:
+        atomic_write_bytes(target, b"{}")
+    assert failure.value.filename == str(target)

@@ -354,3 +354,46 @@ def test_load_returns_the_trained_model_and_tokenizer(trained, monkeypatch):
 def test_metrics_lines_are_strict_json(trained):
     for line in (trained["run"] / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda name: pytest.fail(f"non-JSON constant {name}"))
+
+
+# ---- argument order, epochs, resume limits ----------------------------------------
+
+def test_overrides_may_follow_options_and_epochs_work_with_random_windows(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=300)
+    code, out, err = run_cli(capsys, "train", "--config", TINY, "model.n_layer=1", "--device", "cpu",
+                             "--quiet", "--out", tmp_path / "run", f"data.source={corpus}",
+                             "train.max_iters=null", "train.epochs=1", "train.warmup_iters=0")
+    assert code == 0, err
+    steps = [r["step"] for r in RunDir(tmp_path / "run").read_metrics() if r["type"] == "train"]
+    tokens = read_token_header(next((tmp_path / "cache" / "tokens").glob("*.tok"))).count
+    assert len(steps) == int(tokens * 0.9 - 1) // (4 * 16)   # one pass of B*T-token batches
+
+
+def test_unknown_flags_are_still_refused(capsys):
+    code, _, err = run_cli(capsys, "train", "--bogus")
+    assert code == 2 and "unrecognized arguments: --bogus" in err
+
+
+def test_tokenizer_without_a_subcommand_shows_its_own_help(capsys):
+    code, out, _ = run_cli(capsys, "tokenizer")
+    assert code == 2 and out.startswith("usage: xpmodel tokenizer")
+
+
+def test_resume_refuses_a_new_batch_size(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    code, _, err = run_cli(capsys, "train", "--resume", run, "train.batch_size=8")
+    assert code == 2
+    assert_one_line_error(err)
+    assert "train.batch_size cannot change" in err
+
+
+def test_bits_per_byte_gives_special_tokens_no_bytes(trained):
+    from xpmodel.commands import evaluate_tokens
+    model, tokenizer = xpmodel.load(trained["run"])
+    text_ids = tokenizer.encode("Good night sweet prince.\n" * 3)
+    with_eot = numpy.array(text_ids + [tokenizer.eot_id] + text_ids)
+    plain = numpy.array(text_ids + text_ids)
+    both = evaluate_tokens(model, tokenizer, with_eot, batch_size=4)
+    nats = both["loss"] * both["tokens"]
+    assert both["bits_per_byte"] == pytest.approx(nats / math.log(2) / (2 * len("Good night sweet prince.\n" * 3) - 1))
+    assert evaluate_tokens(model, tokenizer, plain, batch_size=4)["tokens"] == both["tokens"] - 1

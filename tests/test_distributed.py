@@ -72,11 +72,7 @@ def test_without_a_launcher_is_one_process_with_no_op_collectives(no_launcher):
     assert dist.broadcast_(flat) is flat and flat.tolist() == [0, 1, 2, 3]
     dist.barrier()
     assert dist.agree({"seed": 1}) and dist.in_sync(flat)
-    assert dist.max_across(2.5) == 2.5
     assert dist.shard(7) == (0, 7)
-    dist.check_world_size(1)
-    with pytest.raises(UsageError, match="2 rank.*resume it under mpirun -n 2"):
-        dist.check_world_size(2)
 
 
 def test_device_spec_of_one_process_keeps_an_explicit_gpu(no_launcher):
@@ -138,12 +134,10 @@ def test_collectives_on_two_ranks(tmp_path):
         assert report["mean_scalar"] == 0.5
         assert report["broadcast"] == [0.0] * 5 and report["broadcast_last"] == [1.0] * 3
         assert report["agree_same"] and not report["agree_rank"] and report["agree_array"]
-        assert report["max"] == 10.0
         assert report["in_sync"] and not report["out_of_sync"]
         assert report["shard"] == [4 * rank, 4 * rank + 4]
         assert "global batch size 9 does not divide by the 2 ranks" in report["shard_error"]
         assert "use --device cuda" in report["cuda_n_error"]
-        assert "resume it under mpirun -n 3" in report["resume_error"]
 
 
 @needs_mpi
@@ -153,7 +147,7 @@ def test_two_ranks_train_like_one_process(tmp_path, no_launcher):
     assert result.returncode == 0, result.stderr
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["checksum"] == ranks[1]["checksum"], "ranks ended with different weights"
-    assert all(r["in_sync"] and r["max_rank"] == 1 and r["world_size"] == 2 for r in ranks)
+    assert all(r["in_sync"] and r["world_size"] == 2 for r in ranks)
     two = np.load(tmp_path / "result.npz")
 
     train_steps = load_train_steps()

@@ -56,6 +56,14 @@ def test_two_ranks_train_like_one_process(tmp_path, tinyshakespeare):
 
 
 @needs_mpi
+def test_a_batch_the_ranks_cannot_split_is_refused_before_writing(tmp_path, tinyshakespeare):
+    env = {**os.environ, "XPMODEL_CACHE": str(tmp_path / "cache")}
+    result = train(tmp_path / "run", tinyshakespeare, env, ranks=2, extra=("train.batch_size=7",))
+    assert result.returncode != 0 and "does not divide by the 2 ranks" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@needs_mpi
 def test_a_failure_on_one_rank_ends_the_job_with_one_message(tmp_path):
     env = {**os.environ, "XPMODEL_CACHE": str(tmp_path / "cache")}
     result = train(tmp_path / "run", tmp_path / "missing.txt", env, ranks=2)

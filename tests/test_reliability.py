@@ -27,7 +27,7 @@ from safetensors.numpy import save_file
 
 from cli_helpers import assert_one_line_error, run_cli
 import xpmodel
-from xpmodel.checkpoint import load_checkpoint, read_checkpoint_header, read_checkpoint_meta
+from xpmodel.checkpoint import load_checkpoint, read_checkpoint_meta
 from xpmodel.config import load_config
 from xpmodel.errors import XpmodelError
 from xpmodel.model import GPTConfig

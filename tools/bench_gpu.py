@@ -37,10 +37,12 @@ def xpmodel_step(config, B, device, precision):
     def step():
         model.zero_grad()
         model.forward_backward(idx, targets, scale=scaler.scale if scaler else 1.0)
+        finite = scaler.unscale_and_check(model) if scaler else True
         if scaler:
-            scaler.update(scaler.unscale_and_check(model), 0)
-        xpmodel.clip_grad_norm(model, 1.0)
-        opt.step()
+            scaler.update(finite, 0)
+        if finite:
+            xpmodel.clip_grad_norm(model, 1.0)
+            opt.step()
         synchronize(model.device)
     return step, model
 

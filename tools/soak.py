@@ -10,7 +10,6 @@ the best one. Exits 1 when either check fails.
     python tools/soak.py [--steps 10000] [--save-interval 50] [--data FILE] [--out DIR]
 """
 import argparse
-import os
 import random
 import sys
 import tempfile

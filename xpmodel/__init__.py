@@ -1,13 +1,14 @@
 """xpmodel: GPT-2 language models with hand-written forward and backward
 passes, on NumPy (CPU) or CuPy (CUDA)."""
 from .backend import get_device
-from .model import GPT, GPTConfig
 from .loss_scale import LossScaler
+from .model import GPT, GPTConfig
 from .optim import SGD, AdamW, clip_grad_norm, grad_norm
 from .runs import load
 from .schedule import ConstantSchedule, CosineSchedule
+from .tokenizer import BPETokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["GPT", "GPTConfig", "AdamW", "SGD", "clip_grad_norm", "grad_norm",
-           "CosineSchedule", "ConstantSchedule", "LossScaler", "get_device", "load", "__version__"]
+__all__ = ["GPT", "GPTConfig", "AdamW", "SGD", "clip_grad_norm", "grad_norm", "CosineSchedule",
+           "ConstantSchedule", "LossScaler", "BPETokenizer", "get_device", "load", "__version__"]

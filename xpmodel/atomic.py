@@ -29,6 +29,9 @@ def atomic_write_bytes(path, data, pause=0.0):
         if pause > 0:
             time.sleep(pause)
         os.replace(tmp, path)
+    except OSError as exc:   # reported against the file the caller named, not the temporary
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -14,14 +14,19 @@ import os
 import sys
 
 from . import __version__
-from .errors import UsageError, XpmodelError
+from .errors import XpmodelError
 
 _EPILOG = "Run `xpmodel COMMAND --help` for the options of each command."
 
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may come after options too (`--quiet model.n_layer=2`)
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
@@ -156,7 +161,7 @@ def build_parser():
     q.add_argument("--export-hf", default=None, metavar="DIR",
                    help="also write Hugging Face tokenizer files to DIR")
     q.set_defaults(handler=c.tokenizer_train_command)
-    p.set_defaults(handler=lambda args: p.print_help() or 2)
+    p.set_defaults(handler=lambda args, parser=p: parser.print_help() or 2)
 
     p = commands.add_parser("export-hf", parents=[common], help="export a run as a transformers GPT-2",
                             description="Write a run as a GPT2LMHeadModel directory with its tokenizer.")

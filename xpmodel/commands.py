@@ -40,6 +40,11 @@ def _train(args, device, dist):
             for section in ("data", "model"):
                 if config_to_dict(config)[section] != config_to_dict(saved)[section]:
                     raise UsageError(f"--resume: only train.* settings can change, not {section}.*")
+            for key in ("batch_size", "seed"):
+                if getattr(config.train, key) != getattr(saved.train, key):
+                    raise UsageError(f"--resume: train.{key} cannot change within a run (the data "
+                                     f"sampler's position depends on it); start a new run with "
+                                     f"--init-from {args.resume}")
         trainer = Trainer.resume(args.resume, device=device, overrides_config=config,
                                  quiet=args.quiet, dist=dist)
         if config is not None and trainer.is_main:
@@ -134,7 +139,9 @@ def eval_command(args):
 def evaluate_tokens(model, tokenizer, tokens, batch_size, max_batches=None):
     """Loss over consecutive windows, each target predicted once, and bits per byte."""
     T = model.config.block_size
-    byte_lengths = numpy.array([len(tokenizer.token_bytes(i)) if i < tokenizer.vocab_size else 0
+    specials = set(tokenizer.special_tokens.values())   # e.g. <|endoftext|>: no bytes of text
+    byte_lengths = numpy.array([len(tokenizer.token_bytes(i))
+                                if i < tokenizer.vocab_size and i not in specials else 0
                                 for i in range(model.config.vocab_size)])
     starts = list(range(0, len(tokens) - 1, T))
     total_nats, total_tokens, total_bytes = 0.0, 0, 0

@@ -151,10 +151,6 @@ class Distributed:
         """True when every rank passes an equal Python value (a config, a seed)."""
         return True
 
-    def max_across(self, x, timeout=None):
-        """The largest of the ranks' floats."""
-        return float(x)
-
     def in_sync(self, array, timeout=None):
         """True when `array` holds the same bytes on every rank (copies it to
         the host to hash it, so a check to run now and then, not every step)."""
@@ -171,15 +167,6 @@ class Distributed:
                              f"{self.world_size} ranks: use a multiple of {self.world_size}")
         per_rank = batch_size // self.world_size
         return self.rank * per_rank, (self.rank + 1) * per_rank
-
-    def check_world_size(self, saved_world_size, what="the checkpoint"):
-        """Raise UsageError when `what` was written by a run with another number of ranks."""
-        if saved_world_size is None or int(saved_world_size) == self.world_size:
-            return
-        saved = int(saved_world_size)
-        how = "without mpirun" if saved == 1 else f"under mpirun -n {saved}"
-        raise UsageError(f"{what} was written by a run with {saved} rank(s), but this run "
-                         f"has {self.world_size}: resume it {how}")
 
     # ---- failure ----------------------------------------------------------------
     def abort(self, message, code=1):
@@ -300,12 +287,6 @@ class MPIDistributed(Distributed):
     def agree(self, value, timeout=None):
         blobs = self._allgather_blobs(_canonical_bytes(value), "agreement check", timeout)
         return all(blob == blobs[0] for blob in blobs[1:])
-
-    def max_across(self, x, timeout=None):
-        buffer = numpy.array([float(x)], dtype=numpy.float64)
-        self._wait(self._comm.Iallreduce(self._MPI.IN_PLACE, buffer, self._MPI.MAX),
-                   "max all-reduce", timeout)
-        return float(buffer[0])
 
     def in_sync(self, array, timeout=None):
         digest = hashlib.sha256(numpy.ascontiguousarray(to_host(array)).tobytes()).hexdigest()

@@ -127,6 +127,9 @@ class Trainer:
                                f"({exc.__class__.__name__}): lower model.n_layer, model.n_embd "
                                f"or model.vocab_size") from None
         if dist is not None:
+            if not dist.agree(config_to_dict(config)):
+                raise UsageError("the ranks were started with different configs; launch every "
+                                 "rank with the same command line")
             dist.broadcast_(self.model.flat_params)
             self.model.dropout_stream = dist.rank
         self.scaler = LossScaler() if t.precision == "fp16" else None
@@ -150,6 +153,8 @@ class Trainer:
         the directory gets run.json only after its step-0 checkpoint."""
         is_main = dist is None or dist.is_main
         device = get_device(device)
+        if dist is not None:
+            dist.shard(config.train.batch_size)   # refuses a batch the ranks cannot split
         run = RunDir(out or default_run_path(config_name))
         if is_main:
             run.check_can_create(overwrite)
@@ -160,6 +165,15 @@ class Trainer:
         if config.train.init_from:
             pretrained = load_pretrained(config.train.init_from)
             source_config, _, tokenizer = pretrained
+            taken = {k: getattr(source_config, k) for k in ("n_layer", "n_head", "n_embd", "block_size")}
+            ignored = [f"model.{k}={getattr(config.model, k)}" for k, v in taken.items()
+                       if getattr(config.model, k) != v]
+            if ignored and show and is_main:
+                print(f"--init-from {config.train.init_from}: the model shape comes from the "
+                      f"source; ignoring {', '.join(ignored)}")
+            config = replace(config, data=replace(
+                config.data, tokenizer="bpe" if tokenizer.merges else "byte",
+                vocab_size=max(256, tokenizer.vocab_size)))
             config = replace(config, model=replace(
                 config.model, n_layer=source_config.n_layer, n_head=source_config.n_head,
                 n_embd=source_config.n_embd, block_size=source_config.block_size,
@@ -345,6 +359,9 @@ class Trainer:
                     if t.sample_interval and self.step % t.sample_interval == 0 and self.is_main:
                         display.sample(self.step, self.sample_text())
                     if self.step % t.save_interval == 0 or self.step == self.total_steps:
+                        if self.dist is not None and not self.dist.in_sync(self.model.flat_params):
+                            raise XpmodelError(f"step {self.step}: the ranks' weights differ; "
+                                               f"not saving")
                         self.save()
                     if self._stop_signal is not None:
                         raise Interrupted(self._stop_signal)
@@ -450,13 +467,17 @@ class Trainer:
         return t.sample_prompt + self.tokenizer.decode(ids)
 
     def _mfu(self, tokens_per_s):
+        """Model FLOPs utilisation against the GPU's dense fp16 peak; None on CPU
+        or an unknown GPU."""
         if not self.device.is_cuda:
             return None
-        name = gpu_name(self.device)
-        peak = next((flops for key, flops in _GPU_PEAK_FLOPS.items() if key in name), None)
-        if peak is None:
+        if not hasattr(self, "_peak_flops"):
+            name = gpu_name(self.device)
+            self._peak_flops = next((f for key, f in _GPU_PEAK_FLOPS.items() if key in name), None)
+            self._flops_per_token = self.gpt_config.flops_per_token()
+        if self._peak_flops is None:
             return None
-        return self.gpt_config.flops_per_token() * tokens_per_s / peak
+        return self._flops_per_token * tokens_per_s / self._peak_flops
 
     def _summary(self, last_loss, stop_reason):
         wall = self.elapsed_before + self._elapsed()

@@ -100,7 +100,7 @@ def main():
         (args.out / f"rank{dist.rank}.json").write_text(json.dumps(
             {"rank": dist.rank, "world_size": dist.world_size, "local_rank": dist.local_rank,
              "checksum": checksum, "in_sync": dist.in_sync(params),
-             "max_rank": dist.max_across(dist.rank), "backend": dist.backend}))
+             "backend": dist.backend}))
         dist.barrier()
         if dist.is_main:
             np.savez(args.out / "result.npz", params=params, losses=np.array(losses))

@@ -210,6 +210,11 @@ class RandomWindowSampler(_Sampler):
             raise DataError(f"{len(tokens)} tokens are fewer than block_size + 1 = {self.block_size + 1}")
         self.step = 0  # batches served so far
 
+    @property
+    def batches_per_epoch(self) -> int:
+        """Random windows have no passes; an epoch is as many batches as hold the stream's tokens once."""
+        return max(1, (len(self.tokens) - 1) // (self.batch_size * self.block_size))
+
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
         """The next (x, y), each (B, T) int64."""
         rng = np.random.default_rng([self.seed, self.step])

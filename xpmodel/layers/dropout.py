@@ -9,7 +9,8 @@ def dropout_forward(x, p, rng):
     """
     if p == 0.0:
         return x, None
-    mask = rng.random(x.shape, dtype=x.dtype) >= p
+    draw_dtype = "float64" if x.dtype.itemsize == 8 else "float32"   # no float16 draws
+    mask = rng.random(x.shape, dtype=draw_dtype) >= p
     scaled_mask = mask.astype(x.dtype)
     scaled_mask *= 1.0 / (1.0 - p)
     return x * scaled_mask, scaled_mask
