@@ -1,4 +1,5 @@
-"""Shared test fixtures: paths, the PyTorch reference, backends to run on."""
+"""Shared test setup: paths, tools/ on the import path (for the PyTorch reference
+model in tools/torch_gpt.py), and the Tiny Shakespeare fixture."""
 import sys
 from pathlib import Path
 
@@ -7,12 +8,6 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO / "tools"))
-
-
-def available_devices():
-    """cpu always; cuda only where CuPy sees a GPU."""
-    from xpmodel.backend import cuda_available
-    return ["cpu"] + (["cuda"] if cuda_available() else [])
 
 
 @pytest.fixture

@@ -71,7 +71,7 @@ class AdamW:
 
 
 class SGD:
-    """Plain SGD with optional momentum and decoupled-free L2 weight decay on matrices."""
+    """Plain SGD with optional momentum and L2 weight decay (added to the gradient) on matrices."""
 
     def __init__(self, model, lr, momentum=0.0, weight_decay=0.0):
         _check_positive("lr", lr, allow_zero=True)
