@@ -2,6 +2,8 @@
 against a NumPy float64 reference, in both precisions.
 
 CUDA cases skip cleanly on machines without CuPy or a GPU."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -128,3 +130,30 @@ def test_fp16_with_dropout_trains(device):
     second = float(model.forward_backward(idx, targets, scale=256.0))
     assert np.isfinite(first) and first != second          # fresh masks each pass
     assert bool(np.isfinite(to_host(model.flat_grads)).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cached_generation_matches_uncached(device):
+    from xpmodel.generate import generate
+    model = xpmodel.GPT(xpmodel.GPTConfig(vocab_size=96, block_size=16, n_layer=2, n_head=4,
+                                          n_embd=32), device=device, seed=4)
+    prompt = [1, 5, 9, 2]
+    for kwargs in (dict(temperature=0.0), dict(temperature=0.9, top_k=20, seed=3)):
+        cached = list(generate(model, prompt, 30, use_cache=True, **kwargs))
+        uncached = list(generate(model, prompt, 30, use_cache=False, **kwargs))
+        assert cached == uncached and len(cached) == 30
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_run_trained_on_a_device_loads_on_the_cpu(device, tmp_path, monkeypatch, tinyshakespeare):
+    from xpmodel.config import load_config
+    from xpmodel.trainer import Trainer
+    monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
+    tiny = str(Path(__file__).resolve().parent / "tiny-run.yaml")
+    config = load_config(tiny, [f"data.source={tinyshakespeare}", "train.max_iters=6",
+                                "train.eval_interval=3", "train.save_interval=3"])
+    trainer = Trainer.start(config, device=device, out=tmp_path / "run", show=False)
+    trainer.run()
+    model, _ = xpmodel.load(tmp_path / "run", device="cpu")
+    for name, value in trainer.model.params.items():
+        np.testing.assert_array_equal(model.params[name], to_host(value))

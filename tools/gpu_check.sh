@@ -30,9 +30,11 @@ timeout 240 $PY tools/bench_gpu.py --configs char-mid gpt2-small --steps 12 > "$
 note "bench exit code $?"
 cat "$OUT/bench.log" >> "$summary"
 
-note "== short training run (shakespeare-char on Tiny Shakespeare, 300 steps, fp16)"
+DATA=../shared/data/tinyshakespeare.txt
+[ -f "$DATA" ] || DATA=pystdlib          # the Python standard library's source is everywhere
+note "== short training run (shakespeare-char on $DATA, 300 steps, fp16)"
 timeout 150 $PY -m xpmodel.cli train --config shakespeare-char --device cuda --quiet --overwrite \
-    --out "$OUT/run" data.source=../shared/data/tinyshakespeare.txt train.max_iters=300 \
+    --out "$OUT/run" data.source="$DATA" train.max_iters=300 \
     train.eval_interval=150 train.sample_interval=0 train.precision=fp16 > "$OUT/train.log" 2>&1
 note "train exit code $?"
 tail -3 "$OUT/train.log" >> "$summary"
