@@ -9,7 +9,6 @@ traceback, no escape codes) run as subprocesses.
 import json
 import math
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy
 import pytest
 
-from cli_helpers import assert_one_line_error, run_cli
+from cli_helpers import assert_one_line_error, run_cli, write_corpus
 import xpmodel
 from xpmodel.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from xpmodel.config import load_config
@@ -31,17 +30,6 @@ from xpmodel.tokenizer import BPETokenizer
 
 TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
 ESCAPE = "\x1b"
-
-
-def write_corpus(path, lines=1500, seed=0):
-    """Deterministic English-like text, about 45 KB."""
-    words = ("the king shall speak of love and war to my lord good night sweet prince "
-             "what is this fair day come hither now").split()
-    rng = random.Random(seed)
-    text = "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))).capitalize() + "."
-                     for _ in range(lines))
-    path.write_text(text + "\n", encoding="utf-8")
-    return path
 
 
 def subprocess_env(cache):

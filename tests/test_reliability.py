@@ -25,7 +25,7 @@ import numpy
 import pytest
 from safetensors.numpy import save_file
 
-from cli_helpers import assert_one_line_error, run_cli
+from cli_helpers import assert_one_line_error, run_cli, write_corpus
 import xpmodel
 from xpmodel.checkpoint import load_checkpoint, read_checkpoint_meta
 from xpmodel.config import load_config
@@ -37,17 +37,6 @@ from xpmodel.trainer import Trainer
 
 TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
 TINY_GPT = GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16)
-
-
-def write_corpus(path, lines=1500, seed=0):
-    """Deterministic English-like text, about 45 KB."""
-    words = ("the king shall speak of love and war to my lord good night sweet prince "
-             "what is this fair day come hither now").split()
-    rng = random.Random(seed)
-    text = "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))).capitalize() + "."
-                     for _ in range(lines))
-    path.write_text(text + "\n", encoding="utf-8")
-    return path
 
 
 def process_env(cache, **extra):

@@ -12,7 +12,6 @@ fp16 peak, peak GPU memory of each side and the ratios.
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 CONFIGS = {   # name: (n_layer, n_head, n_embd, block_size, batch_size, vocab_size)
@@ -84,15 +83,6 @@ def torch_step(config, B, device, precision, compiled):
     return step
 
 
-def time_steps(step, n):
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def peak_memory(side, device):
     """Peak GPU bytes of one side since its counter was reset (None on CPU)."""
     if not device.startswith("cuda"):
@@ -115,6 +105,7 @@ def main():
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import xpmodel
+    from bench_cpu import time_steps
     import torch
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     peak = next((v for k, v in PEAK_FP16.items() if k in gpu), None)
