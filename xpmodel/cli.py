@@ -112,9 +112,14 @@ def build_parser():
                    help="config overrides, e.g. model.n_layer=4 train.max_iters=200")
     p.set_defaults(handler=c.train_command)
 
-    p = commands.add_parser("sample", parents=[common], help="generate text from a run",
+    trained_run = argparse.ArgumentParser(add_help=False)   # options of commands that load a run
+    trained_run.add_argument("run_dir", metavar="RUN_DIR")
+    trained_run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    trained_run.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
+                             help="which checkpoint to load (default: latest)")
+
+    p = commands.add_parser("sample", parents=[common, trained_run], help="generate text from a run",
                             description="Stream generated text from a trained run.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
@@ -122,18 +127,13 @@ def build_parser():
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
     p.set_defaults(handler=c.sample_command)
 
-    p = commands.add_parser("eval", parents=[common], help="loss, perplexity and bits per byte",
+    p = commands.add_parser("eval", parents=[common, trained_run], help="loss, perplexity and bits per byte",
                             description="Evaluate a run on its validation split or on other text.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--data", default=None, metavar="SOURCE",
                    help="a file, folder, glob or built-in corpus (default: the run's validation split)")
     p.add_argument("--batches", type=int, default=None, help="batches to evaluate (default: all)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
     p.set_defaults(handler=c.eval_command)
 
     p = commands.add_parser("plot", parents=[common], help="plot a run's losses to a PNG",
