@@ -76,7 +76,7 @@ def prefill(model, idx, cache=None):
     batch size B; it is overwritten (a fresh one is made otherwise).
     Returns (logits (B, V) of the last position, cache) with cache.length == T.
     """
-    idx = model._check_ids(idx, "idx")
+    idx = model.check_ids(idx, "idx")
     B, T = idx.shape
     if cache is None:
         cache = KVCache(model, B)
@@ -122,7 +122,7 @@ def decode_step(model, cache, token_ids):
         raise ValueError(f"decode_step: token_ids must have shape ({cache.batch_size},), "
                          f"got {tuple(token_ids.shape)}")
     B = cache.batch_size
-    ids = model._check_ids(token_ids.reshape(B, 1), "token_ids")
+    ids = model.check_ids(token_ids.reshape(B, 1), "token_ids")
     cfg, P, xp = model.config, model.params, model.xp
     H, D = cfg.n_head, cfg.n_embd // cfg.n_head
     pos = cache.length

@@ -65,6 +65,11 @@ class GPT:
 
     params / grads: name -> writable view into the flat buffers
     `flat_params` / `flat_grads` (float32 or, on CPU, float64).
+
+    precision="fp16" is mixed precision: float32 master weights, a float16
+    working copy of them (`flat_working`, `weights`) for the matmuls, float16
+    activations around the matmuls, and the residual stream, LayerNorm,
+    softmax and loss in float32.
     """
 
     def __init__(self, config, device="cpu", dtype="float32", seed=0, precision="fp32"):
@@ -125,7 +130,7 @@ class GPT:
     # ---- forward / backward -----------------------------------------------------
     def forward(self, idx):
         """idx: (B, T) ints -> logits (B, T, V)."""
-        idx = self._check_ids(idx, "idx")
+        idx = self.check_ids(idx, "idx")
         B, T = idx.shape
         self._refresh_working_copy()
         hidden, _ = self._forward_hidden(idx, rng=None)
@@ -134,7 +139,7 @@ class GPT:
 
     def loss(self, idx, targets):
         """Mean cross-entropy over non-ignored targets, without gradients."""
-        idx = self._check_ids(idx, "idx")
+        idx = self.check_ids(idx, "idx")
         targets = self._check_targets(targets, idx.shape)
         self._refresh_working_copy()
         totals = self._run_shards(idx.shape[0], lambda rows, k: self._shard_loss(idx[rows], targets[rows]))
@@ -147,7 +152,7 @@ class GPT:
         scale multiplies the gradient (gradient accumulation, loss scaling);
         the returned loss, a 0-d array, is the unscaled mean cross-entropy.
         """
-        idx = self._check_ids(idx, "idx")
+        idx = self.check_ids(idx, "idx")
         targets = self._check_targets(targets, idx.shape)
         self._refresh_working_copy()
         count = self.xp.sum(targets != IGNORE_INDEX)
@@ -298,7 +303,7 @@ class GPT:
         self.dropout_calls += 1
         return seed
 
-    def _check_ids(self, idx, what):
+    def check_ids(self, idx, what):
         shape = getattr(idx, "shape", None)
         if shape is None or len(shape) != 2:
             raise ValueError(f"{what} must be a (B, T) integer array, got shape {shape}")
