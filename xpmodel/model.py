@@ -110,7 +110,7 @@ class GPT:
         self._threads = thread_count()
         if not self.device.is_cuda:
             keep_freed_memory()
-        self._grad_buffers = []  # per-shard gradient buffers for CPU threads 1..
+        self._grad_buffers = []  # (flat, views) gradient buffers for CPU threads 1..
 
     # ---- modes and bookkeeping -------------------------------------------------
     def train(self):
@@ -142,7 +142,7 @@ class GPT:
         idx = self.check_ids(idx, "idx")
         targets = self._check_targets(targets, idx.shape)
         self._refresh_working_copy()
-        totals = self._run_shards(idx.shape[0], lambda rows, k: self._shard_loss(idx[rows], targets[rows]))
+        totals = self._run_shards(idx.shape[0], lambda rows, k: self._shard_pass(idx[rows], targets[rows]))
         return sum(totals[1:], totals[0]) / self.xp.sum(targets != IGNORE_INDEX)
 
     def forward_backward(self, idx, targets, scale=1.0):
@@ -150,7 +150,8 @@ class GPT:
 
         idx, targets: (B, T) ints (targets may hold -1 to ignore a position).
         scale multiplies the gradient (gradient accumulation, loss scaling);
-        the returned loss, a 0-d array, is the unscaled mean cross-entropy.
+        the returned loss is the unscaled mean cross-entropy: a NumPy scalar,
+        or a 0-d CuPy array so that a GPU step need not wait for the device.
         """
         idx = self.check_ids(idx, "idx")
         targets = self._check_targets(targets, idx.shape)
@@ -158,16 +159,16 @@ class GPT:
         count = self.xp.sum(targets != IGNORE_INDEX)
         dlosses = scale / count
         seed = self._dropout_seed() if self.training and self.config.dropout > 0 else None
-        shards = split(idx.shape[0], self._n_shards(idx.shape[0]))
-        grads = [self.grads] + [self.layout.views(flat) for flat in self._shard_grad_buffers(len(shards))]
+        extra = self._shard_grad_buffers(self._n_shards(idx.shape[0]) - 1)
+        grads = [self.grads] + [views for _, views in extra]
 
         def shard_pass(rows, k):
             rng = None if seed is None else random_generator(self.device, [seed, self.dropout_stream, k])
-            return self._shard_forward_backward(idx[rows], targets[rows], dlosses, rng, grads[k])
+            return self._shard_pass(idx[rows], targets[rows], grads[k], dlosses, rng)
 
         totals = self._run_shards(idx.shape[0], shard_pass)
-        for k in range(1, len(shards)):
-            self.flat_grads += self._grad_buffers[k - 1]
+        for flat, _ in extra:
+            self.flat_grads += flat
         return sum(totals[1:], totals[0]) / count
 
     def _run_shards(self, batch_size, shard_fn):
@@ -182,40 +183,33 @@ class GPT:
     def _n_shards(self, batch_size):
         return 1 if self.device.is_cuda else min(batch_size, self._threads)
 
-    def _shard_grad_buffers(self, n_shards):
-        """Zeroed gradient buffers for shards 1.. (shard 0 adds into flat_grads)."""
-        while len(self._grad_buffers) < n_shards - 1:
-            self._grad_buffers.append(self.xp.zeros_like(self.flat_grads))
-        for flat in self._grad_buffers[:n_shards - 1]:
+    def _shard_grad_buffers(self, count):
+        """`count` zeroed (flat, views) gradient buffers for shards 1.. (shard 0
+        adds into flat_grads); allocated once, reused every pass."""
+        while len(self._grad_buffers) < count:
+            flat = self.xp.zeros_like(self.flat_grads)
+            self._grad_buffers.append((flat, self.layout.views(flat)))
+        for flat, _ in self._grad_buffers[:count]:
             flat.fill(0)
-        return self._grad_buffers[:n_shards - 1]
+        return self._grad_buffers[:count]
 
-    def _shard_loss(self, idx, targets):
-        """Summed cross-entropy of one shard: idx, targets (b, T)."""
-        hidden, _ = self._forward_hidden(idx, rng=None)
-        targets = targets.reshape(-1)
-        total = 0.0
-        for rows in self._logit_chunks(hidden.shape[0]):
-            logits = lm_head_forward(hidden[rows], self.weights["wte.weight"])
-            losses, _ = crossentropy_forward(upcast(logits), targets[rows])
-            total = total + losses.sum()
-        return total
-
-    def _shard_forward_backward(self, idx, targets, dlosses, rng, G):
-        """Forward and backward of one shard, adding into the gradient views G;
-        returns the shard's summed cross-entropy."""
+    def _shard_pass(self, idx, targets, G=None, dlosses=None, rng=None):
+        """Forward of one shard, idx and targets (b, T), and with gradient views G
+        its backward too, adding into G; returns the shard's summed cross-entropy."""
         W, xp = self.weights, self.xp
         hidden, caches = self._forward_hidden(idx, rng)
         targets = targets.reshape(-1)
         total = 0.0
-        dhidden = xp.empty_like(hidden)
+        dhidden = None if G is None else xp.empty_like(hidden)
         for rows in self._logit_chunks(hidden.shape[0]):
             logits = lm_head_forward(hidden[rows], W["wte.weight"])
             losses, probs = crossentropy_forward(upcast(logits), targets[rows])
             total = total + losses.sum()
-            dlogits = crossentropy_backward(dlosses, probs, targets[rows]).astype(hidden.dtype, copy=False)
-            dhidden[rows] = lm_head_backward(dlogits, hidden[rows], W["wte.weight"], G["wte.weight"])
-        self._backward_hidden(dhidden, idx, caches, G)
+            if G is not None:
+                dlogits = crossentropy_backward(dlosses, probs, targets[rows]).astype(hidden.dtype, copy=False)
+                dhidden[rows] = lm_head_backward(dlogits, hidden[rows], W["wte.weight"], G["wte.weight"])
+        if G is not None:
+            self._backward_hidden(dhidden, idx, caches, G)
         return total
 
     def _refresh_working_copy(self):
