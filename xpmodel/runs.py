@@ -1,8 +1,11 @@
 """Loading trained runs: `xpmodel.load(RUN_DIR)` and weights for `--init-from`."""
+from dataclasses import replace
 from pathlib import Path
 
-from .checkpoint import load_checkpoint, read_checkpoint_meta
+from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from .config import load_config
 from .errors import CheckpointError, UsageError
+from .hf import import_hf
 from .model import GPT, GPTConfig
 from .params import parameter_shapes
 from .rundir import RunDir
@@ -66,29 +69,28 @@ def load_pretrained(source):
         model, tokenizer = load(source_path)
         return model.config, model.state_arrays(), tokenizer
     if (source_path / "config.json").is_file():
-        from .hf import import_hf
         return import_hf(source_path)
     raise UsageError(f"train.init_from {source}: neither an xpmodel run nor a Hugging Face "
                      f"model directory (no run.json or config.json)")
+
+
+def adopt_pretrained(config, gpt_config, tokenizer):
+    """`config` with the model shape and tokenizer settings of pretrained weights."""
+    data = replace(config.data, tokenizer="bpe" if tokenizer.merges else "byte",
+                   vocab_size=max(256, tokenizer.vocab_size))
+    padded = gpt_config.vocab_size if gpt_config.vocab_size != tokenizer.vocab_size else None
+    model = replace(config.model, n_layer=gpt_config.n_layer, n_head=gpt_config.n_head,
+                    n_embd=gpt_config.n_embd, block_size=gpt_config.block_size, vocab_size=padded)
+    return replace(config, data=data, model=model)
 
 
 def import_run(hf_dir, out, overwrite=False):
     """Make a run from a Hugging Face GPT-2 directory: its config, tokenizer and
     a step-0 checkpoint holding the weights, ready for sample, eval and
     training with `--resume` or `--init-from`."""
-    from .config import RunConfig, load_config
-    from .hf import import_hf
-    from .checkpoint import save_checkpoint
-    from dataclasses import replace
     gpt_config, arrays, tokenizer = import_hf(hf_dir)
-    base = load_config()
-    config = RunConfig(
-        data=replace(base.data, tokenizer="bpe", vocab_size=max(256, tokenizer.vocab_size)),
-        model=replace(base.model, n_layer=gpt_config.n_layer, n_head=gpt_config.n_head,
-                      n_embd=gpt_config.n_embd, block_size=gpt_config.block_size,
-                      dropout=gpt_config.dropout,
-                      vocab_size=gpt_config.vocab_size if gpt_config.vocab_size != tokenizer.vocab_size else None),
-        train=base.train)
+    config = adopt_pretrained(load_config(), gpt_config, tokenizer)
+    config = replace(config, model=replace(config.model, dropout=gpt_config.dropout))
     run = RunDir(out)
     meta = {"kind": "imported", "source": str(hf_dir), "step": 0,
             "vocab_size": gpt_config.vocab_size, "tokenizer_fingerprint": tokenizer.fingerprint()}

@@ -19,7 +19,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import replace
 
 import numpy
 
@@ -37,7 +36,7 @@ from .loss_scale import LossScaler
 from .model import GPT, GPTConfig
 from .optim import AdamW, clip_grad_norm, grad_norm
 from .rundir import RunDir, default_run_path
-from .runs import load_pretrained
+from .runs import adopt_pretrained, load_pretrained
 from .schedule import ConstantSchedule, CosineSchedule
 
 _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -171,13 +170,7 @@ class Trainer:
             if ignored and show and is_main:
                 print(f"--init-from {config.train.init_from}: the model shape comes from the "
                       f"source; ignoring {', '.join(ignored)}")
-            config = replace(config, data=replace(
-                config.data, tokenizer="bpe" if tokenizer.merges else "byte",
-                vocab_size=max(256, tokenizer.vocab_size)))
-            config = replace(config, model=replace(
-                config.model, n_layer=source_config.n_layer, n_head=source_config.n_head,
-                n_embd=source_config.n_embd, block_size=source_config.block_size,
-                vocab_size=source_config.vocab_size if source_config.vocab_size != tokenizer.vocab_size else None))
+            config = adopt_pretrained(config, source_config, tokenizer)
         else:
             tokenizer = build_tokenizer(config.data, say=print if (show and is_main) else (lambda s: None))
         trainer = cls(config, run, tokenizer, device, quiet=quiet, dist=dist, show=show)
