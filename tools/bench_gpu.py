@@ -4,7 +4,8 @@ one process on the same GPU.
 
 A step is zero-grad, forward, backward, global-norm clip and AdamW on random
 tokens. Prints tokens/s (B*T / median step time), MFU against the GPU's dense
-fp16 peak, peak GPU memory of each side and the ratios.
+fp16 peak, peak GPU memory in use by each side (arrays / tensors, not what
+the caching allocators hold) and the ratios.
 
     python tools/bench_gpu.py [--configs char-mid gpt2-small] [--steps 20] [--no-compile]
     python tools/bench_gpu.py --device cpu --precision fp32 --configs tiny   # a smoke test
@@ -30,8 +31,9 @@ def xpmodel_step(config, B, device, precision):
     opt = xpmodel.AdamW(model, lr=3e-4)
     scaler = xpmodel.LossScaler() if precision == "fp16" else None
     rng = np.random.default_rng(0)
-    idx = model.xp.asarray(rng.integers(0, config.vocab_size, (B, config.block_size)))
-    targets = model.xp.asarray(rng.integers(0, config.vocab_size, (B, config.block_size)))
+    # host arrays, as the trainer's sampler hands them over
+    idx = rng.integers(0, config.vocab_size, (B, config.block_size))
+    targets = rng.integers(0, config.vocab_size, (B, config.block_size))
 
     def step():
         model.zero_grad()
@@ -83,15 +85,23 @@ def torch_step(config, B, device, precision, compiled):
     return step
 
 
-def peak_memory(side, device):
-    """Peak GPU bytes of one side since its counter was reset (None on CPU)."""
-    if not device.startswith("cuda"):
-        return None
-    if side == "xpmodel":
+class CupyPeakTracker:
+    """Peak bytes in use by CuPy arrays (not bytes its pool holds), the same
+    quantity as torch.cuda.max_memory_allocated."""
+
+    def __init__(self):
         import cupy
-        return cupy.get_default_memory_pool().total_bytes()
-    import torch
-    return torch.cuda.max_memory_allocated()
+        self.pool = cupy.get_default_memory_pool()
+        self.peak = 0
+        cupy.cuda.set_allocator(self.malloc)
+
+    def malloc(self, size):
+        memory = self.pool.malloc(size)
+        self.peak = max(self.peak, self.pool.used_bytes())
+        return memory
+
+    def reset(self):
+        self.peak = self.pool.used_bytes()
 
 
 def main():
@@ -110,25 +120,34 @@ def main():
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     peak = next((v for k, v in PEAK_FP16.items() if k in gpu), None)
     print(f"device {gpu}, precision {args.precision}, torch {torch.__version__}")
+    tracker = CupyPeakTracker() if args.device.startswith("cuda") else None
     for name in args.configs:
         L, H, C, T, B, V = CONFIGS[name]
         config = xpmodel.GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C)
         flops_per_token = config.flops_per_token()
-        sides = {}
+        sides, memory = {}, {}
+        on_gpu = args.device.startswith("cuda")
+        if on_gpu:
+            tracker.reset()
         ours, model = xpmodel_step(config, B, args.device, args.precision)
         ours()
         sides["xpmodel"] = ours
-        if args.device.startswith("cuda"):
+        if on_gpu:
+            memory["xpmodel"] = tracker.peak
             torch.cuda.reset_peak_memory_stats()
         sides["torch eager"] = torch_step(config, B, args.device, args.precision, compiled=False)
         sides["torch eager"]()
-        memory = {"xpmodel": peak_memory("xpmodel", args.device),
-                  "torch eager": peak_memory("torch", args.device)}
+        if on_gpu:
+            memory["torch eager"] = torch.cuda.max_memory_allocated()
         if not args.no_compile:
             try:
+                if on_gpu:
+                    torch.cuda.reset_peak_memory_stats()
                 compiled = torch_step(config, B, args.device, args.precision, compiled=True)
                 compiled()
                 sides["torch.compile"] = compiled
+                if on_gpu:
+                    memory["torch.compile"] = torch.cuda.max_memory_allocated()
             except Exception as exc:   # compile needs a working toolchain
                 print(f"  torch.compile unavailable: {exc.__class__.__name__}: {str(exc)[:120]}")
         times = {side: [] for side in sides}

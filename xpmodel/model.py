@@ -13,8 +13,7 @@ import numpy
 from .backend import get_device, get_dtype, random_generator, to_device, to_host, upcast
 from .cpu_threads import keep_freed_memory, run_parallel, single_threaded_blas, split, thread_count
 from .layers.attention import attention_backward, attention_forward
-from .layers.crossentropy import (IGNORE_INDEX, crossentropy_backward, crossentropy_forward,
-                                  lm_head_backward, lm_head_forward)
+from .layers.crossentropy import IGNORE_INDEX, crossentropy_fused, lm_head_backward, lm_head_forward
 from .layers.dropout import dropout_backward, dropout_forward
 from .layers.embedding import embedding_backward, embedding_forward
 from .layers.gelu import gelu_backward, gelu_forward
@@ -203,11 +202,11 @@ class GPT:
         dhidden = None if G is None else xp.empty_like(hidden)
         for rows in self._logit_chunks(hidden.shape[0]):
             logits = lm_head_forward(hidden[rows], W["wte.weight"])
-            losses, probs = crossentropy_forward(upcast(logits), targets[rows])
+            losses, dlogits = crossentropy_fused(logits, targets[rows], dlosses)
             total = total + losses.sum()
             if G is not None:
-                dlogits = crossentropy_backward(dlosses, probs, targets[rows]).astype(hidden.dtype, copy=False)
-                dhidden[rows] = lm_head_backward(dlogits, hidden[rows], W["wte.weight"], G["wte.weight"])
+                lm_head_backward(dlogits, hidden[rows], W["wte.weight"], G["wte.weight"],
+                                 dx=dhidden[rows])
         if G is not None:
             self._backward_hidden(dhidden, idx, caches, G)
         return total
@@ -229,8 +228,7 @@ class GPT:
         block_caches = []
         for i in range(cfg.n_layer):
             p = f"h.{i}."
-            ln1, ln1_cache = layernorm_forward(x, P[p + "ln_1.weight"], P[p + "ln_1.bias"])
-            ln1 = ln1.astype(low, copy=False)
+            ln1, ln1_cache = layernorm_forward(x, P[p + "ln_1.weight"], P[p + "ln_1.bias"], low)
             qkv = linear_forward(ln1, W[p + "attn.c_attn.weight"], W[p + "attn.c_attn.bias"])
             y, attn_cache = attention_forward(qkv.reshape(B, T, 3 * cfg.n_embd), cfg.n_head,
                                               p_drop, rng)
@@ -238,8 +236,7 @@ class GPT:
             attn_out, attn_mask = dropout_forward(attn_out, p_drop, rng)
             x = residual_forward(x, attn_out)
 
-            ln2, ln2_cache = layernorm_forward(x, P[p + "ln_2.weight"], P[p + "ln_2.bias"])
-            ln2 = ln2.astype(low, copy=False)
+            ln2, ln2_cache = layernorm_forward(x, P[p + "ln_2.weight"], P[p + "ln_2.bias"], low)
             h = linear_forward(ln2, W[p + "mlp.c_fc.weight"], W[p + "mlp.c_fc.bias"])
             g, gelu_cache = gelu_forward(h)
             mlp_out = linear_forward(g, W[p + "mlp.c_proj.weight"], W[p + "mlp.c_proj.bias"])
@@ -247,8 +244,7 @@ class GPT:
             x = residual_forward(x, mlp_out)
             block_caches.append((ln1, ln1_cache, y, attn_cache, attn_mask,
                                  ln2, ln2_cache, h, gelu_cache, g, mlp_mask))
-        hidden, lnf_cache = layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"])
-        hidden = hidden.astype(low, copy=False)
+        hidden, lnf_cache = layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"], low)
         return hidden, (emb_mask, block_caches, lnf_cache)
 
     def _backward_hidden(self, dhidden, idx, caches, G):
@@ -257,7 +253,7 @@ class GPT:
         B, T = idx.shape
         low = self.compute_dtype
         emb_mask, block_caches, lnf_cache = caches
-        dx = layernorm_backward(upcast(dhidden), lnf_cache, P["ln_f.weight"],
+        dx = layernorm_backward(dhidden, lnf_cache, P["ln_f.weight"],
                                 G["ln_f.weight"], G["ln_f.bias"])
         for i in reversed(range(cfg.n_layer)):
             p = f"h.{i}."
@@ -270,8 +266,8 @@ class GPT:
             dh = gelu_backward(dg, h, gelu_cache)
             dln2 = linear_backward(dh, ln2, W[p + "mlp.c_fc.weight"],
                                    G[p + "mlp.c_fc.weight"], G[p + "mlp.c_fc.bias"])
-            dx += layernorm_backward(upcast(dln2), ln2_cache, P[p + "ln_2.weight"],
-                                     G[p + "ln_2.weight"], G[p + "ln_2.bias"])
+            layernorm_backward(dln2, ln2_cache, P[p + "ln_2.weight"],
+                               G[p + "ln_2.weight"], G[p + "ln_2.bias"], dx=dx)
 
             dx, dattn_out = residual_backward(dx)
             dattn_out = dropout_backward(dattn_out.astype(low, copy=False), attn_mask)
@@ -280,8 +276,8 @@ class GPT:
             dqkv = attention_backward(dy, attn_cache)
             dln1 = linear_backward(dqkv, ln1, W[p + "attn.c_attn.weight"],
                                    G[p + "attn.c_attn.weight"], G[p + "attn.c_attn.bias"])
-            dx += layernorm_backward(upcast(dln1), ln1_cache, P[p + "ln_1.weight"],
-                                     G[p + "ln_1.weight"], G[p + "ln_1.bias"])
+            layernorm_backward(dln1, ln1_cache, P[p + "ln_1.weight"],
+                               G[p + "ln_1.weight"], G[p + "ln_1.bias"], dx=dx)
         demb = dropout_backward(dx.reshape(B, T, cfg.n_embd), emb_mask)
         embedding_backward(demb, idx, G["wte.weight"], G["wpe.weight"])
 

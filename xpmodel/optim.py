@@ -24,19 +24,23 @@ class AdamW:
         xp = model.xp
         self.m = xp.zeros_like(model.flat_params)   # first moment, flat like the params
         self.v = xp.zeros_like(model.flat_params)   # second moment
-        self._scratch = xp.empty_like(model.flat_params)
+        # the CPU update works through a scratch buffer; the GPU one is one fused kernel
+        self._scratch = None if model.device.is_cuda else xp.empty_like(model.flat_params)
         self.step_count = 0
 
     def step(self):
         self.step_count += 1
         model = self.model
         n_decay = model.layout.n_decay
+        if model.device.is_cuda:
+            from .cuda.adamw import adamw_step
+            adamw_step(model.flat_params, model.flat_grads, self.m, self.v, self.lr, *self.betas,
+                       self.eps, self.weight_decay, self.step_count, n_decay)
+            return
         model.flat_params[:n_decay] *= 1.0 - self.lr * self.weight_decay
         size = model.flat_params.size
-        if model.device.is_cuda:
-            self._update(slice(0, size))
-        else:   # elementwise work: one slice of the buffer per CPU thread
-            run_parallel([lambda part=part: self._update(part) for part in split(size, thread_count())])
+        # elementwise work: one slice of the buffer per CPU thread
+        run_parallel([lambda part=part: self._update(part) for part in split(size, thread_count())])
 
     def _update(self, part):
         """The Adam update on `part` (a slice) of the flat buffers."""

@@ -1,17 +1,21 @@
 """Causal multi-head self-attention on a fused qkv activation.
 
-The softmax and its gradient are computed in at least float32, whatever the
-dtype of q, k and v.
+The scores, the softmax and its gradient are computed in at least float32,
+whatever the dtype of q, k and v; the probabilities are kept in that dtype.
 
 The projections around it (c_attn before, c_proj after) are plain linear
 layers; this file holds what sits between them: split into heads, scaled
 dot-product scores, causal softmax, optional dropout on the probabilities,
-and the weighted sum of values.
+and the weighted sum of values. On CuPy the per-head products are strided
+batched cuBLAS calls and the softmax is one kernel each way.
 """
 import math
 
-from ..backend import array_module, upcast
+import numpy
+
+from ..backend import array_module, is_cuda_array, upcast
 from .dropout import dropout_backward, dropout_forward
+from .matmul import matmul
 
 
 _causal_masks = {}   # (module, T, dtype) -> (T, T) additive mask
@@ -26,28 +30,36 @@ def _causal_mask(xp, T, dtype):
     return _causal_masks[key]
 
 
-def causal_softmax_forward(scores):
-    """scores: (..., T, T) -> probabilities with future positions masked out.
-
-    Works in place on `scores`.
-    """
+def causal_softmax_forward(scores, out_dtype=None):
+    """scores: (..., T, T) -> probabilities with future positions masked out,
+    in out_dtype (default scores'). Works in place on NumPy `scores`."""
+    out_dtype = out_dtype or scores.dtype
+    if is_cuda_array(scores):
+        from ..cuda.softmax import causal_softmax_forward as fused
+        return fused(scores, out_dtype)
     xp = array_module(scores)
     scores += _causal_mask(xp, scores.shape[-1], scores.dtype)
     scores -= scores.max(axis=-1, keepdims=True)
     probs = xp.exp(scores, out=scores)
     probs *= 1.0 / probs.sum(axis=-1, keepdims=True)
-    return probs
+    return probs.astype(out_dtype, copy=False)
 
 
-def causal_softmax_backward(dprobs, probs):
-    """dprobs, probs: (..., T, T); returns dscores, in place on dprobs.
+def causal_softmax_backward(dprobs, probs, out_dtype=None):
+    """dprobs (>= float32), probs: (..., T, T); returns dscores in out_dtype
+    (default dprobs'), in place on NumPy `dprobs`.
 
     Masked positions have probability 0, so their gradient is 0 too.
     """
+    out_dtype = out_dtype or dprobs.dtype
+    if is_cuda_array(dprobs):
+        from ..cuda.softmax import causal_softmax_backward as fused
+        return fused(dprobs, probs, out_dtype)
+    probs = upcast(probs)
     dot = (dprobs * probs).sum(axis=-1, keepdims=True)
     dprobs -= dot
     dprobs *= probs
-    return dprobs
+    return dprobs.astype(out_dtype, copy=False)
 
 
 def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
@@ -56,32 +68,33 @@ def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
     B, T, C3 = qkv.shape
     C = C3 // 3
     D = C // n_head
+    wide = numpy.promote_types(qkv.dtype, numpy.float32)
     # (3, B, H, T, D): one copy makes q, k and v contiguous for batched matmul
     heads = xp.ascontiguousarray(qkv.reshape(B, T, 3, n_head, D).transpose(2, 0, 3, 1, 4))
     q, k, v = heads[0], heads[1], heads[2]
     q *= 1.0 / math.sqrt(D)            # scaling q is T/D times cheaper than scaling scores
-    scores = upcast(xp.matmul(q, k.transpose(0, 1, 3, 2)))     # (B, H, T, T), >= float32
-    probs = causal_softmax_forward(scores)
+    scores = matmul(q, k, transpose_b=True, out_dtype=wide)          # (B, H, T, T)
+    probs = causal_softmax_forward(scores, out_dtype=qkv.dtype)
     probs_used, drop_mask = dropout_forward(probs, dropout_p, rng)
-    probs_used = probs_used.astype(qkv.dtype, copy=False)
-    y = xp.matmul(probs_used, v)                                # (B, H, T, D)
+    y = matmul(probs_used, v)                                        # (B, H, T, D)
     y = y.transpose(0, 2, 1, 3).reshape(B * T, C)
-    return y, (heads, probs, probs_used, drop_mask)
+    return y, (heads, probs, drop_mask)
 
 
 def attention_backward(dy, cache):
     """dy: (B*T, C) -> dqkv (B*T, 3C)."""
     xp = array_module(dy)
-    heads, probs, probs_used, drop_mask = cache
+    heads, probs, drop_mask = cache
     _, B, H, T, D = heads.shape
+    wide = numpy.promote_types(heads.dtype, numpy.float32)
     q, k, v = heads[0], heads[1], heads[2]   # q already scaled by 1/sqrt(D)
+    probs_used = probs if drop_mask is None else probs * drop_mask          # recomputed, not kept
     dy = xp.ascontiguousarray(dy.reshape(B, T, H, D).transpose(0, 2, 1, 3))  # (B, H, T, D)
     dheads = xp.empty_like(heads)
-    xp.matmul(probs_used.transpose(0, 1, 3, 2), dy, out=dheads[2])          # dv
-    dprobs = upcast(xp.matmul(dy, v.transpose(0, 1, 3, 2)))                  # (B, H, T, T)
+    matmul(probs_used, dy, transpose_a=True, out=dheads[2])                  # dv
+    dprobs = matmul(dy, v, transpose_b=True, out_dtype=wide)                 # (B, H, T, T)
     dprobs = dropout_backward(dprobs, drop_mask)
-    dscores = causal_softmax_backward(dprobs, probs).astype(heads.dtype, copy=False)
-    xp.matmul(dscores, k, out=dheads[0])                                     # dq
-    dheads[0] *= 1.0 / math.sqrt(D)
-    xp.matmul(dscores.transpose(0, 1, 3, 2), q, out=dheads[1])               # dk
+    dscores = causal_softmax_backward(dprobs, probs, out_dtype=heads.dtype)
+    matmul(dscores, k, out=dheads[0], alpha=1.0 / math.sqrt(D))             # dq
+    matmul(dscores, q, transpose_a=True, out=dheads[1])                      # dk
     return dheads.transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * H * D)

@@ -4,22 +4,21 @@ The logits of N rows over V classes are the largest activation in the model,
 so the model evaluates these functions on chunks of rows: each chunk's
 logits are turned into their gradient in place and then dropped.
 """
-from ..backend import array_module
+from ..backend import array_module, is_cuda_array, upcast
+from .matmul import matmul
 
 IGNORE_INDEX = -1
 
 
 def lm_head_forward(x, wte):
     """x: (N, C), wte: (V, C) -> logits (N, V) = x @ wte^T."""
-    xp = array_module(x)
-    return xp.matmul(x, wte.T)
+    return matmul(x, wte, transpose_b=True)
 
 
-def lm_head_backward(dlogits, x, wte, dwte):
-    """dlogits: (N, V). Adds into dwte (V, C); returns dx (N, C)."""
-    xp = array_module(dlogits)
-    dwte += xp.matmul(dlogits.T, x)
-    return xp.matmul(dlogits, wte)
+def lm_head_backward(dlogits, x, wte, dwte, dx=None):
+    """dlogits: (N, V). Adds into dwte (V, C); returns dx (N, C), written into `dx` when given."""
+    matmul(dlogits, x, transpose_a=True, out=dwte, accumulate=True)
+    return matmul(dlogits, wte, out=dx)
 
 
 def crossentropy_forward(logits, targets):
@@ -51,3 +50,21 @@ def crossentropy_backward(dlosses, probs, targets):
     probs[xp.arange(N), xp.where(keep, targets, 0)] -= 1.0
     probs *= (dlosses * keep)[:, None].astype(probs.dtype, copy=False)
     return probs
+
+
+def crossentropy_fused(logits, targets, dlosses=None):
+    """Forward and, given dlosses (a scalar: every row's loss gradient), backward.
+
+    logits: (N, V) in any float dtype; statistics are computed in >= float32.
+    Returns (losses (N,), dlogits (N, V) in the logits' dtype, or None without
+    dlosses). On CuPy it is one kernel that overwrites the logits with their
+    gradient; on NumPy, forward then backward on a widened copy.
+    """
+    if is_cuda_array(logits):
+        from ..cuda.crossentropy import crossentropy
+        losses = crossentropy(logits, targets, dlosses)
+        return losses, (logits if dlosses is not None else None)
+    losses, probs = crossentropy_forward(upcast(logits), targets)
+    if dlosses is None:
+        return losses, None
+    return losses, crossentropy_backward(dlosses, probs, targets).astype(logits.dtype, copy=False)

@@ -3,17 +3,23 @@
 0.5 x (1 + tanh(u)) equals x * sigmoid(2u), with u = sqrt(2/pi) (x + 0.044715 x^3);
 the sigmoid form needs one exp instead of a tanh, which is several times
 cheaper on NumPy, and its value `s` is all that backward needs besides x.
+CuPy arrays go to one fused kernel each way (xpmodel.cuda.gelu), which
+recompute s in backward instead of keeping it.
 """
 import math
 
-from ..backend import array_module, ignore_overflow, upcast
+from ..backend import array_module, ignore_overflow, is_cuda_array, upcast
 
 _K = math.sqrt(2.0 / math.pi)
 _CUBIC = 0.044715
 
 
 def gelu_forward(x):
-    """x: any shape -> out (x's dtype and shape), cache s = sigmoid(2u) in >= float32."""
+    """x: any shape -> out (x's dtype and shape), cache s = sigmoid(2u) in >= float32
+    (None for CuPy arrays)."""
+    if is_cuda_array(x):
+        from ..cuda.gelu import gelu_forward as fused
+        return fused(x), None
     xp = array_module(x)
     low, x = x.dtype, upcast(x)
     s = x * x
@@ -33,6 +39,9 @@ def gelu_backward(dout, x, s):
     d/dx [x s] = s + x s (1 - s) 2 du/dx, with du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2).
     The result has dout's dtype.
     """
+    if is_cuda_array(dout):
+        from ..cuda.gelu import gelu_backward as fused
+        return fused(dout, x)
     low, x = dout.dtype, upcast(x)
     dx = x * x
     dx *= 6.0 * _K * _CUBIC
@@ -44,3 +53,4 @@ def gelu_backward(dout, x, s):
     dx += s
     dx *= dout
     return dx.astype(low, copy=False)
+

@@ -1,11 +1,17 @@
-"""LayerNorm over the last axis (eps 1e-5), statistics in at least float32."""
-from ..backend import array_module
+"""LayerNorm over the last axis (eps 1e-5), statistics in at least float32.
+
+CuPy arrays go to one fused kernel each way (xpmodel.cuda.layernorm)."""
+from ..backend import array_module, is_cuda_array, upcast
 
 EPS = 1e-5
 
 
-def layernorm_forward(x, w, b):
-    """x: (N, C), w, b: (C,) -> out (N, C), cache (xhat (N, C), rstd (N, 1))."""
+def layernorm_forward(x, w, b, out_dtype=None):
+    """x: (N, C), w, b: (C,) -> out (N, C) in out_dtype (default x's), cache for backward."""
+    if is_cuda_array(x):
+        from ..cuda.layernorm import layernorm_forward as fused
+        out, xhat, rstd = fused(x, w, b, EPS, out_dtype or x.dtype)
+        return out, (xhat, rstd)
     xp = array_module(x)
     mean = x.mean(axis=1, keepdims=True)
     xhat = x - mean
@@ -14,13 +20,18 @@ def layernorm_forward(x, w, b):
     xhat *= rstd
     out = xhat * w
     out += b
-    return out, (xhat, rstd)
+    return out.astype(out_dtype or x.dtype, copy=False), (xhat, rstd)
 
 
-def layernorm_backward(dout, cache, w, dw, db):
-    """dout: (N, C). Adds into dw, db (C,); returns dx (N, C)."""
-    xp = array_module(dout)
+def layernorm_backward(dout, cache, w, dw, db, dx=None):
+    """dout: (N, C), any float dtype. Adds into dw, db (C,); returns dx (N, C)
+    in the statistics' dtype, added into `dx` when given."""
     xhat, rstd = cache
+    if is_cuda_array(dout):
+        from ..cuda.layernorm import layernorm_backward as fused
+        return fused(dout, xhat, rstd, w, dw, db, dx)
+    xp = array_module(dout)
+    dout = upcast(dout)
     dw += xp.sum(dout * xhat, axis=0)
     db += dout.sum(axis=0)
     dxhat = dout * w
@@ -30,4 +41,7 @@ def layernorm_backward(dout, cache, w, dw, db):
     dxhat -= mean_dxhat
     dxhat -= xhat * mean_dxhat_xhat
     dxhat *= rstd
-    return dxhat
+    if dx is None:
+        return dxhat
+    dx += dxhat
+    return dx

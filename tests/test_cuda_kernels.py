@@ -1,0 +1,152 @@
+"""Each fused CUDA kernel against the NumPy code it replaces, on fresh random
+inputs, in every dtype it serves. Skips cleanly without CuPy and a GPU."""
+import numpy as np
+import pytest
+
+from xpmodel.backend import cuda_available, to_host
+
+pytestmark = pytest.mark.skipif(not cuda_available(), reason="needs CuPy and a CUDA GPU")
+
+TOLERANCE = {np.float64: 1e-12, np.float32: 1e-5, np.float16: 2e-3}
+
+
+@pytest.fixture
+def cp():
+    import cupy
+    return cupy
+
+
+def relative_error(got, want):
+    got, want = to_host(got).astype(np.float64), np.asarray(want, dtype=np.float64)
+    assert np.all(np.isfinite(got)), "non-finite output"
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-300))
+
+
+def rand(rng, shape, dtype=np.float64, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("transpose_a,transpose_b", [(False, False), (True, False), (False, True)])
+def test_gemm_2d_and_batched(cp, dtype, transpose_a, transpose_b):
+    from xpmodel.layers.matmul import matmul
+    rng = np.random.default_rng()
+    for batch in [(), (3, 2)]:
+        a = rand(rng, batch + ((40, 24) if transpose_a else (24, 40)), dtype)
+        b = rand(rng, batch + ((33, 40) if transpose_b else (40, 33)), dtype)
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        want = np.matmul(a64.swapaxes(-1, -2) if transpose_a else a64,
+                         b64.swapaxes(-1, -2) if transpose_b else b64)
+        got = matmul(cp.asarray(a), cp.asarray(b), transpose_a, transpose_b,
+                     out_dtype=np.promote_types(dtype, np.float32))
+        assert relative_error(got, want) < TOLERANCE[np.dtype(dtype).type]
+        out = cp.asarray(rand(rng, want.shape, np.promote_types(dtype, np.float32)))
+        start = to_host(out).astype(np.float64)
+        matmul(cp.asarray(a), cp.asarray(b), transpose_a, transpose_b, out=out, accumulate=True,
+               alpha=0.5)
+        assert relative_error(out, start + 0.5 * want) < TOLERANCE[np.dtype(dtype).type]
+
+
+def test_column_sums_add_into_float32(cp):
+    from xpmodel.layers.matmul import add_column_sums
+    rng = np.random.default_rng()
+    dout = rand(rng, (300, 70), np.float16)
+    db = cp.asarray(rand(rng, (70,), np.float32))
+    want = to_host(db).astype(np.float64) + dout.astype(np.float64).sum(axis=0)
+    add_column_sums(cp.asarray(dout), db)
+    assert relative_error(db, want) < 1e-5
+
+
+@pytest.mark.parametrize("C", [64, 100, 768])
+@pytest.mark.parametrize("dtype,out_dtype", [(np.float64, np.float64), (np.float32, np.float32),
+                                             (np.float32, np.float16)])
+def test_layernorm_matches_numpy(cp, C, dtype, out_dtype):
+    from xpmodel.layers.layernorm import layernorm_backward, layernorm_forward
+    rng = np.random.default_rng()
+    x, w, b = rand(rng, (37, C), dtype, 3.0) + 1.0, rand(rng, (C,), dtype), rand(rng, (C,), dtype)
+    dout = rand(rng, (37, C), out_dtype)
+    out, cache = layernorm_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64))
+    dw, db = np.zeros(C), np.zeros(C)
+    dx = layernorm_backward(dout.astype(np.float64), cache, w.astype(np.float64), dw, db)
+
+    g_out, g_cache = layernorm_forward(cp.asarray(x), cp.asarray(w), cp.asarray(b), out_dtype)
+    assert g_out.dtype == out_dtype
+    g_dw, g_db = cp.zeros(C, dtype), cp.zeros(C, dtype)
+    g_dx = cp.asarray(rand(rng, (37, C), dtype))
+    start = to_host(g_dx).astype(np.float64)
+    layernorm_backward(cp.asarray(dout), g_cache, cp.asarray(w), g_dw, g_db, dx=g_dx)
+    tol = TOLERANCE[np.dtype(out_dtype).type]
+    assert relative_error(g_out, out) < tol
+    assert relative_error(g_dx, start + dx) < TOLERANCE[np.dtype(dtype).type] * 10
+    assert relative_error(g_dw, dw) < tol * 10
+    assert relative_error(g_db, db) < tol * 10
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_gelu_matches_numpy(cp, dtype):
+    from xpmodel.layers.gelu import gelu_backward, gelu_forward
+    rng = np.random.default_rng()
+    x = rand(rng, (50, 33), dtype, 4.0)
+    x[0, :3] = [-200, 200, 0]
+    dout = rand(rng, (50, 33), dtype)
+    out, s = gelu_forward(x.astype(np.float64))
+    dx = gelu_backward(dout.astype(np.float64), x.astype(np.float64), s)
+    g_out, g_cache = gelu_forward(cp.asarray(x))
+    g_dx = gelu_backward(cp.asarray(dout), cp.asarray(x), g_cache)
+    assert g_out.dtype == dtype and g_dx.dtype == dtype
+    assert relative_error(g_out, out) < TOLERANCE[dtype]
+    assert relative_error(g_dx, dx) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 300])
+@pytest.mark.parametrize("wide,low", [(np.float64, np.float64), (np.float32, np.float32),
+                                      (np.float32, np.float16)])
+def test_causal_softmax_matches_numpy(cp, T, wide, low):
+    from xpmodel.layers.attention import causal_softmax_backward, causal_softmax_forward
+    rng = np.random.default_rng()
+    scores = rand(rng, (2, 3, T, T), wide, 5.0)
+    dprobs = rand(rng, (2, 3, T, T), wide)
+    probs = causal_softmax_forward(scores.astype(np.float64))
+    dscores = causal_softmax_backward(dprobs.astype(np.float64), probs)
+    g_probs = causal_softmax_forward(cp.asarray(scores), low)
+    g_dscores = causal_softmax_backward(cp.asarray(dprobs), g_probs, low)
+    assert g_probs.dtype == low and g_dscores.dtype == low
+    assert relative_error(g_probs, probs) < TOLERANCE[low]
+    assert relative_error(g_dscores, dscores) < TOLERANCE[low] * 5
+    assert np.all(np.triu(to_host(g_probs), k=1) == 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("V", [5, 1000, 50304])
+def test_crossentropy_matches_numpy(cp, dtype, V):
+    from xpmodel.layers.crossentropy import crossentropy_fused
+    rng = np.random.default_rng()
+    logits = rand(rng, (9, V), dtype, 3.0)
+    targets = rng.integers(0, V, 9)
+    targets[4] = -1
+    losses, dlogits = crossentropy_fused(logits.astype(np.float64), targets, 0.125)
+    g_logits = cp.asarray(logits)
+    g_losses, g_dlogits = crossentropy_fused(g_logits, cp.asarray(targets), cp.asarray(0.125))
+    assert g_dlogits.dtype == dtype and g_dlogits is g_logits
+    assert relative_error(g_losses, losses) < TOLERANCE[dtype]
+    assert relative_error(g_dlogits, dlogits) < TOLERANCE[dtype] * 5
+    assert to_host(g_losses)[4] == 0 and np.all(to_host(g_dlogits)[4] == 0)
+    eval_losses, none = crossentropy_fused(cp.asarray(logits), cp.asarray(targets))
+    assert none is None and relative_error(eval_losses, losses) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_adamw_kernel_matches_the_cpu_update(dtype):
+    import xpmodel
+    config = xpmodel.GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    models = [xpmodel.GPT(config, device=d, dtype=dtype, seed=3) for d in ("cpu", "cuda")]
+    opts = [xpmodel.AdamW(m, lr=1e-2, weight_decay=0.1) for m in models]
+    rng = np.random.default_rng()
+    for _ in range(5):
+        grads = rng.standard_normal(models[0].flat_grads.shape).astype(dtype)
+        for model, opt in zip(models, opts):
+            model.flat_grads[...] = grads if model.xp is np else model.xp.asarray(grads)
+            opt.step()
+    tol = 1e-12 if dtype == "float64" else 1e-5
+    assert relative_error(models[1].flat_params, models[0].flat_params) < tol
+    assert relative_error(opts[1].v, opts[0].v) < tol

@@ -1,0 +1,76 @@
+"""Compiling and launching the raw CUDA kernels of this package.
+
+Kernel sources are C++ with a small prelude: `load` widens float16 (raw
+16-bit storage, converted with one PTX instruction, so no CUDA header is
+needed at run time), float32 and float64 to the accumulator type ACC, and
+`store` narrows it back. Each (source, type macros) pair compiles once.
+"""
+import numpy
+
+from ..backend import _import_cupy
+
+PRELUDE = r"""
+typedef unsigned short f16;
+#define NEG_INF (-__int_as_float(0x7f800000))
+__device__ __forceinline__ float load(const f16* p) {
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(*p)); return f;
+}
+__device__ __forceinline__ float load(const float* p) { return *p; }
+__device__ __forceinline__ double load(const double* p) { return *p; }
+__device__ __forceinline__ void store(f16* p, float x) {
+    f16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x)); *p = h;
+}
+__device__ __forceinline__ void store(float* p, float x) { *p = x; }
+__device__ __forceinline__ void store(float* p, double x) { *p = (float)x; }
+__device__ __forceinline__ void store(double* p, double x) { *p = x; }
+__device__ __forceinline__ float warp_sum(float x) {
+    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+    return x;
+}
+__device__ __forceinline__ double warp_sum(double x) {
+    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+    return x;
+}
+__device__ __forceinline__ float warp_max(float x) {
+    for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+    return x;
+}
+__device__ __forceinline__ double warp_max(double x) {
+    for (int offset = 16; offset > 0; offset >>= 1) x = fmax(x, __shfl_xor_sync(0xffffffffu, x, offset));
+    return x;
+}
+"""
+
+_C_TYPES = {numpy.dtype(numpy.float16): "f16", numpy.dtype(numpy.float32): "float",
+            numpy.dtype(numpy.float64): "double"}
+_compiled = {}
+
+
+def c_type(dtype):
+    """The kernel-side type of a float16 / float32 / float64 array."""
+    return _C_TYPES[numpy.dtype(dtype)]
+
+
+def acc_type(*dtypes):
+    """double when any array is float64, else float (float16 math runs in float32)."""
+    return "double" if any(numpy.dtype(d) == numpy.float64 for d in dtypes) else "float"
+
+
+def raw_kernel(source, name, **macros):
+    """`name` from PRELUDE + `source`, compiled with `#define KEY VALUE` for each macro."""
+    key = (source, name, tuple(sorted(macros.items())))
+    if key not in _compiled:
+        defines = "".join(f"#define {k} {v}\n" for k, v in sorted(macros.items()))
+        _compiled[key] = _import_cupy().RawKernel(defines + PRELUDE + source, name)
+    return _compiled[key]
+
+
+_multiprocessors = {}
+
+
+def multiprocessor_count():
+    """Streaming multiprocessors of the current GPU (sizes persistent grids)."""
+    device = _import_cupy().cuda.Device()
+    if device.id not in _multiprocessors:
+        _multiprocessors[device.id] = device.attributes["MultiProcessorCount"]
+    return _multiprocessors[device.id]

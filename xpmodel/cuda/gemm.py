@@ -1,0 +1,93 @@
+"""Matrix products straight through cuBLAS.
+
+CuPy's matmul sends a float16 product whose operands have more than two
+dimensions to a slow path without tensor cores; these calls avoid that:
+2-D products go to cublasGemmEx and batched ones (attention's per-head
+products) to cublasGemmStridedBatchedEx, with float32 accumulation (float64
+for float64) and an output dtype of the caller's choosing, so float16
+operands can write a float32 result or add into float32 gradients (beta = 1).
+
+Row-major C = A @ B is computed as the column-major product C^T = B^T A^T.
+An operand whose last two axes are row-major reads as its own transpose in
+column-major terms (op N); one whose last two axes are column-major (the
+.T view of a row-major matrix) needs op T.
+"""
+import numpy
+
+from ..backend import _import_cupy
+
+_CUDA_TYPES = {numpy.dtype(numpy.float16): 2, numpy.dtype(numpy.float32): 0,   # CUDA_R_16F, _32F
+               numpy.dtype(numpy.float64): 1}                                  # CUDA_R_64F
+
+
+def _cublas():
+    try:
+        from cupy_backends.cuda.libs import cublas
+    except ImportError:
+        from cupy.cuda import cublas
+    return cublas
+
+
+def _operand(x):
+    """(x itself or a contiguous copy, op, leading dimension) for the last two axes."""
+    item = x.itemsize
+    rows, cols = x.shape[-2:]
+    row_stride, col_stride = x.strides[-2] // item, x.strides[-1] // item
+    if col_stride == 1 and row_stride >= max(cols, 1):
+        return x, _cublas().CUBLAS_OP_N, row_stride
+    if row_stride == 1 and col_stride >= max(rows, 1):
+        return x, _cublas().CUBLAS_OP_T, col_stride
+    x = _import_cupy().ascontiguousarray(x)
+    return x, _cublas().CUBLAS_OP_N, cols
+
+
+def _batch_stride(x):
+    """The element stride between consecutive matrices of x (..., r, c),
+    whose leading axes must flatten into one evenly strided batch axis."""
+    if x.ndim == 2:
+        return 0
+    strides = [s // x.itemsize for s in x.strides[:-2]]
+    for i in range(len(strides) - 1):
+        if x.shape[i] != 1 and strides[i] != strides[i + 1] * x.shape[i + 1]:
+            raise ValueError(f"batched matmul: the batch axes of shape {x.shape} do not "
+                             f"flatten to one strided axis")
+    return strides[-1]
+
+
+def gemm(a, b, out, alpha=1.0, beta=0.0):
+    """out = alpha * a @ b + beta * out, for a (..., M, K), b (..., K, N) and
+    out (..., M, N) with the same leading (batch) shape, or 2-D a, b, out."""
+    cublas = _cublas()
+    M, K = a.shape[-2:]
+    N = b.shape[-1]
+    if b.shape[-2] != K or out.shape[-2:] != (M, N) or a.shape[:-2] != b.shape[:-2] \
+            or out.shape[:-2] != a.shape[:-2]:
+        raise ValueError(f"gemm: shapes {a.shape} @ {b.shape} -> {out.shape} do not match")
+    if out.strides[-1] != out.itemsize:
+        raise ValueError("gemm: the output's rows must be contiguous")
+    if a.dtype != b.dtype:
+        raise ValueError(f"gemm: operand dtypes differ ({a.dtype}, {b.dtype})")
+    a, op_a, ld_a = _operand(a)
+    b, op_b, ld_b = _operand(b)
+    ld_out = out.strides[-2] // out.itemsize
+    wide = a.dtype == numpy.float64 or out.dtype == numpy.float64
+    scalar = numpy.float64 if wide else numpy.float32
+    compute = cublas.CUBLAS_COMPUTE_64F if wide else cublas.CUBLAS_COMPUTE_32F
+    alpha, beta = numpy.array(alpha, dtype=scalar), numpy.array(beta, dtype=scalar)
+    handle = _import_cupy().cuda.device.get_cublas_handle()
+    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+    in_type, out_type = _CUDA_TYPES[a.dtype], _CUDA_TYPES[out.dtype]
+    if a.ndim == 2:
+        cublas.gemmEx(handle, op_b, op_a, N, M, K, alpha.ctypes.data,
+                      b.data.ptr, in_type, ld_b, a.data.ptr, in_type, ld_a,
+                      beta.ctypes.data, out.data.ptr, out_type, ld_out,
+                      compute, cublas.CUBLAS_GEMM_DEFAULT)
+    else:
+        batch = int(numpy.prod(a.shape[:-2]))
+        cublas.gemmStridedBatchedEx(handle, op_b, op_a, N, M, K, alpha.ctypes.data,
+                                    b.data.ptr, in_type, ld_b, _batch_stride(b),
+                                    a.data.ptr, in_type, ld_a, _batch_stride(a),
+                                    beta.ctypes.data, out.data.ptr, out_type, ld_out,
+                                    _batch_stride(out), batch, compute,
+                                    cublas.CUBLAS_GEMM_DEFAULT)
+    return out

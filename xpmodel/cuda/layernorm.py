@@ -1,0 +1,144 @@
+"""LayerNorm forward and backward kernels: one warp per row of C channels.
+
+Each lane holds its CPL = ceil(C / 32) channels of the row in registers, so
+the row is read once; C is compiled in. Backward also sums dw and db: each
+lane over its rows in registers, then the block's warps in shared memory,
+then one atomic add per block and channel.
+"""
+import numpy
+
+from ..backend import _import_cupy
+from .compile import acc_type, c_type, multiprocessor_count, raw_kernel
+
+_THREADS = 256
+_WARPS = _THREADS // 32
+
+_SOURCE = r"""
+extern "C" __global__ void layernorm_forward(const X_T* x, const W_T* w, const W_T* b,
+        OUT_T* out, ACC* xhat, ACC* rstd, int N) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= N) return;
+    const X_T* xr = x + (long long)row * C;
+    ACC v[CPL];
+    ACC sum = 0;
+    #pragma unroll
+    for (int j = 0; j < CPL; j++) {
+        int c = lane + 32 * j;
+        v[j] = c < C ? (ACC)load(xr + c) : (ACC)0;
+        sum += v[j];
+    }
+    ACC mean = warp_sum(sum) / C;
+    ACC sq = 0;
+    #pragma unroll
+    for (int j = 0; j < CPL; j++) {
+        int c = lane + 32 * j;
+        v[j] = c < C ? v[j] - mean : (ACC)0;
+        sq += v[j] * v[j];
+    }
+    ACC rs = (ACC)1 / sqrt(warp_sum(sq) / C + (ACC)EPS);
+    #pragma unroll
+    for (int j = 0; j < CPL; j++) {
+        int c = lane + 32 * j;
+        if (c < C) {
+            ACC h = v[j] * rs;
+            xhat[(long long)row * C + c] = h;
+            store(out + (long long)row * C + c, h * (ACC)load(w + c) + (ACC)load(b + c));
+        }
+    }
+    if (lane == 0) rstd[row] = rs;
+}
+
+extern "C" __global__ void layernorm_backward(const D_T* dout, const ACC* xhat, const ACC* rstd,
+        const W_T* w, ACC* dw, ACC* db, ACC* dx, int N, int accumulate) {
+    __shared__ ACC block_dw[C];
+    __shared__ ACC block_db[C];
+    for (int c = threadIdx.x; c < C; c += blockDim.x) { block_dw[c] = 0; block_db[c] = 0; }
+    __syncthreads();
+    int lane = threadIdx.x % 32;
+    int warps = blockDim.x / 32;
+    ACC lane_dw[CPL], lane_db[CPL];
+    #pragma unroll
+    for (int j = 0; j < CPL; j++) { lane_dw[j] = 0; lane_db[j] = 0; }
+    for (int row = blockIdx.x * warps + threadIdx.x / 32; row < N; row += gridDim.x * warps) {
+        const D_T* dr = dout + (long long)row * C;
+        const ACC* hr = xhat + (long long)row * C;
+        ACC d[CPL], h[CPL];
+        ACC mean_dxhat = 0, mean_dxhat_xhat = 0;
+        #pragma unroll
+        for (int j = 0; j < CPL; j++) {
+            int c = lane + 32 * j;
+            d[j] = c < C ? (ACC)load(dr + c) : (ACC)0;
+            h[j] = c < C ? hr[c] : (ACC)0;
+            ACC dxhat = c < C ? d[j] * (ACC)load(w + c) : (ACC)0;
+            mean_dxhat += dxhat;
+            mean_dxhat_xhat += dxhat * h[j];
+            lane_dw[j] += d[j] * h[j];
+            lane_db[j] += d[j];
+        }
+        mean_dxhat = warp_sum(mean_dxhat) / C;
+        mean_dxhat_xhat = warp_sum(mean_dxhat_xhat) / C;
+        ACC rs = rstd[row];
+        #pragma unroll
+        for (int j = 0; j < CPL; j++) {
+            int c = lane + 32 * j;
+            if (c < C) {
+                ACC value = rs * (d[j] * (ACC)load(w + c) - mean_dxhat - h[j] * mean_dxhat_xhat);
+                ACC* target = dx + (long long)row * C + c;
+                *target = accumulate ? *target + value : value;
+            }
+        }
+    }
+    #pragma unroll
+    for (int j = 0; j < CPL; j++) {
+        int c = lane + 32 * j;
+        if (c < C) { atomicAdd(block_dw + c, lane_dw[j]); atomicAdd(block_db + c, lane_db[j]); }
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        atomicAdd(dw + c, block_dw[c]);
+        atomicAdd(db + c, block_db[c]);
+    }
+}
+"""
+
+
+def _macros(C, acc, eps):
+    return dict(C=C, CPL=(C + 31) // 32, ACC=acc, EPS=repr(float(eps)))
+
+
+def layernorm_forward(x, w, b, eps, out_dtype):
+    """x: (N, C) -> out (N, C) in out_dtype, xhat (N, C) and rstd (N,) in the accumulator type."""
+    cupy = _import_cupy()
+    N, C = x.shape
+    acc = acc_type(x.dtype, w.dtype)
+    kernel = raw_kernel(_SOURCE, "layernorm_forward", X_T=c_type(x.dtype), W_T=c_type(w.dtype),
+                        OUT_T=c_type(out_dtype), D_T="float", **_macros(C, acc, eps))
+    acc_dtype = numpy.float64 if acc == "double" else numpy.float32
+    x = cupy.ascontiguousarray(x)
+    out = cupy.empty((N, C), dtype=out_dtype)
+    xhat = cupy.empty((N, C), dtype=acc_dtype)
+    rstd = cupy.empty((N,), dtype=acc_dtype)
+    kernel(((N + _WARPS - 1) // _WARPS,), (_THREADS,), (x, w, b, out, xhat, rstd, numpy.int32(N)))
+    return out, xhat, rstd
+
+
+def layernorm_backward(dout, xhat, rstd, w, dw, db, dx=None):
+    """dout: (N, C). Adds into dw, db (C,); returns dx (N, C), added into `dx` when given."""
+    cupy = _import_cupy()
+    N, C = dout.shape
+    acc = "double" if xhat.dtype == numpy.float64 else "float"
+    if dw.dtype != xhat.dtype or db.dtype != xhat.dtype:
+        raise ValueError("layernorm_backward: dw and db must have the statistics' dtype")
+    kernel = raw_kernel(_SOURCE, "layernorm_backward", X_T="float", W_T=c_type(w.dtype),
+                        OUT_T="float", D_T=c_type(dout.dtype), **_macros(C, acc, 0.0))
+    dout = cupy.ascontiguousarray(dout)
+    accumulate = dx is not None
+    if dx is None:
+        dx = cupy.empty((N, C), dtype=xhat.dtype)
+    elif dx.dtype != xhat.dtype or not dx.flags.c_contiguous:
+        raise ValueError("layernorm_backward: dx must be C-contiguous in the statistics' dtype")
+    blocks = max(1, min((N + _WARPS - 1) // _WARPS, 2 * multiprocessor_count()))
+    kernel((blocks,), (_THREADS,), (dout, xhat, rstd, w, dw, db, dx, numpy.int32(N),
+                                    numpy.int32(accumulate)))
+    return dx

@@ -1,0 +1,90 @@
+"""Causal softmax forward and backward over (R, T) rows of attention scores:
+one warp per row, row r being query position r % T, which sees keys 0..r % T.
+
+Forward keeps a running maximum and sum in one pass over the visible keys
+and writes the probabilities (zeros for the future) in a second; backward
+needs one dot product per row. Both read wide scores (float32 or float64)
+and write the probabilities / score gradients in the caller's dtype.
+"""
+import numpy
+
+from ..backend import _import_cupy
+from .compile import acc_type, c_type, raw_kernel
+
+_THREADS = 256
+_WARPS = _THREADS // 32
+
+_SOURCE = r"""
+extern "C" __global__ void causal_softmax_forward(const S_T* scores, P_T* probs, long long R, int T) {
+    long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= R) return;
+    int last = (int)(row % T);          // the last key this query may see
+    const S_T* s = scores + row * T;
+    ACC m = NEG_INF, l = 0;
+    for (int j = lane; j <= last; j += 32) {
+        ACC v = (ACC)load(s + j);
+        ACC m_new = v > m ? v : m;
+        l = l * exp(m - m_new) + exp(v - m_new);
+        m = m_new;
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        ACC m_other = __shfl_xor_sync(0xffffffffu, m, offset);
+        ACC l_other = __shfl_xor_sync(0xffffffffu, l, offset);
+        ACC m_new = m_other > m ? m_other : m;
+        l = (l == 0 ? (ACC)0 : l * exp(m - m_new)) + (l_other == 0 ? (ACC)0 : l_other * exp(m_other - m_new));
+        m = m_new;
+    }
+    ACC inv = (ACC)1 / l;
+    P_T* p = probs + row * T;
+    for (int j = lane; j < T; j += 32) store(p + j, j <= last ? exp((ACC)load(s + j) - m) * inv : (ACC)0);
+}
+
+extern "C" __global__ void causal_softmax_backward(const S_T* dprobs, const P_T* probs, D_T* dscores,
+        long long R, int T) {
+    long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= R) return;
+    int last = (int)(row % T);
+    const S_T* dp = dprobs + row * T;
+    const P_T* p = probs + row * T;
+    ACC dot = 0;
+    for (int j = lane; j <= last; j += 32) dot += (ACC)load(dp + j) * (ACC)load(p + j);
+    dot = warp_sum(dot);
+    D_T* ds = dscores + row * T;
+    for (int j = lane; j < T; j += 32) {
+        ACC pj = (ACC)load(p + j);
+        store(ds + j, j <= last ? pj * ((ACC)load(dp + j) - dot) : (ACC)0);
+    }
+}
+"""
+
+
+def _rows(T, R):
+    return ((R + _WARPS - 1) // _WARPS,), (_THREADS,)
+
+
+def causal_softmax_forward(scores, out_dtype):
+    """scores: (..., T, T) -> probabilities (scores' shape) in out_dtype."""
+    cupy = _import_cupy()
+    scores = cupy.ascontiguousarray(scores)
+    T = scores.shape[-1]
+    R = scores.size // T
+    probs = cupy.empty(scores.shape, dtype=out_dtype)
+    kernel = raw_kernel(_SOURCE, "causal_softmax_forward", S_T=c_type(scores.dtype),
+                        P_T=c_type(out_dtype), D_T="float", ACC=acc_type(scores.dtype))
+    kernel(*_rows(T, R), (scores, probs, numpy.int64(R), numpy.int32(T)))
+    return probs
+
+
+def causal_softmax_backward(dprobs, probs, out_dtype):
+    """dprobs (wide), probs: (..., T, T) -> dscores in out_dtype."""
+    cupy = _import_cupy()
+    dprobs, probs = cupy.ascontiguousarray(dprobs), cupy.ascontiguousarray(probs)
+    T = probs.shape[-1]
+    R = probs.size // T
+    dscores = cupy.empty(probs.shape, dtype=out_dtype)
+    kernel = raw_kernel(_SOURCE, "causal_softmax_backward", S_T=c_type(dprobs.dtype),
+                        P_T=c_type(probs.dtype), D_T=c_type(out_dtype), ACC=acc_type(dprobs.dtype))
+    kernel(*_rows(T, R), (dprobs, probs, dscores, numpy.int64(R), numpy.int32(T)))
+    return dscores

@@ -1,0 +1,60 @@
+"""The matrix product every layer uses, on NumPy or through cuBLAS.
+
+On CuPy arrays it goes to xpmodel.cuda.gemm: float16 operands use the
+tensor cores with float32 accumulation, a wider output dtype costs nothing,
+and accumulate=True adds into `out` inside the product.
+"""
+from ..backend import array_module, is_cuda_array
+
+
+def matmul(a, b, transpose_a=False, transpose_b=False, out=None, out_dtype=None,
+           accumulate=False, alpha=1.0):
+    """alpha * op(a) @ op(b) over the last two axes, op transposing when asked.
+
+    a: (..., M, K) (or (..., K, M) with transpose_a), b likewise; leading axes
+    are a batch. out: written (or, with accumulate, added into) when given;
+    otherwise a new array of out_dtype (default: a's dtype).
+    """
+    a_op = a.swapaxes(-1, -2) if transpose_a else a
+    b_op = b.swapaxes(-1, -2) if transpose_b else b
+    xp = array_module(a)
+    if is_cuda_array(a):
+        from ..cuda.gemm import gemm
+        if out is None:
+            out = xp.empty(a_op.shape[:-1] + b_op.shape[-1:], dtype=out_dtype or a.dtype)
+        return gemm(a_op, b_op, out, alpha=alpha, beta=1.0 if accumulate else 0.0)
+    if out is not None and not accumulate and out.dtype == xp.result_type(a, b):
+        xp.matmul(a_op, b_op, out=out)
+        if alpha != 1.0:
+            out *= alpha
+        return out
+    product = xp.matmul(a_op, b_op)
+    if alpha != 1.0:
+        product *= alpha
+    if out is None:
+        return product.astype(out_dtype or a.dtype, copy=False)
+    if accumulate:
+        out += product
+    else:
+        out[...] = product
+    return out
+
+
+def add_column_sums(dout, db):
+    """db (Cout,) += dout (N, Cout) summed over rows, in db's dtype (bias gradients)."""
+    if is_cuda_array(dout):
+        # a (1, N) @ (N, Cout) product reads dout once and adds into db in cuBLAS
+        matmul(_ones_row(dout), dout, out=db.reshape(1, -1), accumulate=True)
+    else:
+        db += dout.sum(axis=0, dtype=db.dtype)
+
+
+_ones = {}
+
+
+def _ones_row(like):
+    """A cached (1, N) row of ones in like's dtype, on like's device."""
+    key = (like.shape[0], like.dtype.str, like.device.id)
+    if key not in _ones:
+        _ones[key] = array_module(like).ones((1, like.shape[0]), dtype=like.dtype)
+    return _ones[key]
