@@ -15,14 +15,14 @@ _CUBIC = 0.044715
 _FORWARD = """
 ACC v = (ACC)x;
 ACC s = (ACC)1 / ((ACC)1 + exp((ACC)(-2.0 * {k}) * v * ((ACC)1 + (ACC){cubic} * v * v)));
-out = (OUT)(v * s);
+out = (Y)(v * s);
 """
 # d/dx [x s] = s + x s (1 - s) 2 du/dx, du/dx = K (1 + 3 * 0.044715 x^2)
 _BACKWARD = """
 ACC v = (ACC)x;
 ACC s = (ACC)1 / ((ACC)1 + exp((ACC)(-2.0 * {k}) * v * ((ACC)1 + (ACC){cubic} * v * v)));
 ACC slope = s + v * s * ((ACC)1 - s) * (ACC)(2.0 * {k}) * ((ACC)1 + (ACC)(3.0 * {cubic}) * v * v);
-dx = (OUT)((ACC)dout * slope);
+dx = (Y)((ACC)dout * slope);
 """
 _kernels = {}
 
@@ -34,9 +34,9 @@ def _kernel(which, acc):
         body = (_FORWARD if which == "forward" else _BACKWARD).format(k=repr(_K), cubic=repr(_CUBIC))
         body = body.replace("ACC", acc)
         if which == "forward":
-            _kernels[key] = cupy.ElementwiseKernel("X x", "OUT out", body, f"xpmodel_gelu_forward_{acc}")
+            _kernels[key] = cupy.ElementwiseKernel("X x", "Y out", body, f"xpmodel_gelu_forward_{acc}")
         else:
-            _kernels[key] = cupy.ElementwiseKernel("D dout, X x", "OUT dx", body,
+            _kernels[key] = cupy.ElementwiseKernel("D dout, X x", "Y dx", body,
                                                    f"xpmodel_gelu_backward_{acc}")
     return _kernels[key]
 
