@@ -157,3 +157,39 @@ def test_a_run_trained_on_a_device_loads_on_the_cpu(device, tmp_path, monkeypatc
     model, _ = xpmodel.load(tmp_path / "run", device="cpu")
     for name, value in trainer.model.params.items():
         np.testing.assert_array_equal(model.params[name], to_host(value))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_run_skips_an_overflow_and_resumes_on_the_other_backend(device, tmp_path, monkeypatch,
+                                                                    tinyshakespeare):
+    """On a GPU the steps between log lines are decided on the device; every
+    step still reaches metrics.jsonl, and the skipped one is marked."""
+    from xpmodel.config import load_config
+    from xpmodel.trainer import Trainer
+    monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
+    tiny = str(Path(__file__).resolve().parent / "tiny-run.yaml")
+    config = load_config(tiny, [f"data.source={tinyshakespeare}", "train.max_iters=10",
+                                "train.precision=fp16", "train.log_interval=5",
+                                "train.eval_interval=10", "train.save_interval=10"])
+    trainer = Trainer.start(config, device=device, out=tmp_path / "run", show=False)
+    start_scale = trainer.scaler.scale
+    forward_backward = trainer.model.forward_backward
+
+    def overflow_at_step_3(x, y, scale=1.0):
+        loss = forward_backward(x, y, scale=scale)
+        if trainer.step + 1 == 3:
+            trainer.model.flat_grads[7] = float("inf")
+        return loss
+    trainer.model.forward_backward = overflow_at_step_3
+    trainer.run()
+    records = [r for r in trainer.run_dir.read_metrics() if r["type"] == "train"]
+    assert [r["step"] for r in records] == list(range(1, 11))
+    assert [r["step"] for r in records if r["skipped"]] == [3]
+    assert records[1]["loss_scale"] == start_scale and records[2]["loss_scale"] == start_scale / 2
+    assert all(np.isfinite(r["loss"]) for r in records)
+    assert trainer.optimizer.step_count == 9
+    other = "cpu" if device == "cuda" else ("cuda" if cuda_available() else "cpu")
+    resumed = Trainer.resume(trainer.run_dir.path, device=other, show=False)
+    assert resumed.scaler.state_dict() == trainer.scaler.state_dict()
+    assert resumed.optimizer.step_count == 9
+    np.testing.assert_array_equal(to_host(resumed.model.flat_params), to_host(trainer.model.flat_params))

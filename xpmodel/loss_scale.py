@@ -5,20 +5,41 @@ gradients do not flush to zero; gradients are divided by it again before
 clipping and the optimizer. An inf or NaN anywhere in the gradients means
 the scale was too large: the step is skipped and the scale halved. After
 `growth_interval` good steps in a row the scale doubles.
+
+The state lives in a small array on the model's device, so on a GPU a step
+records its outcome without waiting for the device; `check` (called when
+the host reads a step's results anyway) raises when the run is diverging.
 """
 import math
 
+import numpy
+
+from .backend import array_module, to_host
 from .errors import XpmodelError
+
+_SCALE, _GOOD, _SKIPPED_IN_A_ROW, _SKIPPED_TOTAL = range(4)
 
 
 class LossScaler:
-    def __init__(self, scale=2.0 ** 16, growth_interval=2000, max_skipped_in_a_row=50):
-        self.scale = float(scale)
+    def __init__(self, scale=2.0 ** 16, growth_interval=2000, max_skipped_in_a_row=50, xp=numpy):
         self.growth_interval = growth_interval
         self.max_skipped_in_a_row = max_skipped_in_a_row
-        self.good_steps = 0          # good steps since the last change of scale
-        self.skipped_in_a_row = 0
-        self.skipped_total = 0
+        # scale, good steps since the last change of scale, skipped in a row, skipped in total
+        self.state = xp.asarray([float(scale), 0.0, 0.0, 0.0], dtype=numpy.float64)
+
+    @property
+    def xp(self):
+        return array_module(self.state)
+
+    @property
+    def scale(self):
+        """The current scale as a host float (waits for the device)."""
+        return float(self.state[_SCALE])
+
+    @property
+    def device_scale(self):
+        """The current scale as a 0-d array on the state's device (no wait)."""
+        return self.state[_SCALE]
 
     def unscale_and_check(self, model):
         """Divide the gradients by the scale; True when they are all finite."""
@@ -26,33 +47,43 @@ class LossScaler:
         model.flat_grads *= 1.0 / self.scale
         return bool(xp.isfinite(xp.dot(model.flat_grads, model.flat_grads)))
 
-    def update(self, finite, step):
-        """Record a step's outcome; raises after too many skipped steps in a row."""
-        if finite:
-            self.skipped_in_a_row = 0
-            self.good_steps += 1
-            if self.good_steps >= self.growth_interval:
-                self.scale *= 2.0
-                self.good_steps = 0
-            return
-        self.skipped_total += 1
-        self.skipped_in_a_row += 1
-        self.good_steps = 0
-        self.scale = max(self.scale / 2.0, 1.0)
-        if self.skipped_in_a_row >= self.max_skipped_in_a_row:
+    def record(self, finite):
+        """Count one step's outcome (a bool or 0-d bool array) and adapt the
+        scale, on the state's device."""
+        xp, s = self.xp, self.state
+        finite = xp.asarray(finite, dtype=bool)
+        good = xp.where(finite, s[_GOOD] + 1.0, 0.0)
+        grow = good >= self.growth_interval
+        scale = xp.where(finite, xp.where(grow, s[_SCALE] * 2.0, s[_SCALE]),
+                         xp.maximum(s[_SCALE] / 2.0, 1.0))
+        s[_SKIPPED_IN_A_ROW] = xp.where(finite, 0.0, s[_SKIPPED_IN_A_ROW] + 1.0)
+        s[_SKIPPED_TOTAL] = s[_SKIPPED_TOTAL] + xp.where(finite, 0.0, 1.0)
+        s[_GOOD] = xp.where(grow, 0.0, good)
+        s[_SCALE] = scale
+
+    def check(self, step):
+        """Raise when too many steps in a row were skipped (reads the state)."""
+        skipped = int(self.state[_SKIPPED_IN_A_ROW])
+        if skipped >= self.max_skipped_in_a_row:
             raise XpmodelError(
-                f"step {step}: {self.skipped_in_a_row} steps in a row overflowed in float16 "
+                f"step {step}: {skipped} steps in a row overflowed in float16 "
                 f"(loss scale now {self.scale:g}); the run is diverging: lower train.lr or use "
                 f"train.precision=fp32")
 
+    def update(self, finite, step):
+        """Record a step's outcome; raises after too many skipped steps in a row."""
+        self.record(finite)
+        self.check(step)
+
     def state_dict(self):
-        return {"scale": self.scale, "good_steps": self.good_steps,
-                "skipped_in_a_row": self.skipped_in_a_row, "skipped_total": self.skipped_total}
+        s = to_host(self.state)
+        return {"scale": float(s[_SCALE]), "good_steps": int(s[_GOOD]),
+                "skipped_in_a_row": int(s[_SKIPPED_IN_A_ROW]), "skipped_total": int(s[_SKIPPED_TOTAL])}
 
     def load_state_dict(self, state):
-        self.scale = float(state["scale"])
-        if not (math.isfinite(self.scale) and self.scale >= 1.0):
-            raise ValueError(f"bad loss scale {self.scale}")
-        self.good_steps = int(state["good_steps"])
-        self.skipped_in_a_row = int(state["skipped_in_a_row"])
-        self.skipped_total = int(state["skipped_total"])
+        scale = float(state["scale"])
+        if not (math.isfinite(scale) and scale >= 1.0):
+            raise ValueError(f"bad loss scale {scale}")
+        values = [scale, int(state["good_steps"]), int(state["skipped_in_a_row"]),
+                  int(state["skipped_total"])]
+        self.state[...] = self.xp.asarray(values, dtype=numpy.float64)

@@ -5,6 +5,8 @@ the leading matrix slice of the buffer (see params.py).
 """
 import math
 
+import numpy
+
 from .cpu_threads import run_parallel, split, thread_count
 
 
@@ -26,17 +28,38 @@ class AdamW:
         self.v = xp.zeros_like(model.flat_params)   # second moment
         # the CPU update works through a scratch buffer; the GPU one is one fused kernel
         self._scratch = None if model.device.is_cuda else xp.empty_like(model.flat_params)
-        self.step_count = 0
+        self._applied = xp.zeros((), dtype="float64")   # steps applied, on the device
 
-    def step(self):
-        self.step_count += 1
-        model = self.model
-        n_decay = model.layout.n_decay
+    @property
+    def step_count(self):
+        """Steps applied so far (waits for the device)."""
+        return int(self._applied)
+
+    def step(self, grad_scale=1.0, apply=True):
+        """One update from model.flat_grads * grad_scale, skipped where apply is false.
+
+        grad_scale and apply may be 0-d arrays on the model's device: a GPU
+        step is then decided there (clipping, loss-scale overflow) and the
+        host never waits for it."""
+        model, xp = self.model, self.model.xp
+        beta1, beta2 = self.betas
+        self._applied += xp.asarray(apply, dtype="float64")
         if model.device.is_cuda:
             from .cuda.adamw import adamw_step
-            adamw_step(model.flat_params, model.flat_grads, self.m, self.v, self.lr, *self.betas,
-                       self.eps, self.weight_decay, self.step_count, n_decay)
+            t = self._applied
+            scalars = xp.stack([xp.asarray(grad_scale, dtype="float64"),
+                                xp.asarray(apply, dtype="float64"),
+                                xp.asarray(1.0 - self.lr * self.weight_decay, dtype="float64"),
+                                self.lr / (1.0 - beta1 ** t),
+                                1.0 / xp.sqrt(1.0 - beta2 ** t)])
+            adamw_step(model.flat_params, model.flat_grads, self.m, self.v, scalars, beta1, beta2,
+                       self.eps, model.layout.n_decay)
             return
+        if not bool(apply):
+            return
+        if not (isinstance(grad_scale, float) and grad_scale == 1.0):
+            model.flat_grads *= numpy.asarray(grad_scale, dtype=model.flat_grads.dtype)
+        n_decay = model.layout.n_decay
         model.flat_params[:n_decay] *= 1.0 - self.lr * self.weight_decay
         size = model.flat_params.size
         # elementwise work: one slice of the buffer per CPU thread
@@ -55,8 +78,9 @@ class AdamW:
         xp.multiply(g, g, out=tmp)
         tmp *= 1.0 - beta2
         v += tmp
-        bias1 = 1.0 - beta1 ** self.step_count
-        bias2 = 1.0 - beta2 ** self.step_count
+        t = float(self._applied)
+        bias1 = 1.0 - beta1 ** t
+        bias2 = 1.0 - beta2 ** t
         # p -= lr / bias1 * m / (sqrt(v) / sqrt(bias2) + eps)
         xp.sqrt(v, out=tmp)
         tmp *= 1.0 / math.sqrt(bias2)
@@ -71,7 +95,7 @@ class AdamW:
     def load_state(self, m, v, step_count):
         self.m[...] = m
         self.v[...] = v
-        self.step_count = int(step_count)
+        self._applied[...] = int(step_count)
 
 
 class SGD:

@@ -34,7 +34,7 @@ from .errors import CheckpointError, UsageError, XpmodelError
 from .generate import generate
 from .loss_scale import LossScaler
 from .model import GPT, GPTConfig
-from .optim import AdamW, clip_grad_norm, grad_norm
+from .optim import AdamW, grad_norm
 from .rundir import RunDir, default_run_path
 from .runs import adopt_pretrained, load_pretrained
 from .schedule import ConstantSchedule, CosineSchedule
@@ -131,7 +131,7 @@ class Trainer:
                                  "rank with the same command line")
             dist.broadcast_(self.model.flat_params)
             self.model.dropout_stream = dist.rank
-        self.scaler = LossScaler() if t.precision == "fp16" else None
+        self.scaler = LossScaler(xp=self.model.xp) if t.precision == "fp16" else None
         self.sampler = self._make_sampler()
         self.total_steps = self._count_steps()
         self.schedule = make_schedule(t, self.total_steps)
@@ -317,6 +317,7 @@ class Trainer:
         last_loss = None
         smoothed = None
         window_start, window_tokens = time.perf_counter(), 0
+        pending = []   # (step, device values, lr) of steps the host has not read yet
         stop_reason = "finished"
         if self.step >= self.total_steps:
             stop_reason = "already complete"
@@ -325,26 +326,34 @@ class Trainer:
         try:
             with display:
                 while self.step < self.total_steps:
-                    loss, norm, lr, finite = self._train_step()
-                    self.step += 1
+                    values, lr = self._train_step()
+                    pending.append((self.step + 1, values, lr))
                     tokens = t.batch_size * t.grad_accum * self.config.model.block_size
                     self.tokens_seen += tokens
                     window_tokens += tokens
-                    last_loss = loss
-                    smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
+                    if not self._host_needed(self.step + 1):
+                        self.step += 1
+                        continue
+                    # the results of the pending steps, in one read from the device
                     now = time.perf_counter()
                     tokens_per_s = window_tokens / max(now - window_start, 1e-9)
+                    for step, loss, norm, lr, scale in self._read_back(pending):
+                        last_loss = loss
+                        smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
+                        record = {"type": "train", "step": step, "loss": loss, "lr": lr,
+                                  "grad_norm": norm, "tokens_per_s": tokens_per_s,
+                                  "skipped": not math.isfinite(norm),
+                                  "time": round(self.elapsed_before + self._elapsed(), 3)}
+                        if self.scaler:
+                            record["loss_scale"] = scale
+                        if metrics:
+                            self.run_dir.append_metrics(record, metrics)
+                        display.step(step, smoothed, lr, norm, tokens_per_s,
+                                     self._mfu(tokens_per_s), log_line=step % t.log_interval == 0)
+                    pending = []
+                    self.step += 1
                     if self.step % t.log_interval == 0:
                         window_start, window_tokens = now, 0
-                    record = {"type": "train", "step": self.step, "loss": loss, "lr": lr,
-                              "grad_norm": norm, "tokens_per_s": tokens_per_s,
-                              "skipped": not finite, "time": round(self.elapsed_before + self._elapsed(), 3)}
-                    if self.scaler:
-                        record["loss_scale"] = self.scaler.scale
-                    if metrics:
-                        self.run_dir.append_metrics(record, metrics)
-                    display.step(self.step, smoothed, lr, norm, tokens_per_s, self._mfu(tokens_per_s),
-                                 log_line=self.step % t.log_interval == 0)
 
                     if self.step % t.eval_interval == 0 or self.step == self.total_steps:
                         if self._evaluate(display, metrics):
@@ -378,19 +387,31 @@ class Trainer:
             self._print_summary(summary)
         return summary
 
+    def _host_needed(self, step):
+        """Whether the host must read the results of steps up to `step` now: on
+        the CPU always (it costs nothing); on a GPU at logging, evaluation,
+        sampling and saving steps, at the end, on a signal, and when ranks
+        exchange results. In between, GPU steps queue without waiting."""
+        t = self.config.train
+        return (not self.device.is_cuda or self.dist is not None or self._stop_signal is not None
+                or step == self.total_steps
+                or any(step % every == 0 for every in (t.log_interval, t.eval_interval, t.save_interval))
+                or bool(t.sample_interval and step % t.sample_interval == 0))
+
     def _train_step(self):
-        """One optimizer step; returns (loss, grad norm, lr, applied) as host values."""
-        # NaN and Inf are looked for and reported once per step, so NumPy's own
-        # warnings about them would only repeat that on stderr.
+        """One optimizer step, decided on the model's device; returns its results
+        there ([loss, unscaled grad norm, grads finite, loss scale]) and the lr."""
+        # NaN and Inf are looked for and reported when the host reads the step,
+        # so NumPy's own warnings about them would only repeat that on stderr.
         with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
             return self._optimizer_step()
 
     def _optimizer_step(self):
-        t, model = self.config.train, self.model
+        t, model, xp = self.config.train, self.model, self.model.xp
         lr = self.schedule(self.step)
         self.optimizer.lr = lr
         model.zero_grad()
-        scale = self.scaler.scale if self.scaler else 1.0
+        scale = self.scaler.device_scale if self.scaler else 1.0
         total = 0.0
         for _ in range(t.grad_accum):
             x, y = self.sampler.next_batch()
@@ -406,22 +427,40 @@ class Trainer:
         if self.dist is not None:
             self.dist.allreduce_mean_(model.flat_grads)
             total = float(self.dist.allreduce_mean_(numpy.array([float(total)]))[0])
-        loss = float(total) / t.grad_accum
+        loss = xp.asarray(total / t.grad_accum, dtype=numpy.float64)
+        norm = xp.asarray(grad_norm(model), dtype=numpy.float64) / scale   # one reduction
+        grads_finite = xp.isfinite(norm)
+        coef = 1.0 / scale   # unscale, and clip as torch.nn.utils.clip_grad_norm_ does
+        if t.grad_clip > 0:
+            coef = coef * xp.minimum(t.grad_clip / (norm + 1e-6), 1.0)
+        self.optimizer.step(grad_scale=coef, apply=grads_finite & xp.isfinite(loss))
         if self.scaler:
-            finite = self.scaler.unscale_and_check(model)
-            self.scaler.update(finite, self.step + 1)
-            if not finite:
-                return loss, float("inf"), lr, False
-        norm = clip_grad_norm(model, t.grad_clip) if t.grad_clip > 0 else grad_norm(model)
-        norm = float(norm)
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            latest = self.run_dir.checkpoint_steps()
-            where = f"; the last good checkpoint is step {latest[-1]}" if latest else ""
-            raise XpmodelError(f"step {self.step + 1}: loss is {loss}, gradient norm {norm}: "
-                               f"training diverged, weights not updated{where}; "
-                               f"lower train.lr or raise train.warmup_iters")
-        self.optimizer.step()
-        return loss, norm, lr, True
+            self.scaler.record(grads_finite)
+        values = xp.stack([loss, norm, grads_finite.astype(numpy.float64),
+                           xp.asarray(scale if not self.scaler else self.scaler.device_scale,
+                                      dtype=numpy.float64)])
+        return values, lr
+
+    def _read_back(self, pending):
+        """[(step, loss, grad norm or inf when skipped, lr, loss scale)] of the
+        pending steps, read from the device at once; raises at the first
+        diverged step."""
+        if not pending:
+            return []
+        values = to_host(self.model.xp.stack([v for _, v, _ in pending]))
+        results = []
+        for (step, _, lr), (loss, norm, grads_finite, scale) in zip(pending, values):
+            if not math.isfinite(loss) or not (grads_finite or self.scaler):
+                latest = self.run_dir.checkpoint_steps()
+                where = f"; the last good checkpoint is step {latest[-1]}" if latest else ""
+                raise XpmodelError(f"step {step}: loss is {loss}, gradient norm {norm}: "
+                                   f"training diverged, weights not updated{where}; "
+                                   f"lower train.lr or raise train.warmup_iters")
+            results.append((step, float(loss), float(norm) if grads_finite else float("inf"), lr,
+                            float(scale)))
+        if self.scaler:
+            self.scaler.check(pending[-1][0])
+        return results
 
     def _evaluate(self, display, metrics):
         """Validation loss on `eval_batches` batches; True when early stopping triggers."""

@@ -1,30 +1,34 @@
 """AdamW over the whole flat parameter buffer in one elementwise kernel.
 
-Weight decay applies to the first n_decay elements (the matrices, see
-params.py). The arithmetic is the NumPy update's, in the buffer's dtype.
+The step's scalars come from a small device array, so they can be decided
+on the GPU (the clipping coefficient, whether a float16 step overflowed):
+s = [gradient scale, apply (0 skips the step), decay factor, lr / bias1,
+1 / sqrt(bias2)]. Weight decay applies to the first n_decay elements (the
+matrices, see params.py). The arithmetic is the NumPy update's, in the
+buffer's dtype.
 """
 import numpy
 
 from ..backend import _import_cupy
 
 _BODY = """
-m = (T)beta1 * m + (T)(1.0 - beta1) * g;
-v = (T)beta2 * v + (T)(1.0 - beta2) * g * g;
-if (i < n_decay) p *= (T)decay;
-p -= (T)step_size * m / (sqrt(v) * (T)inv_sqrt_bias2 + (T)eps);
+if (s[1] != 0) {
+    T grad = g * (T)s[0];
+    m = (T)beta1 * m + (T)(1.0 - beta1) * grad;
+    v = (T)beta2 * v + (T)(1.0 - beta2) * grad * grad;
+    if (i < n_decay) p *= (T)s[2];
+    p -= (T)s[3] * m / (sqrt(v) * (T)s[4] + (T)eps);
+}
 """
 _kernel = None
 
 
-def adamw_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, n_decay):
-    """One AdamW step (step counts from 1) on flat p, g, m, v, in place."""
+def adamw_step(p, g, m, v, scalars, beta1, beta2, eps, n_decay):
+    """One AdamW step on flat p, g, m, v, in place; scalars as described above."""
     global _kernel
     if _kernel is None:
         _kernel = _import_cupy().ElementwiseKernel(
-            "T g, float64 beta1, float64 beta2, float64 eps, float64 decay, float64 step_size, "
-            "float64 inv_sqrt_bias2, int64 n_decay", "T p, T m, T v", _BODY, "xpmodel_adamw")
-    bias1 = 1.0 - beta1 ** step
-    bias2 = 1.0 - beta2 ** step
-    _kernel(g, numpy.float64(beta1), numpy.float64(beta2), numpy.float64(eps),
-            numpy.float64(1.0 - lr * weight_decay), numpy.float64(lr / bias1),
-            numpy.float64(1.0 / bias2 ** 0.5), numpy.int64(n_decay), p, m, v)
+            "T g, raw float64 s, float64 beta1, float64 beta2, float64 eps, int64 n_decay",
+            "T p, T m, T v", _BODY, "xpmodel_adamw")
+    _kernel(g, scalars, numpy.float64(beta1), numpy.float64(beta2), numpy.float64(eps),
+            numpy.int64(n_decay), p, m, v)

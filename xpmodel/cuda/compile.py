@@ -23,6 +23,10 @@ __device__ __forceinline__ void store(f16* p, float x) {
 __device__ __forceinline__ void store(float* p, float x) { *p = x; }
 __device__ __forceinline__ void store(float* p, double x) { *p = (float)x; }
 __device__ __forceinline__ void store(double* p, double x) { *p = x; }
+// exp for statistics: the hardware exp2 in float32 (relative error about
+// |x| * 1e-7), the accurate one in float64
+__device__ __forceinline__ float EXP(float x) { return __expf(x); }
+__device__ __forceinline__ double EXP(double x) { return exp(x); }
 __device__ __forceinline__ float warp_sum(float x) {
     for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
     return x;

@@ -1,4 +1,4 @@
-"""GELU (tanh approximation) forward and backward as single elementwise kernels.
+"""GELU (tanh approximation) forward and backward, one kernel each way.
 
 Backward recomputes sigmoid(2u) from x rather than keeping it, which saves
 a float32 activation of 4C channels per layer."""
@@ -7,49 +7,58 @@ import math
 import numpy
 
 from ..backend import _import_cupy
+from .compile import acc_type, c_type, multiprocessor_count, raw_kernel
 
-_K = math.sqrt(2.0 / math.pi)
-_CUBIC = 0.044715
+_THREADS = 256
 
-# x * sigmoid(2u), u = K (x + 0.044715 x^3); exp(-2u) overflowing to inf gives 0: exact
-_FORWARD = """
-ACC v = (ACC)x;
-ACC s = (ACC)1 / ((ACC)1 + exp((ACC)(-2.0 * {k}) * v * ((ACC)1 + (ACC){cubic} * v * v)));
-out = (Y)(v * s);
+_SOURCE = r"""
+// sigmoid(2u), u = K (x + 0.044715 x^3); exp(-2u) overflowing to inf gives 0: exact
+__device__ __forceinline__ ACC sigmoid_2u(ACC x) {
+    return (ACC)1 / ((ACC)1 + EXP((ACC)(-2.0 * K) * x * ((ACC)1 + (ACC)CUBIC * x * x)));
+}
+
+extern "C" __global__ void gelu_forward(const X_T* x, X_T* out, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        ACC v = (ACC)load(x + i);
+        store(out + i, v * sigmoid_2u(v));
+    }
+}
+
+// d/dx [x s] = s + x s (1 - s) 2 du/dx, du/dx = K (1 + 3 * 0.044715 x^2)
+extern "C" __global__ void gelu_backward(const D_T* dout, const X_T* x, D_T* dx, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        ACC v = (ACC)load(x + i);
+        ACC s = sigmoid_2u(v);
+        ACC slope = s + v * s * ((ACC)1 - s) * (ACC)(2.0 * K) * ((ACC)1 + (ACC)(3.0 * CUBIC) * v * v);
+        store(dx + i, (ACC)load(dout + i) * slope);
+    }
+}
 """
-# d/dx [x s] = s + x s (1 - s) 2 du/dx, du/dx = K (1 + 3 * 0.044715 x^2)
-_BACKWARD = """
-ACC v = (ACC)x;
-ACC s = (ACC)1 / ((ACC)1 + exp((ACC)(-2.0 * {k}) * v * ((ACC)1 + (ACC){cubic} * v * v)));
-ACC slope = s + v * s * ((ACC)1 - s) * (ACC)(2.0 * {k}) * ((ACC)1 + (ACC)(3.0 * {cubic}) * v * v);
-dx = (Y)((ACC)dout * slope);
-"""
-_kernels = {}
 
 
-def _kernel(which, acc):
-    key = (which, acc)
-    if key not in _kernels:
-        cupy = _import_cupy()
-        body = (_FORWARD if which == "forward" else _BACKWARD).format(k=repr(_K), cubic=repr(_CUBIC))
-        body = body.replace("ACC", acc)
-        if which == "forward":
-            _kernels[key] = cupy.ElementwiseKernel("X x", "Y out", body, f"xpmodel_gelu_forward_{acc}")
-        else:
-            _kernels[key] = cupy.ElementwiseKernel("D dout, X x", "Y dx", body,
-                                                   f"xpmodel_gelu_backward_{acc}")
-    return _kernels[key]
-
-
-def _acc(dtype):
-    return "double" if dtype == numpy.float64 else "float"
+def _launch(name, args, n, **types):
+    kernel = raw_kernel(_SOURCE, name, K=repr(math.sqrt(2.0 / math.pi)), CUBIC="0.044715", **types)
+    blocks = max(1, min((n + _THREADS - 1) // _THREADS, 16 * multiprocessor_count()))
+    kernel((blocks,), (_THREADS,), args + (numpy.int64(n),))
 
 
 def gelu_forward(x):
-    """x: any shape -> GELU(x) in x's dtype."""
-    return _kernel("forward", _acc(x.dtype))(x, _import_cupy().empty_like(x))
+    """x: any shape, C-contiguous -> GELU(x) in x's dtype."""
+    cupy = _import_cupy()
+    x = cupy.ascontiguousarray(x)
+    out = cupy.empty_like(x)
+    _launch("gelu_forward", (x, out), x.size, X_T=c_type(x.dtype), D_T=c_type(x.dtype),
+            ACC=acc_type(x.dtype))
+    return out
 
 
 def gelu_backward(dout, x):
     """dout, x: the same shape -> dx in dout's dtype."""
-    return _kernel("backward", _acc(dout.dtype))(dout, x, _import_cupy().empty_like(dout))
+    cupy = _import_cupy()
+    dout, x = cupy.ascontiguousarray(dout), cupy.ascontiguousarray(x)
+    dx = cupy.empty_like(dout)
+    _launch("gelu_backward", (dout, x, dx), x.size, X_T=c_type(x.dtype), D_T=c_type(dout.dtype),
+            ACC=acc_type(dout.dtype, x.dtype))
+    return dx

@@ -25,19 +25,20 @@ extern "C" __global__ void causal_softmax_forward(const S_T* scores, P_T* probs,
     for (int j = lane; j <= last; j += 32) {
         ACC v = (ACC)load(s + j);
         ACC m_new = v > m ? v : m;
-        l = l * exp(m - m_new) + exp(v - m_new);
+        l = l * EXP(m - m_new) + EXP(v - m_new);
         m = m_new;
     }
     for (int offset = 16; offset > 0; offset >>= 1) {
         ACC m_other = __shfl_xor_sync(0xffffffffu, m, offset);
         ACC l_other = __shfl_xor_sync(0xffffffffu, l, offset);
         ACC m_new = m_other > m ? m_other : m;
-        l = (l == 0 ? (ACC)0 : l * exp(m - m_new)) + (l_other == 0 ? (ACC)0 : l_other * exp(m_other - m_new));
+        l = (l == 0 ? (ACC)0 : l * EXP(m - m_new)) + (l_other == 0 ? (ACC)0 : l_other * EXP(m_other - m_new));
         m = m_new;
     }
     ACC inv = (ACC)1 / l;
     P_T* p = probs + row * T;
-    for (int j = lane; j < T; j += 32) store(p + j, j <= last ? exp((ACC)load(s + j) - m) * inv : (ACC)0);
+    for (int j = lane; j <= last; j += 32) store(p + j, EXP((ACC)load(s + j) - m) * inv);
+    for (int j = last + 1 + lane; j < T; j += 32) store(p + j, (ACC)0);
 }
 
 extern "C" __global__ void causal_softmax_backward(const S_T* dprobs, const P_T* probs, D_T* dscores,
@@ -52,10 +53,8 @@ extern "C" __global__ void causal_softmax_backward(const S_T* dprobs, const P_T*
     for (int j = lane; j <= last; j += 32) dot += (ACC)load(dp + j) * (ACC)load(p + j);
     dot = warp_sum(dot);
     D_T* ds = dscores + row * T;
-    for (int j = lane; j < T; j += 32) {
-        ACC pj = (ACC)load(p + j);
-        store(ds + j, j <= last ? pj * ((ACC)load(dp + j) - dot) : (ACC)0);
-    }
+    for (int j = lane; j <= last; j += 32) store(ds + j, (ACC)load(p + j) * ((ACC)load(dp + j) - dot));
+    for (int j = last + 1 + lane; j < T; j += 32) store(ds + j, (ACC)0);
 }
 """
 
