@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: the GPU tests, the GPU benchmark and a short
-# training run, with a summary in $OUT (default ./gpu-check). Uses the CuPy
-# and PyTorch already installed there; needs no network. About 8 minutes.
+# One command for a GPU machine: the GPU tests, the GPU benchmark against
+# PyTorch, a breakdown of the step, and nanoGPT's shakespeare-char run in
+# mixed float16, with a summary in $OUT (default ./gpu-check). Uses the CuPy
+# and PyTorch already installed there; needs no network. About 7 minutes.
 #
 #   OUT=/some/dir bash tools/gpu_check.sh
+#
+# DATA: the Tiny Shakespeare text (default ../shared/data/tinyshakespeare.txt);
+# ITERS: training steps (default 5000, nanoGPT's); BENCH: extra benchmark flags.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-check}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export XPMODEL_CACHE="$OUT/cache"
 PY="${PYTHON:-python3}"
+DATA="${DATA:-../shared/data/tinyshakespeare.txt}"
+export XPMODEL_SHARED_DATA="$(dirname "$DATA")"
+ITERS="${ITERS:-5000}"
 summary="$OUT/summary.txt"
 : > "$summary"
 
@@ -21,21 +28,26 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 $PY -c "import cupy, torch; print('cupy', cupy.__version__, 'torch', torch.__version__)" 2>&1 | tee -a "$summary"
 
 note "== GPU tests"
-timeout 180 $PY -m pytest -q -x tests/test_backends.py tests/test_model.py tests/test_generate.py \
-    > "$OUT/tests.log" 2>&1
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py tests/test_backends.py \
+    tests/test_generate.py > "$OUT/tests.log" 2>&1
 note "tests exit code $? ($(tail -1 "$OUT/tests.log"))"
 
 note "== benchmark (xpmodel vs PyTorch eager AMP and torch.compile)"
-timeout 240 $PY tools/bench_gpu.py --configs char-mid gpt2-small --steps 12 > "$OUT/bench.log" 2>&1
+timeout 200 $PY tools/bench_gpu.py --configs char-mid gpt2-small ${BENCH:-} > "$OUT/bench.log" 2>&1
 note "bench exit code $?"
 cat "$OUT/bench.log" >> "$summary"
 
-DATA=../shared/data/tinyshakespeare.txt
-[ -f "$DATA" ] || DATA=pystdlib          # the Python standard library's source is everywhere
-note "== short training run (shakespeare-char on $DATA, 300 steps, fp16)"
-timeout 150 $PY -m xpmodel.cli train --config shakespeare-char --device cuda --quiet --overwrite \
-    --out "$OUT/run" data.source="$DATA" train.max_iters=300 \
-    train.eval_interval=150 train.sample_interval=0 train.precision=fp16 > "$OUT/train.log" 2>&1
-note "train exit code $?"
-tail -3 "$OUT/train.log" >> "$summary"
+note "== where the step's time goes"
+for config in char-mid gpt2-small; do
+    timeout 60 $PY tools/gpu_sections.py --config $config >> "$summary" 2>&1
+done
+
+note "== shakespeare-char, fp16, $ITERS steps on $DATA"
+start=$(date +%s)
+timeout 240 $PY -m xpmodel.cli train --config shakespeare-char --device cuda --quiet --overwrite \
+    --out "$OUT/run" data.source="$DATA" train.max_iters=$ITERS train.lr_decay_iters=$ITERS \
+    train.precision=fp16 > "$OUT/train.log" 2>&1
+note "train exit code $?, $(( $(date +%s) - start )) s including data preparation"
+grep -E "val loss" "$OUT/train.log" | tail -2 >> "$summary"
+tail -4 "$OUT/train.log" >> "$summary"
 cat "$summary"
