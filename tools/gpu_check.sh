@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-check}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export XPMODEL_CACHE="$OUT/cache"
+export XPMODEL_CACHE="${TMPDIR:-/tmp}/xpmodel-gpu-check-cache"
 PY="${PYTHON:-python3}"
 DATA="${DATA:-../shared/data/tinyshakespeare.txt}"
 export XPMODEL_SHARED_DATA="$(dirname "$DATA")"
@@ -39,7 +39,7 @@ cat "$OUT/bench.log" >> "$summary"
 
 note "== where the step's time goes"
 for config in char-mid gpt2-small; do
-    timeout 60 $PY tools/gpu_sections.py --config $config >> "$summary" 2>&1
+    timeout 45 $PY tools/gpu_sections.py --config $config >> "$summary" 2>&1
 done
 
 note "== shakespeare-char, fp16, $ITERS steps on $DATA"

@@ -37,11 +37,11 @@ extern "C" __global__ void crossentropy(L_T* logits, const long long* targets, A
     __shared__ ACC shared[33];
     L_T* x = logits + (long long)blockIdx.x * V;
     ACC m = NEG_INF;
-    #pragma unroll 4
+    #pragma unroll 16
     for (int j = threadIdx.x; j < V; j += blockDim.x) m = fmax(m, (ACC)load(x + j));
     m = block_reduce<true>(m, shared);
     ACC l = 0;
-    #pragma unroll 4
+    #pragma unroll 16
     for (int j = threadIdx.x; j < V; j += blockDim.x) l += EXP((ACC)load(x + j) - m);
     l = block_reduce<false>(l, shared);
     long long target = targets[blockIdx.x];
@@ -51,7 +51,7 @@ extern "C" __global__ void crossentropy(L_T* logits, const long long* targets, A
     __syncthreads();   // the target's logit is read above before it is overwritten below
     ACC scale = keep ? (ACC)dloss[0] : (ACC)0;
     ACC inv = (ACC)1 / l;
-    #pragma unroll 4
+    #pragma unroll 16
     for (int j = threadIdx.x; j < V; j += blockDim.x) {
         ACC p = EXP((ACC)load(x + j) - m) * inv;
         store(x + j, (p - (j == target ? (ACC)1 : (ACC)0)) * scale);

@@ -54,6 +54,16 @@ def _batch_stride(x):
     return strides[-1]
 
 
+_scalars = {}                # (value, wide) -> a NumPy scalar cuBLAS reads through a pointer
+
+
+def _host_scalar(value, wide):
+    key = (float(value), wide)
+    if key not in _scalars:
+        _scalars[key] = numpy.array(value, dtype=numpy.float64 if wide else numpy.float32)
+    return _scalars[key]
+
+
 def gemm(a, b, out, alpha=1.0, beta=0.0):
     """out = alpha * a @ b + beta * out, for a (..., M, K), b (..., K, N) and
     out (..., M, N) with the same leading (batch) shape, or 2-D a, b, out."""
@@ -71,11 +81,10 @@ def gemm(a, b, out, alpha=1.0, beta=0.0):
     b, op_b, ld_b = _operand(b)
     ld_out = out.strides[-2] // out.itemsize
     wide = a.dtype == numpy.float64 or out.dtype == numpy.float64
-    scalar = numpy.float64 if wide else numpy.float32
     compute = cublas.CUBLAS_COMPUTE_64F if wide else cublas.CUBLAS_COMPUTE_32F
-    alpha, beta = numpy.array(alpha, dtype=scalar), numpy.array(beta, dtype=scalar)
+    alpha, beta = _host_scalar(alpha, wide), _host_scalar(beta, wide)
     handle = _import_cupy().cuda.device.get_cublas_handle()
-    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)   # alpha, beta live on the host
     in_type, out_type = _CUDA_TYPES[a.dtype], _CUDA_TYPES[out.dtype]
     if a.ndim == 2:
         cublas.gemmEx(handle, op_b, op_a, N, M, K, alpha.ctypes.data,
