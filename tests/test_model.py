@@ -209,3 +209,25 @@ def test_bad_inputs_are_clear_errors():
             model.forward_backward(np.zeros((1, 3), dtype=np.int64), np.full((1, 3), bad))
     with pytest.raises(ValueError, match="float32 or float64"):
         xpmodel.GPT(TINY, dtype="float16")
+
+
+def test_clipped_step_unscales_clips_and_skips_non_finite_gradients():
+    from xpmodel.optim import clip_grad_norm, clipped_step
+    config = xpmodel.GPTConfig(vocab_size=40, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    models = [xpmodel.GPT(config, seed=2) for _ in range(2)]
+    opts = [xpmodel.AdamW(m, lr=1e-2) for m in models]
+    grads = np.random.default_rng(0).standard_normal(models[0].flat_grads.shape).astype(np.float32)
+    scale = 512.0
+    for model in models:
+        model.flat_grads[...] = grads * scale
+    models[0].flat_grads *= 1.0 / scale
+    want_norm = clip_grad_norm(models[0], 1.0)
+    opts[0].step()
+    norm, finite = clipped_step(opts[1], 1.0, scale)
+    assert bool(finite) and abs(float(norm) - float(want_norm)) < 1e-4 * float(want_norm)
+    np.testing.assert_allclose(models[1].flat_params, models[0].flat_params, rtol=1e-5, atol=1e-7)
+    before = models[1].flat_params.copy()
+    models[1].flat_grads[3] = np.inf
+    norm, finite = clipped_step(opts[1], 1.0, scale)
+    assert not bool(finite) and opts[1].step_count == 1
+    np.testing.assert_array_equal(models[1].flat_params, before)

@@ -7,7 +7,7 @@ tokens. Prints tokens/s (B*T / median step time), MFU against the GPU's dense
 fp16 peak, peak GPU memory in use by each side (arrays / tensors, not what
 the caching allocators hold) and the ratios.
 
-    python tools/bench_gpu.py [--configs char-mid gpt2-small] [--steps 20] [--no-compile]
+    python tools/bench_gpu.py [--configs char-mid gpt2-small] [--steps 20] [--compile-configs gpt2-small]
     python tools/bench_gpu.py --device cpu --precision fp32 --configs tiny   # a smoke test
 """
 import argparse
@@ -27,23 +27,22 @@ def xpmodel_step(config, B, device, precision):
     import numpy as np
     import xpmodel
     from xpmodel.backend import synchronize
+    from xpmodel.optim import clipped_step
     model = xpmodel.GPT(config, device=device, seed=0, precision=precision)
     opt = xpmodel.AdamW(model, lr=3e-4)
-    scaler = xpmodel.LossScaler() if precision == "fp16" else None
+    scaler = xpmodel.LossScaler(xp=model.xp) if precision == "fp16" else None
     rng = np.random.default_rng(0)
     # host arrays, as the trainer's sampler hands them over
     idx = rng.integers(0, config.vocab_size, (B, config.block_size))
     targets = rng.integers(0, config.vocab_size, (B, config.block_size))
 
-    def step():
+    def step():   # as the trainer steps: decided on the device, no host wait inside
         model.zero_grad()
-        model.forward_backward(idx, targets, scale=scaler.scale if scaler else 1.0)
-        finite = scaler.unscale_and_check(model) if scaler else True
+        scale = scaler.device_scale if scaler else 1.0
+        model.forward_backward(idx, targets, scale=scale)
+        _, grads_finite = clipped_step(opt, 1.0, scale)
         if scaler:
-            scaler.update(finite, 0)
-        if finite:
-            xpmodel.clip_grad_norm(model, 1.0)
-            opt.step()
+            scaler.record(grads_finite)
         synchronize(model.device)
     return step, model
 
@@ -111,7 +110,8 @@ def main():
     parser.add_argument("--precision", default="fp16", choices=("fp16", "fp32"))
     parser.add_argument("--steps", type=int, default=20, help="timed steps per side")
     parser.add_argument("--rounds", type=int, default=4, help="alternations between sides")
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--compile-configs", nargs="*", default=["gpt2-small"],
+                        help="configs also timed under torch.compile (compiling takes minutes)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import xpmodel
@@ -139,7 +139,7 @@ def main():
         sides["torch eager"]()
         if on_gpu:
             memory["torch eager"] = torch.cuda.max_memory_allocated()
-        if not args.no_compile:
+        if name in args.compile_configs:
             try:
                 if on_gpu:
                     torch.cuda.reset_peak_memory_stats()

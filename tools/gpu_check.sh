@@ -33,7 +33,7 @@ timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py test
 note "tests exit code $? ($(tail -1 "$OUT/tests.log"))"
 
 note "== benchmark (xpmodel vs PyTorch eager AMP and torch.compile)"
-timeout 200 $PY tools/bench_gpu.py --configs char-mid gpt2-small ${BENCH:-} > "$OUT/bench.log" 2>&1
+timeout 220 $PY tools/bench_gpu.py --configs char-mid gpt2-small ${BENCH:-} > "$OUT/bench.log" 2>&1
 note "bench exit code $?"
 cat "$OUT/bench.log" >> "$summary"
 

@@ -127,6 +127,27 @@ def grad_norm(model):
     return model.xp.sqrt(model.xp.dot(g, g))
 
 
+def clipped_step(optimizer, grad_clip, scale=1.0, loss=None):
+    """One optimizer step from the gradients of a loss multiplied by `scale`:
+    unscale, clip to a global norm of grad_clip (0: no clipping) as
+    torch.nn.utils.clip_grad_norm_ does, and apply, unless the gradients (or
+    the loss, when given) are not finite. All of it is decided on the model's
+    device, so a GPU step never waits for the host; the gradients are read
+    once for the norm and once by the update.
+
+    Returns the unscaled gradient norm and whether the gradients were finite,
+    as 0-d arrays on the model's device."""
+    xp = optimizer.model.xp
+    norm = xp.asarray(grad_norm(optimizer.model), dtype=numpy.float64) / scale
+    grads_finite = xp.isfinite(norm)
+    coef = 1.0 / scale
+    if grad_clip > 0:
+        coef = coef * xp.minimum(grad_clip / (norm + 1e-6), 1.0)
+    apply = grads_finite if loss is None else grads_finite & xp.isfinite(loss)
+    optimizer.step(grad_scale=coef, apply=apply)
+    return norm, grads_finite
+
+
 def clip_grad_norm(model, max_norm):
     """Scale gradients so their global L2 norm is at most max_norm, as
     torch.nn.utils.clip_grad_norm_ does; returns the norm before clipping."""

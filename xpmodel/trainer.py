@@ -34,7 +34,7 @@ from .errors import CheckpointError, UsageError, XpmodelError
 from .generate import generate
 from .loss_scale import LossScaler
 from .model import GPT, GPTConfig
-from .optim import AdamW, grad_norm
+from .optim import AdamW, clipped_step
 from .rundir import RunDir, default_run_path
 from .runs import adopt_pretrained, load_pretrained
 from .schedule import ConstantSchedule, CosineSchedule
@@ -428,12 +428,7 @@ class Trainer:
             self.dist.allreduce_mean_(model.flat_grads)
             total = float(self.dist.allreduce_mean_(numpy.array([float(total)]))[0])
         loss = xp.asarray(total / t.grad_accum, dtype=numpy.float64)
-        norm = xp.asarray(grad_norm(model), dtype=numpy.float64) / scale   # one reduction
-        grads_finite = xp.isfinite(norm)
-        coef = 1.0 / scale   # unscale, and clip as torch.nn.utils.clip_grad_norm_ does
-        if t.grad_clip > 0:
-            coef = coef * xp.minimum(t.grad_clip / (norm + 1e-6), 1.0)
-        self.optimizer.step(grad_scale=coef, apply=grads_finite & xp.isfinite(loss))
+        norm, grads_finite = clipped_step(self.optimizer, t.grad_clip, scale, loss)
         if self.scaler:
             self.scaler.record(grads_finite)
         values = xp.stack([loss, norm, grads_finite.astype(numpy.float64),
