@@ -598,3 +598,32 @@ def test_fp16_resumed_run_repeats_an_uninterrupted_one(tmp_path, corpus):
     assert second.step == 9
     second.run()
     assert train_losses(tmp_path / "parts")[0] == train_losses(tmp_path / "whole")[0]
+
+
+def test_steps_queued_between_log_lines_are_all_recorded(tmp_path, corpus):
+    config = tiny_config(corpus, "train.max_iters=12", "train.log_interval=5",
+                         "train.eval_interval=12", "train.save_interval=12")
+    trainer = Trainer.start(config, device="cpu", out=tmp_path / "run", show=False)
+    trainer.defer_reads = True   # as on a GPU: results read at log, eval and save steps
+    reads = []
+    read_back = trainer._read_back
+    trainer._read_back = lambda pending: reads.append([s for s, _, _ in pending]) or read_back(pending)
+    trainer.run()
+    assert reads == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12]]
+    records = [r for r in trainer.run_dir.read_metrics() if r["type"] == "train"]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
+
+
+def test_a_diverged_step_found_at_a_later_read_is_reported_by_its_number(tmp_path, corpus):
+    config = tiny_config(corpus, "train.log_interval=5", "train.save_interval=5",
+                         "train.eval_interval=5")
+    trainer = Trainer.start(config, device="cpu", out=tmp_path / "run", show=False)
+    trainer.defer_reads = True
+    _inject(trainer, {13}, "nan grad")
+    with pytest.raises(XpmodelError) as failure:
+        trainer.run()
+    assert str(failure.value).startswith("step 13: ") and "diverged" in str(failure.value)
+    assert trainer.step == 14                                 # read back at step 15
+    assert numpy.isfinite(trainer.model.flat_params).all()   # step 13 was not applied
+    assert trainer.run_dir.checkpoint_steps() == [5, 10]

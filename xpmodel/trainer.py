@@ -132,6 +132,8 @@ class Trainer:
             dist.broadcast_(self.model.flat_params)
             self.model.dropout_stream = dist.rank
         self.scaler = LossScaler(xp=self.model.xp) if t.precision == "fp16" else None
+        # GPU steps are queued without waiting; the host reads their results in batches
+        self.defer_reads = self.device.is_cuda
         self.sampler = self._make_sampler()
         self.total_steps = self._count_steps()
         self.schedule = make_schedule(t, self.total_steps)
@@ -388,12 +390,13 @@ class Trainer:
         return summary
 
     def _host_needed(self, step):
-        """Whether the host must read the results of steps up to `step` now: on
-        the CPU always (it costs nothing); on a GPU at logging, evaluation,
-        sampling and saving steps, at the end, on a signal, and when ranks
-        exchange results. In between, GPU steps queue without waiting."""
+        """Whether the host must read the results of steps up to `step` now:
+        always on the CPU (it costs nothing); with deferred reads (a GPU) at
+        logging, evaluation, sampling and saving steps, at the end, on a
+        signal, and when ranks exchange results. In between, GPU steps queue
+        without waiting."""
         t = self.config.train
-        return (not self.device.is_cuda or self.dist is not None or self._stop_signal is not None
+        return (not self.defer_reads or self.dist is not None or self._stop_signal is not None
                 or step == self.total_steps
                 or any(step % every == 0 for every in (t.log_interval, t.eval_interval, t.save_interval))
                 or bool(t.sample_interval and step % t.sample_interval == 0))
