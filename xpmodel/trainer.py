@@ -435,7 +435,7 @@ class Trainer:
         if self.scaler:
             self.scaler.record(grads_finite)
         values = xp.stack([loss, norm, grads_finite.astype(numpy.float64),
-                           xp.asarray(scale if not self.scaler else self.scaler.device_scale,
+                           xp.asarray(self.scaler.device_scale if self.scaler else 1.0,
                                       dtype=numpy.float64)])
         return values, lr
 

@@ -127,7 +127,7 @@ def layernorm_backward(dout, xhat, rstd, w, dw, db, dx=None):
     """dout: (N, C). Adds into dw, db (C,); returns dx (N, C), added into `dx` when given."""
     cupy = _import_cupy()
     N, C = dout.shape
-    acc = "double" if xhat.dtype == numpy.float64 else "float"
+    acc = acc_type(xhat.dtype)
     if dw.dtype != xhat.dtype or db.dtype != xhat.dtype:
         raise ValueError("layernorm_backward: dw and db must have the statistics' dtype")
     kernel = raw_kernel(_SOURCE, "layernorm_backward", X_T="float", W_T=c_type(w.dtype),

@@ -3,8 +3,9 @@ one warp per row, row r being query position r % T, which sees keys 0..r % T.
 
 Forward keeps a running maximum and sum in one pass over the visible keys
 and writes the probabilities (zeros for the future) in a second; backward
-needs one dot product per row. Both read wide scores (float32 or float64)
-and write the probabilities / score gradients in the caller's dtype.
+needs one dot product per row. Both read scores of any float dtype, compute
+in float32 (float64 for float64) and write the probabilities / score
+gradients in the caller's dtype.
 """
 import numpy
 
@@ -59,7 +60,8 @@ extern "C" __global__ void causal_softmax_backward(const S_T* dprobs, const P_T*
 """
 
 
-def _rows(T, R):
+def _warp_per_row(R):
+    """(grid, block) giving each of R rows one warp."""
     return ((R + _WARPS - 1) // _WARPS,), (_THREADS,)
 
 
@@ -72,12 +74,12 @@ def causal_softmax_forward(scores, out_dtype):
     probs = cupy.empty(scores.shape, dtype=out_dtype)
     kernel = raw_kernel(_SOURCE, "causal_softmax_forward", S_T=c_type(scores.dtype),
                         P_T=c_type(out_dtype), D_T="float", ACC=acc_type(scores.dtype))
-    kernel(*_rows(T, R), (scores, probs, numpy.int64(R), numpy.int32(T)))
+    kernel(*_warp_per_row(R), (scores, probs, numpy.int64(R), numpy.int32(T)))
     return probs
 
 
 def causal_softmax_backward(dprobs, probs, out_dtype):
-    """dprobs (wide), probs: (..., T, T) -> dscores in out_dtype."""
+    """dprobs, probs: (..., T, T) -> dscores in out_dtype."""
     cupy = _import_cupy()
     dprobs, probs = cupy.ascontiguousarray(dprobs), cupy.ascontiguousarray(probs)
     T = probs.shape[-1]
@@ -85,5 +87,5 @@ def causal_softmax_backward(dprobs, probs, out_dtype):
     dscores = cupy.empty(probs.shape, dtype=out_dtype)
     kernel = raw_kernel(_SOURCE, "causal_softmax_backward", S_T=c_type(dprobs.dtype),
                         P_T=c_type(probs.dtype), D_T=c_type(out_dtype), ACC=acc_type(dprobs.dtype))
-    kernel(*_rows(T, R), (dprobs, probs, dscores, numpy.int64(R), numpy.int32(T)))
+    kernel(*_warp_per_row(R), (dprobs, probs, dscores, numpy.int64(R), numpy.int32(T)))
     return dscores

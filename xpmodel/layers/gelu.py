@@ -53,4 +53,3 @@ def gelu_backward(dout, x, s):
     dx += s
     dx *= dout
     return dx.astype(low, copy=False)
-
