@@ -1,19 +1,40 @@
 """Each fused CUDA kernel against the NumPy code it replaces, on fresh random
-inputs, in every dtype it serves. Skips cleanly without CuPy and a GPU."""
+inputs, in every dtype it serves.
+
+The kernel tests run twice: on a GPU through CuPy (skipped without one) and
+on the CPU emulator of tests/cuda_emulator (skipped without g++), which runs
+the same kernel source, launched by the same wrappers, one fiber per CUDA
+thread. The cuBLAS products and the AdamW ElementwiseKernel need a GPU."""
 import numpy as np
 import pytest
 
 from xpmodel.backend import cuda_available, to_host
 
-pytestmark = pytest.mark.skipif(not cuda_available(), reason="needs CuPy and a CUDA GPU")
+import cuda_emulator
 
 TOLERANCE = {np.float64: 1e-12, np.float32: 1e-5, np.float16: 2e-3}
+needs_gpu = pytest.mark.skipif(not cuda_available(), reason="needs CuPy and a CUDA GPU")
 
 
 @pytest.fixture
-def cp():
+def gpu():
     import cupy
     return cupy
+
+
+@pytest.fixture(params=["gpu", "emulated"])
+def cp(request):
+    """The array module the kernels run on: CuPy, or the CPU emulator standing in for it."""
+    if request.param == "gpu":
+        if not cuda_available():
+            pytest.skip("needs CuPy and a CUDA GPU")
+        import cupy
+        yield cupy
+    else:
+        if cuda_emulator.compiler() is None:
+            pytest.skip("the CUDA emulator needs g++")
+        with cuda_emulator.emulated_cuda() as module:
+            yield module
 
 
 def relative_error(got, want):
@@ -26,9 +47,10 @@ def rand(rng, shape, dtype=np.float64, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(dtype)
 
 
+@needs_gpu
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
 @pytest.mark.parametrize("transpose_a,transpose_b", [(False, False), (True, False), (False, True)])
-def test_gemm_2d_and_batched(cp, dtype, transpose_a, transpose_b):
+def test_gemm_2d_and_batched(gpu, dtype, transpose_a, transpose_b):
     from xpmodel.layers.matmul import matmul
     rng = np.random.default_rng()
     for batch in [(), (3, 2)]:
@@ -37,23 +59,24 @@ def test_gemm_2d_and_batched(cp, dtype, transpose_a, transpose_b):
         a64, b64 = a.astype(np.float64), b.astype(np.float64)
         want = np.matmul(a64.swapaxes(-1, -2) if transpose_a else a64,
                          b64.swapaxes(-1, -2) if transpose_b else b64)
-        got = matmul(cp.asarray(a), cp.asarray(b), transpose_a, transpose_b,
+        got = matmul(gpu.asarray(a), gpu.asarray(b), transpose_a, transpose_b,
                      out_dtype=np.promote_types(dtype, np.float32))
         assert relative_error(got, want) < TOLERANCE[np.dtype(dtype).type]
-        out = cp.asarray(rand(rng, want.shape, np.promote_types(dtype, np.float32)))
+        out = gpu.asarray(rand(rng, want.shape, np.promote_types(dtype, np.float32)))
         start = to_host(out).astype(np.float64)
-        matmul(cp.asarray(a), cp.asarray(b), transpose_a, transpose_b, out=out, accumulate=True,
+        matmul(gpu.asarray(a), gpu.asarray(b), transpose_a, transpose_b, out=out, accumulate=True,
                alpha=0.5)
         assert relative_error(out, start + 0.5 * want) < TOLERANCE[np.dtype(dtype).type]
 
 
-def test_column_sums_add_into_float32(cp):
+@needs_gpu
+def test_column_sums_add_into_float32(gpu):
     from xpmodel.layers.matmul import add_column_sums
     rng = np.random.default_rng()
     dout = rand(rng, (300, 70), np.float16)
-    db = cp.asarray(rand(rng, (70,), np.float32))
+    db = gpu.asarray(rand(rng, (70,), np.float32))
     want = to_host(db).astype(np.float64) + dout.astype(np.float64).sum(axis=0)
-    add_column_sums(cp.asarray(dout), db)
+    add_column_sums(gpu.asarray(dout), db)
     assert relative_error(db, want) < 1e-5
 
 
@@ -135,6 +158,7 @@ def test_crossentropy_matches_numpy(cp, dtype, V):
     assert none is None and relative_error(eval_losses, losses) < TOLERANCE[dtype]
 
 
+@needs_gpu
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_adamw_kernel_matches_the_cpu_update(dtype):
     import xpmodel

@@ -4,22 +4,30 @@ Kernel sources are C++ with a small prelude: `load` widens float16 (raw
 16-bit storage, converted with one PTX instruction, so no CUDA header is
 needed at run time), float32 and float64 to the accumulator type ACC, and
 `store` narrows it back. Each (source, type macros) pair compiles once.
+The PTX lives only in F16_CONVERSIONS, so the CPU emulator of the tests
+(tests/cuda_emulator) can put its own conversions in their place.
 """
 import numpy
 
 from ..backend import _import_cupy
 
-PRELUDE = r"""
+# float16 <-> float32, one PTX instruction each (round to nearest even)
+F16_CONVERSIONS = r"""
 typedef unsigned short f16;
-#define NEG_INF (-__int_as_float(0x7f800000))
-__device__ __forceinline__ float load(const f16* p) {
-    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(*p)); return f;
+__device__ __forceinline__ float f16_to_float(f16 h) {
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
 }
+__device__ __forceinline__ f16 float_to_f16(float x) {
+    f16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x)); return h;
+}
+"""
+
+PRELUDE = r"""
+#define NEG_INF (-__int_as_float(0x7f800000))
+__device__ __forceinline__ float load(const f16* p) { return f16_to_float(*p); }
 __device__ __forceinline__ float load(const float* p) { return *p; }
 __device__ __forceinline__ double load(const double* p) { return *p; }
-__device__ __forceinline__ void store(f16* p, float x) {
-    f16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x)); *p = h;
-}
+__device__ __forceinline__ void store(f16* p, float x) { *p = float_to_f16(x); }
 __device__ __forceinline__ void store(float* p, float x) { *p = x; }
 __device__ __forceinline__ void store(float* p, double x) { *p = (float)x; }
 __device__ __forceinline__ void store(double* p, double x) { *p = x; }
@@ -65,7 +73,7 @@ def raw_kernel(source, name, **macros):
     key = (source, name, tuple(sorted(macros.items())))
     if key not in _compiled:
         defines = "".join(f"#define {k} {v}\n" for k, v in sorted(macros.items()))
-        _compiled[key] = _import_cupy().RawKernel(defines + PRELUDE + source, name)
+        _compiled[key] = _import_cupy().RawKernel(defines + F16_CONVERSIONS + PRELUDE + source, name)
     return _compiled[key]
 
 

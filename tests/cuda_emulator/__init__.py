@@ -1,0 +1,264 @@
+"""A stand-in for CuPy that runs xpmodel's raw CUDA kernels on the CPU.
+
+`emulated_cuda()` makes xpmodel see this module as CuPy: arrays are NumPy
+arrays of a subclass the layers take for device arrays, so they dispatch to
+xpmodel.cuda, whose wrappers allocate, size grids and launch exactly as on a
+GPU. Each RawKernel is compiled by g++ with emulator.h (one fiber per CUDA
+thread, real block and warp barriers) in place of nvcc, and launched through
+ctypes. The matrix products, which are cuBLAS calls on a GPU, are NumPy
+products here.
+
+Every array this module allocates sits between two canary regions filled
+with a signalling NaN of its dtype (-2 for integers). A kernel that writes
+outside an argument's bytes is reported after its launch (arithmetic on a
+signalling NaN gives a quiet one, so even a value computed from a canary
+changes the bytes); one that reads outside them picks up NaNs, which the
+tests' comparisons catch.
+"""
+import contextlib
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import types
+import weakref
+from pathlib import Path
+
+import numpy
+
+HEADER = Path(__file__).with_name("emulator.h")
+CANARY_BYTES = 256          # also the alignment of every allocation, as cudaMalloc's
+MULTIPROCESSORS = 4         # small, so grids sized per multiprocessor stay quick to emulate
+
+# float16 <-> float32 in C++: _Float16 converts with round-to-nearest-even, like the PTX
+EMULATED_F16_CONVERSIONS = r"""
+typedef unsigned short f16;
+inline float f16_to_float(f16 h) { _Float16 v; std::memcpy(&v, &h, 2); return (float)v; }
+inline f16 float_to_f16(float x) { _Float16 v = (_Float16)x; f16 h; std::memcpy(&h, &v, 2); return h; }
+"""
+
+
+def compiler():
+    """The C++ compiler the emulator uses, or None."""
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+class EmulatedArray(numpy.ndarray):
+    """A NumPy array that xpmodel takes for a device array."""
+
+    def get(self):
+        return numpy.array(self, copy=True).view(numpy.ndarray)
+
+    @property
+    def device(self):
+        return types.SimpleNamespace(id=0)
+
+
+_allocations = []   # (weakref to a padded byte buffer, data start, data bytes, canary bytes)
+_SIGNALLING_NAN = {2: numpy.uint16(0x7C01), 4: numpy.uint32(0x7F800001),
+                   8: numpy.uint64(0x7FF0000000000001)}
+
+
+def _canary(dtype):
+    """One element's bytes of the canary for dtype."""
+    if dtype.kind == "f":
+        return _SIGNALLING_NAN[dtype.itemsize].tobytes()
+    return numpy.array(-2 if dtype.kind == "i" else 0, dtype=dtype).tobytes()
+
+
+def _allocate(shape, dtype):
+    dtype = numpy.dtype(dtype)
+    shape = tuple(shape) if numpy.iterable(shape) else (int(shape),)
+    nbytes = int(numpy.prod(shape, dtype=numpy.int64)) * dtype.itemsize
+    padded = numpy.empty(nbytes + 3 * CANARY_BYTES, dtype=numpy.uint8)
+    start = CANARY_BYTES - padded.ctypes.data % CANARY_BYTES + CANARY_BYTES
+    pattern = numpy.frombuffer(_canary(dtype), dtype=numpy.uint8)
+    phase = (-start) % dtype.itemsize   # element boundaries line up with the data's
+    padded[...] = numpy.resize(numpy.roll(pattern, -phase), padded.size)
+    canaries = padded.copy()
+    array = padded[start:start + nbytes].view(dtype).reshape(shape).view(EmulatedArray)
+    _allocations.append((weakref.ref(padded), start, nbytes, canaries))
+    return array
+
+
+def _check_canaries(kernel_name):
+    live = []
+    for ref, start, nbytes, canaries in _allocations:
+        padded = ref()
+        if padded is None:
+            continue
+        live.append((ref, start, nbytes, canaries))
+        end = start + nbytes
+        if (padded[:start] != canaries[:start]).any() or (padded[end:] != canaries[end:]).any():
+            raise AssertionError(f"kernel {kernel_name} wrote outside an array's bytes")
+    _allocations[:] = live
+
+
+def empty(shape, dtype=numpy.float64):
+    return _allocate(shape, dtype)
+
+
+def zeros(shape, dtype=numpy.float64):
+    out = _allocate(shape, dtype)
+    out[...] = 0
+    return out
+
+
+def ones(shape, dtype=numpy.float64):
+    out = _allocate(shape, dtype)
+    out[...] = 1
+    return out
+
+
+def empty_like(a, dtype=None):
+    return _allocate(a.shape, dtype or a.dtype)
+
+
+def zeros_like(a, dtype=None):
+    return zeros(a.shape, dtype or a.dtype)
+
+
+def asarray(a, dtype=None):
+    """A fresh device copy, as cupy.asarray of a host array makes (a device array
+    of the right dtype is returned as it is)."""
+    if isinstance(a, EmulatedArray) and (dtype is None or a.dtype == dtype):
+        return a
+    host = numpy.asarray(a, dtype=dtype)
+    out = _allocate(host.shape, host.dtype)
+    out[...] = host
+    return out
+
+
+def ascontiguousarray(a, dtype=None):
+    if isinstance(a, EmulatedArray) and a.flags.c_contiguous and (dtype is None or a.dtype == dtype):
+        return a
+    return asarray(numpy.ascontiguousarray(a, dtype=dtype))
+
+
+_SCALAR_TYPES = {numpy.dtype(t): c for t, c in [
+    (numpy.int32, ctypes.c_int32), (numpy.int64, ctypes.c_int64), (numpy.uint32, ctypes.c_uint32),
+    (numpy.uint64, ctypes.c_uint64), (numpy.float32, ctypes.c_float), (numpy.float64, ctypes.c_double)]}
+
+
+def _argument(value):
+    """The ctypes object a kernel argument is passed as, CuPy's way."""
+    if isinstance(value, numpy.ndarray):
+        if not isinstance(value, EmulatedArray):
+            raise TypeError("a host NumPy array passed to a kernel (CuPy would refuse it)")
+        return ctypes.c_void_p(value.ctypes.data)
+    if isinstance(value, numpy.generic):
+        return _SCALAR_TYPES[value.dtype](value.item())
+    if isinstance(value, float):
+        return ctypes.c_double(value)
+    raise TypeError(f"kernel argument of type {type(value).__name__}: pass a NumPy scalar type")
+
+
+def _build(code, name):
+    """Compile `code` with a launcher for kernel `name`; the loaded library."""
+    source = "\n".join([
+        HEADER.read_text(), code,
+        f'extern "C" int xpemu_launch(const unsigned* grid, const unsigned* block, void** args,'
+        f' const int* sizes, int n_args, char* message, int message_size) {{'
+        f' return xpemu::launch(&{name}, grid, block, args, sizes, n_args, message, message_size); }}'])
+    digest = hashlib.sha256(source.encode()).hexdigest()[:24]
+    cache = Path(tempfile.gettempdir()) / f"xpmodel-cuda-emulator-{os.getuid()}"
+    cache.mkdir(exist_ok=True)
+    library = cache / f"{name}-{digest}.so"
+    if not library.exists():
+        source_path = cache / f"{name}-{digest}-{os.getpid()}.cpp"
+        source_path.write_text(source)
+        partial = cache / f"{name}-{digest}-{os.getpid()}.so"
+        result = subprocess.run(
+            [compiler(), "-std=c++20", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas",
+             "-o", str(partial), str(source_path)], capture_output=True, text=True)
+        source_path.unlink()
+        if result.returncode != 0:
+            raise RuntimeError(f"kernel {name} does not compile:\n{result.stderr[-4000:]}")
+        partial.replace(library)
+    return ctypes.CDLL(str(library))
+
+
+class RawKernel:
+    """cupy.RawKernel's interface: compiled on first launch, launched on the CPU."""
+
+    def __init__(self, code, name):
+        if _GPU_F16_CONVERSIONS not in code:
+            raise ValueError(f"kernel {name}: source without xpmodel's float16 conversions")
+        self.code = code.replace(_GPU_F16_CONVERSIONS, EMULATED_F16_CONVERSIONS)
+        self.name = name
+        self._launch = None
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        if shared_mem:
+            raise NotImplementedError("dynamic shared memory is not emulated")
+        if self._launch is None:
+            self._launch = _build(self.code, self.name).xpemu_launch
+        values = [_argument(a) for a in args]
+        n = len(values)
+        pointers = (ctypes.c_void_p * max(n, 1))(*[ctypes.addressof(v) for v in values])
+        sizes = (ctypes.c_int * max(n, 1))(*[ctypes.sizeof(v) for v in values])
+        message = ctypes.create_string_buffer(512)
+        status = self._launch(_dims(grid), _dims(block), pointers, sizes, n, message, 512)
+        if status:
+            raise RuntimeError(f"kernel {self.name}: {message.value.decode()}")
+        _check_canaries(self.name)
+
+
+def _dims(dims):
+    dims = tuple(dims) + (1,) * (3 - len(dims))
+    return (ctypes.c_uint * 3)(*dims)
+
+
+class _Device:
+    id = 0
+    attributes = {"MultiProcessorCount": MULTIPROCESSORS}
+
+
+cuda = types.SimpleNamespace(Device=_Device)
+ndarray = EmulatedArray
+
+
+def __getattr__(name):
+    """Anything else (dtypes, math functions) is NumPy's."""
+    return getattr(numpy, name)
+
+
+def _numpy_gemm(a, b, out, alpha=1.0, beta=0.0):
+    """What xpmodel.cuda.gemm computes, by NumPy: out = alpha a @ b + beta out."""
+    wide = numpy.float64 if numpy.float64 in (a.dtype, b.dtype) else numpy.float32
+    product = alpha * numpy.matmul(numpy.asarray(a, wide), numpy.asarray(b, wide))
+    if beta:
+        product += beta * numpy.asarray(out, wide)
+    out[...] = product
+    return out
+
+
+@contextlib.contextmanager
+def emulated_cuda():
+    """xpmodel's CUDA path on this module, with fresh kernel and device caches."""
+    import sys
+
+    from xpmodel import backend
+    from xpmodel.cuda import compile as kernels, gemm
+    from xpmodel.layers import matmul
+    saved = [(backend, "_cupy", backend._cupy), (kernels, "_compiled", kernels._compiled),
+             (kernels, "_multiprocessors", kernels._multiprocessors), (matmul, "_ones", matmul._ones),
+             (gemm, "gemm", gemm.gemm)]
+    backend._cupy = sys.modules[__name__]
+    kernels._compiled, kernels._multiprocessors, matmul._ones = {}, {}, {}
+    gemm.gemm = _numpy_gemm
+    try:
+        yield sys.modules[__name__]
+    finally:
+        for module, attribute, value in saved:
+            setattr(module, attribute, value)
+
+
+def _gpu_f16_conversions():
+    from xpmodel.cuda.compile import F16_CONVERSIONS
+    return F16_CONVERSIONS
+
+
+_GPU_F16_CONVERSIONS = _gpu_f16_conversions()

@@ -1,0 +1,260 @@
+// The CUDA features xpmodel's raw kernels use, on one CPU thread, so the
+// kernels' logic is tested where there is no GPU.
+//
+// Every CUDA thread of a block is a fiber (ucontext) with its own stack;
+// blocks run one after another. __syncthreads and the warp shuffles are real
+// barriers: a fiber waits until every thread of its block (or lanes of its
+// warp) has arrived, so a missing or divergent barrier is reported as a
+// deadlock instead of passing silently. Static __shared__ arrays are
+// function statics, which is sound because one block runs at a time.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+#include <ucontext.h>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __launch_bounds__(...)
+
+struct uint3 { unsigned x, y, z; };
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+
+uint3 threadIdx, blockIdx;
+dim3 blockDim, gridDim;
+
+using std::exp;
+using std::log;
+using std::sqrt;
+using std::fmax;
+using std::fmin;
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
+template <class T> inline T min(T a, T b) { return b < a ? b : a; }
+template <class T> inline T max(T a, T b) { return a < b ? b : a; }
+
+// one CPU thread runs every fiber, so an atomic is a plain read-modify-write
+template <class T> inline T atomicAdd(T* p, T v) { T old = *p; *p = old + v; return old; }
+template <class T> inline T atomicMax(T* p, T v) { T old = *p; *p = old < v ? v : old; return old; }
+
+namespace xpemu {
+
+constexpr size_t STACK_BYTES = 128 * 1024;
+
+enum class Wait { none, block, warp, done };
+
+struct Fiber {
+    ucontext_t context;
+    char* stack = nullptr;
+    Wait wait = Wait::none;
+};
+
+// fiber stacks, kept from launch to launch (left uninitialised: untouched pages cost nothing)
+inline char* stack_of(int thread) {
+    static std::vector<char*> stacks;
+    while ((int)stacks.size() <= thread) stacks.push_back(new char[STACK_BYTES]);
+    return stacks[thread];
+}
+
+struct Warp {
+    unsigned long long slots[2][32];   // shuffle values, double-buffered by generation
+    unsigned generation = 0;
+};
+
+struct Launch {
+    std::vector<Fiber> fibers;
+    std::vector<Warp> warps;
+    ucontext_t scheduler;
+    int current = 0;
+    int waiting_block = 0;
+    const char* error = nullptr;
+    void (*body)() = nullptr;
+};
+
+inline Launch* launch_state = nullptr;
+
+inline int flat_thread() { return launch_state->current; }
+inline int lane_id() { return flat_thread() % 32; }
+
+inline void set_thread_index(int flat) {
+    threadIdx.x = flat % blockDim.x;
+    threadIdx.y = (flat / blockDim.x) % blockDim.y;
+    threadIdx.z = flat / (blockDim.x * blockDim.y);
+}
+
+// give control back to the scheduler until this fiber may run again
+inline void park(Wait why) {
+    Launch& L = *launch_state;
+    L.fibers[L.current].wait = why;
+    swapcontext(&L.fibers[L.current].context, &L.scheduler);
+}
+
+inline void fail(const char* message) {
+    if (!launch_state->error) launch_state->error = message;
+    park(Wait::done);
+}
+
+inline void fiber_main() {
+    launch_state->body();
+    park(Wait::done);
+}
+
+// Run every fiber until all are done; release a barrier once all its
+// participants wait at it. Returns false on deadlock or error.
+inline bool run_block(int threads) {
+    Launch& L = *launch_state;
+    for (int t = 0; t < threads; t++) {
+        Fiber& f = L.fibers[t];
+        getcontext(&f.context);
+        f.context.uc_stack.ss_sp = f.stack;
+        f.context.uc_stack.ss_size = STACK_BYTES;
+        f.context.uc_link = nullptr;
+        makecontext(&f.context, fiber_main, 0);
+        f.wait = Wait::none;
+    }
+    // Fibers run in an order that changes every round, so a kernel that
+    // relies on one thread running before another without a barrier
+    // between them reads stale values here, as it can on a GPU.
+    static unsigned long long order_seed = 0x9E3779B97F4A7C15ull;
+    while (true) {
+        bool progressed = false;
+        order_seed = order_seed * 6364136223846793005ull + 1442695040888963407ull;
+        int stride = 1 + 2 * (int)((order_seed >> 33) % 16);
+        while (std::gcd(stride, threads) != 1) stride -= 2;      // coprime: visits every fiber
+        int first = (int)((order_seed >> 17) % threads);
+        for (int i = 0; i < threads && !L.error; i++) {
+            int t = (first + i * stride) % threads;
+            if (L.fibers[t].wait != Wait::none) continue;
+            L.current = t;
+            set_thread_index(t);
+            swapcontext(&L.scheduler, &L.fibers[t].context);
+            progressed = true;
+        }
+        if (L.error) return false;
+        int done = 0, at_block = 0;
+        for (int t = 0; t < threads; t++) {
+            done += L.fibers[t].wait == Wait::done;
+            at_block += L.fibers[t].wait == Wait::block;
+        }
+        if (done == threads) return true;
+        if (at_block == threads) {
+            for (int t = 0; t < threads; t++) L.fibers[t].wait = Wait::none;
+            continue;
+        }
+        for (size_t w = 0; w < L.warps.size(); w++) {
+            Warp& warp = L.warps[w];
+            int lanes = 0;
+            for (int t = 32 * (int)w; t < threads && t < 32 * (int)w + 32; t++)
+                lanes += L.fibers[t].wait == Wait::warp;
+            if (lanes == 32) {
+                for (int t = 32 * (int)w; t < 32 * (int)w + 32; t++) L.fibers[t].wait = Wait::none;
+                warp.generation++;
+                progressed = true;
+            }
+        }
+        if (!progressed) {
+            L.error = at_block ? "deadlock: __syncthreads not reached by every thread of the block"
+                               : "deadlock: a warp shuffle not reached by all 32 lanes";
+            return false;
+        }
+    }
+}
+
+template <class T>
+T shuffle(unsigned mask, T value, int source_lane) {
+    static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
+    if (mask != 0xffffffffu) fail("warp shuffle with a partial mask is not emulated");
+    Launch& L = *launch_state;
+    if (blockDim.x * blockDim.y * blockDim.z % 32 != 0) fail("warp shuffle in a block of partial warps");
+    Warp& warp = L.warps[flat_thread() / 32];
+    unsigned buffer = warp.generation % 2;
+    unsigned long long bits = 0;
+    std::memcpy(&bits, &value, sizeof(T));
+    warp.slots[buffer][lane_id()] = bits;
+    park(Wait::warp);
+    T out;
+    std::memcpy(&out, &warp.slots[buffer][source_lane & 31], sizeof(T));
+    return out;
+}
+
+template <class... A, size_t... I>
+std::tuple<A...> unpack(void** args, std::index_sequence<I...>) {
+    return std::tuple<A...>(*static_cast<std::remove_reference_t<A>*>(args[I])...);
+}
+
+// Launch `kernel` over grid x block; args[i] points to the i-th argument's
+// bytes, sizes[i] says how many the caller passed (checked against the
+// kernel's parameter). Writes an error message and returns 1 on failure.
+template <class... A>
+int launch(void (*kernel)(A...), const unsigned* grid, const unsigned* block, void** args,
+           const int* sizes, int n_args, char* message, int message_size) {
+    auto report = [&](const char* text) { std::snprintf(message, message_size, "%s", text); return 1; };
+    if (n_args != (int)sizeof...(A)) return report("wrong number of kernel arguments");
+    const size_t expected[] = {sizeof(A)..., 0};
+    for (int i = 0; i < n_args; i++) {
+        if ((size_t)sizes[i] != expected[i]) {
+            std::snprintf(message, message_size, "argument %d is %d bytes, the kernel takes %zu",
+                          i, sizes[i], expected[i]);
+            return 1;
+        }
+    }
+    static std::tuple<A...> values;
+    values = unpack<A...>(args, std::index_sequence_for<A...>{});
+    static void (*the_kernel)(A...);
+    the_kernel = kernel;
+    Launch L;
+    L.body = [] { std::apply(the_kernel, values); };
+    blockDim = dim3{block[0], block[1], block[2]};
+    gridDim = dim3{grid[0], grid[1], grid[2]};
+    int threads = block[0] * block[1] * block[2];
+    if (threads < 1 || threads > 1024) return report("block size must be 1..1024 threads");
+    L.fibers.resize(threads);
+    for (int t = 0; t < threads; t++) L.fibers[t].stack = stack_of(t);
+    L.warps.resize((threads + 31) / 32);
+    launch_state = &L;
+    for (unsigned z = 0; z < grid[2]; z++)
+        for (unsigned y = 0; y < grid[1]; y++)
+            for (unsigned x = 0; x < grid[0]; x++) {
+                blockIdx = uint3{x, y, z};
+                if (!run_block(threads)) {
+                    launch_state = nullptr;
+                    std::snprintf(message, message_size, "block (%u, %u, %u): %s", x, y, z, L.error);
+                    return 1;
+                }
+            }
+    launch_state = nullptr;
+    return 0;
+}
+
+}  // namespace xpemu
+
+template <class T> inline T __shfl_sync(unsigned mask, T v, int lane, int width = 32) {
+    return xpemu::shuffle(mask, v, (xpemu::lane_id() & ~(width - 1)) | (lane & (width - 1)));
+}
+template <class T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+    return xpemu::shuffle(mask, v, xpemu::lane_id() ^ lane_mask);
+}
+template <class T> inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+    int lane = xpemu::lane_id();
+    int source = (lane % width) + (int)delta < width ? lane + (int)delta : lane;
+    return xpemu::shuffle(mask, v, source);
+}
+inline void __syncthreads() { xpemu::park(xpemu::Wait::block); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+    xpemu::shuffle(mask, 0, xpemu::lane_id());
+}
