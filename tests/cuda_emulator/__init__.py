@@ -180,12 +180,16 @@ def _build(code, name):
     return ctypes.CDLL(str(library))
 
 
+built = []   # (name, GPU source) of every RawKernel made, for the NVRTC compile test
+
+
 class RawKernel:
     """cupy.RawKernel's interface: compiled on first launch, launched on the CPU."""
 
     def __init__(self, code, name):
         if _GPU_F16_CONVERSIONS not in code:
             raise ValueError(f"kernel {name}: source without xpmodel's float16 conversions")
+        built.append((name, code))
         self.code = code.replace(_GPU_F16_CONVERSIONS, EMULATED_F16_CONVERSIONS)
         self.name = name
         self._launch = None

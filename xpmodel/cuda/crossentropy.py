@@ -1,10 +1,14 @@
 """Softmax cross-entropy over (n, V) logits, and its gradient, in one kernel:
-one block per row. Passes one and two find the row's maximum and its sum of
-exponentials (independent loads, unlike a running-maximum pass); pass three,
-when a gradient is wanted, overwrites the logits with
-dloss * (softmax - onehot(target)) in the logits' dtype, so no (n, V)
-buffer wider than the logits is ever made. Statistics are float32 (float64
-for float64 logits).
+one block per row. When a gradient is wanted the logits are overwritten with
+dloss * (softmax - onehot(target)) in the logits' dtype, so no (n, V) buffer
+wider than the logits is ever made. Statistics are float32 (float64 for
+float64 logits).
+
+float16 logits with V a multiple of 8 (the training case) take
+`crossentropy_rows`: each thread loads its share of the row as 16-byte
+vectors into registers, so the row is read once and written once. Other
+dtypes and widths take `crossentropy`, which reads the row three times
+(maximum, sum of exponentials, gradient).
 """
 import numpy
 
@@ -13,7 +17,7 @@ from .compile import acc_type, c_type, raw_kernel
 
 _THREADS = 512
 
-_SOURCE = r"""
+_REDUCE = r"""
 // reduce one value per thread over the block; every thread gets the result
 template <bool MAX>
 __device__ __forceinline__ ACC block_reduce(ACC x, ACC* shared) {
@@ -31,7 +35,9 @@ __device__ __forceinline__ ACC block_reduce(ACC x, ACC* shared) {
     __syncthreads();   // shared is reused by the next reduction
     return x;
 }
+"""
 
+_SOURCE = _REDUCE + r"""
 extern "C" __global__ void crossentropy(L_T* logits, const long long* targets, ACC* losses,
         const double* dloss, int want_grad, int V) {
     __shared__ ACC shared[33];
@@ -60,6 +66,90 @@ extern "C" __global__ void crossentropy(L_T* logits, const long long* targets, A
 """
 
 
+_ROWS_SOURCE = _REDUCE + r"""
+// the 8 float16 values of a 16-byte vector, and back
+__device__ __forceinline__ void unpack8(uint4 v, float* h) {
+    unsigned words[4] = {v.x, v.y, v.z, v.w};
+    #pragma unroll
+    for (int i = 0; i < 4; i++) {
+        h[2 * i] = f16_to_float((f16)(words[i] & 0xffffu));
+        h[2 * i + 1] = f16_to_float((f16)(words[i] >> 16));
+    }
+}
+__device__ __forceinline__ uint4 pack8(const float* h) {
+    unsigned words[4];
+    #pragma unroll
+    for (int i = 0; i < 4; i++)
+        words[i] = (unsigned)float_to_f16(h[2 * i]) | ((unsigned)float_to_f16(h[2 * i + 1]) << 16);
+    return uint4{words[0], words[1], words[2], words[3]};
+}
+
+// float16 logits, V = 8 * VECS; thread t holds vectors t, t + THREADS, ... (VPT of them)
+extern "C" __global__ void __launch_bounds__(THREADS) crossentropy_rows(f16* logits,
+        const long long* targets, float* losses, const double* dloss, int want_grad) {
+    __shared__ float shared[33];
+    uint4* row = (uint4*)(logits + (long long)blockIdx.x * VECS * 8);
+    long long target = targets[blockIdx.x];
+    bool keep = target >= 0;
+    // read before any thread overwrites the row (the reductions below synchronise)
+    float target_logit = threadIdx.x == 0 && keep ? f16_to_float(((f16*)row)[target]) : 0.0f;
+    uint4 v[VPT];
+    float m = NEG_INF;
+    #pragma unroll
+    for (int k = 0; k < VPT; k++) {
+        int i = threadIdx.x + k * THREADS;
+        if (i < VECS) {
+            v[k] = row[i];
+            float h[8];
+            unpack8(v[k], h);
+            #pragma unroll
+            for (int e = 0; e < 8; e++) m = fmaxf(m, h[e]);
+        }
+    }
+    m = block_reduce<true>(m, shared);
+    float l = 0;
+    #pragma unroll
+    for (int k = 0; k < VPT; k++) {
+        if (threadIdx.x + k * THREADS < VECS) {
+            float h[8];
+            unpack8(v[k], h);
+            #pragma unroll
+            for (int e = 0; e < 8; e++) l += EXP(h[e] - m);
+        }
+    }
+    l = block_reduce<false>(l, shared);
+    if (threadIdx.x == 0) losses[blockIdx.x] = keep ? logf(l) + m - target_logit : 0.0f;
+    if (!want_grad) return;
+    float scale = keep ? (float)dloss[0] : 0.0f;
+    float inv = 1.0f / l;
+    #pragma unroll
+    for (int k = 0; k < VPT; k++) {
+        int i = threadIdx.x + k * THREADS;
+        if (i < VECS) {
+            float h[8];
+            unpack8(v[k], h);
+            #pragma unroll
+            for (int e = 0; e < 8; e++)
+                h[e] = (EXP(h[e] - m) * inv - (8LL * i + e == target ? 1.0f : 0.0f)) * scale;
+            row[i] = pack8(h);
+        }
+    }
+}
+"""
+
+_MAX_VECTORS_PER_THREAD = 16   # beyond this (V > 131072) registers would spill
+
+
+def _rows_launch(V):
+    """(threads, vectors per thread) of crossentropy_rows for V, or None where it does not apply."""
+    if V % 8:
+        return None
+    vectors = V // 8
+    threads = min(1024, max(64, 32 * -(-vectors // 256)))   # about 8 vectors per thread
+    per_thread = -(-vectors // threads)
+    return None if per_thread > _MAX_VECTORS_PER_THREAD else (threads, per_thread)
+
+
 def crossentropy(logits, targets, dloss=None):
     """logits: (n, V) C-contiguous, targets: (n,) int64 (-1 ignored).
 
@@ -72,10 +162,17 @@ def crossentropy(logits, targets, dloss=None):
         raise ValueError("crossentropy: logits must be C-contiguous")
     acc = acc_type(logits.dtype)
     losses = cupy.empty((n,), dtype=numpy.float64 if acc == "double" else numpy.float32)
-    kernel = raw_kernel(_SOURCE, "crossentropy", L_T=c_type(logits.dtype), ACC=acc)
     want_grad = dloss is not None
     dloss = cupy.asarray(dloss if want_grad else 0.0, dtype=numpy.float64).reshape(1)
     targets = cupy.ascontiguousarray(targets, dtype=numpy.int64)
+    rows = _rows_launch(V) if logits.dtype == numpy.float16 else None
+    if rows is not None:
+        threads, per_thread = rows
+        kernel = raw_kernel(_ROWS_SOURCE, "crossentropy_rows", ACC="float", VECS=V // 8,
+                            THREADS=threads, VPT=per_thread)
+        kernel((n,), (threads,), (logits, targets, losses, dloss, numpy.int32(want_grad)))
+        return losses
+    kernel = raw_kernel(_SOURCE, "crossentropy", L_T=c_type(logits.dtype), ACC=acc)
     kernel((n,), (_THREADS,), (logits, targets, losses, dloss, numpy.int32(want_grad),
                                numpy.int32(V)))
     return losses

@@ -1,0 +1,46 @@
+"""NVRTC, the compiler CuPy's RawKernel uses, called through ctypes: it
+compiles kernel source for a GPU architecture without a GPU, and ptxas
+reports each kernel's registers and spills."""
+import ctypes
+import re
+from pathlib import Path
+
+
+def library():
+    """libnvrtc from the nvidia-cuda-nvrtc wheel, or None."""
+    try:
+        import nvidia.cuda_nvrtc
+    except ImportError:
+        return None
+    for directory in nvidia.cuda_nvrtc.__path__:
+        for candidate in sorted(Path(directory, "lib").glob("libnvrtc.so*")):
+            return ctypes.CDLL(str(candidate))
+    return None
+
+
+def compile_kernel(lib, code, arch):
+    """Compile `code` for sm_`arch`; returns (ok, log), the log holding
+    ptxas's resource report for every kernel."""
+    program = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(program), code.encode(), b"kernel.cu", 0, None, None):
+        raise RuntimeError("nvrtcCreateProgram failed")
+    try:
+        options = [f"--gpu-architecture=sm_{arch}".encode(), b"--ptxas-options=-v"]
+        status = lib.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(program, log)
+        return status == 0, log.value.decode(errors="replace")
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(program))
+
+
+def spills(log):
+    """Bytes of spill stores and loads ptxas reports, summed over the kernels."""
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+
+
+def registers(log):
+    """Registers per thread of each kernel the log reports."""
+    return [int(n) for n in re.findall(r"Used (\d+) registers", log)]
