@@ -1,7 +1,8 @@
 """The model on every backend (NumPy always, CuPy where a GPU is present)
 against a NumPy float64 reference, in both precisions.
 
-CUDA cases skip cleanly on machines without CuPy or a GPU."""
+CUDA cases skip cleanly on machines without CuPy or a GPU; the same cases
+also run on the CPU emulator of the CUDA kernels."""
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,22 @@ import pytest
 import xpmodel
 from xpmodel.backend import cuda_available, to_host
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not cuda_available(), reason="needs CuPy and a CUDA GPU"))]
+import cuda_emulator
+
+@pytest.fixture(params=["cpu", "cuda", "emulated-cuda"])
+def device(request):
+    """A device string; "emulated-cuda" is the CUDA path on the CPU emulator of
+    tests/cuda_emulator (xpmodel sees a GPU, its kernels run as CPU fibers)."""
+    if request.param == "cuda" and not cuda_available():
+        pytest.skip("needs CuPy and a CUDA GPU")
+    if request.param != "emulated-cuda":
+        yield request.param
+        return
+    if cuda_emulator.compiler() is None:
+        pytest.skip("the CUDA emulator needs g++")
+    with cuda_emulator.emulated_cuda():
+        yield "cuda"
+
 CONFIG = xpmodel.GPTConfig(vocab_size=96, block_size=32, n_layer=2, n_head=4, n_embd=64)
 
 
@@ -34,7 +49,6 @@ def reference():
     return loss, model.forward(idx), model.flat_grads.copy()
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_float32_matches_float64_reference(device, reference):
     ref_loss, ref_logits, ref_grads = reference
     model = xpmodel.GPT(CONFIG, device=device, seed=7)
@@ -45,7 +59,6 @@ def test_float32_matches_float64_reference(device, reference):
     assert relative_error(model.flat_grads, ref_grads) < 1e-4
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_fp16_mixed_precision_gradients_are_close(device, reference):
     ref_loss, _, ref_grads = reference
     model = xpmodel.GPT(CONFIG, device=device, seed=7, precision="fp16")
@@ -57,7 +70,6 @@ def test_fp16_mixed_precision_gradients_are_close(device, reference):
     assert relative_error(model.flat_grads, ref_grads) < 3e-2
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_fp16_training_follows_the_fp32_loss_curve(device):
     """Tolerance: every step's fp16 loss within 2% of the fp32 run's."""
     curves = {}
@@ -80,7 +92,6 @@ def test_fp16_training_follows_the_fp32_loss_curve(device):
     np.testing.assert_allclose(curves["fp16"], curves["fp32"], rtol=2e-2)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_loss_scaling_recovers_from_an_injected_overflow(device):
     model = xpmodel.GPT(CONFIG, device=device, seed=1, precision="fp16")
     scaler = xpmodel.LossScaler(scale=2.0 ** 12, growth_interval=3)
@@ -121,7 +132,6 @@ def test_device_strings():
             get_device(bad)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_fp16_with_dropout_trains(device):
     config = xpmodel.GPTConfig(vocab_size=96, block_size=32, n_layer=2, n_head=4, n_embd=64, dropout=0.1)
     model = xpmodel.GPT(config, device=device, seed=1, precision="fp16")
@@ -132,7 +142,6 @@ def test_fp16_with_dropout_trains(device):
     assert bool(np.isfinite(to_host(model.flat_grads)).all())
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_cached_generation_matches_uncached(device):
     from xpmodel.generate import generate
     model = xpmodel.GPT(xpmodel.GPTConfig(vocab_size=96, block_size=16, n_layer=2, n_head=4,
@@ -144,7 +153,6 @@ def test_cached_generation_matches_uncached(device):
         assert cached == uncached and len(cached) == 30
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_a_run_trained_on_a_device_loads_on_the_cpu(device, tmp_path, monkeypatch, tinyshakespeare):
     from xpmodel.config import load_config
     from xpmodel.trainer import Trainer
@@ -159,7 +167,6 @@ def test_a_run_trained_on_a_device_loads_on_the_cpu(device, tmp_path, monkeypatc
         np.testing.assert_array_equal(model.params[name], to_host(value))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_fp16_run_skips_an_overflow_and_resumes_on_the_other_backend(device, tmp_path, monkeypatch,
                                                                     tinyshakespeare):
     """On a GPU the steps between log lines are decided on the device; every

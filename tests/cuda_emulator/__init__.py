@@ -215,18 +215,120 @@ def _dims(dims):
     return (ctypes.c_uint * 3)(*dims)
 
 
+_C_NAMES = {"float32": "float", "float64": "double", "int32": "int", "int64": "long long",
+            "bool": "bool"}
+
+
+class ElementwiseKernel:
+    """cupy.ElementwiseKernel's interface for same-shape arguments: the
+    operation runs once per index i, each non-raw argument bound to its
+    element (outputs by reference), raw ones as pointers, scalars by value."""
+
+    def __init__(self, in_params, out_params, operation, name):
+        self.params = [self._parse(p, output=False) for p in in_params.split(",")]
+        self.params += [self._parse(p, output=True) for p in out_params.split(",")]
+        self.operation, self.name = operation, name
+        self._kernels = {}
+
+    @staticmethod
+    def _parse(text, output):
+        words = text.split()
+        raw = words[0] == "raw"
+        type_name, name = words[-2], words[-1]
+        return types.SimpleNamespace(raw=raw, type=type_name, name=name, output=output)
+
+    def __call__(self, *args):
+        generic = {numpy.dtype(a.dtype).name for a, p in zip(args, self.params)
+                   if p.type == "T" and isinstance(a, numpy.ndarray)}
+        if len(generic) != 1 or generic.pop() not in _C_NAMES:
+            raise NotImplementedError(f"{self.name}: T must be one float32 / float64 dtype")
+        t_name = next(a.dtype.name for a, p in zip(args, self.params) if p.type == "T")
+        arrays = [a for a, p in zip(args, self.params) if isinstance(a, numpy.ndarray) and not p.raw]
+        n = arrays[0].size
+        if any(a.size != n for a in arrays):
+            raise NotImplementedError(f"{self.name}: broadcasting is not emulated")
+        if t_name not in self._kernels:
+            self._kernels[t_name] = RawKernel(self._source(t_name), self.name)
+        values = []
+        for a, p in zip(args, self.params):
+            if isinstance(a, numpy.ndarray) or p.raw:
+                values.append(a)
+            else:   # a scalar parameter: its declared type
+                values.append(numpy.dtype(t_name if p.type == "T" else p.type).type(a))
+        self._kernels[t_name]((1,), (1,), tuple(values) + (numpy.int64(n),))
+
+    def _source(self, t_name):
+        c = {p.name: _C_NAMES[t_name if p.type == "T" else p.type] for p in self.params}
+        signature, binds = [], []
+        for p in self.params:
+            if p.raw:
+                signature.append(f"{c[p.name]}* {p.name}")
+            elif p.output or p.type == "T":
+                signature.append(f"{c[p.name]}* _{p.name}")
+                binds.append(f"{c[p.name]}& {p.name} = _{p.name}[i];" if p.output
+                             else f"const {c[p.name]} {p.name} = _{p.name}[i];")
+            else:
+                signature.append(f"{c[p.name]} {p.name}")
+        return (_GPU_F16_CONVERSIONS + f"typedef {_C_NAMES[t_name]} T;\n"
+                f'extern "C" __global__ void {self.name}({", ".join(signature)}, long long _n) {{\n'
+                f"    for (long long i = 0; i < _n; i++) {{ {' '.join(binds)}\n{self.operation}\n    }}\n}}\n")
+
+
 class _Device:
-    id = 0
     attributes = {"MultiProcessorCount": MULTIPROCESSORS}
 
+    def __init__(self, index=0):
+        self.id = index
 
-cuda = types.SimpleNamespace(Device=_Device)
+    def use(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class OutOfMemoryError(MemoryError):
+    pass
+
+
+cuda = types.SimpleNamespace(
+    Device=_Device,
+    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1,
+                                  getDeviceProperties=lambda index: {"name": b"CPU emulator"}),
+    get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None),
+    memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError))
+
+
+class _Generator:
+    """cupy.random.default_rng's draws, made by NumPy, as device arrays."""
+
+    def __init__(self, seed):
+        self._rng = numpy.random.default_rng(seed)
+
+    def __getattr__(self, name):
+        draw = getattr(self._rng, name)
+        return lambda *args, **kwargs: asarray(draw(*args, **kwargs))
+
+
+random = types.SimpleNamespace(default_rng=_Generator)
 ndarray = EmulatedArray
 
 
 def __getattr__(name):
-    """Anything else (dtypes, math functions) is NumPy's."""
-    return getattr(numpy, name)
+    """Anything else is NumPy's; its functions return device arrays."""
+    attribute = getattr(numpy, name)
+    if not callable(attribute) or isinstance(attribute, (type, numpy.ufunc)):
+        return attribute
+
+    def on_device(*args, **kwargs):
+        result = attribute(*args, **kwargs)
+        if isinstance(result, numpy.ndarray) and not isinstance(result, EmulatedArray):
+            return asarray(result)
+        return result
+    return on_device
 
 
 def _numpy_gemm(a, b, out, alpha=1.0, beta=0.0):
@@ -250,14 +352,22 @@ def emulated_cuda():
     saved = [(backend, "_cupy", backend._cupy), (kernels, "_compiled", kernels._compiled),
              (kernels, "_multiprocessors", kernels._multiprocessors), (matmul, "_ones", matmul._ones),
              (gemm, "gemm", gemm.gemm)]
+    from xpmodel.cuda import adamw
+    saved.append((adamw, "_kernel", adamw._kernel))
+    saved_cupyx = sys.modules.get("cupyx")
     backend._cupy = sys.modules[__name__]
-    kernels._compiled, kernels._multiprocessors, matmul._ones = {}, {}, {}
+    kernels._compiled, kernels._multiprocessors, matmul._ones, adamw._kernel = {}, {}, {}, None
     gemm.gemm = _numpy_gemm
+    sys.modules["cupyx"] = types.SimpleNamespace(scatter_add=numpy.add.at)
     try:
         yield sys.modules[__name__]
     finally:
         for module, attribute, value in saved:
             setattr(module, attribute, value)
+        if saved_cupyx is None:
+            del sys.modules["cupyx"]
+        else:
+            sys.modules["cupyx"] = saved_cupyx
 
 
 def _gpu_f16_conversions():

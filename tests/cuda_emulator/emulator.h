@@ -1,7 +1,7 @@
 // The CUDA features xpmodel's raw kernels use, on one CPU thread, so the
 // kernels' logic is tested where there is no GPU.
 //
-// Every CUDA thread of a block is a fiber (ucontext) with its own stack;
+// Every CUDA thread of a block is a fiber with its own stack;
 // blocks run one after another. __syncthreads and the warp shuffles are real
 // barriers: a fiber waits until every thread of its block (or lanes of its
 // warp) has arrived, so a missing or divergent barrier is reported as a
@@ -58,8 +58,64 @@ constexpr size_t STACK_BYTES = 128 * 1024;
 
 enum class Wait { none, block, warp, done };
 
+// Switching fibers. On x86-64 a hand-written switch saves the callee-saved
+// registers and swaps stacks (a few nanoseconds); elsewhere ucontext, whose
+// switch also saves the signal mask with a system call.
+#if defined(__x86_64__)
+extern "C" void xpemu_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .globl xpemu_switch
+    .hidden xpemu_switch
+    .type xpemu_switch, @function
+xpemu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+)");
+
+struct Context {
+    void* sp = nullptr;
+};
+
+// a context that starts `entry` on the stack [stack, stack + bytes)
+inline void start_context(Context& c, char* stack, size_t bytes, void (*entry)()) {
+    uintptr_t top = ((uintptr_t)(stack + bytes)) & ~(uintptr_t)15;
+    void** sp = (void**)(top - 8 * sizeof(void*));
+    for (int i = 0; i < 6; i++) sp[i] = nullptr;    // r15 r14 r13 r12 rbx rbp
+    sp[6] = (void*)entry;                          // popped by ret: entry sees rsp % 16 == 8
+    sp[7] = nullptr;
+    c.sp = sp;
+}
+inline void switch_context(Context& save, Context& load) { xpemu_switch(&save.sp, load.sp); }
+#else
+struct Context {
+    ucontext_t uc;
+};
+inline void start_context(Context& c, char* stack, size_t bytes, void (*entry)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = bytes;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, entry, 0);
+}
+inline void switch_context(Context& save, Context& load) { swapcontext(&save.uc, &load.uc); }
+#endif
+
 struct Fiber {
-    ucontext_t context;
+    Context context;
     char* stack = nullptr;
     Wait wait = Wait::none;
 };
@@ -79,7 +135,7 @@ struct Warp {
 struct Launch {
     std::vector<Fiber> fibers;
     std::vector<Warp> warps;
-    ucontext_t scheduler;
+    Context scheduler;
     int current = 0;
     int waiting_block = 0;
     const char* error = nullptr;
@@ -101,7 +157,7 @@ inline void set_thread_index(int flat) {
 inline void park(Wait why) {
     Launch& L = *launch_state;
     L.fibers[L.current].wait = why;
-    swapcontext(&L.fibers[L.current].context, &L.scheduler);
+    switch_context(L.fibers[L.current].context, L.scheduler);
 }
 
 inline void fail(const char* message) {
@@ -120,11 +176,7 @@ inline bool run_block(int threads) {
     Launch& L = *launch_state;
     for (int t = 0; t < threads; t++) {
         Fiber& f = L.fibers[t];
-        getcontext(&f.context);
-        f.context.uc_stack.ss_sp = f.stack;
-        f.context.uc_stack.ss_size = STACK_BYTES;
-        f.context.uc_link = nullptr;
-        makecontext(&f.context, fiber_main, 0);
+        start_context(f.context, f.stack, STACK_BYTES, fiber_main);
         f.wait = Wait::none;
     }
     // Fibers run in an order that changes every round, so a kernel that
@@ -142,7 +194,7 @@ inline bool run_block(int threads) {
             if (L.fibers[t].wait != Wait::none) continue;
             L.current = t;
             set_thread_index(t);
-            swapcontext(&L.scheduler, &L.fibers[t].context);
+            switch_context(L.scheduler, L.fibers[t].context);
             progressed = true;
         }
         if (L.error) return false;
