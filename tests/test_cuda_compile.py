@@ -22,14 +22,19 @@ SHAPES = [(384, 65), (384, 4096), (768, 50304)]
 def kernels_of_a_pass(cp, C, V, low):
     """Run every fused layer once on tiny inputs with C channels, V classes and
     activations in `low`, so each kernel variant a model of that shape uses is built."""
-    from xpmodel.layers.attention import causal_softmax_backward, causal_softmax_forward
+    from xpmodel.layers.attention import causal_softmax_backward, causal_softmax_forward, split_heads
     from xpmodel.layers.crossentropy import crossentropy_fused
     from xpmodel.layers.gelu import gelu_backward, gelu_forward
     from xpmodel.layers.layernorm import layernorm_backward, layernorm_forward
+    from xpmodel.layers.residual import residual_forward
     x, w = cp.ones((2, C), np.float32), cp.ones(C, np.float32)
     out, cache = layernorm_forward(x, w, w, low)
-    layernorm_backward(out, cache, w, cp.zeros(C, np.float32), cp.zeros(C, np.float32), dx=x)
-    h, _ = gelu_forward(cp.ones((2, 4 * C), low))
+    layernorm_backward(out, cache, w, cp.zeros(C, np.float32), cp.zeros(C, np.float32), dx=x,
+                       dx_low=cp.empty((2, C), low))
+    residual_forward(x, cp.ones((2, C), low), cp.ones(C, low), cp.ones((2, C), low))
+    split_heads(cp.ones((1, 2, 3 * C), low), cp.ones(3 * C, low), C // 64)
+    h = cp.ones((2, 4 * C), low)
+    gelu_forward(h, cp.ones(4 * C, low))
     gelu_backward(h, h, None)
     probs = causal_softmax_forward(cp.ones((1, 1, 4, 4), low), low)
     causal_softmax_backward(probs, probs, low)
@@ -54,7 +59,7 @@ def test_every_kernel_compiles_without_spills(arch):
     names = set().union(*variants.values())
     assert {"layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward",
             "causal_softmax_forward", "causal_softmax_backward", "crossentropy",
-            "crossentropy_rows"} <= names
+            "crossentropy_rows", "residual_add", "split_heads"} <= names
     for code, names in variants.items():
         name = "/".join(sorted(names))
         ok, log = nvrtc.compile_kernel(NVRTC, code, arch)

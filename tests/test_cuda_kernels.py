@@ -176,3 +176,60 @@ def test_adamw_kernel_matches_the_cpu_update(dtype):
     tol = 1e-12 if dtype == "float64" else 1e-5
     assert relative_error(models[1].flat_params, models[0].flat_params) < tol
     assert relative_error(opts[1].v, opts[0].v) < tol
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_split_heads_adds_the_bias_and_scales_q(cp, dtype):
+    from xpmodel.layers.attention import split_heads
+    rng = np.random.default_rng()
+    B, T, H, D = 2, 5, 3, 8
+    qkv, bias = rand(rng, (B, T, 3 * H * D), dtype), rand(rng, (3 * H * D,), dtype)
+    want = split_heads(qkv.astype(np.float64), bias.astype(np.float64), H)
+    got = split_heads(cp.asarray(qkv), cp.asarray(bias), H)
+    assert got.shape == (3, B, H, T, D) and got.dtype == dtype
+    assert relative_error(got, want) < TOLERANCE[dtype]
+    assert relative_error(split_heads(cp.asarray(qkv), None, H),
+                          split_heads(qkv.astype(np.float64), None, H)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("stream_dtype,branch_dtype", [(np.float64, np.float64),
+                                                       (np.float32, np.float32),
+                                                       (np.float32, np.float16)])
+def test_residual_add_with_bias_and_dropout_mask(cp, stream_dtype, branch_dtype):
+    from xpmodel.layers.residual import residual_forward
+    rng = np.random.default_rng()
+    stream, branch = rand(rng, (7, 24), stream_dtype), rand(rng, (7, 24), branch_dtype)
+    bias, mask = rand(rng, (24,), branch_dtype), (rng.random((7, 24)) > 0.3).astype(branch_dtype) * 2
+    wide = [a.astype(np.float64) for a in (stream, branch, bias, mask)]
+    for args in [(), (2,), (2, 3)]:   # no bias, bias, bias and mask
+        want = residual_forward(wide[0].copy(), wide[1].copy(), *[wide[i] for i in args])
+        got = cp.asarray(stream)
+        out = residual_forward(got, cp.asarray(branch), *[cp.asarray((stream, branch, bias, mask)[i])
+                                                         for i in args])
+        assert out is got and relative_error(got, want) < TOLERANCE[np.dtype(branch_dtype).type]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_gelu_adds_the_bias_in_place(cp, dtype):
+    from xpmodel.layers.gelu import gelu_forward
+    rng = np.random.default_rng()
+    x, bias = rand(rng, (6, 40), dtype, 2.0), rand(rng, (40,), dtype)
+    want_x = x.astype(np.float64) + bias.astype(np.float64)
+    want, _ = gelu_forward(want_x.copy())
+    g_x = cp.asarray(x)
+    got, _ = gelu_forward(g_x, cp.asarray(bias))
+    assert relative_error(g_x, want_x) < TOLERANCE[dtype]
+    assert relative_error(got, want) < TOLERANCE[dtype] * 2
+
+
+def test_layernorm_backward_writes_a_low_precision_copy_of_dx(cp):
+    from xpmodel.layers.layernorm import layernorm_backward, layernorm_forward
+    rng = np.random.default_rng()
+    C = 96
+    x, w = cp.asarray(rand(rng, (9, C), np.float32)), cp.asarray(rand(rng, (C,), np.float32))
+    _, cache = layernorm_forward(x, w, w, np.float16)
+    dx = cp.asarray(rand(rng, (9, C), np.float32))
+    dx_low = cp.empty((9, C), np.float16)
+    layernorm_backward(cp.asarray(rand(rng, (9, C), np.float16)), cache, w, cp.zeros(C, np.float32),
+                       cp.zeros(C, np.float32), dx=dx, dx_low=dx_low)
+    assert np.array_equal(to_host(dx_low), to_host(dx).astype(np.float16))

@@ -14,12 +14,13 @@ from .backend import get_device, get_dtype, random_generator, to_device, to_host
 from .cpu_threads import keep_freed_memory, run_parallel, single_threaded_blas, split, thread_count
 from .layers.attention import attention_backward, attention_forward
 from .layers.crossentropy import IGNORE_INDEX, crossentropy_fused, lm_head_backward, lm_head_forward
-from .layers.dropout import dropout_backward, dropout_forward
+from .layers.dropout import dropout_backward, dropout_forward, dropout_mask
 from .layers.embedding import embedding_backward, embedding_forward
 from .layers.gelu import gelu_backward, gelu_forward
 from .layers.layernorm import layernorm_backward, layernorm_forward
-from .layers.linear import linear_backward, linear_forward
-from .layers.residual import residual_backward, residual_forward
+from .layers.linear import linear_backward
+from .layers.matmul import matmul
+from .layers.residual import residual_forward
 from .params import FlatLayout, parameter_shapes
 
 # Logits evaluated at once, as (rows, V) elements: ~16 MB in fp32 keeps a CPU
@@ -228,20 +229,22 @@ class GPT:
         block_caches = []
         for i in range(cfg.n_layer):
             p = f"h.{i}."
+            # Each projection's bias is added by the layer after it (the head
+            # split, GELU, the residual add), which on CuPy saves a launch each.
             ln1, ln1_cache = layernorm_forward(x, P[p + "ln_1.weight"], P[p + "ln_1.bias"], low)
-            qkv = linear_forward(ln1, W[p + "attn.c_attn.weight"], W[p + "attn.c_attn.bias"])
+            qkv = matmul(ln1, W[p + "attn.c_attn.weight"])
             y, attn_cache = attention_forward(qkv.reshape(B, T, 3 * cfg.n_embd), cfg.n_head,
-                                              p_drop, rng)
-            attn_out = linear_forward(y, W[p + "attn.c_proj.weight"], W[p + "attn.c_proj.bias"])
-            attn_out, attn_mask = dropout_forward(attn_out, p_drop, rng)
-            x = residual_forward(x, attn_out)
+                                              p_drop, rng, bias=W[p + "attn.c_attn.bias"])
+            attn_branch = matmul(y, W[p + "attn.c_proj.weight"])
+            attn_mask = dropout_mask(attn_branch, p_drop, rng)
+            x = residual_forward(x, attn_branch, W[p + "attn.c_proj.bias"], attn_mask)
 
             ln2, ln2_cache = layernorm_forward(x, P[p + "ln_2.weight"], P[p + "ln_2.bias"], low)
-            h = linear_forward(ln2, W[p + "mlp.c_fc.weight"], W[p + "mlp.c_fc.bias"])
-            g, gelu_cache = gelu_forward(h)
-            mlp_out = linear_forward(g, W[p + "mlp.c_proj.weight"], W[p + "mlp.c_proj.bias"])
-            mlp_out, mlp_mask = dropout_forward(mlp_out, p_drop, rng)
-            x = residual_forward(x, mlp_out)
+            h = matmul(ln2, W[p + "mlp.c_fc.weight"])
+            g, gelu_cache = gelu_forward(h, W[p + "mlp.c_fc.bias"])          # h += bias
+            mlp_branch = matmul(g, W[p + "mlp.c_proj.weight"])
+            mlp_mask = dropout_mask(mlp_branch, p_drop, rng)
+            x = residual_forward(x, mlp_branch, W[p + "mlp.c_proj.bias"], mlp_mask)
             block_caches.append((ln1, ln1_cache, y, attn_cache, attn_mask,
                                  ln2, ln2_cache, h, gelu_cache, g, mlp_mask))
         hidden, lnf_cache = layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"], low)
@@ -253,31 +256,36 @@ class GPT:
         B, T = idx.shape
         low = self.compute_dtype
         emb_mask, block_caches, lnf_cache = caches
+        # The residual stream's gradient dx reaches every branch unchanged;
+        # in mixed precision the branches read a float16 copy of it, which
+        # each LayerNorm backward writes as it updates dx.
+        dx_low = None if low == self.dtype else \
+            self.xp.empty(dhidden.shape, dtype=low)
         dx = layernorm_backward(dhidden, lnf_cache, P["ln_f.weight"],
-                                G["ln_f.weight"], G["ln_f.bias"])
+                                G["ln_f.weight"], G["ln_f.bias"], dx_low=dx_low)
+        dbranch = dx if dx_low is None else dx_low
         for i in reversed(range(cfg.n_layer)):
             p = f"h.{i}."
             (ln1, ln1_cache, y, attn_cache, attn_mask,
              ln2, ln2_cache, h, gelu_cache, g, mlp_mask) = block_caches[i]
-            dx, dmlp_out = residual_backward(dx)
-            dmlp_out = dropout_backward(dmlp_out.astype(low, copy=False), mlp_mask)
+            dmlp_out = dropout_backward(dbranch, mlp_mask)
             dg = linear_backward(dmlp_out, g, W[p + "mlp.c_proj.weight"],
                                  G[p + "mlp.c_proj.weight"], G[p + "mlp.c_proj.bias"])
             dh = gelu_backward(dg, h, gelu_cache)
             dln2 = linear_backward(dh, ln2, W[p + "mlp.c_fc.weight"],
                                    G[p + "mlp.c_fc.weight"], G[p + "mlp.c_fc.bias"])
             layernorm_backward(dln2, ln2_cache, P[p + "ln_2.weight"],
-                               G[p + "ln_2.weight"], G[p + "ln_2.bias"], dx=dx)
+                               G[p + "ln_2.weight"], G[p + "ln_2.bias"], dx=dx, dx_low=dx_low)
 
-            dx, dattn_out = residual_backward(dx)
-            dattn_out = dropout_backward(dattn_out.astype(low, copy=False), attn_mask)
+            dattn_out = dropout_backward(dbranch, attn_mask)
             dy = linear_backward(dattn_out, y, W[p + "attn.c_proj.weight"],
                                  G[p + "attn.c_proj.weight"], G[p + "attn.c_proj.bias"])
             dqkv = attention_backward(dy, attn_cache)
             dln1 = linear_backward(dqkv, ln1, W[p + "attn.c_attn.weight"],
                                    G[p + "attn.c_attn.weight"], G[p + "attn.c_attn.bias"])
             layernorm_backward(dln1, ln1_cache, P[p + "ln_1.weight"],
-                               G[p + "ln_1.weight"], G[p + "ln_1.bias"], dx=dx)
+                               G[p + "ln_1.weight"], G[p + "ln_1.bias"], dx=dx,
+                               dx_low=dx_low if i > 0 else None)
         demb = dropout_backward(dx.reshape(B, T, cfg.n_embd), emb_mask)
         embedding_backward(demb, idx, G["wte.weight"], G["wpe.weight"])
 

@@ -56,7 +56,8 @@ class EmulatedArray(numpy.ndarray):
         return types.SimpleNamespace(id=0)
 
 
-_allocations = []   # (weakref to a padded byte buffer, data start, data bytes, canary bytes)
+_allocations = []   # (weakref to a padded byte buffer, canary start, data start, data end,
+                    #  canary bytes before, canary bytes after)
 _SIGNALLING_NAN = {2: numpy.uint16(0x7C01), 4: numpy.uint32(0x7F800001),
                    8: numpy.uint64(0x7FF0000000000001)}
 
@@ -74,24 +75,26 @@ def _allocate(shape, dtype):
     nbytes = int(numpy.prod(shape, dtype=numpy.int64)) * dtype.itemsize
     padded = numpy.empty(nbytes + 3 * CANARY_BYTES, dtype=numpy.uint8)
     start = CANARY_BYTES - padded.ctypes.data % CANARY_BYTES + CANARY_BYTES
+    end = start + nbytes
+    # whole canary elements on both sides, lined up with the data's elements
     pattern = numpy.frombuffer(_canary(dtype), dtype=numpy.uint8)
-    phase = (-start) % dtype.itemsize   # element boundaries line up with the data's
-    padded[...] = numpy.resize(numpy.roll(pattern, -phase), padded.size)
-    canaries = padded.copy()
-    array = padded[start:start + nbytes].view(dtype).reshape(shape).view(EmulatedArray)
-    _allocations.append((weakref.ref(padded), start, nbytes, canaries))
+    before = numpy.tile(pattern, start // dtype.itemsize)
+    after = numpy.tile(pattern, (padded.size - end) // dtype.itemsize)
+    padded[start - before.size:start], padded[end:end + after.size] = before, after
+    array = padded[start:end].view(dtype).reshape(shape).view(EmulatedArray)
+    _allocations.append((weakref.ref(padded), start - before.size, start, end, before, after))
     return array
 
 
 def _check_canaries(kernel_name):
     live = []
-    for ref, start, nbytes, canaries in _allocations:
+    for entry in _allocations:
+        ref, first, start, end, before, after = entry
         padded = ref()
         if padded is None:
             continue
-        live.append((ref, start, nbytes, canaries))
-        end = start + nbytes
-        if (padded[:start] != canaries[:start]).any() or (padded[end:] != canaries[end:]).any():
+        live.append(entry)
+        if (padded[first:start] != before).any() or (padded[end:end + after.size] != after).any():
             raise AssertionError(f"kernel {kernel_name} wrote outside an array's bytes")
     _allocations[:] = live
 
@@ -143,7 +146,9 @@ _SCALAR_TYPES = {numpy.dtype(t): c for t, c in [
 
 
 def _argument(value):
-    """The ctypes object a kernel argument is passed as, CuPy's way."""
+    """The ctypes object a kernel argument is passed as, CuPy's way (None: a null pointer)."""
+    if value is None:
+        return ctypes.c_void_p(0)
     if isinstance(value, numpy.ndarray):
         if not isinstance(value, EmulatedArray):
             raise TypeError("a host NumPy array passed to a kernel (CuPy would refuse it)")

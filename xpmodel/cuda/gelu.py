@@ -17,9 +17,11 @@ __device__ __forceinline__ ACC sigmoid_2u(ACC x) {
     return (ACC)1 / ((ACC)1 + EXP((ACC)(-2.0 * K) * x * ((ACC)1 + (ACC)CUBIC * x * x)));
 }
 
-extern "C" __global__ void gelu_forward(const X_T* x, X_T* out, long long n) {
+// with a bias (C,), x[i] += bias[i % C] first, in place: backward reads the biased x
+extern "C" __global__ void gelu_forward(X_T* x, const X_T* bias, X_T* out, long long n, int C) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
+        if (bias) store(x + i, (ACC)load(x + i) + (ACC)load(bias + i % C));
         ACC v = (ACC)load(x + i);
         store(out + i, v * sigmoid_2u(v));
     }
@@ -39,18 +41,23 @@ extern "C" __global__ void gelu_backward(const D_T* dout, const X_T* x, D_T* dx,
 
 
 def _launch(name, args, n, **types):
+    """Launch `name` over n elements; args are the kernel's arguments."""
     kernel = raw_kernel(_SOURCE, name, K=repr(math.sqrt(2.0 / math.pi)), CUBIC="0.044715", **types)
     blocks = max(1, min((n + _THREADS - 1) // _THREADS, 16 * multiprocessor_count()))
-    kernel((blocks,), (_THREADS,), args + (numpy.int64(n),))
+    kernel((blocks,), (_THREADS,), args)
 
 
-def gelu_forward(x):
-    """x: any shape, C-contiguous -> GELU(x) in x's dtype."""
+def gelu_forward(x, bias=None):
+    """x: (..., C) C-contiguous -> GELU(x + bias) in x's dtype; with a bias (C,)
+    x is replaced by x + bias."""
     cupy = _import_cupy()
-    x = cupy.ascontiguousarray(x)
+    if not x.flags.c_contiguous:
+        raise ValueError("gelu_forward: x must be C-contiguous")
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.astype(x.dtype)
     out = cupy.empty_like(x)
-    _launch("gelu_forward", (x, out), x.size, X_T=c_type(x.dtype), D_T=c_type(x.dtype),
-            ACC=acc_type(x.dtype))
+    _launch("gelu_forward", (x, bias, out, numpy.int64(x.size), numpy.int32(x.shape[-1])), x.size,
+            X_T=c_type(x.dtype), D_T=c_type(x.dtype), ACC=acc_type(x.dtype))
     return out
 
 
@@ -59,6 +66,6 @@ def gelu_backward(dout, x):
     cupy = _import_cupy()
     dout, x = cupy.ascontiguousarray(dout), cupy.ascontiguousarray(x)
     dx = cupy.empty_like(dout)
-    _launch("gelu_backward", (dout, x, dx), x.size, X_T=c_type(x.dtype), D_T=c_type(dout.dtype),
-            ACC=acc_type(dout.dtype, x.dtype))
+    _launch("gelu_backward", (dout, x, dx, numpy.int64(x.size)), x.size, X_T=c_type(x.dtype),
+            D_T=c_type(dout.dtype), ACC=acc_type(dout.dtype, x.dtype))
     return dx

@@ -49,8 +49,9 @@ extern "C" __global__ void layernorm_forward(const X_T* x, const W_T* w, const W
     if (lane == 0) rstd[row] = rs;
 }
 
+// dx_low, when not null, receives a copy of dx in the activations' dtype
 extern "C" __global__ void layernorm_backward(const D_T* dout, const ACC* xhat, const ACC* rstd,
-        const W_T* w, ACC* dw, ACC* db, ACC* dx, int N, int accumulate) {
+        const W_T* w, ACC* dw, ACC* db, ACC* dx, LOW_T* dx_low, int N, int accumulate) {
     __shared__ ACC block_dw[C];
     __shared__ ACC block_db[C];
     for (int c = threadIdx.x; c < C; c += blockDim.x) { block_dw[c] = 0; block_db[c] = 0; }
@@ -85,7 +86,9 @@ extern "C" __global__ void layernorm_backward(const D_T* dout, const ACC* xhat, 
             if (c < C) {
                 ACC value = rs * (d[j] * (ACC)load(w + c) - mean_dxhat - h[j] * mean_dxhat_xhat);
                 ACC* target = dx + (long long)row * C + c;
-                *target = accumulate ? *target + value : value;
+                ACC total = accumulate ? *target + value : value;
+                *target = total;
+                if (dx_low) store(dx_low + (long long)row * C + c, total);
             }
         }
     }
@@ -113,7 +116,7 @@ def layernorm_forward(x, w, b, eps, out_dtype):
     N, C = x.shape
     acc = acc_type(x.dtype, w.dtype)
     kernel = raw_kernel(_SOURCE, "layernorm_forward", X_T=c_type(x.dtype), W_T=c_type(w.dtype),
-                        OUT_T=c_type(out_dtype), D_T="float", **_macros(C, acc, eps))
+                        OUT_T=c_type(out_dtype), D_T="float", LOW_T="float", **_macros(C, acc, eps))
     acc_dtype = numpy.float64 if acc == "double" else numpy.float32
     x = cupy.ascontiguousarray(x)
     out = cupy.empty((N, C), dtype=out_dtype)
@@ -123,15 +126,20 @@ def layernorm_forward(x, w, b, eps, out_dtype):
     return out, xhat, rstd
 
 
-def layernorm_backward(dout, xhat, rstd, w, dw, db, dx=None):
-    """dout: (N, C). Adds into dw, db (C,); returns dx (N, C), added into `dx` when given."""
+def layernorm_backward(dout, xhat, rstd, w, dw, db, dx=None, dx_low=None):
+    """dout: (N, C). Adds into dw, db (C,); returns dx (N, C), added into `dx`
+    when given; `dx_low` (N, C), when given, receives a copy of the result."""
     cupy = _import_cupy()
     N, C = dout.shape
     acc = acc_type(xhat.dtype)
     if dw.dtype != xhat.dtype or db.dtype != xhat.dtype:
         raise ValueError("layernorm_backward: dw and db must have the statistics' dtype")
+    if dx_low is not None and not dx_low.flags.c_contiguous:
+        raise ValueError("layernorm_backward: dx_low must be C-contiguous")
     kernel = raw_kernel(_SOURCE, "layernorm_backward", X_T="float", W_T=c_type(w.dtype),
-                        OUT_T="float", D_T=c_type(dout.dtype), **_macros(C, acc, 0.0))
+                        OUT_T="float", D_T=c_type(dout.dtype),
+                        LOW_T=c_type(dx_low.dtype if dx_low is not None else xhat.dtype),
+                        **_macros(C, acc, 0.0))
     dout = cupy.ascontiguousarray(dout)
     accumulate = dx is not None
     if dx is None:
@@ -139,6 +147,6 @@ def layernorm_backward(dout, xhat, rstd, w, dw, db, dx=None):
     elif dx.dtype != xhat.dtype or not dx.flags.c_contiguous:
         raise ValueError("layernorm_backward: dx must be C-contiguous in the statistics' dtype")
     blocks = max(1, min((N + _WARPS - 1) // _WARPS, 2 * multiprocessor_count()))
-    kernel((blocks,), (_THREADS,), (dout, xhat, rstd, w, dw, db, dx, numpy.int32(N),
+    kernel((blocks,), (_THREADS,), (dout, xhat, rstd, w, dw, db, dx, dx_low, numpy.int32(N),
                                     numpy.int32(accumulate)))
     return dx

@@ -7,8 +7,8 @@ widen as they read, so there the scores stay in q's dtype, which halves the
 largest memory traffic of the layer.
 
 The projections around it (c_attn before, c_proj after) are plain linear
-layers; this file holds what sits between them: split into heads, scaled
-dot-product scores, causal softmax, optional dropout on the probabilities,
+layers; this file holds what sits between them: split into heads (adding
+c_attn's bias when it is passed here), scaled dot-product scores, causal softmax, optional dropout on the probabilities,
 and the weighted sum of values. On CuPy the per-head products are strided
 batched cuBLAS calls and the softmax is one kernel each way.
 """
@@ -70,17 +70,32 @@ def _score_dtype(like):
     return like.dtype if is_cuda_array(like) else numpy.promote_types(like.dtype, numpy.float32)
 
 
-def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
-    """qkv: (B, T, 3C) -> y (B*T, C), cache for backward."""
+def split_heads(qkv, bias, n_head):
+    """qkv: (B, T, 3C), bias: (3C,) or None -> (3, B, H, T, D) contiguous, with
+    the bias added and q scaled by 1/sqrt(D) (T/D times cheaper than scaling
+    the scores). One copy makes q, k and v contiguous for the batched
+    products; on CuPy it is one kernel that also adds and scales."""
+    B, T, C3 = qkv.shape
+    D = C3 // 3 // n_head
+    if is_cuda_array(qkv):
+        from ..cuda.heads import split_heads as fused
+        return fused(qkv, bias, n_head, 1.0 / math.sqrt(D))
     xp = array_module(qkv)
+    heads = xp.ascontiguousarray(qkv.reshape(B, T, 3, n_head, D).transpose(2, 0, 3, 1, 4))
+    if bias is not None:
+        heads += bias.reshape(3, 1, n_head, 1, D)
+    heads[0] *= 1.0 / math.sqrt(D)
+    return heads
+
+
+def attention_forward(qkv, n_head, dropout_p=0.0, rng=None, bias=None):
+    """qkv: (B, T, 3C), the projection's output, its bias (3C,) not yet added
+    when given here -> y (B*T, C), cache for backward."""
     B, T, C3 = qkv.shape
     C = C3 // 3
-    D = C // n_head
     score_dtype = _score_dtype(qkv)
-    # (3, B, H, T, D): one copy makes q, k and v contiguous for batched matmul
-    heads = xp.ascontiguousarray(qkv.reshape(B, T, 3, n_head, D).transpose(2, 0, 3, 1, 4))
+    heads = split_heads(qkv, bias, n_head)                           # (3, B, H, T, D)
     q, k, v = heads[0], heads[1], heads[2]
-    q *= 1.0 / math.sqrt(D)            # scaling q is T/D times cheaper than scaling scores
     scores = matmul(q, k, transpose_b=True, out_dtype=score_dtype)   # (B, H, T, T)
     probs = causal_softmax_forward(scores, out_dtype=qkv.dtype)
     probs_used, drop_mask = dropout_forward(probs, dropout_p, rng)

@@ -1,18 +1,24 @@
 """Inverted dropout: kept units are scaled by 1/(1-p) during training."""
 
 
-def dropout_forward(x, p, rng):
-    """x: any shape; rng: a seeded generator on x's device.
-
-    Returns out and the scaled keep mask (x's shape) that backward needs,
-    or (x, None) when p == 0.
-    """
+def dropout_mask(like, p, rng):
+    """The scaled keep mask (like's shape and dtype) for dropout rate p, or None
+    when p == 0. rng: a seeded generator on like's device."""
     if p == 0.0:
-        return x, None
-    draw_dtype = "float64" if x.dtype.itemsize == 8 else "float32"   # no float16 draws
-    mask = rng.random(x.shape, dtype=draw_dtype) >= p
-    scaled_mask = mask.astype(x.dtype)
+        return None
+    draw_dtype = "float64" if like.dtype.itemsize == 8 else "float32"   # no float16 draws
+    mask = rng.random(like.shape, dtype=draw_dtype) >= p
+    scaled_mask = mask.astype(like.dtype)
     scaled_mask *= 1.0 / (1.0 - p)
+    return scaled_mask
+
+
+def dropout_forward(x, p, rng):
+    """x: any shape. Returns out and the scaled keep mask that backward needs,
+    or (x, None) when p == 0."""
+    scaled_mask = dropout_mask(x, p, rng)
+    if scaled_mask is None:
+        return x, None
     return x * scaled_mask, scaled_mask
 
 

@@ -4,7 +4,8 @@
 the sigmoid form needs one exp instead of a tanh, which is several times
 cheaper on NumPy, and its value `s` is all that backward needs besides x.
 CuPy arrays go to one fused kernel each way (xpmodel.cuda.gelu), which
-recompute s in backward instead of keeping it.
+recompute s in backward instead of keeping it; the forward kernel also adds
+the bias of the projection before it.
 """
 import math
 
@@ -14,12 +15,15 @@ _K = math.sqrt(2.0 / math.pi)
 _CUBIC = 0.044715
 
 
-def gelu_forward(x):
-    """x: any shape -> out (x's dtype and shape), cache s = sigmoid(2u) in >= float32
-    (None for CuPy arrays)."""
+def gelu_forward(x, bias=None):
+    """x: (..., C) -> out = GELU(x + bias) (x's dtype and shape), cache s =
+    sigmoid(2u) in >= float32 (None for CuPy arrays). With a bias (C,), x is
+    replaced by x + bias in place: backward takes that x."""
     if is_cuda_array(x):
         from ..cuda.gelu import gelu_forward as fused
-        return fused(x), None
+        return fused(x, bias), None
+    if bias is not None:
+        x += bias
     xp = array_module(x)
     low, x = x.dtype, upcast(x)
     s = x * x

@@ -23,13 +23,15 @@ def layernorm_forward(x, w, b, out_dtype=None):
     return out.astype(out_dtype or x.dtype, copy=False), (xhat, rstd)
 
 
-def layernorm_backward(dout, cache, w, dw, db, dx=None):
+def layernorm_backward(dout, cache, w, dw, db, dx=None, dx_low=None):
     """dout: (N, C), any float dtype. Adds into dw, db (C,); returns dx (N, C)
-    in the statistics' dtype, added into `dx` when given."""
+    in the statistics' dtype, added into `dx` when given. `dx_low` (N, C),
+    when given, receives a copy of the returned dx in its own dtype (the
+    residual gradient in float16 for the matmuls that read it next)."""
     xhat, rstd = cache
     if is_cuda_array(dout):
         from ..cuda.layernorm import layernorm_backward as fused
-        return fused(dout, xhat, rstd, w, dw, db, dx)
+        return fused(dout, xhat, rstd, w, dw, db, dx, dx_low)
     xp = array_module(dout)
     dout = upcast(dout)
     dw += xp.sum(dout * xhat, axis=0)
@@ -42,6 +44,9 @@ def layernorm_backward(dout, cache, w, dw, db, dx=None):
     dxhat -= xhat * mean_dxhat_xhat
     dxhat *= rstd
     if dx is None:
-        return dxhat
-    dx += dxhat
+        dx = dxhat
+    else:
+        dx += dxhat
+    if dx_low is not None:
+        dx_low[...] = dx
     return dx

@@ -1,0 +1,48 @@
+"""Splitting the fused qkv activation into heads, in one kernel: the bias of
+the projection that made qkv is added and q is scaled on the way."""
+import numpy
+
+from ..backend import _import_cupy
+from .compile import acc_type, c_type, multiprocessor_count, raw_kernel
+
+_THREADS = 256
+
+_SOURCE = r"""
+// qkv (B*T, 3C) row-major, bias (3C,) or null -> heads (3, B, H, T, D); q times q_scale
+extern "C" __global__ void split_heads(const X_T* qkv, const X_T* bias, X_T* heads,
+        long long n, int B, int T, int H, int D, ACC q_scale) {
+    int C = H * D;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long row = i / (3 * C);
+        int col = (int)(i - row * 3 * C);
+        int part = col / C, h = (col - part * C) / D, d = col % D;
+        long long b = row / T, t = row - b * T;
+        ACC v = (ACC)load(qkv + i);
+        if (bias) v += (ACC)load(bias + col);
+        if (part == 0) v *= q_scale;
+        store(heads + (((part * B + b) * H + h) * T + t) * D + d, v);
+    }
+}
+"""
+
+
+def split_heads(qkv, bias, n_head, q_scale):
+    """qkv: (B, T, 3C) C-contiguous, bias: (3C,) or None -> (3, B, H, T, D)
+    contiguous, bias added and q multiplied by q_scale."""
+    cupy = _import_cupy()
+    if not qkv.flags.c_contiguous:
+        raise ValueError("split_heads: qkv must be C-contiguous")
+    B, T, C3 = qkv.shape
+    D = C3 // 3 // n_head
+    if bias is not None and bias.dtype != qkv.dtype:
+        bias = bias.astype(qkv.dtype)
+    heads = cupy.empty((3, B, n_head, T, D), dtype=qkv.dtype)
+    acc = acc_type(qkv.dtype)
+    kernel = raw_kernel(_SOURCE, "split_heads", X_T=c_type(qkv.dtype), ACC=acc)
+    n = qkv.size
+    blocks = max(1, min((n + _THREADS - 1) // _THREADS, 16 * multiprocessor_count()))
+    scale = numpy.float64(q_scale) if acc == "double" else numpy.float32(q_scale)
+    kernel((blocks,), (_THREADS,), (qkv, bias, heads, numpy.int64(n), numpy.int32(B), numpy.int32(T),
+                                    numpy.int32(n_head), numpy.int32(D), scale))
+    return heads
