@@ -233,3 +233,20 @@ def test_layernorm_backward_writes_a_low_precision_copy_of_dx(cp):
     layernorm_backward(cp.asarray(rand(rng, (9, C), np.float16)), cache, w, cp.zeros(C, np.float32),
                        cp.zeros(C, np.float32), dx=dx, dx_low=dx_low)
     assert np.array_equal(to_host(dx_low), to_host(dx).astype(np.float16))
+
+
+@pytest.mark.parametrize("T", [8, 20])
+def test_attention_in_causal_query_chunks_matches_numpy(cp, T, monkeypatch):
+    """With chunks of 8 queries, T = 20 runs three chunks (the last one short)."""
+    from xpmodel.layers import attention
+    monkeypatch.setattr(attention, "_QUERY_CHUNK", 8)
+    rng = np.random.default_rng()
+    B, H, D = 2, 2, 8
+    qkv, bias = rand(rng, (B, T, 3 * H * D), np.float32), rand(rng, (3 * H * D,), np.float32)
+    dy = rand(rng, (B * T, H * D), np.float32)
+    y, cache = attention.attention_forward(qkv.astype(np.float64), H, bias=bias.astype(np.float64))
+    dqkv = attention.attention_backward(dy.astype(np.float64), cache)
+    g_y, g_cache = attention.attention_forward(cp.asarray(qkv), H, bias=cp.asarray(bias))
+    g_dqkv = attention.attention_backward(cp.asarray(dy), g_cache)
+    assert relative_error(g_y, y) < 1e-5
+    assert relative_error(g_dqkv, dqkv) < 1e-5

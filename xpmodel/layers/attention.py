@@ -93,13 +93,18 @@ def attention_forward(qkv, n_head, dropout_p=0.0, rng=None, bias=None):
     when given here -> y (B*T, C), cache for backward."""
     B, T, C3 = qkv.shape
     C = C3 // 3
-    score_dtype = _score_dtype(qkv)
+    xp = array_module(qkv)
     heads = split_heads(qkv, bias, n_head)                           # (3, B, H, T, D)
     q, k, v = heads[0], heads[1], heads[2]
-    scores = matmul(q, k, transpose_b=True, out_dtype=score_dtype)   # (B, H, T, T)
+    blocks = _causal_blocks(T, is_cuda_array(qkv))
+    scores = xp.empty(q.shape[:-1] + (T,), dtype=_score_dtype(qkv))  # (B, H, T, T)
+    for rows, keys in blocks:
+        matmul(q[:, :, rows], k[:, :, keys], transpose_b=True, out=scores[:, :, rows, keys])
     probs = causal_softmax_forward(scores, out_dtype=qkv.dtype)
     probs_used, drop_mask = dropout_forward(probs, dropout_p, rng)
-    y = matmul(probs_used, v)                                        # (B, H, T, D)
+    y = xp.empty_like(q)                                             # (B, H, T, D)
+    for rows, keys in blocks:
+        matmul(probs_used[:, :, rows, keys], v[:, :, keys], out=y[:, :, rows])
     y = y.transpose(0, 2, 1, 3).reshape(B * T, C)
     return y, (heads, probs, drop_mask)
 
@@ -110,13 +115,37 @@ def attention_backward(dy, cache):
     heads, probs, drop_mask = cache
     _, B, H, T, D = heads.shape
     q, k, v = heads[0], heads[1], heads[2]   # q already scaled by 1/sqrt(D)
+    dheads = xp.empty_like(heads)
+    dq, dk, dv = dheads[0], dheads[1], dheads[2]
+    blocks = _causal_blocks(T, is_cuda_array(dy))
     probs_used = probs if drop_mask is None else probs * drop_mask          # recomputed, not kept
     dy = xp.ascontiguousarray(dy.reshape(B, T, H, D).transpose(0, 2, 1, 3))  # (B, H, T, D)
-    dheads = xp.empty_like(heads)
-    matmul(probs_used, dy, transpose_a=True, out=dheads[2])                  # dv
-    dprobs = matmul(dy, v, transpose_b=True, out_dtype=_score_dtype(dy))    # (B, H, T, T)
+    # keys `rows` are seen by the queries from rows.start on
+    for rows, _ in blocks:
+        later = slice(rows.start, T)
+        matmul(probs_used[:, :, later, rows], dy[:, :, later], transpose_a=True, out=dv[:, :, rows])
+    dprobs = xp.empty_like(probs, dtype=_score_dtype(dy))                  # (B, H, T, T)
+    for rows, keys in blocks:
+        matmul(dy[:, :, rows], v[:, :, keys], transpose_b=True, out=dprobs[:, :, rows, keys])
     dprobs = dropout_backward(dprobs, drop_mask)
     dscores = causal_softmax_backward(dprobs, probs, out_dtype=heads.dtype)
-    matmul(dscores, k, out=dheads[0], alpha=1.0 / math.sqrt(D))             # dq
-    matmul(dscores, q, transpose_a=True, out=dheads[1])                      # dk
+    for rows, keys in blocks:
+        matmul(dscores[:, :, rows, keys], k[:, :, keys], out=dq[:, :, rows], alpha=1.0 / math.sqrt(D))
+        later = slice(rows.start, T)
+        matmul(dscores[:, :, later, rows], q[:, :, later], transpose_a=True, out=dk[:, :, rows])
     return dheads.transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * H * D)
+
+
+_QUERY_CHUNK = 256   # queries per block of the causal products on CUDA
+
+
+def _causal_blocks(T, on_cuda):
+    """(queries, keys) slice pairs that cover the causal part of the T x T
+    products. On CUDA, chunks of _QUERY_CHUNK queries, each against the keys
+    up to its last query, skip most of the masked upper triangle (four chunks
+    of T = 1024 compute 62.5% of the square); the softmax kernels never read
+    the rest. On NumPy one block: the additive mask there reads whole rows."""
+    if not on_cuda or T <= _QUERY_CHUNK:
+        return [(slice(0, T), slice(0, T))]
+    return [(slice(start, min(start + _QUERY_CHUNK, T)), slice(0, min(start + _QUERY_CHUNK, T)))
+            for start in range(0, T, _QUERY_CHUNK)]
