@@ -15,13 +15,14 @@ pytestmark = [
     pytest.mark.skipif(NVRTC is None, reason="needs the nvidia-cuda-nvrtc wheel"),
 ]
 
-# (n_embd, vocab_size): shakespeare-char, char-mid, gpt2-small
-SHAPES = [(384, 65), (384, 4096), (768, 50304)]
+# (n_embd, vocab_size, block_size): shakespeare-char, char-mid, gpt2-small
+SHAPES = [(384, 65, 256), (384, 4096, 256), (768, 50304, 1024)]
 
 
-def kernels_of_a_pass(cp, C, V, low):
-    """Run every fused layer once on tiny inputs with C channels, V classes and
-    activations in `low`, so each kernel variant a model of that shape uses is built."""
+def kernels_of_a_pass(cp, C, V, T, low):
+    """Run every fused layer once on small inputs with C channels, V classes,
+    T positions and activations in `low`, so each kernel variant a model of
+    that shape uses is built."""
     from xpmodel.layers.attention import causal_softmax_backward, causal_softmax_forward, split_heads
     from xpmodel.layers.crossentropy import crossentropy_fused
     from xpmodel.layers.gelu import gelu_backward, gelu_forward
@@ -36,7 +37,7 @@ def kernels_of_a_pass(cp, C, V, low):
     h = cp.ones((2, 4 * C), low)
     gelu_forward(h, cp.ones(4 * C, low))
     gelu_backward(h, h, None)
-    probs = causal_softmax_forward(cp.ones((1, 1, 4, 4), low), low)
+    probs = causal_softmax_forward(cp.ones((1, 1, T, T), low), low)
     causal_softmax_backward(probs, probs, low)
     crossentropy_fused(cp.ones((2, V), low), cp.asarray(np.array([0, V - 1])), cp.asarray(0.5))
 
@@ -44,9 +45,9 @@ def kernels_of_a_pass(cp, C, V, low):
 def every_kernel_variant():
     start = len(cuda_emulator.built)
     with cuda_emulator.emulated_cuda() as cp:
-        for C, V in SHAPES:
+        for C, V, T in SHAPES:
             for low in (np.float16, np.float32):
-                kernels_of_a_pass(cp, C, V, low)
+                kernels_of_a_pass(cp, C, V, T, low)
     names_by_code = {}
     for name, code in cuda_emulator.built[start:]:
         names_by_code.setdefault(code, set()).add(name)
@@ -59,7 +60,8 @@ def test_every_kernel_compiles_without_spills(arch):
     names = set().union(*variants.values())
     assert {"layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward",
             "causal_softmax_forward", "causal_softmax_backward", "crossentropy",
-            "crossentropy_rows", "residual_add", "split_heads"} <= names
+            "crossentropy_rows", "residual_add", "split_heads", "causal_softmax_forward_f16",
+            "causal_softmax_backward_f16"} <= names
     for code, names in variants.items():
         name = "/".join(sorted(names))
         ok, log = nvrtc.compile_kernel(NVRTC, code, arch)

@@ -35,6 +35,22 @@ __device__ __forceinline__ void store(double* p, double x) { *p = x; }
 // |x| * 1e-7), the accurate one in float64
 __device__ __forceinline__ float EXP(float x) { return __expf(x); }
 __device__ __forceinline__ double EXP(double x) { return exp(x); }
+// the 8 float16 values of a 16-byte vector, and back
+__device__ __forceinline__ void unpack8(uint4 v, float* h) {
+    unsigned words[4] = {v.x, v.y, v.z, v.w};
+    #pragma unroll
+    for (int i = 0; i < 4; i++) {
+        h[2 * i] = f16_to_float((f16)(words[i] & 0xffffu));
+        h[2 * i + 1] = f16_to_float((f16)(words[i] >> 16));
+    }
+}
+__device__ __forceinline__ uint4 pack8(const float* h) {
+    unsigned words[4];
+    #pragma unroll
+    for (int i = 0; i < 4; i++)
+        words[i] = (unsigned)float_to_f16(h[2 * i]) | ((unsigned)float_to_f16(h[2 * i + 1]) << 16);
+    return uint4{words[0], words[1], words[2], words[3]};
+}
 __device__ __forceinline__ float warp_sum(float x) {
     for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
     return x;

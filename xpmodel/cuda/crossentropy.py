@@ -67,23 +67,6 @@ extern "C" __global__ void crossentropy(L_T* logits, const long long* targets, A
 
 
 _ROWS_SOURCE = _REDUCE + r"""
-// the 8 float16 values of a 16-byte vector, and back
-__device__ __forceinline__ void unpack8(uint4 v, float* h) {
-    unsigned words[4] = {v.x, v.y, v.z, v.w};
-    #pragma unroll
-    for (int i = 0; i < 4; i++) {
-        h[2 * i] = f16_to_float((f16)(words[i] & 0xffffu));
-        h[2 * i + 1] = f16_to_float((f16)(words[i] >> 16));
-    }
-}
-__device__ __forceinline__ uint4 pack8(const float* h) {
-    unsigned words[4];
-    #pragma unroll
-    for (int i = 0; i < 4; i++)
-        words[i] = (unsigned)float_to_f16(h[2 * i]) | ((unsigned)float_to_f16(h[2 * i + 1]) << 16);
-    return uint4{words[0], words[1], words[2], words[3]};
-}
-
 // float16 logits, V = 8 * VECS; thread t holds vectors t, t + THREADS, ... (VPT of them)
 extern "C" __global__ void __launch_bounds__(THREADS) crossentropy_rows(f16* logits,
         const long long* targets, float* losses, const double* dloss, int want_grad) {

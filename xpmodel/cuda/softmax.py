@@ -6,6 +6,10 @@ and writes the probabilities (zeros for the future) in a second; backward
 needs one dot product per row. Both read scores of any float dtype, compute
 in float32 (float64 for float64) and write the probabilities / score
 gradients in the caller's dtype.
+
+All-float16 rows with T a multiple of 8 (up to 2048) take the `_f16`
+kernels instead: each lane loads its part of the row as 16-byte vectors
+into registers, so a row is read once and written once.
 """
 import numpy
 
@@ -59,6 +63,105 @@ extern "C" __global__ void causal_softmax_backward(const S_T* dprobs, const P_T*
 }
 """
 
+_F16_SOURCE = r"""
+// float16 rows of T = 8 * vectors; lane l holds vectors l, l + 32, ... (VPL of them)
+extern "C" __global__ void causal_softmax_forward_f16(const f16* scores, f16* probs, long long R, int T) {
+    long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= R) return;
+    int last = (int)(row % T), vectors = T / 8;
+    const uint4* s = (const uint4*)(scores + row * T);
+    uint4 v[VPL];
+    float h[8], m = NEG_INF;
+    #pragma unroll
+    for (int k = 0; k < VPL; k++) {
+        int i = lane + 32 * k;
+        if (i < vectors && 8 * i <= last) {
+            v[k] = s[i];
+            unpack8(v[k], h);
+            #pragma unroll
+            for (int e = 0; e < 8; e++) if (8 * i + e <= last) m = fmaxf(m, h[e]);
+        }
+    }
+    m = warp_max(m);
+    float l = 0;
+    #pragma unroll
+    for (int k = 0; k < VPL; k++) {
+        int i = lane + 32 * k;
+        if (i < vectors && 8 * i <= last) {
+            unpack8(v[k], h);
+            #pragma unroll
+            for (int e = 0; e < 8; e++) if (8 * i + e <= last) l += EXP(h[e] - m);
+        }
+    }
+    float inv = 1.0f / warp_sum(l);
+    uint4* p = (uint4*)(probs + row * T);
+    #pragma unroll
+    for (int k = 0; k < VPL; k++) {
+        int i = lane + 32 * k;
+        if (i >= vectors) continue;
+        if (8 * i <= last) {
+            unpack8(v[k], h);
+            #pragma unroll
+            for (int e = 0; e < 8; e++) h[e] = 8 * i + e <= last ? EXP(h[e] - m) * inv : 0.0f;
+            p[i] = pack8(h);
+        } else {
+            p[i] = uint4{0u, 0u, 0u, 0u};
+        }
+    }
+}
+
+extern "C" __global__ void causal_softmax_backward_f16(const f16* dprobs, const f16* probs,
+        f16* dscores, long long R, int T) {
+    long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= R) return;
+    int last = (int)(row % T), vectors = T / 8;
+    const uint4* dp = (const uint4*)(dprobs + row * T);
+    const uint4* p = (const uint4*)(probs + row * T);
+    uint4 dv[VPL], pv[VPL];
+    float d[8], h[8], dot = 0;
+    #pragma unroll
+    for (int k = 0; k < VPL; k++) {
+        int i = lane + 32 * k;
+        if (i < vectors && 8 * i <= last) {
+            dv[k] = dp[i];
+            pv[k] = p[i];
+            unpack8(dv[k], d);
+            unpack8(pv[k], h);
+            #pragma unroll
+            for (int e = 0; e < 8; e++) if (8 * i + e <= last) dot += d[e] * h[e];
+        }
+    }
+    dot = warp_sum(dot);
+    uint4* ds = (uint4*)(dscores + row * T);
+    #pragma unroll
+    for (int k = 0; k < VPL; k++) {
+        int i = lane + 32 * k;
+        if (i >= vectors) continue;
+        if (8 * i <= last) {
+            unpack8(dv[k], d);
+            unpack8(pv[k], h);
+            #pragma unroll
+            for (int e = 0; e < 8; e++) d[e] = 8 * i + e <= last ? h[e] * (d[e] - dot) : 0.0f;
+            ds[i] = pack8(d);
+        } else {
+            ds[i] = uint4{0u, 0u, 0u, 0u};
+        }
+    }
+}
+"""
+
+
+def _f16_vectors_per_lane(T, *dtypes):
+    """VPL for the _f16 kernels (a power of two), or None where they do not apply."""
+    if T % 8 or T > 2048 or any(numpy.dtype(d) != numpy.float16 for d in dtypes):
+        return None
+    per_lane = 1
+    while 256 * per_lane < T:
+        per_lane *= 2
+    return per_lane
+
 
 def _warp_per_row(R):
     """(grid, block) giving each of R rows one warp."""
@@ -72,8 +175,12 @@ def causal_softmax_forward(scores, out_dtype):
     T = scores.shape[-1]
     R = scores.size // T
     probs = cupy.empty(scores.shape, dtype=out_dtype)
-    kernel = raw_kernel(_SOURCE, "causal_softmax_forward", S_T=c_type(scores.dtype),
-                        P_T=c_type(out_dtype), D_T="float", ACC=acc_type(scores.dtype))
+    per_lane = _f16_vectors_per_lane(T, scores.dtype, out_dtype)
+    if per_lane:
+        kernel = raw_kernel(_F16_SOURCE, "causal_softmax_forward_f16", VPL=per_lane)
+    else:
+        kernel = raw_kernel(_SOURCE, "causal_softmax_forward", S_T=c_type(scores.dtype),
+                            P_T=c_type(out_dtype), D_T="float", ACC=acc_type(scores.dtype))
     kernel(*_warp_per_row(R), (scores, probs, numpy.int64(R), numpy.int32(T)))
     return probs
 
@@ -85,7 +192,12 @@ def causal_softmax_backward(dprobs, probs, out_dtype):
     T = probs.shape[-1]
     R = probs.size // T
     dscores = cupy.empty(probs.shape, dtype=out_dtype)
-    kernel = raw_kernel(_SOURCE, "causal_softmax_backward", S_T=c_type(dprobs.dtype),
-                        P_T=c_type(probs.dtype), D_T=c_type(out_dtype), ACC=acc_type(dprobs.dtype))
+    per_lane = _f16_vectors_per_lane(T, dprobs.dtype, probs.dtype, out_dtype)
+    if per_lane:
+        kernel = raw_kernel(_F16_SOURCE, "causal_softmax_backward_f16", VPL=per_lane)
+    else:
+        kernel = raw_kernel(_SOURCE, "causal_softmax_backward", S_T=c_type(dprobs.dtype),
+                            P_T=c_type(probs.dtype), D_T=c_type(out_dtype),
+                            ACC=acc_type(dprobs.dtype))
     kernel(*_warp_per_row(R), (dprobs, probs, dscores, numpy.int64(R), numpy.int32(T)))
     return dscores
