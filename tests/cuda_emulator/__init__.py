@@ -5,8 +5,8 @@ arrays of a subclass the layers take for device arrays, so they dispatch to
 xpmodel.cuda, whose wrappers allocate, size grids and launch exactly as on a
 GPU. Each RawKernel is compiled by g++ with emulator.h (one fiber per CUDA
 thread, real block and warp barriers) in place of nvcc, and launched through
-ctypes. The matrix products, which are cuBLAS calls on a GPU, are NumPy
-products here.
+ctypes. The two cuBLAS calls of the matrix products are emulated from the
+pointers, leading dimensions and strides they are given (cublas.py).
 
 Every array this module allocates sits between two canary regions filled
 with a signalling NaN of its dtype (-2 for integers). A kernel that writes
@@ -27,6 +27,8 @@ import weakref
 from pathlib import Path
 
 import numpy
+
+from . import cublas
 
 HEADER = Path(__file__).with_name("emulator.h")
 CANARY_BYTES = 256          # also the alignment of every allocation, as cudaMalloc's
@@ -50,6 +52,11 @@ class EmulatedArray(numpy.ndarray):
 
     def get(self):
         return numpy.array(self, copy=True).view(numpy.ndarray)
+
+    @property
+    def data(self):
+        """The device pointer, as cupy.ndarray.data.ptr gives it."""
+        return types.SimpleNamespace(ptr=self.ctypes.data)
 
     @property
     def device(self):
@@ -301,6 +308,7 @@ class OutOfMemoryError(MemoryError):
 
 cuda = types.SimpleNamespace(
     Device=_Device,
+    device=types.SimpleNamespace(get_cublas_handle=lambda: 1),
     runtime=types.SimpleNamespace(getDeviceCount=lambda: 1,
                                   getDeviceProperties=lambda index: {"name": b"CPU emulator"}),
     get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None),
@@ -336,16 +344,6 @@ def __getattr__(name):
     return on_device
 
 
-def _numpy_gemm(a, b, out, alpha=1.0, beta=0.0):
-    """What xpmodel.cuda.gemm computes, by NumPy: out = alpha a @ b + beta out."""
-    wide = numpy.float64 if numpy.float64 in (a.dtype, b.dtype) else numpy.float32
-    product = alpha * numpy.matmul(numpy.asarray(a, wide), numpy.asarray(b, wide))
-    if beta:
-        product += beta * numpy.asarray(out, wide)
-    out[...] = product
-    return out
-
-
 @contextlib.contextmanager
 def emulated_cuda():
     """xpmodel's CUDA path on this module, with fresh kernel and device caches."""
@@ -356,13 +354,13 @@ def emulated_cuda():
     from xpmodel.layers import matmul
     saved = [(backend, "_cupy", backend._cupy), (kernels, "_compiled", kernels._compiled),
              (kernels, "_multiprocessors", kernels._multiprocessors), (matmul, "_ones", matmul._ones),
-             (gemm, "gemm", gemm.gemm)]
+             (gemm, "_cublas", gemm._cublas)]
     from xpmodel.cuda import adamw
     saved.append((adamw, "_kernel", adamw._kernel))
     saved_cupyx = sys.modules.get("cupyx")
     backend._cupy = sys.modules[__name__]
     kernels._compiled, kernels._multiprocessors, matmul._ones, adamw._kernel = {}, {}, {}, None
-    gemm.gemm = _numpy_gemm
+    gemm._cublas = lambda: cublas
     sys.modules["cupyx"] = types.SimpleNamespace(scatter_add=numpy.add.at)
     try:
         yield sys.modules[__name__]
