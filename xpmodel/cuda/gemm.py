@@ -12,6 +12,8 @@ An operand whose last two axes are row-major reads as its own transpose in
 column-major terms (op N); one whose last two axes are column-major (the
 .T view of a row-major matrix) needs op T.
 """
+import math
+
 import numpy
 
 from ..backend import _import_cupy
@@ -44,14 +46,12 @@ def _operand(x):
 def _batch_stride(x):
     """The element stride between consecutive matrices of x (..., r, c),
     whose leading axes must flatten into one evenly strided batch axis."""
-    if x.ndim == 2:
-        return 0
-    strides = [s // x.itemsize for s in x.strides[:-2]]
-    for i in range(len(strides) - 1):
-        if x.shape[i] != 1 and strides[i] != strides[i + 1] * x.shape[i + 1]:
-            raise ValueError(f"batched matmul: the batch axes of shape {x.shape} do not "
+    shape, strides = x.shape, x.strides
+    for i in range(len(shape) - 3):
+        if shape[i] != 1 and strides[i] != strides[i + 1] * shape[i + 1]:
+            raise ValueError(f"batched matmul: the batch axes of shape {shape} do not "
                              f"flatten to one strided axis")
-    return strides[-1]
+    return strides[-3] // x.itemsize
 
 
 _scalars = {}                # (value, wide) -> a NumPy scalar cuBLAS reads through a pointer
@@ -92,7 +92,7 @@ def gemm(a, b, out, alpha=1.0, beta=0.0):
                       beta.ctypes.data, out.data.ptr, out_type, ld_out,
                       compute, cublas.CUBLAS_GEMM_DEFAULT)
     else:
-        batch = int(numpy.prod(a.shape[:-2]))
+        batch = math.prod(a.shape[:-2])
         cublas.gemmStridedBatchedEx(handle, op_b, op_a, N, M, K, alpha.ctypes.data,
                                     b.data.ptr, in_type, ld_b, _batch_stride(b),
                                     a.data.ptr, in_type, ld_a, _batch_stride(a),
