@@ -66,15 +66,19 @@ def main():
         layernorm.layernorm_backward(d_low, cache, w, dw, db, dx=x)
     h = g.standard_normal((N, 4 * C), dtype=np.float32).astype(low)
 
+    fc_bias = cupy.zeros(4 * C, low)
+
     def gelu_pair():
-        out, cache = gelu.gelu_forward(h)
+        out, cache = gelu.gelu_forward(h, fc_bias)
         gelu.gelu_backward(out, h, cache)
     qkv = g.standard_normal((B, T, 3 * C), dtype=np.float32).astype(low)
 
+    qkv_bias = cupy.zeros(3 * C, low)
+
     def attention_pair():
-        y, cache = attention.attention_forward(qkv, H)
+        y, cache = attention.attention_forward(qkv, H, bias=qkv_bias)
         attention.attention_backward(y, cache)
-    scores = g.standard_normal((B, H, T, T), dtype=np.float32)
+    scores = g.standard_normal((B, H, T, T), dtype=np.float32).astype(low)   # as the model keeps them
 
     def softmax_pair():
         probs = attention.causal_softmax_forward(scores, low)
