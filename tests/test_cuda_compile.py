@@ -23,7 +23,8 @@ def kernels_of_a_pass(cp, C, V, T, low):
     """Run every fused layer once on small inputs with C channels, V classes,
     T positions and activations in `low`, so each kernel variant a model of
     that shape uses is built."""
-    from xpmodel.layers.attention import causal_softmax_backward, causal_softmax_forward, split_heads
+    from xpmodel.layers.attention import (causal_softmax_backward, causal_softmax_forward,
+                                          merge_heads, split_heads)
     from xpmodel.layers.crossentropy import crossentropy_fused
     from xpmodel.layers.gelu import gelu_backward, gelu_forward
     from xpmodel.layers.layernorm import layernorm_backward, layernorm_forward
@@ -36,7 +37,8 @@ def kernels_of_a_pass(cp, C, V, T, low):
     split_heads(cp.ones((1, 2, 3 * C), low), cp.ones(3 * C, low), C // 64)
     h = cp.ones((2, 4 * C), low)
     gelu_forward(h, cp.ones(4 * C, low))
-    gelu_backward(h, h, None)
+    gelu_backward(h, h, None, dbias=cp.zeros(4 * C, np.float32))
+    merge_heads(cp.ones((3, 1, C // 64, 2, 64), low), cp.zeros(3 * C, np.float32))
     probs = causal_softmax_forward(cp.ones((1, 1, T, T), low), low)
     causal_softmax_backward(probs, probs, low)
     crossentropy_fused(cp.ones((2, V), low), cp.asarray(np.array([0, V - 1])), cp.asarray(0.5))
@@ -61,7 +63,7 @@ def test_every_kernel_compiles_without_spills(arch):
     assert {"layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward",
             "causal_softmax_forward", "causal_softmax_backward", "crossentropy",
             "crossentropy_rows", "residual_add", "split_heads", "causal_softmax_forward_f16",
-            "causal_softmax_backward_f16"} <= names
+            "causal_softmax_backward_f16", "merge_heads"} <= names
     for code, names in variants.items():
         name = "/".join(sorted(names))
         ok, log = nvrtc.compile_kernel(NVRTC, code, arch)

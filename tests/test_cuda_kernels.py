@@ -108,10 +108,14 @@ def test_gelu_matches_numpy(cp, dtype):
     out, s = gelu_forward(x.astype(np.float64))
     dx = gelu_backward(dout.astype(np.float64), x.astype(np.float64), s)
     g_out, g_cache = gelu_forward(cp.asarray(x))
-    g_dx = gelu_backward(cp.asarray(dout), cp.asarray(x), g_cache)
+    wide = np.promote_types(dtype, np.float32)
+    start = rand(rng, (33,), wide)
+    g_dbias = cp.asarray(start)
+    g_dx = gelu_backward(cp.asarray(dout), cp.asarray(x), g_cache, dbias=g_dbias)
     assert g_out.dtype == dtype and g_dx.dtype == dtype
     assert relative_error(g_out, out) < TOLERANCE[dtype]
     assert relative_error(g_dx, dx) < TOLERANCE[dtype]
+    assert relative_error(g_dbias, start + dx.sum(axis=0)) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("T", [1, 7, 64, 264, 300, 520])
@@ -241,6 +245,8 @@ def test_attention_in_causal_query_chunks_matches_numpy(cp, T, monkeypatch):
     y, cache = attention.attention_forward(qkv.astype(np.float64), H, bias=bias.astype(np.float64))
     dqkv = attention.attention_backward(dy.astype(np.float64), cache)
     g_y, g_cache = attention.attention_forward(cp.asarray(qkv), H, bias=cp.asarray(bias))
-    g_dqkv = attention.attention_backward(cp.asarray(dy), g_cache)
+    g_dbias = cp.zeros(3 * H * D, np.float32)
+    g_dqkv = attention.attention_backward(cp.asarray(dy), g_cache, dbias=g_dbias)
     assert relative_error(g_y, y) < 1e-5
     assert relative_error(g_dqkv, dqkv) < 1e-5
+    assert relative_error(g_dbias, dqkv.sum(axis=0)) < 1e-5

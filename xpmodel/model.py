@@ -230,7 +230,8 @@ class GPT:
         for i in range(cfg.n_layer):
             p = f"h.{i}."
             # Each projection's bias is added by the layer after it (the head
-            # split, GELU, the residual add), which on CuPy saves a launch each.
+            # split, GELU, the residual add), which on CuPy saves a launch each;
+            # the head merge and GELU backward sum their biases' gradients.
             ln1, ln1_cache = layernorm_forward(x, P[p + "ln_1.weight"], P[p + "ln_1.bias"], low)
             qkv = matmul(ln1, W[p + "attn.c_attn.weight"])
             y, attn_cache = attention_forward(qkv.reshape(B, T, 3 * cfg.n_embd), cfg.n_head,
@@ -271,18 +272,17 @@ class GPT:
             dmlp_out = dropout_backward(dbranch, mlp_mask)
             dg = linear_backward(dmlp_out, g, W[p + "mlp.c_proj.weight"],
                                  G[p + "mlp.c_proj.weight"], G[p + "mlp.c_proj.bias"])
-            dh = gelu_backward(dg, h, gelu_cache)
-            dln2 = linear_backward(dh, ln2, W[p + "mlp.c_fc.weight"],
-                                   G[p + "mlp.c_fc.weight"], G[p + "mlp.c_fc.bias"])
+            dh = gelu_backward(dg, h, gelu_cache, dbias=G[p + "mlp.c_fc.bias"])
+            dln2 = linear_backward(dh, ln2, W[p + "mlp.c_fc.weight"], G[p + "mlp.c_fc.weight"])
             layernorm_backward(dln2, ln2_cache, P[p + "ln_2.weight"],
                                G[p + "ln_2.weight"], G[p + "ln_2.bias"], dx=dx, dx_low=dx_low)
 
             dattn_out = dropout_backward(dbranch, attn_mask)
             dy = linear_backward(dattn_out, y, W[p + "attn.c_proj.weight"],
                                  G[p + "attn.c_proj.weight"], G[p + "attn.c_proj.bias"])
-            dqkv = attention_backward(dy, attn_cache)
+            dqkv = attention_backward(dy, attn_cache, dbias=G[p + "attn.c_attn.bias"])
             dln1 = linear_backward(dqkv, ln1, W[p + "attn.c_attn.weight"],
-                                   G[p + "attn.c_attn.weight"], G[p + "attn.c_attn.bias"])
+                                   G[p + "attn.c_attn.weight"])
             layernorm_backward(dln1, ln1_cache, P[p + "ln_1.weight"],
                                G[p + "ln_1.weight"], G[p + "ln_1.bias"], dx=dx,
                                dx_low=dx_low if i > 0 else None)

@@ -27,24 +27,30 @@ extern "C" __global__ void gelu_forward(X_T* x, const X_T* bias, X_T* out, long 
     }
 }
 
-// d/dx [x s] = s + x s (1 - s) 2 du/dx, du/dx = K (1 + 3 * 0.044715 x^2)
-extern "C" __global__ void gelu_backward(const D_T* dout, const X_T* x, D_T* dx, long long n) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
+// d/dx [x s] = s + x s (1 - s) 2 du/dx, du/dx = K (1 + 3 * 0.044715 x^2).
+// (rows, C): thread c of the grid's x walks column c over every gridDim.y-th row;
+// with dbias (C,), each thread adds its column's sum of dx into it (one atomic).
+extern "C" __global__ void gelu_backward(const D_T* dout, const X_T* x, D_T* dx, G_T* dbias,
+        long long rows, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    ACC column_sum = 0;
+    for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
+        long long i = r * C + c;
         ACC v = (ACC)load(x + i);
         ACC s = sigmoid_2u(v);
         ACC slope = s + v * s * ((ACC)1 - s) * (ACC)(2.0 * K) * ((ACC)1 + (ACC)(3.0 * CUBIC) * v * v);
-        store(dx + i, (ACC)load(dout + i) * slope);
+        ACC value = (ACC)load(dout + i) * slope;
+        store(dx + i, value);
+        column_sum += value;
     }
+    if (dbias) atomicAdd(dbias + c, (G_T)column_sum);
 }
 """
 
 
-def _launch(name, args, n, **types):
-    """Launch `name` over n elements; args are the kernel's arguments."""
-    kernel = raw_kernel(_SOURCE, name, K=repr(math.sqrt(2.0 / math.pi)), CUBIC="0.044715", **types)
-    blocks = max(1, min((n + _THREADS - 1) // _THREADS, 16 * multiprocessor_count()))
-    kernel((blocks,), (_THREADS,), args)
+def _kernel(name, **types):
+    return raw_kernel(_SOURCE, name, K=repr(math.sqrt(2.0 / math.pi)), CUBIC="0.044715", **types)
 
 
 def gelu_forward(x, bias=None):
@@ -56,16 +62,26 @@ def gelu_forward(x, bias=None):
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.astype(x.dtype)
     out = cupy.empty_like(x)
-    _launch("gelu_forward", (x, bias, out, numpy.int64(x.size), numpy.int32(x.shape[-1])), x.size,
-            X_T=c_type(x.dtype), D_T=c_type(x.dtype), ACC=acc_type(x.dtype))
+    kernel = _kernel("gelu_forward", X_T=c_type(x.dtype), D_T=c_type(x.dtype), G_T="float",
+                     ACC=acc_type(x.dtype))
+    blocks = max(1, min((x.size + _THREADS - 1) // _THREADS, 16 * multiprocessor_count()))
+    kernel((blocks,), (_THREADS,), (x, bias, out, numpy.int64(x.size), numpy.int32(x.shape[-1])))
     return out
 
 
-def gelu_backward(dout, x):
-    """dout, x: the same shape -> dx in dout's dtype."""
+def gelu_backward(dout, x, dbias=None):
+    """dout, x: (..., C), the same shape -> dx in dout's dtype; with dbias (C,)
+    (float32 or float64) the column sums of dx are added into it."""
     cupy = _import_cupy()
     dout, x = cupy.ascontiguousarray(dout), cupy.ascontiguousarray(x)
     dx = cupy.empty_like(dout)
-    _launch("gelu_backward", (dout, x, dx, numpy.int64(x.size)), x.size, X_T=c_type(x.dtype),
-            D_T=c_type(dout.dtype), ACC=acc_type(dout.dtype, x.dtype))
+    C = x.shape[-1]
+    rows = x.size // C
+    kernel = _kernel("gelu_backward", X_T=c_type(x.dtype), D_T=c_type(dout.dtype),
+                     ACC=acc_type(dout.dtype, x.dtype),
+                     G_T=c_type(dbias.dtype) if dbias is not None else "float")
+    column_blocks = (C + _THREADS - 1) // _THREADS
+    row_blocks = max(1, min(rows, 16 * multiprocessor_count() // column_blocks))
+    kernel((column_blocks, row_blocks), (_THREADS,), (dout, x, dx, dbias, numpy.int64(rows),
+                                                     numpy.int32(C)))
     return dx

@@ -1,5 +1,7 @@
-"""Splitting the fused qkv activation into heads, in one kernel: the bias of
-the projection that made qkv is added and q is scaled on the way."""
+"""Splitting the fused qkv activation into heads and merging the heads'
+gradients back, one kernel each way: the split adds the bias of the
+projection that made qkv and scales q on the way, the merge sums that bias's
+gradient."""
 import numpy
 
 from ..backend import _import_cupy
@@ -24,6 +26,25 @@ extern "C" __global__ void split_heads(const X_T* qkv, const X_T* bias, X_T* hea
         store(heads + (((part * B + b) * H + h) * T + t) * D + d, v);
     }
 }
+
+// heads (3, B, H, T, D) -> out (B*T, 3C): thread col of the grid's x walks column
+// col = (part, h, d) over every gridDim.y-th row; with dbias (3C,) it adds the
+// column's sum into it (one atomic)
+extern "C" __global__ void merge_heads(const X_T* heads, X_T* out, G_T* dbias, int B, int T,
+        int H, int D) {
+    int C3 = 3 * H * D;
+    int col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= C3) return;
+    int part = col / (H * D), h = (col - part * H * D) / D, d = col % D;
+    ACC column_sum = 0;
+    for (long long r = blockIdx.y; r < (long long)B * T; r += gridDim.y) {
+        long long b = r / T, t = r - b * T;
+        ACC v = (ACC)load(heads + ((((long long)part * B + b) * H + h) * T + t) * D + d);
+        store(out + r * C3 + col, v);
+        column_sum += v;
+    }
+    if (dbias) atomicAdd(dbias + col, (G_T)column_sum);
+}
 """
 
 
@@ -39,10 +60,27 @@ def split_heads(qkv, bias, n_head, q_scale):
         bias = bias.astype(qkv.dtype)
     heads = cupy.empty((3, B, n_head, T, D), dtype=qkv.dtype)
     acc = acc_type(qkv.dtype)
-    kernel = raw_kernel(_SOURCE, "split_heads", X_T=c_type(qkv.dtype), ACC=acc)
+    kernel = raw_kernel(_SOURCE, "split_heads", X_T=c_type(qkv.dtype), ACC=acc, G_T="float")
     n = qkv.size
     blocks = max(1, min((n + _THREADS - 1) // _THREADS, 16 * multiprocessor_count()))
     scale = numpy.float64(q_scale) if acc == "double" else numpy.float32(q_scale)
     kernel((blocks,), (_THREADS,), (qkv, bias, heads, numpy.int64(n), numpy.int32(B), numpy.int32(T),
                                     numpy.int32(n_head), numpy.int32(D), scale))
     return heads
+
+
+def merge_heads(dheads, dbias=None):
+    """dheads: (3, B, H, T, D) contiguous -> (B*T, 3C); with dbias (3C,) (float32
+    or float64) the column sums of the result are added into it."""
+    cupy = _import_cupy()
+    _, B, H, T, D = dheads.shape
+    C3 = 3 * H * D
+    dheads = cupy.ascontiguousarray(dheads)
+    out = cupy.empty((B * T, C3), dtype=dheads.dtype)
+    kernel = raw_kernel(_SOURCE, "merge_heads", X_T=c_type(dheads.dtype), ACC=acc_type(dheads.dtype),
+                        G_T=c_type(dbias.dtype) if dbias is not None else "float")
+    column_blocks = (C3 + _THREADS - 1) // _THREADS
+    row_blocks = max(1, min(B * T, 16 * multiprocessor_count() // column_blocks))
+    kernel((column_blocks, row_blocks), (_THREADS,), (dheads, out, dbias, numpy.int32(B), numpy.int32(T),
+                                                     numpy.int32(H), numpy.int32(D)))
+    return out

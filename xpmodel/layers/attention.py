@@ -109,8 +109,23 @@ def attention_forward(qkv, n_head, dropout_p=0.0, rng=None, bias=None):
     return y, (heads, probs, drop_mask)
 
 
-def attention_backward(dy, cache):
-    """dy: (B*T, C) -> dqkv (B*T, 3C)."""
+def merge_heads(dheads, dbias=None):
+    """dheads: (3, B, H, T, D) -> (B*T, 3C), the inverse of split_heads' layout
+    change; with dbias (3C,), the column sums are added into it (the gradient
+    of the bias split_heads added). One kernel on CuPy."""
+    if is_cuda_array(dheads):
+        from ..cuda.heads import merge_heads as fused
+        return fused(dheads, dbias)
+    _, B, H, T, D = dheads.shape
+    merged = dheads.transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * H * D)
+    if dbias is not None:
+        dbias += merged.sum(axis=0, dtype=dbias.dtype)
+    return merged
+
+
+def attention_backward(dy, cache, dbias=None):
+    """dy: (B*T, C) -> dqkv (B*T, 3C); with dbias (3C,), the gradient of the
+    bias passed to forward is added into it."""
     xp = array_module(dy)
     heads, probs, drop_mask = cache
     _, B, H, T, D = heads.shape
@@ -133,7 +148,7 @@ def attention_backward(dy, cache):
         matmul(dscores[:, :, rows, keys], k[:, :, keys], out=dq[:, :, rows], alpha=1.0 / math.sqrt(D))
         later = slice(rows.start, T)
         matmul(dscores[:, :, later, rows], q[:, :, later], transpose_a=True, out=dk[:, :, rows])
-    return dheads.transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * H * D)
+    return merge_heads(dheads, dbias)
 
 
 _QUERY_CHUNK = 256   # queries per block of the causal products on CUDA

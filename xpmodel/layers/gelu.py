@@ -5,7 +5,7 @@ the sigmoid form needs one exp instead of a tanh, which is several times
 cheaper on NumPy, and its value `s` is all that backward needs besides x.
 CuPy arrays go to one fused kernel each way (xpmodel.cuda.gelu), which
 recompute s in backward instead of keeping it; the forward kernel also adds
-the bias of the projection before it.
+the bias of the projection before it, and backward sums that bias's gradient.
 """
 import math
 
@@ -37,15 +37,16 @@ def gelu_forward(x, bias=None):
     return (x * s).astype(low, copy=False), s
 
 
-def gelu_backward(dout, x, s):
-    """dout, x, s: x's shape; returns dx.
+def gelu_backward(dout, x, s, dbias=None):
+    """dout, x, s: x's shape (..., C); returns dx, in dout's dtype. With dbias
+    (C,), the gradient of the bias forward added, the column sums of dx are
+    added into it.
 
     d/dx [x s] = s + x s (1 - s) 2 du/dx, with du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2).
-    The result has dout's dtype.
     """
     if is_cuda_array(dout):
         from ..cuda.gelu import gelu_backward as fused
-        return fused(dout, x)
+        return fused(dout, x, dbias)
     low, x = dout.dtype, upcast(x)
     dx = x * x
     dx *= 6.0 * _K * _CUBIC
@@ -56,4 +57,7 @@ def gelu_backward(dout, x, s):
     dx *= one_minus_s
     dx += s
     dx *= dout
-    return dx.astype(low, copy=False)
+    dx = dx.astype(low, copy=False)
+    if dbias is not None:
+        dbias += dx.reshape(-1, dx.shape[-1]).sum(axis=0, dtype=dbias.dtype)
+    return dx
