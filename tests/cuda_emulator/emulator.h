@@ -137,7 +137,6 @@ struct Launch {
     std::vector<Warp> warps;
     Context scheduler;
     int current = 0;
-    int waiting_block = 0;
     const char* error = nullptr;
     void (*body)() = nullptr;
 };
