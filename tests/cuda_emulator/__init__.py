@@ -153,9 +153,9 @@ _SCALAR_TYPES = {numpy.dtype(t): c for t, c in [
 
 
 def _argument(value):
-    """The ctypes object a kernel argument is passed as, CuPy's way (None: a null pointer)."""
-    if value is None:
-        return ctypes.c_void_p(0)
+    """The ctypes object a kernel argument is passed as, CuPy's way."""
+    if value is None:   # CuPy 13 passes no null pointer for None: xpmodel must not send one
+        raise TypeError("None as a kernel argument (pass xpmodel.cuda.compile.optional(None))")
     if isinstance(value, numpy.ndarray):
         if not isinstance(value, EmulatedArray):
             raise TypeError("a host NumPy array passed to a kernel (CuPy would refuse it)")

@@ -69,6 +69,12 @@ __device__ __forceinline__ double warp_max(double x) {
 }
 """
 
+def optional(array):
+    """A kernel argument for a pointer that may be null: the array, or 8 zero
+    bytes when it is None (CuPy 13 does not pass None as a null pointer)."""
+    return numpy.uint64(0) if array is None else array
+
+
 _C_TYPES = {numpy.dtype(numpy.float16): "f16", numpy.dtype(numpy.float32): "float",
             numpy.dtype(numpy.float64): "double"}
 _compiled = {}

@@ -120,7 +120,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) crossentropy_rows(f16* log
 }
 """
 
-_MAX_VECTORS_PER_THREAD = 16   # beyond this (V > 131072) registers would spill
+# beyond this (V > 65536, 1024 threads) a thread would need more than the 64
+# registers __launch_bounds__(1024) leaves it, and spill
+_MAX_VECTORS_PER_THREAD = 8
 
 
 def _rows_launch(V):
@@ -148,7 +150,8 @@ def crossentropy(logits, targets, dloss=None):
     want_grad = dloss is not None
     dloss = cupy.asarray(dloss if want_grad else 0.0, dtype=numpy.float64).reshape(1)
     targets = cupy.ascontiguousarray(targets, dtype=numpy.int64)
-    rows = _rows_launch(V) if logits.dtype == numpy.float16 else None
+    aligned = logits.data.ptr % 16 == 0   # 16-byte vectors (rows are, as V % 8 == 0)
+    rows = _rows_launch(V) if logits.dtype == numpy.float16 and aligned else None
     if rows is not None:
         threads, per_thread = rows
         kernel = raw_kernel(_ROWS_SOURCE, "crossentropy_rows", ACC="float", VECS=V // 8,

@@ -7,7 +7,7 @@ import math
 import numpy
 
 from ..backend import _import_cupy
-from .compile import acc_type, c_type, multiprocessor_count, raw_kernel
+from .compile import acc_type, c_type, multiprocessor_count, optional, raw_kernel
 
 _THREADS = 256
 
@@ -65,7 +65,7 @@ def gelu_forward(x, bias=None):
     kernel = _kernel("gelu_forward", X_T=c_type(x.dtype), D_T=c_type(x.dtype), G_T="float",
                      ACC=acc_type(x.dtype))
     blocks = max(1, min((x.size + _THREADS - 1) // _THREADS, 16 * multiprocessor_count()))
-    kernel((blocks,), (_THREADS,), (x, bias, out, numpy.int64(x.size), numpy.int32(x.shape[-1])))
+    kernel((blocks,), (_THREADS,), (x, optional(bias), out, numpy.int64(x.size), numpy.int32(x.shape[-1])))
     return out
 
 
@@ -82,6 +82,6 @@ def gelu_backward(dout, x, dbias=None):
                      G_T=c_type(dbias.dtype) if dbias is not None else "float")
     column_blocks = (C + _THREADS - 1) // _THREADS
     row_blocks = max(1, min(rows, 16 * multiprocessor_count() // column_blocks))
-    kernel((column_blocks, row_blocks), (_THREADS,), (dout, x, dx, dbias, numpy.int64(rows),
+    kernel((column_blocks, row_blocks), (_THREADS,), (dout, x, dx, optional(dbias), numpy.int64(rows),
                                                      numpy.int32(C)))
     return dx

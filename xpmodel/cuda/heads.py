@@ -5,7 +5,7 @@ gradient."""
 import numpy
 
 from ..backend import _import_cupy
-from .compile import acc_type, c_type, multiprocessor_count, raw_kernel
+from .compile import acc_type, c_type, multiprocessor_count, optional, raw_kernel
 
 _THREADS = 256
 
@@ -64,8 +64,8 @@ def split_heads(qkv, bias, n_head, q_scale):
     n = qkv.size
     blocks = max(1, min((n + _THREADS - 1) // _THREADS, 16 * multiprocessor_count()))
     scale = numpy.float64(q_scale) if acc == "double" else numpy.float32(q_scale)
-    kernel((blocks,), (_THREADS,), (qkv, bias, heads, numpy.int64(n), numpy.int32(B), numpy.int32(T),
-                                    numpy.int32(n_head), numpy.int32(D), scale))
+    kernel((blocks,), (_THREADS,), (qkv, optional(bias), heads, numpy.int64(n), numpy.int32(B),
+                                    numpy.int32(T), numpy.int32(n_head), numpy.int32(D), scale))
     return heads
 
 
@@ -81,6 +81,6 @@ def merge_heads(dheads, dbias=None):
                         G_T=c_type(dbias.dtype) if dbias is not None else "float")
     column_blocks = (C3 + _THREADS - 1) // _THREADS
     row_blocks = max(1, min(B * T, 16 * multiprocessor_count() // column_blocks))
-    kernel((column_blocks, row_blocks), (_THREADS,), (dheads, out, dbias, numpy.int32(B), numpy.int32(T),
-                                                     numpy.int32(H), numpy.int32(D)))
+    kernel((column_blocks, row_blocks), (_THREADS,),
+           (dheads, out, optional(dbias), numpy.int32(B), numpy.int32(T), numpy.int32(H), numpy.int32(D)))
     return out

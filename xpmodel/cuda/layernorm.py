@@ -8,7 +8,7 @@ then one atomic add per block and channel.
 import numpy
 
 from ..backend import _import_cupy
-from .compile import acc_type, c_type, multiprocessor_count, raw_kernel
+from .compile import acc_type, c_type, multiprocessor_count, optional, raw_kernel
 
 _THREADS = 256
 _WARPS = _THREADS // 32
@@ -147,6 +147,6 @@ def layernorm_backward(dout, xhat, rstd, w, dw, db, dx=None, dx_low=None):
     elif dx.dtype != xhat.dtype or not dx.flags.c_contiguous:
         raise ValueError("layernorm_backward: dx must be C-contiguous in the statistics' dtype")
     blocks = max(1, min((N + _WARPS - 1) // _WARPS, 2 * multiprocessor_count()))
-    kernel((blocks,), (_THREADS,), (dout, xhat, rstd, w, dw, db, dx, dx_low, numpy.int32(N),
+    kernel((blocks,), (_THREADS,), (dout, xhat, rstd, w, dw, db, dx, optional(dx_low), numpy.int32(N),
                                     numpy.int32(accumulate)))
     return dx

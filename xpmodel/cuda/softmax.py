@@ -153,9 +153,10 @@ extern "C" __global__ void causal_softmax_backward_f16(const f16* dprobs, const 
 """
 
 
-def _f16_vectors_per_lane(T, *dtypes):
-    """VPL for the _f16 kernels (a power of two), or None where they do not apply."""
-    if T % 8 or T > 2048 or any(numpy.dtype(d) != numpy.float16 for d in dtypes):
+def _f16_vectors_per_lane(T, *arrays):
+    """VPL for the _f16 kernels (a power of two), or None where they do not apply:
+    every array float16 and 16-byte aligned, T a multiple of 8 up to 2048."""
+    if T % 8 or T > 2048 or any(a.dtype != numpy.float16 or a.data.ptr % 16 for a in arrays):
         return None
     per_lane = 1
     while 256 * per_lane < T:
@@ -175,7 +176,7 @@ def causal_softmax_forward(scores, out_dtype):
     T = scores.shape[-1]
     R = scores.size // T
     probs = cupy.empty(scores.shape, dtype=out_dtype)
-    per_lane = _f16_vectors_per_lane(T, scores.dtype, out_dtype)
+    per_lane = _f16_vectors_per_lane(T, scores, probs)
     if per_lane:
         kernel = raw_kernel(_F16_SOURCE, "causal_softmax_forward_f16", VPL=per_lane)
     else:
@@ -192,7 +193,7 @@ def causal_softmax_backward(dprobs, probs, out_dtype):
     T = probs.shape[-1]
     R = probs.size // T
     dscores = cupy.empty(probs.shape, dtype=out_dtype)
-    per_lane = _f16_vectors_per_lane(T, dprobs.dtype, probs.dtype, out_dtype)
+    per_lane = _f16_vectors_per_lane(T, dprobs, probs, dscores)
     if per_lane:
         kernel = raw_kernel(_F16_SOURCE, "causal_softmax_backward_f16", VPL=per_lane)
     else:
