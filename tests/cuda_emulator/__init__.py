@@ -223,7 +223,8 @@ class RawKernel:
 
 
 def _dims(dims):
-    dims = tuple(dims) + (1,) * (3 - len(dims))
+    """Three launch dimensions; CuPy launches at least one block along each."""
+    dims = tuple(max(1, int(d)) for d in dims) + (1,) * (3 - len(dims))
     return (ctypes.c_uint * 3)(*dims)
 
 

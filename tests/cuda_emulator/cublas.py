@@ -36,8 +36,17 @@ def _scalar(pointer, wide):
     return (ctypes.c_double if wide else ctypes.c_float).from_address(pointer).value
 
 
+# (A and B type, C type, compute type) combinations cuBLAS's GemmEx calls accept
+# among the float16 / float32 / float64 ones
+_SUPPORTED = {(2, 2, CUBLAS_COMPUTE_32F), (2, 0, CUBLAS_COMPUTE_32F), (0, 0, CUBLAS_COMPUTE_32F),
+              (1, 1, CUBLAS_COMPUTE_64F)}
+
+
 def _product(transa, transb, m, n, k, alpha, A, a_type, lda, stride_a, B, b_type, ldb, stride_b,
              beta, C, c_type, ldc, stride_c, batch, compute):
+    if a_type != b_type or (a_type, c_type, compute) not in _SUPPORTED:
+        raise ValueError(f"cuBLAS does not support types A {a_type}, B {b_type}, C {c_type} "
+                         f"with compute type {compute}")
     wide = compute == CUBLAS_COMPUTE_64F
     op_a = _matrix(A, a_type, *((m, k) if transa == CUBLAS_OP_N else (k, m)), lda, batch, stride_a)
     op_b = _matrix(B, b_type, *((k, n) if transb == CUBLAS_OP_N else (n, k)), ldb, batch, stride_b)
