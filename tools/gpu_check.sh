@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: the GPU tests, the GPU benchmark against
-# PyTorch, a breakdown of the step, and nanoGPT's shakespeare-char run in
-# mixed float16, with a summary in $OUT (default ./gpu-check). Uses the CuPy
+# PyTorch, a breakdown of the step, a CUDA-graph capture probe, and nanoGPT's
+# shakespeare-char run in mixed float16, with a summary in $OUT (default ./gpu-check). Uses the CuPy
 # and PyTorch already installed there; needs no network. About 7 minutes.
 #
 #   OUT=/some/dir bash tools/gpu_check.sh
@@ -42,6 +42,9 @@ note "== where the step's time goes"
 for config in char-mid gpt2-small; do
     timeout 45 $PY tools/gpu_sections.py --config $config >> "$summary" 2>&1
 done
+
+note "== can a CUDA graph capture the step? (tools/graph_probe.py)"
+timeout 60 $PY tools/graph_probe.py >> "$summary" 2>&1
 
 note "== shakespeare-char, fp16, $ITERS steps on $DATA"
 start=$(date +%s)
