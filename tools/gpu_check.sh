@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: the GPU tests, the GPU benchmark against
 # PyTorch, a breakdown of the step, a CUDA-graph capture probe, and nanoGPT's
-# shakespeare-char run in mixed float16, with a summary in $OUT (default ./gpu-check). Uses the CuPy
-# and PyTorch already installed there; needs no network. About 7 minutes.
+# shakespeare-char run in mixed float16, with a summary in $OUT (default
+# ./gpu-check). Uses the CuPy and PyTorch already installed there; needs no
+# network. About 7 minutes.
 #
 #   OUT=/some/dir bash tools/gpu_check.sh
 #
