@@ -8,9 +8,11 @@ largest memory traffic of the layer.
 
 The projections around it (c_attn before, c_proj after) are plain linear
 layers; this file holds what sits between them: split into heads (adding
-c_attn's bias when it is passed here), scaled dot-product scores, causal softmax, optional dropout on the probabilities,
-and the weighted sum of values. On CuPy the per-head products are strided
-batched cuBLAS calls and the softmax is one kernel each way.
+c_attn's bias when it is passed here), scaled dot-product scores, causal
+softmax, optional dropout on the probabilities, the weighted sum of values,
+and the merge of the heads' gradients. On CuPy the per-head products are
+strided batched cuBLAS calls, in chunks of queries past T = 256, and the
+softmax, the split and the merge are one kernel each.
 """
 import math
 
