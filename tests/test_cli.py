@@ -385,3 +385,26 @@ def test_bits_per_byte_gives_special_tokens_no_bytes(trained):
     nats = both["loss"] * both["tokens"]
     assert both["bits_per_byte"] == pytest.approx(nats / math.log(2) / (2 * len("Good night sweet prince.\n" * 3) - 1))
     assert evaluate_tokens(model, tokenizer, plain, batch_size=4)["tokens"] == both["tokens"] - 1
+
+
+def test_train_on_cuda_runs_end_to_end_on_the_kernel_emulator(tmp_path, capsys):
+    """`xpmodel train --device cuda` in mixed fp16, with evals, samples and
+    checkpoints, the CUDA kernels running on the CPU emulator (no GPU here);
+    the run then samples on the CPU."""
+    import cuda_emulator
+    if cuda_emulator.compiler() is None:
+        pytest.skip("the CUDA emulator needs g++")
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    with cuda_emulator.emulated_cuda():
+        code, out, err = run_cli(capsys, "train", "--config", TINY, "--device", "cuda",
+                                 "--out", tmp_path / "run", f"data.source={corpus}",
+                                 "train.precision=fp16", "train.max_iters=20",
+                                 "train.sample_interval=10", "train.sample_tokens=20")
+    assert code == 0, err
+    assert "step 20: val loss" in out and "--- sample at step 20 ---" in out
+    train = [r for r in RunDir(tmp_path / "run").read_metrics() if r["type"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 21))
+    assert train[-1]["loss"] < train[0]["loss"]
+    code, out, err = run_cli(capsys, "sample", tmp_path / "run", "--device", "cpu",
+                             "--prompt", "The king", "--max-new-tokens", "10", "--temperature", "0")
+    assert code == 0 and out.startswith("The king") and len(out) > len("The king"), err
