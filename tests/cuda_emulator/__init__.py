@@ -355,13 +355,13 @@ def emulated_cuda():
     from xpmodel.layers import matmul
     saved = [(backend, "_cupy", backend._cupy), (kernels, "_compiled", kernels._compiled),
              (kernels, "_multiprocessors", kernels._multiprocessors), (matmul, "_ones", matmul._ones),
-             (gemm, "_cublas", gemm._cublas)]
+             (gemm, "_cublas", gemm._cublas), (gemm, "_plans", gemm._plans)]
     from xpmodel.cuda import adamw
     saved.append((adamw, "_kernel", adamw._kernel))
     saved_cupyx = sys.modules.get("cupyx")
     backend._cupy = sys.modules[__name__]
     kernels._compiled, kernels._multiprocessors, matmul._ones, adamw._kernel = {}, {}, {}, None
-    gemm._cublas = lambda: cublas
+    gemm._cublas, gemm._plans = (lambda: cublas), {}
     sys.modules["cupyx"] = types.SimpleNamespace(scatter_add=numpy.add.at)
     try:
         yield sys.modules[__name__]

@@ -64,39 +64,62 @@ def _host_scalar(value, wide):
     return _scalars[key]
 
 
+_plans = {}   # (operand shapes, strides and dtypes, alpha, beta) -> _Plan
+
+
 def gemm(a, b, out, alpha=1.0, beta=0.0):
     """out = alpha * a @ b + beta * out, for a (..., M, K), b (..., K, N) and
-    out (..., M, N) with the same leading (batch) shape, or 2-D a, b, out."""
-    cublas = _cublas()
-    M, K = a.shape[-2:]
-    N = b.shape[-1]
-    if b.shape[-2] != K or out.shape[-2:] != (M, N) or a.shape[:-2] != b.shape[:-2] \
-            or out.shape[:-2] != a.shape[:-2]:
-        raise ValueError(f"gemm: shapes {a.shape} @ {b.shape} -> {out.shape} do not match")
-    if out.strides[-1] != out.itemsize:
-        raise ValueError("gemm: the output's rows must be contiguous")
-    if a.dtype != b.dtype:
-        raise ValueError(f"gemm: operand dtypes differ ({a.dtype}, {b.dtype})")
-    a, op_a, ld_a = _operand(a)
-    b, op_b, ld_b = _operand(b)
-    ld_out = out.strides[-2] // out.itemsize
-    wide = a.dtype == numpy.float64 or out.dtype == numpy.float64
-    compute = cublas.CUBLAS_COMPUTE_64F if wide else cublas.CUBLAS_COMPUTE_32F
-    alpha, beta = _host_scalar(alpha, wide), _host_scalar(beta, wide)
-    handle = _import_cupy().cuda.device.get_cublas_handle()
-    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)   # alpha, beta live on the host
-    in_type, out_type = _CUDA_TYPES[a.dtype], _CUDA_TYPES[out.dtype]
-    if a.ndim == 2:
-        cublas.gemmEx(handle, op_b, op_a, N, M, K, alpha.ctypes.data,
-                      b.data.ptr, in_type, ld_b, a.data.ptr, in_type, ld_a,
-                      beta.ctypes.data, out.data.ptr, out_type, ld_out,
-                      compute, cublas.CUBLAS_GEMM_DEFAULT)
-    else:
-        batch = math.prod(a.shape[:-2])
-        cublas.gemmStridedBatchedEx(handle, op_b, op_a, N, M, K, alpha.ctypes.data,
-                                    b.data.ptr, in_type, ld_b, _batch_stride(b),
-                                    a.data.ptr, in_type, ld_a, _batch_stride(a),
-                                    beta.ctypes.data, out.data.ptr, out_type, ld_out,
-                                    _batch_stride(out), batch, compute,
-                                    cublas.CUBLAS_GEMM_DEFAULT)
+    out (..., M, N) with the same leading (batch) shape, or 2-D a, b, out.
+
+    A training step repeats the same few dozen products, so everything but
+    the pointers is worked out once per operand layout (_Plan) and kept."""
+    key = (a.shape, a.strides, a.dtype, b.shape, b.strides, b.dtype,
+           out.shape, out.strides, out.dtype, alpha, beta)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = _Plan(a, b, out, alpha, beta)
+    plan.run(a, b, out)
     return out
+
+
+class _Plan:
+    """One cuBLAS call's arguments other than the data pointers, and whether
+    an operand must first be copied to a layout cuBLAS can read."""
+
+    def __init__(self, a, b, out, alpha, beta):
+        M, K = a.shape[-2:]
+        N = b.shape[-1]
+        if b.shape[-2] != K or out.shape[-2:] != (M, N) or a.shape[:-2] != b.shape[:-2] \
+                or out.shape[:-2] != a.shape[:-2]:
+            raise ValueError(f"gemm: shapes {a.shape} @ {b.shape} -> {out.shape} do not match")
+        if out.strides[-1] != out.itemsize:
+            raise ValueError("gemm: the output's rows must be contiguous")
+        if a.dtype != b.dtype:
+            raise ValueError(f"gemm: operand dtypes differ ({a.dtype}, {b.dtype})")
+        self.cublas = cublas = _cublas()
+        a_read, op_a, ld_a = _operand(a)
+        b_read, op_b, ld_b = _operand(b)
+        self.copy_a, self.copy_b = a_read is not a, b_read is not b
+        wide = a.dtype == numpy.float64 or out.dtype == numpy.float64
+        in_type, out_type = _CUDA_TYPES[a.dtype], _CUDA_TYPES[out.dtype]
+        self.batched = a.ndim > 2
+        self.leading = (op_b, op_a, N, M, K, _host_scalar(alpha, wide).ctypes.data)
+        self.b_layout = (in_type, ld_b) + ((_batch_stride(b_read),) if self.batched else ())
+        self.a_layout = (in_type, ld_a) + ((_batch_stride(a_read),) if self.batched else ())
+        self.beta = _host_scalar(beta, wide).ctypes.data
+        ld_out = out.strides[-2] // out.itemsize
+        batch = (_batch_stride(out), math.prod(a.shape[:-2])) if self.batched else ()
+        compute = cublas.CUBLAS_COMPUTE_64F if wide else cublas.CUBLAS_COMPUTE_32F
+        self.out_layout = (out_type, ld_out) + batch + (compute, cublas.CUBLAS_GEMM_DEFAULT)
+        self.call = cublas.gemmStridedBatchedEx if self.batched else cublas.gemmEx
+
+    def run(self, a, b, out):
+        cupy = _import_cupy()
+        if self.copy_a:
+            a = cupy.ascontiguousarray(a)
+        if self.copy_b:
+            b = cupy.ascontiguousarray(b)
+        handle = cupy.cuda.device.get_cublas_handle()
+        self.cublas.setPointerMode(handle, self.cublas.CUBLAS_POINTER_MODE_HOST)   # alpha, beta on the host
+        self.call(handle, *self.leading, b.data.ptr, *self.b_layout, a.data.ptr, *self.a_layout,
+                  self.beta, out.data.ptr, *self.out_layout)
