@@ -200,3 +200,22 @@ def test_fp16_run_skips_an_overflow_and_resumes_on_the_other_backend(device, tmp
     assert resumed.scaler.state_dict() == trainer.scaler.state_dict()
     assert resumed.optimizer.step_count == 9
     np.testing.assert_array_equal(to_host(resumed.model.flat_params), to_host(trainer.model.flat_params))
+
+
+def test_dropout_on_emulated_cuda_matches_the_cpu():
+    """The emulator draws CuPy's random numbers with NumPy, so with one shard
+    (B = 1) its dropout masks are the CPU's: the CUDA path with dropout (masks on
+    the attention probabilities, and in the fused residual add) must give the
+    CPU's loss and gradients."""
+    if cuda_emulator.compiler() is None:
+        pytest.skip("the CUDA emulator needs g++")
+    config = xpmodel.GPTConfig(vocab_size=96, block_size=32, n_layer=2, n_head=4, n_embd=64,
+                               dropout=0.2)
+    idx, targets = batch(B=1)
+    cpu = xpmodel.GPT(config, seed=5)
+    cpu_loss = float(cpu.forward_backward(idx, targets))
+    with cuda_emulator.emulated_cuda():
+        gpu = xpmodel.GPT(config, device="cuda", seed=5)
+        gpu_loss = float(gpu.forward_backward(idx, targets))
+        assert abs(gpu_loss - cpu_loss) / cpu_loss < 1e-5
+        assert relative_error(gpu.flat_grads, cpu.flat_grads) < 1e-4
