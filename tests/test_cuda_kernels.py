@@ -220,17 +220,19 @@ def test_gelu_adds_the_bias_in_place(cp, dtype):
     assert relative_error(got, want) < TOLERANCE[dtype] * 2
 
 
-def test_layernorm_backward_writes_a_low_precision_copy_of_dx(cp):
+def test_layernorm_backward_writes_a_low_precision_copy_and_column_sums_of_dx(cp):
     from xpmodel.layers.layernorm import layernorm_backward, layernorm_forward
     rng = np.random.default_rng()
     C = 96
-    x, w = cp.asarray(rand(rng, (9, C), np.float32)), cp.asarray(rand(rng, (C,), np.float32))
+    x, w = cp.asarray(rand(rng, (40, C), np.float32)), cp.asarray(rand(rng, (C,), np.float32))
     _, cache = layernorm_forward(x, w, w, np.float16)
-    dx = cp.asarray(rand(rng, (9, C), np.float32))
-    dx_low = cp.empty((9, C), np.float16)
-    layernorm_backward(cp.asarray(rand(rng, (9, C), np.float16)), cache, w, cp.zeros(C, np.float32),
-                       cp.zeros(C, np.float32), dx=dx, dx_low=dx_low)
+    dx = cp.asarray(rand(rng, (40, C), np.float32))
+    dx_low, start = cp.empty((40, C), np.float16), rand(rng, (C,), np.float32)
+    dx_sum = cp.asarray(start)
+    layernorm_backward(cp.asarray(rand(rng, (40, C), np.float16)), cache, w, cp.zeros(C, np.float32),
+                       cp.zeros(C, np.float32), dx=dx, dx_low=dx_low, dx_sum=dx_sum)
     assert np.array_equal(to_host(dx_low), to_host(dx).astype(np.float16))
+    assert relative_error(dx_sum, start + to_host(dx).astype(np.float64).sum(axis=0)) < 1e-5
 
 
 @pytest.mark.parametrize("T", [8, 20])

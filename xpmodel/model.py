@@ -259,11 +259,22 @@ class GPT:
         emb_mask, block_caches, lnf_cache = caches
         # The residual stream's gradient dx reaches every branch unchanged;
         # in mixed precision the branches read a float16 copy of it, which
-        # each LayerNorm backward writes as it updates dx.
+        # each LayerNorm backward writes as it updates dx. A c_proj bias's
+        # gradient is the column sum of what its branch receives: without
+        # dropout on the branch, the LayerNorm backward before it sums it.
         dx_low = None if low == self.dtype else \
             self.xp.empty(dhidden.shape, dtype=low)
-        dx = layernorm_backward(dhidden, lnf_cache, P["ln_f.weight"],
-                                G["ln_f.weight"], G["ln_f.bias"], dx_low=dx_low)
+
+        def proj_bias(i, branch):
+            """(where a LayerNorm backward sums block i's `branch` c_proj bias
+            gradient, where linear_backward does): one of the two is None."""
+            mask = block_caches[i][4 if branch == "attn" else 10]
+            grad = G[f"h.{i}.{branch}.c_proj.bias"]
+            return (grad, None) if mask is None else (None, grad)
+
+        dx = layernorm_backward(dhidden, lnf_cache, P["ln_f.weight"], G["ln_f.weight"],
+                                G["ln_f.bias"], dx_low=dx_low,
+                                dx_sum=proj_bias(cfg.n_layer - 1, "mlp")[0])
         dbranch = dx if dx_low is None else dx_low
         for i in reversed(range(cfg.n_layer)):
             p = f"h.{i}."
@@ -271,21 +282,23 @@ class GPT:
              ln2, ln2_cache, h, gelu_cache, g, mlp_mask) = block_caches[i]
             dmlp_out = dropout_backward(dbranch, mlp_mask)
             dg = linear_backward(dmlp_out, g, W[p + "mlp.c_proj.weight"],
-                                 G[p + "mlp.c_proj.weight"], G[p + "mlp.c_proj.bias"])
+                                 G[p + "mlp.c_proj.weight"], proj_bias(i, "mlp")[1])
             dh = gelu_backward(dg, h, gelu_cache, dbias=G[p + "mlp.c_fc.bias"])
             dln2 = linear_backward(dh, ln2, W[p + "mlp.c_fc.weight"], G[p + "mlp.c_fc.weight"])
-            layernorm_backward(dln2, ln2_cache, P[p + "ln_2.weight"],
-                               G[p + "ln_2.weight"], G[p + "ln_2.bias"], dx=dx, dx_low=dx_low)
+            layernorm_backward(dln2, ln2_cache, P[p + "ln_2.weight"], G[p + "ln_2.weight"],
+                               G[p + "ln_2.bias"], dx=dx, dx_low=dx_low,
+                               dx_sum=proj_bias(i, "attn")[0])
 
             dattn_out = dropout_backward(dbranch, attn_mask)
             dy = linear_backward(dattn_out, y, W[p + "attn.c_proj.weight"],
-                                 G[p + "attn.c_proj.weight"], G[p + "attn.c_proj.bias"])
+                                 G[p + "attn.c_proj.weight"], proj_bias(i, "attn")[1])
             dqkv = attention_backward(dy, attn_cache, dbias=G[p + "attn.c_attn.bias"])
             dln1 = linear_backward(dqkv, ln1, W[p + "attn.c_attn.weight"],
                                    G[p + "attn.c_attn.weight"])
             layernorm_backward(dln1, ln1_cache, P[p + "ln_1.weight"],
                                G[p + "ln_1.weight"], G[p + "ln_1.bias"], dx=dx,
-                               dx_low=dx_low if i > 0 else None)
+                               dx_low=dx_low if i > 0 else None,
+                               dx_sum=proj_bias(i - 1, "mlp")[0] if i > 0 else None)
         demb = dropout_backward(dx.reshape(B, T, cfg.n_embd), emb_mask)
         embedding_backward(demb, idx, G["wte.weight"], G["wpe.weight"])
 

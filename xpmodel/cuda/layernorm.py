@@ -1,9 +1,10 @@
 """LayerNorm forward and backward kernels: one warp per row of C channels.
 
 Each lane holds its CPL = ceil(C / 32) channels of the row in registers, so
-the row is read once; C is compiled in. Backward also sums dw and db: each
-lane over its rows in registers, then the block's warps in shared memory,
-then one atomic add per block and channel.
+the row is read once; C is compiled in. Backward also sums dw and db (and,
+when asked, the column sums of dx): each lane over its rows in registers,
+then the block's warps in shared memory, then one atomic add per block and
+channel.
 """
 import numpy
 
@@ -49,12 +50,18 @@ extern "C" __global__ void layernorm_forward(const X_T* x, const W_T* w, const W
     if (lane == 0) rstd[row] = rs;
 }
 
-// dx_low, when not null, receives a copy of dx in the activations' dtype
+// dx_low, when not null, receives a copy of dx in the activations' dtype;
+// dx_sum, when not null, has the column sums of dx added into it
 extern "C" __global__ void layernorm_backward(const D_T* dout, const ACC* xhat, const ACC* rstd,
-        const W_T* w, ACC* dw, ACC* db, ACC* dx, LOW_T* dx_low, int N, int accumulate) {
+        const W_T* w, ACC* dw, ACC* db, ACC* dx, LOW_T* dx_low, ACC* dx_sum, int N, int accumulate) {
     __shared__ ACC block_dw[C];
     __shared__ ACC block_db[C];
-    for (int c = threadIdx.x; c < C; c += blockDim.x) { block_dw[c] = 0; block_db[c] = 0; }
+    __shared__ ACC block_dx_sum[C];
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        block_dw[c] = 0;
+        block_db[c] = 0;
+        block_dx_sum[c] = 0;
+    }
     __syncthreads();
     int lane = threadIdx.x % 32;
     int warps = blockDim.x / 32;
@@ -89,18 +96,25 @@ extern "C" __global__ void layernorm_backward(const D_T* dout, const ACC* xhat, 
                 ACC total = accumulate ? *target + value : value;
                 *target = total;
                 if (dx_low) store(dx_low + (long long)row * C + c, total);
+                // straight into shared memory: a third register array would
+                // halve the blocks per multiprocessor at C = 768
+                if (dx_sum) atomicAdd(block_dx_sum + c, total);
             }
         }
     }
     #pragma unroll
     for (int j = 0; j < CPL; j++) {
         int c = lane + 32 * j;
-        if (c < C) { atomicAdd(block_dw + c, lane_dw[j]); atomicAdd(block_db + c, lane_db[j]); }
+        if (c < C) {
+            atomicAdd(block_dw + c, lane_dw[j]);
+            atomicAdd(block_db + c, lane_db[j]);
+        }
     }
     __syncthreads();
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
         atomicAdd(dw + c, block_dw[c]);
         atomicAdd(db + c, block_db[c]);
+        if (dx_sum) atomicAdd(dx_sum + c, block_dx_sum[c]);
     }
 }
 """
@@ -126,14 +140,15 @@ def layernorm_forward(x, w, b, eps, out_dtype):
     return out, xhat, rstd
 
 
-def layernorm_backward(dout, xhat, rstd, w, dw, db, dx=None, dx_low=None):
+def layernorm_backward(dout, xhat, rstd, w, dw, db, dx=None, dx_low=None, dx_sum=None):
     """dout: (N, C). Adds into dw, db (C,); returns dx (N, C), added into `dx`
-    when given; `dx_low` (N, C), when given, receives a copy of the result."""
+    when given; `dx_low` (N, C), when given, receives a copy of the result, and
+    `dx_sum` (C,) its column sums."""
     cupy = _import_cupy()
     N, C = dout.shape
     acc = acc_type(xhat.dtype)
-    if dw.dtype != xhat.dtype or db.dtype != xhat.dtype:
-        raise ValueError("layernorm_backward: dw and db must have the statistics' dtype")
+    if any(g is not None and g.dtype != xhat.dtype for g in (dw, db, dx_sum)):
+        raise ValueError("layernorm_backward: dw, db and dx_sum must have the statistics' dtype")
     if dx_low is not None and not dx_low.flags.c_contiguous:
         raise ValueError("layernorm_backward: dx_low must be C-contiguous")
     kernel = raw_kernel(_SOURCE, "layernorm_backward", X_T="float", W_T=c_type(w.dtype),
@@ -147,6 +162,7 @@ def layernorm_backward(dout, xhat, rstd, w, dw, db, dx=None, dx_low=None):
     elif dx.dtype != xhat.dtype or not dx.flags.c_contiguous:
         raise ValueError("layernorm_backward: dx must be C-contiguous in the statistics' dtype")
     blocks = max(1, min((N + _WARPS - 1) // _WARPS, 2 * multiprocessor_count()))
-    kernel((blocks,), (_THREADS,), (dout, xhat, rstd, w, dw, db, dx, optional(dx_low), numpy.int32(N),
+    kernel((blocks,), (_THREADS,), (dout, xhat, rstd, w, dw, db, dx, optional(dx_low), optional(dx_sum),
+                                    numpy.int32(N),
                                     numpy.int32(accumulate)))
     return dx

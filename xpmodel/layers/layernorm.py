@@ -23,15 +23,17 @@ def layernorm_forward(x, w, b, out_dtype=None):
     return out.astype(out_dtype or x.dtype, copy=False), (xhat, rstd)
 
 
-def layernorm_backward(dout, cache, w, dw, db, dx=None, dx_low=None):
+def layernorm_backward(dout, cache, w, dw, db, dx=None, dx_low=None, dx_sum=None):
     """dout: (N, C), any float dtype. Adds into dw, db (C,); returns dx (N, C)
     in the statistics' dtype, added into `dx` when given. `dx_low` (N, C),
     when given, receives a copy of the returned dx in its own dtype (the
-    residual gradient in float16 for the matmuls that read it next)."""
+    residual gradient in float16 for the matmuls that read it next), and
+    `dx_sum` (C,) its column sums (the gradient of a bias added to the
+    residual stream)."""
     xhat, rstd = cache
     if is_cuda_array(dout):
         from ..cuda.layernorm import layernorm_backward as fused
-        return fused(dout, xhat, rstd, w, dw, db, dx, dx_low)
+        return fused(dout, xhat, rstd, w, dw, db, dx, dx_low, dx_sum)
     xp = array_module(dout)
     dout = upcast(dout)
     dw += xp.sum(dout * xhat, axis=0)
@@ -49,4 +51,6 @@ def layernorm_backward(dout, cache, w, dw, db, dx=None, dx_low=None):
         dx += dxhat
     if dx_low is not None:
         dx_low[...] = dx
+    if dx_sum is not None:
+        dx_sum += dx.sum(axis=0)
     return dx
