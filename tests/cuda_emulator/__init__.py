@@ -58,6 +58,21 @@ class EmulatedArray(numpy.ndarray):
         """The device pointer, as cupy.ndarray.data.ptr gives it."""
         return types.SimpleNamespace(ptr=self.ctypes.data)
 
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        """NumPy's ufuncs, without the warnings about NaN or overflow that CuPy never gives."""
+        plain = [x.view(numpy.ndarray) if isinstance(x, EmulatedArray) else x for x in inputs]
+        out = kwargs.get("out")
+        if out is not None:
+            kwargs["out"] = tuple(x.view(numpy.ndarray) if isinstance(x, EmulatedArray) else x
+                                  for x in out)
+        with numpy.errstate(all="ignore"):
+            result = getattr(ufunc, method)(*plain, **kwargs)
+        if out is not None:   # in place: the caller's arrays themselves, as NumPy returns them
+            return out[0] if len(out) == 1 else out
+        if isinstance(result, tuple):
+            return tuple(r.view(EmulatedArray) if isinstance(r, numpy.ndarray) else r for r in result)
+        return result.view(EmulatedArray) if isinstance(result, numpy.ndarray) else result
+
     @property
     def device(self):
         return types.SimpleNamespace(id=0)

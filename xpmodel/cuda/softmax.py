@@ -20,7 +20,14 @@ _THREADS = 256
 _WARPS = _THREADS // 32
 
 _SOURCE = r"""
-extern "C" __global__ void causal_softmax_forward(const S_T* scores, P_T* probs, long long R, int T) {
+// probabilities past the last visible key are written as zeros up to the end
+// of the query's block of key_block keys: the products read no further
+__device__ __forceinline__ int zeros_end(int last, int T, int key_block) {
+    int end = (last / key_block + 1) * key_block;
+    return end < T ? end : T;
+}
+extern "C" __global__ void causal_softmax_forward(const S_T* scores, P_T* probs, long long R, int T,
+        int key_block) {
     long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= R) return;
@@ -43,11 +50,11 @@ extern "C" __global__ void causal_softmax_forward(const S_T* scores, P_T* probs,
     ACC inv = (ACC)1 / l;
     P_T* p = probs + row * T;
     for (int j = lane; j <= last; j += 32) store(p + j, EXP((ACC)load(s + j) - m) * inv);
-    for (int j = last + 1 + lane; j < T; j += 32) store(p + j, (ACC)0);
+    for (int j = last + 1 + lane; j < zeros_end(last, T, key_block); j += 32) store(p + j, (ACC)0);
 }
 
 extern "C" __global__ void causal_softmax_backward(const S_T* dprobs, const P_T* probs, D_T* dscores,
-        long long R, int T) {
+        long long R, int T, int key_block) {
     long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= R) return;
@@ -59,13 +66,20 @@ extern "C" __global__ void causal_softmax_backward(const S_T* dprobs, const P_T*
     dot = warp_sum(dot);
     D_T* ds = dscores + row * T;
     for (int j = lane; j <= last; j += 32) store(ds + j, (ACC)load(p + j) * ((ACC)load(dp + j) - dot));
-    for (int j = last + 1 + lane; j < T; j += 32) store(ds + j, (ACC)0);
+    for (int j = last + 1 + lane; j < zeros_end(last, T, key_block); j += 32) store(ds + j, (ACC)0);
 }
 """
 
 _F16_SOURCE = r"""
+// probabilities past the last visible key are written as zeros up to the end
+// of the query's block of key_block keys: the products read no further
+__device__ __forceinline__ int zeros_end(int last, int T, int key_block) {
+    int end = (last / key_block + 1) * key_block;
+    return end < T ? end : T;
+}
 // float16 rows of T = 8 * vectors; lane l holds vectors l, l + 32, ... (VPL of them)
-extern "C" __global__ void causal_softmax_forward_f16(const f16* scores, f16* probs, long long R, int T) {
+extern "C" __global__ void causal_softmax_forward_f16(const f16* scores, f16* probs, long long R, int T,
+        int key_block) {
     long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= R) return;
@@ -99,7 +113,7 @@ extern "C" __global__ void causal_softmax_forward_f16(const f16* scores, f16* pr
     #pragma unroll
     for (int k = 0; k < VPL; k++) {
         int i = lane + 32 * k;
-        if (i >= vectors) continue;
+        if (8 * i >= zeros_end(last, T, key_block)) continue;
         if (8 * i <= last) {
             unpack8(v[k], h);
             #pragma unroll
@@ -112,7 +126,7 @@ extern "C" __global__ void causal_softmax_forward_f16(const f16* scores, f16* pr
 }
 
 extern "C" __global__ void causal_softmax_backward_f16(const f16* dprobs, const f16* probs,
-        f16* dscores, long long R, int T) {
+        f16* dscores, long long R, int T, int key_block) {
     long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= R) return;
@@ -138,7 +152,7 @@ extern "C" __global__ void causal_softmax_backward_f16(const f16* dprobs, const 
     #pragma unroll
     for (int k = 0; k < VPL; k++) {
         int i = lane + 32 * k;
-        if (i >= vectors) continue;
+        if (8 * i >= zeros_end(last, T, key_block)) continue;
         if (8 * i <= last) {
             unpack8(dv[k], d);
             unpack8(pv[k], h);
@@ -164,13 +178,22 @@ def _f16_vectors_per_lane(T, *arrays):
     return per_lane
 
 
+def _key_block(T, key_block):
+    """key_block as the kernels take it: whole rows unless a block of a
+    multiple of 8 keys (the vector width) was asked for."""
+    return key_block if key_block and key_block % 8 == 0 else T
+
+
 def _warp_per_row(R):
     """(grid, block) giving each of R rows one warp."""
     return ((R + _WARPS - 1) // _WARPS,), (_THREADS,)
 
 
-def causal_softmax_forward(scores, out_dtype):
-    """scores: (..., T, T) -> probabilities (scores' shape) in out_dtype."""
+def causal_softmax_forward(scores, out_dtype, key_block=None):
+    """scores: (..., T, T) -> probabilities (scores' shape) in out_dtype.
+
+    key_block: the future part of a row is written (as zeros) only up to the
+    end of its query's block of key_block keys; None: to the end of the row."""
     cupy = _import_cupy()
     scores = cupy.ascontiguousarray(scores)
     T = scores.shape[-1]
@@ -182,12 +205,13 @@ def causal_softmax_forward(scores, out_dtype):
     else:
         kernel = raw_kernel(_SOURCE, "causal_softmax_forward", S_T=c_type(scores.dtype),
                             P_T=c_type(out_dtype), D_T="float", ACC=acc_type(scores.dtype))
-    kernel(*_warp_per_row(R), (scores, probs, numpy.int64(R), numpy.int32(T)))
+    kernel(*_warp_per_row(R), (scores, probs, numpy.int64(R), numpy.int32(T),
+                               numpy.int32(_key_block(T, key_block))))
     return probs
 
 
-def causal_softmax_backward(dprobs, probs, out_dtype):
-    """dprobs, probs: (..., T, T) -> dscores in out_dtype."""
+def causal_softmax_backward(dprobs, probs, out_dtype, key_block=None):
+    """dprobs, probs: (..., T, T) -> dscores in out_dtype (key_block: as forward's)."""
     cupy = _import_cupy()
     dprobs, probs = cupy.ascontiguousarray(dprobs), cupy.ascontiguousarray(probs)
     T = probs.shape[-1]
@@ -200,5 +224,6 @@ def causal_softmax_backward(dprobs, probs, out_dtype):
         kernel = raw_kernel(_SOURCE, "causal_softmax_backward", S_T=c_type(dprobs.dtype),
                             P_T=c_type(probs.dtype), D_T=c_type(out_dtype),
                             ACC=acc_type(dprobs.dtype))
-    kernel(*_warp_per_row(R), (dprobs, probs, dscores, numpy.int64(R), numpy.int32(T)))
+    kernel(*_warp_per_row(R), (dprobs, probs, dscores, numpy.int64(R), numpy.int32(T),
+                               numpy.int32(_key_block(T, key_block))))
     return dscores

@@ -35,13 +35,17 @@ def _causal_mask(xp, T, dtype):
     return _causal_masks[key]
 
 
-def causal_softmax_forward(scores, out_dtype=None):
+def causal_softmax_forward(scores, out_dtype=None, key_block=None):
     """scores: (..., T, T) -> probabilities with future positions masked out,
-    in out_dtype (default scores'). Works in place on NumPy `scores`."""
+    in out_dtype (default scores'). Works in place on NumPy `scores`.
+
+    key_block (CUDA): the future part of a row is only written (as zeros) up
+    to the end of its query's block of key_block keys, the part the chunked
+    products read; NumPy writes whole rows."""
     out_dtype = out_dtype or scores.dtype
     if is_cuda_array(scores):
         from ..cuda.softmax import causal_softmax_forward as fused
-        return fused(scores, out_dtype)
+        return fused(scores, out_dtype, key_block)
     xp = array_module(scores)
     scores += _causal_mask(xp, scores.shape[-1], scores.dtype)
     scores -= scores.max(axis=-1, keepdims=True)
@@ -50,16 +54,16 @@ def causal_softmax_forward(scores, out_dtype=None):
     return probs.astype(out_dtype, copy=False)
 
 
-def causal_softmax_backward(dprobs, probs, out_dtype=None):
+def causal_softmax_backward(dprobs, probs, out_dtype=None, key_block=None):
     """dprobs, probs: (..., T, T); returns dscores in out_dtype
-    (default dprobs'), in place on NumPy `dprobs`.
+    (default dprobs'), in place on NumPy `dprobs`; key_block as forward's.
 
     Masked positions have probability 0, so their gradient is 0 too.
     """
     out_dtype = out_dtype or dprobs.dtype
     if is_cuda_array(dprobs):
         from ..cuda.softmax import causal_softmax_backward as fused
-        return fused(dprobs, probs, out_dtype)
+        return fused(dprobs, probs, out_dtype, key_block)
     dprobs, probs = upcast(dprobs), upcast(probs)
     dot = (dprobs * probs).sum(axis=-1, keepdims=True)
     dprobs -= dot
@@ -102,7 +106,7 @@ def attention_forward(qkv, n_head, dropout_p=0.0, rng=None, bias=None):
     scores = xp.empty(q.shape[:-1] + (T,), dtype=_score_dtype(qkv))  # (B, H, T, T)
     for rows, keys in blocks:
         matmul(q[:, :, rows], k[:, :, keys], transpose_b=True, out=scores[:, :, rows, keys])
-    probs = causal_softmax_forward(scores, out_dtype=qkv.dtype)
+    probs = causal_softmax_forward(scores, out_dtype=qkv.dtype, key_block=blocks[0][0].stop)
     probs_used, drop_mask = dropout_forward(probs, dropout_p, rng)
     y = xp.empty_like(q)                                             # (B, H, T, D)
     for rows, keys in blocks:
@@ -145,7 +149,8 @@ def attention_backward(dy, cache, dbias=None):
     for rows, keys in blocks:
         matmul(dy[:, :, rows], v[:, :, keys], transpose_b=True, out=dprobs[:, :, rows, keys])
     dprobs = dropout_backward(dprobs, drop_mask)
-    dscores = causal_softmax_backward(dprobs, probs, out_dtype=heads.dtype)
+    dscores = causal_softmax_backward(dprobs, probs, out_dtype=heads.dtype,
+                                      key_block=blocks[0][0].stop)
     for rows, keys in blocks:
         matmul(dscores[:, :, rows, keys], k[:, :, keys], out=dq[:, :, rows], alpha=1.0 / math.sqrt(D))
         later = slice(rows.start, T)
