@@ -8,7 +8,9 @@ thread, real block and warp barriers) in place of nvcc, and launched through
 ctypes. The two cuBLAS calls of the matrix products are emulated from the
 pointers, leading dimensions and strides they are given (cublas.py).
 
-Every array this module allocates sits between two canary regions filled
+Kernels are compiled with UndefinedBehaviorSanitizer checks: an index past a
+register array or a signed overflow fails the launch (a misaligned 16-byte
+load is logged, then usually crashes the process). Every array this module allocates sits between two canary regions filled
 with a signalling NaN of its dtype (-2 for integers). A kernel that writes
 outside an argument's bytes is reported after its launch (arithmetic on a
 signalling NaN gives a quiet one, so even a value computed from a canary
@@ -21,6 +23,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import types
 import weakref
@@ -31,6 +34,14 @@ import numpy
 from . import cublas
 
 HEADER = Path(__file__).with_name("emulator.h")
+CACHE = Path(tempfile.gettempdir()) / f"xpmodel-cuda-emulator-{os.getuid()}"
+# Kernels are built with UndefinedBehaviorSanitizer checks (misaligned vector
+# loads, indexes past a fixed-size array, null pointers, signed overflow). Its
+# reports go to stderr, which each launch captures. (A misaligned 16-byte load
+# is reported and then usually faults as an aligned SSE load: the test process
+# dies, loudly.)
+SANITIZE = ["-fsanitize=alignment,bounds,null,shift,signed-integer-overflow",
+            "-fsanitize-recover=all"]
 CANARY_BYTES = 256          # also the alignment of every allocation, as cudaMalloc's
 MULTIPROCESSORS = 4         # small, so grids sized per multiprocessor stay quick to emulate
 
@@ -189,17 +200,17 @@ def _build(code, name):
         f'extern "C" int xpemu_launch(const unsigned* grid, const unsigned* block, void** args,'
         f' const int* sizes, int n_args, char* message, int message_size) {{'
         f' return xpemu::launch(&{name}, grid, block, args, sizes, n_args, message, message_size); }}'])
-    digest = hashlib.sha256(source.encode()).hexdigest()[:24]
-    cache = Path(tempfile.gettempdir()) / f"xpmodel-cuda-emulator-{os.getuid()}"
-    cache.mkdir(exist_ok=True)
-    library = cache / f"{name}-{digest}.so"
+    digest = hashlib.sha256((source + " ".join(SANITIZE)).encode()).hexdigest()[:24]
+    CACHE.mkdir(exist_ok=True)
+    library = CACHE / f"{name}-{digest}.so"
     if not library.exists():
-        source_path = cache / f"{name}-{digest}-{os.getpid()}.cpp"
+        source_path = CACHE / f"{name}-{digest}-{os.getpid()}.cpp"
         source_path.write_text(source)
-        partial = cache / f"{name}-{digest}-{os.getpid()}.so"
+        partial = CACHE / f"{name}-{digest}-{os.getpid()}.so"
         result = subprocess.run(
-            [compiler(), "-std=c++20", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas",
-             "-o", str(partial), str(source_path)], capture_output=True, text=True)
+            [compiler(), "-std=c++20", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas", *SANITIZE,
+             "-o", str(partial), str(source_path)],
+            capture_output=True, text=True)
         source_path.unlink()
         if result.returncode != 0:
             raise RuntimeError(f"kernel {name} does not compile:\n{result.stderr[-4000:]}")
@@ -231,10 +242,28 @@ class RawKernel:
         pointers = (ctypes.c_void_p * max(n, 1))(*[ctypes.addressof(v) for v in values])
         sizes = (ctypes.c_int * max(n, 1))(*[ctypes.sizeof(v) for v in values])
         message = ctypes.create_string_buffer(512)
-        status = self._launch(_dims(grid), _dims(block), pointers, sizes, n, message, 512)
+        status, reports = _capturing_stderr(
+            lambda: self._launch(_dims(grid), _dims(block), pointers, sizes, n, message, 512))
         if status:
             raise RuntimeError(f"kernel {self.name}: {message.value.decode()}")
+        if "runtime error:" in reports:
+            raise AssertionError(f"kernel {self.name}: undefined behaviour\n{reports[:2000]}")
         _check_canaries(self.name)
+
+
+def _capturing_stderr(call):
+    """(call(), what was written to file descriptor 2 meanwhile)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            result = call()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        capture.seek(0)
+        return result, capture.read().decode(errors="replace")
 
 
 def _dims(dims):
@@ -363,8 +392,6 @@ def __getattr__(name):
 @contextlib.contextmanager
 def emulated_cuda():
     """xpmodel's CUDA path on this module, with fresh kernel and device caches."""
-    import sys
-
     from xpmodel import backend
     from xpmodel.cuda import compile as kernels, gemm
     from xpmodel.layers import matmul

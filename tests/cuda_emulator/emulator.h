@@ -54,7 +54,7 @@ template <class T> inline T atomicMax(T* p, T v) { T old = *p; *p = old < v ? v 
 
 namespace xpemu {
 
-constexpr size_t STACK_BYTES = 128 * 1024;
+constexpr size_t STACK_BYTES = 1024 * 1024;   // the sanitizer runtime reports on the fiber's stack
 
 enum class Wait { none, block, warp, done };
 

@@ -1,0 +1,95 @@
+"""The CPU emulator of the CUDA kernels (tests/cuda_emulator) on small kernels
+written to break a rule: it must report what a GPU would get wrong or hang on,
+since the kernel tests rely on it where there is no GPU."""
+import numpy as np
+import pytest
+
+import cuda_emulator
+from xpmodel.cuda.compile import F16_CONVERSIONS
+
+pytestmark = pytest.mark.skipif(cuda_emulator.compiler() is None, reason="the CUDA emulator needs g++")
+
+
+def kernel(source, name):
+    return cuda_emulator.RawKernel(F16_CONVERSIONS + source, name)
+
+
+def test_warp_shuffles_and_block_barriers_compute_like_a_gpu():
+    source = r"""
+    extern "C" __global__ void block_sum(const float* x, float* out) {
+        __shared__ float partial[32];
+        float v = x[blockIdx.x * blockDim.x + threadIdx.x];
+        for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+        if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float total = 0;
+            for (int w = 0; w < blockDim.x / 32; w++) total += partial[w];
+            out[blockIdx.x] = total;
+        }
+    }
+    """
+    x = cuda_emulator.asarray(np.random.default_rng(0).standard_normal(3 * 128).astype(np.float32))
+    out = cuda_emulator.zeros(3, np.float32)
+    kernel(source, "block_sum")((3,), (128,), (x, out))
+    assert np.allclose(out.get(), x.get().reshape(3, 128).sum(axis=1), rtol=1e-5)
+
+
+def test_a_barrier_some_threads_never_reach_is_a_deadlock():
+    source = r"""
+    extern "C" __global__ void early_exit(float* x) {
+        if (threadIdx.x == 5) return;
+        __syncthreads();
+        x[threadIdx.x] = 1;
+    }
+    """
+    with pytest.raises(RuntimeError, match="deadlock: __syncthreads"):
+        kernel(source, "early_exit")((1,), (64,), (cuda_emulator.zeros(64, np.float32),))
+
+
+def test_a_shuffle_half_a_warp_skips_is_a_deadlock():
+    source = r"""
+    extern "C" __global__ void half_warp(float* x) {
+        float v = x[threadIdx.x];
+        if (threadIdx.x < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);
+        x[threadIdx.x] = v;
+    }
+    """
+    with pytest.raises(RuntimeError, match="deadlock: a warp shuffle"):
+        kernel(source, "half_warp")((1,), (32,), (cuda_emulator.zeros(32, np.float32),))
+
+
+def test_a_write_past_an_array_is_reported():
+    source = r"""
+    extern "C" __global__ void one_past(float* x, int n) {
+        int i = blockIdx.x * blockDim.x + threadIdx.x;
+        if (i <= n) x[i] = 0.5f;
+    }
+    """
+    with pytest.raises(AssertionError, match="wrote outside"):
+        kernel(source, "one_past")((1,), (64,), (cuda_emulator.zeros(10, np.float32), np.int32(10)))
+
+
+def test_undefined_behaviour_is_reported():
+    source = r"""
+    extern "C" __global__ void past_a_register_array(float* x, int n) {
+        float v[4] = {1, 2, 3, 4};
+        float s = 0;
+        for (int i = 0; i <= n; i++) s += v[i];
+        x[threadIdx.x] = s;
+    }
+    """
+    with pytest.raises(AssertionError, match="undefined behaviour"):
+        kernel(source, "past_a_register_array")((1,), (32,), (cuda_emulator.zeros(32, np.float32),
+                                                               np.int32(4)))
+
+
+def test_arguments_must_match_the_kernel_parameters():
+    source = r"""
+    extern "C" __global__ void takes_an_int(float* x, int n) { if (threadIdx.x < n) x[threadIdx.x] = 1; }
+    """
+    x = cuda_emulator.zeros(32, np.float32)
+    with pytest.raises(RuntimeError, match="argument 1 is 8 bytes, the kernel takes 4"):
+        kernel(source, "takes_an_int")((1,), (32,), (x, np.int64(32)))
+    with pytest.raises(TypeError, match="None as a kernel argument"):
+        kernel(source, "takes_an_int")((1,), (32,), (None, np.int32(32)))
