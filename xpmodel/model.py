@@ -7,6 +7,7 @@ The residual stream is kept as an (N, C) matrix so every projection is a
 """
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy
 
@@ -26,6 +27,21 @@ from .params import FlatLayout, parameter_shapes
 # Logits evaluated at once, as (rows, V) elements: ~16 MB in fp32 keeps a CPU
 # chunk in cache; a GPU wants few, large launches (~512 MB of fp32 logits).
 _LOGIT_ELEMENTS_PER_CHUNK = {"cpu": 1 << 22, "cuda": 1 << 27}
+
+
+class BlockCache(NamedTuple):
+    """What one transformer block's backward reads from its forward."""
+    ln1: object
+    ln1_cache: object
+    y: object
+    attn_cache: object
+    attn_mask: object
+    ln2: object
+    ln2_cache: object
+    h: object
+    gelu_cache: object
+    g: object
+    mlp_mask: object
 
 
 @dataclass(frozen=True)
@@ -246,8 +262,8 @@ class GPT:
             mlp_branch = matmul(g, W[p + "mlp.c_proj.weight"])
             mlp_mask = dropout_mask(mlp_branch, p_drop, rng)
             x = residual_forward(x, mlp_branch, W[p + "mlp.c_proj.bias"], mlp_mask)
-            block_caches.append((ln1, ln1_cache, y, attn_cache, attn_mask,
-                                 ln2, ln2_cache, h, gelu_cache, g, mlp_mask))
+            block_caches.append(BlockCache(ln1, ln1_cache, y, attn_cache, attn_mask,
+                                           ln2, ln2_cache, h, gelu_cache, g, mlp_mask))
         hidden, lnf_cache = layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"], low)
         return hidden, (emb_mask, block_caches, lnf_cache)
 
@@ -268,7 +284,7 @@ class GPT:
         def proj_bias(i, branch):
             """(where a LayerNorm backward sums block i's `branch` c_proj bias
             gradient, where linear_backward does): one of the two is None."""
-            mask = block_caches[i][4 if branch == "attn" else 10]
+            mask = getattr(block_caches[i], branch + "_mask")
             grad = G[f"h.{i}.{branch}.c_proj.bias"]
             return (grad, None) if mask is None else (None, grad)
 

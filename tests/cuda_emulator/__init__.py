@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy
 
+from xpmodel.cuda.compile import F16_CONVERSIONS as _GPU_F16_CONVERSIONS
+
 from . import cublas
 
 HEADER = Path(__file__).with_name("emulator.h")
@@ -414,11 +416,3 @@ def emulated_cuda():
             del sys.modules["cupyx"]
         else:
             sys.modules["cupyx"] = saved_cupyx
-
-
-def _gpu_f16_conversions():
-    from xpmodel.cuda.compile import F16_CONVERSIONS
-    return F16_CONVERSIONS
-
-
-_GPU_F16_CONVERSIONS = _gpu_f16_conversions()

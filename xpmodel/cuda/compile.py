@@ -69,6 +69,7 @@ __device__ __forceinline__ double warp_max(double x) {
 }
 """
 
+
 def optional(array):
     """A kernel argument for a pointer that may be null: the array, or 8 zero
     bytes when it is None (CuPy 13 does not pass None as a null pointer)."""
