@@ -92,6 +92,30 @@ def test_fp16_training_follows_the_fp32_loss_curve(device):
     np.testing.assert_allclose(curves["fp16"], curves["fp32"], rtol=2e-2)
 
 
+def test_fp16_gradients_with_heads_of_64_dimensions(device, monkeypatch):
+    """Heads of 64 dimensions and T = 64: on CUDA, attention runs on the
+    tensor-core kernels of xpmodel/cuda/flash.py (checked by counting)."""
+    from xpmodel.cuda import flash
+    config = xpmodel.GPTConfig(vocab_size=96, block_size=64, n_layer=2, n_head=2, n_embd=128)
+    rng = np.random.default_rng(11)
+    idx = rng.integers(0, config.vocab_size, (2, 64))
+    targets = np.roll(idx, -1, axis=1)
+    reference = xpmodel.GPT(config, dtype="float64", seed=5)
+    ref_loss = float(reference.forward_backward(idx, targets))
+    calls, original = [], flash.flash_forward
+
+    def counted(heads):
+        calls.append(heads.shape)
+        return original(heads)
+    monkeypatch.setattr(flash, "flash_forward", counted)
+    model = xpmodel.GPT(config, device=device, seed=5, precision="fp16")
+    loss = float(model.forward_backward(idx, targets, scale=256.0))
+    model.flat_grads *= 1.0 / 256.0
+    assert len(calls) == (config.n_layer if device == "cuda" else 0)
+    assert abs(loss - ref_loss) / ref_loss < 5e-3
+    assert relative_error(model.flat_grads, reference.flat_grads) < 3e-2
+
+
 def test_loss_scaling_recovers_from_an_injected_overflow(device):
     model = xpmodel.GPT(CONFIG, device=device, seed=1, precision="fp16")
     scaler = xpmodel.LossScaler(scale=2.0 ** 12, growth_interval=3)

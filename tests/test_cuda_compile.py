@@ -42,6 +42,11 @@ def kernels_of_a_pass(cp, C, V, T, low):
     probs = causal_softmax_forward(cp.ones((1, 1, T, T), low), low)
     causal_softmax_backward(probs, probs, low)
     crossentropy_fused(cp.ones((2, V), low), cp.asarray(np.array([0, V - 1])), cp.asarray(0.5))
+    if low == np.float16:
+        from xpmodel.cuda.flash import flash_backward, flash_forward
+        heads = cp.ones((3, 1, 1, 64, 64), low)
+        out, lse = flash_forward(heads)
+        flash_backward(out, heads, out, lse, 0.125)
 
 
 def every_kernel_variant():
@@ -63,7 +68,8 @@ def test_every_kernel_compiles_without_spills(arch):
     assert {"layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward",
             "causal_softmax_forward", "causal_softmax_backward", "crossentropy",
             "crossentropy_rows", "residual_add", "split_heads", "causal_softmax_forward_f16",
-            "causal_softmax_backward_f16", "merge_heads"} <= names
+            "causal_softmax_backward_f16", "merge_heads", "flash_forward", "flash_delta",
+            "flash_backward", "flash_dq_store"} <= names
     for code, names in variants.items():
         name = "/".join(sorted(names))
         ok, log = nvrtc.compile_kernel(NVRTC, code, arch)

@@ -259,6 +259,48 @@ def test_attention_in_causal_query_chunks_matches_numpy(cp, T, dropout, monkeypa
     assert relative_error(g_dbias, dqkv.sum(axis=0)) < 1e-5
 
 
+@pytest.mark.parametrize("B,H,T", [(1, 2, 128), (2, 1, 64)])
+def test_flash_attention_matches_float64(cp, B, H, T):
+    """Float16 heads of 64 dimensions take the tensor-core kernels: output and
+    the gradients of q, k, v and the c_attn bias against float64 NumPy on the
+    same float16 inputs. T = 128 has a tile of queries that sees two key
+    tiles, the first whole and the second (the diagonal) masked."""
+    from xpmodel.layers import attention
+    rng = np.random.default_rng()
+    D = 64
+    qkv = rand(rng, (B, T, 3 * H * D), np.float16)
+    bias = rand(rng, (3 * H * D,), np.float16, 0.1)
+    dy = rand(rng, (B * T, H * D), np.float16)
+    y, cache = attention.attention_forward(qkv.astype(np.float64), H, bias=bias.astype(np.float64))
+    dqkv = attention.attention_backward(dy.astype(np.float64), cache)
+    g_y, g_cache = attention.attention_forward(cp.asarray(qkv), H, bias=cp.asarray(bias))
+    assert isinstance(g_cache, attention.FlashCache)
+    g_dbias = cp.zeros(3 * H * D, np.float32)
+    g_dqkv = attention.attention_backward(cp.asarray(dy), g_cache, dbias=g_dbias)
+    assert g_y.dtype == np.float16 and g_dqkv.dtype == np.float16
+    assert relative_error(g_y, y) < 2e-3
+    for part in range(3):   # q, k, v
+        columns = slice(part * H * D, (part + 1) * H * D)
+        assert relative_error(g_dqkv[:, columns], dqkv[:, columns]) < 5e-3, "qkv"[part]
+    assert relative_error(g_dbias, dqkv.sum(axis=0)) < 5e-3
+    lse = to_host(g_cache.lse).astype(np.float64)                    # (B, H, T)
+    heads = cache.heads
+    scores = np.einsum("bhqd,bhkd->bhqk", heads[0], heads[1])
+    scores = np.where(np.tri(T, dtype=bool), scores, -np.inf)
+    top = scores.max(axis=-1)
+    assert np.abs(lse - (top + np.log(np.exp(scores - top[..., None]).sum(axis=-1)))).max() < 1e-2
+
+
+def test_flash_attention_serves_only_its_shapes(cp):
+    from xpmodel.layers import attention
+    rng = np.random.default_rng()
+    for dtype, D, T, dropout in [(np.float32, 64, 64, 0.0), (np.float16, 32, 64, 0.0),
+                                 (np.float16, 64, 72, 0.0), (np.float16, 64, 64, 0.1)]:
+        qkv = cp.asarray(rand(rng, (1, T, 3 * D), dtype))
+        _, cache = attention.attention_forward(qkv, 1, dropout, cp.random.default_rng(0))
+        assert isinstance(cache, attention.SoftmaxCache), (dtype, D, T, dropout)
+
+
 def test_vector_kernels_fall_back_on_unaligned_rows(cp):
     """A C-contiguous view that starts 2 bytes into its buffer cannot take the
     16-byte vector kernels; the general ones give the same results."""

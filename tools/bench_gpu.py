@@ -3,7 +3,8 @@ PyTorch eager with AMP fp16, and torch.compile when it works, alternating in
 one process on the same GPU.
 
 A step is zero-grad, forward, backward, global-norm clip and AdamW on random
-tokens. Prints tokens/s (B*T / median step time), MFU against the GPU's dense
+tokens. The PyTorch model is laid out as torch.nn's GPT-2 would be ((out, in)
+linear weights, scaled_dot_product_attention, fused AdamW). Prints tokens/s (B*T / median step time), MFU against the GPU's dense
 fp16 peak, peak GPU memory in use by each side (arrays / tensors, not what
 the caching allocators hold) and the ratios.
 
@@ -51,15 +52,18 @@ def torch_step(config, B, device, precision, compiled):
     import torch
     import xpmodel
     from torch_gpt import torch_adamw, torch_loss, torch_params
-    params = torch_params(xpmodel.GPT(config, seed=0).state_arrays(), device=device)
-    opt = torch_adamw(params, 3e-4, (0.9, 0.95), 1e-8, 0.1)
+    # as a torch.nn GPT-2 runs: (out, in) linear weights (one addmm with the
+    # bias), fused scaled-dot-product attention, the fused AdamW on CUDA
+    params = torch_params(xpmodel.GPT(config, seed=0).state_arrays(), device=device, out_in=True)
+    opt = torch_adamw(params, 3e-4, (0.9, 0.95), 1e-8, 0.1, fused=device.startswith("cuda") or None)
     scaler = torch.amp.GradScaler(device) if precision == "fp16" else None
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g).to(device)
     targets = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g).to(device)
 
     def loss_fn(idx, targets):
-        return torch_loss(params, idx, targets, config.n_layer, config.n_head, fused_attention=True)
+        return torch_loss(params, idx, targets, config.n_layer, config.n_head, fused_attention=True,
+                          out_in=True)
     if compiled:
         loss_fn = torch.compile(loss_fn)
 

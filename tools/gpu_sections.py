@@ -78,6 +78,14 @@ def main():
     def attention_pair():
         y, cache = attention.attention_forward(qkv, H, bias=qkv_bias)
         attention.attention_backward(y, cache)
+
+    def attention_pair_tt():   # the path through T x T scores, for comparison
+        from xpmodel.cuda import flash
+        applies, flash.flash_applies = flash.flash_applies, lambda heads, dropout_p: False
+        try:
+            attention_pair()
+        finally:
+            flash.flash_applies = applies
     scores = g.standard_normal((B, H, T, T), dtype=np.float32).astype(low)   # as the model keeps them
 
     def softmax_pair():
@@ -99,6 +107,7 @@ def main():
         crossentropy.crossentropy_fused(logits_in.copy(), tgt, 1.0)
     per_layer = {"layernorm fwd+bwd (x2 per layer)": timed(ln), "gelu fwd+bwd": timed(gelu_pair),
                  "attention fwd+bwd (core, no projections)": timed(attention_pair),
+                 "  the same through T x T scores": timed(attention_pair_tt),
                  "  of which causal softmax fwd+bwd": timed(softmax_pair),
                  "mlp c_fc linear fwd+bwd": timed(fc_pair),
                  f"cross-entropy fused, one chunk of {rows_per_chunk} rows (+copy)": timed(xent)}

@@ -7,14 +7,22 @@ import torch
 import torch.nn.functional as F
 
 
-def torch_params(arrays, dtype=torch.float32, device="cpu"):
-    """name -> leaf tensor requiring grad, from name -> NumPy array."""
-    return {name: torch.tensor(value, dtype=dtype, device=device).requires_grad_(True)
+def torch_params(arrays, dtype=torch.float32, device="cpu", out_in=False):
+    """name -> leaf tensor requiring grad, from name -> NumPy array. With
+    out_in, the linear layers' weights are stored transposed, (out, in), as
+    torch.nn.Linear keeps them (torch_forward then needs out_in too)."""
+    def layout(name, value):
+        linear = out_in and value.ndim == 2 and name.startswith("h.")
+        return value.T.copy() if linear else value
+    return {name: torch.tensor(layout(name, value), dtype=dtype, device=device).requires_grad_(True)
             for name, value in arrays.items()}
 
 
-def torch_forward(params, idx, n_layer, n_head, dropout=0.0, training=False, fused_attention=False):
-    """idx: (B, T) LongTensor -> logits (B, T, V)."""
+def torch_forward(params, idx, n_layer, n_head, dropout=0.0, training=False, fused_attention=False,
+                  out_in=False):
+    """idx: (B, T) LongTensor -> logits (B, T, V). out_in: the linear weights
+    are (out, in), applied as torch.nn.Linear applies them (one addmm with
+    the bias)."""
     B, T = idx.shape
     P = params
     x = P["wte.weight"][idx] + P["wpe.weight"][:T]
@@ -22,10 +30,15 @@ def torch_forward(params, idx, n_layer, n_head, dropout=0.0, training=False, fus
     C = x.shape[-1]
     D = C // n_head
     mask = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+
+    def linear(h, name):
+        if out_in:
+            return F.linear(h, P[name + ".weight"], P[name + ".bias"])
+        return h @ P[name + ".weight"] + P[name + ".bias"]
     for i in range(n_layer):
         p = f"h.{i}."
         h = F.layer_norm(x, (C,), P[p + "ln_1.weight"], P[p + "ln_1.bias"], eps=1e-5)
-        qkv = h @ P[p + "attn.c_attn.weight"] + P[p + "attn.c_attn.bias"]
+        qkv = linear(h, p + "attn.c_attn")
         q, k, v = (t.view(B, T, n_head, D).transpose(1, 2) for t in qkv.split(C, dim=2))
         if fused_attention:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
@@ -36,12 +49,10 @@ def torch_forward(params, idx, n_layer, n_head, dropout=0.0, training=False, fus
             att = F.dropout(att, dropout, training)
             y = att @ v
         y = y.transpose(1, 2).reshape(B, T, C)
-        x = x + F.dropout(y @ P[p + "attn.c_proj.weight"] + P[p + "attn.c_proj.bias"],
-                          dropout, training)
+        x = x + F.dropout(linear(y, p + "attn.c_proj"), dropout, training)
         h = F.layer_norm(x, (C,), P[p + "ln_2.weight"], P[p + "ln_2.bias"], eps=1e-5)
-        h = F.gelu(h @ P[p + "mlp.c_fc.weight"] + P[p + "mlp.c_fc.bias"], approximate="tanh")
-        x = x + F.dropout(h @ P[p + "mlp.c_proj.weight"] + P[p + "mlp.c_proj.bias"],
-                          dropout, training)
+        h = F.gelu(linear(h, p + "mlp.c_fc"), approximate="tanh")
+        x = x + F.dropout(linear(h, p + "mlp.c_proj"), dropout, training)
     x = F.layer_norm(x, (C,), P["ln_f.weight"], P["ln_f.bias"], eps=1e-5)
     return x @ P["wte.weight"].T
 
@@ -52,10 +63,11 @@ def torch_loss(params, idx, targets, n_layer, n_head, **kwargs):
                            ignore_index=-1)
 
 
-def torch_adamw(params, lr, betas, eps, weight_decay):
-    """AdamW with decay on matrices only, as xpmodel groups its parameters."""
+def torch_adamw(params, lr, betas, eps, weight_decay, fused=None):
+    """AdamW with decay on matrices only, as xpmodel groups its parameters;
+    fused: PyTorch's one-kernel CUDA implementation."""
     decay = [t for t in params.values() if t.dim() >= 2]
     no_decay = [t for t in params.values() if t.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr, betas=betas, eps=eps)
+                             lr=lr, betas=betas, eps=eps, fused=fused)

@@ -175,7 +175,9 @@ def scatter_add_rows(target, index, rows):
         starts = numpy.flatnonzero(numpy.r_[True, sorted_index[1:] != sorted_index[:-1]])
         sums = numpy.add.reduceat(rows[order], starts, axis=0)
         target[sorted_index[starts]] += sums.astype(target.dtype, copy=False)
-    else:
+    elif hasattr(xp.add, "at"):   # CuPy 14 (its cupyx.scatter_add is deprecated)
+        xp.add.at(target, index, rows.astype(target.dtype, copy=False))
+    else:                          # CuPy 13
         import cupyx
         cupyx.scatter_add(target, index, rows.astype(target.dtype, copy=False))
 

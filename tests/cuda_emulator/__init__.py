@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy
 
 from xpmodel.cuda.compile import F16_CONVERSIONS as _GPU_F16_CONVERSIONS
+from xpmodel.cuda.compile import MMA_16816 as _GPU_MMA_16816
 
 from . import cublas
 
@@ -52,6 +53,31 @@ EMULATED_F16_CONVERSIONS = r"""
 typedef unsigned short f16;
 inline float f16_to_float(f16 h) { _Float16 v; std::memcpy(&v, &h, 2); return (float)v; }
 inline f16 float_to_f16(float x) { _Float16 v = (_Float16)x; f16 h; std::memcpy(&h, &v, 2); return h; }
+"""
+
+# the tensor-core product of a warp, from the fragment layout PTX documents
+# for mma.m16n8k16 (see MMA_16816): every lane publishes its fragments, a warp
+# barrier, then each lane computes its own four results from the whole warp's
+EMULATED_MMA_16816 = r"""
+inline void mma_16816(float* d, const unsigned* a, const unsigned* b) {
+    struct Fragments { unsigned a[4], b[2]; };
+    static Fragments warp_fragments[32][32];           // [warp of the block][lane]
+    Fragments* mine = warp_fragments[xpemu::flat_thread() / 32];
+    int lane = xpemu::lane_id(), g = lane / 4, t = lane % 4;
+    std::memcpy(mine[lane].a, a, sizeof mine[lane].a);
+    std::memcpy(mine[lane].b, b, sizeof mine[lane].b);
+    __syncwarp();
+    auto half = [](unsigned word, int k) { return f16_to_float((f16)(k % 2 ? word >> 16 : word & 0xffffu)); };
+    auto A = [&](int r, int k) { return half(mine[(r % 8) * 4 + (k % 8) / 2].a[r / 8 + 2 * (k / 8)], k); };
+    auto B = [&](int k, int n) { return half(mine[n * 4 + (k % 8) / 2].b[k / 8], k); };
+    for (int i = 0; i < 4; i++) {
+        int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+        float sum = 0.0f;
+        for (int k = 0; k < 16; k++) sum += A(row, k) * B(k, col);
+        d[i] += sum;
+    }
+    __syncwarp();
+}
 """
 
 
@@ -230,7 +256,8 @@ class RawKernel:
         if _GPU_F16_CONVERSIONS not in code:
             raise ValueError(f"kernel {name}: source without xpmodel's float16 conversions")
         built.append((name, code))
-        self.code = code.replace(_GPU_F16_CONVERSIONS, EMULATED_F16_CONVERSIONS)
+        self.code = (code.replace(_GPU_F16_CONVERSIONS, EMULATED_F16_CONVERSIONS)
+                     .replace(_GPU_MMA_16816, EMULATED_MMA_16816))
         self.name = name
         self._launch = None
 

@@ -4,8 +4,8 @@ Kernel sources are C++ with a small prelude: `load` widens float16 (raw
 16-bit storage, converted with one PTX instruction, so no CUDA header is
 needed at run time), float32 and float64 to the accumulator type ACC, and
 `store` narrows it back. Each (source, type macros) pair compiles once.
-The PTX lives only in F16_CONVERSIONS, so the CPU emulator of the tests
-(tests/cuda_emulator) can put its own conversions in their place.
+The PTX lives only in F16_CONVERSIONS and MMA_16816, so the CPU emulator of
+the tests (tests/cuda_emulator) can put its own versions in their place.
 """
 import numpy
 
@@ -19,6 +19,23 @@ __device__ __forceinline__ float f16_to_float(f16 h) {
 }
 __device__ __forceinline__ f16 float_to_f16(float x) {
     f16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x)); return h;
+}
+"""
+
+# d (16x8, float32) += a (16x16, float16, row-major) @ b (16x8, float16, column-major),
+# one tensor-core instruction for a warp (sm_80 and later). Lane l holds, with
+# g = l / 4 and t = l % 4 (each 32-bit word two float16 of consecutive k, the
+# lower k in the low half):
+#   a[0] = A[g][2t..2t+1]    a[1] = A[g+8][2t..2t+1]
+#   a[2] = A[g][2t+8..2t+9]  a[3] = A[g+8][2t+8..2t+9]
+#   b[0] = B[2t..2t+1][g]    b[1] = B[2t+8..2t+9][g]
+#   d[0..1] = D[g][2t..2t+1] d[2..3] = D[g+8][2t..2t+1]
+MMA_16816 = r"""
+__device__ __forceinline__ void mma_16816(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 """
 

@@ -12,9 +12,13 @@ c_attn's bias when it is passed here), scaled dot-product scores, causal
 softmax, optional dropout on the probabilities, the weighted sum of values,
 and the merge of the heads' gradients. On CuPy the per-head products are
 strided batched cuBLAS calls, in chunks of queries past T = 256, and the
-softmax, the split and the merge are one kernel each.
+softmax, the split and the merge are one kernel each. For float16 heads of 64
+dimensions with T a multiple of 64 and no dropout on the probabilities,
+xpmodel/cuda/flash.py does everything between the split and the merge
+without T x T matrices.
 """
 import math
+from typing import NamedTuple
 
 import numpy
 
@@ -94,6 +98,18 @@ def split_heads(qkv, bias, n_head):
     return heads
 
 
+class SoftmaxCache(NamedTuple):
+    heads: object       # (3, B, H, T, D), q scaled
+    probs: object       # (B, H, T, T)
+    drop_mask: object   # (B, H, T, T) or None
+
+
+class FlashCache(NamedTuple):
+    heads: object       # (3, B, H, T, 64), q scaled
+    out: object         # (B*T, C), the layer's output
+    lse: object         # (B, H, T) float32: log of each row's softmax denominator, plus its max
+
+
 def attention_forward(qkv, n_head, dropout_p=0.0, rng=None, bias=None):
     """qkv: (B, T, 3C), the projection's output, its bias (3C,) not yet added
     when given here -> y (B*T, C), cache for backward."""
@@ -101,6 +117,11 @@ def attention_forward(qkv, n_head, dropout_p=0.0, rng=None, bias=None):
     C = C3 // 3
     xp = array_module(qkv)
     heads = split_heads(qkv, bias, n_head)                           # (3, B, H, T, D)
+    if is_cuda_array(qkv):
+        from ..cuda import flash
+        if flash.flash_applies(heads, dropout_p):
+            y, lse = flash.flash_forward(heads)
+            return y, FlashCache(heads, y, lse)
     q, k, v = heads[0], heads[1], heads[2]
     blocks = _causal_blocks(T, is_cuda_array(qkv))
     scores = xp.empty(q.shape[:-1] + (T,), dtype=_score_dtype(qkv))  # (B, H, T, T)
@@ -112,7 +133,7 @@ def attention_forward(qkv, n_head, dropout_p=0.0, rng=None, bias=None):
     for rows, keys in blocks:
         matmul(probs_used[:, :, rows, keys], v[:, :, keys], out=y[:, :, rows])
     y = y.transpose(0, 2, 1, 3).reshape(B * T, C)
-    return y, (heads, probs, drop_mask)
+    return y, SoftmaxCache(heads, probs, drop_mask)
 
 
 def merge_heads(dheads, dbias=None):
@@ -133,6 +154,10 @@ def attention_backward(dy, cache, dbias=None):
     """dy: (B*T, C) -> dqkv (B*T, 3C); with dbias (3C,), the gradient of the
     bias passed to forward is added into it."""
     xp = array_module(dy)
+    if isinstance(cache, FlashCache):
+        from ..cuda.flash import flash_backward
+        dheads = flash_backward(dy, cache.heads, cache.out, cache.lse, 1.0 / math.sqrt(cache.heads.shape[-1]))
+        return merge_heads(dheads, dbias)
     heads, probs, drop_mask = cache
     _, B, H, T, D = heads.shape
     q, k, v = heads[0], heads[1], heads[2]   # q already scaled by 1/sqrt(D)

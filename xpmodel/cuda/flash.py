@@ -1,0 +1,384 @@
+"""Causal attention for float16 heads of 64 dimensions without the T x T
+matrices: scores, probabilities and their gradients live in registers, a
+tile of 64 queries against a tile of 64 keys at a time, on the tensor cores
+(mma.sync m16n8k16, float32 accumulation).
+
+Forward keeps a running maximum and sum per query row (the online softmax)
+and saves lse = max + log(sum) per row; backward recomputes the
+probabilities from it. A block of backward owns 64 keys and walks the query
+tiles that see them, accumulating dK and dV in registers and adding its
+share of dQ into a float32 buffer with atomics.
+"""
+import numpy
+
+from ..backend import _import_cupy
+from .compile import MMA_16816, multiprocessor_count, raw_kernel
+
+HEAD_DIM = 64      # the kernels' fixed head size
+TILE = 64          # queries and keys per tile; T must be a multiple
+_THREADS = 128     # four warps, 16 rows of the tile each
+
+_SOURCE = MMA_16816 + r"""
+#define HD 64
+#define TILE 64
+#define PAD 72     // shared tile row in float16: 64 + 8 spreads a warp's reads over all banks
+typedef unsigned int u32;
+
+// two float16 of consecutive columns of a shared tile's row, as one word
+__device__ __forceinline__ u32 pair_in_row(const f16* tile, int row, int col) {
+    return *(const u32*)(tile + row * PAD + col);
+}
+// two float16 of consecutive rows of a shared tile's column, as one word
+__device__ __forceinline__ u32 pair_in_column(const f16* tile, int row, int col) {
+    return (u32)tile[row * PAD + col] | ((u32)tile[(row + 1) * PAD + col] << 16);
+}
+__device__ __forceinline__ u32 pack2(float low, float high) {
+    return (u32)float_to_f16(low) | ((u32)float_to_f16(high) << 16);
+}
+
+// rows [0, 64) x 64 float16 of global memory (rows `stride` apart) -> shared tile
+__device__ __forceinline__ void load_tile(f16* tile, const f16* src, long long stride) {
+    for (int i = threadIdx.x; i < TILE * HD / 8; i += blockDim.x) {
+        int row = i >> 3, col = (i & 7) * 8;
+        *(uint4*)(tile + row * PAD + col) = *(const uint4*)(src + row * stride + col);
+    }
+}
+
+// a (16 x 64) float16 row-major block of global memory as the A operands of 4 k-steps
+__device__ __forceinline__ void load_a(u32 (&a)[4][4], const f16* src, long long stride, int g, int t) {
+    #pragma unroll
+    for (int ks = 0; ks < 4; ks++) {
+        const f16* p = src + ks * 16 + 2 * t;
+        a[ks][0] = *(const u32*)(p + g * stride);
+        a[ks][1] = *(const u32*)(p + (g + 8) * stride);
+        a[ks][2] = *(const u32*)(p + g * stride + 8);
+        a[ks][3] = *(const u32*)(p + (g + 8) * stride + 8);
+    }
+}
+
+// NB column blocks of 8 float32 accumulators, c[NB][4] (16 x 8 NB), rounded to
+// float16 as the A operands of NB / 2 k-steps (k-step ks: columns 16 ks .. 16 ks + 15)
+template <int NB>
+__device__ __forceinline__ void pack_a(u32 (&a)[NB / 2][4], const float (&c)[NB][4]) {
+    #pragma unroll
+    for (int ks = 0; ks < NB / 2; ks++) {
+        a[ks][0] = pack2(c[2 * ks][0], c[2 * ks][1]);
+        a[ks][1] = pack2(c[2 * ks][2], c[2 * ks][3]);
+        a[ks][2] = pack2(c[2 * ks + 1][0], c[2 * ks + 1][1]);
+        a[ks][3] = pack2(c[2 * ks + 1][2], c[2 * ks + 1][3]);
+    }
+}
+// accumulator element c[nb][i], read back from pack_a's operands
+template <int KS>
+__device__ __forceinline__ float a_element(const u32 (&a)[KS][4], int nb, int i) {
+    u32 word = a[nb >> 1][(i >> 1) + 2 * (nb & 1)];
+    return f16_to_float((f16)((i & 1) ? word >> 16 : word & 0xffffu));
+}
+
+// c (16 x 8 NB) = a (16 x 64, A operands of 4 k-steps) @ rows col0 .. col0 + 8 NB - 1
+// of tile (64 x 64 row-major), transposed: c[i][j] = sum_k a[i][k] tile[col0 + j][k]
+template <int NB>
+__device__ __forceinline__ void mma_a_tile_t(float (&c)[NB][4], const u32 (&a)[4][4], const f16* tile,
+                                             int col0, int g, int t) {
+    #pragma unroll
+    for (int nb = 0; nb < NB; nb++) {
+        c[nb][0] = c[nb][1] = c[nb][2] = c[nb][3] = 0.0f;
+        #pragma unroll
+        for (int ks = 0; ks < 4; ks++) {
+            u32 b[2] = {pair_in_row(tile, col0 + nb * 8 + g, ks * 16 + 2 * t),
+                        pair_in_row(tile, col0 + nb * 8 + g, ks * 16 + 8 + 2 * t)};
+            mma_16816(c[nb], a[ks], b);
+        }
+    }
+}
+
+// as mma_a_tile_t, with a = rows row0 .. row0 + 15 of tile_a (64 x 64 row-major)
+template <int NB>
+__device__ __forceinline__ void mma_rows_tile_t(float (&c)[NB][4], const f16* tile_a, int row0,
+                                                const f16* tile_b, int col0, int g, int t) {
+    u32 a[4][4];
+    #pragma unroll
+    for (int ks = 0; ks < 4; ks++) {
+        a[ks][0] = pair_in_row(tile_a, row0 + g, ks * 16 + 2 * t);
+        a[ks][1] = pair_in_row(tile_a, row0 + g + 8, ks * 16 + 2 * t);
+        a[ks][2] = pair_in_row(tile_a, row0 + g, ks * 16 + 8 + 2 * t);
+        a[ks][3] = pair_in_row(tile_a, row0 + g + 8, ks * 16 + 8 + 2 * t);
+    }
+    mma_a_tile_t<NB>(c, a, tile_b, col0, g, t);
+}
+
+// c (16 x 64) += a (16 x 16 KS, A operands) @ rows k0 .. k0 + 16 KS - 1 of tile (64 x 64 row-major)
+template <int KS>
+__device__ __forceinline__ void mma_a_tile(float (&c)[8][4], const u32 (&a)[KS][4], const f16* tile,
+                                           int k0, int g, int t) {
+    #pragma unroll
+    for (int ks = 0; ks < KS; ks++)
+        #pragma unroll
+        for (int nb = 0; nb < 8; nb++) {
+            u32 b[2] = {pair_in_column(tile, k0 + ks * 16 + 2 * t, nb * 8 + g),
+                        pair_in_column(tile, k0 + ks * 16 + 8 + 2 * t, nb * 8 + g)};
+            mma_16816(c[nb], a[ks], b);
+        }
+}
+
+// heads (3, B, H, T, 64): q (already scaled by 1/sqrt(64)), k, v
+// -> out (B*T, H*64), the heads side by side; lse (B, H, T) float32.
+// grid (T / 64, B * H); block 128: warp w owns queries 16 w .. 16 w + 15 of the tile
+extern "C" __global__ void __launch_bounds__(128) flash_forward(const f16* heads, f16* out,
+        float* lse, int B, int H, int T) {
+    __shared__ __align__(16) f16 k_tile[TILE * PAD];
+    __shared__ __align__(16) f16 v_tile[TILE * PAD];
+    int q_tile = gridDim.x - 1 - blockIdx.x;          // the longest rows first
+    int bh = blockIdx.y, b = bh / H, h = bh - b * H;
+    long long head = (long long)T * HD;
+    const f16* q = heads + bh * head;
+    const f16* k = heads + ((long long)B * H + bh) * head;
+    const f16* v = heads + (2LL * B * H + bh) * head;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int row0 = q_tile * TILE + warp * 16;
+    u32 qa[4][4];
+    load_a(qa, q + (long long)row0 * HD, HD, g, t);
+    float o[8][4];
+    #pragma unroll
+    for (int nb = 0; nb < 8; nb++) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.0f;
+    float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.0f, 0.0f};   // rows g, g + 8
+    for (int kt = 0; kt <= q_tile; kt++) {
+        __syncthreads();                               // the last tiles are read
+        load_tile(k_tile, k + (long long)kt * TILE * HD, HD);
+        load_tile(v_tile, v + (long long)kt * TILE * HD, HD);
+        __syncthreads();
+        float s[8][4];                                 // scores, 16 queries x 64 keys
+        mma_a_tile_t<8>(s, qa, k_tile, 0, g, t);
+        if (kt == q_tile) {                            // the diagonal tile: hide the future
+            #pragma unroll
+            for (int nb = 0; nb < 8; nb++)
+                #pragma unroll
+                for (int i = 0; i < 4; i++)
+                    if (nb * 8 + 2 * t + (i & 1) > warp * 16 + g + 8 * (i >> 1)) s[nb][i] = NEG_INF;
+        }
+        #pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float m = row_max[r];
+            #pragma unroll
+            for (int nb = 0; nb < 8; nb++) m = fmaxf(m, fmaxf(s[nb][2 * r], s[nb][2 * r + 1]));
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+            float rescale = EXP(row_max[r] - m);       // 0 on the first tile
+            row_max[r] = m;
+            float sum = 0.0f;
+            #pragma unroll
+            for (int nb = 0; nb < 8; nb++) {
+                s[nb][2 * r] = EXP(s[nb][2 * r] - m);
+                s[nb][2 * r + 1] = EXP(s[nb][2 * r + 1] - m);
+                sum += s[nb][2 * r] + s[nb][2 * r + 1];
+                o[nb][2 * r] *= rescale;
+                o[nb][2 * r + 1] *= rescale;
+            }
+            row_sum[r] = row_sum[r] * rescale + sum;   // this lane's columns only
+        }
+        u32 p[4][4];
+        pack_a<8>(p, s);
+        mma_a_tile<4>(o, p, v_tile, 0, g, t);
+    }
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float sum = row_sum[r];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        float inv = 1.0f / sum;
+        int row = row0 + g + 8 * r;
+        f16* dst = out + ((long long)b * T + row) * H * HD + h * HD + 2 * t;
+        #pragma unroll
+        for (int nb = 0; nb < 8; nb++)
+            *(u32*)(dst + nb * 8) = pack2(o[nb][2 * r] * inv, o[nb][2 * r + 1] * inv);
+        if (t == 0) lse[(long long)bh * T + row] = row_max[r] + logf(sum);
+    }
+}
+
+// delta (B, H, T) = the row sums of dout * out, both (B*T, H*64): the softmax
+// backward's dot product of each row. One thread per (b, t, h) row.
+extern "C" __global__ void flash_delta(const f16* dout, const f16* out, float* delta,
+        int B, int H, int T) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)B * T * H) return;
+    long long bt = i / H;
+    int h = (int)(i - bt * H);
+    long long b = bt / T, t = bt - b * T;
+    const uint4* x = (const uint4*)(dout + i * HD);
+    const uint4* y = (const uint4*)(out + i * HD);
+    float sum = 0.0f, xs[8], ys[8];
+    #pragma unroll
+    for (int j = 0; j < HD / 8; j++) {
+        unpack8(x[j], xs);
+        unpack8(y[j], ys);
+        #pragma unroll
+        for (int e = 0; e < 8; e++) sum += xs[e] * ys[e];
+    }
+    delta[(b * H + h) * T + t] = sum;
+}
+
+// dheads (3, B, H, T, 64): dk and dv written, dq_acc (B, H, T, 64) float32
+// (zeroed) gets this block's dq added; dout (B*T, H*64), lse and delta (B, H, T).
+// grid (T / 64, B * H); block 128: warp w owns keys 16 w .. 16 w + 15 of the tile
+extern "C" __global__ void __launch_bounds__(128) flash_backward(const f16* heads, const f16* dout,
+        const float* lse, const float* delta, f16* dheads, float* dq_acc, int B, int H, int T) {
+    __shared__ __align__(16) f16 q_tile[TILE * PAD];
+    __shared__ __align__(16) f16 do_tile[TILE * PAD];
+    __shared__ __align__(16) f16 k_tile[TILE * PAD];
+    __shared__ __align__(16) f16 v_tile[TILE * PAD];
+    __shared__ __align__(16) f16 ds_tile[TILE * PAD];  // dscores transposed: keys x queries
+    __shared__ float lse_tile[TILE], delta_tile[TILE];
+    int k_tile_index = blockIdx.x;                     // tile 0 sees the most queries: first
+    int bh = blockIdx.y, b = bh / H, h = bh - b * H;
+    long long head = (long long)T * HD, C = (long long)H * HD;
+    const f16* q = heads + bh * head;
+    const f16* k = heads + ((long long)B * H + bh) * head;
+    const f16* v = heads + (2LL * B * H + bh) * head;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int key0 = k_tile_index * TILE;
+    load_tile(k_tile, k + (long long)key0 * HD, HD);
+    load_tile(v_tile, v + (long long)key0 * HD, HD);
+    float dk[8][4], dv[8][4];
+    #pragma unroll
+    for (int nb = 0; nb < 8; nb++)
+        #pragma unroll
+        for (int i = 0; i < 4; i++) dk[nb][i] = dv[nb][i] = 0.0f;
+    for (int qt = k_tile_index; qt < T / TILE; qt++) {
+        int query0 = qt * TILE;
+        __syncthreads();                               // the last tiles are read
+        load_tile(q_tile, q + (long long)query0 * HD, HD);
+        load_tile(do_tile, dout + ((long long)b * T + query0) * C + h * HD, C);
+        if (threadIdx.x < TILE) {
+            lse_tile[threadIdx.x] = lse[(long long)bh * T + query0 + threadIdx.x];
+            delta_tile[threadIdx.x] = delta[(long long)bh * T + query0 + threadIdx.x];
+        }
+        __syncthreads();
+        // 32 queries at a time: probabilities^T, 16 keys x 32 queries, and dscores^T
+        #pragma unroll 1
+        for (int half = 0; half < TILE; half += 32) {
+            u32 p[2][4], ds[2][4];
+            {
+                float s[4][4];
+                mma_rows_tile_t<4>(s, k_tile, warp * 16, q_tile, half, g, t);
+                #pragma unroll
+                for (int nb = 0; nb < 4; nb++)
+                    #pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        int query = half + nb * 8 + 2 * t + (i & 1), key = warp * 16 + g + 8 * (i >> 1);
+                        s[nb][i] = (qt == k_tile_index && key > query) ? 0.0f : EXP(s[nb][i] - lse_tile[query]);
+                    }
+                pack_a<4>(p, s);
+            }
+            mma_a_tile<2>(dv, p, do_tile, half, g, t);     // dv += p^T @ dout
+            {
+                float dp[4][4];                            // dprobs^T = v @ dout^T
+                mma_rows_tile_t<4>(dp, v_tile, warp * 16, do_tile, half, g, t);
+                #pragma unroll
+                for (int nb = 0; nb < 4; nb++)
+                    #pragma unroll
+                    for (int i = 0; i < 4; i++)
+                        dp[nb][i] = a_element<2>(p, nb, i)
+                                    * (dp[nb][i] - delta_tile[half + nb * 8 + 2 * t + (i & 1)]);
+                pack_a<4>(ds, dp);
+            }
+            mma_a_tile<2>(dk, ds, q_tile, half, g, t);     // dk += dscores^T @ q
+            #pragma unroll
+            for (int ks = 0; ks < 2; ks++) {               // as pack_a laid the operands out
+                f16* row = ds_tile + (warp * 16 + g) * PAD + half + ks * 16 + 2 * t;
+                *(u32*)row = ds[ks][0];
+                *(u32*)(row + 8 * PAD) = ds[ks][1];
+                *(u32*)(row + 8) = ds[ks][2];
+                *(u32*)(row + 8 * PAD + 8) = ds[ks][3];
+            }
+        }
+        __syncthreads();
+        // dq (this warp's 16 queries x 64) += dscores (queries x 64 keys) @ k
+        float dq[8][4];
+        #pragma unroll
+        for (int nb = 0; nb < 8; nb++) dq[nb][0] = dq[nb][1] = dq[nb][2] = dq[nb][3] = 0.0f;
+        #pragma unroll
+        for (int ks = 0; ks < 4; ks++) {
+            u32 a[4] = {pair_in_column(ds_tile, ks * 16 + 2 * t, warp * 16 + g),
+                        pair_in_column(ds_tile, ks * 16 + 2 * t, warp * 16 + g + 8),
+                        pair_in_column(ds_tile, ks * 16 + 8 + 2 * t, warp * 16 + g),
+                        pair_in_column(ds_tile, ks * 16 + 8 + 2 * t, warp * 16 + g + 8)};
+            #pragma unroll
+            for (int nb = 0; nb < 8; nb++) {
+                u32 bk[2] = {pair_in_column(k_tile, ks * 16 + 2 * t, nb * 8 + g),
+                             pair_in_column(k_tile, ks * 16 + 8 + 2 * t, nb * 8 + g)};
+                mma_16816(dq[nb], a, bk);
+            }
+        }
+        float* dst = dq_acc + ((long long)bh * T + query0 + warp * 16 + g) * HD + 2 * t;
+        #pragma unroll
+        for (int nb = 0; nb < 8; nb++) {
+            atomicAdd(dst + nb * 8, dq[nb][0]);
+            atomicAdd(dst + nb * 8 + 1, dq[nb][1]);
+            atomicAdd(dst + 8 * HD + nb * 8, dq[nb][2]);
+            atomicAdd(dst + 8 * HD + nb * 8 + 1, dq[nb][3]);
+        }
+    }
+    f16* dkv[2] = {dheads + ((long long)B * H + bh) * head, dheads + (2LL * B * H + bh) * head};
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+        long long row = key0 + warp * 16 + g + 8 * r;
+        #pragma unroll
+        for (int nb = 0; nb < 8; nb++) {
+            *(u32*)(dkv[0] + row * HD + nb * 8 + 2 * t) = pack2(dk[nb][2 * r], dk[nb][2 * r + 1]);
+            *(u32*)(dkv[1] + row * HD + nb * 8 + 2 * t) = pack2(dv[nb][2 * r], dv[nb][2 * r + 1]);
+        }
+    }
+}
+
+// dq (float16) = dq_acc (float32) * scale, n values
+extern "C" __global__ void flash_dq_store(const float* dq_acc, f16* dq, long long n, float scale) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        dq[i] = float_to_f16(dq_acc[i] * scale);
+}
+"""
+
+
+def flash_applies(heads, dropout_p):
+    """Whether the kernels serve these heads (3, B, H, T, D): float16, D = 64,
+    T a multiple of 64, no dropout on the probabilities."""
+    T, D = heads.shape[-2:]
+    return heads.dtype == numpy.float16 and D == HEAD_DIM and T % TILE == 0 and not dropout_p
+
+
+def _kernel(name):
+    return raw_kernel(_SOURCE, name)
+
+
+def flash_forward(heads):
+    """heads: (3, B, H, T, 64) float16 contiguous, q scaled -> out (B*T, H*64)
+    float16, lse (B, H, T) float32."""
+    cupy = _import_cupy()
+    _, B, H, T, _ = heads.shape
+    out = cupy.empty((B * T, H * HEAD_DIM), dtype=numpy.float16)
+    lse = cupy.empty((B, H, T), dtype=numpy.float32)
+    _kernel("flash_forward")((T // TILE, B * H), (_THREADS,),
+                             (heads, out, lse, numpy.int32(B), numpy.int32(H), numpy.int32(T)))
+    return out, lse
+
+
+def flash_backward(dout, heads, out, lse, q_scale):
+    """dout, out: (B*T, H*64) float16; heads, lse as forward's -> dheads
+    (3, B, H, T, 64) float16, dq with respect to the unscaled q (q_scale is
+    the factor split_heads applied)."""
+    cupy = _import_cupy()
+    _, B, H, T, _ = heads.shape
+    dout = cupy.ascontiguousarray(dout)
+    rows = B * T * H
+    delta = cupy.empty((B, H, T), dtype=numpy.float32)
+    _kernel("flash_delta")(((rows + 255) // 256,), (256,),
+                           (dout, out, delta, numpy.int32(B), numpy.int32(H), numpy.int32(T)))
+    dheads = cupy.empty_like(heads)
+    dq_acc = cupy.zeros((B, H, T, HEAD_DIM), dtype=numpy.float32)
+    _kernel("flash_backward")((T // TILE, B * H), (_THREADS,),
+                              (heads, dout, lse, delta, dheads, dq_acc, numpy.int32(B),
+                               numpy.int32(H), numpy.int32(T)))
+    n = dq_acc.size
+    blocks = max(1, min((n + 255) // 256, 16 * multiprocessor_count()))
+    _kernel("flash_dq_store")((blocks,), (256,), (dq_acc, dheads[0], numpy.int64(n), numpy.float32(q_scale)))
+    return dheads
