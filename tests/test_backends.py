@@ -102,6 +102,7 @@ def test_fp16_gradients_with_heads_of_64_dimensions(device, monkeypatch):
     targets = np.roll(idx, -1, axis=1)
     reference = xpmodel.GPT(config, dtype="float64", seed=5)
     ref_loss = float(reference.forward_backward(idx, targets))
+    monkeypatch.setattr(flash, "ENABLED", True)
     calls, original = [], flash.flash_forward
 
     def counted(heads):

@@ -260,12 +260,14 @@ def test_attention_in_causal_query_chunks_matches_numpy(cp, T, dropout, monkeypa
 
 
 @pytest.mark.parametrize("B,H,T", [(1, 2, 128), (2, 1, 64)])
-def test_flash_attention_matches_float64(cp, B, H, T):
+def test_flash_attention_matches_float64(cp, B, H, T, monkeypatch):
     """Float16 heads of 64 dimensions take the tensor-core kernels: output and
     the gradients of q, k, v and the c_attn bias against float64 NumPy on the
     same float16 inputs. T = 128 has a tile of queries that sees two key
     tiles, the first whole and the second (the diagonal) masked."""
+    from xpmodel.cuda import flash
     from xpmodel.layers import attention
+    monkeypatch.setattr(flash, "ENABLED", True)
     rng = np.random.default_rng()
     D = 64
     qkv = rand(rng, (B, T, 3 * H * D), np.float16)

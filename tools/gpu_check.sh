@@ -35,6 +35,10 @@ note "== GPU tests"
 timeout 80 $PY -m pytest -q -p no:cacheprovider -k "not emulated" tests/test_cuda_kernels.py \
     tests/test_backends.py tests/test_generate.py > "$OUT/tests.log" 2>&1
 note "tests exit code $? ($(tail -1 "$OUT/tests.log"))"
+if grep -q "FAILED.*flash" "$OUT/tests.log"; then
+    export XPMODEL_FLASH=0
+    note "the flash-attention kernels failed their tests: the rest runs with XPMODEL_FLASH=0"
+fi
 
 note "== benchmark (xpmodel vs PyTorch eager AMP)"
 timeout 100 $PY tools/bench_gpu.py --configs char-mid gpt2-small --compile-configs ${BENCH:-} > "$OUT/bench.log" 2>&1

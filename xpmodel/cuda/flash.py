@@ -9,6 +9,8 @@ probabilities from it. A block of backward owns 64 keys and walks the query
 tiles that see them, accumulating dK and dV in registers and adding its
 share of dQ into a float32 buffer with atomics.
 """
+import os
+
 import numpy
 
 from ..backend import _import_cupy
@@ -17,6 +19,8 @@ from .compile import MMA_16816, multiprocessor_count, raw_kernel
 HEAD_DIM = 64      # the kernels' fixed head size
 TILE = 64          # queries and keys per tile; T must be a multiple
 _THREADS = 128     # four warps, 16 rows of the tile each
+# XPMODEL_FLASH=0 sends attention through the T x T scores instead (for comparisons)
+ENABLED = os.environ.get("XPMODEL_FLASH", "1") != "0"
 
 _SOURCE = MMA_16816 + r"""
 #define HD 64
@@ -341,9 +345,10 @@ extern "C" __global__ void flash_dq_store(const float* dq_acc, f16* dq, long lon
 
 def flash_applies(heads, dropout_p):
     """Whether the kernels serve these heads (3, B, H, T, D): float16, D = 64,
-    T a multiple of 64, no dropout on the probabilities."""
+    T a multiple of 64, no dropout on the probabilities (and XPMODEL_FLASH
+    not 0)."""
     T, D = heads.shape[-2:]
-    return heads.dtype == numpy.float16 and D == HEAD_DIM and T % TILE == 0 and not dropout_p
+    return ENABLED and heads.dtype == numpy.float16 and D == HEAD_DIM and T % TILE == 0 and not dropout_p
 
 
 def _kernel(name):
