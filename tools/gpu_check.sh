@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: the GPU tests, the GPU benchmark against
-# PyTorch, a breakdown of the step, a CUDA-graph capture probe, and nanoGPT's
+# PyTorch, attention's kernels alone, a breakdown of the step, a CUDA-graph
+# capture probe, and nanoGPT's
 # shakespeare-char run in mixed float16, with a summary in $OUT (default
 # ./gpu-check). Uses the CuPy and PyTorch already installed there; needs no
 # network. At most 8 minutes (each part has its own time limit).
@@ -32,7 +33,7 @@ $PY -c "import cupy, torch; print('cupy', cupy.__version__, 'torch', torch.__ver
 
 note "== GPU tests"
 # (the CPU-emulator variants of these tests are for machines without a GPU)
-timeout 80 $PY -m pytest -q -p no:cacheprovider -k "not emulated" tests/test_cuda_kernels.py \
+timeout 90 $PY -m pytest -q -p no:cacheprovider -k "not emulated" tests/test_cuda_kernels.py \
     tests/test_backends.py tests/test_generate.py > "$OUT/tests.log" 2>&1
 note "tests exit code $? ($(tail -1 "$OUT/tests.log"))"
 if grep -q "FAILED.*flash" "$OUT/tests.log"; then
@@ -52,6 +53,10 @@ if [ "${COMPILE:-1}" = 1 ]; then
     note "bench exit code $?"
     cat "$OUT/bench_compile.log" >> "$summary"
 fi
+
+note "== attention alone: each flash-kernel variant against the T x T path (tools/attention_probe.py)"
+timeout 60 $PY tools/attention_probe.py >> "$summary" 2>&1
+note "probe exit code $?"
 
 note "== where the step's time goes"
 for config in char-mid gpt2-small; do

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy
 
 from xpmodel.cuda.compile import F16_CONVERSIONS as _GPU_F16_CONVERSIONS
-from xpmodel.cuda.compile import MMA_16816 as _GPU_MMA_16816
+from xpmodel.cuda.compile import WARP_MATRIX as _GPU_WARP_MATRIX
 
 from . import cublas
 
@@ -55,10 +55,13 @@ inline float f16_to_float(f16 h) { _Float16 v; std::memcpy(&v, &h, 2); return (f
 inline f16 float_to_f16(float x) { _Float16 v = (_Float16)x; f16 h; std::memcpy(&h, &v, 2); return h; }
 """
 
-# the tensor-core product of a warp, from the fragment layout PTX documents
-# for mma.m16n8k16 (see MMA_16816): every lane publishes its fragments, a warp
-# barrier, then each lane computes its own four results from the whole warp's
-EMULATED_MMA_16816 = r"""
+# The warp-level matrix instructions (see WARP_MATRIX). mma_16816 follows the
+# fragment layout PTX documents for mma.m16n8k16: every lane publishes its
+# fragments, a warp barrier, then each lane computes its own four results from
+# the whole warp's. ldmatrix and cp.async are in emulator.h; an asynchronous
+# copy lands only when its thread waits for it, so a read before the wait sees
+# the old bytes.
+EMULATED_WARP_MATRIX = r"""
 inline void mma_16816(float* d, const unsigned* a, const unsigned* b) {
     struct Fragments { unsigned a[4], b[2]; };
     static Fragments warp_fragments[32][32];           // [warp of the block][lane]
@@ -77,6 +80,16 @@ inline void mma_16816(float* d, const unsigned* a, const unsigned* b) {
         d[i] += sum;
     }
     __syncwarp();
+}
+inline void ldmatrix_x4(unsigned* r, const void* row) { xpemu::ldmatrix_x4(r, row, false); }
+inline void ldmatrix_x4_trans(unsigned* r, const void* row) { xpemu::ldmatrix_x4(r, row, true); }
+inline void cp_async16(void* dst, const void* src) { xpemu::cp_async16(dst, src); }
+inline void cp_async_commit() { xpemu::cp_async_commit(); }
+template <int N> inline void cp_async_wait() { xpemu::cp_async_wait(N); }
+inline void atomic_add2(float* dst, float x, float y) {
+    if (reinterpret_cast<uintptr_t>(dst) % 8) xpemu::fail("atomic_add2: an address not 8-byte aligned");
+    atomicAdd(dst, x);
+    atomicAdd(dst + 1, y);
 }
 """
 
@@ -257,7 +270,7 @@ class RawKernel:
             raise ValueError(f"kernel {name}: source without xpmodel's float16 conversions")
         built.append((name, code))
         self.code = (code.replace(_GPU_F16_CONVERSIONS, EMULATED_F16_CONVERSIONS)
-                     .replace(_GPU_MMA_16816, EMULATED_MMA_16816))
+                     .replace(_GPU_WARP_MATRIX, EMULATED_WARP_MATRIX))
         self.name = name
         self._launch = None
 

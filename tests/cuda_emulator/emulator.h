@@ -115,10 +115,14 @@ inline void start_context(Context& c, char* stack, size_t bytes, void (*entry)()
 inline void switch_context(Context& save, Context& load) { swapcontext(&save.uc, &load.uc); }
 #endif
 
+struct PendingCopy { void* dst; const void* src; int group; };
+
 struct Fiber {
     Context context;
     char* stack = nullptr;
     Wait wait = Wait::none;
+    std::vector<PendingCopy> copies;   // cp.async copies issued, not yet waited for
+    int committed = 0;                 // cp.async groups committed
 };
 
 // fiber stacks, kept from launch to launch (left uninitialised: untouched pages cost nothing)
@@ -178,6 +182,8 @@ inline bool run_block(int threads) {
         Fiber& f = L.fibers[t];
         start_context(f.context, f.stack, STACK_BYTES, fiber_main);
         f.wait = Wait::none;
+        f.copies.clear();
+        f.committed = 0;
     }
     // Fibers run in an order that changes every round, so a kernel that
     // relies on one thread running before another without a barrier
@@ -242,6 +248,41 @@ T shuffle(unsigned mask, T value, int source_lane) {
     T out;
     std::memcpy(&out, &warp.slots[buffer][source_lane & 31], sizeof(T));
     return out;
+}
+
+// ldmatrix .x4: lane 8j + r holds the address of row r of matrix j
+inline void ldmatrix_x4(unsigned* r, const void* row, bool transposed) {
+    if (reinterpret_cast<uintptr_t>(row) % 16) fail("ldmatrix: a row address not 16-byte aligned");
+    unsigned long long mine = reinterpret_cast<uintptr_t>(row);
+    int lane = lane_id(), g = lane / 4, t = lane % 4;
+    for (int j = 0; j < 4; j++) {
+        if (transposed) {
+            auto a = reinterpret_cast<const unsigned short*>(shuffle(0xffffffffu, mine, 8 * j + 2 * t));
+            auto b = reinterpret_cast<const unsigned short*>(shuffle(0xffffffffu, mine, 8 * j + 2 * t + 1));
+            r[j] = a[g] | (unsigned)b[g] << 16;
+        } else {
+            auto a = reinterpret_cast<const unsigned short*>(shuffle(0xffffffffu, mine, 8 * j + g));
+            r[j] = a[2 * t] | (unsigned)a[2 * t + 1] << 16;
+        }
+    }
+}
+
+inline void cp_async16(void* dst, const void* src) {
+    if (reinterpret_cast<uintptr_t>(dst) % 16 || reinterpret_cast<uintptr_t>(src) % 16)
+        fail("cp.async: an address not 16-byte aligned");
+    Fiber& f = launch_state->fibers[flat_thread()];
+    f.copies.push_back(PendingCopy{dst, src, f.committed});
+}
+inline void cp_async_commit() { launch_state->fibers[flat_thread()].committed++; }
+// the copies of every committed group but the newest `pending` land now
+inline void cp_async_wait(int pending) {
+    Fiber& f = launch_state->fibers[flat_thread()];
+    std::vector<PendingCopy> later;
+    for (const PendingCopy& c : f.copies) {
+        if (c.group < f.committed - pending) std::memcpy(c.dst, c.src, 16);
+        else later.push_back(c);
+    }
+    f.copies.swap(later);
 }
 
 template <class... A, size_t... I>

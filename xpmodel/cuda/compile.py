@@ -4,7 +4,7 @@ Kernel sources are C++ with a small prelude: `load` widens float16 (raw
 16-bit storage, converted with one PTX instruction, so no CUDA header is
 needed at run time), float32 and float64 to the accumulator type ACC, and
 `store` narrows it back. Each (source, type macros) pair compiles once.
-The PTX lives only in F16_CONVERSIONS and MMA_16816, so the CPU emulator of
+The PTX lives only in F16_CONVERSIONS and WARP_MATRIX, so the CPU emulator of
 the tests (tests/cuda_emulator) can put its own versions in their place.
 """
 import numpy
@@ -22,20 +22,57 @@ __device__ __forceinline__ f16 float_to_f16(float x) {
 }
 """
 
-# d (16x8, float32) += a (16x16, float16, row-major) @ b (16x8, float16, column-major),
-# one tensor-core instruction for a warp (sm_80 and later). Lane l holds, with
-# g = l / 4 and t = l % 4 (each 32-bit word two float16 of consecutive k, the
-# lower k in the low half):
+# The warp-level matrix instructions (sm_80 and later), each in one function:
+#
+# mma_16816: d (16x8, float32) += a (16x16, float16, row-major) @ b (16x8,
+# float16, column-major), one tensor-core instruction for a warp. Lane l holds,
+# with g = l / 4 and t = l % 4 (each 32-bit word two float16 of consecutive k,
+# the lower k in the low half):
 #   a[0] = A[g][2t..2t+1]    a[1] = A[g+8][2t..2t+1]
 #   a[2] = A[g][2t+8..2t+9]  a[3] = A[g+8][2t+8..2t+9]
 #   b[0] = B[2t..2t+1][g]    b[1] = B[2t+8..2t+9][g]
 #   d[0..1] = D[g][2t..2t+1] d[2..3] = D[g+8][2t..2t+1]
-MMA_16816 = r"""
+# ldmatrix_x4: four 8x8 float16 matrices from shared memory; lane 8j + r gives
+# the address of row r of matrix j (16 bytes, 16-byte aligned); lane l receives
+# r[j] = M_j[g][2t..2t+1] (ldmatrix_x4_trans: M_j[2t][g] and M_j[2t+1][g]).
+# cp_async16: 16 bytes from global to shared memory without registers, landed
+# once cp_async_wait<n>() returns with at most n later committed groups pending.
+# atomic_add2: dst[0] += x and dst[1] += y (dst 8-byte aligned), one vector
+# reduction on sm_90, two atomics before it.
+WARP_MATRIX = r"""
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 s; cvta.to.shared.u64 s, %1; cvt.u32.u64 %0, s; }" : "=r"(a) : "l"(p));
+    return a;
+}
 __device__ __forceinline__ void mma_16816(float* d, const unsigned* a, const unsigned* b) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
                  "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(row)) : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(row)) : "memory");
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(shared_address(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
+}
+__device__ __forceinline__ void atomic_add2(float* dst, float x, float y) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" :: "l"(dst), "f"(x), "f"(y) : "memory");
+#else
+    atomicAdd(dst, x);
+    atomicAdd(dst + 1, y);
+#endif
 }
 """
 

@@ -14,39 +14,103 @@ import os
 import numpy
 
 from ..backend import _import_cupy
-from .compile import MMA_16816, multiprocessor_count, raw_kernel
+from .compile import WARP_MATRIX, multiprocessor_count, raw_kernel
 
 HEAD_DIM = 64      # the kernels' fixed head size
 TILE = 64          # queries and keys per tile; T must be a multiple
 _THREADS = 128     # four warps, 16 rows of the tile each
 # XPMODEL_FLASH=0 sends attention through the T x T scores instead (for comparisons)
 ENABLED = os.environ.get("XPMODEL_FLASH", "1") != "0"
+# how the kernels are built: PIPELINE copies the next tile (cp.async) while one
+# is computed; LDMATRIX reads the tensor-core operands with ldmatrix;
+# VECTOR_ATOMICS adds dq two floats per reduction (sm_90)
+VARIANT = {"PIPELINE": 1, "LDMATRIX": 1, "VECTOR_ATOMICS": 1}
 
-_SOURCE = MMA_16816 + r"""
+_SOURCE = WARP_MATRIX + r"""
 #define HD 64
 #define TILE 64
 #define PAD 72     // shared tile row in float16: 64 + 8 spreads a warp's reads over all banks
 typedef unsigned int u32;
 
-// two float16 of consecutive columns of a shared tile's row, as one word
-__device__ __forceinline__ u32 pair_in_row(const f16* tile, int row, int col) {
-    return *(const u32*)(tile + row * PAD + col);
-}
-// two float16 of consecutive rows of a shared tile's column, as one word
-__device__ __forceinline__ u32 pair_in_column(const f16* tile, int row, int col) {
-    return (u32)tile[row * PAD + col] | ((u32)tile[(row + 1) * PAD + col] << 16);
-}
 __device__ __forceinline__ u32 pack2(float low, float high) {
     return (u32)float_to_f16(low) | ((u32)float_to_f16(high) << 16);
 }
 
-// rows [0, 64) x 64 float16 of global memory (rows `stride` apart) -> shared tile
+// rows [0, 64) x 64 float16 of global memory (rows `stride` apart) -> shared tile,
+// copied asynchronously (PIPELINE: lands at the next cp_async_wait) or now
 __device__ __forceinline__ void load_tile(f16* tile, const f16* src, long long stride) {
     for (int i = threadIdx.x; i < TILE * HD / 8; i += blockDim.x) {
         int row = i >> 3, col = (i & 7) * 8;
+#if PIPELINE
+        cp_async16(tile + row * PAD + col, src + row * stride + col);
+#else
         *(uint4*)(tile + row * PAD + col) = *(const uint4*)(src + row * stride + col);
+#endif
     }
 }
+
+// Operands of mma_16816 from shared tiles (row-major, PAD float16 a row), for
+// lane (g, t) = (lane / 4, lane % 4):
+//   a_rows:    A[i][k] = tile[row0 + i][col0 + k]          (16 x 16)
+//   a_columns: A[i][k] = tile[row0 + k][col0 + i]
+//   b_rows:    two k-steps: b[2j..2j+1] holds B_j[k][n] = tile[row0 + n][col0 + 16 j + k]
+//   b_columns: two column blocks: b[2j..2j+1] holds B_j[k][n] = tile[row0 + k][col0 + 8 j + n]
+#if LDMATRIX
+// lane l addresses row l % 8 of 8x8 matrix l / 8; bit 0 / bit 1 of the matrix
+// index step 8 rows or 8 columns as `rows_first` says
+__device__ __forceinline__ const f16* lane_row(const f16* tile, int row0, int col0, bool rows_first) {
+    int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
+    int row_step = rows_first ? (j & 1) : (j >> 1), col_step = rows_first ? (j >> 1) : (j & 1);
+    return tile + (row0 + row_step * 8 + r) * PAD + col0 + col_step * 8;
+}
+__device__ __forceinline__ void a_rows(u32* a, const f16* tile, int row0, int col0) {
+    ldmatrix_x4(a, lane_row(tile, row0, col0, true));
+}
+__device__ __forceinline__ void a_columns(u32* a, const f16* tile, int row0, int col0) {
+    ldmatrix_x4_trans(a, lane_row(tile, row0, col0, false));
+}
+__device__ __forceinline__ void b_rows(u32* b, const f16* tile, int row0, int col0) {
+    int lane = threadIdx.x & 31;
+    ldmatrix_x4(b, tile + (row0 + (lane & 7)) * PAD + col0 + (lane >> 3) * 8);
+}
+__device__ __forceinline__ void b_columns(u32* b, const f16* tile, int row0, int col0) {
+    ldmatrix_x4_trans(b, lane_row(tile, row0, col0, true));
+}
+#else
+// two float16 of consecutive columns of a row / consecutive rows of a column, as one word
+__device__ __forceinline__ u32 pair_in_row(const f16* tile, int row, int col) {
+    return *(const u32*)(tile + row * PAD + col);
+}
+__device__ __forceinline__ u32 pair_in_column(const f16* tile, int row, int col) {
+    return (u32)tile[row * PAD + col] | ((u32)tile[(row + 1) * PAD + col] << 16);
+}
+__device__ __forceinline__ void a_rows(u32* a, const f16* tile, int row0, int col0) {
+    int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    a[0] = pair_in_row(tile, row0 + g, col0 + 2 * t);
+    a[1] = pair_in_row(tile, row0 + g + 8, col0 + 2 * t);
+    a[2] = pair_in_row(tile, row0 + g, col0 + 2 * t + 8);
+    a[3] = pair_in_row(tile, row0 + g + 8, col0 + 2 * t + 8);
+}
+__device__ __forceinline__ void a_columns(u32* a, const f16* tile, int row0, int col0) {
+    int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    a[0] = pair_in_column(tile, row0 + 2 * t, col0 + g);
+    a[1] = pair_in_column(tile, row0 + 2 * t, col0 + g + 8);
+    a[2] = pair_in_column(tile, row0 + 2 * t + 8, col0 + g);
+    a[3] = pair_in_column(tile, row0 + 2 * t + 8, col0 + g + 8);
+}
+__device__ __forceinline__ void b_rows(u32* b, const f16* tile, int row0, int col0) {
+    int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    #pragma unroll
+    for (int i = 0; i < 4; i++) b[i] = pair_in_row(tile, row0 + g, col0 + 8 * i + 2 * t);
+}
+__device__ __forceinline__ void b_columns(u32* b, const f16* tile, int row0, int col0) {
+    int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    b[0] = pair_in_column(tile, row0 + 2 * t, col0 + g);
+    b[1] = pair_in_column(tile, row0 + 2 * t + 8, col0 + g);
+    b[2] = pair_in_column(tile, row0 + 2 * t, col0 + 8 + g);
+    b[3] = pair_in_column(tile, row0 + 2 * t + 8, col0 + 8 + g);
+}
+#endif
 
 // a (16 x 64) float16 row-major block of global memory as the A operands of 4 k-steps
 __device__ __forceinline__ void load_a(u32 (&a)[4][4], const f16* src, long long stride, int g, int t) {
@@ -80,48 +144,44 @@ __device__ __forceinline__ float a_element(const u32 (&a)[KS][4], int nb, int i)
 }
 
 // c (16 x 8 NB) = a (16 x 64, A operands of 4 k-steps) @ rows col0 .. col0 + 8 NB - 1
-// of tile (64 x 64 row-major), transposed: c[i][j] = sum_k a[i][k] tile[col0 + j][k]
+// of tile (64 x 64), transposed: c[i][j] = sum_k a[i][k] tile[col0 + j][k]
 template <int NB>
 __device__ __forceinline__ void mma_a_tile_t(float (&c)[NB][4], const u32 (&a)[4][4], const f16* tile,
-                                             int col0, int g, int t) {
+                                             int col0) {
     #pragma unroll
     for (int nb = 0; nb < NB; nb++) {
         c[nb][0] = c[nb][1] = c[nb][2] = c[nb][3] = 0.0f;
         #pragma unroll
-        for (int ks = 0; ks < 4; ks++) {
-            u32 b[2] = {pair_in_row(tile, col0 + nb * 8 + g, ks * 16 + 2 * t),
-                        pair_in_row(tile, col0 + nb * 8 + g, ks * 16 + 8 + 2 * t)};
+        for (int ks = 0; ks < 4; ks += 2) {
+            u32 b[4];
+            b_rows(b, tile, col0 + nb * 8, ks * 16);
             mma_16816(c[nb], a[ks], b);
+            mma_16816(c[nb], a[ks + 1], b + 2);
         }
     }
 }
 
-// as mma_a_tile_t, with a = rows row0 .. row0 + 15 of tile_a (64 x 64 row-major)
+// as mma_a_tile_t, with a = rows row0 .. row0 + 15 of tile_a (64 x 64)
 template <int NB>
 __device__ __forceinline__ void mma_rows_tile_t(float (&c)[NB][4], const f16* tile_a, int row0,
-                                                const f16* tile_b, int col0, int g, int t) {
+                                                const f16* tile_b, int col0) {
     u32 a[4][4];
     #pragma unroll
-    for (int ks = 0; ks < 4; ks++) {
-        a[ks][0] = pair_in_row(tile_a, row0 + g, ks * 16 + 2 * t);
-        a[ks][1] = pair_in_row(tile_a, row0 + g + 8, ks * 16 + 2 * t);
-        a[ks][2] = pair_in_row(tile_a, row0 + g, ks * 16 + 8 + 2 * t);
-        a[ks][3] = pair_in_row(tile_a, row0 + g + 8, ks * 16 + 8 + 2 * t);
-    }
-    mma_a_tile_t<NB>(c, a, tile_b, col0, g, t);
+    for (int ks = 0; ks < 4; ks++) a_rows(a[ks], tile_a, row0, ks * 16);
+    mma_a_tile_t<NB>(c, a, tile_b, col0);
 }
 
-// c (16 x 64) += a (16 x 16 KS, A operands) @ rows k0 .. k0 + 16 KS - 1 of tile (64 x 64 row-major)
+// c (16 x 64) += a (16 x 16 KS, A operands) @ rows k0 .. k0 + 16 KS - 1 of tile (64 x 64)
 template <int KS>
-__device__ __forceinline__ void mma_a_tile(float (&c)[8][4], const u32 (&a)[KS][4], const f16* tile,
-                                           int k0, int g, int t) {
+__device__ __forceinline__ void mma_a_tile(float (&c)[8][4], const u32 (&a)[KS][4], const f16* tile, int k0) {
     #pragma unroll
     for (int ks = 0; ks < KS; ks++)
         #pragma unroll
-        for (int nb = 0; nb < 8; nb++) {
-            u32 b[2] = {pair_in_column(tile, k0 + ks * 16 + 2 * t, nb * 8 + g),
-                        pair_in_column(tile, k0 + ks * 16 + 8 + 2 * t, nb * 8 + g)};
+        for (int nb = 0; nb < 8; nb += 2) {
+            u32 b[4];
+            b_columns(b, tile, k0 + ks * 16, nb * 8);
             mma_16816(c[nb], a[ks], b);
+            mma_16816(c[nb + 1], a[ks], b + 2);
         }
 }
 
@@ -130,8 +190,8 @@ __device__ __forceinline__ void mma_a_tile(float (&c)[8][4], const u32 (&a)[KS][
 // grid (T / 64, B * H); block 128: warp w owns queries 16 w .. 16 w + 15 of the tile
 extern "C" __global__ void __launch_bounds__(128) flash_forward(const f16* heads, f16* out,
         float* lse, int B, int H, int T) {
-    __shared__ __align__(16) f16 k_tile[TILE * PAD];
-    __shared__ __align__(16) f16 v_tile[TILE * PAD];
+    // keys and values of a tile; with PIPELINE two of each, the next tile's landing meanwhile
+    __shared__ __align__(16) f16 kv_tiles[1 + PIPELINE][2][TILE * PAD];
     int q_tile = gridDim.x - 1 - blockIdx.x;          // the longest rows first
     int bh = blockIdx.y, b = bh / H, h = bh - b * H;
     long long head = (long long)T * HD;
@@ -146,13 +206,31 @@ extern "C" __global__ void __launch_bounds__(128) flash_forward(const f16* heads
     #pragma unroll
     for (int nb = 0; nb < 8; nb++) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.0f;
     float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.0f, 0.0f};   // rows g, g + 8
+#if PIPELINE
+    load_tile(kv_tiles[0][0], k, HD);
+    load_tile(kv_tiles[0][1], v, HD);
+    cp_async_commit();
+#endif
     for (int kt = 0; kt <= q_tile; kt++) {
-        __syncthreads();                               // the last tiles are read
+#if PIPELINE
+        const f16* k_tile = kv_tiles[kt & 1][0];
+        const f16* v_tile = kv_tiles[kt & 1][1];
+        if (kt < q_tile) {                             // the other buffer was read last round
+            load_tile(kv_tiles[(kt + 1) & 1][0], k + (long long)(kt + 1) * TILE * HD, HD);
+            load_tile(kv_tiles[(kt + 1) & 1][1], v + (long long)(kt + 1) * TILE * HD, HD);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();                            // tile kt has landed
+        __syncthreads();
+#else
+        f16* k_tile = kv_tiles[0][0];
+        f16* v_tile = kv_tiles[0][1];
         load_tile(k_tile, k + (long long)kt * TILE * HD, HD);
         load_tile(v_tile, v + (long long)kt * TILE * HD, HD);
         __syncthreads();
+#endif
         float s[8][4];                                 // scores, 16 queries x 64 keys
-        mma_a_tile_t<8>(s, qa, k_tile, 0, g, t);
+        mma_a_tile_t<8>(s, qa, k_tile, 0);
         if (kt == q_tile) {                            // the diagonal tile: hide the future
             #pragma unroll
             for (int nb = 0; nb < 8; nb++)
@@ -182,7 +260,8 @@ extern "C" __global__ void __launch_bounds__(128) flash_forward(const f16* heads
         }
         u32 p[4][4];
         pack_a<8>(p, s);
-        mma_a_tile<4>(o, p, v_tile, 0, g, t);
+        mma_a_tile<4>(o, p, v_tile, 0);
+        __syncthreads();                               // the tiles are read
     }
     #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -221,6 +300,23 @@ extern "C" __global__ void flash_delta(const f16* dout, const f16* out, float* d
     delta[(b * H + h) * T + t] = sum;
 }
 
+// the rows of query tile `query0`: q, dout, lse and delta into shared memory
+// (with PIPELINE asynchronously: landed at the next cp_async_wait)
+__device__ __forceinline__ void load_queries(f16* q_tile, f16* do_tile, float* lse_tile, float* delta_tile,
+        const f16* q, const f16* dout, const float* lse, const float* delta, int query0, int H, int T) {
+    int bh = blockIdx.y, b = bh / H, h = bh - b * H;
+    load_tile(q_tile, q + (long long)query0 * HD, HD);
+    load_tile(do_tile, dout + ((long long)b * T + query0) * H * HD + h * HD, (long long)H * HD);
+    const float* row_stats = (threadIdx.x < 16 ? lse : delta) + (long long)bh * T + query0;
+    float* tile = threadIdx.x < 16 ? lse_tile : delta_tile;
+    int chunk = threadIdx.x & 15;                      // 4 floats each
+#if PIPELINE
+    if (threadIdx.x < 32) cp_async16(tile + 4 * chunk, row_stats + 4 * chunk);
+#else
+    if (threadIdx.x < 32) *(float4*)(tile + 4 * chunk) = *(const float4*)(row_stats + 4 * chunk);
+#endif
+}
+
 // dheads (3, B, H, T, 64): dk and dv written, dq_acc (B, H, T, 64) float32
 // (zeroed) gets this block's dq added; dout (B*T, H*64), lse and delta (B, H, T).
 // grid (T / 64, B * H); block 128: warp w owns keys 16 w .. 16 w + 15 of the tile
@@ -231,10 +327,10 @@ extern "C" __global__ void __launch_bounds__(128) flash_backward(const f16* head
     __shared__ __align__(16) f16 k_tile[TILE * PAD];
     __shared__ __align__(16) f16 v_tile[TILE * PAD];
     __shared__ __align__(16) f16 ds_tile[TILE * PAD];  // dscores transposed: keys x queries
-    __shared__ float lse_tile[TILE], delta_tile[TILE];
+    __shared__ __align__(16) float lse_tile[TILE], delta_tile[TILE];
     int k_tile_index = blockIdx.x;                     // tile 0 sees the most queries: first
-    int bh = blockIdx.y, b = bh / H, h = bh - b * H;
-    long long head = (long long)T * HD, C = (long long)H * HD;
+    int bh = blockIdx.y;
+    long long head = (long long)T * HD;
     const f16* q = heads + bh * head;
     const f16* k = heads + ((long long)B * H + bh) * head;
     const f16* v = heads + (2LL * B * H + bh) * head;
@@ -242,28 +338,29 @@ extern "C" __global__ void __launch_bounds__(128) flash_backward(const f16* head
     int key0 = k_tile_index * TILE;
     load_tile(k_tile, k + (long long)key0 * HD, HD);
     load_tile(v_tile, v + (long long)key0 * HD, HD);
+#if PIPELINE
+    load_queries(q_tile, do_tile, lse_tile, delta_tile, q, dout, lse, delta, key0, H, T);
+    cp_async_commit();
+#endif
     float dk[8][4], dv[8][4];
     #pragma unroll
     for (int nb = 0; nb < 8; nb++)
         #pragma unroll
         for (int i = 0; i < 4; i++) dk[nb][i] = dv[nb][i] = 0.0f;
     for (int qt = k_tile_index; qt < T / TILE; qt++) {
-        int query0 = qt * TILE;
-        __syncthreads();                               // the last tiles are read
-        load_tile(q_tile, q + (long long)query0 * HD, HD);
-        load_tile(do_tile, dout + ((long long)b * T + query0) * C + h * HD, C);
-        if (threadIdx.x < TILE) {
-            lse_tile[threadIdx.x] = lse[(long long)bh * T + query0 + threadIdx.x];
-            delta_tile[threadIdx.x] = delta[(long long)bh * T + query0 + threadIdx.x];
-        }
-        __syncthreads();
+#if PIPELINE
+        cp_async_wait<0>();
+#else
+        load_queries(q_tile, do_tile, lse_tile, delta_tile, q, dout, lse, delta, qt * TILE, H, T);
+#endif
+        __syncthreads();                               // the query tile is in place
         // 32 queries at a time: probabilities^T, 16 keys x 32 queries, and dscores^T
         #pragma unroll 1
         for (int half = 0; half < TILE; half += 32) {
             u32 p[2][4], ds[2][4];
             {
                 float s[4][4];
-                mma_rows_tile_t<4>(s, k_tile, warp * 16, q_tile, half, g, t);
+                mma_rows_tile_t<4>(s, k_tile, warp * 16, q_tile, half);
                 #pragma unroll
                 for (int nb = 0; nb < 4; nb++)
                     #pragma unroll
@@ -273,10 +370,10 @@ extern "C" __global__ void __launch_bounds__(128) flash_backward(const f16* head
                     }
                 pack_a<4>(p, s);
             }
-            mma_a_tile<2>(dv, p, do_tile, half, g, t);     // dv += p^T @ dout
+            mma_a_tile<2>(dv, p, do_tile, half);       // dv += p^T @ dout
             {
-                float dp[4][4];                            // dprobs^T = v @ dout^T
-                mma_rows_tile_t<4>(dp, v_tile, warp * 16, do_tile, half, g, t);
+                float dp[4][4];                        // dprobs^T = v @ dout^T
+                mma_rows_tile_t<4>(dp, v_tile, warp * 16, do_tile, half);
                 #pragma unroll
                 for (int nb = 0; nb < 4; nb++)
                     #pragma unroll
@@ -285,9 +382,9 @@ extern "C" __global__ void __launch_bounds__(128) flash_backward(const f16* head
                                     * (dp[nb][i] - delta_tile[half + nb * 8 + 2 * t + (i & 1)]);
                 pack_a<4>(ds, dp);
             }
-            mma_a_tile<2>(dk, ds, q_tile, half, g, t);     // dk += dscores^T @ q
+            mma_a_tile<2>(dk, ds, q_tile, half);       // dk += dscores^T @ q
             #pragma unroll
-            for (int ks = 0; ks < 2; ks++) {               // as pack_a laid the operands out
+            for (int ks = 0; ks < 2; ks++) {           // as pack_a laid the operands out
                 f16* row = ds_tile + (warp * 16 + g) * PAD + half + ks * 16 + 2 * t;
                 *(u32*)row = ds[ks][0];
                 *(u32*)(row + 8 * PAD) = ds[ks][1];
@@ -295,31 +392,32 @@ extern "C" __global__ void __launch_bounds__(128) flash_backward(const f16* head
                 *(u32*)(row + 8 * PAD + 8) = ds[ks][3];
             }
         }
-        __syncthreads();
+        __syncthreads();                               // dscores shared; the query tile is free
+#if PIPELINE
+        if (qt + 1 < T / TILE)                         // lands while dq is computed
+            load_queries(q_tile, do_tile, lse_tile, delta_tile, q, dout, lse, delta, (qt + 1) * TILE, H, T);
+        cp_async_commit();
+#endif
         // dq (this warp's 16 queries x 64) += dscores (queries x 64 keys) @ k
         float dq[8][4];
         #pragma unroll
         for (int nb = 0; nb < 8; nb++) dq[nb][0] = dq[nb][1] = dq[nb][2] = dq[nb][3] = 0.0f;
+        u32 a[4][4];
         #pragma unroll
-        for (int ks = 0; ks < 4; ks++) {
-            u32 a[4] = {pair_in_column(ds_tile, ks * 16 + 2 * t, warp * 16 + g),
-                        pair_in_column(ds_tile, ks * 16 + 2 * t, warp * 16 + g + 8),
-                        pair_in_column(ds_tile, ks * 16 + 8 + 2 * t, warp * 16 + g),
-                        pair_in_column(ds_tile, ks * 16 + 8 + 2 * t, warp * 16 + g + 8)};
-            #pragma unroll
-            for (int nb = 0; nb < 8; nb++) {
-                u32 bk[2] = {pair_in_column(k_tile, ks * 16 + 2 * t, nb * 8 + g),
-                             pair_in_column(k_tile, ks * 16 + 8 + 2 * t, nb * 8 + g)};
-                mma_16816(dq[nb], a, bk);
-            }
-        }
-        float* dst = dq_acc + ((long long)bh * T + query0 + warp * 16 + g) * HD + 2 * t;
+        for (int ks = 0; ks < 4; ks++) a_columns(a[ks], ds_tile, ks * 16, warp * 16);
+        mma_a_tile<4>(dq, a, k_tile, 0);
+        float* dst = dq_acc + ((long long)bh * T + qt * TILE + warp * 16 + g) * HD + 2 * t;
         #pragma unroll
         for (int nb = 0; nb < 8; nb++) {
+#if VECTOR_ATOMICS
+            atomic_add2(dst + nb * 8, dq[nb][0], dq[nb][1]);
+            atomic_add2(dst + 8 * HD + nb * 8, dq[nb][2], dq[nb][3]);
+#else
             atomicAdd(dst + nb * 8, dq[nb][0]);
             atomicAdd(dst + nb * 8 + 1, dq[nb][1]);
             atomicAdd(dst + 8 * HD + nb * 8, dq[nb][2]);
             atomicAdd(dst + 8 * HD + nb * 8 + 1, dq[nb][3]);
+#endif
         }
     }
     f16* dkv[2] = {dheads + ((long long)B * H + bh) * head, dheads + (2LL * B * H + bh) * head};
@@ -352,7 +450,7 @@ def flash_applies(heads, dropout_p):
 
 
 def _kernel(name):
-    return raw_kernel(_SOURCE, name)
+    return raw_kernel(_SOURCE, name, **VARIANT)
 
 
 def flash_forward(heads):
