@@ -33,7 +33,7 @@ $PY -c "import cupy, torch; print('cupy', cupy.__version__, 'torch', torch.__ver
 
 note "== GPU tests"
 # (the CPU-emulator variants of these tests are for machines without a GPU)
-timeout 90 $PY -m pytest -q -p no:cacheprovider -k "not emulated" tests/test_cuda_kernels.py \
+timeout 80 $PY -m pytest -q -p no:cacheprovider -k "not emulated" tests/test_cuda_kernels.py \
     tests/test_backends.py tests/test_generate.py > "$OUT/tests.log" 2>&1
 note "tests exit code $? ($(tail -1 "$OUT/tests.log"))"
 if grep -q "FAILED.*flash" "$OUT/tests.log"; then
@@ -42,20 +42,20 @@ if grep -q "FAILED.*flash" "$OUT/tests.log"; then
 fi
 
 note "== benchmark (xpmodel vs PyTorch eager AMP)"
-timeout 100 $PY tools/bench_gpu.py --configs char-mid gpt2-small --compile-configs ${BENCH:-} > "$OUT/bench.log" 2>&1
+timeout 90 $PY tools/bench_gpu.py --configs char-mid gpt2-small --compile-configs ${BENCH:-} > "$OUT/bench.log" 2>&1
 note "bench exit code $?"
 cat "$OUT/bench.log" >> "$summary"
 
 if [ "${COMPILE:-1}" = 1 ]; then
     note "== benchmark against torch.compile (gpt2-small; compiling takes a minute or two)"
-    timeout 150 $PY tools/bench_gpu.py --configs gpt2-small --compile-configs gpt2-small \
+    timeout 120 $PY tools/bench_gpu.py --configs gpt2-small --compile-configs gpt2-small \
         > "$OUT/bench_compile.log" 2>&1
     note "bench exit code $?"
     cat "$OUT/bench_compile.log" >> "$summary"
 fi
 
 note "== attention alone: each flash-kernel variant against the T x T path (tools/attention_probe.py)"
-timeout 60 $PY tools/attention_probe.py >> "$summary" 2>&1
+timeout 45 $PY tools/attention_probe.py >> "$summary" 2>&1
 note "probe exit code $?"
 
 note "== where the step's time goes"
@@ -68,7 +68,7 @@ timeout 20 $PY tools/graph_probe.py >> "$summary" 2>&1
 
 note "== shakespeare-char, fp16, $ITERS steps on $DATA"
 start=$(date +%s)
-timeout 80 $PY -m xpmodel.cli train --config shakespeare-char --device cuda --quiet --overwrite \
+timeout 75 $PY -m xpmodel.cli train --config shakespeare-char --device cuda --quiet --overwrite \
     --out "${TMPDIR:-/tmp}/xpmodel-gpu-check-run" data.source="$DATA" train.max_iters=$ITERS train.lr_decay_iters=$ITERS \
     train.precision=fp16 > "$OUT/train.log" 2>&1
 note "train exit code $?, $(( $(date +%s) - start )) s including data preparation"
