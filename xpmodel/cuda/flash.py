@@ -21,10 +21,6 @@ TILE = 64          # queries and keys per tile; T must be a multiple
 _THREADS = 128     # four warps, 16 rows of the tile each
 # XPMODEL_FLASH=0 sends attention through the T x T scores instead (for comparisons)
 ENABLED = os.environ.get("XPMODEL_FLASH", "1") != "0"
-# how the kernels are built: PIPELINE copies the next tile (cp.async) while one
-# is computed; LDMATRIX reads the tensor-core operands with ldmatrix;
-# VECTOR_ATOMICS adds dq two floats per reduction (sm_90)
-VARIANT = {"PIPELINE": 1, "LDMATRIX": 1, "VECTOR_ATOMICS": 1}
 
 _SOURCE = WARP_MATRIX + r"""
 #define HD 64
@@ -36,16 +32,12 @@ __device__ __forceinline__ u32 pack2(float low, float high) {
     return (u32)float_to_f16(low) | ((u32)float_to_f16(high) << 16);
 }
 
-// rows [0, 64) x 64 float16 of global memory (rows `stride` apart) -> shared tile,
-// copied asynchronously (PIPELINE: lands at the next cp_async_wait) or now
+// rows [0, 64) x 64 float16 of global memory (rows `stride` apart) -> shared
+// tile, copied asynchronously: landed after the next cp_async_wait
 __device__ __forceinline__ void load_tile(f16* tile, const f16* src, long long stride) {
     for (int i = threadIdx.x; i < TILE * HD / 8; i += blockDim.x) {
         int row = i >> 3, col = (i & 7) * 8;
-#if PIPELINE
         cp_async16(tile + row * PAD + col, src + row * stride + col);
-#else
-        *(uint4*)(tile + row * PAD + col) = *(const uint4*)(src + row * stride + col);
-#endif
     }
 }
 
@@ -55,8 +47,7 @@ __device__ __forceinline__ void load_tile(f16* tile, const f16* src, long long s
 //   a_columns: A[i][k] = tile[row0 + k][col0 + i]
 //   b_rows:    two k-steps: b[2j..2j+1] holds B_j[k][n] = tile[row0 + n][col0 + 16 j + k]
 //   b_columns: two column blocks: b[2j..2j+1] holds B_j[k][n] = tile[row0 + k][col0 + 8 j + n]
-#if LDMATRIX
-// lane l addresses row l % 8 of 8x8 matrix l / 8; bit 0 / bit 1 of the matrix
+// each read with one ldmatrix. Lane l addresses row l % 8 of 8x8 matrix l / 8; bit 0 / bit 1 of the matrix
 // index step 8 rows or 8 columns as `rows_first` says
 __device__ __forceinline__ const f16* lane_row(const f16* tile, int row0, int col0, bool rows_first) {
     int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
@@ -76,41 +67,6 @@ __device__ __forceinline__ void b_rows(u32* b, const f16* tile, int row0, int co
 __device__ __forceinline__ void b_columns(u32* b, const f16* tile, int row0, int col0) {
     ldmatrix_x4_trans(b, lane_row(tile, row0, col0, true));
 }
-#else
-// two float16 of consecutive columns of a row / consecutive rows of a column, as one word
-__device__ __forceinline__ u32 pair_in_row(const f16* tile, int row, int col) {
-    return *(const u32*)(tile + row * PAD + col);
-}
-__device__ __forceinline__ u32 pair_in_column(const f16* tile, int row, int col) {
-    return (u32)tile[row * PAD + col] | ((u32)tile[(row + 1) * PAD + col] << 16);
-}
-__device__ __forceinline__ void a_rows(u32* a, const f16* tile, int row0, int col0) {
-    int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    a[0] = pair_in_row(tile, row0 + g, col0 + 2 * t);
-    a[1] = pair_in_row(tile, row0 + g + 8, col0 + 2 * t);
-    a[2] = pair_in_row(tile, row0 + g, col0 + 2 * t + 8);
-    a[3] = pair_in_row(tile, row0 + g + 8, col0 + 2 * t + 8);
-}
-__device__ __forceinline__ void a_columns(u32* a, const f16* tile, int row0, int col0) {
-    int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    a[0] = pair_in_column(tile, row0 + 2 * t, col0 + g);
-    a[1] = pair_in_column(tile, row0 + 2 * t, col0 + g + 8);
-    a[2] = pair_in_column(tile, row0 + 2 * t + 8, col0 + g);
-    a[3] = pair_in_column(tile, row0 + 2 * t + 8, col0 + g + 8);
-}
-__device__ __forceinline__ void b_rows(u32* b, const f16* tile, int row0, int col0) {
-    int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    #pragma unroll
-    for (int i = 0; i < 4; i++) b[i] = pair_in_row(tile, row0 + g, col0 + 8 * i + 2 * t);
-}
-__device__ __forceinline__ void b_columns(u32* b, const f16* tile, int row0, int col0) {
-    int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    b[0] = pair_in_column(tile, row0 + 2 * t, col0 + g);
-    b[1] = pair_in_column(tile, row0 + 2 * t + 8, col0 + g);
-    b[2] = pair_in_column(tile, row0 + 2 * t, col0 + 8 + g);
-    b[3] = pair_in_column(tile, row0 + 2 * t + 8, col0 + 8 + g);
-}
-#endif
 
 // a (16 x 64) float16 row-major block of global memory as the A operands of 4 k-steps
 __device__ __forceinline__ void load_a(u32 (&a)[4][4], const f16* src, long long stride, int g, int t) {
@@ -190,8 +146,8 @@ __device__ __forceinline__ void mma_a_tile(float (&c)[8][4], const u32 (&a)[KS][
 // grid (T / 64, B * H); block 128: warp w owns queries 16 w .. 16 w + 15 of the tile
 extern "C" __global__ void __launch_bounds__(128) flash_forward(const f16* heads, f16* out,
         float* lse, int B, int H, int T) {
-    // keys and values of a tile; with PIPELINE two of each, the next tile's landing meanwhile
-    __shared__ __align__(16) f16 kv_tiles[1 + PIPELINE][2][TILE * PAD];
+    // keys and values of two tiles: the next one lands while one is computed
+    __shared__ __align__(16) f16 kv_tiles[2][2][TILE * PAD];
     int q_tile = gridDim.x - 1 - blockIdx.x;          // the longest rows first
     int bh = blockIdx.y, b = bh / H, h = bh - b * H;
     long long head = (long long)T * HD;
@@ -206,13 +162,10 @@ extern "C" __global__ void __launch_bounds__(128) flash_forward(const f16* heads
     #pragma unroll
     for (int nb = 0; nb < 8; nb++) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.0f;
     float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.0f, 0.0f};   // rows g, g + 8
-#if PIPELINE
     load_tile(kv_tiles[0][0], k, HD);
     load_tile(kv_tiles[0][1], v, HD);
     cp_async_commit();
-#endif
     for (int kt = 0; kt <= q_tile; kt++) {
-#if PIPELINE
         const f16* k_tile = kv_tiles[kt & 1][0];
         const f16* v_tile = kv_tiles[kt & 1][1];
         if (kt < q_tile) {                             // the other buffer was read last round
@@ -222,13 +175,6 @@ extern "C" __global__ void __launch_bounds__(128) flash_forward(const f16* heads
         cp_async_commit();
         cp_async_wait<1>();                            // tile kt has landed
         __syncthreads();
-#else
-        f16* k_tile = kv_tiles[0][0];
-        f16* v_tile = kv_tiles[0][1];
-        load_tile(k_tile, k + (long long)kt * TILE * HD, HD);
-        load_tile(v_tile, v + (long long)kt * TILE * HD, HD);
-        __syncthreads();
-#endif
         float s[8][4];                                 // scores, 16 queries x 64 keys
         mma_a_tile_t<8>(s, qa, k_tile, 0);
         if (kt == q_tile) {                            // the diagonal tile: hide the future
@@ -300,8 +246,8 @@ extern "C" __global__ void flash_delta(const f16* dout, const f16* out, float* d
     delta[(b * H + h) * T + t] = sum;
 }
 
-// the rows of query tile `query0`: q, dout, lse and delta into shared memory
-// (with PIPELINE asynchronously: landed at the next cp_async_wait)
+// the rows of query tile `query0`: q, dout, lse and delta into shared memory,
+// asynchronously: landed after the next cp_async_wait
 __device__ __forceinline__ void load_queries(f16* q_tile, f16* do_tile, float* lse_tile, float* delta_tile,
         const f16* q, const f16* dout, const float* lse, const float* delta, int query0, int H, int T) {
     int bh = blockIdx.y, b = bh / H, h = bh - b * H;
@@ -310,11 +256,7 @@ __device__ __forceinline__ void load_queries(f16* q_tile, f16* do_tile, float* l
     const float* row_stats = (threadIdx.x < 16 ? lse : delta) + (long long)bh * T + query0;
     float* tile = threadIdx.x < 16 ? lse_tile : delta_tile;
     int chunk = threadIdx.x & 15;                      // 4 floats each
-#if PIPELINE
     if (threadIdx.x < 32) cp_async16(tile + 4 * chunk, row_stats + 4 * chunk);
-#else
-    if (threadIdx.x < 32) *(float4*)(tile + 4 * chunk) = *(const float4*)(row_stats + 4 * chunk);
-#endif
 }
 
 // dheads (3, B, H, T, 64): dk and dv written, dq_acc (B, H, T, 64) float32
@@ -338,22 +280,16 @@ extern "C" __global__ void __launch_bounds__(128) flash_backward(const f16* head
     int key0 = k_tile_index * TILE;
     load_tile(k_tile, k + (long long)key0 * HD, HD);
     load_tile(v_tile, v + (long long)key0 * HD, HD);
-#if PIPELINE
     load_queries(q_tile, do_tile, lse_tile, delta_tile, q, dout, lse, delta, key0, H, T);
     cp_async_commit();
-#endif
     float dk[8][4], dv[8][4];
     #pragma unroll
     for (int nb = 0; nb < 8; nb++)
         #pragma unroll
         for (int i = 0; i < 4; i++) dk[nb][i] = dv[nb][i] = 0.0f;
     for (int qt = k_tile_index; qt < T / TILE; qt++) {
-#if PIPELINE
         cp_async_wait<0>();
-#else
-        load_queries(q_tile, do_tile, lse_tile, delta_tile, q, dout, lse, delta, qt * TILE, H, T);
-#endif
-        __syncthreads();                               // the query tile is in place
+        __syncthreads();                               // the query tile (and k, v) in place
         // 32 queries at a time: probabilities^T, 16 keys x 32 queries, and dscores^T
         #pragma unroll 1
         for (int half = 0; half < TILE; half += 32) {
@@ -393,11 +329,9 @@ extern "C" __global__ void __launch_bounds__(128) flash_backward(const f16* head
             }
         }
         __syncthreads();                               // dscores shared; the query tile is free
-#if PIPELINE
         if (qt + 1 < T / TILE)                         // lands while dq is computed
             load_queries(q_tile, do_tile, lse_tile, delta_tile, q, dout, lse, delta, (qt + 1) * TILE, H, T);
         cp_async_commit();
-#endif
         // dq (this warp's 16 queries x 64) += dscores (queries x 64 keys) @ k
         float dq[8][4];
         #pragma unroll
@@ -409,15 +343,8 @@ extern "C" __global__ void __launch_bounds__(128) flash_backward(const f16* head
         float* dst = dq_acc + ((long long)bh * T + qt * TILE + warp * 16 + g) * HD + 2 * t;
         #pragma unroll
         for (int nb = 0; nb < 8; nb++) {
-#if VECTOR_ATOMICS
             atomic_add2(dst + nb * 8, dq[nb][0], dq[nb][1]);
             atomic_add2(dst + 8 * HD + nb * 8, dq[nb][2], dq[nb][3]);
-#else
-            atomicAdd(dst + nb * 8, dq[nb][0]);
-            atomicAdd(dst + nb * 8 + 1, dq[nb][1]);
-            atomicAdd(dst + 8 * HD + nb * 8, dq[nb][2]);
-            atomicAdd(dst + 8 * HD + nb * 8 + 1, dq[nb][3]);
-#endif
         }
     }
     f16* dkv[2] = {dheads + ((long long)B * H + bh) * head, dheads + (2LL * B * H + bh) * head};
@@ -450,7 +377,7 @@ def flash_applies(heads, dropout_p):
 
 
 def _kernel(name):
-    return raw_kernel(_SOURCE, name, **VARIANT)
+    return raw_kernel(_SOURCE, name)
 
 
 def flash_forward(heads):
