@@ -178,16 +178,38 @@ def test_adamw_kernel_matches_the_cpu_update(dtype):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
 def test_split_heads_adds_the_bias_and_scales_q(cp, dtype):
+    """D = 8 takes the 16-byte float16 kernel, D = 4 the general one, as
+    does a float16 qkv that starts 2 bytes into its buffer."""
     from xpmodel.layers.attention import split_heads
     rng = np.random.default_rng()
-    B, T, H, D = 2, 5, 3, 8
-    qkv, bias = rand(rng, (B, T, 3 * H * D), dtype), rand(rng, (3 * H * D,), dtype)
-    want = split_heads(qkv.astype(np.float64), bias.astype(np.float64), H)
-    got = split_heads(cp.asarray(qkv), cp.asarray(bias), H)
-    assert got.shape == (3, B, H, T, D) and got.dtype == dtype
-    assert relative_error(got, want) < TOLERANCE[dtype]
-    assert relative_error(split_heads(cp.asarray(qkv), None, H),
-                          split_heads(qkv.astype(np.float64), None, H)) < TOLERANCE[dtype]
+    for B, T, H, D in [(2, 5, 3, 8), (2, 5, 3, 4)]:
+        qkv, bias = rand(rng, (B, T, 3 * H * D), dtype), rand(rng, (3 * H * D,), dtype)
+        want = split_heads(qkv.astype(np.float64), bias.astype(np.float64), H)
+        got = split_heads(cp.asarray(qkv), cp.asarray(bias), H)
+        assert got.shape == (3, B, H, T, D) and got.dtype == dtype
+        assert relative_error(got, want) < TOLERANCE[dtype]
+        assert relative_error(split_heads(cp.asarray(qkv), None, H),
+                              split_heads(qkv.astype(np.float64), None, H)) < TOLERANCE[dtype]
+        shifted = cp.empty(qkv.size + 1, dtype)[1:].reshape(qkv.shape)
+        shifted[...] = cp.asarray(qkv)
+        assert relative_error(split_heads(shifted, cp.asarray(bias), H), want) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_merge_heads_sums_the_bias_gradient(cp, dtype):
+    from xpmodel.layers.attention import merge_heads
+    rng = np.random.default_rng()
+    for B, T, H, D in [(2, 37, 3, 8), (2, 5, 3, 4)]:   # 74 rows: several per thread of the float16 kernel
+        dheads = rand(rng, (3, B, H, T, D), dtype)
+        dbias = rand(rng, (3 * H * D,), np.float32)
+        want_dbias = dbias.astype(np.float64)
+        want = merge_heads(dheads.astype(np.float64), want_dbias)
+        got_dbias = cp.asarray(dbias)
+        got = merge_heads(cp.asarray(dheads), got_dbias)
+        assert got.shape == (B * T, 3 * H * D) and got.dtype == dtype
+        assert relative_error(got, want) < TOLERANCE[dtype]
+        assert relative_error(got_dbias, want_dbias) < 1e-5
+        assert relative_error(merge_heads(cp.asarray(dheads)), want) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("stream_dtype,branch_dtype", [(np.float64, np.float64),
