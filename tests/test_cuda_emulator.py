@@ -93,3 +93,55 @@ def test_arguments_must_match_the_kernel_parameters():
         kernel(source, "takes_an_int")((1,), (32,), (x, np.int64(32)))
     with pytest.raises(TypeError, match="None as a kernel argument"):
         kernel(source, "takes_an_int")((1,), (32,), (None, np.int32(32)))
+
+
+def warp_matrix_kernel(source, name):
+    from xpmodel.cuda.compile import PRELUDE, WARP_MATRIX
+    return cuda_emulator.RawKernel(F16_CONVERSIONS + PRELUDE + WARP_MATRIX + source, name)
+
+
+def test_an_async_copy_read_before_its_wait_sees_the_old_bytes():
+    source = r"""
+    extern "C" __global__ void early_read(const float* src, float* before, float* after) {
+        __shared__ __align__(16) float tile[4];
+        if (threadIdx.x == 0) {
+            for (int i = 0; i < 4; i++) tile[i] = -1.0f;
+            cp_async16(tile, src);
+            cp_async_commit();
+            for (int i = 0; i < 4; i++) before[i] = tile[i];
+            cp_async_wait<0>();
+            for (int i = 0; i < 4; i++) after[i] = tile[i];
+        }
+    }
+    """
+    src = cuda_emulator.asarray(np.arange(1, 5, dtype=np.float32))
+    before, after = cuda_emulator.zeros(4, np.float32), cuda_emulator.zeros(4, np.float32)
+    warp_matrix_kernel(source, "early_read")((1,), (32,), (src, before, after))
+    assert (before.get() == -1).all() and (after.get() == src.get()).all()
+
+
+def test_ldmatrix_reads_rows_the_lanes_address():
+    """Lane 8j + r addresses row r of matrix j; lane l gets row l/4, columns
+    2(l%4) and 2(l%4)+1 of each (transposed: column l/4, rows 2(l%4) and +1)."""
+    source = r"""
+    extern "C" __global__ void load(const f16* m, unsigned* plain, unsigned* transposed) {
+        __shared__ __align__(16) f16 tiles[4 * 64];
+        for (int i = threadIdx.x; i < 4 * 64; i += 32) tiles[i] = m[i];
+        __syncthreads();
+        int lane = threadIdx.x;
+        const f16* row = tiles + (lane / 8) * 64 + (lane % 8) * 8;
+        ldmatrix_x4(plain + 4 * lane, row);
+        ldmatrix_x4_trans(transposed + 4 * lane, row);
+    }
+    """
+    m = np.random.default_rng(0).standard_normal((4, 8, 8)).astype(np.float16)
+    plain, transposed = cuda_emulator.zeros(128, np.uint32), cuda_emulator.zeros(128, np.uint32)
+    warp_matrix_kernel(source, "load")((1,), (32,), (cuda_emulator.asarray(m.reshape(-1)), plain, transposed))
+    plain = plain.get().view(np.float16).reshape(32, 4, 2)             # [lane][matrix][half]
+    transposed = transposed.get().view(np.float16).reshape(32, 4, 2)
+    lanes = np.arange(32)
+    g, t = lanes // 4, lanes % 4
+    for j in range(4):
+        assert (plain[:, j, 0] == m[j, g, 2 * t]).all() and (plain[:, j, 1] == m[j, g, 2 * t + 1]).all()
+        assert (transposed[:, j, 0] == m[j, 2 * t, g]).all()
+        assert (transposed[:, j, 1] == m[j, 2 * t + 1, g]).all()
