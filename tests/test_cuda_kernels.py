@@ -300,7 +300,11 @@ def test_flash_attention_matches_float64(cp, B, H, T, monkeypatch):
     g_y, g_cache = attention.attention_forward(cp.asarray(qkv), H, bias=cp.asarray(bias))
     assert isinstance(g_cache, attention.FlashCache)
     g_dbias = cp.zeros(3 * H * D, np.float32)
-    g_dqkv = attention.attention_backward(cp.asarray(dy), g_cache, dbias=g_dbias)
+    g_dy = cp.asarray(dy)
+    if T == 64:   # a gradient 2 bytes into its buffer: copied to an aligned one for the kernels
+        g_dy = cp.empty(dy.size + 1, np.float16)[1:].reshape(dy.shape)
+        g_dy[...] = cp.asarray(dy)
+    g_dqkv = attention.attention_backward(g_dy, g_cache, dbias=g_dbias)
     assert g_y.dtype == np.float16 and g_dqkv.dtype == np.float16
     assert relative_error(g_y, y) < 2e-3
     for part in range(3):   # q, k, v

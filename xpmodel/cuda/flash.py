@@ -19,6 +19,7 @@ from .compile import WARP_MATRIX, multiprocessor_count, raw_kernel
 HEAD_DIM = 64      # the kernels' fixed head size
 TILE = 64          # queries and keys per tile; T must be a multiple
 _THREADS = 128     # four warps, 16 rows of the tile each
+_MAX_GRID_Y = 65535
 # XPMODEL_FLASH=0 sends attention through the T x T scores instead (for comparisons)
 ENABLED = os.environ.get("XPMODEL_FLASH", "1") != "0"
 
@@ -370,10 +371,11 @@ extern "C" __global__ void flash_dq_store(const float* dq_acc, f16* dq, long lon
 
 def flash_applies(heads, dropout_p):
     """Whether the kernels serve these heads (3, B, H, T, D): float16, D = 64,
-    T a multiple of 64, no dropout on the probabilities (and XPMODEL_FLASH
-    not 0)."""
-    T, D = heads.shape[-2:]
-    return ENABLED and heads.dtype == numpy.float16 and D == HEAD_DIM and T % TILE == 0 and not dropout_p
+    T a multiple of 64, B * H within a grid's second dimension, no dropout on
+    the probabilities (and XPMODEL_FLASH not 0)."""
+    _, B, H, T, D = heads.shape
+    return (ENABLED and heads.dtype == numpy.float16 and D == HEAD_DIM and T % TILE == 0
+            and B * H <= _MAX_GRID_Y and not dropout_p)
 
 
 def _kernel(name):
@@ -399,6 +401,8 @@ def flash_backward(dout, heads, out, lse, q_scale):
     cupy = _import_cupy()
     _, B, H, T, _ = heads.shape
     dout = cupy.ascontiguousarray(dout)
+    if dout.data.ptr % 16:          # the kernels copy 16-byte vectors of it
+        dout = dout.copy()
     rows = B * T * H
     delta = cupy.empty((B, H, T), dtype=numpy.float32)
     _kernel("flash_delta")(((rows + 255) // 256,), (256,),
