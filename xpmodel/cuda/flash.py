@@ -48,8 +48,8 @@ __device__ __forceinline__ void load_tile(f16* tile, const f16* src, long long s
 //   a_columns: A[i][k] = tile[row0 + k][col0 + i]
 //   b_rows:    two k-steps: b[2j..2j+1] holds B_j[k][n] = tile[row0 + n][col0 + 16 j + k]
 //   b_columns: two column blocks: b[2j..2j+1] holds B_j[k][n] = tile[row0 + k][col0 + 8 j + n]
-// each read with one ldmatrix. Lane l addresses row l % 8 of 8x8 matrix l / 8; bit 0 / bit 1 of the matrix
-// index step 8 rows or 8 columns as `rows_first` says
+// each read with one ldmatrix. Lane l addresses row l % 8 of 8x8 matrix l / 8;
+// bit 0 / bit 1 of the matrix index step 8 rows or 8 columns as `rows_first` says
 __device__ __forceinline__ const f16* lane_row(const f16* tile, int row0, int col0, bool rows_first) {
     int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
     int row_step = rows_first ? (j & 1) : (j >> 1), col_step = rows_first ? (j >> 1) : (j & 1);
@@ -303,7 +303,8 @@ extern "C" __global__ void __launch_bounds__(128) flash_backward(const f16* head
                     #pragma unroll
                     for (int i = 0; i < 4; i++) {
                         int query = half + nb * 8 + 2 * t + (i & 1), key = warp * 16 + g + 8 * (i >> 1);
-                        s[nb][i] = (qt == k_tile_index && key > query) ? 0.0f : EXP(s[nb][i] - lse_tile[query]);
+                        bool future = qt == k_tile_index && key > query;
+                        s[nb][i] = future ? 0.0f : EXP(s[nb][i] - lse_tile[query]);
                     }
                 pack_a<4>(p, s);
             }
