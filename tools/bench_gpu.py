@@ -4,9 +4,10 @@ one process on the same GPU.
 
 A step is zero-grad, forward, backward, global-norm clip and AdamW on random
 tokens. The PyTorch model is laid out as torch.nn's GPT-2 would be ((out, in)
-linear weights, scaled_dot_product_attention, fused AdamW). Prints tokens/s (B*T / median step time), MFU against the GPU's dense
-fp16 peak, peak GPU memory in use by each side (arrays / tensors, not what
-the caching allocators hold) and the ratios.
+linear weights, scaled_dot_product_attention, fused AdamW). Prints tokens/s
+(B*T / median step time), MFU against the GPU's dense fp16 peak, peak GPU
+memory in use by each side (arrays / tensors, not what the caching allocators
+hold) and the ratios.
 
     python tools/bench_gpu.py [--configs char-mid gpt2-small] [--steps 20] [--compile-configs gpt2-small]
     python tools/bench_gpu.py --device cpu --precision fp32 --configs tiny   # a smoke test

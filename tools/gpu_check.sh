@@ -36,9 +36,9 @@ note "== GPU tests"
 timeout 80 $PY -m pytest -q -p no:cacheprovider -k "not emulated" tests/test_cuda_kernels.py \
     tests/test_backends.py tests/test_generate.py > "$OUT/tests.log" 2>&1
 note "tests exit code $? ($(tail -1 "$OUT/tests.log"))"
-if grep -q "FAILED.*flash" "$OUT/tests.log"; then
+if grep -qE "FAILED.*(flash|heads_of_64)" "$OUT/tests.log" || ! grep -qE "passed|failed" "$OUT/tests.log"; then
     export XPMODEL_FLASH=0
-    note "the flash-attention kernels failed their tests: the rest runs with XPMODEL_FLASH=0"
+    note "the flash-attention tests failed or did not finish: the rest runs with XPMODEL_FLASH=0"
 fi
 
 note "== benchmark (xpmodel vs PyTorch eager AMP)"
@@ -54,7 +54,7 @@ if [ "${COMPILE:-1}" = 1 ]; then
     cat "$OUT/bench_compile.log" >> "$summary"
 fi
 
-note "== attention alone: each flash-kernel variant against the T x T path (tools/attention_probe.py)"
+note "== attention alone: the flash kernels against the T x T path (tools/attention_probe.py)"
 timeout 45 $PY tools/attention_probe.py >> "$summary" 2>&1
 note "probe exit code $?"
 

@@ -81,11 +81,11 @@ def main():
 
     def attention_pair_tt():   # the path through T x T scores, for comparison
         from xpmodel.cuda import flash
-        applies, flash.flash_applies = flash.flash_applies, lambda heads, dropout_p: False
+        enabled, flash.ENABLED = flash.ENABLED, False
         try:
             attention_pair()
         finally:
-            flash.flash_applies = applies
+            flash.ENABLED = enabled
     scores = g.standard_normal((B, H, T, T), dtype=np.float32).astype(low)   # as the model keeps them
 
     def softmax_pair():

@@ -59,8 +59,10 @@ inline f16 float_to_f16(float x) { _Float16 v = (_Float16)x; f16 h; std::memcpy(
 # fragment layout PTX documents for mma.m16n8k16: every lane publishes its
 # fragments, a warp barrier, then each lane computes its own four results from
 # the whole warp's. ldmatrix and cp.async are in emulator.h; an asynchronous
-# copy lands only when its thread waits for it, so a read before the wait sees
-# the old bytes.
+# copy fills its destination with NaN bytes when issued and lands only when its
+# thread waits for it, so a read before the wait, or a copy into a tile another
+# warp still reads (warps are released from their barriers in a random order,
+# so they drift apart as on a GPU), shows up as NaN.
 EMULATED_WARP_MATRIX = r"""
 inline void mma_16816(float* d, const unsigned* a, const unsigned* b) {
     struct Fragments { unsigned a[4], b[2]; };
@@ -375,6 +377,7 @@ class ElementwiseKernel:
 
 class _Device:
     attributes = {"MultiProcessorCount": MULTIPROCESSORS}
+    compute_capability = "90"   # the emulated warp-level matrix instructions are sm_80's
 
     def __init__(self, index=0):
         self.id = index
@@ -440,11 +443,12 @@ def emulated_cuda():
     saved = [(backend, "_cupy", backend._cupy), (kernels, "_compiled", kernels._compiled),
              (kernels, "_multiprocessors", kernels._multiprocessors), (matmul, "_ones", matmul._ones),
              (gemm, "_cublas", gemm._cublas), (gemm, "_plans", gemm._plans)]
-    from xpmodel.cuda import adamw
-    saved.append((adamw, "_kernel", adamw._kernel))
+    from xpmodel.cuda import adamw, flash
+    saved += [(adamw, "_kernel", adamw._kernel), (flash, "_compute_capability", flash._compute_capability)]
     saved_cupyx = sys.modules.get("cupyx")
     backend._cupy = sys.modules[__name__]
     kernels._compiled, kernels._multiprocessors, matmul._ones, adamw._kernel = {}, {}, {}, None
+    flash._compute_capability = {}
     gemm._cublas, gemm._plans = (lambda: cublas), {}
     sys.modules["cupyx"] = types.SimpleNamespace(scatter_add=numpy.add.at)
     try:

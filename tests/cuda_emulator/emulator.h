@@ -214,16 +214,22 @@ inline bool run_block(int threads) {
             for (int t = 0; t < threads; t++) L.fibers[t].wait = Wait::none;
             continue;
         }
+        // release a random non-empty subset of the warps whose 32 lanes all wait, so warps drift apart
+        std::vector<size_t> ready;
         for (size_t w = 0; w < L.warps.size(); w++) {
-            Warp& warp = L.warps[w];
             int lanes = 0;
             for (int t = 32 * (int)w; t < threads && t < 32 * (int)w + 32; t++)
                 lanes += L.fibers[t].wait == Wait::warp;
-            if (lanes == 32) {
-                for (int t = 32 * (int)w; t < 32 * (int)w + 32; t++) L.fibers[t].wait = Wait::none;
-                warp.generation++;
-                progressed = true;
-            }
+            if (lanes == 32) ready.push_back(w);
+        }
+        for (size_t i = 0; i < ready.size(); i++) {
+            order_seed = order_seed * 6364136223846793005ull + 1442695040888963407ull;
+            bool last_chance = i + 1 == ready.size() && !progressed;
+            if ((order_seed >> 40) % 3 != 0 && !last_chance) continue;
+            size_t w = ready[i];
+            for (int t = 32 * (int)w; t < 32 * (int)w + 32; t++) L.fibers[t].wait = Wait::none;
+            L.warps[w].generation++;
+            progressed = true;
         }
         if (!progressed) {
             L.error = at_block ? "deadlock: __syncthreads not reached by every thread of the block"
@@ -272,6 +278,7 @@ inline void cp_async16(void* dst, const void* src) {
         fail("cp.async: an address not 16-byte aligned");
     Fiber& f = launch_state->fibers[flat_thread()];
     f.copies.push_back(PendingCopy{dst, src, f.committed});
+    std::memset(dst, 0xff, 16);   // in flight: neither the old bytes nor the new
 }
 inline void cp_async_commit() { launch_state->fibers[flat_thread()].committed++; }
 // the copies of every committed group but the newest `pending` land now

@@ -38,7 +38,7 @@ __device__ __forceinline__ f16 float_to_f16(float x) {
 # cp_async16: 16 bytes from global to shared memory without registers, landed
 # once cp_async_wait<n>() returns with at most n later committed groups pending.
 # atomic_add2: dst[0] += x and dst[1] += y (dst 8-byte aligned), one vector
-# reduction on sm_90, two atomics before it.
+# reduction on sm_90 (PTX ISA 8.1: CUDA 12.1 and later), two atomics otherwise.
 WARP_MATRIX = r"""
 __device__ __forceinline__ unsigned shared_address(const void* p) {
     unsigned a;
@@ -68,7 +68,7 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
 }
 __device__ __forceinline__ void atomic_add2(float* dst, float x, float y) {
-#if __CUDA_ARCH__ >= 900
+#if __CUDA_ARCH__ >= 900 && (__CUDACC_VER_MAJOR__ > 12 || __CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 1)
     asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" :: "l"(dst), "f"(x), "f"(y) : "memory");
 #else
     atomicAdd(dst, x);

@@ -1,5 +1,5 @@
-"""Causal attention for float16 heads of 64 dimensions without the T x T
-matrices: scores, probabilities and their gradients live in registers, a
+"""Causal attention for float16 heads of 64 dimensions on GPUs of compute
+capability 8.0 or later, without the T x T matrices: scores, probabilities and their gradients live in registers, a
 tile of 64 queries against a tile of 64 keys at a time, on the tensor cores
 (mma.sync m16n8k16, float32 accumulation).
 
@@ -34,7 +34,7 @@ __device__ __forceinline__ u32 pack2(float low, float high) {
 }
 
 // rows [0, 64) x 64 float16 of global memory (rows `stride` apart) -> shared
-// tile, copied asynchronously: landed after the next cp_async_wait
+// tile, copied asynchronously: landed after the cp_async_wait covering its group
 __device__ __forceinline__ void load_tile(f16* tile, const f16* src, long long stride) {
     for (int i = threadIdx.x; i < TILE * HD / 8; i += blockDim.x) {
         int row = i >> 3, col = (i & 7) * 8;
@@ -248,7 +248,7 @@ extern "C" __global__ void flash_delta(const f16* dout, const f16* out, float* d
 }
 
 // the rows of query tile `query0`: q, dout, lse and delta into shared memory,
-// asynchronously: landed after the next cp_async_wait
+// asynchronously: landed after the cp_async_wait covering its group
 __device__ __forceinline__ void load_queries(f16* q_tile, f16* do_tile, float* lse_tile, float* delta_tile,
         const f16* q, const f16* dout, const float* lse, const float* delta, int query0, int H, int T) {
     int bh = blockIdx.y, b = bh / H, h = bh - b * H;
@@ -371,12 +371,25 @@ extern "C" __global__ void flash_dq_store(const float* dq_acc, f16* dq, long lon
 
 
 def flash_applies(heads, dropout_p):
-    """Whether the kernels serve these heads (3, B, H, T, D): float16, D = 64,
-    T a multiple of 64, B * H within a grid's second dimension, no dropout on
-    the probabilities (and XPMODEL_FLASH not 0)."""
+    """Whether the kernels serve these heads (3, B, H, T, D): float16,
+    contiguous and 16-byte aligned, D = 64, T a multiple of 64, B * H within a
+    grid's second dimension, no dropout on the probabilities, a GPU of compute
+    capability 8.0 or later (and XPMODEL_FLASH not 0)."""
     _, B, H, T, D = heads.shape
     return (ENABLED and heads.dtype == numpy.float16 and D == HEAD_DIM and T % TILE == 0
-            and B * H <= _MAX_GRID_Y and not dropout_p)
+            and heads.flags.c_contiguous and heads.data.ptr % 16 == 0
+            and B * H <= _MAX_GRID_Y and not dropout_p and _has_mma())
+
+
+_compute_capability = {}
+
+
+def _has_mma():
+    """Whether the current GPU runs mma.sync m16n8k16 and cp.async (sm_80 and later)."""
+    device = _import_cupy().cuda.Device()
+    if device.id not in _compute_capability:
+        _compute_capability[device.id] = int(device.compute_capability)
+    return _compute_capability[device.id] >= 80
 
 
 def _kernel(name):
@@ -401,7 +414,7 @@ def flash_backward(dout, heads, out, lse, q_scale):
     the factor split_heads applied)."""
     cupy = _import_cupy()
     _, B, H, T, _ = heads.shape
-    dout = cupy.ascontiguousarray(dout)
+    dout = cupy.ascontiguousarray(dout, dtype=numpy.float16)
     if dout.data.ptr % 16:          # the kernels copy 16-byte vectors of it
         dout = dout.copy()
     rows = B * T * H
