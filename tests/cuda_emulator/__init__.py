@@ -445,18 +445,12 @@ def emulated_cuda():
              (gemm, "_cublas", gemm._cublas), (gemm, "_plans", gemm._plans)]
     from xpmodel.cuda import adamw, flash
     saved += [(adamw, "_kernel", adamw._kernel), (flash, "_compute_capability", flash._compute_capability)]
-    saved_cupyx = sys.modules.get("cupyx")
     backend._cupy = sys.modules[__name__]
     kernels._compiled, kernels._multiprocessors, matmul._ones, adamw._kernel = {}, {}, {}, None
     flash._compute_capability = {}
     gemm._cublas, gemm._plans = (lambda: cublas), {}
-    sys.modules["cupyx"] = types.SimpleNamespace(scatter_add=numpy.add.at)
     try:
         yield sys.modules[__name__]
     finally:
         for module, attribute, value in saved:
             setattr(module, attribute, value)
-        if saved_cupyx is None:
-            del sys.modules["cupyx"]
-        else:
-            sys.modules["cupyx"] = saved_cupyx
