@@ -33,6 +33,7 @@ import yaml
 
 from xpmodel.atomic import atomic_write_bytes
 from xpmodel.errors import UsageError
+from xpmodel.model_config import MLPS, NORMS, POSITIONS
 
 TOKENIZERS = ("bpe", "byte")
 BATCHINGS = ("random", "epochs")
@@ -112,8 +113,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The GPT-2 network's shape (the vocabulary size comes from the tokenizer
-    unless `vocab_size` pads it, e.g. to 50304, a multiple of 64)."""
+    """The network's shape and architecture options (GPT-2 by default; the
+    vocabulary size comes from the tokenizer unless `vocab_size` pads it, e.g.
+    to 50304, a multiple of 64). See model_config.py for what each option does."""
     # transformer blocks
     n_layer: int = _setting(6, within=POSITIVE)
     # attention heads per block
@@ -126,12 +128,38 @@ class ModelConfig:
     dropout: float = _setting(0.0, within=HALF_OPEN_UNIT)
     # embedding rows; None: the tokenizer's vocabulary size; larger pads it
     vocab_size: int | None = _setting(None, within=_Range(low=256))
+    # "rmsnorm": x / rms(x) * w, without the mean or a bias
+    norm: str = _setting("layernorm", choices=NORMS)
+    # the norms' denominator guard
+    norm_eps: float = _setting(1e-5, within=POSITIVE)
+    # "rope": rotary positions on q and k instead of a learned table
+    position: str = _setting("learned", choices=POSITIONS)
+    # rotary base: head dimension pair j turns at rope_theta^(-2j/D) per position
+    rope_theta: float = _setting(10000.0, within=POSITIVE)
+    # RMSNorm of every q and k head (before the rotation)
+    qk_norm: bool = False
+    # the MLP's activation: "swiglu" gates it, "relu2" squares a ReLU
+    mlp: str = _setting("gelu", choices=MLPS)
+    # MLP hidden width; None: 4 * n_embd, or for swiglu 8/3 * n_embd rounded up to 64
+    mlp_hidden: int | None = _setting(None, within=POSITIVE)
+    # key/value heads (grouped-query attention); None: n_head
+    n_kv_head: int | None = _setting(None, within=POSITIVE)
+    # biases on the projections and LayerNorms
+    bias: bool = True
+    # the output head shares the token embedding's weights
+    tie_embeddings: bool = True
 
     def __post_init__(self):
         _check_fields(self, "model")
         if self.n_embd % self.n_head:
             raise UsageError(
                 f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise UsageError(f"model.n_head ({self.n_head}) must be divisible by "
+                             f"model.n_kv_head ({self.n_kv_head})")
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise UsageError(f"model.position rope needs an even head size; n_embd / n_head = "
+                             f"{self.n_embd // self.n_head}")
 
 
 @dataclass

@@ -6,7 +6,6 @@ The residual stream is kept as an (N, C) matrix so every projection is a
 (see params.py); backward adds into the gradient views.
 """
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy
@@ -22,7 +21,8 @@ from .layers.layernorm import layernorm_backward, layernorm_forward
 from .layers.linear import linear_backward
 from .layers.matmul import matmul
 from .layers.residual import residual_forward
-from .params import FlatLayout, parameter_shapes
+from .model_config import GPTConfig
+from .params import FlatLayout, is_norm_weight, parameter_shapes
 
 # Logits evaluated at once, as (rows, V) elements: ~16 MB in fp32 keeps a CPU
 # chunk in cache; a GPU wants few, large launches (~512 MB of fp32 logits).
@@ -42,38 +42,6 @@ class BlockCache(NamedTuple):
     gelu_cache: object
     g: object
     mlp_mask: object
-
-
-@dataclass(frozen=True)
-class GPTConfig:
-    vocab_size: int
-    block_size: int
-    n_layer: int
-    n_head: int
-    n_embd: int
-    dropout: float = 0.0
-
-    def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)):
-                raise ValueError(f"GPTConfig.{name} must be an integer, got {value!r}")
-            if value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be positive, got {value}")
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by "
-                             f"n_head ({self.n_head})")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-
-    def num_params(self, include_positions=True):
-        layout = FlatLayout(parameter_shapes(self))
-        return layout.size - (0 if include_positions else self.block_size * self.n_embd)
-
-    def flops_per_token(self, seq_len=None):
-        """Training FLOPs per token: 6N + 12 L C T (N without position embeddings)."""
-        T = seq_len or self.block_size
-        return 6 * self.num_params(include_positions=False) + 12 * self.n_layer * self.n_embd * T
 
 
 class GPT:
@@ -386,7 +354,7 @@ def _init_parameters(config, layout, seed):
     residual_std = 0.02 / math.sqrt(2 * config.n_layer)
     for name in layout.names:
         view = views[name]
-        if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
+        if is_norm_weight(name):
             view.fill(1.0)
         elif view.ndim == 2:
             std = residual_std if name.endswith("c_proj.weight") else 0.02

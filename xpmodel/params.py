@@ -1,30 +1,58 @@
-"""GPT-2's parameters as named views into one flat buffer.
+"""The model's parameters as named views into one flat buffer.
 
 One contiguous buffer lets zero-grad, the optimizer step, the gradient norm,
 checkpoint I/O and the data-parallel all-reduce each be a single operation.
 Names and shapes are those of Hugging Face's `GPT2LMHeadModel` without the
-`transformer.` prefix; weights are (in, out). In the buffer, every matrix
-comes first and every vector (biases, LayerNorm) after, so weight decay, which
-applies to matrices only, is one slice: `flat[:n_decay]`.
+`transformer.` prefix; weights are (in, out). The architecture options add or
+drop entries under the same naming scheme:
+
+  position "rope"        no wpe.weight
+  bias false             no biases (a LayerNorm keeps only its weight)
+  norm "rmsnorm"         ln_*.weight only
+  qk_norm                h.i.attn.q_norm.weight, h.i.attn.k_norm.weight (D,)
+  n_kv_head H_kv         c_attn's columns are [q: H D | k: H_kv D | v: H_kv D]
+  mlp "swiglu"           c_fc's columns are [gate: F | up: F]
+  tie_embeddings false   lm_head.weight (V, C)
+
+In the buffer, every matrix comes first and every vector (biases, norm
+weights) after, so weight decay, which applies to matrices only, is one
+slice: `flat[:n_decay]`.
 """
 
 
 def parameter_shapes(config):
-    """[(name, shape)] in GPT-2's order."""
-    V, T, C = config.vocab_size, config.block_size, config.n_embd
-    shapes = [("wte.weight", (V, C)), ("wpe.weight", (T, C))]
+    """[(name, shape)] in GPT-2's order, for a GPTConfig."""
+    V, T, C, F = config.vocab_size, config.block_size, config.n_embd, config.mlp_hidden
+    D = config.head_size
+    fc_width = 2 * F if config.mlp == "swiglu" else F
+
+    def norm(name, width):
+        with_bias = config.norm == "layernorm" and config.bias
+        return [(name + ".weight", (width,))] + ([(name + ".bias", (width,))] if with_bias else [])
+
+    def linear(name, n_in, n_out):
+        return [(name + ".weight", (n_in, n_out))] + ([(name + ".bias", (n_out,))] if config.bias else [])
+
+    shapes = [("wte.weight", (V, C))]
+    if config.position == "learned":
+        shapes.append(("wpe.weight", (T, C)))
     for i in range(config.n_layer):
         p = f"h.{i}."
-        shapes += [
-            (p + "ln_1.weight", (C,)), (p + "ln_1.bias", (C,)),
-            (p + "attn.c_attn.weight", (C, 3 * C)), (p + "attn.c_attn.bias", (3 * C,)),
-            (p + "attn.c_proj.weight", (C, C)), (p + "attn.c_proj.bias", (C,)),
-            (p + "ln_2.weight", (C,)), (p + "ln_2.bias", (C,)),
-            (p + "mlp.c_fc.weight", (C, 4 * C)), (p + "mlp.c_fc.bias", (4 * C,)),
-            (p + "mlp.c_proj.weight", (4 * C, C)), (p + "mlp.c_proj.bias", (C,)),
-        ]
-    shapes += [("ln_f.weight", (C,)), ("ln_f.bias", (C,))]
+        shapes += norm(p + "ln_1", C) + linear(p + "attn.c_attn", C, config.qkv_width)
+        if config.qk_norm:
+            shapes += [(p + "attn.q_norm.weight", (D,)), (p + "attn.k_norm.weight", (D,))]
+        shapes += linear(p + "attn.c_proj", C, C) + norm(p + "ln_2", C)
+        shapes += linear(p + "mlp.c_fc", C, fc_width) + linear(p + "mlp.c_proj", F, C)
+    shapes += norm("ln_f", C)
+    if not config.tie_embeddings:
+        shapes.append(("lm_head.weight", (V, C)))
     return shapes
+
+
+def is_norm_weight(name):
+    """True for the weights of LayerNorm, RMSNorm and QK-norm (initialised to 1)."""
+    return name.endswith(("ln_1.weight", "ln_2.weight", "q_norm.weight", "k_norm.weight")) \
+        or name == "ln_f.weight"
 
 
 class FlatLayout:

@@ -6,7 +6,8 @@ from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .config import load_config
 from .errors import CheckpointError, UsageError
 from .hf import import_hf
-from .model import GPT, GPTConfig
+from .model import GPT
+from .model_config import OPTION_KEYS, gpt_config
 from .params import parameter_shapes
 from .rundir import RunDir
 
@@ -54,11 +55,9 @@ def _read_weights(path, config, tokenizer, run):
     if type(vocab) is not int or vocab < tokenizer.vocab_size:
         raise CheckpointError(f"{path}: vocab_size {vocab!r} does not fit the run's tokenizer "
                               f"of {tokenizer.vocab_size} ids")
-    m = config.model
-    gpt_config = GPTConfig(vocab_size=vocab, block_size=m.block_size, n_layer=m.n_layer,
-                           n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout)
-    _, params, _ = load_checkpoint(path, dict(parameter_shapes(gpt_config)), None)
-    return gpt_config, params
+    shape = gpt_config(replace(config.model, vocab_size=vocab), tokenizer.vocab_size)
+    _, params, _ = load_checkpoint(path, dict(parameter_shapes(shape)), None)
+    return shape, params
 
 
 def load_pretrained(source):
@@ -79,8 +78,10 @@ def adopt_pretrained(config, gpt_config, tokenizer):
     data = replace(config.data, tokenizer="bpe" if tokenizer.merges else "byte",
                    vocab_size=max(256, tokenizer.vocab_size))
     padded = gpt_config.vocab_size if gpt_config.vocab_size != tokenizer.vocab_size else None
+    options = {key: getattr(gpt_config, key) for key in OPTION_KEYS}
     model = replace(config.model, n_layer=gpt_config.n_layer, n_head=gpt_config.n_head,
-                    n_embd=gpt_config.n_embd, block_size=gpt_config.block_size, vocab_size=padded)
+                    n_embd=gpt_config.n_embd, block_size=gpt_config.block_size, vocab_size=padded,
+                    **options)
     return replace(config, data=data, model=model)
 
 

@@ -33,7 +33,8 @@ from .display import TrainDisplay
 from .errors import CheckpointError, UsageError, XpmodelError
 from .generate import generate
 from .loss_scale import LossScaler
-from .model import GPT, GPTConfig
+from .model import GPT
+from .model_config import gpt_config
 from .optim import AdamW, clipped_step
 from .rundir import RunDir, default_run_path
 from .runs import adopt_pretrained, load_pretrained
@@ -63,13 +64,11 @@ class Interrupted(Exception):
 
 
 def model_config(config, tokenizer):
-    m = config.model
-    vocab = m.vocab_size or tokenizer.vocab_size
+    vocab = config.model.vocab_size or tokenizer.vocab_size
     if vocab < tokenizer.vocab_size:
         raise UsageError(f"model.vocab_size={vocab} is smaller than the tokenizer's "
                          f"{tokenizer.vocab_size} ids")
-    return GPTConfig(vocab_size=vocab, block_size=m.block_size, n_layer=m.n_layer,
-                     n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout)
+    return gpt_config(config.model, tokenizer.vocab_size)
 
 
 def check_fits_in_memory(gpt_config, device):

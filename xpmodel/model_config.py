@@ -1,0 +1,134 @@
+"""The network's shape and architecture options: `GPTConfig`, and the one
+function that builds it from a run config.
+
+The defaults are GPT-2: LayerNorm, learned positions, a GELU MLP of 4·C,
+biases everywhere and the output head tied to the token embedding. The
+options turn it into the blocks of current small models (Llama, Qwen, OLMo,
+the modded-nanogpt speedrun): RMSNorm, rotary positions, QK-norm, SwiGLU or
+squared-ReLU MLPs, grouped-query attention, no biases, an untied head.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy
+
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+MLPS = ("gelu", "swiglu", "relu2")
+SWIGLU_MULTIPLE = 64    # SwiGLU's default hidden width is rounded up to a multiple of this
+
+
+def default_mlp_hidden(mlp, n_embd):
+    """4·C for gelu and relu2; for swiglu Llama's 2/3 of that (two input
+    matrices keep the parameter count of one 4·C MLP), rounded up to a
+    multiple of SWIGLU_MULTIPLE."""
+    if mlp != "swiglu":
+        return 4 * n_embd
+    return SWIGLU_MULTIPLE * math.ceil(int(8 * n_embd / 3) / SWIGLU_MULTIPLE)
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """vocab_size V, block_size T, n_layer L, n_head H, n_embd C, and the
+    architecture options. n_kv_head (default H) and mlp_hidden (default by
+    `mlp`) are resolved to integers on construction."""
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    position: str = "learned"
+    rope_theta: float = 10000.0
+    qk_norm: bool = False
+    mlp: str = "gelu"
+    mlp_hidden: int = None
+    n_kv_head: int = None
+    bias: bool = True
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            object.__setattr__(self, "n_kv_head", self.n_head)
+        if self.mlp_hidden is None and self.mlp in MLPS:
+            object.__setattr__(self, "mlp_hidden", default_mlp_hidden(self.mlp, self.n_embd))
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head",
+                     "mlp_hidden"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)):
+                raise ValueError(f"GPTConfig.{name} must be an integer, got {value!r}")
+            if value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be positive, got {value}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by "
+                             f"n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"GPTConfig: n_head ({self.n_head}) must be divisible by "
+                             f"n_kv_head ({self.n_kv_head})")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        for name, choices in (("norm", NORMS), ("position", POSITIONS), ("mlp", MLPS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"GPTConfig.{name} must be one of {', '.join(choices)}, "
+                                 f"got {getattr(self, name)!r}")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive number, got {value!r}")
+        for name in ("qk_norm", "bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig.{name} must be true or false, "
+                                 f"got {getattr(self, name)!r}")
+        if self.position == "rope" and self.head_size % 2:
+            raise ValueError(f"GPTConfig: rotary positions need an even head size, got "
+                             f"n_embd / n_head = {self.head_size}")
+
+    @property
+    def head_size(self):
+        """D, the width of one attention head."""
+        return self.n_embd // self.n_head
+
+    @property
+    def qkv_width(self):
+        """Columns of the fused q, k, v projection: (H + 2 H_kv) D."""
+        return (self.n_head + 2 * self.n_kv_head) * self.head_size
+
+    @property
+    def is_gpt2(self):
+        """True when every option is GPT-2's."""
+        return self == GPTConfig(self.vocab_size, self.block_size, self.n_layer, self.n_head,
+                                 self.n_embd, self.dropout)
+
+    def num_params(self, include_embeddings=True):
+        """Parameters; without embeddings, those the 6N FLOPs rule counts:
+        the position table, and the token table when the head is untied."""
+        from .params import FlatLayout, parameter_shapes
+        layout = FlatLayout(parameter_shapes(self))
+        if include_embeddings:
+            return layout.size
+        lookups = self.block_size * self.n_embd if self.position == "learned" else 0
+        if not self.tie_embeddings:
+            lookups += self.vocab_size * self.n_embd
+        return layout.size - lookups
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token: 6N + 12 L C T (N without lookup tables)."""
+        T = seq_len or self.block_size
+        return 6 * self.num_params(include_embeddings=False) + 12 * self.n_layer * self.n_embd * T
+
+
+# The ModelConfig keys that are architecture options, passed through unchanged.
+OPTION_KEYS = ("norm", "norm_eps", "position", "rope_theta", "qk_norm", "mlp", "mlp_hidden",
+               "n_kv_head", "bias", "tie_embeddings")
+
+
+def gpt_config(model, vocab_size):
+    """The GPTConfig of a run config's `model` section (a ModelConfig) for a
+    tokenizer of vocab_size ids (model.vocab_size pads it)."""
+    vocab = model.vocab_size or vocab_size
+    return GPTConfig(vocab_size=vocab, block_size=model.block_size, n_layer=model.n_layer,
+                     n_head=model.n_head, n_embd=model.n_embd, dropout=model.dropout,
+                     **{key: getattr(model, key) for key in OPTION_KEYS})
