@@ -6,42 +6,22 @@ The residual stream is kept as an (N, C) matrix so every projection is a
 (see params.py); backward adds into the gradient views.
 """
 import math
-from typing import NamedTuple
 
 import numpy
 
 from .backend import get_device, get_dtype, random_generator, to_device, to_host, upcast
 from .cpu_threads import keep_freed_memory, run_parallel, single_threaded_blas, split, thread_count
-from .layers.attention import attention_backward, attention_forward
+from .layers.block import block_backward, block_forward, norm_backward, norm_forward, proj_bias_sums
 from .layers.crossentropy import IGNORE_INDEX, crossentropy_fused, lm_head_backward, lm_head_forward
-from .layers.dropout import dropout_backward, dropout_forward, dropout_mask
+from .layers.dropout import dropout_backward, dropout_forward
 from .layers.embedding import embedding_backward, embedding_forward
-from .layers.gelu import gelu_backward, gelu_forward
-from .layers.layernorm import layernorm_backward, layernorm_forward
-from .layers.linear import linear_backward
-from .layers.matmul import matmul
-from .layers.residual import residual_forward
+from .layers.rope import rope_tables
 from .model_config import GPTConfig
 from .params import FlatLayout, is_norm_weight, parameter_shapes
 
 # Logits evaluated at once, as (rows, V) elements: ~16 MB in fp32 keeps a CPU
 # chunk in cache; a GPU wants few, large launches (~512 MB of fp32 logits).
 _LOGIT_ELEMENTS_PER_CHUNK = {"cpu": 1 << 22, "cuda": 1 << 27}
-
-
-class BlockCache(NamedTuple):
-    """What one transformer block's backward reads from its forward."""
-    ln1: object
-    ln1_cache: object
-    y: object
-    attn_cache: object
-    attn_mask: object
-    ln2: object
-    ln2_cache: object
-    h: object
-    gelu_cache: object
-    g: object
-    mlp_mask: object
 
 
 class GPT:
@@ -118,7 +98,7 @@ class GPT:
         B, T = idx.shape
         self._refresh_working_copy()
         hidden, _ = self._forward_hidden(idx, rng=None)
-        logits = lm_head_forward(hidden, self.weights["wte.weight"])
+        logits = lm_head_forward(hidden, self.weights[self.head_weight_name])
         return upcast(logits).reshape(B, T, self.config.vocab_size)
 
     def loss(self, idx, targets):
@@ -185,13 +165,13 @@ class GPT:
         targets = targets.reshape(-1)
         total = 0.0
         dhidden = None if G is None else xp.empty_like(hidden)
+        head = self.head_weight_name
         for rows in self._logit_chunks(hidden.shape[0]):
-            logits = lm_head_forward(hidden[rows], W["wte.weight"])
+            logits = lm_head_forward(hidden[rows], W[head])
             losses, dlogits = crossentropy_fused(logits, targets[rows], dlosses)
             total = total + losses.sum()
             if G is not None:
-                lm_head_backward(dlogits, hidden[rows], W["wte.weight"], G["wte.weight"],
-                                 dx=dhidden[rows])
+                lm_head_backward(dlogits, hidden[rows], W[head], G[head], dx=dhidden[rows])
         if G is not None:
             self._backward_hidden(dhidden, idx, caches, G)
         return total
@@ -201,90 +181,60 @@ class GPT:
             self.flat_working[...] = self.flat_params
 
     def _forward_hidden(self, idx, rng):
-        """idx (B, T) -> final LayerNorm output (N, C) in the compute dtype and
-        the caches of every layer. The residual stream x stays in the master dtype."""
+        """idx (B, T) -> final norm output (N, C) in the compute dtype and the
+        caches of every layer. The residual stream x stays in the master dtype."""
         P, W, cfg = self.params, self.weights, self.config
-        low = self.compute_dtype
         B, T = idx.shape
         p_drop = cfg.dropout if rng is not None else 0.0
-        x, emb_mask = dropout_forward(embedding_forward(idx, P["wte.weight"], P["wpe.weight"]),
+        x, emb_mask = dropout_forward(embedding_forward(idx, P["wte.weight"], P.get("wpe.weight")),
                                       p_drop, rng)
         x = x.reshape(B * T, cfg.n_embd)
+        rope = self.rope_tables(0, T)
         block_caches = []
         for i in range(cfg.n_layer):
-            p = f"h.{i}."
-            # Each projection's bias is added by the layer after it (the head
-            # split, GELU, the residual add), which on CuPy saves a launch each;
-            # the head merge and GELU backward sum their biases' gradients.
-            ln1, ln1_cache = layernorm_forward(x, P[p + "ln_1.weight"], P[p + "ln_1.bias"], low)
-            qkv = matmul(ln1, W[p + "attn.c_attn.weight"])
-            y, attn_cache = attention_forward(qkv.reshape(B, T, 3 * cfg.n_embd), cfg.n_head,
-                                              p_drop, rng, bias=W[p + "attn.c_attn.bias"])
-            attn_branch = matmul(y, W[p + "attn.c_proj.weight"])
-            attn_mask = dropout_mask(attn_branch, p_drop, rng)
-            x = residual_forward(x, attn_branch, W[p + "attn.c_proj.bias"], attn_mask)
-
-            ln2, ln2_cache = layernorm_forward(x, P[p + "ln_2.weight"], P[p + "ln_2.bias"], low)
-            h = matmul(ln2, W[p + "mlp.c_fc.weight"])
-            g, gelu_cache = gelu_forward(h, W[p + "mlp.c_fc.bias"])          # h += bias
-            mlp_branch = matmul(g, W[p + "mlp.c_proj.weight"])
-            mlp_mask = dropout_mask(mlp_branch, p_drop, rng)
-            x = residual_forward(x, mlp_branch, W[p + "mlp.c_proj.bias"], mlp_mask)
-            block_caches.append(BlockCache(ln1, ln1_cache, y, attn_cache, attn_mask,
-                                           ln2, ln2_cache, h, gelu_cache, g, mlp_mask))
-        hidden, lnf_cache = layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"], low)
+            x, cache = block_forward(cfg, i, x, (B, T), P, W, self.compute_dtype, p_drop, rng, rope)
+            block_caches.append(cache)
+        hidden, lnf_cache = norm_forward(cfg, x, P, "ln_f", self.compute_dtype)
         return hidden, (emb_mask, block_caches, lnf_cache)
 
     def _backward_hidden(self, dhidden, idx, caches, G):
-        """dhidden: (N, C) gradient of the final LayerNorm output; adds into the views G."""
+        """dhidden: (N, C) gradient of the final norm output; adds into the views G."""
         P, W, cfg = self.params, self.weights, self.config
         B, T = idx.shape
-        low = self.compute_dtype
         emb_mask, block_caches, lnf_cache = caches
-        # The residual stream's gradient dx reaches every branch unchanged;
-        # in mixed precision the branches read a float16 copy of it, which
-        # each LayerNorm backward writes as it updates dx. A c_proj bias's
-        # gradient is the column sum of what its branch receives: without
-        # dropout on the branch, the LayerNorm backward before it sums it.
-        dx_low = None if low == self.dtype else \
-            self.xp.empty(dhidden.shape, dtype=low)
+        # The residual stream's gradient dx reaches every branch unchanged; in
+        # mixed precision the branches read a float16 copy of it, which each
+        # norm backward writes as it updates dx. Each norm backward also sums
+        # the c_proj bias gradient of the branch below it (proj_bias_sums).
+        dx_low = None if self.compute_dtype == self.dtype else \
+            self.xp.empty(dhidden.shape, dtype=self.compute_dtype)
 
-        def proj_bias(i, branch):
-            """(where a LayerNorm backward sums block i's `branch` c_proj bias
-            gradient, where linear_backward does): one of the two is None."""
-            mask = getattr(block_caches[i], branch + "_mask")
-            grad = G[f"h.{i}.{branch}.c_proj.bias"]
-            return (grad, None) if mask is None else (None, grad)
+        def bias_sum_below(i):
+            """Where the norm above block i's output sums its mlp c_proj bias gradient."""
+            return None if i < 0 else \
+                proj_bias_sums(block_caches[i].mlp_mask, G.get(f"h.{i}.mlp.c_proj.bias"))[0]
 
-        dx = layernorm_backward(dhidden, lnf_cache, P["ln_f.weight"], G["ln_f.weight"],
-                                G["ln_f.bias"], dx_low=dx_low,
-                                dx_sum=proj_bias(cfg.n_layer - 1, "mlp")[0])
-        dbranch = dx if dx_low is None else dx_low
+        dx = norm_backward(cfg, dhidden, lnf_cache, P, G, "ln_f", dx_low=dx_low,
+                           dx_sum=bias_sum_below(cfg.n_layer - 1))
         for i in reversed(range(cfg.n_layer)):
-            p = f"h.{i}."
-            (ln1, ln1_cache, y, attn_cache, attn_mask,
-             ln2, ln2_cache, h, gelu_cache, g, mlp_mask) = block_caches[i]
-            dmlp_out = dropout_backward(dbranch, mlp_mask)
-            dg = linear_backward(dmlp_out, g, W[p + "mlp.c_proj.weight"],
-                                 G[p + "mlp.c_proj.weight"], proj_bias(i, "mlp")[1])
-            dh = gelu_backward(dg, h, gelu_cache, dbias=G[p + "mlp.c_fc.bias"])
-            dln2 = linear_backward(dh, ln2, W[p + "mlp.c_fc.weight"], G[p + "mlp.c_fc.weight"])
-            layernorm_backward(dln2, ln2_cache, P[p + "ln_2.weight"], G[p + "ln_2.weight"],
-                               G[p + "ln_2.bias"], dx=dx, dx_low=dx_low,
-                               dx_sum=proj_bias(i, "attn")[0])
-
-            dattn_out = dropout_backward(dbranch, attn_mask)
-            dy = linear_backward(dattn_out, y, W[p + "attn.c_proj.weight"],
-                                 G[p + "attn.c_proj.weight"], proj_bias(i, "attn")[1])
-            dqkv = attention_backward(dy, attn_cache, dbias=G[p + "attn.c_attn.bias"])
-            dln1 = linear_backward(dqkv, ln1, W[p + "attn.c_attn.weight"],
-                                   G[p + "attn.c_attn.weight"])
-            layernorm_backward(dln1, ln1_cache, P[p + "ln_1.weight"],
-                               G[p + "ln_1.weight"], G[p + "ln_1.bias"], dx=dx,
-                               dx_low=dx_low if i > 0 else None,
-                               dx_sum=proj_bias(i - 1, "mlp")[0] if i > 0 else None)
+            block_backward(cfg, i, dx, block_caches[i], P, W, G, dx_low,
+                           input_low=dx_low if i > 0 else None, input_sum=bias_sum_below(i - 1))
         demb = dropout_backward(dx.reshape(B, T, cfg.n_embd), emb_mask)
-        embedding_backward(demb, idx, G["wte.weight"], G["wpe.weight"])
+        embedding_backward(demb, idx, G["wte.weight"], G.get("wpe.weight"))
+
+    def rope_tables(self, start, T):
+        """(cos, sin) (T, D/2) of positions start .. start+T-1, or None with learned positions."""
+        cfg = self.config
+        if cfg.position != "rope":
+            return None
+        cos, sin = rope_tables(cfg.block_size, cfg.head_size, cfg.rope_theta, self.device,
+                               self.dtype)
+        return cos[start:start + T], sin[start:start + T]
+
+    @property
+    def head_weight_name(self):
+        """The (V, C) matrix the logits are computed with."""
+        return "wte.weight" if self.config.tie_embeddings else "lm_head.weight"
 
     # ---- helpers ----------------------------------------------------------------
     def _logit_chunks(self, n_rows):

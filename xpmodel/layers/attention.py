@@ -1,4 +1,5 @@
-"""Causal multi-head self-attention on a fused qkv activation.
+"""Causal multi-head self-attention on a fused qkv activation, with
+grouped-query attention, QK-norm and rotary positions as options.
 
 The softmax and its gradient are computed in at least float32, whatever the
 dtype of q, k and v; the probabilities are kept in that dtype. On NumPy the
@@ -16,6 +17,13 @@ softmax, the split and the merge are one kernel each. For float16 heads of 64
 dimensions with T a multiple of 64 and no dropout on the probabilities,
 xpmodel/cuda/flash.py does everything between the split and the merge
 without T x T matrices.
+
+GPT-2's attention goes straight from the split to that core. With the
+options, the split gives q (B, H, T, D) and k, v (B, H_kv, T, D); QK-norm
+and the rotation act on q and k, q is scaled, and k and v are repeated over
+their groups of query heads into the same (3, B, H, T, D) layout, so one
+core (and the flash kernels) serves every variant; backward sums each
+group's key and value gradients back.
 """
 import math
 from typing import NamedTuple
@@ -25,6 +33,8 @@ import numpy
 from ..backend import array_module, is_cuda_array, upcast
 from .dropout import dropout_backward, dropout_forward
 from .matmul import matmul
+from .rmsnorm import rmsnorm_backward, rmsnorm_forward
+from .rope import rope_backward, rope_forward
 
 
 _causal_masks = {}   # (module, T, dtype) -> (T, T) additive mask
@@ -110,29 +120,157 @@ class FlashCache(NamedTuple):
     lse: object         # (B, H, T) float32: log of each row's softmax denominator, plus its max
 
 
-def attention_forward(qkv, n_head, dropout_p=0.0, rng=None, bias=None):
-    """qkv: (B, T, 3C), the projection's output, its bias (3C,) not yet added
-    when given here -> y (B*T, C), cache for backward."""
-    B, T, C3 = qkv.shape
-    C = C3 // 3
+class HeadsCache(NamedTuple):
+    """What the backward of the head transforms (GQA, QK-norm, RoPE) reads."""
+    n_kv_head: int
+    qk_norm: object     # (q's RMSNorm cache, k's) or None
+    rope: object        # (cos, sin) (T, D/2) or None
+
+
+class AttentionCache(NamedTuple):
+    core: object        # SoftmaxCache or FlashCache
+    heads: object       # HeadsCache, or None on GPT-2's path
+
+
+def attention_forward(qkv, n_head, dropout_p=0.0, rng=None, bias=None, n_kv_head=None,
+                      qk_norm=None, rope=None, kv_cache=None):
+    """qkv: (B, T, (H + 2 H_kv) D), the projection's output, its bias not yet
+    added when given here -> y (B*T, H D), cache for backward.
+
+    n_kv_head: key/value heads (default n_head); each serves H / H_kv query heads.
+    qk_norm: (w_q, w_k, eps), an RMSNorm of every q and k head, or None.
+    rope: (cos, sin) tables (T, D/2) for these positions, or None.
+    kv_cache (generation): a LayerKV that receives this call's keys and
+    values; positions after the first attend over everything it holds.
+    """
+    B, T, width = qkv.shape
+    n_kv_head = n_kv_head or n_head
+    D = width // (n_head + 2 * n_kv_head)
+    if n_kv_head == n_head and qk_norm is None and rope is None and kv_cache is None:
+        heads = split_heads(qkv, bias, n_head)                       # GPT-2: (3, B, H, T, D)
+        y, core = _core_forward(heads, dropout_p, rng)
+        return y, AttentionCache(core, None)
+    q, k, v = split_qkv(qkv, bias, n_head, n_kv_head)                # (B, H|H_kv, T, D)
+    norm_caches = None
+    if qk_norm is not None:
+        w_q, w_k, eps = qk_norm
+        q, q_cache = rmsnorm_forward(q, w_q, eps=eps)
+        k, k_cache = rmsnorm_forward(k, w_k, eps=eps)
+        norm_caches = (q_cache, k_cache)
+    if rope is not None:
+        q, k = rope_forward(q, *rope), rope_forward(k, *rope)
+    q *= 1.0 / math.sqrt(D)
+    if kv_cache is not None:
+        start = kv_cache.append(k, v)
+        if start > 0:
+            return cached_attention(q, kv_cache, start), None
+    group = n_head // n_kv_head
+    heads = array_module(q).stack([q, _repeat_heads(k, group), _repeat_heads(v, group)])
+    y, core = _core_forward(heads, dropout_p, rng)
+    return y, AttentionCache(core, HeadsCache(n_kv_head, norm_caches, rope))
+
+
+def attention_backward(dy, cache, dbias=None, qk_norm=None, dqk_norm=None):
+    """dy: (B*T, H D) -> dqkv (B*T, (H + 2 H_kv) D); with dbias, the gradient of
+    the bias passed to forward is added into it. qk_norm: (w_q, w_k, eps) as
+    given to forward; dqk_norm: (dw_q, dw_k) to add their gradients into."""
+    dheads = _core_backward(dy, cache.core)                          # (3, B, H, T, D)
+    if cache.heads is None:
+        return merge_heads(dheads, dbias)
+    n_kv_head, norm_caches, rope = cache.heads
+    _, B, H, T, D = dheads.shape
+    group = H // n_kv_head
+    dq = dheads[0]                                 # the core's dq is already times 1/sqrt(D)
+    dk = _sum_head_groups(dheads[1], group)
+    dv = _sum_head_groups(dheads[2], group)
+    if rope is not None:
+        dq, dk = rope_backward(dq, *rope), rope_backward(dk, *rope)
+    if norm_caches is not None:
+        (w_q, w_k, _), (dw_q, dw_k) = qk_norm, dqk_norm
+        dq = rmsnorm_backward(dq, norm_caches[0], w_q, dw_q).astype(dheads.dtype, copy=False)
+        dk = rmsnorm_backward(dk, norm_caches[1], w_k, dw_k).astype(dheads.dtype, copy=False)
+    return merge_qkv(dq, dk, dv, dbias)
+
+
+def split_qkv(qkv, bias, n_head, n_kv_head):
+    """qkv: (B, T, (H + 2 H_kv) D) -> q (B, H, T, D), k, v (B, H_kv, T, D),
+    each a new contiguous array, with the bias ((H + 2 H_kv) D,) added."""
     xp = array_module(qkv)
-    heads = split_heads(qkv, bias, n_head)                           # (3, B, H, T, D)
-    if is_cuda_array(qkv):
+    B, T, width = qkv.shape
+    D = width // (n_head + 2 * n_kv_head)
+    if bias is not None:
+        qkv = qkv + bias
+    heads = qkv.reshape(B, T, n_head + 2 * n_kv_head, D).transpose(0, 2, 1, 3)
+    kv_start = n_head + n_kv_head
+    return (xp.ascontiguousarray(heads[:, :n_head]), xp.ascontiguousarray(heads[:, n_head:kv_start]),
+            xp.ascontiguousarray(heads[:, kv_start:]))
+
+
+def merge_qkv(dq, dk, dv, dbias=None):
+    """The inverse of split_qkv's layout change: dq (B, H, T, D), dk, dv
+    (B, H_kv, T, D) -> (B*T, (H + 2 H_kv) D); dbias gets the column sums."""
+    xp = array_module(dq)
+    B, _, T, D = dq.shape
+    merged = xp.concatenate([part.transpose(0, 2, 1, 3).reshape(B * T, -1).astype(dq.dtype, copy=False)
+                             for part in (dq, dk, dv)], axis=1)
+    if dbias is not None:
+        dbias += merged.sum(axis=0, dtype=dbias.dtype)
+    return merged
+
+
+def _repeat_heads(x, group):
+    """(B, H_kv, T, D) -> (B, H_kv * group, T, D): kv head j serves query heads j*group ..."""
+    return x if group == 1 else array_module(x).repeat(x, group, axis=1)
+
+
+def _sum_head_groups(dx, group):
+    """(B, H, T, D) -> (B, H / group, T, D), the gradient of _repeat_heads."""
+    if group == 1:
+        return dx
+    B, H, T, D = dx.shape
+    return dx.reshape(B, H // group, group, T, D).sum(axis=2, dtype=dx.dtype)
+
+
+def cached_attention(q, kv_cache, start):
+    """q: (B, H, Tq, D), scaled, for positions start .. start+Tq-1, against the
+    cache's keys and values for positions 0 .. start+Tq-1 -> y (B*Tq, H D)."""
+    xp = array_module(q)
+    B, H, Tq, D = q.shape
+    L = start + Tq
+    group = H // kv_cache.keys.shape[1]
+    keys = _repeat_heads(kv_cache.keys[:, :, :L], group)
+    values = _repeat_heads(kv_cache.values[:, :, :L], group)
+    scores = upcast(xp.matmul(q, keys.swapaxes(-1, -2)))                  # (B, H, Tq, L)
+    future = xp.arange(L)[None, :] > (start + xp.arange(Tq))[:, None]    # (Tq, L)
+    scores = xp.where(future, -xp.inf, scores)
+    scores -= scores.max(axis=-1, keepdims=True)
+    probs = xp.exp(scores, out=scores)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    y = xp.matmul(probs.astype(q.dtype, copy=False), values)             # (B, H, Tq, D)
+    return y.transpose(0, 2, 1, 3).reshape(B * Tq, H * D)
+
+
+def _core_forward(heads, dropout_p, rng):
+    """heads: (3, B, H, T, D), q scaled -> y (B*T, H D) and the core's cache:
+    causal softmax attention, by flash kernels where they apply."""
+    _, B, H, T, D = heads.shape
+    xp = array_module(heads)
+    if is_cuda_array(heads):
         from ..cuda import flash
         if flash.flash_applies(heads, dropout_p):
             y, lse = flash.flash_forward(heads)
             return y, FlashCache(heads, y, lse)
     q, k, v = heads[0], heads[1], heads[2]
-    blocks = _causal_blocks(T, is_cuda_array(qkv))
-    scores = xp.empty(q.shape[:-1] + (T,), dtype=_score_dtype(qkv))  # (B, H, T, T)
+    blocks = _causal_blocks(T, is_cuda_array(heads))
+    scores = xp.empty(q.shape[:-1] + (T,), dtype=_score_dtype(heads))  # (B, H, T, T)
     for rows, keys in blocks:
         matmul(q[:, :, rows], k[:, :, keys], transpose_b=True, out=scores[:, :, rows, keys])
-    probs = causal_softmax_forward(scores, out_dtype=qkv.dtype, key_block=blocks[0][0].stop)
+    probs = causal_softmax_forward(scores, out_dtype=heads.dtype, key_block=blocks[0][0].stop)
     probs_used, drop_mask = dropout_forward(probs, dropout_p, rng)
-    y = xp.empty_like(q)                                             # (B, H, T, D)
+    y = xp.empty_like(q)                                               # (B, H, T, D)
     for rows, keys in blocks:
         matmul(probs_used[:, :, rows, keys], v[:, :, keys], out=y[:, :, rows])
-    y = y.transpose(0, 2, 1, 3).reshape(B * T, C)
+    y = y.transpose(0, 2, 1, 3).reshape(B * T, H * D)
     return y, SoftmaxCache(heads, probs, drop_mask)
 
 
@@ -150,14 +288,13 @@ def merge_heads(dheads, dbias=None):
     return merged
 
 
-def attention_backward(dy, cache, dbias=None):
-    """dy: (B*T, C) -> dqkv (B*T, 3C); with dbias (3C,), the gradient of the
-    bias passed to forward is added into it."""
+def _core_backward(dy, cache):
+    """dy: (B*T, H D) -> dheads (3, B, H, T, D), dq with respect to q before its scaling."""
     xp = array_module(dy)
     if isinstance(cache, FlashCache):
         from ..cuda.flash import flash_backward
-        dheads = flash_backward(dy, cache.heads, cache.out, cache.lse, 1.0 / math.sqrt(cache.heads.shape[-1]))
-        return merge_heads(dheads, dbias)
+        return flash_backward(dy, cache.heads, cache.out, cache.lse,
+                              1.0 / math.sqrt(cache.heads.shape[-1]))
     heads, probs, drop_mask = cache
     _, B, H, T, D = heads.shape
     q, k, v = heads[0], heads[1], heads[2]   # q already scaled by 1/sqrt(D)
@@ -180,7 +317,7 @@ def attention_backward(dy, cache, dbias=None):
         matmul(dscores[:, :, rows, keys], k[:, :, keys], out=dq[:, :, rows], alpha=1.0 / math.sqrt(D))
         later = slice(rows.start, T)
         matmul(dscores[:, :, later, rows], q[:, :, later], transpose_a=True, out=dk[:, :, rows])
-    return merge_heads(dheads, dbias)
+    return dheads
 
 
 _QUERY_CHUNK = 256   # queries per block of the causal products on CUDA

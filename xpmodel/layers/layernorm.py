@@ -1,4 +1,4 @@
-"""LayerNorm over the last axis (eps 1e-5), statistics in at least float32.
+"""LayerNorm over the last axis (eps 1e-5 by default), statistics in at least float32.
 
 CuPy arrays go to one fused kernel each way (xpmodel.cuda.layernorm)."""
 from ..backend import array_module, is_cuda_array, upcast
@@ -6,25 +6,28 @@ from ..backend import array_module, is_cuda_array, upcast
 EPS = 1e-5
 
 
-def layernorm_forward(x, w, b, out_dtype=None):
-    """x: (N, C), w, b: (C,) -> out (N, C) in out_dtype (default x's), cache for backward."""
+def layernorm_forward(x, w, b, out_dtype=None, eps=EPS):
+    """x: (N, C), w, b: (C,) (b may be None) -> out (N, C) in out_dtype
+    (default x's), cache for backward."""
     if is_cuda_array(x):
         from ..cuda.layernorm import layernorm_forward as fused
-        out, xhat, rstd = fused(x, w, b, EPS, out_dtype or x.dtype)
+        out, xhat, rstd = fused(x, w, b, eps, out_dtype or x.dtype)
         return out, (xhat, rstd)
     xp = array_module(x)
     mean = x.mean(axis=1, keepdims=True)
     xhat = x - mean
     var = xp.mean(xhat * xhat, axis=1, keepdims=True)
-    rstd = 1.0 / xp.sqrt(var + EPS)
+    rstd = 1.0 / xp.sqrt(var + eps)
     xhat *= rstd
     out = xhat * w
-    out += b
+    if b is not None:
+        out += b
     return out.astype(out_dtype or x.dtype, copy=False), (xhat, rstd)
 
 
 def layernorm_backward(dout, cache, w, dw, db, dx=None, dx_low=None, dx_sum=None):
-    """dout: (N, C), any float dtype. Adds into dw, db (C,); returns dx (N, C)
+    """dout: (N, C), any float dtype. Adds into dw, db (C,) (db None without a
+    bias); returns dx (N, C)
     in the statistics' dtype, added into `dx` when given. `dx_low` (N, C),
     when given, receives a copy of the returned dx in its own dtype (the
     residual gradient in float16 for the matmuls that read it next), and
@@ -37,7 +40,8 @@ def layernorm_backward(dout, cache, w, dw, db, dx=None, dx_low=None, dx_sum=None
     xp = array_module(dout)
     dout = upcast(dout)
     dw += xp.sum(dout * xhat, axis=0)
-    db += dout.sum(axis=0)
+    if db is not None:
+        db += dout.sum(axis=0)
     dxhat = dout * w
     # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
     mean_dxhat = dxhat.mean(axis=1, keepdims=True)

@@ -1,0 +1,138 @@
+"""One transformer block, the unit the model repeats, from the chosen options.
+
+Pre-norm wiring: x += attn(norm_1(x)); x += mlp(norm_2(x)). Which norm and
+which MLP activation it uses is chosen in the two tables below; every entry
+is a forward/backward pair with the same signature, so a new variant is one
+layer file and one line here.
+
+Parameters come as name -> array mappings: P, the master weights (norms read
+them in full precision); W, the weights the matmuls use (a float16 copy in
+mixed precision); G, the gradients backward adds into. Keys a config does not
+have (biases with bias false, the QK-norm weights without qk_norm) are absent.
+
+Each projection's bias is added by the layer after it (the head split, the
+activation, the residual add), which on CuPy saves a launch each; the head
+merge and the activation's backward sum their biases' gradients.
+"""
+from typing import NamedTuple
+
+from .attention import attention_backward, attention_forward
+from .dropout import dropout_backward, dropout_mask
+from .gelu import gelu_backward, gelu_forward
+from .layernorm import layernorm_backward, layernorm_forward
+from .linear import linear_backward
+from .matmul import matmul
+from .relu2 import relu2_backward, relu2_forward
+from .residual import residual_forward
+from .rmsnorm import rmsnorm_backward, rmsnorm_forward
+from .swiglu import swiglu_backward, swiglu_forward
+
+NORMS = {"layernorm": (layernorm_forward, layernorm_backward),
+         "rmsnorm": (rmsnorm_forward, rmsnorm_backward)}
+ACTIVATIONS = {"gelu": (gelu_forward, gelu_backward),
+               "swiglu": (swiglu_forward, swiglu_backward),
+               "relu2": (relu2_forward, relu2_backward)}
+
+
+class BlockCache(NamedTuple):
+    """What one block's backward reads from its forward."""
+    ln1: object          # (N, C) norm_1's output, in the compute dtype
+    ln1_cache: object
+    y: object            # (N, C) attention output, before c_proj
+    attn_cache: object
+    attn_mask: object    # dropout on the attention branch, or None
+    ln2: object
+    ln2_cache: object
+    h: object            # (N, F or 2F) c_fc's output, its bias added
+    act_cache: object
+    g: object            # (N, F) the activation's output
+    mlp_mask: object
+
+
+def norm_forward(cfg, x, P, name, out_dtype):
+    """The configured norm of x (N, C) with the weights `name`.weight / .bias."""
+    forward = NORMS[cfg.norm][0]
+    return forward(x, P[name + ".weight"], P.get(name + ".bias"), out_dtype, cfg.norm_eps)
+
+
+def norm_backward(cfg, dout, cache, P, G, name, **kwargs):
+    backward = NORMS[cfg.norm][1]
+    return backward(dout, cache, P[name + ".weight"], G[name + ".weight"], G.get(name + ".bias"),
+                    **kwargs)
+
+
+def _qk_norm(cfg, P, p):
+    """(w_q, w_k, eps) of block prefix p's QK-norm, or None."""
+    return (P[p + "attn.q_norm.weight"], P[p + "attn.k_norm.weight"], cfg.norm_eps) \
+        if cfg.qk_norm else None
+
+
+def block_forward(cfg, layer, x, shape, P, W, low, p_drop=0.0, rng=None, rope=None, kv_cache=None):
+    """x: (N, C) residual stream in the master dtype, updated in place; shape
+    (B, T) with N = B*T; low: the compute dtype. Returns (x, BlockCache)."""
+    p = f"h.{layer}."
+    B, T = shape
+    activation = ACTIVATIONS[cfg.mlp][0]
+    ln1, ln1_cache = norm_forward(cfg, x, P, p + "ln_1", low)
+    qkv = matmul(ln1, W[p + "attn.c_attn.weight"])
+    y, attn_cache = attention_forward(qkv.reshape(B, T, cfg.qkv_width), cfg.n_head, p_drop, rng,
+                                      bias=W.get(p + "attn.c_attn.bias"), n_kv_head=cfg.n_kv_head,
+                                      qk_norm=_qk_norm(cfg, P, p), rope=rope, kv_cache=kv_cache)
+    attn_branch = matmul(y, W[p + "attn.c_proj.weight"])
+    attn_mask = dropout_mask(attn_branch, p_drop, rng)
+    x = residual_forward(x, attn_branch, W.get(p + "attn.c_proj.bias"), attn_mask)
+
+    ln2, ln2_cache = norm_forward(cfg, x, P, p + "ln_2", low)
+    h = matmul(ln2, W[p + "mlp.c_fc.weight"])
+    g, act_cache = activation(h, W.get(p + "mlp.c_fc.bias"))             # h += bias
+    mlp_branch = matmul(g, W[p + "mlp.c_proj.weight"])
+    mlp_mask = dropout_mask(mlp_branch, p_drop, rng)
+    x = residual_forward(x, mlp_branch, W.get(p + "mlp.c_proj.bias"), mlp_mask)
+    return x, BlockCache(ln1, ln1_cache, y, attn_cache, attn_mask, ln2, ln2_cache, h, act_cache,
+                         g, mlp_mask)
+
+
+def block_backward(cfg, layer, dx, cache, P, W, G, dx_low=None, input_low=None, input_sum=None):
+    """The block's backward, given dx (N, C), the gradient of its output
+    stream in the statistics' dtype; dx is updated in place to the gradient
+    of its input as each norm backward adds into it.
+
+    dx_low: in mixed precision, a float16 copy of dx that the branches read
+    and the norm_2 backward rewrites. input_low / input_sum: where the norm_1
+    backward writes the float16 copy of the input's gradient and its column
+    sums (the block below's c_proj bias gradient), or None.
+    """
+    p = f"h.{layer}."
+    activation_backward = ACTIVATIONS[cfg.mlp][1]
+    dbranch = dx if dx_low is None else dx_low
+    mlp_bias_sum, mlp_bias = proj_bias_sums(cache.mlp_mask, G.get(p + "mlp.c_proj.bias"))
+    attn_bias_sum, attn_bias = proj_bias_sums(cache.attn_mask, G.get(p + "attn.c_proj.bias"))
+    dmlp_out = dropout_backward(dbranch, cache.mlp_mask)
+    dg = linear_backward(dmlp_out, cache.g, W[p + "mlp.c_proj.weight"],
+                         G[p + "mlp.c_proj.weight"], mlp_bias)
+    dh = activation_backward(dg, cache.h, cache.act_cache, dbias=G.get(p + "mlp.c_fc.bias"))
+    dln2 = linear_backward(dh, cache.ln2, W[p + "mlp.c_fc.weight"], G[p + "mlp.c_fc.weight"])
+    norm_backward(cfg, dln2, cache.ln2_cache, P, G, p + "ln_2", dx=dx, dx_low=dx_low,
+                  dx_sum=attn_bias_sum)
+
+    dattn_out = dropout_backward(dbranch, cache.attn_mask)
+    dy = linear_backward(dattn_out, cache.y, W[p + "attn.c_proj.weight"],
+                         G[p + "attn.c_proj.weight"], attn_bias)
+    dqk_norm = (G[p + "attn.q_norm.weight"], G[p + "attn.k_norm.weight"]) if cfg.qk_norm else None
+    dqkv = attention_backward(dy, cache.attn_cache, dbias=G.get(p + "attn.c_attn.bias"),
+                              qk_norm=_qk_norm(cfg, P, p), dqk_norm=dqk_norm)
+    dln1 = linear_backward(dqkv, cache.ln1, W[p + "attn.c_attn.weight"],
+                           G[p + "attn.c_attn.weight"])
+    norm_backward(cfg, dln1, cache.ln1_cache, P, G, p + "ln_1", dx=dx, dx_low=input_low,
+                  dx_sum=input_sum)
+    return dx
+
+
+def proj_bias_sums(mask, grad):
+    """Where a c_proj bias's gradient is summed: (by the norm backward that
+    writes the gradient its branch receives, by linear_backward); one of the
+    two is None. Without dropout on the branch, the norm backward's column
+    sums of the stream's gradient are that gradient, which saves a pass."""
+    if grad is None:
+        return None, None
+    return (grad, None) if mask is None else (None, grad)

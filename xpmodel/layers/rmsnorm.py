@@ -1,0 +1,56 @@
+"""RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * w, statistics in
+at least float32. No mean is subtracted and there is no bias; that is the
+whole difference from LayerNorm, here and in the shared CUDA kernel
+(xpmodel.cuda.layernorm), which CuPy arrays of 2-D rows go to. QK-norm uses
+it on (B, H, T, D) heads, where it normalises each head's D values."""
+from ..backend import array_module, is_cuda_array, upcast
+
+EPS = 1e-5
+
+
+def rmsnorm_forward(x, w, b=None, out_dtype=None, eps=EPS):
+    """x: (..., C), w: (C,) -> out (x's shape) in out_dtype (default x's), cache.
+    b must be None: it keeps the signature LayerNorm's, so the two are interchangeable."""
+    if b is not None:
+        raise ValueError("RMSNorm has no bias")
+    if is_cuda_array(x) and x.ndim == 2:
+        from ..cuda.layernorm import layernorm_forward as fused
+        out, xhat, rstd = fused(x, w, None, eps, out_dtype or x.dtype, center=False)
+        return out, (xhat, rstd)
+    xp = array_module(x)
+    xhat = upcast(x).copy()
+    rstd = 1.0 / xp.sqrt(xp.mean(xhat * xhat, axis=-1, keepdims=True) + eps)
+    xhat *= rstd
+    out = xhat * w
+    return out.astype(out_dtype or x.dtype, copy=False), (xhat, rstd)
+
+
+def rmsnorm_backward(dout, cache, w, dw, db=None, dx=None, dx_low=None, dx_sum=None):
+    """dout: (..., C). Adds into dw (C,); returns dx in the statistics' dtype,
+    added into `dx` when given; dx_low and dx_sum as in layernorm_backward.
+    db must be None (no bias).
+
+    dx = rstd * (dxhat - xhat * mean(dxhat * xhat)), with dxhat = dout * w.
+    """
+    xhat, rstd = cache
+    if db is not None:
+        raise ValueError("RMSNorm has no bias")
+    if is_cuda_array(dout) and dout.ndim == 2:
+        from ..cuda.layernorm import layernorm_backward as fused
+        return fused(dout, xhat, rstd, w, dw, None, dx, dx_low, dx_sum, center=False)
+    xp = array_module(dout)
+    dout = upcast(dout)
+    C = dout.shape[-1]
+    dw += xp.sum((dout * xhat).reshape(-1, C), axis=0)
+    dxhat = dout * w
+    dxhat -= xhat * xp.mean(dxhat * xhat, axis=-1, keepdims=True)
+    dxhat *= rstd
+    if dx is None:
+        dx = dxhat
+    else:
+        dx += dxhat
+    if dx_low is not None:
+        dx_low[...] = dx
+    if dx_sum is not None:
+        dx_sum += dx.reshape(-1, C).sum(axis=0)
+    return dx

@@ -1,0 +1,43 @@
+"""Rotary position embedding on query and key heads.
+
+Each head's D values are D/2 pairs (x[j], x[j + D/2]), the layout Hugging
+Face's Llama uses ("rotate half"); pair j at position t turns by the angle
+t * theta^(-2j/D). A rotation's gradient is the opposite rotation, and a
+query-key product of two rotated vectors depends only on their distance.
+"""
+import numpy
+
+from ..backend import to_device
+
+_tables = {}   # (positions, D, theta, device, dtype) -> (cos, sin)
+
+
+def rope_tables(positions, D, theta, device, dtype):
+    """(cos, sin), each (positions, D/2) on device in dtype (>= float32),
+    computed once in float64 on the host."""
+    key = (positions, D, float(theta), str(device), numpy.dtype(dtype).str)
+    if key not in _tables:
+        inv_freq = float(theta) ** (-numpy.arange(0, D, 2, dtype=numpy.float64) / D)   # (D/2,)
+        angles = numpy.outer(numpy.arange(positions, dtype=numpy.float64), inv_freq)
+        _tables[key] = tuple(to_device(table.astype(dtype), device)
+                             for table in (numpy.cos(angles), numpy.sin(angles)))
+    return _tables[key]
+
+
+def rope_forward(x, cos, sin):
+    """x: (..., T, D), cos, sin: (T, D/2) -> rotated x (new array, x's dtype)."""
+    return _rotate(x, cos, sin, sign=1.0)
+
+
+def rope_backward(dout, cos, sin):
+    """dout: (..., T, D) -> dx: dout turned back by the same angles."""
+    return _rotate(dout, cos, sin, sign=-1.0)
+
+
+def _rotate(x, cos, sin, sign):
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = x.copy()
+    out[..., :half] = x1 * cos - sign * (x2 * sin)
+    out[..., half:] = x2 * cos + sign * (x1 * sin)
+    return out
