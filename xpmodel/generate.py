@@ -1,13 +1,14 @@
 """Autoregressive text generation, with a key/value cache.
 
 Dimension letters as in model.py: B batch, T time, C n_embd, H n_head,
-D head size (C // H), V vocab.
+H_kv key/value heads, D head size (C // H), V vocab.
 
 `prefill` runs a prompt through the model once and keeps every layer's keys
 and values in a `KVCache`; `decode_step` then feeds one new position per
 sequence, attending over the cache, so each generated token costs one
-position instead of a forward over the whole context. Both reuse the layer
-forward functions, so their logits match `GPT.forward` to rounding.
+position instead of a forward over the whole context. Both run the blocks
+training runs (layers/block.py), passing each block's attention its slice
+of the cache, so their logits match `GPT.forward` to rounding.
 
 `generate` streams token ids for one sequence; `sample_next` turns one logit
 vector into a token (greedy, temperature, top-k, nucleus). Contexts longer
@@ -15,7 +16,8 @@ than block_size are cropped to their last block_size tokens, as the uncached
 path (`GPT.forward` on the cropped window every step) does. Because positions
 are absolute, a cropped window shifts every position, so once the cache is
 full it is rebuilt from the new window: cached and uncached generation see the
-same window at every step and produce the same tokens.
+same window at every step and produce the same tokens. (Rotary positions are
+rebuilt the same way, so both paths number the window's positions from 0.)
 
 This is inference only: no dropout, no caches for backward.
 """
@@ -26,19 +28,14 @@ from contextlib import contextmanager
 import numpy
 
 from .backend import to_host
-from .layers.attention import attention_forward
+from .layers.block import block_forward, norm_forward
 from .layers.crossentropy import lm_head_forward
 from .layers.embedding import embedding_forward
-from .layers.gelu import gelu_forward
-from .layers.layernorm import layernorm_forward
-from .layers.linear import linear_forward
-from .layers.residual import residual_forward
-
 
 class KVCache:
     """Keys and values of every layer for up to block_size positions.
 
-    keys[i], values[i]: (B, H, block_size, D) on the model's device, in its
+    keys[i], values[i]: (B, H_kv, block_size, D) on the model's device, in its
     dtype; positions [0, length) are filled. All sequences in the batch share
     the same length.
     """
@@ -47,26 +44,47 @@ class KVCache:
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
                 or batch_size < 1:
             raise ValueError(f"KVCache batch_size must be a positive integer, got {batch_size!r}")
-        cfg = model.config
         self.batch_size = int(batch_size)
-        self.capacity = cfg.block_size
-        shape = (self.batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        self.capacity = model.config.block_size
+        shape = self._shape(model)
         model.device.activate()
         xp = model.xp
-        self.keys = [xp.zeros(shape, dtype=model.dtype) for _ in range(cfg.n_layer)]
-        self.values = [xp.zeros(shape, dtype=model.dtype) for _ in range(cfg.n_layer)]
+        self.keys = [xp.zeros(shape, dtype=model.dtype) for _ in range(model.config.n_layer)]
+        self.values = [xp.zeros(shape, dtype=model.dtype) for _ in range(model.config.n_layer)]
         self.length = 0
+
+    def _shape(self, model):
+        cfg = model.config
+        return (self.batch_size, cfg.n_kv_head, cfg.block_size, cfg.head_size)
 
     @property
     def is_full(self):
         return self.length >= self.capacity
 
+    def layer(self, i):
+        """What block i's attention appends to and reads from in this call."""
+        return LayerKV(self.keys[i], self.values[i], self.length)
+
     def _check_fits(self, model):
-        cfg = model.config
-        expected = (self.batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
-        if len(self.keys) != cfg.n_layer or tuple(self.keys[0].shape) != expected:
+        expected = self._shape(model)
+        if len(self.keys) != model.config.n_layer or tuple(self.keys[0].shape) != expected:
             raise ValueError(f"KVCache of {len(self.keys)} layers x {tuple(self.keys[0].shape)} "
-                             f"does not fit this model ({cfg.n_layer} layers x {expected})")
+                             f"does not fit this model ({model.config.n_layer} layers x {expected})")
+
+
+class LayerKV:
+    """One layer's cache as attention_forward sees it: the new positions'
+    keys and values are written from `start` on."""
+
+    def __init__(self, keys, values, start):
+        self.keys, self.values, self.start = keys, values, start
+
+    def append(self, k, v):
+        """k, v: (B, H_kv, T, D) of positions start .. start+T-1; returns start."""
+        T = k.shape[2]
+        self.keys[:, :, self.start:self.start + T] = k
+        self.values[:, :, self.start:self.start + T] = v
+        return self.start
 
 
 def prefill(model, idx, cache=None):
@@ -85,23 +103,8 @@ def prefill(model, idx, cache=None):
         if cache.batch_size != B:
             raise ValueError(f"prefill: cache batch size {cache.batch_size} does not match "
                              f"the prompt batch size {B}")
-    cfg, P = model.config, model.params
-    H, D = cfg.n_head, cfg.n_embd // cfg.n_head
-
-    def attend(layer, qkv):
-        # qkv: (B*T, 3C); keys and values go to the cache as (B, H, T, D)
-        qkv = qkv.reshape(B, T, 3 * cfg.n_embd)
-        split = qkv.reshape(B, T, 3, H, D)
-        cache.keys[layer][:, :, :T] = split[:, :, 1].transpose(0, 2, 1, 3)
-        cache.values[layer][:, :, :T] = split[:, :, 2].transpose(0, 2, 1, 3)
-        y, _ = attention_forward(qkv, H)
-        return y
-
-    x = embedding_forward(idx, P["wte.weight"], P["wpe.weight"]).reshape(B * T, cfg.n_embd)
-    hidden = _blocks_forward(model, x, attend)
-    cache.length = T
-    last = hidden.reshape(B, T, cfg.n_embd)[:, -1]
-    return lm_head_forward(last, P["wte.weight"]), cache
+    cache.length = 0
+    return _forward_cached(model, idx, cache), cache
 
 
 def decode_step(model, cache, token_ids):
@@ -121,56 +124,27 @@ def decode_step(model, cache, token_ids):
     if token_ids.ndim != 1 or token_ids.shape[0] != cache.batch_size:
         raise ValueError(f"decode_step: token_ids must have shape ({cache.batch_size},), "
                          f"got {tuple(token_ids.shape)}")
-    B = cache.batch_size
-    ids = model.check_ids(token_ids.reshape(B, 1), "token_ids")
-    cfg, P, xp = model.config, model.params, model.xp
-    H, D = cfg.n_head, cfg.n_embd // cfg.n_head
-    pos = cache.length
-    scale = 1.0 / math.sqrt(D)
-
-    def attend(layer, qkv):
-        # qkv: (B, 3C); one query per sequence against positions [0, pos]
-        split = qkv.reshape(B, 3, H, D)
-        keys, values = cache.keys[layer], cache.values[layer]
-        keys[:, :, pos] = split[:, 1]
-        values[:, :, pos] = split[:, 2]
-        q = split[:, 0].reshape(B, H, 1, D)
-        scores = xp.matmul(q, keys[:, :, :pos + 1].transpose(0, 1, 3, 2))   # (B, H, 1, pos+1)
-        scores *= scale
-        scores -= scores.max(axis=-1, keepdims=True)
-        probs = xp.exp(scores, out=scores)
-        probs /= probs.sum(axis=-1, keepdims=True)
-        y = xp.matmul(probs, values[:, :, :pos + 1])                        # (B, H, 1, D)
-        return y.reshape(B, cfg.n_embd)
-
-    # positions start at `pos`: embed against the slice of wpe beginning there
-    x = embedding_forward(ids, P["wte.weight"], P["wpe.weight"][pos:pos + 1])
-    hidden = _blocks_forward(model, x.reshape(B, cfg.n_embd), attend)
-    cache.length = pos + 1
-    return lm_head_forward(hidden, P["wte.weight"])
+    ids = model.check_ids(token_ids.reshape(cache.batch_size, 1), "token_ids")
+    return _forward_cached(model, ids, cache)
 
 
-def _blocks_forward(model, x, attend):
-    """x: (N, C) embedded rows -> final LayerNorm output (N, C).
-
-    attend(layer, qkv (N, 3C)) -> y (N, C) is the only part that differs
-    between the prompt and a single new position.
-    """
-    P = model.params
-    for i in range(model.config.n_layer):
-        p = f"h.{i}."
-        ln1, _ = layernorm_forward(x, P[p + "ln_1.weight"], P[p + "ln_1.bias"])
-        qkv = linear_forward(ln1, P[p + "attn.c_attn.weight"], P[p + "attn.c_attn.bias"])
-        y = attend(i, qkv)
-        x = residual_forward(x, linear_forward(y, P[p + "attn.c_proj.weight"],
-                                               P[p + "attn.c_proj.bias"]))
-        ln2, _ = layernorm_forward(x, P[p + "ln_2.weight"], P[p + "ln_2.bias"])
-        h = linear_forward(ln2, P[p + "mlp.c_fc.weight"], P[p + "mlp.c_fc.bias"])
-        g, _ = gelu_forward(h)
-        x = residual_forward(x, linear_forward(g, P[p + "mlp.c_proj.weight"],
-                                               P[p + "mlp.c_proj.bias"]))
-    hidden, _ = layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"])
-    return hidden
+def _forward_cached(model, ids, cache):
+    """ids: (B, T) at positions cache.length .. +T-1 through the same blocks as
+    training, each attending over the cache -> logits (B, V) of the last one."""
+    cfg, P = model.config, model.params
+    B, T = ids.shape
+    start = cache.length
+    wpe = P.get("wpe.weight")
+    x = embedding_forward(ids, P["wte.weight"], None if wpe is None else wpe[start:start + T])
+    x = x.reshape(B * T, cfg.n_embd)
+    rope = model.rope_tables(start, T)
+    for i in range(cfg.n_layer):
+        x, _ = block_forward(cfg, i, x, (B, T), P, P, model.dtype, rope=rope,
+                             kv_cache=cache.layer(i))
+    cache.length = start + T
+    last = x.reshape(B, T, cfg.n_embd)[:, -1]
+    hidden, _ = norm_forward(cfg, last, P, "ln_f", model.dtype)
+    return lm_head_forward(hidden, P[model.head_weight_name])
 
 
 # ---- sampling -------------------------------------------------------------------
