@@ -1,6 +1,8 @@
-"""GPT-2 (pre-LayerNorm) assembled from the hand-written layers.
+"""The language model: embeddings -> blocks -> head, from the hand-written layers.
 
-Dimension letters: B batch, T time, C n_embd, H n_head, V vocab, N = B*T.
+GPT-2 by default; the options of model_config.py choose the block's parts
+(layers/block.py). Dimension letters: B batch, T time, C n_embd, H n_head,
+V vocab, N = B*T.
 The residual stream is kept as an (N, C) matrix so every projection is a
 2-D matmul. Parameters and gradients are named views into two flat buffers
 (see params.py); backward adds into the gradient views.
@@ -25,14 +27,14 @@ _LOGIT_ELEMENTS_PER_CHUNK = {"cpu": 1 << 22, "cuda": 1 << 27}
 
 
 class GPT:
-    """A GPT-2 language model on one device.
+    """A GPT language model on one device (GPT-2, or the architecture its config chooses).
 
     params / grads: name -> writable view into the flat buffers
     `flat_params` / `flat_grads` (float32 or, on CPU, float64).
 
     precision="fp16" is mixed precision: float32 master weights, a float16
     working copy of them (`flat_working`, `weights`) for the matmuls, float16
-    activations around the matmuls, and the residual stream, LayerNorm,
+    activations around the matmuls, and the residual stream, the norms,
     softmax and loss in float32.
     """
 
@@ -107,20 +109,21 @@ class GPT:
         targets = self._check_targets(targets, idx.shape)
         self._refresh_working_copy()
         totals = self._run_shards(idx.shape[0], lambda rows, k: self._shard_pass(idx[rows], targets[rows]))
-        return sum(totals[1:], totals[0]) / self.xp.sum(targets != IGNORE_INDEX)
+        return sum(totals[1:], totals[0]) / self._target_count(targets)
 
     def forward_backward(self, idx, targets, scale=1.0):
         """Forward, loss and backward for one batch; gradients are added.
 
         idx, targets: (B, T) ints (targets may hold -1 to ignore a position).
         scale multiplies the gradient (gradient accumulation, loss scaling);
-        the returned loss is the unscaled mean cross-entropy: a NumPy scalar,
+        the returned loss is the unscaled mean cross-entropy (0 when every
+        target is ignored, with zero gradients): a NumPy scalar,
         or a 0-d CuPy array so that a GPU step need not wait for the device.
         """
         idx = self.check_ids(idx, "idx")
         targets = self._check_targets(targets, idx.shape)
         self._refresh_working_copy()
-        count = self.xp.sum(targets != IGNORE_INDEX)
+        count = self._target_count(targets)
         dlosses = scale / count
         seed = self._dropout_seed() if self.training and self.config.dropout > 0 else None
         extra = self._shard_grad_buffers(self._n_shards(idx.shape[0]) - 1)
@@ -134,6 +137,11 @@ class GPT:
         for flat, _ in extra:
             self.flat_grads += flat
         return sum(totals[1:], totals[0]) / count
+
+    def _target_count(self, targets):
+        """Positions that count toward the mean, at least 1: a batch whose every
+        target is ignored then has loss 0 and zero gradients, not NaN."""
+        return self.xp.maximum(self.xp.sum(targets != IGNORE_INDEX), 1)
 
     def _run_shards(self, batch_size, shard_fn):
         """shard_fn(rows, k) for each shard k of the batch, one thread each on CPU."""

@@ -1,0 +1,237 @@
+"""The architecture options: each new layer against finite differences and a
+direct formula (float64), the whole model with every option against finite
+differences, KV-cache generation against the uncached path, and the
+config checks that name the key."""
+import numpy as np
+import pytest
+
+import xpmodel
+from gradcheck import directional_check
+from xpmodel.config import load_config
+from xpmodel.errors import UsageError
+from xpmodel.generate import decode_step, generate, prefill
+from xpmodel.layers.attention import attention_backward, attention_forward
+from xpmodel.layers.layernorm import layernorm_backward, layernorm_forward
+from xpmodel.layers.relu2 import relu2_backward, relu2_forward
+from xpmodel.layers.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from xpmodel.layers.rope import rope_backward, rope_forward, rope_tables
+from xpmodel.layers.swiglu import swiglu_backward, swiglu_forward
+from xpmodel.model_config import default_mlp_hidden
+
+TOL = 1e-7
+# Each option alone, and all of them together (Llama with QK-norm, GQA, untied).
+OPTIONS = {
+    "rmsnorm": dict(norm="rmsnorm", norm_eps=1e-6),
+    "rope": dict(position="rope", rope_theta=500.0),
+    "qk_norm": dict(qk_norm=True),
+    "swiglu": dict(mlp="swiglu"),
+    "relu2": dict(mlp="relu2", mlp_hidden=24),
+    "gqa": dict(n_kv_head=2),
+    "mqa": dict(n_kv_head=1),
+    "no_bias": dict(bias=False),
+    "untied": dict(tie_embeddings=False),
+    "all": dict(norm="rmsnorm", position="rope", qk_norm=True, mlp="swiglu", n_kv_head=2,
+                bias=False, tie_embeddings=False),
+}
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def tiny(**options):
+    return xpmodel.GPTConfig(vocab_size=50, block_size=12, n_layer=2, n_head=4, n_embd=16, **options)
+
+
+def randomized_model(config, seed=5):
+    """A float64 model whose vectors (norm weights, biases) are random too."""
+    model = xpmodel.GPT(config, dtype="float64", seed=seed)
+    rng = np.random.default_rng(seed)
+    for name, view in model.params.items():
+        if view.ndim == 1:
+            view[...] = rng.normal(1.0 if name.endswith("weight") else 0.0, 0.1, view.shape)
+    return model
+
+
+def test_rmsnorm(rng):
+    x, w = rng.standard_normal((6, 8)), rng.standard_normal(8)
+    r = rng.standard_normal((6, 8))
+    out, cache = rmsnorm_forward(x, w, eps=1e-6)
+    np.testing.assert_allclose(out, x / np.sqrt((x * x).mean(1, keepdims=True) + 1e-6) * w, rtol=1e-12)
+    dw = np.zeros_like(w)
+    dx = rmsnorm_backward(r, cache, w, dw)
+    f = lambda x_, w_: np.sum(rmsnorm_forward(x_, w_, eps=1e-6)[0] * r)
+    assert directional_check(lambda x_: f(x_, w), x, dx, rng) < TOL
+    assert directional_check(lambda w_: f(x, w_), w, dw, rng) < TOL
+
+
+def test_rmsnorm_over_heads_of_four_axes(rng):
+    x, w = rng.standard_normal((2, 3, 5, 4)), rng.standard_normal(4)
+    r = rng.standard_normal(x.shape)
+    out, cache = rmsnorm_forward(x, w)
+    dw = np.zeros_like(w)
+    dx = rmsnorm_backward(r, cache, w, dw)
+    assert dx.shape == x.shape
+    assert directional_check(lambda x_: np.sum(rmsnorm_forward(x_, w)[0] * r), x, dx, rng) < TOL
+    assert directional_check(lambda w_: np.sum(rmsnorm_forward(x, w_)[0] * r), w, dw, rng) < TOL
+
+
+def test_layernorm_without_bias(rng):
+    x, w = rng.standard_normal((6, 8)), rng.standard_normal(8)
+    out, cache = layernorm_forward(x, w, None, eps=1e-3)
+    ref = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-3) * w
+    np.testing.assert_allclose(out, ref, rtol=1e-12)
+    r = rng.standard_normal(x.shape)
+    dw = np.zeros_like(w)
+    dx = layernorm_backward(r, cache, w, dw, None)
+    assert directional_check(lambda x_: np.sum(layernorm_forward(x_, w, None, eps=1e-3)[0] * r),
+                             x, dx, rng) < TOL
+
+
+def test_rope_rotates_pairs_half_apart_and_backward_turns_back(rng):
+    T, D = 7, 6
+    cos, sin = rope_tables(T, D, 100.0, xpmodel.backend.get_device("cpu"), np.float64)
+    x = rng.standard_normal((2, 3, T, D))
+    out = rope_forward(x, cos, sin)
+    t, j = 5, 1                             # position 5, pair (1, 4)
+    angle = t * 100.0 ** (-2 * j / D)
+    a, b = x[0, 0, t, j], x[0, 0, t, j + D // 2]
+    np.testing.assert_allclose(out[0, 0, t, [j, j + D // 2]],
+                               [a * np.cos(angle) - b * np.sin(angle),
+                                b * np.cos(angle) + a * np.sin(angle)], rtol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-12)
+    r = rng.standard_normal(x.shape)
+    dx = rope_backward(r, cos, sin)
+    assert directional_check(lambda x_: np.sum(rope_forward(x_, cos, sin) * r), x, dx, rng) < TOL
+    # scores of rotated vectors depend only on the distance between positions
+    q, k = rng.standard_normal(D), rng.standard_normal(D)
+    both = np.stack([np.tile(q, (T, 1)), np.tile(k, (T, 1))])
+    rq, rk = rope_forward(both, cos, sin)
+    assert rq[4] @ rk[2] == pytest.approx(rq[6] @ rk[4], rel=1e-12)
+
+
+def test_swiglu(rng):
+    F = 5
+    h, bias = rng.standard_normal((4, 2 * F)) * 3, rng.standard_normal(2 * F)
+    r = rng.standard_normal((4, F))
+    out, s = swiglu_forward(h.copy())
+    gate, up = h[:, :F], h[:, F:]
+    np.testing.assert_allclose(out, gate / (1 + np.exp(-gate)) * up, rtol=1e-12)
+    hb = h.copy()
+    out_b, s = swiglu_forward(hb, bias)
+    dbias = np.zeros_like(bias)
+    dh = swiglu_backward(r, hb, s, dbias)
+    f = lambda h_: np.sum(swiglu_forward(h_.copy())[0] * r)
+    assert directional_check(f, h + bias, dh, rng) < TOL
+    np.testing.assert_allclose(dbias, dh.sum(0), rtol=1e-12)
+
+
+def test_relu2(rng):
+    h = rng.standard_normal((4, 7))
+    r = rng.standard_normal((4, 7))
+    out, cache = relu2_forward(h.copy())
+    np.testing.assert_allclose(out, np.maximum(h, 0) ** 2)
+    dh = relu2_backward(r, h, cache)
+    assert directional_check(lambda h_: np.sum(relu2_forward(h_.copy())[0] * r), h, dh, rng) < TOL
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_attention_with_every_head_option(rng, n_kv_head):
+    B, T, H, D = 2, 5, 4, 6
+    width = (H + 2 * n_kv_head) * D
+    qkv, bias = rng.standard_normal((B, T, width)), rng.standard_normal(width)
+    w_q, w_k = rng.normal(1, 0.1, D), rng.normal(1, 0.1, D)
+    rope = rope_tables(T, D, 10000.0, xpmodel.backend.get_device("cpu"), np.float64)
+    r = rng.standard_normal((B * T, H * D))
+
+    def f(qkv_, bias_=bias, w_q_=w_q, w_k_=w_k):
+        y, _ = attention_forward(qkv_.copy(), H, bias=bias_, n_kv_head=n_kv_head,
+                                 qk_norm=(w_q_, w_k_, 1e-5), rope=rope)
+        return np.sum(y * r)
+    y, cache = attention_forward(qkv.copy(), H, bias=bias, n_kv_head=n_kv_head,
+                                 qk_norm=(w_q, w_k, 1e-5), rope=rope)
+    dbias, dw_q, dw_k = np.zeros_like(bias), np.zeros_like(w_q), np.zeros_like(w_k)
+    dqkv = attention_backward(r, cache, dbias, qk_norm=(w_q, w_k, 1e-5), dqk_norm=(dw_q, dw_k))
+    assert directional_check(f, qkv, dqkv.reshape(qkv.shape), rng) < TOL
+    assert directional_check(lambda b_: f(qkv, bias_=b_), bias, dbias, rng) < TOL
+    assert directional_check(lambda w_: f(qkv, w_q_=w_), w_q, dw_q, rng) < TOL
+    assert directional_check(lambda w_: f(qkv, w_k_=w_), w_k, dw_k, rng) < TOL
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_whole_model_finite_differences(name):
+    model = randomized_model(tiny(**OPTIONS[name]))
+    rng = np.random.default_rng(1)
+    idx = rng.integers(0, 50, (2, 6))
+    targets = np.roll(idx, -1, axis=1)
+    model.forward_backward(idx, targets)
+    assert all(np.any(grad) for grad in model.grads.values())
+    error = directional_check(lambda flat: float(model.loss(idx, targets)), model.flat_params,
+                              model.flat_grads.copy(), np.random.default_rng(0), eps=3e-7, trials=4)
+    assert error < 1e-7
+
+
+def test_parameters_follow_the_options():
+    names = set(xpmodel.GPT(tiny(**OPTIONS["all"])).params)
+    assert "wpe.weight" not in names and "lm_head.weight" in names
+    assert not any(name.endswith(".bias") for name in names)
+    assert {"h.0.attn.q_norm.weight", "h.0.attn.k_norm.weight"} <= names
+    shapes = dict(xpmodel.params.parameter_shapes(tiny(**OPTIONS["all"])))
+    assert shapes["h.0.attn.c_attn.weight"] == (16, (4 + 2 * 2) * 4)
+    assert shapes["h.0.mlp.c_fc.weight"] == (16, 2 * 64)       # [gate | up], 8/3 * 16 -> 64
+    assert default_mlp_hidden("swiglu", 768) == 2048 and default_mlp_hidden("gelu", 768) == 3072
+
+
+@pytest.mark.parametrize("name", ["rope", "gqa", "all"])
+def test_kv_cache_generation_equals_uncached_past_block_size(name):
+    model = randomized_model(tiny(**OPTIONS[name]))
+    # 3 prompt tokens + 30 new ones run far past block_size (12): the window slides
+    cached = list(generate(model, [1, 2, 3], 30, temperature=1.0, seed=7))
+    uncached = list(generate(model, [1, 2, 3], 30, temperature=1.0, seed=7, use_cache=False))
+    assert cached == uncached and len(cached) == 30
+    idx = np.array([[4, 9, 2, 7, 1]])
+    _, cache = prefill(model, idx[:, :3])
+    decode_step(model, cache, idx[0, 3:4])
+    logits = decode_step(model, cache, idx[0, 4:5])
+    np.testing.assert_allclose(logits[0], model.forward(idx)[0, -1], rtol=1e-10, atol=1e-12)
+
+
+def test_fp16_mixed_precision_tracks_float32_with_every_option():
+    config = tiny(**OPTIONS["all"])
+    full, mixed = xpmodel.GPT(config, seed=2), xpmodel.GPT(config, seed=2, precision="fp16")
+    rng = np.random.default_rng(3)
+    idx = rng.integers(0, 50, (4, 12))
+    targets = np.roll(idx, -1, axis=1)
+    loss_full = float(full.forward_backward(idx, targets))
+    loss_mixed = float(mixed.forward_backward(idx, targets))
+    assert loss_mixed == pytest.approx(loss_full, rel=2e-3)
+    for name, grad in full.grads.items():
+        scale = float(np.abs(grad).max())
+        assert float(np.abs(mixed.grads[name] - grad).max()) <= 0.03 * scale, name
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.n_kv_head=3", "model.n_kv_head"),
+    ("model.norm=batchnorm", "model.norm"),
+    ("model.mlp=geglu", "model.mlp"),
+    ("model.position=alibi", "model.position"),
+    ("model.rope_theta=0", "model.rope_theta"),
+    ("model.qk_norm=maybe", "model.qk_norm"),
+    ("model.mlp_hidden=0", "model.mlp_hidden"),
+])
+def test_bad_options_name_their_key(override, key):
+    with pytest.raises(UsageError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_rope_with_an_odd_head_size_is_refused():
+    with pytest.raises(UsageError, match="model.position rope needs an even head size"):
+        load_config(None, ["model.position=rope", "model.n_embd=24", "model.n_head=8"])
+
+
+def test_all_targets_ignored_gives_zero_gradients():
+    model = xpmodel.GPT(tiny(), dtype="float64")
+    idx = np.zeros((2, 5), dtype=np.int64)
+    loss = model.forward_backward(idx, np.full((2, 5), -1))
+    assert np.isfinite(float(loss)) and not model.flat_grads.any()
