@@ -244,3 +244,55 @@ def test_dropout_on_emulated_cuda_matches_the_cpu():
         gpu_loss = float(gpu.forward_backward(idx, targets))
         assert abs(gpu_loss - cpu_loss) / cpu_loss < 1e-5
         assert relative_error(gpu.flat_grads, cpu.flat_grads) < 1e-4
+
+
+LLAMA_STYLE = dict(norm="rmsnorm", position="rope", qk_norm=True, mlp="swiglu", n_kv_head=2,
+                   bias=False, tie_embeddings=False)
+
+
+@pytest.mark.parametrize("options", [LLAMA_STYLE, dict(mlp="relu2", bias=False),
+                                     dict(norm="rmsnorm", n_kv_head=1)],
+                         ids=["llama-style", "relu2-no-bias", "rmsnorm-mqa"])
+def test_architecture_options_match_float64_in_both_precisions(device, options):
+    """Every option on every backend: float32 within 1e-4 and fp16 within 3e-2
+    of a NumPy float64 reference, loss and every gradient."""
+    config = xpmodel.GPTConfig(vocab_size=96, block_size=32, n_layer=2, n_head=4, n_embd=64,
+                               **options)
+    idx, targets = batch()
+    reference = xpmodel.GPT(config, dtype="float64", seed=7)
+    ref_loss = float(reference.forward_backward(idx, targets))
+    model = xpmodel.GPT(config, device=device, seed=7)
+    assert abs(float(model.forward_backward(idx, targets)) - ref_loss) / ref_loss < 1e-5
+    assert relative_error(model.flat_grads, reference.flat_grads) < 1e-4
+    assert relative_error(model.forward(idx), reference.forward(idx)) < 1e-4
+    mixed = xpmodel.GPT(config, device=device, seed=7, precision="fp16")
+    loss = float(mixed.forward_backward(idx, targets, scale=256.0))
+    mixed.flat_grads *= 1.0 / 256.0
+    assert abs(loss - ref_loss) / ref_loss < 5e-3
+    assert relative_error(mixed.flat_grads, reference.flat_grads) < 3e-2
+
+
+def test_llama_style_fp16_on_the_flash_kernels(device, monkeypatch):
+    """Grouped-query attention with RoPE and QK-norm on heads of 64 dimensions:
+    on CUDA the flash kernels run it, on the keys and values repeated per group."""
+    from xpmodel.cuda import flash
+    config = xpmodel.GPTConfig(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_embd=256,
+                               **LLAMA_STYLE)
+    rng = np.random.default_rng(11)
+    idx = rng.integers(0, config.vocab_size, (2, 64))
+    targets = np.roll(idx, -1, axis=1)
+    reference = xpmodel.GPT(config, dtype="float64", seed=5)
+    ref_loss = float(reference.forward_backward(idx, targets))
+    monkeypatch.setattr(flash, "ENABLED", True)
+    calls, original = [], flash.flash_forward
+
+    def counted(heads):
+        calls.append(heads.shape)
+        return original(heads)
+    monkeypatch.setattr(flash, "flash_forward", counted)
+    model = xpmodel.GPT(config, device=device, seed=5, precision="fp16")
+    loss = float(model.forward_backward(idx, targets, scale=256.0))
+    model.flat_grads *= 1.0 / 256.0
+    assert len(calls) == (config.n_layer if device == "cuda" else 0)
+    assert abs(loss - ref_loss) / ref_loss < 5e-3
+    assert relative_error(model.flat_grads, reference.flat_grads) < 3e-2

@@ -363,3 +363,29 @@ def test_gemm_plans_are_reused_across_data_and_copy_unreadable_layouts(cp):
         assert relative_error(got, a[:, ::2].astype(np.float64) @ b) < 1e-5
     plans = [p for key, p in gemm._plans.items() if key[0] == (12, 10)]
     assert len(plans) == 1 and plans[0].copy_a and not plans[0].copy_b
+
+
+@pytest.mark.parametrize("C", [64, 100])
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm-without-bias"])
+def test_norm_kernel_without_centring_or_bias_matches_numpy(cp, C, norm):
+    """RMSNorm is the LayerNorm kernel compiled without the mean; a LayerNorm
+    without a bias passes null bias pointers."""
+    from xpmodel.layers.layernorm import layernorm_backward, layernorm_forward
+    from xpmodel.layers.rmsnorm import rmsnorm_backward, rmsnorm_forward
+    rng = np.random.default_rng()
+    x, w, dout = rand(rng, (37, C), scale=3.0) + 1.0, rand(rng, (C,)), rand(rng, (37, C))
+    if norm == "rmsnorm":
+        forward = lambda x_, w_: rmsnorm_forward(x_, w_, eps=1e-6)
+        backward = lambda d, cache, w_, dw: rmsnorm_backward(d, cache, w_, dw)
+    else:
+        forward = lambda x_, w_: layernorm_forward(x_, w_, None, eps=1e-6)
+        backward = lambda d, cache, w_, dw: layernorm_backward(d, cache, w_, dw, None)
+    out, cache = forward(x, w)
+    dw = np.zeros(C)
+    dx = backward(dout, cache, w, dw)
+    g_out, g_cache = forward(cp.asarray(x), cp.asarray(w))
+    g_dw = cp.zeros(C)
+    g_dx = backward(cp.asarray(dout), g_cache, cp.asarray(w), g_dw)
+    assert relative_error(g_out, out) < 1e-12
+    assert relative_error(g_dx, dx) < 1e-11
+    assert relative_error(g_dw, dw) < 1e-11

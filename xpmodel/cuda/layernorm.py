@@ -1,4 +1,5 @@
-"""LayerNorm forward and backward kernels: one warp per row of C channels.
+"""LayerNorm and RMSNorm forward and backward kernels: one warp per row of C
+channels (RMSNorm is the same kernel compiled with CENTER 0: no mean).
 
 Each lane holds its CPL = ceil(C / 32) channels of the row in registers, so
 the row is read once; C is compiled in. Backward also sums dw and db (and,
@@ -29,7 +30,11 @@ extern "C" __global__ void layernorm_forward(const X_T* x, const W_T* w, const W
         v[j] = c < C ? (ACC)load(xr + c) : (ACC)0;
         sum += v[j];
     }
+#if CENTER
     ACC mean = warp_sum(sum) / C;
+#else
+    ACC mean = 0;   // RMSNorm: no centring
+#endif
     ACC sq = 0;
     #pragma unroll
     for (int j = 0; j < CPL; j++) {
@@ -44,7 +49,7 @@ extern "C" __global__ void layernorm_forward(const X_T* x, const W_T* w, const W
         if (c < C) {
             ACC h = v[j] * rs;
             xhat[(long long)row * C + c] = h;
-            store(out + (long long)row * C + c, h * (ACC)load(w + c) + (ACC)load(b + c));
+            store(out + (long long)row * C + c, h * (ACC)load(w + c) + (b ? (ACC)load(b + c) : (ACC)0));
         }
     }
     if (lane == 0) rstd[row] = rs;
@@ -84,7 +89,11 @@ extern "C" __global__ void layernorm_backward(const D_T* dout, const ACC* xhat, 
             lane_dw[j] += d[j] * h[j];
             lane_db[j] += d[j];
         }
+#if CENTER
         mean_dxhat = warp_sum(mean_dxhat) / C;
+#else
+        mean_dxhat = 0;
+#endif
         mean_dxhat_xhat = warp_sum(mean_dxhat_xhat) / C;
         ACC rs = rstd[row];
         #pragma unroll
@@ -107,41 +116,45 @@ extern "C" __global__ void layernorm_backward(const D_T* dout, const ACC* xhat, 
         int c = lane + 32 * j;
         if (c < C) {
             atomicAdd(block_dw + c, lane_dw[j]);
-            atomicAdd(block_db + c, lane_db[j]);
+            if (db) atomicAdd(block_db + c, lane_db[j]);
         }
     }
     __syncthreads();
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
         atomicAdd(dw + c, block_dw[c]);
-        atomicAdd(db + c, block_db[c]);
+        if (db) atomicAdd(db + c, block_db[c]);
         if (dx_sum) atomicAdd(dx_sum + c, block_dx_sum[c]);
     }
 }
 """
 
 
-def _macros(C, acc, eps):
-    return dict(C=C, CPL=(C + 31) // 32, ACC=acc, EPS=repr(float(eps)))
+def _macros(C, acc, eps, center):
+    return dict(C=C, CPL=(C + 31) // 32, ACC=acc, EPS=repr(float(eps)), CENTER=int(center))
 
 
-def layernorm_forward(x, w, b, eps, out_dtype):
-    """x: (N, C) -> out (N, C) in out_dtype, xhat (N, C) and rstd (N,) in the accumulator type."""
+def layernorm_forward(x, w, b, eps, out_dtype, center=True):
+    """x: (N, C) -> out (N, C) in out_dtype, xhat (N, C) and rstd (N,) in the
+    accumulator type. b may be None; center=False is RMSNorm (no mean)."""
     cupy = _import_cupy()
     N, C = x.shape
     acc = acc_type(x.dtype, w.dtype)
     kernel = raw_kernel(_SOURCE, "layernorm_forward", X_T=c_type(x.dtype), W_T=c_type(w.dtype),
-                        OUT_T=c_type(out_dtype), D_T="float", LOW_T="float", **_macros(C, acc, eps))
+                        OUT_T=c_type(out_dtype), D_T="float", LOW_T="float", **_macros(C, acc, eps, center))
     acc_dtype = numpy.float64 if acc == "double" else numpy.float32
     x = cupy.ascontiguousarray(x)
     out = cupy.empty((N, C), dtype=out_dtype)
     xhat = cupy.empty((N, C), dtype=acc_dtype)
     rstd = cupy.empty((N,), dtype=acc_dtype)
-    kernel(((N + _WARPS - 1) // _WARPS,), (_THREADS,), (x, w, b, out, xhat, rstd, numpy.int32(N)))
+    kernel(((N + _WARPS - 1) // _WARPS,), (_THREADS,), (x, w, optional(b), out, xhat, rstd,
+                                                        numpy.int32(N)))
     return out, xhat, rstd
 
 
-def layernorm_backward(dout, xhat, rstd, w, dw, db, dx=None, dx_low=None, dx_sum=None):
-    """dout: (N, C). Adds into dw, db (C,); returns dx (N, C), added into `dx`
+def layernorm_backward(dout, xhat, rstd, w, dw, db, dx=None, dx_low=None, dx_sum=None,
+                       center=True):
+    """dout: (N, C). Adds into dw, db (C,) (db may be None); center as forward's.
+    Returns dx (N, C), added into `dx`
     when given; `dx_low` (N, C), when given, receives a copy of the result, and
     `dx_sum` (C,) its column sums."""
     cupy = _import_cupy()
@@ -154,7 +167,7 @@ def layernorm_backward(dout, xhat, rstd, w, dw, db, dx=None, dx_low=None, dx_sum
     kernel = raw_kernel(_SOURCE, "layernorm_backward", X_T="float", W_T=c_type(w.dtype),
                         OUT_T="float", D_T=c_type(dout.dtype),
                         LOW_T=c_type(dx_low.dtype if dx_low is not None else xhat.dtype),
-                        **_macros(C, acc, 0.0))
+                        **_macros(C, acc, 0.0, center))
     dout = cupy.ascontiguousarray(dout)
     accumulate = dx is not None
     if dx is None:
@@ -162,7 +175,8 @@ def layernorm_backward(dout, xhat, rstd, w, dw, db, dx=None, dx_low=None, dx_sum
     elif dx.dtype != xhat.dtype or not dx.flags.c_contiguous:
         raise ValueError("layernorm_backward: dx must be C-contiguous in the statistics' dtype")
     blocks = max(1, min((N + _WARPS - 1) // _WARPS, 2 * multiprocessor_count()))
-    kernel((blocks,), (_THREADS,), (dout, xhat, rstd, w, dw, db, dx, optional(dx_low), optional(dx_sum),
+    kernel((blocks,), (_THREADS,), (dout, xhat, rstd, w, dw, optional(db), dx, optional(dx_low),
+                                    optional(dx_sum),
                                     numpy.int32(N),
                                     numpy.int32(accumulate)))
     return dx
