@@ -34,7 +34,7 @@ from .errors import CheckpointError, UsageError, XpmodelError
 from .generate import generate
 from .loss_scale import LossScaler
 from .model import GPT
-from .model_config import gpt_config
+from .model_config import OPTION_KEYS, gpt_config
 from .optim import AdamW, clipped_step
 from .rundir import RunDir, default_run_path
 from .runs import adopt_pretrained, load_pretrained
@@ -165,9 +165,10 @@ class Trainer:
         if config.train.init_from:
             pretrained = load_pretrained(config.train.init_from)
             source_config, _, tokenizer = pretrained
-            taken = {k: getattr(source_config, k) for k in ("n_layer", "n_head", "n_embd", "block_size")}
+            taken = {k: getattr(source_config, k) for k in ("n_layer", "n_head", "n_embd", "block_size",
+                                                            *OPTION_KEYS)}
             ignored = [f"model.{k}={getattr(config.model, k)}" for k, v in taken.items()
-                       if getattr(config.model, k) != v]
+                       if getattr(config.model, k) not in (None, v)]
             if ignored and show and is_main:
                 print(f"--init-from {config.train.init_from}: the model shape comes from the "
                       f"source; ignoring {', '.join(ignored)}")
