@@ -1,67 +1,65 @@
-"""Hugging Face interop: GPT-2 model directories out of and into xpmodel.
+"""Hugging Face interop: GPT-2 and Llama model directories out of and into xpmodel.
 
 export_hf(model, tokenizer, out_dir)
-    writes what `GPT2LMHeadModel.from_pretrained` and
+    writes what `AutoModelForCausalLM.from_pretrained` and
     `AutoTokenizer.from_pretrained` read: config.json, model.safetensors
-    (float32), generation_config.json and the tokenizer files.
+    (float32), generation_config.json and the tokenizer files. A model with
+    GPT-2's options becomes a GPT2LMHeadModel, one with Llama's (rmsnorm,
+    rope, swiglu, no QK-norm) a LlamaForCausalLM; any other is refused,
+    naming the option.
 import_hf(hf_dir) -> (GPTConfig, arrays, tokenizer)
-    reads a local GPT-2 directory (one safetensors file or shards) into
-    xpmodel's parameter names, ready for `GPT.load_state_arrays`.
+    reads a local GPT-2 or Llama directory (one safetensors file or shards)
+    into xpmodel's parameter names, ready for `GPT.load_state_arrays`.
 
-xpmodel's parameter names are GPT2LMHeadModel's without "transformer.", and
-its weights are (in, out) as Hugging Face's Conv1D stores them, so no tensor
-is transposed. The LM head is wte, as in GPT-2: `save_pretrained` leaves the
-tied lm_head.weight out of the file, and so does the export; an import
-refuses a head that differs from wte.
+Each family (hf_gpt2.py, hf_llama.py) says how config.json maps to a
+GPTConfig and which Hugging Face tensors make each xpmodel tensor; this file
+does the reading, checking and writing for both.
 
 Vocab padding: a model whose vocab is padded past its tokenizer's (50304 rows
 for GPT-2's 50257 ids, as llm.c and nanoGPT train) is exported with every
 row, and config.vocab_size is the padded size: Hugging Face needs it to equal
-wte's rows, the tokenizer never produces a padding id, and the round trip is
-exact. An import likewise keeps every row the file has, padded or not.
+the embedding's rows, the tokenizer never produces a padding id, and the
+round trip is exact. An import likewise keeps every row the file has.
 
 Token ids: Hugging Face's GPT-2 numbers its 256 byte tokens in the order of
 its bytes-to-unicode table, xpmodel by byte value (see tokenizer_hf). An
-import relabels the tokenizer to xpmodel's order and permutes wte's rows to
-match, so the imported model scores every text exactly as the original did;
-only the ids of byte tokens differ (and an export writes xpmodel's order).
+import relabels the tokenizer to xpmodel's order and permutes the rows of the
+embedding (and of an untied head) to match, so the imported model scores
+every text exactly as the original did; only the ids of byte tokens differ
+(and an export writes xpmodel's order).
 
-Nothing is unpickled: a directory with only pytorch_model.bin is refused.
+An export is written into a temporary folder beside out_dir and renamed into
+place, so out_dir holds a whole export or none; a failure (a full disk)
+leaves it as it was. Nothing is unpickled: a directory with only
+pytorch_model.bin is refused.
 """
 import json
 import math
 import os
+import re
+import secrets
+import shutil
 from pathlib import Path
 
 import numpy
-from safetensors.numpy import save_file
+from safetensors.numpy import save as safetensors_bytes
 
-from .errors import DataError, UsageError
-from .safetensors_header import read_safetensors_header
-from .model import GPTConfig
+from . import hf_gpt2, hf_llama
+from .errors import DataError, UsageError, XpmodelError
+from .model_config import GPTConfig
 from .params import parameter_shapes
+from .safetensors_header import read_safetensors_header
 from .tokenizer_hf import hf_vocab, read_hf_tokenizer
 
+FAMILIES = (hf_gpt2, hf_llama)
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 # Files an export writes; an existing directory holding anything else is refused.
 EXPORT_FILES = frozenset({
     "config.json", WEIGHTS_FILE, "generation_config.json", "tokenizer.json", "vocab.json",
     "merges.txt", "tokenizer_config.json", "special_tokens_map.json"})
-ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
-ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")   # both are the tanh GELU xpmodel computes
-LAYER_NORM_EPSILON = 1e-5
-# GPT2Config's defaults, which Hugging Face applies to keys a config.json leaves out.
-_HF_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12,
-                "n_head": 12, "n_inner": None, "activation_function": "gelu_new",
-                "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1,
-                "layer_norm_epsilon": LAYER_NORM_EPSILON, "scale_attn_weights": True,
-                "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-                "add_cross_attention": False}
 _PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 _OTHER_FORMATS = ("tf_model.h5", "flax_model.msgpack", "model.ckpt.index")
-# Causal-mask buffers that older checkpoints saved; they hold no parameters.
-_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 _SAFETENSORS_DTYPES = {"F32": "<f4", "F64": "<f8", "F16": "<f2", "BF16": "<u2"}
 
 
@@ -70,14 +68,18 @@ _SAFETENSORS_DTYPES = {"F32": "<f4", "F64": "<f8", "F16": "<f2", "BF16": "<u2"}
 
 def export_hf(model, tokenizer, out_dir):
     """Write `model` (a GPT) and `tokenizer` (a BPETokenizer) as a Hugging Face
-    GPT-2 directory. `out_dir` is created if needed; an existing one must be
-    empty or hold only files an export writes (which are replaced)."""
+    directory; returns the architecture written ("GPT2LMHeadModel" or
+    "LlamaForCausalLM"). `out_dir` is created if needed; an existing one must
+    be empty or hold only files an export writes (which are replaced)."""
     cfg = model.config
+    family = export_family(cfg)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise UsageError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab "
                          f"has only {cfg.vocab_size} rows")
     hf_vocab(tokenizer)   # refuses a tokenizer Hugging Face cannot hold, before writing
     out_dir = Path(out_dir)
+    if out_dir.is_symlink():
+        out_dir = out_dir.resolve()
     if out_dir.exists():
         if not out_dir.is_dir():
             raise UsageError(f"{out_dir} exists and is not a directory")
@@ -85,182 +87,201 @@ def export_hf(model, tokenizer, out_dir):
         if others:
             raise UsageError(f"{out_dir} already holds files an export does not write "
                              f"({', '.join(others[:5])}); export into a new or empty directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
 
-    arrays = model.state_arrays()
-    tensors = {"transformer." + name: numpy.ascontiguousarray(arrays[name], dtype=numpy.float32)
-               for name in model.layout.names}
-    _write_safetensors(out_dir / WEIGHTS_FILE, tensors)
+    tensors = to_hf_tensors(family.tensor_table(cfg), model.state_arrays())
     eot = tokenizer.eot_id
-    _write_json(out_dir / "config.json", hf_config(cfg, eot))
-    _write_json(out_dir / "generation_config.json",
-                {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot})
-    tokenizer.export_hf(out_dir, model_max_length=cfg.block_size)
+
+    def write(folder):
+        _write_safetensors(folder / WEIGHTS_FILE, tensors)
+        _write_json(folder / "config.json", family.hf_config(cfg, eot))
+        _write_json(folder / "generation_config.json",
+                    {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot})
+        tokenizer.export_hf(folder, model_max_length=cfg.block_size)
+    _write_folder(out_dir, write)
+    return family.ARCHITECTURE
 
 
-def hf_config(config, eot_id):
-    """The config.json document of a GPT2LMHeadModel equal to `config` (a GPTConfig)."""
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": config.vocab_size,
-        "n_positions": config.block_size,
-        "n_ctx": config.block_size,
-        "n_embd": config.n_embd,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "n_inner": None,
-        "activation_function": "gelu_new",
-        "resid_pdrop": config.dropout,
-        "embd_pdrop": config.dropout,
-        "attn_pdrop": config.dropout,
-        "layer_norm_epsilon": LAYER_NORM_EPSILON,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "add_cross_attention": False,
-        "bos_token_id": eot_id,
-        "eos_token_id": eot_id,
-        "tie_word_embeddings": True,
-        "use_cache": True,
-        "dtype": "float32",
-        "torch_dtype": "float32",
-    }
+def export_family(config):
+    """The family (hf_gpt2 or hf_llama) whose architecture holds `config`
+    exactly; otherwise a UsageError naming the first option neither holds,
+    for the family it is closest to."""
+    found = [(family.mismatches(config), family) for family in FAMILIES]
+    for mismatched, family in found:
+        if not mismatched:
+            return family
+    mismatched, family = min(found, key=lambda pair: len(pair[0]))
+    key, value, reason = mismatched[0]
+    raise UsageError(f"model.{key} {_yaml(value)} cannot be exported: {reason} "
+                     f"(Hugging Face export takes GPT-2's options as {hf_gpt2.ARCHITECTURE}, or "
+                     f"norm rmsnorm, position rope, mlp swiglu and qk_norm false as "
+                     f"{hf_llama.ARCHITECTURE})")
+
+
+def to_hf_tensors(table, arrays):
+    """Hugging Face name -> float32 array, from xpmodel's name -> array and a family's table."""
+    tensors = {}
+    for name, parts, transposed in table:
+        value = numpy.asarray(arrays[name], dtype=numpy.float32)
+        pieces = numpy.split(value, numpy.cumsum([width for _, width in parts])[:-1], axis=-1)
+        for (hf_name, _), piece in zip(parts, pieces):
+            tensors[hf_name] = numpy.ascontiguousarray(piece.T if transposed else piece)
+    return tensors
+
+
+def _yaml(value):
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
 # ----- import ---------------------------------------------------------------
 
 
 def import_hf(hf_dir):
-    """Read a local Hugging Face GPT-2 directory.
+    """Read a local Hugging Face GPT-2 or Llama directory.
 
     Returns (config, arrays, tokenizer): a GPTConfig, name -> float32 NumPy
-    array in xpmodel's names and shapes, and a BPETokenizer. wte keeps every
-    row of the file (config.vocab_size may exceed tokenizer.vocab_size). Raises
-    UsageError naming what is not supported (another architecture, a config
-    feature xpmodel does not compute, pickled weights, an untied head) and
-    DataError for unreadable or inconsistent files.
+    array in xpmodel's names and shapes, and a BPETokenizer. The embedding
+    keeps every row of the file (config.vocab_size may exceed
+    tokenizer.vocab_size). Raises UsageError naming what is not supported
+    (another architecture, a config feature xpmodel does not compute, pickled
+    weights) and DataError for unreadable, oversized or inconsistent files.
     """
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise UsageError(f"{hf_dir} is not a directory")
-    if not (hf_dir / "config.json").is_file():
+    where = hf_dir / "config.json"
+    if not where.is_file():
         raise UsageError(f"{hf_dir} has no config.json; it is not a Hugging Face model directory")
-    hf_cfg = _read_json(hf_dir / "config.json")
-    config = config_from_hf(hf_cfg, hf_dir / "config.json")
+    hf_cfg = _read_json(where)
+    family = import_family(hf_cfg, where)
+    config = _gpt_config(family, hf_cfg, where)
     tokenizer, hf_ids = read_hf_tokenizer(hf_dir)   # hf_ids: (tokenizer.vocab_size,)
     if tokenizer.vocab_size > config.vocab_size:
         raise DataError(f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} ids but the "
                         f"model's vocab has only {config.vocab_size} rows")
-    arrays = _read_weights(hf_dir, config, hf_cfg.get("tie_word_embeddings", True))
+    sources = _weight_sources(hf_dir)
+    _check_layers(config, family, sources, where)
+    table = family.tensor_table(config)
+    tensors = _read_tensors(hf_dir, sources, family, _hf_shapes(table, config),
+                            config.tie_embeddings)
+    arrays = from_hf_tensors(table, tensors)
     if not numpy.array_equal(hf_ids, numpy.arange(len(hf_ids))):
-        wte = arrays["wte.weight"]          # (V, C); rows past the tokenizer's stay
-        wte[:len(hf_ids)] = wte[hf_ids]     # row i now embeds xpmodel's token i
+        for name in ("wte.weight", "lm_head.weight"):   # (V, C); rows past the tokenizer's stay
+            if name in arrays:
+                rows = arrays[name]
+                rows[:len(hf_ids)] = rows[hf_ids]      # row i now belongs to xpmodel's token i
     return config, arrays, tokenizer
 
 
-def config_from_hf(hf_cfg, where="config.json"):
-    """A GPTConfig from a config.json document, refusing what xpmodel does not compute."""
+def import_family(hf_cfg, where="config.json"):
+    """The family (hf_gpt2 or hf_llama) of a config.json document, by its model_type."""
     if not isinstance(hf_cfg, dict):
         raise DataError(f"{where}: not a JSON object")
     model_type = hf_cfg.get("model_type")
     architectures = hf_cfg.get("architectures") or []
     if not isinstance(architectures, list):
         raise DataError(f"{where}: architectures must be a list, got {architectures!r}")
-    others = [a for a in architectures if a not in ARCHITECTURES]
-    if others or model_type != "gpt2":
+    family = next((f for f in FAMILIES if f.MODEL_TYPE == model_type), None)
+    others = [a for a in architectures if family is None or a not in family.ARCHITECTURES]
+    if family is None or others:
         name = others[0] if others else f"model_type {model_type!r}"
         raise UsageError(f"{where}: {name} is not supported; xpmodel imports GPT-2 "
-                         f"(model_type \"gpt2\", {' or '.join(ARCHITECTURES)})")
-    value = {key: hf_cfg.get(key, default) for key, default in _HF_DEFAULTS.items()}
-    rates = [value[key] for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop")]
-    if not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rates):
-        raise DataError(f"{where}: dropout rates must be numbers, got {rates}")
+                         f"(model_type \"gpt2\", {' or '.join(hf_gpt2.ARCHITECTURES)}) and Llama "
+                         f"(model_type \"llama\", {hf_llama.ARCHITECTURE})")
+    return family
+
+
+def _gpt_config(family, hf_cfg, where):
+    """The family's GPTConfig fields as a GPTConfig; a bad value is named by its config.json key."""
     try:
-        # One rate for all three sites; when the file's differ, the largest.
-        config = GPTConfig(vocab_size=value["vocab_size"], block_size=value["n_positions"],
-                           n_layer=value["n_layer"], n_head=value["n_head"],
-                           n_embd=value["n_embd"], dropout=float(max(rates)))
+        return GPTConfig(**family.config_fields(hf_cfg, where))
     except ValueError as exc:
-        raise DataError(f"{where}: {exc}") from None
-    refusals = [
-        (value["n_inner"] not in (None, 4 * config.n_embd),
-         f"n_inner {value['n_inner']} (xpmodel's MLP width is 4 * n_embd = {4 * config.n_embd})"),
-        (value["activation_function"] not in ACTIVATIONS,
-         f"activation_function {value['activation_function']!r} (xpmodel computes the tanh "
-         f"GELU: {' or '.join(ACTIVATIONS)})"),
-        (not value["scale_attn_weights"], "scale_attn_weights false"),
-        (value["scale_attn_by_inverse_layer_idx"], "scale_attn_by_inverse_layer_idx"),
-        (value["reorder_and_upcast_attn"], "reorder_and_upcast_attn"),
-        (value["add_cross_attention"], "add_cross_attention"),
-        (not _close(value["layer_norm_epsilon"], LAYER_NORM_EPSILON),
-         f"layer_norm_epsilon {value['layer_norm_epsilon']} (xpmodel uses {LAYER_NORM_EPSILON})"),
-    ]
-    for refused, feature in refusals:
-        if refused:
-            raise UsageError(f"{where}: {feature} is not supported")
-    return config
+        if isinstance(exc, UsageError):
+            raise
+        message = str(exc).replace("GPTConfig.", "").replace("GPTConfig: ", "")
+        message = re.sub(r"\w+", lambda word: family.HF_KEYS.get(word[0], word[0]), message)
+        raise DataError(f"{where}: {message}") from None
 
 
-def _close(value, target):
-    return isinstance(value, (int, float)) and abs(value - target) <= 1e-12
+def _check_layers(config, family, sources, where):
+    """Refuse more layers than the files have tensors before anything loops over
+    them (a crafted num_hidden_layers of 10**9 is refused at once); every other
+    size is checked against each tensor's stored shape before it is read."""
+    stored = sum(1 for source, wanted in sources for key in source.names
+                 if wanted is None or key in wanted)
+    if config.n_layer > stored:
+        key = family.HF_KEYS.get("n_layer", "n_layer")
+        raise DataError(f"{where}: {key} is {config.n_layer:,} but the weights hold only "
+                        f"{stored:,} tensors")
 
 
-def _read_weights(hf_dir, config, tie_word_embeddings):
-    """Every parameter of `config` from the directory's safetensors, as float32."""
-    expected = dict(parameter_shapes(config))
-    files = _weight_files(hf_dir)
-    arrays, lm_head, unexpected = {}, None, []
-    for path, wanted in files:
-        tensors = _SafetensorsFile(path)
-        for key in tensors.names:
-            if wanted is not None and key not in wanted:
+def _hf_shapes(table, config):
+    """Hugging Face name -> shape, for a family's table."""
+    ours = dict(parameter_shapes(config))
+    shapes = {}
+    for name, parts, transposed in table:
+        for hf_name, width in parts:
+            shape = ours[name]
+            shapes[hf_name] = (width, shape[0]) if transposed else (*shape[:-1], width)
+    return shapes
+
+
+def _read_tensors(hf_dir, sources, family, shapes, tied):
+    """Hugging Face name -> float32 array for every name of `shapes`, read from
+    the directory's safetensors. With a tied head, a stored lm_head.weight must
+    equal the embedding and is dropped."""
+    embedding = family.EMBEDDING
+    tensors, unexpected = {}, []
+    for source, wanted in sources:
+        for key in source.names:
+            if (wanted is not None and key not in wanted) or key.endswith(family.IGNORED_SUFFIXES):
                 continue
-            name = key[len("transformer."):] if key.startswith("transformer.") else key
-            if name.endswith(_BUFFER_SUFFIXES):
-                continue
-            if key == "lm_head.weight":
-                shape = expected["wte.weight"]
-            elif name in expected:
-                shape = expected[name]
-                if name in arrays:
-                    raise DataError(f"{hf_dir}: {name} is stored twice (as {key} too)")
+            name = family.canonical(key)
+            if name in shapes:
+                shape = shapes[name]
+            elif name == "lm_head.weight" and tied:
+                shape = shapes[embedding]
             else:
                 unexpected.append(key)
                 continue
-            if tensors.shape(key) != tuple(shape):
-                raise DataError(f"{path}: {key} has shape {list(tensors.shape(key))}; "
+            if name in tensors:
+                raise DataError(f"{hf_dir}: {name} is stored twice (as {key} too)")
+            if source.shape(key) != tuple(shape):
+                raise DataError(f"{source.path}: {key} has shape {list(source.shape(key))}; "
                                 f"config.json needs {list(shape)}")
-            value = tensors.read(key)
+            value = source.read(key)
             if not numpy.isfinite(value).all():
-                raise DataError(f"{path}: {key} holds NaN or Inf")
-            if key == "lm_head.weight":
-                lm_head = value
-            else:
-                arrays[name] = value
+                raise DataError(f"{source.path}: {key} holds NaN or Inf")
+            tensors[name] = value
     if unexpected:
-        raise UsageError(f"{hf_dir}: tensors that GPT-2 does not have: "
+        raise UsageError(f"{hf_dir}: tensors that {family.ARCHITECTURE} does not have: "
                          f"{', '.join(sorted(unexpected)[:5])}"
                          f"{' ...' if len(unexpected) > 5 else ''} (another head or architecture?)")
-    missing = [name for name in expected if name not in arrays]
+    missing = [name for name in shapes if name not in tensors]
     if missing:
         raise DataError(f"{hf_dir}: the weights lack {', '.join(missing[:5])}"
                         f"{' ...' if len(missing) > 5 else ''}")
-    if lm_head is not None:
-        if not numpy.array_equal(lm_head, arrays["wte.weight"]):
-            raise UsageError(f"{hf_dir}: lm_head.weight differs from wte.weight; xpmodel's "
-                             f"LM head is tied to the token embedding, as in GPT-2")
-    elif not tie_word_embeddings:
-        raise UsageError(f"{hf_dir}: config.json unties the LM head (tie_word_embeddings "
-                         f"false) but the weights hold no lm_head.weight")
+    head = tensors.pop("lm_head.weight") if tied and "lm_head.weight" in tensors else None
+    if head is not None and not numpy.array_equal(head, tensors[embedding]):
+        raise UsageError(f"{hf_dir}: lm_head.weight differs from {embedding}, but config.json "
+                         f"ties them (tie_word_embeddings true)")
+    return tensors
+
+
+def from_hf_tensors(table, tensors):
+    """xpmodel name -> float32 array, from Hugging Face name -> array (consumed)."""
+    arrays = {}
+    for name, parts, transposed in table:
+        pieces = [tensors.pop(hf_name) for hf_name, _ in parts]
+        pieces = [piece.T for piece in pieces] if transposed else pieces
+        arrays[name] = numpy.ascontiguousarray(
+            numpy.concatenate(pieces, axis=-1) if len(pieces) > 1 else pieces[0])
     return arrays
 
 
-def _weight_files(hf_dir):
-    """[(path, names to read from it, or None for all)]."""
+def _weight_sources(hf_dir):
+    """[(_SafetensorsFile, names to read from it, or None for all)]."""
     if (hf_dir / WEIGHTS_FILE).is_file():
-        return [(hf_dir / WEIGHTS_FILE, None)]
+        return [(_SafetensorsFile(hf_dir / WEIGHTS_FILE), None)]
     if (hf_dir / WEIGHTS_INDEX).is_file():
         index = _read_json(hf_dir / WEIGHTS_INDEX)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -276,13 +297,13 @@ def _weight_files(hf_dir):
         for file_name in shards:
             if not (hf_dir / file_name).is_file():
                 raise DataError(f"{hf_dir}: shard {file_name} listed in {WEIGHTS_INDEX} is missing")
-        return [(hf_dir / name, keys) for name, keys in sorted(shards.items())]
+        return [(_SafetensorsFile(hf_dir / name), keys) for name, keys in sorted(shards.items())]
     pickled = [name for name in _PICKLED if (hf_dir / name).exists()]
     if pickled:
         raise UsageError(
             f"{hf_dir}: the weights are in {pickled[0]}, a pickle, and xpmodel never unpickles "
             f"(loading a pickle can run arbitrary code). Convert it once, where you trust the "
-            f"file: GPT2LMHeadModel.from_pretrained(dir).save_pretrained(dir, "
+            f"file: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, "
             f"safe_serialization=True) writes {WEIGHTS_FILE}")
     other = [name for name in _OTHER_FORMATS if (hf_dir / name).exists()]
     raise UsageError(f"{hf_dir}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX}"
@@ -341,14 +362,73 @@ class _SafetensorsFile:
 # ----- files ----------------------------------------------------------------
 
 
-def _write_safetensors(path, tensors):
-    """float32 tensors, written to a temporary name and renamed into place."""
-    partial = path.with_name(path.name + ".partial")
+def _write_folder(out_dir, write):
+    """Call write(folder) on a new folder beside out_dir, then rename it to
+    out_dir (a previous export there is set aside and removed after). On a
+    failure the new folder is removed and out_dir is left as it was; the
+    error names the file that could not be written."""
+    parent = out_dir.parent
     try:
-        save_file(tensors, str(partial), metadata={"format": "pt"})
-        os.replace(partial, path)
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = parent / f".{out_dir.name}.export-{os.getpid()}-{secrets.token_hex(4)}"
+        staging.mkdir()
+    except OSError as exc:
+        raise XpmodelError(f"cannot create {exc.filename or parent}: "
+                           f"{exc.strerror or exc}") from None
+    try:
+        try:
+            write(staging)
+            for path in staging.iterdir():
+                _fsync(path)
+        except OSError as exc:
+            name = Path(exc.filename).name if exc.filename else "the export"
+            raise XpmodelError(f"cannot write {out_dir / name}: {exc.strerror or exc}; "
+                               f"nothing was exported") from None
+        try:
+            _put_in_place(staging, out_dir)
+        except OSError as exc:
+            raise XpmodelError(f"cannot move the export into {out_dir}: "
+                               f"{exc.strerror or exc}; nothing was exported") from None
     finally:
-        partial.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _put_in_place(staging, out_dir):
+    if not out_dir.exists():
+        os.rename(staging, out_dir)
+    else:
+        old = staging.with_name(staging.name + ".old")
+        os.rename(out_dir, old)
+        try:
+            os.rename(staging, out_dir)
+        except OSError:
+            os.rename(old, out_dir)
+            raise
+        for name in EXPORT_FILES:   # nothing else was there when the export began
+            (old / name).unlink(missing_ok=True)
+        try:
+            old.rmdir()
+        except OSError:   # a file appeared there meanwhile: left for its owner
+            pass
+    _fsync(out_dir.parent, directory=True)
+
+
+def _fsync(path, directory=False):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if not directory:   # some file systems cannot sync a folder; a file must sync
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+
+def _write_safetensors(path, tensors):
+    data = safetensors_bytes(tensors, metadata={"format": "pt"})
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def _write_json(path, document):

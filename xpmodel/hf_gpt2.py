@@ -1,0 +1,116 @@
+"""Hugging Face GPT-2 (`GPT2LMHeadModel`) as one family of xpmodel.hf.
+
+xpmodel's parameter names are GPT2LMHeadModel's without "transformer.", and
+its weights are (in, out) as Hugging Face's Conv1D stores them, so every
+tensor maps to itself. GPT-2's options are xpmodel's defaults; its MLP width
+(n_inner), LayerNorm epsilon and an untied head (tie_word_embeddings false,
+with lm_head.weight) carry over too.
+"""
+from .errors import DataError, UsageError
+from .params import parameter_shapes
+
+ARCHITECTURE = "GPT2LMHeadModel"
+ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
+MODEL_TYPE = "gpt2"
+EMBEDDING = "transformer.wte.weight"
+# Causal-mask buffers that older checkpoints saved; they hold no parameters.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+# (option, the value GPT-2 has, what a differing value means for GPT-2)
+OPTIONS = (("norm", "layernorm", "GPT-2 uses LayerNorm"),
+           ("position", "learned", "GPT-2 learns its positions"),
+           ("mlp", "gelu", "GPT-2's MLP is GELU"),
+           ("qk_norm", False, "GPT-2 has no QK-norm"),
+           ("bias", True, "GPT-2 has biases everywhere"))
+ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")   # both are the tanh GELU xpmodel computes
+# GPT2Config's defaults, which Hugging Face applies to keys a config.json leaves out.
+HF_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12,
+               "n_head": 12, "n_inner": None, "activation_function": "gelu_new",
+               "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1,
+               "layer_norm_epsilon": 1e-5, "scale_attn_weights": True,
+               "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+               "add_cross_attention": False, "tie_word_embeddings": True}
+
+
+def mismatches(config):
+    """[(option, value, reason)] of `config` that GPT2LMHeadModel cannot hold."""
+    found = [(key, getattr(config, key), why) for key, value, why in OPTIONS
+             if getattr(config, key) != value]
+    if config.n_kv_head != config.n_head:
+        found.append(("n_kv_head", config.n_kv_head, "GPT-2 has no grouped-query attention"))
+    return found
+
+
+def tensor_table(config):
+    """[(xpmodel name, [(HF name, width)], transposed)] as xpmodel.hf reads it:
+    here every tensor is its own, under "transformer." (the head at top level)."""
+    return [(name, [(name if name == "lm_head.weight" else "transformer." + name, shape[-1])],
+             False) for name, shape in parameter_shapes(config)]
+
+
+def canonical(key):
+    """The tensor_table name of a file's key: GPT-2 files may leave out "transformer."."""
+    if key.startswith("transformer.") or key == "lm_head.weight":
+        return key
+    return "transformer." + key
+
+
+def hf_config(config, eot_id):
+    """The config.json document of a GPT2LMHeadModel equal to `config` (a GPTConfig)."""
+    return {
+        "architectures": [ARCHITECTURE],
+        "model_type": MODEL_TYPE,
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None if config.mlp_hidden == 4 * config.n_embd else config.mlp_hidden,
+        "activation_function": "gelu_new",
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": config.norm_eps,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "add_cross_attention": False,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "tie_word_embeddings": config.tie_embeddings,
+        "use_cache": True,
+        "dtype": "float32",
+        "torch_dtype": "float32",
+    }
+
+
+def config_fields(hf_cfg, where):
+    """GPTConfig's fields from a GPT-2 config.json document, refusing what xpmodel
+    does not compute."""
+    value = {key: hf_cfg.get(key, default) for key, default in HF_DEFAULTS.items()}
+    rates = [value[key] for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop")]
+    if not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rates):
+        raise DataError(f"{where}: dropout rates must be numbers, got {rates}")
+    refusals = [
+        (value["activation_function"] not in ACTIVATIONS,
+         f"activation_function {value['activation_function']!r} (xpmodel computes the tanh "
+         f"GELU: {' or '.join(ACTIVATIONS)})"),
+        (not value["scale_attn_weights"], "scale_attn_weights false"),
+        (value["scale_attn_by_inverse_layer_idx"], "scale_attn_by_inverse_layer_idx"),
+        (value["reorder_and_upcast_attn"], "reorder_and_upcast_attn"),
+        (value["add_cross_attention"], "add_cross_attention"),
+    ]
+    for refused, feature in refusals:
+        if refused:
+            raise UsageError(f"{where}: {feature} is not supported")
+    # One dropout rate for all three sites; when the file's differ, the largest.
+    return dict(vocab_size=value["vocab_size"], block_size=value["n_positions"],
+                n_layer=value["n_layer"], n_head=value["n_head"], n_embd=value["n_embd"],
+                dropout=float(max(rates)), mlp_hidden=value["n_inner"],
+                norm_eps=value["layer_norm_epsilon"], tie_embeddings=value["tie_word_embeddings"])
+
+
+# config.json's name for each GPTConfig field, for error messages.
+HF_KEYS = {"block_size": "n_positions", "dropout": "resid_pdrop", "mlp_hidden": "n_inner",
+           "norm_eps": "layer_norm_epsilon", "tie_embeddings": "tie_word_embeddings"}

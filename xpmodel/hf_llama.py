@@ -1,0 +1,188 @@
+"""Hugging Face Llama (`LlamaForCausalLM`) as one family of xpmodel.hf.
+
+A Llama block is xpmodel's block with norm rmsnorm, position rope, mlp
+swiglu and no QK-norm; n_kv_head, the MLP width, norm_eps, rope_theta, bias
+(attention_bias and mlp_bias together) and a tied or untied head carry over.
+Hugging Face stores each projection separately as (out, in); xpmodel fuses
+them and stores (in, out):
+
+  h.i.attn.c_attn.weight (C, (H + 2 H_kv) D) = [q_proj.T | k_proj.T | v_proj.T]
+  h.i.attn.c_proj.weight (C, C)              = o_proj.T
+  h.i.mlp.c_fc.weight    (C, 2 F)            = [gate_proj.T | up_proj.T]
+  h.i.mlp.c_proj.weight  (F, C)              = down_proj.T
+  h.i.ln_1 / ln_2 / ln_f                     = input_layernorm / post_attention_layernorm / norm
+  wte.weight, lm_head.weight (V, C)          = embed_tokens.weight, lm_head.weight
+
+Both number q's heads the same way (head h is columns h D .. (h+1) D) and
+rotate each head by halves (Hugging Face's rotate_half), so no column moves.
+"""
+from .errors import DataError, UsageError
+
+ARCHITECTURE = "LlamaForCausalLM"
+ARCHITECTURES = ("LlamaForCausalLM",)
+MODEL_TYPE = "llama"
+EMBEDDING = "model.embed_tokens.weight"
+# Rotary tables that older checkpoints saved; they hold no parameters.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# (option, the value Llama has, what a differing value means for Llama)
+OPTIONS = (("norm", "rmsnorm", "Llama uses RMSNorm"),
+           ("position", "rope", "Llama uses rotary positions"),
+           ("mlp", "swiglu", "Llama's MLP is SwiGLU"),
+           ("qk_norm", False, "LlamaForCausalLM has no QK-norm"))
+ACTIVATIONS = ("silu", "swish")   # two names of x * sigmoid(x)
+# Rotary positions beyond this are refused: xpmodel builds tables of block_size rows.
+MAX_POSITIONS = 1 << 20
+# LlamaConfig's defaults, which Hugging Face applies to keys a config.json leaves out.
+HF_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+               "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": None,
+               "head_dim": None, "hidden_act": "silu", "max_position_embeddings": 2048,
+               "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None,
+               "rope_parameters": None, "partial_rotary_factor": None, "attention_bias": False,
+               "mlp_bias": False, "attention_dropout": 0.0, "pretraining_tp": 1,
+               "tie_word_embeddings": False}
+# config.json's name for each GPTConfig field, for error messages.
+HF_KEYS = {"vocab_size": "vocab_size", "block_size": "max_position_embeddings",
+           "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+           "n_embd": "hidden_size", "n_kv_head": "num_key_value_heads",
+           "mlp_hidden": "intermediate_size", "norm_eps": "rms_norm_eps",
+           "rope_theta": "rope_theta", "dropout": "attention_dropout",
+           "tie_embeddings": "tie_word_embeddings"}
+
+
+def mismatches(config):
+    """[(option, value, reason)] of `config` that LlamaForCausalLM cannot hold."""
+    return [(key, getattr(config, key), why) for key, value, why in OPTIONS
+            if getattr(config, key) != value]
+
+
+def tensor_table(config):
+    """[(xpmodel name, [(HF name, width)], transposed)]: each xpmodel tensor is
+    its Hugging Face tensors side by side along its last axis, each
+    transposed from (out, in) first when `transposed`."""
+    C, D, F = config.n_embd, config.head_size, config.mlp_hidden
+    q, kv = config.n_head * D, config.n_kv_head * D
+    table = [("wte.weight", [(EMBEDDING, C)], False)]
+    for i in range(config.n_layer):
+        h, m = f"h.{i}.", f"model.layers.{i}."
+        table += [(h + "ln_1.weight", [(m + "input_layernorm.weight", C)], False),
+                  (h + "ln_2.weight", [(m + "post_attention_layernorm.weight", C)], False)]
+        linears = [("attn.c_attn", [("self_attn.q_proj", q), ("self_attn.k_proj", kv),
+                                    ("self_attn.v_proj", kv)]),
+                   ("attn.c_proj", [("self_attn.o_proj", C)]),
+                   ("mlp.c_fc", [("mlp.gate_proj", F), ("mlp.up_proj", F)]),
+                   ("mlp.c_proj", [("mlp.down_proj", C)])]
+        for ours, theirs in linears:
+            table.append((h + ours + ".weight", [(m + t + ".weight", w) for t, w in theirs], True))
+            if config.bias:
+                table.append((h + ours + ".bias", [(m + t + ".bias", w) for t, w in theirs],
+                              False))
+    table.append(("ln_f.weight", [("model.norm.weight", C)], False))
+    if not config.tie_embeddings:
+        table.append(("lm_head.weight", [("lm_head.weight", C)], False))
+    return table
+
+
+def canonical(key):
+    return key
+
+
+def hf_config(config, eot_id):
+    """The config.json document of a LlamaForCausalLM equal to `config` (a GPTConfig).
+    rope_theta is written both where transformers 4 reads it and inside
+    rope_parameters, where transformers 5 keeps it."""
+    return {
+        "architectures": [ARCHITECTURE],
+        "model_type": MODEL_TYPE,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.mlp_hidden,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_size,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "attention_bias": config.bias,
+        "mlp_bias": config.bias,
+        "attention_dropout": config.dropout,
+        "pretraining_tp": 1,
+        "initializer_range": 0.02,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "pad_token_id": None,
+        "tie_word_embeddings": config.tie_embeddings,
+        "use_cache": True,
+        "dtype": "float32",
+        "torch_dtype": "float32",
+    }
+
+
+def config_fields(hf_cfg, where):
+    """GPTConfig's fields from a Llama config.json document, refusing what
+    xpmodel does not compute."""
+    value = {key: hf_cfg.get(key, default) for key, default in HF_DEFAULTS.items()}
+    theta = _rope_theta(value, where)
+    for key in ("attention_bias", "mlp_bias"):
+        if not isinstance(value[key], bool):
+            raise DataError(f"{where}: {key} must be true or false, got {value[key]!r}")
+    heads, hidden = value["num_attention_heads"], value["hidden_size"]
+    positions = value["max_position_embeddings"]
+    refusals = [
+        (value["hidden_act"] not in ACTIVATIONS,
+         f"hidden_act {value['hidden_act']!r} (xpmodel's SwiGLU gates with silu)"),
+        (value["attention_bias"] != value["mlp_bias"],
+         f"attention_bias {_yaml(value['attention_bias'])} with mlp_bias "
+         f"{_yaml(value['mlp_bias'])} (xpmodel's bias option covers both)"),
+        (value["pretraining_tp"] not in (None, 1), f"pretraining_tp {value['pretraining_tp']!r}"),
+        (value["head_dim"] is not None and _is_int(heads) and _is_int(hidden) and heads > 0
+         and value["head_dim"] != hidden // heads,
+         f"head_dim {value['head_dim']!r} (xpmodel's head size is hidden_size / "
+         f"num_attention_heads)"),
+        (_is_int(positions) and positions > MAX_POSITIONS,
+         f"max_position_embeddings {positions} (more than xpmodel's {MAX_POSITIONS})"),
+    ]
+    for refused, feature in refusals:
+        if refused:
+            raise UsageError(f"{where}: {feature} is not supported")
+    return dict(vocab_size=value["vocab_size"], block_size=positions,
+                n_layer=value["num_hidden_layers"], n_head=heads, n_embd=hidden,
+                n_kv_head=value["num_key_value_heads"], mlp_hidden=value["intermediate_size"],
+                dropout=value["attention_dropout"], norm="rmsnorm",
+                norm_eps=value["rms_norm_eps"], position="rope", rope_theta=theta,
+                mlp="swiglu", bias=value["attention_bias"],
+                tie_embeddings=value["tie_word_embeddings"])
+
+
+def _rope_theta(value, where):
+    """The base of plain RoPE, from rope_theta (transformers 4) or rope_parameters
+    (transformers 5); any scaling or partial rotation is refused."""
+    theta = value["rope_theta"]
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = value[key]
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise DataError(f"{where}: {key} must be an object or null, got {rope!r}")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        others = sorted(set(rope) - {"rope_type", "type", "rope_theta"})
+        if kind != "default" or others:
+            what = f"rope_type {kind!r}" if kind != "default" else f"{others[0]}"
+            raise UsageError(f"{where}: {key} with {what} is not supported (xpmodel computes "
+                             f"plain RoPE)")
+        theta = rope.get("rope_theta", theta)
+    if value["partial_rotary_factor"] not in (None, 1, 1.0):
+        raise UsageError(f"{where}: partial_rotary_factor {value['partial_rotary_factor']!r} "
+                         f"is not supported (xpmodel rotates whole heads)")
+    return theta
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _yaml(flag):
+    return "true" if flag else "false"
