@@ -235,3 +235,67 @@ def test_all_targets_ignored_gives_zero_gradients():
     idx = np.zeros((2, 5), dtype=np.int64)
     loss = model.forward_backward(idx, np.full((2, 5), -1))
     assert np.isfinite(float(loss)) and not model.flat_grads.any()
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-9), ("float32", 1e-4)])
+def test_matches_torch_logits_loss_and_every_gradient(name, dtype, tol):
+    """The same architecture in PyTorch (tools/torch_gpt.py) on the same weights."""
+    torch = pytest.importorskip("torch")
+    from torch_gpt import torch_forward, torch_loss, torch_params
+    config = tiny(**OPTIONS[name])
+    model = randomized_model(config)
+    if dtype == "float32":
+        model32 = xpmodel.GPT(config, dtype="float32")
+        model32.load_state_arrays(model.state_arrays())
+        model = model32
+    rng = np.random.default_rng(2)
+    idx = rng.integers(0, 50, (3, 10))
+    targets = np.roll(idx, -1, axis=1)
+    targets[0, 4] = -1
+    loss = float(model.forward_backward(idx, targets))
+    tp = torch_params(model.state_arrays(), getattr(torch, dtype))
+    t_idx, t_targets = torch.tensor(idx), torch.tensor(targets)
+    t_loss = torch_loss(tp, t_idx, t_targets, config)
+    t_loss.backward()
+    logits = torch_forward(tp, t_idx, config).detach().numpy()
+    assert relative(model.forward(idx), logits) < tol
+    assert abs(loss - t_loss.item()) / t_loss.item() < tol
+    for param, grad in model.grads.items():
+        assert relative(grad, tp[param].grad.numpy()) < tol, param
+
+
+@pytest.mark.parametrize("name", ["all", "relu2", "qk_norm"])
+def test_ten_adamw_steps_match_torch_in_float64(name):
+    torch = pytest.importorskip("torch")
+    from torch_gpt import torch_adamw, torch_loss, torch_params
+    config = tiny(**OPTIONS[name])
+    model = randomized_model(config, seed=4)
+    tp = torch_params(model.state_arrays(), torch.float64)
+    opt = xpmodel.AdamW(model, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    topt = torch_adamw(tp, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    rng = np.random.default_rng(6)
+    batches = [rng.integers(0, 50, (3, 10)) for _ in range(2)]
+    ours, theirs = [], []
+    for step in range(10):
+        idx = batches[step % 2]
+        targets = np.roll(idx, -1, axis=1)
+        model.zero_grad()
+        ours.append(float(model.forward_backward(idx, targets)))
+        xpmodel.clip_grad_norm(model, 0.5)
+        opt.step()
+        topt.zero_grad()
+        loss = torch_loss(tp, torch.tensor(idx), torch.tensor(targets), config)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(tp.values()), 0.5)
+        topt.step()
+        theirs.append(loss.item())
+    np.testing.assert_allclose(ours, theirs, rtol=1e-8)
+    assert ours[-1] < ours[0]
+    for param, value in model.params.items():
+        assert relative(value, tp[param].detach().numpy()) < 1e-8, param
+
+
+def relative(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))

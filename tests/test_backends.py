@@ -250,9 +250,10 @@ LLAMA_STYLE = dict(norm="rmsnorm", position="rope", qk_norm=True, mlp="swiglu", 
                    bias=False, tie_embeddings=False)
 
 
-@pytest.mark.parametrize("options", [LLAMA_STYLE, dict(mlp="relu2", bias=False),
+@pytest.mark.parametrize("options", [LLAMA_STYLE, dict(LLAMA_STYLE, qk_norm=False),
+                                     dict(mlp="relu2", bias=False),
                                      dict(norm="rmsnorm", n_kv_head=1)],
-                         ids=["llama-style", "relu2-no-bias", "rmsnorm-mqa"])
+                         ids=["llama-style", "llama", "relu2-no-bias", "rmsnorm-mqa"])
 def test_architecture_options_match_float64_in_both_precisions(device, options):
     """Every option on every backend: float32 within 1e-4 and fp16 within 3e-2
     of a NumPy float64 reference, loss and every gradient."""
@@ -272,12 +273,14 @@ def test_architecture_options_match_float64_in_both_precisions(device, options):
     assert relative_error(mixed.flat_grads, reference.flat_grads) < 3e-2
 
 
-def test_llama_style_fp16_on_the_flash_kernels(device, monkeypatch):
-    """Grouped-query attention with RoPE and QK-norm on heads of 64 dimensions:
-    on CUDA the flash kernels run it, on the keys and values repeated per group."""
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_llama_style_fp16_on_the_flash_kernels(device, monkeypatch, qk_norm):
+    """Grouped-query attention with RoPE (and QK-norm) on heads of 64 dimensions:
+    on CUDA the flash kernels run it, on the keys and values repeated per group
+    (by the fused split of cuda/rope_heads.py without QK-norm)."""
     from xpmodel.cuda import flash
     config = xpmodel.GPTConfig(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_embd=256,
-                               **LLAMA_STYLE)
+                               **dict(LLAMA_STYLE, qk_norm=qk_norm))
     rng = np.random.default_rng(11)
     idx = rng.integers(0, config.vocab_size, (2, 64))
     targets = np.roll(idx, -1, axis=1)

@@ -389,3 +389,33 @@ def test_norm_kernel_without_centring_or_bias_matches_numpy(cp, C, norm):
     assert relative_error(g_out, out) < 1e-12
     assert relative_error(g_dx, dx) < 1e-11
     assert relative_error(g_dw, dw) < 1e-11
+
+
+@pytest.mark.parametrize("n_kv_head,rotary", [(2, True), (1, True), (4, True), (2, False)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+def test_rope_and_grouped_head_split_and_merge_match_numpy(cp, n_kv_head, rotary, dtype):
+    """Attention with rotary positions and grouped keys/values: the fused split
+    (bias, rotation, scale, repeat) and merge (group sums, rotation back, bias
+    gradient) against the layer's NumPy expressions."""
+    from xpmodel.backend import get_device
+    from xpmodel.layers.attention import attention_backward, attention_forward
+    from xpmodel.layers.rope import rope_tables
+    rng = np.random.default_rng()
+    B, T, H, D = 2, 12, 4, 8
+    width = (H + 2 * n_kv_head) * D
+    qkv, bias, dy = rand(rng, (B, T, width)), rand(rng, (width,)), rand(rng, (B * T, H * D))
+    rope = rope_tables(T, D, 100.0, get_device("cpu"), np.float64) if rotary else None
+    y, cache = attention_forward(qkv.copy(), H, bias=bias, n_kv_head=n_kv_head, rope=rope)
+    dbias = np.zeros(width)
+    dqkv = attention_backward(dy, cache, dbias)
+
+    g_rope = tuple(cp.asarray(t.astype(np.float32 if dtype == np.float16 else t.dtype))
+                   for t in rope) if rotary else None
+    g_y, g_cache = attention_forward(cp.asarray(qkv.astype(dtype)), H, bias=cp.asarray(bias.astype(dtype)),
+                                     n_kv_head=n_kv_head, rope=g_rope)
+    g_dbias = cp.zeros(width, dtype=np.float32 if dtype == np.float16 else dtype)
+    g_dqkv = attention_backward(cp.asarray(dy.astype(dtype)), g_cache, g_dbias)
+    tol = TOLERANCE[dtype] * 5
+    assert relative_error(g_y, y) < tol
+    assert relative_error(g_dqkv, dqkv) < tol
+    assert relative_error(g_dbias, dbias) < tol

@@ -23,7 +23,9 @@ options, the split gives q (B, H, T, D) and k, v (B, H_kv, T, D); QK-norm
 and the rotation act on q and k, q is scaled, and k and v are repeated over
 their groups of query heads into the same (3, B, H, T, D) layout, so one
 core (and the flash kernels) serves every variant; backward sums each
-group's key and value gradients back.
+group's key and value gradients back. On CuPy without QK-norm, the split
+with the rotation and the repeat, and the merge with the group sums, are one
+kernel each (xpmodel/cuda/rope_heads.py).
 """
 import math
 from typing import NamedTuple
@@ -150,6 +152,11 @@ def attention_forward(qkv, n_head, dropout_p=0.0, rng=None, bias=None, n_kv_head
         heads = split_heads(qkv, bias, n_head)                       # GPT-2: (3, B, H, T, D)
         y, core = _core_forward(heads, dropout_p, rng)
         return y, AttentionCache(core, None)
+    if is_cuda_array(qkv) and qk_norm is None and kv_cache is None:
+        from ..cuda.rope_heads import split_rope_heads
+        heads = split_rope_heads(qkv, bias, n_head, n_kv_head, rope, 1.0 / math.sqrt(D))
+        y, core = _core_forward(heads, dropout_p, rng)
+        return y, AttentionCache(core, HeadsCache(n_kv_head, None, rope))
     q, k, v = split_qkv(qkv, bias, n_head, n_kv_head)                # (B, H|H_kv, T, D)
     norm_caches = None
     if qk_norm is not None:
@@ -178,6 +185,9 @@ def attention_backward(dy, cache, dbias=None, qk_norm=None, dqk_norm=None):
     if cache.heads is None:
         return merge_heads(dheads, dbias)
     n_kv_head, norm_caches, rope = cache.heads
+    if is_cuda_array(dy) and norm_caches is None:
+        from ..cuda.rope_heads import merge_rope_heads
+        return merge_rope_heads(dheads, n_kv_head, rope, dbias)
     _, B, H, T, D = dheads.shape
     group = H // n_kv_head
     dq = dheads[0]                                 # the core's dq is already times 1/sqrt(D)

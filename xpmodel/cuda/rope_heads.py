@@ -1,0 +1,138 @@
+"""The head split and merge for grouped-query attention and rotary positions,
+one kernel each way.
+
+The split reads qkv (B*T, (H + 2 H_kv) D), adds the projection's bias,
+rotates q and k by their position's angles, scales q, and writes the
+(3, B, H, T, D) heads the attention core reads, each key/value head repeated
+for the H / H_kv query heads it serves. The merge undoes it for the
+gradients: it sums each group's key and value gradients, turns q's and k's
+back by the same angles, writes (B*T, (H + 2 H_kv) D) and adds the bias's
+gradient. QK-norm, which needs a reduction over each head, stays on the
+layer's own `xp` code.
+"""
+import numpy
+
+from ..backend import _import_cupy
+from .compile import acc_type, c_type, multiprocessor_count, optional, raw_kernel
+
+_THREADS = 256
+
+_SOURCE = r"""
+// The rotation of element d of a head whose pair partner holds `partner`:
+// d < D/2: x cos - partner sin; d >= D/2: x cos + partner sin. sign -1 turns back.
+__device__ __forceinline__ ACC rotated(ACC x, ACC partner, int d, int D, const R_T* cos,
+        const R_T* sin, long long t, ACC sign) {
+    int half = D / 2, j = d < half ? d : d - half;
+    ACC c = (ACC)cos[t * half + j], s = (ACC)sin[t * half + j];
+    return d < half ? x * c - sign * partner * s : x * c + sign * partner * s;
+}
+
+// one thread per element of heads (3, B, H, T, D); cos, sin (T, D/2) or null
+extern "C" __global__ void split_rope_heads(const X_T* qkv, const X_T* bias, X_T* heads,
+        const R_T* cos, const R_T* sin, long long n, int B, int T, int H, int H_kv, int D,
+        ACC q_scale) {
+    int width = (H + 2 * H_kv) * D, group = H / H_kv, half = D / 2;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        int d = (int)(i % D);
+        long long t = (i / D) % T;
+        int h = (int)((i / ((long long)D * T)) % H);
+        long long b = (i / ((long long)D * T * H)) % B;
+        int part = (int)(i / ((long long)D * T * H * B));
+        int head = part == 0 ? h : (part == 1 ? H + h / group : H + H_kv + h / group);
+        int col = head * D + d, partner_col = head * D + (d < half ? d + half : d - half);
+        const X_T* row = qkv + (b * T + t) * width;
+        ACC x = (ACC)load(row + col);
+        if (bias) x += (ACC)load(bias + col);
+        if (cos && part < 2) {
+            ACC partner = (ACC)load(row + partner_col);
+            if (bias) partner += (ACC)load(bias + partner_col);
+            x = rotated(x, partner, d, D, cos, sin, t, (ACC)1);
+        }
+        if (part == 0) x *= q_scale;
+        store(heads + i, x);
+    }
+}
+
+// dheads (3, B, H, T, D) -> out (B*T, (H + 2 H_kv) D): thread col of the grid's x
+// walks column col over every gridDim.y-th row, summing a key or value head's
+// group and turning q and k back; with dbias it adds the column's sum (one atomic)
+extern "C" __global__ void merge_rope_heads(const X_T* dheads, X_T* out, G_T* dbias,
+        const R_T* cos, const R_T* sin, int B, int T, int H, int H_kv, int D) {
+    int width = (H + 2 * H_kv) * D, group = H / H_kv, half = D / 2;
+    int col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= width) return;
+    int head = col / D, d = col % D, partner_d = d < half ? d + half : d - half;
+    int part = head < H ? 0 : (head < H + H_kv ? 1 : 2);
+    int first = part == 0 ? head : (head - (part == 1 ? H : H + H_kv)) * group;
+    int count = part == 0 ? 1 : group;
+    ACC column_sum = 0;
+    for (long long r = blockIdx.y; r < (long long)B * T; r += gridDim.y) {
+        long long b = r / T, t = r - b * T;
+        ACC x = 0, partner = 0;
+        for (int g = 0; g < count; g++) {
+            long long base = ((((long long)part * B + b) * H + first + g) * T + t) * D;
+            x += (ACC)load(dheads + base + d);
+            if (cos && part < 2) partner += (ACC)load(dheads + base + partner_d);
+        }
+        if (cos && part < 2) x = rotated(x, partner, d, D, cos, sin, t, (ACC)-1);
+        store(out + r * width + col, x);
+        column_sum += x;
+    }
+    if (dbias) atomicAdd(dbias + col, (G_T)column_sum);
+}
+"""
+
+
+def split_rope_heads(qkv, bias, n_head, n_kv_head, rope, q_scale):
+    """qkv: (B, T, (H + 2 H_kv) D) C-contiguous, bias or None, rope (cos, sin)
+    (T, D/2) or None -> heads (3, B, H, T, D), q scaled by q_scale."""
+    cupy = _import_cupy()
+    qkv = cupy.ascontiguousarray(qkv)
+    B, T, width = qkv.shape
+    D = width // (n_head + 2 * n_kv_head)
+    if bias is not None and bias.dtype != qkv.dtype:
+        bias = bias.astype(qkv.dtype)
+    cos, sin = _tables(rope, qkv)
+    acc = acc_type(qkv.dtype)
+    kernel = raw_kernel(_SOURCE, "split_rope_heads", X_T=c_type(qkv.dtype), ACC=acc,
+                        R_T=c_type(cos.dtype) if cos is not None else acc, G_T="float")
+    heads = cupy.empty((3, B, n_head, T, D), dtype=qkv.dtype)
+    n = heads.size
+    blocks = max(1, min((n + _THREADS - 1) // _THREADS, 16 * multiprocessor_count()))
+    scale = numpy.float64(q_scale) if acc == "double" else numpy.float32(q_scale)
+    kernel((blocks,), (_THREADS,), (qkv, optional(bias), heads, optional(cos), optional(sin),
+                                    numpy.int64(n), numpy.int32(B), numpy.int32(T),
+                                    numpy.int32(n_head), numpy.int32(n_kv_head), numpy.int32(D),
+                                    scale))
+    return heads
+
+
+def merge_rope_heads(dheads, n_kv_head, rope, dbias=None):
+    """dheads: (3, B, H, T, D) contiguous -> (B*T, (H + 2 H_kv) D), the
+    gradient of split_rope_heads' input; with dbias, its column sums are added."""
+    cupy = _import_cupy()
+    dheads = cupy.ascontiguousarray(dheads)
+    _, B, H, T, D = dheads.shape
+    width = (H + 2 * n_kv_head) * D
+    cos, sin = _tables(rope, dheads)
+    acc = acc_type(dheads.dtype)
+    g_type = c_type(dbias.dtype) if dbias is not None else "float"
+    kernel = raw_kernel(_SOURCE, "merge_rope_heads", X_T=c_type(dheads.dtype), ACC=acc,
+                        R_T=c_type(cos.dtype) if cos is not None else acc, G_T=g_type)
+    out = cupy.empty((B * T, width), dtype=dheads.dtype)
+    threads = min(_THREADS, -(-width // 32) * 32)
+    column_blocks = -(-width // threads)
+    row_blocks = max(1, min(B * T, 8 * multiprocessor_count() // column_blocks))
+    kernel((column_blocks, row_blocks), (threads,),
+           (dheads, out, optional(dbias), optional(cos), optional(sin), numpy.int32(B),
+            numpy.int32(T), numpy.int32(H), numpy.int32(n_kv_head), numpy.int32(D)))
+    return out
+
+
+def _tables(rope, like):
+    """The contiguous (cos, sin) tables, or (None, None) without rotary positions."""
+    if rope is None:
+        return None, None
+    cupy = _import_cupy()
+    return tuple(cupy.ascontiguousarray(table) for table in rope)
