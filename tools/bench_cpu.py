@@ -5,7 +5,11 @@ A step is zero-grad, forward, backward, global-norm clip and AdamW, on
 random tokens. Prints tokens/s (B*T / median step time), xpmodel's peak
 traced memory for one step, and the ratio to PyTorch.
 
-    python tools/bench_cpu.py [--configs seed nano-cpu] [--steps 20] [--threads 2]
+    python tools/bench_cpu.py [--configs seed nano-cpu llama-seed llama-nano-cpu] [--steps 20] [--threads 2]
+
+The llama-* configs are the same sizes with the Llama-style block (RMSNorm,
+RoPE, SwiGLU, grouped-query attention, no biases); PyTorch runs them with
+F.rms_norm and scaled-dot-product attention with GQA.
 """
 import argparse
 import os
@@ -15,10 +19,14 @@ import time
 import tracemalloc
 from pathlib import Path
 
-CONFIGS = {   # name: (n_layer, n_head, n_embd, block_size, batch_size, vocab_size)
-    "nano-cpu": (4, 4, 128, 64, 12, 256),
-    "seed": (6, 8, 256, 128, 16, 4096),
+CONFIGS = {   # name: (n_layer, n_head, n_embd, block_size, batch_size, vocab_size, options)
+    "nano-cpu": (4, 4, 128, 64, 12, 256, {}),
+    "seed": (6, 8, 256, 128, 16, 4096, {}),
 }
+# The Llama-style block of the shipped llama-* presets at the same sizes.
+LLAMA = dict(norm="rmsnorm", position="rope", mlp="swiglu", n_kv_head=2, bias=False)
+CONFIGS.update({"llama-nano-cpu": CONFIGS["nano-cpu"][:-1] + (LLAMA,),
+                "llama-seed": CONFIGS["seed"][:-1] + (dict(LLAMA, n_kv_head=4),)})
 
 
 def xpmodel_step(config, B):
@@ -51,7 +59,7 @@ def torch_step(config, B):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = torch_loss(params, idx, targets, config.n_layer, config.n_head, fused_attention=True)
+        loss = torch_loss(params, idx, targets, config, fused_attention=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         opt.step()
@@ -87,8 +95,9 @@ def main():
     print(f"numpy {numpy.__version__}, torch {torch.__version__ if torch else '-'}, "
           f"threads {args.threads}, cpus {os.cpu_count()}")
     for name in args.configs:
-        L, H, C, T, B, V = CONFIGS[name]
-        config = xpmodel.GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C)
+        L, H, C, T, B, V, options = CONFIGS[name]
+        config = xpmodel.GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C,
+                                   **options)
         ours = xpmodel_step(config, B)
         ours()                                  # warm up
         tracemalloc.start()
@@ -106,7 +115,7 @@ def main():
                 their_times += time_steps(theirs, per_round)
         tokens = B * T
         our_tps = tokens / statistics.median(our_times)
-        line = (f"{name:9s} B={B} T={T} C={C} L={L} V={V}: xpmodel {our_tps:9,.0f} tok/s "
+        line = (f"{name:14s} B={B} T={T} C={C} L={L} V={V}: xpmodel {our_tps:9,.0f} tok/s "
                 f"(peak {peak_mb:,.0f} MB traced)")
         if theirs:
             their_tps = tokens / statistics.median(their_times)
