@@ -193,6 +193,24 @@ def test_export_refuses_a_tokenizer_larger_than_the_vocab(tokenizer, tmp_path):
         export_hf(small, tokenizer, tmp_path)
 
 
+def test_export_and_import_carry_mlp_width_epsilon_and_an_untied_head(tokenizer, tmp_path):
+    config = GPTConfig(vocab_size=PADDED_VOCAB, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32,
+                       mlp_hidden=48, norm_eps=1e-6, tie_embeddings=False)
+    model = randomized(GPT(config, seed=5), seed=6)
+    assert export_hf(model, tokenizer, tmp_path / "out") == "GPT2LMHeadModel"
+    hf_model, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out",
+                                                                   output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert (hf_model.config.n_inner, hf_model.config.layer_norm_epsilon) == (48, 1e-6)
+    assert hf_model.lm_head.weight.data_ptr() != hf_model.transformer.wte.weight.data_ptr()
+    for ids in random_prompts(seed=2, high=PADDED_VOCAB):
+        assert relative_error(model.forward(ids), hf_logits(hf_model.eval(), ids)) < 1e-4
+    imported, arrays, _ = import_hf(tmp_path / "out")
+    assert imported == config
+    for name, value in model.state_arrays().items():
+        numpy.testing.assert_array_equal(arrays[name], value, err_msg=name)
+
+
 # ----- import of models saved by transformers -------------------------------
 
 
@@ -206,6 +224,19 @@ def test_import_transformers_model_with_unpadded_vocab(tokenizer, tmp_path):
     assert tok == tokenizer
     ours = xp_model(config, arrays)
     for ids in random_prompts(seed=1, high=TOKENIZER_VOCAB):
+        assert relative_error(ours.forward(ids), hf_logits(hf_model, ids)) < 1e-4
+
+
+def test_import_transformers_model_with_its_own_mlp_width_and_an_untied_head(tokenizer,
+                                                                            tmp_path):
+    hf_model = hf_random_model(TOKENIZER_VOCAB, seed=7, n_inner=40, layer_norm_epsilon=1e-6,
+                               tie_word_embeddings=False)
+    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer.export_hf(tmp_path)
+    config, arrays, _ = import_hf(tmp_path)
+    assert (config.mlp_hidden, config.norm_eps, config.tie_embeddings) == (40, 1e-6, False)
+    ours = xp_model(config, arrays)
+    for ids in random_prompts(seed=3, high=TOKENIZER_VOCAB):
         assert relative_error(ours.forward(ids), hf_logits(hf_model, ids)) < 1e-4
 
 
