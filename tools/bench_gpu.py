@@ -63,8 +63,7 @@ def torch_step(config, B, device, precision, compiled):
     targets = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g).to(device)
 
     def loss_fn(idx, targets):
-        return torch_loss(params, idx, targets, config.n_layer, config.n_head, fused_attention=True,
-                          out_in=True)
+        return torch_loss(params, idx, targets, config, fused_attention=True, out_in=True)
     if compiled:
         loss_fn = torch.compile(loss_fn)
 
