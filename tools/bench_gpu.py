@@ -17,11 +17,18 @@ import statistics
 import sys
 from pathlib import Path
 
-CONFIGS = {   # name: (n_layer, n_head, n_embd, block_size, batch_size, vocab_size)
-    "tiny": (2, 2, 64, 32, 4, 256),
-    "char-mid": (6, 6, 384, 256, 64, 4096),
-    "gpt2-small": (12, 12, 768, 1024, 16, 50304),
+CONFIGS = {   # name: (n_layer, n_head, n_embd, block_size, batch_size, vocab_size, options)
+    "tiny": (2, 2, 64, 32, 4, 256, {}),
+    "char-mid": (6, 6, 384, 256, 64, 4096, {}),
+    "gpt2-small": (12, 12, 768, 1024, 16, 50304, {}),
 }
+# The Llama-style block of the llama-* presets (RMSNorm, RoPE, SwiGLU, GQA, no
+# biases) at the same sizes; llama-small also unties its head, as the preset does.
+LLAMA = dict(norm="rmsnorm", position="rope", mlp="swiglu", bias=False)
+CONFIGS.update({"llama-tiny": CONFIGS["tiny"][:-1] + (dict(LLAMA, n_kv_head=1),),
+                "llama-char": CONFIGS["char-mid"][:-1] + (dict(LLAMA, n_kv_head=2),),
+                "llama-small": CONFIGS["gpt2-small"][:-1] + (dict(LLAMA, n_kv_head=4,
+                                                                   tie_embeddings=False),)})
 PEAK_FP16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
 
@@ -126,8 +133,9 @@ def main():
     print(f"device {gpu}, precision {args.precision}, torch {torch.__version__}")
     tracker = CupyPeakTracker() if args.device.startswith("cuda") else None
     for name in args.configs:
-        L, H, C, T, B, V = CONFIGS[name]
-        config = xpmodel.GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C)
+        L, H, C, T, B, V, options = CONFIGS[name]
+        config = xpmodel.GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C,
+                                   **options)
         flops_per_token = config.flops_per_token()
         sides, memory = {}, {}
         on_gpu = args.device.startswith("cuda")

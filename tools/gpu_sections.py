@@ -37,8 +37,8 @@ def main():
     import cupy
     import xpmodel
     from xpmodel.layers import attention, crossentropy, gelu, layernorm, linear
-    L, H, C, T, B, V = CONFIGS[args.config]
-    config = xpmodel.GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C)
+    L, H, C, T, B, V, options = CONFIGS[args.config]
+    config = xpmodel.GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C, **options)
     model = xpmodel.GPT(config, device="cuda", precision=args.precision)
     opt = xpmodel.AdamW(model, lr=1e-4)
     rng = np.random.default_rng(0)
