@@ -4,7 +4,7 @@
 # capture probe, and nanoGPT's
 # shakespeare-char run in mixed float16, with a summary in $OUT (default
 # ./gpu-check). Uses the CuPy and PyTorch already installed there; needs no
-# network. At most 8 minutes (each part has its own time limit).
+# network. At most 10 minutes (each part has its own time limit).
 #
 #   OUT=/some/dir bash tools/gpu_check.sh
 #
@@ -34,7 +34,7 @@ $PY -c "import cupy, torch; print('cupy', cupy.__version__, 'torch', torch.__ver
 note "== GPU tests"
 # (the CPU-emulator variants of these tests are for machines without a GPU)
 timeout 80 $PY -m pytest -q -p no:cacheprovider -k "not emulated" tests/test_cuda_kernels.py \
-    tests/test_backends.py tests/test_generate.py > "$OUT/tests.log" 2>&1
+    tests/test_backends.py tests/test_generate.py tests/test_architectures.py > "$OUT/tests.log" 2>&1
 note "tests exit code $? ($(tail -1 "$OUT/tests.log"))"
 if grep -qE "FAILED.*(flash|heads_of_64)" "$OUT/tests.log" || ! grep -qE "passed|failed" "$OUT/tests.log"; then
     export XPMODEL_FLASH=0
@@ -42,13 +42,14 @@ if grep -qE "FAILED.*(flash|heads_of_64)" "$OUT/tests.log" || ! grep -qE "passed
 fi
 
 note "== benchmark (xpmodel vs PyTorch eager AMP)"
-timeout 90 $PY tools/bench_gpu.py --configs char-mid gpt2-small --compile-configs ${BENCH:-} > "$OUT/bench.log" 2>&1
+timeout 110 $PY tools/bench_gpu.py --configs char-mid gpt2-small llama-char llama-small --compile-configs ${BENCH:-} \
+    > "$OUT/bench.log" 2>&1
 note "bench exit code $?"
 cat "$OUT/bench.log" >> "$summary"
 
 if [ "${COMPILE:-1}" = 1 ]; then
     note "== benchmark against torch.compile (gpt2-small; compiling takes a minute or two)"
-    timeout 120 $PY tools/bench_gpu.py --configs gpt2-small --compile-configs gpt2-small \
+    timeout 120 $PY tools/bench_gpu.py --configs gpt2-small llama-small --compile-configs gpt2-small llama-small \
         > "$OUT/bench_compile.log" 2>&1
     note "bench exit code $?"
     cat "$OUT/bench_compile.log" >> "$summary"
@@ -74,4 +75,12 @@ timeout 75 $PY -m xpmodel.cli train --config shakespeare-char --device cuda --qu
 note "train exit code $?, $(( $(date +%s) - start )) s including data preparation"
 grep -E "val loss" "$OUT/train.log" | tail -2 >> "$summary"
 tail -4 "$OUT/train.log" >> "$summary"
+
+note "== llama-char (Llama-style block), fp16, $ITERS steps"
+start=$(date +%s)
+timeout 75 $PY -m xpmodel.cli train --config llama-char --device cuda --quiet --overwrite \
+    --out "${TMPDIR:-/tmp}/xpmodel-gpu-check-llama" data.source="$DATA" train.max_iters=$ITERS \
+    train.lr_decay_iters=$ITERS > "$OUT/train_llama.log" 2>&1
+note "train exit code $?, $(( $(date +%s) - start )) s including data preparation"
+grep -E "val loss" "$OUT/train_llama.log" | tail -2 >> "$summary"
 cat "$summary"
