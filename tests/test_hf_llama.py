@@ -10,7 +10,8 @@ Everything is built offline from tiny random models:
 - an xpmodel GPT with Llama's options exported and loaded by transformers
   (keys, logits, greedy generation), Llama directories saved by
   transformers imported (one file, shards, GPT-2's byte-token order), the
-  exact round trip, the refusals, and an export that fails half-way.
+  exact round trip, the refusals, an export that fails half-way, and the
+  command line (import-hf, sample, export-hf, train --init-from).
 """
 import errno
 import json
@@ -143,6 +144,17 @@ def test_torch_reference_matches_an_independent_forward(name, fused):
     ours = torch_forward(torch_params(arrays, torch.float64), torch.tensor(idx), config,
                          fused_attention=fused).detach().numpy()
     assert relative_error(ours, numpy_forward(arrays, idx, config)) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["gpt2", "all"])
+def test_torch_reference_out_in_layout_gives_the_same_logits(name):
+    config = GPTConfig(vocab_size=40, block_size=12, n_layer=2, n_head=4, n_embd=32,
+                       **OPTION_SETS[name])
+    arrays = random_arrays(config, seed=4)
+    idx = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    torch.testing.assert_close(
+        torch_forward(torch_params(arrays, torch.float64, out_in=True), idx, config, out_in=True),
+        torch_forward(torch_params(arrays, torch.float64), idx, config), rtol=1e-12, atol=1e-13)
 
 
 def test_torch_reference_keeps_the_gpt2_call():
@@ -525,3 +537,63 @@ def test_export_replaces_a_previous_export_whole(tokenizer, tmp_path):
     with pytest.raises(UsageError, match="notes.txt"):
         export_hf(first, tokenizer, tmp_path / "out")
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+# ----- the command line -----------------------------------------------------
+
+
+TRAIN = ["train.batch_size=4", "train.max_iters=4", "train.eval_interval=4", "train.eval_batches=2",
+         "train.sample_interval=0", "train.warmup_iters=0", "train.save_interval=4"]
+
+
+def test_cli_imports_samples_exports_and_fine_tunes_a_llama(tmp_path, tokenizer, tinyshakespeare,
+                                                            capsys, monkeypatch):
+    import xpmodel
+    from cli_helpers import run_cli
+    from xpmodel.rundir import RunDir
+    monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
+    hf_model = hf_random_llama(seed=21)
+    source = save_llama(hf_model, tmp_path / "llama", tokenizer)
+    run, again, tuned = tmp_path / "run", tmp_path / "again", tmp_path / "tuned"
+
+    code, _, err = run_cli(capsys, "import-hf", source, "--out", run)
+    assert code == 0, err
+    model, tok = xpmodel.load(run)
+    assert model.config == llama_config(mlp_hidden=48, tie_embeddings=False) and tok == tokenizer
+    ids = numpy.array([tokenizer.encode(TEXTS[0])])
+    assert relative_error(model.forward(ids), hf_logits(hf_model, ids)) < 1e-4
+    code, out, err = run_cli(capsys, "sample", run, "--prompt", "First", "--temperature", "0",
+                             "--max-new-tokens", "8")
+    assert code == 0 and out.startswith("First"), err
+
+    code, _, err = run_cli(capsys, "export-hf", run, again)
+    assert code == 0, err
+    _, exported, _ = import_hf(again)
+    for name, value in model.state_arrays().items():
+        numpy.testing.assert_array_equal(exported[name], value, err_msg=name)
+
+    code, _, err = run_cli(capsys, "train", "--device", "cpu", "--quiet", "--out", tuned,
+                           "--init-from", source, f"data.source={tinyshakespeare}", *TRAIN)
+    assert code == 0, err
+    tuned_model, _ = xpmodel.load(tuned)
+    assert tuned_model.config == model.config
+    saved = RunDir(tuned).load_config().model
+    assert (saved.norm, saved.position, saved.mlp, saved.n_kv_head, saved.tie_embeddings) == \
+        ("rmsnorm", "rope", "swiglu", 2, False)
+    assert not numpy.array_equal(tuned_model.params["wte.weight"], model.params["wte.weight"])
+
+
+def test_cli_names_the_option_export_cannot_write(tmp_path, capsys, monkeypatch, tinyshakespeare):
+    from cli_helpers import assert_one_line_error, run_cli
+    monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
+    code, _, err = run_cli(capsys, "train", "--device", "cpu", "--quiet", "--out", tmp_path / "run",
+                           f"data.source={tinyshakespeare}", "data.tokenizer=byte",
+                           "model.n_layer=1", "model.n_head=2", "model.n_embd=16",
+                           "model.block_size=16", "model.qk_norm=true", "model.norm=rmsnorm",
+                           "model.position=rope", "model.mlp=swiglu", *TRAIN)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "export-hf", tmp_path / "run", tmp_path / "hf")
+    assert code == 2
+    assert_one_line_error(err)
+    assert "model.qk_norm true cannot be exported" in err
+    assert not (tmp_path / "hf").exists()
