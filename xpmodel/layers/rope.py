@@ -7,7 +7,7 @@ query-key product of two rotated vectors depends only on their distance.
 """
 import numpy
 
-from ..backend import to_device
+from ..backend import array_module, to_device
 
 _tables = {}   # (positions, D, theta, device, dtype) -> (cos, sin)
 
@@ -25,19 +25,27 @@ def rope_tables(positions, D, theta, device, dtype):
 
 
 def rope_forward(x, cos, sin):
-    """x: (..., T, D), cos, sin: (T, D/2) -> rotated x (new array, x's dtype)."""
-    return _rotate(x, cos, sin, sign=1.0)
+    """x: (..., T, D), cos, sin: (T, D/2) -> rotated x (new array, x's dtype):
+    [x1 cos - x2 sin, x2 cos + x1 sin] for the halves x1, x2."""
+    return _rotate(x, cos, sin, -sin)
 
 
 def rope_backward(dout, cos, sin):
-    """dout: (..., T, D) -> dx: dout turned back by the same angles."""
-    return _rotate(dout, cos, sin, sign=-1.0)
+    """dout: (..., T, D) -> dx: dout turned back by the same angles,
+    [d1 cos + d2 sin, d2 cos - d1 sin]."""
+    return _rotate(dout, cos, -sin, sin)
 
 
-def _rotate(x, cos, sin, sign):
+def _rotate(x, cos, sin_up, sin_low):
+    """[x1 cos + x2 sin_low, x2 cos + x1 sin_up], each half computed in the
+    tables' dtype (>= float32) and rounded once into x's dtype."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    out = x.copy()
-    out[..., :half] = x1 * cos - sign * (x2 * sin)
-    out[..., half:] = x2 * cos + sign * (x1 * sin)
+    out = array_module(x).empty_like(x)
+    low = x1 * cos
+    low += x2 * sin_low
+    out[..., :half] = low
+    high = x2 * cos
+    high += x1 * sin_up
+    out[..., half:] = high
     return out
