@@ -367,10 +367,11 @@ def _write_folder(out_dir, write):
     out_dir (a previous export there is set aside and removed after). On a
     failure the new folder is removed and out_dir is left as it was; the
     error names the file that could not be written."""
-    parent = out_dir.parent
+    target = Path(os.path.abspath(out_dir))   # "out/.." or "." named by a real name
+    parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        staging = parent / f".{out_dir.name}.export-{os.getpid()}-{secrets.token_hex(4)}"
+        staging = parent / f".{target.name}.export-{os.getpid()}-{secrets.token_hex(4)}"
         staging.mkdir()
     except OSError as exc:
         raise XpmodelError(f"cannot create {exc.filename or parent}: "
@@ -385,7 +386,7 @@ def _write_folder(out_dir, write):
             raise XpmodelError(f"cannot write {out_dir / name}: {exc.strerror or exc}; "
                                f"nothing was exported") from None
         try:
-            _put_in_place(staging, out_dir)
+            _put_in_place(staging, target)
         except OSError as exc:
             raise XpmodelError(f"cannot move the export into {out_dir}: "
                                f"{exc.strerror or exc}; nothing was exported") from None
@@ -401,7 +402,7 @@ def _put_in_place(staging, out_dir):
         os.rename(out_dir, old)
         try:
             os.rename(staging, out_dir)
-        except OSError:
+        except BaseException:   # an error, or Ctrl-C between the two renames
             os.rename(old, out_dir)
             raise
         for name in EXPORT_FILES:   # nothing else was there when the export began

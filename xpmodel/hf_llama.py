@@ -2,7 +2,8 @@
 
 A Llama block is xpmodel's block with norm rmsnorm, position rope, mlp
 swiglu and no QK-norm; n_kv_head, the MLP width, norm_eps, rope_theta, bias
-(attention_bias and mlp_bias together) and a tied or untied head carry over.
+(attention_bias and mlp_bias together) and a tied or untied head carry over;
+dropout is written as attention_dropout, Llama's only dropout, and read back.
 Hugging Face stores each projection separately as (out, in); xpmodel fuses
 them and stores (in, out):
 
