@@ -495,6 +495,14 @@ def test_import_refuses_tensors_llama_does_not_have(copy_of_llama):
         import_hf(copy_of_llama)
 
 
+@pytest.mark.parametrize("text, named", [("[" * 100_000, "nested too deeply"),
+                                         (" " * (17 * 2**20), "more than")])
+def test_import_refuses_a_crafted_config_json(copy_of_llama, text, named):
+    (copy_of_llama / "config.json").write_text(text)
+    with pytest.raises(DataError, match=named):
+        import_hf(copy_of_llama)
+
+
 # ----- an export is written whole or not at all -----------------------------
 
 
@@ -597,3 +605,4 @@ def test_cli_names_the_option_export_cannot_write(tmp_path, capsys, monkeypatch,
     assert_one_line_error(err)
     assert "model.qk_norm true cannot be exported" in err
     assert not (tmp_path / "hf").exists()
+

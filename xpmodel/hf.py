@@ -60,6 +60,7 @@ EXPORT_FILES = frozenset({
     "merges.txt", "tokenizer_config.json", "special_tokens_map.json"})
 _PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 _OTHER_FORMATS = ("tf_model.h5", "flax_model.msgpack", "model.ckpt.index")
+MAX_JSON_BYTES = 16 * 2**20   # a config.json or shard index is a few kilobytes
 _SAFETENSORS_DTYPES = {"F32": "<f4", "F64": "<f8", "F16": "<f2", "BF16": "<u2"}
 
 
@@ -437,7 +438,13 @@ def _write_json(path, document):
 
 
 def _read_json(path):
+    """config.json or the shard index: a regular file of at most MAX_JSON_BYTES."""
     try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise DataError(f"{path}: {path.stat().st_size:,} bytes, more than the "
+                            f"{MAX_JSON_BYTES:,} xpmodel reads")
         return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise DataError(f"cannot read {path}: nested too deeply") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
