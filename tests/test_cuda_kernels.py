@@ -299,7 +299,7 @@ def test_flash_attention_matches_float64(cp, B, H, T, monkeypatch):
     y, cache = attention.attention_forward(qkv.astype(np.float64), H, bias=bias.astype(np.float64))
     dqkv = attention.attention_backward(dy.astype(np.float64), cache)
     g_y, g_cache = attention.attention_forward(cp.asarray(qkv), H, bias=cp.asarray(bias))
-    assert isinstance(g_cache, attention.FlashCache)
+    assert isinstance(g_cache.core, attention.FlashCache)
     g_dbias = cp.zeros(3 * H * D, np.float32)
     g_dy = cp.asarray(dy)
     if B == 2:    # a gradient 2 bytes into its buffer: copied to an aligned one for the kernels
@@ -312,8 +312,8 @@ def test_flash_attention_matches_float64(cp, B, H, T, monkeypatch):
         columns = slice(part * H * D, (part + 1) * H * D)
         assert relative_error(g_dqkv[:, columns], dqkv[:, columns]) < 5e-3, "qkv"[part]
     assert relative_error(g_dbias, dqkv.sum(axis=0)) < 5e-3
-    lse = to_host(g_cache.lse).astype(np.float64)                    # (B, H, T)
-    heads = cache.heads
+    lse = to_host(g_cache.core.lse).astype(np.float64)                    # (B, H, T)
+    heads = cache.core.heads
     scores = np.einsum("bhqd,bhkd->bhqk", heads[0], heads[1])
     scores = np.where(np.tri(T, dtype=bool), scores, -np.inf)
     top = scores.max(axis=-1)
@@ -327,7 +327,7 @@ def test_flash_attention_serves_only_its_shapes(cp):
                                  (np.float16, 64, 72, 0.0), (np.float16, 64, 64, 0.1)]:
         qkv = cp.asarray(rand(rng, (1, T, 3 * D), dtype))
         _, cache = attention.attention_forward(qkv, 1, dropout, cp.random.default_rng(0))
-        assert isinstance(cache, attention.SoftmaxCache), (dtype, D, T, dropout)
+        assert isinstance(cache.core, attention.SoftmaxCache), (dtype, D, T, dropout)
 
 
 def test_vector_kernels_fall_back_on_unaligned_rows(cp):
