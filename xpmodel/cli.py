@@ -20,13 +20,49 @@ _EPILOG = "Run `xpmodel COMMAND --help` for the options of each command."
 
 
 def main(argv=None):
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    """Run one command; returns its exit code. Whatever fails, even the error
+    handling itself (a MemoryError while describing a MemoryError, say), ends
+    as one line on stderr, never a traceback, unless --debug asks for it."""
+    debug = False
+    try:
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        debug = bool(getattr(args, "debug", False))
+        return _run(parser, args, extra)
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        if debug:
+            raise
+        return _last_resort(exc)
+
+
+def _last_resort(exc):
+    """Report an exception that escaped the normal handling, with no allocation
+    that could fail again."""
+    if isinstance(exc, KeyboardInterrupt):
+        message, code = "interrupted\n", 130
+    elif isinstance(exc, MemoryError):
+        message, code = "error: out of memory (run with --debug for the traceback)\n", 1
+    else:
+        message, code = "error: internal error (run with --debug for the traceback)\n", 1
+    try:
+        sys.stderr.write(message)
+        sys.stderr.flush()
+    except BaseException:
+        try:
+            os.write(2, message.encode())
+        except BaseException:
+            pass
+    return code
+
+
+def _run(parser, args, extra):
     # KEY=VALUE overrides may come after options too (`--quiet model.n_layer=2`)
     if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
         args.overrides = list(args.overrides) + extra
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.error(f"unrecognized arguments: {_one_line(' '.join(extra), 200)}")
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
@@ -70,7 +106,9 @@ def _describe(exc):
     if isinstance(exc, DeviceError):
         return 2, _one_line(str(exc))
     if isinstance(exc, MemoryError):
-        return 1, "out of memory: lower train.batch_size, model.block_size or the model's size"
+        # Where memory ran out for a known reason (creating the model, a
+        # training step), the message names what to lower; here it is not known.
+        return 1, "out of memory (run with --debug to see where)"
     if isinstance(exc, ValueError):
         return 2, _one_line(str(exc)) if str(exc) else exc.__class__.__name__
     if isinstance(exc, OSError):
@@ -79,15 +117,27 @@ def _describe(exc):
     return 1, _one_line(f"{exc.__class__.__name__}: {exc}") + " (run with --debug for the traceback)"
 
 
-def _one_line(text):
-    return " ".join(text.split())
+def _one_line(text, limit=2000):
+    """`text` on one line, cut to `limit` characters (a message may quote input)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _train_epilog():
+    from .config import shipped_configs
+    import textwrap
+    return (textwrap.fill("shipped configs: " + ", ".join(shipped_configs()), 79) + "\n\n"
+            "Without --out a run goes to runs/CONFIG_NAME; when that exists, to\n"
+            "runs/CONFIG_NAME-2, -3, ... (said at the start). A short run is one override:\n"
+            "train.max_iters=60 scales the config's warmup_iters and lr_decay_iters to\n"
+            "keep their share of the run, unless you set them too.")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="xpmodel", epilog=_EPILOG,
-        description="Train GPT-2 language models with hand-written forward and backward "
-                    "passes, on NumPy (CPU) or CuPy (CUDA).")
+        description="Train GPT language models (GPT-2, or Llama-style blocks) with hand-written "
+                    "forward and backward passes, on NumPy (CPU) or CuPy (CUDA).")
     parser.add_argument("--version", action="version", version=f"xpmodel {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     common = argparse.ArgumentParser(add_help=False)
@@ -98,35 +148,52 @@ def build_parser():
 
     from . import commands as c
     p = commands.add_parser("train", parents=[common], help="train a model",
-                            description="Train a model from a config, or resume a run.")
+                            description="Train a model from a config, or resume a run.",
+                            epilog=_train_epilog(),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None,
                    help="a YAML file or the name of a shipped config (default: default)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    p.add_argument("--out", default=None, help="run directory (default: runs/CONFIG_NAME)")
+    p.add_argument("--out", default=None,
+                   help="run directory (default: runs/CONFIG_NAME, or runs/CONFIG_NAME-2, -3, ... "
+                        "when that exists; the start says which)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
     p.add_argument("--init-from", default=None, metavar="DIR",
-                   help="start from the weights of a run or a Hugging Face GPT-2 directory")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+                   help="start from the weights of a run or a Hugging Face GPT-2 or Llama directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in --out (files xpmodel did not write are kept)")
     p.add_argument("--quiet", action="store_true", help="plain log lines, no live display")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. model.n_layer=4 train.max_iters=200")
     p.set_defaults(handler=c.train_command)
 
     trained_run = argparse.ArgumentParser(add_help=False)   # options of commands that load a run
-    trained_run.add_argument("run_dir", metavar="RUN_DIR")
+    trained_run.add_argument("run_dir", metavar="RUN_DIR", help="a run directory made by train "
+                                                                "or import-hf")
     trained_run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     trained_run.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
                              help="which checkpoint to load (default: latest)")
+    trained_run.add_argument("--kernels", choices=("fused", "xp"), default="fused",
+                             help="on CUDA: the fused kernels, or every layer's own xp code "
+                                  "(default: fused)")
 
     p = commands.add_parser("sample", parents=[common, trained_run], help="generate text from a run",
                             description="Stream generated text from a trained run.")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
+                   help="tokens to generate per sample (default: 200)")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                   help="sampling temperature; 0 is greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="sample only from the K likeliest tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="sample only from the likeliest tokens whose probabilities sum to P "
+                        "(default: 1, all)")
+    p.add_argument("--num-samples", type=int, default=1, metavar="N",
+                   help="independent samples to print (default: 1)")
+    p.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="a seed from 0 for reproducible samples; sample i uses S + i "
+                        "(default: random)")
     p.set_defaults(handler=c.sample_command)
 
     p = commands.add_parser("eval", parents=[common, trained_run], help="loss, perplexity and bits per byte",
@@ -138,7 +205,7 @@ def build_parser():
 
     p = commands.add_parser("plot", parents=[common], help="plot a run's losses to a PNG",
                             description="Plot train/validation loss and learning rate against step.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run to plot")
     p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/loss.png)")
     p.set_defaults(handler=c.plot_command)
 
@@ -156,26 +223,31 @@ def build_parser():
     q = sub.add_parser("train", parents=[common], help="train a BPE tokenizer on a corpus",
                        description="Learn a byte-level BPE vocabulary from a corpus.")
     q.add_argument("source", metavar="SOURCE", help="a file, folder, glob or built-in corpus")
-    q.add_argument("--vocab-size", type=int, required=True)
+    q.add_argument("--vocab-size", type=int, required=True, metavar="N",
+                   help="ids in the vocabulary: 256 bytes + merges + <|endoftext|>")
     q.add_argument("--out", required=True, help="tokenizer JSON file to write")
     q.add_argument("--export-hf", default=None, metavar="DIR",
                    help="also write Hugging Face tokenizer files to DIR")
     q.set_defaults(handler=c.tokenizer_train_command)
     p.set_defaults(handler=lambda args, parser=p: parser.print_help() or 2)
 
-    p = commands.add_parser("export-hf", parents=[common], help="export a run as a transformers GPT-2",
-                            description="Write a run as a GPT2LMHeadModel directory with its tokenizer.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
+    p = commands.add_parser("export-hf", parents=[common], help="export a run as a transformers GPT-2 or Llama",
+                            description="Write a run as a GPT2LMHeadModel or LlamaForCausalLM directory "
+                                        "with its tokenizer (the architecture follows the run's options).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run to export")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (outside the run)")
+    p.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
+                   help="which checkpoint to export (default: latest)")
     p.set_defaults(handler=c.export_hf_command)
 
-    p = commands.add_parser("import-hf", parents=[common], help="turn a GPT-2 directory into a run",
-                            description="Make an xpmodel run from a local Hugging Face GPT-2 directory "
+    p = commands.add_parser("import-hf", parents=[common], help="turn a GPT-2 or Llama directory into a run",
+                            description="Make an xpmodel run from a local Hugging Face GPT-2 or Llama directory "
                                         "(safetensors only).")
-    p.add_argument("hf_dir", metavar="HF_DIR")
-    p.add_argument("--out", required=True, metavar="RUN_DIR")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="a local GPT-2 or Llama directory (config.json, "
+                                                   "model.safetensors, tokenizer files)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in RUN_DIR (other files there are kept)")
     p.set_defaults(handler=c.import_hf_command)
     return parser
 

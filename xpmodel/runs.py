@@ -1,4 +1,5 @@
 """Loading trained runs: `xpmodel.load(RUN_DIR)` and weights for `--init-from`."""
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,8 +13,9 @@ from .params import parameter_shapes
 from .rundir import RunDir
 
 
-def load(run_dir, device="cpu", checkpoint="latest"):
-    """(model, tokenizer) of a run, from its latest (or best) checkpoint, in eval mode.
+def load(run_dir, device="cpu", checkpoint="latest", kernels="fused"):
+    """(model, tokenizer) of a run, from its latest (or best) checkpoint, in eval
+    mode; kernels as GPT's ("fused" or "xp" on CUDA).
 
     The model's shape comes from the run's config.yaml; a checkpoint whose
     tensors do not have exactly those shapes is refused before any tensor is
@@ -24,7 +26,10 @@ def load(run_dir, device="cpu", checkpoint="latest"):
     config = run.load_config()
     tokenizer = run.load_tokenizer()
     problems = []
-    for path in _candidates(run, checkpoint):
+    for path, problem in _candidates(run, checkpoint):
+        if problem is not None:
+            problems.append(problem)
+            continue
         try:
             gpt_config, arrays = _read_weights(path, config, tokenizer, run)
             break
@@ -34,15 +39,17 @@ def load(run_dir, device="cpu", checkpoint="latest"):
         if problems:
             raise CheckpointError(f"{run.path}: no usable checkpoint; the newest: {problems[0]}")
         raise CheckpointError(f"{run.path}: the run has no checkpoint")
-    model = GPT(gpt_config, device=device)
+    model = GPT(gpt_config, device=device, kernels=kernels)
     model.load_state_arrays(arrays)
     return model.eval(), tokenizer
 
 
 def _candidates(run, which):
-    """Checkpoint paths to try, in order of preference."""
-    best = [run.best_path] if run.best_path.is_file() and run.contains(run.best_path) else []
-    latest = [path for path, problem in run.checkpoints_newest_first() if problem is None]
+    """(path, problem) of the checkpoints to try, in order of preference;
+    problem says why a file whose header does not read cleanly cannot be used."""
+    best = ([(run.best_path, run.checkpoint_problem(run.best_path))]
+            if os.path.lexists(run.best_path) else [])
+    latest = run.checkpoints_newest_first()
     return best + latest if which == "best" else latest + best
 
 
@@ -62,7 +69,7 @@ def _read_weights(path, config, tokenizer, run):
 
 def load_pretrained(source):
     """(GPTConfig, name -> array, tokenizer) of an xpmodel run or a Hugging Face
-    GPT-2 directory, for `train.init_from`."""
+    GPT-2 or Llama directory, for `train.init_from`."""
     source_path = Path(source)
     if RunDir(source_path).is_run():
         model, tokenizer = load(source_path)
@@ -86,7 +93,7 @@ def adopt_pretrained(config, gpt_config, tokenizer):
 
 
 def import_run(hf_dir, out, overwrite=False):
-    """Make a run from a Hugging Face GPT-2 directory: its config, tokenizer and
+    """Make a run from a Hugging Face GPT-2 or Llama directory: its config, tokenizer and
     a step-0 checkpoint holding the weights, ready for sample, eval and
     training with `--resume` or `--init-from`."""
     gpt_config, arrays, tokenizer = import_hf(hf_dir)
