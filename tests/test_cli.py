@@ -219,6 +219,7 @@ def test_eval_on_the_validation_split_and_on_a_file(trained, tmp_path, capsys):
 # ---- plot --------------------------------------------------------------------------
 
 def test_plot_writes_a_png(trained, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     target = tmp_path / "curves.png"
     code, out, err = run_cli(capsys, "plot", trained["run"], "--out", target)
     assert code == 0, err
