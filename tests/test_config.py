@@ -71,7 +71,7 @@ def test_shakespeare_char_matches_nanogpt():
     assert (config.model.n_layer, config.model.n_head, config.model.n_embd) == (6, 6, 384)
     assert (config.model.block_size, config.train.batch_size, config.model.dropout) == (256, 64, 0.2)
     assert (config.train.lr, config.train.min_lr, config.train.beta2) == (1e-3, 1e-4, 0.99)
-    assert config.train.max_iters == config.train.lr_decay_iters == 5000
+    assert config.train.max_iters == 5000 and config.train.lr_decay_iters is None   # the run's length
     assert (config.train.eval_interval, config.train.eval_batches) == (250, 200)
 
 
@@ -79,7 +79,7 @@ def test_cpu_variant_inherits_from_its_base():
     config = load_config("shakespeare-char-cpu")
     assert (config.model.n_layer, config.model.n_head, config.model.n_embd) == (4, 4, 128)
     assert (config.model.block_size, config.train.batch_size, config.model.dropout) == (64, 12, 0.0)
-    assert config.train.max_iters == config.train.lr_decay_iters == 2000
+    assert config.train.max_iters == 2000 and config.train.lr_decay_iters is None
     # From shakespeare-char, not restated in the CPU file:
     assert config.data.tokenizer == "byte"
     assert (config.train.lr, config.train.min_lr, config.train.beta2) == (1e-3, 1e-4, 0.99)
@@ -343,7 +343,7 @@ def test_zero_is_allowed_where_it_means_off(override):
 
 @pytest.mark.parametrize("override, choice_key", [
     ("data.tokenizer=char", "data.tokenizer"), ("data.batching=sequential", "data.batching"),
-    ("train.schedule=linear", "train.schedule"), ("train.precision=bf16", "train.precision"),
+    ("train.schedule=exponential", "train.schedule"), ("train.precision=bf16", "train.precision"),
 ])
 def test_choice_outside_its_choices(override, choice_key):
     message = usage_error("default", [override])

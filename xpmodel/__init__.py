@@ -5,10 +5,12 @@ from .loss_scale import LossScaler
 from .model import GPT, GPTConfig
 from .optim import SGD, AdamW, clip_grad_norm, grad_norm
 from .runs import load
-from .schedule import ConstantSchedule, CosineSchedule
+from .schedule import (ConstantSchedule, CosineSchedule, LinearSchedule, StepSchedule,
+                       WSDSchedule)
 from .tokenizer import BPETokenizer
 
 __version__ = "0.1.0"
 
 __all__ = ["GPT", "GPTConfig", "AdamW", "SGD", "clip_grad_norm", "grad_norm", "CosineSchedule",
-           "ConstantSchedule", "LossScaler", "BPETokenizer", "get_device", "load", "__version__"]
+           "ConstantSchedule", "LinearSchedule", "StepSchedule", "WSDSchedule", "LossScaler",
+           "BPETokenizer", "get_device", "load", "__version__"]

@@ -34,10 +34,10 @@ import yaml
 from xpmodel.atomic import atomic_write_bytes
 from xpmodel.errors import UsageError
 from xpmodel.model_config import MLPS, NORMS, POSITIONS
+from xpmodel.schedule import SCHEDULES
 
 TOKENIZERS = ("bpe", "byte")
 BATCHINGS = ("random", "epochs")
-SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "fp16")
 
 DEFAULT_CONFIG = "default"
@@ -181,8 +181,14 @@ class TrainConfig:
     warmup_iters: int = _setting(100, within=NON_NEGATIVE)
     # step at which the decay reaches min_lr; None: the run's length
     lr_decay_iters: int | None = _setting(None, within=POSITIVE)
-    # learning-rate shape after warmup
+    # learning-rate shape after warmup: cosine, linear, step, wsd (warmup-stable-decay) or constant
     schedule: str = _setting("cosine", choices=SCHEDULES)
+    # step: steps between drops of the rate by gamma; None: a third of the steps after warmup
+    step_size: int | None = _setting(None, within=POSITIVE)
+    # step: the factor each drop multiplies the rate by
+    gamma: float = _setting(0.1, within=_Range(0, 1, low_inclusive=False))
+    # wsd: the share of the run (of lr_decay_iters) spent decaying at its end
+    decay_fraction: float = _setting(0.2, within=_Range(0, 1, low_inclusive=False))
     # AdamW decoupled weight decay (applied to matrices only)
     weight_decay: float = _setting(0.1, within=NON_NEGATIVE)
     # AdamW first-moment decay

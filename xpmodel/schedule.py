@@ -1,5 +1,33 @@
-"""Learning-rate schedules: a function of the optimizer step."""
+"""Learning-rate schedules: a function of the optimizer step (0-based).
+
+Every schedule but `constant` starts with the same linear warmup, from
+lr / (warmup_iters + 1) up to lr, and never goes below min_lr once it decays:
+
+    cosine    half a cosine from lr down to min_lr at decay_iters
+    linear    a straight line from lr down to min_lr at decay_iters
+    step      lr * gamma ** k after k more blocks of step_size steps (the
+              guide's StepLR), floored at min_lr
+    wsd       warmup-stable-decay: lr held flat, then a straight line to
+              min_lr over the last decay_fraction of decay_iters
+    constant  lr after the warmup
+
+`schedule_from_config` builds the one a run's train section names.
+"""
 import math
+
+SCHEDULES = ("cosine", "constant", "linear", "step", "wsd")
+
+
+def _warmup(lr, warmup_iters, step):
+    return lr * (step + 1) / (warmup_iters + 1)
+
+
+def _check_decay(lr, min_lr, warmup_iters, decay_iters):
+    if not 0 <= min_lr <= lr:
+        raise ValueError(f"min_lr ({min_lr}) must be in [0, lr={lr}]")
+    if warmup_iters < 0 or decay_iters < warmup_iters:
+        raise ValueError(f"need 0 <= warmup_iters ({warmup_iters}) <= decay_iters "
+                         f"({decay_iters})")
 
 
 class CosineSchedule:
@@ -7,22 +35,84 @@ class CosineSchedule:
     `decay_iters`, then `min_lr`."""
 
     def __init__(self, lr, min_lr, warmup_iters, decay_iters):
-        if not 0 <= min_lr <= lr:
-            raise ValueError(f"min_lr ({min_lr}) must be in [0, lr={lr}]")
-        if warmup_iters < 0 or decay_iters < warmup_iters:
-            raise ValueError(f"need 0 <= warmup_iters ({warmup_iters}) <= decay_iters "
-                             f"({decay_iters})")
+        _check_decay(lr, min_lr, warmup_iters, decay_iters)
         self.lr, self.min_lr = lr, min_lr
         self.warmup_iters, self.decay_iters = warmup_iters, decay_iters
 
     def __call__(self, step):
         if step < self.warmup_iters:
-            return self.lr * (step + 1) / (self.warmup_iters + 1)
+            return _warmup(self.lr, self.warmup_iters, step)
         if step >= self.decay_iters:
             return self.min_lr
         progress = (step - self.warmup_iters) / max(1, self.decay_iters - self.warmup_iters)
         weight = 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.min_lr + weight * (self.lr - self.min_lr)
+
+
+class LinearSchedule:
+    """Linear warmup to `lr`, a straight line down to `min_lr` at `decay_iters`,
+    then `min_lr`."""
+
+    def __init__(self, lr, min_lr, warmup_iters, decay_iters):
+        _check_decay(lr, min_lr, warmup_iters, decay_iters)
+        self.lr, self.min_lr = lr, min_lr
+        self.warmup_iters, self.decay_iters = warmup_iters, decay_iters
+
+    def __call__(self, step):
+        if step < self.warmup_iters:
+            return _warmup(self.lr, self.warmup_iters, step)
+        if step >= self.decay_iters:
+            return self.min_lr
+        progress = (step - self.warmup_iters) / max(1, self.decay_iters - self.warmup_iters)
+        return self.lr + progress * (self.min_lr - self.lr)
+
+
+class StepSchedule:
+    """Linear warmup to `lr`, then `lr * gamma ** k` for the k-th block of
+    `step_size` steps after the warmup, never below `min_lr` (min_lr = 0 is
+    PyTorch's StepLR after a warmup)."""
+
+    def __init__(self, lr, min_lr, warmup_iters, step_size, gamma):
+        if not 0 <= min_lr <= lr:
+            raise ValueError(f"min_lr ({min_lr}) must be in [0, lr={lr}]")
+        if warmup_iters < 0:
+            raise ValueError(f"warmup_iters must be >= 0, got {warmup_iters}")
+        if step_size < 1:
+            raise ValueError(f"step_size must be >= 1, got {step_size}")
+        if not 0 < gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        self.lr, self.min_lr, self.warmup_iters = lr, min_lr, warmup_iters
+        self.step_size, self.gamma = step_size, gamma
+
+    def __call__(self, step):
+        if step < self.warmup_iters:
+            return _warmup(self.lr, self.warmup_iters, step)
+        drops = (step - self.warmup_iters) // self.step_size
+        return max(self.min_lr, self.lr * self.gamma ** drops)
+
+
+class WSDSchedule:
+    """Warmup-stable-decay: linear warmup to `lr`, `lr` held until the last
+    `decay_fraction` of `decay_iters` steps, a straight line down to `min_lr`
+    at `decay_iters`, then `min_lr`. The decay never starts inside the warmup."""
+
+    def __init__(self, lr, min_lr, warmup_iters, decay_iters, decay_fraction=0.2):
+        _check_decay(lr, min_lr, warmup_iters, decay_iters)
+        if not 0 < decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in (0, 1], got {decay_fraction}")
+        self.lr, self.min_lr = lr, min_lr
+        self.warmup_iters, self.decay_iters = warmup_iters, decay_iters
+        self.decay_start = max(warmup_iters, decay_iters - round(decay_fraction * decay_iters))
+
+    def __call__(self, step):
+        if step < self.warmup_iters:
+            return _warmup(self.lr, self.warmup_iters, step)
+        if step >= self.decay_iters:
+            return self.min_lr
+        if step < self.decay_start:
+            return self.lr
+        progress = (step - self.decay_start) / max(1, self.decay_iters - self.decay_start)
+        return self.lr + progress * (self.min_lr - self.lr)
 
 
 class ConstantSchedule:
@@ -33,5 +123,28 @@ class ConstantSchedule:
 
     def __call__(self, step):
         if step < self.warmup_iters:
-            return self.lr * (step + 1) / (self.warmup_iters + 1)
+            return _warmup(self.lr, self.warmup_iters, step)
         return self.lr
+
+
+def schedule_from_config(train, total_steps):
+    """The schedule `train.schedule` names, for a run of `total_steps` steps.
+
+    train.lr_decay_iters None means the run's length; the warmup is cut to
+    the decay span if longer. step decay's step_size None means a third of
+    the steps after the warmup, so the rate drops three times in the run.
+    """
+    if train.schedule == "constant":
+        return ConstantSchedule(train.lr, train.warmup_iters)
+    decay = train.lr_decay_iters or total_steps
+    warmup = min(train.warmup_iters, decay)
+    if train.schedule == "cosine":
+        return CosineSchedule(train.lr, train.min_lr, warmup, decay)
+    if train.schedule == "linear":
+        return LinearSchedule(train.lr, train.min_lr, warmup, decay)
+    if train.schedule == "wsd":
+        return WSDSchedule(train.lr, train.min_lr, warmup, decay, train.decay_fraction)
+    if train.schedule == "step":
+        step_size = train.step_size or max(1, (decay - warmup) // 3)
+        return StepSchedule(train.lr, train.min_lr, warmup, step_size, train.gamma)
+    raise ValueError(f"unknown schedule {train.schedule!r}; expected one of {', '.join(SCHEDULES)}")

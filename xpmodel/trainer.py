@@ -38,7 +38,7 @@ from .model_config import OPTION_KEYS, gpt_config
 from .optim import AdamW, clipped_step
 from .rundir import RunDir, default_run_path
 from .runs import adopt_pretrained, load_pretrained
-from .schedule import ConstantSchedule, CosineSchedule
+from .schedule import schedule_from_config
 
 _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # Dense fp16 tensor-core peaks (FLOP/s) for MFU, by GPU name.
@@ -90,11 +90,7 @@ def check_fits_in_memory(gpt_config, device):
 
 
 def make_schedule(train_config, total_steps):
-    t = train_config
-    if t.schedule == "constant":
-        return ConstantSchedule(t.lr, t.warmup_iters)
-    decay = t.lr_decay_iters or total_steps
-    return CosineSchedule(t.lr, t.min_lr, min(t.warmup_iters, decay), decay)
+    return schedule_from_config(train_config, total_steps)
 
 
 class Trainer:
@@ -116,7 +112,8 @@ class Trainer:
             config.data, tokenizer, config.model.block_size,
             show_progress=self.display_enabled and not quiet and sys.stdout.isatty())
         try:
-            self.model = GPT(self.gpt_config, device=self.device, seed=t.seed, precision=t.precision)
+            self.model = GPT(self.gpt_config, device=self.device, seed=t.seed, precision=t.precision,
+                             kernels=t.kernels)
             self.optimizer = AdamW(self.model, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
                                    weight_decay=t.weight_decay)
         except out_of_memory_errors() as exc:
