@@ -209,6 +209,12 @@ class TrainConfig:
     sample_prompt: str = "\n"
     # tokens generated per sample
     sample_tokens: int = _setting(200, within=POSITIVE)
+    # softmax temperature of those samples; 0 = greedy (always the likeliest token)
+    sample_temperature: float = _setting(0.8, within=NON_NEGATIVE)
+    # draw only among the k likeliest tokens; None: all of them
+    sample_top_k: int | None = _setting(200, within=POSITIVE)
+    # nucleus sampling: the fewest likeliest tokens whose probability reaches p; None: off
+    sample_top_p: float | None = _setting(None, within=_Range(0, 1, low_inclusive=False))
     # steps between checkpoints
     save_interval: int = _setting(1000, within=POSITIVE)
     # periodic checkpoints kept on disk
