@@ -8,7 +8,10 @@ import errno
 import json
 import os
 import re
+import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -304,15 +307,25 @@ def test_a_run_cut_short_while_being_created_is_taken_over(tmp_path):
     folder = tmp_path / "run"
     (folder / "checkpoints").mkdir(parents=True)
     save_config(load_config(TINY, ["data.source=unused.txt"]), folder / "config.yaml")
-    (folder / "tokenizer.json.partial").write_text("{")
+    (folder / ".tokenizer.json.tmp-123").write_text("{")
     (folder / "checkpoints" / ".step-00000000.safetensors.tmp-123").write_bytes(b"\0" * 10)
     run = RunDir(folder)
+    # Without the lock file its creator left, these are a user's files, not a run's.
+    with pytest.raises(xpmodel.errors.UsageError, match="config.yaml.*even with --overwrite"):
+        run.check_can_create(overwrite=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run.lock_path.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
     with pytest.raises(xpmodel.errors.UsageError, match="stopped while it was being created"):
         run.require_run("--resume")
     run.check_can_create()   # no --overwrite needed
     (folder / "notes.txt").write_text("mine")
-    with pytest.raises(xpmodel.errors.UsageError, match="not empty"):
-        run.check_can_create()
+    run.check_can_create()   # the user's file stays; only the run's own files are replaced
+    run.create(load_config(TINY, ["data.source=unused.txt"]), BPETokenizer())
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoints", "config.yaml", "notes.txt",
+                                                        "run.json", "tokenizer.json"]
+    assert list(run.checkpoint_dir.iterdir()) == []
 
 
 def test_creating_a_run_that_fails_leaves_nothing_behind(tmp_path):

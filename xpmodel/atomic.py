@@ -1,16 +1,37 @@
 """Atomic file writes: readers see a file's old contents or its new ones, never a mix.
 
-The data goes to a temporary file beside the target, is flushed and fsynced,
-and is renamed over the target; the folder is fsynced so the rename itself
-survives a power cut. A failure, or a signal, removes the temporary file.
+Every file xpmodel writes goes through `atomic_writer` (or its one-call form
+`atomic_write_bytes`): the data goes to a temporary file beside the target,
+is flushed and fsynced, and is renamed over the target; the folder is
+fsynced so the rename itself survives a power cut. A failure, or a signal,
+removes the temporary file. New files get the permissions the user's umask
+allows (0644 under the usual 022), like any file a shell command writes.
+
+Temporary files are named `.NAME.tmp-PID`; `is_temporary_name` recognises
+them, so a folder's leftovers from a killed process can be told apart from
+the user's own files.
 """
+import contextlib
 import os
+import re
 import time
 from pathlib import Path
 
 # Temporary files being written right now, so that a second Ctrl-C, which
 # leaves at once, can remove them on its way out (see `abandon_partial_writes`).
 _in_flight = set()
+_TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")
+
+
+def temporary_path(path):
+    """Where the new contents of `path` are written before the rename."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def is_temporary_name(name):
+    """True for the name of a temporary file that `atomic_writer` writes."""
+    return bool(_TEMPORARY.match(name))
 
 
 def atomic_write_bytes(path, data, pause=0.0):
@@ -18,26 +39,71 @@ def atomic_write_bytes(path, data, pause=0.0):
 
     pause: seconds to wait between the fsync and the rename (crash tests only).
     """
+    with atomic_writer(path, pause=pause) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_writer(path, pause=0.0):
+    """A binary file that replaces `path` when the `with` block ends without error.
+
+    An OSError of the write itself (a full disk, say) names `path`, not the
+    temporary file; an exception from the block removes the temporary file
+    and leaves `path` as it was.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     _in_flight.add(tmp)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as exc:
+            raise _naming(exc, path) from None
+        with open(fd, "wb") as raw:
+            yield _TargetFile(raw, path)
+            try:
+                raw.flush()
+                os.fsync(raw.fileno())
+            except OSError as exc:
+                raise _naming(exc, path) from None
         if pause > 0:
             time.sleep(pause)
-        os.replace(tmp, path)
-    except OSError as exc:   # reported against the file the caller named, not the temporary
-        tmp.unlink(missing_ok=True)
-        raise OSError(exc.errno, exc.strerror, str(path)) from None
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise _naming(exc, path) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
         raise
     finally:
         _in_flight.discard(tmp)
     _fsync_dir(path.parent)
+
+
+class _TargetFile:
+    """The temporary file, with write errors reported against the target."""
+
+    def __init__(self, raw, target):
+        self._raw, self._target = raw, target
+
+    def write(self, data):
+        try:
+            return self._raw.write(data)
+        except OSError as exc:
+            raise _naming(exc, self._target) from None
+
+    def seek(self, offset, whence=os.SEEK_SET):
+        return self._raw.seek(offset, whence)
+
+    def tell(self):
+        return self._raw.tell()
+
+
+def _naming(exc, path):
+    return OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
 def abandon_partial_writes():

@@ -28,7 +28,8 @@ from safetensors import safe_open
 from safetensors.numpy import save as safetensors_bytes
 
 from .atomic import atomic_write_bytes
-from .errors import CheckpointError
+from .errors import CheckpointError, quote
+from .files import parse_json
 from .safetensors_header import read_safetensors_header
 
 FORMAT = "xpmodel-checkpoint"
@@ -60,16 +61,49 @@ def read_checkpoint_meta(path):
     path = Path(path)
     header = read_checkpoint_header(path)
     try:
-        document = json.loads(header.get("__metadata__", {}).get("xpmodel", ""))
-    except (json.JSONDecodeError, AttributeError, TypeError):
+        document = parse_json(header.get("__metadata__", {}).get("xpmodel", ""))
+    except (ValueError, AttributeError, TypeError):
         raise CheckpointError(f"{path}: not an xpmodel checkpoint (no xpmodel metadata)") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an xpmodel checkpoint")
     version = document.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {version} is newer than this "
-                              f"xpmodel reads ({FORMAT_VERSION}); upgrade xpmodel")
+    if type(version) is not int or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {quote(version, 40)} is newer "
+                              f"than this xpmodel reads ({FORMAT_VERSION}); upgrade xpmodel")
+    _check_meta_types(document, path)
     return document
+
+
+# The type of each field of the JSON document that a run reads back; checked
+# here so that a damaged or hand-edited document is named, not an AttributeError.
+_META_TYPES = {
+    "step": "count", "tokens_seen": "count", "optimizer_steps": "count", "dropout_calls": "count",
+    "evals_without_improvement": "count", "world_size": "count", "vocab_size": "count",
+    "elapsed": "number", "best_val": "number or null", "last_val": "number or null",
+    "sampler": "object", "loss_scaler": "object or null", "config": "object",
+    "tokenizer_fingerprint": "string", "kind": "string",
+}
+
+
+def _check_meta_types(document, path):
+    for key, kind in _META_TYPES.items():
+        if key not in document:
+            continue
+        value = document[key]
+        if value is None and kind.endswith("or null"):
+            continue
+        if kind == "count":
+            ok = type(value) is int and value >= 0
+        elif kind.startswith("number"):
+            ok = type(value) in (int, float)
+        elif kind.startswith("object"):
+            ok = isinstance(value, dict)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            expected = "a non-negative integer" if kind == "count" else f"a JSON {kind}"
+            raise CheckpointError(f"{path}: damaged checkpoint metadata: {key} must be {expected}, "
+                                  f"got {quote(value, 60)}")
 
 
 def load_checkpoint(path, param_shapes, optimizer_sizes):

@@ -1,10 +1,11 @@
 """What each `xpmodel` subcommand does; cli.py only parses arguments."""
 import math
 import sys
+from pathlib import Path
 
 import numpy
 
-from .errors import DataError, UsageError
+from .errors import DataError, UsageError, quote
 
 _EVAL_TOKENS_PER_BATCH = 4096
 
@@ -24,48 +25,109 @@ def train_command(args):
 
 
 def _train(args, device, dist):
-    from .config import config_to_dict, load_config
+    from contextlib import nullcontext
+    from .config import load_config
+    from .rundir import RunDir, default_run_path
     from .trainer import Trainer
+    is_main = dist is None or dist.is_main
     if args.resume:
         if args.config or args.init_from or args.out:
             raise UsageError("--resume RUN_DIR takes its config from the run; drop --config, "
                              "--init-from and --out (KEY=VALUE may change train.* settings)")
-        from .rundir import RunDir
         run = RunDir(args.resume)
         run.require_run("--resume")
-        config = None
-        if args.overrides:
-            saved = run.load_config()
-            config = load_config(run.config_path, args.overrides)
-            for section in ("data", "model"):
-                if config_to_dict(config)[section] != config_to_dict(saved)[section]:
-                    raise UsageError(f"--resume: only train.* settings can change, not {section}.*")
-            for key in ("batch_size", "seed"):
-                if getattr(config.train, key) != getattr(saved.train, key):
-                    raise UsageError(f"--resume: train.{key} cannot change within a run (the data "
-                                     f"sampler's position depends on it); start a new run with "
-                                     f"--init-from {args.resume}")
-        trainer = Trainer.resume(args.resume, device=device, overrides_config=config,
-                                 quiet=args.quiet, dist=dist)
-        if config is not None and trainer.is_main:
-            from .config import save_config
-            save_config(config, run.config_path)
-    else:
-        if dist is not None and not args.out:
-            raise UsageError("under mpirun every rank must name the same run: pass --out RUN_DIR")
-        overrides = list(args.overrides)
-        if args.init_from:
-            overrides.append(f"train.init_from={args.init_from}")
-        config = load_config(args.config, overrides)
-        trainer = Trainer.start(config, device=device, out=args.out, overwrite=args.overwrite,
-                                quiet=args.quiet, dist=dist, config_name=args.config or "default")
-    trainer.run()
+        with run.lock("--resume") if is_main else nullcontext():
+            config = _resume_config(run, args)
+            trainer = Trainer.resume(args.resume, device=device, overrides_config=config,
+                                     quiet=args.quiet, dist=dist)
+            if config is not None and trainer.is_main:
+                from .config import save_config
+                save_config(config, run.config_path)
+            _print_header(trainer)
+            trainer.run()
+        return 0
+    if dist is not None and not args.out:
+        raise UsageError("under mpirun every rank must name the same run: pass --out RUN_DIR")
+    overrides = list(args.overrides)
+    if args.init_from:
+        overrides.append(f"train.init_from={args.init_from}")
+    config_name = args.config or "default"
+    config = load_config(args.config, overrides, notify=print if is_main else None)
+    out = Path(args.out) if args.out else default_run_path(config_name)
+    if config.train.init_from and _same_path(config.train.init_from, out):
+        raise UsageError(f"--out {out}: is the run --init-from reads; choose another --out")
+    if not args.out and out.name != Path(config_name).stem and is_main:
+        print(f"{out.parent / Path(config_name).stem} already exists, so this run goes to {out} "
+              f"(--out chooses the folder; --resume continues a run)", flush=True)
+    with RunDir(out).lock("--out") if is_main else nullcontext():
+        trainer = Trainer.start(config, device=device, out=out, overwrite=args.overwrite,
+                                quiet=args.quiet, dist=dist, config_name=config_name)
+        _print_header(trainer)
+        trainer.run()
     return 0
+
+
+def _resume_config(run, args):
+    """The config a resumed run continues with: the run's own, with KEY=VALUE
+    overrides of train.* settings; None when nothing is overridden. A config.yaml
+    edited by hand to change data.* or model.* settings is refused."""
+    from .config import config_to_dict, load_config
+    saved = run.load_config()
+    run.check_config_matches_checkpoint(saved)
+    if not args.overrides:
+        return None
+    config = load_config(run.config_path, args.overrides)
+    for section in ("data", "model"):
+        if config_to_dict(config)[section] != config_to_dict(saved)[section]:
+            raise UsageError(f"--resume: only train.* settings can change, not {section}.*")
+    for key in ("batch_size", "seed"):
+        if getattr(config.train, key) != getattr(saved.train, key):
+            raise UsageError(f"--resume: train.{key} cannot change within a run (the data "
+                             f"sampler's position depends on it); start a new run with "
+                             f"--init-from {args.resume}")
+    return config
+
+
+def _print_header(trainer):
+    """One line before training: where the run is, on what, how big, how to continue it."""
+    if not trainer.display_enabled:
+        return
+    from .backend import gpu_name
+    t, device = trainer.config.train, trainer.device
+    where = str(device)
+    if device.is_cuda:
+        name = gpu_name(device)
+        where += f" ({name})" if name else ""
+    ranks = "" if trainer.dist is None else f" x {trainer.dist.world_size} ranks"
+    tokens = t.batch_size * t.grad_accum * trainer.config.model.block_size
+    print(f"run {trainer.run_dir.path}: {where}{ranks}, {trainer.gpt_config.num_params():,} "
+          f"parameters, {tokens:,} tokens/step, {t.precision}, {trainer.total_steps:,} steps; "
+          f"continue it later with: xpmodel train --resume {trainer.run_dir.path}", flush=True)
+
+
+def _same_path(a, b):
+    """Whether two paths name the same file or folder (links resolved)."""
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def _inside(path, folder):
+    """Whether `path` is `folder` or lies below it (links resolved)."""
+    try:
+        Path(path).resolve().relative_to(Path(folder).resolve())
+        return True
+    except (OSError, RuntimeError, ValueError):
+        return False
 
 
 def sample_command(args):
     """Stream samples; control characters a model generates (an escape byte
-    from a byte-level model, say) are shown escaped, never sent to the terminal."""
+    from a byte-level model, say) are shown escaped, never sent to the terminal.
+    A character whose UTF-8 bytes are split across tokens is printed once all
+    its bytes have arrived; bytes that can never form one print as U+FFFD."""
+    import codecs
     from .display import printable
     from .generate import generate
     from .runs import load
@@ -79,7 +141,11 @@ def sample_command(args):
         raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    model, tokenizer = load(args.run_dir, device=args.device, checkpoint=args.checkpoint)
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be an integer from 0 to 2**63 - 1, got {quote(args.seed, 40)}")
+    _check_utf8("--prompt", args.prompt)
+    model, tokenizer = load(args.run_dir, device=args.device, checkpoint=args.checkpoint,
+                            kernels=args.kernels)
     prompt = tokenizer.encode(args.prompt, allowed_special="all")
     if not prompt:
         prompt = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
@@ -89,24 +155,26 @@ def sample_command(args):
             out.write(f"--- sample {i + 1} ---\n")
         out.write(args.prompt)
         seed = None if args.seed is None else args.seed + i
-        pending = []   # ids not yet printable: they end inside a UTF-8 character
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         for token in generate(model, prompt, args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=seed, stop_id=tokenizer.eot_id):
-            pending.append(token)
-            text = tokenizer.decode_bytes(pending)
-            try:
-                out.write(printable(text.decode("utf-8")))
-                pending = []
-            except UnicodeDecodeError:
-                if len(pending) > 8:
-                    out.write(printable(text.decode("utf-8", errors="replace")))
-                    pending = []
-            out.flush()
-        if pending:
-            out.write(printable(tokenizer.decode(pending)))
-        out.write("\n")
+            text = decoder.decode(tokenizer.decode_bytes([token]))
+            if text:
+                out.write(printable(text))
+                out.flush()
+        out.write(printable(decoder.decode(b"", final=True)) + "\n")
         out.flush()
     return 0
+
+
+def _check_utf8(flag, text):
+    """Refuse command-line text that is not valid UTF-8 (Python keeps the bad
+    bytes of argv as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UsageError(f"{flag}: not valid UTF-8 text (a bad byte at character {exc.start} of "
+                         f"{quote(text, 80)})") from None
 
 
 def eval_command(args):
@@ -114,7 +182,8 @@ def eval_command(args):
     from .data import prepare, read_token_file
     from .rundir import RunDir
     from .runs import load
-    model, tokenizer = load(args.run_dir, device=args.device, checkpoint=args.checkpoint)
+    model, tokenizer = load(args.run_dir, device=args.device, checkpoint=args.checkpoint,
+                            kernels=args.kernels)
     config = RunDir(args.run_dir).load_config()
     T = model.config.block_size
     if args.data is None:
@@ -124,7 +193,8 @@ def eval_command(args):
         from .corpus import cache_root, encoding_workers
         path = prepare(args.data, tokenizer, cache_dir=cache_root(config.data) / "tokens",
                        workers=encoding_workers(args.data))
-        tokens = read_token_file(path, expected_fingerprint=tokenizer.fingerprint())
+        tokens = read_token_file(path, expected_fingerprint=tokenizer.fingerprint(),
+                                 vocab_size=tokenizer.vocab_size)
         what = args.data
     if len(tokens) < 2:
         raise DataError(f"{what}: fewer than 2 tokens to evaluate")
@@ -174,9 +244,16 @@ def plot_command(args):
 
 
 def prepare_command(args):
-    from .data import prepare, read_token_header, tokenizing_progress
+    from .data import prepare, read_token_header, resolve_source, sidecar_path, tokenizing_progress
     from .tokenizer import BPETokenizer
     tokenizer = BPETokenizer.load(args.tokenizer)
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    if args.out is not None:
+        source = resolve_source(args.source)
+        out = Path(args.out)
+        for target in (out, sidecar_path(out)):
+            _refuse_input_as_output("--out", target, [*source.files, Path(args.tokenizer)])
     with tokenizing_progress() as progress:
         path = prepare(args.source, tokenizer, out_path=args.out, workers=args.workers,
                        progress=progress)
@@ -186,9 +263,18 @@ def prepare_command(args):
 
 
 def tokenizer_train_command(args):
-    from .data import iter_texts
-    from .tokenizer import BPETokenizer
-    texts = (text for _, text in iter_texts(args.source))
+    from .data import iter_texts, resolve_source
+    from .tokenizer import MAX_VOCAB, BPETokenizer
+    if not 256 <= args.vocab_size <= MAX_VOCAB:
+        raise UsageError(f"--vocab-size must be from 256 to {MAX_VOCAB:,}, got {args.vocab_size}")
+    source = resolve_source(args.source)
+    _refuse_input_as_output("--out", args.out, source.files)
+    if args.export_hf:
+        for path in source.files:
+            if _inside(path, args.export_hf):
+                raise UsageError(f"--export-hf {args.export_hf}: holds {path}, a file of the "
+                                 f"corpus; choose another folder")
+    texts = (text for _, text in iter_texts(source))
     tokenizer = BPETokenizer.train(texts, args.vocab_size)
     tokenizer.save(args.out)
     print(f"wrote a {tokenizer.vocab_size}-id tokenizer to {args.out}")
@@ -201,15 +287,30 @@ def tokenizer_train_command(args):
 def export_hf_command(args):
     from .hf import export_hf
     from .runs import load
+    if _inside(args.out_dir, args.run_dir) or _inside(args.run_dir, args.out_dir):
+        raise UsageError(f"OUT_DIR {args.out_dir}: overlaps the run {args.run_dir}; export to a "
+                         f"folder outside it")
     model, tokenizer = load(args.run_dir, checkpoint=args.checkpoint)
-    export_hf(model, tokenizer, args.out_dir)
-    print(f"wrote a transformers GPT2LMHeadModel to {args.out_dir}")
+    architecture = export_hf(model, tokenizer, args.out_dir)
+    print(f"wrote a transformers {architecture} to {args.out_dir}")
     return 0
 
 
 def import_hf_command(args):
+    from .rundir import RunDir
     from .runs import import_run
-    path = import_run(args.hf_dir, args.out, overwrite=args.overwrite)
+    if _inside(args.out, args.hf_dir) or _inside(args.hf_dir, args.out):
+        raise UsageError(f"--out {args.out}: overlaps HF_DIR {args.hf_dir}, which the import "
+                         f"reads; choose another --out")
+    with RunDir(args.out).lock("--out"):
+        path = import_run(args.hf_dir, args.out, overwrite=args.overwrite)
     print(f"imported {args.hf_dir} as the run {path}")
     return 0
 
+
+def _refuse_input_as_output(flag, out, inputs):
+    """UsageError when the output path `out` is one of the command's input files."""
+    for path in inputs:
+        if _same_path(out, path):
+            raise UsageError(f"{flag} {out}: is also an input of this command ({path}); "
+                             f"writing it would destroy what is being read; choose another {flag}")

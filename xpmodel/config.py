@@ -33,6 +33,7 @@ import yaml
 
 from xpmodel.atomic import atomic_write_bytes
 from xpmodel.errors import UsageError
+from xpmodel.files import read_bounded
 from xpmodel.model_config import MLPS, NORMS, POSITIONS
 from xpmodel.schedule import SCHEDULES
 
@@ -43,6 +44,15 @@ PRECISIONS = ("fp32", "fp16")
 DEFAULT_CONFIG = "default"
 _YAML_SUFFIXES = (".yaml", ".yml")
 _MAX_BASE_DEPTH = 16    # deeper `base:` chains are almost surely a mistake
+# Bounds on a YAML document, checked from its parse events before anything is
+# built: a config is a few kB, two levels deep, with short values. Aliases
+# count at their expanded size, so an alias bomb is refused, not expanded.
+_MAX_CONFIG_BYTES = 1 << 20
+_MAX_YAML_DEPTH = 16
+_MAX_YAML_NODES = 10_000
+_MAX_STRING_CHARS = 1 << 16
+# String keys that mean nothing when empty.
+_NON_EMPTY = {"data.source"}
 
 
 # ---------------------------------------------------------------------------
@@ -209,12 +219,6 @@ class TrainConfig:
     sample_prompt: str = "\n"
     # tokens generated per sample
     sample_tokens: int = _setting(200, within=POSITIVE)
-    # softmax temperature of those samples; 0 = greedy (always the likeliest token)
-    sample_temperature: float = _setting(0.8, within=NON_NEGATIVE)
-    # draw only among the k likeliest tokens; None: all of them
-    sample_top_k: int | None = _setting(200, within=POSITIVE)
-    # nucleus sampling: the fewest likeliest tokens whose probability reaches p; None: off
-    sample_top_p: float | None = _setting(None, within=_Range(0, 1, low_inclusive=False))
     # steps between checkpoints
     save_interval: int = _setting(1000, within=POSITIVE)
     # periodic checkpoints kept on disk
@@ -321,6 +325,11 @@ def _convert(dotted, value, annotation):
                 raise UsageError(f"{dotted} must be a finite number, got {value!r}")
             return number
     if kind is str and isinstance(value, str):
+        if len(value) > _MAX_STRING_CHARS:
+            raise UsageError(f"{dotted} is {len(value):,} characters long, more than the "
+                             f"{_MAX_STRING_CHARS:,} a setting may be")
+        if dotted in _NON_EMPTY and not value.strip():
+            raise UsageError(f"{dotted} must not be empty")
         return value
     expected = _DESCRIPTIONS[kind] + (" or null" if optional else "")
     raise UsageError(f"{dotted} must be {expected}, got {_show(value)} ({type(value).__name__})")
@@ -399,21 +408,26 @@ def _locate(name_or_path, relative_to=None):
     if Path(name).is_file():
         return name, _read_text(Path(name), name)
     raise UsageError(
-        f"unknown config {name!r}: not a file and not a shipped config; "
+        f"unknown config {_show(name, 200)}: not a file and not a shipped config; "
         f"shipped configs: {', '.join(shipped_configs())}")
 
 
 def _read_text(path, label):
+    """The text of a config file: a regular file (not a FIFO or /dev/zero) of at most 1 MiB."""
+    if not isinstance(path, Path):   # a shipped config inside an installed package
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"{label}: cannot read config file ({exc.strerror})") from None
+    else:
+        try:
+            data = read_bounded(path, _MAX_CONFIG_BYTES, UsageError, "config file")
+        except UsageError as exc:
+            raise UsageError(str(exc).replace(str(path), label, 1)) from None
     try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"{label}: no such config file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{label}: is a directory, not a config file") from None
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UsageError(f"{label}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise UsageError(f"{label}: cannot read config file ({exc.strerror})") from None
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -432,14 +446,62 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _check_yaml_bounds(text, label):
+    """Refuse YAML nested deeper than _MAX_YAML_DEPTH, with more than
+    _MAX_YAML_NODES nodes once aliases are expanded, or with an alias inside
+    the node it names. Parse events come from a loop, not recursion, and are
+    counted without building anything, so this is quick for any input."""
+    if len(text) > _MAX_CONFIG_BYTES:
+        raise UsageError(f"{label}: {len(text):,} characters of YAML, more than the "
+                         f"{_MAX_CONFIG_BYTES:,} a config may be")
+    open_nodes = []     # [expanded size, anchor] of each collection being read
+    sizes = {}          # anchor -> expanded size of the node it names
+    total = 0
+    for event in yaml.parse(text, Loader=_StrictLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            open_nodes.append([1, event.anchor])
+            if len(open_nodes) > _MAX_YAML_DEPTH:
+                raise UsageError(f"{label}: YAML nested more than {_MAX_YAML_DEPTH} levels deep")
+            continue
+        if isinstance(event, yaml.CollectionEndEvent):
+            size, anchor = open_nodes.pop()
+        elif isinstance(event, yaml.AliasEvent):
+            if event.anchor not in sizes:
+                raise UsageError(f"{label}: YAML alias *{_show(event.anchor, 40)} refers to a node "
+                                 f"that is not complete where it is used")
+            size, anchor = sizes[event.anchor], None
+        elif isinstance(event, yaml.ScalarEvent):
+            size, anchor = 1, event.anchor
+        else:
+            continue
+        if anchor is not None:
+            sizes[anchor] = size
+        if open_nodes:
+            open_nodes[-1][0] += size
+        total += size
+        if total > _MAX_YAML_NODES or (open_nodes and open_nodes[0][0] > _MAX_YAML_NODES):
+            raise UsageError(f"{label}: YAML with more than {_MAX_YAML_NODES:,} values (aliases "
+                             f"expanded); a config is a few sections of settings")
+
+
+def _yaml_error(exc, label):
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    return UsageError(f"{label}: {where}invalid YAML: {' '.join(problem.split())[:200]}")
+
+
 def _parse_yaml(text, label):
     try:
+        _check_yaml_bounds(text, label)
         document = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise UsageError(f"{label}: {where}invalid YAML: {' '.join(problem.split())}") from None
+        raise _yaml_error(exc, label) from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        if isinstance(exc, UsageError):
+            raise
+        # e.g. a date that does not exist (2024-13-45)
+        raise UsageError(f"{label}: invalid YAML value: {' '.join(str(exc).split())[:200]}") from None
     if document is None:    # an empty file: all defaults
         return {}
     if not isinstance(document, dict):
@@ -517,7 +579,7 @@ def _build(merged, label):
 
 def _parse_override(text):
     """Split `section.key=value` into (section, key, value) with the value typed by its field."""
-    label = f"override {text!r}"
+    label = f"override {_show(text, 200)}"
     if not isinstance(text, str) or "=" not in text:
         raise UsageError(f"{label}: expected KEY=VALUE, e.g. model.n_layer=4")
     dotted, _, raw = text.partition("=")
@@ -541,15 +603,24 @@ def _override_value(raw, annotation):
     if str in kinds and not quoted:
         return raw
     try:
+        _check_yaml_bounds(raw, "override")
         return yaml.safe_load(raw)
-    except yaml.YAMLError:
+    except UsageError:
+        raise
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError):
         return raw      # not YAML; the type check names it
 
 
 def _apply_overrides(merged, overrides):
     by_section = {}
     for text in overrides:
-        section, key, value, label = _parse_override(text)
+        try:
+            section, key, value, label = _parse_override(text)
+        except UsageError as exc:
+            message = str(exc)
+            if message.startswith("override: "):   # from the YAML bounds check
+                message = f"override {_show(text, 200)}: {message[len('override: '):]}"
+            raise UsageError(message) from None
         values, labels = by_section.setdefault(section, ({}, {}))
         values[key], labels[key] = value, label
     for section, (values, labels) in by_section.items():
@@ -559,17 +630,62 @@ def _apply_overrides(merged, overrides):
 # ---------------------------------------------------------------------------
 # Public entry points.
 
-def load_config(name_or_path=None, overrides=()):
-    """Read a shipped config by name (default: "default") or a YAML file, then apply overrides."""
+def load_config(name_or_path=None, overrides=(), notify=None):
+    """Read a shipped config by name (default: "default") or a YAML file, then apply overrides.
+
+    A layer that shortens train.max_iters below the warmup_iters or
+    lr_decay_iters of the layers under it, without setting those itself,
+    has them scaled to fit (see `_fit_schedule`); notify(text) is told.
+    """
     if isinstance(overrides, str):     # one override, not its characters
         overrides = (overrides,)
     merged = {}
     layers = _read_layers(DEFAULT_CONFIG if name_or_path is None else name_or_path)
     for label, document in layers:
+        before = dict(merged.get("train", {}))
         _apply_document(merged, document, label)
+        train = document.get("train")
+        _fit_schedule(merged, before, set(train) if isinstance(train, dict) else set(), label, notify)
+    before = dict(merged.get("train", {}))
     _apply_overrides(merged, overrides)
+    named = {str(text).partition("=")[0].strip().partition(".")[2] for text in overrides
+             if str(text).strip().startswith("train.")}
+    _fit_schedule(merged, before, named, "override", notify)
     label = layers[-1][0] + (" with overrides" if overrides else "")
     return _build(merged, label)
+
+
+def _fit_schedule(merged, before, named, label, notify):
+    """Scale warmup_iters and lr_decay_iters to a run that a layer made shorter.
+
+    `xpmodel train train.max_iters=60` over a config with warmup_iters: 100
+    means "the same run, shorter": the warmup and the decay keep their share
+    of the run (100 of 700 steps becomes 9 of 60). A value the same layer
+    sets is the user's and is never changed; a conflict then is an error.
+    """
+    if "max_iters" not in named:
+        return
+    train = merged.setdefault("train", {})
+    steps = train.get("max_iters")
+    if steps is None:
+        return
+    defaults = {spec.name: spec.default for spec in dataclasses.fields(TrainConfig)}
+    old_steps = before.get("max_iters", defaults["max_iters"])
+    scale = steps / old_steps if old_steps and old_steps > steps else None
+    changed = []
+    warmup = train.get("warmup_iters", defaults["warmup_iters"])
+    if "warmup_iters" not in named and warmup > steps:
+        warmup = min(steps, round(warmup * scale)) if scale else steps // 10
+        train["warmup_iters"] = warmup
+        changed.append(f"train.warmup_iters={warmup}")
+    decay = train.get("lr_decay_iters", defaults["lr_decay_iters"])
+    if "lr_decay_iters" not in named and decay is not None and decay > steps:
+        decay = max(warmup, min(steps, round(decay * scale))) if scale else steps
+        train["lr_decay_iters"] = decay
+        changed.append(f"train.lr_decay_iters={decay}")
+    if changed and notify is not None:
+        notify(f"note: train.max_iters={steps} is shorter than the schedule it was given, so "
+               f"{' and '.join(changed)} (the same share of the run; set them to choose)")
 
 
 def config_from_dict(document, label="config"):

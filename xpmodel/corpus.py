@@ -6,9 +6,8 @@ tokenizer needs no training. Token files come from `data.prepare`, which
 caches them too, so an unchanged corpus is never tokenized twice.
 """
 import hashlib
-import os
-from pathlib import Path
 
+from . import data
 from .data import (corpus_fingerprint, iter_texts, prepare, read_token_file, resolve_source,
                    split_tokens, tokenizing_progress)
 from .errors import DataError
@@ -23,10 +22,8 @@ _PARALLEL_ENCODING_BYTES = 8 * 2**20
 
 
 def cache_root(data_config):
-    if data_config.cache_dir:
-        return Path(data_config.cache_dir).expanduser()
-    root = os.environ.get("XPMODEL_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "xpmodel"
+    """The run's cache folder (data.cache_dir, else the default; see data.cache_root)."""
+    return data.cache_root(data_config.cache_dir)
 
 
 def build_tokenizer(data_config, say=print):
@@ -75,6 +72,7 @@ def load_tokens(data_config, tokenizer, block_size, show_progress=True):
                            progress=progress)
     else:
         path = prepare(source, tokenizer, cache_dir=cache_dir, workers=workers)
-    tokens = read_token_file(path, expected_fingerprint=tokenizer.fingerprint())
+    tokens = read_token_file(path, expected_fingerprint=tokenizer.fingerprint(),
+                             vocab_size=tokenizer.vocab_size)
     return split_tokens(tokens, data_config.val_fraction, block_size=block_size,
                         source=str(data_config.source))

@@ -22,3 +22,10 @@ class DataError(XpmodelError):
 
 class CheckpointError(XpmodelError):
     """A checkpoint or run directory that cannot be used."""
+
+
+def quote(text, limit=200):
+    """`text` as a quoted string for a message, cut to about `limit` characters:
+    a value the user typed or a file held may be any length."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[:limit - 4] + "...'"

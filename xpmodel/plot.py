@@ -1,7 +1,7 @@
 """`xpmodel plot`: a run's train and validation loss, and learning rate, against step."""
-import os
 from pathlib import Path
 
+from .atomic import atomic_writer
 from .errors import DataError, UsageError
 from .rundir import RunDir
 
@@ -22,6 +22,7 @@ def plot_run(run_dir, out=None):
     if not train:
         raise DataError(f"{run.metrics_path}: no training steps logged yet")
     out = Path(out) if out else run.path / "loss.png"
+    _check_output(run, out)
     fig, (loss_axes, lr_axes) = plt.subplots(2, 1, figsize=(9, 6), sharex=True,
                                              gridspec_kw={"height_ratios": [3, 1]})
     loss_axes.plot([r["step"] for r in train], [_number(r.get("loss")) for r in train],
@@ -38,17 +39,30 @@ def plot_run(run_dir, out=None):
     lr_axes.set_xlabel("step")
     lr_axes.grid(alpha=0.3)
     fig.tight_layout()
-    # Drawn to a temporary file and renamed, so a failure leaves no partial PNG.
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, out)
+        with atomic_writer(out) as f:   # a failure leaves no partial PNG
+            fig.savefig(f, dpi=110, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return out
+
+
+def _check_output(run, out):
+    """Refuse a PNG path that would overwrite one of the run's own files."""
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: the plot is a PNG; give a path ending in .png")
+    try:
+        resolved = out.resolve()
+        inside_checkpoints = resolved.is_relative_to(run.checkpoint_dir.resolve())
+        run_file = resolved in {p.resolve() for p in (run.marker, run.config_path,
+                                                        run.tokenizer_path, run.metrics_path)}
+    except (OSError, RuntimeError):
+        return
+    if inside_checkpoints or run_file:
+        raise UsageError(f"--out {out}: is inside the run's own files; choose a path outside "
+                         f"{run.checkpoint_dir} (the default is {run.path / 'loss.png'})")
 
 
 def _number(value):
     """A logged value as a float; a skipped step's null becomes a gap in the line."""
-    return float("nan") if value is None else float(value)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")

@@ -7,31 +7,51 @@
       metrics.jsonl               one JSON object per logged step or evaluation
       checkpoints/step-NNNNNNNN.safetensors   the last `keep_last` saves
       checkpoints/best.safetensors            the best validation loss so far
+      .xpmodel.lock               held by the one process writing the run
 
 Paths are all built here from fixed names, never from the contents of a
 run's files, so nothing read from a run can point outside it; a checkpoint
 that is a link to somewhere outside the run is ignored.
 
+Only files with these names (and xpmodel's own temporary files) are ever
+deleted: --overwrite and a failed start leave a user's other files alone,
+and a folder that holds such names without being a run is never written to.
+
+One writer per run: `RunDir.lock` takes an exclusive lock on .xpmodel.lock
+(flock, so the kernel releases it when its process dies, kill -9 included)
+and records the holder's pid and host for the message a second writer gets.
+
 run.json is written last when a run is created, after its step-0
 checkpoint, so any folder with a run.json holds a checkpoint to resume from.
-A folder holding only the files of a creation that was cut short (no
-run.json yet) is taken over by the next start without --overwrite.
+A folder without run.json whose lock file was left by a dead process is a
+creation that was cut short; the next start takes it over without --overwrite.
 """
+import difflib
+import errno
+import fcntl
 import json
 import math
+import os
 import re
+import socket
+import sys
 import time
 from pathlib import Path
 
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, is_temporary_name
 from .checkpoint import FORMAT_VERSION, CheckpointError, read_checkpoint_meta
 from .config import load_config, save_config
-from .errors import UsageError
+from .errors import UsageError, quote
+from .files import parse_json, read_bounded
 from .tokenizer import BPETokenizer
 
 RUN_FORMAT = "xpmodel-run"
+LOCK_NAME = ".xpmodel.lock"
 _STEP_FILE = re.compile(r"^step-(\d{8})\.safetensors$")
-_RUN_FILES = ("run.json", "config.yaml", "tokenizer.json", "metrics.jsonl", "checkpoints")
+_CHECKPOINT_FILE = re.compile(r"^(step-\d{8}|best)\.safetensors$")
+_TOP_FILES = ("run.json", "config.yaml", "tokenizer.json", "metrics.jsonl", "loss.png")
+_MAX_MARKER_BYTES = 1 << 16
+_MAX_METRICS_LINE = 1 << 16
 
 
 class RunDir:
@@ -63,93 +83,155 @@ class RunDir:
     def best_path(self):
         return self.checkpoint_dir / "best.safetensors"
 
+    @property
+    def lock_path(self):
+        return self.path / LOCK_NAME
+
     def step_path(self, step):
         return self.checkpoint_dir / f"step-{step:08d}.safetensors"
+
+    # ---- which files are xpmodel's ----------------------------------------------
+    def _layout_files(self):
+        """Files present that bear the name of a file xpmodel writes in a run."""
+        found = [self.path / name for name in _TOP_FILES if _present(self.path / name)]
+        if self.checkpoint_dir.is_dir():
+            found += sorted(p for p in self.checkpoint_dir.iterdir() if _CHECKPOINT_FILE.match(p.name))
+        return found
+
+    def _own_temporaries(self, only_dead=False):
+        """xpmodel's temporary files for the run's files, e.g. `.config.yaml.tmp-PID`;
+        with only_dead, just those whose writing process is gone."""
+        found = []
+        for folder, names in ((self.path, lambda n: n in _TOP_FILES),
+                              (self.checkpoint_dir, _CHECKPOINT_FILE.match)):
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                if is_temporary_name(path.name):
+                    target, _, pid = path.name[1:].rpartition(".tmp-")
+                    if names(target) and not (only_dead and _pid_alive(int(pid))):
+                        found.append(path)
+        return found
+
+    def _other_entries(self):
+        """What the folder holds besides a run's files: the user's own."""
+        ours = set(self._layout_files()) | set(self._own_temporaries())
+        ours |= {self.lock_path, self.checkpoint_dir}
+        other = [p for p in self.path.iterdir() if p not in ours] if self.path.is_dir() else []
+        if self.checkpoint_dir.is_dir() and not self.checkpoint_dir.is_symlink():
+            other += [p for p in self.checkpoint_dir.iterdir() if p not in ours]
+        return other
 
     # ---- creating and opening ---------------------------------------------------
     def is_run(self):
         return self.marker.is_file()
 
+    def lock(self, flag="--out"):
+        """The one-writer lock of this run directory, as a context manager
+        (re-entrant within a process); creates the folder if needed, and
+        removes the folders it created if they are empty when released."""
+        return RunLock(self, flag)
+
     def check_can_create(self, overwrite=False):
         """Raise UsageError unless `create` may start a run here; cheap, so it
         runs before any slow work."""
-        if self.path.exists() and not self.path.is_dir():
+        if _present(self.path) and not self.path.is_dir():
             raise UsageError(f"--out {self.path}: exists and is not a directory")
-        if self.is_run() and not overwrite:
-            raise UsageError(f"--out {self.path}: already holds a run; use --resume {self.path} "
-                             f"to continue it or --overwrite to replace it")
-        if (self.path.is_dir() and any(self.path.iterdir()) and not self.is_run()
-                and not self._is_unfinished_run() and not overwrite):
+        if not self.path.is_dir():
+            return
+        if self.is_run():
+            if not overwrite:
+                raise UsageError(f"--out {self.path}: already holds a run; use --resume {self.path} "
+                                 f"to continue it or --overwrite to replace it")
+            return
+        if self._creation_was_cut_short():
+            return
+        foreign = self._layout_files()
+        if foreign:
+            names = ", ".join(str(p.relative_to(self.path)) for p in foreign[:3])
+            raise UsageError(f"--out {self.path}: holds {names}, which no xpmodel run here wrote "
+                             f"(there is no run.json); xpmodel will not replace them, even with "
+                             f"--overwrite: choose another --out")
+        if self._other_entries() and not overwrite:
             raise UsageError(f"--out {self.path}: directory is not empty and is not a run; "
-                             f"choose another --out or pass --overwrite")
+                             f"choose another --out or pass --overwrite (which keeps its files "
+                             f"and adds the run's beside them)")
 
-    def _is_unfinished_run(self):
-        """Only the files of a run whose creation was cut short (no run.json)."""
-        if not self.path.is_dir() or self.is_run():
+    def _creation_was_cut_short(self):
+        """No run.json, but a lock file left by a process that died creating the run."""
+        if self.is_run() or not self.path.is_dir():
             return False
-        for entry in self.path.iterdir():
-            if entry.name not in _RUN_FILES and not _is_temporary(entry.name):
-                return False
-        if self.checkpoint_dir.is_dir():
-            for entry in self.checkpoint_dir.iterdir():
-                if not (_STEP_FILE.match(entry.name) or entry.name == self.best_path.name
-                        or _is_temporary(entry.name)):
-                    return False
-        return True
+        held = _held.get(_key(self.path))
+        if held is not None:
+            return held.found_stale
+        return _present(self.lock_path) and _lock_is_free(self.lock_path)
 
     def create(self, config, tokenizer, overwrite=False, first_checkpoint=None):
         """Start a new run here, refusing to mix with another run's files.
 
         first_checkpoint(path): writes the step-0 checkpoint before run.json
-        marks the folder as a run. If creating fails, the files written so far
-        are removed again.
+        marks the folder as a run. If creating fails, the files it wrote are
+        removed again; files that were there before are never touched.
         """
-        self.check_can_create(overwrite)
-        if self.is_run() or self._is_unfinished_run():
-            self._remove_run_files()
-        created_folder = not self.path.exists()
-        try:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.config_path)
-            tokenizer.save(self.tokenizer_path)
-            if first_checkpoint is not None:
-                first_checkpoint(self.step_path(0))
-            marker = {"format": RUN_FORMAT, "version": FORMAT_VERSION, "created": time.time()}
-            atomic_write_bytes(self.marker, json.dumps(marker, indent=2).encode())
-        except BaseException:
-            self._remove_run_files()
-            if created_folder:
-                _remove_empty_folder(self.checkpoint_dir)
-                _remove_empty_folder(self.path)
-            raise
+        with self.lock("--out"):
+            self.check_can_create(overwrite)
+            if self.is_run() or self._creation_was_cut_short():
+                self._remove_run_files()
+            written = []
+            made_checkpoint_dir = not self.checkpoint_dir.is_dir()
+            try:
+                self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                written.append(self.config_path)
+                save_config(config, self.config_path)
+                written.append(self.tokenizer_path)
+                tokenizer.save(self.tokenizer_path)
+                if first_checkpoint is not None:
+                    written.append(self.step_path(0))
+                    first_checkpoint(self.step_path(0))
+                marker = {"format": RUN_FORMAT, "version": FORMAT_VERSION, "created": time.time()}
+                written.append(self.marker)
+                atomic_write_bytes(self.marker, json.dumps(marker, indent=2).encode())
+            except BaseException:
+                for path in written:
+                    path.unlink(missing_ok=True)
+                if made_checkpoint_dir:
+                    _remove_empty_folder(self.checkpoint_dir)
+                raise
 
     def _remove_run_files(self):
-        for path in [self.marker, self.config_path, self.tokenizer_path, self.metrics_path,
-                     self.path / "loss.png"]:
+        """Remove what a previous run (or a cut-short creation) wrote; nothing else."""
+        for path in self._layout_files() + self._own_temporaries():
             path.unlink(missing_ok=True)
-        for folder in (self.path, self.checkpoint_dir):
-            if folder.is_dir():
-                for path in folder.iterdir():
-                    if path.is_file() and (_is_temporary(path.name) or folder == self.checkpoint_dir):
-                        path.unlink(missing_ok=True)
 
     def require_run(self, flag="RUN_DIR"):
         if not self.path.is_dir():
-            raise UsageError(f"{flag} {self.path}: no such directory")
+            raise UsageError(f"{flag} {self.path}: no such directory{self._closest_run_hint()}")
         if not self.is_run():
-            if self._is_unfinished_run():
+            if self._creation_was_cut_short():
                 raise UsageError(f"{flag} {self.path}: the run was stopped while it was being "
                                  f"created; start it again with --out {self.path}")
-            raise UsageError(f"{flag} {self.path}: not an xpmodel run (no run.json)")
+            raise UsageError(f"{flag} {self.path}: not an xpmodel run (no run.json)"
+                             f"{self._closest_run_hint()}")
         try:
-            marker = json.loads(self.marker.read_text())
-        except (OSError, ValueError):
+            marker = parse_json(read_bounded(self.marker, _MAX_MARKER_BYTES, CheckpointError,
+                                             "run marker"))
+        except ValueError:
             raise CheckpointError(f"{self.marker}: corrupt run marker") from None
         if not isinstance(marker, dict) or marker.get("format") != RUN_FORMAT:
             raise CheckpointError(f"{self.marker}: not an xpmodel run marker")
-        if not isinstance(marker.get("version"), int) or marker["version"] > FORMAT_VERSION:
-            raise CheckpointError(f"{self.marker}: run format version {marker.get('version')} is "
-                                  f"newer than this xpmodel reads; upgrade xpmodel")
+        if type(marker.get("version")) is not int or marker["version"] > FORMAT_VERSION:
+            raise CheckpointError(f"{self.marker}: run format version {quote(marker.get('version'), 40)} "
+                                  f"is newer than this xpmodel reads; upgrade xpmodel")
+
+    def _closest_run_hint(self):
+        """'; did you mean runs/x?' naming the most similar run beside this path, if any."""
+        parent = self.path.parent
+        try:
+            runs = [p.name for p in parent.iterdir() if p.name != self.path.name and (p / "run.json").is_file()][:1000]
+        except OSError:
+            return ""
+        close = difflib.get_close_matches(self.path.name, runs, n=1, cutoff=0.6)
+        return f"; did you mean {parent / close[0]}?" if close else ""
 
     def load_config(self):
         if not self.config_path.is_file():
@@ -177,16 +259,18 @@ class RunDir:
         found = []
         for step in reversed(self.checkpoint_steps()):
             path = self.step_path(step)
-            problem = None
-            if not self.contains(path):
-                problem = f"{path}: links outside the run directory; ignored"
-            else:
-                try:
-                    read_checkpoint_meta(path)
-                except CheckpointError as exc:
-                    problem = str(exc)
-            found.append((path, problem))
+            found.append((path, self.checkpoint_problem(path)))
         return found
+
+    def checkpoint_problem(self, path):
+        """None when the checkpoint at `path` reads cleanly, else why not."""
+        if not self.contains(path):
+            return f"{path}: links outside the run directory; ignored"
+        try:
+            read_checkpoint_meta(path)
+        except CheckpointError as exc:
+            return str(exc)
+        return None
 
     def latest_checkpoint(self):
         """The newest step checkpoint whose header reads cleanly, or None.
@@ -201,25 +285,52 @@ class RunDir:
             skipped.append(problem)
         return None, skipped
 
+    def check_config_matches_checkpoint(self, config):
+        """Refuse a config.yaml whose data.* or model.* settings differ from those
+        the newest readable checkpoint was trained with (a hand edit, say)."""
+        from .config import config_to_dict
+        path, _ = self.latest_checkpoint()
+        if path is None:
+            return
+        saved = read_checkpoint_meta(path).get("config")
+        if not isinstance(saved, dict):
+            return   # an imported checkpoint: weights only
+        current = config_to_dict(config)
+        for section in ("data", "model"):
+            before = saved.get(section)
+            if not isinstance(before, dict):
+                continue
+            for key, value in current[section].items():
+                if key == "cache_dir" or key not in before or before[key] == value:
+                    continue
+                instead = (f"put it back, or train on the new data from this run's weights with "
+                           f"--init-from {self.path}" if section == "data" else "put it back")
+                raise CheckpointError(f"{self.config_path}: {section}.{key} is {quote(value, 80)}, "
+                                      f"but {path.name} was trained with {quote(before[key], 80)}; "
+                                      f"only train.* settings can change within a run: {instead}")
+
     def contains(self, path):
         """True when `path`, links resolved, lies inside the run directory."""
         try:
             Path(path).resolve().relative_to(self.path.resolve())
             return True
-        except (OSError, ValueError):
+        except (OSError, ValueError, RuntimeError):
             return False
 
     def prune_checkpoints(self, keep_last):
-        for step in self.checkpoint_steps()[:-keep_last]:
+        """Keep the newest `keep_last` step checkpoints. The untrained step-0
+        one is not kept once a later checkpoint exists."""
+        steps = self.checkpoint_steps()
+        doomed = steps[:-keep_last]
+        if len(steps) > 1 and steps[0] == 0 and 0 not in doomed:
+            doomed.append(0)
+        for step in doomed:
             self.step_path(step).unlink(missing_ok=True)
 
     def remove_stale_temporaries(self):
         """Temporary files left by a process killed mid-write."""
-        for folder in (self.path, self.checkpoint_dir):
-            if folder.is_dir():
-                for path in folder.iterdir():
-                    if path.is_file() and _is_temporary(path.name):
-                        path.unlink(missing_ok=True)
+        for path in self._own_temporaries(only_dead=True):
+            path.unlink(missing_ok=True)
 
     # ---- metrics ----------------------------------------------------------------
     def append_metrics(self, record, handle=None):
@@ -232,15 +343,42 @@ class RunDir:
             with open(self.metrics_path, "a") as f:
                 f.write(line)
 
-    def read_metrics(self):
-        if not self.metrics_path.exists():
+    def read_metrics(self, warn=None):
+        """The records of metrics.jsonl. A line cut short by a kill (the last,
+        without its newline) is dropped quietly; any other line that is not a
+        JSON object with an integer step is skipped with a warning."""
+        if not _present(self.metrics_path):
             return []
-        records = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue   # a line cut short by a kill
+        warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
+        records, damaged = [], []
+        from .files import open_regular
+        with open_regular(self.metrics_path, CheckpointError, "metrics file") as f:
+            number = 0
+            while True:
+                line = f.readline(_MAX_METRICS_LINE)
+                if not line:
+                    break
+                number += 1
+                complete = line.endswith(b"\n")
+                if not complete and len(line) >= _MAX_METRICS_LINE:
+                    while line and not line.endswith(b"\n"):   # skip the rest of an overlong line
+                        line = f.readline(_MAX_METRICS_LINE)
+                    damaged.append(number)
+                    continue
+                try:
+                    record = parse_json(line)
+                except ValueError:   # UnicodeDecodeError included
+                    if complete:
+                        damaged.append(number)
+                    continue
+                if not isinstance(record, dict) or type(record.get("step")) is not int:
+                    damaged.append(number)
+                    continue
+                records.append(record)
+        if damaged:
+            lines = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
+            warn(f"{self.metrics_path}: skipped {len(damaged)} damaged line"
+                 f"{'s' if len(damaged) > 1 else ''} (line {lines})")
         return records
 
     def truncate_metrics(self, step):
@@ -250,9 +388,192 @@ class RunDir:
         atomic_write_bytes(self.metrics_path, data)
 
 
-def _is_temporary(name):
-    """Names of files that xpmodel writes and renames into place."""
-    return (name.startswith(".") and ".tmp" in name) or name.endswith(".partial")
+# ---- the lock ----------------------------------------------------------------------
+
+_held = {}   # resolved run path -> RunLock holding it in this process
+
+
+class RunLock:
+    """An exclusive lock on a run directory; see `RunDir.lock`."""
+
+    def __init__(self, run, flag):
+        self.run, self.flag = run, flag
+        self.found_stale = False   # a lock file was left by a process that died
+        self._fd = None
+        self._depth = 0
+        self._made = []            # folders this lock created, deepest first
+
+    def __enter__(self):
+        path = self.run.path
+        if _present(path) and not path.is_dir():
+            raise UsageError(f"{self.flag} {path}: exists and is not a directory")
+        key = _key(path) if path.is_dir() else None
+        outer = _held.get(key) if key else None
+        if outer is not None:
+            outer._depth += 1
+            self._outer = outer
+            return outer
+        self._outer = None
+        missing, folder = [], path
+        while not _present(folder) and folder != folder.parent:
+            missing.append(folder)
+            folder = folder.parent
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"{self.flag} {path}: cannot create the run directory "
+                             f"({exc.strerror or exc})") from None
+        self._made = missing
+        try:
+            self._acquire()
+        except BaseException:
+            self._remove_made_folders()
+            raise
+        self._depth = 1
+        _held[_key(path)] = self
+        return self
+
+    def __exit__(self, *exc):
+        if self._outer is not None:
+            self._outer._depth -= 1
+            return False
+        self._depth -= 1
+        if self._depth == 0:
+            self.release()
+        return False
+
+    def _acquire(self):
+        lock_path = self.run.lock_path
+        for _ in range(20):
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+            except OSError as exc:
+                raise UsageError(f"{self.flag} {self.run.path}: cannot create its lock file "
+                                 f"({exc.strerror or exc})") from None
+            try:
+                holder = _read_holder(fd)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise UsageError(self._in_use(holder)) from None
+                except OSError as exc:
+                    # No flock here (some network file systems): judge by the pid.
+                    if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                        raise
+                    if holder and _holder_alive(holder):
+                        raise UsageError(self._in_use(holder)) from None
+                if os.fstat(fd).st_ino != _inode(lock_path):
+                    os.close(fd)   # released and removed by its holder meanwhile: try again
+                    continue
+                self.found_stale = holder is not None and not self.run.is_run()
+                record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                          "command": " ".join(sys.argv)[:300]}
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+                self._fd = fd
+                return
+            except BaseException:
+                if self._fd != fd:
+                    os.close(fd)
+                raise
+        raise UsageError(f"{self.flag} {self.run.path}: could not take its lock file {lock_path}")
+
+    def _in_use(self, holder):
+        who = "another xpmodel process"
+        if holder:
+            started = holder.get("started")
+            since = (f", since {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))}"
+                     if isinstance(started, (int, float)) and math.isfinite(started) else "")
+            who += f" (pid {quote(holder.get('pid'), 20)} on {quote(holder.get('host'), 80)}{since})"
+        return (f"{self.flag} {self.run.path}: in use by {who}; one process writes a run at a "
+                f"time: wait for it to finish or stop it first")
+
+    def release(self):
+        if self._fd is not None:
+            try:
+                if os.fstat(self._fd).st_ino == _inode(self.run.lock_path):
+                    self.run.lock_path.unlink(missing_ok=True)
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+        _held.pop(_key(self.run.path), None)
+        self._remove_made_folders()
+
+    def _remove_made_folders(self):
+        for folder in self._made:
+            _remove_empty_folder(folder)
+        self._made = []
+
+
+def _key(path):
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError):
+        return str(Path(path).absolute())
+
+
+def _inode(path):
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def _read_holder(fd):
+    """The pid/host record in a lock file, or None when it is empty or unreadable."""
+    try:
+        data = os.pread(fd, 4096, 0)
+        if not data.strip():
+            return None
+        holder = parse_json(data)
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _holder_alive(holder):
+    """Whether a lock's recorded holder still runs; a holder on another host
+    cannot be checked and counts as alive."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid = holder.get("pid")
+    return type(pid) is int and _pid_alive(pid)
+
+
+def _lock_is_free(lock_path):
+    """True when nobody holds the lock file (its holder died)."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        holder = _read_holder(fd)
+        return not (holder and _holder_alive(holder))
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid):
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:   # alive, but another user's
+        return True
+    return True
+
+
+def _present(path):
+    """Exists, or is a link (even a dangling one)."""
+    return os.path.lexists(path)
 
 
 def _json_number(value):
@@ -269,14 +590,15 @@ def _remove_empty_folder(path):
 def _unused(path):
     """A fresh run directory name next to `path`: path, path-2, path-3..."""
     path = Path(path)
-    if not path.exists():
+    if not _present(path):
         return path
     for n in range(2, 10_000):
         candidate = path.with_name(f"{path.name}-{n}")
-        if not candidate.exists():
+        if not _present(candidate):
             return candidate
     raise UsageError(f"{path}: too many runs with this name")
 
 
 def default_run_path(config_name):
+    """runs/CONFIG_NAME, or runs/CONFIG_NAME-2, -3, ... when that is taken."""
     return _unused(Path("runs") / Path(str(config_name)).stem)

@@ -32,7 +32,8 @@ import numpy
 import regex
 
 from xpmodel.atomic import atomic_write_bytes
-from xpmodel.errors import DataError, UsageError
+from xpmodel.errors import DataError, UsageError, quote
+from xpmodel.files import parse_json, read_bounded
 
 GPT2_SPLIT_PATTERN = (
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -49,6 +50,15 @@ _LONG_PIECE = 64
 # The per-piece encode cache is dropped when it grows past this many pieces,
 # so encoding an unbounded corpus keeps bounded memory.
 _CACHE_LIMIT = 1 << 20
+# Bounds on what a tokenizer file may describe, checked from its sizes before
+# anything is built: real vocabularies have at most a few hundred thousand ids
+# and tokens of at most a few hundred bytes.
+MAX_VOCAB = 1 << 20
+_MAX_TOKEN_BYTES = 1 << 14
+_MAX_TOTAL_TOKEN_BYTES = 1 << 28
+_MAX_SPECIAL_TOKENS = 1024
+_MAX_SPECIAL_CHARS = 256
+_MAX_FILE_BYTES = 64 << 20
 
 
 class BPETokenizer:
@@ -61,16 +71,18 @@ class BPETokenizer:
 
     def __init__(self, merges=(), special_tokens=(ENDOFTEXT,)):
         _check_special_tokens(special_tokens)
+        merges = tuple(merges)
+        if len(merges) + 256 + len(special_tokens) > MAX_VOCAB:
+            raise UsageError(f"{len(merges):,} merges make more than the {MAX_VOCAB:,} ids "
+                             f"xpmodel supports")
         self._merges = tuple((int(a), int(b)) for a, b in merges)
         self._specials = tuple(special_tokens)
+        _check_token_lengths(self._merges)
         self._token_bytes = [bytes([i]) for i in range(256)]  # id -> bytes, merges included
         self._merge_ids = {}  # (left_id, right_id) -> merged id; ids order ranks
         for pair in self._merges:
             new_id = len(self._token_bytes)
             left, right = pair
-            if not (0 <= left < new_id and 0 <= right < new_id):
-                raise UsageError(f"merge {new_id - 256} {list(pair)} refers to an id "
-                                 f"not defined before it")
             if pair in self._merge_ids:
                 raise UsageError(f"merge {new_id - 256} {list(pair)} is listed twice")
             self._merge_ids[pair] = new_id
@@ -109,6 +121,8 @@ class BPETokenizer:
         if vocab_size < 256:
             raise UsageError(f"vocab_size must be at least 256 (the byte ids), "
                              f"got {vocab_size}")
+        if vocab_size > MAX_VOCAB:
+            raise UsageError(f"vocab_size must be at most {MAX_VOCAB:,}, got {vocab_size:,}")
         _check_special_tokens(special_tokens)  # before the slow part, not after
         special_tokens = tuple(special_tokens)
         if isinstance(texts, str):
@@ -280,14 +294,15 @@ class BPETokenizer:
         """Read a file written by `save`. Raises DataError naming the file if it
         is missing, truncated, corrupt or not an xpmodel tokenizer."""
         path = Path(path)
+        data = read_bounded(path, _MAX_FILE_BYTES, DataError, "tokenizer file")
         try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"cannot read tokenizer file {path}: {exc}") from exc
+            document = parse_json(data.decode("utf-8"))
+        except ValueError as exc:   # UnicodeDecodeError and JSONDecodeError included
+            raise DataError(f"{path}: cannot read tokenizer file: {_one_line(exc)}") from None
         try:
             return cls._from_document(document)
         except (UsageError, TypeError, ValueError) as exc:
-            raise DataError(f"tokenizer file {path} is not usable: {exc}") from exc
+            raise DataError(f"{path}: tokenizer file is not usable: {_one_line(exc)}") from None
 
     @classmethod
     def _from_document(cls, document):
@@ -305,7 +320,7 @@ class BPETokenizer:
         for k, pair in enumerate(merges):
             if not (isinstance(pair, list) and len(pair) == 2
                     and all(type(i) is int for i in pair)):
-                raise UsageError(f"merge {k} is {pair!r}, not a pair of ids")
+                raise UsageError(f"merge {k} is {quote(pair, 60)}, not a pair of ids")
         return cls(merges, specials)
 
     def fingerprint(self):
@@ -333,9 +348,40 @@ def _check_special_tokens(special_tokens):
     if isinstance(special_tokens, str) or not all(
             isinstance(s, str) and s for s in special_tokens):
         raise UsageError("special_tokens must be a sequence of non-empty strings, "
-                         f"got {special_tokens!r}")
+                         f"got {quote(special_tokens, 80)}")
+    if len(special_tokens) > _MAX_SPECIAL_TOKENS:
+        raise UsageError(f"{len(special_tokens):,} special tokens, more than the "
+                         f"{_MAX_SPECIAL_TOKENS} xpmodel supports")
+    for s in special_tokens:
+        if len(s) > _MAX_SPECIAL_CHARS:
+            raise UsageError(f"special token {quote(s, 40)} is {len(s):,} characters, more than "
+                             f"{_MAX_SPECIAL_CHARS}")
     if len(set(special_tokens)) != len(special_tokens):
         raise UsageError(f"special_tokens has duplicates: {list(special_tokens)}")
+
+
+def _check_token_lengths(merges):
+    """Refuse merges that refer to later ids or build absurdly long tokens,
+    from the lengths alone (a chain of 41 doublings would be 2 TiB)."""
+    lengths = [1] * 256
+    total = 256
+    for k, (left, right) in enumerate(merges):
+        new_id = 256 + k
+        if not (0 <= left < new_id and 0 <= right < new_id):
+            raise UsageError(f"merge {k} {[left, right]} refers to an id not defined before it")
+        length = lengths[left] + lengths[right]
+        if length > _MAX_TOKEN_BYTES:
+            raise UsageError(f"merge {k} builds a token of {length:,} bytes, more than the "
+                             f"{_MAX_TOKEN_BYTES:,} xpmodel allows")
+        total += length
+        if total > _MAX_TOTAL_TOKEN_BYTES:
+            raise UsageError(f"the merges build {total:,}+ bytes of tokens, more than the "
+                             f"{_MAX_TOTAL_TOKEN_BYTES:,} xpmodel allows")
+        lengths.append(length)
+
+
+def _one_line(exc):
+    return " ".join(str(exc).split())[:300]
 
 
 def _is_id_below(value, limit):

@@ -112,7 +112,8 @@ class Trainer:
             config.data, tokenizer, config.model.block_size,
             show_progress=self.display_enabled and not quiet and sys.stdout.isatty())
         try:
-            self.model = GPT(self.gpt_config, device=self.device, seed=t.seed, precision=t.precision)
+            self.model = GPT(self.gpt_config, device=self.device, seed=t.seed, precision=t.precision,
+                             kernels=t.kernels)
             self.optimizer = AdamW(self.model, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
                                    weight_decay=t.weight_decay)
         except out_of_memory_errors() as exc:
@@ -488,8 +489,7 @@ class Trainer:
     def sample_text(self):
         t = self.config.train
         prompt = self.tokenizer.encode(t.sample_prompt, allowed_special="all") or [self.tokenizer.eot_id or 0]
-        ids = list(generate(self.model, prompt, t.sample_tokens, temperature=t.sample_temperature,
-                            top_k=t.sample_top_k, top_p=t.sample_top_p,
+        ids = list(generate(self.model, prompt, t.sample_tokens, temperature=0.8, top_k=200,
                             seed=t.seed + self.step, stop_id=self.tokenizer.eot_id))
         return t.sample_prompt + self.tokenizer.decode(ids)
 

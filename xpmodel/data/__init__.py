@@ -12,7 +12,7 @@
 
 from xpmodel.data.batching import EpochSampler, RandomWindowSampler, eval_batches, split_tokens
 from xpmodel.data.builtin_corpora import BUILTIN_NAMES
-from xpmodel.data.prepare import default_cache_dir, prepare, token_cache_key
+from xpmodel.data.prepare import cache_root, default_cache_dir, prepare, token_cache_key
 from xpmodel.data.progress import tokenizing_progress
 from xpmodel.data.reading import iter_text_pieces, iter_texts
 from xpmodel.data.sources import Source, corpus_fingerprint, resolve_source
@@ -31,6 +31,7 @@ __all__ = [
     "RandomWindowSampler",
     "Source",
     "TokenFileHeader",
+    "cache_root",
     "corpus_fingerprint",
     "default_cache_dir",
     "eval_batches",

@@ -46,10 +46,19 @@ ProgressCallback = Callable[[int, int], None]  # (bytes_done, bytes_total)
 MIN_VOCAB_SIZE = 256
 
 
-def default_cache_dir() -> Path:
-    """Where token files go when no folder is named: $XPMODEL_CACHE/tokens or ~/.cache/xpmodel/tokens."""
+def cache_root(cache_dir: "str | os.PathLike | None" = None) -> Path:
+    """The one place xpmodel caches into: `cache_dir` when given (data.cache_dir),
+    else $XPMODEL_CACHE, else ~/.cache/xpmodel. Tokenizers and token files live
+    in folders below it."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
     root = os.environ.get("XPMODEL_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "xpmodel") / "tokens"
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "xpmodel"
+
+
+def default_cache_dir() -> Path:
+    """Where token files go when no folder is named: `cache_root() / "tokens"`."""
+    return cache_root() / "tokens"
 
 
 def token_cache_key(source, tokenizer) -> str:

@@ -19,6 +19,7 @@ from typing import Iterator
 from xpmodel.data.play_markdown import play_markdown_to_text
 from xpmodel.data.sources import PLAY_MARKDOWN, Source, resolve_source
 from xpmodel.errors import DataError
+from xpmodel.files import open_regular
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 _CLEAN_CUT_SEARCH_BYTES = 1 << 16
@@ -67,14 +68,15 @@ def iter_texts(spec) -> Iterator[tuple[str, str]]:
 
 def _play_pieces(path) -> Iterator[tuple[str, int]]:
     # Plays are a few hundred kB each, so they are converted whole.
-    raw = path.read_bytes()
+    with open_regular(path, DataError, "text file") as file:
+        raw = file.read()
     yield play_markdown_to_text(_decode(raw, path, 0)), len(raw)
 
 
 def _plain_pieces(path, chunk_bytes: int) -> Iterator[tuple[str, int]]:
     offset = 0  # file offset of carry[0]
     carry = b""
-    with open(path, "rb") as file:
+    with open_regular(path, DataError, "text file") as file:
         while True:
             fresh = file.read(chunk_bytes)
             window = carry + fresh

@@ -10,16 +10,23 @@ A spec is read as, in this order:
    hidden files and folders (names starting with "."), sorted by path
    relative to the folder so the order does not depend on the file system;
 4. a glob pattern (`*`, `?`, `[`; `**` matches across folders): the matching
-   files, sorted by path.
+   files, sorted by path. Links to folders are followed, but each folder is
+   visited once, so a link that loops back (`**` through a link to `..`)
+   cannot make the search endless; at most `_MAX_GLOB_ENTRIES` entries are
+   looked at.
+
+A spec that names a FIFO, a device or a socket is refused: reading one could
+block or never end.
 
 Nothing here reads file contents except `corpus_fingerprint`; decoding and
 the UTF-8 / binary checks happen while reading (`reading.py`).
 """
 
-import glob
+import fnmatch
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +44,7 @@ PLAY_MARKDOWN = "play-markdown"
 _FULL_HASH_LIMIT = 4 << 20
 _EDGE_HASH_BYTES = 1 << 20
 _GLOB_CHARACTERS = frozenset("*?[")
+_MAX_GLOB_ENTRIES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -107,18 +115,106 @@ def corpus_fingerprint(spec: "str | os.PathLike | Source") -> str:
 
 
 def _resolve_path_spec(spec: str) -> Source:
+    if not spec.strip():
+        raise DataError("the corpus spec is empty: name a file, folder, glob or built-in corpus")
     path = Path(spec).expanduser()
     if path.is_file():
         return Source(spec, "file", (path,), path.parent, PLAIN_TEXT)
     if path.is_dir():
         return Source(spec, "folder", tuple(_text_files_below(path)), path, PLAIN_TEXT)
+    if path.exists():
+        raise DataError(f"{_shown(spec)}: is {_special_kind(path)}, not a text file or folder")
     if _GLOB_CHARACTERS.intersection(spec):
-        matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
-        files = tuple(Path(match) for match in matches if os.path.isfile(match))
+        files = tuple(Path(match) for match in sorted(_glob_files(os.path.expanduser(spec), spec)))
         if not files:
-            raise DataError(f"{spec}: glob matched no files")
+            raise DataError(f"{_shown(spec)}: glob matched no files")
         return Source(spec, "glob", files, None, PLAIN_TEXT)
-    raise DataError(f"{spec}: no such file or folder")
+    raise DataError(f"{_shown(spec)}: no such file or folder")
+
+
+def _shown(spec: str) -> str:
+    """The spec as messages show it: at most about 200 characters."""
+    return spec if len(spec) <= 200 else spec[:197] + "..."
+
+
+def _special_kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _glob_files(pattern: str, spec: str) -> list[str]:
+    """The files matching a glob pattern, as `glob.glob(pattern, recursive=True)`
+    finds them (hidden names only where the pattern spells the dot), but
+    walking each real folder once, whatever links lead back into it."""
+    parts = pattern.split(os.sep)
+    first = next(i for i, part in enumerate(parts) if _GLOB_CHARACTERS.intersection(part))
+    prefix, wanted = os.sep.join(parts[:first]), [p for p in parts[first:] if p]
+    if not wanted:
+        return []
+    if pattern.startswith(os.sep):
+        prefix = prefix or os.sep
+    base = prefix or os.curdir
+    found, seen, looked = [], set(), 0
+    pending = [(base, ())]
+    while pending:
+        folder, relative = pending.pop()
+        try:
+            identity = os.stat(folder)
+            key = (identity.st_dev, identity.st_ino)
+            if key in seen:
+                continue   # reached again through a link: already walked
+            seen.add(key)
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            looked += 1
+            if looked > _MAX_GLOB_ENTRIES:
+                raise DataError(f"{_shown(spec)}: the glob looks through more than "
+                                f"{_MAX_GLOB_ENTRIES:,} files and folders; narrow it")
+            names = (*relative, entry.name)
+            try:
+                is_dir = entry.is_dir()
+                is_file = not is_dir and entry.is_file()
+            except OSError:
+                continue
+            if is_dir and _could_match(names, wanted):
+                pending.append((entry.path, names))
+            elif is_file and _matches(names, wanted):
+                found.append(os.path.join(prefix, *names))
+    return found
+
+
+def _name_matches(name: str, part: str) -> bool:
+    if name.startswith(".") and not part.startswith("."):
+        return False   # as glob: `*` does not match hidden names
+    return fnmatch.fnmatchcase(name, part)
+
+
+def _matches(names: tuple, parts: list) -> bool:
+    """Whether a relative path (its names) matches the pattern's parts."""
+    if not parts:
+        return not names
+    if parts[0] == "**":
+        return _matches(names, parts[1:]) or bool(
+            names and not names[0].startswith(".") and _matches(names[1:], parts))
+    return bool(names) and _name_matches(names[0], parts[0]) and _matches(names[1:], parts[1:])
+
+
+def _could_match(names: tuple, parts: list) -> bool:
+    """Whether a folder's relative path can begin a match (so it is worth walking)."""
+    if not names:
+        return True
+    if not parts:
+        return False
+    if parts[0] == "**":
+        return _could_match(names, parts[1:]) or (
+            not names[0].startswith(".") and _could_match(names[1:], parts))
+    return _name_matches(names[0], parts[0]) and _could_match(names[1:], parts[1:])
 
 
 def _text_files_below(folder: Path) -> list[Path]:
@@ -132,11 +228,11 @@ def _text_files_below(folder: Path) -> list[Path]:
 
 def _require_text(source: Source) -> None:
     if not source.files:
-        raise DataError(f"{source.spec}: empty corpus: no .txt files in this folder")
+        raise DataError(f"{_shown(source.spec)}: empty corpus: no .txt files in this folder")
     if source.total_bytes() == 0:
         if len(source.files) == 1:
             raise DataError(f"{source.files[0]}: empty corpus: the file is empty")
-        raise DataError(f"{source.spec}: empty corpus: all {len(source.files)} files are empty")
+        raise DataError(f"{_shown(source.spec)}: empty corpus: all {len(source.files)} files are empty")
 
 
 def _content_digest(path: Path, size: int) -> bytes:

@@ -15,9 +15,9 @@ The ids follow immediately: uint16 when the vocab has at most 65536 entries,
 else uint32. The sidecar `<file>.json` repeats these facts in readable form
 and adds the caller's `meta` (the corpus description, the cache key).
 
-Writes are atomic: ids stream into a temporary file next to the target, the
-count is patched into its header at the end, and the file is renamed over
-the target only when complete. Reads check every header field and that the
+Writes are atomic (`atomic.atomic_writer`): ids stream into a temporary file
+next to the target, the count is patched into its header at the end, and the
+file is renamed over the target only when complete. Reads check every header field and that the
 file size matches the count before anything is mapped, so a corrupt or
 crafted header cannot trigger a large allocation.
 """
@@ -25,14 +25,15 @@ crafted header cannot trigger a large allocation.
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
+from xpmodel.atomic import atomic_write_bytes, atomic_writer
 from xpmodel.errors import DataError, UsageError
+from xpmodel.files import open_regular, parse_json, read_bounded
 
 MAGIC = b"XPMTOK\0\0"
 FORMAT_VERSION = 1
@@ -41,6 +42,8 @@ HEADER_BYTES = HEADER.size  # 64
 _COUNT_OFFSET = 16
 _DTYPE_CODES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
 MAX_VOCAB_SIZE = 2**32 - 1  # the largest value the uint32 header field holds
+_CHECK_CHUNK = 1 << 24  # ids checked against the vocab per pass
+_MAX_SIDECAR_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -84,40 +87,31 @@ def write_token_file(
     fingerprint = _fingerprint_bytes(tokenizer_fingerprint)
     dtype_code = next(code for code, known in _DTYPE_CODES.items() if known == dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        count = 0
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(HEADER.pack(MAGIC, FORMAT_VERSION, dtype_code, 0, vocab_size, fingerprint))
-            for chunk in chunks:
-                ids = np.asarray(chunk)  # (n,)
-                if ids.size == 0:
-                    continue
-                _check_ids(ids, vocab_size, path)
-                file.write(ids.astype(dtype, copy=False).tobytes())
-                count += ids.size
-            file.seek(_COUNT_OFFSET)
-            file.write(struct.pack("<Q", count))
-            file.flush()
-            os.fsync(file.fileno())
-        sidecar = {
-            "format": "xpmodel-tokens",
-            "version": FORMAT_VERSION,
-            "dtype": dtype.name,
-            "count": count,
-            "vocab_size": vocab_size,
-            "tokenizer_fingerprint": tokenizer_fingerprint,
-            "meta": meta or {},
-        }
-        # The ids land first: a stale sidecar next to a new token file fails
-        # the cache check in prepare.py and is rebuilt, never trusted.
-        os.replace(temp_name, path)
-        _write_json_atomically(sidecar_path(path), sidecar)
-    except BaseException:
-        # BaseException so that Ctrl-C leaves no half-written file behind.
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
+    count = 0
+    with atomic_writer(path) as file:
+        file.write(HEADER.pack(MAGIC, FORMAT_VERSION, dtype_code, 0, vocab_size, fingerprint))
+        for chunk in chunks:
+            ids = np.asarray(chunk)  # (n,)
+            if ids.size == 0:
+                continue
+            _check_ids(ids, vocab_size, path)
+            file.write(ids.astype(dtype, copy=False).tobytes())
+            count += ids.size
+        file.seek(_COUNT_OFFSET)
+        file.write(struct.pack("<Q", count))
+    sidecar = {
+        "format": "xpmodel-tokens",
+        "version": FORMAT_VERSION,
+        "dtype": dtype.name,
+        "count": count,
+        "vocab_size": vocab_size,
+        "tokenizer_fingerprint": tokenizer_fingerprint,
+        "meta": meta or {},
+    }
+    # The ids land first: a stale sidecar next to a new token file fails
+    # the cache check in prepare.py and is rebuilt, never trusted.
+    text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(sidecar_path(path), text.encode("utf-8"))
     return path
 
 
@@ -125,11 +119,9 @@ def read_token_header(path: "str | os.PathLike") -> TokenFileHeader:
     """The validated header of the token file `path`; DataError naming it if anything is off."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as file:
+        with open_regular(path, DataError, "token file") as file:
+            size = os.fstat(file.fileno()).st_size
             raw = file.read(HEADER_BYTES)
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such token file") from None
     except OSError as error:
         raise DataError(f"{path}: cannot read token file ({error.strerror})") from None
     if len(raw) < len(MAGIC) or raw[: len(MAGIC)] != MAGIC:
@@ -158,8 +150,15 @@ def read_token_header(path: "str | os.PathLike") -> TokenFileHeader:
     return TokenFileHeader(version, dtype, count, vocab_size, fingerprint.hex())
 
 
-def read_token_file(path: "str | os.PathLike", expected_fingerprint: str | None = None) -> np.ndarray:
-    """The ids of the token file `path` as a read-only memmap (N,), after validating it."""
+def read_token_file(
+    path: "str | os.PathLike", expected_fingerprint: str | None = None, vocab_size: int | None = None
+) -> np.ndarray:
+    """The ids of the token file `path` as a read-only memmap (N,), after validating it.
+
+    With `vocab_size`, every id is checked to be below it (one pass over the
+    file), so a damaged file is named here rather than failing deep in a model.
+    """
+    path = Path(path)
     header = read_token_header(path)
     if expected_fingerprint is not None and header.tokenizer_fingerprint != expected_fingerprint:
         raise DataError(
@@ -169,19 +168,29 @@ def read_token_file(path: "str | os.PathLike", expected_fingerprint: str | None 
     if header.count == 0:
         # mmap cannot map zero bytes; an empty array behaves the same for readers.
         return np.empty(0, dtype=header.dtype)
-    return np.memmap(path, dtype=header.dtype, mode="r", offset=HEADER_BYTES, shape=(header.count,))
+    tokens = np.memmap(path, dtype=header.dtype, mode="r", offset=HEADER_BYTES, shape=(header.count,))
+    if vocab_size is not None:
+        limit = min(vocab_size, header.vocab_size)
+        for start in range(0, header.count, _CHECK_CHUNK):
+            highest = int(tokens[start : start + _CHECK_CHUNK].max())
+            if highest >= limit:
+                raise DataError(
+                    f"{path}: token id {highest} is outside the vocabulary of {limit} ids; the file is "
+                    f"damaged: delete it and {sidecar_path(path).name} to have it rebuilt (or re-run "
+                    f"xpmodel prepare)"
+                )
+    return tokens
 
 
 def read_sidecar(path: "str | os.PathLike") -> dict:
     """The JSON sidecar of the token file `path`; DataError naming the sidecar if unreadable."""
     sidecar = sidecar_path(path)
+    if not os.path.lexists(sidecar):
+        raise DataError(f"{sidecar}: token file sidecar is missing")
     try:
-        with open(sidecar, encoding="utf-8") as file:
-            facts = json.load(file)
-    except FileNotFoundError:
-        raise DataError(f"{sidecar}: token file sidecar is missing") from None
-    except (OSError, ValueError) as error:
-        raise DataError(f"{sidecar}: unreadable token file sidecar ({error})") from None
+        facts = parse_json(read_bounded(sidecar, _MAX_SIDECAR_BYTES, DataError, "token file sidecar"))
+    except ValueError as error:
+        raise DataError(f"{sidecar}: unreadable token file sidecar ({' '.join(str(error).split())[:200]})") from None
     if not isinstance(facts, dict):
         raise DataError(f"{sidecar}: token file sidecar is not a JSON object")
     return facts
@@ -206,14 +215,3 @@ def _check_ids(ids: np.ndarray, vocab_size: int, path: Path) -> None:
         raise DataError(f"{path}: token id {bad} is outside the vocab of {vocab_size}")
 
 
-def _write_json_atomically(path: Path, facts: dict) -> None:
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            json.dump(facts, file, indent=2, sort_keys=True)
-            file.write("\n")
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise

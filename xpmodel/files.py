@@ -1,0 +1,59 @@
+"""Reading small files a user or a run supplies, with their sizes bounded.
+
+Config, tokenizer and run files are read whole, so each is first checked to
+be a regular file (a FIFO or a device such as /dev/zero would block or never
+end) no larger than a limit, and JSON is parsed so that absurd nesting is a
+one-line error rather than a RecursionError.
+"""
+import json
+import os
+import stat
+from pathlib import Path
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def open_regular(path, error, what):
+    """A binary file object for the regular file `path`; anything else
+    (missing, a folder, a FIFO, a device) raises `error` naming the file."""
+    path = Path(path)
+    try:
+        # O_NONBLOCK: opening a FIFO with no writer returns at once instead of waiting.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise error(f"{path}: is a directory, not a {what}")
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+            raise error(f"{path}: is {kind}, not a {what} file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bounded(path, limit, error, what):
+    """The bytes of the regular file `path`, refused when larger than `limit`."""
+    path = Path(path)
+    with open_regular(path, error, what) as f:
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(size + 1) if size <= limit else b""   # size + 1: a file that grew is seen
+    if size > limit or len(data) > limit:
+        raise error(f"{path}: {what} is {max(size, len(data)):,} bytes, more than the "
+                    f"{limit:,} xpmodel reads")
+    return data
+
+
+def parse_json(text):
+    """json.loads, raising ValueError also for nesting too deep to parse."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
