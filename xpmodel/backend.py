@@ -4,8 +4,15 @@ NumPy serves `cpu`; CuPy serves `cuda` / `cuda:N`. CuPy is imported here and
 nowhere else, lazily, so xpmodel installs and runs without it. Layer code asks
 `array_module(x)` for the module that owns an array and does all its math
 through it.
+
+On CuPy a layer can run two ways, chosen by `use_kernels`: "fused" (the
+default) hands its hot spots to the kernels of xpmodel/cuda; "xp" runs the
+layer's own `xp` expressions, the code NumPy runs, with cuBLAS only through
+the shared `matmul` helper. Layers ask `fused_kernels(x)`; NumPy arrays
+always take the `xp` code.
 """
 import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import numpy
@@ -105,6 +112,35 @@ def array_module(array):
 
 def is_cuda_array(array):
     return _cupy is not None and isinstance(array, _cupy.ndarray)
+
+
+KERNELS = ("fused", "xp")
+_kernels = contextvars.ContextVar("xpmodel_kernels", default="fused")
+
+
+def check_kernels(mode):
+    """`mode` when it is one of KERNELS; ValueError naming them otherwise."""
+    if mode not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {mode!r}")
+    return mode
+
+
+@contextlib.contextmanager
+def use_kernels(mode):
+    """Inside the block, layers given CuPy arrays run `mode`: "fused" (the
+    kernels of xpmodel/cuda) or "xp" (their own `xp` expressions).
+    The mode belongs to the current thread (a context variable)."""
+    token = _kernels.set(check_kernels(mode))
+    try:
+        yield
+    finally:
+        _kernels.reset(token)
+
+
+def fused_kernels(array):
+    """Whether a layer handed `array` takes its fused CUDA kernel: a CuPy
+    array, with the "fused" mode in force."""
+    return is_cuda_array(array) and _kernels.get() == "fused"
 
 
 def to_host(array):

@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from xpmodel.atomic import atomic_write_bytes
+from xpmodel.backend import KERNELS
 from xpmodel.errors import UsageError
 from xpmodel.files import read_bounded
 from xpmodel.model_config import MLPS, NORMS, POSITIONS
@@ -229,6 +230,8 @@ class TrainConfig:
     early_stop_patience: int = _setting(0, within=NON_NEGATIVE)
     # "fp16": half-precision compute with loss scaling
     precision: str = _setting("fp32", choices=PRECISIONS)
+    # CUDA: "fused" kernels, or "xp": every layer's own xp code on CuPy
+    kernels: str = _setting("fused", choices=KERNELS)
     # seeds weight init, batching and dropout
     seed: int = _setting(1337, within=NON_NEGATIVE)
     # checkpoint or run directory to start from; None: fresh weights

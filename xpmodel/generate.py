@@ -31,6 +31,7 @@ from .backend import to_host
 from .layers.block import block_forward, norm_forward
 from .layers.crossentropy import lm_head_forward
 from .layers.embedding import embedding_forward
+from .model import with_kernels
 
 class KVCache:
     """Keys and values of every layer for up to block_size positions.
@@ -128,6 +129,7 @@ def decode_step(model, cache, token_ids):
     return _forward_cached(model, ids, cache)
 
 
+@with_kernels
 def _forward_cached(model, ids, cache):
     """ids: (B, T) at positions cache.length .. +T-1 through the same blocks as
     training, each attending over the cache -> logits (B, V) of the last one."""

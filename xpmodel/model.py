@@ -7,11 +7,13 @@ The residual stream is kept as an (N, C) matrix so every projection is a
 2-D matmul. Parameters and gradients are named views into two flat buffers
 (see params.py); backward adds into the gradient views.
 """
+import functools
 import math
 
 import numpy
 
-from .backend import get_device, get_dtype, random_generator, to_device, to_host, upcast
+from .backend import (check_kernels, get_device, get_dtype, random_generator, to_device, to_host,
+                      upcast, use_kernels)
 from .cpu_threads import keep_freed_memory, run_parallel, single_threaded_blas, split, thread_count
 from .layers.block import block_backward, block_forward, norm_backward, norm_forward, proj_bias_sums
 from .layers.crossentropy import IGNORE_INDEX, crossentropy_fused, lm_head_backward, lm_head_forward
@@ -26,6 +28,15 @@ from .params import FlatLayout, is_norm_weight, parameter_shapes
 _LOGIT_ELEMENTS_PER_CHUNK = {"cpu": 1 << 22, "cuda": 1 << 27}
 
 
+def with_kernels(function):
+    """`function(model, ...)` with the layers running model.kernels (backend.use_kernels)."""
+    @functools.wraps(function)
+    def run(model, *args, **kwargs):
+        with use_kernels(model.kernels):
+            return function(model, *args, **kwargs)
+    return run
+
+
 class GPT:
     """A GPT language model on one device (GPT-2, or the architecture its config chooses).
 
@@ -36,9 +47,15 @@ class GPT:
     working copy of them (`flat_working`, `weights`) for the matmuls, float16
     activations around the matmuls, and the residual stream, the norms,
     softmax and loss in float32.
+
+    kernels: on CUDA, "fused" runs the kernels of xpmodel/cuda; "xp" runs
+    every layer's own `xp` expressions on CuPy, the code NumPy runs (cuBLAS
+    only for the matrix products). Its passes (and generation's) and AdamW
+    follow it; it may be changed between passes. On CPU both are the `xp` code.
     """
 
-    def __init__(self, config, device="cpu", dtype="float32", seed=0, precision="fp32"):
+    def __init__(self, config, device="cpu", dtype="float32", seed=0, precision="fp32",
+                 kernels="fused"):
         if not isinstance(config, GPTConfig):
             raise TypeError("GPT needs a GPTConfig")
         self.config = config
@@ -60,6 +77,7 @@ class GPT:
         if precision == "fp16" and self.dtype != numpy.float32:
             raise ValueError("fp16 mixed precision keeps float32 master weights: use dtype float32")
         self.precision = precision
+        self.kernels = check_kernels(kernels)
         # Matmul weights: the masters themselves, or a float16 copy refreshed
         # from them (one whole-buffer cast) at the start of every pass.
         if precision == "fp16":
@@ -94,6 +112,7 @@ class GPT:
         return self.layout.size
 
     # ---- forward / backward -----------------------------------------------------
+    @with_kernels
     def forward(self, idx):
         """idx: (B, T) ints -> logits (B, T, V)."""
         idx = self.check_ids(idx, "idx")
@@ -103,6 +122,7 @@ class GPT:
         logits = lm_head_forward(hidden, self.weights[self.head_weight_name])
         return upcast(logits).reshape(B, T, self.config.vocab_size)
 
+    @with_kernels
     def loss(self, idx, targets):
         """Mean cross-entropy over non-ignored targets, without gradients."""
         idx = self.check_ids(idx, "idx")
@@ -111,6 +131,7 @@ class GPT:
         totals = self._run_shards(idx.shape[0], lambda rows, k: self._shard_pass(idx[rows], targets[rows]))
         return sum(totals[1:], totals[0]) / self._target_count(targets)
 
+    @with_kernels
     def forward_backward(self, idx, targets, scale=1.0):
         """Forward, loss and backward for one batch; gradients are added.
 

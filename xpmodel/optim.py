@@ -1,7 +1,8 @@
 """Optimizers over the flat parameter buffer, and global-norm clipping.
 
 Each step is a handful of whole-buffer operations; weight decay touches only
-the leading matrix slice of the buffer (see params.py).
+the leading matrix slice of the buffer (see params.py). On CUDA, AdamW is
+one fused kernel, or with the model's kernels="xp" the same `xp` update NumPy runs.
 """
 import math
 
@@ -26,9 +27,14 @@ class AdamW:
         xp = model.xp
         self.m = xp.zeros_like(model.flat_params)   # first moment, flat like the params
         self.v = xp.zeros_like(model.flat_params)   # second moment
-        # the CPU update works through a scratch buffer; the GPU one is one fused kernel
-        self._scratch = None if model.device.is_cuda else xp.empty_like(model.flat_params)
+        # the `xp` update works through a scratch buffer; the fused GPU one needs none
+        self._scratch = None if self._fused else xp.empty_like(model.flat_params)
         self._applied = xp.zeros((), dtype="float64")   # steps applied, on the device
+
+    @property
+    def _fused(self):
+        """Whether steps run the fused CUDA kernel, as the model's `kernels` says."""
+        return self.model.device.is_cuda and self.model.kernels == "fused"
 
     @property
     def step_count(self):
@@ -40,11 +46,11 @@ class AdamW:
 
         grad_scale and apply may be 0-d arrays on the model's device: a GPU
         step is then decided there (clipping, loss-scale overflow) and the
-        host never waits for it."""
+        host never waits for it (the `xp` update reads them on the host)."""
         model, xp = self.model, self.model.xp
         beta1, beta2 = self.betas
         self._applied += xp.asarray(apply, dtype="float64")
-        if model.device.is_cuda:
+        if self._fused:
             from .cuda.adamw import adamw_step
             t = self._applied
             scalars = xp.stack([xp.asarray(grad_scale, dtype="float64"),
@@ -57,13 +63,16 @@ class AdamW:
             return
         if not bool(apply):
             return
+        if self._scratch is None:   # the model's kernels changed from "fused" to "xp"
+            self._scratch = xp.empty_like(model.flat_params)
         if not (isinstance(grad_scale, float) and grad_scale == 1.0):
-            model.flat_grads *= numpy.asarray(grad_scale, dtype=model.flat_grads.dtype)
+            model.flat_grads *= xp.asarray(grad_scale, dtype=model.flat_grads.dtype)
         n_decay = model.layout.n_decay
         model.flat_params[:n_decay] *= 1.0 - self.lr * self.weight_decay
         size = model.flat_params.size
-        # elementwise work: one slice of the buffer per CPU thread
-        run_parallel([lambda part=part: self._update(part) for part in split(size, thread_count())])
+        # elementwise work: one slice of the buffer per CPU thread; a GPU takes it whole
+        parts = [slice(0, size)] if model.device.is_cuda else split(size, thread_count())
+        run_parallel([lambda part=part: self._update(part) for part in parts])
 
     def _update(self, part):
         """The Adam update on `part` (a slice) of the flat buffers."""

@@ -2,18 +2,19 @@
 grouped-query attention, QK-norm and rotary positions as options.
 
 The softmax and its gradient are computed in at least float32, whatever the
-dtype of q, k and v; the probabilities are kept in that dtype. On NumPy the
-scores and their gradient are widened to float32 first; the CUDA kernels
-widen as they read, so there the scores stay in q's dtype, which halves the
-largest memory traffic of the layer.
+dtype of q, k and v; the probabilities are kept in that dtype. The `xp` code
+(NumPy, or CuPy with the "xp" kernels) widens the scores and their gradient
+to float32 first; the fused CUDA kernels widen as they read, so there the
+scores stay in q's dtype, which halves the largest memory traffic of the layer.
 
 The projections around it (c_attn before, c_proj after) are plain linear
 layers; this file holds what sits between them: split into heads (adding
 c_attn's bias when it is passed here), scaled dot-product scores, causal
 softmax, optional dropout on the probabilities, the weighted sum of values,
 and the merge of the heads' gradients. On CuPy the per-head products are
-strided batched cuBLAS calls, in chunks of queries past T = 256, and the
-softmax, the split and the merge are one kernel each. For float16 heads of 64
+strided batched cuBLAS calls; with the fused kernels (backend.use_kernels),
+in chunks of queries past T = 256, and the softmax, the split and the merge
+are one kernel each. For float16 heads of 64
 dimensions with T a multiple of 64 and no dropout on the probabilities,
 xpmodel/cuda/flash.py does everything between the split and the merge
 without T x T matrices.
@@ -23,7 +24,7 @@ options, the split gives q (B, H, T, D) and k, v (B, H_kv, T, D); QK-norm
 and the rotation act on q and k, q is scaled, and k and v are repeated over
 their groups of query heads into the same (3, B, H, T, D) layout, so one
 core (and the flash kernels) serves every variant; backward sums each
-group's key and value gradients back. On CuPy without QK-norm, the split
+group's key and value gradients back. With the fused kernels and no QK-norm, the split
 with the rotation and the repeat, and the merge with the group sums, are one
 kernel each (xpmodel/cuda/rope_heads.py).
 """
@@ -32,7 +33,7 @@ from typing import NamedTuple
 
 import numpy
 
-from ..backend import array_module, is_cuda_array, upcast
+from ..backend import array_module, fused_kernels, upcast
 from .dropout import dropout_backward, dropout_forward
 from .matmul import matmul
 from .rmsnorm import rmsnorm_backward, rmsnorm_forward
@@ -55,11 +56,11 @@ def causal_softmax_forward(scores, out_dtype=None, key_block=None):
     """scores: (..., T, T) -> probabilities with future positions masked out,
     in out_dtype (default scores'). Works in place on NumPy `scores`.
 
-    key_block (CUDA): the future part of a row is only written (as zeros) up
-    to the end of its query's block of key_block keys, the part the chunked
-    products read; NumPy writes whole rows."""
+    key_block (fused kernels): the future part of a row is only written (as
+    zeros) up to the end of its query's block of key_block keys, the part the
+    chunked products read; the `xp` code writes whole rows."""
     out_dtype = out_dtype or scores.dtype
-    if is_cuda_array(scores):
+    if fused_kernels(scores):
         from ..cuda.softmax import causal_softmax_forward as fused
         return fused(scores, out_dtype, key_block)
     xp = array_module(scores)
@@ -77,7 +78,7 @@ def causal_softmax_backward(dprobs, probs, out_dtype=None, key_block=None):
     Masked positions have probability 0, so their gradient is 0 too.
     """
     out_dtype = out_dtype or dprobs.dtype
-    if is_cuda_array(dprobs):
+    if fused_kernels(dprobs):
         from ..cuda.softmax import causal_softmax_backward as fused
         return fused(dprobs, probs, out_dtype, key_block)
     dprobs, probs = upcast(dprobs), upcast(probs)
@@ -89,17 +90,17 @@ def causal_softmax_backward(dprobs, probs, out_dtype=None, key_block=None):
 
 def _score_dtype(like):
     """The dtype of the (B, H, T, T) scores and their gradient."""
-    return like.dtype if is_cuda_array(like) else numpy.promote_types(like.dtype, numpy.float32)
+    return like.dtype if fused_kernels(like) else numpy.promote_types(like.dtype, numpy.float32)
 
 
 def split_heads(qkv, bias, n_head):
     """qkv: (B, T, 3C), bias: (3C,) or None -> (3, B, H, T, D) contiguous, with
     the bias added and q scaled by 1/sqrt(D) (T/D times cheaper than scaling
     the scores). One copy makes q, k and v contiguous for the batched
-    products; on CuPy it is one kernel that also adds and scales."""
+    products; with the fused CUDA kernels it is one kernel that also adds and scales."""
     B, T, C3 = qkv.shape
     D = C3 // 3 // n_head
-    if is_cuda_array(qkv):
+    if fused_kernels(qkv):
         from ..cuda.heads import split_heads as fused
         return fused(qkv, bias, n_head, 1.0 / math.sqrt(D))
     xp = array_module(qkv)
@@ -152,7 +153,7 @@ def attention_forward(qkv, n_head, dropout_p=0.0, rng=None, bias=None, n_kv_head
         heads = split_heads(qkv, bias, n_head)                       # GPT-2: (3, B, H, T, D)
         y, core = _core_forward(heads, dropout_p, rng)
         return y, AttentionCache(core, None)
-    if is_cuda_array(qkv) and qk_norm is None and kv_cache is None:
+    if fused_kernels(qkv) and qk_norm is None and kv_cache is None:
         from ..cuda.rope_heads import split_rope_heads
         heads = split_rope_heads(qkv, bias, n_head, n_kv_head, rope, 1.0 / math.sqrt(D))
         y, core = _core_forward(heads, dropout_p, rng)
@@ -185,7 +186,7 @@ def attention_backward(dy, cache, dbias=None, qk_norm=None, dqk_norm=None):
     if cache.heads is None:
         return merge_heads(dheads, dbias)
     n_kv_head, norm_caches, rope = cache.heads
-    if is_cuda_array(dy) and norm_caches is None:
+    if fused_kernels(dy) and norm_caches is None:
         from ..cuda.rope_heads import merge_rope_heads
         return merge_rope_heads(dheads, n_kv_head, rope, dbias)
     _, B, H, T, D = dheads.shape
@@ -265,13 +266,13 @@ def _core_forward(heads, dropout_p, rng):
     causal softmax attention, by flash kernels where they apply."""
     _, B, H, T, D = heads.shape
     xp = array_module(heads)
-    if is_cuda_array(heads):
+    if fused_kernels(heads):
         from ..cuda import flash
         if flash.flash_applies(heads, dropout_p):
             y, lse = flash.flash_forward(heads)
             return y, FlashCache(heads, y, lse)
     q, k, v = heads[0], heads[1], heads[2]
-    blocks = _causal_blocks(T, is_cuda_array(heads))
+    blocks = _causal_blocks(T, fused_kernels(heads))
     scores = xp.empty(q.shape[:-1] + (T,), dtype=_score_dtype(heads))  # (B, H, T, T)
     for rows, keys in blocks:
         matmul(q[:, :, rows], k[:, :, keys], transpose_b=True, out=scores[:, :, rows, keys])
@@ -287,8 +288,8 @@ def _core_forward(heads, dropout_p, rng):
 def merge_heads(dheads, dbias=None):
     """dheads: (3, B, H, T, D) -> (B*T, 3C), the inverse of split_heads' layout
     change; with dbias (3C,), the column sums are added into it (the gradient
-    of the bias split_heads added). One kernel on CuPy."""
-    if is_cuda_array(dheads):
+    of the bias split_heads added). One kernel with the fused CUDA kernels."""
+    if fused_kernels(dheads):
         from ..cuda.heads import merge_heads as fused
         return fused(dheads, dbias)
     _, B, H, T, D = dheads.shape
@@ -310,7 +311,7 @@ def _core_backward(dy, cache):
     q, k, v = heads[0], heads[1], heads[2]   # q already scaled by 1/sqrt(D)
     dheads = xp.empty_like(heads)
     dq, dk, dv = dheads[0], dheads[1], dheads[2]
-    blocks = _causal_blocks(T, is_cuda_array(dy))
+    blocks = _causal_blocks(T, fused_kernels(dy))
     probs_used = probs if drop_mask is None else probs * drop_mask          # recomputed, not kept
     dy = xp.ascontiguousarray(dy.reshape(B, T, H, D).transpose(0, 2, 1, 3))  # (B, H, T, D)
     # keys `rows` are seen by the queries from rows.start on
@@ -330,16 +331,17 @@ def _core_backward(dy, cache):
     return dheads
 
 
-_QUERY_CHUNK = 256   # queries per block of the causal products on CUDA
+_QUERY_CHUNK = 256   # queries per block of the causal products with the fused kernels
 
 
-def _causal_blocks(T, on_cuda):
+def _causal_blocks(T, fused):
     """(queries, keys) slice pairs that cover the causal part of the T x T
-    products. On CUDA, chunks of _QUERY_CHUNK queries, each against the keys
-    up to its last query, skip most of the masked upper triangle (four chunks
-    of T = 1024 compute 62.5% of the square); the softmax kernels never read
-    the rest. On NumPy one block: the additive mask there reads whole rows."""
-    if not on_cuda or T <= _QUERY_CHUNK:
+    products. For the fused CUDA kernels, chunks of _QUERY_CHUNK queries, each
+    against the keys up to its last query, skip most of the masked upper
+    triangle (four chunks of T = 1024 compute 62.5% of the square); the
+    softmax kernels never read the rest. For the `xp` code one block: the
+    additive mask there reads whole rows."""
+    if not fused or T <= _QUERY_CHUNK:
         return [(slice(0, T), slice(0, T))]
     return [(slice(start, min(start + _QUERY_CHUNK, T)), slice(0, min(start + _QUERY_CHUNK, T)))
             for start in range(0, T, _QUERY_CHUNK)]

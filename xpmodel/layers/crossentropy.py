@@ -4,7 +4,7 @@ The logits of N rows over V classes are the largest activation in the model,
 so the model evaluates these functions on chunks of rows: each chunk's
 logits are turned into their gradient in place and then dropped.
 """
-from ..backend import array_module, is_cuda_array, upcast
+from ..backend import array_module, fused_kernels, upcast
 from .matmul import matmul
 
 IGNORE_INDEX = -1
@@ -57,10 +57,10 @@ def crossentropy_fused(logits, targets, dlosses=None):
 
     logits: (N, V) in any float dtype; statistics are computed in >= float32.
     Returns (losses (N,), dlogits (N, V) in the logits' dtype, or None without
-    dlosses). On CuPy it is one kernel that overwrites the logits with their
-    gradient; on NumPy, forward then backward on a widened copy.
+    dlosses). With the fused CUDA kernels it is one kernel that overwrites the
+    logits with their gradient; otherwise forward then backward on a widened copy.
     """
-    if is_cuda_array(logits):
+    if fused_kernels(logits):
         from ..cuda.crossentropy import crossentropy
         losses = crossentropy(logits, targets, dlosses)
         return losses, (logits if dlosses is not None else None)

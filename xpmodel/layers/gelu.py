@@ -3,13 +3,14 @@
 0.5 x (1 + tanh(u)) equals x * sigmoid(2u), with u = sqrt(2/pi) (x + 0.044715 x^3);
 the sigmoid form needs one exp instead of a tanh, which is several times
 cheaper on NumPy, and its value `s` is all that backward needs besides x.
-CuPy arrays go to one fused kernel each way (xpmodel.cuda.gelu), which
+With the "fused" kernels (backend.use_kernels), CuPy arrays go to one
+kernel each way (xpmodel.cuda.gelu), which
 recompute s in backward instead of keeping it; the forward kernel also adds
 the bias of the projection before it, and backward sums that bias's gradient.
 """
 import math
 
-from ..backend import array_module, ignore_overflow, is_cuda_array, upcast
+from ..backend import array_module, fused_kernels, ignore_overflow, upcast
 
 _K = math.sqrt(2.0 / math.pi)
 _CUBIC = 0.044715
@@ -17,9 +18,9 @@ _CUBIC = 0.044715
 
 def gelu_forward(x, bias=None):
     """x: (..., C) -> out = GELU(x + bias) (x's dtype and shape), cache s =
-    sigmoid(2u) in >= float32 (None for CuPy arrays). With a bias (C,), x is
+    sigmoid(2u) in >= float32 (None from the fused kernel). With a bias (C,), x is
     replaced by x + bias in place: backward takes that x."""
-    if is_cuda_array(x):
+    if fused_kernels(x):
         from ..cuda.gelu import gelu_forward as fused
         return fused(x, bias), None
     if bias is not None:
@@ -44,7 +45,7 @@ def gelu_backward(dout, x, s, dbias=None):
 
     d/dx [x s] = s + x s (1 - s) 2 du/dx, with du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2).
     """
-    if is_cuda_array(dout):
+    if fused_kernels(dout):
         from ..cuda.gelu import gelu_backward as fused
         return fused(dout, x, dbias)
     low, x = dout.dtype, upcast(x)

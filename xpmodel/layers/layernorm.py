@@ -1,7 +1,8 @@
 """LayerNorm over the last axis (eps 1e-5 by default), statistics in at least float32.
 
-CuPy arrays go to one fused kernel each way (xpmodel.cuda.layernorm)."""
-from ..backend import array_module, is_cuda_array, upcast
+CuPy arrays go to one fused kernel each way (xpmodel.cuda.layernorm), unless
+the "xp" kernels are chosen (backend.use_kernels)."""
+from ..backend import array_module, fused_kernels, upcast
 
 EPS = 1e-5
 
@@ -9,7 +10,7 @@ EPS = 1e-5
 def layernorm_forward(x, w, b, out_dtype=None, eps=EPS):
     """x: (N, C), w, b: (C,) (b may be None) -> out (N, C) in out_dtype
     (default x's), cache for backward."""
-    if is_cuda_array(x):
+    if fused_kernels(x):
         from ..cuda.layernorm import layernorm_forward as fused
         out, xhat, rstd = fused(x, w, b, eps, out_dtype or x.dtype)
         return out, (xhat, rstd)
@@ -34,7 +35,7 @@ def layernorm_backward(dout, cache, w, dw, db, dx=None, dx_low=None, dx_sum=None
     `dx_sum` (C,) its column sums (the gradient of a bias added to the
     residual stream)."""
     xhat, rstd = cache
-    if is_cuda_array(dout):
+    if fused_kernels(dout):
         from ..cuda.layernorm import layernorm_backward as fused
         return fused(dout, xhat, rstd, w, dw, db, dx, dx_low, dx_sum)
     xp = array_module(dout)

@@ -2,9 +2,10 @@
 
 On CuPy arrays it goes to xpmodel.cuda.gemm: float16 operands use the
 tensor cores with float32 accumulation, a wider output dtype costs nothing,
-and accumulate=True adds into `out` inside the product.
+and accumulate=True adds into `out` inside the product. This holds for both
+kernel modes (backend.use_kernels): cuBLAS is reached only from here.
 """
-from ..backend import array_module, is_cuda_array
+from ..backend import array_module, fused_kernels, is_cuda_array
 
 
 def matmul(a, b, transpose_a=False, transpose_b=False, out=None, out_dtype=None,
@@ -42,7 +43,7 @@ def matmul(a, b, transpose_a=False, transpose_b=False, out=None, out_dtype=None,
 
 def add_column_sums(dout, db):
     """db (Cout,) += dout (N, Cout) summed over rows, in db's dtype (bias gradients)."""
-    if is_cuda_array(dout):
+    if fused_kernels(dout):
         # a (1, N) @ (N, Cout) product reads dout once and adds into db in cuBLAS
         matmul(_ones_row(dout), dout, out=db.reshape(1, -1), accumulate=True)
     else:

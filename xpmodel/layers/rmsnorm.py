@@ -1,9 +1,10 @@
 """RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * w, statistics in
 at least float32. No mean is subtracted and there is no bias; that is the
 whole difference from LayerNorm, here and in the shared CUDA kernel
-(xpmodel.cuda.layernorm), which CuPy arrays of 2-D rows go to. QK-norm uses
+(xpmodel.cuda.layernorm), which CuPy arrays of 2-D rows go to with the
+"fused" kernels (backend.use_kernels). QK-norm uses
 it on (B, H, T, D) heads, where it normalises each head's D values."""
-from ..backend import array_module, is_cuda_array, upcast
+from ..backend import array_module, fused_kernels, upcast
 
 EPS = 1e-5
 
@@ -13,7 +14,7 @@ def rmsnorm_forward(x, w, b=None, out_dtype=None, eps=EPS):
     b must be None: it keeps the signature LayerNorm's, so the two are interchangeable."""
     if b is not None:
         raise ValueError("RMSNorm has no bias")
-    if is_cuda_array(x) and x.ndim == 2:
+    if fused_kernels(x) and x.ndim == 2:
         from ..cuda.layernorm import layernorm_forward as fused
         out, xhat, rstd = fused(x, w, None, eps, out_dtype or x.dtype, center=False)
         return out, (xhat, rstd)
@@ -35,7 +36,7 @@ def rmsnorm_backward(dout, cache, w, dw, db=None, dx=None, dx_low=None, dx_sum=N
     xhat, rstd = cache
     if db is not None:
         raise ValueError("RMSNorm has no bias")
-    if is_cuda_array(dout) and dout.ndim == 2:
+    if fused_kernels(dout) and dout.ndim == 2:
         from ..cuda.layernorm import layernorm_backward as fused
         return fused(dout, xhat, rstd, w, dw, None, dx, dx_low, dx_sum, center=False)
     xp = array_module(dout)
