@@ -8,6 +8,8 @@ from xpmodel.layers.crossentropy import (crossentropy_backward, crossentropy_for
                                          lm_head_backward, lm_head_forward)
 from xpmodel.layers.dropout import dropout_backward, dropout_forward
 from xpmodel.layers.embedding import embedding_backward, embedding_forward
+from xpmodel.layers.embedding_noise import (embedding_noise, embedding_noise_backward,
+                                             embedding_noise_forward)
 from xpmodel.layers.gelu import gelu_backward, gelu_forward
 from xpmodel.layers.layernorm import layernorm_backward, layernorm_forward
 from xpmodel.layers.linear import linear_backward, linear_forward
@@ -152,3 +154,26 @@ def test_dropout(rng):
     np.testing.assert_array_equal(dropout_backward(r, mask), r * mask)
     same, none = dropout_forward(x, 0.0, None)
     assert same is x and none is None
+
+
+@pytest.mark.parametrize("kind", ["uniform", "gaussian"])
+def test_embedding_noise(rng, kind):
+    B, T, C, alpha = 4, 8, 16, 5.0
+    x, r = rng.standard_normal((B, T, C)), rng.standard_normal((B, T, C))
+    # the same seeded draw on every call, as within one training pass
+    f = lambda x_: np.sum(embedding_noise_forward(x_, alpha, kind, np.random.default_rng(3))[0] * r)
+    out, cache = embedding_noise_forward(x, alpha, kind, np.random.default_rng(3))
+    dx = embedding_noise_backward(r, cache)
+    assert directional_check(f, x, dx, rng) < TOL
+    noise = out - x
+    scale = alpha / np.sqrt(T * C)
+    if kind == "uniform":       # NEFTune: uniform in [-1, 1], times alpha / sqrt(T C)
+        assert np.abs(noise).max() <= scale and np.abs(noise).max() > 0.9 * scale
+        assert np.std(noise) == pytest.approx(scale / np.sqrt(3), rel=0.1)
+    else:
+        assert np.std(noise) == pytest.approx(scale, rel=0.1)
+    np.testing.assert_allclose(noise, embedding_noise(x, alpha, kind, np.random.default_rng(3)), atol=1e-14)
+    # outside training (no generator) and at alpha 0 the embeddings pass unchanged
+    assert embedding_noise_forward(x, alpha, kind, None)[0] is x
+    assert embedding_noise_forward(x, 0.0, kind, np.random.default_rng(3))[0] is x
+    assert embedding_noise(x.astype(np.float32), alpha, kind, np.random.default_rng(3)).dtype == np.float32

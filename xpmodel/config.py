@@ -35,6 +35,7 @@ from xpmodel.atomic import atomic_write_bytes
 from xpmodel.backend import KERNELS
 from xpmodel.errors import UsageError
 from xpmodel.files import read_bounded
+from xpmodel.layers.embedding_noise import NOISE_KINDS
 from xpmodel.model_config import MLPS, NORMS, POSITIONS
 from xpmodel.schedule import SCHEDULES
 
@@ -210,6 +211,10 @@ class TrainConfig:
     eps: float = _setting(1e-8, within=POSITIVE)
     # global gradient-norm limit; 0 = off
     grad_clip: float = _setting(1.0, within=NON_NEGATIVE)
+    # NEFTune alpha: noise of size alpha / sqrt(T * C) on the input embeddings in training; 0 = off
+    embedding_noise: float = _setting(0.0, within=NON_NEGATIVE)
+    # that noise's distribution: uniform in [-1, 1] (NEFTune's) or gaussian, times the size
+    embedding_noise_kind: str = _setting("uniform", choices=NOISE_KINDS)
     # steps between validation-loss estimates
     eval_interval: int = _setting(500, within=POSITIVE)
     # batches averaged per loss estimate
@@ -220,6 +225,12 @@ class TrainConfig:
     sample_prompt: str = "\n"
     # tokens generated per sample
     sample_tokens: int = _setting(200, within=POSITIVE)
+    # softmax temperature of those samples; 0 = greedy (always the likeliest token)
+    sample_temperature: float = _setting(0.8, within=NON_NEGATIVE)
+    # draw only among the k likeliest tokens; None: all of them
+    sample_top_k: int | None = _setting(200, within=POSITIVE)
+    # nucleus sampling: the fewest likeliest tokens whose probability reaches p; None: off
+    sample_top_p: float | None = _setting(None, within=_Range(0, 1, low_inclusive=False))
     # steps between checkpoints
     save_interval: int = _setting(1000, within=POSITIVE)
     # periodic checkpoints kept on disk

@@ -19,6 +19,7 @@ from .layers.block import block_backward, block_forward, norm_backward, norm_for
 from .layers.crossentropy import IGNORE_INDEX, crossentropy_fused, lm_head_backward, lm_head_forward
 from .layers.dropout import dropout_backward, dropout_forward
 from .layers.embedding import embedding_backward, embedding_forward
+from .layers.embedding_noise import embedding_noise_backward, embedding_noise_forward
 from .layers.rope import rope_tables
 from .model_config import GPTConfig
 from .params import FlatLayout, is_norm_weight, parameter_shapes
@@ -90,6 +91,7 @@ class GPT:
         self.seed = seed
         self.dropout_calls = 0   # counts training passes; seeds each pass's dropout masks
         self.dropout_stream = 0  # set apart per data-parallel rank so ranks draw different masks
+        self.embedding_noise = (0.0, "uniform")  # (alpha, kind): NEFTune noise in training passes
         self.training = True
         self._threads = thread_count()
         if not self.device.is_cuda:
@@ -146,7 +148,8 @@ class GPT:
         self._refresh_working_copy()
         count = self._target_count(targets)
         dlosses = scale / count
-        seed = self._dropout_seed() if self.training and self.config.dropout > 0 else None
+        noisy = self.config.dropout > 0 or self.embedding_noise[0] > 0
+        seed = self._dropout_seed() if self.training and noisy else None
         extra = self._shard_grad_buffers(self._n_shards(idx.shape[0]) - 1)
         grads = [self.grads] + [views for _, views in extra]
 
@@ -215,8 +218,9 @@ class GPT:
         P, W, cfg = self.params, self.weights, self.config
         B, T = idx.shape
         p_drop = cfg.dropout if rng is not None else 0.0
-        x, emb_mask = dropout_forward(embedding_forward(idx, P["wte.weight"], P.get("wpe.weight")),
-                                      p_drop, rng)
+        x, _ = embedding_noise_forward(embedding_forward(idx, P["wte.weight"], P.get("wpe.weight")),
+                                       *self.embedding_noise, rng)
+        x, emb_mask = dropout_forward(x, p_drop, rng)
         x = x.reshape(B * T, cfg.n_embd)
         rope = self.rope_tables(0, T)
         block_caches = []
@@ -248,7 +252,7 @@ class GPT:
         for i in reversed(range(cfg.n_layer)):
             block_backward(cfg, i, dx, block_caches[i], P, W, G, dx_low,
                            input_low=dx_low if i > 0 else None, input_sum=bias_sum_below(i - 1))
-        demb = dropout_backward(dx.reshape(B, T, cfg.n_embd), emb_mask)
+        demb = embedding_noise_backward(dropout_backward(dx.reshape(B, T, cfg.n_embd), emb_mask))
         embedding_backward(demb, idx, G["wte.weight"], G.get("wpe.weight"))
 
     def rope_tables(self, start, T):

@@ -127,6 +127,7 @@ class Trainer:
                                  "rank with the same command line")
             dist.broadcast_(self.model.flat_params)
             self.model.dropout_stream = dist.rank
+        self.model.embedding_noise = (t.embedding_noise, t.embedding_noise_kind)
         self.scaler = LossScaler(xp=self.model.xp) if t.precision == "fp16" else None
         # GPU steps are queued without waiting; the host reads their results in batches
         self.defer_reads = self.device.is_cuda
@@ -489,7 +490,8 @@ class Trainer:
     def sample_text(self):
         t = self.config.train
         prompt = self.tokenizer.encode(t.sample_prompt, allowed_special="all") or [self.tokenizer.eot_id or 0]
-        ids = list(generate(self.model, prompt, t.sample_tokens, temperature=0.8, top_k=200,
+        ids = list(generate(self.model, prompt, t.sample_tokens, temperature=t.sample_temperature,
+                            top_k=t.sample_top_k, top_p=t.sample_top_p,
                             seed=t.seed + self.step, stop_id=self.tokenizer.eot_id))
         return t.sample_prompt + self.tokenizer.decode(ids)
 
