@@ -10,6 +10,7 @@ untrained model's output cannot move the cursor or recolour the terminal.
 """
 import re
 import sys
+import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -24,11 +25,28 @@ def printable(text):
 
 
 def _fields_text(fields):
-    parts = [f"loss {fields['loss']}", f"val {fields['val']}", f"lr {fields['lr']}",
+    """The figures after the step count and ETA, short enough that the whole
+    line fits 80 columns: `loss~` is the smoothed (moving-average) train loss."""
+    parts = [f"loss~ {fields['loss']}", f"val {fields['val']}", f"lr {fields['lr']}",
              f"|g| {fields['grad_norm']}", f"{fields['tok_s']} tok/s"]
     if fields.get("mfu"):
         parts.append(f"MFU {fields['mfu']}")
-    return "  ".join(parts)
+    return " ".join(parts)
+
+
+def _compact(number):
+    """12345.6 -> '12.3k': a rate in few characters."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if number >= scale:
+            return f"{number / scale:.3g}{suffix}"
+    return f"{number:.0f}"
+
+
+def _eta(seconds):
+    if seconds is None:
+        return "-:--:--"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class TrainDisplay:
@@ -45,12 +63,14 @@ class TrainDisplay:
                        "lr": "-", "grad_norm": "-", "tok_s": "-", "mfu": ""}
         self._progress = None
         self._task = None
+        self._started = None   # (time, step) when the first step was reported
 
     def __enter__(self):
         if self.live:
+            # Step and ETA first, so a narrow terminal cuts the figures, not them.
             self._progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TimeRemainingColumn(), TextColumn("{task.fields[summary]}"),
+                MofNCompleteColumn(), TimeRemainingColumn(), BarColumn(bar_width=10),
+                TextColumn("{task.fields[summary]}"),
                 console=self.console, transient=False)
             self._progress.__enter__()
             self._task = self._progress.add_task("train", total=self.total_steps,
@@ -65,12 +85,21 @@ class TrainDisplay:
 
     def step(self, step, loss, lr, grad_norm, tokens_per_s, mfu=None, log_line=False):
         """Refresh the figures after `step` steps; in plain mode print when log_line."""
-        self.fields.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", grad_norm=f"{grad_norm:.3f}",
-                           tok_s=f"{tokens_per_s:,.0f}", mfu=f"{100 * mfu:.1f}%" if mfu else "")
+        self.fields.update(loss=f"{loss:.4f}", lr=f"{lr:.1e}".replace("e-0", "e-"), grad_norm=f"{grad_norm:.2f}",
+                           tok_s=_compact(tokens_per_s), mfu=f"{100 * mfu:.1f}%" if mfu else "")
         if self._progress is not None:
             self._progress.update(self._task, completed=step, summary=_fields_text(self.fields))
         elif log_line:
-            self.print(f"step {step}/{self.total_steps}  " + _fields_text(self.fields))
+            self.print(f"step {step}/{self.total_steps} eta {self._eta(step)} " + _fields_text(self.fields))
+
+    def _eta(self, step):
+        """Time left at the average pace since the first reported step."""
+        now = time.monotonic()
+        if self._started is None or step <= self._started[1]:
+            self._started = self._started or (now, step)
+            return _eta(None)
+        start_time, start_step = self._started
+        return _eta((now - start_time) / (step - start_step) * (self.total_steps - step))
 
     def validation(self, step, val_loss, perplexity, best):
         self.fields["val"] = f"{val_loss:.4f}"
