@@ -520,3 +520,26 @@ def test_the_log_line_starts_with_step_and_eta_and_fits_80_columns(capsys):
     assert lines[1].startswith("step 20/7000 eta ")
     assert "val 2.4568" in lines[3]
     assert all(len(line) <= 80 for line in lines), lines
+
+
+def test_hugging_face_tokenizer_files_are_bounded(tmp_path):
+    from xpmodel.tokenizer_hf import read_hf_tokenizer
+    (tmp_path / "tokenizer.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match="tokenizer.json: cannot read: nested too deeply"):
+        read_hf_tokenizer(tmp_path)
+    vocab = {f"t{i}": i for i in range(MAX_VOCAB + 1)}
+    (tmp_path / "tokenizer.json").write_text(json.dumps({
+        "model": {"type": "BPE", "vocab": vocab, "merges": []},
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False}}))
+    with pytest.raises(DataError, match="a vocab of 1,048,577 tokens, more than the 1,048,576"):
+        read_hf_tokenizer(tmp_path)
+
+
+def test_exported_tokenizer_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        BPETokenizer().export_hf(tmp_path / "hf")
+    finally:
+        os.umask(old)
+    files = list((tmp_path / "hf").iterdir())
+    assert files and all(p.stat().st_mode & 0o777 == 0o644 for p in files)

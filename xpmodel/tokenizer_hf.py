@@ -25,8 +25,12 @@ from pathlib import Path
 
 import numpy
 
+from xpmodel.atomic import atomic_write_bytes
 from xpmodel.errors import DataError, UsageError
-from xpmodel.tokenizer import ENDOFTEXT, BPETokenizer
+from xpmodel.files import parse_json, read_bounded
+from xpmodel.tokenizer import ENDOFTEXT, MAX_VOCAB, BPETokenizer
+
+_MAX_FILE_BYTES = 64 << 20   # GPT-2's tokenizer.json is 1.4 MB, a 256k-token one about 35 MB
 
 
 def gpt2_byte_to_unicode():
@@ -108,7 +112,7 @@ def export_hf(tokenizer, directory, model_max_length=None):
 
 
 def _write_json(path, document):
-    path.write_text(json.dumps(document, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    atomic_write_bytes(path, (json.dumps(document, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
 
 
 # ----- import ---------------------------------------------------------------
@@ -169,6 +173,9 @@ def _read_tokenizer_json(path):
                          f"supported (GPT-2 has none)")
     _check_byte_level(document.get("pre_tokenizer"), path)
     merges = []
+    if len(model.get("merges") or []) > MAX_VOCAB:
+        raise DataError(f"{path}: {len(model['merges']):,} merges, more than the {MAX_VOCAB:,} ids "
+                        f"xpmodel supports")
     for k, entry in enumerate(model.get("merges") or []):
         if isinstance(entry, str):
             entry = entry.split(" ")
@@ -193,9 +200,11 @@ def _read_vocab_and_merges(directory):
     merges = []
     path = directory / "merges.txt"
     try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
+        lines = read_bounded(path, _MAX_FILE_BYTES, DataError, "merges file").decode("utf-8").split("\n")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    if len(lines) > MAX_VOCAB + 1:
+        raise DataError(f"{path}: {len(lines):,} merges, more than the {MAX_VOCAB:,} ids xpmodel supports")
     for number, line in enumerate(lines, 1):
         line = line.rstrip("\r")
         if not line or (number == 1 and line.startswith("#version")):
@@ -307,6 +316,9 @@ def _check_byte_level(pre_tokenizer, path):
 def _check_vocab(vocab, path):
     if not isinstance(vocab, dict) or not vocab:
         raise DataError(f"{path}: the vocab is not a non-empty object of token -> id")
+    if len(vocab) > MAX_VOCAB:
+        raise DataError(f"{path}: a vocab of {len(vocab):,} tokens, more than the {MAX_VOCAB:,} "
+                        f"xpmodel supports")
     for name, token_id in vocab.items():
         if type(token_id) is not int or token_id < 0:
             raise DataError(f"{path}: token {name!r} has id {token_id!r}, not a "
@@ -328,7 +340,12 @@ def _int_or_none(text):
 
 
 def _load_json(path):
+    """A JSON object from a regular file of at most _MAX_FILE_BYTES."""
+    data = read_bounded(path, _MAX_FILE_BYTES, DataError, "tokenizer file")
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
+        document = parse_json(data.decode("utf-8"))
+    except ValueError as exc:   # UnicodeDecodeError and JSONDecodeError included
+        raise DataError(f"{path}: cannot read: {' '.join(str(exc).split())[:200]}") from None
+    if not isinstance(document, dict):
+        raise DataError(f"{path}: not a JSON object")
+    return document
