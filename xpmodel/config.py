@@ -37,11 +37,13 @@ from xpmodel.errors import UsageError
 from xpmodel.files import read_bounded
 from xpmodel.layers.embedding_noise import NOISE_KINDS
 from xpmodel.model_config import MLPS, NORMS, POSITIONS
+from xpmodel.muon import ADJUST_LR, NS_COEFFICIENTS, parse_ns_coefficients
 from xpmodel.schedule import SCHEDULES
 
 TOKENIZERS = ("bpe", "byte")
 BATCHINGS = ("random", "epochs")
 PRECISIONS = ("fp32", "fp16")
+OPTIMIZERS = ("adamw", "muon")
 
 DEFAULT_CONFIG = "default"
 _YAML_SUFFIXES = (".yaml", ".yml")
@@ -209,6 +211,22 @@ class TrainConfig:
     beta2: float = _setting(0.95, within=HALF_OPEN_UNIT)
     # AdamW denominator guard
     eps: float = _setting(1e-8, within=POSITIVE)
+    # "muon": Muon for the blocks' attention and MLP matrices, AdamW at lr for the rest
+    optimizer: str = _setting("adamw", choices=OPTIMIZERS)
+    # Muon's peak learning rate; the schedule scales it as it scales lr
+    muon_lr: float = _setting(0.02, within=POSITIVE)
+    # Muon's momentum (a running average of gradients)
+    muon_momentum: float = _setting(0.95, within=HALF_OPEN_UNIT)
+    # Nesterov momentum: orthogonalise G + mu (M - G) instead of M
+    muon_nesterov: bool = True
+    # Newton-Schulz iterations per step
+    muon_ns_steps: int = _setting(5, within=_Range(1, 99))
+    # Newton-Schulz coefficients: jordan, cubic, or three numbers "a,b,c"
+    muon_ns_coefficients: str = "jordan"
+    # Muon's decoupled weight decay
+    muon_weight_decay: float = _setting(0.0, within=NON_NEGATIVE)
+    # Muon's per-shape rate: original sqrt(max(1, out/in)) | match_rms_adamw 0.2 sqrt(max(in, out))
+    muon_adjust_lr: str = _setting("original", choices=ADJUST_LR)
     # global gradient-norm limit; 0 = off
     grad_clip: float = _setting(1.0, within=NON_NEGATIVE)
     # NEFTune alpha: noise of size alpha / sqrt(T * C) on the input embeddings in training; 0 = off
@@ -265,6 +283,11 @@ class TrainConfig:
             raise UsageError(
                 f"train.warmup_iters ({self.warmup_iters}) must not exceed "
                 f"train.lr_decay_iters ({self.lr_decay_iters})")
+        try:
+            parse_ns_coefficients(self.muon_ns_coefficients)
+        except ValueError:
+            raise UsageError(f"train.muon_ns_coefficients must be {', '.join(NS_COEFFICIENTS)} or "
+                             f"three numbers a,b,c with a > 0; got {_show(self.muon_ns_coefficients)}") from None
 
 
 @dataclass

@@ -98,6 +98,9 @@ class AdamW:
         tmp *= self.lr / bias1
         p -= tmp
 
+    def state_sizes(self):
+        return {"m": self.m.size, "v": self.v.size}
+
     def state_arrays(self):
         return {"m": self.m, "v": self.v}
 
@@ -105,6 +108,21 @@ class AdamW:
         self.m[...] = m
         self.v[...] = v
         self._applied[...] = int(step_count)
+
+    def load_state_arrays(self, arrays, step_count):
+        self.load_state(arrays["m"], arrays["v"], step_count)
+
+
+def optimizer_for(model, train):
+    """The optimizer a TrainConfig (`train`) asks for: AdamW, or Muon with AdamW (muon.py)."""
+    t = train
+    if t.optimizer == "muon":
+        from .muon import Muon
+        return Muon(model, lr=t.lr, muon_lr=t.muon_lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                    weight_decay=t.weight_decay, momentum=t.muon_momentum, nesterov=t.muon_nesterov,
+                    ns_coefficients=t.muon_ns_coefficients, ns_steps=t.muon_ns_steps,
+                    muon_weight_decay=t.muon_weight_decay, adjust_lr=t.muon_adjust_lr)
+    return AdamW(model, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
 
 
 class SGD:

@@ -2,7 +2,8 @@
 step with evaluation, sampling, checkpoints and exact resume.
 
 A step is `grad_accum` micro-batches of forward/backward, a global-norm clip,
-a finiteness check, and one AdamW update at the schedule's learning rate.
+a finiteness check, and one update (AdamW, or Muon with AdamW) at the
+schedule's learning rate.
 Everything that decides a step's result (weights, moments, optimizer step
 count, dropout pass count, sampler position, loss scale) is in the
 checkpoint, so a resumed run repeats an uninterrupted one exactly on CPU.
@@ -35,7 +36,7 @@ from .generate import generate
 from .loss_scale import LossScaler
 from .model import GPT
 from .model_config import OPTION_KEYS, gpt_config
-from .optim import AdamW, clipped_step
+from .optim import clipped_step, optimizer_for
 from .rundir import RunDir, default_run_path
 from .runs import adopt_pretrained, load_pretrained
 from .schedule import schedule_from_config
@@ -114,8 +115,7 @@ class Trainer:
         try:
             self.model = GPT(self.gpt_config, device=self.device, seed=t.seed, precision=t.precision,
                              kernels=t.kernels)
-            self.optimizer = AdamW(self.model, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-                                   weight_decay=t.weight_decay)
+            self.optimizer = optimizer_for(self.model, t)   # AdamW, or Muon with AdamW
         except out_of_memory_errors() as exc:
             raise XpmodelError(f"out of {'GPU ' if self.device.is_cuda else ''}memory creating a "
                                f"model of {self.gpt_config.num_params():,} parameters "
@@ -261,7 +261,7 @@ class Trainer:
             raise XpmodelError(f"step {self.step}: weights hold NaN or Inf; not saving over the "
                                f"last good checkpoint")
         path = path or self.run_dir.step_path(self.step)
-        optim = {"m": to_host(self.optimizer.m), "v": to_host(self.optimizer.v)}
+        optim = {name: to_host(state) for name, state in self.optimizer.state_arrays().items()}
         try:
             save_checkpoint(path, self.model.state_arrays(), optim, self._meta())
         except OSError as exc:
@@ -272,12 +272,17 @@ class Trainer:
         return path
 
     def _load(self, path):
-        n = self.model.flat_params.size
-        if read_checkpoint_meta(path).get("kind") == "imported":
+        document = read_checkpoint_meta(path)
+        if document.get("kind") == "imported":
             _, params, _ = load_checkpoint(path, self.model.layout.shapes, {})
             self.model.load_state_arrays(params)   # weights only: a fresh start from them
             return
-        meta, params, optim = load_checkpoint(path, self.model.layout.shapes, {"m": n, "v": n})
+        saved, wanted = _saved_optimizer(document), self.config.train.optimizer
+        if saved != wanted:
+            raise CheckpointError(f"{path}: saved with train.optimizer={saved}, resumed with "
+                                  f"{wanted}; resume with train.optimizer={saved}")
+        meta, params, optim = load_checkpoint(path, self.model.layout.shapes,
+                                              self.optimizer.state_sizes())
         if meta.get("tokenizer_fingerprint") != self.tokenizer.fingerprint():
             raise CheckpointError(f"{path}: saved with a different tokenizer than {self.run_dir.tokenizer_path}")
         world = 1 if self.dist is None else self.dist.world_size
@@ -286,9 +291,9 @@ class Trainer:
                                   f"{world}; resume with mpirun -n {meta.get('world_size')}")
         try:
             self.model.load_state_arrays(params)
-            moments = [to_device(numpy.asarray(optim[k], dtype=self.model.dtype), self.device)
-                       for k in ("m", "v")]
-            self.optimizer.load_state(*moments, meta["optimizer_steps"])
+            self.optimizer.load_state_arrays(
+                {name: to_device(numpy.asarray(state, dtype=self.model.dtype), self.device)
+                 for name, state in optim.items()}, meta["optimizer_steps"])
             self.model.dropout_calls = int(meta["dropout_calls"])
             self.sampler.load_state_dict(meta["sampler"])
             if self.scaler and meta.get("loss_scaler"):
@@ -552,6 +557,13 @@ class Trainer:
     def _restore_signal_handlers(self):
         for signum, previous in self._previous_handlers.items():
             signal.signal(signum, previous)
+
+
+def _saved_optimizer(document):
+    """train.optimizer of the config a checkpoint was saved with (adamw before Muon existed)."""
+    config = document.get("config")
+    train = config.get("train") if isinstance(config, dict) else None
+    return train.get("optimizer", "adamw") if isinstance(train, dict) else "adamw"
 
 
 def _show_cursor():

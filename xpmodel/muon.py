@@ -1,0 +1,307 @@
+"""Muon for the hidden matrices and AdamW for everything else, over the flat buffers.
+
+Muon (Keller Jordan, 2024; the update torch.optim.Muon implements) steps each
+hidden matrix W (the attention and MLP projections of every block) along the
+semi-orthogonal matrix nearest its momentum:
+
+    M <- mu M + (1 - mu) G                   momentum: a running average of gradients
+    U <- G + mu (M - G)   (Nesterov)  or  M
+    X <- U / max(||U||_F, 1e-7)              every singular value now <= 1
+    X <- a X + (b A + c A^2) X,  A = X X^T   ns_steps times (Newton-Schulz)
+    W <- (1 - lr wd) W - lr s X              s: the shape adjustment below
+
+One iteration applies the odd polynomial p(x) = a x + b x^3 + c x^5 to every
+singular value of X and keeps its singular vectors, so X approaches U V^T of
+U's SVD without computing one. The default coefficients ("jordan": 3.4445,
+-4.775, 2.0315) trade exactness for speed: after 5 steps every singular value
+sigma >= 0.0016 ||U||_F lands in [0.68, 1.21], and those below 0.0015 ||U||_F
+end below 0.68, scaled up by at most 3.4445^5. "cubic" (1.5, -0.5, 0) converges to
+exactly 1 but needs about 20 steps.
+
+Shape adjustment, for a weight stored (in, out), torch's (out, in) transposed:
+  original          s = sqrt(max(1, out / in))      Keller Jordan's
+  match_rms_adamw   s = 0.2 sqrt(max(in, out))      Moonshot's: AdamW-sized updates
+
+The embeddings, the output head and every vector take AdamW (optim.py) at
+their own rate `lr`, the one a schedule sets each step; Muon's rate follows
+it in proportion (muon_lr at lr's initial value).
+
+Layout: the hidden matrices are one contiguous slice of the flat buffer,
+arranged the same way in every block (params.py). The momentum is one flat
+buffer over that slice, and one name's matrices across the L blocks are one
+strided (L, r, c) view of it. Matrices of one shape are orthogonalised as one
+stack of batched products (cuBLAS on a GPU), in their wide orientation (rows
+<= columns, so A is the smaller Gram matrix): NS(W^T) = NS(W)^T, so a tall
+matrix is iterated transposed. The iterations run in the weights' dtype
+(float32, float64 in tests), and in float16 with float32 accumulation (tensor
+cores) when a GPU trains in fp16 mixed precision.
+"""
+import math
+import types
+
+import numpy
+
+from .cpu_threads import run_parallel, split, thread_count
+from .layers.matmul import matmul
+from .optim import AdamW, _check_positive
+
+# the weights Muon takes, by their name inside a block (h.{i}.NAME)
+HIDDEN_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+NS_COEFFICIENTS = {"jordan": (3.4445, -4.775, 2.0315), "cubic": (1.5, -0.5, 0.0)}
+ADJUST_LR = ("original", "match_rms_adamw")
+NS_EPS = 1e-7   # floor of ||U||_F, as torch.optim.Muon's
+
+
+def parse_ns_coefficients(spec):
+    """(a, b, c) from a name in NS_COEFFICIENTS, a string "a,b,c" or three numbers;
+    ValueError for anything else, or a slope at zero (a) that is not positive."""
+    if isinstance(spec, str) and spec.strip() in NS_COEFFICIENTS:
+        return NS_COEFFICIENTS[spec.strip()]
+    parts = spec.split(",") if isinstance(spec, str) else spec
+    try:
+        values = tuple(float(part) for part in parts)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"expected {' or '.join(NS_COEFFICIENTS)} or three numbers a,b,c, got {spec!r}")
+    if values[0] <= 0:
+        raise ValueError(f"a (the slope at zero) must be positive, got {values[0]:g}")
+    return values
+
+
+def lr_adjustment(shape, adjust_lr):
+    """Muon's rate multiplier s for a weight stored (in, out)."""
+    n_in, n_out = shape
+    if adjust_lr == "original":
+        return math.sqrt(max(1.0, n_out / n_in))
+    if adjust_lr == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(n_in, n_out))
+    raise ValueError(f"adjust_lr must be one of {', '.join(ADJUST_LR)}, got {adjust_lr!r}")
+
+
+def newton_schulz(x, coefficients=NS_COEFFICIENTS["jordan"], steps=5):
+    """The Newton-Schulz iteration on a stack x (G, n, m), n <= m, each matrix
+    already scaled to ||x||_F <= 1; returns a new stack in x's dtype."""
+    a, b, c = coefficients
+    x = _xp(x).ascontiguousarray(x)    # the products write row-major stacks
+    for _ in range(steps):
+        gram = matmul(x, x, transpose_b=True)                    # A = X X^T   (G, n, n)
+        poly = gram * b                                          # b A + c A^2
+        if c:
+            matmul(gram, gram, out=poly, accumulate=True, alpha=c)
+        following = x * a                                        # a X + (b A + c A^2) X
+        matmul(poly, x, out=following, accumulate=True)
+        x = following
+    return x
+
+
+def orthogonalise(g, coefficients=NS_COEFFICIENTS["jordan"], steps=5, dtype=None):
+    """Muon's orthogonalisation of one matrix g (r, c), as an (r, c) array of g's dtype
+    (the iterations in `dtype`, default g's)."""
+    xp = _xp(g)
+    wide = g if g.shape[0] <= g.shape[1] else g.T
+    x = (wide / xp.maximum(xp.sqrt(xp.sum(wide * wide)), NS_EPS)).astype(dtype or g.dtype)[None]
+    x = newton_schulz(x, coefficients, steps)[0]
+    return (x if g.shape[0] <= g.shape[1] else x.T).astype(g.dtype)
+
+
+def _xp(array):
+    from .backend import array_module
+    return array_module(array)
+
+
+class _Part:
+    """flat[start:stop] of a model's buffers, as AdamW sees a model."""
+
+    def __init__(self, model, start, stop):
+        self.model = model
+        self.xp, self.device = model.xp, model.device
+        self.flat_params = model.flat_params[start:stop]
+        self.flat_grads = model.flat_grads[start:stop]
+        self.layout = types.SimpleNamespace(n_decay=min(max(model.layout.n_decay - start, 0), stop - start))
+
+    @property
+    def kernels(self):
+        return _kernels(self.model)
+
+
+def _kernels(model):
+    """The model's CUDA kernel mode ("fused" or "xp")."""
+    return getattr(model, "kernels", "fused")
+
+
+class _HiddenLayout:
+    """Where the hidden matrices lie: flat[start:stop], L blocks of `per_block`
+    elements, each holding the matrices of HIDDEN_MATRICES at the same offsets."""
+
+    def __init__(self, layout):
+        names = [name for name in layout.names
+                 if name.startswith("h.") and name.split(".", 2)[2] in HIDDEN_MATRICES]
+        if not names:
+            raise ValueError("Muon needs a model with hidden matrices (model.n_layer >= 1)")
+        size = {name: math.prod(layout.shapes[name]) for name in names}
+        self.start = min(layout.offsets[name] for name in names)
+        self.stop = max(layout.offsets[name] + size[name] for name in names)
+        self.n_layer = len({name.split(".")[1] for name in names})
+        self.per_block = (self.stop - self.start) // self.n_layer
+        # (offset in a block, shape (in, out)) of each matrix
+        self.matrices = [(layout.offsets[f"h.0.{name}"] - self.start, tuple(layout.shapes[f"h.0.{name}"]))
+                         for name in HIDDEN_MATRICES]
+        regular = sum(size.values()) == self.stop - self.start and all(
+            layout.offsets[f"h.{i}.{name}"] == self.start + i * self.per_block + offset
+            and tuple(layout.shapes[f"h.{i}.{name}"]) == shape
+            for i in range(self.n_layer) for name, (offset, shape) in zip(HIDDEN_MATRICES, self.matrices))
+        if not regular:
+            raise ValueError("Muon needs the hidden matrices laid out block after block in the "
+                             "flat buffer (params.py)")
+
+    def stacked(self, flat, offset, shape):
+        """The (L, in, out) view of one matrix of every block in `flat` (the hidden slice)."""
+        r, c = shape
+        view = flat.reshape(self.n_layer, self.per_block)[:, offset:offset + r * c].reshape(self.n_layer, r, c)
+        assert self.n_layer == 1 or view.strides[0] == self.per_block * flat.itemsize, "not a view"
+        return view
+
+
+class Muon:
+    """Muon on the hidden matrices, AdamW (decay on matrices only) on the rest.
+
+    lr: AdamW's rate, the one a schedule changes before any step (as for
+    AdamW); muon_lr: Muon's rate while lr is at its initial value, scaled
+    with lr after that. weight_decay is AdamW's, muon_weight_decay Muon's
+    (decoupled: W <- (1 - rate wd) W). The other arguments are
+    torch.optim.Muon's; ns_dtype: the iterations' dtype (None: see the
+    module's docstring).
+    """
+
+    def __init__(self, model, lr, muon_lr=0.02, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                 momentum=0.95, nesterov=True, ns_coefficients="jordan", ns_steps=5,
+                 muon_weight_decay=0.0, adjust_lr="original", ns_dtype=None):
+        _check_positive("lr", lr)
+        _check_positive("muon_lr", muon_lr, allow_zero=True)
+        _check_positive("muon_weight_decay", muon_weight_decay, allow_zero=True)
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Muon momentum must be in [0, 1), got {momentum!r}")
+        if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or not 1 <= ns_steps < 100:
+            raise ValueError(f"ns_steps must be an integer in [1, 99], got {ns_steps!r}")
+        lr_adjustment((1, 1), adjust_lr)   # checks the name
+        self.coefficients = parse_ns_coefficients(ns_coefficients)
+        self.model, self.lr, self.peak_lr, self.muon_lr = model, lr, lr, muon_lr
+        self.momentum, self.nesterov, self.ns_steps = float(momentum), bool(nesterov), ns_steps
+        self.muon_weight_decay, self.adjust_lr = muon_weight_decay, adjust_lr
+        xp, layout = model.xp, model.layout
+        self.hidden = _HiddenLayout(layout)
+        start, stop = self.hidden.start, self.hidden.stop
+        self._adamw = [AdamW(_Part(model, a, b), lr, betas, eps, weight_decay)
+                       for a, b in ((0, start), (stop, layout.size)) if b > a]
+        self.momentum_buffer = xp.zeros(stop - start, dtype=model.flat_params.dtype)   # M, flat
+        self._update = xp.empty_like(self.momentum_buffer)    # U, then s X, flat like M
+        self._applied = xp.zeros((), dtype="float64")          # steps applied, on the device
+        if ns_dtype is None:
+            fp16_gpu = model.device.is_cuda and getattr(model, "precision", "fp32") == "fp16"
+            ns_dtype = numpy.float16 if fp16_gpu else model.flat_params.dtype
+        self.ns_dtype = numpy.dtype(ns_dtype)
+        # the stacks to orthogonalise: wide shape (n, m) -> [(offset, (in, out), transposed, s)]
+        self._stacks = {}
+        for offset, shape in self.hidden.matrices:
+            transposed = shape[0] > shape[1]
+            wide = shape[::-1] if transposed else shape
+            self._stacks.setdefault(wide, []).append(
+                (offset, shape, transposed, lr_adjustment(shape, adjust_lr)))
+
+    @property
+    def step_count(self):
+        """Steps applied so far (waits for the device)."""
+        return int(self._applied)
+
+    @property
+    def muon_rate(self):
+        """Muon's rate at the current lr."""
+        return self.muon_lr * self.lr / self.peak_lr
+
+    def step(self, grad_scale=1.0, apply=True):
+        """One update from model.flat_grads * grad_scale, skipped where apply is
+        false; grad_scale and apply may be 0-d device arrays, as for AdamW.step."""
+        model, xp = self.model, self.model.xp
+        for part in self._adamw:
+            part.lr = self.lr
+            part.step(grad_scale=grad_scale, apply=apply)
+        self._applied += xp.asarray(apply, dtype="float64")
+        rate = self.muon_rate
+        p = model.flat_params[self.hidden.start:self.hidden.stop]
+        g = model.flat_grads[self.hidden.start:self.hidden.stop]
+        if model.device.is_cuda and _kernels(model) == "fused":
+            from .cuda.muon import muon_apply, muon_momentum
+            keep = xp.asarray(apply, dtype="float64")
+            muon_momentum(g, xp.stack([xp.asarray(grad_scale, dtype="float64"), keep]),
+                          self.momentum, self.nesterov, self.momentum_buffer, self._update)
+            self._orthogonalise()
+            muon_apply(self._update, xp.stack([1.0 - keep * (rate * self.muon_weight_decay),
+                                               keep * rate]), p)
+            return
+        if not bool(apply):
+            return
+        if not (isinstance(grad_scale, float) and grad_scale == 1.0):
+            g *= xp.asarray(grad_scale, dtype=g.dtype)
+        # elementwise work: one slice per CPU thread; a GPU takes it whole
+        parts = [slice(0, g.size)] if model.device.is_cuda else split(g.size, thread_count())
+        run_parallel([lambda part=part: self._momentum(part) for part in parts])
+        self._orthogonalise()
+        if self.muon_weight_decay:
+            p *= 1.0 - rate * self.muon_weight_decay
+        self._update *= rate
+        p -= self._update
+
+    def _momentum(self, part):
+        """M and U on `part` (a slice) of the hidden slice, on the CPU."""
+        xp = self.model.xp
+        g = self.model.flat_grads[self.hidden.start:self.hidden.stop][part]
+        m, u = self.momentum_buffer[part], self._update[part]
+        xp.subtract(g, m, out=u)            # M += (1 - mu) (G - M)
+        u *= 1.0 - self.momentum
+        m += u
+        if self.nesterov:                   # U = G + mu (M - G)
+            xp.subtract(m, g, out=u)
+            u *= self.momentum
+            u += g
+        else:
+            u[...] = m
+
+    def _orthogonalise(self):
+        """self._update: U -> s NS(U / ||U||_F), matrix by matrix, in stacks of one shape."""
+        xp, hidden = self.model.xp, self.hidden
+        for (n, m), members in self._stacks.items():
+            x = xp.empty((hidden.n_layer * len(members), n, m), dtype=self.ns_dtype)
+            for k, (offset, shape, transposed, _) in enumerate(members):
+                u = hidden.stacked(self._update, offset, shape)
+                u = u.swapaxes(1, 2) if transposed else u
+                norm = xp.sqrt(xp.sum(u * u, axis=(1, 2), keepdims=True))
+                x[k * hidden.n_layer:(k + 1) * hidden.n_layer] = u / xp.maximum(norm, NS_EPS)
+            x = newton_schulz(x, self.coefficients, self.ns_steps)
+            for k, (offset, shape, transposed, scale) in enumerate(members):
+                out = hidden.stacked(self._update, offset, shape)
+                out = out.swapaxes(1, 2) if transposed else out
+                out[...] = x[k * hidden.n_layer:(k + 1) * hidden.n_layer]
+                if scale != 1.0:
+                    out *= scale
+
+    # ---- state, for checkpoints -------------------------------------------------
+    def state_sizes(self):
+        n = sum(part.m.size for part in self._adamw)
+        return {"m": n, "v": n, "muon_momentum": self.momentum_buffer.size}
+
+    def state_arrays(self):
+        """AdamW's moments (its parts end to end) and Muon's momentum, as flat arrays."""
+        xp = self.model.xp
+        return {"m": xp.concatenate([part.m for part in self._adamw]),
+                "v": xp.concatenate([part.v for part in self._adamw]),
+                "muon_momentum": self.momentum_buffer}
+
+    def load_state_arrays(self, arrays, step_count):
+        start = 0
+        for part in self._adamw:
+            stop = start + part.m.size
+            part.load_state(arrays["m"][start:stop], arrays["v"][start:stop], step_count)
+            start = stop
+        self.momentum_buffer[...] = arrays["muon_momentum"]
+        self._applied[...] = int(step_count)
