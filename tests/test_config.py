@@ -155,6 +155,7 @@ def test_base_loop_is_rejected(tmp_path):
 def test_overrides_are_typed_by_the_schema():
     config = load_config("default", [
         "model.n_layer=4", "train.lr=1e-3", "train.weight_decay=0", "data.crop_augment=true",
+        "data.batching=epochs",
         "data.source=notes.txt", "train.max_iters=200", "data.cache_dir=/tmp/cache",
     ])
     assert config.model.n_layer == 4 and type(config.model.n_layer) is int

@@ -42,6 +42,7 @@ from xpmodel.schedule import SCHEDULES
 
 TOKENIZERS = ("bpe", "byte")
 BATCHINGS = ("random", "epochs")
+TOKEN_DROPOUT_MODES = ("random", "mask")
 PRECISIONS = ("fp32", "fp16")
 OPTIMIZERS = ("adamw", "muon")
 
@@ -114,15 +115,22 @@ class DataConfig:
     val_fraction: float = _setting(0.1, within=OPEN_UNIT)
     # "random": nanoGPT-style random windows; "epochs": every window once per epoch
     batching: str = _setting("random", choices=BATCHINGS)
-    # start training windows at random offsets within the text
+    # epochs batching: cut each epoch's windows at a new random offset
     crop_augment: bool = False
-    # chance an input token is replaced (augmentation)
+    # chance an input token is replaced (augmentation); the target stays
     token_dropout: float = _setting(0.0, within=HALF_OPEN_UNIT)
+    # "random": by a uniformly drawn id; "mask": by the tokenizer's reserved <|mask|> id
+    token_dropout_mode: str = _setting("random", choices=TOKEN_DROPOUT_MODES)
     # where tokenized corpora are cached; None: the default cache directory
     cache_dir: str | None = None
 
     def __post_init__(self):
         _check_fields(self, "data")
+        if self.crop_augment and self.batching != "epochs":
+            raise UsageError(
+                f"data.crop_augment moves where data.batching=epochs cuts its windows; with "
+                f"data.batching={self.batching} every window already starts at a random token, "
+                f"so there is nothing to crop: set data.batching=epochs or data.crop_augment=false")
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """A run's data: its tokenizer and its train/validation token streams.
 
 The BPE tokenizer for a corpus is trained once and cached beside the token
-files, keyed by the corpus fingerprint and the vocabulary size; the byte
-tokenizer needs no training. Token files come from `data.prepare`, which
-caches them too, so an unchanged corpus is never tokenized twice.
+files, keyed by the corpus fingerprint, the vocabulary size and its special
+tokens; the byte tokenizer needs no training. Both reserve "<|mask|>" after
+"<|endoftext|>" when data.token_dropout_mode is mask. Token files come from
+`data.prepare`, which caches them too, so an unchanged corpus is never
+tokenized twice.
 """
 import hashlib
 
@@ -11,7 +13,7 @@ from . import data
 from .data import (corpus_fingerprint, iter_texts, prepare, read_token_file, resolve_source,
                    split_tokens, tokenizing_progress)
 from .errors import DataError
-from .tokenizer import BPETokenizer
+from .tokenizer import ENDOFTEXT, MASK, BPETokenizer
 
 # A BPE vocabulary is learned from at most this much text; beyond it the
 # merge statistics barely change and training time keeps growing.
@@ -28,11 +30,14 @@ def cache_root(data_config):
 
 def build_tokenizer(data_config, say=print):
     """The run's tokenizer: bytes, or BPE trained on (the start of) the corpus."""
+    specials = special_tokens(data_config)
     if data_config.tokenizer == "byte":
-        return BPETokenizer()
+        return BPETokenizer(special_tokens=specials)
     source = resolve_source(data_config.source)
-    key = hashlib.sha256(f"bpe-{data_config.vocab_size}\0{corpus_fingerprint(source)}"
-                         .encode()).hexdigest()[:24]
+    facts = f"bpe-{data_config.vocab_size}\0{corpus_fingerprint(source)}"
+    if specials != (ENDOFTEXT,):
+        facts += "\0" + "\0".join(specials)
+    key = hashlib.sha256(facts.encode()).hexdigest()[:24]
     path = cache_root(data_config) / "tokenizers" / f"bpe-{data_config.vocab_size}-{key}.json"
     if path.exists():
         try:
@@ -41,10 +46,16 @@ def build_tokenizer(data_config, say=print):
             path.unlink(missing_ok=True)   # a damaged cache entry is rebuilt
     say(f"training a {data_config.vocab_size}-token BPE tokenizer on {data_config.source} ...")
     tokenizer = BPETokenizer.train(_leading_texts(source, _TOKENIZER_TRAIN_BYTES),
-                                   data_config.vocab_size)
+                                   data_config.vocab_size, special_tokens=specials)
     path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(path)
     return tokenizer
+
+
+def special_tokens(data_config):
+    """The special tokens a new run's tokenizer reserves: end-of-text, and the
+    mask id when token dropout masks (counted in data.vocab_size for BPE)."""
+    return (ENDOFTEXT, MASK) if data_config.token_dropout_mode == "mask" else (ENDOFTEXT,)
 
 
 def _leading_texts(source, budget):

@@ -12,6 +12,12 @@ Id space, in order:
     256 .. 256 + M - 1          the M merges, in rank order (lower id merges first)
     256 + M .. vocab_size - 1   the special tokens, e.g. "<|endoftext|>"
 
+Two special tokens have a meaning: "<|endoftext|>" (`eot_id`) separates
+documents, and "<|mask|>" (`mask_id`), present only in tokenizers built for
+data.token_dropout_mode: mask, stands in for the input tokens it hides.
+Encoding text never yields a special id unless the text names it and
+`allowed_special` allows it.
+
 With no merges this is a plain byte tokenizer, used for character-level runs.
 
 Files are one readable JSON document (see `save`); nothing is pickled.
@@ -39,6 +45,7 @@ GPT2_SPLIT_PATTERN = (
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 )
 ENDOFTEXT = "<|endoftext|>"
+MASK = "<|mask|>"
 FILE_FORMAT = "xpmodel-bpe-tokenizer"
 FILE_VERSION = 1
 
@@ -155,6 +162,11 @@ class BPETokenizer:
     def eot_id(self):
         """The id of "<|endoftext|>", or None when it is not a special token."""
         return self._special_ids.get(ENDOFTEXT)
+
+    @property
+    def mask_id(self):
+        """The id of "<|mask|>", or None when it is not a special token."""
+        return self._special_ids.get(MASK)
 
     def token_bytes(self, token_id):
         """The bytes that one id decodes to."""

@@ -217,7 +217,14 @@ class Trainer:
 
     def _make_sampler(self):
         d, t, T = self.config.data, self.config.train, self.config.model.block_size
-        common = dict(token_dropout=d.token_dropout, vocab_size=self.tokenizer.vocab_size)
+        mask_id = self.tokenizer.mask_id
+        if d.token_dropout_mode == "mask" and mask_id is None:
+            raise UsageError("data.token_dropout_mode=mask needs a tokenizer that reserves "
+                             "<|mask|>; this run's tokenizer (from --init-from or an earlier "
+                             "run) has none: use data.token_dropout_mode=random, or start from "
+                             "fresh weights so the tokenizer is built with it")
+        common = dict(token_dropout=d.token_dropout, vocab_size=self.tokenizer.vocab_size,
+                      token_dropout_mode=d.token_dropout_mode, mask_id=mask_id)
         if d.batching == "epochs":
             return EpochSampler(self.train_tokens, t.batch_size, T, t.seed,
                                 random_crop=d.crop_augment, **common)

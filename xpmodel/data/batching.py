@@ -17,9 +17,12 @@ Two training samplers, both resumable bit for bit from `state_dict()`:
 
 Augmentation, off by default: `random_crop` (EpochSampler) shifts where the
 windows are cut by a random offset in [0, T) each epoch, so window borders
-move between epochs; `token_dropout` = p replaces a fraction p of the INPUT
-ids by ids drawn uniformly from [0, vocab_size), leaving the targets as
-they were, from a generator seeded by the batch's place in the stream.
+move between epochs (random windows start anywhere already, so they have no
+crop). `token_dropout` = p replaces a fraction p of the INPUT ids, leaving
+the targets as they were, from a generator seeded by the batch's place in
+the stream: by ids drawn uniformly from [0, vocab_size) (mode "random"), or
+by `mask_id`, an id the tokenizer reserves for it (mode "mask"). The model
+must then predict each next token from a context with holes in it.
 
 `eval_batches` gives the same evenly spaced windows on every call, so that
 validation losses of different steps are comparable.
@@ -34,6 +37,10 @@ from xpmodel.errors import DataError, UsageError
 # Generator streams of one epoch in EpochSampler, kept apart by this tag.
 _ORDER_STREAM = 0
 _DROPOUT_STREAM = 1
+
+TOKEN_DROPOUT_MODES = ("random", "mask")
+# What a state saved before a key existed meant by its absence.
+_STATE_DEFAULTS = {"token_dropout_mode": "random"}
 
 
 def split_tokens(tokens, val_fraction: float = 0.1, *, block_size: int, source: str = "corpus"):
@@ -76,21 +83,32 @@ class _Sampler:
 
     kind = ""
 
-    def __init__(self, tokens, batch_size, block_size, seed, token_dropout, vocab_size):
+    def __init__(self, tokens, batch_size, block_size, seed, token_dropout, vocab_size,
+                 token_dropout_mode="random", mask_id=None):
         _require_positive_int("batch_size", batch_size)
         _require_positive_int("block_size", block_size)
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
         if not 0.0 <= token_dropout < 1.0:
             raise UsageError(f"token_dropout must be in [0, 1), got {token_dropout}")
-        if token_dropout > 0 and not vocab_size:
+        if token_dropout_mode not in TOKEN_DROPOUT_MODES:
+            raise UsageError(f"token_dropout_mode must be one of {', '.join(TOKEN_DROPOUT_MODES)}, "
+                             f"got {token_dropout_mode!r}")
+        if token_dropout > 0 and token_dropout_mode == "random" and not vocab_size:
             raise UsageError("token_dropout needs vocab_size to draw replacement ids from")
+        if token_dropout > 0 and token_dropout_mode == "mask" and (
+                not isinstance(mask_id, (int, np.integer)) or mask_id < 0
+                or (vocab_size and mask_id >= vocab_size)):
+            raise UsageError(f"token_dropout_mode mask needs the mask id, an id below vocab_size "
+                             f"({vocab_size}); got {mask_id!r}")
         self.tokens = tokens  # (N,) ids, e.g. a memmap of a token file
         self.batch_size = int(batch_size)
         self.block_size = int(block_size)
         self.seed = int(seed)
         self.token_dropout = float(token_dropout)
         self.vocab_size = int(vocab_size) if vocab_size else None
+        self.token_dropout_mode = token_dropout_mode
+        self.mask_id = None if mask_id is None else int(mask_id)
 
     def _config(self) -> dict:
         return {
@@ -99,20 +117,25 @@ class _Sampler:
             "block_size": self.block_size,
             "tokens": len(self.tokens),
             "token_dropout": self.token_dropout,
+            "token_dropout_mode": self.token_dropout_mode,
         }
 
     def _check_state(self, state: dict) -> None:
         for key, value in self._config().items():
-            if state.get(key) != value:
+            saved = state.get(key, _STATE_DEFAULTS.get(key))
+            if saved != value:
                 raise UsageError(
-                    f"sampler state was saved with {key}={state.get(key)!r}, but this run has {key}={value!r}"
+                    f"sampler state was saved with {key}={saved!r}, but this run has {key}={value!r}"
                 )
 
     def _batch(self, starts: np.ndarray, dropout_rng: np.random.Generator):
         x, y = _gather_windows(self.tokens, starts, self.block_size)
         if self.token_dropout > 0:
             dropped = dropout_rng.random(x.shape) < self.token_dropout  # (B, T)
-            x[dropped] = dropout_rng.integers(0, self.vocab_size, size=int(dropped.sum()))
+            if self.token_dropout_mode == "mask":
+                x[dropped] = self.mask_id
+            else:
+                x[dropped] = dropout_rng.integers(0, self.vocab_size, size=int(dropped.sum()))
         return x, y
 
 
@@ -131,8 +154,11 @@ class EpochSampler(_Sampler):
         random_crop: bool = False,
         token_dropout: float = 0.0,
         vocab_size: int | None = None,
+        token_dropout_mode: str = "random",
+        mask_id: int | None = None,
     ):
-        super().__init__(tokens, batch_size, block_size, seed, token_dropout, vocab_size)
+        super().__init__(tokens, batch_size, block_size, seed, token_dropout, vocab_size,
+                         token_dropout_mode, mask_id)
         self.random_crop = bool(random_crop)
         window = self.block_size + 1
         largest_offset = self.block_size - 1 if self.random_crop else 0
@@ -204,8 +230,11 @@ class RandomWindowSampler(_Sampler):
         *,
         token_dropout: float = 0.0,
         vocab_size: int | None = None,
+        token_dropout_mode: str = "random",
+        mask_id: int | None = None,
     ):
-        super().__init__(tokens, batch_size, block_size, seed, token_dropout, vocab_size)
+        super().__init__(tokens, batch_size, block_size, seed, token_dropout, vocab_size,
+                         token_dropout_mode, mask_id)
         if len(tokens) < self.block_size + 1:
             raise DataError(f"{len(tokens)} tokens are fewer than block_size + 1 = {self.block_size + 1}")
         self.step = 0  # batches served so far
