@@ -210,6 +210,67 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
         "best.safetensors", "step-00000237.safetensors", "step-00000240.safetensors"]
 
 
+def test_kill_9_during_a_muon_run_then_resume_equals_an_uninterrupted_run(tmp_path, corpus,
+                                                                           processes):
+    """The same, shorter, with train.optimizer=muon: Muon's momentum and AdamW's
+    moments of the other parameters come back from each checkpoint exactly."""
+    from xpmodel.muon import Muon
+    env = process_env(tmp_path / "cache")
+    start_args = ["train", "--config", TINY, "--device", "cpu", f"data.source={corpus}", *KILL_SETTINGS,
+                  "train.max_iters=90", "train.optimizer=muon", "train.grad_accum=2"]
+    reference = tmp_path / "reference"
+    done = subprocess.run(command(*start_args, "--out", reference), env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    sizes = Muon(xpmodel.GPT(TINY_GPT), lr=1e-3).state_sizes()
+
+    run_dir = tmp_path / "killed"
+    run = RunDir(run_dir)
+    checkpoints = run_dir / "checkpoints"
+    slow_env = process_env(tmp_path / "cache", XPMODEL_TEST_SLOW_SAVE="0.02")
+    rng = random.Random(20250101)
+    kills, kills_mid_save, attempts = 0, 0, 0
+    log = tmp_path / "stderr.log"
+    while kills < 8:
+        attempts += 1
+        assert attempts < 30, "the run does not progress between kills"
+        args = ["train", "--resume", run_dir] if run.is_run() else [*start_args, "--out", run_dir]
+        lines_before = _line_count(run.metrics_path)
+        with open(log, "a") as err:
+            process = subprocess.Popen(command(*args), env=slow_env, stdout=subprocess.DEVNULL,
+                                       stderr=err)
+        processes.append(process)
+        if rng.random() < 0.5:
+            wanted = lines_before + rng.randint(2, 10)
+            alive = _wait(process, lambda: _line_count(run.metrics_path) >= wanted)
+        else:
+            alive = _wait(process, lambda: bool(_step_temporaries(checkpoints)))
+        process.kill()
+        process.wait()
+        if not alive:
+            assert process.returncode in (0, -signal.SIGKILL), log.read_text()
+            if process.returncode == 0:
+                break
+        else:
+            kills += 1
+            kills_mid_save += bool(_step_temporaries(checkpoints))
+        if run.is_run():
+            latest, _ = run.latest_checkpoint()
+            _, _, optim = load_checkpoint(latest, dict(parameter_shapes(TINY_GPT)), sizes)
+            assert set(optim) == {"m", "v", "muon_momentum"}
+
+    assert kills >= 6 and kills_mid_save >= 1, (kills, kills_mid_save)
+    args = ["train", "--resume", run_dir] if run.is_run() else [*start_args, "--out", run_dir]
+    finished = subprocess.run(command(*args), env=env, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    killed_train, killed_eval = train_losses(run_dir)
+    reference_train, reference_eval = train_losses(reference)
+    assert [s for s, *_ in killed_train] == list(range(1, 91))
+    assert killed_train == reference_train     # bit for bit
+    assert killed_eval == reference_eval
+    assert not stray_files(run_dir)
+
+
 # ---- signals ------------------------------------------------------------------------
 
 def _start_long_run(tmp_path, corpus, processes, extra_env=None):
