@@ -1,6 +1,9 @@
 """GPU training-step benchmark: xpmodel (CuPy) against the same model in
 PyTorch eager with AMP fp16, and torch.compile when it works, alternating in
-one process on the same GPU.
+one process on the same GPU. xpmodel runs twice: with its fused kernels
+("xpmodel") and with every layer's own `xp` code on CuPy ("xpmodel xp",
+GPT(kernels="xp"): cuBLAS products, CuPy's elementwise kernels); the ratio
+on that line is what the fused kernels buy.
 
 A step is zero-grad, forward, backward, global-norm clip and AdamW on random
 tokens. The PyTorch model is laid out as torch.nn's GPT-2 would be ((out, in)
@@ -10,6 +13,7 @@ memory in use by each side (arrays / tensors, not what the caching allocators
 hold) and the ratios.
 
     python tools/bench_gpu.py [--configs char-mid gpt2-small] [--steps 20] [--compile-configs gpt2-small]
+    python tools/bench_gpu.py --kernels fused   # xpmodel's fused kernels only, as before
     python tools/bench_gpu.py --device cpu --precision fp32 --configs tiny   # a smoke test
 """
 import argparse
@@ -30,14 +34,15 @@ CONFIGS.update({"llama-tiny": CONFIGS["tiny"][:-1] + (dict(LLAMA, n_kv_head=1),)
                 "llama-small": CONFIGS["gpt2-small"][:-1] + (dict(LLAMA, n_kv_head=4,
                                                                    tie_embeddings=False),)})
 PEAK_FP16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+XPMODEL_SIDES = {"fused": "xpmodel", "xp": "xpmodel xp"}
 
 
-def xpmodel_step(config, B, device, precision):
+def xpmodel_step(config, B, device, precision, kernels="fused"):
     import numpy as np
     import xpmodel
     from xpmodel.backend import synchronize
     from xpmodel.optim import clipped_step
-    model = xpmodel.GPT(config, device=device, seed=0, precision=precision)
+    model = xpmodel.GPT(config, device=device, seed=0, precision=precision, kernels=kernels)
     opt = xpmodel.AdamW(model, lr=3e-4)
     scaler = xpmodel.LossScaler(xp=model.xp) if precision == "fp16" else None
     rng = np.random.default_rng(0)
@@ -111,7 +116,12 @@ class CupyPeakTracker:
         return memory
 
     def reset(self):
-        self.peak = self.pool.used_bytes()
+        self.base = self.peak = self.pool.used_bytes()
+
+    @property
+    def peak_since_reset(self):
+        """Peak bytes in use since reset, beyond those in use then (another side's model)."""
+        return self.peak - self.base
 
 
 def main():
@@ -123,6 +133,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=4, help="alternations between sides")
     parser.add_argument("--compile-configs", nargs="*", default=["gpt2-small"],
                         help="configs also timed under torch.compile (compiling takes minutes)")
+    parser.add_argument("--kernels", nargs="+", default=["fused", "xp"], choices=("fused", "xp"),
+                        help="xpmodel's sides: its fused kernels, the layers' own xp code (default: both)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import xpmodel
@@ -139,13 +151,17 @@ def main():
         flops_per_token = config.flops_per_token()
         sides, memory = {}, {}
         on_gpu = args.device.startswith("cuda")
+        for kernels in args.kernels:
+            side = XPMODEL_SIDES[kernels]
+            if on_gpu:
+                tracker.reset()
+            ours, model = xpmodel_step(config, B, args.device, args.precision, kernels)
+            ours()
+            sides[side] = ours
+            if on_gpu:
+                memory[side] = tracker.peak_since_reset
+            del model
         if on_gpu:
-            tracker.reset()
-        ours, model = xpmodel_step(config, B, args.device, args.precision)
-        ours()
-        sides["xpmodel"] = ours
-        if on_gpu:
-            memory["xpmodel"] = tracker.peak
             torch.cuda.reset_peak_memory_stats()
         sides["torch eager"] = torch_step(config, B, args.device, args.precision, compiled=False)
         sides["torch eager"]()
@@ -169,12 +185,13 @@ def main():
         tokens = B * T
         tps = {side: tokens / statistics.median(t) for side, t in times.items()}
         print(f"{name}: L={L} H={H} C={C} T={T} B={B} V={V}")
+        ours = XPMODEL_SIDES[args.kernels[0]]   # the side the others are compared with
         for side, value in tps.items():
             mfu = f", MFU {100 * value * flops_per_token / peak:.1f}%" if peak else ""
             mem = f", peak memory {memory[side] / 2**30:.2f} GiB" if memory.get(side) else ""
-            ratio = "" if side == "xpmodel" else f", xpmodel/this {tps['xpmodel'] / value:.2f}x"
+            ratio = "" if side == ours else f", {ours}/this {tps[ours] / value:.2f}x"
             print(f"  {side:14s} {value:12,.0f} tokens/s{mfu}{mem}{ratio}", flush=True)
-        del model
+        del sides
 
 
 if __name__ == "__main__":

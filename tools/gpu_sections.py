@@ -1,8 +1,11 @@
 """Where an xpmodel training step spends its GPU time: the whole step, its
-parts, and each layer's forward + backward at the config's shapes, timed
-with CUDA events (median of repeats). For finding the next thing to speed up.
+parts, and each layer's forward + backward at the config's shapes (its own
+norm, MLP activation and attention options), timed with CUDA events (median
+of repeats), once with the fused kernels of xpmodel/cuda and once with every
+layer's own `xp` code on CuPy (GPT(kernels="xp")), with the ratio: what each
+fused kernel buys. For finding the next thing to speed up.
 
-    python tools/gpu_sections.py [--config gpt2-small] [--precision fp16]
+    python tools/gpu_sections.py [--config gpt2-small] [--precision fp16] [--kernels fused xp]
 """
 import argparse
 import math
@@ -33,10 +36,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="gpt2-small", choices=list(CONFIGS))
     parser.add_argument("--precision", default="fp16", choices=("fp16", "fp32"))
+    parser.add_argument("--kernels", nargs="+", default=["fused", "xp"], choices=("fused", "xp"))
     args = parser.parse_args()
     import cupy
     import xpmodel
-    from xpmodel.layers import attention, crossentropy, gelu, layernorm, linear
+    from xpmodel.backend import use_kernels
+    from xpmodel.layers import attention, crossentropy, linear
+    from xpmodel.layers.block import ACTIVATIONS, NORMS
+    from xpmodel.layers.matmul import matmul
     L, H, C, T, B, V, options = CONFIGS[args.config]
     config = xpmodel.GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C, **options)
     model = xpmodel.GPT(config, device="cuda", precision=args.precision)
@@ -52,32 +59,40 @@ def main():
         xpmodel.clip_grad_norm(model, 1.0)
         opt.step()
 
-    rows = {"step": timed(step), "forward_backward": timed(lambda: model.forward_backward(idx, targets)),
-            "loss (forward only)": timed(lambda: model.loss(idx, targets)),
-            "clip + AdamW": timed(lambda: (xpmodel.clip_grad_norm(model, 1.0), opt.step()))}
+    passes = {"step": step, "forward_backward": lambda: model.forward_backward(idx, targets),
+              "loss (forward only)": lambda: model.loss(idx, targets),
+              "clip + AdamW": lambda: (xpmodel.clip_grad_norm(model, 1.0), opt.step())}
     g = cupy.random.default_rng(0)
     x = g.standard_normal((N, C), dtype=np.float32)
-    w, b = cupy.ones(C, np.float32), cupy.zeros(C, np.float32)
-    dw, db = cupy.zeros(C, np.float32), cupy.zeros(C, np.float32)
+    has_bias = config.norm == "layernorm" and config.bias
+    w, b = cupy.ones(C, np.float32), (cupy.zeros(C, np.float32) if has_bias else None)
+    dw, db = cupy.zeros(C, np.float32), (cupy.zeros(C, np.float32) if has_bias else None)
     d_low = g.standard_normal((N, C), dtype=np.float32).astype(low)
+    norm_forward, norm_backward = NORMS[config.norm]
 
-    def ln():
-        out, cache = layernorm.layernorm_forward(x, w, b, low)
-        layernorm.layernorm_backward(d_low, cache, w, dw, db, dx=x)
-    h = g.standard_normal((N, 4 * C), dtype=np.float32).astype(low)
+    def norm_pair():
+        out, cache = norm_forward(x, w, b, low)
+        norm_backward(d_low, cache, w, dw, db, dx=x)
+    fc = model.weights["h.0.mlp.c_fc.weight"]                                  # (C, F or 2F)
+    h = g.standard_normal((N, fc.shape[1]), dtype=np.float32).astype(low)
+    fc_bias = cupy.zeros(fc.shape[1], low) if config.bias else None
+    activation_forward, activation_backward = ACTIVATIONS[config.mlp]
 
-    fc_bias = cupy.zeros(4 * C, low)
-
-    def gelu_pair():
-        out, cache = gelu.gelu_forward(h, fc_bias)
-        gelu.gelu_backward(out, h, cache)
-    qkv = g.standard_normal((B, T, 3 * C), dtype=np.float32).astype(low)
-
-    qkv_bias = cupy.zeros(3 * C, low)
+    def activation_pair():
+        out, cache = activation_forward(h, fc_bias)
+        activation_backward(out, h, cache)
+    qkv = g.standard_normal((B, T, config.qkv_width), dtype=np.float32).astype(low)
+    qkv_bias = cupy.zeros(config.qkv_width, low) if config.bias else None
+    rope = model.rope_tables(0, T)
+    qk_norm = ((model.params["h.0.attn.q_norm.weight"], model.params["h.0.attn.k_norm.weight"],
+                config.norm_eps) if config.qk_norm else None)
+    dqk_norm = ((model.grads["h.0.attn.q_norm.weight"], model.grads["h.0.attn.k_norm.weight"])
+                if config.qk_norm else None)
 
     def attention_pair():
-        y, cache = attention.attention_forward(qkv, H, bias=qkv_bias)
-        attention.attention_backward(y, cache)
+        y, cache = attention.attention_forward(qkv, H, bias=qkv_bias, n_kv_head=config.n_kv_head,
+                                               qk_norm=qk_norm, rope=rope)
+        attention.attention_backward(y, cache, qk_norm=qk_norm, dqk_norm=dqk_norm)
 
     def attention_pair_tt():   # the path through T x T scores, for comparison
         from xpmodel.cuda import flash
@@ -86,18 +101,21 @@ def main():
             attention_pair()
         finally:
             flash.ENABLED = enabled
-    scores = g.standard_normal((B, H, T, T), dtype=np.float32).astype(low)   # as the model keeps them
 
-    def softmax_pair():
+    def softmax_pair():   # scores in the dtype the mode keeps them in (float32 for the xp code)
+        scores = softmax_scores[attention._score_dtype(qkv)]
         probs = attention.causal_softmax_forward(scores, low)
         attention.causal_softmax_backward(scores, probs, low)
+    softmax_scores = {}
+    for dtype in {np.dtype(low), np.dtype(np.float32)}:
+        softmax_scores[dtype] = g.standard_normal((B, H, T, T), dtype=np.float32).astype(dtype)
     W = model.weights["h.0.mlp.c_fc.weight"]
-    Wb = model.weights["h.0.mlp.c_fc.bias"]
-    G, Gb = model.grads["h.0.mlp.c_fc.weight"], model.grads["h.0.mlp.c_fc.bias"]
+    Wb = model.weights.get("h.0.mlp.c_fc.bias")
+    G, Gb = model.grads["h.0.mlp.c_fc.weight"], model.grads.get("h.0.mlp.c_fc.bias")
     a = d_low
 
     def fc_pair():
-        out = linear.linear_forward(a, W, Wb)
+        out = linear.linear_forward(a, W, Wb) if Wb is not None else matmul(a, W)
         linear.linear_backward(out, a, W, G, Gb)
     rows_per_chunk = min(N, max(1, (1 << 27) // V))
     logits_in = g.standard_normal((rows_per_chunk, V), dtype=np.float32).astype(low)
@@ -105,17 +123,38 @@ def main():
 
     def xent():
         crossentropy.crossentropy_fused(logits_in.copy(), tgt, 1.0)
-    per_layer = {"layernorm fwd+bwd (x2 per layer)": timed(ln), "gelu fwd+bwd": timed(gelu_pair),
-                 "attention fwd+bwd (core, no projections)": timed(attention_pair),
-                 "  the same through T x T scores": timed(attention_pair_tt),
-                 "  of which causal softmax fwd+bwd": timed(softmax_pair),
-                 "mlp c_fc linear fwd+bwd": timed(fc_pair),
-                 f"cross-entropy fused, one chunk of {rows_per_chunk} rows (+copy)": timed(xent)}
+    qk = ", QK-norm" if config.qk_norm else ""
+    rope_name = ", RoPE" if rope is not None else ""
+    gqa = f", {config.n_kv_head} kv heads" if config.n_kv_head != H else ""
+    per_layer = {f"{config.norm} fwd+bwd (x2 per layer)": norm_pair,
+                 f"{config.mlp} fwd+bwd": activation_pair,
+                 f"attention fwd+bwd (core{gqa}{rope_name}{qk}, no projections)": attention_pair,
+                 "  the same through T x T scores": attention_pair_tt,
+                 "  of which causal softmax fwd+bwd": softmax_pair,
+                 "mlp c_fc linear fwd+bwd": fc_pair,
+                 f"cross-entropy, one chunk of {rows_per_chunk} rows (+copy)": xent}
+    fused_only = {"  the same through T x T scores"}   # the xp code has no flash path to leave
+
+    times = {}   # (row, kernels) -> ms
+    for kernels in args.kernels:
+        model.kernels = kernels
+        with use_kernels(kernels):
+            for name, fn in {**passes, **per_layer}.items():
+                if kernels == "fused" or name not in fused_only:
+                    times[name, kernels] = timed(fn)
+    model.kernels = "fused"
+
     flops = config.flops_per_token() * N
-    print(f"{args.config} {args.precision}: step {rows['step']:.2f} ms "
-          f"({N / rows['step'] * 1e3:,.0f} tokens/s, {flops / rows['step'] / 1e9:.0f} TFLOP/s)")
-    for name, ms in {**rows, **per_layer}.items():
-        print(f"  {name:58s} {ms:8.3f} ms")
+    print(f"{args.config} {args.precision}:", ", ".join(
+        f"{kernels} step {times['step', kernels]:.2f} ms ({N / times['step', kernels] * 1e3:,.0f} "
+        f"tokens/s, {flops / times['step', kernels] / 1e9:.0f} TFLOP/s)" for kernels in args.kernels))
+    both = args.kernels == ["fused", "xp"]
+    print(f"  {'ms':58s} " + " ".join(f"{k:>8s}" for k in args.kernels) + ("  xp/fused" if both else ""))
+    for name in {**passes, **per_layer}:
+        cells = [times.get((name, k)) for k in args.kernels]
+        ratio = (f"  {cells[1] / cells[0]:7.2f}x" if both and None not in cells else "")
+        print(f"  {name:58s} " + " ".join("       -" if c is None else f"{c:8.3f}" for c in cells)
+              + ratio)
     print(f"  chunks of logits per pass: {math.ceil(N / rows_per_chunk)}")
 
 
