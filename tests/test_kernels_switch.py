@@ -90,6 +90,11 @@ def test_the_switch_itself():
             pass
     with pytest.raises(ValueError, match="kernels must be one of fused, xp"):
         xpmodel.GPT(GPT2, kernels="cuda")
+    from xpmodel.config import load_config
+    from xpmodel.errors import UsageError
+    assert load_config(TINY, ["train.kernels=xp"]).train.kernels == "xp"
+    with pytest.raises(UsageError, match="train.kernels"):
+        load_config(TINY, ["train.kernels=triton"])
     # on the CPU both modes are the same code: bit for bit the same
     idx, targets = batch(GPT2)
     losses = []

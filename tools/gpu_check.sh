@@ -34,7 +34,8 @@ $PY -c "import cupy, torch; print('cupy', cupy.__version__, 'torch', torch.__ver
 note "== GPU tests"
 # (the CPU-emulator variants of these tests are for machines without a GPU)
 timeout 80 $PY -m pytest -q -p no:cacheprovider -k "not emulated" tests/test_cuda_kernels.py \
-    tests/test_backends.py tests/test_generate.py tests/test_architectures.py > "$OUT/tests.log" 2>&1
+    tests/test_backends.py tests/test_generate.py tests/test_architectures.py \
+    tests/test_kernels_switch.py > "$OUT/tests.log" 2>&1
 note "tests exit code $? ($(tail -1 "$OUT/tests.log"))"
 if grep -qE "FAILED.*(flash|heads_of_64)" "$OUT/tests.log" || ! grep -qE "passed|failed" "$OUT/tests.log"; then
     export XPMODEL_FLASH=0
