@@ -59,6 +59,8 @@ def _train(args, device, dist):
     if not args.out and out.name != Path(config_name).stem and is_main:
         print(f"{out.parent / Path(config_name).stem} already exists, so this run goes to {out} "
               f"(--out chooses the folder; --resume continues a run)", flush=True)
+    if dist is not None:
+        dist.shard(config.train.batch_size)   # refuses a batch the ranks cannot split, before the lock writes
     with RunDir(out).lock("--out") if is_main else nullcontext():
         trainer = Trainer.start(config, device=device, out=out, overwrite=args.overwrite,
                                 quiet=args.quiet, dist=dist, config_name=config_name)
@@ -249,6 +251,8 @@ def prepare_command(args):
     tokenizer = BPETokenizer.load(args.tokenizer)
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    if args.preview is not None and args.preview < 1:
+        raise UsageError(f"--preview must be at least 1 token, got {args.preview}")
     if args.out is not None:
         source = resolve_source(args.source)
         out = Path(args.out)
@@ -259,7 +263,25 @@ def prepare_command(args):
                        progress=progress)
     header = read_token_header(path)
     print(f"wrote {header.count:,} tokens to {path}")
+    if args.preview is not None:
+        from .data import read_token_file
+        tokens = read_token_file(path, expected_fingerprint=tokenizer.fingerprint(),
+                                 vocab_size=tokenizer.vocab_size)
+        print(token_preview(tokenizer, tokens[:args.preview].tolist(), len(tokens)))
     return 0
+
+
+def token_preview(tokenizer, ids, total):
+    """The first tokens of a token file three ways: ids, the text they decode
+    to, and that text cut at token borders (|), control characters escaped."""
+    from .display import printable
+    pieces = [repr(tokenizer.decode_bytes([i]).decode("utf-8", errors="replace"))[1:-1]
+              for i in ids]
+    text = tokenizer.decode_bytes(ids).decode("utf-8", errors="replace")
+    return (f"the first {len(ids):,} of {total:,} tokens:\n"
+            f"ids:    {' '.join(map(str, ids))}\n"
+            f"tokens: |{'|'.join(pieces)}|\n"
+            f"text:\n{printable(text)}")
 
 
 def tokenizer_train_command(args):
