@@ -3,21 +3,26 @@ in the display and metrics, the train/val gap at each evaluation, checkpoint
 lines and their losses, the data line, augmentations in every batching mode,
 sampling settings, and early stopping end to end. Runs are the tiny model of
 tiny-run.yaml, a few milliseconds a step."""
+import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy
 import pytest
 
-from cli_helpers import write_corpus
+from cli_helpers import run_cli, write_corpus
 from xpmodel import trainer as trainer_module
+from xpmodel.checkpoint import read_checkpoint_meta
 from xpmodel.config import load_config
-from xpmodel.corpus import build_tokenizer
+from xpmodel.corpus import build_tokenizer, load_tokens
 from xpmodel.data import EpochSampler, RandomWindowSampler
 from xpmodel.errors import UsageError
 from xpmodel.generate import generate
 from xpmodel.model import GPT, GPTConfig
+from xpmodel.plot import draw_metrics
 from xpmodel.rundir import RunDir
+from xpmodel.tokenizer import BPETokenizer
 from xpmodel.trainer import Trainer
 
 TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
@@ -179,3 +184,137 @@ def test_mask_mode_from_a_tokenizer_without_the_mask_is_refused(tmp_path, corpus
                          f"train.init_from={tmp_path / 'base'}")
     with pytest.raises(UsageError, match=re.escape("needs a tokenizer that reserves <|mask|>")):
         Trainer.start(config, device="cpu", out=tmp_path / "run", show=False)
+
+
+# ---- what a run shows: epochs, the train/val gap, checkpoints, the data ----------------
+
+def run_cli_train(capsys, tmp_path, corpus, *overrides, out="run"):
+    code, stdout, err = run_cli(capsys, "train", "--config", TINY, "--device", "cpu",
+                                "--out", tmp_path / out, f"data.source={corpus}",
+                                "train.sample_interval=0", *overrides)
+    assert code == 0, err
+    return stdout, RunDir(tmp_path / out)
+
+
+@pytest.mark.parametrize("batching", ["random", "epochs"])
+def test_a_run_by_epochs_shows_epoch_n_of_m_and_every_record_carries_its_epoch(
+        tmp_path, corpus, capsys, batching):
+    out, run = run_cli_train(capsys, tmp_path, corpus, "train.max_iters=null", "train.epochs=2",
+                             f"data.batching={batching}", "train.warmup_iters=0",
+                             "train.log_interval=20", "train.eval_interval=60",
+                             "train.save_interval=1000")
+    log = [line for line in out.splitlines() if line.startswith("step ") and " eta " in line]
+    assert any("epoch 1/2" in line for line in log) and "epoch 2/2" in log[-1]
+    assert all(len(line) <= 80 for line in log), log
+    records = run.read_metrics()
+    train = [r for r in records if r["type"] == "train"]
+    assert all(0 < r["epoch"] <= 2 for r in records)
+    assert [r["epoch"] for r in train] == sorted(r["epoch"] for r in train)
+    n_train = len(run_tokens(run)[0])
+    if batching == "random":        # tokens seen / train tokens
+        assert train[0]["epoch"] == pytest.approx(4 * 16 / n_train, abs=1e-6)
+        assert train[-1]["epoch"] == pytest.approx(len(train) * 4 * 16 / n_train, abs=1e-6)
+    else:                           # whole passes of the epoch sampler
+        assert train[-1]["epoch"] == 2.0 and train[len(train) // 2 - 1]["epoch"] == 1.0
+
+
+def test_evaluations_carry_the_interval_train_loss_the_gap_and_both_perplexities(
+        tmp_path, corpus, capsys):
+    out, run = run_cli_train(capsys, tmp_path, corpus)
+    records = run.read_metrics()
+    losses = {r["step"]: r["loss"] for r in records if r["type"] == "train"}
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    for previous, record in zip([0, 10, 20], evals):
+        interval = [losses[s] for s in range(previous + 1, record["step"] + 1)]
+        assert record["train_loss"] == pytest.approx(sum(interval) / len(interval), rel=1e-12)
+        assert record["gap"] == pytest.approx(record["val_loss"] - record["train_loss"])
+        assert record["train_perplexity"] == pytest.approx(math.exp(record["train_loss"]))
+        assert record["val_perplexity"] == pytest.approx(math.exp(record["val_loss"]))
+        line = next(l for l in out.splitlines() if l.startswith(f"step {record['step']}: val loss"))
+        assert (f"train loss {record['train_loss']:.4f}, gap {record['gap']:+.4f}; perplexity "
+                f"{record['val_perplexity']:.2f} val, {record['train_perplexity']:.2f} train") in line
+
+
+def test_the_interval_train_loss_survives_a_resume(tmp_path, corpus):
+    config = tiny_config(corpus, "train.max_iters=20", "train.save_interval=5",
+                         "train.eval_interval=10", "train.sample_interval=0")
+    Trainer.start(config, device="cpu", out=tmp_path / "whole", show=False).run()
+    shutil.copytree(tmp_path / "whole", tmp_path / "parts")
+    RunDir(tmp_path / "parts").step_path(20).unlink()   # as if stopped at step 15, mid-interval
+    resumed = Trainer.resume(tmp_path / "parts", device="cpu", show=False)
+    assert resumed.step == 15 and resumed.interval_loss[1] == 5
+    resumed.run()
+
+    def evals(name):
+        return [{k: v for k, v in r.items() if k != "time"}
+                for r in RunDir(tmp_path / name).read_metrics() if r["type"] == "eval"]
+    assert evals("parts")[-1]["step"] == 20 and evals("parts")[-2:] == evals("whole")[-2:]
+
+
+def test_each_save_prints_a_line_and_keeps_the_steps_train_and_val_loss(tmp_path, corpus, capsys):
+    out, run = run_cli_train(capsys, tmp_path, corpus)
+    records = run.read_metrics()
+    losses = {r["step"]: r["loss"] for r in records if r["type"] == "train"}
+    vals = {r["step"]: r["val_loss"] for r in records if r["type"] == "eval"}
+    for step in (10, 20, 30):
+        assert f"checkpoint saved at step {step}: {run.step_path(step)}" in out.splitlines()
+    assert out.count(f": {run.best_path}") == len(vals)    # every evaluation improved here
+    for step in (20, 30):
+        meta = read_checkpoint_meta(run.step_path(step))
+        assert (meta["train_loss"], meta["val_loss"], meta["val_loss_step"]) == \
+            (losses[step], vals[step], step)
+        assert meta["epoch"] == pytest.approx(step * 4 * 16 / len(run_tokens(run)[0]))
+    best = read_checkpoint_meta(run.best_path)
+    assert best["val_loss"] == min(vals.values()) and best["train_loss"] == losses[best["step"]]
+
+
+def run_tokens(run):
+    config = load_config(run.config_path)
+    return load_tokens(config.data, run.load_tokenizer(), config.model.block_size,
+                       show_progress=False)
+
+
+def test_the_start_shows_one_line_about_the_data(tmp_path, corpus, capsys):
+    out, run = run_cli_train(capsys, tmp_path, corpus)
+    train, val = run_tokens(run)
+    params = GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16).num_params()
+    line = next(l for l in out.splitlines() if l.startswith("data: "))
+    assert line == (f"data: {corpus.stat().st_size:,} bytes of {corpus} -> "
+                    f"{len(train) + len(val):,} tokens ({len(train):,} train, {len(val):,} val), "
+                    f"{len(train) / params:.2g} train tokens per parameter; 30 steps x 64 tokens = "
+                    f"{30 * 64 / len(train):.2f} epochs")
+
+
+def test_prepare_preview_decodes_the_start_of_the_token_file(tmp_path, corpus, capsys):
+    tokenizer = BPETokenizer()
+    tokenizer.save(tmp_path / "bytes.json")
+    code, out, err = run_cli(capsys, "prepare", corpus, "--tokenizer", tmp_path / "bytes.json",
+                             "--out", tmp_path / "corpus.tok", "--workers", 1, "--preview", 12)
+    assert code == 0, err
+    text = corpus.read_text()[:12]
+    lines = out.splitlines()
+    assert lines[-5] == f"the first 12 of {len(corpus.read_text()):,} tokens:"
+    assert lines[-4] == "ids:    " + " ".join(str(b) for b in text.encode())
+    assert lines[-3] == "tokens: |" + "|".join(text) + "|"
+    assert lines[-2:] == ["text:", text]
+    code, _, err = run_cli(capsys, "prepare", corpus, "--tokenizer", tmp_path / "bytes.json",
+                           "--preview", 0)
+    assert code == 2 and "--preview must be at least 1" in err
+
+
+def test_plot_draws_the_gap_between_validation_and_train(tmp_path, corpus, capsys):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    _, run = run_cli_train(capsys, tmp_path, corpus)
+    records = run.read_metrics()
+    evals = [r for r in records if r["type"] == "eval"]
+    fig = draw_metrics(plt, [r for r in records if r["type"] == "train"], evals, "run")
+    try:
+        loss_axes, gap_axes, lr_axes = fig.axes
+        assert gap_axes.get_ylabel() == "val - train"
+        xs, ys = gap_axes.get_lines()[-1].get_data()
+        assert list(xs) == [10, 20, 30] and list(ys) == [r["gap"] for r in evals]
+    finally:
+        plt.close(fig)
+    code, out, err = run_cli(capsys, "plot", run.path)
+    assert code == 0 and (run.path / "loss.png").stat().st_size > 0

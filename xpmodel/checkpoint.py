@@ -82,6 +82,9 @@ _META_TYPES = {
     "elapsed": "number", "best_val": "number or null", "last_val": "number or null",
     "sampler": "object", "loss_scaler": "object or null", "config": "object",
     "tokenizer_fingerprint": "string", "kind": "string",
+    "epoch": "number", "train_loss": "number or null", "val_loss": "number or null",
+    "val_loss_step": "number or null", "interval_train_loss_sum": "number",
+    "interval_train_steps": "count",
 }
 
 

@@ -215,6 +215,9 @@ def build_parser():
     p.add_argument("--tokenizer", required=True, metavar="FILE", help="a tokenizer JSON file")
     p.add_argument("--out", default=None, help="token file path (default: the cache)")
     p.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
+    p.add_argument("--preview", type=int, nargs="?", const=64, default=None, metavar="N",
+                   help="then decode the file's first N tokens (default 64), as ids, text and "
+                        "tokens, to check the data")
     p.set_defaults(handler=c.prepare_command)
 
     p = commands.add_parser("tokenizer", parents=[common], help="tokenizer tools",

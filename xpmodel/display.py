@@ -8,6 +8,7 @@ the progress console, so the bar never tears. Without a terminal (CI, pipes,
 Generated samples are shown with their control characters escaped, so an
 untrained model's output cannot move the cursor or recolour the terminal.
 """
+import math
 import re
 import sys
 import time
@@ -26,9 +27,13 @@ def printable(text):
 
 def _fields_text(fields):
     """The figures after the step count and ETA, short enough that the whole
-    line fits 80 columns: `loss~` is the smoothed (moving-average) train loss."""
+    line fits 80 columns: `loss~` is the smoothed (moving-average) train loss.
+    A run by epochs shows `epoch N/M` first, in the room of the gradient norm."""
     parts = [f"loss~ {fields['loss']}", f"val {fields['val']}", f"lr {fields['lr']}",
              f"|g| {fields['grad_norm']}", f"{fields['tok_s']} tok/s"]
+    if fields.get("epoch"):
+        parts[3] = f"epoch {fields['epoch']}"
+        parts.insert(0, parts.pop(3))
     if fields.get("mfu"):
         parts.append(f"MFU {fields['mfu']}")
     return " ".join(parts)
@@ -53,14 +58,16 @@ class TrainDisplay:
     """Live bar or plain lines; use as a context manager."""
 
     def __init__(self, total_steps, start_step=0, quiet=False, enabled=True, stream=None,
-                 last_val=None):
+                 last_val=None, total_epochs=None):
         self.enabled = enabled
         self.console = Console(file=stream or sys.stdout, highlight=False)
         self.live = enabled and not quiet and self.console.is_terminal
         self.total_steps = total_steps
         self.start_step = start_step
         self.fields = {"loss": "-", "val": "-" if last_val is None else f"{last_val:.4f}",
-                       "lr": "-", "grad_norm": "-", "tok_s": "-", "mfu": ""}
+                       "lr": "-", "grad_norm": "-", "tok_s": "-", "mfu": "",
+                       "epoch": f"1/{total_epochs}" if total_epochs else ""}
+        self.total_epochs = total_epochs   # a run by train.epochs: shown as epoch N/M
         self._progress = None
         self._task = None
         self._started = None   # (time, step) when the first step was reported
@@ -83,8 +90,12 @@ class TrainDisplay:
             self._progress.__exit__(*exc)
             self._progress = None
 
-    def step(self, step, loss, lr, grad_norm, tokens_per_s, mfu=None, log_line=False):
-        """Refresh the figures after `step` steps; in plain mode print when log_line."""
+    def step(self, step, loss, lr, grad_norm, tokens_per_s, mfu=None, log_line=False, epoch=None):
+        """Refresh the figures after `step` steps; in plain mode print when log_line.
+        epoch: passes over the data so far (fractional), shown as the epoch under way."""
+        if self.total_epochs and epoch is not None:
+            current = min(max(1, math.ceil(epoch - 1e-9)), self.total_epochs)   # 1-based
+            self.fields["epoch"] = f"{current}/{self.total_epochs}"
         self.fields.update(loss=f"{loss:.4f}", lr=f"{lr:.1e}".replace("e-0", "e-"), grad_norm=f"{grad_norm:.2f}",
                            tok_s=_compact(tokens_per_s), mfu=f"{100 * mfu:.1f}%" if mfu else "")
         if self._progress is not None:
@@ -101,10 +112,17 @@ class TrainDisplay:
         start_time, start_step = self._started
         return _eta((now - start_time) / (step - start_step) * (self.total_steps - step))
 
-    def validation(self, step, val_loss, perplexity, best):
+    def validation(self, step, val_loss, perplexity, best, train_loss=None):
+        """One line: the val loss and, with the mean train loss of the steps since
+        the last evaluation, that loss, the gap val - train and both perplexities."""
         self.fields["val"] = f"{val_loss:.4f}"
-        self.print(f"step {step}: val loss {val_loss:.4f}, perplexity {perplexity:.2f}"
-                   + ("  (best so far)" if best else ""))
+        if train_loss is None:
+            text = f"step {step}: val loss {val_loss:.4f}, perplexity {perplexity:.2f}"
+        else:
+            text = (f"step {step}: val loss {val_loss:.4f}, train loss {train_loss:.4f}, "
+                    f"gap {val_loss - train_loss:+.4f}; perplexity {perplexity:.2f} val, "
+                    f"{math.exp(min(train_loss, 700)):.2f} train")
+        self.print(text + ("  (best so far)" if best else ""))
 
     def sample(self, step, text):
         self.print(f"--- sample at step {step} ---")

@@ -1,4 +1,5 @@
-"""`xpmodel plot`: a run's train and validation loss, and learning rate, against step."""
+"""`xpmodel plot`: a run's train and validation loss, the gap between them, and the
+learning rate, against step."""
 from pathlib import Path
 
 from .atomic import atomic_writer
@@ -23,28 +24,50 @@ def plot_run(run_dir, out=None):
         raise DataError(f"{run.metrics_path}: no training steps logged yet")
     out = Path(out) if out else run.path / "loss.png"
     _check_output(run, out)
-    fig, (loss_axes, lr_axes) = plt.subplots(2, 1, figsize=(9, 6), sharex=True,
-                                             gridspec_kw={"height_ratios": [3, 1]})
-    loss_axes.plot([r["step"] for r in train], [_number(r.get("loss")) for r in train],
-                   lw=0.8, alpha=0.8, label="train")
-    if evals:
-        loss_axes.plot([r["step"] for r in evals], [_number(r.get("val_loss")) for r in evals],
-                       "o-", label="validation")
-    loss_axes.set_ylabel("loss (nats/token)")
-    loss_axes.set_title(f"xpmodel run {run.path.name}")
-    loss_axes.legend()
-    loss_axes.grid(alpha=0.3)
-    lr_axes.plot([r["step"] for r in train], [_number(r.get("lr")) for r in train], color="tab:green")
-    lr_axes.set_ylabel("learning rate")
-    lr_axes.set_xlabel("step")
-    lr_axes.grid(alpha=0.3)
-    fig.tight_layout()
+    fig = draw_metrics(plt, train, evals, f"xpmodel run {run.path.name}")
     try:
         with atomic_writer(out) as f:   # a failure leaves no partial PNG
             fig.savefig(f, dpi=110, format="png")
     finally:
         plt.close(fig)
     return out
+
+
+def draw_metrics(plt, train, evals, title):
+    """A figure of the run's records against step: train loss (every step, and
+    its mean over each evaluation interval) and validation loss; the gap val -
+    train at each evaluation, when the records carry it; the learning rate."""
+    with_gap = [r for r in evals if "gap" in r]
+    heights = [3, 1, 1] if with_gap else [3, 1]
+    fig, axes = plt.subplots(len(heights), 1, figsize=(9, 1.5 * sum(heights)),
+                             sharex=True, gridspec_kw={"height_ratios": heights})
+    loss_axes, lr_axes = axes[0], axes[-1]
+    loss_axes.plot([r["step"] for r in train], [_number(r.get("loss")) for r in train],
+                   lw=0.8, alpha=0.6, label="train")
+    if with_gap:
+        loss_axes.plot([r["step"] for r in with_gap],
+                       [_number(r.get("train_loss")) for r in with_gap], "s-", ms=4,
+                       color="tab:blue", label="train, mean since the last evaluation")
+    if evals:
+        loss_axes.plot([r["step"] for r in evals], [_number(r.get("val_loss")) for r in evals],
+                       "o-", color="tab:orange", label="validation")
+    loss_axes.set_ylabel("loss (nats/token)")
+    loss_axes.set_title(title)
+    loss_axes.legend()
+    loss_axes.grid(alpha=0.3)
+    if with_gap:
+        gap_axes = axes[1]
+        gap_axes.axhline(0.0, color="grey", lw=0.8)
+        gap_axes.plot([r["step"] for r in with_gap], [_number(r.get("gap")) for r in with_gap],
+                      "o-", color="tab:red")
+        gap_axes.set_ylabel("val - train")
+        gap_axes.grid(alpha=0.3)
+    lr_axes.plot([r["step"] for r in train], [_number(r.get("lr")) for r in train], color="tab:green")
+    lr_axes.set_ylabel("learning rate")
+    lr_axes.set_xlabel("step")
+    lr_axes.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
 
 
 def _check_output(run, out):

@@ -28,7 +28,7 @@ from .atomic import abandon_partial_writes
 from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .config import config_to_dict
 from .corpus import build_tokenizer, load_tokens
-from .data import EpochSampler, RandomWindowSampler, eval_batches
+from .data import EpochSampler, RandomWindowSampler, eval_batches, resolve_source
 from .data.tokenfile import MAX_VOCAB_SIZE
 from .display import TrainDisplay
 from .errors import CheckpointError, UsageError, XpmodelError
@@ -140,6 +140,10 @@ class Trainer:
         self.evals_without_improvement = 0
         self.elapsed_before = 0.0      # training seconds spent before this process
         self.last_val = None
+        self.last_val_step = None
+        self.last_train_loss = None    # the latest step's loss, kept in checkpoints
+        self.interval_loss = [0.0, 0]  # [sum, count] of train losses since the last evaluation
+        self._display = None           # run()'s display, which save() reports to
         self._stop_signal = None
 
     # ---- construction -----------------------------------------------------------
@@ -253,6 +257,11 @@ class Trainer:
             "best_val": None if math.isinf(self.best_val) else self.best_val,
             "last_val": self.last_val,
             "evals_without_improvement": self.evals_without_improvement,
+            "epoch": self.sampler.epochs_done,
+            "train_loss": self.last_train_loss,
+            "val_loss": self.last_val, "val_loss_step": self.last_val_step,
+            "interval_train_loss_sum": self.interval_loss[0],
+            "interval_train_steps": self.interval_loss[1],
             "world_size": 1 if self.dist is None else self.dist.world_size,
             "config": config_to_dict(self.config),
             "vocab_size": self.gpt_config.vocab_size,
@@ -276,6 +285,8 @@ class Trainer:
                                f"the previous checkpoint is intact") from None
         if path != self.run_dir.best_path:
             self.run_dir.prune_checkpoints(self.config.train.keep_last)
+        if self._display is not None:
+            self._display.print(f"checkpoint saved at step {self.step}: {path}")
         return path
 
     def _load(self, path):
@@ -311,6 +322,10 @@ class Trainer:
             self.best_val = math.inf if meta.get("best_val") is None else float(meta["best_val"])
             self.last_val = None if meta.get("last_val") is None else float(meta["last_val"])
             self.evals_without_improvement = int(meta["evals_without_improvement"])
+            self.last_val_step = meta.get("val_loss_step")
+            self.last_train_loss = meta.get("train_loss")
+            self.interval_loss = [float(meta.get("interval_train_loss_sum", 0.0)),
+                                  int(meta.get("interval_train_steps", 0))]
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: incompatible checkpoint ({exc})") from None
 
@@ -325,11 +340,14 @@ class Trainer:
         self._install_signal_handlers()
         metrics = open(self.run_dir.metrics_path, "a") if self.is_main else None
         display = TrainDisplay(self.total_steps, self.step, quiet=self.quiet,
-                               enabled=self.display_enabled, last_val=self.last_val)
+                               enabled=self.display_enabled, last_val=self.last_val,
+                               total_epochs=t.epochs)
+        self._say(self.data_summary())
         last_loss = None
         smoothed = None
         window_start, window_tokens = time.perf_counter(), 0
         pending = []   # (step, device values, lr) of steps the host has not read yet
+        epochs = {}    # step -> passes over the training data after it
         stop_reason = "finished"
         if self.step >= self.total_steps:
             stop_reason = "already complete"
@@ -337,9 +355,11 @@ class Trainer:
                       f"resume with a larger train.max_iters (or train.epochs)")
         try:
             with display:
+                self._display = display
                 while self.step < self.total_steps:
                     values, lr = self._train_step()
                     pending.append((self.step + 1, values, lr))
+                    epochs[self.step + 1] = self.sampler.epochs_done
                     tokens = t.batch_size * t.grad_accum * self.config.model.block_size
                     self.tokens_seen += tokens
                     window_tokens += tokens
@@ -350,9 +370,13 @@ class Trainer:
                     now = time.perf_counter()
                     tokens_per_s = window_tokens / max(now - window_start, 1e-9)
                     for step, loss, norm, lr, scale in self._read_back(pending):
-                        last_loss = loss
+                        last_loss = self.last_train_loss = loss
+                        self.interval_loss[0] += loss
+                        self.interval_loss[1] += 1
                         smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
-                        record = {"type": "train", "step": step, "loss": loss, "lr": lr,
+                        epoch = epochs.pop(step)
+                        record = {"type": "train", "step": step, "epoch": round(epoch, 6),
+                                  "loss": loss, "lr": lr,
                                   "grad_norm": norm, "tokens_per_s": tokens_per_s,
                                   "skipped": not math.isfinite(norm),
                                   "time": round(self.elapsed_before + self._elapsed(), 3)}
@@ -361,7 +385,8 @@ class Trainer:
                         if metrics:
                             self.run_dir.append_metrics(record, metrics)
                         display.step(step, smoothed, lr, norm, tokens_per_s,
-                                     self._mfu(tokens_per_s), log_line=step % t.log_interval == 0)
+                                     self._mfu(tokens_per_s), log_line=step % t.log_interval == 0,
+                                     epoch=epoch)
                     pending = []
                     self.step += 1
                     if self.step % t.log_interval == 0:
@@ -391,6 +416,7 @@ class Trainer:
             interrupt.step, interrupt.checkpoint, interrupt.run_dir = self.step, path, self.run_dir.path
             raise
         finally:
+            self._display = None
             if metrics:
                 metrics.close()
             self._restore_signal_handlers()
@@ -475,19 +501,44 @@ class Trainer:
         t = self.config.train
         val_loss = self.evaluate_loss(self.val_tokens, t.eval_batches)
         perplexity = math.exp(min(val_loss, 700))
+        total, count = self.interval_loss
+        train_loss = total / count if count else None   # the steps since the last evaluation
+        self.interval_loss = [0.0, 0]
+        self.last_val, self.last_val_step = val_loss, self.step
         best = val_loss < self.best_val
         if best:
             self.best_val = val_loss
             self.evals_without_improvement = 0
-            self.save(self.run_dir.best_path)
         else:
             self.evals_without_improvement += 1
-        self.last_val = val_loss
+        record = {"type": "eval", "step": self.step, "epoch": round(self.sampler.epochs_done, 6),
+                  "val_loss": val_loss, "val_perplexity": perplexity}
+        if train_loss is not None:
+            record.update(train_loss=train_loss, train_perplexity=math.exp(min(train_loss, 700)),
+                          gap=val_loss - train_loss)
         if metrics:
-            self.run_dir.append_metrics({"type": "eval", "step": self.step, "val_loss": val_loss,
-                                         "val_perplexity": perplexity}, metrics)
-        display.validation(self.step, val_loss, perplexity, best)
+            self.run_dir.append_metrics(record, metrics)
+        display.validation(self.step, val_loss, perplexity, best, train_loss)
+        if best:
+            self.save(self.run_dir.best_path)
         return bool(t.early_stop_patience) and self.evals_without_improvement >= t.early_stop_patience
+
+    def data_summary(self):
+        """One line on the data: corpus bytes, tokens, the split, tokens per
+        parameter, and the passes over the training tokens the run makes."""
+        t = self.config.train
+        n_train, n_val = len(self.train_tokens), len(self.val_tokens)
+        try:
+            corpus = f"{resolve_source(self.config.data.source).total_bytes():,} bytes of "
+        except XpmodelError:
+            corpus = ""
+        tokens_per_step = t.batch_size * t.grad_accum * self.config.model.block_size
+        epochs = self.sampler.epochs_after(self.total_steps * t.grad_accum)
+        length = (f"train.epochs={t.epochs}: {self.total_steps:,} steps" if t.epochs else
+                  f"{self.total_steps:,} steps x {tokens_per_step:,} tokens = {epochs:.2f} epochs")
+        return (f"data: {corpus}{self.config.data.source} -> {n_train + n_val:,} tokens "
+                f"({n_train:,} train, {n_val:,} val), {n_train / self.gpt_config.num_params():.2g} "
+                f"train tokens per parameter; {length}")
 
     def evaluate_loss(self, tokens, n_batches):
         was_training = self.model.training

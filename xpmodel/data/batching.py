@@ -180,6 +180,16 @@ class EpochSampler(_Sampler):
         self._lay_out_epoch()
         return len(self._order) // self.batch_size
 
+    @property
+    def epochs_done(self) -> float:
+        """Passes over the data so far: whole epochs plus the served share of this one."""
+        return self.epoch + self.position / self.batches_per_epoch
+
+    def epochs_after(self, batches: int) -> float:
+        """The passes that `batches` batches from the start make (a crop's shorter
+        epochs aside)."""
+        return batches / self.batches_per_epoch
+
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
         """The next (x, y), each (B, T) int64, moving on to a new epoch when this one is used up."""
         if self.position >= self.batches_per_epoch:
@@ -243,6 +253,15 @@ class RandomWindowSampler(_Sampler):
     def batches_per_epoch(self) -> int:
         """Random windows have no passes; an epoch is as many batches as hold the stream's tokens once."""
         return max(1, (len(self.tokens) - 1) // (self.batch_size * self.block_size))
+
+    @property
+    def epochs_done(self) -> float:
+        """Passes over the data so far, counted as input tokens served / tokens in the stream."""
+        return self.epochs_after(self.step)
+
+    def epochs_after(self, batches: int) -> float:
+        """The passes that `batches` batches of B*T input tokens make."""
+        return batches * self.batch_size * self.block_size / len(self.tokens)
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
         """The next (x, y), each (B, T) int64."""
