@@ -4,6 +4,7 @@ lines and their losses, the data line, augmentations in every batching mode,
 sampling settings, and early stopping end to end. Runs are the tiny model of
 tiny-run.yaml, a few milliseconds a step."""
 import math
+import random
 import re
 import shutil
 from pathlib import Path
@@ -12,11 +13,12 @@ import numpy
 import pytest
 
 from cli_helpers import run_cli, write_corpus
+import xpmodel
 from xpmodel import trainer as trainer_module
 from xpmodel.checkpoint import read_checkpoint_meta
 from xpmodel.config import load_config
 from xpmodel.corpus import build_tokenizer, load_tokens
-from xpmodel.data import EpochSampler, RandomWindowSampler
+from xpmodel.data import EpochSampler, RandomWindowSampler, eval_batches
 from xpmodel.errors import UsageError
 from xpmodel.generate import generate
 from xpmodel.model import GPT, GPTConfig
@@ -318,3 +320,36 @@ def test_plot_draws_the_gap_between_validation_and_train(tmp_path, corpus, capsy
         plt.close(fig)
     code, out, err = run_cli(capsys, "plot", run.path)
     assert code == 0 and (run.path / "loss.png").stat().st_size > 0
+
+
+# ---- early stopping --------------------------------------------------------------------
+
+def test_early_stopping_ends_the_run_and_best_holds_the_best_step(tmp_path, capsys):
+    # Validation text of digits the training text never has: the val loss falls
+    # while the model learns spaces and line ends, then rises as letters win.
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=400)
+    rng = random.Random(0)
+    digits = "\n".join(" ".join(str(rng.randint(0, 999)) for _ in range(rng.randint(3, 8)))
+                       for _ in range(60))
+    corpus.write_text(corpus.read_text() + digits + "\n")
+    out, run = run_cli_train(capsys, tmp_path, corpus, "train.max_iters=200",
+                             "train.eval_interval=5", "train.early_stop_patience=3",
+                             "train.save_interval=50")
+    records = run.read_metrics()
+    evals = [(r["step"], r["val_loss"]) for r in records if r["type"] == "eval"]
+    last = max(r["step"] for r in records if r["type"] == "train")
+    best_step, best_val = min(evals, key=lambda e: e[1])
+    assert last < 200 and evals[-1][0] == last
+    assert [step for step, _ in evals if step > best_step] == [best_step + 5 * k for k in (1, 2, 3)]
+    assert "early stop: no val improvement in 3 evaluations" in out
+    assert f"done (early stop): {last} steps" in out
+    meta = read_checkpoint_meta(run.best_path)
+    assert (meta["step"], meta["val_loss"], meta["best_val"]) == (best_step, best_val, best_val)
+    assert run.step_path(last).is_file()          # the stopping step is saved too
+    best, _ = xpmodel.load(run.path, checkpoint="best")
+    final, _ = xpmodel.load(run.path)
+    val_batches = list(eval_batches(run_tokens(run)[1], 4, 16, 2))   # the run's evaluation
+    assert numpy.mean([float(best.loss(x, y)) for x, y in val_batches]) == \
+        pytest.approx(best_val, rel=1e-6)
+    assert numpy.mean([float(final.loss(x, y)) for x, y in val_batches]) == \
+        pytest.approx(evals[-1][1], rel=1e-6)
