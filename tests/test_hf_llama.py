@@ -27,7 +27,7 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 from torch_gpt import torch_forward, torch_params  # noqa: E402
-from xpmodel import hf, hf_llama  # noqa: E402
+from xpmodel import hf, hf_llama, tokenizer_hf  # noqa: E402
 from xpmodel.errors import DataError, UsageError, XpmodelError  # noqa: E402
 from xpmodel.generate import generate  # noqa: E402
 from xpmodel.hf import export_hf, import_hf  # noqa: E402
@@ -526,6 +526,8 @@ def test_export_on_a_full_disk_leaves_nothing_half_written(tokenizer, tmp_path, 
     before = {p.name: p.read_bytes() for p in previous.iterdir()}
     monkeypatch.setattr(hf, "_write_safetensors", full_disk(fail_on, hf._write_safetensors))
     monkeypatch.setattr(pathlib.Path, "write_text", full_disk(fail_on, pathlib.Path.write_text))
+    monkeypatch.setattr(tokenizer_hf, "atomic_write_bytes",
+                        full_disk(fail_on, tokenizer_hf.atomic_write_bytes))
     for out in (tmp_path / "new", previous):
         with pytest.raises(XpmodelError, match=f"cannot write {out / fail_on}: No space left"):
             export_hf(randomized(GPT(llama_config(n_layer=1)), seed=6), tokenizer, out)
