@@ -92,31 +92,6 @@ def test_fp16_training_follows_the_fp32_loss_curve(device):
     np.testing.assert_allclose(curves["fp16"], curves["fp32"], rtol=2e-2)
 
 
-def test_fp16_gradients_with_heads_of_64_dimensions(device, monkeypatch):
-    """Heads of 64 dimensions and T = 64: on CUDA, attention runs on the
-    tensor-core kernels of xpmodel/cuda/flash.py (checked by counting)."""
-    from xpmodel.cuda import flash
-    config = xpmodel.GPTConfig(vocab_size=96, block_size=64, n_layer=2, n_head=2, n_embd=128)
-    rng = np.random.default_rng(11)
-    idx = rng.integers(0, config.vocab_size, (2, 64))
-    targets = np.roll(idx, -1, axis=1)
-    reference = xpmodel.GPT(config, dtype="float64", seed=5)
-    ref_loss = float(reference.forward_backward(idx, targets))
-    monkeypatch.setattr(flash, "ENABLED", True)
-    calls, original = [], flash.flash_forward
-
-    def counted(heads):
-        calls.append(heads.shape)
-        return original(heads)
-    monkeypatch.setattr(flash, "flash_forward", counted)
-    model = xpmodel.GPT(config, device=device, seed=5, precision="fp16")
-    loss = float(model.forward_backward(idx, targets, scale=256.0))
-    model.flat_grads *= 1.0 / 256.0
-    assert len(calls) == (config.n_layer if device == "cuda" else 0)
-    assert abs(loss - ref_loss) / ref_loss < 5e-3
-    assert relative_error(model.flat_grads, reference.flat_grads) < 3e-2
-
-
 def test_loss_scaling_recovers_from_an_injected_overflow(device):
     model = xpmodel.GPT(CONFIG, device=device, seed=1, precision="fp16")
     scaler = xpmodel.LossScaler(scale=2.0 ** 12, growth_interval=3)
@@ -273,14 +248,20 @@ def test_architecture_options_match_float64_in_both_precisions(device, options):
     assert relative_error(mixed.flat_grads, reference.flat_grads) < 3e-2
 
 
-@pytest.mark.parametrize("qk_norm", [True, False])
-def test_llama_style_fp16_on_the_flash_kernels(device, monkeypatch, qk_norm):
-    """Grouped-query attention with RoPE (and QK-norm) on heads of 64 dimensions:
-    on CUDA the flash kernels run it, on the keys and values repeated per group
-    (by the fused split of cuda/rope_heads.py without QK-norm)."""
+@pytest.mark.parametrize("n_head,n_embd,options", [
+    (2, 128, {}),
+    (4, 256, LLAMA_STYLE),
+    (4, 256, dict(LLAMA_STYLE, qk_norm=False)),
+], ids=["gpt2", "llama-style", "llama"])
+def test_fp16_gradients_with_heads_of_64_dimensions(device, monkeypatch, n_head, n_embd, options):
+    """Heads of 64 dimensions and T = 64: on CUDA, attention runs on the
+    tensor-core kernels of xpmodel/cuda/flash.py (checked by counting), GPT-2's
+    and grouped-query attention with RoPE (and QK-norm) alike, the latter on
+    keys and values repeated per group (by the fused split of
+    cuda/rope_heads.py without QK-norm)."""
     from xpmodel.cuda import flash
-    config = xpmodel.GPTConfig(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_embd=256,
-                               **dict(LLAMA_STYLE, qk_norm=qk_norm))
+    config = xpmodel.GPTConfig(vocab_size=96, block_size=64, n_layer=2, n_head=n_head,
+                               n_embd=n_embd, **options)
     rng = np.random.default_rng(11)
     idx = rng.integers(0, config.vocab_size, (2, 64))
     targets = np.roll(idx, -1, axis=1)

@@ -50,12 +50,19 @@ def layernorm_backward(dout, cache, w, dw, db, dx=None, dx_low=None, dx_sum=None
     dxhat -= mean_dxhat
     dxhat -= xhat * mean_dxhat_xhat
     dxhat *= rstd
+    return deliver_input_gradient(dxhat, dx, dx_low, dx_sum)
+
+
+def deliver_input_gradient(grad, dx=None, dx_low=None, dx_sum=None):
+    """A norm backward's input gradient grad (..., C) handed over as its callers
+    ask: returned, or added into `dx` (which is returned); copied into `dx_low`
+    and its column sums added into `dx_sum` when those are given."""
     if dx is None:
-        dx = dxhat
+        dx = grad
     else:
-        dx += dxhat
+        dx += grad
     if dx_low is not None:
         dx_low[...] = dx
     if dx_sum is not None:
-        dx_sum += dx.sum(axis=0)
+        dx_sum += dx.reshape(-1, dx.shape[-1]).sum(axis=0)
     return dx

@@ -5,6 +5,7 @@ whole difference from LayerNorm, here and in the shared CUDA kernel
 "fused" kernels (backend.use_kernels). QK-norm uses
 it on (B, H, T, D) heads, where it normalises each head's D values."""
 from ..backend import array_module, fused_kernels, upcast
+from .layernorm import deliver_input_gradient
 
 EPS = 1e-5
 
@@ -46,12 +47,4 @@ def rmsnorm_backward(dout, cache, w, dw, db=None, dx=None, dx_low=None, dx_sum=N
     dxhat = dout * w
     dxhat -= xhat * xp.mean(dxhat * xhat, axis=-1, keepdims=True)
     dxhat *= rstd
-    if dx is None:
-        dx = dxhat
-    else:
-        dx += dxhat
-    if dx_low is not None:
-        dx_low[...] = dx
-    if dx_sum is not None:
-        dx_sum += dx.reshape(-1, C).sum(axis=0)
-    return dx
+    return deliver_input_gradient(dxhat, dx, dx_low, dx_sum)
