@@ -41,7 +41,7 @@ import types
 
 import numpy
 
-from .cpu_threads import run_parallel, split, thread_count
+from .cpu_threads import run_parallel, single_threaded_blas, split, thread_count
 from .layers.matmul import matmul
 from .optim import AdamW, _check_positive
 
@@ -81,18 +81,50 @@ def lr_adjustment(shape, adjust_lr):
 
 def newton_schulz(x, coefficients=NS_COEFFICIENTS["jordan"], steps=5):
     """The Newton-Schulz iteration on a stack x (G, n, m), n <= m, each matrix
-    already scaled to ||x||_F <= 1; returns a new stack in x's dtype."""
-    a, b, c = coefficients
+    already scaled to ||x||_F <= 1; returns a new stack in x's dtype.
+
+    Every iterate is X_k = Q_k X_0 with Q_k a polynomial in A_0 = X_0 X_0^T, so
+    a wide stack (m >= 2n) iterates on (n, n) matrices alone and multiplies
+    X_0 once at the end: 4 n^2 m + 34 n^3 multiply-adds for 5 steps instead of
+    20 n^2 m + 10 n^3. The two orders agree to rounding in float32 and float64;
+    float16 takes the plain order, since A_k = P A P squares its rounding."""
     x = _xp(x).ascontiguousarray(x)    # the products write row-major stacks
+    if x.shape[-1] >= 2 * x.shape[-2] and steps > 1 and x.dtype != numpy.float16:
+        return _newton_schulz_gram(x, coefficients, steps)
+    a, b, c = coefficients
     for _ in range(steps):
         gram = matmul(x, x, transpose_b=True)                    # A = X X^T   (G, n, n)
-        poly = gram * b                                          # b A + c A^2
-        if c:
-            matmul(gram, gram, out=poly, accumulate=True, alpha=c)
+        poly = _polynomial(gram, b, c)                           # b A + c A^2
         following = x * a                                        # a X + (b A + c A^2) X
         matmul(poly, x, out=following, accumulate=True)
         x = following
     return x
+
+
+def _newton_schulz_gram(x, coefficients, steps):
+    """newton_schulz for a wide stack: P_k = a I + b A_k + c A_k^2,
+    Q_{k+1} = P_k Q_k, A_{k+1} = P_k A_k P_k (all polynomials in A_0, so they
+    commute), and X = Q X_0 at the end."""
+    a, b, c = coefficients
+    xp = _xp(x)
+    gram = matmul(x, x, transpose_b=True)                        # A_0   (G, n, n)
+    identity = xp.eye(x.shape[-2], dtype=x.dtype) * a
+    product = None                                               # Q_k
+    for k in range(steps):
+        poly = _polynomial(gram, b, c)
+        poly += identity                                         # P_k
+        product = poly if product is None else matmul(poly, product)
+        if k + 1 < steps:
+            gram = matmul(poly, matmul(poly, gram))
+    return matmul(product, x)
+
+
+def _polynomial(gram, b, c):
+    """b A + c A^2 for a stack of Gram matrices A."""
+    poly = gram * b
+    if c:
+        matmul(gram, gram, out=poly, accumulate=True, alpha=c)
+    return poly
 
 
 def orthogonalise(g, coefficients=NS_COEFFICIENTS["jordan"], steps=5, dtype=None):
@@ -277,13 +309,25 @@ class Muon:
                 u = u.swapaxes(1, 2) if transposed else u
                 norm = xp.sqrt(xp.sum(u * u, axis=(1, 2), keepdims=True))
                 x[k * hidden.n_layer:(k + 1) * hidden.n_layer] = u / xp.maximum(norm, NS_EPS)
-            x = newton_schulz(x, self.coefficients, self.ns_steps)
+            x = self._iterate(x)
             for k, (offset, shape, transposed, scale) in enumerate(members):
                 out = hidden.stacked(self._update, offset, shape)
                 out = out.swapaxes(1, 2) if transposed else out
                 out[...] = x[k * hidden.n_layer:(k + 1) * hidden.n_layer]
                 if scale != 1.0:
                     out *= scale
+
+    def _iterate(self, x):
+        """newton_schulz on a stack; on the CPU its matrices split among xpmodel's
+        threads with BLAS on one thread each, as the model's passes run (OpenBLAS's
+        own threads would keep spinning into the next forward pass)."""
+        if self.model.device.is_cuda:
+            return newton_schulz(x, self.coefficients, self.ns_steps)
+        parts = split(x.shape[0], thread_count())
+        with single_threaded_blas():
+            return numpy.concatenate(run_parallel(
+                [lambda part=part: newton_schulz(x[part], self.coefficients, self.ns_steps)
+                 for part in parts]))
 
     # ---- state, for checkpoints -------------------------------------------------
     def state_sizes(self):
