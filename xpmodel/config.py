@@ -269,6 +269,9 @@ class TrainConfig:
     precision: str = _setting("fp32", choices=PRECISIONS)
     # CUDA: "fused" kernels, or "xp": every layer's own xp code on CuPy
     kernels: str = _setting("fused", choices=KERNELS)
+    # activation memory for compute: "mlp" recomputes the MLP's hidden activations
+    # in backward, "block" each whole block (about one more forward pass)
+    recompute: str = _setting("none", choices=("none", "mlp", "block"))
     # seeds weight init, batching and dropout
     seed: int = _setting(1337, within=NON_NEGATIVE)
     # checkpoint or run directory to start from; None: fresh weights

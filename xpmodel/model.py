@@ -24,6 +24,7 @@ from .layers.rope import rope_tables
 from .model_config import GPTConfig
 from .params import FlatLayout, is_norm_weight, parameter_shapes
 
+RECOMPUTE = ("none", "mlp", "block")
 # Logits evaluated at once, as (rows, V) elements: ~16 MB in fp32 keeps a CPU
 # chunk in cache; a GPU wants few, large launches (~512 MB of fp32 logits).
 _LOGIT_ELEMENTS_PER_CHUNK = {"cpu": 1 << 22, "cuda": 1 << 27}
@@ -53,10 +54,17 @@ class GPT:
     every layer's own `xp` expressions on CuPy, the code NumPy runs (cuBLAS
     only for the matrix products). Its passes (and generation's) and AdamW
     follow it; it may be changed between passes. On CPU both are the `xp` code.
+
+    recompute trades compute for activation memory: "mlp" keeps no MLP hidden
+    activations (the two (N, F) arrays per block) and recomputes them in
+    backward; "block" keeps only each block's input and recomputes the whole
+    block (about one more forward pass). Gradients are the same bit for bit;
+    with dropout, "block" draws each block's masks from its own seed, so the
+    masks differ from the other modes' (not their distribution).
     """
 
     def __init__(self, config, device="cpu", dtype="float32", seed=0, precision="fp32",
-                 kernels="fused"):
+                 kernels="fused", recompute="none"):
         if not isinstance(config, GPTConfig):
             raise TypeError("GPT needs a GPTConfig")
         self.config = config
@@ -79,6 +87,9 @@ class GPT:
             raise ValueError("fp16 mixed precision keeps float32 master weights: use dtype float32")
         self.precision = precision
         self.kernels = check_kernels(kernels)
+        if recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
+        self.recompute = recompute
         # Matmul weights: the masters themselves, or a float16 copy refreshed
         # from them (one whole-buffer cast) at the start of every pass.
         if precision == "fp16":
@@ -225,16 +236,28 @@ class GPT:
         rope = self.rope_tables(0, T)
         block_caches = []
         for i in range(cfg.n_layer):
-            x, cache = block_forward(cfg, i, x, (B, T), P, W, self.compute_dtype, p_drop, rng, rope)
-            block_caches.append(cache)
+            if self.recompute == "block":     # keep the input; the block runs again in backward
+                block_seed = None if p_drop == 0 else int(rng.integers(0, 2 ** 62))
+                block_caches.append((x.copy(), block_seed))
+                x, _ = self._block_forward(i, x, (B, T), p_drop, block_seed, rope)
+            else:
+                x, cache = block_forward(cfg, i, x, (B, T), P, W, self.compute_dtype, p_drop, rng,
+                                         rope, keep_mlp=self.recompute == "none")
+                block_caches.append(cache)
         hidden, lnf_cache = norm_forward(cfg, x, P, "ln_f", self.compute_dtype)
-        return hidden, (emb_mask, block_caches, lnf_cache)
+        return hidden, (emb_mask, block_caches, lnf_cache, p_drop, rope)
+
+    def _block_forward(self, i, x, shape, p_drop, block_seed, rope):
+        """Block i with its own dropout generator (recompute "block"), forward and again in backward."""
+        rng = None if block_seed is None else random_generator(self.device, block_seed)
+        return block_forward(self.config, i, x, shape, self.params, self.weights,
+                             self.compute_dtype, p_drop, rng, rope)
 
     def _backward_hidden(self, dhidden, idx, caches, G):
         """dhidden: (N, C) gradient of the final norm output; adds into the views G."""
         P, W, cfg = self.params, self.weights, self.config
         B, T = idx.shape
-        emb_mask, block_caches, lnf_cache = caches
+        emb_mask, block_caches, lnf_cache, p_drop, rope = caches
         # The residual stream's gradient dx reaches every branch unchanged; in
         # mixed precision the branches read a float16 copy of it, which each
         # norm backward writes as it updates dx. Each norm backward also sums
@@ -245,12 +268,16 @@ class GPT:
         def bias_sum_below(i):
             """Where the norm above block i's output sums its mlp c_proj bias gradient."""
             return None if i < 0 else \
-                proj_bias_sums(block_caches[i].mlp_mask, G.get(f"h.{i}.mlp.c_proj.bias"))[0]
+                proj_bias_sums(p_drop > 0, G.get(f"h.{i}.mlp.c_proj.bias"))[0]
 
         dx = norm_backward(cfg, dhidden, lnf_cache, P, G, "ln_f", dx_low=dx_low,
                            dx_sum=bias_sum_below(cfg.n_layer - 1))
         for i in reversed(range(cfg.n_layer)):
-            block_backward(cfg, i, dx, block_caches[i], P, W, G, dx_low,
+            cache = block_caches[i]
+            if self.recompute == "block":
+                block_input, block_seed = cache
+                _, cache = self._block_forward(i, block_input, (B, T), p_drop, block_seed, rope)
+            block_backward(cfg, i, dx, cache, P, W, G, dx_low,
                            input_low=dx_low if i > 0 else None, input_sum=bias_sum_below(i - 1))
         demb = embedding_noise_backward(dropout_backward(dx.reshape(B, T, cfg.n_embd), emb_mask))
         embedding_backward(demb, idx, G["wte.weight"], G.get("wpe.weight"))

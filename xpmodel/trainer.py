@@ -114,7 +114,7 @@ class Trainer:
             show_progress=self.display_enabled and not quiet and sys.stdout.isatty())
         try:
             self.model = GPT(self.gpt_config, device=self.device, seed=t.seed, precision=t.precision,
-                             kernels=t.kernels)
+                             kernels=t.kernels, recompute=t.recompute)
             self.optimizer = optimizer_for(self.model, t)   # AdamW, or Muon with AdamW
         except out_of_memory_errors() as exc:
             raise XpmodelError(f"out of {'GPU ' if self.device.is_cuda else ''}memory creating a "

@@ -35,7 +35,8 @@ ACTIVATIONS = {"gelu": (gelu_forward, gelu_backward),
 
 
 class BlockCache(NamedTuple):
-    """What one block's backward reads from its forward."""
+    """What one block's backward reads from its forward (h, act_cache and g
+    are None when the forward was told not to keep them)."""
     ln1: object          # (N, C) norm_1's output, in the compute dtype
     ln1_cache: object
     y: object            # (N, C) attention output, before c_proj
@@ -67,12 +68,14 @@ def _qk_norm(cfg, P, p):
         if cfg.qk_norm else None
 
 
-def block_forward(cfg, layer, x, shape, P, W, low, p_drop=0.0, rng=None, rope=None, kv_cache=None):
+def block_forward(cfg, layer, x, shape, P, W, low, p_drop=0.0, rng=None, rope=None, kv_cache=None,
+                  keep_mlp=True):
     """x: (N, C) residual stream in the master dtype, updated in place; shape
-    (B, T) with N = B*T; low: the compute dtype. Returns (x, BlockCache)."""
+    (B, T) with N = B*T; low: the compute dtype. Returns (x, BlockCache).
+    keep_mlp False leaves the MLP's hidden activations out of the cache;
+    backward recomputes them from ln2."""
     p = f"h.{layer}."
     B, T = shape
-    activation = ACTIVATIONS[cfg.mlp][0]
     ln1, ln1_cache = norm_forward(cfg, x, P, p + "ln_1", low)
     qkv = matmul(ln1, W[p + "attn.c_attn.weight"])
     y, attn_cache = attention_forward(qkv.reshape(B, T, cfg.qkv_width), cfg.n_head, p_drop, rng,
@@ -83,11 +86,12 @@ def block_forward(cfg, layer, x, shape, P, W, low, p_drop=0.0, rng=None, rope=No
     x = residual_forward(x, attn_branch, W.get(p + "attn.c_proj.bias"), attn_mask)
 
     ln2, ln2_cache = norm_forward(cfg, x, P, p + "ln_2", low)
-    h = matmul(ln2, W[p + "mlp.c_fc.weight"])
-    g, act_cache = activation(h, W.get(p + "mlp.c_fc.bias"))             # h += bias
+    h, act_cache, g = mlp_hidden(cfg, p, ln2, W)
     mlp_branch = matmul(g, W[p + "mlp.c_proj.weight"])
     mlp_mask = dropout_mask(mlp_branch, p_drop, rng)
     x = residual_forward(x, mlp_branch, W.get(p + "mlp.c_proj.bias"), mlp_mask)
+    if not keep_mlp:
+        h = act_cache = g = None
     return x, BlockCache(ln1, ln1_cache, y, attn_cache, attn_mask, ln2, ln2_cache, h, act_cache,
                          g, mlp_mask)
 
@@ -105,12 +109,15 @@ def block_backward(cfg, layer, dx, cache, P, W, G, dx_low=None, input_low=None, 
     p = f"h.{layer}."
     activation_backward = ACTIVATIONS[cfg.mlp][1]
     dbranch = dx if dx_low is None else dx_low
-    mlp_bias_sum, mlp_bias = proj_bias_sums(cache.mlp_mask, G.get(p + "mlp.c_proj.bias"))
-    attn_bias_sum, attn_bias = proj_bias_sums(cache.attn_mask, G.get(p + "attn.c_proj.bias"))
+    mlp_bias_sum, mlp_bias = proj_bias_sums(cache.mlp_mask is not None, G.get(p + "mlp.c_proj.bias"))
+    attn_bias_sum, attn_bias = proj_bias_sums(cache.attn_mask is not None,
+                                              G.get(p + "attn.c_proj.bias"))
+    h, act_cache, g = (cache.h, cache.act_cache, cache.g) if cache.h is not None \
+        else mlp_hidden(cfg, p, cache.ln2, W)
     dmlp_out = dropout_backward(dbranch, cache.mlp_mask)
-    dg = linear_backward(dmlp_out, cache.g, W[p + "mlp.c_proj.weight"],
+    dg = linear_backward(dmlp_out, g, W[p + "mlp.c_proj.weight"],
                          G[p + "mlp.c_proj.weight"], mlp_bias)
-    dh = activation_backward(dg, cache.h, cache.act_cache, dbias=G.get(p + "mlp.c_fc.bias"))
+    dh = activation_backward(dg, h, act_cache, dbias=G.get(p + "mlp.c_fc.bias"))
     dln2 = linear_backward(dh, cache.ln2, W[p + "mlp.c_fc.weight"], G[p + "mlp.c_fc.weight"])
     norm_backward(cfg, dln2, cache.ln2_cache, P, G, p + "ln_2", dx=dx, dx_low=dx_low,
                   dx_sum=attn_bias_sum)
@@ -128,11 +135,20 @@ def block_backward(cfg, layer, dx, cache, P, W, G, dx_low=None, input_low=None, 
     return dx
 
 
-def proj_bias_sums(mask, grad):
+def mlp_hidden(cfg, p, ln2, W):
+    """The MLP's hidden activations from its input ln2 (N, C): h (N, F or 2F),
+    c_fc's output with its bias added, the activation's cache, and g (N, F)."""
+    h = matmul(ln2, W[p + "mlp.c_fc.weight"])
+    g, act_cache = ACTIVATIONS[cfg.mlp][0](h, W.get(p + "mlp.c_fc.bias"))   # h += bias
+    return h, act_cache, g
+
+
+def proj_bias_sums(dropped, grad):
     """Where a c_proj bias's gradient is summed: (by the norm backward that
     writes the gradient its branch receives, by linear_backward); one of the
-    two is None. Without dropout on the branch, the norm backward's column
-    sums of the stream's gradient are that gradient, which saves a pass."""
+    two is None. Without dropout on the branch (dropped false), the norm
+    backward's column sums of the stream's gradient are that gradient, which
+    saves a pass."""
     if grad is None:
         return None, None
-    return (grad, None) if mask is None else (None, grad)
+    return (None, grad) if dropped else (grad, None)
