@@ -462,7 +462,8 @@ class Trainer:
             except out_of_memory_errors() as exc:
                 raise XpmodelError(f"out of {'GPU ' if self.device.is_cuda else ''}memory ({exc.__class__.__name__}): "
                                    f"lower train.batch_size (raise train.grad_accum to keep the batch), "
-                                   f"model.block_size, model.n_embd or model.n_layer") from None
+                                   f"set train.recompute=mlp or block, or lower model.block_size, "
+                                   f"model.n_embd or model.n_layer") from None
         if self.dist is not None:
             self.dist.allreduce_mean_(model.flat_grads)
             total = float(self.dist.allreduce_mean_(numpy.array([float(total)]))[0])
