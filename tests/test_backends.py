@@ -155,7 +155,7 @@ def test_cached_generation_matches_uncached(device):
 
 def test_a_run_trained_on_a_device_loads_on_the_cpu(device, tmp_path, monkeypatch, tinyshakespeare):
     from xpmodel.config import load_config
-    from xpmodel.trainer import Trainer
+    from xpmodel.train import Trainer
     monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
     tiny = str(Path(__file__).resolve().parent / "tiny-run.yaml")
     config = load_config(tiny, [f"data.source={tinyshakespeare}", "train.max_iters=6",
@@ -172,7 +172,7 @@ def test_fp16_run_skips_an_overflow_and_resumes_on_the_other_backend(device, tmp
     """On a GPU the steps between log lines are decided on the device; every
     step still reaches metrics.jsonl, and the skipped one is marked."""
     from xpmodel.config import load_config
-    from xpmodel.trainer import Trainer
+    from xpmodel.train import Trainer
     monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
     tiny = str(Path(__file__).resolve().parent / "tiny-run.yaml")
     config = load_config(tiny, [f"data.source={tinyshakespeare}", "train.max_iters=10",

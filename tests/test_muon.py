@@ -18,7 +18,7 @@ from xpmodel.config import load_config
 from xpmodel.errors import UsageError
 from xpmodel.muon import HIDDEN_MATRICES, NS_COEFFICIENTS, Muon, newton_schulz, orthogonalise
 from xpmodel.optim import clipped_step
-from xpmodel.trainer import Trainer
+from xpmodel.train import Trainer
 
 torch = pytest.importorskip("torch")
 

@@ -8,7 +8,7 @@ from xpmodel.config import load_config
 from xpmodel.errors import UsageError
 from xpmodel.schedule import (SCHEDULES, ConstantSchedule, CosineSchedule, LinearSchedule,
                               StepSchedule, WSDSchedule, schedule_from_config)
-from xpmodel.trainer import make_schedule
+from xpmodel.train import make_schedule
 
 LR, MIN_LR = 1e-3, 1e-4
 

@@ -14,7 +14,7 @@ import pytest
 
 from cli_helpers import run_cli, write_corpus
 import xpmodel
-from xpmodel import trainer as trainer_module
+from xpmodel.train import evaluate as evaluate_module
 from xpmodel.checkpoint import read_checkpoint_meta
 from xpmodel.config import load_config
 from xpmodel.corpus import build_tokenizer, load_tokens
@@ -25,7 +25,7 @@ from xpmodel.model import GPT, GPTConfig
 from xpmodel.plot import draw_metrics
 from xpmodel.rundir import RunDir
 from xpmodel.tokenizer import BPETokenizer
-from xpmodel.trainer import Trainer
+from xpmodel.train import Trainer
 
 TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
 
@@ -52,8 +52,8 @@ def test_training_samples_use_the_configured_temperature_top_k_and_top_p(tmp_pat
                          "train.sample_top_p=0.5", "train.sample_tokens=24")
     trainer = Trainer.start(config, device="cpu", out=tmp_path / "run", show=False)
     calls = []
-    real = trainer_module.generate
-    monkeypatch.setattr(trainer_module, "generate",
+    real = evaluate_module.generate
+    monkeypatch.setattr(evaluate_module, "generate",
                         lambda *args, **kwargs: calls.append(kwargs) or real(*args, **kwargs))
     text = trainer.sample_text()
     assert (calls[0]["temperature"], calls[0]["top_k"], calls[0]["top_p"]) == (0.0, None, 0.5)

@@ -35,7 +35,7 @@ from xpmodel.model import GPTConfig
 from xpmodel.params import parameter_shapes
 from xpmodel.rundir import RunDir
 from xpmodel.tokenizer import MAX_VOCAB, BPETokenizer
-from xpmodel.trainer import Trainer
+from xpmodel.train import Trainer
 
 TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
 TINY_GPT = GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16)

@@ -49,7 +49,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from xpmodel.config import load_config
-    from xpmodel.trainer import Trainer
+    from xpmodel.train import Trainer
 
     scratch = tempfile.TemporaryDirectory(prefix="xpmodel-soak-")
     root = Path(scratch.name)

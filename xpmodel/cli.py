@@ -80,7 +80,7 @@ def _run(parser, args, extra):
     except Exception as exc:
         if args.debug:
             raise
-        from .trainer import Interrupted
+        from .train import Interrupted
         if isinstance(exc, Interrupted):
             print(str(exc), file=sys.stderr)
             return exc.exit_code

@@ -12,7 +12,7 @@ _EVAL_TOKENS_PER_BATCH = 4096
 
 def train_command(args):
     from .distributed import init_distributed
-    from .trainer import Interrupted
+    from .train import Interrupted
     dist = init_distributed(args.device)
     if dist.world_size == 1:
         return _train(args, args.device, None)
@@ -28,7 +28,7 @@ def _train(args, device, dist):
     from contextlib import nullcontext
     from .config import load_config
     from .rundir import RunDir, default_run_path
-    from .trainer import Trainer
+    from .train import Trainer
     is_main = dist is None or dist.is_main
     if args.resume:
         if args.config or args.init_from or args.out:

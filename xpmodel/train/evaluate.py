@@ -1,0 +1,109 @@
+"""Evaluation and reporting: validation loss (and early stopping), samples,
+the data line, MFU, and the end-of-run summary."""
+import math
+
+import numpy
+
+from ..backend import gpu_name
+from ..data import eval_batches, resolve_source
+from ..errors import XpmodelError
+from ..generate import generate
+
+# Dense fp16 tensor-core peaks (FLOP/s) for MFU, by GPU name.
+_GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+class Evaluation:
+    """The Trainer's evaluation, sampling and summaries."""
+
+    def _evaluate(self, display, metrics):
+        """Validation loss on `eval_batches` batches; True when early stopping triggers."""
+        t = self.config.train
+        val_loss = self.evaluate_loss(self.val_tokens, t.eval_batches)
+        perplexity = math.exp(min(val_loss, 700))
+        total, count = self.interval_loss
+        train_loss = total / count if count else None   # the steps since the last evaluation
+        self.interval_loss = [0.0, 0]
+        self.last_val, self.last_val_step = val_loss, self.step
+        best = val_loss < self.best_val
+        if best:
+            self.best_val = val_loss
+            self.evals_without_improvement = 0
+        else:
+            self.evals_without_improvement += 1
+        record = {"type": "eval", "step": self.step, "epoch": round(self.sampler.epochs_done, 6),
+                  "val_loss": val_loss, "val_perplexity": perplexity}
+        if train_loss is not None:
+            record.update(train_loss=train_loss, train_perplexity=math.exp(min(train_loss, 700)),
+                          gap=val_loss - train_loss)
+        if metrics:
+            self.run_dir.append_metrics(record, metrics)
+        display.validation(self.step, val_loss, perplexity, best, train_loss)
+        if best:
+            self.save(self.run_dir.best_path)
+        return bool(t.early_stop_patience) and self.evals_without_improvement >= t.early_stop_patience
+
+    def data_summary(self):
+        """One line on the data: corpus bytes, tokens, the split, tokens per
+        parameter, and the passes over the training tokens the run makes."""
+        t = self.config.train
+        n_train, n_val = len(self.train_tokens), len(self.val_tokens)
+        try:
+            corpus = f"{resolve_source(self.config.data.source).total_bytes():,} bytes of "
+        except XpmodelError:
+            corpus = ""
+        tokens_per_step = t.batch_size * t.grad_accum * self.config.model.block_size
+        epochs = self.sampler.epochs_after(self.total_steps * t.grad_accum)
+        length = (f"train.epochs={t.epochs}: {self.total_steps:,} steps" if t.epochs else
+                  f"{self.total_steps:,} steps x {tokens_per_step:,} tokens = {epochs:.2f} epochs")
+        return (f"data: {corpus}{self.config.data.source} -> {n_train + n_val:,} tokens "
+                f"({n_train:,} train, {n_val:,} val), {n_train / self.gpt_config.num_params():.2g} "
+                f"train tokens per parameter; {length}")
+
+    def evaluate_loss(self, tokens, n_batches):
+        was_training = self.model.training
+        self.model.eval()
+        T = self.config.model.block_size
+        losses = [float(self.model.loss(x, y)) for x, y in
+                  eval_batches(tokens, self.config.train.batch_size, T, n_batches)]
+        if was_training:
+            self.model.train()
+        return float(numpy.mean(losses))
+
+    def sample_text(self):
+        t = self.config.train
+        prompt = self.tokenizer.encode(t.sample_prompt, allowed_special="all") or [self.tokenizer.eot_id or 0]
+        ids = list(generate(self.model, prompt, t.sample_tokens, temperature=t.sample_temperature,
+                            top_k=t.sample_top_k, top_p=t.sample_top_p,
+                            seed=t.seed + self.step, stop_id=self.tokenizer.eot_id))
+        return t.sample_prompt + self.tokenizer.decode(ids)
+
+    def _mfu(self, tokens_per_s):
+        """Model FLOPs utilisation against the GPU's dense fp16 peak; None on CPU
+        or an unknown GPU."""
+        if not self.device.is_cuda:
+            return None
+        if not hasattr(self, "_peak_flops"):
+            name = gpu_name(self.device)
+            self._peak_flops = next((f for key, f in _GPU_PEAK_FLOPS.items() if key in name), None)
+            self._flops_per_token = self.gpt_config.flops_per_token()
+        if self._peak_flops is None:
+            return None
+        return self._flops_per_token * tokens_per_s / self._peak_flops
+
+    def _summary(self, last_loss, stop_reason):
+        wall = self.elapsed_before + self._elapsed()
+        summary = {"stop_reason": stop_reason, "steps": self.step, "train_loss": last_loss,
+                   "val_loss": self.last_val, "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
+                   "val_perplexity": math.exp(self.last_val) if self.last_val is not None else None,
+                   "tokens_seen": self.tokens_seen, "wall_time_s": wall,
+                   "tokens_per_s": self.tokens_seen / wall if wall > 0 else 0.0,
+                   "run_dir": str(self.run_dir.path)}
+        return summary
+
+    def _print_summary(self, s):
+        val = f"{s['val_loss']:.4f} (perplexity {s['val_perplexity']:.2f})" if s["val_loss"] is not None else "-"
+        train = "-" if s["train_loss"] is None else f"{s['train_loss']:.4f}"
+        print(f"done ({s['stop_reason']}): {s['steps']} steps, train loss {train}, "
+              f"val loss {val}, {s['tokens_seen']:,} tokens in {s['wall_time_s']:.1f} s "
+              f"({s['tokens_per_s']:,.0f} tokens/s); run saved in {s['run_dir']}", flush=True)

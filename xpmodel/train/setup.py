@@ -1,0 +1,146 @@
+"""Starting and resuming a run: everything that can fail on bad input is
+checked before the run directory is written; --init-from takes the model's
+shape from its source; the sampler and the run's length in steps."""
+import os
+
+from ..backend import get_device
+from ..corpus import build_tokenizer
+from ..data import EpochSampler, RandomWindowSampler
+from ..data.tokenfile import MAX_VOCAB_SIZE
+from ..errors import CheckpointError, UsageError
+from ..model_config import OPTION_KEYS, gpt_config
+from ..rundir import RunDir, default_run_path
+from ..runs import adopt_pretrained, load_pretrained
+from ..schedule import schedule_from_config
+
+
+def model_config(config, tokenizer):
+    vocab = config.model.vocab_size or tokenizer.vocab_size
+    if vocab < tokenizer.vocab_size:
+        raise UsageError(f"model.vocab_size={vocab} is smaller than the tokenizer's "
+                         f"{tokenizer.vocab_size} ids")
+    return gpt_config(config.model, tokenizer.vocab_size)
+
+
+def check_fits_in_memory(gpt_config, device):
+    """Refuse, before allocating, a model whose training state cannot fit in
+    host memory: weights, gradients and two AdamW moments in float32, one
+    scratch buffer, and the float64 buffer the weights are drawn in."""
+    if device.is_cuda:
+        return   # CuPy reports its own out-of-memory, caught where it happens
+    try:
+        available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    n = gpt_config.num_params()
+    needed = n * (5 * 4 + 8)
+    if needed > available:
+        raise UsageError(f"a model of {n:,} parameters needs about {needed / 2**30:,.1f} GiB to "
+                         f"train, more than this machine's {available / 2**30:,.1f} GiB; lower "
+                         f"model.n_layer, model.n_embd or model.vocab_size")
+
+
+def make_schedule(train_config, total_steps):
+    return schedule_from_config(train_config, total_steps)
+
+
+class RunSetup:
+    """How a Trainer comes to be: `start` (a new run) or `resume`."""
+
+    @classmethod
+    def start(cls, config, device="cpu", out=None, overwrite=False, quiet=False, dist=None,
+              config_name="default", show=True):
+        """A new run in `out`. Everything that can fail on bad input (device,
+        data, model size) is checked before the run directory is written;
+        the directory gets run.json only after its step-0 checkpoint."""
+        is_main = dist is None or dist.is_main
+        device = get_device(device)
+        if dist is not None:
+            dist.shard(config.train.batch_size)   # refuses a batch the ranks cannot split
+        run = RunDir(out or default_run_path(config_name))
+        if is_main:
+            run.check_can_create(overwrite)
+        if config.data.tokenizer == "bpe" and config.data.vocab_size > MAX_VOCAB_SIZE:
+            raise UsageError(f"data.vocab_size={config.data.vocab_size} is more ids than a token "
+                             f"file holds ({MAX_VOCAB_SIZE:,})")
+        pretrained = None
+        if config.train.init_from:
+            pretrained = load_pretrained(config.train.init_from)
+            source_config, _, tokenizer = pretrained
+            taken = {k: getattr(source_config, k) for k in ("n_layer", "n_head", "n_embd", "block_size",
+                                                            *OPTION_KEYS)}
+            ignored = [f"model.{k}={getattr(config.model, k)}" for k, v in taken.items()
+                       if getattr(config.model, k) not in (None, v)]
+            if ignored and show and is_main:
+                print(f"--init-from {config.train.init_from}: the model shape comes from the "
+                      f"source; ignoring {', '.join(ignored)}")
+            config = adopt_pretrained(config, source_config, tokenizer)
+        else:
+            tokenizer = build_tokenizer(config.data, say=print if (show and is_main) else (lambda s: None))
+        trainer = cls(config, run, tokenizer, device, quiet=quiet, dist=dist, show=show)
+        if pretrained is not None:
+            trainer.model.load_state_arrays(pretrained[1])
+        if is_main:
+            run.create(config, tokenizer, overwrite=overwrite, first_checkpoint=trainer.save)
+        if dist is not None:
+            dist.barrier()
+        if pretrained is not None:
+            trainer._say(f"initialised weights from {config.train.init_from}")
+        return trainer
+
+    @classmethod
+    def resume(cls, path, device="cpu", overrides_config=None, quiet=False, dist=None, show=True):
+        run = RunDir(path)
+        run.require_run("--resume")
+        config = overrides_config or run.load_config()
+        tokenizer = run.load_tokenizer()
+        trainer = cls(config, run, tokenizer, device, quiet=quiet, dist=dist, show=show)
+        checkpoint = None
+        problems = []
+        for candidate, problem in run.checkpoints_newest_first():
+            if problem is None:
+                try:
+                    trainer._load(candidate)
+                    checkpoint = candidate
+                    break
+                except CheckpointError as exc:
+                    problem = str(exc)
+            problems.append(problem)
+            trainer._say(f"skipping checkpoint: {problem}")
+        if checkpoint is None:
+            if problems:
+                raise CheckpointError(f"--resume {path}: no usable checkpoint; the newest: "
+                                      f"{problems[0]}")
+            raise CheckpointError(f"--resume {path}: the run has no checkpoint to resume from; "
+                                  f"start it again with --out {path} --overwrite")
+        if trainer.is_main:
+            run.remove_stale_temporaries()
+            run.truncate_metrics(trainer.step)
+        trainer._say(f"resumed {path} at step {trainer.step} from {checkpoint.name}")
+        return trainer
+
+    def _make_sampler(self):
+        d, t, T = self.config.data, self.config.train, self.config.model.block_size
+        mask_id = self.tokenizer.mask_id
+        if d.token_dropout_mode == "mask" and mask_id is None:
+            raise UsageError("data.token_dropout_mode=mask needs a tokenizer that reserves "
+                             "<|mask|>; this run's tokenizer (from --init-from or an earlier "
+                             "run) has none: use data.token_dropout_mode=random, or start from "
+                             "fresh weights so the tokenizer is built with it")
+        common = dict(token_dropout=d.token_dropout, vocab_size=self.tokenizer.vocab_size,
+                      token_dropout_mode=d.token_dropout_mode, mask_id=mask_id)
+        if d.batching == "epochs":
+            return EpochSampler(self.train_tokens, t.batch_size, T, t.seed,
+                                random_crop=d.crop_augment, **common)
+        return RandomWindowSampler(self.train_tokens, t.batch_size, T, t.seed, **common)
+
+    def _count_steps(self):
+        t = self.config.train
+        if t.max_iters is not None:
+            return t.max_iters
+        steps = t.epochs * self.sampler.batches_per_epoch // t.grad_accum
+        if steps == 0:
+            raise UsageError(f"train.epochs={t.epochs}: one epoch has only "
+                             f"{self.sampler.batches_per_epoch} batches, fewer than "
+                             f"train.grad_accum={t.grad_accum}")
+        return steps
