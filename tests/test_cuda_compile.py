@@ -1,12 +1,14 @@
-"""Every raw CUDA kernel, in the variants the configs use, compiles with
-NVRTC (the compiler CuPy uses) for the A100 and the H100 / H200
-architectures, without register spills. Needs g++ (the kernels are built
+"""Every raw CUDA kernel, in the variants the configs use (float32, float16
+and bfloat16 activations), compiles with NVRTC (the compiler CuPy uses) for
+the A100 and the H100 / H200 architectures, without register spills; the
+bfloat16 builds use bfloat16 instructions only. Needs g++ (the kernels are built
 by running the layers on the CPU emulator) and the nvidia-cuda-nvrtc
 wheel; no GPU."""
 import numpy as np
 import pytest
 
 import cuda_emulator
+from xpmodel.backend import BFLOAT16, is_half
 from cuda_emulator import nvrtc
 
 NVRTC = nvrtc.library()
@@ -42,7 +44,7 @@ def kernels_of_a_pass(cp, C, V, T, low):
     probs = causal_softmax_forward(cp.ones((1, 1, T, T), low), low)
     causal_softmax_backward(probs, probs, low)
     crossentropy_fused(cp.ones((2, V), low), cp.asarray(np.array([0, V - 1])), cp.asarray(0.5))
-    if low == np.float16:
+    if is_half(low):
         from xpmodel.cuda.flash import flash_backward, flash_forward
         heads = cp.ones((3, 1, 1, 64, 64), low)
         out, lse = flash_forward(heads)
@@ -53,7 +55,7 @@ def every_kernel_variant():
     start = len(cuda_emulator.built)
     with cuda_emulator.emulated_cuda() as cp:
         for C, V, T in SHAPES:
-            for low in (np.float16, np.float32):
+            for low in (np.float16, BFLOAT16, np.float32):
                 kernels_of_a_pass(cp, C, V, T, low)
     names_by_code = {}
     for name, code in cuda_emulator.built[start:]:
@@ -67,11 +69,29 @@ def test_every_kernel_compiles_without_spills(arch):
     names = set().union(*variants.values())
     assert {"layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward",
             "causal_softmax_forward", "causal_softmax_backward", "crossentropy",
-            "crossentropy_rows", "residual_add", "split_heads", "causal_softmax_forward_f16",
-            "causal_softmax_backward_f16", "merge_heads", "flash_forward", "flash_delta",
-            "flash_backward", "flash_dq_store", "split_heads_f16", "merge_heads_f16"} <= names
+            "crossentropy_rows", "residual_add", "split_heads", "causal_softmax_forward_h16",
+            "causal_softmax_backward_h16", "merge_heads", "flash_forward", "flash_delta",
+            "flash_backward", "flash_dq_store", "split_heads_h16", "merge_heads_h16"} <= names
     for code, names in variants.items():
         name = "/".join(sorted(names))
         ok, log = nvrtc.compile_kernel(NVRTC, code, arch)
         assert ok, f"{name} does not compile for sm_{arch}:\n{log}"
         assert nvrtc.spills(log) == 0, f"{name} spills registers on sm_{arch}:\n{log}"
+
+
+def test_bfloat16_builds_use_bfloat16_instructions():
+    """One source, two 16-bit types: a kernel built for bfloat16 arrays converts
+    with cvt.rn.bf16.f32 and multiplies with bf16 mma.sync; none of it keeps a
+    float16 instruction (which would read the bits as the wrong type)."""
+    start = len(cuda_emulator.built)
+    with cuda_emulator.emulated_cuda() as cp:
+        from xpmodel.cuda.flash import flash_backward, flash_forward
+        heads = cp.ones((3, 1, 1, 64, 64), BFLOAT16)
+        out, lse = flash_forward(heads)
+        flash_backward(out, heads, out, lse, 0.125)
+    codes = {code for _, code in cuda_emulator.built[start:]}
+    assert codes and all("#define H16_IS_BF16 1" in code for code in codes)
+    ptx = "\n".join(nvrtc.ptx(NVRTC, code, 80) for code in codes)
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx
+    assert "cvt.rn.bf16.f32" in ptx
+    assert ".f16.f16" not in ptx and "cvt.rn.f16.f32" not in ptx and "cvt.f32.f16" not in ptx

@@ -79,7 +79,7 @@ def test_the_wheel_metadata_is_ready_for_an_index(built):
     assert metadata.get_payload().strip() == (REPO / "README.md").read_text().strip()
     assert "xpmodel = xpmodel.cli:main" in entry_points
     requires = metadata.get_all("Requires-Dist")
-    for name in ("numpy", "rich", "pyyaml", "regex", "safetensors", "threadpoolctl"):
+    for name in ("numpy", "ml_dtypes", "rich", "pyyaml", "regex", "safetensors", "threadpoolctl"):
         assert any(r.startswith(f"{name}>=") and "extra ==" not in r for r in requires), name
 
 

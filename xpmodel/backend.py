@@ -15,7 +15,14 @@ import contextlib
 import contextvars
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy
+
+# bfloat16 (8 exponent bits like float32, 8 significand bits) as NumPy and
+# CuPy 14 both read it, through ml_dtypes
+BFLOAT16 = numpy.dtype(ml_dtypes.bfloat16)
+# the 16-bit float dtypes activations may take (train.precision fp16 / bf16)
+HALF_DTYPES = (numpy.dtype(numpy.float16), BFLOAT16)
 
 _cupy = None          # the cupy module once imported
 _cupy_error = None    # why it could not be imported
@@ -173,9 +180,25 @@ def get_dtype(name):
     return numpy.dtype(name)
 
 
+def is_half(dtype):
+    """Whether dtype is a 16-bit float (float16 or bfloat16)."""
+    return numpy.dtype(dtype) in HALF_DTYPES
+
+
+def supports_bfloat16(device):
+    """Whether `device` computes in bfloat16: always on CPU (NumPy through
+    ml_dtypes); on CUDA, compute capability 8.0 or later (tensor cores and the
+    bfloat16 conversions the kernels use)."""
+    device = get_device(device)
+    if not device.is_cuda:
+        return True
+    return int(_cupy.cuda.Device(device.index).compute_capability) >= 80
+
+
 def upcast(array):
-    """float16 arrays as float32 (for statistics); anything else unchanged."""
-    if array.dtype == numpy.float16:
+    """16-bit float arrays (float16, bfloat16) as float32 (for statistics);
+    anything else unchanged."""
+    if array.dtype in HALF_DTYPES:
         return array.astype(numpy.float32)
     return array
 

@@ -43,7 +43,7 @@ from xpmodel.schedule import SCHEDULES
 TOKENIZERS = ("bpe", "byte")
 BATCHINGS = ("random", "epochs")
 TOKEN_DROPOUT_MODES = ("random", "mask")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "muon")
 
 DEFAULT_CONFIG = "default"
@@ -265,7 +265,8 @@ class TrainConfig:
     log_interval: int = _setting(10, within=POSITIVE)
     # evaluations without a better val loss before stopping; 0 = off
     early_stop_patience: int = _setting(0, within=NON_NEGATIVE)
-    # "fp16": half-precision compute with loss scaling
+    # "fp16": float16 compute with loss scaling; "bf16": bfloat16 compute, no loss
+    # scaling (float32 master weights and statistics in both)
     precision: str = _setting("fp32", choices=PRECISIONS)
     # CUDA: "fused" kernels, or "xp": every layer's own xp code on CuPy
     kernels: str = _setting("fused", choices=KERNELS)

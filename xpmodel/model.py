@@ -12,8 +12,8 @@ import math
 
 import numpy
 
-from .backend import (check_kernels, get_device, get_dtype, random_generator, to_device, to_host,
-                      upcast, use_kernels)
+from .backend import (BFLOAT16, check_kernels, get_device, get_dtype, is_half, random_generator,
+                      supports_bfloat16, to_device, to_host, upcast, use_kernels)
 from .cpu_threads import keep_freed_memory, run_parallel, single_threaded_blas, split, thread_count
 from .layers.block import block_backward, block_forward, norm_backward, norm_forward, proj_bias_sums
 from .layers.crossentropy import IGNORE_INDEX, crossentropy_fused, lm_head_backward, lm_head_forward
@@ -25,6 +25,9 @@ from .model_config import GPTConfig
 from .params import FlatLayout, is_norm_weight, parameter_shapes
 
 RECOMPUTE = ("none", "mlp", "block")
+# The working copy's and activations' dtype of each precision (fp32: the masters')
+_WORKING_DTYPES = {"fp32": None, "fp16": numpy.dtype(numpy.float16), "bf16": BFLOAT16}
+
 # Logits evaluated at once, as (rows, V) elements: ~16 MB in fp32 keeps a CPU
 # chunk in cache; a GPU wants few, large launches (~512 MB of fp32 logits).
 _LOGIT_ELEMENTS_PER_CHUNK = {"cpu": 1 << 22, "cuda": 1 << 27}
@@ -48,7 +51,8 @@ class GPT:
     precision="fp16" is mixed precision: float32 master weights, a float16
     working copy of them (`flat_working`, `weights`) for the matmuls, float16
     activations around the matmuls, and the residual stream, the norms,
-    softmax and loss in float32.
+    softmax and loss in float32. precision="bf16" is the same with bfloat16
+    (float32's exponent range, so the trainer scales no loss).
 
     kernels: on CUDA, "fused" runs the kernels of xpmodel/cuda; "xp" runs
     every layer's own `xp` expressions on CuPy, the code NumPy runs (cuBLAS
@@ -70,9 +74,9 @@ class GPT:
         self.config = config
         self.device = get_device(device)
         self.dtype = get_dtype(dtype)
-        if self.dtype == numpy.float16:
+        if is_half(self.dtype):
             raise ValueError("GPT parameters must be float32 or float64; "
-                             "use train.precision=fp16 for mixed precision")
+                             "use train.precision=fp16 or bf16 for mixed precision")
         self.device.activate()
         self.xp = self.device.xp
         self.layout = FlatLayout(parameter_shapes(config))
@@ -81,24 +85,28 @@ class GPT:
         self.flat_grads = self.xp.zeros_like(self.flat_params)
         self.params = self.layout.views(self.flat_params)
         self.grads = self.layout.views(self.flat_grads)
-        if precision not in ("fp32", "fp16"):
-            raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
-        if precision == "fp16" and self.dtype != numpy.float32:
-            raise ValueError("fp16 mixed precision keeps float32 master weights: use dtype float32")
+        if precision not in _WORKING_DTYPES:
+            raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
+        if precision != "fp32" and self.dtype != numpy.float32:
+            raise ValueError(f"{precision} mixed precision keeps float32 master weights: use dtype float32")
+        if precision == "bf16" and not supports_bfloat16(self.device):
+            raise ValueError("train.precision=bf16 needs a GPU of compute capability 8.0 or later "
+                             "(A100, RTX 30xx, H100 ...): use fp16 on this one")
         self.precision = precision
         self.kernels = check_kernels(kernels)
         if recompute not in RECOMPUTE:
             raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
         self.recompute = recompute
-        # Matmul weights: the masters themselves, or a float16 copy refreshed
+        # Matmul weights: the masters themselves, or a 16-bit copy refreshed
         # from them (one whole-buffer cast) at the start of every pass.
-        if precision == "fp16":
-            self.flat_working = self.xp.empty(self.layout.size, dtype=numpy.float16)
+        working = _WORKING_DTYPES[precision]
+        if working is not None:
+            self.flat_working = self.xp.empty(self.layout.size, dtype=working)
             self.weights = self.layout.views(self.flat_working)
         else:
             self.flat_working = None
             self.weights = self.params
-        self.compute_dtype = numpy.dtype(numpy.float16) if precision == "fp16" else self.dtype
+        self.compute_dtype = working if working is not None else self.dtype
         self.seed = seed
         self.dropout_calls = 0   # counts training passes; seeds each pass's dropout masks
         self.dropout_stream = 0  # set apart per data-parallel rank so ranks draw different masks

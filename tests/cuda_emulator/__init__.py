@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy
 
-from xpmodel.cuda.compile import F16_CONVERSIONS as _GPU_F16_CONVERSIONS
+from xpmodel.backend import BFLOAT16
+from xpmodel.cuda.compile import H16_CONVERSIONS as _GPU_H16_CONVERSIONS
 from xpmodel.cuda.compile import WARP_MATRIX as _GPU_WARP_MATRIX
 
 from . import cublas
@@ -48,17 +49,35 @@ SANITIZE = ["-fsanitize=alignment,bounds,null,shift,signed-integer-overflow",
 CANARY_BYTES = 256          # also the alignment of every allocation, as cudaMalloc's
 MULTIPROCESSORS = 4         # small, so grids sized per multiprocessor stay quick to emulate
 
-# float16 <-> float32 in C++: _Float16 converts with round-to-nearest-even, like the PTX
-EMULATED_F16_CONVERSIONS = r"""
-typedef unsigned short f16;
-inline float f16_to_float(f16 h) { _Float16 v; std::memcpy(&v, &h, 2); return (float)v; }
-inline f16 float_to_f16(float x) { _Float16 v = (_Float16)x; f16 h; std::memcpy(&h, &v, 2); return h; }
+# h16 <-> float32 in C++, chosen by H16_IS_BF16 as on the GPU. float16:
+# _Float16 converts with round-to-nearest-even, like the PTX. bfloat16: the
+# upper half of a float32's bits, rounded to nearest even by integer
+# arithmetic (cvt.rn.bf16.f32's rounding and ml_dtypes'); a NaN stays a NaN.
+EMULATED_H16_CONVERSIONS = r"""
+typedef unsigned short h16;
+#ifdef H16_IS_BF16
+inline float h16_to_float(h16 h) { unsigned u = (unsigned)h << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline h16 float_to_h16(float x) {
+    unsigned u;
+    std::memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (h16)((u >> 16) | 0x40u);
+    return (h16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+#else
+inline float h16_to_float(h16 h) { _Float16 v; std::memcpy(&v, &h, 2); return (float)v; }
+inline h16 float_to_h16(float x) { _Float16 v = (_Float16)x; h16 h; std::memcpy(&h, &v, 2); return h; }
+#endif
+inline unsigned pack_h16x2(float low, float high) {
+    return (unsigned)float_to_h16(low) | ((unsigned)float_to_h16(high) << 16);
+}
 """
 
 # The warp-level matrix instructions (see WARP_MATRIX). mma_16816 follows the
 # fragment layout PTX documents for mma.m16n8k16: every lane publishes its
 # fragments, a warp barrier, then each lane computes its own four results from
-# the whole warp's. ldmatrix and cp.async are in emulator.h; an asynchronous
+# the whole warp's, reading the operands as the build's h16 (.f16 or .bf16;
+# either's products are exact in float32). ldmatrix moves 16-bit values
+# without reading them, so it is the same for both types. ldmatrix and cp.async are in emulator.h; an asynchronous
 # copy fills its destination with NaN bytes when issued and lands only when its
 # thread waits for it, so a read before the wait, or a copy into a tile another
 # warp still reads (warps are released from their barriers in a random order,
@@ -72,7 +91,7 @@ inline void mma_16816(float* d, const unsigned* a, const unsigned* b) {
     std::memcpy(mine[lane].a, a, sizeof mine[lane].a);
     std::memcpy(mine[lane].b, b, sizeof mine[lane].b);
     __syncwarp();
-    auto half = [](unsigned word, int k) { return f16_to_float((f16)(k % 2 ? word >> 16 : word & 0xffffu)); };
+    auto half = [](unsigned word, int k) { return h16_to_float((h16)(k % 2 ? word >> 16 : word & 0xffffu)); };
     auto A = [&](int r, int k) { return half(mine[(r % 8) * 4 + (k % 8) / 2].a[r / 8 + 2 * (k / 8)], k); };
     auto B = [&](int k, int n) { return half(mine[n * 4 + (k % 8) / 2].b[k / 8], k); };
     for (int i = 0; i < 4; i++) {
@@ -136,10 +155,13 @@ _allocations = []   # (weakref to a padded byte buffer, canary start, data start
                     #  canary bytes before, canary bytes after)
 _SIGNALLING_NAN = {2: numpy.uint16(0x7C01), 4: numpy.uint32(0x7F800001),
                    8: numpy.uint64(0x7FF0000000000001)}
+_BFLOAT16_SIGNALLING_NAN = numpy.uint16(0x7F81)
 
 
 def _canary(dtype):
     """One element's bytes of the canary for dtype."""
+    if dtype == BFLOAT16:
+        return _BFLOAT16_SIGNALLING_NAN.tobytes()
     if dtype.kind == "f":
         return _SIGNALLING_NAN[dtype.itemsize].tobytes()
     return numpy.array(-2 if dtype.kind == "i" else 0, dtype=dtype).tobytes()
@@ -268,10 +290,10 @@ class RawKernel:
     """cupy.RawKernel's interface: compiled on first launch, launched on the CPU."""
 
     def __init__(self, code, name):
-        if _GPU_F16_CONVERSIONS not in code:
-            raise ValueError(f"kernel {name}: source without xpmodel's float16 conversions")
+        if _GPU_H16_CONVERSIONS not in code:
+            raise ValueError(f"kernel {name}: source without xpmodel's 16-bit float conversions")
         built.append((name, code))
-        self.code = (code.replace(_GPU_F16_CONVERSIONS, EMULATED_F16_CONVERSIONS)
+        self.code = (code.replace(_GPU_H16_CONVERSIONS, EMULATED_H16_CONVERSIONS)
                      .replace(_GPU_WARP_MATRIX, EMULATED_WARP_MATRIX))
         self.name = name
         self._launch = None
@@ -370,7 +392,7 @@ class ElementwiseKernel:
                              else f"const {c[p.name]} {p.name} = _{p.name}[i];")
             else:
                 signature.append(f"{c[p.name]} {p.name}")
-        return (_GPU_F16_CONVERSIONS + f"typedef {_C_NAMES[t_name]} T;\n"
+        return (_GPU_H16_CONVERSIONS + f"typedef {_C_NAMES[t_name]} T;\n"
                 f'extern "C" __global__ void {self.name}({", ".join(signature)}, long long _n) {{\n'
                 f"    for (long long i = 0; i < _n; i++) {{ {' '.join(binds)}\n{self.operation}\n    }}\n}}\n")
 

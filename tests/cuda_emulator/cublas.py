@@ -8,11 +8,15 @@ import ctypes
 
 import numpy
 
+from xpmodel.backend import BFLOAT16
+
 CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
 CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_64F = 68, 70
 CUBLAS_POINTER_MODE_HOST = 0
 CUBLAS_GEMM_DEFAULT = -1
-_DTYPES = {2: numpy.float16, 0: numpy.float32, 1: numpy.float64}   # CUDA_R_16F, _32F, _64F
+CUDA_R_16F, CUDA_R_16BF, CUDA_R_32F, CUDA_R_64F = 2, 14, 0, 1
+_DTYPES = {CUDA_R_16F: numpy.float16, CUDA_R_16BF: BFLOAT16, CUDA_R_32F: numpy.float32,
+           CUDA_R_64F: numpy.float64}
 
 
 def setPointerMode(handle, mode):
@@ -37,9 +41,12 @@ def _scalar(pointer, wide):
 
 
 # (A and B type, C type, compute type) combinations cuBLAS's GemmEx calls accept
-# among the float16 / float32 / float64 ones
-_SUPPORTED = {(2, 2, CUBLAS_COMPUTE_32F), (2, 0, CUBLAS_COMPUTE_32F), (0, 0, CUBLAS_COMPUTE_32F),
-              (1, 1, CUBLAS_COMPUTE_64F)}
+# among the float16 / bfloat16 / float32 / float64 ones (a 16-bit output keeps
+# its operands' type: no float16 x float16 -> bfloat16)
+_SUPPORTED = {(CUDA_R_16F, CUDA_R_16F, CUBLAS_COMPUTE_32F), (CUDA_R_16F, CUDA_R_32F, CUBLAS_COMPUTE_32F),
+              (CUDA_R_16BF, CUDA_R_16BF, CUBLAS_COMPUTE_32F),
+              (CUDA_R_16BF, CUDA_R_32F, CUBLAS_COMPUTE_32F),
+              (CUDA_R_32F, CUDA_R_32F, CUBLAS_COMPUTE_32F), (CUDA_R_64F, CUDA_R_64F, CUBLAS_COMPUTE_64F)}
 
 
 def _product(transa, transb, m, n, k, alpha, A, a_type, lda, stride_a, B, b_type, ldb, stride_b,

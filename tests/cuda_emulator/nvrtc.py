@@ -36,6 +36,24 @@ def compile_kernel(lib, code, arch):
         lib.nvrtcDestroyProgram(ctypes.byref(program))
 
 
+def ptx(lib, code, arch):
+    """The PTX NVRTC makes of `code` for sm_`arch` (raises if it does not compile)."""
+    program = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(program), code.encode(), b"kernel.cu", 0, None, None):
+        raise RuntimeError("nvrtcCreateProgram failed")
+    try:
+        option = f"--gpu-architecture=compute_{arch}".encode()
+        if lib.nvrtcCompileProgram(program, 1, (ctypes.c_char_p * 1)(option)):
+            raise RuntimeError("the kernel does not compile")
+        size = ctypes.c_size_t()
+        lib.nvrtcGetPTXSize(program, ctypes.byref(size))
+        text = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetPTX(program, text)
+        return text.value.decode()
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(program))
+
+
 def spills(log):
     """Bytes of spill stores and loads ptxas reports, summed over the kernels."""
     return sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))

@@ -1,38 +1,60 @@
 """Compiling and launching the raw CUDA kernels of this package.
 
-Kernel sources are C++ with a small prelude: `load` widens float16 (raw
-16-bit storage, converted with one PTX instruction, so no CUDA header is
-needed at run time), float32 and float64 to the accumulator type ACC, and
-`store` narrows it back. Each (source, type macros) pair compiles once.
-The PTX lives only in F16_CONVERSIONS and WARP_MATRIX, so the CPU emulator of
+Kernel sources are C++ with a small prelude: `load` widens a 16-bit float
+(`h16`: raw 16-bit storage, converted with PTX, so no CUDA header is needed
+at run time), float32 and float64 to the accumulator type ACC, and `store`
+narrows it back. A build's 16-bit type is float16, or bfloat16 when the
+kernel is compiled with H16_IS_BF16 defined (raw_kernel's `half`): one
+kernel source serves both, and so do the tensor-core instructions of
+WARP_MATRIX. Each (source, type macros) pair compiles once.
+The PTX lives only in H16_CONVERSIONS and WARP_MATRIX, so the CPU emulator of
 the tests (tests/cuda_emulator) can put its own versions in their place.
 """
 import numpy
 
-from ..backend import _import_cupy
+from ..backend import BFLOAT16, HALF_DTYPES, _import_cupy
 
-# float16 <-> float32, one PTX instruction each (round to nearest even)
-F16_CONVERSIONS = r"""
-typedef unsigned short f16;
-__device__ __forceinline__ float f16_to_float(f16 h) {
+# h16 <-> float32 (round to nearest even), and pack_h16x2: two floats as the
+# low and high halves of a 32-bit word. float16: one PTX instruction each way.
+# bfloat16 (sm_80 and later, where it is supported): the upper half of a
+# float32, so widening moves it into place, and one instruction narrows a
+# pair (as two, the flash backward spills registers on sm_90).
+H16_CONVERSIONS = r"""
+typedef unsigned short h16;
+#ifdef H16_IS_BF16
+__device__ __forceinline__ float h16_to_float(h16 h) {
+    float f; asm("mov.b32 %0, {0, %1};" : "=f"(f) : "h"(h)); return f;
+}
+__device__ __forceinline__ h16 float_to_h16(float x) {
+    h16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x)); return h;
+}
+__device__ __forceinline__ unsigned pack_h16x2(float low, float high) {
+    unsigned r; asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(high), "f"(low)); return r;
+}
+#else
+__device__ __forceinline__ float h16_to_float(h16 h) {
     float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
 }
-__device__ __forceinline__ f16 float_to_f16(float x) {
-    f16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x)); return h;
+__device__ __forceinline__ h16 float_to_h16(float x) {
+    h16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x)); return h;
 }
+__device__ __forceinline__ unsigned pack_h16x2(float low, float high) {
+    return (unsigned)float_to_h16(low) | ((unsigned)float_to_h16(high) << 16);
+}
+#endif
 """
 
 # The warp-level matrix instructions (sm_80 and later), each in one function:
 #
-# mma_16816: d (16x8, float32) += a (16x16, float16, row-major) @ b (16x8,
-# float16, column-major), one tensor-core instruction for a warp. Lane l holds,
-# with g = l / 4 and t = l % 4 (each 32-bit word two float16 of consecutive k,
-# the lower k in the low half):
+# mma_16816: d (16x8, float32) += a (16x16, h16, row-major) @ b (16x8, h16,
+# column-major), one tensor-core instruction for a warp (.f16 or .bf16 operands
+# as the build's h16). Lane l holds, with g = l / 4 and t = l % 4 (each 32-bit
+# word two h16 of consecutive k, the lower k in the low half):
 #   a[0] = A[g][2t..2t+1]    a[1] = A[g+8][2t..2t+1]
 #   a[2] = A[g][2t+8..2t+9]  a[3] = A[g+8][2t+8..2t+9]
 #   b[0] = B[2t..2t+1][g]    b[1] = B[2t+8..2t+9][g]
 #   d[0..1] = D[g][2t..2t+1] d[2..3] = D[g+8][2t..2t+1]
-# ldmatrix_x4: four 8x8 float16 matrices from shared memory; lane 8j + r gives
+# ldmatrix_x4: four 8x8 matrices of 16-bit values from shared memory; lane 8j + r gives
 # the address of row r of matrix j (16 bytes, 16-byte aligned); lane l receives
 # r[j] = M_j[g][2t..2t+1] (ldmatrix_x4_trans: M_j[2t][g] and M_j[2t+1][g]).
 # cp_async16: 16 bytes from global to shared memory without registers, landed
@@ -46,7 +68,11 @@ __device__ __forceinline__ unsigned shared_address(const void* p) {
     return a;
 }
 __device__ __forceinline__ void mma_16816(float* d, const unsigned* a, const unsigned* b) {
+#ifdef H16_IS_BF16
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+#else
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+#endif
                  "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
@@ -79,10 +105,10 @@ __device__ __forceinline__ void atomic_add2(float* dst, float x, float y) {
 
 PRELUDE = r"""
 #define NEG_INF (-__int_as_float(0x7f800000))
-__device__ __forceinline__ float load(const f16* p) { return f16_to_float(*p); }
+__device__ __forceinline__ float load(const h16* p) { return h16_to_float(*p); }
 __device__ __forceinline__ float load(const float* p) { return *p; }
 __device__ __forceinline__ double load(const double* p) { return *p; }
-__device__ __forceinline__ void store(f16* p, float x) { *p = float_to_f16(x); }
+__device__ __forceinline__ void store(h16* p, float x) { *p = float_to_h16(x); }
 __device__ __forceinline__ void store(float* p, float x) { *p = x; }
 __device__ __forceinline__ void store(float* p, double x) { *p = (float)x; }
 __device__ __forceinline__ void store(double* p, double x) { *p = x; }
@@ -90,20 +116,20 @@ __device__ __forceinline__ void store(double* p, double x) { *p = x; }
 // |x| * 1e-7), the accurate one in float64
 __device__ __forceinline__ float EXP(float x) { return __expf(x); }
 __device__ __forceinline__ double EXP(double x) { return exp(x); }
-// the 8 float16 values of a 16-byte vector, and back
+// the 8 h16 values of a 16-byte vector, and back
 __device__ __forceinline__ void unpack8(uint4 v, float* h) {
     unsigned words[4] = {v.x, v.y, v.z, v.w};
     #pragma unroll
     for (int i = 0; i < 4; i++) {
-        h[2 * i] = f16_to_float((f16)(words[i] & 0xffffu));
-        h[2 * i + 1] = f16_to_float((f16)(words[i] >> 16));
+        h[2 * i] = h16_to_float((h16)(words[i] & 0xffffu));
+        h[2 * i + 1] = h16_to_float((h16)(words[i] >> 16));
     }
 }
 __device__ __forceinline__ uint4 pack8(const float* h) {
     unsigned words[4];
     #pragma unroll
     for (int i = 0; i < 4; i++)
-        words[i] = (unsigned)float_to_f16(h[2 * i]) | ((unsigned)float_to_f16(h[2 * i + 1]) << 16);
+        words[i] = pack_h16x2(h[2 * i], h[2 * i + 1]);
     return uint4{words[0], words[1], words[2], words[3]};
 }
 __device__ __forceinline__ float warp_sum(float x) {
@@ -131,27 +157,41 @@ def optional(array):
     return numpy.uint64(0) if array is None else array
 
 
-_C_TYPES = {numpy.dtype(numpy.float16): "f16", numpy.dtype(numpy.float32): "float",
+_C_TYPES = {numpy.dtype(numpy.float16): "h16", BFLOAT16: "h16", numpy.dtype(numpy.float32): "float",
             numpy.dtype(numpy.float64): "double"}
 _compiled = {}
 
 
 def c_type(dtype):
-    """The kernel-side type of a float16 / float32 / float64 array."""
+    """The kernel-side type of a float16 / bfloat16 / float32 / float64 array."""
     return _C_TYPES[numpy.dtype(dtype)]
 
 
 def acc_type(*dtypes):
-    """double when any array is float64, else float (float16 math runs in float32)."""
+    """double when any array is float64, else float (16-bit math runs in float32)."""
     return "double" if any(numpy.dtype(d) == numpy.float64 for d in dtypes) else "float"
 
 
-def raw_kernel(source, name, **macros):
-    """`name` from PRELUDE + `source`, compiled with `#define KEY VALUE` for each macro."""
+def half_of(*dtypes):
+    """The one 16-bit float dtype among `dtypes` (None entries allowed), or
+    None when there is none: the `half` of a build whose arrays these are."""
+    halves = {numpy.dtype(d) for d in dtypes if d is not None and numpy.dtype(d) in HALF_DTYPES}
+    if len(halves) > 1:
+        raise TypeError("a kernel's 16-bit arrays must be all float16 or all bfloat16")
+    return halves.pop() if halves else None
+
+
+def raw_kernel(source, name, half=None, **macros):
+    """`name` from PRELUDE + `source`, compiled with `#define KEY VALUE` for each
+    macro; its h16 is bfloat16 when `half` is bfloat16, else float16."""
+    if half is not None and numpy.dtype(half) not in HALF_DTYPES:
+        raise TypeError(f"raw_kernel: half must be float16 or bfloat16, not {numpy.dtype(half)}")
+    if half is not None and numpy.dtype(half) == BFLOAT16:
+        macros = dict(macros, H16_IS_BF16=1)
     key = (source, name, tuple(sorted(macros.items())))
     if key not in _compiled:
         defines = "".join(f"#define {k} {v}\n" for k, v in sorted(macros.items()))
-        _compiled[key] = _import_cupy().RawKernel(defines + F16_CONVERSIONS + PRELUDE + source, name)
+        _compiled[key] = _import_cupy().RawKernel(defines + H16_CONVERSIONS + PRELUDE + source, name)
     return _compiled[key]
 
 

@@ -4,7 +4,7 @@ dloss * (softmax - onehot(target)) in the logits' dtype, so no (n, V) buffer
 wider than the logits is ever made. Statistics are float32 (float64 for
 float64 logits).
 
-float16 logits with V a multiple of 8 (the training case) take
+16-bit (float16 or bfloat16) logits with V a multiple of 8 (the training case) take
 `crossentropy_rows`: each thread loads its share of the row as 16-byte
 vectors into registers, so the row is read once and written once. Other
 dtypes and widths take `crossentropy`, which reads the row three times
@@ -12,8 +12,8 @@ dtypes and widths take `crossentropy`, which reads the row three times
 """
 import numpy
 
-from ..backend import _import_cupy
-from .compile import acc_type, c_type, raw_kernel
+from ..backend import _import_cupy, is_half
+from .compile import acc_type, c_type, half_of, raw_kernel
 
 _THREADS = 512
 
@@ -67,15 +67,15 @@ extern "C" __global__ void crossentropy(L_T* logits, const long long* targets, A
 
 
 _ROWS_SOURCE = _REDUCE + r"""
-// float16 logits, V = 8 * VECS; thread t holds vectors t, t + THREADS, ... (VPT of them)
-extern "C" __global__ void __launch_bounds__(THREADS) crossentropy_rows(f16* logits,
+// 16-bit logits, V = 8 * VECS; thread t holds vectors t, t + THREADS, ... (VPT of them)
+extern "C" __global__ void __launch_bounds__(THREADS) crossentropy_rows(h16* logits,
         const long long* targets, float* losses, const double* dloss, int want_grad) {
     __shared__ float shared[33];
     uint4* row = (uint4*)(logits + (long long)blockIdx.x * VECS * 8);
     long long target = targets[blockIdx.x];
     bool keep = target >= 0;
     // read before any thread overwrites the row (the reductions below synchronise)
-    float target_logit = threadIdx.x == 0 && keep ? f16_to_float(((f16*)row)[target]) : 0.0f;
+    float target_logit = threadIdx.x == 0 && keep ? h16_to_float(((h16*)row)[target]) : 0.0f;
     uint4 v[VPT];
     float m = NEG_INF;
     #pragma unroll
@@ -151,14 +151,15 @@ def crossentropy(logits, targets, dloss=None):
     dloss = cupy.asarray(dloss if want_grad else 0.0, dtype=numpy.float64).reshape(1)
     targets = cupy.ascontiguousarray(targets, dtype=numpy.int64)
     aligned = logits.data.ptr % 16 == 0   # 16-byte vectors (rows are, as V % 8 == 0)
-    rows = _rows_launch(V) if logits.dtype == numpy.float16 and aligned else None
+    rows = _rows_launch(V) if is_half(logits.dtype) and aligned else None
     if rows is not None:
         threads, per_thread = rows
-        kernel = raw_kernel(_ROWS_SOURCE, "crossentropy_rows", ACC="float", VECS=V // 8,
+        kernel = raw_kernel(_ROWS_SOURCE, "crossentropy_rows", half=logits.dtype, ACC="float", VECS=V // 8,
                             THREADS=threads, VPT=per_thread)
         kernel((n,), (threads,), (logits, targets, losses, dloss, numpy.int32(want_grad)))
         return losses
-    kernel = raw_kernel(_SOURCE, "crossentropy", L_T=c_type(logits.dtype), ACC=acc)
+    kernel = raw_kernel(_SOURCE, "crossentropy", half=half_of(logits.dtype), L_T=c_type(logits.dtype),
+                        ACC=acc)
     kernel((n,), (_THREADS,), (logits, targets, losses, dloss, numpy.int32(want_grad),
                                numpy.int32(V)))
     return losses

@@ -1,7 +1,9 @@
-"""Causal attention for float16 heads of 64 dimensions on GPUs of compute
-capability 8.0 or later, without the T x T matrices: scores, probabilities and their gradients live in registers, a
-tile of 64 queries against a tile of 64 keys at a time, on the tensor cores
-(mma.sync m16n8k16, float32 accumulation).
+"""Causal attention for 16-bit heads (float16 or bfloat16) of 64 dimensions on
+GPUs of compute capability 8.0 or later, without the T x T matrices: scores,
+probabilities and their gradients live in registers, a tile of 64 queries
+against a tile of 64 keys at a time, on the tensor cores (mma.sync m16n8k16
+with .f16 or .bf16 operands, float32 accumulation). One source serves both
+types: the build's h16 (compile.py) is the heads' dtype.
 
 Forward keeps a running maximum and sum per query row (the online softmax)
 and saves lse = max + log(sum) per row; backward recomputes the
@@ -13,7 +15,7 @@ import os
 
 import numpy
 
-from ..backend import _import_cupy
+from ..backend import _import_cupy, is_half
 from .compile import WARP_MATRIX, multiprocessor_count, raw_kernel
 
 HEAD_DIM = 64      # the kernels' fixed head size
@@ -26,23 +28,21 @@ ENABLED = os.environ.get("XPMODEL_FLASH", "1") != "0"
 _SOURCE = WARP_MATRIX + r"""
 #define HD 64
 #define TILE 64
-#define PAD 72     // shared tile row in float16: 64 + 8 spreads a warp's reads over all banks
+#define PAD 72     // shared tile row in h16: 64 + 8 spreads a warp's reads over all banks
 typedef unsigned int u32;
 
-__device__ __forceinline__ u32 pack2(float low, float high) {
-    return (u32)float_to_f16(low) | ((u32)float_to_f16(high) << 16);
-}
+__device__ __forceinline__ u32 pack2(float low, float high) { return pack_h16x2(low, high); }
 
-// rows [0, 64) x 64 float16 of global memory (rows `stride` apart) -> shared
+// rows [0, 64) x 64 h16 of global memory (rows `stride` apart) -> shared
 // tile, copied asynchronously: landed after the cp_async_wait covering its group
-__device__ __forceinline__ void load_tile(f16* tile, const f16* src, long long stride) {
+__device__ __forceinline__ void load_tile(h16* tile, const h16* src, long long stride) {
     for (int i = threadIdx.x; i < TILE * HD / 8; i += blockDim.x) {
         int row = i >> 3, col = (i & 7) * 8;
         cp_async16(tile + row * PAD + col, src + row * stride + col);
     }
 }
 
-// Operands of mma_16816 from shared tiles (row-major, PAD float16 a row), for
+// Operands of mma_16816 from shared tiles (row-major, PAD h16 a row), for
 // lane (g, t) = (lane / 4, lane % 4):
 //   a_rows:    A[i][k] = tile[row0 + i][col0 + k]          (16 x 16)
 //   a_columns: A[i][k] = tile[row0 + k][col0 + i]
@@ -50,30 +50,30 @@ __device__ __forceinline__ void load_tile(f16* tile, const f16* src, long long s
 //   b_columns: two column blocks: b[2j..2j+1] holds B_j[k][n] = tile[row0 + k][col0 + 8 j + n]
 // each read with one ldmatrix. Lane l addresses row l % 8 of 8x8 matrix l / 8;
 // bit 0 / bit 1 of the matrix index step 8 rows or 8 columns as `rows_first` says
-__device__ __forceinline__ const f16* lane_row(const f16* tile, int row0, int col0, bool rows_first) {
+__device__ __forceinline__ const h16* lane_row(const h16* tile, int row0, int col0, bool rows_first) {
     int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
     int row_step = rows_first ? (j & 1) : (j >> 1), col_step = rows_first ? (j >> 1) : (j & 1);
     return tile + (row0 + row_step * 8 + r) * PAD + col0 + col_step * 8;
 }
-__device__ __forceinline__ void a_rows(u32* a, const f16* tile, int row0, int col0) {
+__device__ __forceinline__ void a_rows(u32* a, const h16* tile, int row0, int col0) {
     ldmatrix_x4(a, lane_row(tile, row0, col0, true));
 }
-__device__ __forceinline__ void a_columns(u32* a, const f16* tile, int row0, int col0) {
+__device__ __forceinline__ void a_columns(u32* a, const h16* tile, int row0, int col0) {
     ldmatrix_x4_trans(a, lane_row(tile, row0, col0, false));
 }
-__device__ __forceinline__ void b_rows(u32* b, const f16* tile, int row0, int col0) {
+__device__ __forceinline__ void b_rows(u32* b, const h16* tile, int row0, int col0) {
     int lane = threadIdx.x & 31;
     ldmatrix_x4(b, tile + (row0 + (lane & 7)) * PAD + col0 + (lane >> 3) * 8);
 }
-__device__ __forceinline__ void b_columns(u32* b, const f16* tile, int row0, int col0) {
+__device__ __forceinline__ void b_columns(u32* b, const h16* tile, int row0, int col0) {
     ldmatrix_x4_trans(b, lane_row(tile, row0, col0, true));
 }
 
-// a (16 x 64) float16 row-major block of global memory as the A operands of 4 k-steps
-__device__ __forceinline__ void load_a(u32 (&a)[4][4], const f16* src, long long stride, int g, int t) {
+// a (16 x 64) h16 row-major block of global memory as the A operands of 4 k-steps
+__device__ __forceinline__ void load_a(u32 (&a)[4][4], const h16* src, long long stride, int g, int t) {
     #pragma unroll
     for (int ks = 0; ks < 4; ks++) {
-        const f16* p = src + ks * 16 + 2 * t;
+        const h16* p = src + ks * 16 + 2 * t;
         a[ks][0] = *(const u32*)(p + g * stride);
         a[ks][1] = *(const u32*)(p + (g + 8) * stride);
         a[ks][2] = *(const u32*)(p + g * stride + 8);
@@ -82,7 +82,7 @@ __device__ __forceinline__ void load_a(u32 (&a)[4][4], const f16* src, long long
 }
 
 // NB column blocks of 8 float32 accumulators, c[NB][4] (16 x 8 NB), rounded to
-// float16 as the A operands of NB / 2 k-steps (k-step ks: columns 16 ks .. 16 ks + 15)
+// h16 as the A operands of NB / 2 k-steps (k-step ks: columns 16 ks .. 16 ks + 15)
 template <int NB>
 __device__ __forceinline__ void pack_a(u32 (&a)[NB / 2][4], const float (&c)[NB][4]) {
     #pragma unroll
@@ -97,13 +97,13 @@ __device__ __forceinline__ void pack_a(u32 (&a)[NB / 2][4], const float (&c)[NB]
 template <int KS>
 __device__ __forceinline__ float a_element(const u32 (&a)[KS][4], int nb, int i) {
     u32 word = a[nb >> 1][(i >> 1) + 2 * (nb & 1)];
-    return f16_to_float((f16)((i & 1) ? word >> 16 : word & 0xffffu));
+    return h16_to_float((h16)((i & 1) ? word >> 16 : word & 0xffffu));
 }
 
 // c (16 x 8 NB) = a (16 x 64, A operands of 4 k-steps) @ rows col0 .. col0 + 8 NB - 1
 // of tile (64 x 64), transposed: c[i][j] = sum_k a[i][k] tile[col0 + j][k]
 template <int NB>
-__device__ __forceinline__ void mma_a_tile_t(float (&c)[NB][4], const u32 (&a)[4][4], const f16* tile,
+__device__ __forceinline__ void mma_a_tile_t(float (&c)[NB][4], const u32 (&a)[4][4], const h16* tile,
                                              int col0) {
     #pragma unroll
     for (int nb = 0; nb < NB; nb++) {
@@ -120,8 +120,8 @@ __device__ __forceinline__ void mma_a_tile_t(float (&c)[NB][4], const u32 (&a)[4
 
 // as mma_a_tile_t, with a = rows row0 .. row0 + 15 of tile_a (64 x 64)
 template <int NB>
-__device__ __forceinline__ void mma_rows_tile_t(float (&c)[NB][4], const f16* tile_a, int row0,
-                                                const f16* tile_b, int col0) {
+__device__ __forceinline__ void mma_rows_tile_t(float (&c)[NB][4], const h16* tile_a, int row0,
+                                                const h16* tile_b, int col0) {
     u32 a[4][4];
     #pragma unroll
     for (int ks = 0; ks < 4; ks++) a_rows(a[ks], tile_a, row0, ks * 16);
@@ -130,7 +130,7 @@ __device__ __forceinline__ void mma_rows_tile_t(float (&c)[NB][4], const f16* ti
 
 // c (16 x 64) += a (16 x 16 KS, A operands) @ rows k0 .. k0 + 16 KS - 1 of tile (64 x 64)
 template <int KS>
-__device__ __forceinline__ void mma_a_tile(float (&c)[8][4], const u32 (&a)[KS][4], const f16* tile, int k0) {
+__device__ __forceinline__ void mma_a_tile(float (&c)[8][4], const u32 (&a)[KS][4], const h16* tile, int k0) {
     #pragma unroll
     for (int ks = 0; ks < KS; ks++)
         #pragma unroll
@@ -145,16 +145,16 @@ __device__ __forceinline__ void mma_a_tile(float (&c)[8][4], const u32 (&a)[KS][
 // heads (3, B, H, T, 64): q (already scaled by 1/sqrt(64)), k, v
 // -> out (B*T, H*64), the heads side by side; lse (B, H, T) float32.
 // grid (T / 64, B * H); block 128: warp w owns queries 16 w .. 16 w + 15 of the tile
-extern "C" __global__ void __launch_bounds__(128) flash_forward(const f16* heads, f16* out,
+extern "C" __global__ void __launch_bounds__(128) flash_forward(const h16* heads, h16* out,
         float* lse, int B, int H, int T) {
     // keys and values of two tiles: the next one lands while one is computed
-    __shared__ __align__(16) f16 kv_tiles[2][2][TILE * PAD];
+    __shared__ __align__(16) h16 kv_tiles[2][2][TILE * PAD];
     int q_tile = gridDim.x - 1 - blockIdx.x;          // the longest rows first
     int bh = blockIdx.y, b = bh / H, h = bh - b * H;
     long long head = (long long)T * HD;
-    const f16* q = heads + bh * head;
-    const f16* k = heads + ((long long)B * H + bh) * head;
-    const f16* v = heads + (2LL * B * H + bh) * head;
+    const h16* q = heads + bh * head;
+    const h16* k = heads + ((long long)B * H + bh) * head;
+    const h16* v = heads + (2LL * B * H + bh) * head;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int row0 = q_tile * TILE + warp * 16;
     u32 qa[4][4];
@@ -167,8 +167,8 @@ extern "C" __global__ void __launch_bounds__(128) flash_forward(const f16* heads
     load_tile(kv_tiles[0][1], v, HD);
     cp_async_commit();
     for (int kt = 0; kt <= q_tile; kt++) {
-        const f16* k_tile = kv_tiles[kt & 1][0];
-        const f16* v_tile = kv_tiles[kt & 1][1];
+        const h16* k_tile = kv_tiles[kt & 1][0];
+        const h16* v_tile = kv_tiles[kt & 1][1];
         if (kt < q_tile) {                             // the other buffer was read last round
             load_tile(kv_tiles[(kt + 1) & 1][0], k + (long long)(kt + 1) * TILE * HD, HD);
             load_tile(kv_tiles[(kt + 1) & 1][1], v + (long long)(kt + 1) * TILE * HD, HD);
@@ -217,7 +217,7 @@ extern "C" __global__ void __launch_bounds__(128) flash_forward(const f16* heads
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
         float inv = 1.0f / sum;
         int row = row0 + g + 8 * r;
-        f16* dst = out + ((long long)b * T + row) * H * HD + h * HD + 2 * t;
+        h16* dst = out + ((long long)b * T + row) * H * HD + h * HD + 2 * t;
         #pragma unroll
         for (int nb = 0; nb < 8; nb++)
             *(u32*)(dst + nb * 8) = pack2(o[nb][2 * r] * inv, o[nb][2 * r + 1] * inv);
@@ -227,7 +227,7 @@ extern "C" __global__ void __launch_bounds__(128) flash_forward(const f16* heads
 
 // delta (B, H, T) = the row sums of dout * out, both (B*T, H*64): the softmax
 // backward's dot product of each row. One thread per (b, t, h) row.
-extern "C" __global__ void flash_delta(const f16* dout, const f16* out, float* delta,
+extern "C" __global__ void flash_delta(const h16* dout, const h16* out, float* delta,
         int B, int H, int T) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)B * T * H) return;
@@ -249,8 +249,8 @@ extern "C" __global__ void flash_delta(const f16* dout, const f16* out, float* d
 
 // the rows of query tile `query0`: q, dout, lse and delta into shared memory,
 // asynchronously: landed after the cp_async_wait covering its group
-__device__ __forceinline__ void load_queries(f16* q_tile, f16* do_tile, float* lse_tile, float* delta_tile,
-        const f16* q, const f16* dout, const float* lse, const float* delta, int query0, int H, int T) {
+__device__ __forceinline__ void load_queries(h16* q_tile, h16* do_tile, float* lse_tile, float* delta_tile,
+        const h16* q, const h16* dout, const float* lse, const float* delta, int query0, int H, int T) {
     int bh = blockIdx.y, b = bh / H, h = bh - b * H;
     load_tile(q_tile, q + (long long)query0 * HD, HD);
     load_tile(do_tile, dout + ((long long)b * T + query0) * H * HD + h * HD, (long long)H * HD);
@@ -263,20 +263,20 @@ __device__ __forceinline__ void load_queries(f16* q_tile, f16* do_tile, float* l
 // dheads (3, B, H, T, 64): dk and dv written, dq_acc (B, H, T, 64) float32
 // (zeroed) gets this block's dq added; dout (B*T, H*64), lse and delta (B, H, T).
 // grid (T / 64, B * H); block 128: warp w owns keys 16 w .. 16 w + 15 of the tile
-extern "C" __global__ void __launch_bounds__(128) flash_backward(const f16* heads, const f16* dout,
-        const float* lse, const float* delta, f16* dheads, float* dq_acc, int B, int H, int T) {
-    __shared__ __align__(16) f16 q_tile[TILE * PAD];
-    __shared__ __align__(16) f16 do_tile[TILE * PAD];
-    __shared__ __align__(16) f16 k_tile[TILE * PAD];
-    __shared__ __align__(16) f16 v_tile[TILE * PAD];
-    __shared__ __align__(16) f16 ds_tile[TILE * PAD];  // dscores transposed: keys x queries
+extern "C" __global__ void __launch_bounds__(128) flash_backward(const h16* heads, const h16* dout,
+        const float* lse, const float* delta, h16* dheads, float* dq_acc, int B, int H, int T) {
+    __shared__ __align__(16) h16 q_tile[TILE * PAD];
+    __shared__ __align__(16) h16 do_tile[TILE * PAD];
+    __shared__ __align__(16) h16 k_tile[TILE * PAD];
+    __shared__ __align__(16) h16 v_tile[TILE * PAD];
+    __shared__ __align__(16) h16 ds_tile[TILE * PAD];  // dscores transposed: keys x queries
     __shared__ __align__(16) float lse_tile[TILE], delta_tile[TILE];
     int k_tile_index = blockIdx.x;                     // tile 0 sees the most queries: first
     int bh = blockIdx.y;
     long long head = (long long)T * HD;
-    const f16* q = heads + bh * head;
-    const f16* k = heads + ((long long)B * H + bh) * head;
-    const f16* v = heads + (2LL * B * H + bh) * head;
+    const h16* q = heads + bh * head;
+    const h16* k = heads + ((long long)B * H + bh) * head;
+    const h16* v = heads + (2LL * B * H + bh) * head;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int key0 = k_tile_index * TILE;
     load_tile(k_tile, k + (long long)key0 * HD, HD);
@@ -323,7 +323,7 @@ extern "C" __global__ void __launch_bounds__(128) flash_backward(const f16* head
             mma_a_tile<2>(dk, ds, q_tile, half);       // dk += dscores^T @ q
             #pragma unroll
             for (int ks = 0; ks < 2; ks++) {           // as pack_a laid the operands out
-                f16* row = ds_tile + (warp * 16 + g) * PAD + half + ks * 16 + 2 * t;
+                h16* row = ds_tile + (warp * 16 + g) * PAD + half + ks * 16 + 2 * t;
                 *(u32*)row = ds[ks][0];
                 *(u32*)(row + 8 * PAD) = ds[ks][1];
                 *(u32*)(row + 8) = ds[ks][2];
@@ -349,7 +349,7 @@ extern "C" __global__ void __launch_bounds__(128) flash_backward(const f16* head
             atomic_add2(dst + 8 * HD + nb * 8, dq[nb][2], dq[nb][3]);
         }
     }
-    f16* dkv[2] = {dheads + ((long long)B * H + bh) * head, dheads + (2LL * B * H + bh) * head};
+    h16* dkv[2] = {dheads + ((long long)B * H + bh) * head, dheads + (2LL * B * H + bh) * head};
     #pragma unroll
     for (int r = 0; r < 2; r++) {
         long long row = key0 + warp * 16 + g + 8 * r;
@@ -361,22 +361,22 @@ extern "C" __global__ void __launch_bounds__(128) flash_backward(const f16* head
     }
 }
 
-// dq (float16) = dq_acc (float32) * scale, n values
-extern "C" __global__ void flash_dq_store(const float* dq_acc, f16* dq, long long n, float scale) {
+// dq (h16) = dq_acc (float32) * scale, n values
+extern "C" __global__ void flash_dq_store(const float* dq_acc, h16* dq, long long n, float scale) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x)
-        dq[i] = float_to_f16(dq_acc[i] * scale);
+        dq[i] = float_to_h16(dq_acc[i] * scale);
 }
 """
 
 
 def flash_applies(heads, dropout_p):
-    """Whether the kernels serve these heads (3, B, H, T, D): float16,
+    """Whether the kernels serve these heads (3, B, H, T, D): float16 or bfloat16,
     contiguous and 16-byte aligned, D = 64, T a multiple of 64, B * H within a
     grid's second dimension, no dropout on the probabilities, a GPU of compute
     capability 8.0 or later (and XPMODEL_FLASH not 0)."""
     _, B, H, T, D = heads.shape
-    return (ENABLED and heads.dtype == numpy.float16 and D == HEAD_DIM and T % TILE == 0
+    return (ENABLED and is_half(heads.dtype) and D == HEAD_DIM and T % TILE == 0
             and heads.flags.c_contiguous and heads.data.ptr % 16 == 0
             and B * H <= _MAX_GRID_Y and not dropout_p and _has_mma())
 
@@ -392,41 +392,41 @@ def _has_mma():
     return _compute_capability[device.id] >= 80
 
 
-def _kernel(name):
-    return raw_kernel(_SOURCE, name)
+def _kernel(name, half):
+    return raw_kernel(_SOURCE, name, half=half)
 
 
 def flash_forward(heads):
-    """heads: (3, B, H, T, 64) float16 contiguous, q scaled -> out (B*T, H*64)
-    float16, lse (B, H, T) float32."""
+    """heads: (3, B, H, T, 64) float16 or bfloat16, contiguous, q scaled ->
+    out (B*T, H*64) in the heads' dtype, lse (B, H, T) float32."""
     cupy = _import_cupy()
     _, B, H, T, _ = heads.shape
-    out = cupy.empty((B * T, H * HEAD_DIM), dtype=numpy.float16)
+    out = cupy.empty((B * T, H * HEAD_DIM), dtype=heads.dtype)
     lse = cupy.empty((B, H, T), dtype=numpy.float32)
-    _kernel("flash_forward")((T // TILE, B * H), (_THREADS,),
+    _kernel("flash_forward", heads.dtype)((T // TILE, B * H), (_THREADS,),
                              (heads, out, lse, numpy.int32(B), numpy.int32(H), numpy.int32(T)))
     return out, lse
 
 
 def flash_backward(dout, heads, out, lse, q_scale):
-    """dout, out: (B*T, H*64) float16; heads, lse as forward's -> dheads
-    (3, B, H, T, 64) float16, dq with respect to the unscaled q (q_scale is
+    """dout, out: (B*T, H*64) in the heads' dtype; heads, lse as forward's ->
+    dheads (3, B, H, T, 64) in the heads' dtype, dq with respect to the unscaled q (q_scale is
     the factor split_heads applied)."""
     cupy = _import_cupy()
     _, B, H, T, _ = heads.shape
-    dout = cupy.ascontiguousarray(dout, dtype=numpy.float16)
+    dout = cupy.ascontiguousarray(dout, dtype=heads.dtype)
     if dout.data.ptr % 16:          # the kernels copy 16-byte vectors of it
         dout = dout.copy()
     rows = B * T * H
     delta = cupy.empty((B, H, T), dtype=numpy.float32)
-    _kernel("flash_delta")(((rows + 255) // 256,), (256,),
+    _kernel("flash_delta", heads.dtype)(((rows + 255) // 256,), (256,),
                            (dout, out, delta, numpy.int32(B), numpy.int32(H), numpy.int32(T)))
     dheads = cupy.empty_like(heads)
     dq_acc = cupy.zeros((B, H, T, HEAD_DIM), dtype=numpy.float32)
-    _kernel("flash_backward")((T // TILE, B * H), (_THREADS,),
+    _kernel("flash_backward", heads.dtype)((T // TILE, B * H), (_THREADS,),
                               (heads, dout, lse, delta, dheads, dq_acc, numpy.int32(B),
                                numpy.int32(H), numpy.int32(T)))
     n = dq_acc.size
     blocks = max(1, min((n + 255) // 256, 16 * multiprocessor_count()))
-    _kernel("flash_dq_store")((blocks,), (256,), (dq_acc, dheads[0], numpy.int64(n), numpy.float32(q_scale)))
+    _kernel("flash_dq_store", heads.dtype)((blocks,), (256,), (dq_acc, dheads[0], numpy.int64(n), numpy.float32(q_scale)))
     return dheads

@@ -7,7 +7,7 @@ import math
 import numpy
 
 from ..backend import _import_cupy
-from .compile import acc_type, c_type, multiprocessor_count, optional, raw_kernel
+from .compile import acc_type, c_type, half_of, multiprocessor_count, optional, raw_kernel
 
 _THREADS = 256
 
@@ -49,8 +49,9 @@ extern "C" __global__ void gelu_backward(const D_T* dout, const X_T* x, D_T* dx,
 """
 
 
-def _kernel(name, **types):
-    return raw_kernel(_SOURCE, name, K=repr(math.sqrt(2.0 / math.pi)), CUBIC="0.044715", **types)
+def _kernel(name, half, **types):
+    return raw_kernel(_SOURCE, name, half=half, K=repr(math.sqrt(2.0 / math.pi)), CUBIC="0.044715",
+                      **types)
 
 
 def gelu_forward(x, bias=None):
@@ -62,8 +63,8 @@ def gelu_forward(x, bias=None):
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.astype(x.dtype)
     out = cupy.empty_like(x)
-    kernel = _kernel("gelu_forward", X_T=c_type(x.dtype), D_T=c_type(x.dtype), G_T="float",
-                     ACC=acc_type(x.dtype))
+    kernel = _kernel("gelu_forward", half=half_of(x.dtype), X_T=c_type(x.dtype), D_T=c_type(x.dtype),
+                     G_T="float", ACC=acc_type(x.dtype))
     blocks = max(1, min((x.size + _THREADS - 1) // _THREADS, 16 * multiprocessor_count()))
     kernel((blocks,), (_THREADS,), (x, optional(bias), out, numpy.int64(x.size), numpy.int32(x.shape[-1])))
     return out
@@ -77,7 +78,8 @@ def gelu_backward(dout, x, dbias=None):
     dx = cupy.empty_like(dout)
     C = x.shape[-1]
     rows = x.size // C
-    kernel = _kernel("gelu_backward", X_T=c_type(x.dtype), D_T=c_type(dout.dtype),
+    kernel = _kernel("gelu_backward", half=half_of(x.dtype, dout.dtype), X_T=c_type(x.dtype),
+                     D_T=c_type(dout.dtype),
                      ACC=acc_type(dout.dtype, x.dtype),
                      G_T=c_type(dbias.dtype) if dbias is not None else "float")
     column_blocks = (C + _THREADS - 1) // _THREADS

@@ -4,8 +4,9 @@ CuPy's matmul sends a float16 product whose operands have more than two
 dimensions to a slow path without tensor cores; these calls avoid that:
 2-D products go to cublasGemmEx and batched ones (attention's per-head
 products) to cublasGemmStridedBatchedEx, with float32 accumulation (float64
-for float64) and an output dtype of the caller's choosing, so float16
-operands can write a float32 result or add into float32 gradients (beta = 1).
+for float64) and an output dtype of the caller's choosing, so 16-bit
+operands (float16 or bfloat16) can write a float32 result or add into float32
+gradients (beta = 1).
 
 Row-major C = A @ B is computed as the column-major product C^T = B^T A^T.
 An operand whose last two axes are row-major reads as its own transpose in
@@ -16,10 +17,11 @@ import math
 
 import numpy
 
-from ..backend import _import_cupy
+from ..backend import BFLOAT16, _import_cupy
 
-_CUDA_TYPES = {numpy.dtype(numpy.float16): 2, numpy.dtype(numpy.float32): 0,   # CUDA_R_16F, _32F
-               numpy.dtype(numpy.float64): 1}                                  # CUDA_R_64F
+# cudaDataType codes: CUDA_R_16F, CUDA_R_16BF, CUDA_R_32F, CUDA_R_64F
+_CUDA_TYPES = {numpy.dtype(numpy.float16): 2, BFLOAT16: 14, numpy.dtype(numpy.float32): 0,
+               numpy.dtype(numpy.float64): 1}
 
 
 def _cublas():

@@ -5,7 +5,8 @@ gradient."""
 import numpy
 
 from ..backend import _import_cupy
-from .compile import acc_type, c_type, multiprocessor_count, optional, raw_kernel
+from ..backend import is_half
+from .compile import acc_type, c_type, half_of, multiprocessor_count, optional, raw_kernel
 
 _THREADS = 256
 
@@ -46,7 +47,7 @@ extern "C" __global__ void merge_heads(const X_T* heads, X_T* out, G_T* dbias, i
     if (dbias) atomicAdd(dbias + col, (G_T)column_sum);
 }
 
-// The same two for float16 with H * D and D multiples of 8 and 16-byte aligned
+// The same two for 16-bit floats with H * D and D multiples of 8 and 16-byte aligned
 // arrays: a thread moves a column's 8 values (16 bytes) at a time down rows
 // blockIdx.y, blockIdx.y + gridDim.y, ... (the 8 never cross a head).
 __device__ __forceinline__ long long head_offset(int col, int row, int rows, int T, int H, int D) {
@@ -55,8 +56,8 @@ __device__ __forceinline__ long long head_offset(int col, int row, int rows, int
     return (long long)part * rows * C + (((long long)b * H + h) * T + t) * D + d;
 }
 
-extern "C" __global__ void split_heads_f16(const f16* __restrict__ qkv, const f16* bias,
-        f16* __restrict__ heads, int rows, int T,
+extern "C" __global__ void split_heads_h16(const h16* __restrict__ qkv, const h16* bias,
+        h16* __restrict__ heads, int rows, int T,
         int H, int D, float q_scale) {
     int C3 = 3 * H * D, col = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
     if (col >= C3) return;
@@ -71,7 +72,7 @@ extern "C" __global__ void split_heads_f16(const f16* __restrict__ qkv, const f1
     }
 }
 
-extern "C" __global__ void merge_heads_f16(const f16* __restrict__ heads, f16* __restrict__ out,
+extern "C" __global__ void merge_heads_h16(const h16* __restrict__ heads, h16* __restrict__ out,
         G_T* dbias, int rows, int T,
         int H, int D) {
     int C3 = 3 * H * D, col = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
@@ -95,7 +96,7 @@ extern "C" __global__ void merge_heads_f16(const f16* __restrict__ heads, f16* _
 
 
 def _vector_grid(C3, rows, blocks_per_multiprocessor):
-    """(grid, block) for the float16 kernels: a thread per 8 columns, rows split over grid y."""
+    """(grid, block) for the 16-bit kernels: a thread per 8 columns, rows split over grid y."""
     threads = min(1024, -(-C3 // 8 // 32) * 32)
     column_blocks = -(-C3 // 8 // threads)
     row_blocks = max(1, min(rows, blocks_per_multiprocessor * multiprocessor_count() // column_blocks))
@@ -103,9 +104,11 @@ def _vector_grid(C3, rows, blocks_per_multiprocessor):
 
 
 def _vectors_fit(D, *arrays):
-    """Whether the float16 kernels serve: D a multiple of 8, every array float16 and 16-byte aligned."""
-    return D % 8 == 0 and all(a is None or (a.dtype == numpy.float16 and a.data.ptr % 16 == 0)
-                              for a in arrays)
+    """Whether the 16-bit kernels serve: D a multiple of 8, every array of one
+    16-bit float dtype (float16 or bfloat16) and 16-byte aligned."""
+    dtypes = {a.dtype for a in arrays if a is not None}
+    return D % 8 == 0 and len(dtypes) == 1 and is_half(dtypes.pop()) and \
+        all(a is None or a.data.ptr % 16 == 0 for a in arrays)
 
 
 def split_heads(qkv, bias, n_head, q_scale):
@@ -121,12 +124,13 @@ def split_heads(qkv, bias, n_head, q_scale):
     heads = cupy.empty((3, B, n_head, T, D), dtype=qkv.dtype)
     if _vectors_fit(D, qkv, bias, heads):
         grid, block = _vector_grid(C3, B * T, 16)
-        raw_kernel(_SOURCE, "split_heads_f16", X_T="f16", ACC="float", G_T="float")(
+        raw_kernel(_SOURCE, "split_heads_h16", half=qkv.dtype, X_T="h16", ACC="float", G_T="float")(
             grid, block, (qkv, optional(bias), heads, numpy.int32(B * T), numpy.int32(T),
                           numpy.int32(n_head), numpy.int32(D), numpy.float32(q_scale)))
         return heads
     acc = acc_type(qkv.dtype)
-    kernel = raw_kernel(_SOURCE, "split_heads", X_T=c_type(qkv.dtype), ACC=acc, G_T="float")
+    kernel = raw_kernel(_SOURCE, "split_heads", half=half_of(qkv.dtype), X_T=c_type(qkv.dtype), ACC=acc,
+                        G_T="float")
     n = qkv.size
     blocks = max(1, min((n + _THREADS - 1) // _THREADS, 16 * multiprocessor_count()))
     scale = numpy.float64(q_scale) if acc == "double" else numpy.float32(q_scale)
@@ -146,12 +150,12 @@ def merge_heads(dheads, dbias=None):
     g_type = c_type(dbias.dtype) if dbias is not None else "float"
     if _vectors_fit(D, dheads, out):
         grid, block = _vector_grid(C3, B * T, 2)
-        raw_kernel(_SOURCE, "merge_heads_f16", X_T="f16", ACC="float", G_T=g_type)(
+        raw_kernel(_SOURCE, "merge_heads_h16", half=dheads.dtype, X_T="h16", ACC="float", G_T=g_type)(
             grid, block, (dheads, out, optional(dbias), numpy.int32(B * T), numpy.int32(T),
                           numpy.int32(H), numpy.int32(D)))
         return out
-    kernel = raw_kernel(_SOURCE, "merge_heads", X_T=c_type(dheads.dtype), ACC=acc_type(dheads.dtype),
-                        G_T=g_type)
+    kernel = raw_kernel(_SOURCE, "merge_heads", half=half_of(dheads.dtype), X_T=c_type(dheads.dtype),
+                        ACC=acc_type(dheads.dtype), G_T=g_type)
     column_blocks = (C3 + _THREADS - 1) // _THREADS
     row_blocks = max(1, min(B * T, 16 * multiprocessor_count() // column_blocks))
     kernel((column_blocks, row_blocks), (_THREADS,),

@@ -10,7 +10,7 @@ channel.
 import numpy
 
 from ..backend import _import_cupy
-from .compile import acc_type, c_type, multiprocessor_count, optional, raw_kernel
+from .compile import acc_type, c_type, half_of, multiprocessor_count, optional, raw_kernel
 
 _THREADS = 256
 _WARPS = _THREADS // 32
@@ -139,7 +139,8 @@ def layernorm_forward(x, w, b, eps, out_dtype, center=True):
     cupy = _import_cupy()
     N, C = x.shape
     acc = acc_type(x.dtype, w.dtype)
-    kernel = raw_kernel(_SOURCE, "layernorm_forward", X_T=c_type(x.dtype), W_T=c_type(w.dtype),
+    kernel = raw_kernel(_SOURCE, "layernorm_forward", half=half_of(x.dtype, w.dtype, out_dtype),
+                        X_T=c_type(x.dtype), W_T=c_type(w.dtype),
                         OUT_T=c_type(out_dtype), D_T="float", LOW_T="float", **_macros(C, acc, eps, center))
     acc_dtype = numpy.float64 if acc == "double" else numpy.float32
     x = cupy.ascontiguousarray(x)
@@ -164,7 +165,9 @@ def layernorm_backward(dout, xhat, rstd, w, dw, db, dx=None, dx_low=None, dx_sum
         raise ValueError("layernorm_backward: dw, db and dx_sum must have the statistics' dtype")
     if dx_low is not None and not dx_low.flags.c_contiguous:
         raise ValueError("layernorm_backward: dx_low must be C-contiguous")
-    kernel = raw_kernel(_SOURCE, "layernorm_backward", X_T="float", W_T=c_type(w.dtype),
+    kernel = raw_kernel(_SOURCE, "layernorm_backward",
+                        half=half_of(w.dtype, dout.dtype, dx_low.dtype if dx_low is not None else None),
+                        X_T="float", W_T=c_type(w.dtype),
                         OUT_T="float", D_T=c_type(dout.dtype),
                         LOW_T=c_type(dx_low.dtype if dx_low is not None else xhat.dtype),
                         **_macros(C, acc, 0.0, center))

@@ -13,7 +13,7 @@ layer's own `xp` code.
 import numpy
 
 from ..backend import _import_cupy
-from .compile import acc_type, c_type, multiprocessor_count, optional, raw_kernel
+from .compile import acc_type, c_type, half_of, multiprocessor_count, optional, raw_kernel
 
 _THREADS = 256
 
@@ -95,7 +95,9 @@ def split_rope_heads(qkv, bias, n_head, n_kv_head, rope, q_scale):
         bias = bias.astype(qkv.dtype)
     cos, sin = _tables(rope, qkv)
     acc = acc_type(qkv.dtype)
-    kernel = raw_kernel(_SOURCE, "split_rope_heads", X_T=c_type(qkv.dtype), ACC=acc,
+    kernel = raw_kernel(_SOURCE, "split_rope_heads",
+                        half=half_of(qkv.dtype, cos.dtype if cos is not None else None),
+                        X_T=c_type(qkv.dtype), ACC=acc,
                         R_T=c_type(cos.dtype) if cos is not None else acc, G_T="float")
     heads = cupy.empty((3, B, n_head, T, D), dtype=qkv.dtype)
     n = heads.size
@@ -118,7 +120,9 @@ def merge_rope_heads(dheads, n_kv_head, rope, dbias=None):
     cos, sin = _tables(rope, dheads)
     acc = acc_type(dheads.dtype)
     g_type = c_type(dbias.dtype) if dbias is not None else "float"
-    kernel = raw_kernel(_SOURCE, "merge_rope_heads", X_T=c_type(dheads.dtype), ACC=acc,
+    kernel = raw_kernel(_SOURCE, "merge_rope_heads",
+                        half=half_of(dheads.dtype, cos.dtype if cos is not None else None),
+                        X_T=c_type(dheads.dtype), ACC=acc,
                         R_T=c_type(cos.dtype) if cos is not None else acc, G_T=g_type)
     out = cupy.empty((B * T, width), dtype=dheads.dtype)
     threads = min(_THREADS, -(-width // 32) * 32)

@@ -7,14 +7,15 @@ needs one dot product per row. Both read scores of any float dtype, compute
 in float32 (float64 for float64) and write the probabilities / score
 gradients in the caller's dtype.
 
-All-float16 rows with T a multiple of 8 (up to 2048) take the `_f16`
-kernels instead: each lane loads its part of the row as 16-byte vectors
+Rows all of one 16-bit float dtype (float16 or bfloat16) with T a multiple
+of 8 (up to 2048) take the `_h16` kernels instead: each lane loads its part of the row as 16-byte vectors
 into registers, so a row is read once and written once.
 """
 import numpy
 
 from ..backend import _import_cupy
-from .compile import acc_type, c_type, raw_kernel
+from ..backend import is_half
+from .compile import acc_type, c_type, half_of, raw_kernel
 
 _THREADS = 256
 _WARPS = _THREADS // 32
@@ -70,15 +71,15 @@ extern "C" __global__ void causal_softmax_backward(const S_T* dprobs, const P_T*
 }
 """
 
-_F16_SOURCE = r"""
+_H16_SOURCE = r"""
 // probabilities past the last visible key are written as zeros up to the end
 // of the query's block of key_block keys: the products read no further
 __device__ __forceinline__ int zeros_end(int last, int T, int key_block) {
     int end = (last / key_block + 1) * key_block;
     return end < T ? end : T;
 }
-// float16 rows of T = 8 * vectors; lane l holds vectors l, l + 32, ... (VPL of them)
-extern "C" __global__ void causal_softmax_forward_f16(const f16* scores, f16* probs, long long R, int T,
+// 16-bit rows of T = 8 * vectors; lane l holds vectors l, l + 32, ... (VPL of them)
+extern "C" __global__ void causal_softmax_forward_h16(const h16* scores, h16* probs, long long R, int T,
         int key_block) {
     long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
@@ -125,8 +126,8 @@ extern "C" __global__ void causal_softmax_forward_f16(const f16* scores, f16* pr
     }
 }
 
-extern "C" __global__ void causal_softmax_backward_f16(const f16* dprobs, const f16* probs,
-        f16* dscores, long long R, int T, int key_block) {
+extern "C" __global__ void causal_softmax_backward_h16(const h16* dprobs, const h16* probs,
+        h16* dscores, long long R, int T, int key_block) {
     long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= R) return;
@@ -167,10 +168,12 @@ extern "C" __global__ void causal_softmax_backward_f16(const f16* dprobs, const 
 """
 
 
-def _f16_vectors_per_lane(T, *arrays):
-    """VPL for the _f16 kernels (a power of two), or None where they do not apply:
-    every array float16 and 16-byte aligned, T a multiple of 8 up to 2048."""
-    if T % 8 or T > 2048 or any(a.dtype != numpy.float16 or a.data.ptr % 16 for a in arrays):
+def _h16_vectors_per_lane(T, *arrays):
+    """VPL for the _h16 kernels (a power of two), or None where they do not apply:
+    every array of one 16-bit float dtype and 16-byte aligned, T a multiple of 8
+    up to 2048."""
+    if T % 8 or T > 2048 or len({a.dtype for a in arrays}) != 1 or not is_half(arrays[0].dtype) \
+            or any(a.data.ptr % 16 for a in arrays):
         return None
     per_lane = 1
     while 256 * per_lane < T:
@@ -199,11 +202,12 @@ def causal_softmax_forward(scores, out_dtype, key_block=None):
     T = scores.shape[-1]
     R = scores.size // T
     probs = cupy.empty(scores.shape, dtype=out_dtype)
-    per_lane = _f16_vectors_per_lane(T, scores, probs)
+    per_lane = _h16_vectors_per_lane(T, scores, probs)
     if per_lane:
-        kernel = raw_kernel(_F16_SOURCE, "causal_softmax_forward_f16", VPL=per_lane)
+        kernel = raw_kernel(_H16_SOURCE, "causal_softmax_forward_h16", half=scores.dtype, VPL=per_lane)
     else:
-        kernel = raw_kernel(_SOURCE, "causal_softmax_forward", S_T=c_type(scores.dtype),
+        kernel = raw_kernel(_SOURCE, "causal_softmax_forward", half=half_of(scores.dtype, out_dtype),
+                            S_T=c_type(scores.dtype),
                             P_T=c_type(out_dtype), D_T="float", ACC=acc_type(scores.dtype))
     kernel(*_warp_per_row(R), (scores, probs, numpy.int64(R), numpy.int32(T),
                                numpy.int32(_key_block(T, key_block))))
@@ -217,11 +221,12 @@ def causal_softmax_backward(dprobs, probs, out_dtype, key_block=None):
     T = probs.shape[-1]
     R = probs.size // T
     dscores = cupy.empty(probs.shape, dtype=out_dtype)
-    per_lane = _f16_vectors_per_lane(T, dprobs, probs, dscores)
+    per_lane = _h16_vectors_per_lane(T, dprobs, probs, dscores)
     if per_lane:
-        kernel = raw_kernel(_F16_SOURCE, "causal_softmax_backward_f16", VPL=per_lane)
+        kernel = raw_kernel(_H16_SOURCE, "causal_softmax_backward_h16", half=probs.dtype, VPL=per_lane)
     else:
-        kernel = raw_kernel(_SOURCE, "causal_softmax_backward", S_T=c_type(dprobs.dtype),
+        kernel = raw_kernel(_SOURCE, "causal_softmax_backward",
+                            half=half_of(dprobs.dtype, probs.dtype, out_dtype), S_T=c_type(dprobs.dtype),
                             P_T=c_type(probs.dtype), D_T=c_type(out_dtype),
                             ACC=acc_type(dprobs.dtype))
     kernel(*_warp_per_row(R), (dprobs, probs, dscores, numpy.int64(R), numpy.int32(T),

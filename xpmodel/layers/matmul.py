@@ -1,11 +1,17 @@
 """The matrix product every layer uses, on NumPy or through cuBLAS.
 
-On CuPy arrays it goes to xpmodel.cuda.gemm: float16 operands use the
-tensor cores with float32 accumulation, a wider output dtype costs nothing,
-and accumulate=True adds into `out` inside the product. This holds for both
-kernel modes (backend.use_kernels): cuBLAS is reached only from here.
+On CuPy arrays it goes to xpmodel.cuda.gemm: float16 and bfloat16 operands
+use the tensor cores with float32 accumulation, a wider output dtype costs
+nothing, and accumulate=True adds into `out` inside the product. This holds
+for both kernel modes (backend.use_kernels): cuBLAS is reached only from here.
+
+NumPy has no bfloat16 matrix product of its own (ml_dtypes' is slow and
+varies by version), so bfloat16 operands on NumPy are multiplied in float32:
+exact products, float32 sums, the result rounded once, as the tensor cores do.
 """
-from ..backend import array_module, fused_kernels, is_cuda_array
+import numpy
+
+from ..backend import BFLOAT16, array_module, fused_kernels, is_cuda_array
 
 
 def matmul(a, b, transpose_a=False, transpose_b=False, out=None, out_dtype=None,
@@ -24,7 +30,9 @@ def matmul(a, b, transpose_a=False, transpose_b=False, out=None, out_dtype=None,
         if out is None:
             out = xp.empty(a_op.shape[:-1] + b_op.shape[-1:], dtype=out_dtype or a.dtype)
         return gemm(a_op, b_op, out, alpha=alpha, beta=1.0 if accumulate else 0.0)
-    if out is not None and not accumulate and out.dtype == xp.result_type(a, b):
+    if a.dtype == BFLOAT16:
+        a_op, b_op = a_op.astype(numpy.float32), b_op.astype(numpy.float32)
+    if out is not None and not accumulate and out.dtype == xp.result_type(a_op, b_op):
         xp.matmul(a_op, b_op, out=out)
         if alpha != 1.0:
             out *= alpha
