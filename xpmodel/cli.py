@@ -252,6 +252,24 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run already in RUN_DIR (other files there are kept)")
     p.set_defaults(handler=c.import_hf_command)
+
+    p = commands.add_parser("doctor", parents=[common], help="check a config or run for training bugs",
+                            description="The debugging checklist as one report: config and data "
+                                        "sanity, the initial loss against ln(V), a non-zero gradient "
+                                        "for every parameter, a finite-difference check of a tiny "
+                                        "copy of the model, and overfitting one batch. Exits 1 when "
+                                        "a check fails.")
+    p.add_argument("target", metavar="CONFIG_OR_RUN",
+                   help="a shipped config name, a YAML file, or a run directory")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--overfit-steps", type=int, default=300, metavar="N",
+                   help="steps the one-batch overfit check may take (default: 300)")
+    p.add_argument("--skip", action="append", default=[], metavar="CHECK",
+                   choices=("config", "data", "tokenizer", "initial loss", "gradients",
+                            "finite diff", "overfit"),
+                   help="leave a check out (repeatable), e.g. --skip overfit")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.set_defaults(handler=c.doctor_command)
     return parser
 
 

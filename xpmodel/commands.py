@@ -336,3 +336,18 @@ def _refuse_input_as_output(flag, out, inputs):
         if _same_path(out, path):
             raise UsageError(f"{flag} {out}: is also an input of this command ({path}); "
                              f"writing it would destroy what is being read; choose another {flag}")
+
+
+# ---- tuning and diagnosis (the work is in xpmodel/tune/) --------------------------------
+
+def doctor_command(args):
+    from .tune.common import load_subject
+    from .tune.doctor import diagnose
+    if args.overfit_steps < 1:
+        raise UsageError(f"--overfit-steps must be at least 1, got {args.overfit_steps}")
+    subject = load_subject(args.target, args.overrides)
+    progress = (lambda text: print(text, file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
+    report = diagnose(subject, device=args.device, overfit_steps=args.overfit_steps,
+                      skip=set(args.skip), say=progress)
+    print("\n".join(report.lines()))
+    return 0 if report.ok else 1

@@ -1,0 +1,61 @@
+"""What the tuning tools start from: a config (a shipped name or a YAML path,
+with KEY=VALUE overrides) or a run directory, turned into its config,
+tokenizer, token streams and fresh model."""
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..config import load_config
+from ..corpus import build_tokenizer, load_tokens
+from ..model import GPT
+from ..rundir import RunDir
+from ..runs import adopt_pretrained, load_pretrained
+from ..train.setup import model_config
+
+
+@dataclass
+class Subject:
+    """A config to diagnose or tune, and what it trains on."""
+    name: str            # for titles: the config's or run's name
+    config: object       # RunConfig
+    tokenizer: object
+    pretrained: dict | None = None   # name -> array of train.init_from, else None
+    _tokens: tuple | None = None
+
+    @property
+    def tokens(self):
+        """(train, val) token arrays, read (and cached) on first use."""
+        if self._tokens is None:
+            self._tokens = load_tokens(self.config.data, self.tokenizer,
+                                       self.config.model.block_size, show_progress=False)
+        return self._tokens
+
+    @property
+    def gpt_config(self):
+        return model_config(self.config, self.tokenizer)
+
+    def model(self, device="cpu", dropout=None, precision=None, dtype="float32"):
+        """The model at the run's initial weights (the seed's, or train.init_from's);
+        dropout and precision override the config's."""
+        t, shape = self.config.train, self.gpt_config
+        if dropout is not None:
+            shape = replace(shape, dropout=dropout)
+        model = GPT(shape, device=device, seed=t.seed, precision=precision or t.precision,
+                    kernels=t.kernels, recompute=t.recompute, dtype=dtype)
+        if self.pretrained is not None:
+            model.load_state_arrays(self.pretrained)
+        return model
+
+
+def load_subject(name_or_run, overrides=(), say=print):
+    """The Subject of a run directory (its config.yaml, with overrides) or of a
+    config name or path."""
+    run = RunDir(name_or_run)
+    if run.is_run():
+        config = load_config(run.config_path, overrides) if overrides else run.load_config()
+        return Subject(run.path.name, config, run.load_tokenizer())
+    config = load_config(name_or_run, overrides)
+    name = Path(str(name_or_run)).stem
+    if config.train.init_from:
+        source_config, arrays, tokenizer = load_pretrained(config.train.init_from)
+        return Subject(name, adopt_pretrained(config, source_config, tokenizer), tokenizer, arrays)
+    return Subject(name, config, build_tokenizer(config.data, say=say))

@@ -1,0 +1,333 @@
+"""`xpmodel doctor`: the guide's debugging steps for a model that will not
+learn, as one command and one pass/fail report.
+
+  config        settings that are legal but unlikely to be meant
+  data          split sizes, tokens per parameter, the epochs the run makes
+  tokenizer     text survives decode -> encode -> decode; how much of the vocabulary the data uses
+  initial loss  close to ln(V): a fresh model should be unsure of every token
+  gradients     every parameter gets a finite, non-zero gradient from one batch
+  finite diff   a tiny float64 copy of the architecture (same options, small
+                widths) matches central differences along random directions,
+                one parameter at a time
+  overfit       one batch is learned to near-zero loss within a few hundred steps
+
+Each check says what to change when it fails. The model checks run the
+config's own model on the chosen device; the finite-difference check runs on
+the CPU in float64, where the layers' xp code is the code under test.
+"""
+import math
+from dataclasses import dataclass, replace
+
+import numpy
+
+from ..backend import to_host
+from ..data import RandomWindowSampler, resolve_source
+from ..errors import XpmodelError
+from ..model import GPT
+from ..optim import AdamW, clipped_step
+
+PASS, WARN, FAIL = "pass", "warn", "fail"
+
+# A fresh model's loss may be this far (relative) from ln(V) and still pass.
+INITIAL_LOSS_TOLERANCE = 0.1
+# Worst relative error of <grad, d> against the central difference, in float64.
+FINITE_DIFFERENCE_TOLERANCE = 1e-5
+# One batch is "learned" once its loss is below this (nats per token).
+OVERFIT_TARGET = 0.1
+# Rows of the batch the overfit check memorises (more rows only take longer).
+OVERFIT_ROWS = 8
+
+
+@dataclass
+class Check:
+    name: str
+    status: str          # pass, warn or fail
+    detail: str          # what was measured
+    advice: str = ""     # what to do about a warning or failure
+
+
+@dataclass
+class Report:
+    subject: str
+    checks: list
+
+    @property
+    def failed(self):
+        return [c for c in self.checks if c.status == FAIL]
+
+    @property
+    def ok(self):
+        return not self.failed
+
+    def lines(self):
+        """The report as plain text lines."""
+        out = [f"doctor: {self.subject}"]
+        for c in self.checks:
+            out.append(f"  {c.status.upper():4}  {c.name:13} {c.detail}")
+            if c.advice and c.status != PASS:
+                out.append(f"        {'':13} -> {c.advice}")
+        failed, warned = len(self.failed), sum(c.status == WARN for c in self.checks)
+        out.append(f"{len(self.checks) - failed - warned} passed, {warned} warnings, {failed} failed")
+        return out
+
+
+def diagnose(subject, device="cpu", overfit_steps=300, say=None, skip=()):
+    """Run every check on a tune.common.Subject; returns a Report. `skip`
+    names checks to leave out (e.g. "overfit" for a model too big for the CPU)."""
+    steps = [("config", lambda: check_config(subject)),
+             ("data", lambda: check_data(subject)),
+             ("tokenizer", lambda: check_tokenizer(subject)),
+             ("initial loss", lambda: check_initial_loss(subject, device)),
+             ("gradients", lambda: check_gradients(subject, device)),
+             ("finite diff", lambda: check_finite_differences(subject.gpt_config)),
+             ("overfit", lambda: check_overfit(subject, device, overfit_steps))]
+    checks = []
+    for name, run in steps:
+        if name in skip:
+            continue
+        if say:
+            say(f"checking {name} ...")
+        try:
+            checks.append(run())
+        except XpmodelError as exc:
+            checks.append(Check(name, FAIL, str(exc), "fix the error above first"))
+    return Report(f"{subject.name} ({subject.gpt_config.num_params():,} parameters, "
+                  f"vocab {subject.gpt_config.vocab_size:,})", checks)
+
+
+# ---- config, data, tokenizer -------------------------------------------------------
+
+def check_config(subject):
+    t = subject.config.train
+    steps = _total_steps(subject)
+    notes, advice = [], []
+    if t.optimizer == "adamw" and not 1e-5 <= t.lr <= 1e-2:
+        notes.append(f"train.lr={t.lr:g} is outside AdamW's usual 1e-5..1e-2")
+        advice.append("run `xpmodel lr-find` to choose train.lr")
+    if t.warmup_iters > 0.3 * steps:
+        notes.append(f"warmup ({t.warmup_iters} steps) is {t.warmup_iters / steps:.0%} of the run")
+        advice.append("lower train.warmup_iters to a few percent of the run")
+    if t.eval_interval > steps:
+        notes.append(f"train.eval_interval={t.eval_interval} is longer than the run ({steps} "
+                     f"steps): validation only at the end")
+        advice.append("lower train.eval_interval to see the validation curve")
+    if t.grad_clip == 0:
+        notes.append("gradient clipping is off")
+        advice.append("train.grad_clip=1.0 guards against loss spikes")
+    if subject.config.model.dropout > 0 and _epochs(subject) < 1:
+        notes.append(f"dropout {subject.config.model.dropout:g} in a run of under one epoch")
+        advice.append("model.dropout=0 trains faster when no token is seen twice")
+    detail = "; ".join(notes) if notes else (f"{steps:,} steps, lr {t.lr:g}, warmup "
+                                              f"{t.warmup_iters}, clip {t.grad_clip:g}")
+    return Check("config", WARN if notes else PASS, detail, "; ".join(advice))
+
+
+def _total_steps(subject):
+    t = subject.config.train
+    if t.max_iters is not None:
+        return t.max_iters
+    train, _ = subject.tokens
+    windows = len(train) // (subject.config.model.block_size + 1)
+    return max(1, t.epochs * (windows // t.batch_size) // t.grad_accum)
+
+
+def _epochs(subject):
+    t, T = subject.config.train, subject.config.model.block_size
+    train, _ = subject.tokens
+    return _total_steps(subject) * t.batch_size * t.grad_accum * T / max(len(train), 1)
+
+
+def check_data(subject):
+    t, T = subject.config.train, subject.config.model.block_size
+    train, val = subject.tokens
+    n_params = subject.gpt_config.num_params()
+    epochs = _epochs(subject)
+    per_param = len(train) / n_params
+    try:
+        corpus = f"{resolve_source(subject.config.data.source).total_bytes():,} bytes -> "
+    except XpmodelError:
+        corpus = ""
+    detail = (f"{corpus}{len(train):,} train + {len(val):,} val tokens; {per_param:.2g} train "
+              f"tokens per parameter; {_total_steps(subject):,} steps x "
+              f"{t.batch_size * t.grad_accum * T:,} tokens = {epochs:.2f} epochs")
+    problems, advice = [], []
+    if len(val) < t.batch_size * (T + 1):
+        problems.append(f"the validation split holds fewer than one batch of windows")
+        advice.append("raise data.val_fraction so validation is more than a few windows")
+    if epochs > 20:
+        problems.append(f"{epochs:.0f} epochs will memorise the training data")
+        advice.append("use more data, a smaller model, fewer steps, or train.early_stop_patience")
+    if per_param < 0.5 and epochs > 3:
+        problems.append(f"only {per_param:.2g} tokens per parameter")
+        advice.append("a smaller model (model.n_embd, model.n_layer) or more data; "
+                      "about 20 tokens per parameter is compute-optimal")
+    if problems:
+        detail += "; " + "; ".join(problems)
+    return Check("data", WARN if problems else PASS, detail, "; ".join(advice))
+
+
+def check_tokenizer(subject):
+    tokenizer = subject.tokenizer
+    train, _ = subject.tokens
+    ids = [int(i) for i in train[:2000]]
+    text = tokenizer.decode(ids)
+    again = tokenizer.decode(tokenizer.encode(text, allowed_special="all"))
+    if again != text:
+        where = next((i for i, (a, b) in enumerate(zip(text, again)) if a != b), min(len(text), len(again)))
+        return Check("tokenizer", FAIL, f"decode -> encode -> decode changes the text at "
+                                        f"character {where}: {text[max(0, where - 20):where + 20]!r}",
+                     "the token file was made with another tokenizer: delete the token cache "
+                     "(data.cache_dir) or check data.tokenizer")
+    used = len(numpy.unique(numpy.asarray(train[:1_000_000])))
+    V = subject.gpt_config.vocab_size
+    detail = (f"round trip ok; the data uses {used:,} of {V:,} ids"
+              + (f" (tokenizer {tokenizer.vocab_size:,})" if tokenizer.vocab_size != V else ""))
+    if used < 0.25 * tokenizer.vocab_size and tokenizer.vocab_size > 512:
+        return Check("tokenizer", WARN, detail + " (most ids never appear: their embeddings "
+                                                 "only decay)",
+                     "lower data.vocab_size to fit the corpus")
+    return Check("tokenizer", PASS, detail)
+
+
+# ---- the model -----------------------------------------------------------------------
+
+def _batches(subject, rows=None, count=1):
+    t, T = subject.config.train, subject.config.model.block_size
+    train, _ = subject.tokens
+    sampler = RandomWindowSampler(train, rows or t.batch_size, T, t.seed, token_dropout=0.0,
+                                  vocab_size=subject.tokenizer.vocab_size)
+    return [sampler.next_batch() for _ in range(count)]
+
+
+def check_initial_loss(subject, device):
+    model = subject.model(device, dropout=0.0).eval()
+    losses = [float(model.loss(x, y)) for x, y in _batches(subject, count=2)]
+    loss, expected = float(numpy.mean(losses)), math.log(model.config.vocab_size)
+    detail = f"{loss:.4f} at step 0, ln(V) = {expected:.4f} for V = {model.config.vocab_size:,}"
+    if subject.pretrained is not None:
+        return Check("initial loss", PASS, detail + " (pretrained weights: lower is expected)")
+    if not math.isfinite(loss):
+        return Check("initial loss", FAIL, detail, "the forward pass overflows at "
+                     "initialisation: check the init scale and the norms' eps")
+    if abs(loss - expected) > INITIAL_LOSS_TOLERANCE * expected:
+        return Check("initial loss", FAIL, detail + f" (off by {loss / expected - 1:+.0%})",
+                     "the initial logits are not near zero: the embedding or head init is too "
+                     "large, or the loss is not the mean over tokens")
+    return Check("initial loss", PASS, detail)
+
+
+def check_gradients(subject, device):
+    """Every parameter's gradient from one training batch: finite and not all zero."""
+    model = subject.model(device, dropout=0.0)
+    model.zero_grad()
+    (x, y), = _batches(subject)
+    model.forward_backward(x, y)
+    zero, broken = [], []
+    for name in model.layout.names:
+        g = to_host(model.grads[name])
+        if not numpy.isfinite(g).all():
+            broken.append(name)
+        elif not numpy.any(g):
+            zero.append(name)
+    n = len(model.layout.names)
+    if broken or zero:
+        parts = []
+        if broken:
+            parts.append(f"{len(broken)} of {n} parameters have NaN/Inf gradients: {_names(broken)}")
+        if zero:
+            parts.append(f"{len(zero)} of {n} get no gradient: {_names(zero)}")
+        return Check("gradients", FAIL, "; ".join(parts),
+                     "those parameters' layers drop their gradient: check their backward adds "
+                     "into the gradient views (and is wired in layers/block.py)")
+    return Check("gradients", PASS, f"all {n} parameters get finite, non-zero gradients")
+
+
+def _names(names, limit=4):
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def tiny_copy(config):
+    """A float64-checkable GPTConfig with `config`'s options and small widths:
+    at most 2 layers, 2 heads of 8 (sharing one key/value head under GQA),
+    a 40-id vocabulary, 8 positions."""
+    from ..model_config import default_mlp_hidden
+    custom_hidden = config.mlp_hidden != default_mlp_hidden(config.mlp, config.n_embd)
+    return replace(config, vocab_size=40, block_size=8, n_layer=min(config.n_layer, 2), n_head=2,
+                   n_embd=16, n_kv_head=1 if config.n_kv_head != config.n_head else 2,
+                   mlp_hidden=24 if custom_hidden else default_mlp_hidden(config.mlp, 16),
+                   dropout=0.0)
+
+
+def finite_difference_errors(config, seed=0, eps=1e-6):
+    """name -> relative error of the analytic directional derivative of the
+    loss along a random direction in that parameter against the central
+    difference, for `config`'s architecture in float64 on the CPU."""
+    model = GPT(config, device="cpu", dtype="float64", seed=seed)
+    rng = numpy.random.default_rng(seed)
+    for view in model.params.values():   # off the init's symmetric points (zero biases, unit norms)
+        view += rng.normal(0.0, 0.02, size=view.shape)
+    B, T = 2, config.block_size
+    x = rng.integers(0, config.vocab_size, size=(B, T))
+    y = rng.integers(0, config.vocab_size, size=(B, T))
+    model.zero_grad()
+    model.forward_backward(x, y)
+    errors = {}
+    for name in model.layout.names:
+        view, grad = model.params[name], model.grads[name]
+        d = rng.standard_normal(view.shape)
+        view += eps * d
+        up = float(model.loss(x, y))
+        view -= 2 * eps * d
+        down = float(model.loss(x, y))
+        view += eps * d
+        numeric = (up - down) / (2 * eps)
+        analytic = float(numpy.sum(grad * d))
+        errors[name] = abs(numeric - analytic) / max(1e-12, abs(numeric) + abs(analytic))
+    return errors
+
+
+def check_finite_differences(config):
+    tiny = tiny_copy(config)
+    errors = finite_difference_errors(tiny)
+    # backward order (head first): the first parameter listed is nearest the broken layer
+    bad = [name for name, err in reversed(errors.items()) if not err <= FINITE_DIFFERENCE_TOLERANCE]
+    worst = max(errors, key=lambda n: errors[n] if math.isfinite(errors[n]) else math.inf)
+    shape = f"{tiny.n_layer} layers, C={tiny.n_embd}, V={tiny.vocab_size}, T={tiny.block_size}"
+    if bad:
+        return Check("finite diff", FAIL,
+                     f"{len(bad)} of {len(errors)} parameters' gradients disagree with finite "
+                     f"differences ({shape}, float64): {_names(bad)}; worst {worst} "
+                     f"(relative error {errors[worst]:.1e})",
+                     "a backward pass is wrong: start at the first parameter listed (they are in "
+                     "backward order, from the head down); tests/test_layers.py checks each layer")
+    return Check("finite diff", PASS, f"{len(errors)} parameters agree ({shape}, float64); worst "
+                                      f"relative error {errors[worst]:.1e} ({worst})")
+
+
+def check_overfit(subject, device, steps=300, target=OVERFIT_TARGET):
+    """Train on one batch (dropout and weight decay off, the config's lr held
+    constant) until its loss is below `target`, at most `steps` steps."""
+    t = subject.config.train
+    model = subject.model(device, dropout=0.0)
+    optimizer = AdamW(model, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=0.0)
+    (x, y), = _batches(subject, rows=min(t.batch_size, OVERFIT_ROWS))
+    first = loss = None
+    with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for step in range(1, steps + 1):
+            model.zero_grad()
+            loss = float(model.forward_backward(x, y))
+            first = loss if first is None else first
+            if loss < target or not math.isfinite(loss):
+                break
+            clipped_step(optimizer, t.grad_clip)
+    detail = (f"one batch of {x.shape[0]}x{x.shape[1]} tokens: loss {first:.3f} -> {loss:.4f} "
+              f"in {step} steps at lr {t.lr:g}")
+    if not math.isfinite(loss):
+        return Check("overfit", FAIL, detail, "the loss diverged on one batch: lower train.lr")
+    if loss >= target:
+        fell = first - loss
+        hint = ("the loss barely moved: gradients are not reaching the weights, or train.lr is "
+                "far too small" if fell < 0.1 * first else
+                "it learns but slowly: raise train.lr, or give more steps (--overfit-steps)")
+        return Check("overfit", FAIL, detail + f" (target < {target})", hint)
+    return Check("overfit", PASS, detail)
