@@ -70,3 +70,27 @@ def test_doctor_overfit_fails_when_the_loss_cannot_move(corpus):
     check = next(c for c in report.checks if c.name == "overfit")
     assert check.status == FAIL and "barely moved" in check.advice
     assert statuses(report)["config"] != PASS    # lr 1e-7 is outside AdamW's usual range
+
+
+# ---- lr-find ---------------------------------------------------------------------------
+
+def test_lr_find_suggests_a_rate_in_the_band_that_trains_the_tiny_model(capsys, tmp_path, corpus):
+    import json
+    out = tmp_path / "lr.png"
+    code, text, err = run_cli(capsys, "lr-find", "--config", TINY, f"data.source={corpus}",
+                              "--steps", 120, "--out", out)
+    assert code == 0, err
+    result = json.loads(out.with_suffix(".json").read_text())
+    # the tiny model trains well at 3e-3; 1e-4 barely moves it in 30 steps, 0.1 is unstable
+    assert 5e-4 <= result["suggested_lr"] <= 2e-2
+    assert result["suggested_lr"] == pytest.approx(result["min_lr"] / 10)
+    assert f"suggested train.lr={result['suggested_lr']:.2e}" in text and "divided by 10" in text
+    assert out.stat().st_size > 10_000   # the plot
+    lrs = result["lrs"]
+    assert lrs[0] == pytest.approx(1e-7) and all(b > a for a, b in zip(lrs, lrs[1:]))
+
+
+def test_lr_find_refuses_a_backwards_range(capsys, corpus):
+    code, _, err = run_cli(capsys, "lr-find", "--config", TINY, f"data.source={corpus}",
+                           "--start-lr", 1, "--end-lr", 1e-3)
+    assert code == 2 and "--start-lr" in err

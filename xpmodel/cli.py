@@ -270,6 +270,23 @@ def build_parser():
                    help="leave a check out (repeatable), e.g. --skip overfit")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(handler=c.doctor_command)
+
+    p = commands.add_parser("lr-find", parents=[common], help="the learning-rate range test",
+                            description="Train from the initial weights with a learning rate "
+                                        "growing exponentially, plot loss against learning rate, "
+                                        "and suggest train.lr (the rule is printed).")
+    p.add_argument("--config", default=None, metavar="NAME_OR_PATH",
+                   help="a shipped config name, a YAML file or a run directory (default: default)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--steps", type=int, default=200, metavar="N",
+                   help="steps of the ramp (default: 200)")
+    p.add_argument("--start-lr", type=float, default=1e-7, metavar="LR", help="(default: 1e-7)")
+    p.add_argument("--end-lr", type=float, default=1.0, metavar="LR", help="(default: 1)")
+    p.add_argument("--out", default=None, metavar="PNG",
+                   help="the plot (default: lr-find-CONFIG.png here); the numbers go beside it "
+                        "as .json")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.set_defaults(handler=c.lr_find_command)
     return parser
 
 

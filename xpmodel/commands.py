@@ -351,3 +351,24 @@ def doctor_command(args):
                       skip=set(args.skip), say=progress)
     print("\n".join(report.lines()))
     return 0 if report.ok else 1
+
+
+def lr_find_command(args):
+    from .tune.common import load_subject
+    from .tune.lr_find import lr_range_test, write_results
+    subject = load_subject(args.config or "default", args.overrides)
+    out = Path(args.out) if args.out else Path(f"lr-find-{subject.name}.png")
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: the plot is a PNG; give a path ending in .png")
+    print(f"lr-find: {subject.name}, {args.steps} steps from {args.start_lr:g} to {args.end_lr:g}",
+          flush=True)
+    result = lr_range_test(subject, device=args.device, start_lr=args.start_lr,
+                           end_lr=args.end_lr, steps=args.steps)
+    if result.stopped_early:
+        print(f"the loss diverged at lr {result.lrs[-1]:.2e}; the test stopped there")
+    print(f"suggested train.lr={result.suggested_lr:.2e}: {result.rule}")
+    written = write_results(result, out, f"lr-find: {subject.name}")
+    if out not in written:
+        print("(pip install 'xpmodel[plot]' for the plot)")
+    print("wrote " + ", ".join(map(str, written)))
+    return 0

@@ -1,0 +1,161 @@
+"""`xpmodel lr-find`: the learning-rate range test.
+
+From a copy of the run's initial weights, train with a learning rate that
+grows exponentially from `start_lr` to `end_lr` over `steps` steps (the
+config's batch, optimizer, clipping and weight decay; no warmup or decay),
+recording the loss at each. The test stops early once the loss has clearly
+diverged (a running average above 4x its lowest, or not finite).
+
+Rule for the suggestion: the learning rate where the smoothed loss is
+lowest, divided by 10. At the minimum the rate is already at the edge of
+instability; a tenth of it is still fast and leaves room for the noise of
+longer runs. The loss is smoothed by a centred moving average (no lag, so
+the minimum is not pushed to higher rates). With Muon, muon_lr follows lr in
+proportion, so the suggestion keeps the config's ratio between them.
+"""
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import numpy
+
+from ..atomic import atomic_write_bytes, atomic_writer
+from ..data import RandomWindowSampler
+from ..errors import UsageError
+from ..optim import clipped_step, optimizer_for
+
+DIVERGENCE_FACTOR = 4.0
+SUGGESTION_DIVISOR = 10.0
+
+
+@dataclass
+class RangeTest:
+    lrs: list            # the rate of each step taken
+    losses: list         # its training loss (None where not finite)
+    smoothed: list       # the centred moving average of the losses
+    min_lr: float        # the rate of the lowest smoothed loss
+    steepest_lr: float   # where the smoothed loss fell fastest against log(lr)
+    suggested_lr: float  # min_lr / 10
+    stopped_early: bool  # the loss diverged before end_lr
+
+    @property
+    def rule(self):
+        return (f"the learning rate of the lowest smoothed loss ({self.min_lr:.2e}) divided by "
+                f"{SUGGESTION_DIVISOR:g}; the loss fell fastest at {self.steepest_lr:.2e}")
+
+
+def lr_range_test(subject, device="cpu", start_lr=1e-7, end_lr=1.0, steps=200, progress=None):
+    """Run the range test on a tune.common.Subject; returns a RangeTest."""
+    if not 0 < start_lr < end_lr:
+        raise UsageError(f"need 0 < --start-lr < --end-lr, got {start_lr:g} and {end_lr:g}")
+    if steps < 10:
+        raise UsageError(f"--steps must be at least 10, got {steps}")
+    t, T = subject.config.train, subject.config.model.block_size
+    model = subject.model(device)
+    optimizer = optimizer_for(model, t)
+    train, _ = subject.tokens
+    d = subject.config.data
+    sampler = RandomWindowSampler(train, t.batch_size, T, t.seed, token_dropout=d.token_dropout,
+                                  vocab_size=subject.tokenizer.vocab_size,
+                                  token_dropout_mode=d.token_dropout_mode,
+                                  mask_id=subject.tokenizer.mask_id)
+    lrs, losses = [], []
+    average, lowest = None, math.inf
+    stopped_early = False
+    with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for i in range(steps):
+            lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
+            optimizer.lr = lr
+            model.zero_grad()
+            loss = 0.0
+            for _ in range(t.grad_accum):
+                x, y = sampler.next_batch()
+                loss += float(model.forward_backward(x, y, scale=1.0 / t.grad_accum)) / t.grad_accum
+            lrs.append(lr)
+            losses.append(loss if math.isfinite(loss) else None)
+            if progress:
+                progress(i + 1, steps, lr, loss)
+            if not math.isfinite(loss):
+                stopped_early = True
+                break
+            average = loss if average is None else 0.9 * average + 0.1 * loss
+            lowest = min(lowest, average)
+            if i > steps // 10 and average > DIVERGENCE_FACTOR * lowest:
+                stopped_early = True
+                break
+            clipped_step(optimizer, t.grad_clip)
+    return _analyse(lrs, losses, stopped_early)
+
+
+def _analyse(lrs, losses, stopped_early):
+    finite = [(lr, loss) for lr, loss in zip(lrs, losses) if loss is not None]
+    if len(finite) < 5:
+        raise UsageError("the loss diverged within the first steps of the range test: lower "
+                         "--start-lr")
+    rates = numpy.array([lr for lr, _ in finite])
+    values = numpy.array([loss for _, loss in finite])
+    smoothed = _centred_average(values, max(3, len(values) // 20 * 2 + 1))
+    lowest = int(numpy.argmin(smoothed))
+    # the steepest fall before the minimum, in loss per decade of lr
+    slopes = numpy.gradient(smoothed[:lowest + 1], numpy.log10(rates[:lowest + 1])) \
+        if lowest >= 2 else numpy.zeros(1)
+    steepest = int(numpy.argmin(slopes))
+    smoothed_all = iter(smoothed.tolist())
+    return RangeTest(lrs=list(lrs), losses=list(losses),
+                     smoothed=[next(smoothed_all) if loss is not None else None for loss in losses],
+                     min_lr=float(rates[lowest]), steepest_lr=float(rates[steepest]),
+                     suggested_lr=float(rates[lowest]) / SUGGESTION_DIVISOR,
+                     stopped_early=stopped_early)
+
+
+def _centred_average(values, window):
+    """The mean over a window centred on each point (shrinking at the ends)."""
+    half = window // 2
+    sums = numpy.concatenate([[0.0], numpy.cumsum(values)])
+    out = numpy.empty_like(values)
+    for i in range(len(values)):
+        lo, hi = max(0, i - half), min(len(values), i + half + 1)
+        out[i] = (sums[hi] - sums[lo]) / (hi - lo)
+    return out
+
+
+def write_results(result, png_path, title):
+    """The test's numbers as JSON beside `png_path` (same stem, .json), and the
+    plot when matplotlib is installed; returns the paths written."""
+    from pathlib import Path
+    png_path = Path(png_path)
+    if png_path.suffix.lower() != ".png":
+        raise UsageError(f"--out {png_path}: the plot is a PNG; give a path ending in .png")
+    json_path = png_path.with_suffix(".json")
+    document = {**asdict(result), "rule": result.rule}
+    atomic_write_bytes(json_path, (json.dumps(document, indent=1) + "\n").encode())
+    written = [json_path]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    points = [(lr, loss) for lr, loss in zip(result.lrs, result.losses) if loss is not None]
+    ax.plot(*zip(*points), ".", ms=3, alpha=0.4, color="tab:blue", label="loss at each step")
+    smooth = [(lr, s) for lr, s in zip(result.lrs, result.smoothed) if s is not None]
+    ax.plot(*zip(*smooth), color="tab:blue", lw=1.6, label="smoothed")
+    ax.axvline(result.min_lr, color="grey", ls=":", label=f"lowest smoothed loss {result.min_lr:.1e}")
+    ax.axvline(result.suggested_lr, color="tab:red", ls="--",
+               label=f"suggested train.lr {result.suggested_lr:.1e}")
+    first = points[0][1]
+    ax.set_ylim(min(p[1] for p in points) * 0.95, first * 1.4)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    try:
+        with atomic_writer(png_path) as f:
+            fig.savefig(f, dpi=100, format="png")
+    finally:
+        plt.close(fig)
+    return [png_path] + written
