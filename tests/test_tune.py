@@ -94,3 +94,109 @@ def test_lr_find_refuses_a_backwards_range(capsys, corpus):
     code, _, err = run_cli(capsys, "lr-find", "--config", TINY, f"data.source={corpus}",
                            "--start-lr", 1, "--end-lr", 1e-3)
     assert code == 2 and "--start-lr" in err
+
+
+# ---- health during training ------------------------------------------------------------
+
+def tiny_trainer(tmp_path, corpus, *overrides, name="run"):
+    from xpmodel.config import load_config
+    from xpmodel.train import Trainer
+    config = load_config(TINY, [f"data.source={corpus}", *overrides])
+    return Trainer.start(config, device="cpu", out=tmp_path / name, show=False)
+
+
+def records(run_dir, kind):
+    from xpmodel.rundir import RunDir
+    return [r for r in RunDir(run_dir).read_metrics() if r["type"] == kind]
+
+
+def test_health_records_per_layer_and_their_heatmap(capsys, tmp_path, corpus):
+    tiny_trainer(tmp_path, corpus, "model.n_layer=2", "train.health_interval=10").run()
+    health = records(tmp_path / "run", "health")
+    assert [r["step"] for r in health] == [10, 20, 30]
+    for r in health:
+        assert r["groups"] == ["embed", "h.0", "h.1", "head"]
+        assert all(g > 0 for g in r["grad_norm"]) and all(w > 0 for w in r["weight_norm"])
+        assert all(1e-6 < u < 1 for u in r["update_ratio"])
+    # the groups' gradient norms make up the step's global norm (before clipping)
+    train = {r["step"]: r for r in records(tmp_path / "run", "train")}
+    for r in health:
+        total = float(numpy.sqrt(numpy.sum(numpy.square(r["grad_norm"]))))
+        assert total == pytest.approx(train[r["step"]]["grad_norm"], rel=1e-3)
+    code, out, _ = run_cli(capsys, "plot", tmp_path / "run")
+    assert code == 0 and "loss-health.png" in out
+    assert (tmp_path / "run" / "loss-health.png").stat().st_size > 5_000
+
+
+def test_health_off_writes_no_records(tmp_path, corpus):
+    tiny_trainer(tmp_path, corpus, "train.health_interval=0").run()
+    assert records(tmp_path / "run", "health") == []
+
+
+def test_a_loss_that_does_not_move_is_warned_about(tmp_path, corpus):
+    trainer = tiny_trainer(tmp_path, corpus, "train.lr=1e-9", "train.min_lr=0",
+                           "train.max_iters=60")
+    trainer.run()
+    warnings = records(tmp_path / "run", "warning")
+    assert [w["kind"] for w in warnings] == ["flat"]
+    assert "has not moved" in warnings[0]["message"] and warnings[0]["step"] == 50
+
+
+class _Lines:
+    def __init__(self):
+        self.lines = []
+
+    def print(self, text):
+        self.lines.append(text)
+
+
+def test_exploding_gradients_and_overfitting_warnings(tmp_path, corpus):
+    trainer = tiny_trainer(tmp_path, corpus, "train.max_iters=10", "train.eval_interval=5",
+                           "train.save_interval=5")
+    trainer.run()      # a best checkpoint at step 10 for the overfitting warning to name
+    health, display = trainer.health, _Lines()
+    for step in range(1, 30):
+        health.on_train({"step": step, "loss": 3.0 - step / 100, "grad_norm": 1.0}, display, None)
+    health.on_train({"step": 30, "loss": 2.7, "grad_norm": 40.0}, display, None)
+    health.on_train({"step": 31, "loss": 2.7, "grad_norm": 45.0}, display, None)   # shown once
+    assert len(display.lines) == 1 and "gradient norm 40 is 40x the recent median 1" in display.lines[0]
+    display.lines.clear()
+    for step, train, val in [(40, 2.0, 2.1), (50, 1.9, 2.2), (60, 1.8, 2.3), (70, 1.7, 2.4)]:
+        health.on_eval({"step": step, "train_loss": train, "val_loss": val}, display, None)
+    assert len(display.lines) == 1
+    assert "validation loss rose for 3 evaluations (2.1000 -> 2.4000)" in display.lines[0]
+    assert "the best checkpoint is step 10" in display.lines[0]
+
+
+def _nan_after(real, calls, where):
+    count = [0]
+
+    def broken(*args, **kwargs):
+        out = real(*args, **kwargs)
+        count[0] += 1
+        if count[0] > calls:
+            if isinstance(out, tuple):
+                return (numpy.full_like(out[0], numpy.nan),) + tuple(out[1:])
+            return numpy.full_like(out, numpy.nan)
+        return out
+    return broken
+
+
+@pytest.mark.parametrize("function, expected", [
+    ("attention_backward", "the backward pass of h.1.attn (attention)"),
+    ("attention_forward", "the forward pass of h.0.attn (attention)"),
+    # c_fc's output h (not the activation's g) broken: only backward reads it
+    ("mlp_hidden", "the backward pass of h.1.mlp.c_fc.weight"),
+])
+def test_a_nan_stop_names_the_first_layer_and_pass(tmp_path, corpus, monkeypatch, function,
+                                                   expected):
+    from xpmodel.errors import XpmodelError
+    trainer = tiny_trainer(tmp_path, corpus, "model.n_layer=2", "train.eval_interval=100",
+                           "train.max_iters=20", name=function)
+    monkeypatch.setattr(block_module, function,
+                        _nan_after(getattr(block_module, function), 40, function))
+    with pytest.raises(XpmodelError) as stop:
+        trainer.run()
+    message = str(stop.value)
+    assert "training diverged" in message and "re-running step" in message
+    assert expected in message

@@ -239,9 +239,12 @@ def evaluate_tokens(model, tokenizer, tokens, batch_size, max_batches=None):
 
 
 def plot_command(args):
-    from .plot import plot_run
+    from .plot import plot_health, plot_run
     path = plot_run(args.run_dir, args.out)
     print(f"wrote {path}")
+    health = plot_health(args.run_dir, path.with_name(path.stem + "-health.png"))
+    if health:
+        print(f"wrote {health}")
     return 0
 
 

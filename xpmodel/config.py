@@ -265,6 +265,8 @@ class TrainConfig:
     log_interval: int = _setting(10, within=POSITIVE)
     # evaluations without a better val loss before stopping; 0 = off
     early_stop_patience: int = _setting(0, within=NON_NEGATIVE)
+    # steps between per-layer health records (gradient norm, update/weight ratio); 0 = off
+    health_interval: int = _setting(100, within=NON_NEGATIVE)
     # "fp16": float16 compute with loss scaling; "bf16": bfloat16 compute, no loss
     # scaling (float32 master weights and statistics in both)
     precision: str = _setting("fp32", choices=PRECISIONS)

@@ -70,6 +70,54 @@ def draw_metrics(plt, train, evals, title):
     return fig
 
 
+def plot_health(run_dir, out):
+    """A PNG of the run's health records (train.health_interval): heatmaps of
+    each parameter group's gradient norm and update/weight ratio against step.
+    Returns its path, or None when the run has no health records."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    run = RunDir(run_dir)
+    records = [r for r in run.read_metrics() if r.get("type") == "health"]
+    if not records:
+        return None
+    out = Path(out)
+    _check_output(run, out)
+    fig = draw_health(plt, records, f"xpmodel run {run.path.name}: per-layer health")
+    try:
+        with atomic_writer(out) as f:
+            fig.savefig(f, dpi=100, format="png")
+    finally:
+        plt.close(fig)
+    return out
+
+
+def draw_health(plt, records, title):
+    """Two heatmaps (log10 colour scales), parameter groups (embed, h.0 .., head)
+    down, steps across: the gradient norm before clipping, and the update's
+    size relative to the weights (about 1e-3 is healthy for AdamW)."""
+    import numpy
+    groups = records[-1]["groups"]
+    records = [r for r in records if r.get("groups") == groups]
+    steps = [r["step"] for r in records]
+    edges = numpy.array(steps + [steps[-1] + (steps[-1] - steps[-2] if len(steps) > 1 else 1)])
+    fig, axes = plt.subplots(2, 1, figsize=(9, 1.2 + 0.35 * len(groups) * 2 + 1), sharex=True)
+    for ax, key, label in ((axes[0], "grad_norm", "log10 gradient norm"),
+                           (axes[1], "update_ratio", "log10 |update| / |weights|")):
+        values = numpy.array([[_number(v) for v in r[key]] for r in records]).T   # (groups, steps)
+        with numpy.errstate(divide="ignore", invalid="ignore"):
+            image = ax.pcolormesh(edges, numpy.arange(len(groups) + 1), numpy.log10(values),
+                                  cmap="viridis", shading="flat")
+        ax.set_yticks(numpy.arange(len(groups)) + 0.5)
+        ax.set_yticklabels(groups)
+        ax.invert_yaxis()
+        fig.colorbar(image, ax=ax, label=label)
+    axes[0].set_title(title)
+    axes[1].set_xlabel("step")
+    fig.tight_layout()
+    return fig
+
+
 def _check_output(run, out):
     """Refuse a PNG path that would overwrite one of the run's own files."""
     if out.suffix.lower() != ".png":

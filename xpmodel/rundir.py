@@ -49,7 +49,8 @@ RUN_FORMAT = "xpmodel-run"
 LOCK_NAME = ".xpmodel.lock"
 _STEP_FILE = re.compile(r"^step-(\d{8})\.safetensors$")
 _CHECKPOINT_FILE = re.compile(r"^(step-\d{8}|best)\.safetensors$")
-_TOP_FILES = ("run.json", "config.yaml", "tokenizer.json", "metrics.jsonl", "loss.png")
+_TOP_FILES = ("run.json", "config.yaml", "tokenizer.json", "metrics.jsonl", "loss.png",
+              "loss-health.png")
 _MAX_MARKER_BYTES = 1 << 16
 _MAX_METRICS_LINE = 1 << 16
 

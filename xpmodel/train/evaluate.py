@@ -41,6 +41,7 @@ class Evaluation:
         display.validation(self.step, val_loss, perplexity, best, train_loss)
         if best:
             self.save(self.run_dir.best_path)
+        self.health.on_eval(record, display, metrics)
         return bool(t.early_stop_patience) and self.evals_without_improvement >= t.early_stop_patience
 
     def data_summary(self):

@@ -27,6 +27,7 @@ from ..loss_scale import LossScaler
 from ..model import GPT
 from ..optim import clipped_step, optimizer_for
 from .evaluate import Evaluation
+from .health import Health
 from .setup import RunSetup, check_fits_in_memory, make_schedule, model_config
 from .signals import Interrupted, SignalHandling
 from .state import CheckpointState
@@ -83,6 +84,7 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
         self.interval_loss = [0.0, 0]  # [sum, count] of train losses since the last evaluation
         self._display = None           # run()'s display, which save() reports to
         self._stop_signal = None
+        self.health = Health(self)     # per-layer records, warnings, where a NaN came from
 
     # ---- the loop ----------------------------------------------------------------
     def _elapsed(self):
@@ -160,6 +162,7 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
                 record["loss_scale"] = scale
             if metrics:
                 self.run_dir.append_metrics(record, metrics)
+            self.health.on_train(record, display, metrics)
             display.step(step, smoothed, lr, norm, tokens_per_s, self._mfu(tokens_per_s),
                          log_line=step % t.log_interval == 0, epoch=epoch)
         window.pending = []
@@ -212,6 +215,7 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
         t, model, xp = self.config.train, self.model, self.model.xp
         lr = self.schedule(self.step)
         self.optimizer.lr = lr
+        self.health.step_starts(self.step)
         model.zero_grad()
         scale = self.scaler.device_scale if self.scaler else 1.0
         total = 0.0
@@ -231,7 +235,9 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
             self.dist.allreduce_mean_(model.flat_grads)
             total = float(self.dist.allreduce_mean_(numpy.array([float(total)]))[0])
         loss = xp.asarray(total / t.grad_accum, dtype=numpy.float64)
+        self.health.before_update(self.step)
         norm, grads_finite = clipped_step(self.optimizer, t.grad_clip, scale, loss)
+        self.health.after_update(self.step, scale)
         if self.scaler:
             self.scaler.record(grads_finite)
         values = xp.stack([loss, norm, grads_finite.astype(numpy.float64),
@@ -253,7 +259,8 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
                 where = f"; the last good checkpoint is step {latest[-1]}" if latest else ""
                 raise XpmodelError(f"step {step}: loss is {loss}, gradient norm {norm}: "
                                    f"training diverged, weights not updated{where}; "
-                                   f"lower train.lr or raise train.warmup_iters")
+                                   f"lower train.lr or raise train.warmup_iters"
+                                   f"{self.health.explain_nonfinite(step)}")
             results.append((step, float(loss), float(norm) if grads_finite else float("inf"), lr,
                             float(scale)))
         if self.scaler:
