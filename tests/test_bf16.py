@@ -403,6 +403,8 @@ def test_xpmodel_train_in_bf16_runs_and_resumes(where, tmp_path, capsys, monkeyp
                                  "--out", tmp_path / "whole", *settings)
         assert code == 0, err
         assert "bf16" in out and "step 12: val loss" in out
+        if device == "cuda":    # the emulator's GPU has no entry in xpmodel/peak_flops.py
+            assert "no MFU: CPU emulator is not in xpmodel's peak table; set train.peak_flops" in out
         first = Trainer.start(load_config(TINY, settings), device=device, out=tmp_path / "parts",
                               show=False)
         first.total_steps = 8      # stops after step 8, the last checkpoint

@@ -344,7 +344,7 @@ def test_zero_is_allowed_where_it_means_off(override):
 
 @pytest.mark.parametrize("override, choice_key", [
     ("data.tokenizer=char", "data.tokenizer"), ("data.batching=sequential", "data.batching"),
-    ("train.schedule=exponential", "train.schedule"), ("train.precision=bf16", "train.precision"),
+    ("train.schedule=exponential", "train.schedule"), ("train.precision=fp8", "train.precision"),
 ])
 def test_choice_outside_its_choices(override, choice_key):
     message = usage_error("default", [override])

@@ -105,6 +105,9 @@ def _print_header(trainer):
     print(f"run {trainer.run_dir.path}: {where}{ranks}, {trainer.gpt_config.num_params():,} "
           f"parameters, {tokens:,} tokens/step, {t.precision}, {trainer.total_steps:,} steps; "
           f"continue it later with: xpmodel train --resume {trainer.run_dir.path}", flush=True)
+    if device.is_cuda:
+        peak, source = trainer.mfu_peak()
+        print(f"MFU against {source}" if peak else source, flush=True)
 
 
 def _same_path(a, b):

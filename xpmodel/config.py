@@ -272,6 +272,9 @@ class TrainConfig:
     precision: str = _setting("fp32", choices=PRECISIONS)
     # CUDA: "fused" kernels, or "xp": every layer's own xp code on CuPy
     kernels: str = _setting("fused", choices=KERNELS)
+    # FLOP/s that MFU is measured against; None: the GPU's dense fp16/bf16
+    # tensor-core peak from xpmodel/peak_flops.py (no MFU for GPUs it lacks, or fp32)
+    peak_flops: float | None = _setting(None, within=POSITIVE)
     # activation memory for compute: "mlp" recomputes the MLP's hidden activations
     # in backward, "block" each whole block (about one more forward pass)
     recompute: str = _setting("none", choices=("none", "mlp", "block"))

@@ -8,9 +8,7 @@ from ..backend import gpu_name
 from ..data import eval_batches, resolve_source
 from ..errors import XpmodelError
 from ..generate import generate
-
-# Dense fp16 tensor-core peaks (FLOP/s) for MFU, by GPU name.
-_GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+from ..peak_flops import mfu_peak
 
 
 class Evaluation:
@@ -79,14 +77,20 @@ class Evaluation:
                             seed=t.seed + self.step, stop_id=self.tokenizer.eot_id))
         return t.sample_prompt + self.tokenizer.decode(ids)
 
+    def mfu_peak(self):
+        """(FLOP/s or None, what it is): the peak MFU is measured against on this
+        run's GPU (xpmodel/peak_flops.py, or train.peak_flops); (None, None) on CPU."""
+        if not self.device.is_cuda:
+            return None, None
+        t = self.config.train
+        return mfu_peak(gpu_name(self.device), t.precision, t.peak_flops)
+
     def _mfu(self, tokens_per_s):
-        """Model FLOPs utilisation against the GPU's dense fp16 peak; None on CPU
-        or an unknown GPU."""
+        """Model FLOPs utilisation against mfu_peak(); None on CPU or where no peak is known."""
         if not self.device.is_cuda:
             return None
         if not hasattr(self, "_peak_flops"):
-            name = gpu_name(self.device)
-            self._peak_flops = next((f for key, f in _GPU_PEAK_FLOPS.items() if key in name), None)
+            self._peak_flops, _ = self.mfu_peak()
             self._flops_per_token = self.gpt_config.flops_per_token()
         if self._peak_flops is None:
             return None
@@ -99,7 +103,7 @@ class Evaluation:
                    "val_perplexity": math.exp(self.last_val) if self.last_val is not None else None,
                    "tokens_seen": self.tokens_seen, "wall_time_s": wall,
                    "tokens_per_s": self.tokens_seen / wall if wall > 0 else 0.0,
-                   "run_dir": str(self.run_dir.path)}
+                   "mfu_peak": self.mfu_peak()[1], "run_dir": str(self.run_dir.path)}
         return summary
 
     def _print_summary(self, s):
