@@ -1,6 +1,7 @@
 """GPU training-step benchmark: xpmodel (CuPy) against the same model in
-PyTorch eager with AMP fp16, and torch.compile when it works, alternating in
-one process on the same GPU. xpmodel runs twice: with its fused kernels
+PyTorch eager with AMP (autocast to float16 or bfloat16, as xpmodel's
+train.precision fp16 / bf16; float16 with a GradScaler), and torch.compile
+when it works, alternating in one process on the same GPU. xpmodel runs twice: with its fused kernels
 ("xpmodel") and with every layer's own `xp` code on CuPy ("xpmodel xp",
 GPT(kernels="xp"): cuBLAS products, CuPy's elementwise kernels); the ratio
 on that line is what the fused kernels buy.
@@ -8,13 +9,14 @@ on that line is what the fused kernels buy.
 A step is zero-grad, forward, backward, global-norm clip and AdamW on random
 tokens. The PyTorch model is laid out as torch.nn's GPT-2 would be ((out, in)
 linear weights, scaled_dot_product_attention, fused AdamW). Prints tokens/s
-(B*T / median step time), MFU against the GPU's dense fp16 peak, peak GPU
-memory in use by each side (arrays / tensors, not what the caching allocators
-hold) and the ratios.
+(B*T / median step time), MFU against the GPU's dense 16-bit tensor-core peak
+(xpmodel/peak_flops.py, or --peak-flops), peak GPU memory in use by each side
+(arrays / tensors, not what the caching allocators hold) and the ratios.
 
     python tools/bench_gpu.py [--configs char-mid gpt2-small] [--steps 20] [--compile-configs gpt2-small]
+    python tools/bench_gpu.py --precisions fp16 bf16   # each config in both 16-bit types
     python tools/bench_gpu.py --kernels fused   # xpmodel's fused kernels only, as before
-    python tools/bench_gpu.py --device cpu --precision fp32 --configs tiny   # a smoke test
+    python tools/bench_gpu.py --device cpu --precisions fp32 bf16 --configs tiny --compile-configs   # a smoke test
 """
 import argparse
 import statistics
@@ -33,7 +35,6 @@ CONFIGS.update({"llama-tiny": CONFIGS["tiny"][:-1] + (dict(LLAMA, n_kv_head=1),)
                 "llama-char": CONFIGS["char-mid"][:-1] + (dict(LLAMA, n_kv_head=2),),
                 "llama-small": CONFIGS["gpt2-small"][:-1] + (dict(LLAMA, n_kv_head=4,
                                                                    tie_embeddings=False),)})
-PEAK_FP16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 XPMODEL_SIDES = {"fused": "xpmodel", "xp": "xpmodel xp"}
 
 
@@ -44,7 +45,7 @@ def xpmodel_step(config, B, device, precision, kernels="fused"):
     from xpmodel.optim import clipped_step
     model = xpmodel.GPT(config, device=device, seed=0, precision=precision, kernels=kernels)
     opt = xpmodel.AdamW(model, lr=3e-4)
-    scaler = xpmodel.LossScaler(xp=model.xp) if precision == "fp16" else None
+    scaler = xpmodel.LossScaler(xp=model.xp) if precision == "fp16" else None   # bf16: none
     rng = np.random.default_rng(0)
     # host arrays, as the trainer's sampler hands them over
     idx = rng.integers(0, config.vocab_size, (B, config.block_size))
@@ -63,6 +64,7 @@ def xpmodel_step(config, B, device, precision, kernels="fused"):
 
 def torch_step(config, B, device, precision, compiled):
     import torch
+    AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
     import xpmodel
     from torch_gpt import torch_adamw, torch_loss, torch_params
     # as a torch.nn GPT-2 runs: (out, in) linear weights (one addmm with the
@@ -81,8 +83,8 @@ def torch_step(config, B, device, precision, compiled):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device.split(":")[0], dtype=torch.float16,
-                            enabled=precision == "fp16"):
+        with torch.autocast(device_type=device.split(":")[0], dtype=AUTOCAST.get(precision),
+                            enabled=precision in AUTOCAST):
             loss = loss_fn(idx, targets)
         if scaler:
             scaler.scale(loss).backward()
@@ -128,7 +130,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["char-mid", "gpt2-small"], choices=list(CONFIGS))
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--precision", default="fp16", choices=("fp16", "fp32"))
+    parser.add_argument("--precisions", nargs="+", default=["fp16"], choices=("fp16", "bf16", "fp32"),
+                        help="each config is timed in each (PyTorch under autocast to the same type)")
+    parser.add_argument("--peak-flops", type=float, default=None,
+                        help="FLOP/s for MFU (default: xpmodel/peak_flops.py's entry for this GPU)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per side")
     parser.add_argument("--rounds", type=int, default=4, help="alternations between sides")
     parser.add_argument("--compile-configs", nargs="*", default=["gpt2-small"],
@@ -139,12 +144,14 @@ def main():
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import xpmodel
     from bench_cpu import time_steps
+    from xpmodel.peak_flops import mfu_peak
     import torch
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    peak = next((v for k, v in PEAK_FP16.items() if k in gpu), None)
-    print(f"device {gpu}, precision {args.precision}, torch {torch.__version__}")
+    print(f"device {gpu}, torch {torch.__version__}")
     tracker = CupyPeakTracker() if args.device.startswith("cuda") else None
-    for name in args.configs:
+    for name, precision in [(n, p) for p in args.precisions for n in args.configs]:
+        peak, source = mfu_peak(gpu, precision, args.peak_flops)
+        print(f"{precision}: MFU against {source}" if peak else f"{precision}: {source}")
         L, H, C, T, B, V, options = CONFIGS[name]
         config = xpmodel.GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C,
                                    **options)
@@ -155,7 +162,7 @@ def main():
             side = XPMODEL_SIDES[kernels]
             if on_gpu:
                 tracker.reset()
-            ours, model = xpmodel_step(config, B, args.device, args.precision, kernels)
+            ours, model = xpmodel_step(config, B, args.device, precision, kernels)
             ours()
             sides[side] = ours
             if on_gpu:
@@ -163,7 +170,7 @@ def main():
             del model
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
-        sides["torch eager"] = torch_step(config, B, args.device, args.precision, compiled=False)
+        sides["torch eager"] = torch_step(config, B, args.device, precision, compiled=False)
         sides["torch eager"]()
         if on_gpu:
             memory["torch eager"] = torch.cuda.max_memory_allocated()
@@ -171,7 +178,7 @@ def main():
             try:
                 if on_gpu:
                     torch.cuda.reset_peak_memory_stats()
-                compiled = torch_step(config, B, args.device, args.precision, compiled=True)
+                compiled = torch_step(config, B, args.device, precision, compiled=True)
                 compiled()
                 sides["torch.compile"] = compiled
                 if on_gpu:
@@ -184,7 +191,7 @@ def main():
                 times[side] += time_steps(step, max(1, args.steps // args.rounds))
         tokens = B * T
         tps = {side: tokens / statistics.median(t) for side, t in times.items()}
-        print(f"{name}: L={L} H={H} C={C} T={T} B={B} V={V}")
+        print(f"{name} {precision}: L={L} H={H} C={C} T={T} B={B} V={V}")
         ours = XPMODEL_SIDES[args.kernels[0]]   # the side the others are compared with
         for side, value in tps.items():
             mfu = f", MFU {100 * value * flops_per_token / peak:.1f}%" if peak else ""

@@ -126,6 +126,13 @@ class EmulatedArray(numpy.ndarray):
     def get(self):
         return numpy.array(self, copy=True).view(numpy.ndarray)
 
+    def set(self, host):
+        """Copy a host array of the same shape and dtype in, as cupy.ndarray.set does."""
+        host = numpy.asarray(host)
+        if host.shape != self.shape or host.dtype != self.dtype:
+            raise ValueError(f"set: {host.shape} {host.dtype} into {self.shape} {self.dtype}")
+        self.view(numpy.ndarray)[...] = host
+
     @property
     def data(self):
         """The device pointer, as cupy.ndarray.data.ptr gives it."""
