@@ -200,3 +200,104 @@ def test_a_nan_stop_names_the_first_layer_and_pass(tmp_path, corpus, monkeypatch
     message = str(stop.value)
     assert "training diverged" in message and "re-running step" in message
     assert expected in message
+
+
+# ---- runs and compare ------------------------------------------------------------------
+
+def test_runs_lists_status_steps_and_best_val_and_compare_overlays_them(capsys, tmp_path, corpus):
+    runs = tmp_path / "runs"
+    tiny_trainer(runs, corpus, "train.lr=1e-3", "train.min_lr=1e-4", name="slow").run()
+    tiny_trainer(runs, corpus, name="fast").run()
+    tiny_trainer(runs, corpus, "train.max_iters=60", name="cut")   # started, never trained
+    code, out, _ = run_cli(capsys, "runs", runs)
+    assert code == 0
+    lines = {line.split()[0].rsplit("/", 1)[-1]: line for line in out.splitlines()[2:]}
+    assert set(lines) == {"slow", "fast", "cut"}
+    assert "finished" in lines["fast"] and "30/30" in lines["fast"] and "(30)" in lines["fast"]
+    assert "stopped" in lines["cut"] and "0/60" in lines["cut"]
+    code, out, _ = run_cli(capsys, "compare", runs / "slow", runs / "fast", "--out",
+                           tmp_path / "c.png")
+    assert code == 0, out
+    header = out.splitlines()[0]
+    assert "train.lr" in header and "train.min_lr" in header   # the keys that differ
+    assert "train.batch_size" not in header
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+
+
+# ---- sweep -----------------------------------------------------------------------------
+
+def test_sweep_specs_and_plans():
+    from xpmodel.errors import UsageError
+    from xpmodel.tune.sweep import parse_spec, plan_trials
+    assert parse_spec("train.lr=1e-4,3e-4").values == [1e-4, 3e-4]
+    assert (parse_spec("train.lr=log:1e-5..1e-2").kind, parse_spec("model.n_embd=int:128..512").kind,
+            parse_spec("train.grad_clip=0.5..2").kind) == ("log", "int", "uniform")
+    for bad, message in [("train.lr", "expected KEY=VALUES"), ("train.lrr=1,2", "unknown key train.lrr"),
+                         ("train.lr=log:0..1", "0 < LOW < HIGH"), ("train.lr=log:1e-3", "LOW..HIGH")]:
+        with pytest.raises(UsageError, match=message):
+            parse_spec(bad)
+    grid = plan_trials(TINY, [parse_spec("train.lr=1e-3,3e-3"), parse_spec("train.batch_size=2,4")],
+                       None, 0)
+    assert len(grid) == 4 and {t["train.batch_size"] for t in grid} == {2, 4}
+    drawn = plan_trials(TINY, [parse_spec("train.lr=log:1e-4..1e-2"),
+                               parse_spec("model.n_embd=int:8..64")], 6, 0)
+    assert len(drawn) == 6 and all(1e-4 <= t["train.lr"] <= 1e-2 for t in drawn)
+    assert all(t["model.n_embd"] % 2 == 0 for t in drawn)   # n_head=2: odd widths drawn again
+    assert drawn == plan_trials(TINY, [parse_spec("train.lr=log:1e-4..1e-2"),
+                                       parse_spec("model.n_embd=int:8..64")], 6, 0)
+
+
+def test_sweep_prunes_a_trial_and_resumes_after_kill_9(capsys, tmp_path, corpus):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from xpmodel.rundir import RunDir, _lock_is_free
+    out = tmp_path / "sweep"
+    args = ["sweep", "--config", TINY, "--out", out, "--max-iters", 300,
+            f"data.source={corpus}", "train.eval_interval=50", "train.save_interval=50",
+            "train.lr=3e-3,1e-2,1e-6,8e-3"]
+    env = dict(os.environ, XPMODEL_NUM_THREADS="1")
+    sweep = subprocess.Popen([sys.executable, "-m", "xpmodel", *map(str, args)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = out / "trials" / "trial-001"
+    deadline = time.time() + 60
+    while time.time() < deadline:   # kill -9 once the second trial is part-way through
+        steps = [r["step"] for r in RunDir(second).read_metrics(warn=lambda t: None)
+                 if r["type"] == "train"] if RunDir(second).is_run() else []
+        if steps and steps[-1] >= 60:
+            break
+        time.sleep(0.02)
+    sweep.send_signal(signal.SIGKILL)
+    sweep.wait()
+    lock = RunDir(second).lock_path
+    while time.time() < deadline and lock.exists() and not _lock_is_free(lock):
+        time.sleep(0.05)   # the trial gets SIGTERM as its parent dies: it saves and stops
+    state = json.loads((out / "sweep.json").read_text())
+    assert [t["status"] for t in state["trials"]] == ["done", "running", "pending", "pending"]
+    first_metrics = (out / "trials" / "trial-000" / "metrics.jsonl").read_bytes()
+    interrupted_at = RunDir(second).checkpoint_steps()[-1]
+    assert 0 < interrupted_at < 300
+
+    code, text, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert "resuming the sweep" in text and "1 of 4 trials done" in text
+    state = json.loads((out / "sweep.json").read_text())
+    assert [t["status"] for t in state["trials"]] == ["done", "done", "pruned", "done"]
+    assert "median" in state["trials"][2]["pruned_at"]
+    assert (out / "trials" / "trial-000" / "metrics.jsonl").read_bytes() == first_metrics
+    log = (out / "logs" / "trial-001.log").read_text()
+    assert f"--resume {second}" in log and f"at step {interrupted_at}" in log
+    steps = [r["step"] for r in RunDir(second).read_metrics() if r["type"] == "train"]
+    assert steps == list(range(1, 301))     # continued, not restarted
+    results = json.loads((out / "results.json").read_text())
+    done = [t for t in results["trials"] if t["status"] == "done"]
+    best = min(done, key=lambda t: t["val_loss"])
+    assert results["best"] == best["trial"] and results["best_params"] == {"train.lr": best["train.lr"]}
+    assert [t["trial"] for t in results["trials"]] == [f"trial-00{i}" for i in range(4)]
+    assert "train.lr,val_loss" in (out / "results.csv").read_text().splitlines()[0]
+    assert f"lr: {best['train.lr']}\n" in (out / "best.yaml").read_text()
+    assert "max_iters: 30\n" in (out / "best.yaml").read_text()   # the config's, not the sweep's
+    assert (out / "curves.png").stat().st_size > 10_000

@@ -287,6 +287,53 @@ def build_parser():
                         "as .json")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(handler=c.lr_find_command)
+
+    p = commands.add_parser("runs", parents=[common], help="list runs: status, steps, best val",
+                            description="A table of the run directories in DIR (and up to three "
+                                        "folders below): status, steps, tokens, best validation "
+                                        "loss and its step, last validation loss, wall time.")
+    p.add_argument("dir", metavar="DIR", nargs="?", default="runs",
+                   help="a folder of runs, or one run (default: runs)")
+    p.set_defaults(handler=c.runs_command)
+
+    p = commands.add_parser("compare", parents=[common], help="overlay runs' curves in one PNG",
+                            description="Plot the training and validation loss of several runs "
+                                        "in one PNG and print a table of them with the config "
+                                        "keys that differ.")
+    p.add_argument("run_dirs", metavar="RUN", nargs="+", help="run directories (or folders of runs)")
+    p.add_argument("--out", default="compare.png", metavar="PNG",
+                   help="the plot (default: compare.png)")
+    p.set_defaults(handler=c.compare_command)
+
+    p = commands.add_parser("sweep", parents=[common], help="grid or random search over config keys",
+                            description="Train one run per trial of a grid or random search, "
+                                        "resumable (run the same command again after a kill), "
+                                        "with median pruning; writes results.csv, results.json, "
+                                        "curves.png and best.yaml in --out. SPEC: "
+                                        "train.lr=1e-4,3e-4,1e-3 (grid), train.lr=log:1e-5..1e-2, "
+                                        "model.n_embd=int:128..512, train.grad_clip=0.5..2 (ranges).")
+    p.add_argument("--config", default="default", metavar="NAME_OR_PATH",
+                   help="the base config: a shipped name or a YAML file (default: default)")
+    p.add_argument("--out", required=True, metavar="SWEEP_DIR", help="the sweep's folder")
+    p.add_argument("--trials", type=int, default=None, metavar="N",
+                   help="trials to run (default: every grid combination, or 8 with ranges)")
+    p.add_argument("--max-iters", type=int, default=None, metavar="N",
+                   help="train.max_iters of every trial (best.yaml keeps the config's)")
+    p.add_argument("--parallel", type=int, default=1, metavar="K",
+                   help="trials at once: CPU threads are split among them, or one GPU each with "
+                        "--device cuda (default: 1)")
+    p.add_argument("--metric", default="val_loss", choices=("val_loss", "train_loss"),
+                   help="what is minimised: the best validation loss, or the training loss at "
+                        "evaluations (default: val_loss)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random draws (default: 0)")
+    p.add_argument("--no-prune", action="store_true",
+                   help="never stop a trial early (default: median pruning)")
+    p.add_argument("--preset", choices=("tuning-order",), default=None,
+                   help="tuning-order: stages lr, then batch size, then width, then clipping, "
+                        "each fixing the previous stage's winner (SPECs then fix keys)")
+    p.add_argument("specs", nargs="*", metavar="SPEC", help="KEY=VALUES to search")
+    p.set_defaults(handler=c.sweep_command)
     return parser
 
 

@@ -378,3 +378,44 @@ def lr_find_command(args):
         print("(pip install 'xpmodel[plot]' for the plot)")
     print("wrote " + ", ".join(map(str, written)))
     return 0
+
+
+def runs_command(args):
+    from .tune.compare import find_runs, runs_table, summarize
+    runs = find_runs(args.dir)
+    if not runs:
+        print(f"no runs in {args.dir}")
+        return 0
+    print("\n".join(runs_table([summarize(run) for run in runs])))
+    return 0
+
+
+def compare_command(args):
+    from .tune.compare import differing_keys, find_runs, plot_runs, runs_table, summarize
+    runs = [run for folder in args.run_dirs for run in find_runs(folder)]
+    if not runs:
+        raise UsageError(f"no runs in {' '.join(args.run_dirs)}")
+    summaries = [summarize(run) for run in runs]
+    keys = differing_keys(summaries)
+    print("\n".join(runs_table(summaries, extra_columns=keys)))
+    print(f"wrote {plot_runs(summaries, args.out)}")
+    return 0
+
+
+def sweep_command(args):
+    from .tune.sweep import Sweep, run_preset
+    if args.preset:
+        return run_preset(args)
+    if not args.specs:
+        raise UsageError("give at least one SPEC, e.g. train.lr=log:1e-4..1e-2, or --preset "
+                         "tuning-order")
+    sweep = Sweep(args.out, args.config, args.specs, trials=args.trials, max_iters=args.max_iters,
+                  parallel=args.parallel, metric=args.metric, device=args.device, seed=args.seed,
+                  prune=not args.no_prune)
+    results = sweep.run()
+    print("\n".join(sweep.table()))
+    if results["best"]:
+        print(f"best: {results['best']}; its config is {Path(args.out) / 'best.yaml'} "
+              f"(xpmodel train --config {Path(args.out) / 'best.yaml'})")
+    print(f"wrote results.csv, results.json and curves.png in {args.out}")
+    return 0

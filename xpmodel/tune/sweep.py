@@ -1,0 +1,575 @@
+"""`xpmodel sweep`: grid and random search over config keys, each trial an
+ordinary run directory, resumable after any kill.
+
+    SWEEP_DIR/
+      sweep.json          the plan and every trial's state (rewritten atomically)
+      trials/trial-NNN/   one run directory per trial (resume, sample, export as usual)
+      logs/trial-NNN.log  what each trial's `xpmodel train` printed
+      results.csv, results.json, curves.png, best.yaml   written as trials finish
+
+A SPEC is KEY=VALUES:
+    train.lr=1e-4,3e-4,1e-3     a grid (one value: fixed for every trial)
+    train.lr=log:1e-5..1e-2     log-uniform        model.n_embd=int:128..512  integers
+    train.grad_clip=0.5..2      uniform
+With grids only, every combination is a trial (--trials caps them); with a
+range, --trials trials (8) draw each range at random and cycle through the
+grid combinations. Draws that make an invalid config (n_embd not divisible by
+n_head, say) are drawn again. The plan is fixed when the sweep starts (from
+--seed), so a resumed sweep runs the same trials.
+
+Each trial is `xpmodel train` in a child process (`--resume` when its run
+directory already holds a run), K at once with --parallel K (CPU threads split
+among them, or one GPU each with --device cuda). A child gets SIGTERM if the
+sweep dies, even by kill -9, so it saves a checkpoint and stops; running the
+same command again finishes what is left: finished trials are not rerun, an
+interrupted one resumes.
+
+Pruning (median rule, as Optuna's MedianPruner): at each evaluation of a
+running trial, once at least 2 trials have finished, a trial whose validation
+loss is above the median of the finished trials' at that step is stopped and
+marked pruned. --no-prune turns it off.
+
+When swept, train.lr carries train.min_lr along at the base config's ratio
+(unless train.min_lr is swept too), so min_lr never exceeds lr.
+"""
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy
+
+from ..atomic import atomic_write_bytes
+from ..config import config_to_dict, load_config, save_config
+from ..cpu_threads import thread_count
+from ..errors import UsageError, XpmodelError, quote
+from ..files import parse_json, read_bounded
+from ..rundir import RunDir
+from .compare import format_table
+
+FORMAT = "xpmodel-sweep"
+METRICS = ("val_loss", "train_loss")
+MIN_FINISHED_TO_PRUNE = 2
+_POLL_S = 0.2
+_RESAMPLE_TRIES = 200
+PRESETS = ("tuning-order",)
+
+
+@dataclass
+class Param:
+    key: str
+    kind: str              # grid, log, uniform, int
+    values: list           # grid values, or [low, high]
+
+    def draw(self, rng):
+        low, high = self.values if self.kind != "grid" else (None, None)
+        if self.kind == "log":
+            return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+        if self.kind == "uniform":
+            return float(rng.uniform(low, high))
+        if self.kind == "int":
+            return int(rng.integers(low, high + 1))
+        raise AssertionError(self.kind)
+
+
+def parse_spec(text):
+    """A Param from KEY=VALUES (see the module's docstring)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or "." not in key or not value:
+        raise UsageError(f"SPEC {quote(text, 80)}: expected KEY=VALUES, e.g. train.lr=1e-4,3e-4 or "
+                         f"train.lr=log:1e-5..1e-2")
+    _check_key(key, text)
+    kind, _, body = value.partition(":") if value.split(":")[0] in ("log", "int") else ("", "", value)
+    if ".." in body:
+        low_text, _, high_text = body.partition("..")
+        try:
+            low, high = (int(low_text), int(high_text)) if kind == "int" else \
+                (float(low_text), float(high_text))
+        except ValueError:
+            raise UsageError(f"SPEC {text}: the range {body} needs two "
+                             f"{'integers' if kind == 'int' else 'numbers'}, LOW..HIGH") from None
+        if not low < high or (kind == "log" and low <= 0):
+            raise UsageError(f"SPEC {text}: need {'0 < ' if kind == 'log' else ''}LOW < HIGH")
+        return Param(key, kind or "uniform", [low, high])
+    if kind:
+        raise UsageError(f"SPEC {text}: {kind}: takes a range LOW..HIGH")
+    values = [_parse_value(v) for v in body.split(",")]
+    return Param(key, "grid", values)
+
+
+def _check_key(key, text):
+    import dataclasses
+    from ..config import SECTIONS
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+        valid = ", ".join(SECTIONS) if section not in SECTIONS else \
+            ", ".join(f.name for f in dataclasses.fields(SECTIONS[section]))
+        raise UsageError(f"SPEC {quote(text, 80)}: unknown key {key}; valid "
+                         f"{'sections' if section not in SECTIONS else section + ' keys'}: {valid}")
+
+
+def _parse_value(text):
+    """A grid value: an int, a float (YAML 1.1 reads `3e-4` as a string), or YAML's reading."""
+    import yaml
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _format(value):
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def plan_trials(config_name, params, n_trials, seed, fixed=()):
+    """[{key: value}] for every trial, each checked to make a valid config."""
+    grids = [p for p in params if p.kind == "grid"]
+    ranges = [p for p in params if p.kind != "grid"]
+    combos = [dict(zip([p.key for p in grids], values))
+              for values in itertools.product(*[p.values for p in grids])]
+    rng = numpy.random.default_rng(seed)
+    if not ranges:
+        trials = combos[:n_trials] if n_trials else combos
+        for trial in trials:
+            _check_trial(config_name, trial, fixed)
+        return trials
+    order = rng.permutation(len(combos))
+    trials = []
+    for i in range(n_trials or 8):
+        base = combos[order[i % len(combos)]]
+        for _ in range(_RESAMPLE_TRIES):
+            trial = dict(base, **{p.key: p.draw(rng) for p in ranges})
+            try:
+                _check_trial(config_name, trial, fixed)
+                break
+            except UsageError:
+                continue
+        else:
+            _check_trial(config_name, trial, fixed)   # raises, naming the problem
+        trials.append(trial)
+    return trials
+
+
+def trial_overrides(config_name, params, fixed=()):
+    """The KEY=VALUE list of a trial: the fixed ones, its values, min_lr following lr."""
+    overrides = list(fixed) + [f"{k}={_format(v)}" for k, v in params.items()]
+    if "train.lr" in params and "train.min_lr" not in params:
+        base = load_config(config_name, list(fixed)).train
+        overrides.append(f"train.min_lr={_format(params['train.lr'] * base.min_lr / base.lr)}")
+    return overrides
+
+
+def _check_trial(config_name, params, fixed):
+    try:
+        load_config(config_name, trial_overrides(config_name, params, fixed))
+    except UsageError as exc:
+        shown = ", ".join(f"{k}={_format(v)}" for k, v in params.items())
+        raise UsageError(f"the trial {shown} is not a valid config: {exc}") from None
+
+
+# ---- the sweep's state -----------------------------------------------------------------
+
+class SweepDir:
+    def __init__(self, path):
+        self.path = Path(path)
+        self.state_path = self.path / "sweep.json"
+
+    def trial_dir(self, name):
+        return self.path / "trials" / name
+
+    def log_path(self, name):
+        return self.path / "logs" / f"{name}.log"
+
+    def load(self):
+        if not self.state_path.is_file():
+            return None
+        try:
+            state = parse_json(read_bounded(self.state_path, 16 << 20, XpmodelError, "sweep state"))
+        except ValueError:
+            raise XpmodelError(f"{self.state_path}: damaged; move it away to start the sweep "
+                               f"again") from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise XpmodelError(f"{self.state_path}: not an xpmodel sweep")
+        return state
+
+    def save(self, state):
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.state_path, (json.dumps(state, indent=1) + "\n").encode())
+
+
+class Sweep:
+    """One sweep: plan (or reload) its trials, run them, write its results."""
+
+    def __init__(self, out, config, specs, trials=None, max_iters=None, parallel=1,
+                 metric="val_loss", device="cpu", seed=0, prune=True, show=True, largest=None):
+        if metric not in METRICS:
+            raise UsageError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        if parallel < 1:
+            raise UsageError(f"--parallel must be at least 1, got {parallel}")
+        if trials is not None and trials < 1:
+            raise UsageError(f"--trials must be at least 1, got {trials}")
+        self.dir = SweepDir(out)
+        self.config = str(config)
+        self.parallel, self.device, self.prune, self.show = parallel, device, prune, show
+        self.largest = largest   # a key: the winner is the finished trial with its largest value
+        params = [parse_spec(s) for s in specs]
+        keys = [p.key for p in params]
+        if len(set(keys)) != len(keys):
+            raise UsageError(f"a key is given twice among the SPECs: {', '.join(keys)}")
+        fixed = [f"train.max_iters={max_iters}"] if max_iters else []
+        fixed += [f"{p.key}={_format(p.values[0])}" for p in params     # one value: fixed
+                  if p.kind == "grid" and len(p.values) == 1]
+        params = [p for p in params if not (p.kind == "grid" and len(p.values) == 1)]
+        if not params:
+            raise UsageError("no SPEC searches anything: give several values (a,b,c) or a range "
+                             "(log:LOW..HIGH, int:LOW..HIGH, LOW..HIGH)")
+        plan = {"config": self.config, "specs": list(specs), "trials": trials,
+                "max_iters": max_iters, "metric": metric, "seed": seed}
+        state = self.dir.load()
+        if state is not None:
+            if state["plan"] != plan:
+                changed = [k for k in plan if plan[k] != state["plan"].get(k)]
+                raise UsageError(f"--out {out}: holds a sweep with other settings ({', '.join(changed)} "
+                                 f"differ); run the same command to resume it, or choose another --out")
+        else:
+            if self.dir.path.exists() and any(self.dir.path.iterdir()):
+                raise UsageError(f"--out {out}: exists and is not a sweep; choose another --out")
+            planned = plan_trials(self.config, params, trials, seed, fixed)
+            state = {"format": FORMAT, "version": 1, "plan": plan, "fixed": fixed,
+                     "trials": [{"name": f"trial-{i:03d}", "params": p, "status": "pending"}
+                                for i, p in enumerate(planned)]}
+            self.dir.save(state)
+        self.state = state
+        self.metric = metric
+
+    # ---- running ---------------------------------------------------------------------
+    def run(self):
+        """Run every trial not yet done; returns the results (as results.json holds them)."""
+        trials = self.state["trials"]
+        todo = [t for t in trials if t["status"] in ("pending", "running")]
+        if self.show and len(todo) < len(trials):
+            print(f"resuming the sweep in {self.dir.path}: {len(trials) - len(todo)} of "
+                  f"{len(trials)} trials done", flush=True)
+        running = {}    # name -> (Popen, trial, slot, log file)
+        slots = list(range(self.parallel))
+        live = _Live(self) if self.show else None
+        try:
+            with live or _nothing():
+                while todo or running:
+                    while todo and slots:
+                        trial = todo.pop(0)
+                        slot = slots.pop(0)
+                        running[trial["name"]] = self._start(trial, slot)
+                    time.sleep(_POLL_S)
+                    for name, (process, trial, slot, log) in list(running.items()):
+                        self._read_progress(trial)
+                        code = process.poll()
+                        if code is None and self._should_prune(trial):
+                            process.send_signal(signal.SIGTERM)
+                            process.wait()
+                            code = "pruned"
+                        if code is None:
+                            continue
+                        log.close()
+                        del running[name]
+                        slots.append(slot)
+                        self._finish(trial, code)
+                    if live:
+                        live.refresh()
+        finally:
+            for process, *_ in running.values():   # an exception here: stop the children
+                process.send_signal(signal.SIGTERM)
+            for process, *_ in running.values():
+                process.wait()
+        return self.write_results()
+
+    def _start(self, trial, slot):
+        name = trial["name"]
+        run_dir = self.dir.trial_dir(name)
+        log_path = self.dir.log_path(name)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "xpmodel", "train", "--quiet"]
+        if RunDir(run_dir).is_run():
+            command += ["--resume", str(run_dir)]
+        else:
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            command += ["--config", self.config, "--out", str(run_dir),
+                        *trial_overrides(self.config, trial["params"], self.state["fixed"])]
+        env = dict(os.environ)
+        device = self.device
+        if device.startswith("cuda") and self.parallel > 1:
+            env["CUDA_VISIBLE_DEVICES"] = str(slot)
+            device = "cuda"
+        else:
+            env["XPMODEL_NUM_THREADS"] = str(max(1, thread_count() // self.parallel))
+        command += ["--device", device]
+        log = open(log_path, "a")
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   preexec_fn=_die_with_parent)
+        trial["status"] = "running"
+        trial.setdefault("step", 0)
+        self.dir.save(self.state)
+        self._say(f"{name} started: {_params_text(trial['params'])}")
+        return process, trial, slot, log
+
+    def _read_progress(self, trial):
+        """The trial's step, evaluations and best metric from its metrics.jsonl."""
+        run = RunDir(self.dir.trial_dir(trial["name"]))
+        records = run.read_metrics(warn=lambda text: None) if run.is_run() else []
+        steps = [r["step"] for r in records if r.get("type") == "train"]
+        evals = [r for r in records if r.get("type") == "eval"]
+        trial["step"] = steps[-1] if steps else 0
+        trial["evals"] = [[r["step"], r.get(self.metric)] for r in evals
+                          if isinstance(r.get(self.metric), (int, float))]
+        values = [v for _, v in trial["evals"]]
+        trial["metric"] = min(values) if values else None
+        trial["best_step"] = trial["evals"][values.index(min(values))][0] if values else None
+        trial["wall_time_s"] = next((r.get("time") for r in reversed(records)
+                                     if r.get("type") == "train"), None)
+
+    def _should_prune(self, trial):
+        """Whether an evaluation of the running trial since the last look is worse
+        than the median of the finished trials' at the same step."""
+        if not self.prune:
+            return False
+        checked = trial.get("checked_step", 0)
+        trial["checked_step"] = trial["evals"][-1][0] if trial.get("evals") else checked
+        max_iters = load_config(self.config, trial_overrides(
+            self.config, trial["params"], self.state["fixed"])).train.max_iters
+        finished = [dict(map(tuple, t.get("evals", []))) for t in self.state["trials"]
+                    if t["status"] == "done"]
+        for step, value in trial.get("evals", []):
+            if step <= checked or (max_iters is not None and step >= max_iters):
+                continue          # seen already, or its last evaluation: let it finish
+            others = [f[step] for f in finished if f.get(step) is not None]
+            if len(others) < MIN_FINISHED_TO_PRUNE:
+                continue
+            median = float(numpy.median(others))
+            if value > median:
+                trial["pruned_at"] = f"step {step}: {value:.4f} > median {median:.4f} of {len(others)}"
+                return True
+        return False
+
+    def _finish(self, trial, code):
+        self._read_progress(trial)
+        if code == "pruned":
+            trial["status"] = "pruned"
+            self._say(f"{trial['name']} pruned at {trial['pruned_at']}")
+        elif code == 0:
+            trial["status"] = "done"
+            self._say(f"{trial['name']} done: {self.metric} {_number(trial['metric'])}")
+        elif code in (-signal.SIGTERM, 143, -signal.SIGINT, 130):
+            trial["status"] = "running"       # stopped from outside: resumes next time
+            self.dir.save(self.state)
+            raise KeyboardInterrupt
+        else:
+            trial["status"] = "failed"
+            trial["error"] = _last_error(self.dir.log_path(trial["name"]))
+            self._say(f"{trial['name']} failed: {trial['error']}")
+        self.dir.save(self.state)
+        self.write_results()
+
+    def _say(self, text):
+        if self.show and not sys.stdout.isatty():
+            print(text, flush=True)
+
+    # ---- results -----------------------------------------------------------------------
+    def write_results(self):
+        """results.csv, results.json, curves.png (with matplotlib) and best.yaml."""
+        trials = self.state["trials"]
+        keys = list(dict.fromkeys(k for t in trials for k in t["params"]))
+        rows = [{"trial": t["name"], "status": t["status"],
+                 **{k: t["params"].get(k) for k in keys},
+                 self.metric: t.get("metric"), "best_step": t.get("best_step"),
+                 "steps": t.get("step"), "wall_time_s": t.get("wall_time_s")} for t in trials]
+        ranked = sorted((t for t in trials if t["status"] == "done" and t.get("metric") is not None),
+                        key=(lambda t: -t["params"][self.largest]) if self.largest else
+                        (lambda t: t["metric"]))
+        best = ranked[0] if ranked else None
+        document = {"metric": self.metric, "best": best and best["name"],
+                    "best_params": best and best["params"], "trials": rows}
+        path = self.dir.path
+        atomic_write_bytes(path / "results.json", (json.dumps(document, indent=1) + "\n").encode())
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["trial"])
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_bytes(path / "results.csv", text.getvalue().encode())
+        if best is not None:
+            overrides = [o for o in trial_overrides(self.config, best["params"], self.state["fixed"])
+                         if not o.startswith("train.max_iters=")]
+            save_config(load_config(self.config, overrides), path / "best.yaml")
+        self._plot_curves(trials)
+        return document
+
+    def _plot_curves(self, trials):
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        fig, ax = plt.subplots(figsize=(9, 5))
+        for t in trials:
+            if not t.get("evals"):
+                continue
+            style = {"done": "-", "pruned": ":", "failed": ":", "running": "--"}.get(t["status"], "-")
+            ax.plot(*zip(*t["evals"]), style, marker="o", ms=3,
+                    label=f"{t['name']} {_params_text(t['params'])} ({t['status']})")
+        ax.set_xlabel("step")
+        ax.set_ylabel(self.metric.replace("_", " "))
+        ax.set_title(f"sweep {self.dir.path.name}: {self.metric} of every trial")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="x-small")
+        fig.tight_layout()
+        try:
+            from ..atomic import atomic_writer
+            with atomic_writer(self.dir.path / "curves.png") as f:
+                fig.savefig(f, dpi=100, format="png")
+        finally:
+            plt.close(fig)
+
+    def table(self):
+        keys = list(dict.fromkeys(k for t in self.state["trials"] for k in t["params"]))
+        rows = [[t["name"], *[_format(t["params"].get(k)) for k in keys], f"{t.get('step', 0)}",
+                 _number(t.get("metric")), t["status"]] for t in self.state["trials"]]
+        return format_table(["trial", *keys, "step", f"best {self.metric}", "state"], rows)
+
+
+def _params_text(params):
+    return " ".join(f"{k.split('.')[-1]}={_format(v)}" for k, v in params.items())
+
+
+def _number(value):
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _last_error(log_path):
+    try:
+        lines = [l for l in log_path.read_text(errors="replace").splitlines() if l.strip()]
+    except OSError:
+        return "no log"
+    errors = [l for l in lines if l.startswith("error:")]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+def _die_with_parent():
+    """In the child: SIGTERM when the sweep process dies (Linux), so a trial
+    saves a checkpoint and stops instead of running on unwatched."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Live:
+    """A live rich table of the trials in a terminal; nothing otherwise (the
+    sweep prints a line per event instead)."""
+
+    def __init__(self, sweep):
+        self.sweep = sweep
+        self.live = None
+
+    def __enter__(self):
+        if sys.stdout.isatty():
+            from rich.live import Live
+            self.live = Live(self._render(), refresh_per_second=4)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.live.__exit__(*exc)
+
+    def refresh(self):
+        if self.live is not None:
+            self.live.update(self._render())
+
+    def _render(self):
+        from rich.table import Table
+        sweep = self.sweep
+        keys = list(dict.fromkeys(k for t in sweep.state["trials"] for k in t["params"]))
+        table = Table(title=f"sweep {sweep.dir.path}")
+        for header in ["trial", *keys, "step", f"best {sweep.metric}", "state"]:
+            table.add_column(header)
+        for t in sweep.state["trials"]:
+            table.add_row(t["name"], *[_format(t["params"].get(k)) for k in keys],
+                          str(t.get("step", 0)), _number(t.get("metric")), t["status"])
+        return table
+
+
+# ---- --preset tuning-order -------------------------------------------------------------
+
+def tuning_order_stages(config):
+    """[(stage name, [SPEC], key whose largest finished value wins or None)] for a
+    RunConfig: the guide's order, each around the config's current value."""
+    t, m = config.train, config.model
+    lrs = ",".join(_format(t.lr * f) for f in (0.1, 0.3, 1.0, 3.0, 10.0))
+    batches = ",".join(str(t.batch_size * f) for f in (1, 2, 4))
+    step = m.n_head * (2 if m.position == "rope" else 1)
+    widths = sorted({max(step, round(m.n_embd * f / step) * step) for f in (0.5, 1.0, 2.0)})
+    return [("1-lr", [f"train.lr={lrs}"], None),
+            ("2-batch", [f"train.batch_size={batches}"], "train.batch_size"),
+            ("3-width", [f"model.n_embd={','.join(map(str, widths))}"], None),
+            ("4-clip", ["train.grad_clip=0,0.5,1,2"], None)]
+
+
+def run_preset(args):
+    """`--preset tuning-order`: learning rate, then the largest batch size that
+    fits, then width, then clipping, each stage a sweep in SWEEP_DIR/N-name
+    starting from the previous stage's best.yaml. Resumable as one sweep is."""
+    import shutil
+    out = Path(args.out)
+    config = args.config
+    fixed = list(args.specs)   # the user's SPECs: single values fixed in every stage
+    for spec in fixed:
+        if parse_spec(spec).kind != "grid" or len(parse_spec(spec).values) != 1:
+            raise UsageError(f"with --preset, SPECs fix one value each (KEY=VALUE); got {spec}")
+    stage_names = [name for name, _, _ in tuning_order_stages(load_config(config, fixed))]
+    for i, name in enumerate(stage_names):
+        base = load_config(config, fixed)
+        _, specs, largest = tuning_order_stages(base)[i]
+        print(f"stage {name}: {' '.join(specs)} (from {config})", flush=True)
+        sweep = Sweep(out / name, config, specs + fixed, max_iters=args.max_iters,
+                      parallel=args.parallel, metric=args.metric, device=args.device,
+                      seed=args.seed, prune=not args.no_prune, largest=largest)
+        results = sweep.run()
+        print("\n".join(sweep.table()), flush=True)
+        if not results["best"]:
+            raise XpmodelError(f"stage {name}: no trial finished; see the logs in "
+                               f"{out / name / 'logs'}")
+        print(f"stage {name} winner: {_params_text(results['best_params'])}", flush=True)
+        config = str(out / name / "best.yaml")
+    shutil.copyfile(config, out / "best.yaml")
+    print(f"best config: {out / 'best.yaml'} (xpmodel train --config {out / 'best.yaml'})")
+    return 0
