@@ -1,0 +1,35 @@
+"""tools/speedrun.py end to end on a small corpus and an easy target: an
+xpmodel recipe and the PyTorch reference both cross it, the crossing is
+decided on the whole validation split, and the table and JSON say so."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import write_corpus
+
+TOOL = Path(__file__).resolve().parent.parent / "tools" / "speedrun.py"
+
+
+def test_two_recipes_reach_an_easy_target(tmp_path):
+    pytest.importorskip("torch")
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    out = tmp_path / "speedrun.json"
+    done = subprocess.run([sys.executable, str(TOOL), "--recipes", "speedrun", "torch-gpt2-adamw",
+                           "--data", str(corpus), "--target", "2.5", "--eval-every", "20",
+                           "--threads", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=240,
+                          env={"XPMODEL_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+                               "OPENBLAS_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert "time to val loss 2.5" in done.stdout and "speedrun" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["target"] == 2.5 and report["machine"]["cores"] >= 1
+    for run in report["runs"]:
+        assert run["reached"], run["recipe"]
+        crossing = run["curve"][-1]
+        assert crossing["val_full"] <= 2.5 < run["curve"][0]["val_estimate"]
+        assert run["tokens"] == run["steps"] * 12 * 64 and run["train_s"] > 0
+    assert {run["engine"] for run in report["runs"]} == {"xpmodel", "torch"}
