@@ -5,7 +5,7 @@ of repeats), once with the fused kernels of xpmodel/cuda and once with every
 layer's own `xp` code on CuPy (GPT(kernels="xp")), with the ratio: what each
 fused kernel buys. For finding the next thing to speed up.
 
-    python tools/gpu_sections.py [--config gpt2-small] [--precision fp16] [--kernels fused xp]
+    python tools/gpu_sections.py [--config gpt2-small] [--precision fp16|bf16|fp32] [--kernels fused xp]
 """
 import argparse
 import math
@@ -35,7 +35,7 @@ def main():
     from bench_gpu import CONFIGS
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="gpt2-small", choices=list(CONFIGS))
-    parser.add_argument("--precision", default="fp16", choices=("fp16", "fp32"))
+    parser.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32"))
     parser.add_argument("--kernels", nargs="+", default=["fused", "xp"], choices=("fused", "xp"))
     args = parser.parse_args()
     import cupy
