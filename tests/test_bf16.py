@@ -362,6 +362,18 @@ def test_training_follows_the_float32_loss_curve(device):
     np.testing.assert_allclose(curves["bf16"], curves["fp32"], rtol=3e-2)
 
 
+def test_cached_generation_matches_uncached(device):
+    """Sampling from a bf16 model (as the trainer's samples do): the KV-cache
+    path gives the uncached path's tokens."""
+    from xpmodel.generate import generate
+    config = xpmodel.GPTConfig(vocab_size=96, block_size=16, n_layer=2, n_head=4, n_embd=32)
+    model = xpmodel.GPT(config, device=device, seed=4, precision="bf16")
+    for kwargs in (dict(temperature=0.0), dict(temperature=1.5, seed=3)):
+        cached = list(generate(model, [1, 5, 9, 2], 24, use_cache=True, **kwargs))
+        uncached = list(generate(model, [1, 5, 9, 2], 24, use_cache=False, **kwargs))
+        assert cached == uncached and len(cached) == 24
+
+
 def test_a_gpu_without_bfloat16_is_refused_clearly(monkeypatch):
     """Compute capability below 8.0 (V100, T4): no bfloat16 tensor cores or
     conversions, so the model says to use fp16."""

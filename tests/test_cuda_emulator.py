@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 
 import cuda_emulator
-from xpmodel.cuda.compile import F16_CONVERSIONS
+from xpmodel.cuda.compile import H16_CONVERSIONS
 
 pytestmark = pytest.mark.skipif(cuda_emulator.compiler() is None, reason="the CUDA emulator needs g++")
 
 
 def kernel(source, name):
-    return cuda_emulator.RawKernel(F16_CONVERSIONS + source, name)
+    return cuda_emulator.RawKernel(H16_CONVERSIONS + source, name)
 
 
 def test_warp_shuffles_and_block_barriers_compute_like_a_gpu():
@@ -97,7 +97,7 @@ def test_arguments_must_match_the_kernel_parameters():
 
 def warp_matrix_kernel(source, name):
     from xpmodel.cuda.compile import PRELUDE, WARP_MATRIX
-    return cuda_emulator.RawKernel(F16_CONVERSIONS + PRELUDE + WARP_MATRIX + source, name)
+    return cuda_emulator.RawKernel(H16_CONVERSIONS + PRELUDE + WARP_MATRIX + source, name)
 
 
 def test_an_async_copy_read_before_its_wait_sees_neither_old_nor_new_bytes():
@@ -124,12 +124,12 @@ def test_ldmatrix_reads_rows_the_lanes_address():
     """Lane 8j + r addresses row r of matrix j; lane l gets row l/4, columns
     2(l%4) and 2(l%4)+1 of each (transposed: column l/4, rows 2(l%4) and +1)."""
     source = r"""
-    extern "C" __global__ void load(const f16* m, unsigned* plain, unsigned* transposed) {
-        __shared__ __align__(16) f16 tiles[4 * 64];
+    extern "C" __global__ void load(const h16* m, unsigned* plain, unsigned* transposed) {
+        __shared__ __align__(16) h16 tiles[4 * 64];
         for (int i = threadIdx.x; i < 4 * 64; i += 32) tiles[i] = m[i];
         __syncthreads();
         int lane = threadIdx.x;
-        const f16* row = tiles + (lane / 8) * 64 + (lane % 8) * 8;
+        const h16* row = tiles + (lane / 8) * 64 + (lane % 8) * 8;
         ldmatrix_x4(plain + 4 * lane, row);
         ldmatrix_x4_trans(transposed + 4 * lane, row);
     }
@@ -145,3 +145,39 @@ def test_ldmatrix_reads_rows_the_lanes_address():
         assert (plain[:, j, 0] == m[j, g, 2 * t]).all() and (plain[:, j, 1] == m[j, g, 2 * t + 1]).all()
         assert (transposed[:, j, 0] == m[j, 2 * t, g]).all()
         assert (transposed[:, j, 1] == m[j, 2 * t + 1, g]).all()
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_mma_follows_the_fragment_layout_in_both_16_bit_types(half):
+    """mma_16816 as PTX documents m16n8k16: lane (g, t) holds A[g][2t..], A[g+8][2t..],
+    A[g][2t+8..], A[g+8][2t+8..], B[2t..][g], B[2t+8..][g] and gets D[g][2t..],
+    D[g+8][2t..]; the operands read as the build's 16-bit type (H16_IS_BF16)."""
+    from xpmodel.backend import BFLOAT16
+    dtype = BFLOAT16 if half == "bfloat16" else np.dtype(np.float16)
+    source = r"""
+    __device__ inline unsigned pair(const h16* p) { return (unsigned)p[0] | ((unsigned)p[1] << 16); }
+    extern "C" __global__ void product(const h16* A, const h16* Bt, float* D) {
+        int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+        unsigned a[4] = {pair(A + g * 16 + 2 * t), pair(A + (g + 8) * 16 + 2 * t),
+                         pair(A + g * 16 + 2 * t + 8), pair(A + (g + 8) * 16 + 2 * t + 8)};
+        unsigned b[2] = {pair(Bt + g * 16 + 2 * t), pair(Bt + g * 16 + 2 * t + 8)};
+        float d[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+        mma_16816(d, a, b);
+        D[g * 8 + 2 * t] = d[0];
+        D[g * 8 + 2 * t + 1] = d[1];
+        D[(g + 8) * 8 + 2 * t] = d[2];
+        D[(g + 8) * 8 + 2 * t + 1] = d[3];
+    }
+    """
+    defines = "#define H16_IS_BF16 1\n" if half == "bfloat16" else ""
+    rng = np.random.default_rng(0)
+    a, bt = rng.standard_normal((16, 16)).astype(dtype), rng.standard_normal((8, 16)).astype(dtype)
+    d = cuda_emulator.zeros((16, 8), np.float32)
+    from xpmodel.cuda.compile import PRELUDE, WARP_MATRIX
+    kernel = cuda_emulator.RawKernel(defines + H16_CONVERSIONS + PRELUDE + WARP_MATRIX + source, "product")
+    kernel((1,), (32,), (cuda_emulator.asarray(a), cuda_emulator.asarray(bt), d))
+    want = 1.0 + a.astype(np.float64) @ bt.astype(np.float64).T
+    np.testing.assert_allclose(d.get(), want, rtol=1e-6, atol=1e-6)
+    other = np.dtype(np.float16) if half == "bfloat16" else BFLOAT16   # the same bits as the other type
+    misread = 1.0 + a.view(other).astype(np.float64) @ bt.view(other).astype(np.float64).T
+    assert not np.allclose(d.get(), misread, rtol=1e-3)
