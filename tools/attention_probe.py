@@ -1,9 +1,9 @@
 """Attention alone on the GPU, forward and backward, at the benchmark configs'
 shapes: the flash kernels (xpmodel/cuda/flash.py) against the path through
 T x T scores, in milliseconds (CUDA events, median of repeats) and TFLOP/s
-of the causal half.
+of the causal half, for float16 and bfloat16 heads.
 
-    python tools/attention_probe.py [--configs char-mid gpt2-small]
+    python tools/attention_probe.py [--configs char-mid gpt2-small] [--dtypes float16 bfloat16]
 """
 import argparse
 import math
@@ -19,19 +19,22 @@ def main():
     from gpu_sections import timed
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--configs", nargs="+", default=["char-mid", "gpt2-small"], choices=list(CONFIGS))
+    parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"], choices=("float16", "bfloat16"))
     args = parser.parse_args()
     import cupy
+    from xpmodel.backend import BFLOAT16
     from xpmodel.cuda import flash
     from xpmodel.layers import attention
-    for name in args.configs:
-        _, H, C, T, B, _ = CONFIGS[name]
+    for name, dtype_name in [(n, d) for d in args.dtypes for n in args.configs]:
+        dtype = BFLOAT16 if dtype_name == "bfloat16" else np.dtype(np.float16)
+        _, H, C, T, B, _, _ = CONFIGS[name]
         D = C // H
         g = cupy.random.default_rng(0)
-        heads = (g.standard_normal((3, B, H, T, D), dtype=np.float32)).astype(np.float16)
-        heads[0] *= 1.0 / math.sqrt(D)
-        dout = g.standard_normal((B * T, C), dtype=np.float32).astype(np.float16)
+        heads = (g.standard_normal((3, B, H, T, D), dtype=np.float32) *
+                 cupy.asarray([1.0 / math.sqrt(D), 1.0, 1.0], np.float32)[:, None, None, None, None]).astype(dtype)
+        dout = g.standard_normal((B * T, C), dtype=np.float32).astype(dtype)
         flops = 2 * 2 * B * H * T * (T + 64) / 2 * D       # two products over the causal tiles
-        print(f"{name}: B={B} H={H} T={T} D={D}")
+        print(f"{name} {dtype_name}: B={B} H={H} T={T} D={D}")
         out, lse = flash.flash_forward(heads)
         forward = timed(lambda: flash.flash_forward(heads))
         backward = timed(lambda: flash.flash_backward(dout, heads, out, lse, 1.0 / math.sqrt(D)))
