@@ -279,7 +279,8 @@ def table(medians, baseline="gpt2-adamw"):
             if base and base["reached"] and r["reached"] else "-"
         val = r["val_full"] if r["val_full"] is not None else r["val_estimate"]
         lines.append(f"{name:18} {'yes' if r['reached'] else 'no':>7} {r['steps']:>6} "
-                     f"{r['tokens']:>10,} {r['train_s_median']:>8.1f} {r['ms_per_step']:>8.1f} "
+                     f"{r['tokens']:>10,} {r['train_s_median']:>8.1f} "
+                     f"{1000 * r['train_s_median'] / r['steps']:>8.1f} "
                      f"{val:>10.4f} {ratio:>16}  "
                      f"{', '.join(f'{s:.1f}' for s in r['train_s_all'])}")
     return "\n".join(lines)
