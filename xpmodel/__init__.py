@@ -1,8 +1,9 @@
-"""xpmodel: GPT-2 language models with hand-written forward and backward
-passes, on NumPy (CPU) or CuPy (CUDA)."""
+"""xpmodel: GPT language models (GPT-2, and Llama-style blocks) with hand-written
+forward and backward passes, on NumPy (CPU) or CuPy (CUDA)."""
 from .backend import get_device
 from .loss_scale import LossScaler
 from .model import GPT, GPTConfig
+from .muon import Muon
 from .optim import SGD, AdamW, clip_grad_norm, grad_norm
 from .runs import load
 from .schedule import (ConstantSchedule, CosineSchedule, LinearSchedule, StepSchedule,
@@ -11,6 +12,6 @@ from .tokenizer import BPETokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["GPT", "GPTConfig", "AdamW", "SGD", "clip_grad_norm", "grad_norm", "CosineSchedule",
+__all__ = ["GPT", "GPTConfig", "AdamW", "Muon", "SGD", "clip_grad_norm", "grad_norm", "CosineSchedule",
            "ConstantSchedule", "LinearSchedule", "StepSchedule", "WSDSchedule", "LossScaler",
            "BPETokenizer", "get_device", "load", "__version__"]
