@@ -87,7 +87,8 @@ def test_the_sdist_holds_the_sources_their_tests_and_the_license(built):
     prefix = f"xpmodel-{version()}/"
     with tarfile.open(built["sdist"]) as sdist:
         names = {m.name[len(prefix):] for m in sdist.getmembers() if m.isfile()}
-    expected = set().union(*(source_files(folder) for folder in ("xpmodel", "configs", "tests", "tools")))
+    expected = set().union(*(source_files(folder) for folder in ("xpmodel", "configs", "tests", "tools",
+                                                                 "docs")))
     expected |= {"pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"}
     assert sorted(expected - names) == [], "left out of the sdist"
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
