@@ -44,6 +44,16 @@ def kernels_of_a_pass(cp, C, V, T, low):
     probs = causal_softmax_forward(cp.ones((1, 1, T, T), low), low)
     causal_softmax_backward(probs, probs, low)
     crossentropy_fused(cp.ones((2, V), low), cp.asarray(np.array([0, V - 1])), cp.asarray(0.5))
+    # the architecture options: RMSNorm, and the head split / merge with RoPE and grouped kv heads
+    from xpmodel.cuda.rope_heads import merge_rope_heads, split_rope_heads
+    from xpmodel.layers.rmsnorm import rmsnorm_backward, rmsnorm_forward
+    out, cache = rmsnorm_forward(x, w, None, low)
+    rmsnorm_backward(out, cache, w, cp.zeros(C, np.float32), dx=x, dx_low=cp.empty((2, C), low))
+    H = C // 64
+    rope = (cp.ones((2, 32), np.float32), cp.ones((2, 32), np.float32))
+    heads = split_rope_heads(cp.ones((1, 2, (H + 2) * 64), low), cp.ones((H + 2) * 64, low), H, 1,
+                             rope, 0.125)
+    merge_rope_heads(heads, 1, rope, cp.zeros((H + 2) * 64, np.float32))
     if is_half(low):
         from xpmodel.cuda.flash import flash_backward, flash_forward
         heads = cp.ones((3, 1, 1, 64, 64), low)
@@ -71,7 +81,8 @@ def test_every_kernel_compiles_without_spills(arch):
             "causal_softmax_forward", "causal_softmax_backward", "crossentropy",
             "crossentropy_rows", "residual_add", "split_heads", "causal_softmax_forward_h16",
             "causal_softmax_backward_h16", "merge_heads", "flash_forward", "flash_delta",
-            "flash_backward", "flash_dq_store", "split_heads_h16", "merge_heads_h16"} <= names
+            "flash_backward", "flash_dq_store", "split_heads_h16", "merge_heads_h16",
+            "split_rope_heads", "merge_rope_heads"} <= names
     for code, names in variants.items():
         name = "/".join(sorted(names))
         ok, log = nvrtc.compile_kernel(NVRTC, code, arch)
