@@ -350,3 +350,21 @@ def test_recompute_lowers_the_peak_memory_of_a_pass():
         peaks[mode] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peaks["block"] < peaks["mlp"] < peaks["none"]
+
+
+@pytest.mark.parametrize("name", list(OPTIONS) + ["gpt2"])
+def test_parameter_count_is_the_layouts_size(name):
+    config = tiny(**OPTIONS.get(name, {}))
+    assert config.num_params() == xpmodel.params.FlatLayout(
+        xpmodel.params.parameter_shapes(config)).size
+
+
+def test_a_huge_model_is_refused_at_once_naming_the_keys():
+    """1e9 layers: measured from the config, not by listing 1e10 parameter shapes."""
+    import time
+    start = time.perf_counter()
+    with pytest.raises(UsageError, match="model.n_layer"):
+        from xpmodel.train.setup import check_fits_in_memory
+        check_fits_in_memory(xpmodel.GPTConfig(vocab_size=50, block_size=12, n_layer=10 ** 9,
+                                               n_head=4, n_embd=16), xpmodel.get_device("cpu"))
+    assert time.perf_counter() - start < 1.0

@@ -105,14 +105,14 @@ class GPTConfig:
     def num_params(self, include_embeddings=True):
         """Parameters; without embeddings, those the 6N FLOPs rule counts:
         the position table, and the token table when the head is untied."""
-        from .params import FlatLayout, parameter_shapes
-        layout = FlatLayout(parameter_shapes(self))
+        from .params import parameter_count
+        total = parameter_count(self)
         if include_embeddings:
-            return layout.size
+            return total
         lookups = self.block_size * self.n_embd if self.position == "learned" else 0
         if not self.tie_embeddings:
             lookups += self.vocab_size * self.n_embd
-        return layout.size - lookups
+        return total - lookups
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token: 6N + 12 L C T (N without lookup tables)."""

@@ -49,6 +49,22 @@ def parameter_shapes(config):
     return shapes
 
 
+def parameter_count(config):
+    """The number of parameters parameter_shapes(config) lists, worked out
+    without listing them, so a config of any size is measured at once."""
+    C, F, D = config.n_embd, config.mlp_hidden, config.head_size
+    norm = C * (2 if config.norm == "layernorm" and config.bias else 1)
+
+    def linear(n_in, n_out):
+        return n_in * n_out + (n_out if config.bias else 0)
+    fc_width = 2 * F if config.mlp == "swiglu" else F
+    block = (2 * norm + linear(C, config.qkv_width) + (2 * D if config.qk_norm else 0)
+             + linear(C, C) + linear(C, fc_width) + linear(F, C))
+    embeddings = config.vocab_size * C * (1 if config.tie_embeddings else 2)
+    positions = config.block_size * C if config.position == "learned" else 0
+    return embeddings + positions + config.n_layer * block + norm
+
+
 def is_norm_weight(name):
     """True for the weights of LayerNorm, RMSNorm and QK-norm (initialised to 1)."""
     return name.endswith(("ln_1.weight", "ln_2.weight", "q_norm.weight", "k_norm.weight")) \
