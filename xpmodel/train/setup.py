@@ -3,7 +3,7 @@ checked before the run directory is written; --init-from takes the model's
 shape from its source; the sampler and the run's length in steps."""
 import os
 
-from ..backend import get_device
+from ..backend import _import_cupy, get_device
 from ..corpus import build_tokenizer
 from ..data import EpochSampler, RandomWindowSampler
 from ..data.tokenfile import MAX_VOCAB_SIZE
@@ -23,21 +23,36 @@ def model_config(config, tokenizer):
 
 
 def check_fits_in_memory(gpt_config, device):
-    """Refuse, before allocating, a model whose training state cannot fit in
-    host memory: weights, gradients and two AdamW moments in float32, one
-    scratch buffer, and the float64 buffer the weights are drawn in."""
-    if device.is_cuda:
-        return   # CuPy reports its own out-of-memory, caught where it happens
-    try:
-        available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return
+    """Refuse, before allocating, a model whose training state cannot fit: on
+    the host, the float64 buffer the weights are drawn in, and on CPU the
+    weights, gradients, two AdamW moments and a scratch buffer in float32; on
+    a GPU, those four in float32 and a 16-bit working copy. The count comes
+    from the config, so any size is measured at once."""
     n = gpt_config.num_params()
-    needed = n * (5 * 4 + 8)
-    if needed > available:
-        raise UsageError(f"a model of {n:,} parameters needs about {needed / 2**30:,.1f} GiB to "
-                         f"train, more than this machine's {available / 2**30:,.1f} GiB; lower "
-                         f"model.n_layer, model.n_embd or model.vocab_size")
+    needs = [("this machine", n * (8 + 4 if device.is_cuda else 8 + 5 * 4), _host_memory())]
+    if device.is_cuda:
+        needs.append(("the GPU", n * (4 * 4 + 2), _gpu_memory(device)))
+    for where, needed, available in needs:
+        if available is not None and needed > available:
+            raise UsageError(f"a model of {n:,} parameters needs about {needed / 2**30:,.1f} GiB "
+                             f"to train, more than {where}'s {available / 2**30:,.1f} GiB; lower "
+                             f"model.n_layer, model.n_embd or model.vocab_size")
+
+
+def _host_memory():
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gpu_memory(device):
+    """The GPU's total memory in bytes, or None where CuPy cannot tell."""
+    try:
+        with _import_cupy().cuda.Device(device.index):
+            return int(_import_cupy().cuda.runtime.memGetInfo()[1])
+    except Exception:   # an emulated or unusual CuPy: leave it to the allocation
+        return None
 
 
 def make_schedule(train_config, total_steps):
