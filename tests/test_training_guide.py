@@ -64,6 +64,15 @@ def test_training_samples_use_the_configured_temperature_top_k_and_top_p(tmp_pat
     assert trainer.sample_text() == text
 
 
+def test_a_training_sample_leaves_out_a_character_its_last_tokens_only_began(tmp_path, corpus,
+                                                                               monkeypatch):
+    trainer = Trainer.start(tiny_config(corpus), device="cpu", out=tmp_path / "run", show=False)
+    euro = list("€".encode("utf-8"))                  # byte tokenizer: ids are bytes
+    monkeypatch.setattr(evaluate_module, "generate",
+                        lambda *args, **kwargs: iter([ord("a")] + euro + [ord("b")] + euro[:2]))
+    assert trainer.sample_text() == trainer.config.train.sample_prompt + "a€b"
+
+
 def test_sampling_defaults_and_bad_values():
     train = load_config("default").train
     assert (train.sample_temperature, train.sample_top_k, train.sample_top_p) == (0.8, 200, None)

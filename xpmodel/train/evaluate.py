@@ -1,5 +1,6 @@
 """Evaluation and reporting: validation loss (and early stopping), samples,
 the data line, MFU, and the end-of-run summary."""
+import codecs
 import math
 
 import numpy
@@ -75,7 +76,10 @@ class Evaluation:
         ids = list(generate(self.model, prompt, t.sample_tokens, temperature=t.sample_temperature,
                             top_k=t.sample_top_k, top_p=t.sample_top_p,
                             seed=t.seed + self.step, stop_id=self.tokenizer.eot_id))
-        return t.sample_prompt + self.tokenizer.decode(ids)
+        # a character whose bytes the last tokens only began is left out, not shown as U+FFFD
+        text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(
+            self.tokenizer.decode_bytes(ids))
+        return t.sample_prompt + text
 
     def mfu_peak(self):
         """(FLOP/s or None, what it is): the peak MFU is measured against on this
