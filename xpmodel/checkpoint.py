@@ -19,23 +19,19 @@ For tests of crash safety, the environment variable XPMODEL_TEST_SLOW_SAVE
 temporary file and the rename, widening the window a kill can land in.
 """
 import json
-import math
 import os
 from pathlib import Path
 
 import numpy
-from safetensors import safe_open
 from safetensors.numpy import save as safetensors_bytes
 
 from .atomic import atomic_write_bytes
 from .errors import CheckpointError, quote
 from .files import parse_json
-from .safetensors_header import read_safetensors_header
+from .safetensors_file import SafetensorsFile
 
 FORMAT = "xpmodel-checkpoint"
 FORMAT_VERSION = 1
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
-                "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 _SLOW_SAVE_ENV = "XPMODEL_TEST_SLOW_SAVE"
 
 def _test_pause():
@@ -59,9 +55,8 @@ def save_checkpoint(path, params, optimizer_state, meta):
 def read_checkpoint_meta(path):
     """The JSON document of a checkpoint, after checking the file's framing."""
     path = Path(path)
-    header = read_checkpoint_header(path)
     try:
-        document = parse_json(header.get("__metadata__", {}).get("xpmodel", ""))
+        document = parse_json(open_checkpoint(path).metadata.get("xpmodel", ""))
     except (ValueError, AttributeError, TypeError):
         raise CheckpointError(f"{path}: not an xpmodel checkpoint (no xpmodel metadata)") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
@@ -118,9 +113,9 @@ def load_checkpoint(path, param_shapes, optimizer_sizes):
     """
     path = Path(path)
     meta = read_checkpoint_meta(path)
-    header = read_checkpoint_header(path)
+    file = open_checkpoint(path)
     expected = {f"param/{n}": tuple(s) for n, s in param_shapes.items()}
-    found = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    found = {k: file.shape(k) for k in file.names}
     if optimizer_sizes is None:
         found = {k: v for k, v in found.items() if not k.startswith("optim/")}
     else:
@@ -133,48 +128,20 @@ def load_checkpoint(path, param_shapes, optimizer_sizes):
     for name, shape in expected.items():
         if found[name] != shape:
             raise CheckpointError(f"{path}: {name} has shape {found[name]}, the config needs {shape}")
-        if header[name].get("dtype") not in ("F32", "F64"):
-            raise CheckpointError(f"{path}: {name} has dtype {header[name].get('dtype')}, "
+        if file.dtype(name) not in ("F32", "F64"):
+            raise CheckpointError(f"{path}: {name} has dtype {file.dtype(name)}, "
                                   f"expected F32 or F64")
     params, optim = {}, {}
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            for key in expected:
-                kind, name = key.split("/", 1)
-                (params if kind == "param" else optim)[name] = f.get_tensor(key)
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
+    for key in expected:
+        kind, name = key.split("/", 1)
+        (params if kind == "param" else optim)[name] = file.read(key)
     for name, value in {**params, **optim}.items():
         if not numpy.all(numpy.isfinite(value)):
             raise CheckpointError(f"{path}: {name} holds NaN or Inf")
     return meta, params, optim
 
 
-def read_checkpoint_header(path):
-    """The safetensors JSON header, with its length and offsets checked against the file size."""
-    header, _, data_len = read_safetensors_header(path, CheckpointError, "checkpoint")
-    metadata = header.get("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CheckpointError(f"{path}: corrupt checkpoint header (metadata)")
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if not _entry_fits(entry, data_len):
-            raise CheckpointError(f"{path}: truncated or corrupt checkpoint (tensor {name})")
-    return header
-
-
-def _entry_fits(entry, data_len):
-    """True when a header entry has a known dtype, a shape of non-negative ints,
-    and a byte range inside the data that is exactly the shape's size."""
-    if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPE_BYTES:
-        return False
-    shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        return False
-    if not (isinstance(offsets, list) and len(offsets) == 2
-            and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1] <= data_len):
-        return False
-    return math.prod(shape) * _DTYPE_BYTES[entry["dtype"]] == offsets[1] - offsets[0]
+def open_checkpoint(path):
+    """The checkpoint's safetensors file, its framing checked (every tensor's
+    dtype, shape and byte range against the file's size)."""
+    return SafetensorsFile(path, CheckpointError, "checkpoint")

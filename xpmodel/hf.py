@@ -34,7 +34,6 @@ leaves it as it was. Nothing is unpickled: a directory with only
 pytorch_model.bin is refused.
 """
 import json
-import math
 import os
 import re
 import secrets
@@ -48,7 +47,7 @@ from . import hf_gpt2, hf_llama
 from .errors import DataError, UsageError, XpmodelError
 from .model_config import GPTConfig
 from .params import parameter_shapes
-from .safetensors_header import read_safetensors_header
+from .safetensors_file import FLOAT_DTYPES, SafetensorsFile
 from .tokenizer_hf import hf_vocab, read_hf_tokenizer
 
 FAMILIES = (hf_gpt2, hf_llama)
@@ -61,7 +60,6 @@ EXPORT_FILES = frozenset({
 _PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 _OTHER_FORMATS = ("tf_model.h5", "flax_model.msgpack", "model.ckpt.index")
 MAX_JSON_BYTES = 16 * 2**20   # a config.json or shard index is a few kilobytes
-_SAFETENSORS_DTYPES = {"F32": "<f4", "F64": "<f8", "F16": "<f2", "BF16": "<u2"}
 
 
 # ----- export ---------------------------------------------------------------
@@ -249,7 +247,10 @@ def _read_tensors(hf_dir, sources, family, shapes, tied):
             if source.shape(key) != tuple(shape):
                 raise DataError(f"{source.path}: {key} has shape {list(source.shape(key))}; "
                                 f"config.json needs {list(shape)}")
-            value = source.read(key)
+            if source.dtype(key) not in FLOAT_DTYPES:
+                raise UsageError(f"{source.path}: {key} is {source.dtype(key)}; xpmodel reads "
+                                 f"float tensors ({', '.join(FLOAT_DTYPES)})")
+            value = source.read(key).astype(numpy.float32)
             if not numpy.isfinite(value).all():
                 raise DataError(f"{source.path}: {key} holds NaN or Inf")
             tensors[name] = value
@@ -279,10 +280,14 @@ def from_hf_tensors(table, tensors):
     return arrays
 
 
+def _weights_file(path):
+    return SafetensorsFile(path, DataError, "safetensors file")
+
+
 def _weight_sources(hf_dir):
-    """[(_SafetensorsFile, names to read from it, or None for all)]."""
+    """[(SafetensorsFile, names to read from it, or None for all)]."""
     if (hf_dir / WEIGHTS_FILE).is_file():
-        return [(_SafetensorsFile(hf_dir / WEIGHTS_FILE), None)]
+        return [(_weights_file(hf_dir / WEIGHTS_FILE), None)]
     if (hf_dir / WEIGHTS_INDEX).is_file():
         index = _read_json(hf_dir / WEIGHTS_INDEX)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -298,7 +303,7 @@ def _weight_sources(hf_dir):
         for file_name in shards:
             if not (hf_dir / file_name).is_file():
                 raise DataError(f"{hf_dir}: shard {file_name} listed in {WEIGHTS_INDEX} is missing")
-        return [(_SafetensorsFile(hf_dir / name), keys) for name, keys in sorted(shards.items())]
+        return [(_weights_file(hf_dir / name), keys) for name, keys in sorted(shards.items())]
     pickled = [name for name in _PICKLED if (hf_dir / name).exists()]
     if pickled:
         raise UsageError(
@@ -309,55 +314,6 @@ def _weight_sources(hf_dir):
     other = [name for name in _OTHER_FORMATS if (hf_dir / name).exists()]
     raise UsageError(f"{hf_dir}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX}"
                      + (f" ({other[0]} is not read; xpmodel reads safetensors)" if other else ""))
-
-
-class _SafetensorsFile:
-    """One safetensors file: the header is checked when opened, tensors are read
-    one at a time and converted to float32 (bfloat16 included, which NumPy lacks)."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        header, self._data_start, data_len = read_safetensors_header(
-            self.path, DataError, "safetensors file")
-        self._entries = {}
-        for key, entry in header.items():
-            if key == "__metadata__":
-                continue
-            try:
-                dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-                shape = tuple(int(s) for s in shape)
-                ok = (isinstance(start, int) and isinstance(end, int)
-                      and 0 <= start <= end <= data_len)
-            except (TypeError, KeyError, ValueError):
-                ok = False
-            if not ok or any(s < 0 for s in shape):
-                raise DataError(f"{self.path}: corrupt safetensors entry for {key}")
-            self._entries[key] = (dtype, shape, start, end)
-
-    @property
-    def names(self):
-        return list(self._entries)
-
-    def shape(self, key):
-        return self._entries[key][1]
-
-    def read(self, key):
-        dtype, shape, start, end = self._entries[key]
-        if dtype not in _SAFETENSORS_DTYPES:
-            raise UsageError(f"{self.path}: {key} is {dtype}; xpmodel reads float tensors "
-                             f"({', '.join(_SAFETENSORS_DTYPES)})")
-        item = numpy.dtype(_SAFETENSORS_DTYPES[dtype])
-        if end - start != math.prod(shape) * item.itemsize:
-            raise DataError(f"{self.path}: {key} has {end - start} bytes for shape {list(shape)}")
-        with open(self.path, "rb") as f:
-            f.seek(self._data_start + start)
-            raw = f.read(end - start)
-        if len(raw) != end - start:
-            raise DataError(f"{self.path}: truncated safetensors file")
-        value = numpy.frombuffer(raw, dtype=item)
-        if dtype == "BF16":   # the high half of a float32
-            value = (value.astype(numpy.uint32) << 16).view(numpy.float32)
-        return value.astype(numpy.float32).reshape(shape)
 
 
 # ----- files ----------------------------------------------------------------

@@ -1,0 +1,111 @@
+"""Reading safetensors files, the one validated reader of checkpoints and
+Hugging Face weights: the header is read and every entry's dtype, shape and
+byte range are checked against the file's size before any tensor is, so a
+damaged or crafted file is refused without allocating what it claims to
+hold; then tensors are read one at a time. Nothing is unpickled."""
+import math
+import os
+import struct
+from pathlib import Path
+
+import numpy
+
+from .files import open_regular, parse_json
+
+# safetensors dtype -> NumPy dtype; BF16 is read as its raw 16 bits
+DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
+          "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1",
+          "BOOL": "?"}
+FLOAT_DTYPES = ("F32", "F64", "F16", "BF16")
+
+MAX_HEADER_BYTES = 100 * 2**20   # a real header is a few hundred bytes per tensor
+
+
+def read_safetensors_header(path, error, what):
+    """(header dict, data start offset, data length) of the file at `path`.
+
+    The header's length is checked against the file's size before it is read;
+    any problem raises `error` with a one-line message calling the file `what`.
+    """
+    path = Path(path)
+    if not os.path.lexists(path):
+        raise error(f"{path}: {what} not found")
+    try:
+        # A regular file only: a FIFO or a device would block or never end.
+        with open_regular(path, error, what) as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise error(f"{path}: truncated {what} ({size} bytes)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(size - 8, MAX_HEADER_BYTES):
+                raise error(f"{path}: corrupt {what} header (length {header_len})")
+            header = parse_json(f.read(header_len))
+    except ValueError:   # JSONDecodeError, UnicodeDecodeError, nesting too deep
+        raise error(f"{path}: corrupt {what} header") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    if not isinstance(header, dict):
+        raise error(f"{path}: corrupt {what} header")
+    return header, 8 + header_len, size - 8 - header_len
+
+
+class SafetensorsFile:
+    """One safetensors file, its header checked when opened.
+
+    error: the exception class for every problem; what: what the messages
+    call the file ("checkpoint", "safetensors file")."""
+
+    def __init__(self, path, error, what):
+        self.path, self._error, self._what = Path(path), error, what
+        header, self._data_start, data_len = read_safetensors_header(self.path, error, what)
+        metadata = header.pop("__metadata__", {})
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise error(f"{self.path}: corrupt {what} header (metadata)")
+        self.metadata = metadata
+        self._entries = {}
+        for key, entry in header.items():
+            if not _entry_fits(entry, data_len):
+                raise error(f"{self.path}: truncated or corrupt {what} (tensor {key})")
+            self._entries[key] = (entry["dtype"], tuple(entry["shape"]), *entry["data_offsets"])
+
+    @property
+    def names(self):
+        return list(self._entries)
+
+    def shape(self, key):
+        return self._entries[key][1]
+
+    def dtype(self, key):
+        return self._entries[key][0]
+
+    def read(self, key):
+        """The tensor `key` as a NumPy array of its own dtype (BF16 widened to float32)."""
+        dtype, shape, start, end = self._entries[key]
+        try:
+            with open_regular(self.path, self._error, self._what) as f:
+                f.seek(self._data_start + start)
+                raw = f.read(end - start)
+        except OSError as exc:
+            raise self._error(f"{self.path}: cannot read {self._what} ({exc.strerror or exc})") from None
+        if len(raw) != end - start:
+            raise self._error(f"{self.path}: truncated {self._what}")
+        value = numpy.frombuffer(raw, dtype=DTYPES[dtype])
+        if dtype == "BF16":   # the high half of a float32
+            value = (value.astype(numpy.uint32) << 16).view(numpy.float32)
+        return value.reshape(shape).copy()
+
+
+def _entry_fits(entry, data_len):
+    """True when a header entry has a known dtype, a shape of non-negative ints,
+    and a byte range inside the data that is exactly the shape's size."""
+    if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
+        return False
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        return False
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1] <= data_len):
+        return False
+    size = numpy.dtype(DTYPES[entry["dtype"]]).itemsize
+    return math.prod(shape) * size == offsets[1] - offsets[0]
