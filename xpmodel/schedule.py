@@ -30,27 +30,9 @@ def _check_decay(lr, min_lr, warmup_iters, decay_iters):
                          f"({decay_iters})")
 
 
-class CosineSchedule:
-    """Linear warmup to `lr` over `warmup_iters`, cosine decay to `min_lr` at
-    `decay_iters`, then `min_lr`."""
-
-    def __init__(self, lr, min_lr, warmup_iters, decay_iters):
-        _check_decay(lr, min_lr, warmup_iters, decay_iters)
-        self.lr, self.min_lr = lr, min_lr
-        self.warmup_iters, self.decay_iters = warmup_iters, decay_iters
-
-    def __call__(self, step):
-        if step < self.warmup_iters:
-            return _warmup(self.lr, self.warmup_iters, step)
-        if step >= self.decay_iters:
-            return self.min_lr
-        progress = (step - self.warmup_iters) / max(1, self.decay_iters - self.warmup_iters)
-        weight = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return self.min_lr + weight * (self.lr - self.min_lr)
-
-
-class LinearSchedule:
-    """Linear warmup to `lr`, a straight line down to `min_lr` at `decay_iters`,
+class _WarmupDecay:
+    """Linear warmup to `lr` over `warmup_iters`, a decay shaped by `weight`
+    (1 at the start of the decay, 0 at its end) to `min_lr` at `decay_iters`,
     then `min_lr`."""
 
     def __init__(self, lr, min_lr, warmup_iters, decay_iters):
@@ -64,7 +46,23 @@ class LinearSchedule:
         if step >= self.decay_iters:
             return self.min_lr
         progress = (step - self.warmup_iters) / max(1, self.decay_iters - self.warmup_iters)
-        return self.lr + progress * (self.min_lr - self.lr)
+        return self.min_lr + self.weight(progress) * (self.lr - self.min_lr)
+
+
+class CosineSchedule(_WarmupDecay):
+    """Warmup, then a cosine decay to `min_lr` at `decay_iters`, then `min_lr`."""
+
+    @staticmethod
+    def weight(progress):
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LinearSchedule(_WarmupDecay):
+    """Warmup, then a straight line down to `min_lr` at `decay_iters`, then `min_lr`."""
+
+    @staticmethod
+    def weight(progress):
+        return 1.0 - progress
 
 
 class StepSchedule:
