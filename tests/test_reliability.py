@@ -127,15 +127,45 @@ def _step_temporaries(folder):
         return set()
 
 
+def _train_reference(start_args, out, env):
+    done = subprocess.run(command(*start_args, "--out", out), env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def _launch(run, start_args, env, log, processes):
+    """Start the run (or resume it, once it exists) in the background;
+    returns the process and the metrics lines written before it."""
+    args = ["train", "--resume", run.path] if run.is_run() else [*start_args, "--out", run.path]
+    lines_before = _line_count(run.metrics_path)
+    with open(log, "a") as err:
+        process = subprocess.Popen(command(*args), env=env, stdout=subprocess.DEVNULL, stderr=err)
+    processes.append(process)
+    return process, lines_before
+
+
+def _finish_like_the_reference(run, start_args, env, reference, steps):
+    """Resume the killed run to its end: every step's loss and every evaluation
+    equal the uninterrupted reference's bit for bit (floats compared with ==)."""
+    args = ["train", "--resume", run.path] if run.is_run() else [*start_args, "--out", run.path]
+    finished = subprocess.run(command(*args), env=env, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    killed_train, killed_eval = train_losses(run.path)
+    reference_train, reference_eval = train_losses(reference)
+    assert [s for s, *_ in killed_train] == list(range(1, steps + 1))
+    assert killed_train == reference_train
+    assert killed_eval == reference_eval
+    assert not stray_files(run.path)
+    return finished
+
+
 def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path, corpus,
                                                                           processes):
     cache = tmp_path / "cache"
     env = process_env(cache)
     reference = tmp_path / "reference"
     start_args = ["train", "--config", TINY, "--device", "cpu", f"data.source={corpus}", *KILL_SETTINGS]
-    done = subprocess.run(command(*start_args, "--out", reference), env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    _train_reference(start_args, reference, env)
 
     run_dir = tmp_path / "killed"
     run = RunDir(run_dir)
@@ -147,12 +177,7 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
     while kills < 24:
         attempts += 1
         assert attempts < 80, "the run does not progress between kills"
-        args = ["train", "--resume", run_dir] if run.is_run() else [*start_args, "--out", run_dir]
-        lines_before = _line_count(run.metrics_path)
-        with open(log, "a") as err:
-            process = subprocess.Popen(command(*args), env=slow_env, stdout=subprocess.DEVNULL,
-                                       stderr=err)
-        processes.append(process)
+        process, lines_before = _launch(run, start_args, slow_env, log, processes)
         mode = rng.choice(["startup", "steps", "steps", "save", "save"])
         if attempts <= 2:   # first inside the creation of the run directory
             mode = "create"
@@ -195,17 +220,8 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
     assert kills >= 20, f"only {kills} kills landed"
     assert kills_mid_save >= 3, f"only {kills_mid_save} kills landed inside a checkpoint write"
     assert kills_before_marker >= 2, "no kill landed while the run directory was being created"
-    args = ["train", "--resume", run_dir] if run.is_run() else [*start_args, "--out", run_dir]
-    finished = subprocess.run(command(*args), env=env, capture_output=True, text=True, timeout=120)
-    assert finished.returncode == 0, finished.stderr
+    finished = _finish_like_the_reference(run, start_args, env, reference, steps=240)
     assert "done (finished): 240 steps" in finished.stdout
-
-    killed_train, killed_eval = train_losses(run_dir)
-    reference_train, reference_eval = train_losses(reference)
-    assert [s for s, *_ in killed_train] == list(range(1, 241))
-    assert killed_train == reference_train     # bit for bit: floats compared with ==
-    assert killed_eval == reference_eval
-    assert not stray_files(run_dir)
     assert sorted(p.name for p in checkpoints.iterdir()) == [
         "best.safetensors", "step-00000237.safetensors", "step-00000240.safetensors"]
 
@@ -219,9 +235,7 @@ def test_kill_9_during_a_muon_run_then_resume_equals_an_uninterrupted_run(tmp_pa
     start_args = ["train", "--config", TINY, "--device", "cpu", f"data.source={corpus}", *KILL_SETTINGS,
                   "train.max_iters=90", "train.optimizer=muon", "train.grad_accum=2"]
     reference = tmp_path / "reference"
-    done = subprocess.run(command(*start_args, "--out", reference), env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    _train_reference(start_args, reference, env)
     sizes = Muon(xpmodel.GPT(TINY_GPT), lr=1e-3).state_sizes()
 
     run_dir = tmp_path / "killed"
@@ -234,12 +248,7 @@ def test_kill_9_during_a_muon_run_then_resume_equals_an_uninterrupted_run(tmp_pa
     while kills < 8:
         attempts += 1
         assert attempts < 30, "the run does not progress between kills"
-        args = ["train", "--resume", run_dir] if run.is_run() else [*start_args, "--out", run_dir]
-        lines_before = _line_count(run.metrics_path)
-        with open(log, "a") as err:
-            process = subprocess.Popen(command(*args), env=slow_env, stdout=subprocess.DEVNULL,
-                                       stderr=err)
-        processes.append(process)
+        process, lines_before = _launch(run, start_args, slow_env, log, processes)
         if rng.random() < 0.5:
             wanted = lines_before + rng.randint(2, 10)
             alive = _wait(process, lambda: _line_count(run.metrics_path) >= wanted)
@@ -260,15 +269,7 @@ def test_kill_9_during_a_muon_run_then_resume_equals_an_uninterrupted_run(tmp_pa
             assert set(optim) == {"m", "v", "muon_momentum"}
 
     assert kills >= 6 and kills_mid_save >= 1, (kills, kills_mid_save)
-    args = ["train", "--resume", run_dir] if run.is_run() else [*start_args, "--out", run_dir]
-    finished = subprocess.run(command(*args), env=env, capture_output=True, text=True, timeout=120)
-    assert finished.returncode == 0, finished.stderr
-    killed_train, killed_eval = train_losses(run_dir)
-    reference_train, reference_eval = train_losses(reference)
-    assert [s for s, *_ in killed_train] == list(range(1, 91))
-    assert killed_train == reference_train     # bit for bit
-    assert killed_eval == reference_eval
-    assert not stray_files(run_dir)
+    _finish_like_the_reference(run, start_args, env, reference, steps=90)
 
 
 # ---- signals ------------------------------------------------------------------------
