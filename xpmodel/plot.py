@@ -7,14 +7,32 @@ from .errors import DataError, UsageError
 from .rundir import RunDir
 
 
-def plot_run(run_dir, out=None):
-    """Write a PNG of the run's metrics; returns its path."""
+def pyplot(what="xpmodel plot"):
+    """matplotlib.pyplot on the Agg backend (no screen needed); a UsageError
+    naming the extra to install when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UsageError("xpmodel plot needs matplotlib: pip install 'xpmodel[plot]'") from None
+        raise UsageError(f"{what} needs matplotlib: pip install 'xpmodel[plot]'") from None
+    return plt
+
+
+def save_figure(plt, fig, out, dpi=100):
+    """Write `fig` to `out` as a PNG, atomically (a failure leaves no partial
+    file), and close it; returns out."""
+    try:
+        with atomic_writer(out) as f:
+            fig.savefig(f, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+    return out
+
+
+def plot_run(run_dir, out=None):
+    """Write a PNG of the run's metrics; returns its path."""
+    plt = pyplot()
     run = RunDir(run_dir)
     run.require_run("RUN_DIR")
     records = run.read_metrics()
@@ -25,12 +43,7 @@ def plot_run(run_dir, out=None):
     out = Path(out) if out else run.path / "loss.png"
     _check_output(run, out)
     fig = draw_metrics(plt, train, evals, f"xpmodel run {run.path.name}")
-    try:
-        with atomic_writer(out) as f:   # a failure leaves no partial PNG
-            fig.savefig(f, dpi=110, format="png")
-    finally:
-        plt.close(fig)
-    return out
+    return save_figure(plt, fig, out, dpi=110)
 
 
 def draw_metrics(plt, train, evals, title):
@@ -74,9 +87,7 @@ def plot_health(run_dir, out):
     """A PNG of the run's health records (train.health_interval): heatmaps of
     each parameter group's gradient norm and update/weight ratio against step.
     Returns its path, or None when the run has no health records."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     run = RunDir(run_dir)
     records = [r for r in run.read_metrics() if r.get("type") == "health"]
     if not records:
@@ -84,12 +95,7 @@ def plot_health(run_dir, out):
     out = Path(out)
     _check_output(run, out)
     fig = draw_health(plt, records, f"xpmodel run {run.path.name}: per-layer health")
-    try:
-        with atomic_writer(out) as f:
-            fig.savefig(f, dpi=100, format="png")
-    finally:
-        plt.close(fig)
-    return out
+    return save_figure(plt, fig, out)
 
 
 def draw_health(plt, records, title):

@@ -8,10 +8,10 @@ early-stopped, diverged or killed: `xpmodel train --resume` continues it).
 import math
 from pathlib import Path
 
-from ..atomic import atomic_writer
 from ..checkpoint import read_checkpoint_meta
 from ..config import config_to_dict
 from ..errors import CheckpointError, DataError, UsageError
+from ..plot import pyplot, save_figure
 from ..rundir import RunDir, _lock_is_free
 
 _MAX_DEPTH = 3   # run directories are looked for this many folders down
@@ -146,12 +146,7 @@ def format_table(headers, rows):
 def plot_runs(summaries, out, title="xpmodel compare"):
     """One PNG overlaying the runs' training loss (smoothed) and validation loss
     against step; returns its path."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("the plot needs matplotlib: pip install 'xpmodel[plot]'") from None
+    plt = pyplot("the plot")
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {out}: the plot is a PNG; give a path ending in .png")
@@ -183,12 +178,7 @@ def plot_runs(summaries, out, title="xpmodel compare"):
         ax.legend(fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()
-    try:
-        with atomic_writer(out) as f:
-            fig.savefig(f, dpi=100, format="png")
-    finally:
-        plt.close(fig)
-    return out
+    return save_figure(plt, fig, out)
 
 
 def _ema(values, beta=0.9):

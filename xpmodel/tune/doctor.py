@@ -152,7 +152,7 @@ def check_data(subject):
               f"{t.batch_size * t.grad_accum * T:,} tokens = {epochs:.2f} epochs")
     problems, advice = [], []
     if len(val) < t.batch_size * (T + 1):
-        problems.append(f"the validation split holds fewer than one batch of windows")
+        problems.append("the validation split holds fewer than one batch of windows")
         advice.append("raise data.val_fraction so validation is more than a few windows")
     if epochs > 20:
         problems.append(f"{epochs:.0f} epochs will memorise the training data")

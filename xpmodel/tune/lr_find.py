@@ -19,10 +19,11 @@ from dataclasses import asdict, dataclass
 
 import numpy
 
-from ..atomic import atomic_write_bytes, atomic_writer
+from ..atomic import atomic_write_bytes
 from ..data import RandomWindowSampler
 from ..errors import UsageError
 from ..optim import clipped_step, optimizer_for
+from ..plot import pyplot, save_figure
 
 DIVERGENCE_FACTOR = 4.0
 SUGGESTION_DIVISOR = 10.0
@@ -131,10 +132,8 @@ def write_results(result, png_path, title):
     atomic_write_bytes(json_path, (json.dumps(document, indent=1) + "\n").encode())
     written = [json_path]
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        plt = pyplot()
+    except UsageError:   # without matplotlib, the JSON alone
         return written
     fig, ax = plt.subplots(figsize=(8, 4.5))
     points = [(lr, loss) for lr, loss in zip(result.lrs, result.losses) if loss is not None]
@@ -153,9 +152,4 @@ def write_results(result, png_path, title):
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    try:
-        with atomic_writer(png_path) as f:
-            fig.savefig(f, dpi=100, format="png")
-    finally:
-        plt.close(fig)
-    return [png_path] + written
+    return [save_figure(plt, fig, png_path)] + written

@@ -48,10 +48,11 @@ from pathlib import Path
 import numpy
 
 from ..atomic import atomic_write_bytes
-from ..config import config_to_dict, load_config, save_config
+from ..config import load_config, save_config
 from ..cpu_threads import thread_count
 from ..errors import UsageError, XpmodelError, quote
 from ..files import parse_json, read_bounded
+from ..plot import pyplot, save_figure
 from ..rundir import RunDir
 from .compare import format_table
 
@@ -138,14 +139,17 @@ def _format(value):
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def plan_trials(config_name, params, n_trials, seed, fixed=()):
-    """[{key: value}] for every trial, each checked to make a valid config."""
+def plan_trials(config_name, params, n_trials, seed, fixed=(), shuffle=False):
+    """[{key: value}] for every trial, each checked to make a valid config;
+    grid combinations in order, or drawn in a random order (shuffle, or any range)."""
     grids = [p for p in params if p.kind == "grid"]
     ranges = [p for p in params if p.kind != "grid"]
     combos = [dict(zip([p.key for p in grids], values))
               for values in itertools.product(*[p.values for p in grids])]
     rng = numpy.random.default_rng(seed)
     if not ranges:
+        if shuffle:
+            combos = [combos[i] for i in rng.permutation(len(combos))]
         trials = combos[:n_trials] if n_trials else combos
         for trial in trials:
             _check_trial(config_name, trial, fixed)
@@ -218,7 +222,8 @@ class Sweep:
     """One sweep: plan (or reload) its trials, run them, write its results."""
 
     def __init__(self, out, config, specs, trials=None, max_iters=None, parallel=1,
-                 metric="val_loss", device="cpu", seed=0, prune=True, show=True, largest=None):
+                 metric="val_loss", device="cpu", seed=0, prune=True, show=True, largest=None,
+                 sampler=None):
         if metric not in METRICS:
             raise UsageError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
         if parallel < 1:
@@ -240,9 +245,19 @@ class Sweep:
         if not params:
             raise UsageError("no SPEC searches anything: give several values (a,b,c) or a range "
                              "(log:LOW..HIGH, int:LOW..HIGH, LOW..HIGH)")
+        natural = "grid" if all(p.kind == "grid" for p in params) else "random"
+        if sampler == "grid" and natural != "grid":
+            ranged = next(p.key for p in params if p.kind != "grid")
+            raise UsageError(f"--sampler grid: {ranged} is a range; give it a list of values, or "
+                             f"use --sampler random or tpe")
+        self.sampler = sampler or natural
+        self.params, self.fixed, self.trials_wanted, self.seed = params, fixed, trials, seed
         plan = {"config": self.config, "specs": list(specs), "trials": trials,
                 "max_iters": max_iters, "metric": metric, "seed": seed}
-        state = self.dir.load()
+        if self.sampler != natural:     # sweeps made before --sampler keep their plan
+            plan["sampler"] = self.sampler
+        plan.update(self._extra_plan())
+        state = self._load_state()
         if state is not None:
             if state["plan"] != plan:
                 changed = [k for k in plan if plan[k] != state["plan"].get(k)]
@@ -251,7 +266,7 @@ class Sweep:
         else:
             if self.dir.path.exists() and any(self.dir.path.iterdir()):
                 raise UsageError(f"--out {out}: exists and is not a sweep; choose another --out")
-            planned = plan_trials(self.config, params, trials, seed, fixed)
+            planned = self._plan_trials()
             state = {"format": FORMAT, "version": 1, "plan": plan, "fixed": fixed,
                      "trials": [{"name": f"trial-{i:03d}", "params": p, "status": "pending"}
                                 for i, p in enumerate(planned)]}
@@ -259,24 +274,42 @@ class Sweep:
         self.state = state
         self.metric = metric
 
+    def _load_state(self):
+        """sweep.json, waiting a moment for another worker that is creating it."""
+        from ..atomic import is_temporary_name
+        for _ in range(20):
+            state = self.dir.load()
+            entries = [p.name for p in self.dir.path.iterdir()] if self.dir.path.is_dir() else []
+            if state is not None or not entries or not all(map(is_temporary_name, entries)):
+                return state
+            time.sleep(0.1)
+        return self.dir.load()
+
+    def _extra_plan(self):
+        return {}
+
+    def _plan_trials(self):
+        return plan_trials(self.config, self.params, self.trials_wanted, self.seed, self.fixed,
+                           shuffle=self.sampler == "random")
+
     # ---- running ---------------------------------------------------------------------
     def run(self):
         """Run every trial not yet done; returns the results (as results.json holds them)."""
-        trials = self.state["trials"]
-        todo = [t for t in trials if t["status"] in ("pending", "running")]
-        if self.show and len(todo) < len(trials):
-            print(f"resuming the sweep in {self.dir.path}: {len(trials) - len(todo)} of "
-                  f"{len(trials)} trials done", flush=True)
+        self._begin()
         running = {}    # name -> (Popen, trial, slot, log file)
         slots = list(range(self.parallel))
         live = _Live(self) if self.show else None
         try:
             with live or _nothing():
-                while todo or running:
-                    while todo and slots:
-                        trial = todo.pop(0)
+                while True:
+                    while slots:
+                        trial = self._next_trial()
+                        if trial is None:
+                            break
                         slot = slots.pop(0)
                         running[trial["name"]] = self._start(trial, slot)
+                    if not running:
+                        break
                     time.sleep(_POLL_S)
                     for name, (process, trial, slot, log) in list(running.items()):
                         self._read_progress(trial)
@@ -300,6 +333,20 @@ class Sweep:
                 process.wait()
         return self.write_results()
 
+    def _begin(self):
+        trials = self.state["trials"]
+        self._todo = [t for t in trials if t["status"] in ("pending", "running")]
+        if self.show and len(self._todo) < len(trials):
+            print(f"resuming the sweep in {self.dir.path}: {len(trials) - len(self._todo)} of "
+                  f"{len(trials)} trials done", flush=True)
+
+    def _next_trial(self):
+        """The next trial to start, or None when none is left."""
+        return self._todo.pop(0) if self._todo else None
+
+    def _save(self):
+        self.dir.save(self.state)
+
     def _start(self, trial, slot):
         name = trial["name"]
         run_dir = self.dir.trial_dir(name)
@@ -307,6 +354,7 @@ class Sweep:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "xpmodel", "train", "--quiet"]
         if RunDir(run_dir).is_run():
+            _wait_for_lock(RunDir(run_dir).lock_path)   # a trial of a killed sweep still saving
             command += ["--resume", str(run_dir)]
         else:
             run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -327,7 +375,7 @@ class Sweep:
                                    preexec_fn=_die_with_parent)
         trial["status"] = "running"
         trial.setdefault("step", 0)
-        self.dir.save(self.state)
+        self._save()
         self._say(f"{name} started: {_params_text(trial['params'])}")
         return process, trial, slot, log
 
@@ -379,14 +427,18 @@ class Sweep:
             self._say(f"{trial['name']} done: {self.metric} {_number(trial['metric'])}")
         elif code in (-signal.SIGTERM, 143, -signal.SIGINT, 130):
             trial["status"] = "running"       # stopped from outside: resumes next time
-            self.dir.save(self.state)
+            self._save()
             raise KeyboardInterrupt
         else:
             trial["status"] = "failed"
             trial["error"] = _last_error(self.dir.log_path(trial["name"]))
             self._say(f"{trial['name']} failed: {trial['error']}")
-        self.dir.save(self.state)
+        self._ended(trial)
+        self._save()
         self.write_results()
+
+    def _ended(self, trial):
+        """A trial reached its final status (done, pruned or failed)."""
 
     def _say(self, text):
         if self.show and not sys.stdout.isatty():
@@ -423,10 +475,8 @@ class Sweep:
 
     def _plot_curves(self, trials):
         try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+            plt = pyplot()
+        except UsageError:   # the curves need matplotlib; the tables do not
             return
         fig, ax = plt.subplots(figsize=(9, 5))
         for t in trials:
@@ -442,12 +492,7 @@ class Sweep:
         if ax.lines:
             ax.legend(fontsize="x-small")
         fig.tight_layout()
-        try:
-            from ..atomic import atomic_writer
-            with atomic_writer(self.dir.path / "curves.png") as f:
-                fig.savefig(f, dpi=100, format="png")
-        finally:
-            plt.close(fig)
+        save_figure(plt, fig, self.dir.path / "curves.png")
 
     def table(self):
         keys = list(dict.fromkeys(k for t in self.state["trials"] for k in t["params"]))
@@ -471,6 +516,15 @@ def _last_error(log_path):
         return "no log"
     errors = [l for l in lines if l.startswith("error:")]
     return (errors or lines or ["no output"])[-1][:300]
+
+
+def _wait_for_lock(lock_path, timeout_s=120):
+    """Until nobody holds a run's lock (or timeout_s): a trial whose sweep was
+    killed gets SIGTERM and saves a checkpoint before it lets go."""
+    from ..rundir import _lock_is_free
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and lock_path.exists() and not _lock_is_free(lock_path):
+        time.sleep(0.1)
 
 
 def _die_with_parent():
