@@ -15,6 +15,12 @@ from xpmodel.tune.doctor import FAIL, PASS, diagnose
 
 TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
 
+try:                      # the plots are optional: without matplotlib, the rest still works
+    import matplotlib  # noqa: F401
+    HAVE_MATPLOTLIB = True
+except ImportError:
+    HAVE_MATPLOTLIB = False
+
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
@@ -85,7 +91,7 @@ def test_lr_find_suggests_a_rate_in_the_band_that_trains_the_tiny_model(capsys, 
     assert 5e-4 <= result["suggested_lr"] <= 2e-2
     assert result["suggested_lr"] == pytest.approx(result["min_lr"] / 10)
     assert f"suggested train.lr={result['suggested_lr']:.2e}" in text and "divided by 10" in text
-    assert out.stat().st_size > 10_000   # the plot
+    assert out.stat().st_size > 10_000 if HAVE_MATPLOTLIB else not out.exists()   # the plot
     lrs = result["lrs"]
     assert lrs[0] == pytest.approx(1e-7) and all(b > a for a, b in zip(lrs, lrs[1:]))
 
@@ -123,9 +129,10 @@ def test_health_records_per_layer_and_their_heatmap(capsys, tmp_path, corpus):
     for r in health:
         total = float(numpy.sqrt(numpy.sum(numpy.square(r["grad_norm"]))))
         assert total == pytest.approx(train[r["step"]]["grad_norm"], rel=1e-3)
-    code, out, _ = run_cli(capsys, "plot", tmp_path / "run")
-    assert code == 0 and "loss-health.png" in out
-    assert (tmp_path / "run" / "loss-health.png").stat().st_size > 5_000
+    if HAVE_MATPLOTLIB:
+        code, out, _ = run_cli(capsys, "plot", tmp_path / "run")
+        assert code == 0 and "loss-health.png" in out
+        assert (tmp_path / "run" / "loss-health.png").stat().st_size > 5_000
 
 
 def test_health_off_writes_no_records(tmp_path, corpus):
@@ -215,13 +222,16 @@ def test_runs_lists_status_steps_and_best_val_and_compare_overlays_them(capsys, 
     assert set(lines) == {"slow", "fast", "cut"}
     assert "finished" in lines["fast"] and "30/30" in lines["fast"] and "(30)" in lines["fast"]
     assert "stopped" in lines["cut"] and "0/60" in lines["cut"]
-    code, out, _ = run_cli(capsys, "compare", runs / "slow", runs / "fast", "--out",
-                           tmp_path / "c.png")
-    assert code == 0, out
-    header = out.splitlines()[0]
+    code, out, err = run_cli(capsys, "compare", runs / "slow", runs / "fast", "--out",
+                             tmp_path / "c.png")
+    header = out.splitlines()[0]    # the table comes first, with or without matplotlib
     assert "train.lr" in header and "train.min_lr" in header   # the keys that differ
     assert "train.batch_size" not in header
-    assert (tmp_path / "c.png").stat().st_size > 10_000
+    if HAVE_MATPLOTLIB:
+        assert code == 0, err
+        assert (tmp_path / "c.png").stat().st_size > 10_000
+    else:
+        assert code == 2 and "needs matplotlib" in err
 
 
 # ---- sweep -----------------------------------------------------------------------------
@@ -300,4 +310,5 @@ def test_sweep_prunes_a_trial_and_resumes_after_kill_9(capsys, tmp_path, corpus)
     assert "train.lr,val_loss" in (out / "results.csv").read_text().splitlines()[0]
     assert f"lr: {best['train.lr']}\n" in (out / "best.yaml").read_text()
     assert "max_iters: 30\n" in (out / "best.yaml").read_text()   # the config's, not the sweep's
-    assert (out / "curves.png").stat().st_size > 10_000
+    assert (out / "curves.png").stat().st_size > 10_000 if HAVE_MATPLOTLIB else \
+        not (out / "curves.png").exists()
