@@ -447,7 +447,7 @@ def test_import_refuses_a_shape_that_disagrees_with_the_config(copy_of_export):
 
 @pytest.mark.parametrize("edit, feature", [
     (lambda doc: doc["pre_tokenizer"].update(add_prefix_space=True), "add_prefix_space"),
-    (lambda doc: doc.update(normalizer={"type": "NFC"}), "normalizer"),
+    (lambda doc: doc.update(normalizer={"type": "NFKC"}), "normalizer 'NFKC'"),
     (lambda doc: doc.update(pre_tokenizer={"type": "Metaspace"}), "Metaspace"),
     (lambda doc: doc["model"].update(type="WordPiece"), "WordPiece"),
     (lambda doc: doc["added_tokens"][0].update(special=False), "not special"),

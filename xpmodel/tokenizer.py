@@ -1,11 +1,22 @@
 """Byte-level BPE tokenizer, the way GPT-2 tokenizes text.
 
-Text is split by GPT-2's pre-tokenization regex into pieces (words with their
-leading space, digit runs, punctuation runs, whitespace runs); each piece is
-UTF-8 encoded and its bytes are merged pairwise by learned rank. Every string
-round-trips exactly, because the pieces cover the text and ids 0..255 cover
-every byte. (Text must be valid Unicode: a lone surrogate has no UTF-8 form
-and raises UnicodeEncodeError, a ValueError.)
+Text is split by a pre-tokenization regex into pieces (by default GPT-2's:
+words with their leading space, digit runs, punctuation runs, whitespace
+runs); each piece is UTF-8 encoded and its bytes are merged pairwise by
+learned rank. Every string round-trips exactly, because the pieces cover the
+text and ids 0..255 cover every byte. (Text must be valid Unicode: a lone
+surrogate has no UTF-8 form and raises UnicodeEncodeError, a ValueError.)
+
+Three options exist so that Hugging Face tokenizers other than GPT-2's import
+exactly (see tokenizer_hf.py); each is off by default, and a tokenizer that
+uses none is stored, fingerprinted and encodes exactly as before they existed:
+    split_pattern   another split regex, as Llama 3 and Qwen2 use (Hugging
+                    Face's Split with behavior "Isolated": the matches and the
+                    text between them are the pieces)
+    normalizer      "nfc": text is put in Unicode NFC before it is split, as
+                    Qwen2 does; such a tokenizer round-trips NFC text only
+    ignore_merges   a piece whose bytes are a token is that token, before any
+                    merge is tried (Hugging Face's BPE ignore_merges)
 
 Id space, in order:
     0 .. 255                    the raw bytes (id == byte value)
@@ -31,6 +42,7 @@ import json
 import multiprocessing
 import operator
 import os
+import unicodedata
 from collections import Counter, defaultdict, deque
 from pathlib import Path
 
@@ -47,7 +59,10 @@ GPT2_SPLIT_PATTERN = (
 ENDOFTEXT = "<|endoftext|>"
 MASK = "<|mask|>"
 FILE_FORMAT = "xpmodel-bpe-tokenizer"
-FILE_VERSION = 1
+FILE_VERSION = 1    # what a tokenizer with none of the options writes, as xpmodel always has
+FILE_VERSION_OPTIONS = 2   # with any option, so that an older xpmodel refuses the file
+NORMALIZERS = ("nfc",)
+MAX_SPLIT_PATTERN_BYTES = 4096
 
 _SPLIT = regex.compile(GPT2_SPLIT_PATTERN)
 # Pieces longer than this are merged with a heap (O(n log n)) instead of
@@ -73,11 +88,22 @@ class BPETokenizer:
 
     `merges[k] == (left_id, right_id)` makes token id 256 + k; each side is a
     byte or an earlier merge. Special tokens take the ids after the merges, in
-    the order given.
+    the order given. `split_pattern`, `normalizer` and `ignore_merges` are the
+    options of the module docstring.
     """
 
-    def __init__(self, merges=(), special_tokens=(ENDOFTEXT,)):
+    def __init__(self, merges=(), special_tokens=(ENDOFTEXT,), split_pattern=GPT2_SPLIT_PATTERN,
+                 normalizer=None, ignore_merges=False):
         _check_special_tokens(special_tokens)
+        self._split_pattern = split_pattern
+        self._pieces = _splitter(split_pattern)   # text -> list of piece str
+        if normalizer is not None and normalizer not in NORMALIZERS:
+            raise UsageError(f"normalizer must be one of {list(NORMALIZERS)} or None, "
+                             f"got {quote(normalizer, 40)}")
+        self._normalizer = normalizer
+        if not isinstance(ignore_merges, bool):
+            raise UsageError(f"ignore_merges must be true or false, got {quote(ignore_merges, 40)}")
+        self._ignore_merges = ignore_merges
         merges = tuple(merges)
         if len(merges) + 256 + len(special_tokens) > MAX_VOCAB:
             raise UsageError(f"{len(merges):,} merges make more than the {MAX_VOCAB:,} ids "
@@ -103,13 +129,18 @@ class BPETokenizer:
             alternatives = sorted(self._specials, key=len, reverse=True)
             self._special_split = regex.compile(
                 "(" + "|".join(regex.escape(s) for s in alternatives) + ")")
+        self._whole_ids = None  # with ignore_merges: bytes -> id of every non-special token
+        if ignore_merges:
+            self._whole_ids = {b: i for i, b in enumerate(self._token_bytes[:first_special])}
         self._piece_cache = {}  # piece str -> list of ids
 
     # ----- training -------------------------------------------------------
 
     @classmethod
-    def train(cls, texts, vocab_size, special_tokens=(ENDOFTEXT,)):
-        """Learn merges from `texts` (a str or an iterable of str).
+    def train(cls, texts, vocab_size, special_tokens=(ENDOFTEXT,),
+              split_pattern=GPT2_SPLIT_PATTERN, normalizer=None):
+        """Learn merges from `texts` (a str or an iterable of str), split by
+        `split_pattern` after `normalizer` (see the module docstring).
 
         `vocab_size` counts every id: 256 bytes + merges + special tokens, so
         4096 with one special token learns 3839 merges. The 256 byte ids and
@@ -132,14 +163,15 @@ class BPETokenizer:
             raise UsageError(f"vocab_size must be at most {MAX_VOCAB:,}, got {vocab_size:,}")
         _check_special_tokens(special_tokens)  # before the slow part, not after
         special_tokens = tuple(special_tokens)
+        options = cls((), special_tokens, split_pattern, normalizer)   # checks them
         if isinstance(texts, str):
             texts = (texts,)
         word_counts = Counter()
         for text in texts:
-            word_counts.update(_SPLIT.findall(text))
+            word_counts.update(options._pieces(options._normalize(text)))
         num_merges = max(0, vocab_size - 256 - len(special_tokens))
         merges = _learn_merges(word_counts, num_merges)
-        return cls(merges, special_tokens)
+        return cls(merges, special_tokens, split_pattern, normalizer)
 
     # ----- the id space ---------------------------------------------------
 
@@ -168,6 +200,21 @@ class BPETokenizer:
         """The id of "<|mask|>", or None when it is not a special token."""
         return self._special_ids.get(MASK)
 
+    @property
+    def split_pattern(self):
+        """The regex that splits text into pieces (GPT2_SPLIT_PATTERN by default)."""
+        return self._split_pattern
+
+    @property
+    def normalizer(self):
+        """None, or "nfc" when text is put in NFC before it is split."""
+        return self._normalizer
+
+    @property
+    def ignore_merges(self):
+        """Whether a piece whose bytes are a token is that token before any merge."""
+        return self._ignore_merges
+
     def token_bytes(self, token_id):
         """The bytes that one id decodes to."""
         return self.decode_bytes((token_id,))
@@ -181,7 +228,7 @@ class BPETokenizer:
             cache.clear()
         ids = []
         extend = ids.extend
-        for piece in _SPLIT.findall(text):
+        for piece in self._pieces(self._normalize(text)):
             piece_ids = cache.get(piece)
             if piece_ids is None:
                 piece_ids = self._encode_piece(piece)
@@ -258,7 +305,14 @@ class BPETokenizer:
     def _encode_to_array(self, text):
         return numpy.array(self.encode_ordinary(text), dtype=numpy.uint32)  # (tokens,)
 
+    def _normalize(self, text):
+        return text if self._normalizer is None else unicodedata.normalize("NFC", text)
+
     def _encode_piece(self, piece):
+        if self._whole_ids is not None:
+            whole = self._whole_ids.get(piece.encode("utf-8"))
+            if whole is not None:
+                return [whole]
         ids = list(piece.encode("utf-8"))
         if len(ids) > _LONG_PIECE:
             return _merge_long(ids, self._merge_ids)
@@ -291,9 +345,16 @@ class BPETokenizer:
 
     def to_json(self):
         """The tokenizer as a JSON document (str): one merge per line, readable and diffable."""
-        header = json.dumps({"format": FILE_FORMAT, "version": FILE_VERSION,
-                             "pre_tokenizer": "gpt2",
-                             "special_tokens": list(self._specials)})
+        header = {"format": FILE_FORMAT, "version": FILE_VERSION, "pre_tokenizer": "gpt2"}
+        if self._has_options():
+            header["version"] = FILE_VERSION_OPTIONS
+            if self._normalizer is not None:
+                header["normalizer"] = self._normalizer
+            if self._split_pattern != GPT2_SPLIT_PATTERN:
+                header.update(pre_tokenizer="split", split_pattern=self._split_pattern)
+            if self._ignore_merges:
+                header["ignore_merges"] = True
+        header = json.dumps({**header, "special_tokens": list(self._specials)})
         merge_lines = ",\n".join(f"  [{a}, {b}]" for a, b in self._merges)
         return header[:-1] + ', "merges": [\n' + merge_lines + "\n]}\n"
 
@@ -320,11 +381,22 @@ class BPETokenizer:
     def _from_document(cls, document):
         if not isinstance(document, dict) or document.get("format") != FILE_FORMAT:
             raise UsageError(f"it is not an xpmodel tokenizer (no \"format\": \"{FILE_FORMAT}\")")
-        if document.get("version") != FILE_VERSION:
-            raise UsageError(f"format version {document.get('version')!r} is not supported "
-                             f"(this xpmodel reads version {FILE_VERSION})")
-        if document.get("pre_tokenizer") != "gpt2":
-            raise UsageError(f"pre_tokenizer {document.get('pre_tokenizer')!r} is not supported")
+        version = document.get("version")
+        if version not in (FILE_VERSION, FILE_VERSION_OPTIONS) or type(version) is not int:
+            raise UsageError(f"format version {version!r} is not supported "
+                             f"(this xpmodel reads versions {FILE_VERSION} and "
+                             f"{FILE_VERSION_OPTIONS})")
+        pre_tokenizer = document.get("pre_tokenizer")
+        if pre_tokenizer == "split":
+            split_pattern = document.get("split_pattern")
+        elif pre_tokenizer != "gpt2":
+            raise UsageError(f"pre_tokenizer {quote(pre_tokenizer, 40)} is not supported")
+        elif "split_pattern" in document:
+            raise UsageError("it has a \"split_pattern\" but its pre_tokenizer is \"gpt2\"")
+        else:
+            split_pattern = GPT2_SPLIT_PATTERN
+        options = dict(split_pattern=split_pattern, normalizer=document.get("normalizer"),
+                       ignore_merges=document.get("ignore_merges", False))
         merges = document.get("merges")
         specials = document.get("special_tokens")
         if not isinstance(merges, list) or not isinstance(specials, list):
@@ -333,7 +405,7 @@ class BPETokenizer:
             if not (isinstance(pair, list) and len(pair) == 2
                     and all(type(i) is int for i in pair)):
                 raise UsageError(f"merge {k} is {quote(pair, 60)}, not a pair of ids")
-        return cls(merges, specials)
+        return cls(merges, specials, **options)
 
     def fingerprint(self):
         """Hex sha256 of the tokenizer's content: equal fingerprints mean equal encodings."""
@@ -344,16 +416,30 @@ class BPETokenizer:
         from xpmodel.tokenizer_hf import export_hf
         export_hf(self, directory, model_max_length)
 
+    def _has_options(self):
+        return (self._split_pattern != GPT2_SPLIT_PATTERN or self._normalizer is not None
+                or self._ignore_merges)
+
     def __eq__(self, other):
         if not isinstance(other, BPETokenizer):
             return NotImplemented
-        return self._merges == other._merges and self._specials == other._specials
+        return (self._merges == other._merges and self._specials == other._specials
+                and self._split_pattern == other._split_pattern
+                and self._normalizer == other._normalizer
+                and self._ignore_merges == other._ignore_merges)
 
     __hash__ = None  # tokenizers are compared by content; use fingerprint() as a key
 
     def __repr__(self):
+        options = ""
+        if self._split_pattern != GPT2_SPLIT_PATTERN:
+            options += f", split_pattern={quote(self._split_pattern, 40)}"
+        if self._normalizer is not None:
+            options += f", normalizer={self._normalizer!r}"
+        if self._ignore_merges:
+            options += ", ignore_merges=True"
         return (f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self._merges)}, "
-                f"special_tokens={list(self._specials)})")
+                f"special_tokens={list(self._specials)}{options})")
 
 
 def _check_special_tokens(special_tokens):
@@ -370,6 +456,75 @@ def _check_special_tokens(special_tokens):
                              f"{_MAX_SPECIAL_CHARS}")
     if len(set(special_tokens)) != len(special_tokens):
         raise UsageError(f"special_tokens has duplicates: {list(special_tokens)}")
+
+
+def check_split_pattern(pattern):
+    """The compiled `pattern`, or UsageError saying in one line why it is not usable.
+
+    Hugging Face compiles split patterns with Oniguruma, whose ^ and $ match at
+    line breaks, so they are compiled MULTILINE here. The `regex` module and
+    Oniguruma agree on the syntax such patterns use (classes, \\p{..},
+    lookaheads, (?i:...)); the tests check GPT-2's, Llama 3's and Qwen2's
+    patterns id for id against the `tokenizers` library.
+    """
+    if not isinstance(pattern, str) or not pattern:
+        raise UsageError(f"the split pattern must be a non-empty string, got {quote(pattern, 60)}")
+    size = len(pattern.encode("utf-8", errors="replace"))
+    if size > MAX_SPLIT_PATTERN_BYTES:
+        raise UsageError(f"the split pattern is {size:,} bytes, more than the "
+                         f"{MAX_SPLIT_PATTERN_BYTES:,} xpmodel allows")
+    try:
+        return regex.compile(pattern, regex.MULTILINE)
+    except (regex.error, ValueError, OverflowError, RecursionError) as exc:
+        raise UsageError(f"the split pattern {quote(pattern, 60)} does not compile: "
+                         f"{_one_line(exc)}") from None
+
+
+def _splitter(pattern):
+    """A function text -> the list of its pieces under `pattern`, "Isolated".
+
+    For every pattern that can neither match the empty string nor skip text
+    (GPT-2's, Llama 3's and Qwen2's), `findall` gives the pieces; `_isolated`
+    handles any other exactly, more slowly.
+    """
+    if pattern == GPT2_SPLIT_PATTERN:
+        return _SPLIT.findall
+    compiled = check_split_pattern(pattern)
+    if compiled.groups:   # findall would return the groups, not the matches
+        return lambda text: _isolated(compiled, text)
+
+    def pieces(text):
+        found = compiled.findall(text)
+        if sum(map(len, found)) == len(text) and "" not in found:
+            return found
+        return _isolated(compiled, text)
+    return pieces
+
+
+def _isolated(compiled, text):
+    """The pieces of Hugging Face's Split(pattern, "Isolated"): each match and
+    each run of text between matches, empty ones dropped. Matches are found
+    as the Rust `onig` crate's find_iter finds them: an empty match right
+    where the previous match ended is skipped by moving on one character."""
+    pieces = []
+    start = search_at = 0      # start: end of the text already cut into pieces
+    last_match_end = None
+    while search_at <= len(text):
+        match = compiled.search(text, search_at)
+        if match is None:
+            break
+        begin, end = match.span()
+        if begin == end and last_match_end == end:
+            search_at += 1
+            continue
+        if begin > start:
+            pieces.append(text[start:begin])
+        if end > begin:
+            pieces.append(text[begin:end])
+        start = search_at = last_match_end = end
+    if start < len(text):
+        pieces.append(text[start:])
+    return pieces
 
 
 def _check_token_lengths(merges):

@@ -6,8 +6,15 @@
     tokenizer_config.json,
     special_tokens_map.json  so `transformers.AutoTokenizer.from_pretrained(dir)` works
 
-`read_hf_tokenizer` / `import_hf_tokenizer` read a GPT-2-style byte-level BPE
-back (tokenizer.json, else vocab.json + merges.txt). Hugging Face vocabs may
+`read_hf_tokenizer` / `import_hf_tokenizer` read a byte-level BPE back
+(tokenizer.json, else vocab.json + merges.txt): GPT-2's, whose ByteLevel
+pre-tokenizer splits with its built-in regex, and the form of Llama 3 and
+Qwen2, a Split by their own regex ("Isolated") followed by a ByteLevel that
+only maps bytes (use_regex false), with Qwen2's NFC normalizer and BPE
+ignore_merges. An export of a tokenizer with another split pattern writes
+that form back. Anything else that would change the ids (Digits, Metaspace,
+other normalizers, SentencePiece's Unigram or byte_fallback) is refused,
+naming the part. Hugging Face vocabs may
 number their tokens in any order; GPT-2's own puts the 256 byte tokens in
 the order of the bytes-to-unicode table ("!" is id 0, "Ġ" is 220), where
 BPETokenizer needs id == byte value. So an import relabels ids: bytes at
@@ -26,9 +33,10 @@ from pathlib import Path
 import numpy
 
 from xpmodel.atomic import atomic_write_bytes
-from xpmodel.errors import DataError, UsageError
+from xpmodel.errors import DataError, UsageError, quote
 from xpmodel.files import parse_json, read_bounded
-from xpmodel.tokenizer import ENDOFTEXT, MAX_VOCAB, BPETokenizer
+from xpmodel.tokenizer import (ENDOFTEXT, GPT2_SPLIT_PATTERN, MAX_VOCAB, BPETokenizer,
+                                check_split_pattern)
 
 _MAX_FILE_BYTES = 64 << 20   # GPT-2's tokenizer.json is 1.4 MB, a 256k-token one about 35 MB
 
@@ -78,6 +86,13 @@ def export_hf(tokenizer, directory, model_max_length=None):
 
     byte_level = {"type": "ByteLevel", "add_prefix_space": False,
                   "trim_offsets": True, "use_regex": True}
+    gpt2_split = tokenizer.split_pattern == GPT2_SPLIT_PATTERN
+    pre_tokenizer = byte_level
+    if not gpt2_split:   # as Llama 3 and Qwen2 write theirs
+        pre_tokenizer = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": tokenizer.split_pattern},
+             "behavior": "Isolated", "invert": False},
+            dict(byte_level, use_regex=False)]}
     tokenizer_json = {
         "version": "1.0",
         "truncation": None,
@@ -86,13 +101,14 @@ def export_hf(tokenizer, directory, model_max_length=None):
             {"id": token_id, "content": text, "single_word": False, "lstrip": False,
              "rstrip": False, "normalized": False, "special": True}
             for text, token_id in specials.items()],
-        "normalizer": None,
-        "pre_tokenizer": byte_level,
+        "normalizer": {"type": "NFC"} if tokenizer.normalizer == "nfc" else None,
+        "pre_tokenizer": pre_tokenizer,
         "post_processor": None,
         "decoder": byte_level,
         "model": {"type": "BPE", "dropout": None, "unk_token": None,
                   "continuing_subword_prefix": None, "end_of_word_suffix": None,
-                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": tokenizer.ignore_merges,
                   "vocab": vocab, "merges": merges},
     }
     _write_json(directory / "tokenizer.json", tokenizer_json)
@@ -103,7 +119,10 @@ def export_hf(tokenizer, directory, model_max_length=None):
     special_map = {}
     if ENDOFTEXT in specials:
         special_map = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
-    config = {"tokenizer_class": "GPT2TokenizerFast", "add_prefix_space": False,
+    # GPT2TokenizerFast would split as GPT-2 whatever tokenizer.json says; the
+    # generic class reads tokenizer.json as it is, as Llama 3's config names it.
+    tokenizer_class = "GPT2TokenizerFast" if gpt2_split else "PreTrainedTokenizerFast"
+    config = {"tokenizer_class": tokenizer_class, "add_prefix_space": False,
               "add_bos_token": False, "clean_up_tokenization_spaces": False, **special_map}
     if model_max_length is not None:
         config["model_max_length"] = int(model_max_length)
@@ -119,7 +138,7 @@ def _write_json(path, document):
 
 
 def import_hf_tokenizer(directory):
-    """A BPETokenizer from a Hugging Face GPT-2-style tokenizer directory.
+    """A BPETokenizer from a Hugging Face byte-level BPE tokenizer directory.
 
     Ids may be relabeled (see the module docstring and `read_hf_tokenizer`);
     text encodes to the same tokens as with Hugging Face.
@@ -130,31 +149,34 @@ def import_hf_tokenizer(directory):
 def read_hf_tokenizer(directory):
     """Read a byte-level BPE tokenizer from `directory`.
 
-    Reads tokenizer.json when present (as GPT2TokenizerFast does), otherwise
+    Reads tokenizer.json when present (as the fast tokenizers do), otherwise
     vocab.json + merges.txt (+ added tokens from tokenizer_config.json or
-    added_tokens.json). Tokenizers that would not split text as GPT-2 does
-    (another normalizer or pre-tokenizer, a prefix space, BPE dropout,
-    non-special added tokens) raise UsageError naming the feature.
+    added_tokens.json), which split as GPT-2. Tokenizers whose ids xpmodel
+    would not reproduce (a normalizer other than NFC, a pre-tokenizer other
+    than the two byte-level forms of the module docstring, a prefix space,
+    BPE dropout, non-special added tokens) raise UsageError naming the part.
 
     Returns (tokenizer, hf_ids): hf_ids is an int64 array (tokenizer.vocab_size,)
     holding, for each xpmodel id, the Hugging Face id of the same token.
     """
     directory = Path(directory)
     if (directory / "tokenizer.json").is_file():
-        vocab, merges, added = _read_tokenizer_json(directory / "tokenizer.json")
+        vocab, merges, added, options = _read_tokenizer_json(directory / "tokenizer.json")
     elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
         vocab, merges, added = _read_vocab_and_merges(directory)
+        options = {}
     else:
         raise UsageError(f"{directory}: no Hugging Face tokenizer (needs tokenizer.json, "
                          f"or vocab.json and merges.txt)")
     try:
-        return _relabel(vocab, merges, added)
+        return _relabel(vocab, merges, added, options)
     except UsageError as exc:
         raise UsageError(f"{directory}: tokenizer not usable: {exc}") from None
 
 
 def _read_tokenizer_json(path):
-    """-> (vocab name -> id, merges [(left, right)], added [(id, content, special)])."""
+    """-> (vocab name -> id, merges [(left, right)], added [(id, content, special)],
+    BPETokenizer options)."""
     document = _load_json(path)
     model = document.get("model")
     if not isinstance(model, dict) or model.get("type") != "BPE":
@@ -168,10 +190,13 @@ def _read_tokenizer_json(path):
     if model.get("dropout") not in (None, 0, 0.0):
         raise UsageError(f"{path}: BPE dropout {model['dropout']!r} is not supported "
                          f"(it makes encoding random)")
-    if document.get("normalizer") is not None:
-        raise UsageError(f"{path}: normalizer {_kind(document['normalizer'])} is not "
-                         f"supported (GPT-2 has none)")
-    _check_byte_level(document.get("pre_tokenizer"), path)
+    ignore_merges = model.get("ignore_merges", False)
+    if not isinstance(ignore_merges, bool):
+        raise DataError(f"{path}: BPE ignore_merges is {ignore_merges!r}, not true or false")
+    options = dict(normalizer=_read_normalizer(document.get("normalizer"), path),
+                   split_pattern=_read_pre_tokenizer(document.get("pre_tokenizer"), path),
+                   ignore_merges=ignore_merges)
+    _check_decoder(document.get("decoder"), path)
     merges = []
     if len(model.get("merges") or []) > MAX_VOCAB:
         raise DataError(f"{path}: {len(model['merges']):,} merges, more than the {MAX_VOCAB:,} ids "
@@ -185,7 +210,7 @@ def _read_tokenizer_json(path):
         merges.append(tuple(entry))
     added = [(t.get("id"), t.get("content"), t.get("special", False))
              for t in document.get("added_tokens") or [] if isinstance(t, dict)]
-    return _check_vocab(model.get("vocab"), path), merges, added
+    return _check_vocab(model.get("vocab"), path), merges, added, options
 
 
 def _read_vocab_and_merges(directory):
@@ -227,7 +252,7 @@ def _read_vocab_and_merges(directory):
     return vocab, merges, added
 
 
-def _relabel(vocab, merges, added):
+def _relabel(vocab, merges, added, options):
     """Build the BPETokenizer and the xpmodel id -> Hugging Face id table."""
     id_to_name = {token_id: name for name, token_id in vocab.items()}
     special_names = set()
@@ -270,7 +295,7 @@ def _relabel(vocab, merges, added):
                              f"token of the vocab")
         if merged in xp_ids:
             raise UsageError(f"merge {rank} makes {merged!r}, which an earlier merge or "
-                             f"byte already makes")
+                             f"byte already makes{_TIKTOKEN_HINT}")
         xp_ids[merged] = 256 + rank
         merge_pairs.append((xp_ids[left], xp_ids[right]))
         hf_ids.append(name_to_id[merged])
@@ -284,10 +309,10 @@ def _relabel(vocab, merges, added):
         # "<|endoftext|>" in GPT-2's vocab.json) is a special token.
         if name not in special_names and _byte_level_text(name, char_to_byte) != name:
             raise UsageError(f"token {name!r} (id {token_id}) is neither a byte, a merge "
-                             f"result nor a special token")
+                             f"result nor a special token{_TIKTOKEN_HINT}")
         specials.append(name)
         hf_ids.append(token_id)
-    tokenizer = BPETokenizer(merge_pairs, specials)
+    tokenizer = BPETokenizer(merge_pairs, specials, **options)
     return tokenizer, numpy.array(hf_ids, dtype=numpy.int64)
 
 
@@ -299,18 +324,91 @@ def _byte_level_text(name, char_to_byte):
         return None
 
 
-def _check_byte_level(pre_tokenizer, path):
-    """GPT-2's split: ByteLevel with the GPT-2 regex and no prefix space."""
+# Said when a vocab is not one token per merge, as in vocabs converted from
+# tiktoken (Llama 3's own has redundant merges and tokens only ignore_merges reaches).
+_TIKTOKEN_HINT = ("; xpmodel reads BPE vocabs where every token but the bytes and the "
+                  "special tokens is made by exactly one merge")
+
+
+def _read_normalizer(normalizer, path):
+    """None, or "nfc" for NFC (alone or as a one-step Sequence, as Qwen2 writes it)."""
+    if isinstance(normalizer, dict) and normalizer.get("type") == "Sequence":
+        steps = normalizer.get("normalizers")
+        if isinstance(steps, list) and len(steps) <= 1:
+            normalizer = steps[0] if steps else None
+    if normalizer is None:
+        return None
+    if isinstance(normalizer, dict) and normalizer.get("type") == "NFC":
+        return "nfc"
+    raise UsageError(f"{path}: normalizer {_kind(normalizer)} is not supported "
+                     f"(xpmodel reads none or NFC)")
+
+
+def _read_pre_tokenizer(pre_tokenizer, path):
+    """The split pattern of one of the two byte-level forms xpmodel computes:
+    GPT-2's ByteLevel with its built-in regex (GPT2_SPLIT_PATTERN), or a Split
+    by a regex with behavior Isolated followed by a ByteLevel that only maps
+    bytes (Llama 3, Qwen2). Neither may add a prefix space."""
+    steps = [pre_tokenizer]
     if isinstance(pre_tokenizer, dict) and pre_tokenizer.get("type") == "Sequence":
-        steps = pre_tokenizer.get("pretokenizers") or []
-        pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizer
-    if not (isinstance(pre_tokenizer, dict) and pre_tokenizer.get("type") == "ByteLevel"
-            and pre_tokenizer.get("use_regex", True)):
-        raise UsageError(f"{path}: pre_tokenizer {_kind(pre_tokenizer)} is not supported "
-                         f"(xpmodel splits text as GPT-2's ByteLevel does)")
-    if pre_tokenizer.get("add_prefix_space"):
+        steps = pre_tokenizer.get("pretokenizers")
+        if not isinstance(steps, list) or not 1 <= len(steps) <= 2:
+            raise UsageError(f"{path}: a pre_tokenizer Sequence of "
+                             f"{len(steps) if isinstance(steps, list) else steps!r} steps is not "
+                             f"supported (xpmodel reads ByteLevel, or Split then ByteLevel)")
+    for step in steps:
+        if not (isinstance(step, dict) and step.get("type") in ("Split", "ByteLevel")):
+            raise UsageError(f"{path}: pre_tokenizer {_kind(step)} is not supported "
+                             f"(xpmodel reads ByteLevel, or Split then ByteLevel)")
+    byte_level = steps[-1]
+    if byte_level.get("type") != "ByteLevel":
+        raise UsageError(f"{path}: pre_tokenizer {_kind(byte_level)} without a ByteLevel after "
+                         f"it is not supported (xpmodel reads byte-level BPE)")
+    if byte_level.get("add_prefix_space"):
         raise UsageError(f"{path}: ByteLevel add_prefix_space is not supported "
-                         f"(GPT-2 adds no space)")
+                         f"(xpmodel adds no space)")
+    use_regex = byte_level.get("use_regex", True)
+    if len(steps) == 1:
+        if not use_regex:
+            raise UsageError(f"{path}: ByteLevel use_regex false with no Split before it is "
+                             f"not supported (the text would be one piece)")
+        return GPT2_SPLIT_PATTERN
+    if use_regex:
+        raise UsageError(f"{path}: a Split followed by ByteLevel use_regex true is not "
+                         f"supported (xpmodel splits text by one regex)")
+    return _read_split(steps[0], path)
+
+
+def _read_split(split, path):
+    if split.get("type") != "Split":
+        raise UsageError(f"{path}: pre_tokenizer {_kind(split)} before ByteLevel is not "
+                         f"supported (xpmodel reads a Split there)")
+    if split.get("behavior") != "Isolated":
+        raise UsageError(f"{path}: Split behavior {split.get('behavior')!r} is not supported "
+                         f"(xpmodel reads \"Isolated\")")
+    if split.get("invert"):
+        raise UsageError(f"{path}: Split invert true is not supported")
+    pattern = split.get("pattern")
+    if not (isinstance(pattern, dict) and list(pattern) == ["Regex"]):
+        raise UsageError(f"{path}: Split pattern {quote(pattern, 80)} is not supported "
+                         f"(xpmodel reads {{\"Regex\": ...}})")
+    try:
+        check_split_pattern(pattern["Regex"])
+    except UsageError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    return pattern["Regex"]
+
+
+def _check_decoder(decoder, path):
+    """xpmodel decodes ids to their bytes, as the ByteLevel decoder does."""
+    if isinstance(decoder, dict) and decoder.get("type") == "Sequence":
+        steps = decoder.get("decoders")
+        if isinstance(steps, list) and len(steps) == 1:
+            decoder = steps[0]
+    if decoder is not None and not (isinstance(decoder, dict)
+                                    and decoder.get("type") == "ByteLevel"):
+        raise UsageError(f"{path}: decoder {_kind(decoder)} is not supported "
+                         f"(xpmodel decodes as ByteLevel does)")
 
 
 def _check_vocab(vocab, path):
