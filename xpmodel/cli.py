@@ -305,13 +305,15 @@ def build_parser():
                    help="the plot (default: compare.png)")
     p.set_defaults(handler=c.compare_command)
 
-    p = commands.add_parser("sweep", parents=[common], help="grid or random search over config keys",
-                            description="Train one run per trial of a grid or random search, "
-                                        "resumable (run the same command again after a kill), "
-                                        "with median pruning; writes results.csv, results.json, "
-                                        "curves.png and best.yaml in --out. SPEC: "
-                                        "train.lr=1e-4,3e-4,1e-3 (grid), train.lr=log:1e-5..1e-2, "
-                                        "model.n_embd=int:128..512, train.grad_clip=0.5..2 (ranges).")
+    p = commands.add_parser("sweep", parents=[common],
+                            help="grid, random or TPE search over config keys",
+                            description="Train one run per trial of a grid, random or (with "
+                                        "Optuna) TPE search, resumable (run the same command "
+                                        "again after a kill), with median pruning; writes "
+                                        "results.csv, results.json, curves.png and best.yaml in "
+                                        "--out. SPEC: train.lr=1e-4,3e-4,1e-3 (grid), "
+                                        "train.lr=log:1e-5..1e-2, model.n_embd=int:128..512, "
+                                        "train.grad_clip=0.5..2 (ranges).")
     p.add_argument("--config", default="default", metavar="NAME_OR_PATH",
                    help="the base config: a shipped name or a YAML file (default: default)")
     p.add_argument("--out", required=True, metavar="SWEEP_DIR", help="the sweep's folder")
@@ -327,8 +329,20 @@ def build_parser():
                         "evaluations (default: val_loss)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws (default: 0)")
-    p.add_argument("--no-prune", action="store_true",
-                   help="never stop a trial early (default: median pruning)")
+    p.add_argument("--sampler", choices=("grid", "random", "tpe"), default=None,
+                   help="grid: every combination of lists; random: ranges drawn at random and "
+                        "lists in a random order; tpe: Optuna's TPE, the study in "
+                        "SWEEP_DIR/study.db (pip install 'xpmodel[tune]') (default: grid when "
+                        "every SPEC is a list, else random)")
+    p.add_argument("--pruner", choices=("median", "halving", "none"), default=None,
+                   help="stop a trial early: median (above the finished trials' median at an "
+                        "evaluation), halving (Optuna's successive halving; --sampler tpe), or "
+                        "none (default: median)")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="with --sampler tpe: the study's database, shared by every process "
+                        "given the same command (e.g. postgresql://user@host/db; default: "
+                        "sqlite:///SWEEP_DIR/study.db)")
+    p.add_argument("--no-prune", action="store_true", help="the same as --pruner none")
     p.add_argument("--preset", choices=("tuning-order",), default=None,
                    help="tuning-order: stages lr, then batch size, then width, then clipping, "
                         "each fixing the previous stage's winner (SPECs then fix keys)")

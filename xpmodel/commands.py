@@ -403,15 +403,15 @@ def compare_command(args):
 
 
 def sweep_command(args):
-    from .tune.sweep import Sweep, run_preset
+    from .tune.sweep import open_sweep, run_preset, sweep_strategy
     if args.preset:
         return run_preset(args)
     if not args.specs:
         raise UsageError("give at least one SPEC, e.g. train.lr=log:1e-4..1e-2, or --preset "
                          "tuning-order")
-    sweep = Sweep(args.out, args.config, args.specs, trials=args.trials, max_iters=args.max_iters,
-                  parallel=args.parallel, metric=args.metric, device=args.device, seed=args.seed,
-                  prune=not args.no_prune)
+    sweep = open_sweep(args.out, args.config, args.specs, trials=args.trials,
+                       max_iters=args.max_iters, parallel=args.parallel, metric=args.metric,
+                       device=args.device, seed=args.seed, **sweep_strategy(args))
     results = sweep.run()
     print("\n".join(sweep.table()))
     if results["best"]:

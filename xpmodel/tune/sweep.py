@@ -29,6 +29,11 @@ running trial, once at least 2 trials have finished, a trial whose validation
 loss is above the median of the finished trials' at that step is stopped and
 marked pruned. --no-prune turns it off.
 
+--sampler grid (every combination; the default with lists only) or random (the
+default with a range) is the plan above; --sampler tpe asks an Optuna study
+instead (xpmodel/tune/study.py), with Optuna's median or successive-halving
+pruner (--pruner).
+
 When swept, train.lr carries train.min_lr along at the base config's ratio
 (unless train.min_lr is swept too), so min_lr never exceeds lr.
 """
@@ -218,6 +223,19 @@ class SweepDir:
         atomic_write_bytes(self.state_path, (json.dumps(state, indent=1) + "\n").encode())
 
 
+def open_sweep(out, config, specs, sampler=None, pruner="median", storage=None, **kwargs):
+    """A Sweep, or an OptunaSweep (xpmodel/tune/study.py) with --sampler tpe."""
+    if sampler == "tpe":
+        from .study import OptunaSweep
+        return OptunaSweep(out, config, specs, storage=storage, pruner=pruner, **kwargs)
+    if storage:
+        raise UsageError("--storage holds an Optuna study: it needs --sampler tpe")
+    if pruner not in ("median", "none"):
+        raise UsageError(f"--pruner {pruner} is Optuna's: it needs --sampler tpe (the grid and "
+                         f"random search prune by the median rule, or not at all with --pruner none)")
+    return Sweep(out, config, specs, sampler=sampler, prune=pruner == "median", **kwargs)
+
+
 class Sweep:
     """One sweep: plan (or reload) its trials, run them, write its results."""
 
@@ -346,6 +364,9 @@ class Sweep:
 
     def _save(self):
         self.dir.save(self.state)
+
+    def refresh_rows(self):
+        """Bring state["trials"] up to date for the live table (it always is here)."""
 
     def _start(self, trial, slot):
         name = trial["name"]
@@ -567,6 +588,7 @@ class _Live:
 
     def refresh(self):
         if self.live is not None:
+            self.sweep.refresh_rows()
             self.live.update(self._render())
 
     def _render(self):
@@ -598,6 +620,14 @@ def tuning_order_stages(config):
             ("4-clip", ["train.grad_clip=0,0.5,1,2"], None)]
 
 
+def sweep_strategy(args):
+    """open_sweep's sampler, pruner and storage from the command line."""
+    if args.no_prune and args.pruner not in (None, "none"):
+        raise UsageError(f"--no-prune and --pruner {args.pruner} contradict each other")
+    return {"sampler": args.sampler, "storage": args.storage,
+            "pruner": "none" if args.no_prune else (args.pruner or "median")}
+
+
 def run_preset(args):
     """`--preset tuning-order`: learning rate, then the largest batch size that
     fits, then width, then clipping, each stage a sweep in SWEEP_DIR/N-name
@@ -614,9 +644,9 @@ def run_preset(args):
         base = load_config(config, fixed)
         _, specs, largest = tuning_order_stages(base)[i]
         print(f"stage {name}: {' '.join(specs)} (from {config})", flush=True)
-        sweep = Sweep(out / name, config, specs + fixed, max_iters=args.max_iters,
-                      parallel=args.parallel, metric=args.metric, device=args.device,
-                      seed=args.seed, prune=not args.no_prune, largest=largest)
+        sweep = open_sweep(out / name, config, specs + fixed, max_iters=args.max_iters,
+                           parallel=args.parallel, metric=args.metric, device=args.device,
+                           seed=args.seed, largest=largest, **sweep_strategy(args))
         results = sweep.run()
         print("\n".join(sweep.table()), flush=True)
         if not results["best"]:

@@ -1,0 +1,142 @@
+"""`xpmodel sweep --sampler tpe` on tiny trials: a TPE sweep with a pruned
+trial, resumed after kill -9 from its SQLite study; two processes sharing one
+study; the one-line errors when Optuna is absent or an option needs it."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import assert_one_line_error, run_cli, write_corpus
+
+TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path / "corpus.txt", lines=400)
+
+
+def study_of(out):
+    import optuna
+    return optuna.load_study(study_name=out.name, storage=f"sqlite:///{out / 'study.db'}")
+
+
+def states(out):
+    return [t.state.name for t in study_of(out).get_trials(deepcopy=False)]
+
+
+def sweep_process(args):
+    env = dict(os.environ, XPMODEL_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "xpmodel", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_tpe_sweep_prunes_a_trial_and_resumes_after_kill_9(capsys, tmp_path, corpus):
+    pytest.importorskip("optuna")
+    from xpmodel.rundir import RunDir, _lock_is_free
+    from xpmodel.tune.sweep import open_sweep
+    out = tmp_path / "sweep"
+    specs = [f"data.source={corpus}", "train.eval_interval=50", "train.save_interval=50",
+             "train.lr=log:1e-7..1e-1"]
+    args = ["sweep", "--config", TINY, "--out", out, "--max-iters", 500, "--trials", 4,
+            "--sampler", "tpe", *specs]
+    # the study made as the command makes it, seeded with four known points
+    # (Optuna's enqueue_trial) so that the third, lr 1e-6, is the hopeless one
+    sweep = open_sweep(out, str(TINY), specs, sampler="tpe", trials=4, max_iters=500, show=False)
+    for lr in (3e-3, 1e-2, 1e-6, 8e-3):
+        sweep.study.enqueue_trial({"train.lr": lr})
+    sweep.close()
+
+    process = sweep_process(args)
+    second = out / "trials" / "trial-001"
+    deadline = time.time() + 60
+    while time.time() < deadline:   # kill -9 once the second trial is part-way through
+        steps = [r["step"] for r in RunDir(second).read_metrics(warn=lambda t: None)
+                 if r["type"] == "train"] if RunDir(second).is_run() else []
+        if steps and steps[-1] >= 60:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    lock = RunDir(second).lock_path
+    while time.time() < deadline and lock.exists() and not _lock_is_free(lock):
+        time.sleep(0.05)    # the trial gets SIGTERM as its parent dies: it saves and stops
+    assert states(out) == ["COMPLETE", "RUNNING", "WAITING", "WAITING"]
+    interrupted_at = RunDir(second).checkpoint_steps()[-1]
+    assert 0 < interrupted_at < 500
+    first_metrics = (out / "trials" / "trial-000" / "metrics.jsonl").read_bytes()
+
+    code, text, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert "resuming the sweep" in text and "1 of 4 trials done" in text
+    assert states(out) == ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE"]
+    trials = study_of(out).get_trials()
+    assert "median pruner" in trials[2].user_attrs["pruned_at"]
+    assert sorted(trials[1].intermediate_values) == list(range(50, 501, 50))   # none lost
+    assert (out / "trials" / "trial-000" / "metrics.jsonl").read_bytes() == first_metrics
+    log = (out / "logs" / "trial-001.log").read_text()
+    assert f"--resume {second}" in log and f"at step {interrupted_at}" in log
+    steps = [r["step"] for r in RunDir(second).read_metrics() if r["type"] == "train"]
+    assert steps == list(range(1, 501))     # continued, not restarted
+    results = json.loads((out / "results.json").read_text())
+    assert [t["status"] for t in results["trials"]] == ["done", "done", "pruned", "done"]
+    best = min((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert results["best"] == f"trial-{best.number:03d}"
+    assert results["best_params"] == {"train.lr": best.params["train.lr"]}
+    assert f"lr: {best.params['train.lr']}\n" in (out / "best.yaml").read_text()
+    assert (out / "curves.png").stat().st_size > 10_000
+    # a different command on the same study is refused
+    code, _, err = run_cli(capsys, *args[:-1], "train.lr=log:1e-5..1e-1")
+    assert code == 2 and "specs" in err
+
+
+def test_two_processes_share_one_study(tmp_path, corpus):
+    pytest.importorskip("optuna")
+    out = tmp_path / "sweep"
+    args = ["sweep", "--config", TINY, "--out", out, "--max-iters", 40, "--trials", 5,
+            "--sampler", "tpe", "--pruner", "halving", f"data.source={corpus}",
+            "train.eval_interval=20", "train.lr=log:1e-4..3e-2", "model.n_embd=8,16"]
+    first = sweep_process(args)
+    deadline = time.time() + 30
+    while not (out / "study.db").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    second = sweep_process(args)
+    for process in (first, second):
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode == 0, output
+    trials = [t for t in study_of(out).get_trials() if "xpmodel_skipped" not in t.user_attrs]
+    assert len(trials) == 5 and {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
+    assert len({t.user_attrs["worker"] for t in trials}) == 2      # both worked on it
+    assert len({t.params["train.lr"] for t in trials}) == 5        # and drew different points
+    assert sorted(p.name for p in (out / "trials").iterdir()) == \
+        [f"trial-{t.number:03d}" for t in trials]
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["trials"]) == 5 and results["best"]
+
+
+def test_tpe_without_optuna_and_optuna_only_options_are_one_line_errors(capsys, tmp_path,
+                                                                       monkeypatch, corpus):
+    base = ["sweep", "--config", TINY, "--out", tmp_path / "s", f"data.source={corpus}",
+            "train.lr=log:1e-4..1e-2"]
+    monkeypatch.setitem(sys.modules, "optuna", None)     # import optuna fails
+    code, _, err = run_cli(capsys, *base, "--sampler", "tpe")
+    assert code == 2 and "pip install 'xpmodel[tune]'" in err
+    assert_one_line_error(err)
+    for extra, message in [(["--pruner", "halving"], "needs --sampler tpe"),
+                           (["--storage", "sqlite:///x.db"], "needs --sampler tpe"),
+                           (["--sampler", "grid"], "train.lr is a range"),
+                           (["--no-prune", "--pruner", "median"], "contradict")]:
+        code, _, err = run_cli(capsys, *base, *extra)
+        assert code == 2 and message in err, err
+        assert_one_line_error(err)
+    assert not (tmp_path / "s").exists()
