@@ -45,6 +45,7 @@ BATCHINGS = ("random", "epochs")
 TOKEN_DROPOUT_MODES = ("random", "mask")
 PRECISIONS = ("fp32", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "muon")
+LOG_TO = ("tensorboard", "wandb")      # train.log_to: mirrors of metrics.jsonl (train/mirrors.py)
 
 DEFAULT_CONFIG = "default"
 _YAML_SUFFIXES = (".yaml", ".yml")
@@ -278,6 +279,8 @@ class TrainConfig:
     # activation memory for compute: "mlp" recomputes the MLP's hidden activations
     # in backward, "block" each whole block (about one more forward pass)
     recompute: str = _setting("none", choices=("none", "mlp", "block"))
+    # where metrics.jsonl's records, samples and the config are mirrored: tensorboard, wandb
+    log_to: list[str] = field(default_factory=list, metadata={"choices": LOG_TO})
     # seeds weight init, batching and dropout
     seed: int = _setting(1337, within=NON_NEGATIVE)
     # checkpoint or run directory to start from; None: fresh weights
@@ -342,8 +345,9 @@ def check_value(section, key, value):
     within, choices = spec.metadata.get("within"), spec.metadata.get("choices")
     if within is not None and not within.contains(value):
         raise UsageError(f"{dotted} must be {within.describe()}, got {value!r}")
-    if choices is not None and value not in choices:
-        raise UsageError(f"{dotted} must be one of {', '.join(choices)}; got {value!r}")
+    for item in value if isinstance(value, list) else [value]:
+        if choices is not None and item not in choices:
+            raise UsageError(f"{dotted} must be one of {', '.join(choices)}; got {item!r}")
     return value
 
 
@@ -360,6 +364,8 @@ def _field_types(section):
 
 def _convert(dotted, value, annotation):
     """Check `value` against a field type such as `int` or `int | None`, converting where lossless."""
+    if typing.get_origin(annotation) is list:
+        return _convert_list(dotted, value, typing.get_args(annotation)[0])
     kinds = typing.get_args(annotation) or (annotation,)
     optional = type(None) in kinds
     kind = next(k for k in kinds if k is not type(None))
@@ -390,6 +396,24 @@ def _convert(dotted, value, annotation):
 
 
 _DESCRIPTIONS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _convert_list(dotted, value, kind):
+    """A list of `kind` from a YAML list, a comma-separated string (`a,b`, as an
+    override gives it) or null / an empty string (the empty list); no repeats."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return []
+    if isinstance(value, str):
+        value = [item.strip() for item in value.split(",")]
+    if not isinstance(value, (list, tuple)):
+        plural = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}[kind]
+        raise UsageError(f"{dotted} must be a list of {plural}, got {_show(value)} "
+                         f"({type(value).__name__})")
+    items = [_convert(f"{dotted}[{i}]", item, kind) for i, item in enumerate(value)]
+    repeated = sorted({str(item) for item in items if items.count(item) > 1})
+    if repeated:
+        raise UsageError(f"{dotted} names {', '.join(repeated)} more than once")
+    return items
 
 
 def _as_float(value):
@@ -650,7 +674,8 @@ def _override_value(raw, annotation):
     """Read an override's text the way YAML would, but keep strings literal for string fields."""
     if raw.strip().lower() in ("none", "null", "~"):
         return None
-    kinds = typing.get_args(annotation) or (annotation,)
+    kinds = () if typing.get_origin(annotation) is list else \
+        typing.get_args(annotation) or (annotation,)     # a list: `[a, b]` or `a,b`
     quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
     # `data.source=2024.txt` or `train.sample_prompt=yes` mean the text itself;
     # quoting (`'"\n"'`) opts into YAML escapes.

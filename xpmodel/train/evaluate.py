@@ -36,7 +36,7 @@ class Evaluation:
             record.update(train_loss=train_loss, train_perplexity=math.exp(min(train_loss, 700)),
                           gap=val_loss - train_loss)
         if metrics:
-            self.run_dir.append_metrics(record, metrics)
+            self.log_record(record, metrics)
         display.validation(self.step, val_loss, perplexity, best, train_loss)
         if best:
             self.save(self.run_dir.best_path)

@@ -124,7 +124,7 @@ class Health:
         values = self._pending.pop(step, None)
         if values is not None and metrics:
             grads, updates, weights = to_host(values).tolist()
-            self.trainer.run_dir.append_metrics({
+            self.trainer.log_record({
                 "type": "health", "step": step, "epoch": record.get("epoch"),
                 "groups": [g for g, _ in self.groups],
                 "grad_norm": _finite(grads),
@@ -190,9 +190,9 @@ class Health:
         self._active.add(kind)
         display.print(f"warning: step {record['step']}: {text}")
         if metrics:
-            self.trainer.run_dir.append_metrics({"type": "warning", "step": record["step"],
-                                                 "epoch": record.get("epoch"), "kind": kind,
-                                                 "message": text}, metrics)
+            self.trainer.log_record({"type": "warning", "step": record["step"],
+                                     "epoch": record.get("epoch"), "kind": kind,
+                                     "message": text}, metrics)
 
     # ---- NaN and Inf -------------------------------------------------------------------
     def explain_nonfinite(self, step):

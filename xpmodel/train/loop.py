@@ -28,6 +28,7 @@ from ..model import GPT
 from ..optim import clipped_step, optimizer_for
 from .evaluate import Evaluation
 from .health import Health
+from .mirrors import Mirrors
 from .setup import RunSetup, check_fits_in_memory, make_schedule, model_config
 from .signals import Interrupted, SignalHandling
 from .state import CheckpointState
@@ -85,6 +86,7 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
         self._display = None           # run()'s display, which save() reports to
         self._stop_signal = None
         self.health = Health(self)     # per-layer records, warnings, where a NaN came from
+        self.mirrors = Mirrors.off()   # train.log_to, while run() runs
 
     # ---- the loop ----------------------------------------------------------------
     def _elapsed(self):
@@ -96,6 +98,8 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
         self._started = time.perf_counter()
         self._install_signal_handlers()
         metrics = open(self.run_dir.metrics_path, "a") if self.is_main else None
+        if metrics and t.log_to:
+            self.mirrors = Mirrors(self.run_dir, self.config, self.step, self._warn)
         display = TrainDisplay(self.total_steps, self.step, quiet=self.quiet,
                                enabled=self.display_enabled, last_val=self.last_val,
                                total_epochs=t.epochs)
@@ -126,11 +130,23 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
             self._display = None
             if metrics:
                 metrics.close()
+            self.mirrors.close()
             self._restore_signal_handlers()
         summary = self._summary(window.last_loss, stop_reason)
         if self.display_enabled:
             self._print_summary(summary)
         return summary
+
+    def log_record(self, record, metrics):
+        """One record into metrics.jsonl, then into the train.log_to mirrors."""
+        self.run_dir.append_metrics(record, metrics)
+        self.mirrors.record(record)
+
+    def _warn(self, text):
+        if self._display is not None:
+            self._display.print(text)
+        else:
+            self._say(text)
 
     @property
     def tokens_per_step(self):
@@ -161,7 +177,7 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
             if self.scaler:
                 record["loss_scale"] = scale
             if metrics:
-                self.run_dir.append_metrics(record, metrics)
+                self.log_record(record, metrics)
             self.health.on_train(record, display, metrics)
             display.step(step, smoothed, lr, norm, tokens_per_s, self._mfu(tokens_per_s),
                          log_line=step % t.log_interval == 0, epoch=epoch)
@@ -177,7 +193,9 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
         if step % t.eval_interval == 0 or step == self.total_steps:
             early_stop = self._evaluate(display, metrics)
         if t.sample_interval and step % t.sample_interval == 0 and self.is_main:
-            display.sample(step, self.sample_text())
+            text = self.sample_text()
+            display.sample(step, text)
+            self.mirrors.sample(step, text)
         if step % t.save_interval == 0 or step == self.total_steps:
             if self.dist is not None and not self.dist.in_sync(self.model.flat_params):
                 raise XpmodelError(f"step {step}: the ranks' weights differ; not saving")

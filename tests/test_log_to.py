@@ -1,0 +1,125 @@
+"""train.log_to on tiny runs: TensorBoard event files whose scalars read back
+equal to metrics.jsonl's, across a resume that cut steps off; a W&B offline
+run folder that a resume continues; a mirror that fails only warns."""
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import assert_one_line_error, run_cli, write_corpus
+import xpmodel.train.mirrors as mirrors_module
+from xpmodel.config import load_config
+from xpmodel.rundir import RunDir
+from xpmodel.train import Trainer
+
+TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path / "corpus.txt", lines=400)
+
+
+def train(run, corpus, *overrides):
+    config = load_config(TINY, [f"data.source={corpus}", "train.health_interval=10",
+                                "train.sample_interval=10", "train.sample_tokens=8", *overrides])
+    return Trainer.start(config, device="cpu", out=run, show=False).run()
+
+
+def resume_from_step_20(run):
+    """As after a kill at step 25: the last checkpoint is step 20."""
+    for path in RunDir(run).checkpoint_dir.iterdir():
+        if "20" not in path.name:
+            path.unlink()
+    Trainer.resume(run, show=False).run()
+
+
+def test_tensorboard_scalars_equal_metrics_jsonl_across_a_resume(tmp_path, corpus):
+    pytest.importorskip("tensorboardX")
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run = tmp_path / "run"
+    train(run, corpus, "train.log_to=tensorboard")
+    resume_from_step_20(run)     # steps 21-30 again: the first process's must be purged
+
+    expected = {}
+    for record in RunDir(run).read_metrics():
+        for tag, value in mirrors_module._scalars(record).items():
+            expected.setdefault(tag, []).append((record["step"], value))
+    events = accumulator.EventAccumulator(str(run / "tensorboard"),
+                                          size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == sorted(expected)
+    assert {"train/loss", "eval/val_loss", "eval/gap", "health/update_ratio/h.0"} <= set(expected)
+    for tag, points in expected.items():
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [s for s, _ in got] == [s for s, _ in points], tag
+        assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-6), tag
+    texts = set(events.Tags()["tensors"])
+    assert {"config/text_summary", "samples/text_summary"} <= texts
+    samples = events.Tensors("samples/text_summary")
+    # (this reader purges only scalars, histograms and images on a restart, not text)
+    assert sorted({e.step for e in samples}) == [10, 20, 30]
+
+
+def test_wandb_offline_run_folder_continued_by_a_resume(tmp_path, corpus, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)          # offline by default
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb-home"))
+    run = tmp_path / "run"
+    train(run, corpus, "train.log_to=[wandb]")
+    run_id = (run / "wandb" / "run-id").read_text().strip()
+    resume_from_step_20(run)
+    folders = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and all(f.name.endswith(f"-{run_id}") for f in folders)
+    for folder in folders:
+        assert (folder / f"run-{run_id}.wandb").stat().st_size > 1000
+    assert not [r for r in RunDir(run).read_metrics() if r["type"] == "warning"]
+
+
+class _BreaksOnThirdRecord:
+    calls = 0
+
+    def __init__(self, run_dir, config, step):
+        pass
+
+    def record(self, record):
+        type(self).calls += 1
+        if type(self).calls == 3:
+            raise OSError("No space left on device")
+
+    def sample(self, step, text):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_a_failing_mirror_warns_once_and_training_goes_on(tmp_path, corpus, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)          # not installed
+    monkeypatch.setitem(mirrors_module.SINKS, "wandb", _BreaksOnThirdRecord)
+    run = tmp_path / "run"
+    summary = train(run, corpus, "train.log_to=tensorboard,wandb")
+    assert summary["stop_reason"] == "finished" and summary["steps"] == 30
+    records = RunDir(run).read_metrics()
+    assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, 31))
+    warnings = [r for r in records if r["type"] == "warning"]
+    assert [w["kind"] for w in warnings] == ["log_to", "log_to"]
+    assert "train.log_to tensorboard: " in warnings[0]["message"]
+    assert "pip install 'xpmodel[tensorboard]'" in warnings[0]["message"]
+    assert "train.log_to wandb: OSError: No space left on device" in warnings[1]["message"]
+    assert _BreaksOnThirdRecord.calls == 3                            # off after it failed
+
+
+def test_log_to_names_are_checked(capsys, corpus):
+    code, _, err = run_cli(capsys, "train", "--config", TINY, f"data.source={corpus}",
+                           "train.log_to=tensorboard,wandbb")
+    assert code == 2 and "train.log_to must be one of tensorboard, wandb; got 'wandbb'" in err
+    assert_one_line_error(err)
+    assert load_config(TINY, ["train.log_to=[wandb, tensorboard]"]).train.log_to == \
+        ["wandb", "tensorboard"]

@@ -1,0 +1,172 @@
+"""train.log_to: metrics.jsonl's records, the samples and the config mirrored
+to TensorBoard and Weights & Biases, where people already look.
+
+metrics.jsonl stays the source of truth: a mirror is written after the record
+is, a mirror that fails (a missing package, a full disk, a W&B error) warns
+once, on the display and as a `warning` record of kind `log_to`, and is off for
+the rest of the process; training never stops for one.
+
+    tensorboard  RUN_DIR/tensorboard/  event files written by tensorboardX (numpy
+                 and protobuf only, no torch or TensorFlow; `xpmodel[tensorboard]`)
+    wandb        RUN_DIR/wandb/        a W&B run; offline unless WANDB_MODE says
+                 otherwise (`wandb sync RUN_DIR/wandb/offline-run-*` uploads it)
+
+Each number of a record becomes the scalar TYPE/KEY at the record's step
+(train/loss, eval/val_loss, ...); a health record's lists become
+health/KEY/GROUP; warnings and samples are text. A resumed run continues the
+same mirrors: TensorBoard's writer purges the steps after the checkpoint it
+resumed from (they are cut from metrics.jsonl too), and the W&B run keeps its
+id in RUN_DIR/wandb/run-id (W&B ignores steps it has already seen).
+"""
+import html
+import os
+import secrets
+
+import yaml
+
+from ..config import config_to_dict
+
+
+class Mirrors:
+    """The run's train.log_to mirrors. `say(text)` shows a warning to the user."""
+
+    def __init__(self, run_dir, config, step, say):
+        self.run_dir, self.say = run_dir, say
+        self.sinks = {}
+        for name in config.train.log_to:
+            try:
+                self.sinks[name] = SINKS[name](run_dir, config, step)
+            except Exception as exc:      # noqa: BLE001 - a mirror never stops training
+                self._failed(name, exc, step)
+
+    @classmethod
+    def off(cls):
+        mirrors = cls.__new__(cls)
+        mirrors.sinks = {}
+        return mirrors
+
+    def record(self, record):
+        """One metrics.jsonl record, mirrored."""
+        self._each("record", record.get("step", 0), record)
+
+    def sample(self, step, text):
+        self._each("sample", step, step, text)
+
+    def close(self):
+        for name in list(self.sinks):
+            self._each("close", None, only=name)
+        self.sinks = {}
+
+    def _each(self, method, step, *args, only=None):
+        for name, sink in list(self.sinks.items()):
+            if only is not None and name != only:
+                continue
+            try:
+                getattr(sink, method)(*args)
+            except Exception as exc:      # noqa: BLE001
+                del self.sinks[name]
+                self._failed(name, exc, step)
+
+    def _failed(self, name, exc, step):
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        problem = f"{type(exc).__name__}{': ' + detail[:300] if detail else ''}"
+        if isinstance(exc, ImportError):
+            problem = f"{problem}; pip install 'xpmodel[{name}]'"
+        text = (f"train.log_to {name}: {problem}; not mirroring to {name} for the rest of this "
+                f"run (metrics.jsonl is complete)")
+        self.say(f"warning: {text}")
+        try:
+            self.run_dir.append_metrics({"type": "warning", "step": step or 0, "kind": "log_to",
+                                         "message": text})
+        except OSError:
+            pass
+
+
+def _scalars(record):
+    """{tag: number} of a metrics record."""
+    kind = record.get("type", "record")
+    out = {}
+    groups = record.get("groups") if isinstance(record.get("groups"), list) else None
+    for key, value in record.items():
+        if key in ("type", "step") or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out[f"{kind}/{key}"] = float(value)
+        elif groups and isinstance(value, list) and len(value) == len(groups):
+            for group, item in zip(groups, value):
+                if isinstance(item, (int, float)) and not isinstance(item, bool):
+                    out[f"{kind}/{key}/{group}"] = float(item)
+    return out
+
+
+def _config_text(config):
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)
+
+
+class TensorBoardSink:
+    def __init__(self, run_dir, config, step):
+        from tensorboardX import SummaryWriter
+        # purge_step: TensorBoard drops earlier processes' events after the step
+        # this one starts from (metrics.jsonl lost them too when the run resumed;
+        # all of them when --overwrite started the run again)
+        self.writer = SummaryWriter(logdir=str(run_dir.path / "tensorboard"),
+                                    purge_step=step + 1, flush_secs=10,
+                                    # ordered after the earlier files, even in the same second
+                                    filename_suffix=f".step{step:010d}")
+        self.writer.add_text("config", _fenced(_config_text(config)), step)
+
+    def record(self, record):
+        step = record.get("step", 0)
+        for tag, value in _scalars(record).items():
+            self.writer.add_scalar(tag, value, step)
+        if record.get("type") == "warning":
+            self.writer.add_text("warnings", f"{record.get('kind')}: {record.get('message')}", step)
+
+    def sample(self, step, text):
+        self.writer.add_text("samples", _fenced(text), step)
+
+    def close(self):
+        self.writer.close()
+
+
+def _fenced(text):
+    """Text shown as it is by TensorBoard's markdown: indented as a code block."""
+    return "\n".join("    " + line for line in text.splitlines())
+
+
+class WandbSink:
+    def __init__(self, run_dir, config, step):
+        os.environ.setdefault("WANDB_SILENT", "true")   # no banner through the live display
+        import wandb
+        folder = run_dir.path / "wandb"
+        folder.mkdir(exist_ok=True)
+        id_path = folder / "run-id"
+        run_id = id_path.read_text().strip() if id_path.is_file() and step else ""
+        if not run_id:                    # a new run (or one --overwrite started again)
+            run_id = secrets.token_hex(4)
+            id_path.write_text(run_id + "\n")
+        self.wandb = wandb
+        self.run = wandb.init(dir=str(run_dir.path), id=run_id, resume="allow",
+                              project=os.environ.get("WANDB_PROJECT") or "xpmodel",
+                              name=run_dir.path.name, config=config_to_dict(config),
+                              mode=os.environ.get("WANDB_MODE") or "offline",
+                              settings=wandb.Settings(console="off", silent=True))
+
+    def record(self, record):
+        step = record.get("step", 0)
+        values = _scalars(record)
+        if record.get("type") == "warning":
+            values["warnings"] = self.wandb.Html(
+                f"<pre>{html.escape(str(record.get('kind')))}: "
+                f"{html.escape(str(record.get('message')))}</pre>")
+        if values:
+            self.run.log(values, step=step)
+
+    def sample(self, step, text):
+        self.run.log({"samples": self.wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+SINKS = {"tensorboard": TensorBoardSink, "wandb": WandbSink}
