@@ -18,3 +18,18 @@ def tinyshakespeare():
     if not path.exists():
         pytest.skip(f"{path} not present")
     return path
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """XPMODEL_CACHE in the test's own folder, so no token file or tokenizer is
+    shared with another test."""
+    monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small generated text corpus (400 lines) for tiny training runs."""
+    from cli_helpers import write_corpus
+    return write_corpus(tmp_path / "corpus.txt", lines=400)

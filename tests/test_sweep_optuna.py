@@ -11,19 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import assert_one_line_error, run_cli, write_corpus
+from cli_helpers import assert_one_line_error, run_cli
 
 TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    return write_corpus(tmp_path / "corpus.txt", lines=400)
+pytestmark = pytest.mark.usefixtures("private_cache")   # corpus: conftest.py
 
 
 def study_of(out):

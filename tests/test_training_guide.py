@@ -30,14 +30,7 @@ from xpmodel.train import Trainer
 TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    return write_corpus(tmp_path / "corpus.txt", lines=400)
+pytestmark = pytest.mark.usefixtures("private_cache")   # corpus: conftest.py
 
 
 def tiny_config(corpus, *overrides):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy
 import pytest
 
-from cli_helpers import run_cli, write_corpus
+from cli_helpers import run_cli
 import xpmodel.layers.block as block_module
 import xpmodel.model as model_module
 from xpmodel.tune.common import load_subject
@@ -22,14 +22,7 @@ except ImportError:
     HAVE_MATPLOTLIB = False
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    return write_corpus(tmp_path / "corpus.txt", lines=400)
+pytestmark = pytest.mark.usefixtures("private_cache")   # corpus: conftest.py
 
 
 def statuses(report):
