@@ -18,7 +18,7 @@ from xpmodel.errors import DataError, UsageError  # noqa: E402
 from xpmodel.hf import export_hf, import_hf  # noqa: E402
 from xpmodel.model import GPT, GPTConfig  # noqa: E402
 from xpmodel.tokenizer import ENDOFTEXT, BPETokenizer  # noqa: E402
-from xpmodel.tokenizer_hf import (gpt2_byte_to_unicode, import_hf_tokenizer,  # noqa: E402
+from xpmodel.tokenizer_hf import (export_tokenizer_hf, gpt2_byte_to_unicode, import_hf_tokenizer,  # noqa: E402
                                   read_hf_tokenizer)
 
 CORPUS = (
@@ -217,7 +217,7 @@ def test_export_and_import_carry_mlp_width_epsilon_and_an_untied_head(tokenizer,
 def test_import_transformers_model_with_unpadded_vocab(tokenizer, tmp_path):
     hf_model = hf_random_model(TOKENIZER_VOCAB, seed=1)
     hf_model.save_pretrained(tmp_path, safe_serialization=True)
-    tokenizer.export_hf(tmp_path)
+    export_tokenizer_hf(tokenizer, tmp_path)
     config, arrays, tok = import_hf(tmp_path)
     assert config == GPTConfig(vocab_size=TOKENIZER_VOCAB, block_size=BLOCK, n_layer=2,
                                n_head=2, n_embd=32, dropout=0.1)
@@ -232,7 +232,7 @@ def test_import_transformers_model_with_its_own_mlp_width_and_an_untied_head(tok
     hf_model = hf_random_model(TOKENIZER_VOCAB, seed=7, n_inner=40, layer_norm_epsilon=1e-6,
                                tie_word_embeddings=False)
     hf_model.save_pretrained(tmp_path, safe_serialization=True)
-    tokenizer.export_hf(tmp_path)
+    export_tokenizer_hf(tokenizer, tmp_path)
     config, arrays, _ = import_hf(tmp_path)
     assert (config.mlp_hidden, config.norm_eps, config.tie_embeddings) == (40, 1e-6, False)
     ours = xp_model(config, arrays)
@@ -247,7 +247,7 @@ def test_import_sharded_weights(tokenizer, tmp_path):
     assert (tmp_path / "shards" / "model.safetensors.index.json").exists()
     assert not (tmp_path / "shards" / "model.safetensors").exists()
     for name in ("one", "shards"):
-        tokenizer.export_hf(tmp_path / name)
+        export_tokenizer_hf(tokenizer, tmp_path / name)
     _, one, _ = import_hf(tmp_path / "one")
     _, shards, _ = import_hf(tmp_path / "shards")
     for name, value in one.items():
@@ -257,7 +257,7 @@ def test_import_sharded_weights(tokenizer, tmp_path):
 def test_import_bfloat16_weights(tokenizer, tmp_path):
     hf_model = hf_random_model(TOKENIZER_VOCAB, seed=3).to(torch.bfloat16)
     hf_model.save_pretrained(tmp_path, safe_serialization=True)
-    tokenizer.export_hf(tmp_path)
+    export_tokenizer_hf(tokenizer, tmp_path)
     _, arrays, _ = import_hf(tmp_path)
     for name, value in hf_model.transformer.state_dict().items():
         if name in arrays:

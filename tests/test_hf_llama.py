@@ -27,6 +27,7 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 from torch_gpt import torch_forward, torch_params  # noqa: E402
+from xpmodel.tokenizer_hf import export_tokenizer_hf  # noqa: E402
 from xpmodel import hf, hf_llama, tokenizer_hf  # noqa: E402
 from xpmodel.errors import DataError, UsageError, XpmodelError  # noqa: E402
 from xpmodel.generate import generate  # noqa: E402
@@ -370,7 +371,7 @@ def test_export_names_the_option_it_cannot_write(options, named, tokenizer, tmp_
 
 def save_llama(hf_model, directory, tokenizer, **kwargs):
     hf_model.save_pretrained(directory, safe_serialization=True, **kwargs)
-    tokenizer.export_hf(directory)
+    export_tokenizer_hf(tokenizer, directory)
     return directory
 
 
@@ -411,7 +412,7 @@ def test_import_sharded_and_bfloat16_llama(tokenizer, tmp_path):
 def test_import_permutes_embedding_and_head_rows_for_gpt2_byte_order(tokenizer, tmp_path):
     from test_hf import write_gpt2_ordered
     export_dir = tmp_path / "xp"
-    tokenizer.export_hf(export_dir)
+    export_tokenizer_hf(tokenizer, export_dir)
     write_gpt2_ordered(export_dir, tmp_path / "llama", "tokenizer.json")
     hf_model = hf_random_llama(seed=13)
     hf_model.save_pretrained(tmp_path / "llama", safe_serialization=True)

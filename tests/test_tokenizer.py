@@ -16,6 +16,7 @@ import pytest
 from conftest import SHARED_DATA
 from xpmodel.errors import DataError, UsageError
 from xpmodel.tokenizer import ENDOFTEXT, BPETokenizer, _merge_long, _merge_short
+from xpmodel.tokenizer_hf import export_tokenizer_hf
 
 CORPUS = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
@@ -289,7 +290,7 @@ def parity_texts():
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory, tokenizer):
     directory = tmp_path_factory.mktemp("hf")
-    tokenizer.export_hf(directory, model_max_length=1024)
+    export_tokenizer_hf(tokenizer, directory, model_max_length=1024)
     return directory
 
 
@@ -325,4 +326,4 @@ def test_export_refuses_tokens_with_equal_bytes(tmp_path):
     # (a, b) then (ab, c) and (b, c) then (a, bc): "abc" twice.
     tok = BPETokenizer([(97, 98), (256, 99), (98, 99), (97, 258)], ())
     with pytest.raises(UsageError, match="distinct"):
-        tok.export_hf(tmp_path)
+        export_tokenizer_hf(tok, tmp_path)

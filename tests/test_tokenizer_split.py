@@ -16,7 +16,7 @@ import pytest
 from test_tokenizer import CORPUS, HAND_PICKED, random_strings
 from xpmodel.errors import DataError, UsageError
 from xpmodel.tokenizer import ENDOFTEXT, GPT2_SPLIT_PATTERN, BPETokenizer
-from xpmodel.tokenizer_hf import read_hf_tokenizer
+from xpmodel.tokenizer_hf import export_tokenizer_hf, read_hf_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
@@ -170,7 +170,7 @@ def test_training_with_a_pattern_splits_by_it():
 
 def test_export_writes_the_split_form_back(imported, tmp_path):
     form, hf, tok, _ = imported
-    tok.export_hf(tmp_path)
+    export_tokenizer_hf(tok, tmp_path)
     document = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
     split, byte_level = document["pre_tokenizer"]["pretokenizers"]
     assert split["pattern"] == {"Regex": FORMS[form]["pattern"]}
@@ -185,7 +185,7 @@ def test_export_writes_the_split_form_back(imported, tmp_path):
 def test_transformers_loads_the_export(imported, tmp_path):
     transformers = pytest.importorskip("transformers")
     _, _, tok, _ = imported
-    tok.export_hf(tmp_path)
+    export_tokenizer_hf(tok, tmp_path)
     loaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
     for text in TEXTS:
         assert loaded(text, add_special_tokens=False)["input_ids"] == tok.encode(

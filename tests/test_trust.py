@@ -26,7 +26,7 @@ import pytest
 
 from cli_helpers import assert_one_line_error, run_cli, write_corpus
 from xpmodel import cli
-from xpmodel.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from xpmodel.checkpoint import load_checkpoint, save_checkpoint
 from xpmodel.config import load_config
 from xpmodel.data.sources import resolve_source
 from xpmodel.data.tokenfile import HEADER_BYTES
@@ -35,6 +35,7 @@ from xpmodel.model import GPTConfig
 from xpmodel.params import parameter_shapes
 from xpmodel.rundir import RunDir
 from xpmodel.tokenizer import MAX_VOCAB, BPETokenizer
+from xpmodel.tokenizer_hf import export_tokenizer_hf
 from xpmodel.train import Trainer
 
 TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
@@ -538,7 +539,7 @@ def test_hugging_face_tokenizer_files_are_bounded(tmp_path):
 def test_exported_tokenizer_files_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        BPETokenizer().export_hf(tmp_path / "hf")
+        export_tokenizer_hf(BPETokenizer(), tmp_path / "hf")
     finally:
         os.umask(old)
     files = list((tmp_path / "hf").iterdir())

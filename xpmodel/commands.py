@@ -307,7 +307,8 @@ def tokenizer_train_command(args):
     tokenizer.save(args.out)
     print(f"wrote a {tokenizer.vocab_size}-id tokenizer to {args.out}")
     if args.export_hf:
-        tokenizer.export_hf(args.export_hf)
+        from .tokenizer_hf import export_tokenizer_hf
+        export_tokenizer_hf(tokenizer, args.export_hf)
         print(f"wrote Hugging Face tokenizer files to {args.export_hf}")
     return 0
 

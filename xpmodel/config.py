@@ -31,14 +31,14 @@ from pathlib import Path
 
 import yaml
 
-from xpmodel.atomic import atomic_write_bytes
-from xpmodel.backend import KERNELS
-from xpmodel.errors import UsageError
-from xpmodel.files import read_bounded
-from xpmodel.layers.embedding_noise import NOISE_KINDS
-from xpmodel.model_config import MLPS, NORMS, POSITIONS
-from xpmodel.muon import ADJUST_LR, NS_COEFFICIENTS, parse_ns_coefficients
-from xpmodel.schedule import SCHEDULES
+from .atomic import atomic_write_bytes
+from .backend import KERNELS
+from .errors import UsageError
+from .files import read_bounded
+from .layers.embedding_noise import NOISE_KINDS
+from .model_config import MLPS, NORMS, POSITIONS
+from .muon import ADJUST_LR, NS_COEFFICIENTS, parse_ns_coefficients
+from .schedule import SCHEDULES
 
 TOKENIZERS = ("bpe", "byte")
 BATCHINGS = ("random", "epochs")

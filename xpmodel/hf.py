@@ -48,7 +48,7 @@ from .errors import DataError, UsageError, XpmodelError
 from .model_config import GPTConfig
 from .params import parameter_shapes
 from .safetensors_file import FLOAT_DTYPES, SafetensorsFile
-from .tokenizer_hf import hf_vocab, read_hf_tokenizer
+from .tokenizer_hf import export_tokenizer_hf, hf_vocab, read_hf_tokenizer
 
 FAMILIES = (hf_gpt2, hf_llama)
 WEIGHTS_FILE = "model.safetensors"
@@ -95,7 +95,7 @@ def export_hf(model, tokenizer, out_dir):
         _write_json(folder / "config.json", family.hf_config(cfg, eot))
         _write_json(folder / "generation_config.json",
                     {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot})
-        tokenizer.export_hf(folder, model_max_length=cfg.block_size)
+        export_tokenizer_hf(tokenizer, folder, model_max_length=cfg.block_size)
     _write_folder(out_dir, write)
     return family.ARCHITECTURE
 

@@ -49,9 +49,9 @@ from pathlib import Path
 import numpy
 import regex
 
-from xpmodel.atomic import atomic_write_bytes
-from xpmodel.errors import DataError, UsageError, quote
-from xpmodel.files import parse_json, read_bounded
+from .atomic import atomic_write_bytes
+from .errors import DataError, UsageError, quote
+from .files import parse_json, read_bounded
 
 GPT2_SPLIT_PATTERN = (
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -410,11 +410,6 @@ class BPETokenizer:
     def fingerprint(self):
         """Hex sha256 of the tokenizer's content: equal fingerprints mean equal encodings."""
         return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
-
-    def export_hf(self, directory, model_max_length=None):
-        """Write a Hugging Face tokenizer directory; see `tokenizer_hf.export_hf`."""
-        from xpmodel.tokenizer_hf import export_hf
-        export_hf(self, directory, model_max_length)
 
     def _has_options(self):
         return (self._split_pattern != GPT2_SPLIT_PATTERN or self._normalizer is not None

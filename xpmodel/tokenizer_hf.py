@@ -1,6 +1,6 @@
 """Hugging Face tokenizer directories, out of and into BPETokenizer.
 
-`export_hf` writes, for the same ids as xpmodel's tokenizer:
+`export_tokenizer_hf` writes, for the same ids as xpmodel's tokenizer:
     tokenizer.json           for `tokenizers.Tokenizer.from_file`
     vocab.json, merges.txt   for transformers' GPT2Tokenizer / GPT2TokenizerFast
     tokenizer_config.json,
@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy
 
-from xpmodel.atomic import atomic_write_bytes
-from xpmodel.errors import DataError, UsageError, quote
-from xpmodel.files import parse_json, read_bounded
-from xpmodel.tokenizer import (ENDOFTEXT, GPT2_SPLIT_PATTERN, MAX_VOCAB, BPETokenizer,
+from .atomic import atomic_write_bytes
+from .errors import DataError, UsageError, quote
+from .files import parse_json, read_bounded
+from .tokenizer import (ENDOFTEXT, GPT2_SPLIT_PATTERN, MAX_VOCAB, BPETokenizer,
                                 check_split_pattern)
 
 _MAX_FILE_BYTES = 64 << 20   # GPT-2's tokenizer.json is 1.4 MB, a 256k-token one about 35 MB
@@ -75,7 +75,7 @@ def hf_vocab(tokenizer):
     return vocab
 
 
-def export_hf(tokenizer, directory, model_max_length=None):
+def export_tokenizer_hf(tokenizer, directory, model_max_length=None):
     """Write the five Hugging Face files for `tokenizer` into `directory` (created if needed)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -10,13 +10,13 @@
     batching.py       train/val split, samplers, evaluation batches
 """
 
-from xpmodel.data.batching import EpochSampler, RandomWindowSampler, eval_batches, split_tokens
-from xpmodel.data.builtin_corpora import BUILTIN_NAMES
-from xpmodel.data.prepare import cache_root, default_cache_dir, prepare, token_cache_key
-from xpmodel.data.progress import tokenizing_progress
-from xpmodel.data.reading import iter_text_pieces, iter_texts
-from xpmodel.data.sources import Source, corpus_fingerprint, resolve_source
-from xpmodel.data.tokenfile import (
+from .batching import EpochSampler, RandomWindowSampler, eval_batches, split_tokens
+from .builtin_corpora import BUILTIN_NAMES
+from .prepare import cache_root, default_cache_dir, prepare, token_cache_key
+from .progress import tokenizing_progress
+from .reading import iter_text_pieces, iter_texts
+from .sources import Source, corpus_fingerprint, resolve_source
+from .tokenfile import (
     TokenFileHeader,
     read_sidecar,
     read_token_file,

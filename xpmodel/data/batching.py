@@ -30,9 +30,9 @@ validation losses of different steps are comparable.
 
 from typing import Iterator
 
-import numpy as np
+import numpy
 
-from xpmodel.errors import DataError, UsageError
+from ..errors import DataError, UsageError
 
 # Generator streams of one epoch in EpochSampler, kept apart by this tag.
 _ORDER_STREAM = 0
@@ -66,14 +66,14 @@ def split_tokens(tokens, val_fraction: float = 0.1, *, block_size: int, source: 
     return train, val
 
 
-def eval_batches(tokens, batch_size: int, block_size: int, n_batches: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def eval_batches(tokens, batch_size: int, block_size: int, n_batches: int) -> Iterator[tuple[numpy.ndarray, numpy.ndarray]]:
     """n_batches (x, y) batches of windows spread evenly from the start to the end of `tokens`."""
     for name, value in (("batch_size", batch_size), ("block_size", block_size), ("n_batches", n_batches)):
         _require_positive_int(name, value)
     last_start = len(tokens) - (block_size + 1)
     if last_start < 0:
         raise DataError(f"evaluation split has {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}")
-    starts = np.linspace(0, last_start, num=batch_size * n_batches).round().astype(np.int64)  # (n_batches * B,)
+    starts = numpy.linspace(0, last_start, num=batch_size * n_batches).round().astype(numpy.int64)  # (n_batches * B,)
     for batch in range(n_batches):
         yield _gather_windows(tokens, starts[batch * batch_size : (batch + 1) * batch_size], block_size)
 
@@ -87,7 +87,7 @@ class _Sampler:
                  token_dropout_mode="random", mask_id=None):
         _require_positive_int("batch_size", batch_size)
         _require_positive_int("block_size", block_size)
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
+        if not isinstance(seed, (int, numpy.integer)) or seed < 0:
             raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
         if not 0.0 <= token_dropout < 1.0:
             raise UsageError(f"token_dropout must be in [0, 1), got {token_dropout}")
@@ -97,7 +97,7 @@ class _Sampler:
         if token_dropout > 0 and token_dropout_mode == "random" and not vocab_size:
             raise UsageError("token_dropout needs vocab_size to draw replacement ids from")
         if token_dropout > 0 and token_dropout_mode == "mask" and (
-                not isinstance(mask_id, (int, np.integer)) or mask_id < 0
+                not isinstance(mask_id, (int, numpy.integer)) or mask_id < 0
                 or (vocab_size and mask_id >= vocab_size)):
             raise UsageError(f"token_dropout_mode mask needs the mask id, an id below vocab_size "
                              f"({vocab_size}); got {mask_id!r}")
@@ -128,7 +128,7 @@ class _Sampler:
                     f"sampler state was saved with {key}={saved!r}, but this run has {key}={value!r}"
                 )
 
-    def _batch(self, starts: np.ndarray, dropout_rng: np.random.Generator):
+    def _batch(self, starts: numpy.ndarray, dropout_rng: numpy.random.Generator):
         x, y = _gather_windows(self.tokens, starts, self.block_size)
         if self.token_dropout > 0:
             dropped = dropout_rng.random(x.shape) < self.token_dropout  # (B, T)
@@ -172,7 +172,7 @@ class EpochSampler(_Sampler):
         self.position = 0  # batches already served in this epoch
         self._layout_epoch = -1
         self._offset = 0
-        self._order = np.empty(0, dtype=np.int64)  # (windows this epoch,) window indices in visiting order
+        self._order = numpy.empty(0, dtype=numpy.int64)  # (windows this epoch,) window indices in visiting order
 
     @property
     def batches_per_epoch(self) -> int:
@@ -190,7 +190,7 @@ class EpochSampler(_Sampler):
         epochs aside)."""
         return batches / self.batches_per_epoch
 
-    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+    def next_batch(self) -> tuple[numpy.ndarray, numpy.ndarray]:
         """The next (x, y), each (B, T) int64, moving on to a new epoch when this one is used up."""
         if self.position >= self.batches_per_epoch:
             self.epoch += 1
@@ -199,7 +199,7 @@ class EpochSampler(_Sampler):
         B = self.batch_size
         windows = self._order[self.position * B : (self.position + 1) * B]  # (B,)
         starts = self._offset + windows * (self.block_size + 1)
-        dropout_rng = np.random.default_rng([self.seed, self.epoch, _DROPOUT_STREAM, self.position])
+        dropout_rng = numpy.random.default_rng([self.seed, self.epoch, _DROPOUT_STREAM, self.position])
         self.position += 1
         return self._batch(starts, dropout_rng)
 
@@ -219,7 +219,7 @@ class EpochSampler(_Sampler):
     def _lay_out_epoch(self) -> None:
         if self._layout_epoch == self.epoch:
             return
-        rng = np.random.default_rng([self.seed, self.epoch, _ORDER_STREAM])
+        rng = numpy.random.default_rng([self.seed, self.epoch, _ORDER_STREAM])
         self._offset = int(rng.integers(0, self.block_size)) if self.random_crop else 0
         n_windows = (len(self.tokens) - self._offset) // (self.block_size + 1)
         self._order = rng.permutation(n_windows)
@@ -263,9 +263,9 @@ class RandomWindowSampler(_Sampler):
         """The passes that `batches` batches of B*T input tokens make."""
         return batches * self.batch_size * self.block_size / len(self.tokens)
 
-    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+    def next_batch(self) -> tuple[numpy.ndarray, numpy.ndarray]:
         """The next (x, y), each (B, T) int64."""
-        rng = np.random.default_rng([self.seed, self.step])
+        rng = numpy.random.default_rng([self.seed, self.step])
         # A window [s, s + T] must end inside the stream: s <= N - T - 1.
         starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)  # (B,)
         self.step += 1
@@ -281,13 +281,13 @@ class RandomWindowSampler(_Sampler):
         self.seed, self.step = int(state["seed"]), int(state["step"])
 
 
-def _gather_windows(tokens, starts: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _gather_windows(tokens, starts: numpy.ndarray, block_size: int) -> tuple[numpy.ndarray, numpy.ndarray]:
     # One contiguous slice per row reads a memmap sequentially.
-    windows = np.stack([np.asarray(tokens[start : start + block_size + 1]) for start in starts.tolist()])
-    windows = windows.astype(np.int64, copy=False)  # (B, T+1)
-    return np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])  # x, y: (B, T)
+    windows = numpy.stack([numpy.asarray(tokens[start : start + block_size + 1]) for start in starts.tolist()])
+    windows = windows.astype(numpy.int64, copy=False)  # (B, T+1)
+    return numpy.ascontiguousarray(windows[:, :-1]), numpy.ascontiguousarray(windows[:, 1:])  # x, y: (B, T)
 
 
 def _require_positive_int(name: str, value) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+    if not isinstance(value, (int, numpy.integer)) or isinstance(value, bool) or value < 1:
         raise UsageError(f"{name} must be a positive integer, got {value!r}")

@@ -19,7 +19,7 @@ import importlib.util
 import sysconfig
 from pathlib import Path
 
-from xpmodel.errors import DataError
+from ..errors import DataError
 
 SHAKESPEARE = "shakespeare"
 PYSTDLIB = "pystdlib"

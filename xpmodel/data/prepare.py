@@ -28,18 +28,18 @@ import re
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
+import numpy
 
-from xpmodel.data.reading import DEFAULT_CHUNK_BYTES, TextPiece, iter_text_pieces
-from xpmodel.data.sources import corpus_fingerprint, resolve_source
-from xpmodel.data.tokenfile import (
+from .reading import DEFAULT_CHUNK_BYTES, TextPiece, iter_text_pieces
+from .sources import corpus_fingerprint, resolve_source
+from .tokenfile import (
     FORMAT_VERSION,
     MAX_VOCAB_SIZE,
     read_sidecar,
     read_token_header,
     write_token_file,
 )
-from xpmodel.errors import DataError, UsageError
+from ..errors import DataError, UsageError
 
 ProgressCallback = Callable[[int, int], None]  # (bytes_done, bytes_total)
 
@@ -101,7 +101,7 @@ def prepare(
     return target
 
 
-def _encoded_chunks(source, tokenizer, eot_id, workers, chunk_bytes, progress, total) -> Iterator[np.ndarray]:
+def _encoded_chunks(source, tokenizer, eot_id, workers, chunk_bytes, progress, total) -> Iterator[numpy.ndarray]:
     # encode_chunks returns one id array per text, in order. The texts'
     # bookkeeping waits in a queue until its ids come back (the tokenizer may
     # read ahead of what it has returned).
@@ -112,7 +112,7 @@ def _encoded_chunks(source, tokenizer, eot_id, workers, chunk_bytes, progress, t
             waiting.append(piece)
             yield piece.text
 
-    eot = None if eot_id is None else np.array([eot_id], dtype=np.uint32)
+    eot = None if eot_id is None else numpy.array([eot_id], dtype=numpy.uint32)
     done = 0
     if progress is not None:
         progress(done, total)

@@ -16,10 +16,10 @@ import codecs
 from dataclasses import dataclass
 from typing import Iterator
 
-from xpmodel.data.play_markdown import play_markdown_to_text
-from xpmodel.data.sources import PLAY_MARKDOWN, Source, resolve_source
-from xpmodel.errors import DataError
-from xpmodel.files import open_regular
+from .play_markdown import play_markdown_to_text
+from .sources import PLAY_MARKDOWN, Source, resolve_source
+from ..errors import DataError
+from ..files import open_regular
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 _CLEAN_CUT_SEARCH_BYTES = 1 << 16

@@ -30,9 +30,9 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from xpmodel.data.builtin_corpora import BUILTIN_NAMES, SHAKESPEARE, builtin_files, builtin_root
-from xpmodel.data.play_markdown import PLAY_TEXT_VERSION
-from xpmodel.errors import DataError
+from .builtin_corpora import BUILTIN_NAMES, SHAKESPEARE, builtin_files, builtin_root
+from .play_markdown import PLAY_TEXT_VERSION
+from ..errors import DataError
 
 PLAIN_TEXT = "plain"
 PLAY_MARKDOWN = "play-markdown"

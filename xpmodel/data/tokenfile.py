@@ -29,18 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
+import numpy
 
-from xpmodel.atomic import atomic_write_bytes, atomic_writer
-from xpmodel.errors import DataError, UsageError
-from xpmodel.files import open_regular, parse_json, read_bounded
+from ..atomic import atomic_write_bytes, atomic_writer
+from ..errors import DataError, UsageError
+from ..files import open_regular, parse_json, read_bounded
 
 MAGIC = b"XPMTOK\0\0"
 FORMAT_VERSION = 1
 HEADER = struct.Struct("<8sIIQI32s4x")
 HEADER_BYTES = HEADER.size  # 64
 _COUNT_OFFSET = 16
-_DTYPE_CODES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
+_DTYPE_CODES = {1: numpy.dtype("<u2"), 2: numpy.dtype("<u4")}
 MAX_VOCAB_SIZE = 2**32 - 1  # the largest value the uint32 header field holds
 _CHECK_CHUNK = 1 << 24  # ids checked against the vocab per pass
 _MAX_SIDECAR_BYTES = 1 << 20
@@ -51,7 +51,7 @@ class TokenFileHeader:
     """The facts stored in a token file's header."""
 
     version: int
-    dtype: np.dtype
+    dtype: numpy.dtype
     count: int
     vocab_size: int
     tokenizer_fingerprint: str  # hex
@@ -67,7 +67,7 @@ def sidecar_path(path: "str | os.PathLike") -> Path:
     return path.with_name(path.name + ".json")
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
+def token_dtype(vocab_size: int) -> numpy.dtype:
     """The narrowest id type that holds every id of a vocab of `vocab_size`."""
     if not 1 <= vocab_size <= MAX_VOCAB_SIZE:
         raise DataError(f"vocab size {vocab_size} does not fit a token file (1 to {MAX_VOCAB_SIZE})")
@@ -91,7 +91,7 @@ def write_token_file(
     with atomic_writer(path) as file:
         file.write(HEADER.pack(MAGIC, FORMAT_VERSION, dtype_code, 0, vocab_size, fingerprint))
         for chunk in chunks:
-            ids = np.asarray(chunk)  # (n,)
+            ids = numpy.asarray(chunk)  # (n,)
             if ids.size == 0:
                 continue
             _check_ids(ids, vocab_size, path)
@@ -145,14 +145,14 @@ def read_token_header(path: "str | os.PathLike") -> TokenFileHeader:
             f"{path}: token file is {size} bytes but its header promises {count} {dtype.name} ids "
             f"({expected_size} bytes); the file is truncated or corrupt"
         )
-    if vocab_size == 0 or vocab_size > np.iinfo(dtype).max + 1:
+    if vocab_size == 0 or vocab_size > numpy.iinfo(dtype).max + 1:
         raise DataError(f"{path}: vocab size {vocab_size} in header does not fit its {dtype.name} ids")
     return TokenFileHeader(version, dtype, count, vocab_size, fingerprint.hex())
 
 
 def read_token_file(
     path: "str | os.PathLike", expected_fingerprint: str | None = None, vocab_size: int | None = None
-) -> np.ndarray:
+) -> numpy.ndarray:
     """The ids of the token file `path` as a read-only memmap (N,), after validating it.
 
     With `vocab_size`, every id is checked to be below it (one pass over the
@@ -167,8 +167,8 @@ def read_token_file(
         )
     if header.count == 0:
         # mmap cannot map zero bytes; an empty array behaves the same for readers.
-        return np.empty(0, dtype=header.dtype)
-    tokens = np.memmap(path, dtype=header.dtype, mode="r", offset=HEADER_BYTES, shape=(header.count,))
+        return numpy.empty(0, dtype=header.dtype)
+    tokens = numpy.memmap(path, dtype=header.dtype, mode="r", offset=HEADER_BYTES, shape=(header.count,))
     if vocab_size is not None:
         limit = min(vocab_size, header.vocab_size)
         for start in range(0, header.count, _CHECK_CHUNK):
@@ -206,7 +206,7 @@ def _fingerprint_bytes(fingerprint: str) -> bytes:
     return raw
 
 
-def _check_ids(ids: np.ndarray, vocab_size: int, path: Path) -> None:
+def _check_ids(ids: numpy.ndarray, vocab_size: int, path: Path) -> None:
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
         raise UsageError(f"{path}: token chunks must be 1-D integer arrays, got {ids.dtype} {ids.shape}")
     low, high = int(ids.min()), int(ids.max())
