@@ -10,12 +10,19 @@ allows (0644 under the usual 022), like any file a shell command writes.
 Temporary files are named `.NAME.tmp-PID`; `is_temporary_name` recognises
 them, so a folder's leftovers from a killed process can be told apart from
 the user's own files.
+
+A folder written as a whole (a Hugging Face export) goes through
+`write_folder_atomically`: its files are written into a new folder beside the
+target, synced, and the folder is renamed into place.
 """
 import contextlib
 import os
 import re
+import shutil
 import time
 from pathlib import Path
+
+from .errors import XpmodelError
 
 # Temporary files being written right now, so that a second Ctrl-C, which
 # leaves at once, can remove them on its way out (see `abandon_partial_writes`).
@@ -125,5 +132,68 @@ def _fsync_dir(directory):
         os.fsync(fd)
     except OSError:
         pass
+    finally:
+        os.close(fd)
+
+
+def write_folder_atomically(out_dir, write, owned_names):
+    """Call write(folder) on a new folder beside out_dir, then rename it to
+    out_dir. A previous folder there, holding only `owned_names` (files this
+    kind of folder holds), is set aside and its files removed after. On a
+    failure the new folder is removed and out_dir is left as it was; the error
+    names the file that could not be written."""
+    target = Path(os.path.abspath(out_dir))   # "out/.." or "." named by a real name
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = temporary_path(target)   # a killed process's leftover is recognisable
+        staging.mkdir()
+    except OSError as exc:
+        raise XpmodelError(f"cannot create {exc.filename or parent}: "
+                           f"{exc.strerror or exc}") from None
+    try:
+        try:
+            write(staging)
+            for path in staging.iterdir():
+                _fsync_file(path)
+        except OSError as exc:
+            name = Path(exc.filename).name if exc.filename else "the folder"
+            raise XpmodelError(f"cannot write {Path(out_dir) / name}: {exc.strerror or exc}; "
+                               f"nothing was written to {out_dir}") from None
+        try:
+            _put_in_place(staging, target, owned_names)
+        except OSError as exc:
+            raise XpmodelError(f"cannot move the new folder into {out_dir}: "
+                               f"{exc.strerror or exc}; nothing was written there") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _put_in_place(staging, out_dir, owned_names):
+    if not out_dir.exists():
+        os.rename(staging, out_dir)
+    else:
+        old = staging.with_name(staging.name + ".old")
+        os.rename(out_dir, old)
+        try:
+            os.rename(staging, out_dir)
+        except BaseException:   # an error, or Ctrl-C between the two renames
+            os.rename(old, out_dir)
+            raise
+        for name in owned_names:   # nothing else was there when the write began
+            (old / name).unlink(missing_ok=True)
+        try:
+            old.rmdir()
+        except OSError:   # a file appeared there meanwhile: left for its owner
+            pass
+    _fsync_dir(out_dir.parent)
+
+
+def _fsync_file(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     finally:
         os.close(fd)

@@ -34,17 +34,15 @@ leaves it as it was. Nothing is unpickled: a directory with only
 pytorch_model.bin is refused.
 """
 import json
-import os
 import re
-import secrets
-import shutil
 from pathlib import Path
 
 import numpy
 from safetensors.numpy import save as safetensors_bytes
 
 from . import hf_gpt2, hf_llama
-from .errors import DataError, UsageError, XpmodelError
+from .atomic import write_folder_atomically
+from .errors import DataError, UsageError
 from .model_config import GPTConfig
 from .params import parameter_shapes
 from .safetensors_file import FLOAT_DTYPES, SafetensorsFile
@@ -96,7 +94,7 @@ def export_hf(model, tokenizer, out_dir):
         _write_json(folder / "generation_config.json",
                     {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot})
         export_tokenizer_hf(tokenizer, folder, model_max_length=cfg.block_size)
-    _write_folder(out_dir, write)
+    write_folder_atomically(out_dir, write, EXPORT_FILES)
     return family.ARCHITECTURE
 
 
@@ -314,73 +312,6 @@ def _weight_sources(hf_dir):
     other = [name for name in _OTHER_FORMATS if (hf_dir / name).exists()]
     raise UsageError(f"{hf_dir}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX}"
                      + (f" ({other[0]} is not read; xpmodel reads safetensors)" if other else ""))
-
-
-# ----- files ----------------------------------------------------------------
-
-
-def _write_folder(out_dir, write):
-    """Call write(folder) on a new folder beside out_dir, then rename it to
-    out_dir (a previous export there is set aside and removed after). On a
-    failure the new folder is removed and out_dir is left as it was; the
-    error names the file that could not be written."""
-    target = Path(os.path.abspath(out_dir))   # "out/.." or "." named by a real name
-    parent = target.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = parent / f".{target.name}.export-{os.getpid()}-{secrets.token_hex(4)}"
-        staging.mkdir()
-    except OSError as exc:
-        raise XpmodelError(f"cannot create {exc.filename or parent}: "
-                           f"{exc.strerror or exc}") from None
-    try:
-        try:
-            write(staging)
-            for path in staging.iterdir():
-                _fsync(path)
-        except OSError as exc:
-            name = Path(exc.filename).name if exc.filename else "the export"
-            raise XpmodelError(f"cannot write {out_dir / name}: {exc.strerror or exc}; "
-                               f"nothing was exported") from None
-        try:
-            _put_in_place(staging, target)
-        except OSError as exc:
-            raise XpmodelError(f"cannot move the export into {out_dir}: "
-                               f"{exc.strerror or exc}; nothing was exported") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _put_in_place(staging, out_dir):
-    if not out_dir.exists():
-        os.rename(staging, out_dir)
-    else:
-        old = staging.with_name(staging.name + ".old")
-        os.rename(out_dir, old)
-        try:
-            os.rename(staging, out_dir)
-        except BaseException:   # an error, or Ctrl-C between the two renames
-            os.rename(old, out_dir)
-            raise
-        for name in EXPORT_FILES:   # nothing else was there when the export began
-            (old / name).unlink(missing_ok=True)
-        try:
-            old.rmdir()
-        except OSError:   # a file appeared there meanwhile: left for its owner
-            pass
-    _fsync(out_dir.parent, directory=True)
-
-
-def _fsync(path, directory=False):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        if not directory:   # some file systems cannot sync a folder; a file must sync
-            raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
 def _write_safetensors(path, tensors):
