@@ -185,14 +185,24 @@ def is_half(dtype):
     return numpy.dtype(dtype) in HALF_DTYPES
 
 
-def supports_bfloat16(device):
-    """Whether `device` computes in bfloat16: always on CPU (NumPy through
-    ml_dtypes); on CUDA, compute capability 8.0 or later (tensor cores and the
-    bfloat16 conversions the kernels use)."""
+def bfloat16_problem(device):
+    """Why `device` cannot compute in bfloat16, or None when it can: always can
+    on CPU (NumPy through ml_dtypes); on CUDA it needs compute capability 8.0 or
+    later (tensor cores and the bfloat16 conversions the kernels use) and a CuPy
+    that holds bfloat16 arrays (CuPy 14 with NumPy 2.1.2 or later)."""
     device = get_device(device)
     if not device.is_cuda:
-        return True
-    return int(_cupy.cuda.Device(device.index).compute_capability) >= 80
+        return None
+    if int(_cupy.cuda.Device(device.index).compute_capability) < 80:
+        return ("it needs a GPU of compute capability 8.0 or later (A100, RTX 30xx, H100 ...): "
+                "use fp16 on this one")
+    try:
+        with _cupy.cuda.Device(device.index):
+            _cupy.zeros(2, dtype=BFLOAT16).astype(numpy.float32)
+    except Exception:   # CuPy before 14, or NumPy before 2.1.2: no bfloat16 arrays
+        return (f"this CuPy ({_cupy.__version__}) with NumPy {numpy.__version__} has no bfloat16 "
+                f"arrays: it needs CuPy 14 or later and NumPy 2.1.2 or later, or use fp16")
+    return None
 
 
 def upcast(array):

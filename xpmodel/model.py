@@ -13,7 +13,7 @@ import math
 import numpy
 
 from .backend import (BFLOAT16, check_kernels, get_device, get_dtype, is_half, random_generator,
-                      supports_bfloat16, to_device, to_host, upcast, use_kernels)
+                      bfloat16_problem, to_device, to_host, upcast, use_kernels)
 from .cpu_threads import keep_freed_memory, run_parallel, single_threaded_blas, split, thread_count
 from .layers.block import block_backward, block_forward, norm_backward, norm_forward, proj_bias_sums
 from .layers.crossentropy import IGNORE_INDEX, crossentropy_fused, lm_head_backward, lm_head_forward
@@ -89,9 +89,9 @@ class GPT:
             raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
         if precision != "fp32" and self.dtype != numpy.float32:
             raise ValueError(f"{precision} mixed precision keeps float32 master weights: use dtype float32")
-        if precision == "bf16" and not supports_bfloat16(self.device):
-            raise ValueError("train.precision=bf16 needs a GPU of compute capability 8.0 or later "
-                             "(A100, RTX 30xx, H100 ...): use fp16 on this one")
+        problem = bfloat16_problem(self.device) if precision == "bf16" else None
+        if problem:
+            raise ValueError(f"train.precision=bf16: {problem}")
         self.precision = precision
         self.kernels = check_kernels(kernels)
         if recompute not in RECOMPUTE:
@@ -173,8 +173,9 @@ class GPT:
         grads = [self.grads] + [views for _, views in extra]
 
         def shard_pass(rows, k):
-            rng = None if seed is None else random_generator(self.device, [seed, self.dropout_stream, k])
-            return self._shard_pass(idx[rows], targets[rows], grads[k], dlosses, rng)
+            key = None if seed is None else [seed, self.dropout_stream, k]
+            rng = None if key is None else random_generator(self.device, key)
+            return self._shard_pass(idx[rows], targets[rows], grads[k], dlosses, rng, key)
 
         totals = self._run_shards(idx.shape[0], shard_pass)
         for flat, _ in extra:
@@ -208,11 +209,12 @@ class GPT:
             flat.fill(0)
         return self._grad_buffers[:count]
 
-    def _shard_pass(self, idx, targets, G=None, dlosses=None, rng=None):
+    def _shard_pass(self, idx, targets, G=None, dlosses=None, rng=None, rng_key=None):
         """Forward of one shard, idx and targets (b, T), and with gradient views G
-        its backward too, adding into G; returns the shard's summed cross-entropy."""
+        its backward too, adding into G; returns the shard's summed cross-entropy.
+        rng: the pass's generator, seeded by rng_key (a list of ints)."""
         W, xp = self.weights, self.xp
-        hidden, caches = self._forward_hidden(idx, rng)
+        hidden, caches = self._forward_hidden(idx, rng, rng_key)
         targets = targets.reshape(-1)
         total = 0.0
         dhidden = None if G is None else xp.empty_like(hidden)
@@ -231,7 +233,7 @@ class GPT:
         if self.flat_working is not None:
             self.flat_working[...] = self.flat_params
 
-    def _forward_hidden(self, idx, rng):
+    def _forward_hidden(self, idx, rng, rng_key=None):
         """idx (B, T) -> final norm output (N, C) in the compute dtype and the
         caches of every layer. The residual stream x stays in the master dtype."""
         P, W, cfg = self.params, self.weights, self.config
@@ -245,7 +247,7 @@ class GPT:
         block_caches = []
         for i in range(cfg.n_layer):
             if self.recompute == "block":     # keep the input; the block runs again in backward
-                block_seed = None if p_drop == 0 else int(rng.integers(0, 2 ** 62))
+                block_seed = None if p_drop == 0 else [*rng_key, i]   # no device read
                 block_caches.append((x.copy(), block_seed))
                 x, _ = self._block_forward(i, x, (B, T), p_drop, block_seed, rope)
             else:

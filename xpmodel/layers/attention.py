@@ -251,13 +251,14 @@ def cached_attention(q, kv_cache, start):
     group = H // kv_cache.keys.shape[1]
     keys = _repeat_heads(kv_cache.keys[:, :, :L], group)
     values = _repeat_heads(kv_cache.values[:, :, :L], group)
-    scores = upcast(xp.matmul(q, keys.swapaxes(-1, -2)))                  # (B, H, Tq, L)
+    wide = numpy.float64 if q.dtype == numpy.float64 else numpy.float32     # softmax in >= float32
+    scores = matmul(q, keys, transpose_b=True, out_dtype=wide)             # (B, H, Tq, L)
     future = xp.arange(L)[None, :] > (start + xp.arange(Tq))[:, None]    # (Tq, L)
     scores = xp.where(future, -xp.inf, scores)
     scores -= scores.max(axis=-1, keepdims=True)
     probs = xp.exp(scores, out=scores)
     probs /= probs.sum(axis=-1, keepdims=True)
-    y = xp.matmul(probs.astype(q.dtype, copy=False), values)             # (B, H, Tq, D)
+    y = matmul(probs.astype(q.dtype, copy=False), values)                # (B, H, Tq, D)
     return y.transpose(0, 2, 1, 3).reshape(B * Tq, H * D)
 
 

@@ -1,9 +1,9 @@
 """RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * w, statistics in
 at least float32. No mean is subtracted and there is no bias; that is the
 whole difference from LayerNorm, here and in the shared CUDA kernel
-(xpmodel.cuda.layernorm), which CuPy arrays of 2-D rows go to with the
-"fused" kernels (backend.use_kernels). QK-norm uses
-it on (B, H, T, D) heads, where it normalises each head's D values."""
+(xpmodel.cuda.layernorm), which CuPy arrays go to with the "fused" kernels
+(backend.use_kernels) as rows of C. QK-norm uses it on (B, H, T, D) heads,
+where it normalises each head's D values."""
 from ..backend import array_module, fused_kernels, upcast
 from .layernorm import deliver_input_gradient
 
@@ -15,12 +15,15 @@ def rmsnorm_forward(x, w, b=None, out_dtype=None, eps=EPS):
     b must be None: it keeps the signature LayerNorm's, so the two are interchangeable."""
     if b is not None:
         raise ValueError("RMSNorm has no bias")
-    if fused_kernels(x) and x.ndim == 2:
+    if fused_kernels(x):
         from ..cuda.layernorm import layernorm_forward as fused
-        out, xhat, rstd = fused(x, w, None, eps, out_dtype or x.dtype, center=False)
-        return out, (xhat, rstd)
+        C = x.shape[-1]
+        out, xhat, rstd = fused(x.reshape(-1, C), w, None, eps, out_dtype or x.dtype, center=False)
+        return out.reshape(x.shape), (xhat, rstd)
     xp = array_module(x)
-    xhat = upcast(x).copy()
+    xhat = upcast(x)
+    if xhat is x:    # upcast made no copy; xhat is scaled in place below
+        xhat = xhat.copy()
     rstd = 1.0 / xp.sqrt(xp.mean(xhat * xhat, axis=-1, keepdims=True) + eps)
     xhat *= rstd
     out = xhat * w
@@ -37,9 +40,13 @@ def rmsnorm_backward(dout, cache, w, dw, db=None, dx=None, dx_low=None, dx_sum=N
     xhat, rstd = cache
     if db is not None:
         raise ValueError("RMSNorm has no bias")
-    if fused_kernels(dout) and dout.ndim == 2:
+    if fused_kernels(dout):   # xhat and rstd are the kernel's rows of C
         from ..cuda.layernorm import layernorm_backward as fused
-        return fused(dout, xhat, rstd, w, dw, None, dx, dx_low, dx_sum, center=False)
+        C = dout.shape[-1]
+        rows = None if dx is None else dx.reshape(-1, C)
+        low = None if dx_low is None else dx_low.reshape(-1, C)
+        out = fused(dout.reshape(-1, C), xhat, rstd, w, dw, None, rows, low, dx_sum, center=False)
+        return dx if dx is not None else out.reshape(dout.shape)
     xp = array_module(dout)
     dout = upcast(dout)
     C = dout.shape[-1]
