@@ -31,3 +31,24 @@ def write_corpus(path, lines=1500, seed=0):
                      for _ in range(lines))
     path.write_text(text + "\n", encoding="utf-8")
     return path
+
+
+def kill_sweep_mid_trial(sweep, trial, steps=60, timeout=60):
+    """kill -9 a running `xpmodel sweep` process once the trial in the run
+    folder `trial` has trained `steps` steps, then wait until that trial, told
+    to stop when its parent died, has saved and released its run lock."""
+    import signal
+    import time
+    from xpmodel.rundir import RunDir, _lock_is_free
+    run = RunDir(trial)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = [r["step"] for r in run.read_metrics(warn=lambda text: None)
+                if r["type"] == "train"] if run.is_run() else []
+        if done and done[-1] >= steps:
+            break
+        time.sleep(0.02)
+    sweep.send_signal(signal.SIGKILL)
+    sweep.wait()
+    while time.time() < deadline and run.lock_path.exists() and not _lock_is_free(run.lock_path):
+        time.sleep(0.05)

@@ -33,3 +33,33 @@ def corpus(tmp_path):
     """A small generated text corpus (400 lines) for tiny training runs."""
     from cli_helpers import write_corpus
     return write_corpus(tmp_path / "corpus.txt", lines=400)
+
+
+@pytest.fixture(params=["cpu", "cuda", "emulated-cuda"])
+def device(request):
+    """A device string; "emulated-cuda" is the CUDA path on the CPU emulator of
+    tests/cuda_emulator (xpmodel sees a GPU, its kernels run as CPU fibers)."""
+    from xpmodel.backend import cuda_available
+    if request.param == "cuda" and not cuda_available():
+        pytest.skip("needs CuPy and a CUDA GPU")
+    if request.param != "emulated-cuda":
+        yield request.param
+        return
+    import cuda_emulator
+    with cuda_emulator.emulated_cuda_or_skip():
+        yield "cuda"
+
+
+@pytest.fixture(params=["gpu", "emulated"])
+def cp(request):
+    """The array module the kernels run on: CuPy, or the CPU emulator standing in for it."""
+    from xpmodel.backend import cuda_available
+    if request.param == "gpu":
+        if not cuda_available():
+            pytest.skip("needs CuPy and a CUDA GPU")
+        import cupy
+        yield cupy
+    else:
+        import cuda_emulator
+        with cuda_emulator.emulated_cuda_or_skip() as module:
+            yield module

@@ -13,20 +13,6 @@ from xpmodel.backend import cuda_available, to_host
 
 import cuda_emulator
 
-@pytest.fixture(params=["cpu", "cuda", "emulated-cuda"])
-def device(request):
-    """A device string; "emulated-cuda" is the CUDA path on the CPU emulator of
-    tests/cuda_emulator (xpmodel sees a GPU, its kernels run as CPU fibers)."""
-    if request.param == "cuda" and not cuda_available():
-        pytest.skip("needs CuPy and a CUDA GPU")
-    if request.param != "emulated-cuda":
-        yield request.param
-        return
-    if cuda_emulator.compiler() is None:
-        pytest.skip("the CUDA emulator needs g++")
-    with cuda_emulator.emulated_cuda():
-        yield "cuda"
-
 CONFIG = xpmodel.GPTConfig(vocab_size=96, block_size=32, n_layer=2, n_head=4, n_embd=64)
 
 

@@ -30,38 +30,6 @@ TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
 LLAMA_STYLE = dict(norm="rmsnorm", position="rope", mlp="swiglu", n_kv_head=2, bias=False)
 
 
-def _emulator_or_skip():
-    if cuda_emulator.compiler() is None:
-        pytest.skip("the CUDA emulator needs g++")
-    return cuda_emulator.emulated_cuda()
-
-
-@pytest.fixture(params=["cpu", "cuda", "emulated-cuda"])
-def device(request):
-    """A device string, as in test_backends.py: "emulated-cuda" is the CUDA path
-    on the CPU emulator."""
-    if request.param == "cuda" and not cuda_available():
-        pytest.skip("needs CuPy and a CUDA GPU")
-    if request.param != "emulated-cuda":
-        yield request.param
-        return
-    with _emulator_or_skip():
-        yield "cuda"
-
-
-@pytest.fixture(params=["gpu", "emulated"])
-def cp(request):
-    """The array module the kernels run on: CuPy, or the CPU emulator standing in for it."""
-    if request.param == "gpu":
-        if not cuda_available():
-            pytest.skip("needs CuPy and a CUDA GPU")
-        import cupy
-        yield cupy
-    else:
-        with _emulator_or_skip() as module:
-            yield module
-
-
 def relative_error(got, want):
     got, want = to_host(got).astype(np.float64), np.asarray(want, dtype=np.float64)
     assert np.all(np.isfinite(got)), "non-finite output"
@@ -376,7 +344,7 @@ def test_cached_generation_matches_uncached(device):
 def test_a_gpu_without_bfloat16_is_refused_clearly(monkeypatch):
     """Compute capability below 8.0 (V100, T4): no bfloat16 tensor cores or
     conversions, so the model says to use fp16."""
-    with _emulator_or_skip():
+    with cuda_emulator.emulated_cuda_or_skip():
         monkeypatch.setattr(cuda_emulator._Device, "compute_capability", "75")
         config = xpmodel.GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16)
         with pytest.raises(ValueError, match="compute capability 8.0 or later.*use fp16"):
@@ -405,7 +373,7 @@ def test_xpmodel_train_in_bf16_runs_and_resumes(where, tmp_path, capsys, monkeyp
     from xpmodel.train import Trainer
     monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
     corpus = write_corpus(tmp_path / "corpus.txt", lines=300)
-    context = _emulator_or_skip() if where == "emulated-cuda" else contextlib.nullcontext()
+    context = cuda_emulator.emulated_cuda_or_skip() if where == "emulated-cuda" else contextlib.nullcontext()
     device = "cuda" if where == "emulated-cuda" else "cpu"
     settings = [f"data.source={corpus}", "train.precision=bf16", "train.max_iters=12",
                 "train.save_interval=4", "train.eval_interval=4", "train.log_interval=2"]

@@ -17,21 +17,6 @@ TOLERANCE = {np.float64: 1e-12, np.float32: 1e-5, np.float16: 2e-3}
 needs_gpu = pytest.mark.skipif(not cuda_available(), reason="needs CuPy and a CUDA GPU")
 
 
-@pytest.fixture(params=["gpu", "emulated"])
-def cp(request):
-    """The array module the kernels run on: CuPy, or the CPU emulator standing in for it."""
-    if request.param == "gpu":
-        if not cuda_available():
-            pytest.skip("needs CuPy and a CUDA GPU")
-        import cupy
-        yield cupy
-    else:
-        if cuda_emulator.compiler() is None:
-            pytest.skip("the CUDA emulator needs g++")
-        with cuda_emulator.emulated_cuda() as module:
-            yield module
-
-
 def relative_error(got, want):
     got, want = to_host(got).astype(np.float64), np.asarray(want, dtype=np.float64)
     assert np.all(np.isfinite(got)), "non-finite output"

@@ -3,7 +3,6 @@ trial, resumed after kill -9 from its SQLite study; two processes sharing one
 study; the one-line errors when Optuna is absent or an option needs it."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import assert_one_line_error, run_cli
+from cli_helpers import assert_one_line_error, kill_sweep_mid_trial, run_cli
 
 TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
 
@@ -36,7 +35,7 @@ def sweep_process(args):
 
 def test_tpe_sweep_prunes_a_trial_and_resumes_after_kill_9(capsys, tmp_path, corpus):
     pytest.importorskip("optuna")
-    from xpmodel.rundir import RunDir, _lock_is_free
+    from xpmodel.rundir import RunDir
     from xpmodel.tune.sweep import open_sweep
     out = tmp_path / "sweep"
     specs = [f"data.source={corpus}", "train.eval_interval=50", "train.save_interval=50",
@@ -52,18 +51,7 @@ def test_tpe_sweep_prunes_a_trial_and_resumes_after_kill_9(capsys, tmp_path, cor
 
     process = sweep_process(args)
     second = out / "trials" / "trial-001"
-    deadline = time.time() + 60
-    while time.time() < deadline:   # kill -9 once the second trial is part-way through
-        steps = [r["step"] for r in RunDir(second).read_metrics(warn=lambda t: None)
-                 if r["type"] == "train"] if RunDir(second).is_run() else []
-        if steps and steps[-1] >= 60:
-            break
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    lock = RunDir(second).lock_path
-    while time.time() < deadline and lock.exists() and not _lock_is_free(lock):
-        time.sleep(0.05)    # the trial gets SIGTERM as its parent dies: it saves and stops
+    kill_sweep_mid_trial(process, second)
     assert states(out) == ["COMPLETE", "RUNNING", "WAITING", "WAITING"]
     interrupted_at = RunDir(second).checkpoint_steps()[-1]
     assert 0 < interrupted_at < 500

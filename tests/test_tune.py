@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy
 import pytest
 
-from cli_helpers import run_cli
+from cli_helpers import kill_sweep_mid_trial, run_cli
 import xpmodel.layers.block as block_module
 import xpmodel.model as model_module
 from xpmodel.tune.common import load_subject
@@ -253,11 +253,9 @@ def test_sweep_specs_and_plans():
 def test_sweep_prunes_a_trial_and_resumes_after_kill_9(capsys, tmp_path, corpus):
     import json
     import os
-    import signal
     import subprocess
     import sys
-    import time
-    from xpmodel.rundir import RunDir, _lock_is_free
+    from xpmodel.rundir import RunDir
     out = tmp_path / "sweep"
     args = ["sweep", "--config", TINY, "--out", out, "--max-iters", 300,
             f"data.source={corpus}", "train.eval_interval=50", "train.save_interval=50",
@@ -266,18 +264,7 @@ def test_sweep_prunes_a_trial_and_resumes_after_kill_9(capsys, tmp_path, corpus)
     sweep = subprocess.Popen([sys.executable, "-m", "xpmodel", *map(str, args)], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     second = out / "trials" / "trial-001"
-    deadline = time.time() + 60
-    while time.time() < deadline:   # kill -9 once the second trial is part-way through
-        steps = [r["step"] for r in RunDir(second).read_metrics(warn=lambda t: None)
-                 if r["type"] == "train"] if RunDir(second).is_run() else []
-        if steps and steps[-1] >= 60:
-            break
-        time.sleep(0.02)
-    sweep.send_signal(signal.SIGKILL)
-    sweep.wait()
-    lock = RunDir(second).lock_path
-    while time.time() < deadline and lock.exists() and not _lock_is_free(lock):
-        time.sleep(0.05)   # the trial gets SIGTERM as its parent dies: it saves and stops
+    kill_sweep_mid_trial(sweep, second)
     state = json.loads((out / "sweep.json").read_text())
     assert [t["status"] for t in state["trials"]] == ["done", "running", "pending", "pending"]
     first_metrics = (out / "trials" / "trial-000" / "metrics.jsonl").read_bytes()

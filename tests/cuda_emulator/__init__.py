@@ -483,3 +483,11 @@ def emulated_cuda():
     finally:
         for module, attribute, value in saved:
             setattr(module, attribute, value)
+
+
+def emulated_cuda_or_skip():
+    """emulated_cuda(), or a pytest skip where g++ is missing."""
+    import pytest
+    if compiler() is None:
+        pytest.skip("the CUDA emulator needs g++")
+    return emulated_cuda()
