@@ -54,6 +54,13 @@ def kernels_of_a_pass(cp, C, V, T, low):
     heads = split_rope_heads(cp.ones((1, 2, (H + 2) * 64), low), cp.ones((H + 2) * 64, low), H, 1,
                              rope, 0.125)
     merge_rope_heads(heads, 1, rope, cp.zeros((H + 2) * 64, np.float32))
+    from xpmodel.layers.relu2 import relu2_backward, relu2_forward
+    from xpmodel.layers.swiglu import swiglu_backward, swiglu_forward
+    h = cp.ones((2, 4 * C), low)
+    g, _ = swiglu_forward(h, cp.ones(4 * C, low))
+    swiglu_backward(g, h, None, dbias=cp.zeros(4 * C, np.float32))
+    g, _ = relu2_forward(h, cp.ones(4 * C, low))
+    relu2_backward(g, h, None, dbias=cp.zeros(4 * C, np.float32))
     if is_half(low):
         from xpmodel.cuda.flash import flash_backward, flash_forward
         heads = cp.ones((3, 1, 1, 64, 64), low)
@@ -82,7 +89,8 @@ def test_every_kernel_compiles_without_spills(arch):
             "crossentropy_rows", "residual_add", "split_heads", "causal_softmax_forward_h16",
             "causal_softmax_backward_h16", "merge_heads", "flash_forward", "flash_delta",
             "flash_backward", "flash_dq_store", "split_heads_h16", "merge_heads_h16",
-            "split_rope_heads", "merge_rope_heads"} <= names
+            "split_rope_heads", "merge_rope_heads", "swiglu_forward", "swiglu_backward",
+            "relu2_forward", "relu2_backward"} <= names
     for code, names in variants.items():
         name = "/".join(sorted(names))
         ok, log = nvrtc.compile_kernel(NVRTC, code, arch)

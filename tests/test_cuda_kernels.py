@@ -404,3 +404,33 @@ def test_rope_and_grouped_head_split_and_merge_match_numpy(cp, n_kv_head, rotary
     assert relative_error(g_y, y) < tol
     assert relative_error(g_dqkv, dqkv) < tol
     assert relative_error(g_dbias, dbias) < tol
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "relu2"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_mlp_activation_kernels_match_numpy(cp, activation, dtype):
+    """SwiGLU and squared ReLU, one kernel each way: the bias added into h in
+    place, the output, the input gradient and the bias gradient against NumPy."""
+    from xpmodel.layers import relu2, swiglu
+    forward, backward = {"swiglu": (swiglu.swiglu_forward, swiglu.swiglu_backward),
+                         "relu2": (relu2.relu2_forward, relu2.relu2_backward)}[activation]
+    rng = np.random.default_rng()
+    rows, width = 37, 2 * 100
+    out_width = width // 2 if activation == "swiglu" else width
+    h, bias = rand(rng, (rows, width), dtype, 2.0), rand(rng, (width,), dtype)
+    dout = rand(rng, (rows, out_width), dtype)
+    h64 = h.astype(np.float64)
+    out, cache = forward(h64, bias.astype(np.float64))
+    dbias = np.zeros(width)
+    dh = backward(dout.astype(np.float64), h64, cache, dbias)
+
+    g_h = cp.asarray(h)
+    g_out, g_cache = forward(g_h, cp.asarray(bias))
+    g_dbias = cp.zeros(width, np.float64 if dtype == np.float64 else np.float32)
+    g_dh = backward(cp.asarray(dout), g_h, g_cache, g_dbias)
+    tol = TOLERANCE[dtype] * 5
+    assert g_out.dtype == dtype and g_dh.dtype == dtype
+    assert relative_error(g_h, h64) < tol                    # h now holds h + bias
+    assert relative_error(g_out, out) < tol
+    assert relative_error(g_dh, dh) < tol
+    assert relative_error(g_dbias, dbias) < tol

@@ -2,14 +2,19 @@
 
 The projection before it produces [gate | up] side by side, (N, 2F), so one
 matmul makes both; this layer turns them into (N, F). silu(a) = a * s with
-s = sigmoid(a), computed in at least float32; s is the cache.
+s = sigmoid(a), computed in at least float32; s is the cache. With the fused
+kernels, CuPy arrays go to one kernel each way (xpmodel.cuda.swiglu), whose
+backward recomputes s instead of keeping it.
 """
-from ..backend import array_module, ignore_overflow, upcast
+from ..backend import array_module, fused_kernels, ignore_overflow, upcast
 
 
 def swiglu_forward(h, bias=None):
     """h: (N, 2F) -> out (N, F) in h's dtype, cache s (N, F). With a bias (2F,),
     h is replaced by h + bias in place: backward takes that h."""
+    if fused_kernels(h):
+        from ..cuda.swiglu import swiglu_forward as fused
+        return fused(h, bias), None
     if bias is not None:
         h += bias
     xp = array_module(h)
@@ -25,6 +30,9 @@ def swiglu_backward(dout, h, s, dbias=None):
 
     d out / d gate = up * s (1 + gate (1 - s)),  d out / d up = gate * s.
     """
+    if fused_kernels(dout):
+        from ..cuda.swiglu import swiglu_backward as fused
+        return fused(dout, h, dbias)
     xp = array_module(dout)
     F = dout.shape[-1]
     gate, up, d = upcast(h[:, :F]), upcast(h[:, F:]), upcast(dout)

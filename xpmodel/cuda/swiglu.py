@@ -1,0 +1,91 @@
+"""SwiGLU forward and backward, one kernel each way.
+
+h holds [gate | up] side by side, (rows, 2F); the forward adds the bias of
+the projection that made h (in place, as the layer's xp code does) and
+writes silu(gate) * up; the backward recomputes sigmoid(gate) instead of
+keeping it, and sums the bias's gradient."""
+import numpy
+
+from ..backend import _import_cupy
+from .compile import acc_type, c_type, half_of, multiprocessor_count, optional, raw_kernel
+
+_THREADS = 256
+
+_SOURCE = r"""
+__device__ __forceinline__ ACC sigmoid(ACC a) { return (ACC)1 / ((ACC)1 + EXP(-a)); }
+
+// one output element (row, col) per thread: gate h[row, col], up h[row, F + col]
+extern "C" __global__ void swiglu_forward(X_T* h, const X_T* bias, X_T* out, long long n, int F) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long row = i / F;
+        int col = (int)(i - row * F);
+        X_T* gate = h + row * 2 * F + col;
+        X_T* up = gate + F;
+        if (bias) {
+            store(gate, (ACC)load(gate) + (ACC)load(bias + col));
+            store(up, (ACC)load(up) + (ACC)load(bias + F + col));
+        }
+        ACC a = (ACC)load(gate);
+        store(out + i, a * sigmoid(a) * (ACC)load(up));
+    }
+}
+
+// d out / d gate = up s (1 + gate (1 - s)), d out / d up = gate s, s = sigmoid(gate).
+// Thread col of the grid's x walks column col over every gridDim.y-th row; with
+// dbias (2F,), it adds its two columns' sums into it (one atomic each).
+extern "C" __global__ void swiglu_backward(const D_T* dout, const X_T* h, D_T* dh, G_T* dbias,
+        long long rows, int F) {
+    int col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= F) return;
+    ACC gate_sum = 0, up_sum = 0;
+    for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
+        ACC d = (ACC)load(dout + r * F + col);
+        ACC a = (ACC)load(h + r * 2 * F + col), b = (ACC)load(h + r * 2 * F + F + col);
+        ACC s = sigmoid(a);
+        ACC dgate = d * b * s * ((ACC)1 + a * ((ACC)1 - s)), dup = d * a * s;
+        store(dh + r * 2 * F + col, dgate);
+        store(dh + r * 2 * F + F + col, dup);
+        gate_sum += dgate;
+        up_sum += dup;
+    }
+    if (dbias) {
+        atomicAdd(dbias + col, (G_T)gate_sum);
+        atomicAdd(dbias + F + col, (G_T)up_sum);
+    }
+}
+"""
+
+
+def swiglu_forward(h, bias=None):
+    """h: (rows, 2F) C-contiguous -> silu(gate) * up (rows, F) in h's dtype; with
+    a bias (2F,), h is replaced by h + bias."""
+    cupy = _import_cupy()
+    if not h.flags.c_contiguous:
+        raise ValueError("swiglu_forward: h must be C-contiguous")
+    if bias is not None and bias.dtype != h.dtype:
+        bias = bias.astype(h.dtype)
+    rows, F = h.shape[0], h.shape[1] // 2
+    out = cupy.empty((rows, F), dtype=h.dtype)
+    kernel = raw_kernel(_SOURCE, "swiglu_forward", half=half_of(h.dtype), X_T=c_type(h.dtype),
+                        D_T=c_type(h.dtype), G_T="float", ACC=acc_type(h.dtype))
+    blocks = max(1, min((out.size + _THREADS - 1) // _THREADS, 16 * multiprocessor_count()))
+    kernel((blocks,), (_THREADS,), (h, optional(bias), out, numpy.int64(out.size), numpy.int32(F)))
+    return out
+
+
+def swiglu_backward(dout, h, dbias=None):
+    """dout: (rows, F), h: (rows, 2F) as forward left it -> dh (rows, 2F) in
+    dout's dtype; with dbias (2F,) (float32 or float64) dh's column sums are added."""
+    cupy = _import_cupy()
+    dout, h = cupy.ascontiguousarray(dout), cupy.ascontiguousarray(h)
+    rows, F = dout.shape
+    dh = cupy.empty(h.shape, dtype=dout.dtype)
+    kernel = raw_kernel(_SOURCE, "swiglu_backward", half=half_of(h.dtype, dout.dtype),
+                        X_T=c_type(h.dtype), D_T=c_type(dout.dtype), ACC=acc_type(dout.dtype, h.dtype),
+                        G_T=c_type(dbias.dtype) if dbias is not None else "float")
+    column_blocks = (F + _THREADS - 1) // _THREADS
+    row_blocks = max(1, min(rows, 16 * multiprocessor_count() // column_blocks))
+    kernel((column_blocks, row_blocks), (_THREADS,),
+           (dout, h, dh, optional(dbias), numpy.int64(rows), numpy.int32(F)))
+    return dh
