@@ -204,3 +204,17 @@ def multiprocessor_count():
     if device.id not in _multiprocessors:
         _multiprocessors[device.id] = device.attributes["MultiProcessorCount"]
     return _multiprocessors[device.id]
+
+
+def stride_grid(n, threads=256):
+    """(grid, block) for a grid-stride loop over n elements: at most 16 blocks
+    per multiprocessor, each thread taking every (grid * threads)-th element."""
+    return (max(1, min((n + threads - 1) // threads, 16 * multiprocessor_count())),), (threads,)
+
+
+def column_grid(columns, rows, threads=256, per_multiprocessor=16):
+    """(grid, block) for kernels where thread c of the grid's x walks column c
+    over every gridDim.y-th of `rows` rows (summing the column as it goes)."""
+    column_blocks = -(-columns // threads)
+    row_blocks = max(1, min(rows, per_multiprocessor * multiprocessor_count() // column_blocks))
+    return (column_blocks, row_blocks), (threads,)

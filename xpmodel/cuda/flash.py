@@ -16,7 +16,7 @@ import os
 import numpy
 
 from ..backend import _import_cupy, is_half
-from .compile import WARP_MATRIX, multiprocessor_count, raw_kernel
+from .compile import WARP_MATRIX, raw_kernel, stride_grid
 
 HEAD_DIM = 64      # the kernels' fixed head size
 TILE = 64          # queries and keys per tile; T must be a multiple
@@ -427,6 +427,5 @@ def flash_backward(dout, heads, out, lse, q_scale):
                               (heads, dout, lse, delta, dheads, dq_acc, numpy.int32(B),
                                numpy.int32(H), numpy.int32(T)))
     n = dq_acc.size
-    blocks = max(1, min((n + 255) // 256, 16 * multiprocessor_count()))
-    _kernel("flash_dq_store", heads.dtype)((blocks,), (256,), (dq_acc, dheads[0], numpy.int64(n), numpy.float32(q_scale)))
+    _kernel("flash_dq_store", heads.dtype)(*stride_grid(n), (dq_acc, dheads[0], numpy.int64(n), numpy.float32(q_scale)))
     return dheads

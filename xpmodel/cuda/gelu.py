@@ -7,7 +7,7 @@ import math
 import numpy
 
 from ..backend import _import_cupy
-from .compile import acc_type, c_type, half_of, multiprocessor_count, optional, raw_kernel
+from .compile import acc_type, c_type, half_of, column_grid, optional, raw_kernel, stride_grid
 
 _THREADS = 256
 
@@ -65,8 +65,7 @@ def gelu_forward(x, bias=None):
     out = cupy.empty_like(x)
     kernel = _kernel("gelu_forward", half=half_of(x.dtype), X_T=c_type(x.dtype), D_T=c_type(x.dtype),
                      G_T="float", ACC=acc_type(x.dtype))
-    blocks = max(1, min((x.size + _THREADS - 1) // _THREADS, 16 * multiprocessor_count()))
-    kernel((blocks,), (_THREADS,), (x, optional(bias), out, numpy.int64(x.size), numpy.int32(x.shape[-1])))
+    kernel(*stride_grid(x.size, _THREADS), (x, optional(bias), out, numpy.int64(x.size), numpy.int32(x.shape[-1])))
     return out
 
 
@@ -82,8 +81,6 @@ def gelu_backward(dout, x, dbias=None):
                      D_T=c_type(dout.dtype),
                      ACC=acc_type(dout.dtype, x.dtype),
                      G_T=c_type(dbias.dtype) if dbias is not None else "float")
-    column_blocks = (C + _THREADS - 1) // _THREADS
-    row_blocks = max(1, min(rows, 16 * multiprocessor_count() // column_blocks))
-    kernel((column_blocks, row_blocks), (_THREADS,), (dout, x, dx, optional(dbias), numpy.int64(rows),
-                                                     numpy.int32(C)))
+    kernel(*column_grid(C, rows, _THREADS), (dout, x, dx, optional(dbias), numpy.int64(rows),
+                                             numpy.int32(C)))
     return dx

@@ -6,7 +6,8 @@ import numpy
 
 from ..backend import _import_cupy
 from ..backend import is_half
-from .compile import acc_type, c_type, half_of, multiprocessor_count, optional, raw_kernel
+from .compile import (acc_type, c_type, column_grid, half_of, multiprocessor_count, optional,
+                      raw_kernel, stride_grid)
 
 _THREADS = 256
 
@@ -132,9 +133,8 @@ def split_heads(qkv, bias, n_head, q_scale):
     kernel = raw_kernel(_SOURCE, "split_heads", half=half_of(qkv.dtype), X_T=c_type(qkv.dtype), ACC=acc,
                         G_T="float")
     n = qkv.size
-    blocks = max(1, min((n + _THREADS - 1) // _THREADS, 16 * multiprocessor_count()))
     scale = numpy.float64(q_scale) if acc == "double" else numpy.float32(q_scale)
-    kernel((blocks,), (_THREADS,), (qkv, optional(bias), heads, numpy.int64(n), numpy.int32(B),
+    kernel(*stride_grid(n, _THREADS), (qkv, optional(bias), heads, numpy.int64(n), numpy.int32(B),
                                     numpy.int32(T), numpy.int32(n_head), numpy.int32(D), scale))
     return heads
 
@@ -156,8 +156,6 @@ def merge_heads(dheads, dbias=None):
         return out
     kernel = raw_kernel(_SOURCE, "merge_heads", half=half_of(dheads.dtype), X_T=c_type(dheads.dtype),
                         ACC=acc_type(dheads.dtype), G_T=g_type)
-    column_blocks = (C3 + _THREADS - 1) // _THREADS
-    row_blocks = max(1, min(B * T, 16 * multiprocessor_count() // column_blocks))
-    kernel((column_blocks, row_blocks), (_THREADS,),
+    kernel(*column_grid(C3, B * T, _THREADS),
            (dheads, out, optional(dbias), numpy.int32(B), numpy.int32(T), numpy.int32(H), numpy.int32(D)))
     return out

@@ -3,7 +3,7 @@ max(h, 0) from h."""
 import numpy
 
 from ..backend import _import_cupy
-from .compile import acc_type, c_type, half_of, multiprocessor_count, optional, raw_kernel
+from .compile import acc_type, c_type, half_of, column_grid, optional, raw_kernel, stride_grid
 
 _THREADS = 256
 
@@ -49,8 +49,7 @@ def relu2_forward(h, bias=None):
     out = cupy.empty_like(h)
     kernel = raw_kernel(_SOURCE, "relu2_forward", half=half_of(h.dtype), X_T=c_type(h.dtype),
                         D_T=c_type(h.dtype), G_T="float", ACC=acc_type(h.dtype))
-    blocks = max(1, min((h.size + _THREADS - 1) // _THREADS, 16 * multiprocessor_count()))
-    kernel((blocks,), (_THREADS,), (h, optional(bias), out, numpy.int64(h.size), numpy.int32(h.shape[-1])))
+    kernel(*stride_grid(h.size, _THREADS), (h, optional(bias), out, numpy.int64(h.size), numpy.int32(h.shape[-1])))
     return out
 
 
@@ -64,8 +63,6 @@ def relu2_backward(dout, h, dbias=None):
     kernel = raw_kernel(_SOURCE, "relu2_backward", half=half_of(h.dtype, dout.dtype),
                         X_T=c_type(h.dtype), D_T=c_type(dout.dtype), ACC=acc_type(dout.dtype, h.dtype),
                         G_T=c_type(dbias.dtype) if dbias is not None else "float")
-    column_blocks = (C + _THREADS - 1) // _THREADS
-    row_blocks = max(1, min(rows, 16 * multiprocessor_count() // column_blocks))
-    kernel((column_blocks, row_blocks), (_THREADS,),
+    kernel(*column_grid(C, rows, _THREADS),
            (dout, h, dh, optional(dbias), numpy.int64(rows), numpy.int32(C)))
     return dh

@@ -2,7 +2,7 @@
 import numpy
 
 from ..backend import _import_cupy
-from .compile import acc_type, c_type, half_of, multiprocessor_count, optional, raw_kernel
+from .compile import acc_type, c_type, half_of, optional, raw_kernel, stride_grid
 
 _THREADS = 256
 
@@ -35,7 +35,6 @@ def residual_add(stream, branch, bias=None, scaled_mask=None):
     kernel = raw_kernel(_SOURCE, "residual_add", half=half_of(stream.dtype, branch.dtype),
                         S_T=c_type(stream.dtype), B_T=c_type(branch.dtype),
                         ACC=acc_type(stream.dtype, branch.dtype))
-    blocks = max(1, min((n + _THREADS - 1) // _THREADS, 16 * multiprocessor_count()))
-    kernel((blocks,), (_THREADS,), (stream, branch, optional(bias), optional(scaled_mask),
+    kernel(*stride_grid(n, _THREADS), (stream, branch, optional(bias), optional(scaled_mask),
                                     numpy.int64(n), numpy.int32(C)))
     return stream

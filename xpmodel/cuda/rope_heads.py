@@ -13,7 +13,7 @@ layer's own `xp` code.
 import numpy
 
 from ..backend import _import_cupy
-from .compile import acc_type, c_type, half_of, multiprocessor_count, optional, raw_kernel
+from .compile import acc_type, c_type, column_grid, half_of, optional, raw_kernel, stride_grid
 
 _THREADS = 256
 
@@ -101,9 +101,8 @@ def split_rope_heads(qkv, bias, n_head, n_kv_head, rope, q_scale):
                         R_T=c_type(cos.dtype) if cos is not None else acc, G_T="float")
     heads = cupy.empty((3, B, n_head, T, D), dtype=qkv.dtype)
     n = heads.size
-    blocks = max(1, min((n + _THREADS - 1) // _THREADS, 16 * multiprocessor_count()))
     scale = numpy.float64(q_scale) if acc == "double" else numpy.float32(q_scale)
-    kernel((blocks,), (_THREADS,), (qkv, optional(bias), heads, optional(cos), optional(sin),
+    kernel(*stride_grid(n, _THREADS), (qkv, optional(bias), heads, optional(cos), optional(sin),
                                     numpy.int64(n), numpy.int32(B), numpy.int32(T),
                                     numpy.int32(n_head), numpy.int32(n_kv_head), numpy.int32(D),
                                     scale))
@@ -125,10 +124,7 @@ def merge_rope_heads(dheads, n_kv_head, rope, dbias=None):
                         X_T=c_type(dheads.dtype), ACC=acc,
                         R_T=c_type(cos.dtype) if cos is not None else acc, G_T=g_type)
     out = cupy.empty((B * T, width), dtype=dheads.dtype)
-    threads = min(_THREADS, -(-width // 32) * 32)
-    column_blocks = -(-width // threads)
-    row_blocks = max(1, min(B * T, 8 * multiprocessor_count() // column_blocks))
-    kernel((column_blocks, row_blocks), (threads,),
+    kernel(*column_grid(width, B * T, min(_THREADS, -(-width // 32) * 32), per_multiprocessor=8),
            (dheads, out, optional(dbias), optional(cos), optional(sin), numpy.int32(B),
             numpy.int32(T), numpy.int32(H), numpy.int32(n_kv_head), numpy.int32(D)))
     return out

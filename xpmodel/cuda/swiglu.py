@@ -7,7 +7,7 @@ keeping it, and sums the bias's gradient."""
 import numpy
 
 from ..backend import _import_cupy
-from .compile import acc_type, c_type, half_of, multiprocessor_count, optional, raw_kernel
+from .compile import acc_type, c_type, half_of, column_grid, optional, raw_kernel, stride_grid
 
 _THREADS = 256
 
@@ -69,8 +69,7 @@ def swiglu_forward(h, bias=None):
     out = cupy.empty((rows, F), dtype=h.dtype)
     kernel = raw_kernel(_SOURCE, "swiglu_forward", half=half_of(h.dtype), X_T=c_type(h.dtype),
                         D_T=c_type(h.dtype), G_T="float", ACC=acc_type(h.dtype))
-    blocks = max(1, min((out.size + _THREADS - 1) // _THREADS, 16 * multiprocessor_count()))
-    kernel((blocks,), (_THREADS,), (h, optional(bias), out, numpy.int64(out.size), numpy.int32(F)))
+    kernel(*stride_grid(out.size, _THREADS), (h, optional(bias), out, numpy.int64(out.size), numpy.int32(F)))
     return out
 
 
@@ -84,8 +83,6 @@ def swiglu_backward(dout, h, dbias=None):
     kernel = raw_kernel(_SOURCE, "swiglu_backward", half=half_of(h.dtype, dout.dtype),
                         X_T=c_type(h.dtype), D_T=c_type(dout.dtype), ACC=acc_type(dout.dtype, h.dtype),
                         G_T=c_type(dbias.dtype) if dbias is not None else "float")
-    column_blocks = (F + _THREADS - 1) // _THREADS
-    row_blocks = max(1, min(rows, 16 * multiprocessor_count() // column_blocks))
-    kernel((column_blocks, row_blocks), (_THREADS,),
+    kernel(*column_grid(F, rows, _THREADS),
            (dout, h, dh, optional(dbias), numpy.int64(rows), numpy.int32(F)))
     return dh
