@@ -206,15 +206,17 @@ def attention_backward(dy, cache, dbias=None, qk_norm=None, dqk_norm=None):
 def split_qkv(qkv, bias, n_head, n_kv_head):
     """qkv: (B, T, (H + 2 H_kv) D) -> q (B, H, T, D), k, v (B, H_kv, T, D),
     each a new contiguous array, with the bias ((H + 2 H_kv) D,) added."""
-    xp = array_module(qkv)
     B, T, width = qkv.shape
-    D = width // (n_head + 2 * n_kv_head)
-    if bias is not None:
-        qkv = qkv + bias
-    heads = qkv.reshape(B, T, n_head + 2 * n_kv_head, D).transpose(0, 2, 1, 3)
-    kv_start = n_head + n_kv_head
-    return (xp.ascontiguousarray(heads[:, :n_head]), xp.ascontiguousarray(heads[:, n_head:kv_start]),
-            xp.ascontiguousarray(heads[:, kv_start:]))
+    n_heads = n_head + 2 * n_kv_head
+    D = width // n_heads
+    heads = qkv.reshape(B, T, n_heads, D).transpose(0, 2, 1, 3)      # (B, all heads, T, D)
+    parts = []
+    for start, stop in ((0, n_head), (n_head, n_head + n_kv_head), (n_head + n_kv_head, n_heads)):
+        part = heads[:, start:stop].copy()                            # the one copy, C-ordered
+        if bias is not None:
+            part += bias.reshape(n_heads, 1, D)[start:stop]
+        parts.append(part)
+    return tuple(parts)
 
 
 def merge_qkv(dq, dk, dv, dbias=None):
