@@ -96,12 +96,6 @@ class GPTConfig:
         """Columns of the fused q, k, v projection: (H + 2 H_kv) D."""
         return (self.n_head + 2 * self.n_kv_head) * self.head_size
 
-    @property
-    def is_gpt2(self):
-        """True when every option is GPT-2's."""
-        return self == GPTConfig(self.vocab_size, self.block_size, self.n_layer, self.n_head,
-                                 self.n_embd, self.dropout)
-
     def num_params(self, include_embeddings=True):
         """Parameters; without embeddings, those the 6N FLOPs rule counts:
         the position table, and the token table when the head is untied."""
