@@ -10,6 +10,12 @@ traced memory for one step, and the ratio to PyTorch.
 The llama-* configs are the same sizes with the Llama-style block (RMSNorm,
 RoPE, SwiGLU, grouped-query attention, no biases); PyTorch runs them with
 F.rms_norm and scaled-dot-product attention with GQA.
+
+The first line names the CPU and the BLAS kernel NumPy runs. OpenBLAS picks
+its kernel from the CPU unless OPENBLAS_CORETYPE forces one (some machines
+set it to work around old OpenBLAS bugs); a forced older kernel (Haswell's
+AVX2 on an AVX-512 CPU) slows xpmodel's matrix products, not PyTorch's, so
+the line says when it is forced.
 """
 import argparse
 import os
@@ -67,6 +73,31 @@ def torch_step(config, B):
     return step
 
 
+def cpu_model():
+    """The CPU's model name and whether it has AVX-512, from /proc/cpuinfo."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")), "unknown CPU")
+    return name + (" with AVX-512" if " avx512f" in info else "")
+
+
+def blas_kernel():
+    """NumPy's BLAS, its version and kernel, and whether the environment forced the kernel."""
+    from threadpoolctl import threadpool_info
+    blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas"]
+    if not blas:
+        return "BLAS unknown"
+    lib = blas[0]
+    text = f"{lib['internal_api']} {lib['version']}, kernel {lib.get('architecture') or '?'}"
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    if forced and lib["internal_api"] == "openblas":
+        text += f" (forced by OPENBLAS_CORETYPE={forced})"
+    return text
+
+
 def time_steps(step, n):
     times = []
     for _ in range(n):
@@ -94,6 +125,7 @@ def main():
     import numpy
     print(f"numpy {numpy.__version__}, torch {torch.__version__ if torch else '-'}, "
           f"threads {args.threads}, cpus {os.cpu_count()}")
+    print(f"{cpu_model()}; NumPy's BLAS: {blas_kernel()}")
     for name in args.configs:
         L, H, C, T, B, V, options = CONFIGS[name]
         config = xpmodel.GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C,
