@@ -243,8 +243,8 @@ def test_fp16_gradients_with_heads_of_64_dimensions(device, monkeypatch, n_head,
     """Heads of 64 dimensions and T = 64: on CUDA, attention runs on the
     tensor-core kernels of xpmodel/cuda/flash.py (checked by counting), GPT-2's
     and grouped-query attention with RoPE (and QK-norm) alike, the latter on
-    keys and values repeated per group (by the fused split of
-    cuda/rope_heads.py without QK-norm)."""
+    the H_kv key/value heads themselves, each read for its group of query
+    heads (split by cuda/rope_heads.py without QK-norm)."""
     from xpmodel.cuda import flash
     config = xpmodel.GPTConfig(vocab_size=96, block_size=64, n_layer=2, n_head=n_head,
                                n_embd=n_embd, **options)
@@ -257,12 +257,12 @@ def test_fp16_gradients_with_heads_of_64_dimensions(device, monkeypatch, n_head,
     calls, original = [], flash.flash_forward
 
     def counted(heads):
-        calls.append(heads.shape)
+        calls.append(heads[1].shape)            # k: (B, H_kv, T, D)
         return original(heads)
     monkeypatch.setattr(flash, "flash_forward", counted)
     model = xpmodel.GPT(config, device=device, seed=5, precision="fp16")
     loss = float(model.forward_backward(idx, targets, scale=256.0))
     model.flat_grads *= 1.0 / 256.0
-    assert len(calls) == (config.n_layer if device == "cuda" else 0)
+    assert calls == ([(2, config.n_kv_head, 64, 64)] * config.n_layer if device == "cuda" else [])
     assert abs(loss - ref_loss) / ref_loss < 5e-3
     assert relative_error(model.flat_grads, reference.flat_grads) < 3e-2

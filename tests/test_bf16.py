@@ -241,28 +241,34 @@ def test_residual_add(cp):
     assert relative_error(g_stream, want) < 1e-6
 
 
-def test_flash_attention(cp, monkeypatch):
+@pytest.mark.parametrize("H,n_kv_head", [(2, 2), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+def test_flash_attention(cp, monkeypatch, H, n_kv_head):
     """bfloat16 heads of 64 take the tensor-core kernels (bf16 mma.sync,
     ldmatrix and cp.async of bfloat16 tiles): output and the q, k, v and bias
     gradients against float64 on the same bfloat16 inputs. T = 128: two query
-    tiles, the second seeing two key tiles."""
+    tiles, the second seeing two key tiles. With grouped keys and values the
+    kernels read H_kv key/value heads, each for its group of query heads."""
     from xpmodel.cuda import flash
     from xpmodel.layers import attention
     monkeypatch.setattr(flash, "ENABLED", True)
     rng = np.random.default_rng(9)
-    B, H, T, D = 1, 2, 128, 64
-    qkv, bias, dy = bf16(rng, (B, T, 3 * H * D)), bf16(rng, (3 * H * D,), 0.1), bf16(rng, (B * T, H * D))
-    y, cache = attention.attention_forward(wide(qkv), H, bias=wide(bias))
+    B, T, D = 1, 128, 64
+    width = (H + 2 * n_kv_head) * D
+    qkv, bias, dy = bf16(rng, (B, T, width)), bf16(rng, (width,), 0.1), bf16(rng, (B * T, H * D))
+    y, cache = attention.attention_forward(wide(qkv), H, bias=wide(bias), n_kv_head=n_kv_head)
     dqkv = attention.attention_backward(wide(dy), cache)
-    g_y, g_cache = attention.attention_forward(cp.asarray(qkv), H, bias=cp.asarray(bias))
+    g_y, g_cache = attention.attention_forward(cp.asarray(qkv), H, bias=cp.asarray(bias),
+                                               n_kv_head=n_kv_head)
     assert isinstance(g_cache.core, attention.FlashCache)
-    g_dbias = cp.zeros(3 * H * D, np.float32)
+    assert g_cache.core.heads[1].shape == (B, n_kv_head, T, D)
+    g_dbias = cp.zeros(width, np.float32)
     g_dqkv = attention.attention_backward(cp.asarray(dy), g_cache, dbias=g_dbias)
     assert g_y.dtype == BFLOAT16 and g_dqkv.dtype == BFLOAT16
     assert relative_error(g_y, y) < 1e-2
-    for part in range(3):   # q, k, v
-        columns = slice(part * H * D, (part + 1) * H * D)
-        assert relative_error(g_dqkv[:, columns], dqkv[:, columns]) < 3e-2, "qkv"[part]
+    for name, heads in [("q", range(H)), ("k", range(H, H + n_kv_head)),
+                        ("v", range(H + n_kv_head, H + 2 * n_kv_head))]:
+        columns = slice(heads.start * D, heads.stop * D)
+        assert relative_error(g_dqkv[:, columns], dqkv[:, columns]) < 3e-2, name
     assert relative_error(g_dbias, dqkv.sum(axis=0)) < 3e-2
 
 

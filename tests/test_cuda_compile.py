@@ -53,7 +53,7 @@ def kernels_of_a_pass(cp, C, V, T, low):
     rope = (cp.ones((2, 32), np.float32), cp.ones((2, 32), np.float32))
     heads = split_rope_heads(cp.ones((1, 2, (H + 2) * 64), low), cp.ones((H + 2) * 64, low), H, 1,
                              rope, 0.125)
-    merge_rope_heads(heads, 1, rope, cp.zeros((H + 2) * 64, np.float32))
+    merge_rope_heads(heads, rope, cp.zeros((H + 2) * 64, np.float32))
     from xpmodel.layers.relu2 import relu2_backward, relu2_forward
     from xpmodel.layers.swiglu import swiglu_backward, swiglu_forward
     h = cp.ones((2, 4 * C), low)

@@ -305,6 +305,52 @@ def test_flash_attention_matches_float64(cp, B, H, T, monkeypatch):
     assert np.abs(lse - (top + np.log(np.exp(scores - top[..., None]).sum(axis=-1)))).max() < 1e-2
 
 
+@pytest.mark.parametrize("H,n_kv_head", [(2, 2), (4, 2), (8, 2), (4, 1)],
+                         ids=["group1", "group2", "group4", "mqa"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_grouped_query_attention_matches_float64(cp, H, n_kv_head, dtype, monkeypatch):
+    """Grouped-query attention with rotary positions, heads of 64, T = 128 (two
+    query tiles, the causal diagonal in each), B = 2: output and the gradients
+    of qkv and its bias against float64 NumPy on the same inputs. Float16 takes
+    the flash kernels on the split's H + 2 H_kv heads: query head h reads
+    key/value head h / (H / H_kv) in place, and dk, dv come back summed over
+    each group. Float32 runs through T x T scores, k and v repeated per group."""
+    from xpmodel.backend import get_device
+    from xpmodel.cuda import flash
+    from xpmodel.layers import attention
+    from xpmodel.layers.rope import rope_tables
+    monkeypatch.setattr(flash, "ENABLED", True)
+    rng = np.random.default_rng()
+    B, T, D = 2, 128, 64
+    width = (H + 2 * n_kv_head) * D
+    qkv, bias = rand(rng, (B, T, width), dtype), rand(rng, (width,), dtype, 0.1)
+    dy = rand(rng, (B * T, H * D), dtype)
+    rope = rope_tables(T, D, 10000.0, get_device("cpu"), np.float64)
+    y, cache = attention.attention_forward(qkv.astype(np.float64), H, bias=bias.astype(np.float64),
+                                           n_kv_head=n_kv_head, rope=rope)
+    dqkv = attention.attention_backward(dy.astype(np.float64), cache)
+    g_rope = tuple(cp.asarray(table.astype(np.float32)) for table in rope)
+    g_y, g_cache = attention.attention_forward(cp.asarray(qkv), H, bias=cp.asarray(bias),
+                                               n_kv_head=n_kv_head, rope=g_rope)
+    g_dbias = cp.zeros(width, np.float32)
+    g_dqkv = attention.attention_backward(cp.asarray(dy), g_cache, dbias=g_dbias)
+    q, k, v = g_cache.core.heads
+    if dtype == np.float16:
+        assert isinstance(g_cache.core, attention.FlashCache)
+        assert q.shape == (B, H, T, D) and k.shape == v.shape == (B, n_kv_head, T, D)
+        tolerance = {"y": 2e-3, "grad": 5e-3}
+    else:
+        assert isinstance(g_cache.core, attention.SoftmaxCache)
+        tolerance = {"y": 1e-5, "grad": 1e-5}
+    assert g_y.dtype == dtype and g_dqkv.dtype == dtype
+    assert relative_error(g_y, y) < tolerance["y"]
+    for name, heads in [("q", range(H)), ("k", range(H, H + n_kv_head)),
+                        ("v", range(H + n_kv_head, H + 2 * n_kv_head))]:
+        columns = slice(heads.start * D, heads.stop * D)
+        assert relative_error(g_dqkv[:, columns], dqkv[:, columns]) < tolerance["grad"], name
+    assert relative_error(g_dbias, dqkv.sum(axis=0)) < tolerance["grad"]
+
+
 def test_flash_attention_serves_only_its_shapes(cp):
     from xpmodel.layers import attention
     rng = np.random.default_rng()
@@ -377,11 +423,13 @@ def test_norm_kernel_without_centring_or_bias_matches_numpy(cp, C, norm):
 
 
 @pytest.mark.parametrize("n_kv_head,rotary", [(2, True), (1, True), (4, True), (2, False)])
-@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
 def test_rope_and_grouped_head_split_and_merge_match_numpy(cp, n_kv_head, rotary, dtype):
-    """Attention with rotary positions and grouped keys/values: the fused split
-    (bias, rotation, scale, repeat) and merge (group sums, rotation back, bias
-    gradient) against the layer's NumPy expressions."""
+    """Attention with rotary positions and grouped keys/values, through T x T
+    scores: the fused split (bias, rotation, scale; H + 2 H_kv heads), the core's
+    repeat of k and v over their groups and its group sums of their gradients,
+    and the merge (rotation back, bias gradient) against the layer's NumPy
+    expressions."""
     from xpmodel.backend import get_device
     from xpmodel.layers.attention import attention_backward, attention_forward
     from xpmodel.layers.rope import rope_tables
@@ -394,7 +442,7 @@ def test_rope_and_grouped_head_split_and_merge_match_numpy(cp, n_kv_head, rotary
     dbias = np.zeros(width)
     dqkv = attention_backward(dy, cache, dbias)
 
-    g_rope = tuple(cp.asarray(t.astype(np.float32 if dtype == np.float16 else t.dtype))
+    g_rope = tuple(cp.asarray(t.astype(np.float64 if dtype == np.float64 else np.float32))
                    for t in rope) if rotary else None
     g_y, g_cache = attention_forward(cp.asarray(qkv.astype(dtype)), H, bias=cp.asarray(bias.astype(dtype)),
                                      n_kv_head=n_kv_head, rope=g_rope)

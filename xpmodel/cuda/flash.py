@@ -5,10 +5,14 @@ against a tile of 64 keys at a time, on the tensor cores (mma.sync m16n8k16
 with .f16 or .bf16 operands, float32 accumulation). One source serves both
 types: the build's h16 (compile.py) is the heads' dtype.
 
+Grouped-query attention is native: query head h reads key/value head
+h / (H / H_kv) in place, so k and v are never repeated over their groups.
+
 Forward keeps a running maximum and sum per query row (the online softmax)
 and saves lse = max + log(sum) per row; backward recomputes the
-probabilities from it. A block of backward owns 64 keys and walks the query
-tiles that see them, accumulating dK and dV in registers and adding its
+probabilities from it. A block of backward owns 64 keys of one key/value
+head and walks the query tiles that see them, for each query head of the
+head's group in turn, accumulating dK and dV in registers and adding its
 share of dQ into a float32 buffer with atomics.
 """
 import os
@@ -142,19 +146,20 @@ __device__ __forceinline__ void mma_a_tile(float (&c)[8][4], const u32 (&a)[KS][
         }
 }
 
-// heads (3, B, H, T, 64): q (already scaled by 1/sqrt(64)), k, v
+// q (B, H, T, 64), already scaled by 1/sqrt(64), k, v (B, H / group, T, 64):
+// query head bh = b H + h reads key/value head bh / group = b H_kv + h / group
 // -> out (B*T, H*64), the heads side by side; lse (B, H, T) float32.
 // grid (T / 64, B * H); block 128: warp w owns queries 16 w .. 16 w + 15 of the tile
-extern "C" __global__ void __launch_bounds__(128) flash_forward(const h16* heads, h16* out,
-        float* lse, int B, int H, int T) {
+extern "C" __global__ void __launch_bounds__(128) flash_forward(const h16* q_heads, const h16* k_heads,
+        const h16* v_heads, h16* out, float* lse, int H, int group, int T) {
     // keys and values of two tiles: the next one lands while one is computed
     __shared__ __align__(16) h16 kv_tiles[2][2][TILE * PAD];
     int q_tile = gridDim.x - 1 - blockIdx.x;          // the longest rows first
     int bh = blockIdx.y, b = bh / H, h = bh - b * H;
     long long head = (long long)T * HD;
-    const h16* q = heads + bh * head;
-    const h16* k = heads + ((long long)B * H + bh) * head;
-    const h16* v = heads + (2LL * B * H + bh) * head;
+    const h16* q = q_heads + bh * head;
+    const h16* k = k_heads + bh / group * head;
+    const h16* v = v_heads + bh / group * head;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int row0 = q_tile * TILE + warp * 16;
     u32 qa[4][4];
@@ -247,12 +252,13 @@ extern "C" __global__ void flash_delta(const h16* dout, const h16* out, float* d
     delta[(b * H + h) * T + t] = sum;
 }
 
-// the rows of query tile `query0`: q, dout, lse and delta into shared memory,
-// asynchronously: landed after the cp_async_wait covering its group
+// the rows of query tile `query0` of query head bh: q, dout, lse and delta into
+// shared memory, asynchronously: landed after the cp_async_wait covering its group
 __device__ __forceinline__ void load_queries(h16* q_tile, h16* do_tile, float* lse_tile, float* delta_tile,
-        const h16* q, const h16* dout, const float* lse, const float* delta, int query0, int H, int T) {
-    int bh = blockIdx.y, b = bh / H, h = bh - b * H;
-    load_tile(q_tile, q + (long long)query0 * HD, HD);
+        const h16* q_heads, const h16* dout, const float* lse, const float* delta, int bh, int query0,
+        int H, int T) {
+    int b = bh / H, h = bh - b * H;
+    load_tile(q_tile, q_heads + ((long long)bh * T + query0) * HD, HD);
     load_tile(do_tile, dout + ((long long)b * T + query0) * H * HD + h * HD, (long long)H * HD);
     const float* row_stats = (threadIdx.x < 16 ? lse : delta) + (long long)bh * T + query0;
     float* tile = threadIdx.x < 16 ? lse_tile : delta_tile;
@@ -260,11 +266,21 @@ __device__ __forceinline__ void load_queries(h16* q_tile, h16* do_tile, float* l
     if (threadIdx.x < 32) cp_async16(tile + 4 * chunk, row_stats + 4 * chunk);
 }
 
-// dheads (3, B, H, T, 64): dk and dv written, dq_acc (B, H, T, 64) float32
-// (zeroed) gets this block's dq added; dout (B*T, H*64), lse and delta (B, H, T).
-// grid (T / 64, B * H); block 128: warp w owns keys 16 w .. 16 w + 15 of the tile
-extern "C" __global__ void __launch_bounds__(128) flash_backward(const h16* heads, const h16* dout,
-        const float* lse, const float* delta, h16* dheads, float* dq_acc, int B, int H, int T) {
+// q, k, v as forward's; dout (B*T, H*64), lse and delta (B, H, T) -> dk, dv
+// (B, H / group, T, 64) written; dq_acc (B, H, T, 64) float32 (zeroed) gets
+// this block's share of dq added.
+// grid (T / 64, B * H / group); block 128: warp w owns keys 16 w .. 16 w + 15 of the tile.
+// A block owns one tile of keys of key/value head kv and walks the query tiles
+// that see it for each query head of kv's group in turn (kv group .. kv group
+// + group - 1), the next tile's copy in flight while one is computed, the next
+// head's first after a head's last. So dk and dv are summed over the group in
+// registers and written once: no atomics and no per-query-head copies to sum
+// afterwards, and the same order of additions every run. The price is group
+// times fewer blocks, B * H_kv * T / 64, still several per multiprocessor at
+// training shapes. With group 1 it is the multi-head kernel: one head, one pass.
+extern "C" __global__ void __launch_bounds__(128) flash_backward(const h16* q_heads, const h16* k_heads,
+        const h16* v_heads, const h16* dout, const float* lse, const float* delta, h16* dk_heads,
+        h16* dv_heads, float* dq_acc, int H, int group, int T) {
     __shared__ __align__(16) h16 q_tile[TILE * PAD];
     __shared__ __align__(16) h16 do_tile[TILE * PAD];
     __shared__ __align__(16) h16 k_tile[TILE * PAD];
@@ -272,23 +288,21 @@ extern "C" __global__ void __launch_bounds__(128) flash_backward(const h16* head
     __shared__ __align__(16) h16 ds_tile[TILE * PAD];  // dscores transposed: keys x queries
     __shared__ __align__(16) float lse_tile[TILE], delta_tile[TILE];
     int k_tile_index = blockIdx.x;                     // tile 0 sees the most queries: first
-    int bh = blockIdx.y;
+    int kv = blockIdx.y, tiles = T / TILE;
+    int bh = kv * group, last_bh = bh + group - 1;     // the query head now, the group's last
     long long head = (long long)T * HD;
-    const h16* q = heads + bh * head;
-    const h16* k = heads + ((long long)B * H + bh) * head;
-    const h16* v = heads + (2LL * B * H + bh) * head;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int key0 = k_tile_index * TILE;
-    load_tile(k_tile, k + (long long)key0 * HD, HD);
-    load_tile(v_tile, v + (long long)key0 * HD, HD);
-    load_queries(q_tile, do_tile, lse_tile, delta_tile, q, dout, lse, delta, key0, H, T);
+    load_tile(k_tile, k_heads + ((long long)kv * T + key0) * HD, HD);
+    load_tile(v_tile, v_heads + ((long long)kv * T + key0) * HD, HD);
+    load_queries(q_tile, do_tile, lse_tile, delta_tile, q_heads, dout, lse, delta, bh, key0, H, T);
     cp_async_commit();
     float dk[8][4], dv[8][4];
     #pragma unroll
     for (int nb = 0; nb < 8; nb++)
         #pragma unroll
         for (int i = 0; i < 4; i++) dk[nb][i] = dv[nb][i] = 0.0f;
-    for (int qt = k_tile_index; qt < T / TILE; qt++) {
+    for (int qt = k_tile_index; qt < tiles;) {
         cp_async_wait<0>();
         __syncthreads();                               // the query tile (and k, v) in place
         // 32 queries at a time: probabilities^T, 16 keys x 32 queries, and dscores^T
@@ -331,8 +345,11 @@ extern "C" __global__ void __launch_bounds__(128) flash_backward(const h16* head
             }
         }
         __syncthreads();                               // dscores shared; the query tile is free
-        if (qt + 1 < T / TILE)                         // lands while dq is computed
-            load_queries(q_tile, do_tile, lse_tile, delta_tile, q, dout, lse, delta, (qt + 1) * TILE, H, T);
+        int next_qt = qt + 1, next_bh = bh;
+        if (next_qt == tiles && bh < last_bh) next_qt = k_tile_index, next_bh = bh + 1;
+        if (next_qt < tiles)                           // lands while dq is computed
+            load_queries(q_tile, do_tile, lse_tile, delta_tile, q_heads, dout, lse, delta, next_bh,
+                         next_qt * TILE, H, T);
         cp_async_commit();
         // dq (this warp's 16 queries x 64) += dscores (queries x 64 keys) @ k
         float dq[8][4];
@@ -348,8 +365,10 @@ extern "C" __global__ void __launch_bounds__(128) flash_backward(const h16* head
             atomic_add2(dst + nb * 8, dq[nb][0], dq[nb][1]);
             atomic_add2(dst + 8 * HD + nb * 8, dq[nb][2], dq[nb][3]);
         }
+        qt = next_qt;
+        bh = next_bh;
     }
-    h16* dkv[2] = {dheads + ((long long)B * H + bh) * head, dheads + (2LL * B * H + bh) * head};
+    h16* dkv[2] = {dk_heads + kv * head, dv_heads + kv * head};
     #pragma unroll
     for (int r = 0; r < 2; r++) {
         long long row = key0 + warp * 16 + g + 8 * r;
@@ -371,14 +390,28 @@ extern "C" __global__ void flash_dq_store(const float* dq_acc, h16* dq, long lon
 
 
 def flash_applies(heads, dropout_p):
-    """Whether the kernels serve these heads (3, B, H, T, D): float16 or bfloat16,
-    contiguous and 16-byte aligned, D = 64, T a multiple of 64, B * H within a
-    grid's second dimension, no dropout on the probabilities, a GPU of compute
-    capability 8.0 or later (and XPMODEL_FLASH not 0)."""
-    _, B, H, T, D = heads.shape
-    return (ENABLED and is_half(heads.dtype) and D == HEAD_DIM and T % TILE == 0
-            and heads.flags.c_contiguous and heads.data.ptr % 16 == 0
+    """Whether the kernels serve these heads (empty_heads' form): float16 or
+    bfloat16, each part contiguous and 16-byte aligned, D = 64, T a multiple
+    of 64, B * H within a grid's second dimension, no dropout on the
+    probabilities, a GPU of compute capability 8.0 or later (and XPMODEL_FLASH
+    not 0)."""
+    q = heads[0]
+    B, H, T, D = q.shape
+    return (ENABLED and is_half(q.dtype) and D == HEAD_DIM and T % TILE == 0
+            and all(part.flags.c_contiguous and part.data.ptr % 16 == 0 for part in heads)
             and B * H <= _MAX_GRID_Y and not dropout_p and _has_mma())
+
+
+def empty_heads(B, H, H_kv, T, D, dtype):
+    """Uninitialised attention heads, or their gradients, in the form the
+    attention core reads: q (B, H, T, D) and k, v (B, H_kv, T, D). One
+    (3, B, H, T, D) array when H_kv = H (GPT-2's head split and merge move it
+    as one), else the three arrays, H + 2 H_kv heads in all."""
+    cupy = _import_cupy()
+    if H_kv == H:
+        return cupy.empty((3, B, H, T, D), dtype=dtype)
+    return (cupy.empty((B, H, T, D), dtype=dtype), cupy.empty((B, H_kv, T, D), dtype=dtype),
+            cupy.empty((B, H_kv, T, D), dtype=dtype))
 
 
 _compute_capability = {}
@@ -397,35 +430,42 @@ def _kernel(name, half):
 
 
 def flash_forward(heads):
-    """heads: (3, B, H, T, 64) float16 or bfloat16, contiguous, q scaled ->
-    out (B*T, H*64) in the heads' dtype, lse (B, H, T) float32."""
+    """heads: q (B, H, T, 64), scaled, k, v (B, H_kv, T, 64) (empty_heads' form),
+    float16 or bfloat16, as flash_applies requires -> out (B*T, H*64) in the
+    heads' dtype, lse (B, H, T) float32."""
     cupy = _import_cupy()
-    _, B, H, T, _ = heads.shape
-    out = cupy.empty((B * T, H * HEAD_DIM), dtype=heads.dtype)
+    q, k, v = heads
+    B, H, T, _ = q.shape
+    out = cupy.empty((B * T, H * HEAD_DIM), dtype=q.dtype)
     lse = cupy.empty((B, H, T), dtype=numpy.float32)
-    _kernel("flash_forward", heads.dtype)((T // TILE, B * H), (_THREADS,),
-                             (heads, out, lse, numpy.int32(B), numpy.int32(H), numpy.int32(T)))
+    _kernel("flash_forward", q.dtype)((T // TILE, B * H), (_THREADS,),
+                                      (q, k, v, out, lse, numpy.int32(H), numpy.int32(H // k.shape[1]),
+                                       numpy.int32(T)))
     return out, lse
 
 
 def flash_backward(dout, heads, out, lse, q_scale):
     """dout, out: (B*T, H*64) in the heads' dtype; heads, lse as forward's ->
-    dheads (3, B, H, T, 64) in the heads' dtype, dq with respect to the unscaled q (q_scale is
-    the factor split_heads applied)."""
+    dheads in the heads' form (empty_heads), dk and dv of the H_kv key/value
+    heads themselves, dq with respect to the unscaled q (q_scale is the factor
+    the split applied)."""
     cupy = _import_cupy()
-    _, B, H, T, _ = heads.shape
-    dout = cupy.ascontiguousarray(dout, dtype=heads.dtype)
+    q, k, v = heads
+    B, H, T, _ = q.shape
+    H_kv = k.shape[1]
+    dout = cupy.ascontiguousarray(dout, dtype=q.dtype)
     if dout.data.ptr % 16:          # the kernels copy 16-byte vectors of it
         dout = dout.copy()
     rows = B * T * H
     delta = cupy.empty((B, H, T), dtype=numpy.float32)
-    _kernel("flash_delta", heads.dtype)(((rows + 255) // 256,), (256,),
-                           (dout, out, delta, numpy.int32(B), numpy.int32(H), numpy.int32(T)))
-    dheads = cupy.empty_like(heads)
+    _kernel("flash_delta", q.dtype)(((rows + 255) // 256,), (256,),
+                                    (dout, out, delta, numpy.int32(B), numpy.int32(H), numpy.int32(T)))
+    dheads = empty_heads(B, H, H_kv, T, HEAD_DIM, q.dtype)
+    dq, dk, dv = dheads
     dq_acc = cupy.zeros((B, H, T, HEAD_DIM), dtype=numpy.float32)
-    _kernel("flash_backward", heads.dtype)((T // TILE, B * H), (_THREADS,),
-                              (heads, dout, lse, delta, dheads, dq_acc, numpy.int32(B),
-                               numpy.int32(H), numpy.int32(T)))
+    _kernel("flash_backward", q.dtype)((T // TILE, B * H_kv), (_THREADS,),
+                                       (q, k, v, dout, lse, delta, dk, dv, dq_acc, numpy.int32(H),
+                                        numpy.int32(H // H_kv), numpy.int32(T)))
     n = dq_acc.size
-    _kernel("flash_dq_store", heads.dtype)(*stride_grid(n), (dq_acc, dheads[0], numpy.int64(n), numpy.float32(q_scale)))
+    _kernel("flash_dq_store", q.dtype)(*stride_grid(n), (dq_acc, dq, numpy.int64(n), numpy.float32(q_scale)))
     return dheads

@@ -21,12 +21,13 @@ without T x T matrices.
 
 GPT-2's attention goes straight from the split to that core. With the
 options, the split gives q (B, H, T, D) and k, v (B, H_kv, T, D); QK-norm
-and the rotation act on q and k, q is scaled, and k and v are repeated over
-their groups of query heads into the same (3, B, H, T, D) layout, so one
-core (and the flash kernels) serves every variant; backward sums each
-group's key and value gradients back. With the fused kernels and no QK-norm, the split
-with the rotation and the repeat, and the merge with the group sums, are one
-kernel each (xpmodel/cuda/rope_heads.py).
+and the rotation act on q and k and q is scaled. The core takes the heads in
+that form (one (3, B, H, T, D) array when H_kv = H, as GPT-2's), so one core
+serves every variant: the flash kernels read each key/value head for every
+query head of its group and give its gradient summed over the group; the
+path through T x T scores repeats k and v over their groups and sums their
+gradients back. With the fused kernels and no QK-norm, the split with the
+rotation, and the merge, are one kernel each (xpmodel/cuda/rope_heads.py).
 """
 import math
 from typing import NamedTuple
@@ -112,20 +113,20 @@ def split_heads(qkv, bias, n_head):
 
 
 class SoftmaxCache(NamedTuple):
-    heads: object       # (3, B, H, T, D), q scaled
+    heads: object       # (3, B, H, T, D), q scaled, k and v repeated over their groups
     probs: object       # (B, H, T, T)
     drop_mask: object   # (B, H, T, T) or None
+    group: int          # query heads per key/value head: backward sums dk, dv over each
 
 
 class FlashCache(NamedTuple):
-    heads: object       # (3, B, H, T, 64), q scaled
+    heads: object       # q (B, H, T, 64), scaled, k, v (B, H_kv, T, 64), as the core got them
     out: object         # (B*T, C), the layer's output
     lse: object         # (B, H, T) float32: log of each row's softmax denominator, plus its max
 
 
 class HeadsCache(NamedTuple):
-    """What the backward of the head transforms (GQA, QK-norm, RoPE) reads."""
-    n_kv_head: int
+    """What the backward of the head transforms (QK-norm, RoPE) reads."""
     qk_norm: object     # (q's RMSNorm cache, k's) or None
     rope: object        # (cos, sin) (T, D/2) or None
 
@@ -157,7 +158,7 @@ def attention_forward(qkv, n_head, dropout_p=0.0, rng=None, bias=None, n_kv_head
         from ..cuda.rope_heads import split_rope_heads
         heads = split_rope_heads(qkv, bias, n_head, n_kv_head, rope, 1.0 / math.sqrt(D))
         y, core = _core_forward(heads, dropout_p, rng)
-        return y, AttentionCache(core, HeadsCache(n_kv_head, None, rope))
+        return y, AttentionCache(core, HeadsCache(None, rope))
     q, k, v = split_qkv(qkv, bias, n_head, n_kv_head)                # (B, H|H_kv, T, D)
     norm_caches = None
     if qk_norm is not None:
@@ -172,34 +173,30 @@ def attention_forward(qkv, n_head, dropout_p=0.0, rng=None, bias=None, n_kv_head
         start = kv_cache.append(k, v)
         if start > 0:
             return cached_attention(q, kv_cache, start), None
-    group = n_head // n_kv_head
-    heads = array_module(q).stack([q, _repeat_heads(k, group), _repeat_heads(v, group)])
+    # the core's form of the heads (cuda/flash.py's empty_heads)
+    heads = array_module(q).stack([q, k, v]) if n_kv_head == n_head else (q, k, v)
     y, core = _core_forward(heads, dropout_p, rng)
-    return y, AttentionCache(core, HeadsCache(n_kv_head, norm_caches, rope))
+    return y, AttentionCache(core, HeadsCache(norm_caches, rope))
 
 
 def attention_backward(dy, cache, dbias=None, qk_norm=None, dqk_norm=None):
     """dy: (B*T, H D) -> dqkv (B*T, (H + 2 H_kv) D); with dbias, the gradient of
     the bias passed to forward is added into it. qk_norm: (w_q, w_k, eps) as
     given to forward; dqk_norm: (dw_q, dw_k) to add their gradients into."""
-    dheads = _core_backward(dy, cache.core)                          # (3, B, H, T, D)
+    dheads = _core_backward(dy, cache.core)          # in the form of the heads: dk, dv of H_kv heads
     if cache.heads is None:
         return merge_heads(dheads, dbias)
-    n_kv_head, norm_caches, rope = cache.heads
+    norm_caches, rope = cache.heads
     if fused_kernels(dy) and norm_caches is None:
         from ..cuda.rope_heads import merge_rope_heads
-        return merge_rope_heads(dheads, n_kv_head, rope, dbias)
-    _, B, H, T, D = dheads.shape
-    group = H // n_kv_head
-    dq = dheads[0]                                 # the core's dq is already times 1/sqrt(D)
-    dk = _sum_head_groups(dheads[1], group)
-    dv = _sum_head_groups(dheads[2], group)
+        return merge_rope_heads(dheads, rope, dbias)
+    dq, dk, dv = dheads                            # the core's dq is already times 1/sqrt(D)
     if rope is not None:
         dq, dk = rope_backward(dq, *rope), rope_backward(dk, *rope)
     if norm_caches is not None:
         (w_q, w_k, _), (dw_q, dw_k) = qk_norm, dqk_norm
-        dq = rmsnorm_backward(dq, norm_caches[0], w_q, dw_q).astype(dheads.dtype, copy=False)
-        dk = rmsnorm_backward(dk, norm_caches[1], w_k, dw_k).astype(dheads.dtype, copy=False)
+        dq = rmsnorm_backward(dq, norm_caches[0], w_q, dw_q).astype(dv.dtype, copy=False)
+        dk = rmsnorm_backward(dk, norm_caches[1], w_k, dw_k).astype(dv.dtype, copy=False)
     return merge_qkv(dq, dk, dv, dbias)
 
 
@@ -265,16 +262,23 @@ def cached_attention(q, kv_cache, start):
 
 
 def _core_forward(heads, dropout_p, rng):
-    """heads: (3, B, H, T, D), q scaled -> y (B*T, H D) and the core's cache:
-    causal softmax attention, by flash kernels where they apply."""
-    _, B, H, T, D = heads.shape
-    xp = array_module(heads)
-    if fused_kernels(heads):
+    """heads: q (B, H, T, D), scaled, k, v (B, H_kv, T, D), one (3, B, H, T, D)
+    array when H_kv = H -> y (B*T, H D) and the core's cache: causal softmax
+    attention, by flash kernels where they apply (they read each key/value
+    head for its whole group of query heads), else through T x T scores of
+    each query head against its own copy of its key/value head."""
+    q, k, v = heads
+    B, H, T, D = q.shape
+    xp = array_module(q)
+    if fused_kernels(q):
         from ..cuda import flash
         if flash.flash_applies(heads, dropout_p):
             y, lse = flash.flash_forward(heads)
             return y, FlashCache(heads, y, lse)
-    q, k, v = heads[0], heads[1], heads[2]
+    group = H // k.shape[1]
+    if group > 1:
+        heads = xp.stack([q, _repeat_heads(k, group), _repeat_heads(v, group)])
+        q, k, v = heads
     blocks = _causal_blocks(T, fused_kernels(heads))
     scores = xp.empty(q.shape[:-1] + (T,), dtype=_score_dtype(heads))  # (B, H, T, T)
     for rows, keys in blocks:
@@ -285,7 +289,7 @@ def _core_forward(heads, dropout_p, rng):
     for rows, keys in blocks:
         matmul(probs_used[:, :, rows, keys], v[:, :, keys], out=y[:, :, rows])
     y = y.transpose(0, 2, 1, 3).reshape(B * T, H * D)
-    return y, SoftmaxCache(heads, probs, drop_mask)
+    return y, SoftmaxCache(heads, probs, drop_mask, group)
 
 
 def merge_heads(dheads, dbias=None):
@@ -303,13 +307,14 @@ def merge_heads(dheads, dbias=None):
 
 
 def _core_backward(dy, cache):
-    """dy: (B*T, H D) -> dheads (3, B, H, T, D), dq with respect to q before its scaling."""
+    """dy: (B*T, H D) -> dheads in the form of the heads forward got: dq
+    (B, H, T, D) with respect to q before its scaling, dk, dv (B, H_kv, T, D)."""
     xp = array_module(dy)
     if isinstance(cache, FlashCache):
         from ..cuda.flash import flash_backward
         return flash_backward(dy, cache.heads, cache.out, cache.lse,
-                              1.0 / math.sqrt(cache.heads.shape[-1]))
-    heads, probs, drop_mask = cache
+                              1.0 / math.sqrt(cache.heads[0].shape[-1]))
+    heads, probs, drop_mask, group = cache
     _, B, H, T, D = heads.shape
     q, k, v = heads[0], heads[1], heads[2]   # q already scaled by 1/sqrt(D)
     dheads = xp.empty_like(heads)
@@ -331,6 +336,8 @@ def _core_backward(dy, cache):
         matmul(dscores[:, :, rows, keys], k[:, :, keys], out=dq[:, :, rows], alpha=1.0 / math.sqrt(D))
         later = slice(rows.start, T)
         matmul(dscores[:, :, later, rows], q[:, :, later], transpose_a=True, out=dk[:, :, rows])
+    if group > 1:
+        return dq, _sum_head_groups(dk, group), _sum_head_groups(dv, group)
     return dheads
 
 
