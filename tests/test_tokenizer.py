@@ -322,8 +322,15 @@ def test_transformers_loads_the_export(tokenizer, hf_dir, parity_texts, tmp_path
             assert other.encode(text) == ids, text
 
 
-def test_export_refuses_tokens_with_equal_bytes(tmp_path):
+def test_two_merges_make_one_token_only_when_tokens_are_given(tmp_path):
     # (a, b) then (ab, c) and (b, c) then (a, bc): "abc" twice.
-    tok = BPETokenizer([(97, 98), (256, 99), (98, 99), (97, 258)], ())
-    with pytest.raises(UsageError, match="distinct"):
-        export_tokenizer_hf(tok, tmp_path)
+    merges = [(97, 98), (256, 99), (98, 99), (97, 258)]
+    with pytest.raises(UsageError, match="ids 257 and 259 are both b'abc'"):
+        BPETokenizer(merges, ())
+    # With the tokens given, both merges make "abc" (id 257), as in vocabs converted from tiktoken.
+    tok = BPETokenizer([(97, 98), (256, 99), (98, 99), (97, 258)], (),
+                       tokens=[b"ab", b"abc", b"bc"])
+    assert tok.vocab_size == 259 and tok.encode("abc") == [257]
+    export_tokenizer_hf(tok, tmp_path)
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["model"]["merges"] == [
+        "a b", "ab c", "b c", "a bc"]

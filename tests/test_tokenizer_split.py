@@ -9,6 +9,7 @@ a tiny random LlamaForCausalLM whose logits must match.
 """
 import json
 import unicodedata
+from collections import Counter
 
 import numpy
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from test_tokenizer import CORPUS, HAND_PICKED, random_strings
 from xpmodel.errors import DataError, UsageError
 from xpmodel.tokenizer import ENDOFTEXT, GPT2_SPLIT_PATTERN, BPETokenizer
-from xpmodel.tokenizer_hf import export_tokenizer_hf, read_hf_tokenizer
+from xpmodel.tokenizer_hf import export_tokenizer_hf, gpt2_byte_to_unicode, read_hf_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
@@ -243,9 +244,10 @@ def test_import_refuses_other_forms_naming_the_part(llama3_document, tmp_path, k
 
 @pytest.mark.parametrize("model, named", [
     ({"type": "Unigram", "vocab": [["a", 0.0]]}, "model type 'Unigram'"),
-    ({"type": "BPE", "byte_fallback": True, "vocab": {"a": 0}, "merges": []}, "byte_fallback"),
+    ({"type": "BPE", "byte_fallback": True, "vocab": {"a": 0}, "merges": []},
+     "pre_tokenizer 'Sequence' with BPE byte_fallback is not supported"),
 ])
-def test_import_refuses_sentencepiece_models(llama3_document, tmp_path, model, named):
+def test_import_refuses_sentencepiece_parts_with_a_split(llama3_document, tmp_path, model, named):
     (tmp_path / "tokenizer.json").write_text(json.dumps(dict(llama3_document, model=model)))
     with pytest.raises(UsageError, match=named):
         read_hf_tokenizer(tmp_path)
@@ -263,6 +265,69 @@ def test_a_bad_pattern_in_a_tokenizer_file_is_a_data_error_naming_it(tmp_path, p
         BPETokenizer.load(path)
     with pytest.raises(UsageError, match=named):
         BPETokenizer(split_pattern=pattern)
+
+
+# ----- Meta's Llama 3 layout, converted from tiktoken -----------------------
+
+
+def tiktoken_style_tokenizer():
+    """A Llama 3 tokenizer laid out as Meta's tokenizer.json (converted from
+    tiktoken): every split of a token into two tokens is a merge, ranked by
+    the token's id, so one token has several merges and a merge may rank
+    before the merges that make its sides; and tokens with no merge at all
+    that only ignore_merges reaches. Returns (tokenizer, the whole-only names)."""
+    document = json.loads(hf_tokenizer(LLAMA3_PATTERN, vocab_size=400).to_str())
+    vocab = document["model"]["vocab"]
+    specials = [token["content"] for token in document["added_tokens"]]
+    byte_to_char = gpt2_byte_to_unicode()
+    split = pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False)
+    counts = Counter("".join(byte_to_char[b] for b in piece.encode("utf-8"))
+                     for piece, _ in split.pre_tokenize_str(TRAINING_TEXT))
+    unseen = [name for name, _ in counts.most_common() if name not in vocab and len(name) > 1]
+    whole, later = unseen[:30], unseen[30:60]
+    names = sorted((name for name in vocab if name not in specials), key=vocab.get) + whole
+    names += list(dict.fromkeys(name[1:] for name in later if name[1:] not in names))
+    names += [name for name in later if name not in names]   # ids after their own right sides
+    ids = {name: i for i, name in enumerate(names)}
+    merges = []
+    for name in names:
+        if name not in whole:
+            splits = [(name[:i], name[i:]) for i in range(1, len(name))
+                      if {name[:i], name[i:]} <= ids.keys() - set(whole)]
+            merges += sorted(splits, key=lambda pair: (ids[pair[0]], ids[pair[1]]))
+    for k, token in enumerate(document["added_tokens"]):
+        token["id"] = ids[token["content"]] = len(names) + k
+    document["model"].update(vocab=ids, merges=[list(pair) for pair in merges], ignore_merges=True)
+    return tokenizers.Tokenizer.from_str(json.dumps(document)), whole
+
+
+def test_meta_llama3_layout_imports_exactly(tmp_path):
+    hf, whole = tiktoken_style_tokenizer()
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok, hf_ids = read_hf_tokenizer(tmp_path)
+    made = {tok.token_bytes(left) + tok.token_bytes(right) for left, right in tok.merges}
+    assert tok.ignore_merges and len(made) < len(tok.merges)   # tokens with several merges
+    assert tok._long_piece == 0   # a merge ranks before one making its side: all by heap
+    reached = set()
+    for text in all_texts() + [TRAINING_TEXT]:
+        ours = tok.encode(text, allowed_special="all")
+        assert hf_ids[ours].tolist() == hf.encode(text).ids, text
+        assert tok.decode(ours) == text
+        reached.update(tok.decode([i]) for i in ours)
+    byte_to_char = gpt2_byte_to_unicode()
+    whole_texts = {bytes(b for c in name for b, char in byte_to_char.items() if char == c)
+                   .decode("utf-8") for name in whole}
+    assert len(whole_texts & reached) > 20   # tokens that no merge makes
+
+    tok.save(tmp_path / "tok.json")
+    document = json.loads((tmp_path / "tok.json").read_text(encoding="utf-8"))
+    assert len(document["tokens"]) == tok.vocab_size - 256 - 1
+    assert BPETokenizer.load(tmp_path / "tok.json") == tok
+    export_tokenizer_hf(tok, tmp_path / "back")
+    exported = tokenizers.Tokenizer.from_file(str(tmp_path / "back" / "tokenizer.json"))
+    for text in all_texts()[:120] + [TRAINING_TEXT]:
+        assert exported.encode(text).ids == tok.encode(text, allowed_special="all"), text
+    assert read_hf_tokenizer(tmp_path / "back")[0] == tok
 
 
 # ----- a Llama model with such a tokenizer ----------------------------------

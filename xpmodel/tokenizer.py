@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizer, the way GPT-2 tokenizes text.
+"""Byte-level BPE tokenizer, the way GPT-2 tokenizes text (and SentencePiece's BPE).
 
 Text is split by a pre-tokenization regex into pieces (by default GPT-2's:
 words with their leading space, digit runs, punctuation runs, whitespace
@@ -7,7 +7,7 @@ learned rank. Every string round-trips exactly, because the pieces cover the
 text and ids 0..255 cover every byte. (Text must be valid Unicode: a lone
 surrogate has no UTF-8 form and raises UnicodeEncodeError, a ValueError.)
 
-Three options exist so that Hugging Face tokenizers other than GPT-2's import
+Five options exist so that Hugging Face tokenizers other than GPT-2's import
 exactly (see tokenizer_hf.py); each is off by default, and a tokenizer that
 uses none is stored, fingerprinted and encodes exactly as before they existed:
     split_pattern   another split regex, as Llama 3 and Qwen2 use (Hugging
@@ -17,10 +17,21 @@ uses none is stored, fingerprinted and encodes exactly as before they existed:
                     Qwen2 does; such a tokenizer round-trips NFC text only
     ignore_merges   a piece whose bytes are a token is that token, before any
                     merge is tried (Hugging Face's BPE ignore_merges)
+    tokens          the bytes of every token, given apart from the merges: a
+                    token may then be made by several merges or by none (Meta's
+                    Llama 3 vocab, converted from tiktoken, has both), and
+                    merges may rank before those that make their sides
+    metaspace       SentencePiece's BPE (Llama 2, Mistral, TinyLlama; see
+                    `Metaspace`): a space is a token's "▁", a piece starts as
+                    its characters' tokens, and a character without one falls
+                    back to its UTF-8 bytes (ids 0..255 are then the byte
+                    tokens "<0x00>".."<0xFF>")
 
 Id space, in order:
     0 .. 255                    the raw bytes (id == byte value)
-    256 .. 256 + M - 1          the M merges, in rank order (lower id merges first)
+    256 .. 256 + M - 1          the M merges, in rank order (lower id merges first);
+                                with `tokens`, the T tokens instead, merges
+                                ranking apart from ids
     256 + M .. vocab_size - 1   the special tokens, e.g. "<|endoftext|>"
 
 Two special tokens have a meaning: "<|endoftext|>" (`eot_id`) separates
@@ -36,8 +47,10 @@ Hugging Face export lives in `tokenizer_hf.py`. This file does not read
 corpora or write token files: the data module streams text through
 `encode_chunks`.
 """
+import dataclasses
 import hashlib
 import heapq
+import itertools
 import json
 import multiprocessing
 import operator
@@ -62,9 +75,14 @@ FILE_FORMAT = "xpmodel-bpe-tokenizer"
 FILE_VERSION = 1    # what a tokenizer with none of the options writes, as xpmodel always has
 FILE_VERSION_OPTIONS = 2   # with any option, so that an older xpmodel refuses the file
 NORMALIZERS = ("nfc",)
+PREPEND_SCHEMES = ("always", "unless_space", "first", "never")
 MAX_SPLIT_PATTERN_BYTES = 4096
 
 _SPLIT = regex.compile(GPT2_SPLIT_PATTERN)
+# Metaspace pieces: with split, a piece starts at every space (Hugging Face's
+# MergedWithNext); without, where a space follows other text (see `__init__`).
+_SPACE_SPLIT = regex.compile(r" [^ ]*|[^ ]+")
+_WORD_SPLIT = regex.compile(r" *[^ ]+| +")
 # Pieces longer than this are merged with a heap (O(n log n)) instead of
 # repeated scans (O(n * merges applied)): a long run of spaces or a base64 blob
 # would otherwise be quadratic.
@@ -81,22 +99,79 @@ _MAX_TOTAL_TOKEN_BYTES = 1 << 28
 _MAX_SPECIAL_TOKENS = 1024
 _MAX_SPECIAL_CHARS = 256
 _MAX_FILE_BYTES = 64 << 20
+# A merge's key orders merges by rank and names the token it makes:
+# rank << _RANK_SHIFT | id. When merge k makes id 256 + k the key is the id.
+_RANK_SHIFT = 20
+_ID_MASK = (1 << _RANK_SHIFT) - 1
+assert MAX_VOCAB <= 1 << _RANK_SHIFT
+
+
+@dataclasses.dataclass(frozen=True)
+class Metaspace:
+    """How a SentencePiece-style tokenizer (Llama 2's, Mistral's) treats spaces.
+
+    Its tokens spell a space "▁"; xpmodel keeps them with the space itself, so
+    that token bytes are text, and reads a "▁" in the text as a space, as
+    those tokenizers do. Before the text between special tokens is split, a
+    space is put in front of it when `prepend` says so:
+        "always"        every non-empty text (Hugging Face's Prepend normalizer)
+        "unless_space"  every text that does not start with a space (Metaspace
+                        prepend_scheme "always")
+        "first"         only the text at the start of the input, unless it starts
+                        with a space (Metaspace "first")
+        "never"
+    `split`: a piece starts at every space (Metaspace split true); else the
+    whole text is one piece. `strip_decoded`: decoding drops one leading space
+    (Hugging Face's Strip decoder).
+    """
+    prepend: str = "always"
+    split: bool = False
+    strip_decoded: bool = True
+
+    def __post_init__(self):
+        if self.prepend not in PREPEND_SCHEMES:
+            raise UsageError(f"metaspace prepend must be one of {list(PREPEND_SCHEMES)}, "
+                             f"got {quote(self.prepend, 40)}")
+        for name in ("split", "strip_decoded"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"metaspace {name} must be true or false, "
+                                 f"got {quote(getattr(self, name), 40)}")
+
+    def spaced(self, text, at_start):
+        """`text` as its tokens spell it, with spaces for "▁" and the prepended space."""
+        text = text.replace("\u2581", " ")
+        if text and (self.prepend == "always" or not text.startswith(" ") and (
+                self.prepend == "unless_space" or self.prepend == "first" and at_start)):
+            text = " " + text
+        return text
 
 
 class BPETokenizer:
     """A byte-level BPE tokenizer: merges learned by `train`, or loaded by `load`.
 
     `merges[k] == (left_id, right_id)` makes token id 256 + k; each side is a
-    byte or an earlier merge. Special tokens take the ids after the merges, in
-    the order given. `split_pattern`, `normalizer` and `ignore_merges` are the
-    options of the module docstring.
+    byte or an earlier merge. With `tokens` (a sequence of bytes: ids 256,
+    257, ...), merge k instead makes the token whose bytes are its sides'
+    bytes joined, and its sides may be any tokens. Special tokens take the ids
+    after, in the order given. `split_pattern`, `normalizer`, `ignore_merges`,
+    `tokens` and `metaspace` are the options of the module docstring; with a
+    `metaspace`, `split_pattern` is None (spaces decide the pieces).
     """
 
     def __init__(self, merges=(), special_tokens=(ENDOFTEXT,), split_pattern=GPT2_SPLIT_PATTERN,
-                 normalizer=None, ignore_merges=False):
+                 normalizer=None, ignore_merges=False, tokens=None, metaspace=None):
         _check_special_tokens(special_tokens)
+        if metaspace is not None:
+            if not isinstance(metaspace, Metaspace):
+                raise UsageError(f"metaspace must be a Metaspace or None, "
+                                 f"got {quote(metaspace, 40)}")
+            if split_pattern is not None or normalizer is not None or ignore_merges:
+                raise UsageError("a metaspace tokenizer takes no split_pattern, normalizer "
+                                 "or ignore_merges")
+        self._metaspace = metaspace
         self._split_pattern = split_pattern
-        self._pieces = _splitter(split_pattern)   # text -> list of piece str
+        if metaspace is None:
+            self._pieces = _splitter(split_pattern)   # text -> list of piece str
         if normalizer is not None and normalizer not in NORMALIZERS:
             raise UsageError(f"normalizer must be one of {list(NORMALIZERS)} or None, "
                              f"got {quote(normalizer, 40)}")
@@ -105,21 +180,29 @@ class BPETokenizer:
             raise UsageError(f"ignore_merges must be true or false, got {quote(ignore_merges, 40)}")
         self._ignore_merges = ignore_merges
         merges = tuple(merges)
-        if len(merges) + 256 + len(special_tokens) > MAX_VOCAB:
-            raise UsageError(f"{len(merges):,} merges make more than the {MAX_VOCAB:,} ids "
-                             f"xpmodel supports")
+        count = len(merges) if tokens is None else len(tokens)
+        if max(count, len(merges)) + 256 + len(special_tokens) > MAX_VOCAB:
+            raise UsageError(f"{count:,} tokens and {len(merges):,} merges make more than the "
+                             f"{MAX_VOCAB:,} ids xpmodel supports")
         self._merges = tuple((int(a), int(b)) for a, b in merges)
         self._specials = tuple(special_tokens)
-        _check_token_lengths(self._merges)
-        self._token_bytes = [bytes([i]) for i in range(256)]  # id -> bytes, merges included
-        self._merge_ids = {}  # (left_id, right_id) -> merged id; ids order ranks
-        for pair in self._merges:
-            new_id = len(self._token_bytes)
-            left, right = pair
+        if tokens is None:
+            _check_token_lengths(self._merges)
+            tokens = _merged_bytes(self._merges)
+        else:
+            tokens = _check_tokens(tokens)
+        self._token_bytes = [bytes([i]) for i in range(256)] + list(tokens)  # id -> bytes
+        made = _made_ids(self._merges, self._token_bytes, metaspace is not None)  # merge -> id
+        # Tokens that are exactly what the merges make, in order, need not be stored.
+        self._tokens = None if made == list(range(256, 256 + len(tokens))) else tokens
+        self._merge_ids = {}  # (left_id, right_id) -> merge key (see _RANK_SHIFT)
+        for rank, (pair, new_id) in enumerate(zip(self._merges, made)):
             if pair in self._merge_ids:
-                raise UsageError(f"merge {new_id - 256} {list(pair)} is listed twice")
-            self._merge_ids[pair] = new_id
-            self._token_bytes.append(self._token_bytes[left] + self._token_bytes[right])
+                raise UsageError(f"merge {rank} {list(pair)} is listed twice")
+            self._merge_ids[pair] = new_id if self._tokens is None else rank << _RANK_SHIFT | new_id
+        # Merging all of a piece's best pair per round is exact when no merge
+        # ranks before one that makes its sides; otherwise every piece takes the heap.
+        self._long_piece = _LONG_PIECE if _sides_made_first(self._merges, made) else 0
         first_special = len(self._token_bytes)
         self._special_ids = {s: first_special + i for i, s in enumerate(self._specials)}
         self._token_bytes.extend(s.encode("utf-8") for s in self._specials)
@@ -132,6 +215,14 @@ class BPETokenizer:
         self._whole_ids = None  # with ignore_merges: bytes -> id of every non-special token
         if ignore_merges:
             self._whole_ids = {b: i for i, b in enumerate(self._token_bytes[:first_special])}
+        self._char_ids = None   # with metaspace: character -> its token's id
+        if metaspace is not None:
+            self._char_ids = {}
+            for token_id in range(256, first_special):
+                text = self._token_bytes[token_id].decode("utf-8", errors="ignore")
+                if len(text) == 1 and text.encode("utf-8") == self._token_bytes[token_id]:
+                    self._char_ids[text] = token_id
+            self._pieces = _metaspace_splitter(metaspace, self._merges, self._token_bytes)
         self._piece_cache = {}  # piece str -> list of ids
 
     # ----- training -------------------------------------------------------
@@ -202,7 +293,8 @@ class BPETokenizer:
 
     @property
     def split_pattern(self):
-        """The regex that splits text into pieces (GPT2_SPLIT_PATTERN by default)."""
+        """The regex that splits text into pieces (GPT2_SPLIT_PATTERN by default;
+        None with a metaspace)."""
         return self._split_pattern
 
     @property
@@ -215,6 +307,11 @@ class BPETokenizer:
         """Whether a piece whose bytes are a token is that token before any merge."""
         return self._ignore_merges
 
+    @property
+    def metaspace(self):
+        """None for byte-level BPE, or the Metaspace of a SentencePiece-style BPE."""
+        return self._metaspace
+
     def token_bytes(self, token_id):
         """The bytes that one id decodes to."""
         return self.decode_bytes((token_id,))
@@ -223,12 +320,16 @@ class BPETokenizer:
 
     def encode_ordinary(self, text):
         """Encode `text` as plain text (special token strings are just text). -> list[int]"""
+        return self._encode_text(text, at_start=True)
+
+    def _encode_text(self, text, at_start):
+        """The ids of ordinary `text`; `at_start`: it begins the input (see Metaspace)."""
         cache = self._piece_cache
         if len(cache) > _CACHE_LIMIT:
             cache.clear()
         ids = []
         extend = ids.extend
-        for piece in self._pieces(self._normalize(text)):
+        for piece in self._pieces(self._normalize(text, at_start)):
             piece_ids = cache.get(piece)
             if piece_ids is None:
                 piece_ids = self._encode_piece(piece)
@@ -266,7 +367,7 @@ class BPETokenizer:
             if i % 2:
                 ids.append(self._special_ids[part])
             elif part:
-                ids.extend(self.encode_ordinary(part))
+                ids.extend(self._encode_text(part, at_start=i == 0))
         return ids
 
     def encode_chunks(self, chunks, workers=None):
@@ -305,7 +406,9 @@ class BPETokenizer:
     def _encode_to_array(self, text):
         return numpy.array(self.encode_ordinary(text), dtype=numpy.uint32)  # (tokens,)
 
-    def _normalize(self, text):
+    def _normalize(self, text, at_start=True):
+        if self._metaspace is not None:
+            return self._metaspace.spaced(text, at_start)
         return text if self._normalizer is None else unicodedata.normalize("NFC", text)
 
     def _encode_piece(self, piece):
@@ -313,10 +416,26 @@ class BPETokenizer:
             whole = self._whole_ids.get(piece.encode("utf-8"))
             if whole is not None:
                 return [whole]
-        ids = list(piece.encode("utf-8"))
-        if len(ids) > _LONG_PIECE:
+        if self._char_ids is None:
+            ids = list(piece.encode("utf-8"))
+        else:
+            ids = self._char_symbols(piece)
+        if len(ids) > self._long_piece:
             return _merge_long(ids, self._merge_ids)
         return _merge_short(ids, self._merge_ids)
+
+    def _char_symbols(self, piece):
+        """A metaspace piece before merges: each character's token, or its UTF-8
+        bytes when it has none (Hugging Face's byte_fallback)."""
+        get = self._char_ids.get
+        ids = []
+        for char in piece:
+            char_id = get(char)
+            if char_id is None:
+                ids.extend(char.encode("utf-8"))
+            else:
+                ids.append(char_id)
+        return ids
 
     # ----- decoding -------------------------------------------------------
 
@@ -338,8 +457,30 @@ class BPETokenizer:
 
     def decode(self, ids):
         """The text that `ids` stand for. Bytes that do not form valid UTF-8 (ids that
-        end mid-character) become U+FFFD."""
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+        end mid-character) become U+FFFD.
+
+        With a metaspace, as Hugging Face's ByteFallback decoder: a run of byte
+        ids that is not valid UTF-8 becomes one U+FFFD per byte; then one
+        leading space is dropped if `strip_decoded`.
+        """
+        if self._metaspace is None:
+            return self.decode_bytes(ids).decode("utf-8", errors="replace")
+        ids = ids.tolist() if isinstance(ids, numpy.ndarray) else list(ids)
+        self.decode_bytes(ids)   # refuses an id outside the vocabulary
+        parts = []
+        for is_byte, run in itertools.groupby(ids, key=(256).__gt__):
+            data = self.decode_bytes(list(run))
+            if not is_byte:
+                parts.append(data.decode("utf-8", errors="replace"))
+                continue
+            try:
+                parts.append(data.decode("utf-8"))
+            except UnicodeDecodeError:
+                parts.append("\ufffd" * len(data))
+        text = "".join(parts)
+        if self._metaspace.strip_decoded and text.startswith(" "):
+            text = text[1:]
+        return text
 
     # ----- files ----------------------------------------------------------
 
@@ -350,13 +491,19 @@ class BPETokenizer:
             header["version"] = FILE_VERSION_OPTIONS
             if self._normalizer is not None:
                 header["normalizer"] = self._normalizer
-            if self._split_pattern != GPT2_SPLIT_PATTERN:
+            if self._metaspace is not None:
+                header.update(pre_tokenizer="metaspace",
+                              metaspace=dataclasses.asdict(self._metaspace))
+            elif self._split_pattern != GPT2_SPLIT_PATTERN:
                 header.update(pre_tokenizer="split", split_pattern=self._split_pattern)
             if self._ignore_merges:
                 header["ignore_merges"] = True
         header = json.dumps({**header, "special_tokens": list(self._specials)})
         merge_lines = ",\n".join(f"  [{a}, {b}]" for a, b in self._merges)
-        return header[:-1] + ', "merges": [\n' + merge_lines + "\n]}\n"
+        tokens = ""
+        if self._tokens is not None:   # hex, one token per line
+            tokens = ', "tokens": [\n' + ",\n".join(f'  "{t.hex()}"' for t in self._tokens) + "\n]"
+        return header[:-1] + ', "merges": [\n' + merge_lines + "\n]" + tokens + "}\n"
 
     def save(self, path):
         """Write the tokenizer to one JSON file (written whole, then renamed into place)."""
@@ -387,16 +534,30 @@ class BPETokenizer:
                              f"(this xpmodel reads versions {FILE_VERSION} and "
                              f"{FILE_VERSION_OPTIONS})")
         pre_tokenizer = document.get("pre_tokenizer")
+        metaspace = None
         if pre_tokenizer == "split":
             split_pattern = document.get("split_pattern")
+        elif pre_tokenizer == "metaspace":
+            fields = document.get("metaspace")
+            names = [field.name for field in dataclasses.fields(Metaspace)]
+            if not isinstance(fields, dict) or sorted(fields) != sorted(names):
+                raise UsageError(f"\"metaspace\" must be an object of {names}, "
+                                 f"got {quote(fields, 80)}")
+            split_pattern, metaspace = None, Metaspace(**fields)
         elif pre_tokenizer != "gpt2":
             raise UsageError(f"pre_tokenizer {quote(pre_tokenizer, 40)} is not supported")
         elif "split_pattern" in document:
             raise UsageError("it has a \"split_pattern\" but its pre_tokenizer is \"gpt2\"")
         else:
             split_pattern = GPT2_SPLIT_PATTERN
+        tokens = document.get("tokens")
+        if tokens is not None:
+            if not isinstance(tokens, list):
+                raise UsageError("\"tokens\" must be a list")
+            tokens = [_token_from_hex(k, text) for k, text in enumerate(tokens)]
         options = dict(split_pattern=split_pattern, normalizer=document.get("normalizer"),
-                       ignore_merges=document.get("ignore_merges", False))
+                       ignore_merges=document.get("ignore_merges", False), tokens=tokens,
+                       metaspace=metaspace)
         merges = document.get("merges")
         specials = document.get("special_tokens")
         if not isinstance(merges, list) or not isinstance(specials, list):
@@ -413,7 +574,7 @@ class BPETokenizer:
 
     def _has_options(self):
         return (self._split_pattern != GPT2_SPLIT_PATTERN or self._normalizer is not None
-                or self._ignore_merges)
+                or self._ignore_merges or self._tokens is not None)
 
     def __eq__(self, other):
         if not isinstance(other, BPETokenizer):
@@ -421,18 +582,23 @@ class BPETokenizer:
         return (self._merges == other._merges and self._specials == other._specials
                 and self._split_pattern == other._split_pattern
                 and self._normalizer == other._normalizer
-                and self._ignore_merges == other._ignore_merges)
+                and self._ignore_merges == other._ignore_merges
+                and self._tokens == other._tokens and self._metaspace == other._metaspace)
 
     __hash__ = None  # tokenizers are compared by content; use fingerprint() as a key
 
     def __repr__(self):
         options = ""
-        if self._split_pattern != GPT2_SPLIT_PATTERN:
+        if self._metaspace is not None:
+            options += f", metaspace={self._metaspace!r}"
+        elif self._split_pattern != GPT2_SPLIT_PATTERN:
             options += f", split_pattern={quote(self._split_pattern, 40)}"
         if self._normalizer is not None:
             options += f", normalizer={self._normalizer!r}"
         if self._ignore_merges:
             options += ", ignore_merges=True"
+        if self._tokens is not None:
+            options += f", tokens={len(self._tokens)}"
         return (f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self._merges)}, "
                 f"special_tokens={list(self._specials)}{options})")
 
@@ -542,6 +708,95 @@ def _check_token_lengths(merges):
         lengths.append(length)
 
 
+def _merged_bytes(merges):
+    """The bytes of the tokens that merges[k] makes as id 256 + k."""
+    table = [bytes([i]) for i in range(256)]
+    for left, right in merges:
+        table.append(table[left] + table[right])
+    return table[256:]
+
+
+def _check_tokens(tokens):
+    """`tokens` as a tuple of bytes; refused if one is empty or they are absurdly long."""
+    checked = []
+    total = 256
+    for k, token in enumerate(tokens):
+        if not isinstance(token, (bytes, bytearray)) or not token:
+            raise UsageError(f"token {256 + k} is {quote(token, 40)}, not non-empty bytes")
+        if len(token) > _MAX_TOKEN_BYTES:
+            raise UsageError(f"token {256 + k} is {len(token):,} bytes, more than the "
+                             f"{_MAX_TOKEN_BYTES:,} xpmodel allows")
+        total += len(token)
+        if total > _MAX_TOTAL_TOKEN_BYTES:
+            raise UsageError(f"the tokens are {total:,}+ bytes, more than the "
+                             f"{_MAX_TOTAL_TOKEN_BYTES:,} xpmodel allows")
+        checked.append(bytes(token))
+    return tuple(checked)
+
+
+def _token_from_hex(k, text):
+    try:
+        return bytes.fromhex(text)
+    except (TypeError, ValueError):
+        raise UsageError(f"token {256 + k} is {quote(text, 40)}, not hex bytes") from None
+
+
+def _made_ids(merges, token_bytes, metaspace):
+    """For each merge, the id of the token it makes: the one whose bytes are its
+    sides' bytes joined. Tokens must differ in bytes; with a metaspace a token
+    may be one byte (a character's token, apart from the byte's fallback id),
+    but merges join tokens, not fallback bytes."""
+    first = 256 if metaspace else 0
+    ids = {}
+    for token_id in range(first, len(token_bytes)):
+        other = ids.setdefault(token_bytes[token_id], token_id)
+        if other != token_id:
+            raise UsageError(f"ids {other} and {token_id} are both "
+                             f"{quote(token_bytes[token_id], 40)}")
+    made = []
+    for rank, (left, right) in enumerate(merges):
+        if not (_is_id_below(left, len(token_bytes)) and _is_id_below(right, len(token_bytes))):
+            raise UsageError(f"merge {rank} {[left, right]} refers to an id that is not a token")
+        if left < first or right < first:
+            raise UsageError(f"merge {rank} {[left, right]} joins a fallback byte; "
+                             f"metaspace merges join tokens")
+        merged = token_bytes[left] + token_bytes[right]
+        if merged not in ids:
+            raise UsageError(f"merge {rank} {[left, right]} makes {quote(merged, 40)}, "
+                             f"which is not a token")
+        made.append(ids[merged])
+    return made
+
+
+def _sides_made_first(merges, made):
+    """Whether every merge ranks after all the merges that make its sides."""
+    last_made = {}   # id -> rank of the last merge that makes it
+    for rank, new_id in enumerate(made):
+        last_made[new_id] = rank
+    return all(last_made.get(left, -1) < rank and last_made.get(right, -1) < rank
+               for rank, (left, right) in enumerate(merges))
+
+
+def _metaspace_splitter(metaspace, merges, token_bytes):
+    """A function text -> pieces for a metaspace tokenizer.
+
+    Without split, Hugging Face merges the whole text as one piece; xpmodel
+    cuts it where a space follows other text, which gives the same tokens as
+    long as no merge joins a token that ends in other text to one that starts
+    with a space. SentencePiece vocabs, whose tokens start with their spaces,
+    have none; a tokenizer that has one is refused.
+    """
+    if metaspace.split:
+        return _SPACE_SPLIT.findall
+    for rank, (left, right) in enumerate(merges):
+        if token_bytes[right].startswith(b" ") and not token_bytes[left].endswith(b" "):
+            raise UsageError(
+                f"merge {rank} joins {quote(token_bytes[left].decode('utf-8', 'replace'), 30)} "
+                f"and {quote(token_bytes[right].decode('utf-8', 'replace'), 30)} across a space, "
+                f"which xpmodel does not encode without Metaspace split (it cuts text into words)")
+    return _WORD_SPLIT.findall
+
+
 def _one_line(exc):
     return " ".join(str(exc).split())[:300]
 
@@ -557,18 +812,21 @@ def _is_id_below(value, limit):
 
 
 def _merge_short(ids, merge_ids):
-    """Apply merges to one piece's byte ids, lowest merged id (= rank) first.
+    """Apply merges to one piece's ids, lowest merge key (= rank) first.
 
-    Each round merges every occurrence of the best pair, left to right."""
+    `merge_ids` maps a pair to its merge key (see _RANK_SHIFT). Each round
+    merges every occurrence of the best pair, left to right: the same as
+    `_merge_long` when no merge ranks before those that make its sides."""
     get = merge_ids.get
     while len(ids) > 1:
-        best_id = None
+        best_key = None
         for pair in zip(ids, ids[1:]):
-            new_id = get(pair)
-            if new_id is not None and (best_id is None or new_id < best_id):
-                best_id, best_pair = new_id, pair
-        if best_id is None:
+            key = get(pair)
+            if key is not None and (best_key is None or key < best_key):
+                best_key, best_pair = key, pair
+        if best_key is None:
             break
+        best_id = best_key & _ID_MASK
         left, right = best_pair
         merged = []
         i, n = 0, len(ids)
@@ -584,13 +842,13 @@ def _merge_short(ids, merge_ids):
 
 
 def _merge_long(ids, merge_ids):
-    """Same result as `_merge_short`, in O(n log n) for long pieces.
+    """Apply merges to one piece's ids in O(n log n), as Hugging Face's BPE does.
 
     Symbols form a linked list; a heap holds candidate merges keyed by
-    (merged id, position), so equal ranks apply left to right as in the
-    round-based version. A merge only creates pairs of higher rank (they
-    contain the new id), so rank order is kept. Stale heap entries are
-    skipped by checking the two symbols are still there and unchanged.
+    (merge key, position), so the lowest rank applies first and equal ranks
+    left to right, also when a merge creates a pair that ranks before it.
+    Stale heap entries are skipped by checking the two symbols are still
+    there and unchanged.
     """
     n = len(ids)
     symbols = list(ids)               # (n,) id at each position; -1 once merged away
@@ -598,15 +856,16 @@ def _merge_long(ids, merge_ids):
     prev_pos = list(range(-1, n - 1))  # (n,) -1 means none
     heap = []
     for pos in range(n - 1):
-        new_id = merge_ids.get((symbols[pos], symbols[pos + 1]))
-        if new_id is not None:
-            heap.append((new_id, pos, symbols[pos], symbols[pos + 1]))
+        key = merge_ids.get((symbols[pos], symbols[pos + 1]))
+        if key is not None:
+            heap.append((key, pos, symbols[pos], symbols[pos + 1]))
     heapq.heapify(heap)
     while heap:
-        new_id, pos, left, right = heapq.heappop(heap)
+        key, pos, left, right = heapq.heappop(heap)
         right_pos = next_pos[pos]
         if symbols[pos] != left or right_pos >= n or symbols[right_pos] != right:
             continue
+        new_id = key & _ID_MASK
         symbols[pos] = new_id
         symbols[right_pos] = -1
         after = next_pos[right_pos]

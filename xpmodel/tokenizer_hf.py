@@ -6,28 +6,40 @@
     tokenizer_config.json,
     special_tokens_map.json  so `transformers.AutoTokenizer.from_pretrained(dir)` works
 
-`read_hf_tokenizer` / `import_hf_tokenizer` read a byte-level BPE back
-(tokenizer.json, else vocab.json + merges.txt): GPT-2's, whose ByteLevel
-pre-tokenizer splits with its built-in regex, and the form of Llama 3 and
-Qwen2, a Split by their own regex ("Isolated") followed by a ByteLevel that
-only maps bytes (use_regex false), with Qwen2's NFC normalizer and BPE
-ignore_merges. An export of a tokenizer with another split pattern writes
-that form back. Anything else that would change the ids (Digits, Metaspace,
-other normalizers, SentencePiece's Unigram or byte_fallback) is refused,
-naming the part. Hugging Face vocabs may
-number their tokens in any order; GPT-2's own puts the 256 byte tokens in
-the order of the bytes-to-unicode table ("!" is id 0, "Ġ" is 220), where
-BPETokenizer needs id == byte value. So an import relabels ids: bytes at
-0..255, merge k at 256 + k, special tokens after, and returns for each new id
-the Hugging Face id it came from, so model rows can be permuted to match.
-The text-to-token mapping itself is unchanged; for GPT-2 only ids 0..255 move.
+`read_hf_tokenizer` / `import_hf_tokenizer` read a BPE back (tokenizer.json,
+else vocab.json + merges.txt), in one of three forms:
+    GPT-2's        a ByteLevel pre-tokenizer that splits with its built-in regex
+    Llama 3's,     a Split by their own regex ("Isolated") followed by a
+    Qwen2's        ByteLevel that only maps bytes (use_regex false), with
+                   Qwen2's NFC normalizer and BPE ignore_merges; Meta's own
+                   Llama 3 vocab, where some tokens are made by several merges
+                   or (reached by ignore_merges) by none, included
+    SentencePiece  Llama 2's, Mistral's, TinyLlama's: BPE with byte_fallback and
+                   the 256 tokens "<0x00>".."<0xFF>", spaces written "▁" by a
+                   Prepend + Replace normalizer or a Metaspace pre-tokenizer,
+                   decoded by Replace, ByteFallback, Fuse and an optional Strip
+An export writes the same form back. Anything else that would change the ids
+or the decoded text (Digits, other normalizers or decoders, Unigram, an
+unknown token instead of byte fallback) is refused, naming the part.
+Hugging Face vocabs may number their tokens in any order; GPT-2's own puts the
+256 byte tokens in the order of the bytes-to-unicode table ("!" is id 0, "Ġ"
+is 220), where BPETokenizer needs id == byte value. So an import relabels
+ids: bytes (or byte-fallback tokens) at 0..255, then the tokens the merges
+make, in the order of the first merge making each (merge k at 256 + k when
+each token has one merge), then the other tokens, special tokens last; and it
+returns for each new id the Hugging Face id it came from, so model rows can be
+permuted to match. The text-to-token mapping itself is unchanged; for GPT-2
+only ids 0..255 move.
 
 Hugging Face names byte-level tokens by GPT-2's bytes-to-unicode table, which
 maps every byte to a printable character, so token strings never hold spaces
-or control characters. Neither `tokenizers` nor `transformers` is needed to
-read or write the files.
+or control characters; SentencePiece tokens are their text with "▁" for a
+space. Neither `tokenizers` nor `transformers` is needed to read or write the
+files.
 """
+import functools
 import json
+import re
 from pathlib import Path
 
 import numpy
@@ -35,10 +47,22 @@ import numpy
 from .atomic import atomic_write_bytes
 from .errors import DataError, UsageError, quote
 from .files import parse_json, read_bounded
-from .tokenizer import (ENDOFTEXT, GPT2_SPLIT_PATTERN, MAX_VOCAB, BPETokenizer,
-                                check_split_pattern)
+from .tokenizer import (ENDOFTEXT, GPT2_SPLIT_PATTERN, MAX_VOCAB, BPETokenizer, Metaspace,
+                        check_split_pattern)
 
 _MAX_FILE_BYTES = 64 << 20   # GPT-2's tokenizer.json is 1.4 MB, a 256k-token one about 35 MB
+SPACE = "\u2581"   # "▁", SentencePiece's space
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]   # SentencePiece's byte-fallback tokens
+_BYTE_NAME = re.compile(r"<0x(\+[0-9a-fA-F]|[0-9a-fA-F]{2})>")   # what ByteFallback reads as one
+# The tokenizer.json parts of SentencePiece's spaces, as Hugging Face writes them.
+_PREPEND = {"type": "Prepend", "prepend": SPACE}
+_REPLACE_SPACES = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
+_SPACE_DECODERS = [{"type": "Replace", "pattern": {"String": SPACE}, "content": " "},
+                   {"type": "ByteFallback"}, {"type": "Fuse"}]
+_STRIP_DECODER = {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+# Metaspace's prepend_scheme -> Metaspace.prepend (its "always" spares text that
+# starts with a space).
+_PREPEND_SCHEMES = {"always": "unless_space", "first": "first", "never": "never"}
 
 
 def gpt2_byte_to_unicode():
@@ -66,8 +90,18 @@ def hf_vocab(tokenizer):
     vocab = {}
     for token_id in range(tokenizer.vocab_size):
         raw = tokenizer.token_bytes(token_id)
-        name = raw.decode("utf-8") if token_id in special_ids else "".join(
-            byte_to_char[b] for b in raw)
+        if token_id in special_ids:
+            name = raw.decode("utf-8")
+        elif tokenizer.metaspace is None:
+            name = "".join(byte_to_char[b] for b in raw)
+        elif token_id < 256:
+            name = BYTE_TOKENS[token_id]
+        else:
+            try:
+                name = raw.decode("utf-8").replace(" ", SPACE)
+            except UnicodeDecodeError:
+                raise UsageError(f"id {token_id} is {raw!r}, not text; a SentencePiece vocab "
+                                 f"needs text tokens") from None
         if name in vocab:
             raise UsageError(f"ids {vocab[name]} and {token_id} are both {name!r}; "
                              f"a Hugging Face vocab needs distinct token strings")
@@ -87,8 +121,11 @@ def export_tokenizer_hf(tokenizer, directory, model_max_length=None):
     byte_level = {"type": "ByteLevel", "add_prefix_space": False,
                   "trim_offsets": True, "use_regex": True}
     gpt2_split = tokenizer.split_pattern == GPT2_SPLIT_PATTERN
-    pre_tokenizer = byte_level
-    if not gpt2_split:   # as Llama 3 and Qwen2 write theirs
+    normalizer = {"type": "NFC"} if tokenizer.normalizer == "nfc" else None
+    pre_tokenizer = decoder = byte_level
+    if tokenizer.metaspace is not None:
+        normalizer, pre_tokenizer, decoder = _metaspace_parts(tokenizer.metaspace)
+    elif not gpt2_split:   # as Llama 3 and Qwen2 write theirs
         pre_tokenizer = {"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": tokenizer.split_pattern},
              "behavior": "Isolated", "invert": False},
@@ -101,20 +138,21 @@ def export_tokenizer_hf(tokenizer, directory, model_max_length=None):
             {"id": token_id, "content": text, "single_word": False, "lstrip": False,
              "rstrip": False, "normalized": False, "special": True}
             for text, token_id in specials.items()],
-        "normalizer": {"type": "NFC"} if tokenizer.normalizer == "nfc" else None,
+        "normalizer": normalizer,
         "pre_tokenizer": pre_tokenizer,
         "post_processor": None,
-        "decoder": byte_level,
+        "decoder": decoder,
         "model": {"type": "BPE", "dropout": None, "unk_token": None,
                   "continuing_subword_prefix": None, "end_of_word_suffix": None,
-                  "fuse_unk": False, "byte_fallback": False,
+                  "fuse_unk": False, "byte_fallback": tokenizer.metaspace is not None,
                   "ignore_merges": tokenizer.ignore_merges,
                   "vocab": vocab, "merges": merges},
     }
     _write_json(directory / "tokenizer.json", tokenizer_json)
-    _write_json(directory / "vocab.json", vocab)
-    (directory / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(line + "\n" for line in merges), encoding="utf-8")
+    if tokenizer.metaspace is None:   # GPT2Tokenizer's files mean byte-level BPE
+        _write_json(directory / "vocab.json", vocab)
+        (directory / "merges.txt").write_text(
+            "#version: 0.2\n" + "".join(line + "\n" for line in merges), encoding="utf-8")
 
     special_map = {}
     if ENDOFTEXT in specials:
@@ -128,6 +166,22 @@ def export_tokenizer_hf(tokenizer, directory, model_max_length=None):
         config["model_max_length"] = int(model_max_length)
     _write_json(directory / "tokenizer_config.json", config)
     _write_json(directory / "special_tokens_map.json", special_map)
+
+
+def _metaspace_parts(metaspace):
+    """(normalizer, pre_tokenizer, decoder) of tokenizer.json for a Metaspace."""
+    normalizer = pre_tokenizer = None
+    if metaspace.prepend == "always":   # as Llama 2 writes it
+        normalizer = {"type": "Sequence", "normalizers": [_PREPEND, _REPLACE_SPACES]}
+        if metaspace.split:
+            pre_tokenizer = {"type": "Metaspace", "replacement": SPACE,
+                             "prepend_scheme": "never", "split": True}
+    else:
+        scheme = next(k for k, v in _PREPEND_SCHEMES.items() if v == metaspace.prepend)
+        pre_tokenizer = {"type": "Metaspace", "replacement": SPACE, "prepend_scheme": scheme,
+                         "split": metaspace.split}
+    strip = [_STRIP_DECODER] if metaspace.strip_decoded else []
+    return normalizer, pre_tokenizer, {"type": "Sequence", "decoders": _SPACE_DECODERS + strip}
 
 
 def _write_json(path, document):
@@ -151,18 +205,20 @@ def read_hf_tokenizer(directory):
 
     Reads tokenizer.json when present (as the fast tokenizers do), otherwise
     vocab.json + merges.txt (+ added tokens from tokenizer_config.json or
-    added_tokens.json), which split as GPT-2. Tokenizers whose ids xpmodel
-    would not reproduce (a normalizer other than NFC, a pre-tokenizer other
-    than the two byte-level forms of the module docstring, a prefix space,
-    BPE dropout, non-special added tokens) raise UsageError naming the part.
+    added_tokens.json), which split as GPT-2. Tokenizers whose ids or decoded
+    text xpmodel would not reproduce (a normalizer, pre-tokenizer or decoder
+    outside the forms of the module docstring, a ByteLevel prefix space, BPE
+    dropout, non-special added tokens) raise UsageError naming the part.
 
     Returns (tokenizer, hf_ids): hf_ids is an int64 array (tokenizer.vocab_size,)
     holding, for each xpmodel id, the Hugging Face id of the same token.
     """
     directory = Path(directory)
     if (directory / "tokenizer.json").is_file():
-        vocab, merges, added, options = _read_tokenizer_json(directory / "tokenizer.json")
+        source = directory / "tokenizer.json"
+        vocab, merges, added, options = _read_tokenizer_json(source)
     elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+        source = directory / "vocab.json"
         vocab, merges, added = _read_vocab_and_merges(directory)
         options = {}
     else:
@@ -171,7 +227,7 @@ def read_hf_tokenizer(directory):
     try:
         return _relabel(vocab, merges, added, options)
     except UsageError as exc:
-        raise UsageError(f"{directory}: tokenizer not usable: {exc}") from None
+        raise UsageError(f"{source}: tokenizer not usable: {exc}") from None
 
 
 def _read_tokenizer_json(path):
@@ -185,18 +241,22 @@ def _read_tokenizer_json(path):
     for key in ("continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(key):
             raise UsageError(f"{path}: BPE {key} {model[key]!r} is not supported")
-    if model.get("byte_fallback"):
-        raise UsageError(f"{path}: BPE byte_fallback is not supported")
     if model.get("dropout") not in (None, 0, 0.0):
         raise UsageError(f"{path}: BPE dropout {model['dropout']!r} is not supported "
                          f"(it makes encoding random)")
-    ignore_merges = model.get("ignore_merges", False)
-    if not isinstance(ignore_merges, bool):
-        raise DataError(f"{path}: BPE ignore_merges is {ignore_merges!r}, not true or false")
-    options = dict(normalizer=_read_normalizer(document.get("normalizer"), path),
-                   split_pattern=_read_pre_tokenizer(document.get("pre_tokenizer"), path),
-                   ignore_merges=ignore_merges)
-    _check_decoder(document.get("decoder"), path)
+    for key in ("ignore_merges", "byte_fallback"):
+        if not isinstance(model.get(key, False), bool):
+            raise DataError(f"{path}: BPE {key} is {model[key]!r}, not true or false")
+    if model.get("byte_fallback"):
+        if model.get("ignore_merges"):
+            raise UsageError(f"{path}: BPE ignore_merges with byte_fallback is not supported")
+        options = dict(normalizer=None, split_pattern=None,
+                       metaspace=_read_metaspace(document, path))
+    else:
+        options = dict(normalizer=_read_normalizer(document.get("normalizer"), path),
+                       split_pattern=_read_pre_tokenizer(document.get("pre_tokenizer"), path),
+                       ignore_merges=model.get("ignore_merges", False))
+        _check_decoder(document.get("decoder"), path)
     merges = []
     if len(model.get("merges") or []) > MAX_VOCAB:
         raise DataError(f"{path}: {len(model['merges']):,} merges, more than the {MAX_VOCAB:,} ids "
@@ -273,61 +333,124 @@ def _relabel(vocab, merges, added, options):
         raise UsageError(f"token ids are not contiguous from 0: id {missing[0]} has no token")
     name_to_id = {name: token_id for token_id, name in id_to_name.items()}
 
-    byte_to_char = gpt2_byte_to_unicode()
-    char_to_byte = {c: b for b, c in byte_to_char.items()}
-    xp_ids = {}    # token string -> xpmodel id
-    hf_ids = []    # xpmodel id -> Hugging Face id
-    for byte in range(256):
-        name = byte_to_char[byte]
+    metaspace = options.get("metaspace") is not None
+    if metaspace:
+        byte_names = BYTE_TOKENS
+        token_text = _metaspace_text
+    else:
+        byte_to_char = gpt2_byte_to_unicode()
+        byte_names = [byte_to_char[b] for b in range(256)]
+        char_to_byte = {c: b for b, c in byte_to_char.items()}
+        token_text = functools.partial(_byte_level_bytes, char_to_byte=char_to_byte)
+    for byte, name in enumerate(byte_names):
         if name not in name_to_id or name in special_names:
-            raise UsageError(f"the vocab has no byte token for byte {byte} ({name!r}); "
-                             f"only byte-level BPE (as GPT-2's) is supported")
-        xp_ids[name] = byte
-        hf_ids.append(name_to_id[name])
-    merge_pairs = []
+            kind = "byte-fallback token" if metaspace else "byte token"
+            raise UsageError(f"the vocab has no {kind} for byte {byte} ({name!r}); "
+                             f"xpmodel reads BPE vocabs that cover every byte")
+    ordinary = set(name_to_id) - special_names - set(byte_names)
+    made = {}   # name -> None, in the order of the first merge making each
     for rank, (left, right) in enumerate(merges):
-        if left not in xp_ids or right not in xp_ids:
-            raise UsageError(f"merge {rank} ({left!r} {right!r}) uses a token that neither a "
-                             f"byte nor an earlier merge makes")
-        merged = left + right
-        if merged not in name_to_id or merged in special_names:
-            raise UsageError(f"merge {rank} makes {merged!r}, which is not an ordinary "
+        for side in (left, right):
+            if side not in ordinary and (metaspace or side not in byte_names):
+                raise UsageError(f"merge {rank} ({left!r} {right!r}) uses {side!r}, which is not "
+                                 f"{'a token' if metaspace else 'a byte or token'} of the vocab")
+        if left + right not in ordinary:
+            raise UsageError(f"merge {rank} makes {left + right!r}, which is not an ordinary "
                              f"token of the vocab")
-        if merged in xp_ids:
-            raise UsageError(f"merge {rank} makes {merged!r}, which an earlier merge or "
-                             f"byte already makes{_TIKTOKEN_HINT}")
-        xp_ids[merged] = 256 + rank
-        merge_pairs.append((xp_ids[left], xp_ids[right]))
-        hf_ids.append(name_to_id[merged])
+        made.setdefault(left + right)
+    names = list(byte_names) + list(made)
     specials = []
-    made = set(hf_ids)
     for token_id in range(len(id_to_name)):
-        if token_id in made:
-            continue
         name = id_to_name[token_id]
-        # A vocab entry outside BPE that Hugging Face decodes as itself (like
-        # "<|endoftext|>" in GPT-2's vocab.json) is a special token.
-        if name not in special_names and _byte_level_text(name, char_to_byte) != name:
-            raise UsageError(f"token {name!r} (id {token_id}) is neither a byte, a merge "
-                             f"result nor a special token{_TIKTOKEN_HINT}")
-        specials.append(name)
-        hf_ids.append(token_id)
-    tokenizer = BPETokenizer(merge_pairs, specials, **options)
+        if name in made or name in byte_names:
+            continue
+        # A byte-level vocab entry outside BPE that Hugging Face decodes as
+        # itself (like "<|endoftext|>" in GPT-2's vocab.json) is a special
+        # token, unless ignore_merges reaches it.
+        if name in special_names or not (metaspace or options.get("ignore_merges")) and (
+                token_text(name) == name.encode("utf-8")):
+            specials.append(name)
+        else:
+            names.append(name)
+    tokens = []
+    for name in names[256:]:
+        text = token_text(name)
+        if text is None:
+            raise UsageError(f"token {name!r} (id {name_to_id[name]}) is not byte-level text "
+                             f"(as GPT-2's bytes-to-unicode table writes bytes)")
+        tokens.append(text)
+    xp_ids = {name: xp_id for xp_id, name in enumerate(names)}
+    merge_pairs = [(xp_ids[left], xp_ids[right]) for left, right in merges]
+    tokenizer = BPETokenizer(merge_pairs, specials, tokens=tokens, **options)
+    hf_ids = [name_to_id[name] for name in names + specials]
     return tokenizer, numpy.array(hf_ids, dtype=numpy.int64)
 
 
-def _byte_level_text(name, char_to_byte):
-    """The text a byte-level token string decodes to, or None if it is not one."""
+def _byte_level_bytes(name, char_to_byte):
+    """The bytes a byte-level token string stands for, or None if it is not one."""
     try:
-        return bytes(char_to_byte[c] for c in name).decode("utf-8", errors="replace")
+        return bytes(char_to_byte[c] for c in name)
     except KeyError:
         return None
 
 
-# Said when a vocab is not one token per merge, as in vocabs converted from
-# tiktoken (Llama 3's own has redundant merges and tokens only ignore_merges reaches).
-_TIKTOKEN_HINT = ("; xpmodel reads BPE vocabs where every token but the bytes and the "
-                  "special tokens is made by exactly one merge")
+def _metaspace_text(name):
+    """The bytes a SentencePiece token stands for: its text with spaces for "▁"."""
+    if _BYTE_NAME.fullmatch(name):   # Hugging Face's ByteFallback decoder reads it as a byte
+        raise UsageError(f"token {name!r} is not one of the 256 byte-fallback tokens "
+                         f"but decodes as a byte")
+    return name.replace(SPACE, " ").encode("utf-8")
+
+
+def _read_metaspace(document, path):
+    """The Metaspace of a SentencePiece-style tokenizer.json (see the module docstring)."""
+    normalizer, pre_tokenizer = document.get("normalizer"), document.get("pre_tokenizer")
+    prepend, split = "never", False
+    if normalizer is not None:
+        steps = normalizer.get("normalizers") if isinstance(normalizer, dict) and normalizer.get(
+            "type") == "Sequence" else [normalizer]
+        if isinstance(steps, list) and steps[:1] == [_PREPEND]:
+            prepend, steps = "always", steps[1:]
+        if steps != [_REPLACE_SPACES]:
+            raise UsageError(f"{path}: normalizer {_kind(normalizer)} with BPE byte_fallback is "
+                             f"not supported (xpmodel reads Prepend \"{SPACE}\" then Replace \" \" "
+                             f"by \"{SPACE}\", or a Metaspace pre_tokenizer)")
+    if pre_tokenizer is not None:
+        if not (isinstance(pre_tokenizer, dict) and pre_tokenizer.get("type") == "Metaspace"):
+            raise UsageError(f"{path}: pre_tokenizer {_kind(pre_tokenizer)} with BPE byte_fallback "
+                             f"is not supported (xpmodel reads Metaspace or none)")
+        if pre_tokenizer.get("replacement") != SPACE:
+            raise UsageError(f"{path}: Metaspace replacement "
+                             f"{quote(pre_tokenizer.get('replacement'), 20)} is not supported "
+                             f"(xpmodel reads \"{SPACE}\")")
+        scheme = pre_tokenizer.get("prepend_scheme")
+        if scheme is None:   # written before prepend_scheme existed
+            scheme = "always" if pre_tokenizer.get("add_prefix_space", True) else "never"
+        if scheme not in _PREPEND_SCHEMES:
+            raise UsageError(f"{path}: Metaspace prepend_scheme {quote(scheme, 20)} is not "
+                             f"supported")
+        split = pre_tokenizer.get("split", True)
+        if not isinstance(split, bool):
+            raise DataError(f"{path}: Metaspace split is {split!r}, not true or false")
+        if prepend == "never":   # after a Prepend normalizer the text starts with "▁" already
+            prepend = _PREPEND_SCHEMES[scheme]
+    elif normalizer is None:
+        raise UsageError(f"{path}: BPE byte_fallback with neither a Metaspace pre_tokenizer nor a "
+                         f"Replace \" \" by \"{SPACE}\" normalizer is not supported")
+    return Metaspace(prepend, split, _read_metaspace_decoder(document.get("decoder"), path))
+
+
+def _read_metaspace_decoder(decoder, path):
+    """Whether a SentencePiece decoder strips one leading space; others are refused."""
+    steps = decoder.get("decoders") if isinstance(decoder, dict) and decoder.get(
+        "type") == "Sequence" else None
+    if steps == _SPACE_DECODERS + [_STRIP_DECODER]:
+        return True
+    if steps != _SPACE_DECODERS:
+        raise UsageError(f"{path}: decoder {_kind(decoder)} with BPE byte_fallback is not "
+                         f"supported (xpmodel decodes as Replace \"{SPACE}\" by \" \", "
+                         f"ByteFallback, Fuse and Strip one leading space or not)")
+    return False
 
 
 def _read_normalizer(normalizer, path):
@@ -357,6 +480,10 @@ def _read_pre_tokenizer(pre_tokenizer, path):
                              f"{len(steps) if isinstance(steps, list) else steps!r} steps is not "
                              f"supported (xpmodel reads ByteLevel, or Split then ByteLevel)")
     for step in steps:
+        if isinstance(step, dict) and step.get("type") == "Metaspace":
+            raise UsageError(f"{path}: pre_tokenizer 'Metaspace' without BPE byte_fallback is "
+                             f"not supported (a character outside the vocab would be the unknown "
+                             f"token)")
         if not (isinstance(step, dict) and step.get("type") in ("Split", "ByteLevel")):
             raise UsageError(f"{path}: pre_tokenizer {_kind(step)} is not supported "
                              f"(xpmodel reads ByteLevel, or Split then ByteLevel)")
