@@ -19,6 +19,7 @@ import pytest
 
 from test_tokenizer import CORPUS, random_strings
 from test_tokenizer_split import TEXTS, TRAINING_TEXT
+from xpmodel.data import iter_text_pieces, prepare, read_token_file
 from xpmodel.errors import UsageError
 from xpmodel.tokenizer import BPETokenizer, Metaspace
 from xpmodel.tokenizer_hf import export_tokenizer_hf, read_hf_tokenizer
@@ -165,6 +166,67 @@ def test_transformers_loads_the_export(imported, tmp_path):
         ids = tok.encode(text, allowed_special="all")
         assert loaded(text, add_special_tokens=False)["input_ids"] == ids, text
         assert loaded.decode(ids) == tok.decode(ids)
+
+
+# ----- streamed text and corpora --------------------------------------------
+
+
+def test_text_decoded_as_it_streams_is_the_decoded_text(imported):
+    # Ids one at a time: whole characters only, a run of byte ids held until it
+    # ends (one byte that is not UTF-8 makes all of it U+FFFD), one space stripped.
+    _, _, tok, _ = imported
+    rng = random.Random(1)
+    for text in texts()[:150]:
+        ids = tok.encode(text, allowed_special="all")
+        for _ in range(3):
+            at = rng.randint(0, len(ids))
+            ids[at:at] = [rng.randrange(128, 256) for _ in range(rng.randint(1, 3))]
+            decoder, streamed = tok.incremental_decoder(), ""
+            for token in ids:
+                streamed += decoder.decode([token])
+                assert tok.decode(ids).startswith(streamed)
+            assert streamed + decoder.decode([], final=True) == tok.decode(ids), ids
+    decoder = tok.incremental_decoder()
+    assert [decoder.decode([b]) for b in "中".encode()] == ["", "", ""]
+    assert decoder.decode([0xE4]) == "" and decoder.decode([], final=True) == "\ufffd" * 4
+    # After a prompt the ids decode as they do after it, spaces included.
+    context, whole = tok.encode("Hello"), tok.encode("Hello world 中")
+    assert whole[:len(context)] == context
+    after = tok.incremental_decoder(context)
+    streamed = "".join(after.decode([i]) for i in whole[len(context):])
+    assert tok.decode(context) + streamed + after.decode([], final=True) == tok.decode(whole)
+    assert tok.decode(whole).endswith("Hello world 中")
+
+
+def test_sample_prints_what_the_tokenizer_decodes(imported, monkeypatch, capsys):
+    from xpmodel import cli
+    _, _, tok, _ = imported
+    context = tok.encode("Hello")
+    sampled = (tok.encode("Hello world, 中文 🎉!")[len(context):] + [0xE4, 0xB8]
+               + tok.encode("Hello end")[len(context):])
+    monkeypatch.setattr("xpmodel.runs.load", lambda *args, **kwargs: (None, tok))
+    monkeypatch.setattr("xpmodel.generate.generate", lambda *args, **kwargs: iter(sampled))
+    for prompt, before in [("Hello", context), ("", [])]:
+        assert cli.main(["sample", "run", "--prompt", prompt, "--max-new-tokens", "99"]) == 0
+        shown = tok.decode(before)
+        assert capsys.readouterr().out == prompt + tok.decode(before + sampled)[len(shown):] + "\n"
+    assert "\ufffd\ufffd" in tok.decode(sampled) and "中文 🎉" in tok.decode(sampled)
+
+
+def test_a_corpus_read_in_pieces_encodes_as_its_whole_documents(imported, tmp_path):
+    form, _, tok, _ = imported
+    lines = [t.replace("\0", "") for t in VARIED + random_strings(40, seed=7, max_length=60)]
+    documents = [" " + "\n".join(lines),
+                 "no_space_" * 40 + "\n" + "a\u2581b" * 30, "First line\nsecond \u2581 line\n"]
+    for i, document in enumerate(documents):
+        (tmp_path / "corpus").mkdir(exist_ok=True)
+        (tmp_path / "corpus" / f"{i}.txt").write_text(document, encoding="utf-8")
+    assert tok.eot_id is None   # documents follow each other with nothing between
+    path = prepare(str(tmp_path / "corpus"), tok, cache_dir=tmp_path / "cache", chunk_bytes=64,
+                   workers=2 if form == "llama2" else 1)
+    pieces = sum(1 for _ in iter_text_pieces(str(tmp_path / "corpus"), 64))
+    assert pieces > 3 * len(documents)
+    assert read_token_file(path).tolist() == sum(map(tok.encode_ordinary, documents), [])
 
 
 # ----- refusals -------------------------------------------------------------

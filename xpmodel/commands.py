@@ -130,9 +130,10 @@ def _inside(path, folder):
 def sample_command(args):
     """Stream samples; control characters a model generates (an escape byte
     from a byte-level model, say) are shown escaped, never sent to the terminal.
-    A character whose UTF-8 bytes are split across tokens is printed once all
-    its bytes have arrived; bytes that can never form one print as U+FFFD."""
-    import codecs
+    Text is printed as the tokenizer decodes it after the prompt, as soon as
+    later tokens cannot change it (a character split across tokens once all
+    its bytes have arrived; see IncrementalDecoder); bytes left unfinished
+    when the sample ends print as U+FFFD."""
     from .display import printable
     from .generate import generate
     from .runs import load
@@ -151,23 +152,22 @@ def sample_command(args):
     _check_utf8("--prompt", args.prompt)
     model, tokenizer = load(args.run_dir, device=args.device, checkpoint=args.checkpoint,
                             kernels=args.kernels)
-    prompt = tokenizer.encode(args.prompt, allowed_special="all")
-    if not prompt:
-        prompt = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
+    context = tokenizer.encode(args.prompt, allowed_special="all")
+    prompt = context or [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
     out = sys.stdout
     for i in range(args.num_samples):
         if args.num_samples > 1:
             out.write(f"--- sample {i + 1} ---\n")
         out.write(args.prompt)
         seed = None if args.seed is None else args.seed + i
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        decoder = tokenizer.incremental_decoder(context)
         for token in generate(model, prompt, args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=seed, stop_id=tokenizer.eot_id):
-            text = decoder.decode(tokenizer.decode_bytes([token]))
+            text = decoder.decode([token])
             if text:
                 out.write(printable(text))
                 out.flush()
-        out.write(printable(decoder.decode(b"", final=True)) + "\n")
+        out.write(printable(decoder.decode([], final=True)) + "\n")
         out.flush()
     return 0
 
@@ -283,7 +283,7 @@ def token_preview(tokenizer, ids, total):
     from .display import printable
     pieces = [repr(tokenizer.decode_bytes([i]).decode("utf-8", errors="replace"))[1:-1]
               for i in ids]
-    text = tokenizer.decode_bytes(ids).decode("utf-8", errors="replace")
+    text = tokenizer.decode(ids)
     return (f"the first {len(ids):,} of {total:,} tokens:\n"
             f"ids:    {' '.join(map(str, ids))}\n"
             f"tokens: |{'|'.join(pieces)}|\n"

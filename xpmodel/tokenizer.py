@@ -42,11 +42,15 @@ Encoding text never yields a special id unless the text names it and
 
 With no merges this is a plain byte tokenizer, used for character-level runs.
 
+`IncrementalDecoder` turns ids into text as they arrive (a model's samples);
+its texts join into what `decode` gives.
+
 Files are one readable JSON document (see `save`); nothing is pickled.
 Hugging Face export lives in `tokenizer_hf.py`. This file does not read
 corpora or write token files: the data module streams text through
 `encode_chunks`.
 """
+import codecs
 import dataclasses
 import hashlib
 import heapq
@@ -83,6 +87,8 @@ _SPLIT = regex.compile(GPT2_SPLIT_PATTERN)
 # MergedWithNext); without, where a space follows other text (see `__init__`).
 _SPACE_SPLIT = regex.compile(r" [^ ]*|[^ ]+")
 _WORD_SPLIT = regex.compile(r" *[^ ]+| +")
+# Metaspace.cut: a space or "▁" after other text, the last one ((?r) searches from the end).
+_LAST_CUT = regex.compile(r"(?r)(?<=[^ \u2581])[ \u2581]")
 # Pieces longer than this are merged with a heap (O(n log n)) instead of
 # repeated scans (O(n * merges applied)): a long run of spaces or a base64 blob
 # would otherwise be quadratic.
@@ -137,13 +143,23 @@ class Metaspace:
                 raise UsageError(f"metaspace {name} must be true or false, "
                                  f"got {quote(getattr(self, name), 40)}")
 
-    def spaced(self, text, at_start):
-        """`text` as its tokens spell it, with spaces for "▁" and the prepended space."""
+    def spaced(self, text, at_start, continued=False):
+        """`text` as its tokens spell it: spaces for "▁", and the prepended space
+        unless `continued` (the text carries on text cut off before it at a `cut`)."""
         text = text.replace("\u2581", " ")
-        if text and (self.prepend == "always" or not text.startswith(" ") and (
+        if text and not continued and (self.prepend == "always" or not text.startswith(" ") and (
                 self.prepend == "unless_space" or self.prepend == "first" and at_start)):
             text = " " + text
         return text
+
+    @staticmethod
+    def cut(text):
+        """Where `text` may be cut into two texts, the second `continued`, whose
+        ids join into those of the whole: the last space (or "▁") that follows
+        other text, where a piece starts whether or not pieces are `split`.
+        0 when there is none."""
+        match = _LAST_CUT.search(text)
+        return 0 if match is None else match.start()
 
 
 class BPETokenizer:
@@ -217,11 +233,7 @@ class BPETokenizer:
             self._whole_ids = {b: i for i, b in enumerate(self._token_bytes[:first_special])}
         self._char_ids = None   # with metaspace: character -> its token's id
         if metaspace is not None:
-            self._char_ids = {}
-            for token_id in range(256, first_special):
-                text = self._token_bytes[token_id].decode("utf-8", errors="ignore")
-                if len(text) == 1 and text.encode("utf-8") == self._token_bytes[token_id]:
-                    self._char_ids[text] = token_id
+            self._char_ids = _char_ids(self._token_bytes[:first_special])
             self._pieces = _metaspace_splitter(metaspace, self._merges, self._token_bytes)
         self._piece_cache = {}  # piece str -> list of ids
 
@@ -322,14 +334,15 @@ class BPETokenizer:
         """Encode `text` as plain text (special token strings are just text). -> list[int]"""
         return self._encode_text(text, at_start=True)
 
-    def _encode_text(self, text, at_start):
-        """The ids of ordinary `text`; `at_start`: it begins the input (see Metaspace)."""
+    def _encode_text(self, text, at_start, continued=False):
+        """The ids of ordinary `text`; `at_start`: it begins the input, `continued`:
+        it carries on a text cut before it (see Metaspace)."""
         cache = self._piece_cache
         if len(cache) > _CACHE_LIMIT:
             cache.clear()
         ids = []
         extend = ids.extend
-        for piece in self._pieces(self._normalize(text, at_start)):
+        for piece in self._pieces(self._normalize(text, at_start, continued)):
             piece_ids = cache.get(piece)
             if piece_ids is None:
                 piece_ids = self._encode_piece(piece)
@@ -371,9 +384,19 @@ class BPETokenizer:
         return ids
 
     def encode_chunks(self, chunks, workers=None):
-        """Encode an iterable of str, yielding one numpy uint32 array per chunk, in order.
+        """Encode an iterable of chunks, yielding one numpy uint32 array per chunk, in order.
 
-        Chunks are ordinary text, as in `encode_ordinary`. With `workers` > 1
+        A chunk is ordinary text, as in `encode_ordinary`, or a pair (text,
+        continued): with `continued` true the text carries on the chunk before,
+        and the arrays of a text's chunks join into the ids of the whole text.
+        With a metaspace that holds wherever the text was cut, because a
+        chunk's text after its last `Metaspace.cut` (all of it when it has
+        none) is encoded with the next chunk that continues it. Byte-level
+        chunks are encoded as they are: they join exactly when cut between two
+        pieces of the split pattern (the corpus reader cuts at a newline
+        between non-spaces, where GPT-2's, Llama 3's and Qwen2's patterns do).
+
+        With `workers` > 1
         (default: the CPU count), chunks are encoded in worker processes that
         rebuild this tokenizer from its JSON; only strings and arrays cross
         the process boundary, and at most a few chunks per worker are in
@@ -383,9 +406,10 @@ class BPETokenizer:
         With workers <= 1, chunks are encoded here, one by one.
         """
         workers = (os.cpu_count() or 1) if workers is None else int(workers)
+        chunks = self._cut_chunks(chunks)
         if workers <= 1:
-            for chunk in chunks:
-                yield self._encode_to_array(chunk)
+            for text, continued in chunks:
+                yield self._encode_to_array(text, continued)
             return
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
@@ -393,7 +417,7 @@ class BPETokenizer:
         try:
             pending = deque()
             for chunk in chunks:
-                pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
+                pending.append(pool.apply_async(_encode_in_worker, chunk))
                 if len(pending) >= 2 * workers:
                     yield pending.popleft().get(_WORKER_TIMEOUT_S)
             while pending:
@@ -403,12 +427,31 @@ class BPETokenizer:
             pool.terminate()
             pool.join()
 
-    def _encode_to_array(self, text):
-        return numpy.array(self.encode_ordinary(text), dtype=numpy.uint32)  # (tokens,)
+    def _cut_chunks(self, chunks):
+        """`encode_chunks`' chunks as (text, continued) pairs. With a metaspace,
+        the text of a chunk that the next continues, from its last cut on,
+        moves to that next chunk; so each chunk waits until the next is seen."""
+        held = None   # (text, continued) of the chunk before
+        for chunk in chunks:
+            text, continued = (chunk, False) if isinstance(chunk, str) else chunk
+            if held is not None and continued and self._metaspace is not None:
+                before, before_continued = held
+                cut = Metaspace.cut(before)
+                held = before[:cut], before_continued
+                text, continued = before[cut:] + text, before_continued if cut == 0 else True
+            if held is not None:
+                yield held
+            held = text, bool(continued)
+        if held is not None:
+            yield held
 
-    def _normalize(self, text, at_start=True):
+    def _encode_to_array(self, text, continued=False):
+        ids = self._encode_text(text, at_start=True, continued=continued)
+        return numpy.array(ids, dtype=numpy.uint32)  # (tokens,)
+
+    def _normalize(self, text, at_start=True, continued=False):
         if self._metaspace is not None:
-            return self._metaspace.spaced(text, at_start)
+            return self._metaspace.spaced(text, at_start, continued)
         return text if self._normalizer is None else unicodedata.normalize("NFC", text)
 
     def _encode_piece(self, piece):
@@ -463,24 +506,15 @@ class BPETokenizer:
         ids that is not valid UTF-8 becomes one U+FFFD per byte; then one
         leading space is dropped if `strip_decoded`.
         """
-        if self._metaspace is None:
-            return self.decode_bytes(ids).decode("utf-8", errors="replace")
-        ids = ids.tolist() if isinstance(ids, numpy.ndarray) else list(ids)
-        self.decode_bytes(ids)   # refuses an id outside the vocabulary
-        parts = []
-        for is_byte, run in itertools.groupby(ids, key=(256).__gt__):
-            data = self.decode_bytes(list(run))
-            if not is_byte:
-                parts.append(data.decode("utf-8", errors="replace"))
-                continue
-            try:
-                parts.append(data.decode("utf-8"))
-            except UnicodeDecodeError:
-                parts.append("\ufffd" * len(data))
-        text = "".join(parts)
-        if self._metaspace.strip_decoded and text.startswith(" "):
-            text = text[1:]
-        return text
+        return IncrementalDecoder(self).decode(ids, final=True)
+
+    def incremental_decoder(self, context=()):
+        """An `IncrementalDecoder` for ids that follow `context`, ids whose text is
+        shown already (a prompt): they decode as they do after it in `decode`,
+        except that a run of byte ids or a character does not span the two."""
+        decoder = IncrementalDecoder(self)
+        decoder.decode(context, final=True)
+        return decoder
 
     # ----- files ----------------------------------------------------------
 
@@ -533,23 +567,7 @@ class BPETokenizer:
             raise UsageError(f"format version {version!r} is not supported "
                              f"(this xpmodel reads versions {FILE_VERSION} and "
                              f"{FILE_VERSION_OPTIONS})")
-        pre_tokenizer = document.get("pre_tokenizer")
-        metaspace = None
-        if pre_tokenizer == "split":
-            split_pattern = document.get("split_pattern")
-        elif pre_tokenizer == "metaspace":
-            fields = document.get("metaspace")
-            names = [field.name for field in dataclasses.fields(Metaspace)]
-            if not isinstance(fields, dict) or sorted(fields) != sorted(names):
-                raise UsageError(f"\"metaspace\" must be an object of {names}, "
-                                 f"got {quote(fields, 80)}")
-            split_pattern, metaspace = None, Metaspace(**fields)
-        elif pre_tokenizer != "gpt2":
-            raise UsageError(f"pre_tokenizer {quote(pre_tokenizer, 40)} is not supported")
-        elif "split_pattern" in document:
-            raise UsageError("it has a \"split_pattern\" but its pre_tokenizer is \"gpt2\"")
-        else:
-            split_pattern = GPT2_SPLIT_PATTERN
+        split_pattern, metaspace = _document_splitting(document)
         tokens = document.get("tokens")
         if tokens is not None:
             if not isinstance(tokens, list):
@@ -601,6 +619,76 @@ class BPETokenizer:
             options += f", tokens={len(self._tokens)}"
         return (f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self._merges)}, "
                 f"special_tokens={list(self._specials)}{options})")
+
+
+class IncrementalDecoder:
+    """Text from ids that arrive a few at a time, as a model samples them.
+
+    Each `decode(ids)` returns the text the ids complete; the texts of all
+    calls, the last with `final`, join into `BPETokenizer.decode` of all the
+    ids. Until `final`, text that later ids could still change is held back:
+    a character whose UTF-8 bytes have not all arrived and, with a metaspace,
+    a run of byte ids that has not ended (one byte that is not UTF-8 makes
+    the whole run U+FFFD).
+    """
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._byte_run = bytearray()   # metaspace: the bytes of the byte ids since the last other id
+        metaspace = tokenizer.metaspace
+        self._strip = metaspace is not None and metaspace.strip_decoded   # no text out yet
+
+    def decode(self, ids, final=False):
+        tokenizer = self._tokenizer
+        if tokenizer.metaspace is None:
+            return self._utf8.decode(tokenizer.decode_bytes(ids), final)
+        ids = ids.tolist() if isinstance(ids, numpy.ndarray) else list(ids)
+        tokenizer.decode_bytes(ids)   # refuses an id outside the vocabulary
+        parts = []
+        for is_byte, run in itertools.groupby(ids, key=(256).__gt__):
+            data = tokenizer.decode_bytes(list(run))
+            if is_byte:
+                parts.append(self._utf8.decode(b"", final=True))
+                self._byte_run += data
+            else:
+                parts.append(self._end_byte_run())
+                parts.append(self._utf8.decode(data))
+        if final:
+            parts.append(self._end_byte_run())
+            parts.append(self._utf8.decode(b"", final=True))
+        text = "".join(parts)
+        if self._strip and text:
+            self._strip = False
+            if text.startswith(" "):
+                text = text[1:]
+        return text
+
+    def _end_byte_run(self):
+        data, self._byte_run = self._byte_run, bytearray()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return "\ufffd" * len(data)
+
+
+def _document_splitting(document):
+    """(split_pattern, metaspace) of a tokenizer file's document."""
+    pre_tokenizer = document.get("pre_tokenizer")
+    if pre_tokenizer == "split":
+        return document.get("split_pattern"), None
+    if pre_tokenizer == "metaspace":
+        fields = document.get("metaspace")
+        names = [field.name for field in dataclasses.fields(Metaspace)]
+        if not isinstance(fields, dict) or sorted(fields) != sorted(names):
+            raise UsageError(f"\"metaspace\" must be an object of {names}, "
+                             f"got {quote(fields, 80)}")
+        return None, Metaspace(**fields)
+    if pre_tokenizer != "gpt2":
+        raise UsageError(f"pre_tokenizer {quote(pre_tokenizer, 40)} is not supported")
+    if "split_pattern" in document:
+        raise UsageError("it has a \"split_pattern\" but its pre_tokenizer is \"gpt2\"")
+    return GPT2_SPLIT_PATTERN, None
 
 
 def _check_special_tokens(special_tokens):
@@ -775,6 +863,17 @@ def _sides_made_first(merges, made):
         last_made[new_id] = rank
     return all(last_made.get(left, -1) < rank and last_made.get(right, -1) < rank
                for rank, (left, right) in enumerate(merges))
+
+
+def _char_ids(token_bytes):
+    """Character -> id of the token that is that one character, for the
+    tokens after the 256 bytes."""
+    ids = {}
+    for token_id in range(256, len(token_bytes)):
+        text = token_bytes[token_id].decode("utf-8", errors="ignore")
+        if len(text) == 1 and text.encode("utf-8") == token_bytes[token_id]:
+            ids[text] = token_id
+    return ids
 
 
 def _metaspace_splitter(metaspace, merges, token_bytes):
@@ -986,5 +1085,5 @@ def _install_worker_tokenizer(document):
     _worker_tokenizer = BPETokenizer._from_document(json.loads(document))
 
 
-def _encode_in_worker(text):
-    return _worker_tokenizer._encode_to_array(text)
+def _encode_in_worker(text, continued):
+    return _worker_tokenizer._encode_to_array(text, continued)

@@ -192,7 +192,7 @@ def _write_json(path, document):
 
 
 def import_hf_tokenizer(directory):
-    """A BPETokenizer from a Hugging Face byte-level BPE tokenizer directory.
+    """A BPETokenizer from a Hugging Face BPE tokenizer directory.
 
     Ids may be relabeled (see the module docstring and `read_hf_tokenizer`);
     text encodes to the same tokens as with Hugging Face.
@@ -201,7 +201,7 @@ def import_hf_tokenizer(directory):
 
 
 def read_hf_tokenizer(directory):
-    """Read a byte-level BPE tokenizer from `directory`.
+    """Read a BPE tokenizer, byte-level or SentencePiece, from `directory`.
 
     Reads tokenizer.json when present (as the fast tokenizers do), otherwise
     vocab.json + merges.txt (+ added tokens from tokenizer_config.json or
@@ -257,20 +257,27 @@ def _read_tokenizer_json(path):
                        split_pattern=_read_pre_tokenizer(document.get("pre_tokenizer"), path),
                        ignore_merges=model.get("ignore_merges", False))
         _check_decoder(document.get("decoder"), path)
-    merges = []
-    if len(model.get("merges") or []) > MAX_VOCAB:
-        raise DataError(f"{path}: {len(model['merges']):,} merges, more than the {MAX_VOCAB:,} ids "
+    merges = _read_merges(model, path)
+    added = [(t.get("id"), t.get("content"), t.get("special", False))
+             for t in document.get("added_tokens") or [] if isinstance(t, dict)]
+    return _check_vocab(model.get("vocab"), path), merges, added, options
+
+
+def _read_merges(model, path):
+    """tokenizer.json's BPE merges ("a b" or ["a", "b"]) as [(left, right)]."""
+    entries = model.get("merges") or []
+    if len(entries) > MAX_VOCAB:
+        raise DataError(f"{path}: {len(entries):,} merges, more than the {MAX_VOCAB:,} ids "
                         f"xpmodel supports")
-    for k, entry in enumerate(model.get("merges") or []):
+    merges = []
+    for k, entry in enumerate(entries):
         if isinstance(entry, str):
             entry = entry.split(" ")
         if not (isinstance(entry, list) and len(entry) == 2
                 and all(isinstance(side, str) and side for side in entry)):
             raise DataError(f"{path}: merge {k} is {entry!r}, not a pair of tokens")
         merges.append(tuple(entry))
-    added = [(t.get("id"), t.get("content"), t.get("special", False))
-             for t in document.get("added_tokens") or [] if isinstance(t, dict)]
-    return _check_vocab(model.get("vocab"), path), merges, added, options
+    return merges
 
 
 def _read_vocab_and_merges(directory):
@@ -314,23 +321,7 @@ def _read_vocab_and_merges(directory):
 
 def _relabel(vocab, merges, added, options):
     """Build the BPETokenizer and the xpmodel id -> Hugging Face id table."""
-    id_to_name = {token_id: name for name, token_id in vocab.items()}
-    special_names = set()
-    for token_id, content, special in added:
-        if type(token_id) is not int or token_id < 0 or not isinstance(content, str) or not content:
-            raise UsageError(f"added token {content!r} with id {token_id!r} is malformed")
-        if id_to_name.get(token_id, content) != content:
-            raise UsageError(f"id {token_id} is both {id_to_name[token_id]!r} and {content!r}")
-        if vocab.get(content, token_id) != token_id:
-            raise UsageError(f"{content!r} has two ids, {vocab[content]} and {token_id}")
-        if not special:
-            raise UsageError(f"added token {content!r} (id {token_id}) is not special; "
-                             f"xpmodel only matches special tokens outside BPE")
-        id_to_name[token_id] = content
-        special_names.add(content)
-    missing = sorted(set(range(len(id_to_name))) - set(id_to_name))
-    if missing:
-        raise UsageError(f"token ids are not contiguous from 0: id {missing[0]} has no token")
+    id_to_name, special_names = _names_by_id(vocab, added)
     name_to_id = {name: token_id for token_id, name in id_to_name.items()}
 
     metaspace = options.get("metaspace") is not None
@@ -386,6 +377,29 @@ def _relabel(vocab, merges, added, options):
     return tokenizer, numpy.array(hf_ids, dtype=numpy.int64)
 
 
+def _names_by_id(vocab, added):
+    """(Hugging Face id -> token string, added tokens included; the set of the
+    added tokens' strings). Added tokens must be special and agree with the vocab."""
+    id_to_name = {token_id: name for name, token_id in vocab.items()}
+    special_names = set()
+    for token_id, content, special in added:
+        if type(token_id) is not int or token_id < 0 or not isinstance(content, str) or not content:
+            raise UsageError(f"added token {content!r} with id {token_id!r} is malformed")
+        if id_to_name.get(token_id, content) != content:
+            raise UsageError(f"id {token_id} is both {id_to_name[token_id]!r} and {content!r}")
+        if vocab.get(content, token_id) != token_id:
+            raise UsageError(f"{content!r} has two ids, {vocab[content]} and {token_id}")
+        if not special:
+            raise UsageError(f"added token {content!r} (id {token_id}) is not special; "
+                             f"xpmodel only matches special tokens outside BPE")
+        id_to_name[token_id] = content
+        special_names.add(content)
+    missing = sorted(set(range(len(id_to_name))) - set(id_to_name))
+    if missing:
+        raise UsageError(f"token ids are not contiguous from 0: id {missing[0]} has no token")
+    return id_to_name, special_names
+
+
 def _byte_level_bytes(name, char_to_byte):
     """The bytes a byte-level token string stands for, or None if it is not one."""
     try:
@@ -407,8 +421,7 @@ def _read_metaspace(document, path):
     normalizer, pre_tokenizer = document.get("normalizer"), document.get("pre_tokenizer")
     prepend, split = "never", False
     if normalizer is not None:
-        steps = normalizer.get("normalizers") if isinstance(normalizer, dict) and normalizer.get(
-            "type") == "Sequence" else [normalizer]
+        steps = _steps(normalizer, "normalizers")
         if isinstance(steps, list) and steps[:1] == [_PREPEND]:
             prepend, steps = "always", steps[1:]
         if steps != [_REPLACE_SPACES]:
@@ -442,8 +455,7 @@ def _read_metaspace(document, path):
 
 def _read_metaspace_decoder(decoder, path):
     """Whether a SentencePiece decoder strips one leading space; others are refused."""
-    steps = decoder.get("decoders") if isinstance(decoder, dict) and decoder.get(
-        "type") == "Sequence" else None
+    steps = _steps(decoder, "decoders")
     if steps == _SPACE_DECODERS + [_STRIP_DECODER]:
         return True
     if steps != _SPACE_DECODERS:
@@ -455,10 +467,9 @@ def _read_metaspace_decoder(decoder, path):
 
 def _read_normalizer(normalizer, path):
     """None, or "nfc" for NFC (alone or as a one-step Sequence, as Qwen2 writes it)."""
-    if isinstance(normalizer, dict) and normalizer.get("type") == "Sequence":
-        steps = normalizer.get("normalizers")
-        if isinstance(steps, list) and len(steps) <= 1:
-            normalizer = steps[0] if steps else None
+    steps = _steps(normalizer, "normalizers")
+    if isinstance(steps, list) and len(steps) <= 1:
+        normalizer = steps[0] if steps else None
     if normalizer is None:
         return None
     if isinstance(normalizer, dict) and normalizer.get("type") == "NFC":
@@ -472,13 +483,11 @@ def _read_pre_tokenizer(pre_tokenizer, path):
     GPT-2's ByteLevel with its built-in regex (GPT2_SPLIT_PATTERN), or a Split
     by a regex with behavior Isolated followed by a ByteLevel that only maps
     bytes (Llama 3, Qwen2). Neither may add a prefix space."""
-    steps = [pre_tokenizer]
-    if isinstance(pre_tokenizer, dict) and pre_tokenizer.get("type") == "Sequence":
-        steps = pre_tokenizer.get("pretokenizers")
-        if not isinstance(steps, list) or not 1 <= len(steps) <= 2:
-            raise UsageError(f"{path}: a pre_tokenizer Sequence of "
-                             f"{len(steps) if isinstance(steps, list) else steps!r} steps is not "
-                             f"supported (xpmodel reads ByteLevel, or Split then ByteLevel)")
+    steps = _steps(pre_tokenizer, "pretokenizers")
+    if not isinstance(steps, list) or not 1 <= len(steps) <= 2:
+        raise UsageError(f"{path}: a pre_tokenizer Sequence of "
+                         f"{len(steps) if isinstance(steps, list) else steps!r} steps is not "
+                         f"supported (xpmodel reads ByteLevel, or Split then ByteLevel)")
     for step in steps:
         if isinstance(step, dict) and step.get("type") == "Metaspace":
             raise UsageError(f"{path}: pre_tokenizer 'Metaspace' without BPE byte_fallback is "
@@ -528,10 +537,9 @@ def _read_split(split, path):
 
 def _check_decoder(decoder, path):
     """xpmodel decodes ids to their bytes, as the ByteLevel decoder does."""
-    if isinstance(decoder, dict) and decoder.get("type") == "Sequence":
-        steps = decoder.get("decoders")
-        if isinstance(steps, list) and len(steps) == 1:
-            decoder = steps[0]
+    steps = _steps(decoder, "decoders")
+    if isinstance(steps, list) and len(steps) == 1:
+        decoder = steps[0]
     if decoder is not None and not (isinstance(decoder, dict)
                                     and decoder.get("type") == "ByteLevel"):
         raise UsageError(f"{path}: decoder {_kind(decoder)} is not supported "
@@ -551,6 +559,14 @@ def _check_vocab(vocab, path):
     if len(set(vocab.values())) != len(vocab):
         raise DataError(f"{path}: two tokens share an id")
     return vocab
+
+
+def _steps(component, key):
+    """The steps of a Sequence `component` (its `key` entry, as the file has
+    it), or [component]."""
+    if isinstance(component, dict) and component.get("type") == "Sequence":
+        return component.get(key)
+    return [component]
 
 
 def _kind(component):

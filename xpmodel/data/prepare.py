@@ -102,15 +102,16 @@ def prepare(
 
 
 def _encoded_chunks(source, tokenizer, eot_id, workers, chunk_bytes, progress, total) -> Iterator[numpy.ndarray]:
-    # encode_chunks returns one id array per text, in order. The texts'
-    # bookkeeping waits in a queue until its ids come back (the tokenizer may
-    # read ahead of what it has returned).
+    # encode_chunks returns one id array per piece, in order; a document's
+    # pieces after its first continue it, so its arrays join into the ids of
+    # the whole document. The pieces' bookkeeping waits in a queue until their
+    # ids come back (the tokenizer may read ahead of what it has returned).
     waiting: collections.deque[TextPiece] = collections.deque()
 
-    def texts() -> Iterator[str]:
+    def texts() -> Iterator[tuple[str, bool]]:
         for piece in iter_text_pieces(source, chunk_bytes):
             waiting.append(piece)
-            yield piece.text
+            yield piece.text, not piece.first_in_document
 
     eot = None if eot_id is None else numpy.array([eot_id], dtype=numpy.uint32)
     done = 0

@@ -1,6 +1,5 @@
 """Evaluation and reporting: validation loss (and early stopping), samples,
 the data line, MFU, and the end-of-run summary."""
-import codecs
 import math
 
 import numpy
@@ -72,14 +71,14 @@ class Evaluation:
 
     def sample_text(self):
         t = self.config.train
-        prompt = self.tokenizer.encode(t.sample_prompt, allowed_special="all") or [self.tokenizer.eot_id or 0]
-        ids = list(generate(self.model, prompt, t.sample_tokens, temperature=t.sample_temperature,
-                            top_k=t.sample_top_k, top_p=t.sample_top_p,
-                            seed=t.seed + self.step, stop_id=self.tokenizer.eot_id))
-        # a character whose bytes the last tokens only began is left out, not shown as U+FFFD
-        text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(
-            self.tokenizer.decode_bytes(ids))
-        return t.sample_prompt + text
+        context = self.tokenizer.encode(t.sample_prompt, allowed_special="all")
+        ids = list(generate(self.model, context or [self.tokenizer.eot_id or 0], t.sample_tokens,
+                            temperature=t.sample_temperature, top_k=t.sample_top_k,
+                            top_p=t.sample_top_p, seed=t.seed + self.step,
+                            stop_id=self.tokenizer.eot_id))
+        # text the last tokens may still change (a character's first bytes) is left out, not shown
+        # as U+FFFD (see IncrementalDecoder)
+        return t.sample_prompt + self.tokenizer.incremental_decoder(context).decode(ids)
 
     def mfu_peak(self):
         """(FLOP/s or None, what it is): the peak MFU is measured against on this
