@@ -11,9 +11,10 @@
 #   PARTS="tests bench" bash tools/gpu_check.sh        # only those parts
 #
 # PARTS: any of tests nccl bench compile probe train-bf16 (the default, about
-# 9 minutes) and sections graph train-fp16 train-llama (left out by default:
-# they do not fit in the same 10 minutes; sections and graph were measured in
-# earlier versions, see tools/GPU_NOTES.md).
+# 9 minutes) and sections graph train-fp16 train-llama speedrun speedrun-bpe
+# (left out by default: they do not fit in the same 10 minutes; sections and
+# graph were measured in earlier versions, see tools/GPU_NOTES.md; a second
+# call with PARTS="speedrun speedrun-bpe" fits in one).
 # DATA: the Tiny Shakespeare text (default ../shared/data/tinyshakespeare.txt);
 # ITERS: training steps (default 2500; nanoGPT's run reaches its best validation
 # loss by about step 2000 of 5000); BENCH: extra benchmark flags.
@@ -122,5 +123,20 @@ fi
 if want train-llama; then
     note "== llama-char (Llama-style block), bf16, $ITERS steps"
     train_run llama-bf16 llama-char bf16 train_llama.log
+fi
+if want speedrun; then   # about 4 minutes
+    note "== time to val loss 1.47 at shakespeare-char size (tools/speedrun.py --size gpu)"
+    timeout 270 $PY tools/speedrun.py --size gpu --device cuda --data "$DATA" \
+        --recipes gpt2-adamw speedrun --json "$OUT/speedrun.json" > "$OUT/speedrun.log" 2>&1
+    note "speedrun exit code $?"
+    tail -4 "$OUT/speedrun.log" >> "$summary"
+fi
+
+if want speedrun-bpe; then   # about 5 minutes: the baseline's whole schedule sets the target
+    note "== time to the BPE target on pystdlib (tools/speedrun.py --size bpe-gpu)"
+    timeout 320 $PY tools/speedrun.py --size bpe-gpu --device cuda \
+        --recipes gpt2-adamw speedrun --json "$OUT/speedrun_bpe.json" > "$OUT/speedrun_bpe.log" 2>&1
+    note "speedrun-bpe exit code $?"
+    tail -5 "$OUT/speedrun_bpe.log" >> "$summary"
 fi
 cat "$summary"
