@@ -13,17 +13,22 @@ from cli_helpers import write_corpus
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "speedrun.py"
 
 
+def run_speedrun(tmp_path, *args):
+    """tools/speedrun.py with `args`, on one thread with its own cache; it must succeed."""
+    done = subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True,
+                          timeout=240, env={"XPMODEL_CACHE": str(tmp_path / "cache"),
+                                            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                                            "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def test_two_recipes_reach_an_easy_target(tmp_path):
     pytest.importorskip("torch")
     corpus = write_corpus(tmp_path / "corpus.txt")
     out = tmp_path / "speedrun.json"
-    done = subprocess.run([sys.executable, str(TOOL), "--recipes", "speedrun", "torch-gpt2-adamw",
-                           "--data", str(corpus), "--target", "2.5", "--eval-every", "20",
-                           "--threads", "1", "--json", str(out)],
-                          capture_output=True, text=True, timeout=240,
-                          env={"XPMODEL_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
-                               "OPENBLAS_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
-    assert done.returncode == 0, done.stderr
+    done = run_speedrun(tmp_path, "--recipes", "speedrun", "torch-gpt2-adamw", "--data", str(corpus),
+                        "--target", "2.5", "--eval-every", "20", "--threads", "1", "--json", str(out))
     assert "time to val loss 2.5" in done.stdout and "speedrun" in done.stdout
     report = json.loads(out.read_text())
     assert report["target"] == 2.5 and report["machine"]["cores"] >= 1
@@ -38,13 +43,9 @@ def test_two_recipes_reach_an_easy_target(tmp_path):
 def test_baseline_target_is_the_baselines_loss_at_its_end(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
     out = tmp_path / "speedrun.json"
-    done = subprocess.run([sys.executable, str(TOOL), "--recipes", "speedrun", "gpt2-adamw",
-                           "--data", str(corpus), "--target", "baseline", "--eval-every", "20",
-                           "--set", "train.max_iters=40", "--json", str(out)],
-                          capture_output=True, text=True, timeout=240,
-                          env={"XPMODEL_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
-                               "OPENBLAS_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
-    assert done.returncode == 0, done.stderr
+    done = run_speedrun(tmp_path, "--recipes", "speedrun", "gpt2-adamw", "--data", str(corpus),
+                        "--target", "baseline", "--eval-every", "20", "--set", "train.max_iters=40",
+                        "--json", str(out))
     baseline, other = json.loads(out.read_text())["runs"]
     assert baseline["recipe"] == "gpt2-adamw" and other["recipe"] == "speedrun"   # baseline first
     assert baseline["steps"] == 40 and baseline["reached"]       # its whole schedule, no more
