@@ -18,7 +18,7 @@ import numpy
 import pytest
 
 from test_tokenizer import CORPUS, random_strings
-from test_tokenizer_split import TEXTS, TRAINING_TEXT
+from test_tokenizer_split import TEXTS, TRAINING_TEXT, check_export, check_transformers_export
 from xpmodel.data import iter_text_pieces, prepare, read_token_file
 from xpmodel.errors import UsageError
 from xpmodel.tokenizer import BPETokenizer, Metaspace
@@ -148,24 +148,14 @@ def test_export_writes_the_form_back(imported, tmp_path):
     form, _, tok, _ = imported
     export_tokenizer_hf(tok, tmp_path)
     assert not (tmp_path / "vocab.json").exists()   # GPT2Tokenizer would read them as byte-level
-    exported = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    for text in texts()[:120]:
-        ids = tok.encode(text, allowed_special="all")
-        assert exported.encode(text).ids == ids, text
-        assert exported.decode(ids, skip_special_tokens=False) == tok.decode(ids)
-    again, hf_ids = read_hf_tokenizer(tmp_path)
-    assert again == tok and numpy.array_equal(hf_ids, numpy.arange(tok.vocab_size))
+    check_export(tok, tmp_path, texts()[:120])
 
 
 def test_transformers_loads_the_export(imported, tmp_path):
     transformers = pytest.importorskip("transformers")
     _, _, tok, _ = imported
     export_tokenizer_hf(tok, tmp_path)
-    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    for text in VARIED:
-        ids = tok.encode(text, allowed_special="all")
-        assert loaded(text, add_special_tokens=False)["input_ids"] == ids, text
-        assert loaded.decode(ids) == tok.decode(ids)
+    check_transformers_export(transformers, tok, tmp_path, VARIED)
 
 
 # ----- streamed text and corpora --------------------------------------------

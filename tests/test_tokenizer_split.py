@@ -176,21 +176,14 @@ def test_export_writes_the_split_form_back(imported, tmp_path):
     split, byte_level = document["pre_tokenizer"]["pretokenizers"]
     assert split["pattern"] == {"Regex": FORMS[form]["pattern"]}
     assert (byte_level["type"], byte_level["use_regex"]) == ("ByteLevel", False)
-    exported = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    for text in all_texts()[:120]:
-        assert exported.encode(text).ids == tok.encode(text, allowed_special="all"), text
-    again, hf_ids = read_hf_tokenizer(tmp_path)
-    assert again == tok and numpy.array_equal(hf_ids, numpy.arange(tok.vocab_size))
+    check_export(tok, tmp_path, all_texts()[:120])
 
 
 def test_transformers_loads_the_export(imported, tmp_path):
     transformers = pytest.importorskip("transformers")
     _, _, tok, _ = imported
     export_tokenizer_hf(tok, tmp_path)
-    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    for text in TEXTS:
-        assert loaded(text, add_special_tokens=False)["input_ids"] == tok.encode(
-            text, allowed_special="all"), text
+    check_transformers_export(transformers, tok, tmp_path, TEXTS)
 
 
 # ----- refusals -------------------------------------------------------------
@@ -361,3 +354,24 @@ def test_llama_with_a_llama3_tokenizer_imports_and_exports(tmp_path):
     assert loaded(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
     _, _, again = import_hf(tmp_path / "back")
     assert again == tok
+
+
+def check_export(tok, folder, texts):
+    """The tokenizer.json `tok` exported to `folder` encodes and decodes `texts`
+    as `tok` does in `tokenizers`, and reads back as `tok`."""
+    exported = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    for text in texts:
+        ids = tok.encode(text, allowed_special="all")
+        assert exported.encode(text).ids == ids, text
+        assert exported.decode(ids, skip_special_tokens=False) == tok.decode(ids)
+    again, hf_ids = read_hf_tokenizer(folder)
+    assert again == tok and numpy.array_equal(hf_ids, numpy.arange(tok.vocab_size))
+
+
+def check_transformers_export(transformers, tok, folder, texts):
+    """transformers' AutoTokenizer reads `folder` and encodes and decodes `texts` as `tok` does."""
+    loaded = transformers.AutoTokenizer.from_pretrained(folder)
+    for text in texts:
+        ids = tok.encode(text, allowed_special="all")
+        assert loaded(text, add_special_tokens=False)["input_ids"] == ids, text
+        assert loaded.decode(ids) == tok.decode(ids)
