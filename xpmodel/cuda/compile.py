@@ -218,3 +218,17 @@ def column_grid(columns, rows, threads=256, per_multiprocessor=16):
     column_blocks = -(-columns // threads)
     row_blocks = max(1, min(rows, per_multiprocessor * multiprocessor_count() // column_blocks))
     return (column_blocks, row_blocks), (threads,)
+
+
+def column_backward(source, name, dout, x, dx, dbias, columns, **macros):
+    """Run an activation's backward kernel `name(dout, x, dx, dbias, rows, columns)`
+    of `source` on column_grid: dout has `columns` columns, dx is written, and
+    with dbias (float32 or float64) dx's column sums are added into it. The
+    types X_T, D_T, ACC and G_T follow x, dout and dbias. Returns dx."""
+    rows = dout.size // columns
+    kernel = raw_kernel(source, name, half=half_of(x.dtype, dout.dtype), X_T=c_type(x.dtype),
+                        D_T=c_type(dout.dtype), ACC=acc_type(dout.dtype, x.dtype),
+                        G_T=c_type(dbias.dtype) if dbias is not None else "float", **macros)
+    kernel(*column_grid(columns, rows),
+           (dout, x, dx, optional(dbias), numpy.int64(rows), numpy.int32(columns)))
+    return dx

@@ -7,7 +7,7 @@ import math
 import numpy
 
 from ..backend import _import_cupy
-from .compile import acc_type, c_type, half_of, column_grid, optional, raw_kernel, stride_grid
+from .compile import acc_type, c_type, column_backward, half_of, optional, raw_kernel, stride_grid
 
 _THREADS = 256
 
@@ -49,9 +49,7 @@ extern "C" __global__ void gelu_backward(const D_T* dout, const X_T* x, D_T* dx,
 """
 
 
-def _kernel(name, half, **types):
-    return raw_kernel(_SOURCE, name, half=half, K=repr(math.sqrt(2.0 / math.pi)), CUBIC="0.044715",
-                      **types)
+_MACROS = dict(K=repr(math.sqrt(2.0 / math.pi)), CUBIC="0.044715")
 
 
 def gelu_forward(x, bias=None):
@@ -63,8 +61,8 @@ def gelu_forward(x, bias=None):
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.astype(x.dtype)
     out = cupy.empty_like(x)
-    kernel = _kernel("gelu_forward", half=half_of(x.dtype), X_T=c_type(x.dtype), D_T=c_type(x.dtype),
-                     G_T="float", ACC=acc_type(x.dtype))
+    kernel = raw_kernel(_SOURCE, "gelu_forward", half=half_of(x.dtype), X_T=c_type(x.dtype),
+                        D_T=c_type(x.dtype), G_T="float", ACC=acc_type(x.dtype), **_MACROS)
     kernel(*stride_grid(x.size, _THREADS), (x, optional(bias), out, numpy.int64(x.size), numpy.int32(x.shape[-1])))
     return out
 
@@ -74,13 +72,5 @@ def gelu_backward(dout, x, dbias=None):
     (float32 or float64) the column sums of dx are added into it."""
     cupy = _import_cupy()
     dout, x = cupy.ascontiguousarray(dout), cupy.ascontiguousarray(x)
-    dx = cupy.empty_like(dout)
-    C = x.shape[-1]
-    rows = x.size // C
-    kernel = _kernel("gelu_backward", half=half_of(x.dtype, dout.dtype), X_T=c_type(x.dtype),
-                     D_T=c_type(dout.dtype),
-                     ACC=acc_type(dout.dtype, x.dtype),
-                     G_T=c_type(dbias.dtype) if dbias is not None else "float")
-    kernel(*column_grid(C, rows, _THREADS), (dout, x, dx, optional(dbias), numpy.int64(rows),
-                                             numpy.int32(C)))
-    return dx
+    return column_backward(_SOURCE, "gelu_backward", dout, x, cupy.empty_like(dout), dbias,
+                           x.shape[-1], **_MACROS)

@@ -3,7 +3,7 @@ max(h, 0) from h."""
 import numpy
 
 from ..backend import _import_cupy
-from .compile import acc_type, c_type, half_of, column_grid, optional, raw_kernel, stride_grid
+from .compile import acc_type, c_type, column_backward, half_of, optional, raw_kernel, stride_grid
 
 _THREADS = 256
 
@@ -58,11 +58,5 @@ def relu2_backward(dout, h, dbias=None):
     float64) dh's column sums are added into it."""
     cupy = _import_cupy()
     dout, h = cupy.ascontiguousarray(dout), cupy.ascontiguousarray(h)
-    rows, C = dout.shape
-    dh = cupy.empty_like(dout)
-    kernel = raw_kernel(_SOURCE, "relu2_backward", half=half_of(h.dtype, dout.dtype),
-                        X_T=c_type(h.dtype), D_T=c_type(dout.dtype), ACC=acc_type(dout.dtype, h.dtype),
-                        G_T=c_type(dbias.dtype) if dbias is not None else "float")
-    kernel(*column_grid(C, rows, _THREADS),
-           (dout, h, dh, optional(dbias), numpy.int64(rows), numpy.int32(C)))
-    return dh
+    return column_backward(_SOURCE, "relu2_backward", dout, h, cupy.empty_like(dout), dbias,
+                           dout.shape[-1])

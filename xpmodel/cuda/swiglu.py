@@ -7,7 +7,7 @@ keeping it, and sums the bias's gradient."""
 import numpy
 
 from ..backend import _import_cupy
-from .compile import acc_type, c_type, half_of, column_grid, optional, raw_kernel, stride_grid
+from .compile import acc_type, c_type, column_backward, half_of, optional, raw_kernel, stride_grid
 
 _THREADS = 256
 
@@ -78,11 +78,5 @@ def swiglu_backward(dout, h, dbias=None):
     dout's dtype; with dbias (2F,) (float32 or float64) dh's column sums are added."""
     cupy = _import_cupy()
     dout, h = cupy.ascontiguousarray(dout), cupy.ascontiguousarray(h)
-    rows, F = dout.shape
-    dh = cupy.empty(h.shape, dtype=dout.dtype)
-    kernel = raw_kernel(_SOURCE, "swiglu_backward", half=half_of(h.dtype, dout.dtype),
-                        X_T=c_type(h.dtype), D_T=c_type(dout.dtype), ACC=acc_type(dout.dtype, h.dtype),
-                        G_T=c_type(dbias.dtype) if dbias is not None else "float")
-    kernel(*column_grid(F, rows, _THREADS),
-           (dout, h, dh, optional(dbias), numpy.int64(rows), numpy.int32(F)))
-    return dh
+    return column_backward(_SOURCE, "swiglu_backward", dout, h,
+                           cupy.empty(h.shape, dtype=dout.dtype), dbias, dout.shape[-1])
