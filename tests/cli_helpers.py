@@ -2,7 +2,7 @@
 and a small corpus to train on."""
 import random
 
-from xpmodel import cli
+from xpmodel.cli import main as cli
 
 
 def run_cli(capsys, *args):
@@ -39,7 +39,7 @@ def kill_sweep_mid_trial(sweep, trial, steps=60, timeout=60):
     to stop when its parent died, has saved and released its run lock."""
     import signal
     import time
-    from xpmodel.rundir import RunDir, _lock_is_free
+    from xpmodel.train.rundir import RunDir, _lock_is_free
     run = RunDir(trial)
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -9,14 +9,14 @@ import xpmodel
 from gradcheck import directional_check
 from xpmodel.config import load_config
 from xpmodel.errors import UsageError
-from xpmodel.generate import decode_step, generate, prefill
+from xpmodel.model.generate import decode_step, generate, prefill
 from xpmodel.layers.attention import attention_backward, attention_forward
 from xpmodel.layers.layernorm import layernorm_backward, layernorm_forward
 from xpmodel.layers.relu2 import relu2_backward, relu2_forward
 from xpmodel.layers.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from xpmodel.layers.rope import rope_backward, rope_forward, rope_tables
 from xpmodel.layers.swiglu import swiglu_backward, swiglu_forward
-from xpmodel.model_config import default_mlp_hidden
+from xpmodel.model.config import default_mlp_hidden
 
 TOL = 1e-7
 # Each option alone, and all of them together (Llama with QK-norm, GQA, untied).
@@ -177,7 +177,7 @@ def test_parameters_follow_the_options():
     assert "wpe.weight" not in names and "lm_head.weight" in names
     assert not any(name.endswith(".bias") for name in names)
     assert {"h.0.attn.q_norm.weight", "h.0.attn.k_norm.weight"} <= names
-    shapes = dict(xpmodel.params.parameter_shapes(tiny(**OPTIONS["all"])))
+    shapes = dict(xpmodel.model.params.parameter_shapes(tiny(**OPTIONS["all"])))
     assert shapes["h.0.attn.c_attn.weight"] == (16, (4 + 2 * 2) * 4)
     assert shapes["h.0.mlp.c_fc.weight"] == (16, 2 * 64)       # [gate | up], 8/3 * 16 -> 64
     assert default_mlp_hidden("swiglu", 768) == 2048 and default_mlp_hidden("gelu", 768) == 3072
@@ -355,8 +355,8 @@ def test_recompute_lowers_the_peak_memory_of_a_pass():
 @pytest.mark.parametrize("name", list(OPTIONS) + ["gpt2"])
 def test_parameter_count_is_the_layouts_size(name):
     config = tiny(**OPTIONS.get(name, {}))
-    assert config.num_params() == xpmodel.params.FlatLayout(
-        xpmodel.params.parameter_shapes(config)).size
+    assert config.num_params() == xpmodel.model.params.FlatLayout(
+        xpmodel.model.params.parameter_shapes(config)).size
 
 
 def test_a_huge_model_is_refused_at_once_naming_the_keys():

@@ -129,7 +129,7 @@ def test_fp16_with_dropout_trains(device):
 
 
 def test_cached_generation_matches_uncached(device):
-    from xpmodel.generate import generate
+    from xpmodel.model.generate import generate
     model = xpmodel.GPT(xpmodel.GPTConfig(vocab_size=96, block_size=16, n_layer=2, n_head=4,
                                           n_embd=32), device=device, seed=4)
     prompt = [1, 5, 9, 2]

@@ -21,7 +21,7 @@ import pytest
 import xpmodel
 from cli_helpers import run_cli, write_corpus
 from xpmodel.backend import BFLOAT16, cuda_available, to_host
-from xpmodel.rundir import RunDir
+from xpmodel.train.rundir import RunDir
 
 import cuda_emulator
 
@@ -338,7 +338,7 @@ def test_training_follows_the_float32_loss_curve(device):
 def test_cached_generation_matches_uncached(device):
     """Sampling from a bf16 model (as the trainer's samples do): the KV-cache
     path gives the uncached path's tokens."""
-    from xpmodel.generate import generate
+    from xpmodel.model.generate import generate
     config = xpmodel.GPTConfig(vocab_size=96, block_size=16, n_layer=2, n_head=4, n_embd=32)
     model = xpmodel.GPT(config, device=device, seed=4, precision="bf16")
     for kwargs in (dict(temperature=0.0), dict(temperature=1.5, seed=3)):
@@ -388,7 +388,7 @@ def test_xpmodel_train_in_bf16_runs_and_resumes(where, tmp_path, capsys, monkeyp
                                  "--out", tmp_path / "whole", *settings)
         assert code == 0, err
         assert "bf16" in out and "step 12: val loss" in out
-        if device == "cuda":    # the emulator's GPU has no entry in xpmodel/peak_flops.py
+        if device == "cuda":    # the emulator's GPU has no entry in xpmodel/train/peak_flops.py
             assert "no MFU: CPU emulator is not in xpmodel's peak table; set train.peak_flops" in out
         first = Trainer.start(load_config(TINY, settings), device=device, out=tmp_path / "parts",
                               show=False)

@@ -24,15 +24,15 @@ from safetensors.numpy import save_file
 import xpmodel
 from xpmodel import atomic as atomic_module
 from xpmodel.atomic import abandon_partial_writes, atomic_write_bytes
-from xpmodel.checkpoint import (FORMAT, load_checkpoint,
+from xpmodel.train.checkpoint import (FORMAT, load_checkpoint,
                                 read_checkpoint_meta, save_checkpoint)
 from xpmodel.config import load_config, save_config
 from xpmodel.data.tokenfile import HEADER, MAGIC, read_token_file
 from xpmodel.errors import CheckpointError, DataError
-from xpmodel.model import GPT, GPTConfig
-from xpmodel.params import parameter_shapes
-from xpmodel.rundir import RunDir
-from xpmodel.tokenizer import BPETokenizer
+from xpmodel.model.gpt import GPT, GPTConfig
+from xpmodel.model.params import parameter_shapes
+from xpmodel.train.rundir import RunDir
+from xpmodel.tokenizer.bpe import BPETokenizer
 
 PACKAGE = Path(xpmodel.__file__).resolve().parent
 TINY = Path(__file__).resolve().parent / "tiny-run.yaml"

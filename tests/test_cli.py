@@ -20,13 +20,13 @@ import pytest
 
 from cli_helpers import assert_one_line_error, run_cli, write_corpus
 import xpmodel
-from xpmodel.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from xpmodel.train.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from xpmodel.config import load_config
-from xpmodel.corpus import load_tokens
+from xpmodel.data.corpus import load_tokens
 from xpmodel.data import eval_batches, read_token_header
-from xpmodel.params import parameter_shapes
-from xpmodel.rundir import RunDir
-from xpmodel.tokenizer import BPETokenizer
+from xpmodel.model.params import parameter_shapes
+from xpmodel.train.rundir import RunDir
+from xpmodel.tokenizer.bpe import BPETokenizer
 
 TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
 ESCAPE = "\x1b"
@@ -38,7 +38,7 @@ def subprocess_env(cache):
 
 
 def xpmodel_process(*args, cache, timeout=120):
-    return subprocess.run([sys.executable, "-m", "xpmodel.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "xpmodel.cli.main", *map(str, args)],
                           capture_output=True, encoding="utf-8", errors="replace",
                           env=subprocess_env(cache), timeout=timeout)
 
@@ -177,7 +177,7 @@ def test_sample_never_prints_control_characters(trained, tmp_path, capsys):
 
 
 def test_training_samples_are_shown_without_control_characters(capsys):
-    from xpmodel.display import TrainDisplay
+    from xpmodel.train.display import TrainDisplay
     with TrainDisplay(10, quiet=True) as display:
         display.sample(3, "red \x1b[31malert\x07 done\tok\n")
     out = capsys.readouterr().out
@@ -372,7 +372,7 @@ def test_tokenizer_without_a_subcommand_shows_its_own_help(capsys):
 
 
 def test_bits_per_byte_gives_special_tokens_no_bytes(trained):
-    from xpmodel.commands import evaluate_tokens
+    from xpmodel.cli.commands import evaluate_tokens
     model, tokenizer = xpmodel.load(trained["run"])
     text_ids = tokenizer.encode("Good night sweet prince.\n" * 3)
     with_eot = numpy.array(text_ids + [tokenizer.eot_id] + text_ids)

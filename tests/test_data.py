@@ -37,7 +37,7 @@ from xpmodel.data import (
 from xpmodel.data import builtin_corpora
 from xpmodel.data.play_markdown import play_markdown_to_text
 from xpmodel.errors import DataError, UsageError
-from xpmodel.tokenizer import BPETokenizer
+from xpmodel.tokenizer.bpe import BPETokenizer
 
 TINY_SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
 FINGERPRINT = "ab" * 32

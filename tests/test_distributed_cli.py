@@ -21,7 +21,7 @@ needs_mpi = pytest.mark.skipif(
 
 
 def train(out, data, env, ranks=None, extra=()):
-    argv = [sys.executable, "-m", "xpmodel.cli", "train", "--config", str(TINY), "--device", "cpu",
+    argv = [sys.executable, "-m", "xpmodel.cli.main", "train", "--config", str(TINY), "--device", "cpu",
             "--quiet", "--out", str(out), f"data.source={data}", "train.batch_size=8", *extra]
     if ranks:
         command, launch_env = local_mpirun(ranks, argv)
@@ -48,7 +48,7 @@ def test_two_ranks_train_like_one_process(tmp_path, tinyshakespeare):
 
     resumed = train(tmp_path / "two", tinyshakespeare, env, extra=())
     assert resumed.returncode == 2                               # --out on an existing run
-    resumed = subprocess.run([sys.executable, "-m", "xpmodel.cli", "train", "--resume",
+    resumed = subprocess.run([sys.executable, "-m", "xpmodel.cli.main", "train", "--resume",
                               str(tmp_path / "two"), "--device", "cpu", "train.max_iters=40"],
                              env=env, capture_output=True, text=True, timeout=120)
     assert resumed.returncode != 0

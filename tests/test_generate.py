@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import xpmodel
-from xpmodel import generate as gen
-from xpmodel.generate import KVCache, decode_step, generate, prefill, sample_next
+from xpmodel.model import generate as gen
+from xpmodel.model.generate import KVCache, decode_step, generate, prefill, sample_next
 
 TINY = xpmodel.GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=16)
 

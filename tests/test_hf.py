@@ -1,4 +1,4 @@
-"""Tests for xpmodel.hf and the tokenizer import in xpmodel.tokenizer_hf.
+"""Tests for xpmodel.hf.convert and the tokenizer import in xpmodel.tokenizer.hf_files.
 
 Everything is built locally from tiny random models: an xpmodel GPT exported
 and loaded by transformers (keys, logits, tokenizer ids, greedy generation),
@@ -15,10 +15,10 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 from xpmodel.errors import DataError, UsageError  # noqa: E402
-from xpmodel.hf import export_hf, import_hf  # noqa: E402
-from xpmodel.model import GPT, GPTConfig  # noqa: E402
-from xpmodel.tokenizer import ENDOFTEXT, BPETokenizer  # noqa: E402
-from xpmodel.tokenizer_hf import (export_tokenizer_hf, gpt2_byte_to_unicode, import_hf_tokenizer,  # noqa: E402
+from xpmodel.hf.convert import export_hf, import_hf  # noqa: E402
+from xpmodel.model.gpt import GPT, GPTConfig  # noqa: E402
+from xpmodel.tokenizer.bpe import ENDOFTEXT, BPETokenizer  # noqa: E402
+from xpmodel.tokenizer.hf_files import (export_tokenizer_hf, gpt2_byte_to_unicode, import_hf_tokenizer,  # noqa: E402
                                   read_hf_tokenizer)
 
 CORPUS = (

@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 import xpmodel  # noqa: E402
-from xpmodel.generate import generate  # noqa: E402
+from xpmodel.model.generate import generate  # noqa: E402
 
 TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16",
         "train.batch_size=4", "train.max_iters=4", "train.eval_interval=4", "train.eval_batches=2",
@@ -17,7 +17,7 @@ TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_siz
 
 
 def xpmodel_cli(*args, env):
-    result = subprocess.run([sys.executable, "-m", "xpmodel.cli", *args], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "xpmodel.cli.main", *args], capture_output=True,
                             text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     return result
@@ -73,7 +73,7 @@ def test_pickled_checkpoints_are_refused(tmp_path, env):
     hf_dir.mkdir()
     (hf_dir / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
     (hf_dir / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
-    result = subprocess.run([sys.executable, "-m", "xpmodel.cli", "import-hf", str(hf_dir), "--out",
+    result = subprocess.run([sys.executable, "-m", "xpmodel.cli.main", "import-hf", str(hf_dir), "--out",
                              str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 2
     assert "pickle" in result.stderr and len(result.stderr.strip().splitlines()) == 1

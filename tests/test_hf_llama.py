@@ -5,7 +5,7 @@ Everything is built offline from tiny random models:
   (heads in a loop, RoPE as complex rotations), for each option and for all
   together; and against transformers' own LlamaForCausalLM and
   Qwen3ForCausalLM (for QK-norm), whose weights reach xpmodel's names by
-  the import mapping of xpmodel/hf_llama.py — so the mapping is checked
+  the import mapping of xpmodel/hf/llama.py — so the mapping is checked
   without xpmodel's model code;
 - an xpmodel GPT with Llama's options exported and loaded by transformers
   (keys, logits, greedy generation), Llama directories saved by
@@ -27,15 +27,17 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 from torch_gpt import torch_forward, torch_params  # noqa: E402
-from xpmodel.tokenizer_hf import export_tokenizer_hf  # noqa: E402
-from xpmodel import hf, hf_llama, tokenizer_hf  # noqa: E402
+from xpmodel.tokenizer.hf_files import export_tokenizer_hf  # noqa: E402
+from xpmodel.hf import convert as hf  # noqa: E402
+from xpmodel.hf import llama as hf_llama  # noqa: E402
+from xpmodel.tokenizer import hf_files as tokenizer_hf  # noqa: E402
 from xpmodel.errors import DataError, UsageError, XpmodelError  # noqa: E402
-from xpmodel.generate import generate  # noqa: E402
-from xpmodel.hf import export_hf, import_hf  # noqa: E402
-from xpmodel.model import GPT  # noqa: E402
-from xpmodel.model_config import GPTConfig  # noqa: E402
-from xpmodel.params import is_norm_weight, parameter_shapes  # noqa: E402
-from xpmodel.tokenizer import BPETokenizer  # noqa: E402
+from xpmodel.model.generate import generate  # noqa: E402
+from xpmodel.hf.convert import export_hf, import_hf  # noqa: E402
+from xpmodel.model.gpt import GPT  # noqa: E402
+from xpmodel.model.config import GPTConfig  # noqa: E402
+from xpmodel.model.params import is_norm_weight, parameter_shapes  # noqa: E402
+from xpmodel.tokenizer.bpe import BPETokenizer  # noqa: E402
 
 CORPUS = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
           "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. "
@@ -417,7 +419,7 @@ def test_import_permutes_embedding_and_head_rows_for_gpt2_byte_order(tokenizer, 
     hf_model = hf_random_llama(seed=13)
     hf_model.save_pretrained(tmp_path / "llama", safe_serialization=True)
     config, arrays, tok = import_hf(tmp_path / "llama")
-    from xpmodel.tokenizer_hf import read_hf_tokenizer
+    from xpmodel.tokenizer.hf_files import read_hf_tokenizer
     _, hf_ids = read_hf_tokenizer(tmp_path / "llama")
     assert not numpy.array_equal(hf_ids, numpy.arange(len(hf_ids)))
     column = numpy.concatenate([hf_ids, numpy.arange(TOKENIZER_VOCAB, PADDED_VOCAB)])
@@ -561,7 +563,7 @@ def test_cli_imports_samples_exports_and_fine_tunes_a_llama(tmp_path, tokenizer,
                                                             capsys, monkeypatch):
     import xpmodel
     from cli_helpers import run_cli
-    from xpmodel.rundir import RunDir
+    from xpmodel.train.rundir import RunDir
     monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
     hf_model = hf_random_llama(seed=21)
     source = save_llama(hf_model, tmp_path / "llama", tokenizer)

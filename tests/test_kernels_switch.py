@@ -15,7 +15,7 @@ import pytest
 
 import xpmodel
 from xpmodel.backend import cuda_available, fused_kernels, to_host, use_kernels
-from xpmodel.optim import clipped_step
+from xpmodel.train.optim import clipped_step
 
 import cuda_emulator
 from cli_helpers import run_cli, write_corpus
@@ -161,7 +161,7 @@ def test_ten_training_steps_track_each_other(cuda, launches, precision):
 
 def test_generation_gives_the_same_tokens(cuda, launches):
     """Prefill and decode through the KV cache, in each mode."""
-    from xpmodel.generate import generate
+    from xpmodel.model.generate import generate
     tokens = {}
     for kernels in ("fused", "xp"):
         model = xpmodel.GPT(LLAMA, device=cuda, seed=4, kernels=kernels).eval()
@@ -175,7 +175,7 @@ def test_train_with_xp_kernels_end_to_end(cuda, launches, tmp_path, capsys, monk
     """`xpmodel train --device cuda train.kernels=xp` in mixed fp16, with
     evaluations, samples and checkpoints, then resumed, sampled and
     evaluated on the xp path: no kernel of xpmodel's own is launched."""
-    from xpmodel.rundir import RunDir
+    from xpmodel.train.rundir import RunDir
     monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
     corpus = write_corpus(tmp_path / "corpus.txt", lines=300)
     run = tmp_path / "run"

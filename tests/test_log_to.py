@@ -8,7 +8,7 @@ import pytest
 from cli_helpers import assert_one_line_error, run_cli
 import xpmodel.train.mirrors as mirrors_module
 from xpmodel.config import load_config
-from xpmodel.rundir import RunDir
+from xpmodel.train.rundir import RunDir
 from xpmodel.train import Trainer
 
 TINY = Path(__file__).resolve().parent / "tiny-run.yaml"

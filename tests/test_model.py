@@ -212,7 +212,7 @@ def test_bad_inputs_are_clear_errors():
 
 
 def test_clipped_step_unscales_clips_and_skips_non_finite_gradients():
-    from xpmodel.optim import clip_grad_norm, clipped_step
+    from xpmodel.train.optim import clip_grad_norm, clipped_step
     config = xpmodel.GPTConfig(vocab_size=40, block_size=8, n_layer=1, n_head=2, n_embd=16)
     models = [xpmodel.GPT(config, seed=2) for _ in range(2)]
     opts = [xpmodel.AdamW(m, lr=1e-2) for m in models]

@@ -1,4 +1,4 @@
-"""Muon (xpmodel/muon.py): torch.optim.Muon's update step for step in float64,
+"""Muon (xpmodel/train/muon.py): torch.optim.Muon's update step for step in float64,
 the Newton-Schulz iteration's singular values, the CUDA path on the emulator,
 settings that cannot work, and Muon inside the trainer (exact resume, two
 ranks). The kill -9 resume test for Muon is in test_reliability.py."""
@@ -16,8 +16,8 @@ import xpmodel
 from xpmodel.backend import to_host
 from xpmodel.config import load_config
 from xpmodel.errors import UsageError
-from xpmodel.muon import HIDDEN_MATRICES, NS_COEFFICIENTS, Muon, newton_schulz, orthogonalise
-from xpmodel.optim import clipped_step
+from xpmodel.train.muon import HIDDEN_MATRICES, NS_COEFFICIENTS, Muon, newton_schulz, orthogonalise
+from xpmodel.train.optim import clipped_step
 from xpmodel.train import Trainer
 
 torch = pytest.importorskip("torch")
@@ -354,7 +354,7 @@ def test_a_checkpoint_holds_the_muon_state_and_refuses_the_other_optimizer(tmp_p
     trainer = Trainer.start(muon_config(corpus, "train.max_iters=10"), out=tmp_path / "run",
                             show=False)
     trainer.run()
-    from xpmodel.checkpoint import load_checkpoint
+    from xpmodel.train.checkpoint import load_checkpoint
     _, _, optim = load_checkpoint(trainer.run_dir.step_path(10), trainer.model.layout.shapes,
                                   trainer.optimizer.state_sizes())
     hidden = trainer.optimizer.hidden
@@ -396,7 +396,7 @@ def test_two_ranks_train_with_muon_like_one_process(tmp_path, corpus):
            "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
     def train(out, ranks=None):
-        argv = [sys.executable, "-m", "xpmodel.cli", "train", "--config", str(TINY), "--device", "cpu",
+        argv = [sys.executable, "-m", "xpmodel.cli.main", "train", "--config", str(TINY), "--device", "cpu",
                 "--quiet", "--out", str(out), f"data.source={corpus}", "train.batch_size=8",
                 "train.optimizer=muon", "train.max_iters=20"]
         command, launch_env = local_mpirun(ranks, argv) if ranks else (argv, {})

@@ -77,7 +77,7 @@ def test_the_wheel_metadata_is_ready_for_an_index(built):
     assert "Programming Language :: Python :: 3.10" in metadata.get_all("Classifier")
     assert metadata["Description-Content-Type"] == "text/markdown"
     assert metadata.get_payload().strip() == (REPO / "README.md").read_text().strip()
-    assert "xpmodel = xpmodel.cli:main" in entry_points
+    assert "xpmodel = xpmodel.cli.main:main" in entry_points
     requires = metadata.get_all("Requires-Dist")
     for name in ("numpy", "ml_dtypes", "rich", "pyyaml", "regex", "safetensors", "threadpoolctl"):
         assert any(r.startswith(f"{name}>=") and "extra ==" not in r for r in requires), name
@@ -96,8 +96,8 @@ def test_the_sdist_holds_the_sources_their_tests_and_the_license(built):
 
 def run_xpmodel(*args, module):
     """(exit code, stdout, stderr) of `python -m xpmodel ARGS` or of the
-    console script's entry point, xpmodel.cli:main, in a fresh process."""
-    entry = ["-m", "xpmodel"] if module else ["-c", "import sys; from xpmodel.cli import main; sys.exit(main())"]
+    console script's entry point, xpmodel.cli.main:main, in a fresh process."""
+    entry = ["-m", "xpmodel"] if module else ["-c", "import sys; from xpmodel.cli.main import main; sys.exit(main())"]
     done = subprocess.run([sys.executable, *entry, *args], capture_output=True, text=True, timeout=60)
     return done.returncode, done.stdout, done.stderr
 

@@ -3,7 +3,7 @@ peaks by GPU name, train.peak_flops for anything else, and what a run says
 about which one it used."""
 import pytest
 
-from xpmodel.peak_flops import GPU_PEAKS, mfu_peak, table_peak
+from xpmodel.train.peak_flops import GPU_PEAKS, mfu_peak, table_peak
 
 
 @pytest.mark.parametrize("device_name,entry", [

@@ -27,12 +27,12 @@ from safetensors.numpy import save_file
 
 from cli_helpers import assert_one_line_error, run_cli, write_corpus
 import xpmodel
-from xpmodel.checkpoint import load_checkpoint, read_checkpoint_meta
+from xpmodel.train.checkpoint import load_checkpoint, read_checkpoint_meta
 from xpmodel.config import load_config
 from xpmodel.errors import XpmodelError
-from xpmodel.model import GPTConfig
-from xpmodel.params import parameter_shapes
-from xpmodel.rundir import RunDir
+from xpmodel.model.gpt import GPTConfig
+from xpmodel.model.params import parameter_shapes
+from xpmodel.train.rundir import RunDir
 from xpmodel.train import Trainer
 
 TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
@@ -45,7 +45,7 @@ def process_env(cache, **extra):
 
 
 def command(*args):
-    return [sys.executable, "-m", "xpmodel.cli", *map(str, args)]
+    return [sys.executable, "-m", "xpmodel.cli.main", *map(str, args)]
 
 
 def stray_files(root):
@@ -230,7 +230,7 @@ def test_kill_9_during_a_muon_run_then_resume_equals_an_uninterrupted_run(tmp_pa
                                                                            processes):
     """The same, shorter, with train.optimizer=muon: Muon's momentum and AdamW's
     moments of the other parameters come back from each checkpoint exactly."""
-    from xpmodel.muon import Muon
+    from xpmodel.train.muon import Muon
     env = process_env(tmp_path / "cache")
     start_args = ["train", "--config", TINY, "--device", "cpu", f"data.source={corpus}", *KILL_SETTINGS,
                   "train.max_iters=90", "train.optimizer=muon", "train.grad_accum=2"]

@@ -6,7 +6,7 @@ import pytest
 
 from xpmodel.config import load_config
 from xpmodel.errors import UsageError
-from xpmodel.schedule import (SCHEDULES, ConstantSchedule, CosineSchedule, LinearSchedule,
+from xpmodel.train.schedule import (SCHEDULES, ConstantSchedule, CosineSchedule, LinearSchedule,
                               StepSchedule, WSDSchedule, schedule_from_config)
 from xpmodel.train import make_schedule
 

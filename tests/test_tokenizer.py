@@ -1,4 +1,4 @@
-"""Tests for xpmodel.tokenizer: training, exact round trips, special tokens,
+"""Tests for xpmodel.tokenizer.bpe: training, exact round trips, special tokens,
 files, parallel encoding, and id-for-id parity with Hugging Face exports.
 
 The round-trip strings come from a seeded generator (random code points from
@@ -15,8 +15,8 @@ import pytest
 
 from conftest import SHARED_DATA
 from xpmodel.errors import DataError, UsageError
-from xpmodel.tokenizer import ENDOFTEXT, BPETokenizer, _merge_long, _merge_short
-from xpmodel.tokenizer_hf import export_tokenizer_hf
+from xpmodel.tokenizer.bpe import ENDOFTEXT, BPETokenizer, _merge_long, _merge_short
+from xpmodel.tokenizer.hf_files import export_tokenizer_hf
 
 CORPUS = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"

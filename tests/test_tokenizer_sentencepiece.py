@@ -21,8 +21,8 @@ from test_tokenizer import CORPUS, random_strings
 from test_tokenizer_split import TEXTS, TRAINING_TEXT, check_export, check_transformers_export
 from xpmodel.data import iter_text_pieces, prepare, read_token_file
 from xpmodel.errors import UsageError
-from xpmodel.tokenizer import BPETokenizer, Metaspace
-from xpmodel.tokenizer_hf import export_tokenizer_hf, read_hf_tokenizer
+from xpmodel.tokenizer.bpe import BPETokenizer, Metaspace
+from xpmodel.tokenizer.hf_files import export_tokenizer_hf, read_hf_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import models, pre_tokenizers, trainers  # noqa: E402
@@ -189,13 +189,13 @@ def test_text_decoded_as_it_streams_is_the_decoded_text(imported):
 
 
 def test_sample_prints_what_the_tokenizer_decodes(imported, monkeypatch, capsys):
-    from xpmodel import cli
+    from xpmodel.cli import main as cli
     _, _, tok, _ = imported
     context = tok.encode("Hello")
     sampled = (tok.encode("Hello world, 中文 🎉!")[len(context):] + [0xE4, 0xB8]
                + tok.encode("Hello end")[len(context):])
-    monkeypatch.setattr("xpmodel.runs.load", lambda *args, **kwargs: (None, tok))
-    monkeypatch.setattr("xpmodel.generate.generate", lambda *args, **kwargs: iter(sampled))
+    monkeypatch.setattr("xpmodel.train.runs.load", lambda *args, **kwargs: (None, tok))
+    monkeypatch.setattr("xpmodel.model.generate.generate", lambda *args, **kwargs: iter(sampled))
     for prompt, before in [("Hello", context), ("", [])]:
         assert cli.main(["sample", "run", "--prompt", prompt, "--max-new-tokens", "99"]) == 0
         shown = tok.decode(before)
@@ -295,7 +295,7 @@ def test_llama_with_a_sentencepiece_tokenizer_imports_and_fine_tunes(tmp_path, t
     pytest.importorskip("transformers")
     from cli_helpers import run_cli
     from test_hf_llama import BLOCK, hf_logits, hf_random_llama, relative_error, xp_model
-    from xpmodel.hf import export_hf, import_hf
+    from xpmodel.hf.convert import export_hf, import_hf
     document = in_form(sp_document(vocab_size=120), "llama2")
     hf_tok = tokenizers.Tokenizer.from_str(json.dumps(document))
     hf_model = hf_random_llama(seed=23, vocab=400)

@@ -16,8 +16,8 @@ import pytest
 
 from test_tokenizer import CORPUS, HAND_PICKED, random_strings
 from xpmodel.errors import DataError, UsageError
-from xpmodel.tokenizer import ENDOFTEXT, GPT2_SPLIT_PATTERN, BPETokenizer
-from xpmodel.tokenizer_hf import export_tokenizer_hf, gpt2_byte_to_unicode, read_hf_tokenizer
+from xpmodel.tokenizer.bpe import ENDOFTEXT, GPT2_SPLIT_PATTERN, BPETokenizer
+from xpmodel.tokenizer.hf_files import export_tokenizer_hf, gpt2_byte_to_unicode, read_hf_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
@@ -331,7 +331,7 @@ def test_llama_with_a_llama3_tokenizer_imports_and_exports(tmp_path):
     transformers = pytest.importorskip("transformers")
     from test_hf_llama import (BLOCK, PADDED_VOCAB, TOKENIZER_VOCAB, hf_logits, hf_random_llama,
                                relative_error, xp_model)
-    from xpmodel.hf import export_hf, import_hf
+    from xpmodel.hf.convert import export_hf, import_hf
     hf_tok = hf_tokenizer(LLAMA3_PATTERN, ignore_merges=True, vocab_size=TOKENIZER_VOCAB)
     hf_model = hf_random_llama(seed=21)
     hf_model.save_pretrained(tmp_path / "hf", safe_serialization=True)

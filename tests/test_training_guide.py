@@ -15,16 +15,16 @@ import pytest
 from cli_helpers import run_cli, write_corpus
 import xpmodel
 from xpmodel.train import evaluate as evaluate_module
-from xpmodel.checkpoint import read_checkpoint_meta
+from xpmodel.train.checkpoint import read_checkpoint_meta
 from xpmodel.config import load_config
-from xpmodel.corpus import build_tokenizer, load_tokens
+from xpmodel.data.corpus import build_tokenizer, load_tokens
 from xpmodel.data import EpochSampler, RandomWindowSampler, eval_batches
 from xpmodel.errors import UsageError
-from xpmodel.generate import generate
-from xpmodel.model import GPT, GPTConfig
-from xpmodel.plot import draw_metrics
-from xpmodel.rundir import RunDir
-from xpmodel.tokenizer import BPETokenizer
+from xpmodel.model.generate import generate
+from xpmodel.model.gpt import GPT, GPTConfig
+from xpmodel.tune.plot import draw_metrics
+from xpmodel.train.rundir import RunDir
+from xpmodel.tokenizer.bpe import BPETokenizer
 from xpmodel.train import Trainer
 
 TINY = Path(__file__).resolve().parent / "tiny-run.yaml"

@@ -25,17 +25,17 @@ import numpy
 import pytest
 
 from cli_helpers import assert_one_line_error, run_cli, write_corpus
-from xpmodel import cli
-from xpmodel.checkpoint import load_checkpoint, save_checkpoint
+from xpmodel.cli import main as cli
+from xpmodel.train.checkpoint import load_checkpoint, save_checkpoint
 from xpmodel.config import load_config
 from xpmodel.data.sources import resolve_source
 from xpmodel.data.tokenfile import HEADER_BYTES
 from xpmodel.errors import DataError, UsageError
-from xpmodel.model import GPTConfig
-from xpmodel.params import parameter_shapes
-from xpmodel.rundir import RunDir
-from xpmodel.tokenizer import MAX_VOCAB, BPETokenizer
-from xpmodel.tokenizer_hf import export_tokenizer_hf
+from xpmodel.model.gpt import GPTConfig
+from xpmodel.model.params import parameter_shapes
+from xpmodel.train.rundir import RunDir
+from xpmodel.tokenizer.bpe import MAX_VOCAB, BPETokenizer
+from xpmodel.tokenizer.hf_files import export_tokenizer_hf
 from xpmodel.train import Trainer
 
 TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
@@ -130,7 +130,7 @@ def test_a_folder_holding_a_users_run_file_names_is_never_written(overwrite, tmp
 
 _HOLDER = """
 import sys, time
-from xpmodel.rundir import RunDir
+from xpmodel.train.rundir import RunDir
 with RunDir(sys.argv[1]).lock():
     print("locked", flush=True)
     time.sleep(60)
@@ -160,7 +160,7 @@ def test_one_writer_per_run_and_kill_9_frees_the_lock(run, corpus, capsys):
 
 
 def test_a_stale_lock_without_flock_is_judged_by_its_pid(tmp_path):
-    from xpmodel import rundir
+    from xpmodel.train import rundir
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     assert not rundir._holder_alive({"pid": dead.pid, "host": socket.gethostname()})
@@ -409,7 +409,7 @@ def test_no_traceback_even_when_the_error_handler_runs_out_of_memory(run, capsys
     def out_of_memory(*args, **kwargs):
         raise MemoryError
 
-    monkeypatch.setattr("xpmodel.commands.plot_command", out_of_memory)
+    monkeypatch.setattr("xpmodel.cli.commands.plot_command", out_of_memory)
     monkeypatch.setattr(cli, "_describe", out_of_memory)
     code, _, err = run_cli(capsys, "plot", run.path)
     assert code == 1
@@ -496,7 +496,7 @@ def test_streamed_samples_hold_back_split_utf8_characters(run, capsys, monkeypat
     def generate(model, prompt, max_new_tokens, **kwargs):
         yield from ids[:max_new_tokens]
 
-    monkeypatch.setattr("xpmodel.generate.generate", generate)
+    monkeypatch.setattr("xpmodel.model.generate.generate", generate)
     written = []
     monkeypatch.setattr(sys, "stdout", type("Out", (), {"write": lambda self, s: written.append(s),
                                                         "flush": lambda self: None})())
@@ -510,7 +510,7 @@ def test_streamed_samples_hold_back_split_utf8_characters(run, capsys, monkeypat
 
 
 def test_the_log_line_starts_with_step_and_eta_and_fits_80_columns(capsys):
-    from xpmodel.display import TrainDisplay
+    from xpmodel.train.display import TrainDisplay
     with TrainDisplay(7000, quiet=True) as display:
         for step in (10, 20):
             display.step(step, 2.34567, 3e-4, 0.51234, 12345.6, log_line=True)
@@ -524,7 +524,7 @@ def test_the_log_line_starts_with_step_and_eta_and_fits_80_columns(capsys):
 
 
 def test_hugging_face_tokenizer_files_are_bounded(tmp_path):
-    from xpmodel.tokenizer_hf import read_hf_tokenizer
+    from xpmodel.tokenizer.hf_files import read_hf_tokenizer
     (tmp_path / "tokenizer.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(DataError, match="tokenizer.json: cannot read: nested too deeply"):
         read_hf_tokenizer(tmp_path)

@@ -9,7 +9,7 @@ import pytest
 
 from cli_helpers import kill_sweep_mid_trial, run_cli
 import xpmodel.layers.block as block_module
-import xpmodel.model as model_module
+import xpmodel.model.gpt as model_module
 from xpmodel.tune.common import load_subject
 from xpmodel.tune.doctor import FAIL, PASS, diagnose
 
@@ -105,7 +105,7 @@ def tiny_trainer(tmp_path, corpus, *overrides, name="run"):
 
 
 def records(run_dir, kind):
-    from xpmodel.rundir import RunDir
+    from xpmodel.train.rundir import RunDir
     return [r for r in RunDir(run_dir).read_metrics() if r["type"] == kind]
 
 
@@ -255,7 +255,7 @@ def test_sweep_prunes_a_trial_and_resumes_after_kill_9(capsys, tmp_path, corpus)
     import os
     import subprocess
     import sys
-    from xpmodel.rundir import RunDir
+    from xpmodel.train.rundir import RunDir
     out = tmp_path / "sweep"
     args = ["sweep", "--config", TINY, "--out", out, "--max-iters", 300,
             f"data.source={corpus}", "train.eval_interval=50", "train.save_interval=50",

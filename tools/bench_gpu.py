@@ -10,7 +10,7 @@ A step is zero-grad, forward, backward, global-norm clip and AdamW on random
 tokens. The PyTorch model is laid out as torch.nn's GPT-2 would be ((out, in)
 linear weights, scaled_dot_product_attention, fused AdamW). Prints tokens/s
 (B*T / median step time), MFU against the GPU's dense 16-bit tensor-core peak
-(xpmodel/peak_flops.py, or --peak-flops), peak GPU memory in use by each side
+(xpmodel/train/peak_flops.py, or --peak-flops), peak GPU memory in use by each side
 (arrays / tensors, not what the caching allocators hold) and the ratios.
 
     python tools/bench_gpu.py [--configs char-mid gpt2-small] [--steps 20] [--compile-configs gpt2-small]
@@ -42,7 +42,7 @@ def xpmodel_step(config, B, device, precision, kernels="fused"):
     import numpy as np
     import xpmodel
     from xpmodel.backend import synchronize
-    from xpmodel.optim import clipped_step
+    from xpmodel.train.optim import clipped_step
     model = xpmodel.GPT(config, device=device, seed=0, precision=precision, kernels=kernels)
     opt = xpmodel.AdamW(model, lr=3e-4)
     scaler = xpmodel.LossScaler(xp=model.xp) if precision == "fp16" else None   # bf16: none
@@ -133,7 +133,7 @@ def main():
     parser.add_argument("--precisions", nargs="+", default=["fp16"], choices=("fp16", "bf16", "fp32"),
                         help="each config is timed in each (PyTorch under autocast to the same type)")
     parser.add_argument("--peak-flops", type=float, default=None,
-                        help="FLOP/s for MFU (default: xpmodel/peak_flops.py's entry for this GPU)")
+                        help="FLOP/s for MFU (default: xpmodel/train/peak_flops.py's entry for this GPU)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per side")
     parser.add_argument("--rounds", type=int, default=4, help="alternations between sides")
     parser.add_argument("--compile-configs", nargs="*", default=["gpt2-small"],
@@ -144,7 +144,7 @@ def main():
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import xpmodel
     from bench_cpu import time_steps
-    from xpmodel.peak_flops import mfu_peak
+    from xpmodel.train.peak_flops import mfu_peak
     import torch
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"device {gpu}, torch {torch.__version__}")

@@ -16,7 +16,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from xpmodel.tokenizer import ENDOFTEXT, BPETokenizer  # noqa: E402
+from xpmodel.tokenizer.bpe import ENDOFTEXT, BPETokenizer  # noqa: E402
 
 
 def timed(function, *args):

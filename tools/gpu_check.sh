@@ -37,7 +37,7 @@ want() { [[ " $PARTS " == *" $1 "* ]]; }
 
 train_run() {   # name, config, precision, log: ITERS steps on DATA, val loss and time to the summary
     local start=$(date +%s)
-    timeout 80 $PY -m xpmodel.cli train --config "$2" --device cuda --quiet --overwrite \
+    timeout 80 $PY -m xpmodel.cli.main train --config "$2" --device cuda --quiet --overwrite \
         --out "${TMPDIR:-/tmp}/xpmodel-gpu-check-$1" data.source="$DATA" train.max_iters=$ITERS \
         train.lr_decay_iters=$ITERS train.precision="$3" > "$OUT/$4" 2>&1
     note "train exit code $?, $(( $(date +%s) - start )) s including data preparation"

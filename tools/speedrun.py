@@ -126,9 +126,9 @@ class XpmodelEngine:
 
     def __init__(self, config, vocab_size, device):
         import xpmodel
-        from xpmodel.loss_scale import LossScaler
-        from xpmodel.model_config import gpt_config
-        from xpmodel.optim import optimizer_for
+        from xpmodel.train.loss_scale import LossScaler
+        from xpmodel.model.config import gpt_config
+        from xpmodel.train.setup import optimizer_for
         t = config.train
         self.xpmodel, self.config = xpmodel, config
         self.model = xpmodel.GPT(gpt_config(config.model, vocab_size), device=device, seed=t.seed,
@@ -140,7 +140,7 @@ class XpmodelEngine:
         return self.model.state_arrays()
 
     def step(self, lr, batches):
-        from xpmodel.optim import clipped_step
+        from xpmodel.train.optim import clipped_step
         t, model = self.config.train, self.model
         self.optimizer.lr = lr
         model.zero_grad()
@@ -168,7 +168,7 @@ class TorchEngine:
 
     def __init__(self, config, vocab_size, device, weights):
         import torch
-        from xpmodel.model_config import gpt_config
+        from xpmodel.model.config import gpt_config
         from torch_gpt import torch_adamw, torch_params
         if config.train.precision != "fp32":
             raise SystemExit("the PyTorch engine runs fp32 recipes only")
@@ -214,7 +214,7 @@ def run_one(name, size, target, data, device, eval_every, threads, overrides=())
     With no target, train the config's whole schedule and measure the whole
     validation split at its end: that loss is then the target."""
     sys.path.insert(0, str(TOOLS))
-    from xpmodel.corpus import build_tokenizer, load_tokens
+    from xpmodel.data.corpus import build_tokenizer, load_tokens
     from xpmodel.data import RandomWindowSampler
     from xpmodel.train import make_schedule
     config = load_recipe(name, size, data, overrides)

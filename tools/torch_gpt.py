@@ -3,7 +3,7 @@ benchmarks compare xpmodel against. Parameters are a dict of tensors with
 xpmodel's names and (in, out) layout, so weights copy across unchanged.
 
 Every architecture option of xpmodel.GPTConfig is computed here from the
-same parameter dict (see xpmodel/params.py for the names): LayerNorm or
+same parameter dict (see xpmodel/model/params.py for the names): LayerNorm or
 RMSNorm, learned or rotary positions (Hugging Face's rotate-half pairing),
 QK-norm before the rotation, gelu / swiglu / relu2 MLPs, grouped-query
 attention (query head h reads kv head h // (H / H_kv)), no biases, an

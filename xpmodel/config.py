@@ -36,9 +36,9 @@ from .backend import KERNELS
 from .errors import UsageError
 from .files import read_bounded
 from .layers.embedding_noise import NOISE_KINDS
-from .model_config import MLPS, NORMS, POSITIONS
-from .muon import ADJUST_LR, NS_COEFFICIENTS, parse_ns_coefficients
-from .schedule import SCHEDULES
+from .model.config import MLPS, NORMS, POSITIONS
+from .train.muon import ADJUST_LR, NS_COEFFICIENTS, parse_ns_coefficients
+from .train.schedule import SCHEDULES
 
 TOKENIZERS = ("bpe", "byte")
 BATCHINGS = ("random", "epochs")
@@ -138,7 +138,7 @@ class DataConfig:
 class ModelConfig:
     """The network's shape and architecture options (GPT-2 by default; the
     vocabulary size comes from the tokenizer unless `vocab_size` pads it, e.g.
-    to 50304, a multiple of 64). See model_config.py for what each option does."""
+    to 50304, a multiple of 64). See model/config.py for what each option does."""
     # transformer blocks
     n_layer: int = _setting(6, within=POSITIVE)
     # attention heads per block
@@ -274,7 +274,7 @@ class TrainConfig:
     # CUDA: "fused" kernels, or "xp": every layer's own xp code on CuPy
     kernels: str = _setting("fused", choices=KERNELS)
     # FLOP/s that MFU is measured against; None: the GPU's dense fp16/bf16
-    # tensor-core peak from xpmodel/peak_flops.py (no MFU for GPUs it lacks, or fp32)
+    # tensor-core peak from xpmodel/train/peak_flops.py (no MFU for GPUs it lacks, or fp32)
     peak_flops: float | None = _setting(None, within=POSITIVE)
     # activation memory for compute: "mlp" recomputes the MLP's hidden activations
     # in backward, "block" each whole block (about one more forward pass)

@@ -4,7 +4,7 @@ The step's scalars come from a small device array, so they can be decided
 on the GPU (the clipping coefficient, whether a float16 step overflowed):
 s = [gradient scale, apply (0 skips the step), decay factor, lr / bias1,
 1 / sqrt(bias2)]. Weight decay applies to the first n_decay elements (the
-matrices, see params.py). The arithmetic is the NumPy update's, in the
+matrices, see model/params.py). The arithmetic is the NumPy update's, in the
 buffer's dtype.
 """
 import numpy

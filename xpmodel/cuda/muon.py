@@ -1,4 +1,4 @@
-"""Muon's two elementwise passes, one kernel each (see xpmodel/muon.py).
+"""Muon's two elementwise passes, one kernel each (see xpmodel/train/muon.py).
 
 The step's scalars come from small device arrays, so whether a step is
 applied (clipping, a float16 overflow) is decided on the GPU without the

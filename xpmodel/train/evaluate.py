@@ -7,8 +7,8 @@ import numpy
 from ..backend import gpu_name
 from ..data import eval_batches, resolve_source
 from ..errors import XpmodelError
-from ..generate import generate
-from ..peak_flops import mfu_peak
+from ..model.generate import generate
+from .peak_flops import mfu_peak
 
 
 class Evaluation:
@@ -82,7 +82,7 @@ class Evaluation:
 
     def mfu_peak(self):
         """(FLOP/s or None, what it is): the peak MFU is measured against on this
-        run's GPU (xpmodel/peak_flops.py, or train.peak_flops); (None, None) on CPU."""
+        run's GPU (xpmodel/train/peak_flops.py, or train.peak_flops); (None, None) on CPU."""
         if not self.device.is_cuda:
             return None, None
         t = self.config.train

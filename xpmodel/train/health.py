@@ -33,7 +33,7 @@ from contextlib import ExitStack, contextmanager
 import numpy
 
 from ..backend import to_host
-from ..checkpoint import read_checkpoint_meta
+from .checkpoint import read_checkpoint_meta
 
 EXPLODE_FACTOR = 10.0
 VANISH_NORM = 1e-7
@@ -236,7 +236,7 @@ def _finite(values):
 
 
 class _NonFiniteFinder:
-    """Wraps the functions the model's passes call (in xpmodel.model and
+    """Wraps the functions the model's passes call (in xpmodel.model.gpt and
     xpmodel.layers.block) so that each result is checked; `found` is the
     first (where, "forward pass"/"backward pass") holding a NaN or Inf."""
 
@@ -258,8 +258,8 @@ class _NonFiniteFinder:
 
     @contextmanager
     def installed(self):
-        from .. import model as model_module
         from ..layers import block as block_module
+        from ..model import gpt as model_module
         F, B = "forward pass", "backward pass"
         check = self._check
 

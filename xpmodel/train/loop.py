@@ -20,16 +20,16 @@ import numpy
 
 from ..backend import get_device, out_of_memory_errors, to_host
 from ..config import config_to_dict
-from ..corpus import load_tokens
-from ..display import TrainDisplay
+from ..data.corpus import load_tokens
 from ..errors import UsageError, XpmodelError
-from ..loss_scale import LossScaler
-from ..model import GPT
-from ..optim import clipped_step, optimizer_for
+from ..model.gpt import GPT
+from .display import TrainDisplay
 from .evaluate import Evaluation
 from .health import Health
+from .loss_scale import LossScaler
 from .mirrors import Mirrors
-from .setup import RunSetup, check_fits_in_memory, make_schedule, model_config
+from .optim import clipped_step
+from .setup import RunSetup, check_fits_in_memory, make_schedule, model_config, optimizer_for
 from .signals import Interrupted, SignalHandling
 from .state import CheckpointState
 

@@ -4,14 +4,16 @@ shape from its source; the sampler and the run's length in steps."""
 import os
 
 from ..backend import _import_cupy, get_device
-from ..corpus import build_tokenizer
 from ..data import EpochSampler, RandomWindowSampler
+from ..data.corpus import build_tokenizer
 from ..data.tokenfile import MAX_VOCAB_SIZE
 from ..errors import CheckpointError, UsageError
-from ..model_config import OPTION_KEYS, gpt_config
-from ..rundir import RunDir, default_run_path
-from ..runs import adopt_pretrained, load_pretrained
-from ..schedule import schedule_from_config
+from ..model.config import OPTION_KEYS, gpt_config
+from .muon import Muon
+from .optim import AdamW
+from .rundir import RunDir, default_run_path
+from .runs import adopt_pretrained, load_pretrained
+from .schedule import schedule_from_config
 
 
 def model_config(config, tokenizer):
@@ -57,6 +59,17 @@ def _gpu_memory(device):
 
 def make_schedule(train_config, total_steps):
     return schedule_from_config(train_config, total_steps)
+
+
+def optimizer_for(model, train):
+    """The optimizer a TrainConfig (`train`) asks for: AdamW, or Muon with AdamW (muon.py)."""
+    t = train
+    if t.optimizer == "muon":
+        return Muon(model, lr=t.lr, muon_lr=t.muon_lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                    weight_decay=t.weight_decay, momentum=t.muon_momentum, nesterov=t.muon_nesterov,
+                    ns_coefficients=t.muon_ns_coefficients, ns_steps=t.muon_ns_steps,
+                    muon_weight_decay=t.muon_weight_decay, adjust_lr=t.muon_adjust_lr)
+    return AdamW(model, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
 
 
 class RunSetup:

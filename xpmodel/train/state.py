@@ -7,9 +7,9 @@ import math
 import numpy
 
 from ..backend import to_device, to_host
-from ..checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from ..config import config_to_dict
 from ..errors import CheckpointError, XpmodelError
+from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 
 
 class CheckpointState:

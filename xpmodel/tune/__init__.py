@@ -3,6 +3,8 @@
   common.py   a config or run turned into what the tools need (config, tokenizer, data, model)
   doctor.py   `xpmodel doctor`: the debugging checklist as one pass/fail report
   lr_find.py  `xpmodel lr-find`: the learning-rate range test
-  runs.py     `xpmodel runs` and `xpmodel compare`: tables and curves of run directories
-  sweep.py    `xpmodel sweep`: grid and random search (Optuna when installed), resumable
+  compare.py  `xpmodel runs` and `xpmodel compare`: tables and curves of run directories
+  sweep.py    `xpmodel sweep`: grid and random search, resumable
+  study.py    the sweep's trials drawn and pruned by Optuna (`--sampler tpe`)
+  plot.py     matplotlib figures written atomically (`xpmodel plot`, compare, lr-find, sweep)
 """

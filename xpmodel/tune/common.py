@@ -5,10 +5,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..config import load_config
-from ..corpus import build_tokenizer, load_tokens
-from ..model import GPT
-from ..rundir import RunDir
-from ..runs import adopt_pretrained, load_pretrained
+from ..data.corpus import build_tokenizer, load_tokens
+from ..model.gpt import GPT
+from ..train.rundir import RunDir
+from ..train.runs import adopt_pretrained, load_pretrained
 from ..train.setup import model_config
 
 

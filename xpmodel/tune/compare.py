@@ -8,11 +8,11 @@ early-stopped, diverged or killed: `xpmodel train --resume` continues it).
 import math
 from pathlib import Path
 
-from ..checkpoint import read_checkpoint_meta
 from ..config import config_to_dict
 from ..errors import CheckpointError, DataError, UsageError
-from ..plot import pyplot, save_figure
-from ..rundir import RunDir, _lock_is_free
+from ..train.checkpoint import read_checkpoint_meta
+from ..train.rundir import RunDir, _lock_is_free
+from .plot import pyplot, save_figure
 
 _MAX_DEPTH = 3   # run directories are looked for this many folders down
 

@@ -23,8 +23,8 @@ import numpy
 from ..backend import to_host
 from ..data import RandomWindowSampler, resolve_source
 from ..errors import XpmodelError
-from ..model import GPT
-from ..optim import AdamW, clipped_step
+from ..model.gpt import GPT
+from ..train.optim import AdamW, clipped_step
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 
@@ -250,7 +250,7 @@ def tiny_copy(config):
     """A float64-checkable GPTConfig with `config`'s options and small widths:
     at most 2 layers, 2 heads of 8 (sharing one key/value head under GQA),
     a 40-id vocabulary, 8 positions."""
-    from ..model_config import default_mlp_hidden
+    from ..model.config import default_mlp_hidden
     custom_hidden = config.mlp_hidden != default_mlp_hidden(config.mlp, config.n_embd)
     return replace(config, vocab_size=40, block_size=8, n_layer=min(config.n_layer, 2), n_head=2,
                    n_embd=16, n_kv_head=1 if config.n_kv_head != config.n_head else 2,

@@ -22,8 +22,9 @@ import numpy
 from ..atomic import atomic_write_bytes
 from ..data import RandomWindowSampler
 from ..errors import UsageError
-from ..optim import clipped_step, optimizer_for
-from ..plot import pyplot, save_figure
+from ..train.optim import clipped_step
+from ..train.setup import optimizer_for
+from .plot import pyplot, save_figure
 
 DIVERGENCE_FACTOR = 4.0
 SUGGESTION_DIVISOR = 10.0

@@ -57,9 +57,9 @@ from ..config import load_config, save_config
 from ..cpu_threads import thread_count
 from ..errors import UsageError, XpmodelError, quote
 from ..files import parse_json, read_bounded
-from ..plot import pyplot, save_figure
-from ..rundir import RunDir
+from ..train.rundir import RunDir
 from .compare import format_table
+from .plot import pyplot, save_figure
 
 FORMAT = "xpmodel-sweep"
 METRICS = ("val_loss", "train_loss")
@@ -542,7 +542,7 @@ def _last_error(log_path):
 def _wait_for_lock(lock_path, timeout_s=120):
     """Until nobody holds a run's lock (or timeout_s): a trial whose sweep was
     killed gets SIGTERM and saves a checkpoint before it lets go."""
-    from ..rundir import _lock_is_free
+    from ..train.rundir import _lock_is_free
     deadline = time.time() + timeout_s
     while time.time() < deadline and lock_path.exists() and not _lock_is_free(lock_path):
         time.sleep(0.1)

@@ -13,8 +13,8 @@ import argparse
 import os
 import sys
 
-from . import __version__
-from .errors import XpmodelError
+from .. import __version__
+from ..errors import XpmodelError
 
 _EPILOG = "Run `xpmodel COMMAND --help` for the options of each command."
 
@@ -80,7 +80,7 @@ def _run(parser, args, extra):
     except Exception as exc:
         if args.debug:
             raise
-        from .train import Interrupted
+        from ..train import Interrupted
         if isinstance(exc, Interrupted):
             print(str(exc), file=sys.stderr)
             return exc.exit_code
@@ -100,7 +100,7 @@ def _silence_stdout():
 
 def _describe(exc):
     """(exit code, one-line message) for an exception."""
-    from .backend import DeviceError
+    from ..backend import DeviceError
     if isinstance(exc, XpmodelError):
         return exc.exit_code, _one_line(str(exc))
     if isinstance(exc, DeviceError):
@@ -124,7 +124,7 @@ def _one_line(text, limit=2000):
 
 
 def _train_epilog():
-    from .config import shipped_configs
+    from ..config import shipped_configs
     import textwrap
     return (textwrap.fill("shipped configs: " + ", ".join(shipped_configs()), 79) + "\n\n"
             "Without --out a run goes to runs/CONFIG_NAME; when that exists, to\n"

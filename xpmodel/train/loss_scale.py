@@ -14,8 +14,8 @@ import math
 
 import numpy
 
-from .backend import array_module, to_host
-from .errors import XpmodelError
+from ..backend import array_module, to_host
+from ..errors import XpmodelError
 
 _SCALE, _GOOD, _SKIPPED_IN_A_ROW, _SKIPPED_TOTAL = range(4)
 

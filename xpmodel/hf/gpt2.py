@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 (`GPT2LMHeadModel`) as one family of xpmodel.hf.
+"""Hugging Face GPT-2 (`GPT2LMHeadModel`) as one family of xpmodel.hf.convert.
 
 xpmodel's parameter names are GPT2LMHeadModel's without "transformer.", and
 its weights are (in, out) as Hugging Face's Conv1D stores them, so every
@@ -6,8 +6,8 @@ tensor maps to itself. GPT-2's options are xpmodel's defaults; its MLP width
 (n_inner), LayerNorm epsilon and an untied head (tie_word_embeddings false,
 with lm_head.weight) carry over too.
 """
-from .errors import DataError, UsageError
-from .params import parameter_shapes
+from ..errors import DataError, UsageError
+from ..model.params import parameter_shapes
 
 ARCHITECTURE = "GPT2LMHeadModel"
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
@@ -41,7 +41,7 @@ def mismatches(config):
 
 
 def tensor_table(config):
-    """[(xpmodel name, [(HF name, width)], transposed)] as xpmodel.hf reads it:
+    """[(xpmodel name, [(HF name, width)], transposed)] as xpmodel.hf.convert reads it:
     here every tensor is its own, under "transformer." (the head at top level)."""
     return [(name, [(name if name == "lm_head.weight" else "transformer." + name, shape[-1])],
              False) for name, shape in parameter_shapes(config)]

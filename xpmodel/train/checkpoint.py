@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy
 from safetensors.numpy import save as safetensors_bytes
 
-from .atomic import atomic_write_bytes
-from .errors import CheckpointError, quote
-from .files import parse_json
-from .safetensors_file import SafetensorsFile
+from ..atomic import atomic_write_bytes
+from ..errors import CheckpointError, quote
+from ..files import parse_json
+from ..hf.safetensors_file import SafetensorsFile
 
 FORMAT = "xpmodel-checkpoint"
 FORMAT_VERSION = 1

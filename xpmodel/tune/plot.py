@@ -2,9 +2,9 @@
 learning rate, against step."""
 from pathlib import Path
 
-from .atomic import atomic_writer
-from .errors import DataError, UsageError
-from .rundir import RunDir
+from ..atomic import atomic_writer
+from ..errors import DataError, UsageError
+from ..train.rundir import RunDir
 
 
 def pyplot(what="xpmodel plot"):

@@ -1,18 +1,18 @@
-"""What each `xpmodel` subcommand does; cli.py only parses arguments."""
+"""What each `xpmodel` subcommand does; main.py only parses arguments."""
 import math
 import sys
 from pathlib import Path
 
 import numpy
 
-from .errors import DataError, UsageError, quote
+from ..errors import DataError, UsageError, quote
 
 _EVAL_TOKENS_PER_BATCH = 4096
 
 
 def train_command(args):
-    from .distributed import init_distributed
-    from .train import Interrupted
+    from ..distributed import init_distributed
+    from ..train import Interrupted
     dist = init_distributed(args.device)
     if dist.world_size == 1:
         return _train(args, args.device, None)
@@ -26,9 +26,9 @@ def train_command(args):
 
 def _train(args, device, dist):
     from contextlib import nullcontext
-    from .config import load_config
-    from .rundir import RunDir, default_run_path
-    from .train import Trainer
+    from ..config import load_config
+    from ..train import Trainer
+    from ..train.rundir import RunDir, default_run_path
     is_main = dist is None or dist.is_main
     if args.resume:
         if args.config or args.init_from or args.out:
@@ -41,7 +41,7 @@ def _train(args, device, dist):
             trainer = Trainer.resume(args.resume, device=device, overrides_config=config,
                                      quiet=args.quiet, dist=dist)
             if config is not None and trainer.is_main:
-                from .config import save_config
+                from ..config import save_config
                 save_config(config, run.config_path)
             _print_header(trainer)
             trainer.run()
@@ -73,7 +73,7 @@ def _resume_config(run, args):
     """The config a resumed run continues with: the run's own, with KEY=VALUE
     overrides of train.* settings; None when nothing is overridden. A config.yaml
     edited by hand to change data.* or model.* settings is refused."""
-    from .config import config_to_dict, load_config
+    from ..config import config_to_dict, load_config
     saved = run.load_config()
     run.check_config_matches_checkpoint(saved)
     if not args.overrides:
@@ -94,7 +94,7 @@ def _print_header(trainer):
     """One line before training: where the run is, on what, how big, how to continue it."""
     if not trainer.display_enabled:
         return
-    from .backend import gpu_name
+    from ..backend import gpu_name
     t, device = trainer.config.train, trainer.device
     where = str(device)
     if device.is_cuda:
@@ -134,9 +134,9 @@ def sample_command(args):
     later tokens cannot change it (a character split across tokens once all
     its bytes have arrived; see IncrementalDecoder); bytes left unfinished
     when the sample ends print as U+FFFD."""
-    from .display import printable
-    from .generate import generate
-    from .runs import load
+    from ..model.generate import generate
+    from ..train.display import printable
+    from ..train.runs import load
     if args.num_samples < 1:
         raise UsageError(f"--num-samples must be at least 1, got {args.num_samples}")
     if args.max_new_tokens < 0:
@@ -183,10 +183,10 @@ def _check_utf8(flag, text):
 
 
 def eval_command(args):
-    from .corpus import load_tokens
-    from .data import prepare, read_token_file
-    from .rundir import RunDir
-    from .runs import load
+    from ..data import prepare, read_token_file
+    from ..data.corpus import load_tokens
+    from ..train.rundir import RunDir
+    from ..train.runs import load
     model, tokenizer = load(args.run_dir, device=args.device, checkpoint=args.checkpoint,
                             kernels=args.kernels)
     config = RunDir(args.run_dir).load_config()
@@ -195,8 +195,8 @@ def eval_command(args):
         _, tokens = load_tokens(config.data, tokenizer, T, show_progress=False)
         what = "validation split"
     else:
-        from .corpus import cache_root, encoding_workers
-        path = prepare(args.data, tokenizer, cache_dir=cache_root(config.data) / "tokens",
+        from ..data.corpus import encoding_workers, run_cache_root
+        path = prepare(args.data, tokenizer, cache_dir=run_cache_root(config.data) / "tokens",
                        workers=encoding_workers(args.data))
         tokens = read_token_file(path, expected_fingerprint=tokenizer.fingerprint(),
                                  vocab_size=tokenizer.vocab_size)
@@ -242,7 +242,7 @@ def evaluate_tokens(model, tokenizer, tokens, batch_size, max_batches=None):
 
 
 def plot_command(args):
-    from .plot import plot_health, plot_run
+    from ..tune.plot import plot_health, plot_run
     path = plot_run(args.run_dir, args.out)
     print(f"wrote {path}")
     health = plot_health(args.run_dir, path.with_name(path.stem + "-health.png"))
@@ -252,8 +252,8 @@ def plot_command(args):
 
 
 def prepare_command(args):
-    from .data import prepare, read_token_header, resolve_source, sidecar_path, tokenizing_progress
-    from .tokenizer import BPETokenizer
+    from ..data import prepare, read_token_header, resolve_source, sidecar_path, tokenizing_progress
+    from ..tokenizer.bpe import BPETokenizer
     tokenizer = BPETokenizer.load(args.tokenizer)
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {args.workers}")
@@ -270,7 +270,7 @@ def prepare_command(args):
     header = read_token_header(path)
     print(f"wrote {header.count:,} tokens to {path}")
     if args.preview is not None:
-        from .data import read_token_file
+        from ..data import read_token_file
         tokens = read_token_file(path, expected_fingerprint=tokenizer.fingerprint(),
                                  vocab_size=tokenizer.vocab_size)
         print(token_preview(tokenizer, tokens[:args.preview].tolist(), len(tokens)))
@@ -280,7 +280,7 @@ def prepare_command(args):
 def token_preview(tokenizer, ids, total):
     """The first tokens of a token file three ways: ids, the text they decode
     to, and that text cut at token borders (|), control characters escaped."""
-    from .display import printable
+    from ..train.display import printable
     pieces = [repr(tokenizer.decode_bytes([i]).decode("utf-8", errors="replace"))[1:-1]
               for i in ids]
     text = tokenizer.decode(ids)
@@ -291,8 +291,8 @@ def token_preview(tokenizer, ids, total):
 
 
 def tokenizer_train_command(args):
-    from .data import iter_texts, resolve_source
-    from .tokenizer import MAX_VOCAB, BPETokenizer
+    from ..data import iter_texts, resolve_source
+    from ..tokenizer.bpe import MAX_VOCAB, BPETokenizer
     if not 256 <= args.vocab_size <= MAX_VOCAB:
         raise UsageError(f"--vocab-size must be from 256 to {MAX_VOCAB:,}, got {args.vocab_size}")
     source = resolve_source(args.source)
@@ -307,15 +307,15 @@ def tokenizer_train_command(args):
     tokenizer.save(args.out)
     print(f"wrote a {tokenizer.vocab_size}-id tokenizer to {args.out}")
     if args.export_hf:
-        from .tokenizer_hf import export_tokenizer_hf
+        from ..tokenizer.hf_files import export_tokenizer_hf
         export_tokenizer_hf(tokenizer, args.export_hf)
         print(f"wrote Hugging Face tokenizer files to {args.export_hf}")
     return 0
 
 
 def export_hf_command(args):
-    from .hf import export_hf
-    from .runs import load
+    from ..hf.convert import export_hf
+    from ..train.runs import load
     if _inside(args.out_dir, args.run_dir) or _inside(args.run_dir, args.out_dir):
         raise UsageError(f"OUT_DIR {args.out_dir}: overlaps the run {args.run_dir}; export to a "
                          f"folder outside it")
@@ -326,8 +326,8 @@ def export_hf_command(args):
 
 
 def import_hf_command(args):
-    from .rundir import RunDir
-    from .runs import import_run
+    from ..train.rundir import RunDir
+    from ..train.runs import import_run
     if _inside(args.out, args.hf_dir) or _inside(args.hf_dir, args.out):
         raise UsageError(f"--out {args.out}: overlaps HF_DIR {args.hf_dir}, which the import "
                          f"reads; choose another --out")
@@ -348,8 +348,8 @@ def _refuse_input_as_output(flag, out, inputs):
 # ---- tuning and diagnosis (the work is in xpmodel/tune/) --------------------------------
 
 def doctor_command(args):
-    from .tune.common import load_subject
-    from .tune.doctor import diagnose
+    from ..tune.common import load_subject
+    from ..tune.doctor import diagnose
     if args.overfit_steps < 1:
         raise UsageError(f"--overfit-steps must be at least 1, got {args.overfit_steps}")
     subject = load_subject(args.target, args.overrides)
@@ -361,8 +361,8 @@ def doctor_command(args):
 
 
 def lr_find_command(args):
-    from .tune.common import load_subject
-    from .tune.lr_find import lr_range_test, write_results
+    from ..tune.common import load_subject
+    from ..tune.lr_find import lr_range_test, write_results
     subject = load_subject(args.config or "default", args.overrides)
     out = Path(args.out) if args.out else Path(f"lr-find-{subject.name}.png")
     if out.suffix.lower() != ".png":
@@ -382,7 +382,7 @@ def lr_find_command(args):
 
 
 def runs_command(args):
-    from .tune.compare import find_runs, runs_table, summarize
+    from ..tune.compare import find_runs, runs_table, summarize
     runs = find_runs(args.dir)
     if not runs:
         print(f"no runs in {args.dir}")
@@ -392,7 +392,7 @@ def runs_command(args):
 
 
 def compare_command(args):
-    from .tune.compare import differing_keys, find_runs, plot_runs, runs_table, summarize
+    from ..tune.compare import differing_keys, find_runs, plot_runs, runs_table, summarize
     runs = [run for folder in args.run_dirs for run in find_runs(folder)]
     if not runs:
         raise UsageError(f"no runs in {' '.join(args.run_dirs)}")
@@ -404,7 +404,7 @@ def compare_command(args):
 
 
 def sweep_command(args):
-    from .tune.sweep import open_sweep, run_preset, sweep_strategy
+    from ..tune.sweep import open_sweep, run_preset, sweep_strategy
     if args.preset:
         return run_preset(args)
     if not args.specs:

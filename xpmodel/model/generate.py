@@ -1,6 +1,6 @@
 """Autoregressive text generation, with a key/value cache.
 
-Dimension letters as in model.py: B batch, T time, C n_embd, H n_head,
+Dimension letters as in gpt.py: B batch, T time, C n_embd, H n_head,
 H_kv key/value heads, D head size (C // H), V vocab.
 
 `prefill` runs a prompt through the model once and keeps every layer's keys
@@ -27,11 +27,11 @@ from contextlib import contextmanager
 
 import numpy
 
-from .backend import to_host
-from .layers.block import block_forward, norm_forward
-from .layers.crossentropy import lm_head_forward
-from .layers.embedding import embedding_forward
-from .model import with_kernels
+from ..backend import to_host
+from ..layers.block import block_forward, norm_forward
+from ..layers.crossentropy import lm_head_forward
+from ..layers.embedding import embedding_forward
+from .gpt import with_kernels
 
 class KVCache:
     """Keys and values of every layer for up to block_size positions.

@@ -27,7 +27,7 @@ their own rate `lr`, the one a schedule sets each step; Muon's rate follows
 it in proportion (muon_lr at lr's initial value).
 
 Layout: the hidden matrices are one contiguous slice of the flat buffer,
-arranged the same way in every block (params.py). The momentum is one flat
+arranged the same way in every block (model/params.py). The momentum is one flat
 buffer over that slice, and one name's matrices across the L blocks are one
 strided (L, r, c) view of it. Matrices of one shape are orthogonalised as one
 stack of batched products (cuBLAS on a GPU), in their wide orientation (rows
@@ -41,8 +41,8 @@ import types
 
 import numpy
 
-from .cpu_threads import run_parallel, single_threaded_blas, split, thread_count
-from .layers.matmul import matmul
+from ..cpu_threads import run_parallel, single_threaded_blas, split, thread_count
+from ..layers.matmul import matmul
 from .optim import AdamW, _check_positive
 
 # the weights Muon takes, by their name inside a block (h.{i}.NAME)
@@ -138,7 +138,7 @@ def orthogonalise(g, coefficients=NS_COEFFICIENTS["jordan"], steps=5, dtype=None
 
 
 def _xp(array):
-    from .backend import array_module
+    from ..backend import array_module
     return array_module(array)
 
 
@@ -185,7 +185,7 @@ class _HiddenLayout:
             for i in range(self.n_layer) for name, (offset, shape) in zip(HIDDEN_MATRICES, self.matrices))
         if not regular:
             raise ValueError("Muon needs the hidden matrices laid out block after block in the "
-                             "flat buffer (params.py)")
+                             "flat buffer (model/params.py)")
 
     def stacked(self, flat, offset, shape):
         """The (L, in, out) view of one matrix of every block in `flat` (the hidden slice)."""
@@ -263,7 +263,7 @@ class Muon:
         p = model.flat_params[self.hidden.start:self.hidden.stop]
         g = model.flat_grads[self.hidden.start:self.hidden.stop]
         if model.device.is_cuda and _kernels(model) == "fused":
-            from .cuda.muon import muon_apply, muon_momentum
+            from ..cuda.muon import muon_apply, muon_momentum
             keep = xp.asarray(apply, dtype="float64")
             muon_momentum(g, xp.stack([xp.asarray(grad_scale, dtype="float64"), keep]),
                           self.momentum, self.nesterov, self.momentum_buffer, self._update)

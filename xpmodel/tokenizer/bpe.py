@@ -8,7 +8,7 @@ text and ids 0..255 cover every byte. (Text must be valid Unicode: a lone
 surrogate has no UTF-8 form and raises UnicodeEncodeError, a ValueError.)
 
 Five options exist so that Hugging Face tokenizers other than GPT-2's import
-exactly (see tokenizer_hf.py); each is off by default, and a tokenizer that
+exactly (see hf_files.py); each is off by default, and a tokenizer that
 uses none is stored, fingerprinted and encodes exactly as before they existed:
     split_pattern   another split regex, as Llama 3 and Qwen2 use (Hugging
                     Face's Split with behavior "Isolated": the matches and the
@@ -46,7 +46,7 @@ With no merges this is a plain byte tokenizer, used for character-level runs.
 its texts join into what `decode` gives.
 
 Files are one readable JSON document (see `save`); nothing is pickled.
-Hugging Face export lives in `tokenizer_hf.py`. This file does not read
+Hugging Face export lives in `hf_files.py`. This file does not read
 corpora or write token files: the data module streams text through
 `encode_chunks`.
 """
@@ -66,9 +66,9 @@ from pathlib import Path
 import numpy
 import regex
 
-from .atomic import atomic_write_bytes
-from .errors import DataError, UsageError, quote
-from .files import parse_json, read_bounded
+from ..atomic import atomic_write_bytes
+from ..errors import DataError, UsageError, quote
+from ..files import parse_json, read_bounded
 
 GPT2_SPLIT_PATTERN = (
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy
 
-from .files import open_regular, parse_json
+from ..files import open_regular, parse_json
 
 # safetensors dtype -> NumPy dtype; BF16 is read as its raw 16 bits
 DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",

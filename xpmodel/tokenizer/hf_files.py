@@ -44,11 +44,11 @@ from pathlib import Path
 
 import numpy
 
-from .atomic import atomic_write_bytes
-from .errors import DataError, UsageError, quote
-from .files import parse_json, read_bounded
-from .tokenizer import (ENDOFTEXT, GPT2_SPLIT_PATTERN, MAX_VOCAB, BPETokenizer, Metaspace,
-                        check_split_pattern)
+from ..atomic import atomic_write_bytes
+from ..errors import DataError, UsageError, quote
+from ..files import parse_json, read_bounded
+from .bpe import (ENDOFTEXT, GPT2_SPLIT_PATTERN, MAX_VOCAB, BPETokenizer, Metaspace,
+                  check_split_pattern)
 
 _MAX_FILE_BYTES = 64 << 20   # GPT-2's tokenizer.json is 1.4 MB, a 256k-token one about 35 MB
 SPACE = "\u2581"   # "▁", SentencePiece's space

@@ -1,14 +1,14 @@
 """Optimizers over the flat parameter buffer, and global-norm clipping.
 
 Each step is a handful of whole-buffer operations; weight decay touches only
-the leading matrix slice of the buffer (see params.py). On CUDA, AdamW is
+the leading matrix slice of the buffer (see model/params.py). On CUDA, AdamW is
 one fused kernel, or with the model's kernels="xp" the same `xp` update NumPy runs.
 """
 import math
 
 import numpy
 
-from .cpu_threads import run_parallel, split, thread_count
+from ..cpu_threads import run_parallel, split, thread_count
 
 
 class AdamW:
@@ -51,7 +51,7 @@ class AdamW:
         beta1, beta2 = self.betas
         self._applied += xp.asarray(apply, dtype="float64")
         if self._fused:
-            from .cuda.adamw import adamw_step
+            from ..cuda.adamw import adamw_step
             t = self._applied
             scalars = xp.stack([xp.asarray(grad_scale, dtype="float64"),
                                 xp.asarray(apply, dtype="float64"),
@@ -111,18 +111,6 @@ class AdamW:
 
     def load_state_arrays(self, arrays, step_count):
         self.load_state(arrays["m"], arrays["v"], step_count)
-
-
-def optimizer_for(model, train):
-    """The optimizer a TrainConfig (`train`) asks for: AdamW, or Muon with AdamW (muon.py)."""
-    t = train
-    if t.optimizer == "muon":
-        from .muon import Muon
-        return Muon(model, lr=t.lr, muon_lr=t.muon_lr, betas=(t.beta1, t.beta2), eps=t.eps,
-                    weight_decay=t.weight_decay, momentum=t.muon_momentum, nesterov=t.muon_nesterov,
-                    ns_coefficients=t.muon_ns_coefficients, ns_steps=t.muon_ns_steps,
-                    muon_weight_decay=t.muon_weight_decay, adjust_lr=t.muon_adjust_lr)
-    return AdamW(model, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
 
 
 class SGD:

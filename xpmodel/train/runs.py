@@ -3,13 +3,13 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from ..config import load_config
+from ..errors import CheckpointError, UsageError
+from ..hf.convert import import_hf
+from ..model.config import OPTION_KEYS, gpt_config
+from ..model.gpt import GPT
+from ..model.params import parameter_shapes
 from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
-from .config import load_config
-from .errors import CheckpointError, UsageError
-from .hf import import_hf
-from .model import GPT
-from .model_config import OPTION_KEYS, gpt_config
-from .params import parameter_shapes
 from .rundir import RunDir
 
 

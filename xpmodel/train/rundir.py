@@ -38,12 +38,12 @@ import sys
 import time
 from pathlib import Path
 
-from .atomic import atomic_write_bytes, is_temporary_name
+from ..atomic import atomic_write_bytes, is_temporary_name
+from ..config import load_config, save_config
+from ..errors import UsageError, quote
+from ..files import parse_json, read_bounded
+from ..tokenizer.bpe import BPETokenizer
 from .checkpoint import FORMAT_VERSION, CheckpointError, read_checkpoint_meta
-from .config import load_config, save_config
-from .errors import UsageError, quote
-from .files import parse_json, read_bounded
-from .tokenizer import BPETokenizer
 
 RUN_FORMAT = "xpmodel-run"
 LOCK_NAME = ".xpmodel.lock"
@@ -289,7 +289,7 @@ class RunDir:
     def check_config_matches_checkpoint(self, config):
         """Refuse a config.yaml whose data.* or model.* settings differ from those
         the newest readable checkpoint was trained with (a hand edit, say)."""
-        from .config import config_to_dict
+        from ..config import config_to_dict
         path, _ = self.latest_checkpoint()
         if path is None:
             return
@@ -352,7 +352,7 @@ class RunDir:
             return []
         warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
         records, damaged = [], []
-        from .files import open_regular
+        from ..files import open_regular
         with open_regular(self.metrics_path, CheckpointError, "metrics file") as f:
             number = 0
             while True:

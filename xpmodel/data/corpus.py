@@ -9,11 +9,14 @@ tokenized twice.
 """
 import hashlib
 
-from . import data
-from .data import (corpus_fingerprint, iter_texts, prepare, read_token_file, resolve_source,
-                   split_tokens, tokenizing_progress)
-from .errors import DataError
-from .tokenizer import ENDOFTEXT, MASK, BPETokenizer
+from ..errors import DataError
+from ..tokenizer.bpe import ENDOFTEXT, MASK, BPETokenizer
+from .batching import split_tokens
+from .prepare import cache_root, prepare
+from .progress import tokenizing_progress
+from .reading import iter_texts
+from .sources import corpus_fingerprint, resolve_source
+from .tokenfile import read_token_file
 
 # A BPE vocabulary is learned from at most this much text; beyond it the
 # merge statistics barely change and training time keeps growing.
@@ -23,9 +26,9 @@ _TOKENIZER_TRAIN_BYTES = 64 * 2**20
 _PARALLEL_ENCODING_BYTES = 8 * 2**20
 
 
-def cache_root(data_config):
-    """The run's cache folder (data.cache_dir, else the default; see data.cache_root)."""
-    return data.cache_root(data_config.cache_dir)
+def run_cache_root(data_config):
+    """The run's cache folder (data.cache_dir, else the default; see prepare.cache_root)."""
+    return cache_root(data_config.cache_dir)
 
 
 def build_tokenizer(data_config, say=print):
@@ -38,7 +41,7 @@ def build_tokenizer(data_config, say=print):
     if specials != (ENDOFTEXT,):
         facts += "\0" + "\0".join(specials)
     key = hashlib.sha256(facts.encode()).hexdigest()[:24]
-    path = cache_root(data_config) / "tokenizers" / f"bpe-{data_config.vocab_size}-{key}.json"
+    path = run_cache_root(data_config) / "tokenizers" / f"bpe-{data_config.vocab_size}-{key}.json"
     if path.exists():
         try:
             return BPETokenizer.load(path)
@@ -74,7 +77,7 @@ def encoding_workers(source):
 
 def load_tokens(data_config, tokenizer, block_size, show_progress=True):
     """(train, val) token arrays for the run's corpus, read from the cached token file."""
-    cache_dir = cache_root(data_config) / "tokens"
+    cache_dir = run_cache_root(data_config) / "tokens"
     source = resolve_source(data_config.source)
     workers = encoding_workers(source)
     if show_progress:

@@ -1,6 +1,6 @@
 """The language model: embeddings -> blocks -> head, from the hand-written layers.
 
-GPT-2 by default; the options of model_config.py choose the block's parts
+GPT-2 by default; the options of config.py choose the block's parts
 (layers/block.py). Dimension letters: B batch, T time, C n_embd, H n_head,
 V vocab, N = B*T.
 The residual stream is kept as an (N, C) matrix so every projection is a
@@ -12,16 +12,16 @@ import math
 
 import numpy
 
-from .backend import (BFLOAT16, check_kernels, get_device, get_dtype, is_half, random_generator,
-                      bfloat16_problem, to_device, to_host, upcast, use_kernels)
-from .cpu_threads import keep_freed_memory, run_parallel, single_threaded_blas, split, thread_count
-from .layers.block import block_backward, block_forward, norm_backward, norm_forward, proj_bias_sums
-from .layers.crossentropy import IGNORE_INDEX, crossentropy_fused, lm_head_backward, lm_head_forward
-from .layers.dropout import dropout_backward, dropout_forward
-from .layers.embedding import embedding_backward, embedding_forward
-from .layers.embedding_noise import embedding_noise_backward, embedding_noise_forward
-from .layers.rope import rope_tables
-from .model_config import GPTConfig
+from ..backend import (BFLOAT16, check_kernels, get_device, get_dtype, is_half, random_generator,
+                       bfloat16_problem, to_device, to_host, upcast, use_kernels)
+from ..cpu_threads import keep_freed_memory, run_parallel, single_threaded_blas, split, thread_count
+from ..layers.block import block_backward, block_forward, norm_backward, norm_forward, proj_bias_sums
+from ..layers.crossentropy import IGNORE_INDEX, crossentropy_fused, lm_head_backward, lm_head_forward
+from ..layers.dropout import dropout_backward, dropout_forward
+from ..layers.embedding import embedding_backward, embedding_forward
+from ..layers.embedding_noise import embedding_noise_backward, embedding_noise_forward
+from ..layers.rope import rope_tables
+from .config import GPTConfig
 from .params import FlatLayout, is_norm_weight, parameter_shapes
 
 RECOMPUTE = ("none", "mlp", "block")

@@ -1,4 +1,4 @@
-"""Hugging Face Llama (`LlamaForCausalLM`) as one family of xpmodel.hf.
+"""Hugging Face Llama (`LlamaForCausalLM`) as one family of xpmodel.hf.convert.
 
 A Llama block is xpmodel's block with norm rmsnorm, position rope, mlp
 swiglu and no QK-norm; n_kv_head, the MLP width, norm_eps, rope_theta, bias
@@ -17,7 +17,7 @@ them and stores (in, out):
 Both number q's heads the same way (head h is columns h D .. (h+1) D) and
 rotate each head by halves (Hugging Face's rotate_half), so no column moves.
 """
-from .errors import DataError, UsageError
+from ..errors import DataError, UsageError
 
 ARCHITECTURE = "LlamaForCausalLM"
 ARCHITECTURES = ("LlamaForCausalLM",)

@@ -11,7 +11,7 @@ import_hf(hf_dir) -> (GPTConfig, arrays, tokenizer)
     reads a local GPT-2 or Llama directory (one safetensors file or shards)
     into xpmodel's parameter names, ready for `GPT.load_state_arrays`.
 
-Each family (hf_gpt2.py, hf_llama.py) says how config.json maps to a
+Each family (gpt2.py, llama.py) says how config.json maps to a
 GPTConfig and which Hugging Face tensors make each xpmodel tensor; this file
 does the reading, checking and writing for both.
 
@@ -22,7 +22,7 @@ the embedding's rows, the tokenizer never produces a padding id, and the
 round trip is exact. An import likewise keeps every row the file has.
 
 Token ids: Hugging Face's GPT-2 numbers its 256 byte tokens in the order of
-its bytes-to-unicode table, xpmodel by byte value (see tokenizer_hf). An
+its bytes-to-unicode table, xpmodel by byte value (see tokenizer/hf_files.py). An
 import relabels the tokenizer to xpmodel's order and permutes the rows of the
 embedding (and of an untied head) to match, so the imported model scores
 every text exactly as the original did; only the ids of byte tokens differ
@@ -40,15 +40,15 @@ from pathlib import Path
 import numpy
 from safetensors.numpy import save as safetensors_bytes
 
-from . import hf_gpt2, hf_llama
-from .atomic import write_folder_atomically
-from .errors import DataError, UsageError
-from .model_config import GPTConfig
-from .params import parameter_shapes
+from ..atomic import write_folder_atomically
+from ..errors import DataError, UsageError
+from ..model.config import GPTConfig
+from ..model.params import parameter_shapes
+from ..tokenizer.hf_files import export_tokenizer_hf, hf_vocab, read_hf_tokenizer
+from . import gpt2, llama
 from .safetensors_file import FLOAT_DTYPES, SafetensorsFile
-from .tokenizer_hf import export_tokenizer_hf, hf_vocab, read_hf_tokenizer
 
-FAMILIES = (hf_gpt2, hf_llama)
+FAMILIES = (gpt2, llama)
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 # Files an export writes; an existing directory holding anything else is refused.
@@ -99,7 +99,7 @@ def export_hf(model, tokenizer, out_dir):
 
 
 def export_family(config):
-    """The family (hf_gpt2 or hf_llama) whose architecture holds `config`
+    """The family (gpt2 or llama) whose architecture holds `config`
     exactly; otherwise a UsageError naming the first option neither holds,
     for the family it is closest to."""
     found = [(family.mismatches(config), family) for family in FAMILIES]
@@ -109,9 +109,9 @@ def export_family(config):
     mismatched, family = min(found, key=lambda pair: len(pair[0]))
     key, value, reason = mismatched[0]
     raise UsageError(f"model.{key} {_yaml(value)} cannot be exported: {reason} "
-                     f"(Hugging Face export takes GPT-2's options as {hf_gpt2.ARCHITECTURE}, or "
+                     f"(Hugging Face export takes GPT-2's options as {gpt2.ARCHITECTURE}, or "
                      f"norm rmsnorm, position rope, mlp swiglu and qk_norm false as "
-                     f"{hf_llama.ARCHITECTURE})")
+                     f"{llama.ARCHITECTURE})")
 
 
 def to_hf_tensors(table, arrays):
@@ -170,7 +170,7 @@ def import_hf(hf_dir):
 
 
 def import_family(hf_cfg, where="config.json"):
-    """The family (hf_gpt2 or hf_llama) of a config.json document, by its model_type."""
+    """The family (gpt2 or llama) of a config.json document, by its model_type."""
     if not isinstance(hf_cfg, dict):
         raise DataError(f"{where}: not a JSON object")
     model_type = hf_cfg.get("model_type")
@@ -182,8 +182,8 @@ def import_family(hf_cfg, where="config.json"):
     if family is None or others:
         name = others[0] if others else f"model_type {model_type!r}"
         raise UsageError(f"{where}: {name} is not supported; xpmodel imports GPT-2 "
-                         f"(model_type \"gpt2\", {' or '.join(hf_gpt2.ARCHITECTURES)}) and Llama "
-                         f"(model_type \"llama\", {hf_llama.ARCHITECTURE})")
+                         f"(model_type \"gpt2\", {' or '.join(gpt2.ARCHITECTURES)}) and Llama "
+                         f"(model_type \"llama\", {llama.ARCHITECTURE})")
     return family
 
 
