@@ -86,6 +86,32 @@ def test_float32_cache_matches_forward():
     assert relative_error(logits, model.forward(seq)[:, -1]) < 1e-5
 
 
+MODERN = xpmodel.GPTConfig(vocab_size=50, block_size=8, n_layer=2, n_head=4, n_embd=32,
+                           norm="rmsnorm", position="rope", mlp="swiglu", n_kv_head=2, bias=False,
+                           qk_norm=True, tie_embeddings=False)
+
+
+def mixed_precision_model(precision):
+    """A Llama-style model in mixed precision with weights spread out past
+    the init's, so 16-bit rounding moves the logits visibly."""
+    model = xpmodel.GPT(MODERN, precision=precision, seed=1)
+    rng = np.random.default_rng(1)
+    model.flat_params += rng.normal(0.0, 0.3, model.flat_params.shape).astype(np.float32)
+    return model
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_cache_runs_forwards_weights_and_dtype(precision):
+    model = mixed_precision_model(precision)
+    seq = ids(MODERN.block_size, seed=9, batch=2)
+    logits, cache = prefill(model, seq[:, :5])
+    assert cache.keys[0].dtype == model.compute_dtype
+    assert relative_error(logits, model.forward(seq[:, :5])[:, -1]) < 1e-6
+    for t in range(5, MODERN.block_size):
+        logits = decode_step(model, cache, seq[:, t])
+        assert relative_error(logits, model.forward(seq[:, :t + 1])[:, -1]) < 1e-2, t
+
+
 # ---- cached against uncached generation --------------------------------------------
 
 def run(model, prompt, n, **kwargs):
@@ -100,6 +126,13 @@ def test_greedy_cached_equals_uncached_past_block_size(prompt_len):
     uncached = run(model, prompt, 30, temperature=0, use_cache=False)
     assert len(cached) == 30
     assert cached == uncached
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_greedy_cached_equals_uncached(precision):
+    model = mixed_precision_model(precision)
+    cached = run(model, [1, 2, 3], 20, temperature=0)
+    assert cached == run(model, [1, 2, 3], 20, temperature=0, use_cache=False)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(top_k=5), dict(top_p=0.9),

@@ -6,8 +6,9 @@ H_kv key/value heads, D head size (C // H), V vocab.
 `prefill` runs a prompt through the model once and keeps every layer's keys
 and values in a `KVCache`; `decode_step` then feeds one new position per
 sequence, attending over the cache, so each generated token costs one
-position instead of a forward over the whole context. Both run the blocks
-training runs (layers/block.py), passing each block's attention its slice
+position instead of a forward over the whole context. Both run
+`GPT.forward_cached`: forward's blocks, weights and dtypes (mixed precision's
+16-bit working copy included), with each block's attention given its slice
 of the cache, so their logits match `GPT.forward` to rounding.
 
 `generate` streams token ids for one sequence; `sample_next` turns one logit
@@ -28,16 +29,13 @@ from contextlib import contextmanager
 import numpy
 
 from ..backend import to_host
-from ..layers.block import block_forward, norm_forward
-from ..layers.crossentropy import lm_head_forward
-from ..layers.embedding import embedding_forward
-from .gpt import with_kernels
 
 class KVCache:
     """Keys and values of every layer for up to block_size positions.
 
     keys[i], values[i]: (B, H_kv, block_size, D) on the model's device, in its
-    dtype; positions [0, length) are filled. All sequences in the batch share
+    compute dtype (the 16-bit one in mixed precision, as forward's keys and
+    values); positions [0, length) are filled. All sequences in the batch share
     the same length.
     """
 
@@ -50,8 +48,9 @@ class KVCache:
         shape = self._shape(model)
         model.device.activate()
         xp = model.xp
-        self.keys = [xp.zeros(shape, dtype=model.dtype) for _ in range(model.config.n_layer)]
-        self.values = [xp.zeros(shape, dtype=model.dtype) for _ in range(model.config.n_layer)]
+        dtype = model.compute_dtype
+        self.keys = [xp.zeros(shape, dtype=dtype) for _ in range(model.config.n_layer)]
+        self.values = [xp.zeros(shape, dtype=dtype) for _ in range(model.config.n_layer)]
         self.length = 0
 
     def _shape(self, model):
@@ -129,24 +128,13 @@ def decode_step(model, cache, token_ids):
     return _forward_cached(model, ids, cache)
 
 
-@with_kernels
 def _forward_cached(model, ids, cache):
-    """ids: (B, T) at positions cache.length .. +T-1 through the same blocks as
-    training, each attending over the cache -> logits (B, V) of the last one."""
-    cfg, P = model.config, model.params
-    B, T = ids.shape
-    start = cache.length
-    wpe = P.get("wpe.weight")
-    x = embedding_forward(ids, P["wte.weight"], None if wpe is None else wpe[start:start + T])
-    x = x.reshape(B * T, cfg.n_embd)
-    rope = model.rope_tables(start, T)
-    for i in range(cfg.n_layer):
-        x, _ = block_forward(cfg, i, x, (B, T), P, P, model.dtype, rope=rope,
-                             kv_cache=cache.layer(i))
-    cache.length = start + T
-    last = x.reshape(B, T, cfg.n_embd)[:, -1]
-    hidden, _ = norm_forward(cfg, last, P, "ln_f", model.dtype)
-    return lm_head_forward(hidden, P[model.head_weight_name])
+    """ids: (B, T) at positions cache.length .. +T-1 through `GPT.forward_cached`
+    (forward's blocks, weights and dtypes), each block attending over the
+    cache -> logits (B, V) of the last one."""
+    logits = model.forward_cached(ids, cache)
+    cache.length += ids.shape[1]
+    return logits
 
 
 # ---- sampling -------------------------------------------------------------------

@@ -140,8 +140,23 @@ class GPT:
         B, T = idx.shape
         self._refresh_working_copy()
         hidden, _ = self._forward_hidden(idx, rng=None)
-        logits = lm_head_forward(hidden, self.weights[self.head_weight_name])
-        return upcast(logits).reshape(B, T, self.config.vocab_size)
+        return self._logits(hidden).reshape(B, T, self.config.vocab_size)
+
+    @with_kernels
+    def forward_cached(self, idx, kv_cache):
+        """idx: (B, T) checked ids at positions kv_cache.length .. +T-1 ->
+        logits (B, V) of the last one. Each block's attention appends these
+        positions' keys and values to kv_cache (generate.KVCache) and attends
+        over all it holds; advancing kv_cache.length is the caller's. The
+        weights and dtypes are forward's, so the logits match its to rounding."""
+        B, T = idx.shape
+        self._refresh_working_copy()
+        hidden, _ = self._forward_hidden(idx, rng=None, kv_cache=kv_cache)
+        return self._logits(hidden.reshape(B, T, self.config.n_embd)[:, -1])
+
+    def _logits(self, hidden):
+        """hidden: (N, C) final norm output -> logits (N, V) in at least float32."""
+        return upcast(lm_head_forward(hidden, self.weights[self.head_weight_name]))
 
     @with_kernels
     def loss(self, idx, targets):
@@ -233,20 +248,27 @@ class GPT:
         if self.flat_working is not None:
             self.flat_working[...] = self.flat_params
 
-    def _forward_hidden(self, idx, rng, rng_key=None):
+    def _forward_hidden(self, idx, rng, rng_key=None, kv_cache=None):
         """idx (B, T) -> final norm output (N, C) in the compute dtype and the
-        caches of every layer. The residual stream x stays in the master dtype."""
+        caches of every layer. The residual stream x stays in the master dtype.
+        With kv_cache (generation), idx continues the positions it holds."""
         P, W, cfg = self.params, self.weights, self.config
         B, T = idx.shape
+        start = 0 if kv_cache is None else kv_cache.length
         p_drop = cfg.dropout if rng is not None else 0.0
-        x, _ = embedding_noise_forward(embedding_forward(idx, P["wte.weight"], P.get("wpe.weight")),
-                                       *self.embedding_noise, rng)
+        wpe = P.get("wpe.weight")
+        x = embedding_forward(idx, P["wte.weight"], None if wpe is None else wpe[start:start + T])
+        x, _ = embedding_noise_forward(x, *self.embedding_noise, rng)
         x, emb_mask = dropout_forward(x, p_drop, rng)
         x = x.reshape(B * T, cfg.n_embd)
-        rope = self.rope_tables(0, T)
+        rope = self.rope_tables(start, T)
         block_caches = []
         for i in range(cfg.n_layer):
-            if self.recompute == "block":     # keep the input; the block runs again in backward
+            if kv_cache is not None:
+                x, cache = block_forward(cfg, i, x, (B, T), P, W, self.compute_dtype, rope=rope,
+                                         kv_cache=kv_cache.layer(i), keep_mlp=False)
+                block_caches.append(cache)
+            elif self.recompute == "block":   # keep the input; the block runs again in backward
                 block_seed = None if p_drop == 0 else [*rng_key, i]   # no device read
                 block_caches.append((x.copy(), block_seed))
                 x, _ = self._block_forward(i, x, (B, T), p_drop, block_seed, rope)
