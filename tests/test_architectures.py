@@ -302,7 +302,7 @@ def relative(a, b):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "all"])
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_recompute_gives_the_same_gradients_bit_for_bit(name, precision):
     config = tiny(**OPTIONS.get(name, {}))
     rng = np.random.default_rng(8)

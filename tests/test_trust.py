@@ -30,7 +30,7 @@ from xpmodel.train.checkpoint import load_checkpoint, save_checkpoint
 from xpmodel.config import load_config
 from xpmodel.data.sources import resolve_source
 from xpmodel.data.tokenfile import HEADER_BYTES
-from xpmodel.errors import DataError, UsageError
+from xpmodel.errors import DataError, UsageError, XpmodelError
 from xpmodel.model.gpt import GPTConfig
 from xpmodel.model.params import parameter_shapes
 from xpmodel.train.rundir import RunDir
@@ -544,3 +544,23 @@ def test_exported_tokenizer_files_follow_the_umask(tmp_path):
         os.umask(old)
     files = list((tmp_path / "hf").iterdir())
     assert files and all(p.stat().st_mode & 0o777 == 0o644 for p in files)
+
+
+@pytest.mark.parametrize("recompute,advice", [("none", "train.recompute=mlp or block"),
+                                              ("mlp", "train.recompute=block"), ("block", None)])
+def test_running_out_of_memory_in_a_step_names_what_to_lower(tmp_path, recompute, advice):
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=200)
+    config = load_config(TINY, [f"data.source={corpus}", f"train.recompute={recompute}"])
+    trainer = Trainer.start(config, device="cpu", out=tmp_path / "run", show=False)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+    trainer.model.forward_backward = out_of_memory
+    with pytest.raises(XpmodelError) as error:
+        trainer.run()
+    message = str(error.value)
+    assert message.startswith("out of memory (MemoryError): lower train.batch_size") and "\n" not in message
+    if advice:
+        assert advice in message
+    else:
+        assert "train.recompute" not in message

@@ -151,6 +151,7 @@ def main():
     tracker = CupyPeakTracker() if args.device.startswith("cuda") else None
     for name, precision in [(n, p) for p in args.precisions for n in args.configs]:
         peak, source = mfu_peak(gpu, precision, args.peak_flops)
+        source = source.replace("train.peak_flops", "--peak-flops")     # this tool's name for it
         print(f"{precision}: MFU against {source}" if peak else f"{precision}: {source}")
         L, H, C, T, B, V, options = CONFIGS[name]
         config = xpmodel.GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C,

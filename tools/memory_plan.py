@@ -1,7 +1,8 @@
 """The largest micro-batch that fits one GPU, computed from what xpmodel keeps.
 
 For GPT-2 sizes at T = 1024 in fp16 mixed precision (flash attention), per
-train.recompute mode, on GPUs of 80 and 141 GB. Nothing is allocated: the
+train.recompute mode, on an 80 GB H100 and a 141 GB H200 (their memory as
+nvidia-smi reports it: 81,559 and 143,771 MiB). Nothing is allocated: the
 bytes come from the arrays the model holds, counted below, and the model is
 checked against one measurement (gpt2-small, B = 16: a 7.83 GiB peak on an
 H200, tools/GPU_NOTES.md).
@@ -16,14 +17,17 @@ channels, float16 = 2 bytes, float32 = 4), what backward reads:
   GELU output 8C + 8C                                       = 36C
   recompute "mlp": the two MLP arrays go                    = 20C
   recompute "block": the float32 block input alone          =  4C
-plus, once, one block's working set (36C per token) and the largest
-transients of the head: a chunk of 2^27 logits in float16 and the float32
-hidden-state gradient.
+plus, once, the block being recomputed in backward (recompute "block": its
+36C per token; "mlp": the MLP's two arrays, 16C) and the largest transients
+of the head: a chunk of 2^27 logits in float16 and the float32 hidden-state
+gradient.
 """
 import argparse
 
 SIZES = {"124M": (12, 768), "350M": (24, 1024), "774M": (36, 1280), "1.5B": (48, 1600)}
 PER_TOKEN_LAYER = {"none": 36, "mlp": 20, "block": 4}   # bytes per channel
+RECOMPUTED = {"none": 0, "mlp": 16, "block": 36}          # one block's, in backward
+GPUS = {"H100 80 GB": 81559 * 2**20, "H200 141 GB": 143771 * 2**20}
 V = 50304
 GIB = 2 ** 30
 
@@ -36,7 +40,7 @@ def peak_bytes(L, C, T, B, recompute):
     N = B * T
     state = 18 * n_params(L, C, T)
     activations = PER_TOKEN_LAYER[recompute] * C * N * L
-    working = (36 * C * N if recompute == "block" else 0) + 2 * (1 << 27) + 4 * N * C * 2
+    working = RECOMPUTED[recompute] * C * N + 2 * (1 << 27) + 4 * N * C * 2
     return state + activations + working
 
 
@@ -59,14 +63,14 @@ def main():
     print(f"check: gpt2-small B=16 T=1024 -> {peak_bytes(12, 768, 1024, 16, 'none') / GIB:.2f} GiB "
           f"computed (7.83 GiB measured on an H200)")
     print(f"largest micro-batch at T={T}, fp16, by train.recompute (none / mlp / block):")
-    print(f"{'model':6s} {'params':>8s} | {'80 GB':^20s} | {'141 GB':^20s}")
+    print(f"{'model':6s} {'params':>8s} | " + " | ".join(f"{gpu:^20s}" for gpu in GPUS))
     for name, (L, C) in SIZES.items():
         cells = []
-        for capacity in (80e9, 141e9):
+        for capacity in GPUS.values():
             batches = [largest_batch(L, C, T, args.headroom * capacity, mode)
                        for mode in ("none", "mlp", "block")]
             cells.append(" / ".join(f"{b:4d}" for b in batches))
-        print(f"{name:6s} {n_params(L, C, T) / 1e6:7.0f}M | {cells[0]:^20s} | {cells[1]:^20s}")
+        print(f"{name:6s} {n_params(L, C, T) / 1e6:7.0f}M | " + " | ".join(f"{c:^20s}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -667,6 +667,9 @@ def _parse_override(text):
             f"{label}: the key must be SECTION.KEY with SECTION one of {', '.join(SECTIONS)}")
     if not dot or key not in _fields_by_name(section):
         raise UsageError(f"{label}: {_unknown_key_message(section, key)}")
+    choices = _fields_by_name(section)[key].metadata.get("choices") or ()
+    if raw.strip() in choices:            # train.recompute=none names the mode, not null
+        return section, key, raw.strip(), label
     return section, key, _override_value(raw, _field_types(section)[key]), label
 
 

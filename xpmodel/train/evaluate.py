@@ -89,7 +89,8 @@ class Evaluation:
         return mfu_peak(gpu_name(self.device), t.precision, t.peak_flops)
 
     def _mfu(self, tokens_per_s):
-        """Model FLOPs utilisation against mfu_peak(); None on CPU or where no peak is known."""
+        """Model FLOPs utilisation of each GPU against mfu_peak(); None on CPU or
+        where no peak is known. tokens_per_s counts the tokens of every rank."""
         if not self.device.is_cuda:
             return None
         if not hasattr(self, "_peak_flops"):
@@ -97,7 +98,8 @@ class Evaluation:
             self._flops_per_token = self.gpt_config.flops_per_token()
         if self._peak_flops is None:
             return None
-        return self._flops_per_token * tokens_per_s / self._peak_flops
+        gpus = 1 if self.dist is None else self.dist.world_size
+        return self._flops_per_token * tokens_per_s / (self._peak_flops * gpus)
 
     def _summary(self, last_loss, stop_reason):
         wall = self.elapsed_before + self._elapsed()

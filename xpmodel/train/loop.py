@@ -34,6 +34,12 @@ from .signals import Interrupted, SignalHandling
 from .state import CheckpointState
 
 
+def _lighter_recompute(recompute):
+    """The out-of-memory advice's train.recompute part: the modes that keep less than `recompute`."""
+    lighter = {"none": "mlp or block", "mlp": "block"}.get(recompute)
+    return f"set train.recompute={lighter}, or " if lighter else ""
+
+
 class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
     """One run. `Trainer.start(...)` or `Trainer.resume(...)`, then `run()`."""
 
@@ -247,7 +253,7 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
             except out_of_memory_errors() as exc:
                 raise XpmodelError(f"out of {'GPU ' if self.device.is_cuda else ''}memory ({exc.__class__.__name__}): "
                                    f"lower train.batch_size (raise train.grad_accum to keep the batch), "
-                                   f"set train.recompute=mlp or block, or lower model.block_size, "
+                                   f"{_lighter_recompute(t.recompute)}lower model.block_size, "
                                    f"model.n_embd or model.n_layer") from None
         if self.dist is not None:
             self.dist.allreduce_mean_(model.flat_grads)

@@ -20,18 +20,25 @@ import re
 # name appears as whole words wins, so variants come before their family (None:
 # a variant without a published figure, left to train.peak_flops)
 GPU_PEAKS = [
+    ("B200", 2250e12),         # HGX B200 datasheet: 4.5 PFLOP/s sparse
     ("H200 NVL", 835e12),      # H200 datasheet: 1,671 sparse
     ("H200", 989e12),          # H200 SXM: 1,979 sparse
     ("GH200", 989e12),         # the H100 / H200 chip
     ("H100 NVL", 835e12),      # H100 datasheet: 1,671 sparse
     ("H100 PCIe", 756e12),     # H100 datasheet: 1,513 sparse
     ("H100", 989e12),          # H100 SXM ("H100 80GB HBM3"): 1,979 sparse
+    ("H800", 989e12),          # the H100 SXM's tensor cores
     ("A100", 312e12),          # A100 datasheet (SXM and PCIe): 624 sparse
+    ("A800", 312e12),          # the A100's tensor cores
+    ("A40", 149.7e12),         # A40 datasheet: 299.4 sparse
+    ("RTX A6000", 154.8e12),   # RTX A6000 datasheet, float32 accumulate: 309.7 sparse
     ("A30", 165e12),           # A30 datasheet: 330 sparse
     ("A10", 125e12),           # A10 datasheet: 250 sparse
     ("L40S", 362e12),          # L40S datasheet: 733 sparse
     ("L40", 181e12),           # L40 datasheet: 362 sparse
     ("L4", 121e12),            # L4 datasheet: 242 sparse
+    ("RTX 4090 Laptop", None),
+    ("RTX 4090 D", None),
     ("RTX 4090", 165.2e12),    # Ada whitepaper, float32 accumulate
     ("RTX 3090 Ti", None),
     ("RTX 3090", 71e12),       # GA102 whitepaper, float32 accumulate
@@ -41,6 +48,7 @@ GPU_PEAKS = [
     ("T4", 65e12),             # T4 datasheet, float16
 ]
 _LOW_PRECISIONS = ("fp16", "bf16")
+FLOAT16_ONLY = ("V100-PCIE", "V100", "T4")   # tensor cores without bfloat16
 
 
 def table_peak(gpu_name):
@@ -65,4 +73,6 @@ def mfu_peak(gpu_name, precision, peak_flops=None):
     if entry is None:
         return None, f"no MFU: {gpu_name or 'this GPU'} is not in xpmodel's peak table; set train.peak_flops"
     name, flops = entry
+    if precision == "bf16" and name in FLOAT16_ONLY:
+        return None, f"no MFU: the {name} has no bf16 tensor cores; set train.peak_flops"
     return flops, f"the {name}'s dense {precision} tensor-core peak, {flops / 1e12:g} TFLOP/s"
