@@ -187,6 +187,22 @@ def test_export_refuses_a_directory_with_other_files(model, tokenizer, exported,
         export_hf(model, tokenizer, tmp_path / "other")
 
 
+def test_export_refuses_a_model_directory_it_did_not_write(model, tokenizer, exported, tmp_path):
+    assert json.loads((exported / "xpmodel_export.json").read_text())["architecture"] == \
+        "GPT2LMHeadModel"
+    theirs = tmp_path / "theirs"
+    hf_random_model(PADDED_VOCAB, seed=7).save_pretrained(theirs, safe_serialization=True)
+    export_tokenizer_hf(tokenizer, theirs)
+    before = {p.name: p.read_bytes() for p in theirs.iterdir()}
+    with pytest.raises(UsageError, match=f"{theirs} holds a model directory xpmodel did not "
+                                         f"export .* pass --overwrite"):
+        export_hf(model, tokenizer, theirs)
+    assert {p.name: p.read_bytes() for p in theirs.iterdir()} == before
+    export_hf(model, tokenizer, theirs, overwrite=True)
+    config, _, _ = import_hf(theirs)
+    assert config == model.config
+
+
 def test_export_refuses_a_tokenizer_larger_than_the_vocab(tokenizer, tmp_path):
     small = GPT(GPTConfig(vocab_size=260, block_size=8, n_layer=1, n_head=1, n_embd=8))
     with pytest.raises(UsageError, match="300 ids"):

@@ -23,6 +23,15 @@ def xpmodel_cli(*args, env):
     return result
 
 
+def xpmodel_cli_refuses(*args, env):
+    """The command's one-line refusal (exit status 2)."""
+    result = subprocess.run([sys.executable, "-m", "xpmodel.cli.main", *args], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr
+
+
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     import os
@@ -66,6 +75,14 @@ def test_export_import_and_fine_tune(tmp_path, env, tinyshakespeare):
     tuned_model, _ = xpmodel.load(tuned)
     assert tuned_model.config == model.config
     assert not np.array_equal(tuned_model.params["wte.weight"], model.params["wte.weight"])
+
+    # hf_dir is an export, but also where the imported and the tuned weights came from
+    exported = {p.name: p.read_bytes() for p in hf_dir.iterdir()}
+    for source_of_hf_dir in (imported, tuned):
+        refusal = xpmodel_cli_refuses("export-hf", str(source_of_hf_dir), str(hf_dir), env=env)
+        assert f"overlaps {hf_dir}, which the run's weights came from" in refusal
+    assert {p.name: p.read_bytes() for p in hf_dir.iterdir()} == exported
+    xpmodel_cli("export-hf", str(run), str(hf_dir), env=env)   # its own earlier export
 
 
 def test_pickled_checkpoints_are_refused(tmp_path, env):

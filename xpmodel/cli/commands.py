@@ -315,12 +315,16 @@ def tokenizer_train_command(args):
 
 def export_hf_command(args):
     from ..hf.convert import export_hf
-    from ..train.runs import load
+    from ..train.runs import load, weight_sources
     if _inside(args.out_dir, args.run_dir) or _inside(args.run_dir, args.out_dir):
         raise UsageError(f"OUT_DIR {args.out_dir}: overlaps the run {args.run_dir}; export to a "
                          f"folder outside it")
     model, tokenizer = load(args.run_dir, checkpoint=args.checkpoint)
-    architecture = export_hf(model, tokenizer, args.out_dir)
+    for source in weight_sources(args.run_dir):
+        if _inside(args.out_dir, source) or _inside(source, args.out_dir):
+            raise UsageError(f"OUT_DIR {args.out_dir}: overlaps {source}, which the run's "
+                             f"weights came from; export to another folder")
+    architecture = export_hf(model, tokenizer, args.out_dir, overwrite=args.overwrite)
     print(f"wrote a transformers {architecture} to {args.out_dir}")
     return 0
 

@@ -241,6 +241,9 @@ def build_parser():
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (outside the run)")
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
                    help="which checkpoint to export (default: latest)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a model directory in OUT_DIR that xpmodel did not export "
+                        "(an earlier export is replaced without it; other files are refused)")
     p.set_defaults(handler=c.export_hf_command)
 
     p = commands.add_parser("import-hf", parents=[common], help="turn a GPT-2 or Llama directory into a run",

@@ -30,7 +30,9 @@ every text exactly as the original did; only the ids of byte tokens differ
 
 An export is written into a temporary folder beside out_dir and renamed into
 place, so out_dir holds a whole export or none; a failure (a full disk)
-leaves it as it was. Nothing is unpickled: a directory with only
+leaves it as it was. Every export holds EXPORT_MARKER, so a later export
+replaces it without asking; a directory of the same file names without the
+marker (a `save_pretrained` folder, say) is replaced only with overwrite. Nothing is unpickled: a directory with only
 pytorch_model.bin is refused.
 """
 import json
@@ -51,10 +53,12 @@ from .safetensors_file import FLOAT_DTYPES, SafetensorsFile
 FAMILIES = (gpt2, llama)
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
+# Marks a directory as an xpmodel export; Hugging Face's loaders ignore it.
+EXPORT_MARKER = "xpmodel_export.json"
 # Files an export writes; an existing directory holding anything else is refused.
 EXPORT_FILES = frozenset({
     "config.json", WEIGHTS_FILE, "generation_config.json", "tokenizer.json", "vocab.json",
-    "merges.txt", "tokenizer_config.json", "special_tokens_map.json"})
+    "merges.txt", "tokenizer_config.json", "special_tokens_map.json", EXPORT_MARKER})
 _PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 _OTHER_FORMATS = ("tf_model.h5", "flax_model.msgpack", "model.ckpt.index")
 MAX_JSON_BYTES = 16 * 2**20   # a config.json or shard index is a few kilobytes
@@ -63,11 +67,12 @@ MAX_JSON_BYTES = 16 * 2**20   # a config.json or shard index is a few kilobytes
 # ----- export ---------------------------------------------------------------
 
 
-def export_hf(model, tokenizer, out_dir):
+def export_hf(model, tokenizer, out_dir, overwrite=False):
     """Write `model` (a GPT) and `tokenizer` (a BPETokenizer) as a Hugging Face
     directory; returns the architecture written ("GPT2LMHeadModel" or
     "LlamaForCausalLM"). `out_dir` is created if needed; an existing one must
-    be empty or hold only files an export writes (which are replaced)."""
+    be empty or an earlier export (which is replaced); with overwrite, it may
+    also be another directory holding only files an export writes."""
     cfg = model.config
     family = export_family(cfg)
     if tokenizer.vocab_size > cfg.vocab_size:
@@ -77,13 +82,7 @@ def export_hf(model, tokenizer, out_dir):
     out_dir = Path(out_dir)
     if out_dir.is_symlink():
         out_dir = out_dir.resolve()
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise UsageError(f"{out_dir} exists and is not a directory")
-        others = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES)
-        if others:
-            raise UsageError(f"{out_dir} already holds files an export does not write "
-                             f"({', '.join(others[:5])}); export into a new or empty directory")
+    _check_export_target(out_dir, overwrite)
 
     tensors = to_hf_tensors(family.tensor_table(cfg), model.state_arrays())
     eot = tokenizer.eot_id
@@ -94,8 +93,28 @@ def export_hf(model, tokenizer, out_dir):
         _write_json(folder / "generation_config.json",
                     {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot})
         export_tokenizer_hf(tokenizer, folder, model_max_length=cfg.block_size)
+        _write_json(folder / EXPORT_MARKER, {"written_by": "xpmodel export-hf",
+                                             "architecture": family.ARCHITECTURE})
     write_folder_atomically(out_dir, write, EXPORT_FILES)
     return family.ARCHITECTURE
+
+
+def _check_export_target(out_dir, overwrite):
+    """Refuse an out_dir that is not a directory, holds files an export does
+    not write, or holds a model directory xpmodel did not export (unless
+    overwrite)."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise UsageError(f"{out_dir} exists and is not a directory")
+    names = sorted(p.name for p in out_dir.iterdir())
+    others = [name for name in names if name not in EXPORT_FILES]
+    if others:
+        raise UsageError(f"{out_dir} already holds files an export does not write "
+                         f"({', '.join(others[:5])}); export into a new or empty directory")
+    if names and EXPORT_MARKER not in names and not overwrite:
+        raise UsageError(f"{out_dir} holds a model directory xpmodel did not export (no "
+                         f"{EXPORT_MARKER}); export elsewhere, or pass --overwrite to replace it")
 
 
 def export_family(config):

@@ -80,6 +80,38 @@ def load_pretrained(source):
                      f"model directory (no run.json or config.json)")
 
 
+def weight_sources(run_dir):
+    """The folders a run's weights came from, as far as its files say: its
+    train.init_from (a run or a Hugging Face directory), that run's own, and
+    so on; an imported run's step-0 checkpoint names the directory it was
+    imported from."""
+    sources, run = [], RunDir(run_dir)
+    while run.is_run():
+        source = run.load_config().train.init_from or _imported_from(run)
+        if source is None or any(_same_folder(source, seen) for seen in sources):
+            break
+        sources.append(Path(source))
+        run = RunDir(source)
+    return sources
+
+
+def _imported_from(run):
+    """The Hugging Face directory `import-hf` made `run` from, or None."""
+    try:
+        meta = read_checkpoint_meta(run.step_path(0))
+    except (CheckpointError, OSError):
+        return None
+    source = meta.get("source")
+    return source if meta.get("kind") == "imported" and isinstance(source, str) else None
+
+
+def _same_folder(a, b):
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
 def adopt_pretrained(config, gpt_config, tokenizer):
     """`config` with the model shape and tokenizer settings of pretrained weights."""
     data = replace(config.data, tokenizer="bpe" if tokenizer.merges else "byte",
