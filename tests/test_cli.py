@@ -404,3 +404,22 @@ def test_train_on_cuda_runs_end_to_end_on_the_kernel_emulator(tmp_path, capsys):
     code, out, err = run_cli(capsys, "sample", tmp_path / "run", "--device", "cpu",
                              "--prompt", "The king", "--max-new-tokens", "10", "--temperature", "0")
     assert code == 0 and out.startswith("The king") and len(out) > len("The king"), err
+
+
+@pytest.mark.parametrize("position, block_size, taken", [
+    ("rope", 16, 16), ("rope", 64, 64), ("rope", None, 32), ("learned", 16, 32)])
+def test_init_from_keeps_a_chosen_block_size_only_with_rope(position, block_size, taken):
+    """Rotary positions own no parameters, so a run may choose its context
+    (shorter or longer than the source's); a learned table fixes it."""
+    from xpmodel.train.runs import adopt_pretrained, ignored_settings
+    source = xpmodel.GPTConfig(vocab_size=257, block_size=32, n_layer=2, n_head=4, n_embd=32,
+                               position=position)
+    overrides = ["model.n_layer=3"] + ([] if block_size is None else
+                                       [f"model.block_size={block_size}"])
+    config = load_config("default", overrides)
+    adopted = adopt_pretrained(config, source, BPETokenizer())
+    assert adopted.model.block_size == taken
+    # only what the config chose is reported, not defaults such as model.n_head=8
+    expected = ["model.n_layer=3"] + ([f"model.block_size={block_size}"]
+                                      if block_size is not None and taken != block_size else [])
+    assert ignored_settings(config.model, adopted.model) == expected

@@ -19,6 +19,7 @@ import math
 import pathlib
 import shutil
 import time
+from dataclasses import replace
 
 import numpy
 import pytest
@@ -585,11 +586,13 @@ def test_cli_imports_samples_exports_and_fine_tunes_a_llama(tmp_path, tokenizer,
     for name, value in model.state_arrays().items():
         numpy.testing.assert_array_equal(exported[name], value, err_msg=name)
 
-    code, _, err = run_cli(capsys, "train", "--device", "cpu", "--quiet", "--out", tuned,
-                           "--init-from", source, f"data.source={tinyshakespeare}", *TRAIN)
+    code, out, err = run_cli(capsys, "train", "--device", "cpu", "--quiet", "--out", tuned,
+                             "--init-from", source, f"data.source={tinyshakespeare}",
+                             "model.n_layer=3", "model.block_size=16", *TRAIN)
     assert code == 0, err
+    assert "ignoring model.n_layer=3\n" in out   # rope: the shorter context is kept
     tuned_model, _ = xpmodel.load(tuned)
-    assert tuned_model.config == model.config
+    assert tuned_model.config == replace(model.config, block_size=16)
     saved = RunDir(tuned).load_config().model
     assert (saved.norm, saved.position, saved.mlp, saved.n_kv_head, saved.tie_embeddings) == \
         ("rmsnorm", "rope", "swiglu", 2, False)

@@ -3,7 +3,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import load_config
+from ..config import ModelConfig, load_config
 from ..errors import CheckpointError, UsageError
 from ..hf.convert import import_hf
 from ..model.config import OPTION_KEYS, gpt_config
@@ -11,6 +11,9 @@ from ..model.gpt import GPT
 from ..model.params import parameter_shapes
 from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .rundir import RunDir
+
+# The ModelConfig keys --init-from takes from its source (block_size with a caveat)
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", *OPTION_KEYS)
 
 
 def load(run_dir, device="cpu", checkpoint="latest", kernels="fused"):
@@ -113,15 +116,37 @@ def _same_folder(a, b):
 
 
 def adopt_pretrained(config, gpt_config, tokenizer):
-    """`config` with the model shape and tokenizer settings of pretrained weights."""
+    """`config` with the model shape and tokenizer settings of pretrained weights.
+
+    block_size is the source's too, unless its positions are rotary (no
+    parameter then depends on it) and the config sets its own: a shorter
+    context, or a longer one than the source was trained on."""
     data = replace(config.data, tokenizer="bpe" if tokenizer.merges else "byte",
                    vocab_size=max(256, tokenizer.vocab_size))
     padded = gpt_config.vocab_size if gpt_config.vocab_size != tokenizer.vocab_size else None
     options = {key: getattr(gpt_config, key) for key in OPTION_KEYS}
+    own_context = gpt_config.position == "rope" and "block_size" in settings_chosen(config.model)
+    block_size = config.model.block_size if own_context else gpt_config.block_size
     model = replace(config.model, n_layer=gpt_config.n_layer, n_head=gpt_config.n_head,
-                    n_embd=gpt_config.n_embd, block_size=gpt_config.block_size, vocab_size=padded,
+                    n_embd=gpt_config.n_embd, block_size=block_size, vocab_size=padded,
                     **options)
     return replace(config, data=data, model=model)
+
+
+def settings_chosen(model):
+    """The shape keys of a ModelConfig whose values differ from ModelConfig's
+    defaults: those a config file or an override chose. (The config does not
+    record which keys were named, so one set to its default value counts as
+    not chosen.)"""
+    defaults = ModelConfig()
+    return [key for key in SHAPE_KEYS if getattr(model, key) != getattr(defaults, key)]
+
+
+def ignored_settings(model, adopted):
+    """`model.KEY=value` of each setting `model` chose that `adopted` (its
+    config after adopt_pretrained) does not have."""
+    return [f"model.{key}={getattr(model, key)}" for key in settings_chosen(model)
+            if getattr(model, key) != getattr(adopted, key)]
 
 
 def import_run(hf_dir, out, overwrite=False):

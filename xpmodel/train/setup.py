@@ -1,6 +1,7 @@
 """Starting and resuming a run: everything that can fail on bad input is
 checked before the run directory is written; --init-from takes the model's
-shape from its source; the sampler and the run's length in steps."""
+shape from its source (runs.adopt_pretrained); the sampler and the run's
+length in steps."""
 import os
 
 from ..backend import _import_cupy, get_device
@@ -8,11 +9,11 @@ from ..data import EpochSampler, RandomWindowSampler
 from ..data.corpus import build_tokenizer
 from ..data.tokenfile import MAX_VOCAB_SIZE
 from ..errors import CheckpointError, UsageError
-from ..model.config import OPTION_KEYS, gpt_config
+from ..model.config import gpt_config
 from .muon import Muon
 from .optim import AdamW
 from .rundir import RunDir, default_run_path
-from .runs import adopt_pretrained, load_pretrained
+from .runs import adopt_pretrained, ignored_settings, load_pretrained
 from .schedule import schedule_from_config
 
 
@@ -95,14 +96,13 @@ class RunSetup:
         if config.train.init_from:
             pretrained = load_pretrained(config.train.init_from)
             source_config, _, tokenizer = pretrained
-            taken = {k: getattr(source_config, k) for k in ("n_layer", "n_head", "n_embd", "block_size",
-                                                            *OPTION_KEYS)}
-            ignored = [f"model.{k}={getattr(config.model, k)}" for k, v in taken.items()
-                       if getattr(config.model, k) not in (None, v)]
+            adopted = adopt_pretrained(config, source_config, tokenizer)
+            ignored = ignored_settings(config.model, adopted.model)
             if ignored and show and is_main:
                 print(f"--init-from {config.train.init_from}: the model shape comes from the "
-                      f"source; ignoring {', '.join(ignored)}")
-            config = adopt_pretrained(config, source_config, tokenizer)
+                      f"source (block_size too, with learned positions); ignoring "
+                      f"{', '.join(ignored)}")
+            config = adopted
         else:
             tokenizer = build_tokenizer(config.data, say=print if (show and is_main) else (lambda s: None))
         trainer = cls(config, run, tokenizer, device, quiet=quiet, dist=dist, show=show)
