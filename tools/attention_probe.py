@@ -1,9 +1,10 @@
 """Attention alone on the GPU, forward and backward, at the benchmark configs'
 shapes: the flash kernels (xpmodel/cuda/flash.py) against the path through
 T x T scores, in milliseconds (CUDA events, median of repeats) and TFLOP/s
-of the causal half, for float16 and bfloat16 heads.
+of the causal half, for float16 and bfloat16 heads; a config with grouped-query
+attention (llama-char, llama-small) gets its H_kv key/value heads.
 
-    python tools/attention_probe.py [--configs char-mid gpt2-small] [--dtypes float16 bfloat16]
+    python tools/attention_probe.py [--configs char-mid gpt2-small llama-small] [--dtypes float16 bfloat16]
 """
 import argparse
 import math
@@ -18,7 +19,8 @@ def main():
     from bench_gpu import CONFIGS
     from gpu_sections import timed
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--configs", nargs="+", default=["char-mid", "gpt2-small"], choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=["char-mid", "gpt2-small", "llama-small"],
+                        choices=list(CONFIGS))
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"], choices=("float16", "bfloat16"))
     args = parser.parse_args()
     import cupy
@@ -27,29 +29,39 @@ def main():
     from xpmodel.layers import attention
     for name, dtype_name in [(n, d) for d in args.dtypes for n in args.configs]:
         dtype = BFLOAT16 if dtype_name == "bfloat16" else np.dtype(np.float16)
-        _, H, C, T, B, _, _ = CONFIGS[name]
+        _, H, C, T, B, _, options = CONFIGS[name]
         D = C // H
+        H_kv = options.get("n_kv_head", H)
         g = cupy.random.default_rng(0)
-        heads = (g.standard_normal((3, B, H, T, D), dtype=np.float32) *
-                 cupy.asarray([1.0 / math.sqrt(D), 1.0, 1.0], np.float32)[:, None, None, None, None]).astype(dtype)
+        qkv = g.standard_normal((B, T, (H + 2 * H_kv) * D), dtype=np.float32).astype(dtype)
+        heads = attention.split_heads(qkv, None, H) if H_kv == H else _grouped_heads(qkv, H, H_kv, D)
         dout = g.standard_normal((B * T, C), dtype=np.float32).astype(dtype)
         flops = 2 * 2 * B * H * T * (T + 64) / 2 * D       # two products over the causal tiles
-        print(f"{name} {dtype_name}: B={B} H={H} T={T} D={D}")
+        print(f"{name} {dtype_name}: B={B} H={H} H_kv={H_kv} T={T} D={D}")
         out, lse = flash.flash_forward(heads)
         forward = timed(lambda: flash.flash_forward(heads))
         backward = timed(lambda: flash.flash_backward(dout, heads, out, lse, 1.0 / math.sqrt(D)))
         print(f"  flash kernels         forward {forward:7.3f} ms ({flops / forward / 1e9:5.0f} TFLOP/s)"
               f"  backward {backward:7.3f} ms ({2.5 * flops / backward / 1e9:5.0f} TFLOP/s)")
-        qkv = cupy.ascontiguousarray(heads.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * C))
         flash.ENABLED = False
         try:
-            y, cache = attention.attention_forward(qkv, H)
-            forward = timed(lambda: attention.attention_forward(qkv, H))
+            y, cache = attention.attention_forward(qkv, H, n_kv_head=H_kv)
+            forward = timed(lambda: attention.attention_forward(qkv, H, n_kv_head=H_kv))
             backward = timed(lambda: attention.attention_backward(dout, cache))
         finally:
             flash.ENABLED = True
         print(f"  through T x T scores  forward {forward:7.3f} ms  backward {backward:7.3f} ms"
               " (with the head split and merge)")
+
+
+def _grouped_heads(qkv, H, H_kv, D):
+    """qkv (B, T, (H + 2 H_kv) D) -> q (B, H, T, D) scaled by 1/sqrt(D), k, v (B, H_kv, T, D)."""
+    import cupy
+    B, T, _ = qkv.shape
+    q = qkv[..., :H * D].reshape(B, T, H, D).transpose(0, 2, 1, 3) * (1.0 / math.sqrt(D))
+    k, v = (qkv[..., (H + i * H_kv) * D:(H + (i + 1) * H_kv) * D].reshape(B, T, H_kv, D).transpose(0, 2, 1, 3)
+            for i in range(2))
+    return tuple(cupy.ascontiguousarray(x.astype(qkv.dtype)) for x in (q, k, v))
 
 
 if __name__ == "__main__":
