@@ -2,6 +2,8 @@
 direct formula (float64), the whole model with every option against finite
 differences, KV-cache generation against the uncached path, and the
 config checks that name the key."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -223,6 +225,32 @@ def test_fp16_mixed_precision_tracks_float32_with_every_option():
 def test_bad_options_name_their_key(override, key):
     with pytest.raises(UsageError, match=key.replace(".", r"\.")):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("mlp", ["SwiGLU", None])
+def test_gpt_config_names_a_bad_mlp_before_resolving_its_width(mlp):
+    with pytest.raises(ValueError, match=f"GPTConfig.mlp must be one of gelu, swiglu, relu2, "
+                                         f"got {mlp!r}"):
+        tiny(mlp=mlp)
+
+
+def test_replace_resolves_defaulted_widths_again():
+    config = tiny(mlp="swiglu")
+    assert (config.n_kv_head, config.mlp_hidden) == (None, None)
+    wider = replace(config, n_head=8, n_embd=64)
+    assert (wider.kv_heads, wider.mlp_width) == (8, default_mlp_hidden("swiglu", 64))
+    chosen = replace(tiny(n_kv_head=2, mlp_hidden=24), n_head=8, n_embd=64)
+    assert (chosen.kv_heads, chosen.mlp_width) == (2, 24)
+
+
+def test_a_default_equals_the_value_it_resolves_to():
+    default, spelled_out = tiny(), tiny(n_kv_head=4, mlp_hidden=64)
+    assert default == spelled_out and hash(default) == hash(spelled_out)
+    assert default != tiny(n_kv_head=2)
+    # GPT-2's parameters, and their initial values, are the same either way
+    a, b = xpmodel.GPT(default, seed=3), xpmodel.GPT(spelled_out, seed=3)
+    assert a.layout.shapes == b.layout.shapes
+    assert np.array_equal(a.flat_params, b.flat_params)
 
 
 def test_rope_with_an_odd_head_size_is_refused():

@@ -68,7 +68,7 @@ def numpy_forward(P, idx, c):
     loop over batch rows and heads, RoPE as the complex rotation of the pairs
     (j, j + D/2), query head h reading kv head h // (H / H_kv)."""
     B, T = idx.shape
-    C, H, Hkv, F = c.n_embd, c.n_head, c.n_kv_head, c.mlp_hidden
+    C, H, Hkv, F = c.n_embd, c.n_head, c.kv_heads, c.mlp_width
     D = C // H
 
     def norm(x, name):
@@ -312,7 +312,7 @@ def test_export_loads_as_llama_without_missing_or_unexpected_keys(exported, toke
     assert not info["mismatched_keys"] and not info["error_msgs"]
     cfg, hf_cfg = model.config, hf_model.config
     assert (hf_cfg.num_key_value_heads, hf_cfg.intermediate_size, hf_cfg.vocab_size) == \
-        (cfg.n_kv_head, cfg.mlp_hidden, PADDED_VOCAB)
+        (cfg.kv_heads, cfg.mlp_width, PADDED_VOCAB)
     assert hf_cfg.rope_parameters["rope_theta"] == cfg.rope_theta
     assert hf_cfg.rms_norm_eps == cfg.norm_eps
     assert hf_cfg.attention_bias == hf_cfg.mlp_bias == cfg.bias

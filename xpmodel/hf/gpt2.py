@@ -35,8 +35,8 @@ def mismatches(config):
     """[(option, value, reason)] of `config` that GPT2LMHeadModel cannot hold."""
     found = [(key, getattr(config, key), why) for key, value, why in OPTIONS
              if getattr(config, key) != value]
-    if config.n_kv_head != config.n_head:
-        found.append(("n_kv_head", config.n_kv_head, "GPT-2 has no grouped-query attention"))
+    if config.kv_heads != config.n_head:
+        found.append(("n_kv_head", config.kv_heads, "GPT-2 has no grouped-query attention"))
     return found
 
 
@@ -65,7 +65,7 @@ def hf_config(config, eot_id):
         "n_embd": config.n_embd,
         "n_layer": config.n_layer,
         "n_head": config.n_head,
-        "n_inner": None if config.mlp_hidden == 4 * config.n_embd else config.mlp_hidden,
+        "n_inner": None if config.mlp_width == 4 * config.n_embd else config.mlp_width,
         "activation_function": "gelu_new",
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout,

@@ -60,8 +60,8 @@ def tensor_table(config):
     """[(xpmodel name, [(HF name, width)], transposed)]: each xpmodel tensor is
     its Hugging Face tensors side by side along its last axis, each
     transposed from (out, in) first when `transposed`."""
-    C, D, F = config.n_embd, config.head_size, config.mlp_hidden
-    q, kv = config.n_head * D, config.n_kv_head * D
+    C, D, F = config.n_embd, config.head_size, config.mlp_width
+    q, kv = config.n_head * D, config.kv_heads * D
     table = [("wte.weight", [(EMBEDDING, C)], False)]
     for i in range(config.n_layer):
         h, m = f"h.{i}.", f"model.layers.{i}."
@@ -96,10 +96,10 @@ def hf_config(config, eot_id):
         "model_type": MODEL_TYPE,
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
-        "intermediate_size": config.mlp_hidden,
+        "intermediate_size": config.mlp_width,
         "num_hidden_layers": config.n_layer,
         "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_kv_head,
+        "num_key_value_heads": config.kv_heads,
         "head_dim": config.head_size,
         "hidden_act": "silu",
         "max_position_embeddings": config.block_size,

@@ -8,7 +8,7 @@ the modded-nanogpt speedrun): RMSNorm, rotary positions, QK-norm, SwiGLU or
 squared-ReLU MLPs, grouped-query attention, no biases, an untied head.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy
 
@@ -30,8 +30,13 @@ def default_mlp_hidden(mlp, n_embd):
 @dataclass(frozen=True)
 class GPTConfig:
     """vocab_size V, block_size T, n_layer L, n_head H, n_embd C, and the
-    architecture options. n_kv_head (default H) and mlp_hidden (default by
-    `mlp`) are resolved to integers on construction."""
+    architecture options.
+
+    n_kv_head and mlp_hidden keep what they were given; None means the
+    default, which `kv_heads` (n_head) and `mlp_width` (by `mlp` and n_embd)
+    resolve when read, so `dataclasses.replace(config, n_head=8)` keeps
+    following it. Two configs are equal when they describe the same network:
+    a default equals the value it resolves to."""
     vocab_size: int
     block_size: int
     n_layer: int
@@ -50,12 +55,13 @@ class GPTConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self):
-        if self.n_kv_head is None:
-            object.__setattr__(self, "n_kv_head", self.n_head)
-        if self.mlp_hidden is None and self.mlp in MLPS:
-            object.__setattr__(self, "mlp_hidden", default_mlp_hidden(self.mlp, self.n_embd))
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head",
-                     "mlp_hidden"):
+        for name, choices in (("norm", NORMS), ("position", POSITIONS), ("mlp", MLPS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"GPTConfig.{name} must be one of {', '.join(choices)}, "
+                                 f"got {getattr(self, name)!r}")
+        sizes = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+        given = [name for name in ("n_kv_head", "mlp_hidden") if getattr(self, name) is not None]
+        for name in (*sizes, *given):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)):
                 raise ValueError(f"GPTConfig.{name} must be an integer, got {value!r}")
@@ -64,15 +70,11 @@ class GPTConfig:
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by "
                              f"n_head ({self.n_head})")
-        if self.n_head % self.n_kv_head != 0:
+        if self.n_head % self.kv_heads != 0:
             raise ValueError(f"GPTConfig: n_head ({self.n_head}) must be divisible by "
-                             f"n_kv_head ({self.n_kv_head})")
+                             f"n_kv_head ({self.kv_heads})")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        for name, choices in (("norm", NORMS), ("position", POSITIONS), ("mlp", MLPS)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"GPTConfig.{name} must be one of {', '.join(choices)}, "
-                                 f"got {getattr(self, name)!r}")
         for name in ("norm_eps", "rope_theta"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
@@ -86,6 +88,30 @@ class GPTConfig:
             raise ValueError(f"GPTConfig: rotary positions need an even head size, got "
                              f"n_embd / n_head = {self.head_size}")
 
+    def __eq__(self, other):
+        if not isinstance(other, GPTConfig):
+            return NotImplemented
+        return self._network() == other._network()
+
+    def __hash__(self):
+        return hash(self._network())
+
+    def _network(self):
+        """Every field, with n_kv_head and mlp_hidden resolved."""
+        resolved = {"n_kv_head": self.kv_heads, "mlp_hidden": self.mlp_width}
+        return tuple(resolved.get(f.name, getattr(self, f.name)) for f in fields(self))
+
+    @property
+    def kv_heads(self):
+        """H_kv, the key/value heads: n_kv_head, or n_head when that is None."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def mlp_width(self):
+        """F, the MLP's hidden width: mlp_hidden, or `default_mlp_hidden` when that is None."""
+        return default_mlp_hidden(self.mlp, self.n_embd) if self.mlp_hidden is None \
+            else self.mlp_hidden
+
     @property
     def head_size(self):
         """D, the width of one attention head."""
@@ -94,7 +120,7 @@ class GPTConfig:
     @property
     def qkv_width(self):
         """Columns of the fused q, k, v projection: (H + 2 H_kv) D."""
-        return (self.n_head + 2 * self.n_kv_head) * self.head_size
+        return (self.n_head + 2 * self.kv_heads) * self.head_size
 
     def num_params(self, include_embeddings=True):
         """Parameters; without embeddings, those the 6N FLOPs rule counts:

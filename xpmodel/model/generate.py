@@ -55,7 +55,7 @@ class KVCache:
 
     def _shape(self, model):
         cfg = model.config
-        return (self.batch_size, cfg.n_kv_head, cfg.block_size, cfg.head_size)
+        return (self.batch_size, cfg.kv_heads, cfg.block_size, cfg.head_size)
 
     @property
     def is_full(self):

@@ -22,7 +22,7 @@ slice: `flat[:n_decay]`.
 
 def parameter_shapes(config):
     """[(name, shape)] in GPT-2's order, for a GPTConfig."""
-    V, T, C, F = config.vocab_size, config.block_size, config.n_embd, config.mlp_hidden
+    V, T, C, F = config.vocab_size, config.block_size, config.n_embd, config.mlp_width
     D = config.head_size
     fc_width = 2 * F if config.mlp == "swiglu" else F
 
@@ -52,7 +52,7 @@ def parameter_shapes(config):
 def parameter_count(config):
     """The number of parameters parameter_shapes(config) lists, worked out
     without listing them, so a config of any size is measured at once."""
-    C, F, D = config.n_embd, config.mlp_hidden, config.head_size
+    C, F, D = config.n_embd, config.mlp_width, config.head_size
     norm = C * (2 if config.norm == "layernorm" and config.bias else 1)
 
     def linear(n_in, n_out):
