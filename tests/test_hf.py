@@ -390,7 +390,9 @@ def copy_of_export(exported, tmp_path):
 @pytest.mark.parametrize("changes, name", [
     (dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3"), "Qwen3ForCausalLM"),
     (dict(architectures=[], model_type="qwen3"), "model_type 'qwen3'"),
-    (dict(architectures=["LlamaForCausalLM"]), "LlamaForCausalLM"),   # model_type gpt2
+    (dict(architectures=["LlamaForCausalLM"]), "LlamaForCausalLM with model_type 'gpt2'"),
+    (dict(architectures=["LlamaForCausalLM"], model_type="mistral"),
+     r"model_type 'mistral' \(LlamaForCausalLM\) is not supported"),
     (dict(architectures=["GPT2ForSequenceClassification"]), "GPT2ForSequenceClassification"),
 ])
 def test_import_refuses_other_architectures(copy_of_export, changes, name):

@@ -199,7 +199,11 @@ def import_family(hf_cfg, where="config.json"):
     family = next((f for f in FAMILIES if f.MODEL_TYPE == model_type), None)
     others = [a for a in architectures if family is None or a not in family.ARCHITECTURES]
     if family is None or others:
-        name = others[0] if others else f"model_type {model_type!r}"
+        if family is None:   # the architecture may be a known one (Mistral's is LlamaForCausalLM)
+            name = f"model_type {model_type!r}" + (f" ({', '.join(map(str, architectures))})"
+                                                  if architectures else "")
+        else:
+            name = f"{others[0]} with model_type {model_type!r}"
         raise UsageError(f"{where}: {name} is not supported; xpmodel imports GPT-2 "
                          f"(model_type \"gpt2\", {' or '.join(gpt2.ARCHITECTURES)}) and Llama "
                          f"(model_type \"llama\", {llama.ARCHITECTURE})")
