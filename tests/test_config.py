@@ -224,6 +224,16 @@ def test_misspelt_key_gets_a_suggestion():
     assert "did you mean n_layer" in usage_error("default", ["model.n_layers=4"])
 
 
+@pytest.mark.parametrize("override, suggestion", [
+    ("train.dropout=0.0", "did you mean model.dropout?"),
+    ("model.lr=1e-3", "did you mean train.lr?"),
+    ("train.vocab_size=512", "did you mean data.vocab_size or model.vocab_size?"),
+    ("data.warmup_iter=10", "did you mean train.warmup_iters?"),
+])
+def test_a_key_of_another_section_is_suggested_with_its_section(override, suggestion):
+    assert suggestion in usage_error("default", [override])
+
+
 def test_unknown_section(tmp_path):
     message = usage_error(write(tmp_path, "optim:\n  lr: 0.1\n"))
     assert "'optim'" in message and "data, model, train" in message
@@ -365,6 +375,26 @@ def test_min_lr_above_lr():
 def test_warmup_longer_than_the_run():
     message = usage_error("default", ["train.warmup_iters=900", "train.max_iters=800"])
     assert "train.warmup_iters (900)" in message and "train.max_iters" in message
+
+
+def test_weight_decay_that_would_zero_or_flip_the_weights():
+    """AdamW's decay multiplies the matrices by 1 - lr * weight_decay at the peak lr."""
+    message = usage_error("default", ["train.lr=0.01", "train.weight_decay=100"])
+    assert "train.lr * train.weight_decay = 1 must be below 1" in message
+    assert "lower train.weight_decay below 100" in message
+    load_config("default", ["train.lr=0.01", "train.weight_decay=99"])
+
+
+@pytest.mark.parametrize("value", ["989", "1e10"])
+def test_peak_flops_below_0_1_tflops_is_taken_for_the_wrong_unit(value):
+    message = usage_error("default", [f"train.peak_flops={value}"])
+    assert f"train.peak_flops={float(value):g} is too small: it is in FLOP/s, not TFLOP/s" in message
+    assert "989e12 for an H100" in message
+
+
+def test_peak_flops_in_flops_is_accepted():
+    assert load_config("default", ["train.peak_flops=989e12"]).train.peak_flops == 989e12
+    assert load_config("default", ["train.peak_flops=1e11"]).train.peak_flops == 1e11
 
 
 def test_warmup_longer_than_the_decay():

@@ -15,8 +15,9 @@ import cuda_emulator
 import xpmodel
 from xpmodel.backend import to_host
 from xpmodel.config import load_config
-from xpmodel.errors import UsageError
-from xpmodel.train.muon import HIDDEN_MATRICES, NS_COEFFICIENTS, Muon, newton_schulz, orthogonalise
+from xpmodel.errors import UsageError, XpmodelError
+from xpmodel.train.muon import (HIDDEN_MATRICES, NS_BOUND, NS_COEFFICIENTS, Muon, check_ns_coefficients,
+                                newton_schulz, orthogonalise)
 from xpmodel.train.optim import clipped_step
 from xpmodel.train import Trainer
 
@@ -40,22 +41,35 @@ def batch(rng, config, B=4):
 
 # ---- against torch.optim.Muon ------------------------------------------------------
 
-@pytest.mark.parametrize("config, nesterov, adjust_lr, muon_weight_decay", [
-    (GPT2, True, "original", 0.1),
-    (LLAMA, False, "match_rms_adamw", 0.0),
-], ids=["gpt2-nesterov-original", "llama-plain-match_rms_adamw"])
-def test_fifty_steps_match_torch_muon_and_adamw_in_float64(config, nesterov, adjust_lr,
-                                                           muon_weight_decay, monkeypatch):
+TORCH_CASES = {   # Muon's settings beyond the defaults, per case
+    "gpt2-nesterov-original-decay": (GPT2, dict(muon_weight_decay=0.1)),
+    "llama-plain-match_rms_adamw": (LLAMA, dict(nesterov=False, adjust_lr="match_rms_adamw")),
+    "gpt2-momentum-0.8-3-steps": (GPT2, dict(momentum=0.8, ns_steps=3)),
+    "gpt2-plain-custom-coefficients-match_rms_adamw-decay": (
+        GPT2, dict(nesterov=False, ns_coefficients=(3.0, -3.2, 1.2), adjust_lr="match_rms_adamw",
+                   muon_weight_decay=0.05)),
+    "llama-momentum-0.8-custom-3-steps-original-decay": (
+        LLAMA, dict(momentum=0.8, ns_coefficients=(2.0, -1.5, 0.5), ns_steps=3,
+                    muon_weight_decay=0.2)),
+}
+
+
+@pytest.mark.parametrize("case", TORCH_CASES)
+def test_fifty_steps_match_torch_muon_and_adamw_in_float64(case, monkeypatch):
     """xpmodel's weights after each of 50 steps (gradients of xpmodel's model,
     clipped to norm 1, a cosine learning rate) against torch.optim.Muon on the
     hidden matrices, given as (out, in), and torch.optim.AdamW on the rest,
-    fed the same gradients: within 1e-9 relative. torch.optim.Muon iterates in
-    bfloat16; its cast is made a float64 copy so both run in float64."""
+    fed the same gradients: within 1e-9 relative, for momentum, Nesterov,
+    Newton-Schulz coefficients and steps, weight decay and both shape
+    adjustments. torch.optim.Muon iterates in bfloat16; its cast is made a
+    float64 copy so both run in float64."""
     monkeypatch.setattr(torch.Tensor, "bfloat16", lambda self: self.clone())
+    config, settings = TORCH_CASES[case]
+    settings = {"momentum": 0.95, "nesterov": True, "ns_coefficients": NS_COEFFICIENTS["jordan"],
+                "ns_steps": 5, "muon_weight_decay": 0.0, "adjust_lr": "original", **settings}
     lr, muon_lr = 3e-3, 0.02
     model = xpmodel.GPT(config, dtype="float64", seed=3)
-    opt = Muon(model, lr=lr, muon_lr=muon_lr, weight_decay=0.1, nesterov=nesterov,
-               adjust_lr=adjust_lr, muon_weight_decay=muon_weight_decay)
+    opt = Muon(model, lr=lr, muon_lr=muon_lr, weight_decay=0.1, **settings)
 
     def as_torch(name, array):   # torch holds linear weights as (out, in)
         return torch.tensor(array.T.copy() if is_hidden(name) else array.copy())
@@ -63,8 +77,9 @@ def test_fifty_steps_match_torch_muon_and_adamw_in_float64(config, nesterov, adj
     names = model.layout.names
     theirs = {n: as_torch(n, model.params[n]).requires_grad_() for n in names}
     muon = torch.optim.Muon([theirs[n] for n in names if is_hidden(n)], lr=muon_lr,
-                            weight_decay=muon_weight_decay, momentum=0.95, nesterov=nesterov,
-                            adjust_lr_fn=adjust_lr)
+                            weight_decay=settings["muon_weight_decay"], momentum=settings["momentum"],
+                            nesterov=settings["nesterov"], ns_coefficients=settings["ns_coefficients"],
+                            ns_steps=settings["ns_steps"], adjust_lr_fn=settings["adjust_lr"])
     adamw = torch.optim.AdamW(
         [{"params": [theirs[n] for n in names if not is_hidden(n) and theirs[n].ndim == 2],
           "weight_decay": 0.1},
@@ -160,6 +175,74 @@ def test_newton_schulz_singular_values_land_in_the_documented_band():
     x = np.geomspace(1e-6, 0.00149, 10_001)
     y = scalar_map(x, NS_COEFFICIENTS["jordan"], 5)
     assert np.all(np.diff(y) > 0) and y.max() < 0.68 and np.all(y <= 3.4445 ** 5 * x)
+
+
+ACCEPTED = {   # coefficient sets in use: xpmodel's two and published custom ones
+    "jordan": NS_COEFFICIENTS["jordan"], "cubic": NS_COEFFICIENTS["cubic"],
+    "bernstein 3,-3.2,1.2": (3.0, -3.2, 1.2), "quintic 15/8,-10/8,3/8": (1.875, -1.25, 0.375),
+    "2,-1.5,0.5": (2.0, -1.5, 0.5),
+}
+REFUSED = {   # (coefficients, ns_steps, the first iteration that leaves (0, NS_BOUND], what it reaches)
+    "b's sign lost": ((3.4445, 4.775, 2.0315), 5, 1, "10.3"),
+    "overshoots, then blows up": ((3.9505, -8.7481, 6.1616), 5, 2, "12.3"),
+    "doubles": ((2.0, 0.0, 0.0), 2, 2, "4"),
+    "flips signs": ((1.5, -2.0, 0.0), 1, 1, "-0.5"),
+}
+
+
+def iterates_on_a_grid(coefficients, steps):
+    """p^1(x), ..., p^steps(x) for x on a fine grid of (0, 1]."""
+    x = np.concatenate([np.geomspace(1e-6, 1e-2, 1000), np.linspace(1e-2, 1.0, 100_000)])
+    values = []
+    with np.errstate(over="ignore", invalid="ignore"):
+        for _ in range(steps):
+            x = scalar_map(x, coefficients, 1)
+            values.append(x)
+    return np.array(values)
+
+
+@pytest.mark.parametrize("name", ACCEPTED)
+def test_coefficients_in_use_pass_the_check_and_stay_bounded(name):
+    """check_ns_coefficients passes them at every step count, and iterating
+    them on a fine grid agrees: every singular value stays in (0, NS_BOUND]."""
+    for steps in (1, 3, 5, 20, 99):
+        check_ns_coefficients(ACCEPTED[name], steps)
+    values = iterates_on_a_grid(ACCEPTED[name], 20)
+    assert values.min() > 0 and values.max() <= NS_BOUND
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_coefficients_that_diverge_or_flip_signs_are_refused(name):
+    """The check names the first iteration that leaves (0, NS_BOUND], the
+    same one iterating on a fine grid finds; fewer steps pass."""
+    coefficients, steps, first_bad, reached = REFUSED[name]
+    with pytest.raises(ValueError) as info:
+        check_ns_coefficients(coefficients, steps)
+    assert f"iteration {first_bad} " in str(info.value) and f" {reached};" in str(info.value)
+    values = iterates_on_a_grid(coefficients, steps)
+    inside = (values > 0).all(axis=1) & (values <= NS_BOUND).all(axis=1)
+    assert list(inside).index(False) + 1 == first_bad
+    if first_bad > 1:
+        check_ns_coefficients(coefficients, first_bad - 1)
+
+
+def test_a_non_finite_update_is_refused_before_any_weight_changes(monkeypatch):
+    """Finite gradients whose orthogonalisation overflows (coefficients forced
+    past the check): an error that names Muon's update, the weights as they
+    were, and no NumPy warning from the worker threads when the caller
+    silences them (as the trainer does)."""
+    import warnings
+    monkeypatch.setenv("XPMODEL_NUM_THREADS", "2")
+    model = xpmodel.GPT(GPT2, dtype="float64", seed=0)
+    model.forward_backward(*batch(np.random.default_rng(0), GPT2))
+    opt = Muon(model, lr=1e-3)
+    opt.coefficients = REFUSED["b's sign lost"][0]
+    before = model.flat_params.copy()
+    with warnings.catch_warnings(), np.errstate(over="ignore", invalid="ignore"):
+        warnings.simplefilter("error")
+        with pytest.raises(XpmodelError, match="Muon's orthogonalised update is not finite"):
+            clipped_step(opt, 1.0)
+    assert np.array_equal(model.flat_params, before) and opt.step_count == 0
 
 
 def test_a_stack_is_each_matrix_on_its_own():
@@ -278,6 +361,9 @@ def test_emulated_cuda_float16_iterations_stay_in_the_band(emulated_cuda):
     (dict(ns_coefficients="quartic"), "expected jordan or cubic or three numbers"),
     (dict(ns_coefficients=(1.0, 2.0)), "expected jordan or cubic or three numbers"),
     (dict(ns_coefficients="-3,4,2"), "slope at zero"),
+    (dict(ns_coefficients="3.4445,4.775,2.0315"), "iteration 1 takes a singular value to 10.3"),
+    (dict(ns_coefficients="2,0,0", ns_steps=2), "iteration 2 takes a singular value to 4"),
+    (dict(muon_lr=0.02, muon_weight_decay=50.0), "muon_lr * muon_weight_decay must be below 1"),
     (dict(adjust_lr="rms"), "adjust_lr must be one of original, match_rms_adamw"),
     (dict(muon_lr=-1.0), "muon_lr must be a non-negative number"),
     (dict(muon_weight_decay=-0.1), "muon_weight_decay must be a non-negative number"),
@@ -298,11 +384,47 @@ def test_python_api_refuses_settings_that_cannot_work(kwargs, message):
     ("train.muon_weight_decay=-1", "train.muon_weight_decay must be >= 0"),
     ("train.muon_adjust_lr=rms", "train.muon_adjust_lr must be one of original, match_rms_adamw"),
     ("train.muon_nesterov=maybe", "train.muon_nesterov must be true or false"),
+    ("train.muon_ns_coefficients=3.4445,4.775,2.0315",
+     "train.muon_ns_coefficients='3.4445,4.775,2.0315' cannot work with train.muon_ns_steps=5: "
+     "iteration 1 takes a singular value to 10.3; each must stay in (0, 2]"),
+    ("train.muon_weight_decay=50", "train.muon_lr * train.muon_weight_decay = 1 must be below 1"),
+    ("train.muon_weight_decay=60", "lower train.muon_weight_decay below 50"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(UsageError) as info:
-        load_config("default", [override])
+        load_config("default", ["train.optimizer=muon", override])
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.muon_lr=0.05"],
+    ["train.muon_momentum=0.9", "train.muon_ns_steps=3"],
+])
+def test_a_muon_key_set_for_adamw_is_refused(overrides):
+    with pytest.raises(UsageError) as info:
+        load_config("default", overrides)
+    key = overrides[0].partition("=")[0]
+    assert f"{key} is set but train.optimizer is adamw" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_muon_key_in_a_file_over_an_adamw_base_is_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("base: default\ntrain:\n  muon_weight_decay: 0.1\n")
+    with pytest.raises(UsageError, match=r"run\.yaml: train\.muon_weight_decay is set but "
+                                         r"train\.optimizer is adamw"):
+        load_config(path)
+
+
+def test_switching_a_muon_config_to_adamw_keeps_its_muon_keys(tmp_path):
+    """A layer that chooses the optimizer keeps the Muon keys under it, and a
+    saved run config (every key spelled out) loads back."""
+    from xpmodel.config import save_config
+    config = load_config("speedrun-char-cpu", ["train.optimizer=adamw"])
+    assert config.train.optimizer == "adamw"
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+    assert load_config(tmp_path / "config.yaml", ["train.lr=1e-3"]).train.lr == 1e-3
 
 
 def test_config_reads_every_muon_key():

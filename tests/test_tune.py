@@ -71,6 +71,25 @@ def test_doctor_overfit_fails_when_the_loss_cannot_move(corpus):
     assert statuses(report)["config"] != PASS    # lr 1e-7 is outside AdamW's usual range
 
 
+def test_doctor_overfits_with_the_optimizer_the_config_asks_for(corpus, monkeypatch):
+    """optimizer: muon is checked with Muon (weight decay off, at the peak rates)."""
+    import xpmodel.tune.doctor as doctor
+    from xpmodel.train.muon import Muon
+    used = []
+    real = doctor.clipped_step
+    monkeypatch.setattr(doctor, "clipped_step", lambda opt, clip: used.append(opt) or real(opt, clip))
+    subject = load_subject(TINY, [f"data.source={corpus}", "train.optimizer=muon", "train.muon_lr=0.03",
+                                  "train.muon_weight_decay=0.1"])
+    check = doctor.check_overfit(subject, "cpu", steps=40)
+    optimizer = used[0]
+    assert isinstance(optimizer, Muon) and all(opt is optimizer for opt in used)
+    assert optimizer.muon_rate == pytest.approx(0.03) and optimizer.muon_weight_decay == 0.0
+    assert all(part.weight_decay == 0.0 for part in optimizer._adamw)
+    assert "with muon at lr 0.003, muon_lr 0.03" in check.detail
+    first, last = (float(v) for v in check.detail.split("loss ")[1].split(" in ")[0].split(" -> "))
+    assert last < first - 1.0, check.detail
+
+
 # ---- lr-find ---------------------------------------------------------------------------
 
 def test_lr_find_suggests_a_rate_in_the_band_that_trains_the_tiny_model(capsys, tmp_path, corpus):
@@ -84,9 +103,25 @@ def test_lr_find_suggests_a_rate_in_the_band_that_trains_the_tiny_model(capsys, 
     assert 5e-4 <= result["suggested_lr"] <= 2e-2
     assert result["suggested_lr"] == pytest.approx(result["min_lr"] / 10)
     assert f"suggested train.lr={result['suggested_lr']:.2e}" in text and "divided by 10" in text
+    assert result["suggested_muon_lr"] is None and "muon_lr" not in text   # AdamW
     assert out.stat().st_size > 10_000 if HAVE_MATPLOTLIB else not out.exists()   # the plot
     lrs = result["lrs"]
     assert lrs[0] == pytest.approx(1e-7) and all(b > a for a, b in zip(lrs, lrs[1:]))
+
+
+def test_lr_find_with_muon_suggests_muon_lr_scaled_as_lr(capsys, tmp_path, corpus):
+    """During the sweep Muon runs at muon_lr * lr / (the config's lr), so the
+    suggested muon_lr is the config's scaled by suggested lr / the config's lr."""
+    import json
+    out = tmp_path / "lr.png"
+    code, text, err = run_cli(capsys, "lr-find", "--config", TINY, f"data.source={corpus}",
+                              "train.optimizer=muon", "train.muon_lr=0.03", "--steps", 30,
+                              "--start-lr", 1e-5, "--out", out)
+    assert code == 0, err
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["suggested_muon_lr"] == pytest.approx(result["suggested_lr"] * 0.03 / 3e-3)
+    assert f"train.muon_lr={result['suggested_muon_lr']:.2e}" in text
+    assert f"train.muon_lr={result['suggested_muon_lr']:.2e}" in result["rule"]
 
 
 def test_lr_find_refuses_a_backwards_range(capsys, corpus):

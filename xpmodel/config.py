@@ -37,7 +37,7 @@ from .errors import UsageError
 from .files import read_bounded
 from .layers.embedding_noise import NOISE_KINDS
 from .model.config import MLPS, NORMS, POSITIONS
-from .train.muon import ADJUST_LR, NS_COEFFICIENTS, parse_ns_coefficients
+from .train.muon import ADJUST_LR, NS_COEFFICIENTS, check_ns_coefficients, parse_ns_coefficients
 from .train.schedule import SCHEDULES
 
 TOKENIZERS = ("bpe", "byte")
@@ -59,6 +59,8 @@ _MAX_YAML_NODES = 10_000
 _MAX_STRING_CHARS = 1 << 16
 # String keys that mean nothing when empty.
 _NON_EMPTY = {"data.source"}
+# train.peak_flops is in FLOP/s; below this (0.1 TFLOP/s) it was surely meant in other units.
+MIN_PEAK_FLOPS = 1e11
 
 
 # ---------------------------------------------------------------------------
@@ -212,7 +214,7 @@ class TrainConfig:
     gamma: float = _setting(0.1, within=_Range(0, 1, low_inclusive=False))
     # wsd: the share of the run (of lr_decay_iters) spent decaying at its end
     decay_fraction: float = _setting(0.2, within=_Range(0, 1, low_inclusive=False))
-    # AdamW decoupled weight decay (applied to matrices only)
+    # AdamW decoupled weight decay (applied to matrices only); lr * weight_decay must be below 1
     weight_decay: float = _setting(0.1, within=NON_NEGATIVE)
     # AdamW first-moment decay
     beta1: float = _setting(0.9, within=HALF_OPEN_UNIT)
@@ -230,9 +232,10 @@ class TrainConfig:
     muon_nesterov: bool = True
     # Newton-Schulz iterations per step
     muon_ns_steps: int = _setting(5, within=_Range(1, 99))
-    # Newton-Schulz coefficients: jordan, cubic, or three numbers "a,b,c"
+    # Newton-Schulz coefficients: jordan, cubic, or three numbers "a,b,c" that keep every
+    # singular value in (0, 2] through muon_ns_steps iterations (train/muon.py)
     muon_ns_coefficients: str = "jordan"
-    # Muon's decoupled weight decay
+    # Muon's decoupled weight decay; muon_lr * muon_weight_decay must be below 1
     muon_weight_decay: float = _setting(0.0, within=NON_NEGATIVE)
     # Muon's per-shape rate: original sqrt(max(1, out/in)) | match_rms_adamw 0.2 sqrt(max(in, out))
     muon_adjust_lr: str = _setting("original", choices=ADJUST_LR)
@@ -273,8 +276,9 @@ class TrainConfig:
     precision: str = _setting("fp32", choices=PRECISIONS)
     # CUDA: "fused" kernels, or "xp": every layer's own xp code on CuPy
     kernels: str = _setting("fused", choices=KERNELS)
-    # FLOP/s that MFU is measured against; None: the GPU's dense fp16/bf16
-    # tensor-core peak from xpmodel/train/peak_flops.py (no MFU for GPUs it lacks, or fp32)
+    # FLOP/s (not TFLOP/s; at least MIN_PEAK_FLOPS) that MFU is measured against; None: the
+    # GPU's dense fp16/bf16 tensor-core peak from xpmodel/train/peak_flops.py (no MFU for
+    # GPUs it lacks, or fp32)
     peak_flops: float | None = _setting(None, within=POSITIVE)
     # activation memory for compute: "mlp" recomputes the MLP's hidden activations
     # in backward, "block" each whole block (about one more forward pass)
@@ -303,11 +307,36 @@ class TrainConfig:
             raise UsageError(
                 f"train.warmup_iters ({self.warmup_iters}) must not exceed "
                 f"train.lr_decay_iters ({self.lr_decay_iters})")
+        self._check_ns_coefficients()
+        self._check_weight_decay()
+        if self.peak_flops is not None and self.peak_flops < MIN_PEAK_FLOPS:
+            raise UsageError(f"train.peak_flops={self.peak_flops:g} is too small: it is in FLOP/s, "
+                             f"not TFLOP/s (e.g. 989e12 for an H100), and at least {MIN_PEAK_FLOPS:g}")
+
+    def _check_ns_coefficients(self):
         try:
-            parse_ns_coefficients(self.muon_ns_coefficients)
+            coefficients = parse_ns_coefficients(self.muon_ns_coefficients)
         except ValueError:
             raise UsageError(f"train.muon_ns_coefficients must be {', '.join(NS_COEFFICIENTS)} or "
                              f"three numbers a,b,c with a > 0; got {_show(self.muon_ns_coefficients)}") from None
+        try:
+            check_ns_coefficients(coefficients, self.muon_ns_steps)
+        except ValueError as exc:
+            raise UsageError(f"train.muon_ns_coefficients={_show(self.muon_ns_coefficients)} cannot "
+                             f"work with train.muon_ns_steps={self.muon_ns_steps}: {exc}") from None
+
+    def _check_weight_decay(self):
+        """Decoupled decay multiplies the matrices by 1 - rate * decay each step, at
+        most at the peak rates lr and muon_lr: at 1 or more it zeroes or flips them."""
+        if self.lr * self.weight_decay >= 1.0:
+            raise UsageError(f"train.lr * train.weight_decay = {self.lr * self.weight_decay:g} must be "
+                             f"below 1 (AdamW's decay W <- (1 - lr wd) W would zero or flip the "
+                             f"weights): lower train.weight_decay below {1.0 / self.lr:g}")
+        muon_decay = self.muon_lr * self.muon_weight_decay
+        if self.optimizer == "muon" and muon_decay >= 1.0:
+            raise UsageError(f"train.muon_lr * train.muon_weight_decay = {muon_decay:g} must be below "
+                             f"1 (Muon's decay W <- (1 - muon_lr wd) W would zero or flip the weights): "
+                             f"lower train.muon_weight_decay below {1.0 / self.muon_lr:g}")
 
 
 @dataclass
@@ -438,9 +467,23 @@ def _show(value, limit=60):
 
 def _unknown_key_message(section, key):
     valid = list(_fields_by_name(section))
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
+    guesses = _key_guesses(section, key)
+    hint = f" (did you mean {' or '.join(guesses)}?)" if guesses else ""
     return f"unknown key {section}.{key}{hint}; valid {section} keys: {', '.join(valid)}"
+
+
+def _key_guesses(section, key):
+    """What an unknown `section.key` most likely meant: the key itself in other
+    sections (as section.key), else the closest key of its own section, else
+    the closest key of another section (as section.key)."""
+    others = [name for name in SECTIONS if name != section]
+    if any(key in _fields_by_name(name) for name in others):
+        return [f"{name}.{key}" for name in others if key in _fields_by_name(name)]
+    close = difflib.get_close_matches(key, list(_fields_by_name(section)), n=1)
+    if close:
+        return close
+    close = difflib.get_close_matches(key, [field for name in others for field in _fields_by_name(name)], n=1)
+    return [f"{name}.{close[0]}" for name in others if close and close[0] in _fields_by_name(name)]
 
 
 def _unknown_section_message(section):
@@ -723,18 +766,40 @@ def load_config(name_or_path=None, overrides=(), notify=None):
         overrides = (overrides,)
     merged = {}
     layers = _read_layers(DEFAULT_CONFIG if name_or_path is None else name_or_path)
+    train_keys = []     # per layer, {train key it sets: label to blame}
     for label, document in layers:
         before = dict(merged.get("train", {}))
         _apply_document(merged, document, label)
         train = document.get("train")
-        _fit_schedule(merged, before, set(train) if isinstance(train, dict) else set(), label, notify)
+        train_keys.append({key: label for key in train} if isinstance(train, dict) else {})
+        _fit_schedule(merged, before, set(train_keys[-1]), label, notify)
     before = dict(merged.get("train", {}))
     _apply_overrides(merged, overrides)
-    named = {str(text).partition("=")[0].strip().partition(".")[2] for text in overrides
-             if str(text).strip().startswith("train.")}
-    _fit_schedule(merged, before, named, "override", notify)
+    train_keys.append({str(text).partition("=")[0].strip().partition(".")[2]: f"override {_show(text, 200)}"
+                       for text in overrides if str(text).strip().startswith("train.")})
+    _fit_schedule(merged, before, set(train_keys[-1]), "override", notify)
     label = layers[-1][0] + (" with overrides" if overrides else "")
-    return _build(merged, label)
+    config = _build(merged, label)
+    _check_muon_keys_apply(config.train.optimizer, train_keys)
+    return config
+
+
+def _check_muon_keys_apply(optimizer, train_keys):
+    """Refuse a Muon key (train.muon_*) that would be ignored: set by a layer (a
+    file, or the overrides together) that does not choose train.optimizer
+    itself, with no later layer choosing it, while the optimizer is adamw. A
+    layer that chooses the optimizer keeps its Muon keys: a saved run config
+    spells out every key, and `train.optimizer=adamw` over a Muon config
+    switches optimizers on purpose."""
+    if optimizer != "adamw":
+        return
+    for keys in reversed(train_keys):
+        if "optimizer" in keys:
+            return
+        muon = [key for key in _fields_by_name("train") if key.startswith("muon_") and key in keys]
+        if muon:
+            raise UsageError(f"{keys[muon[0]]}: train.{muon[0]} is set but train.optimizer is adamw "
+                             f"(Muon's keys apply with train.optimizer=muon)")
 
 
 def _fit_schedule(merged, before, named, label, notify):

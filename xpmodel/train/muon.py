@@ -18,9 +18,27 @@ sigma >= 0.0016 ||U||_F lands in [0.68, 1.21], and those below 0.0015 ||U||_F
 end below 0.68, scaled up by at most 3.4445^5. "cubic" (1.5, -0.5, 0) converges to
 exactly 1 but needs about 20 steps.
 
+Coefficients that cannot work are refused (check_ns_coefficients): each of
+the ns_steps iterations must keep every singular value in (0, NS_BOUND]
+(2), for any start in (0, 1]. Since p(x) is about a x near 0 (a > 0), the
+j-th iterate maps (0, 1] onto (0, h_j], with h_j the largest value of p on
+(0, h_{j-1}] (h_0 = 1), as long as p stays positive there; the check follows
+h_j exactly through p's turning points. "jordan" peaks at 1.203, (3, -3.2,
+1.2) at 1.211; "3.4445,4.775,2.0315" (b's sign lost) reaches 10.3 in one
+step and overflows in five.
+
 Shape adjustment, for a weight stored (in, out), torch's (out, in) transposed:
   original          s = sqrt(max(1, out / in))      Keller Jordan's
   match_rms_adamw   s = 0.2 sqrt(max(in, out))      Moonshot's: AdamW-sized updates
+
+Fused matrices are orthogonalised as one matrix, by xpmodel's choice: the
+attention's c_attn (C, 3C), or (C, C + 2 H_kv D) under grouped-query
+attention, holds q, k and v side by side, and under SwiGLU mlp.c_fc
+(C, 2F) holds gate and up side by side; each is one Newton-Schulz input, and
+its s comes from the fused shape (for "original", sqrt(3) for (C, 3C),
+sqrt(2F / C) for (C, 2F)). Recipes that keep q, k, v or gate and up as
+separate matrices orthogonalise and scale each on its own, which gives a
+different update.
 
 The embeddings, the output head and every vector take AdamW (optim.py) at
 their own rate `lr`, the one a schedule sets each step; Muon's rate follows
@@ -36,12 +54,14 @@ matrix is iterated transposed. The iterations run in the weights' dtype
 (float32, float64 in tests), and in float16 with float32 accumulation (tensor
 cores) when a GPU trains in fp16 mixed precision.
 """
+import functools
 import math
 import types
 
 import numpy
 
 from ..cpu_threads import run_parallel, single_threaded_blas, split, thread_count
+from ..errors import XpmodelError
 from ..layers.matmul import matmul
 from .optim import AdamW, _check_positive
 
@@ -50,6 +70,7 @@ HIDDEN_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 NS_COEFFICIENTS = {"jordan": (3.4445, -4.775, 2.0315), "cubic": (1.5, -0.5, 0.0)}
 ADJUST_LR = ("original", "match_rms_adamw")
 NS_EPS = 1e-7   # floor of ||U||_F, as torch.optim.Muon's
+NS_BOUND = 2.0  # the largest singular value an iteration may produce (check_ns_coefficients)
 
 
 def parse_ns_coefficients(spec):
@@ -67,6 +88,37 @@ def parse_ns_coefficients(spec):
     if values[0] <= 0:
         raise ValueError(f"a (the slope at zero) must be positive, got {values[0]:g}")
     return values
+
+
+def check_ns_coefficients(coefficients, steps):
+    """ValueError unless each of `steps` iterations of p(x) = a x + b x^3 + c x^5
+    keeps every singular value from (0, 1] within (0, NS_BOUND] (see the
+    module's docstring); a must be positive."""
+    high = 1.0     # the j-th iterate maps (0, 1] onto (0, high]
+    for step in range(1, steps + 1):
+        lowest, highest = _turning_values(coefficients, high)
+        if lowest <= 0:
+            raise ValueError(f"iteration {step} sends a singular value to {lowest:.3g}; each "
+                             f"must stay in (0, {NS_BOUND:g}]")
+        if highest > NS_BOUND:
+            raise ValueError(f"iteration {step} takes a singular value to {highest:.3g}; each "
+                             f"must stay in (0, {NS_BOUND:g}]")
+        if highest <= high:   # (0, high] maps into itself: later iterations stay there
+            return
+        high = highest
+
+
+def _turning_values(coefficients, high):
+    """The smallest and largest of p(x) = a x + b x^3 + c x^5 over its turning
+    points in (0, high) and at x = high. With a > 0 and the smallest positive,
+    p maps (0, high] onto (0, largest]."""
+    a, b, c = coefficients
+    # p'(x) = a + 3 b x^2 + 5 c x^4, a quadratic in x^2
+    squares = numpy.roots([5 * c, 3 * b, a])
+    points = [math.sqrt(square.real) for square in squares
+              if abs(square.imag) <= 1e-12 * abs(square) and 0 < square.real < high * high]
+    values = [a * x + b * x ** 3 + c * x ** 5 for x in points + [high]]
+    return min(values), max(values)
 
 
 def lr_adjustment(shape, adjust_lr):
@@ -157,6 +209,18 @@ class _Part:
         return _kernels(self.model)
 
 
+def _run_in_threads(tasks):
+    """run_parallel with each task under the calling thread's NumPy error
+    handling: numpy.errstate holds for one thread, so a worker would warn
+    about an overflow the caller chose to ignore (as the trainer does)."""
+    handling = numpy.geterr()
+
+    def contained(task):
+        with numpy.errstate(**handling):
+            return task()
+    return run_parallel([functools.partial(contained, task) for task in tasks])
+
+
 def _kernels(model):
     """The model's CUDA kernel mode ("fused" or "xp")."""
     return getattr(model, "kernels", "fused")
@@ -216,8 +280,12 @@ class Muon:
             raise ValueError(f"Muon momentum must be in [0, 1), got {momentum!r}")
         if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or not 1 <= ns_steps < 100:
             raise ValueError(f"ns_steps must be an integer in [1, 99], got {ns_steps!r}")
+        if muon_lr * muon_weight_decay >= 1.0:
+            raise ValueError(f"muon_lr * muon_weight_decay must be below 1 (W <- (1 - rate wd) W "
+                             f"would zero or flip the weights), got {muon_lr * muon_weight_decay:g}")
         lr_adjustment((1, 1), adjust_lr)   # checks the name
         self.coefficients = parse_ns_coefficients(ns_coefficients)
+        check_ns_coefficients(self.coefficients, ns_steps)
         self.model, self.lr, self.peak_lr, self.muon_lr = model, lr, lr, muon_lr
         self.momentum, self.nesterov, self.ns_steps = float(momentum), bool(nesterov), ns_steps
         self.muon_weight_decay, self.adjust_lr = muon_weight_decay, adjust_lr
@@ -253,41 +321,69 @@ class Muon:
 
     def step(self, grad_scale=1.0, apply=True):
         """One update from model.flat_grads * grad_scale, skipped where apply is
-        false; grad_scale and apply may be 0-d device arrays, as for AdamW.step."""
-        model, xp = self.model, self.model.xp
-        for part in self._adamw:
-            part.lr = self.lr
-            part.step(grad_scale=grad_scale, apply=apply)
+        false; grad_scale and apply may be 0-d device arrays, as for AdamW.step.
+
+        Without the fused kernels an orthogonalised update that is not finite
+        (from finite gradients) raises XpmodelError before any weight changes;
+        the fused path decides on the device and does not look."""
+        if self.model.device.is_cuda and _kernels(self.model) == "fused":
+            self._fused_step(grad_scale, apply)
+        elif bool(apply):
+            self._xp_step(grad_scale)
+
+    def _fused_step(self, grad_scale, apply):
+        """A step on a GPU with the fused kernels, applied or skipped there."""
+        from ..cuda.muon import muon_apply, muon_momentum
+        xp = self.model.xp
+        self._step_adamw(grad_scale, apply)
         self._applied += xp.asarray(apply, dtype="float64")
         rate = self.muon_rate
-        p = model.flat_params[self.hidden.start:self.hidden.stop]
-        g = model.flat_grads[self.hidden.start:self.hidden.stop]
-        if model.device.is_cuda and _kernels(model) == "fused":
-            from ..cuda.muon import muon_apply, muon_momentum
-            keep = xp.asarray(apply, dtype="float64")
-            muon_momentum(g, xp.stack([xp.asarray(grad_scale, dtype="float64"), keep]),
-                          self.momentum, self.nesterov, self.momentum_buffer, self._update)
-            self._orthogonalise()
-            muon_apply(self._update, xp.stack([1.0 - keep * (rate * self.muon_weight_decay),
-                                               keep * rate]), p)
-            return
-        if not bool(apply):
-            return
+        keep = xp.asarray(apply, dtype="float64")
+        muon_momentum(self._hidden_grads(), xp.stack([xp.asarray(grad_scale, dtype="float64"), keep]),
+                      self.momentum, self.nesterov, self.momentum_buffer, self._update)
+        self._orthogonalise()
+        muon_apply(self._update, xp.stack([1.0 - keep * (rate * self.muon_weight_decay), keep * rate]),
+                   self._hidden_params())
+
+    def _xp_step(self, grad_scale):
+        """An applied step on the CPU, or with the model's kernels="xp"."""
+        model, xp = self.model, self.model.xp
+        g = self._hidden_grads()
         if not (isinstance(grad_scale, float) and grad_scale == 1.0):
             g *= xp.asarray(grad_scale, dtype=g.dtype)
         # elementwise work: one slice per CPU thread; a GPU takes it whole
         parts = [slice(0, g.size)] if model.device.is_cuda else split(g.size, thread_count())
-        run_parallel([lambda part=part: self._momentum(part) for part in parts])
+        _run_in_threads([functools.partial(self._momentum, part) for part in parts])
         self._orthogonalise()
+        if not bool(xp.isfinite(self._update).all()):
+            raise XpmodelError("Muon's orthogonalised update is not finite although the gradients "
+                               "are: the Newton-Schulz iteration overflowed; weights not updated "
+                               "(check train.muon_ns_coefficients and train.muon_ns_steps)")
+        self._step_adamw(grad_scale, True)
+        self._applied += 1.0
+        rate = self.muon_rate
+        p = self._hidden_params()
         if self.muon_weight_decay:
             p *= 1.0 - rate * self.muon_weight_decay
         self._update *= rate
         p -= self._update
 
+    def _step_adamw(self, grad_scale, apply):
+        """AdamW's step on the parameters outside the hidden slice, at self.lr."""
+        for part in self._adamw:
+            part.lr = self.lr
+            part.step(grad_scale=grad_scale, apply=apply)
+
+    def _hidden_params(self):
+        return self.model.flat_params[self.hidden.start:self.hidden.stop]
+
+    def _hidden_grads(self):
+        return self.model.flat_grads[self.hidden.start:self.hidden.stop]
+
     def _momentum(self, part):
         """M and U on `part` (a slice) of the hidden slice, on the CPU."""
         xp = self.model.xp
-        g = self.model.flat_grads[self.hidden.start:self.hidden.stop][part]
+        g = self._hidden_grads()[part]
         m, u = self.momentum_buffer[part], self._update[part]
         xp.subtract(g, m, out=u)            # M += (1 - mu) (G - M)
         u *= 1.0 - self.momentum
@@ -325,7 +421,7 @@ class Muon:
             return newton_schulz(x, self.coefficients, self.ns_steps)
         parts = split(x.shape[0], thread_count())
         with single_threaded_blas():
-            return numpy.concatenate(run_parallel(
+            return numpy.concatenate(_run_in_threads(
                 [lambda part=part: newton_schulz(x[part], self.coefficients, self.ns_steps)
                  for part in parts]))
 

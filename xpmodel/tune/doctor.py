@@ -24,7 +24,8 @@ from ..backend import to_host
 from ..data import RandomWindowSampler, resolve_source
 from ..errors import XpmodelError
 from ..model.gpt import GPT
-from ..train.optim import AdamW, clipped_step
+from ..train.optim import clipped_step
+from ..train.setup import optimizer_for
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 
@@ -305,11 +306,12 @@ def check_finite_differences(config):
 
 
 def check_overfit(subject, device, steps=300, target=OVERFIT_TARGET):
-    """Train on one batch (dropout and weight decay off, the config's lr held
-    constant) until its loss is below `target`, at most `steps` steps."""
-    t = subject.config.train
+    """Train on one batch with the config's optimizer (dropout and weight decay
+    off, its peak rates held constant) until the loss is below `target`, at
+    most `steps` steps."""
+    t = replace(subject.config.train, weight_decay=0.0, muon_weight_decay=0.0)
     model = subject.model(device, dropout=0.0)
-    optimizer = AdamW(model, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=0.0)
+    optimizer = optimizer_for(model, t)
     (x, y), = _batches(subject, rows=min(t.batch_size, OVERFIT_ROWS))
     first = loss = None
     with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -320,10 +322,12 @@ def check_overfit(subject, device, steps=300, target=OVERFIT_TARGET):
             if loss < target or not math.isfinite(loss):
                 break
             clipped_step(optimizer, t.grad_clip)
+    rates = f"lr {t.lr:g}" + (f", muon_lr {t.muon_lr:g}" if t.optimizer == "muon" else "")
     detail = (f"one batch of {x.shape[0]}x{x.shape[1]} tokens: loss {first:.3f} -> {loss:.4f} "
-              f"in {step} steps at lr {t.lr:g}")
+              f"in {step} steps with {t.optimizer} at {rates}")
     if not math.isfinite(loss):
-        return Check("overfit", FAIL, detail, "the loss diverged on one batch: lower train.lr")
+        return Check("overfit", FAIL, detail, "the loss diverged on one batch: lower train.lr"
+                     + (" and train.muon_lr" if t.optimizer == "muon" else ""))
     if loss >= target:
         fell = first - loss
         hint = ("the loss barely moved: gradients are not reaching the weights, or train.lr is "

@@ -10,8 +10,12 @@ Rule for the suggestion: the learning rate where the smoothed loss is
 lowest, divided by 10. At the minimum the rate is already at the edge of
 instability; a tenth of it is still fast and leaves room for the noise of
 longer runs. The loss is smoothed by a centred moving average (no lag, so
-the minimum is not pushed to higher rates). With Muon, muon_lr follows lr in
-proportion, so the suggestion keeps the config's ratio between them.
+the minimum is not pushed to higher rates).
+
+With Muon, the sweep sets lr and Muon's rate follows it in proportion: at
+each step Muon runs at muon_lr * lr / (the config's lr). The suggestion is
+then a pair: train.lr as above, and train.muon_lr scaled by the same factor
+(suggested lr / the config's lr), the rate Muon had at that point of the sweep.
 """
 import json
 import math
@@ -39,11 +43,16 @@ class RangeTest:
     steepest_lr: float   # where the smoothed loss fell fastest against log(lr)
     suggested_lr: float  # min_lr / 10
     stopped_early: bool  # the loss diverged before end_lr
+    suggested_muon_lr: float | None = None   # with Muon: muon_lr scaled as lr was; None: AdamW
 
     @property
     def rule(self):
-        return (f"the learning rate of the lowest smoothed loss ({self.min_lr:.2e}) divided by "
+        rule = (f"the learning rate of the lowest smoothed loss ({self.min_lr:.2e}) divided by "
                 f"{SUGGESTION_DIVISOR:g}; the loss fell fastest at {self.steepest_lr:.2e}")
+        if self.suggested_muon_lr is not None:
+            rule += (f"; with it train.muon_lr={self.suggested_muon_lr:.2e} (Muon's rate follows lr "
+                     f"in the sweep, so muon_lr scales by the same factor)")
+        return rule
 
 
 def lr_range_test(subject, device="cpu", start_lr=1e-7, end_lr=1.0, steps=200, progress=None):
@@ -86,10 +95,11 @@ def lr_range_test(subject, device="cpu", start_lr=1e-7, end_lr=1.0, steps=200, p
                 stopped_early = True
                 break
             clipped_step(optimizer, t.grad_clip)
-    return _analyse(lrs, losses, stopped_early)
+    return _analyse(lrs, losses, stopped_early, t.muon_lr / t.lr if t.optimizer == "muon" else None)
 
 
-def _analyse(lrs, losses, stopped_early):
+def _analyse(lrs, losses, stopped_early, muon_per_lr=None):
+    """The RangeTest of a sweep; muon_per_lr: Muon's rate per unit of lr (None: AdamW)."""
     finite = [(lr, loss) for lr, loss in zip(lrs, losses) if loss is not None]
     if len(finite) < 5:
         raise UsageError("the loss diverged within the first steps of the range test: lower "
@@ -103,11 +113,12 @@ def _analyse(lrs, losses, stopped_early):
         if lowest >= 2 else numpy.zeros(1)
     steepest = int(numpy.argmin(slopes))
     smoothed_all = iter(smoothed.tolist())
+    suggested = float(rates[lowest]) / SUGGESTION_DIVISOR
     return RangeTest(lrs=list(lrs), losses=list(losses),
                      smoothed=[next(smoothed_all) if loss is not None else None for loss in losses],
                      min_lr=float(rates[lowest]), steepest_lr=float(rates[steepest]),
-                     suggested_lr=float(rates[lowest]) / SUGGESTION_DIVISOR,
-                     stopped_early=stopped_early)
+                     suggested_lr=suggested, stopped_early=stopped_early,
+                     suggested_muon_lr=None if muon_per_lr is None else suggested * muon_per_lr)
 
 
 def _centred_average(values, window):
@@ -142,8 +153,9 @@ def write_results(result, png_path, title):
     smooth = [(lr, s) for lr, s in zip(result.lrs, result.smoothed) if s is not None]
     ax.plot(*zip(*smooth), color="tab:blue", lw=1.6, label="smoothed")
     ax.axvline(result.min_lr, color="grey", ls=":", label=f"lowest smoothed loss {result.min_lr:.1e}")
+    muon = "" if result.suggested_muon_lr is None else f" (train.muon_lr {result.suggested_muon_lr:.1e})"
     ax.axvline(result.suggested_lr, color="tab:red", ls="--",
-               label=f"suggested train.lr {result.suggested_lr:.1e}")
+               label=f"suggested train.lr {result.suggested_lr:.1e}{muon}")
     first = points[0][1]
     ax.set_ylim(min(p[1] for p in points) * 0.95, first * 1.4)
     ax.set_xscale("log")
