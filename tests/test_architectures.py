@@ -396,3 +396,17 @@ def test_a_huge_model_is_refused_at_once_naming_the_keys():
         check_fits_in_memory(xpmodel.GPTConfig(vocab_size=50, block_size=12, n_layer=10 ** 9,
                                                n_head=4, n_embd=16), xpmodel.get_device("cpu"))
     assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize("options, keys", [
+    (dict(n_layer=10 ** 6), "model.n_layer or model.n_embd"),
+    (dict(mlp_hidden=10 ** 9), "model.mlp_hidden or model.n_embd"),
+    (dict(vocab_size=10 ** 9), "model.vocab_size or model.n_embd"),
+    (dict(block_size=10 ** 9), "model.block_size or model.n_embd"),
+])
+def test_the_memory_refusal_names_the_keys_that_size_the_model(options, keys):
+    from xpmodel.train.setup import check_fits_in_memory
+    config = xpmodel.GPTConfig(**dict(dict(vocab_size=50, block_size=12, n_layer=2, n_head=4,
+                                           n_embd=16), **options))
+    with pytest.raises(UsageError, match=f"GiB; lower {keys}$"):
+        check_fits_in_memory(config, xpmodel.get_device("cpu"))

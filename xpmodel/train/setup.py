@@ -39,7 +39,25 @@ def check_fits_in_memory(gpt_config, device):
         if available is not None and needed > available:
             raise UsageError(f"a model of {n:,} parameters needs about {needed / 2**30:,.1f} GiB "
                              f"to train, more than {where}'s {available / 2**30:,.1f} GiB; lower "
-                             f"model.n_layer, model.n_embd or model.vocab_size")
+                             f"{' or '.join(_largest_parts(gpt_config))}")
+
+
+def _largest_parts(gpt_config):
+    """The model.* keys that size the parts holding at least a tenth of the
+    parameters, the largest part first, then model.n_embd, which scales them
+    all. The MLPs count under model.mlp_hidden when it is set, else under
+    model.n_layer. (The estimate counts weights, not activations: the batch
+    size plays no part in it.)"""
+    c = gpt_config
+    n = c.num_params()
+    embeddings = c.vocab_size * c.n_embd * (1 if c.tie_embeddings else 2)
+    positions = c.block_size * c.n_embd if c.position == "learned" else 0
+    mlps = c.n_layer * c.n_embd * c.mlp_width * (3 if c.mlp == "swiglu" else 2)
+    parts = [(mlps, "model.n_layer" if c.mlp_hidden is None else "model.mlp_hidden"),
+             (n - embeddings - positions - mlps, "model.n_layer"),
+             (embeddings, "model.vocab_size"), (positions, "model.block_size")]
+    large = [key for size, key in sorted(parts, reverse=True) if size >= n / 10]
+    return list(dict.fromkeys(large + ["model.n_embd"]))
 
 
 def _host_memory():
