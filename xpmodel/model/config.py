@@ -20,8 +20,9 @@ SWIGLU_MULTIPLE = 64    # SwiGLU's default hidden width is rounded up to a multi
 
 def default_mlp_hidden(mlp, n_embd):
     """4·C for gelu and relu2; for swiglu Llama's 2/3 of that (two input
-    matrices keep the parameter count of one 4·C MLP), rounded up to a
-    multiple of SWIGLU_MULTIPLE."""
+    matrices keep the parameter count of one 4·C MLP), truncated to an
+    integer and rounded up to a multiple of SWIGLU_MULTIPLE (Meta's Llama
+    code rounds to 256: C = 256 gives 704 here, 768 there)."""
     if mlp != "swiglu":
         return 4 * n_embd
     return SWIGLU_MULTIPLE * math.ceil(int(8 * n_embd / 3) / SWIGLU_MULTIPLE)
