@@ -21,6 +21,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
+import numpy
+
 _pool = None
 _controller = None
 
@@ -37,13 +39,21 @@ def thread_count():
 
 
 def run_parallel(tasks):
-    """Call every zero-argument callable in `tasks` concurrently; their results, in order."""
+    """Call every zero-argument callable in `tasks` concurrently; their results,
+    in order. Each runs under the calling thread's NumPy error handling
+    (numpy.errstate holds for one thread, so a worker would otherwise warn
+    about an overflow the caller chose to ignore, as the trainer does)."""
     global _pool
     if len(tasks) == 1:
         return [tasks[0]()]
     if _pool is None or _pool._max_workers < len(tasks) - 1:
         _pool = ThreadPoolExecutor(max_workers=len(tasks) - 1, thread_name_prefix="xpmodel")
-    futures = [_pool.submit(task) for task in tasks[1:]]
+    handling = numpy.geterr()
+
+    def under_callers_handling(task):
+        with numpy.errstate(**handling):
+            return task()
+    futures = [_pool.submit(under_callers_handling, task) for task in tasks[1:]]
     first = tasks[0]()            # the calling thread takes a share too
     return [first] + [future.result() for future in futures]
 

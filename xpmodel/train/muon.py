@@ -209,18 +209,6 @@ class _Part:
         return _kernels(self.model)
 
 
-def _run_in_threads(tasks):
-    """run_parallel with each task under the calling thread's NumPy error
-    handling: numpy.errstate holds for one thread, so a worker would warn
-    about an overflow the caller chose to ignore (as the trainer does)."""
-    handling = numpy.geterr()
-
-    def contained(task):
-        with numpy.errstate(**handling):
-            return task()
-    return run_parallel([functools.partial(contained, task) for task in tasks])
-
-
 def _kernels(model):
     """The model's CUDA kernel mode ("fused" or "xp")."""
     return getattr(model, "kernels", "fused")
@@ -353,7 +341,7 @@ class Muon:
             g *= xp.asarray(grad_scale, dtype=g.dtype)
         # elementwise work: one slice per CPU thread; a GPU takes it whole
         parts = [slice(0, g.size)] if model.device.is_cuda else split(g.size, thread_count())
-        _run_in_threads([functools.partial(self._momentum, part) for part in parts])
+        run_parallel([functools.partial(self._momentum, part) for part in parts])
         self._orthogonalise()
         if not bool(xp.isfinite(self._update).all()):
             raise XpmodelError("Muon's orthogonalised update is not finite although the gradients "
@@ -421,7 +409,7 @@ class Muon:
             return newton_schulz(x, self.coefficients, self.ns_steps)
         parts = split(x.shape[0], thread_count())
         with single_threaded_blas():
-            return numpy.concatenate(_run_in_threads(
+            return numpy.concatenate(run_parallel(
                 [lambda part=part: newton_schulz(x[part], self.coefficients, self.ns_steps)
                  for part in parts]))
 
