@@ -263,6 +263,6 @@ def test_fp16_gradients_with_heads_of_64_dimensions(device, monkeypatch, n_head,
     model = xpmodel.GPT(config, device=device, seed=5, precision="fp16")
     loss = float(model.forward_backward(idx, targets, scale=256.0))
     model.flat_grads *= 1.0 / 256.0
-    assert calls == ([(2, config.n_kv_head, 64, 64)] * config.n_layer if device == "cuda" else [])
+    assert calls == ([(2, config.kv_heads, 64, 64)] * config.n_layer if device == "cuda" else [])
     assert abs(loss - ref_loss) / ref_loss < 5e-3
     assert relative_error(model.flat_grads, reference.flat_grads) < 3e-2

@@ -90,7 +90,7 @@ def main():
                 if config.qk_norm else None)
 
     def attention_pair():
-        y, cache = attention.attention_forward(qkv, H, bias=qkv_bias, n_kv_head=config.n_kv_head,
+        y, cache = attention.attention_forward(qkv, H, bias=qkv_bias, n_kv_head=config.kv_heads,
                                                qk_norm=qk_norm, rope=rope)
         attention.attention_backward(y, cache, qk_norm=qk_norm, dqk_norm=dqk_norm)
 
@@ -125,7 +125,7 @@ def main():
         crossentropy.crossentropy_fused(logits_in.copy(), tgt, 1.0)
     qk = ", QK-norm" if config.qk_norm else ""
     rope_name = ", RoPE" if rope is not None else ""
-    gqa = f", {config.n_kv_head} kv heads" if config.n_kv_head != H else ""
+    gqa = f", {config.kv_heads} kv heads" if config.kv_heads != H else ""
     per_layer = {f"{config.norm} fwd+bwd (x2 per layer)": norm_pair,
                  f"{config.mlp} fwd+bwd": activation_pair,
                  f"attention fwd+bwd (core{gqa}{rope_name}{qk}, no projections)": attention_pair,

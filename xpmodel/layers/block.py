@@ -79,7 +79,7 @@ def block_forward(cfg, layer, x, shape, P, W, low, p_drop=0.0, rng=None, rope=No
     ln1, ln1_cache = norm_forward(cfg, x, P, p + "ln_1", low)
     qkv = matmul(ln1, W[p + "attn.c_attn.weight"])
     y, attn_cache = attention_forward(qkv.reshape(B, T, cfg.qkv_width), cfg.n_head, p_drop, rng,
-                                      bias=W.get(p + "attn.c_attn.bias"), n_kv_head=cfg.n_kv_head,
+                                      bias=W.get(p + "attn.c_attn.bias"), n_kv_head=cfg.kv_heads,
                                       qk_norm=_qk_norm(cfg, P, p), rope=rope, kv_cache=kv_cache)
     attn_branch = matmul(y, W[p + "attn.c_proj.weight"])
     attn_mask = dropout_mask(attn_branch, p_drop, rng)

@@ -251,12 +251,9 @@ def tiny_copy(config):
     """A float64-checkable GPTConfig with `config`'s options and small widths:
     at most 2 layers, 2 heads of 8 (sharing one key/value head under GQA),
     a 40-id vocabulary, 8 positions."""
-    from ..model.config import default_mlp_hidden
-    custom_hidden = config.mlp_hidden != default_mlp_hidden(config.mlp, config.n_embd)
     return replace(config, vocab_size=40, block_size=8, n_layer=min(config.n_layer, 2), n_head=2,
-                   n_embd=16, n_kv_head=1 if config.n_kv_head != config.n_head else 2,
-                   mlp_hidden=24 if custom_hidden else default_mlp_hidden(config.mlp, 16),
-                   dropout=0.0)
+                   n_embd=16, n_kv_head=1 if config.kv_heads != config.n_head else None,
+                   mlp_hidden=None if config.mlp_hidden is None else 24, dropout=0.0)
 
 
 def finite_difference_errors(config, seed=0, eps=1e-6):
