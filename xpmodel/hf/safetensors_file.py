@@ -2,7 +2,16 @@
 Hugging Face weights: the header is read and every entry's dtype, shape and
 byte range are checked against the file's size before any tensor is, so a
 damaged or crafted file is refused without allocating what it claims to
-hold; then tensors are read one at a time. Nothing is unpickled."""
+hold; then tensors are read one at a time. Nothing is unpickled.
+
+The byte ranges must tile the data section exactly, in some order: no two
+tensors share a byte and no byte belongs to none (the official safetensors
+library refuses such files too), so no tensor can be read out of another's
+bytes.
+
+A `SafetensorsFile` keeps one open file descriptor from its header to its
+last tensor, so a file renamed over the path meanwhile (a checkpoint being
+replaced, say) is never mixed with the one whose header was read."""
 import math
 import os
 import struct
@@ -10,6 +19,7 @@ from pathlib import Path
 
 import numpy
 
+from ..errors import quote
 from ..files import open_regular, parse_json
 
 # safetensors dtype -> NumPy dtype; BF16 is read as its raw 16 bits
@@ -28,19 +38,32 @@ def read_safetensors_header(path, error, what):
     any problem raises `error` with a one-line message calling the file `what`.
     """
     path = Path(path)
+    with _open(path, error, what) as f:
+        return _read_header(f, path, error, what)
+
+
+def _open(path, error, what):
+    """The regular file at `path`, opened for reading (a FIFO or a device
+    would block or never end)."""
     if not os.path.lexists(path):
         raise error(f"{path}: {what} not found")
     try:
-        # A regular file only: a FIFO or a device would block or never end.
-        with open_regular(path, error, what) as f:
-            size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise error(f"{path}: truncated {what} ({size} bytes)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > min(size - 8, MAX_HEADER_BYTES):
-                raise error(f"{path}: corrupt {what} header (length {header_len})")
-            header = parse_json(f.read(header_len))
+        return open_regular(path, error, what)
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+
+
+def _read_header(f, path, error, what):
+    """(header dict, data start offset, data length) read from the open file `f`."""
+    try:
+        size = os.fstat(f.fileno()).st_size
+        prefix = os.pread(f.fileno(), 8, 0)
+        if len(prefix) < 8:
+            raise error(f"{path}: truncated {what} ({size} bytes)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise error(f"{path}: corrupt {what} header (length {header_len})")
+        header = parse_json(os.pread(f.fileno(), header_len, 8))
     except ValueError:   # JSONDecodeError, UnicodeDecodeError, nesting too deep
         raise error(f"{path}: corrupt {what} header") from None
     except OSError as exc:
@@ -51,14 +74,24 @@ def read_safetensors_header(path, error, what):
 
 
 class SafetensorsFile:
-    """One safetensors file, its header checked when opened.
+    """One safetensors file, its header checked when opened, read through one
+    file descriptor until `close()` (or the end of a `with` block).
 
     error: the exception class for every problem; what: what the messages
     call the file ("checkpoint", "safetensors file")."""
 
     def __init__(self, path, error, what):
         self.path, self._error, self._what = Path(path), error, what
-        header, self._data_start, data_len = read_safetensors_header(self.path, error, what)
+        self._file = _open(self.path, error, what)
+        try:
+            self._parse(*_read_header(self._file, self.path, error, what))
+        except BaseException:
+            self.close()
+            raise
+
+    def _parse(self, header, data_start, data_len):
+        error, what = self._error, self._what
+        self._data_start = data_start
         metadata = header.pop("__metadata__", {})
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise error(f"{self.path}: corrupt {what} header (metadata)")
@@ -66,8 +99,40 @@ class SafetensorsFile:
         self._entries = {}
         for key, entry in header.items():
             if not _entry_fits(entry, data_len):
-                raise error(f"{self.path}: truncated or corrupt {what} (tensor {key})")
+                raise error(f"{self.path}: truncated or corrupt {what} (tensor {quote(key, 80)})")
             self._entries[key] = (entry["dtype"], tuple(entry["shape"]), *entry["data_offsets"])
+        self._check_tiling(data_len)
+
+    def _check_tiling(self, data_len):
+        """The byte ranges, in order, start at 0, meet end to end and cover the data."""
+        ranges = sorted((start, end, key) for key, (_, _, start, end) in self._entries.items())
+        at = 0
+        for start, end, key in ranges:
+            if start != at:
+                how = "overlap the tensor before" if start < at else "leave a gap after the tensor before"
+                raise self._error(f"{self.path}: corrupt {self._what}: the bytes [{start}, {end}) of "
+                                  f"tensor {quote(key, 80)} {how} (expected it at {at})")
+            at = end
+        if at != data_len:
+            raise self._error(f"{self.path}: corrupt {self._what}: the tensors cover {at} bytes of "
+                              f"the {data_len}-byte data section")
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        file = getattr(self, "_file", None)
+        if file is not None:
+            file.close()
 
     @property
     def names(self):
@@ -81,11 +146,11 @@ class SafetensorsFile:
 
     def read(self, key):
         """The tensor `key` as a NumPy array of its own dtype (BF16 widened to float32)."""
+        if self._file is None:
+            raise ValueError(f"{self.path}: read from a closed {self._what}")
         dtype, shape, start, end = self._entries[key]
         try:
-            with open_regular(self.path, self._error, self._what) as f:
-                f.seek(self._data_start + start)
-                raw = f.read(end - start)
+            raw = os.pread(self._file.fileno(), end - start, self._data_start + start)
         except OSError as exc:
             raise self._error(f"{self.path}: cannot read {self._what} ({exc.strerror or exc})") from None
         if len(raw) != end - start:
