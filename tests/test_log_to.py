@@ -1,6 +1,8 @@
 """train.log_to on tiny runs: TensorBoard event files whose scalars read back
 equal to metrics.jsonl's, across a resume that cut steps off; a W&B offline
 run folder that a resume continues; a mirror that fails only warns."""
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,13 @@ def train(run, corpus, *overrides):
     config = load_config(TINY, [f"data.source={corpus}", "train.health_interval=10",
                                 "train.sample_interval=10", "train.sample_tokens=8", *overrides])
     return Trainer.start(config, device="cpu", out=run, show=False).run()
+
+
+def xpmodel_process(*args):
+    """`python -m xpmodel ARGS` in a process of its own; fails the test unless it succeeds."""
+    result = subprocess.run([sys.executable, "-m", "xpmodel", *map(str, args)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
 
 
 def resume_from_step_20(run):
@@ -64,9 +73,17 @@ def test_wandb_offline_run_folder_continued_by_a_resume(tmp_path, corpus, monkey
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "wandb-home"))
     run = tmp_path / "run"
-    train(run, corpus, "train.log_to=[wandb]")
+    # each in its own process, as a resume after a kill is: W&B's service
+    # finishes a run asynchronously, so a second run of the same id in the same
+    # process can race with the first one's end
+    overrides = [f"data.source={corpus}", "train.health_interval=10", "train.sample_interval=10",
+                 "train.sample_tokens=8", "train.log_to=[wandb]"]
+    xpmodel_process("train", "--config", TINY, "--out", run, "--quiet", *overrides)
     run_id = (run / "wandb" / "run-id").read_text().strip()
-    resume_from_step_20(run)
+    for path in RunDir(run).checkpoint_dir.iterdir():     # as after a kill at step 25
+        if "20" not in path.name:
+            path.unlink()
+    xpmodel_process("train", "--resume", run, "--quiet")
     folders = sorted((run / "wandb").glob("offline-run-*"))
     # offline-run-TIME-ID, with -1 after it when both began in the same second
     assert len(folders) == 2 and all(f"-{run_id}" in f.name for f in folders)
