@@ -121,12 +121,19 @@ class _Sampler:
         }
 
     def _check_state(self, state: dict) -> None:
+        check_sampler_state(state)
         for key, value in self._config().items():
             saved = state.get(key, _STATE_DEFAULTS.get(key))
-            if saved != value:
+            if saved == value:
+                continue
+            if key == "tokens":
                 raise UsageError(
-                    f"sampler state was saved with {key}={saved!r}, but this run has {key}={value!r}"
+                    f"the training data changed since the checkpoint: it was saved after training "
+                    f"on {saved:,} tokens, and the corpus now gives {value:,}"
                 )
+            raise UsageError(
+                f"sampler state was saved with {key}={saved!r}, but this run has {key}={value!r}"
+            )
 
     def _batch(self, starts: numpy.ndarray, dropout_rng: numpy.random.Generator):
         x, y = _gather_windows(self.tokens, starts, self.block_size)
@@ -279,6 +286,56 @@ class RandomWindowSampler(_Sampler):
         """Continue exactly where the sampler that saved `state` stopped (its seed included)."""
         self._check_state(state)
         self.seed, self.step = int(state["seed"]), int(state["step"])
+
+
+class SamplerStateError(ValueError):
+    """A saved sampler state that no sampler could have written: `key` is the
+    field, `why` what it must be, `value` what it holds."""
+
+    def __init__(self, key, why, value):
+        super().__init__(f"sampler state: {key} {why}, got {value!r}")
+        self.key, self.why, self.value = key, why, value
+
+
+_STATE_COUNTS = {"epoch": ("seed", "epoch", "position"), "random_window": ("seed", "step")}
+_COUNT_LIMIT = 2**63   # far beyond any real run; a bigger count is damage
+
+
+def check_sampler_state(state) -> None:
+    """Raise SamplerStateError unless `state` is one a sampler's state_dict()
+    could have returned: known kind, sizes and counts of the right types and
+    ranges, and an epoch position no further than the saved token count allows."""
+    if not isinstance(state, dict):
+        raise SamplerStateError("state", "must be a JSON object", state)
+    kind = state.get("sampler")
+    if kind not in _STATE_COUNTS:
+        raise SamplerStateError("sampler", f"must be one of {', '.join(_STATE_COUNTS)}", kind)
+
+    def count(key, least=0):
+        value = state.get(key)
+        if type(value) is not int or not least <= value < _COUNT_LIMIT:
+            raise SamplerStateError(key, f"must be an integer from {least} to 2**63 - 1", value)
+        return value
+
+    batch_size, block_size = count("batch_size", 1), count("block_size", 1)
+    tokens = count("tokens")
+    if tokens < block_size + 1:
+        raise SamplerStateError("tokens", f"must be at least block_size + 1 = {block_size + 1}", tokens)
+    dropout = state.get("token_dropout")
+    if type(dropout) not in (int, float) or not 0.0 <= dropout < 1.0:
+        raise SamplerStateError("token_dropout", "must be a number in [0, 1)", dropout)
+    if "token_dropout_mode" in state and state["token_dropout_mode"] not in TOKEN_DROPOUT_MODES:
+        raise SamplerStateError("token_dropout_mode", f"must be one of {', '.join(TOKEN_DROPOUT_MODES)}",
+                                state["token_dropout_mode"])
+    if "random_crop" in state and type(state["random_crop"]) is not bool:
+        raise SamplerStateError("random_crop", "must be true or false", state["random_crop"])
+    for key in _STATE_COUNTS[kind]:
+        count(key)
+    if kind == "epoch":
+        most = tokens // (block_size + 1) // batch_size   # batches in the longest epoch
+        if state["position"] > most:
+            raise SamplerStateError("position", f"must be at most {most}, the batches in an epoch of "
+                                    f"{tokens} tokens", state["position"])
 
 
 def _gather_windows(tokens, starts: numpy.ndarray, block_size: int) -> tuple[numpy.ndarray, numpy.ndarray]:

@@ -19,7 +19,9 @@ For tests of crash safety, the environment variable XPMODEL_TEST_SLOW_SAVE
 temporary file and the rename, widening the window a kill can land in.
 """
 import json
+import math
 import os
+import re
 from pathlib import Path
 
 import numpy
@@ -28,10 +30,12 @@ from safetensors.numpy import save as safetensors_bytes
 from ..atomic import atomic_write_bytes
 from ..errors import CheckpointError, quote
 from ..files import parse_json
+from ..data.batching import SamplerStateError, check_sampler_state
 from ..hf.safetensors_file import SafetensorsFile
 
 FORMAT = "xpmodel-checkpoint"
 FORMAT_VERSION = 1
+STEP_FILE = re.compile(r"^step-(\d{8,})\.safetensors$")
 _SLOW_SAVE_ENV = "XPMODEL_TEST_SLOW_SAVE"
 
 def _test_pause():
@@ -53,10 +57,16 @@ def save_checkpoint(path, params, optimizer_state, meta):
 
 
 def read_checkpoint_meta(path):
-    """The JSON document of a checkpoint, after checking the file's framing."""
+    """The JSON document of a checkpoint, after checking the file's framing
+    and the document's fields (types, ranges, and the step its name says)."""
     path = Path(path)
+    with open_checkpoint(path) as file:
+        return _checked_meta(file, path)
+
+
+def _checked_meta(file, path):
     try:
-        document = parse_json(open_checkpoint(path).metadata.get("xpmodel", ""))
+        document = parse_json(file.metadata.get("xpmodel", ""))
     except (ValueError, AttributeError, TypeError):
         raise CheckpointError(f"{path}: not an xpmodel checkpoint (no xpmodel metadata)") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
@@ -66,7 +76,23 @@ def read_checkpoint_meta(path):
         raise CheckpointError(f"{path}: checkpoint format version {quote(version, 40)} is newer "
                               f"than this xpmodel reads ({FORMAT_VERSION}); upgrade xpmodel")
     _check_meta_types(document, path)
+    _check_meta_values(document, path)
     return document
+
+
+def step_of_name(name):
+    """The step of a step checkpoint's file name (`step-00000012.safetensors`
+    -> 12; nine digits and more from step 10**8), or None for any other name,
+    a non-canonical spelling of a step included."""
+    match = STEP_FILE.match(name)
+    if match is None:
+        return None
+    step = int(match.group(1))
+    return step if name == step_file_name(step) else None
+
+
+def step_file_name(step):
+    return f"step-{step:08d}.safetensors"
 
 
 # The type of each field of the JSON document that a run reads back; checked
@@ -76,7 +102,7 @@ _META_TYPES = {
     "evals_without_improvement": "count", "world_size": "count", "vocab_size": "count",
     "elapsed": "number", "best_val": "number or null", "last_val": "number or null",
     "sampler": "object", "loss_scaler": "object or null", "config": "object",
-    "tokenizer_fingerprint": "string", "kind": "string",
+    "tokenizer_fingerprint": "string", "data_fingerprint": "string", "kind": "string",
     "epoch": "number", "train_loss": "number or null", "val_loss": "number or null",
     "val_loss_step": "number or null", "interval_train_loss_sum": "number",
     "interval_train_steps": "count",
@@ -104,6 +130,45 @@ def _check_meta_types(document, path):
                                   f"got {quote(value, 60)}")
 
 
+# Fields that are never negative (losses are cross-entropies); no number may
+# be NaN or infinite (a best_val of -Infinity would stop best.safetensors from
+# ever being replaced).
+_NON_NEGATIVE = ("elapsed", "best_val", "last_val", "epoch", "train_loss", "val_loss",
+                 "val_loss_step", "interval_train_loss_sum")
+_LOSS_SCALER_COUNTS = ("good_steps", "skipped_in_a_row", "skipped_total")
+
+
+def _check_meta_values(document, path):
+    def damaged(key, why, value):
+        return CheckpointError(f"{path}: damaged checkpoint metadata: {key} {why}, "
+                               f"got {quote(value, 60)}")
+
+    for key, kind in _META_TYPES.items():
+        value = document.get(key)
+        if not kind.startswith("number") or value is None:
+            continue
+        if not math.isfinite(value):
+            raise damaged(key, "must be a finite number", value)
+        if key in _NON_NEGATIVE and value < 0:
+            raise damaged(key, "cannot be negative", value)
+    step = step_of_name(path.name)
+    if step is not None and "step" in document and document["step"] != step:
+        raise damaged("step", f"must be {step}, the step in the file's name", document["step"])
+    if "sampler" in document:
+        try:
+            check_sampler_state(document["sampler"])
+        except SamplerStateError as exc:
+            raise damaged(f"sampler.{exc.key}", exc.why, exc.value) from None
+    scaler = document.get("loss_scaler")
+    if scaler is not None:
+        scale = scaler.get("scale")
+        if type(scale) not in (int, float) or not (math.isfinite(scale) and scale >= 1):
+            raise damaged("loss_scaler.scale", "must be a finite number >= 1", scale)
+        for key in _LOSS_SCALER_COUNTS:
+            if type(scaler.get(key)) is not int or scaler[key] < 0:
+                raise damaged(f"loss_scaler.{key}", "must be a non-negative integer", scaler.get(key))
+
+
 def load_checkpoint(path, param_shapes, optimizer_sizes):
     """Read a checkpoint, checking it holds exactly the expected tensors.
 
@@ -112,8 +177,18 @@ def load_checkpoint(path, param_shapes, optimizer_sizes):
     Returns (meta, params name -> array, optimizer name -> array).
     """
     path = Path(path)
-    meta = read_checkpoint_meta(path)
-    file = open_checkpoint(path)
+    with open_checkpoint(path) as file:   # one open file: a replace meanwhile cannot mix two
+        meta = _checked_meta(file, path)
+        params, optim = _read_tensors(file, path, param_shapes, optimizer_sizes)
+    for name, value in {**params, **optim}.items():
+        if not numpy.all(numpy.isfinite(value)):
+            raise CheckpointError(f"{path}: {name} holds NaN or Inf")
+    if "v" in optim and numpy.any(optim["v"] < 0):
+        raise CheckpointError(f"{path}: v holds negative values (Adam's second moment cannot)")
+    return meta, params, optim
+
+
+def _read_tensors(file, path, param_shapes, optimizer_sizes):
     expected = {f"param/{n}": tuple(s) for n, s in param_shapes.items()}
     found = {k: file.shape(k) for k in file.names}
     if optimizer_sizes is None:
@@ -135,13 +210,11 @@ def load_checkpoint(path, param_shapes, optimizer_sizes):
     for key in expected:
         kind, name = key.split("/", 1)
         (params if kind == "param" else optim)[name] = file.read(key)
-    for name, value in {**params, **optim}.items():
-        if not numpy.all(numpy.isfinite(value)):
-            raise CheckpointError(f"{path}: {name} holds NaN or Inf")
-    return meta, params, optim
+    return params, optim
 
 
 def open_checkpoint(path):
     """The checkpoint's safetensors file, its framing checked (every tensor's
-    dtype, shape and byte range against the file's size)."""
+    dtype, shape and byte range against the file's size), open until closed
+    (use it in a `with` block)."""
     return SafetensorsFile(path, CheckpointError, "checkpoint")

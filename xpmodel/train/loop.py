@@ -90,6 +90,10 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
         self.last_train_loss = None    # the latest step's loss, kept in checkpoints
         self.interval_loss = [0.0, 0]  # [sum, count] of train losses since the last evaluation
         self._display = None           # run()'s display, which save() reports to
+        self.saved_step = None         # the step of the checkpoint this process saved or resumed from last
+        self.resumed_from = None       # the checkpoint resumed from
+        self.best_file_val = None      # the validation loss best.safetensors holds, when known
+        self._data_fingerprint = None
         self._stop_signal = None
         self.health = Health(self)     # per-layer records, warnings, where a NaN came from
         self.mirrors = Mirrors.off()   # train.log_to, while run() runs
@@ -128,7 +132,7 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
                         stop_reason = self._after_step(display, metrics)
         except Interrupted as interrupt:
             path = self.run_dir.step_path(self.step)
-            if self.is_main and not path.exists():
+            if self.is_main and not self._saved_this_step():
                 path = self.save()
             interrupt.step, interrupt.checkpoint, interrupt.run_dir = self.step, path, self.run_dir.path
             raise
@@ -211,9 +215,14 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
         if not early_stop:
             return "finished"
         display.print(f"early stop: no val improvement in {t.early_stop_patience} evaluations")
-        if not self.run_dir.step_path(step).exists():
+        if not self._saved_this_step():
             self.save()
         return "early stop"
+
+    def _saved_this_step(self):
+        """Whether this process saved (or resumed from) a checkpoint of this very
+        step; a file of that name left from before (damaged, say) does not count."""
+        return self.saved_step == self.step
 
     def _host_needed(self, step):
         """Whether the host must read the results of steps up to `step` now:

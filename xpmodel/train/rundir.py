@@ -5,7 +5,8 @@
       config.yaml                 the effective config
       tokenizer.json              the tokenizer the run trains with
       metrics.jsonl               one JSON object per logged step or evaluation
-      checkpoints/step-NNNNNNNN.safetensors   the last `keep_last` saves
+      checkpoints/step-NNNNNNNN.safetensors   the last `keep_last` good saves (9+ digits
+                                              from step 10**8)
       checkpoints/best.safetensors            the best validation loss so far
       .xpmodel.lock               held by the one process writing the run
 
@@ -16,6 +17,9 @@ that is a link to somewhere outside the run is ignored.
 Only files with these names (and xpmodel's own temporary files) are ever
 deleted: --overwrite and a failed start leave a user's other files alone,
 and a folder that holds such names without being a run is never written to.
+Pruning old checkpoints is narrower still: it deletes only regular files
+whose header reads as an xpmodel checkpoint, never a link, a folder, or a
+file of that name that someone else made.
 
 One writer per run: `RunDir.lock` takes an exclusive lock on .xpmodel.lock
 (flock, so the kernel releases it when its process dies, kill -9 included)
@@ -43,12 +47,12 @@ from ..config import load_config, save_config
 from ..errors import UsageError, quote
 from ..files import parse_json, read_bounded
 from ..tokenizer.bpe import BPETokenizer
-from .checkpoint import FORMAT_VERSION, CheckpointError, read_checkpoint_meta
+from .checkpoint import (FORMAT_VERSION, CheckpointError, read_checkpoint_meta, step_file_name,
+                         step_of_name)
 
 RUN_FORMAT = "xpmodel-run"
 LOCK_NAME = ".xpmodel.lock"
-_STEP_FILE = re.compile(r"^step-(\d{8})\.safetensors$")
-_CHECKPOINT_FILE = re.compile(r"^(step-\d{8}|best)\.safetensors$")
+_CHECKPOINT_FILE = re.compile(r"^(step-\d{8,}|best)\.safetensors$")
 _TOP_FILES = ("run.json", "config.yaml", "tokenizer.json", "metrics.jsonl", "loss.png",
               "loss-health.png")
 _MAX_MARKER_BYTES = 1 << 16
@@ -89,7 +93,7 @@ class RunDir:
         return self.path / LOCK_NAME
 
     def step_path(self, step):
-        return self.checkpoint_dir / f"step-{step:08d}.safetensors"
+        return self.checkpoint_dir / step_file_name(step)
 
     # ---- which files are xpmodel's ----------------------------------------------
     def _layout_files(self):
@@ -202,6 +206,8 @@ class RunDir:
     def _remove_run_files(self):
         """Remove what a previous run (or a cut-short creation) wrote; nothing else."""
         for path in self._layout_files() + self._own_temporaries():
+            if path.is_dir() and not path.is_symlink():
+                continue   # a folder with such a name is not something xpmodel wrote
             path.unlink(missing_ok=True)
 
     def require_run(self, flag="RUN_DIR"):
@@ -243,25 +249,26 @@ class RunDir:
         return BPETokenizer.load(self.tokenizer_path)
 
     # ---- checkpoints ------------------------------------------------------------
-    def checkpoint_steps(self):
-        """Steps of the step-N checkpoints present, oldest first."""
+    def _step_files(self):
+        """(step, path) of every entry of checkpoints/ named like a step
+        checkpoint (8 digits, more from step 10**8), oldest first."""
         if not self.checkpoint_dir.is_dir():
             return []
-        steps = []
+        found = []
         for path in self.checkpoint_dir.iterdir():
-            match = _STEP_FILE.match(path.name)
-            if match:
-                steps.append(int(match.group(1)))
-        return sorted(steps)
+            step = step_of_name(path.name)
+            if step is not None:
+                found.append((step, path))
+        return sorted(found)
+
+    def checkpoint_steps(self):
+        """Steps of the step-N checkpoints present, oldest first."""
+        return [step for step, _ in self._step_files()]
 
     def checkpoints_newest_first(self):
         """(path, problem) for every step checkpoint, newest first; problem is
         None when the file's header reads cleanly, else why it cannot be used."""
-        found = []
-        for step in reversed(self.checkpoint_steps()):
-            path = self.step_path(step)
-            found.append((path, self.checkpoint_problem(path)))
-        return found
+        return [(path, self.checkpoint_problem(path)) for _, path in reversed(self._step_files())]
 
     def checkpoint_problem(self, path):
         """None when the checkpoint at `path` reads cleanly, else why not."""
@@ -318,15 +325,43 @@ class RunDir:
         except (OSError, ValueError, RuntimeError):
             return False
 
-    def prune_checkpoints(self, keep_last):
-        """Keep the newest `keep_last` step checkpoints. The untrained step-0
-        one is not kept once a later checkpoint exists."""
-        steps = self.checkpoint_steps()
-        doomed = steps[:-keep_last]
-        if len(steps) > 1 and steps[0] == 0 and 0 not in doomed:
-            doomed.append(0)
-        for step in doomed:
-            self.step_path(step).unlink(missing_ok=True)
+    def prune_checkpoints(self, keep_last, written=None, resumed_from=None):
+        """Keep the newest `keep_last` good step checkpoints, delete older ones.
+
+        Only xpmodel's own checkpoints count and are ever deleted: regular
+        files (not links, not folders) whose header reads as a good xpmodel
+        checkpoint. A damaged file never counts toward keep_last (nor is it
+        deleted: it may be all that is left of a step). The checkpoint just
+        `written` is always kept, and the one `resumed_from` until a newer
+        good one exists. The untrained step-0 one is not kept once a later
+        good checkpoint exists.
+        """
+        good = [(step, path) for step, path in self._step_files() if self._is_own_checkpoint(path)]
+        keep = {path.name for _, path in good[max(len(good) - keep_last, 0):]}
+        if len(good) > 1 and good[0][0] == 0:
+            keep.discard(good[0][1].name)
+        if resumed_from is not None:
+            resumed_step = step_of_name(Path(resumed_from).name)
+            if not any(step > (resumed_step or 0) for step, _ in good):
+                keep.add(Path(resumed_from).name)
+        if written is not None:
+            keep.add(Path(written).name)
+        for _, path in good:
+            if path.name not in keep:
+                try:
+                    path.unlink()
+                except OSError:
+                    pass   # housekeeping: a file that cannot be removed stays
+
+    def _is_own_checkpoint(self, path):
+        """A regular file (not a link) whose header reads as a good xpmodel checkpoint."""
+        try:
+            if path.is_symlink() or not path.is_file():
+                return False
+            read_checkpoint_meta(path)
+        except (CheckpointError, OSError):
+            return False
+        return True
 
     def remove_stale_temporaries(self):
         """Temporary files left by a process killed mid-write."""

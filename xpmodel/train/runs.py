@@ -1,5 +1,6 @@
 """Loading trained runs: `xpmodel.load(RUN_DIR)` and weights for `--init-from`."""
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,14 +17,16 @@ from .rundir import RunDir
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", *OPTION_KEYS)
 
 
-def load(run_dir, device="cpu", checkpoint="latest", kernels="fused"):
+def load(run_dir, device="cpu", checkpoint="latest", kernels="fused", warn=None):
     """(model, tokenizer) of a run, from its latest (or best) checkpoint, in eval
     mode; kernels as GPT's ("fused" or "xp" on CUDA).
 
     The model's shape comes from the run's config.yaml; a checkpoint whose
     tensors do not have exactly those shapes is refused before any tensor is
-    read. A damaged latest checkpoint is passed over for an older one.
+    read. A damaged latest checkpoint is passed over for an older one, and
+    `warn` (by default a line on stderr) is told of each file passed over.
     """
+    warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr, flush=True))
     run = RunDir(run_dir)
     run.require_run("RUN_DIR")
     config = run.load_config()
@@ -42,6 +45,8 @@ def load(run_dir, device="cpu", checkpoint="latest", kernels="fused"):
         if problems:
             raise CheckpointError(f"{run.path}: no usable checkpoint; the newest: {problems[0]}")
         raise CheckpointError(f"{run.path}: the run has no checkpoint")
+    for problem in problems:
+        warn(f"skipping checkpoint: {problem}; using {path.name}")
     model = GPT(gpt_config, device=device, kernels=kernels)
     model.load_state_arrays(arrays)
     return model.eval(), tokenizer

@@ -1,15 +1,34 @@
 """What a checkpoint holds: the weights, the optimizer's state, and everything
 else that decides the next step's result (dropout pass count, sampler
 position, loss scale, counters), so a resumed run repeats an uninterrupted
-one exactly on CPU. Weights that are not finite are never saved."""
+one exactly on CPU. Weights that are not finite are never saved.
+
+A checkpoint also records a fingerprint of the tokens the run trains and
+validates on, so a resume on a corpus that changed since is refused instead
+of continuing on other data; checkpoints from before the fingerprint existed
+are compared by their token count alone.
+
+best.safetensors is replaced only by a model with a lower validation loss
+than the one it holds: after a resume that fell back to an older checkpoint
+(whose best_val predates the file), the file is not overwritten by a worse
+model. The run's own best_val, which decides what counts as an improvement,
+stays the checkpoint's, so a resumed run repeats an uninterrupted one."""
+import hashlib
 import math
 
 import numpy
 
 from ..backend import to_device, to_host
 from ..config import config_to_dict
-from ..errors import CheckpointError, XpmodelError
+from ..errors import CheckpointError, DataError, XpmodelError, quote
 from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+
+# Token streams up to this many bytes are hashed whole; larger ones by their
+# length and _SAMPLED_BLOCKS evenly spaced blocks, which reads at most 64 MiB.
+_FULL_HASH_BYTES = 256 * 2**20
+_SAMPLED_BLOCKS = 1024
+_BLOCK_BYTES = 64 * 2**10
+_HASH_CHUNK_BYTES = 16 * 2**20
 
 
 class CheckpointState:
@@ -35,7 +54,17 @@ class CheckpointState:
             "config": config_to_dict(self.config),
             "vocab_size": self.gpt_config.vocab_size,
             "tokenizer_fingerprint": self.tokenizer.fingerprint(),
+            "data_fingerprint": self.data_fingerprint(),
         }
+
+    def data_fingerprint(self):
+        """A hex sha256 of the train and validation tokens (computed once)."""
+        if self._data_fingerprint is None:
+            digest = hashlib.sha256(b"xpmodel-data-v1")
+            for name, tokens in (("train", self.train_tokens), ("val", self.val_tokens)):
+                _hash_tokens(digest, name, tokens)
+            self._data_fingerprint = digest.hexdigest()
+        return self._data_fingerprint
 
     def save(self, path=None):
         """Write a checkpoint (rank 0 only), refusing to save non-finite weights."""
@@ -46,14 +75,21 @@ class CheckpointState:
             raise XpmodelError(f"step {self.step}: weights hold NaN or Inf; not saving over the "
                                f"last good checkpoint")
         path = path or self.run_dir.step_path(self.step)
+        is_best = path == self.run_dir.best_path
+        if is_best and self.best_file_val is not None and not self.best_val < self.best_file_val:
+            return None   # the file holds a model at least as good (from before a fallback)
         optim = {name: to_host(state) for name, state in self.optimizer.state_arrays().items()}
         try:
             save_checkpoint(path, self.model.state_arrays(), optim, self._meta())
         except OSError as exc:
             raise XpmodelError(f"could not write checkpoint {path}: {exc.strerror or exc}; "
                                f"the previous checkpoint is intact") from None
-        if path != self.run_dir.best_path:
-            self.run_dir.prune_checkpoints(self.config.train.keep_last)
+        if is_best:
+            self.best_file_val = self.best_val
+        else:
+            self.saved_step = self.step
+            self.run_dir.prune_checkpoints(self.config.train.keep_last, written=path,
+                                           resumed_from=self.resumed_from)
         if self._display is not None:
             self._display.print(f"checkpoint saved at step {self.step}: {path}")
         return path
@@ -63,6 +99,7 @@ class CheckpointState:
         if document.get("kind") == "imported":
             _, params, _ = load_checkpoint(path, self.model.layout.shapes, {})
             self.model.load_state_arrays(params)   # weights only: a fresh start from them
+            self.saved_step, self.resumed_from = 0, path
             return
         saved, wanted = _saved_optimizer(document), self.config.train.optimizer
         if saved != wanted:
@@ -72,6 +109,7 @@ class CheckpointState:
                                               self.optimizer.state_sizes())
         if meta.get("tokenizer_fingerprint") != self.tokenizer.fingerprint():
             raise CheckpointError(f"{path}: saved with a different tokenizer than {self.run_dir.tokenizer_path}")
+        self._check_same_data(path, meta)
         world = 1 if self.dist is None else self.dist.world_size
         if meta.get("world_size", 1) != world:
             raise CheckpointError(f"{path}: saved by {meta.get('world_size')} ranks, resumed with "
@@ -97,6 +135,35 @@ class CheckpointState:
                                   int(meta.get("interval_train_steps", 0))]
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: incompatible checkpoint ({exc})") from None
+        self.saved_step = self.step   # the file holds exactly this state
+        self.resumed_from = path
+        self.best_file_val = self._best_file_val()
+
+    def _check_same_data(self, path, meta):
+        """Refuse to continue a run on tokens other than those it trained on."""
+        saved = meta.get("data_fingerprint")
+        sampler = meta.get("sampler") or {}
+        if saved is not None:
+            changed = saved != self.data_fingerprint()
+        else:   # saved before the fingerprint existed: the token count is all there is
+            changed = sampler.get("tokens", len(self.train_tokens)) != len(self.train_tokens)
+        if changed:
+            source = quote(self.config.data.source, 80)
+            raise DataError(f"{path}: the training data changed since this checkpoint was saved "
+                            f"(data.source {source} now gives other tokens); put the old corpus "
+                            f"back to resume, or train on the new data from this run's weights "
+                            f"with --init-from {self.run_dir.path} --out NEW_RUN")
+
+    def _best_file_val(self):
+        """The validation loss best.safetensors holds, or None when it does not read cleanly."""
+        best = self.run_dir.best_path
+        if self.run_dir.checkpoint_problem(best) is not None:
+            return None
+        try:
+            value = read_checkpoint_meta(best).get("best_val")
+        except CheckpointError:
+            return None
+        return value if type(value) in (int, float) else None
 
 
 def _saved_optimizer(document):
@@ -104,3 +171,16 @@ def _saved_optimizer(document):
     config = document.get("config")
     train = config.get("train") if isinstance(config, dict) else None
     return train.get("optimizer", "adamw") if isinstance(train, dict) else "adamw"
+
+
+def _hash_tokens(digest, name, tokens):
+    """Add a token stream to `digest`: whole when small, else sampled blocks."""
+    data = numpy.ascontiguousarray(tokens).reshape(-1)   # a view of a contiguous memmap
+    raw = data.view(numpy.uint8)   # (bytes,) hashed in place, a chunk at a time
+    digest.update(f"\0{name}\0{data.dtype.str}\0{len(data)}\0".encode())
+    if raw.size <= _FULL_HASH_BYTES:
+        for start in range(0, raw.size, _HASH_CHUNK_BYTES):
+            digest.update(raw[start:start + _HASH_CHUNK_BYTES])
+        return
+    for start in numpy.linspace(0, raw.size - _BLOCK_BYTES, _SAMPLED_BLOCKS).astype(numpy.int64):
+        digest.update(raw[start:start + _BLOCK_BYTES])
