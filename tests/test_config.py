@@ -1,6 +1,7 @@
 """Tests for xpmodel.config: shipped configs, overrides, validation messages, save/load."""
 import dataclasses
 import os
+from pathlib import Path
 
 import pytest
 
@@ -461,3 +462,37 @@ def test_config_from_dict_roundtrip():
 def test_config_from_dict_names_its_label():
     with pytest.raises(UsageError, match="checkpoint: unknown key model.width"):
         config_from_dict({"model": {"width": 3}}, label="checkpoint")
+
+
+# ---- sizes bounded before anything is allocated -----------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("data.vocab_size=99999999", "data.vocab_size must be in [256, 1,048,576], got 99999999"),
+    ("train.batch_size=1000000000000", "train.batch_size must be in (0, 16,777,216]"),
+    ("train.eval_batches=1000000000000", "train.eval_batches must be in (0, 16,777,216]"),
+])
+def test_sizes_beyond_any_machine_are_refused_at_load_naming_the_key(override, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config("default", [override])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.batch_size=16000000", "model.block_size=4096"],
+     "train.batch_size=16000000: a batch of 16,000,000 windows of 4,096 tokens needs about"),
+    (["train.batch_size=1000000", "train.eval_batches=16000000"],
+     "train.eval_batches=16000000: an evaluation's 16,000,000,000,000 window starts"),
+])
+def test_train_refuses_batches_larger_than_memory_before_writing(tmp_path, monkeypatch, capsys,
+                                                                 overrides, message):
+    from cli_helpers import assert_one_line_error, run_cli
+    import xpmodel.train.setup as setup
+    monkeypatch.setattr(setup, "_host_memory", lambda: 8 << 30)
+    monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "corpus.txt").write_text("hello world\n" * 2000)
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--config", Path(__file__).parent / "tiny-run.yaml", "--out", out,
+                           f"data.source={tmp_path / 'corpus.txt'}", *overrides)
+    assert code == 2
+    assert_one_line_error(err)
+    assert message in err and "more than this machine's 8.0 GiB" in err
+    assert not out.exists() and not (tmp_path / "cache").exists()

@@ -37,6 +37,7 @@ from .errors import UsageError
 from .files import read_bounded
 from .layers.embedding_noise import NOISE_KINDS
 from .model.config import MLPS, NORMS, POSITIONS
+from .tokenizer.bpe import MAX_VOCAB
 from .train.muon import ADJUST_LR, NS_COEFFICIENTS, check_ns_coefficients, parse_ns_coefficients
 from .train.schedule import SCHEDULES
 
@@ -61,6 +62,11 @@ _MAX_STRING_CHARS = 1 << 16
 _NON_EMPTY = {"data.source"}
 # train.peak_flops is in FLOP/s; below this (0.1 TFLOP/s) it was surely meant in other units.
 MIN_PEAK_FLOPS = 1e11
+# Sequences per batch, and batches per evaluation, far beyond any machine's
+# memory: refused here, naming the key, before anything is allocated (the
+# trainer also measures the batch arrays against this machine's memory).
+MAX_BATCH_SIZE = 1 << 24
+MAX_EVAL_BATCHES = 1 << 24
 
 
 # ---------------------------------------------------------------------------
@@ -83,12 +89,16 @@ class _Range:
 
     def describe(self):
         if self.high is None:
-            return f"{'>=' if self.low_inclusive else '>'} {self.low:g}"
+            return f"{'>=' if self.low_inclusive else '>'} {_bound(self.low)}"
         if self.low is None:
-            return f"{'<=' if self.high_inclusive else '<'} {self.high:g}"
+            return f"{'<=' if self.high_inclusive else '<'} {_bound(self.high)}"
         opening = "[" if self.low_inclusive else "("
         closing = "]" if self.high_inclusive else ")"
-        return f"in {opening}{self.low:g}, {self.high:g}{closing}"
+        return f"in {opening}{_bound(self.low)}, {_bound(self.high)}{closing}"
+
+
+def _bound(number):
+    return f"{number:,}" if isinstance(number, int) else f"{number:g}"
 
 
 POSITIVE = _Range(low=0, low_inclusive=False)
@@ -113,7 +123,7 @@ class DataConfig:
     # "byte": the 256-symbol byte tokenizer
     tokenizer: str = _setting("bpe", choices=TOKENIZERS)
     # BPE vocabulary size; ignored for "byte"
-    vocab_size: int = _setting(4096, within=_Range(low=256))
+    vocab_size: int = _setting(4096, within=_Range(low=256, high=MAX_VOCAB))
     # share of the tokens held out for validation
     val_fraction: float = _setting(0.1, within=OPEN_UNIT)
     # "random": nanoGPT-style random windows; "epochs": every window once per epoch
@@ -191,7 +201,7 @@ class ModelConfig:
 class TrainConfig:
     """Optimizer, learning-rate schedule, evaluation, sampling and checkpoints."""
     # B, sequences per micro-batch
-    batch_size: int = _setting(16, within=POSITIVE)
+    batch_size: int = _setting(16, within=_Range(0, MAX_BATCH_SIZE, low_inclusive=False))
     # micro-batches summed into one optimizer step
     grad_accum: int = _setting(1, within=POSITIVE)
     # optimizer steps to run (set this or epochs)
@@ -248,7 +258,7 @@ class TrainConfig:
     # steps between validation-loss estimates
     eval_interval: int = _setting(500, within=POSITIVE)
     # batches averaged per loss estimate
-    eval_batches: int = _setting(20, within=POSITIVE)
+    eval_batches: int = _setting(20, within=_Range(0, MAX_EVAL_BATCHES, low_inclusive=False))
     # steps between printed samples; 0 = off
     sample_interval: int = _setting(500, within=NON_NEGATIVE)
     # text the samples continue
@@ -373,10 +383,10 @@ def check_value(section, key, value):
         return None
     within, choices = spec.metadata.get("within"), spec.metadata.get("choices")
     if within is not None and not within.contains(value):
-        raise UsageError(f"{dotted} must be {within.describe()}, got {value!r}")
+        raise UsageError(f"{dotted} must be {within.describe()}, got {_show(value)}")
     for item in value if isinstance(value, list) else [value]:
         if choices is not None and item not in choices:
-            raise UsageError(f"{dotted} must be one of {', '.join(choices)}; got {item!r}")
+            raise UsageError(f"{dotted} must be one of {', '.join(choices)}; got {_show(item)}")
     return value
 
 
@@ -734,6 +744,14 @@ def _override_value(raw, annotation):
         raise
     except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError):
         return raw      # not YAML; the type check names it
+
+
+def check_override(text):
+    """(dotted key, value) of one `section.key=value` override, its value checked
+    against that key alone (type, range, choices), or a one-line UsageError
+    naming the key; rules that relate several keys wait for load_config."""
+    section, key, value, _ = _parse_override(text)
+    return f"{section}.{key}", check_value(section, key, value)
 
 
 def _apply_overrides(merged, overrides):

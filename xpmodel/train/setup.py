@@ -42,6 +42,26 @@ def check_fits_in_memory(gpt_config, device):
                              f"{' or '.join(_largest_parts(gpt_config))}")
 
 
+def check_batches_fit(config):
+    """Refuse, naming the key, before anything is allocated or written, a batch
+    whose token arrays (inputs and targets, int64, (B, T) each) or an evaluation
+    whose window starts (train.eval_batches * B of them, float64 as drawn and
+    int64 as used, numpy.linspace) cannot fit in this machine's memory."""
+    t, T = config.train, config.model.block_size
+    available = _host_memory()
+    if available is None:
+        return
+    needs = [("train.batch_size", t.batch_size, t.batch_size * T * 8 * 2,
+              f"a batch of {t.batch_size:,} windows of {T:,} tokens needs", "or model.block_size"),
+             ("train.eval_batches", t.eval_batches, t.eval_batches * t.batch_size * 8 * 3,
+              f"an evaluation's {t.eval_batches * t.batch_size:,} window starts "
+              f"(train.eval_batches x train.batch_size) need", "or train.batch_size")]
+    for key, value, needed, what, other in needs:
+        if needed > available:
+            raise UsageError(f"{key}={value}: {what} about {needed / 2**30:,.1f} GiB, more "
+                             f"than this machine's {available / 2**30:,.1f} GiB; lower {key} {other}")
+
+
 def _largest_parts(gpt_config):
     """The model.* keys that size the parts holding at least a tenth of the
     parameters, the largest part first, then model.n_embd, which scales them
@@ -101,6 +121,7 @@ class RunSetup:
         data, model size) is checked before the run directory is written;
         the directory gets run.json only after its step-0 checkpoint."""
         is_main = dist is None or dist.is_main
+        check_batches_fit(config)
         device = get_device(device)
         if dist is not None:
             dist.shard(config.train.batch_size)   # refuses a batch the ranks cannot split
@@ -139,6 +160,7 @@ class RunSetup:
         run = RunDir(path)
         run.require_run("--resume")
         config = overrides_config or run.load_config()
+        check_batches_fit(config)
         tokenizer = run.load_tokenizer()
         trainer = cls(config, run, tokenizer, device, quiet=quiet, dist=dist, show=show)
         checkpoint = None

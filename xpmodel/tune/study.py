@@ -63,8 +63,11 @@ class OptunaSweep(Sweep):
         finally:
             self.close()
 
+    ONE_PROCESS = False         # workers share the study; each claims its trials
+
     def close(self):
         """Let go of this process's worker slot and trial claims."""
+        super().close()
         for fd in [self._claims.pop(name) for name in list(self._claims)] + \
                 [getattr(self, "_worker_fd", None)]:
             if fd is not None:

@@ -57,7 +57,7 @@ from ..config import load_config, save_config
 from ..cpu_threads import thread_count
 from ..errors import UsageError, XpmodelError, quote
 from ..files import parse_json, read_bounded
-from ..train.rundir import RunDir
+from ..train.rundir import LOCK_NAME, RunDir, RunLock
 from .compare import format_table
 from .plot import pyplot, save_figure
 
@@ -104,11 +104,24 @@ def parse_spec(text):
                              f"{'integers' if kind == 'int' else 'numbers'}, LOW..HIGH") from None
         if not low < high or (kind == "log" and low <= 0):
             raise UsageError(f"SPEC {text}: need {'0 < ' if kind == 'log' else ''}LOW < HIGH")
-        return Param(key, kind or "uniform", [low, high])
+        return _checked(Param(key, kind or "uniform", [low, high]), text)
     if kind:
         raise UsageError(f"SPEC {text}: {kind}: takes a range LOW..HIGH")
     values = [_parse_value(v) for v in body.split(",")]
-    return Param(key, "grid", values)
+    return _checked(Param(key, "grid", values), text)
+
+
+def _checked(param, text):
+    """The Param, once each of its values (a range: both ends) suits its key alone,
+    so `train.lr=abc,def` is refused before any trial; rules that relate several
+    keys are checked per trial."""
+    from ..config import check_override
+    for value in param.values:
+        try:
+            check_override(f"{param.key}={_format(value)}")
+        except UsageError as exc:
+            raise UsageError(f"SPEC {quote(text, 80)}: {exc}") from None
+    return param
 
 
 def _check_key(key, text):
@@ -179,7 +192,8 @@ def plan_trials(config_name, params, n_trials, seed, fixed=(), shuffle=False):
 def trial_overrides(config_name, params, fixed=()):
     """The KEY=VALUE list of a trial: the fixed ones, its values, min_lr following lr."""
     overrides = list(fixed) + [f"{k}={_format(v)}" for k, v in params.items()]
-    if "train.lr" in params and "train.min_lr" not in params:
+    lr = params.get("train.lr")
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and "train.min_lr" not in params:
         base = load_config(config_name, list(fixed)).train
         overrides.append(f"train.min_lr={_format(params['train.lr'] * base.min_lr / base.lr)}")
     return overrides
@@ -248,6 +262,8 @@ class Sweep:
             raise UsageError(f"--parallel must be at least 1, got {parallel}")
         if trials is not None and trials < 1:
             raise UsageError(f"--trials must be at least 1, got {trials}")
+        if max_iters is not None and max_iters < 1:
+            raise UsageError(f"--max-iters must be at least 1, got {max_iters}")
         self.dir = SweepDir(out)
         self.config = str(config)
         self.parallel, self.device, self.prune, self.show = parallel, device, prune, show
@@ -256,7 +272,7 @@ class Sweep:
         keys = [p.key for p in params]
         if len(set(keys)) != len(keys):
             raise UsageError(f"a key is given twice among the SPECs: {', '.join(keys)}")
-        fixed = [f"train.max_iters={max_iters}"] if max_iters else []
+        fixed = [f"train.max_iters={max_iters}"] if max_iters is not None else []
         fixed += [f"{p.key}={_format(p.values[0])}" for p in params     # one value: fixed
                   if p.kind == "grid" and len(p.values) == 1]
         params = [p for p in params if not (p.kind == "grid" and len(p.values) == 1)]
@@ -275,29 +291,52 @@ class Sweep:
         if self.sampler != natural:     # sweeps made before --sampler keep their plan
             plan["sampler"] = self.sampler
         plan.update(self._extra_plan())
+        self._lock = _SweepLock(RunDir(self.dir.path), "--out").__enter__() \
+            if self.ONE_PROCESS else None
+        try:
+            self.state = self._open_state(out, plan, fixed)
+        except BaseException:
+            Sweep.close(self)
+            raise
+        self.metric = metric
+
+    # A grid or random sweep's plan lives in sweep.json, written by one process:
+    # it holds SWEEP_DIR's lock (train's run lock, SWEEP_DIR/.xpmodel.lock) from
+    # here until run() ends. An Optuna sweep shares its study among processes.
+    ONE_PROCESS = True
+
+    def close(self):
+        """Let go of the sweep folder's lock (run() does when it ends)."""
+        if getattr(self, "_lock", None) is not None:
+            self._lock.__exit__(None, None, None)
+            self._lock = None
+
+    def _open_state(self, out, plan, fixed):
         state = self._load_state()
         if state is not None:
             if state["plan"] != plan:
                 changed = [k for k in plan if plan[k] != state["plan"].get(k)]
                 raise UsageError(f"--out {out}: holds a sweep with other settings ({', '.join(changed)} "
                                  f"differ); run the same command to resume it, or choose another --out")
-        else:
-            if self.dir.path.exists() and any(self.dir.path.iterdir()):
-                raise UsageError(f"--out {out}: exists and is not a sweep; choose another --out")
-            planned = self._plan_trials()
-            state = {"format": FORMAT, "version": 1, "plan": plan, "fixed": fixed,
-                     "trials": [{"name": f"trial-{i:03d}", "params": p, "status": "pending"}
-                                for i, p in enumerate(planned)]}
-            self.dir.save(state)
-        self.state = state
-        self.metric = metric
+            return state
+        if self.dir.path.is_dir() and any(p.name != LOCK_NAME for p in self.dir.path.iterdir()):
+            raise UsageError(f"--out {out}: exists and is not a sweep; choose another --out")
+        if self.dir.path.exists() and not self.dir.path.is_dir():
+            raise UsageError(f"--out {out}: exists and is not a directory; choose another --out")
+        planned = self._plan_trials()
+        state = {"format": FORMAT, "version": 1, "plan": plan, "fixed": fixed,
+                 "trials": [{"name": f"trial-{i:03d}", "params": p, "status": "pending"}
+                            for i, p in enumerate(planned)]}
+        self.dir.save(state)
+        return state
 
     def _load_state(self):
         """sweep.json, waiting a moment for another worker that is creating it."""
         from ..atomic import is_temporary_name
         for _ in range(20):
             state = self.dir.load()
-            entries = [p.name for p in self.dir.path.iterdir()] if self.dir.path.is_dir() else []
+            entries = [p.name for p in self.dir.path.iterdir() if p.name != LOCK_NAME] \
+                if self.dir.path.is_dir() else []
             if state is not None or not entries or not all(map(is_temporary_name, entries)):
                 return state
             time.sleep(0.1)
@@ -312,7 +351,16 @@ class Sweep:
 
     # ---- running ---------------------------------------------------------------------
     def run(self):
-        """Run every trial not yet done; returns the results (as results.json holds them)."""
+        """Run every trial not yet done (failed ones again); returns the results (as
+        results.json holds them). Raises XpmodelError when no trial succeeded."""
+        try:
+            results = self._run()
+        finally:
+            self.close()
+        self._check_outcome()
+        return results
+
+    def _run(self):
         self._begin()
         running = {}    # name -> (Popen, trial, slot, log file)
         slots = list(range(self.parallel))
@@ -353,10 +401,32 @@ class Sweep:
 
     def _begin(self):
         trials = self.state["trials"]
+        failed = [t for t in trials if t["status"] == "failed"]
+        for trial in failed:            # a rerun retries them (resuming those that saved)
+            trial["status"] = "pending"
+            trial.pop("error", None)
         self._todo = [t for t in trials if t["status"] in ("pending", "running")]
-        if self.show and len(self._todo) < len(trials):
+        if self.show and len(self._todo) < len(trials) + len(failed):
+            retry = f"; retrying {len(failed)} failed: {', '.join(t['name'] for t in failed)}" \
+                if failed else ""
             print(f"resuming the sweep in {self.dir.path}: {len(trials) - len(self._todo)} of "
-                  f"{len(trials)} trials done", flush=True)
+                  f"{len(trials)} trials done{retry}", flush=True)
+
+    def _check_outcome(self):
+        """Raise when the sweep ended with no trial done (and none left to run
+        elsewhere); say how to retry the failed ones."""
+        trials = self.state["trials"]
+        failed = [t["name"] for t in trials if t["status"] == "failed"]
+        if any(t["status"] in ("done", "running", "pending") for t in trials) or not trials:
+            if failed and self.show:
+                print(f"{len(failed)} of {len(trials)} trials failed (see {self.dir.path / 'logs'}); "
+                      f"run the same command again to retry them", flush=True)
+            return
+        if self.show:
+            print("\n".join(self.table()), flush=True)
+        raise XpmodelError(f"no trial of the sweep in {self.dir.path} succeeded ({len(failed)} of "
+                           f"{len(trials)} failed; see {self.dir.path / 'logs'}); run the same "
+                           f"command again to retry them")
 
     def _next_trial(self):
         """The next trial to start, or None when none is left."""
@@ -537,6 +607,16 @@ def _last_error(log_path):
         return "no log"
     errors = [l for l in lines if l.startswith("error:")]
     return (errors or lines or ["no output"])[-1][:300]
+
+
+class _SweepLock(RunLock):
+    """train's one-writer lock (train/rundir.py), taken on a sweep folder."""
+
+    def _in_use(self, holder):
+        who = f" (pid {quote(holder.get('pid'), 20)} on {quote(holder.get('host'), 80)})" \
+            if holder else ""
+        return (f"{self.flag} {self.run.path}: in use by another xpmodel sweep{who}; one process "
+                f"runs a grid or random sweep at a time: wait for it to finish or stop it first")
 
 
 def _wait_for_lock(lock_path, timeout_s=120):

@@ -1,0 +1,88 @@
+"""`xpmodel sweep` (grid and random) refusing what it cannot run before any
+trial: SPEC values of the wrong kind, --max-iters 0, a folder another sweep
+process holds; a sweep whose every trial fails exits non-zero, and a rerun
+retries its failed trials."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import assert_one_line_error, run_cli
+
+TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
+
+
+pytestmark = pytest.mark.usefixtures("private_cache")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("train.lr=abc,def", "SPEC 'train.lr=abc,def': train.lr must be a number, got 'abc'"),
+    ("train.lr=1e-3,oops", "train.lr must be a number, got 'oops'"),
+    ("model.n_layer=int:-2..4", "model.n_layer must be > 0, got -2"),
+    ("train.recompute=none,sometimes", "train.recompute must be one of none, mlp, block"),
+])
+def test_a_spec_value_of_the_wrong_kind_is_refused_before_any_trial(capsys, tmp_path, spec, message):
+    out = tmp_path / "sweep"
+    code, _, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out, spec)
+    assert code == 2
+    assert_one_line_error(err)
+    assert message in err
+    assert not out.exists()
+
+
+def test_max_iters_zero_is_refused(capsys, tmp_path):
+    out = tmp_path / "sweep"
+    code, _, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out, "--max-iters", 0,
+                           "train.lr=1e-3,2e-3")
+    assert code == 2
+    assert_one_line_error(err)
+    assert "--max-iters must be at least 1, got 0" in err
+    assert not out.exists()
+
+
+def test_a_second_process_on_the_same_sweep_folder_is_refused(capsys, tmp_path):
+    out = tmp_path / "sweep"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from xpmodel.tune.sweep import open_sweep\n"
+         f"open_sweep({str(out)!r}, {str(TINY)!r}, ['train.lr=1e-3,2e-3'], show=False)\n"
+         "print('holding', flush=True)\n"
+         "time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        code, _, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out, "train.lr=1e-3,2e-3")
+        assert code == 2
+        assert_one_line_error(err)
+        assert "in use by another xpmodel sweep" in err and f"pid {holder.pid}" in err
+        assert json.loads((out / "sweep.json").read_text())["trials"][0]["status"] == "pending"
+    finally:
+        holder.kill()
+        holder.wait()
+    from xpmodel.tune.sweep import open_sweep      # the kernel let go of the dead holder's lock
+    sweep = open_sweep(out, str(TINY), ["train.lr=1e-3,2e-3"], show=False)
+    sweep.close()
+    assert not (out / ".xpmodel.lock").exists()
+
+
+def test_a_sweep_whose_every_trial_fails_exits_non_zero_and_a_rerun_retries(capsys, tmp_path):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--config", TINY, "--out", out, f"data.source={tmp_path / 'missing.txt'}",
+            "train.lr=1e-3,2e-3"]
+    code, stdout, err = run_cli(capsys, *args)
+    assert code == 1, (stdout, err)
+    assert_one_line_error(err)
+    assert "no trial of the sweep" in err and "2 of 2 failed" in err and "retry" in err
+    state = json.loads((out / "sweep.json").read_text())
+    assert [t["status"] for t in state["trials"]] == ["failed", "failed"]
+    started = time.time()
+    code, stdout, err = run_cli(capsys, *args)
+    assert code == 1
+    assert "retrying 2 failed: trial-000, trial-001" in stdout
+    log = (out / "logs" / "trial-000.log").read_text()
+    assert log.count("$ ") == 2, log          # started again, not skipped as done
+    assert time.time() - started < 120
