@@ -6,6 +6,12 @@ format version, the corpus fingerprint (files, sizes, mtimes, contents; see
 the corpus or the tokenizer gives a new key and so a fresh file; an
 unchanged pair reuses the existing file without reading the corpus.
 
+A reused file's ids are checked against the sha256 its sidecar records
+(tokenfile.py): a cached file that fails, or whose sidecar predates the
+checksum, is rebuilt (a damaged one with a note on stderr); an `out_path`
+file that fails is a DataError (it is the user's file), one without a
+checksum is reused as before.
+
 Where token files live: `out_path` when given (reused only if its sidecar
 carries the same key), else `<cache_dir>/<name>-<key>.tok` with `cache_dir`
 taken from the argument, else `$XPMODEL_CACHE/tokens`, else
@@ -25,6 +31,7 @@ import collections
 import hashlib
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -35,6 +42,8 @@ from .sources import corpus_fingerprint, resolve_source
 from .tokenfile import (
     FORMAT_VERSION,
     MAX_VOCAB_SIZE,
+    check_token_checksum,
+    damaged_message,
     read_sidecar,
     read_token_header,
     write_token_file,
@@ -89,7 +98,7 @@ def prepare(
     else:
         folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         target = folder / f"{_file_stem(source.spec)}-{key[:24]}.tok"
-    if _is_current(target, key):
+    if _is_current(target, key, own_cache=out_path is None):
         return target
     total = source.total_bytes()
     eot_id = getattr(tokenizer, "eot_id", None)
@@ -127,7 +136,11 @@ def _encoded_chunks(source, tokenizer, eot_id, workers, chunk_bytes, progress, t
             progress(done, total)
 
 
-def _is_current(target: Path, key: str) -> bool:
+def _is_current(target: Path, key: str, own_cache: bool = True) -> bool:
+    """Whether `target` holds these tokens, whole: its sidecar names the key and
+    the header, and its ids match the sidecar's checksum. In xpmodel's own cache
+    (`own_cache`) a file without a checksum is stale and a damaged one is rebuilt
+    with a note; a user's file (prepare's out_path) that is damaged is an error."""
     if not target.is_file():
         return False
     try:
@@ -136,12 +149,22 @@ def _is_current(target: Path, key: str) -> bool:
     except DataError:
         return False  # an unreadable old file is rebuilt, not reported
     meta = sidecar.get("meta")
-    return (
+    if not (
         isinstance(meta, dict)
         and meta.get("cache_key") == key
         and sidecar.get("count") == header.count
         and sidecar.get("tokenizer_fingerprint") == header.tokenizer_fingerprint
-    )
+    ):
+        return False
+    intact = check_token_checksum(target, sidecar)
+    if intact is None:
+        return not own_cache  # a cache entry from before checksums: rebuilt
+    if not intact:
+        if not own_cache:
+            raise DataError(damaged_message(target))
+        print(f"note: {target}: cached token ids do not match their checksum; rebuilding the "
+              f"file", file=sys.stderr, flush=True)
+    return intact
 
 
 def _file_stem(spec: str) -> str:

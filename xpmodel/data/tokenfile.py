@@ -13,7 +13,11 @@ Header layout (little-endian, `struct` format `<8sIIQI32s4x`):
 
 The ids follow immediately: uint16 when the vocab has at most 65536 entries,
 else uint32. The sidecar `<file>.json` repeats these facts in readable form
-and adds the caller's `meta` (the corpus description, the cache key).
+and adds the sha256 of the id bytes (`ids_sha256`) and the caller's `meta`
+(the corpus description, the cache key). The checksum catches what the other
+checks cannot: ids overwritten in place with other in-range ids (zeros, say).
+`check_token_checksum` compares it (about 2 GB/s); sidecars written before it
+existed have none.
 
 Writes are atomic (`atomic.atomic_writer`): ids stream into a temporary file
 next to the target, the count is patched into its header at the end, and the
@@ -22,6 +26,7 @@ file size matches the count before anything is mapped, so a corrupt or
 crafted header cannot trigger a large allocation.
 """
 
+import hashlib
 import json
 import os
 import struct
@@ -44,6 +49,8 @@ _DTYPE_CODES = {1: numpy.dtype("<u2"), 2: numpy.dtype("<u4")}
 MAX_VOCAB_SIZE = 2**32 - 1  # the largest value the uint32 header field holds
 _CHECK_CHUNK = 1 << 24  # ids checked against the vocab per pass
 _MAX_SIDECAR_BYTES = 1 << 20
+_HASH_CHUNK = 1 << 24  # bytes hashed per read
+CHECKSUM_KEY = "ids_sha256"
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,7 @@ def write_token_file(
     dtype_code = next(code for code, known in _DTYPE_CODES.items() if known == dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
+    digest = hashlib.sha256()
     with atomic_writer(path) as file:
         file.write(HEADER.pack(MAGIC, FORMAT_VERSION, dtype_code, 0, vocab_size, fingerprint))
         for chunk in chunks:
@@ -95,7 +103,9 @@ def write_token_file(
             if ids.size == 0:
                 continue
             _check_ids(ids, vocab_size, path)
-            file.write(ids.astype(dtype, copy=False).tobytes())
+            data = ids.astype(dtype, copy=False).tobytes()
+            digest.update(data)
+            file.write(data)
             count += ids.size
         file.seek(_COUNT_OFFSET)
         file.write(struct.pack("<Q", count))
@@ -106,6 +116,7 @@ def write_token_file(
         "count": count,
         "vocab_size": vocab_size,
         "tokenizer_fingerprint": tokenizer_fingerprint,
+        CHECKSUM_KEY: digest.hexdigest(),
         "meta": meta or {},
     }
     # The ids land first: a stale sidecar next to a new token file fails
@@ -151,15 +162,22 @@ def read_token_header(path: "str | os.PathLike") -> TokenFileHeader:
 
 
 def read_token_file(
-    path: "str | os.PathLike", expected_fingerprint: str | None = None, vocab_size: int | None = None
+    path: "str | os.PathLike",
+    expected_fingerprint: str | None = None,
+    vocab_size: int | None = None,
+    verify_checksum: bool = False,
 ) -> numpy.ndarray:
     """The ids of the token file `path` as a read-only memmap (N,), after validating it.
 
     With `vocab_size`, every id is checked to be below it (one pass over the
     file), so a damaged file is named here rather than failing deep in a model.
+    With `verify_checksum`, the ids are compared with the sidecar's checksum
+    (a file whose sidecar records none passes).
     """
     path = Path(path)
     header = read_token_header(path)
+    if verify_checksum and check_token_checksum(path) is False:
+        raise DataError(damaged_message(path))
     if expected_fingerprint is not None and header.tokenizer_fingerprint != expected_fingerprint:
         raise DataError(
             f"{path}: tokenized by a different tokenizer (fingerprint {header.tokenizer_fingerprint[:12]}…, "
@@ -182,6 +200,35 @@ def read_token_file(
     return tokens
 
 
+def ids_checksum(path: "str | os.PathLike") -> str:
+    """The hex sha256 of the id bytes of the token file `path` (after its header),
+    read in bounded chunks."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    try:
+        with open_regular(path, DataError, "token file") as file:
+            file.seek(HEADER_BYTES)
+            while True:
+                data = file.read(_HASH_CHUNK)
+                if not data:
+                    break
+                digest.update(data)
+    except OSError as error:
+        raise DataError(f"{path}: cannot read token file ({error.strerror})") from None
+    return digest.hexdigest()
+
+
+def check_token_checksum(path: "str | os.PathLike", sidecar: dict | None = None) -> bool | None:
+    """Whether the ids of the token file `path` match the checksum its sidecar
+    records (True or False), or None when the sidecar records none (written
+    before xpmodel kept one) or an unusable one."""
+    facts = read_sidecar(path) if sidecar is None else sidecar
+    recorded = facts.get(CHECKSUM_KEY)
+    if not isinstance(recorded, str) or len(recorded) != 64:
+        return None
+    return ids_checksum(path) == recorded
+
+
 def read_sidecar(path: "str | os.PathLike") -> dict:
     """The JSON sidecar of the token file `path`; DataError naming the sidecar if unreadable."""
     sidecar = sidecar_path(path)
@@ -194,6 +241,11 @@ def read_sidecar(path: "str | os.PathLike") -> dict:
     if not isinstance(facts, dict):
         raise DataError(f"{sidecar}: token file sidecar is not a JSON object")
     return facts
+
+
+def damaged_message(path: Path) -> str:
+    return (f"{path}: the token ids do not match the checksum in {sidecar_path(path).name}; the "
+            f"file is damaged: delete it and {sidecar_path(path).name}, then re-run xpmodel prepare")
 
 
 def _fingerprint_bytes(fingerprint: str) -> bytes:
