@@ -36,7 +36,7 @@ def test_doctor_passes_a_sound_model_on_the_command_line(capsys, corpus):
                              "model.norm=rmsnorm", "model.position=rope", "model.mlp=swiglu",
                              "model.n_kv_head=1", "model.tie_embeddings=false")
     assert code == 0, out + err
-    for name in ("config", "data", "tokenizer", "initial loss", "gradients", "finite diff",
+    for name in ("config", "data", "tokenizer", "initial-loss", "gradients", "finite-diff",
                  "overfit"):
         assert f"PASS  {name}" in out
     assert "7 passed, 0 warnings, 0 failed" in out
@@ -48,10 +48,10 @@ def test_doctor_fails_a_broken_backward_and_names_the_layer(capsys, corpus, monk
                         lambda *args, **kwargs: 0.5 * real(*args, **kwargs))
     code, out, _ = run_cli(capsys, "doctor", TINY, f"data.source={corpus}", "--skip", "overfit")
     assert code == 1
-    line = next(l for l in out.splitlines() if "finite diff" in l)
+    line = next(l for l in out.splitlines() if "finite-diff" in l)
     assert "FAIL" in line and "): h.0.attn.c_attn.weight," in line   # nearest the break first
     assert "a backward pass is wrong" in out
-    assert "PASS  initial loss" in out     # the forward pass is sound
+    assert "PASS  initial-loss" in out     # the forward pass is sound
 
 
 def test_doctor_finds_a_parameter_without_gradient(corpus, monkeypatch):

@@ -1,11 +1,13 @@
 """What each `xpmodel` subcommand does; main.py only parses arguments."""
 import math
+import os
 import sys
 from pathlib import Path
 
 import numpy
 
 from ..errors import DataError, UsageError, quote
+from ..files import check_output, check_output_dir, inside, open_regular, same_file
 
 _EVAL_TOKENS_PER_BATCH = 4096
 
@@ -49,12 +51,16 @@ def _train(args, device, dist):
     if dist is not None and not args.out:
         raise UsageError("under mpirun every rank must name the same run: pass --out RUN_DIR")
     overrides = list(args.overrides)
+    if args.init_from and not os.path.exists(args.init_from):
+        raise UsageError(f"--init-from {args.init_from}: no such directory")
     if args.init_from:
         overrides.append(f"train.init_from={args.init_from}")
     config_name = args.config or "default"
+    _refuse_empty_config(args.config, "--config")
     config = load_config(args.config, overrides, notify=print if is_main else None)
     out = Path(args.out) if args.out else default_run_path(config_name)
-    if config.train.init_from and _same_path(config.train.init_from, out):
+    init_from = config.train.init_from
+    if init_from and Path(init_from).exists() and same_file(init_from, out):
         raise UsageError(f"--out {out}: is the run --init-from reads; choose another --out")
     if not args.out and out.name != Path(config_name).stem and is_main:
         print(f"{out.parent / Path(config_name).stem} already exists, so this run goes to {out} "
@@ -110,21 +116,32 @@ def _print_header(trainer):
         print(f"MFU against {source}" if peak else source, flush=True)
 
 
-def _same_path(a, b):
-    """Whether two paths name the same file or folder (links resolved)."""
+def _refuse_empty_config(name_or_path, flag):
+    """UsageError for a config file with no settings (empty, or only comments):
+    load_config would take it as the default config, surely not what was meant.
+    Shipped names, run directories and unreadable paths are left to load_config."""
+    if name_or_path is None or not Path(name_or_path).is_file():
+        return
+    limit = 1 << 20   # as config.py's; a larger file is refused there
     try:
-        return Path(a).resolve() == Path(b).resolve()
-    except (OSError, RuntimeError):
-        return False
+        with open_regular(name_or_path, UsageError, "config file") as f:
+            data = f.read(limit + 1)
+    except UsageError:
+        return
+    if len(data) > limit:
+        return
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    if all(not line.strip() or line.strip().startswith("#") or line.strip() in ("---", "...")
+           for line in lines):
+        raise UsageError(f"{flag} {name_or_path}: the config file is empty (no settings); write "
+                         f"the keys to change in it, or name a shipped config such as default")
 
 
-def _inside(path, folder):
-    """Whether `path` is `folder` or lies below it (links resolved)."""
-    try:
-        Path(path).resolve().relative_to(Path(folder).resolve())
-        return True
-    except (OSError, RuntimeError, ValueError):
-        return False
+def _require_run_folder(path, flag="RUN_DIR"):
+    """UsageError for a run path that is a file: the run loaders would say "no
+    such directory" of a path that exists."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a file, not a run directory")
 
 
 def sample_command(args):
@@ -150,6 +167,7 @@ def sample_command(args):
     if args.seed is not None and not 0 <= args.seed < 2**63:
         raise UsageError(f"--seed must be an integer from 0 to 2**63 - 1, got {quote(args.seed, 40)}")
     _check_utf8("--prompt", args.prompt)
+    _require_run_folder(args.run_dir)
     model, tokenizer = load(args.run_dir, device=args.device, checkpoint=args.checkpoint,
                             kernels=args.kernels)
     context = tokenizer.encode(args.prompt, allowed_special="all")
@@ -187,6 +205,7 @@ def eval_command(args):
     from ..data.corpus import load_tokens
     from ..train.rundir import RunDir
     from ..train.runs import load
+    _require_run_folder(args.run_dir)
     model, tokenizer = load(args.run_dir, device=args.device, checkpoint=args.checkpoint,
                             kernels=args.kernels)
     config = RunDir(args.run_dir).load_config()
@@ -242,12 +261,10 @@ def evaluate_tokens(model, tokenizer, tokens, batch_size, max_batches=None):
 
 
 def plot_command(args):
-    from ..tune.plot import plot_health, plot_run
-    path = plot_run(args.run_dir, args.out)
-    print(f"wrote {path}")
-    health = plot_health(args.run_dir, path.with_name(path.stem + "-health.png"))
-    if health:
-        print(f"wrote {health}")
+    from ..tune.plot import plot_run
+    _require_run_folder(args.run_dir)
+    for path in plot_run(args.run_dir, args.out, overwrite=args.overwrite):
+        print(f"wrote {path}")
     return 0
 
 
@@ -255,17 +272,15 @@ def prepare_command(args):
     from ..data import prepare, read_token_header, resolve_source, sidecar_path, tokenizing_progress
     from ..tokenizer.bpe import BPETokenizer
     tokenizer = BPETokenizer.load(args.tokenizer)
-    if args.workers is not None and args.workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    workers = _encoding_workers(args.workers)
     if args.preview is not None and args.preview < 1:
         raise UsageError(f"--preview must be at least 1 token, got {args.preview}")
     if args.out is not None:
         source = resolve_source(args.source)
-        out = Path(args.out)
-        for target in (out, sidecar_path(out)):
-            _refuse_input_as_output("--out", target, [*source.files, Path(args.tokenizer)])
+        for target in (Path(args.out), sidecar_path(args.out)):   # the token file and its sidecar
+            check_output(target, "--out", [*source.files, Path(args.tokenizer)], args.overwrite)
     with tokenizing_progress() as progress:
-        path = prepare(args.source, tokenizer, out_path=args.out, workers=args.workers,
+        path = prepare(args.source, tokenizer, out_path=args.out, workers=workers,
                        progress=progress)
     header = read_token_header(path)
     print(f"wrote {header.count:,} tokens to {path}")
@@ -275,6 +290,30 @@ def prepare_command(args):
                                  vocab_size=tokenizer.vocab_size)
         print(token_preview(tokenizer, tokens[:args.preview].tolist(), len(tokens)))
     return 0
+
+
+def _encoding_workers(requested):
+    """--workers as prepare uses it: at least 1; more than the cores this
+    process may use is capped to them, with a note on stderr (encoding is
+    CPU-bound, so more processes than cores only cost memory)."""
+    if requested is None:
+        return None
+    if requested < 1:
+        raise UsageError(f"--workers must be at least 1, got {requested}")
+    cores = usable_cores()
+    if requested > cores:
+        print(f"note: --workers {requested} is more than the {cores} cores here; using {cores}",
+              file=sys.stderr, flush=True)
+        return cores
+    return requested
+
+
+def usable_cores():
+    """The CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def token_preview(tokenizer, ids, total):
@@ -296,12 +335,12 @@ def tokenizer_train_command(args):
     if not 256 <= args.vocab_size <= MAX_VOCAB:
         raise UsageError(f"--vocab-size must be from 256 to {MAX_VOCAB:,}, got {args.vocab_size}")
     source = resolve_source(args.source)
-    _refuse_input_as_output("--out", args.out, source.files)
+    check_output(args.out, "--out", source.files, args.overwrite)
     if args.export_hf:
-        for path in source.files:
-            if _inside(path, args.export_hf):
-                raise UsageError(f"--export-hf {args.export_hf}: holds {path}, a file of the "
-                                 f"corpus; choose another folder")
+        check_output_dir(args.export_hf, "--export-hf", source.files, args.overwrite)
+        if inside(args.out, args.export_hf):
+            raise UsageError(f"--out {args.out}: is inside --export-hf {args.export_hf}, whose "
+                             f"files the export writes; keep the two apart")
     texts = (text for _, text in iter_texts(source))
     tokenizer = BPETokenizer.train(texts, args.vocab_size)
     tokenizer.save(args.out)
@@ -316,12 +355,13 @@ def tokenizer_train_command(args):
 def export_hf_command(args):
     from ..hf.convert import export_hf
     from ..train.runs import load, weight_sources
-    if _inside(args.out_dir, args.run_dir) or _inside(args.run_dir, args.out_dir):
+    _require_run_folder(args.run_dir)
+    if inside(args.out_dir, args.run_dir) or inside(args.run_dir, args.out_dir):
         raise UsageError(f"OUT_DIR {args.out_dir}: overlaps the run {args.run_dir}; export to a "
                          f"folder outside it")
     model, tokenizer = load(args.run_dir, checkpoint=args.checkpoint)
     for source in weight_sources(args.run_dir):
-        if _inside(args.out_dir, source) or _inside(source, args.out_dir):
+        if inside(args.out_dir, source) or inside(source, args.out_dir):
             raise UsageError(f"OUT_DIR {args.out_dir}: overlaps {source}, which the run's "
                              f"weights came from; export to another folder")
     architecture = export_hf(model, tokenizer, args.out_dir, overwrite=args.overwrite)
@@ -332,21 +372,16 @@ def export_hf_command(args):
 def import_hf_command(args):
     from ..train.rundir import RunDir
     from ..train.runs import import_run
-    if _inside(args.out, args.hf_dir) or _inside(args.hf_dir, args.out):
+    if inside(args.out, args.hf_dir) or inside(args.hf_dir, args.out):
         raise UsageError(f"--out {args.out}: overlaps HF_DIR {args.hf_dir}, which the import "
                          f"reads; choose another --out")
+    if RunDir(args.out).is_run() and not args.overwrite:   # RunDir's own message suggests --resume
+        raise UsageError(f"--out {args.out}: already holds a run; choose another --out, or pass "
+                         f"--overwrite to replace it")
     with RunDir(args.out).lock("--out"):
         path = import_run(args.hf_dir, args.out, overwrite=args.overwrite)
     print(f"imported {args.hf_dir} as the run {path}")
     return 0
-
-
-def _refuse_input_as_output(flag, out, inputs):
-    """UsageError when the output path `out` is one of the command's input files."""
-    for path in inputs:
-        if _same_path(out, path):
-            raise UsageError(f"{flag} {out}: is also an input of this command ({path}); "
-                             f"writing it would destroy what is being read; choose another {flag}")
 
 
 # ---- tuning and diagnosis (the work is in xpmodel/tune/) --------------------------------
@@ -356,6 +391,7 @@ def doctor_command(args):
     from ..tune.doctor import diagnose
     if args.overfit_steps < 1:
         raise UsageError(f"--overfit-steps must be at least 1, got {args.overfit_steps}")
+    _check_subject(args.target, "CONFIG_OR_RUN")
     subject = load_subject(args.target, args.overrides)
     progress = (lambda text: print(text, file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
     report = diagnose(subject, device=args.device, overfit_steps=args.overfit_steps,
@@ -364,13 +400,32 @@ def doctor_command(args):
     return 0 if report.ok else 1
 
 
+def _check_subject(target, flag):
+    """What a tuning tool starts from is a run directory, a config file with
+    settings, or a shipped name: a plain folder is "not a run", not an unknown
+    config."""
+    from ..train.rundir import RunDir
+    if os.path.isdir(target):
+        RunDir(target).require_run(flag)
+    _refuse_empty_config(target, flag)
+
+
 def lr_find_command(args):
+    from ..data import resolve_source
     from ..tune.common import load_subject
-    from ..tune.lr_find import lr_range_test, write_results
-    subject = load_subject(args.config or "default", args.overrides)
+    from ..tune.lr_find import check_ramp, lr_range_test, write_results
+    from ..tune.plot import check_png_output
+    check_ramp(args.start_lr, args.end_lr, args.steps)
+    if args.out is not None:
+        check_png_output(args.out)
+    target = args.config or "default"
+    _check_subject(target, "--config")
+    subject = load_subject(target, args.overrides)
     out = Path(args.out) if args.out else Path(f"lr-find-{subject.name}.png")
-    if out.suffix.lower() != ".png":
-        raise UsageError(f"--out {out}: the plot is a PNG; give a path ending in .png")
+    inputs = [Path(target)] if Path(target).is_file() else []
+    inputs += resolve_source(subject.config.data.source).files
+    for path in (out, out.with_suffix(".json")):   # the plot and its numbers
+        check_output(path, "--out", inputs, args.overwrite)
     print(f"lr-find: {subject.name}, {args.steps} steps from {args.start_lr:g} to {args.end_lr:g}",
           flush=True)
     result = lr_range_test(subject, device=args.device, start_lr=args.start_lr,
@@ -397,18 +452,21 @@ def runs_command(args):
 
 def compare_command(args):
     from ..tune.compare import differing_keys, find_runs, plot_runs, runs_table, summarize
+    from ..tune.plot import check_png_output
+    out = check_output(check_png_output(args.out), "--out", overwrite=args.overwrite)
     runs = [run for folder in args.run_dirs for run in find_runs(folder)]
     if not runs:
         raise UsageError(f"no runs in {' '.join(args.run_dirs)}")
     summaries = [summarize(run) for run in runs]
     keys = differing_keys(summaries)
     print("\n".join(runs_table(summaries, extra_columns=keys)))
-    print(f"wrote {plot_runs(summaries, args.out)}")
+    print(f"wrote {plot_runs(summaries, out)}")
     return 0
 
 
 def sweep_command(args):
     from ..tune.sweep import open_sweep, run_preset, sweep_strategy
+    _refuse_empty_config(args.config, "--config")
     if args.preset:
         return run_preset(args)
     if not args.specs:

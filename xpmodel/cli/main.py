@@ -17,6 +17,8 @@ from .. import __version__
 from ..errors import XpmodelError
 
 _EPILOG = "Run `xpmodel COMMAND --help` for the options of each command."
+_OVERWRITE_FILE = ("replace an existing output file (never one the command reads, nor a run's "
+                   "own files)")
 
 
 def main(argv=None):
@@ -66,6 +68,9 @@ def _run(parser, args, extra):
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    stdout = sys.stdout
+    if getattr(args, "outlives_stdout", False):
+        sys.stdout = _StdoutOrNothing(stdout)
     try:
         return args.handler(args) or 0
     except KeyboardInterrupt:
@@ -74,7 +79,8 @@ def _run(parser, args, extra):
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        # The reader went away (`xpmodel sample ... | head`): stop quietly.
+        # The reader went away (`xpmodel sample ... | head`): stop quietly. Not
+        # training: it outlives its reader (see _StdoutOrNothing).
         _silence_stdout()
         return 0
     except Exception as exc:
@@ -87,6 +93,38 @@ def _run(parser, args, extra):
         code, message = _describe(exc)
         print(f"error: {message}", file=sys.stderr)
         return code
+    finally:
+        sys.stdout = stdout
+
+
+class _StdoutOrNothing:
+    """sys.stdout for a command that must not die with its reader: training
+    piped into `head` goes on to its end (its checkpoints, metrics.jsonl and
+    the final save) once `head` has gone, its further output sent to
+    os.devnull. Errors still reach stderr."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            _silence_stdout()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            _silence_stdout()
+            try:
+                self._stream.flush()   # what was buffered goes to os.devnull
+            except (OSError, ValueError):
+                pass
+
+    def __getattr__(self, name):   # isatty, fileno, encoding, ...
+        return getattr(self._stream, name)
 
 
 def _silence_stdout():
@@ -147,6 +185,8 @@ def build_parser():
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     from . import commands as c
+    from ..tune.doctor import CHECKS as DOCTOR_CHECKS
+    from ..tune.lr_find import MIN_STEPS as LR_FIND_MIN_STEPS
     p = commands.add_parser("train", parents=[common], help="train a model",
                             description="Train a model from a config, or resume a run.",
                             epilog=_train_epilog(),
@@ -165,7 +205,7 @@ def build_parser():
     p.add_argument("--quiet", action="store_true", help="plain log lines, no live display")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. model.n_layer=4 train.max_iters=200")
-    p.set_defaults(handler=c.train_command)
+    p.set_defaults(handler=c.train_command, outlives_stdout=True)
 
     trained_run = argparse.ArgumentParser(add_help=False)   # options of commands that load a run
     trained_run.add_argument("run_dir", metavar="RUN_DIR", help="a run directory made by train "
@@ -206,15 +246,22 @@ def build_parser():
     p = commands.add_parser("plot", parents=[common], help="plot a run's losses to a PNG",
                             description="Plot train/validation loss and learning rate against step.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run to plot")
-    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/loss.png)")
+    p.add_argument("--out", default=None, metavar="PNG",
+                   help="PNG path (default: RUN_DIR/loss.png); with health records also "
+                        "NAME-health.png beside it")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_FILE)
     p.set_defaults(handler=c.plot_command)
 
     p = commands.add_parser("prepare", parents=[common], help="tokenize a corpus into a token file",
                             description="Tokenize a corpus once into a token file that runs reuse.")
     p.add_argument("source", metavar="SOURCE", help="a file, folder, glob or built-in corpus")
     p.add_argument("--tokenizer", required=True, metavar="FILE", help="a tokenizer JSON file")
-    p.add_argument("--out", default=None, help="token file path (default: the cache)")
-    p.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="token file path, with FILE.json beside it (default: the cache)")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_FILE)
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="encoding processes; more than the cores here is capped to them, with a "
+                        "note (default: all cores)")
     p.add_argument("--preview", type=int, nargs="?", const=64, default=None, metavar="N",
                    help="then decode the file's first N tokens (default 64), as ids, text and "
                         "tokens, to check the data")
@@ -228,9 +275,14 @@ def build_parser():
     q.add_argument("source", metavar="SOURCE", help="a file, folder, glob or built-in corpus")
     q.add_argument("--vocab-size", type=int, required=True, metavar="N",
                    help="ids in the vocabulary: 256 bytes + merges + <|endoftext|>")
-    q.add_argument("--out", required=True, help="tokenizer JSON file to write")
+    q.add_argument("--out", required=True, metavar="FILE", help="tokenizer JSON file to write")
     q.add_argument("--export-hf", default=None, metavar="DIR",
-                   help="also write Hugging Face tokenizer files to DIR")
+                   help="also write Hugging Face tokenizer files to DIR (new or empty; never a "
+                        "run or a model folder)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file, and write into a non-empty --export-hf "
+                        "DIR (its other files are kept); never an input, a run's files or a "
+                        "model's")
     q.set_defaults(handler=c.tokenizer_train_command)
     p.set_defaults(handler=lambda args, parser=p: parser.print_help() or 2)
 
@@ -267,10 +319,10 @@ def build_parser():
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--overfit-steps", type=int, default=300, metavar="N",
                    help="steps the one-batch overfit check may take (default: 300)")
-    p.add_argument("--skip", action="append", default=[], metavar="CHECK",
-                   choices=("config", "data", "tokenizer", "initial loss", "gradients",
-                            "finite diff", "overfit"),
-                   help="leave a check out (repeatable), e.g. --skip overfit")
+    p.add_argument("--skip", action="append", default=[], metavar="CHECK", choices=DOCTOR_CHECKS,
+                   type=lambda name: name.strip().replace(" ", "-"),
+                   help=f"leave a check out (repeatable): {', '.join(DOCTOR_CHECKS)}; "
+                        f"e.g. --skip overfit")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(handler=c.doctor_command)
 
@@ -282,12 +334,13 @@ def build_parser():
                    help="a shipped config name, a YAML file or a run directory (default: default)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--steps", type=int, default=200, metavar="N",
-                   help="steps of the ramp (default: 200)")
+                   help=f"steps of the ramp, at least {LR_FIND_MIN_STEPS} (default: 200)")
     p.add_argument("--start-lr", type=float, default=1e-7, metavar="LR", help="(default: 1e-7)")
     p.add_argument("--end-lr", type=float, default=1.0, metavar="LR", help="(default: 1)")
     p.add_argument("--out", default=None, metavar="PNG",
                    help="the plot (default: lr-find-CONFIG.png here); the numbers go beside it "
                         "as .json")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_FILE)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(handler=c.lr_find_command)
 
@@ -306,6 +359,7 @@ def build_parser():
     p.add_argument("run_dirs", metavar="RUN", nargs="+", help="run directories (or folders of runs)")
     p.add_argument("--out", default="compare.png", metavar="PNG",
                    help="the plot (default: compare.png)")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_FILE)
     p.set_defaults(handler=c.compare_command)
 
     p = commands.add_parser("sweep", parents=[common],

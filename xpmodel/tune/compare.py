@@ -12,7 +12,7 @@ from ..config import config_to_dict
 from ..errors import CheckpointError, DataError, UsageError
 from ..train.checkpoint import read_checkpoint_meta
 from ..train.rundir import RunDir, _lock_is_free
-from .plot import pyplot, save_figure
+from .plot import check_png_output, pyplot, save_figure
 
 _MAX_DEPTH = 3   # run directories are looked for this many folders down
 
@@ -22,6 +22,8 @@ def find_runs(root):
     root = Path(root)
     if RunDir(root).is_run():
         return [RunDir(root)]
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"{root}: is a file, not a run directory or a folder of runs")
     if not root.is_dir():
         raise UsageError(f"{root}: no such directory")
     found = []
@@ -147,9 +149,7 @@ def plot_runs(summaries, out, title="xpmodel compare"):
     """One PNG overlaying the runs' training loss (smoothed) and validation loss
     against step; returns its path."""
     plt = pyplot("the plot")
-    out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise UsageError(f"--out {out}: the plot is a PNG; give a path ending in .png")
+    out = check_png_output(out)
     fig, (train_axes, val_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     plotted = 0

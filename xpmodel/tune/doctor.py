@@ -4,9 +4,9 @@ learn, as one command and one pass/fail report.
   config        settings that are legal but unlikely to be meant
   data          split sizes, tokens per parameter, the epochs the run makes
   tokenizer     text survives decode -> encode -> decode; how much of the vocabulary the data uses
-  initial loss  close to ln(V): a fresh model should be unsure of every token
+  initial-loss  close to ln(V): a fresh model should be unsure of every token
   gradients     every parameter gets a finite, non-zero gradient from one batch
-  finite diff   a tiny float64 copy of the architecture (same options, small
+  finite-diff   a tiny float64 copy of the architecture (same options, small
                 widths) matches central differences along random directions,
                 one parameter at a time
   overfit       one batch is learned to near-zero loss within a few hundred steps
@@ -22,12 +22,14 @@ import numpy
 
 from ..backend import to_host
 from ..data import RandomWindowSampler, resolve_source
-from ..errors import XpmodelError
+from ..errors import UsageError, XpmodelError
 from ..model.gpt import GPT
 from ..train.optim import clipped_step
 from ..train.setup import optimizer_for
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
+# The checks in the order they run; `--skip NAME` takes these names.
+CHECKS = ("config", "data", "tokenizer", "initial-loss", "gradients", "finite-diff", "overfit")
 
 # A fresh model's loss may be this far (relative) from ln(V) and still pass.
 INITIAL_LOSS_TOLERANCE = 0.1
@@ -74,13 +76,18 @@ class Report:
 
 def diagnose(subject, device="cpu", overfit_steps=300, say=None, skip=()):
     """Run every check on a tune.common.Subject; returns a Report. `skip`
-    names checks to leave out (e.g. "overfit" for a model too big for the CPU)."""
+    names checks to leave out (e.g. "overfit" for a model too big for the CPU),
+    as in CHECKS ("finite diff" is taken for "finite-diff")."""
+    skip = {name.replace(" ", "-") for name in skip}
+    unknown = sorted(skip - set(CHECKS))
+    if unknown:
+        raise UsageError(f"unknown check {unknown[0]!r} to skip; the checks are {', '.join(CHECKS)}")
     steps = [("config", lambda: check_config(subject)),
              ("data", lambda: check_data(subject)),
              ("tokenizer", lambda: check_tokenizer(subject)),
-             ("initial loss", lambda: check_initial_loss(subject, device)),
+             ("initial-loss", lambda: check_initial_loss(subject, device)),
              ("gradients", lambda: check_gradients(subject, device)),
-             ("finite diff", lambda: check_finite_differences(subject.gpt_config)),
+             ("finite-diff", lambda: check_finite_differences(subject.gpt_config)),
              ("overfit", lambda: check_overfit(subject, device, overfit_steps))]
     checks = []
     for name, run in steps:
@@ -206,15 +213,15 @@ def check_initial_loss(subject, device):
     loss, expected = float(numpy.mean(losses)), math.log(model.config.vocab_size)
     detail = f"{loss:.4f} at step 0, ln(V) = {expected:.4f} for V = {model.config.vocab_size:,}"
     if subject.pretrained is not None:
-        return Check("initial loss", PASS, detail + " (pretrained weights: lower is expected)")
+        return Check("initial-loss", PASS, detail + " (pretrained weights: lower is expected)")
     if not math.isfinite(loss):
-        return Check("initial loss", FAIL, detail, "the forward pass overflows at "
+        return Check("initial-loss", FAIL, detail, "the forward pass overflows at "
                      "initialisation: check the init scale and the norms' eps")
     if abs(loss - expected) > INITIAL_LOSS_TOLERANCE * expected:
-        return Check("initial loss", FAIL, detail + f" (off by {loss / expected - 1:+.0%})",
+        return Check("initial-loss", FAIL, detail + f" (off by {loss / expected - 1:+.0%})",
                      "the initial logits are not near zero: the embedding or head init is too "
                      "large, or the loss is not the mean over tokens")
-    return Check("initial loss", PASS, detail)
+    return Check("initial-loss", PASS, detail)
 
 
 def check_gradients(subject, device):
@@ -292,13 +299,13 @@ def check_finite_differences(config):
     worst = max(errors, key=lambda n: errors[n] if math.isfinite(errors[n]) else math.inf)
     shape = f"{tiny.n_layer} layers, C={tiny.n_embd}, V={tiny.vocab_size}, T={tiny.block_size}"
     if bad:
-        return Check("finite diff", FAIL,
+        return Check("finite-diff", FAIL,
                      f"{len(bad)} of {len(errors)} parameters' gradients disagree with finite "
                      f"differences ({shape}, float64): {_names(bad)}; worst {worst} "
                      f"(relative error {errors[worst]:.1e})",
                      "a backward pass is wrong: start at the first parameter listed (they are in "
                      "backward order, from the head down); tests/test_layers.py checks each layer")
-    return Check("finite diff", PASS, f"{len(errors)} parameters agree ({shape}, float64); worst "
+    return Check("finite-diff", PASS, f"{len(errors)} parameters agree ({shape}, float64); worst "
                                       f"relative error {errors[worst]:.1e} ({worst})")
 
 

@@ -28,10 +28,11 @@ from ..data import RandomWindowSampler
 from ..errors import UsageError
 from ..train.optim import clipped_step
 from ..train.setup import optimizer_for
-from .plot import pyplot, save_figure
+from .plot import check_png_output, pyplot, save_figure
 
 DIVERGENCE_FACTOR = 4.0
 SUGGESTION_DIVISOR = 10.0
+MIN_STEPS = 10   # fewer leave too few points to smooth and find a minimum in
 
 
 @dataclass
@@ -57,10 +58,7 @@ class RangeTest:
 
 def lr_range_test(subject, device="cpu", start_lr=1e-7, end_lr=1.0, steps=200, progress=None):
     """Run the range test on a tune.common.Subject; returns a RangeTest."""
-    if not 0 < start_lr < end_lr:
-        raise UsageError(f"need 0 < --start-lr < --end-lr, got {start_lr:g} and {end_lr:g}")
-    if steps < 10:
-        raise UsageError(f"--steps must be at least 10, got {steps}")
+    check_ramp(start_lr, end_lr, steps)
     t, T = subject.config.train, subject.config.model.block_size
     model = subject.model(device)
     optimizer = optimizer_for(model, t)
@@ -96,6 +94,14 @@ def lr_range_test(subject, device="cpu", start_lr=1e-7, end_lr=1.0, steps=200, p
                 break
             clipped_step(optimizer, t.grad_clip)
     return _analyse(lrs, losses, stopped_early, t.muon_lr / t.lr if t.optimizer == "muon" else None)
+
+
+def check_ramp(start_lr, end_lr, steps):
+    """UsageError unless 0 < start_lr < end_lr (finite) and steps >= MIN_STEPS."""
+    if not (0 < start_lr < end_lr and math.isfinite(end_lr)):
+        raise UsageError(f"need 0 < --start-lr < --end-lr, finite, got {start_lr:g} and {end_lr:g}")
+    if steps < MIN_STEPS:
+        raise UsageError(f"--steps must be at least {MIN_STEPS}, got {steps}")
 
 
 def _analyse(lrs, losses, stopped_early, muon_per_lr=None):
@@ -135,10 +141,7 @@ def _centred_average(values, window):
 def write_results(result, png_path, title):
     """The test's numbers as JSON beside `png_path` (same stem, .json), and the
     plot when matplotlib is installed; returns the paths written."""
-    from pathlib import Path
-    png_path = Path(png_path)
-    if png_path.suffix.lower() != ".png":
-        raise UsageError(f"--out {png_path}: the plot is a PNG; give a path ending in .png")
+    png_path = check_png_output(png_path)
     json_path = png_path.with_suffix(".json")
     document = {**asdict(result), "rule": result.rule}
     atomic_write_bytes(json_path, (json.dumps(document, indent=1) + "\n").encode())

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from ..atomic import atomic_writer
 from ..errors import DataError, UsageError
+from ..files import check_output
 from ..train.rundir import RunDir
 
 
@@ -30,20 +31,43 @@ def save_figure(plt, fig, out, dpi=100):
     return out
 
 
-def plot_run(run_dir, out=None):
-    """Write a PNG of the run's metrics; returns its path."""
+def plot_run(run_dir, out=None, overwrite=False):
+    """Write a PNG of the run's metrics to `out`, and, when the run logged
+    health records (train.health_interval), one of them beside it
+    (NAME-health.png); returns the paths written. Both are checked before
+    either is written: an `out` the user names may not replace an existing
+    file unless `overwrite`, nor ever a run's own files (files.check_output);
+    the default, RUN_DIR/loss.png and loss-health.png, are the run's plots and
+    are replaced."""
     plt = pyplot()
     run = RunDir(run_dir)
     run.require_run("RUN_DIR")
     records = run.read_metrics()
     train = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "eval"]
+    health = [r for r in records if r.get("type") == "health"]
     if not train:
         raise DataError(f"{run.metrics_path}: no training steps logged yet")
-    out = Path(out) if out else run.path / "loss.png"
-    _check_output(run, out)
+    out = run.path / "loss.png" if out is None else check_png_output(out)
+    health_out = out.with_name(out.stem + "-health.png") if health else None
+    if out != run.path / "loss.png":
+        for path in (out, health_out):
+            if path is not None:
+                check_output(path, "--out", overwrite=overwrite)
     fig = draw_metrics(plt, train, evals, f"xpmodel run {run.path.name}")
-    return save_figure(plt, fig, out, dpi=110)
+    written = [save_figure(plt, fig, out, dpi=110)]
+    if health_out is not None:
+        fig = draw_health(plt, health, f"xpmodel run {run.path.name}: per-layer health")
+        written.append(save_figure(plt, fig, health_out))
+    return written
+
+
+def check_png_output(out, flag="--out"):
+    """`out` as a Path, refused unless it names a PNG."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"{flag} {out}: the plot is a PNG; give a path ending in .png")
+    return out
 
 
 def draw_metrics(plt, train, evals, title):
@@ -83,21 +107,6 @@ def draw_metrics(plt, train, evals, title):
     return fig
 
 
-def plot_health(run_dir, out):
-    """A PNG of the run's health records (train.health_interval): heatmaps of
-    each parameter group's gradient norm and update/weight ratio against step.
-    Returns its path, or None when the run has no health records."""
-    plt = pyplot()
-    run = RunDir(run_dir)
-    records = [r for r in run.read_metrics() if r.get("type") == "health"]
-    if not records:
-        return None
-    out = Path(out)
-    _check_output(run, out)
-    fig = draw_health(plt, records, f"xpmodel run {run.path.name}: per-layer health")
-    return save_figure(plt, fig, out)
-
-
 def draw_health(plt, records, title):
     """Two heatmaps (log10 colour scales), parameter groups (embed, h.0 .., head)
     down, steps across: the gradient norm before clipping, and the update's
@@ -122,22 +131,6 @@ def draw_health(plt, records, title):
     axes[1].set_xlabel("step")
     fig.tight_layout()
     return fig
-
-
-def _check_output(run, out):
-    """Refuse a PNG path that would overwrite one of the run's own files."""
-    if out.suffix.lower() != ".png":
-        raise UsageError(f"--out {out}: the plot is a PNG; give a path ending in .png")
-    try:
-        resolved = out.resolve()
-        inside_checkpoints = resolved.is_relative_to(run.checkpoint_dir.resolve())
-        run_file = resolved in {p.resolve() for p in (run.marker, run.config_path,
-                                                        run.tokenizer_path, run.metrics_path)}
-    except (OSError, RuntimeError):
-        return
-    if inside_checkpoints or run_file:
-        raise UsageError(f"--out {out}: is inside the run's own files; choose a path outside "
-                         f"{run.checkpoint_dir} (the default is {run.path / 'loss.png'})")
 
 
 def _number(value):

@@ -1,0 +1,308 @@
+"""Where commands write: a user-named output is never one of the command's
+inputs or a run's own files, and an existing file is replaced only with
+--overwrite (files.check_output / check_output_dir), checked before any slow
+work. Also: training outlives a closed stdout, --workers is bounded, an empty
+config is refused, and the one-line messages of the new-user audit."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import assert_one_line_error, run_cli, write_corpus
+from xpmodel.cli import main as cli
+from xpmodel.train.rundir import RunDir
+from xpmodel.tokenizer.bpe import BPETokenizer
+
+TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
+try:
+    import matplotlib
+    HAVE_MATPLOTLIB = bool(matplotlib)
+except ImportError:
+    HAVE_MATPLOTLIB = False
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 30-step tiny run; tests copy it before changing it."""
+    root = tmp_path_factory.mktemp("outputs")
+    corpus = write_corpus(root / "corpus.txt", lines=300)
+    run = root / "run"
+    old = os.environ.get("XPMODEL_CACHE")
+    os.environ["XPMODEL_CACHE"] = str(root / "cache")
+    try:
+        assert cli.main(["train", "--config", str(TINY), "--quiet", "--out", str(run),
+                         f"data.source={corpus}"]) == 0
+    finally:
+        if old is None:
+            os.environ.pop("XPMODEL_CACHE")
+        else:
+            os.environ["XPMODEL_CACHE"] = old
+    return {"run": run, "corpus": corpus}
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(trained["run"], copy)
+    return copy
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path / "corpus.txt", lines=200)
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file below `folder`."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def refused(capsys, *args, code=2):
+    got, out, err = run_cli(capsys, *args)
+    assert got == code, (args, out, err)
+    assert_one_line_error(err)
+    return out, err
+
+
+# ---- 1. outputs: tokenizer train ------------------------------------------------------
+
+def test_tokenizer_train_refuses_an_existing_out_unless_overwrite(capsys, tmp_path, corpus):
+    mine = tmp_path / "u1.json"
+    mine.write_text("my notes")
+    _, err = refused(capsys, "tokenizer", "train", corpus, "--vocab-size", 260, "--out", mine)
+    assert f"--out {mine}: already exists" in err and "--overwrite" in err
+    assert mine.read_text() == "my notes"
+    code, _, err = run_cli(capsys, "tokenizer", "train", corpus, "--vocab-size", 260, "--out",
+                           mine, "--overwrite")
+    assert code == 0, err
+    assert BPETokenizer.load(mine).vocab_size == 260
+
+
+def test_tokenizer_train_never_writes_a_runs_files(capsys, run, corpus, tmp_path):
+    before = snapshot(run)
+    for args in (["--out", run / "tokenizer.json"], ["--out", run / "checkpoints" / "t.json"],
+                 ["--out", tmp_path / "t.json", "--export-hf", run],
+                 ["--out", tmp_path / "t.json", "--export-hf", run / "checkpoints"]):
+        _, err = refused(capsys, "tokenizer", "train", corpus, "--vocab-size", 260, *args,
+                         "--overwrite")
+        assert "even with --overwrite" in err, err
+    assert snapshot(run) == before
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_tokenizer_train_export_hf_refuses_a_model_folder_and_a_non_empty_one(capsys, tmp_path,
+                                                                               corpus):
+    model = tmp_path / "hf" / "my-gpt2"
+    model.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "xpmodel_export.json"):
+        (model / name).write_text("{}")
+    before = snapshot(model)
+    _, err = refused(capsys, "tokenizer", "train", corpus, "--vocab-size", 260,
+                     "--out", tmp_path / "t.json", "--export-hf", model, "--overwrite")
+    assert "holds a model" in err and str(model) in err
+    assert snapshot(model) == before
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep")
+    _, err = refused(capsys, "tokenizer", "train", corpus, "--vocab-size", 260,
+                     "--out", tmp_path / "t.json", "--export-hf", other)
+    assert "is not empty" in err
+    _, err = refused(capsys, "tokenizer", "train", corpus, "--vocab-size", 260,
+                     "--out", tmp_path / "new" / "tokenizer.json", "--export-hf", tmp_path / "new")
+    assert "inside --export-hf" in err
+    code, _, err = run_cli(capsys, "tokenizer", "train", corpus, "--vocab-size", 260,
+                           "--out", tmp_path / "t.json", "--export-hf", other, "--overwrite")
+    assert code == 0, err
+    assert (other / "todo.txt").read_text() == "keep" and (other / "tokenizer.json").is_file()
+
+
+# ---- 1. outputs: prepare --------------------------------------------------------------
+
+def test_prepare_refuses_an_existing_token_file_or_sidecar_unless_overwrite(capsys, tmp_path,
+                                                                             corpus):
+    tokenizer = tmp_path / "tok.json"
+    BPETokenizer().save(tokenizer)
+    out = tmp_path / "c.tok"
+    for existing in (out, Path(f"{out}.json")):
+        existing.write_text("mine")
+        _, err = refused(capsys, "prepare", corpus, "--tokenizer", tokenizer, "--out", out)
+        assert f"--out {existing}: already exists" in err
+        assert existing.read_text() == "mine"
+        existing.unlink()
+    out.write_text("mine")
+    code, text, err = run_cli(capsys, "prepare", corpus, "--tokenizer", tokenizer, "--out", out,
+                              "--overwrite", "--workers", 1)
+    assert code == 0, err
+    assert out.read_bytes() != b"mine" and f"tokens to {out}" in text
+
+
+def test_prepare_caps_workers_to_the_cores(capsys, tmp_path, corpus, monkeypatch):
+    from xpmodel.cli import commands
+    tokenizer = tmp_path / "tok.json"
+    BPETokenizer().save(tokenizer)
+    monkeypatch.setattr(commands, "usable_cores", lambda: 1)
+    code, _, err = run_cli(capsys, "prepare", corpus, "--tokenizer", tokenizer, "--out",
+                           tmp_path / "c.tok", "--workers", 100000)
+    assert code == 0, err
+    assert err.strip() == "note: --workers 100000 is more than the 1 cores here; using 1"
+
+
+# ---- 1. outputs: plot, compare, lr-find -----------------------------------------------
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="needs matplotlib")
+def test_plot_refuses_an_existing_out_unless_overwrite(capsys, run, tmp_path):
+    target = tmp_path / "mine.png"
+    target.write_bytes(b"my picture")
+    _, err = refused(capsys, "plot", run, "--out", target)
+    assert f"--out {target}: already exists" in err
+    assert target.read_bytes() == b"my picture"
+    code, _, err = run_cli(capsys, "plot", run, "--out", target, "--overwrite")
+    assert code == 0, err
+    assert target.read_bytes()[:4] == b"\x89PNG"
+    for _ in range(2):   # the default, RUN_DIR/loss.png, is the run's own plot
+        assert run_cli(capsys, "plot", run)[0] == 0
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="needs matplotlib")
+def test_compare_checks_its_out_before_printing_the_table(capsys, run, tmp_path):
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"my picture")
+    out, err = refused(capsys, "compare", run, "--out", mine)
+    assert out == "" and "already exists" in err
+    out, err = refused(capsys, "compare", run, "--out", tmp_path / "table.txt")
+    assert out == "" and "give a path ending in .png" in err
+    code, out, err = run_cli(capsys, "compare", run, "--out", mine, "--overwrite")
+    assert code == 0, err
+    assert mine.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lr_find_never_writes_over_a_run_and_refuses_an_existing_sidecar(capsys, run, tmp_path):
+    before = snapshot(run)
+    out, err = refused(capsys, "lr-find", "--config", run, "--out", run / "run.png",
+                       "--overwrite", "--steps", 10)
+    assert out == "" and "run.json" in err and "even with --overwrite" in err
+    assert snapshot(run) == before
+    (tmp_path / "lr.json").write_text("mine")
+    out, err = refused(capsys, "lr-find", "--config", run, "--out", tmp_path / "lr.png",
+                       "--steps", 10)
+    assert out == "" and f"--out {tmp_path / 'lr.json'}: already exists" in err
+    assert (tmp_path / "lr.json").read_text() == "mine"
+
+
+def test_lr_find_validates_before_its_header(capsys):
+    for args in (["--steps", 5], ["--start-lr", 1, "--end-lr", 0.1], ["--out", "x.txt"]):
+        out, _ = refused(capsys, "lr-find", *args)
+        assert out == ""
+    with pytest.raises(SystemExit):
+        cli.main(["lr-find", "--help"])
+    assert "at least 10" in " ".join(capsys.readouterr().out.split())
+
+
+# ---- 2. training outlives its stdout ---------------------------------------------------
+
+def test_training_goes_on_when_stdout_is_closed(tmp_path, corpus):
+    run = tmp_path / "piped"
+    env = dict(os.environ, XPMODEL_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
+               OPENBLAS_NUM_THREADS="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xpmodel.cli.main", "train", "--config", TINY, "--out", run,
+         f"data.source={corpus}", "train.max_iters=60", "train.log_interval=1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert process.stdout.readline().startswith(b"run ")   # like `| head -1`
+    process.stdout.close()
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 0, err
+    assert err == b""
+    steps = [r["step"] for r in RunDir(run).read_metrics() if r["type"] == "train"]
+    assert steps[-1] == 60 and 60 in RunDir(run).checkpoint_steps()
+
+
+def test_sample_into_a_closed_pipe_stops_quietly(trained, tmp_path):
+    env = dict(os.environ, XPMODEL_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xpmodel.cli.main", "sample", trained["run"], "--num-samples",
+         "50", "--max-new-tokens", "100"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    process.stdout.readline()
+    process.stdout.close()
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 0 and err == b""
+
+
+# ---- 6. an empty config ----------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n---\n"])
+def test_an_empty_config_file_is_refused(capsys, tmp_path, text):
+    config = tmp_path / "empty.yaml"
+    config.write_text(text)
+    for args in (["train", "--config", config, "--out", tmp_path / "run"],
+                 ["lr-find", "--config", config], ["doctor", config]):
+        _, err = refused(capsys, *args)
+        assert f"{config}: the config file is empty" in err
+    assert not (tmp_path / "run").exists()
+
+
+# ---- 4. messages ----------------------------------------------------------------------
+
+def test_a_device_as_config_is_named_once(capsys, tmp_path):
+    _, err = refused(capsys, "train", "--config", "/dev/zero", "--out", tmp_path / "run")
+    assert "is a character device, not a config file" in err and "file file" not in err
+
+
+def test_a_file_given_as_a_run_says_so(capsys, tmp_path):
+    text = tmp_path / "ts.txt"
+    text.write_text("hello")
+    for args in (["sample", text], ["eval", text], ["plot", text], ["runs", text],
+                 ["compare", text]):
+        _, err = refused(capsys, *args)
+        assert "is a file, not a run directory" in err and "no such directory" not in err
+
+
+def test_doctor_on_a_plain_folder_says_not_a_run(capsys, tmp_path):
+    folder = tmp_path / "userdir"
+    folder.mkdir()
+    _, err = refused(capsys, "doctor", folder)
+    assert "not an xpmodel run" in err and "unknown config" not in err
+
+
+def test_import_hf_into_an_existing_run_does_not_suggest_resume(capsys, run, tmp_path):
+    hf = tmp_path / "hf"
+    assert run_cli(capsys, "export-hf", run, hf)[0] == 0
+    _, err = refused(capsys, "import-hf", hf, "--out", run)
+    assert "--resume" not in err and "--overwrite" in err
+
+
+def test_init_from_a_missing_folder_says_so(capsys, tmp_path):
+    missing = tmp_path / "X"
+    _, err = refused(capsys, "train", "--config", TINY, "--init-from", missing, "--out", missing)
+    assert f"--init-from {missing}: no such directory" in err
+
+
+# ---- 5. doctor --skip names ----------------------------------------------------------
+
+def test_doctor_skip_takes_hyphenated_names(capsys, corpus):
+    code, out, err = run_cli(capsys, "doctor", TINY, f"data.source={corpus}", "--skip",
+                             "finite-diff", "--skip", "overfit", "--skip", "initial loss")
+    assert code == 0, out + err
+    assert "PASS  gradients" in out
+    assert "finite-diff" not in out and "initial-loss" not in out and "overfit" not in out
+    assert "4 passed" in out
+    with pytest.raises(SystemExit):
+        cli.main(["doctor", "--help"])
+    assert "initial-loss" in capsys.readouterr().out
+
+
+def test_diagnose_refuses_an_unknown_check(corpus):
+    from xpmodel.errors import UsageError
+    from xpmodel.tune.doctor import diagnose
+    with pytest.raises(UsageError, match="finite-diff"):
+        diagnose(object(), skip={"finite difs"})
