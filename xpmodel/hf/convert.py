@@ -37,6 +37,7 @@ pytorch_model.bin is refused.
 """
 import json
 import re
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy
@@ -174,11 +175,12 @@ def import_hf(hf_dir):
     if tokenizer.vocab_size > config.vocab_size:
         raise DataError(f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} ids but the "
                         f"model's vocab has only {config.vocab_size} rows")
-    sources = _weight_sources(hf_dir)
-    _check_layers(config, family, sources, where)
     table = family.tensor_table(config)
-    tensors = _read_tensors(hf_dir, sources, family, _hf_shapes(table, config),
-                            config.tie_embeddings)
+    with ExitStack() as files:    # each file read through one descriptor, closed at the end
+        sources = [(files.enter_context(_weights_file(path)), keys) for path, keys in _weight_paths(hf_dir)]
+        _check_layers(config, family, sources, where)
+        tensors = _read_tensors(hf_dir, sources, family, _hf_shapes(table, config),
+                                config.tie_embeddings)
     arrays = from_hf_tensors(table, tensors)
     if not numpy.array_equal(hf_ids, numpy.arange(len(hf_ids))):
         for name in ("wte.weight", "lm_head.weight"):   # (V, C); rows past the tokenizer's stay
@@ -305,10 +307,10 @@ def _weights_file(path):
     return SafetensorsFile(path, DataError, "safetensors file")
 
 
-def _weight_sources(hf_dir):
-    """[(SafetensorsFile, names to read from it, or None for all)]."""
+def _weight_paths(hf_dir):
+    """[(safetensors path, names to read from it, or None for all)]."""
     if (hf_dir / WEIGHTS_FILE).is_file():
-        return [(_weights_file(hf_dir / WEIGHTS_FILE), None)]
+        return [(hf_dir / WEIGHTS_FILE, None)]
     if (hf_dir / WEIGHTS_INDEX).is_file():
         index = _read_json(hf_dir / WEIGHTS_INDEX)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -324,7 +326,7 @@ def _weight_sources(hf_dir):
         for file_name in shards:
             if not (hf_dir / file_name).is_file():
                 raise DataError(f"{hf_dir}: shard {file_name} listed in {WEIGHTS_INDEX} is missing")
-        return [(_weights_file(hf_dir / name), keys) for name, keys in sorted(shards.items())]
+        return [(hf_dir / name, keys) for name, keys in sorted(shards.items())]
     pickled = [name for name in _PICKLED if (hf_dir / name).exists()]
     if pickled:
         raise UsageError(
