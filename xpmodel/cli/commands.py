@@ -137,13 +137,6 @@ def _refuse_empty_config(name_or_path, flag):
                          f"the keys to change in it, or name a shipped config such as default")
 
 
-def _require_run_folder(path, flag="RUN_DIR"):
-    """UsageError for a run path that is a file: the run loaders would say "no
-    such directory" of a path that exists."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"{flag} {path}: is a file, not a run directory")
-
-
 def sample_command(args):
     """Stream samples; control characters a model generates (an escape byte
     from a byte-level model, say) are shown escaped, never sent to the terminal.
@@ -167,7 +160,6 @@ def sample_command(args):
     if args.seed is not None and not 0 <= args.seed < 2**63:
         raise UsageError(f"--seed must be an integer from 0 to 2**63 - 1, got {quote(args.seed, 40)}")
     _check_utf8("--prompt", args.prompt)
-    _require_run_folder(args.run_dir)
     model, tokenizer = load(args.run_dir, device=args.device, checkpoint=args.checkpoint,
                             kernels=args.kernels)
     context = tokenizer.encode(args.prompt, allowed_special="all")
@@ -205,7 +197,6 @@ def eval_command(args):
     from ..data.corpus import load_tokens
     from ..train.rundir import RunDir
     from ..train.runs import load
-    _require_run_folder(args.run_dir)
     model, tokenizer = load(args.run_dir, device=args.device, checkpoint=args.checkpoint,
                             kernels=args.kernels)
     config = RunDir(args.run_dir).load_config()
@@ -262,7 +253,6 @@ def evaluate_tokens(model, tokenizer, tokens, batch_size, max_batches=None):
 
 def plot_command(args):
     from ..tune.plot import plot_run
-    _require_run_folder(args.run_dir)
     for path in plot_run(args.run_dir, args.out, overwrite=args.overwrite):
         print(f"wrote {path}")
     return 0
@@ -355,7 +345,6 @@ def tokenizer_train_command(args):
 def export_hf_command(args):
     from ..hf.convert import export_hf
     from ..train.runs import load, weight_sources
-    _require_run_folder(args.run_dir)
     if inside(args.out_dir, args.run_dir) or inside(args.run_dir, args.out_dir):
         raise UsageError(f"OUT_DIR {args.out_dir}: overlaps the run {args.run_dir}; export to a "
                          f"folder outside it")
@@ -375,9 +364,7 @@ def import_hf_command(args):
     if inside(args.out, args.hf_dir) or inside(args.hf_dir, args.out):
         raise UsageError(f"--out {args.out}: overlaps HF_DIR {args.hf_dir}, which the import "
                          f"reads; choose another --out")
-    if RunDir(args.out).is_run() and not args.overwrite:   # RunDir's own message suggests --resume
-        raise UsageError(f"--out {args.out}: already holds a run; choose another --out, or pass "
-                         f"--overwrite to replace it")
+    RunDir(args.out).check_can_create(args.overwrite, resumable=False)
     with RunDir(args.out).lock("--out"):
         path = import_run(args.hf_dir, args.out, overwrite=args.overwrite)
     print(f"imported {args.hf_dir} as the run {path}")

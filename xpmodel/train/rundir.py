@@ -137,17 +137,19 @@ class RunDir:
         removes the folders it created if they are empty when released."""
         return RunLock(self, flag)
 
-    def check_can_create(self, overwrite=False):
+    def check_can_create(self, overwrite=False, resumable=True):
         """Raise UsageError unless `create` may start a run here; cheap, so it
-        runs before any slow work."""
+        runs before any slow work. resumable: a run already here could be
+        continued with `train --resume` instead (the message says so)."""
         if _present(self.path) and not self.path.is_dir():
             raise UsageError(f"--out {self.path}: exists and is not a directory")
         if not self.path.is_dir():
             return
         if self.is_run():
             if not overwrite:
-                raise UsageError(f"--out {self.path}: already holds a run; use --resume {self.path} "
-                                 f"to continue it or --overwrite to replace it")
+                resume = f"use --resume {self.path} to continue it or " if resumable else "choose another --out or "
+                raise UsageError(f"--out {self.path}: already holds a run; {resume}pass --overwrite "
+                                 f"to replace it")
             return
         if self._creation_was_cut_short():
             return
@@ -211,6 +213,8 @@ class RunDir:
             path.unlink(missing_ok=True)
 
     def require_run(self, flag="RUN_DIR"):
+        if _present(self.path) and not self.path.is_dir():
+            raise UsageError(f"{flag} {self.path}: is a file, not a run directory")
         if not self.path.is_dir():
             raise UsageError(f"{flag} {self.path}: no such directory{self._closest_run_hint()}")
         if not self.is_run():
