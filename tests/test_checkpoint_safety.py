@@ -366,6 +366,16 @@ def test_sample_and_eval_name_a_skipped_checkpoint(command, run_copy, capsys):
     assert "step-00000030.safetensors" in lines[0] and "using step-00000020" in lines[0]
 
 
+def test_checkpoint_best_without_a_best_file_says_what_it_uses(run_copy, capsys):
+    if os.path.lexists(run_copy.best_path):
+        os.unlink(run_copy.best_path)
+    code, _, err = run_cli(capsys, "eval", run_copy.path, "--checkpoint", "best", "--batches", "1")
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "best.safetensors: no such file" in lines[0]
+    assert lines[0].endswith(f"using {run_copy.step_path(30).name}")
+
+
 # ---- 11: best.safetensors after a fallback -------------------------------------------
 
 def test_a_fallback_resume_does_not_replace_best_with_a_worse_model(run_copy, capsys):
@@ -381,3 +391,4 @@ def test_a_fallback_resume_does_not_replace_best_with_a_worse_model(run_copy, ca
     val = [r["val_loss"] for r in run_copy.read_metrics() if r["type"] == "eval" and r["step"] == 30]
     assert best_val < val[-1] < fallback_best    # better than step 20, worse than the file
     assert run_copy.best_path.read_bytes() == best_before
+

@@ -55,9 +55,11 @@ def load(run_dir, device="cpu", checkpoint="latest", kernels="fused", warn=None)
 def _candidates(run, which):
     """(path, problem) of the checkpoints to try, in order of preference;
     problem says why a file whose header does not read cleanly cannot be used."""
-    best = ([(run.best_path, run.checkpoint_problem(run.best_path))]
-            if os.path.lexists(run.best_path) else [])
     latest = run.checkpoints_newest_first()
+    if not os.path.lexists(run.best_path):
+        missing = f"{run.best_path}: no such file (the run has recorded no validation loss)"
+        return [(run.best_path, missing)] + latest if which == "best" else latest
+    best = [(run.best_path, run.checkpoint_problem(run.best_path))]
     return best + latest if which == "best" else latest + best
 
 
