@@ -47,12 +47,13 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
 
 
-def tiny_state(seed=0):
+def tiny_state(seed=0, step=7):
+    """(params, optimizer state, metadata) of TINY_GPT at `step`, drawn from `seed`."""
     rng = numpy.random.default_rng(seed)
     params = {name: rng.normal(size=shape).astype(numpy.float32) for name, shape in SHAPES.items()}
     optim = {"m": rng.normal(size=N).astype(numpy.float32),
              "v": rng.random(N).astype(numpy.float32)}
-    meta = {"step": 7, "vocab_size": 257, "tokenizer_fingerprint": BPETokenizer().fingerprint()}
+    meta = {"step": step, "vocab_size": 257, "tokenizer_fingerprint": BPETokenizer().fingerprint()}
     return params, optim, meta
 
 

@@ -12,7 +12,6 @@ to be trusted, and what a resume refuses.
 - best.safetensors is not replaced by a worse model after a fallback.
 """
 import json
-import math
 import os
 import shutil
 import signal
@@ -23,13 +22,11 @@ import numpy
 import pytest
 
 from cli_helpers import assert_one_line_error, run_cli, write_corpus
-import xpmodel
+from test_checkpoint import N, SHAPES, tiny_state
 from xpmodel.config import load_config
 from xpmodel.data.batching import SamplerStateError, check_sampler_state
 from xpmodel.errors import CheckpointError
 from xpmodel.hf.safetensors_file import SafetensorsFile
-from xpmodel.model.gpt import GPTConfig
-from xpmodel.model.params import parameter_shapes
 from xpmodel.tokenizer.bpe import BPETokenizer
 from xpmodel.train import Trainer
 from xpmodel.train.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
@@ -37,27 +34,12 @@ from xpmodel.train.rundir import RunDir
 from xpmodel.train.signals import Interrupted
 
 TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
-TINY_GPT = GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16)
-SHAPES = dict(parameter_shapes(TINY_GPT))
-N = TINY_GPT.num_params()
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
-
-
-def tiny_state(seed=0):
-    rng = numpy.random.default_rng(seed)
-    params = {name: rng.normal(size=shape).astype(numpy.float32) for name, shape in SHAPES.items()}
-    optim = {"m": rng.normal(size=N).astype(numpy.float32),
-             "v": rng.random(N).astype(numpy.float32)}
-    meta = {"step": 0, "vocab_size": 257, "tokenizer_fingerprint": BPETokenizer().fingerprint()}
-    return params, optim, meta
+pytestmark = pytest.mark.usefixtures("private_cache")   # conftest.py
 
 
 def save_step(run, step, seed=0, changes=None):
-    params, optim, meta = tiny_state(seed)
+    params, optim, meta = tiny_state(seed, step=0)
     save_checkpoint(run.step_path(step), params, optim, {**meta, "step": step, **(changes or {})})
     return run.step_path(step)
 
@@ -188,9 +170,9 @@ def test_steps_from_ten_to_the_eighth_are_found_and_sorted_by_number(tmp_path):
 
 def test_a_file_replaced_after_opening_is_still_read_from_the_original(tmp_path):
     path, other = tmp_path / "c.safetensors", tmp_path / "other.safetensors"
-    params, optim, meta = tiny_state(seed=0)
+    params, optim, meta = tiny_state(seed=0, step=0)
     save_checkpoint(path, params, optim, meta)
-    params2, optim2, _ = tiny_state(seed=1)
+    params2, optim2, _ = tiny_state(seed=1, step=0)
     save_checkpoint(other, params2, optim2, meta)
     with SafetensorsFile(path, CheckpointError, "checkpoint") as file:
         os.replace(other, path)
@@ -252,7 +234,7 @@ def test_implausible_metadata_is_named(changes, culprit, tmp_path):
 
 
 def test_a_negative_second_moment_is_damage(tmp_path):
-    params, optim, meta = tiny_state()
+    params, optim, meta = tiny_state(step=0)
     optim["v"][5] = -1.0
     path = tmp_path / "c.safetensors"
     save_checkpoint(path, params, optim, meta)
