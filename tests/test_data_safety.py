@@ -99,3 +99,56 @@ def test_train_rebuilds_a_damaged_cached_token_file(tmp_path, monkeypatch, capsy
     code, _, err = run_cli(capsys, *args, "--out", tmp_path / "b")
     assert code == 0 and "rebuilding" in err
     assert check_token_checksum(token_file) is True
+
+
+# ---- bounded reading ---------------------------------------------------------------------
+
+def test_bpe_training_text_stops_at_its_budget_inside_one_huge_line(tmp_path, monkeypatch):
+    import xpmodel.data.corpus as corpus
+    from xpmodel.data import iter_text_pieces
+    path = tmp_path / "one-line.txt"
+    path.write_bytes(b"word " * (2 << 20))            # 10 MiB, no newline: one document
+    pulled = []
+
+    def counting(source, *args):
+        for piece in iter_text_pieces(source, *args):
+            pulled.append(len(piece.text))
+            yield piece
+    monkeypatch.setattr(corpus, "iter_text_pieces", counting)
+    texts = list(corpus._leading_texts(str(path), 300_000))
+    assert sum(map(len, texts)) == 300_000 and len(texts) == 1
+    assert sum(pulled) < 2 << 20                       # a piece or so, not the whole file
+
+
+def test_budget_keeps_documents_whole_until_it_runs_out(tmp_path):
+    from xpmodel.data.corpus import _leading_texts
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for name in "abc":
+        (folder / f"{name}.txt").write_text(name * 100)
+    assert list(_leading_texts(str(folder), 250)) == ["a" * 100, "b" * 100, "c" * 50]
+
+
+@pytest.mark.parametrize("content, offset", [
+    (b"\x80" * (8 << 20), 0),                          # only continuation bytes
+    (b"ab " * (1 << 20) + b"\x80" * (4 << 20), 3 << 20),
+    (b"ab " * (1 << 20) + b"\xe2\x82" + b"b" * 100, 3 << 20),  # a character cut short
+])
+def test_invalid_utf8_without_newlines_is_reported_at_once_with_its_offset(tmp_path, byte_tokenizer,
+                                                                           content, offset):
+    import time
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    started = time.time()
+    with pytest.raises(DataError, match=f"decoding failed at byte offset {offset}\\)"):
+        prepare(path, byte_tokenizer, cache_dir=tmp_path / "cache", workers=1)
+    assert time.time() - started < 10
+    assert not list((tmp_path / "cache").glob("*.tok"))
+
+
+def test_a_four_byte_character_at_a_window_edge_is_kept_whole(tmp_path):
+    from xpmodel.data import iter_text_pieces
+    path = tmp_path / "emoji.txt"
+    text = "x" * 1021 + "\U0001F600" * 300                  # no newline; windows of 1024 bytes
+    path.write_text(text, encoding="utf-8")
+    assert "".join(p.text for p in iter_text_pieces(str(path), 1024)) == text

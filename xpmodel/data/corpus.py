@@ -14,7 +14,7 @@ from ..tokenizer.bpe import ENDOFTEXT, MASK, BPETokenizer
 from .batching import split_tokens
 from .prepare import cache_root, prepare
 from .progress import tokenizing_progress
-from .reading import iter_texts
+from .reading import iter_text_pieces
 from .sources import corpus_fingerprint, resolve_source
 from .tokenfile import read_token_file
 
@@ -62,12 +62,20 @@ def special_tokens(data_config):
 
 
 def _leading_texts(source, budget):
-    used = 0
-    for _, text in iter_texts(source):
-        yield text
+    """The corpus's documents, whole, until `budget` characters: counted piece by
+    piece (reading.py), so one huge document is read only up to the budget."""
+    used, parts = 0, []
+    for piece in iter_text_pieces(source):
+        if piece.first_in_document and parts:
+            yield "".join(parts)
+            parts = []
+        text = piece.text[:budget - used]
+        parts.append(text)
         used += len(text)
         if used >= budget:
-            return
+            break
+    if parts:
+        yield "".join(parts)
 
 
 def encoding_workers(source):

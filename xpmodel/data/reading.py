@@ -9,7 +9,10 @@ after a newline, which never falls inside a multi-byte UTF-8 character. When
 it can, the cut picks a newline with non-space bytes on both sides: GPT-2
 style pre-tokenisation then yields the same tokens as for the uncut text,
 because a lone newline between two words is a token of its own either way.
-A file with no newline in a whole window is cut at a character boundary.
+A file with no newline in a whole window is cut at a character boundary,
+found by looking back at most 3 bytes (a UTF-8 character is at most 4): bytes
+that are not UTF-8 are then reported in the piece that holds them, never
+carried from window to window.
 """
 
 import codecs
@@ -105,9 +108,11 @@ def _cut_point(window: bytes) -> int:
     if last_newline >= 0:
         return last_newline + 1
     # No newline at all: keep the last character, which may be incomplete,
-    # for the next window (0 when the window holds just that character).
+    # for the next window (0 when the window holds just that character). A
+    # character has at most 3 continuation bytes, so the walk back stops there:
+    # more of them are not UTF-8, and decoding the piece reports where.
     start = len(window) - 1
-    while start > 0 and window[start] & 0xC0 == 0x80:
+    while start > max(0, len(window) - 4) and window[start] & 0xC0 == 0x80:
         start -= 1
     return start
 
