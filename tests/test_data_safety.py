@@ -152,3 +152,64 @@ def test_a_four_byte_character_at_a_window_edge_is_kept_whole(tmp_path):
     text = "x" * 1021 + "\U0001F600" * 300                  # no newline; windows of 1024 bytes
     path.write_text(text, encoding="utf-8")
     assert "".join(p.text for p in iter_text_pieces(str(path), 1024)) == text
+
+
+# ---- leftovers of killed prepares --------------------------------------------------------
+
+def dead_pid():
+    import subprocess
+    import sys
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_temporaries_of_dead_prepares_are_removed_from_the_cache_only(tmp_path, byte_tokenizer):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    old = 1_000_000_000          # mtime long ago
+    dead, alive = dead_pid(), os.getpid()
+    names = {f".corpus.txt-{'a' * 24}.tok.tmp-{dead}": False,        # ours, writer gone
+             f".corpus.txt-{'a' * 24}.tok.json.tmp-{dead}": False,
+             f".corpus.txt-{'b' * 24}.tok.tmp-{alive}": True,        # writer alive
+             f".notes.txt.tmp-{dead}": True,                          # not our name
+             f"corpus.txt-{'a' * 24}.tok.tmp-{dead}": True}           # not a temporary
+    for name in names:
+        (cache / name).write_bytes(b"partial")
+        os.utime(cache / name, (old, old))
+    fresh = cache / f".corpus.txt-{'c' * 24}.tok.tmp-{dead}"          # may be another host's
+    fresh.write_bytes(b"partial")
+    names[fresh.name] = True
+    prepare(corpus_file(tmp_path), byte_tokenizer, cache_dir=cache)
+    assert {name: (cache / name).exists() for name in names} == names
+    user_folder = tmp_path / "mine"                                   # out_path: not the cache
+    user_folder.mkdir()
+    leftover = user_folder / f".x-{'a' * 24}.tok.tmp-{dead}"
+    leftover.write_bytes(b"partial")
+    os.utime(leftover, (old, old))
+    prepare(corpus_file(tmp_path), byte_tokenizer, out_path=user_folder / "x.tok")
+    assert leftover.exists()
+
+
+# ---- the cache folder --------------------------------------------------------------------
+
+@pytest.mark.parametrize("where, named", [("env", "XPMODEL_CACHE="), ("key", "data.cache_dir=")])
+def test_an_unusable_cache_folder_is_named_before_any_work(tmp_path, monkeypatch, capsys, where,
+                                                          named):
+    from cli_helpers import assert_one_line_error, run_cli, write_corpus
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=50)
+    args = ["train", "--config", Path(__file__).parent / "tiny-run.yaml", "--out", tmp_path / "run",
+            f"data.source={corpus}", "data.tokenizer=bpe", "data.vocab_size=300"]
+    if where == "env":
+        monkeypatch.setenv("XPMODEL_CACHE", str(afile / "below"))
+    else:
+        monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
+        args.append(f"data.cache_dir={afile}")
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2
+    assert_one_line_error(err)
+    assert named in err and "not a directory" in err
+    assert "training" not in out and not (tmp_path / "run").exists()
+    assert afile.read_text() == "not a folder"

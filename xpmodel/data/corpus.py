@@ -12,7 +12,7 @@ import hashlib
 from ..errors import DataError
 from ..tokenizer.bpe import ENDOFTEXT, MASK, BPETokenizer
 from .batching import split_tokens
-from .prepare import cache_root, prepare
+from .prepare import CACHED_TOKENIZER, cache_root, prepare, remove_dead_temporaries
 from .progress import tokenizing_progress
 from .reading import iter_text_pieces
 from .sources import corpus_fingerprint, resolve_source
@@ -42,6 +42,7 @@ def build_tokenizer(data_config, say=print):
         facts += "\0" + "\0".join(specials)
     key = hashlib.sha256(facts.encode()).hexdigest()[:24]
     path = run_cache_root(data_config) / "tokenizers" / f"bpe-{data_config.vocab_size}-{key}.json"
+    remove_dead_temporaries(path.parent, CACHED_TOKENIZER)
     if path.exists():
         try:
             return BPETokenizer.load(path)

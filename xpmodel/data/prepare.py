@@ -32,6 +32,7 @@ import hashlib
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -48,7 +49,7 @@ from .tokenfile import (
     read_token_header,
     write_token_file,
 )
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, quote
 
 ProgressCallback = Callable[[int, int], None]  # (bytes_done, bytes_total)
 
@@ -58,11 +59,32 @@ MIN_VOCAB_SIZE = 256
 def cache_root(cache_dir: "str | os.PathLike | None" = None) -> Path:
     """The one place xpmodel caches into: `cache_dir` when given (data.cache_dir),
     else $XPMODEL_CACHE, else ~/.cache/xpmodel. Tokenizers and token files live
-    in folders below it."""
+    in folders below it. Checked before anything is trained or tokenized: a
+    folder that is a file, lies below one, or cannot be written to is a one-line
+    UsageError naming the key or variable that chose it."""
     if cache_dir:
-        return Path(cache_dir).expanduser()
-    root = os.environ.get("XPMODEL_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "xpmodel"
+        root, named = Path(cache_dir).expanduser(), f"data.cache_dir={quote(str(cache_dir), 120)}"
+    elif os.environ.get("XPMODEL_CACHE"):
+        value = os.environ["XPMODEL_CACHE"]
+        root, named = Path(value).expanduser(), f"XPMODEL_CACHE={quote(value, 120)}"
+    else:
+        root = Path.home() / ".cache" / "xpmodel"
+        named = f"the cache folder {root} (XPMODEL_CACHE or data.cache_dir move it)"
+    _check_cache_root(root, named)
+    return root
+
+
+def _check_cache_root(root: Path, named: str) -> None:
+    folder = root
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        where = "" if folder == root else f" ({folder} is in the way)"
+        raise UsageError(f"{named}: not a directory{where}; point it at a folder xpmodel may "
+                         f"write in")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{named}: {folder} is not writable; point it at a folder xpmodel may "
+                         f"write in")
 
 
 def default_cache_dir() -> Path:
@@ -98,6 +120,8 @@ def prepare(
     else:
         folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         target = folder / f"{_file_stem(source.spec)}-{key[:24]}.tok"
+    if out_path is None:
+        remove_dead_temporaries(target.parent, CACHED_TOKEN_FILE)
     if _is_current(target, key, own_cache=out_path is None):
         return target
     total = source.total_bytes()
@@ -165,6 +189,53 @@ def _is_current(target: Path, key: str, own_cache: bool = True) -> bool:
         print(f"note: {target}: cached token ids do not match their checksum; rebuilding the "
               f"file", file=sys.stderr, flush=True)
     return intact
+
+
+# The names xpmodel gives its cache files (prepare's token files and their
+# sidecars, corpus.py's tokenizers); only their temporaries are ever removed.
+CACHED_TOKEN_FILE = re.compile(r"^[A-Za-z0-9._-]*-[0-9a-f]{24}\.tok(\.json)?$")
+CACHED_TOKENIZER = re.compile(r"^bpe-\d+-[0-9a-f]{24}\.json$")
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)$")
+# A temporary this recent may be another machine's write in a shared cache.
+_STALE_TEMPORARY_S = 60
+
+
+def remove_dead_temporaries(folder: Path, target_names: "re.Pattern") -> list[Path]:
+    """Remove, from a folder of xpmodel's cache, the temporary files
+    (`.NAME.tmp-PID`, atomic.py) of cache files named like `target_names`
+    whose writer is gone: a prepare or a tokenizer training killed mid-write.
+    Regular files only, untouched for a minute; returns what was removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if not match or not target_names.match(match["target"]) or _pid_alive(int(match["pid"])):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False) or \
+                    now - entry.stat(follow_symlinks=False).st_mtime < _STALE_TEMPORARY_S:
+                continue
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
 
 
 def _file_stem(spec: str) -> str:
