@@ -334,3 +334,22 @@ def test_two_merges_make_one_token_only_when_tokens_are_given(tmp_path):
     export_tokenizer_hf(tok, tmp_path)
     assert json.loads((tmp_path / "tokenizer.json").read_text())["model"]["merges"] == [
         "a b", "ab c", "b c", "a bc"]
+
+
+def test_hf_file_errors_show_at_most_about_100_characters_of_a_value(tmp_path):
+    from xpmodel.tokenizer.hf_files import read_hf_tokenizer
+    tok = BPETokenizer.train("hello world " * 50, 260)
+    export_tokenizer_hf(tok, tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    huge = "x" * (1 << 20)
+    (tmp_path / "merges.txt").write_text(f"#version: 0.2\n{huge}\n")
+    with pytest.raises(DataError) as caught:
+        read_hf_tokenizer(tmp_path)
+    assert "is not two tokens" in str(caught.value) and len(str(caught.value)) < 400
+    document = json.loads((tmp_path / "vocab.json").read_text())
+    document[huge] = len(document)
+    (tmp_path / "vocab.json").write_text(json.dumps(document))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises((DataError, UsageError)) as caught:
+        read_hf_tokenizer(tmp_path)
+    assert len(str(caught.value)) < 400, str(caught.value)[:500]

@@ -258,7 +258,7 @@ class BPETokenizer:
         the Hugging Face vocab needs).
         """
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
-            raise UsageError(f"vocab_size must be an integer, got {vocab_size!r}")
+            raise UsageError(f"vocab_size must be an integer, got {quote(vocab_size, 100)}")
         if vocab_size < 256:
             raise UsageError(f"vocab_size must be at least 256 (the byte ids), "
                              f"got {vocab_size}")
@@ -495,7 +495,7 @@ class BPETokenizer:
         except (IndexError, TypeError):
             pass
         bad = next(i for i in ids if not _is_id_below(i, len(table)))
-        raise UsageError(f"token id {bad!r} is not in this tokenizer's vocabulary "
+        raise UsageError(f"token id {quote(bad, 100)} is not in this tokenizer's vocabulary "
                          f"(ids 0..{len(table) - 1})")
 
     def decode(self, ids):
@@ -564,7 +564,7 @@ class BPETokenizer:
             raise UsageError(f"it is not an xpmodel tokenizer (no \"format\": \"{FILE_FORMAT}\")")
         version = document.get("version")
         if version not in (FILE_VERSION, FILE_VERSION_OPTIONS) or type(version) is not int:
-            raise UsageError(f"format version {version!r} is not supported "
+            raise UsageError(f"format version {quote(version, 100)} is not supported "
                              f"(this xpmodel reads versions {FILE_VERSION} and "
                              f"{FILE_VERSION_OPTIONS})")
         split_pattern, metaspace = _document_splitting(document)

@@ -100,10 +100,10 @@ def hf_vocab(tokenizer):
             try:
                 name = raw.decode("utf-8").replace(" ", SPACE)
             except UnicodeDecodeError:
-                raise UsageError(f"id {token_id} is {raw!r}, not text; a SentencePiece vocab "
+                raise UsageError(f"id {token_id} is {quote(raw, 100)}, not text; a SentencePiece vocab "
                                  f"needs text tokens") from None
         if name in vocab:
-            raise UsageError(f"ids {vocab[name]} and {token_id} are both {name!r}; "
+            raise UsageError(f"ids {vocab[name]} and {token_id} are both {quote(name, 100)}; "
                              f"a Hugging Face vocab needs distinct token strings")
         vocab[name] = token_id
     return vocab
@@ -237,16 +237,16 @@ def _read_tokenizer_json(path):
     model = document.get("model")
     if not isinstance(model, dict) or model.get("type") != "BPE":
         kind = model.get("type") if isinstance(model, dict) else model
-        raise UsageError(f"{path}: model type {kind!r} is not supported (xpmodel reads BPE)")
+        raise UsageError(f"{path}: model type {quote(kind, 100)} is not supported (xpmodel reads BPE)")
     for key in ("continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(key):
-            raise UsageError(f"{path}: BPE {key} {model[key]!r} is not supported")
+            raise UsageError(f"{path}: BPE {key} {quote(model[key], 100)} is not supported")
     if model.get("dropout") not in (None, 0, 0.0):
-        raise UsageError(f"{path}: BPE dropout {model['dropout']!r} is not supported "
+        raise UsageError(f"{path}: BPE dropout {quote(model['dropout'], 100)} is not supported "
                          f"(it makes encoding random)")
     for key in ("ignore_merges", "byte_fallback"):
         if not isinstance(model.get(key, False), bool):
-            raise DataError(f"{path}: BPE {key} is {model[key]!r}, not true or false")
+            raise DataError(f"{path}: BPE {key} is {quote(model[key], 100)}, not true or false")
     if model.get("byte_fallback"):
         if model.get("ignore_merges"):
             raise UsageError(f"{path}: BPE ignore_merges with byte_fallback is not supported")
@@ -275,7 +275,7 @@ def _read_merges(model, path):
             entry = entry.split(" ")
         if not (isinstance(entry, list) and len(entry) == 2
                 and all(isinstance(side, str) and side for side in entry)):
-            raise DataError(f"{path}: merge {k} is {entry!r}, not a pair of tokens")
+            raise DataError(f"{path}: merge {k} is {quote(entry, 100)}, not a pair of tokens")
         merges.append(tuple(entry))
     return merges
 
@@ -303,7 +303,7 @@ def _read_vocab_and_merges(directory):
             continue
         sides = line.split(" ")
         if len(sides) != 2 or not all(sides):
-            raise DataError(f"{path}:{number}: {line!r} is not two tokens separated by a space")
+            raise DataError(f"{path}:{number}: {quote(line, 100)} is not two tokens separated by a space")
         merges.append(tuple(sides))
     added = []
     decoder = config.get("added_tokens_decoder")
@@ -336,17 +336,17 @@ def _relabel(vocab, merges, added, options):
     for byte, name in enumerate(byte_names):
         if name not in name_to_id or name in special_names:
             kind = "byte-fallback token" if metaspace else "byte token"
-            raise UsageError(f"the vocab has no {kind} for byte {byte} ({name!r}); "
+            raise UsageError(f"the vocab has no {kind} for byte {byte} ({quote(name, 100)}); "
                              f"xpmodel reads BPE vocabs that cover every byte")
     ordinary = set(name_to_id) - special_names - set(byte_names)
     made = {}   # name -> None, in the order of the first merge making each
     for rank, (left, right) in enumerate(merges):
         for side in (left, right):
             if side not in ordinary and (metaspace or side not in byte_names):
-                raise UsageError(f"merge {rank} ({left!r} {right!r}) uses {side!r}, which is not "
+                raise UsageError(f"merge {rank} ({quote(left, 100)} {quote(right, 100)}) uses {quote(side, 100)}, which is not "
                                  f"{'a token' if metaspace else 'a byte or token'} of the vocab")
         if left + right not in ordinary:
-            raise UsageError(f"merge {rank} makes {left + right!r}, which is not an ordinary "
+            raise UsageError(f"merge {rank} makes {quote(left + right, 100)}, which is not an ordinary "
                              f"token of the vocab")
         made.setdefault(left + right)
     names = list(byte_names) + list(made)
@@ -367,7 +367,7 @@ def _relabel(vocab, merges, added, options):
     for name in names[256:]:
         text = token_text(name)
         if text is None:
-            raise UsageError(f"token {name!r} (id {name_to_id[name]}) is not byte-level text "
+            raise UsageError(f"token {quote(name, 100)} (id {name_to_id[name]}) is not byte-level text "
                              f"(as GPT-2's bytes-to-unicode table writes bytes)")
         tokens.append(text)
     xp_ids = {name: xp_id for xp_id, name in enumerate(names)}
@@ -384,13 +384,13 @@ def _names_by_id(vocab, added):
     special_names = set()
     for token_id, content, special in added:
         if type(token_id) is not int or token_id < 0 or not isinstance(content, str) or not content:
-            raise UsageError(f"added token {content!r} with id {token_id!r} is malformed")
+            raise UsageError(f"added token {quote(content, 100)} with id {quote(token_id, 100)} is malformed")
         if id_to_name.get(token_id, content) != content:
-            raise UsageError(f"id {token_id} is both {id_to_name[token_id]!r} and {content!r}")
+            raise UsageError(f"id {token_id} is both {quote(id_to_name[token_id], 100)} and {quote(content, 100)}")
         if vocab.get(content, token_id) != token_id:
-            raise UsageError(f"{content!r} has two ids, {vocab[content]} and {token_id}")
+            raise UsageError(f"{quote(content, 100)} has two ids, {vocab[content]} and {token_id}")
         if not special:
-            raise UsageError(f"added token {content!r} (id {token_id}) is not special; "
+            raise UsageError(f"added token {quote(content, 100)} (id {token_id}) is not special; "
                              f"xpmodel only matches special tokens outside BPE")
         id_to_name[token_id] = content
         special_names.add(content)
@@ -411,7 +411,7 @@ def _byte_level_bytes(name, char_to_byte):
 def _metaspace_text(name):
     """The bytes a SentencePiece token stands for: its text with spaces for "▁"."""
     if _BYTE_NAME.fullmatch(name):   # Hugging Face's ByteFallback decoder reads it as a byte
-        raise UsageError(f"token {name!r} is not one of the 256 byte-fallback tokens "
+        raise UsageError(f"token {quote(name, 100)} is not one of the 256 byte-fallback tokens "
                          f"but decodes as a byte")
     return name.replace(SPACE, " ").encode("utf-8")
 
@@ -444,7 +444,7 @@ def _read_metaspace(document, path):
                              f"supported")
         split = pre_tokenizer.get("split", True)
         if not isinstance(split, bool):
-            raise DataError(f"{path}: Metaspace split is {split!r}, not true or false")
+            raise DataError(f"{path}: Metaspace split is {quote(split, 100)}, not true or false")
         if prepend == "never":   # after a Prepend normalizer the text starts with "▁" already
             prepend = _PREPEND_SCHEMES[scheme]
     elif normalizer is None:
@@ -486,7 +486,7 @@ def _read_pre_tokenizer(pre_tokenizer, path):
     steps = _steps(pre_tokenizer, "pretokenizers")
     if not isinstance(steps, list) or not 1 <= len(steps) <= 2:
         raise UsageError(f"{path}: a pre_tokenizer Sequence of "
-                         f"{len(steps) if isinstance(steps, list) else steps!r} steps is not "
+                         f"{quote(len(steps) if isinstance(steps, list) else steps, 100)} steps is not "
                          f"supported (xpmodel reads ByteLevel, or Split then ByteLevel)")
     for step in steps:
         if isinstance(step, dict) and step.get("type") == "Metaspace":
@@ -520,7 +520,7 @@ def _read_split(split, path):
         raise UsageError(f"{path}: pre_tokenizer {_kind(split)} before ByteLevel is not "
                          f"supported (xpmodel reads a Split there)")
     if split.get("behavior") != "Isolated":
-        raise UsageError(f"{path}: Split behavior {split.get('behavior')!r} is not supported "
+        raise UsageError(f"{path}: Split behavior {quote(split.get('behavior'), 100)} is not supported "
                          f"(xpmodel reads \"Isolated\")")
     if split.get("invert"):
         raise UsageError(f"{path}: Split invert true is not supported")
@@ -554,7 +554,7 @@ def _check_vocab(vocab, path):
                         f"xpmodel supports")
     for name, token_id in vocab.items():
         if type(token_id) is not int or token_id < 0:
-            raise DataError(f"{path}: token {name!r} has id {token_id!r}, not a "
+            raise DataError(f"{path}: token {quote(name, 100)} has id {quote(token_id, 100)}, not a "
                             f"non-negative integer")
     if len(set(vocab.values())) != len(vocab):
         raise DataError(f"{path}: two tokens share an id")
@@ -570,7 +570,7 @@ def _steps(component, key):
 
 
 def _kind(component):
-    return repr(component.get("type")) if isinstance(component, dict) else repr(component)
+    return quote(component.get("type"), 100) if isinstance(component, dict) else quote(component, 100)
 
 
 def _int_or_none(text):
