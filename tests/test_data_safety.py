@@ -213,3 +213,30 @@ def test_an_unusable_cache_folder_is_named_before_any_work(tmp_path, monkeypatch
     assert named in err and "not a directory" in err
     assert "training" not in out and not (tmp_path / "run").exists()
     assert afile.read_text() == "not a folder"
+
+
+# ---- links in a folder corpus ------------------------------------------------------------
+
+def test_folders_and_globs_follow_linked_folders_once_and_say_what_they_skipped(tmp_path, capsys):
+    from xpmodel.data import resolve_source
+    corpus, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere"
+    (corpus / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    (corpus / "a.txt").write_text("a")
+    (corpus / "sub" / "s.txt").write_text("s")
+    (elsewhere / "r.txt").write_text("r")
+    (corpus / "linked").symlink_to(elsewhere)
+    (corpus / "again").symlink_to(elsewhere)                 # a second way into the same folder
+    (corpus / "sub" / "loop").symlink_to(corpus)             # a loop
+    (corpus / "gone.txt").symlink_to(tmp_path / "missing.txt")
+    names = {"a.txt", "again/r.txt", "sub/s.txt"}            # read through the first name
+    folder = resolve_source(str(corpus))
+    assert {folder.document_name(p) for p in folder.files} == names
+    glob = resolve_source(f"{corpus}/**/*.txt")
+    assert {p.relative_to(corpus).as_posix() for p in glob.files} == names
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all("a link that points nowhere (gone.txt)" in line and
+                                 "2 folders reached again through links (linked, sub/loop)" in line
+                                 for line in err), err
+    resolve_source(str(corpus))
+    assert capsys.readouterr().err == ""                      # once per process

@@ -10,10 +10,15 @@ A spec is read as, in this order:
    hidden files and folders (names starting with "."), sorted by path
    relative to the folder so the order does not depend on the file system;
 4. a glob pattern (`*`, `?`, `[`; `**` matches across folders): the matching
-   files, sorted by path. Links to folders are followed, but each folder is
-   visited once, so a link that loops back (`**` through a link to `..`)
-   cannot make the search endless; at most `_MAX_GLOB_ENTRIES` entries are
-   looked at.
+   files, sorted by path.
+
+Folders and globs walk alike: links to folders are followed, but each real
+folder is read once (by device and inode), so a link that loops back (to
+`..`, say) or a second link to the same folder adds nothing and cannot make
+the walk endless; at most `_MAX_WALK_ENTRIES` entries are looked at. What a
+walk passes over that it might have read (a link that points nowhere, a
+folder reached again through a link, a folder it cannot list) is named in one
+line on stderr, once per process.
 
 A spec that names a FIFO, a device or a socket is refused: reading one could
 block or never end.
@@ -27,6 +32,7 @@ import hashlib
 import json
 import os
 import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +50,11 @@ PLAY_MARKDOWN = "play-markdown"
 _FULL_HASH_LIMIT = 4 << 20
 _EDGE_HASH_BYTES = 1 << 20
 _GLOB_CHARACTERS = frozenset("*?[")
-_MAX_GLOB_ENTRIES = 1_000_000
+_MAX_WALK_ENTRIES = 1_000_000
+_noted = set()   # skip notes already printed by this process
+_DANGLING = ("a link that points nowhere", "links that point nowhere")
+_AGAIN = ("a folder reached again through a link", "folders reached again through links")
+_UNLISTABLE = ("a folder that cannot be listed", "folders that cannot be listed")
 
 
 @dataclass(frozen=True)
@@ -121,7 +131,7 @@ def _resolve_path_spec(spec: str) -> Source:
     if path.is_file():
         return Source(spec, "file", (path,), path.parent, PLAIN_TEXT)
     if path.is_dir():
-        return Source(spec, "folder", tuple(_text_files_below(path)), path, PLAIN_TEXT)
+        return Source(spec, "folder", tuple(_text_files_below(path, spec)), path, PLAIN_TEXT)
     if path.exists():
         raise DataError(f"{_shown(spec)}: is {_special_kind(path)}, not a text file or folder")
     if _GLOB_CHARACTERS.intersection(spec):
@@ -146,6 +156,67 @@ def _special_kind(path: Path) -> str:
     return "not a regular file"
 
 
+def _walk(base: str, spec: str, what: str, enter, take) -> list[tuple[str, tuple]]:
+    """(path, names relative to base) of the files below `base` that
+    `take(names)` wants, walking the folders `enter(names)` wants: links to
+    folders followed, each real folder read once; what was passed over is
+    noted on stderr (see the module's docstring)."""
+    found, seen, looked = [], set(), 0
+    skipped = {_DANGLING: [], _AGAIN: [], _UNLISTABLE: []}
+    pending = [(base, ())]
+    while pending:
+        folder, relative = pending.pop()
+        try:
+            identity = os.stat(folder)
+            key = (identity.st_dev, identity.st_ino)
+            if key in seen:        # a loop, or a second way in: already walked
+                skipped[_AGAIN].append(relative)
+                continue
+            seen.add(key)
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError:
+            skipped[_UNLISTABLE].append(relative)
+            continue
+        # Folders are walked depth first in name order (the stack pops the
+        # smallest name first), so a folder reached by several paths is read
+        # through the first of them by name, whatever the file system's order.
+        for entry in reversed(entries):
+            looked += 1
+            if looked > _MAX_WALK_ENTRIES:
+                raise DataError(f"{_shown(spec)}: the {what} holds more than "
+                                f"{_MAX_WALK_ENTRIES:,} files and folders; narrow it")
+            names = (*relative, entry.name)
+            try:
+                is_dir = entry.is_dir()
+                is_file = not is_dir and entry.is_file()
+                dangling = not is_dir and not is_file and entry.is_symlink() and \
+                    not os.path.exists(entry.path)
+            except OSError:
+                continue
+            if is_dir and enter(names):
+                pending.append((entry.path, names))
+            elif is_file and take(names):
+                found.append((entry.path, names))
+            elif dangling and (enter(names) or take(names)):
+                skipped[_DANGLING].append(names)
+    _note_skipped(spec, skipped)
+    return found
+
+
+def _note_skipped(spec: str, skipped: dict) -> None:
+    parts = []
+    for kind, places in skipped.items():
+        if places:
+            shown = ", ".join(_shown("/".join(names) or ".")[:80] for names in sorted(places)[:3])
+            more = f" and {len(places) - 3} more" if len(places) > 3 else ""
+            parts.append(f"{kind[0] if len(places) == 1 else f'{len(places)} {kind[1]}'} "
+                         f"({shown}{more})")
+    note = f"note: {_shown(spec)}: skipped {'; '.join(parts)}" if parts else None
+    if note and note not in _noted:
+        _noted.add(note)
+        print(note, file=sys.stderr, flush=True)
+
+
 def _glob_files(pattern: str, spec: str) -> list[str]:
     """The files matching a glob pattern, as `glob.glob(pattern, recursive=True)`
     finds them (hidden names only where the pattern spells the dot), but
@@ -158,35 +229,9 @@ def _glob_files(pattern: str, spec: str) -> list[str]:
     if pattern.startswith(os.sep):
         prefix = prefix or os.sep
     base = prefix or os.curdir
-    found, seen, looked = [], set(), 0
-    pending = [(base, ())]
-    while pending:
-        folder, relative = pending.pop()
-        try:
-            identity = os.stat(folder)
-            key = (identity.st_dev, identity.st_ino)
-            if key in seen:
-                continue   # reached again through a link: already walked
-            seen.add(key)
-            entries = list(os.scandir(folder))
-        except OSError:
-            continue
-        for entry in entries:
-            looked += 1
-            if looked > _MAX_GLOB_ENTRIES:
-                raise DataError(f"{_shown(spec)}: the glob looks through more than "
-                                f"{_MAX_GLOB_ENTRIES:,} files and folders; narrow it")
-            names = (*relative, entry.name)
-            try:
-                is_dir = entry.is_dir()
-                is_file = not is_dir and entry.is_file()
-            except OSError:
-                continue
-            if is_dir and _could_match(names, wanted):
-                pending.append((entry.path, names))
-            elif is_file and _matches(names, wanted):
-                found.append(os.path.join(prefix, *names))
-    return found
+    found = _walk(base, spec, "glob", lambda names: _could_match(names, wanted),
+                  lambda names: _matches(names, wanted))
+    return [os.path.join(prefix, *names) for _, names in found]
 
 
 def _name_matches(name: str, part: str) -> bool:
@@ -217,13 +262,12 @@ def _could_match(names: tuple, parts: list) -> bool:
     return _name_matches(names[0], parts[0]) and _could_match(names[1:], parts[1:])
 
 
-def _text_files_below(folder: Path) -> list[Path]:
-    files = []
-    for path in folder.rglob("*.txt"):
-        relative = path.relative_to(folder)
-        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
-            files.append(path)
-    return sorted(files, key=lambda path: path.relative_to(folder).as_posix())
+def _text_files_below(folder: Path, spec: str) -> list[Path]:
+    """Every `*.txt` below `folder` that no hidden name leads to, sorted by its
+    path relative to the folder (links to folders followed, as for globs)."""
+    found = _walk(str(folder), spec, "folder", lambda names: not names[-1].startswith("."),
+                  lambda names: names[-1].endswith(".txt") and not names[-1].startswith("."))
+    return [folder.joinpath(*names) for _, names in sorted(found, key=lambda f: "/".join(f[1]))]
 
 
 def _require_text(source: Source) -> None:
