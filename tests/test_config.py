@@ -467,7 +467,7 @@ def test_config_from_dict_names_its_label():
 # ---- sizes bounded before anything is allocated -----------------------------------------
 
 @pytest.mark.parametrize("override, message", [
-    ("data.vocab_size=99999999", "data.vocab_size must be in [256, 1,048,576], got 99999999"),
+    ("data.vocab_size=99999999", "data.vocab_size=99999999 is more than the 1,048,576 ids"),
     ("train.batch_size=1000000000000", "train.batch_size must be in (0, 16,777,216]"),
     ("train.eval_batches=1000000000000", "train.eval_batches must be in (0, 16,777,216]"),
 ])

@@ -123,7 +123,7 @@ class DataConfig:
     # "byte": the 256-symbol byte tokenizer
     tokenizer: str = _setting("bpe", choices=TOKENIZERS)
     # BPE vocabulary size; ignored for "byte"
-    vocab_size: int = _setting(4096, within=_Range(low=256, high=MAX_VOCAB))
+    vocab_size: int = _setting(4096, within=_Range(low=256))
     # share of the tokens held out for validation
     val_fraction: float = _setting(0.1, within=OPEN_UNIT)
     # "random": nanoGPT-style random windows; "epochs": every window once per epoch
@@ -139,6 +139,10 @@ class DataConfig:
 
     def __post_init__(self):
         _check_fields(self, "data")
+        if self.vocab_size > MAX_VOCAB:     # refused here, before a tokenizer is trained
+            raise UsageError(f"data.vocab_size={self.vocab_size} is more than the {MAX_VOCAB:,} ids "
+                             f"an xpmodel BPE tokenizer has (its token files and model are sized "
+                             f"by it)")
         if self.crop_augment and self.batching != "epochs":
             raise UsageError(
                 f"data.crop_augment moves where data.batching=epochs cuts its windows; with "
