@@ -7,8 +7,7 @@ import pytest
 from xpmodel.config import load_config
 from xpmodel.errors import UsageError
 from xpmodel.train.schedule import (SCHEDULES, ConstantSchedule, CosineSchedule, LinearSchedule,
-                              StepSchedule, WSDSchedule, schedule_from_config)
-from xpmodel.train import make_schedule
+                                    StepSchedule, WSDSchedule, schedule_from_config)
 
 LR, MIN_LR = 1e-3, 1e-4
 
@@ -62,7 +61,7 @@ def test_schedules_refuse_impossible_arguments():
 def test_config_names_every_schedule_and_it_ends_at_min_lr(name):
     config = load_config("default", [f"train.schedule={name}", "train.max_iters=300",
                                      "train.warmup_iters=30"])
-    schedule = make_schedule(config.train, 300)
+    schedule = schedule_from_config(config.train, 300)
     lrs = [schedule(s) for s in range(300)]
     assert max(lrs) == pytest.approx(config.train.lr)
     if name == "constant":
@@ -103,7 +102,7 @@ def test_bad_schedule_settings_name_the_key(override, culprit):
 def test_shipped_cpu_configs_decay_within_a_shortened_run(name):
     config = load_config(name, ["train.max_iters=200", "train.warmup_iters=20"])
     assert config.train.lr_decay_iters is None
-    schedule = make_schedule(config.train, config.train.max_iters)
+    schedule = schedule_from_config(config.train, config.train.max_iters)
     assert schedule(199) == pytest.approx(config.train.min_lr, rel=1e-3)
     assert schedule(100) < config.train.lr
     assert math.isclose(schedule(20), config.train.lr)

@@ -16,6 +16,7 @@ from cli_helpers import run_cli, write_corpus
 import xpmodel
 from xpmodel.train import evaluate as evaluate_module
 from xpmodel.train.checkpoint import read_checkpoint_meta
+from xpmodel.train.setup import make_sampler
 from xpmodel.config import load_config
 from xpmodel.data.corpus import build_tokenizer, load_tokens
 from xpmodel.data import EpochSampler, RandomWindowSampler, eval_batches
@@ -192,7 +193,7 @@ def test_token_dropout_and_crop_train_in_every_batching_mode(tmp_path, corpus, b
     config = tiny_config(corpus, f"data.batching={batching}", "data.token_dropout=0.3",
                          f"data.token_dropout_mode={mode}", "train.max_iters=4", *crop)
     trainer = Trainer.start(config, device="cpu", out=tmp_path / "run", show=False)
-    x, y = trainer._make_sampler().next_batch()    # a copy: the run's own starts afresh
+    x, y = make_sampler(trainer.config, trainer.tokenizer, trainer.train_tokens).next_batch()    # a copy: the run's own starts afresh
     if mode == "mask":
         assert trainer.tokenizer.mask_id == 257 and (x == 257).mean() > 0.15
         assert trainer.model.config.vocab_size == 258

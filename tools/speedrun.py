@@ -81,7 +81,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -265,12 +264,10 @@ def torch_problems(config):
 
 def trainer_sampler(config, tokenizer, train_tokens):
     """The sampler the trainer builds for `config` (random windows or epochs,
-    crops, token dropout) and the run's length in steps: RunSetup's own
-    methods, called on a stand-in holding what they read of a Trainer."""
-    from xpmodel.train.setup import RunSetup
-    parts = SimpleNamespace(config=config, tokenizer=tokenizer, train_tokens=train_tokens)
-    parts.sampler = RunSetup._make_sampler(parts)
-    return parts.sampler, RunSetup._count_steps(parts)
+    crops, token dropout) and the run's length in steps."""
+    from xpmodel.train.setup import count_steps, make_sampler
+    sampler = make_sampler(config, tokenizer, train_tokens)
+    return sampler, count_steps(config.train, sampler)
 
 
 def make_engine(name, config, tokenizer, device, threads):
@@ -290,7 +287,7 @@ def run_one(name, size, target, data, device, eval_every, threads, overrides=())
     sys.path.insert(0, str(TOOLS))
     from xpmodel.data import eval_batches
     from xpmodel.data.corpus import build_tokenizer, load_tokens
-    from xpmodel.train import make_schedule
+    from xpmodel.train.schedule import schedule_from_config
     from xpmodel.train.setup import model_config
     config = load_recipe(name, size, data, overrides)
     t, T = config.train, config.model.block_size
@@ -298,7 +295,7 @@ def run_one(name, size, target, data, device, eval_every, threads, overrides=())
     train_tokens, val_tokens = load_tokens(config.data, tokenizer, T, show_progress=False)
     sampler, schedule_steps = trainer_sampler(config, tokenizer, train_tokens)
     engine = make_engine(name, config, tokenizer, device, threads)
-    schedule = make_schedule(t, schedule_steps)
+    schedule = schedule_from_config(t, schedule_steps)
     quick = list(eval_batches(val_tokens, t.batch_size, T, QUICK_EVAL_BATCHES))
     full_x, full_y = full_split_windows(val_tokens, T)
     full = [(full_x[i:i + 64], full_y[i:i + 64]) for i in range(0, len(full_x), 64)]

@@ -20,7 +20,6 @@ with evaluation, sampling, checkpoints and exact resume.
   display.py     the live terminal display
 """
 from .loop import Trainer
-from .setup import make_schedule
 from .signals import Interrupted
 
-__all__ = ["Trainer", "Interrupted", "make_schedule"]
+__all__ = ["Trainer", "Interrupted"]

@@ -34,6 +34,7 @@ import numpy
 
 from ..backend import to_host
 from .checkpoint import read_checkpoint_meta
+from .setup import make_sampler
 
 EXPLODE_FACTOR = 10.0
 VANISH_NORM = 1e-7
@@ -206,7 +207,7 @@ class Health:
         if bad:
             return f"; the weights of {bad[0]} already hold NaN/Inf"
         state, dropout_calls = self._replay[step]
-        sampler = t._make_sampler()
+        sampler = make_sampler(t.config, t.tokenizer, t.train_tokens)
         sampler.load_state_dict(state)
         saved = model.dropout_calls, model._threads
         model.dropout_calls, model._threads = dropout_calls, 1

@@ -29,7 +29,8 @@ from .health import Health
 from .loss_scale import LossScaler
 from .mirrors import Mirrors
 from .optim import clipped_step
-from .setup import RunSetup, check_fits_in_memory, make_schedule, model_config, optimizer_for
+from .schedule import schedule_from_config
+from .setup import RunSetup, check_fits_in_memory, count_steps, make_sampler, model_config, optimizer_for
 from .signals import Interrupted, SignalHandling
 from .state import CheckpointState
 
@@ -77,9 +78,9 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
         self.scaler = LossScaler(xp=self.model.xp) if t.precision == "fp16" else None
         # GPU steps are queued without waiting; the host reads their results in batches
         self.defer_reads = self.device.is_cuda
-        self.sampler = self._make_sampler()
-        self.total_steps = self._count_steps()
-        self.schedule = make_schedule(t, self.total_steps)
+        self.sampler = make_sampler(config, tokenizer, self.train_tokens)
+        self.total_steps = count_steps(config.train, self.sampler)
+        self.schedule = schedule_from_config(t, self.total_steps)
         self.step = 0
         self.tokens_seen = 0
         self.best_val = math.inf

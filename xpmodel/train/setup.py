@@ -14,7 +14,6 @@ from .muon import Muon
 from .optim import AdamW
 from .rundir import RunDir, default_run_path
 from .runs import adopt_pretrained, ignored_settings, load_pretrained
-from .schedule import schedule_from_config
 
 
 def model_config(config, tokenizer):
@@ -96,10 +95,6 @@ def _gpu_memory(device):
         return None
 
 
-def make_schedule(train_config, total_steps):
-    return schedule_from_config(train_config, total_steps)
-
-
 def optimizer_for(model, train):
     """The optimizer a TrainConfig (`train`) asks for: AdamW, or Muon with AdamW (muon.py)."""
     t = train
@@ -109,6 +104,37 @@ def optimizer_for(model, train):
                     ns_coefficients=t.muon_ns_coefficients, ns_steps=t.muon_ns_steps,
                     muon_weight_decay=t.muon_weight_decay, adjust_lr=t.muon_adjust_lr)
     return AdamW(model, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+
+
+def make_sampler(config, tokenizer, train_tokens):
+    """The training sampler a run config asks for: random windows or epochs,
+    with crops and token dropout."""
+    d, t, T = config.data, config.train, config.model.block_size
+    mask_id = tokenizer.mask_id
+    if d.token_dropout_mode == "mask" and mask_id is None:
+        raise UsageError("data.token_dropout_mode=mask needs a tokenizer that reserves "
+                         "<|mask|>; this run's tokenizer (from --init-from or an earlier "
+                         "run) has none: use data.token_dropout_mode=random, or start from "
+                         "fresh weights so the tokenizer is built with it")
+    common = dict(token_dropout=d.token_dropout, vocab_size=tokenizer.vocab_size,
+                  token_dropout_mode=d.token_dropout_mode, mask_id=mask_id)
+    if d.batching == "epochs":
+        return EpochSampler(train_tokens, t.batch_size, T, t.seed,
+                            random_crop=d.crop_augment, **common)
+    return RandomWindowSampler(train_tokens, t.batch_size, T, t.seed, **common)
+
+
+def count_steps(t, sampler):
+    """The run's length in optimizer steps: train.max_iters (`t` is the TrainConfig), else
+    train.epochs of the sampler."""
+    if t.max_iters is not None:
+        return t.max_iters
+    steps = t.epochs * sampler.batches_per_epoch // t.grad_accum
+    if steps == 0:
+        raise UsageError(f"train.epochs={t.epochs}: one epoch has only "
+                         f"{sampler.batches_per_epoch} batches, fewer than "
+                         f"train.grad_accum={t.grad_accum}")
+    return steps
 
 
 class RunSetup:
@@ -186,29 +212,3 @@ class RunSetup:
             run.truncate_metrics(trainer.step)
         trainer._say(f"resumed {path} at step {trainer.step} from {checkpoint.name}")
         return trainer
-
-    def _make_sampler(self):
-        d, t, T = self.config.data, self.config.train, self.config.model.block_size
-        mask_id = self.tokenizer.mask_id
-        if d.token_dropout_mode == "mask" and mask_id is None:
-            raise UsageError("data.token_dropout_mode=mask needs a tokenizer that reserves "
-                             "<|mask|>; this run's tokenizer (from --init-from or an earlier "
-                             "run) has none: use data.token_dropout_mode=random, or start from "
-                             "fresh weights so the tokenizer is built with it")
-        common = dict(token_dropout=d.token_dropout, vocab_size=self.tokenizer.vocab_size,
-                      token_dropout_mode=d.token_dropout_mode, mask_id=mask_id)
-        if d.batching == "epochs":
-            return EpochSampler(self.train_tokens, t.batch_size, T, t.seed,
-                                random_crop=d.crop_augment, **common)
-        return RandomWindowSampler(self.train_tokens, t.batch_size, T, t.seed, **common)
-
-    def _count_steps(self):
-        t = self.config.train
-        if t.max_iters is not None:
-            return t.max_iters
-        steps = t.epochs * self.sampler.batches_per_epoch // t.grad_accum
-        if steps == 0:
-            raise UsageError(f"train.epochs={t.epochs}: one epoch has only "
-                             f"{self.sampler.batches_per_epoch} batches, fewer than "
-                             f"train.grad_accum={t.grad_accum}")
-        return steps
