@@ -175,10 +175,10 @@ def import_hf(hf_dir):
     if tokenizer.vocab_size > config.vocab_size:
         raise DataError(f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} ids but the "
                         f"model's vocab has only {config.vocab_size} rows")
-    table = family.tensor_table(config)
     with ExitStack() as files:    # each file read through one descriptor, closed at the end
         sources = [(files.enter_context(_weights_file(path)), keys) for path, keys in _weight_paths(hf_dir)]
-        _check_layers(config, family, sources, where)
+        _check_layers(config, family, sources, where)     # before anything sized by n_layer
+        table = family.tensor_table(config)
         tensors = _read_tensors(hf_dir, sources, family, _hf_shapes(table, config),
                                 config.tie_embeddings)
     arrays = from_hf_tensors(table, tensors)
