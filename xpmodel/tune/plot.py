@@ -39,7 +39,6 @@ def plot_run(run_dir, out=None, overwrite=False):
     file unless `overwrite`, nor ever a run's own files (files.check_output);
     the default, RUN_DIR/loss.png and loss-health.png, are the run's plots and
     are replaced."""
-    plt = pyplot()
     run = RunDir(run_dir)
     run.require_run("RUN_DIR")
     records = run.read_metrics()
@@ -54,6 +53,7 @@ def plot_run(run_dir, out=None, overwrite=False):
         for path in (out, health_out):
             if path is not None:
                 check_output(path, "--out", overwrite=overwrite)
+    plt = pyplot()             # matplotlib is needed only once the inputs are known good
     fig = draw_metrics(plt, train, evals, f"xpmodel run {run.path.name}")
     written = [save_figure(plt, fig, out, dpi=110)]
     if health_out is not None:
