@@ -161,3 +161,17 @@ def inside(path, folder):
         return True
     except (OSError, RuntimeError, ValueError):
         return False
+
+
+def process_alive(pid):
+    """Whether a process with this id runs on this machine (the writer of a
+    temporary file or the holder of a lock named by its pid)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:   # alive, but another user's
+        return True
+    return True

@@ -50,6 +50,7 @@ from .tokenfile import (
     write_token_file,
 )
 from ..errors import DataError, UsageError, quote
+from ..files import process_alive
 
 ProgressCallback = Callable[[int, int], None]  # (bytes_done, bytes_total)
 
@@ -213,7 +214,7 @@ def remove_dead_temporaries(folder: Path, target_names: "re.Pattern") -> list[Pa
     now = time.time()
     for entry in entries:
         match = _TEMPORARY.match(entry.name)
-        if not match or not target_names.match(match["target"]) or _pid_alive(int(match["pid"])):
+        if not match or not target_names.match(match["target"]) or process_alive(int(match["pid"])):
             continue
         try:
             if not entry.is_file(follow_symlinks=False) or \
@@ -224,18 +225,6 @@ def remove_dead_temporaries(folder: Path, target_names: "re.Pattern") -> list[Pa
         except OSError:
             pass
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # alive, but another user's
-        return True
-    return True
 
 
 def _file_stem(spec: str) -> str:

@@ -45,7 +45,7 @@ from pathlib import Path
 from ..atomic import atomic_write_bytes, is_temporary_name
 from ..config import load_config, save_config
 from ..errors import UsageError, quote
-from ..files import parse_json, read_bounded
+from ..files import parse_json, process_alive, read_bounded
 from ..tokenizer.bpe import BPETokenizer
 from .checkpoint import (FORMAT_VERSION, CheckpointError, read_checkpoint_meta, step_file_name,
                          step_of_name)
@@ -114,7 +114,7 @@ class RunDir:
             for path in folder.iterdir():
                 if is_temporary_name(path.name):
                     target, _, pid = path.name[1:].rpartition(".tmp-")
-                    if names(target) and not (only_dead and _pid_alive(int(pid))):
+                    if names(target) and not (only_dead and process_alive(int(pid))):
                         found.append(path)
         return found
 
@@ -578,7 +578,7 @@ def _holder_alive(holder):
     if holder.get("host") != socket.gethostname():
         return True
     pid = holder.get("pid")
-    return type(pid) is int and _pid_alive(pid)
+    return type(pid) is int and process_alive(pid)
 
 
 def _lock_is_free(lock_path):
@@ -597,18 +597,6 @@ def _lock_is_free(lock_path):
         return not (holder and _holder_alive(holder))
     finally:
         os.close(fd)
-
-
-def _pid_alive(pid):
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:   # alive, but another user's
-        return True
-    return True
 
 
 def _present(path):
