@@ -45,7 +45,7 @@ from pathlib import Path
 from ..atomic import atomic_write_bytes, is_temporary_name
 from ..config import load_config, save_config
 from ..errors import UsageError, quote
-from ..files import parse_json, process_alive, read_bounded
+from ..files import open_regular, parse_json, process_alive, read_bounded
 from ..tokenizer.bpe import BPETokenizer
 from .checkpoint import (FORMAT_VERSION, CheckpointError, read_checkpoint_meta, step_file_name,
                          step_of_name)
@@ -285,10 +285,11 @@ class RunDir:
         return None
 
     def latest_checkpoint(self):
-        """The newest step checkpoint whose header reads cleanly, or None.
+        """(path, skipped): the newest step checkpoint whose header reads
+        cleanly, or None, and why each newer one cannot be used.
 
         A file that fails (truncated by a full disk, say) is skipped, so an
-        older intact one is used instead; the caller is told which were skipped.
+        older intact one is used instead.
         """
         skipped = []
         for path, problem in self.checkpoints_newest_first():
@@ -391,7 +392,6 @@ class RunDir:
             return []
         warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
         records, damaged = [], []
-        from ..files import open_regular
         with open_regular(self.metrics_path, CheckpointError, "metrics file") as f:
             number = 0
             while True:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..config import ModelConfig, load_config
 from ..errors import CheckpointError, UsageError
+from ..files import same_file
 from ..hf.convert import import_hf
 from ..model.config import OPTION_KEYS, gpt_config
 from ..model.gpt import GPT
@@ -98,7 +99,7 @@ def weight_sources(run_dir):
     sources, run = [], RunDir(run_dir)
     while run.is_run():
         source = run.load_config().train.init_from or _imported_from(run)
-        if source is None or any(_same_folder(source, seen) for seen in sources):
+        if source is None or any(same_file(source, seen) for seen in sources):
             break
         sources.append(Path(source))
         run = RunDir(source)
@@ -113,13 +114,6 @@ def _imported_from(run):
         return None
     source = meta.get("source")
     return source if meta.get("kind") == "imported" and isinstance(source, str) else None
-
-
-def _same_folder(a, b):
-    try:
-        return Path(a).resolve() == Path(b).resolve()
-    except (OSError, RuntimeError):
-        return False
 
 
 def adopt_pretrained(config, gpt_config, tokenizer):
