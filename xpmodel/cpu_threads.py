@@ -32,10 +32,15 @@ def thread_count():
         value = os.environ.get(name, "")
         if value.isdigit() and int(value) > 0:
             return int(value)
+    return usable_cores()
+
+
+def usable_cores():
+    """The CPU cores this process may run on."""
     try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def run_parallel(tasks):

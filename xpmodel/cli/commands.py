@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy
 
+from ..cpu_threads import usable_cores
 from ..errors import DataError, UsageError, quote
 from ..files import check_output, check_output_dir, inside, open_regular, same_file
 
@@ -296,14 +297,6 @@ def _encoding_workers(requested):
               file=sys.stderr, flush=True)
         return cores
     return requested
-
-
-def usable_cores():
-    """The CPU cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def token_preview(tokenizer, ids, total):
