@@ -8,7 +8,7 @@ removes the temporary file. New files get the permissions the user's umask
 allows (0644 under the usual 022), like any file a shell command writes.
 
 Temporary files are named `.NAME.tmp-PID`; `is_temporary_name` recognises
-them, so a folder's leftovers from a killed process can be told apart from
+them (`temporary_target` reads NAME and PID back), so a folder's leftovers from a killed process can be told apart from
 the user's own files.
 
 A folder written as a whole (a Hugging Face export) goes through
@@ -27,7 +27,7 @@ from .errors import XpmodelError
 # Temporary files being written right now, so that a second Ctrl-C, which
 # leaves at once, can remove them on its way out (see `abandon_partial_writes`).
 _in_flight = set()
-_TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)$")
 
 
 def temporary_path(path):
@@ -39,6 +39,13 @@ def temporary_path(path):
 def is_temporary_name(name):
     """True for the name of a temporary file that `atomic_writer` writes."""
     return bool(_TEMPORARY.match(name))
+
+
+def temporary_target(name):
+    """(target name, writer's pid) of a temporary file's name
+    (`.NAME.tmp-PID` -> ("NAME", PID)), or None for any other name."""
+    match = _TEMPORARY.match(name)
+    return (match["target"], int(match["pid"])) if match else None
 
 
 def atomic_write_bytes(path, data, pause=0.0):

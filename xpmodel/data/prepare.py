@@ -49,6 +49,7 @@ from .tokenfile import (
     read_token_header,
     write_token_file,
 )
+from ..atomic import temporary_target
 from ..errors import DataError, UsageError, quote
 from ..files import process_alive
 
@@ -196,7 +197,6 @@ def _is_current(target: Path, key: str, own_cache: bool = True) -> bool:
 # sidecars, corpus.py's tokenizers); only their temporaries are ever removed.
 CACHED_TOKEN_FILE = re.compile(r"^[A-Za-z0-9._-]*-[0-9a-f]{24}\.tok(\.json)?$")
 CACHED_TOKENIZER = re.compile(r"^bpe-\d+-[0-9a-f]{24}\.json$")
-_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)$")
 # A temporary this recent may be another machine's write in a shared cache.
 _STALE_TEMPORARY_S = 60
 
@@ -213,8 +213,8 @@ def remove_dead_temporaries(folder: Path, target_names: "re.Pattern") -> list[Pa
         return removed
     now = time.time()
     for entry in entries:
-        match = _TEMPORARY.match(entry.name)
-        if not match or not target_names.match(match["target"]) or process_alive(int(match["pid"])):
+        temporary = temporary_target(entry.name)
+        if temporary is None or not target_names.match(temporary[0]) or process_alive(temporary[1]):
             continue
         try:
             if not entry.is_file(follow_symlinks=False) or \

@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..atomic import atomic_write_bytes, is_temporary_name
+from ..atomic import atomic_write_bytes, temporary_target
 from ..config import load_config, save_config
 from ..errors import UsageError, quote
 from ..files import open_regular, parse_json, process_alive, read_bounded
@@ -112,9 +112,10 @@ class RunDir:
             if not folder.is_dir():
                 continue
             for path in folder.iterdir():
-                if is_temporary_name(path.name):
-                    target, _, pid = path.name[1:].rpartition(".tmp-")
-                    if names(target) and not (only_dead and process_alive(int(pid))):
+                temporary = temporary_target(path.name)
+                if temporary is not None:
+                    target, pid = temporary
+                    if names(target) and not (only_dead and process_alive(pid)):
                         found.append(path)
         return found
 
