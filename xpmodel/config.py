@@ -794,12 +794,12 @@ def load_config(name_or_path=None, overrides=(), notify=None):
         _apply_document(merged, document, label)
         train = document.get("train")
         train_keys.append({key: label for key in train} if isinstance(train, dict) else {})
-        _fit_schedule(merged, before, set(train_keys[-1]), label, notify)
+        _fit_schedule(merged, before, set(train_keys[-1]), notify)
     before = dict(merged.get("train", {}))
     _apply_overrides(merged, overrides)
     train_keys.append({str(text).partition("=")[0].strip().partition(".")[2]: f"override {_show(text, 200)}"
                        for text in overrides if str(text).strip().startswith("train.")})
-    _fit_schedule(merged, before, set(train_keys[-1]), "override", notify)
+    _fit_schedule(merged, before, set(train_keys[-1]), notify)
     label = layers[-1][0] + (" with overrides" if overrides else "")
     config = _build(merged, label)
     _check_muon_keys_apply(config.train.optimizer, train_keys)
@@ -824,7 +824,7 @@ def _check_muon_keys_apply(optimizer, train_keys):
                              f"(Muon's keys apply with train.optimizer=muon)")
 
 
-def _fit_schedule(merged, before, named, label, notify):
+def _fit_schedule(merged, before, named, notify):
     """Scale warmup_iters and lr_decay_iters to a run that a layer made shorter.
 
     `xpmodel train train.max_iters=60` over a config with warmup_iters: 100
