@@ -335,15 +335,20 @@ def tokenizer_train_command(args):
     return 0
 
 
+def _overlap(a, b):
+    """Whether one of two folders is the other or lies below it (links resolved)."""
+    return inside(a, b) or inside(b, a)
+
+
 def export_hf_command(args):
     from ..hf.convert import export_hf
     from ..train.runs import load, weight_sources
-    if inside(args.out_dir, args.run_dir) or inside(args.run_dir, args.out_dir):
+    if _overlap(args.out_dir, args.run_dir):
         raise UsageError(f"OUT_DIR {args.out_dir}: overlaps the run {args.run_dir}; export to a "
                          f"folder outside it")
     model, tokenizer = load(args.run_dir, checkpoint=args.checkpoint)
     for source in weight_sources(args.run_dir):
-        if inside(args.out_dir, source) or inside(source, args.out_dir):
+        if _overlap(args.out_dir, source):
             raise UsageError(f"OUT_DIR {args.out_dir}: overlaps {source}, which the run's "
                              f"weights came from; export to another folder")
     architecture = export_hf(model, tokenizer, args.out_dir, overwrite=args.overwrite)
@@ -354,7 +359,7 @@ def export_hf_command(args):
 def import_hf_command(args):
     from ..train.rundir import RunDir
     from ..train.runs import import_run
-    if inside(args.out, args.hf_dir) or inside(args.hf_dir, args.out):
+    if _overlap(args.out, args.hf_dir):
         raise UsageError(f"--out {args.out}: overlaps HF_DIR {args.hf_dir}, which the import "
                          f"reads; choose another --out")
     RunDir(args.out).check_can_create(args.overwrite, resumable=False)
