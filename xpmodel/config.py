@@ -54,7 +54,7 @@ _MAX_BASE_DEPTH = 16    # deeper `base:` chains are almost surely a mistake
 # Bounds on a YAML document, checked from its parse events before anything is
 # built: a config is a few kB, two levels deep, with short values. Aliases
 # count at their expanded size, so an alias bomb is refused, not expanded.
-_MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_BYTES = 1 << 20
 _MAX_YAML_DEPTH = 16
 _MAX_YAML_NODES = 10_000
 _MAX_STRING_CHARS = 1 << 16
@@ -556,7 +556,7 @@ def _read_text(path, label):
             raise UsageError(f"{label}: cannot read config file ({exc.strerror})") from None
     else:
         try:
-            data = read_bounded(path, _MAX_CONFIG_BYTES, UsageError, "config file")
+            data = read_bounded(path, MAX_CONFIG_BYTES, UsageError, "config file")
         except UsageError as exc:
             raise UsageError(str(exc).replace(str(path), label, 1)) from None
     try:
@@ -586,9 +586,9 @@ def _check_yaml_bounds(text, label):
     _MAX_YAML_NODES nodes once aliases are expanded, or with an alias inside
     the node it names. Parse events come from a loop, not recursion, and are
     counted without building anything, so this is quick for any input."""
-    if len(text) > _MAX_CONFIG_BYTES:
+    if len(text) > MAX_CONFIG_BYTES:
         raise UsageError(f"{label}: {len(text):,} characters of YAML, more than the "
-                         f"{_MAX_CONFIG_BYTES:,} a config may be")
+                         f"{MAX_CONFIG_BYTES:,} a config may be")
     open_nodes = []     # [expanded size, anchor] of each collection being read
     sizes = {}          # anchor -> expanded size of the node it names
     total = 0

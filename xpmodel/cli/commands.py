@@ -121,9 +121,9 @@ def _refuse_empty_config(name_or_path, flag):
     """UsageError for a config file with no settings (empty, or only comments):
     load_config would take it as the default config, surely not what was meant.
     Shipped names, run directories and unreadable paths are left to load_config."""
+    from ..config import MAX_CONFIG_BYTES as limit   # a larger file is refused there
     if name_or_path is None or not Path(name_or_path).is_file():
         return
-    limit = 1 << 20   # as config.py's; a larger file is refused there
     try:
         with open_regular(name_or_path, UsageError, "config file") as f:
             data = f.read(limit + 1)
