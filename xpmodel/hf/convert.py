@@ -32,8 +32,8 @@ An export is written into a temporary folder beside out_dir and renamed into
 place, so out_dir holds a whole export or none; a failure (a full disk)
 leaves it as it was. Every export holds EXPORT_MARKER, so a later export
 replaces it without asking; a directory of the same file names without the
-marker (a `save_pretrained` folder, say) is replaced only with overwrite. Nothing is unpickled: a directory with only
-pytorch_model.bin is refused.
+marker (a `save_pretrained` folder, say) is replaced only with overwrite.
+Nothing is unpickled: a directory with only pytorch_model.bin is refused.
 """
 import json
 import re

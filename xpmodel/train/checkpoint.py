@@ -38,7 +38,9 @@ FORMAT_VERSION = 1
 STEP_FILE = re.compile(r"^step-(\d{8,})\.safetensors$")
 _SLOW_SAVE_ENV = "XPMODEL_TEST_SLOW_SAVE"
 
+
 def _test_pause():
+    """Seconds to pause before each checkpoint's rename (XPMODEL_TEST_SLOW_SAVE; 0 unset or bad)."""
     try:
         return max(0.0, float(os.environ.get(_SLOW_SAVE_ENV, "0") or 0))
     except ValueError:
