@@ -350,7 +350,8 @@ def run_one(name, size, target, data, device, eval_every, threads, overrides=())
 # ---- many runs --------------------------------------------------------------------
 
 def machine():
-    info = {"python": platform.python_version(), "cores": len(os.sched_getaffinity(0)),
+    from xpmodel.cpu_threads import usable_cores
+    info = {"python": platform.python_version(), "cores": usable_cores(),
             "date": time.strftime("%Y-%m-%d")}
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -544,6 +545,7 @@ def run_in_child(name, args, target, repeat):
 
 
 def main():
+    from xpmodel.cpu_threads import usable_cores
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--size", choices=SIZES, default="cpu",
@@ -556,7 +558,7 @@ def main():
                                        "from ../shared/data where it is, else the configs' own)")
     parser.add_argument("--repeats", type=positive_int, default=1)
     parser.add_argument("--eval-every", type=positive_int, default=50)
-    parser.add_argument("--threads", type=positive_int, default=len(os.sched_getaffinity(0)),
+    parser.add_argument("--threads", type=positive_int, default=usable_cores(),
                         help="PyTorch's threads (xpmodel uses every core it may run on)")
     parser.add_argument("--json", help="write every run and the machine here, after every run")
     parser.add_argument("--overwrite", action="store_true",

@@ -95,9 +95,8 @@ def _gpu_memory(device):
         return None
 
 
-def optimizer_for(model, train):
-    """The optimizer a TrainConfig (`train`) asks for: AdamW, or Muon with AdamW (muon.py)."""
-    t = train
+def optimizer_for(model, t):
+    """The optimizer a TrainConfig (`t`) asks for: AdamW, or Muon with AdamW (muon.py)."""
     if t.optimizer == "muon":
         return Muon(model, lr=t.lr, muon_lr=t.muon_lr, betas=(t.beta1, t.beta2), eps=t.eps,
                     weight_decay=t.weight_decay, momentum=t.muon_momentum, nesterov=t.muon_nesterov,
