@@ -39,7 +39,7 @@ def kill_sweep_mid_trial(sweep, trial, steps=60, timeout=60):
     to stop when its parent died, has saved and released its run lock."""
     import signal
     import time
-    from xpmodel.train.rundir import RunDir, _lock_is_free
+    from xpmodel.train.rundir import RunDir
     run = RunDir(trial)
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -50,5 +50,5 @@ def kill_sweep_mid_trial(sweep, trial, steps=60, timeout=60):
         time.sleep(0.02)
     sweep.send_signal(signal.SIGKILL)
     sweep.wait()
-    while time.time() < deadline and run.lock_path.exists() and not _lock_is_free(run.lock_path):
+    while time.time() < deadline and run.is_locked():
         time.sleep(0.05)

@@ -132,6 +132,10 @@ class RunDir:
     def is_run(self):
         return self.marker.is_file()
 
+    def is_locked(self):
+        """Whether a live process holds this run's lock (it is training or being written)."""
+        return self.lock_path.exists() and not _lock_is_free(self.lock_path)
+
     def lock(self, flag="--out"):
         """The one-writer lock of this run directory, as a context manager
         (re-entrant within a process); creates the folder if needed, and

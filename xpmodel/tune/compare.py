@@ -11,7 +11,7 @@ from pathlib import Path
 from ..config import config_to_dict
 from ..errors import CheckpointError, DataError, UsageError
 from ..train.checkpoint import read_checkpoint_meta
-from ..train.rundir import RunDir, _lock_is_free
+from ..train.rundir import RunDir
 from .plot import check_png_output, pyplot, save_figure
 
 _MAX_DEPTH = 3   # run directories are looked for this many folders down
@@ -53,7 +53,7 @@ def summarize(run):
         config = None
     step = train[-1]["step"] if train else 0
     total = config.train.max_iters if config is not None else None
-    if run.lock_path.exists() and not _lock_is_free(run.lock_path):
+    if run.is_locked():
         status = "running"
     elif total is not None and step >= total or (
             config is not None and config.train.epochs and train

@@ -445,7 +445,7 @@ class Sweep:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "xpmodel", "train", "--quiet"]
         if RunDir(run_dir).is_run():
-            _wait_for_lock(RunDir(run_dir).lock_path)   # a trial of a killed sweep still saving
+            _wait_for_lock(RunDir(run_dir))   # a trial of a killed sweep still saving
             command += ["--resume", str(run_dir)]
         else:
             run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -619,12 +619,11 @@ class _SweepLock(RunLock):
                 f"runs a grid or random sweep at a time: wait for it to finish or stop it first")
 
 
-def _wait_for_lock(lock_path, timeout_s=120):
-    """Until nobody holds a run's lock (or timeout_s): a trial whose sweep was
-    killed gets SIGTERM and saves a checkpoint before it lets go."""
-    from ..train.rundir import _lock_is_free
+def _wait_for_lock(run, timeout_s=120):
+    """Until nobody holds the RunDir's lock (or timeout_s): a trial whose sweep
+    was killed gets SIGTERM and saves a checkpoint before it lets go."""
     deadline = time.time() + timeout_s
-    while time.time() < deadline and lock_path.exists() and not _lock_is_free(lock_path):
+    while time.time() < deadline and run.is_locked():
         time.sleep(0.1)
 
 
