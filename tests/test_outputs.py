@@ -306,3 +306,8 @@ def test_diagnose_refuses_an_unknown_check(corpus):
     from xpmodel.tune.doctor import diagnose
     with pytest.raises(UsageError, match="finite-diff"):
         diagnose(object(), skip={"finite difs"})
+
+
+def test_eval_refuses_a_batch_count_below_one_before_loading(capsys, tmp_path):
+    _, err = refused(capsys, "eval", tmp_path / "no-such-run", "--batches", "0")
+    assert "--batches must be at least 1, got 0" in err

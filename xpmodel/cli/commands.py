@@ -198,6 +198,8 @@ def eval_command(args):
     from ..data.corpus import load_tokens
     from ..train.rundir import RunDir
     from ..train.runs import load
+    if args.batches is not None and args.batches < 1:
+        raise UsageError(f"--batches must be at least 1, got {args.batches}")
     model, tokenizer = load(args.run_dir, device=args.device, checkpoint=args.checkpoint,
                             kernels=args.kernels)
     config = RunDir(args.run_dir).load_config()
@@ -233,8 +235,6 @@ def evaluate_tokens(model, tokenizer, tokens, batch_size, max_batches=None):
     total_nats, total_tokens, total_bytes = 0.0, 0, 0
     batches = [starts[i:i + batch_size] for i in range(0, len(starts), batch_size)]
     if max_batches is not None:
-        if max_batches < 1:
-            raise UsageError(f"--batches must be at least 1, got {max_batches}")
         batches = batches[:max_batches]
     for batch in batches:
         x = numpy.full((len(batch), T), 0, dtype=numpy.int64)
