@@ -183,10 +183,15 @@ def build_parser():
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks on errors")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add in (_add_training, _add_run_commands, _add_data_commands, _add_hf_commands,
+                _add_tuning_commands):
+        add(commands, common)
+    return parser
 
+
+def _add_training(commands, common):
+    """Train: a new run, a resumed one, or one started from other weights."""
     from . import commands as c
-    from ..tune.doctor import CHECKS as DOCTOR_CHECKS
-    from ..tune.lr_find import MIN_STEPS as LR_FIND_MIN_STEPS
     p = commands.add_parser("train", parents=[common], help="train a model",
                             description="Train a model from a config, or resume a run.",
                             epilog=_train_epilog(),
@@ -207,6 +212,10 @@ def build_parser():
                    help="config overrides, e.g. model.n_layer=4 train.max_iters=200")
     p.set_defaults(handler=c.train_command, outlives_stdout=True)
 
+
+def _add_run_commands(commands, common):
+    """The commands that read a trained run: sample, eval, plot."""
+    from . import commands as c
     trained_run = argparse.ArgumentParser(add_help=False)   # options of commands that load a run
     trained_run.add_argument("run_dir", metavar="RUN_DIR", help="a run directory made by train "
                                                                 "or import-hf")
@@ -252,6 +261,10 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_FILE)
     p.set_defaults(handler=c.plot_command)
 
+
+def _add_data_commands(commands, common):
+    """The commands that make token files and tokenizers."""
+    from . import commands as c
     p = commands.add_parser("prepare", parents=[common], help="tokenize a corpus into a token file",
                             description="Tokenize a corpus once into a token file that runs reuse.")
     p.add_argument("source", metavar="SOURCE", help="a file, folder, glob or built-in corpus")
@@ -286,6 +299,10 @@ def build_parser():
     q.set_defaults(handler=c.tokenizer_train_command)
     p.set_defaults(handler=lambda args, parser=p: parser.print_help() or 2)
 
+
+def _add_hf_commands(commands, common):
+    """Hugging Face export and import."""
+    from . import commands as c
     p = commands.add_parser("export-hf", parents=[common], help="export a run as a transformers GPT-2 or Llama",
                             description="Write a run as a GPT2LMHeadModel or LlamaForCausalLM directory "
                                         "with its tokenizer (the architecture follows the run's options).")
@@ -308,6 +325,12 @@ def build_parser():
                    help="replace a run already in RUN_DIR (other files there are kept)")
     p.set_defaults(handler=c.import_hf_command)
 
+
+def _add_tuning_commands(commands, common):
+    """Tuning and diagnosis: doctor, lr-find, runs, compare, sweep."""
+    from . import commands as c
+    from ..tune.doctor import CHECKS as DOCTOR_CHECKS
+    from ..tune.lr_find import MIN_STEPS as LR_FIND_MIN_STEPS
     p = commands.add_parser("doctor", parents=[common], help="check a config or run for training bugs",
                             description="The debugging checklist as one report: config and data "
                                         "sanity, the initial loss against ln(V), a non-zero gradient "
@@ -405,7 +428,6 @@ def build_parser():
                         "each fixing the previous stage's winner (SPECs then fix keys)")
     p.add_argument("specs", nargs="*", metavar="SPEC", help="KEY=VALUES to search")
     p.set_defaults(handler=c.sweep_command)
-    return parser
 
 
 if __name__ == "__main__":
