@@ -13,6 +13,7 @@ import pytest
 
 import cuda_emulator
 import xpmodel
+from xpmodel import backend
 from xpmodel.backend import to_host
 from xpmodel.config import load_config
 from xpmodel.errors import UsageError, XpmodelError
@@ -262,10 +263,16 @@ def test_a_zero_gradient_gives_a_zero_update():
     assert np.array_equal(model.flat_params, before) and opt.step_count == 1
 
 
-# ---- the CUDA path, on the emulator ----------------------------------------------
+# ---- the CUDA path: on a GPU where CuPy sees one, and on the emulator ----------------
 
-@pytest.fixture
-def emulated_cuda():
+@pytest.fixture(params=["gpu", "emulated"])
+def cuda_device(request):
+    """The device string "cuda", on a real GPU or on the CPU emulator of the kernels."""
+    if request.param == "gpu":
+        if not backend.cuda_available():
+            pytest.skip("needs CuPy and a CUDA GPU")
+        yield "cuda"
+        return
     if cuda_emulator.compiler() is None:
         pytest.skip("the CUDA emulator needs g++")
     with cuda_emulator.emulated_cuda():
@@ -287,11 +294,11 @@ def train_steps(device, steps=3, ns_dtype=None, precision="fp32"):
     return model, opt
 
 
-def test_emulated_cuda_steps_match_the_cpu(emulated_cuda):
+def test_cuda_steps_match_the_cpu(cuda_device):
     """Momentum and update kernels, the batched cuBLAS iterations and the
     device-side skip, against the NumPy path."""
     cpu_model, cpu_opt = train_steps("cpu")
-    gpu_model, gpu_opt = train_steps(emulated_cuda)
+    gpu_model, gpu_opt = train_steps(cuda_device)
     scale = np.max(np.abs(cpu_model.flat_params))
     assert np.max(np.abs(to_host(gpu_model.flat_params) - cpu_model.flat_params)) / scale < 1e-5
     np.testing.assert_allclose(to_host(gpu_opt.momentum_buffer), cpu_opt.momentum_buffer,
@@ -310,19 +317,20 @@ def test_emulated_cuda_steps_match_the_cpu(emulated_cuda):
     assert gpu_opt.step_count == 3
 
 
-def test_emulated_cuda_float16_iterations_stay_in_the_band(emulated_cuda):
+def test_cuda_float16_iterations_stay_in_the_band(cuda_device):
     """Under fp16 mixed precision a GPU iterates in float16 with float32
     accumulation: the singular values stay in the band, the step near float32's,
     closer to float64's than torch.optim.Muon's bfloat16 iteration."""
-    import xpmodel.backend as backend
-    xp = backend.get_device(emulated_cuda).xp
+    xp = backend.get_device(cuda_device).xp
     rng = np.random.default_rng(6)
     for rows, cols in [(32, 128), (128, 32)]:
         g = xp.asarray(rng.standard_normal((rows, cols)).astype(np.float32))
         x = orthogonalise(g, dtype=np.float16)
         s = np.linalg.svd(to_host(x).astype(np.float64), compute_uv=False)
         assert 0.66 <= s.min() and s.max() <= 1.23, (s.min(), s.max())
-    assert Muon(xpmodel.GPT(SMALL, device=emulated_cuda, precision="fp16"), lr=1e-3).ns_dtype == np.float16
+    for precision in ("fp16", "bf16"):
+        model = xpmodel.GPT(SMALL, device=cuda_device, precision=precision)
+        assert Muon(model, lr=1e-3).ns_dtype == np.float16
     assert Muon(xpmodel.GPT(SMALL, precision="fp16"), lr=1e-3).ns_dtype == np.float32   # CPU
 
     # one step from the same gradients: the float16 update within 1% of the float32 one
@@ -330,7 +338,7 @@ def test_emulated_cuda_float16_iterations_stay_in_the_band(emulated_cuda):
     source.forward_backward(*batch(rng, SMALL, B=2))
     steps = {}
     for dtype in (np.float16, np.float32):
-        model = xpmodel.GPT(SMALL, device=emulated_cuda, seed=5)
+        model = xpmodel.GPT(SMALL, device=cuda_device, seed=5)
         model.flat_grads[...] = xp.asarray(source.flat_grads)
         opt = Muon(model, lr=1e-3, ns_dtype=dtype)
         opt.step()

@@ -52,7 +52,7 @@ stack of batched products (cuBLAS on a GPU), in their wide orientation (rows
 <= columns, so A is the smaller Gram matrix): NS(W^T) = NS(W)^T, so a tall
 matrix is iterated transposed. The iterations run in the weights' dtype
 (float32, float64 in tests), and in float16 with float32 accumulation (tensor
-cores) when a GPU trains in fp16 mixed precision.
+cores) when a GPU trains in fp16 or bf16 mixed precision.
 """
 import functools
 import math
@@ -61,6 +61,7 @@ import types
 import numpy
 
 from ..cpu_threads import run_parallel, single_threaded_blas, split, thread_count
+from ..backend import is_half
 from ..errors import XpmodelError
 from ..layers.matmul import matmul
 from .optim import AdamW, _check_positive
@@ -139,9 +140,9 @@ def newton_schulz(x, coefficients=NS_COEFFICIENTS["jordan"], steps=5):
     a wide stack (m >= 2n) iterates on (n, n) matrices alone and multiplies
     X_0 once at the end: 4 n^2 m + 34 n^3 multiply-adds for 5 steps instead of
     20 n^2 m + 10 n^3. The two orders agree to rounding in float32 and float64;
-    float16 takes the plain order, since A_k = P A P squares its rounding."""
+    16-bit stacks take the plain order, since A_k = P A P squares their rounding."""
     x = _xp(x).ascontiguousarray(x)    # the products write row-major stacks
-    if x.shape[-1] >= 2 * x.shape[-2] and steps > 1 and x.dtype != numpy.float16:
+    if x.shape[-1] >= 2 * x.shape[-2] and steps > 1 and not is_half(x.dtype):
         return _newton_schulz_gram(x, coefficients, steps)
     a, b, c = coefficients
     for _ in range(steps):
@@ -285,9 +286,9 @@ class Muon:
         self.momentum_buffer = xp.zeros(stop - start, dtype=model.flat_params.dtype)   # M, flat
         self._update = xp.empty_like(self.momentum_buffer)    # U, then s X, flat like M
         self._applied = xp.zeros((), dtype="float64")          # steps applied, on the device
-        if ns_dtype is None:
-            fp16_gpu = model.device.is_cuda and getattr(model, "precision", "fp32") == "fp16"
-            ns_dtype = numpy.float16 if fp16_gpu else model.flat_params.dtype
+        if ns_dtype is None:    # 16-bit runs on a GPU iterate in float16 (more mantissa than bfloat16)
+            half_gpu = model.device.is_cuda and getattr(model, "precision", "fp32") in ("fp16", "bf16")
+            ns_dtype = numpy.float16 if half_gpu else model.flat_params.dtype
         self.ns_dtype = numpy.dtype(ns_dtype)
         # the stacks to orthogonalise: wide shape (n, m) -> [(offset, (in, out), transposed, s)]
         self._stacks = {}
