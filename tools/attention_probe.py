@@ -2,7 +2,8 @@
 shapes: the flash kernels (xpmodel/cuda/flash.py) against the path through
 T x T scores, in milliseconds (CUDA events, median of repeats) and TFLOP/s
 of the causal half, for float16 and bfloat16 heads; a config with grouped-query
-attention (llama-char, llama-small) gets its H_kv key/value heads.
+attention (llama-char, llama-small) gets its H_kv key/value heads. The two
+paths' outputs and input gradients are compared at these full sizes too.
 
     python tools/attention_probe.py [--configs char-mid gpt2-small llama-small] [--dtypes float16 bfloat16]
 """
@@ -38,20 +39,33 @@ def main():
         dout = g.standard_normal((B * T, C), dtype=np.float32).astype(dtype)
         flops = 2 * 2 * B * H * T * (T + 64) / 2 * D       # two products over the causal tiles
         print(f"{name} {dtype_name}: B={B} H={H} H_kv={H_kv} T={T} D={D}")
-        out, lse = flash.flash_forward(heads)
-        forward = timed(lambda: flash.flash_forward(heads))
-        backward = timed(lambda: flash.flash_backward(dout, heads, out, lse, 1.0 / math.sqrt(D)))
-        print(f"  flash kernels         forward {forward:7.3f} ms ({flops / forward / 1e9:5.0f} TFLOP/s)"
-              f"  backward {backward:7.3f} ms ({2.5 * flops / backward / 1e9:5.0f} TFLOP/s)")
+        flash_on = flash.ENABLED                            # XPMODEL_FLASH=0 leaves the kernels out
+        if flash_on:
+            out, lse = flash.flash_forward(heads)
+            forward = timed(lambda: flash.flash_forward(heads))
+            backward = timed(lambda: flash.flash_backward(dout, heads, out, lse, 1.0 / math.sqrt(D)))
+            print(f"  flash kernels         forward {forward:7.3f} ms ({flops / forward / 1e9:5.0f} TFLOP/s)"
+                  f"  backward {backward:7.3f} ms ({2.5 * flops / backward / 1e9:5.0f} TFLOP/s)")
+            y_flash, cache = attention.attention_forward(qkv, H, n_kv_head=H_kv)
+            dqkv_flash = attention.attention_backward(dout, cache)
         flash.ENABLED = False
         try:
             y, cache = attention.attention_forward(qkv, H, n_kv_head=H_kv)
+            dqkv = attention.attention_backward(dout, cache)
             forward = timed(lambda: attention.attention_forward(qkv, H, n_kv_head=H_kv))
             backward = timed(lambda: attention.attention_backward(dout, cache))
         finally:
-            flash.ENABLED = True
+            flash.ENABLED = flash_on
         print(f"  through T x T scores  forward {forward:7.3f} ms  backward {backward:7.3f} ms"
               " (with the head split and merge)")
+        if flash_on:
+            print(f"  flash against T x T   output {_relative(y_flash, y):.1e}, input gradient "
+                  f"{_relative(dqkv_flash, dqkv):.1e} (max |difference| / max |T x T value|)")
+
+
+def _relative(a, b):
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    return float(abs(a - b).max() / abs(b).max())
 
 
 def _grouped_heads(qkv, H, H_kv, D):

@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: the GPU tests (bf16 included), the GPU
-# benchmark against PyTorch in fp16 and bf16 (eager, and torch.compile on
-# gpt2-small), nanoGPT's shakespeare-char run in bf16, the NCCL path of
-# data-parallel training with one rank and attention's kernels alone, with a
-# summary in $OUT (default ./gpu-check). Uses the CuPy and PyTorch already
+# One command for a GPU machine: the GPU tests (bf16 and Muon included), the
+# NCCL path of data-parallel training with one rank, attention's kernels alone
+# (timed, and checked against the T x T path at full size), the GPU benchmark
+# against PyTorch in fp16 and bf16 (eager, and torch.compile on gpt2-small) and
+# nanoGPT's shakespeare-char run in bf16, with a summary in $OUT (default
+# ./gpu-check). Uses the CuPy and PyTorch already
 # installed there; needs no network.
 #
 #   OUT=/some/dir bash tools/gpu_check.sh
 #   PARTS="compile speedrun" bash tools/gpu_check.sh       # only those parts
 #
 # The whole script stays within DEADLINE seconds (default 560, under the
-# device's 10 minutes a command): the parts run in the order of PARTS, each
+# device's 10 minutes a command): the chosen parts run in the order below, each
 # within its own limit and within what is left; a part that would not fit is
 # skipped and the summary says so.
 #
-# PARTS: any of tests bench compile train-bf16 nccl probe (the default, in
-# that order of importance) and sections graph train-fp16 train-llama speedrun
+# PARTS: any of tests nccl probe bench train-bf16 compile (the default: what
+# has never run on a GPU first, then the measurements; compile takes what is
+# left, about 200 s) and sections graph train-fp16 train-llama speedrun
 # speedrun-bpe (a second call: PARTS="speedrun speedrun-bpe").
 #
 # DATA: the Tiny Shakespeare text for the training and speedrun parts and the
@@ -36,7 +38,7 @@ export XPMODEL_CACHE="${TMPDIR:-/tmp}/xpmodel-gpu-check-cache"
 PY="${PYTHON:-python3}"
 DEADLINE="${DEADLINE:-560}"
 ITERS="${ITERS:-2500}"
-PARTS="${PARTS:-tests bench compile train-bf16 nccl probe}"
+PARTS="${PARTS:-tests nccl probe bench train-bf16 compile}"
 read -r -a bench_flags <<< "${BENCH:-}"
 summary="$OUT/summary.txt"
 : > "$summary"
@@ -91,7 +93,7 @@ if want tests && starts tests 120; then   # about 90 s, most of it compiling ker
     # (the CPU-emulator variants of these tests are for machines without a GPU)
     timeout "$limit" "$PY" -m pytest -q -p no:cacheprovider -k "not emulated" tests/test_cuda_kernels.py \
         tests/test_backends.py tests/test_bf16.py tests/test_generate.py tests/test_architectures.py \
-        tests/test_kernels_switch.py > "$OUT/tests.log" 2>&1
+        tests/test_kernels_switch.py tests/test_muon.py > "$OUT/tests.log" 2>&1
     code=$?
     note "tests exit code $code ($(tail -1 "$OUT/tests.log"))"
     (( code == 124 )) && note "the tests ran out of their ${limit} s; the parts below use flash attention as usual"
@@ -102,12 +104,42 @@ if want tests && starts tests 120; then   # about 90 s, most of it compiling ker
     fi
 fi
 
+if want nccl && starts nccl 60; then   # about 30 s
+    note "== data parallel through NCCL with one rank, against the CPU (tools/nccl_check.py)"
+    if ! "$PY" -c "import mpi4py" 2> /dev/null; then
+        note "skipped: mpi4py is not installed here (pip install mpi4py, with an MPI library)"
+    else
+        if command -v mpirun > /dev/null; then   # xpmodel's own launch line (Open MPI's flags as root)
+            launch=("$PY" -c "import subprocess, sys; from xpmodel.distributed import local_mpirun
+command, env = local_mpirun(1, [sys.executable, 'tools/nccl_check.py'])
+sys.exit(subprocess.run(command, env=env).returncode)")
+        else
+            launch=("$PY" tools/nccl_check.py)   # mpi4py runs a singleton group of one rank
+            note "(no mpirun here: one process as a singleton MPI group)"
+        fi
+        timeout "$limit" "${launch[@]}" > "$OUT/nccl.log" 2>&1
+        note "nccl check exit code $?"
+        cat "$OUT/nccl.log" >> "$summary"
+    fi
+fi
+
+if want probe && starts probe 40; then   # about 30 s
+    note "== attention alone: the flash kernels against the T x T path, timed and compared (tools/attention_probe.py)"
+    timeout "$limit" "$PY" tools/attention_probe.py >> "$summary" 2>&1
+    note "probe exit code $?"
+fi
+
 if want bench && starts bench 150; then   # about 130 s
     note "== benchmark in fp16 and bf16 (xpmodel vs PyTorch eager under autocast to the same type)"
     timeout "$limit" "$PY" tools/bench_gpu.py --precisions fp16 bf16 --configs char-mid gpt2-small llama-small \
         --kernels fused "${bench_flags[@]}" > "$OUT/bench.log" 2>&1
     note "bench exit code $?"
     cat "$OUT/bench.log" >> "$summary"
+fi
+
+if want train-bf16 && starts train-bf16 100; then   # about 70 s
+    note "== shakespeare-char, bf16, $ITERS steps on $DATA (nanoGPT: val 1.4697)"
+    train_run char-bf16 shakespeare-char bf16 train_bf16.log
 fi
 
 if want compile && starts compile 170; then   # about 150 s, compiling included
@@ -118,34 +150,10 @@ if want compile && starts compile 170; then   # about 150 s, compiling included
     cat "$OUT/bench_compile.log" >> "$summary"
 fi
 
-if want train-bf16 && starts train-bf16 100; then   # about 70 s
-    note "== shakespeare-char, bf16, $ITERS steps on $DATA (nanoGPT: val 1.4697)"
-    train_run char-bf16 shakespeare-char bf16 train_bf16.log
-fi
-
-if want nccl && starts nccl 60; then   # about 30 s
-    note "== data parallel through NCCL with one rank, against the CPU (tools/nccl_check.py)"
-    if command -v mpirun > /dev/null; then
-        launch=(mpirun -n 1 --allow-run-as-root)
-    else
-        launch=()   # mpi4py runs a singleton group of one rank
-        note "(no mpirun here: one process as a singleton MPI group)"
-    fi
-    timeout "$limit" "${launch[@]}" "$PY" tools/nccl_check.py > "$OUT/nccl.log" 2>&1
-    note "nccl check exit code $?"
-    cat "$OUT/nccl.log" >> "$summary"
-fi
-
-if want probe && starts probe 40; then   # about 30 s
-    note "== attention alone: the flash kernels against the T x T path (tools/attention_probe.py)"
-    timeout "$limit" "$PY" tools/attention_probe.py >> "$summary" 2>&1
-    note "probe exit code $?"
-fi
-
 if want sections && starts sections 60; then
     note "== where the step's time goes"
     for config in char-mid gpt2-small; do
-        timeout 25 "$PY" tools/gpu_sections.py --config "$config" >> "$summary" 2>&1
+        timeout $(( limit / 2 )) "$PY" tools/gpu_sections.py --config "$config" >> "$summary" 2>&1
     done
 fi
 
@@ -183,5 +191,6 @@ if want speedrun-bpe && starts speedrun-bpe 280; then   # about 4.5 minutes: the
     note "speedrun-bpe exit code $?"
     tail -5 "$OUT/speedrun_bpe.log" >> "$summary"
 fi
+
 note "== done in $(( $(date +%s) - started )) s"
 cat "$summary"
