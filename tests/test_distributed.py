@@ -6,7 +6,9 @@ never imported here: importing it would start MPI inside the test process.
 """
 import importlib.util
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -207,3 +209,47 @@ def test_an_exception_on_one_rank_aborts_the_job(tmp_path):
     assert result.returncode != 0
     assert "RuntimeError: injected failure on rank 1" in result.stderr
     assert seconds < 30
+
+
+def _rank_pids(marker):
+    """{rank: pid} of the MPI ranks whose command line holds `marker` (Linux /proc)."""
+    ranks = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = dict(line.split(b"=", 1) for line in (entry / "environ").read_bytes().split(b"\0")
+                           if b"=" in line)
+        except (OSError, ValueError):
+            continue
+        if marker.encode() in command and b"OMPI_COMM_WORLD_RANK" in environ:
+            ranks[int(environ[b"OMPI_COMM_WORLD_RANK"])] = int(entry.name)
+    return ranks
+
+
+@needs_mpi
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_saved_step(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i} of a small corpus for two ranks\n" for i in range(400)))
+    run = tmp_path / "run"
+    command, env = local_mpirun(2, [sys.executable, "-m", "xpmodel", "train", "--device", "cpu",
+                                    "--quiet", "--config", REPO / "tests" / "tiny-run.yaml",
+                                    "--out", run, f"data.source={corpus}", "train.max_iters=100000",
+                                    "train.save_interval=100000", "train.eval_interval=100000"])
+    env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", XPMODEL_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=f"{REPO}:{env.get('PYTHONPATH', '')}")
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)                              # a few steps in
+        os.kill(_rank_pids(str(run))[1], signal.SIGTERM)
+        out, err = job.communicate(timeout=60)
+    finally:
+        job.kill()
+    stops = [line for line in (out + err).splitlines() if "stopped by SIGTERM at step" in line]
+    assert len(stops) == 2, out + err                # each rank names the same step and file
+    step = int(stops[0].split("at step ")[1].split(";")[0])
+    assert all(f"at step {step};" in line for line in stops)
+    assert (run / "checkpoints" / f"step-{step:08d}.safetensors").is_file()

@@ -24,7 +24,7 @@ def train_command(args):
         try:
             return _train(args, dist.device_spec, dist)
         except Interrupted as stop:
-            dist.abort(f"stopped by {stop}", stop.exit_code)
+            dist.abort(str(stop), stop.exit_code)
 
 
 def _train(args, device, dist):

@@ -61,7 +61,7 @@ class TrainDisplay:
                  last_val=None, total_epochs=None):
         self.enabled = enabled
         self.console = Console(file=stream or sys.stdout, highlight=False)
-        self.live = enabled and not quiet and self.console.is_terminal
+        self.live = enabled and not quiet and self.console.is_interactive   # not TERM=dumb
         self.total_steps = total_steps
         self.start_step = start_step
         self.fields = {"loss": "-", "val": "-" if last_val is None else f"{last_val:.4f}",
@@ -127,9 +127,16 @@ class TrainDisplay:
     def sample(self, step, text):
         self.print(f"--- sample at step {step} ---")
         if self.enabled:
-            self.console.print(printable(text), markup=False, highlight=False, soft_wrap=True)
+            self.console.print(self._encodable(printable(text)), markup=False, highlight=False,
+                               soft_wrap=True)
         self.print("---")
 
     def print(self, text):
         if self.enabled:
-            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+            self.console.print(self._encodable(text), markup=False, highlight=False, soft_wrap=True)
+
+    def _encodable(self, text):
+        """`text` with what the output's encoding cannot show as escapes (an
+        ASCII-only stdout must not end a run at its first sample)."""
+        encoding = self.console.encoding or "utf-8"
+        return text.encode(encoding, "backslashreplace").decode(encoding)

@@ -13,6 +13,7 @@ at any instant loses at most `save_interval` steps, since every file is
 replaced atomically.
 """
 import math
+import signal
 import sys
 import time
 
@@ -96,6 +97,7 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
         self.best_file_val = None      # the validation loss best.safetensors holds, when known
         self._data_fingerprint = None
         self._stop_signal = None
+        self._stop_agreed = False
         self.health = Health(self)     # per-layer records, warnings, where a NaN came from
         self.mirrors = Mirrors.off()   # train.log_to, while run() runs
 
@@ -135,6 +137,8 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
             path = self.run_dir.step_path(self.step)
             if self.is_main and not self._saved_this_step():
                 path = self.save()
+            if self.dist is not None:
+                self.dist.barrier()     # rank 0's checkpoint is on disk before any rank ends the job
             interrupt.step, interrupt.checkpoint, interrupt.run_dir = self.step, path, self.run_dir.path
             raise
         finally:
@@ -211,14 +215,20 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
             if self.dist is not None and not self.dist.in_sync(self.model.flat_params):
                 raise XpmodelError(f"step {step}: the ranks' weights differ; not saving")
             self.save()
-        if self._stop_signal is not None:
-            raise Interrupted(self._stop_signal)
+        if self._stopping():
+            raise Interrupted(self._stop_signal or signal.SIGTERM)   # SIGTERM: another rank's signal
         if not early_stop:
             return "finished"
         display.print(f"early stop: no val improvement in {t.early_stop_patience} evaluations")
         if not self._saved_this_step():
             self.save()
         return "early stop"
+
+    def _stopping(self):
+        """Whether a signal ends the run after this step. With several ranks, only
+        when this step's all-reduce told every rank of it, so all stop at the same
+        step and rank 0's checkpoint is the one each names."""
+        return self._stop_signal is not None if self.dist is None else self._stop_agreed
 
     def _saved_this_step(self):
         """Whether this process saved (or resumed from) a checkpoint of this very
@@ -267,7 +277,9 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
                                    f"model.n_embd or model.n_layer") from None
         if self.dist is not None:
             self.dist.allreduce_mean_(model.flat_grads)
-            total = float(self.dist.allreduce_mean_(numpy.array([float(total)]))[0])
+            # the loss, and whether a signal reached any rank: then every rank stops after this step
+            shared = self.dist.allreduce_mean_(numpy.array([float(total), float(self._stop_signal is not None)]))
+            total, self._stop_agreed = float(shared[0]), bool(shared[1] > 0)
         loss = xp.asarray(total / t.grad_accum, dtype=numpy.float64)
         self.health.before_update(self.step)
         norm, grads_finite = clipped_step(self.optimizer, t.grad_clip, scale, loss)

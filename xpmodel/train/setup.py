@@ -3,9 +3,10 @@ checked before the run directory is written; --init-from takes the model's
 shape from its source (runs.adopt_pretrained); the sampler and the run's
 length in steps."""
 import os
+from dataclasses import replace
 
 from ..backend import _import_cupy, get_device
-from ..data import EpochSampler, RandomWindowSampler
+from ..data import BUILTIN_NAMES, EpochSampler, RandomWindowSampler
 from ..data.corpus import build_tokenizer
 from ..data.tokenfile import MAX_VOCAB_SIZE
 from ..errors import CheckpointError, UsageError
@@ -105,6 +106,12 @@ def optimizer_for(model, t):
     return AdamW(model, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
 
 
+def _absolute_source(source):
+    """data.source as the run keeps it: a path (or glob) made absolute, so the
+    run resumes and evaluates from any folder; a built-in corpus name as it is."""
+    return source if source in BUILTIN_NAMES else os.path.abspath(os.path.expanduser(source))
+
+
 def make_sampler(config, tokenizer, train_tokens):
     """The training sampler a run config asks for: random windows or epochs,
     with crops and token dropout."""
@@ -147,6 +154,7 @@ class RunSetup:
         the directory gets run.json only after its step-0 checkpoint."""
         is_main = dist is None or dist.is_main
         check_batches_fit(config)
+        config = replace(config, data=replace(config.data, source=_absolute_source(config.data.source)))
         device = get_device(device)
         if dist is not None:
             dist.shard(config.train.batch_size)   # refuses a batch the ranks cannot split
