@@ -311,3 +311,24 @@ def test_diagnose_refuses_an_unknown_check(corpus):
 def test_eval_refuses_a_batch_count_below_one_before_loading(capsys, tmp_path):
     _, err = refused(capsys, "eval", tmp_path / "no-such-run", "--batches", "0")
     assert "--batches must be at least 1, got 0" in err
+
+
+# ---- what a run keeps and shows ---------------------------------------------------------
+
+def test_a_relative_data_source_is_kept_absolute(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_corpus(tmp_path / "rel.txt", lines=300)
+    code, _, err = run_cli(capsys, "train", "--config", TINY, "--out", "run", "--quiet",
+                           "data.source=rel.txt", "train.max_iters=2")
+    assert code == 0, err
+    assert RunDir(tmp_path / "run").load_config().data.source == str(tmp_path / "rel.txt")
+
+
+def test_the_display_escapes_what_an_ascii_output_cannot_show():
+    import io
+    from xpmodel.train.display import TrainDisplay
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    display = TrainDisplay(10, stream=stream)
+    display.sample(5, "caf\u00e9 \ufffd")
+    stream.flush()
+    assert "caf\\xe9 \\ufffd" in stream.buffer.getvalue().decode("ascii")
