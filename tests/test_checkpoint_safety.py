@@ -336,6 +336,15 @@ def test_a_signal_saves_over_a_stale_file_of_the_same_step(tmp_path):
     assert read_checkpoint_meta(stale)["step"] == 3
 
 
+
+def test_a_run_saved_by_two_ranks_says_how_to_resume_it(run_copy, capsys):
+    for step in (20, 30):
+        rewrite_meta(run_copy.step_path(step), world_size=2)
+    code, _, err = run_cli(capsys, "train", "--resume", run_copy.path, "train.max_iters=40")
+    assert code == 1
+    assert_one_line_error(err)
+    assert "saved by 2 ranks, resumed with 1; resume with mpirun -n 2" in err
+
 # ---- 10: sample and eval name what they skip ----------------------------------------
 
 @pytest.mark.parametrize("command", [["sample", "--max-new-tokens", "3"], ["eval", "--batches", "1"]])

@@ -111,9 +111,11 @@ class CheckpointState:
             raise CheckpointError(f"{path}: saved with a different tokenizer than {self.run_dir.tokenizer_path}")
         self._check_same_data(path, meta)
         world = 1 if self.dist is None else self.dist.world_size
-        if meta.get("world_size", 1) != world:
-            raise CheckpointError(f"{path}: saved by {meta.get('world_size')} ranks, resumed with "
-                                  f"{world}; resume with mpirun -n {meta.get('world_size')}")
+        saved_by = meta.get("world_size", 1)
+        if saved_by != world:
+            how = "without mpirun" if saved_by == 1 else f"with mpirun -n {saved_by}"
+            raise CheckpointError(f"{path}: saved by {saved_by} rank{'s' if saved_by != 1 else ''}, "
+                                  f"resumed with {world}; resume {how}")
         try:
             self.model.load_state_arrays(params)
             self.optimizer.load_state_arrays(
