@@ -332,3 +332,19 @@ def test_the_display_escapes_what_an_ascii_output_cannot_show():
     display.sample(5, "caf\u00e9 \ufffd")
     stream.flush()
     assert "caf\\xe9 \\ufffd" in stream.buffer.getvalue().decode("ascii")
+
+
+@pytest.mark.parametrize("width", [100, 40, 20])
+def test_a_narrow_terminal_cuts_the_figures_not_the_step_count(width):
+    import io
+    import re
+    from rich.console import Console
+    from xpmodel.train.display import TrainDisplay
+    buffer = io.StringIO()
+    display = TrainDisplay(2000, stream=buffer)
+    display.console = Console(file=buffer, width=width, force_terminal=True)
+    display.live = True
+    with display:
+        display.step(150, 5.0648, 7.5e-4, 1.75, 43300)
+    shown = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", buffer.getvalue()).replace("\r", "\n")
+    assert any(line.strip().startswith("150/2000 ") for line in shown.split("\n"))

@@ -15,6 +15,7 @@ import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Column
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -74,10 +75,14 @@ class TrainDisplay:
 
     def __enter__(self):
         if self.live:
-            # Step and ETA first, so a narrow terminal cuts the figures, not them.
+            # Step and ETA first and never cut; a narrow terminal cuts the figures.
+            steps_width = 2 * len(str(self.total_steps)) + 1
             self._progress = Progress(
-                MofNCompleteColumn(), TimeRemainingColumn(), BarColumn(bar_width=10),
-                TextColumn("{task.fields[summary]}"),
+                MofNCompleteColumn(table_column=Column(no_wrap=True, min_width=steps_width)),
+                TimeRemainingColumn(table_column=Column(no_wrap=True, min_width=7)),
+                BarColumn(bar_width=10),
+                TextColumn("{task.fields[summary]}",
+                           table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
                 console=self.console, transient=False)
             self._progress.__enter__()
             self._task = self._progress.add_task("train", total=self.total_steps,
