@@ -384,6 +384,10 @@ def test_tokenizing_progress_drives_a_rich_bar():
         progress(0, 2048)
         progress(2048, 2048)
     assert "tokenizing test" in console.file.getvalue()
+    quiet = Console(file=io.StringIO(), force_terminal=False, width=100)
+    with tokenizing_progress("cached", console=quiet):
+        pass                                   # a cached token file: prepare reports nothing
+    assert quiet.file.getvalue() == ""
 
 
 # ----- split and batching ----------------------------------------------------

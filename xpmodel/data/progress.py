@@ -25,7 +25,9 @@ from rich.progress import (
 def tokenizing_progress(
     description: str = "tokenizing", console: Console | None = None
 ) -> Iterator[Callable[[int, int], None]]:
-    """A callback(bytes_done, bytes_total) that drives a progress bar while the block runs."""
+    """A callback(bytes_done, bytes_total) that drives a progress bar while the
+    block runs. The bar appears at the first call, so a corpus whose token file
+    is already cached (prepare then reads nothing) shows none."""
     columns = (
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -33,10 +35,17 @@ def tokenizing_progress(
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(description, total=None)
+    shown = {}
 
-        def update(bytes_done: int, bytes_total: int) -> None:
-            bar.update(task, completed=bytes_done, total=bytes_total)
+    def update(bytes_done: int, bytes_total: int) -> None:
+        if not shown:
+            shown["bar"] = Progress(*columns, console=console, transient=False)
+            shown["bar"].start()
+            shown["task"] = shown["bar"].add_task(description, total=None)
+        shown["bar"].update(shown["task"], completed=bytes_done, total=bytes_total)
 
+    try:
         yield update
+    finally:
+        if shown:
+            shown["bar"].stop()
