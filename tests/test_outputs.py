@@ -1,6 +1,6 @@
 """Where commands write: a user-named output is never one of the command's
 inputs or a run's own files, and an existing file is replaced only with
---overwrite (files.check_output / check_output_dir), checked before any slow
+--overwrite (train/outputs.py: check_output / check_output_dir), checked before any slow
 work. Also: training outlives a closed stdout, --workers is bounded, an empty
 config is refused, and the one-line messages of the new-user audit."""
 import os

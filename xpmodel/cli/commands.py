@@ -8,7 +8,8 @@ import numpy
 
 from ..cpu_threads import usable_cores
 from ..errors import DataError, UsageError, quote
-from ..files import check_output, check_output_dir, inside, open_regular, same_file
+from ..files import inside, open_regular, same_file
+from ..train.outputs import check_output, check_output_dir
 
 _EVAL_TOKENS_PER_BATCH = 4096
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from ..atomic import atomic_writer
 from ..errors import DataError, UsageError
-from ..files import check_output
+from ..train.outputs import check_output
 from ..train.rundir import RunDir
 
 
@@ -36,7 +36,7 @@ def plot_run(run_dir, out=None, overwrite=False):
     health records (train.health_interval), one of them beside it
     (NAME-health.png); returns the paths written. Both are checked before
     either is written: an `out` the user names may not replace an existing
-    file unless `overwrite`, nor ever a run's own files (files.check_output);
+    file unless `overwrite`, nor ever a run's own files (train/outputs.py);
     the default, RUN_DIR/loss.png and loss-health.png, are the run's plots and
     are replaced."""
     run = RunDir(run_dir)
