@@ -17,6 +17,7 @@ with evaluation, sampling, checkpoints and exact resume.
   checkpoint.py  checkpoint files (safetensors) written atomically, read with checks
   rundir.py      a run directory: its lock, config, checkpoints and metrics
   runs.py        trained runs loaded (`xpmodel.load`) and weights for --init-from
+  outputs.py     where a command may write (never an input or a run's own files)
   display.py     the live terminal display
 """
 from .loop import Trainer
