@@ -8,7 +8,6 @@ from dataclasses import replace
 from ..backend import _import_cupy, get_device
 from ..data import BUILTIN_NAMES, EpochSampler, RandomWindowSampler
 from ..data.corpus import build_tokenizer
-from ..data.tokenfile import MAX_VOCAB_SIZE
 from ..errors import CheckpointError, UsageError
 from ..model.config import gpt_config
 from .muon import Muon
@@ -161,9 +160,6 @@ class RunSetup:
         run = RunDir(out or default_run_path(config_name))
         if is_main:
             run.check_can_create(overwrite)
-        if config.data.tokenizer == "bpe" and config.data.vocab_size > MAX_VOCAB_SIZE:
-            raise UsageError(f"data.vocab_size={config.data.vocab_size} is more ids than a token "
-                             f"file holds ({MAX_VOCAB_SIZE:,})")
         pretrained = None
         if config.train.init_from:
             pretrained = load_pretrained(config.train.init_from)
