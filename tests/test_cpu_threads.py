@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from xpmodel.cpu_threads import run_parallel, split
+from xpmodel.cpu_threads import CACHE_ELEMENTS, run_elementwise, run_parallel, split
 
 
 @pytest.mark.parametrize("n,parts", [(10, 3), (2, 5), (7, 1), (16, 2)])
@@ -69,3 +69,40 @@ def test_a_shard_thread_reuses_freed_memory_without_page_faults():
     faults = [int(f) for f in out.strip(" []\n").split(",")]
     assert faults[0] > 1000                  # the first round touches its memory
     assert sum(faults[1:]) < 100, faults     # later rounds reuse it
+
+
+@pytest.mark.parametrize("size,on_gpu", [(10, False), (3 * CACHE_ELEMENTS + 5, False), (3 * CACHE_ELEMENTS, True)])
+def test_elementwise_work_covers_the_buffer_once_in_cache_sized_chunks(size, on_gpu):
+    seen, lock = [], threading.Lock()
+
+    def task(part):
+        with lock:
+            seen.append(part)
+    run_elementwise(size, task, on_gpu)
+    covered = sorted(i for part in seen for i in range(size)[part])
+    assert covered == list(range(size))
+    if on_gpu:
+        assert seen == [slice(0, size)]
+    else:
+        assert max(part.stop - part.start for part in seen) <= CACHE_ELEMENTS
+
+
+def test_chunked_optimizer_steps_equal_whole_buffer_steps(monkeypatch):
+    import xpmodel
+    from xpmodel import cpu_threads
+    config = xpmodel.GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    rng = np.random.default_rng(0)
+    idx, targets = rng.integers(0, 64, (4, 16)), rng.integers(0, 64, (4, 16))
+
+    def train(chunk, optimizer):
+        monkeypatch.setattr(cpu_threads, "CACHE_ELEMENTS", chunk)
+        model = xpmodel.GPT(config, seed=0)
+        opt = xpmodel.AdamW(model, lr=1e-2) if optimizer == "adamw" else \
+            xpmodel.Muon(model, lr=1e-2, muon_lr=0.02)
+        for _ in range(3):
+            model.zero_grad()
+            model.forward_backward(idx, targets)
+            opt.step()
+        return model.flat_params.copy()
+    for optimizer in ("adamw", "muon"):
+        assert np.array_equal(train(97, optimizer), train(10**9, optimizer))

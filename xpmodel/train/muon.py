@@ -54,13 +54,12 @@ matrix is iterated transposed. The iterations run in the weights' dtype
 (float32, float64 in tests), and in float16 with float32 accumulation (tensor
 cores) when a GPU trains in fp16 or bf16 mixed precision.
 """
-import functools
 import math
 import types
 
 import numpy
 
-from ..cpu_threads import run_parallel, single_threaded_blas, split, thread_count
+from ..cpu_threads import run_elementwise, run_parallel, single_threaded_blas, split, thread_count
 from ..backend import is_half
 from ..errors import XpmodelError
 from ..layers.matmul import matmul
@@ -340,9 +339,7 @@ class Muon:
         g = self._hidden_grads()
         if not (isinstance(grad_scale, float) and grad_scale == 1.0):
             g *= xp.asarray(grad_scale, dtype=g.dtype)
-        # elementwise work: one slice per CPU thread; a GPU takes it whole
-        parts = [slice(0, g.size)] if model.device.is_cuda else split(g.size, thread_count())
-        run_parallel([functools.partial(self._momentum, part) for part in parts])
+        run_elementwise(g.size, self._momentum, model.device.is_cuda)
         self._orthogonalise()
         if not bool(xp.isfinite(self._update).all()):
             raise XpmodelError("Muon's orthogonalised update is not finite although the gradients "

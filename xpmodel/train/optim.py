@@ -8,7 +8,7 @@ import math
 
 import numpy
 
-from ..cpu_threads import run_parallel, split, thread_count
+from ..cpu_threads import run_elementwise
 
 
 class AdamW:
@@ -69,10 +69,7 @@ class AdamW:
             model.flat_grads *= xp.asarray(grad_scale, dtype=model.flat_grads.dtype)
         n_decay = model.layout.n_decay
         model.flat_params[:n_decay] *= 1.0 - self.lr * self.weight_decay
-        size = model.flat_params.size
-        # elementwise work: one slice of the buffer per CPU thread; a GPU takes it whole
-        parts = [slice(0, size)] if model.device.is_cuda else split(size, thread_count())
-        run_parallel([lambda part=part: self._update(part) for part in parts])
+        run_elementwise(model.flat_params.size, self._update, model.device.is_cuda)
 
     def _update(self, part):
         """The Adam update on `part` (a slice) of the flat buffers."""
