@@ -126,6 +126,22 @@ def test_tokenizer_train_export_hf_refuses_a_model_folder_and_a_non_empty_one(ca
     assert (other / "todo.txt").read_text() == "keep" and (other / "tokenizer.json").is_file()
 
 
+@pytest.mark.parametrize("link", [os.symlink, os.link])
+def test_tokenizer_train_export_hf_replaces_a_linked_merges_txt(link, capsys, tmp_path, corpus):
+    """An export folder whose merges.txt links to the corpus: the export
+    replaces the link and the corpus is left as it was."""
+    before = corpus.read_bytes()
+    export = tmp_path / "hf"
+    export.mkdir()
+    link(corpus, export / "merges.txt")
+    code, _, err = run_cli(capsys, "tokenizer", "train", corpus, "--vocab-size", 260,
+                           "--out", tmp_path / "t.json", "--export-hf", export, "--overwrite")
+    assert code == 0, err
+    assert corpus.read_bytes() == before
+    assert not (export / "merges.txt").is_symlink()
+    assert (export / "merges.txt").read_text().startswith("#version: 0.2\n")
+
+
 # ---- 1. outputs: prepare --------------------------------------------------------------
 
 def test_prepare_refuses_an_existing_token_file_or_sidecar_unless_overwrite(capsys, tmp_path,

@@ -151,8 +151,8 @@ def export_tokenizer_hf(tokenizer, directory, model_max_length=None):
     _write_json(directory / "tokenizer.json", tokenizer_json)
     if tokenizer.metaspace is None:   # GPT2Tokenizer's files mean byte-level BPE
         _write_json(directory / "vocab.json", vocab)
-        (directory / "merges.txt").write_text(
-            "#version: 0.2\n" + "".join(line + "\n" for line in merges), encoding="utf-8")
+        atomic_write_bytes(directory / "merges.txt", (
+            "#version: 0.2\n" + "".join(line + "\n" for line in merges)).encode("utf-8"))
 
     special_map = {}
     if ENDOFTEXT in specials:
