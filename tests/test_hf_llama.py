@@ -457,6 +457,10 @@ def edit_config(directory, **changes):
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), UsageError, "yarn"),
     (dict(rope_parameters={"rope_theta": 1e4, "factor": 2.0}), UsageError, "factor"),
     (dict(partial_rotary_factor=0.5), UsageError, "partial_rotary_factor"),
+    (dict(rope_scaling={"rope_type": "default", "rope_theta": 777.0}), DataError,
+     "rope_scaling.rope_theta 777.0 and rope_parameters.rope_theta 500.0 disagree"),
+    (dict(rope_theta=10000.0), DataError,
+     "rope_theta 10000.0 and rope_parameters.rope_theta 500.0 disagree"),
     (dict(hidden_act="gelu"), UsageError, "hidden_act"),
     (dict(attention_bias=True), UsageError, "attention_bias true with mlp_bias false"),
     (dict(head_dim=16), UsageError, "head_dim 16"),
@@ -488,6 +492,8 @@ def test_import_accepts_transformers_4_rope_keys(copy_of_llama, llama_dir):
     document.update(rope_theta=theta, rope_scaling=None)
     (copy_of_llama / "config.json").write_text(json.dumps(document))
     assert import_hf(copy_of_llama)[0] == import_hf(llama_dir)[0]
+    edit_config(copy_of_llama, rope_parameters={"rope_type": "default", "rope_theta": theta})
+    assert import_hf(copy_of_llama)[0] == import_hf(llama_dir)[0]   # the same theta twice
 
 
 def test_import_refuses_tensors_llama_does_not_have(copy_of_llama):

@@ -37,8 +37,7 @@ MAX_POSITIONS = 1 << 20
 HF_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
                "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": None,
                "head_dim": None, "hidden_act": "silu", "max_position_embeddings": 2048,
-               "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None,
-               "rope_parameters": None, "partial_rotary_factor": None, "attention_bias": False,
+               "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "attention_bias": False,
                "mlp_bias": False, "attention_dropout": 0.0, "pretraining_tp": 1,
                "tie_word_embeddings": False}
 # config.json's name for each GPTConfig field, for error messages.
@@ -126,7 +125,7 @@ def config_fields(hf_cfg, where):
     """GPTConfig's fields from a Llama config.json document, refusing what
     xpmodel does not compute."""
     value = {key: hf_cfg.get(key, default) for key, default in HF_DEFAULTS.items()}
-    theta = _rope_theta(value, where)
+    theta = _rope_theta(hf_cfg, where)
     for key in ("attention_bias", "mlp_bias"):
         if not isinstance(value[key], bool):
             raise DataError(f"{where}: {key} must be true or false, got {value[key]!r}")
@@ -158,12 +157,16 @@ def config_fields(hf_cfg, where):
                 tie_embeddings=value["tie_word_embeddings"])
 
 
-def _rope_theta(value, where):
-    """The base of plain RoPE, from rope_theta (transformers 4) or rope_parameters
-    (transformers 5); any scaling or partial rotation is refused."""
-    theta = value["rope_theta"]
+def _rope_theta(hf_cfg, where):
+    """The base of plain RoPE, from rope_theta (transformers 4), rope_parameters
+    (transformers 5) or rope_scaling; any scaling or partial rotation is refused,
+    and so are thetas in two of those places that disagree (transformers 4 and
+    5 would each take another)."""
+    thetas = {}   # where config.json gives a theta -> the theta
+    if "rope_theta" in hf_cfg:
+        thetas["rope_theta"] = hf_cfg["rope_theta"]
     for key in ("rope_scaling", "rope_parameters"):
-        rope = value[key]
+        rope = hf_cfg.get(key)
         if rope is None:
             continue
         if not isinstance(rope, dict):
@@ -174,11 +177,18 @@ def _rope_theta(value, where):
             what = f"rope_type {kind!r}" if kind != "default" else f"{others[0]}"
             raise UsageError(f"{where}: {key} with {what} is not supported (xpmodel computes "
                              f"plain RoPE)")
-        theta = rope.get("rope_theta", theta)
-    if value["partial_rotary_factor"] not in (None, 1, 1.0):
-        raise UsageError(f"{where}: partial_rotary_factor {value['partial_rotary_factor']!r} "
-                         f"is not supported (xpmodel rotates whole heads)")
-    return theta
+        if "rope_theta" in rope:
+            thetas[f"{key}.rope_theta"] = rope["rope_theta"]
+    values = list(thetas.values())
+    if any(theta != values[0] for theta in values[1:]):
+        given = " and ".join(f"{name} {theta!r}" for name, theta in thetas.items())
+        raise DataError(f"{where}: {given} disagree (transformers 4 and 5 would use "
+                        f"different ones); keep one rope_theta")
+    partial = hf_cfg.get("partial_rotary_factor")
+    if partial not in (None, 1, 1.0):
+        raise UsageError(f"{where}: partial_rotary_factor {partial!r} is not supported "
+                         f"(xpmodel rotates whole heads)")
+    return values[0] if values else HF_DEFAULTS["rope_theta"]
 
 
 def _is_int(value):
