@@ -464,6 +464,8 @@ def edit_config(directory, **changes):
     (dict(hidden_act="gelu"), UsageError, "hidden_act"),
     (dict(attention_bias=True), UsageError, "attention_bias true with mlp_bias false"),
     (dict(head_dim=16), UsageError, "head_dim 16"),
+    (dict(hidden_size=-32, head_dim=8), DataError, "hidden_size must be positive, got -32"),
+    (dict(hidden_size=30, head_dim=8), DataError, r"hidden_size \(30\) must be divisible"),
     (dict(pretraining_tp=2), UsageError, "pretraining_tp"),
     (dict(max_position_embeddings=1 << 40), UsageError, "max_position_embeddings"),
     (dict(num_key_value_heads=3), DataError, "num_key_value_heads"),

@@ -138,8 +138,8 @@ def config_fields(hf_cfg, where):
          f"attention_bias {_yaml(value['attention_bias'])} with mlp_bias "
          f"{_yaml(value['mlp_bias'])} (xpmodel's bias option covers both)"),
         (value["pretraining_tp"] not in (None, 1), f"pretraining_tp {value['pretraining_tp']!r}"),
-        (value["head_dim"] is not None and _is_int(heads) and _is_int(hidden) and heads > 0
-         and value["head_dim"] != hidden // heads,
+        (value["head_dim"] is not None
+         and _head_size(hidden, heads) not in (None, value["head_dim"]),
          f"head_dim {value['head_dim']!r} (xpmodel's head size is hidden_size / "
          f"num_attention_heads)"),
         (_is_int(positions) and positions > MAX_POSITIONS,
@@ -189,6 +189,13 @@ def _rope_theta(hf_cfg, where):
         raise UsageError(f"{where}: partial_rotary_factor {partial!r} is not supported "
                          f"(xpmodel rotates whole heads)")
     return values[0] if values else HF_DEFAULTS["rope_theta"]
+
+
+def _head_size(hidden, heads):
+    """hidden_size / num_attention_heads, or None when they are not positive
+    integers that divide (GPTConfig then names the culprit)."""
+    sizes_valid = all(_is_int(size) and size > 0 for size in (hidden, heads))
+    return hidden // heads if sizes_valid and hidden % heads == 0 else None
 
 
 def _is_int(value):
