@@ -507,6 +507,18 @@ def test_import_refuses_tensors_llama_does_not_have(copy_of_llama):
         import_hf(copy_of_llama)
 
 
+@pytest.mark.parametrize("dtype, named", [(torch.int32, "I32"), (torch.float8_e4m3fn, "F8_E4M3"),
+                                          (torch.float8_e5m2, "F8_E5M2")])
+def test_import_names_a_dtype_it_does_not_read(copy_of_llama, dtype, named):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(copy_of_llama / "model.safetensors")
+    key = "model.layers.0.mlp.up_proj.weight"
+    tensors[key] = tensors[key].to(dtype)
+    save_file(tensors, str(copy_of_llama / "model.safetensors"))
+    with pytest.raises(UsageError, match=f"{key} is {named}; xpmodel reads float tensors"):
+        import_hf(copy_of_llama)
+
+
 @pytest.mark.parametrize("text, named", [("[" * 100_000, "nested too deeply"),
                                          (" " * (17 * 2**20), "more than")])
 def test_import_refuses_a_crafted_config_json(copy_of_llama, text, named):

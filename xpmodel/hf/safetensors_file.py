@@ -27,6 +27,10 @@ DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8",
           "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1",
           "BOOL": "?"}
 FLOAT_DTYPES = ("F32", "F64", "F16", "BF16")
+# safetensors dtypes NumPy cannot hold, known by their size only: a file with
+# them is checked like any other, so that a reader can refuse the dtype by name
+# rather than call the file corrupt.
+SIZE_ONLY_DTYPES = {"F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 
 MAX_HEADER_BYTES = 100 * 2**20   # a real header is a few hundred bytes per tensor
 
@@ -149,6 +153,8 @@ class SafetensorsFile:
         if self._file is None:
             raise ValueError(f"{self.path}: read from a closed {self._what}")
         dtype, shape, start, end = self._entries[key]
+        if dtype in SIZE_ONLY_DTYPES:
+            raise ValueError(f"{self.path}: {key} is {dtype}, which NumPy cannot hold")
         try:
             raw = os.pread(self._file.fileno(), end - start, self._data_start + start)
         except OSError as exc:
@@ -164,7 +170,7 @@ class SafetensorsFile:
 def _entry_fits(entry, data_len):
     """True when a header entry has a known dtype, a shape of non-negative ints,
     and a byte range inside the data that is exactly the shape's size."""
-    if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
+    if not isinstance(entry, dict) or _itemsize(entry.get("dtype")) is None:
         return False
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
@@ -172,5 +178,13 @@ def _entry_fits(entry, data_len):
     if not (isinstance(offsets, list) and len(offsets) == 2
             and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1] <= data_len):
         return False
-    size = numpy.dtype(DTYPES[entry["dtype"]]).itemsize
-    return math.prod(shape) * size == offsets[1] - offsets[0]
+    return math.prod(shape) * _itemsize(entry["dtype"]) == offsets[1] - offsets[0]
+
+
+def _itemsize(dtype):
+    """Bytes per element of a safetensors dtype, or None for one xpmodel does not know."""
+    if not isinstance(dtype, str):
+        return None
+    if dtype in SIZE_ONLY_DTYPES:
+        return SIZE_ONLY_DTYPES[dtype]
+    return numpy.dtype(DTYPES[dtype]).itemsize if dtype in DTYPES else None
