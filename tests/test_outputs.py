@@ -3,6 +3,7 @@ inputs or a run's own files, and an existing file is replaced only with
 --overwrite (train/outputs.py: check_output / check_output_dir), checked before any slow
 work. Also: training outlives a closed stdout, --workers is bounded, an empty
 config is refused, and the one-line messages of the new-user audit."""
+import json
 import os
 import shutil
 import subprocess
@@ -213,6 +214,18 @@ def test_lr_find_never_writes_over_a_run_and_refuses_an_existing_sidecar(capsys,
                        "--steps", 10)
     assert out == "" and f"--out {tmp_path / 'lr.json'}: already exists" in err
     assert (tmp_path / "lr.json").read_text() == "mine"
+
+
+def test_lr_find_never_writes_over_its_configs_base(capsys, corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = tmp_path / "lr.json"   # JSON is YAML: a config can be named so
+    base.write_text(json.dumps({"base": str(TINY), "data": {"source": str(corpus)}}))
+    (tmp_path / "child.yaml").write_text("base: lr.json\n")
+    before = base.read_bytes()
+    out, err = refused(capsys, "lr-find", "--config", "child.yaml", "--out", "lr.png",
+                       "--overwrite", "--steps", 10)
+    assert out == "" and "--out lr.json: is also an input" in err
+    assert base.read_bytes() == before
 
 
 def test_lr_find_validates_before_its_header(capsys):

@@ -86,3 +86,24 @@ def test_a_sweep_whose_every_trial_fails_exits_non_zero_and_a_rerun_retries(caps
     log = (out / "logs" / "trial-000.log").read_text()
     assert log.count("$ ") == 2, log          # started again, not skipped as done
     assert time.time() - started < 120
+
+
+def test_a_sweep_never_writes_over_its_config_or_its_base(capsys, tmp_path):
+    out = tmp_path / "tuned"
+    out.mkdir()
+    mine = out / "best.yaml"   # the config of an earlier search, tuned again in place
+    mine.write_text(f"base: {TINY}\ndata:\n  source: {tmp_path / 'corpus.txt'}\n")
+    before = mine.read_bytes()
+    code, stdout, err = run_cli(capsys, "sweep", "--preset", "tuning-order", "--config", mine,
+                                "--out", out, "--max-iters", 10)
+    assert code == 2, (stdout, err)
+    assert_one_line_error(err)
+    assert f"--out {mine}: is also an input of this command" in err
+    assert stdout == "" and mine.read_bytes() == before
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: {mine}\n")
+    code, _, err = run_cli(capsys, "sweep", "--config", child, "--out", out, "train.lr=1e-3,2e-3")
+    assert code == 2
+    assert_one_line_error(err)
+    assert f"--out {out}: holds {mine}, an input of this command" in err
+    assert sorted(p.name for p in out.iterdir()) == ["best.yaml"]

@@ -806,6 +806,15 @@ def load_config(name_or_path=None, overrides=(), notify=None):
     return config
 
 
+def config_files(name_or_path=None):
+    """The files a config is read from, as load_config reads them: its `base:`
+    chain, oldest first, then the config itself (a shipped config is its file
+    in the package). A command counts them all among its inputs, so that no
+    output of it is written over one."""
+    return [Path(label) for label, _ in
+            _read_layers(DEFAULT_CONFIG if name_or_path is None else name_or_path)]
+
+
 def _check_muon_keys_apply(optimizer, train_keys):
     """Refuse a Muon key (train.muon_*) that would be ignored: set by a layer (a
     file, or the overrides together) that does not choose train.optimizer

@@ -408,8 +408,7 @@ def lr_find_command(args):
     _check_subject(target, "--config")
     subject = load_subject(target, args.overrides)
     out = Path(args.out) if args.out else Path(f"lr-find-{subject.name}.png")
-    inputs = [Path(target)] if Path(target).is_file() else []
-    inputs += resolve_source(subject.config.data.source).files
+    inputs = [*subject.config_files, *resolve_source(subject.config.data.source).files]
     for path in (out, out.with_suffix(".json")):   # the plot and its numbers
         check_output(path, "--out", inputs, args.overwrite)
     print(f"lr-find: {subject.name}, {args.steps} steps from {args.start_lr:g} to {args.end_lr:g}",

@@ -55,14 +55,20 @@ def check_output_dir(path, flag, inputs=(), overwrite=False):
         raise UsageError(f"{flag} {path}: holds a model ({model[0]}), whose tokenizer files "
                          f"belong to it; xpmodel will not replace them, even with --overwrite; "
                          f"choose another {flag}")
-    for source in inputs:
-        if inside(source, path):
-            raise UsageError(f"{flag} {path}: holds {source}, an input of this command; "
-                             f"choose another {flag}")
+    check_holds_no_input(path, flag, inputs)
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise UsageError(f"{flag} {path}: is not empty; pass --overwrite to write into it "
                          f"(files of other names are kept), or choose another {flag}")
     return path
+
+
+def check_holds_no_input(folder, flag, inputs):
+    """Refuse, with a one-line UsageError naming it, a folder a command writes
+    into (given as `flag`) that holds one of `inputs` (files it reads)."""
+    for source in inputs:
+        if inside(source, folder):
+            raise UsageError(f"{flag} {folder}: holds {source}, an input of this command; "
+                             f"choose another {flag}")
 
 
 def _run_file(path):

@@ -4,7 +4,7 @@ tokenizer, token streams and fresh model."""
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..config import load_config
+from ..config import config_files, load_config
 from ..data.corpus import build_tokenizer, load_tokens
 from ..model.gpt import GPT
 from ..train.rundir import RunDir
@@ -18,6 +18,7 @@ class Subject:
     name: str            # for titles: the config's or run's name
     config: object       # RunConfig
     tokenizer: object
+    config_files: tuple = ()         # the files the config was read from (config_files)
     pretrained: dict | None = None   # name -> array of train.init_from, else None
     _tokens: tuple | None = None
 
@@ -48,14 +49,16 @@ class Subject:
 
 def load_subject(name_or_run, overrides=(), say=print):
     """The Subject of a run directory (its config.yaml, with overrides) or of a
-    config name or path."""
+    config name or path (with its `base:` chain)."""
     run = RunDir(name_or_run)
     if run.is_run():
         config = load_config(run.config_path, overrides) if overrides else run.load_config()
-        return Subject(run.path.name, config, run.load_tokenizer())
+        return Subject(run.path.name, config, run.load_tokenizer(), (run.config_path,))
     config = load_config(name_or_run, overrides)
     name = Path(str(name_or_run)).stem
+    files = tuple(config_files(name_or_run))
     if config.train.init_from:
         source_config, arrays, tokenizer = load_pretrained(config.train.init_from)
-        return Subject(name, adopt_pretrained(config, source_config, tokenizer), tokenizer, arrays)
-    return Subject(name, config, build_tokenizer(config.data, say=say))
+        return Subject(name, adopt_pretrained(config, source_config, tokenizer), tokenizer, files,
+                       arrays)
+    return Subject(name, config, build_tokenizer(config.data, say=say), files)

@@ -53,10 +53,11 @@ from pathlib import Path
 import numpy
 
 from ..atomic import atomic_write_bytes
-from ..config import load_config, save_config
+from ..config import config_files, load_config, save_config
 from ..cpu_threads import thread_count
 from ..errors import UsageError, XpmodelError, quote
 from ..files import parse_json, read_bounded
+from ..train.outputs import check_holds_no_input, check_output
 from ..train.rundir import LOCK_NAME, RunDir, RunLock
 from .compare import format_table
 from .plot import pyplot, save_figure
@@ -266,6 +267,7 @@ class Sweep:
             raise UsageError(f"--max-iters must be at least 1, got {max_iters}")
         self.dir = SweepDir(out)
         self.config = str(config)
+        check_holds_no_input(self.dir.path, "--out", config_files(self.config))
         self.parallel, self.device, self.prune, self.show = parallel, device, prune, show
         self.largest = largest   # a key: the winner is the finished trial with its largest value
         params = [parse_spec(s) for s in specs]
@@ -711,9 +713,9 @@ def run_preset(args):
     """`--preset tuning-order`: learning rate, then the largest batch size that
     fits, then width, then clipping, each stage a sweep in SWEEP_DIR/N-name
     starting from the previous stage's best.yaml. Resumable as one sweep is."""
-    import shutil
     out = Path(args.out)
     config = args.config
+    check_output(out / "best.yaml", "--out", config_files(config), overwrite=True)
     fixed = list(args.specs)   # the user's SPECs: single values fixed in every stage
     for spec in fixed:
         if parse_spec(spec).kind != "grid" or len(parse_spec(spec).values) != 1:
@@ -733,6 +735,6 @@ def run_preset(args):
                                f"{out / name / 'logs'}")
         print(f"stage {name} winner: {_params_text(results['best_params'])}", flush=True)
         config = str(out / name / "best.yaml")
-    shutil.copyfile(config, out / "best.yaml")
+    save_config(load_config(config), out / "best.yaml")
     print(f"best config: {out / 'best.yaml'} (xpmodel train --config {out / 'best.yaml'})")
     return 0
