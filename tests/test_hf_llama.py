@@ -507,6 +507,26 @@ def test_import_refuses_tensors_llama_does_not_have(copy_of_llama):
         import_hf(copy_of_llama)
 
 
+@pytest.mark.parametrize("unlisted", ["model.layers.0.self_attn.q_norm.weight", "model.norm.weight"])
+def test_import_refuses_a_shard_tensor_its_index_does_not_list(tokenizer, tmp_path, unlisted):
+    from safetensors.numpy import load_file, save_file
+    directory = save_llama(hf_random_llama(seed=15), tmp_path, tokenizer, max_shard_size="20KB")
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = index["weight_map"]["model.norm.weight"]
+    assert list(index["weight_map"].values()).count(shard) > 1
+    if unlisted in index["weight_map"]:
+        del index["weight_map"][unlisted]
+        index_path.write_text(json.dumps(index))
+    else:
+        tensors = load_file(directory / shard)
+        tensors[unlisted] = numpy.ones(8, numpy.float32)
+        save_file(tensors, str(directory / shard))
+    with pytest.raises(DataError, match=f"{shard}: holds {unlisted}, which "
+                                        f"model.safetensors.index.json does not list"):
+        import_hf(directory)
+
+
 @pytest.mark.parametrize("dtype, named", [(torch.int32, "I32"), (torch.float8_e4m3fn, "F8_E4M3"),
                                           (torch.float8_e5m2, "F8_E5M2")])
 def test_import_names_a_dtype_it_does_not_read(copy_of_llama, dtype, named):

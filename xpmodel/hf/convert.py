@@ -228,8 +228,7 @@ def _check_layers(config, family, sources, where):
     """Refuse more layers than the files have tensors before anything loops over
     them (a crafted num_hidden_layers of 10**9 is refused at once); every other
     size is checked against each tensor's stored shape before it is read."""
-    stored = sum(1 for source, wanted in sources for key in source.names
-                 if wanted is None or key in wanted)
+    stored = sum(len(source.names) for source, _ in sources)
     if config.n_layer > stored:
         key = family.HF_KEYS.get("n_layer", "n_layer")
         raise DataError(f"{where}: {key} is {config.n_layer:,} but the weights hold only "
@@ -249,14 +248,18 @@ def _hf_shapes(table, config):
 
 def _read_tensors(hf_dir, sources, family, shapes, tied):
     """Hugging Face name -> float32 array for every name of `shapes`, read from
-    the directory's safetensors. With a tied head, a stored lm_head.weight must
-    equal the embedding and is dropped."""
+    the directory's safetensors. A shard may hold only the tensors its index
+    lists. With a tied head, a stored lm_head.weight must equal the embedding
+    and is dropped."""
     embedding = family.EMBEDDING
     tensors, unexpected = {}, []
-    for source, wanted in sources:
+    for source, listed in sources:
         for key in source.names:
-            if (wanted is not None and key not in wanted) or key.endswith(family.IGNORED_SUFFIXES):
+            if key.endswith(family.IGNORED_SUFFIXES):
                 continue
+            if listed is not None and key not in listed:
+                raise DataError(f"{source.path}: holds {key}, which {WEIGHTS_INDEX} does not "
+                                f"list in this shard")
             name = family.canonical(key)
             if name in shapes:
                 shape = shapes[name]
@@ -308,7 +311,8 @@ def _weights_file(path):
 
 
 def _weight_paths(hf_dir):
-    """[(safetensors path, names to read from it, or None for all)]."""
+    """[(safetensors path, the names the shard index lists in it, or None for
+    the one model.safetensors)]."""
     if (hf_dir / WEIGHTS_FILE).is_file():
         return [(hf_dir / WEIGHTS_FILE, None)]
     if (hf_dir / WEIGHTS_INDEX).is_file():
