@@ -316,6 +316,7 @@ def test_export_loads_as_llama_without_missing_or_unexpected_keys(exported, toke
     assert hf_cfg.rope_parameters["rope_theta"] == cfg.rope_theta
     assert hf_cfg.rms_norm_eps == cfg.norm_eps
     assert hf_cfg.attention_bias == hf_cfg.mlp_bias == cfg.bias
+    assert hf_cfg.attention_dropout == 0.0   # xpmodel's dropout is not Llama's
     tied = hf_model.lm_head.weight.data_ptr() == hf_model.model.embed_tokens.weight.data_ptr()
     assert tied == cfg.tie_embeddings
     assert hf_model.generation_config.eos_token_id == tokenizer.eot_id
@@ -344,7 +345,7 @@ def test_exported_tokenizer_gives_the_same_ids(exported, tokenizer):
 def test_llama_round_trip_is_exact(exported, tokenizer):
     model, directory, _, _ = exported
     config, arrays, tok = import_hf(directory)
-    assert config == model.config
+    assert config == replace(model.config, dropout=0.0)
     assert tok.fingerprint() == tokenizer.fingerprint()
     expected = model.state_arrays()
     assert set(arrays) == set(expected)
@@ -496,6 +497,11 @@ def test_import_accepts_transformers_4_rope_keys(copy_of_llama, llama_dir):
     assert import_hf(copy_of_llama)[0] == import_hf(llama_dir)[0]
     edit_config(copy_of_llama, rope_parameters={"rope_type": "default", "rope_theta": theta})
     assert import_hf(copy_of_llama)[0] == import_hf(llama_dir)[0]   # the same theta twice
+
+
+def test_import_leaves_attention_dropout_out(copy_of_llama):
+    edit_config(copy_of_llama, attention_dropout=0.1)
+    assert import_hf(copy_of_llama)[0].dropout == 0.0
 
 
 def test_import_refuses_tensors_llama_does_not_have(copy_of_llama):

@@ -2,8 +2,10 @@
 
 A Llama block is xpmodel's block with norm rmsnorm, position rope, mlp
 swiglu and no QK-norm; n_kv_head, the MLP width, norm_eps, rope_theta, bias
-(attention_bias and mlp_bias together) and a tied or untied head carry over;
-dropout is written as attention_dropout, Llama's only dropout, and read back.
+(attention_bias and mlp_bias together) and a tied or untied head carry over.
+Dropout does not: Llama's attention_dropout drops attention probabilities
+only, xpmodel's dropout embeddings and residual branches too, so an export
+writes attention_dropout 0.0 and an import leaves it out (dropout 0).
 Hugging Face stores each projection separately as (out, in); xpmodel fuses
 them and stores (in, out):
 
@@ -38,15 +40,14 @@ HF_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11
                "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": None,
                "head_dim": None, "hidden_act": "silu", "max_position_embeddings": 2048,
                "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "attention_bias": False,
-               "mlp_bias": False, "attention_dropout": 0.0, "pretraining_tp": 1,
+               "mlp_bias": False, "pretraining_tp": 1,
                "tie_word_embeddings": False}
 # config.json's name for each GPTConfig field, for error messages.
 HF_KEYS = {"vocab_size": "vocab_size", "block_size": "max_position_embeddings",
            "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
            "n_embd": "hidden_size", "n_kv_head": "num_key_value_heads",
            "mlp_hidden": "intermediate_size", "norm_eps": "rms_norm_eps",
-           "rope_theta": "rope_theta", "dropout": "attention_dropout",
-           "tie_embeddings": "tie_word_embeddings"}
+           "rope_theta": "rope_theta", "tie_embeddings": "tie_word_embeddings"}
 
 
 def mismatches(config):
@@ -108,7 +109,7 @@ def hf_config(config, eot_id):
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
         "attention_bias": config.bias,
         "mlp_bias": config.bias,
-        "attention_dropout": config.dropout,
+        "attention_dropout": 0.0,
         "pretraining_tp": 1,
         "initializer_range": 0.02,
         "bos_token_id": eot_id,
@@ -151,9 +152,8 @@ def config_fields(hf_cfg, where):
     return dict(vocab_size=value["vocab_size"], block_size=positions,
                 n_layer=value["num_hidden_layers"], n_head=heads, n_embd=hidden,
                 n_kv_head=value["num_key_value_heads"], mlp_hidden=value["intermediate_size"],
-                dropout=value["attention_dropout"], norm="rmsnorm",
-                norm_eps=value["rms_norm_eps"], position="rope", rope_theta=theta,
-                mlp="swiglu", bias=value["attention_bias"],
+                norm="rmsnorm", norm_eps=value["rms_norm_eps"], position="rope",
+                rope_theta=theta, mlp="swiglu", bias=value["attention_bias"],
                 tie_embeddings=value["tie_word_embeddings"])
 
 
