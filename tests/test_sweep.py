@@ -107,3 +107,40 @@ def test_a_sweep_never_writes_over_its_config_or_its_base(capsys, tmp_path):
     assert_one_line_error(err)
     assert f"--out {out}: holds {mine}, an input of this command" in err
     assert sorted(p.name for p in out.iterdir()) == ["best.yaml"]
+
+
+def _planned_sweep(out):
+    """A sweep folder with its two trials planned (none run) and its sweep.json document."""
+    from xpmodel.tune.sweep import open_sweep
+    open_sweep(out, str(TINY), ["train.lr=1e-3,2e-3"], show=False).close()
+    return json.loads((out / "sweep.json").read_text())
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: s.update(trials={"trial-000": {}}), "trials is not a list"),
+    (lambda s: s["trials"].__setitem__(0, "trial-000"), "trial 0: not a mapping"),
+    (lambda s: s["trials"][1].update(name="../../victim"), "the name '../../victim' is not trial-NNN"),
+    (lambda s: s["trials"][1].update(name="trial-000"), "a second trial of this name"),
+    (lambda s: s["trials"][0].update(params=[1e-3]), "params is not a mapping"),
+    (lambda s: s["trials"][0].update(params={"train.lr": {"x": 1}}), "not a number, text"),
+    (lambda s: s["trials"][0].update(params={"--out": 1}), "params '--out'"),
+    (lambda s: s["trials"][0].update(params={"train.lr": "fast"}), "train.lr must be a number"),
+    (lambda s: s["trials"][0].update(status="finished"), "status 'finished' is not one of"),
+    (lambda s: s["trials"][0].update(metric="low"), "metric is not a number or null"),
+    (lambda s: s["trials"][0].update(evals=[[10, "x"]]), "evals is not a list of [step, value]"),
+    (lambda s: s.update(fixed="train.max_iters=3"), "fixed is not a list"),
+    (lambda s: s.update(fixed=["--out=/elsewhere"]), "fixed '--out=/elsewhere'"),
+    (lambda s: s.update(plan=[]), "plan is not a mapping"),
+])
+def test_a_damaged_or_crafted_sweep_json_is_refused_naming_it(capsys, tmp_path, damage, message):
+    out = tmp_path / "sweep"
+    state = _planned_sweep(out)
+    damage(state)
+    (out / "sweep.json").write_text(json.dumps(state))
+    (tmp_path / "victim.log").write_text("mine\n")
+    code, _, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out, "train.lr=1e-3,2e-3")
+    assert code == 1, err
+    assert_one_line_error(err)
+    assert f"{out / 'sweep.json'}: damaged (" in err and message in err, err
+    assert (tmp_path / "victim.log").read_text() == "mine\n"
+    assert not (out / "trials").exists() and not (out / "logs").exists()

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy
 
 from ..errors import UsageError, XpmodelError, quote
-from .sweep import MIN_FINISHED_TO_PRUNE, Sweep, _check_trial, trial_overrides
+from .sweep import MIN_FINISHED_TO_PRUNE, Sweep, _check_trial, trial_name, trial_overrides
 
 PRUNERS = ("median", "halving", "none")
 _SKIPPED = "xpmodel_skipped"        # user attr of trials that are not trials: invalid or surplus
@@ -177,7 +177,7 @@ class OptunaSweep(Sweep):
             if not waiting and len(counted) >= self.n_wanted:
                 return None         # (a trial queued by enqueue_trial is still asked for)
             trial = self.study.ask()
-            name = f"trial-{trial.number:03d}"
+            name = trial_name(trial.number)
             params = {p.key: self._suggest(trial, p) for p in self.params}
             earlier = [t for t in self._counted(self._frozen()) if t.number < trial.number]
             if len(earlier) >= self.n_wanted:       # another worker took the last one
@@ -211,7 +211,7 @@ class OptunaSweep(Sweep):
         """A running trial of this SWEEP_DIR that no live process holds."""
         mine = str(self.dir.path.resolve())
         for frozen in self._frozen():
-            name = f"trial-{frozen.number:03d}"
+            name = trial_name(frozen.number)
             if frozen.state != self.optuna.trial.TrialState.RUNNING or name in self._own or \
                     frozen.user_attrs.get("sweep_dir") != mine:
                 continue
@@ -296,7 +296,7 @@ class OptunaSweep(Sweep):
         status = {state.COMPLETE: "done", state.PRUNED: "pruned", state.FAIL: "failed",
                   state.RUNNING: "running", state.WAITING: "pending"}
         for frozen in self._counted(self._frozen()):
-            name = f"trial-{frozen.number:03d}"
+            name = trial_name(frozen.number)
             if name in self._own and self._own[name]["status"] in ("running", "pending"):
                 rows.append(self._own[name])
                 continue
