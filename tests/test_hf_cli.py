@@ -94,3 +94,68 @@ def test_pickled_checkpoints_are_refused(tmp_path, env):
                              str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 2
     assert "pickle" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def tiny_hf_dir(directory):
+    """A Hugging Face GPT-2 folder as `save_pretrained` leaves it (no export marker)."""
+    from xpmodel.hf.convert import EXPORT_MARKER, export_hf
+    from xpmodel.model.gpt import GPT, GPTConfig
+    from xpmodel.tokenizer.bpe import BPETokenizer
+    config = GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    export_hf(GPT(config, seed=1), BPETokenizer(), directory)
+    (directory / EXPORT_MARKER).unlink()
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def record_relative_sources(run, source):
+    """Make `run` look as an older xpmodel left it: its import source or
+    train.init_from recorded as the relative path `source`, as typed."""
+    import json
+    from dataclasses import replace
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+    from xpmodel.config import save_config
+    from xpmodel.train.rundir import RunDir
+    run = RunDir(run)
+    config = run.load_config()
+    if config.train.init_from:
+        save_config(replace(config, train=replace(config.train, init_from=source)),
+                    run.config_path)
+    step0 = run.step_path(0)
+    if step0.exists():
+        with safe_open(step0, "np") as file:
+            meta = json.loads(file.metadata()["xpmodel"])
+    if step0.exists() and meta["kind"] == "imported":
+        save_file(load_file(step0), str(step0),
+                  metadata={"xpmodel": json.dumps(dict(meta, source=source))})
+
+
+def test_export_refuses_a_source_named_by_a_relative_path(tmp_path, monkeypatch, capsys,
+                                                          tinyshakespeare):
+    from cli_helpers import assert_one_line_error, run_cli
+    from xpmodel.train.rundir import RunDir
+    monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    work.mkdir()
+    original = tiny_hf_dir(work / "gpt")
+    monkeypatch.chdir(work)
+    assert run_cli(capsys, "import-hf", "gpt", "--out", "runs/imported")[0] == 0
+    code, _, err = run_cli(capsys, "train", "--device", "cpu", "--quiet", "--out", "runs/tuned",
+                           "--init-from", "gpt", f"data.source={tinyshakespeare}", *TINY)
+    assert code == 0, err
+    assert RunDir("runs/tuned").load_config().train.init_from == str(work / "gpt")
+
+    monkeypatch.chdir(tmp_path)   # another working directory than the runs were made from
+    for run in ("imported", "tuned"):
+        code, _, err = run_cli(capsys, "export-hf", f"work/runs/{run}", "work/gpt", "--overwrite")
+        assert code == 2
+        assert_one_line_error(err)
+        assert f"overlaps {work / 'gpt'}, which the run's weights came from" in err
+        # an older xpmodel recorded "gpt" as typed: any folder ending in it may be the source
+        record_relative_sources(work / "runs" / run, "gpt")
+        for target in ("work/gpt", "elsewhere/gpt", "work/gpt/inside"):
+            code, _, err = run_cli(capsys, "export-hf", f"work/runs/{run}", target, "--overwrite")
+            assert code == 2 and "overlaps gpt, which the run's weights came from (recorded as " \
+                                 "a relative path" in err, err
+        assert run_cli(capsys, "export-hf", f"work/runs/{run}", f"out-{run}")[0] == 0
+    assert {p.name: p.read_bytes() for p in (work / "gpt").iterdir()} == original

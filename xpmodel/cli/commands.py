@@ -60,6 +60,7 @@ def _train(args, device, dist):
     config_name = args.config or "default"
     _refuse_empty_config(args.config, "--config")
     config = load_config(args.config, overrides, notify=print if is_main else None)
+    config = _with_absolute_init_from(config)
     out = Path(args.out) if args.out else default_run_path(config_name)
     init_from = config.train.init_from
     if init_from and Path(init_from).exists() and same_file(init_from, out):
@@ -75,6 +76,16 @@ def _train(args, device, dist):
         _print_header(trainer)
         trainer.run()
     return 0
+
+
+def _with_absolute_init_from(config):
+    """`config` with train.init_from resolved to an absolute path, as the run
+    records it: export-hf must know that folder from any working directory."""
+    from dataclasses import replace
+    if not config.train.init_from:
+        return config
+    absolute = str(Path(config.train.init_from).resolve())
+    return replace(config, train=replace(config.train, init_from=absolute))
 
 
 def _resume_config(run, args):
@@ -343,15 +354,18 @@ def _overlap(a, b):
 
 def export_hf_command(args):
     from ..hf.convert import export_hf
-    from ..train.runs import load, weight_sources
+    from ..train.runs import load, overlaps_source, weight_sources
     if _overlap(args.out_dir, args.run_dir):
         raise UsageError(f"OUT_DIR {args.out_dir}: overlaps the run {args.run_dir}; export to a "
                          f"folder outside it")
     model, tokenizer = load(args.run_dir, checkpoint=args.checkpoint)
     for source in weight_sources(args.run_dir):
-        if _overlap(args.out_dir, source):
+        if overlaps_source(args.out_dir, source):
+            relative = "" if source.is_absolute() else (
+                " (recorded as a relative path, from an unknown working directory, so it may be "
+                "any folder whose path ends with it)")
             raise UsageError(f"OUT_DIR {args.out_dir}: overlaps {source}, which the run's "
-                             f"weights came from; export to another folder")
+                             f"weights came from{relative}; export to another folder")
     architecture = export_hf(model, tokenizer, args.out_dir, overwrite=args.overwrite)
     print(f"wrote a transformers {architecture} to {args.out_dir}")
     return 0

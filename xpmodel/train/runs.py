@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..config import ModelConfig, load_config
 from ..errors import CheckpointError, UsageError
-from ..files import same_file
+from ..files import inside, same_file
 from ..hf.convert import import_hf
 from ..model.config import OPTION_KEYS, gpt_config
 from ..model.gpt import GPT
@@ -95,7 +95,8 @@ def weight_sources(run_dir):
     """The folders a run's weights came from, as far as its files say: its
     train.init_from (a run or a Hugging Face directory), that run's own, and
     so on; an imported run's step-0 checkpoint names the directory it was
-    imported from."""
+    imported from. xpmodel records both as absolute paths; a run made by an
+    older xpmodel may hold a relative one (see `overlaps_source`)."""
     sources, run = [], RunDir(run_dir)
     while run.is_run():
         source = run.load_config().train.init_from or _imported_from(run)
@@ -114,6 +115,31 @@ def _imported_from(run):
         return None
     source = meta.get("source")
     return source if meta.get("kind") == "imported" and isinstance(source, str) else None
+
+
+def overlaps_source(folder, source):
+    """Whether `folder` is, lies in or holds `source`, a folder of weight_sources.
+
+    A relative source, recorded as typed by an older xpmodel, was relative to a
+    working directory that no file names, so it may be any folder whose path
+    ends with it: `folder` overlaps it when `folder` or a folder above it ends
+    so, wherever it is."""
+    source = Path(source)
+    if inside(folder, source) or inside(source, folder):
+        return True
+    if source.is_absolute():
+        return False
+    # normpath leaves ".." only in front: the part that says where it started
+    tail = tuple(part for part in Path(os.path.normpath(source)).parts if part not in ("..", "."))
+    for path in {Path(folder).resolve(), Path(os.path.abspath(folder))}:
+        if any(_ends_with(above, tail) for above in (path, *path.parents)):
+            return True
+    return False
+
+
+def _ends_with(path, tail):
+    """Whether the last parts of `path` are `tail` (a tuple of names)."""
+    return len(path.parts) >= len(tail) and path.parts[len(path.parts) - len(tail):] == tail
 
 
 def adopt_pretrained(config, gpt_config, tokenizer):
@@ -158,7 +184,7 @@ def import_run(hf_dir, out, overwrite=False):
     config = adopt_pretrained(load_config(), gpt_config, tokenizer)
     config = replace(config, model=replace(config.model, dropout=gpt_config.dropout))
     run = RunDir(out)
-    meta = {"kind": "imported", "source": str(hf_dir), "step": 0,
+    meta = {"kind": "imported", "source": str(Path(hf_dir).resolve()), "step": 0,
             "vocab_size": gpt_config.vocab_size, "tokenizer_fingerprint": tokenizer.fingerprint()}
     run.create(config, tokenizer, overwrite=overwrite,
                first_checkpoint=lambda path: save_checkpoint(path, arrays, {}, meta))
