@@ -92,6 +92,56 @@ def test_wandb_offline_run_folder_continued_by_a_resume(tmp_path, corpus, monkey
     assert not [r for r in RunDir(run).read_metrics() if r["type"] == "warning"]
 
 
+@pytest.mark.parametrize("mine", ["wandb/run-id", "tensorboard/events.out.tfevents.1"])
+def test_a_folder_holding_a_users_mirror_files_is_never_written(mine, capsys, tmp_path, corpus):
+    out = tmp_path / "out"
+    (out / mine).parent.mkdir(parents=True)
+    (out / mine).write_text("my own\n")
+    code, _, err = run_cli(capsys, "train", "--config", TINY, "--out", out, "--overwrite",
+                           f"data.source={corpus}", "train.log_to=[wandb,tensorboard]")
+    assert code == 2
+    assert_one_line_error(err)
+    assert f"holds {mine.split('/events')[0]}, which no xpmodel run here wrote" in err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == sorted([mine, mine.split("/")[0]])
+    assert (out / mine).read_text() == "my own\n"
+
+
+class _FakeWandb:
+    """The part of the wandb module WandbSink calls, recording the run ids."""
+    ids = []
+
+    class Settings:
+        def __init__(self, **settings):
+            pass
+
+    @classmethod
+    def init(cls, id, **settings):
+        cls.ids.append(id)
+
+
+def test_the_wandb_run_id_is_replaced_atomically_and_read_bounded(tmp_path, monkeypatch):
+    from xpmodel.errors import XpmodelError
+    monkeypatch.setitem(sys.modules, "wandb", _FakeWandb)
+    config = load_config(TINY)
+    run = RunDir(tmp_path / "run")
+    run.wandb_id_path.parent.mkdir(parents=True)
+    mine = tmp_path / "notes.txt"
+    mine.write_text("my notes\n")
+    run.wandb_id_path.symlink_to(mine)
+    mirrors_module.WandbSink(run, config, 0)     # a new run: a new id, beside the link
+    assert mine.read_text() == "my notes\n" and not run.wandb_id_path.is_symlink()
+    assert run.wandb_id_path.read_text() == _FakeWandb.ids[-1] + "\n"
+    mirrors_module.WandbSink(run, config, 20)    # a resumed run: the same id
+    assert _FakeWandb.ids[-1] == _FakeWandb.ids[-2]
+    with open(run.wandb_id_path, "wb") as f:
+        f.truncate(1 << 30)
+    with pytest.raises(XpmodelError, match="W&B run id is 1,073,741,824 bytes"):
+        mirrors_module.WandbSink(run, config, 20)
+    run.wandb_id_path.write_text("../../elsewhere\n")
+    with pytest.raises(XpmodelError, match="is not a W&B run id xpmodel wrote"):
+        mirrors_module.WandbSink(run, config, 20)
+
+
 class _BreaksOnThirdRecord:
     calls = 0
 

@@ -20,11 +20,17 @@ id in RUN_DIR/wandb/run-id (W&B ignores steps it has already seen).
 """
 import html
 import os
+import re
 import secrets
 
 import yaml
 
+from ..atomic import atomic_write_bytes
 from ..config import config_to_dict
+from ..errors import XpmodelError, quote
+from ..files import read_bounded
+
+_RUN_ID = re.compile(r"[0-9a-f]{8}")    # as WandbSink makes them
 
 
 class Mirrors:
@@ -109,7 +115,7 @@ class TensorBoardSink:
         # purge_step: TensorBoard drops earlier processes' events after the step
         # this one starts from (metrics.jsonl lost them too when the run resumed;
         # all of them when --overwrite started the run again)
-        self.writer = SummaryWriter(logdir=str(run_dir.path / "tensorboard"),
+        self.writer = SummaryWriter(logdir=str(run_dir.tensorboard_dir),
                                     purge_step=step + 1, flush_secs=10,
                                     # ordered after the earlier files, even in the same second
                                     filename_suffix=f".step{step:010d}")
@@ -138,13 +144,12 @@ class WandbSink:
     def __init__(self, run_dir, config, step):
         os.environ.setdefault("WANDB_SILENT", "true")   # no banner through the live display
         import wandb
-        folder = run_dir.path / "wandb"
-        folder.mkdir(exist_ok=True)
-        id_path = folder / "run-id"
-        run_id = id_path.read_text().strip() if id_path.is_file() and step else ""
+        id_path = run_dir.wandb_id_path
+        id_path.parent.mkdir(exist_ok=True)
+        run_id = _read_run_id(id_path) if step and id_path.is_file() else ""
         if not run_id:                    # a new run (or one --overwrite started again)
             run_id = secrets.token_hex(4)
-            id_path.write_text(run_id + "\n")
+            atomic_write_bytes(id_path, (run_id + "\n").encode())
         self.wandb = wandb
         self.run = wandb.init(dir=str(run_dir.path), id=run_id, resume="allow",
                               project=os.environ.get("WANDB_PROJECT") or "xpmodel",
@@ -167,6 +172,15 @@ class WandbSink:
 
     def close(self):
         self.run.finish()
+
+
+def _read_run_id(path):
+    """The W&B run id a run's earlier process wrote to wandb/run-id."""
+    text = read_bounded(path, 64, XpmodelError, "W&B run id").decode("ascii", "replace").strip()
+    if not _RUN_ID.fullmatch(text):
+        raise XpmodelError(f"{path}: {quote(text, 40)} is not a W&B run id xpmodel wrote "
+                           f"(8 hex digits)")
+    return text
 
 
 SINKS = {"tensorboard": TensorBoardSink, "wandb": WandbSink}

@@ -9,14 +9,17 @@
                                               from step 10**8)
       checkpoints/best.safetensors            the best validation loss so far
       .xpmodel.lock               held by the one process writing the run
+      tensorboard/, wandb/run-id  train.log_to's mirrors (train/mirrors.py)
 
 Paths are all built here from fixed names, never from the contents of a
 run's files, so nothing read from a run can point outside it; a checkpoint
 that is a link to somewhere outside the run is ignored.
 
 Only files with these names (and xpmodel's own temporary files) are ever
-deleted: --overwrite and a failed start leave a user's other files alone,
-and a folder that holds such names without being a run is never written to.
+deleted (tensorboard/'s event files never are: a restarted run purges their
+steps instead): --overwrite and a failed start leave a user's other files
+alone, and a folder that holds such names without being a run is never
+written to.
 Pruning old checkpoints is narrower still: it deletes only regular files
 whose header reads as an xpmodel checkpoint, never a link, a folder, or a
 file of that name that someone else made.
@@ -55,6 +58,8 @@ LOCK_NAME = ".xpmodel.lock"
 _CHECKPOINT_FILE = re.compile(r"^(step-\d{8,}|best)\.safetensors$")
 _TOP_FILES = ("run.json", "config.yaml", "tokenizer.json", "metrics.jsonl", "loss.png",
               "loss-health.png")
+_WANDB_ID = ("wandb", "run-id")
+_TENSORBOARD = "tensorboard"
 _MAX_MARKER_BYTES = 1 << 16
 _MAX_METRICS_LINE = 1 << 16
 
@@ -92,6 +97,14 @@ class RunDir:
     def lock_path(self):
         return self.path / LOCK_NAME
 
+    @property
+    def wandb_id_path(self):
+        return self.path.joinpath(*_WANDB_ID)
+
+    @property
+    def tensorboard_dir(self):
+        return self.path / _TENSORBOARD
+
     def step_path(self, step):
         return self.checkpoint_dir / step_file_name(step)
 
@@ -99,6 +112,8 @@ class RunDir:
     def _layout_files(self):
         """Files present that bear the name of a file xpmodel writes in a run."""
         found = [self.path / name for name in _TOP_FILES if _present(self.path / name)]
+        if _present(self.wandb_id_path):
+            found.append(self.wandb_id_path)
         if self.checkpoint_dir.is_dir():
             found += sorted(p for p in self.checkpoint_dir.iterdir() if _CHECKPOINT_FILE.match(p.name))
         return found
@@ -108,7 +123,8 @@ class RunDir:
         with only_dead, just those whose writing process is gone."""
         found = []
         for folder, names in ((self.path, lambda n: n in _TOP_FILES),
-                              (self.checkpoint_dir, _CHECKPOINT_FILE.match)):
+                              (self.checkpoint_dir, _CHECKPOINT_FILE.match),
+                              (self.wandb_id_path.parent, lambda n: n == _WANDB_ID[1])):
             if not folder.is_dir():
                 continue
             for path in folder.iterdir():
@@ -159,6 +175,8 @@ class RunDir:
         if self._creation_was_cut_short():
             return
         foreign = self._layout_files()
+        if _present(self.tensorboard_dir):
+            foreign.append(self.tensorboard_dir)
         if foreign:
             names = ", ".join(str(p.relative_to(self.path)) for p in foreign[:3])
             raise UsageError(f"--out {self.path}: holds {names}, which no xpmodel run here wrote "
