@@ -294,6 +294,33 @@ def test_a_glob_through_a_link_that_loops_ends(tmp_path):
     assert [p.name for p in source.files] == ["one.txt", "top.txt"]
 
 
+@pytest.mark.parametrize("source, out", [
+    ("gg/**", "gg/run"),                  # the glob would read the run's checkpoints back
+    ("gg/*/*", "gg/run"),
+    ("gg", "gg/run"),                     # a folder holding the run
+    ("gg/corpus.txt", "gg"),              # a run folder holding the corpus
+    ("gg", "gg"),
+])
+def test_an_out_the_data_source_reaches_into_is_refused(source, out, tmp_path, capsys,
+                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_corpus((tmp_path / "gg").mkdir() or tmp_path / "gg" / "corpus.txt")
+    code, _, err = run_cli(capsys, *train_args(out, source, "--overwrite"))
+    assert code == 2
+    assert_one_line_error(err)
+    assert f"--out {out}: data.source '{tmp_path / source}' reaches into it" in err
+    assert listing(tmp_path / "gg") == ["corpus.txt"]
+
+
+def test_a_data_source_beside_the_run_is_not_refused(tmp_path, monkeypatch):
+    from xpmodel.data.sources import reads_from
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gg").mkdir()
+    for source in ("gg/*.txt", "*.txt", "gg/other/*", "gg/corpus.txt", "shakespeare"):
+        assert not reads_from(source, "gg/run"), source
+    assert not reads_from("gg/.*/*", "gg/run") and reads_from("gg/.*/*", "gg/.run")
+
+
 def test_an_empty_data_source_is_an_error(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--config", TINY, "--out", tmp_path / "run", "data.source=")
     assert code == 2

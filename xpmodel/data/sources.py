@@ -39,6 +39,7 @@ from pathlib import Path
 from .builtin_corpora import BUILTIN_NAMES, SHAKESPEARE, builtin_files, builtin_root
 from .play_markdown import PLAY_TEXT_VERSION
 from ..errors import DataError
+from ..files import inside
 
 PLAIN_TEXT = "plain"
 PLAY_MARKDOWN = "play-markdown"
@@ -217,17 +218,44 @@ def _note_skipped(spec: str, skipped: dict) -> None:
         print(note, file=sys.stderr, flush=True)
 
 
+def reads_from(spec: str, folder) -> bool:
+    """Whether the corpus `spec` reaches into `folder`: a file or folder it
+    names lies in `folder` (or holds it), or a glob's fixed folder does, or
+    the glob could match `folder` or files below it. (A run directory there
+    would be read back as its own corpus.) Built-in corpora reach nowhere."""
+    if spec in BUILTIN_NAMES:
+        return False
+    path = Path(spec).expanduser()
+    if path.exists() or not _GLOB_CHARACTERS.intersection(spec):
+        return inside(path, folder) or inside(folder, path)
+    prefix, wanted = _glob_parts(os.path.expanduser(spec))
+    base = Path(prefix or os.curdir)
+    if inside(base, folder):
+        return True
+    try:
+        names = Path(folder).resolve().relative_to(base.resolve()).parts
+    except (OSError, RuntimeError, ValueError):
+        return False
+    return bool(wanted) and _could_match(names, wanted)
+
+
+def _glob_parts(pattern: str) -> tuple[str, list[str]]:
+    """(the folder a glob pattern starts from, its parts from the first with a wildcard)."""
+    parts = pattern.split(os.sep)
+    first = next(i for i, part in enumerate(parts) if _GLOB_CHARACTERS.intersection(part))
+    prefix, wanted = os.sep.join(parts[:first]), [p for p in parts[first:] if p]
+    if pattern.startswith(os.sep):
+        prefix = prefix or os.sep
+    return prefix, wanted
+
+
 def _glob_files(pattern: str, spec: str) -> list[str]:
     """The files matching a glob pattern, as `glob.glob(pattern, recursive=True)`
     finds them (hidden names only where the pattern spells the dot), but
     walking each real folder once, whatever links lead back into it."""
-    parts = pattern.split(os.sep)
-    first = next(i for i, part in enumerate(parts) if _GLOB_CHARACTERS.intersection(part))
-    prefix, wanted = os.sep.join(parts[:first]), [p for p in parts[first:] if p]
+    prefix, wanted = _glob_parts(pattern)
     if not wanted:
         return []
-    if pattern.startswith(os.sep):
-        prefix = prefix or os.sep
     base = prefix or os.curdir
     found = _walk(base, spec, "glob", lambda names: _could_match(names, wanted),
                   lambda names: _matches(names, wanted))

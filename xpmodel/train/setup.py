@@ -8,7 +8,8 @@ from dataclasses import replace
 from ..backend import _import_cupy, get_device
 from ..data import BUILTIN_NAMES, EpochSampler, RandomWindowSampler
 from ..data.corpus import build_tokenizer
-from ..errors import CheckpointError, UsageError
+from ..data.sources import reads_from
+from ..errors import CheckpointError, UsageError, quote
 from ..model.config import gpt_config
 from .muon import Muon
 from .optim import AdamW
@@ -111,6 +112,16 @@ def _absolute_source(source):
     return source if source in BUILTIN_NAMES else os.path.abspath(os.path.expanduser(source))
 
 
+def check_out_outside_corpus(source, out):
+    """Refuse a run directory that data.source reaches into (see
+    sources.reads_from): its checkpoints would be read back as corpus text,
+    and a resume would find another corpus than the run started with."""
+    if reads_from(source, out):
+        raise UsageError(f"--out {out}: data.source {quote(source, 200)} reaches into it (or "
+                         f"lies inside it), so the run's own files would become its training "
+                         f"text; choose an --out outside the corpus")
+
+
 def make_sampler(config, tokenizer, train_tokens):
     """The training sampler a run config asks for: random windows or epochs,
     with crops and token dropout."""
@@ -158,6 +169,7 @@ class RunSetup:
         if dist is not None:
             dist.shard(config.train.batch_size)   # refuses a batch the ranks cannot split
         run = RunDir(out or default_run_path(config_name))
+        check_out_outside_corpus(config.data.source, run.path)
         if is_main:
             run.check_can_create(overwrite)
         pretrained = None
