@@ -491,6 +491,39 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(finished_run, 
     assert model.config == TINY_GPT
 
 
+@pytest.fixture(scope="module")
+def wider_checkpoint(finished_run, tmp_path_factory):
+    """The step-40 checkpoint of a run of the tiny model made wider (n_embd 32),
+    on finished_run's corpus."""
+    root = tmp_path_factory.mktemp("wider")
+    corpus = finished_run.parent / "corpus.txt"
+    config = load_config(TINY, [f"data.source={corpus}", f"data.cache_dir={root / 'cache'}",
+                                "model.n_embd=32", "train.max_iters=40", "train.save_interval=40"])
+    Trainer.start(config, device="cpu", out=root / "run", show=False).run()
+    return RunDir(root / "run").step_path(40)
+
+
+def test_resume_skips_a_checkpoint_copied_from_another_model(finished_run, wider_checkpoint,
+                                                              tmp_path, capsys):
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(finished_run, run.path)
+    shutil.copy(wider_checkpoint, run.step_path(40))
+    code, out, err = run_cli(capsys, "train", "--resume", run.path, "train.max_iters=35")
+    assert code == 0, err
+    assert f"skipping checkpoint: {run.step_path(40)}: trained with model.n_embd=32" in out
+    assert "using step-00000030.safetensors" in out and "at step 30" in out
+    assert run.checkpoint_steps() == [30, 35, 40]
+    assert xpmodel.load(run.path)[0].config == TINY_GPT      # sample and eval skip it too
+    assert "; using step-00000035.safetensors" in capsys.readouterr().err
+    for path in (run.step_path(30), run.step_path(35)):   # none of the run's own left
+        path.unlink()
+    code, _, err = run_cli(capsys, "train", "--resume", run.path, "train.max_iters=45")
+    assert code == 1
+    assert_one_line_error(err)
+    assert "config.yaml: model.n_embd is 16, but step-00000040.safetensors was trained with 32" in err
+    assert "move away checkpoints copied from another run" in err
+
+
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello")
     for path in (tmp_path, tmp_path / "absent"):

@@ -21,8 +21,10 @@ steps instead): --overwrite and a failed start leave a user's other files
 alone, and a folder that holds such names without being a run is never
 written to.
 Pruning old checkpoints is narrower still: it deletes only regular files
-whose header reads as an xpmodel checkpoint, never a link, a folder, or a
-file of that name that someone else made.
+whose header reads as an xpmodel checkpoint of the run's own data.* and
+model.* settings, never a link, a folder, a checkpoint copied from another
+run, or a file of that name that someone else made. A resume skips such a
+copied checkpoint as it skips a damaged one.
 
 One writer per run: `RunDir.lock` takes an exclusive lock on .xpmodel.lock
 (flock, so the kernel releases it when its process dies, kill -9 included)
@@ -47,7 +49,7 @@ from pathlib import Path
 
 from ..atomic import atomic_write_bytes, temporary_target
 from ..config import load_config, save_config
-from ..errors import UsageError, quote
+from ..errors import UsageError, XpmodelError, quote
 from ..files import open_regular, parse_json, process_alive, read_bounded
 from ..tokenizer.bpe import BPETokenizer
 from .checkpoint import (FORMAT_VERSION, CheckpointError, read_checkpoint_meta, step_file_name,
@@ -321,29 +323,57 @@ class RunDir:
             skipped.append(problem)
         return None, skipped
 
-    def check_config_matches_checkpoint(self, config):
-        """Refuse a config.yaml whose data.* or model.* settings differ from those
-        the newest readable checkpoint was trained with (a hand edit, say)."""
+    def checkpoint_config_problem(self, path, config):
+        """None when the readable checkpoint at `path` was trained with
+        `config`'s data.* and model.* settings (or records none: an imported
+        one), else which differs (a checkpoint copied from another run, say)."""
+        difference = self._config_difference(path, config)
+        if difference is None:
+            return None
+        key, value, before = difference
+        return (f"{path}: trained with {key}={quote(before, 80)}, not the run's "
+                f"{quote(value, 80)}")
+
+    def _config_difference(self, path, config):
+        """(dotted key, config's value, checkpoint's value) of the first data.*
+        or model.* setting the checkpoint at `path` was trained with otherwise."""
         from ..config import config_to_dict
-        path, _ = self.latest_checkpoint()
-        if path is None:
-            return
         saved = read_checkpoint_meta(path).get("config")
         if not isinstance(saved, dict):
-            return   # an imported checkpoint: weights only
+            return None   # an imported checkpoint: weights only
         current = config_to_dict(config)
         for section in ("data", "model"):
             before = saved.get(section)
             if not isinstance(before, dict):
                 continue
             for key, value in current[section].items():
-                if key == "cache_dir" or key not in before or before[key] == value:
-                    continue
-                instead = (f"put it back, or train on the new data from this run's weights with "
-                           f"--init-from {self.path}" if section == "data" else "put it back")
-                raise CheckpointError(f"{self.config_path}: {section}.{key} is {quote(value, 80)}, "
-                                      f"but {path.name} was trained with {quote(before[key], 80)}; "
-                                      f"only train.* settings can change within a run: {instead}")
+                if key != "cache_dir" and key in before and before[key] != value:
+                    return f"{section}.{key}", value, before[key]
+        return None
+
+    def check_config_matches_checkpoint(self, config):
+        """Refuse a config.yaml whose data.* or model.* settings differ from
+        those every readable checkpoint was trained with (a hand edit, say),
+        naming the checkpoints. While one matches, those that do not (copied
+        from another run) are left for the resume to skip, as damaged ones are."""
+        differing = []
+        for path, problem in self.checkpoints_newest_first():
+            if problem is None:
+                difference = self._config_difference(path, config)
+                if difference is None:
+                    return
+                differing.append((path, difference))
+        if not differing:
+            return
+        (path, (key, value, before)), others = differing[0], [p.name for p, _ in differing[1:]]
+        nor = f", nor any other checkpoint ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})" \
+            if others else ""
+        new_data = (f", or train on the new data from this run's weights with --init-from "
+                    f"{self.path}" if key.startswith("data.") else "")
+        raise CheckpointError(f"{self.config_path}: {key} is {quote(value, 80)}, but {path.name} "
+                              f"was trained with {quote(before, 80)}{nor}; only train.* settings "
+                              f"can change within a run: put it back, move away checkpoints "
+                              f"copied from another run{new_data}")
 
     def contains(self, path):
         """True when `path`, links resolved, lies inside the run directory."""
@@ -358,13 +388,19 @@ class RunDir:
 
         Only xpmodel's own checkpoints count and are ever deleted: regular
         files (not links, not folders) whose header reads as a good xpmodel
-        checkpoint. A damaged file never counts toward keep_last (nor is it
+        checkpoint of this run's data.* and model.* settings (not one copied
+        from another run). A damaged file never counts toward keep_last (nor is it
         deleted: it may be all that is left of a step). The checkpoint just
         `written` is always kept, and the one `resumed_from` until a newer
         good one exists. The untrained step-0 one is not kept once a later
         good checkpoint exists.
         """
-        good = [(step, path) for step, path in self._step_files() if self._is_own_checkpoint(path)]
+        try:
+            config = self.load_config()
+        except XpmodelError:   # config.yaml unreadable: which checkpoints are the run's is unknown
+            return
+        good = [(step, path) for step, path in self._step_files()
+                if self._is_own_checkpoint(path, config)]
         keep = {path.name for _, path in good[max(len(good) - keep_last, 0):]}
         if len(good) > 1 and good[0][0] == 0:
             keep.discard(good[0][1].name)
@@ -381,15 +417,15 @@ class RunDir:
                 except OSError:
                     pass   # housekeeping: a file that cannot be removed stays
 
-    def _is_own_checkpoint(self, path):
-        """A regular file (not a link) whose header reads as a good xpmodel checkpoint."""
+    def _is_own_checkpoint(self, path, config):
+        """A regular file (not a link) whose header reads as a good xpmodel
+        checkpoint trained with `config`'s data.* and model.* settings."""
         try:
             if path.is_symlink() or not path.is_file():
                 return False
-            read_checkpoint_meta(path)
+            return self._config_difference(path, config) is None
         except (CheckpointError, OSError):
             return False
-        return True
 
     def remove_stale_temporaries(self):
         """Temporary files left by a process killed mid-write."""

@@ -208,6 +208,8 @@ class RunSetup:
         problems = []
         for candidate, problem in run.checkpoints_newest_first():
             if problem is None:
+                problem = run.checkpoint_config_problem(candidate, config)
+            if problem is None:
                 try:
                     trainer._load(candidate)
                     checkpoint = candidate
@@ -215,13 +217,14 @@ class RunSetup:
                 except CheckpointError as exc:
                     problem = str(exc)
             problems.append(problem)
-            trainer._say(f"skipping checkpoint: {problem}")
         if checkpoint is None:
             if problems:
                 raise CheckpointError(f"--resume {path}: no usable checkpoint; the newest: "
                                       f"{problems[0]}")
             raise CheckpointError(f"--resume {path}: the run has no checkpoint to resume from; "
                                   f"start it again with --out {path} --overwrite")
+        for problem in problems:
+            trainer._say(f"skipping checkpoint: {problem}; using {checkpoint.name}")
         if trainer.is_main:
             run.remove_stale_temporaries()
             run.truncate_metrics(trainer.step)
