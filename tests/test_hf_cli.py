@@ -51,7 +51,7 @@ def test_export_import_and_fine_tune(tmp_path, env, tinyshakespeare):
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
     text = "ROMEO:\nWherefore art thou?"
     ids = tokenizer.encode(text)
-    assert hf_tokenizer(text)["input_ids"] == ids
+    assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == ids
     with torch.no_grad():
         hf_logits = hf_model(torch.tensor([ids[:16]])).logits.numpy()
     ours = model.forward(np.array([ids[:16]]))
@@ -159,3 +159,38 @@ def test_export_refuses_a_source_named_by_a_relative_path(tmp_path, monkeypatch,
                                  "a relative path" in err, err
         assert run_cli(capsys, "export-hf", f"work/runs/{run}", f"out-{run}")[0] == 0
     assert {p.name: p.read_bytes() for p in (work / "gpt").iterdir()} == original
+
+
+def test_export_keeps_the_bos_and_eos_of_the_imported_model(tmp_path, monkeypatch, capsys,
+                                                            tinyshakespeare):
+    import json
+    from cli_helpers import run_cli
+    from test_hf_llama import sentencepiece_llama
+    from xpmodel.hf.convert import hf_special_ids
+    monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
+    source = sentencepiece_llama(tmp_path / "hf")
+    expected, _ = hf_special_ids(source)
+    train = ["--device", "cpu", "--quiet", f"data.source={tinyshakespeare}", *TINY[4:-1]]
+    assert run_cli(capsys, "import-hf", source, "--out", tmp_path / "imported")[0] == 0
+    for run, init_from in (("tuned", source), ("tuned_imported", tmp_path / "imported")):
+        code, _, err = run_cli(capsys, "train", "--out", tmp_path / run, "--init-from", init_from,
+                               *train)
+        assert code == 0, err
+
+    def exported_ids(run):
+        out = tmp_path / f"out-{run}"
+        code, _, err = run_cli(capsys, "export-hf", tmp_path / run, out)
+        assert code == 0, err
+        auto = transformers.AutoTokenizer.from_pretrained(out)
+        written = [json.loads((out / name).read_text())
+                   for name in ("config.json", "generation_config.json")]
+        return [{key: document[key] for key in expected} for document in written], \
+            (auto.bos_token, auto.eos_token), err
+
+    for run in ("imported", "tuned", "tuned_imported"):
+        assert exported_ids(run) == ([expected, expected], ("<s>", "</s>"), ""), run
+    (source / "tokenizer.json").unlink()   # the run no longer knows its source's ids
+    default = {"bos_token_id": None, "eos_token_id": None}   # this tokenizer has no <|endoftext|>
+    ids, tokens, err = exported_ids("tuned")
+    assert ids == [default, default] and tokens == (None, None)
+    assert err.startswith("note: ") and "the export names the default bos and eos" in err

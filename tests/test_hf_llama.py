@@ -339,7 +339,8 @@ def test_exported_logits_and_greedy_generation_match(exported, tokenizer):
 def test_exported_tokenizer_gives_the_same_ids(exported, tokenizer):
     auto = transformers.AutoTokenizer.from_pretrained(exported[1])
     for text in TEXTS:
-        assert auto.encode(text) == tokenizer.encode(text)
+        assert auto.encode(text, add_special_tokens=False) == tokenizer.encode(text)
+        assert auto.encode(text) == tokenizer.encode(text)   # an export adds no BOS or EOS
 
 
 def test_llama_round_trip_is_exact(exported, tokenizer):
@@ -430,6 +431,70 @@ def test_import_permutes_embedding_and_head_rows_for_gpt2_byte_order(tokenizer, 
         ids = numpy.array([tok.encode(text)])
         theirs = hf_logits(hf_model, column[ids])
         assert relative_error(ours.forward(ids), theirs[..., column]) < 1e-4, text
+
+
+# ----- bos and eos ----------------------------------------------------------
+
+
+def sentencepiece_llama(directory):
+    """A Llama folder as TinyLlama ships one: a SentencePiece BPE whose <unk>,
+    <s> and </s> are ids 0, 1 and 2, config.json's bos_token_id 1 and
+    eos_token_id 2, and a post_processor that puts <s> before every text."""
+    from test_tokenizer_sentencepiece import in_form, sp_document
+    document = in_form(sp_document(vocab_size=120), "llama2")
+    bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
+    document["post_processor"] = {
+        "type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    hf_model = hf_random_llama(seed=25, vocab=400)
+    for config in (hf_model.config, hf_model.generation_config):
+        config.bos_token_id, config.eos_token_id = 1, 2
+    hf_model.save_pretrained(directory, safe_serialization=True)
+    (directory / "tokenizer.json").write_text(json.dumps(document))
+    return directory
+
+
+def test_a_round_trip_keeps_bos_and_eos(tmp_path):
+    source = sentencepiece_llama(tmp_path / "hf")
+    config, arrays, tok = import_hf(source)
+    ids, its_tokenizer = hf.hf_special_ids(source)
+    assert its_tokenizer == tok
+    assert ids == {"bos_token_id": tok.special_tokens["<s>"],
+                   "eos_token_id": tok.special_tokens["</s>"]}   # xpmodel numbers specials last
+    export_hf(xp_model(config, arrays), tok, tmp_path / "back", special_ids=ids)
+    for name in ("config.json", "generation_config.json"):
+        written = json.loads((tmp_path / "back" / name).read_text())
+        assert {key: written[key] for key in ids} == ids, name
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert (auto.bos_token, auto.eos_token) == ("<s>", "</s>")
+    assert hf.hf_special_ids(tmp_path / "back")[0] == ids
+
+
+def test_ids_are_those_of_tokenizers_without_special_tokens(tmp_path):
+    import tokenizers
+    source = sentencepiece_llama(tmp_path)
+    tok, hf_ids = tokenizer_hf.read_hf_tokenizer(source)
+    theirs = tokenizers.Tokenizer.from_file(str(source / "tokenizer.json"))
+    for text in TEXTS:
+        plain = theirs.encode(text, add_special_tokens=False).ids
+        assert hf_ids[tok.encode(text)].tolist() == plain, text
+        assert theirs.encode(text).ids == [1] + plain   # the post_processor's <s>, left out
+
+
+@pytest.mark.parametrize("eos, named", [(400, "eos_token_id 400 is not a token id"),
+                                        ([], r"eos_token_id \[\] is not a token id"),
+                                        ("</s>", "eos_token_id '</s>' is not a token id")])
+def test_special_ids_must_be_token_ids(tmp_path, eos, named):
+    source = sentencepiece_llama(tmp_path)
+    edit_config(source, eos_token_id=eos)
+    with pytest.raises(DataError, match=named):
+        hf.hf_special_ids(source)
+    tok = import_hf(source)[2]
+    with pytest.raises(UsageError, match="special_ids: bos_token_id 379 is not a token id"):
+        export_hf(GPT(llama_config(vocab_size=400)), tok, tmp_path / "out",
+                  special_ids={"bos_token_id": 379, "eos_token_id": None})
 
 
 # ----- refusals -------------------------------------------------------------

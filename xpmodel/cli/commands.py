@@ -354,7 +354,7 @@ def _overlap(a, b):
 
 def export_hf_command(args):
     from ..hf.convert import export_hf
-    from ..train.runs import load, overlaps_source, weight_sources
+    from ..train.runs import load, overlaps_source, special_ids, weight_sources
     if _overlap(args.out_dir, args.run_dir):
         raise UsageError(f"OUT_DIR {args.out_dir}: overlaps the run {args.run_dir}; export to a "
                          f"folder outside it")
@@ -366,7 +366,10 @@ def export_hf_command(args):
                 "any folder whose path ends with it)")
             raise UsageError(f"OUT_DIR {args.out_dir}: overlaps {source}, which the run's "
                              f"weights came from{relative}; export to another folder")
-    architecture = export_hf(model, tokenizer, args.out_dir, overwrite=args.overwrite)
+    ids = special_ids(args.run_dir, tokenizer,
+                      warn=lambda text: print(f"note: {text}", file=sys.stderr, flush=True))
+    architecture = export_hf(model, tokenizer, args.out_dir, overwrite=args.overwrite,
+                             special_ids=ids)
     print(f"wrote a transformers {architecture} to {args.out_dir}")
     return 0
 

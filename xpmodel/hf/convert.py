@@ -1,6 +1,6 @@
 """Hugging Face interop: GPT-2 and Llama model directories out of and into xpmodel.
 
-export_hf(model, tokenizer, out_dir)
+export_hf(model, tokenizer, out_dir, special_ids=None)
     writes what `AutoModelForCausalLM.from_pretrained` and
     `AutoTokenizer.from_pretrained` read: config.json, model.safetensors
     (float32), generation_config.json and the tokenizer files. A model with
@@ -10,6 +10,10 @@ export_hf(model, tokenizer, out_dir)
 import_hf(hf_dir) -> (GPTConfig, arrays, tokenizer)
     reads a local GPT-2 or Llama directory (one safetensors file or shards)
     into xpmodel's parameter names, ready for `GPT.load_state_arrays`.
+hf_special_ids(hf_dir) -> (special ids, tokenizer)
+    config.json's bos_token_id and eos_token_id, in the tokenizer's ids: what
+    export_hf takes as special_ids, so that a round trip keeps them (without
+    them an export names "<|endoftext|>" for both).
 
 Each family (gpt2.py, llama.py) says how config.json maps to a
 GPTConfig and which Hugging Face tensors make each xpmodel tensor; this file
@@ -47,7 +51,8 @@ from ..atomic import write_folder_atomically
 from ..errors import DataError, UsageError
 from ..model.config import GPTConfig
 from ..model.params import parameter_shapes
-from ..tokenizer.hf_files import export_tokenizer_hf, hf_vocab, read_hf_tokenizer
+from ..tokenizer.hf_files import (default_special_ids, export_tokenizer_hf, first_eos_id, hf_vocab,
+                                  read_hf_tokenizer)
 from . import gpt2, llama
 from .safetensors_file import FLOAT_DTYPES, SafetensorsFile
 
@@ -63,37 +68,42 @@ EXPORT_FILES = frozenset({
 _PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 _OTHER_FORMATS = ("tf_model.h5", "flax_model.msgpack", "model.ckpt.index")
 MAX_JSON_BYTES = 16 * 2**20   # a config.json or shard index is a few kilobytes
+# config.json's ids of the tokens that begin and end a text
+SPECIAL_ID_KEYS = ("bos_token_id", "eos_token_id")
 
 
 # ----- export ---------------------------------------------------------------
 
 
-def export_hf(model, tokenizer, out_dir, overwrite=False):
+def export_hf(model, tokenizer, out_dir, overwrite=False, special_ids=None):
     """Write `model` (a GPT) and `tokenizer` (a BPETokenizer) as a Hugging Face
     directory; returns the architecture written ("GPT2LMHeadModel" or
     "LlamaForCausalLM"). `out_dir` is created if needed; an existing one must
     be empty or an earlier export (which is replaced); with overwrite, it may
-    also be another directory holding only files an export writes."""
+    also be another directory holding only files an export writes.
+    special_ids: {"bos_token_id", "eos_token_id"} in the tokenizer's ids (as
+    hf_special_ids gives them); by default "<|endoftext|>"'s for both."""
     cfg = model.config
     family = export_family(cfg)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise UsageError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab "
                          f"has only {cfg.vocab_size} rows")
     hf_vocab(tokenizer)   # refuses a tokenizer Hugging Face cannot hold, before writing
+    ids = default_special_ids(tokenizer) if special_ids is None else \
+        check_special_ids(special_ids, tokenizer.vocab_size, UsageError, "special_ids")
     out_dir = Path(out_dir)
     if out_dir.is_symlink():
         out_dir = out_dir.resolve()
     _check_export_target(out_dir, overwrite)
 
     tensors = to_hf_tensors(family.tensor_table(cfg), model.state_arrays())
-    eot = tokenizer.eot_id
 
     def write(folder):
         _write_safetensors(folder / WEIGHTS_FILE, tensors)
-        _write_json(folder / "config.json", family.hf_config(cfg, eot))
+        _write_json(folder / "config.json", family.hf_config(cfg, ids))
         _write_json(folder / "generation_config.json",
-                    {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot})
-        export_tokenizer_hf(tokenizer, folder, model_max_length=cfg.block_size)
+                    {**ids, "pad_token_id": first_eos_id(ids)})
+        export_tokenizer_hf(tokenizer, folder, model_max_length=cfg.block_size, special_ids=ids)
         _write_json(folder / EXPORT_MARKER, {"written_by": "xpmodel export-hf",
                                              "architecture": family.ARCHITECTURE})
     write_folder_atomically(out_dir, write, EXPORT_FILES)
@@ -188,6 +198,43 @@ def import_hf(hf_dir):
                 rows = arrays[name]
                 rows[:len(hf_ids)] = rows[hf_ids]      # row i now belongs to xpmodel's token i
     return config, arrays, tokenizer
+
+
+def hf_special_ids(hf_dir):
+    """(special ids, tokenizer): the bos_token_id and eos_token_id of a Hugging
+    Face directory's config.json, in the ids of the tokenizer import_hf reads
+    from it (which may number tokens otherwise than the directory does). Each
+    is an id or None, eos_token_id also a list of ids (some models stop at
+    several)."""
+    where = Path(hf_dir) / "config.json"
+    hf_cfg = _read_json(where)
+    if not isinstance(hf_cfg, dict):
+        raise DataError(f"{where}: not a JSON object")
+    tokenizer, hf_ids = read_hf_tokenizer(hf_dir)
+    given = {key: hf_cfg.get(key) for key in SPECIAL_ID_KEYS}
+    ids = check_special_ids(given, len(hf_ids), DataError, where)
+    ours = numpy.argsort(hf_ids)   # Hugging Face id -> xpmodel id
+    return {key: _renumbered(value, ours) for key, value in ids.items()}, tokenizer
+
+
+def _renumbered(value, ours):
+    """A special id, a list of them or None, with each id i made ours[i]."""
+    if isinstance(value, list):
+        return [int(ours[i]) for i in value]
+    return None if value is None else int(ours[value])
+
+
+def check_special_ids(ids, vocab_size, error, where):
+    """{"bos_token_id", "eos_token_id"} of `ids`, each None or a token id below
+    vocab_size (eos_token_id also a non-empty list of them); else `error`."""
+    for key in SPECIAL_ID_KEYS:
+        value = ids.get(key)
+        listed = value if key == "eos_token_id" and isinstance(value, list) and value else [value]
+        if value is not None and not all(type(i) is int and 0 <= i < vocab_size for i in listed):
+            raise error(f"{where}: {key} {value!r} is not a token id of the tokenizer (0 to "
+                        f"{vocab_size - 1}){', a list of them' if key == 'eos_token_id' else ''} "
+                        f"or null")
+    return {key: ids.get(key) for key in SPECIAL_ID_KEYS}
 
 
 def import_family(hf_cfg, where="config.json"):

@@ -54,8 +54,9 @@ def canonical(key):
     return "transformer." + key
 
 
-def hf_config(config, eot_id):
-    """The config.json document of a GPT2LMHeadModel equal to `config` (a GPTConfig)."""
+def hf_config(config, special_ids):
+    """The config.json document of a GPT2LMHeadModel equal to `config` (a
+    GPTConfig), with `special_ids`' bos_token_id and eos_token_id."""
     return {
         "architectures": [ARCHITECTURE],
         "model_type": MODEL_TYPE,
@@ -76,8 +77,8 @@ def hf_config(config, eot_id):
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
         "add_cross_attention": False,
-        "bos_token_id": eot_id,
-        "eos_token_id": eot_id,
+        "bos_token_id": special_ids["bos_token_id"],
+        "eos_token_id": special_ids["eos_token_id"],
         "tie_word_embeddings": config.tie_embeddings,
         "use_cache": True,
         "dtype": "float32",

@@ -87,10 +87,11 @@ def canonical(key):
     return key
 
 
-def hf_config(config, eot_id):
-    """The config.json document of a LlamaForCausalLM equal to `config` (a GPTConfig).
-    rope_theta is written both where transformers 4 reads it and inside
-    rope_parameters, where transformers 5 keeps it."""
+def hf_config(config, special_ids):
+    """The config.json document of a LlamaForCausalLM equal to `config` (a
+    GPTConfig), with `special_ids`' bos_token_id and eos_token_id. rope_theta
+    is written both where transformers 4 reads it and inside rope_parameters,
+    where transformers 5 keeps it."""
     return {
         "architectures": [ARCHITECTURE],
         "model_type": MODEL_TYPE,
@@ -112,8 +113,8 @@ def hf_config(config, eot_id):
         "attention_dropout": 0.0,
         "pretraining_tp": 1,
         "initializer_range": 0.02,
-        "bos_token_id": eot_id,
-        "eos_token_id": eot_id,
+        "bos_token_id": special_ids["bos_token_id"],
+        "eos_token_id": special_ids["eos_token_id"],
         "pad_token_id": None,
         "tie_word_embeddings": config.tie_embeddings,
         "use_cache": True,

@@ -109,8 +109,23 @@ def hf_vocab(tokenizer):
     return vocab
 
 
-def export_tokenizer_hf(tokenizer, directory, model_max_length=None):
-    """Write the five Hugging Face files for `tokenizer` into `directory` (created if needed)."""
+def default_special_ids(tokenizer):
+    """The bos_token_id and eos_token_id an export names without others: both
+    "<|endoftext|>", as GPT-2's (None when the tokenizer lacks it)."""
+    return {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
+
+
+def first_eos_id(special_ids):
+    """The one eos id of `special_ids` that a tokenizer's eos_token and a pad id
+    can hold: eos_token_id, or the first of a list."""
+    eos = special_ids["eos_token_id"]
+    return eos[0] if isinstance(eos, list) else eos
+
+
+def export_tokenizer_hf(tokenizer, directory, model_max_length=None, special_ids=None):
+    """Write the five Hugging Face files for `tokenizer` into `directory`
+    (created if needed); bos_token and eos_token are the tokens of special_ids
+    (see default_special_ids)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     vocab = hf_vocab(tokenizer)
@@ -154,9 +169,7 @@ def export_tokenizer_hf(tokenizer, directory, model_max_length=None):
         atomic_write_bytes(directory / "merges.txt", (
             "#version: 0.2\n" + "".join(line + "\n" for line in merges)).encode("utf-8"))
 
-    special_map = {}
-    if ENDOFTEXT in specials:
-        special_map = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
+    special_map = _special_tokens_map(names, specials, special_ids or default_special_ids(tokenizer))
     # GPT2TokenizerFast would split as GPT-2 whatever tokenizer.json says; the
     # generic class reads tokenizer.json as it is, as Llama 3's config names it.
     tokenizer_class = "GPT2TokenizerFast" if gpt2_split else "PreTrainedTokenizerFast"
@@ -166,6 +179,19 @@ def export_tokenizer_hf(tokenizer, directory, model_max_length=None):
         config["model_max_length"] = int(model_max_length)
     _write_json(directory / "tokenizer_config.json", config)
     _write_json(directory / "special_tokens_map.json", special_map)
+
+
+def _special_tokens_map(names, specials, special_ids):
+    """special_tokens_map.json: the tokens of bos and eos among `names` (id ->
+    token string), and "<|endoftext|>" as unk_token, as GPT-2's."""
+    special_map = {}
+    for key, token_id in (("bos_token", special_ids["bos_token_id"]),
+                          ("eos_token", first_eos_id(special_ids))):
+        if token_id is not None:
+            special_map[key] = names[token_id]
+    if ENDOFTEXT in specials:
+        special_map["unk_token"] = ENDOFTEXT
+    return special_map
 
 
 def _metaspace_parts(metaspace):

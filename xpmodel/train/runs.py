@@ -1,13 +1,15 @@
-"""Loading trained runs: `xpmodel.load(RUN_DIR)` and weights for `--init-from`."""
+"""Loading trained runs (`xpmodel.load(RUN_DIR)`), weights for `--init-from`,
+`import-hf`'s runs, and what export-hf needs to know of where a run's
+weights came from."""
 import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 from ..config import ModelConfig, load_config
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, UsageError, XpmodelError
 from ..files import inside, same_file
-from ..hf.convert import import_hf
+from ..hf.convert import SPECIAL_ID_KEYS, check_special_ids, hf_special_ids, import_hf
 from ..model.config import OPTION_KEYS, gpt_config
 from ..model.gpt import GPT
 from ..model.params import parameter_shapes
@@ -109,12 +111,53 @@ def weight_sources(run_dir):
 
 def _imported_from(run):
     """The Hugging Face directory `import-hf` made `run` from, or None."""
+    source = _import_meta(run).get("source")
+    return source if isinstance(source, str) else None
+
+
+def _import_meta(run):
+    """The step-0 checkpoint's metadata of a run `import-hf` made; {} for another run."""
     try:
         meta = read_checkpoint_meta(run.step_path(0))
     except (CheckpointError, OSError):
+        return {}
+    return meta if meta.get("kind") == "imported" else {}
+
+
+def special_ids(run_dir, tokenizer, warn):
+    """{"bos_token_id", "eos_token_id"} for an export of a run whose tokenizer
+    is `tokenizer`: those of the Hugging Face directory its weights came from,
+    as import-hf recorded them in the step-0 checkpoint of the run (or of a run
+    it was initialised from), else as that directory's config.json says now;
+    None when the weights came from no such directory. A directory that cannot
+    be read, or whose tokenizer is no longer the run's, gives None too, and
+    `warn` says so."""
+    for folder in (Path(run_dir), *weight_sources(run_dir)):
+        run = RunDir(folder)
+        if run.is_run():
+            meta = _import_meta(run)
+            if all(key in meta for key in SPECIAL_ID_KEYS) \
+                    and meta.get("tokenizer_fingerprint") == tokenizer.fingerprint():
+                return check_special_ids(meta, tokenizer.vocab_size, CheckpointError,
+                                         run.step_path(0))
+        elif (folder / "config.json").is_file():
+            return _directory_special_ids(folder, tokenizer, warn)
+    return None
+
+
+def _directory_special_ids(hf_dir, tokenizer, warn):
+    """hf_special_ids of a directory a run's weights came from, if its tokenizer is the run's."""
+    fallback = "the export names the default bos and eos (<|endoftext|>, if the tokenizer has it)"
+    try:
+        ids, its_tokenizer = hf_special_ids(hf_dir)
+    except XpmodelError as exc:
+        warn(f"{exc}; {fallback}")
         return None
-    source = meta.get("source")
-    return source if meta.get("kind") == "imported" and isinstance(source, str) else None
+    if its_tokenizer != tokenizer:
+        warn(f"{hf_dir}, where the run's weights came from, no longer holds the run's tokenizer; "
+             f"{fallback}")
+        return None
+    return ids
 
 
 def overlaps_source(folder, source):
@@ -181,11 +224,13 @@ def import_run(hf_dir, out, overwrite=False):
     a step-0 checkpoint holding the weights, ready for sample, eval and
     training with `--resume` or `--init-from`."""
     gpt_config, arrays, tokenizer = import_hf(hf_dir)
+    ids, _ = hf_special_ids(hf_dir)
     config = adopt_pretrained(load_config(), gpt_config, tokenizer)
     config = replace(config, model=replace(config.model, dropout=gpt_config.dropout))
     run = RunDir(out)
     meta = {"kind": "imported", "source": str(Path(hf_dir).resolve()), "step": 0,
-            "vocab_size": gpt_config.vocab_size, "tokenizer_fingerprint": tokenizer.fingerprint()}
+            "vocab_size": gpt_config.vocab_size, "tokenizer_fingerprint": tokenizer.fingerprint(),
+            **ids}
     run.create(config, tokenizer, overwrite=overwrite,
                first_checkpoint=lambda path: save_checkpoint(path, arrays, {}, meta))
     return run.path
