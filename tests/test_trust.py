@@ -206,6 +206,20 @@ def test_resume_refuses_a_hand_edited_data_setting(edit, run, capsys):
     assert run.checkpoint_steps() == [20, 30]
 
 
+def test_train_never_writes_a_run_over_the_config_it_reads(run, corpus, tmp_path, capsys):
+    """--config RUN/config.yaml --out RUN, directly or as a child's base."""
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: {run.config_path}\n")
+    before = {path: path.read_bytes() for path in run.path.rglob("*") if path.is_file()}
+    for config in (run.config_path, child):
+        code, _, err = run_cli(capsys, "train", "--config", config, "--out", run.path,
+                               "--overwrite", "train.max_iters=10")
+        assert code == 2, err
+        assert_one_line_error(err)
+        assert f"--out {run.path}: holds {run.config_path} among its run files" in err
+    assert {path: path.read_bytes() for path in run.path.rglob("*") if path.is_file()} == before
+
+
 def test_the_untrained_step_0_checkpoint_is_not_kept(tmp_path, corpus):
     config = load_config(TINY, [f"data.source={corpus}", "train.max_iters=20", "train.keep_last=3"])
     Trainer.start(config, device="cpu", out=tmp_path / "run", show=False).run()

@@ -30,7 +30,7 @@ def train_command(args):
 
 def _train(args, device, dist):
     from contextlib import nullcontext
-    from ..config import load_config
+    from ..config import config_files, load_config
     from ..train import Trainer
     from ..train.rundir import RunDir, default_run_path
     is_main = dist is None or dist.is_main
@@ -65,6 +65,10 @@ def _train(args, device, dist):
     init_from = config.train.init_from
     if init_from and Path(init_from).exists() and same_file(init_from, out):
         raise UsageError(f"--out {out}: is the run --init-from reads; choose another --out")
+    for source in config_files(args.config):
+        if RunDir(out).owns(source):
+            raise UsageError(f"--out {out}: holds {source} among its run files, which this "
+                             f"command reads (the config or its base); choose another --out")
     if not args.out and out.name != Path(config_name).stem and is_main:
         print(f"{out.parent / Path(config_name).stem} already exists, so this run goes to {out} "
               f"(--out chooses the folder; --resume continues a run)", flush=True)

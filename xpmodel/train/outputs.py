@@ -72,18 +72,14 @@ def check_holds_no_input(folder, flag, inputs):
 
 
 def _run_file(path):
-    """The run directory whose own file `path` would be (run.json, config.yaml,
-    tokenizer.json, metrics.jsonl, its lock, anything under checkpoints/), or None.
-    A run is a folder holding run.json; links are resolved."""
+    """The run directory whose own file `path` would be (see `RunDir.owns`), or
+    None. A run is a folder holding run.json; links are resolved."""
     try:
         resolved = Path(os.path.abspath(path)).resolve()
     except (OSError, RuntimeError):
         return None
-    run = RunDir(resolved.parent)
-    if run.is_run() and resolved in (run.marker, run.config_path, run.tokenizer_path,
-                                     run.metrics_path, run.lock_path, run.checkpoint_dir):
-        return run.path
     for folder in resolved.parents:
-        if folder.name == "checkpoints" and RunDir(folder.parent).is_run():
-            return folder.parent
+        run = RunDir(folder)
+        if run.is_run() and run.owns(resolved):
+            return run.path
     return None

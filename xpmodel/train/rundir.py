@@ -50,7 +50,7 @@ from pathlib import Path
 from ..atomic import atomic_write_bytes, temporary_target
 from ..config import load_config, save_config
 from ..errors import UsageError, XpmodelError, quote
-from ..files import open_regular, parse_json, process_alive, read_bounded
+from ..files import inside, open_regular, parse_json, process_alive, read_bounded
 from ..tokenizer.bpe import BPETokenizer
 from .checkpoint import (FORMAT_VERSION, CheckpointError, read_checkpoint_meta, step_file_name,
                          step_of_name)
@@ -374,6 +374,21 @@ class RunDir:
                               f"was trained with {quote(before, 80)}{nor}; only train.* settings "
                               f"can change within a run: put it back, move away checkpoints "
                               f"copied from another run{new_data}")
+
+    def owns(self, path):
+        """Whether `path` (links resolved) is one of the files the run writes
+        and reads back, which no other output may replace: run.json,
+        config.yaml, tokenizer.json, metrics.jsonl, its lock, wandb/run-id, or
+        anything under checkpoints/ or tensorboard/ (not its plots, which
+        `plot --out` may rewrite)."""
+        try:
+            run = RunDir(self.path.resolve())
+            resolved = Path(os.path.abspath(path)).resolve()
+        except (OSError, RuntimeError):
+            return False
+        return resolved in (run.marker, run.config_path, run.tokenizer_path, run.metrics_path,
+                            run.lock_path, run.wandb_id_path) or \
+            inside(resolved, run.checkpoint_dir) or inside(resolved, run.tensorboard_dir)
 
     def contains(self, path):
         """True when `path`, links resolved, lies inside the run directory."""
