@@ -34,8 +34,7 @@ from typing import NamedTuple
 
 import numpy
 
-from ..backend import HALF_DTYPES, array_module, fused_kernels, is_cuda_array, upcast
-from ..cpu_threads import cache_chunks
+from ..backend import array_module, fused_kernels, upcast
 from .dropout import dropout_backward, dropout_forward
 from .matmul import matmul
 from .rmsnorm import rmsnorm_backward, rmsnorm_forward
@@ -65,19 +64,12 @@ def causal_softmax_forward(scores, out_dtype=None, key_block=None):
     if fused_kernels(scores):
         from ..cuda.softmax import causal_softmax_forward as fused
         return fused(scores, out_dtype, key_block)
-    xp, T = array_module(scores), scores.shape[-1]
-    mask = _causal_mask(xp, T, scores.dtype)
-    matrices = scores.reshape(-1, T, T)
-    probs = matrices if out_dtype == scores.dtype else xp.empty(matrices.shape, dtype=out_dtype)
-    for part in cache_chunks(matrices.shape[0], T * T, is_cuda_array(scores)):
-        chunk = matrices[part]
-        chunk += mask
-        chunk -= chunk.max(axis=-1, keepdims=True)
-        xp.exp(chunk, out=chunk)
-        chunk *= 1.0 / chunk.sum(axis=-1, keepdims=True)
-        if probs is not matrices:
-            probs[part] = chunk
-    return probs.reshape(scores.shape)
+    xp = array_module(scores)
+    scores += _causal_mask(xp, scores.shape[-1], scores.dtype)
+    scores -= scores.max(axis=-1, keepdims=True)
+    probs = xp.exp(scores, out=scores)
+    probs *= 1.0 / probs.sum(axis=-1, keepdims=True)
+    return probs.astype(out_dtype, copy=False)
 
 
 def causal_softmax_backward(dprobs, probs, out_dtype=None, key_block=None):
@@ -90,17 +82,11 @@ def causal_softmax_backward(dprobs, probs, out_dtype=None, key_block=None):
     if fused_kernels(dprobs):
         from ..cuda.softmax import causal_softmax_backward as fused
         return fused(dprobs, probs, out_dtype, key_block)
-    xp, T = array_module(dprobs), dprobs.shape[-1]
-    dprobs_m, probs_m = dprobs.reshape(-1, T, T), probs.reshape(-1, T, T)
-    dscores = None if dprobs.dtype == out_dtype and dprobs.dtype not in HALF_DTYPES \
-        else xp.empty(dprobs_m.shape, dtype=out_dtype)
-    for part in cache_chunks(dprobs_m.shape[0], T * T, is_cuda_array(dprobs)):
-        d, p = upcast(dprobs_m[part]), upcast(probs_m[part])
-        d -= (d * p).sum(axis=-1, keepdims=True)
-        d *= p
-        if dscores is not None:
-            dscores[part] = d
-    return (dprobs_m if dscores is None else dscores).reshape(dprobs.shape)
+    dprobs, probs = upcast(dprobs), upcast(probs)
+    dot = (dprobs * probs).sum(axis=-1, keepdims=True)
+    dprobs -= dot
+    dprobs *= probs
+    return dprobs.astype(out_dtype, copy=False)
 
 
 def _score_dtype(like):

@@ -10,10 +10,7 @@ the bias of the projection before it, and backward sums that bias's gradient.
 """
 import math
 
-import numpy
-
-from ..backend import array_module, fused_kernels, ignore_overflow, is_cuda_array, upcast
-from ..cpu_threads import cache_chunks
+from ..backend import array_module, fused_kernels, ignore_overflow, upcast
 
 _K = math.sqrt(2.0 / math.pi)
 _CUBIC = 0.044715
@@ -26,24 +23,19 @@ def gelu_forward(x, bias=None):
     if fused_kernels(x):
         from ..cuda.gelu import gelu_forward as fused
         return fused(x, bias), None
+    if bias is not None:
+        x += bias
     xp = array_module(x)
-    rows_x = x.reshape(-1, x.shape[-1])
-    out = xp.empty_like(rows_x)
-    s = xp.empty(rows_x.shape, dtype=numpy.promote_types(x.dtype, numpy.float32))
-    for rows in cache_chunks(rows_x.shape[0], rows_x.shape[1], is_cuda_array(x)):
-        if bias is not None:
-            rows_x[rows] += bias
-        xr, sr = upcast(rows_x[rows]), s[rows]
-        xp.multiply(xr, xr, out=sr)
-        sr *= -2.0 * _K * _CUBIC
-        sr -= 2.0 * _K
-        sr *= xr                     # -2u
-        with ignore_overflow(xp):    # exp -> inf for very negative x gives sigmoid 0: exact
-            xp.exp(sr, out=sr)
-            sr += 1.0
-            xp.reciprocal(sr, out=sr)  # sigmoid(2u)
-        out[rows] = xr * sr
-    return out.reshape(x.shape), s.reshape(x.shape)
+    low, x = x.dtype, upcast(x)
+    s = x * x
+    s *= -2.0 * _K * _CUBIC
+    s -= 2.0 * _K
+    s *= x                       # -2u
+    with ignore_overflow(xp):    # exp -> inf for very negative x gives sigmoid 0: exact
+        xp.exp(s, out=s)
+        s += 1.0
+        xp.reciprocal(s, out=s)  # sigmoid(2u)
+    return (x * s).astype(low, copy=False), s
 
 
 def gelu_backward(dout, x, s, dbias=None):
@@ -56,20 +48,17 @@ def gelu_backward(dout, x, s, dbias=None):
     if fused_kernels(dout):
         from ..cuda.gelu import gelu_backward as fused
         return fused(dout, x, dbias)
-    xp, C = array_module(dout), dout.shape[-1]
-    dout_rows, x_rows, s_rows = dout.reshape(-1, C), x.reshape(-1, C), s.reshape(-1, C)
-    dx = xp.empty_like(dout_rows)
-    for rows in cache_chunks(dx.shape[0], C, is_cuda_array(dout)):
-        xr, sr = upcast(x_rows[rows]), s_rows[rows]
-        d = xr * xr
-        d *= 6.0 * _K * _CUBIC
-        d += 2.0 * _K
-        d *= xr
-        d *= sr
-        d *= 1.0 - sr
-        d += sr
-        d *= dout_rows[rows]
-        dx[rows] = d
-        if dbias is not None:
-            dbias += dx[rows].sum(axis=0, dtype=dbias.dtype)
-    return dx.reshape(dout.shape)
+    low, x = dout.dtype, upcast(x)
+    dx = x * x
+    dx *= 6.0 * _K * _CUBIC
+    dx += 2.0 * _K
+    dx *= x
+    dx *= s
+    one_minus_s = 1.0 - s
+    dx *= one_minus_s
+    dx += s
+    dx *= dout
+    dx = dx.astype(low, copy=False)
+    if dbias is not None:
+        dbias += dx.reshape(-1, dx.shape[-1]).sum(axis=0, dtype=dbias.dtype)
+    return dx
