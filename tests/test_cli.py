@@ -112,6 +112,8 @@ def test_resume_continues_from_the_checkpoint_and_can_raise_max_iters(trained, t
     code, out, err = run_cli(capsys, "train", "--resume", run)
     assert code == 0, err
     assert "already reached step 40" in out
+    last_loss = [r["loss"] for r in records if r["type"] == "train"][-1]
+    assert f"done (already complete): 40 steps, train loss {last_loss:.4f}," in out
 
 
 @pytest.mark.parametrize("override,message", [("model.n_layer=2", "model"),

@@ -147,7 +147,7 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
                 metrics.close()
             self.mirrors.close()
             self._restore_signal_handlers()
-        summary = self._summary(window.last_loss, stop_reason)
+        summary = self._summary(self.last_train_loss, stop_reason)
         if self.display_enabled:
             self._print_summary(summary)
         return summary
@@ -322,7 +322,7 @@ class _StepWindow:
         self.pending = []   # (step, device values, lr)
         self.epochs = {}    # step -> passes over the training data after it
         self.restart(time.perf_counter())
-        self.smoothed = self.last_loss = None
+        self.smoothed = None
 
     def queue(self, step, values, lr, epochs_done, tokens):
         self.pending.append((step, values, lr))
@@ -337,6 +337,5 @@ class _StepWindow:
 
     def add_loss(self, loss):
         """Record a step's loss; returns the smoothed loss (an exponential average)."""
-        self.last_loss = loss
         self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
         return self.smoothed
