@@ -237,6 +237,64 @@ def test_lr_find_validates_before_its_header(capsys):
     assert "at least 10" in " ".join(capsys.readouterr().out.split())
 
 
+# ---- 1. outputs: a folder that does not exist yet -------------------------------------
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="needs matplotlib")
+def test_an_out_in_missing_folders_creates_them_when_it_is_written(capsys, run, corpus,
+                                                                   tmp_path):
+    tokenizer = tmp_path / "a" / "b" / "tok.json"
+    outputs = {"tokenizer": tokenizer, "prepare": tmp_path / "c" / "c.tok",
+               "plot": tmp_path / "d" / "p.png", "compare": tmp_path / "e" / "c.png",
+               "lr-find": tmp_path / "f" / "lr.png"}
+    for args in (["tokenizer", "train", corpus, "--vocab-size", 260],
+                 ["prepare", corpus, "--tokenizer", tokenizer, "--workers", 1],
+                 ["plot", run], ["compare", run], ["lr-find", "--config", run, "--steps", 10]):
+        code, _, err = run_cli(capsys, *args, "--out", outputs[args[0]])
+        assert code == 0, (args, err)
+    assert all(path.is_file() for path in outputs.values())
+    assert (tmp_path / "f" / "lr.json").is_file()
+
+
+def test_an_out_below_a_file_is_refused_before_any_work(capsys, run, corpus, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    BPETokenizer().save(tmp_path / "tok.json")
+    for args in (["tokenizer", "train", corpus, "--vocab-size", 260, "--out", notes / "t.json"],
+                 ["tokenizer", "train", corpus, "--vocab-size", 260, "--out",
+                  tmp_path / "t.json", "--export-hf", notes / "hf"],
+                 ["prepare", corpus, "--tokenizer", tmp_path / "tok.json", "--out",
+                  notes / "c" / "c.tok"],
+                 ["plot", run, "--out", notes / "p.png"],
+                 ["compare", run, "--out", notes / "c.png"],
+                 ["lr-find", "--config", run, "--steps", 10, "--out", notes / "lr.png"]):
+        out, err = refused(capsys, *args)
+        assert out == "" and f"{notes} is not a folder" in err, (args, err)
+    assert notes.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "notes.txt", "run",
+                                                          "tok.json"]
+
+
+def test_an_out_in_a_folder_without_write_permission_is_refused(capsys, corpus, tmp_path,
+                                                                monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and
+                        access(path, mode))
+    out, err = refused(capsys, "tokenizer", "train", corpus, "--vocab-size", 260,
+                       "--out", locked / "new" / "t.json")
+    assert out == "" and f"no permission to write in {locked}" in err
+    assert list(locked.iterdir()) == []
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="needs matplotlib")
+def test_a_command_that_fails_before_writing_leaves_no_new_folder(capsys, run, tmp_path):
+    (run / "metrics.jsonl").write_text("")
+    code, _, err = run_cli(capsys, "compare", run, "--out", tmp_path / "new" / "c.png")
+    assert code == 1 and "none of the runs has logged a training step" in err
+    assert not (tmp_path / "new").exists()
+
+
 # ---- 2. training outlives its stdout ---------------------------------------------------
 
 def test_training_goes_on_when_stdout_is_closed(tmp_path, corpus):

@@ -6,6 +6,9 @@ is flushed and fsynced, and is renamed over the target; the folder is
 fsynced so the rename itself survives a power cut. A failure, or a signal,
 removes the temporary file. New files get the permissions the user's umask
 allows (0644 under the usual 022), like any file a shell command writes.
+Missing folders above the target are created at the write, not before: a
+command checks its outputs first (train/outputs.py), and one that fails
+before writing leaves no empty folder behind.
 
 Temporary files are named `.NAME.tmp-PID`; `is_temporary_name` recognises
 them (`temporary_target` reads NAME and PID back), so a folder's leftovers from a killed process can be told apart from
@@ -59,7 +62,8 @@ def atomic_write_bytes(path, data, pause=0.0):
 
 @contextlib.contextmanager
 def atomic_writer(path, pause=0.0):
-    """A binary file that replaces `path` when the `with` block ends without error.
+    """A binary file that replaces `path` when the `with` block ends without
+    error; missing folders above `path` are created first.
 
     An OSError of the write itself (a full disk, say) names `path`, not the
     temporary file; an exception from the block removes the temporary file
@@ -70,6 +74,7 @@ def atomic_writer(path, pause=0.0):
     _in_flight.add(tmp)
     try:
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
         except OSError as exc:
             raise _naming(exc, path) from None

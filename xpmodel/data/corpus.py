@@ -51,7 +51,6 @@ def build_tokenizer(data_config, say=print):
     say(f"training a {data_config.vocab_size}-token BPE tokenizer on {data_config.source} ...")
     tokenizer = BPETokenizer.train(_leading_texts(source, _TOKENIZER_TRAIN_BYTES),
                                    data_config.vocab_size, special_tokens=specials)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(path)
     return tokenizer
 

@@ -93,7 +93,6 @@ def write_token_file(
     dtype = token_dtype(vocab_size)
     fingerprint = _fingerprint_bytes(tokenizer_fingerprint)
     dtype_code = next(code for code, known in _DTYPE_CODES.items() if known == dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
     digest = hashlib.sha256()
     with atomic_writer(path) as file:

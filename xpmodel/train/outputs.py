@@ -2,7 +2,9 @@
 `--export-hf DIR`) goes through `check_output` or `check_output_dir` before any
 slow work: a command never writes over one of its own inputs or a run
 directory's own files, and replaces an existing file only when asked to with
---overwrite.
+--overwrite. An output's missing folders are allowed when they can be created;
+they are created only when the output is written (atomic.py), so a command that
+fails before then leaves no empty folder behind.
 """
 import os
 from pathlib import Path
@@ -17,6 +19,7 @@ def check_output(path, flag, inputs=(), overwrite=False):
     """Refuse to write the file `path` (given as `flag`, e.g. "--out") with a
     one-line UsageError naming it: always when it is one of `inputs` (files the
     command reads) or one of a run directory's own files (see `_run_file`);
+    when its folder cannot be created or written in (see `_check_folder`);
     when it exists, unless `overwrite`. Returns `path` as a Path."""
     path = Path(path)
     for source in inputs:
@@ -27,6 +30,7 @@ def check_output(path, flag, inputs=(), overwrite=False):
     if run is not None:
         raise UsageError(f"{flag} {path}: is one of the files of the run {run}; xpmodel will not "
                          f"write over it, even with --overwrite; choose another {flag}")
+    _check_folder(path.parent, path, flag)
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a directory; give a file path")
     if (path.exists() or path.is_symlink()) and not overwrite:
@@ -39,8 +43,9 @@ def check_output_dir(path, flag, inputs=(), overwrite=False):
     """Refuse to write files into the folder `path` (given as `flag`) with a
     one-line UsageError naming it: always when it is a run directory or inside
     one's checkpoints, a model folder (Hugging Face weights or config, or an
-    xpmodel export), or holds one of `inputs`; when it is a non-empty folder,
-    unless `overwrite` (its other files are kept). Returns `path` as a Path."""
+    xpmodel export), or holds one of `inputs`; when it cannot be created or
+    written in (see `_check_folder`); when it is a non-empty folder, unless
+    `overwrite` (its other files are kept). Returns `path` as a Path."""
     path = Path(path)
     if (path.exists() or path.is_symlink()) and not path.is_dir():
         raise UsageError(f"{flag} {path}: exists and is not a directory")
@@ -56,10 +61,25 @@ def check_output_dir(path, flag, inputs=(), overwrite=False):
                          f"belong to it; xpmodel will not replace them, even with --overwrite; "
                          f"choose another {flag}")
     check_holds_no_input(path, flag, inputs)
+    _check_folder(path, path, flag)
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise UsageError(f"{flag} {path}: is not empty; pass --overwrite to write into it "
                          f"(files of other names are kept), or choose another {flag}")
     return path
+
+
+def _check_folder(folder, output, flag):
+    """Refuse, with a one-line UsageError naming `output` (given as `flag`), a
+    `folder` to write it in that cannot be made: the nearest part of its path
+    that exists must be a folder this process may write in."""
+    existing = folder
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {output}: {existing} is not a folder; choose another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {output}: no permission to write in {existing}; choose "
+                         f"another {flag}")
 
 
 def check_holds_no_input(folder, flag, inputs):
