@@ -837,9 +837,10 @@ def _fit_schedule(merged, before, named, notify):
     """Scale warmup_iters and lr_decay_iters to a run that a layer made shorter.
 
     `xpmodel train train.max_iters=60` over a config with warmup_iters: 100
-    means "the same run, shorter": the warmup and the decay keep their share
-    of the run (100 of 700 steps becomes 9 of 60). A value the same layer
-    sets is the user's and is never changed; a conflict then is an error.
+    means "the same run, shorter": a warmup or decay longer than the new run
+    is scaled by its new length over its old (100 of 700 steps becomes 9 of
+    60); one that fits is kept. A value the same layer sets is the user's and
+    is never changed; a conflict then is an error.
     """
     if "max_iters" not in named:
         return

@@ -167,8 +167,9 @@ def _train_epilog():
     return (textwrap.fill("shipped configs: " + ", ".join(shipped_configs()), 79) + "\n\n"
             "Without --out a run goes to runs/CONFIG_NAME; when that exists, to\n"
             "runs/CONFIG_NAME-2, -3, ... (said at the start). A short run is one override:\n"
-            "train.max_iters=60 scales the config's warmup_iters and lr_decay_iters to\n"
-            "keep their share of the run, unless you set them too.")
+            "train.max_iters=60 scales the config's warmup_iters and lr_decay_iters when\n"
+            "they are longer than the shortened run (by its new length over its old),\n"
+            "unless you set them too; a warmup or decay that fits is kept as it is.")
 
 
 def build_parser():
