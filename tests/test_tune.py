@@ -262,6 +262,20 @@ def test_runs_lists_status_steps_and_best_val_and_compare_overlays_them(capsys, 
         assert code == 2 and "needs matplotlib" in err
 
 
+def test_runs_and_compare_warn_once_about_a_damaged_metrics_line(capsys, tmp_path, corpus):
+    tiny_trainer(tmp_path, corpus).run()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join([lines[0], "{not json\n", *lines[1:]]))
+    warning = f"warning: {metrics}: skipped 1 damaged line (line 2)"
+    code, out, err = run_cli(capsys, "runs", tmp_path / "run")
+    assert code == 0 and "finished" in out
+    assert err.splitlines() == [warning]
+    code, out, err = run_cli(capsys, "compare", tmp_path / "run", "--out", tmp_path / "c.png")
+    assert "finished" in out
+    assert err.splitlines()[0] == warning and warning not in err.splitlines()[1:]
+
+
 # ---- sweep -----------------------------------------------------------------------------
 
 def test_sweep_specs_and_plans():

@@ -43,8 +43,9 @@ def find_runs(root):
 
 
 def summarize(run):
-    """A dict of what one run holds: status, steps, tokens, losses, wall time."""
-    records = run.read_metrics(warn=lambda text: None)
+    """A dict of what one run holds: status, steps, tokens, losses, wall time.
+    Damaged lines of its metrics.jsonl are skipped with a warning naming them."""
+    records = run.read_metrics()
     train = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "eval" and _finite(r.get("val_loss"))]
     try:
@@ -154,7 +155,7 @@ def plot_runs(summaries, out, title="xpmodel compare"):
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     plotted = 0
     for i, s in enumerate(summaries):
-        records = RunDir(s["run"]).read_metrics(warn=lambda text: None)
+        records = RunDir(s["run"]).read_metrics(warn=lambda text: None)   # summarize warned
         train = [(r["step"], r["loss"]) for r in records
                  if r.get("type") == "train" and _finite(r.get("loss"))]
         evals = [(r["step"], r["val_loss"]) for r in records
