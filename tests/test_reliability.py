@@ -524,6 +524,45 @@ def test_resume_skips_a_checkpoint_copied_from_another_model(finished_run, wider
     assert "move away checkpoints copied from another run" in err
 
 
+def test_resume_with_another_optimizer_is_one_line_naming_the_saved_one(finished_run, tmp_path,
+                                                                        capsys):
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(finished_run, run.path)
+    _truncate(run.step_path(30))   # a damaged newest checkpoint does not hide the reason
+    config = run.config_path.read_bytes()
+    code, out, err = run_cli(capsys, "train", "--resume", run.path, "train.optimizer=muon")
+    assert code == 2 and out == ""
+    assert err.strip() == (f"error: --resume {run.path}: its checkpoints were saved with "
+                           f"train.optimizer=adamw; resume with that optimizer (or start a new "
+                           f"run with --init-from {run.path})")
+    assert run.config_path.read_bytes() == config
+
+
+@pytest.fixture(scope="module")
+def muon_checkpoint(finished_run, tmp_path_factory):
+    """The step-40 checkpoint of the tiny model trained with Muon on finished_run's corpus."""
+    root = tmp_path_factory.mktemp("muon")
+    corpus = finished_run.parent / "corpus.txt"
+    config = load_config(TINY, [f"data.source={corpus}", f"data.cache_dir={root / 'cache'}",
+                                "train.optimizer=muon", "train.max_iters=40",
+                                "train.save_interval=40"])
+    Trainer.start(config, device="cpu", out=root / "run", show=False).run()
+    return RunDir(root / "run").step_path(40)
+
+
+def test_resume_skips_a_checkpoint_copied_from_a_run_of_another_optimizer(finished_run,
+                                                                         muon_checkpoint,
+                                                                         tmp_path, capsys):
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(finished_run, run.path)
+    shutil.copy(muon_checkpoint, run.step_path(40))
+    code, out, err = run_cli(capsys, "train", "--resume", run.path, "train.max_iters=35")
+    assert code == 0, err
+    assert (f"skipping checkpoint: {run.step_path(40)}: saved with train.optimizer=muon, "
+            f"resumed with adamw") in out
+    assert "at step 30" in out
+
+
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello")
     for path in (tmp_path, tmp_path / "absent"):

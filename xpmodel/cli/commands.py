@@ -95,13 +95,12 @@ def _with_absolute_init_from(config):
 def _resume_config(run, args):
     """The config a resumed run continues with: the run's own, with KEY=VALUE
     overrides of train.* settings; None when nothing is overridden. A config.yaml
-    edited by hand to change data.* or model.* settings is refused."""
+    edited by hand to change data.* or model.* settings is refused, and so is a
+    train.optimizer other than the one the run's checkpoints were saved with."""
     from ..config import config_to_dict, load_config
     saved = run.load_config()
     run.check_config_matches_checkpoint(saved)
-    if not args.overrides:
-        return None
-    config = load_config(run.config_path, args.overrides)
+    config = load_config(run.config_path, args.overrides) if args.overrides else saved
     for section in ("data", "model"):
         if config_to_dict(config)[section] != config_to_dict(saved)[section]:
             raise UsageError(f"--resume: only train.* settings can change, not {section}.*")
@@ -110,7 +109,8 @@ def _resume_config(run, args):
             raise UsageError(f"--resume: train.{key} cannot change within a run (the data "
                              f"sampler's position depends on it); start a new run with "
                              f"--init-from {args.resume}")
-    return config
+    run.check_optimizer_matches_checkpoints(config)
+    return config if args.overrides else None
 
 
 def _print_header(trainer):

@@ -375,6 +375,21 @@ class RunDir:
                               f"can change within a run: put it back, move away checkpoints "
                               f"copied from another run{new_data}")
 
+    def check_optimizer_matches_checkpoints(self, config):
+        """Refuse, as a usage error, to resume with a train.optimizer that none
+        of the run's trained checkpoints (readable, of `config`'s data.* and
+        model.* settings) was saved with: their optimizer state is another
+        optimizer's. While one of them matches, a copied-in checkpoint of
+        another optimizer is left for the resume to skip, as a damaged one is;
+        a run with only an imported (weights-only) checkpoint takes any."""
+        saved = [optimizer for path, problem in self.checkpoints_newest_first()
+                 if problem is None and self._config_difference(path, config) is None
+                 and (optimizer := saved_optimizer(read_checkpoint_meta(path))) is not None]
+        if saved and config.train.optimizer not in saved:
+            raise UsageError(f"--resume {self.path}: its checkpoints were saved with "
+                             f"train.optimizer={saved[0]}; resume with that optimizer (or start "
+                             f"a new run with --init-from {self.path})")
+
     def owns(self, path):
         """Whether `path` (links resolved) is one of the files the run writes
         and reads back, which no other output may replace: run.json,
@@ -500,6 +515,17 @@ class RunDir:
         records = [r for r in self.read_metrics() if r.get("step", 0) <= step]
         data = "".join(json.dumps(r) + "\n" for r in records).encode()
         atomic_write_bytes(self.metrics_path, data)
+
+
+def saved_optimizer(meta):
+    """train.optimizer of the config a checkpoint (its metadata, `meta`) was
+    saved with: adamw when it predates Muon; None for an imported checkpoint,
+    which holds weights alone."""
+    if meta.get("kind") == "imported":
+        return None
+    config = meta.get("config")
+    train = config.get("train") if isinstance(config, dict) else None
+    return train.get("optimizer", "adamw") if isinstance(train, dict) else "adamw"
 
 
 # ---- the lock ----------------------------------------------------------------------

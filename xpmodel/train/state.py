@@ -22,6 +22,7 @@ from ..backend import to_device, to_host
 from ..config import config_to_dict
 from ..errors import CheckpointError, DataError, XpmodelError, quote
 from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from .rundir import saved_optimizer
 
 # Token streams up to this many bytes are hashed whole; larger ones by their
 # length and _SAMPLED_BLOCKS evenly spaced blocks, which reads at most 64 MiB.
@@ -101,7 +102,7 @@ class CheckpointState:
             self.model.load_state_arrays(params)   # weights only: a fresh start from them
             self.saved_step, self.resumed_from = 0, path
             return
-        saved, wanted = _saved_optimizer(document), self.config.train.optimizer
+        saved, wanted = saved_optimizer(document), self.config.train.optimizer
         if saved != wanted:
             raise CheckpointError(f"{path}: saved with train.optimizer={saved}, resumed with "
                                   f"{wanted}; resume with train.optimizer={saved}")
@@ -166,13 +167,6 @@ class CheckpointState:
         except CheckpointError:
             return None
         return value if type(value) in (int, float) else None
-
-
-def _saved_optimizer(document):
-    """train.optimizer of the config a checkpoint was saved with (adamw before Muon existed)."""
-    config = document.get("config")
-    train = config.get("train") if isinstance(config, dict) else None
-    return train.get("optimizer", "adamw") if isinstance(train, dict) else "adamw"
 
 
 def _hash_tokens(digest, name, tokens):
