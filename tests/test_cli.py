@@ -260,6 +260,32 @@ def test_each_command_describes_itself(command, words, capsys):
     assert words in out and "usage: xpmodel" in out
 
 
+def _commands(parser, prefix="xpmodel"):
+    """(name, parser) of every command that runs, "tokenizer train" included."""
+    import argparse
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                if sub.get_default("handler") is not None:
+                    yield f"{prefix} {name}", sub
+                yield from _commands(sub, f"{prefix} {name}")
+
+
+def test_readmes_command_table_names_every_flag_and_override_of_each_command():
+    from xpmodel.cli.main import build_parser
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `xpmodel ")]
+    for name, parser in _commands(build_parser()):
+        row = next((row for row in rows if row.startswith(f"| `{name} ")), None)
+        assert row is not None, name
+        for action in parser._actions:
+            flags = [f for f in action.option_strings if f.startswith("--")]
+            if flags and flags[0] not in ("--help", "--debug"):
+                assert flags[0] in row, (name, flags[0])
+            if action.metavar == "KEY=VALUE":
+                assert "KEY=VALUE" in row, name
+
+
 def test_no_command_prints_usage(capsys):
     code, out, _ = run_cli(capsys)
     assert code == 2 and "usage: xpmodel" in out
