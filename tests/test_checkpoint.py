@@ -367,7 +367,8 @@ def test_a_model_loaded_from_a_run_matches_the_saved_weights(tmp_path):
 
 
 def test_a_failed_write_names_the_target_not_the_temporary(tmp_path):
-    target = tmp_path / "missing-folder" / "c.json"
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    target = tmp_path / "notes.txt" / "c.json"
     with pytest.raises(OSError) as failure:
         atomic_write_bytes(target, b"{}")
     assert failure.value.filename == str(target)
