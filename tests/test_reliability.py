@@ -493,12 +493,15 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(finished_run, 
 
 @pytest.fixture(scope="module")
 def wider_checkpoint(finished_run, tmp_path_factory):
-    """The step-40 checkpoint of a run of the tiny model made wider (n_embd 32),
-    on finished_run's corpus."""
-    root = tmp_path_factory.mktemp("wider")
+    return _checkpoint_trained_with("model.n_embd=32", finished_run, tmp_path_factory)
+
+
+def _checkpoint_trained_with(override, finished_run, tmp_path_factory):
+    """The step-40 checkpoint of the tiny model trained with `override` on finished_run's corpus."""
+    root = tmp_path_factory.mktemp("other")
     corpus = finished_run.parent / "corpus.txt"
     config = load_config(TINY, [f"data.source={corpus}", f"data.cache_dir={root / 'cache'}",
-                                "model.n_embd=32", "train.max_iters=40", "train.save_interval=40"])
+                                override, "train.max_iters=40", "train.save_interval=40"])
     Trainer.start(config, device="cpu", out=root / "run", show=False).run()
     return RunDir(root / "run").step_path(40)
 
@@ -540,14 +543,7 @@ def test_resume_with_another_optimizer_is_one_line_naming_the_saved_one(finished
 
 @pytest.fixture(scope="module")
 def muon_checkpoint(finished_run, tmp_path_factory):
-    """The step-40 checkpoint of the tiny model trained with Muon on finished_run's corpus."""
-    root = tmp_path_factory.mktemp("muon")
-    corpus = finished_run.parent / "corpus.txt"
-    config = load_config(TINY, [f"data.source={corpus}", f"data.cache_dir={root / 'cache'}",
-                                "train.optimizer=muon", "train.max_iters=40",
-                                "train.save_interval=40"])
-    Trainer.start(config, device="cpu", out=root / "run", show=False).run()
-    return RunDir(root / "run").step_path(40)
+    return _checkpoint_trained_with("train.optimizer=muon", finished_run, tmp_path_factory)
 
 
 def test_resume_skips_a_checkpoint_copied_from_a_run_of_another_optimizer(finished_run,
