@@ -506,13 +506,20 @@ def _checkpoint_trained_with(override, finished_run, tmp_path_factory):
     return RunDir(root / "run").step_path(40)
 
 
-def test_resume_skips_a_checkpoint_copied_from_another_model(finished_run, wider_checkpoint,
-                                                              tmp_path, capsys):
+def _resume_with_a_copied_checkpoint(finished_run, checkpoint, tmp_path, capsys):
+    """A copy of finished_run (checkpoints at steps 20 and 30) with `checkpoint`
+    copied in as its step 40, resumed to step 35: (its RunDir, the resume's stdout)."""
     run = RunDir(tmp_path / "run")
     shutil.copytree(finished_run, run.path)
-    shutil.copy(wider_checkpoint, run.step_path(40))
+    shutil.copy(checkpoint, run.step_path(40))
     code, out, err = run_cli(capsys, "train", "--resume", run.path, "train.max_iters=35")
     assert code == 0, err
+    return run, out
+
+
+def test_resume_skips_a_checkpoint_copied_from_another_model(finished_run, wider_checkpoint,
+                                                              tmp_path, capsys):
+    run, out = _resume_with_a_copied_checkpoint(finished_run, wider_checkpoint, tmp_path, capsys)
     assert f"skipping checkpoint: {run.step_path(40)}: trained with model.n_embd=32" in out
     assert "using step-00000030.safetensors" in out and "at step 30" in out
     assert run.checkpoint_steps() == [30, 35, 40]
@@ -549,11 +556,7 @@ def muon_checkpoint(finished_run, tmp_path_factory):
 def test_resume_skips_a_checkpoint_copied_from_a_run_of_another_optimizer(finished_run,
                                                                          muon_checkpoint,
                                                                          tmp_path, capsys):
-    run = RunDir(tmp_path / "run")
-    shutil.copytree(finished_run, run.path)
-    shutil.copy(muon_checkpoint, run.step_path(40))
-    code, out, err = run_cli(capsys, "train", "--resume", run.path, "train.max_iters=35")
-    assert code == 0, err
+    run, out = _resume_with_a_copied_checkpoint(finished_run, muon_checkpoint, tmp_path, capsys)
     assert (f"skipping checkpoint: {run.step_path(40)}: saved with train.optimizer=muon, "
             f"resumed with adamw") in out
     assert "at step 30" in out
