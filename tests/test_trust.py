@@ -160,12 +160,12 @@ def test_one_writer_per_run_and_kill_9_frees_the_lock(run, corpus, capsys):
 
 
 def test_a_stale_lock_without_flock_is_judged_by_its_pid(tmp_path):
-    from xpmodel.train import rundir
+    from xpmodel.train import runlock
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    assert not rundir._holder_alive({"pid": dead.pid, "host": socket.gethostname()})
-    assert rundir._holder_alive({"pid": os.getpid(), "host": socket.gethostname()})
-    assert rundir._holder_alive({"pid": dead.pid, "host": "another-host"})
+    assert not runlock._holder_alive({"pid": dead.pid, "host": socket.gethostname()})
+    assert runlock._holder_alive({"pid": os.getpid(), "host": socket.gethostname()})
+    assert runlock._holder_alive({"pid": dead.pid, "host": "another-host"})
 
 
 def test_an_output_that_is_an_input_is_refused(run, corpus, tmp_path, capsys):

@@ -15,7 +15,8 @@ with evaluation, sampling, checkpoints and exact resume.
   loss_scale.py  dynamic loss scaling for fp16
   peak_flops.py  the GPUs' dense fp16/bf16 peaks that MFU is measured against
   checkpoint.py  checkpoint files (safetensors) written atomically, read with checks
-  rundir.py      a run directory: its lock, config, checkpoints and metrics
+  rundir.py      a run directory: its files, config, checkpoints and metrics
+  runlock.py     the one-writer lock on a run directory
   runs.py        trained runs loaded (`xpmodel.load`) and weights for --init-from
   outputs.py     where a command may write (never an input or a run's own files)
   display.py     the live terminal display

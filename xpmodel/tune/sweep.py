@@ -59,7 +59,8 @@ from ..cpu_threads import thread_count
 from ..errors import UsageError, XpmodelError, quote
 from ..files import parse_json, read_bounded
 from ..train.outputs import check_holds_no_input, check_output
-from ..train.rundir import LOCK_NAME, RunDir, RunLock
+from ..train.rundir import LOCK_NAME, RunDir
+from ..train.runlock import RunLock
 from .compare import format_table
 from .plot import pyplot, save_figure
 

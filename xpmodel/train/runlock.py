@@ -1,0 +1,197 @@
+"""One writer per run directory: an exclusive lock on its .xpmodel.lock.
+
+The lock is flock(2)'s, so the kernel releases it when its process dies,
+kill -9 included; the file records the holder's pid, host and command for
+the message a second writer gets. Where a file system has no flock (some
+network file systems), a lock whose recorded holder still runs counts as
+held. Taking the lock creates the run's folder if needed, and releasing it
+removes the folders it created while they are empty.
+"""
+import errno
+import fcntl
+import json
+import math
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from ..errors import UsageError, quote
+from ..files import parse_json, process_alive
+
+_held = {}   # resolved run path -> RunLock holding it in this process
+
+
+def held_lock(path):
+    """The RunLock this process holds on the run directory `path`, or None."""
+    return _held.get(_key(path))
+
+
+class RunLock:
+    """An exclusive lock on a run directory; see `RunDir.lock`."""
+
+    def __init__(self, run, flag):
+        self.run, self.flag = run, flag
+        self.found_stale = False   # a lock file was left by a process that died
+        self._fd = None
+        self._depth = 0
+        self._made = []            # folders this lock created, deepest first
+
+    def __enter__(self):
+        path = self.run.path
+        if os.path.lexists(path) and not path.is_dir():
+            raise UsageError(f"{self.flag} {path}: exists and is not a directory")
+        key = _key(path) if path.is_dir() else None
+        outer = _held.get(key) if key else None
+        if outer is not None:
+            outer._depth += 1
+            self._outer = outer
+            return outer
+        self._outer = None
+        missing, folder = [], path
+        while not os.path.lexists(folder) and folder != folder.parent:
+            missing.append(folder)
+            folder = folder.parent
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"{self.flag} {path}: cannot create the run directory "
+                             f"({exc.strerror or exc})") from None
+        self._made = missing
+        try:
+            self._acquire()
+        except BaseException:
+            self._remove_made_folders()
+            raise
+        self._depth = 1
+        _held[_key(path)] = self
+        return self
+
+    def __exit__(self, *exc):
+        if self._outer is not None:
+            self._outer._depth -= 1
+            return False
+        self._depth -= 1
+        if self._depth == 0:
+            self.release()
+        return False
+
+    def _acquire(self):
+        lock_path = self.run.lock_path
+        for _ in range(20):
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+            except OSError as exc:
+                raise UsageError(f"{self.flag} {self.run.path}: cannot create its lock file "
+                                 f"({exc.strerror or exc})") from None
+            try:
+                holder = _read_holder(fd)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise UsageError(self._in_use(holder)) from None
+                except OSError as exc:
+                    # No flock here (some network file systems): judge by the pid.
+                    if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                        raise
+                    if holder and _holder_alive(holder):
+                        raise UsageError(self._in_use(holder)) from None
+                if os.fstat(fd).st_ino != _inode(lock_path):
+                    os.close(fd)   # released and removed by its holder meanwhile: try again
+                    continue
+                self.found_stale = holder is not None and not self.run.is_run()
+                record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                          "command": " ".join(sys.argv)[:300]}
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+                self._fd = fd
+                return
+            except BaseException:
+                if self._fd != fd:
+                    os.close(fd)
+                raise
+        raise UsageError(f"{self.flag} {self.run.path}: could not take its lock file {lock_path}")
+
+    def _in_use(self, holder):
+        who = "another xpmodel process"
+        if holder:
+            started = holder.get("started")
+            since = (f", since {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))}"
+                     if isinstance(started, (int, float)) and math.isfinite(started) else "")
+            who += f" (pid {quote(holder.get('pid'), 20)} on {quote(holder.get('host'), 80)}{since})"
+        return (f"{self.flag} {self.run.path}: in use by {who}; one process writes a run at a "
+                f"time: wait for it to finish or stop it first")
+
+    def release(self):
+        if self._fd is not None:
+            try:
+                if os.fstat(self._fd).st_ino == _inode(self.run.lock_path):
+                    self.run.lock_path.unlink(missing_ok=True)
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+        _held.pop(_key(self.run.path), None)
+        self._remove_made_folders()
+
+    def _remove_made_folders(self):
+        for folder in self._made:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass   # not empty (or gone): kept
+        self._made = []
+
+
+def _key(path):
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError):
+        return str(Path(path).absolute())
+
+
+def _inode(path):
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def _read_holder(fd):
+    """The pid/host record in a lock file, or None when it is empty or unreadable."""
+    try:
+        data = os.pread(fd, 4096, 0)
+        if not data.strip():
+            return None
+        holder = parse_json(data)
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _holder_alive(holder):
+    """Whether a lock's recorded holder still runs; a holder on another host
+    cannot be checked and counts as alive."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid = holder.get("pid")
+    return type(pid) is int and process_alive(pid)
+
+
+def lock_is_free(lock_path):
+    """True when nobody holds the lock file (its holder died)."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        holder = _read_holder(fd)
+        return not (holder and _holder_alive(holder))
+    finally:
+        os.close(fd)
