@@ -280,7 +280,7 @@ def test_runs_and_compare_warn_once_about_a_damaged_metrics_line(capsys, tmp_pat
 
 def test_sweep_specs_and_plans():
     from xpmodel.errors import UsageError
-    from xpmodel.tune.sweep import parse_spec, plan_trials
+    from xpmodel.tune.sweep_plan import parse_spec, plan_trials
     assert parse_spec("train.lr=1e-4,3e-4").values == [1e-4, 3e-4]
     assert (parse_spec("train.lr=log:1e-5..1e-2").kind, parse_spec("model.n_embd=int:128..512").kind,
             parse_spec("train.grad_clip=0.5..2").kind) == ("log", "int", "uniform")

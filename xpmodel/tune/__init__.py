@@ -5,6 +5,8 @@
   lr_find.py  `xpmodel lr-find`: the learning-rate range test
   compare.py  `xpmodel runs` and `xpmodel compare`: tables and curves of run directories
   sweep.py    `xpmodel sweep`: grid and random search, resumable
+  sweep_plan.py  its SPECs and the trials they plan
+  sweep_state.py its folder and sweep.json, checked whole when read back
   study.py    the sweep's trials drawn and pruned by Optuna (`--sampler tpe`)
   plot.py     matplotlib figures written atomically (`xpmodel plot`, compare, lr-find, sweep)
 """

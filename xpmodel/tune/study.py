@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy
 
 from ..errors import UsageError, XpmodelError, quote
-from .sweep import MIN_FINISHED_TO_PRUNE, Sweep, _check_trial, trial_name, trial_overrides
+from .sweep import MIN_FINISHED_TO_PRUNE, Sweep
+from .sweep_plan import check_trial, trial_overrides
+from .sweep_state import trial_name
 
 PRUNERS = ("median", "halving", "none")
 _SKIPPED = "xpmodel_skipped"        # user attr of trials that are not trials: invalid or surplus
@@ -184,7 +186,7 @@ class OptunaSweep(Sweep):
                 self._skip(trial, "surplus")
                 return None
             try:
-                _check_trial(self.config, params, self.fixed)
+                check_trial(self.config, params, self.fixed)
             except UsageError as exc:
                 self._skip(trial, f"invalid: {exc}")
                 continue

@@ -39,16 +39,12 @@ When swept, train.lr carries train.min_lr along at the base config's ratio
 """
 import csv
 import io
-import itertools
 import json
-import math
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy
@@ -57,293 +53,18 @@ from ..atomic import atomic_write_bytes
 from ..config import config_files, load_config, save_config
 from ..cpu_threads import thread_count
 from ..errors import UsageError, XpmodelError, quote
-from ..files import parse_json, read_bounded
 from ..train.outputs import check_holds_no_input, check_output
 from ..train.rundir import LOCK_NAME, RunDir
 from ..train.runlock import RunLock
 from .compare import format_table
+from .sweep_plan import format_value, parse_spec, plan_trials, trial_overrides
+from .sweep_state import FORMAT, SweepDir, is_number, trial_name
 from .plot import pyplot, save_figure
 
-FORMAT = "xpmodel-sweep"
 METRICS = ("val_loss", "train_loss")
 MIN_FINISHED_TO_PRUNE = 2
 _POLL_S = 0.2
-_RESAMPLE_TRIES = 200
 PRESETS = ("tuning-order",)
-STATUSES = ("pending", "running", "done", "pruned", "failed")
-_TRIAL_NAME = re.compile(r"trial-\d{3,}")
-_MAX_STATE_BYTES = 16 << 20
-
-
-@dataclass
-class Param:
-    key: str
-    kind: str              # grid, log, uniform, int
-    values: list           # grid values, or [low, high]
-
-    def draw(self, rng):
-        low, high = self.values if self.kind != "grid" else (None, None)
-        if self.kind == "log":
-            return float(math.exp(rng.uniform(math.log(low), math.log(high))))
-        if self.kind == "uniform":
-            return float(rng.uniform(low, high))
-        if self.kind == "int":
-            return int(rng.integers(low, high + 1))
-        raise AssertionError(self.kind)
-
-
-def parse_spec(text):
-    """A Param from KEY=VALUES (see the module's docstring)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key or "." not in key or not value:
-        raise UsageError(f"SPEC {quote(text, 80)}: expected KEY=VALUES, e.g. train.lr=1e-4,3e-4 or "
-                         f"train.lr=log:1e-5..1e-2")
-    _check_key(key, text)
-    kind, _, body = value.partition(":") if value.split(":")[0] in ("log", "int") else ("", "", value)
-    if ".." in body:
-        low_text, _, high_text = body.partition("..")
-        try:
-            low, high = (int(low_text), int(high_text)) if kind == "int" else \
-                (float(low_text), float(high_text))
-        except ValueError:
-            raise UsageError(f"SPEC {text}: the range {body} needs two "
-                             f"{'integers' if kind == 'int' else 'numbers'}, LOW..HIGH") from None
-        if not low < high or (kind == "log" and low <= 0):
-            raise UsageError(f"SPEC {text}: need {'0 < ' if kind == 'log' else ''}LOW < HIGH")
-        return _checked(Param(key, kind or "uniform", [low, high]), text)
-    if kind:
-        raise UsageError(f"SPEC {text}: {kind}: takes a range LOW..HIGH")
-    values = [_parse_value(v) for v in body.split(",")]
-    return _checked(Param(key, "grid", values), text)
-
-
-def _checked(param, text):
-    """The Param, once each of its values (a range: both ends) suits its key alone,
-    so `train.lr=abc,def` is refused before any trial; rules that relate several
-    keys are checked per trial."""
-    from ..config import check_override
-    for value in param.values:
-        try:
-            check_override(f"{param.key}={_format(value)}")
-        except UsageError as exc:
-            raise UsageError(f"SPEC {quote(text, 80)}: {exc}") from None
-    return param
-
-
-def _check_key(key, text):
-    import dataclasses
-    from ..config import SECTIONS
-    section, _, name = key.partition(".")
-    if section not in SECTIONS or name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
-        valid = ", ".join(SECTIONS) if section not in SECTIONS else \
-            ", ".join(f.name for f in dataclasses.fields(SECTIONS[section]))
-        raise UsageError(f"SPEC {quote(text, 80)}: unknown key {key}; valid "
-                         f"{'sections' if section not in SECTIONS else section + ' keys'}: {valid}")
-
-
-def _parse_value(text):
-    """A grid value: an int, a float (YAML 1.1 reads `3e-4` as a string), or YAML's reading."""
-    import yaml
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def _format(value):
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    if value is None:
-        return "null"
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def plan_trials(config_name, params, n_trials, seed, fixed=(), shuffle=False):
-    """[{key: value}] for every trial, each checked to make a valid config;
-    grid combinations in order, or drawn in a random order (shuffle, or any range)."""
-    grids = [p for p in params if p.kind == "grid"]
-    ranges = [p for p in params if p.kind != "grid"]
-    combos = [dict(zip([p.key for p in grids], values))
-              for values in itertools.product(*[p.values for p in grids])]
-    rng = numpy.random.default_rng(seed)
-    if not ranges:
-        if shuffle:
-            combos = [combos[i] for i in rng.permutation(len(combos))]
-        trials = combos[:n_trials] if n_trials else combos
-        for trial in trials:
-            _check_trial(config_name, trial, fixed)
-        return trials
-    order = rng.permutation(len(combos))
-    trials = []
-    for i in range(n_trials or 8):
-        base = combos[order[i % len(combos)]]
-        for _ in range(_RESAMPLE_TRIES):
-            trial = dict(base, **{p.key: p.draw(rng) for p in ranges})
-            try:
-                _check_trial(config_name, trial, fixed)
-                break
-            except UsageError:
-                continue
-        else:
-            _check_trial(config_name, trial, fixed)   # raises, naming the problem
-        trials.append(trial)
-    return trials
-
-
-def trial_overrides(config_name, params, fixed=()):
-    """The KEY=VALUE list of a trial: the fixed ones, its values, min_lr following lr."""
-    overrides = list(fixed) + [f"{k}={_format(v)}" for k, v in params.items()]
-    lr = params.get("train.lr")
-    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and "train.min_lr" not in params:
-        base = load_config(config_name, list(fixed)).train
-        overrides.append(f"train.min_lr={_format(params['train.lr'] * base.min_lr / base.lr)}")
-    return overrides
-
-
-def _check_trial(config_name, params, fixed):
-    try:
-        load_config(config_name, trial_overrides(config_name, params, fixed))
-    except UsageError as exc:
-        shown = ", ".join(f"{k}={_format(v)}" for k, v in params.items())
-        raise UsageError(f"the trial {shown} is not a valid config: {exc}") from None
-
-
-# ---- the sweep's state -----------------------------------------------------------------
-
-class SweepDir:
-    def __init__(self, path):
-        self.path = Path(path)
-        self.state_path = self.path / "sweep.json"
-
-    def trial_dir(self, name):
-        return self.path / "trials" / name
-
-    def log_path(self, name):
-        return self.path / "logs" / f"{name}.log"
-
-    def load(self):
-        """sweep.json, its whole structure checked (see `_check_state`), or None."""
-        if not self.state_path.is_file():
-            return None
-        try:
-            state = parse_json(read_bounded(self.state_path, _MAX_STATE_BYTES, XpmodelError,
-                                            "sweep state"))
-        except ValueError:
-            raise XpmodelError(f"{self.state_path}: damaged; move it away to start the sweep "
-                               f"again") from None
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise XpmodelError(f"{self.state_path}: not an xpmodel sweep")
-        problem = _state_problem(state)
-        if problem is not None:
-            raise XpmodelError(f"{self.state_path}: damaged ({problem}); move it away to start "
-                               f"the sweep again")
-        return state
-
-    def save(self, state):
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.state_path, (json.dumps(state, indent=1) + "\n").encode())
-
-
-def trial_name(number):
-    """The name of trial `number`, and of its run and log: trial-000, trial-001, ..."""
-    return f"trial-{number:03d}"
-
-
-def _state_problem(state):
-    """What is wrong with a sweep.json document's structure, or None: each
-    value the sweep reads back must have the type it writes, and a trial's
-    name, which its run folder and log are named after, must be trial-NNN."""
-    if state.get("version") != 1:
-        return f"version {quote(state.get('version'), 40)} is not 1"
-    if not isinstance(state.get("plan"), dict):
-        return "plan is not a mapping"
-    fixed = state.get("fixed")
-    if not isinstance(fixed, list) or not all(isinstance(text, str) for text in fixed):
-        return "fixed is not a list of KEY=VALUE strings"
-    for text in fixed:
-        problem = _override_problem(text)
-        if problem is not None:
-            return f"fixed {quote(text, 80)}: {problem}"
-    trials = state.get("trials")
-    if not isinstance(trials, list):
-        return "trials is not a list"
-    names = set()
-    for index, trial in enumerate(trials):
-        problem = _trial_problem(trial)
-        if problem is None and trial["name"] in names:
-            problem = "a second trial of this name"
-        if problem is not None:
-            name = trial.get("name") if isinstance(trial, dict) else None
-            return f"trial {quote(name, 40) if name is not None else index}: {problem}"
-        names.add(trial["name"])
-    return None
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_step(value):
-    return type(value) is int and value >= 0
-
-
-# A trial's fields besides name, params and status, each present or not:
-# (whether a value is one the sweep writes, what it must be)
-_TRIAL_FIELDS = {
-    "step": (_is_step, "a step number"),
-    "checked_step": (_is_step, "a step number"),
-    "best_step": (lambda v: v is None or _is_step(v), "a step number or null"),
-    "metric": (lambda v: v is None or _is_number(v), "a number or null"),
-    "wall_time_s": (lambda v: v is None or _is_number(v), "a number or null"),
-    "evals": (lambda v: isinstance(v, list) and all(
-        isinstance(e, list) and len(e) == 2 and _is_step(e[0]) and _is_number(e[1]) for e in v),
-              "a list of [step, value] pairs"),
-    "pruned_at": (lambda v: isinstance(v, str), "text"),
-    "error": (lambda v: isinstance(v, str), "text"),
-}
-
-
-def _trial_problem(trial):
-    if not isinstance(trial, dict):
-        return "not a mapping"
-    name, params, status = trial.get("name"), trial.get("params"), trial.get("status")
-    if not isinstance(name, str) or not _TRIAL_NAME.fullmatch(name):
-        return f"the name {quote(name, 40)} is not trial-NNN"
-    if status not in STATUSES:
-        return f"status {quote(status, 40)} is not one of {', '.join(STATUSES)}"
-    if not isinstance(params, dict):
-        return "params is not a mapping of keys to values"
-    for key, value in params.items():
-        problem = _override_problem(f"{key}={_format(value)}") if _is_param_value(value) else \
-            "not a number, text, true/false or null"
-        if problem is not None:
-            return f"params {quote(key, 60)}: {problem}"
-    for field, (valid, what) in _TRIAL_FIELDS.items():
-        if field in trial and not valid(trial[field]):
-            return f"{field} is not {what}"
-    return None
-
-
-def _is_param_value(value):
-    """A value a SPEC gives a key: a scalar, or a list of them (for a list key)."""
-    scalar = (bool, int, float, str, type(None))
-    return isinstance(value, scalar) or (isinstance(value, list) and
-                                         all(isinstance(item, scalar) for item in value))
-
-
-def _override_problem(text):
-    """Why KEY=VALUE is not an override of one config key, or None."""
-    from ..config import check_override
-    try:
-        check_override(text)
-    except UsageError as exc:
-        return str(exc)
-    return None
 
 
 def open_sweep(out, config, specs, sampler=None, pruner="median", storage=None, **kwargs):
@@ -383,7 +104,7 @@ class Sweep:
         if len(set(keys)) != len(keys):
             raise UsageError(f"a key is given twice among the SPECs: {', '.join(keys)}")
         fixed = [f"train.max_iters={max_iters}"] if max_iters is not None else []
-        fixed += [f"{p.key}={_format(p.values[0])}" for p in params     # one value: fixed
+        fixed += [f"{p.key}={format_value(p.values[0])}" for p in params     # one value: fixed
                   if p.kind == "grid" and len(p.values) == 1]
         params = [p for p in params if not (p.kind == "grid" and len(p.values) == 1)]
         if not params:
@@ -588,12 +309,12 @@ class Sweep:
         evals = [r for r in records if r.get("type") == "eval"]
         trial["step"] = steps[-1] if steps else 0
         trial["evals"] = [[r["step"], r[self.metric]] for r in evals
-                          if _is_number(r.get(self.metric))]
+                          if is_number(r.get(self.metric))]
         values = [v for _, v in trial["evals"]]
         trial["metric"] = min(values) if values else None
         trial["best_step"] = trial["evals"][values.index(min(values))][0] if values else None
         trial["wall_time_s"] = next((r["time"] for r in reversed(records)
-                                     if r.get("type") == "train" and _is_number(r.get("time"))),
+                                     if r.get("type") == "train" and is_number(r.get("time"))),
                                     None)
 
     def _should_prune(self, trial):
@@ -698,13 +419,13 @@ class Sweep:
 
     def table(self):
         keys = list(dict.fromkeys(k for t in self.state["trials"] for k in t["params"]))
-        rows = [[t["name"], *[_format(t["params"].get(k)) for k in keys], f"{t.get('step', 0)}",
+        rows = [[t["name"], *[format_value(t["params"].get(k)) for k in keys], f"{t.get('step', 0)}",
                  _number(t.get("metric")), t["status"]] for t in self.state["trials"]]
         return format_table(["trial", *keys, "step", f"best {self.metric}", "state"], rows)
 
 
 def _params_text(params):
-    return " ".join(f"{k.split('.')[-1]}={_format(v)}" for k, v in params.items())
+    return " ".join(f"{k.split('.')[-1]}={format_value(v)}" for k, v in params.items())
 
 
 def _number(value):
@@ -789,7 +510,7 @@ class _Live:
         for header in ["trial", *keys, "step", f"best {sweep.metric}", "state"]:
             table.add_column(header)
         for t in sweep.state["trials"]:
-            table.add_row(t["name"], *[_format(t["params"].get(k)) for k in keys],
+            table.add_row(t["name"], *[format_value(t["params"].get(k)) for k in keys],
                           str(t.get("step", 0)), _number(t.get("metric")), t["status"])
         return table
 
@@ -800,7 +521,7 @@ def tuning_order_stages(config):
     """[(stage name, [SPEC], key whose largest finished value wins or None)] for a
     RunConfig: the guide's order, each around the config's current value."""
     t, m = config.train, config.model
-    lrs = ",".join(_format(t.lr * f) for f in (0.1, 0.3, 1.0, 3.0, 10.0))
+    lrs = ",".join(format_value(t.lr * f) for f in (0.1, 0.3, 1.0, 3.0, 10.0))
     batches = ",".join(str(t.batch_size * f) for f in (1, 2, 4))
     step = m.n_head * (2 if m.position == "rope" else 1)
     widths = sorted({max(step, round(m.n_embd * f / step) * step) for f in (0.5, 1.0, 2.0)})

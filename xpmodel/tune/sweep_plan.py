@@ -1,0 +1,156 @@
+"""A sweep's SPECs (KEY=VALUES, as xpmodel/tune/sweep.py's docstring gives
+them) and the trials they plan.
+
+Every value is checked against its key when the SPEC is read, and every
+planned trial against the whole config (draws that make an invalid config
+are drawn again). When swept, train.lr carries train.min_lr along at the base
+config's ratio (unless train.min_lr is swept too).
+"""
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy
+
+from ..config import load_config
+from ..errors import UsageError, quote
+
+_RESAMPLE_TRIES = 200
+
+
+@dataclass
+class Param:
+    key: str
+    kind: str              # grid, log, uniform, int
+    values: list           # grid values, or [low, high]
+
+    def draw(self, rng):
+        low, high = self.values if self.kind != "grid" else (None, None)
+        if self.kind == "log":
+            return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+        if self.kind == "uniform":
+            return float(rng.uniform(low, high))
+        if self.kind == "int":
+            return int(rng.integers(low, high + 1))
+        raise AssertionError(self.kind)
+
+
+def parse_spec(text):
+    """A Param from KEY=VALUES (see the module's docstring)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or "." not in key or not value:
+        raise UsageError(f"SPEC {quote(text, 80)}: expected KEY=VALUES, e.g. train.lr=1e-4,3e-4 or "
+                         f"train.lr=log:1e-5..1e-2")
+    _check_key(key, text)
+    kind, _, body = value.partition(":") if value.split(":")[0] in ("log", "int") else ("", "", value)
+    if ".." in body:
+        low_text, _, high_text = body.partition("..")
+        try:
+            low, high = (int(low_text), int(high_text)) if kind == "int" else \
+                (float(low_text), float(high_text))
+        except ValueError:
+            raise UsageError(f"SPEC {text}: the range {body} needs two "
+                             f"{'integers' if kind == 'int' else 'numbers'}, LOW..HIGH") from None
+        if not low < high or (kind == "log" and low <= 0):
+            raise UsageError(f"SPEC {text}: need {'0 < ' if kind == 'log' else ''}LOW < HIGH")
+        return _checked(Param(key, kind or "uniform", [low, high]), text)
+    if kind:
+        raise UsageError(f"SPEC {text}: {kind}: takes a range LOW..HIGH")
+    values = [_parse_value(v) for v in body.split(",")]
+    return _checked(Param(key, "grid", values), text)
+
+
+def _checked(param, text):
+    """The Param, once each of its values (a range: both ends) suits its key alone,
+    so `train.lr=abc,def` is refused before any trial; rules that relate several
+    keys are checked per trial."""
+    from ..config import check_override
+    for value in param.values:
+        try:
+            check_override(f"{param.key}={format_value(value)}")
+        except UsageError as exc:
+            raise UsageError(f"SPEC {quote(text, 80)}: {exc}") from None
+    return param
+
+
+def _check_key(key, text):
+    import dataclasses
+    from ..config import SECTIONS
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+        valid = ", ".join(SECTIONS) if section not in SECTIONS else \
+            ", ".join(f.name for f in dataclasses.fields(SECTIONS[section]))
+        raise UsageError(f"SPEC {quote(text, 80)}: unknown key {key}; valid "
+                         f"{'sections' if section not in SECTIONS else section + ' keys'}: {valid}")
+
+
+def _parse_value(text):
+    """A grid value: an int, a float (YAML 1.1 reads `3e-4` as a string), or YAML's reading."""
+    import yaml
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def format_value(value):
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def plan_trials(config_name, params, n_trials, seed, fixed=(), shuffle=False):
+    """[{key: value}] for every trial, each checked to make a valid config;
+    grid combinations in order, or drawn in a random order (shuffle, or any range)."""
+    grids = [p for p in params if p.kind == "grid"]
+    ranges = [p for p in params if p.kind != "grid"]
+    combos = [dict(zip([p.key for p in grids], values))
+              for values in itertools.product(*[p.values for p in grids])]
+    rng = numpy.random.default_rng(seed)
+    if not ranges:
+        if shuffle:
+            combos = [combos[i] for i in rng.permutation(len(combos))]
+        trials = combos[:n_trials] if n_trials else combos
+        for trial in trials:
+            check_trial(config_name, trial, fixed)
+        return trials
+    order = rng.permutation(len(combos))
+    trials = []
+    for i in range(n_trials or 8):
+        base = combos[order[i % len(combos)]]
+        for _ in range(_RESAMPLE_TRIES):
+            trial = dict(base, **{p.key: p.draw(rng) for p in ranges})
+            try:
+                check_trial(config_name, trial, fixed)
+                break
+            except UsageError:
+                continue
+        else:
+            check_trial(config_name, trial, fixed)   # raises, naming the problem
+        trials.append(trial)
+    return trials
+
+
+def trial_overrides(config_name, params, fixed=()):
+    """The KEY=VALUE list of a trial: the fixed ones, its values, min_lr following lr."""
+    overrides = list(fixed) + [f"{k}={format_value(v)}" for k, v in params.items()]
+    lr = params.get("train.lr")
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and "train.min_lr" not in params:
+        base = load_config(config_name, list(fixed)).train
+        overrides.append(f"train.min_lr={format_value(params['train.lr'] * base.min_lr / base.lr)}")
+    return overrides
+
+
+def check_trial(config_name, params, fixed):
+    try:
+        load_config(config_name, trial_overrides(config_name, params, fixed))
+    except UsageError as exc:
+        shown = ", ".join(f"{k}={format_value(v)}" for k, v in params.items())
+        raise UsageError(f"the trial {shown} is not a valid config: {exc}") from None
