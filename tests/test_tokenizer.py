@@ -15,6 +15,7 @@ import pytest
 
 from conftest import SHARED_DATA
 from xpmodel.errors import DataError, UsageError
+from xpmodel.tokenizer import bpe
 from xpmodel.tokenizer.bpe import ENDOFTEXT, BPETokenizer, _merge_long, _merge_short
 from xpmodel.tokenizer.hf_files import export_tokenizer_hf
 
@@ -99,6 +100,28 @@ def test_vocab_size_256_is_a_byte_tokenizer():
 def test_training_stops_when_nothing_is_left_to_merge():
     tok = BPETokenizer.train("ab ab", 1000, special_tokens=())
     assert [tok.token_bytes(i) for i in range(256, tok.vocab_size)] == [b"ab", b" ab"]
+
+
+def _reloaded(tok, tmp_path):
+    tok.save(tmp_path / "tok.json")
+    return BPETokenizer.load(tmp_path / "tok.json")
+
+
+def test_training_never_learns_a_token_longer_than_a_tokenizer_may_hold(tmp_path):
+    # "a" * 2**20 doubles its longest token with every merge; 2**15 bytes is past the limit
+    tok = BPETokenizer.train("a" * (1 << 20), 400)
+    lengths = [len(tok.token_bytes(i)) for i in range(256, 256 + len(tok.merges))]
+    assert max(lengths) == bpe._MAX_TOKEN_BYTES
+    assert _reloaded(tok, tmp_path) == tok
+    assert tok.decode(tok.encode("a" * 40000)) == "a" * 40000
+
+
+def test_training_stops_before_the_tokens_pass_the_bytes_a_tokenizer_may_hold(
+        monkeypatch, tmp_path):
+    monkeypatch.setattr(bpe, "_MAX_TOTAL_TOKEN_BYTES", 256 + 100)
+    tok = BPETokenizer.train("a" * 1000, 400, special_tokens=())
+    assert [len(tok.token_bytes(i)) for i in range(256, tok.vocab_size)] == [2, 4, 8, 16, 32]
+    assert _reloaded(tok, tmp_path) == tok
 
 
 def test_training_accepts_an_iterable_and_is_reproducible():

@@ -250,7 +250,10 @@ class BPETokenizer:
         the special tokens are always present: `vocab_size=256` means no
         merges (a byte tokenizer), and its one special token still gets id 256,
         giving 257 ids. Training stops early when no pair of adjacent tokens
-        is left to merge; `tok.vocab_size` is always the true id count.
+        is left to merge, or when the tokens would pass the bytes a tokenizer
+        may hold in all; `tok.vocab_size` is always the true id count. A pair
+        whose token would pass the bytes one token may hold (16 KiB) is never
+        merged.
 
         Ties between equally frequent pairs go to the lowest (left id,
         right id), so training is reproducible. A pair whose bytes already
@@ -994,6 +997,10 @@ def _learn_merges(word_counts, num_merges):
     rewrites only the pieces that hold its pair and adjusts the counts of the
     neighbouring pairs; a heap of (-count, left, right) with lazy invalidation
     finds the next best pair.
+
+    A pair whose token would be longer than _MAX_TOKEN_BYTES is never merged,
+    and learning stops before the tokens' bytes pass _MAX_TOTAL_TOKEN_BYTES:
+    the tokenizer loads what it learns.
     """
     words = []  # unique pieces, each a list of ids
     freqs = []  # how often each piece occurs
@@ -1012,6 +1019,7 @@ def _learn_merges(word_counts, num_merges):
 
     known_bytes = {bytes([i]) for i in range(256)}
     token_bytes = [bytes([i]) for i in range(256)]
+    total_bytes = 256
     merges = []
     while len(merges) < num_merges and heap:
         negative_count, pair = heapq.heappop(heap)
@@ -1019,9 +1027,12 @@ def _learn_merges(word_counts, num_merges):
             continue  # stale: the count changed and a newer entry was pushed
         left, right = pair
         merged_bytes = token_bytes[left] + token_bytes[right]
-        if merged_bytes in known_bytes:
-            del pair_counts[pair]  # never merged: the bytes already have an id
+        if merged_bytes in known_bytes or len(merged_bytes) > _MAX_TOKEN_BYTES:
+            del pair_counts[pair]  # never merged: the bytes have an id, or are too long for one
             continue
+        total_bytes += len(merged_bytes)
+        if total_bytes > _MAX_TOTAL_TOKEN_BYTES:
+            break
         new_id = 256 + len(merges)
         merges.append(pair)
         token_bytes.append(merged_bytes)
