@@ -169,6 +169,21 @@ def test_sample_stops_at_endoftext(trained, tmp_path, capsys):
         assert out == "Good\n"
 
 
+def test_a_vocabulary_padded_past_the_tokenizer_never_samples_a_padding_id(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", "--config", TINY, "--device", "cpu", "--out", run,
+                             f"data.source={corpus}", "train.max_iters=10", "model.vocab_size=320",
+                             "train.sample_interval=2", "train.sample_temperature=5")
+    assert code == 0, err
+    assert "--- sample at step 10 ---" in out
+    make_likeliest_everywhere(run, 300)    # the byte tokenizer has ids 0..256
+    for extra in (["--temperature", 0], ["--temperature", 5, "--seed", 1]):
+        code, out, err = run_cli(capsys, "sample", run, "--prompt", "Good", "--max-new-tokens",
+                                 20, *extra)
+        assert code == 0, err
+
+
 def test_sample_never_prints_control_characters(trained, tmp_path, capsys):
     run = copy_run(trained, tmp_path)
     make_likeliest_everywhere(run, 0x1b)   # the escape byte

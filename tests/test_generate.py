@@ -237,6 +237,27 @@ def test_sample_next_greedy_and_temperature():
                        rng=np.random.default_rng(0)) == 1
 
 
+def test_sample_next_draws_only_ids_below_vocab_limit():
+    logits = np.array([0.0, 1.0, 2.0, 9.0, 9.0])       # ids 3 and 4 pad the vocabulary
+    rng = np.random.default_rng(0)
+    assert sample_next(logits, 0.0, vocab_limit=3) == 2
+    for options in (dict(), dict(top_k=4), dict(top_p=0.99)):
+        drawn = {sample_next(logits, 5.0, rng=rng, vocab_limit=3, **options) for _ in range(500)}
+        assert drawn == {0, 1, 2}, options
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_never_draws_an_id_at_or_past_vocab_limit(use_cache):
+    model = tiny_model()
+    prompt = ids(6, seed=10)
+    limit = max(run(model, prompt, 20, temperature=0))    # greedy would draw this id
+    greedy = run(model, prompt, 20, temperature=0, vocab_limit=limit, use_cache=use_cache)
+    sampled = run(model, prompt, 200, temperature=5.0, seed=0, vocab_limit=limit,
+                  use_cache=use_cache)
+    assert max(greedy) < limit and max(sampled) < limit
+    assert len(set(sampled)) > limit // 2
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(temperature=-0.5), "temperature"),
     (dict(temperature=float("nan")), "temperature"),
@@ -248,6 +269,9 @@ def test_sample_next_greedy_and_temperature():
     (dict(prompt_ids=[]), "empty"),
     (dict(prompt_ids=[1, TINY.vocab_size]), "token ids"),
     (dict(stop_id="x"), "stop_id"),
+    (dict(vocab_limit=0), "vocab_limit"),
+    (dict(vocab_limit=TINY.vocab_size + 1), "vocab_limit"),
+    (dict(vocab_limit=3.0), "vocab_limit"),
 ])
 def test_bad_arguments_raise_when_generate_is_called(kwargs, match):
     model = tiny_model()

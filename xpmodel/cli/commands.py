@@ -189,7 +189,8 @@ def sample_command(args):
         seed = None if args.seed is None else args.seed + i
         decoder = tokenizer.incremental_decoder(context)
         for token in generate(model, prompt, args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, seed=seed, stop_id=tokenizer.eot_id):
+                              top_k=args.top_k, top_p=args.top_p, seed=seed, stop_id=tokenizer.eot_id,
+                              vocab_limit=tokenizer.vocab_size):
             text = decoder.decode([token])
             if text:
                 out.write(printable(text))

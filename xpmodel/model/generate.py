@@ -12,7 +12,10 @@ position instead of a forward over the whole context. Both run
 of the cache, so their logits match `GPT.forward` to rounding.
 
 `generate` streams token ids for one sequence; `sample_next` turns one logit
-vector into a token (greedy, temperature, top-k, nucleus). Contexts longer
+vector into a token (greedy, temperature, top-k, nucleus). Both take
+`vocab_limit`, the tokenizer's id count: a model whose vocabulary is padded
+past it (model.vocab_size) has output rows for ids no tokenizer can decode,
+and those are never drawn. Contexts longer
 than block_size are cropped to their last block_size tokens, as the uncached
 path (`GPT.forward` on the cropped window every step) does. Because positions
 are absolute, a cropped window shifts every position, so once the cache is
@@ -152,19 +155,30 @@ def _check_sampling(temperature, top_k, top_p):
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, rng=None):
+def _check_vocab_limit(vocab_limit, vocab_size):
+    if vocab_limit is not None and (isinstance(vocab_limit, bool)
+                                    or not isinstance(vocab_limit, numbers.Integral)
+                                    or not 1 <= vocab_limit <= vocab_size):
+        raise ValueError(f"vocab_limit must be None or an integer from 1 to the model's "
+                         f"{vocab_size} ids, got {vocab_limit!r}")
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, rng=None, vocab_limit=None):
     """Draw one token id from a host logit vector.
 
-    logits: (V,). temperature 0 is greedy (argmax, lowest id on ties);
-    otherwise the logits are divided by it, then top_k keeps the k largest,
-    and top_p keeps the smallest set of most likely tokens whose
-    probabilities (after top_k) sum to >= top_p, never fewer than one.
+    logits: (V,). Only ids below vocab_limit are drawn (every id when None).
+    temperature 0 is greedy (argmax, lowest id on ties); otherwise the
+    logits are divided by it, then top_k keeps the k largest, and top_p
+    keeps the smallest set of most likely tokens whose probabilities (after
+    top_k) sum to >= top_p, never fewer than one.
     rng: a numpy Generator (a fresh unseeded one when None).
     """
     _check_sampling(temperature, top_k, top_p)
     logits = numpy.asarray(logits, dtype=numpy.float64)
     if logits.ndim != 1 or logits.shape[0] == 0:
         raise ValueError(f"logits must be a non-empty (V,) vector, got shape {logits.shape}")
+    _check_vocab_limit(vocab_limit, logits.shape[0])
+    logits = logits[:vocab_limit]     # (vocab_limit,): the ids a tokenizer has
     if temperature == 0:
         return int(numpy.argmax(logits))
     if rng is None:
@@ -222,11 +236,12 @@ def _check_prompt(prompt_ids, vocab_size):
 
 
 def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-             seed=None, stop_id=None, use_cache=True):
+             seed=None, stop_id=None, use_cache=True, vocab_limit=None):
     """Stream up to max_new_tokens new token ids continuing prompt_ids.
 
     prompt_ids: a non-empty 1-D sequence of ints (one sequence). Sampling is
-    as in `sample_next`, with a numpy Generator seeded by `seed`. Stops early
+    as in `sample_next`, with a numpy Generator seeded by `seed`; pass the
+    tokenizer's vocab_size as vocab_limit when the ids are decoded. Stops early
     when stop_id is drawn (it is not yielded). With use_cache=False every
     step runs `model.forward` on the last block_size tokens; with the cache
     the same windows are evaluated incrementally, giving the same tokens.
@@ -239,20 +254,21 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
             or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     _check_sampling(temperature, top_k, top_p)
+    _check_vocab_limit(vocab_limit, model.config.vocab_size)
     if stop_id is not None and (isinstance(stop_id, bool)
                                 or not isinstance(stop_id, numbers.Integral)):
         raise ValueError(f"stop_id must be None or an integer token id, got {stop_id!r}")
     next_logits = _cached_logits(model) if use_cache else _uncached_logits(model)
     return _stream(model, context, int(max_new_tokens), next_logits, temperature, top_k,
-                   top_p, numpy.random.default_rng(seed), stop_id)
+                   top_p, numpy.random.default_rng(seed), stop_id, vocab_limit)
 
 
 def _stream(model, context, max_new_tokens, next_logits, temperature, top_k, top_p, rng,
-            stop_id):
+            stop_id, vocab_limit):
     for _ in range(max_new_tokens):
         with _eval_mode(model):
             logits = next_logits(context)
-        token = sample_next(logits, temperature, top_k, top_p, rng)
+        token = sample_next(logits, temperature, top_k, top_p, rng, vocab_limit)
         if stop_id is not None and token == stop_id:
             return
         context.append(token)

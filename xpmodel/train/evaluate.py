@@ -75,7 +75,7 @@ class Evaluation:
         ids = list(generate(self.model, context or [self.tokenizer.eot_id or 0], t.sample_tokens,
                             temperature=t.sample_temperature, top_k=t.sample_top_k,
                             top_p=t.sample_top_p, seed=t.seed + self.step,
-                            stop_id=self.tokenizer.eot_id))
+                            stop_id=self.tokenizer.eot_id, vocab_limit=self.tokenizer.vocab_size))
         # text the last tokens may still change (a character's first bytes) is left out, not shown
         # as U+FFFD (see IncrementalDecoder)
         return t.sample_prompt + self.tokenizer.incremental_decoder(context).decode(ids)
