@@ -142,6 +142,19 @@ def test_params_are_views_of_the_flat_buffer_with_gpt2_names_and_shapes():
     assert 3.0 in model.flat_grads
 
 
+def test_state_arrays_are_a_snapshot_that_training_leaves_alone():
+    model = xpmodel.GPT(TINY)
+    idx, targets = batch(TINY)
+    snapshot = model.state_arrays()
+    before = model.flat_params.copy()
+    assert not any(np.shares_memory(a, model.flat_params) for a in snapshot.values())
+    model.forward_backward(idx, targets)
+    xpmodel.AdamW(model, lr=1e-2).step()
+    assert not np.array_equal(model.flat_params, before)
+    model.load_state_arrays(snapshot)
+    assert np.array_equal(model.flat_params, before)
+
+
 def test_initialisation_follows_gpt2():
     config = xpmodel.GPTConfig(vocab_size=500, block_size=64, n_layer=4, n_head=4, n_embd=128)
     model = xpmodel.GPT(config, seed=0)

@@ -368,8 +368,11 @@ class GPT:
         return to_device(targets.astype(numpy.int64, copy=False), self.device)
 
     def state_arrays(self):
-        """name -> host (NumPy) copy of every parameter."""
-        return {name: to_host(view) for name, view in self.params.items()}
+        """name -> host (NumPy) copy of every parameter, which later steps leave as it is."""
+        flat = to_host(self.flat_params)   # one transfer from a GPU
+        if flat is self.flat_params:       # on the CPU to_host hands back the buffer itself
+            flat = flat.copy()
+        return self.layout.views(flat)
 
     def load_state_arrays(self, arrays):
         """Copy named arrays (host or device) into the parameters, checking shapes."""
