@@ -237,6 +237,33 @@ def test_sample_next_greedy_and_temperature():
                        rng=np.random.default_rng(0)) == 1
 
 
+def test_infinite_logits_share_all_the_probability():
+    logits = np.array([0.0, np.inf, 1.0, np.inf, 50.0])
+    rng = np.random.default_rng(0)
+    assert sample_next(logits, 0.0) == 1
+    draws = [sample_next(logits, 1.0, rng=rng) for _ in range(2000)]
+    assert set(draws) == {1, 3} and abs(draws.count(1) / len(draws) - 0.5) < 0.05
+    assert {sample_next(logits, 0.7, top_k=3, rng=rng) for _ in range(200)} == {1, 3}
+    assert {sample_next(logits, 1.0, top_k=1, rng=rng) for _ in range(50)} == {1}
+    assert {sample_next(logits, 1.0, top_p=0.5, rng=rng) for _ in range(50)} == {1}
+    assert sample_next(np.array([0.0, np.inf, 1.0]), 1.0, rng=rng) == 1
+
+
+@pytest.mark.parametrize("logits", [[0.0, np.nan, 1.0], [-np.inf, -np.inf], [np.nan, np.inf]])
+def test_logits_that_are_not_finite_are_refused(logits):
+    for temperature in (0.0, 1.0):
+        with pytest.raises(ValueError, match="model's output is not finite"):
+            sample_next(np.array(logits), temperature, rng=np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_model_with_nan_weights_says_its_output_is_not_finite(temperature):
+    model = tiny_model()
+    model.flat_params[:] = np.nan
+    with pytest.raises(ValueError, match="model's output is not finite"):
+        run(model, [1, 2], 5, temperature=temperature, seed=0)
+
+
 def test_sample_next_draws_only_ids_below_vocab_limit():
     logits = np.array([0.0, 1.0, 2.0, 9.0, 9.0])       # ids 3 and 4 pad the vocabulary
     rng = np.random.default_rng(0)

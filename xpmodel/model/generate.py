@@ -170,7 +170,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, rng=None, vocab
     temperature 0 is greedy (argmax, lowest id on ties); otherwise the
     logits are divided by it, then top_k keeps the k largest, and top_p
     keeps the smallest set of most likely tokens whose probabilities (after
-    top_k) sum to >= top_p, never fewer than one.
+    top_k) sum to >= top_p, never fewer than one. Ids whose logit is +inf
+    share all the probability; a NaN logit raises ValueError.
     rng: a numpy Generator (a fresh unseeded one when None).
     """
     _check_sampling(temperature, top_k, top_p)
@@ -178,7 +179,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, rng=None, vocab
     if logits.ndim != 1 or logits.shape[0] == 0:
         raise ValueError(f"logits must be a non-empty (V,) vector, got shape {logits.shape}")
     _check_vocab_limit(vocab_limit, logits.shape[0])
-    logits = logits[:vocab_limit]     # (vocab_limit,): the ids a tokenizer has
+    logits = _resolve_infinities(logits[:vocab_limit])   # (vocab_limit,): the ids a tokenizer has
     if temperature == 0:
         return int(numpy.argmax(logits))
     if rng is None:
@@ -203,6 +204,22 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, rng=None, vocab
     choice = int(numpy.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
     choice = min(choice, probs.shape[0] - 1)
     return int(ids[choice]) if ids is not None else choice
+
+
+def _resolve_infinities(logits):
+    """`logits`, or where some are +inf: 0 for those and -inf for the rest, so
+    that the +inf ids share all the probability. NaN, or no logit above
+    -inf, is refused: the model's output is then not finite."""
+    nan = numpy.isnan(logits)
+    if nan.any():
+        raise ValueError(f"the model's output is not finite: the logit of token "
+                         f"{int(numpy.argmax(nan))} is NaN")
+    top = logits.max()
+    if top == -numpy.inf:
+        raise ValueError("the model's output is not finite: every logit is -inf")
+    if top == numpy.inf:
+        return numpy.where(logits == numpy.inf, 0.0, -numpy.inf)
+    return logits
 
 
 # ---- generation -----------------------------------------------------------------
