@@ -285,6 +285,12 @@ def test_generate_never_draws_an_id_at_or_past_vocab_limit(use_cache):
     assert len(set(sampled)) > limit // 2
 
 
+@pytest.mark.parametrize("rng", [0, "seed", np.random.default_rng])
+def test_sample_next_refuses_an_rng_that_is_not_a_generator(rng):
+    with pytest.raises(TypeError, match="rng must be None or a numpy.random.Generator"):
+        sample_next(np.zeros(4), 1.0, rng=rng)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(temperature=-0.5), "temperature"),
     (dict(temperature=float("nan")), "temperature"),
@@ -296,6 +302,9 @@ def test_generate_never_draws_an_id_at_or_past_vocab_limit(use_cache):
     (dict(prompt_ids=[]), "empty"),
     (dict(prompt_ids=[1, TINY.vocab_size]), "token ids"),
     (dict(stop_id="x"), "stop_id"),
+    (dict(stop_id=10**9), "stop_id"),
+    (dict(stop_id=-1), "stop_id"),
+    (dict(stop_id=35, vocab_limit=30), "stop_id"),    # past the ids that can be drawn
     (dict(vocab_limit=0), "vocab_limit"),
     (dict(vocab_limit=TINY.vocab_size + 1), "vocab_limit"),
     (dict(vocab_limit=3.0), "vocab_limit"),

@@ -184,6 +184,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, rng=None, vocab
         return int(numpy.argmax(logits))
     if rng is None:
         rng = numpy.random.default_rng()
+    elif not isinstance(rng, numpy.random.Generator):
+        raise TypeError(f"rng must be None or a numpy.random.Generator, got {rng!r}")
     # shift before dividing: a tiny temperature then gives -large, never inf - inf
     scaled = (logits - logits.max()) / temperature
     if top_k is None and top_p is None:
@@ -252,6 +254,15 @@ def _check_prompt(prompt_ids, vocab_size):
     return [int(t) for t in prompt]
 
 
+def _check_stop_id(stop_id, drawable):
+    """stop_id must be an id generation can draw (below `drawable`), or it never fires."""
+    if stop_id is not None and (isinstance(stop_id, bool)
+                                or not isinstance(stop_id, numbers.Integral)
+                                or not 0 <= stop_id < drawable):
+        raise ValueError(f"stop_id must be None or a token id in [0, {drawable}), "
+                         f"got {stop_id!r}")
+
+
 def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
              seed=None, stop_id=None, use_cache=True, vocab_limit=None):
     """Stream up to max_new_tokens new token ids continuing prompt_ids.
@@ -272,9 +283,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     _check_sampling(temperature, top_k, top_p)
     _check_vocab_limit(vocab_limit, model.config.vocab_size)
-    if stop_id is not None and (isinstance(stop_id, bool)
-                                or not isinstance(stop_id, numbers.Integral)):
-        raise ValueError(f"stop_id must be None or an integer token id, got {stop_id!r}")
+    _check_stop_id(stop_id, model.config.vocab_size if vocab_limit is None else vocab_limit)
     next_logits = _cached_logits(model) if use_cache else _uncached_logits(model)
     return _stream(model, context, int(max_new_tokens), next_logits, temperature, top_k,
                    top_p, numpy.random.default_rng(seed), stop_id, vocab_limit)
