@@ -137,6 +137,18 @@ def test_bad_vocab_size_is_a_usage_error(vocab_size):
         BPETokenizer.train(CORPUS, vocab_size)
 
 
+def test_vocab_size_may_be_a_numpy_integer():
+    assert BPETokenizer.train(CORPUS, numpy.int64(300)) == BPETokenizer.train(CORPUS, 300)
+
+
+@pytest.mark.parametrize("texts,culprit", [(b"abc", "got b'abc'"), (None, "got None"),
+                                           (["ok", b"abc"], "text 1 is b'abc'")])
+def test_texts_that_are_not_str_are_a_type_error(texts, culprit):
+    with pytest.raises(TypeError, match=re.escape("texts must be a str or an iterable of str") +
+                       ".*" + re.escape(culprit)):
+        BPETokenizer.train(texts, 300)
+
+
 @pytest.mark.parametrize("specials", [("",), ("<|a|>", "<|a|>"), "<a>", (None,)])
 def test_bad_special_tokens_are_a_usage_error(specials):
     with pytest.raises(UsageError, match="special_tokens"):
@@ -192,6 +204,28 @@ def test_special_tokens_need_to_be_allowed(tokenizer):
     assert tokenizer.eot_id not in ordinary and tokenizer.decode(ordinary) == text
     with pytest.raises(UsageError, match="<|nope|>"):
         tokenizer.encode("x", allowed_special={"<|nope|>"})
+
+
+@pytest.mark.parametrize("allowed", [ENDOFTEXT, None, 5])
+def test_allowed_special_is_all_or_a_set(tokenizer, allowed):
+    with pytest.raises(TypeError, match=re.escape(
+            f"allowed_special must be \"all\" or a set of special token strings such as "
+            f"{{{ENDOFTEXT!r}}}, got {allowed!r}")):
+        tokenizer.encode(f"one{ENDOFTEXT}", allowed_special=allowed)
+
+
+@pytest.mark.parametrize("text", [None, b"abc", 5])
+def test_encoding_what_is_not_a_str_is_a_type_error(tokenizer, text):
+    for encode in (tokenizer.encode, tokenizer.encode_ordinary):
+        with pytest.raises(TypeError, match=re.escape(f"text must be a str, got {text!r}")):
+            encode(text)
+
+
+@pytest.mark.parametrize("ids", [None, 5, b"ab", "ab"])
+def test_decoding_what_is_not_a_sequence_of_ids_is_a_type_error(tokenizer, ids):
+    with pytest.raises(TypeError, match=re.escape(f"ids must be a sequence of token ids, "
+                                                  f"got {ids!r}")):
+        tokenizer.decode(ids)
 
 
 def test_longer_special_tokens_win_and_unallowed_ones_still_raise():

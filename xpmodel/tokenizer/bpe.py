@@ -57,6 +57,7 @@ import heapq
 import itertools
 import json
 import multiprocessing
+import numbers
 import operator
 import os
 import unicodedata
@@ -260,8 +261,9 @@ class BPETokenizer:
         form a token is never merged, so every id has distinct bytes (which
         the Hugging Face vocab needs).
         """
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral):
             raise UsageError(f"vocab_size must be an integer, got {quote(vocab_size, 100)}")
+        vocab_size = int(vocab_size)
         if vocab_size < 256:
             raise UsageError(f"vocab_size must be at least 256 (the byte ids), "
                              f"got {vocab_size}")
@@ -270,10 +272,8 @@ class BPETokenizer:
         _check_special_tokens(special_tokens)  # before the slow part, not after
         special_tokens = tuple(special_tokens)
         options = cls((), special_tokens, split_pattern, normalizer)   # checks them
-        if isinstance(texts, str):
-            texts = (texts,)
         word_counts = Counter()
-        for text in texts:
+        for text in _training_texts(texts):
             word_counts.update(options._pieces(options._normalize(text)))
         num_merges = max(0, vocab_size - 256 - len(special_tokens))
         merges = _learn_merges(word_counts, num_merges)
@@ -335,6 +335,7 @@ class BPETokenizer:
 
     def encode_ordinary(self, text):
         """Encode `text` as plain text (special token strings are just text). -> list[int]"""
+        _check_text(text)
         return self._encode_text(text, at_start=True)
 
     def _encode_text(self, text, at_start, continued=False):
@@ -361,14 +362,8 @@ class BPETokenizer:
         (a ValueError), because silently encoding it as text is rarely meant:
         use `encode_ordinary` for that.
         """
-        if allowed_special == "all":
-            allowed = set(self._specials)
-        else:
-            allowed = set(allowed_special)
-            unknown = allowed - set(self._specials)
-            if unknown:
-                raise UsageError(f"allowed_special names tokens that are not special "
-                                 f"tokens of this tokenizer: {sorted(unknown)}")
+        _check_text(text)
+        allowed = self._allowed_specials(allowed_special)
         for special in self._specials:
             if special not in allowed and special in text:
                 raise UsageError(
@@ -385,6 +380,20 @@ class BPETokenizer:
             elif part:
                 ids.extend(self._encode_text(part, at_start=i == 0))
         return ids
+
+    def _allowed_specials(self, allowed_special):
+        """`encode`'s allowed_special as a set of this tokenizer's special tokens."""
+        if allowed_special == "all":
+            return set(self._specials)
+        if isinstance(allowed_special, (str, bytes)) or not _is_iterable(allowed_special):
+            raise TypeError(f"allowed_special must be \"all\" or a set of special token "
+                            f"strings such as {{{ENDOFTEXT!r}}}, got {quote(allowed_special, 60)}")
+        allowed = set(allowed_special)
+        unknown = allowed - set(self._specials)
+        if unknown:
+            raise UsageError(f"allowed_special names tokens that are not special "
+                             f"tokens of this tokenizer: {sorted(unknown, key=repr)}")
+        return allowed
 
     def encode_chunks(self, chunks, workers=None):
         """Encode an iterable of chunks, yielding one numpy uint32 array per chunk, in order.
@@ -487,10 +496,7 @@ class BPETokenizer:
 
     def decode_bytes(self, ids):
         """The bytes that a sequence of ids (list, tuple or numpy array) stands for."""
-        if isinstance(ids, numpy.ndarray):
-            ids = ids.tolist()
-        elif not isinstance(ids, (list, tuple)):
-            ids = list(ids)
+        ids = _id_list(ids)
         table = self._token_bytes
         try:
             if min(ids, default=0) >= 0:
@@ -646,7 +652,7 @@ class IncrementalDecoder:
         tokenizer = self._tokenizer
         if tokenizer.metaspace is None:
             return self._utf8.decode(tokenizer.decode_bytes(ids), final)
-        ids = ids.tolist() if isinstance(ids, numpy.ndarray) else list(ids)
+        ids = _id_list(ids)
         tokenizer.decode_bytes(ids)   # refuses an id outside the vocabulary
         parts = []
         for is_byte, run in itertools.groupby(ids, key=(256).__gt__):
@@ -692,6 +698,44 @@ def _document_splitting(document):
     if "split_pattern" in document:
         raise UsageError("it has a \"split_pattern\" but its pre_tokenizer is \"gpt2\"")
     return GPT2_SPLIT_PATTERN, None
+
+
+def _training_texts(texts):
+    """`train`'s texts (a str or an iterable of str), one str at a time."""
+    if isinstance(texts, str):
+        yield texts
+        return
+    if isinstance(texts, (bytes, bytearray)) or not _is_iterable(texts):
+        raise TypeError(f"texts must be a str or an iterable of str, got {quote(texts, 60)}")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts must be a str or an iterable of str; text {i} is "
+                            f"{quote(text, 60)}")
+        yield text
+
+
+def _check_text(text):
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {quote(text, 60)}")
+
+
+def _id_list(ids):
+    """`ids` (a list, tuple, numpy array or other iterable of ids) as a list."""
+    if isinstance(ids, list):
+        return ids
+    if isinstance(ids, numpy.ndarray):
+        return ids.tolist()
+    if isinstance(ids, (str, bytes, bytearray)) or not _is_iterable(ids):
+        raise TypeError(f"ids must be a sequence of token ids, got {quote(ids, 60)}")
+    return list(ids)
+
+
+def _is_iterable(value):
+    try:
+        iter(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _check_special_tokens(special_tokens):
