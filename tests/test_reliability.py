@@ -760,3 +760,34 @@ def test_a_diverged_step_found_at_a_later_read_is_reported_by_its_number(tmp_pat
     assert trainer.step == 14                                 # read back at step 15
     assert numpy.isfinite(trainer.model.flat_params).all()   # step 13 was not applied
     assert trainer.run_dir.checkpoint_steps() == [5, 10]
+
+
+def test_resuming_a_finished_run_prunes_what_its_killed_process_left(finished_run, tmp_path,
+                                                                    capsys):
+    # killed between writing its last checkpoint and pruning, it left one more
+    # than keep_last: as the 2 left here are for keep_last=1
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(finished_run, run.path)
+    code, out, err = run_cli(capsys, "train", "--resume", run.path, "train.keep_last=1")
+    assert code == 0, err
+    assert "already reached step 30" in out
+    assert run.checkpoint_steps() == [30]
+
+
+def test_a_resume_with_another_cpu_shard_count_says_it_is_not_bit_for_bit(finished_run, tmp_path,
+                                                                         capsys, monkeypatch):
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(finished_run, run.path)
+    saved = read_checkpoint_meta(run.step_path(30))["shards"]
+    monkeypatch.setenv("XPMODEL_NUM_THREADS", str(saved))
+    code, out, err = run_cli(capsys, "train", "--resume", run.path, "train.max_iters=35")
+    assert code == 0, err
+    assert "not bit for bit" not in out
+    other = 1 if saved != 1 else 2          # the tiny run's batch of 4 has room for either
+    monkeypatch.setenv("XPMODEL_NUM_THREADS", str(other))
+    code, out, err = run_cli(capsys, "train", "--resume", run.path, "train.max_iters=40")
+    assert code == 0, err
+    assert (f"note: this run split each batch into {saved} CPU shards (one per thread) and now "
+            f"splits it into {other}; it resumes, but not bit for bit: set "
+            f"XPMODEL_NUM_THREADS={saved} for that") in out
+    assert read_checkpoint_meta(run.step_path(40))["shards"] == other

@@ -377,3 +377,12 @@ def test_early_stopping_ends_the_run_and_best_holds_the_best_step(tmp_path, caps
         pytest.approx(best_val, rel=1e-6)
     assert numpy.mean([float(final.loss(x, y)) for x, y in val_batches]) == \
         pytest.approx(evals[-1][1], rel=1e-6)
+    # resumed, it trains no further until the patience is raised
+    metrics = run.metrics_path.read_bytes()
+    code, out, err = run_cli(capsys, "train", "--resume", run.path)
+    assert code == 0, err
+    assert f"the run stopped early at step {last}" in out and "early_stop_patience" in out
+    assert run.metrics_path.read_bytes() == metrics
+    code, out, err = run_cli(capsys, "train", "--resume", run.path, "train.early_stop_patience=4")
+    assert code == 0, err
+    assert max(r["step"] for r in run.read_metrics() if r["type"] == "train") == last + 5

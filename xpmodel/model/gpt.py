@@ -184,7 +184,7 @@ class GPT:
         dlosses = scale / count
         noisy = self.config.dropout > 0 or self.embedding_noise[0] > 0
         seed = self._dropout_seed() if self.training and noisy else None
-        extra = self._shard_grad_buffers(self._n_shards(idx.shape[0]) - 1)
+        extra = self._shard_grad_buffers(self.shard_count(idx.shape[0]) - 1)
         grads = [self.grads] + [views for _, views in extra]
 
         def shard_pass(rows, k):
@@ -204,14 +204,17 @@ class GPT:
 
     def _run_shards(self, batch_size, shard_fn):
         """shard_fn(rows, k) for each shard k of the batch, one thread each on CPU."""
-        shards = split(batch_size, self._n_shards(batch_size))
+        shards = split(batch_size, self.shard_count(batch_size))
         if len(shards) == 1:
             return [shard_fn(shards[0], 0)]
         with single_threaded_blas():
             return run_parallel([lambda rows=rows, k=k: shard_fn(rows, k)
                                  for k, rows in enumerate(shards)])
 
-    def _n_shards(self, batch_size):
+    def shard_count(self, batch_size):
+        """How many shards a batch is split into: one per CPU thread (see
+        cpu_threads.py), one on a GPU. Float sums follow the split, so a run
+        repeats itself bit for bit only with the same count."""
         return 1 if self.device.is_cuda else min(batch_size, self._threads)
 
     def _shard_grad_buffers(self, count):

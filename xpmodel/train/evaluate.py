@@ -40,7 +40,12 @@ class Evaluation:
         if best:
             self.save(self.run_dir.best_path)
         self.health.on_eval(record, display, metrics)
-        return bool(t.early_stop_patience) and self.evals_without_improvement >= t.early_stop_patience
+        return self._stopped_early()
+
+    def _stopped_early(self):
+        """Whether the last train.early_stop_patience evaluations brought no improvement."""
+        patience = self.config.train.early_stop_patience
+        return bool(patience) and self.evals_without_improvement >= patience
 
     def data_summary(self):
         """One line on the data: corpus bytes, tokens, the split, tokens per

@@ -117,7 +117,8 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
                                enabled=self.display_enabled, last_val=self.last_val,
                                total_epochs=t.epochs)
         self._say(self.data_summary())
-        stop_reason = "finished" if self.step < self.total_steps else self._already_complete()
+        stop_reason = "finished" if self.step < self.total_steps and not self._stopped_early() \
+            else self._already_complete()
         window = _StepWindow()
         try:
             with display:
@@ -169,8 +170,18 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
         return t.batch_size * t.grad_accum * self.config.model.block_size
 
     def _already_complete(self):
-        self._say(f"the run already reached step {self.total_steps}; to train further, "
-                  f"resume with a larger train.max_iters (or train.epochs)")
+        """A resumed run with nothing left to train: says why, and prunes the
+        checkpoints its last process may have been killed before pruning."""
+        t = self.config.train
+        if self._stopped_early():
+            self._say(f"the run stopped early at step {self.step} (no val improvement in "
+                      f"{t.early_stop_patience} evaluations); to train further, resume with a "
+                      f"larger train.early_stop_patience (or 0 to turn it off)")
+        else:
+            self._say(f"the run already reached step {self.total_steps}; to train further, "
+                      f"resume with a larger train.max_iters (or train.epochs)")
+        if self.is_main and self.resumed_from is not None:
+            self.run_dir.prune_checkpoints(t.keep_last, resumed_from=self.resumed_from)
         return "already complete"
 
     def _report_steps(self, window, display, metrics):

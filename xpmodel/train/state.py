@@ -52,6 +52,7 @@ class CheckpointState:
             "interval_train_loss_sum": self.interval_loss[0],
             "interval_train_steps": self.interval_loss[1],
             "world_size": 1 if self.dist is None else self.dist.world_size,
+            "shards": self.model.shard_count(self.config.train.batch_size),
             "config": config_to_dict(self.config),
             "vocab_size": self.gpt_config.vocab_size,
             "tokenizer_fingerprint": self.tokenizer.fingerprint(),
@@ -117,6 +118,7 @@ class CheckpointState:
             how = "without mpirun" if saved_by == 1 else f"with mpirun -n {saved_by}"
             raise CheckpointError(f"{path}: saved by {saved_by} rank{'s' if saved_by != 1 else ''}, "
                                   f"resumed with {world}; resume {how}")
+        self._note_other_shard_count(meta)
         try:
             self.model.load_state_arrays(params)
             self.optimizer.load_state_arrays(
@@ -141,6 +143,16 @@ class CheckpointState:
         self.saved_step = self.step   # the file holds exactly this state
         self.resumed_from = path
         self.best_file_val = self._best_file_val()
+
+    def _note_other_shard_count(self, meta):
+        """Say so when this process splits a batch into another number of CPU
+        shards than the checkpoint's did: the run goes on, but its float sums
+        (so its losses, in their last bits) differ from an uninterrupted run's."""
+        saved, now = meta.get("shards"), self.model.shard_count(self.config.train.batch_size)
+        if saved is not None and saved != now:
+            self._say(f"note: this run split each batch into {saved} CPU shards (one per thread) "
+                      f"and now splits it into {now}; it resumes, but not bit for bit: set "
+                      f"XPMODEL_NUM_THREADS={saved} for that")
 
     def _check_same_data(self, path, meta):
         """Refuse to continue a run on tokens other than those it trained on."""
