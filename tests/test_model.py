@@ -244,3 +244,81 @@ def test_clipped_step_unscales_clips_and_skips_non_finite_gradients():
     norm, finite = clipped_step(opts[1], 1.0, scale)
     assert not bool(finite) and opts[1].step_count == 1
     np.testing.assert_array_equal(models[1].flat_params, before)
+
+# ---- arguments the API refuses, and NumPy scalars it takes ---------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(betas=(0.9,)), "betas must be a pair of numbers in [0, 1), got (0.9,)"),
+    (dict(betas=0.9), "betas must be a pair of numbers in [0, 1), got 0.9"),
+    (dict(betas=(0.9, 0.95, 0.99)), "betas must be a pair of numbers in [0, 1)"),
+    (dict(betas=(0.9, 1.0)), "betas[1] must be a finite number in [0, 1), got 1.0"),
+    (dict(lr=float("inf")), "lr must be a finite number >= 0, got inf"),
+    (dict(eps=float("inf")), "eps must be a finite number > 0, got inf"),
+    (dict(weight_decay="0.1"), "weight_decay must be a finite number >= 0, got '0.1'"),
+])
+def test_adamw_refuses_arguments_that_cannot_work(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        xpmodel.AdamW(xpmodel.GPT(TINY), **{"lr": 1e-3, **kwargs})
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(momentum=-1), "momentum must be a finite number in [0, 1), got -1"),
+    (dict(momentum=float("nan")), "momentum must be a finite number in [0, 1), got nan"),
+    (dict(momentum=2.0), "momentum must be a finite number in [0, 1), got 2.0"),
+    (dict(momentum="x"), "momentum must be a finite number in [0, 1), got 'x'"),
+    (dict(weight_decay=-1), "weight_decay must be a finite number >= 0, got -1"),
+    (dict(weight_decay="x"), "weight_decay must be a finite number >= 0, got 'x'"),
+    (dict(lr=float("inf")), "lr must be a finite number >= 0, got inf"),
+])
+def test_sgd_refuses_arguments_that_cannot_work(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        xpmodel.SGD(xpmodel.GPT(TINY), **{"lr": 0.1, **kwargs})
+    assert message in str(info.value)
+
+
+def test_optimizers_take_numpy_scalars_as_python_numbers():
+    model = xpmodel.GPT(TINY)
+    adamw = xpmodel.AdamW(model, lr=np.float32(0.5), betas=(np.float32(0.5), np.float64(0.75)),
+                          eps=np.float32(0.125), weight_decay=np.int64(0))
+    assert (adamw.lr, adamw.betas, adamw.eps, adamw.weight_decay) == (0.5, (0.5, 0.75), 0.125, 0.0)
+    assert all(type(value) is float for value in (adamw.lr, *adamw.betas, adamw.eps, adamw.weight_decay))
+    sgd = xpmodel.SGD(model, lr=np.float32(0.5), momentum=np.float32(0.5), weight_decay=np.float32(0.25))
+    assert (sgd.lr, sgd.momentum, sgd.weight_decay) == (0.5, 0.5, 0.25)
+
+
+def test_adamw_load_state_checks_names_shapes_and_steps_before_changing_anything():
+    model = xpmodel.GPT(TINY)
+    opt = xpmodel.AdamW(model, lr=1e-3)
+    n = model.num_params()
+    ones = {"m": np.ones(n, dtype=np.float32), "v": np.ones(n, dtype=np.float32)}
+    for arrays, steps, message in [
+        ({**ones, "m": np.zeros(1)}, 1, f"optimizer state m: shape (1,) does not match the optimizer's ({n},)"),
+        ({**ones, "v": np.zeros(n + 5)}, 1, f"optimizer state v: shape ({n + 5},) does not match"),
+        ({**ones, "m": np.zeros((n, 1))}, 1, f"optimizer state m: shape ({n}, 1) does not match"),
+        ({"m": ones["m"]}, 1, "optimizer state names do not match: missing ['v'], unexpected []"),
+        ({**ones, "w": ones["m"]}, 1, "missing [], unexpected ['w']"),
+        (ones, -1, "step_count must be an integer >= 0, got -1"),
+        (ones, float("nan"), "step_count must be an integer >= 0, got nan"),
+        (ones, 1.7, "step_count must be an integer >= 0, got 1.7"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            opt.load_state_arrays(arrays, steps)
+        assert message in str(info.value)
+        assert not opt.m.any() and not opt.v.any() and opt.step_count == 0
+    with pytest.raises(ValueError, match="optimizer state m: shape"):
+        opt.load_state(np.zeros(n - 1), ones["v"], 1)
+    assert not opt.v.any()
+    opt.load_state_arrays(ones, np.int64(3))
+    assert opt.m.all() and opt.step_count == 3
+
+
+@pytest.mark.parametrize("max_norm", [-1.0, 0.0, float("nan"), float("inf"), "1", None])
+def test_clip_grad_norm_needs_a_finite_positive_max_norm(max_norm):
+    model = xpmodel.GPT(TINY)
+    model.forward_backward(*batch(TINY))
+    before = model.flat_grads.copy()
+    with pytest.raises(ValueError, match=f"max_norm must be a finite number > 0, got {max_norm!r}"):
+        xpmodel.clip_grad_norm(model, max_norm)
+    np.testing.assert_array_equal(model.flat_grads, before)
+

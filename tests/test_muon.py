@@ -362,8 +362,9 @@ def test_cuda_float16_iterations_stay_in_the_band(cuda_device):
 # ---- settings that cannot work ---------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(momentum=-0.1), "momentum must be in [0, 1)"),
-    (dict(momentum=1.0), "momentum must be in [0, 1)"),
+    (dict(momentum=-0.1), "momentum must be a finite number in [0, 1), got -0.1"),
+    (dict(momentum=1.0), "momentum must be a finite number in [0, 1), got 1.0"),
+    (dict(momentum=float("nan")), "momentum must be a finite number in [0, 1), got nan"),
     (dict(ns_steps=0), "ns_steps must be an integer in [1, 99]"),
     (dict(ns_steps=100), "ns_steps must be an integer in [1, 99]"),
     (dict(ns_coefficients="quartic"), "expected jordan or cubic or three numbers"),
@@ -373,14 +374,50 @@ def test_cuda_float16_iterations_stay_in_the_band(cuda_device):
     (dict(ns_coefficients="2,0,0", ns_steps=2), "iteration 2 takes a singular value to 4"),
     (dict(muon_lr=0.02, muon_weight_decay=50.0), "muon_lr * muon_weight_decay must be below 1"),
     (dict(adjust_lr="rms"), "adjust_lr must be one of original, match_rms_adamw"),
-    (dict(muon_lr=-1.0), "muon_lr must be a non-negative number"),
-    (dict(muon_weight_decay=-0.1), "muon_weight_decay must be a non-negative number"),
+    (dict(muon_lr=-1.0), "muon_lr must be a finite number >= 0, got -1.0"),
+    (dict(muon_weight_decay=-0.1), "muon_weight_decay must be a finite number >= 0, got -0.1"),
+    (dict(lr=float("inf")), "lr must be a finite number > 0, got inf"),
+    (dict(betas=(0.9,)), "betas must be a pair of numbers in [0, 1), got (0.9,)"),
+    (dict(ns_dtype="foo"), "ns_dtype must be None or one of float16, float32, float64, got 'foo'"),
+    (dict(ns_dtype="int32"), "ns_dtype must be None or one of float16, float32, float64, got 'int32'"),
+    (dict(nesterov="no"), "nesterov must be True or False, got 'no'"),
 ])
 def test_python_api_refuses_settings_that_cannot_work(kwargs, message):
     model = xpmodel.GPT(SMALL)
     with pytest.raises(ValueError) as info:
-        Muon(model, lr=1e-3, **kwargs)
+        Muon(model, **{"lr": 1e-3, **kwargs})
     assert message in str(info.value)
+
+
+def test_python_api_takes_numpy_scalars_as_python_numbers():
+    opt = Muon(xpmodel.GPT(SMALL), lr=np.float32(0.5), muon_lr=np.float32(0.25),
+               momentum=np.float32(0.5), ns_steps=np.int64(3), muon_weight_decay=np.float64(0.5),
+               ns_dtype=np.float32)
+    assert (opt.lr, opt.muon_lr, opt.momentum, opt.ns_steps, opt.muon_weight_decay) == (0.5, 0.25, 0.5, 3, 0.5)
+    assert type(opt.lr) is float and type(opt.ns_steps) is int and opt.ns_dtype == np.float32
+
+
+def test_load_state_checks_names_shapes_and_steps_before_changing_anything():
+    model = xpmodel.GPT(SMALL)
+    opt = Muon(model, lr=1e-3)
+    sizes = opt.state_sizes()
+    ones = {name: np.ones(size, dtype=np.float32) for name, size in sizes.items()}
+    n, hidden = sizes["m"], sizes["muon_momentum"]
+    for arrays, steps, message in [
+        ({**ones, "muon_momentum": np.zeros(1)}, 1,
+         f"optimizer state muon_momentum: shape (1,) does not match the optimizer's ({hidden},)"),
+        ({**ones, "m": np.zeros(n + 5)}, 1, f"optimizer state m: shape ({n + 5},) does not match"),
+        ({**ones, "v": np.zeros(n - 5)}, 1, f"optimizer state v: shape ({n - 5},) does not match"),
+        ({"m": ones["m"], "v": ones["v"]}, 1, "missing ['muon_momentum'], unexpected []"),
+        (ones, -1, "step_count must be an integer >= 0, got -1"),
+        (ones, float("nan"), "step_count must be an integer >= 0, got nan"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            opt.load_state_arrays(arrays, steps)
+        assert message in str(info.value)
+        assert not any(state.any() for state in opt.state_arrays().values()) and opt.step_count == 0
+    opt.load_state_arrays(ones, 2)
+    assert all(state.all() for state in opt.state_arrays().values()) and opt.step_count == 2
 
 
 @pytest.mark.parametrize("override, message", [

@@ -2,6 +2,7 @@
 choose them, and shipped CPU configs that decay within a shortened run."""
 import math
 
+import numpy as np
 import pytest
 
 from xpmodel.config import load_config
@@ -55,6 +56,30 @@ def test_schedules_refuse_impossible_arguments():
         WSDSchedule(LR, MIN_LR, 0, 100, decay_fraction=0)
     with pytest.raises(ValueError, match="min_lr"):
         LinearSchedule(LR, 2 * LR, 0, 100)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: ConstantSchedule(-1.0), "lr must be a finite number >= 0, got -1.0"),
+    (lambda: ConstantSchedule(math.nan), "lr must be a finite number >= 0, got nan"),
+    (lambda: ConstantSchedule(LR, -5), "warmup_iters must be an integer >= 0, got -5"),
+    (lambda: CosineSchedule("1", 0, 1, 5), "lr must be a finite number >= 0, got '1'"),
+    (lambda: CosineSchedule(math.inf, 0, 1, 5), "lr must be a finite number >= 0, got inf"),
+    (lambda: CosineSchedule(1, None, 1, 5), "min_lr must be a finite number >= 0, got None"),
+    (lambda: CosineSchedule(1, 0.1, 5, None), "decay_iters must be an integer >= 0, got None"),
+    (lambda: LinearSchedule(1, 0.1, 2.5, 10), "warmup_iters must be an integer >= 0, got 2.5"),
+    (lambda: StepSchedule(1, 0.1, 0, 10, "0.5"), "gamma must be a finite number in (0, 1], got '0.5'"),
+    (lambda: StepSchedule(1, 0.1, 0, 1.5, 0.5), "step_size must be an integer > 0, got 1.5"),
+    (lambda: WSDSchedule(1, 0.1, 0, 10, math.nan), "decay_fraction must be a finite number in (0, 1], got nan"),
+])
+def test_schedules_check_types_and_finiteness_naming_the_argument(build, message):
+    with pytest.raises(ValueError) as info:
+        build()
+    assert message in str(info.value)
+
+
+def test_schedules_take_numpy_scalars():
+    schedule = CosineSchedule(np.float32(0.5), np.float64(0.25), np.int64(2), np.int32(10))
+    assert schedule(np.int64(10)) == 0.25 and type(schedule.lr) is float and type(schedule.warmup_iters) is int
 
 
 @pytest.mark.parametrize("name", SCHEDULES)

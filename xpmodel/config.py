@@ -33,6 +33,7 @@ import yaml
 
 from .atomic import atomic_write_bytes
 from .backend import KERNELS
+from .checks import HALF_OPEN_UNIT, NON_NEGATIVE, OPEN_UNIT, POSITIVE, Range
 from .errors import UsageError
 from .files import read_bounded
 from .layers.embedding_noise import NOISE_KINDS
@@ -72,41 +73,6 @@ MAX_EVAL_BATCHES = 1 << 24
 # ---------------------------------------------------------------------------
 # Per-key rules, attached to dataclass fields as metadata.
 
-@dataclass(frozen=True)
-class _Range:
-    """An interval a number must fall in; None bounds are open-ended."""
-    low: float | None = None
-    high: float | None = None
-    low_inclusive: bool = True
-    high_inclusive: bool = True
-
-    def contains(self, value):
-        if self.low is not None and (value < self.low or (value == self.low and not self.low_inclusive)):
-            return False
-        if self.high is not None and (value > self.high or (value == self.high and not self.high_inclusive)):
-            return False
-        return True
-
-    def describe(self):
-        if self.high is None:
-            return f"{'>=' if self.low_inclusive else '>'} {_bound(self.low)}"
-        if self.low is None:
-            return f"{'<=' if self.high_inclusive else '<'} {_bound(self.high)}"
-        opening = "[" if self.low_inclusive else "("
-        closing = "]" if self.high_inclusive else ")"
-        return f"in {opening}{_bound(self.low)}, {_bound(self.high)}{closing}"
-
-
-def _bound(number):
-    return f"{number:,}" if isinstance(number, int) else f"{number:g}"
-
-
-POSITIVE = _Range(low=0, low_inclusive=False)
-NON_NEGATIVE = _Range(low=0)
-OPEN_UNIT = _Range(0, 1, low_inclusive=False, high_inclusive=False)    # (0, 1)
-HALF_OPEN_UNIT = _Range(0, 1, high_inclusive=False)                    # [0, 1)
-
-
 def _setting(default, within=None, choices=None):
     """A dataclass field whose value must lie `within` a range or be one of `choices`."""
     return field(default=default, metadata={"within": within, "choices": choices})
@@ -123,7 +89,7 @@ class DataConfig:
     # "byte": the 256-symbol byte tokenizer
     tokenizer: str = _setting("bpe", choices=TOKENIZERS)
     # BPE vocabulary size; ignored for "byte"
-    vocab_size: int = _setting(4096, within=_Range(low=256))
+    vocab_size: int = _setting(4096, within=Range(low=256))
     # share of the tokens held out for validation
     val_fraction: float = _setting(0.1, within=OPEN_UNIT)
     # "random": nanoGPT-style random windows; "epochs": every window once per epoch
@@ -166,7 +132,7 @@ class ModelConfig:
     # dropout on attention weights, residual branches and embeddings
     dropout: float = _setting(0.0, within=HALF_OPEN_UNIT)
     # embedding rows; None: the tokenizer's vocabulary size; larger pads it
-    vocab_size: int | None = _setting(None, within=_Range(low=256))
+    vocab_size: int | None = _setting(None, within=Range(low=256))
     # "rmsnorm": x / rms(x) * w, without the mean or a bias
     norm: str = _setting("layernorm", choices=NORMS)
     # the norms' denominator guard
@@ -205,7 +171,7 @@ class ModelConfig:
 class TrainConfig:
     """Optimizer, learning-rate schedule, evaluation, sampling and checkpoints."""
     # B, sequences per micro-batch
-    batch_size: int = _setting(16, within=_Range(0, MAX_BATCH_SIZE, low_inclusive=False))
+    batch_size: int = _setting(16, within=Range(0, MAX_BATCH_SIZE, low_inclusive=False))
     # micro-batches summed into one optimizer step
     grad_accum: int = _setting(1, within=POSITIVE)
     # optimizer steps to run (set this or epochs)
@@ -225,9 +191,9 @@ class TrainConfig:
     # step: steps between drops of the rate by gamma; None: a third of the steps after warmup
     step_size: int | None = _setting(None, within=POSITIVE)
     # step: the factor each drop multiplies the rate by
-    gamma: float = _setting(0.1, within=_Range(0, 1, low_inclusive=False))
+    gamma: float = _setting(0.1, within=Range(0, 1, low_inclusive=False))
     # wsd: the share of the run (of lr_decay_iters) spent decaying at its end
-    decay_fraction: float = _setting(0.2, within=_Range(0, 1, low_inclusive=False))
+    decay_fraction: float = _setting(0.2, within=Range(0, 1, low_inclusive=False))
     # AdamW decoupled weight decay (applied to matrices only); lr * weight_decay must be below 1
     weight_decay: float = _setting(0.1, within=NON_NEGATIVE)
     # AdamW first-moment decay
@@ -245,7 +211,7 @@ class TrainConfig:
     # Nesterov momentum: orthogonalise G + mu (M - G) instead of M
     muon_nesterov: bool = True
     # Newton-Schulz iterations per step
-    muon_ns_steps: int = _setting(5, within=_Range(1, 99))
+    muon_ns_steps: int = _setting(5, within=Range(1, 99))
     # Newton-Schulz coefficients: jordan, cubic, or three numbers "a,b,c" that keep every
     # singular value in (0, 2] through muon_ns_steps iterations (train/muon.py)
     muon_ns_coefficients: str = "jordan"
@@ -262,7 +228,7 @@ class TrainConfig:
     # steps between validation-loss estimates
     eval_interval: int = _setting(500, within=POSITIVE)
     # batches averaged per loss estimate
-    eval_batches: int = _setting(20, within=_Range(0, MAX_EVAL_BATCHES, low_inclusive=False))
+    eval_batches: int = _setting(20, within=Range(0, MAX_EVAL_BATCHES, low_inclusive=False))
     # steps between printed samples; 0 = off
     sample_interval: int = _setting(500, within=NON_NEGATIVE)
     # text the samples continue
@@ -274,7 +240,7 @@ class TrainConfig:
     # draw only among the k likeliest tokens; None: all of them
     sample_top_k: int | None = _setting(200, within=POSITIVE)
     # nucleus sampling: the fewest likeliest tokens whose probability reaches p; None: off
-    sample_top_p: float | None = _setting(None, within=_Range(0, 1, low_inclusive=False))
+    sample_top_p: float | None = _setting(None, within=Range(0, 1, low_inclusive=False))
     # steps between checkpoints
     save_interval: int = _setting(1000, within=POSITIVE)
     # periodic checkpoints kept on disk

@@ -61,9 +61,10 @@ import numpy
 
 from ..cpu_threads import run_elementwise, run_parallel, single_threaded_blas, split, thread_count
 from ..backend import is_half
+from ..checks import HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, Range, check_integer, check_number
 from ..errors import XpmodelError
 from ..layers.matmul import matmul
-from .optim import AdamW, _check_positive
+from .optim import AdamW, check_state_arrays
 
 # the weights Muon takes, by their name inside a block (h.{i}.NAME)
 HIDDEN_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -71,6 +72,7 @@ NS_COEFFICIENTS = {"jordan": (3.4445, -4.775, 2.0315), "cubic": (1.5, -0.5, 0.0)
 ADJUST_LR = ("original", "match_rms_adamw")
 NS_EPS = 1e-7   # floor of ||U||_F, as torch.optim.Muon's
 NS_BOUND = 2.0  # the largest singular value an iteration may produce (check_ns_coefficients)
+NS_DTYPES = ("float16", "float32", "float64")   # the ns_dtype choices
 
 
 def parse_ns_coefficients(spec):
@@ -119,6 +121,14 @@ def _turning_values(coefficients, high):
               if abs(square.imag) <= 1e-12 * abs(square) and 0 < square.real < high * high]
     values = [a * x + b * x ** 3 + c * x ** 5 for x in points + [high]]
     return min(values), max(values)
+
+
+def _names_ns_dtype(spec):
+    """Whether `spec` (numpy.float32, "float32", ...) names one of NS_DTYPES."""
+    try:
+        return numpy.dtype(spec).name in NS_DTYPES
+    except (TypeError, ValueError):
+        return False
 
 
 def lr_adjustment(shape, adjust_lr):
@@ -261,13 +271,15 @@ class Muon:
     def __init__(self, model, lr, muon_lr=0.02, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                  momentum=0.95, nesterov=True, ns_coefficients="jordan", ns_steps=5,
                  muon_weight_decay=0.0, adjust_lr="original", ns_dtype=None):
-        _check_positive("lr", lr)
-        _check_positive("muon_lr", muon_lr, allow_zero=True)
-        _check_positive("muon_weight_decay", muon_weight_decay, allow_zero=True)
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
-            raise ValueError(f"Muon momentum must be in [0, 1), got {momentum!r}")
-        if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or not 1 <= ns_steps < 100:
-            raise ValueError(f"ns_steps must be an integer in [1, 99], got {ns_steps!r}")
+        lr = check_number("lr", lr, POSITIVE)
+        muon_lr = check_number("muon_lr", muon_lr, NON_NEGATIVE)
+        muon_weight_decay = check_number("muon_weight_decay", muon_weight_decay, NON_NEGATIVE)
+        momentum = check_number("momentum", momentum, HALF_OPEN_UNIT)
+        ns_steps = check_integer("ns_steps", ns_steps, Range(1, 99))
+        if not isinstance(nesterov, bool):
+            raise ValueError(f"nesterov must be True or False, got {nesterov!r}")
+        if ns_dtype is not None and not _names_ns_dtype(ns_dtype):
+            raise ValueError(f"ns_dtype must be None or one of {', '.join(NS_DTYPES)}, got {ns_dtype!r}")
         if muon_lr * muon_weight_decay >= 1.0:
             raise ValueError(f"muon_lr * muon_weight_decay must be below 1 (W <- (1 - rate wd) W "
                              f"would zero or flip the weights), got {muon_lr * muon_weight_decay:g}")
@@ -275,7 +287,7 @@ class Muon:
         self.coefficients = parse_ns_coefficients(ns_coefficients)
         check_ns_coefficients(self.coefficients, ns_steps)
         self.model, self.lr, self.peak_lr, self.muon_lr = model, lr, lr, muon_lr
-        self.momentum, self.nesterov, self.ns_steps = float(momentum), bool(nesterov), ns_steps
+        self.momentum, self.nesterov, self.ns_steps = momentum, nesterov, ns_steps
         self.muon_weight_decay, self.adjust_lr = muon_weight_decay, adjust_lr
         xp, layout = model.xp, model.layout
         self.hidden = _HiddenLayout(layout)
@@ -424,10 +436,14 @@ class Muon:
                 "muon_momentum": self.momentum_buffer}
 
     def load_state_arrays(self, arrays, step_count):
+        """The state as state_arrays gives it, and the steps applied, all
+        checked before any is set."""
+        check_state_arrays(arrays, self.state_sizes())
+        steps = check_integer("step_count", step_count)
         start = 0
         for part in self._adamw:
             stop = start + part.m.size
-            part.load_state(arrays["m"][start:stop], arrays["v"][start:stop], step_count)
+            part.load_state(arrays["m"][start:stop], arrays["v"][start:stop], steps)
             start = stop
         self.momentum_buffer[...] = arrays["muon_momentum"]
-        self._applied[...] = int(step_count)
+        self._applied[...] = steps

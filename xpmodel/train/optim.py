@@ -8,6 +8,7 @@ import math
 
 import numpy
 
+from ..checks import HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, check_integer, check_number
 from ..cpu_threads import run_elementwise
 
 
@@ -17,13 +18,11 @@ class AdamW:
     any step, which is how schedules drive it."""
 
     def __init__(self, model, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
-        _check_positive("lr", lr, allow_zero=True)
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"AdamW betas must be in [0, 1), got {betas}")
-        _check_positive("eps", eps)
-        _check_positive("weight_decay", weight_decay, allow_zero=True)
+        self.lr = check_number("lr", lr, NON_NEGATIVE)
+        self.betas = check_betas(betas)
+        self.eps = check_number("eps", eps, POSITIVE)
+        self.weight_decay = check_number("weight_decay", weight_decay, NON_NEGATIVE)
         self.model = model
-        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         xp = model.xp
         self.m = xp.zeros_like(model.flat_params)   # first moment, flat like the params
         self.v = xp.zeros_like(model.flat_params)   # second moment
@@ -102,11 +101,16 @@ class AdamW:
         return {"m": self.m, "v": self.v}
 
     def load_state(self, m, v, step_count):
+        """The moments (flat, as state_arrays gives them) and the steps applied,
+        all checked before any is set."""
+        check_state_arrays({"m": m, "v": v}, self.state_sizes())
+        steps = check_integer("step_count", step_count)
         self.m[...] = m
         self.v[...] = v
-        self._applied[...] = int(step_count)
+        self._applied[...] = steps
 
     def load_state_arrays(self, arrays, step_count):
+        check_state_arrays(arrays, self.state_sizes())
         self.load_state(arrays["m"], arrays["v"], step_count)
 
 
@@ -114,9 +118,11 @@ class SGD:
     """Plain SGD with optional momentum and L2 weight decay (added to the gradient) on matrices."""
 
     def __init__(self, model, lr, momentum=0.0, weight_decay=0.0):
-        _check_positive("lr", lr, allow_zero=True)
-        self.model, self.lr, self.momentum, self.weight_decay = model, lr, momentum, weight_decay
-        self.velocity = model.xp.zeros_like(model.flat_params) if momentum else None
+        self.lr = check_number("lr", lr, NON_NEGATIVE)
+        self.momentum = check_number("momentum", momentum, HALF_OPEN_UNIT)
+        self.weight_decay = check_number("weight_decay", weight_decay, NON_NEGATIVE)
+        self.model = model
+        self.velocity = model.xp.zeros_like(model.flat_params) if self.momentum else None
         self.step_count = 0
 
     def step(self):
@@ -163,14 +169,30 @@ def clipped_step(optimizer, grad_clip, scale=1.0, loss=None):
 def clip_grad_norm(model, max_norm):
     """Scale gradients so their global L2 norm is at most max_norm, as
     torch.nn.utils.clip_grad_norm_ does; returns the norm before clipping."""
+    max_norm = check_number("max_norm", max_norm, POSITIVE)
     norm = grad_norm(model)
     coef = max_norm / (norm + 1e-6)
     model.flat_grads *= model.xp.minimum(coef, 1.0).astype(model.flat_grads.dtype)
     return norm
 
 
-def _check_positive(name, value, allow_zero=False):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 \
-            or (value == 0 and not allow_zero) or math.isnan(value):
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} "
-                         f"number, got {value!r}")
+def check_betas(betas):
+    """betas as a tuple of two Python floats, each in [0, 1); ValueError otherwise."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
+    return tuple(check_number(f"betas[{i}]", beta, HALF_OPEN_UNIT) for i, beta in enumerate(betas))
+
+
+def check_state_arrays(arrays, sizes):
+    """ValueError unless `arrays` holds exactly the optimizer state `sizes`
+    names (name -> length), each a flat array of that length."""
+    if not isinstance(arrays, dict):
+        raise ValueError(f"optimizer state must be a dict of arrays, got {type(arrays).__name__}")
+    missing, unexpected = sorted(set(sizes) - set(arrays)), sorted(set(arrays) - set(sizes))
+    if missing or unexpected:
+        raise ValueError(f"optimizer state names do not match: missing {missing}, unexpected {unexpected}")
+    for name, size in sizes.items():
+        shape = getattr(arrays[name], "shape", None)
+        if shape is None or tuple(shape) != (size,):
+            raise ValueError(f"optimizer state {name}: shape {shape} does not match the "
+                             f"optimizer's ({size},)")

@@ -11,9 +11,13 @@ lr / (warmup_iters + 1) up to lr, and never goes below min_lr once it decays:
               min_lr over the last decay_fraction of decay_iters
     constant  lr after the warmup
 
-`schedule_from_config` builds the one a run's train section names.
+`schedule_from_config` builds the one a run's train section names. The
+arguments are checked as the optimizers' are (checks.py): rates are finite
+numbers, step counts integers.
 """
 import math
+
+from ..checks import NON_NEGATIVE, POSITIVE, POSITIVE_FRACTION, check_integer, check_number
 
 SCHEDULES = ("cosine", "constant", "linear", "step", "wsd")
 
@@ -22,12 +26,23 @@ def _warmup(lr, warmup_iters, step):
     return lr * (step + 1) / (warmup_iters + 1)
 
 
-def _check_decay(lr, min_lr, warmup_iters, decay_iters):
-    if not 0 <= min_lr <= lr:
-        raise ValueError(f"min_lr ({min_lr}) must be in [0, lr={lr}]")
-    if warmup_iters < 0 or decay_iters < warmup_iters:
+def _check_rates(lr, min_lr):
+    """(lr, min_lr) as floats, with 0 <= min_lr <= lr; ValueError otherwise."""
+    lr = check_number("lr", lr, NON_NEGATIVE)
+    min_lr = check_number("min_lr", min_lr, NON_NEGATIVE)
+    if min_lr > lr:
+        raise ValueError(f"min_lr ({min_lr:g}) must be in [0, lr={lr:g}]")
+    return lr, min_lr
+
+
+def _check_decay(warmup_iters, decay_iters):
+    """(warmup_iters, decay_iters) as ints, with 0 <= warmup_iters <= decay_iters."""
+    warmup_iters = check_integer("warmup_iters", warmup_iters)
+    decay_iters = check_integer("decay_iters", decay_iters)
+    if decay_iters < warmup_iters:
         raise ValueError(f"need 0 <= warmup_iters ({warmup_iters}) <= decay_iters "
                          f"({decay_iters})")
+    return warmup_iters, decay_iters
 
 
 class _WarmupDecay:
@@ -36,9 +51,8 @@ class _WarmupDecay:
     then `min_lr`."""
 
     def __init__(self, lr, min_lr, warmup_iters, decay_iters):
-        _check_decay(lr, min_lr, warmup_iters, decay_iters)
-        self.lr, self.min_lr = lr, min_lr
-        self.warmup_iters, self.decay_iters = warmup_iters, decay_iters
+        self.lr, self.min_lr = _check_rates(lr, min_lr)
+        self.warmup_iters, self.decay_iters = _check_decay(warmup_iters, decay_iters)
 
     def __call__(self, step):
         if step < self.warmup_iters:
@@ -71,16 +85,10 @@ class StepSchedule:
     PyTorch's StepLR after a warmup)."""
 
     def __init__(self, lr, min_lr, warmup_iters, step_size, gamma):
-        if not 0 <= min_lr <= lr:
-            raise ValueError(f"min_lr ({min_lr}) must be in [0, lr={lr}]")
-        if warmup_iters < 0:
-            raise ValueError(f"warmup_iters must be >= 0, got {warmup_iters}")
-        if step_size < 1:
-            raise ValueError(f"step_size must be >= 1, got {step_size}")
-        if not 0 < gamma <= 1:
-            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
-        self.lr, self.min_lr, self.warmup_iters = lr, min_lr, warmup_iters
-        self.step_size, self.gamma = step_size, gamma
+        self.lr, self.min_lr = _check_rates(lr, min_lr)
+        self.warmup_iters = check_integer("warmup_iters", warmup_iters)
+        self.step_size = check_integer("step_size", step_size, POSITIVE)
+        self.gamma = check_number("gamma", gamma, POSITIVE_FRACTION)
 
     def __call__(self, step):
         if step < self.warmup_iters:
@@ -95,10 +103,9 @@ class WSDSchedule:
     at `decay_iters`, then `min_lr`. The decay never starts inside the warmup."""
 
     def __init__(self, lr, min_lr, warmup_iters, decay_iters, decay_fraction=0.2):
-        _check_decay(lr, min_lr, warmup_iters, decay_iters)
-        if not 0 < decay_fraction <= 1:
-            raise ValueError(f"decay_fraction must be in (0, 1], got {decay_fraction}")
-        self.lr, self.min_lr = lr, min_lr
+        self.lr, self.min_lr = _check_rates(lr, min_lr)
+        warmup_iters, decay_iters = _check_decay(warmup_iters, decay_iters)
+        decay_fraction = check_number("decay_fraction", decay_fraction, POSITIVE_FRACTION)
         self.warmup_iters, self.decay_iters = warmup_iters, decay_iters
         self.decay_start = max(warmup_iters, decay_iters - round(decay_fraction * decay_iters))
 
@@ -117,7 +124,8 @@ class ConstantSchedule:
     """`lr` at every step, after an optional linear warmup."""
 
     def __init__(self, lr, warmup_iters=0):
-        self.lr, self.warmup_iters = lr, warmup_iters
+        self.lr = check_number("lr", lr, NON_NEGATIVE)
+        self.warmup_iters = check_integer("warmup_iters", warmup_iters)
 
     def __call__(self, step):
         if step < self.warmup_iters:
