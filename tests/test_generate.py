@@ -308,6 +308,9 @@ def test_sample_next_refuses_an_rng_that_is_not_a_generator(rng):
     (dict(vocab_limit=0), "vocab_limit"),
     (dict(vocab_limit=TINY.vocab_size + 1), "vocab_limit"),
     (dict(vocab_limit=3.0), "vocab_limit"),
+    (dict(seed=-1), "seed must be an integer >= 0, got -1"),
+    (dict(seed="a"), "seed must be an integer >= 0, got 'a'"),
+    (dict(seed=1.5), "seed must be an integer >= 0, got 1.5"),
 ])
 def test_bad_arguments_raise_when_generate_is_called(kwargs, match):
     model = tiny_model()

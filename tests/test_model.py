@@ -1,7 +1,11 @@
 """The whole model: against PyTorch autograd on the same weights, against
 finite differences, and on the behaviour its API promises."""
+import dataclasses
+import json
+
 import numpy as np
 import pytest
+import yaml
 
 import xpmodel
 from gradcheck import directional_check
@@ -245,6 +249,7 @@ def test_clipped_step_unscales_clips_and_skips_non_finite_gradients():
     assert not bool(finite) and opts[1].step_count == 1
     np.testing.assert_array_equal(models[1].flat_params, before)
 
+
 # ---- arguments the API refuses, and NumPy scalars it takes ---------------------------
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -322,3 +327,71 @@ def test_clip_grad_norm_needs_a_finite_positive_max_norm(max_norm):
         xpmodel.clip_grad_norm(model, max_norm)
     np.testing.assert_array_equal(model.flat_grads, before)
 
+
+def test_targets_must_be_integers_as_ids_must():
+    model = xpmodel.GPT(TINY)
+    idx, targets = batch(TINY)
+    for bad in (targets + 0.9, np.full(targets.shape, np.nan)):
+        with pytest.raises(ValueError, match="targets must hold integers, got float64"):
+            model.loss(idx, bad)
+        with pytest.raises(ValueError, match="targets must hold integers, got float64"):
+            model.forward_backward(idx, bad)
+    assert not model.flat_grads.any()
+
+
+@pytest.mark.parametrize("seed", [-1, None, 1.5, "a", True])
+def test_the_seed_must_be_a_non_negative_integer(seed):
+    with pytest.raises(ValueError, match=f"seed must be an integer >= 0, got {seed!r}"):
+        xpmodel.GPT(TINY, seed=seed)
+
+
+def test_a_numpy_integer_seed_is_the_same_seed():
+    config = xpmodel.GPTConfig(vocab_size=50, block_size=12, n_layer=2, n_head=4, n_embd=16, dropout=0.3)
+    idx, targets = batch(config)
+    models = [xpmodel.GPT(config, seed=seed) for seed in (3, np.int64(3))]
+    np.testing.assert_array_equal(models[0].flat_params, models[1].flat_params)
+    assert float(models[0].forward_backward(idx, targets)) == float(models[1].forward_backward(idx, targets))
+
+
+@pytest.mark.parametrize("noise, message", [
+    (5.0, "embedding_noise must be a pair (alpha, kind), got 5.0"),
+    ((5.0,), "embedding_noise must be a pair (alpha, kind)"),
+    ((-1.0, "uniform"), "embedding_noise alpha must be a finite number >= 0, got -1.0"),
+    ((float("nan"), "uniform"), "embedding_noise alpha must be a finite number >= 0, got nan"),
+    (("5", "uniform"), "embedding_noise alpha must be a finite number >= 0, got '5'"),
+    ((5.0, "laplace"), "embedding_noise kind must be one of uniform, gaussian, got 'laplace'"),
+])
+def test_embedding_noise_refuses_what_would_fail_or_turn_it_off(noise, message):
+    model = xpmodel.GPT(TINY)
+    with pytest.raises(ValueError) as info:
+        model.embedding_noise = noise
+    assert message in str(info.value)
+    assert model.embedding_noise == (0.0, "uniform")
+    model.embedding_noise = [np.float32(5.0), "gaussian"]
+    assert model.embedding_noise == (5.0, "gaussian") and type(model.embedding_noise[0]) is float
+
+
+@pytest.mark.parametrize("scale", ["x", None, float("nan"), float("inf"), 0.0, -0.5])
+def test_forward_backward_scale_must_be_finite_and_positive(scale):
+    model = xpmodel.GPT(TINY)
+    with pytest.raises(ValueError, match=f"scale must be a finite number > 0, got {scale!r}"):
+        model.forward_backward(*batch(TINY), scale=scale)
+    assert not model.flat_grads.any() and model.dropout_calls == 0
+
+
+def test_forward_backward_takes_a_numpy_scale():
+    models = [xpmodel.GPT(TINY, dtype="float64") for _ in range(2)]
+    models[0].forward_backward(*batch(TINY), scale=0.25)
+    models[1].forward_backward(*batch(TINY), scale=np.float32(0.25))
+    np.testing.assert_array_equal(models[0].flat_grads, models[1].flat_grads)
+
+
+def test_config_takes_numpy_scalars_and_stores_python_numbers():
+    config = xpmodel.GPTConfig(vocab_size=np.int64(50), block_size=np.int32(12), n_layer=2, n_head=4,
+                               n_embd=np.int64(16), dropout=np.float32(0.25), norm_eps=np.float32(0.5),
+                               rope_theta=np.float64(1e4))
+    assert config == xpmodel.GPTConfig(vocab_size=50, block_size=12, n_layer=2, n_head=4, n_embd=16,
+                                       dropout=0.25, norm_eps=0.5)
+    values = dataclasses.asdict(config)
+    assert all(type(value) in (int, float, str, bool, type(None)) for value in values.values())
+    assert json.loads(json.dumps(values)) == yaml.safe_load(yaml.safe_dump(values)) == values

@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 
 import numpy
 
+from ..checks import HALF_OPEN_UNIT, POSITIVE, check_number
+
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "swiglu", "relu2")
@@ -62,25 +64,22 @@ class GPTConfig:
                                  f"got {getattr(self, name)!r}")
         sizes = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
         given = [name for name in ("n_kv_head", "mlp_hidden") if getattr(self, name) is not None]
+        # numbers are stored as Python ints and floats, so a config given NumPy scalars serialises
         for name in (*sizes, *given):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)):
                 raise ValueError(f"GPTConfig.{name} must be an integer, got {value!r}")
             if value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be positive, got {value}")
+            object.__setattr__(self, name, int(value))
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by "
                              f"n_head ({self.n_head})")
         if self.n_head % self.kv_heads != 0:
             raise ValueError(f"GPTConfig: n_head ({self.n_head}) must be divisible by "
                              f"n_kv_head ({self.kv_heads})")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        for name in ("norm_eps", "rope_theta"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive number, got {value!r}")
+        for name, within in (("dropout", HALF_OPEN_UNIT), ("norm_eps", POSITIVE), ("rope_theta", POSITIVE)):
+            object.__setattr__(self, name, check_number(f"GPTConfig.{name}", getattr(self, name), within))
         for name in ("qk_norm", "bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GPTConfig.{name} must be true or false, "

@@ -32,6 +32,7 @@ from contextlib import contextmanager
 import numpy
 
 from ..backend import to_host
+from ..checks import check_integer
 
 class KVCache:
     """Keys and values of every layer for up to block_size positions.
@@ -284,6 +285,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
     _check_sampling(temperature, top_k, top_p)
     _check_vocab_limit(vocab_limit, model.config.vocab_size)
     _check_stop_id(stop_id, model.config.vocab_size if vocab_limit is None else vocab_limit)
+    seed = None if seed is None else check_integer("seed", seed)
     next_logits = _cached_logits(model) if use_cache else _uncached_logits(model)
     return _stream(model, context, int(max_new_tokens), next_logits, temperature, top_k,
                    top_p, numpy.random.default_rng(seed), stop_id, vocab_limit)

@@ -12,14 +12,15 @@ import math
 
 import numpy
 
-from ..backend import (BFLOAT16, check_kernels, get_device, get_dtype, is_half, random_generator,
-                       bfloat16_problem, to_device, to_host, upcast, use_kernels)
+from ..backend import (BFLOAT16, check_kernels, get_device, get_dtype, is_cuda_array, is_half,
+                       random_generator, bfloat16_problem, to_device, to_host, upcast, use_kernels)
+from ..checks import NON_NEGATIVE, POSITIVE, check_integer, check_number
 from ..cpu_threads import keep_freed_memory, run_parallel, single_threaded_blas, split, thread_count
 from ..layers.block import block_backward, block_forward, norm_backward, norm_forward, proj_bias_sums
 from ..layers.crossentropy import IGNORE_INDEX, crossentropy_fused, lm_head_backward, lm_head_forward
 from ..layers.dropout import dropout_backward, dropout_forward
 from ..layers.embedding import embedding_backward, embedding_forward
-from ..layers.embedding_noise import embedding_noise_backward, embedding_noise_forward
+from ..layers.embedding_noise import NOISE_KINDS, embedding_noise_backward, embedding_noise_forward
 from ..layers.rope import rope_tables
 from .config import GPTConfig
 from .params import FlatLayout, is_norm_weight, parameter_shapes
@@ -71,6 +72,7 @@ class GPT:
                  kernels="fused", recompute="none"):
         if not isinstance(config, GPTConfig):
             raise TypeError("GPT needs a GPTConfig")
+        seed = check_integer("seed", seed)
         self.config = config
         self.device = get_device(device)
         self.dtype = get_dtype(dtype)
@@ -126,6 +128,22 @@ class GPT:
         self.training = False
         return self
 
+    @property
+    def embedding_noise(self):
+        """(alpha, kind): NEFTune noise on the embeddings of training passes
+        (layers/embedding_noise.py); alpha 0 adds none."""
+        return self._embedding_noise
+
+    @embedding_noise.setter
+    def embedding_noise(self, value):
+        if not isinstance(value, (tuple, list)) or len(value) != 2:
+            raise ValueError(f"embedding_noise must be a pair (alpha, kind), got {value!r}")
+        alpha = check_number("embedding_noise alpha", value[0], NON_NEGATIVE)
+        if value[1] not in NOISE_KINDS:
+            raise ValueError(f"embedding_noise kind must be one of {', '.join(NOISE_KINDS)}, "
+                             f"got {value[1]!r}")
+        self._embedding_noise = (alpha, value[1])
+
     def zero_grad(self):
         self.flat_grads.fill(0)
 
@@ -172,11 +190,14 @@ class GPT:
         """Forward, loss and backward for one batch; gradients are added.
 
         idx, targets: (B, T) ints (targets may hold -1 to ignore a position).
-        scale multiplies the gradient (gradient accumulation, loss scaling);
+        scale multiplies the gradient (gradient accumulation, loss scaling): a
+        finite positive number, or a 0-d float array on the GPU (the trainer's
+        loss scale, left unread so that the step need not wait for it);
         the returned loss is the unscaled mean cross-entropy (0 when every
         target is ignored, with zero gradients): a NumPy scalar,
         or a 0-d CuPy array so that a GPU step need not wait for the device.
         """
+        scale = _check_scale(scale)
         idx = self.check_ids(idx, "idx")
         targets = self._check_targets(targets, idx.shape)
         self._refresh_working_copy()
@@ -364,6 +385,8 @@ class GPT:
         if getattr(targets, "shape", None) != shape:
             raise ValueError(f"targets must have the shape of idx {shape}, "
                              f"got {getattr(targets, 'shape', None)}")
+        if not numpy.issubdtype(targets.dtype, numpy.integer):
+            raise ValueError(f"targets must hold integers, got {targets.dtype}")
         low, high = int(targets.min()), int(targets.max())
         if low < IGNORE_INDEX or high >= self.config.vocab_size:
             raise ValueError(f"targets: ids must be in [0, {self.config.vocab_size}) "
@@ -390,6 +413,14 @@ class GPT:
                 raise ValueError(f"parameter {name}: shape {tuple(value.shape)} does not "
                                  f"match the model's {tuple(view.shape)}")
             view[...] = to_device(numpy.asarray(to_host(value), dtype=self.dtype), self.device)
+
+
+def _check_scale(scale):
+    """forward_backward's scale: a Python float from a finite positive number;
+    a 0-d float array on the GPU is passed through unread."""
+    if is_cuda_array(scale) and scale.shape == () and scale.dtype.kind == "f":
+        return scale
+    return check_number("scale", scale, POSITIVE)
 
 
 def _init_parameters(config, layout, seed):
