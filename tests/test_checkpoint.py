@@ -366,6 +366,13 @@ def test_a_model_loaded_from_a_run_matches_the_saved_weights(tmp_path):
     assert not model.training and tokenizer == BPETokenizer()
 
 
+@pytest.mark.parametrize("checkpoint", ["worst", "Best", None])
+def test_loading_a_checkpoint_other_than_latest_or_best_is_refused(tmp_path, checkpoint):
+    run = make_run(tmp_path / "run")
+    with pytest.raises(ValueError, match=f"checkpoint must be one of latest, best, got {checkpoint!r}"):
+        xpmodel.load(run.path, checkpoint=checkpoint)
+
+
 def test_a_failed_write_names_the_target_not_the_temporary(tmp_path):
     (tmp_path / "notes.txt").write_text("a file, not a folder")
     target = tmp_path / "notes.txt" / "c.json"

@@ -18,6 +18,8 @@ from .rundir import RunDir
 
 # The ModelConfig keys --init-from takes from its source (block_size with a caveat)
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", *OPTION_KEYS)
+# load's choices of checkpoint
+CHECKPOINTS = ("latest", "best")
 
 
 def load(run_dir, device="cpu", checkpoint="latest", kernels="fused", warn=None):
@@ -29,6 +31,8 @@ def load(run_dir, device="cpu", checkpoint="latest", kernels="fused", warn=None)
     read. A damaged latest checkpoint is passed over for an older one, and
     `warn` (by default a line on stderr) is told of each file passed over.
     """
+    if checkpoint not in CHECKPOINTS:
+        raise UsageError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
     warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr, flush=True))
     run = RunDir(run_dir)
     run.require_run("RUN_DIR")
