@@ -108,13 +108,19 @@ def test_the_checkpoint_just_written_and_the_one_resumed_from_are_kept(tmp_path)
     assert "step-00000009.safetensors" in names(run)
 
 
-def test_resume_after_a_damaged_newest_checkpoint_keeps_a_usable_one(tmp_path, capsys):
+def _trained_tiny_run(tmp_path, capsys, *overrides):
+    """A run of the tiny config trained by the CLI, saving every 2 steps, with `overrides`."""
     corpus = write_corpus(tmp_path / "corpus.txt")
     run = RunDir(tmp_path / "run")
     code, _, err = run_cli(capsys, "train", "--config", TINY, "--out", run.path,
-                           f"data.source={corpus}", "train.max_iters=6", "train.save_interval=2",
-                           "train.eval_interval=100", "train.keep_last=3")
+                           f"data.source={corpus}", "train.save_interval=2",
+                           "train.eval_interval=100", *overrides)
     assert code == 0, err
+    return run
+
+
+def test_resume_after_a_damaged_newest_checkpoint_keeps_a_usable_one(tmp_path, capsys):
+    run = _trained_tiny_run(tmp_path, capsys, "train.max_iters=6", "train.keep_last=3")
     assert run.checkpoint_steps() == [2, 4, 6]
     os.truncate(run.step_path(6), 5000)
     code, out, err = run_cli(capsys, "train", "--resume", run.path, "train.max_iters=5",
@@ -129,12 +135,7 @@ def test_resume_after_a_damaged_newest_checkpoint_keeps_a_usable_one(tmp_path, c
 
 
 def test_pruning_leaves_files_links_and_folders_it_did_not_write(tmp_path, capsys):
-    corpus = write_corpus(tmp_path / "corpus.txt")
-    run = RunDir(tmp_path / "run")
-    code, _, err = run_cli(capsys, "train", "--config", TINY, "--out", run.path,
-                           f"data.source={corpus}", "train.max_iters=2", "train.save_interval=2",
-                           "train.eval_interval=100", "train.keep_last=1")
-    assert code == 0, err
+    run = _trained_tiny_run(tmp_path, capsys, "train.max_iters=2", "train.keep_last=1")
     user_file = run.checkpoint_dir / "step-00000001.safetensors"
     user_file.write_text("user-made")
     target = tmp_path / "elsewhere.safetensors"
