@@ -144,6 +144,16 @@ def test_base_may_name_a_shipped_config(tmp_path):
     assert (config.model.n_embd, config.train.max_iters) == (384, 300)
 
 
+def test_base_bare_name_is_read_next_to_the_including_file(tmp_path, monkeypatch):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    write(folder, "model:\n  n_layer: 3\n", name="parent")
+    write(tmp_path, "model:\n  n_layer: 5\n", name="parent")     # the working directory's decoy
+    monkeypatch.chdir(tmp_path)
+    config = load_config(write(folder, "base: parent\n"))
+    assert config.model.n_layer == 3
+
+
 def test_base_loop_is_rejected(tmp_path):
     write(tmp_path, "base: b.yaml\n", name="a.yaml")
     write(tmp_path, "base: a.yaml\n", name="b.yaml")

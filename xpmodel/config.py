@@ -506,8 +506,9 @@ def _locate(name_or_path, relative_to=None):
     if name in shipped_configs():
         entry = _shipped_dir().joinpath(name + ".yaml")
         return str(entry), _read_text(entry, str(entry))
-    if Path(name).is_file():
-        return name, _read_text(Path(name), name)
+    path = Path(name) if relative_to is None else relative_to / name
+    if path.is_file():
+        return str(path), _read_text(path, str(path))
     raise UsageError(
         f"unknown config {_show(name, 200)}: not a file and not a shipped config; "
         f"shipped configs: {', '.join(shipped_configs())}")
