@@ -1,4 +1,4 @@
-"""LayerNorm over the last axis (eps 1e-5 by default), statistics in at least float32.
+"""LayerNorm over each row of an (N, C) matrix (eps 1e-5 by default), statistics in at least float32.
 
 CuPy arrays go to one fused kernel each way (xpmodel.cuda.layernorm), unless
 the "xp" kernels are chosen (backend.use_kernels)."""

@@ -5,9 +5,7 @@ whole difference from LayerNorm, here and in the shared CUDA kernel
 (backend.use_kernels) as rows of C. QK-norm uses it on (B, H, T, D) heads,
 where it normalises each head's D values."""
 from ..backend import array_module, fused_kernels, upcast
-from .layernorm import deliver_input_gradient
-
-EPS = 1e-5
+from .layernorm import EPS, deliver_input_gradient
 
 
 def rmsnorm_forward(x, w, b=None, out_dtype=None, eps=EPS):

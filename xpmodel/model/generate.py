@@ -25,14 +25,14 @@ rebuilt the same way, so both paths number the window's positions from 0.)
 
 This is inference only: no dropout, no caches for backward.
 """
-import math
-import numbers
 from contextlib import contextmanager
 
 import numpy
 
 from ..backend import to_host
-from ..checks import check_integer
+from ..checks import NON_NEGATIVE, POSITIVE_FRACTION, Range, check_integer, check_number
+
+AT_LEAST_ONE = Range(low=1)
 
 class KVCache:
     """Keys and values of every layer for up to block_size positions.
@@ -44,10 +44,7 @@ class KVCache:
     """
 
     def __init__(self, model, batch_size):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
-                or batch_size < 1:
-            raise ValueError(f"KVCache batch_size must be a positive integer, got {batch_size!r}")
-        self.batch_size = int(batch_size)
+        self.batch_size = check_integer("KVCache batch_size", batch_size, AT_LEAST_ONE)
         self.capacity = model.config.block_size
         shape = self._shape(model)
         model.device.activate()
@@ -143,25 +140,19 @@ def _forward_cached(model, ids, cache):
 
 # ---- sampling -------------------------------------------------------------------
 
-def _check_sampling(temperature, top_k, top_p):
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
-            or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), "
-                         f"got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral)
-                              or top_k < 1):
-        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real)
-                              or not 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+def check_sampling(temperature, top_k, top_p):
+    """The sampling settings of `sample_next`: temperature >= 0 (0 is greedy),
+    top_k None or >= 1, top_p None or in (0, 1]; a one-line ValueError naming one."""
+    check_number("temperature", temperature, NON_NEGATIVE)
+    if top_k is not None:
+        check_integer("top_k", top_k, AT_LEAST_ONE)
+    if top_p is not None:
+        check_number("top_p", top_p, POSITIVE_FRACTION)
 
 
 def _check_vocab_limit(vocab_limit, vocab_size):
-    if vocab_limit is not None and (isinstance(vocab_limit, bool)
-                                    or not isinstance(vocab_limit, numbers.Integral)
-                                    or not 1 <= vocab_limit <= vocab_size):
-        raise ValueError(f"vocab_limit must be None or an integer from 1 to the model's "
-                         f"{vocab_size} ids, got {vocab_limit!r}")
+    if vocab_limit is not None:
+        check_integer("vocab_limit", vocab_limit, Range(1, vocab_size))
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, rng=None, vocab_limit=None):
@@ -175,7 +166,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, rng=None, vocab
     share all the probability; a NaN logit raises ValueError.
     rng: a numpy Generator (a fresh unseeded one when None).
     """
-    _check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p)
     logits = numpy.asarray(logits, dtype=numpy.float64)
     if logits.ndim != 1 or logits.shape[0] == 0:
         raise ValueError(f"logits must be a non-empty (V,) vector, got shape {logits.shape}")
@@ -257,11 +248,8 @@ def _check_prompt(prompt_ids, vocab_size):
 
 def _check_stop_id(stop_id, drawable):
     """stop_id must be an id generation can draw (below `drawable`), or it never fires."""
-    if stop_id is not None and (isinstance(stop_id, bool)
-                                or not isinstance(stop_id, numbers.Integral)
-                                or not 0 <= stop_id < drawable):
-        raise ValueError(f"stop_id must be None or a token id in [0, {drawable}), "
-                         f"got {stop_id!r}")
+    if stop_id is not None:
+        check_integer("stop_id", stop_id, Range(0, drawable, high_inclusive=False))
 
 
 def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -279,10 +267,8 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
     first token is asked for.
     """
     context = _check_prompt(prompt_ids, model.config.vocab_size)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
-            or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    _check_sampling(temperature, top_k, top_p)
+    check_integer("max_new_tokens", max_new_tokens)
+    check_sampling(temperature, top_k, top_p)
     _check_vocab_limit(vocab_limit, model.config.vocab_size)
     _check_stop_id(stop_id, model.config.vocab_size if vocab_limit is None else vocab_limit)
     seed = None if seed is None else check_integer("seed", seed)
