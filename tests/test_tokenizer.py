@@ -1,4 +1,4 @@
-"""Tests for xpmodel.tokenizer.bpe: training, exact round trips, special tokens,
+"""Tests for BPETokenizer: training, exact round trips, special tokens,
 files, parallel encoding, and id-for-id parity with Hugging Face exports.
 
 The round-trip strings come from a seeded generator (random code points from
@@ -15,9 +15,10 @@ import pytest
 
 from conftest import SHARED_DATA
 from xpmodel.errors import DataError, UsageError
-from xpmodel.tokenizer import bpe
-from xpmodel.tokenizer.bpe import ENDOFTEXT, BPETokenizer, _merge_long, _merge_short
+from xpmodel.tokenizer import learning, vocab
+from xpmodel.tokenizer.bpe import ENDOFTEXT, BPETokenizer
 from xpmodel.tokenizer.hf_files import export_tokenizer_hf
+from xpmodel.tokenizer.merging import merge_long, merge_short
 
 CORPUS = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
@@ -111,14 +112,15 @@ def test_training_never_learns_a_token_longer_than_a_tokenizer_may_hold(tmp_path
     # "a" * 2**20 doubles its longest token with every merge; 2**15 bytes is past the limit
     tok = BPETokenizer.train("a" * (1 << 20), 400)
     lengths = [len(tok.token_bytes(i)) for i in range(256, 256 + len(tok.merges))]
-    assert max(lengths) == bpe._MAX_TOKEN_BYTES
+    assert max(lengths) == vocab.MAX_TOKEN_BYTES
     assert _reloaded(tok, tmp_path) == tok
     assert tok.decode(tok.encode("a" * 40000)) == "a" * 40000
 
 
 def test_training_stops_before_the_tokens_pass_the_bytes_a_tokenizer_may_hold(
         monkeypatch, tmp_path):
-    monkeypatch.setattr(bpe, "_MAX_TOTAL_TOKEN_BYTES", 256 + 100)
+    for module in (learning, vocab):   # what training learns, and what a tokenizer holds
+        monkeypatch.setattr(module, "MAX_TOTAL_TOKEN_BYTES", 256 + 100)
     tok = BPETokenizer.train("a" * 1000, 400, special_tokens=())
     assert [len(tok.token_bytes(i)) for i in range(256, tok.vocab_size)] == [2, 4, 8, 16, 32]
     assert _reloaded(tok, tmp_path) == tok
@@ -187,10 +189,10 @@ def test_long_pieces_merge_as_short_pieces_do(tokenizer):
     for text in [" " * 500, "a" * 333, "speak" * 70, *random_strings(50, seed=4, max_length=300)]:
         for piece in [text, text.replace(" ", "")]:
             ids = list(piece.encode("utf-8"))
-            assert _merge_long(ids, merge_ids) == _merge_short(ids, merge_ids)
+            assert merge_long(ids, merge_ids) == merge_short(ids, merge_ids)
     for _ in range(200):
         ids = [rng.choice(b"aeiou ") for _ in range(rng.randint(0, 200))]
-        assert _merge_long(ids, merge_ids) == _merge_short(ids, merge_ids)
+        assert merge_long(ids, merge_ids) == merge_short(ids, merge_ids)
 
 
 def test_special_tokens_need_to_be_allowed(tokenizer):

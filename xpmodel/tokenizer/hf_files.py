@@ -47,10 +47,12 @@ import numpy
 from ..atomic import atomic_write_bytes
 from ..errors import DataError, UsageError, quote
 from ..files import parse_json, read_bounded
-from .bpe import (ENDOFTEXT, GPT2_SPLIT_PATTERN, MAX_VOCAB, BPETokenizer, Metaspace,
-                  check_split_pattern)
+from .bpe import ENDOFTEXT, BPETokenizer
+from .file_format import MAX_FILE_BYTES
+from .metaspace import Metaspace
+from .pretokenize import GPT2_SPLIT_PATTERN, check_split_pattern
+from .vocab import MAX_VOCAB
 
-_MAX_FILE_BYTES = 64 << 20   # GPT-2's tokenizer.json is 1.4 MB, a 256k-token one about 35 MB
 SPACE = "\u2581"   # "▁", SentencePiece's space
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]   # SentencePiece's byte-fallback tokens
 _BYTE_NAME = re.compile(r"<0x(\+[0-9a-fA-F]|[0-9a-fA-F]{2})>")   # what ByteFallback reads as one
@@ -318,7 +320,7 @@ def _read_vocab_and_merges(directory):
     merges = []
     path = directory / "merges.txt"
     try:
-        lines = read_bounded(path, _MAX_FILE_BYTES, DataError, "merges file").decode("utf-8").split("\n")
+        lines = read_bounded(path, MAX_FILE_BYTES, DataError, "merges file").decode("utf-8").split("\n")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     if len(lines) > MAX_VOCAB + 1:
@@ -607,8 +609,8 @@ def _int_or_none(text):
 
 
 def _load_json(path):
-    """A JSON object from a regular file of at most _MAX_FILE_BYTES."""
-    data = read_bounded(path, _MAX_FILE_BYTES, DataError, "tokenizer file")
+    """A JSON object from a regular file of at most MAX_FILE_BYTES."""
+    data = read_bounded(path, MAX_FILE_BYTES, DataError, "tokenizer file")
     try:
         document = parse_json(data.decode("utf-8"))
     except ValueError as exc:   # UnicodeDecodeError and JSONDecodeError included
