@@ -130,6 +130,32 @@ def test_lr_find_refuses_a_backwards_range(capsys, corpus):
     assert code == 2 and "--start-lr" in err
 
 
+def test_lr_find_and_doctor_build_the_model_the_run_trains(tmp_path, corpus):
+    """One config-to-model path (train.setup.build_model): the tuning tools'
+    model has the trainer's weights and embedding noise; doctor's model,
+    without dropout, has no noise either."""
+    subject = load_subject(TINY, [f"data.source={corpus}", "train.embedding_noise=5",
+                                  "train.embedding_noise_kind=gaussian"])
+    trainer = tiny_trainer(tmp_path, corpus, "train.embedding_noise=5",
+                           "train.embedding_noise_kind=gaussian")
+    model = subject.model("cpu")
+    assert model.embedding_noise == trainer.model.embedding_noise == (5.0, "gaussian")
+    assert numpy.array_equal(model.flat_params, trainer.model.flat_params)
+    assert model.config == trainer.gpt_config == subject.gpt_config
+    assert subject.model("cpu", dropout=0.0).embedding_noise == (0.0, "gaussian")
+
+
+def test_lr_find_refuses_a_model_larger_than_memory_as_training_does(capsys, tmp_path, corpus,
+                                                                     monkeypatch):
+    import xpmodel.train.setup as setup
+    monkeypatch.setattr(setup, "_host_memory", lambda: 1 << 10)
+    out = tmp_path / "lr.png"
+    code, text, err = run_cli(capsys, "lr-find", "--config", TINY, f"data.source={corpus}",
+                              "--steps", 30, "--out", out)
+    assert code == 2 and "needs about" in err and "more than this machine's" in err, err
+    assert "suggested" not in text and not out.with_suffix(".json").exists()
+
+
 # ---- health during training ------------------------------------------------------------
 
 def tiny_trainer(tmp_path, corpus, *overrides, name="run"):

@@ -23,7 +23,6 @@ from ..backend import get_device, out_of_memory_errors, to_host
 from ..config import config_to_dict
 from ..data.corpus import load_tokens
 from ..errors import UsageError, XpmodelError
-from ..model.gpt import GPT
 from .display import TrainDisplay
 from .evaluate import Evaluation
 from .health import Health
@@ -31,7 +30,8 @@ from .loss_scale import LossScaler
 from .mirrors import Mirrors
 from .optim import clipped_step
 from .schedule import schedule_from_config
-from .setup import RunSetup, check_fits_in_memory, count_steps, make_sampler, model_config, optimizer_for
+from .setup import (RunSetup, build_model, count_steps, make_sampler, optimizer_for,
+                    out_of_memory_creating)
 from .signals import Interrupted, SignalHandling
 from .state import CheckpointState
 
@@ -55,27 +55,22 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
         self.quiet = quiet
         self._say = (lambda text: print(text, flush=True)) if self.display_enabled else (lambda text: None)
 
-        self.gpt_config = model_config(config, tokenizer)
-        check_fits_in_memory(self.gpt_config, self.device)
+        # the model first: one that cannot fit is refused before the corpus is read
+        self.model = build_model(config, tokenizer, self.device)
+        self.gpt_config = self.model.config
+        try:
+            self.optimizer = optimizer_for(self.model, t)   # AdamW, or Muon with AdamW
+        except out_of_memory_errors() as exc:
+            raise out_of_memory_creating(self.gpt_config, self.device, exc) from None
         self.train_tokens, self.val_tokens = load_tokens(
             config.data, tokenizer, config.model.block_size,
             show_progress=self.display_enabled and not quiet and sys.stdout.isatty())
-        try:
-            self.model = GPT(self.gpt_config, device=self.device, seed=t.seed, precision=t.precision,
-                             kernels=t.kernels, recompute=t.recompute)
-            self.optimizer = optimizer_for(self.model, t)   # AdamW, or Muon with AdamW
-        except out_of_memory_errors() as exc:
-            raise XpmodelError(f"out of {'GPU ' if self.device.is_cuda else ''}memory creating a "
-                               f"model of {self.gpt_config.num_params():,} parameters "
-                               f"({exc.__class__.__name__}): lower model.n_layer, model.n_embd "
-                               f"or model.vocab_size") from None
         if dist is not None:
             if not dist.agree(config_to_dict(config)):
                 raise UsageError("the ranks were started with different configs; launch every "
                                  "rank with the same command line")
             dist.broadcast_(self.model.flat_params)
             self.model.dropout_stream = dist.rank
-        self.model.embedding_noise = (t.embedding_noise, t.embedding_noise_kind)
         self.scaler = LossScaler(xp=self.model.xp) if t.precision == "fp16" else None
         # GPU steps are queued without waiting; the host reads their results in batches
         self.defer_reads = self.device.is_cuda

@@ -1,28 +1,65 @@
 """Starting and resuming a run: everything that can fail on bad input is
 checked before the run directory is written; --init-from takes the model's
-shape from its source (runs.adopt_pretrained); the sampler and the run's
+shape from its source (runs.adopt_pretrained); the one config-to-model path
+(build_model, which the tuning tools use too); the sampler and the run's
 length in steps."""
 import os
 from dataclasses import replace
 
-from ..backend import _import_cupy, get_device
+from ..backend import _import_cupy, get_device, out_of_memory_errors
 from ..data import BUILTIN_NAMES, EpochSampler, RandomWindowSampler
 from ..data.corpus import build_tokenizer
 from ..data.sources import reads_from
-from ..errors import CheckpointError, UsageError, quote
+from ..errors import CheckpointError, UsageError, XpmodelError, quote
 from ..model.config import gpt_config
+from ..model.gpt import GPT
 from .muon import Muon
 from .optim import AdamW
 from .rundir import RunDir, default_run_path
 from .runs import adopt_pretrained, ignored_settings, load_pretrained
 
 
-def model_config(config, tokenizer):
+def gpt_config_for(config, tokenizer):
+    """The GPTConfig of a run config's model.* with the tokenizer's ids
+    (model.vocab_size may pad past them, never fall short)."""
     vocab = config.model.vocab_size or tokenizer.vocab_size
     if vocab < tokenizer.vocab_size:
         raise UsageError(f"model.vocab_size={vocab} is smaller than the tokenizer's "
                          f"{tokenizer.vocab_size} ids")
     return gpt_config(config.model, tokenizer.vocab_size)
+
+
+model_config = gpt_config_for   # the old name, which tools/speedrun.py still calls
+
+
+def build_model(config, tokenizer, device, dropout=None, embedding_noise=None):
+    """The model a run config (`config`) trains, at the seed's initial weights:
+    its GPTConfig checked against this machine's memory before anything is
+    allocated, then train.seed, precision, kernels, recompute and
+    embedding_noise. Training and the tuning tools (lr-find, doctor) build
+    their models here; `dropout` and `embedding_noise` (an alpha) override the
+    config's."""
+    t = config.train
+    shape = gpt_config_for(config, tokenizer)
+    if dropout is not None:
+        shape = replace(shape, dropout=dropout)
+    device = get_device(device)
+    check_fits_in_memory(shape, device)
+    try:
+        model = GPT(shape, device=device, seed=t.seed, precision=t.precision, kernels=t.kernels,
+                    recompute=t.recompute)
+    except out_of_memory_errors() as exc:
+        raise out_of_memory_creating(shape, device, exc) from None
+    alpha = t.embedding_noise if embedding_noise is None else embedding_noise
+    model.embedding_noise = (alpha, t.embedding_noise_kind)
+    return model
+
+
+def out_of_memory_creating(gpt_config, device, exc):
+    """The error for an allocation that failed while making a model or its optimizer."""
+    return XpmodelError(f"out of {'GPU ' if device.is_cuda else ''}memory creating a model of "
+                        f"{gpt_config.num_params():,} parameters ({exc.__class__.__name__}): "
+                        f"lower model.n_layer, model.n_embd or model.vocab_size")
 
 
 def check_fits_in_memory(gpt_config, device):

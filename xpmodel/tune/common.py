@@ -1,15 +1,14 @@
 """What the tuning tools start from: a config (a shipped name or a YAML path,
 with KEY=VALUE overrides) or a run directory, turned into its config,
 tokenizer, token streams and fresh model."""
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import config_files, load_config
 from ..data.corpus import build_tokenizer, load_tokens
-from ..model.gpt import GPT
 from ..train.rundir import RunDir
 from ..train.runs import adopt_pretrained, load_pretrained
-from ..train.setup import model_config
+from ..train.setup import build_model, gpt_config_for
 
 
 @dataclass
@@ -32,16 +31,17 @@ class Subject:
 
     @property
     def gpt_config(self):
-        return model_config(self.config, self.tokenizer)
+        return gpt_config_for(self.config, self.tokenizer)
 
-    def model(self, device="cpu", dropout=None, precision=None, dtype="float32"):
-        """The model at the run's initial weights (the seed's, or train.init_from's);
-        dropout and precision override the config's."""
-        t, shape = self.config.train, self.gpt_config
-        if dropout is not None:
-            shape = replace(shape, dropout=dropout)
-        model = GPT(shape, device=device, seed=t.seed, precision=precision or t.precision,
-                    kernels=t.kernels, recompute=t.recompute, dtype=dtype)
+    def model(self, device="cpu", dropout=None):
+        """The model the run trains (train.setup.build_model), at its initial
+        weights: the seed's, or train.init_from's. `dropout` overrides
+        model.dropout; a model without dropout (doctor's checks, which must
+        repeat) has no embedding noise either, the other noise of a training
+        pass."""
+        noise = 0.0 if dropout == 0 else None
+        model = build_model(self.config, self.tokenizer, device, dropout=dropout,
+                            embedding_noise=noise)
         if self.pretrained is not None:
             model.load_state_arrays(self.pretrained)
         return model
