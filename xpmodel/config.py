@@ -36,11 +36,9 @@ from .backend import KERNELS
 from .checks import HALF_OPEN_UNIT, NON_NEGATIVE, OPEN_UNIT, POSITIVE, Range
 from .errors import UsageError
 from .files import read_bounded
-from .layers.embedding_noise import NOISE_KINDS
-from .model.config import MLPS, NORMS, POSITIONS
+from .ns_coefficients import NS_COEFFICIENTS, check_ns_coefficients, parse_ns_coefficients
+from .options import ADJUST_LR, MLPS, NOISE_KINDS, NORMS, POSITIONS, SCHEDULES
 from .tokenizer.bpe import MAX_VOCAB
-from .train.muon import ADJUST_LR, NS_COEFFICIENTS, check_ns_coefficients, parse_ns_coefficients
-from .train.schedule import SCHEDULES
 
 TOKENIZERS = ("bpe", "byte")
 BATCHINGS = ("random", "epochs")
@@ -213,7 +211,7 @@ class TrainConfig:
     # Newton-Schulz iterations per step
     muon_ns_steps: int = _setting(5, within=Range(1, 99))
     # Newton-Schulz coefficients: jordan, cubic, or three numbers "a,b,c" that keep every
-    # singular value in (0, 2] through muon_ns_steps iterations (train/muon.py)
+    # singular value in (0, 2] through muon_ns_steps iterations (ns_coefficients.py)
     muon_ns_coefficients: str = "jordan"
     # Muon's decoupled weight decay; muon_lr * muon_weight_decay must be below 1
     muon_weight_decay: float = _setting(0.0, within=NON_NEGATIVE)

@@ -3,7 +3,8 @@
 Pre-norm wiring: x += attn(norm_1(x)); x += mlp(norm_2(x)). Which norm and
 which MLP activation it uses is chosen in the two tables below; every entry
 is a forward/backward pair with the same signature, so a new variant is one
-layer file and one line here.
+layer file, one line here and its name in xpmodel/options.py, the choices the
+run config offers (tests/test_imports.py checks the two agree).
 
 Parameters come as name -> array mappings: P, the master weights (norms read
 them in full precision); W, the weights the matmuls use (a float16 copy in

@@ -12,7 +12,7 @@ is the identity: backward hands the gradient through and needs no cache.
 """
 import math
 
-NOISE_KINDS = ("uniform", "gaussian")
+from ..options import NOISE_KINDS
 
 
 def embedding_noise(like, alpha, kind, rng):

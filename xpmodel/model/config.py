@@ -13,10 +13,8 @@ from dataclasses import dataclass, fields
 import numpy
 
 from ..checks import HALF_OPEN_UNIT, POSITIVE, check_number
+from ..options import MLPS, NORMS, POSITIONS
 
-NORMS = ("layernorm", "rmsnorm")
-POSITIONS = ("learned", "rope")
-MLPS = ("gelu", "swiglu", "relu2")
 SWIGLU_MULTIPLE = 64    # SwiGLU's default hidden width is rounded up to a multiple of this
 
 

@@ -18,14 +18,10 @@ sigma >= 0.0016 ||U||_F lands in [0.68, 1.21], and those below 0.0015 ||U||_F
 end below 0.68, scaled up by at most 3.4445^5. "cubic" (1.5, -0.5, 0) converges to
 exactly 1 but needs about 20 steps.
 
-Coefficients that cannot work are refused (check_ns_coefficients): each of
+Coefficients that cannot work are refused (check_ns_coefficients, in
+xpmodel/ns_coefficients.py, where the run config checks them too): each of
 the ns_steps iterations must keep every singular value in (0, NS_BOUND]
-(2), for any start in (0, 1]. Since p(x) is about a x near 0 (a > 0), the
-j-th iterate maps (0, 1] onto (0, h_j], with h_j the largest value of p on
-(0, h_{j-1}] (h_0 = 1), as long as p stays positive there; the check follows
-h_j exactly through p's turning points. "jordan" peaks at 1.203, (3, -3.2,
-1.2) at 1.211; "3.4445,4.775,2.0315" (b's sign lost) reaches 10.3 in one
-step and overflows in five.
+(2), for any start in (0, 1].
 
 Shape adjustment, for a weight stored (in, out), torch's (out, in) transposed:
   original          s = sqrt(max(1, out / in))      Keller Jordan's
@@ -64,63 +60,16 @@ from ..backend import is_half
 from ..checks import HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, Range, check_integer, check_number
 from ..errors import XpmodelError
 from ..layers.matmul import matmul
+from ..ns_coefficients import NS_BOUND as _NS_BOUND
+from ..ns_coefficients import NS_COEFFICIENTS, check_ns_coefficients, parse_ns_coefficients
+from ..options import ADJUST_LR
 from .optim import AdamW, check_state_arrays
 
 # the weights Muon takes, by their name inside a block (h.{i}.NAME)
 HIDDEN_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-NS_COEFFICIENTS = {"jordan": (3.4445, -4.775, 2.0315), "cubic": (1.5, -0.5, 0.0)}
-ADJUST_LR = ("original", "match_rms_adamw")
 NS_EPS = 1e-7   # floor of ||U||_F, as torch.optim.Muon's
-NS_BOUND = 2.0  # the largest singular value an iteration may produce (check_ns_coefficients)
+NS_BOUND = _NS_BOUND  # the largest singular value an iteration may produce (ns_coefficients.py)
 NS_DTYPES = ("float16", "float32", "float64")   # the ns_dtype choices
-
-
-def parse_ns_coefficients(spec):
-    """(a, b, c) from a name in NS_COEFFICIENTS, a string "a,b,c" or three numbers;
-    ValueError for anything else, or a slope at zero (a) that is not positive."""
-    if isinstance(spec, str) and spec.strip() in NS_COEFFICIENTS:
-        return NS_COEFFICIENTS[spec.strip()]
-    parts = spec.split(",") if isinstance(spec, str) else spec
-    try:
-        values = tuple(float(part) for part in parts)
-    except (TypeError, ValueError):
-        values = ()
-    if len(values) != 3 or not all(math.isfinite(v) for v in values):
-        raise ValueError(f"expected {' or '.join(NS_COEFFICIENTS)} or three numbers a,b,c, got {spec!r}")
-    if values[0] <= 0:
-        raise ValueError(f"a (the slope at zero) must be positive, got {values[0]:g}")
-    return values
-
-
-def check_ns_coefficients(coefficients, steps):
-    """ValueError unless each of `steps` iterations of p(x) = a x + b x^3 + c x^5
-    keeps every singular value from (0, 1] within (0, NS_BOUND] (see the
-    module's docstring); a must be positive."""
-    high = 1.0     # the j-th iterate maps (0, 1] onto (0, high]
-    for step in range(1, steps + 1):
-        lowest, highest = _turning_values(coefficients, high)
-        if lowest <= 0:
-            raise ValueError(f"iteration {step} sends a singular value to {lowest:.3g}; each "
-                             f"must stay in (0, {NS_BOUND:g}]")
-        if highest > NS_BOUND:
-            raise ValueError(f"iteration {step} takes a singular value to {highest:.3g}; each "
-                             f"must stay in (0, {NS_BOUND:g}]")
-        if highest <= high:   # (0, high] maps into itself: later iterations stay there
-            return
-        high = highest
-
-
-def _turning_values(coefficients, high):
-    """The smallest and largest of p(x) = a x + b x^3 + c x^5 over its turning
-    points in (0, high) and at x = high. With a > 0 and the smallest positive,
-    p maps (0, high] onto (0, largest]."""
-    a, b, c = coefficients
-    # p'(x) = a + 3 b x^2 + 5 c x^4, a quadratic in x^2
-    squares = numpy.roots([5 * c, 3 * b, a])
-    points = [math.sqrt(square.real) for square in squares
-              if abs(square.imag) <= 1e-12 * abs(square) and 0 < square.real < high * high]
-    values = [a * x + b * x ** 3 + c * x ** 5 for x in points + [high]]
-    return min(values), max(values)
 
 
 def _names_ns_dtype(spec):

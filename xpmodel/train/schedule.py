@@ -18,8 +18,7 @@ numbers, step counts integers.
 import math
 
 from ..checks import NON_NEGATIVE, POSITIVE, POSITIVE_FRACTION, check_integer, check_number
-
-SCHEDULES = ("cosine", "constant", "linear", "step", "wsd")
+from ..options import SCHEDULES
 
 
 def _warmup(lr, warmup_iters, step):

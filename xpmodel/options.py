@@ -1,0 +1,18 @@
+"""The names of the choices a run config offers, on the ground floor.
+
+The run config (config.py) checks each setting against these lists when it
+reads it, and the code that acts on the choice (a layer, a schedule, the
+optimizer) dispatches on the same names; both import them from here, so the
+config never imports the trainer or the model to learn what they accept.
+
+A new choice is its name here plus its implementation where the others are:
+a norm or an MLP activation in layers/block.py's tables (tests/test_imports.py
+checks that they list the same names), a schedule in train/schedule.py.
+"""
+
+NORMS = ("layernorm", "rmsnorm")                        # model.norm (layers/block.py)
+POSITIONS = ("learned", "rope")                         # model.position (model/gpt.py)
+MLPS = ("gelu", "swiglu", "relu2")                      # model.mlp (layers/block.py)
+SCHEDULES = ("cosine", "constant", "linear", "step", "wsd")   # train.schedule (train/schedule.py)
+ADJUST_LR = ("original", "match_rms_adamw")             # train.muon_adjust_lr (train/muon.py)
+NOISE_KINDS = ("uniform", "gaussian")                   # train.embedding_noise_kind (layers/embedding_noise.py)
