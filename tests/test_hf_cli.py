@@ -96,6 +96,30 @@ def test_pickled_checkpoints_are_refused(tmp_path, env):
     assert "pickle" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("fifo", ["config.json", "model.safetensors.index.json"])
+def test_import_refuses_a_fifo_json_file_in_one_line_without_waiting(tmp_path, env, fifo):
+    """A FIFO named config.json (or the shard index) is refused as one, not read:
+    a read would wait forever for a writer, and `is_file` called it missing."""
+    import os
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    tiny_hf_dir(hf_dir)
+    if fifo != "config.json":
+        (hf_dir / "model.safetensors").unlink()   # the index is read only without one file
+    (hf_dir / fifo).unlink(missing_ok=True)
+    os.mkfifo(hf_dir / fifo)
+    run = lambda *args: subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                                       env=env, timeout=60)
+    result = run("-m", "xpmodel.cli.main", "import-hf", str(hf_dir), "--out", str(tmp_path / "run"))
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"{hf_dir / fifo}: is a FIFO, not a" in result.stderr
+    result = run("-c", "import sys; from xpmodel.hf.convert import hf_special_ids\n"
+                       "try: hf_special_ids(sys.argv[1])\n"
+                       "except Exception as exc: print(exc)", str(hf_dir))
+    if fifo == "config.json":   # the bos and eos ids that export-hf keeps
+        assert result.stdout.strip() == f"{hf_dir / fifo}: is a FIFO, not a Hugging Face config file"
+
+
 def tiny_hf_dir(directory):
     """A Hugging Face GPT-2 folder as `save_pretrained` leaves it (no export marker)."""
     from xpmodel.hf.convert import EXPORT_MARKER, export_hf

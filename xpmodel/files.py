@@ -66,6 +66,23 @@ def parse_json(text):
         raise ValueError("nested too deeply") from None
 
 
+def read_json(path, limit, error, what, advice=""):
+    """The JSON object in the regular file `path` of at most `limit` bytes
+    (read_bounded). Anything else raises `error` in one line naming the file
+    and calling it `what`: missing, a FIFO or a device, too large, not JSON,
+    or JSON that is not an object; `advice` (what to do about it, e.g. "; move
+    it away") ends the last two."""
+    data = read_bounded(path, limit, error, what)
+    try:
+        document = parse_json(data)
+    except ValueError as exc:   # JSONDecodeError, UnicodeDecodeError, nesting too deep
+        detail = " ".join(str(exc).split())[:200]
+        raise error(f"{path}: {what} is not valid JSON ({detail}){advice}") from None
+    if not isinstance(document, dict):
+        raise error(f"{path}: {what} is not a JSON object{advice}")
+    return document
+
+
 def same_file(a, b):
     """Whether two paths name the same file (links resolved, hard links too)."""
     try:

@@ -38,7 +38,7 @@ import numpy
 
 from ..atomic import atomic_write_bytes, atomic_writer
 from ..errors import DataError, UsageError
-from ..files import open_regular, parse_json, read_bounded
+from ..files import open_regular, read_json
 
 MAGIC = b"XPMTOK\0\0"
 FORMAT_VERSION = 1
@@ -233,13 +233,7 @@ def read_sidecar(path: "str | os.PathLike") -> dict:
     sidecar = sidecar_path(path)
     if not os.path.lexists(sidecar):
         raise DataError(f"{sidecar}: token file sidecar is missing")
-    try:
-        facts = parse_json(read_bounded(sidecar, _MAX_SIDECAR_BYTES, DataError, "token file sidecar"))
-    except ValueError as error:
-        raise DataError(f"{sidecar}: unreadable token file sidecar ({' '.join(str(error).split())[:200]})") from None
-    if not isinstance(facts, dict):
-        raise DataError(f"{sidecar}: token file sidecar is not a JSON object")
-    return facts
+    return read_json(sidecar, _MAX_SIDECAR_BYTES, DataError, "token file sidecar")
 
 
 def damaged_message(path: Path) -> str:

@@ -46,7 +46,7 @@ from pathlib import Path
 from ..atomic import atomic_write_bytes, temporary_target
 from ..config import load_config, save_config
 from ..errors import UsageError, XpmodelError, quote
-from ..files import inside, open_regular, parse_json, process_alive, read_bounded
+from ..files import inside, open_regular, parse_json, process_alive, read_json
 from ..tokenizer.bpe import BPETokenizer
 from .checkpoint import (FORMAT_VERSION, CheckpointError, read_checkpoint_meta, step_file_name,
                          step_of_name)
@@ -245,12 +245,8 @@ class RunDir:
                                  f"created; start it again with --out {self.path}")
             raise UsageError(f"{flag} {self.path}: not an xpmodel run (no run.json)"
                              f"{self._closest_run_hint()}")
-        try:
-            marker = parse_json(read_bounded(self.marker, _MAX_MARKER_BYTES, CheckpointError,
-                                             "run marker"))
-        except ValueError:
-            raise CheckpointError(f"{self.marker}: corrupt run marker") from None
-        if not isinstance(marker, dict) or marker.get("format") != RUN_FORMAT:
+        marker = read_json(self.marker, _MAX_MARKER_BYTES, CheckpointError, "run marker")
+        if marker.get("format") != RUN_FORMAT:
             raise CheckpointError(f"{self.marker}: not an xpmodel run marker")
         if type(marker.get("version")) is not int or marker["version"] > FORMAT_VERSION:
             raise CheckpointError(f"{self.marker}: run format version {quote(marker.get('version'), 40)} "

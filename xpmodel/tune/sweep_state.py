@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..atomic import atomic_write_bytes
 from ..errors import UsageError, XpmodelError, quote
-from ..files import parse_json, read_bounded
+from ..files import read_json
 from .sweep_plan import format_value
 
 FORMAT = "xpmodel-sweep"
@@ -35,13 +35,9 @@ class SweepDir:
         """sweep.json, its whole structure checked (see `_check_state`), or None."""
         if not self.state_path.is_file():
             return None
-        try:
-            state = parse_json(read_bounded(self.state_path, _MAX_STATE_BYTES, XpmodelError,
-                                            "sweep state"))
-        except ValueError:
-            raise XpmodelError(f"{self.state_path}: damaged; move it away to start the sweep "
-                               f"again") from None
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
+        state = read_json(self.state_path, _MAX_STATE_BYTES, XpmodelError, "sweep state",
+                          advice="; move it away to start the sweep again")
+        if state.get("format") != FORMAT:
             raise XpmodelError(f"{self.state_path}: not an xpmodel sweep")
         problem = _state_problem(state)
         if problem is not None:
