@@ -10,6 +10,7 @@ import pytest
 
 import xpmodel
 from xpmodel.backend import cuda_available, to_host
+from xpmodel.train.optim import clipped_step
 
 import cuda_emulator
 
@@ -63,43 +64,65 @@ def test_fp16_training_follows_the_fp32_loss_curve(device):
     for precision in ("fp32", "fp16"):
         model = xpmodel.GPT(CONFIG, device=device, seed=1, precision=precision)
         opt = xpmodel.AdamW(model, lr=2e-3)
-        scaler = xpmodel.LossScaler(scale=1024.0) if precision == "fp16" else None
+        scaler = xpmodel.LossScaler(scale=1024.0, xp=model.xp) if precision == "fp16" else None
         losses = []
-        for _ in range(40):
+        for step in range(40):          # the trainer's step (Trainer._optimizer_step)
             model.zero_grad()
-            losses.append(float(model.forward_backward(idx, targets,
-                                                       scale=scaler.scale if scaler else 1.0)))
+            scale = scaler.device_scale if scaler else 1.0
+            losses.append(float(model.forward_backward(idx, targets, scale=scale)))
+            _, finite = clipped_step(opt, 1.0, scale)
+            assert bool(finite)
             if scaler:
-                assert scaler.unscale_and_check(model)
-            xpmodel.clip_grad_norm(model, 1.0)
-            opt.step()
+                scaler.record(finite)
+                scaler.check(step)
         curves[precision] = np.array(losses)
     assert curves["fp32"][-1] < 0.6 * curves["fp32"][0]
     np.testing.assert_allclose(curves["fp16"], curves["fp32"], rtol=2e-2)
 
 
 def test_loss_scaling_recovers_from_an_injected_overflow(device):
+    """The trainer's step: clipped_step skips the update on an overflow and the
+    scaler halves the scale, then grows it back after growth_interval good steps."""
     model = xpmodel.GPT(CONFIG, device=device, seed=1, precision="fp16")
-    scaler = xpmodel.LossScaler(scale=2.0 ** 12, growth_interval=3)
+    scaler = xpmodel.LossScaler(scale=2.0 ** 12, growth_interval=3, xp=model.xp)
     opt = xpmodel.AdamW(model, lr=1e-3)
     idx, targets = batch()
     before = model.flat_params.copy()
-    model.zero_grad()
-    model.forward_backward(idx, targets, scale=scaler.scale)
-    model.flat_grads[5] = np.inf                      # an overflow in one gradient
-    finite = scaler.unscale_and_check(model)
-    scaler.update(finite, step=1)
-    assert not finite and scaler.scale == 2.0 ** 11
-    assert bool((model.flat_params == before).all())  # the step was skipped
-    for step in range(2, 5):
+
+    def step(overflow=False):
         model.zero_grad()
-        model.forward_backward(idx, targets, scale=scaler.scale)
-        finite = scaler.unscale_and_check(model)
-        scaler.update(finite, step)
-        assert finite
-        opt.step()
+        model.forward_backward(idx, targets, scale=scaler.device_scale)
+        if overflow:
+            model.flat_grads[5] = np.inf              # an overflow in one gradient
+        with np.errstate(divide="ignore", invalid="ignore"):   # as the trainer's step is
+            _, finite = clipped_step(opt, 1.0, scaler.device_scale)
+        scaler.record(finite)
+        return bool(finite)
+
+    assert not step(overflow=True) and scaler.scale == 2.0 ** 11
+    assert bool((model.flat_params == before).all())  # the update was skipped
+    assert all(step() for _ in range(3))
     assert scaler.scale == 2.0 ** 12                   # grew back after 3 good steps
     assert not bool((model.flat_params == before).all())
+
+
+def test_loss_scaling_stops_a_run_that_overflows_step_after_step(device):
+    model = xpmodel.GPT(CONFIG, device=device, seed=1, precision="fp16")
+    scaler = xpmodel.LossScaler(scale=2.0 ** 12, max_skipped_in_a_row=3, xp=model.xp)
+    opt = xpmodel.AdamW(model, lr=1e-3)
+    idx, targets = batch()
+    for step in range(1, 4):
+        model.zero_grad()
+        model.forward_backward(idx, targets, scale=scaler.device_scale)
+        model.flat_grads[0] = np.nan
+        with np.errstate(divide="ignore", invalid="ignore"):
+            _, finite = clipped_step(opt, 1.0, scaler.device_scale)
+        scaler.record(finite)
+        if step < 3:
+            scaler.check(step)
+    with pytest.raises(xpmodel.errors.XpmodelError, match="step 3: 3 steps in a row overflowed"):
+        scaler.check(3)
+    assert scaler.state_dict()["skipped_total"] == 3 and scaler.scale == 2.0 ** 9
 
 
 def test_cuda_request_without_a_gpu_is_a_clear_error():

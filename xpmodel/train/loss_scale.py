@@ -1,9 +1,10 @@
 """Dynamic loss scaling for float16 training.
 
 The loss is multiplied by `scale` before backward so small float16
-gradients do not flush to zero; gradients are divided by it again before
-clipping and the optimizer. An inf or NaN anywhere in the gradients means
-the scale was too large: the step is skipped and the scale halved. After
+gradients do not flush to zero; optim.clipped_step divides the gradients by
+it again, with the clipping, and skips the update when they are not finite.
+`record` takes that outcome: an inf or NaN anywhere in the gradients means
+the scale was too large, so the scale is halved. After
 `growth_interval` good steps in a row the scale doubles.
 
 The state lives in a small array on the model's device, so on a GPU a step
@@ -41,12 +42,6 @@ class LossScaler:
         """The current scale as a 0-d array on the state's device (no wait)."""
         return self.state[_SCALE]
 
-    def unscale_and_check(self, model):
-        """Divide the gradients by the scale; True when they are all finite."""
-        xp = model.xp
-        model.flat_grads *= 1.0 / self.scale
-        return bool(xp.isfinite(xp.dot(model.flat_grads, model.flat_grads)))
-
     def record(self, finite):
         """Count one step's outcome (a bool or 0-d bool array) and adapt the
         scale, on the state's device."""
@@ -69,11 +64,6 @@ class LossScaler:
                 f"step {step}: {skipped} steps in a row overflowed in float16 "
                 f"(loss scale now {self.scale:g}); the run is diverging: lower train.lr or use "
                 f"train.precision=fp32")
-
-    def update(self, finite, step):
-        """Record a step's outcome; raises after too many skipped steps in a row."""
-        self.record(finite)
-        self.check(step)
 
     def state_dict(self):
         s = to_host(self.state)
