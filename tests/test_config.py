@@ -10,9 +10,12 @@ from xpmodel.config import (
     ModelConfig,
     RunConfig,
     TrainConfig,
-    config_from_dict,
+    check_key,
+    check_value,
     config_to_dict,
+    config_to_yaml,
     load_config,
+    parse_override_value,
     save_config,
     shipped_configs,
 )
@@ -464,14 +467,67 @@ def test_save_replaces_an_existing_file(tmp_path):
     assert load_config(path) == changed
 
 
-def test_config_from_dict_roundtrip():
-    config = load_config("shakespeare-char-cpu")
-    assert config_from_dict(config_to_dict(config)) == config
+def test_config_to_yaml_is_what_save_config_writes(tmp_path):
+    config = load_config("shakespeare-char-cpu", ["train.sample_prompt=yes: no"])
+    path = tmp_path / "config.yaml"
+    save_config(config, path)
+    assert path.read_text(encoding="utf-8") == config_to_yaml(config)
+    assert load_config(path) == config
 
 
-def test_config_from_dict_names_its_label():
-    with pytest.raises(UsageError, match="checkpoint: unknown key model.width"):
-        config_from_dict({"model": {"width": 3}}, label="checkpoint")
+# ---------------------------------------------------------------------------
+# Reading one KEY=VALUE, as overrides and sweep SPECs do.
+
+@pytest.mark.parametrize("dotted, message", [
+    ("train.lrr", "unknown key train.lrr (did you mean lr?); valid train keys: batch_size, "),
+    ("model.lr", "did you mean train.lr?"),
+    ("optim.lr", "the key must be SECTION.KEY with SECTION one of data, model, train"),
+    ("train", "unknown key train."),
+])
+def test_check_key_names_the_key_and_the_valid_ones(dotted, message):
+    with pytest.raises(UsageError) as info:
+        check_key(dotted)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_check_key_gives_section_and_key():
+    assert check_key(" model.n_layer ") == ("model", "n_layer")
+
+
+@pytest.mark.parametrize("dotted, raw, value", [
+    ("train.lr", "3e-4", 3e-4),             # YAML 1.1 leaves it a string; the field reads a number
+    ("train.recompute", "none", "none"),    # a choice's name, not null
+    ("train.lr_decay_iters", "null", None),
+    ("data.source", "2024.txt", "2024.txt"),
+    ("train.sample_prompt", "yes", "yes"),
+    ("train.log_to", "tensorboard,wandb", ["tensorboard", "wandb"]),
+])
+def test_parse_override_value_reads_text_as_its_key_does(dotted, raw, value):
+    section, key = check_key(dotted)
+    assert check_value(section, key, parse_override_value(section, key, raw)) == value
+
+
+def test_parse_override_value_keeps_the_yaml_bounds():
+    bomb = "[" + ", ".join(["&a [x, x, x, x, x, x, x, x, x, x]"] + ["*a"] * 2000) + "]"
+    with pytest.raises(UsageError, match=r"^train\.lr: YAML with more than 10,000 values"):
+        parse_override_value("train", "lr", bomb)
+    with pytest.raises(UsageError, match=r"^override 'train\.lr=\[.*: train\.lr: YAML with more"):
+        load_config("default", [f"train.lr={bomb}"])
+
+
+def test_a_sweep_spec_reads_its_values_as_overrides_do():
+    from xpmodel.tune.sweep_plan import parse_spec
+    assert parse_spec("train.lr=1e-4,3e-4").values == [1e-4, 3e-4]
+    assert parse_spec("train.recompute=none,mlp").values == ["none", "mlp"]
+    assert parse_spec("train.batch_size=2,4").values == [2, 4]
+    for spec, message in [
+            ("train.lrr=1,2", "SPEC 'train.lrr=1,2': unknown key train.lrr (did you mean lr?)"),
+            ("optim.lr=1,2", "SPEC 'optim.lr=1,2': the key must be SECTION.KEY"),
+            ("train.lr=" + "[" * 20 + "]" * 20, "train.lr: YAML nested more than 16 levels deep"),
+            ("train.max_iters=1e3", "train.max_iters must be an integer or null, got '1e3'")]:
+        with pytest.raises(UsageError) as info:
+            parse_spec(spec)
+        assert message in str(info.value) and "\n" not in str(info.value)
 
 
 # ---- sizes bounded before anything is allocated -----------------------------------------

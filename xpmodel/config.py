@@ -677,26 +677,28 @@ def _build(merged, label):
 # ---------------------------------------------------------------------------
 # Overrides: `section.key=value` strings from the command line.
 
-def _parse_override(text):
-    """Split `section.key=value` into (section, key, value) with the value typed by its field."""
-    label = f"override {_show(text, 200)}"
-    if not isinstance(text, str) or "=" not in text:
-        raise UsageError(f"{label}: expected KEY=VALUE, e.g. model.n_layer=4")
-    dotted, _, raw = text.partition("=")
-    section, dot, key = dotted.strip().partition(".")
+def check_key(dotted):
+    """(section, key) of a dotted `section.key` that names a setting, or a one-line
+    UsageError: the sections when SECTION is not one, else the section's valid
+    keys and a guess at the one meant. The caller adds where the key came from."""
+    section, dot, key = str(dotted).strip().partition(".")
     if section not in SECTIONS:
-        raise UsageError(
-            f"{label}: the key must be SECTION.KEY with SECTION one of {', '.join(SECTIONS)}")
+        raise UsageError(f"the key must be SECTION.KEY with SECTION one of {', '.join(SECTIONS)}")
     if not dot or key not in _fields_by_name(section):
-        raise UsageError(f"{label}: {_unknown_key_message(section, key)}")
+        raise UsageError(_unknown_key_message(section, key))
+    return section, key
+
+
+def parse_override_value(section, key, raw):
+    """The value the text `raw` gives `section.key` in an override: read the way
+    YAML would, within the YAML bounds, but kept literal where it names one of
+    the key's choices (train.recompute=none is the mode, not null) or the key is
+    a string. Not yet checked against the key: check_value does that. A
+    UsageError (a value past the YAML bounds) names the key."""
     choices = _fields_by_name(section)[key].metadata.get("choices") or ()
-    if raw.strip() in choices:            # train.recompute=none names the mode, not null
-        return section, key, raw.strip(), label
-    return section, key, _override_value(raw, _field_types(section)[key]), label
-
-
-def _override_value(raw, annotation):
-    """Read an override's text the way YAML would, but keep strings literal for string fields."""
+    if raw.strip() in choices:
+        return raw.strip()
+    annotation = _field_types(section)[key]
     if raw.strip().lower() in ("none", "null", "~"):
         return None
     kinds = () if typing.get_origin(annotation) is list else \
@@ -707,12 +709,26 @@ def _override_value(raw, annotation):
     if str in kinds and not quoted:
         return raw
     try:
-        _check_yaml_bounds(raw, "override")
+        _check_yaml_bounds(raw, f"{section}.{key}")
         return yaml.safe_load(raw)
     except UsageError:
         raise
     except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError):
         return raw      # not YAML; the type check names it
+
+
+def _parse_override(text):
+    """Split `section.key=value` into (section, key, value, label) with the value
+    typed by its field; a UsageError names the override."""
+    label = f"override {_show(text, 200)}"
+    if not isinstance(text, str) or "=" not in text:
+        raise UsageError(f"{label}: expected KEY=VALUE, e.g. model.n_layer=4")
+    dotted, _, raw = text.partition("=")
+    try:
+        section, key = check_key(dotted)
+        return section, key, parse_override_value(section, key, raw), label
+    except UsageError as exc:
+        raise UsageError(f"{label}: {exc}") from None
 
 
 def check_override(text):
@@ -726,13 +742,7 @@ def check_override(text):
 def _apply_overrides(merged, overrides):
     by_section = {}
     for text in overrides:
-        try:
-            section, key, value, label = _parse_override(text)
-        except UsageError as exc:
-            message = str(exc)
-            if message.startswith("override: "):   # from the YAML bounds check
-                message = f"override {_show(text, 200)}: {message[len('override: '):]}"
-            raise UsageError(message) from None
+        section, key, value, label = _parse_override(text)
         values, labels = by_section.setdefault(section, ({}, {}))
         values[key], labels[key] = value, label
     for section, (values, labels) in by_section.items():
@@ -832,26 +842,19 @@ def _fit_schedule(merged, before, named, notify):
                f"{' and '.join(changed)} (the same share of the run; set them to choose)")
 
 
-def config_from_dict(document, label="config"):
-    """Check and build a RunConfig from a {section: {key: value}} mapping, e.g. one saved in a checkpoint."""
-    if not isinstance(document, dict):
-        raise UsageError(f"{label}: expected a mapping of sections, got {type(document).__name__}")
-    merged = {}
-    if document.get("base") is not None:
-        for base_label, base_document in _read_layers(document["base"]):
-            _apply_document(merged, base_document, base_label)
-    _apply_document(merged, document, label)
-    return _build(merged, label)
-
-
 def config_to_dict(config):
     """The config as plain {section: {key: value}} data, in field order."""
     return {name: dataclasses.asdict(getattr(config, name)) for name in SECTIONS}
 
 
-def save_config(config, path):
-    """Write the config as YAML that `load_config(path)` reads back equal; the write is atomic."""
-    path = Path(path)
-    text = ("# xpmodel run config, complete: every key is spelled out.\n"
+def config_to_yaml(config):
+    """The config as YAML text, every key spelled out in field order, that
+    load_config reads back equal: what save_config writes and the metric
+    mirrors (train/mirrors.py) show."""
+    return ("# xpmodel run config, complete: every key is spelled out.\n"
             + yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True))
-    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_config(config, path):
+    """Write config_to_yaml(config) to `path`, atomically."""
+    atomic_write_bytes(Path(path), config_to_yaml(config).encode("utf-8"))

@@ -10,9 +10,15 @@ a norm or an MLP activation in layers/block.py's tables (tests/test_imports.py
 checks that they list the same names), a schedule in train/schedule.py.
 """
 
-NORMS = ("layernorm", "rmsnorm")                        # model.norm (layers/block.py)
-POSITIONS = ("learned", "rope")                         # model.position (model/gpt.py)
-MLPS = ("gelu", "swiglu", "relu2")                      # model.mlp (layers/block.py)
-SCHEDULES = ("cosine", "constant", "linear", "step", "wsd")   # train.schedule (train/schedule.py)
-ADJUST_LR = ("original", "match_rms_adamw")             # train.muon_adjust_lr (train/muon.py)
-NOISE_KINDS = ("uniform", "gaussian")                   # train.embedding_noise_kind (layers/embedding_noise.py)
+# model.norm (layers/block.py)
+NORMS = ("layernorm", "rmsnorm")
+# model.position (model/gpt.py)
+POSITIONS = ("learned", "rope")
+# model.mlp (layers/block.py)
+MLPS = ("gelu", "swiglu", "relu2")
+# train.schedule (train/schedule.py)
+SCHEDULES = ("cosine", "constant", "linear", "step", "wsd")
+# train.muon_adjust_lr (train/muon.py)
+ADJUST_LR = ("original", "match_rms_adamw")
+# train.embedding_noise_kind (layers/embedding_noise.py)
+NOISE_KINDS = ("uniform", "gaussian")

@@ -23,10 +23,8 @@ import os
 import re
 import secrets
 
-import yaml
-
 from ..atomic import atomic_write_bytes
-from ..config import config_to_dict
+from ..config import config_to_dict, config_to_yaml
 from ..errors import XpmodelError, quote
 from ..files import read_bounded
 
@@ -105,10 +103,6 @@ def _scalars(record):
     return out
 
 
-def _config_text(config):
-    return yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)
-
-
 class TensorBoardSink:
     def __init__(self, run_dir, config, step):
         from tensorboardX import SummaryWriter
@@ -119,7 +113,7 @@ class TensorBoardSink:
                                     purge_step=step + 1, flush_secs=10,
                                     # ordered after the earlier files, even in the same second
                                     filename_suffix=f".step{step:010d}")
-        self.writer.add_text("config", _fenced(_config_text(config)), step)
+        self.writer.add_text("config", _fenced(config_to_yaml(config)), step)
 
     def record(self, record):
         step = record.get("step", 0)

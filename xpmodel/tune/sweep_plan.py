@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy
 
-from ..config import load_config
+from ..config import check_key, check_override, check_value, load_config, parse_override_value
 from ..errors import UsageError, quote
 
 _RESAMPLE_TRIES = 200
@@ -41,7 +41,8 @@ def parse_spec(text):
     if not sep or not key or "." not in key or not value:
         raise UsageError(f"SPEC {quote(text, 80)}: expected KEY=VALUES, e.g. train.lr=1e-4,3e-4 or "
                          f"train.lr=log:1e-5..1e-2")
-    _check_key(key, text)
+    section, name = _spec_part(text, check_key, key)
+    key = f"{section}.{name}"
     kind, _, body = value.partition(":") if value.split(":")[0] in ("log", "int") else ("", "", value)
     if ".." in body:
         low_text, _, high_text = body.partition("..")
@@ -49,14 +50,14 @@ def parse_spec(text):
             low, high = (int(low_text), int(high_text)) if kind == "int" else \
                 (float(low_text), float(high_text))
         except ValueError:
-            raise UsageError(f"SPEC {text}: the range {body} needs two "
+            raise UsageError(f"SPEC {quote(text, 80)}: the range {body} needs two "
                              f"{'integers' if kind == 'int' else 'numbers'}, LOW..HIGH") from None
         if not low < high or (kind == "log" and low <= 0):
-            raise UsageError(f"SPEC {text}: need {'0 < ' if kind == 'log' else ''}LOW < HIGH")
+            raise UsageError(f"SPEC {quote(text, 80)}: need {'0 < ' if kind == 'log' else ''}LOW < HIGH")
         return _checked(Param(key, kind or "uniform", [low, high]), text)
     if kind:
-        raise UsageError(f"SPEC {text}: {kind}: takes a range LOW..HIGH")
-    values = [_parse_value(v) for v in body.split(",")]
+        raise UsageError(f"SPEC {quote(text, 80)}: {kind}: takes a range LOW..HIGH")
+    values = [_spec_part(text, _grid_value, key, raw) for raw in body.split(",")]
     return _checked(Param(key, "grid", values), text)
 
 
@@ -64,38 +65,24 @@ def _checked(param, text):
     """The Param, once each of its values (a range: both ends) suits its key alone,
     so `train.lr=abc,def` is refused before any trial; rules that relate several
     keys are checked per trial."""
-    from ..config import check_override
     for value in param.values:
-        try:
-            check_override(f"{param.key}={format_value(value)}")
-        except UsageError as exc:
-            raise UsageError(f"SPEC {quote(text, 80)}: {exc}") from None
+        _spec_part(text, check_override, f"{param.key}={format_value(value)}")
     return param
 
 
-def _check_key(key, text):
-    import dataclasses
-    from ..config import SECTIONS
-    section, _, name = key.partition(".")
-    if section not in SECTIONS or name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
-        valid = ", ".join(SECTIONS) if section not in SECTIONS else \
-            ", ".join(f.name for f in dataclasses.fields(SECTIONS[section]))
-        raise UsageError(f"SPEC {quote(text, 80)}: unknown key {key}; valid "
-                         f"{'sections' if section not in SECTIONS else section + ' keys'}: {valid}")
+def _grid_value(dotted, raw):
+    """A grid value as an override gives it: typed by its key the way the config
+    reads it (within its YAML bounds) and checked against that key."""
+    section, name = check_key(dotted)
+    return check_value(section, name, parse_override_value(section, name, raw))
 
 
-def _parse_value(text):
-    """A grid value: an int, a float (YAML 1.1 reads `3e-4` as a string), or YAML's reading."""
-    import yaml
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
+def _spec_part(text, check, *args):
+    """check(*args), its UsageError naming the SPEC `text` it came from."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+        return check(*args)
+    except UsageError as exc:
+        raise UsageError(f"SPEC {quote(text, 80)}: {exc}") from None
 
 
 def format_value(value):
