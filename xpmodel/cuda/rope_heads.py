@@ -95,7 +95,7 @@ def split_rope_heads(qkv, bias, n_head, n_kv_head, rope, q_scale):
     D = width // (n_head + 2 * n_kv_head)
     if bias is not None and bias.dtype != qkv.dtype:
         bias = bias.astype(qkv.dtype)
-    cos, sin = _tables(rope, qkv)
+    cos, sin = _tables(rope)
     acc = acc_type(qkv.dtype)
     kernel = raw_kernel(_SOURCE, "split_rope_heads",
                         half=half_of(qkv.dtype, cos.dtype if cos is not None else None),
@@ -119,7 +119,7 @@ def merge_rope_heads(dheads, rope, dbias=None):
     B, H, T, D = dq.shape
     n_kv_head = dk.shape[1]
     width = (H + 2 * n_kv_head) * D
-    cos, sin = _tables(rope, dq)
+    cos, sin = _tables(rope)
     acc = acc_type(dq.dtype)
     g_type = c_type(dbias.dtype) if dbias is not None else "float"
     kernel = raw_kernel(_SOURCE, "merge_rope_heads",
@@ -133,7 +133,7 @@ def merge_rope_heads(dheads, rope, dbias=None):
     return out
 
 
-def _tables(rope, like):
+def _tables(rope):
     """The contiguous (cos, sin) tables, or (None, None) without rotary positions."""
     if rope is None:
         return None, None

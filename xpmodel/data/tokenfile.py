@@ -63,10 +63,6 @@ class TokenFileHeader:
     vocab_size: int
     tokenizer_fingerprint: str  # hex
 
-    @property
-    def data_bytes(self) -> int:
-        return self.count * self.dtype.itemsize
-
 
 def sidecar_path(path: "str | os.PathLike") -> Path:
     """Where the JSON sidecar of the token file `path` lives."""

@@ -35,17 +35,6 @@ SIZE_ONLY_DTYPES = {"F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 MAX_HEADER_BYTES = 100 * 2**20   # a real header is a few hundred bytes per tensor
 
 
-def read_safetensors_header(path, error, what):
-    """(header dict, data start offset, data length) of the file at `path`.
-
-    The header's length is checked against the file's size before it is read;
-    any problem raises `error` with a one-line message calling the file `what`.
-    """
-    path = Path(path)
-    with _open(path, error, what) as f:
-        return _read_header(f, path, error, what)
-
-
 def _open(path, error, what):
     """The regular file at `path`, opened for reading (a FIFO or a device
     would block or never end)."""
