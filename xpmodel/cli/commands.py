@@ -472,16 +472,17 @@ def compare_command(args):
 
 
 def sweep_command(args):
-    from ..tune.sweep import open_sweep, run_preset, sweep_strategy
+    from ..tune.preset import open_sweep, run_preset, sweep_strategy
     _refuse_empty_config(args.config, "--config")
+    options = dict(max_iters=args.max_iters, parallel=args.parallel, metric=args.metric,
+                   device=args.device, seed=args.seed,
+                   **sweep_strategy(args.sampler, args.pruner, args.storage, args.no_prune))
     if args.preset:
-        return run_preset(args)
+        return run_preset(args.out, args.config, args.specs, **options)
     if not args.specs:
         raise UsageError("give at least one SPEC, e.g. train.lr=log:1e-4..1e-2, or --preset "
                          "tuning-order")
-    sweep = open_sweep(args.out, args.config, args.specs, trials=args.trials,
-                       max_iters=args.max_iters, parallel=args.parallel, metric=args.metric,
-                       device=args.device, seed=args.seed, **sweep_strategy(args))
+    sweep = open_sweep(args.out, args.config, args.specs, trials=args.trials, **options)
     results = sweep.run()
     print("\n".join(sweep.table()))
     if results["best"]:

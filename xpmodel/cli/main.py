@@ -332,6 +332,9 @@ def _add_tuning_commands(commands, common):
     from . import commands as c
     from ..tune.doctor import CHECKS as DOCTOR_CHECKS
     from ..tune.lr_find import MIN_STEPS as LR_FIND_MIN_STEPS
+    from ..tune.preset import PRESETS
+    from ..tune.study import PRUNERS
+    from ..tune.sweep import METRICS
     p = commands.add_parser("doctor", parents=[common], help="check a config or run for training bugs",
                             description="The debugging checklist as one report: config and data "
                                         "sanity, the initial loss against ln(V), a non-zero gradient "
@@ -405,7 +408,7 @@ def _add_tuning_commands(commands, common):
     p.add_argument("--parallel", type=int, default=1, metavar="K",
                    help="trials at once: CPU threads are split among them, or one GPU each with "
                         "--device cuda (default: 1)")
-    p.add_argument("--metric", default="val_loss", choices=("val_loss", "train_loss"),
+    p.add_argument("--metric", default="val_loss", choices=METRICS,
                    help="what is minimised: the best validation loss, or the training loss at "
                         "evaluations (default: val_loss)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -415,7 +418,7 @@ def _add_tuning_commands(commands, common):
                         "lists in a random order; tpe: Optuna's TPE, the study in "
                         "SWEEP_DIR/study.db (pip install 'xpmodel[tune]') (default: grid when "
                         "every SPEC is a list, else random)")
-    p.add_argument("--pruner", choices=("median", "halving", "none"), default=None,
+    p.add_argument("--pruner", choices=PRUNERS, default=None,
                    help="stop a trial early: median (above the finished trials' median at an "
                         "evaluation), halving (Optuna's successive halving; --sampler tpe), or "
                         "none (default: median)")
@@ -424,7 +427,7 @@ def _add_tuning_commands(commands, common):
                         "given the same command (e.g. postgresql://user@host/db; default: "
                         "sqlite:///SWEEP_DIR/study.db)")
     p.add_argument("--no-prune", action="store_true", help="the same as --pruner none")
-    p.add_argument("--preset", choices=("tuning-order",), default=None,
+    p.add_argument("--preset", choices=PRESETS, default=None,
                    help="tuning-order: stages lr, then batch size, then width, then clipping, "
                         "each fixing the previous stage's winner (SPECs then fix keys)")
     p.add_argument("specs", nargs="*", metavar="SPEC", help="KEY=VALUES to search")

@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 from ..atomic import atomic_write_bytes, temporary_target
-from ..config import load_config, save_config
+from ..config import config_to_dict, load_config, save_config
 from ..errors import UsageError, XpmodelError, quote
 from ..files import inside, open_regular, parse_json, process_alive, read_json
 from ..tokenizer.bpe import BPETokenizer
@@ -330,7 +330,6 @@ class RunDir:
     def _config_difference(self, path, config):
         """(dotted key, config's value, checkpoint's value) of the first data.*
         or model.* setting the checkpoint at `path` was trained with otherwise."""
-        from ..config import config_to_dict
         saved = read_checkpoint_meta(path).get("config")
         if not isinstance(saved, dict):
             return None   # an imported checkpoint: weights only

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy
 
+from ..config import load_config
 from ..errors import UsageError, XpmodelError, quote
 from .sweep import MIN_FINISHED_TO_PRUNE, Sweep
 from .sweep_plan import check_trial, trial_overrides
@@ -149,7 +150,6 @@ class OptunaSweep(Sweep):
             return pruners.MedianPruner(n_startup_trials=MIN_FINISHED_TO_PRUNE, n_warmup_steps=0,
                                         n_min_trials=MIN_FINISHED_TO_PRUNE)
         if self.pruner_name == "halving":
-            from ..config import load_config
             first = load_config(self.config, self.fixed).train.eval_interval
             return pruners.SuccessiveHalvingPruner(min_resource=max(1, first), reduction_factor=3)
         return pruners.NopPruner()
@@ -231,7 +231,6 @@ class OptunaSweep(Sweep):
         return None
 
     def _own_trial(self, trial, name, params, reported):
-        from ..config import load_config
         record = {"name": name, "params": params, "status": "pending", "reported": set(reported),
                   "max_iters": load_config(self.config, trial_overrides(
                       self.config, params, self.fixed)).train.max_iters}

@@ -32,12 +32,14 @@ marked pruned. --no-prune turns it off.
 --sampler grid (every combination; the default with lists only) or random (the
 default with a range) is the plan above; --sampler tpe asks an Optuna study
 instead (xpmodel/tune/study.py), with Optuna's median or successive-halving
-pruner (--pruner).
+pruner (--pruner). preset.py chooses between them (open_sweep) and chains
+sweeps (--preset tuning-order).
 
 When swept, train.lr carries train.min_lr along at the base config's ratio
 (unless train.min_lr is swept too), so min_lr never exceeds lr.
 """
 import csv
+import ctypes
 import io
 import json
 import os
@@ -45,15 +47,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy
+from rich.live import Live
+from rich.table import Table
 
-from ..atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes, is_temporary_name
 from ..config import config_files, load_config, save_config
 from ..cpu_threads import thread_count
 from ..errors import UsageError, XpmodelError, quote
-from ..train.outputs import check_holds_no_input, check_output
+from ..train.outputs import check_holds_no_input
 from ..train.rundir import LOCK_NAME, RunDir
 from ..train.runlock import RunLock
 from .compare import format_table
@@ -64,20 +67,6 @@ from .plot import pyplot, save_figure
 METRICS = ("val_loss", "train_loss")
 MIN_FINISHED_TO_PRUNE = 2
 _POLL_S = 0.2
-PRESETS = ("tuning-order",)
-
-
-def open_sweep(out, config, specs, sampler=None, pruner="median", storage=None, **kwargs):
-    """A Sweep, or an OptunaSweep (xpmodel/tune/study.py) with --sampler tpe."""
-    if sampler == "tpe":
-        from .study import OptunaSweep
-        return OptunaSweep(out, config, specs, storage=storage, pruner=pruner, **kwargs)
-    if storage:
-        raise UsageError("--storage holds an Optuna study: it needs --sampler tpe")
-    if pruner not in ("median", "none"):
-        raise UsageError(f"--pruner {pruner} is Optuna's: it needs --sampler tpe (the grid and "
-                         f"random search prune by the median rule, or not at all with --pruner none)")
-    return Sweep(out, config, specs, sampler=sampler, prune=pruner == "median", **kwargs)
 
 
 class Sweep:
@@ -163,7 +152,6 @@ class Sweep:
 
     def _load_state(self):
         """sweep.json, waiting a moment for another worker that is creating it."""
-        from ..atomic import is_temporary_name
         for _ in range(20):
             state = self.dir.load()
             entries = [p.name for p in self.dir.path.iterdir() if p.name != LOCK_NAME] \
@@ -298,7 +286,7 @@ class Sweep:
         trial["status"] = "running"
         trial.setdefault("step", 0)
         self._save()
-        self._say(f"{name} started: {_params_text(trial['params'])}")
+        self._say(f"{name} started: {params_text(trial['params'])}")
         return process, trial, slot, log
 
     def _read_progress(self, trial):
@@ -407,7 +395,7 @@ class Sweep:
                 continue
             style = {"done": "-", "pruned": ":", "failed": ":", "running": "--"}.get(t["status"], "-")
             ax.plot(*zip(*t["evals"]), style, marker="o", ms=3,
-                    label=f"{t['name']} {_params_text(t['params'])} ({t['status']})")
+                    label=f"{t['name']} {params_text(t['params'])} ({t['status']})")
         ax.set_xlabel("step")
         ax.set_ylabel(self.metric.replace("_", " "))
         ax.set_title(f"sweep {self.dir.path.name}: {self.metric} of every trial")
@@ -424,7 +412,7 @@ class Sweep:
         return format_table(["trial", *keys, "step", f"best {self.metric}", "state"], rows)
 
 
-def _params_text(params):
+def params_text(params):
     return " ".join(f"{k.split('.')[-1]}={format_value(v)}" for k, v in params.items())
 
 
@@ -463,7 +451,6 @@ def _die_with_parent():
     """In the child: SIGTERM when the sweep process dies (Linux), so a trial
     saves a checkpoint and stops instead of running on unwatched."""
     try:
-        import ctypes
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -488,7 +475,6 @@ class _Live:
 
     def __enter__(self):
         if sys.stdout.isatty():
-            from rich.live import Live
             self.live = Live(self._render(), refresh_per_second=4)
             self.live.__enter__()
         return self
@@ -503,7 +489,6 @@ class _Live:
             self.live.update(self._render())
 
     def _render(self):
-        from rich.table import Table
         sweep = self.sweep
         keys = list(dict.fromkeys(k for t in sweep.state["trials"] for k in t["params"]))
         table = Table(title=f"sweep {sweep.dir.path}")
@@ -515,56 +500,10 @@ class _Live:
         return table
 
 
-# ---- --preset tuning-order -------------------------------------------------------------
-
-def tuning_order_stages(config):
-    """[(stage name, [SPEC], key whose largest finished value wins or None)] for a
-    RunConfig: the guide's order, each around the config's current value."""
-    t, m = config.train, config.model
-    lrs = ",".join(format_value(t.lr * f) for f in (0.1, 0.3, 1.0, 3.0, 10.0))
-    batches = ",".join(str(t.batch_size * f) for f in (1, 2, 4))
-    step = m.n_head * (2 if m.position == "rope" else 1)
-    widths = sorted({max(step, round(m.n_embd * f / step) * step) for f in (0.5, 1.0, 2.0)})
-    return [("1-lr", [f"train.lr={lrs}"], None),
-            ("2-batch", [f"train.batch_size={batches}"], "train.batch_size"),
-            ("3-width", [f"model.n_embd={','.join(map(str, widths))}"], None),
-            ("4-clip", ["train.grad_clip=0,0.5,1,2"], None)]
-
-
-def sweep_strategy(args):
-    """open_sweep's sampler, pruner and storage from the command line."""
-    if args.no_prune and args.pruner not in (None, "none"):
-        raise UsageError(f"--no-prune and --pruner {args.pruner} contradict each other")
-    return {"sampler": args.sampler, "storage": args.storage,
-            "pruner": "none" if args.no_prune else (args.pruner or "median")}
-
-
-def run_preset(args):
-    """`--preset tuning-order`: learning rate, then the largest batch size that
-    fits, then width, then clipping, each stage a sweep in SWEEP_DIR/N-name
-    starting from the previous stage's best.yaml. Resumable as one sweep is."""
-    out = Path(args.out)
-    config = args.config
-    check_output(out / "best.yaml", "--out", config_files(config), overwrite=True)
-    fixed = list(args.specs)   # the user's SPECs: single values fixed in every stage
-    for spec in fixed:
-        if parse_spec(spec).kind != "grid" or len(parse_spec(spec).values) != 1:
-            raise UsageError(f"with --preset, SPECs fix one value each (KEY=VALUE); got {spec}")
-    stage_names = [name for name, _, _ in tuning_order_stages(load_config(config, fixed))]
-    for i, name in enumerate(stage_names):
-        base = load_config(config, fixed)
-        _, specs, largest = tuning_order_stages(base)[i]
-        print(f"stage {name}: {' '.join(specs)} (from {config})", flush=True)
-        sweep = open_sweep(out / name, config, specs + fixed, max_iters=args.max_iters,
-                           parallel=args.parallel, metric=args.metric, device=args.device,
-                           seed=args.seed, largest=largest, **sweep_strategy(args))
-        results = sweep.run()
-        print("\n".join(sweep.table()), flush=True)
-        if not results["best"]:
-            raise XpmodelError(f"stage {name}: no trial finished; see the logs in "
-                               f"{out / name / 'logs'}")
-        print(f"stage {name} winner: {_params_text(results['best_params'])}", flush=True)
-        config = str(out / name / "best.yaml")
-    save_config(load_config(config), out / "best.yaml")
-    print(f"best config: {out / 'best.yaml'} (xpmodel train --config {out / 'best.yaml'})")
-    return 0
+def __getattr__(name):
+    """open_sweep moved to preset.py (which imports this module and study.py);
+    tests/test_sweep.py and test_sweep_optuna.py still import it from here."""
+    if name == "open_sweep":
+        from .preset import open_sweep
+        return open_sweep
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from ..atomic import atomic_write_bytes
+from ..config import check_override
 from ..errors import UsageError, XpmodelError, quote
 from ..files import read_json
 from .sweep_plan import format_value
@@ -139,7 +140,6 @@ def _is_param_value(value):
 
 def _override_problem(text):
     """Why KEY=VALUE is not an override of one config key, or None."""
-    from ..config import check_override
     try:
         check_override(text)
     except UsageError as exc:

@@ -1,0 +1,82 @@
+"""Choosing and chaining sweeps: `open_sweep` picks a grid or random Sweep
+(sweep.py) or an Optuna one (study.py) from the command line's strategy, and
+`run_preset` runs `--preset tuning-order`, one sweep per stage.
+
+This module imports both kinds of sweep, so neither has to import the other."""
+from pathlib import Path
+
+from ..config import config_files, load_config, save_config
+from ..errors import UsageError, XpmodelError
+from ..train.outputs import check_output
+from .study import OptunaSweep
+from .sweep import Sweep, params_text
+from .sweep_plan import format_value, parse_spec
+
+PRESETS = ("tuning-order",)
+
+
+def sweep_strategy(sampler=None, pruner=None, storage=None, no_prune=False):
+    """open_sweep's sampler, pruner and storage from --sampler, --pruner, --storage
+    and --no-prune."""
+    if no_prune and pruner not in (None, "none"):
+        raise UsageError(f"--no-prune and --pruner {pruner} contradict each other")
+    return {"sampler": sampler, "storage": storage,
+            "pruner": "none" if no_prune else (pruner or "median")}
+
+
+def open_sweep(out, config, specs, sampler=None, pruner="median", storage=None, **kwargs):
+    """A Sweep, or an OptunaSweep with --sampler tpe; kwargs are Sweep's."""
+    if sampler == "tpe":
+        return OptunaSweep(out, config, specs, storage=storage, pruner=pruner, **kwargs)
+    if storage:
+        raise UsageError("--storage holds an Optuna study: it needs --sampler tpe")
+    if pruner not in ("median", "none"):
+        raise UsageError(f"--pruner {pruner} is Optuna's: it needs --sampler tpe (the grid and "
+                         f"random search prune by the median rule, or not at all with --pruner none)")
+    return Sweep(out, config, specs, sampler=sampler, prune=pruner == "median", **kwargs)
+
+
+# ---- --preset tuning-order -------------------------------------------------------------
+
+def tuning_order_stages(config):
+    """[(stage name, [SPEC], key whose largest finished value wins or None)] for a
+    RunConfig: the guide's order, each around the config's current value."""
+    t, m = config.train, config.model
+    lrs = ",".join(format_value(t.lr * f) for f in (0.1, 0.3, 1.0, 3.0, 10.0))
+    batches = ",".join(str(t.batch_size * f) for f in (1, 2, 4))
+    step = m.n_head * (2 if m.position == "rope" else 1)
+    widths = sorted({max(step, round(m.n_embd * f / step) * step) for f in (0.5, 1.0, 2.0)})
+    return [("1-lr", [f"train.lr={lrs}"], None),
+            ("2-batch", [f"train.batch_size={batches}"], "train.batch_size"),
+            ("3-width", [f"model.n_embd={','.join(map(str, widths))}"], None),
+            ("4-clip", ["train.grad_clip=0,0.5,1,2"], None)]
+
+
+def run_preset(out, config, specs=(), **options):
+    """`--preset tuning-order`: learning rate, then the largest batch size that
+    fits, then width, then clipping, each stage a sweep in OUT/N-name starting
+    from the previous stage's best.yaml. `specs` fix one value each in every
+    stage; `options` are open_sweep's (max_iters, parallel, metric, device,
+    seed, and sweep_strategy's). Resumable as one sweep is."""
+    out = Path(out)
+    check_output(out / "best.yaml", "--out", config_files(config), overwrite=True)
+    fixed = list(specs)
+    for spec in fixed:
+        if parse_spec(spec).kind != "grid" or len(parse_spec(spec).values) != 1:
+            raise UsageError(f"with --preset, SPECs fix one value each (KEY=VALUE); got {spec}")
+    stage_names = [name for name, _, _ in tuning_order_stages(load_config(config, fixed))]
+    for i, name in enumerate(stage_names):
+        base = load_config(config, fixed)
+        _, stage_specs, largest = tuning_order_stages(base)[i]
+        print(f"stage {name}: {' '.join(stage_specs)} (from {config})", flush=True)
+        sweep = open_sweep(out / name, config, stage_specs + fixed, largest=largest, **options)
+        results = sweep.run()
+        print("\n".join(sweep.table()), flush=True)
+        if not results["best"]:
+            raise XpmodelError(f"stage {name}: no trial finished; see the logs in "
+                               f"{out / name / 'logs'}")
+        print(f"stage {name} winner: {params_text(results['best_params'])}", flush=True)
+        config = str(out / name / "best.yaml")
+    save_config(load_config(config), out / "best.yaml")
+    print(f"best config: {out / 'best.yaml'} (xpmodel train --config {out / 'best.yaml'})")
+    return 0
