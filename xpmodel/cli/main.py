@@ -329,12 +329,14 @@ def _add_hf_commands(commands, common):
 
 def _add_tuning_commands(commands, common):
     """Tuning and diagnosis: doctor, lr-find, runs, compare, sweep."""
+    for add in (_add_doctor, _add_lr_find, _add_runs, _add_compare, _add_sweep):
+        add(commands, common)
+
+
+def _add_doctor(commands, common):
+    """xpmodel doctor: the debugging checklist as one report."""
     from . import commands as c
     from ..tune.doctor import CHECKS as DOCTOR_CHECKS
-    from ..tune.lr_find import MIN_STEPS as LR_FIND_MIN_STEPS
-    from ..tune.preset import PRESETS
-    from ..tune.study import PRUNERS
-    from ..tune.sweep import METRICS
     p = commands.add_parser("doctor", parents=[common], help="check a config or run for training bugs",
                             description="The debugging checklist as one report: config and data "
                                         "sanity, the initial loss against ln(V), a non-zero gradient "
@@ -353,6 +355,11 @@ def _add_tuning_commands(commands, common):
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(handler=c.doctor_command)
 
+
+def _add_lr_find(commands, common):
+    """xpmodel lr-find: the learning-rate range test."""
+    from . import commands as c
+    from ..tune.lr_find import MIN_STEPS as LR_FIND_MIN_STEPS
     p = commands.add_parser("lr-find", parents=[common], help="the learning-rate range test",
                             description="Train from the initial weights with a learning rate "
                                         "growing exponentially, plot loss against learning rate, "
@@ -371,6 +378,10 @@ def _add_tuning_commands(commands, common):
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(handler=c.lr_find_command)
 
+
+def _add_runs(commands, common):
+    """xpmodel runs: a table of run directories."""
+    from . import commands as c
     p = commands.add_parser("runs", parents=[common], help="list runs: status, steps, best val",
                             description="A table of the run directories in DIR (and up to three "
                                         "folders below): status, steps, tokens, best validation "
@@ -379,6 +390,10 @@ def _add_tuning_commands(commands, common):
                    help="a folder of runs, or one run (default: runs)")
     p.set_defaults(handler=c.runs_command)
 
+
+def _add_compare(commands, common):
+    """xpmodel compare: several runs' curves in one PNG."""
+    from . import commands as c
     p = commands.add_parser("compare", parents=[common], help="overlay runs' curves in one PNG",
                             description="Plot the training and validation loss of several runs "
                                         "in one PNG and print a table of them with the config "
@@ -389,6 +404,13 @@ def _add_tuning_commands(commands, common):
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_FILE)
     p.set_defaults(handler=c.compare_command)
 
+
+def _add_sweep(commands, common):
+    """xpmodel sweep: a grid, random or TPE search, or a --preset of them."""
+    from . import commands as c
+    from ..tune.preset import PRESETS
+    from ..tune.study import PRUNERS
+    from ..tune.sweep import METRICS
     p = commands.add_parser("sweep", parents=[common],
                             help="grid, random or TPE search over config keys",
                             description="Train one run per trial of a grid, random or (with "
