@@ -415,7 +415,7 @@ def test_tokenizer_without_a_subcommand_shows_its_own_help(capsys):
 
 
 def test_bits_per_byte_gives_special_tokens_no_bytes(trained):
-    from xpmodel.cli.commands import evaluate_tokens
+    from xpmodel.train.evaluate import evaluate_tokens
     model, tokenizer = xpmodel.load(trained["run"])
     text_ids = tokenizer.encode("Good night sweet prince.\n" * 3)
     with_eot = numpy.array(text_ids + [tokenizer.eot_id] + text_ids)

@@ -4,8 +4,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy
-
 from ..cpu_threads import usable_cores
 from ..errors import DataError, UsageError, quote
 from ..files import inside, open_regular, same_file
@@ -213,6 +211,7 @@ def _check_utf8(flag, text):
 def eval_command(args):
     from ..data import prepare, read_token_file
     from ..data.corpus import load_tokens
+    from ..train.evaluate import evaluate_tokens
     from ..train.rundir import RunDir
     from ..train.runs import load
     if args.batches is not None and args.batches < 1:
@@ -239,34 +238,6 @@ def eval_command(args):
     print(f"{what}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
           f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']:,} tokens)")
     return 0
-
-
-def evaluate_tokens(model, tokenizer, tokens, batch_size, max_batches=None):
-    """Loss over consecutive windows, each target predicted once, and bits per byte."""
-    T = model.config.block_size
-    specials = set(tokenizer.special_tokens.values())   # e.g. <|endoftext|>: no bytes of text
-    byte_lengths = numpy.array([len(tokenizer.token_bytes(i))
-                                if i < tokenizer.vocab_size and i not in specials else 0
-                                for i in range(model.config.vocab_size)])
-    starts = list(range(0, len(tokens) - 1, T))
-    total_nats, total_tokens, total_bytes = 0.0, 0, 0
-    batches = [starts[i:i + batch_size] for i in range(0, len(starts), batch_size)]
-    if max_batches is not None:
-        batches = batches[:max_batches]
-    for batch in batches:
-        x = numpy.full((len(batch), T), 0, dtype=numpy.int64)
-        y = numpy.full((len(batch), T), -1, dtype=numpy.int64)
-        for row, start in enumerate(batch):
-            window = numpy.asarray(tokens[start:start + T + 1], dtype=numpy.int64)
-            x[row, :len(window) - 1] = window[:-1]
-            y[row, :len(window) - 1] = window[1:]
-        count = int((y >= 0).sum())
-        total_nats += float(model.loss(x, y)) * count
-        total_tokens += count
-        total_bytes += int(byte_lengths[y[y >= 0]].sum())
-    loss = total_nats / total_tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": total_tokens,
-            "bits_per_byte": total_nats / math.log(2) / max(total_bytes, 1)}
 
 
 def plot_command(args):

@@ -1,5 +1,6 @@
 """Evaluation and reporting: validation loss (and early stopping), samples,
-the data line, MFU, and the end-of-run summary."""
+the data line, MFU, and the end-of-run summary; evaluate_tokens, a trained
+model's loss and bits per byte over a token stream (xpmodel eval)."""
 import math
 
 import numpy
@@ -9,6 +10,36 @@ from ..data import eval_batches, resolve_source
 from ..errors import XpmodelError
 from ..model.generate import generate
 from .peak_flops import mfu_peak
+
+
+def evaluate_tokens(model, tokenizer, tokens, batch_size, max_batches=None):
+    """Loss, perplexity and bits per byte of `model` over `tokens` (xpmodel
+    eval): consecutive windows of block_size, so each target is predicted
+    once, `batch_size` windows a batch, at most `max_batches` batches."""
+    T = model.config.block_size
+    specials = set(tokenizer.special_tokens.values())   # e.g. <|endoftext|>: no bytes of text
+    byte_lengths = numpy.array([len(tokenizer.token_bytes(i))
+                                if i < tokenizer.vocab_size and i not in specials else 0
+                                for i in range(model.config.vocab_size)])
+    starts = list(range(0, len(tokens) - 1, T))
+    total_nats, total_tokens, total_bytes = 0.0, 0, 0
+    batches = [starts[i:i + batch_size] for i in range(0, len(starts), batch_size)]
+    if max_batches is not None:
+        batches = batches[:max_batches]
+    for batch in batches:
+        x = numpy.full((len(batch), T), 0, dtype=numpy.int64)
+        y = numpy.full((len(batch), T), -1, dtype=numpy.int64)
+        for row, start in enumerate(batch):
+            window = numpy.asarray(tokens[start:start + T + 1], dtype=numpy.int64)
+            x[row, :len(window) - 1] = window[:-1]
+            y[row, :len(window) - 1] = window[1:]
+        count = int((y >= 0).sum())
+        total_nats += float(model.loss(x, y)) * count
+        total_tokens += count
+        total_bytes += int(byte_lengths[y[y >= 0]].sum())
+    loss = total_nats / total_tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": total_tokens,
+            "bits_per_byte": total_nats / math.log(2) / max(total_bytes, 1)}
 
 
 class Evaluation:
