@@ -1,6 +1,6 @@
 """The names of the choices a run config offers, on the ground floor.
 
-The run config (config.py) checks each setting against these lists when it
+The run config (config/) checks each setting against these lists when it
 reads it, and the code that acts on the choice (a layer, a schedule, the
 optimizer) dispatches on the same names; both import them from here, so the
 config never imports the trainer or the model to learn what they accept.

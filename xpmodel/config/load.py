@@ -1,0 +1,266 @@
+"""Building a run config: `base:` layers, the YAML file and `KEY=VALUE`
+overrides laid over the defaults, then checked whole; and writing one back.
+
+A config is built in layers, each replacing the keys it names:
+  dataclass defaults < `base:` config (recursively) < the YAML file < overrides.
+Every key is checked as it is read, so an error names the file or override it
+came from; the rules that relate several keys run once on the finished
+config, blaming its file. Two policies span layers: a layer that shortens the
+run scales the schedule it inherited (_fit_schedule), and a Muon key that
+adamw would ignore is refused (_check_muon_keys_apply).
+"""
+import dataclasses
+import typing
+from pathlib import Path
+
+import yaml
+
+from ..atomic import atomic_write_bytes
+from ..errors import UsageError
+from .fields import _show
+from .sections import (SECTIONS, RunConfig, TrainConfig, _field_types, _fields_by_name,
+                       _unknown_key_message, _unknown_section_message, check_key, check_value)
+from .yaml_files import _check_yaml_bounds, _locate, _parse_yaml
+
+DEFAULT_CONFIG = "default"
+_MAX_BASE_DEPTH = 16    # deeper `base:` chains are almost surely a mistake
+# Alternative ways to say how long to train: a layer that sets one clears the
+# other, so `epochs: 3` over a base that sets max_iters means what it says.
+_RUN_LENGTH_KEYS = ("max_iters", "epochs")
+
+
+# ---------------------------------------------------------------------------
+# Layering: each layer is a {section: {key: value}} mapping checked key by key.
+
+def _read_layers(name_or_path, relative_to=None, chain=()):
+    """Return [(label, document)] for a config and its `base:` ancestors, oldest first."""
+    label, text = _locate(name_or_path, relative_to)
+    if label in chain:
+        raise UsageError(f"{label}: `base:` chain loops back on itself ({' -> '.join((*chain, label))})")
+    if len(chain) >= _MAX_BASE_DEPTH:
+        raise UsageError(f"{label}: `base:` chain deeper than {_MAX_BASE_DEPTH} configs")
+    document = _parse_yaml(text, label)
+    base = document.get("base")
+    if base is None:
+        return [(label, document)]
+    if not isinstance(base, str) or not base:
+        raise UsageError(f"{label}: base must be a config name or path, got {_show(base)}")
+    # A relative base path is read next to the file that names it.
+    return _read_layers(base, Path(label).parent, (*chain, label)) + [(label, document)]
+
+
+def _apply_document(merged, document, label):
+    """Check a parsed YAML document's sections and keys and lay them over `merged`."""
+    for section, values in document.items():
+        if section == "base":
+            continue
+        if section not in SECTIONS:
+            raise UsageError(f"{label}: {_unknown_section_message(section)}")
+        if values is None:      # `model:` with nothing under it
+            continue
+        if not isinstance(values, dict):
+            raise UsageError(
+                f"{label}: section {section} must be a mapping of keys, got {_show(values)}")
+        _apply_values(merged, section, values, {key: label for key in values})
+
+
+def _apply_values(merged, section, values, labels):
+    """Check each key of one section and lay the values over `merged`."""
+    valid = _fields_by_name(section)
+    checked = {}
+    for key, value in values.items():
+        if key not in valid:
+            raise UsageError(f"{labels[key]}: {_unknown_key_message(section, key)}")
+        try:
+            checked[key] = check_value(section, key, value)
+        except UsageError as exc:
+            raise UsageError(f"{labels[key]}: {exc}") from None
+    target = merged.setdefault(section, {})
+    if section == "train":
+        named = [key for key in _RUN_LENGTH_KEYS if key in checked]
+        if len(named) == 1:
+            for other in _RUN_LENGTH_KEYS:
+                target[other] = None
+    target.update(checked)
+
+
+def _build(merged, label):
+    """Construct the dataclasses, blaming `label` for any rule that spans several keys."""
+    try:
+        return RunConfig(**{name: cls(**merged.get(name, {})) for name, cls in SECTIONS.items()})
+    except UsageError as exc:
+        raise UsageError(f"{label}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------
+# Overrides: `section.key=value` strings from the command line.
+
+def parse_override_value(section, key, raw):
+    """The value the text `raw` gives `section.key` in an override: read the way
+    YAML would, within the YAML bounds, but kept literal where it names one of
+    the key's choices (train.recompute=none is the mode, not null) or the key is
+    a string. Not yet checked against the key: check_value does that. A
+    UsageError (a value past the YAML bounds) names the key."""
+    choices = _fields_by_name(section)[key].metadata.get("choices") or ()
+    if raw.strip() in choices:
+        return raw.strip()
+    annotation = _field_types(section)[key]
+    if raw.strip().lower() in ("none", "null", "~"):
+        return None
+    kinds = () if typing.get_origin(annotation) is list else \
+        typing.get_args(annotation) or (annotation,)     # a list: `[a, b]` or `a,b`
+    quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+    # `data.source=2024.txt` or `train.sample_prompt=yes` mean the text itself;
+    # quoting (`'"\n"'`) opts into YAML escapes.
+    if str in kinds and not quoted:
+        return raw
+    try:
+        _check_yaml_bounds(raw, f"{section}.{key}")
+        return yaml.safe_load(raw)
+    except UsageError:
+        raise
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError):
+        return raw      # not YAML; the type check names it
+
+
+def _parse_override(text):
+    """Split `section.key=value` into (section, key, value, label) with the value
+    typed by its field; a UsageError names the override."""
+    label = f"override {_show(text, 200)}"
+    if not isinstance(text, str) or "=" not in text:
+        raise UsageError(f"{label}: expected KEY=VALUE, e.g. model.n_layer=4")
+    dotted, _, raw = text.partition("=")
+    try:
+        section, key = check_key(dotted)
+        return section, key, parse_override_value(section, key, raw), label
+    except UsageError as exc:
+        raise UsageError(f"{label}: {exc}") from None
+
+
+def check_override(text):
+    """(dotted key, value) of one `section.key=value` override, its value checked
+    against that key alone (type, range, choices), or a one-line UsageError
+    naming the key; rules that relate several keys wait for load_config."""
+    section, key, value, _ = _parse_override(text)
+    return f"{section}.{key}", check_value(section, key, value)
+
+
+def _apply_overrides(merged, overrides):
+    by_section = {}
+    for text in overrides:
+        section, key, value, label = _parse_override(text)
+        values, labels = by_section.setdefault(section, ({}, {}))
+        values[key], labels[key] = value, label
+    for section, (values, labels) in by_section.items():
+        _apply_values(merged, section, values, labels)
+
+
+# ---------------------------------------------------------------------------
+# Public entry points.
+
+def load_config(name_or_path=None, overrides=(), notify=None):
+    """Read a shipped config by name (default: "default") or a YAML file, then apply overrides.
+
+    A layer that shortens train.max_iters below the warmup_iters or
+    lr_decay_iters of the layers under it, without setting those itself,
+    has them scaled to fit (see `_fit_schedule`); notify(text) is told.
+    """
+    if isinstance(overrides, str):     # one override, not its characters
+        overrides = (overrides,)
+    merged = {}
+    layers = _read_layers(DEFAULT_CONFIG if name_or_path is None else name_or_path)
+    train_keys = []     # per layer, {train key it sets: label to blame}
+    for label, document in layers:
+        before = dict(merged.get("train", {}))
+        _apply_document(merged, document, label)
+        train = document.get("train")
+        train_keys.append({key: label for key in train} if isinstance(train, dict) else {})
+        _fit_schedule(merged, before, set(train_keys[-1]), notify)
+    before = dict(merged.get("train", {}))
+    _apply_overrides(merged, overrides)
+    train_keys.append({str(text).partition("=")[0].strip().partition(".")[2]: f"override {_show(text, 200)}"
+                       for text in overrides if str(text).strip().startswith("train.")})
+    _fit_schedule(merged, before, set(train_keys[-1]), notify)
+    label = layers[-1][0] + (" with overrides" if overrides else "")
+    config = _build(merged, label)
+    _check_muon_keys_apply(config.train.optimizer, train_keys)
+    return config
+
+
+def config_files(name_or_path=None):
+    """The files a config is read from, as load_config reads them: its `base:`
+    chain, oldest first, then the config itself (a shipped config is its file
+    in the package). A command counts them all among its inputs, so that no
+    output of it is written over one."""
+    return [Path(label) for label, _ in
+            _read_layers(DEFAULT_CONFIG if name_or_path is None else name_or_path)]
+
+
+def _check_muon_keys_apply(optimizer, train_keys):
+    """Refuse a Muon key (train.muon_*) that would be ignored: set by a layer (a
+    file, or the overrides together) that does not choose train.optimizer
+    itself, with no later layer choosing it, while the optimizer is adamw. A
+    layer that chooses the optimizer keeps its Muon keys: a saved run config
+    spells out every key, and `train.optimizer=adamw` over a Muon config
+    switches optimizers on purpose."""
+    if optimizer != "adamw":
+        return
+    for keys in reversed(train_keys):
+        if "optimizer" in keys:
+            return
+        muon = [key for key in _fields_by_name("train") if key.startswith("muon_") and key in keys]
+        if muon:
+            raise UsageError(f"{keys[muon[0]]}: train.{muon[0]} is set but train.optimizer is adamw "
+                             f"(Muon's keys apply with train.optimizer=muon)")
+
+
+def _fit_schedule(merged, before, named, notify):
+    """Scale warmup_iters and lr_decay_iters to a run that a layer made shorter.
+
+    `xpmodel train train.max_iters=60` over a config with warmup_iters: 100
+    means "the same run, shorter": a warmup or decay longer than the new run
+    is scaled by its new length over its old (100 of 700 steps becomes 9 of
+    60); one that fits is kept. A value the same layer sets is the user's and
+    is never changed; a conflict then is an error.
+    """
+    if "max_iters" not in named:
+        return
+    train = merged.setdefault("train", {})
+    steps = train.get("max_iters")
+    if steps is None:
+        return
+    defaults = {spec.name: spec.default for spec in dataclasses.fields(TrainConfig)}
+    old_steps = before.get("max_iters", defaults["max_iters"])
+    scale = steps / old_steps if old_steps and old_steps > steps else None
+    changed = []
+    warmup = train.get("warmup_iters", defaults["warmup_iters"])
+    if "warmup_iters" not in named and warmup > steps:
+        warmup = min(steps, round(warmup * scale)) if scale else steps // 10
+        train["warmup_iters"] = warmup
+        changed.append(f"train.warmup_iters={warmup}")
+    decay = train.get("lr_decay_iters", defaults["lr_decay_iters"])
+    if "lr_decay_iters" not in named and decay is not None and decay > steps:
+        decay = max(warmup, min(steps, round(decay * scale))) if scale else steps
+        train["lr_decay_iters"] = decay
+        changed.append(f"train.lr_decay_iters={decay}")
+    if changed and notify is not None:
+        notify(f"note: train.max_iters={steps} is shorter than the schedule it was given, so "
+               f"{' and '.join(changed)} (the same share of the run; set them to choose)")
+
+
+def config_to_dict(config):
+    """The config as plain {section: {key: value}} data, in field order."""
+    return {name: dataclasses.asdict(getattr(config, name)) for name in SECTIONS}
+
+
+def config_to_yaml(config):
+    """The config as YAML text, every key spelled out in field order, that
+    load_config reads back equal: what save_config writes and the metric
+    mirrors (train/mirrors.py) show."""
+    return ("# xpmodel run config, complete: every key is spelled out.\n"
+            + yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True))
+
+
+def save_config(config, path):
+    """Write config_to_yaml(config) to `path`, atomically."""
+    atomic_write_bytes(Path(path), config_to_yaml(config).encode("utf-8"))
