@@ -279,6 +279,9 @@ MODELS = {
     "gpt2": (dict(n_head=4, n_embd=64, block_size=32), {}),
     # heads of 64, T = 64: flash attention on CUDA, with RoPE and grouped keys
     "llama-style": (dict(n_head=2, n_embd=128, block_size=64), LLAMA_STYLE),
+    # squared ReLU, and QK-norm: the RMSNorm kernel on bfloat16 heads
+    "relu2-qk-norm": (dict(n_head=4, n_embd=64, block_size=32),
+                      dict(mlp="relu2", qk_norm=True, position="rope")),
 }
 
 

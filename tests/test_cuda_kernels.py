@@ -361,6 +361,23 @@ def test_flash_attention_serves_only_its_shapes(cp):
         assert isinstance(cache.core, attention.SoftmaxCache), (dtype, D, T, dropout)
 
 
+def test_flash_kernels_refuse_operands_they_cannot_read_in_vectors(cp):
+    """A strided or misaligned q, k, v, out or lse would be read wrongly in
+    16-byte vectors: refused by name instead."""
+    from xpmodel.cuda import flash
+    rng = np.random.default_rng(0)
+    B, H, T, D = 1, 2, 64, 64
+    q, k, v = (cp.asarray(rand(rng, (B, H, T, D), np.float16)) for _ in range(3))
+    strided = cp.asarray(rand(rng, (B, H, T, 2 * D), np.float16))[..., ::2]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        flash.flash_forward((q, strided, v))
+    out, lse = flash.flash_forward((q, k, v))
+    shifted = cp.empty(lse.size + 1, np.float32)[1:].reshape(lse.shape)
+    shifted[...] = lse
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        flash.flash_backward(cp.asarray(rand(rng, (B * T, H * D), np.float16)), (q, k, v), out, shifted, 0.125)
+
+
 def test_vector_kernels_fall_back_on_unaligned_rows(cp):
     """A C-contiguous view that starts 2 bytes into its buffer cannot take the
     16-byte vector kernels; the general ones give the same results."""

@@ -2,8 +2,11 @@
 shapes: the flash kernels (xpmodel/cuda/flash.py) against the path through
 T x T scores, in milliseconds (CUDA events, median of repeats) and TFLOP/s
 of the causal half, for float16 and bfloat16 heads; a config with grouped-query
-attention (llama-char, llama-small) gets its H_kv key/value heads. The two
-paths' outputs and input gradients are compared at these full sizes too.
+attention (llama-char, llama-small) gets its H_kv key/value heads. Both
+paths' outputs and input gradients are compared at these full sizes with a
+float32 reference on the first batch element: the layers' own `xp` code
+(use_kernels("xp"): no CUDA kernel of xpmodel, not even the head split) on
+the same 16-bit inputs upcast.
 
     python tools/attention_probe.py [--configs char-mid gpt2-small llama-small] [--dtypes float16 bfloat16]
 """
@@ -25,7 +28,7 @@ def main():
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"], choices=("float16", "bfloat16"))
     args = parser.parse_args()
     import cupy
-    from xpmodel.backend import BFLOAT16
+    from xpmodel.backend import BFLOAT16, use_kernels
     from xpmodel.cuda import flash
     from xpmodel.layers import attention
     for name, dtype_name in [(n, d) for d in args.dtypes for n in args.configs]:
@@ -58,14 +61,18 @@ def main():
             flash.ENABLED = flash_on
         print(f"  through T x T scores  forward {forward:7.3f} ms  backward {backward:7.3f} ms"
               " (with the head split and merge)")
-        if flash_on:
-            print(f"  flash against T x T   output {_relative(y_flash, y):.1e}, input gradient "
-                  f"{_relative(dqkv_flash, dqkv):.1e} (max |difference| / max |T x T value|)")
+        with use_kernels("xp"):
+            y_ref, cache = attention.attention_forward(qkv[:1].astype(np.float32), H, n_kv_head=H_kv)
+            dqkv_ref = attention.attention_backward(dout[:T].astype(np.float32), cache)
+        results = [("T x T", y, dqkv)] + ([("flash", y_flash, dqkv_flash)] if flash_on else [])
+        for label, out_, grad in results:           # rows [0, T): the first batch element
+            print(f"  {label:6s} against float32  output {_relative(out_[:T], y_ref):.1e}, input gradient "
+                  f"{_relative(grad[:T], dqkv_ref):.1e} (max |difference| / max |reference|)")
 
 
-def _relative(a, b):
-    a, b = a.astype(np.float32), b.astype(np.float32)
-    return float(abs(a - b).max() / abs(b).max())
+def _relative(a, reference):
+    a = a.astype(np.float32)
+    return float(abs(a - reference).max() / abs(reference).max())
 
 
 def _grouped_heads(qkv, H, H_kv, D):

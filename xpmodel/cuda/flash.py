@@ -429,12 +429,22 @@ def _kernel(name, half):
     return raw_kernel(_SOURCE, name, half=half)
 
 
+def _check_vector_operands(*arrays):
+    """The kernels move every operand in 16-byte vectors (cp.async, uint4): each
+    must be C-contiguous from a 16-byte aligned start, as fresh CuPy arrays are."""
+    for array in arrays:
+        if not array.flags.c_contiguous or array.data.ptr % 16:
+            raise ValueError(f"flash attention: an operand of shape {array.shape} is not "
+                             f"C-contiguous from a 16-byte aligned start")
+
+
 def flash_forward(heads):
     """heads: q (B, H, T, 64), scaled, k, v (B, H_kv, T, 64) (empty_heads' form),
     float16 or bfloat16, as flash_applies requires -> out (B*T, H*64) in the
     heads' dtype, lse (B, H, T) float32."""
     cupy = _import_cupy()
     q, k, v = heads
+    _check_vector_operands(q, k, v)
     B, H, T, _ = q.shape
     out = cupy.empty((B * T, H * HEAD_DIM), dtype=q.dtype)
     lse = cupy.empty((B, H, T), dtype=numpy.float32)
@@ -456,6 +466,7 @@ def flash_backward(dout, heads, out, lse, q_scale):
     dout = cupy.ascontiguousarray(dout, dtype=q.dtype)
     if dout.data.ptr % 16:          # the kernels copy 16-byte vectors of it
         dout = dout.copy()
+    _check_vector_operands(q, k, v, out, lse)
     rows = B * T * H
     delta = cupy.empty((B, H, T), dtype=numpy.float32)
     _kernel("flash_delta", q.dtype)(((rows + 255) // 256,), (256,),
