@@ -29,9 +29,6 @@ def gpt_config_for(config, tokenizer):
     return gpt_config(config.model, tokenizer.vocab_size)
 
 
-model_config = gpt_config_for   # the old name, which tools/speedrun.py still calls
-
-
 def build_model(config, tokenizer, device, dropout=None, embedding_noise=None):
     """The model a run config (`config`) trains, at the seed's initial weights:
     its GPTConfig checked against this machine's memory before anything is
