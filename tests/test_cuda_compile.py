@@ -98,6 +98,26 @@ def test_every_kernel_compiles_without_spills(arch):
         assert nvrtc.spills(log) == 0, f"{name} spills registers on sm_{arch}:\n{log}"
 
 
+def test_norm_kernels_compile_without_spills_at_larger_widths():
+    """The norm kernels hold a row's C values per warp in registers and shared
+    memory, so they are the ones C can break: checked at the widths of GPT-2
+    medium, large and XL (the README's bigger-model table)."""
+    start = len(cuda_emulator.built)
+    with cuda_emulator.emulated_cuda() as cp:
+        from xpmodel.layers.layernorm import layernorm_backward, layernorm_forward
+        for C in (1024, 1280, 1600):
+            for low in (np.float16, BFLOAT16, np.float32):
+                x, w = cp.ones((2, C), np.float32), cp.ones(C, np.float32)
+                out, cache = layernorm_forward(x, w, w, low)
+                layernorm_backward(out, cache, w, cp.zeros(C, np.float32), cp.zeros(C, np.float32),
+                                   dx=x, dx_low=cp.empty((2, C), low))
+    codes = {code for _, code in cuda_emulator.built[start:]}
+    assert len(codes) == 18          # forward and backward, per width and activation type
+    for code in codes:
+        ok, log = nvrtc.compile_kernel(NVRTC, code, 90)
+        assert ok and nvrtc.spills(log) == 0, log
+
+
 def test_bfloat16_builds_use_bfloat16_instructions():
     """One source, two 16-bit types: a kernel built for bfloat16 arrays converts
     with cvt.rn.bf16.f32 and multiplies with bf16 mma.sync; none of it keeps a

@@ -439,6 +439,37 @@ def test_norm_kernel_without_centring_or_bias_matches_numpy(cp, C, norm):
     assert relative_error(g_dw, dw) < 1e-11
 
 
+@pytest.mark.parametrize("C", [64, 100])
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+def test_rows_wider_than_the_norm_kernel_takes_the_xp_expressions(cp, C, norm, monkeypatch):
+    """Past cuda.layernorm.MAX_WIDTH (lowered here to 64) the norms run as
+    CuPy expressions, both ways, with the same results."""
+    from xpmodel.cuda import layernorm as kernels
+    from xpmodel.layers.layernorm import layernorm_backward, layernorm_forward
+    from xpmodel.layers.rmsnorm import rmsnorm_backward, rmsnorm_forward
+    monkeypatch.setattr(kernels, "MAX_WIDTH", 64)
+    calls = []
+    for name in ("layernorm_forward", "layernorm_backward"):
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    rng = np.random.default_rng()
+    x, w, b, dout = rand(rng, (37, C), scale=3.0) + 1.0, rand(rng, (C,)), rand(rng, (C,)), rand(rng, (37, C))
+    if norm == "rmsnorm":
+        forward, backward = rmsnorm_forward, lambda d, cache, w_, dw, db: rmsnorm_backward(d, cache, w_, dw)
+        b = None
+    else:
+        forward, backward = layernorm_forward, layernorm_backward
+    out, cache = forward(x, w, b)
+    dw, db = np.zeros(C), np.zeros(C)
+    dx = backward(dout, cache, w, dw, None if b is None else db)
+    g_out, g_cache = forward(cp.asarray(x), cp.asarray(w), None if b is None else cp.asarray(b))
+    g_dw, g_db = cp.zeros(C), cp.zeros(C)
+    g_dx = backward(cp.asarray(dout), g_cache, cp.asarray(w), g_dw, None if b is None else g_db)
+    assert calls == (["layernorm_forward", "layernorm_backward"] if C <= 64 else [])
+    assert relative_error(g_out, out) < 1e-12 and relative_error(g_dx, dx) < 1e-11
+    assert relative_error(g_dw, dw) < 1e-11 and relative_error(g_db, db) < 1e-11
+
+
 @pytest.mark.parametrize("n_kv_head,rotary", [(2, True), (1, True), (4, True), (2, False)])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
 def test_rope_and_grouped_head_split_and_merge_match_numpy(cp, n_kv_head, rotary, dtype):

@@ -14,6 +14,11 @@ from .compile import acc_type, c_type, half_of, multiprocessor_count, optional, 
 
 _THREADS = 256
 _WARPS = _THREADS // 32
+# Rows wider than this go to the layers' xp expressions instead: each lane's
+# registers hold ceil(C / 32) values of a row, which spill from C = 2048 (788
+# bytes a thread there, 8.9 KB at 4096), and the block's three shared column
+# sums stop compiling at C = 4096 in float64 and 6144 in float32.
+MAX_WIDTH = 2048
 
 _SOURCE = r"""
 extern "C" __global__ void layernorm_forward(const X_T* x, const W_T* w, const W_T* b,

@@ -1,16 +1,26 @@
 """LayerNorm over each row of an (N, C) matrix (eps 1e-5 by default), statistics in at least float32.
 
-CuPy arrays go to one fused kernel each way (xpmodel.cuda.layernorm), unless
-the "xp" kernels are chosen (backend.use_kernels)."""
+CuPy arrays of at most cuda.layernorm.MAX_WIDTH channels go to one fused
+kernel each way (xpmodel.cuda.layernorm), unless the "xp" kernels are chosen
+(backend.use_kernels)."""
 from ..backend import array_module, fused_kernels, upcast
 
 EPS = 1e-5
 
 
+def fused_norm_takes(array):
+    """Whether the fused norm kernel takes rows of `array` (..., C): a CuPy
+    array under the fused kernels, C no wider than the kernel holds."""
+    if not fused_kernels(array):
+        return False
+    from ..cuda.layernorm import MAX_WIDTH
+    return array.shape[-1] <= MAX_WIDTH
+
+
 def layernorm_forward(x, w, b, out_dtype=None, eps=EPS):
     """x: (N, C), w, b: (C,) (b may be None) -> out (N, C) in out_dtype
     (default x's), cache for backward."""
-    if fused_kernels(x):
+    if fused_norm_takes(x):
         from ..cuda.layernorm import layernorm_forward as fused
         out, xhat, rstd = fused(x, w, b, eps, out_dtype or x.dtype)
         return out, (xhat, rstd)
@@ -35,7 +45,7 @@ def layernorm_backward(dout, cache, w, dw, db, dx=None, dx_low=None, dx_sum=None
     `dx_sum` (C,) its column sums (the gradient of a bias added to the
     residual stream)."""
     xhat, rstd = cache
-    if fused_kernels(dout):
+    if fused_norm_takes(dout):
         from ..cuda.layernorm import layernorm_backward as fused
         return fused(dout, xhat, rstd, w, dw, db, dx, dx_low, dx_sum)
     xp = array_module(dout)

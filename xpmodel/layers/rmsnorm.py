@@ -2,10 +2,10 @@
 at least float32. No mean is subtracted and there is no bias; that is the
 whole difference from LayerNorm, here and in the shared CUDA kernel
 (xpmodel.cuda.layernorm), which CuPy arrays go to with the "fused" kernels
-(backend.use_kernels) as rows of C. QK-norm uses it on (B, H, T, D) heads,
+(backend.use_kernels) as rows of C, C up to its MAX_WIDTH. QK-norm uses it on (B, H, T, D) heads,
 where it normalises each head's D values."""
-from ..backend import array_module, fused_kernels, upcast
-from .layernorm import EPS, deliver_input_gradient
+from ..backend import array_module, upcast
+from .layernorm import EPS, deliver_input_gradient, fused_norm_takes
 
 
 def rmsnorm_forward(x, w, b=None, out_dtype=None, eps=EPS):
@@ -13,7 +13,7 @@ def rmsnorm_forward(x, w, b=None, out_dtype=None, eps=EPS):
     b must be None: it keeps the signature LayerNorm's, so the two are interchangeable."""
     if b is not None:
         raise ValueError("RMSNorm has no bias")
-    if fused_kernels(x):
+    if fused_norm_takes(x):
         from ..cuda.layernorm import layernorm_forward as fused
         C = x.shape[-1]
         out, xhat, rstd = fused(x.reshape(-1, C), w, None, eps, out_dtype or x.dtype, center=False)
@@ -38,7 +38,7 @@ def rmsnorm_backward(dout, cache, w, dw, db=None, dx=None, dx_low=None, dx_sum=N
     xhat, rstd = cache
     if db is not None:
         raise ValueError("RMSNorm has no bias")
-    if fused_kernels(dout):   # xhat and rstd are the kernel's rows of C
+    if fused_norm_takes(dout):   # xhat and rstd are the kernel's rows of C
         from ..cuda.layernorm import layernorm_backward as fused
         C = dout.shape[-1]
         rows = None if dx is None else dx.reshape(-1, C)
