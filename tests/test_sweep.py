@@ -48,7 +48,7 @@ def test_a_second_process_on_the_same_sweep_folder_is_refused(capsys, tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time\n"
-         "from xpmodel.tune.sweep import open_sweep\n"
+         "from xpmodel.tune.preset import open_sweep\n"
          f"open_sweep({str(out)!r}, {str(TINY)!r}, ['train.lr=1e-3,2e-3'], show=False)\n"
          "print('holding', flush=True)\n"
          "time.sleep(60)\n"],
@@ -63,7 +63,7 @@ def test_a_second_process_on_the_same_sweep_folder_is_refused(capsys, tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    from xpmodel.tune.sweep import open_sweep      # the kernel let go of the dead holder's lock
+    from xpmodel.tune.preset import open_sweep      # the kernel let go of the dead holder's lock
     sweep = open_sweep(out, str(TINY), ["train.lr=1e-3,2e-3"], show=False)
     sweep.close()
     assert not (out / ".xpmodel.lock").exists()
@@ -111,7 +111,7 @@ def test_a_sweep_never_writes_over_its_config_or_its_base(capsys, tmp_path):
 
 def _planned_sweep(out):
     """A sweep folder with its two trials planned (none run) and its sweep.json document."""
-    from xpmodel.tune.sweep import open_sweep
+    from xpmodel.tune.preset import open_sweep
     open_sweep(out, str(TINY), ["train.lr=1e-3,2e-3"], show=False).close()
     return json.loads((out / "sweep.json").read_text())
 

@@ -36,7 +36,7 @@ def sweep_process(args):
 def test_tpe_sweep_prunes_a_trial_and_resumes_after_kill_9(capsys, tmp_path, corpus):
     pytest.importorskip("optuna")
     from xpmodel.train.rundir import RunDir
-    from xpmodel.tune.sweep import open_sweep
+    from xpmodel.tune.preset import open_sweep
     out = tmp_path / "sweep"
     specs = [f"data.source={corpus}", "train.eval_interval=50", "train.save_interval=50",
              "train.lr=log:1e-7..1e-1"]

@@ -132,8 +132,8 @@ def test_lr_find_refuses_a_backwards_range(capsys, corpus):
 
 def test_lr_find_and_doctor_build_the_model_the_run_trains(tmp_path, corpus):
     """One config-to-model path (train.setup.build_model): the tuning tools'
-    model has the trainer's weights and embedding noise; doctor's model,
-    without dropout, has no noise either."""
+    model has the trainer's weights and embedding noise; doctor's models have
+    neither dropout nor embedding noise."""
     subject = load_subject(TINY, [f"data.source={corpus}", "train.embedding_noise=5",
                                   "train.embedding_noise_kind=gaussian"])
     trainer = tiny_trainer(tmp_path, corpus, "train.embedding_noise=5",
@@ -142,7 +142,9 @@ def test_lr_find_and_doctor_build_the_model_the_run_trains(tmp_path, corpus):
     assert model.embedding_noise == trainer.model.embedding_noise == (5.0, "gaussian")
     assert numpy.array_equal(model.flat_params, trainer.model.flat_params)
     assert model.config == trainer.gpt_config == subject.gpt_config
-    assert subject.model("cpu", dropout=0.0).embedding_noise == (0.0, "gaussian")
+    from xpmodel.tune.doctor import NOISELESS
+    quiet = subject.model("cpu", **NOISELESS)
+    assert quiet.embedding_noise == (0.0, "gaussian") and quiet.config.dropout == 0.0
 
 
 def test_lr_find_refuses_a_model_larger_than_memory_as_training_does(capsys, tmp_path, corpus,

@@ -33,15 +33,12 @@ class Subject:
     def gpt_config(self):
         return gpt_config_for(self.config, self.tokenizer)
 
-    def model(self, device="cpu", dropout=None):
+    def model(self, device="cpu", dropout=None, embedding_noise=None):
         """The model the run trains (train.setup.build_model), at its initial
-        weights: the seed's, or train.init_from's. `dropout` overrides
-        model.dropout; a model without dropout (doctor's checks, which must
-        repeat) has no embedding noise either, the other noise of a training
-        pass."""
-        noise = 0.0 if dropout == 0 else None
+        weights: the seed's, or train.init_from's. `dropout` and
+        `embedding_noise` (an alpha) override the config's."""
         model = build_model(self.config, self.tokenizer, device, dropout=dropout,
-                            embedding_noise=noise)
+                            embedding_noise=embedding_noise)
         if self.pretrained is not None:
             model.load_state_arrays(self.pretrained)
         return model

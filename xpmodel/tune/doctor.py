@@ -39,6 +39,8 @@ FINITE_DIFFERENCE_TOLERANCE = 1e-5
 OVERFIT_TARGET = 0.1
 # Rows of the batch the overfit check memorises (more rows only take longer).
 OVERFIT_ROWS = 8
+# The checks must repeat: no dropout and no embedding noise in their models.
+NOISELESS = dict(dropout=0.0, embedding_noise=0.0)
 
 
 @dataclass
@@ -208,7 +210,7 @@ def _batches(subject, rows=None, count=1):
 
 
 def check_initial_loss(subject, device):
-    model = subject.model(device, dropout=0.0).eval()
+    model = subject.model(device, **NOISELESS).eval()
     losses = [float(model.loss(x, y)) for x, y in _batches(subject, count=2)]
     loss, expected = float(numpy.mean(losses)), math.log(model.config.vocab_size)
     detail = f"{loss:.4f} at step 0, ln(V) = {expected:.4f} for V = {model.config.vocab_size:,}"
@@ -226,7 +228,7 @@ def check_initial_loss(subject, device):
 
 def check_gradients(subject, device):
     """Every parameter's gradient from one training batch: finite and not all zero."""
-    model = subject.model(device, dropout=0.0)
+    model = subject.model(device, **NOISELESS)
     model.zero_grad()
     (x, y), = _batches(subject)
     model.forward_backward(x, y)
@@ -314,7 +316,7 @@ def check_overfit(subject, device, steps=300, target=OVERFIT_TARGET):
     off, its peak rates held constant) until the loss is below `target`, at
     most `steps` steps."""
     t = replace(subject.config.train, weight_decay=0.0, muon_weight_decay=0.0)
-    model = subject.model(device, dropout=0.0)
+    model = subject.model(device, **NOISELESS)
     optimizer = optimizer_for(model, t)
     (x, y), = _batches(subject, rows=min(t.batch_size, OVERFIT_ROWS))
     first = loss = None

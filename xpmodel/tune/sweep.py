@@ -498,12 +498,3 @@ class _Live:
             table.add_row(t["name"], *[format_value(t["params"].get(k)) for k in keys],
                           str(t.get("step", 0)), _number(t.get("metric")), t["status"])
         return table
-
-
-def __getattr__(name):
-    """open_sweep moved to preset.py (which imports this module and study.py);
-    tests/test_sweep.py and test_sweep_optuna.py still import it from here."""
-    if name == "open_sweep":
-        from .preset import open_sweep
-        return open_sweep
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
