@@ -12,7 +12,7 @@ import dataclasses
 import json
 
 from ..errors import DataError, UsageError, quote
-from ..files import parse_json, read_bounded
+from ..files import read_json
 from .metaspace import Metaspace
 from .pretokenize import GPT2_SPLIT_PATTERN, one_line
 
@@ -53,11 +53,7 @@ def tokenizer_json(merges, special_tokens, split_pattern, normalizer, ignore_mer
 def read_tokenizer_file(path, build):
     """`build(document)` of the tokenizer file at `path`. Raises DataError naming
     the file if it is missing, truncated, corrupt or not an xpmodel tokenizer."""
-    data = read_bounded(path, MAX_FILE_BYTES, DataError, "tokenizer file")
-    try:
-        document = parse_json(data.decode("utf-8"))
-    except ValueError as exc:   # UnicodeDecodeError and JSONDecodeError included
-        raise DataError(f"{path}: cannot read tokenizer file: {one_line(exc)}") from None
+    document = read_json(path, MAX_FILE_BYTES, DataError, "tokenizer file")
     try:
         return build(document)
     except (UsageError, TypeError, ValueError) as exc:

@@ -46,7 +46,7 @@ import numpy
 
 from ..atomic import atomic_write_bytes
 from ..errors import DataError, UsageError, quote
-from ..files import parse_json, read_bounded
+from ..files import read_bounded, read_json
 from .bpe import ENDOFTEXT, BPETokenizer
 from .file_format import MAX_FILE_BYTES
 from .metaspace import Metaspace
@@ -610,11 +610,4 @@ def _int_or_none(text):
 
 def _load_json(path):
     """A JSON object from a regular file of at most MAX_FILE_BYTES."""
-    data = read_bounded(path, MAX_FILE_BYTES, DataError, "tokenizer file")
-    try:
-        document = parse_json(data.decode("utf-8"))
-    except ValueError as exc:   # UnicodeDecodeError and JSONDecodeError included
-        raise DataError(f"{path}: cannot read: {' '.join(str(exc).split())[:200]}") from None
-    if not isinstance(document, dict):
-        raise DataError(f"{path}: not a JSON object")
-    return document
+    return read_json(path, MAX_FILE_BYTES, DataError, "tokenizer file")
