@@ -17,7 +17,8 @@ from xpmodel import backend
 from xpmodel.backend import to_host
 from xpmodel.config import load_config
 from xpmodel.errors import UsageError, XpmodelError
-from xpmodel.train.muon import (HIDDEN_MATRICES, NS_BOUND, NS_COEFFICIENTS, Muon, check_ns_coefficients,
+from xpmodel.ns_coefficients import NS_BOUND
+from xpmodel.train.muon import (HIDDEN_MATRICES, NS_COEFFICIENTS, Muon, check_ns_coefficients,
                                 newton_schulz, orthogonalise)
 from xpmodel.train.optim import clipped_step
 from xpmodel.train import Trainer

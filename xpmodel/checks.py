@@ -1,5 +1,5 @@
 """The ranges numbers must fall in, and the checks of numeric arguments that
-the run config (config.py) and the Python API (GPTConfig, GPT, the
+the run config (config/) and the Python API (GPTConfig, GPT, the
 optimizers, schedules and clipping) share.
 
 The API's checks take Python numbers and NumPy scalars alike (np.float32,

@@ -17,13 +17,12 @@ from ..backend import KERNELS
 from ..checks import HALF_OPEN_UNIT, NON_NEGATIVE, OPEN_UNIT, POSITIVE, Range
 from ..errors import UsageError
 from ..ns_coefficients import NS_COEFFICIENTS, check_ns_coefficients, parse_ns_coefficients
-from ..options import ADJUST_LR, MLPS, NOISE_KINDS, NORMS, POSITIONS, SCHEDULES
+from ..options import ADJUST_LR, MLPS, NOISE_KINDS, NORMS, POSITIONS, SCHEDULES, TOKEN_DROPOUT_MODES
 from ..tokenizer.bpe import MAX_VOCAB
 from .fields import _check_field, _check_fields, _fields_of, _setting, _show, _types_of
 
 TOKENIZERS = ("bpe", "byte")
 BATCHINGS = ("random", "epochs")
-TOKEN_DROPOUT_MODES = ("random", "mask")
 PRECISIONS = ("fp32", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "muon")
 LOG_TO = ("tensorboard", "wandb")      # train.log_to: mirrors of metrics.jsonl (train/mirrors.py)

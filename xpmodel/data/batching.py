@@ -33,12 +33,12 @@ from typing import Iterator
 import numpy
 
 from ..errors import DataError, UsageError
+from ..options import TOKEN_DROPOUT_MODES
 
 # Generator streams of one epoch in EpochSampler, kept apart by this tag.
 _ORDER_STREAM = 0
 _DROPOUT_STREAM = 1
 
-TOKEN_DROPOUT_MODES = ("random", "mask")
 # What a state saved before a key existed meant by its absence.
 _STATE_DEFAULTS = {"token_dropout_mode": "random"}
 

@@ -60,7 +60,6 @@ from ..backend import is_half
 from ..checks import HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, Range, check_integer, check_number
 from ..errors import XpmodelError
 from ..layers.matmul import matmul
-from ..ns_coefficients import NS_BOUND as _NS_BOUND
 from ..ns_coefficients import NS_COEFFICIENTS, check_ns_coefficients, parse_ns_coefficients
 from ..options import ADJUST_LR
 from .optim import AdamW, check_state_arrays
@@ -68,7 +67,6 @@ from .optim import AdamW, check_state_arrays
 # the weights Muon takes, by their name inside a block (h.{i}.NAME)
 HIDDEN_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 NS_EPS = 1e-7   # floor of ||U||_F, as torch.optim.Muon's
-NS_BOUND = _NS_BOUND  # the largest singular value an iteration may produce (ns_coefficients.py)
 NS_DTYPES = ("float16", "float32", "float64")   # the ns_dtype choices
 
 
