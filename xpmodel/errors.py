@@ -24,6 +24,13 @@ class CheckpointError(XpmodelError):
     """A checkpoint or run directory that cannot be used."""
 
 
+def one_line(text, limit=300):
+    """`text` (or an exception's message) on one line, cut to about `limit`
+    characters: a message may carry a whole line of the user's input."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def quote(text, limit=200):
     """`text` as a quoted string for a message, cut to about `limit` characters:
     a value the user typed or a file held may be any length."""

@@ -11,6 +11,8 @@ import os
 import stat
 from pathlib import Path
 
+from .errors import one_line
+
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
@@ -76,8 +78,7 @@ def read_json(path, limit, error, what, advice=""):
     try:
         document = parse_json(data)
     except ValueError as exc:   # JSONDecodeError, UnicodeDecodeError, nesting too deep
-        detail = " ".join(str(exc).split())[:200]
-        raise error(f"{path}: {what} is not valid JSON ({detail}){advice}") from None
+        raise error(f"{path}: {what} is not valid JSON ({one_line(exc, 200)}){advice}") from None
     if not isinstance(document, dict):
         raise error(f"{path}: {what} is not a JSON object{advice}")
     return document

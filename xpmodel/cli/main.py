@@ -14,7 +14,7 @@ import os
 import sys
 
 from .. import __version__
-from ..errors import XpmodelError
+from ..errors import XpmodelError, one_line
 
 _EPILOG = "Run `xpmodel COMMAND --help` for the options of each command."
 _OVERWRITE_FILE = ("replace an existing output file (never one the command reads, nor a run's "
@@ -64,7 +64,7 @@ def _run(parser, args, extra):
     if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
         args.overrides = list(args.overrides) + extra
     elif extra:
-        parser.error(f"unrecognized arguments: {_one_line(' '.join(extra), 200)}")
+        parser.error(f"unrecognized arguments: {one_line(' '.join(extra), 200)}")
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
@@ -140,25 +140,21 @@ def _describe(exc):
     """(exit code, one-line message) for an exception."""
     from ..backend import DeviceError
     if isinstance(exc, XpmodelError):
-        return exc.exit_code, _one_line(str(exc))
+        return exc.exit_code, one_line(exc, 2000)
     if isinstance(exc, DeviceError):
-        return 2, _one_line(str(exc))
+        return 2, one_line(exc, 2000)
     if isinstance(exc, MemoryError):
         # Where memory ran out for a known reason (creating the model, a
         # training step), the message names what to lower; here it is not known.
         return 1, "out of memory (run with --debug to see where)"
     if isinstance(exc, ValueError):
-        return 2, _one_line(str(exc)) if str(exc) else exc.__class__.__name__
+        return 2, one_line(exc, 2000) if str(exc) else exc.__class__.__name__
     if isinstance(exc, OSError):
         where = f"{exc.filename}: " if exc.filename else ""
-        return 1, _one_line(f"{where}{exc.strerror or exc}")
-    return 1, _one_line(f"{exc.__class__.__name__}: {exc}") + " (run with --debug for the traceback)"
+        return 1, one_line(f"{where}{exc.strerror or exc}", 2000)
+    return 1, one_line(f"{exc.__class__.__name__}: {exc}", 2000) + " (run with --debug for the traceback)"
 
 
-def _one_line(text, limit=2000):
-    """`text` on one line, cut to `limit` characters (a message may quote input)."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _train_epilog():

@@ -14,7 +14,7 @@ import math
 import typing
 from dataclasses import field
 
-from ..errors import UsageError
+from ..errors import UsageError, quote
 
 # The longest a string setting may be (YAML's other bounds are in yaml_files.py).
 _MAX_STRING_CHARS = 1 << 16
@@ -43,10 +43,10 @@ def _check_field(cls, key, value, dotted):
         return None
     within, choices = spec.metadata.get("within"), spec.metadata.get("choices")
     if within is not None and not within.contains(value):
-        raise UsageError(f"{dotted} must be {within.describe()}, got {_show(value)}")
+        raise UsageError(f"{dotted} must be {within.describe()}, got {quote(value, 60)}")
     for item in value if isinstance(value, list) else [value]:
         if choices is not None and item not in choices:
-            raise UsageError(f"{dotted} must be one of {', '.join(choices)}; got {_show(item)}")
+            raise UsageError(f"{dotted} must be one of {', '.join(choices)}; got {quote(item, 60)}")
     return value
 
 
@@ -91,7 +91,7 @@ def _convert(dotted, value, annotation):
             raise UsageError(f"{dotted} must not be empty")
         return value
     expected = _DESCRIPTIONS[kind] + (" or null" if optional else "")
-    raise UsageError(f"{dotted} must be {expected}, got {_show(value)} ({type(value).__name__})")
+    raise UsageError(f"{dotted} must be {expected}, got {quote(value, 60)} ({type(value).__name__})")
 
 
 _DESCRIPTIONS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
@@ -106,7 +106,7 @@ def _convert_list(dotted, value, kind):
         value = [item.strip() for item in value.split(",")]
     if not isinstance(value, (list, tuple)):
         plural = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}[kind]
-        raise UsageError(f"{dotted} must be a list of {plural}, got {_show(value)} "
+        raise UsageError(f"{dotted} must be a list of {plural}, got {quote(value, 60)} "
                          f"({type(value).__name__})")
     items = [_convert(f"{dotted}[{i}]", item, kind) for i, item in enumerate(value)]
     repeated = sorted({str(item) for item in items if items.count(item) > 1})
@@ -129,7 +129,3 @@ def _as_float(value):
             return None
     return None
 
-
-def _show(value, limit=60):
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -16,8 +16,7 @@ from pathlib import Path
 import yaml
 
 from ..atomic import atomic_write_bytes
-from ..errors import UsageError
-from .fields import _show
+from ..errors import UsageError, quote
 from .sections import (SECTIONS, RunConfig, TrainConfig, _field_types, _fields_by_name,
                        _unknown_key_message, _unknown_section_message, check_key, check_value)
 from .yaml_files import _check_yaml_bounds, _locate, _parse_yaml
@@ -44,7 +43,7 @@ def _read_layers(name_or_path, relative_to=None, chain=()):
     if base is None:
         return [(label, document)]
     if not isinstance(base, str) or not base:
-        raise UsageError(f"{label}: base must be a config name or path, got {_show(base)}")
+        raise UsageError(f"{label}: base must be a config name or path, got {quote(base, 60)}")
     # A relative base path is read next to the file that names it.
     return _read_layers(base, Path(label).parent, (*chain, label)) + [(label, document)]
 
@@ -60,7 +59,7 @@ def _apply_document(merged, document, label):
             continue
         if not isinstance(values, dict):
             raise UsageError(
-                f"{label}: section {section} must be a mapping of keys, got {_show(values)}")
+                f"{label}: section {section} must be a mapping of keys, got {quote(values, 60)}")
         _apply_values(merged, section, values, {key: label for key in values})
 
 
@@ -126,7 +125,7 @@ def parse_override_value(section, key, raw):
 def _parse_override(text):
     """Split `section.key=value` into (section, key, value, label) with the value
     typed by its field; a UsageError names the override."""
-    label = f"override {_show(text, 200)}"
+    label = f"override {quote(text, 200)}"
     if not isinstance(text, str) or "=" not in text:
         raise UsageError(f"{label}: expected KEY=VALUE, e.g. model.n_layer=4")
     dotted, _, raw = text.partition("=")
@@ -178,7 +177,7 @@ def load_config(name_or_path=None, overrides=(), notify=None):
         _fit_schedule(merged, before, set(train_keys[-1]), notify)
     before = dict(merged.get("train", {}))
     _apply_overrides(merged, overrides)
-    train_keys.append({str(text).partition("=")[0].strip().partition(".")[2]: f"override {_show(text, 200)}"
+    train_keys.append({str(text).partition("=")[0].strip().partition(".")[2]: f"override {quote(text, 200)}"
                        for text in overrides if str(text).strip().startswith("train.")})
     _fit_schedule(merged, before, set(train_keys[-1]), notify)
     label = layers[-1][0] + (" with overrides" if overrides else "")

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 from ..backend import KERNELS
 from ..checks import HALF_OPEN_UNIT, NON_NEGATIVE, OPEN_UNIT, POSITIVE, Range
-from ..errors import UsageError
+from ..errors import UsageError, quote
 from ..ns_coefficients import NS_COEFFICIENTS, check_ns_coefficients, parse_ns_coefficients
 from ..options import ADJUST_LR, MLPS, NOISE_KINDS, NORMS, POSITIONS, SCHEDULES, TOKEN_DROPOUT_MODES
 from ..tokenizer.bpe import MAX_VOCAB
-from .fields import _check_field, _check_fields, _fields_of, _setting, _show, _types_of
+from .fields import _check_field, _check_fields, _fields_of, _setting, _types_of
 
 TOKENIZERS = ("bpe", "byte")
 BATCHINGS = ("random", "epochs")
@@ -253,11 +253,11 @@ class TrainConfig:
             coefficients = parse_ns_coefficients(self.muon_ns_coefficients)
         except ValueError:
             raise UsageError(f"train.muon_ns_coefficients must be {', '.join(NS_COEFFICIENTS)} or "
-                             f"three numbers a,b,c with a > 0; got {_show(self.muon_ns_coefficients)}") from None
+                             f"three numbers a,b,c with a > 0; got {quote(self.muon_ns_coefficients, 60)}") from None
         try:
             check_ns_coefficients(coefficients, self.muon_ns_steps)
         except ValueError as exc:
-            raise UsageError(f"train.muon_ns_coefficients={_show(self.muon_ns_coefficients)} cannot "
+            raise UsageError(f"train.muon_ns_coefficients={quote(self.muon_ns_coefficients, 60)} cannot "
                              f"work with train.muon_ns_steps={self.muon_ns_steps}: {exc}") from None
 
     def _check_weight_decay(self):

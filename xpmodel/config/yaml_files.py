@@ -14,9 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import UsageError
+from ..errors import UsageError, one_line, quote
 from ..files import read_bounded
-from .fields import _show
 from .sections import _TOP_LEVEL_KEYS
 
 _YAML_SUFFIXES = (".yaml", ".yml")
@@ -65,7 +64,7 @@ def _locate(name_or_path, relative_to=None):
     if path.is_file():
         return str(path), _read_text(path, str(path))
     raise UsageError(
-        f"unknown config {_show(name, 200)}: not a file and not a shipped config; "
+        f"unknown config {quote(name, 200)}: not a file and not a shipped config; "
         f"shipped configs: {', '.join(shipped_configs())}")
 
 
@@ -124,7 +123,7 @@ def _check_yaml_bounds(text, label):
             size, anchor = open_nodes.pop()
         elif isinstance(event, yaml.AliasEvent):
             if event.anchor not in sizes:
-                raise UsageError(f"{label}: YAML alias *{_show(event.anchor, 40)} refers to a node "
+                raise UsageError(f"{label}: YAML alias *{quote(event.anchor, 40)} refers to a node "
                                  f"that is not complete where it is used")
             size, anchor = sizes[event.anchor], None
         elif isinstance(event, yaml.ScalarEvent):
@@ -158,7 +157,7 @@ def _parse_yaml(text, label):
         if isinstance(exc, UsageError):
             raise
         # e.g. a date that does not exist (2024-13-45)
-        raise UsageError(f"{label}: invalid YAML value: {' '.join(str(exc).split())[:200]}") from None
+        raise UsageError(f"{label}: invalid YAML value: {one_line(exc, 200)}") from None
     if document is None:    # an empty file: all defaults
         return {}
     if not isinstance(document, dict):

@@ -11,10 +11,10 @@ fingerprinted, in version 1.
 import dataclasses
 import json
 
-from ..errors import DataError, UsageError, quote
+from ..errors import DataError, UsageError, one_line, quote
 from ..files import read_json
 from .metaspace import Metaspace
-from .pretokenize import GPT2_SPLIT_PATTERN, one_line
+from .pretokenize import GPT2_SPLIT_PATTERN
 
 FILE_FORMAT = "xpmodel-bpe-tokenizer"
 FILE_VERSION = 1    # what a tokenizer with none of the options writes

@@ -8,7 +8,7 @@ may put text in a normal form before it is split.
 """
 import regex
 
-from ..errors import UsageError, quote
+from ..errors import UsageError, one_line, quote
 
 GPT2_SPLIT_PATTERN = (
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -41,9 +41,6 @@ def check_split_pattern(pattern):
                          f"{one_line(exc)}") from None
 
 
-def one_line(exc):
-    """The message of `exc` on one line, at most 300 characters."""
-    return " ".join(str(exc).split())[:300]
 
 
 def splitter(pattern):
