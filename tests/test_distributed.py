@@ -89,7 +89,7 @@ def test_shard_splits_the_global_batch_evenly_or_names_both_numbers(no_launcher)
     assert dist.shard(12) == (6, 9)
     with pytest.raises(UsageError, match="global batch size 10 does not divide by the 4 ranks"):
         dist.shard(10)
-    with pytest.raises(UsageError, match="positive integer"):
+    with pytest.raises(ValueError, match="batch size must be an integer > 0, got 0"):
         dist.shard(0)
 
 

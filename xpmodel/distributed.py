@@ -41,6 +41,7 @@ import numpy
 
 from . import backend
 from .backend import array_module, cuda_available, is_cuda_array, to_host
+from .checks import POSITIVE, check_integer
 from .cpu_threads import thread_count
 from .errors import UsageError, XpmodelError
 
@@ -159,9 +160,7 @@ class Distributed:
     # ---- work split and checks ----------------------------------------------------
     def shard(self, batch_size):
         """(start, stop): the rows of a global batch of `batch_size` this rank takes."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, numpy.integer)) \
-                or batch_size <= 0:
-            raise UsageError(f"batch size must be a positive integer, got {batch_size!r}")
+        batch_size = check_integer("batch size", batch_size, POSITIVE)
         if batch_size % self.world_size:
             raise UsageError(f"global batch size {batch_size} does not divide by the "
                              f"{self.world_size} ranks: use a multiple of {self.world_size}")

@@ -10,9 +10,7 @@ squared-ReLU MLPs, grouped-query attention, no biases, an untied head.
 import math
 from dataclasses import dataclass, fields
 
-import numpy
-
-from ..checks import HALF_OPEN_UNIT, POSITIVE, check_number
+from ..checks import HALF_OPEN_UNIT, POSITIVE, check_integer, check_number
 from ..options import MLPS, NORMS, POSITIONS
 
 SWIGLU_MULTIPLE = 64    # SwiGLU's default hidden width is rounded up to a multiple of this
@@ -64,12 +62,7 @@ class GPTConfig:
         given = [name for name in ("n_kv_head", "mlp_hidden") if getattr(self, name) is not None]
         # numbers are stored as Python ints and floats, so a config given NumPy scalars serialises
         for name in (*sizes, *given):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)):
-                raise ValueError(f"GPTConfig.{name} must be an integer, got {value!r}")
-            if value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be positive, got {value}")
-            object.__setattr__(self, name, int(value))
+            object.__setattr__(self, name, check_integer(f"GPTConfig.{name}", getattr(self, name), POSITIVE))
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by "
                              f"n_head ({self.n_head})")
