@@ -16,7 +16,6 @@ Everything is built offline from tiny random models:
 import errno
 import json
 import math
-import pathlib
 import shutil
 import time
 from dataclasses import replace
@@ -32,6 +31,7 @@ from xpmodel.tokenizer.hf_files import export_tokenizer_hf  # noqa: E402
 from xpmodel.hf import convert as hf  # noqa: E402
 from xpmodel.hf import llama as hf_llama  # noqa: E402
 from xpmodel.tokenizer import hf_files as tokenizer_hf  # noqa: E402
+from xpmodel import atomic  # noqa: E402
 from xpmodel.errors import DataError, UsageError, XpmodelError  # noqa: E402
 from xpmodel.model.generate import generate  # noqa: E402
 from xpmodel.hf.convert import export_hf, import_hf  # noqa: E402
@@ -530,7 +530,7 @@ def edit_config(directory, **changes):
     (dict(hidden_act="gelu"), UsageError, "hidden_act"),
     (dict(attention_bias=True), UsageError, "attention_bias true with mlp_bias false"),
     (dict(head_dim=16), UsageError, "head_dim 16"),
-    (dict(hidden_size=-32, head_dim=8), DataError, "hidden_size must be positive, got -32"),
+    (dict(hidden_size=-32, head_dim=8), DataError, "hidden_size must be an integer > 0, got -32"),
     (dict(hidden_size=30, head_dim=8), DataError, r"hidden_size \(30\) must be divisible"),
     (dict(pretraining_tp=2), UsageError, "pretraining_tp"),
     (dict(max_position_embeddings=1 << 40), UsageError, "max_position_embeddings"),
@@ -640,7 +640,7 @@ def test_export_on_a_full_disk_leaves_nothing_half_written(tokenizer, tmp_path, 
     export_hf(GPT(llama_config(n_layer=1), seed=5), tokenizer, previous)
     before = {p.name: p.read_bytes() for p in previous.iterdir()}
     monkeypatch.setattr(hf, "_write_safetensors", full_disk(fail_on, hf._write_safetensors))
-    monkeypatch.setattr(pathlib.Path, "write_text", full_disk(fail_on, pathlib.Path.write_text))
+    monkeypatch.setattr(atomic, "atomic_write_bytes", full_disk(fail_on, atomic.atomic_write_bytes))
     monkeypatch.setattr(tokenizer_hf, "atomic_write_bytes",
                         full_disk(fail_on, tokenizer_hf.atomic_write_bytes))
     for out in (tmp_path / "new", previous):

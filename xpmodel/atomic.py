@@ -19,6 +19,7 @@ A folder written as a whole (a Hugging Face export) goes through
 target, synced, and the folder is renamed into place.
 """
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -59,6 +60,12 @@ def atomic_write_bytes(path, data, pause=0.0):
     with atomic_writer(path, pause=pause) as f:
         f.write(data)
 
+
+
+def atomic_write_json(path, document):
+    """`document` as indented UTF-8 JSON ending in a newline, written as
+    atomic_write_bytes writes."""
+    atomic_write_bytes(path, (json.dumps(document, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
 
 @contextlib.contextmanager
 def atomic_writer(path, pause=0.0):

@@ -39,7 +39,6 @@ replaces it without asking; a directory of the same file names without the
 marker (a `save_pretrained` folder, say) is replaced only with overwrite.
 Nothing is unpickled: a directory with only pytorch_model.bin is refused.
 """
-import json
 import os
 import re
 from contextlib import ExitStack
@@ -48,7 +47,7 @@ from pathlib import Path
 import numpy
 from safetensors.numpy import save as safetensors_bytes
 
-from ..atomic import write_folder_atomically
+from ..atomic import atomic_write_json, write_folder_atomically
 from ..errors import DataError, UsageError
 from ..files import read_json
 from ..model.config import GPTConfig
@@ -102,11 +101,11 @@ def export_hf(model, tokenizer, out_dir, overwrite=False, special_ids=None):
 
     def write(folder):
         _write_safetensors(folder / WEIGHTS_FILE, tensors)
-        _write_json(folder / "config.json", family.hf_config(cfg, ids))
-        _write_json(folder / "generation_config.json",
+        atomic_write_json(folder / "config.json", family.hf_config(cfg, ids))
+        atomic_write_json(folder / "generation_config.json",
                     {**ids, "pad_token_id": first_eos_id(ids)})
         export_tokenizer_hf(tokenizer, folder, model_max_length=cfg.block_size, special_ids=ids)
-        _write_json(folder / EXPORT_MARKER, {"written_by": "xpmodel export-hf",
+        atomic_write_json(folder / EXPORT_MARKER, {"written_by": "xpmodel export-hf",
                                              "architecture": family.ARCHITECTURE})
     write_folder_atomically(out_dir, write, EXPORT_FILES)
     return family.ARCHITECTURE
@@ -393,10 +392,6 @@ def _write_safetensors(path, tensors):
     data = safetensors_bytes(tensors, metadata={"format": "pt"})
     with open(path, "wb") as f:
         f.write(data)
-
-
-def _write_json(path, document):
-    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 
 def _read_json(path):

@@ -1,13 +1,18 @@
 """Inverted dropout: kept units are scaled by 1/(1-p) during training."""
 
 
+def draw_dtype(like):
+    """The dtype random numbers are drawn in for an array like `like`: float64
+    for float64, else float32 (generators draw no 16-bit floats)."""
+    return "float64" if like.dtype.itemsize == 8 else "float32"
+
+
 def dropout_mask(like, p, rng):
     """The scaled keep mask (like's shape and dtype) for dropout rate p, or None
     when p == 0. rng: a seeded generator on like's device."""
     if p == 0.0:
         return None
-    draw_dtype = "float64" if like.dtype.itemsize == 8 else "float32"   # no float16 draws
-    mask = rng.random(like.shape, dtype=draw_dtype) >= p
+    mask = rng.random(like.shape, dtype=draw_dtype(like)) >= p
     scaled_mask = mask.astype(like.dtype)
     scaled_mask *= 1.0 / (1.0 - p)
     return scaled_mask

@@ -13,19 +13,20 @@ is the identity: backward hands the gradient through and needs no cache.
 import math
 
 from ..options import NOISE_KINDS
+from .dropout import draw_dtype
 
 
 def embedding_noise(like, alpha, kind, rng):
     """The (B, T, C) noise for embeddings shaped like `like`, in its dtype.
     rng: a seeded generator on like's device."""
     B, T, C = like.shape
-    draw_dtype = "float64" if like.dtype.itemsize == 8 else "float32"   # no float16 draws
+    dtype = draw_dtype(like)
     if kind == "uniform":
-        noise = rng.random(like.shape, dtype=draw_dtype)   # [0, 1)
+        noise = rng.random(like.shape, dtype=dtype)   # [0, 1)
         noise *= 2.0
         noise -= 1.0
     elif kind == "gaussian":
-        noise = rng.standard_normal(like.shape, dtype=draw_dtype)
+        noise = rng.standard_normal(like.shape, dtype=dtype)
     else:
         raise ValueError(f"embedding noise kind must be one of {', '.join(NOISE_KINDS)}, "
                          f"got {kind!r}")

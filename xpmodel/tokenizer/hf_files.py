@@ -38,13 +38,12 @@ space. Neither `tokenizers` nor `transformers` is needed to read or write the
 files.
 """
 import functools
-import json
 import re
 from pathlib import Path
 
 import numpy
 
-from ..atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes, atomic_write_json
 from ..errors import DataError, UsageError, quote
 from ..files import read_bounded, read_json
 from .bpe import ENDOFTEXT, BPETokenizer
@@ -165,9 +164,9 @@ def export_tokenizer_hf(tokenizer, directory, model_max_length=None, special_ids
                   "ignore_merges": tokenizer.ignore_merges,
                   "vocab": vocab, "merges": merges},
     }
-    _write_json(directory / "tokenizer.json", tokenizer_json)
+    atomic_write_json(directory / "tokenizer.json", tokenizer_json)
     if tokenizer.metaspace is None:   # GPT2Tokenizer's files mean byte-level BPE
-        _write_json(directory / "vocab.json", vocab)
+        atomic_write_json(directory / "vocab.json", vocab)
         atomic_write_bytes(directory / "merges.txt", (
             "#version: 0.2\n" + "".join(line + "\n" for line in merges)).encode("utf-8"))
 
@@ -179,8 +178,8 @@ def export_tokenizer_hf(tokenizer, directory, model_max_length=None, special_ids
               "add_bos_token": False, "clean_up_tokenization_spaces": False, **special_map}
     if model_max_length is not None:
         config["model_max_length"] = int(model_max_length)
-    _write_json(directory / "tokenizer_config.json", config)
-    _write_json(directory / "special_tokens_map.json", special_map)
+    atomic_write_json(directory / "tokenizer_config.json", config)
+    atomic_write_json(directory / "special_tokens_map.json", special_map)
 
 
 def _special_tokens_map(names, specials, special_ids):
@@ -210,10 +209,6 @@ def _metaspace_parts(metaspace):
                          "split": metaspace.split}
     strip = [_STRIP_DECODER] if metaspace.strip_decoded else []
     return normalizer, pre_tokenizer, {"type": "Sequence", "decoders": _SPACE_DECODERS + strip}
-
-
-def _write_json(path, document):
-    atomic_write_bytes(path, (json.dumps(document, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
 
 
 # ----- import ---------------------------------------------------------------

@@ -43,7 +43,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..atomic import atomic_write_bytes, temporary_target
+from ..atomic import atomic_write_bytes, atomic_write_json, temporary_target
 from ..config import config_to_dict, load_config, save_config
 from ..errors import UsageError, XpmodelError, quote
 from ..files import inside, open_regular, parse_json, process_alive, read_json
@@ -219,7 +219,7 @@ class RunDir:
                     first_checkpoint(self.step_path(0))
                 marker = {"format": RUN_FORMAT, "version": FORMAT_VERSION, "created": time.time()}
                 written.append(self.marker)
-                atomic_write_bytes(self.marker, json.dumps(marker, indent=2).encode())
+                atomic_write_json(self.marker, marker)
             except BaseException:
                 for path in written:
                     path.unlink(missing_ok=True)

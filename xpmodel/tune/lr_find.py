@@ -17,13 +17,12 @@ each step Muon runs at muon_lr * lr / (the config's lr). The suggestion is
 then a pair: train.lr as above, and train.muon_lr scaled by the same factor
 (suggested lr / the config's lr), the rate Muon had at that point of the sweep.
 """
-import json
 import math
 from dataclasses import asdict, dataclass
 
 import numpy
 
-from ..atomic import atomic_write_bytes
+from ..atomic import atomic_write_json
 from ..data import RandomWindowSampler
 from ..errors import UsageError
 from ..train.optim import clipped_step
@@ -144,7 +143,7 @@ def write_results(result, png_path, title):
     png_path = check_png_output(png_path)
     json_path = png_path.with_suffix(".json")
     document = {**asdict(result), "rule": result.rule}
-    atomic_write_bytes(json_path, (json.dumps(document, indent=1) + "\n").encode())
+    atomic_write_json(json_path, document)
     written = [json_path]
     try:
         plt = pyplot()

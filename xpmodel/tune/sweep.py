@@ -41,7 +41,6 @@ When swept, train.lr carries train.min_lr along at the base config's ratio
 import csv
 import ctypes
 import io
-import json
 import os
 import signal
 import subprocess
@@ -52,7 +51,7 @@ import numpy
 from rich.live import Live
 from rich.table import Table
 
-from ..atomic import atomic_write_bytes, is_temporary_name
+from ..atomic import atomic_write_bytes, atomic_write_json, is_temporary_name
 from ..config import config_files, load_config, save_config
 from ..cpu_threads import thread_count
 from ..errors import UsageError, XpmodelError, quote
@@ -371,7 +370,7 @@ class Sweep:
         document = {"metric": self.metric, "best": best and best["name"],
                     "best_params": best and best["params"], "trials": rows}
         path = self.dir.path
-        atomic_write_bytes(path / "results.json", (json.dumps(document, indent=1) + "\n").encode())
+        atomic_write_json(path / "results.json", document)
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["trial"])
         writer.writeheader()

@@ -5,11 +5,10 @@ value must have the type the sweep writes, and a trial's name, which its
 run folder and log are named after, must be trial-NNN, so nothing read from
 it leads outside the sweep folder.
 """
-import json
 import re
 from pathlib import Path
 
-from ..atomic import atomic_write_bytes
+from ..atomic import atomic_write_json
 from ..config import check_override
 from ..errors import UsageError, XpmodelError, quote
 from ..files import read_json
@@ -48,7 +47,7 @@ class SweepDir:
 
     def save(self, state):
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.state_path, (json.dumps(state, indent=1) + "\n").encode())
+        atomic_write_json(self.state_path, state)
 
 
 def trial_name(number):
