@@ -92,5 +92,5 @@ def test_the_ground_floor_loads_nothing_above_it(name):
 
 def test_block_tables_implement_every_choice_the_config_offers():
     """A new norm or MLP is a name in options.py and an entry in block.py's tables."""
-    assert tuple(block.NORMS) == options.NORMS
+    assert tuple(block.NORM_LAYERS) == options.NORMS
     assert tuple(block.ACTIVATIONS) == options.MLPS

@@ -28,8 +28,9 @@ from .residual import residual_forward
 from .rmsnorm import rmsnorm_backward, rmsnorm_forward
 from .swiglu import swiglu_backward, swiglu_forward
 
-NORMS = {"layernorm": (layernorm_forward, layernorm_backward),
-         "rmsnorm": (rmsnorm_forward, rmsnorm_backward)}
+# name (options.NORMS, options.MLPS) -> (forward, backward)
+NORM_LAYERS = {"layernorm": (layernorm_forward, layernorm_backward),
+               "rmsnorm": (rmsnorm_forward, rmsnorm_backward)}
 ACTIVATIONS = {"gelu": (gelu_forward, gelu_backward),
                "swiglu": (swiglu_forward, swiglu_backward),
                "relu2": (relu2_forward, relu2_backward)}
@@ -39,26 +40,29 @@ class BlockCache(NamedTuple):
     """What one block's backward reads from its forward (h, act_cache and g
     are None when the forward was told not to keep them)."""
     ln1: object          # (N, C) norm_1's output, in the compute dtype
-    ln1_cache: object
+    ln1_cache: object    # norm_1's statistics: normalised x (N, C) and 1/std (N,), float32 or wider
     y: object            # (N, C) attention output, before c_proj
-    attn_cache: object
-    attn_mask: object    # dropout on the attention branch, or None
-    ln2: object
-    ln2_cache: object
+    attn_cache: object   # attention.AttentionCache: the heads and what the core kept
+    attn_mask: object    # (N, C) scaled dropout keep mask of the attention branch, or None
+    ln2: object          # (N, C) norm_2's output, in the compute dtype
+    ln2_cache: object    # norm_2's statistics, as ln1_cache
     h: object            # (N, F or 2F) c_fc's output, its bias added
-    act_cache: object
+    act_cache: object    # (N, F) the xp GELU's or SwiGLU's saved sigmoid; None from a fused kernel
     g: object            # (N, F) the activation's output
-    mlp_mask: object
+    mlp_mask: object     # (N, C) scaled dropout keep mask of the MLP branch, or None
 
 
 def norm_forward(cfg, x, P, name, out_dtype):
     """The configured norm of x (N, C) with the weights `name`.weight / .bias."""
-    forward = NORMS[cfg.norm][0]
+    forward = NORM_LAYERS[cfg.norm][0]
     return forward(x, P[name + ".weight"], P.get(name + ".bias"), out_dtype, cfg.norm_eps)
 
 
 def norm_backward(cfg, dout, cache, P, G, name, **kwargs):
-    backward = NORMS[cfg.norm][1]
+    """norm_forward's backward: dout (N, C) -> dx (N, C); the gradients of
+    `name`.weight / .bias are added into G. kwargs (dx, dx_low, dx_sum) as the
+    norm's backward takes them (layernorm.layernorm_backward)."""
+    backward = NORM_LAYERS[cfg.norm][1]
     return backward(dout, cache, P[name + ".weight"], G[name + ".weight"], G.get(name + ".bias"),
                     **kwargs)
 
