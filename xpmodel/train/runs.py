@@ -167,10 +167,10 @@ def _directory_special_ids(hf_dir, tokenizer, warn):
 def overlaps_source(folder, source):
     """Whether `folder` is, lies in or holds `source`, a folder of weight_sources.
 
-    A relative source, recorded as typed by an older xpmodel, was relative to a
-    working directory that no file names, so it may be any folder whose path
-    ends with it: `folder` overlaps it when `folder` or a folder above it ends
-    so, wherever it is."""
+    Sources are recorded absolute; a relative one in a run's files is relative
+    to a working directory that no file names, so it may be any folder whose
+    path ends with it: `folder` overlaps it when `folder` or a folder above it
+    ends so, wherever it is."""
     source = Path(source)
     if inside(folder, source) or inside(source, folder):
         return True
