@@ -193,6 +193,28 @@ def test_an_output_that_is_an_input_is_refused(run, corpus, tmp_path, capsys):
     assert not (run.path / "hf").exists()
 
 
+def test_lr_find_never_writes_over_the_model_it_starts_from(run, corpus, tmp_path, capsys):
+    """lr-find --out NAME.png writes NAME.json beside it: never over a file of
+    train.init_from's folder (its config.json, tokenizer.json), even with
+    --overwrite, nor through a link to one."""
+    hf = tmp_path / "hf"
+    code, _, err = run_cli(capsys, "export-hf", run.path, hf)
+    assert code == 0, err
+    before = {path.name: path.read_bytes() for path in hf.iterdir()}
+    (tmp_path / "link.json").symlink_to(hf / "vocab.json")
+    for out, culprit in ((hf / "config.png", hf / "config.json"),
+                         (hf / "tokenizer.png", hf / "tokenizer.json"),
+                         (tmp_path / "link.png", hf / "vocab.json")):
+        code, text, err = run_cli(capsys, "lr-find", "--config", TINY, f"data.source={corpus}",
+                                  f"train.init_from={hf}", "--steps", 10, "--out", out,
+                                  "--overwrite")
+        assert code == 2, err
+        assert_one_line_error(err)
+        assert f"is {culprit}, a file of train.init_from {hf}" in err
+        assert "suggested" not in text
+    assert {path.name: path.read_bytes() for path in hf.iterdir()} == before
+
+
 @pytest.mark.parametrize("edit", [("val_fraction: 0.1", "val_fraction: 0.2"),
                                   ("source: ", "source: elsewhere-")])
 def test_resume_refuses_a_hand_edited_data_setting(edit, run, capsys):
