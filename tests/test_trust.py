@@ -215,6 +215,31 @@ def test_lr_find_never_writes_over_the_model_it_starts_from(run, corpus, tmp_pat
     assert {path.name: path.read_bytes() for path in hf.iterdir()} == before
 
 
+def test_a_run_whose_config_describes_a_huge_model_is_refused_before_allocating(run, tmp_path,
+                                                                               capsys, monkeypatch):
+    """config.yaml edited to model.n_layer: 1000000000: sample, eval and
+    export-hf name it at once, before listing a billion layers' parameters."""
+    import xpmodel.train.runs as runs
+    real = runs.parameter_shapes
+
+    def bounded(config):
+        assert config.n_layer < 100, "parameter_shapes of the config's model before a size check"
+        return real(config)
+
+    monkeypatch.setattr(runs, "parameter_shapes", bounded)
+    text = run.config_path.read_text()
+    assert "  n_layer: 1\n" in text
+    run.config_path.write_text(text.replace("  n_layer: 1\n", "  n_layer: 1000000000\n"))
+    for args in (["sample", run.path, "--max-new-tokens", 2], ["eval", run.path, "--batches", 1],
+                 ["export-hf", run.path, tmp_path / "hf"]):
+        code, _, err = run_cli(capsys, *args)
+        assert code == 1, err
+        assert_one_line_error(err)
+        assert f"but {run.config_path} describes a model of" in err
+        assert "model.n_layer=1000000000" in err
+    assert not (tmp_path / "hf").exists()
+
+
 @pytest.mark.parametrize("edit", [("val_fraction: 0.1", "val_fraction: 0.2"),
                                   ("source: ", "source: elsewhere-")])
 def test_resume_refuses_a_hand_edited_data_setting(edit, run, capsys):

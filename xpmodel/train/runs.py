@@ -1,6 +1,7 @@
 """Loading trained runs (`xpmodel.load(RUN_DIR)`), weights for `--init-from`,
 `import-hf`'s runs, and what export-hf needs to know of where a run's
 weights came from."""
+import math
 import os
 import sys
 from dataclasses import replace
@@ -13,7 +14,7 @@ from ..hf.convert import SPECIAL_ID_KEYS, check_special_ids, hf_special_ids, imp
 from ..model.config import OPTION_KEYS, gpt_config
 from ..model.gpt import GPT
 from ..model.params import parameter_shapes
-from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from .checkpoint import load_checkpoint, open_checkpoint, read_checkpoint_meta, save_checkpoint
 from .rundir import RunDir
 
 # The ModelConfig keys --init-from takes from its source (block_size with a caveat)
@@ -80,8 +81,26 @@ def _read_weights(path, config, tokenizer, run):
         raise CheckpointError(f"{path}: vocab_size {vocab!r} does not fit the run's tokenizer "
                               f"of {tokenizer.vocab_size} ids")
     shape = gpt_config(replace(config.model, vocab_size=vocab), tokenizer.vocab_size)
+    _check_parameter_count(path, shape, run)
     _, params, _ = load_checkpoint(path, dict(parameter_shapes(shape)), None)
     return shape, params
+
+
+def _check_parameter_count(path, shape, run):
+    """Refuse a checkpoint that does not hold as many weights as the run's
+    config.yaml describes, counting both without listing them: the list of
+    parameter shapes (and the model) is made only for a config that the
+    checkpoint's header, bounded by the file's size, matches. A config.yaml
+    edited to model.n_layer: 1000000000 is refused at once, not after
+    gigabytes of names."""
+    with open_checkpoint(path) as file:
+        held = sum(math.prod(file.shape(key)) for key in file.names if key.startswith("param/"))
+    needed = shape.num_params()
+    if held != needed:
+        raise CheckpointError(f"{path}: holds {held:,} weights, but {run.config_path} describes a "
+                              f"model of {needed:,} (model.n_layer={shape.n_layer}, n_embd="
+                              f"{shape.n_embd}, n_head={shape.n_head}); the config does not match "
+                              f"the checkpoint")
 
 
 def load_pretrained(source):
