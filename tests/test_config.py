@@ -253,6 +253,21 @@ def test_unknown_section(tmp_path):
     assert "'optim'" in message and "data, model, train" in message
 
 
+@pytest.mark.parametrize("text, shown", [
+    ("model: {1: 2}\n", "the key 1 (YAML reads it as a number, not text) under model"),
+    ("model:\n  null: 2\n", "the key null (YAML reads it as null, not text) under model"),
+    ("train:\n  true: 2\n", "the key true (YAML reads it as a boolean, not text) under train"),
+    ("data:\n  2024-01-01: 3\n", "the key 2024-01-01 (YAML reads it as a date, not text) under data"),
+    ("train:\n  1.5: 2\n", "the key 1.5 (YAML reads it as a number, not text) under train"),
+    ("null: 1\n", "unknown section null (YAML reads it as null, not text)"),
+    ("2024-01-01: {a: 1}\n", "unknown section 2024-01-01 (YAML reads it as a date, not text)"),
+])
+def test_a_key_that_yaml_reads_as_no_text_is_named(tmp_path, text, shown):
+    path = write(tmp_path, text)
+    message = usage_error(path)
+    assert message.startswith(f"{path}: {shown}")
+
+
 @pytest.mark.parametrize("override", ["optim.lr=0.1", "n_layer=4"])
 def test_override_without_a_section(override):
     message = usage_error("default", [override])

@@ -316,6 +316,9 @@ def check_key(dotted):
 
 def _unknown_key_message(section, key):
     valid = list(_fields_by_name(section))
+    if not isinstance(key, str):
+        return (f"the key {_not_a_name(key)} under {section} is not a key name; valid {section} "
+                f"keys: {', '.join(valid)}")
     guesses = _key_guesses(section, key)
     hint = f" (did you mean {' or '.join(guesses)}?)" if guesses else ""
     return f"unknown key {section}.{key}{hint}; valid {section} keys: {', '.join(valid)}"
@@ -325,6 +328,8 @@ def _key_guesses(section, key):
     """What an unknown `section.key` most likely meant: the key itself in other
     sections (as section.key), else the closest key of its own section, else
     the closest key of another section (as section.key)."""
+    if not isinstance(key, str):
+        return []
     others = [name for name in SECTIONS if name != section]
     if any(key in _fields_by_name(name) for name in others):
         return [f"{name}.{key}" for name in others if key in _fields_by_name(name)]
@@ -336,4 +341,17 @@ def _key_guesses(section, key):
 
 
 def _unknown_section_message(section):
-    return f"unknown section {section!r}; valid top-level keys: {', '.join(_TOP_LEVEL_KEYS)}"
+    shown = repr(section) if isinstance(section, str) else _not_a_name(section)
+    return f"unknown section {shown}; valid top-level keys: {', '.join(_TOP_LEVEL_KEYS)}"
+
+
+def _not_a_name(key):
+    """A mapping key that YAML did not read as text (`1:`, `null:`, `true:`, a
+    date), shown as written with what YAML made of it."""
+    if key is None or isinstance(key, bool):
+        written, kind = {None: "null", True: "true", False: "false"}[key], \
+            "null" if key is None else "a boolean"
+    else:
+        written = quote(str(key), 60).strip("'\"")
+        kind = {int: "a number", float: "a number"}.get(type(key), f"a {type(key).__name__}")
+    return f"{written} (YAML reads it as {kind}, not text)"
