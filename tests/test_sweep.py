@@ -144,3 +144,61 @@ def test_a_damaged_or_crafted_sweep_json_is_refused_naming_it(capsys, tmp_path, 
     assert f"{out / 'sweep.json'}: damaged (" in err and message in err, err
     assert (tmp_path / "victim.log").read_text() == "mine\n"
     assert not (out / "trials").exists() and not (out / "logs").exists()
+
+
+def _plan(specs, trials, seed=0, shuffle=False):
+    from xpmodel.tune.sweep_plan import parse_spec, plan_trials
+    return plan_trials(str(TINY), [parse_spec(spec) for spec in specs], trials, seed,
+                       shuffle=shuffle)
+
+
+def test_a_grid_is_planned_in_product_order_or_a_seeded_permutation_of_it():
+    """The plan of a grid that can be listed is what it always was: the
+    combinations in itertools.product's order, or numpy's permutation of them."""
+    import itertools
+    import numpy
+    specs = ["train.lr=1e-3,2e-3,3e-3", "train.batch_size=2,4", "train.grad_clip=0.5,1"]
+    values = [[1e-3, 2e-3, 3e-3], [2, 4], [0.5, 1.0]]
+    keys = ["train.lr", "train.batch_size", "train.grad_clip"]
+    combos = [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+    assert _plan(specs, None) == combos
+    assert _plan(specs, 5) == combos[:5]
+    order = numpy.random.default_rng(7).permutation(len(combos))
+    assert _plan(specs, 4, seed=7, shuffle=True) == [combos[i] for i in order[:4]]
+    assert _plan(specs, 50, seed=7, shuffle=True) == [combos[i] for i in order]
+
+
+def test_a_huge_grid_is_counted_not_listed(tmp_path):
+    """Six SPECs of 30 values (729,000,000 combinations) with --trials 2 plan
+    two trials at once, in a process that could not hold the list; without
+    --trials such a grid is refused, and so is --trials past the bound."""
+    import resource
+    values = ",".join(f"{0.001 * (i + 1):g}" for i in range(30))
+    specs = [f"{key}={values}" for key in ("train.lr", "train.weight_decay", "train.beta1",
+                                           "train.beta2", "train.grad_clip", "train.eps")]
+    script = ("import json, sys\n"
+              "from xpmodel.tune.sweep_plan import parse_spec, plan_trials\n"
+              f"params = [parse_spec(s) for s in {specs!r}]\n"
+              f"grid = plan_trials({str(TINY)!r}, params, 2, 0)\n"
+              f"drawn = plan_trials({str(TINY)!r}, params, 3, 0, shuffle=True)\n"
+              "print(json.dumps([grid, drawn]))\n")
+    limit = 3 << 30
+
+    def bounded():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, preexec_fn=bounded)
+    assert done.returncode == 0, done.stderr[-2000:]
+    grid, drawn = json.loads(done.stdout)
+    first = {key.partition("=")[0]: 0.001 for key in specs}
+    assert grid == [first, dict(first, **{"train.eps": 0.002})]
+    assert len(drawn) == 3 and len({json.dumps(t, sort_keys=True) for t in drawn}) == 3
+    assert all(set(t) == set(first) for t in drawn)
+    assert drawn == json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True,
+                                              text=True, timeout=120).stdout)[1]   # seeded
+    from xpmodel.errors import UsageError
+    with pytest.raises(UsageError, match="a grid of 729,000,000 combinations"):
+        _plan(specs, None)
+    with pytest.raises(UsageError, match="--trials 1,000,000: a sweep plans at most 100,000"):
+        _plan(["train.lr=log:1e-4..1e-2"], 1_000_000)

@@ -6,8 +6,8 @@ planned trial against the whole config (draws that make an invalid config
 are drawn again). When swept, train.lr carries train.min_lr along at the base
 config's ratio (unless train.min_lr is swept too).
 """
-import itertools
 import math
+import random
 from dataclasses import dataclass
 
 import numpy
@@ -16,6 +16,11 @@ from ..config import check_key, check_override, check_value, load_config, parse_
 from ..errors import UsageError, quote
 
 _RESAMPLE_TRIES = 200
+# A sweep's trials are listed in sweep.json and each trains a run: no sweep
+# plans more than MAX_TRIALS. Grids of up to MAX_SHUFFLED combinations are put
+# in a random order by a permutation of their indices (8 bytes each).
+MAX_TRIALS = 100_000
+MAX_SHUFFLED = 1_000_000
 
 
 @dataclass
@@ -95,23 +100,43 @@ def format_value(value):
 
 def plan_trials(config_name, params, n_trials, seed, fixed=(), shuffle=False):
     """[{key: value}] for every trial, each checked to make a valid config;
-    grid combinations in order, or drawn in a random order (shuffle, or any range)."""
+    grid combinations in order, or drawn in a random order (shuffle, or any range).
+
+    The combinations are counted, never listed: a trial's combination is
+    decoded from its index (itertools.product's order), so six SPECs of 30
+    values with --trials 2 plan two trials. A random order of at most
+    MAX_SHUFFLED combinations is numpy's permutation of their indices; of more,
+    Python's random.sample of them (a larger grid cannot be run whole anyway)."""
     grids = [p for p in params if p.kind == "grid"]
     ranges = [p for p in params if p.kind != "grid"]
-    combos = [dict(zip([p.key for p in grids], values))
-              for values in itertools.product(*[p.values for p in grids])]
+    count = math.prod(len(p.values) for p in grids)
+    if n_trials is not None and n_trials > MAX_TRIALS:
+        raise UsageError(f"--trials {n_trials:,}: a sweep plans at most {MAX_TRIALS:,} trials")
+    if not ranges and not n_trials and count > MAX_TRIALS:
+        raise UsageError(f"the SPECs make a grid of {count:,} combinations, more than the "
+                         f"{MAX_TRIALS:,} trials a sweep plans; pass --trials N to run N of them "
+                         f"(--sampler random draws them in a random order)")
     rng = numpy.random.default_rng(seed)
+    wanted = count if not n_trials else min(n_trials, count)
     if not ranges:
-        if shuffle:
-            combos = [combos[i] for i in rng.permutation(len(combos))]
-        trials = combos[:n_trials] if n_trials else combos
+        if not shuffle:
+            indices = range(wanted)
+        elif count <= MAX_SHUFFLED:
+            indices = rng.permutation(count)[:wanted]
+        else:
+            indices = random.Random(seed).sample(range(count), wanted)
+        trials = [_combination(grids, int(i)) for i in indices]
         for trial in trials:
             check_trial(config_name, trial, fixed)
         return trials
-    order = rng.permutation(len(combos))
+    wanted = n_trials or 8
+    if count <= MAX_SHUFFLED:
+        order = rng.permutation(count)
+    else:
+        order = random.Random(seed).sample(range(count), min(wanted, count))
     trials = []
-    for i in range(n_trials or 8):
-        base = combos[order[i % len(combos)]]
+    for i in range(wanted):
+        base = _combination(grids, int(order[i % len(order)]))
         for _ in range(_RESAMPLE_TRIES):
             trial = dict(base, **{p.key: p.draw(rng) for p in ranges})
             try:
@@ -123,6 +148,16 @@ def plan_trials(config_name, params, n_trials, seed, fixed=(), shuffle=False):
             check_trial(config_name, trial, fixed)   # raises, naming the problem
         trials.append(trial)
     return trials
+
+
+def _combination(grids, index):
+    """{key: value} of the grid combination at `index` in itertools.product's
+    order of the grids' values (the last key changes fastest)."""
+    values = {}
+    for param in reversed(grids):
+        index, at = divmod(index, len(param.values))
+        values[param.key] = param.values[at]
+    return {param.key: values[param.key] for param in grids}
 
 
 def trial_overrides(config_name, params, fixed=()):
