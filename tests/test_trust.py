@@ -496,6 +496,17 @@ def test_messages_quote_at_most_a_few_hundred_characters_of_input(tmp_path, caps
         assert err.count("x") < 250
 
 
+def test_a_system_error_on_a_very_long_path_keeps_its_reason(tmp_path, capsys):
+    """An OSError's message shows the two ends of a long file name, and the reason whole."""
+    pattern = "/".join(["abcdefgh"] * 1500) + "/*.txt"
+    code, _, err = run_cli(capsys, "tokenizer", "train", pattern, "--vocab-size", 300,
+                           "--out", tmp_path / "tok.json")
+    assert code == 1
+    assert_one_line_error(err)
+    assert err.rstrip().endswith(": File name too long"), err
+    assert len(err) < 300 and "abcdefgh/*.txt" in err
+
+
 def test_no_traceback_even_when_the_error_handler_runs_out_of_memory(run, capsys, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise MemoryError

@@ -150,11 +150,22 @@ def _describe(exc):
     if isinstance(exc, ValueError):
         return 2, one_line(exc, 2000) if str(exc) else exc.__class__.__name__
     if isinstance(exc, OSError):
-        where = f"{exc.filename}: " if exc.filename else ""
-        return 1, one_line(f"{where}{exc.strerror or exc}", 2000)
+        if not exc.strerror:
+            return 1, one_line(exc, 2000)
+        # The reason is kept whole; a path of any length is cut to its two ends.
+        where = f"{_shorten(exc.filename)}: " if exc.filename else ""
+        return 1, where + one_line(exc.strerror, 300)
     return 1, one_line(f"{exc.__class__.__name__}: {exc}", 2000) + " (run with --debug for the traceback)"
 
 
+def _shorten(filename, limit=200):
+    """A file name for a message: on one line, at most about `limit`
+    characters, its start and its end kept (a path's last parts say most)."""
+    text = os.fsdecode(filename) if isinstance(filename, (bytes, os.PathLike)) else str(filename)
+    if len(text) <= limit:
+        return one_line(text, limit)
+    half = (limit - 5) // 2
+    return f"{one_line(text[:half], half)} ... {one_line(text[-half:], half)}"
 
 
 def _train_epilog():
