@@ -130,6 +130,35 @@ def test_lr_find_refuses_a_backwards_range(capsys, corpus):
     assert code == 2 and "--start-lr" in err
 
 
+@pytest.mark.parametrize("start, end, message", [
+    (5e-324, 1, "--start-lr must be at least 1e-100, got 4.94066e-324"),
+    (1e-200, 1, "--start-lr must be at least 1e-100"),
+    (1e-100, 1e300, "--end-lr 1e+300 is too many times --start-lr 1e-100"),
+])
+def test_lr_find_refuses_a_ramp_whose_suggestion_the_config_would_refuse(capsys, corpus,
+                                                                          tmp_path, start, end,
+                                                                          message):
+    out = tmp_path / "lr.png"
+    code, text, err = run_cli(capsys, "lr-find", "--config", TINY, f"data.source={corpus}",
+                              "--start-lr", start, "--end-lr", end, "--steps", 10, "--out", out)
+    assert code == 2, err
+    assert err.startswith(f"error: {message}"), err
+    assert "suggested" not in text and not out.with_suffix(".json").exists()
+
+
+def test_lr_find_suggests_what_train_lr_takes_from_the_lowest_start(capsys, corpus, tmp_path):
+    from xpmodel.config import load_config
+    from xpmodel.tune.lr_find import MIN_START_LR
+    out = tmp_path / "lr.png"
+    code, text, err = run_cli(capsys, "lr-find", "--config", TINY, f"data.source={corpus}",
+                              "--start-lr", MIN_START_LR, "--end-lr", MIN_START_LR * 1e3,
+                              "--steps", 10, "--out", out)
+    assert code == 0, err
+    suggested = text.split("suggested train.lr=")[1].split(":")[0]
+    assert float(suggested) > 0
+    load_config(TINY, [f"train.lr={suggested}", "train.min_lr=0"])
+
+
 def test_lr_find_and_doctor_build_the_model_the_run_trains(tmp_path, corpus):
     """One config-to-model path (train.setup.build_model): the tuning tools'
     model has the trainer's weights and embedding noise; doctor's models have

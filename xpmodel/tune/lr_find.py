@@ -32,6 +32,10 @@ from .plot import check_png_output, pyplot, save_figure
 DIVERGENCE_FACTOR = 4.0
 SUGGESTION_DIVISOR = 10.0
 MIN_STEPS = 10   # fewer leave too few points to smooth and find a minimum in
+# The lowest --start-lr: far below any useful rate, and far enough above the
+# smallest float that a tenth of any rate of the ramp is a normal positive
+# number (train.lr takes it, and it prints as one).
+MIN_START_LR = 1e-100
 
 
 @dataclass
@@ -96,9 +100,17 @@ def lr_range_test(subject, device="cpu", start_lr=1e-7, end_lr=1.0, steps=200, p
 
 
 def check_ramp(start_lr, end_lr, steps):
-    """UsageError unless 0 < start_lr < end_lr (finite) and steps >= MIN_STEPS."""
+    """UsageError unless MIN_START_LR <= start_lr < end_lr, end_lr / start_lr
+    is finite, and steps >= MIN_STEPS. The suggestion, a tenth of a rate of
+    the ramp, must be a positive number that train.lr takes (a tenth of
+    5e-324 is 0)."""
     if not (0 < start_lr < end_lr and math.isfinite(end_lr)):
         raise UsageError(f"need 0 < --start-lr < --end-lr, finite, got {start_lr:g} and {end_lr:g}")
+    if start_lr < MIN_START_LR:
+        raise UsageError(f"--start-lr must be at least {MIN_START_LR:g}, got {start_lr:g}")
+    if not math.isfinite(end_lr / start_lr):
+        raise UsageError(f"--end-lr {end_lr:g} is too many times --start-lr {start_lr:g} (the ramp's "
+                         f"ratio is not a finite number)")
     if steps < MIN_STEPS:
         raise UsageError(f"--steps must be at least {MIN_STEPS}, got {steps}")
 
