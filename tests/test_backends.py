@@ -179,7 +179,9 @@ def test_a_run_trained_on_a_device_loads_on_the_cpu(device, tmp_path, monkeypatc
 def test_fp16_run_skips_an_overflow_and_resumes_on_the_other_backend(device, tmp_path, monkeypatch,
                                                                     tinyshakespeare):
     """On a GPU the steps between log lines are decided on the device; every
-    step still reaches metrics.jsonl, and the skipped one is marked."""
+    step still reaches metrics.jsonl, and the skipped one is marked. The run
+    resumes on the other backend where this machine has both (on the same one
+    where it has only the CPU)."""
     from xpmodel.config import load_config
     from xpmodel.train import Trainer
     monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))

@@ -371,19 +371,21 @@ def test_bfloat16_master_weights_are_refused():
 
 # ---- whole runs --------------------------------------------------------------------
 
-@pytest.mark.parametrize("where", ["cpu", "emulated-cuda"])
+@pytest.mark.parametrize("where", ["cpu", "cuda", "emulated-cuda"])
 def test_xpmodel_train_in_bf16_runs_and_resumes(where, tmp_path, capsys, monkeypatch):
     """`xpmodel train ... train.precision=bf16` end to end (evaluations,
     checkpoints, no loss scale anywhere); a run stopped after step 8 and
     continued by `xpmodel train --resume` ends where the whole run ends: bit
-    for bit on the CPU, within 1e-3 on the emulator (whose float atomics add in
-    a different order every launch)."""
+    for bit on the CPU, within 1e-3 on a GPU or the emulator (whose float
+    atomics add in a different order every launch)."""
     from xpmodel.config import load_config
     from xpmodel.train import Trainer
     monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
+    if where == "cuda" and not cuda_available():
+        pytest.skip("needs CuPy and a CUDA GPU")
     corpus = write_corpus(tmp_path / "corpus.txt", lines=300)
     context = cuda_emulator.emulated_cuda_or_skip() if where == "emulated-cuda" else contextlib.nullcontext()
-    device = "cuda" if where == "emulated-cuda" else "cpu"
+    device = "cpu" if where == "cpu" else "cuda"
     settings = [f"data.source={corpus}", "train.precision=bf16", "train.max_iters=12",
                 "train.save_interval=4", "train.eval_interval=4", "train.log_interval=2"]
     with context:
@@ -391,7 +393,7 @@ def test_xpmodel_train_in_bf16_runs_and_resumes(where, tmp_path, capsys, monkeyp
                                  "--out", tmp_path / "whole", *settings)
         assert code == 0, err
         assert "bf16" in out and "step 12: val loss" in out
-        if device == "cuda":    # the emulator's GPU has no entry in xpmodel/train/peak_flops.py
+        if where == "emulated-cuda":    # the emulator's GPU has no entry in xpmodel/train/peak_flops.py
             assert "no MFU: CPU emulator is not in xpmodel's peak table; set train.peak_flops" in out
         first = Trainer.start(load_config(TINY, settings), device=device, out=tmp_path / "parts",
                               show=False)

@@ -31,7 +31,7 @@ def rand(rng, shape, dtype=np.float64, scale=1.0):
 @pytest.mark.parametrize("transpose_a,transpose_b", [(False, False), (True, False), (False, True)])
 def test_gemm_2d_and_batched(cp, dtype, transpose_a, transpose_b):
     from xpmodel.layers.matmul import matmul
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     for batch in [(), (3, 2)]:
         a = rand(rng, batch + ((40, 24) if transpose_a else (24, 40)), dtype)
         b = rand(rng, batch + ((33, 40) if transpose_b else (40, 33)), dtype)
@@ -50,7 +50,7 @@ def test_gemm_2d_and_batched(cp, dtype, transpose_a, transpose_b):
 
 def test_column_sums_add_into_float32(cp):
     from xpmodel.layers.matmul import add_column_sums
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     dout = rand(rng, (300, 70), np.float16)
     db = cp.asarray(rand(rng, (70,), np.float32))
     want = to_host(db).astype(np.float64) + dout.astype(np.float64).sum(axis=0)
@@ -63,7 +63,7 @@ def test_column_sums_add_into_float32(cp):
                                              (np.float32, np.float16)])
 def test_layernorm_matches_numpy(cp, C, dtype, out_dtype):
     from xpmodel.layers.layernorm import layernorm_backward, layernorm_forward
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     x, w, b = rand(rng, (37, C), dtype, 3.0) + 1.0, rand(rng, (C,), dtype), rand(rng, (C,), dtype)
     dout = rand(rng, (37, C), out_dtype)
     out, cache = layernorm_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64))
@@ -86,7 +86,7 @@ def test_layernorm_matches_numpy(cp, C, dtype, out_dtype):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
 def test_gelu_matches_numpy(cp, dtype):
     from xpmodel.layers.gelu import gelu_backward, gelu_forward
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     x = rand(rng, (50, 33), dtype, 4.0)
     x[0, :3] = [-200, 200, 0]
     dout = rand(rng, (50, 33), dtype)
@@ -109,7 +109,7 @@ def test_gelu_matches_numpy(cp, dtype):
 def test_causal_softmax_matches_numpy(cp, T, wide, low):
     """All-float16 rows with T % 8 == 0 take the vectorised kernels."""
     from xpmodel.layers.attention import causal_softmax_backward, causal_softmax_forward
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     scores = rand(rng, (2, 3, T, T), wide, 5.0)
     dprobs = rand(rng, (2, 3, T, T), wide)
     probs = causal_softmax_forward(scores.astype(np.float64))
@@ -127,7 +127,7 @@ def test_causal_softmax_matches_numpy(cp, T, wide, low):
 def test_crossentropy_matches_numpy(cp, dtype, V):
     """float16 with V % 8 == 0 takes the vectorised kernel, the rest the general one."""
     from xpmodel.layers.crossentropy import crossentropy_fused
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     logits = rand(rng, (9, V), dtype, 3.0)
     targets = rng.integers(0, V, 9)
     targets[4] = -1
@@ -150,7 +150,7 @@ def test_adamw_kernel_matches_the_cpu_update(dtype):
     config = xpmodel.GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)
     models = [xpmodel.GPT(config, device=d, dtype=dtype, seed=3) for d in ("cpu", "cuda")]
     opts = [xpmodel.AdamW(m, lr=1e-2, weight_decay=0.1) for m in models]
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     for _ in range(5):
         grads = rng.standard_normal(models[0].flat_grads.shape).astype(dtype)
         for model, opt in zip(models, opts):
@@ -166,7 +166,7 @@ def test_split_heads_adds_the_bias_and_scales_q(cp, dtype):
     """D = 8 takes the 16-byte float16 kernel, D = 4 the general one, as
     does a float16 qkv that starts 2 bytes into its buffer."""
     from xpmodel.layers.attention import split_heads
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     for B, T, H, D in [(2, 5, 3, 8), (2, 5, 3, 4)]:
         qkv, bias = rand(rng, (B, T, 3 * H * D), dtype), rand(rng, (3 * H * D,), dtype)
         want = split_heads(qkv.astype(np.float64), bias.astype(np.float64), H)
@@ -183,7 +183,7 @@ def test_split_heads_adds_the_bias_and_scales_q(cp, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_merge_heads_sums_the_bias_gradient(cp, dtype):
     from xpmodel.layers.attention import merge_heads
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     for B, T, H, D in [(2, 37, 3, 8), (2, 5, 3, 4)]:   # 74 rows: several per thread of the float16 kernel
         dheads = rand(rng, (3, B, H, T, D), dtype)
         dbias = rand(rng, (3 * H * D,), np.float32)
@@ -202,7 +202,7 @@ def test_merge_heads_sums_the_bias_gradient(cp, dtype):
                                                        (np.float32, np.float16)])
 def test_residual_add_with_bias_and_dropout_mask(cp, stream_dtype, branch_dtype):
     from xpmodel.layers.residual import residual_forward
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     stream, branch = rand(rng, (7, 24), stream_dtype), rand(rng, (7, 24), branch_dtype)
     bias, mask = rand(rng, (24,), branch_dtype), (rng.random((7, 24)) > 0.3).astype(branch_dtype) * 2
     wide = [a.astype(np.float64) for a in (stream, branch, bias, mask)]
@@ -217,7 +217,7 @@ def test_residual_add_with_bias_and_dropout_mask(cp, stream_dtype, branch_dtype)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
 def test_gelu_adds_the_bias_in_place(cp, dtype):
     from xpmodel.layers.gelu import gelu_forward
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     x, bias = rand(rng, (6, 40), dtype, 2.0), rand(rng, (40,), dtype)
     want_x = x.astype(np.float64) + bias.astype(np.float64)
     want, _ = gelu_forward(want_x.copy())
@@ -229,7 +229,7 @@ def test_gelu_adds_the_bias_in_place(cp, dtype):
 
 def test_layernorm_backward_writes_a_low_precision_copy_and_column_sums_of_dx(cp):
     from xpmodel.layers.layernorm import layernorm_backward, layernorm_forward
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     C = 96
     x, w = cp.asarray(rand(rng, (40, C), np.float32)), cp.asarray(rand(rng, (C,), np.float32))
     _, cache = layernorm_forward(x, w, w, np.float16)
@@ -251,7 +251,7 @@ def test_attention_in_causal_query_chunks_matches_numpy(cp, T, dropout, monkeypa
     if dropout and cp is not cuda_emulator:
         pytest.skip("CuPy's random numbers differ from NumPy's")
     monkeypatch.setattr(attention, "_QUERY_CHUNK", 8)
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     B, H, D = 2, 2, 8
     qkv, bias = rand(rng, (B, T, 3 * H * D), np.float32), rand(rng, (3 * H * D,), np.float32)
     dy = rand(rng, (B * T, H * D), np.float32)
@@ -276,7 +276,7 @@ def test_flash_attention_matches_float64(cp, B, H, T, monkeypatch):
     from xpmodel.cuda import flash
     from xpmodel.layers import attention
     monkeypatch.setattr(flash, "ENABLED", True)
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     D = 64
     qkv = rand(rng, (B, T, 3 * H * D), np.float16)
     bias = rand(rng, (3 * H * D,), np.float16, 0.1)
@@ -320,7 +320,7 @@ def test_grouped_query_attention_matches_float64(cp, H, n_kv_head, dtype, monkey
     from xpmodel.layers import attention
     from xpmodel.layers.rope import rope_tables
     monkeypatch.setattr(flash, "ENABLED", True)
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     B, T, D = 2, 128, 64
     width = (H + 2 * n_kv_head) * D
     qkv, bias = rand(rng, (B, T, width), dtype), rand(rng, (width,), dtype, 0.1)
@@ -353,7 +353,7 @@ def test_grouped_query_attention_matches_float64(cp, H, n_kv_head, dtype, monkey
 
 def test_flash_attention_serves_only_its_shapes(cp):
     from xpmodel.layers import attention
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     for dtype, D, T, dropout in [(np.float32, 64, 64, 0.0), (np.float16, 32, 64, 0.0),
                                  (np.float16, 64, 72, 0.0), (np.float16, 64, 64, 0.1)]:
         qkv = cp.asarray(rand(rng, (1, T, 3 * D), dtype))
@@ -383,7 +383,7 @@ def test_vector_kernels_fall_back_on_unaligned_rows(cp):
     16-byte vector kernels; the general ones give the same results."""
     from xpmodel.layers.attention import causal_softmax_forward
     from xpmodel.layers.crossentropy import crossentropy_fused
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     V, n = 64, 3
     logits = rand(rng, (n, V), np.float16, 3.0)
     targets = rng.integers(0, V, n)
@@ -404,7 +404,7 @@ def test_gemm_plans_are_reused_across_data_and_copy_unreadable_layouts(cp):
     second call with the same layouts reuses the first call's plan on new data."""
     from xpmodel.cuda import gemm
     from xpmodel.layers.matmul import matmul
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     for _ in range(2):
         a, b = rand(rng, (12, 20), np.float32), rand(rng, (10, 7), np.float32)
         got = matmul(cp.asarray(a)[:, ::2], cp.asarray(b))
@@ -420,7 +420,7 @@ def test_norm_kernel_without_centring_or_bias_matches_numpy(cp, C, norm):
     without a bias passes null bias pointers."""
     from xpmodel.layers.layernorm import layernorm_backward, layernorm_forward
     from xpmodel.layers.rmsnorm import rmsnorm_backward, rmsnorm_forward
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     x, w, dout = rand(rng, (37, C), scale=3.0) + 1.0, rand(rng, (C,)), rand(rng, (37, C))
     if norm == "rmsnorm":
         forward = lambda x_, w_: rmsnorm_forward(x_, w_, eps=1e-6)
@@ -452,7 +452,7 @@ def test_rows_wider_than_the_norm_kernel_takes_the_xp_expressions(cp, C, norm, m
     for name in ("layernorm_forward", "layernorm_backward"):
         original = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     x, w, b, dout = rand(rng, (37, C), scale=3.0) + 1.0, rand(rng, (C,)), rand(rng, (C,)), rand(rng, (37, C))
     if norm == "rmsnorm":
         forward, backward = rmsnorm_forward, lambda d, cache, w_, dw, db: rmsnorm_backward(d, cache, w_, dw)
@@ -481,7 +481,7 @@ def test_rope_and_grouped_head_split_and_merge_match_numpy(cp, n_kv_head, rotary
     from xpmodel.backend import get_device
     from xpmodel.layers.attention import attention_backward, attention_forward
     from xpmodel.layers.rope import rope_tables
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     B, T, H, D = 2, 12, 4, 8
     width = (H + 2 * n_kv_head) * D
     qkv, bias, dy = rand(rng, (B, T, width)), rand(rng, (width,)), rand(rng, (B * T, H * D))
@@ -510,7 +510,7 @@ def test_mlp_activation_kernels_match_numpy(cp, activation, dtype):
     from xpmodel.layers import relu2, swiglu
     forward, backward = {"swiglu": (swiglu.swiglu_forward, swiglu.swiglu_backward),
                          "relu2": (relu2.relu2_forward, relu2.relu2_backward)}[activation]
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     rows, width = 37, 2 * 100
     out_width = width // 2 if activation == "swiglu" else width
     h, bias = rand(rng, (rows, width), dtype, 2.0), rand(rng, (width,), dtype)

@@ -39,7 +39,6 @@ from xpmodel.data.play_markdown import play_markdown_to_text
 from xpmodel.errors import DataError, UsageError
 from xpmodel.tokenizer.bpe import BPETokenizer
 
-TINY_SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
 FINGERPRINT = "ab" * 32
 
 
@@ -350,8 +349,8 @@ def test_prepare_out_path_is_rebuilt_for_another_corpus(tmp_path, tokenizer, mon
     assert read_token_file(out).tolist() == tokenizer.encode_ordinary("All:\n")
 
 
-def test_prepare_streams_in_pieces_with_progress(tmp_path, tokenizer):
-    text = TINY_SHAKESPEARE.read_text(encoding="utf-8")[:60_000]
+def test_prepare_streams_in_pieces_with_progress(tmp_path, tokenizer, tinyshakespeare):
+    text = tinyshakespeare.read_text(encoding="utf-8")[:60_000]
     corpus = write(tmp_path / "tiny.txt", text)
     reports = []
     path = prepare(

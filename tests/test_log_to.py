@@ -56,6 +56,11 @@ def test_tensorboard_scalars_equal_metrics_jsonl_across_a_resume(tmp_path, corpu
     events.Reload()
     assert sorted(events.Tags()["scalars"]) == sorted(expected)
     assert {"train/loss", "eval/val_loss", "eval/gap", "health/update_ratio/h.0"} <= set(expected)
+    # the core tags read straight from metrics.jsonl, apart from the mapping above
+    records = RunDir(run).read_metrics()
+    assert expected["train/loss"] == [(r["step"], r["loss"]) for r in records if r["type"] == "train"]
+    assert expected["health/update_ratio/h.0"] == [
+        (r["step"], r["update_ratio"][r["groups"].index("h.0")]) for r in records if r["type"] == "health"]
     for tag, points in expected.items():
         got = [(e.step, e.value) for e in events.Scalars(tag)]
         assert [s for s, _ in got] == [s for s, _ in points], tag

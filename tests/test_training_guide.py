@@ -97,25 +97,22 @@ def test_embedding_noise_is_in_training_passes_only():
     assert float(model.forward_backward(x, y)) == noisy[0]     # the same pass, the same noise
 
 
+@pytest.mark.parametrize("device", ["cuda", "emulated-cuda"], indirect=True)
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_embedding_noise_on_the_cuda_path(precision):
-    """The noise drawn by CuPy's generator on the device (here the kernel emulator)."""
-    import cuda_emulator
-    if cuda_emulator.compiler() is None:
-        pytest.skip("the CUDA emulator needs g++")
+def test_embedding_noise_on_the_cuda_path(device, precision):
+    """The noise drawn by CuPy's generator on the device (a GPU, or the kernel emulator)."""
     x = numpy.random.default_rng(0).integers(0, 64, (2, 8))
     y = numpy.roll(x, -1, axis=1)
-    with cuda_emulator.emulated_cuda():
-        model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16),
-                    device="cuda", seed=0, precision=precision)
-        clean, clean_eval = float(model.forward_backward(x, y)), float(model.loss(x, y))
-        for kind in ("uniform", "gaussian"):
-            model.embedding_noise = (5.0, kind)
-            model.dropout_calls = 0
-            noisy = float(model.forward_backward(x, y))
-            model.dropout_calls = 0
-            assert float(model.forward_backward(x, y)) == noisy != clean
-            assert float(model.loss(x, y)) == clean_eval
+    model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16),
+                device=device, seed=0, precision=precision)
+    clean, clean_eval = float(model.forward_backward(x, y)), float(model.loss(x, y))
+    for kind in ("uniform", "gaussian"):
+        model.embedding_noise = (5.0, kind)
+        model.dropout_calls = 0
+        noisy = float(model.forward_backward(x, y))
+        model.dropout_calls = 0
+        assert float(model.forward_backward(x, y)) == noisy != clean
+        assert float(model.loss(x, y)) == clean_eval
 
 
 def test_embedding_noise_run_resumes_bit_exactly(tmp_path, corpus):
