@@ -169,7 +169,12 @@ def test_sample_stops_at_endoftext(trained, tmp_path, capsys):
         assert out == "Good\n"
 
 
-def test_a_vocabulary_padded_past_the_tokenizer_never_samples_a_padding_id(tmp_path, capsys):
+def test_a_vocabulary_padded_past_the_tokenizer_never_samples_a_padding_id(tmp_path, capsys,
+                                                                          monkeypatch):
+    import xpmodel.model.generate as generate_module
+    drawn, sample_next = [], generate_module.sample_next
+    monkeypatch.setattr(generate_module, "sample_next",
+                        lambda *a, **k: drawn.append(sample_next(*a, **k)) or drawn[-1])
     corpus = write_corpus(tmp_path / "corpus.txt")
     run = tmp_path / "run"
     code, out, err = run_cli(capsys, "train", "--config", TINY, "--device", "cpu", "--out", run,
@@ -182,6 +187,7 @@ def test_a_vocabulary_padded_past_the_tokenizer_never_samples_a_padding_id(tmp_p
         code, out, err = run_cli(capsys, "sample", run, "--prompt", "Good", "--max-new-tokens",
                                  20, *extra)
         assert code == 0, err
+    assert len(drawn) >= 40 and max(drawn) < 257       # the byte tokenizer's ids are 0..256
 
 
 def test_sample_never_prints_control_characters(trained, tmp_path, capsys):

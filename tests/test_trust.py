@@ -172,21 +172,28 @@ def test_an_output_that_is_an_input_is_refused(run, corpus, tmp_path, capsys):
     tokenizer = tmp_path / "tok.json"
     BPETokenizer().save(tokenizer)
     before = corpus.read_bytes()
-    cases = [
-        ["prepare", corpus, "--tokenizer", tokenizer, "--out", corpus],
-        ["prepare", corpus, "--tokenizer", tokenizer, "--out", tokenizer],
-        ["tokenizer", "train", corpus, "--vocab-size", 300, "--out", corpus],
-        ["plot", run.path, "--out", run.checkpoint_dir / "step-00000030.png"],
-        ["plot", run.path, "--out", run.config_path],
-        ["import-hf", run.path, "--out", run.path, "--overwrite"],
-        ["export-hf", run.path, run.path / "hf"],
-        ["train", "--config", TINY, "--device", "cpu", "--out", run.path, "--overwrite",
-         "--init-from", run.path, f"data.source={corpus}"],
+    config_as_png = tmp_path / "config.png"
+    config_as_png.symlink_to(run.config_path)
+    config_text = run.config_path.read_bytes()
+    an_input = "is also an input of this command"
+    cases = [   # (arguments, why the output is refused)
+        (["prepare", corpus, "--tokenizer", tokenizer, "--out", corpus], an_input),
+        (["prepare", corpus, "--tokenizer", tokenizer, "--out", tokenizer], an_input),
+        (["tokenizer", "train", corpus, "--vocab-size", 300, "--out", corpus], an_input),
+        (["plot", run.path, "--out", run.checkpoint_dir / "step-00000030.png"],
+         "is one of the files of the run"),
+        (["plot", run.path, "--out", config_as_png, "--overwrite"], "is one of the files of the run"),
+        (["import-hf", run.path, "--out", run.path, "--overwrite"], "which the import reads"),
+        (["export-hf", run.path, run.path / "hf"], "overlaps the run"),
+        (["train", "--config", TINY, "--device", "cpu", "--out", run.path, "--overwrite",
+          "--init-from", run.path, f"data.source={corpus}"], "is the run --init-from reads"),
     ]
-    for args in cases:
+    for args, why in cases:
         code, _, err = run_cli(capsys, *args)
         assert code == 2, (args, err)
         assert_one_line_error(err)
+        assert why in err, (args, err)
+    assert run.config_path.read_bytes() == config_text
     assert corpus.read_bytes() == before
     assert BPETokenizer.load(tokenizer) == BPETokenizer()
     assert run.is_run() and run.checkpoint_steps() == [20, 30]
