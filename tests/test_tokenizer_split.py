@@ -8,6 +8,7 @@ with an NFC normalizer), saved, imported, and checked id for id against
 a tiny random LlamaForCausalLM whose logits must match.
 """
 import json
+import time
 import unicodedata
 from collections import Counter
 
@@ -17,6 +18,7 @@ import pytest
 from test_tokenizer import CORPUS, HAND_PICKED, random_strings
 from xpmodel.errors import DataError, UsageError
 from xpmodel.tokenizer.bpe import ENDOFTEXT, GPT2_SPLIT_PATTERN, BPETokenizer
+from xpmodel.tokenizer import pretokenize
 from xpmodel.tokenizer.hf_files import export_tokenizer_hf, gpt2_byte_to_unicode, read_hf_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -89,7 +91,8 @@ def all_texts():
 def test_split_matches_tokenizers_pieces():
     # The pre-tokenization alone, before any merge: the pattern means to the
     # `regex` module what it means to Oniguruma.
-    for pattern in (LLAMA3_PATTERN, QWEN2_PATTERN, GPT2_SPLIT_PATTERN):
+    # Wrapped in a group, Llama 3's pattern splits under the time budget.
+    for pattern in (LLAMA3_PATTERN, QWEN2_PATTERN, GPT2_SPLIT_PATTERN, f"(?:{LLAMA3_PATTERN})"):
         ours = BPETokenizer(split_pattern=pattern)._pieces
         split = pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False)
         for text in all_texts():
@@ -258,6 +261,87 @@ def test_a_bad_pattern_in_a_tokenizer_file_is_a_data_error_naming_it(tmp_path, p
         BPETokenizer.load(path)
     with pytest.raises(UsageError, match=named):
         BPETokenizer(split_pattern=pattern)
+
+
+# ----- patterns that backtrack ----------------------------------------------
+
+# Nested repeats: the first alternative backtracks exponentially on a run of
+# word characters with no NUL after it (four characters take seconds).
+BACKTRACKING = r"(?:(?:(?:\w?){1,9}){1,9}){1,9}\x00|\w+|\s+|[^\w\s]+"
+# The same only after a "Q", which no probe string holds: only the budget of
+# each split stops it.
+BACKTRACKING_AFTER_Q = "Q" + BACKTRACKING
+
+
+def test_the_linear_patterns_are_the_ones_checked_against_tokenizers():
+    assert pretokenize.LINEAR_SPLIT_PATTERNS == (GPT2_SPLIT_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN)
+
+
+def test_a_pattern_that_backtracks_is_refused_when_checked(monkeypatch, tmp_path):
+    monkeypatch.setattr(pretokenize, "PROBE_SECONDS", 0.2, raising=False)
+    start = time.perf_counter()
+    with pytest.raises(UsageError, match=r"split pattern '\(\?:.*backtracks too much") as info:
+        BPETokenizer(split_pattern=BACKTRACKING)
+    assert "\n" not in str(info.value)
+    path = tmp_path / "tok.json"
+    path.write_text(json.dumps({"format": "xpmodel-bpe-tokenizer", "version": 2,
+                                "pre_tokenizer": "split", "split_pattern": BACKTRACKING,
+                                "special_tokens": [ENDOFTEXT], "merges": []}))
+    with pytest.raises(DataError, match="tok.json: tokenizer file is not usable: .*backtracks"):
+        BPETokenizer.load(path)
+    assert time.perf_counter() - start < 30
+
+
+def test_import_refuses_a_split_that_backtracks(llama3_document, tmp_path, monkeypatch):
+    monkeypatch.setattr(pretokenize, "PROBE_SECONDS", 0.2, raising=False)
+    document = dict(llama3_document, pre_tokenizer=sequence(split(BACKTRACKING), byte_level(False)))
+    (tmp_path / "tokenizer.json").write_text(json.dumps(document), encoding="utf-8")
+    with pytest.raises(UsageError, match="tokenizer.json: the split pattern .* backtracks too much"):
+        read_hf_tokenizer(tmp_path)
+
+
+def test_a_split_past_its_budget_is_a_data_error_naming_the_pattern(monkeypatch):
+    tok = BPETokenizer(split_pattern=BACKTRACKING_AFTER_Q)   # passes the probes
+    assert tok.encode_ordinary("a Q b") == tok.encode_ordinary("a Q b")
+    monkeypatch.setattr(pretokenize, "SPLIT_SECONDS", 0.02, raising=False)
+    text = " ".join(["Qaaa"] * 4)   # the old splitter took about half a second
+    for call in (tok.encode_ordinary, lambda t: BPETokenizer.train(t, 300, (),
+                                                                   BACKTRACKING_AFTER_Q)):
+        with pytest.raises(DataError, match=r"split pattern 'Q\(\?:.*backtracks too much: "
+                                            r"splitting 19 characters") as info:
+            call(text)
+        assert "\n" not in str(info.value)
+
+
+def test_a_split_past_its_budget_in_a_worker_is_the_same_error():
+    # Workers split with the default budget of SPLIT_SECONDS.
+    tok = BPETokenizer(split_pattern=BACKTRACKING_AFTER_Q)
+    with pytest.raises(DataError, match="backtracks too much"):
+        list(tok.encode_chunks(["fine text\n", "Q" + "a" * 20], workers=2))
+
+
+# Runs of one kind of character and of two interleaved, on which a regex
+# engine could be slowest.
+LONG_TEXTS = {"spaces": " " * 65536, "spaces then a letter": " " * 65535 + "a",
+              "letters": "a" * 65536, "digits": "1" * 65536, "punctuation": "!" * 65536,
+              "newlines": "\n" * 65536, "crlf": "\r\n" * 32768, "space newline": " \n" * 32768,
+              "space tab": " \t" * 32768 + "x", "cjk": "\u4e2d" * 65536, "apostrophes": "'" * 65536,
+              "apostrophe s": "'s" * 32768, "space punctuation": " !" * 32768,
+              "prose": (CORPUS * 200)[:65536]}
+
+
+@pytest.mark.parametrize("pattern", [GPT2_SPLIT_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN],
+                         ids=["gpt2", "llama3", "qwen2"])
+def test_the_linear_patterns_split_long_texts_well_within_the_budget(pattern):
+    # The budget the three would have if they had one: each split takes a
+    # small part of it (tens of milliseconds where the budget is 8.5 s).
+    compiled = pretokenize.check_split_pattern(pattern)
+    for name, text in LONG_TEXTS.items():
+        budget = (pretokenize.SPLIT_SECONDS + len(text) * pretokenize.SPLIT_SECONDS_PER_CHAR) / 10
+        pieces = pretokenize._budgeted_pieces(compiled, text, time.process_time() + budget)
+        assert "".join(pieces) == text, name
+    for text in pretokenize._PROBE_TEXTS:
+        assert "".join(pretokenize._budgeted_pieces(compiled, text, time.process_time() + 0.1)) == text
 
 
 # ----- Meta's Llama 3 layout, converted from tiktoken -----------------------
