@@ -240,3 +240,33 @@ def test_folders_and_globs_follow_linked_folders_once_and_say_what_they_skipped(
                                  for line in err), err
     resolve_source(str(corpus))
     assert capsys.readouterr().err == ""                      # once per process
+
+
+# ---- globs with many `**` ----------------------------------------------------------------
+
+def test_a_glob_of_many_double_stars_matches_in_steps_linear_in_them(tmp_path, monkeypatch):
+    # Trying every way 30 `**` could share 13 folders is about 10^11 paths;
+    # read as states, each name is one step per part.
+    from xpmodel.data import resolve_source, sources
+    folder = tmp_path / "deep"
+    for depth in range(1, 14):
+        folder = folder / f"d{depth}"
+    folder.mkdir(parents=True)
+    (folder / "a.txt").write_text("a")
+    (tmp_path / "deep" / "b.txt").write_text("b")
+    calls = 0
+    name_matches = sources._name_matches
+
+    def counted(name, part):
+        nonlocal calls
+        calls += 1
+        assert calls < 10_000, "the glob is trying the ways `**` can match one by one"
+        return name_matches(name, part)
+    monkeypatch.setattr(sources, "_name_matches", counted)
+    stars = "/".join(["**"] * 30)
+    found = resolve_source(f"{tmp_path}/deep/{stars}/*.txt")
+    assert [p.name for p in found.files] == ["b.txt", "a.txt"]   # by path: deep/b.txt first
+    with pytest.raises(DataError, match=r"\*\*/\*\.zzz: glob matched no files"):
+        resolve_source(f"{tmp_path}/deep/{stars}/*.zzz")
+    with pytest.raises(DataError, match="glob matched no files"):
+        resolve_source(f"{tmp_path}/deep/{stars}/.hidden/{stars}/*.txt")

@@ -265,24 +265,43 @@ def _name_matches(name: str, part: str) -> bool:
 
 def _matches(names: tuple, parts: list) -> bool:
     """Whether a relative path (its names) matches the pattern's parts."""
-    if not parts:
-        return not names
-    if parts[0] == "**":
-        return _matches(names, parts[1:]) or bool(
-            names and not names[0].startswith(".") and _matches(names[1:], parts))
-    return bool(names) and _name_matches(names[0], parts[0]) and _matches(names[1:], parts[1:])
+    return len(parts) in _parts_reached(names, parts)
 
 
 def _could_match(names: tuple, parts: list) -> bool:
     """Whether a folder's relative path can begin a match (so it is worth walking)."""
-    if not names:
-        return True
-    if not parts:
-        return False
-    if parts[0] == "**":
-        return _could_match(names, parts[1:]) or (
-            not names[0].startswith(".") and _could_match(names[1:], parts))
-    return _name_matches(names[0], parts[0]) and _could_match(names[1:], parts[1:])
+    return bool(_parts_reached(names, parts))
+
+
+def _parts_reached(names: tuple, parts: list) -> set:
+    """Every k such that `names` matches `parts[:k]`, the rest of the pattern
+    left for what lies below: the pattern read as an automaton, one name at a
+    time. A `**` keeps its place on a name that is not hidden, or is passed
+    over. At most len(parts) + 1 states, so a path of n names costs about n *
+    len(parts) steps however many `**` there are (trying each way every `**`
+    could match takes time exponential in their number)."""
+    def passing_stars(states):
+        for k in range(len(parts)):   # in order, so `**/**` passes both
+            if k in states and parts[k] == "**":
+                states.add(k + 1)
+        return states
+
+    states = passing_stars({0})
+    for name in names:
+        hidden = name.startswith(".")
+        after = set()
+        for k in states:
+            if k == len(parts):
+                continue
+            if parts[k] == "**":
+                if not hidden:
+                    after.add(k)
+            elif _name_matches(name, parts[k]):
+                after.add(k + 1)
+        if not after:
+            return after
+        states = passing_stars(after)
+    return states
 
 
 def _text_files_below(folder: Path, spec: str) -> list[Path]:
