@@ -50,7 +50,7 @@ from ..files import inside, open_regular, parse_json, process_alive, read_json
 from ..tokenizer.bpe import BPETokenizer
 from .checkpoint import (FORMAT_VERSION, CheckpointError, read_checkpoint_meta, step_file_name,
                          step_of_name)
-from .runlock import RunLock, held_lock, lock_is_free
+from .runlock import RunLock, held_lock, lock_file_problem, lock_is_free
 
 RUN_FORMAT = "xpmodel-run"
 LOCK_NAME = ".xpmodel.lock"
@@ -151,6 +151,13 @@ class RunDir:
         """Whether a live process holds this run's lock (it is training or being written)."""
         return self.lock_path.exists() and not lock_is_free(self.lock_path)
 
+    def lock_problem(self):
+        """None, or why the entry named like the run's lock file is not one
+        xpmodel made (a link, a FIFO...), naming it: writers refuse such a run."""
+        problem = lock_file_problem(self.lock_path)
+        return None if problem is None else (f"{self.lock_path}: {problem}, not a lock file "
+                                             f"xpmodel made; move it away")
+
     def lock(self, flag="--out"):
         """The one-writer lock of this run directory, as a context manager
         (re-entrant within a process); creates the folder if needed, and
@@ -193,7 +200,8 @@ class RunDir:
         held = held_lock(self.path)
         if held is not None:
             return held.found_stale
-        return _present(self.lock_path) and lock_is_free(self.lock_path)
+        return _present(self.lock_path) and lock_file_problem(self.lock_path) is None \
+            and lock_is_free(self.lock_path)
 
     def create(self, config, tokenizer, overwrite=False, first_checkpoint=None):
         """Start a new run here, refusing to mix with another run's files.

@@ -6,6 +6,11 @@ the message a second writer gets. Where a file system has no flock (some
 network file systems), a lock whose recorded holder still runs counts as
 held. Taking the lock creates the run's folder if needed, and releasing it
 removes the folders it created while they are empty.
+
+The lock file is opened without following a link and must then be a regular
+file with one name: a symbolic link, a hard link to another file, a FIFO or a
+device planted under the lock's name is refused, named, and left as it was
+(nothing is written to it, and opening never waits on a FIFO).
 """
 import errno
 import fcntl
@@ -13,6 +18,7 @@ import json
 import math
 import os
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -80,11 +86,7 @@ class RunLock:
     def _acquire(self):
         lock_path = self.run.lock_path
         for _ in range(20):
-            try:
-                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
-            except OSError as exc:
-                raise UsageError(f"{self.flag} {self.run.path}: cannot create its lock file "
-                                 f"({exc.strerror or exc})") from None
+            fd = self._open_lock_file(lock_path)
             try:
                 holder = _read_holder(fd)
                 try:
@@ -97,7 +99,7 @@ class RunLock:
                         raise
                     if holder and _holder_alive(holder):
                         raise UsageError(self._in_use(holder)) from None
-                if os.fstat(fd).st_ino != _inode(lock_path):
+                if _identity(os.fstat(fd)) != _identity_of(lock_path):
                     os.close(fd)   # released and removed by its holder meanwhile: try again
                     continue
                 self.found_stale = holder is not None and not self.run.is_run()
@@ -113,6 +115,29 @@ class RunLock:
                 raise
         raise UsageError(f"{self.flag} {self.run.path}: could not take its lock file {lock_path}")
 
+    def _open_lock_file(self, lock_path):
+        """A descriptor of the lock file, created if missing; refused, untouched,
+        unless it is a regular file with one link (see the module's docstring)."""
+        problem = lock_file_problem(lock_path)   # checked before opening: opening a device may act
+        if problem is None:
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                             | getattr(os, "O_CLOEXEC", 0), 0o666)
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise UsageError(f"{self.flag} {self.run.path}: cannot create its lock file "
+                                     f"{lock_path} ({exc.strerror or exc})") from None
+                problem = "is a symbolic link"   # put there since the check above
+            else:
+                problem = _not_a_lock_file(os.fstat(fd))
+                if problem is None:
+                    os.set_blocking(fd, True)
+                    return fd
+                os.close(fd)
+        raise UsageError(f"{self.flag} {self.run.path}: its lock file {lock_path} {problem}, not a "
+                         f"file xpmodel made; xpmodel writes nothing through it: move it away and "
+                         f"try again")
+
     def _in_use(self, holder):
         who = "another xpmodel process"
         if holder:
@@ -126,7 +151,7 @@ class RunLock:
     def release(self):
         if self._fd is not None:
             try:
-                if os.fstat(self._fd).st_ino == _inode(self.run.lock_path):
+                if _identity(os.fstat(self._fd)) == _identity_of(self.run.lock_path):
                     self.run.lock_path.unlink(missing_ok=True)
             except OSError:
                 pass
@@ -151,11 +176,45 @@ def _key(path):
         return str(Path(path).absolute())
 
 
-def _inode(path):
+def _identity(status):
+    return status.st_dev, status.st_ino
+
+
+def _identity_of(path):
+    """(device, inode) of the entry `path` itself (a link is not followed), or None."""
     try:
-        return os.stat(path).st_ino
+        return _identity(os.lstat(path))
     except OSError:
         return None
+
+
+def lock_file_problem(lock_path):
+    """None when `lock_path` is missing or could be a lock file xpmodel made (a
+    regular file with one link), else what it is instead, e.g. "is a FIFO"."""
+    try:
+        return _not_a_lock_file(os.lstat(lock_path))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot be examined ({exc.strerror or exc})"
+
+
+def _not_a_lock_file(status):
+    mode = status.st_mode
+    if stat.S_ISLNK(mode):
+        return "is a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "is a directory"
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        return f"is {kind}"
+    if status.st_nlink != 1:
+        return f"has {status.st_nlink} hard links (it is another file's too)"
+    return None
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
 def _read_holder(fd):
@@ -180,12 +239,19 @@ def _holder_alive(holder):
 
 
 def lock_is_free(lock_path):
-    """True when nobody holds the lock file (its holder died)."""
+    """True when nobody holds the lock file (its holder died). A lock file
+    that is not a regular file with one link is never one xpmodel holds
+    (`lock_file_problem` says what it is); it is not opened, so never waited on."""
+    if lock_file_problem(lock_path) is not None:
+        return True
     try:
-        fd = os.open(lock_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return False
+        fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        return exc.errno == errno.ELOOP   # replaced by a link since the check
     try:
+        if _not_a_lock_file(os.fstat(fd)) is not None:
+            return True
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return True
     except BlockingIOError:

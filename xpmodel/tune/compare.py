@@ -6,6 +6,7 @@ last logged step reaches the config's length, else "stopped" (interrupted,
 early-stopped, diverged or killed: `xpmodel train --resume` continues it).
 """
 import math
+import sys
 from pathlib import Path
 
 from ..config import config_to_dict
@@ -44,8 +45,13 @@ def find_runs(root):
 
 def summarize(run):
     """A dict of what one run holds: status, steps, tokens, losses, wall time.
-    Damaged lines of its metrics.jsonl are skipped with a warning naming them."""
+    Damaged lines of its metrics.jsonl are skipped with a warning naming them,
+    and a lock file that is not one xpmodel made (a link, a FIFO) is named in
+    a warning (it is never opened: nobody holds it)."""
     records = run.read_metrics()
+    lock_problem = run.lock_problem()
+    if lock_problem is not None:
+        print(f"warning: {lock_problem}", file=sys.stderr)
     train = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "eval" and _finite(r.get("val_loss"))]
     try:

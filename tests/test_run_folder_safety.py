@@ -1,0 +1,146 @@
+"""What a run folder may hold that xpmodel must not trust: an entry planted
+under the name of one of its files or folders.
+
+- a `.xpmodel.lock` that is a symbolic link, a hard link or a FIFO is refused
+  in one line naming it by every writer (train --out / --resume, import-hf,
+  sweep), and its target is left as it was; `runs` and `compare` never wait
+  on a FIFO and name it.
+"""
+import contextlib
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import assert_one_line_error, run_cli, write_corpus
+from xpmodel.train.rundir import RunDir
+
+TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
+
+pytestmark = pytest.mark.usefixtures("private_cache")   # conftest.py
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 10-step tiny run (checkpoints at steps 0 .. 10) and its corpus; tests copy it."""
+    root = tmp_path_factory.mktemp("run_folder_safety")
+    corpus = write_corpus(root / "corpus.txt", lines=300)
+    run = root / "run"
+    old = os.environ.get("XPMODEL_CACHE")
+    os.environ["XPMODEL_CACHE"] = str(root / "cache")
+    try:
+        from xpmodel.cli import main as cli
+        assert cli.main(["train", "--config", str(TINY), "--quiet", "--out", str(run),
+                         f"data.source={corpus}", "train.max_iters=10", "train.save_interval=5",
+                         "train.eval_interval=5"]) == 0
+    finally:
+        if old is None:
+            os.environ.pop("XPMODEL_CACHE")
+        else:
+            os.environ["XPMODEL_CACHE"] = old
+    return {"run": run, "corpus": corpus}
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(trained["run"], copy)
+    return copy
+
+
+@pytest.fixture
+def victim(tmp_path):
+    path = tmp_path / "victim.txt"
+    path.write_text("the user's own file\n")
+    return path
+
+
+@contextlib.contextmanager
+def within(seconds):
+    """Fail, rather than hang, when the block takes longer than `seconds`."""
+    def expired(*_):
+        raise TimeoutError(f"still waiting after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def refused(capsys, *args):
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2, (code, out, err)
+    assert_one_line_error(err)
+    return err
+
+
+def plant(folder, kind, victim):
+    """A .xpmodel.lock in `folder` that is a symbolic or hard link to `victim`, or a FIFO."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".xpmodel.lock"
+    if kind == "symlink":
+        lock.symlink_to(victim)
+    elif kind == "hardlink":
+        os.link(victim, lock)
+    else:
+        os.mkfifo(lock)
+    return lock
+
+
+# ---- the lock file ------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_train_never_writes_through_a_planted_lock_file(kind, capsys, run, victim, trained):
+    before = victim.read_bytes()
+    lock = plant(run, kind, victim)
+    train = ["train", "--config", TINY, "--quiet", f"data.source={trained['corpus']}"]
+    for args in ([*train, "--out", run], [*train, "--out", run, "--overwrite"], ["train", "--resume", run]):
+        err = refused(capsys, *args)
+        assert str(lock) in err and "lock file" in err
+        assert victim.read_bytes() == before
+        assert os.path.lexists(lock)
+    assert RunDir(run).checkpoint_steps() == [5, 10]   # nothing replaced either
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_import_hf_and_sweep_never_write_through_a_planted_lock_file(kind, capsys, run, victim,
+                                                                     tmp_path, trained):
+    before = victim.read_bytes()
+    hf = tmp_path / "hf"
+    assert run_cli(capsys, "export-hf", run, hf)[0] == 0
+    imported, sweep = tmp_path / "imported", tmp_path / "sweep"
+    plant(imported, kind, victim)
+    err = refused(capsys, "import-hf", hf, "--out", imported)
+    assert str(imported / ".xpmodel.lock") in err and victim.read_bytes() == before
+    assert [p.name for p in imported.iterdir()] == [".xpmodel.lock"]
+    plant(sweep, kind, victim)
+    err = refused(capsys, "sweep", "--config", TINY, f"data.source={trained['corpus']}",
+                  "train.lr=1e-3,2e-3", "--max-iters", "2", "--out", sweep)
+    assert str(sweep / ".xpmodel.lock") in err and victim.read_bytes() == before
+    assert [p.name for p in sweep.iterdir()] == [".xpmodel.lock"]
+
+
+def test_a_fifo_lock_file_is_named_and_never_waited_on(capsys, run, tmp_path):
+    lock = plant(run, "fifo", None)
+    with within(20):
+        code, out, err = run_cli(capsys, "runs", run)
+    assert code == 0 and "running" not in out and run.name in out
+    assert f"warning: {lock}: is a FIFO" in err
+    with within(20):
+        code, out, err = run_cli(capsys, "compare", run, "--out", tmp_path / "compare.png")
+    assert f"{lock}: is a FIFO" in err
+    with within(20):
+        err = refused(capsys, "train", "--resume", run)
+    assert f"its lock file {lock} is a FIFO" in err
+    assert not RunDir(run).is_locked()
+
+
+def test_a_run_whose_lock_file_was_made_by_xpmodel_still_works(capsys, run):
+    """The checks do not refuse a lock file left by a killed process."""
+    (run / ".xpmodel.lock").write_text(json.dumps({"pid": 1 << 30, "host": "elsewhere"}) + "\n")
+    assert run_cli(capsys, "train", "--resume", run, "train.max_iters=12")[0] == 0
+    assert not os.path.lexists(run / ".xpmodel.lock")
