@@ -488,3 +488,22 @@ def test_tokenizer_import_refuses_a_vocab_without_byte_tokens(copy_of_export):
     path.write_text(json.dumps(document, ensure_ascii=False), encoding="utf-8")
     with pytest.raises(UsageError, match="byte 0"):
         import_hf_tokenizer(copy_of_export)
+
+
+@pytest.mark.parametrize("merges, named", [
+    (5, "BPE merges is 5, not a list of merges"),
+    ({"a b": 0}, "BPE merges is {'a b': 0}, not a list of merges"),
+    ("a b", "BPE merges is 'a b', not a list of merges"),
+    ([["a", "b", "c"]], r"merge 0 is \['a', 'b', 'c'\], not a pair of tokens"),
+    ([7], "merge 0 is 7, not a pair of tokens"),
+    ([["a", 7]], r"merge 0 is \['a', 7\], not a pair of tokens"),
+])
+def test_tokenizer_import_refuses_merges_that_are_not_a_list_of_pairs(copy_of_export, merges,
+                                                                       named):
+    path = copy_of_export / "tokenizer.json"
+    document = json.loads(path.read_text(encoding="utf-8"))
+    document["model"]["merges"] = merges
+    path.write_text(json.dumps(document, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(DataError, match="tokenizer.json: " + named) as info:
+        import_hf_tokenizer(copy_of_export)
+    assert "\n" not in str(info.value)

@@ -288,7 +288,12 @@ def _read_tokenizer_json(path):
 
 def _read_merges(model, path):
     """tokenizer.json's BPE merges ("a b" or ["a", "b"]) as [(left, right)]."""
-    entries = model.get("merges") or []
+    entries = model.get("merges")
+    if entries is None:
+        entries = []
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: BPE merges is {quote(entries, 100)}, not a list of merges "
+                        f"(\"a b\" or [\"a\", \"b\"])")
     if len(entries) > MAX_VOCAB:
         raise DataError(f"{path}: {len(entries):,} merges, more than the {MAX_VOCAB:,} ids "
                         f"xpmodel supports")
