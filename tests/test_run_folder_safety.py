@@ -4,7 +4,10 @@ under the name of one of its files or folders.
 - a `.xpmodel.lock` that is a symbolic link, a hard link or a FIFO is refused
   in one line naming it by every writer (train --out / --resume, import-hf,
   sweep), and its target is left as it was; `runs` and `compare` never wait
-  on a FIFO and name it.
+  on a FIFO and name it;
+- a checkpoints/ (tensorboard/, wandb/) that is a link is a folder the run
+  does not own: nothing is started, resumed, replaced, deleted or pruned
+  through it.
 """
 import contextlib
 import json
@@ -144,3 +147,57 @@ def test_a_run_whose_lock_file_was_made_by_xpmodel_still_works(capsys, run):
     (run / ".xpmodel.lock").write_text(json.dumps({"pid": 1 << 30, "host": "elsewhere"}) + "\n")
     assert run_cli(capsys, "train", "--resume", run, "train.max_iters=12")[0] == 0
     assert not os.path.lexists(run / ".xpmodel.lock")
+
+
+# ---- folders a run writes in ----------------------------------------------------------------
+def link_checkpoints(run, other):
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").symlink_to(other / "checkpoints")
+
+
+def test_a_linked_checkpoints_folder_is_never_written_or_emptied(capsys, run, tmp_path, trained):
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    link_checkpoints(run, other)
+    before = sorted(p.name for p in (other / "checkpoints").iterdir())
+    train = ["train", "--config", TINY, "--quiet", f"data.source={trained['corpus']}"]
+    for args in ([*train, "--out", run, "--overwrite"], ["train", "--resume", run, "train.max_iters=20"]):
+        err = refused(capsys, *args)
+        assert f"{run / 'checkpoints'} is a link" in err
+        assert sorted(p.name for p in (other / "checkpoints").iterdir()) == before
+    assert RunDir(run).is_run()
+    RunDir(run).prune_checkpoints(keep_last=1)
+    assert sorted(p.name for p in (other / "checkpoints").iterdir()) == before
+
+
+def test_a_folder_holding_only_a_linked_checkpoints_folder_is_refused(capsys, tmp_path, trained):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("mine\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoints").symlink_to(elsewhere)
+    err = refused(capsys, "train", "--config", TINY, "--quiet", f"data.source={trained['corpus']}",
+                  "--out", out)
+    assert f"{out / 'checkpoints'} is a link" in err
+    assert [p.name for p in elsewhere.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+
+
+@pytest.mark.parametrize("folder", ["tensorboard", "wandb"])
+def test_a_linked_mirror_folder_is_refused_on_resume(folder, capsys, run, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run / folder).symlink_to(elsewhere)
+    err = refused(capsys, "train", "--resume", run, "train.max_iters=12")
+    assert f"{run / folder} is a link" in err
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_linked_checkpoints_folder_is_not_read_as_the_runs(capsys, run, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    link_checkpoints(run, other)
+    code, _, err = run_cli(capsys, "sample", run, "--max-new-tokens", "2")
+    assert code != 0 and "checkpoints is a link" in err
+    assert_one_line_error(err)

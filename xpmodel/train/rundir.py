@@ -13,7 +13,10 @@
 
 Paths are all built here from fixed names, never from the contents of a
 run's files, so nothing read from a run can point outside it; a checkpoint
-that is a link to somewhere outside the run is ignored.
+that is a link to somewhere outside the run is ignored. A checkpoints/,
+tensorboard/ or wandb/ that is itself a link (to another run's checkpoints,
+say) is a folder the run does not own: a run is not started, resumed or
+replaced through it, and nothing is listed for deletion or pruned in it.
 
 Only files with these names (and xpmodel's own temporary files) are ever
 deleted (tensorboard/'s event files never are: a restarted run purges their
@@ -104,16 +107,42 @@ class RunDir:
     def tensorboard_dir(self):
         return self.path / _TENSORBOARD
 
+    @property
+    def _written_folders(self):
+        """The folders a run writes files inside."""
+        return self.checkpoint_dir, self.tensorboard_dir, self.wandb_id_path.parent
+
     def step_path(self, step):
         return self.checkpoint_dir / step_file_name(step)
+
+    def _owns_checkpoint_dir(self):
+        """checkpoints/ is a folder here, not a link to one elsewhere."""
+        return self.checkpoint_dir.is_dir() and not self.checkpoint_dir.is_symlink()
+
+    def check_folders_owned(self, flag):
+        """Refuse (one line naming it) a checkpoints/, tensorboard/ or wandb/
+        that is a link, or a checkpoints/ that is not a folder: the run would
+        write, list and prune inside a folder it does not own."""
+        for folder in self._written_folders:
+            if folder.is_symlink():
+                try:
+                    target = f" (to {quote(os.readlink(folder), 200)})"
+                except OSError:
+                    target = ""
+                raise UsageError(f"{flag} {self.path}: {folder} is a link{target}, a folder this "
+                                 f"run does not own; xpmodel will not write, list or delete "
+                                 f"through it: make {folder.name}/ a folder of the run's own")
+        if _present(self.checkpoint_dir) and not self.checkpoint_dir.is_dir():
+            raise UsageError(f"{flag} {self.path}: {self.checkpoint_dir} is not a folder; move it "
+                             f"away so the run can keep its checkpoints there")
 
     # ---- which files are xpmodel's ----------------------------------------------
     def _layout_files(self):
         """Files present that bear the name of a file xpmodel writes in a run."""
         found = [self.path / name for name in _TOP_FILES if _present(self.path / name)]
-        if _present(self.wandb_id_path):
+        if _present(self.wandb_id_path) and not self.wandb_id_path.parent.is_symlink():
             found.append(self.wandb_id_path)
-        if self.checkpoint_dir.is_dir():
+        if self._owns_checkpoint_dir():
             found += sorted(p for p in self.checkpoint_dir.iterdir() if _CHECKPOINT_FILE.match(p.name))
         return found
 
@@ -124,7 +153,7 @@ class RunDir:
         for folder, names in ((self.path, lambda n: n in _TOP_FILES),
                               (self.checkpoint_dir, _CHECKPOINT_FILE.match),
                               (self.wandb_id_path.parent, lambda n: n == _WANDB_ID[1])):
-            if not folder.is_dir():
+            if not folder.is_dir() or (folder != self.path and folder.is_symlink()):
                 continue
             for path in folder.iterdir():
                 temporary = temporary_target(path.name)
@@ -139,7 +168,7 @@ class RunDir:
         ours = set(self._layout_files()) | set(self._own_temporaries())
         ours |= {self.lock_path, self.checkpoint_dir}
         other = [p for p in self.path.iterdir() if p not in ours] if self.path.is_dir() else []
-        if self.checkpoint_dir.is_dir() and not self.checkpoint_dir.is_symlink():
+        if self._owns_checkpoint_dir():
             other += [p for p in self.checkpoint_dir.iterdir() if p not in ours]
         return other
 
@@ -161,7 +190,10 @@ class RunDir:
     def lock(self, flag="--out"):
         """The one-writer lock of this run directory, as a context manager
         (re-entrant within a process); creates the folder if needed, and
-        removes the folders it created if they are empty when released."""
+        removes the folders it created if they are empty when released.
+        Refuses a run whose checkpoints/ (or another folder it writes in) is a
+        link: see `check_folders_owned`."""
+        self.check_folders_owned(flag)
         return RunLock(self, flag)
 
     def check_can_create(self, overwrite=False, resumable=True):
@@ -172,6 +204,7 @@ class RunDir:
             raise UsageError(f"--out {self.path}: exists and is not a directory")
         if not self.path.is_dir():
             return
+        self.check_folders_owned("--out")
         if self.is_run():
             if not overwrite:
                 resume = f"use --resume {self.path} to continue it or " if resumable else "choose another --out or "
@@ -243,6 +276,9 @@ class RunDir:
             path.unlink(missing_ok=True)
 
     def require_run(self, flag="RUN_DIR"):
+        """Refuse a path that is not a run (one line, naming it); with flag
+        --resume, also a run whose folders are links (`check_folders_owned`),
+        as it is about to be written."""
         if _present(self.path) and not self.path.is_dir():
             raise UsageError(f"{flag} {self.path}: is a file, not a run directory")
         if not self.path.is_dir():
@@ -259,6 +295,8 @@ class RunDir:
         if type(marker.get("version")) is not int or marker["version"] > FORMAT_VERSION:
             raise CheckpointError(f"{self.marker}: run format version {quote(marker.get('version'), 40)} "
                                   f"is newer than this xpmodel reads; upgrade xpmodel")
+        if flag == "--resume":
+            self.check_folders_owned(flag)
 
     def _closest_run_hint(self):
         """'; did you mean runs/x?' naming the most similar run beside this path, if any."""
@@ -302,6 +340,8 @@ class RunDir:
 
     def checkpoint_problem(self, path):
         """None when the checkpoint at `path` reads cleanly, else why not."""
+        if Path(path).parent == self.checkpoint_dir and self.checkpoint_dir.is_symlink():
+            return f"{path}: {self.checkpoint_dir} is a link to a folder the run does not own; ignored"
         if not self.contains(path):
             return f"{path}: links outside the run directory; ignored"
         try:
@@ -425,6 +465,8 @@ class RunDir:
         good one exists. The untrained step-0 one is not kept once a later
         good checkpoint exists.
         """
+        if not self._owns_checkpoint_dir():
+            return   # a linked checkpoints/ is not the run's to prune
         try:
             config = self.load_config()
         except XpmodelError:   # config.yaml unreadable: which checkpoints are the run's is unknown
