@@ -7,13 +7,18 @@ under the name of one of its files or folders.
   on a FIFO and name it;
 - a checkpoints/ (tensorboard/, wandb/) that is a link is a folder the run
   does not own: nothing is started, resumed, replaced, deleted or pruned
-  through it.
+  through it;
+- metrics.jsonl records whose fields `runs`, `compare` and `plot` read have
+  the wrong type or range are skipped with the warning that names the file;
+- a health record of thousands of groups draws a figure of bounded size.
 """
 import contextlib
 import json
 import os
 import shutil
 import signal
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -22,6 +27,11 @@ from cli_helpers import assert_one_line_error, run_cli, write_corpus
 from xpmodel.train.rundir import RunDir
 
 TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
+try:
+    import matplotlib
+    HAVE_MATPLOTLIB = bool(matplotlib)
+except ImportError:
+    HAVE_MATPLOTLIB = False
 
 pytestmark = pytest.mark.usefixtures("private_cache")   # conftest.py
 
@@ -201,3 +211,73 @@ def test_a_linked_checkpoints_folder_is_not_read_as_the_runs(capsys, run, tmp_pa
     code, _, err = run_cli(capsys, "sample", run, "--max-new-tokens", "2")
     assert code != 0 and "checkpoints is a link" in err
     assert_one_line_error(err)
+
+
+# ---- damaged metrics records ----------------------------------------------------------------
+DAMAGED_RECORDS = [
+    {"type": "warning", "step": 3, "kind": 5},
+    {"type": "warning", "step": 3, "kind": ["a"]},
+    {"type": "warning", "step": 3},
+    {"type": "train", "step": 11, "loss": 1.0, "time": "abc"},
+    {"type": "train", "step": 11, "loss": 1.0, "time": -1},
+    {"type": "train", "step": 11, "loss": 1.0, "epoch": "x"},
+    {"type": "train", "step": 11, "loss": 10 ** 400},
+    {"type": "train", "step": 10 ** 400, "loss": 1.0},
+    {"type": "train", "step": -1, "loss": 1.0},
+    {"type": ["train"], "step": 11, "loss": 1.0},
+    {"type": "eval", "step": 11, "val_loss": "low"},
+    {"type": "health", "step": 11, "groups": 5, "grad_norm": [1]},
+    {"type": "health", "step": 11, "groups": ["a"], "grad_norm": [1, 2, 3], "update_ratio": [1]},
+    {"type": "health", "step": 11, "groups": ["a"]},
+    {"type": "health", "step": 11, "groups": ["a"], "grad_norm": ["x"], "update_ratio": [1]},
+]
+# Non-finite numbers, which json.dumps of a Python dict cannot spell as JSON does.
+DAMAGED_LINES = ['{"type":"train","step":11,"loss":1.0,"time":NaN}',
+                 '{"type":"train","step":11,"loss":1.0,"time":1e400}']
+
+
+def append_line(run, line):
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(line + "\n")
+
+
+@pytest.mark.parametrize("line", [json.dumps(r) for r in DAMAGED_RECORDS] + DAMAGED_LINES)
+def test_a_damaged_metrics_record_is_skipped_with_a_warning_naming_the_file(line, capsys, run, tmp_path):
+    append_line(run, line)
+    warning = f"warning: {run / 'metrics.jsonl'}: skipped 1 damaged line"
+    code, out, err = run_cli(capsys, "runs", run)
+    assert code == 0 and warning in err, err
+    if not HAVE_MATPLOTLIB:
+        return
+    code, out, err = run_cli(capsys, "compare", run, "--out", tmp_path / "compare.png")
+    assert code == 0 and warning in err, err
+    code, out, err = run_cli(capsys, "plot", run, "--out", tmp_path / "plot.png")
+    assert code == 0 and warning in err, err
+
+
+def test_resume_keeps_the_records_it_skips_for_their_fields(capsys, run):
+    """truncate_metrics drops only records past the resumed step, not those
+    `runs` skips: bad input loses nothing."""
+    line = json.dumps({"type": "warning", "step": 3, "kind": 5})
+    append_line(run, line)
+    assert run_cli(capsys, "train", "--resume", run, "train.max_iters=12")[0] == 0
+    assert line in (run / "metrics.jsonl").read_text().splitlines()
+
+
+def png_size(path):
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    assert zlib.crc32(data[12:29]) == struct.unpack(">I", data[29:33])[0]
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib not installed")
+def test_a_health_record_of_thousands_of_groups_draws_a_bounded_figure(capsys, run, tmp_path):
+    groups = 500   # unbounded, a figure 35,000 pixels high
+    append_line(run, json.dumps({"type": "health", "step": 10, "groups": ["g"] * groups,
+                                 "grad_norm": [1] * groups, "update_ratio": [1] * groups},
+                                separators=(",", ":")))
+    code, out, err = run_cli(capsys, "plot", run, "--out", tmp_path / "plot.png")
+    assert code == 0, err
+    width, height = png_size(tmp_path / "plot-health.png")
+    assert width <= 2000 and height <= 5000, (width, height)

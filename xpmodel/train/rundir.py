@@ -64,6 +64,11 @@ _WANDB_ID = ("wandb", "run-id")
 _TENSORBOARD = "tensorboard"
 _MAX_MARKER_BYTES = 1 << 16
 _MAX_METRICS_LINE = 1 << 16
+_MAX_COUNT = 2**63 - 1   # the largest step (or count) a record or checkpoint may hold
+# Fields of metrics records that `runs`, `compare` and `plot` read: each is null
+# or a finite number (time and epoch not negative), else the record is damaged.
+_METRIC_NUMBERS = ("time", "epoch", "loss", "lr", "val_loss", "train_loss", "gap")
+_HEALTH_SERIES = ("grad_norm", "update_ratio", "weight_norm")
 
 
 class RunDir:
@@ -518,7 +523,13 @@ class RunDir:
     def read_metrics(self, warn=None):
         """The records of metrics.jsonl. A line cut short by a kill (the last,
         without its newline) is dropped quietly; any other line that is not a
-        JSON object with an integer step is skipped with a warning."""
+        JSON object with a step in [0, 2**63) whose fields read by `runs`,
+        `compare` and `plot` have the types they need (`_record_problem`) is
+        skipped with one warning naming the file and the lines."""
+        return self._read_records(warn, checked=True)
+
+    def _read_records(self, warn, checked):
+        """read_metrics; unchecked, a record needs only to be an object with an integer step."""
         if not _present(self.metrics_path):
             return []
         warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
@@ -542,7 +553,8 @@ class RunDir:
                     if complete:
                         damaged.append(number)
                     continue
-                if not isinstance(record, dict) or type(record.get("step")) is not int:
+                if not isinstance(record, dict) or type(record.get("step")) is not int or (
+                        checked and _record_problem(record)):
                     damaged.append(number)
                     continue
                 records.append(record)
@@ -553,10 +565,52 @@ class RunDir:
         return records
 
     def truncate_metrics(self, step):
-        """Drop records past `step`: a resumed run logs those steps again."""
-        records = [r for r in self.read_metrics() if r.get("step", 0) <= step]
+        """Drop records past `step`: a resumed run logs those steps again.
+        Records that `read_metrics` skips for their fields' types are kept."""
+        records = [r for r in self._read_records(None, checked=False) if r.get("step", 0) <= step]
         data = "".join(json.dumps(r) + "\n" for r in records).encode()
         atomic_write_bytes(self.metrics_path, data)
+
+
+def _record_problem(record):
+    """True when a metrics record (an object with an integer step) holds a
+    field `runs`, `compare` or `plot` reads with a type or range they cannot
+    use: a step outside [0, 2**63), a type that is not a string, a number
+    field (_METRIC_NUMBERS) that is not null or a finite number, a warning
+    without a string kind, a health record whose series do not match its
+    groups."""
+    if not 0 <= record["step"] <= _MAX_COUNT:
+        return True
+    kind = record.get("type")
+    if kind is not None and not isinstance(kind, str):
+        return True
+    for key in _METRIC_NUMBERS:
+        value = record.get(key)
+        if value is not None and not (_finite_number(value)
+                                      and (key not in ("time", "epoch") or value >= 0)):
+            return True
+    if kind == "warning":
+        return not isinstance(record.get("kind"), str)
+    if kind == "health":
+        groups = record.get("groups")
+        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+            return True
+        for key in _HEALTH_SERIES:
+            series = record.get(key)
+            if series is None and key == "weight_norm":
+                continue
+            if not isinstance(series, list) or len(series) != len(groups) or not all(
+                    v is None or _finite_number(v) for v in series):
+                return True
+    return False
+
+
+def _finite_number(value):
+    """A JSON number that converts to a finite float: not a bool, not NaN or
+    an infinity, no integer beyond 2**63."""
+    if type(value) is float:
+        return math.isfinite(value)
+    return type(value) is int and -_MAX_COUNT <= value <= _MAX_COUNT
 
 
 def saved_optimizer(meta):

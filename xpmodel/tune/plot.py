@@ -7,6 +7,8 @@ from ..errors import DataError, UsageError
 from ..train.outputs import check_output
 from ..train.rundir import RunDir
 
+MAX_HEALTH_GROUPS = 40   # rows of a health heatmap; more are thinned, evenly, so the figure's size is bounded
+
 
 def pyplot(what="xpmodel plot"):
     """matplotlib.pyplot on the Agg backend (no screen needed); a UsageError
@@ -110,27 +112,42 @@ def draw_metrics(plt, train, evals, title):
 def draw_health(plt, records, title):
     """Two heatmaps (log10 colour scales), parameter groups (embed, h.0 .., head)
     down, steps across: the gradient norm before clipping, and the update's
-    size relative to the weights (about 1e-3 is healthy for AdamW)."""
+    size relative to the weights (about 1e-3 is healthy for AdamW). Of more
+    than MAX_HEALTH_GROUPS groups, that many are drawn, evenly spaced from the
+    first to the last, and the title says so. records: health records that
+    read_metrics checked (each series as long as its groups)."""
     import numpy
-    groups = records[-1]["groups"]
-    records = [r for r in records if r.get("groups") == groups]
+    all_groups = records[-1]["groups"]
+    records = [r for r in records if r.get("groups") == all_groups]
+    rows = _evenly_spaced(len(all_groups), MAX_HEALTH_GROUPS)
+    groups = [all_groups[i] for i in rows]
+    if len(groups) < len(all_groups):
+        title += f" ({len(groups)} of {len(all_groups):,} groups, evenly spaced)"
     steps = [r["step"] for r in records]
-    edges = numpy.array(steps + [steps[-1] + (steps[-1] - steps[-2] if len(steps) > 1 else 1)])
+    edges = numpy.array(steps + [steps[-1] + (steps[-1] - steps[-2] if len(steps) > 1 else 1)],
+                        dtype=float)
     fig, axes = plt.subplots(2, 1, figsize=(9, 1.2 + 0.35 * len(groups) * 2 + 1), sharex=True)
     for ax, key, label in ((axes[0], "grad_norm", "log10 gradient norm"),
                            (axes[1], "update_ratio", "log10 |update| / |weights|")):
-        values = numpy.array([[_number(v) for v in r[key]] for r in records]).T   # (groups, steps)
+        values = numpy.array([[_number(r[key][i]) for i in rows] for r in records]).T   # (groups, steps)
         with numpy.errstate(divide="ignore", invalid="ignore"):
             image = ax.pcolormesh(edges, numpy.arange(len(groups) + 1), numpy.log10(values),
                                   cmap="viridis", shading="flat")
         ax.set_yticks(numpy.arange(len(groups)) + 0.5)
-        ax.set_yticklabels(groups)
+        ax.set_yticklabels([g if len(g) <= 30 else g[:29] + "…" for g in groups])
         ax.invert_yaxis()
         fig.colorbar(image, ax=ax, label=label)
     axes[0].set_title(title)
     axes[1].set_xlabel("step")
     fig.tight_layout()
     return fig
+
+
+def _evenly_spaced(count, most):
+    """Indices of at most `most` of `count` items, evenly spaced, first and last included."""
+    if count <= most:
+        return list(range(count))
+    return sorted({round(i * (count - 1) / (most - 1)) for i in range(most)})
 
 
 def _number(value):
