@@ -216,7 +216,8 @@ def test_tensors_listed_out_of_order_but_tiling_the_data_are_read(tmp_path):
 # ---- 6, 7: implausible metadata ----------------------------------------------------
 
 @pytest.mark.parametrize("changes, culprit", [
-    ({"step": 10**30}, "step must be 3"),
+    ({"step": 4}, "step must be 3"),
+    ({"step": 10**30}, "step must be an integer from 0"),
     ({"elapsed": float("nan")}, "elapsed must be a finite number"),
     ({"best_val": float("-inf")}, "best_val must be a finite number"),
     ({"best_val": -1.0}, "best_val cannot be negative"),
@@ -225,6 +226,13 @@ def test_tensors_listed_out_of_order_but_tiling_the_data_are_read(tmp_path):
      "sampler.position"),
     ({"loss_scaler": {"scale": 0.5, "good_steps": 0, "skipped_in_a_row": 0, "skipped_total": 0}},
      "loss_scaler.scale"),
+    ({"tokens_seen": 10**400}, "tokens_seen must be an integer from 0 to 2\\*\\*63-1"),
+    ({"optimizer_steps": 2**63}, "optimizer_steps must be an integer from 0"),
+    ({"elapsed": 10**400}, "elapsed must be a finite number"),
+    ({"loss_scaler": {"scale": 10**400, "good_steps": 0, "skipped_in_a_row": 0,
+                      "skipped_total": 0}}, "loss_scaler.scale"),
+    ({"loss_scaler": {"scale": 2.0, "good_steps": 10**400, "skipped_in_a_row": 0,
+                      "skipped_total": 0}}, "loss_scaler.good_steps"),
 ])
 def test_implausible_metadata_is_named(changes, culprit, tmp_path):
     run = empty_run(tmp_path / "run")
@@ -268,10 +276,20 @@ def test_a_damaged_sampler_state_falls_back_to_the_checkpoint_before(run_copy, c
 
 
 def test_a_step_that_disagrees_with_the_file_name_falls_back(run_copy, capsys):
-    rewrite_meta(run_copy.step_path(30), step=10**30)
+    rewrite_meta(run_copy.step_path(30), step=31)
     code, out, err = run_cli(capsys, "train", "--resume", run_copy.path, "train.max_iters=30")
     assert code == 0, err
     assert "step must be 30" in out and "at step 20" in out
+
+
+def test_a_count_too_large_for_any_run_falls_back_and_runs_still_lists_it(run_copy, capsys):
+    rewrite_meta(run_copy.step_path(30), tokens_seen=10**400)
+    code, out, err = run_cli(capsys, "runs", run_copy.path)
+    assert code == 0, err
+    assert run_copy.path.name in out
+    code, out, err = run_cli(capsys, "train", "--resume", run_copy.path, "train.max_iters=30")
+    assert code == 0, err
+    assert "tokens_seen must be an integer" in out and "at step 20" in out
 
 
 # ---- 8: the data a run trained on ---------------------------------------------------

@@ -37,6 +37,7 @@ FORMAT = "xpmodel-checkpoint"
 FORMAT_VERSION = 1
 STEP_FILE = re.compile(r"^step-(\d{8,})\.safetensors$")
 _SLOW_SAVE_ENV = "XPMODEL_TEST_SLOW_SAVE"
+_MAX_COUNT = 2**63 - 1   # counts (step, tokens_seen, ...) are integers in [0, _MAX_COUNT]
 
 
 def _test_pause():
@@ -120,7 +121,7 @@ def _check_meta_types(document, path):
         if value is None and kind.endswith("or null"):
             continue
         if kind == "count":
-            ok = type(value) is int and value >= 0
+            ok = _is_count(value)
         elif kind.startswith("number"):
             ok = type(value) in (int, float)
         elif kind.startswith("object"):
@@ -128,9 +129,19 @@ def _check_meta_types(document, path):
         else:
             ok = isinstance(value, str)
         if not ok:
-            expected = "a non-negative integer" if kind == "count" else f"a JSON {kind}"
+            expected = "an integer from 0 to 2**63-1" if kind == "count" else f"a JSON {kind}"
             raise CheckpointError(f"{path}: damaged checkpoint metadata: {key} must be {expected}, "
                                   f"got {quote(value, 60)}")
+
+
+def _is_count(value):
+    return type(value) is int and 0 <= value <= _MAX_COUNT
+
+
+def _finite(value):
+    """A JSON number (checked to be an int or float) that converts to a finite
+    float; an integer beyond 2**63 does not count, nor convert."""
+    return math.isfinite(value) if type(value) is float else -_MAX_COUNT <= value <= _MAX_COUNT
 
 
 # Fields that are never negative (losses are cross-entropies); no number may
@@ -150,7 +161,7 @@ def _check_meta_values(document, path):
         value = document.get(key)
         if not kind.startswith("number") or value is None:
             continue
-        if not math.isfinite(value):
+        if not _finite(value):
             raise damaged(key, "must be a finite number", value)
         if key in _NON_NEGATIVE and value < 0:
             raise damaged(key, "cannot be negative", value)
@@ -165,11 +176,12 @@ def _check_meta_values(document, path):
     scaler = document.get("loss_scaler")
     if scaler is not None:
         scale = scaler.get("scale")
-        if type(scale) not in (int, float) or not (math.isfinite(scale) and scale >= 1):
+        if type(scale) not in (int, float) or not (_finite(scale) and scale >= 1):
             raise damaged("loss_scaler.scale", "must be a finite number >= 1", scale)
         for key in _LOSS_SCALER_COUNTS:
-            if type(scaler.get(key)) is not int or scaler[key] < 0:
-                raise damaged(f"loss_scaler.{key}", "must be a non-negative integer", scaler.get(key))
+            if not _is_count(scaler.get(key)):
+                raise damaged(f"loss_scaler.{key}", "must be an integer from 0 to 2**63-1",
+                              scaler.get(key))
 
 
 def load_checkpoint(path, param_shapes, optimizer_sizes):
