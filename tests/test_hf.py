@@ -416,6 +416,24 @@ def test_import_refuses_unsupported_config_features(copy_of_export, changes, fea
         import_hf(copy_of_export)
 
 
+@pytest.mark.parametrize("key, digits, named", [
+    ("layer_norm_epsilon", 1000, "'layer_norm_epsilon' is an integer of 3,319 bits"),
+    ("resid_pdrop", 100, "'resid_pdrop' is an integer of 330 bits"),
+    ("n_layer", 30, "'n_layer' is an integer of 97 bits"),
+    ("rope_scaling", 30, r"'rope_scaling.factor\[1\]' is an integer of 97 bits"),
+    ("n_embd", 5000, "Hugging Face config is not valid JSON"),   # past Python's int parsing
+])
+def test_import_refuses_huge_integers_naming_config_json(copy_of_export, key, digits, named):
+    path = copy_of_export / "config.json"
+    value = "1" * digits
+    if key == "rope_scaling":
+        value = '{"factor": [1, %s]}' % value
+    path.write_text(path.read_text().rstrip()[:-1] + f', "{key}": {value}}}')   # as the last key: it wins
+    with pytest.raises(DataError, match="config.json: " + named) as info:
+        import_hf(copy_of_export)
+    assert "\n" not in str(info.value)
+
+
 def test_import_accepts_gelu_pytorch_tanh(copy_of_export):
     edit_config(copy_of_export, activation_function="gelu_pytorch_tanh", n_inner=128)
     import_hf(copy_of_export)

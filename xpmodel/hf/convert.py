@@ -48,7 +48,7 @@ import numpy
 from safetensors.numpy import save as safetensors_bytes
 
 from ..atomic import atomic_write_json, write_folder_atomically
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, one_line, quote
 from ..files import read_json
 from ..model.config import GPTConfig
 from ..model.params import parameter_shapes
@@ -260,14 +260,41 @@ def import_family(hf_cfg, where="config.json"):
 
 def _gpt_config(family, hf_cfg, where):
     """The family's GPTConfig fields as a GPTConfig; a bad value is named by its config.json key."""
+    _check_integer_sizes(hf_cfg, where)
     try:
         return GPTConfig(**family.config_fields(hf_cfg, where))
+    except OverflowError as exc:   # a number no check above foresaw
+        raise DataError(f"{where}: a value is too large: {one_line(exc, 200)}") from None
     except ValueError as exc:
         if isinstance(exc, UsageError):
             raise
         message = str(exc).replace("GPTConfig.", "").replace("GPTConfig: ", "")
         message = re.sub(r"\w+", lambda word: family.HF_KEYS.get(word[0], word[0]), message)
         raise DataError(f"{where}: {message}") from None
+
+
+def _check_integer_sizes(hf_cfg, where):
+    """Refuse an integer of more than 63 bits anywhere in config.json: none is
+    meant, and a field that wants a float could not even convert it (JSON
+    allows integers of thousands of digits). Walked with a stack, not
+    recursion (the nesting may be as deep as the JSON parser allowed), each
+    value's place kept as (place of its parent, its key), spelled out only
+    for the message."""
+    pending = [(None, hf_cfg)]
+    while pending:
+        place, value = pending.pop()
+        if isinstance(value, dict):
+            pending.extend(((place, f".{name}"), item) for name, item in value.items())
+        elif isinstance(value, list):
+            pending.extend(((place, f"[{index}]"), item) for index, item in enumerate(value))
+        elif type(value) is int and value.bit_length() > 63:
+            names = []
+            while place is not None:
+                place, name = place
+                names.append(name)
+            raise DataError(f"{where}: {quote(''.join(reversed(names))[1:], 100)} is an integer "
+                            f"of {value.bit_length():,} bits, beyond the signed 64-bit range "
+                            f"xpmodel reads")
 
 
 def _check_layers(config, family, sources, where):
