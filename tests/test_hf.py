@@ -525,3 +525,33 @@ def test_tokenizer_import_refuses_merges_that_are_not_a_list_of_pairs(copy_of_ex
     with pytest.raises(DataError, match="tokenizer.json: " + named) as info:
         import_hf_tokenizer(copy_of_export)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("added, named", [
+    ("abc", "added_tokens is 'abc', not a list of tokens"),
+    ([5], "added token 0 is 5, not an object"),
+])
+def test_tokenizer_import_refuses_added_tokens_that_are_not_a_list_of_objects(copy_of_export,
+                                                                              added, named):
+    path = copy_of_export / "tokenizer.json"
+    document = json.loads(path.read_text(encoding="utf-8"))
+    document["added_tokens"] = added
+    path.write_text(json.dumps(document, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(DataError, match="tokenizer.json: " + named):
+        import_hf_tokenizer(copy_of_export)
+
+
+@pytest.mark.parametrize("kind, named", [("fifo", "is a FIFO"), ("folder", "is a directory"),
+                                         ("dangling link", "no such tokenizer file")])
+def test_a_tokenizer_json_that_is_no_file_is_refused_not_passed_over(copy_of_export, kind, named):
+    # vocab.json and merges.txt are there too: the fast tokenizers would still
+    # read tokenizer.json, so falling back to them could change the ids.
+    import os
+    path = copy_of_export / "tokenizer.json"
+    path.unlink()
+    {"fifo": os.mkfifo, "folder": os.mkdir,
+     "dangling link": lambda p: os.symlink(copy_of_export / "missing.json", p)}[kind](path)
+    assert (copy_of_export / "vocab.json").is_file()
+    with pytest.raises(DataError, match=f"tokenizer.json: {named}") as info:
+        import_hf_tokenizer(copy_of_export)
+    assert "\n" not in str(info.value)

@@ -38,6 +38,7 @@ space. Neither `tokenizers` nor `transformers` is needed to read or write the
 files.
 """
 import functools
+import os
 import re
 from pathlib import Path
 
@@ -237,10 +238,13 @@ def read_hf_tokenizer(directory):
     holding, for each xpmodel id, the Hugging Face id of the same token.
     """
     directory = Path(directory)
-    if (directory / "tokenizer.json").is_file():
+    # A name that is there but is no regular file (a FIFO, a folder, a link to
+    # nothing) is read, and refused naming it: passed over, tokenizer.json
+    # would give way to vocab.json, which the fast tokenizers never read.
+    if _present(directory / "tokenizer.json"):
         source = directory / "tokenizer.json"
         vocab, merges, added, options = _read_tokenizer_json(source)
-    elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+    elif _present(directory / "vocab.json") and _present(directory / "merges.txt"):
         source = directory / "vocab.json"
         vocab, merges, added = _read_vocab_and_merges(directory)
         options = {}
@@ -281,8 +285,14 @@ def _read_tokenizer_json(path):
                        ignore_merges=model.get("ignore_merges", False))
         _check_decoder(document.get("decoder"), path)
     merges = _read_merges(model, path)
-    added = [(t.get("id"), t.get("content"), t.get("special", False))
-             for t in document.get("added_tokens") or [] if isinstance(t, dict)]
+    added = document.get("added_tokens")
+    added = [] if added is None else added
+    if not isinstance(added, list):
+        raise DataError(f"{path}: added_tokens is {quote(added, 100)}, not a list of tokens")
+    for k, token in enumerate(added):
+        if not isinstance(token, dict):
+            raise DataError(f"{path}: added token {k} is {quote(token, 100)}, not an object")
+    added = [(t.get("id"), t.get("content"), t.get("special", False)) for t in added]
     return _check_vocab(model.get("vocab"), path), merges, added, options
 
 
@@ -311,7 +321,7 @@ def _read_merges(model, path):
 def _read_vocab_and_merges(directory):
     """vocab.json + merges.txt, as GPT2Tokenizer reads them."""
     config = {}
-    if (directory / "tokenizer_config.json").is_file():
+    if _present(directory / "tokenizer_config.json"):
         config = _load_json(directory / "tokenizer_config.json")
     if config.get("add_prefix_space"):
         raise UsageError(f"{directory / 'tokenizer_config.json'}: add_prefix_space is not "
@@ -340,7 +350,7 @@ def _read_vocab_and_merges(directory):
             if isinstance(entry, dict):
                 added.append((_int_or_none(token_id), entry.get("content"),
                               entry.get("special", False)))
-    if (directory / "added_tokens.json").is_file():
+    if _present(directory / "added_tokens.json"):
         extra = _load_json(directory / "added_tokens.json")
         if isinstance(extra, dict):
             added.extend((token_id, content, True) for content, token_id in extra.items())
@@ -599,6 +609,11 @@ def _steps(component, key):
 
 def _kind(component):
     return quote(component.get("type"), 100) if isinstance(component, dict) else quote(component, 100)
+
+
+def _present(path):
+    """Whether anything has this name, a link that points nowhere included."""
+    return os.path.lexists(path)
 
 
 def _int_or_none(text):
