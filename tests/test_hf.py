@@ -276,9 +276,10 @@ def test_import_bfloat16_weights(tokenizer, tmp_path):
     hf_model.save_pretrained(tmp_path, safe_serialization=True)
     export_tokenizer_hf(tokenizer, tmp_path)
     _, arrays, _ = import_hf(tmp_path)
-    for name, value in hf_model.transformer.state_dict().items():
-        if name in arrays:
-            numpy.testing.assert_array_equal(arrays[name], value.float().numpy(), err_msg=name)
+    state = {name: value for name, value in hf_model.transformer.state_dict().items() if name in arrays}
+    assert set(state) == set(arrays)          # every imported array is checked below
+    for name, value in state.items():
+        numpy.testing.assert_array_equal(arrays[name], value.float().numpy(), err_msg=name)
 
 
 def test_import_accepts_unprefixed_keys_buffers_and_a_tied_head(model, tokenizer, exported,
@@ -436,7 +437,9 @@ def test_import_refuses_huge_integers_naming_config_json(copy_of_export, key, di
 
 def test_import_accepts_gelu_pytorch_tanh(copy_of_export):
     edit_config(copy_of_export, activation_function="gelu_pytorch_tanh", n_inner=128)
-    import_hf(copy_of_export)
+    config, arrays, _ = import_hf(copy_of_export)
+    assert config.mlp == "gelu" and config.mlp_hidden == 128     # the tanh GELU xpmodel computes
+    assert arrays["h.0.mlp.c_fc.weight"].shape == (config.n_embd, 128)
 
 
 def test_import_refuses_pickled_weights_without_opening_them(copy_of_export):
