@@ -121,3 +121,17 @@ def test_tpe_without_optuna_and_optuna_only_options_are_one_line_errors(capsys, 
         assert code == 2 and message in err, err
         assert_one_line_error(err)
     assert not (tmp_path / "s").exists()
+
+
+def test_tpe_on_a_grid_too_large_to_run_whole_is_one_line_before_writing(capsys, tmp_path, corpus):
+    """A TPE sweep of grid SPECs alone runs every combination unless --trials
+    says otherwise: 729,000,000 of them is refused, as the grid sampler does."""
+    pytest.importorskip("optuna")
+    values = ",".join(f"{0.001 * (i + 1):g}" for i in range(30))
+    specs = [f"{key}={values}" for key in ("train.lr", "train.weight_decay", "train.beta1",
+                                           "train.beta2", "train.grad_clip", "train.eps")]
+    code, _, err = run_cli(capsys, "sweep", "--config", TINY, "--out", tmp_path / "s",
+                           "--sampler", "tpe", f"data.source={corpus}", *specs)
+    assert code == 2 and "a grid of 729,000,000 combinations" in err, err
+    assert_one_line_error(err)
+    assert not (tmp_path / "s").exists()

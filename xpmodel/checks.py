@@ -11,6 +11,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from .errors import quote
+
 
 @dataclass(frozen=True)
 class Range:
@@ -50,15 +52,22 @@ POSITIVE_FRACTION = Range(0, 1, low_inclusive=False)                  # (0, 1]
 
 def check_number(name, value, within):
     """`value` as a Python float: a finite real number `within` the range;
-    ValueError naming `name` otherwise."""
+    ValueError naming `name` otherwise (an integer too large for a float too)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-            or not math.isfinite(value) or not within.contains(value):
-        raise ValueError(f"{name} must be a finite number {within.describe()}, got {value!r}")
+            or not _finite_float(value) or not within.contains(value):
+        raise ValueError(f"{name} must be a finite number {within.describe()}, got {quote(value, 100)}")
     return float(value)
 
 
 def check_integer(name, value, within=NON_NEGATIVE):
     """`value` as a Python int: an integer `within` the range; ValueError naming `name` otherwise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not within.contains(value):
-        raise ValueError(f"{name} must be an integer {within.describe()}, got {value!r}")
+        raise ValueError(f"{name} must be an integer {within.describe()}, got {quote(value, 100)}")
     return int(value)
+
+
+def _finite_float(value):
+    try:
+        return math.isfinite(value)
+    except OverflowError:       # an int past float's range
+        return False

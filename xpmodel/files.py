@@ -77,8 +77,10 @@ def read_json(path, limit, error, what, advice=""):
     data = read_bounded(path, limit, error, what)
     try:
         document = parse_json(data)
-    except ValueError as exc:   # JSONDecodeError, UnicodeDecodeError, nesting too deep
-        raise error(f"{path}: {what} is not valid JSON ({one_line(exc, 200)}){advice}") from None
+    except ValueError as exc:   # JSONDecodeError, UnicodeDecodeError, nesting too deep, huge ints
+        detail = "an integer of more than 4300 digits" if "integer string conversion" in str(exc) \
+            else one_line(exc, 200)
+        raise error(f"{path}: {what} is not valid JSON ({detail}){advice}") from None
     if not isinstance(document, dict):
         raise error(f"{path}: {what} is not a JSON object{advice}")
     return document

@@ -25,7 +25,7 @@ import numpy
 from ..config import load_config
 from ..errors import UsageError, XpmodelError, quote
 from .sweep import MIN_FINISHED_TO_PRUNE, Sweep
-from .sweep_plan import check_trial, trial_overrides
+from .sweep_plan import check_trial, grid_size, trial_overrides
 from .sweep_state import trial_name
 
 PRUNERS = ("median", "halving", "none")
@@ -90,7 +90,7 @@ class OptunaSweep(Sweep):
 
     def _default_trials(self):
         if all(p.kind == "grid" for p in self.params):
-            return int(numpy.prod([len(p.values) for p in self.params]))
+            return grid_size(self.params)
         return 8
 
     def _open_study(self):

@@ -59,7 +59,7 @@ from ..train.outputs import check_holds_no_input
 from ..train.rundir import LOCK_NAME, RunDir
 from ..train.runlock import RunLock
 from .compare import format_table
-from .sweep_plan import format_value, parse_spec, plan_trials, trial_overrides
+from .sweep_plan import format_value, grid_size, parse_spec, plan_trials, trial_overrides
 from .sweep_state import FORMAT, SweepDir, is_number, trial_name
 from .plot import pyplot, save_figure
 
@@ -104,6 +104,7 @@ class Sweep:
             raise UsageError(f"--sampler grid: {ranged} is a range; give it a list of values, or "
                              f"use --sampler random or tpe")
         self.sampler = sampler or natural
+        grid_size(params, trials)       # a grid too large to run whole is refused before writing
         self.params, self.fixed, self.trials_wanted, self.seed = params, fixed, trials, seed
         plan = {"config": self.config, "specs": list(specs), "trials": trials,
                 "max_iters": max_iters, "metric": metric, "seed": seed}

@@ -98,6 +98,20 @@ def format_value(value):
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def grid_size(params, n_trials=None):
+    """The number of combinations of `params`' grid SPECs, refused in one line
+    where the sweep would run them all (no --trials, no ranges) and they are
+    more than MAX_TRIALS, as is a --trials of more."""
+    count = math.prod(len(p.values) for p in params if p.kind == "grid")
+    if n_trials is not None and n_trials > MAX_TRIALS:
+        raise UsageError(f"--trials {n_trials:,}: a sweep plans at most {MAX_TRIALS:,} trials")
+    if not n_trials and all(p.kind == "grid" for p in params) and count > MAX_TRIALS:
+        raise UsageError(f"the SPECs make a grid of {count:,} combinations, more than the "
+                         f"{MAX_TRIALS:,} trials a sweep plans; pass --trials N to run N of them "
+                         f"(--sampler random draws them in a random order)")
+    return count
+
+
 def plan_trials(config_name, params, n_trials, seed, fixed=(), shuffle=False):
     """[{key: value}] for every trial, each checked to make a valid config;
     grid combinations in order, or drawn in a random order (shuffle, or any range).
@@ -109,13 +123,7 @@ def plan_trials(config_name, params, n_trials, seed, fixed=(), shuffle=False):
     Python's random.sample of them (a larger grid cannot be run whole anyway)."""
     grids = [p for p in params if p.kind == "grid"]
     ranges = [p for p in params if p.kind != "grid"]
-    count = math.prod(len(p.values) for p in grids)
-    if n_trials is not None and n_trials > MAX_TRIALS:
-        raise UsageError(f"--trials {n_trials:,}: a sweep plans at most {MAX_TRIALS:,} trials")
-    if not ranges and not n_trials and count > MAX_TRIALS:
-        raise UsageError(f"the SPECs make a grid of {count:,} combinations, more than the "
-                         f"{MAX_TRIALS:,} trials a sweep plans; pass --trials N to run N of them "
-                         f"(--sampler random draws them in a random order)")
+    count = grid_size(params, n_trials)
     rng = numpy.random.default_rng(seed)
     wanted = count if not n_trials else min(n_trials, count)
     if not ranges:
