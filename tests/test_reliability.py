@@ -475,7 +475,7 @@ def test_bad_run_directory(case, command_name, finished_run, tmp_path, capsys):
     else:
         args = ["eval", run.path, "--batches", 1]
     if case == "incompatible config" and command_name != "train":
-        culprit = "shape"
+        culprit = "the config does not match the checkpoint"
     exit_code, out, err = run_cli(capsys, *args)
     assert exit_code == code, err
     assert_one_line_error(err)
