@@ -66,12 +66,13 @@ def test_a_batch_the_ranks_cannot_split_is_refused_before_writing(tmp_path, tiny
 @needs_mpi
 def test_a_failure_on_the_ranks_ends_the_job_each_failing_rank_saying_why_in_one_line(tmp_path):
     """Every rank misses the file: the job ends (no rank left waiting in a
-    collective), and each rank that got to say so names the file in one line
-    of its own (Open MPI's abort banner comes with it)."""
+    collective), each rank that got to say so names the file in one line of
+    its own (Open MPI's abort banner comes with it), and nothing is written."""
     env = {**os.environ, "XPMODEL_CACHE": str(tmp_path / "cache")}
     result = train(tmp_path / "run", tmp_path / "missing.txt", env, ranks=2)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("rank ")]
     assert lines and all(line.endswith("missing.txt: no such file or folder") for line in lines), \
         result.stderr
-    assert not (tmp_path / "run").exists()
+    # rank 0 may be ended by rank 1's abort as it makes the run folder: at most an empty one stays
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
