@@ -7,6 +7,7 @@ end) no larger than a limit, and JSON is parsed so that absurd nesting is a
 one-line error rather than a RecursionError.
 """
 import json
+import math
 import os
 import stat
 from pathlib import Path
@@ -66,6 +67,18 @@ def parse_json(text):
         return json.loads(text)
     except RecursionError:
         raise ValueError("nested too deeply") from None
+
+
+# The largest count (a step, tokens seen) xpmodel's JSON files may hold.
+MAX_JSON_COUNT = 2**63 - 1
+
+
+def finite_json_number(value):
+    """A JSON number that converts to a finite float: not a bool, NaN or an
+    infinity, no integer beyond MAX_JSON_COUNT."""
+    if type(value) is float:
+        return math.isfinite(value)
+    return type(value) is int and -MAX_JSON_COUNT <= value <= MAX_JSON_COUNT
 
 
 def read_json(path, limit, error, what, advice=""):

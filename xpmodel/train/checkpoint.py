@@ -19,7 +19,6 @@ For tests of crash safety, the environment variable XPMODEL_TEST_SLOW_SAVE
 temporary file and the rename, widening the window a kill can land in.
 """
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -29,7 +28,7 @@ from safetensors.numpy import save as safetensors_bytes
 
 from ..atomic import atomic_write_bytes
 from ..errors import CheckpointError, quote
-from ..files import parse_json
+from ..files import MAX_JSON_COUNT, finite_json_number, parse_json
 from ..data.batching import SamplerStateError, check_sampler_state
 from ..hf.safetensors_file import SafetensorsFile
 
@@ -37,7 +36,6 @@ FORMAT = "xpmodel-checkpoint"
 FORMAT_VERSION = 1
 STEP_FILE = re.compile(r"^step-(\d{8,})\.safetensors$")
 _SLOW_SAVE_ENV = "XPMODEL_TEST_SLOW_SAVE"
-_MAX_COUNT = 2**63 - 1   # counts (step, tokens_seen, ...) are integers in [0, _MAX_COUNT]
 
 
 def _test_pause():
@@ -135,13 +133,8 @@ def _check_meta_types(document, path):
 
 
 def _is_count(value):
-    return type(value) is int and 0 <= value <= _MAX_COUNT
-
-
-def _finite(value):
-    """A JSON number (checked to be an int or float) that converts to a finite
-    float; an integer beyond 2**63 does not count, nor convert."""
-    return math.isfinite(value) if type(value) is float else -_MAX_COUNT <= value <= _MAX_COUNT
+    """Counts (step, tokens_seen, ...) are integers in [0, 2**63 - 1]."""
+    return type(value) is int and 0 <= value <= MAX_JSON_COUNT
 
 
 # Fields that are never negative (losses are cross-entropies); no number may
@@ -161,7 +154,7 @@ def _check_meta_values(document, path):
         value = document.get(key)
         if not kind.startswith("number") or value is None:
             continue
-        if not _finite(value):
+        if not finite_json_number(value):
             raise damaged(key, "must be a finite number", value)
         if key in _NON_NEGATIVE and value < 0:
             raise damaged(key, "cannot be negative", value)
@@ -176,7 +169,7 @@ def _check_meta_values(document, path):
     scaler = document.get("loss_scaler")
     if scaler is not None:
         scale = scaler.get("scale")
-        if type(scale) not in (int, float) or not (_finite(scale) and scale >= 1):
+        if type(scale) not in (int, float) or not (finite_json_number(scale) and scale >= 1):
             raise damaged("loss_scaler.scale", "must be a finite number >= 1", scale)
         for key in _LOSS_SCALER_COUNTS:
             if not _is_count(scaler.get(key)):

@@ -38,21 +38,19 @@ A folder without run.json whose lock file was left by a dead process is a
 creation that was cut short; the next start takes it over without --overwrite.
 """
 import difflib
-import json
-import math
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
-from ..atomic import atomic_write_bytes, atomic_write_json, temporary_target
+from ..atomic import atomic_write_json, temporary_target
 from ..config import config_to_dict, load_config, save_config
 from ..errors import UsageError, XpmodelError, quote
-from ..files import inside, open_regular, parse_json, process_alive, read_json
+from ..files import inside, process_alive, read_json
 from ..tokenizer.bpe import BPETokenizer
 from .checkpoint import (FORMAT_VERSION, CheckpointError, read_checkpoint_meta, step_file_name,
                          step_of_name)
+from .metrics_file import append_record, read_records, truncate_records
 from .runlock import RunLock, held_lock, lock_file_problem, lock_is_free
 
 RUN_FORMAT = "xpmodel-run"
@@ -63,12 +61,6 @@ _TOP_FILES = ("run.json", "config.yaml", "tokenizer.json", "metrics.jsonl", "los
 _WANDB_ID = ("wandb", "run-id")
 _TENSORBOARD = "tensorboard"
 _MAX_MARKER_BYTES = 1 << 16
-_MAX_METRICS_LINE = 1 << 16
-_MAX_COUNT = 2**63 - 1   # the largest step (or count) a record or checkpoint may hold
-# Fields of metrics records that `runs`, `compare` and `plot` read: each is null
-# or a finite number (time and epoch not negative), else the record is damaged.
-_METRIC_NUMBERS = ("time", "epoch", "loss", "lr", "val_loss", "train_loss", "gap")
-_HEALTH_SERIES = ("grad_norm", "update_ratio", "weight_norm")
 
 
 class RunDir:
@@ -509,108 +501,15 @@ class RunDir:
         for path in self._own_temporaries(only_dead=True):
             path.unlink(missing_ok=True)
 
-    # ---- metrics ----------------------------------------------------------------
+    # ---- metrics (train/metrics_file.py) -------------------------------------------
     def append_metrics(self, record, handle=None):
-        """Add one record as a JSON line; NaN and infinities are written as null."""
-        line = json.dumps({k: _json_number(v) for k, v in record.items()}, allow_nan=False) + "\n"
-        if handle is not None:
-            handle.write(line)
-            handle.flush()
-        else:
-            with open(self.metrics_path, "a") as f:
-                f.write(line)
+        append_record(self.metrics_path, record, handle)
 
     def read_metrics(self, warn=None):
-        """The records of metrics.jsonl. A line cut short by a kill (the last,
-        without its newline) is dropped quietly; any other line that is not a
-        JSON object with a step in [0, 2**63) whose fields read by `runs`,
-        `compare` and `plot` have the types they need (`_record_problem`) is
-        skipped with one warning naming the file and the lines."""
-        return self._read_records(warn, checked=True)
-
-    def _read_records(self, warn, checked):
-        """read_metrics; unchecked, a record needs only to be an object with an integer step."""
-        if not _present(self.metrics_path):
-            return []
-        warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
-        records, damaged = [], []
-        with open_regular(self.metrics_path, CheckpointError, "metrics file") as f:
-            number = 0
-            while True:
-                line = f.readline(_MAX_METRICS_LINE)
-                if not line:
-                    break
-                number += 1
-                complete = line.endswith(b"\n")
-                if not complete and len(line) >= _MAX_METRICS_LINE:
-                    while line and not line.endswith(b"\n"):   # skip the rest of an overlong line
-                        line = f.readline(_MAX_METRICS_LINE)
-                    damaged.append(number)
-                    continue
-                try:
-                    record = parse_json(line)
-                except ValueError:   # UnicodeDecodeError included
-                    if complete:
-                        damaged.append(number)
-                    continue
-                if not isinstance(record, dict) or type(record.get("step")) is not int or (
-                        checked and _record_problem(record)):
-                    damaged.append(number)
-                    continue
-                records.append(record)
-        if damaged:
-            lines = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
-            warn(f"{self.metrics_path}: skipped {len(damaged)} damaged line"
-                 f"{'s' if len(damaged) > 1 else ''} (line {lines})")
-        return records
+        return read_records(self.metrics_path, warn)
 
     def truncate_metrics(self, step):
-        """Drop records past `step`: a resumed run logs those steps again.
-        Records that `read_metrics` skips for their fields' types are kept."""
-        records = [r for r in self._read_records(None, checked=False) if r.get("step", 0) <= step]
-        data = "".join(json.dumps(r) + "\n" for r in records).encode()
-        atomic_write_bytes(self.metrics_path, data)
-
-
-def _record_problem(record):
-    """True when a metrics record (an object with an integer step) holds a
-    field `runs`, `compare` or `plot` reads with a type or range they cannot
-    use: a step outside [0, 2**63), a type that is not a string, a number
-    field (_METRIC_NUMBERS) that is not null or a finite number, a warning
-    without a string kind, a health record whose series do not match its
-    groups."""
-    if not 0 <= record["step"] <= _MAX_COUNT:
-        return True
-    kind = record.get("type")
-    if kind is not None and not isinstance(kind, str):
-        return True
-    for key in _METRIC_NUMBERS:
-        value = record.get(key)
-        if value is not None and not (_finite_number(value)
-                                      and (key not in ("time", "epoch") or value >= 0)):
-            return True
-    if kind == "warning":
-        return not isinstance(record.get("kind"), str)
-    if kind == "health":
-        groups = record.get("groups")
-        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
-            return True
-        for key in _HEALTH_SERIES:
-            series = record.get(key)
-            if series is None and key == "weight_norm":
-                continue
-            if not isinstance(series, list) or len(series) != len(groups) or not all(
-                    v is None or _finite_number(v) for v in series):
-                return True
-    return False
-
-
-def _finite_number(value):
-    """A JSON number that converts to a finite float: not a bool, not NaN or
-    an infinity, no integer beyond 2**63."""
-    if type(value) is float:
-        return math.isfinite(value)
-    return type(value) is int and -_MAX_COUNT <= value <= _MAX_COUNT
+        truncate_records(self.metrics_path, step)
 
 
 def saved_optimizer(meta):
@@ -627,10 +526,6 @@ def saved_optimizer(meta):
 def _present(path):
     """Exists, or is a link (even a dangling one)."""
     return os.path.lexists(path)
-
-
-def _json_number(value):
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _remove_empty_folder(path):
