@@ -1,4 +1,4 @@
-"""Tests for xpmodel.hf.convert and the tokenizer import in xpmodel.tokenizer.hf_files.
+"""Tests for xpmodel.hf.convert and the tokenizer import in xpmodel.tokenizer.hf_import.
 
 Everything is built locally from tiny random models: an xpmodel GPT exported
 and loaded by transformers (keys, logits, tokenizer ids, greedy generation),
@@ -18,8 +18,9 @@ from xpmodel.errors import DataError, UsageError  # noqa: E402
 from xpmodel.hf.convert import export_hf, import_hf  # noqa: E402
 from xpmodel.model.gpt import GPT, GPTConfig  # noqa: E402
 from xpmodel.tokenizer.bpe import ENDOFTEXT, BPETokenizer  # noqa: E402
-from xpmodel.tokenizer.hf_files import (export_tokenizer_hf, gpt2_byte_to_unicode, import_hf_tokenizer,  # noqa: E402
-                                  read_hf_tokenizer)
+from xpmodel.tokenizer.hf_export import export_tokenizer_hf  # noqa: E402
+from xpmodel.tokenizer.hf_forms import gpt2_byte_to_unicode  # noqa: E402
+from xpmodel.tokenizer.hf_import import import_hf_tokenizer, read_hf_tokenizer  # noqa: E402
 
 CORPUS = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"

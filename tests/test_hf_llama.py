@@ -27,10 +27,11 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 from torch_gpt import torch_forward, torch_params  # noqa: E402
-from xpmodel.tokenizer.hf_files import export_tokenizer_hf  # noqa: E402
+from xpmodel.tokenizer.hf_export import export_tokenizer_hf  # noqa: E402
 from xpmodel.hf import convert as hf  # noqa: E402
 from xpmodel.hf import llama as hf_llama  # noqa: E402
-from xpmodel.tokenizer import hf_files as tokenizer_hf  # noqa: E402
+from xpmodel.tokenizer import hf_export as tokenizer_hf  # noqa: E402
+from xpmodel.tokenizer.hf_import import read_hf_tokenizer  # noqa: E402
 from xpmodel import atomic  # noqa: E402
 from xpmodel.errors import DataError, UsageError, XpmodelError  # noqa: E402
 from xpmodel.model.generate import generate  # noqa: E402
@@ -422,7 +423,6 @@ def test_import_permutes_embedding_and_head_rows_for_gpt2_byte_order(tokenizer, 
     hf_model = hf_random_llama(seed=13)
     hf_model.save_pretrained(tmp_path / "llama", safe_serialization=True)
     config, arrays, tok = import_hf(tmp_path / "llama")
-    from xpmodel.tokenizer.hf_files import read_hf_tokenizer
     _, hf_ids = read_hf_tokenizer(tmp_path / "llama")
     assert not numpy.array_equal(hf_ids, numpy.arange(len(hf_ids)))
     column = numpy.concatenate([hf_ids, numpy.arange(TOKENIZER_VOCAB, PADDED_VOCAB)])
@@ -475,7 +475,7 @@ def test_a_round_trip_keeps_bos_and_eos(tmp_path):
 def test_ids_are_those_of_tokenizers_without_special_tokens(tmp_path):
     import tokenizers
     source = sentencepiece_llama(tmp_path)
-    tok, hf_ids = tokenizer_hf.read_hf_tokenizer(source)
+    tok, hf_ids = read_hf_tokenizer(source)
     theirs = tokenizers.Tokenizer.from_file(str(source / "tokenizer.json"))
     for text in TEXTS:
         plain = theirs.encode(text, add_special_tokens=False).ids

@@ -17,7 +17,7 @@ from conftest import SHARED_DATA
 from xpmodel.errors import DataError, UsageError
 from xpmodel.tokenizer import learning, vocab
 from xpmodel.tokenizer.bpe import ENDOFTEXT, BPETokenizer
-from xpmodel.tokenizer.hf_files import export_tokenizer_hf
+from xpmodel.tokenizer.hf_export import export_tokenizer_hf
 from xpmodel.tokenizer.merging import merge_long, merge_short
 
 CORPUS = (
@@ -396,7 +396,7 @@ def test_two_merges_make_one_token_only_when_tokens_are_given(tmp_path):
 
 
 def test_hf_file_errors_show_at_most_about_100_characters_of_a_value(tmp_path):
-    from xpmodel.tokenizer.hf_files import read_hf_tokenizer
+    from xpmodel.tokenizer.hf_import import read_hf_tokenizer
     tok = BPETokenizer.train("hello world " * 50, 260)
     export_tokenizer_hf(tok, tmp_path)
     (tmp_path / "tokenizer.json").unlink()

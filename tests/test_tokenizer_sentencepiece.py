@@ -22,7 +22,8 @@ from test_tokenizer_split import TEXTS, TRAINING_TEXT, check_export, check_trans
 from xpmodel.data import iter_text_pieces, prepare, read_token_file
 from xpmodel.errors import UsageError
 from xpmodel.tokenizer.bpe import BPETokenizer, Metaspace
-from xpmodel.tokenizer.hf_files import export_tokenizer_hf, read_hf_tokenizer
+from xpmodel.tokenizer.hf_export import export_tokenizer_hf
+from xpmodel.tokenizer.hf_import import read_hf_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import models, pre_tokenizers, trainers  # noqa: E402

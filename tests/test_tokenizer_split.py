@@ -19,7 +19,9 @@ from test_tokenizer import CORPUS, HAND_PICKED, random_strings
 from xpmodel.errors import DataError, UsageError
 from xpmodel.tokenizer.bpe import ENDOFTEXT, GPT2_SPLIT_PATTERN, BPETokenizer
 from xpmodel.tokenizer import pretokenize
-from xpmodel.tokenizer.hf_files import export_tokenizer_hf, gpt2_byte_to_unicode, read_hf_tokenizer
+from xpmodel.tokenizer.hf_export import export_tokenizer_hf
+from xpmodel.tokenizer.hf_forms import gpt2_byte_to_unicode
+from xpmodel.tokenizer.hf_import import read_hf_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402

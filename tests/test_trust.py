@@ -35,7 +35,7 @@ from xpmodel.model.gpt import GPTConfig
 from xpmodel.model.params import parameter_shapes
 from xpmodel.train.rundir import RunDir
 from xpmodel.tokenizer.bpe import MAX_VOCAB, BPETokenizer
-from xpmodel.tokenizer.hf_files import export_tokenizer_hf
+from xpmodel.tokenizer.hf_export import export_tokenizer_hf
 from xpmodel.train import Trainer
 
 TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
@@ -633,7 +633,7 @@ def test_the_log_line_starts_with_step_and_eta_and_fits_80_columns(capsys):
 
 
 def test_hugging_face_tokenizer_files_are_bounded(tmp_path):
-    from xpmodel.tokenizer.hf_files import read_hf_tokenizer
+    from xpmodel.tokenizer.hf_import import read_hf_tokenizer
     (tmp_path / "tokenizer.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(DataError, match=r"tokenizer.json: tokenizer file is not valid JSON \(nested too deeply"):
         read_hf_tokenizer(tmp_path)

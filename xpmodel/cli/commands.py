@@ -317,7 +317,7 @@ def tokenizer_train_command(args):
     tokenizer.save(args.out)
     print(f"wrote a {tokenizer.vocab_size}-id tokenizer to {args.out}")
     if args.export_hf:
-        from ..tokenizer.hf_files import export_tokenizer_hf
+        from ..tokenizer.hf_export import export_tokenizer_hf
         export_tokenizer_hf(tokenizer, args.export_hf)
         print(f"wrote Hugging Face tokenizer files to {args.export_hf}")
     return 0

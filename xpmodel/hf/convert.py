@@ -26,7 +26,7 @@ the embedding's rows, the tokenizer never produces a padding id, and the
 round trip is exact. An import likewise keeps every row the file has.
 
 Token ids: Hugging Face's GPT-2 numbers its 256 byte tokens in the order of
-its bytes-to-unicode table, xpmodel by byte value (see tokenizer/hf_files.py). An
+its bytes-to-unicode table, xpmodel by byte value (see tokenizer/hf_forms.py). An
 import relabels the tokenizer to xpmodel's order and permutes the rows of the
 embedding (and of an untied head) to match, so the imported model scores
 every text exactly as the original did; only the ids of byte tokens differ
@@ -52,8 +52,8 @@ from ..errors import DataError, UsageError, one_line, quote
 from ..files import read_json
 from ..model.config import GPTConfig
 from ..model.params import parameter_shapes
-from ..tokenizer.hf_files import (default_special_ids, export_tokenizer_hf, first_eos_id, hf_vocab,
-                                  read_hf_tokenizer)
+from ..tokenizer.hf_export import default_special_ids, export_tokenizer_hf, first_eos_id, hf_vocab
+from ..tokenizer.hf_import import read_hf_tokenizer
 from . import gpt2, llama
 from .safetensors_file import FLOAT_DTYPES, SafetensorsFile
 

@@ -9,5 +9,7 @@
   decoding.py     IncrementalDecoder: ids into text as they arrive
   file_format.py  xpmodel's tokenizer file: one JSON document
   parallel.py     encode_chunks in worker processes
-  hf_files.py     Hugging Face tokenizer.json (and GPT-2's vocab.json + merges.txt) in and out
+  hf_forms.py     the Hugging Face forms read and written (tokenizer.json parts, GPT-2's byte table)
+  hf_export.py    a BPETokenizer out as tokenizer.json, vocab.json + merges.txt and their configs
+  hf_import.py    a Hugging Face BPE tokenizer directory in
 """

@@ -8,7 +8,7 @@ text and ids 0..255 cover every byte. (Text must be valid Unicode: a lone
 surrogate has no UTF-8 form and raises UnicodeEncodeError, a ValueError.)
 
 Five options exist so that Hugging Face tokenizers other than GPT-2's import
-exactly (see hf_files.py); each is off by default, and a tokenizer that
+exactly (see hf_import.py); each is off by default, and a tokenizer that
 uses none is stored and fingerprinted in the version-1 format (file_format.py):
     split_pattern   another split regex, as Llama 3 and Qwen2 use (Hugging
                     Face's Split with behavior "Isolated": the matches and the
@@ -48,7 +48,7 @@ piece's ids, learning.py learns the merges, vocab.py bounds and checks what
 a vocabulary holds, decoding.py turns ids back into text as they arrive
 (`IncrementalDecoder`), file_format.py is the JSON file `save` writes, and
 parallel.py runs `encode_chunks` in worker processes. Hugging Face's files
-live in hf_files.py. This file does not read corpora or write token files:
+live in hf_export.py. This file does not read corpora or write token files:
 the data module streams text through `encode_chunks`.
 """
 import hashlib

@@ -1,42 +1,7 @@
-"""Hugging Face tokenizer directories, out of and into BPETokenizer.
-
-`export_tokenizer_hf` writes, for the same ids as xpmodel's tokenizer:
-    tokenizer.json           for `tokenizers.Tokenizer.from_file`
-    vocab.json, merges.txt   for transformers' GPT2Tokenizer / GPT2TokenizerFast
-    tokenizer_config.json,
-    special_tokens_map.json  so `transformers.AutoTokenizer.from_pretrained(dir)` works
-
-`read_hf_tokenizer` / `import_hf_tokenizer` read a BPE back (tokenizer.json,
-else vocab.json + merges.txt), in one of three forms:
-    GPT-2's        a ByteLevel pre-tokenizer that splits with its built-in regex
-    Llama 3's,     a Split by their own regex ("Isolated") followed by a
-    Qwen2's        ByteLevel that only maps bytes (use_regex false), with
-                   Qwen2's NFC normalizer and BPE ignore_merges; Meta's own
-                   Llama 3 vocab, where some tokens are made by several merges
-                   or (reached by ignore_merges) by none, included
-    SentencePiece  Llama 2's, Mistral's, TinyLlama's: BPE with byte_fallback and
-                   the 256 tokens "<0x00>".."<0xFF>", spaces written "▁" by a
-                   Prepend + Replace normalizer or a Metaspace pre-tokenizer,
-                   decoded by Replace, ByteFallback, Fuse and an optional Strip
-An export writes the same form back. Anything else that would change the ids
-or the decoded text (Digits, other normalizers or decoders, Unigram, an
-unknown token instead of byte fallback) is refused, naming the part.
-Hugging Face vocabs may number their tokens in any order; GPT-2's own puts the
-256 byte tokens in the order of the bytes-to-unicode table ("!" is id 0, "Ġ"
-is 220), where BPETokenizer needs id == byte value. So an import relabels
-ids: bytes (or byte-fallback tokens) at 0..255, then the tokens the merges
-make, in the order of the first merge making each (merge k at 256 + k when
-each token has one merge), then the other tokens, special tokens last; and it
-returns for each new id the Hugging Face id it came from, so model rows can be
-permuted to match. The text-to-token mapping itself is unchanged; for GPT-2
-only ids 0..255 move.
-
-Hugging Face names byte-level tokens by GPT-2's bytes-to-unicode table, which
-maps every byte to a printable character, so token strings never hold spaces
-or control characters; SentencePiece tokens are their text with "▁" for a
-space. Neither `tokenizers` nor `transformers` is needed to read or write the
-files.
-"""
+"""Reading a Hugging Face BPE tokenizer directory into a BPETokenizer
+(tokenizer.json, else vocab.json + merges.txt), in the forms hf_forms.py
+describes; anything else that would change the ids or the decoded text is
+refused, naming the part."""
 import functools
 import os
 import re
@@ -44,175 +9,17 @@ from pathlib import Path
 
 import numpy
 
-from ..atomic import atomic_write_bytes, atomic_write_json
 from ..errors import DataError, UsageError, quote
 from ..files import read_bounded, read_json
-from .bpe import ENDOFTEXT, BPETokenizer
+from .bpe import BPETokenizer
 from .file_format import MAX_FILE_BYTES
+from .hf_forms import (BYTE_TOKENS, PREPEND, PREPEND_SCHEMES, REPLACE_SPACES, SPACE, SPACE_DECODERS,
+                       STRIP_DECODER, gpt2_byte_to_unicode)
 from .metaspace import Metaspace
 from .pretokenize import GPT2_SPLIT_PATTERN, check_split_pattern
 from .vocab import MAX_VOCAB
 
-SPACE = "\u2581"   # "▁", SentencePiece's space
-BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]   # SentencePiece's byte-fallback tokens
 _BYTE_NAME = re.compile(r"<0x(\+[0-9a-fA-F]|[0-9a-fA-F]{2})>")   # what ByteFallback reads as one
-# The tokenizer.json parts of SentencePiece's spaces, as Hugging Face writes them.
-_PREPEND = {"type": "Prepend", "prepend": SPACE}
-_REPLACE_SPACES = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
-_SPACE_DECODERS = [{"type": "Replace", "pattern": {"String": SPACE}, "content": " "},
-                   {"type": "ByteFallback"}, {"type": "Fuse"}]
-_STRIP_DECODER = {"type": "Strip", "content": " ", "start": 1, "stop": 0}
-# Metaspace's prepend_scheme -> Metaspace.prepend (its "always" spares text that
-# starts with a space).
-_PREPEND_SCHEMES = {"always": "unless_space", "first": "first", "never": "never"}
-
-
-def gpt2_byte_to_unicode():
-    """GPT-2's table: byte value -> one printable character.
-
-    Printable Latin-1 bytes stand for themselves; the other 68 bytes (control
-    characters, space, DEL, NBSP, soft hyphen...) take the characters from
-    U+0100 on, in byte order, so space becomes "Ġ" and newline "Ċ".
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in printable}
-    next_char = 256
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(next_char)
-            next_char += 1
-    return table
-
-
-def hf_vocab(tokenizer):
-    """Token string -> id for every id, specials included, in id order."""
-    byte_to_char = gpt2_byte_to_unicode()
-    special_ids = set(tokenizer.special_tokens.values())
-    vocab = {}
-    for token_id in range(tokenizer.vocab_size):
-        raw = tokenizer.token_bytes(token_id)
-        if token_id in special_ids:
-            name = raw.decode("utf-8")
-        elif tokenizer.metaspace is None:
-            name = "".join(byte_to_char[b] for b in raw)
-        elif token_id < 256:
-            name = BYTE_TOKENS[token_id]
-        else:
-            try:
-                name = raw.decode("utf-8").replace(" ", SPACE)
-            except UnicodeDecodeError:
-                raise UsageError(f"id {token_id} is {quote(raw, 100)}, not text; a SentencePiece vocab "
-                                 f"needs text tokens") from None
-        if name in vocab:
-            raise UsageError(f"ids {vocab[name]} and {token_id} are both {quote(name, 100)}; "
-                             f"a Hugging Face vocab needs distinct token strings")
-        vocab[name] = token_id
-    return vocab
-
-
-def default_special_ids(tokenizer):
-    """The bos_token_id and eos_token_id an export names without others: both
-    "<|endoftext|>", as GPT-2's (None when the tokenizer lacks it)."""
-    return {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
-
-
-def first_eos_id(special_ids):
-    """The one eos id of `special_ids` that a tokenizer's eos_token and a pad id
-    can hold: eos_token_id, or the first of a list."""
-    eos = special_ids["eos_token_id"]
-    return eos[0] if isinstance(eos, list) else eos
-
-
-def export_tokenizer_hf(tokenizer, directory, model_max_length=None, special_ids=None):
-    """Write the five Hugging Face files for `tokenizer` into `directory`
-    (created if needed); bos_token and eos_token are the tokens of special_ids
-    (see default_special_ids)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = hf_vocab(tokenizer)
-    names = list(vocab)  # id -> token string, as ids run 0.. in order
-    merges = [f"{names[left]} {names[right]}" for left, right in tokenizer.merges]
-    specials = tokenizer.special_tokens
-
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False,
-                  "trim_offsets": True, "use_regex": True}
-    gpt2_split = tokenizer.split_pattern == GPT2_SPLIT_PATTERN
-    normalizer = {"type": "NFC"} if tokenizer.normalizer == "nfc" else None
-    pre_tokenizer = decoder = byte_level
-    if tokenizer.metaspace is not None:
-        normalizer, pre_tokenizer, decoder = _metaspace_parts(tokenizer.metaspace)
-    elif not gpt2_split:   # as Llama 3 and Qwen2 write theirs
-        pre_tokenizer = {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": tokenizer.split_pattern},
-             "behavior": "Isolated", "invert": False},
-            dict(byte_level, use_regex=False)]}
-    tokenizer_json = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": [
-            {"id": token_id, "content": text, "single_word": False, "lstrip": False,
-             "rstrip": False, "normalized": False, "special": True}
-            for text, token_id in specials.items()],
-        "normalizer": normalizer,
-        "pre_tokenizer": pre_tokenizer,
-        "post_processor": None,
-        "decoder": decoder,
-        "model": {"type": "BPE", "dropout": None, "unk_token": None,
-                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
-                  "fuse_unk": False, "byte_fallback": tokenizer.metaspace is not None,
-                  "ignore_merges": tokenizer.ignore_merges,
-                  "vocab": vocab, "merges": merges},
-    }
-    atomic_write_json(directory / "tokenizer.json", tokenizer_json)
-    if tokenizer.metaspace is None:   # GPT2Tokenizer's files mean byte-level BPE
-        atomic_write_json(directory / "vocab.json", vocab)
-        atomic_write_bytes(directory / "merges.txt", (
-            "#version: 0.2\n" + "".join(line + "\n" for line in merges)).encode("utf-8"))
-
-    special_map = _special_tokens_map(names, specials, special_ids or default_special_ids(tokenizer))
-    # GPT2TokenizerFast would split as GPT-2 whatever tokenizer.json says; the
-    # generic class reads tokenizer.json as it is, as Llama 3's config names it.
-    tokenizer_class = "GPT2TokenizerFast" if gpt2_split else "PreTrainedTokenizerFast"
-    config = {"tokenizer_class": tokenizer_class, "add_prefix_space": False,
-              "add_bos_token": False, "clean_up_tokenization_spaces": False, **special_map}
-    if model_max_length is not None:
-        config["model_max_length"] = int(model_max_length)
-    atomic_write_json(directory / "tokenizer_config.json", config)
-    atomic_write_json(directory / "special_tokens_map.json", special_map)
-
-
-def _special_tokens_map(names, specials, special_ids):
-    """special_tokens_map.json: the tokens of bos and eos among `names` (id ->
-    token string), and "<|endoftext|>" as unk_token, as GPT-2's."""
-    special_map = {}
-    for key, token_id in (("bos_token", special_ids["bos_token_id"]),
-                          ("eos_token", first_eos_id(special_ids))):
-        if token_id is not None:
-            special_map[key] = names[token_id]
-    if ENDOFTEXT in specials:
-        special_map["unk_token"] = ENDOFTEXT
-    return special_map
-
-
-def _metaspace_parts(metaspace):
-    """(normalizer, pre_tokenizer, decoder) of tokenizer.json for a Metaspace."""
-    normalizer = pre_tokenizer = None
-    if metaspace.prepend == "always":   # as Llama 2 writes it
-        normalizer = {"type": "Sequence", "normalizers": [_PREPEND, _REPLACE_SPACES]}
-        if metaspace.split:
-            pre_tokenizer = {"type": "Metaspace", "replacement": SPACE,
-                             "prepend_scheme": "never", "split": True}
-    else:
-        scheme = next(k for k, v in _PREPEND_SCHEMES.items() if v == metaspace.prepend)
-        pre_tokenizer = {"type": "Metaspace", "replacement": SPACE, "prepend_scheme": scheme,
-                         "split": metaspace.split}
-    strip = [_STRIP_DECODER] if metaspace.strip_decoded else []
-    return normalizer, pre_tokenizer, {"type": "Sequence", "decoders": _SPACE_DECODERS + strip}
-
-
-# ----- import ---------------------------------------------------------------
 
 
 def import_hf_tokenizer(directory):
@@ -460,9 +267,9 @@ def _read_metaspace(document, path):
     prepend, split = "never", False
     if normalizer is not None:
         steps = _steps(normalizer, "normalizers")
-        if isinstance(steps, list) and steps[:1] == [_PREPEND]:
+        if isinstance(steps, list) and steps[:1] == [PREPEND]:
             prepend, steps = "always", steps[1:]
-        if steps != [_REPLACE_SPACES]:
+        if steps != [REPLACE_SPACES]:
             raise UsageError(f"{path}: normalizer {_kind(normalizer)} with BPE byte_fallback is "
                              f"not supported (xpmodel reads Prepend \"{SPACE}\" then Replace \" \" "
                              f"by \"{SPACE}\", or a Metaspace pre_tokenizer)")
@@ -477,14 +284,14 @@ def _read_metaspace(document, path):
         scheme = pre_tokenizer.get("prepend_scheme")
         if scheme is None:   # written before prepend_scheme existed
             scheme = "always" if pre_tokenizer.get("add_prefix_space", True) else "never"
-        if scheme not in _PREPEND_SCHEMES:
+        if scheme not in PREPEND_SCHEMES:
             raise UsageError(f"{path}: Metaspace prepend_scheme {quote(scheme, 20)} is not "
                              f"supported")
         split = pre_tokenizer.get("split", True)
         if not isinstance(split, bool):
             raise DataError(f"{path}: Metaspace split is {quote(split, 100)}, not true or false")
         if prepend == "never":   # after a Prepend normalizer the text starts with "▁" already
-            prepend = _PREPEND_SCHEMES[scheme]
+            prepend = PREPEND_SCHEMES[scheme]
     elif normalizer is None:
         raise UsageError(f"{path}: BPE byte_fallback with neither a Metaspace pre_tokenizer nor a "
                          f"Replace \" \" by \"{SPACE}\" normalizer is not supported")
@@ -494,9 +301,9 @@ def _read_metaspace(document, path):
 def _read_metaspace_decoder(decoder, path):
     """Whether a SentencePiece decoder strips one leading space; others are refused."""
     steps = _steps(decoder, "decoders")
-    if steps == _SPACE_DECODERS + [_STRIP_DECODER]:
+    if steps == SPACE_DECODERS + [STRIP_DECODER]:
         return True
-    if steps != _SPACE_DECODERS:
+    if steps != SPACE_DECODERS:
         raise UsageError(f"{path}: decoder {_kind(decoder)} with BPE byte_fallback is not "
                          f"supported (xpmodel decodes as Replace \"{SPACE}\" by \" \", "
                          f"ByteFallback, Fuse and Strip one leading space or not)")
