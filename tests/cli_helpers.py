@@ -1,6 +1,8 @@
 """Running the command line inside the test process, what its errors look like,
-and a small corpus to train on."""
+a small corpus to train on, and a tiny run trained once for tests to copy."""
+import os
 import random
+from pathlib import Path
 
 from xpmodel.cli import main as cli
 
@@ -52,3 +54,22 @@ def kill_sweep_mid_trial(sweep, trial, steps=60, timeout=60):
     sweep.wait()
     while time.time() < deadline and run.is_locked():
         time.sleep(0.05)
+
+
+def train_tiny_run(root, *overrides):
+    """{"run", "corpus"}: tests/tiny-run.yaml trained by `xpmodel train` in
+    `root` on a small corpus, with `overrides`, and its own cache there."""
+    corpus = write_corpus(root / "corpus.txt", lines=300)
+    run = root / "run"
+    old = os.environ.get("XPMODEL_CACHE")
+    os.environ["XPMODEL_CACHE"] = str(root / "cache")
+    try:
+        tiny = Path(__file__).resolve().parent / "tiny-run.yaml"
+        assert cli.main(["train", "--config", str(tiny), "--quiet", "--out", str(run),
+                         f"data.source={corpus}", *overrides]) == 0
+    finally:
+        if old is None:
+            os.environ.pop("XPMODEL_CACHE")
+        else:
+            os.environ["XPMODEL_CACHE"] = old
+    return {"run": run, "corpus": corpus}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import assert_one_line_error, run_cli, write_corpus
+from cli_helpers import assert_one_line_error, run_cli, train_tiny_run, write_corpus
 from xpmodel.cli import main as cli
 from xpmodel.train.rundir import RunDir
 from xpmodel.tokenizer.bpe import BPETokenizer
@@ -33,20 +33,7 @@ def _cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 30-step tiny run; tests copy it before changing it."""
-    root = tmp_path_factory.mktemp("outputs")
-    corpus = write_corpus(root / "corpus.txt", lines=300)
-    run = root / "run"
-    old = os.environ.get("XPMODEL_CACHE")
-    os.environ["XPMODEL_CACHE"] = str(root / "cache")
-    try:
-        assert cli.main(["train", "--config", str(TINY), "--quiet", "--out", str(run),
-                         f"data.source={corpus}"]) == 0
-    finally:
-        if old is None:
-            os.environ.pop("XPMODEL_CACHE")
-        else:
-            os.environ["XPMODEL_CACHE"] = old
-    return {"run": run, "corpus": corpus}
+    return train_tiny_run(tmp_path_factory.mktemp("outputs"))
 
 
 @pytest.fixture

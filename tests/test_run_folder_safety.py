@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import assert_one_line_error, run_cli, write_corpus
+from cli_helpers import assert_one_line_error, run_cli, train_tiny_run
 from xpmodel.train.rundir import RunDir
 
 TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
@@ -39,22 +39,8 @@ pytestmark = pytest.mark.usefixtures("private_cache")   # conftest.py
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 10-step tiny run (checkpoints at steps 0 .. 10) and its corpus; tests copy it."""
-    root = tmp_path_factory.mktemp("run_folder_safety")
-    corpus = write_corpus(root / "corpus.txt", lines=300)
-    run = root / "run"
-    old = os.environ.get("XPMODEL_CACHE")
-    os.environ["XPMODEL_CACHE"] = str(root / "cache")
-    try:
-        from xpmodel.cli import main as cli
-        assert cli.main(["train", "--config", str(TINY), "--quiet", "--out", str(run),
-                         f"data.source={corpus}", "train.max_iters=10", "train.save_interval=5",
-                         "train.eval_interval=5"]) == 0
-    finally:
-        if old is None:
-            os.environ.pop("XPMODEL_CACHE")
-        else:
-            os.environ["XPMODEL_CACHE"] = old
-    return {"run": run, "corpus": corpus}
+    return train_tiny_run(tmp_path_factory.mktemp("run_folder_safety"), "train.max_iters=10",
+                          "train.save_interval=5", "train.eval_interval=5")
 
 
 @pytest.fixture
