@@ -9,6 +9,7 @@ dimensions and strides they are given."""
 import numpy as np
 import pytest
 
+import xpmodel
 from xpmodel.backend import cuda_available, to_host
 
 import cuda_emulator
@@ -530,3 +531,19 @@ def test_mlp_activation_kernels_match_numpy(cp, activation, dtype):
     assert relative_error(g_out, out) < tol
     assert relative_error(g_dh, dh) < tol
     assert relative_error(g_dbias, dbias) < tol
+
+
+@pytest.mark.parametrize("device", ["cuda", "emulated-cuda"], indirect=True)
+@pytest.mark.parametrize("kernels", ["fused", "xp"])
+def test_one_attention_head_trains_on_the_cuda_path(device, kernels):
+    """With n_head = 1 the heads' axis has size 1, and a contiguous copy keeps
+    its stride arbitrary: the batched products must not read it."""
+    config = xpmodel.GPTConfig(vocab_size=11, block_size=4, n_layer=1, n_head=1, n_embd=8)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 11, (2, 4))
+    targets = np.roll(idx, -1, axis=1)
+    reference = xpmodel.GPT(config, seed=0)
+    want = float(reference.forward_backward(idx, targets))
+    model = xpmodel.GPT(config, device=device, seed=0, kernels=kernels)
+    assert float(model.forward_backward(idx, targets)) == pytest.approx(want, rel=1e-5)
+    assert relative_error(model.flat_grads, to_host(reference.flat_grads)) < 1e-4

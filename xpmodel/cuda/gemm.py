@@ -47,13 +47,15 @@ def _operand(x):
 
 def _batch_stride(x):
     """The element stride between consecutive matrices of x (..., r, c),
-    whose leading axes must flatten into one evenly strided batch axis."""
-    shape, strides = x.shape, x.strides
-    for i in range(len(shape) - 3):
-        if shape[i] != 1 and strides[i] != strides[i + 1] * shape[i + 1]:
-            raise ValueError(f"batched matmul: the batch axes of shape {shape} do not "
+    whose leading axes must flatten into one evenly strided batch axis. Axes
+    of size 1 take no part: their strides are arbitrary (NumPy and CuPy call
+    an array contiguous whatever they are, so a contiguous copy keeps them)."""
+    batch = [(n, stride) for n, stride in zip(x.shape[:-2], x.strides[:-2]) if n != 1]
+    for (_, outer), (n, inner) in zip(batch, batch[1:]):
+        if outer != inner * n:
+            raise ValueError(f"batched matmul: the batch axes of shape {x.shape} do not "
                              f"flatten to one strided axis")
-    return strides[-3] // x.itemsize
+    return (batch[-1][1] if batch else x.strides[-3]) // x.itemsize
 
 
 _scalars = {}                # (value, wide) -> a NumPy scalar cuBLAS reads through a pointer
