@@ -106,3 +106,33 @@ def test_chunked_optimizer_steps_equal_whole_buffer_steps(monkeypatch):
         return model.flat_params.copy()
     for optimizer in ("adamw", "muon"):
         assert np.array_equal(train(97, optimizer), train(10**9, optimizer))
+
+
+def test_shards_in_turn_repeat_a_threaded_pass_on_the_calling_thread(monkeypatch):
+    """The NaN finder re-runs a step with GPT.shards_in_turn(): the same shards,
+    dropout masks and embedding noise as the threaded pass, so the same loss
+    and gradients bit for bit, with every shard on the calling thread."""
+    import xpmodel
+    monkeypatch.setenv("XPMODEL_NUM_THREADS", "2")
+    config = xpmodel.GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16,
+                               dropout=0.3)
+    model = xpmodel.GPT(config, seed=0)
+    model.embedding_noise = (5.0, "gaussian")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 32, (4, 8))
+    y = np.roll(x, -1, axis=1)
+    threaded = float(model.forward_backward(x, y))
+    grads = model.flat_grads.copy()
+    threads = set()
+    shard_pass = model._shard_pass
+    monkeypatch.setattr(model, "_shard_pass", lambda *a, **k: threads.add(
+        threading.current_thread().name) or shard_pass(*a, **k))
+    model.dropout_calls -= 1
+    model.zero_grad()
+    with model.shards_in_turn():
+        assert float(model.forward_backward(x, y)) == threaded
+    np.testing.assert_array_equal(model.flat_grads, grads)
+    assert model.shard_count(4) == 2 and threads == {threading.current_thread().name}
+    model._threads = 1          # one shard draws other masks: not the step that was taken
+    model.dropout_calls -= 1
+    assert float(model.forward_backward(x, y)) != threaded

@@ -9,6 +9,7 @@ The residual stream is kept as an (N, C) matrix so every projection is a
 """
 import functools
 import math
+from contextlib import contextmanager
 
 import numpy
 
@@ -115,6 +116,7 @@ class GPT:
         self.embedding_noise = (0.0, "uniform")  # (alpha, kind): NEFTune noise in training passes
         self.training = True
         self._threads = thread_count()
+        self._shards_in_turn = False   # shards_in_turn(): the shards one after another
         if not self.device.is_cuda:
             keep_freed_memory()
         self._grad_buffers = []  # (flat, views) gradient buffers for CPU threads 1..
@@ -226,11 +228,22 @@ class GPT:
     def _run_shards(self, batch_size, shard_fn):
         """shard_fn(rows, k) for each shard k of the batch, one thread each on CPU."""
         shards = split(batch_size, self.shard_count(batch_size))
-        if len(shards) == 1:
-            return [shard_fn(shards[0], 0)]
+        if len(shards) == 1 or self._shards_in_turn:
+            return [shard_fn(rows, k) for k, rows in enumerate(shards)]
         with single_threaded_blas():
             return run_parallel([lambda rows=rows, k=k: shard_fn(rows, k)
                                  for k, rows in enumerate(shards)])
+
+    @contextmanager
+    def shards_in_turn(self):
+        """Within: the batch splits into the same shards, with the same dropout
+        masks and noise, but they run one after another on the calling thread,
+        so that a check wrapped around the layers sees one shard's pass at a time."""
+        saved, self._shards_in_turn = self._shards_in_turn, True
+        try:
+            yield
+        finally:
+            self._shards_in_turn = saved
 
     def shard_count(self, batch_size):
         """How many shards a batch is split into: one per CPU thread (see

@@ -209,11 +209,11 @@ class Health:
         state, dropout_calls = self._replay[step]
         sampler = make_sampler(t.config, t.tokenizer, t.train_tokens)
         sampler.load_state_dict(state)
-        saved = model.dropout_calls, model._threads
-        model.dropout_calls, model._threads = dropout_calls, 1
+        saved = model.dropout_calls
+        model.dropout_calls = dropout_calls
         finder = _NonFiniteFinder(model)
         try:
-            with numpy.errstate(all="ignore"), finder.installed():
+            with numpy.errstate(all="ignore"), finder.installed(), model.shards_in_turn():
                 for _ in range(t.config.train.grad_accum):
                     x, y = sampler.next_batch()
                     model.zero_grad()
@@ -223,7 +223,7 @@ class Health:
         except Exception as exc:   # the explanation must never hide the real error
             return f"; re-running step {step} with checks failed ({exc.__class__.__name__})"
         finally:
-            model.dropout_calls, model._threads = saved
+            model.dropout_calls = saved
         if finder.found is None:
             return (f"; re-running step {step} with checks found every layer finite (the "
                     f"overflow is in the optimizer or depends on the GPU's rounding)")
