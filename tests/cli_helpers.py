@@ -2,6 +2,7 @@
 a small corpus to train on, and a tiny run trained once for tests to copy."""
 import os
 import random
+import shutil
 from pathlib import Path
 
 from xpmodel.cli import main as cli
@@ -73,3 +74,10 @@ def train_tiny_run(root, *overrides):
         else:
             os.environ["XPMODEL_CACHE"] = old
     return {"run": run, "corpus": corpus}
+
+
+def copy_run(trained, tmp_path):
+    """A copy of train_tiny_run's run in `tmp_path`, for a test to change."""
+    target = tmp_path / "run"
+    shutil.copytree(trained["run"], target)
+    return target

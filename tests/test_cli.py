@@ -10,7 +10,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy
 import pytest
 
-from cli_helpers import assert_one_line_error, run_cli, write_corpus
+from cli_helpers import assert_one_line_error, copy_run, run_cli, write_corpus
 import xpmodel
 from xpmodel.train.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from xpmodel.config import load_config
@@ -60,12 +59,6 @@ def trained(tmp_path_factory):
     assert result.returncode == 0, result.stderr
     return {"run": run, "corpus": corpus, "cache": root / "cache", "stdout": result.stdout,
             "stderr": result.stderr}
-
-
-def copy_run(trained, tmp_path):
-    target = tmp_path / "run"
-    shutil.copytree(trained["run"], target)
-    return target
 
 
 # ---- train -------------------------------------------------------------------------

@@ -5,14 +5,13 @@ work. Also: training outlives a closed stdout, --workers is bounded, an empty
 config is refused, and the one-line messages of the new-user audit."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from cli_helpers import assert_one_line_error, run_cli, train_tiny_run, write_corpus
+from cli_helpers import assert_one_line_error, copy_run, run_cli, train_tiny_run, write_corpus
 from xpmodel.cli import main as cli
 from xpmodel.train.rundir import RunDir
 from xpmodel.tokenizer.bpe import BPETokenizer
@@ -38,9 +37,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture
 def run(trained, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(trained["run"], copy)
-    return copy
+    return copy_run(trained, tmp_path)
 
 
 @pytest.fixture

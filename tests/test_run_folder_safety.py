@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import assert_one_line_error, run_cli, train_tiny_run
+from cli_helpers import assert_one_line_error, copy_run, run_cli, train_tiny_run
 from xpmodel.train.rundir import RunDir
 
 TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
@@ -45,9 +45,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture
 def run(trained, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(trained["run"], copy)
-    return copy
+    return copy_run(trained, tmp_path)
 
 
 @pytest.fixture
