@@ -230,7 +230,7 @@ def check_special_ids(ids, vocab_size, error, where):
         value = ids.get(key)
         listed = value if key == "eos_token_id" and isinstance(value, list) and value else [value]
         if value is not None and not all(type(i) is int and 0 <= i < vocab_size for i in listed):
-            raise error(f"{where}: {key} {value!r} is not a token id of the tokenizer (0 to "
+            raise error(f"{where}: {key} {quote(value, 100)} is not a token id of the tokenizer (0 to "
                         f"{vocab_size - 1}){', a list of them' if key == 'eos_token_id' else ''} "
                         f"or null")
     return {key: ids.get(key) for key in SPECIAL_ID_KEYS}
@@ -386,7 +386,7 @@ def _weights_file(path):
 def _weight_paths(hf_dir):
     """[(safetensors path, the names the shard index lists in it, or None for
     the one model.safetensors)]."""
-    if (hf_dir / WEIGHTS_FILE).is_file():
+    if os.path.lexists(hf_dir / WEIGHTS_FILE):      # SafetensorsFile refuses a FIFO or dangling link
         return [(hf_dir / WEIGHTS_FILE, None)]
     if os.path.lexists(hf_dir / WEIGHTS_INDEX):
         weight_map = _read_json(hf_dir / WEIGHTS_INDEX).get("weight_map")

@@ -288,7 +288,7 @@ class BPETokenizer:
                     f"pass allowed_special={{{special!r}}} to encode it as a special token, "
                     f"or use encode_ordinary to encode it as text")
         if not allowed:
-            return self.encode_ordinary(text)
+            return self._encode_text(text, at_start=True)
         ids = []
         # With a capturing group, split alternates text, special, text, ...
         for i, part in enumerate(self._special_split.split(text)):

@@ -6,7 +6,7 @@ from pathlib import Path
 from ..atomic import atomic_write_bytes, atomic_write_json
 from ..errors import UsageError, quote
 from .bpe import ENDOFTEXT
-from .hf_forms import (BYTE_TOKENS, PREPEND, PREPEND_SCHEMES, REPLACE_SPACES, SPACE, SPACE_DECODERS,
+from .hf_forms import (BYTE_TOKENS, PREPEND, HF_PREPEND_SCHEMES, REPLACE_SPACES, SPACE, SPACE_DECODERS,
                        STRIP_DECODER, gpt2_byte_to_unicode)
 from .pretokenize import GPT2_SPLIT_PATTERN
 
@@ -131,7 +131,7 @@ def _metaspace_parts(metaspace):
             pre_tokenizer = {"type": "Metaspace", "replacement": SPACE,
                              "prepend_scheme": "never", "split": True}
     else:
-        scheme = next(k for k, v in PREPEND_SCHEMES.items() if v == metaspace.prepend)
+        scheme = next(k for k, v in HF_PREPEND_SCHEMES.items() if v == metaspace.prepend)
         pre_tokenizer = {"type": "Metaspace", "replacement": SPACE, "prepend_scheme": scheme,
                          "split": metaspace.split}
     strip = [STRIP_DECODER] if metaspace.strip_decoded else []

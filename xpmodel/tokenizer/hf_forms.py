@@ -49,7 +49,7 @@ SPACE_DECODERS = [{"type": "Replace", "pattern": {"String": SPACE}, "content": "
 STRIP_DECODER = {"type": "Strip", "content": " ", "start": 1, "stop": 0}
 # Metaspace's prepend_scheme -> Metaspace.prepend (its "always" spares text that
 # starts with a space).
-PREPEND_SCHEMES = {"always": "unless_space", "first": "first", "never": "never"}
+HF_PREPEND_SCHEMES = {"always": "unless_space", "first": "first", "never": "never"}
 
 
 def gpt2_byte_to_unicode():

@@ -13,7 +13,7 @@ from ..errors import DataError, UsageError, quote
 from ..files import read_bounded, read_json
 from .bpe import BPETokenizer
 from .file_format import MAX_FILE_BYTES
-from .hf_forms import (BYTE_TOKENS, PREPEND, PREPEND_SCHEMES, REPLACE_SPACES, SPACE, SPACE_DECODERS,
+from .hf_forms import (BYTE_TOKENS, PREPEND, HF_PREPEND_SCHEMES, REPLACE_SPACES, SPACE, SPACE_DECODERS,
                        STRIP_DECODER, gpt2_byte_to_unicode)
 from .metaspace import Metaspace
 from .pretokenize import GPT2_SPLIT_PATTERN, check_split_pattern
@@ -48,10 +48,10 @@ def read_hf_tokenizer(directory):
     # A name that is there but is no regular file (a FIFO, a folder, a link to
     # nothing) is read, and refused naming it: passed over, tokenizer.json
     # would give way to vocab.json, which the fast tokenizers never read.
-    if _present(directory / "tokenizer.json"):
+    if os.path.lexists(directory / "tokenizer.json"):
         source = directory / "tokenizer.json"
         vocab, merges, added, options = _read_tokenizer_json(source)
-    elif _present(directory / "vocab.json") and _present(directory / "merges.txt"):
+    elif os.path.lexists(directory / "vocab.json") and os.path.lexists(directory / "merges.txt"):
         source = directory / "vocab.json"
         vocab, merges, added = _read_vocab_and_merges(directory)
         options = {}
@@ -128,7 +128,7 @@ def _read_merges(model, path):
 def _read_vocab_and_merges(directory):
     """vocab.json + merges.txt, as GPT2Tokenizer reads them."""
     config = {}
-    if _present(directory / "tokenizer_config.json"):
+    if os.path.lexists(directory / "tokenizer_config.json"):
         config = _load_json(directory / "tokenizer_config.json")
     if config.get("add_prefix_space"):
         raise UsageError(f"{directory / 'tokenizer_config.json'}: add_prefix_space is not "
@@ -157,7 +157,7 @@ def _read_vocab_and_merges(directory):
             if isinstance(entry, dict):
                 added.append((_int_or_none(token_id), entry.get("content"),
                               entry.get("special", False)))
-    if _present(directory / "added_tokens.json"):
+    if os.path.lexists(directory / "added_tokens.json"):
         extra = _load_json(directory / "added_tokens.json")
         if isinstance(extra, dict):
             added.extend((token_id, content, True) for content, token_id in extra.items())
@@ -284,14 +284,14 @@ def _read_metaspace(document, path):
         scheme = pre_tokenizer.get("prepend_scheme")
         if scheme is None:   # written before prepend_scheme existed
             scheme = "always" if pre_tokenizer.get("add_prefix_space", True) else "never"
-        if scheme not in PREPEND_SCHEMES:
+        if scheme not in HF_PREPEND_SCHEMES:
             raise UsageError(f"{path}: Metaspace prepend_scheme {quote(scheme, 20)} is not "
                              f"supported")
         split = pre_tokenizer.get("split", True)
         if not isinstance(split, bool):
             raise DataError(f"{path}: Metaspace split is {quote(split, 100)}, not true or false")
         if prepend == "never":   # after a Prepend normalizer the text starts with "▁" already
-            prepend = PREPEND_SCHEMES[scheme]
+            prepend = HF_PREPEND_SCHEMES[scheme]
     elif normalizer is None:
         raise UsageError(f"{path}: BPE byte_fallback with neither a Metaspace pre_tokenizer nor a "
                          f"Replace \" \" by \"{SPACE}\" normalizer is not supported")
@@ -416,11 +416,6 @@ def _steps(component, key):
 
 def _kind(component):
     return quote(component.get("type"), 100) if isinstance(component, dict) else quote(component, 100)
-
-
-def _present(path):
-    """Whether anything has this name, a link that points nowhere included."""
-    return os.path.lexists(path)
 
 
 def _int_or_none(text):

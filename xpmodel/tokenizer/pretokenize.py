@@ -15,6 +15,7 @@ under a budget of CPU time that grows with the text (the `regex` module's
 patterns run without a budget, because the budget's clock costs about a
 microsecond per piece.
 """
+import functools
 import time
 
 import regex
@@ -83,6 +84,13 @@ def check_split_pattern(pattern):
     if size > MAX_SPLIT_PATTERN_BYTES:
         raise UsageError(f"the split pattern is {size:,} bytes, more than the "
                          f"{MAX_SPLIT_PATTERN_BYTES:,} xpmodel allows")
+    return _compiled_and_probed(pattern)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_and_probed(pattern):
+    """check_split_pattern's work once per pattern (a tokenizer is built in
+    every worker and again after an import checked its pattern)."""
     try:
         compiled = regex.compile(pattern, regex.MULTILINE)
     except (regex.error, ValueError, OverflowError, RecursionError) as exc:
@@ -113,8 +121,8 @@ def splitter(pattern):
     if pattern == GPT2_SPLIT_PATTERN:
         return _SPLIT.findall
     compiled = check_split_pattern(pattern)
-    if pattern in LINEAR_SPLIT_PATTERNS:
-        return lambda text: _pieces(compiled, text)
+    if pattern in LINEAR_SPLIT_PATTERNS:   # no groups, no empty match, nothing skipped
+        return compiled.findall
 
     def budgeted(text):
         seconds = SPLIT_SECONDS + len(text) * SPLIT_SECONDS_PER_CHAR
@@ -128,17 +136,9 @@ def splitter(pattern):
     return budgeted
 
 
-def _pieces(compiled, text):
-    if not compiled.groups:   # with groups, findall would return them, not the matches
-        found = compiled.findall(text)
-        if sum(map(len, found)) == len(text) and "" not in found:
-            return found
-    return _isolated(compiled, text)
-
-
 def _budgeted_pieces(compiled, text, deadline):
-    """`_pieces`, raising TimeoutError once the CPU clock (time.process_time,
-    the clock of `regex`'s timeout) passes `deadline`."""
+    """The pieces of `text` ("Isolated"), raising TimeoutError once the CPU
+    clock (time.process_time, the clock of `regex`'s timeout) passes `deadline`."""
     def remaining():
         left = deadline - time.process_time()
         if left <= 0:
