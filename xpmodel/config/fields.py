@@ -120,7 +120,10 @@ def _as_float(value):
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:   # an int past float's range: refused as not finite
+            return math.inf
     # YAML 1.1 reads `3e-4` (no dot) as a string, so numeric strings are accepted.
     if isinstance(value, str):
         try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from ..backend import KERNELS
 from ..checks import HALF_OPEN_UNIT, NON_NEGATIVE, OPEN_UNIT, POSITIVE, Range
-from ..errors import UsageError, quote
+from ..errors import UsageError, one_line, quote
 from ..ns_coefficients import NS_COEFFICIENTS, check_ns_coefficients, parse_ns_coefficients
 from ..options import ADJUST_LR, MLPS, NOISE_KINDS, NORMS, POSITIONS, SCHEDULES, TOKEN_DROPOUT_MODES
 from ..tokenizer.bpe import MAX_VOCAB
@@ -321,15 +321,13 @@ def _unknown_key_message(section, key):
                 f"keys: {', '.join(valid)}")
     guesses = _key_guesses(section, key)
     hint = f" (did you mean {' or '.join(guesses)}?)" if guesses else ""
-    return f"unknown key {section}.{key}{hint}; valid {section} keys: {', '.join(valid)}"
+    return f"unknown key {section}.{one_line(key, 60)}{hint}; valid {section} keys: {', '.join(valid)}"
 
 
 def _key_guesses(section, key):
     """What an unknown `section.key` most likely meant: the key itself in other
     sections (as section.key), else the closest key of its own section, else
     the closest key of another section (as section.key)."""
-    if not isinstance(key, str):
-        return []
     others = [name for name in SECTIONS if name != section]
     if any(key in _fields_by_name(name) for name in others):
         return [f"{name}.{key}" for name in others if key in _fields_by_name(name)]
@@ -341,7 +339,7 @@ def _key_guesses(section, key):
 
 
 def _unknown_section_message(section):
-    shown = repr(section) if isinstance(section, str) else _not_a_name(section)
+    shown = quote(section, 60) if isinstance(section, str) else _not_a_name(section)
     return f"unknown section {shown}; valid top-level keys: {', '.join(_TOP_LEVEL_KEYS)}"
 
 

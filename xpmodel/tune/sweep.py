@@ -55,12 +55,13 @@ from ..atomic import atomic_write_bytes, atomic_write_json, is_temporary_name
 from ..config import config_files, load_config, save_config
 from ..cpu_threads import thread_count
 from ..errors import UsageError, XpmodelError, quote
+from ..files import finite_json_number
 from ..train.outputs import check_holds_no_input
 from ..train.rundir import LOCK_NAME, RunDir
 from ..train.runlock import RunLock
 from .compare import format_table
 from .sweep_plan import format_value, grid_size, parse_spec, plan_trials, trial_overrides
-from .sweep_state import FORMAT, SweepDir, is_number, trial_name
+from .sweep_state import FORMAT, SweepDir, trial_name
 from .plot import pyplot, save_figure
 
 METRICS = ("val_loss", "train_loss")
@@ -297,12 +298,12 @@ class Sweep:
         evals = [r for r in records if r.get("type") == "eval"]
         trial["step"] = steps[-1] if steps else 0
         trial["evals"] = [[r["step"], r[self.metric]] for r in evals
-                          if is_number(r.get(self.metric))]
+                          if finite_json_number(r.get(self.metric))]
         values = [v for _, v in trial["evals"]]
         trial["metric"] = min(values) if values else None
         trial["best_step"] = trial["evals"][values.index(min(values))][0] if values else None
         trial["wall_time_s"] = next((r["time"] for r in reversed(records)
-                                     if r.get("type") == "train" and is_number(r.get("time"))),
+                                     if r.get("type") == "train" and finite_json_number(r.get("time"))),
                                     None)
 
     def _should_prune(self, trial):

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..atomic import atomic_write_json
 from ..config import check_override
 from ..errors import UsageError, XpmodelError, quote
-from ..files import read_json
+from ..files import MAX_JSON_COUNT, finite_json_number, read_json
 from .sweep_plan import format_value
 
 FORMAT = "xpmodel-sweep"
@@ -85,12 +85,8 @@ def _state_problem(state):
     return None
 
 
-def is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _is_step(value):
-    return type(value) is int and value >= 0
+    return type(value) is int and 0 <= value <= MAX_JSON_COUNT
 
 
 # A trial's fields besides name, params and status, each present or not:
@@ -99,10 +95,10 @@ _TRIAL_FIELDS = {
     "step": (_is_step, "a step number"),
     "checked_step": (_is_step, "a step number"),
     "best_step": (lambda v: v is None or _is_step(v), "a step number or null"),
-    "metric": (lambda v: v is None or is_number(v), "a number or null"),
-    "wall_time_s": (lambda v: v is None or is_number(v), "a number or null"),
+    "metric": (lambda v: v is None or finite_json_number(v), "a number or null"),
+    "wall_time_s": (lambda v: v is None or finite_json_number(v), "a number or null"),
     "evals": (lambda v: isinstance(v, list) and all(
-        isinstance(e, list) and len(e) == 2 and _is_step(e[0]) and is_number(e[1]) for e in v),
+        isinstance(e, list) and len(e) == 2 and _is_step(e[0]) and finite_json_number(e[1]) for e in v),
               "a list of [step, value] pairs"),
     "pruned_at": (lambda v: isinstance(v, str), "text"),
     "error": (lambda v: isinstance(v, str), "text"),
