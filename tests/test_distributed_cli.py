@@ -76,3 +76,18 @@ def test_a_failure_on_the_ranks_ends_the_job_each_failing_rank_saying_why_in_one
         result.stderr
     # rank 0 may be ended by rank 1's abort as it makes the run folder: at most an empty one stays
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+@needs_mpi
+def test_a_checkpoint_records_the_shards_of_each_ranks_part_of_the_batch(tmp_path):
+    """Two ranks each take half of the global batch of 8; with 8 threads a rank
+    splits its 4 rows into 4 shards, and that is what a resume compares."""
+    from cli_helpers import write_corpus
+    from xpmodel.train.checkpoint import read_checkpoint_meta
+    from xpmodel.train.rundir import RunDir
+    env = {**os.environ, "XPMODEL_CACHE": str(tmp_path / "cache"), "XPMODEL_NUM_THREADS": "8"}
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=300)
+    result = train(tmp_path / "run", corpus, env, ranks=2, extra=("train.max_iters=4",))
+    assert result.returncode == 0, result.stderr
+    run = RunDir(tmp_path / "run")
+    assert read_checkpoint_meta(run.step_path(run.checkpoint_steps()[-1]))["shards"] == 4

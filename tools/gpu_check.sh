@@ -101,7 +101,7 @@ if want tests && starts tests 120; then   # about 90 s, most of it compiling ker
         tests/test_kernels_switch.py tests/test_muon.py > "$OUT/tests.log" 2>&1
     code=$?
     note "tests exit code $code ($(tail -1 "$OUT/tests.log"))"
-    (( code == 124 || code == 130 )) && note "the tests ran out of their ${limit} s; the parts below use flash attention as usual"
+    (( code == 124 || code == 137 )) && note "the tests ran out of their ${limit} s; the parts below use flash attention as usual"
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20 >> "$summary"
     if grep -qE "FAILED.*(flash|heads_of_64|grouped_query)" "$OUT/tests.log"; then
         export XPMODEL_FLASH=0

@@ -30,9 +30,7 @@ from contextlib import contextmanager
 import numpy
 
 from ..backend import to_host
-from ..checks import NON_NEGATIVE, POSITIVE_FRACTION, Range, check_integer, check_number
-
-AT_LEAST_ONE = Range(low=1)
+from ..checks import NON_NEGATIVE, POSITIVE, POSITIVE_FRACTION, Range, check_integer, check_number
 
 class KVCache:
     """Keys and values of every layer for up to block_size positions.
@@ -44,7 +42,7 @@ class KVCache:
     """
 
     def __init__(self, model, batch_size):
-        self.batch_size = check_integer("KVCache batch_size", batch_size, AT_LEAST_ONE)
+        self.batch_size = check_integer("KVCache batch_size", batch_size, POSITIVE)
         self.capacity = model.config.block_size
         shape = self._shape(model)
         model.device.activate()
@@ -145,7 +143,7 @@ def check_sampling(temperature, top_k, top_p):
     top_k None or >= 1, top_p None or in (0, 1]; a one-line ValueError naming one."""
     check_number("temperature", temperature, NON_NEGATIVE)
     if top_k is not None:
-        check_integer("top_k", top_k, AT_LEAST_ONE)
+        check_integer("top_k", top_k, POSITIVE)
     if top_p is not None:
         check_number("top_p", top_p, POSITIVE_FRACTION)
 

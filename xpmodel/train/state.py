@@ -52,7 +52,7 @@ class CheckpointState:
             "interval_train_loss_sum": self.interval_loss[0],
             "interval_train_steps": self.interval_loss[1],
             "world_size": 1 if self.dist is None else self.dist.world_size,
-            "shards": self.model.shard_count(self.config.train.batch_size),
+            "shards": self._shard_count(),
             "config": config_to_dict(self.config),
             "vocab_size": self.gpt_config.vocab_size,
             "tokenizer_fingerprint": self.tokenizer.fingerprint(),
@@ -144,11 +144,16 @@ class CheckpointState:
         self.resumed_from = path
         self.best_file_val = self._best_file_val()
 
+    def _shard_count(self):
+        """The CPU shards this rank splits its part of each batch into."""
+        rows = self.config.train.batch_size // (1 if self.dist is None else self.dist.world_size)
+        return self.model.shard_count(rows)
+
     def _note_other_shard_count(self, meta):
         """Say so when this process splits a batch into another number of CPU
         shards than the checkpoint's did: the run goes on, but its float sums
         (so its losses, in their last bits) differ from an uninterrupted run's."""
-        saved, now = meta.get("shards"), self.model.shard_count(self.config.train.batch_size)
+        saved, now = meta.get("shards"), self._shard_count()
         if saved is not None and saved != now:
             self._say(f"note: this run split each batch into {saved} CPU shards (one per thread) "
                       f"and now splits it into {now}; it resumes, but not bit for bit: set "
