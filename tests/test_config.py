@@ -578,3 +578,8 @@ def test_train_refuses_batches_larger_than_memory_before_writing(tmp_path, monke
     assert_one_line_error(err)
     assert message in err and "more than this machine's 8.0 GiB" in err
     assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_number_past_float_range_is_refused_naming_its_key(tmp_path):
+    message = usage_error(write(tmp_path, "train:\n  lr: 1" + "0" * 400 + "\n"))
+    assert "train.lr" in message and "run.yaml" in message
