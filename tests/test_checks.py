@@ -1,5 +1,6 @@
-"""xpmodel/checks.py: the number checks the run config and the Python API share,
-and files.read_json's message for what Python will not parse."""
+"""xpmodel/checks.py: the number checks the run config and the Python API share;
+files.read_json's message for what Python will not parse; how a message shows
+a path (errors.shown_path)."""
 import sys
 
 import numpy as np
@@ -41,3 +42,18 @@ def test_json_with_an_integer_python_will_not_read_names_the_file(tmp_path):
     with pytest.raises(DataError) as info:
         read_json(path, 1 << 20, DataError, "config")
     assert str(info.value) == f"{path}: config is not valid JSON (an integer of more than 4300 digits)"
+
+
+def test_a_path_in_a_message_is_exact_on_one_line_and_cut_at_both_ends(tmp_path):
+    from xpmodel.data import resolve_source
+    from xpmodel.errors import shown_path
+    assert shown_path("my  corpus.txt") == "my  corpus.txt"          # spaces kept as they are
+    assert shown_path("a\nb\u2028c") == "a\\nb\\u2028c"
+    long = "/".join(["dir"] * 100) + "/end.txt"
+    shown = shown_path(long)
+    assert len(shown) <= 200 and shown.startswith("dir/dir") and shown.endswith("dir/end.txt")
+    missing = tmp_path / "two  spaces\n.txt"
+    with pytest.raises(DataError) as info:
+        resolve_source(str(missing))
+    assert str(info.value) == f"{shown_path(missing)}: no such file or folder"
+    assert "two  spaces\\n.txt" in str(info.value) and "\n" not in str(info.value)

@@ -4,6 +4,7 @@
 values. `XpmodelError` (exit 1) is for what went wrong while doing it: bad
 data, corrupt checkpoints, numeric faults, a full disk.
 """
+import os
 
 
 class XpmodelError(Exception):
@@ -29,6 +30,22 @@ def one_line(text, limit=300):
     characters: a message may carry a whole line of the user's input."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# What str.splitlines breaks a line at: shown escaped in a path, so a message stays one line.
+_LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def shown_path(path, limit=200):
+    """A path for a message: exact (spaces kept) but for line breaks, shown
+    escaped; cut to about `limit` characters keeping its start and its end
+    (a path's last parts say most)."""
+    text = os.fsdecode(path) if isinstance(path, (bytes, os.PathLike)) else str(path)
+    text = "".join(repr(c)[1:-1] if c in _LINE_BREAKS else c for c in text)
+    if len(text) <= limit:
+        return text
+    half = (limit - 5) // 2
+    return f"{text[:half]} ... {text[-half:]}"
 
 
 def quote(text, limit=200):

@@ -14,7 +14,7 @@ import os
 import sys
 
 from .. import __version__
-from ..errors import XpmodelError, one_line
+from ..errors import XpmodelError, one_line, shown_path
 
 _EPILOG = "Run `xpmodel COMMAND --help` for the options of each command."
 _OVERWRITE_FILE = ("replace an existing output file (never one the command reads, nor a run's "
@@ -153,19 +153,9 @@ def _describe(exc):
         if not exc.strerror:
             return 1, one_line(exc, 2000)
         # The reason is kept whole; a path of any length is cut to its two ends.
-        where = f"{_shorten(exc.filename)}: " if exc.filename else ""
+        where = f"{shown_path(exc.filename)}: " if exc.filename else ""
         return 1, where + one_line(exc.strerror, 300)
     return 1, one_line(f"{exc.__class__.__name__}: {exc}", 2000) + " (run with --debug for the traceback)"
-
-
-def _shorten(filename, limit=200):
-    """A file name for a message: on one line, at most about `limit`
-    characters, its start and its end kept (a path's last parts say most)."""
-    text = os.fsdecode(filename) if isinstance(filename, (bytes, os.PathLike)) else str(filename)
-    if len(text) <= limit:
-        return one_line(text, limit)
-    half = (limit - 5) // 2
-    return f"{one_line(text[:half], half)} ... {one_line(text[-half:], half)}"
 
 
 def _train_epilog():

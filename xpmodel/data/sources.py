@@ -38,7 +38,7 @@ from pathlib import Path
 
 from .builtin_corpora import BUILTIN_NAMES, SHAKESPEARE, builtin_files, builtin_root
 from .play_markdown import PLAY_TEXT_VERSION
-from ..errors import DataError, one_line
+from ..errors import DataError, shown_path
 from ..files import inside
 
 PLAIN_TEXT = "plain"
@@ -134,13 +134,13 @@ def _resolve_path_spec(spec: str) -> Source:
     if path.is_dir():
         return Source(spec, "folder", tuple(_text_files_below(path, spec)), path, PLAIN_TEXT)
     if path.exists():
-        raise DataError(f"{one_line(spec, 200)}: is {_special_kind(path)}, not a text file or folder")
+        raise DataError(f"{shown_path(spec)}: is {_special_kind(path)}, not a text file or folder")
     if _GLOB_CHARACTERS.intersection(spec):
         files = tuple(Path(match) for match in sorted(_glob_files(os.path.expanduser(spec), spec)))
         if not files:
-            raise DataError(f"{one_line(spec, 200)}: glob matched no files")
+            raise DataError(f"{shown_path(spec)}: glob matched no files")
         return Source(spec, "glob", files, None, PLAIN_TEXT)
-    raise DataError(f"{one_line(spec, 200)}: no such file or folder")
+    raise DataError(f"{shown_path(spec)}: no such file or folder")
 
 
 def _special_kind(path: Path) -> str:
@@ -179,7 +179,7 @@ def _walk(base: str, spec: str, what: str, enter, take) -> list[tuple[str, tuple
         for entry in reversed(entries):
             looked += 1
             if looked > _MAX_WALK_ENTRIES:
-                raise DataError(f"{one_line(spec, 200)}: the {what} holds more than "
+                raise DataError(f"{shown_path(spec)}: the {what} holds more than "
                                 f"{_MAX_WALK_ENTRIES:,} files and folders; narrow it")
             names = (*relative, entry.name)
             try:
@@ -203,11 +203,11 @@ def _note_skipped(spec: str, skipped: dict) -> None:
     parts = []
     for kind, places in skipped.items():
         if places:
-            shown = ", ".join(one_line("/".join(names) or ".", 200)[:80] for names in sorted(places)[:3])
+            shown = ", ".join(shown_path("/".join(names) or ".", 80) for names in sorted(places)[:3])
             more = f" and {len(places) - 3} more" if len(places) > 3 else ""
             parts.append(f"{kind[0] if len(places) == 1 else f'{len(places)} {kind[1]}'} "
                          f"({shown}{more})")
-    note = f"note: {one_line(spec, 200)}: skipped {'; '.join(parts)}" if parts else None
+    note = f"note: {shown_path(spec)}: skipped {'; '.join(parts)}" if parts else None
     if note and note not in _noted:
         _noted.add(note)
         print(note, file=sys.stderr, flush=True)
@@ -314,11 +314,11 @@ def _text_files_below(folder: Path, spec: str) -> list[Path]:
 
 def _require_text(source: Source) -> None:
     if not source.files:
-        raise DataError(f"{one_line(source.spec, 200)}: empty corpus: no .txt files in this folder")
+        raise DataError(f"{shown_path(source.spec)}: empty corpus: no .txt files in this folder")
     if source.total_bytes() == 0:
         if len(source.files) == 1:
             raise DataError(f"{source.files[0]}: empty corpus: the file is empty")
-        raise DataError(f"{one_line(source.spec, 200)}: empty corpus: all {len(source.files)} files are empty")
+        raise DataError(f"{shown_path(source.spec)}: empty corpus: all {len(source.files)} files are empty")
 
 
 def _content_digest(path: Path, size: int) -> bytes:
