@@ -107,6 +107,12 @@ def test_a_sweep_never_writes_over_its_config_or_its_base(capsys, tmp_path):
     assert_one_line_error(err)
     assert f"--out {out}: holds {mine}, an input of this command" in err
     assert sorted(p.name for p in out.iterdir()) == ["best.yaml"]
+    code, _, err = run_cli(capsys, "sweep", "--preset", "tuning-order", "--config", TINY,
+                           "--out", out, "--max-iters", 10,     # best.yaml not an input now
+                           f"data.source={tmp_path / 'corpus.txt'}")
+    assert code == 2 and "holds a best.yaml that no --preset run wrote there" in err, err
+    assert_one_line_error(err)
+    assert sorted(p.name for p in out.iterdir()) == ["best.yaml"] and mine.read_bytes() == before
 
 
 def _planned_sweep(out):

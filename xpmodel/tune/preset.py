@@ -3,6 +3,7 @@
 `run_preset` runs `--preset tuning-order`, one sweep per stage.
 
 This module imports both kinds of sweep, so neither has to import the other."""
+import os
 from pathlib import Path
 
 from ..config import config_files, load_config, save_config
@@ -59,12 +60,16 @@ def run_preset(out, config, specs=(), **options):
     stage; `options` are open_sweep's (max_iters, parallel, metric, device,
     seed, and sweep_strategy's). Resumable as one sweep is."""
     out = Path(out)
-    check_output(out / "best.yaml", "--out", config_files(config), overwrite=True)
     fixed = list(specs)
     for spec in fixed:
         if parse_spec(spec).kind != "grid" or len(parse_spec(spec).values) != 1:
             raise UsageError(f"with --preset, SPECs fix one value each (KEY=VALUE); got {spec}")
     stage_names = [name for name, _, _ in tuning_order_stages(load_config(config, fixed))]
+    check_output(out / "best.yaml", "--out", config_files(config), overwrite=True)
+    # OUT/best.yaml is replaced only where an earlier run of this preset wrote it
+    if os.path.lexists(out / "best.yaml") and not os.path.lexists(out / stage_names[0]):
+        raise UsageError(f"--out {out}: holds a best.yaml that no --preset run wrote there; "
+                         f"xpmodel will not replace it: choose another --out")
     for i, name in enumerate(stage_names):
         base = load_config(config, fixed)
         _, stage_specs, largest = tuning_order_stages(base)[i]
