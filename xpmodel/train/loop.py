@@ -176,7 +176,8 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
             self._say(f"the run already reached step {self.total_steps}; to train further, "
                       f"resume with a larger train.max_iters (or train.epochs)")
         if self.is_main and self.resumed_from is not None:
-            self.run_dir.prune_checkpoints(t.keep_last, resumed_from=self.resumed_from)
+            self.run_dir.prune_checkpoints(t.keep_last, resumed_from=self.resumed_from,
+                                           config=self.config)
         return "already complete"
 
     def _report_steps(self, window, display, metrics):

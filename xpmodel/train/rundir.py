@@ -450,7 +450,7 @@ class RunDir:
         except (OSError, ValueError, RuntimeError):
             return False
 
-    def prune_checkpoints(self, keep_last, written=None, resumed_from=None):
+    def prune_checkpoints(self, keep_last, written=None, resumed_from=None, config=None):
         """Keep the newest `keep_last` good step checkpoints, delete older ones.
 
         Only xpmodel's own checkpoints count and are ever deleted: regular
@@ -460,12 +460,13 @@ class RunDir:
         deleted: it may be all that is left of a step). The checkpoint just
         `written` is always kept, and the one `resumed_from` until a newer
         good one exists. The untrained step-0 one is not kept once a later
-        good checkpoint exists.
+        good checkpoint exists. `config`: the run's (the trainer passes its
+        own), else read from config.yaml.
         """
         if not self._owns_checkpoint_dir():
             return   # a linked checkpoints/ is not the run's to prune
         try:
-            config = self.load_config()
+            config = config or self.load_config()
         except XpmodelError:   # config.yaml unreadable: which checkpoints are the run's is unknown
             return
         good = [(step, path) for step, path in self._step_files()

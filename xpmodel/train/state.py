@@ -91,7 +91,7 @@ class CheckpointState:
         else:
             self.saved_step = self.step
             self.run_dir.prune_checkpoints(self.config.train.keep_last, written=path,
-                                           resumed_from=self.resumed_from)
+                                           resumed_from=self.resumed_from, config=self.config)
         if self._display is not None:
             self._display.print(f"checkpoint saved at step {self.step}: {path}")
         return path
