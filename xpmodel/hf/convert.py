@@ -173,6 +173,19 @@ def import_hf(hf_dir):
     (another architecture, a config feature xpmodel does not compute, pickled
     weights) and DataError for unreadable, oversized or inconsistent files.
     """
+    return _read_model(hf_dir)[:3]
+
+
+def import_hf_with_special_ids(hf_dir):
+    """import_hf's (config, arrays, tokenizer) and hf_special_ids' ids, from one
+    reading of the directory."""
+    config, arrays, tokenizer, hf_cfg, hf_ids = _read_model(hf_dir)
+    return config, arrays, tokenizer, _special_ids(hf_cfg, hf_ids, Path(hf_dir) / "config.json")
+
+
+def _read_model(hf_dir):
+    """import_hf's work: (config, arrays, tokenizer, config.json's document,
+    the Hugging Face id of each of the tokenizer's ids)."""
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise UsageError(f"{hf_dir} is not a directory")
@@ -198,7 +211,7 @@ def import_hf(hf_dir):
             if name in arrays:
                 rows = arrays[name]
                 rows[:len(hf_ids)] = rows[hf_ids]      # row i now belongs to xpmodel's token i
-    return config, arrays, tokenizer
+    return config, arrays, tokenizer, hf_cfg, hf_ids
 
 
 def hf_special_ids(hf_dir):
@@ -210,10 +223,15 @@ def hf_special_ids(hf_dir):
     where = Path(hf_dir) / "config.json"
     hf_cfg = _read_json(where)
     tokenizer, hf_ids = read_hf_tokenizer(hf_dir)
+    return _special_ids(hf_cfg, hf_ids, where), tokenizer
+
+
+def _special_ids(hf_cfg, hf_ids, where):
+    """config.json's bos_token_id and eos_token_id, checked, in xpmodel's ids."""
     given = {key: hf_cfg.get(key) for key in SPECIAL_ID_KEYS}
     ids = check_special_ids(given, len(hf_ids), DataError, where)
     ours = numpy.argsort(hf_ids)   # Hugging Face id -> xpmodel id
-    return {key: _renumbered(value, ours) for key, value in ids.items()}, tokenizer
+    return {key: _renumbered(value, ours) for key, value in ids.items()}
 
 
 def _renumbered(value, ours):

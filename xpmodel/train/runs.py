@@ -10,7 +10,8 @@ from pathlib import Path
 from ..config import ModelConfig, load_config
 from ..errors import CheckpointError, UsageError, XpmodelError
 from ..files import inside, same_file
-from ..hf.convert import SPECIAL_ID_KEYS, check_special_ids, hf_special_ids, import_hf
+from ..hf.convert import (SPECIAL_ID_KEYS, check_special_ids, hf_special_ids, import_hf,
+                          import_hf_with_special_ids)
 from ..model.config import OPTION_KEYS, gpt_config
 from ..model.gpt import GPT
 from ..model.params import parameter_shapes
@@ -246,8 +247,7 @@ def import_run(hf_dir, out, overwrite=False):
     """Make a run from a Hugging Face GPT-2 or Llama directory: its config, tokenizer and
     a step-0 checkpoint holding the weights, ready for sample, eval and
     training with `--resume` or `--init-from`."""
-    gpt_config, arrays, tokenizer = import_hf(hf_dir)
-    ids, _ = hf_special_ids(hf_dir)
+    gpt_config, arrays, tokenizer, ids = import_hf_with_special_ids(hf_dir)
     config = adopt_pretrained(load_config(), gpt_config, tokenizer)
     config = replace(config, model=replace(config.model, dropout=gpt_config.dropout))
     run = RunDir(out)
