@@ -97,14 +97,15 @@ def test_chunked_optimizer_steps_equal_whole_buffer_steps(monkeypatch):
     def train(chunk, optimizer):
         monkeypatch.setattr(cpu_threads, "CACHE_ELEMENTS", chunk)
         model = xpmodel.GPT(config, seed=0)
-        opt = xpmodel.AdamW(model, lr=1e-2) if optimizer == "adamw" else \
-            xpmodel.Muon(model, lr=1e-2, muon_lr=0.02)
-        for _ in range(3):
+        opt = xpmodel.AdamW(model, lr=1e-2, weight_decay=0.5) if optimizer == "adamw" else \
+            xpmodel.Muon(model, lr=1e-2, muon_lr=0.02, weight_decay=0.5, muon_weight_decay=0.5)
+        for step in range(3):
             model.zero_grad()
             model.forward_backward(idx, targets)
-            opt.step()
+            opt.step(grad_scale=1.0 if step == 0 else 0.5)   # scaled in the chunks, and not
         return model.flat_params.copy()
     for optimizer in ("adamw", "muon"):
+        # 97 does not divide the decayed matrices' length: a chunk straddles their end
         assert np.array_equal(train(97, optimizer), train(10**9, optimizer))
 
 

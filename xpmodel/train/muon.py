@@ -296,9 +296,9 @@ class Muon:
         """An applied step on the CPU, or with the model's kernels="xp"."""
         model, xp = self.model, self.model.xp
         g = self._hidden_grads()
-        if not (isinstance(grad_scale, float) and grad_scale == 1.0):
-            g *= xp.asarray(grad_scale, dtype=g.dtype)
-        run_elementwise(g.size, self._momentum, model.device.is_cuda)
+        scale = (None if isinstance(grad_scale, float) and grad_scale == 1.0
+                 else xp.asarray(grad_scale, dtype=g.dtype))
+        run_elementwise(g.size, lambda part: self._momentum(part, scale), model.device.is_cuda)
         self._orthogonalise()
         if not bool(xp.isfinite(self._update).all()):
             raise XpmodelError("Muon's orthogonalised update is not finite although the gradients "
@@ -306,12 +306,7 @@ class Muon:
                                "(check train.muon_ns_coefficients and train.muon_ns_steps)")
         self._step_adamw(grad_scale, True)
         self._applied += 1.0
-        rate = self.muon_rate
-        p = self._hidden_params()
-        if self.muon_weight_decay:
-            p *= 1.0 - rate * self.muon_weight_decay
-        self._update *= rate
-        p -= self._update
+        run_elementwise(g.size, self._apply, model.device.is_cuda)
 
     def _step_adamw(self, grad_scale, apply):
         """AdamW's step on the parameters outside the hidden slice, at self.lr."""
@@ -325,11 +320,14 @@ class Muon:
     def _hidden_grads(self):
         return self.model.flat_grads[self.hidden.start:self.hidden.stop]
 
-    def _momentum(self, part):
-        """M and U on `part` (a slice) of the hidden slice, on the CPU."""
+    def _momentum(self, part, scale):
+        """The gradient times `scale` (None: 1), then M and U, on `part` (a
+        slice) of the hidden slice, without the fused kernels."""
         xp = self.model.xp
         g = self._hidden_grads()[part]
         m, u = self.momentum_buffer[part], self._update[part]
+        if scale is not None:
+            g *= scale
         xp.subtract(g, m, out=u)            # M += (1 - mu) (G - M)
         u *= 1.0 - self.momentum
         m += u
@@ -339,6 +337,15 @@ class Muon:
             u += g
         else:
             u[...] = m
+
+    def _apply(self, part):
+        """W <- W (1 - rate wd) - rate U on `part` of the hidden slice, without the fused kernels."""
+        rate = self.muon_rate
+        p, u = self._hidden_params()[part], self._update[part]
+        if self.muon_weight_decay:
+            p *= 1.0 - rate * self.muon_weight_decay
+        u *= rate
+        p -= u
 
     def _orthogonalise(self):
         """self._update: U -> s NS(U / ||U||_F), matrix by matrix, in stacks of one shape."""

@@ -64,18 +64,24 @@ class AdamW:
             return
         if self._scratch is None:   # the model's kernels changed from "fused" to "xp"
             self._scratch = xp.empty_like(model.flat_params)
-        if not (isinstance(grad_scale, float) and grad_scale == 1.0):
-            model.flat_grads *= xp.asarray(grad_scale, dtype=model.flat_grads.dtype)
-        n_decay = model.layout.n_decay
-        model.flat_params[:n_decay] *= 1.0 - self.lr * self.weight_decay
-        run_elementwise(model.flat_params.size, self._update, model.device.is_cuda)
+        scale = (None if isinstance(grad_scale, float) and grad_scale == 1.0
+                 else xp.asarray(grad_scale, dtype=model.flat_grads.dtype))
+        run_elementwise(model.flat_params.size, lambda part: self._update(part, scale),
+                        model.device.is_cuda)
 
-    def _update(self, part):
-        """The Adam update on `part` (a slice) of the flat buffers."""
+    def _update(self, part, scale):
+        """The whole update on `part` (a slice) of the flat buffers: the
+        gradient times `scale` (None: 1), decay where `part` meets the
+        matrices, then Adam. Every pass reads one cache-sized chunk."""
         xp = self.model.xp
         p, g, m, v, tmp = (self.model.flat_params[part], self.model.flat_grads[part],
                            self.m[part], self.v[part], self._scratch[part])
         beta1, beta2 = self.betas
+        if scale is not None:
+            g *= scale
+        n_decay = self.model.layout.n_decay
+        if part.start < n_decay:
+            p[:n_decay - part.start] *= 1.0 - self.lr * self.weight_decay
         m *= beta1
         xp.multiply(g, 1.0 - beta1, out=tmp)
         m += tmp
