@@ -210,7 +210,7 @@ def test_an_unusable_cache_folder_is_named_before_any_work(tmp_path, monkeypatch
     code, out, err = run_cli(capsys, *args)
     assert code == 2
     assert_one_line_error(err)
-    assert named in err and "not a directory" in err
+    assert named in err and f"{afile} is not a folder" in err
     assert "training" not in out and not (tmp_path / "run").exists()
     assert afile.read_text() == "not a folder"
 

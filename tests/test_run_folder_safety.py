@@ -143,6 +143,19 @@ def test_a_run_whose_lock_file_was_made_by_xpmodel_still_works(capsys, run):
     assert not os.path.lexists(run / ".xpmodel.lock")
 
 
+def test_releasing_a_lock_removes_only_the_empty_folders_it_created(tmp_path):
+    """Taking the lock of a/b/run creates a, a/b and a/b/run; releasing it
+    removes those still empty, and keeps a folder that was there before or
+    that something was written in meanwhile."""
+    with RunDir(tmp_path / "a" / "b" / "run").lock():
+        assert (tmp_path / "a" / "b" / "run" / ".xpmodel.lock").is_file()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "a").mkdir()
+    with RunDir(tmp_path / "a" / "b" / "run").lock():
+        (tmp_path / "a" / "b" / "notes.txt").write_text("mine")
+    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["notes.txt"]
+
+
 # ---- folders a run writes in ----------------------------------------------------------------
 def link_checkpoints(run, other):
     shutil.rmtree(run / "checkpoints")

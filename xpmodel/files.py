@@ -1,5 +1,6 @@
 """Reading small files a user or a run supplies, with their sizes bounded;
-comparing paths; whether a process is alive.
+comparing paths; whether a folder can be made and written in; whether a
+process is alive.
 
 Config, tokenizer and run files are read whole, so each is first checked to
 be a regular file (a FIFO or a device such as /dev/zero would block or never
@@ -116,6 +117,29 @@ def inside(path, folder):
         return True
     except (OSError, RuntimeError, ValueError):
         return False
+
+
+def missing_folders(path):
+    """The nearest of `path` and the folders above it that exists (a link
+    counts, even one that points nowhere), and those below it that do not,
+    `path` first: the folders that writing into `path` would create."""
+    path, missing = Path(path), []
+    while not os.path.lexists(path) and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return path, missing
+
+
+def folder_problem(folder):
+    """None when files can be written in `folder`: the nearest part of its
+    path that exists (see `missing_folders`) is a folder this process may
+    write in; else what stands in the way, e.g. "notes.txt is not a folder"."""
+    existing, _ = missing_folders(folder)
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"no permission to write in {existing}"
+    return None
 
 
 def process_alive(pid):

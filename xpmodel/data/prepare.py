@@ -51,7 +51,7 @@ from .tokenfile import (
 )
 from ..atomic import temporary_target
 from ..errors import DataError, UsageError, quote
-from ..files import process_alive
+from ..files import folder_problem, process_alive
 
 ProgressCallback = Callable[[int, int], None]  # (bytes_done, bytes_total)
 
@@ -72,21 +72,10 @@ def cache_root(cache_dir: "str | os.PathLike | None" = None) -> Path:
     else:
         root = Path.home() / ".cache" / "xpmodel"
         named = f"the cache folder {root} (XPMODEL_CACHE or data.cache_dir move it)"
-    _check_cache_root(root, named)
+    problem = folder_problem(root)
+    if problem is not None:
+        raise UsageError(f"{named}: {problem}; point it at a folder xpmodel may write in")
     return root
-
-
-def _check_cache_root(root: Path, named: str) -> None:
-    folder = root
-    while not os.path.lexists(folder) and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        where = "" if folder == root else f" ({folder} is in the way)"
-        raise UsageError(f"{named}: not a directory{where}; point it at a folder xpmodel may "
-                         f"write in")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"{named}: {folder} is not writable; point it at a folder xpmodel may "
-                         f"write in")
 
 
 def default_cache_dir() -> Path:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from ..errors import UsageError
-from ..files import inside, same_file
+from ..files import folder_problem, inside, same_file
 from ..hf.convert import EXPORT_MARKER, WEIGHTS_FILE, WEIGHTS_INDEX
 from .rundir import RunDir
 
@@ -70,16 +70,10 @@ def check_output_dir(path, flag, inputs=(), overwrite=False):
 
 def _check_folder(folder, output, flag):
     """Refuse, with a one-line UsageError naming `output` (given as `flag`), a
-    `folder` to write it in that cannot be made: the nearest part of its path
-    that exists must be a folder this process may write in."""
-    existing = folder
-    while not os.path.lexists(existing) and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"{flag} {output}: {existing} is not a folder; choose another {flag}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {output}: no permission to write in {existing}; choose "
-                         f"another {flag}")
+    `folder` to write it in that cannot be made (see `folder_problem`)."""
+    problem = folder_problem(folder)
+    if problem is not None:
+        raise UsageError(f"{flag} {output}: {problem}; choose another {flag}")
 
 
 def check_holds_no_input(folder, flag, inputs):

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from ..errors import UsageError, quote
-from ..files import parse_json, process_alive
+from ..files import missing_folders, parse_json, process_alive
 
 _held = {}   # resolved run path -> RunLock holding it in this process
 
@@ -55,10 +55,7 @@ class RunLock:
             self._outer = outer
             return outer
         self._outer = None
-        missing, folder = [], path
-        while not os.path.lexists(folder) and folder != folder.parent:
-            missing.append(folder)
-            folder = folder.parent
+        _, missing = missing_folders(path)
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
