@@ -16,8 +16,15 @@ from pathlib import Path
 from .errors import one_line
 
 
-_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"),
+          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def file_kind(mode):
+    """What an entry of this st_mode that is not a regular file is, for a
+    message: "a directory", "a symbolic link", "a FIFO", a device, "a socket"."""
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
 def open_regular(path, error, what):
@@ -33,11 +40,8 @@ def open_regular(path, error, what):
         raise error(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
     try:
         mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise error(f"{path}: is a directory, not a {_file_noun(what)}")
         if not stat.S_ISREG(mode):
-            kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
-            raise error(f"{path}: is {kind}, not a {_file_noun(what)}")
+            raise error(f"{path}: is {file_kind(mode)}, not a {_file_noun(what)}")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:

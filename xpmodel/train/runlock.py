@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from ..errors import UsageError, quote
-from ..files import missing_folders, parse_json, process_alive
+from ..files import file_kind, missing_folders, parse_json, process_alive
 
 _held = {}   # resolved run path -> RunLock holding it in this process
 
@@ -197,21 +197,11 @@ def lock_file_problem(lock_path):
 
 
 def _not_a_lock_file(status):
-    mode = status.st_mode
-    if stat.S_ISLNK(mode):
-        return "is a symbolic link"
-    if stat.S_ISDIR(mode):
-        return "is a directory"
-    if not stat.S_ISREG(mode):
-        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
-        return f"is {kind}"
+    if not stat.S_ISREG(status.st_mode):
+        return f"is {file_kind(status.st_mode)}"
     if status.st_nlink != 1:
         return f"has {status.st_nlink} hard links (it is another file's too)"
     return None
-
-
-_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
 def _read_holder(fd):
