@@ -11,6 +11,7 @@ from xpmodel.config import (
     RunConfig,
     TrainConfig,
     check_key,
+    check_override,
     check_value,
     config_to_dict,
     config_to_yaml,
@@ -529,6 +530,9 @@ def test_parse_override_value_keeps_the_yaml_bounds():
         parse_override_value("train", "lr", bomb)
     with pytest.raises(UsageError, match=r"^override 'train\.lr=\[.*: train\.lr: YAML with more"):
         load_config("default", [f"train.lr={bomb}"])
+    # check_override names the key; its caller (a SPEC, a sweep's fixed settings) names the text
+    with pytest.raises(UsageError, match=r"^train\.lr: YAML with more than 10,000 values"):
+        check_override(f"train.lr={bomb}")
 
 
 def test_a_sweep_spec_reads_its_values_as_overrides_do():
@@ -539,7 +543,8 @@ def test_a_sweep_spec_reads_its_values_as_overrides_do():
     for spec, message in [
             ("train.lrr=1,2", "SPEC 'train.lrr=1,2': unknown key train.lrr (did you mean lr?)"),
             ("optim.lr=1,2", "SPEC 'optim.lr=1,2': the key must be SECTION.KEY"),
-            ("train.lr=" + "[" * 20 + "]" * 20, "train.lr: YAML nested more than 16 levels deep"),
+            ("train.lr=" + "[" * 20 + "]" * 20,
+             "SPEC 'train.lr=" + "[" * 20 + "]" * 20 + "': train.lr: YAML nested more than 16 levels"),
             ("train.max_iters=1e3", "train.max_iters must be an integer or null, got '1e3'")]:
         with pytest.raises(UsageError) as info:
             parse_spec(spec)

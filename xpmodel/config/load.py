@@ -123,31 +123,33 @@ def parse_override_value(section, key, raw):
 
 
 def _parse_override(text):
-    """Split `section.key=value` into (section, key, value, label) with the value
-    typed by its field; a UsageError names the override."""
-    label = f"override {quote(text, 200)}"
+    """(section, key, value) of `section.key=value`, the value typed by its
+    field (parse_override_value) but not yet checked; a UsageError names the key."""
     if not isinstance(text, str) or "=" not in text:
-        raise UsageError(f"{label}: expected KEY=VALUE, e.g. model.n_layer=4")
+        raise UsageError("expected KEY=VALUE, e.g. model.n_layer=4")
     dotted, _, raw = text.partition("=")
-    try:
-        section, key = check_key(dotted)
-        return section, key, parse_override_value(section, key, raw), label
-    except UsageError as exc:
-        raise UsageError(f"{label}: {exc}") from None
+    section, key = check_key(dotted)
+    return section, key, parse_override_value(section, key, raw)
 
 
 def check_override(text):
-    """(dotted key, value) of one `section.key=value` override, its value checked
-    against that key alone (type, range, choices), or a one-line UsageError
-    naming the key; rules that relate several keys wait for load_config."""
-    section, key, value, _ = _parse_override(text)
+    """(dotted key, value) of one `section.key=value` override, its value read
+    as load_config reads it and checked against that key alone (type, range,
+    choices), or a one-line UsageError naming the key (the caller names the
+    override: a SPEC, a sweep's fixed settings); rules that relate several
+    keys wait for load_config."""
+    section, key, value = _parse_override(text)
     return f"{section}.{key}", check_value(section, key, value)
 
 
 def _apply_overrides(merged, overrides):
     by_section = {}
     for text in overrides:
-        section, key, value, label = _parse_override(text)
+        label = f"override {quote(text, 200)}"
+        try:
+            section, key, value = _parse_override(text)
+        except UsageError as exc:
+            raise UsageError(f"{label}: {exc}") from None
         values, labels = by_section.setdefault(section, ({}, {}))
         values[key], labels[key] = value, label
     for section, (values, labels) in by_section.items():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy
 
-from ..config import check_key, check_override, check_value, load_config, parse_override_value
+from ..config import check_key, check_override, load_config
 from ..errors import UsageError, quote
 
 _RESAMPLE_TRIES = 200
@@ -62,7 +62,7 @@ def parse_spec(text):
         return _checked(Param(key, kind or "uniform", [low, high]), text)
     if kind:
         raise UsageError(f"SPEC {quote(text, 80)}: {kind}: takes a range LOW..HIGH")
-    values = [_spec_part(text, _grid_value, key, raw) for raw in body.split(",")]
+    values = [_spec_part(text, check_override, f"{key}={raw}")[1] for raw in body.split(",")]
     return _checked(Param(key, "grid", values), text)
 
 
@@ -73,13 +73,6 @@ def _checked(param, text):
     for value in param.values:
         _spec_part(text, check_override, f"{param.key}={format_value(value)}")
     return param
-
-
-def _grid_value(dotted, raw):
-    """A grid value as an override gives it: typed by its key the way the config
-    reads it (within its YAML bounds) and checked against that key."""
-    section, name = check_key(dotted)
-    return check_value(section, name, parse_override_value(section, name, raw))
 
 
 def _spec_part(text, check, *args):
