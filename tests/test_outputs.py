@@ -212,6 +212,26 @@ def test_lr_find_never_writes_over_its_configs_base(capsys, corpus, tmp_path, mo
     assert base.read_bytes() == before
 
 
+def test_a_folder_among_the_inputs_stands_for_every_file_in_it(tmp_path):
+    """check_output refuses a file of an input folder (a model folder a command
+    starts from), at any depth and through a link, even with overwrite; a new
+    file beside them is allowed."""
+    from xpmodel.errors import UsageError
+    from xpmodel.train.outputs import check_output
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "sub" / "vocab.json").write_text("{}")
+    (tmp_path / "link.json").symlink_to(model / "sub" / "vocab.json")
+    for path, held in ((model / "config.json", model / "config.json"),
+                       (model / "sub" / "vocab.json", model / "sub" / "vocab.json"),
+                       (tmp_path / "link.json", model / "sub" / "vocab.json")):
+        with pytest.raises(UsageError, match=f"is {held}, a file of {model}, an input"):
+            check_output(path, "--out", [model], overwrite=True)
+    assert check_output(model / "new.json", "--out", [model]) == model / "new.json"
+    assert check_output(tmp_path / "new.json", "--out", [model]) == tmp_path / "new.json"
+
+
 def test_lr_find_validates_before_its_header(capsys):
     for args in (["--steps", 5], ["--start-lr", 1, "--end-lr", 0.1], ["--out", "x.txt"]):
         out, _ = refused(capsys, "lr-find", *args)

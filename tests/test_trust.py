@@ -217,7 +217,7 @@ def test_lr_find_never_writes_over_the_model_it_starts_from(run, corpus, tmp_pat
                                   "--overwrite")
         assert code == 2, err
         assert_one_line_error(err)
-        assert f"is {culprit}, a file of train.init_from {hf}" in err
+        assert f"is {culprit}, a file of {hf}, an input of this command" in err
         assert "suggested" not in text
     assert {path.name: path.read_bytes() for path in hf.iterdir()} == before
 

@@ -402,9 +402,9 @@ def lr_find_command(args):
     subject = load_subject(target, args.overrides)
     out = Path(args.out) if args.out else Path(f"lr-find-{subject.name}.png")
     inputs = [*subject.config_files, *resolve_source(subject.config.data.source).files]
-    source = subject.config.train.init_from
+    if subject.config.train.init_from:   # the run or model folder it starts from
+        inputs.append(subject.config.train.init_from)
     for path in (out, out.with_suffix(".json")):   # the plot and its numbers
-        _check_outside_weights_source(path, "--out", source)
         check_output(path, "--out", inputs, args.overwrite)
     print(f"lr-find: {subject.name}, {args.steps} steps from {args.start_lr:g} to {args.end_lr:g}",
           flush=True)
@@ -418,36 +418,6 @@ def lr_find_command(args):
         print("(pip install 'xpmodel[plot]' for the plot)")
     print("wrote " + ", ".join(map(str, written)))
     return 0
-
-
-# A train.init_from folder holding more files than this (a run or a model
-# directory holds a few dozen) is not listed: no output may go inside it at all.
-_MAX_SOURCE_FILES = 10_000
-
-
-def _check_outside_weights_source(path, flag, source):
-    """Refuse an output `path` (given as `flag`) that would replace a file of
-    train.init_from's folder `source` (a run or a Hugging Face model directory:
-    its config.json, tokenizer.json, weights...), which the command reads; a
-    new file beside them is allowed. Links are resolved. No `source`, or one
-    that does not exist, refuses nothing."""
-    if not source or not os.path.isdir(source):
-        return
-    if not inside(path, source) and not os.path.lexists(path):
-        return     # a new file elsewhere: no file of the folder's
-    files = []
-    for folder, _, names in os.walk(source):
-        files += [Path(folder) / name for name in names]
-        if len(files) > _MAX_SOURCE_FILES:
-            if inside(path, source):
-                raise UsageError(f"{flag} {path}: is inside train.init_from {source}, the model "
-                                 f"this command starts from; choose another {flag}")
-            return
-    for held in files:
-        if same_file(path, held):
-            raise UsageError(f"{flag} {path}: is {held}, a file of train.init_from {source}, "
-                             f"the model this command starts from; writing it would destroy "
-                             f"that model, even with --overwrite; choose another {flag}")
 
 
 def runs_command(args):

@@ -18,14 +18,13 @@ from .rundir import RunDir
 def check_output(path, flag, inputs=(), overwrite=False):
     """Refuse to write the file `path` (given as `flag`, e.g. "--out") with a
     one-line UsageError naming it: always when it is one of `inputs` (files the
-    command reads) or one of a run directory's own files (see `_run_file`);
-    when its folder cannot be created or written in (see `_check_folder`);
-    when it exists, unless `overwrite`. Returns `path` as a Path."""
+    command reads; a folder among them, such as train.init_from's model folder,
+    stands for every file in it) or one of a run directory's own files (see
+    `_run_file`); when its folder cannot be created or written in (see
+    `_check_folder`); when it exists, unless `overwrite`. Returns `path` as a Path."""
     path = Path(path)
     for source in inputs:
-        if same_file(path, source):
-            raise UsageError(f"{flag} {path}: is also an input of this command ({source}); "
-                             f"writing it would destroy what is being read; choose another {flag}")
+        _check_not_an_input(path, flag, source)
     run = _run_file(path)
     if run is not None:
         raise UsageError(f"{flag} {path}: is one of the files of the run {run}; xpmodel will not "
@@ -74,6 +73,37 @@ def _check_folder(folder, output, flag):
     problem = folder_problem(folder)
     if problem is not None:
         raise UsageError(f"{flag} {output}: {problem}; choose another {flag}")
+
+
+# An input folder holding more files than this (a run or a model directory
+# holds a few dozen) is not listed: no output may go inside it at all.
+_MAX_INPUT_FOLDER_FILES = 10_000
+
+
+def _check_not_an_input(path, flag, source):
+    """Refuse an output `path` (given as `flag`) that is the input `source`,
+    or, when `source` is a folder, one of the files in it; a new file beside
+    them is allowed. Links are resolved; --overwrite changes nothing."""
+    if not os.path.isdir(source):
+        if same_file(path, source):
+            raise UsageError(f"{flag} {path}: is also an input of this command ({source}); "
+                             f"writing it would destroy what is being read; choose another {flag}")
+        return
+    if not inside(path, source) and not os.path.lexists(path):
+        return     # a new file elsewhere: none of the folder's
+    files = []
+    for folder, _, names in os.walk(source):
+        files += [Path(folder) / name for name in names]
+        if len(files) > _MAX_INPUT_FOLDER_FILES:
+            if inside(path, source):
+                raise UsageError(f"{flag} {path}: is inside {source}, an input of this command; "
+                                 f"choose another {flag}")
+            return
+    for held in files:
+        if same_file(path, held):
+            raise UsageError(f"{flag} {path}: is {held}, a file of {source}, an input of this "
+                             f"command; writing it would destroy what is being read, even with "
+                             f"--overwrite; choose another {flag}")
 
 
 def check_holds_no_input(folder, flag, inputs):
