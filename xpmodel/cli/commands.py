@@ -28,7 +28,7 @@ def train_command(args):
 
 def _train(args, device, dist):
     from contextlib import nullcontext
-    from ..config import config_files, load_config
+    from ..config import load_config_and_files
     from ..train import Trainer
     from ..train.rundir import RunDir, default_run_path
     is_main = dist is None or dist.is_main
@@ -57,13 +57,14 @@ def _train(args, device, dist):
         overrides.append(f"train.init_from={args.init_from}")
     config_name = args.config or "default"
     _refuse_empty_config(args.config, "--config")
-    config = load_config(args.config, overrides, notify=print if is_main else None)
+    config, config_files = load_config_and_files(args.config, overrides,
+                                                 notify=print if is_main else None)
     config = _with_absolute_init_from(config)
     out = Path(args.out) if args.out else default_run_path(config_name)
     init_from = config.train.init_from
     if init_from and Path(init_from).exists() and same_file(init_from, out):
         raise UsageError(f"--out {out}: is the run --init-from reads; choose another --out")
-    for source in config_files(args.config):
+    for source in config_files:
         if RunDir(out).owns(source):
             raise UsageError(f"--out {out}: holds {source} among its run files, which this "
                              f"command reads (the config or its base); choose another --out")

@@ -166,6 +166,12 @@ def load_config(name_or_path=None, overrides=(), notify=None):
     lr_decay_iters of the layers under it, without setting those itself,
     has them scaled to fit (see `_fit_schedule`); notify(text) is told.
     """
+    return load_config_and_files(name_or_path, overrides, notify)[0]
+
+
+def load_config_and_files(name_or_path=None, overrides=(), notify=None):
+    """(config, files): load_config's config and the files it was read from
+    (see `config_files`), from one reading of each file of the `base:` chain."""
     if isinstance(overrides, str):     # one override, not its characters
         overrides = (overrides,)
     merged = {}
@@ -185,14 +191,15 @@ def load_config(name_or_path=None, overrides=(), notify=None):
     label = layers[-1][0] + (" with overrides" if overrides else "")
     config = _build(merged, label)
     _check_muon_keys_apply(config.train.optimizer, train_keys)
-    return config
+    return config, [Path(name) for name, _ in layers]
 
 
 def config_files(name_or_path=None):
     """The files a config is read from, as load_config reads them: its `base:`
     chain, oldest first, then the config itself (a shipped config is its file
     in the package). A command counts them all among its inputs, so that no
-    output of it is written over one."""
+    output of it is written over one; one that loads the config too gets
+    them from the same reading with `load_config_and_files`."""
     return [Path(label) for label, _ in
             _read_layers(DEFAULT_CONFIG if name_or_path is None else name_or_path)]
 
