@@ -318,6 +318,51 @@ def test_cuda_steps_match_the_cpu(cuda_device):
     assert gpu_opt.step_count == 3
 
 
+def test_a_non_finite_update_skips_the_fused_step_and_changes_nothing(cuda_device):
+    """Finite gradients whose orthogonalisation overflows (coefficients forced
+    past the check) on the device: the step is skipped there, weights, Muon's
+    momentum, AdamW's moments and every step count as they were, and
+    update_finite says so; the next good step then equals the one a run that
+    never met the overflow takes, bit for bit. A step skipped for non-finite
+    gradients orthogonalises zeros, so it does not count as an overflow."""
+    model, opt = train_steps(cuda_device)
+    model.zero_grad()
+    model.forward_backward(*batch(np.random.default_rng(7), SMALL, B=2))
+    grads = to_host(model.flat_grads).copy()
+    weights = to_host(model.flat_params).copy()
+    state = {k: to_host(v).copy() for k, v in opt.state_arrays().items()}
+    reference = xpmodel.GPT(SMALL, device=cuda_device)   # the same weights and state
+    reference.flat_params[...] = model.flat_params
+    reference_opt = Muon(reference, lr=3e-3, muon_lr=0.02, muon_weight_decay=0.1)
+    reference_opt.load_state_arrays(opt.state_arrays(), 3)
+
+    def unchanged():
+        assert np.array_equal(to_host(model.flat_params), weights)
+        for k, v in opt.state_arrays().items():
+            assert np.array_equal(to_host(v), state[k]), k
+        assert opt.step_count == 3 and [part.step_count for part in opt._adamw] == [3, 3]
+
+    opt.coefficients = REFUSED["b's sign lost"][0]
+    with np.errstate(over="ignore", invalid="ignore"):   # the emulator's products overflow in NumPy
+        norm, finite = clipped_step(opt, 1.0)
+    assert bool(finite)
+    unchanged()
+    assert not bool(opt.update_finite)
+    model.flat_grads[:] = float("inf")
+    norm, finite = clipped_step(opt, 1.0)
+    assert not bool(finite) and bool(opt.update_finite)
+    unchanged()
+
+    opt.coefficients = reference_opt.coefficients
+    for m, o in ((model, opt), (reference, reference_opt)):
+        m.flat_grads[...] = m.xp.asarray(grads)
+        clipped_step(o, 1.0)
+    assert bool(opt.update_finite) and opt.step_count == 4
+    assert np.array_equal(to_host(model.flat_params), to_host(reference.flat_params))
+    for k, v in opt.state_arrays().items():
+        assert np.array_equal(to_host(v), to_host(reference_opt.state_arrays()[k])), k
+
+
 def test_cuda_float16_iterations_stay_in_the_band(cuda_device):
     """Under fp16 mixed precision a GPU iterates in float16 with float32
     accumulation: the singular values stay in the band, the step near float32's,
@@ -534,6 +579,31 @@ def test_a_checkpoint_holds_the_muon_state_and_refuses_the_other_optimizer(tmp_p
     from xpmodel.errors import CheckpointError
     with pytest.raises(CheckpointError, match="saved with train.optimizer=muon, resumed with adamw"):
         Trainer.resume(trainer.run_dir.path, overrides_config=config, show=False)
+
+
+def test_the_trainer_names_the_step_whose_fused_update_was_not_finite(tmp_path, corpus,
+                                                                       cuda_device):
+    """On a GPU the host reads steps in batches (every 5th here): the overflow
+    from step 3 on skips steps 3 to 5 on the device, and the read at step 5
+    raises the CPU step's error naming step 3, with the weights as step 2 left them."""
+    trainer = Trainer.start(muon_config(corpus), device=cuda_device, out=tmp_path / "run",
+                            show=False)
+    step = trainer._train_step
+    after_two = []
+
+    def step_with_overflow_from_step_3():
+        if trainer.step == 2:
+            after_two.append(to_host(trainer.model.flat_params).copy())
+            trainer.optimizer.coefficients = REFUSED["b's sign lost"][0]
+        return step()
+
+    trainer._train_step = step_with_overflow_from_step_3
+    with pytest.raises(XpmodelError) as info:
+        trainer.run()
+    assert str(info.value).startswith("step 3: Muon's orthogonalised update is not finite "
+                                      "although the gradients are")
+    assert trainer.step == 4 and trainer.optimizer.step_count == 2
+    assert np.array_equal(to_host(trainer.model.flat_params), after_two[0])
 
 
 def test_muon_learns_and_fp16_loss_scaling_works_with_it(tmp_path, corpus):

@@ -8,9 +8,10 @@ saving steps).
 
 Faults: a non-finite loss or gradient in fp32 stops the run before the update,
 and weights that are not finite are never saved, so the last checkpoint stays
-good; in fp16 an overflow skips the step instead (see loss_scale.py). A kill
-at any instant loses at most `save_interval` steps, since every file is
-replaced atomically.
+good; in fp16 an overflow skips the step instead (see loss_scale.py). A Muon
+update that is not finite from finite gradients stops the run too (muon.py).
+A kill at any instant loses at most `save_interval` steps, since every file
+is replaced atomically.
 """
 import math
 import signal
@@ -28,6 +29,7 @@ from .evaluate import Evaluation
 from .health import Health
 from .loss_scale import LossScaler
 from .mirrors import Mirrors
+from .muon import NON_FINITE_UPDATE
 from .optim import clipped_step
 from .schedule import schedule_from_config
 from .setup import (RunSetup, build_model, count_steps, make_sampler, optimizer_for,
@@ -176,8 +178,7 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
             self._say(f"the run already reached step {self.total_steps}; to train further, "
                       f"resume with a larger train.max_iters (or train.epochs)")
         if self.is_main and self.resumed_from is not None:
-            self.run_dir.prune_checkpoints(t.keep_last, resumed_from=self.resumed_from,
-                                           config=self.config)
+            self.prune_checkpoints()
         return "already complete"
 
     def _report_steps(self, window, display, metrics):
@@ -256,7 +257,8 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
 
     def _train_step(self):
         """One optimizer step, decided on the model's device; returns its results
-        there ([loss, unscaled grad norm, grads finite, loss scale]) and the lr."""
+        there ([loss, unscaled grad norm, grads finite, loss scale, update finite])
+        and the lr."""
         # NaN and Inf are looked for and reported when the host reads the step,
         # so NumPy's own warnings about them would only repeat that on stderr.
         with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -293,9 +295,13 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
         self.health.after_update(self.step, scale)
         if self.scaler:
             self.scaler.record(grads_finite)
+        # Muon's orthogonalised update, which a fused GPU step checks on the device
+        # (AdamW's is finite with the gradients)
+        update_finite = getattr(self.optimizer, "update_finite", True)
         values = xp.stack([loss, norm, grads_finite.astype(numpy.float64),
                            xp.asarray(self.scaler.device_scale if self.scaler else 1.0,
-                                      dtype=numpy.float64)])
+                                      dtype=numpy.float64),
+                           xp.asarray(update_finite, dtype=numpy.float64)])
         return values, lr
 
     def _read_back(self, pending):
@@ -306,7 +312,7 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
             return []
         values = to_host(self.model.xp.stack([v for _, v, _ in pending]))
         results = []
-        for (step, _, lr), (loss, norm, grads_finite, scale) in zip(pending, values):
+        for (step, _, lr), (loss, norm, grads_finite, scale, update_finite) in zip(pending, values):
             if not math.isfinite(loss) or not (grads_finite or self.scaler):
                 latest = self.run_dir.checkpoint_steps()
                 where = f"; the last good checkpoint is step {latest[-1]}" if latest else ""
@@ -314,6 +320,8 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
                                    f"training diverged, weights not updated{where}; "
                                    f"lower train.lr or raise train.warmup_iters"
                                    f"{self.health.explain_nonfinite(step)}")
+            if not update_finite:   # a fused GPU step skipped itself (muon.py)
+                raise XpmodelError(f"step {step}: {NON_FINITE_UPDATE}")
             results.append((step, float(loss), float(norm) if grads_finite else float("inf"), lr,
                             float(scale)))
         if self.scaler:

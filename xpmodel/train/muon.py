@@ -21,7 +21,12 @@ exactly 1 but needs about 20 steps.
 Coefficients that cannot work are refused (check_ns_coefficients, in
 xpmodel/ns_coefficients.py, where the run config checks them too): each of
 the ns_steps iterations must keep every singular value in (0, NS_BOUND]
-(2), for any start in (0, 1].
+(2), for any start in (0, 1]. An update that still comes out non-finite
+from finite gradients (float16 iterates overflowing, say) is never applied:
+without the fused kernels the step raises before any weight changes; the
+fused GPU step skips itself on the device, leaving everything as it was,
+and says so in update_finite, which the trainer reads with the step's other
+results (train/loop.py) and raises on, naming the step.
 
 Shape adjustment, for a weight stored (in, out), torch's (out, in) transposed:
   original          s = sqrt(max(1, out / in))      Keller Jordan's
@@ -68,6 +73,9 @@ from .optim import AdamW, check_state_arrays
 HIDDEN_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 NS_EPS = 1e-7   # floor of ||U||_F, as torch.optim.Muon's
 NS_DTYPES = ("float16", "float32", "float64")   # the ns_dtype choices
+NON_FINITE_UPDATE = ("Muon's orthogonalised update is not finite although the gradients are: the "
+                     "Newton-Schulz iteration overflowed; weights not updated (check "
+                     "train.muon_ns_coefficients and train.muon_ns_steps)")
 
 
 def _names_ns_dtype(spec):
@@ -213,6 +221,9 @@ class Muon:
     (decoupled: W <- (1 - rate wd) W). The other arguments are
     torch.optim.Muon's; ns_dtype: the iterations' dtype (None: see the
     module's docstring).
+
+    update_finite: whether the latest step's orthogonalised update was
+    finite, a 0-d bool on the model's device (see step).
     """
 
     def __init__(self, model, lr, muon_lr=0.02, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
@@ -244,6 +255,7 @@ class Muon:
         self.momentum_buffer = xp.zeros(stop - start, dtype=model.flat_params.dtype)   # M, flat
         self._update = xp.empty_like(self.momentum_buffer)    # U, then s X, flat like M
         self._applied = xp.zeros((), dtype="float64")          # steps applied, on the device
+        self.update_finite = xp.asarray(True)                  # the latest step's, on the device
         if ns_dtype is None:    # 16-bit runs on a GPU iterate in float16 (more mantissa than bfloat16)
             half_gpu = model.device.is_cuda and getattr(model, "precision", "fp32") in ("fp16", "bf16")
             ns_dtype = numpy.float16 if half_gpu else model.flat_params.dtype
@@ -270,27 +282,37 @@ class Muon:
         """One update from model.flat_grads * grad_scale, skipped where apply is
         false; grad_scale and apply may be 0-d device arrays, as for AdamW.step.
 
-        Without the fused kernels an orthogonalised update that is not finite
-        (from finite gradients) raises XpmodelError before any weight changes;
-        the fused path decides on the device and does not look."""
+        An orthogonalised update that is not finite (from finite gradients)
+        changes nothing: without the fused kernels the step raises XpmodelError
+        (NON_FINITE_UPDATE); the fused GPU step skips itself on the device,
+        leaving the weights, both optimizers' state and the step counts as they
+        were, and sets update_finite to false for the caller to read later."""
         if self.model.device.is_cuda and _kernels(self.model) == "fused":
             self._fused_step(grad_scale, apply)
-        elif bool(apply):
+            return
+        self.update_finite = self.model.xp.asarray(True)   # a non-finite update raises below
+        if bool(apply):
             self._xp_step(grad_scale)
 
     def _fused_step(self, grad_scale, apply):
-        """A step on a GPU with the fused kernels, applied or skipped there."""
+        """A step on a GPU with the fused kernels, applied or skipped there.
+        The momentum kernel writes U without touching M; only once the
+        orthogonalised update is known to be finite do M, the weights,
+        AdamW's part and the step counts change (all decided on the device)."""
         from ..cuda.muon import muon_apply, muon_momentum
         xp = self.model.xp
-        self._step_adamw(grad_scale, apply)
-        self._applied += xp.asarray(apply, dtype="float64")
-        rate = self.muon_rate
-        keep = xp.asarray(apply, dtype="float64")
-        muon_momentum(self._hidden_grads(), xp.stack([xp.asarray(grad_scale, dtype="float64"), keep]),
-                      self.momentum, self.nesterov, self.momentum_buffer, self._update)
+        scale, apply = xp.asarray(grad_scale, dtype="float64"), xp.asarray(apply, dtype="float64")
+        muon_momentum(self._hidden_grads(), self.momentum_buffer, xp.stack([scale, apply]),
+                      self.momentum, self.nesterov, self._update)
         self._orthogonalise()
-        muon_apply(self._update, xp.stack([1.0 - keep * (rate * self.muon_weight_decay), keep * rate]),
-                   self._hidden_params())
+        self.update_finite = self._update_is_finite()   # true for a skipped step's zero update
+        keep = apply * self.update_finite
+        self._step_adamw(grad_scale, keep)
+        self._applied += keep
+        rate = self.muon_rate   # decay factor and rate made from keep on the device: no host copy
+        muon_apply(self._hidden_grads(), self._update,
+                   xp.stack([scale, keep, 1.0 - keep * (rate * self.muon_weight_decay), keep * rate]),
+                   self.momentum, self.momentum_buffer, self._hidden_params())
 
     def _xp_step(self, grad_scale):
         """An applied step on the CPU, or with the model's kernels="xp"."""
@@ -300,13 +322,15 @@ class Muon:
                  else xp.asarray(grad_scale, dtype=g.dtype))
         run_elementwise(g.size, lambda part: self._momentum(part, scale), model.device.is_cuda)
         self._orthogonalise()
-        if not bool(xp.isfinite(self._update).all()):
-            raise XpmodelError("Muon's orthogonalised update is not finite although the gradients "
-                               "are: the Newton-Schulz iteration overflowed; weights not updated "
-                               "(check train.muon_ns_coefficients and train.muon_ns_steps)")
+        if not bool(self._update_is_finite()):
+            raise XpmodelError(NON_FINITE_UPDATE)
         self._step_adamw(grad_scale, True)
         self._applied += 1.0
         run_elementwise(g.size, self._apply, model.device.is_cuda)
+
+    def _update_is_finite(self):
+        """Whether every element of the orthogonalised update is finite, a 0-d device bool."""
+        return self.model.xp.isfinite(self._update).all()
 
     def _step_adamw(self, grad_scale, apply):
         """AdamW's step on the parameters outside the hidden slice, at self.lr."""
