@@ -253,6 +253,22 @@ def test_a_default_equals_the_value_it_resolves_to():
     assert np.array_equal(a.flat_params, b.flat_params)
 
 
+def test_rope_theta_counts_only_with_rotary_positions():
+    """Learned positions never read rope_theta: two such configs that differ
+    only there build the same network and are equal (a GPT-2 export, whose
+    config.json has no rope_theta, reads back equal); with rope they differ."""
+    learned, other_theta = tiny(), tiny(rope_theta=500000.0)
+    assert learned == other_theta and hash(learned) == hash(other_theta)
+    a, b = randomized_model(learned), randomized_model(other_theta)
+    ids = np.random.default_rng(0).integers(0, 50, size=(2, 12))
+    assert np.array_equal(a.forward(ids), b.forward(ids))
+    assert tiny(position="rope") != tiny(position="rope", rope_theta=500000.0)
+    assert tiny(rope_theta=500000.0) != tiny(position="rope", rope_theta=500000.0)
+    # norm_eps is read by either norm
+    assert tiny(norm_eps=1e-6) != learned
+    assert tiny(norm="rmsnorm", norm_eps=1e-6) != tiny(norm="rmsnorm")
+
+
 def test_rope_with_an_odd_head_size_is_refused():
     with pytest.raises(UsageError, match="model.position rope needs an even head size"):
         load_config(None, ["model.position=rope", "model.n_embd=24", "model.n_head=8"])

@@ -35,7 +35,8 @@ class GPTConfig:
     default, which `kv_heads` (n_head) and `mlp_width` (by `mlp` and n_embd)
     resolve when read, so `dataclasses.replace(config, n_head=8)` keeps
     following it. Two configs are equal when they describe the same network:
-    a default equals the value it resolves to."""
+    a default equals the value it resolves to, and an option the architecture
+    does not read (`unused_options`) is not compared."""
     vocab_size: int
     block_size: int
     n_layer: int
@@ -88,8 +89,10 @@ class GPTConfig:
         return hash(self._network())
 
     def _network(self):
-        """Every field, with n_kv_head and mlp_hidden resolved."""
-        resolved = {"n_kv_head": self.kv_heads, "mlp_hidden": self.mlp_width}
+        """Every field, with n_kv_head and mlp_hidden resolved and the unused
+        options (`unused_options`) as None."""
+        resolved = {"n_kv_head": self.kv_heads, "mlp_hidden": self.mlp_width,
+                    **dict.fromkeys(unused_options(self))}
         return tuple(resolved.get(f.name, getattr(self, f.name)) for f in fields(self))
 
     @property
@@ -129,6 +132,14 @@ class GPTConfig:
         """Training FLOPs per token: 6N + 12 L C T (N without lookup tables)."""
         T = seq_len or self.block_size
         return 6 * self.num_params(include_embeddings=False) + 12 * self.n_layer * self.n_embd * T
+
+
+def unused_options(config):
+    """The architecture options that `config` (a GPTConfig, or a run config's
+    ModelConfig: the names are the same) holds but its network never reads:
+    rope_theta without rotary positions. Every other option is read by every
+    choice of the others (norm_eps by either norm, QK-norm's included)."""
+    return () if config.position == "rope" else ("rope_theta",)
 
 
 # The ModelConfig keys that are architecture options, passed through unchanged.
