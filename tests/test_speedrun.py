@@ -160,3 +160,28 @@ def test_json_replaces_only_an_earlier_report(tmp_path):
     assert "--overwrite" in speedrun.json_problem(path, overwrite=False)
     path.write_text('{"target": 2.0}')
     assert "not a report" in speedrun.json_problem(path, overwrite=True)
+
+
+def test_a_skipped_muon_update_stops_the_recipe_at_its_next_evaluation(tmp_path):
+    """A fused GPU Muon step that skips a non-finite update (update_finite false
+    on the device) is counted there and raised when the run next waits for the
+    device, as the trainer does."""
+    from xpmodel.data.corpus import build_tokenizer
+    from xpmodel.errors import XpmodelError
+    from xpmodel.train.muon import NON_FINITE_UPDATE
+    speedrun = speedrun_module()
+    config = speedrun.load_recipe("llama-muon", "cpu", str(write_corpus(tmp_path / "corpus.txt")), [])
+    engine = speedrun.XpmodelEngine(config, build_tokenizer(config.data, say=lambda text: None), "cpu")
+    x = np.arange(2 * 8).reshape(2, 8) % 64
+    engine.step(1e-3, [(x, x)])
+    engine.synchronize()                            # a finite update: nothing to say
+    optimizer_step = engine.optimizer.step
+
+    def skipping_step(*args, **kwargs):             # as the fused step reports a skip
+        optimizer_step(*args, **kwargs)
+        engine.optimizer.update_finite = np.asarray(False)
+    engine.optimizer.step = skipping_step
+    engine.step(1e-3, [(x, x)])
+    with pytest.raises(XpmodelError, match="Newton-Schulz") as raised:
+        engine.synchronize()
+    assert str(raised.value) == NON_FINITE_UPDATE

@@ -171,6 +171,7 @@ class XpmodelEngine:
         self.model = build_model(config, tokenizer, device)
         self.optimizer = optimizer_for(self.model, t)
         self.scaler = LossScaler(xp=self.model.xp) if t.precision == "fp16" else None
+        self.skipped_updates = self.model.xp.zeros((), dtype=np.int64)   # Muon's, on the device
 
     def initial_weights(self):
         return self.model.state_arrays()
@@ -186,6 +187,8 @@ class XpmodelEngine:
         _, finite = clipped_step(self.optimizer, t.grad_clip, scale)
         if self.scaler:
             self.scaler.record(finite)
+        if hasattr(self.optimizer, "update_finite"):   # a fused GPU Muon step skips itself
+            self.skipped_updates += ~self.optimizer.update_finite
 
     def loss(self, batches):
         """Mean loss over (x, y) batches, weighted by their sizes."""
@@ -195,8 +198,13 @@ class XpmodelEngine:
         return total / sum(x.shape[0] for x, _ in batches)
 
     def synchronize(self):
+        """Waits for the device; raises as the trainer does if Muon skipped an update."""
         from xpmodel.backend import synchronize
+        from xpmodel.errors import XpmodelError
+        from xpmodel.train.muon import NON_FINITE_UPDATE
         synchronize(self.model.device)
+        if int(self.skipped_updates):
+            raise XpmodelError(NON_FINITE_UPDATE)
 
 
 class TorchEngine:
@@ -574,8 +582,12 @@ def main():
         args.data = str(DEFAULT_DATA)
 
     if args.run:
-        result = run_one(args.run, args.size, target, args.data, args.device, args.eval_every,
-                         args.threads, args.set)
+        from xpmodel.errors import XpmodelError
+        try:
+            result = run_one(args.run, args.size, target, args.data, args.device, args.eval_every,
+                             args.threads, args.set)
+        except XpmodelError as exc:
+            raise SystemExit(f"{args.run}: {exc}") from None
         Path(args.result).write_text(json.dumps(result))
         return
 
