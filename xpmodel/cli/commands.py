@@ -39,9 +39,10 @@ def _train(args, device, dist):
         run = RunDir(args.resume)
         run.require_run("--resume")
         with run.lock("--resume") if is_main else nullcontext():
-            config = _resume_config(run, args)
+            checkpoints = list(run.checkpoints_newest_first())   # each header read once
+            config = _resume_config(run, args, checkpoints)
             trainer = Trainer.resume(args.resume, device=device, overrides_config=config,
-                                     quiet=args.quiet, dist=dist)
+                                     quiet=args.quiet, dist=dist, checkpoints=checkpoints)
             if config is not None and trainer.is_main:
                 from ..config import save_config
                 save_config(config, run.config_path)
@@ -91,14 +92,15 @@ def _with_absolute_init_from(config):
     return replace(config, train=replace(config.train, init_from=absolute))
 
 
-def _resume_config(run, args):
+def _resume_config(run, args, checkpoints):
     """The config a resumed run continues with: the run's own, with KEY=VALUE
     overrides of train.* settings; None when nothing is overridden. A config.yaml
     edited by hand to change data.* or model.* settings is refused, and so is a
-    train.optimizer other than the one the run's checkpoints were saved with."""
+    train.optimizer other than the one the run's checkpoints (a list of
+    run.checkpoints_newest_first()'s) were saved with."""
     from ..config import config_to_dict, load_config
     saved = run.load_config()
-    run.check_config_matches_checkpoint(saved)
+    run.check_config_matches_checkpoint(saved, checkpoints)
     config = load_config(run.config_path, args.overrides) if args.overrides else saved
     for section in ("data", "model"):
         if config_to_dict(config)[section] != config_to_dict(saved)[section]:
@@ -108,7 +110,7 @@ def _resume_config(run, args):
             raise UsageError(f"--resume: train.{key} cannot change within a run (the data "
                              f"sampler's position depends on it); start a new run with "
                              f"--init-from {args.resume}")
-    run.check_optimizer_matches_checkpoints(config)
+    run.check_optimizer_matches_checkpoints(config, checkpoints)
     return config if args.overrides else None
 
 

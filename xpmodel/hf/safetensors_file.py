@@ -11,7 +11,11 @@ bytes.
 
 A `SafetensorsFile` keeps one open file descriptor from its header to its
 last tensor, so a file renamed over the path meanwhile (a checkpoint being
-replaced, say) is never mixed with the one whose header was read."""
+replaced, say) is never mixed with the one whose header was read. Closed, it
+keeps the header: `reopen` opens the path again to read tensors without
+reading the header a second time, and refuses a path that no longer names
+that file as it was (one renamed over it, or the file truncated or rewritten
+since)."""
 import math
 import os
 import struct
@@ -77,6 +81,7 @@ class SafetensorsFile:
         self.path, self._error, self._what = Path(path), error, what
         self._file = _open(self.path, error, what)
         try:
+            self._identity = _identity(os.fstat(self._file.fileno()))
             self._parse(*_read_header(self._file, self.path, error, what))
         except BaseException:
             self.close()
@@ -114,6 +119,26 @@ class SafetensorsFile:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    def reopen(self):
+        """This file, open again after `close()` to read tensors by the header
+        read before (use it in a `with` block); refused (the error class) when
+        the path no longer names the file whose header was read, unchanged."""
+        if self._file is None:
+            file = _open(self.path, self._error, self._what)
+            if _identity(os.fstat(file.fileno())) != self._identity:
+                file.close()
+                raise self._error(f"{self.path}: {self._what} replaced or changed since its "
+                                  f"header was read")
+            self._file = file
+        return self
+
+    def unchanged(self):
+        """Whether the path still names the file whose header was read, unchanged."""
+        try:
+            return _identity(os.stat(self.path)) == self._identity
+        except OSError:
+            return False
 
     def __enter__(self):
         return self
@@ -154,6 +179,12 @@ class SafetensorsFile:
         if dtype == "BF16":   # the high half of a float32
             value = (value.astype(numpy.uint32) << 16).view(numpy.float32)
         return value.reshape(shape).copy()
+
+
+def _identity(status):
+    """Which file an os.stat result is, and its size and last write: what
+    changes when another file is renamed over a path, or the file is rewritten."""
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def _entry_fits(entry, data_len):

@@ -12,13 +12,16 @@ file or the new one. Reading checks the header's framing (every tensor's
 dtype, shape and byte range against the file's size) and then its names and
 shapes against what the caller expects before loading any tensor, so a
 crafted file cannot make xpmodel allocate what it describes; nothing is
-unpickled.
+unpickled. A header is read once (`read_checkpoint_header`): choosing among
+a run's checkpoints works on their headers, then the chosen one's tensors
+are read from the same file (`CheckpointHeader.load`).
 
 For tests of crash safety, the environment variable XPMODEL_TEST_SLOW_SAVE
 (seconds) makes every checkpoint write pause between the fsync of its
 temporary file and the rename, widening the window a kill can land in.
 """
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -57,12 +60,59 @@ def save_checkpoint(path, params, optimizer_state, meta):
     atomic_write_bytes(path, data, pause=_test_pause())
 
 
-def read_checkpoint_meta(path):
-    """The JSON document of a checkpoint, after checking the file's framing
-    and the document's fields (types, ranges, and the step its name says)."""
+class CheckpointHeader:
+    """A checkpoint whose header was read and checked once: its JSON document
+    (`meta`) and its tensors' names, shapes and dtypes. `load` reads the
+    tensors later from the same file, refusing one replaced or changed since."""
+
+    def __init__(self, file, meta):
+        self.path, self.meta, self._file = file.path, meta, file
+
+    def param_count(self):
+        """The weights the file holds (elements of its param/ tensors), from the header."""
+        file = self._file
+        return sum(math.prod(file.shape(key)) for key in file.names if key.startswith("param/"))
+
+    def unchanged(self):
+        """Whether the path still names the file this header was read from, unchanged."""
+        return self._file.unchanged()
+
+    def load(self, param_shapes, optimizer_sizes):
+        """(meta, params name -> array, optimizer name -> array), checking the
+        file holds exactly the expected tensors before reading any.
+
+        param_shapes: name -> shape; optimizer_sizes: name -> flat length, or
+        None to read the weights alone (whatever optimizer state the file holds).
+        """
+        with self._file.reopen() as file:
+            params, optim = _read_tensors(file, self.path, param_shapes, optimizer_sizes)
+        for name, value in {**params, **optim}.items():
+            if not numpy.all(numpy.isfinite(value)):
+                raise CheckpointError(f"{self.path}: {name} holds NaN or Inf")
+        if "v" in optim and numpy.any(optim["v"] < 0):
+            raise CheckpointError(f"{self.path}: v holds negative values (Adam's second moment "
+                                  f"cannot)")
+        return self.meta, params, optim
+
+
+def read_checkpoint_header(path):
+    """The checkpoint at `path` as a CheckpointHeader, after checking the
+    file's framing (every tensor's dtype, shape and byte range against the
+    file's size) and the JSON document's fields (types, ranges, and the step
+    its name says)."""
     path = Path(path)
-    with open_checkpoint(path) as file:
-        return _checked_meta(file, path)
+    with SafetensorsFile(path, CheckpointError, "checkpoint") as file:
+        return CheckpointHeader(file, _checked_meta(file, path))
+
+
+def read_checkpoint_meta(path):
+    """The checked JSON document of the checkpoint at `path` (read_checkpoint_header)."""
+    return read_checkpoint_header(path).meta
+
+
+def load_checkpoint(path, param_shapes, optimizer_sizes):
+    """`CheckpointHeader.load` of the checkpoint at `path`."""
+    return read_checkpoint_header(path).load(param_shapes, optimizer_sizes)
 
 
 def _checked_meta(file, path):
@@ -177,25 +227,6 @@ def _check_meta_values(document, path):
                               scaler.get(key))
 
 
-def load_checkpoint(path, param_shapes, optimizer_sizes):
-    """Read a checkpoint, checking it holds exactly the expected tensors.
-
-    param_shapes: name -> shape; optimizer_sizes: name -> flat length, or
-    None to read the weights alone (whatever optimizer state the file holds).
-    Returns (meta, params name -> array, optimizer name -> array).
-    """
-    path = Path(path)
-    with open_checkpoint(path) as file:   # one open file: a replace meanwhile cannot mix two
-        meta = _checked_meta(file, path)
-        params, optim = _read_tensors(file, path, param_shapes, optimizer_sizes)
-    for name, value in {**params, **optim}.items():
-        if not numpy.all(numpy.isfinite(value)):
-            raise CheckpointError(f"{path}: {name} holds NaN or Inf")
-    if "v" in optim and numpy.any(optim["v"] < 0):
-        raise CheckpointError(f"{path}: v holds negative values (Adam's second moment cannot)")
-    return meta, params, optim
-
-
 def _read_tensors(file, path, param_shapes, optimizer_sizes):
     expected = {f"param/{n}": tuple(s) for n, s in param_shapes.items()}
     found = {k: file.shape(k) for k in file.names}
@@ -220,9 +251,3 @@ def _read_tensors(file, path, param_shapes, optimizer_sizes):
         (params if kind == "param" else optim)[name] = file.read(key)
     return params, optim
 
-
-def open_checkpoint(path):
-    """The checkpoint's safetensors file, its framing checked (every tensor's
-    dtype, shape and byte range against the file's size), open until closed
-    (use it in a `with` block)."""
-    return SafetensorsFile(path, CheckpointError, "checkpoint")

@@ -48,7 +48,7 @@ from ..config import config_to_dict, load_config, save_config
 from ..errors import UsageError, XpmodelError, quote
 from ..files import inside, process_alive, read_json
 from ..tokenizer.bpe import BPETokenizer
-from .checkpoint import (FORMAT_VERSION, CheckpointError, read_checkpoint_meta, step_file_name,
+from .checkpoint import (FORMAT_VERSION, CheckpointError, read_checkpoint_header, step_file_name,
                          step_of_name)
 from .metrics_file import append_record, read_records, truncate_records
 from .runlock import RunLock, held_lock, lock_file_problem, lock_is_free
@@ -331,72 +331,61 @@ class RunDir:
         return [step for step, _ in self._step_files()]
 
     def checkpoints_newest_first(self):
-        """(path, problem) for every step checkpoint, newest first; problem is
-        None when the file's header reads cleanly, else why it cannot be used."""
-        return [(path, self.checkpoint_problem(path)) for _, path in reversed(self._step_files())]
+        """(path, header, problem) for every step checkpoint, newest first, as
+        `read_checkpoint` gives them, each header read when the iteration comes
+        to it (a list of them serves every check of a resume: none is read twice)."""
+        for _, path in reversed(self._step_files()):
+            yield (path, *self.read_checkpoint(path))
 
-    def checkpoint_problem(self, path):
-        """None when the checkpoint at `path` reads cleanly, else why not."""
+    def read_checkpoint(self, path):
+        """(CheckpointHeader, None) when the checkpoint at `path` reads
+        cleanly, else (None, why it cannot be used); a link out of the run, or
+        a file in a checkpoints/ that is a link, is not read."""
         if Path(path).parent == self.checkpoint_dir and self.checkpoint_dir.is_symlink():
-            return f"{path}: {self.checkpoint_dir} is a link to a folder the run does not own; ignored"
+            return None, (f"{path}: {self.checkpoint_dir} is a link to a folder the run does not "
+                          f"own; ignored")
         if not self.contains(path):
-            return f"{path}: links outside the run directory; ignored"
+            return None, f"{path}: links outside the run directory; ignored"
         try:
-            read_checkpoint_meta(path)
+            return read_checkpoint_header(path), None
         except CheckpointError as exc:
-            return str(exc)
-        return None
+            return None, str(exc)
 
     def latest_checkpoint(self):
         """(path, skipped): the newest step checkpoint whose header reads
         cleanly, or None, and why each newer one cannot be used.
 
         A file that fails (truncated by a full disk, say) is skipped, so an
-        older intact one is used instead.
+        older intact one is used instead; older ones are not read.
         """
         skipped = []
-        for path, problem in self.checkpoints_newest_first():
-            if problem is None:
+        for path, header, problem in self.checkpoints_newest_first():
+            if header is not None:
                 return path, skipped
             skipped.append(problem)
         return None, skipped
 
-    def checkpoint_config_problem(self, path, config):
-        """None when the readable checkpoint at `path` was trained with
-        `config`'s data.* and model.* settings (or records none: an imported
-        one), else which differs (a checkpoint copied from another run, say)."""
-        difference = self._config_difference(path, config)
+    def checkpoint_config_problem(self, header, config):
+        """None when the checkpoint of `header` was trained with `config`'s
+        data.* and model.* settings (or records none: an imported one), else
+        which differs (a checkpoint copied from another run, say)."""
+        difference = _config_difference(header.meta, config)
         if difference is None:
             return None
         key, value, before = difference
-        return (f"{path}: trained with {key}={quote(before, 80)}, not the run's "
+        return (f"{header.path}: trained with {key}={quote(before, 80)}, not the run's "
                 f"{quote(value, 80)}")
 
-    def _config_difference(self, path, config):
-        """(dotted key, config's value, checkpoint's value) of the first data.*
-        or model.* setting the checkpoint at `path` was trained with otherwise."""
-        saved = read_checkpoint_meta(path).get("config")
-        if not isinstance(saved, dict):
-            return None   # an imported checkpoint: weights only
-        current = config_to_dict(config)
-        for section in ("data", "model"):
-            before = saved.get(section)
-            if not isinstance(before, dict):
-                continue
-            for key, value in current[section].items():
-                if key != "cache_dir" and key in before and before[key] != value:
-                    return f"{section}.{key}", value, before[key]
-        return None
-
-    def check_config_matches_checkpoint(self, config):
+    def check_config_matches_checkpoint(self, config, checkpoints):
         """Refuse a config.yaml whose data.* or model.* settings differ from
-        those every readable checkpoint was trained with (a hand edit, say),
-        naming the checkpoints. While one matches, those that do not (copied
-        from another run) are left for the resume to skip, as damaged ones are."""
+        those every readable checkpoint (of `checkpoints`, a list of
+        checkpoints_newest_first's) was trained with (a hand edit, say), naming
+        the checkpoints. While one matches, those that do not (copied from
+        another run) are left for the resume to skip, as damaged ones are."""
         differing = []
-        for path, problem in self.checkpoints_newest_first():
-            if problem is None:
-                difference = self._config_difference(path, config)
+        for path, header, _ in checkpoints:
+            if header is not None:
+                difference = _config_difference(header.meta, config)
                 if difference is None:
                     return
                 differing.append((path, difference))
@@ -412,16 +401,17 @@ class RunDir:
                               f"can change within a run: put it back, move away checkpoints "
                               f"copied from another run{new_data}")
 
-    def check_optimizer_matches_checkpoints(self, config):
+    def check_optimizer_matches_checkpoints(self, config, checkpoints):
         """Refuse, as a usage error, to resume with a train.optimizer that none
-        of the run's trained checkpoints (readable, of `config`'s data.* and
-        model.* settings) was saved with: their optimizer state is another
+        of the run's trained checkpoints (readable ones of `checkpoints`, a
+        list of checkpoints_newest_first's, of `config`'s data.* and model.*
+        settings) was saved with: their optimizer state is another
         optimizer's. While one of them matches, a copied-in checkpoint of
         another optimizer is left for the resume to skip, as a damaged one is;
         a run with only an imported (weights-only) checkpoint takes any."""
-        saved = [optimizer for path, problem in self.checkpoints_newest_first()
-                 if problem is None and self._config_difference(path, config) is None
-                 and (optimizer := saved_optimizer(read_checkpoint_meta(path))) is not None]
+        saved = [optimizer for _, header, _ in checkpoints
+                 if header is not None and _config_difference(header.meta, config) is None
+                 and (optimizer := saved_optimizer(header.meta)) is not None]
         if saved and config.train.optimizer not in saved:
             raise UsageError(f"--resume {self.path}: its checkpoints were saved with "
                              f"train.optimizer={saved[0]}; resume with that optimizer (or start "
@@ -450,7 +440,8 @@ class RunDir:
         except (OSError, ValueError, RuntimeError):
             return False
 
-    def prune_checkpoints(self, keep_last, written=None, resumed_from=None, config=None):
+    def prune_checkpoints(self, keep_last, written=None, resumed_from=None, config=None,
+                          already_read=()):
         """Keep the newest `keep_last` good step checkpoints, delete older ones.
 
         Only xpmodel's own checkpoints count and are ever deleted: regular
@@ -461,7 +452,9 @@ class RunDir:
         `written` is always kept, and the one `resumed_from` until a newer
         good one exists. The untrained step-0 one is not kept once a later
         good checkpoint exists. `config`: the run's (the trainer passes its
-        own), else read from config.yaml.
+        own), else read from config.yaml. `already_read`: (path, header,
+        problem) of checkpoints whose headers were read before (by the
+        resume), not read again while their files are unchanged.
         """
         if not self._owns_checkpoint_dir():
             return   # a linked checkpoints/ is not the run's to prune
@@ -469,8 +462,9 @@ class RunDir:
             config = config or self.load_config()
         except XpmodelError:   # config.yaml unreadable: which checkpoints are the run's is unknown
             return
+        known = {path: header for path, header, _ in already_read if header is not None}
         good = [(step, path) for step, path in self._step_files()
-                if self._is_own_checkpoint(path, config)]
+                if self._is_own_checkpoint(path, config, known.get(path))]
         keep = {path.name for _, path in good[max(len(good) - keep_last, 0):]}
         if len(good) > 1 and good[0][0] == 0:
             keep.discard(good[0][1].name)
@@ -487,13 +481,16 @@ class RunDir:
                 except OSError:
                     pass   # housekeeping: a file that cannot be removed stays
 
-    def _is_own_checkpoint(self, path, config):
-        """A regular file (not a link) whose header reads as a good xpmodel
-        checkpoint trained with `config`'s data.* and model.* settings."""
+    def _is_own_checkpoint(self, path, config, header=None):
+        """A regular file (not a link) whose header (`header` when the file is
+        unchanged since it was read) reads as a good xpmodel checkpoint trained
+        with `config`'s data.* and model.* settings."""
         try:
             if path.is_symlink() or not path.is_file():
                 return False
-            return self._config_difference(path, config) is None
+            if header is None or not header.unchanged():
+                header = read_checkpoint_header(path)
+            return _config_difference(header.meta, config) is None
         except (CheckpointError, OSError):
             return False
 
@@ -522,6 +519,24 @@ def saved_optimizer(meta):
     config = meta.get("config")
     train = config.get("train") if isinstance(config, dict) else None
     return train.get("optimizer", "adamw") if isinstance(train, dict) else "adamw"
+
+
+def _config_difference(meta, config):
+    """(dotted key, config's value, checkpoint's value) of the first data.* or
+    model.* setting that the checkpoint whose metadata is `meta` was trained
+    with otherwise; None when all agree or it records none (an imported one)."""
+    saved = meta.get("config")
+    if not isinstance(saved, dict):
+        return None   # an imported checkpoint: weights only
+    current = config_to_dict(config)
+    for section in ("data", "model"):
+        before = saved.get(section)
+        if not isinstance(before, dict):
+            continue
+        for key, value in current[section].items():
+            if key != "cache_dir" and key in before and before[key] != value:
+                return f"{section}.{key}", value, before[key]
+    return None
 
 
 def _present(path):

@@ -1,7 +1,6 @@
 """Loading trained runs (`xpmodel.load(RUN_DIR)`), weights for `--init-from`,
 `import-hf`'s runs, and what export-hf needs to know of where a run's
 weights came from."""
-import math
 import os
 import sys
 from dataclasses import replace
@@ -15,7 +14,7 @@ from ..hf.convert import (SPECIAL_ID_KEYS, check_special_ids, hf_special_ids, im
 from ..model.config import OPTION_KEYS, gpt_config
 from ..model.gpt import GPT
 from ..model.params import parameter_shapes
-from .checkpoint import load_checkpoint, open_checkpoint, read_checkpoint_meta, save_checkpoint
+from .checkpoint import read_checkpoint_meta, save_checkpoint
 from .rundir import RunDir
 
 # The ModelConfig keys --init-from takes from its source (block_size with a caveat)
@@ -32,6 +31,7 @@ def load(run_dir, device="cpu", checkpoint="latest", kernels="fused", warn=None)
     tensors do not have exactly those shapes is refused before any tensor is
     read. A damaged latest checkpoint is passed over for an older one, and
     `warn` (by default a line on stderr) is told of each file passed over.
+    Each header is read once, and only until a checkpoint is usable.
     """
     if checkpoint not in CHECKPOINTS:
         raise UsageError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
@@ -41,15 +41,14 @@ def load(run_dir, device="cpu", checkpoint="latest", kernels="fused", warn=None)
     config = run.load_config()
     tokenizer = run.load_tokenizer()
     problems = []
-    for path, problem in _candidates(run, checkpoint):
-        if problem is not None:
-            problems.append(problem)
-            continue
-        try:
-            gpt_config, arrays = _read_weights(path, config, tokenizer, run)
-            break
-        except CheckpointError as exc:
-            problems.append(str(exc))
+    for path, header, problem in _candidates(run, checkpoint):
+        if header is not None:
+            try:
+                gpt_config, arrays = _read_weights(header, config, tokenizer, run)
+                break
+            except CheckpointError as exc:
+                problem = str(exc)
+        problems.append(problem)
     else:
         if problems:
             raise CheckpointError(f"{run.path}: no usable checkpoint; the newest: {problems[0]}")
@@ -62,19 +61,27 @@ def load(run_dir, device="cpu", checkpoint="latest", kernels="fused", warn=None)
 
 
 def _candidates(run, which):
-    """(path, problem) of the checkpoints to try, in order of preference;
-    problem says why a file whose header does not read cleanly cannot be used."""
-    latest = run.checkpoints_newest_first()
+    """(path, header, problem) of the checkpoints to try, in order of
+    preference, as RunDir.read_checkpoint gives them, each read only when the
+    ones before it could not be used."""
+    if which == "best":
+        yield _best_candidate(run)
+    yield from run.checkpoints_newest_first()
+    if which == "latest" and os.path.lexists(run.best_path):
+        yield _best_candidate(run)
+
+
+def _best_candidate(run):
     if not os.path.lexists(run.best_path):
-        missing = f"{run.best_path}: no such file (the run has recorded no validation loss)"
-        return [(run.best_path, missing)] + latest if which == "best" else latest
-    best = [(run.best_path, run.checkpoint_problem(run.best_path))]
-    return best + latest if which == "best" else latest + best
+        return run.best_path, None, (f"{run.best_path}: no such file (the run has recorded no "
+                                     f"validation loss)")
+    return (run.best_path, *run.read_checkpoint(run.best_path))
 
 
-def _read_weights(path, config, tokenizer, run):
-    """(GPTConfig, name -> array) of one checkpoint, checked against the run's config."""
-    meta = read_checkpoint_meta(path)
+def _read_weights(header, config, tokenizer, run):
+    """(GPTConfig, name -> array) of one checkpoint (its CheckpointHeader),
+    checked against the run's config before its tensors are read."""
+    path, meta = header.path, header.meta
     if meta.get("tokenizer_fingerprint") != tokenizer.fingerprint():
         raise CheckpointError(f"{path}: saved with a different tokenizer than {run.tokenizer_path}")
     vocab = meta.get("vocab_size") or tokenizer.vocab_size
@@ -82,24 +89,22 @@ def _read_weights(path, config, tokenizer, run):
         raise CheckpointError(f"{path}: vocab_size {vocab!r} does not fit the run's tokenizer "
                               f"of {tokenizer.vocab_size} ids")
     shape = gpt_config(replace(config.model, vocab_size=vocab), tokenizer.vocab_size)
-    _check_parameter_count(path, shape, run)
-    _, params, _ = load_checkpoint(path, dict(parameter_shapes(shape)), None)
+    _check_parameter_count(header, shape, run)
+    _, params, _ = header.load(dict(parameter_shapes(shape)), None)
     return shape, params
 
 
-def _check_parameter_count(path, shape, run):
+def _check_parameter_count(header, shape, run):
     """Refuse a checkpoint that does not hold as many weights as the run's
     config.yaml describes, counting both without listing them: the list of
     parameter shapes (and the model) is made only for a config that the
     checkpoint's header, bounded by the file's size, matches. A config.yaml
     edited to model.n_layer: 1000000000 is refused at once, not after
     gigabytes of names."""
-    with open_checkpoint(path) as file:
-        held = sum(math.prod(file.shape(key)) for key in file.names if key.startswith("param/"))
-    needed = shape.num_params()
+    held, needed = header.param_count(), shape.num_params()
     if held != needed:
-        raise CheckpointError(f"{path}: holds {held:,} weights, but {run.config_path} describes a "
-                              f"model of {needed:,} (model.n_layer={shape.n_layer}, n_embd="
+        raise CheckpointError(f"{header.path}: holds {held:,} weights, but {run.config_path} "
+                              f"describes a model of {needed:,} (model.n_layer={shape.n_layer}, n_embd="
                               f"{shape.n_embd}, n_head={shape.n_head}); the config does not match "
                               f"the checkpoint")
 
@@ -123,20 +128,26 @@ def weight_sources(run_dir):
     so on; an imported run's step-0 checkpoint names the directory it was
     imported from. xpmodel records both as absolute paths; a run made by an
     older xpmodel may hold a relative one (see `overlaps_source`)."""
-    sources, run = [], RunDir(run_dir)
-    while run.is_run():
-        source = run.load_config().train.init_from or _imported_from(run)
+    return [folder for folder, _ in _weight_chain(run_dir)][1:]
+
+
+def _weight_chain(run_dir):
+    """(folder, import metadata) of the run at `run_dir`, then of each folder
+    of its weight_sources in turn; the metadata is _import_meta's for a run,
+    None for a folder that is not one. Each run's step-0 checkpoint is read once."""
+    folder, sources = Path(run_dir), []
+    while True:
+        run = RunDir(folder)
+        meta = _import_meta(run) if run.is_run() else None
+        yield folder, meta
+        if meta is None:
+            return
+        imported_from = meta.get("source") if isinstance(meta.get("source"), str) else None
+        source = run.load_config().train.init_from or imported_from
         if source is None or any(same_file(source, seen) for seen in sources):
-            break
+            return
         sources.append(Path(source))
-        run = RunDir(source)
-    return sources
-
-
-def _imported_from(run):
-    """The Hugging Face directory `import-hf` made `run` from, or None."""
-    source = _import_meta(run).get("source")
-    return source if isinstance(source, str) else None
+        folder = Path(source)
 
 
 def _import_meta(run):
@@ -156,14 +167,12 @@ def special_ids(run_dir, tokenizer, warn):
     None when the weights came from no such directory. A directory that cannot
     be read, or whose tokenizer is no longer the run's, gives None too, and
     `warn` says so."""
-    for folder in (Path(run_dir), *weight_sources(run_dir)):
-        run = RunDir(folder)
-        if run.is_run():
-            meta = _import_meta(run)
+    for folder, meta in _weight_chain(run_dir):
+        if meta is not None:
             if all(key in meta for key in SPECIAL_ID_KEYS) \
                     and meta.get("tokenizer_fingerprint") == tokenizer.fingerprint():
                 return check_special_ids(meta, tokenizer.vocab_size, CheckpointError,
-                                         run.step_path(0))
+                                         RunDir(folder).step_path(0))
         elif (folder / "config.json").is_file():
             return _directory_special_ids(folder, tokenizer, warn)
     return None

@@ -231,21 +231,28 @@ class RunSetup:
         return trainer
 
     @classmethod
-    def resume(cls, path, device="cpu", overrides_config=None, quiet=False, dist=None, show=True):
+    def resume(cls, path, device="cpu", overrides_config=None, quiet=False, dist=None, show=True,
+               checkpoints=None):
+        """The run at `path`, continued from its newest usable checkpoint;
+        checkpoints: the run's checkpoints_newest_first() as a list, when the
+        caller has read them already (for its own checks)."""
         run = RunDir(path)
         run.require_run("--resume")
         config = overrides_config or run.load_config()
         check_batches_fit(config)
         tokenizer = run.load_tokenizer()
         trainer = cls(config, run, tokenizer, device, quiet=quiet, dist=dist, show=show)
+        if checkpoints is None:
+            checkpoints = list(run.checkpoints_newest_first())
+        trainer.checkpoints_read = checkpoints
         checkpoint = None
         problems = []
-        for candidate, problem in run.checkpoints_newest_first():
+        for candidate, header, problem in checkpoints:
             if problem is None:
-                problem = run.checkpoint_config_problem(candidate, config)
+                problem = run.checkpoint_config_problem(header, config)
             if problem is None:
                 try:
-                    trainer._load(candidate)
+                    trainer._load(header)
                     checkpoint = candidate
                     break
                 except CheckpointError as exc:

@@ -21,7 +21,7 @@ import numpy
 from ..backend import to_device, to_host
 from ..config import config_to_dict
 from ..errors import CheckpointError, DataError, XpmodelError, quote
-from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from .checkpoint import save_checkpoint
 from .rundir import saved_optimizer
 
 # Token streams up to this many bytes are hashed whole; larger ones by their
@@ -34,6 +34,10 @@ _HASH_CHUNK_BYTES = 16 * 2**20
 
 class CheckpointState:
     """The Trainer's checkpoint writing and reading."""
+
+    # (path, header, problem) of the checkpoints a resume read, which pruning
+    # does not read again while their files are unchanged
+    checkpoints_read = ()
 
     def _meta(self):
         return {
@@ -90,25 +94,30 @@ class CheckpointState:
             self.best_file_val = self.best_val
         else:
             self.saved_step = self.step
-            self.run_dir.prune_checkpoints(self.config.train.keep_last, written=path,
-                                           resumed_from=self.resumed_from, config=self.config)
+            self.prune_checkpoints(written=path)
         if self._display is not None:
             self._display.print(f"checkpoint saved at step {self.step}: {path}")
         return path
 
-    def _load(self, path):
-        document = read_checkpoint_meta(path)
-        if document.get("kind") == "imported":
-            _, params, _ = load_checkpoint(path, self.model.layout.shapes, {})
+    def prune_checkpoints(self, written=None):
+        """RunDir.prune_checkpoints with the run's train.keep_last and config."""
+        self.run_dir.prune_checkpoints(self.config.train.keep_last, written=written,
+                                       resumed_from=self.resumed_from, config=self.config,
+                                       already_read=self.checkpoints_read)
+
+    def _load(self, header):
+        """Continue from the checkpoint of `header` (a CheckpointHeader): its
+        tensors are read once, after every check its metadata allows."""
+        path, meta = header.path, header.meta
+        if meta.get("kind") == "imported":
+            _, params, _ = header.load(self.model.layout.shapes, {})
             self.model.load_state_arrays(params)   # weights only: a fresh start from them
             self.saved_step, self.resumed_from = 0, path
             return
-        saved, wanted = saved_optimizer(document), self.config.train.optimizer
+        saved, wanted = saved_optimizer(meta), self.config.train.optimizer
         if saved != wanted:
             raise CheckpointError(f"{path}: saved with train.optimizer={saved}, resumed with "
                                   f"{wanted}; resume with train.optimizer={saved}")
-        meta, params, optim = load_checkpoint(path, self.model.layout.shapes,
-                                              self.optimizer.state_sizes())
         if meta.get("tokenizer_fingerprint") != self.tokenizer.fingerprint():
             raise CheckpointError(f"{path}: saved with a different tokenizer than {self.run_dir.tokenizer_path}")
         self._check_same_data(path, meta)
@@ -118,6 +127,7 @@ class CheckpointState:
             how = "without mpirun" if saved_by == 1 else f"with mpirun -n {saved_by}"
             raise CheckpointError(f"{path}: saved by {saved_by} rank{'s' if saved_by != 1 else ''}, "
                                   f"resumed with {world}; resume {how}")
+        _, params, optim = header.load(self.model.layout.shapes, self.optimizer.state_sizes())
         self._note_other_shard_count(meta)
         try:
             self.model.load_state_arrays(params)
@@ -176,13 +186,8 @@ class CheckpointState:
 
     def _best_file_val(self):
         """The validation loss best.safetensors holds, or None when it does not read cleanly."""
-        best = self.run_dir.best_path
-        if self.run_dir.checkpoint_problem(best) is not None:
-            return None
-        try:
-            value = read_checkpoint_meta(best).get("best_val")
-        except CheckpointError:
-            return None
+        header, _ = self.run_dir.read_checkpoint(self.run_dir.best_path)
+        value = None if header is None else header.meta.get("best_val")
         return value if type(value) in (int, float) else None
 
 
