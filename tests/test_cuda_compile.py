@@ -98,23 +98,30 @@ def test_every_kernel_compiles_without_spills(arch):
         assert nvrtc.spills(log) == 0, f"{name} spills registers on sm_{arch}:\n{log}"
 
 
-def test_norm_kernels_compile_without_spills_at_larger_widths():
-    """The norm kernels hold a row's C values per warp in registers and shared
-    memory, so they are the ones C can break: checked at the widths of GPT-2
-    medium, large and XL (the README's bigger-model table)."""
+@pytest.mark.parametrize("arch", [80, 90])
+def test_norm_kernels_compile_without_spills_at_larger_widths(arch):
+    """The norm kernels hold a row's C values in registers (and, a warp a row,
+    the block's column sums in shared memory), so they are the ones C can
+    break: checked at the widths of GPT-2 medium, large and XL (the README's
+    bigger-model table), where a row takes one warp or two, and at the Llama
+    widths of 4096 and MAX_WIDTH (8192), where it takes a block of four or
+    eight warps; float16, bfloat16 and float32 activations. (RMSNorm's build is
+    LayerNorm's without the mean's sums.)"""
+    from xpmodel.cuda.layernorm import MAX_WIDTH
     start = len(cuda_emulator.built)
+    widths = (1024, 1280, 1600, 4096, MAX_WIDTH)
     with cuda_emulator.emulated_cuda() as cp:
         from xpmodel.layers.layernorm import layernorm_backward, layernorm_forward
-        for C in (1024, 1280, 1600):
+        for C in widths:
             for low in (np.float16, BFLOAT16, np.float32):
                 x, w = cp.ones((2, C), np.float32), cp.ones(C, np.float32)
                 out, cache = layernorm_forward(x, w, w, low)
                 layernorm_backward(out, cache, w, cp.zeros(C, np.float32), cp.zeros(C, np.float32),
                                    dx=x, dx_low=cp.empty((2, C), low))
     codes = {code for _, code in cuda_emulator.built[start:]}
-    assert len(codes) == 18          # forward and backward, per width and activation type
+    assert len(codes) == 2 * 3 * len(widths)   # forward and backward, per width and activation type
     for code in codes:
-        ok, log = nvrtc.compile_kernel(NVRTC, code, 90)
+        ok, log = nvrtc.compile_kernel(NVRTC, code, arch)
         assert ok and nvrtc.spills(log) == 0, log
 
 

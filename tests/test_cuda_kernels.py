@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import xpmodel
-from xpmodel.backend import cuda_available, to_host
+from xpmodel.backend import BFLOAT16, cuda_available, to_host
 
 import cuda_emulator
 
@@ -438,6 +438,55 @@ def test_norm_kernel_without_centring_or_bias_matches_numpy(cp, C, norm):
     assert relative_error(g_out, out) < 1e-12
     assert relative_error(g_dx, dx) < 1e-11
     assert relative_error(g_dw, dw) < 1e-11
+
+
+@pytest.mark.parametrize("C", [2050, 2304, 3072, 4096])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, BFLOAT16], ids=["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_norm_kernel_spreads_a_wide_row_over_the_warps_of_a_block(cp, C, dtype, norm, monkeypatch):
+    """Rows of more than 1024 channels take a block of ceil(C / 1024) warps:
+    three at 2050 (its last values part-filled), 2304 and 3072, four at 4096.
+    The backward's grid on the emulator's four multiprocessors is 8 blocks, so
+    each block adds three of the 24 rows into the column sums its threads
+    keep. The fused kernels run both ways, on activations in `dtype` and
+    float32 weights (the mixed-precision model's), against the layers' float64
+    NumPy code; only the output is rounded to `dtype`."""
+    from xpmodel.cuda import layernorm as kernels
+    from xpmodel.layers.layernorm import layernorm_backward, layernorm_forward
+    from xpmodel.layers.rmsnorm import rmsnorm_backward, rmsnorm_forward
+    calls = []
+    for name in ("layernorm_forward", "layernorm_backward"):
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    rng = np.random.default_rng(0)
+    N = 24
+    x, dout = (rand(rng, (N, C), scale=3.0) + 1.0).astype(dtype), rand(rng, (N, C), dtype)
+    w, b = rand(rng, (C,), np.float32), rand(rng, (C,), np.float32)
+    if norm == "rmsnorm":
+        forward, b = rmsnorm_forward, None
+        backward = lambda d, cache, w_, dw, db, **kwargs: rmsnorm_backward(d, cache, w_, dw, **kwargs)
+    else:
+        forward, backward = layernorm_forward, layernorm_backward
+    wide = lambda a: None if a is None else a.astype(np.float64)
+    out, cache = forward(wide(x), wide(w), wide(b))
+    dw, db = np.zeros(C), np.zeros(C)
+    dx = backward(wide(dout), cache, wide(w), dw, None if b is None else db)
+
+    g_out, g_cache = forward(cp.asarray(x), cp.asarray(w), None if b is None else cp.asarray(b), dtype)
+    g_dw, g_db = cp.zeros(C, np.float32), cp.zeros(C, np.float32)
+    dx_start, sum_start = rand(rng, (N, C), np.float32), rand(rng, (C,), np.float32)
+    g_dx, g_dx_low, g_dx_sum = cp.asarray(dx_start), cp.empty((N, C), dtype), cp.asarray(sum_start)
+    backward(cp.asarray(dout), g_cache, cp.asarray(w), g_dw, None if b is None else g_db, dx=g_dx,
+             dx_low=g_dx_low, dx_sum=g_dx_sum)
+    assert calls == ["layernorm_forward", "layernorm_backward"]
+    assert g_out.dtype == dtype
+    assert relative_error(g_out, out) < {np.float32: 1e-6, np.float16: 1e-3, BFLOAT16: 5e-3}[dtype]
+    assert relative_error(g_dx, dx_start + dx) < 1e-6
+    assert np.array_equal(to_host(g_dx_low), to_host(g_dx).astype(dtype))
+    assert relative_error(g_dx_sum, sum_start + to_host(g_dx).astype(np.float64).sum(axis=0)) < 1e-6
+    assert relative_error(g_dw, dw) < 1e-5
+    if b is not None:
+        assert relative_error(g_db, db) < 1e-5
 
 
 @pytest.mark.parametrize("C", [64, 100])

@@ -1,8 +1,8 @@
 """LayerNorm over each row of an (N, C) matrix (eps 1e-5 by default), statistics in at least float32.
 
-CuPy arrays of at most cuda.layernorm.MAX_WIDTH channels go to one fused
-kernel each way (xpmodel.cuda.layernorm), unless the "xp" kernels are chosen
-(backend.use_kernels)."""
+CuPy arrays of at most cuda.layernorm.MAX_WIDTH (8192) channels go to one
+fused kernel each way (xpmodel.cuda.layernorm), unless the "xp" kernels are
+chosen (backend.use_kernels); wider rows run as the xp expressions here."""
 from ..backend import array_module, fused_kernels, upcast
 
 EPS = 1e-5
