@@ -242,6 +242,19 @@ def test_folders_and_globs_follow_linked_folders_once_and_say_what_they_skipped(
     assert capsys.readouterr().err == ""                      # once per process
 
 
+@pytest.mark.parametrize("make, kind", [(os.mkfifo, "a FIFO"),
+                                         (None, "a character device")])
+def test_a_corpus_spec_that_is_no_file_or_folder_says_what_it_is(tmp_path, make, kind):
+    from xpmodel.data import resolve_source
+    spec = tmp_path / "special"
+    if make is None:
+        spec.symlink_to(os.devnull)                           # what the link points to is told
+    else:
+        make(spec)
+    with pytest.raises(DataError, match=f"special: is {kind}, not a text file or folder$"):
+        resolve_source(str(spec))
+
+
 # ---- globs with many `**` ----------------------------------------------------------------
 
 def test_a_glob_of_many_double_stars_matches_in_steps_linear_in_them(tmp_path, monkeypatch):

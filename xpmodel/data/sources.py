@@ -31,7 +31,6 @@ import fnmatch
 import hashlib
 import json
 import os
-import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from pathlib import Path
 from .builtin_corpora import BUILTIN_NAMES, SHAKESPEARE, builtin_files, builtin_root
 from .play_markdown import PLAY_TEXT_VERSION
 from ..errors import DataError, shown_path
-from ..files import inside
+from ..files import file_kind, inside
 
 PLAIN_TEXT = "plain"
 PLAY_MARKDOWN = "play-markdown"
@@ -134,22 +133,14 @@ def _resolve_path_spec(spec: str) -> Source:
     if path.is_dir():
         return Source(spec, "folder", tuple(_text_files_below(path, spec)), path, PLAIN_TEXT)
     if path.exists():
-        raise DataError(f"{shown_path(spec)}: is {_special_kind(path)}, not a text file or folder")
+        kind = file_kind(path.stat().st_mode)
+        raise DataError(f"{shown_path(spec)}: is {kind}, not a text file or folder")
     if _GLOB_CHARACTERS.intersection(spec):
         files = tuple(Path(match) for match in sorted(_glob_files(os.path.expanduser(spec), spec)))
         if not files:
             raise DataError(f"{shown_path(spec)}: glob matched no files")
         return Source(spec, "glob", files, None, PLAIN_TEXT)
     raise DataError(f"{shown_path(spec)}: no such file or folder")
-
-
-def _special_kind(path: Path) -> str:
-    mode = path.stat().st_mode
-    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return kind
-    return "not a regular file"
 
 
 def _walk(base: str, spec: str, what: str, enter, take) -> list[tuple[str, tuple]]:
