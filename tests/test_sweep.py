@@ -115,6 +115,33 @@ def test_a_sweep_never_writes_over_its_config_or_its_base(capsys, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["best.yaml"] and mine.read_bytes() == before
 
 
+def test_a_preset_reads_its_configs_base_chain_once_before_its_first_stage(tmp_path, monkeypatch):
+    """The config a preset starts from and the files it must not write over
+    come from one reading of the base: chain; its first stage starts from it."""
+    import xpmodel.config.yaml_files as yaml_files
+    import xpmodel.tune.preset as preset
+    parent = tmp_path / "parent.yaml"
+    parent.write_text(f"base: {TINY}\ndata:\n  source: {tmp_path / 'corpus.txt'}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: parent.yaml\ntrain:\n  lr: 1.0e-3\n")
+    reads, read_bounded = [], yaml_files.read_bounded
+    monkeypatch.setattr(yaml_files, "read_bounded",
+                        lambda file, *rest: reads.append(Path(file)) or read_bounded(file, *rest))
+    opened = []
+
+    class Stopped(Exception):
+        pass
+
+    def first_stage(out, config, specs, **options):
+        opened.append((out.name, specs))
+        raise Stopped                              # before any trial
+    monkeypatch.setattr(preset, "open_sweep", first_stage)
+    with pytest.raises(Stopped):
+        preset.run_preset(tmp_path / "tuned", str(child), ["model.n_layer=2"])
+    assert reads == [child, parent, TINY]
+    assert opened == [("1-lr", ["train.lr=0.0001,0.0003,0.001,0.003,0.01", "model.n_layer=2"])]
+
+
 def _planned_sweep(out):
     """A sweep folder with its two trials planned (none run) and its sweep.json document."""
     from xpmodel.tune.preset import open_sweep

@@ -176,6 +176,23 @@ def test_lr_find_and_doctor_build_the_model_the_run_trains(tmp_path, corpus):
     assert quiet.embedding_noise == (0.0, "gaussian") and quiet.config.dropout == 0.0
 
 
+def test_the_tuning_tools_read_their_configs_base_chain_once(tmp_path, corpus, monkeypatch):
+    """A Subject's config and the files it was read from (which lr-find keeps
+    from writing over) come from one reading of the config's base: chain."""
+    import xpmodel.config.yaml_files as yaml_files
+    parent = tmp_path / "parent.yaml"
+    parent.write_text(f"base: {TINY}\ndata:\n  source: {corpus}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: parent.yaml\nmodel:\n  n_embd: 32\n")
+    reads, read_bounded = [], yaml_files.read_bounded
+    monkeypatch.setattr(yaml_files, "read_bounded",
+                        lambda file, *rest: reads.append(Path(file)) or read_bounded(file, *rest))
+    subject = load_subject(child, ["train.lr=1e-3"], say=lambda text: None)
+    assert subject.config_files == (TINY, parent, child)
+    assert reads == [child, parent, TINY]
+    assert (subject.config.model.n_embd, subject.config.train.lr) == (32, 1e-3)
+
+
 def test_lr_find_refuses_a_model_larger_than_memory_as_training_does(capsys, tmp_path, corpus,
                                                                      monkeypatch):
     import xpmodel.train.setup as setup

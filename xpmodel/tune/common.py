@@ -4,7 +4,7 @@ tokenizer, token streams and fresh model."""
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import config_files, load_config
+from ..config import load_config, load_config_and_files
 from ..data.corpus import build_tokenizer, load_tokens
 from ..train.rundir import RunDir
 from ..train.runs import adopt_pretrained, load_pretrained
@@ -17,7 +17,7 @@ class Subject:
     name: str            # for titles: the config's or run's name
     config: object       # RunConfig
     tokenizer: object
-    config_files: tuple = ()         # the files the config was read from (config_files)
+    config_files: tuple = ()         # the files the config was read from (load_config_and_files)
     pretrained: dict | None = None   # name -> array of train.init_from, else None
     _tokens: tuple | None = None
 
@@ -51,9 +51,8 @@ def load_subject(name_or_run, overrides=(), say=print):
     if run.is_run():
         config = load_config(run.config_path, overrides) if overrides else run.load_config()
         return Subject(run.path.name, config, run.load_tokenizer(), (run.config_path,))
-    config = load_config(name_or_run, overrides)
-    name = Path(str(name_or_run)).stem
-    files = tuple(config_files(name_or_run))
+    config, files = load_config_and_files(name_or_run, overrides)
+    name, files = Path(str(name_or_run)).stem, tuple(files)
     if config.train.init_from:
         source_config, arrays, tokenizer = load_pretrained(config.train.init_from)
         return Subject(name, adopt_pretrained(config, source_config, tokenizer), tokenizer, files,

@@ -6,7 +6,7 @@ This module imports both kinds of sweep, so neither has to import the other."""
 import os
 from pathlib import Path
 
-from ..config import config_files, load_config, save_config
+from ..config import load_config, load_config_and_files, save_config
 from ..errors import UsageError, XpmodelError
 from ..train.outputs import check_output
 from .study import OptunaSweep
@@ -64,14 +64,16 @@ def run_preset(out, config, specs=(), **options):
     for spec in fixed:
         if parse_spec(spec).kind != "grid" or len(parse_spec(spec).values) != 1:
             raise UsageError(f"with --preset, SPECs fix one value each (KEY=VALUE); got {spec}")
-    stage_names = [name for name, _, _ in tuning_order_stages(load_config(config, fixed))]
-    check_output(out / "best.yaml", "--out", config_files(config), overwrite=True)
+    base, inputs = load_config_and_files(config, fixed)
+    stage_names = [name for name, _, _ in tuning_order_stages(base)]
+    check_output(out / "best.yaml", "--out", inputs, overwrite=True)
     # OUT/best.yaml is replaced only where an earlier run of this preset wrote it
     if os.path.lexists(out / "best.yaml") and not os.path.lexists(out / stage_names[0]):
         raise UsageError(f"--out {out}: holds a best.yaml that no --preset run wrote there; "
                          f"xpmodel will not replace it: choose another --out")
     for i, name in enumerate(stage_names):
-        base = load_config(config, fixed)
+        if i:               # the stage starts from the previous stage's best.yaml
+            base = load_config(config, fixed)
         _, stage_specs, largest = tuning_order_stages(base)[i]
         print(f"stage {name}: {' '.join(stage_specs)} (from {config})", flush=True)
         sweep = open_sweep(out / name, config, stage_specs + fixed, largest=largest, **options)
