@@ -537,6 +537,36 @@ def test_resume_skips_a_checkpoint_copied_from_another_model(finished_run, wider
     assert "move away checkpoints copied from another run" in err
 
 
+def _set_rope_theta(run, value):
+    text = run.config_path.read_text()
+    assert "rope_theta: 10000.0\n" in text
+    run.config_path.write_text(text.replace("rope_theta: 10000.0\n", f"rope_theta: {value}\n"))
+
+
+def test_a_changed_rope_theta_resumes_a_learned_position_run_it_does_not_change(finished_run,
+                                                                               tmp_path, capsys):
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(finished_run, run.path)
+    _set_rope_theta(run, 500000.0)            # read only by rotary positions
+    code, out, err = run_cli(capsys, "train", "--resume", run.path, "train.max_iters=35")
+    assert code == 0, err
+    assert "skipping checkpoint" not in out and "at step 30" in out
+    assert run.checkpoint_steps() == [30, 35]      # step 30 still counted as the run's own
+    assert xpmodel.load(run.path)[0].config == TINY_GPT
+
+
+def test_a_changed_rope_theta_of_a_rope_run_is_refused_on_resume(tmp_path, corpus, capsys):
+    config = tiny_config(corpus, "model.position=rope", "train.max_iters=10")
+    Trainer.start(config, device="cpu", out=tmp_path / "run", show=False).run()
+    run = RunDir(tmp_path / "run")
+    _set_rope_theta(run, 500000.0)
+    code, _, err = run_cli(capsys, "train", "--resume", run.path, "train.max_iters=15")
+    assert code == 1
+    assert_one_line_error(err)
+    assert ("config.yaml: model.rope_theta is 500000.0, but step-00000010.safetensors was "
+            "trained with 10000.0") in err
+
+
 def test_resume_with_another_optimizer_is_one_line_naming_the_saved_one(finished_run, tmp_path,
                                                                         capsys):
     run = RunDir(tmp_path / "run")

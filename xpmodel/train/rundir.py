@@ -47,6 +47,7 @@ from ..atomic import atomic_write_json, temporary_target
 from ..config import config_to_dict, load_config, save_config
 from ..errors import UsageError, XpmodelError, quote
 from ..files import inside, process_alive, read_json
+from ..model.config import unused_options
 from ..tokenizer.bpe import BPETokenizer
 from .checkpoint import (FORMAT_VERSION, CheckpointError, read_checkpoint_header, step_file_name,
                          step_of_name)
@@ -524,17 +525,20 @@ def saved_optimizer(meta):
 def _config_difference(meta, config):
     """(dotted key, config's value, checkpoint's value) of the first data.* or
     model.* setting that the checkpoint whose metadata is `meta` was trained
-    with otherwise; None when all agree or it records none (an imported one)."""
+    with otherwise; None when all agree or it records none (an imported one).
+    An option the config's architecture never reads (rope_theta with learned
+    positions: `unused_options`) is not compared: it changes nothing."""
     saved = meta.get("config")
     if not isinstance(saved, dict):
         return None   # an imported checkpoint: weights only
     current = config_to_dict(config)
+    ignored = {("data", "cache_dir"), *(("model", key) for key in unused_options(config.model))}
     for section in ("data", "model"):
         before = saved.get(section)
         if not isinstance(before, dict):
             continue
         for key, value in current[section].items():
-            if key != "cache_dir" and key in before and before[key] != value:
+            if (section, key) not in ignored and key in before and before[key] != value:
                 return f"{section}.{key}", value, before[key]
     return None
 
