@@ -81,6 +81,22 @@ def test_loading_a_run_reads_only_the_headers_it_needs_once(run, header_reads, w
     assert len(warnings) == (damaged is not None)
 
 
+@pytest.mark.parametrize("damaged, read", [(None, [STEPS[-1]]),
+                                            (STEPS[-1], [STEPS[-1], STEPS[-2]])])
+def test_runs_reads_the_header_of_the_newest_readable_checkpoint_once(run, header_reads, damaged,
+                                                                      read):
+    """`xpmodel runs` (compare.summarize) takes a run's tokens seen from its
+    newest checkpoint that reads cleanly, reading each header it looks at once."""
+    from xpmodel.tune.compare import summarize
+    if damaged is not None:
+        path = run / "checkpoints" / damaged
+        path.write_bytes(path.read_bytes()[:-100])
+    tokens = read_checkpoint_meta(run / "checkpoints" / read[-1])["tokens_seen"]
+    header_reads.clear()
+    assert summarize(RunDir(run))["tokens"] == tokens > 0
+    assert dict(header_reads) == {name: 1 for name in read}
+
+
 def _tensors(path):
     """(params, optimizer state) of the checkpoint at `path`, as the safetensors library reads them."""
     parts = {"param": {}, "optim": {}}

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from ..config import config_to_dict
 from ..errors import CheckpointError, DataError, UsageError
-from ..train.checkpoint import read_checkpoint_meta
 from ..train.rundir import RunDir
 from .plot import check_png_output, pyplot, save_figure
 
@@ -68,13 +67,9 @@ def summarize(run):
         status = "finished"
     else:
         status = "stopped"
-    tokens = None
-    latest, _ = run.latest_checkpoint()
-    if latest is not None:
-        try:
-            tokens = read_checkpoint_meta(latest).get("tokens_seen")
-        except CheckpointError:
-            pass
+    # from the newest checkpoint whose header reads cleanly (older ones are not read)
+    tokens = next((header.meta.get("tokens_seen") for _, header, _ in run.checkpoints_newest_first()
+                   if header is not None), None)
     if tokens is None and config is not None:
         t = config.train
         tokens = step * t.batch_size * t.grad_accum * config.model.block_size
