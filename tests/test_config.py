@@ -160,13 +160,11 @@ def test_base_bare_name_is_read_next_to_the_including_file(tmp_path, monkeypatch
 
 
 def test_a_config_and_its_files_come_from_one_reading_of_the_base_chain(tmp_path, monkeypatch):
-    import xpmodel.config.yaml_files as yaml_files
+    from config_reads import count_config_reads
     write(tmp_path, "model:\n  n_layer: 3\n", name="grandparent.yaml")
     write(tmp_path, "base: grandparent.yaml\nmodel:\n  n_head: 2\n", name="parent.yaml")
     path = write(tmp_path, "base: parent.yaml\nmodel:\n  n_embd: 32\n")
-    reads, read_bounded = [], yaml_files.read_bounded
-    monkeypatch.setattr(yaml_files, "read_bounded",
-                        lambda file, *rest: reads.append(Path(file)) or read_bounded(file, *rest))
+    reads = count_config_reads(monkeypatch)
     config, files = load_config_and_files(path, ["train.lr=1e-3"])
     assert files == [tmp_path / "grandparent.yaml", tmp_path / "parent.yaml", path]
     assert reads == files[::-1]     # each file once, the config first

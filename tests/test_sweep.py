@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import assert_one_line_error, run_cli
+from config_reads import count_config_reads, two_level_chain
 
 TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
 
@@ -118,15 +119,9 @@ def test_a_sweep_never_writes_over_its_config_or_its_base(capsys, tmp_path):
 def test_a_preset_reads_its_configs_base_chain_once_before_its_first_stage(tmp_path, monkeypatch):
     """The config a preset starts from and the files it must not write over
     come from one reading of the base: chain; its first stage starts from it."""
-    import xpmodel.config.yaml_files as yaml_files
     import xpmodel.tune.preset as preset
-    parent = tmp_path / "parent.yaml"
-    parent.write_text(f"base: {TINY}\ndata:\n  source: {tmp_path / 'corpus.txt'}\n")
-    child = tmp_path / "child.yaml"
-    child.write_text("base: parent.yaml\ntrain:\n  lr: 1.0e-3\n")
-    reads, read_bounded = [], yaml_files.read_bounded
-    monkeypatch.setattr(yaml_files, "read_bounded",
-                        lambda file, *rest: reads.append(Path(file)) or read_bounded(file, *rest))
+    parent, child = two_level_chain(tmp_path, TINY, tmp_path / "corpus.txt", "train:\n  lr: 1.0e-3\n")
+    reads = count_config_reads(monkeypatch)
     opened = []
 
     class Stopped(Exception):

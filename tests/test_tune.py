@@ -8,6 +8,7 @@ import numpy
 import pytest
 
 from cli_helpers import kill_sweep_mid_trial, run_cli
+from config_reads import count_config_reads, two_level_chain
 import xpmodel.layers.block as block_module
 import xpmodel.model.gpt as model_module
 from xpmodel.tune.common import load_subject
@@ -179,14 +180,8 @@ def test_lr_find_and_doctor_build_the_model_the_run_trains(tmp_path, corpus):
 def test_the_tuning_tools_read_their_configs_base_chain_once(tmp_path, corpus, monkeypatch):
     """A Subject's config and the files it was read from (which lr-find keeps
     from writing over) come from one reading of the config's base: chain."""
-    import xpmodel.config.yaml_files as yaml_files
-    parent = tmp_path / "parent.yaml"
-    parent.write_text(f"base: {TINY}\ndata:\n  source: {corpus}\n")
-    child = tmp_path / "child.yaml"
-    child.write_text("base: parent.yaml\nmodel:\n  n_embd: 32\n")
-    reads, read_bounded = [], yaml_files.read_bounded
-    monkeypatch.setattr(yaml_files, "read_bounded",
-                        lambda file, *rest: reads.append(Path(file)) or read_bounded(file, *rest))
+    parent, child = two_level_chain(tmp_path, TINY, corpus, "model:\n  n_embd: 32\n")
+    reads = count_config_reads(monkeypatch)
     subject = load_subject(child, ["train.lr=1e-3"], say=lambda text: None)
     assert subject.config_files == (TINY, parent, child)
     assert reads == [child, parent, TINY]
