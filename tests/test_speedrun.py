@@ -68,6 +68,19 @@ def test_baseline_target_is_the_baselines_loss_at_its_end(tmp_path):
     assert baseline["target"] == baseline["val_full"] == baseline["curve"][-1]["val_full"]
     assert other["target"] == baseline["target"]
     assert "the target of every run" in done.stdout
+    # the corpus is named as each recipe starts, in the summary and in the report
+    assert f"[1/1] gpt2-adamw: training on {corpus} ..." in done.stdout
+    assert f"(cpu size, cpu, {corpus};" in done.stdout
+    assert json.loads(out.read_text())["data"] == str(corpus)
+
+
+def test_tiny_shakespeare_is_looked_for_where_xpmodel_shared_data_says(tmp_path, monkeypatch):
+    monkeypatch.setenv("XPMODEL_SHARED_DATA", str(tmp_path))
+    sys.modules.pop("speedrun", None)
+    try:
+        assert speedrun_module().DEFAULT_DATA == tmp_path / "tinyshakespeare.txt"
+    finally:
+        sys.modules.pop("speedrun", None)
 
 
 def test_every_recipe_has_a_config_at_every_size_in_one_precision():

@@ -86,7 +86,7 @@ import numpy as np
 
 TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+DEFAULT_DATA = Path(os.environ.get("XPMODEL_SHARED_DATA", REPO.parent / "shared" / "data")) / "tinyshakespeare.txt"
 
 # shakespeare-char runs in fp16 here, as llama-char and speedrun-char ask (and
 # as nanoGPT, which it copies, trains): every recipe of a size computes in the
@@ -410,7 +410,7 @@ def table(medians, baseline=BASELINE):
 def report(target, args, runs):
     """The --json contents: every run so far with its curve, the medians, the machine."""
     medians = median_runs(runs)
-    return {"target": target, "size": args.size, "device": args.device, "machine": machine(),
+    return {"target": target, "size": args.size, "device": args.device, "data": args.data, "machine": machine(),
             "complete": len(runs) == args.repeats * len(args.recipes), "runs": runs,
             "median": {name: {key: value for key, value in r.items() if key != "curve"}
                        for name, r in medians.items()}}
@@ -563,7 +563,8 @@ def main():
                         help="validation loss to reach, or `baseline` (default by --size)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--data", help="the corpus (default: for the char sizes Tiny Shakespeare "
-                                       "from ../shared/data where it is, else the configs' own)")
+                                       "from $XPMODEL_SHARED_DATA or ../shared/data where it is, "
+                                       "else the configs' own)")
     parser.add_argument("--repeats", type=positive_int, default=1)
     parser.add_argument("--eval-every", type=positive_int, default=50)
     parser.add_argument("--threads", type=positive_int, default=usable_cores(),
@@ -596,9 +597,11 @@ def main():
         if BASELINE not in args.recipes:
             parser.error(f"--target baseline needs the {BASELINE} recipe")
         args.recipes = [BASELINE] + [name for name in args.recipes if name != BASELINE]
+    corpus = args.data or "each config's own data.source"
     runs = []
     for repeat in range(args.repeats):
         for name in args.recipes:
+            print(f"[{repeat + 1}/{args.repeats}] {name}: training on {corpus} ...", flush=True)
             result = run_in_child(name, args, target, repeat)
             if result is None:
                 kept = f"; the {len(runs)} finished runs are in {args.json}" if args.json and runs else ""
@@ -615,7 +618,7 @@ def main():
             if args.json:
                 write_report(args.json, report(target, args, runs))
     about = machine()
-    print(f"\ntime to val loss {target} ({args.size} size, {args.device}; {about['cpu']}, "
+    print(f"\ntime to val loss {target} ({args.size} size, {args.device}, {corpus}; {about['cpu']}, "
           f"{about['cores']} cores, load average {about.get('load_average')}, {about['date']})")
     print(table(median_runs(runs)))
 
