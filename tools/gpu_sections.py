@@ -48,6 +48,7 @@ def main():
     config = xpmodel.GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C, **options)
     model = xpmodel.GPT(config, device="cuda", precision=args.precision)
     opt = xpmodel.AdamW(model, lr=1e-4)
+    muon = xpmodel.Muon(model, lr=1e-4)
     rng = np.random.default_rng(0)
     idx, targets = (rng.integers(0, V, (B, T)) for _ in range(2))
     low = model.compute_dtype
@@ -61,7 +62,8 @@ def main():
 
     passes = {"step": step, "forward_backward": lambda: model.forward_backward(idx, targets),
               "loss (forward only)": lambda: model.loss(idx, targets),
-              "clip + AdamW": lambda: (xpmodel.clip_grad_norm(model, 1.0), opt.step())}
+              "clip + AdamW": lambda: (xpmodel.clip_grad_norm(model, 1.0), opt.step()),
+              "clip + Muon": lambda: (xpmodel.clip_grad_norm(model, 1.0), muon.step())}
     g = cupy.random.default_rng(0)
     x = g.standard_normal((N, C), dtype=np.float32)
     has_bias = config.norm == "layernorm" and config.bias
