@@ -136,6 +136,29 @@ def test_binary_file_is_rejected(tmp_path):
         list(iter_texts(str(path)))
 
 
+def test_a_token_file_read_as_text_is_named_as_one(tmp_path, tokenizer):
+    corpus = write(tmp_path / "notes.txt", "some notes\n")
+    token_file = prepare(str(corpus), tokenizer, out_path=tmp_path / "notes.bin")
+    with pytest.raises(DataError) as error:
+        list(iter_texts(str(token_file)))
+    assert str(error.value) == (f"{token_file}: is an xpmodel token file (from xpmodel prepare), not "
+                                f"text; name the text it was prepared from: xpmodel tokenizes and "
+                                f"caches a corpus itself")
+
+
+@pytest.mark.parametrize("content", [b"XPMTOK\0\0 tokens", b"abc\x00def", b"caf\xe9\n"])
+def test_bpe_training_is_announced_only_for_a_source_that_reads_as_text(tmp_path, content):
+    from xpmodel.config import DataConfig
+    from xpmodel.data.corpus import build_tokenizer
+    path = tmp_path / "notes.bin"
+    path.write_bytes(content)
+    said = []
+    with pytest.raises(DataError, match=re.escape(str(path))):
+        build_tokenizer(DataConfig(source=str(path), vocab_size=300, cache_dir=str(tmp_path / "cache")),
+                        say=said.append)
+    assert said == []
+
+
 def test_byte_order_mark_is_dropped(tmp_path):
     path = tmp_path / "bom.txt"
     path.write_bytes(b"\xef\xbb\xbfhi\n")

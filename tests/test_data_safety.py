@@ -103,30 +103,30 @@ def test_train_rebuilds_a_damaged_cached_token_file(tmp_path, monkeypatch, capsy
 
 # ---- bounded reading ---------------------------------------------------------------------
 
-def test_bpe_training_text_stops_at_its_budget_inside_one_huge_line(tmp_path, monkeypatch):
+def test_bpe_training_text_stops_at_its_budget_inside_one_huge_line(tmp_path):
     import xpmodel.data.corpus as corpus
     from xpmodel.data import iter_text_pieces
     path = tmp_path / "one-line.txt"
     path.write_bytes(b"word " * (2 << 20))            # 10 MiB, no newline: one document
     pulled = []
 
-    def counting(source, *args):
-        for piece in iter_text_pieces(source, *args):
+    def counting(source):
+        for piece in iter_text_pieces(source):
             pulled.append(len(piece.text))
             yield piece
-    monkeypatch.setattr(corpus, "iter_text_pieces", counting)
-    texts = list(corpus._leading_texts(str(path), 300_000))
+    texts = list(corpus._leading_texts(counting(str(path)), 300_000))
     assert sum(map(len, texts)) == 300_000 and len(texts) == 1
     assert sum(pulled) < 2 << 20                       # a piece or so, not the whole file
 
 
 def test_budget_keeps_documents_whole_until_it_runs_out(tmp_path):
+    from xpmodel.data import iter_text_pieces
     from xpmodel.data.corpus import _leading_texts
     folder = tmp_path / "docs"
     folder.mkdir()
     for name in "abc":
         (folder / f"{name}.txt").write_text(name * 100)
-    assert list(_leading_texts(str(folder), 250)) == ["a" * 100, "b" * 100, "c" * 50]
+    assert list(_leading_texts(iter_text_pieces(str(folder)), 250)) == ["a" * 100, "b" * 100, "c" * 50]
 
 
 @pytest.mark.parametrize("content, offset", [

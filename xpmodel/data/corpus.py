@@ -8,6 +8,7 @@ tokens; the byte tokenizer needs no training. Both reserve "<|mask|>" after
 tokenized twice.
 """
 import hashlib
+import itertools
 
 from ..errors import DataError
 from ..tokenizer.bpe import ENDOFTEXT, MASK, BPETokenizer
@@ -48,8 +49,12 @@ def build_tokenizer(data_config, say=print):
             return BPETokenizer.load(path)
         except DataError:
             path.unlink(missing_ok=True)   # a damaged cache entry is rebuilt
+    pieces = iter_text_pieces(source)
+    # The corpus's first piece is read (and checked to be text) before training
+    # is announced, so a binary or non-UTF-8 source fails with nothing promised.
+    first = list(itertools.islice(pieces, 1))
     say(f"training a {data_config.vocab_size}-token BPE tokenizer on {data_config.source} ...")
-    tokenizer = BPETokenizer.train(_leading_texts(source, _TOKENIZER_TRAIN_BYTES),
+    tokenizer = BPETokenizer.train(_leading_texts(itertools.chain(first, pieces), _TOKENIZER_TRAIN_BYTES),
                                    data_config.vocab_size, special_tokens=specials)
     tokenizer.save(path)
     return tokenizer
@@ -61,11 +66,12 @@ def special_tokens(data_config):
     return (ENDOFTEXT, MASK) if data_config.token_dropout_mode == "mask" else (ENDOFTEXT,)
 
 
-def _leading_texts(source, budget):
-    """The corpus's documents, whole, until `budget` characters: counted piece by
-    piece (reading.py), so one huge document is read only up to the budget."""
+def _leading_texts(pieces, budget):
+    """The documents of a corpus's text pieces (reading.py), whole, until
+    `budget` characters: counted piece by piece, so one huge document is read
+    only up to the budget."""
     used, parts = 0, []
-    for piece in iter_text_pieces(source):
+    for piece in pieces:
         if piece.first_in_document and parts:
             yield "".join(parts)
             parts = []

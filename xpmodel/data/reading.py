@@ -1,8 +1,9 @@
 """Read a corpus as text, file by file, in pieces small enough to keep memory bounded.
 
-Every file must be UTF-8 text: a NUL byte marks it as binary, and bytes that
-do not decode are reported with the byte offset where decoding failed. A
-UTF-8 byte order mark at the start of a file is dropped.
+Every file must be UTF-8 text: a NUL byte marks it as binary (an xpmodel token
+file is named as one), and bytes that do not decode are reported with the byte
+offset where decoding failed. A UTF-8 byte order mark at the start of a file is
+dropped.
 
 Large files are cut into pieces of about `chunk_bytes`. A cut is made just
 after a newline, which never falls inside a multi-byte UTF-8 character. When
@@ -21,6 +22,7 @@ from typing import Iterator
 
 from .play_markdown import play_markdown_to_text
 from .sources import PLAY_MARKDOWN, Source, resolve_source
+from .tokenfile import MAGIC as TOKEN_FILE_MAGIC
 from ..errors import DataError
 from ..files import open_regular
 
@@ -118,6 +120,9 @@ def _cut_point(window: bytes) -> int:
 
 
 def _decode(raw: bytes, path, offset: int) -> str:
+    if offset == 0 and raw.startswith(TOKEN_FILE_MAGIC):
+        raise DataError(f"{path}: is an xpmodel token file (from xpmodel prepare), not text; name the "
+                        f"text it was prepared from: xpmodel tokenizes and caches a corpus itself")
     nul = raw.find(b"\0")
     if nul >= 0:
         raise DataError(f"{path}: binary file, not text (NUL byte at byte offset {offset + nul})")
