@@ -412,6 +412,18 @@ def test_embedding_width_must_divide_into_heads(tmp_path):
     assert str(path) in message and "model.n_embd (250)" in message and "model.n_head (8)" in message
 
 
+def test_an_error_names_a_shipped_config_by_its_name_and_a_file_by_its_path(tmp_path):
+    """Not by the folder the package is installed in (site-packages/xpmodel/configs/...)."""
+    message = usage_error("default", ["model.n_head=5"])
+    assert message.startswith("default with overrides: model.n_embd (256) must be divisible by "
+                              "model.n_head (5)")
+    installed = load_config_and_files("default")[1][0]     # the file read is still the package's
+    assert installed.name == "default.yaml" and str(installed) not in message
+    path = write(tmp_path, "base: shakespeare-char-cpu\nmodel:\n  n_head: 5\n")
+    assert usage_error(path).startswith(f"{path}: model.n_embd (128) must be divisible")
+    assert usage_error(path, ["train.lr=1e-3"]).startswith(f"{path} with overrides: ")
+
+
 def test_min_lr_above_lr():
     message = usage_error("default", ["train.min_lr=1e-3"])
     assert "train.min_lr" in message and "train.lr" in message and "with overrides" in message

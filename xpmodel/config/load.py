@@ -19,7 +19,7 @@ from ..atomic import atomic_write_bytes
 from ..errors import UsageError, quote
 from .sections import (SECTIONS, RunConfig, TrainConfig, _field_types, _fields_by_name,
                        _unknown_key_message, _unknown_section_message, check_key, check_value)
-from .yaml_files import _check_yaml_bounds, _locate, _parse_yaml
+from .yaml_files import _check_yaml_bounds, _locate, _parse_yaml, _shipped_dir
 
 DEFAULT_CONFIG = "default"
 _MAX_BASE_DEPTH = 16    # deeper `base:` chains are almost surely a mistake
@@ -32,20 +32,31 @@ _RUN_LENGTH_KEYS = ("max_iters", "epochs")
 # Layering: each layer is a {section: {key: value}} mapping checked key by key.
 
 def _read_layers(name_or_path, relative_to=None, chain=()):
-    """Return [(label, document)] for a config and its `base:` ancestors, oldest first."""
-    label, text = _locate(name_or_path, relative_to)
-    if label in chain:
-        raise UsageError(f"{label}: `base:` chain loops back on itself ({' -> '.join((*chain, label))})")
+    """Return [(label, path, document)] for a config and its `base:` ancestors,
+    oldest first: `path` is the file read, `label` names it in messages
+    (_label); `chain` holds the paths of the configs that led here."""
+    path, text = _locate(name_or_path, relative_to)
+    label = _label(name_or_path, path)
+    if path in chain:
+        raise UsageError(f"{label}: `base:` chain loops back on itself ({' -> '.join((*chain, path))})")
     if len(chain) >= _MAX_BASE_DEPTH:
         raise UsageError(f"{label}: `base:` chain deeper than {_MAX_BASE_DEPTH} configs")
     document = _parse_yaml(text, label)
     base = document.get("base")
     if base is None:
-        return [(label, document)]
+        return [(label, path, document)]
     if not isinstance(base, str) or not base:
         raise UsageError(f"{label}: base must be a config name or path, got {quote(base, 60)}")
     # A relative base path is read next to the file that names it.
-    return _read_layers(base, Path(label).parent, (*chain, label)) + [(label, document)]
+    return _read_layers(base, Path(path).parent, (*chain, path)) + [(label, path, document)]
+
+
+def _label(name_or_path, path):
+    """How messages name the config file `path` that `name_or_path` was found
+    as: a shipped config by its name ("default"), not by where the package is
+    installed; a user's file by its path as given."""
+    name = str(name_or_path)
+    return name if path == str(_shipped_dir().joinpath(name + ".yaml")) else path
 
 
 def _apply_document(merged, document, label):
@@ -177,7 +188,7 @@ def load_config_and_files(name_or_path=None, overrides=(), notify=None):
     merged = {}
     layers = _read_layers(DEFAULT_CONFIG if name_or_path is None else name_or_path)
     train_keys = []     # per layer, {train key it sets: label to blame}
-    for label, document in layers:
+    for label, _, document in layers:
         before = dict(merged.get("train", {}))
         _apply_document(merged, document, label)
         train = document.get("train")
@@ -191,7 +202,7 @@ def load_config_and_files(name_or_path=None, overrides=(), notify=None):
     label = layers[-1][0] + (" with overrides" if overrides else "")
     config = _build(merged, label)
     _check_muon_keys_apply(config.train.optimizer, train_keys)
-    return config, [Path(name) for name, _ in layers]
+    return config, [Path(path) for _, path, _ in layers]
 
 
 def config_files(name_or_path=None):
@@ -200,7 +211,7 @@ def config_files(name_or_path=None):
     in the package). A command counts them all among its inputs, so that no
     output of it is written over one; one that loads the config too gets
     them from the same reading with `load_config_and_files`."""
-    return [Path(label) for label, _ in
+    return [Path(path) for _, path, _ in
             _read_layers(DEFAULT_CONFIG if name_or_path is None else name_or_path)]
 
 
