@@ -300,6 +300,17 @@ def test_readmes_command_table_names_every_flag_and_override_of_each_command():
                 assert "KEY=VALUE" in row, name
 
 
+@pytest.mark.parametrize("command", [["train"], ["sample", "RUN"], ["eval", "RUN"],
+                                     ["doctor", "default"], ["lr-find"]])
+def test_every_command_that_runs_a_model_takes_the_gpu_when_there_is_one(command, capsys):
+    """--device defaults to auto (CUDA when CuPy sees a GPU, else the CPU) for
+    each, so `xpmodel sample` on a GPU machine does not run on the CPU unasked."""
+    from xpmodel.cli.main import build_parser
+    assert build_parser().parse_args(command).device == "auto"
+    code, out, _ = run_cli(capsys, command[0], "--help")
+    assert code == 0 and "(default: auto)" in " ".join(out.split())
+
+
 def test_no_command_prints_usage(capsys):
     code, out, _ = run_cli(capsys)
     assert code == 2 and "usage: xpmodel" in out

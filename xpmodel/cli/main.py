@@ -19,6 +19,8 @@ from ..errors import XpmodelError, one_line, shown_path
 _EPILOG = "Run `xpmodel COMMAND --help` for the options of each command."
 _OVERWRITE_FILE = ("replace an existing output file (never one the command reads, nor a run's "
                    "own files)")
+_DEVICE = "auto"   # train, sample, eval, doctor and lr-find: the GPU when there is one
+_DEVICE_HELP = "cpu, cuda, cuda:N or auto: CUDA when CuPy sees a GPU, else the CPU (default: auto)"
 
 
 def main(argv=None):
@@ -196,7 +198,7 @@ def _add_training(commands, common):
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None,
                    help="a YAML file or the name of a shipped config (default: default)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--device", default=_DEVICE, help=_DEVICE_HELP)
     p.add_argument("--out", default=None,
                    help="run directory (default: runs/CONFIG_NAME, or runs/CONFIG_NAME-2, -3, ... "
                         "when that exists; the start says which)")
@@ -217,7 +219,7 @@ def _add_run_commands(commands, common):
     trained_run = argparse.ArgumentParser(add_help=False)   # options of commands that load a run
     trained_run.add_argument("run_dir", metavar="RUN_DIR", help="a run directory made by train "
                                                                 "or import-hf")
-    trained_run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    trained_run.add_argument("--device", default=_DEVICE, help=_DEVICE_HELP)
     trained_run.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
                              help="which checkpoint to load (default: latest)")
     trained_run.add_argument("--kernels", choices=("fused", "xp"), default="fused",
@@ -342,7 +344,7 @@ def _add_doctor(commands, common):
                                         "a check fails.")
     p.add_argument("target", metavar="CONFIG_OR_RUN",
                    help="a shipped config name, a YAML file, or a run directory")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--device", default=_DEVICE, help=_DEVICE_HELP)
     p.add_argument("--overfit-steps", type=int, default=300, metavar="N",
                    help="steps the one-batch overfit check may take (default: 300)")
     p.add_argument("--skip", action="append", default=[], metavar="CHECK", choices=DOCTOR_CHECKS,
@@ -363,7 +365,7 @@ def _add_lr_find(commands, common):
                                         "and suggest train.lr (the rule is printed).")
     p.add_argument("--config", default=None, metavar="NAME_OR_PATH",
                    help="a shipped config name, a YAML file or a run directory (default: default)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--device", default=_DEVICE, help=_DEVICE_HELP)
     p.add_argument("--steps", type=int, default=200, metavar="N",
                    help=f"steps of the ramp, at least {LR_FIND_MIN_STEPS} (default: 200)")
     p.add_argument("--start-lr", type=float, default=1e-7, metavar="LR", help="(default: 1e-7)")
