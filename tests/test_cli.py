@@ -109,15 +109,18 @@ def test_resume_continues_from_the_checkpoint_and_can_raise_max_iters(trained, t
     assert f"done (already complete): 40 steps, train loss {last_loss:.4f}," in out
 
 
-@pytest.mark.parametrize("override,message", [("model.n_layer=2", "model"),
-                                               ("train.batch_size=8", "train.batch_size cannot change")])
-def test_resume_refuses_to_change_the_model_or_the_batch_size(trained, tmp_path, capsys, override,
-                                                               message):
+@pytest.mark.parametrize("override,message", [
+    ("model.n_layer=2", "not model.*"),
+    ("data.source=notes.txt", "not data.*; to train this run's weights on new data, start a new "
+                              "run with --init-from RUN"),
+    ("train.batch_size=8", "train.batch_size cannot change")])
+def test_resume_refuses_to_change_the_model_the_data_or_the_batch_size(trained, tmp_path, capsys,
+                                                                        override, message):
     run = copy_run(trained, tmp_path)
     code, _, err = run_cli(capsys, "train", "--resume", run, override)
     assert code == 2
     assert_one_line_error(err)
-    assert message in err
+    assert message.replace("RUN", str(run)) in err
 
 
 # ---- sample ------------------------------------------------------------------------

@@ -104,7 +104,10 @@ def _resume_config(run, args, checkpoints):
     config = load_config(run.config_path, args.overrides) if args.overrides else saved
     for section in ("data", "model"):
         if config_to_dict(config)[section] != config_to_dict(saved)[section]:
-            raise UsageError(f"--resume: only train.* settings can change, not {section}.*")
+            way_forward = (f"; to train this run's weights on new data, start a new run with "
+                           f"--init-from {args.resume}" if section == "data" else "")
+            raise UsageError(f"--resume: only train.* settings can change, not {section}.*"
+                             f"{way_forward}")
     for key in ("batch_size", "seed"):
         if getattr(config.train, key) != getattr(saved.train, key):
             raise UsageError(f"--resume: train.{key} cannot change within a run (the data "
