@@ -187,6 +187,21 @@ def test_compare_checks_its_out_before_printing_the_table(capsys, run, tmp_path)
     assert mine.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_missing_input_is_named_before_an_output_in_the_way(capsys, run, tmp_path, monkeypatch):
+    """compare RUN and import-hf HF_DIR check what they read before --out."""
+    monkeypatch.chdir(tmp_path)
+    Path("compare.png").write_bytes(b"my picture")
+    _, err = refused(capsys, "compare", "runs/nope")
+    assert "runs/nope: no such directory" in err
+    _, err = refused(capsys, "compare", run, "runs/nope")
+    assert "runs/nope: no such directory" in err
+    _, err = refused(capsys, "import-hf", "hf/nope", "--out", run)
+    assert err == "error: HF_DIR hf/nope: no such directory\n"
+    _, err = refused(capsys, "import-hf", "compare.png", "--out", run)
+    assert err == "error: HF_DIR compare.png: not a directory\n"
+    assert Path("compare.png").read_bytes() == b"my picture"
+
+
 def test_lr_find_never_writes_over_a_run_and_refuses_an_existing_sidecar(capsys, run, tmp_path):
     before = snapshot(run)
     out, err = refused(capsys, "lr-find", "--config", run, "--out", run / "run.png",

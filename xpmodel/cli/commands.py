@@ -359,6 +359,9 @@ def export_hf_command(args):
 def import_hf_command(args):
     from ..train.rundir import RunDir
     from ..train.runs import import_run
+    if not Path(args.hf_dir).is_dir():   # the input first, then --out
+        what = "not a" if os.path.lexists(args.hf_dir) else "no such"
+        raise UsageError(f"HF_DIR {args.hf_dir}: {what} directory")
     if _overlap(args.out, args.hf_dir):
         raise UsageError(f"--out {args.out}: overlaps HF_DIR {args.hf_dir}, which the import "
                          f"reads; choose another --out")
@@ -439,10 +442,11 @@ def runs_command(args):
 def compare_command(args):
     from ..tune.compare import differing_keys, find_runs, plot_runs, runs_table, summarize
     from ..tune.plot import check_png_output
-    out = check_output(check_png_output(args.out), "--out", overwrite=args.overwrite)
+    png = check_png_output(args.out)
     runs = [run for folder in args.run_dirs for run in find_runs(folder)]
     if not runs:
         raise UsageError(f"no runs in {' '.join(args.run_dirs)}")
+    out = check_output(png, "--out", overwrite=args.overwrite)   # after the runs: inputs first
     summaries = [summarize(run) for run in runs]
     keys = differing_keys(summaries)
     print("\n".join(runs_table(summaries, extra_columns=keys)))

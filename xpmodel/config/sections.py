@@ -36,14 +36,23 @@ MAX_BATCH_SIZE = 1 << 24
 MAX_EVAL_BATCHES = 1 << 24
 
 
+def names_tokenizer_file(tokenizer):
+    """Whether a data.tokenizer value is a tokenizer file's path rather than a kind
+    (bpe, byte): one that holds a / or ends in .json, so a misspelt kind is refused
+    as one, not looked for as a file."""
+    return "/" in tokenizer or tokenizer.endswith(".json")
+
+
 @dataclass
 class DataConfig:
     """Where the text comes from and how it becomes tokens and batches."""
     # a file, folder, glob, or built-in corpus name
     source: str = "shakespeare"
-    # "byte": the 256-symbol byte tokenizer
-    tokenizer: str = _setting("bpe", choices=TOKENIZERS)
-    # BPE vocabulary size; ignored for "byte"
+    # "bpe": learned from the corpus (and cached); "byte": the 256-symbol byte tokenizer;
+    # or a tokenizer file (a path holding a / or ending in .json), such as
+    # `xpmodel tokenizer train --out` writes
+    tokenizer: str = "bpe"
+    # BPE vocabulary size; ignored for "byte" and a tokenizer file
     vocab_size: int = _setting(4096, within=Range(low=256))
     # share of the tokens held out for validation
     val_fraction: float = _setting(0.1, within=OPEN_UNIT)
@@ -60,6 +69,10 @@ class DataConfig:
 
     def __post_init__(self):
         _check_fields(self, "data")
+        if self.tokenizer not in TOKENIZERS and not names_tokenizer_file(self.tokenizer):
+            raise UsageError(f"data.tokenizer must be one of bpe, byte or a tokenizer file (a path holding "
+                             f"a / or ending in .json, as `xpmodel tokenizer train --out` writes); "
+                             f"got {quote(self.tokenizer, 60)}")
         if self.vocab_size > MAX_VOCAB:     # refused here, before a tokenizer is trained
             raise UsageError(f"data.vocab_size={self.vocab_size} is more than the {MAX_VOCAB:,} ids "
                              f"an xpmodel BPE tokenizer has (its token files and model are sized "

@@ -3,14 +3,16 @@
 The BPE tokenizer for a corpus is trained once and cached beside the token
 files, keyed by the corpus fingerprint, the vocabulary size and its special
 tokens; the byte tokenizer needs no training. Both reserve "<|mask|>" after
-"<|endoftext|>" when data.token_dropout_mode is mask. Token files come from
-`data.prepare`, which caches them too, so an unchanged corpus is never
-tokenized twice.
+"<|endoftext|>" when data.token_dropout_mode is mask. A tokenizer file
+(data.tokenizer=PATH, as `xpmodel tokenizer train` writes) is read as it is.
+Token files come from `data.prepare`, which caches them too, so an unchanged
+corpus is never tokenized twice.
 """
 import hashlib
 import itertools
 
-from ..errors import DataError
+from ..config.sections import names_tokenizer_file
+from ..errors import DataError, UsageError
 from ..tokenizer.bpe import ENDOFTEXT, MASK, BPETokenizer
 from .batching import split_tokens
 from .prepare import CACHED_TOKENIZER, cache_root, prepare, remove_dead_temporaries
@@ -33,10 +35,13 @@ def run_cache_root(data_config):
 
 
 def build_tokenizer(data_config, say=print):
-    """The run's tokenizer: bytes, or BPE trained on (the start of) the corpus."""
+    """The run's tokenizer: bytes, BPE trained on (the start of) the corpus, or
+    the tokenizer file data.tokenizer names."""
     specials = special_tokens(data_config)
     if data_config.tokenizer == "byte":
         return BPETokenizer(special_tokens=specials)
+    if names_tokenizer_file(data_config.tokenizer):
+        return _tokenizer_file(data_config.tokenizer, specials)
     source = resolve_source(data_config.source)
     facts = f"bpe-{data_config.vocab_size}\0{corpus_fingerprint(source)}"
     if specials != (ENDOFTEXT,):
@@ -57,6 +62,22 @@ def build_tokenizer(data_config, say=print):
     tokenizer = BPETokenizer.train(_leading_texts(itertools.chain(first, pieces), _TOKENIZER_TRAIN_BYTES),
                                    data_config.vocab_size, special_tokens=specials)
     tokenizer.save(path)
+    return tokenizer
+
+
+def _tokenizer_file(path, specials):
+    """The tokenizer in the file `path` (data.tokenizer), as it is: it must
+    reserve <|mask|> when the run masks. The run saves it as its own tokenizer,
+    and its fingerprint keys the token cache, so an edited file tokenizes afresh."""
+    try:
+        tokenizer = BPETokenizer.load(path)
+    except DataError as exc:
+        raise DataError(f"data.tokenizer: {exc}") from None
+    if MASK in specials and tokenizer.mask_id is None:
+        raise UsageError(f"data.tokenizer: {path}: the tokenizer does not reserve {MASK}, which "
+                         f"data.token_dropout_mode=mask needs (xpmodel tokenizer train reserves "
+                         f"only {ENDOFTEXT}): use data.token_dropout_mode=random, or "
+                         f"data.tokenizer=bpe to learn one that reserves it")
     return tokenizer
 
 
