@@ -3,6 +3,7 @@ trial: SPEC values of the wrong kind, --max-iters 0, a folder another sweep
 process holds; a sweep whose every trial fails exits non-zero, and a rerun
 retries its failed trials."""
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -230,3 +231,38 @@ def test_a_huge_grid_is_counted_not_listed(tmp_path):
         _plan(specs, None)
     with pytest.raises(UsageError, match="--trials 1,000,000: a sweep plans at most 100,000"):
         _plan(["train.lr=log:1e-4..1e-2"], 1_000_000)
+
+
+def _readme_sweep_commands():
+    """The arguments of every `xpmodel sweep` command in README.md's code blocks."""
+    import shlex
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    commands, line = [], ""
+    for raw in readme.splitlines():
+        line += raw.rstrip("\\").strip() + " "
+        if raw.endswith("\\"):
+            continue
+        text, line = line.strip().removeprefix("$ "), ""
+        if text.startswith("xpmodel sweep ") and "..." not in text:
+            commands.append(shlex.split(text.partition("#")[0].rstrip(" &"))[2:])
+    return commands
+
+
+def test_the_readmes_sweep_examples_start_from_what_a_wheel_installs(tmp_path):
+    """Each names a shipped config and reads a built-in corpus (no clone's file),
+    and plans its trials from them."""
+    from xpmodel.cli.main import build_parser
+    from xpmodel.config import load_config, shipped_configs
+    from xpmodel.data.builtin_corpora import BUILTIN_NAMES
+    from xpmodel.tune.preset import open_sweep
+    commands = _readme_sweep_commands()
+    assert len(commands) >= 4, commands
+    for args in commands:
+        parsed = build_parser().parse_args(["sweep", *args])
+        assert parsed.config in shipped_configs(), args
+        assert all(not spec.startswith("data.") for spec in parsed.specs), args
+        assert load_config(parsed.config).data.source in BUILTIN_NAMES
+        if parsed.preset is None and parsed.sampler != "tpe":
+            open_sweep(tmp_path / "sweep", parsed.config, parsed.specs, show=False,
+                       trials=parsed.trials, max_iters=parsed.max_iters).close()
+            shutil.rmtree(tmp_path / "sweep")
