@@ -402,6 +402,21 @@ def test_import_hf_into_an_existing_run_does_not_suggest_resume(capsys, run, tmp
     assert "--resume" not in err and "--overwrite" in err
 
 
+@pytest.mark.parametrize("args, flag", [
+    (["sample", "HF"], "RUN_DIR"), (["eval", "HF"], "RUN_DIR"), (["plot", "HF"], "RUN_DIR"),
+    (["export-hf", "HF", "elsewhere"], "RUN_DIR"), (["train", "--resume", "HF"], "--resume"),
+    (["doctor", "HF"], "CONFIG_OR_RUN"), (["lr-find", "--config", "HF"], "--config"),
+    (["compare", "HF"], "RUN")])
+def test_a_hugging_face_folder_given_as_a_run_is_told_to_import_hf(capsys, run, tmp_path,
+                                                                   monkeypatch, args, flag):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(capsys, "export-hf", run, "hf/my-gpt2")[0] == 0
+    _, err = refused(capsys, *[a.replace("HF", "hf/my-gpt2") for a in args])
+    assert err == (f"error: {flag} hf/my-gpt2: not an xpmodel run (no run.json) but a Hugging Face "
+                   f"model folder (config.json); make it a run with: xpmodel import-hf hf/my-gpt2 "
+                   f"--out RUN_DIR\n")
+
+
 def test_init_from_a_missing_folder_says_so(capsys, tmp_path):
     missing = tmp_path / "X"
     _, err = refused(capsys, "train", "--config", TINY, "--init-from", missing, "--out", missing)

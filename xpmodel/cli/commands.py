@@ -8,6 +8,7 @@ from ..cpu_threads import usable_cores
 from ..errors import DataError, UsageError, quote
 from ..files import inside, open_regular, same_file
 from ..train.outputs import check_output, check_output_dir
+from .inputs import refuse_model_folder
 
 _EVAL_TOKENS_PER_BATCH = 4096
 
@@ -36,6 +37,7 @@ def _train(args, device, dist):
         if args.config or args.init_from or args.out:
             raise UsageError("--resume RUN_DIR takes its config from the run; drop --config, "
                              "--init-from and --out (KEY=VALUE may change train.* settings)")
+        refuse_model_folder(args.resume, "--resume")
         run = RunDir(args.resume)
         run.require_run("--resume")
         with run.lock("--resume") if is_main else nullcontext():
@@ -181,6 +183,7 @@ def sample_command(args):
     if args.seed is not None and not 0 <= args.seed < 2**63:
         raise UsageError(f"--seed must be an integer from 0 to 2**63 - 1, got {quote(args.seed, 40)}")
     _check_utf8("--prompt", args.prompt)
+    refuse_model_folder(args.run_dir, "RUN_DIR")
     model, tokenizer = load(args.run_dir, device=args.device, checkpoint=args.checkpoint,
                             kernels=args.kernels)
     context = tokenizer.encode(args.prompt, allowed_special="all")
@@ -222,6 +225,7 @@ def eval_command(args):
     from ..train.runs import load
     if args.batches is not None and args.batches < 1:
         raise UsageError(f"--batches must be at least 1, got {args.batches}")
+    refuse_model_folder(args.run_dir, "RUN_DIR")
     model, tokenizer = load(args.run_dir, device=args.device, checkpoint=args.checkpoint,
                             kernels=args.kernels)
     config = RunDir(args.run_dir).load_config()
@@ -248,6 +252,7 @@ def eval_command(args):
 
 def plot_command(args):
     from ..tune.plot import plot_run
+    refuse_model_folder(args.run_dir, "RUN_DIR")
     for path in plot_run(args.run_dir, args.out, overwrite=args.overwrite):
         print(f"wrote {path}")
     return 0
@@ -337,6 +342,7 @@ def _overlap(a, b):
 def export_hf_command(args):
     from ..hf.convert import export_hf
     from ..train.runs import load, overlaps_source, special_ids, weight_sources
+    refuse_model_folder(args.run_dir, "RUN_DIR")
     if _overlap(args.out_dir, args.run_dir):
         raise UsageError(f"OUT_DIR {args.out_dir}: overlaps the run {args.run_dir}; export to a "
                          f"folder outside it")
@@ -394,6 +400,7 @@ def _check_subject(target, flag):
     config."""
     from ..train.rundir import RunDir
     if os.path.isdir(target):
+        refuse_model_folder(target, flag)
         RunDir(target).require_run(flag)
     _refuse_empty_config(target, flag)
 
@@ -443,6 +450,8 @@ def compare_command(args):
     from ..tune.compare import differing_keys, find_runs, plot_runs, runs_table, summarize
     from ..tune.plot import check_png_output
     png = check_png_output(args.out)
+    for folder in args.run_dirs:
+        refuse_model_folder(folder, "RUN")
     runs = [run for folder in args.run_dirs for run in find_runs(folder)]
     if not runs:
         raise UsageError(f"no runs in {' '.join(args.run_dirs)}")
