@@ -64,10 +64,16 @@ def test_the_wheel_holds_exactly_the_package_tree(built):
     assert sorted(shipped - expected) == [], "in the wheel but not in the package tree"
 
 
+def wheel_metadata(built):
+    """The wheel's METADATA as an email message."""
+    with zipfile.ZipFile(built["wheel"]) as wheel:
+        return email.message_from_string(wheel.read(f"xpmodel-{version()}.dist-info/METADATA").decode())
+
+
 def test_the_wheel_metadata_is_ready_for_an_index(built):
     dist_info = f"xpmodel-{version()}.dist-info"
+    metadata = wheel_metadata(built)
     with zipfile.ZipFile(built["wheel"]) as wheel:
-        metadata = email.message_from_string(wheel.read(f"{dist_info}/METADATA").decode())
         entry_points = wheel.read(f"{dist_info}/entry_points.txt").decode()
         license_text = wheel.read(f"{dist_info}/licenses/LICENSE").decode()
     assert built["wheel"].name == f"xpmodel-{version()}-py3-none-any.whl"
@@ -81,6 +87,13 @@ def test_the_wheel_metadata_is_ready_for_an_index(built):
     requires = metadata.get_all("Requires-Dist")
     for name in ("numpy", "ml_dtypes", "rich", "pyyaml", "regex", "safetensors", "threadpoolctl"):
         assert any(r.startswith(f"{name}>=") and "extra ==" not in r for r in requires), name
+
+
+def test_the_tensorboard_extra_brings_the_tensorboard_command(built):
+    # the README's `pip install 'xpmodel[tensorboard]'` is followed by `tensorboard --logdir`
+    extra = [r.split(";")[0] for r in wheel_metadata(built).get_all("Requires-Dist")
+             if 'extra == "tensorboard"' in r]
+    assert sorted(r.split(">=")[0] for r in extra) == ["tensorboard", "tensorboardX"]
 
 
 def test_the_sdist_holds_the_sources_their_tests_and_the_license(built):
