@@ -7,6 +7,7 @@ else. A new subpackage or data file that the build would miss fails here.
 """
 import ast
 import email
+import re
 import shutil
 import subprocess
 import sys
@@ -87,6 +88,14 @@ def test_the_wheel_metadata_is_ready_for_an_index(built):
     requires = metadata.get_all("Requires-Dist")
     for name in ("numpy", "ml_dtypes", "rich", "pyyaml", "regex", "safetensors", "threadpoolctl"):
         assert any(r.startswith(f"{name}>=") and "extra ==" not in r for r in requires), name
+
+
+def test_the_readme_names_every_runtime_dependency(built):
+    runtime = {re.split(r"[<>=!~ ;\[]", r)[0].lower() for r in wheel_metadata(built).get_all("Requires-Dist")
+               if "extra ==" not in r}
+    sentence = re.search(r"The runtime needs only ([^.]*)\.", " ".join((REPO / "README.md").read_text().split()))
+    named = set(re.findall(r"[a-z][a-z0-9_]*", re.sub(r"\([^)]*\)", "", sentence[1]))) - {"and"}
+    assert "ml_dtypes" in runtime and named == runtime
 
 
 def test_the_tensorboard_extra_brings_the_tensorboard_command(built):
