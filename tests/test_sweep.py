@@ -73,8 +73,9 @@ def test_a_second_process_on_the_same_sweep_folder_is_refused(capsys, tmp_path):
 
 def test_a_sweep_whose_every_trial_fails_exits_non_zero_and_a_rerun_retries(capsys, tmp_path):
     out = tmp_path / "sweep"
-    args = ["sweep", "--config", TINY, "--out", out, f"data.source={tmp_path / 'missing.txt'}",
-            "train.lr=1e-3,2e-3"]
+    garbled = tmp_path / "garbled.txt"       # a corpus that exists, but no trial can decode
+    garbled.write_bytes(b"text, then bytes that are not UTF-8: \xff\xfe\n" * 50)
+    args = ["sweep", "--config", TINY, "--out", out, f"data.source={garbled}", "train.lr=1e-3,2e-3"]
     code, stdout, err = run_cli(capsys, *args)
     assert code == 1, (stdout, err)
     assert_one_line_error(err)
@@ -88,6 +89,53 @@ def test_a_sweep_whose_every_trial_fails_exits_non_zero_and_a_rerun_retries(caps
     log = (out / "logs" / "trial-000.log").read_text()
     assert log.count("$ ") == 2, log          # started again, not skipped as done
     assert time.time() - started < 120
+
+
+@pytest.mark.parametrize("source_spec", ["data.source={missing}", "data.source={corpus},{missing}"])
+def test_a_corpus_no_trial_can_read_is_refused_before_anything_is_written(capsys, tmp_path,
+                                                                          source_spec):
+    """Fixed or swept, a data.source that does not resolve is named in one line,
+    and --out is not created, so the corrected command runs on it."""
+    from cli_helpers import write_corpus
+    corpus, missing = write_corpus(tmp_path / "corpus.txt", lines=50), tmp_path / "missing.txt"
+    out = tmp_path / "sweep"
+    spec = source_spec.format(corpus=corpus, missing=missing)
+    code, stdout, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out, spec,
+                                "train.lr=1e-3,2e-3")
+    assert code == 2, (stdout, err)
+    assert_one_line_error(err)
+    assert f"data.source {missing}: no such file or folder; no trial could read it" in err
+    assert "started" not in stdout and not out.exists()
+    code, stdout, err = run_cli(capsys, "sweep", "--preset", "tuning-order", "--config", TINY,
+                                "--out", out, f"data.source={missing}")
+    assert code == 2 and f"data.source {missing}: no such file or folder" in err, (stdout, err)
+    assert not out.exists()
+
+
+def test_a_sweep_folder_where_no_trial_started_takes_other_settings(capsys, tmp_path):
+    """A plan that never ran is replaced by a command with other settings, saying
+    so; once a trial has started, other settings are refused."""
+    out = tmp_path / "sweep"
+    _planned_sweep(out)
+    code, stdout, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out, "--max-iters", 3,
+                                f"data.source={tmp_path / 'missing.txt'}", "train.lr=1e-3,3e-3")
+    assert code == 2 and "no such file or folder" in err      # refused: the plan is kept
+    assert json.loads((out / "sweep.json").read_text())["plan"]["specs"] == ["train.lr=1e-3,2e-3"]
+    from cli_helpers import write_corpus
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=50)
+    args = ["sweep", "--config", TINY, "--out", out, "--max-iters", 3, f"data.source={corpus}",
+            "train.lr=1e-3,3e-3"]
+    code, stdout, err = run_cli(capsys, *args)
+    assert code == 0, (stdout, err)
+    assert f"--out {out}: no trial of the sweep there had started; planned it again with these " \
+           f"settings (specs, max_iters differed)" in stdout
+    state = json.loads((out / "sweep.json").read_text())
+    assert [t["params"] for t in state["trials"]] == [{"train.lr": 1e-3}, {"train.lr": 3e-3}]
+    assert [t["status"] for t in state["trials"]] == ["done", "done"]
+    code, _, err = run_cli(capsys, *args[:-1], "train.lr=1e-3,4e-3")
+    assert code == 2
+    assert_one_line_error(err)
+    assert f"--out {out}: holds a sweep with other settings (specs differ)" in err
 
 
 def test_a_sweep_never_writes_over_its_config_or_its_base(capsys, tmp_path):

@@ -60,7 +60,8 @@ from ..train.outputs import check_holds_no_input
 from ..train.rundir import LOCK_NAME, RunDir
 from ..train.runlock import RunLock
 from .compare import format_table
-from .sweep_plan import format_value, grid_size, parse_spec, plan_trials, trial_overrides
+from .sweep_plan import (check_data_sources, format_value, grid_size, parse_spec, plan_trials,
+                         trial_overrides)
 from .sweep_state import FORMAT, SweepDir, trial_name
 from .plot import pyplot, save_figure
 
@@ -106,6 +107,7 @@ class Sweep:
                              f"use --sampler random or tpe")
         self.sampler = sampler or natural
         grid_size(params, trials)       # a grid too large to run whole is refused before writing
+        check_data_sources(self.config, params, fixed)     # and so is a corpus no trial can read
         self.params, self.fixed, self.trials_wanted, self.seed = params, fixed, trials, seed
         plan = {"config": self.config, "specs": list(specs), "trials": trials,
                 "max_iters": max_iters, "metric": metric, "seed": seed}
@@ -134,13 +136,15 @@ class Sweep:
 
     def _open_state(self, out, plan, fixed):
         state = self._load_state()
-        if state is not None:
-            if state["plan"] != plan:
-                changed = [k for k in plan if plan[k] != state["plan"].get(k)]
-                raise UsageError(f"--out {out}: holds a sweep with other settings ({', '.join(changed)} "
-                                 f"differ); run the same command to resume it, or choose another --out")
+        if state is not None and state["plan"] == plan:
             return state
-        if self.dir.path.is_dir() and any(p.name != LOCK_NAME for p in self.dir.path.iterdir()):
+        replaced = None         # the settings of a never-started plan this one replaces
+        if state is not None:
+            replaced = ", ".join(k for k in plan if plan[k] != state["plan"].get(k))
+            if not self._never_started(state):
+                raise UsageError(f"--out {out}: holds a sweep with other settings ({replaced} "
+                                 f"differ); run the same command to resume it, or choose another --out")
+        elif self.dir.path.is_dir() and any(p.name != LOCK_NAME for p in self.dir.path.iterdir()):
             raise UsageError(f"--out {out}: exists and is not a sweep; choose another --out")
         if self.dir.path.exists() and not self.dir.path.is_dir():
             raise UsageError(f"--out {out}: exists and is not a directory; choose another --out")
@@ -149,7 +153,17 @@ class Sweep:
                  "trials": [{"name": trial_name(i), "params": p, "status": "pending"}
                             for i, p in enumerate(planned)]}
         self.dir.save(state)
+        if replaced is not None and self.show:
+            print(f"--out {out}: no trial of the sweep there had started; planned it again with "
+                  f"these settings ({replaced} differed)", flush=True)
         return state
+
+    def _never_started(self, state):
+        """Whether the sweep folder holds a plan and nothing else (its lock
+        aside): no trial ever started, so a sweep with other settings may
+        replace that plan. Only this process writes it (ONE_PROCESS)."""
+        return self.ONE_PROCESS and all(t["status"] == "pending" for t in state["trials"]) and \
+            all(p.name in (LOCK_NAME, self.dir.state_path.name) for p in self.dir.path.iterdir())
 
     def _load_state(self):
         """sweep.json, waiting a moment for another worker that is creating it."""

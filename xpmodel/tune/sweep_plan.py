@@ -4,7 +4,8 @@ them) and the trials they plan.
 Every value is checked against its key when the SPEC is read, and every
 planned trial against the whole config (draws that make an invalid config
 are drawn again). When swept, train.lr carries train.min_lr along at the base
-config's ratio (unless train.min_lr is swept too).
+config's ratio (unless train.min_lr is swept too). The corpus every trial
+would read is resolved before the sweep writes anything (check_data_sources).
 """
 import math
 import random
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 import numpy
 
 from ..config import check_key, check_override, load_config
-from ..errors import UsageError, quote
+from ..data.sources import resolve_source
+from ..errors import DataError, UsageError, quote
 
 _RESAMPLE_TRIES = 200
 # A sweep's trials are listed in sweep.json and each trains a run: no sweep
@@ -177,3 +179,18 @@ def check_trial(config_name, params, fixed):
     except UsageError as exc:
         shown = ", ".join(f"{k}={format_value(v)}" for k, v in params.items())
         raise UsageError(f"the trial {shown} is not a valid config: {exc}") from None
+
+
+def check_data_sources(config_name, params, fixed):
+    """Refuse, in one line naming it, a data.source that no trial could read
+    (a missing file, an empty folder): the base config's with the fixed
+    values, or each value a SPEC gives data.source. Every trial would fail
+    the same way."""
+    swept = next((p for p in params if p.key == "data.source"), None)
+    sources = swept.values if swept is not None else \
+        [load_config(config_name, list(fixed)).data.source]
+    for source in sources:
+        try:
+            resolve_source(source)
+        except DataError as exc:
+            raise UsageError(f"data.source {exc}; no trial could read it") from None
