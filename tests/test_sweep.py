@@ -186,6 +186,41 @@ def test_a_preset_reads_its_configs_base_chain_once_before_its_first_stage(tmp_p
     assert opened == [("1-lr", ["train.lr=0.0001,0.0003,0.001,0.003,0.01", "model.n_layer=2"])]
 
 
+def test_the_batch_stage_says_its_winner_is_the_largest_batch_that_finished(tmp_path, monkeypatch,
+                                                                            capsys):
+    """Stage 2-batch keeps the largest batch size whose trial finished, even where
+    a smaller one had the better val_loss; its winner line says so."""
+    import xpmodel.tune.preset as preset
+    from xpmodel.config import load_config, save_config
+
+    class StageSweep:
+        def __init__(self, out, config, specs, largest=None, **options):
+            self.out, self.config, self.key = out, config, specs[0].partition("=")[0]
+            self.values = [float(v) if "." in v or "e" in v else int(v)
+                           for v in specs[0].partition("=")[2].split(",")]
+
+        def run(self):
+            losses = [2.0, 2.5, 3.0, 3.5, 4.0][:len(self.values)]     # the first value does best
+            rows = [{"trial": f"trial-00{i}", "status": "done", self.key: value, "val_loss": loss}
+                    for i, (value, loss) in enumerate(zip(self.values, losses))]
+            best = rows[-1] if self.key == "train.batch_size" else rows[0]
+            self.out.mkdir(parents=True)
+            save_config(load_config(self.config, [f"{self.key}={best[self.key]}"]),
+                        self.out / "best.yaml")
+            return {"metric": "val_loss", "best": best["trial"],
+                    "best_params": {self.key: best[self.key]}, "trials": rows}
+
+        def table(self):
+            return []
+
+    monkeypatch.setattr(preset, "open_sweep", StageSweep)
+    assert preset.run_preset(tmp_path / "tuned", str(TINY)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "stage 1-lr winner: lr=0.0003" in lines
+    assert "stage 2-batch winner: batch_size=16 (the largest batch_size that finished; " \
+           "batch_size=4 had the best val_loss)" in lines
+
+
 def _planned_sweep(out):
     """A sweep folder with its two trials planned (none run) and its sweep.json document."""
     from xpmodel.tune.preset import open_sweep

@@ -82,8 +82,23 @@ def run_preset(out, config, specs=(), **options):
         if not results["best"]:
             raise XpmodelError(f"stage {name}: no trial finished; see the logs in "
                                f"{out / name / 'logs'}")
-        print(f"stage {name} winner: {params_text(results['best_params'])}", flush=True)
+        print(f"stage {name} winner: {params_text(results['best_params'])}"
+              f"{_rule(results, largest)}", flush=True)
         config = str(out / name / "best.yaml")
     save_config(load_config(config), out / "best.yaml")
     print(f"best config: {out / 'best.yaml'} (xpmodel train --config {out / 'best.yaml'})")
     return 0
+
+
+def _rule(results, largest):
+    """How a stage that keeps the largest finished value of `largest` chose its
+    winner, naming the value with the best metric where that is another."""
+    if largest is None:
+        return ""
+    metric, short = results["metric"], largest.split(".")[-1]
+    done = [row for row in results["trials"] if row["status"] == "done" and row[metric] is not None]
+    best = min(done, key=lambda row: row[metric])
+    if best["trial"] == results["best"]:
+        return f" (the largest {short} that finished, and the best {metric})"
+    return (f" (the largest {short} that finished; {short}={format_value(best[largest])} had "
+            f"the best {metric})")
