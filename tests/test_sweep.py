@@ -138,6 +138,21 @@ def test_a_sweep_folder_where_no_trial_started_takes_other_settings(capsys, tmp_
     assert f"--out {out}: holds a sweep with other settings (specs differ)" in err
 
 
+def test_each_started_line_names_the_trials_log(capsys, tmp_path):
+    """Outside a terminal the sweep prints a line per event; between a trial's
+    start and its end, its log is where its progress shows."""
+    from cli_helpers import write_corpus
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=50)
+    out = tmp_path / "sweep"
+    code, stdout, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out, "--max-iters", 3,
+                                f"data.source={corpus}", "train.lr=1e-3,2e-3")
+    assert code == 0, (stdout, err)
+    for name, lr in (("trial-000", "0.001"), ("trial-001", "0.002")):
+        log = out / "logs" / f"{name}.log"
+        assert f"{name} started: lr={lr} (log: {log})" in stdout.splitlines()
+        assert "xpmodel train --quiet" in log.read_text()
+
+
 def test_a_sweep_never_writes_over_its_config_or_its_base(capsys, tmp_path):
     out = tmp_path / "tuned"
     out.mkdir()

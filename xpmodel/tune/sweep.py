@@ -301,7 +301,7 @@ class Sweep:
         trial["status"] = "running"
         trial.setdefault("step", 0)
         self._save()
-        self._say(f"{name} started: {params_text(trial['params'])}")
+        self._say(f"{name} started: {params_text(trial['params'])} (log: {log_path})")
         return process, trial, slot, log
 
     def _read_progress(self, trial):
