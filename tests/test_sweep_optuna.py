@@ -60,6 +60,8 @@ def test_tpe_sweep_prunes_a_trial_and_resumes_after_kill_9(capsys, tmp_path, cor
     code, text, err = run_cli(capsys, *args)
     assert code == 0, err
     assert "resuming the sweep" in text and "1 of 4 trials done" in text
+    assert f"trial-001 resumed at step {interrupted_at}: lr=0.01 (log: {out / 'logs' / 'trial-001.log'})" \
+        in text.splitlines()
     assert states(out) == ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE"]
     trials = study_of(out).get_trials()
     assert "median pruner" in trials[2].user_attrs["pruned_at"]

@@ -392,6 +392,9 @@ def test_sweep_prunes_a_trial_and_resumes_after_kill_9(capsys, tmp_path, corpus)
     code, text, err = run_cli(capsys, *args)
     assert code == 0, err
     assert "resuming the sweep" in text and "1 of 4 trials done" in text
+    assert f"trial-001 resumed at step {interrupted_at}: lr=0.01 (log: {out / 'logs' / 'trial-001.log'})" \
+        in text.splitlines()
+    assert "trial-002 started: lr=1e-06" in text
     state = json.loads((out / "sweep.json").read_text())
     assert [t["status"] for t in state["trials"]] == ["done", "done", "pruned", "done"]
     assert "median" in state["trials"][2]["pruned_at"]

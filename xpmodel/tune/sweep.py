@@ -56,6 +56,7 @@ from ..config import config_files, load_config, save_config
 from ..cpu_threads import thread_count
 from ..errors import UsageError, XpmodelError, quote
 from ..files import finite_json_number
+from ..train.checkpoint import step_of_name
 from ..train.outputs import check_holds_no_input
 from ..train.rundir import LOCK_NAME, RunDir
 from ..train.runlock import RunLock
@@ -278,9 +279,11 @@ class Sweep:
         log_path = self.dir.log_path(name)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "xpmodel", "train", "--quiet"]
+        started = "started"
         if RunDir(run_dir).is_run():
             _wait_for_lock(RunDir(run_dir))   # a trial of a killed sweep still saving
             command += ["--resume", str(run_dir)]
+            started = _resumed_at(RunDir(run_dir))
         else:
             run_dir.parent.mkdir(parents=True, exist_ok=True)
             command += ["--config", self.config, "--out", str(run_dir),
@@ -301,7 +304,7 @@ class Sweep:
         trial["status"] = "running"
         trial.setdefault("step", 0)
         self._save()
-        self._say(f"{name} started: {params_text(trial['params'])} (log: {log_path})")
+        self._say(f"{name} {started}: {params_text(trial['params'])} (log: {log_path})")
         return process, trial, slot, log
 
     def _read_progress(self, trial):
@@ -452,6 +455,13 @@ class _SweepLock(RunLock):
             if holder else ""
         return (f"{self.flag} {self.run.path}: in use by another xpmodel sweep{who}; one process "
                 f"runs a grid or random sweep at a time: wait for it to finish or stop it first")
+
+
+def _resumed_at(run):
+    """'resumed at step N': N is the step of the run's newest readable checkpoint,
+    the one `xpmodel train --resume` starts from (its log says which it took)."""
+    path, _ = run.latest_checkpoint()
+    return "resumed" if path is None else f"resumed at step {step_of_name(path.name)}"
 
 
 def _wait_for_lock(run, timeout_s=120):
