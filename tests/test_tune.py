@@ -232,6 +232,26 @@ def test_health_records_per_layer_and_their_heatmap(capsys, tmp_path, corpus):
         assert (tmp_path / "run" / "loss-health.png").stat().st_size > 5_000
 
 
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="the heatmap needs matplotlib")
+@pytest.mark.parametrize("steps, extent", [(list(range(100, 1001, 100)), (0, 1000)),
+                                           ([250], (0, 250)), ([60, 70, 80], (50, 80))])
+def test_the_health_heatmap_ends_at_the_last_step(steps, extent):
+    """Each cell spans the steps up to its record's, so a 1000-step run's axis
+    ends at step 1000 (it ran on to 1100)."""
+    from xpmodel.tune.plot import draw_health, pyplot
+    plt = pyplot()
+    groups = ["embed", "h.0", "head"]
+    records = [{"type": "health", "step": step, "groups": groups, "grad_norm": [0.5, 1.0, 2.0],
+                "update_ratio": [1e-3, 2e-3, 3e-3], "weight_norm": [1.0, 1.0, 1.0]} for step in steps]
+    fig = draw_health(plt, records, "health")
+    try:
+        for ax in fig.axes[:2]:
+            assert ax.get_xlim() == extent
+            assert ax.collections[0].get_coordinates()[0, :, 0].tolist() == [extent[0], *steps]
+    finally:
+        plt.close(fig)
+
+
 def test_health_off_writes_no_records(tmp_path, corpus):
     tiny_trainer(tmp_path, corpus, "train.health_interval=0").run()
     assert records(tmp_path / "run", "health") == []

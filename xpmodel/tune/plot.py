@@ -123,9 +123,11 @@ def draw_health(plt, records, title):
     groups = [all_groups[i] for i in rows]
     if len(groups) < len(all_groups):
         title += f" ({len(groups)} of {len(all_groups):,} groups, evenly spaced)"
+    # a record's cell spans the steps since the one before, so the axis ends at the last
+    # record's step; the first cell is as wide as the second (reaches step 0 when alone)
     steps = [r["step"] for r in records]
-    edges = numpy.array(steps + [steps[-1] + (steps[-1] - steps[-2] if len(steps) > 1 else 1)],
-                        dtype=float)
+    width = steps[1] - steps[0] if len(steps) > 1 else steps[0]
+    edges = numpy.array([max(0, steps[0] - width)] + steps, dtype=float)
     fig, axes = plt.subplots(2, 1, figsize=(9, 1.2 + 0.35 * len(groups) * 2 + 1), sharex=True)
     for ax, key, label in ((axes[0], "grad_norm", "log10 gradient norm"),
                            (axes[1], "update_ratio", "log10 |update| / |weights|")):
