@@ -235,6 +235,35 @@ def test_eval_on_the_validation_split_and_on_a_file(trained, tmp_path, capsys):
     assert 0 < float(loss) < 10 and int(tokens.replace(",", "")) > 0
 
 
+def test_a_data_source_or_file_that_names_nothing_exits_2_as_other_input_mistakes(trained,
+                                                                                  tmp_path, capsys):
+    """What the command was asked to read is not there: a usage mistake (2),
+    named by its flag, before anything is written. A file that is there but
+    cannot be used is bad data, a runtime failure (1)."""
+    run, missing = trained["run"], tmp_path / "nope.txt"
+    for args, message in (
+            (["eval", run, "--data", missing], f"--data {missing}: no such file or folder"),
+            (["eval", run, "--data", tmp_path / "nope*.txt"], "nope*.txt: glob matched no files"),
+            (["train", "--config", TINY, "--out", tmp_path / "new", f"data.source={missing}"],
+             f"data.source {missing}: no such file or folder"),
+            (["tokenizer", "train", missing, "--vocab-size", 300, "--out", tmp_path / "tok.json"],
+             f"SOURCE {missing}: no such file or folder"),
+            (["prepare", missing, "--tokenizer", run / "tokenizer.json"],
+             f"SOURCE {missing}: no such file or folder"),
+            (["prepare", trained["corpus"], "--tokenizer", tmp_path / "tok.json"],
+             f"--tokenizer {tmp_path / 'tok.json'}: no such tokenizer file")):
+        code, _, err = run_cli(capsys, *args)
+        assert code == 2, (args, err)
+        assert_one_line_error(err)
+        assert message in err
+    assert list(tmp_path.iterdir()) == []   # nothing written, not even a cache
+    (tmp_path / "binary.txt").write_bytes(b"\x00\x01 not text")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    for data, message in (("binary.txt", "binary file, not text"), ("empty.txt", "empty corpus")):
+        code, _, err = run_cli(capsys, "eval", run, "--data", tmp_path / data)
+        assert code == 1 and message in err, err
+
+
 # ---- plot --------------------------------------------------------------------------
 
 def test_plot_writes_a_png(trained, tmp_path, capsys):

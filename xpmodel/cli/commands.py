@@ -8,7 +8,7 @@ from ..cpu_threads import usable_cores
 from ..errors import DataError, UsageError, quote
 from ..files import inside, open_regular, same_file
 from ..train.outputs import check_output, check_output_dir
-from .inputs import refuse_model_folder
+from .inputs import corpus, existing_file, refuse_model_folder
 
 _EVAL_TOKENS_PER_BATCH = 4096
 
@@ -32,6 +32,7 @@ def _train(args, device, dist):
     from ..config import load_config_and_files
     from ..train import Trainer
     from ..train.rundir import RunDir, default_run_path
+    from ..train.setup import absolute_source, check_out_outside_corpus
     is_main = dist is None or dist.is_main
     if args.resume:
         if args.config or args.init_from or args.out:
@@ -71,6 +72,9 @@ def _train(args, device, dist):
         if RunDir(out).owns(source):
             raise UsageError(f"--out {out}: holds {source} among its run files, which this "
                              f"command reads (the config or its base); choose another --out")
+    # A glob reaching into --out is named first: it may match nothing until the run writes there.
+    check_out_outside_corpus(absolute_source(config.data.source), out)
+    corpus(config.data.source, "data.source")
     if not args.out and out.name != Path(config_name).stem and is_main:
         print(f"{out.parent / Path(config_name).stem} already exists, so this run goes to {out} "
               f"(--out chooses the folder; --resume continues a run)", flush=True)
@@ -226,17 +230,18 @@ def eval_command(args):
     if args.batches is not None and args.batches < 1:
         raise UsageError(f"--batches must be at least 1, got {args.batches}")
     refuse_model_folder(args.run_dir, "RUN_DIR")
+    source = None if args.data is None else corpus(args.data, "--data")
     model, tokenizer = load(args.run_dir, device=args.device, checkpoint=args.checkpoint,
                             kernels=args.kernels)
     config = RunDir(args.run_dir).load_config()
     T = model.config.block_size
-    if args.data is None:
+    if source is None:
         _, tokens = load_tokens(config.data, tokenizer, T, show_progress=False)
         what = "validation split"
     else:
         from ..data.corpus import encoding_workers, run_cache_root
-        path = prepare(args.data, tokenizer, cache_dir=run_cache_root(config.data) / "tokens",
-                       workers=encoding_workers(args.data))
+        path = prepare(source, tokenizer, cache_dir=run_cache_root(config.data) / "tokens",
+                       workers=encoding_workers(source))
         tokens = read_token_file(path, expected_fingerprint=tokenizer.fingerprint(),
                                  vocab_size=tokenizer.vocab_size)
         what = args.data
@@ -259,18 +264,19 @@ def plot_command(args):
 
 
 def prepare_command(args):
-    from ..data import prepare, read_token_header, resolve_source, sidecar_path, tokenizing_progress
+    from ..data import prepare, read_token_header, sidecar_path, tokenizing_progress
     from ..tokenizer.bpe import BPETokenizer
+    existing_file(args.tokenizer, "--tokenizer", "tokenizer file")
     tokenizer = BPETokenizer.load(args.tokenizer)
     workers = _encoding_workers(args.workers)
     if args.preview is not None and args.preview < 1:
         raise UsageError(f"--preview must be at least 1 token, got {args.preview}")
+    source = corpus(args.source, "SOURCE")
     if args.out is not None:
-        source = resolve_source(args.source)
         for target in (Path(args.out), sidecar_path(args.out)):   # the token file and its sidecar
             check_output(target, "--out", [*source.files, Path(args.tokenizer)], args.overwrite)
     with tokenizing_progress() as progress:
-        path = prepare(args.source, tokenizer, out_path=args.out, workers=workers,
+        path = prepare(source, tokenizer, out_path=args.out, workers=workers,
                        progress=progress)
     header = read_token_header(path)
     print(f"wrote {header.count:,} tokens to {path}")
@@ -312,11 +318,11 @@ def token_preview(tokenizer, ids, total):
 
 
 def tokenizer_train_command(args):
-    from ..data import iter_texts, resolve_source
+    from ..data import iter_texts
     from ..tokenizer.bpe import MAX_VOCAB, BPETokenizer
     if not 256 <= args.vocab_size <= MAX_VOCAB:
         raise UsageError(f"--vocab-size must be from 256 to {MAX_VOCAB:,}, got {args.vocab_size}")
-    source = resolve_source(args.source)
+    source = corpus(args.source, "SOURCE")
     check_output(args.out, "--out", source.files, args.overwrite)
     if args.export_hf:
         check_output_dir(args.export_hf, "--export-hf", source.files, args.overwrite)
@@ -406,7 +412,6 @@ def _check_subject(target, flag):
 
 
 def lr_find_command(args):
-    from ..data import resolve_source
     from ..tune.common import load_subject
     from ..tune.lr_find import check_ramp, lr_range_test, write_results
     from ..tune.plot import check_png_output
@@ -417,7 +422,7 @@ def lr_find_command(args):
     _check_subject(target, "--config")
     subject = load_subject(target, args.overrides)
     out = Path(args.out) if args.out else Path(f"lr-find-{subject.name}.png")
-    inputs = [*subject.config_files, *resolve_source(subject.config.data.source).files]
+    inputs = [*subject.config_files, *corpus(subject.config.data.source, "data.source").files]
     if subject.config.train.init_from:   # the run or model folder it starts from
         inputs.append(subject.config.train.init_from)
     for path in (out, out.with_suffix(".json")):   # the plot and its numbers

@@ -1,8 +1,14 @@
 """What a command checks of the paths it reads before it does any work: each
-mistake is a UsageError (exit 2) naming the argument and the way forward."""
+mistake is a UsageError (exit 2) naming the argument and the way forward.
+
+A path that names nothing (no such file, a glob that finds no text) is a
+mistake in what was asked, exit 2; a file that is there but cannot be used
+(empty, binary, not UTF-8, a FIFO, a damaged tokenizer) is bad data, found
+by its reader: a DataError, exit 1."""
+import os
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import DataError, UsageError
 
 
 def refuse_model_folder(path, flag):
@@ -15,3 +21,25 @@ def refuse_model_folder(path, flag):
         raise UsageError(f"{flag} {path}: not an xpmodel run (no run.json) but a Hugging Face "
                          f"model folder (config.json); make it a run with: xpmodel import-hf "
                          f"{path} --out RUN_DIR")
+
+
+def corpus(spec, flag):
+    """The corpus (data.Source) that `spec`, given as `flag`, names. A spec
+    that names nothing, neither a built-in corpus nor an existing path (no
+    such file or folder, a glob that finds no text, an empty spec), is a
+    UsageError naming the flag ("--data notes.txt: no such file or folder");
+    the DataError of one that is there stays as it is."""
+    from ..data import BUILTIN_NAMES, resolve_source
+    try:
+        return resolve_source(spec)
+    except DataError as exc:
+        if spec in BUILTIN_NAMES or os.path.exists(os.path.expanduser(spec)):
+            raise
+        raise UsageError(f"{flag} {exc}") from None
+
+
+def existing_file(path, flag, what):
+    """Refuse a file argument that names nothing ("--tokenizer tok.json: no
+    such tokenizer file"); what is there is for its reader to check."""
+    if not os.path.exists(path):
+        raise UsageError(f"{flag} {path}: no such {what}")

@@ -140,7 +140,7 @@ def optimizer_for(model, t):
     return AdamW(model, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
 
 
-def _absolute_source(source):
+def absolute_source(source):
     """data.source as the run keeps it: a path (or glob) made absolute, so the
     run resumes and evaluates from any folder; a built-in corpus name as it is."""
     return source if source in BUILTIN_NAMES else os.path.abspath(os.path.expanduser(source))
@@ -198,7 +198,7 @@ class RunSetup:
         the directory gets run.json only after its step-0 checkpoint."""
         is_main = dist is None or dist.is_main
         check_batches_fit(config)
-        config = replace(config, data=replace(config.data, source=_absolute_source(config.data.source)))
+        config = replace(config, data=replace(config.data, source=absolute_source(config.data.source)))
         device = get_device(device)
         if dist is not None:
             dist.shard(config.train.batch_size)   # refuses a batch the ranks cannot split
