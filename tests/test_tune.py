@@ -351,6 +351,23 @@ def test_runs_lists_status_steps_and_best_val_and_compare_overlays_them(capsys, 
         assert code == 2 and "needs matplotlib" in err
 
 
+def test_runs_lists_a_run_import_hf_made_as_imported(capsys, tmp_path, corpus):
+    """Not "stopped", which says to continue it with --resume: it never trained."""
+    from xpmodel.hf.convert import export_hf
+    from xpmodel.model.gpt import GPT, GPTConfig
+    from xpmodel.tokenizer.bpe import BPETokenizer
+    runs = tmp_path / "runs"
+    export_hf(GPT(GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16), seed=1),
+              BPETokenizer(), tmp_path / "hf")
+    assert run_cli(capsys, "import-hf", tmp_path / "hf", "--out", runs / "imported")[0] == 0
+    tiny_trainer(runs, corpus, "train.max_iters=60", name="cut")   # started, never trained
+    code, out, _ = run_cli(capsys, "runs", runs)
+    assert code == 0
+    lines = {line.split()[0].rsplit("/", 1)[-1]: line.split() for line in out.splitlines()[2:]}
+    assert lines["imported"][1:3] == ["imported", "0/700"]
+    assert lines["cut"][1:3] == ["stopped", "0/60"]
+
+
 def test_runs_and_compare_warn_once_about_a_damaged_metrics_line(capsys, tmp_path, corpus):
     tiny_trainer(tmp_path, corpus).run()
     metrics = tmp_path / "run" / "metrics.jsonl"

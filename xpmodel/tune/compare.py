@@ -1,8 +1,10 @@
 """`xpmodel runs` and `xpmodel compare`: what run directories hold, read from
 their metrics.jsonl (the source of truth), config.yaml and checkpoint headers.
 
-A run's status: "running" while a process holds its lock, "finished" once its
-last logged step reaches the config's length, else "stopped" (interrupted,
+A run's status: "running" while a process holds its lock, "imported" when
+`xpmodel import-hf` made it and it has not trained (its newest checkpoint is
+the step-0 one import-hf wrote, kind "imported"), "finished" once its last
+logged step reaches the config's length, else "stopped" (interrupted,
 early-stopped, diverged or killed: `xpmodel train --resume` continues it).
 """
 import math
@@ -59,17 +61,20 @@ def summarize(run):
         config = None
     step = train[-1]["step"] if train else 0
     total = config.train.max_iters if config is not None else None
+    # the newest checkpoint whose header reads cleanly (older ones are not read)
+    newest = next((header for _, header, _ in run.checkpoints_newest_first() if header is not None),
+                  None)
     if run.is_locked():
         status = "running"
+    elif not train and newest is not None and newest.meta.get("kind") == "imported":
+        status = "imported"
     elif total is not None and step >= total or (
             config is not None and config.train.epochs and train
             and train[-1].get("epoch", 0) >= config.train.epochs - 1e-9):
         status = "finished"
     else:
         status = "stopped"
-    # from the newest checkpoint whose header reads cleanly (older ones are not read)
-    tokens = next((header.meta.get("tokens_seen") for _, header, _ in run.checkpoints_newest_first()
-                   if header is not None), None)
+    tokens = newest.meta.get("tokens_seen") if newest is not None else None
     if tokens is None and config is not None:
         t = config.train
         tokens = step * t.batch_size * t.grad_accum * config.model.block_size
