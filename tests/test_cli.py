@@ -235,6 +235,23 @@ def test_eval_on_the_validation_split_and_on_a_file(trained, tmp_path, capsys):
     assert 0 < float(loss) < 10 and int(tokens.replace(",", "")) > 0
 
 
+@pytest.mark.parametrize("mistake, message", [
+    (["--device", "cuda:x"], "error: bad device 'cuda:x'"),
+    (["data.source=nope.txt"], "error: data.source nope.txt: no such file or folder")])
+def test_train_names_a_bad_device_or_data_source_before_choosing_a_run_folder(
+        mistake, message, tmp_path, monkeypatch, capsys):
+    """Without --out a run goes to runs/CONFIG, or runs/CONFIG-2 when that is
+    taken, and says so; a run that cannot start says nothing of a folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "tiny-run").mkdir(parents=True)
+    write_corpus(tmp_path / "corpus.txt", lines=100)
+    code, out, err = run_cli(capsys, "train", "--config", TINY, "--quiet", "data.source=corpus.txt",
+                             *mistake)
+    assert code == 2 and err.startswith(message), err
+    assert out == ""
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["tiny-run"]
+
+
 def test_a_data_source_or_file_that_names_nothing_exits_2_as_other_input_mistakes(trained,
                                                                                   tmp_path, capsys):
     """What the command was asked to read is not there: a usage mistake (2),

@@ -32,8 +32,10 @@ def _train(args, device, dist):
     from ..config import load_config_and_files
     from ..train import Trainer
     from ..train.rundir import RunDir, default_run_path
+    from ..backend import get_device
     from ..train.setup import absolute_source, check_out_outside_corpus
     is_main = dist is None or dist.is_main
+    get_device(device)   # a bad --device is named before anything is read or chosen
     if args.resume:
         if args.config or args.init_from or args.out:
             raise UsageError("--resume RUN_DIR takes its config from the run; drop --config, "
