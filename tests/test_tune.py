@@ -368,6 +368,26 @@ def test_runs_lists_a_run_import_hf_made_as_imported(capsys, tmp_path, corpus):
     assert lines["cut"][1:3] == ["stopped", "0/60"]
 
 
+def test_runs_wall_time_counts_the_final_evaluation(tmp_path, corpus):
+    """The wall time is the run's own to its final save (its last checkpoint's
+    elapsed time), not its last step's: the evaluation after that step counts."""
+    import time
+    from xpmodel.train.rundir import RunDir
+    from xpmodel.tune.compare import summarize
+    trainer = tiny_trainer(tmp_path, corpus)
+    evaluate = trainer.evaluate_loss
+
+    def slow_evaluation(*args):
+        time.sleep(0.5)
+        return evaluate(*args)
+    trainer.evaluate_loss = slow_evaluation
+    summary = trainer.run()
+    last_step = records(tmp_path / "run", "train")[-1]
+    assert last_step["step"] == 30
+    wall = summarize(RunDir(tmp_path / "run"))["wall_time_s"]
+    assert last_step["time"] + 0.5 <= wall <= summary["wall_time_s"]
+
+
 def test_runs_and_compare_warn_once_about_a_damaged_metrics_line(capsys, tmp_path, corpus):
     tiny_trainer(tmp_path, corpus).run()
     metrics = tmp_path / "run" / "metrics.jsonl"

@@ -84,9 +84,19 @@ def summarize(run):
             "best_val": best["val_loss"] if best else None, "best_step": best["step"] if best else None,
             "last_val": evals[-1]["val_loss"] if evals else None,
             "train_loss": train[-1].get("loss") if train else None,
-            "wall_time_s": train[-1].get("time") if train else None,
+            "wall_time_s": _wall_time(train, newest),
             "warnings": sorted({r.get("kind") for r in records if r.get("type") == "warning"}),
             "config": config}
+
+
+def _wall_time(train, newest):
+    """The run's training time in seconds: the later of its last step's record
+    and its newest checkpoint's "elapsed", which the final save takes after
+    the last evaluation (the run records no time after that save)."""
+    times = [train[-1].get("time") if train else None,
+             newest.meta.get("elapsed") if newest is not None else None]
+    times = [t for t in times if _finite(t)]
+    return max(times) if times else None
 
 
 def _finite(value):
