@@ -91,3 +91,22 @@ def test_a_checkpoint_records_the_shards_of_each_ranks_part_of_the_batch(tmp_pat
     assert result.returncode == 0, result.stderr
     run = RunDir(tmp_path / "run")
     assert read_checkpoint_meta(run.step_path(run.checkpoint_steps()[-1]))["shards"] == 4
+
+
+@needs_mpi
+def test_two_ranks_print_plain_lines_without_quiet_from_rank_0_alone(tmp_path):
+    """Open MPI gives each rank a terminal, even with the job's output going to
+    a pipe here (or to a log): the live display would write its escape codes
+    there, so several ranks print plain log lines without --quiet too."""
+    from cli_helpers import write_corpus
+    env = {**os.environ, "XPMODEL_CACHE": str(tmp_path / "cache")}
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=300)
+    argv = [sys.executable, "-m", "xpmodel.cli.main", "train", "--config", str(TINY), "--device",
+            "cpu", "--out", str(tmp_path / "run"), f"data.source={corpus}", "train.batch_size=8",
+            "train.max_iters=20"]
+    command, launch_env = local_mpirun(2, argv)
+    result = subprocess.run(command, env={**launch_env, **env}, capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout and "\x1b" not in result.stderr
+    assert result.stdout.count("step 20/20 eta") == 1 and result.stdout.count("done (finished)") == 1

@@ -36,6 +36,9 @@ def _train(args, device, dist):
     from ..train.setup import absolute_source, check_out_outside_corpus
     is_main = dist is None or dist.is_main
     get_device(device)   # a bad --device is named before anything is read or chosen
+    # Open MPI gives every rank a terminal even when the job writes to a log: several ranks print
+    # plain lines, as --quiet does.
+    quiet = args.quiet or dist is not None
     if args.resume:
         if args.config or args.init_from or args.out:
             raise UsageError("--resume RUN_DIR takes its config from the run; drop --config, "
@@ -47,7 +50,7 @@ def _train(args, device, dist):
             checkpoints = list(run.checkpoints_newest_first())   # each header read once
             config = _resume_config(run, args, checkpoints)
             trainer = Trainer.resume(args.resume, device=device, overrides_config=config,
-                                     quiet=args.quiet, dist=dist, checkpoints=checkpoints)
+                                     quiet=quiet, dist=dist, checkpoints=checkpoints)
             if config is not None and trainer.is_main:
                 from ..config import save_config
                 save_config(config, run.config_path)
@@ -84,7 +87,7 @@ def _train(args, device, dist):
         dist.shard(config.train.batch_size)   # refuses a batch the ranks cannot split, before the lock writes
     with RunDir(out).lock("--out") if is_main else nullcontext():
         trainer = Trainer.start(config, device=device, out=out, overwrite=args.overwrite,
-                                quiet=args.quiet, dist=dist, config_name=config_name)
+                                quiet=quiet, dist=dist, config_name=config_name)
         _print_header(trainer)
         trainer.run()
     return 0

@@ -207,7 +207,9 @@ def _add_training(commands, common):
                    help="start from the weights of a run or a Hugging Face GPT-2 or Llama directory")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run already in --out (files xpmodel did not write are kept)")
-    p.add_argument("--quiet", action="store_true", help="plain log lines, no live display")
+    p.add_argument("--quiet", action="store_true",
+                   help="plain log lines, no live display (so without a terminal, and under "
+                        "mpirun with several ranks)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. model.n_layer=4 train.max_iters=200")
     p.set_defaults(handler=c.train_command, outlives_stdout=True)

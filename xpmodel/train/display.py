@@ -4,7 +4,8 @@ In a terminal: a rich progress bar (step/total, ETA) whose fields carry the
 smoothed loss, last validation loss, learning rate, gradient norm, tokens/s
 and, on a GPU, MFU; evaluations and samples are printed above it through
 the progress console, so the bar never tears. Without a terminal (CI, pipes,
---quiet) the same figures become plain log lines, with no escape codes.
+--quiet, and under mpirun with several ranks, whose terminals are the job's
+log) the same figures become plain log lines, with no escape codes.
 Generated samples are shown with their control characters escaped, so an
 untrained model's output cannot move the cursor or recolour the terminal.
 """
