@@ -109,7 +109,7 @@ def test_a_corpus_no_trial_can_read_is_refused_before_anything_is_written(capsys
     code, stdout, err = run_cli(capsys, "sweep", "--preset", "tuning-order", "--config", TINY,
                                 "--out", out, f"data.source={missing}")
     assert code == 2 and f"data.source {missing}: no such file or folder" in err, (stdout, err)
-    assert not out.exists()
+    assert stdout == "" and not out.exists()
 
 
 def test_a_sweep_folder_where_no_trial_started_takes_other_settings(capsys, tmp_path):
@@ -184,7 +184,9 @@ def test_a_preset_reads_its_configs_base_chain_once_before_its_first_stage(tmp_p
     """The config a preset starts from and the files it must not write over
     come from one reading of the base: chain; its first stage starts from it."""
     import xpmodel.tune.preset as preset
-    parent, child = two_level_chain(tmp_path, TINY, tmp_path / "corpus.txt", "train:\n  lr: 1.0e-3\n")
+    from cli_helpers import write_corpus
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=50)
+    parent, child = two_level_chain(tmp_path, TINY, corpus, "train:\n  lr: 1.0e-3\n")
     reads = count_config_reads(monkeypatch)
     opened = []
 

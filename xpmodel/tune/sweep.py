@@ -108,7 +108,7 @@ class Sweep:
                              f"use --sampler random or tpe")
         self.sampler = sampler or natural
         grid_size(params, trials)       # a grid too large to run whole is refused before writing
-        check_data_sources(self.config, params, fixed)     # and so is a corpus no trial can read
+        check_data_sources(load_config(self.config, fixed), params)   # and a corpus no trial reads
         self.params, self.fixed, self.trials_wanted, self.seed = params, fixed, trials, seed
         plan = {"config": self.config, "specs": list(specs), "trials": trials,
                 "max_iters": max_iters, "metric": metric, "seed": seed}

@@ -181,14 +181,13 @@ def check_trial(config_name, params, fixed):
         raise UsageError(f"the trial {shown} is not a valid config: {exc}") from None
 
 
-def check_data_sources(config_name, params, fixed):
+def check_data_sources(base, params):
     """Refuse, in one line naming it, a data.source that no trial could read
-    (a missing file, an empty folder): the base config's with the fixed
-    values, or each value a SPEC gives data.source. Every trial would fail
-    the same way."""
+    (a missing file, an empty folder): that of `base`, the RunConfig with the
+    fixed values, or each value a SPEC in `params` gives data.source. Every
+    trial would fail the same way."""
     swept = next((p for p in params if p.key == "data.source"), None)
-    sources = swept.values if swept is not None else \
-        [load_config(config_name, list(fixed)).data.source]
+    sources = swept.values if swept is not None else [base.data.source]
     for source in sources:
         try:
             resolve_source(source)
