@@ -43,6 +43,25 @@ def test_doctor_passes_a_sound_model_on_the_command_line(capsys, corpus):
     assert "7 passed, 0 warnings, 0 failed" in out
 
 
+def test_doctor_prints_each_checks_line_as_the_check_ends(capsys, corpus, monkeypatch):
+    """Piped, the report is not held back to the end: a check's line is out
+    (flushed) before the next check starts."""
+    import xpmodel.tune.doctor as doctor
+    real, printed = doctor.check_gradients, []
+
+    def gradients(*args):
+        printed.append(capsys.readouterr().out)
+        return real(*args)
+    monkeypatch.setattr(doctor, "check_gradients", gradients)
+    code, out, _ = run_cli(capsys, "doctor", TINY, f"data.source={corpus}", "--skip", "overfit",
+                           "--skip", "finite-diff")
+    assert code == 0, out
+    before = printed[0].splitlines()
+    assert before[0].startswith("doctor: tiny-run (") and \
+        [line.split()[1] for line in before[1:]] == ["config", "data", "tokenizer", "initial-loss"]
+    assert "PASS  gradients" in out and out.splitlines()[-1] == "5 passed, 0 warnings, 0 failed"
+
+
 def test_doctor_fails_a_broken_backward_and_names_the_layer(capsys, corpus, monkeypatch):
     real = block_module.attention_backward
     monkeypatch.setattr(block_module, "attention_backward",

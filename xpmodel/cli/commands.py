@@ -400,8 +400,7 @@ def doctor_command(args):
     subject = load_subject(args.target, args.overrides)
     progress = (lambda text: print(text, file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
     report = diagnose(subject, device=args.device, overfit_steps=args.overfit_steps,
-                      skip=set(args.skip), say=progress)
-    print("\n".join(report.lines()))
+                      skip=set(args.skip), say=progress, show=lambda line: print(line, flush=True))
     return 0 if report.ok else 1
 
 

@@ -50,6 +50,13 @@ class Check:
     detail: str          # what was measured
     advice: str = ""     # what to do about a warning or failure
 
+    def lines(self):
+        """The check as plain text lines of the report."""
+        out = [f"  {self.status.upper():4}  {self.name:13} {self.detail}"]
+        if self.advice and self.status != PASS:
+            out.append(f"        {'':13} -> {self.advice}")
+        return out
+
 
 @dataclass
 class Report:
@@ -64,22 +71,20 @@ class Report:
     def ok(self):
         return not self.failed
 
-    def lines(self):
-        """The report as plain text lines."""
-        out = [f"doctor: {self.subject}"]
-        for c in self.checks:
-            out.append(f"  {c.status.upper():4}  {c.name:13} {c.detail}")
-            if c.advice and c.status != PASS:
-                out.append(f"        {'':13} -> {c.advice}")
+    def title(self):
+        return f"doctor: {self.subject}"
+
+    def summary(self):
         failed, warned = len(self.failed), sum(c.status == WARN for c in self.checks)
-        out.append(f"{len(self.checks) - failed - warned} passed, {warned} warnings, {failed} failed")
-        return out
+        return f"{len(self.checks) - failed - warned} passed, {warned} warnings, {failed} failed"
 
 
-def diagnose(subject, device="cpu", overfit_steps=300, say=None, skip=()):
+def diagnose(subject, device="cpu", overfit_steps=300, say=None, skip=(), show=lambda line: None):
     """Run every check on a tune.common.Subject; returns a Report. `skip`
     names checks to leave out (e.g. "overfit" for a model too big for the CPU),
-    as in CHECKS ("finite diff" is taken for "finite-diff")."""
+    as in CHECKS ("finite diff" is taken for "finite-diff"). `show(line)` gets
+    the report's lines as they come: its title, each check's as soon as it
+    ends, the summary."""
     skip = {name.replace(" ", "-") for name in skip}
     unknown = sorted(skip - set(CHECKS))
     if unknown:
@@ -91,18 +96,23 @@ def diagnose(subject, device="cpu", overfit_steps=300, say=None, skip=()):
              ("gradients", lambda: check_gradients(subject, device)),
              ("finite-diff", lambda: check_finite_differences(subject.gpt_config)),
              ("overfit", lambda: check_overfit(subject, device, overfit_steps))]
-    checks = []
+    report = Report(f"{subject.name} ({subject.gpt_config.num_params():,} parameters, "
+                    f"vocab {subject.gpt_config.vocab_size:,})", [])
+    show(report.title())
     for name, run in steps:
         if name in skip:
             continue
         if say:
             say(f"checking {name} ...")
         try:
-            checks.append(run())
+            check = run()
         except XpmodelError as exc:
-            checks.append(Check(name, FAIL, str(exc), "fix the error above first"))
-    return Report(f"{subject.name} ({subject.gpt_config.num_params():,} parameters, "
-                  f"vocab {subject.gpt_config.vocab_size:,})", checks)
+            check = Check(name, FAIL, str(exc), "fix the error above first")
+        report.checks.append(check)
+        for line in check.lines():
+            show(line)
+    show(report.summary())
+    return report
 
 
 # ---- config, data, tokenizer -------------------------------------------------------
