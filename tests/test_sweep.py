@@ -112,6 +112,17 @@ def test_a_corpus_no_trial_can_read_is_refused_before_anything_is_written(capsys
     assert stdout == "" and not out.exists()
 
 
+def test_an_init_from_no_trial_can_start_from_is_refused_before_anything_is_written(capsys, tmp_path):
+    from cli_helpers import write_corpus
+    corpus, missing, out = write_corpus(tmp_path / "corpus.txt", lines=50), tmp_path / "no-run", tmp_path / "sweep"
+    code, stdout, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out, f"data.source={corpus}",
+                                f"train.init_from={missing}", "train.lr=1e-3,2e-3")
+    assert code == 2, (stdout, err)
+    assert_one_line_error(err)
+    assert f"train.init_from {missing}: no such directory; no trial could start from it" in err
+    assert "started" not in stdout and not out.exists()
+
+
 def test_a_sweep_folder_where_no_trial_started_takes_other_settings(capsys, tmp_path):
     """A plan that never ran is replaced by a command with other settings, saying
     so; once a trial has started, other settings are refused."""

@@ -11,7 +11,7 @@ from ..errors import UsageError, XpmodelError
 from ..train.outputs import check_output
 from .study import OptunaSweep
 from .sweep import Sweep, params_text
-from .sweep_plan import check_data_sources, format_value, parse_spec
+from .sweep_plan import check_trial_inputs, format_value, parse_spec
 
 PRESETS = ("tuning-order",)
 
@@ -71,7 +71,7 @@ def run_preset(out, config, specs=(), **options):
     if os.path.lexists(out / "best.yaml") and not os.path.lexists(out / stage_names[0]):
         raise UsageError(f"--out {out}: holds a best.yaml that no --preset run wrote there; "
                          f"xpmodel will not replace it: choose another --out")
-    check_data_sources(base, [])        # before any stage says it starts
+    check_trial_inputs(base, [])        # before any stage says it starts
     for i, name in enumerate(stage_names):
         if i:               # the stage starts from the previous stage's best.yaml
             base = load_config(config, fixed)

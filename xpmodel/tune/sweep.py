@@ -61,7 +61,7 @@ from ..train.outputs import check_holds_no_input
 from ..train.rundir import LOCK_NAME, RunDir
 from ..train.runlock import RunLock
 from .compare import format_table
-from .sweep_plan import (check_data_sources, format_value, grid_size, parse_spec, plan_trials,
+from .sweep_plan import (check_trial_inputs, format_value, grid_size, parse_spec, plan_trials,
                          trial_overrides)
 from .sweep_state import FORMAT, SweepDir, trial_name
 from .plot import pyplot, save_figure
@@ -108,7 +108,7 @@ class Sweep:
                              f"use --sampler random or tpe")
         self.sampler = sampler or natural
         grid_size(params, trials)       # a grid too large to run whole is refused before writing
-        check_data_sources(load_config(self.config, fixed), params)   # and a corpus no trial reads
+        check_trial_inputs(load_config(self.config, fixed), params)   # and inputs no trial can use
         self.params, self.fixed, self.trials_wanted, self.seed = params, fixed, trials, seed
         plan = {"config": self.config, "specs": list(specs), "trials": trials,
                 "max_iters": max_iters, "metric": metric, "seed": seed}

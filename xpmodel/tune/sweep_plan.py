@@ -8,6 +8,7 @@ config's ratio (unless train.min_lr is swept too). The corpus every trial
 would read is resolved before the sweep writes anything (check_data_sources).
 """
 import math
+import os
 import random
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ import numpy
 
 from ..config import check_key, check_override, load_config
 from ..data.sources import resolve_source
-from ..errors import DataError, UsageError, quote
+from ..errors import DataError, UsageError, quote, shown_path
 
 _RESAMPLE_TRIES = 200
 # A sweep's trials are listed in sweep.json and each trains a run: no sweep
@@ -181,15 +182,25 @@ def check_trial(config_name, params, fixed):
         raise UsageError(f"the trial {shown} is not a valid config: {exc}") from None
 
 
-def check_data_sources(base, params):
-    """Refuse, in one line naming it, a data.source that no trial could read
-    (a missing file, an empty folder): that of `base`, the RunConfig with the
-    fixed values, or each value a SPEC in `params` gives data.source. Every
-    trial would fail the same way."""
-    swept = next((p for p in params if p.key == "data.source"), None)
-    sources = swept.values if swept is not None else [base.data.source]
-    for source in sources:
+def check_trial_inputs(base, params):
+    """Refuse, in one line naming it, an input every trial given it would fail
+    on the same way: a data.source that does not resolve (a missing file, an
+    empty folder) or a train.init_from that does not exist. Each is `base`'s
+    (the RunConfig with the fixed values) or each value a SPEC in `params`
+    gives it."""
+    for source in _trial_values(base, params, "data.source"):
         try:
             resolve_source(source)
         except DataError as exc:
             raise UsageError(f"data.source {exc}; no trial could read it") from None
+    for init_from in _trial_values(base, params, "train.init_from"):
+        if init_from and not os.path.exists(init_from):
+            raise UsageError(f"train.init_from {shown_path(init_from)}: no such directory; "
+                             f"no trial could start from it")
+
+
+def _trial_values(base, params, key):
+    """The values trials give `key`: a SPEC's, or `base`'s."""
+    swept = next((p for p in params if p.key == key), None)
+    section, name = key.split(".")
+    return swept.values if swept is not None else [getattr(getattr(base, section), name)]
