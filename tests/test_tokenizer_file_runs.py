@@ -74,12 +74,15 @@ def test_a_word_that_is_no_tokenizer_kind_is_refused_as_one(value):
 
 
 def test_a_missing_or_unusable_tokenizer_file_is_named(tmp_path, corpus, private_cache, capsys):
+    # a path that names nothing is a mistake in what was asked (exit 2); a file that cannot
+    # be used is bad data (exit 1), as for data.source
     code, out, err = _train(capsys, corpus, tmp_path / "none.json", tmp_path / "run")
-    assert code == 1 and f"error: data.tokenizer: {tmp_path / 'none.json'}: no such tokenizer file" in err
+    assert code == 2 and f"error: data.tokenizer {tmp_path / 'none.json'}: no such tokenizer file" in err
     assert_one_line_error(err)
     (tmp_path / "notes.json").write_text("{}")
     code, out, err = _train(capsys, corpus, tmp_path / "notes.json", tmp_path / "run")
-    assert code == 1 and "not an xpmodel tokenizer" in err
+    assert code == 1 and f"error: data.tokenizer {tmp_path / 'notes.json'}: tokenizer file is not " \
+                         f"usable: it is not an xpmodel tokenizer" in err
     assert_one_line_error(err)
     assert not (tmp_path / "run").exists()
 
@@ -90,7 +93,7 @@ def test_masking_needs_a_tokenizer_file_that_reserves_the_mask(tmp_path, corpus,
     code, out, err = _train(capsys, corpus, tokenizer, tmp_path / "run", "data.token_dropout=0.1",
                             "data.token_dropout_mode=mask")
     assert code == 2
-    assert err.strip() == (f"error: data.tokenizer: {tokenizer}: the tokenizer does not reserve "
+    assert err.strip() == (f"error: data.tokenizer {tokenizer}: the tokenizer does not reserve "
                            f"<|mask|>, which data.token_dropout_mode=mask needs (xpmodel tokenizer "
                            f"train reserves only <|endoftext|>): use data.token_dropout_mode=random, "
                            f"or data.tokenizer=bpe to learn one that reserves it")

@@ -10,6 +10,7 @@ corpus is never tokenized twice.
 """
 import hashlib
 import itertools
+import os
 
 from ..config.sections import names_tokenizer_file
 from ..errors import DataError, UsageError
@@ -69,12 +70,14 @@ def _tokenizer_file(path, specials):
     """The tokenizer in the file `path` (data.tokenizer), as it is: it must
     reserve <|mask|> when the run masks. The run saves it as its own tokenizer,
     and its fingerprint keys the token cache, so an edited file tokenizes afresh."""
+    if not os.path.exists(path):   # names nothing: a mistake in what was asked, as for data.source
+        raise UsageError(f"data.tokenizer {path}: no such tokenizer file")
     try:
         tokenizer = BPETokenizer.load(path)
     except DataError as exc:
-        raise DataError(f"data.tokenizer: {exc}") from None
+        raise DataError(f"data.tokenizer {exc}") from None
     if MASK in specials and tokenizer.mask_id is None:
-        raise UsageError(f"data.tokenizer: {path}: the tokenizer does not reserve {MASK}, which "
+        raise UsageError(f"data.tokenizer {path}: the tokenizer does not reserve {MASK}, which "
                          f"data.token_dropout_mode=mask needs (xpmodel tokenizer train reserves "
                          f"only {ENDOFTEXT}): use data.token_dropout_mode=random, or "
                          f"data.tokenizer=bpe to learn one that reserves it")
