@@ -97,3 +97,50 @@ def test_masking_needs_a_tokenizer_file_that_reserves_the_mask(tmp_path, corpus,
                            f"<|mask|>, which data.token_dropout_mode=mask needs (xpmodel tokenizer "
                            f"train reserves only <|endoftext|>): use data.token_dropout_mode=random, "
                            f"or data.tokenizer=bpe to learn one that reserves it")
+
+
+def test_a_missing_tokenizer_file_is_named_before_a_run_folder_is_chosen(tmp_path, corpus,
+                                                                        private_cache, capsys,
+                                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "tiny-run").mkdir(parents=True)      # the default folder is taken
+    code, out, err = run_cli(capsys, "train", "--config", TINY, "--quiet", f"data.source={corpus}",
+                             "data.tokenizer=none.json")
+    assert code == 2 and err.strip() == "error: data.tokenizer none.json: no such tokenizer file"
+    assert "already exists" not in out
+
+
+def test_the_run_keeps_the_tokenizer_files_absolute_path(tmp_path, corpus, private_cache, capsys,
+                                                        monkeypatch):
+    """The run's config.yaml trains again from any folder."""
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(capsys, "tokenizer", "train", corpus, "--vocab-size", "300", "--out", "tok.json")[0] == 0
+    assert _train(capsys, corpus, "tok.json", tmp_path / "run")[0] == 0
+    assert load_config(tmp_path / "run" / "config.yaml").data.tokenizer == str(tmp_path / "tok.json")
+
+
+def test_init_from_says_it_uses_the_source_runs_tokenizer_instead_of_a_file(tmp_path, corpus,
+                                                                           private_cache, capsys):
+    tokenizer = tmp_path / "tok.json"
+    assert run_cli(capsys, "tokenizer", "train", corpus, "--vocab-size", "300", "--out", tokenizer)[0] == 0
+    assert _train(capsys, corpus, "byte", tmp_path / "source")[0] == 0
+    code, out, err = run_cli(capsys, "train", "--config", TINY, "--quiet", "--out", tmp_path / "tuned",
+                             "--init-from", tmp_path / "source", f"data.source={corpus}",
+                             f"data.tokenizer={tokenizer}")
+    assert code == 0, err
+    assert f"the model shape and tokenizer come from the source" in out
+    assert f"ignoring data.tokenizer={tokenizer}" in out
+    assert (tmp_path / "tuned" / "tokenizer.json").read_bytes() == \
+        (tmp_path / "source" / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("out,named", [("tok.json", "tok.json"), ("mytok", "./mytok")])
+def test_tokenizer_train_says_how_to_train_with_its_file(tmp_path, corpus, capsys, monkeypatch, out,
+                                                         named):
+    """The line names the file as data.tokenizer takes it: a bare name gets ./"""
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = run_cli(capsys, "tokenizer", "train", corpus, "--vocab-size", "300", "--out", out)
+    assert code == 0, err
+    assert stdout.strip().endswith(f"train with it: xpmodel train data.source={corpus} "
+                                   f"data.tokenizer={named}")
+    assert DataConfig(tokenizer=named).tokenizer == named

@@ -4,6 +4,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..config.sections import names_tokenizer_file
 from ..cpu_threads import usable_cores
 from ..errors import DataError, UsageError, quote
 from ..files import inside, open_regular, same_file
@@ -80,6 +81,8 @@ def _train(args, device, dist):
     # A glob reaching into --out is named first: it may match nothing until the run writes there.
     check_out_outside_corpus(absolute_source(config.data.source), out)
     corpus(config.data.source, "data.source")
+    if names_tokenizer_file(config.data.tokenizer) and not init_from:
+        existing_file(config.data.tokenizer, "data.tokenizer", "tokenizer file")
     if not args.out and out.name != Path(config_name).stem and is_main:
         print(f"{out.parent / Path(config_name).stem} already exists, so this run goes to {out} "
               f"(--out chooses the folder; --resume continues a run)", flush=True)
@@ -337,7 +340,10 @@ def tokenizer_train_command(args):
     texts = (text for _, text in iter_texts(source))
     tokenizer = BPETokenizer.train(texts, args.vocab_size)
     tokenizer.save(args.out)
-    print(f"wrote a {tokenizer.vocab_size}-id tokenizer to {args.out}")
+    # data.tokenizer takes a path holding a / or ending in .json as a file
+    as_file = args.out if names_tokenizer_file(str(args.out)) else os.path.join(".", args.out)
+    print(f"wrote a {tokenizer.vocab_size}-id tokenizer to {args.out}; train with it: "
+          f"xpmodel train data.source={args.source} data.tokenizer={as_file}")
     if args.export_hf:
         from ..tokenizer.hf_export import export_tokenizer_hf
         export_tokenizer_hf(tokenizer, args.export_hf)

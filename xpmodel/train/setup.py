@@ -7,6 +7,7 @@ import os
 from dataclasses import replace
 
 from ..backend import _import_cupy, get_device, out_of_memory_errors
+from ..config.sections import names_tokenizer_file
 from ..data import BUILTIN_NAMES, EpochSampler, RandomWindowSampler
 from ..data.corpus import build_tokenizer
 from ..data.sources import reads_from
@@ -146,6 +147,12 @@ def absolute_source(source):
     return source if source in BUILTIN_NAMES else os.path.abspath(os.path.expanduser(source))
 
 
+def absolute_tokenizer(tokenizer):
+    """data.tokenizer as the run keeps it: a tokenizer file's path made absolute,
+    so the run's config.yaml can be used from any folder; a kind as it is."""
+    return os.path.abspath(os.path.expanduser(tokenizer)) if names_tokenizer_file(tokenizer) else tokenizer
+
+
 def check_out_outside_corpus(source, out):
     """Refuse a run directory that data.source reaches into (see
     sources.reads_from): its checkpoints would be read back as corpus text,
@@ -198,7 +205,8 @@ class RunSetup:
         the directory gets run.json only after its step-0 checkpoint."""
         is_main = dist is None or dist.is_main
         check_batches_fit(config)
-        config = replace(config, data=replace(config.data, source=absolute_source(config.data.source)))
+        config = replace(config, data=replace(config.data, source=absolute_source(config.data.source),
+                                              tokenizer=absolute_tokenizer(config.data.tokenizer)))
         device = get_device(device)
         if dist is not None:
             dist.shard(config.train.batch_size)   # refuses a batch the ranks cannot split
@@ -212,9 +220,11 @@ class RunSetup:
             source_config, _, tokenizer = pretrained
             adopted = adopt_pretrained(config, source_config, tokenizer)
             ignored = ignored_settings(config.model, adopted.model)
+            if names_tokenizer_file(config.data.tokenizer):
+                ignored.append(f"data.tokenizer={config.data.tokenizer}")
             if ignored and show and is_main:
-                print(f"--init-from {config.train.init_from}: the model shape comes from the "
-                      f"source (block_size too, with learned positions); ignoring "
+                print(f"--init-from {config.train.init_from}: the model shape and tokenizer come "
+                      f"from the source (block_size too, with learned positions); ignoring "
                       f"{', '.join(ignored)}")
             config = adopted
         else:
