@@ -143,3 +143,24 @@ def test_pruning_reads_again_a_checkpoint_changed_since_the_resume_read_it(run):
     rundir.prune_checkpoints(keep_last=1, config=config, already_read=read)
     assert sorted(p.name for p in rundir.checkpoint_dir.iterdir()) == \
         ["best.safetensors", STEPS[0], STEPS[-1]]
+
+
+def test_load_reads_again_a_best_saved_anew_between_its_header_and_its_tensors(run, monkeypatch):
+    """A trainer saving a new best while `sample --checkpoint best` reads it
+    (no lock): the new file is read, not passed over for a step checkpoint."""
+    from xpmodel.train import checkpoint
+    best = run / "checkpoints" / "best.safetensors"
+    meta = read_checkpoint_meta(best)
+    load, saved = checkpoint.CheckpointHeader.load, []
+
+    def saving_meanwhile(header, *args):
+        if header.path == best and not saved:
+            saved.append(True)
+            save_checkpoint(best, *_tensors(best), dict(meta, val_loss=meta["val_loss"] / 2))
+        return load(header, *args)
+    monkeypatch.setattr(checkpoint.CheckpointHeader, "load", saving_meanwhile)
+    warnings = []
+    model, _ = xpmodel.load(run, checkpoint="best", warn=warnings.append)
+    assert saved and warnings == []
+    params, _ = _tensors(best)
+    assert all((model.params[name] == value).all() for name, value in params.items())

@@ -352,7 +352,7 @@ def _yaml(text):
 
 
 NEW_RUN_CASES = {
-    "missing data": (lambda p, c: [f"data.source={p / 'absent.txt'}"], 1, "absent.txt"),
+    "missing data": (lambda p, c: [f"data.source={p / 'absent.txt'}"], 2, "absent.txt"),
     "empty data": (_text(b""), 1, "empty"),
     "binary data": (_text(b"text\x00\x01\x02" * 100), 1, "binary"),
     "non-UTF-8 data": (_text("caf\u00e9 ".encode("latin-1") * 100), 1, "UTF-8"),

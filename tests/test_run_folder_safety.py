@@ -152,6 +152,9 @@ def test_releasing_a_lock_removes_only_the_empty_folders_it_created(tmp_path):
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "a").mkdir()
     with RunDir(tmp_path / "a" / "b" / "run").lock():
+        pass
+    assert list(tmp_path.iterdir()) == [tmp_path / "a"] and list((tmp_path / "a").iterdir()) == []
+    with RunDir(tmp_path / "a" / "b" / "run").lock():
         (tmp_path / "a" / "b" / "notes.txt").write_text("mine")
     assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["notes.txt"]
 

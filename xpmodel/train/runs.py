@@ -42,12 +42,13 @@ def load(run_dir, device="cpu", checkpoint="latest", kernels="fused", warn=None)
     tokenizer = run.load_tokenizer()
     problems = []
     for path, header, problem in _candidates(run, checkpoint):
-        if header is not None:
-            try:
-                gpt_config, arrays = _read_weights(header, config, tokenizer, run)
-                break
-            except CheckpointError as exc:
-                problem = str(exc)
+        weights, problem = _weights_or_problem(header, problem, config, tokenizer, run)
+        if weights is None and header is not None and not header.unchanged():
+            # a trainer saved a new file there since its header was read: read that one
+            weights, problem = _weights_or_problem(*run.read_checkpoint(path), config, tokenizer, run)
+        if weights is not None:
+            gpt_config, arrays = weights
+            break
         problems.append(problem)
     else:
         if problems:
@@ -76,6 +77,17 @@ def _best_candidate(run):
         return run.best_path, None, (f"{run.best_path}: no such file (the run has recorded no "
                                      f"validation loss)")
     return (run.best_path, *run.read_checkpoint(run.best_path))
+
+
+def _weights_or_problem(header, problem, config, tokenizer, run):
+    """(_read_weights' result, None) of a checkpoint's header, or (None, why
+    the checkpoint cannot be used): `problem` when there is no header."""
+    if header is None:
+        return None, problem
+    try:
+        return _read_weights(header, config, tokenizer, run), None
+    except CheckpointError as exc:
+        return None, str(exc)
 
 
 def _read_weights(header, config, tokenizer, run):
