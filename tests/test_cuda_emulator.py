@@ -181,3 +181,21 @@ def test_mma_follows_the_fragment_layout_in_both_16_bit_types(half):
     other = np.dtype(np.float16) if half == "bfloat16" else BFLOAT16   # the same bits as the other type
     misread = 1.0 + a.view(other).astype(np.float64) @ bt.view(other).astype(np.float64).T
     assert not np.allclose(d.get(), misread, rtol=1e-3)
+
+
+def test_a_shared_array_inside_an_inline_function_is_each_kernels_own():
+    """Two kernels whose inline helper declares a __shared__ array of its own size
+    (as the norm kernels' row sums do, per compiled width) must not share one
+    array: on a GPU each block's shared memory is its kernel's."""
+    template = r"""
+    __device__ __forceinline__ float* scratch() { __shared__ float values[SIZE]; return values; }
+    extern "C" __global__ void where_SIZE(unsigned long long* out) {
+        out[0] = (unsigned long long)scratch();
+    }
+    """
+    addresses = []
+    for size in ("2", "64"):
+        out = cuda_emulator.zeros(1, np.uint64)
+        kernel(template.replace("SIZE", size), f"where_{size}")((1,), (32,), (out,))
+        addresses.append(int(out.get()[0]))
+    assert addresses[0] != addresses[1]

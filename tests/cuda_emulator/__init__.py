@@ -46,6 +46,11 @@ CACHE = Path(tempfile.gettempdir()) / f"xpmodel-cuda-emulator-{os.getuid()}"
 # dies, loudly.)
 SANITIZE = ["-fsanitize=alignment,bounds,null,shift,signed-integer-overflow",
             "-fsanitize-recover=all"]
+# -fno-gnu-unique: a __shared__ array inside an inline device function becomes a
+# static of an inline C++ function, which g++ would export as one symbol that the
+# loader merges across every kernel library of the process (a block's shared
+# memory is its own kernel's on a GPU)
+FLAGS = ["-std=c++20", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas", "-fno-gnu-unique", *SANITIZE]
 CANARY_BYTES = 256          # also the alignment of every allocation, as cudaMalloc's
 MULTIPROCESSORS = 4         # small, so grids sized per multiprocessor stay quick to emulate
 
@@ -272,7 +277,7 @@ def _build(code, name):
         f'extern "C" int xpemu_launch(const unsigned* grid, const unsigned* block, void** args,'
         f' const int* sizes, int n_args, char* message, int message_size) {{'
         f' return xpemu::launch(&{name}, grid, block, args, sizes, n_args, message, message_size); }}'])
-    digest = hashlib.sha256((source + " ".join(SANITIZE)).encode()).hexdigest()[:24]
+    digest = hashlib.sha256((source + " ".join(FLAGS)).encode()).hexdigest()[:24]
     CACHE.mkdir(exist_ok=True)
     library = CACHE / f"{name}-{digest}.so"
     if not library.exists():
@@ -280,8 +285,7 @@ def _build(code, name):
         source_path.write_text(source)
         partial = CACHE / f"{name}-{digest}-{os.getpid()}.so"
         result = subprocess.run(
-            [compiler(), "-std=c++20", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas", *SANITIZE,
-             "-o", str(partial), str(source_path)],
+            [compiler(), *FLAGS, "-o", str(partial), str(source_path)],
             capture_output=True, text=True)
         source_path.unlink()
         if result.returncode != 0:

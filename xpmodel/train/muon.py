@@ -283,8 +283,10 @@ class Muon:
         false; grad_scale and apply may be 0-d device arrays, as for AdamW.step.
 
         An orthogonalised update that is not finite (from finite gradients)
-        changes nothing: without the fused kernels the step raises XpmodelError
-        (NON_FINITE_UPDATE); the fused GPU step skips itself on the device,
+        changes no weight: without the fused kernels the step raises
+        XpmodelError (NON_FINITE_UPDATE) before any weight or AdamW state
+        changes (Muon's momentum already holds the gradient, and the run
+        stops); the fused GPU step skips itself on the device,
         leaving the weights, both optimizers' state and the step counts as they
         were, and sets update_finite to false for the caller to read later."""
         if self.model.device.is_cuda and _kernels(self.model) == "fused":
