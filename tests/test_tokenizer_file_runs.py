@@ -144,3 +144,16 @@ def test_tokenizer_train_says_how_to_train_with_its_file(tmp_path, corpus, capsy
     assert stdout.strip().endswith(f"train with it: xpmodel train data.source={corpus} "
                                    f"data.tokenizer={named}")
     assert DataConfig(tokenizer=named).tokenizer == named
+
+
+def test_lr_find_never_writes_over_its_tokenizer_file(tmp_path, corpus, private_cache, capsys):
+    """lr-find --out tok.png writes tok.json beside it: not over the data.tokenizer
+    file it reads, even with --overwrite."""
+    tokenizer = tmp_path / "tok.json"
+    assert run_cli(capsys, "tokenizer", "train", corpus, "--vocab-size", "300", "--out", tokenizer)[0] == 0
+    before = tokenizer.read_bytes()
+    code, out, err = run_cli(capsys, "lr-find", "--config", TINY, f"data.source={corpus}",
+                             f"data.tokenizer={tokenizer}", "--steps", "10", "--out",
+                             tmp_path / "tok.png", "--overwrite")
+    assert code == 2 and "an input of this command" in err and str(tokenizer) in err, err
+    assert tokenizer.read_bytes() == before

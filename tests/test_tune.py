@@ -370,6 +370,18 @@ def test_runs_lists_status_steps_and_best_val_and_compare_overlays_them(capsys, 
         assert code == 2 and "needs matplotlib" in err
 
 
+def test_compare_takes_a_folder_of_runs_that_holds_a_config_json_of_its_own(capsys, tmp_path, corpus):
+    """Only a folder with no run under it is told it looks like a Hugging Face model."""
+    tiny_trainer(tmp_path / "project" / "runs", corpus, name="a").run()
+    (tmp_path / "project" / "config.json").write_text('{"editor": 1}')
+    code, out, err = run_cli(capsys, "compare", tmp_path / "project", "--out", tmp_path / "c.png")
+    assert "Hugging Face" not in err and "runs/a" in out.splitlines()[2]
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    code, out, err = run_cli(capsys, "compare", tmp_path / "hf", "--out", tmp_path / "d.png")
+    assert code == 2 and "a Hugging Face model folder" in err
+
+
 def test_runs_lists_a_run_import_hf_made_as_imported(capsys, tmp_path, corpus):
     """Not "stopped", which says to continue it with --resume: it never trained."""
     from xpmodel.hf.convert import export_hf

@@ -1,6 +1,7 @@
 """What each `xpmodel` subcommand does; main.py only parses arguments."""
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -342,8 +343,8 @@ def tokenizer_train_command(args):
     tokenizer.save(args.out)
     # data.tokenizer takes a path holding a / or ending in .json as a file
     as_file = args.out if names_tokenizer_file(str(args.out)) else os.path.join(".", args.out)
-    print(f"wrote a {tokenizer.vocab_size}-id tokenizer to {args.out}; train with it: "
-          f"xpmodel train data.source={args.source} data.tokenizer={as_file}")
+    print(f"wrote a {tokenizer.vocab_size}-id tokenizer to {args.out}; train with it: xpmodel train "
+          f"{shlex.quote(f'data.source={args.source}')} {shlex.quote(f'data.tokenizer={as_file}')}")
     if args.export_hf:
         from ..tokenizer.hf_export import export_tokenizer_hf
         export_tokenizer_hf(tokenizer, args.export_hf)
@@ -435,6 +436,8 @@ def lr_find_command(args):
     inputs = [*subject.config_files, *corpus(subject.config.data.source, "data.source").files]
     if subject.config.train.init_from:   # the run or model folder it starts from
         inputs.append(subject.config.train.init_from)
+    if names_tokenizer_file(subject.config.data.tokenizer):
+        inputs.append(subject.config.data.tokenizer)
     for path in (out, out.with_suffix(".json")):   # the plot and its numbers
         check_output(path, "--out", inputs, args.overwrite)
     print(f"lr-find: {subject.name}, {args.steps} steps from {args.start_lr:g} to {args.end_lr:g}",
@@ -465,9 +468,12 @@ def compare_command(args):
     from ..tune.compare import differing_keys, find_runs, plot_runs, runs_table, summarize
     from ..tune.plot import check_png_output
     png = check_png_output(args.out)
+    runs = []
     for folder in args.run_dirs:
-        refuse_model_folder(folder, "RUN")
-    runs = [run for folder in args.run_dirs for run in find_runs(folder)]
+        found = find_runs(folder)
+        if not found:   # a folder of runs may hold a config.json of its own
+            refuse_model_folder(folder, "RUN")
+        runs += found
     if not runs:
         raise UsageError(f"no runs in {' '.join(args.run_dirs)}")
     out = check_output(png, "--out", overwrite=args.overwrite)   # after the runs: inputs first
