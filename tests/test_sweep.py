@@ -123,6 +123,28 @@ def test_an_init_from_no_trial_can_start_from_is_refused_before_anything_is_writ
     assert "started" not in stdout and not out.exists()
 
 
+def test_a_tokenizer_file_no_trial_can_read_is_refused_and_bad_data_stays_bad_data(capsys, tmp_path):
+    from cli_helpers import write_corpus
+    corpus, out = write_corpus(tmp_path / "corpus.txt", lines=50), tmp_path / "sweep"
+    code, stdout, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out, f"data.source={corpus}",
+                                f"data.tokenizer={tmp_path / 'none.json'}", "train.lr=1e-3,2e-3")
+    assert code == 2 and f"data.tokenizer {tmp_path / 'none.json'}: no such tokenizer file" in err
+    assert not out.exists()
+    (tmp_path / "empty").mkdir()     # there, but holding no text: bad data, exit 1 as for train
+    code, stdout, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out,
+                                f"data.source={tmp_path / 'empty'}", "train.lr=1e-3,2e-3")
+    assert code == 1 and "no trial could read it" in err and not out.exists()
+
+
+def test_other_settings_are_named_when_only_the_old_plan_has_them(capsys, tmp_path):
+    from xpmodel.tune.preset import open_sweep
+    out = tmp_path / "sweep"
+    open_sweep(out, str(TINY), ["train.lr=1e-3,2e-3"], sampler="random", show=False).close()
+    (out / "logs").mkdir()      # a trial started: the plan is kept and the difference named
+    code, stdout, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out, "train.lr=1e-3,2e-3")
+    assert code == 2 and "(sampler differ)" in err, err
+
+
 def test_a_sweep_folder_where_no_trial_started_takes_other_settings(capsys, tmp_path):
     """A plan that never ran is replaced by a command with other settings, saying
     so; once a trial has started, other settings are refused."""

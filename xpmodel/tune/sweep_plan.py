@@ -4,8 +4,9 @@ them) and the trials they plan.
 Every value is checked against its key when the SPEC is read, and every
 planned trial against the whole config (draws that make an invalid config
 are drawn again). When swept, train.lr carries train.min_lr along at the base
-config's ratio (unless train.min_lr is swept too). The corpus every trial
-would read is resolved before the sweep writes anything (check_data_sources).
+config's ratio (unless train.min_lr is swept too). The corpus, tokenizer
+file and init_from every trial would read are checked before the sweep writes
+anything (check_trial_inputs).
 """
 import math
 import os
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 import numpy
 
 from ..config import check_key, check_override, load_config
-from ..data.sources import resolve_source
+from ..config.sections import names_tokenizer_file
+from ..data.sources import BUILTIN_NAMES, resolve_source
 from ..errors import DataError, UsageError, quote, shown_path
 
 _RESAMPLE_TRIES = 200
@@ -192,7 +194,13 @@ def check_trial_inputs(base, params):
         try:
             resolve_source(source)
         except DataError as exc:
+            if source in BUILTIN_NAMES or os.path.exists(os.path.expanduser(source)):
+                raise DataError(f"data.source {exc}; no trial could read it") from None   # bad data
             raise UsageError(f"data.source {exc}; no trial could read it") from None
+    for tokenizer in _trial_values(base, params, "data.tokenizer"):
+        if names_tokenizer_file(tokenizer) and not os.path.exists(os.path.expanduser(tokenizer)):
+            raise UsageError(f"data.tokenizer {shown_path(tokenizer)}: no such tokenizer file; "
+                             f"no trial could read it")
     for init_from in _trial_values(base, params, "train.init_from"):
         if init_from and not os.path.exists(init_from):
             raise UsageError(f"train.init_from {shown_path(init_from)}: no such directory; "
