@@ -198,3 +198,15 @@ def test_a_skipped_muon_update_stops_the_recipe_at_its_next_evaluation(tmp_path)
     with pytest.raises(XpmodelError, match="Newton-Schulz") as raised:
         engine.synchronize()
     assert str(raised.value) == NON_FINITE_UPDATE
+
+
+def test_a_recipe_that_fails_says_why_in_one_line(tmp_path):
+    """An XpmodelError inside a recipe's own process is its one line on stderr, then
+    the tool says which recipe failed."""
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    done = speedrun_process(tmp_path, "--recipes", "gpt2-adamw", "--data", str(corpus), "--target", "2.5",
+                            "--set", "model.n_embd=1048576", "model.n_layer=64")
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    why, failed = done.stderr.strip().splitlines()
+    assert why.startswith("gpt2-adamw: a model of ") and "more than this machine's" in why
+    assert failed == "gpt2-adamw: the run failed"

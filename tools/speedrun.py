@@ -188,7 +188,7 @@ class XpmodelEngine:
         if self.scaler:
             self.scaler.record(finite)
         if hasattr(self.optimizer, "update_finite"):   # a fused GPU Muon step skips itself
-            self.skipped_updates += ~self.optimizer.update_finite
+            self.skipped_updates += ~self.model.xp.asarray(self.optimizer.update_finite, dtype=bool)
 
     def loss(self, batches):
         """Mean loss over (x, y) batches, weighted by their sizes."""
