@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import assert_one_line_error, copy_run, run_cli, train_tiny_run, write_corpus
+from config_reads import count_config_reads, two_level_chain
 from xpmodel.cli import main as cli
 from xpmodel.train.rundir import RunDir
 from xpmodel.tokenizer.bpe import BPETokenizer
@@ -230,16 +231,12 @@ def test_lr_find_never_writes_over_its_configs_base(capsys, corpus, tmp_path, mo
 def test_train_reads_its_configs_base_chain_once(capsys, corpus, tmp_path, monkeypatch):
     """The files train keeps from writing over (its config and its `base:`
     chain) come from the reading that built the config."""
-    import xpmodel.config.yaml_files as yaml_files
-    (tmp_path / "parent.yaml").write_text(f"base: {TINY}\ndata:\n  source: {corpus}\n")
-    child = tmp_path / "child.yaml"
-    child.write_text("base: parent.yaml\ntrain:\n  max_iters: 2\n  eval_interval: 2\n")
-    reads, read_bounded = [], yaml_files.read_bounded
-    monkeypatch.setattr(yaml_files, "read_bounded",
-                        lambda file, *rest: reads.append(Path(file)) or read_bounded(file, *rest))
+    parent, child = two_level_chain(tmp_path, TINY, corpus,
+                                    "train:\n  max_iters: 2\n  eval_interval: 2\n")
+    reads = count_config_reads(monkeypatch)
     code, _, err = run_cli(capsys, "train", "--config", child, "--out", tmp_path / "run", "--quiet")
     assert code == 0, err
-    assert reads == [child, tmp_path / "parent.yaml", TINY]
+    assert reads == [child, parent, TINY]
 
 
 def test_a_folder_among_the_inputs_stands_for_every_file_in_it(tmp_path):
