@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import assert_one_line_error, run_cli
+from cli_helpers import assert_one_line_error, run_cli, write_corpus
 from config_reads import count_config_reads, two_level_chain
 
 TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
@@ -96,7 +96,6 @@ def test_a_corpus_no_trial_can_read_is_refused_before_anything_is_written(capsys
                                                                           source_spec):
     """Fixed or swept, a data.source that does not resolve is named in one line,
     and --out is not created, so the corrected command runs on it."""
-    from cli_helpers import write_corpus
     corpus, missing = write_corpus(tmp_path / "corpus.txt", lines=50), tmp_path / "missing.txt"
     out = tmp_path / "sweep"
     spec = source_spec.format(corpus=corpus, missing=missing)
@@ -113,7 +112,6 @@ def test_a_corpus_no_trial_can_read_is_refused_before_anything_is_written(capsys
 
 
 def test_an_init_from_no_trial_can_start_from_is_refused_before_anything_is_written(capsys, tmp_path):
-    from cli_helpers import write_corpus
     corpus, missing, out = write_corpus(tmp_path / "corpus.txt", lines=50), tmp_path / "no-run", tmp_path / "sweep"
     code, stdout, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out, f"data.source={corpus}",
                                 f"train.init_from={missing}", "train.lr=1e-3,2e-3")
@@ -124,7 +122,6 @@ def test_an_init_from_no_trial_can_start_from_is_refused_before_anything_is_writ
 
 
 def test_a_tokenizer_file_no_trial_can_read_is_refused_and_bad_data_stays_bad_data(capsys, tmp_path):
-    from cli_helpers import write_corpus
     corpus, out = write_corpus(tmp_path / "corpus.txt", lines=50), tmp_path / "sweep"
     code, stdout, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out, f"data.source={corpus}",
                                 f"data.tokenizer={tmp_path / 'none.json'}", "train.lr=1e-3,2e-3")
@@ -154,7 +151,6 @@ def test_a_sweep_folder_where_no_trial_started_takes_other_settings(capsys, tmp_
                                 f"data.source={tmp_path / 'missing.txt'}", "train.lr=1e-3,3e-3")
     assert code == 2 and "no such file or folder" in err      # refused: the plan is kept
     assert json.loads((out / "sweep.json").read_text())["plan"]["specs"] == ["train.lr=1e-3,2e-3"]
-    from cli_helpers import write_corpus
     corpus = write_corpus(tmp_path / "corpus.txt", lines=50)
     args = ["sweep", "--config", TINY, "--out", out, "--max-iters", 3, f"data.source={corpus}",
             "train.lr=1e-3,3e-3"]
@@ -174,7 +170,6 @@ def test_a_sweep_folder_where_no_trial_started_takes_other_settings(capsys, tmp_
 def test_each_started_line_names_the_trials_log(capsys, tmp_path):
     """Outside a terminal the sweep prints a line per event; between a trial's
     start and its end, its log is where its progress shows."""
-    from cli_helpers import write_corpus
     corpus = write_corpus(tmp_path / "corpus.txt", lines=50)
     out = tmp_path / "sweep"
     code, stdout, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out, "--max-iters", 3,
@@ -217,7 +212,6 @@ def test_a_preset_reads_its_configs_base_chain_once_before_its_first_stage(tmp_p
     """The config a preset starts from and the files it must not write over
     come from one reading of the base: chain; its first stage starts from it."""
     import xpmodel.tune.preset as preset
-    from cli_helpers import write_corpus
     corpus = write_corpus(tmp_path / "corpus.txt", lines=50)
     parent, child = two_level_chain(tmp_path, TINY, corpus, "train:\n  lr: 1.0e-3\n")
     reads = count_config_reads(monkeypatch)
