@@ -2,6 +2,7 @@
 and fails, naming the layer, one whose backward is broken; lr-find's
 suggestion; health records and warnings during training; runs and compare;
 a sweep with a pruned trial, resumed after kill -9."""
+import shutil
 from pathlib import Path
 
 import numpy
@@ -417,6 +418,43 @@ def test_runs_wall_time_counts_the_final_evaluation(tmp_path, corpus):
     assert last_step["step"] == 30
     wall = summarize(RunDir(tmp_path / "run"))["wall_time_s"]
     assert last_step["time"] + 0.5 <= wall <= summary["wall_time_s"]
+
+
+def _poison_tensors(run, other):
+    """Step 30's tensors made NaN, and metrics.jsonl as a resume from step 20
+    killed at step 25 leaves it."""
+    from xpmodel.train.rundir import RunDir
+    path = run / "checkpoints" / "step-00000030.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-4096:] = b"\xff" * 4096   # NaN bit patterns; the header still reads
+    path.write_bytes(bytes(data))
+    RunDir(run).truncate_metrics(25)
+
+
+def _copy_from_another_run(run, other):
+    """Step 30 replaced by the step-30 checkpoint of a wider model trained on
+    twice the tokens per step."""
+    name = "step-00000030.safetensors"
+    shutil.copyfile(other / "checkpoints" / name, run / "checkpoints" / name)
+
+
+@pytest.mark.parametrize("change", [_poison_tensors, _copy_from_another_run])
+def test_runs_takes_tokens_and_wall_time_from_a_checkpoint_the_run_went_on_from(tmp_path, corpus,
+                                                                                 change):
+    """Not from a newer one a resume skipped: tokens seen and the wall time
+    are step 20's checkpoint's (or the last logged step's), not step 30's."""
+    from xpmodel.train.checkpoint import read_checkpoint_meta
+    from xpmodel.train.rundir import RunDir
+    from xpmodel.tune.compare import summarize
+    tiny_trainer(tmp_path, corpus, "train.keep_last=3").run()
+    tiny_trainer(tmp_path, corpus, "model.n_embd=32", "train.batch_size=8", name="other").run()
+    change(tmp_path / "run", tmp_path / "other")
+    step_20 = read_checkpoint_meta(tmp_path / "run" / "checkpoints" / "step-00000020.safetensors")
+    last_step = records(tmp_path / "run", "train")[-1]
+    summary = summarize(RunDir(tmp_path / "run"))
+    assert summary["step"] == last_step["step"]
+    assert summary["tokens"] == step_20["tokens_seen"] == 20 * 4 * 16
+    assert summary["wall_time_s"] == max(last_step["time"], step_20["elapsed"])
 
 
 def test_runs_and_compare_warn_once_about_a_damaged_metrics_line(capsys, tmp_path, corpus):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..config import config_to_dict
 from ..errors import CheckpointError, DataError, UsageError
+from ..train.checkpoint import step_of_name
 from ..train.rundir import RunDir
 from .plot import check_png_output, pyplot, save_figure
 
@@ -61,9 +62,7 @@ def summarize(run):
         config = None
     step = train[-1]["step"] if train else 0
     total = config.train.max_iters if config is not None else None
-    # the newest checkpoint whose header reads cleanly (older ones are not read)
-    newest = next((header for _, header, _ in run.checkpoints_newest_first() if header is not None),
-                  None)
+    newest = _newest_checkpoint(run, config, step if train else None)
     if run.is_locked():
         status = "running"
     elif not train and newest is not None and newest.meta.get("kind") == "imported":
@@ -87,6 +86,21 @@ def summarize(run):
             "wall_time_s": _wall_time(train, newest),
             "warnings": sorted({r.get("kind") for r in records if r.get("type") == "warning"}),
             "config": config}
+
+
+def _newest_checkpoint(run, config, last_step):
+    """The header of the newest checkpoint that is the run's own: it reads
+    cleanly (older ones are not read), its step is at or below `last_step`
+    (the last logged step; None when none is) and, when `config` read, it was
+    trained with config's data.* and model.* settings. Any other is a file a
+    resume skipped (its tensors damaged, or copied from another run): the run
+    went on from an older one and logged its steps again from there."""
+    for path, header, _ in run.checkpoints_newest_first():
+        if header is None or last_step is not None and step_of_name(path.name) > last_step:
+            continue
+        if config is None or run.checkpoint_config_problem(header, config) is None:
+            return header
+    return None
 
 
 def _wall_time(train, newest):
