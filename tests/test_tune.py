@@ -256,8 +256,9 @@ def test_health_records_per_layer_and_their_heatmap(capsys, tmp_path, corpus):
 @pytest.mark.parametrize("steps, extent", [(list(range(100, 1001, 100)), (0, 1000)),
                                            ([250], (0, 250)), ([60, 70, 80], (50, 80))])
 def test_the_health_heatmap_ends_at_the_last_step(steps, extent):
-    """Each cell spans the steps up to its record's, so a 1000-step run's axis
-    ends at step 1000 (it ran on to 1100)."""
+    """Each cell spans the steps since the record before it (the first is as
+    wide as the second, from step 0 when alone), so the axis ends at the last
+    record's step: a 1000-step run's at step 1000, not an interval past it."""
     from xpmodel.tune.plot import draw_health, pyplot
     plt = pyplot()
     groups = ["embed", "h.0", "head"]
