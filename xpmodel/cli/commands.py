@@ -10,7 +10,7 @@ from ..cpu_threads import usable_cores
 from ..errors import DataError, UsageError, quote
 from ..files import inside, open_regular, same_file
 from ..train.outputs import check_output, check_output_dir
-from .inputs import corpus, existing_file, refuse_model_folder
+from .inputs import existing_file, refuse_model_folder
 
 _EVAL_TOKENS_PER_BATCH = 4096
 
@@ -35,6 +35,7 @@ def _train(args, device, dist):
     from ..train import Trainer
     from ..train.rundir import RunDir, default_run_path
     from ..backend import get_device
+    from ..data.sources import resolve_given
     from ..train.setup import absolute_source, check_out_outside_corpus
     is_main = dist is None or dist.is_main
     get_device(device)   # a bad --device is named before anything is read or chosen
@@ -81,7 +82,7 @@ def _train(args, device, dist):
                              f"command reads (the config or its base); choose another --out")
     # A glob reaching into --out is named first: it may match nothing until the run writes there.
     check_out_outside_corpus(absolute_source(config.data.source), out)
-    corpus(config.data.source, "data.source")
+    resolve_given(config.data.source, "data.source")
     if names_tokenizer_file(config.data.tokenizer) and not init_from:
         existing_file(config.data.tokenizer, "data.tokenizer", "tokenizer file")
     if not args.out and out.name != Path(config_name).stem and is_main:
@@ -233,13 +234,14 @@ def _check_utf8(flag, text):
 def eval_command(args):
     from ..data import prepare, read_token_file
     from ..data.corpus import load_tokens
+    from ..data.sources import resolve_given
     from ..train.evaluate import evaluate_tokens
     from ..train.rundir import RunDir
     from ..train.runs import load
     if args.batches is not None and args.batches < 1:
         raise UsageError(f"--batches must be at least 1, got {args.batches}")
     refuse_model_folder(args.run_dir, "RUN_DIR")
-    source = None if args.data is None else corpus(args.data, "--data")
+    source = None if args.data is None else resolve_given(args.data, "--data")
     model, tokenizer = load(args.run_dir, device=args.device, checkpoint=args.checkpoint,
                             kernels=args.kernels)
     config = RunDir(args.run_dir).load_config()
@@ -274,13 +276,14 @@ def plot_command(args):
 
 def prepare_command(args):
     from ..data import prepare, read_token_header, sidecar_path, tokenizing_progress
+    from ..data.sources import resolve_given
     from ..tokenizer.bpe import BPETokenizer
     existing_file(args.tokenizer, "--tokenizer", "tokenizer file")
     tokenizer = BPETokenizer.load(args.tokenizer)
     workers = _encoding_workers(args.workers)
     if args.preview is not None and args.preview < 1:
         raise UsageError(f"--preview must be at least 1 token, got {args.preview}")
-    source = corpus(args.source, "SOURCE")
+    source = resolve_given(args.source, "SOURCE")
     if args.out is not None:
         for target in (Path(args.out), sidecar_path(args.out)):   # the token file and its sidecar
             check_output(target, "--out", [*source.files, Path(args.tokenizer)], args.overwrite)
@@ -328,10 +331,11 @@ def token_preview(tokenizer, ids, total):
 
 def tokenizer_train_command(args):
     from ..data import iter_texts
+    from ..data.sources import resolve_given
     from ..tokenizer.bpe import MAX_VOCAB, BPETokenizer
     if not 256 <= args.vocab_size <= MAX_VOCAB:
         raise UsageError(f"--vocab-size must be from 256 to {MAX_VOCAB:,}, got {args.vocab_size}")
-    source = corpus(args.source, "SOURCE")
+    source = resolve_given(args.source, "SOURCE")
     check_output(args.out, "--out", source.files, args.overwrite)
     if args.export_hf:
         check_output_dir(args.export_hf, "--export-hf", source.files, args.overwrite)
@@ -423,6 +427,7 @@ def _check_subject(target, flag):
 
 
 def lr_find_command(args):
+    from ..data.sources import resolve_given
     from ..tune.common import load_subject
     from ..tune.lr_find import check_ramp, lr_range_test, write_results
     from ..tune.plot import check_png_output
@@ -433,7 +438,7 @@ def lr_find_command(args):
     _check_subject(target, "--config")
     subject = load_subject(target, args.overrides)
     out = Path(args.out) if args.out else Path(f"lr-find-{subject.name}.png")
-    inputs = [*subject.config_files, *corpus(subject.config.data.source, "data.source").files]
+    inputs = [*subject.config_files, *resolve_given(subject.config.data.source, "data.source").files]
     if subject.config.train.init_from:   # the run or model folder it starts from
         inputs.append(subject.config.train.init_from)
     if names_tokenizer_file(subject.config.data.tokenizer):

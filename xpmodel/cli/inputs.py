@@ -4,11 +4,12 @@ mistake is a UsageError (exit 2) naming the argument and the way forward.
 A path that names nothing (no such file, a glob that finds no text) is a
 mistake in what was asked, exit 2; a file that is there but cannot be used
 (empty, binary, not UTF-8, a FIFO, a damaged tokenizer) is bad data, found
-by its reader: a DataError, exit 1."""
+by its reader: a DataError, exit 1. A corpus is checked so by
+data.sources.resolve_given, which the tuning tools and the sweep use too."""
 import os
 from pathlib import Path
 
-from ..errors import DataError, UsageError
+from ..errors import UsageError
 
 
 def refuse_model_folder(path, flag):
@@ -21,21 +22,6 @@ def refuse_model_folder(path, flag):
         raise UsageError(f"{flag} {path}: not an xpmodel run (no run.json) but a Hugging Face "
                          f"model folder (config.json); make it a run with: xpmodel import-hf "
                          f"{path} --out RUN_DIR")
-
-
-def corpus(spec, flag):
-    """The corpus (data.Source) that `spec`, given as `flag`, names. A spec
-    that names nothing, neither a built-in corpus nor an existing path (no
-    such file or folder, a glob that finds no text, an empty spec), is a
-    UsageError naming the flag ("--data notes.txt: no such file or folder");
-    the DataError of one that is there stays as it is."""
-    from ..data import BUILTIN_NAMES, resolve_source
-    try:
-        return resolve_source(spec)
-    except DataError as exc:
-        if spec in BUILTIN_NAMES or os.path.exists(os.path.expanduser(spec)):
-            raise
-        raise UsageError(f"{flag} {exc}") from None
 
 
 def existing_file(path, flag, what):

@@ -21,7 +21,8 @@ folder reached again through a link, a folder it cannot list) is named in one
 line on stderr, once per process.
 
 A spec that names a FIFO, a device or a socket is refused: reading one could
-block or never end.
+block or never end. `resolve_given` tells a spec that names nothing (a usage
+mistake, exit 2) from one that is there but cannot be used (bad data, exit 1).
 
 Nothing here reads file contents except `corpus_fingerprint`; decoding and
 the UTF-8 / binary checks happen while reading (`reading.py`).
@@ -37,7 +38,7 @@ from pathlib import Path
 
 from .builtin_corpora import BUILTIN_NAMES, SHAKESPEARE, builtin_files, builtin_root
 from .play_markdown import PLAY_TEXT_VERSION
-from ..errors import DataError, shown_path
+from ..errors import DataError, UsageError, shown_path
 from ..files import file_kind, inside
 
 PLAIN_TEXT = "plain"
@@ -107,6 +108,22 @@ def resolve_source(spec: "str | os.PathLike | Source") -> Source:
         source = _resolve_path_spec(os.fspath(spec))
     _require_text(source)
     return source
+
+
+def resolve_given(spec: "str | os.PathLike", given_as: str) -> Source:
+    """The corpus that `spec` names, where the user gave it as `given_as` (a
+    flag such as `--data`, or a config key such as `data.source`). A spec
+    that names nothing, neither a built-in corpus nor an existing path (no
+    such file or folder, a glob that finds no text, an empty spec), is a mistake in what was
+    asked: a UsageError naming it ("--data notes.txt: no such file or
+    folder"). One that is there but cannot be used (an empty file or folder,
+    a FIFO) is bad data: its DataError stays as it is."""
+    try:
+        return resolve_source(spec)
+    except DataError as exc:
+        if spec in BUILTIN_NAMES or os.path.exists(os.path.expanduser(spec)):
+            raise
+        raise UsageError(f"{given_as} {exc}") from None
 
 
 def corpus_fingerprint(spec: "str | os.PathLike | Source") -> str:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..config import load_config, load_config_and_files
 from ..data.corpus import build_tokenizer, load_tokens
+from ..data.sources import resolve_given
 from ..train.rundir import RunDir
 from ..train.runs import adopt_pretrained, load_pretrained
 from ..train.setup import build_model, gpt_config_for
@@ -46,12 +47,16 @@ class Subject:
 
 def load_subject(name_or_run, overrides=(), say=print):
     """The Subject of a run directory (its config.yaml, with overrides) or of a
-    config name or path (with its `base:` chain)."""
+    config name or path (with its `base:` chain). Its data.source is checked
+    first, before a tokenizer is trained or a model loaded: one that names
+    nothing is a UsageError naming data.source (data.sources.resolve_given)."""
     run = RunDir(name_or_run)
     if run.is_run():
         config = load_config(run.config_path, overrides) if overrides else run.load_config()
+        resolve_given(config.data.source, "data.source")
         return Subject(run.path.name, config, run.load_tokenizer(), (run.config_path,))
     config, files = load_config_and_files(name_or_run, overrides)
+    resolve_given(config.data.source, "data.source")
     name, files = Path(str(name_or_run)).stem, tuple(files)
     if config.train.init_from:
         source_config, arrays, tokenizer = load_pretrained(config.train.init_from)

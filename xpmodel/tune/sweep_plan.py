@@ -17,7 +17,7 @@ import numpy
 
 from ..config import check_key, check_override, load_config
 from ..config.sections import names_tokenizer_file
-from ..data.sources import BUILTIN_NAMES, resolve_source
+from ..data.sources import resolve_given
 from ..errors import DataError, UsageError, quote, shown_path
 
 _RESAMPLE_TRIES = 200
@@ -192,11 +192,11 @@ def check_trial_inputs(base, params):
     gives it."""
     for source in _trial_values(base, params, "data.source"):
         try:
-            resolve_source(source)
-        except DataError as exc:
-            if source in BUILTIN_NAMES or os.path.exists(os.path.expanduser(source)):
-                raise DataError(f"data.source {exc}; no trial could read it") from None   # bad data
-            raise UsageError(f"data.source {exc}; no trial could read it") from None
+            resolve_given(source, "data.source")
+        except UsageError as exc:
+            raise UsageError(f"{exc}; no trial could read it") from None
+        except DataError as exc:   # there but unusable: bad data
+            raise DataError(f"data.source {exc}; no trial could read it") from None
     for tokenizer in _trial_values(base, params, "data.tokenizer"):
         if names_tokenizer_file(tokenizer) and not os.path.exists(os.path.expanduser(tokenizer)):
             raise UsageError(f"data.tokenizer {shown_path(tokenizer)}: no such tokenizer file; "
