@@ -98,7 +98,8 @@ def test_runs_reads_the_header_of_the_newest_readable_checkpoint_once(run, heade
 
 
 def _tensors(path):
-    """(params, optimizer state) of the checkpoint at `path`, as the safetensors library reads them."""
+    """(params, optimizer state) of the checkpoint at `path`, as the
+    safetensors library reads them."""
     parts = {"param": {}, "optim": {}}
     for key, value in load_file(path).items():
         kind, name = key.split("/", 1)

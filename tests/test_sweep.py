@@ -111,20 +111,25 @@ def test_a_corpus_no_trial_can_read_is_refused_before_anything_is_written(capsys
     assert stdout == "" and not out.exists()
 
 
-def test_an_init_from_no_trial_can_start_from_is_refused_before_anything_is_written(capsys, tmp_path):
-    corpus, missing, out = write_corpus(tmp_path / "corpus.txt", lines=50), tmp_path / "no-run", tmp_path / "sweep"
-    code, stdout, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out, f"data.source={corpus}",
-                                f"train.init_from={missing}", "train.lr=1e-3,2e-3")
+def test_an_init_from_no_trial_can_start_from_is_refused_before_anything_is_written(capsys,
+                                                                                    tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=50)
+    missing, out = tmp_path / "no-run", tmp_path / "sweep"
+    code, stdout, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out,
+                                f"data.source={corpus}", f"train.init_from={missing}",
+                                "train.lr=1e-3,2e-3")
     assert code == 2, (stdout, err)
     assert_one_line_error(err)
     assert f"train.init_from {missing}: no such directory; no trial could start from it" in err
     assert "started" not in stdout and not out.exists()
 
 
-def test_a_tokenizer_file_no_trial_can_read_is_refused_and_bad_data_stays_bad_data(capsys, tmp_path):
+def test_a_tokenizer_file_no_trial_can_read_is_refused_and_bad_data_stays_bad_data(capsys,
+                                                                                   tmp_path):
     corpus, out = write_corpus(tmp_path / "corpus.txt", lines=50), tmp_path / "sweep"
-    code, stdout, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out, f"data.source={corpus}",
-                                f"data.tokenizer={tmp_path / 'none.json'}", "train.lr=1e-3,2e-3")
+    code, stdout, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out,
+                                f"data.source={corpus}", f"data.tokenizer={tmp_path / 'none.json'}",
+                                "train.lr=1e-3,2e-3")
     assert code == 2 and f"data.tokenizer {tmp_path / 'none.json'}: no such tokenizer file" in err
     assert not out.exists()
     (tmp_path / "empty").mkdir()     # there, but holding no text: bad data, exit 1 as for train
@@ -138,7 +143,8 @@ def test_other_settings_are_named_when_only_the_old_plan_has_them(capsys, tmp_pa
     out = tmp_path / "sweep"
     open_sweep(out, str(TINY), ["train.lr=1e-3,2e-3"], sampler="random", show=False).close()
     (out / "logs").mkdir()      # a trial started: the plan is kept and the difference named
-    code, stdout, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out, "train.lr=1e-3,2e-3")
+    code, stdout, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out,
+                                "train.lr=1e-3,2e-3")
     assert code == 2 and "(sampler differ)" in err, err
 
 

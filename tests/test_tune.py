@@ -263,7 +263,8 @@ def test_the_health_heatmap_ends_at_the_last_step(steps, extent):
     plt = pyplot()
     groups = ["embed", "h.0", "head"]
     records = [{"type": "health", "step": step, "groups": groups, "grad_norm": [0.5, 1.0, 2.0],
-                "update_ratio": [1e-3, 2e-3, 3e-3], "weight_norm": [1.0, 1.0, 1.0]} for step in steps]
+                "update_ratio": [1e-3, 2e-3, 3e-3], "weight_norm": [1.0, 1.0, 1.0]}
+               for step in steps]
     fig = draw_health(plt, records, "health")
     try:
         for ax in fig.axes[:2]:
@@ -372,7 +373,8 @@ def test_runs_lists_status_steps_and_best_val_and_compare_overlays_them(capsys, 
         assert code == 2 and "needs matplotlib" in err
 
 
-def test_compare_takes_a_folder_of_runs_that_holds_a_config_json_of_its_own(capsys, tmp_path, corpus):
+def test_compare_takes_a_folder_of_runs_that_holds_a_config_json_of_its_own(capsys, tmp_path,
+                                                                             corpus):
     """Only a folder with no run under it is told it looks like a Hugging Face model."""
     tiny_trainer(tmp_path / "project" / "runs", corpus, name="a").run()
     (tmp_path / "project" / "config.json").write_text('{"editor": 1}')
@@ -519,8 +521,8 @@ def test_sweep_prunes_a_trial_and_resumes_after_kill_9(capsys, tmp_path, corpus)
     code, text, err = run_cli(capsys, *args)
     assert code == 0, err
     assert "resuming the sweep" in text and "1 of 4 trials done" in text
-    assert f"trial-001 resumed at step {interrupted_at}: lr=0.01 (log: {out / 'logs' / 'trial-001.log'})" \
-        in text.splitlines()
+    log = out / "logs" / "trial-001.log"
+    assert f"trial-001 resumed at step {interrupted_at}: lr=0.01 (log: {log})" in text.splitlines()
     assert "trial-002 started: lr=1e-06" in text
     state = json.loads((out / "sweep.json").read_text())
     assert [t["status"] for t in state["trials"]] == ["done", "done", "pruned", "done"]

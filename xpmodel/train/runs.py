@@ -45,7 +45,8 @@ def load(run_dir, device="cpu", checkpoint="latest", kernels="fused", warn=None)
         weights, problem = _weights_or_problem(header, problem, config, tokenizer, run)
         if weights is None and header is not None and not header.unchanged():
             # a trainer saved a new file there since its header was read: read that one
-            weights, problem = _weights_or_problem(*run.read_checkpoint(path), config, tokenizer, run)
+            weights, problem = _weights_or_problem(*run.read_checkpoint(path), config, tokenizer,
+                                                   run)
         if weights is not None:
             gpt_config, arrays = weights
             break
@@ -116,9 +117,9 @@ def _check_parameter_count(header, shape, run):
     held, needed = header.param_count(), shape.num_params()
     if held != needed:
         raise CheckpointError(f"{header.path}: holds {held:,} weights, but {run.config_path} "
-                              f"describes a model of {needed:,} (model.n_layer={shape.n_layer}, n_embd="
-                              f"{shape.n_embd}, n_head={shape.n_head}); the config does not match "
-                              f"the checkpoint")
+                              f"describes a model of {needed:,} (model.n_layer={shape.n_layer}, "
+                              f"n_embd={shape.n_embd}, n_head={shape.n_head}); the config does not "
+                              f"match the checkpoint")
 
 
 def load_pretrained(source):

@@ -150,7 +150,8 @@ def absolute_source(source):
 def absolute_tokenizer(tokenizer):
     """data.tokenizer as the run keeps it: a tokenizer file's path made absolute,
     so the run's config.yaml can be used from any folder; a kind as it is."""
-    return os.path.abspath(os.path.expanduser(tokenizer)) if names_tokenizer_file(tokenizer) else tokenizer
+    return (os.path.abspath(os.path.expanduser(tokenizer)) if names_tokenizer_file(tokenizer)
+            else tokenizer)
 
 
 def check_out_outside_corpus(source, out):
@@ -205,8 +206,9 @@ class RunSetup:
         the directory gets run.json only after its step-0 checkpoint."""
         is_main = dist is None or dist.is_main
         check_batches_fit(config)
-        config = replace(config, data=replace(config.data, source=absolute_source(config.data.source),
-                                              tokenizer=absolute_tokenizer(config.data.tokenizer)))
+        config = replace(config, data=replace(
+            config.data, source=absolute_source(config.data.source),
+            tokenizer=absolute_tokenizer(config.data.tokenizer)))
         device = get_device(device)
         if dist is not None:
             dist.shard(config.train.batch_size)   # refuses a batch the ranks cannot split
