@@ -159,6 +159,48 @@ def test_releasing_a_lock_removes_only_the_empty_folders_it_created(tmp_path):
     assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["notes.txt"]
 
 
+def test_a_lock_through_a_missing_folder_and_dotdot_removes_only_that_folder(tmp_path):
+    """With b there and a not, a/../b is b: the lock makes a, which the path
+    needs as written, and on release removes a but never b, even empty; a/../c
+    makes c too and removes both."""
+    (tmp_path / "b").mkdir()
+    with RunDir(tmp_path / "a" / ".." / "b").lock():
+        assert (tmp_path / "b" / ".xpmodel.lock").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    with RunDir(tmp_path / "a" / ".." / "c").lock():
+        assert (tmp_path / "c" / ".xpmodel.lock").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_a_folder_another_process_makes_while_the_lock_is_taken_is_kept(tmp_path, monkeypatch):
+    """a is missing when the lock looks, then made by someone else before the
+    lock makes it: the lock makes a/b and a/b/run, and removes only those."""
+    import xpmodel.train.runlock as runlock
+    walk = runlock.missing_folders
+
+    def walk_then_another_process_makes_a(path):
+        found = walk(path)
+        (tmp_path / "a").mkdir()
+        return found
+
+    monkeypatch.setattr(runlock, "missing_folders", walk_then_another_process_makes_a)
+    with RunDir(tmp_path / "a" / "b" / "run").lock():
+        assert (tmp_path / "a" / "b" / "run" / ".xpmodel.lock").is_file()
+    assert list(tmp_path.iterdir()) == [tmp_path / "a"] and list((tmp_path / "a").iterdir()) == []
+
+
+def test_a_made_folder_replaced_by_a_link_is_not_followed_on_release(tmp_path):
+    """The lock made a and a/run; a replaced by a link to the user's folder
+    before the release: the user's empty run folder it leads to is kept."""
+    (tmp_path / "user" / "run").mkdir(parents=True)
+    with RunDir(tmp_path / "a" / "run").lock():
+        (tmp_path / "a" / "run" / ".xpmodel.lock").unlink()
+        (tmp_path / "a" / "run").rmdir()
+        (tmp_path / "a").rmdir()
+        (tmp_path / "a").symlink_to(tmp_path / "user")
+    assert (tmp_path / "user" / "run").is_dir()
+
+
 # ---- folders a run writes in ----------------------------------------------------------------
 def link_checkpoints(run, other):
     shutil.rmtree(run / "checkpoints")

@@ -1,6 +1,6 @@
 """Reading small files a user or a run supplies, with their sizes bounded;
-comparing paths; whether a folder can be made and written in; whether a
-process is alive.
+comparing paths and telling files apart; whether a folder can be made and
+written in; whether a process is alive.
 
 Config, tokenizer and run files are read whole, so each is first checked to
 be a regular file (a FIFO or a device such as /dev/zero would block or never
@@ -104,6 +104,14 @@ def read_json(path, limit, error, what, advice=""):
     return document
 
 
+def file_identity(status, content=False):
+    """Which file an os.stat result is: its device and inode; with content,
+    also its size and last write, which change when the file is rewritten
+    in place (another file renamed over its path changes the inode)."""
+    identity = status.st_dev, status.st_ino
+    return (identity + (status.st_size, status.st_mtime_ns)) if content else identity
+
+
 def same_file(a, b):
     """Whether two paths name the same file (links resolved, hard links too)."""
     try:
@@ -124,14 +132,31 @@ def inside(path, folder):
 
 
 def missing_folders(path):
-    """The nearest of `path` and the folders above it that exists (a link
-    counts, even one that points nowhere), and those below it that do not,
-    `path` first: the folders that writing into `path` would create."""
-    path, missing = Path(path), []
-    while not os.path.lexists(path) and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return path, missing
+    """(the existing folder that the first missing one would be made in, or
+    `path` itself when nothing is missing; the folders that writing into
+    `path` would create, deepest first, each spelled as in `path`). A link
+    counts as existing, even one that points nowhere.
+
+    The walk follows `path` as the system resolves it: a `..` after a folder
+    still to be made leads back to where that folder would be made, so with
+    `b` there and `a` not, "a/../b" needs only `a` (for the path to be
+    reachable as written) and lists neither `b` nor "a/.."."""
+    path = Path(path)
+    parts = path.parts[1:] if path.anchor else path.parts
+    written = existing = Path(path.anchor) if path.anchor else Path()
+    missing, below = [], []   # below: the folders to make that the walk is inside
+    first_made_in = None
+    for part in parts:
+        written = written / part
+        if below and part == "..":
+            below.pop()   # back in the folder the popped one would be made in
+        elif below or not os.path.lexists(existing / part):
+            first_made_in = first_made_in or existing
+            below.append(written)
+            missing.append(written)
+        else:
+            existing = existing / part
+    return first_made_in or existing, missing[::-1]
 
 
 def folder_problem(folder):

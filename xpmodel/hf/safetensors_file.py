@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy
 
 from ..errors import quote
-from ..files import open_regular, parse_json
+from ..files import file_identity, open_regular, parse_json
 
 # safetensors dtype -> NumPy dtype; BF16 is read as its raw 16 bits
 DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
@@ -81,7 +81,7 @@ class SafetensorsFile:
         self.path, self._error, self._what = Path(path), error, what
         self._file = _open(self.path, error, what)
         try:
-            self._identity = _identity(os.fstat(self._file.fileno()))
+            self._identity = file_identity(os.fstat(self._file.fileno()), content=True)
             self._parse(*_read_header(self._file, self.path, error, what))
         except BaseException:
             self.close()
@@ -126,7 +126,7 @@ class SafetensorsFile:
         the path no longer names the file whose header was read, unchanged."""
         if self._file is None:
             file = _open(self.path, self._error, self._what)
-            if _identity(os.fstat(file.fileno())) != self._identity:
+            if file_identity(os.fstat(file.fileno()), content=True) != self._identity:
                 file.close()
                 raise self._error(f"{self.path}: {self._what} replaced or changed since its "
                                   f"header was read")
@@ -136,7 +136,7 @@ class SafetensorsFile:
     def unchanged(self):
         """Whether the path still names the file whose header was read, unchanged."""
         try:
-            return _identity(os.stat(self.path)) == self._identity
+            return file_identity(os.stat(self.path), content=True) == self._identity
         except OSError:
             return False
 
@@ -179,12 +179,6 @@ class SafetensorsFile:
         if dtype == "BF16":   # the high half of a float32
             value = (value.astype(numpy.uint32) << 16).view(numpy.float32)
         return value.reshape(shape).copy()
-
-
-def _identity(status):
-    """Which file an os.stat result is, and its size and last write: what
-    changes when another file is renamed over a path, or the file is rewritten."""
-    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def _entry_fits(entry, data_len):

@@ -5,7 +5,8 @@ kill -9 included; the file records the holder's pid, host and command for
 the message a second writer gets. Where a file system has no flock (some
 network file systems), a lock whose recorded holder still runs counts as
 held. Taking the lock creates the run's folder if needed, and releasing it
-removes the folders it created while they are empty.
+removes the folders it created while they are empty; a folder that was there
+or that another process made meanwhile is never removed.
 
 The lock file is opened without following a link and must then be a regular
 file with one name: a symbolic link, a hard link to another file, a FIFO or a
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 from ..errors import UsageError, quote
-from ..files import file_kind, missing_folders, parse_json, process_alive
+from ..files import file_identity, file_kind, missing_folders, parse_json, process_alive
 
 _held = {}   # resolved run path -> RunLock holding it in this process
 
@@ -42,7 +43,7 @@ class RunLock:
         self.found_stale = False   # a lock file was left by a process that died
         self._fd = None
         self._depth = 0
-        self._made = []            # folders this lock created, deepest first
+        self._made = []            # (folder, identity) of those this lock created, deepest first
 
     def __enter__(self):
         path = self.run.path
@@ -55,13 +56,12 @@ class RunLock:
             self._outer = outer
             return outer
         self._outer = None
-        _, missing = missing_folders(path)
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            self._make_folders(path)
         except OSError as exc:
+            self._remove_made_folders()
             raise UsageError(f"{self.flag} {path}: cannot create the run directory "
                              f"({exc.strerror or exc})") from None
-        self._made = missing
         try:
             self._acquire()
         except BaseException:
@@ -80,6 +80,19 @@ class RunLock:
             self.release()
         return False
 
+    def _make_folders(self, path):
+        """Create the missing folders of `path` one level at a time, outermost
+        first, recording those this lock made: a folder another process made
+        since the walk (os.mkdir finds it there) is not this lock's to remove."""
+        for folder in reversed(missing_folders(path)[1]):
+            try:
+                os.mkdir(folder)
+            except FileExistsError:
+                continue
+            self._made.insert(0, (folder, _identity_of(folder)))
+        if not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+
     def _acquire(self):
         lock_path = self.run.lock_path
         for _ in range(20):
@@ -96,7 +109,7 @@ class RunLock:
                         raise
                     if holder and _holder_alive(holder):
                         raise UsageError(self._in_use(holder)) from None
-                if _identity(os.fstat(fd)) != _identity_of(lock_path):
+                if file_identity(os.fstat(fd)) != _identity_of(lock_path):
                     os.close(fd)   # released and removed by its holder meanwhile: try again
                     continue
                 self.found_stale = holder is not None and not self.run.is_run()
@@ -148,7 +161,7 @@ class RunLock:
     def release(self):
         if self._fd is not None:
             try:
-                if _identity(os.fstat(self._fd)) == _identity_of(self.run.lock_path):
+                if file_identity(os.fstat(self._fd)) == _identity_of(self.run.lock_path):
                     self.run.lock_path.unlink(missing_ok=True)
             except OSError:
                 pass
@@ -158,11 +171,14 @@ class RunLock:
         self._remove_made_folders()
 
     def _remove_made_folders(self):
-        for folder in self._made:
-            try:
-                folder.rmdir()
-            except OSError:
-                pass   # not empty (or gone): kept
+        """Remove the folders this lock made, deepest first, while empty and
+        still the ones made (not another folder a link now leads to)."""
+        for folder, identity in self._made:
+            if _identity_of(folder) == identity:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass   # not empty (or gone): kept
         self._made = []
 
 
@@ -173,14 +189,10 @@ def _key(path):
         return str(Path(path).absolute())
 
 
-def _identity(status):
-    return status.st_dev, status.st_ino
-
-
 def _identity_of(path):
     """(device, inode) of the entry `path` itself (a link is not followed), or None."""
     try:
-        return _identity(os.lstat(path))
+        return file_identity(os.lstat(path))
     except OSError:
         return None
 
