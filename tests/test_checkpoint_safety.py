@@ -108,6 +108,28 @@ def test_the_checkpoint_just_written_and_the_one_resumed_from_are_kept(tmp_path)
     assert "step-00000009.safetensors" in names(run)
 
 
+def test_a_checkpoint_replaced_after_pruning_judged_it_is_left(tmp_path, monkeypatch):
+    """Pruning reads every header first and deletes afterwards: a step-2 file
+    replaced by the user's own in between is kept, the other old one is not."""
+    import xpmodel.train.rundir as rundir
+    run = empty_run(tmp_path / "run")
+    for step in (2, 3, 4):
+        save_step(run, step)
+    read = rundir.read_checkpoint_header
+
+    def read_then_replace_step_2(path):
+        header = read(path)
+        if path == run.step_path(2):
+            (tmp_path / "mine").write_text("the user's own file\n")
+            os.replace(tmp_path / "mine", path)
+        return header
+
+    monkeypatch.setattr(rundir, "read_checkpoint_header", read_then_replace_step_2)
+    run.prune_checkpoints(1, written=run.step_path(4))
+    assert names(run) == ["step-00000002.safetensors", "step-00000004.safetensors"]
+    assert run.step_path(2).read_text() == "the user's own file\n"
+
+
 def _trained_tiny_run(tmp_path, capsys, *overrides):
     """A run of the tiny config trained by the CLI, saving every 2 steps, with `overrides`."""
     corpus = write_corpus(tmp_path / "corpus.txt")

@@ -455,7 +455,8 @@ class RunDir:
         good checkpoint exists. `config`: the run's (the trainer passes its
         own), else read from config.yaml. `already_read`: (path, header,
         problem) of checkpoints whose headers were read before (by the
-        resume), not read again while their files are unchanged.
+        resume), not read again while their files are unchanged. A file
+        replaced or rewritten after it was judged is left as it is.
         """
         if not self._owns_checkpoint_dir():
             return   # a linked checkpoints/ is not the run's to prune
@@ -464,36 +465,40 @@ class RunDir:
         except XpmodelError:   # config.yaml unreadable: which checkpoints are the run's is unknown
             return
         known = {path: header for path, header, _ in already_read if header is not None}
-        good = [(step, path) for step, path in self._step_files()
-                if self._is_own_checkpoint(path, config, known.get(path))]
-        keep = {path.name for _, path in good[max(len(good) - keep_last, 0):]}
+        good = []   # (step, path, header) of the run's own good checkpoints, oldest first
+        for step, path in self._step_files():
+            header = self._own_checkpoint_header(path, config, known.get(path))
+            if header is not None:
+                good.append((step, path, header))
+        keep = {path.name for _, path, _ in good[max(len(good) - keep_last, 0):]}
         if len(good) > 1 and good[0][0] == 0:
             keep.discard(good[0][1].name)
         if resumed_from is not None:
             resumed_step = step_of_name(Path(resumed_from).name)
-            if not any(step > (resumed_step or 0) for step, _ in good):
+            if not any(step > (resumed_step or 0) for step, _, _ in good):
                 keep.add(Path(resumed_from).name)
         if written is not None:
             keep.add(Path(written).name)
-        for _, path in good:
-            if path.name not in keep:
-                try:
+        for _, path, header in good:
+            if path.name not in keep and not path.is_symlink() and header.unchanged():
+                try:   # unchanged: still the file judged above, not one put there since
                     path.unlink()
                 except OSError:
                     pass   # housekeeping: a file that cannot be removed stays
 
-    def _is_own_checkpoint(self, path, config, header=None):
-        """A regular file (not a link) whose header (`header` when the file is
-        unchanged since it was read) reads as a good xpmodel checkpoint trained
-        with `config`'s data.* and model.* settings."""
+    def _own_checkpoint_header(self, path, config, header=None):
+        """The header of the regular file (not a link) at `path` when it reads
+        as a good xpmodel checkpoint trained with `config`'s data.* and model.*
+        settings, else None; `header`, when the file is unchanged since it
+        was read, is not read again."""
         try:
             if path.is_symlink() or not path.is_file():
-                return False
+                return None
             if header is None or not header.unchanged():
                 header = read_checkpoint_header(path)
-            return _config_difference(header.meta, config) is None
+            return header if _config_difference(header.meta, config) is None else None
         except (CheckpointError, OSError):
-            return False
+            return None
 
     def remove_stale_temporaries(self):
         """Temporary files left by a process killed mid-write."""
