@@ -138,6 +138,18 @@ def test_a_tokenizer_file_no_trial_can_read_is_refused_and_bad_data_stays_bad_da
     assert code == 1 and "no trial could read it" in err and not out.exists()
 
 
+def test_a_tokenizer_file_is_not_looked_for_when_the_trials_start_from_a_run(capsys, tmp_path):
+    """As for train: trials that start from train.init_from take its tokenizer."""
+    from xpmodel.config import load_config
+    from xpmodel.errors import UsageError
+    from xpmodel.tune.sweep_plan import check_trial_inputs
+    (tmp_path / "base").mkdir()
+    base = load_config(str(TINY), [f"train.init_from={tmp_path / 'base'}", "data.tokenizer=none.json"])
+    check_trial_inputs(base, [])
+    with pytest.raises(UsageError, match="data.tokenizer none.json: no such tokenizer file"):
+        check_trial_inputs(load_config(str(TINY), ["data.tokenizer=none.json"]), [])
+
+
 def test_other_settings_are_named_when_only_the_old_plan_has_them(capsys, tmp_path):
     from xpmodel.tune.preset import open_sweep
     out = tmp_path / "sweep"

@@ -160,9 +160,10 @@ def missing_folders(path):
 
 
 def folder_problem(folder):
-    """None when files can be written in `folder`: the nearest part of its
-    path that exists (see `missing_folders`) is a folder this process may
-    write in; else what stands in the way, e.g. "notes.txt is not a folder"."""
+    """None when files can be written in `folder`: the existing folder its
+    first missing part would be made in (see `missing_folders`) is one this
+    process may write in; else what stands in the way, e.g. "notes.txt is
+    not a folder"."""
     existing, _ = missing_folders(folder)
     if not existing.is_dir():
         return f"{existing} is not a folder"

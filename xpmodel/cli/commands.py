@@ -347,7 +347,8 @@ def tokenizer_train_command(args):
     tokenizer.save(args.out)
     # data.tokenizer takes a path holding a / or ending in .json as a file
     as_file = args.out if names_tokenizer_file(str(args.out)) else os.path.join(".", args.out)
-    print(f"wrote a {tokenizer.vocab_size}-id tokenizer to {args.out}; train with it: xpmodel train "
+    print(f"wrote a {tokenizer.vocab_size}-id tokenizer to {args.out}; train with it: "
+          f"xpmodel train "
           f"{shlex.quote(f'data.source={args.source}')} {shlex.quote(f'data.tokenizer={as_file}')}")
     if args.export_hf:
         from ..tokenizer.hf_export import export_tokenizer_hf
@@ -438,7 +439,8 @@ def lr_find_command(args):
     _check_subject(target, "--config")
     subject = load_subject(target, args.overrides)
     out = Path(args.out) if args.out else Path(f"lr-find-{subject.name}.png")
-    inputs = [*subject.config_files, *resolve_given(subject.config.data.source, "data.source").files]
+    corpus = resolve_given(subject.config.data.source, "data.source")
+    inputs = [*subject.config_files, *corpus.files]
     if subject.config.train.init_from:   # the run or model folder it starts from
         inputs.append(subject.config.train.init_from)
     if names_tokenizer_file(subject.config.data.tokenizer):

@@ -150,8 +150,7 @@ def absolute_source(source):
 def absolute_tokenizer(tokenizer):
     """data.tokenizer as the run keeps it: a tokenizer file's path made absolute,
     so the run's config.yaml can be used from any folder; a kind as it is."""
-    return (os.path.abspath(os.path.expanduser(tokenizer)) if names_tokenizer_file(tokenizer)
-            else tokenizer)
+    return os.path.abspath(tokenizer) if names_tokenizer_file(tokenizer) else tokenizer
 
 
 def check_out_outside_corpus(source, out):

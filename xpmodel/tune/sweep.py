@@ -141,7 +141,8 @@ class Sweep:
             return state
         replaced = None         # the settings of a never-started plan this one replaces
         if state is not None:
-            replaced = ", ".join(k for k in {**state["plan"], **plan} if plan.get(k) != state["plan"].get(k))
+            replaced = ", ".join(k for k in {**state["plan"], **plan}
+                                 if plan.get(k) != state["plan"].get(k))
             if not self._never_started(state):
                 raise UsageError(f"--out {out}: holds a sweep with other settings ({replaced} "
                                  f"differ); run the same command to resume it, or choose another --out")

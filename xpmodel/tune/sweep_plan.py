@@ -186,10 +186,12 @@ def check_trial(config_name, params, fixed):
 
 def check_trial_inputs(base, params):
     """Refuse, in one line naming it, an input every trial given it would fail
-    on the same way: a data.source that does not resolve (a missing file, an
-    empty folder) or a train.init_from that does not exist. Each is `base`'s
-    (the RunConfig with the fixed values) or each value a SPEC in `params`
-    gives it."""
+    on the same way, as `xpmodel train` would: a data.source that names
+    nothing (exit 2) or is there but unusable, an empty folder say (bad data,
+    exit 1); a data.tokenizer file that does not exist, unless the trials
+    start from train.init_from (whose tokenizer they take); a train.init_from
+    that does not exist. Each is `base`'s (the RunConfig with the fixed
+    values) or each value a SPEC in `params` gives it."""
     for source in _trial_values(base, params, "data.source"):
         try:
             resolve_given(source, "data.source")
@@ -197,11 +199,12 @@ def check_trial_inputs(base, params):
             raise UsageError(f"{exc}; no trial could read it") from None
         except DataError as exc:   # there but unusable: bad data
             raise DataError(f"data.source {exc}; no trial could read it") from None
-    for tokenizer in _trial_values(base, params, "data.tokenizer"):
-        if names_tokenizer_file(tokenizer) and not os.path.exists(os.path.expanduser(tokenizer)):
+    starts_from = _trial_values(base, params, "train.init_from")
+    for tokenizer in _trial_values(base, params, "data.tokenizer") if not any(starts_from) else ():
+        if names_tokenizer_file(tokenizer) and not os.path.exists(tokenizer):
             raise UsageError(f"data.tokenizer {shown_path(tokenizer)}: no such tokenizer file; "
                              f"no trial could read it")
-    for init_from in _trial_values(base, params, "train.init_from"):
+    for init_from in starts_from:
         if init_from and not os.path.exists(init_from):
             raise UsageError(f"train.init_from {shown_path(init_from)}: no such directory; "
                              f"no trial could start from it")
