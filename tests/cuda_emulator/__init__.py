@@ -46,12 +46,7 @@ CACHE = Path(tempfile.gettempdir()) / f"xpmodel-cuda-emulator-{os.getuid()}"
 # dies, loudly.)
 SANITIZE = ["-fsanitize=alignment,bounds,null,shift,signed-integer-overflow",
             "-fsanitize-recover=all"]
-# -fno-gnu-unique: a __shared__ array inside an inline device function becomes a
-# static of an inline C++ function, which g++ would export as one symbol that the
-# loader merges across every kernel library of the process (a block's shared
-# memory is its own kernel's on a GPU)
-FLAGS = ["-std=c++20", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas", "-fno-gnu-unique",
-         *SANITIZE]
+FLAGS = ["-std=c++20", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas", *SANITIZE]
 CANARY_BYTES = 256          # also the alignment of every allocation, as cudaMalloc's
 MULTIPROCESSORS = 4         # small, so grids sized per multiprocessor stay quick to emulate
 

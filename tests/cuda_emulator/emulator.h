@@ -19,7 +19,10 @@
 #include <ucontext.h>
 
 #define __global__
-#define __device__
+// static: a device function is its kernel library's own, and so is a __shared__
+// array declared in one (as an inline function's static it would be one symbol
+// that the loader merges across every library of the process)
+#define __device__ static
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static

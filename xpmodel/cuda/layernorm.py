@@ -27,11 +27,11 @@ MAX_WIDTH = _WARPS * 32 * _VALUES
 _SOURCE = r"""
 #define ROW_THREADS (32 * ROW_WARPS)
 
-// the sum of x over the threads of a row, the same in each of them
-__device__ __forceinline__ ACC row_sum(ACC x) {
+// the sum of x over the threads of a row, the same in each of them; warp_sums:
+// the kernel's shared ACC[ROW_WARPS] (a block holds one row when ROW_WARPS > 1)
+__device__ __forceinline__ ACC row_sum(ACC x, ACC* warp_sums) {
     x = warp_sum(x);
 #if ROW_WARPS > 1
-    __shared__ ACC warp_sums[ROW_WARPS];   // a block holds one row
     __syncthreads();                       // the previous sum's readers are done
     if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = x;
     __syncthreads();
@@ -44,6 +44,7 @@ __device__ __forceinline__ ACC row_sum(ACC x) {
 // ROWS rows a block; a thread's channels are t + ROW_THREADS * j, t its place in its row
 extern "C" __global__ void layernorm_forward(const X_T* x, const W_T* w, const W_T* b,
         OUT_T* out, ACC* xhat, ACC* rstd, int N) {
+    __shared__ ACC warp_sums[ROW_WARPS];
     int row = blockIdx.x * ROWS + threadIdx.x / ROW_THREADS;
     int t = threadIdx.x % ROW_THREADS;
     if (row >= N) return;                  // only where a row is a warp: no block barrier follows
@@ -57,7 +58,7 @@ extern "C" __global__ void layernorm_forward(const X_T* x, const W_T* w, const W
         sum += v[j];
     }
 #if CENTER
-    ACC mean = row_sum(sum) / C;
+    ACC mean = row_sum(sum, warp_sums) / C;
 #else
     ACC mean = 0;   // RMSNorm: no centring
 #endif
@@ -68,7 +69,7 @@ extern "C" __global__ void layernorm_forward(const X_T* x, const W_T* w, const W
         v[j] = c < C ? v[j] - mean : (ACC)0;
         sq += v[j] * v[j];
     }
-    ACC rs = (ACC)1 / sqrt(row_sum(sq) / C + (ACC)EPS);
+    ACC rs = (ACC)1 / sqrt(row_sum(sq, warp_sums) / C + (ACC)EPS);
     #pragma unroll
     for (int j = 0; j < CPL; j++) {
         int c = t + ROW_THREADS * j;
@@ -85,6 +86,7 @@ extern "C" __global__ void layernorm_forward(const X_T* x, const W_T* w, const W
 // dx_sum, when not null, has the column sums of dx added into it
 extern "C" __global__ void layernorm_backward(const D_T* dout, const ACC* xhat, const ACC* rstd,
         const W_T* w, ACC* dw, ACC* db, ACC* dx, LOW_T* dx_low, ACC* dx_sum, int N, int accumulate) {
+    __shared__ ACC warp_sums[ROW_WARPS];
 #if ROWS > 1
     __shared__ ACC block_dw[C];
     __shared__ ACC block_db[C];
@@ -127,11 +129,11 @@ extern "C" __global__ void layernorm_backward(const D_T* dout, const ACC* xhat, 
             own_db[j] += d[j];
         }
 #if CENTER
-        mean_dxhat = row_sum(mean_dxhat) / C;
+        mean_dxhat = row_sum(mean_dxhat, warp_sums) / C;
 #else
         mean_dxhat = 0;
 #endif
-        mean_dxhat_xhat = row_sum(mean_dxhat_xhat) / C;
+        mean_dxhat_xhat = row_sum(mean_dxhat_xhat, warp_sums) / C;
         ACC rs = rstd[row];
         #pragma unroll
         for (int j = 0; j < CPL; j++) {
