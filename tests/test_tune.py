@@ -535,6 +535,11 @@ def test_sweep_prunes_a_trial_and_resumes_after_kill_9(capsys, tmp_path, corpus)
     results = json.loads((out / "results.json").read_text())
     done = [t for t in results["trials"] if t["status"] == "done"]
     best = min(done, key=lambda t: t["val_loss"])
+    from xpmodel.tune.compare import summarize
+    for trial in done:      # to the final save, as `xpmodel runs` counts a run's time
+        run = RunDir(out / "trials" / trial["trial"])
+        last_step = [r for r in run.read_metrics() if r["type"] == "train"][-1]
+        assert trial["wall_time_s"] == summarize(run)["wall_time_s"] > last_step["time"]
     assert results["best"] == best["trial"] and results["best_params"] == {"train.lr": best["train.lr"]}
     assert [t["trial"] for t in results["trials"]] == [f"trial-00{i}" for i in range(4)]
     assert "train.lr,val_loss" in (out / "results.csv").read_text().splitlines()[0]

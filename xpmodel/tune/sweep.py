@@ -60,7 +60,7 @@ from ..train.checkpoint import step_of_name
 from ..train.outputs import check_holds_no_input
 from ..train.rundir import LOCK_NAME, RunDir
 from ..train.runlock import RunLock
-from .compare import format_table
+from .compare import format_table, summarize
 from .sweep_plan import (check_trial_inputs, format_value, grid_size, parse_spec, plan_trials,
                          trial_overrides)
 from .sweep_state import FORMAT, SweepDir, trial_name
@@ -354,6 +354,8 @@ class Sweep:
             self._say(f"{trial['name']} pruned at {trial['pruned_at']}")
         elif code == 0:
             trial["status"] = "done"
+            # to its final save, after the last evaluation, as `xpmodel runs` counts it
+            trial["wall_time_s"] = summarize(RunDir(self.dir.trial_dir(trial["name"])))["wall_time_s"]
             self._say(f"{trial['name']} done: {self.metric} {_number(trial['metric'])}")
         elif code in (-signal.SIGTERM, 143, -signal.SIGINT, 130):
             trial["status"] = "running"       # stopped from outside: resumes next time
