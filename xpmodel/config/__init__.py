@@ -28,7 +28,7 @@ the ground floor (and the BPE tokenizer's MAX_VOCAB).
   yaml_files.py  shipped configs, bounded reading, the strict YAML loader and its bounds
   load.py        layering, overrides, load_config and its cross-layer policies; writing back
 """
-from .load import (DEFAULT_CONFIG, check_override, config_files, config_to_dict, config_to_yaml,
+from .load import (DEFAULT_CONFIG, check_override, config_to_dict, config_to_yaml,
                    load_config, load_config_and_files, parse_override_value, save_config)
 from .sections import (BATCHINGS, LOG_TO, MAX_BATCH_SIZE, MAX_EVAL_BATCHES, MIN_PEAK_FLOPS, OPTIMIZERS,
                        PRECISIONS, SECTIONS, TOKEN_DROPOUT_MODES, TOKENIZERS, DataConfig, ModelConfig,
@@ -36,7 +36,7 @@ from .sections import (BATCHINGS, LOG_TO, MAX_BATCH_SIZE, MAX_EVAL_BATCHES, MIN_
 from .yaml_files import MAX_CONFIG_BYTES, shipped_configs
 
 __all__ = ["DataConfig", "ModelConfig", "TrainConfig", "RunConfig", "SECTIONS", "load_config",
-           "load_config_and_files", "config_files", "config_to_dict", "config_to_yaml",
+           "load_config_and_files", "config_to_dict", "config_to_yaml",
            "save_config", "shipped_configs", "check_key", "check_value", "check_override",
            "parse_override_value", "DEFAULT_CONFIG", "MAX_CONFIG_BYTES", "MAX_BATCH_SIZE",
            "MAX_EVAL_BATCHES", "MIN_PEAK_FLOPS", "TOKENIZERS", "BATCHINGS", "TOKEN_DROPOUT_MODES",

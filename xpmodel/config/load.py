@@ -181,8 +181,11 @@ def load_config(name_or_path=None, overrides=(), notify=None):
 
 
 def load_config_and_files(name_or_path=None, overrides=(), notify=None):
-    """(config, files): load_config's config and the files it was read from
-    (see `config_files`), from one reading of each file of the `base:` chain."""
+    """(config, files): load_config's config and the files it was read from,
+    from one reading of each file: its `base:` chain, oldest first, then the
+    config itself (a shipped config is its file in the package). A command
+    counts them all among its inputs, so that no output of it is written
+    over one."""
     if isinstance(overrides, str):     # one override, not its characters
         overrides = (overrides,)
     merged = {}
@@ -203,16 +206,6 @@ def load_config_and_files(name_or_path=None, overrides=(), notify=None):
     config = _build(merged, label)
     _check_muon_keys_apply(config.train.optimizer, train_keys)
     return config, [Path(path) for _, path, _ in layers]
-
-
-def config_files(name_or_path=None):
-    """The files a config is read from, as load_config reads them: its `base:`
-    chain, oldest first, then the config itself (a shipped config is its file
-    in the package). A command counts them all among its inputs, so that no
-    output of it is written over one; one that loads the config too gets
-    them from the same reading with `load_config_and_files`."""
-    return [Path(path) for _, path, _ in
-            _read_layers(DEFAULT_CONFIG if name_or_path is None else name_or_path)]
 
 
 def _check_muon_keys_apply(optimizer, train_keys):

@@ -52,7 +52,7 @@ from rich.live import Live
 from rich.table import Table
 
 from ..atomic import atomic_write_bytes, atomic_write_json, is_temporary_name
-from ..config import config_files, load_config, save_config
+from ..config import load_config, load_config_and_files, save_config
 from ..cpu_threads import thread_count
 from ..errors import UsageError, XpmodelError, quote
 from ..files import finite_json_number
@@ -87,7 +87,6 @@ class Sweep:
             raise UsageError(f"--max-iters must be at least 1, got {max_iters}")
         self.dir = SweepDir(out)
         self.config = str(config)
-        check_holds_no_input(self.dir.path, "--out", config_files(self.config))
         self.parallel, self.device, self.prune, self.show = parallel, device, prune, show
         self.largest = largest   # a key: the winner is the finished trial with its largest value
         params = [parse_spec(s) for s in specs]
@@ -108,7 +107,9 @@ class Sweep:
                              f"use --sampler random or tpe")
         self.sampler = sampler or natural
         grid_size(params, trials)       # a grid too large to run whole is refused before writing
-        check_trial_inputs(load_config(self.config, fixed), params)   # and inputs no trial can use
+        base, files = load_config_and_files(self.config, fixed)
+        check_holds_no_input(self.dir.path, "--out", files)
+        check_trial_inputs(base, params)   # and inputs no trial can use
         self.params, self.fixed, self.trials_wanted, self.seed = params, fixed, trials, seed
         plan = {"config": self.config, "specs": list(specs), "trials": trials,
                 "max_iters": max_iters, "metric": metric, "seed": seed}
