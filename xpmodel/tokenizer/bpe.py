@@ -48,7 +48,8 @@ piece's ids, learning.py learns the merges, vocab.py bounds and checks what
 a vocabulary holds, decoding.py turns ids back into text as they arrive
 (`IncrementalDecoder`), file_format.py is the JSON file `save` writes, and
 parallel.py runs `encode_chunks` in worker processes. Hugging Face's files
-live in hf_export.py. This file does not read corpora or write token files:
+are written by hf_export.py and read by hf_import.py (their shared forms in
+hf_forms.py). This file does not read corpora or write token files:
 the data module streams text through `encode_chunks`.
 """
 import hashlib

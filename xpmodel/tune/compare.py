@@ -7,12 +7,12 @@ the step-0 one import-hf wrote, kind "imported"), "finished" once its last
 logged step reaches the config's length, else "stopped" (interrupted,
 early-stopped, diverged or killed: `xpmodel train --resume` continues it).
 """
-import math
 import sys
 from pathlib import Path
 
 from ..config import config_to_dict
 from ..errors import CheckpointError, DataError, UsageError
+from ..files import finite_json_number
 from ..train.checkpoint import step_of_name
 from ..train.rundir import RunDir
 from .plot import check_png_output, pyplot, save_figure
@@ -55,7 +55,7 @@ def summarize(run):
     if lock_problem is not None:
         print(f"warning: {lock_problem}", file=sys.stderr)
     train = [r for r in records if r.get("type") == "train"]
-    evals = [r for r in records if r.get("type") == "eval" and _finite(r.get("val_loss"))]
+    evals = [r for r in records if r.get("type") == "eval" and finite_json_number(r.get("val_loss"))]
     try:
         config = run.load_config()
     except (CheckpointError, UsageError):
@@ -109,12 +109,8 @@ def _wall_time(train, newest):
     the last evaluation (the run records no time after that save)."""
     times = [train[-1].get("time") if train else None,
              newest.meta.get("elapsed") if newest is not None else None]
-    times = [t for t in times if _finite(t)]
+    times = [t for t in times if finite_json_number(t)]
     return max(times) if times else None
-
-
-def _finite(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def runs_table(summaries, extra_columns=()):
@@ -187,9 +183,9 @@ def plot_runs(summaries, out, title="xpmodel compare"):
     for i, s in enumerate(summaries):
         records = RunDir(s["run"]).read_metrics(warn=lambda text: None)   # summarize warned
         train = [(r["step"], r["loss"]) for r in records
-                 if r.get("type") == "train" and _finite(r.get("loss"))]
+                 if r.get("type") == "train" and finite_json_number(r.get("loss"))]
         evals = [(r["step"], r["val_loss"]) for r in records
-                 if r.get("type") == "eval" and _finite(r.get("val_loss"))]
+                 if r.get("type") == "eval" and finite_json_number(r.get("val_loss"))]
         colour, label = colours[i % len(colours)], Path(s["run"]).name
         if train:
             steps, losses = zip(*train)
