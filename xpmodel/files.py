@@ -13,7 +13,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import one_line
+from .errors import UsageError, one_line, shown_path
 
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"),
@@ -157,6 +157,14 @@ def missing_folders(path):
         else:
             existing = existing / part
     return first_made_in or existing, missing[::-1]
+
+
+def existing_file(path, given_as, what):
+    """Refuse a file given as `given_as` (a flag or key) that names nothing
+    ("data.tokenizer tok.json: no such tokenizer file", a UsageError, exit 2);
+    what is there is for its reader to check."""
+    if not os.path.exists(path):
+        raise UsageError(f"{given_as} {shown_path(path)}: no such {what}")
 
 
 def folder_problem(folder):

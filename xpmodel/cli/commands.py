@@ -8,9 +8,9 @@ from pathlib import Path
 from ..config.sections import names_tokenizer_file
 from ..cpu_threads import usable_cores
 from ..errors import DataError, UsageError, quote
-from ..files import inside, open_regular, same_file
+from ..files import existing_file, inside, open_regular, same_file
 from ..train.outputs import check_output, check_output_dir
-from .inputs import existing_file, refuse_model_folder
+from .inputs import refuse_model_folder
 
 _EVAL_TOKENS_PER_BATCH = 4096
 

@@ -5,8 +5,8 @@ A path that names nothing (no such file, a glob that finds no text) is a
 mistake in what was asked, exit 2; a file that is there but cannot be used
 (empty, binary, not UTF-8, a FIFO, a damaged tokenizer) is bad data, found
 by its reader: a DataError, exit 1. A corpus is checked so by
-data.sources.resolve_given, which the tuning tools and the sweep use too."""
-import os
+data.sources.resolve_given and another file by files.existing_file, which the
+tuning tools, the sweep and the data module use too."""
 from pathlib import Path
 
 from ..errors import UsageError
@@ -22,10 +22,3 @@ def refuse_model_folder(path, flag):
         raise UsageError(f"{flag} {path}: not an xpmodel run (no run.json) but a Hugging Face "
                          f"model folder (config.json); make it a run with: xpmodel import-hf "
                          f"{path} --out RUN_DIR")
-
-
-def existing_file(path, flag, what):
-    """Refuse a file argument that names nothing ("--tokenizer tok.json: no
-    such tokenizer file"); what is there is for its reader to check."""
-    if not os.path.exists(path):
-        raise UsageError(f"{flag} {path}: no such {what}")

@@ -10,10 +10,10 @@ corpus is never tokenized twice.
 """
 import hashlib
 import itertools
-import os
 
 from ..config.sections import names_tokenizer_file
 from ..errors import DataError, UsageError
+from ..files import existing_file
 from ..tokenizer.bpe import ENDOFTEXT, MASK, BPETokenizer
 from .batching import split_tokens
 from .prepare import CACHED_TOKENIZER, cache_root, prepare, remove_dead_temporaries
@@ -70,8 +70,7 @@ def _tokenizer_file(path, specials):
     """The tokenizer in the file `path` (data.tokenizer), as it is: it must
     reserve <|mask|> when the run masks. The run saves it as its own tokenizer,
     and its fingerprint keys the token cache, so an edited file tokenizes afresh."""
-    if not os.path.exists(path):   # names nothing: a mistake in what was asked, as for data.source
-        raise UsageError(f"data.tokenizer {path}: no such tokenizer file")
+    existing_file(path, "data.tokenizer", "tokenizer file")   # names nothing: exit 2, as for data.source
     try:
         tokenizer = BPETokenizer.load(path)
     except DataError as exc:

@@ -19,6 +19,7 @@ from ..config import check_key, check_override, load_config
 from ..config.sections import names_tokenizer_file
 from ..data.sources import resolve_given
 from ..errors import DataError, UsageError, quote, shown_path
+from ..files import existing_file
 
 _RESAMPLE_TRIES = 200
 # A sweep's trials are listed in sweep.json and each trains a run: no sweep
@@ -201,9 +202,11 @@ def check_trial_inputs(base, params):
             raise DataError(f"data.source {exc}; no trial could read it") from None
     starts_from = _trial_values(base, params, "train.init_from")
     for tokenizer in _trial_values(base, params, "data.tokenizer") if not any(starts_from) else ():
-        if names_tokenizer_file(tokenizer) and not os.path.exists(tokenizer):
-            raise UsageError(f"data.tokenizer {shown_path(tokenizer)}: no such tokenizer file; "
-                             f"no trial could read it")
+        if names_tokenizer_file(tokenizer):
+            try:
+                existing_file(tokenizer, "data.tokenizer", "tokenizer file")
+            except UsageError as exc:
+                raise UsageError(f"{exc}; no trial could read it") from None
     for init_from in starts_from:
         if init_from and not os.path.exists(init_from):
             raise UsageError(f"train.init_from {shown_path(init_from)}: no such directory; "
