@@ -14,6 +14,8 @@ hf_special_ids(hf_dir) -> (special ids, tokenizer)
     config.json's bos_token_id and eos_token_id, in the tokenizer's ids: what
     export_hf takes as special_ids, so that a round trip keeps them (without
     them an export names "<|endoftext|>" for both).
+import_hf_with_special_ids(hf_dir) -> (GPTConfig, arrays, tokenizer, special ids)
+    both of the above from one reading of the directory.
 
 Each family (gpt2.py, llama.py) says how config.json maps to a
 GPTConfig and which Hugging Face tensors make each xpmodel tensor; this file

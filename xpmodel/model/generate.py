@@ -32,6 +32,7 @@ import numpy
 from ..backend import to_host
 from ..checks import NON_NEGATIVE, POSITIVE, POSITIVE_FRACTION, Range, check_integer, check_number
 
+
 class KVCache:
     """Keys and values of every layer for up to block_size positions.
 

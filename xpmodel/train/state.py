@@ -156,8 +156,9 @@ class CheckpointState:
 
     def _shard_count(self):
         """The CPU shards this rank splits its part of each batch into."""
-        rows = self.config.train.batch_size // (1 if self.dist is None else self.dist.world_size)
-        return self.model.shard_count(rows)
+        batch = self.config.train.batch_size
+        start, stop = (0, batch) if self.dist is None else self.dist.shard(batch)
+        return self.model.shard_count(stop - start)
 
     def _note_other_shard_count(self, meta):
         """Say so when this process splits a batch into another number of CPU
