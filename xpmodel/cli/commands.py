@@ -428,7 +428,6 @@ def _check_subject(target, flag):
 
 
 def lr_find_command(args):
-    from ..data.sources import resolve_given
     from ..tune.common import load_subject
     from ..tune.lr_find import check_ramp, lr_range_test, write_results
     from ..tune.plot import check_png_output
@@ -439,8 +438,7 @@ def lr_find_command(args):
     _check_subject(target, "--config")
     subject = load_subject(target, args.overrides)
     out = Path(args.out) if args.out else Path(f"lr-find-{subject.name}.png")
-    corpus = resolve_given(subject.config.data.source, "data.source")
-    inputs = [*subject.config_files, *corpus.files]
+    inputs = [*subject.config_files, *subject.corpus.files]
     if subject.config.train.init_from:   # the run or model folder it starts from
         inputs.append(subject.config.train.init_from)
     if names_tokenizer_file(subject.config.data.tokenizer):

@@ -18,6 +18,7 @@ class Subject:
     name: str            # for titles: the config's or run's name
     config: object       # RunConfig
     tokenizer: object
+    corpus: object = None            # data.sources.Source: data.source, resolved once
     config_files: tuple = ()         # the files the config was read from (load_config_and_files)
     pretrained: dict | None = None   # name -> array of train.init_from, else None
     _tokens: tuple | None = None
@@ -53,13 +54,13 @@ def load_subject(name_or_run, overrides=(), say=print):
     run = RunDir(name_or_run)
     if run.is_run():
         config = load_config(run.config_path, overrides) if overrides else run.load_config()
-        resolve_given(config.data.source, "data.source")
-        return Subject(run.path.name, config, run.load_tokenizer(), (run.config_path,))
+        corpus = resolve_given(config.data.source, "data.source")
+        return Subject(run.path.name, config, run.load_tokenizer(), corpus, (run.config_path,))
     config, files = load_config_and_files(name_or_run, overrides)
-    resolve_given(config.data.source, "data.source")
+    corpus = resolve_given(config.data.source, "data.source")
     name, files = Path(str(name_or_run)).stem, tuple(files)
     if config.train.init_from:
         source_config, arrays, tokenizer = load_pretrained(config.train.init_from)
-        return Subject(name, adopt_pretrained(config, source_config, tokenizer), tokenizer, files,
-                       arrays)
-    return Subject(name, config, build_tokenizer(config.data, say=say), files)
+        return Subject(name, adopt_pretrained(config, source_config, tokenizer), tokenizer, corpus,
+                       files, arrays)
+    return Subject(name, config, build_tokenizer(config.data, say=say), corpus, files)
