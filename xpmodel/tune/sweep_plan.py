@@ -126,21 +126,13 @@ def plan_trials(config_name, params, n_trials, seed, fixed=(), shuffle=False):
     rng = numpy.random.default_rng(seed)
     wanted = count if not n_trials else min(n_trials, count)
     if not ranges:
-        if not shuffle:
-            indices = range(wanted)
-        elif count <= MAX_SHUFFLED:
-            indices = rng.permutation(count)[:wanted]
-        else:
-            indices = random.Random(seed).sample(range(count), wanted)
+        indices = _random_order(count, wanted, seed, rng) if shuffle else range(wanted)
         trials = [_combination(grids, int(i)) for i in indices]
         for trial in trials:
             check_trial(config_name, trial, fixed)
         return trials
     wanted = n_trials or 8
-    if count <= MAX_SHUFFLED:
-        order = rng.permutation(count)
-    else:
-        order = random.Random(seed).sample(range(count), min(wanted, count))
+    order = _random_order(count, wanted, seed, rng)
     trials = []
     for i in range(wanted):
         base = _combination(grids, int(order[i % len(order)]))
@@ -155,6 +147,13 @@ def plan_trials(config_name, params, n_trials, seed, fixed=(), shuffle=False):
             check_trial(config_name, trial, fixed)   # raises, naming the problem
         trials.append(trial)
     return trials
+
+
+def _random_order(count, wanted, seed, rng):
+    """min(wanted, count) distinct indices of `count` grid combinations, in a random order."""
+    if count <= MAX_SHUFFLED:
+        return rng.permutation(count)[:wanted]
+    return random.Random(seed).sample(range(count), min(wanted, count))
 
 
 def _combination(grids, index):
