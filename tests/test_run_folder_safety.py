@@ -172,6 +172,19 @@ def test_a_lock_through_a_missing_folder_and_dotdot_removes_only_that_folder(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
+def test_a_lock_this_process_holds_is_found_through_a_missing_folder_and_dotdot(tmp_path):
+    """Inside b's lock, a/../b (a missing) is the same lock, not "in use by
+    another process": the inner lock makes a, finds b held, removes a again,
+    and leaves b locked until the outer lock ends."""
+    (tmp_path / "b").mkdir()
+    with RunDir(tmp_path / "b").lock() as outer:
+        with RunDir(tmp_path / "a" / ".." / "b").lock() as inner:
+            assert inner is outer and not (tmp_path / "a").exists()
+        assert (tmp_path / "b" / ".xpmodel.lock").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    assert not (tmp_path / "b" / ".xpmodel.lock").exists()
+
+
 def test_a_folder_another_process_makes_while_the_lock_is_taken_is_kept(tmp_path, monkeypatch):
     """a is missing when the lock looks, then made by someone else before the
     lock makes it: the lock makes a/b and a/b/run, and removes only those."""

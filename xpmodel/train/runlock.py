@@ -22,17 +22,17 @@ import socket
 import stat
 import sys
 import time
-from pathlib import Path
 
 from ..errors import UsageError, quote
 from ..files import file_identity, file_kind, missing_folders, parse_json, process_alive
 
-_held = {}   # resolved run path -> RunLock holding it in this process
+_held = {}   # (device, inode) of a run directory -> RunLock holding it in this process
 
 
 def held_lock(path):
     """The RunLock this process holds on the run directory `path`, or None."""
-    return _held.get(_key(path))
+    key = _key(path)
+    return None if key is None else _held.get(key)
 
 
 class RunLock:
@@ -44,31 +44,35 @@ class RunLock:
         self._fd = None
         self._depth = 0
         self._made = []            # (folder, identity) of those this lock created, deepest first
+        self._key = None           # the run directory's identity while held
 
     def __enter__(self):
         path = self.run.path
         if os.path.lexists(path) and not path.is_dir():
             raise UsageError(f"{self.flag} {path}: exists and is not a directory")
-        key = _key(path) if path.is_dir() else None
-        outer = _held.get(key) if key else None
-        if outer is not None:
-            outer._depth += 1
-            self._outer = outer
-            return outer
-        self._outer = None
-        try:
-            self._make_folders(path)
-        except OSError as exc:
+        self._outer = held_lock(path)
+        if self._outer is None:
+            try:
+                self._make_folders(path)
+            except OSError as exc:
+                self._remove_made_folders()
+                raise UsageError(f"{self.flag} {path}: cannot create the run directory "
+                                 f"({exc.strerror or exc})") from None
+            # a/../b names b only once a exists: a lock this process holds on b
+            # is found now, not taken for another process's.
+            self._outer = held_lock(path)
+        if self._outer is not None:
             self._remove_made_folders()
-            raise UsageError(f"{self.flag} {path}: cannot create the run directory "
-                             f"({exc.strerror or exc})") from None
+            self._outer._depth += 1
+            return self._outer
         try:
             self._acquire()
         except BaseException:
             self._remove_made_folders()
             raise
         self._depth = 1
-        _held[_key(path)] = self
+        self._key = _key(path)
+        _held[self._key] = self
         return self
 
     def __exit__(self, *exc):
@@ -167,7 +171,8 @@ class RunLock:
                 pass
             os.close(self._fd)
             self._fd = None
-        _held.pop(_key(self.run.path), None)
+        _held.pop(self._key, None)
+        self._key = None
         self._remove_made_folders()
 
     def _remove_made_folders(self):
@@ -183,10 +188,11 @@ class RunLock:
 
 
 def _key(path):
+    """(device, inode) of the directory `path` leads to, or None where it leads nowhere."""
     try:
-        return str(Path(path).resolve())
-    except (OSError, RuntimeError):
-        return str(Path(path).absolute())
+        return file_identity(os.stat(path))
+    except OSError:
+        return None
 
 
 def _identity_of(path):
