@@ -157,6 +157,15 @@ def to_host(array):
     return numpy.asarray(array)
 
 
+def device_scalar(xp, value, dtype=numpy.float64):
+    """`value`, a host number or a 0-d array of `xp`, as a 0-d array of `xp`
+    and `dtype`. On a GPU it is made there: a host number is filled in by a
+    kernel that takes it as an argument, not copied from host memory."""
+    if isinstance(value, (bool, int, float, numpy.generic)):
+        return xp.full((), value, dtype=dtype)
+    return value.astype(dtype, copy=False)
+
+
 def to_device(array, device):
     """`array` placed on `device` (no copy when it is already there)."""
     device = get_device(device)

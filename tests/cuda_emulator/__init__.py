@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import traceback
 import types
 import weakref
 from pathlib import Path
@@ -121,10 +122,64 @@ def compiler():
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
+class Transfers:
+    """Copies between host and device while counted (see `counting_transfers`):
+    each is (direction, shape, the xpmodel line that asked for it)."""
+
+    def __init__(self):
+        self.to_device, self.to_host = [], []
+
+    def record(self, kind, shape):
+        caller = next((f"{frame.filename.rpartition('xpmodel/')[2]}:{frame.lineno}"
+                       for frame in reversed(traceback.extract_stack()[:-2])
+                       if "/xpmodel/" in frame.filename), "?")
+        getattr(self, kind).append((tuple(shape), caller))
+
+
+_counting = []   # the Transfers being recorded, if any
+
+
+@contextlib.contextmanager
+def counting_transfers():
+    """Record every host-to-device copy (asarray of host data) and every read
+    of a device value on the host (get, float, int, bool, item, tolist):
+    what a CUDA stream would wait for, or be fed, by the host."""
+    transfers = Transfers()
+    _counting.append(transfers)
+    try:
+        yield transfers
+    finally:
+        _counting.remove(transfers)
+
+
+def _record(kind, shape):
+    for transfers in _counting:
+        transfers.record(kind, shape)
+
+
+def _read_on_host(method):
+    """An ndarray method that hands a device value to the host, recorded."""
+    def read(self, *args, **kwargs):
+        _record("to_host", self.shape)
+        return getattr(numpy.ndarray, method)(self.view(numpy.ndarray), *args, **kwargs)
+    read.__name__ = method
+    return read
+
+
 class EmulatedArray(numpy.ndarray):
     """A NumPy array that xpmodel takes for a device array."""
 
+    __float__, __int__, __bool__, __index__ = (_read_on_host(name) for name in
+                                               ("__float__", "__int__", "__bool__", "__index__"))
+    item, tolist = _read_on_host("item"), _read_on_host("tolist")
+
+    def __setitem__(self, key, value):
+        """On the device, as CuPy assigns a device array (NumPy would read a 0-d one as a number)."""
+        plain = [x.view(numpy.ndarray) if isinstance(x, EmulatedArray) else x for x in (key, value)]
+        numpy.ndarray.__setitem__(self.view(numpy.ndarray), *plain)
+
     def get(self):
+        _record("to_host", self.shape)
         return numpy.array(self, copy=True).view(numpy.ndarray)
 
     def set(self, host):
@@ -151,8 +206,8 @@ class EmulatedArray(numpy.ndarray):
         if out is not None:   # in place: the caller's arrays themselves, as NumPy returns them
             return out[0] if len(out) == 1 else out
         if isinstance(result, tuple):
-            return tuple(r.view(EmulatedArray) if isinstance(r, numpy.ndarray) else r for r in result)
-        return result.view(EmulatedArray) if isinstance(result, numpy.ndarray) else result
+            return tuple(_on_device(r) for r in result)
+        return _on_device(result)
 
     @property
     def device(self):
@@ -229,20 +284,31 @@ def zeros_like(a, dtype=None):
     return zeros(a.shape, dtype or a.dtype)
 
 
-def asarray(a, dtype=None):
-    """A fresh device copy, as cupy.asarray of a host array makes (a device array
-    of the right dtype is returned as it is)."""
-    if isinstance(a, EmulatedArray) and (dtype is None or a.dtype == dtype):
-        return a
-    host = numpy.asarray(a, dtype=dtype)
-    out = _allocate(host.shape, host.dtype)
-    out[...] = host
+def _on_device(result):
+    """A NumPy result computed from device arrays, as the device array CuPy
+    returns (a reduction or a 0-d operation gives a 0-d array, not a scalar)."""
+    if isinstance(result, EmulatedArray) or not isinstance(result, (numpy.ndarray, numpy.generic)):
+        return result
+    out = _allocate(numpy.shape(result), result.dtype)
+    out[...] = result
     return out
 
 
+def asarray(a, dtype=None):
+    """A fresh device copy, as cupy.asarray of a host array makes (a device array
+    of the right dtype is returned as it is; of another, converted on the device)."""
+    if isinstance(a, EmulatedArray):
+        return a if dtype is None or a.dtype == dtype else _on_device(a.view(numpy.ndarray).astype(dtype))
+    if not (isinstance(a, (list, tuple)) and any(isinstance(x, EmulatedArray) for x in a)):
+        _record("to_device", numpy.shape(a))
+    return _on_device(numpy.asarray(a, dtype=dtype))
+
+
 def ascontiguousarray(a, dtype=None):
-    if isinstance(a, EmulatedArray) and a.flags.c_contiguous and (dtype is None or a.dtype == dtype):
-        return a
+    if isinstance(a, EmulatedArray):
+        if a.flags.c_contiguous and (dtype is None or a.dtype == dtype):
+            return a
+        return _on_device(numpy.ascontiguousarray(a.view(numpy.ndarray), dtype=dtype))
     return asarray(numpy.ascontiguousarray(a, dtype=dtype))
 
 
@@ -441,8 +507,8 @@ class _Generator:
         self._rng = numpy.random.default_rng(seed)
 
     def __getattr__(self, name):
-        draw = getattr(self._rng, name)
-        return lambda *args, **kwargs: asarray(draw(*args, **kwargs))
+        draw = getattr(self._rng, name)   # drawn on the device, as CuPy's are: no copy
+        return lambda *args, **kwargs: _on_device(draw(*args, **kwargs))
 
 
 random = types.SimpleNamespace(default_rng=_Generator)
@@ -456,10 +522,7 @@ def __getattr__(name):
         return attribute
 
     def on_device(*args, **kwargs):
-        result = attribute(*args, **kwargs)
-        if isinstance(result, numpy.ndarray) and not isinstance(result, EmulatedArray):
-            return asarray(result)
-        return result
+        return _on_device(attribute(*args, **kwargs))
     return on_device
 
 

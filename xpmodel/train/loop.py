@@ -20,7 +20,7 @@ import time
 
 import numpy
 
-from ..backend import get_device, out_of_memory_errors, to_host
+from ..backend import device_scalar, get_device, out_of_memory_errors, to_host
 from ..config import config_to_dict
 from ..data.corpus import load_tokens
 from ..errors import UsageError, XpmodelError
@@ -289,7 +289,7 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
             # the loss, and whether a signal reached any rank: then every rank stops after this step
             shared = self.dist.allreduce_mean_(numpy.array([float(total), float(self._stop_signal is not None)]))
             total, self._stop_agreed = float(shared[0]), bool(shared[1] > 0)
-        loss = xp.asarray(total / t.grad_accum, dtype=numpy.float64)
+        loss = device_scalar(xp, total / t.grad_accum)
         self.health.before_update(self.step)
         norm, grads_finite = clipped_step(self.optimizer, t.grad_clip, scale, loss)
         self.health.after_update(self.step, scale)
@@ -299,9 +299,8 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
         # (AdamW's is finite with the gradients)
         update_finite = getattr(self.optimizer, "update_finite", True)
         values = xp.stack([loss, norm, grads_finite.astype(numpy.float64),
-                           xp.asarray(self.scaler.device_scale if self.scaler else 1.0,
-                                      dtype=numpy.float64),
-                           xp.asarray(update_finite, dtype=numpy.float64)])
+                           device_scalar(xp, self.scaler.device_scale if self.scaler else 1.0),
+                           device_scalar(xp, update_finite)])
         return values, lr
 
     def _read_back(self, pending):

@@ -61,7 +61,7 @@ import types
 import numpy
 
 from ..cpu_threads import run_elementwise, run_parallel, single_threaded_blas, split, thread_count
-from ..backend import is_half
+from ..backend import device_scalar, is_half
 from ..checks import HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, Range, check_integer, check_number
 from ..errors import XpmodelError
 from ..layers.matmul import matmul
@@ -303,7 +303,7 @@ class Muon:
         AdamW's part and the step counts change (all decided on the device)."""
         from ..cuda.muon import muon_apply, muon_momentum
         xp = self.model.xp
-        scale, apply = xp.asarray(grad_scale, dtype="float64"), xp.asarray(apply, dtype="float64")
+        scale, apply = device_scalar(xp, grad_scale), device_scalar(xp, apply)
         muon_momentum(self._hidden_grads(), self.momentum_buffer, xp.stack([scale, apply]),
                       self.momentum, self.nesterov, self._update)
         self._orthogonalise()

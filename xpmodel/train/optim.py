@@ -8,6 +8,7 @@ import math
 
 import numpy
 
+from ..backend import device_scalar
 from ..checks import HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, check_integer, check_number
 from ..cpu_threads import run_elementwise
 
@@ -48,13 +49,12 @@ class AdamW:
         host never waits for it (the `xp` update reads them on the host)."""
         model, xp = self.model, self.model.xp
         beta1, beta2 = self.betas
-        self._applied += xp.asarray(apply, dtype="float64")
+        self._applied += apply
         if self._fused:
             from ..cuda.adamw import adamw_step
-            t = self._applied
-            scalars = xp.stack([xp.asarray(grad_scale, dtype="float64"),
-                                xp.asarray(apply, dtype="float64"),
-                                xp.asarray(1.0 - self.lr * self.weight_decay, dtype="float64"),
+            t = self._applied   # host numbers reach the device as kernel arguments, not copies
+            scalars = xp.stack([device_scalar(xp, grad_scale), device_scalar(xp, apply),
+                                device_scalar(xp, 1.0 - self.lr * self.weight_decay),
                                 self.lr / (1.0 - beta1 ** t),
                                 1.0 / xp.sqrt(1.0 - beta2 ** t)])
             adamw_step(model.flat_params, model.flat_grads, self.m, self.v, scalars, beta1, beta2,
