@@ -52,3 +52,27 @@ def test_a_gpu_step_reads_nothing_and_copies_only_its_batch(overrides, tmp_path,
         assert transfers.to_host == []
         assert [shape for shape, _ in transfers.to_device] == [(4, 16)] * (2 * accum), \
             transfers.to_device   # x and y of each micro-batch
+
+
+def test_evaluation_reads_the_device_once(tmp_path):
+    """The validation loss and `xpmodel eval` queue every batch and read their
+    losses together at the end, the same values as batch by batch."""
+    import numpy as np
+    import xpmodel
+    from xpmodel.tokenizer.bpe import BPETokenizer
+    from xpmodel.train.evaluate import batch_losses, evaluate_tokens
+    if cuda_emulator.compiler() is None:
+        pytest.skip("the CUDA emulator needs g++")
+    config = xpmodel.GPTConfig(vocab_size=260, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    tokens = np.random.default_rng(0).integers(0, 256, 200)
+    batches = [(tokens[i:i + 32].reshape(2, 16), tokens[i + 1:i + 33].reshape(2, 16))
+               for i in (0, 40, 80)]
+    with cuda_emulator.emulated_cuda():
+        model = xpmodel.GPT(config, device="cuda")
+        one_by_one = [float(model.loss(x, y)) for x, y in batches]
+        with cuda_emulator.counting_transfers() as transfers:
+            together = batch_losses(model, batches)
+        assert len(transfers.to_host) == 1 and list(together) == one_by_one
+        with cuda_emulator.counting_transfers() as transfers:
+            result = evaluate_tokens(model, BPETokenizer.train("abc", 256), tokens, batch_size=2)
+        assert len(transfers.to_host) == 1 and result["tokens"] == 199

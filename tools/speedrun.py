@@ -193,7 +193,9 @@ class XpmodelEngine:
     def loss(self, batches):
         """Mean loss over (x, y) batches, weighted by their sizes."""
         self.model.eval()
-        total = sum(float(self.model.loss(x, y)) * x.shape[0] for x, y in batches)
+        from xpmodel.train.evaluate import batch_losses
+        total = sum(float(loss) * x.shape[0] for loss, (x, _) in
+                    zip(batch_losses(self.model, batches), batches))
         self.model.train()
         return total / sum(x.shape[0] for x, _ in batches)
 

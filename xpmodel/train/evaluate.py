@@ -5,11 +5,21 @@ import math
 
 import numpy
 
-from ..backend import gpu_name
+from ..backend import gpu_name, to_host
 from ..data import eval_batches, resolve_source
 from ..errors import XpmodelError
 from ..model.generate import generate
 from .peak_flops import mfu_peak
+
+
+def batch_losses(model, batches):
+    """model.loss of each (x, y) of `batches`, as float64 host values read at
+    the end: on a GPU the batches run one after another without the host
+    waiting for each loss."""
+    losses = [model.loss(x, y) for x, y in batches]
+    if not losses:
+        return numpy.zeros(0)
+    return to_host(model.xp.stack(losses)).astype(numpy.float64)
 
 
 def evaluate_tokens(model, tokenizer, tokens, batch_size, max_batches=None):
@@ -22,21 +32,28 @@ def evaluate_tokens(model, tokenizer, tokens, batch_size, max_batches=None):
                                 if i < tokenizer.vocab_size and i not in specials else 0
                                 for i in range(model.config.vocab_size)])
     starts = list(range(0, len(tokens) - 1, T))
-    total_nats, total_tokens, total_bytes = 0.0, 0, 0
     batches = [starts[i:i + batch_size] for i in range(0, len(starts), batch_size)]
     if max_batches is not None:
         batches = batches[:max_batches]
-    for batch in batches:
-        x = numpy.full((len(batch), T), 0, dtype=numpy.int64)
-        y = numpy.full((len(batch), T), -1, dtype=numpy.int64)
-        for row, start in enumerate(batch):
-            window = numpy.asarray(tokens[start:start + T + 1], dtype=numpy.int64)
-            x[row, :len(window) - 1] = window[:-1]
-            y[row, :len(window) - 1] = window[1:]
-        count = int((y >= 0).sum())
-        total_nats += float(model.loss(x, y)) * count
-        total_tokens += count
-        total_bytes += int(byte_lengths[y[y >= 0]].sum())
+    counts, total_bytes = [], 0
+
+    def windows():
+        nonlocal total_bytes
+        for batch in batches:
+            x = numpy.full((len(batch), T), 0, dtype=numpy.int64)
+            y = numpy.full((len(batch), T), -1, dtype=numpy.int64)
+            for row, start in enumerate(batch):
+                window = numpy.asarray(tokens[start:start + T + 1], dtype=numpy.int64)
+                x[row, :len(window) - 1] = window[:-1]
+                y[row, :len(window) - 1] = window[1:]
+            counts.append(int((y >= 0).sum()))
+            total_bytes += int(byte_lengths[y[y >= 0]].sum())
+            yield x, y
+
+    total_nats = 0.0
+    for loss, count in zip(batch_losses(model, windows()), counts):
+        total_nats += float(loss) * count
+    total_tokens = sum(counts)
     loss = total_nats / total_tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": total_tokens,
             "bits_per_byte": total_nats / math.log(2) / max(total_bytes, 1)}
@@ -99,8 +116,8 @@ class Evaluation:
         was_training = self.model.training
         self.model.eval()
         T = self.config.model.block_size
-        losses = [float(self.model.loss(x, y)) for x, y in
-                  eval_batches(tokens, self.config.train.batch_size, T, n_batches)]
+        losses = batch_losses(self.model, eval_batches(tokens, self.config.train.batch_size, T,
+                                                        n_batches))
         if was_training:
             self.model.train()
         return float(numpy.mean(losses))
