@@ -3,6 +3,7 @@ against a NumPy float64 reference, in both precisions.
 
 CUDA cases skip cleanly on machines without CuPy or a GPU; the same cases
 also run on the CPU emulator of the CUDA kernels."""
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from xpmodel.backend import cuda_available, to_host
 from xpmodel.train.optim import clipped_step
 
 import cuda_emulator
+from counter_masks import ReferenceMasks
 
 CONFIG = xpmodel.GPTConfig(vocab_size=96, block_size=32, n_layer=2, n_head=4, n_embd=64)
 
@@ -213,13 +215,18 @@ def test_fp16_run_skips_an_overflow_and_resumes_on_the_other_backend(device, tmp
     np.testing.assert_array_equal(to_host(resumed.model.flat_params), to_host(trainer.model.flat_params))
 
 
-def test_dropout_on_emulated_cuda_matches_the_cpu():
-    """The emulator draws CuPy's random numbers with NumPy, so with one shard
-    (B = 1) its dropout masks are the CPU's: the CUDA path with dropout (masks on
-    the attention probabilities, and in the fused residual add) must give the
-    CPU's loss and gradients."""
+def test_dropout_on_emulated_cuda_matches_the_cpu_with_the_same_masks(monkeypatch):
+    """A pass on a GPU draws its masks from the counter-based generator
+    (cuda/random.py); the CPU given the same masks (that generator's NumPy
+    reference, tests/counter_masks.py) must give the same loss and gradients:
+    masks on the attention probabilities (heads of 16: the T x T path) and in
+    the fused residual add. B = 1: one shard, one generator, on both."""
+    from xpmodel.model import gpt
     if cuda_emulator.compiler() is None:
         pytest.skip("the CUDA emulator needs g++")
+    drawn_on_the_device = gpt.pass_generator
+    monkeypatch.setattr(gpt, "pass_generator", lambda device, seed: drawn_on_the_device(device, seed)
+                        if device.is_cuda else ReferenceMasks(seed))
     config = xpmodel.GPTConfig(vocab_size=96, block_size=32, n_layer=2, n_head=4, n_embd=64,
                                dropout=0.2)
     idx, targets = batch(B=1)
@@ -230,6 +237,9 @@ def test_dropout_on_emulated_cuda_matches_the_cpu():
         gpu_loss = float(gpu.forward_backward(idx, targets))
         assert abs(gpu_loss - cpu_loss) / cpu_loss < 1e-5
         assert relative_error(gpu.flat_grads, cpu.flat_grads) < 1e-4
+    plain = xpmodel.GPT(dataclasses.replace(config, dropout=0.0), seed=5)
+    plain.forward_backward(idx, targets)
+    assert relative_error(plain.flat_grads, cpu.flat_grads) > 0.1   # the masks took effect
 
 
 LLAMA_STYLE = dict(norm="rmsnorm", position="rope", qk_norm=True, mlp="swiglu", n_kv_head=2,
@@ -281,9 +291,9 @@ def test_fp16_gradients_with_heads_of_64_dimensions(device, monkeypatch, n_head,
     monkeypatch.setattr(flash, "ENABLED", True)
     calls, original = [], flash.flash_forward
 
-    def counted(heads):
+    def counted(heads, dropout=None):
         calls.append(heads[1].shape)            # k: (B, H_kv, T, D)
-        return original(heads)
+        return original(heads, dropout)
     monkeypatch.setattr(flash, "flash_forward", counted)
     model = xpmodel.GPT(config, device=device, seed=5, precision="fp16")
     loss = float(model.forward_backward(idx, targets, scale=256.0))
@@ -291,3 +301,50 @@ def test_fp16_gradients_with_heads_of_64_dimensions(device, monkeypatch, n_head,
     assert calls == ([(2, config.kv_heads, 64, 64)] * config.n_layer if device == "cuda" else [])
     assert abs(loss - ref_loss) / ref_loss < 5e-3
     assert relative_error(model.flat_grads, reference.flat_grads) < 3e-2
+
+
+@pytest.mark.parametrize("options", [{}, LLAMA_STYLE], ids=["gpt2", "llama-style"])
+def test_dropout_on_a_gpu_is_drawn_inside_the_flash_kernels(device, monkeypatch, options):
+    """A training pass on a GPU draws its dropout masks from a counter-based
+    generator (cuda/random.py), so attention with dropout stays on the flash
+    kernels, which draw the probabilities' mask themselves: the same loss and
+    gradients as the T x T path with the same masks, also with every block
+    recomputed in backward (its masks drawn again from the block's seed)."""
+    from xpmodel.cuda import flash
+    if device == "cpu":
+        pytest.skip("the CPU draws its masks with NumPy, outside any kernel")
+    config = xpmodel.GPTConfig(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_embd=256,
+                               dropout=0.2, **options)
+    rng = np.random.default_rng(11)
+    idx = rng.integers(0, config.vocab_size, (2, 64))
+    targets = np.roll(idx, -1, axis=1)
+    calls, original = [], flash.flash_forward
+
+    def counted(heads, dropout=None):
+        calls.append(dropout)
+        return original(heads, dropout)
+    monkeypatch.setattr(flash, "flash_forward", counted)
+
+    def pass_with(enabled, recompute="none"):
+        monkeypatch.setattr(flash, "ENABLED", enabled)
+        model = xpmodel.GPT(config, device=device, seed=5, precision="fp16", recompute=recompute)
+        loss = float(model.forward_backward(idx, targets))
+        return loss, to_host(model.flat_grads).astype(np.float64)
+
+    loss, grads = pass_with(True)
+    assert len(calls) == config.n_layer and all(rate == 0.2 for rate, _ in calls)
+    assert len({key for _, key in calls}) == config.n_layer   # a stream per layer
+    softmax_loss, softmax_grads = pass_with(False)
+    assert len(calls) == config.n_layer
+    assert abs(loss - softmax_loss) / softmax_loss < 2e-3
+    assert relative_error(grads, softmax_grads) < 2e-2
+    del calls[:]
+    recomputed_loss, recomputed_grads = pass_with(True, recompute="block")
+    forward_keys, backward_keys = [[key for _, key in part] for part in
+                                   (calls[:config.n_layer], calls[config.n_layer:])]
+    assert len(calls) == 2 * config.n_layer and backward_keys == forward_keys[::-1]
+    softmax_loss, softmax_grads = pass_with(False, recompute="block")
+    assert abs(recomputed_loss - softmax_loss) / softmax_loss < 2e-3
+    assert relative_error(recomputed_grads, softmax_grads) < 2e-2
+    config = dataclasses.replace(config, dropout=0.0)
+    assert relative_error(pass_with(True)[1], grads) > 0.1   # the masks took effect

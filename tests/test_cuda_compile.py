@@ -61,11 +61,15 @@ def kernels_of_a_pass(cp, C, V, T, low):
     swiglu_backward(g, h, None, dbias=cp.zeros(4 * C, np.float32))
     g, _ = relu2_forward(h, cp.ones(4 * C, low))
     relu2_backward(g, h, None, dbias=cp.zeros(4 * C, np.float32))
+    from xpmodel.cuda.random import CounterGenerator
+    CounterGenerator(0).keep_mask((2, C), low, 0.1)
+    CounterGenerator(0).random((2, C), np.float32)
     if is_half(low):
         from xpmodel.cuda.flash import flash_backward, flash_forward
         heads = cp.ones((3, 1, 1, 64, 64), low)
-        out, lse = flash_forward(heads)
-        flash_backward(out, heads, out, lse, 0.125)
+        for dropout in (None, (0.1, (1, 2))):   # the flash builds without and with dropout
+            out, lse = flash_forward(heads, dropout)
+            flash_backward(out, heads, out, lse, 0.125, dropout)
 
 
 def every_kernel_variant():
@@ -90,7 +94,7 @@ def test_every_kernel_compiles_without_spills(arch):
             "causal_softmax_backward_h16", "merge_heads", "flash_forward", "flash_delta",
             "flash_backward", "flash_dq_store", "split_heads_h16", "merge_heads_h16",
             "split_rope_heads", "merge_rope_heads", "swiglu_forward", "swiglu_backward",
-            "relu2_forward", "relu2_backward"} <= names
+            "relu2_forward", "relu2_backward", "keep_mask", "uniform"} <= names
     for code, names in variants.items():
         name = "/".join(sorted(names))
         ok, log = nvrtc.compile_kernel(NVRTC, code, arch)

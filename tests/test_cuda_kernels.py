@@ -13,6 +13,7 @@ import xpmodel
 from xpmodel.backend import BFLOAT16, cuda_available, to_host
 
 import cuda_emulator
+from counter_masks import ReferenceMasks
 
 TOLERANCE = {np.float64: 1e-12, np.float32: 1e-5, np.float16: 2e-3}
 needs_gpu = pytest.mark.skipif(not cuda_available(), reason="needs CuPy and a CUDA GPU")
@@ -352,6 +353,69 @@ def test_grouped_query_attention_matches_float64(cp, H, n_kv_head, dtype, monkey
     assert relative_error(g_dbias, dqkv.sum(axis=0)) < tolerance["grad"]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, BFLOAT16, np.float64])
+def test_counter_generator_draws_its_definition(cp, dtype):
+    """A CounterGenerator's masks are the hash of their key and index (the
+    NumPy reference), about 1 - rate of them kept; each draw is a new stream,
+    the same seed gives the same streams; uniform values lie in [0, 1)."""
+    from xpmodel.cuda.random import CounterGenerator
+    shape, rate = (7, 300), 0.25
+    generator, reference = CounterGenerator([3, 1]), ReferenceMasks([3, 1])
+    first = to_host(generator.keep_mask(shape, dtype, rate))
+    assert first.dtype == dtype and np.array_equal(first, reference.keep_mask(shape, dtype, rate))
+    assert abs((first != 0).mean() - (1 - rate)) < 0.04      # 4 standard deviations
+    second = to_host(generator.keep_mask(shape, dtype, rate))
+    assert np.array_equal(second, reference.keep_mask(shape, dtype, rate))
+    assert abs(((first != 0) == (second != 0)).mean() - (rate ** 2 + (1 - rate) ** 2)) < 0.04
+    assert np.array_equal(to_host(CounterGenerator([3, 1]).keep_mask(shape, dtype, rate)), first)
+    if dtype in (np.float32, np.float64):
+        values = to_host(generator.random(shape, dtype))
+        assert values.dtype == dtype and values.min() >= 0.0 and values.max() < 1.0
+        assert abs(values.mean() - 0.5) < 0.03
+        normal = to_host(generator.standard_normal((20000,), dtype))
+        assert abs(normal.mean()) < 0.05 and abs(normal.std() - 1.0) < 0.05
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16])
+@pytest.mark.parametrize("H,n_kv_head", [(2, 2), (4, 2)], ids=["mha", "gqa"])
+def test_flash_attention_with_dropout_matches_float64(cp, dtype, H, n_kv_head, monkeypatch):
+    """With a counter-based generator, dropout on the probabilities runs inside
+    the flash kernels: output and the qkv and bias gradients against float64
+    NumPy through T x T scores with the same mask (the NumPy reference of the
+    same stream), for multi-head attention and grouped-query attention with
+    rotary positions; B = 2, T = 128 (two query tiles)."""
+    from xpmodel.backend import get_device
+    from xpmodel.cuda import flash
+    from xpmodel.cuda.random import CounterGenerator
+    from xpmodel.layers import attention
+    from xpmodel.layers.rope import rope_tables
+    monkeypatch.setattr(flash, "ENABLED", True)
+    rng = np.random.default_rng(1)
+    B, T, D, rate = 2, 128, 64, 0.2
+    width = (H + 2 * n_kv_head) * D
+    qkv, bias = rand(rng, (B, T, width), dtype), rand(rng, (width,), dtype, 0.1)
+    dy = rand(rng, (B * T, H * D), dtype)
+    rope = rope_tables(T, D, 10000.0, get_device("cpu"), np.float64) if n_kv_head < H else None
+    y, cache = attention.attention_forward(qkv.astype(np.float64), H, rate, ReferenceMasks(4),
+                                           bias=bias.astype(np.float64), n_kv_head=n_kv_head,
+                                           rope=rope)
+    dqkv = attention.attention_backward(dy.astype(np.float64), cache)
+    g_rope = None if rope is None else tuple(cp.asarray(t.astype(np.float32)) for t in rope)
+    g_y, g_cache = attention.attention_forward(cp.asarray(qkv), H, rate, CounterGenerator(4),
+                                               bias=cp.asarray(bias), n_kv_head=n_kv_head,
+                                               rope=g_rope)
+    assert isinstance(g_cache.core, attention.FlashCache) and g_cache.core.dropout is not None
+    g_dbias = cp.zeros(width, np.float32)
+    g_dqkv = attention.attention_backward(cp.asarray(dy), g_cache, dbias=g_dbias)
+    tolerance = 4e-3 if dtype == np.float16 else 3e-2
+    assert relative_error(g_y, y) < tolerance
+    assert relative_error(g_dqkv, dqkv) < 2 * tolerance
+    assert relative_error(g_dbias, dqkv.sum(axis=0)) < 2 * tolerance
+    plain, _ = attention.attention_forward(qkv.astype(np.float64), H, bias=bias.astype(np.float64),
+                                           n_kv_head=n_kv_head, rope=rope)
+    assert relative_error(g_y, plain) > 0.1   # the dropout took effect
+
+
 def test_flash_attention_serves_only_its_shapes(cp):
     from xpmodel.layers import attention
     rng = np.random.default_rng(0)
@@ -360,6 +424,11 @@ def test_flash_attention_serves_only_its_shapes(cp):
         qkv = cp.asarray(rand(rng, (1, T, 3 * D), dtype))
         _, cache = attention.attention_forward(qkv, 1, dropout, cp.random.default_rng(0))
         assert isinstance(cache.core, attention.SoftmaxCache), (dtype, D, T, dropout)
+    # (dropout above came from CuPy's generator;) from the counter-based one, flash draws the mask
+    from xpmodel.cuda.random import CounterGenerator
+    qkv = cp.asarray(rand(rng, (1, 64, 3 * 64), np.float16))
+    _, cache = attention.attention_forward(qkv, 1, 0.1, CounterGenerator(0))
+    assert isinstance(cache.core, attention.FlashCache) and cache.core.dropout[0] == 0.1
 
 
 def test_flash_kernels_refuse_operands_they_cannot_read_in_vectors(cp):

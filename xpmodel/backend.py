@@ -144,10 +144,15 @@ def use_kernels(mode):
         _kernels.reset(token)
 
 
+def fused_mode():
+    """Whether the "fused" mode is in force on this thread (use_kernels)."""
+    return _kernels.get() == "fused"
+
+
 def fused_kernels(array):
     """Whether a layer handed `array` takes its fused CUDA kernel: a CuPy
     array, with the "fused" mode in force."""
-    return is_cuda_array(array) and _kernels.get() == "fused"
+    return is_cuda_array(array) and fused_mode()
 
 
 def to_host(array):

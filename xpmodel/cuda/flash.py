@@ -10,7 +10,12 @@ h / (H / H_kv) in place, so k and v are never repeated over their groups.
 
 Forward keeps a running maximum and sum per query row (the online softmax)
 and saves lse = max + log(sum) per row; backward recomputes the
-probabilities from it. A block of backward owns 64 keys of one key/value
+probabilities from it. With dropout (the builds with DROPOUT 1), each
+probability is kept or dropped by its counter-based random bits
+(cuda/random.py), drawn again in backward: the sums and lse are those of
+the probabilities before dropout, the output and dV use the dropped ones,
+and the softmax backward takes dP times the mask (its row dot product is
+still dout . out). A block of backward owns 64 keys of one key/value
 head and walks the query tiles that see them, for each query head of the
 head's group in turn, accumulating dK and dV in registers and adding its
 share of dQ into a float32 buffer with atomics.
@@ -21,6 +26,7 @@ import numpy
 
 from ..backend import _import_cupy, is_half
 from .compile import WARP_MATRIX, raw_kernel, stride_grid
+from .random import RANDOM_BITS, dropout_threshold
 
 HEAD_DIM = 64      # the kernels' fixed head size
 TILE = 64          # queries and keys per tile; T must be a multiple
@@ -29,7 +35,10 @@ _MAX_GRID_Y = 65535
 # XPMODEL_FLASH=0 sends attention through the T x T scores instead (for comparisons)
 ENABLED = os.environ.get("XPMODEL_FLASH", "1") != "0"
 
-_SOURCE = WARP_MATRIX + r"""
+_SOURCE = WARP_MATRIX + RANDOM_BITS + r"""
+#ifndef DROPOUT
+#define DROPOUT 0
+#endif
 #define HD 64
 #define TILE 64
 #define PAD 72     // shared tile row in h16: 64 + 8 spreads a warp's reads over all banks
@@ -149,9 +158,12 @@ __device__ __forceinline__ void mma_a_tile(float (&c)[8][4], const u32 (&a)[KS][
 // q (B, H, T, 64), already scaled by 1/sqrt(64), k, v (B, H / group, T, 64):
 // query head bh = b H + h reads key/value head bh / group = b H_kv + h / group
 // -> out (B*T, H*64), the heads side by side; lse (B, H, T) float32.
+// With DROPOUT, probability (bh, query, key) is kept, times drop_scale, where
+// random_bits(drop_key0, drop_key1, (bh T + query) T + key) >= drop_threshold.
 // grid (T / 64, B * H); block 128: warp w owns queries 16 w .. 16 w + 15 of the tile
 extern "C" __global__ void __launch_bounds__(128) flash_forward(const h16* q_heads, const h16* k_heads,
-        const h16* v_heads, h16* out, float* lse, int H, int group, int T) {
+        const h16* v_heads, h16* out, float* lse, int H, int group, int T, unsigned drop_key0,
+        unsigned drop_key1, unsigned drop_threshold, float drop_scale) {
     // keys and values of two tiles: the next one lands while one is computed
     __shared__ __align__(16) h16 kv_tiles[2][2][TILE * PAD];
     int q_tile = gridDim.x - 1 - blockIdx.x;          // the longest rows first
@@ -210,6 +222,18 @@ extern "C" __global__ void __launch_bounds__(128) flash_forward(const h16* q_hea
             }
             row_sum[r] = row_sum[r] * rescale + sum;   // this lane's columns only
         }
+#if DROPOUT
+        #pragma unroll
+        for (int r = 0; r < 2; r++) {
+            unsigned long long first = ((unsigned long long)bh * T + row0 + g + 8 * r) * T + kt * TILE + 2 * t;
+            #pragma unroll
+            for (int nb = 0; nb < 8; nb++)
+                #pragma unroll
+                for (int c = 0; c < 2; c++)
+                    s[nb][2 * r + c] *= random_bits(drop_key0, drop_key1, first + nb * 8 + c) >= drop_threshold
+                                        ? drop_scale : 0.0f;
+        }
+#endif
         u32 p[4][4];
         pack_a<8>(p, s);
         mma_a_tile<4>(o, p, v_tile, 0);
@@ -280,7 +304,8 @@ __device__ __forceinline__ void load_queries(h16* q_tile, h16* do_tile, float* l
 // training shapes. With group 1 it is the multi-head kernel: one head, one pass.
 extern "C" __global__ void __launch_bounds__(128) flash_backward(const h16* q_heads, const h16* k_heads,
         const h16* v_heads, const h16* dout, const float* lse, const float* delta, h16* dk_heads,
-        h16* dv_heads, float* dq_acc, int H, int group, int T) {
+        h16* dv_heads, float* dq_acc, int H, int group, int T, unsigned drop_key0, unsigned drop_key1,
+        unsigned drop_threshold, float drop_scale) {
     __shared__ __align__(16) h16 q_tile[TILE * PAD];
     __shared__ __align__(16) h16 do_tile[TILE * PAD];
     __shared__ __align__(16) h16 k_tile[TILE * PAD];
@@ -309,6 +334,20 @@ extern "C" __global__ void __launch_bounds__(128) flash_backward(const h16* q_he
         #pragma unroll 1
         for (int half = 0; half < TILE; half += 32) {
             u32 p[2][4], ds[2][4];
+#if DROPOUT
+            unsigned kept = 0;                         // bit 4 nb + i: element (nb, i) kept
+            {
+                unsigned long long first = ((unsigned long long)bh * T + qt * TILE + half + 2 * t) * T
+                                           + key0 + warp * 16 + g;
+                #pragma unroll
+                for (int nb = 0; nb < 4; nb++)
+                    #pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        unsigned long long index = first + (unsigned long long)(nb * 8 + (i & 1)) * T + 8 * (i >> 1);
+                        kept |= (unsigned)(random_bits(drop_key0, drop_key1, index) >= drop_threshold) << (4 * nb + i);
+                    }
+            }
+#endif
             {
                 float s[4][4];
                 mma_rows_tile_t<4>(s, k_tile, warp * 16, q_tile, half);
@@ -322,16 +361,36 @@ extern "C" __global__ void __launch_bounds__(128) flash_backward(const h16* q_he
                     }
                 pack_a<4>(p, s);
             }
+#if DROPOUT
+            u32 dropped[2][4];                         // p times the mask's scale or 0
+            {
+                float z[4][4];
+                #pragma unroll
+                for (int nb = 0; nb < 4; nb++)
+                    #pragma unroll
+                    for (int i = 0; i < 4; i++)
+                        z[nb][i] = (kept >> (4 * nb + i) & 1) ? a_element<2>(p, nb, i) * drop_scale : 0.0f;
+                pack_a<4>(dropped, z);
+            }
+#endif
+#if DROPOUT
+            mma_a_tile<2>(dv, dropped, do_tile, half); // dv += dropout(p)^T @ dout
+#else
             mma_a_tile<2>(dv, p, do_tile, half);       // dv += p^T @ dout
+#endif
             {
                 float dp[4][4];                        // dprobs^T = v @ dout^T
                 mma_rows_tile_t<4>(dp, v_tile, warp * 16, do_tile, half);
                 #pragma unroll
                 for (int nb = 0; nb < 4; nb++)
                     #pragma unroll
-                    for (int i = 0; i < 4; i++)
+                    for (int i = 0; i < 4; i++) {
+#if DROPOUT
+                        dp[nb][i] = (kept >> (4 * nb + i) & 1) ? dp[nb][i] * drop_scale : 0.0f;
+#endif
                         dp[nb][i] = a_element<2>(p, nb, i)
                                     * (dp[nb][i] - delta_tile[half + nb * 8 + 2 * t + (i & 1)]);
+                    }
                 pack_a<4>(ds, dp);
             }
             mma_a_tile<2>(dk, ds, q_tile, half);       // dk += dscores^T @ q
@@ -389,17 +448,19 @@ extern "C" __global__ void flash_dq_store(const float* dq_acc, h16* dq, long lon
 """
 
 
-def flash_applies(heads, dropout_p):
+def flash_applies(heads, dropout_p, rng=None):
     """Whether the kernels serve these heads (empty_heads' form): float16 or
     bfloat16, each part contiguous and 16-byte aligned, D = 64, T a multiple
-    of 64, B * H within a grid's second dimension, no dropout on the
-    probabilities, a GPU of compute capability 8.0 or later (and XPMODEL_FLASH
-    not 0)."""
+    of 64, B * H within a grid's second dimension, dropout on the
+    probabilities only from a generator that gives stream keys
+    (cuda.random.CounterGenerator), a GPU of compute capability 8.0 or later
+    (and XPMODEL_FLASH not 0)."""
     q = heads[0]
     B, H, T, D = q.shape
     return (ENABLED and is_half(q.dtype) and D == HEAD_DIM and T % TILE == 0
             and all(part.flags.c_contiguous and part.data.ptr % 16 == 0 for part in heads)
-            and B * H <= _MAX_GRID_Y and not dropout_p and _has_mma())
+            and B * H <= _MAX_GRID_Y and (not dropout_p or hasattr(rng, "next_key"))
+            and _has_mma())
 
 
 def empty_heads(B, H, H_kv, T, D, dtype):
@@ -425,8 +486,17 @@ def _has_mma():
     return _compute_capability[device.id] >= 80
 
 
-def _kernel(name, half):
-    return raw_kernel(_SOURCE, name, half=half)
+def _kernel(name, half, dropout=None):
+    return raw_kernel(_SOURCE, name, half=half, DROPOUT=int(dropout is not None))
+
+
+def _dropout_arguments(dropout):
+    """The kernels' last four arguments: (key0, key1, threshold, scale) of
+    dropout = (rate, (key0, key1)), or zeros without dropout."""
+    if dropout is None:
+        return numpy.uint32(0), numpy.uint32(0), numpy.uint32(0), numpy.float32(0.0)
+    rate, (key0, key1) = dropout
+    return (numpy.uint32(key0), numpy.uint32(key1), *dropout_threshold(rate))
 
 
 def _check_vector_operands(*arrays):
@@ -438,27 +508,29 @@ def _check_vector_operands(*arrays):
                              f"C-contiguous from a 16-byte aligned start")
 
 
-def flash_forward(heads):
+def flash_forward(heads, dropout=None):
     """heads: q (B, H, T, 64), scaled, k, v (B, H_kv, T, 64) (empty_heads' form),
     float16 or bfloat16, as flash_applies requires -> out (B*T, H*64) in the
-    heads' dtype, lse (B, H, T) float32."""
+    heads' dtype, lse (B, H, T) float32. dropout: (rate, stream key) of the
+    dropout on the probabilities (cuda/random.py), or None."""
     cupy = _import_cupy()
     q, k, v = heads
     _check_vector_operands(q, k, v)
     B, H, T, _ = q.shape
     out = cupy.empty((B * T, H * HEAD_DIM), dtype=q.dtype)
     lse = cupy.empty((B, H, T), dtype=numpy.float32)
-    _kernel("flash_forward", q.dtype)((T // TILE, B * H), (_THREADS,),
-                                      (q, k, v, out, lse, numpy.int32(H), numpy.int32(H // k.shape[1]),
-                                       numpy.int32(T)))
+    _kernel("flash_forward", q.dtype, dropout)((T // TILE, B * H), (_THREADS,),
+                                               (q, k, v, out, lse, numpy.int32(H),
+                                                numpy.int32(H // k.shape[1]), numpy.int32(T),
+                                                *_dropout_arguments(dropout)))
     return out, lse
 
 
-def flash_backward(dout, heads, out, lse, q_scale):
-    """dout, out: (B*T, H*64) in the heads' dtype; heads, lse as forward's ->
-    dheads in the heads' form (empty_heads), dk and dv of the H_kv key/value
-    heads themselves, dq with respect to the unscaled q (q_scale is the factor
-    the split applied)."""
+def flash_backward(dout, heads, out, lse, q_scale, dropout=None):
+    """dout, out: (B*T, H*64) in the heads' dtype; heads, lse and dropout as
+    forward's -> dheads in the heads' form (empty_heads), dk and dv of the
+    H_kv key/value heads themselves, dq with respect to the unscaled q
+    (q_scale is the factor the split applied)."""
     cupy = _import_cupy()
     q, k, v = heads
     B, H, T, _ = q.shape
@@ -474,9 +546,10 @@ def flash_backward(dout, heads, out, lse, q_scale):
     dheads = empty_heads(B, H, H_kv, T, HEAD_DIM, q.dtype)
     dq, dk, dv = dheads
     dq_acc = cupy.zeros((B, H, T, HEAD_DIM), dtype=numpy.float32)
-    _kernel("flash_backward", q.dtype)((T // TILE, B * H_kv), (_THREADS,),
-                                       (q, k, v, dout, lse, delta, dk, dv, dq_acc, numpy.int32(H),
-                                        numpy.int32(H // H_kv), numpy.int32(T)))
+    _kernel("flash_backward", q.dtype, dropout)((T // TILE, B * H_kv), (_THREADS,),
+                                                (q, k, v, dout, lse, delta, dk, dv, dq_acc,
+                                                 numpy.int32(H), numpy.int32(H // H_kv),
+                                                 numpy.int32(T), *_dropout_arguments(dropout)))
     n = dq_acc.size
     _kernel("flash_dq_store", q.dtype)(*stride_grid(n), (dq_acc, dq, numpy.int64(n), numpy.float32(q_scale)))
     return dheads

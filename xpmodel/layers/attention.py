@@ -14,10 +14,12 @@ softmax, optional dropout on the probabilities, the weighted sum of values,
 and the merge of the heads' gradients. On CuPy the per-head products are
 strided batched cuBLAS calls; with the fused kernels (backend.use_kernels),
 in chunks of queries past T = 256, and the softmax, the split and the merge
-are one kernel each. For float16 heads of 64
-dimensions with T a multiple of 64 and no dropout on the probabilities,
-xpmodel/cuda/flash.py does everything between the split and the merge
-without T x T matrices.
+are one kernel each. For float16 or bfloat16 heads
+of 64 dimensions with T a multiple of 64, xpmodel/cuda/flash.py does
+everything between the split and the merge without T x T matrices, dropout
+on the probabilities included when the pass's generator is the counter-based
+one (layers/dropout.py's pass_generator): the kernels draw the mask
+themselves, the same mask as the T x T path's for the same stream.
 
 GPT-2's attention goes straight from the split to that core. With the
 options, the split gives q (B, H, T, D) and k, v (B, H_kv, T, D); QK-norm
@@ -123,6 +125,7 @@ class FlashCache(NamedTuple):
     heads: object       # q (B, H, T, 64), scaled, k, v (B, H_kv, T, 64), as the core got them
     out: object         # (B*T, C), the layer's output
     lse: object         # (B, H, T) float32: log of each row's softmax denominator, plus its max
+    dropout: object     # (rate, stream key) of the probabilities' dropout, or None
 
 
 class HeadsCache(NamedTuple):
@@ -272,9 +275,10 @@ def _core_forward(heads, dropout_p, rng):
     xp = array_module(q)
     if fused_kernels(q):
         from ..cuda import flash
-        if flash.flash_applies(heads, dropout_p):
-            y, lse = flash.flash_forward(heads)
-            return y, FlashCache(heads, y, lse)
+        if flash.flash_applies(heads, dropout_p, rng):
+            dropout = (dropout_p, rng.next_key()) if dropout_p else None   # drawn in the kernels
+            y, lse = flash.flash_forward(heads, dropout)
+            return y, FlashCache(heads, y, lse, dropout)
     group = H // k.shape[1]
     if group > 1:
         heads = xp.stack([q, _repeat_heads(k, group), _repeat_heads(v, group)])
@@ -313,7 +317,7 @@ def _core_backward(dy, cache):
     if isinstance(cache, FlashCache):
         from ..cuda.flash import flash_backward
         return flash_backward(dy, cache.heads, cache.out, cache.lse,
-                              1.0 / math.sqrt(cache.heads[0].shape[-1]))
+                              1.0 / math.sqrt(cache.heads[0].shape[-1]), cache.dropout)
     heads, probs, drop_mask, group = cache
     _, B, H, T, D = heads.shape
     q, k, v = heads[0], heads[1], heads[2]   # q already scaled by 1/sqrt(D)

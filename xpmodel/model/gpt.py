@@ -14,12 +14,12 @@ from contextlib import contextmanager
 import numpy
 
 from ..backend import (BFLOAT16, check_kernels, get_device, get_dtype, is_cuda_array, is_half,
-                       random_generator, bfloat16_problem, to_device, to_host, upcast, use_kernels)
+                       bfloat16_problem, to_device, to_host, upcast, use_kernels)
 from ..checks import NON_NEGATIVE, POSITIVE, check_integer, check_number
 from ..cpu_threads import keep_freed_memory, run_parallel, single_threaded_blas, split, thread_count
 from ..layers.block import block_backward, block_forward, norm_backward, norm_forward, proj_bias_sums
 from ..layers.crossentropy import IGNORE_INDEX, crossentropy_fused, lm_head_backward, lm_head_forward
-from ..layers.dropout import dropout_backward, dropout_forward
+from ..layers.dropout import dropout_backward, dropout_forward, pass_generator
 from ..layers.embedding import embedding_backward, embedding_forward
 from ..layers.embedding_noise import NOISE_KINDS, embedding_noise_backward, embedding_noise_forward
 from ..layers.rope import rope_tables
@@ -212,7 +212,7 @@ class GPT:
 
         def shard_pass(rows, k):
             key = None if seed is None else [seed, self.dropout_stream, k]
-            rng = None if key is None else random_generator(self.device, key)
+            rng = None if key is None else pass_generator(self.device, key)
             return self._shard_pass(idx[rows], targets[rows], grads[k], dlosses, rng, key)
 
         totals = self._run_shards(idx.shape[0], shard_pass)
@@ -318,7 +318,7 @@ class GPT:
 
     def _block_forward(self, i, x, shape, p_drop, block_seed, rope):
         """Block i with its own dropout generator (recompute "block"), forward and again in backward."""
-        rng = None if block_seed is None else random_generator(self.device, block_seed)
+        rng = None if block_seed is None else pass_generator(self.device, block_seed)
         return block_forward(self.config, i, x, shape, self.params, self.weights,
                              self.compute_dtype, p_drop, rng, rope)
 
