@@ -1,7 +1,8 @@
 """A training step on a GPU is queued without the host waiting for the
 device, and copies nothing from host memory but its batch: clipping,
-float16 loss scaling, skipped steps, the schedule's learning rate and both
-optimizers are decided on the device or passed to kernels as arguments.
+float16 loss scaling, skipped steps, the schedule's learning rate, both
+optimizers and the health records' norms are decided on the device or passed
+to kernels as arguments.
 
 Checked on the CPU emulator of tests/cuda_emulator, which records every copy
 between host and device (a real GPU hides them)."""
@@ -18,12 +19,12 @@ LLAMA = ["model.norm=rmsnorm", "model.position=rope", "model.mlp=swiglu", "model
 
 
 @pytest.mark.parametrize("overrides", [
-    [],
+    ["train.health_interval=2"],
     ["train.precision=fp16", "train.grad_clip=0"],
     ["train.precision=bf16", "train.grad_accum=2", "model.dropout=0.1"],
     ["train.optimizer=muon", "train.grad_clip=0", *LLAMA],
     ["train.optimizer=muon", "train.precision=fp16", "train.muon_nesterov=false"],
-], ids=["adamw", "fp16-no-clip", "bf16-accum-dropout", "muon-llama", "muon-fp16"])
+], ids=["adamw-health", "fp16-no-clip", "bf16-accum-dropout", "muon-llama", "muon-fp16"])
 def test_a_gpu_step_reads_nothing_and_copies_only_its_batch(overrides, tmp_path, capsys,
                                                            monkeypatch):
     from xpmodel.train.loop import Trainer

@@ -32,7 +32,7 @@ from contextlib import ExitStack, contextmanager
 
 import numpy
 
-from ..backend import to_host
+from ..backend import device_scalar, to_host
 from .checkpoint import read_checkpoint_meta
 from .setup import make_sampler
 
@@ -98,7 +98,7 @@ class Health:
         delta = model.flat_params - self._before
         weights = self._squared_norms(model.layout.views(self._before))
         updates = self._squared_norms(model.layout.views(delta))
-        scale = xp.asarray(scale, dtype=numpy.float64)
+        scale = device_scalar(xp, scale)
         self._pending[step + 1] = xp.stack([xp.sqrt(self._grad_sq) / scale, xp.sqrt(updates),
                                             xp.sqrt(weights)])
         self._before = self._grad_sq = None
