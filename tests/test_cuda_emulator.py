@@ -199,3 +199,28 @@ def test_a_shared_array_inside_an_inline_function_is_each_kernels_own():
         kernel(template.replace("SIZE", size), f"where_{size}")((1,), (32,), (out,))
         addresses.append(int(out.get()[0]))
     assert addresses[0] != addresses[1]
+
+
+def test_copies_between_host_and_device_are_recorded_as_cupy_makes_them():
+    """counting_transfers sees what a CUDA stream would be fed or waited for:
+    host data made a device array, set or assigned in; a device value read by
+    get, float, bool or item. Numbers are kernel arguments, one element is a
+    0-d device array, and joining device arrays with host values is refused,
+    as in CuPy."""
+    cp = cuda_emulator
+    with cp.emulated_cuda(), cp.counting_transfers() as transfers:
+        x = cp.asarray(np.arange(6.0))                   # copied from the host
+        x[...] = np.ones(6)                              # and again
+        x.set(np.zeros(6))                               # and again
+        x[2] = 5.0                                       # a number: a kernel argument
+        total = (x * 2.0).sum() + x[2]                   # all on the device
+        assert isinstance(x[2], cp.EmulatedArray) and x[2].shape == ()
+        assert float(total) == 15.0 and bool(total > 0)  # two reads
+        assert x.get()[2] == 5.0                         # and a third
+        with pytest.raises(TypeError):
+            cp.stack([total, np.float64(1.0)])
+        with pytest.raises(TypeError):
+            cp.asarray([total, 1.0])
+        assert cp.stack([total, x[2]]).tolist() == [15.0, 5.0]   # a fourth read
+    assert [shape for shape, _ in transfers.to_device] == [(6,), (6,), (6,)]
+    assert [shape for shape, _ in transfers.to_host] == [(), (), (6,), (2,)]

@@ -163,10 +163,10 @@ def to_host(array):
 
 
 def device_scalar(xp, value, dtype=numpy.float64):
-    """`value`, a host number or a 0-d array of `xp`, as a 0-d array of `xp`
-    and `dtype`. On a GPU it is made there: a host number is filled in by a
-    kernel that takes it as an argument, not copied from host memory."""
-    if isinstance(value, (bool, int, float, numpy.generic)):
+    """`value`, a host number (or 0-d NumPy array) or a 0-d array of `xp`, as a
+    0-d array of `xp` and `dtype`. On a GPU it is made there: a host number is
+    filled in by a kernel that takes it as an argument, not copied from host memory."""
+    if not isinstance(value, xp.ndarray):
         return xp.full((), value, dtype=dtype)
     return value.astype(dtype, copy=False)
 

@@ -173,8 +173,15 @@ class EmulatedArray(numpy.ndarray):
                                                ("__float__", "__int__", "__bool__", "__index__"))
     item, tolist = _read_on_host("item"), _read_on_host("tolist")
 
+    def __getitem__(self, key):
+        """A view, or for one element a 0-d device array, as CuPy gives (NumPy gives a host scalar)."""
+        return _on_device(numpy.ndarray.__getitem__(self, key))
+
     def __setitem__(self, key, value):
-        """On the device, as CuPy assigns a device array (NumPy would read a 0-d one as a number)."""
+        """On the device, as CuPy assigns a device array (NumPy would read a 0-d one as a
+        number); a host array is copied from the host, a number is a kernel argument."""
+        if isinstance(value, numpy.ndarray) and not isinstance(value, EmulatedArray):
+            _record("to_device", value.shape)
         plain = [x.view(numpy.ndarray) if isinstance(x, EmulatedArray) else x for x in (key, value)]
         numpy.ndarray.__setitem__(self.view(numpy.ndarray), *plain)
 
@@ -185,6 +192,7 @@ class EmulatedArray(numpy.ndarray):
     def set(self, host):
         """Copy a host array of the same shape and dtype in, as cupy.ndarray.set does."""
         host = numpy.asarray(host)
+        _record("to_device", host.shape)
         if host.shape != self.shape or host.dtype != self.dtype:
             raise ValueError(f"set: {host.shape} {host.dtype} into {self.shape} {self.dtype}")
         self.view(numpy.ndarray)[...] = host
@@ -290,18 +298,44 @@ def _on_device(result):
     if isinstance(result, EmulatedArray) or not isinstance(result, (numpy.ndarray, numpy.generic)):
         return result
     out = _allocate(numpy.shape(result), result.dtype)
-    out[...] = result
+    out.view(numpy.ndarray)[...] = result
     return out
 
 
 def asarray(a, dtype=None):
     """A fresh device copy, as cupy.asarray of a host array makes (a device array
-    of the right dtype is returned as it is; of another, converted on the device)."""
+    of the right dtype is returned as it is; of another, converted on the device;
+    a list of device arrays is stacked on the device, and one that mixes device
+    arrays and host values is refused, as CuPy refuses it)."""
     if isinstance(a, EmulatedArray):
         return a if dtype is None or a.dtype == dtype else _on_device(a.view(numpy.ndarray).astype(dtype))
-    if not (isinstance(a, (list, tuple)) and any(isinstance(x, EmulatedArray) for x in a)):
+    on_device = [isinstance(x, EmulatedArray) for x in a] if isinstance(a, (list, tuple)) else [False]
+    if any(on_device) and not all(on_device):
+        raise TypeError("a sequence of device arrays and host values (CuPy cannot convert it)")
+    if not any(on_device):
         _record("to_device", numpy.shape(a))
     return _on_device(numpy.asarray(a, dtype=dtype))
+
+
+def array(a, dtype=None, copy=True):
+    """cupy.array: a device array copied on the device, anything else copied from the host."""
+    if isinstance(a, EmulatedArray):
+        return _on_device(numpy.array(a.view(numpy.ndarray), dtype=dtype, copy=copy))
+    return asarray(numpy.array(a, dtype=dtype, copy=copy))
+
+
+def _device_arrays_only(function):
+    """stack and concatenate as CuPy's: device arrays only."""
+    def joined(arrays, *args, **kwargs):
+        arrays = list(arrays)
+        if not all(isinstance(x, EmulatedArray) for x in arrays):
+            raise TypeError(f"{function.__name__}: only device arrays can be joined, as in CuPy")
+        return _on_device(function([x.view(numpy.ndarray) for x in arrays], *args, **kwargs))
+    joined.__name__ = function.__name__
+    return joined
+
+
+stack, concatenate = _device_arrays_only(numpy.stack), _device_arrays_only(numpy.concatenate)
 
 
 def ascontiguousarray(a, dtype=None):
