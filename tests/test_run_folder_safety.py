@@ -185,6 +185,25 @@ def test_a_lock_this_process_holds_is_found_through_a_missing_folder_and_dotdot(
     assert not (tmp_path / "b" / ".xpmodel.lock").exists()
 
 
+def test_a_folder_that_takes_a_held_folders_inode_is_not_taken_for_it(tmp_path, monkeypatch):
+    """A held run folder removed, and another made with its inode (as XFS
+    reuses them; simulated here): the new folder's lock is a lock of its own,
+    with its own lock file, not the old folder's held lock."""
+    import xpmodel.train.runlock as runlock
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    identity = runlock._key
+    monkeypatch.setattr(runlock, "_key", lambda path: identity(tmp_path / "old"))
+    with RunDir(tmp_path / "old").lock() as old:
+        with RunDir(tmp_path / "new").lock() as new:
+            assert new is not old and (tmp_path / "new" / ".xpmodel.lock").is_file()
+        assert not (tmp_path / "new" / ".xpmodel.lock").exists()
+        assert (tmp_path / "old" / ".xpmodel.lock").is_file()
+        with RunDir(tmp_path / "new").lock() as new:   # the old lock's release leaves it held
+            old.release()
+            assert runlock.held_lock(tmp_path / "new") is new
+
+
 def test_a_folder_another_process_makes_while_the_lock_is_taken_is_kept(tmp_path, monkeypatch):
     """a is missing when the lock looks, then made by someone else before the
     lock makes it: the lock makes a/b and a/b/run, and removes only those."""

@@ -30,9 +30,15 @@ _held = {}   # (device, inode) of a run directory -> RunLock holding it in this 
 
 
 def held_lock(path):
-    """The RunLock this process holds on the run directory `path`, or None."""
+    """The RunLock this process holds on the run directory `path`, or None. A
+    folder that took the inode of a held one removed since is not held: its
+    lock file must be the one the lock has open."""
     key = _key(path)
-    return None if key is None else _held.get(key)
+    lock = None if key is None else _held.get(key)
+    if lock is None or _identity_of(os.path.join(path, lock.run.lock_path.name)) != \
+            file_identity(os.fstat(lock._fd)):
+        return None
+    return lock
 
 
 class RunLock:
@@ -171,7 +177,8 @@ class RunLock:
                 pass
             os.close(self._fd)
             self._fd = None
-        _held.pop(self._key, None)
+        if _held.get(self._key) is self:   # not a lock that took over a reused inode since
+            del _held[self._key]
         self._key = None
         self._remove_made_folders()
 
