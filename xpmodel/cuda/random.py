@@ -22,7 +22,8 @@ from .compile import c_type, half_of, raw_kernel, stride_grid
 # a 32-bit integer finaliser (x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15;
 # x *= 0x846ca68b; x ^= x >> 16, every output bit depending on every input
 # bit), the first over the index's low word and key0, the second adding its
-# high word and key1.
+# high word and key1. (Past 2^32 elements a stream repeats its first 2^32
+# bits in another order: harmless for masks.)
 RANDOM_BITS = r"""
 __device__ __forceinline__ unsigned mix32(unsigned x) {
     x ^= x >> 16;

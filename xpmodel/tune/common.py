@@ -18,7 +18,7 @@ class Subject:
     name: str            # for titles: the config's or run's name
     config: object       # RunConfig
     tokenizer: object
-    corpus: object = None            # data.sources.Source: data.source, resolved once
+    corpus: object                   # data.sources.Source: data.source, resolved once
     config_files: tuple = ()         # the files the config was read from (load_config_and_files)
     pretrained: dict | None = None   # name -> array of train.init_from, else None
     _tokens: tuple | None = None
