@@ -26,6 +26,8 @@ from pathlib import Path
 CONFIGS = {   # name: (n_layer, n_head, n_embd, block_size, batch_size, vocab_size, options)
     "tiny": (2, 2, 64, 32, 4, 256, {}),
     "char-mid": (6, 6, 384, 256, 64, 4096, {}),
+    # shakespeare-char's model as it trains, dropout 0.2 (both sides drop inside flash attention)
+    "shakespeare-char": (6, 6, 384, 256, 64, 256, {"dropout": 0.2}),
     "gpt2-small": (12, 12, 768, 1024, 16, 50304, {}),
 }
 # The Llama-style block of the llama-* presets (RMSNorm, RoPE, SwiGLU, GQA, no
@@ -77,7 +79,8 @@ def torch_step(config, B, device, precision, compiled):
     targets = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g).to(device)
 
     def loss_fn(idx, targets):
-        return torch_loss(params, idx, targets, config, fused_attention=True, out_in=True)
+        return torch_loss(params, idx, targets, config, fused_attention=True, out_in=True,
+                          dropout=config.dropout, training=config.dropout > 0)
     if compiled:
         loss_fn = torch.compile(loss_fn)
 

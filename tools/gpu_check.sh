@@ -17,8 +17,8 @@
 #
 # PARTS: any of tests nccl probe bench train-bf16 compile (the default: what
 # has never run on a GPU first, then the measurements; compile takes what is
-# left, about 200 s) and sections graph train-fp16 train-llama speedrun
-# speedrun-bpe (a second call: PARTS="speedrun speedrun-bpe").
+# left, about 200 s) and sections graph train-fp16 train-llama dropout
+# speedrun speedrun-bpe (a second call: PARTS="speedrun speedrun-bpe").
 #
 # DATA: the Tiny Shakespeare text for the training and speedrun parts and the
 # tests that read it. The default is shared/data/tinyshakespeare.txt inside the
@@ -166,6 +166,17 @@ fi
 if want graph && starts graph 20; then
     note "== can a CUDA graph capture the step? (tools/graph_probe.py)"
     limited "$PY" tools/graph_probe.py >> "$summary" 2>&1
+fi
+
+if want dropout && starts dropout 90; then   # about 70 s
+    note "== shakespeare-char's step with dropout 0.2: flash drawing its mask, then the T x T path"
+    for flash in 1 0; do
+        timeout -s INT -k 10 $(( limit / 2 )) env XPMODEL_FLASH=$flash "$PY" tools/bench_gpu.py \
+            --precisions fp16 --configs shakespeare-char --kernels fused --compile-configs \
+            "${bench_flags[@]}" > "$OUT/bench_dropout_flash$flash.log" 2>&1
+        note "XPMODEL_FLASH=$flash: exit code $?"
+        cat "$OUT/bench_dropout_flash$flash.log" >> "$summary"
+    done
 fi
 
 if want train-fp16 && starts train-fp16 100; then
