@@ -9,9 +9,10 @@ CuPy's default generator (XORWOW) instead initialises a state for each
 thread of its grid (2,048 per multiprocessor) whenever one is made, which a
 training pass would do once per micro-batch.
 
-Each `draw` of a CounterGenerator is a new stream, its key made on the host
-by SplitMix64 from the generator's seed and the draw's number: the same
-seed gives the same masks, in a resumed run or a recomputed block.
+Each draw of a CounterGenerator (a mask, uniform values, a key for a
+kernel) is a new stream, its key made on the host by SplitMix64 from the
+generator's seed and the draw's number: the same seed gives the same masks,
+in a resumed run or a recomputed block.
 """
 import numpy
 

@@ -35,10 +35,9 @@ def evaluate_tokens(model, tokenizer, tokens, batch_size, max_batches=None):
     batches = [starts[i:i + batch_size] for i in range(0, len(starts), batch_size)]
     if max_batches is not None:
         batches = batches[:max_batches]
-    counts, total_bytes = [], 0
+    sizes = []   # (targets, bytes of text) of each batch, as it is made
 
     def windows():
-        nonlocal total_bytes
         for batch in batches:
             x = numpy.full((len(batch), T), 0, dtype=numpy.int64)
             y = numpy.full((len(batch), T), -1, dtype=numpy.int64)
@@ -46,14 +45,13 @@ def evaluate_tokens(model, tokenizer, tokens, batch_size, max_batches=None):
                 window = numpy.asarray(tokens[start:start + T + 1], dtype=numpy.int64)
                 x[row, :len(window) - 1] = window[:-1]
                 y[row, :len(window) - 1] = window[1:]
-            counts.append(int((y >= 0).sum()))
-            total_bytes += int(byte_lengths[y[y >= 0]].sum())
+            sizes.append((int((y >= 0).sum()), int(byte_lengths[y[y >= 0]].sum())))
             yield x, y
 
     total_nats = 0.0
-    for loss, count in zip(batch_losses(model, windows()), counts):
+    for loss, (count, _) in zip(batch_losses(model, windows()), sizes):
         total_nats += float(loss) * count
-    total_tokens = sum(counts)
+    total_tokens, total_bytes = (sum(column) for column in zip(*sizes))
     loss = total_nats / total_tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": total_tokens,
             "bits_per_byte": total_nats / math.log(2) / max(total_bytes, 1)}
