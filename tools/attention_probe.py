@@ -5,10 +5,13 @@ of the causal half, for float16 and bfloat16 heads; a config with grouped-query
 attention (llama-char, llama-small) gets its H_kv key/value heads. Both
 paths' outputs and input gradients are compared at these full sizes with a
 float32 reference on the first batch element: the layers' own `xp` code
-(use_kernels("xp"): no CUDA kernel of xpmodel, not even the head split) on
-the same 16-bit inputs upcast.
+(use_kernels("xp"): no CUDA kernel of xpmodel, not even the head split, but
+for the dropout mask's) on the same 16-bit inputs upcast. With --dropout RATE every path drops the
+probabilities with the same counter-based mask (cuda/random.py), which the
+flash kernels draw themselves.
 
     python tools/attention_probe.py [--configs char-mid gpt2-small llama-small] [--dtypes float16 bfloat16]
+    python tools/attention_probe.py --configs char-mid --dropout 0.2
 """
 import argparse
 import math
@@ -26,11 +29,20 @@ def main():
     parser.add_argument("--configs", nargs="+", default=["char-mid", "gpt2-small", "llama-small"],
                         choices=list(CONFIGS))
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"], choices=("float16", "bfloat16"))
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout on the probabilities")
     args = parser.parse_args()
     import cupy
     from xpmodel.backend import BFLOAT16, use_kernels
     from xpmodel.cuda import flash
+    from xpmodel.cuda.random import CounterGenerator
     from xpmodel.layers import attention
+    rate = args.dropout
+
+    def generator():   # the same first stream, so every path drops the same probabilities
+        return CounterGenerator(0)
+
+    def layer(qkv, H, H_kv):
+        return attention.attention_forward(qkv, H, rate, generator(), n_kv_head=H_kv)
     for name, dtype_name in [(n, d) for d in args.dtypes for n in args.configs]:
         dtype = BFLOAT16 if dtype_name == "bfloat16" else np.dtype(np.float16)
         _, H, C, T, B, _, options = CONFIGS[name]
@@ -41,28 +53,30 @@ def main():
         heads = attention.split_heads(qkv, None, H) if H_kv == H else _grouped_heads(qkv, H, H_kv, D)
         dout = g.standard_normal((B * T, C), dtype=np.float32).astype(dtype)
         flops = 2 * 2 * B * H * T * (T + 64) / 2 * D       # two products over the causal tiles
-        print(f"{name} {dtype_name}: B={B} H={H} H_kv={H_kv} T={T} D={D}")
+        print(f"{name} {dtype_name}: B={B} H={H} H_kv={H_kv} T={T} D={D} dropout={rate}")
         flash_on = flash.ENABLED                            # XPMODEL_FLASH=0 leaves the kernels out
         if flash_on:
-            out, lse = flash.flash_forward(heads)
-            forward = timed(lambda: flash.flash_forward(heads))
-            backward = timed(lambda: flash.flash_backward(dout, heads, out, lse, 1.0 / math.sqrt(D)))
+            dropout = (rate, generator().next_key()) if rate else None
+            out, lse = flash.flash_forward(heads, dropout)
+            forward = timed(lambda: flash.flash_forward(heads, dropout))
+            backward = timed(lambda: flash.flash_backward(dout, heads, out, lse, 1.0 / math.sqrt(D),
+                                                          dropout))
             print(f"  flash kernels         forward {forward:7.3f} ms ({flops / forward / 1e9:5.0f} TFLOP/s)"
                   f"  backward {backward:7.3f} ms ({2.5 * flops / backward / 1e9:5.0f} TFLOP/s)")
-            y_flash, cache = attention.attention_forward(qkv, H, n_kv_head=H_kv)
+            y_flash, cache = layer(qkv, H, H_kv)
             dqkv_flash = attention.attention_backward(dout, cache)
         flash.ENABLED = False
         try:
-            y, cache = attention.attention_forward(qkv, H, n_kv_head=H_kv)
+            y, cache = layer(qkv, H, H_kv)
             dqkv = attention.attention_backward(dout, cache)
-            forward = timed(lambda: attention.attention_forward(qkv, H, n_kv_head=H_kv))
+            forward = timed(lambda: layer(qkv, H, H_kv))
             backward = timed(lambda: attention.attention_backward(dout, cache))
         finally:
             flash.ENABLED = flash_on
         print(f"  through T x T scores  forward {forward:7.3f} ms  backward {backward:7.3f} ms"
               " (with the head split and merge)")
-        with use_kernels("xp"):
-            y_ref, cache = attention.attention_forward(qkv[:1].astype(np.float32), H, n_kv_head=H_kv)
+        with use_kernels("xp"):   # batch element 0's masks are the full batch's first
+            y_ref, cache = layer(qkv[:1].astype(np.float32), H, H_kv)
             dqkv_ref = attention.attention_backward(dout[:T].astype(np.float32), cache)
         results = [("T x T", y, dqkv)] + ([("flash", y_flash, dqkv_flash)] if flash_on else [])
         for label, out_, grad in results:           # rows [0, T): the first batch element

@@ -168,10 +168,13 @@ if want graph && starts graph 20; then
     limited "$PY" tools/graph_probe.py >> "$summary" 2>&1
 fi
 
-if want dropout && starts dropout 90; then   # about 70 s
-    note "== shakespeare-char's step with dropout 0.2: flash drawing its mask, then the T x T path"
+if want dropout && starts dropout 120; then   # about 90 s
+    note "== shakespeare-char with dropout 0.2: attention alone, then the step with flash drawing its mask and through T x T"
+    timeout -s INT -k 10 $(( limit / 4 )) "$PY" tools/attention_probe.py --configs shakespeare-char \
+        --dtypes float16 --dropout 0.2 >> "$summary" 2>&1
+    note "probe exit code $?"
     for flash in 1 0; do
-        timeout -s INT -k 10 $(( limit / 2 )) env XPMODEL_FLASH=$flash "$PY" tools/bench_gpu.py \
+        timeout -s INT -k 10 $(( limit * 3 / 8 )) env XPMODEL_FLASH=$flash "$PY" tools/bench_gpu.py \
             --precisions fp16 --configs shakespeare-char --kernels fused --compile-configs \
             "${bench_flags[@]}" > "$OUT/bench_dropout_flash$flash.log" 2>&1
         note "XPMODEL_FLASH=$flash: exit code $?"
