@@ -122,6 +122,34 @@ def test_abort_prints_one_line_and_exits(no_launcher, capsys):
     assert capsys.readouterr().err == "disk full while saving\n"
 
 
+@pytest.mark.parametrize("unique_id", [bytes(range(128)), tuple(range(-64, 64))],
+                         ids=["cupy-14-bytes", "older-tuple"])
+def test_the_nccl_id_reaches_each_rank_in_the_type_cupy_made_it(unique_id):
+    """CuPy 14's nccl.get_unique_id gives bytes and its NcclCommunicator takes
+    only bytes (before: a tuple of ints both ways). The id crosses MPI as JSON
+    and must come back as it was made. MPI and NCCL are stood in for here
+    (one rank; the broadcast a JSON round trip), the device by the emulator."""
+    import cuda_emulator
+    from xpmodel.distributed import MPIDistributed
+    made = []
+
+    class Communicator:
+        def __init__(self, ranks, comm_id, rank):
+            if type(comm_id) is not type(unique_id) or comm_id != unique_id:
+                raise TypeError(f"NcclCommunicator: commId {type(comm_id).__name__}")
+            made.append((ranks, rank))
+
+    nccl = type("Nccl", (), {"get_unique_id": staticmethod(lambda: unique_id),
+                             "NcclCommunicator": Communicator})
+    dist = object.__new__(MPIDistributed)   # its collectives below, without MPI
+    dist.rank, dist.world_size, dist.backend = 0, 1, "mpi"
+    dist._nccl, dist._nccl_decided, dist._nccl_comms = nccl, True, {}
+    dist._broadcast_json = lambda value, what: json.loads(json.dumps(value))
+    with cuda_emulator.emulated_cuda_or_skip() as cp:
+        assert isinstance(dist._nccl_comm(cp.zeros(4)), Communicator)
+    assert made == [(1, 0)] and dist.backend == "nccl"
+
+
 # ---- two ranks under mpirun ---------------------------------------------------------
 
 @needs_mpi

@@ -451,9 +451,13 @@ class MPIDistributed(Distributed):
                     unique_id = self._nccl.get_unique_id()
                 except Exception as exc:
                     reason = f"ncclGetUniqueId failed: {exc}"
-            shared = self._broadcast_json(None if unique_id is None else list(unique_id),
+            # bytes from CuPy 14 on, a tuple of ints before: each rank's communicator
+            # takes the id in the type rank 0's get_unique_id gave it
+            shared = self._broadcast_json(None if unique_id is None else
+                                          [isinstance(unique_id, bytes), list(unique_id)],
                                           "NCCL setup")
-            unique_id = None if shared is None else tuple(shared)
+            if shared is not None:
+                unique_id = bytes(shared[1]) if shared[0] else tuple(shared[1])
             if unique_id is None:
                 self._nccl = None
                 self._use_host_staging(reason)
