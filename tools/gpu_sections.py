@@ -42,7 +42,7 @@ def main():
     import xpmodel
     from xpmodel.backend import use_kernels
     from xpmodel.layers import attention, crossentropy, linear
-    from xpmodel.layers.block import ACTIVATIONS, NORMS
+    from xpmodel.layers.block import ACTIVATIONS, NORM_LAYERS
     from xpmodel.layers.matmul import matmul
     L, H, C, T, B, V, options = CONFIGS[args.config]
     config = xpmodel.GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C, **options)
@@ -70,7 +70,7 @@ def main():
     w, b = cupy.ones(C, np.float32), (cupy.zeros(C, np.float32) if has_bias else None)
     dw, db = cupy.zeros(C, np.float32), (cupy.zeros(C, np.float32) if has_bias else None)
     d_low = g.standard_normal((N, C), dtype=np.float32).astype(low)
-    norm_forward, norm_backward = NORMS[config.norm]
+    norm_forward, norm_backward = NORM_LAYERS[config.norm]
 
     def norm_pair():
         out, cache = norm_forward(x, w, b, low)
