@@ -203,15 +203,18 @@ def test_a_shared_array_inside_an_inline_function_is_each_kernels_own():
 
 def test_copies_between_host_and_device_are_recorded_as_cupy_makes_them():
     """counting_transfers sees what a CUDA stream would be fed or waited for:
-    host data made a device array, set or assigned in; a device value read by
-    get, float, bool or item. Numbers are kernel arguments, one element is a
-    0-d device array, and joining device arrays with host values is refused,
-    as in CuPy."""
+    host data made a device array or set in; a device value read by get,
+    float, bool or item. Numbers are kernel arguments, one element is a 0-d
+    device array, and host arrays among device arrays (joined, assigned, in
+    arithmetic) are refused, as in CuPy."""
     cp = cuda_emulator
     with cp.emulated_cuda(), cp.counting_transfers() as transfers:
         x = cp.asarray(np.arange(6.0))                   # copied from the host
-        x[...] = np.ones(6)                              # and again
         x.set(np.zeros(6))                               # and again
+        with pytest.raises(ValueError):
+            x[...] = np.ones(6)
+        with pytest.raises(TypeError):
+            x + np.ones(6)
         x[2] = 5.0                                       # a number: a kernel argument
         total = (x * 2.0).sum() + x[2]                   # all on the device
         assert isinstance(x[2], cp.EmulatedArray) and x[2].shape == ()
@@ -222,5 +225,5 @@ def test_copies_between_host_and_device_are_recorded_as_cupy_makes_them():
         with pytest.raises(TypeError):
             cp.asarray([total, 1.0])
         assert cp.stack([total, x[2]]).tolist() == [15.0, 5.0]   # a fourth read
-    assert [shape for shape, _ in transfers.to_device] == [(6,), (6,), (6,)]
+    assert [shape for shape, _ in transfers.to_device] == [(6,), (6,)]
     assert [shape for shape, _ in transfers.to_host] == [(), (), (6,), (2,)]

@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 import types
 import weakref
@@ -179,9 +180,12 @@ class EmulatedArray(numpy.ndarray):
 
     def __setitem__(self, key, value):
         """On the device, as CuPy assigns a device array (NumPy would read a 0-d one as a
-        number); a host array is copied from the host, a number is a kernel argument."""
-        if isinstance(value, numpy.ndarray) and not isinstance(value, EmulatedArray):
-            _record("to_device", value.shape)
+        number); a number is a kernel argument. A host array or list is refused, as
+        CuPy's fill refuses it (set, or asarray, copies one from the host)."""
+        if isinstance(value, (list, tuple)) or (isinstance(value, numpy.ndarray) and value.ndim
+                                                and not isinstance(value, EmulatedArray)):
+            raise ValueError("a host array assigned into a device array: CuPy cannot fill with "
+                             "it (use .set, or asarray first)")
         plain = [x.view(numpy.ndarray) if isinstance(x, EmulatedArray) else x for x in (key, value)]
         numpy.ndarray.__setitem__(self.view(numpy.ndarray), *plain)
 
@@ -203,7 +207,9 @@ class EmulatedArray(numpy.ndarray):
         return types.SimpleNamespace(ptr=self.ctypes.data)
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        """NumPy's ufuncs, without the warnings about NaN or overflow that CuPy never gives."""
+        """NumPy's ufuncs, without the warnings about NaN or overflow that CuPy never gives;
+        a host array among the operands is refused, as CuPy's ufuncs refuse it."""
+        _refuse_host_arrays(f"{ufunc.__name__}.{method}", (*inputs, *(kwargs.get("out") or ())))
         plain = [x.view(numpy.ndarray) if isinstance(x, EmulatedArray) else x for x in inputs]
         out = kwargs.get("out")
         if out is not None:
@@ -290,6 +296,16 @@ def empty_like(a, dtype=None):
 
 def zeros_like(a, dtype=None):
     return zeros(a.shape, dtype or a.dtype)
+
+
+def _refuse_host_arrays(what, arguments, any_rank=True):
+    """TypeError where a host NumPy array (of any rank, or unless 0-d) is among
+    `arguments`, which CuPy takes only as device arrays."""
+    for x in arguments:
+        if (isinstance(x, numpy.ndarray) and not isinstance(x, EmulatedArray)
+                and (any_rank or x.ndim)):
+            raise TypeError(f"{what}: a host array of shape {x.shape} among device arrays "
+                            f"(CuPy refuses it)")
 
 
 def _on_device(result):
@@ -525,12 +541,27 @@ class OutOfMemoryError(MemoryError):
     pass
 
 
+class _Event:
+    """cupy.cuda.Event: the host's clock when recorded (work here is done when launched)."""
+
+    def __init__(self, block=False, disable_timing=False, interprocess=False):
+        self.time, self.done = None, True
+
+    def record(self, stream=None):
+        self.time = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+
 cuda = types.SimpleNamespace(
     Device=_Device,
+    Event=_Event,
+    get_elapsed_time=lambda start, stop: 1e3 * (stop.time - start.time),
     device=types.SimpleNamespace(get_cublas_handle=lambda: 1),
     runtime=types.SimpleNamespace(getDeviceCount=lambda: 1,
                                   getDeviceProperties=lambda index: {"name": b"CPU emulator"}),
-    get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None),
+    get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None, ptr=0),
     memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError))
 
 
@@ -556,6 +587,7 @@ def __getattr__(name):
         return attribute
 
     def on_device(*args, **kwargs):
+        _refuse_host_arrays(name, (*args, *kwargs.values()), any_rank=False)
         return _on_device(attribute(*args, **kwargs))
     return on_device
 
