@@ -361,6 +361,22 @@ def test_a_gpu_without_bfloat16_is_refused_clearly(monkeypatch):
         xpmodel.GPT(config, device="cuda", precision="fp16")
 
 
+def test_a_cupy_that_cannot_compute_in_bfloat16_is_refused_clearly(monkeypatch):
+    """A CuPy that holds bfloat16 arrays but cannot compile arithmetic on them
+    (older CUDA headers) is found before training, and the message says what
+    is needed."""
+    with cuda_emulator.emulated_cuda_or_skip():
+        def no_bfloat16_kernels(self, *args, **kwargs):
+            if BFLOAT16 in (self.dtype, *(getattr(x, "dtype", None) for x in args)):
+                raise RuntimeError("bfloat16 arithmetic does not compile")
+            return NotImplemented
+        monkeypatch.setattr(cuda_emulator.EmulatedArray, "__mul__", no_bfloat16_kernels)
+        config = xpmodel.GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16)
+        with pytest.raises(ValueError, match="cannot compute in bfloat16 \\(RuntimeError\\).*"
+                                             "CUDA 12.2 or later, or use fp16"):
+            xpmodel.GPT(config, device="cuda", precision="bf16")
+
+
 def test_bfloat16_master_weights_are_refused():
     config = xpmodel.GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16)
     with pytest.raises(ValueError, match="fp16 or bf16"):

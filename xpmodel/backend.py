@@ -203,7 +203,9 @@ def bfloat16_problem(device):
     """Why `device` cannot compute in bfloat16, or None when it can: always can
     on CPU (NumPy through ml_dtypes); on CUDA it needs compute capability 8.0 or
     later (tensor cores and the bfloat16 conversions the kernels use) and a CuPy
-    that holds bfloat16 arrays (CuPy 14 with NumPy 2.1.2 or later)."""
+    that holds and computes with bfloat16 arrays (CuPy 14 with NumPy 2.1.2 or
+    later; CuPy's own bfloat16 kernels compile against the CUDA headers, whose
+    bfloat16 arithmetic CuPy's tests ask 12.2 or later for)."""
     device = get_device(device)
     if not device.is_cuda:
         return None
@@ -211,11 +213,13 @@ def bfloat16_problem(device):
         return ("it needs a GPU of compute capability 8.0 or later (A100, RTX 30xx, H100 ...): "
                 "use fp16 on this one")
     try:
-        with _cupy.cuda.Device(device.index):
-            _cupy.zeros(2, dtype=BFLOAT16).astype(numpy.float32)
-    except Exception:   # CuPy before 14, or NumPy before 2.1.2: no bfloat16 arrays
-        return (f"this CuPy ({_cupy.__version__}) with NumPy {numpy.__version__} has no bfloat16 "
-                f"arrays: it needs CuPy 14 or later and NumPy 2.1.2 or later, or use fp16")
+        with _cupy.cuda.Device(device.index):   # a cast, arithmetic, a comparison and a sum
+            x = _cupy.ones(2, dtype=numpy.float32).astype(BFLOAT16)
+            ((x * x + x) > x).astype(numpy.float32).sum() + x.sum(dtype=numpy.float32)
+    except Exception as exc:   # CuPy before 14, NumPy before 2.1.2, or older CUDA headers
+        return (f"this CuPy ({_cupy.__version__}) with NumPy {numpy.__version__} cannot compute "
+                f"in bfloat16 ({type(exc).__name__}): it needs CuPy 14 or later, NumPy 2.1.2 or "
+                f"later and CUDA 12.2 or later, or use fp16")
     return None
 
 
