@@ -56,8 +56,9 @@ def test_a_gpu_step_reads_nothing_and_copies_only_its_batch(overrides, tmp_path,
 
 
 def test_evaluation_reads_the_device_once(tmp_path):
-    """The validation loss and `xpmodel eval` queue every batch and read their
-    losses together at the end, the same values as batch by batch."""
+    """The validation loss and `xpmodel eval` queue every batch, copying only
+    its tokens, and read their losses together at the end, the same values as
+    batch by batch."""
     import numpy as np
     import xpmodel
     from xpmodel.tokenizer.bpe import BPETokenizer
@@ -74,6 +75,7 @@ def test_evaluation_reads_the_device_once(tmp_path):
         with cuda_emulator.counting_transfers() as transfers:
             together = batch_losses(model, batches)
         assert len(transfers.to_host) == 1 and list(together) == one_by_one
+        assert [shape for shape, _ in transfers.to_device] == [(2, 16)] * 6   # x and y of each
         with cuda_emulator.counting_transfers() as transfers:
             result = evaluate_tokens(model, BPETokenizer.train("abc", 256), tokens, batch_size=2)
         assert len(transfers.to_host) == 1 and result["tokens"] == 199

@@ -12,7 +12,7 @@ dtypes and widths take `crossentropy`, which reads the row three times
 """
 import numpy
 
-from ..backend import _import_cupy, is_half
+from ..backend import _import_cupy, device_scalar, is_half
 from .compile import acc_type, c_type, half_of, raw_kernel
 
 _THREADS = 512
@@ -148,7 +148,7 @@ def crossentropy(logits, targets, dloss=None):
     acc = acc_type(logits.dtype)
     losses = cupy.empty((n,), dtype=numpy.float64 if acc == "double" else numpy.float32)
     want_grad = dloss is not None
-    dloss = cupy.asarray(dloss if want_grad else 0.0, dtype=numpy.float64).reshape(1)
+    dloss = device_scalar(cupy, dloss if want_grad else 0.0).reshape(1)   # no copy from the host
     targets = cupy.ascontiguousarray(targets, dtype=numpy.int64)
     aligned = logits.data.ptr % 16 == 0   # 16-byte vectors (rows are, as V % 8 == 0)
     rows = _rows_launch(V) if is_half(logits.dtype) and aligned else None
