@@ -69,3 +69,26 @@ def test_bench_gpu_steps_xpmodel_as_the_trainer_does(tools, precision):
     step()
     step()
     assert (to_host(model.flat_params) != before).any()
+
+
+@pytest.mark.parametrize("recipe", ["gpt2-adamw", "speedrun"])
+def test_speedrun_engine_steps_on_the_gpu(tools, tmp_path, recipe):
+    """speedrun.py's xpmodel engine on the GPU as `--size gpu` runs it (fp16,
+    Muon's fused step and its device-side skip count in the speedrun recipe),
+    shrunk: steps train, a loss estimate reads the device, and a sync finds
+    no skipped update."""
+    import numpy as np
+    import speedrun
+    from cli_helpers import write_corpus
+    from xpmodel.data.corpus import build_tokenizer
+    config = speedrun.load_recipe(recipe, "gpu", str(write_corpus(tmp_path / "corpus.txt")),
+                                  ["model.n_layer=1", "model.block_size=64", "train.batch_size=2"])
+    assert config.train.precision == "fp16"
+    engine = speedrun.XpmodelEngine(config, build_tokenizer(config.data, say=lambda text: None),
+                                    "cuda")
+    x = np.arange(2 * 64).reshape(2, 64) % 60
+    before = engine.loss([(x, x)])
+    for _ in range(3):
+        engine.step(3e-3, [(x, x)])
+    engine.synchronize()
+    assert engine.loss([(x, x)]) < before
