@@ -11,11 +11,15 @@ communicator is set up and used:
    on the host by NumPy; then a broadcast from rank 0;
 2. training: a few steps of a small model in bf16 (and fp16) through the
    trainer with this group (rank 0's weights broadcast, every gradient
-   all-reduced by NCCL), against the same steps without any group. With one
-   rank the all-reduce averages one buffer, so the two differ only by the
-   order of the GPU's float atomics, which AdamW can carry to 3e-4 of the
-   weights in six fp16 steps (seen on the kernel emulator); with K ranks each
-   trains its shard of the same global batch. Either way within 2e-3.
+   all-reduced by NCCL), against the same steps without any group: the L2
+   norm of the difference in the weights within 5% of the L2 norm of the
+   change the steps made. With one rank the all-reduce averages one buffer,
+   so the runs differ only by the order of the GPU's float atomics (AdamW
+   turns that into 0.3% in six fp16 steps on the kernel emulator, where a
+   lost or negated all-reduce gives 100% or more); with K ranks each trains
+   its shard of the same global batch. (The largest difference of one weight
+   says little: Adam moves a weight whose gradient is near zero by a whole
+   step either way, so noise can flip it.)
 
     mpirun -n 1 python tools/nccl_check.py        # or plain `python tools/nccl_check.py`
     mpirun -n 8 python tools/nccl_check.py        # one rank per GPU
@@ -74,11 +78,12 @@ def training_check(dist, precision, folder):
     if dist.is_main:   # the same steps in one process, no group
         alone = Trainer.start(config, device=dist.device_spec, out=Path(folder, f"one-{precision}"),
                               show=False)
+        start = to_host(alone.model.flat_params).copy()
         alone.run()
         a, b = to_host(group.model.flat_params), to_host(alone.model.flat_params)
-        error = float(np.abs(a - b).max() / np.abs(b).max())
-        ok = ok and error < 2e-3
-        detail = f"max relative difference {error:.2e}"
+        error = float(np.linalg.norm(a - b) / np.linalg.norm(b - start))
+        ok = ok and error < TRAINING_TOLERANCE
+        detail = f"difference {error:.2e} of the change the steps made (L2 norms)"
     else:
         detail = ""
     report(dist, ok, f"6 {precision} training steps through {dist.backend} against one process: {detail}")
@@ -86,6 +91,7 @@ def training_check(dist, precision, folder):
 
 FAILED = []
 EXPECTED_BACKEND = "nccl"
+TRAINING_TOLERANCE = 0.05   # of the change the steps made, in L2 norm (see the module docstring)
 
 
 def report(dist, ok, text):
