@@ -225,13 +225,15 @@ extern "C" __global__ void __launch_bounds__(128) flash_forward(const h16* q_hea
 #if DROPOUT
         #pragma unroll
         for (int r = 0; r < 2; r++) {
-            unsigned long long first = ((unsigned long long)bh * T + row0 + g + 8 * r) * T + kt * TILE + 2 * t;
+            unsigned long long first = ((unsigned long long)bh * T + row0 + g + 8 * r) * T
+                                       + kt * TILE + 2 * t;
             #pragma unroll
             for (int nb = 0; nb < 8; nb++)
                 #pragma unroll
-                for (int c = 0; c < 2; c++)
-                    s[nb][2 * r + c] *= random_bits(drop_key0, drop_key1, first + nb * 8 + c) >= drop_threshold
-                                        ? drop_scale : 0.0f;
+                for (int c = 0; c < 2; c++) {
+                    bool keep = random_bits(drop_key0, drop_key1, first + nb * 8 + c) >= drop_threshold;
+                    s[nb][2 * r + c] *= keep ? drop_scale : 0.0f;
+                }
         }
 #endif
         u32 p[4][4];
@@ -343,8 +345,10 @@ extern "C" __global__ void __launch_bounds__(128) flash_backward(const h16* q_he
                 for (int nb = 0; nb < 4; nb++)
                     #pragma unroll
                     for (int i = 0; i < 4; i++) {
-                        unsigned long long index = first + (unsigned long long)(nb * 8 + (i & 1)) * T + 8 * (i >> 1);
-                        kept |= (unsigned)(random_bits(drop_key0, drop_key1, index) >= drop_threshold) << (4 * nb + i);
+                        unsigned long long index = first + (unsigned long long)(nb * 8 + (i & 1)) * T
+                                                   + 8 * (i >> 1);
+                        bool keep = random_bits(drop_key0, drop_key1, index) >= drop_threshold;
+                        kept |= (unsigned)keep << (4 * nb + i);
                     }
             }
 #endif
@@ -487,6 +491,8 @@ def _has_mma():
 
 
 def _kernel(name, half, dropout=None):
+    """Kernel `name` of the build for `half` heads, with dropout or without
+    (a backward's kernels all come from its forward's build)."""
     return raw_kernel(_SOURCE, name, half=half, DROPOUT=int(dropout is not None))
 
 
@@ -541,7 +547,7 @@ def flash_backward(dout, heads, out, lse, q_scale, dropout=None):
     _check_vector_operands(q, k, v, out, lse)
     rows = B * T * H
     delta = cupy.empty((B, H, T), dtype=numpy.float32)
-    _kernel("flash_delta", q.dtype)(((rows + 255) // 256,), (256,),
+    _kernel("flash_delta", q.dtype, dropout)(((rows + 255) // 256,), (256,),
                                     (dout, out, delta, numpy.int32(B), numpy.int32(H), numpy.int32(T)))
     dheads = empty_heads(B, H, H_kv, T, HEAD_DIM, q.dtype)
     dq, dk, dv = dheads
@@ -551,5 +557,6 @@ def flash_backward(dout, heads, out, lse, q_scale, dropout=None):
                                                  numpy.int32(H), numpy.int32(H // H_kv),
                                                  numpy.int32(T), *_dropout_arguments(dropout)))
     n = dq_acc.size
-    _kernel("flash_dq_store", q.dtype)(*stride_grid(n), (dq_acc, dq, numpy.int64(n), numpy.float32(q_scale)))
+    _kernel("flash_dq_store", q.dtype, dropout)(*stride_grid(n), (dq_acc, dq, numpy.int64(n),
+                                                                  numpy.float32(q_scale)))
     return dheads
