@@ -17,7 +17,7 @@
 #
 # PARTS: any of tests nccl probe bench train-bf16 compile (the default: what
 # has never run on a GPU first, then the measurements; compile takes what is
-# left, about 200 s) and sections graph train-fp16 train-llama dropout
+# left, about 200 s) and sections graph dropout train-fp16 train-llama
 # speedrun speedrun-bpe (a second call: PARTS="speedrun speedrun-bpe").
 #
 # DATA: the Tiny Shakespeare text for the training and speedrun parts and the
@@ -168,18 +168,21 @@ if want graph && starts graph 20; then
     limited "$PY" tools/graph_probe.py >> "$summary" 2>&1
 fi
 
-if want dropout && starts dropout 120; then   # about 90 s
-    note "== shakespeare-char with dropout 0.2: attention alone, then the step with flash drawing its mask and through T x T"
-    timeout -s INT -k 10 $(( limit / 4 )) "$PY" tools/attention_probe.py --configs shakespeare-char \
-        --dtypes float16 --dropout 0.2 >> "$summary" 2>&1
-    note "probe exit code $?"
-    for flash in 1 0; do
-        timeout -s INT -k 10 $(( limit * 3 / 8 )) env XPMODEL_FLASH=$flash "$PY" tools/bench_gpu.py \
-            --precisions fp16 --configs shakespeare-char --kernels fused --compile-configs \
-            "${bench_flags[@]}" > "$OUT/bench_dropout_flash$flash.log" 2>&1
-        note "XPMODEL_FLASH=$flash: exit code $?"
-        cat "$OUT/bench_dropout_flash$flash.log" >> "$summary"
-    done
+if want dropout && starts dropout 90; then   # about 70 s
+    if (( limit < 60 )); then
+        note "== dropout: skipped, ${limit} s left"
+    else
+        note "== shakespeare-char with dropout 0.2: attention alone, the flash kernels drawing the"
+        note "   mask and through T x T scores, then the step against PyTorch's"
+        timeout -s INT -k 10 $(( limit / 3 )) "$PY" tools/attention_probe.py \
+            --configs shakespeare-char --dtypes float16 --dropout 0.2 >> "$summary" 2>&1
+        note "probe exit code $?"
+        timeout -s INT -k 10 $(( limit * 2 / 3 )) "$PY" tools/bench_gpu.py --precisions fp16 \
+            --configs shakespeare-char --kernels fused --compile-configs "${bench_flags[@]}" \
+            > "$OUT/bench_dropout.log" 2>&1
+        note "bench exit code $?"
+        cat "$OUT/bench_dropout.log" >> "$summary"
+    fi
 fi
 
 if want train-fp16 && starts train-fp16 100; then
