@@ -225,5 +225,7 @@ def test_copies_between_host_and_device_are_recorded_as_cupy_makes_them():
         with pytest.raises(TypeError):
             cp.asarray([total, 1.0])
         assert cp.stack([total, x[2]]).tolist() == [15.0, 5.0]   # a fourth read
-    assert [shape for shape, _ in transfers.to_device] == [(6,), (6,)]
-    assert [shape for shape, _ in transfers.to_host] == [(), (), (6,), (2,)]
+        x[np.array([0, 1])] = np.array([7.0, 8.0])      # index and values copied, as CuPy does
+        assert f"{cp.take(x, np.array([1]))[0]:.1f}" == "8.0"   # the index copied; a fifth read
+    assert [shape for shape, _ in transfers.to_device] == [(6,), (6,), (2,), (2,), (1,)]
+    assert [shape for shape, _ in transfers.to_host] == [(), (), (6,), (2,), ()]

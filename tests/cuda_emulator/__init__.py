@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy
 
+import xpmodel
 from xpmodel.backend import BFLOAT16
 from xpmodel.cuda.compile import H16_CONVERSIONS as _GPU_H16_CONVERSIONS
 from xpmodel.cuda.compile import WARP_MATRIX as _GPU_WARP_MATRIX
@@ -131,10 +132,13 @@ class Transfers:
         self.to_device, self.to_host = [], []
 
     def record(self, kind, shape):
-        caller = next((f"{frame.filename.rpartition('xpmodel/')[2]}:{frame.lineno}"
+        caller = next((f"{os.path.relpath(frame.filename, _PACKAGE)}:{frame.lineno}"
                        for frame in reversed(traceback.extract_stack()[:-2])
-                       if "/xpmodel/" in frame.filename), "?")
+                       if frame.filename.startswith(_PACKAGE + os.sep)), "?")
         getattr(self, kind).append((tuple(shape), caller))
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(xpmodel.__file__))   # the lines Transfers names
 
 
 _counting = []   # the Transfers being recorded, if any
@@ -142,9 +146,10 @@ _counting = []   # the Transfers being recorded, if any
 
 @contextlib.contextmanager
 def counting_transfers():
-    """Record every host-to-device copy (asarray of host data) and every read
-    of a device value on the host (get, float, int, bool, item, tolist):
-    what a CUDA stream would wait for, or be fed, by the host."""
+    """Record the copies from the host that CuPy makes (asarray, array or set
+    of host data; a host array of indices) and the reads of device values on
+    the host (get, float, int, bool, item, tolist, format): what a CUDA
+    stream would be fed, or waited for, by the host."""
     transfers = Transfers()
     _counting.append(transfers)
     try:
@@ -156,6 +161,23 @@ def counting_transfers():
 def _record(kind, shape):
     for transfers in _counting:
         transfers.record(kind, shape)
+
+
+def _index_parts(key):
+    return key if isinstance(key, tuple) else (key,)
+
+
+def _basic_index(key):
+    """Whether `key` takes a view (ints, slices, Ellipsis, None), not index arrays."""
+    return all(part is None or part is Ellipsis or isinstance(part, (int, numpy.integer, slice))
+               for part in _index_parts(key))
+
+
+def _record_host_indices(key):
+    for part in _index_parts(key):
+        if isinstance(part, list) or (isinstance(part, numpy.ndarray)
+                                      and not isinstance(part, EmulatedArray)):
+            _record("to_device", numpy.shape(part))
 
 
 def _read_on_host(method):
@@ -170,22 +192,30 @@ def _read_on_host(method):
 class EmulatedArray(numpy.ndarray):
     """A NumPy array that xpmodel takes for a device array."""
 
-    __float__, __int__, __bool__, __index__ = (_read_on_host(name) for name in
-                                               ("__float__", "__int__", "__bool__", "__index__"))
+    __float__, __int__, __bool__, __index__, __format__ = (
+        _read_on_host(name) for name in ("__float__", "__int__", "__bool__", "__index__",
+                                         "__format__"))
     item, tolist = _read_on_host("item"), _read_on_host("tolist")
 
     def __getitem__(self, key):
-        """A view, or for one element a 0-d device array, as CuPy gives (NumPy gives a host scalar)."""
+        """A view, or for one element a 0-d device array, as CuPy gives (NumPy gives a host
+        scalar); host index arrays are copied to the device first, as CuPy copies them."""
+        _record_host_indices(key)
         return _on_device(numpy.ndarray.__getitem__(self, key))
 
     def __setitem__(self, key, value):
         """On the device, as CuPy assigns a device array (NumPy would read a 0-d one as a
-        number); a number is a kernel argument. A host array or list is refused, as
-        CuPy's fill refuses it (set, or asarray, copies one from the host)."""
-        if isinstance(value, (list, tuple)) or (isinstance(value, numpy.ndarray) and value.ndim
-                                                and not isinstance(value, EmulatedArray)):
+        number); a number is a kernel argument. Through basic indexes (ints, slices) a
+        host array or list is refused, as CuPy's fill refuses it (set, or asarray, copies
+        one from the host); through index arrays CuPy copies it, and so do host indexes."""
+        host_value = isinstance(value, (list, tuple)) or (
+            isinstance(value, numpy.ndarray) and value.ndim and not isinstance(value, EmulatedArray))
+        if host_value and _basic_index(key):
             raise ValueError("a host array assigned into a device array: CuPy cannot fill with "
                              "it (use .set, or asarray first)")
+        if host_value:
+            _record("to_device", numpy.shape(value))
+        _record_host_indices(key)
         plain = [x.view(numpy.ndarray) if isinstance(x, EmulatedArray) else x for x in (key, value)]
         numpy.ndarray.__setitem__(self.view(numpy.ndarray), *plain)
 
@@ -334,9 +364,12 @@ def asarray(a, dtype=None):
 
 
 def array(a, dtype=None, copy=True):
-    """cupy.array: a device array copied on the device, anything else copied from the host."""
+    """cupy.array: a device array (or a list of them) copied on the device, anything
+    else copied from the host."""
     if isinstance(a, EmulatedArray):
         return _on_device(numpy.array(a.view(numpy.ndarray), dtype=dtype, copy=copy))
+    if isinstance(a, (list, tuple)):
+        return asarray(a, dtype=dtype).copy()
     return asarray(numpy.array(a, dtype=dtype, copy=copy))
 
 
@@ -587,9 +620,18 @@ def __getattr__(name):
         return attribute
 
     def on_device(*args, **kwargs):
-        _refuse_host_arrays(name, (*args, *kwargs.values()), any_rank=False)
+        arguments = (*args, *kwargs.values())
+        if name not in _CONVERTING:
+            _refuse_host_arrays(name, arguments, any_rank=False)
+        for x in arguments:   # copied to the device by the function, as CuPy's copies them
+            if isinstance(x, numpy.ndarray) and not isinstance(x, EmulatedArray) and x.ndim:
+                _record("to_device", x.shape)
         return _on_device(attribute(*args, **kwargs))
     return on_device
+
+
+# CuPy functions that copy a host array argument to the device themselves
+_CONVERTING = {"take", "copyto", "full", "full_like"}
 
 
 @contextlib.contextmanager
