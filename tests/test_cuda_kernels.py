@@ -13,7 +13,7 @@ import xpmodel
 from xpmodel.backend import BFLOAT16, cuda_available, to_host
 
 import cuda_emulator
-from counter_masks import ReferenceMasks
+from counter_masks import ReferenceMasks, reference_random_bits
 
 TOLERANCE = {np.float64: 1e-12, np.float32: 1e-5, np.float16: 2e-3}
 needs_gpu = pytest.mark.skipif(not cuda_available(), reason="needs CuPy and a CUDA GPU")
@@ -374,6 +374,47 @@ def test_counter_generator_draws_its_definition(cp, dtype):
         assert abs(values.mean() - 0.5) < 0.03
         normal = to_host(generator.standard_normal((20000,), dtype))
         assert abs(normal.mean()) < 0.05 and abs(normal.std() - 1.0) < 0.05
+
+
+def test_counter_keys_are_splitmix64_of_the_seed():
+    """A CounterGenerator's keys are the outputs of SplitMix64 started from its
+    64-bit seed (SeedSequence's two words), one a draw: 64 bits of key each,
+    a new one each time (here from the generator's usual loop, written apart
+    from next_key's closed form)."""
+    from xpmodel.cuda.random import CounterGenerator
+    mask = (1 << 64) - 1
+    low, high = np.random.SeedSequence([5, 2]).generate_state(2, np.uint32)
+    state, outputs = int(low) | int(high) << 32, []
+    for _ in range(3):
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        outputs.append(z ^ (z >> 31))
+    generator = CounterGenerator([5, 2])
+    keys = [generator.next_key() for _ in range(3)]
+    assert [int(key0) | int(key1) << 32 for key0, key1 in keys] == outputs
+
+
+def test_random_bits_past_two_to_the_32_match_their_reference(cp):
+    """The kernels' random_bits takes 64-bit indices (the flash kernels' reach
+    2^32 at B H T^2 >= 2^32): the CUDA source against the NumPy reference on
+    indices either side of 2^32."""
+    from xpmodel.cuda.compile import raw_kernel
+    from xpmodel.cuda.random import RANDOM_BITS
+    source = RANDOM_BITS + r"""
+extern "C" __global__ void bits_from(unsigned* out, unsigned long long first, int n,
+        unsigned key0, unsigned key1) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = random_bits(key0, key1, first + i);
+}
+"""
+    first, n, key = (1 << 32) - 64, 128, (np.uint32(0x1234567), np.uint32(0x89ABCDE))
+    out = cp.zeros(n, dtype=np.uint32)
+    raw_kernel(source, "bits_from")((1,), (n,), (out, np.uint64(first), np.int32(n), *key))
+    want = reference_random_bits(key, np.arange(first, first + n, dtype=np.uint64))
+    assert np.array_equal(to_host(out), want)
+    assert not np.array_equal(want[:64], want[64:])   # the high word changes the bits
 
 
 @pytest.mark.parametrize("dtype", [np.float16, BFLOAT16])

@@ -145,7 +145,7 @@ def test_the_nccl_id_reaches_each_rank_in_the_type_cupy_made_it(unique_id):
     dist.rank, dist.world_size, dist.backend = 0, 1, "mpi"
     dist._nccl, dist._nccl_decided, dist._nccl_comms = nccl, True, {}
     dist._broadcast_json = lambda value, what: json.loads(json.dumps(value))
-    with cuda_emulator.emulated_cuda_or_skip() as cp:
+    with cuda_emulator.emulated_cuda() as cp:   # no kernel runs: no compiler needed
         assert isinstance(dist._nccl_comm(cp.zeros(4)), Communicator)
     assert made == [(1, 0)] and dist.backend == "nccl"
 
