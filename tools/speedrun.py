@@ -192,8 +192,8 @@ class XpmodelEngine:
 
     def loss(self, batches):
         """Mean loss over (x, y) batches, weighted by their sizes."""
-        self.model.eval()
         from xpmodel.train.evaluate import batch_losses
+        self.model.eval()
         total = sum(float(loss) * x.shape[0] for loss, (x, _) in
                     zip(batch_losses(self.model, batches), batches))
         self.model.train()

@@ -68,9 +68,10 @@ def dropout_threshold(rate):
 
 class CounterGenerator:
     """The generator of one training pass on a GPU: dropout masks (keep_mask),
-    stream keys for kernels that draw their own (next_key), and the draws
-    cupy.random.Generator would give the embedding noise. seed: an int or a
-    sequence of ints (mixed into one 64-bit seed)."""
+    stream keys for kernels that draw their own (next_key), and the embedding
+    noise's draws through cupy.random.Generator's methods `random` and
+    `standard_normal` (other values than CuPy's). seed: an int or a sequence
+    of ints (mixed into one 64-bit seed)."""
 
     def __init__(self, seed):
         words = numpy.random.SeedSequence(seed).generate_state(2, numpy.uint32)

@@ -52,7 +52,8 @@ class AdamW:
         self._applied += apply
         if self._fused:
             from ..cuda.adamw import adamw_step
-            t = self._applied   # host numbers reach the device as kernel arguments, not copies
+            t = self._applied
+            # made on the device: a host number is a kernel's argument, not a copy
             scalars = xp.stack([device_scalar(xp, grad_scale), device_scalar(xp, apply),
                                 device_scalar(xp, 1.0 - self.lr * self.weight_decay),
                                 self.lr / (1.0 - beta1 ** t),
