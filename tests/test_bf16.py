@@ -298,7 +298,8 @@ def test_loss_and_every_gradient_track_float32(device, name, monkeypatch):
     ref_loss = float(full.forward_backward(idx, targets))
     monkeypatch.setattr(flash, "ENABLED", True)
     calls, original = [], flash.flash_forward
-    monkeypatch.setattr(flash, "flash_forward", lambda heads, dropout=None: calls.append(heads.dtype) or original(heads, dropout))
+    monkeypatch.setattr(flash, "flash_forward", lambda heads, dropout=None:
+                        calls.append(heads.dtype) or original(heads, dropout))
     model = xpmodel.GPT(config, device=device, seed=5, precision="bf16")
     assert model.flat_params.dtype == np.float32 and model.flat_working.dtype == BFLOAT16
     assert model.compute_dtype == BFLOAT16
