@@ -229,6 +229,36 @@ def test_gelu_adds_the_bias_in_place(cp, dtype):
     assert relative_error(got, want) < TOLERANCE[dtype] * 2
 
 
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gelu_in_16_byte_vectors_equals_the_element_kernel(cp, dtype, with_bias, monkeypatch):
+    """16-bit rows of a multiple of 8 columns, 16-byte aligned, take the vector
+    kernel (a thread per 8 columns, walking rows); the same arrays one element
+    off alignment take the element kernel. Outputs and biased inputs equal bit
+    for bit, at widths that leave threads of a block idle (C = 8 * 40)."""
+    from xpmodel.cuda import gelu as kernels
+    from xpmodel.cuda.gelu import gelu_forward
+    rng = np.random.default_rng(3)
+    rows, C = 37, 320
+    x, bias = rand(rng, (rows, C), np.float32, 4.0), rand(rng, (C,), np.float32)
+    built = []
+    make = kernels.raw_kernel
+    monkeypatch.setattr(kernels, "raw_kernel", lambda *a, **k: built.append(a[1]) or make(*a, **k))
+    results = []
+    for offset in (0, 1):                         # aligned, then 2 bytes off
+        buffer = cp.zeros(rows * C + offset, dtype=dtype)
+        g_x = buffer[offset:].reshape(rows, C)
+        g_x[...] = cp.asarray(x).astype(dtype)
+        g_bias = None
+        if with_bias:
+            g_bias = cp.zeros(C + offset, dtype=dtype)[offset:]
+            g_bias[...] = cp.asarray(bias).astype(dtype)
+        out = gelu_forward(g_x, g_bias)
+        results.append((to_host(out).view(np.uint16), to_host(g_x).view(np.uint16)))
+    assert built == ["gelu_forward_h16x8", "gelu_forward"]
+    assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
+
+
 def test_layernorm_backward_writes_a_low_precision_copy_and_column_sums_of_dx(cp):
     from xpmodel.layers.layernorm import layernorm_backward, layernorm_forward
     rng = np.random.default_rng(0)
