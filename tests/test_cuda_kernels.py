@@ -217,6 +217,33 @@ def test_residual_add_with_bias_and_dropout_mask(cp, stream_dtype, branch_dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, BFLOAT16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_swiglu_in_16_byte_vectors_equals_the_element_kernel(cp, dtype, with_bias, monkeypatch):
+    """As GELU's: 16-bit [gate | up] rows with F a multiple of 8, 16-byte
+    aligned, take the vector kernel, the same arrays 2 bytes off the element
+    kernel; outputs and biased h equal bit for bit (F = 8 * 40)."""
+    from xpmodel.cuda import swiglu as kernels
+    rng = np.random.default_rng(5)
+    rows, F = 23, 320
+    h, bias = rand(rng, (rows, 2 * F), np.float32, 3.0), rand(rng, (2 * F,), np.float32)
+    built = []
+    make = kernels.raw_kernel
+    monkeypatch.setattr(kernels, "raw_kernel", lambda *a, **k: built.append(a[1]) or make(*a, **k))
+    results = []
+    for offset in (0, 1):
+        g_h = cp.zeros(rows * 2 * F + offset, dtype=dtype)[offset:].reshape(rows, 2 * F)
+        g_h[...] = cp.asarray(h).astype(dtype)
+        g_bias = None
+        if with_bias:
+            g_bias = cp.zeros(2 * F + offset, dtype=dtype)[offset:]
+            g_bias[...] = cp.asarray(bias).astype(dtype)
+        out = kernels.swiglu_forward(g_h, g_bias)
+        results.append((to_host(out).view(np.uint16), to_host(g_h).view(np.uint16)))
+    assert built == ["swiglu_forward_h16x8", "swiglu_forward"]
+    assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16])
 @pytest.mark.parametrize("parts", ["branch", "bias", "mask", "bias and mask"])
 def test_residual_add_in_16_byte_vectors_equals_the_element_kernel(cp, dtype, parts, monkeypatch):
     """A float32 stream and 16-bit branch, bias and mask of a multiple of 8
