@@ -217,57 +217,42 @@ def test_residual_add_with_bias_and_dropout_mask(cp, stream_dtype, branch_dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, BFLOAT16])
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_swiglu_in_16_byte_vectors_equals_the_element_kernel(cp, dtype, with_bias, monkeypatch):
-    """As GELU's: 16-bit [gate | up] rows with F a multiple of 8, 16-byte
-    aligned, take the vector kernel, the same arrays 2 bytes off the element
-    kernel; outputs and biased h equal bit for bit (F = 8 * 40)."""
-    from xpmodel.cuda import swiglu as kernels
+@pytest.mark.parametrize("misaligned,with_bias", [("h", True), ("bias", True), ("h", False)])
+def test_swiglu_in_16_byte_vectors_equals_the_element_kernel(cp, dtype, misaligned, with_bias,
+                                                            monkeypatch):
+    """As GELU's: 16-bit [gate | up] rows with F a multiple of 8, all 16-byte
+    aligned, take the vector kernel, h or the bias off alignment the element
+    kernel; outputs and biased h equal bit for bit."""
+    from xpmodel.cuda import swiglu
     rng = np.random.default_rng(5)
-    rows, F = 23, 320
-    h, bias = rand(rng, (rows, 2 * F), np.float32, 3.0), rand(rng, (2 * F,), np.float32)
-    built = []
-    make = kernels.raw_kernel
-    monkeypatch.setattr(kernels, "raw_kernel", lambda *a, **k: built.append(a[1]) or make(*a, **k))
-    results = []
-    for offset in (0, 1):
-        g_h = cp.zeros(rows * 2 * F + offset, dtype=dtype)[offset:].reshape(rows, 2 * F)
-        g_h[...] = cp.asarray(h).astype(dtype)
-        g_bias = None
-        if with_bias:
-            g_bias = cp.zeros(2 * F + offset, dtype=dtype)[offset:]
-            g_bias[...] = cp.asarray(bias).astype(dtype)
-        out = kernels.swiglu_forward(g_h, g_bias)
-        results.append((to_host(out).view(np.uint16), to_host(g_h).view(np.uint16)))
-    assert built == ["swiglu_forward_h16x8", "swiglu_forward"]
-    assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
+    F = VECTOR_COLUMNS
+    arrays = {"h": rand(rng, (VECTOR_ROWS, 2 * F), np.float32, 3.0).astype(dtype),
+              "bias": rand(rng, (2 * F,), np.float32).astype(dtype) if with_bias else None}
+    built, runs = vector_and_element_runs(cp, swiglu, swiglu.swiglu_forward, arrays, misaligned,
+                                          monkeypatch)
+    assert built == ["swiglu_forward_h16x8", "swiglu_forward"] and runs[0] == runs[1]
 
 
 @pytest.mark.parametrize("dtype", [np.float16, BFLOAT16])
-@pytest.mark.parametrize("parts", ["branch", "bias", "mask", "bias and mask"])
-def test_residual_add_in_16_byte_vectors_equals_the_element_kernel(cp, dtype, parts, monkeypatch):
+@pytest.mark.parametrize("misaligned,parts", [("stream", "branch"), ("branch", "bias"),
+                                              ("mask", "mask"), ("bias", "bias and mask")])
+def test_residual_add_in_16_byte_vectors_equals_the_element_kernel(cp, dtype, misaligned, parts,
+                                                                  monkeypatch):
     """A float32 stream and 16-bit branch, bias and mask of a multiple of 8
-    columns, 16-byte aligned, take the vector kernel; the same branch 2 bytes
-    off alignment takes the element kernel. The streams after equal bit for bit."""
-    from xpmodel.cuda import residual as kernels
+    columns, all 16-byte aligned, take the vector kernel; any one of them off
+    alignment, the element kernel. The streams after equal bit for bit."""
+    from xpmodel.cuda import residual
     rng = np.random.default_rng(4)
-    rows, C = 29, 320
-    stream, branch = rand(rng, (rows, C), np.float32), rand(rng, (rows, C), np.float32)
-    bias = cp.asarray(rand(rng, (C,), np.float32)).astype(dtype) if "bias" in parts else None
-    mask = (cp.asarray((rng.random((rows, C)) > 0.25) * 1.25).astype(dtype) if "mask" in parts
-            else None)
-    built = []
-    make = kernels.raw_kernel
-    monkeypatch.setattr(kernels, "raw_kernel", lambda *a, **k: built.append(a[1]) or make(*a, **k))
-    results = []
-    for offset in (0, 1):
-        g_branch = cp.zeros(rows * C + offset, dtype=dtype)[offset:].reshape(rows, C)
-        g_branch[...] = cp.asarray(branch).astype(dtype)
-        g_stream = cp.asarray(stream)
-        kernels.residual_add(g_stream, g_branch, bias, mask)
-        results.append(to_host(g_stream))
-    assert built == ["residual_add_h16x8", "residual_add"]
-    assert np.array_equal(results[0].view(np.uint32), results[1].view(np.uint32))
+    shape = (VECTOR_ROWS, VECTOR_COLUMNS)
+    mask = ((rng.random(shape) > 0.25) * rng.uniform(0.5, 1.5, shape)).astype(dtype)
+    arrays = {"stream": rand(rng, shape, np.float32),
+              "branch": rand(rng, shape, np.float32).astype(dtype),
+              "bias": rand(rng, shape[1:], np.float32).astype(dtype) if "bias" in parts else None,
+              "scaled_mask": mask if "mask" in parts else None}
+    misaligned = "scaled_mask" if misaligned == "mask" else misaligned
+    built, runs = vector_and_element_runs(cp, residual, residual.residual_add, arrays, misaligned,
+                                          monkeypatch)
+    assert built == ["residual_add_h16x8", "residual_add"] and runs[0] == runs[1]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
@@ -283,34 +268,59 @@ def test_gelu_adds_the_bias_in_place(cp, dtype):
     assert relative_error(got, want) < TOLERANCE[dtype] * 2
 
 
-@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16])
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_gelu_in_16_byte_vectors_equals_the_element_kernel(cp, dtype, with_bias, monkeypatch):
-    """16-bit rows of a multiple of 8 columns, 16-byte aligned, take the vector
-    kernel (a thread per 8 columns, walking rows); the same arrays one element
-    off alignment take the element kernel. Outputs and biased inputs equal bit
-    for bit, at widths that leave threads of a block idle (C = 8 * 40)."""
-    from xpmodel.cuda import gelu as kernels
-    from xpmodel.cuda.gelu import gelu_forward
-    rng = np.random.default_rng(3)
-    rows, C = 37, 320
-    x, bias = rand(rng, (rows, C), np.float32, 4.0), rand(rng, (C,), np.float32)
+def vector_and_element_runs(cp, module, call, arrays, misaligned, monkeypatch):
+    """call(**arrays on the device) twice: with every array 16-byte aligned, then
+    with arrays[misaligned] 2 or 4 bytes off (a copy inside a larger buffer);
+    returns the kernels each built and, per run, the host bytes of the arrays
+    and of what call returned."""
     built = []
-    make = kernels.raw_kernel
-    monkeypatch.setattr(kernels, "raw_kernel", lambda *a, **k: built.append(a[1]) or make(*a, **k))
-    results = []
-    for offset in (0, 1):                         # aligned, then 2 bytes off
-        buffer = cp.zeros(rows * C + offset, dtype=dtype)
-        g_x = buffer[offset:].reshape(rows, C)
-        g_x[...] = cp.asarray(x).astype(dtype)
-        g_bias = None
-        if with_bias:
-            g_bias = cp.zeros(C + offset, dtype=dtype)[offset:]
-            g_bias[...] = cp.asarray(bias).astype(dtype)
-        out = gelu_forward(g_x, g_bias)
-        results.append((to_host(out).view(np.uint16), to_host(g_x).view(np.uint16)))
-    assert built == ["gelu_forward_h16x8", "gelu_forward"]
-    assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
+    make = module.raw_kernel
+    monkeypatch.setattr(module, "raw_kernel", lambda *a, **k: built.append(a[1]) or make(*a, **k))
+    runs = []
+    for off in (None, misaligned):
+        placed = {}
+        for name, host in arrays.items():
+            if host is None:
+                placed[name] = None
+                continue
+            shift = 1 if name == off else 0
+            device = cp.zeros(host.size + shift, dtype=host.dtype)[shift:].reshape(host.shape)
+            device[...] = cp.asarray(host)
+            placed[name] = device
+        out = call(**placed)
+        runs.append([to_host(a).tobytes() for a in (out, *placed.values()) if a is not None])
+    return built, runs
+
+
+# rows past the emulator's 64 blocks of rows, and more than 256 vectors a row: two column blocks
+VECTOR_ROWS, VECTOR_COLUMNS = 150, 8 * 260
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16])
+@pytest.mark.parametrize("misaligned,with_bias", [("x", True), ("bias", True), ("x", False)])
+def test_gelu_in_16_byte_vectors_equals_the_element_kernel(cp, dtype, misaligned, with_bias,
+                                                          monkeypatch):
+    """16-bit rows of a multiple of 8 columns, every array 16-byte aligned, take
+    the vector kernel (a thread per 8 columns walking the rows); with x or the
+    bias off alignment, the element kernel. Outputs and biased inputs equal bit
+    for bit."""
+    from xpmodel.cuda import gelu
+    rng = np.random.default_rng(3)
+    arrays = {"x": rand(rng, (VECTOR_ROWS, VECTOR_COLUMNS), np.float32, 4.0).astype(dtype),
+              "bias": rand(rng, (VECTOR_COLUMNS,), np.float32).astype(dtype) if with_bias else None}
+    built, runs = vector_and_element_runs(cp, gelu, gelu.gelu_forward, arrays, misaligned,
+                                          monkeypatch)
+    assert built == ["gelu_forward_h16x8", "gelu_forward"] and runs[0] == runs[1]
+
+
+def test_vector_kernels_leave_empty_rows_to_the_element_kernels(cp):
+    """No columns is no vector: the element kernels take (and finish) it."""
+    from xpmodel.cuda.gelu import gelu_forward
+    from xpmodel.cuda.residual import residual_add
+    from xpmodel.cuda.swiglu import swiglu_forward
+    assert gelu_forward(cp.zeros((4, 0), np.float16)).shape == (4, 0)
+    assert swiglu_forward(cp.zeros((4, 0), np.float16)).shape == (4, 0)
+    assert residual_add(cp.zeros((4, 0), np.float32), cp.zeros((4, 0), np.float16)).shape == (4, 0)
 
 
 def test_layernorm_backward_writes_a_low_precision_copy_and_column_sums_of_dx(cp):

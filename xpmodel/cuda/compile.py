@@ -212,6 +212,19 @@ def stride_grid(n, threads=256):
     return (max(1, min((n + threads - 1) // threads, 16 * multiprocessor_count())),), (threads,)
 
 
+def warps_for(columns, most=256):
+    """Threads of a block for `columns` columns: whole warps, at most `most`."""
+    return min(most, -(-columns // 32) * 32)
+
+
+def in_16_byte_vectors(columns, *arrays):
+    """Whether rows of `columns` 16-bit values in `arrays` (None entries left out)
+    can move as 16-byte vectors: a positive multiple of 8 columns, every array
+    starting 16-byte aligned (so every row does)."""
+    return (columns > 0 and columns % 8 == 0
+            and all(a.data.ptr % 16 == 0 for a in arrays if a is not None))
+
+
 def column_grid(columns, rows, threads=256, per_multiprocessor=16):
     """(grid, block) for kernels where thread c of the grid's x walks column c
     over every gridDim.y-th of `rows` rows (summing the column as it goes)."""

@@ -7,8 +7,8 @@ import math
 import numpy
 
 from ..backend import _import_cupy, is_half
-from .compile import (acc_type, c_type, column_backward, column_grid, half_of, optional, raw_kernel,
-                      stride_grid)
+from .compile import (acc_type, c_type, column_backward, column_grid, half_of, in_16_byte_vectors,
+                      optional, raw_kernel, stride_grid, warps_for)
 
 _THREADS = 256
 
@@ -36,7 +36,7 @@ extern "C" __global__ void gelu_forward_h16x8(h16* x, const h16* bias, h16* out,
         int vectors) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= vectors) return;
-    float b[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    float b[8] = {0.0f};
     if (bias) unpack8(((const uint4*)bias)[c], b);
     for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
         long long i = r * vectors + c;
@@ -88,15 +88,14 @@ def gelu_forward(x, bias=None):
         bias = bias.astype(x.dtype)
     out = cupy.empty_like(x)
     C = x.shape[-1]
-    arrays = (x, out) if bias is None else (x, out, bias)
-    vectors = is_half(x.dtype) and C % 8 == 0 and all(a.data.ptr % 16 == 0 for a in arrays)
-    name = "gelu_forward_h16x8" if vectors else "gelu_forward"
+    by_vectors = is_half(x.dtype) and in_16_byte_vectors(C, x, out, bias)
+    name = "gelu_forward_h16x8" if by_vectors else "gelu_forward"
     kernel = raw_kernel(_SOURCE, name, half=half_of(x.dtype), X_T=c_type(x.dtype),
                         D_T=c_type(x.dtype), G_T="float", ACC=acc_type(x.dtype), **_MACROS)
-    if vectors:
-        columns = C // 8
-        kernel(*column_grid(columns, x.size // C, threads=min(_THREADS, -(-columns // 32) * 32)),
-               (x, optional(bias), out, numpy.int64(x.size // C), numpy.int32(columns)))
+    if by_vectors:
+        vectors_per_row = C // 8
+        kernel(*column_grid(vectors_per_row, x.size // C, warps_for(vectors_per_row, _THREADS)),
+               (x, optional(bias), out, numpy.int64(x.size // C), numpy.int32(vectors_per_row)))
     else:
         kernel(*stride_grid(x.size, _THREADS), (x, optional(bias), out, numpy.int64(x.size),
                                                 numpy.int32(C)))

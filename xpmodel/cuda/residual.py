@@ -4,7 +4,8 @@ precision), in 16-byte vectors, else element by element."""
 import numpy
 
 from ..backend import _import_cupy, is_half
-from .compile import acc_type, c_type, column_grid, half_of, optional, raw_kernel, stride_grid
+from .compile import (acc_type, c_type, column_grid, half_of, in_16_byte_vectors, optional,
+                      raw_kernel, stride_grid, warps_for)
 
 _THREADS = 256
 
@@ -28,7 +29,7 @@ extern "C" __global__ void residual_add_h16x8(float* stream, const h16* branch, 
         const h16* mask, long long rows, int vectors) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= vectors) return;
-    float b[8];
+    float b[8] = {0.0f};
     if (bias) unpack8(((const uint4*)bias)[c], b);
     for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
         long long i = r * vectors + c;
@@ -63,17 +64,16 @@ def residual_add(stream, branch, bias=None, scaled_mask=None):
     if bias is not None and bias.dtype != branch.dtype:
         bias = bias.astype(branch.dtype)
     n, C = stream.size, stream.shape[-1]
-    arrays = [a for a in (stream, branch, bias, scaled_mask) if a is not None]
-    vectors = (stream.dtype == numpy.float32 and is_half(branch.dtype) and C % 8 == 0
-               and all(a.data.ptr % 16 == 0 for a in arrays))
-    kernel = raw_kernel(_SOURCE, "residual_add_h16x8" if vectors else "residual_add",
+    by_vectors = (stream.dtype == numpy.float32 and is_half(branch.dtype)
+                  and in_16_byte_vectors(C, stream, branch, bias, scaled_mask))
+    kernel = raw_kernel(_SOURCE, "residual_add_h16x8" if by_vectors else "residual_add",
                         half=half_of(stream.dtype, branch.dtype), S_T=c_type(stream.dtype),
                         B_T=c_type(branch.dtype), ACC=acc_type(stream.dtype, branch.dtype))
-    if vectors:
-        columns = C // 8
-        kernel(*column_grid(columns, n // C, threads=min(_THREADS, -(-columns // 32) * 32)),
+    if by_vectors:
+        vectors_per_row = C // 8
+        kernel(*column_grid(vectors_per_row, n // C, warps_for(vectors_per_row, _THREADS)),
                (stream, branch, optional(bias), optional(scaled_mask), numpy.int64(n // C),
-                numpy.int32(columns)))
+                numpy.int32(vectors_per_row)))
     else:
         kernel(*stride_grid(n, _THREADS), (stream, branch, optional(bias), optional(scaled_mask),
                                         numpy.int64(n), numpy.int32(C)))

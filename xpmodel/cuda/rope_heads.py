@@ -13,7 +13,8 @@ reduction over each head, stays on the layer's own `xp` code.
 import numpy
 
 from ..backend import _import_cupy
-from .compile import acc_type, c_type, column_grid, half_of, optional, raw_kernel, stride_grid
+from .compile import (acc_type, c_type, column_grid, half_of, optional, raw_kernel, stride_grid,
+                      warps_for)
 from .flash import empty_heads
 
 _THREADS = 256
@@ -127,7 +128,7 @@ def merge_rope_heads(dheads, rope, dbias=None):
                         X_T=c_type(dq.dtype), ACC=acc,
                         R_T=c_type(cos.dtype) if cos is not None else acc, G_T=g_type)
     out = cupy.empty((B * T, width), dtype=dq.dtype)
-    kernel(*column_grid(width, B * T, min(_THREADS, -(-width // 32) * 32), per_multiprocessor=8),
+    kernel(*column_grid(width, B * T, warps_for(width, _THREADS), per_multiprocessor=8),
            (dq, dk, dv, out, optional(dbias), optional(cos), optional(sin), numpy.int32(B),
             numpy.int32(T), numpy.int32(H), numpy.int32(n_kv_head), numpy.int32(D)))
     return out

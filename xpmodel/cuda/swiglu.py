@@ -7,8 +7,8 @@ keeping it, and sums the bias's gradient."""
 import numpy
 
 from ..backend import _import_cupy, is_half
-from .compile import (acc_type, c_type, column_backward, column_grid, half_of, optional, raw_kernel,
-                      stride_grid)
+from .compile import (acc_type, c_type, column_backward, column_grid, half_of, in_16_byte_vectors,
+                      optional, raw_kernel, stride_grid, warps_for)
 
 _THREADS = 256
 
@@ -40,7 +40,7 @@ extern "C" __global__ void swiglu_forward_h16x8(h16* h, const h16* bias, h16* ou
         int vectors) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= vectors) return;
-    float gate_bias[8], up_bias[8];
+    float gate_bias[8] = {0.0f}, up_bias[8] = {0.0f};
     if (bias) {
         unpack8(((const uint4*)bias)[c], gate_bias);
         unpack8(((const uint4*)bias)[vectors + c], up_bias);
@@ -102,15 +102,14 @@ def swiglu_forward(h, bias=None):
         bias = bias.astype(h.dtype)
     rows, F = h.shape[0], h.shape[1] // 2
     out = cupy.empty((rows, F), dtype=h.dtype)
-    arrays = (h, out) if bias is None else (h, out, bias)
-    vectors = is_half(h.dtype) and F % 8 == 0 and all(a.data.ptr % 16 == 0 for a in arrays)
-    kernel = raw_kernel(_SOURCE, "swiglu_forward_h16x8" if vectors else "swiglu_forward",
+    by_vectors = is_half(h.dtype) and in_16_byte_vectors(F, h, out, bias)
+    kernel = raw_kernel(_SOURCE, "swiglu_forward_h16x8" if by_vectors else "swiglu_forward",
                         half=half_of(h.dtype), X_T=c_type(h.dtype), D_T=c_type(h.dtype),
                         G_T="float", ACC=acc_type(h.dtype))
-    if vectors:
-        columns = F // 8
-        kernel(*column_grid(columns, rows, threads=min(_THREADS, -(-columns // 32) * 32)),
-               (h, optional(bias), out, numpy.int64(rows), numpy.int32(columns)))
+    if by_vectors:
+        vectors_per_row = F // 8
+        kernel(*column_grid(vectors_per_row, rows, warps_for(vectors_per_row, _THREADS)),
+               (h, optional(bias), out, numpy.int64(rows), numpy.int32(vectors_per_row)))
     else:
         kernel(*stride_grid(out.size, _THREADS), (h, optional(bias), out, numpy.int64(out.size),
                                                   numpy.int32(F)))
