@@ -132,6 +132,16 @@ __device__ __forceinline__ uint4 pack8(const float* h) {
         words[i] = pack_h16x2(h[2 * i], h[2 * i + 1]);
     return uint4{words[0], words[1], words[2], words[3]};
 }
+// The start of a kernel whose thread owns one 16-byte vector column of `vectors`
+// and walks the rows (column_grid): its column c (false past the last column) and
+// the 8 values of vector c of `bias` (zeros without one), kept in registers
+__device__ __forceinline__ bool vector_column(const h16* bias, int vectors, int& c, float* b) {
+    c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= vectors) return false;
+    if (bias) unpack8(((const uint4*)bias)[c], b);
+    else for (int e = 0; e < 8; e++) b[e] = 0.0f;
+    return true;
+}
 __device__ __forceinline__ float warp_sum(float x) {
     for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
     return x;

@@ -34,10 +34,9 @@ extern "C" __global__ void gelu_forward(X_T* x, const X_T* bias, X_T* out, long 
 // is rounded to 16 bits before GELU reads it, as above: the same values.
 extern "C" __global__ void gelu_forward_h16x8(h16* x, const h16* bias, h16* out, long long rows,
         int vectors) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= vectors) return;
-    float b[8] = {0.0f};
-    if (bias) unpack8(((const uint4*)bias)[c], b);
+    int c;
+    float b[8];
+    if (!vector_column(bias, vectors, c, b)) return;
     for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
         long long i = r * vectors + c;
         float v[8], o[8];

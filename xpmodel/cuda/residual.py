@@ -27,10 +27,9 @@ extern "C" __global__ void residual_add(S_T* stream, const B_T* branch, const B_
 // bias in registers, and walks every gridDim.y-th row; no index is divided.
 extern "C" __global__ void residual_add_h16x8(float* stream, const h16* branch, const h16* bias,
         const h16* mask, long long rows, int vectors) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= vectors) return;
-    float b[8] = {0.0f};
-    if (bias) unpack8(((const uint4*)bias)[c], b);
+    int c;
+    float b[8];
+    if (!vector_column(bias, vectors, c, b)) return;
     for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
         long long i = r * vectors + c;
         float v[8], m[8];

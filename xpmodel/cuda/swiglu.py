@@ -38,13 +38,10 @@ extern "C" __global__ void swiglu_forward(X_T* h, const X_T* bias, X_T* out, lon
 // index is divided. The biased h is rounded to 16 bits before it is read, as above.
 extern "C" __global__ void swiglu_forward_h16x8(h16* h, const h16* bias, h16* out, long long rows,
         int vectors) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= vectors) return;
-    float gate_bias[8] = {0.0f}, up_bias[8] = {0.0f};
-    if (bias) {
-        unpack8(((const uint4*)bias)[c], gate_bias);
-        unpack8(((const uint4*)bias)[vectors + c], up_bias);
-    }
+    int c;
+    float gate_bias[8], up_bias[8];
+    if (!vector_column(bias, vectors, c, gate_bias)) return;
+    vector_column(bias ? bias + 8 * vectors : nullptr, vectors, c, up_bias);   // the up half's
     for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
         uint4* gate_at = (uint4*)h + r * 2 * vectors + c;
         uint4* up_at = gate_at + vectors;
