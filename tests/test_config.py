@@ -117,8 +117,15 @@ def test_file_may_omit_sections_and_keys(tmp_path):
     assert config.data == DataConfig()
 
 
-def test_empty_file_gives_defaults(tmp_path):
-    assert load_config(write(tmp_path, "")) == RunConfig()
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "---\n...\n"])
+def test_an_empty_file_is_refused_as_config_or_base(tmp_path, text):
+    empty = write(tmp_path, text)
+    with pytest.raises(UsageError, match=f"^{empty}: the config file is empty"):
+        load_config(empty)
+    top = tmp_path / "top.yaml"
+    top.write_text(f"base: {empty}\ntrain:\n  seed: 3\n")
+    with pytest.raises(UsageError, match=f"^{empty}: the config file is empty"):
+        load_config(top)
 
 
 def test_path_given_as_string(tmp_path):

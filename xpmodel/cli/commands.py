@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config.sections import names_tokenizer_file
 from ..cpu_threads import usable_cores
 from ..errors import DataError, UsageError, quote
-from ..files import existing_file, inside, open_regular, same_file
+from ..files import existing_file, inside, same_file
 from ..train.outputs import check_output, check_output_dir
 from .inputs import refuse_model_folder
 
@@ -68,7 +68,6 @@ def _train(args, device, dist):
     if args.init_from:
         overrides.append(f"train.init_from={args.init_from}")
     config_name = args.config or "default"
-    _refuse_empty_config(args.config, "--config")
     config, config_files = load_config_and_files(args.config, overrides,
                                                  notify=print if is_main else None)
     config = _with_absolute_init_from(config)
@@ -151,27 +150,6 @@ def _print_header(trainer):
     if device.is_cuda:
         peak, source = trainer.mfu_peak()
         print(f"MFU against {source}" if peak else source, flush=True)
-
-
-def _refuse_empty_config(name_or_path, flag):
-    """UsageError for a config file with no settings (empty, or only comments):
-    load_config would take it as the default config, surely not what was meant.
-    Shipped names, run directories and unreadable paths are left to load_config."""
-    from ..config import MAX_CONFIG_BYTES as limit   # a larger file is refused there
-    if name_or_path is None or not Path(name_or_path).is_file():
-        return
-    try:
-        with open_regular(name_or_path, UsageError, "config file") as f:
-            data = f.read(limit + 1)
-    except UsageError:
-        return
-    if len(data) > limit:
-        return
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    if all(not line.strip() or line.strip().startswith("#") or line.strip() in ("---", "...")
-           for line in lines):
-        raise UsageError(f"{flag} {name_or_path}: the config file is empty (no settings); write "
-                         f"the keys to change in it, or name a shipped config such as default")
 
 
 def sample_command(args):
@@ -417,14 +395,12 @@ def doctor_command(args):
 
 
 def _check_subject(target, flag):
-    """What a tuning tool starts from is a run directory, a config file with
-    settings, or a shipped name: a plain folder is "not a run", not an unknown
-    config."""
+    """What a tuning tool starts from is a run directory, a config file or a
+    shipped name: a plain folder is "not a run", not an unknown config."""
     from ..train.rundir import RunDir
     if os.path.isdir(target):
         refuse_model_folder(target, flag)
         RunDir(target).require_run(flag)
-    _refuse_empty_config(target, flag)
 
 
 def lr_find_command(args):
@@ -491,7 +467,6 @@ def compare_command(args):
 
 def sweep_command(args):
     from ..tune.preset import open_sweep, run_preset, sweep_strategy
-    _refuse_empty_config(args.config, "--config")
     options = dict(max_iters=args.max_iters, parallel=args.parallel, metric=args.metric,
                    device=args.device, seed=args.seed,
                    **sweep_strategy(args.sampler, args.pruner, args.storage, args.no_prune))
