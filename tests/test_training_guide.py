@@ -190,7 +190,8 @@ def test_token_dropout_and_crop_train_in_every_batching_mode(tmp_path, corpus, b
     config = tiny_config(corpus, f"data.batching={batching}", "data.token_dropout=0.3",
                          f"data.token_dropout_mode={mode}", "train.max_iters=4", *crop)
     trainer = Trainer.start(config, device="cpu", out=tmp_path / "run", show=False)
-    x, y = make_sampler(trainer.config, trainer.tokenizer, trainer.train_tokens).next_batch()    # a copy: the run's own starts afresh
+    # a sampler of its own: the run's starts afresh
+    x, y = make_sampler(trainer.config, trainer.tokenizer, trainer.train_tokens).next_batch()
     if mode == "mask":
         assert trainer.tokenizer.mask_id == 257 and (x == 257).mean() > 0.15
         assert trainer.model.config.vocab_size == 258

@@ -66,7 +66,8 @@ def split_tokens(tokens, val_fraction: float = 0.1, *, block_size: int, source: 
     return train, val
 
 
-def eval_batches(tokens, batch_size: int, block_size: int, n_batches: int) -> Iterator[tuple[numpy.ndarray, numpy.ndarray]]:
+def eval_batches(tokens, batch_size: int, block_size: int,
+                 n_batches: int) -> Iterator[tuple[numpy.ndarray, numpy.ndarray]]:
     """n_batches (x, y) batches of windows spread evenly from the start to the end of `tokens`."""
     for name, value in (("batch_size", batch_size), ("block_size", block_size), ("n_batches", n_batches)):
         _require_positive_int(name, value)

@@ -101,7 +101,8 @@ def prepare(
     """The path of a token file holding `source` encoded by `tokenizer`, built only if needed."""
     vocab_size = int(tokenizer.vocab_size)
     if vocab_size < MIN_VOCAB_SIZE:
-        raise UsageError(f"vocab size {vocab_size} is below {MIN_VOCAB_SIZE}: a byte-level tokenizer needs one id per byte")
+        raise UsageError(f"vocab size {vocab_size} is below {MIN_VOCAB_SIZE}: a byte-level "
+                         f"tokenizer needs one id per byte")
     if vocab_size > MAX_VOCAB_SIZE:
         raise DataError(f"vocab size {vocab_size} does not fit a token file (at most {MAX_VOCAB_SIZE})")
     source = resolve_source(source)

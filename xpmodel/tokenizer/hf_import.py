@@ -188,7 +188,8 @@ def _relabel(vocab, merges, added, options):
     for rank, (left, right) in enumerate(merges):
         for side in (left, right):
             if side not in ordinary and (metaspace or side not in byte_names):
-                raise UsageError(f"merge {rank} ({quote(left, 100)} {quote(right, 100)}) uses {quote(side, 100)}, which is not "
+                raise UsageError(f"merge {rank} ({quote(left, 100)} {quote(right, 100)}) uses "
+                                 f"{quote(side, 100)}, which is not "
                                  f"{'a token' if metaspace else 'a byte or token'} of the vocab")
         if left + right not in ordinary:
             raise UsageError(f"merge {rank} makes {quote(left + right, 100)}, which is not an ordinary "
