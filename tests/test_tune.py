@@ -208,6 +208,23 @@ def test_the_tuning_tools_read_their_configs_base_chain_once(tmp_path, corpus, m
     assert (subject.config.model.n_embd, subject.config.train.lr) == (32, 1e-3)
 
 
+def test_a_subjects_tokens_come_from_the_corpus_it_resolved_once(tmp_path, corpus, monkeypatch):
+    import xpmodel.data.corpus as corpus_module
+    import xpmodel.data.sources as sources
+    resolved = []   # the specs looked up in the file system (a Source is already resolved)
+    resolve = sources.resolve_source
+
+    def counted(spec):
+        if not isinstance(spec, sources.Source):
+            resolved.append(spec)
+        return resolve(spec)
+    for module in (sources, corpus_module):
+        monkeypatch.setattr(module, "resolve_source", counted)
+    subject = load_subject(TINY, [f"data.source={corpus}"], say=lambda text: None)
+    train, val = subject.tokens
+    assert resolved == [str(corpus)] and len(train) > len(val) > 0
+
+
 def test_lr_find_refuses_a_model_larger_than_memory_as_training_does(capsys, tmp_path, corpus,
                                                                      monkeypatch):
     import xpmodel.train.setup as setup

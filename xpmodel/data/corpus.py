@@ -112,10 +112,12 @@ def encoding_workers(source):
     return 1 if resolve_source(source).total_bytes() < _PARALLEL_ENCODING_BYTES else None
 
 
-def load_tokens(data_config, tokenizer, block_size, show_progress=True):
-    """(train, val) token arrays for the run's corpus, read from the cached token file."""
+def load_tokens(data_config, tokenizer, block_size, show_progress=True, corpus=None):
+    """(train, val) token arrays for the run's corpus, read from the cached token
+    file. corpus: data_config.source already resolved (a sources.Source), else
+    it is resolved here."""
     cache_dir = run_cache_root(data_config) / "tokens"
-    source = resolve_source(data_config.source)
+    source = resolve_source(data_config.source if corpus is None else corpus)
     workers = encoding_workers(source)
     if show_progress:
         with tokenizing_progress() as progress:

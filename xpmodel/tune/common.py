@@ -28,7 +28,8 @@ class Subject:
         """(train, val) token arrays, read (and cached) on first use."""
         if self._tokens is None:
             self._tokens = load_tokens(self.config.data, self.tokenizer,
-                                       self.config.model.block_size, show_progress=False)
+                                       self.config.model.block_size, show_progress=False,
+                                       corpus=self.corpus)
         return self._tokens
 
     @property
