@@ -93,7 +93,8 @@ def test_every_kernel_compiles_without_spills(arch):
             "crossentropy_rows", "residual_add", "split_heads", "causal_softmax_forward_h16",
             "causal_softmax_backward_h16", "merge_heads", "flash_forward", "flash_delta",
             "flash_backward", "flash_dq_store", "split_heads_h16", "merge_heads_h16",
-            "split_rope_heads", "merge_rope_heads", "swiglu_forward", "swiglu_backward",
+            "split_rope_heads", "merge_rope_heads", "split_rope_heads_h16x8",
+            "merge_rope_heads_h16x8", "swiglu_forward", "swiglu_backward",
             "relu2_forward", "relu2_backward", "keep_mask", "uniform"} <= names
     for code, names in variants.items():
         name = "/".join(sorted(names))
