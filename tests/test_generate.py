@@ -1,5 +1,7 @@
 """Generation: the KV cache against the full forward, cached against uncached
 generation, and the sampling rules."""
+import warnings
+
 import numpy as np
 import pytest
 
@@ -233,6 +235,9 @@ def test_sample_next_greedy_and_temperature():
     logits = np.array([0.0, 2.0, 2.0, -1.0])
     assert sample_next(logits, 0.0) == 1                   # argmax, lowest id on ties
     assert sample_next(logits, 1e-300, rng=np.random.default_rng(0)) in (1, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # no overflow warning on the way
+        assert sample_next(logits, 1e-320, rng=np.random.default_rng(0)) in (1, 2)
     assert sample_next(np.array([-np.inf, 0.0, -np.inf]), 1.0,
                        rng=np.random.default_rng(0)) == 1
 

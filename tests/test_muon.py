@@ -416,6 +416,8 @@ def test_cuda_float16_iterations_stay_in_the_band(cuda_device):
     (dict(ns_coefficients="quartic"), "expected jordan or cubic or three numbers"),
     (dict(ns_coefficients=(1.0, 2.0)), "expected jordan or cubic or three numbers"),
     (dict(ns_coefficients="-3,4,2"), "slope at zero"),
+    (dict(ns_coefficients="1e308,1e308,1e308"), "each coefficient must be within +-1000"),
+    (dict(ns_coefficients=(3.0, -2e3, 1.0)), "each coefficient must be within +-1000"),
     (dict(ns_coefficients="3.4445,4.775,2.0315"), "iteration 1 takes a singular value to 10.3"),
     (dict(ns_coefficients="2,0,0", ns_steps=2), "iteration 2 takes a singular value to 4"),
     (dict(muon_lr=0.02, muon_weight_decay=50.0), "muon_lr * muon_weight_decay must be below 1"),

@@ -24,6 +24,7 @@ import numpy
 
 NS_COEFFICIENTS = {"jordan": (3.4445, -4.775, 2.0315), "cubic": (1.5, -0.5, 0.0)}
 NS_BOUND = 2.0  # the largest singular value an iteration may produce (check_ns_coefficients)
+MAX_COEFFICIENT = 1e3   # far beyond any that works (those known are below 5)
 
 
 def parse_ns_coefficients(spec):
@@ -38,6 +39,8 @@ def parse_ns_coefficients(spec):
         values = ()
     if len(values) != 3 or not all(math.isfinite(v) for v in values):
         raise ValueError(f"expected {' or '.join(NS_COEFFICIENTS)} or three numbers a,b,c, got {spec!r}")
+    if max(abs(v) for v in values) > MAX_COEFFICIENT:
+        raise ValueError(f"each coefficient must be within +-{MAX_COEFFICIENT:g}, got {spec!r}")
     if values[0] <= 0:
         raise ValueError(f"a (the slope at zero) must be positive, got {values[0]:g}")
     return values

@@ -177,8 +177,9 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, rng=None, vocab
         rng = numpy.random.default_rng()
     elif not isinstance(rng, numpy.random.Generator):
         raise TypeError(f"rng must be None or a numpy.random.Generator, got {rng!r}")
-    # shift before dividing: a tiny temperature then gives -large, never inf - inf
-    scaled = (logits - logits.max()) / temperature
+    # shift before dividing: a tiny temperature then gives -large or -inf, never inf - inf
+    with numpy.errstate(over="ignore"):
+        scaled = (logits - logits.max()) / temperature
     if top_k is None and top_p is None:
         ids = None
     else:
