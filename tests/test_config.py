@@ -622,3 +622,21 @@ def test_train_refuses_batches_larger_than_memory_before_writing(tmp_path, monke
 def test_a_number_past_float_range_is_refused_naming_its_key(tmp_path):
     message = usage_error(write(tmp_path, "train:\n  lr: 1" + "0" * 400 + "\n"))
     assert "train.lr" in message and "run.yaml" in message
+
+
+# ---- values a run would accept and then fail on, or train nonsense with ------------------
+
+@pytest.mark.parametrize("seed", [2**63, 10**29])
+def test_a_seed_past_what_a_checkpoint_holds_is_refused_naming_the_key(seed):
+    message = usage_error("default", [f"train.seed={seed}"])
+    assert "train.seed must be in [0, 9,223,372,036,854,775,807]" in message
+
+
+def test_the_largest_seed_is_one_a_checkpoint_sampler_state_takes_back():
+    import numpy
+    from xpmodel.config.sections import MAX_SEED
+    from xpmodel.data.batching import RandomWindowSampler, check_sampler_state
+    assert load_config("default", [f"train.seed={MAX_SEED}"]).train.seed == MAX_SEED
+    sampler = RandomWindowSampler(numpy.arange(64), batch_size=2, block_size=8, seed=MAX_SEED)
+    sampler.next_batch()
+    check_sampler_state(sampler.state_dict())

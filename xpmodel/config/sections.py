@@ -34,6 +34,8 @@ MIN_PEAK_FLOPS = 1e11
 # trainer also measures the batch arrays against this machine's memory).
 MAX_BATCH_SIZE = 1 << 24
 MAX_EVAL_BATCHES = 1 << 24
+# The largest train.seed: a checkpoint's sampler state holds it as a signed 64-bit count.
+MAX_SEED = 2**63 - 1
 
 
 def names_tokenizer_file(tokenizer):
@@ -234,7 +236,7 @@ class TrainConfig:
     # where metrics.jsonl's records, samples and the config are mirrored: tensorboard, wandb
     log_to: list[str] = field(default_factory=list, metadata={"choices": LOG_TO})
     # seeds weight init, batching and dropout
-    seed: int = _setting(1337, within=NON_NEGATIVE)
+    seed: int = _setting(1337, within=Range(0, MAX_SEED))
     # checkpoint or run directory to start from; None: fresh weights
     init_from: str | None = None
 
