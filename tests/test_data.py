@@ -95,10 +95,13 @@ def test_missing_path_is_named(tmp_path):
         resolve_source(str(missing))
 
 
-def test_glob_matching_nothing_is_named(tmp_path):
-    pattern = str(tmp_path / "*.txt")
+@pytest.mark.parametrize("folder", [".", "missing", "a-file.txt"])
+def test_glob_matching_nothing_is_named_alone(tmp_path, capsys, folder):
+    (tmp_path / "a-file.txt").write_text("text")
+    pattern = str(tmp_path / folder / "*.md")
     with pytest.raises(DataError, match=re.escape(f"{pattern}: glob matched no files")):
         resolve_source(pattern)
+    assert capsys.readouterr().err == ""     # no note of a folder that cannot be listed
 
 
 def test_empty_corpus_errors(tmp_path):

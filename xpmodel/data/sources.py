@@ -178,8 +178,10 @@ def _walk(base: str, spec: str, what: str, enter, take) -> list[tuple[str, tuple
                 continue
             seen.add(key)
             entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
-        except OSError:
-            skipped[_UNLISTABLE].append(relative)
+        except OSError as exc:
+            # a glob's own folder that is not there (or is a file) holds nothing to skip
+            if relative or not isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+                skipped[_UNLISTABLE].append(relative)
             continue
         # Folders are walked depth first in name order (the stack pops the
         # smallest name first), so a folder reached by several paths is read
