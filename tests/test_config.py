@@ -640,3 +640,27 @@ def test_the_largest_seed_is_one_a_checkpoint_sampler_state_takes_back():
     sampler = RandomWindowSampler(numpy.arange(64), batch_size=2, block_size=8, seed=MAX_SEED)
     sampler.next_batch()
     check_sampler_state(sampler.state_dict())
+
+
+@pytest.mark.parametrize("key", ["data.cache_dir", "train.init_from", "data.source", "train.sample_prompt"])
+def test_a_nul_in_a_string_setting_is_refused_naming_the_key(tmp_path, key):
+    section, name = key.split(".")
+    path = write(tmp_path, f'{section}:\n  {name}: "/x\\0y"\n')
+    assert f"{key} holds a NUL character" in usage_error(path)
+    for override in [f"{key}=/x\0y", f'{key}="/x\\0y"']:
+        message = usage_error("default", [override])
+        assert f"override {override!r}: {key} holds a NUL character" in message
+
+
+def test_a_nul_in_a_list_of_strings_is_refused_naming_the_item():
+    assert "train.log_to[1] holds a NUL character" in usage_error("default", ["train.log_to=tensorboard,w\0"])
+
+
+def test_other_control_characters_stay_legal_in_strings(tmp_path):
+    config = load_config(write(tmp_path, 'data:\n  cache_dir: "/x\\ty\\x01"\ntrain:\n  sample_prompt: "a\\nb"\n'))
+    assert (config.data.cache_dir, config.train.sample_prompt) == ("/x\ty\x01", "a\nb")
+
+
+def test_a_nul_in_a_config_name_or_base_is_refused_naming_it(tmp_path):
+    assert "config '/x\\x00y.yaml': no file name holds a NUL character" in usage_error("/x\0y.yaml")
+    assert "config 'de\\x00fault': no file name" in usage_error(write(tmp_path, 'base: "de\\0fault"\n'))

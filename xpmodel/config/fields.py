@@ -87,6 +87,10 @@ def _convert(dotted, value, annotation):
         if len(value) > _MAX_STRING_CHARS:
             raise UsageError(f"{dotted} is {len(value):,} characters long, more than the "
                              f"{_MAX_STRING_CHARS:,} a setting may be")
+        # No file name can hold a NUL (open() fails far from the key): no setting may.
+        if "\0" in value:
+            raise UsageError(f"{dotted} holds a NUL character (\\0), which no setting may hold; "
+                             f"got {quote(value, 60)}")
         if dotted in _NON_EMPTY and not value.strip():
             raise UsageError(f"{dotted} must not be empty")
         return value

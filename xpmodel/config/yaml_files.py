@@ -51,6 +51,8 @@ def _looks_like_path(text):
 
 def _locate(name_or_path, relative_to=None):
     """Return (label, text) for a shipped config name or a YAML file path."""
+    if "\0" in str(name_or_path):
+        raise UsageError(f"config {quote(str(name_or_path), 200)}: no file name holds a NUL character (\\0)")
     if isinstance(name_or_path, os.PathLike) or _looks_like_path(str(name_or_path)):
         path = Path(name_or_path)
         if relative_to is not None and not path.is_absolute():
