@@ -43,6 +43,7 @@ def build_model(config, tokenizer, device, dropout=None, embedding_noise=None):
         shape = replace(shape, dropout=dropout)
     device = get_device(device)
     check_fits_in_memory(shape, device)
+    check_activations_fit(shape, t.batch_size, device)
     try:
         model = GPT(shape, device=device, seed=t.seed, precision=t.precision, kernels=t.kernels,
                     recompute=t.recompute)
@@ -75,6 +76,24 @@ def check_fits_in_memory(gpt_config, device):
             raise UsageError(f"a model of {n:,} parameters needs about {needed / 2**30:,.1f} GiB "
                              f"to train, more than {where}'s {available / 2**30:,.1f} GiB; lower "
                              f"{' or '.join(_largest_parts(gpt_config))}")
+
+
+def check_activations_fit(gpt_config, batch_size, device):
+    """Refuse, naming train.batch_size, a micro-batch whose activations cannot
+    fit where the model computes (the host, or the GPU), by a lower bound: what
+    every train.recompute mode keeps for backward, each block's input in
+    float32, and the residual stream, C channels a token each. An absurd batch
+    is refused at once instead of after minutes of allocating."""
+    c = gpt_config
+    needed = batch_size * c.block_size * c.n_embd * (c.n_layer + 1) * 4
+    where, available = (("the GPU", _gpu_memory(device)) if device.is_cuda
+                        else ("this machine", _host_memory()))
+    if available is not None and needed > available:
+        raise UsageError(f"train.batch_size={batch_size:,}: a micro-batch of {batch_size:,} "
+                         f"windows of {c.block_size:,} tokens keeps at least "
+                         f"{needed / 2**30:,.1f} GiB of activations, more than {where}'s "
+                         f"{available / 2**30:,.1f} GiB; lower train.batch_size (train.grad_accum "
+                         f"keeps the tokens a step)")
 
 
 def check_batches_fit(config):
