@@ -464,8 +464,33 @@ def test_overrides_may_follow_options_and_epochs_work_with_random_windows(tmp_pa
 
 
 def test_unknown_flags_are_still_refused(capsys):
-    code, _, err = run_cli(capsys, "train", "--bogus")
-    assert code == 2 and "unrecognized arguments: --bogus" in err
+    code, out, err = run_cli(capsys, "train", "--bogus")
+    assert code == 2 and out == ""
+    assert_one_line_error(err)
+    assert err.startswith("error: xpmodel train: unrecognized arguments: --bogus")
+
+
+@pytest.mark.parametrize("args, command, culprit", [
+    (["sample", "run1", "--max-new-tokens", "abc"], "xpmodel sample",
+     "argument --max-new-tokens: invalid int value: 'abc'"),
+    (["sample", "run", "--checkpoint", "worst"], "xpmodel sample",
+     "argument --checkpoint: invalid choice: 'worst'"),
+    (["doctor", "cfg", "--skip", "bogus"], "xpmodel doctor", "argument --skip: invalid choice"),
+    (["bogus"], "xpmodel", "argument COMMAND: invalid choice: 'bogus'"),
+    (["tokenizer", "bogus"], "xpmodel tokenizer", "argument COMMAND: invalid choice: 'bogus'"),
+    (["tokenizer", "train", "corpus.txt"], "xpmodel tokenizer train",
+     "the following arguments are required: --vocab-size, --out"),
+    (["lr-find", "--steps", "100", "lr=1", "--bogus"], "xpmodel lr-find",
+     "unrecognized arguments: --bogus"),
+    (["--bogus", "runs"], "xpmodel", "unrecognized arguments: --bogus"),
+])
+def test_argument_mistakes_are_one_line_naming_the_command_and_the_argument(args, command, culprit,
+                                                                          capsys):
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2 and out == ""
+    assert_one_line_error(err)
+    assert err.startswith(f"error: {command}: {culprit}")
+    assert err.rstrip().endswith(f"({command} --help lists the options)")
 
 
 def test_tokenizer_without_a_subcommand_shows_its_own_help(capsys):

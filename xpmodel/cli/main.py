@@ -30,9 +30,9 @@ def main(argv=None):
     debug = False
     try:
         parser = build_parser()
-        args, extra = parser.parse_known_args(argv)
+        args = parser.parse_args(argv)
         debug = bool(getattr(args, "debug", False))
-        return _run(parser, args, extra)
+        return _run(parser, args)
     except SystemExit:
         raise
     except BaseException as exc:
@@ -61,12 +61,7 @@ def _last_resort(exc):
     return code
 
 
-def _run(parser, args, extra):
-    # KEY=VALUE overrides may come after options too (`--quiet model.n_layer=2`)
-    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
-        args.overrides = list(args.overrides) + extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {one_line(' '.join(extra), 200)}")
+def _run(parser, args):
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
@@ -171,8 +166,32 @@ def _train_epilog():
             "unless you set them too; a warmup or decay that fits is kept as it is.")
 
 
+class CommandParser(argparse.ArgumentParser):
+    """The parser of `xpmodel` and of each of its commands (subparsers take
+    their parent's class). A mistake in the arguments is one line on stderr
+    naming the command and the argument, exit code 2, with no usage block:
+
+        error: xpmodel sample: argument --max-new-tokens: invalid int value: 'abc' (xpmodel sample --help lists the options)
+
+    KEY=VALUE overrides may come after options too (`--quiet model.n_layer=2`);
+    any other argument left over is refused by the command it was given to."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {one_line(message, 2000)} ({self.prog} --help lists "
+                     f"the options)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extra = super().parse_known_args(args, namespace)
+        if extra and hasattr(namespace, "overrides") and all(
+                "=" in a and not a.startswith("-") for a in extra):
+            namespace.overrides = list(namespace.overrides) + extra
+        elif extra:
+            self.error(f"unrecognized arguments: {one_line(' '.join(extra), 200)}")
+        return namespace, []
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="xpmodel", epilog=_EPILOG,
         description="Train GPT language models (GPT-2, or Llama-style blocks) with hand-written "
                     "forward and backward passes, on NumPy (CPU) or CuPy (CUDA).")
