@@ -664,3 +664,25 @@ def test_other_control_characters_stay_legal_in_strings(tmp_path):
 def test_a_nul_in_a_config_name_or_base_is_refused_naming_it(tmp_path):
     assert "config '/x\\x00y.yaml': no file name holds a NUL character" in usage_error("/x\0y.yaml")
     assert "config 'de\\x00fault': no file name" in usage_error(write(tmp_path, 'base: "de\\0fault"\n'))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.norm_eps=1e308", "model.norm_eps must be in (0, 1], got 1e+308"),
+    ("model.norm_eps=1e10", "model.norm_eps must be in (0, 1]"),
+    ("model.norm_eps=0", "model.norm_eps must be in (0, 1]"),
+    ("train.eps=1e24", "train.eps must be in (0, 1], got 1e+24"),
+    ("train.eps=1.5", "train.eps must be in (0, 1]"),
+    ("train.embedding_noise=1e30", "train.embedding_noise must be in [0, 1000], got 1e+30"),
+    ("train.embedding_noise=1000.5", "train.embedding_noise must be in [0, 1000]"),
+    ("train.grad_accum=" + str(10**30), "train.grad_accum must be in (0, 16,777,216]"),
+    ("train.grad_accum=16777217", "train.grad_accum must be in (0, 16,777,216]"),
+])
+def test_values_that_would_train_nonsense_are_refused_naming_the_key(override, message):
+    assert message in usage_error("default", [override])
+
+
+def test_the_upper_bounds_themselves_are_accepted(tmp_path):
+    config = load_config(write(tmp_path, "model:\n  norm_eps: 1\ntrain:\n  eps: 1\n  embedding_noise: 1000\n"
+                                         "  grad_accum: 16777216\n"))
+    assert (config.model.norm_eps, config.train.eps) == (1.0, 1.0)
+    assert (config.train.embedding_noise, config.train.grad_accum) == (1000.0, 2**24)

@@ -14,7 +14,7 @@ import difflib
 from dataclasses import dataclass, field
 
 from ..backend import KERNELS
-from ..checks import HALF_OPEN_UNIT, NON_NEGATIVE, OPEN_UNIT, POSITIVE, Range
+from ..checks import HALF_OPEN_UNIT, NON_NEGATIVE, OPEN_UNIT, POSITIVE, POSITIVE_FRACTION, Range
 from ..errors import UsageError, one_line, quote
 from ..ns_coefficients import NS_COEFFICIENTS, check_ns_coefficients, parse_ns_coefficients
 from ..options import ADJUST_LR, MLPS, NOISE_KINDS, NORMS, POSITIONS, SCHEDULES, TOKEN_DROPOUT_MODES
@@ -34,6 +34,11 @@ MIN_PEAK_FLOPS = 1e11
 # trainer also measures the batch arrays against this machine's memory).
 MAX_BATCH_SIZE = 1 << 24
 MAX_EVAL_BATCHES = 1 << 24
+# Micro-batches per optimizer step, bounded as the batch size is: a step of more never ends.
+MAX_GRAD_ACCUM = 1 << 24
+# The largest train.embedding_noise: NEFTune's alpha is typically 5 to 15, so
+# a bound 100 times that refuses only a value typed in error.
+MAX_EMBEDDING_NOISE = 1000.0
 # The largest train.seed: a checkpoint's sampler state holds it as a signed 64-bit count.
 MAX_SEED = 2**63 - 1
 
@@ -105,8 +110,8 @@ class ModelConfig:
     vocab_size: int | None = _setting(None, within=Range(low=256))
     # "rmsnorm": x / rms(x) * w, without the mean or a bias
     norm: str = _setting("layernorm", choices=NORMS)
-    # the norms' denominator guard
-    norm_eps: float = _setting(1e-5, within=POSITIVE)
+    # the norms' denominator guard, at most 1 (more outweighs a unit-scale variance)
+    norm_eps: float = _setting(1e-5, within=POSITIVE_FRACTION)
     # "rope": rotary positions on q and k instead of a learned table
     position: str = _setting("learned", choices=POSITIONS)
     # rotary base: head dimension pair j turns at rope_theta^(-2j/D) per position
@@ -143,7 +148,7 @@ class TrainConfig:
     # B, sequences per micro-batch
     batch_size: int = _setting(16, within=Range(0, MAX_BATCH_SIZE, low_inclusive=False))
     # micro-batches summed into one optimizer step
-    grad_accum: int = _setting(1, within=POSITIVE)
+    grad_accum: int = _setting(1, within=Range(0, MAX_GRAD_ACCUM, low_inclusive=False))
     # optimizer steps to run (set this or epochs)
     max_iters: int | None = _setting(5000, within=POSITIVE)
     # passes over the training tokens (set this or max_iters)
@@ -170,8 +175,8 @@ class TrainConfig:
     beta1: float = _setting(0.9, within=HALF_OPEN_UNIT)
     # AdamW second-moment decay
     beta2: float = _setting(0.95, within=HALF_OPEN_UNIT)
-    # AdamW denominator guard
-    eps: float = _setting(1e-8, within=POSITIVE)
+    # AdamW denominator guard, at most 1 (more outweighs the gradients' scale)
+    eps: float = _setting(1e-8, within=POSITIVE_FRACTION)
     # "muon": Muon for the blocks' attention and MLP matrices, AdamW at lr for the rest
     optimizer: str = _setting("adamw", choices=OPTIMIZERS)
     # Muon's peak learning rate; the schedule scales it as it scales lr
@@ -192,7 +197,7 @@ class TrainConfig:
     # global gradient-norm limit; 0 = off
     grad_clip: float = _setting(1.0, within=NON_NEGATIVE)
     # NEFTune alpha: noise of size alpha / sqrt(T * C) on the input embeddings in training; 0 = off
-    embedding_noise: float = _setting(0.0, within=NON_NEGATIVE)
+    embedding_noise: float = _setting(0.0, within=Range(0, MAX_EMBEDDING_NOISE))
     # that noise's distribution: uniform in [-1, 1] (NEFTune's) or gaussian, times the size
     embedding_noise_kind: str = _setting("uniform", choices=NOISE_KINDS)
     # steps between validation-loss estimates
