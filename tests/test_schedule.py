@@ -131,3 +131,19 @@ def test_shipped_cpu_configs_decay_within_a_shortened_run(name):
     assert schedule(199) == pytest.approx(config.train.min_lr, rel=1e-3)
     assert schedule(100) < config.train.lr
     assert math.isclose(schedule(20), config.train.lr)
+
+
+def test_a_warmup_longer_than_an_epoch_run_is_refused_before_writing(capsys, tmp_path):
+    from pathlib import Path
+    from cli_helpers import assert_one_line_error, run_cli, write_corpus
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=300)
+    tiny = Path(__file__).parent / "tiny-run.yaml"
+    args = ["train", "--config", tiny, f"data.source={corpus}", "train.max_iters=null",
+            "train.epochs=1", "train.lr_decay_iters=100000"]
+    code, _, err = run_cli(capsys, *args, "train.warmup_iters=100000", "--out", tmp_path / "long")
+    assert code == 2 and not (tmp_path / "long").exists()
+    assert_one_line_error(err)
+    assert "train.warmup_iters (100,000) is longer than the run (train.epochs = 1: " in err
+    code, _, err = run_cli(capsys, *args, "train.warmup_iters=2", "--out", tmp_path / "short",
+                           "--quiet")
+    assert code == 0, err
