@@ -38,6 +38,8 @@ pytestmark = pytest.mark.usefixtures("private_cache")
     ("train.lr=1e-3,oops", "train.lr must be a number, got 'oops'"),
     ("model.n_layer=int:-2..4", "model.n_layer must be > 0, got -2"),
     ("train.recompute=none,sometimes", "train.recompute must be one of none, mlp, block"),
+    ("train.lr=1e-3,0.001,2e-3", "SPEC 'train.lr=1e-3,0.001,2e-3': 0.001 given more than once"),
+    ("model.n_layer=1,2,1,2", "SPEC 'model.n_layer=1,2,1,2': 1, 2 given more than once"),
 ])
 def test_a_spec_value_of_the_wrong_kind_is_refused_before_any_trial(capsys, tmp_path, spec, message):
     out = tmp_path / "sweep"

@@ -69,6 +69,9 @@ def parse_spec(text):
     if kind:
         raise UsageError(f"SPEC {quote(text, 80)}: {kind}: takes a range LOW..HIGH")
     values = [_spec_part(text, check_override, f"{key}={raw}")[1] for raw in body.split(",")]
+    repeated = sorted({format_value(v) for v in values if values.count(v) > 1})
+    if repeated:    # the same trial twice, as the same key twice among overrides is refused
+        raise UsageError(f"SPEC {quote(text, 80)}: {', '.join(repeated)} given more than once")
     return _checked(Param(key, "grid", values), text)
 
 
