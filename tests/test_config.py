@@ -686,3 +686,27 @@ def test_the_upper_bounds_themselves_are_accepted(tmp_path):
                                          "  grad_accum: 16777216\n"))
     assert (config.model.norm_eps, config.train.eps) == (1.0, 1.0)
     assert (config.train.embedding_noise, config.train.grad_accum) == (1000.0, 2**24)
+
+
+@pytest.mark.parametrize("key, text, message", [
+    ("model.n_layer", "1:2", "model.n_layer must be an integer, got '1:2' (str)"),
+    ("train.max_iters", "-1:30:00", "train.max_iters must be an integer or null, got '-1:30:00' (str)"),
+    ("train.lr", "1:30.5", "train.lr must be a number, got '1:30.5' (str)"),
+])
+def test_a_base_60_number_is_text_that_a_number_key_refuses(tmp_path, key, text, message):
+    section, name = key.split(".")
+    assert message in usage_error(write(tmp_path, f"{section}:\n  {name}: {text}\n"))
+    assert message in usage_error("default", [f"{key}={text}"])
+
+
+def test_a_base_60_number_is_kept_as_text_by_a_string_key(tmp_path):
+    assert load_config(write(tmp_path, "data:\n  source: 12:30\n")).data.source == "12:30"
+    assert load_config("default", ["data.source=12:30"]).data.source == "12:30"
+    assert "train.log_to must be one of tensorboard, wandb; got '12:30'" in usage_error(
+        write(tmp_path, "train:\n  log_to: [12:30]\n"))
+
+
+@pytest.mark.parametrize("text, value", [("0x10", 16), ("1_000", 1000), ("017", 15), ("0b11", 3)])
+def test_the_other_yaml_1_1_integer_forms_still_read(tmp_path, text, value):
+    assert load_config(write(tmp_path, f"model:\n  n_layer: {text}\n")).model.n_layer == value
+    assert load_config("default", [f"model.n_layer={text}"]).model.n_layer == value

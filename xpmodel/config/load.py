@@ -19,7 +19,7 @@ from ..atomic import atomic_write_bytes
 from ..errors import UsageError, quote
 from .sections import (SECTIONS, RunConfig, TrainConfig, _field_types, _fields_by_name,
                        _unknown_key_message, _unknown_section_message, check_key, check_value)
-from .yaml_files import _check_yaml_bounds, _locate, _parse_yaml, _shipped_dir
+from .yaml_files import _StrictLoader, _check_yaml_bounds, _locate, _parse_yaml, _shipped_dir
 
 DEFAULT_CONFIG = "default"
 _MAX_BASE_DEPTH = 16    # deeper `base:` chains are almost surely a mistake
@@ -106,11 +106,12 @@ def _build(merged, label):
 # Overrides: `section.key=value` strings from the command line.
 
 def parse_override_value(section, key, raw):
-    """The value the text `raw` gives `section.key` in an override: read the way
-    YAML would, within the YAML bounds, but kept literal where it names one of
-    the key's choices (train.recompute=none is the mode, not null) or the key is
-    a string. Not yet checked against the key: check_value does that. A
-    UsageError (a value past the YAML bounds) names the key."""
+    """The value the text `raw` gives `section.key` in an override: read as a
+    config file's YAML is (the same loader, within the same bounds), but kept
+    literal where it names one of the key's choices (train.recompute=none is
+    the mode, not null) or the key is a string. Not yet checked against the
+    key: check_value does that. A UsageError (a value past the YAML bounds)
+    names the key."""
     choices = _fields_by_name(section)[key].metadata.get("choices") or ()
     if raw.strip() in choices:
         return raw.strip()
@@ -126,7 +127,7 @@ def parse_override_value(section, key, raw):
         return raw
     try:
         _check_yaml_bounds(raw, f"{section}.{key}")
-        return yaml.safe_load(raw)
+        return yaml.load(raw, Loader=_StrictLoader)
     except UsageError:
         raise
     except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError):

@@ -4,11 +4,13 @@ A config is named (a shipped config, in the package's `configs` data) or a
 path. Its file must be a regular file of at most MAX_CONFIG_BYTES of UTF-8;
 its YAML is checked against the bounds below from its parse events before
 anything is built, and then loaded by a safe loader that refuses a key
-repeated within one mapping. Each failure is a one-line UsageError naming the
+repeated within one mapping and reads no number in base 60 (`1:2`), which
+overrides use too. Each failure is a one-line UsageError naming the
 file (and the line, for invalid YAML).
 """
 import importlib.resources
 import os
+import re
 import typing
 from pathlib import Path
 
@@ -88,8 +90,28 @@ def _read_text(path, label):
         raise UsageError(f"{label}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
+# YAML 1.1's plain int and float forms as PyYAML's resolver writes them, less
+# base 60: `1:2` is 62 there and `1:30.5` 90.5, a clock time taken for a
+# number. Without it such text stays a string, which a number's key refuses.
+_NUMBERS_WITHOUT_BASE_60 = {
+    "tag:yaml.org,2002:int": re.compile(r"""^(?:[-+]?0b[0-1_]+
+                    |[-+]?0[0-7_]+
+                    |[-+]?(?:0|[1-9][0-9_]*)
+                    |[-+]?0x[0-9a-fA-F_]+)$""", re.X),
+    "tag:yaml.org,2002:float": re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+                    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+}
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """A safe YAML loader that rejects a key repeated within one mapping."""
+    """A safe YAML loader that rejects a key repeated within one mapping and
+    reads no number in base 60 (otherwise YAML 1.1 as PyYAML reads it)."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, _NUMBERS_WITHOUT_BASE_60.get(tag, regexp)) for tag, regexp in resolvers]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
     def construct_mapping(self, node, deep=False):
         seen = set()
