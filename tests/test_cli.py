@@ -493,6 +493,49 @@ def test_argument_mistakes_are_one_line_naming_the_command_and_the_argument(args
     assert err.rstrip().endswith(f"({command} --help lists the options)")
 
 
+
+@pytest.mark.parametrize("args, command, argument", [
+    (["train", "--resume", ""], "train", "--resume"),
+    (["train", "--init-from", "", "train.max_iters=1"], "train", "--init-from"),
+    (["train", "--out", "", "train.max_iters=1"], "train", "--out"),
+    (["train", "--config", ""], "train", "--config"),
+    (["import-hf", "", "--out", "X"], "import-hf", "HF_DIR"),
+    (["export-hf", "run1", ""], "export-hf", "OUT_DIR"),
+    (["runs", ""], "runs", "DIR"),
+    (["compare", "run1", ""], "compare", "RUN"),
+    (["tokenizer", "train", "corpus.txt", "--vocab-size", "300", "--out", "t.json",
+      "--export-hf", ""], "tokenizer train", "--export-hf"),
+    (["lr-find", "--out", ""], "lr-find", "--out"),
+    (["sweep", "--out", "s", "--config", "", "train.lr=1,2"], "sweep", "--config"),
+])
+def test_an_empty_path_is_refused_naming_its_argument(args, command, argument, tmp_path,
+                                                       monkeypatch, capsys):
+    """`--resume ''` used to start a new run of the default config in
+    runs/default, `--init-from ''` to train from fresh weights, `runs ''` to
+    list the current folder."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2 and out == ""
+    assert_one_line_error(err)
+    assert err.startswith(f"error: xpmodel {command}: argument {argument}: an empty path"), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_path_argument_of_every_command_refuses_an_empty_path():
+    import argparse
+    from xpmodel.cli.main import build_parser
+    paths = {"config", "out", "resume", "init_from", "run_dir", "out_dir", "hf_dir", "source",
+             "target", "dir", "run_dirs", "data", "tokenizer", "export_hf"}
+    seen = set()
+    for name, parser in _commands(build_parser()):
+        for action in parser._actions:
+            if action.dest in paths:
+                seen.add(action.dest)
+                with pytest.raises(argparse.ArgumentTypeError, match="an empty path"):
+                    action.type("")
+                assert action.type("x") == "x"
+    assert seen == paths
+
 def test_tokenizer_without_a_subcommand_shows_its_own_help(capsys):
     code, out, _ = run_cli(capsys, "tokenizer")
     assert code == 2 and out.startswith("usage: xpmodel tokenizer")

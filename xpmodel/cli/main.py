@@ -166,12 +166,21 @@ def _train_epilog():
             "unless you set them too; a warmup or decay that fits is kept as it is.")
 
 
+def path_argument(text):
+    """The `type` of every path argument: an empty one is refused (argparse
+    names the argument) rather than read as no path at all (`--resume ''`
+    would start a new run) or as the current folder (`runs ''`)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path")
+    return text
+
+
 class CommandParser(argparse.ArgumentParser):
     """The parser of `xpmodel` and of each of its commands (subparsers take
     their parent's class). A mistake in the arguments is one line on stderr
     naming the command and the argument, exit code 2, with no usage block:
 
-        error: xpmodel sample: argument --max-new-tokens: invalid int value: 'abc' (xpmodel sample --help lists the options)
+        error: xpmodel sample: argument --top-k: invalid int value: 'x' (xpmodel sample --help lists the options)
 
     KEY=VALUE overrides may come after options too (`--quiet model.n_layer=2`);
     any other argument left over is refused by the command it was given to."""
@@ -215,14 +224,14 @@ def _add_training(commands, common):
                             description="Train a model from a config, or resume a run.",
                             epilog=_train_epilog(),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None,
+    p.add_argument("--config", type=path_argument, default=None,
                    help="a YAML file or the name of a shipped config (default: default)")
     p.add_argument("--device", default=_DEVICE, help=_DEVICE_HELP)
-    p.add_argument("--out", default=None,
+    p.add_argument("--out", type=path_argument, default=None,
                    help="run directory (default: runs/CONFIG_NAME, or runs/CONFIG_NAME-2, -3, ... "
                         "when that exists; the start says which)")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    p.add_argument("--init-from", default=None, metavar="DIR",
+    p.add_argument("--resume", type=path_argument, default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--init-from", type=path_argument, default=None, metavar="DIR",
                    help="start from the weights of a run or a Hugging Face GPT-2 or Llama directory")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run already in --out (files xpmodel did not write are kept)")
@@ -238,7 +247,7 @@ def _add_run_commands(commands, common):
     """The commands that read a trained run: sample, eval, plot."""
     from . import commands as c
     trained_run = argparse.ArgumentParser(add_help=False)   # options of commands that load a run
-    trained_run.add_argument("run_dir", metavar="RUN_DIR", help="a run directory made by train "
+    trained_run.add_argument("run_dir", type=path_argument, metavar="RUN_DIR", help="a run directory made by train "
                                                                 "or import-hf")
     trained_run.add_argument("--device", default=_DEVICE, help=_DEVICE_HELP)
     trained_run.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
@@ -268,15 +277,15 @@ def _add_run_commands(commands, common):
 
     p = commands.add_parser("eval", parents=[common, trained_run], help="loss, perplexity and bits per byte",
                             description="Evaluate a run on its validation split or on other text.")
-    p.add_argument("--data", default=None, metavar="SOURCE",
+    p.add_argument("--data", type=path_argument, default=None, metavar="SOURCE",
                    help="a file, folder, glob or built-in corpus (default: the run's validation split)")
     p.add_argument("--batches", type=int, default=None, help="batches to evaluate (default: all)")
     p.set_defaults(handler=c.eval_command)
 
     p = commands.add_parser("plot", parents=[common], help="plot a run's losses to a PNG",
                             description="Plot train/validation loss and learning rate against step.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="the run to plot")
-    p.add_argument("--out", default=None, metavar="PNG",
+    p.add_argument("run_dir", type=path_argument, metavar="RUN_DIR", help="the run to plot")
+    p.add_argument("--out", type=path_argument, default=None, metavar="PNG",
                    help="PNG path (default: RUN_DIR/loss.png); with health records also "
                         "NAME-health.png beside it")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_FILE)
@@ -288,9 +297,9 @@ def _add_data_commands(commands, common):
     from . import commands as c
     p = commands.add_parser("prepare", parents=[common], help="tokenize a corpus into a token file",
                             description="Tokenize a corpus once into a token file that runs reuse.")
-    p.add_argument("source", metavar="SOURCE", help="a file, folder, glob or built-in corpus")
-    p.add_argument("--tokenizer", required=True, metavar="FILE", help="a tokenizer JSON file")
-    p.add_argument("--out", default=None, metavar="FILE",
+    p.add_argument("source", type=path_argument, metavar="SOURCE", help="a file, folder, glob or built-in corpus")
+    p.add_argument("--tokenizer", type=path_argument, required=True, metavar="FILE", help="a tokenizer JSON file")
+    p.add_argument("--out", type=path_argument, default=None, metavar="FILE",
                    help="token file path, with FILE.json beside it (default: the cache)")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_FILE)
     p.add_argument("--workers", type=int, default=None, metavar="N",
@@ -306,11 +315,11 @@ def _add_data_commands(commands, common):
     sub = p.add_subparsers(title="tokenizer commands", metavar="COMMAND")
     q = sub.add_parser("train", parents=[common], help="train a BPE tokenizer on a corpus",
                        description="Learn a byte-level BPE vocabulary from a corpus.")
-    q.add_argument("source", metavar="SOURCE", help="a file, folder, glob or built-in corpus")
+    q.add_argument("source", type=path_argument, metavar="SOURCE", help="a file, folder, glob or built-in corpus")
     q.add_argument("--vocab-size", type=int, required=True, metavar="N",
                    help="ids in the vocabulary: 256 bytes + merges + <|endoftext|>")
-    q.add_argument("--out", required=True, metavar="FILE", help="tokenizer JSON file to write")
-    q.add_argument("--export-hf", default=None, metavar="DIR",
+    q.add_argument("--out", type=path_argument, required=True, metavar="FILE", help="tokenizer JSON file to write")
+    q.add_argument("--export-hf", type=path_argument, default=None, metavar="DIR",
                    help="also write Hugging Face tokenizer files to DIR (new or empty; never a "
                         "run or a model folder)")
     q.add_argument("--overwrite", action="store_true",
@@ -327,8 +336,8 @@ def _add_hf_commands(commands, common):
     p = commands.add_parser("export-hf", parents=[common], help="export a run as a transformers GPT-2 or Llama",
                             description="Write a run as a GPT2LMHeadModel or LlamaForCausalLM directory "
                                         "with its tokenizer (the architecture follows the run's options).")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="the run to export")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (outside the run)")
+    p.add_argument("run_dir", type=path_argument, metavar="RUN_DIR", help="the run to export")
+    p.add_argument("out_dir", type=path_argument, metavar="OUT_DIR", help="folder to write (outside the run)")
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
                    help="which checkpoint to export (default: latest)")
     p.add_argument("--overwrite", action="store_true",
@@ -339,9 +348,10 @@ def _add_hf_commands(commands, common):
     p = commands.add_parser("import-hf", parents=[common], help="turn a GPT-2 or Llama directory into a run",
                             description="Make an xpmodel run from a local Hugging Face GPT-2 or Llama directory "
                                         "(safetensors only).")
-    p.add_argument("hf_dir", metavar="HF_DIR", help="a local GPT-2 or Llama directory (config.json, "
-                                                   "model.safetensors, tokenizer files)")
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
+    p.add_argument("hf_dir", type=path_argument, metavar="HF_DIR",
+                   help="a local GPT-2 or Llama directory (config.json, model.safetensors, "
+                        "tokenizer files)")
+    p.add_argument("--out", type=path_argument, required=True, metavar="RUN_DIR", help="run directory to create")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run already in RUN_DIR (other files there are kept)")
     p.set_defaults(handler=c.import_hf_command)
@@ -363,7 +373,7 @@ def _add_doctor(commands, common):
                                         "for every parameter, a finite-difference check of a tiny "
                                         "copy of the model, and overfitting one batch. Exits 1 when "
                                         "a check fails.")
-    p.add_argument("target", metavar="CONFIG_OR_RUN",
+    p.add_argument("target", type=path_argument, metavar="CONFIG_OR_RUN",
                    help="a shipped config name, a YAML file, or a run directory")
     p.add_argument("--device", default=_DEVICE, help=_DEVICE_HELP)
     p.add_argument("--overfit-steps", type=int, default=300, metavar="N",
@@ -384,14 +394,14 @@ def _add_lr_find(commands, common):
                             description="Train from the initial weights with a learning rate "
                                         "growing exponentially, plot loss against learning rate, "
                                         "and suggest train.lr (the rule is printed).")
-    p.add_argument("--config", default=None, metavar="NAME_OR_PATH",
+    p.add_argument("--config", type=path_argument, default=None, metavar="NAME_OR_PATH",
                    help="a shipped config name, a YAML file or a run directory (default: default)")
     p.add_argument("--device", default=_DEVICE, help=_DEVICE_HELP)
     p.add_argument("--steps", type=int, default=200, metavar="N",
                    help=f"steps of the ramp, at least {LR_FIND_MIN_STEPS} (default: 200)")
     p.add_argument("--start-lr", type=float, default=1e-7, metavar="LR", help="(default: 1e-7)")
     p.add_argument("--end-lr", type=float, default=1.0, metavar="LR", help="(default: 1)")
-    p.add_argument("--out", default=None, metavar="PNG",
+    p.add_argument("--out", type=path_argument, default=None, metavar="PNG",
                    help="the plot (default: lr-find-CONFIG.png here); the numbers go beside it "
                         "as .json")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_FILE)
@@ -406,7 +416,7 @@ def _add_runs(commands, common):
                             description="A table of the run directories in DIR (and up to three "
                                         "folders below): status, steps, tokens, best validation "
                                         "loss and its step, last validation loss, wall time.")
-    p.add_argument("dir", metavar="DIR", nargs="?", default="runs",
+    p.add_argument("dir", type=path_argument, metavar="DIR", nargs="?", default="runs",
                    help="a folder of runs, or one run (default: runs)")
     p.set_defaults(handler=c.runs_command)
 
@@ -418,8 +428,9 @@ def _add_compare(commands, common):
                             description="Plot the training and validation loss of several runs "
                                         "in one PNG and print a table of them with the config "
                                         "keys that differ.")
-    p.add_argument("run_dirs", metavar="RUN", nargs="+", help="run directories (or folders of runs)")
-    p.add_argument("--out", default="compare.png", metavar="PNG",
+    p.add_argument("run_dirs", type=path_argument, metavar="RUN", nargs="+",
+                   help="run directories (or folders of runs)")
+    p.add_argument("--out", type=path_argument, default="compare.png", metavar="PNG",
                    help="the plot (default: compare.png)")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_FILE)
     p.set_defaults(handler=c.compare_command)
@@ -440,9 +451,9 @@ def _add_sweep(commands, common):
                                         "--out. SPEC: train.lr=1e-4,3e-4,1e-3 (grid), "
                                         "train.lr=log:1e-5..1e-2, model.n_embd=int:128..512, "
                                         "train.grad_clip=0.5..2 (ranges).")
-    p.add_argument("--config", default="default", metavar="NAME_OR_PATH",
+    p.add_argument("--config", type=path_argument, default="default", metavar="NAME_OR_PATH",
                    help="the base config: a shipped name or a YAML file (default: default)")
-    p.add_argument("--out", required=True, metavar="SWEEP_DIR", help="the sweep's folder")
+    p.add_argument("--out", type=path_argument, required=True, metavar="SWEEP_DIR", help="the sweep's folder")
     p.add_argument("--trials", type=int, default=None, metavar="N",
                    help="trials to run (default: every grid combination, or 8 with ranges)")
     p.add_argument("--max-iters", type=int, default=None, metavar="N",
