@@ -342,6 +342,14 @@ def test_plot_draws_the_gap_between_validation_and_train(tmp_path, corpus, capsy
         plt.close(fig)
     code, out, err = run_cli(capsys, "plot", run.path)
     assert code == 0 and (run.path / "loss.png").stat().st_size > 0
+    # the run's own plot is refreshed however --out spells it; another existing file is not
+    for spelling in (run.path / "loss.png", (run.path / "loss.png").resolve(),
+                     run.path / ".." / run.path.name / "loss.png"):
+        code, _, err = run_cli(capsys, "plot", run.path, "--out", spelling)
+        assert code == 0, err
+    (tmp_path / "mine.png").write_bytes(b"mine")
+    code, _, err = run_cli(capsys, "plot", run.path, "--out", tmp_path / "mine.png")
+    assert code == 2 and "already exists" in err and (tmp_path / "mine.png").read_bytes() == b"mine"
 
 
 # ---- early stopping --------------------------------------------------------------------

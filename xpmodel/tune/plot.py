@@ -4,6 +4,7 @@ from pathlib import Path
 
 from ..atomic import atomic_writer
 from ..errors import DataError, UsageError
+from ..files import same_file
 from ..train.outputs import check_output
 from ..train.rundir import RunDir
 
@@ -51,7 +52,7 @@ def plot_run(run_dir, out=None, overwrite=False):
         raise DataError(f"{run.metrics_path}: no training steps logged yet")
     out = run.path / "loss.png" if out is None else check_png_output(out)
     health_out = out.with_name(out.stem + "-health.png") if health else None
-    if out != run.path / "loss.png":
+    if not same_file(out, run.path / "loss.png"):    # the run's own plot is refreshed
         for path in (out, health_out):
             if path is not None:
                 check_output(path, "--out", overwrite=overwrite)
