@@ -212,6 +212,12 @@ def test_shakespeare_builtin_yields_speaker_lines():
     assert re.search(r"^HAMLET:$", text, re.M)
     assert re.search(r"^To be, or not to be", text, re.M)
     assert not re.search(r"[*#_\\]", text)  # no Markdown left
+    assert source.size_text() == f"{source.total_bytes():,} bytes of Markdown"
+
+
+def test_a_plain_text_corpus_size_is_its_bytes(tmp_path):
+    (tmp_path / "a.txt").write_text("hello\n" * 1000)
+    assert resolve_source(str(tmp_path / "a.txt")).size_text() == "6,000 bytes"
 
 
 def test_play_markdown_becomes_speaker_lines():

@@ -304,7 +304,7 @@ def test_the_start_shows_one_line_about_the_data(tmp_path, corpus, capsys):
     train, val = run_tokens(run)
     params = GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16).num_params()
     line = next(l for l in out.splitlines() if l.startswith("data: "))
-    assert line == (f"data: {corpus.stat().st_size:,} bytes of {corpus} -> "
+    assert line == (f"data: {corpus} ({corpus.stat().st_size:,} bytes) -> "
                     f"{len(train) + len(val):,} tokens ({len(train):,} train, {len(val):,} val), "
                     f"{len(train) / params:.2g} train tokens per parameter; 30 steps x 64 tokens = "
                     f"{30 * 64 / len(train):.2f} epochs")

@@ -80,6 +80,12 @@ class Source:
         """The size of all files on disk, the denominator for progress reports."""
         return sum(path.stat().st_size for path in self.files)
 
+    def size_text(self) -> str:
+        """The files' size for messages ("44,942 bytes"), said to be Markdown where
+        the text is drawn out of it (the built-in plays), so fewer bytes are text."""
+        size = f"{self.total_bytes():,} bytes"
+        return size + " of Markdown" if self.text_format == PLAY_MARKDOWN else size
+
     def describe(self) -> dict:
         """The facts a token file's sidecar records about where its tokens came from."""
         return {

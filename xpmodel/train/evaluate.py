@@ -94,19 +94,19 @@ class Evaluation:
         return bool(patience) and self.evals_without_improvement >= patience
 
     def data_summary(self):
-        """One line on the data: corpus bytes, tokens, the split, tokens per
+        """One line on the data: the corpus and its size, tokens, the split, tokens per
         parameter, and the passes over the training tokens the run makes."""
         t = self.config.train
         n_train, n_val = len(self.train_tokens), len(self.val_tokens)
         try:
-            corpus = f"{resolve_source(self.config.data.source).total_bytes():,} bytes of "
+            size = f" ({resolve_source(self.config.data.source).size_text()})"
         except XpmodelError:
-            corpus = ""
+            size = ""
         tokens_per_step = t.batch_size * t.grad_accum * self.config.model.block_size
         epochs = self.sampler.epochs_after(self.total_steps * t.grad_accum)
         length = (f"train.epochs={t.epochs}: {self.total_steps:,} steps" if t.epochs else
                   f"{self.total_steps:,} steps x {tokens_per_step:,} tokens = {epochs:.2f} epochs")
-        return (f"data: {corpus}{self.config.data.source} -> {n_train + n_val:,} tokens "
+        return (f"data: {self.config.data.source}{size} -> {n_train + n_val:,} tokens "
                 f"({n_train:,} train, {n_val:,} val), {n_train / self.gpt_config.num_params():.2g} "
                 f"train tokens per parameter; {length}")
 
