@@ -274,6 +274,13 @@ def test_rope_with_an_odd_head_size_is_refused():
         load_config(None, ["model.position=rope", "model.n_embd=24", "model.n_head=8"])
 
 
+@pytest.mark.parametrize("norm_eps", [0.0, 1.5, 1e308, float("nan")])
+def test_the_api_refuses_a_norm_eps_outside_the_configs_bounds(norm_eps):
+    with pytest.raises(ValueError, match=r"GPTConfig.norm_eps must be a finite number in \(0, 1\]"):
+        tiny(norm_eps=norm_eps)
+    assert tiny(norm_eps=1.0).norm_eps == 1.0
+
+
 def test_all_targets_ignored_gives_zero_gradients():
     model = xpmodel.GPT(tiny(), dtype="float64")
     idx = np.zeros((2, 5), dtype=np.int64)

@@ -258,7 +258,8 @@ def test_clipped_step_unscales_clips_and_skips_non_finite_gradients():
     (dict(betas=(0.9, 0.95, 0.99)), "betas must be a pair of numbers in [0, 1)"),
     (dict(betas=(0.9, 1.0)), "betas[1] must be a finite number in [0, 1), got 1.0"),
     (dict(lr=float("inf")), "lr must be a finite number >= 0, got inf"),
-    (dict(eps=float("inf")), "eps must be a finite number > 0, got inf"),
+    (dict(eps=float("inf")), "eps must be a finite number in (0, 1], got inf"),
+    (dict(eps=2.0), "eps must be a finite number in (0, 1], got 2.0"),
     (dict(weight_decay="0.1"), "weight_decay must be a finite number >= 0, got '0.1'"),
 ])
 def test_adamw_refuses_arguments_that_cannot_work(kwargs, message):

@@ -9,7 +9,8 @@ import math
 import numpy
 
 from ..backend import device_scalar
-from ..checks import HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, check_integer, check_number
+from ..checks import (HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, POSITIVE_FRACTION, check_integer,
+                      check_number)
 from ..cpu_threads import run_elementwise
 
 
@@ -21,7 +22,7 @@ class AdamW:
     def __init__(self, model, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
         self.lr = check_number("lr", lr, NON_NEGATIVE)
         self.betas = check_betas(betas)
-        self.eps = check_number("eps", eps, POSITIVE)
+        self.eps = check_number("eps", eps, POSITIVE_FRACTION)
         self.weight_decay = check_number("weight_decay", weight_decay, NON_NEGATIVE)
         self.model = model
         xp = model.xp
