@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy
 import pytest
 
-from cli_helpers import kill_sweep_mid_trial, run_cli
+from cli_helpers import assert_one_line_error, kill_sweep_mid_trial, run_cli
 from config_reads import count_config_reads, two_level_chain
 import xpmodel.layers.block as block_module
 import xpmodel.model.gpt as model_module
@@ -61,6 +61,20 @@ def test_doctor_prints_each_checks_line_as_the_check_ends(capsys, corpus, monkey
     assert before[0].startswith("doctor: tiny-run (") and \
         [line.split()[1] for line in before[1:]] == ["config", "data", "tokenizer", "initial-loss"]
     assert "PASS  gradients" in out and out.splitlines()[-1] == "5 passed, 0 warnings, 0 failed"
+
+
+@pytest.mark.parametrize("device", ["cuda:x", "tpu"])
+def test_doctor_refuses_a_bad_device_before_any_check(capsys, corpus, device):
+    """It had run the config, data and tokenizer checks first."""
+    code, out, err = run_cli(capsys, "doctor", TINY, f"data.source={corpus}", "--device", device)
+    assert code == 2 and out == ""
+    assert_one_line_error(err)
+    assert f"bad device {device!r}" in err
+    from xpmodel.backend import DeviceError
+    shown = []
+    with pytest.raises(DeviceError, match="bad device"):
+        diagnose(load_subject(TINY, [f"data.source={corpus}"]), device=device, show=shown.append)
+    assert shown == []
 
 
 def test_doctor_fails_a_broken_backward_and_names_the_layer(capsys, corpus, monkeypatch):
@@ -512,6 +526,18 @@ def test_sweep_specs_and_plans():
     assert all(t["model.n_embd"] % 2 == 0 for t in drawn)   # n_head=2: odd widths drawn again
     assert drawn == plan_trials(TINY, [parse_spec("train.lr=log:1e-4..1e-2"),
                                        parse_spec("model.n_embd=int:8..64")], 6, 0)
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:abc"])
+def test_sweep_refuses_a_bad_device_before_its_folder_is_made(capsys, tmp_path, corpus, device):
+    """It had made the folder, run every trial (each failing) and only then erred."""
+    out = tmp_path / "sweep"
+    code, _, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out, "--device", device,
+                           f"data.source={corpus}", "train.lr=1e-3,2e-3")
+    assert code == 2
+    assert_one_line_error(err)
+    assert f"bad device {device!r}" in err
+    assert not out.exists()
 
 
 def test_sweep_prunes_a_trial_and_resumes_after_kill_9(capsys, tmp_path, corpus):

@@ -382,10 +382,12 @@ def import_hf_command(args):
 # ---- tuning and diagnosis (the work is in xpmodel/tune/) --------------------------------
 
 def doctor_command(args):
+    from ..backend import get_device
     from ..tune.common import load_subject
     from ..tune.doctor import diagnose
     if args.overfit_steps < 1:
         raise UsageError(f"--overfit-steps must be at least 1, got {args.overfit_steps}")
+    get_device(args.device)   # before the config is read or a tokenizer trained
     _check_subject(args.target, "CONFIG_OR_RUN")
     subject = load_subject(args.target, args.overrides)
     progress = (lambda text: print(text, file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
@@ -466,7 +468,9 @@ def compare_command(args):
 
 
 def sweep_command(args):
+    from ..backend import get_device
     from ..tune.preset import open_sweep, run_preset, sweep_strategy
+    get_device(args.device)   # a bad --device is named before the sweep folder is made or read
     options = dict(max_iters=args.max_iters, parallel=args.parallel, metric=args.metric,
                    device=args.device, seed=args.seed,
                    **sweep_strategy(args.sampler, args.pruner, args.storage, args.no_prune))

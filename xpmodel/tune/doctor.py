@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import numpy
 
-from ..backend import to_host
+from ..backend import get_device, to_host
 from ..data import RandomWindowSampler, resolve_source
 from ..errors import UsageError, XpmodelError
 from ..model.gpt import GPT
@@ -84,7 +84,8 @@ def diagnose(subject, device="cpu", overfit_steps=300, say=None, skip=(), show=l
     names checks to leave out (e.g. "overfit" for a model too big for the CPU),
     as in CHECKS ("finite diff" is taken for "finite-diff"). `show(line)` gets
     the report's lines as they come: its title, each check's as soon as it
-    ends, the summary."""
+    ends, the summary. A device this machine lacks is refused before any check."""
+    device = get_device(device)
     skip = {name.replace(" ", "-") for name in skip}
     unknown = sorted(skip - set(CHECKS))
     if unknown:
