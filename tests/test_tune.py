@@ -540,6 +540,18 @@ def test_sweep_refuses_a_bad_device_before_its_folder_is_made(capsys, tmp_path, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("seed", [-1, 2**63])
+def test_sweep_refuses_a_seed_out_of_range_naming_it(capsys, tmp_path, corpus, seed):
+    """-1 had failed as NumPy's "expected non-negative integer", no flag named."""
+    out = tmp_path / "sweep"
+    code, _, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out, "--seed", seed,
+                           f"data.source={corpus}", "train.lr=log:1e-4..1e-2", "--trials", 2)
+    assert code == 2
+    assert_one_line_error(err)
+    assert f"--seed must be an integer from 0 to 2**63 - 1, got {seed}" in err
+    assert not out.exists()
+
+
 def test_sweep_prunes_a_trial_and_resumes_after_kill_9(capsys, tmp_path, corpus):
     import json
     import os

@@ -172,8 +172,8 @@ def sample_command(args):
         raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.seed is not None and not 0 <= args.seed < 2**63:
-        raise UsageError(f"--seed must be an integer from 0 to 2**63 - 1, got {quote(args.seed, 40)}")
+    if args.seed is not None:
+        _check_seed(args.seed)
     _check_utf8("--prompt", args.prompt)
     refuse_model_folder(args.run_dir, "RUN_DIR")
     model, tokenizer = load(args.run_dir, device=args.device, checkpoint=args.checkpoint,
@@ -197,6 +197,12 @@ def sample_command(args):
         out.write(printable(decoder.decode([], final=True)) + "\n")
         out.flush()
     return 0
+
+
+def _check_seed(seed):
+    """Refuse a --seed that NumPy's generators and a checkpoint cannot hold."""
+    if not 0 <= seed < 2**63:
+        raise UsageError(f"--seed must be an integer from 0 to 2**63 - 1, got {quote(seed, 40)}")
 
 
 def _check_utf8(flag, text):
@@ -471,6 +477,7 @@ def sweep_command(args):
     from ..backend import get_device
     from ..tune.preset import open_sweep, run_preset, sweep_strategy
     get_device(args.device)   # a bad --device is named before the sweep folder is made or read
+    _check_seed(args.seed)
     options = dict(max_iters=args.max_iters, parallel=args.parallel, metric=args.metric,
                    device=args.device, seed=args.seed,
                    **sweep_strategy(args.sampler, args.pruner, args.storage, args.no_prune))
