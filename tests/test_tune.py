@@ -181,6 +181,22 @@ def test_lr_find_refuses_a_ramp_whose_suggestion_the_config_would_refuse(capsys,
     assert "suggested" not in text and not out.with_suffix(".json").exists()
 
 
+@pytest.mark.parametrize("steps", [9, 100_001, 10**20])
+def test_lr_find_refuses_a_number_of_steps_out_of_range_naming_it(capsys, corpus, tmp_path, steps):
+    """--steps 100000000000000000000 had passed the check and run for ever."""
+    from xpmodel.errors import UsageError
+    from xpmodel.tune.lr_find import check_ramp
+    message = f"--steps must be from 10 to 100,000, got {steps}"
+    with pytest.raises(UsageError, match=message):
+        check_ramp(1e-7, 1.0, steps)
+    out = tmp_path / "lr.png"
+    code, text, err = run_cli(capsys, "lr-find", "--config", TINY, f"data.source={corpus}",
+                              "--steps", steps, "--out", out)
+    assert code == 2 and text == ""
+    assert err.startswith(f"error: {message}"), err
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
 def test_lr_find_suggests_what_train_lr_takes_from_the_lowest_start(capsys, corpus, tmp_path):
     from xpmodel.config import load_config
     from xpmodel.tune.lr_find import MIN_START_LR

@@ -389,7 +389,7 @@ def _add_doctor(commands, common):
 def _add_lr_find(commands, common):
     """xpmodel lr-find: the learning-rate range test."""
     from . import commands as c
-    from ..tune.lr_find import MIN_STEPS as LR_FIND_MIN_STEPS
+    from ..tune.lr_find import MAX_STEPS as LR_FIND_MAX_STEPS, MIN_STEPS as LR_FIND_MIN_STEPS
     p = commands.add_parser("lr-find", parents=[common], help="the learning-rate range test",
                             description="Train from the initial weights with a learning rate "
                                         "growing exponentially, plot loss against learning rate, "
@@ -398,7 +398,8 @@ def _add_lr_find(commands, common):
                    help="a shipped config name, a YAML file or a run directory (default: default)")
     p.add_argument("--device", default=_DEVICE, help=_DEVICE_HELP)
     p.add_argument("--steps", type=int, default=200, metavar="N",
-                   help=f"steps of the ramp, at least {LR_FIND_MIN_STEPS} (default: 200)")
+                   help=f"steps of the ramp, from {LR_FIND_MIN_STEPS} to {LR_FIND_MAX_STEPS:,} "
+                        f"(default: 200)")
     p.add_argument("--start-lr", type=float, default=1e-7, metavar="LR", help="(default: 1e-7)")
     p.add_argument("--end-lr", type=float, default=1.0, metavar="LR", help="(default: 1)")
     p.add_argument("--out", type=path_argument, default=None, metavar="PNG",

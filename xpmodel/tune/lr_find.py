@@ -32,6 +32,7 @@ from .plot import check_png_output, pyplot, save_figure
 DIVERGENCE_FACTOR = 4.0
 SUGGESTION_DIVISOR = 10.0
 MIN_STEPS = 10   # fewer leave too few points to smooth and find a minimum in
+MAX_STEPS = 100_000   # far more points than a plot shows; more would run for days
 # The lowest --start-lr: far below any useful rate, and far enough above the
 # smallest float that a tenth of any rate of the ramp is a normal positive
 # number (train.lr takes it, and it prints as one).
@@ -101,7 +102,7 @@ def lr_range_test(subject, device="cpu", start_lr=1e-7, end_lr=1.0, steps=200, p
 
 def check_ramp(start_lr, end_lr, steps):
     """UsageError unless MIN_START_LR <= start_lr < end_lr, end_lr / start_lr
-    is finite, and steps >= MIN_STEPS. The suggestion, a tenth of a rate of
+    is finite, and MIN_STEPS <= steps <= MAX_STEPS. The suggestion, a tenth of a rate of
     the ramp, must be a positive number that train.lr takes (a tenth of
     5e-324 is 0)."""
     if not (0 < start_lr < end_lr and math.isfinite(end_lr)):
@@ -111,8 +112,8 @@ def check_ramp(start_lr, end_lr, steps):
     if not math.isfinite(end_lr / start_lr):
         raise UsageError(f"--end-lr {end_lr:g} is too many times --start-lr {start_lr:g} (the ramp's "
                          f"ratio is not a finite number)")
-    if steps < MIN_STEPS:
-        raise UsageError(f"--steps must be at least {MIN_STEPS}, got {steps}")
+    if not MIN_STEPS <= steps <= MAX_STEPS:
+        raise UsageError(f"--steps must be from {MIN_STEPS} to {MAX_STEPS:,}, got {steps}")
 
 
 def _analyse(lrs, losses, stopped_early, muon_per_lr=None):
