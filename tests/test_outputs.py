@@ -265,7 +265,7 @@ def test_lr_find_validates_before_its_header(capsys):
         assert out == ""
     with pytest.raises(SystemExit):
         cli.main(["lr-find", "--help"])
-    assert "at least 10" in " ".join(capsys.readouterr().out.split())
+    assert "from 10 to 100,000" in " ".join(capsys.readouterr().out.split())
 
 
 # ---- 1. outputs: a folder that does not exist yet -------------------------------------
