@@ -216,6 +216,33 @@ def test_lr_find_never_writes_over_a_run_and_refuses_an_existing_sidecar(capsys,
     assert (tmp_path / "lr.json").read_text() == "mine"
 
 
+def test_lr_find_overwrite_replaces_only_what_an_earlier_lr_find_wrote(capsys, run, tmp_path):
+    """--overwrite had replaced tok.json, a tokenizer, with lr-find's numbers
+    when given for --out tok.png."""
+    tokenizer = tmp_path / "tok.json"
+    BPETokenizer().save(tokenizer)
+    before = tokenizer.read_bytes()
+    out, err = refused(capsys, "lr-find", "--config", run, "--out", tmp_path / "tok.png",
+                       "--overwrite", "--steps", 10)
+    assert out == ""
+    assert f"--out {tmp_path / 'tok.png'}: {tokenizer} exists and is not an earlier lr-find's " \
+           f"numbers; lr-find will not replace it, even with --overwrite" in err
+    assert tokenizer.read_bytes() == before and not (tmp_path / "tok.png").exists()
+    notes = tmp_path / "notes.png"
+    notes.write_text("my notes")
+    out, err = refused(capsys, "lr-find", "--config", run, "--out", notes, "--overwrite",
+                       "--steps", 10)
+    assert out == "" and f"{notes} exists and is not a PNG image" in err
+    assert notes.read_text() == "my notes" and not notes.with_suffix(".json").exists()
+    lr = tmp_path / "lr.png"
+    for overwrite in ([], ["--overwrite"]):   # an earlier lr-find's plot and numbers are replaced
+        code, _, err = run_cli(capsys, "lr-find", "--config", run, "--out", lr, "--steps", 10,
+                               *overwrite)
+        assert code == 0, err
+    assert "suggested_lr" in json.loads(lr.with_suffix(".json").read_text())
+    assert lr.exists() == HAVE_MATPLOTLIB
+
+
 def test_lr_find_never_writes_over_its_configs_base(capsys, corpus, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     base = tmp_path / "lr.json"   # JSON is YAML: a config can be named so

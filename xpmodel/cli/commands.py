@@ -413,7 +413,7 @@ def _check_subject(target, flag):
 
 def lr_find_command(args):
     from ..tune.common import load_subject
-    from ..tune.lr_find import check_ramp, lr_range_test, write_results
+    from ..tune.lr_find import check_outputs, check_ramp, lr_range_test, write_results
     from ..tune.plot import check_png_output
     check_ramp(args.start_lr, args.end_lr, args.steps)
     if args.out is not None:
@@ -427,8 +427,7 @@ def lr_find_command(args):
         inputs.append(subject.config.train.init_from)
     if names_tokenizer_file(subject.config.data.tokenizer):
         inputs.append(subject.config.data.tokenizer)
-    for path in (out, out.with_suffix(".json")):   # the plot and its numbers
-        check_output(path, "--out", inputs, args.overwrite)
+    check_outputs(out, inputs, args.overwrite)   # the plot and its numbers
     print(f"lr-find: {subject.name}, {args.steps} steps from {args.start_lr:g} to {args.end_lr:g}",
           flush=True)
     result = lr_range_test(subject, device=args.device, start_lr=args.start_lr,

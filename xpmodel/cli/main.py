@@ -405,7 +405,9 @@ def _add_lr_find(commands, common):
     p.add_argument("--out", type=path_argument, default=None, metavar="PNG",
                    help="the plot (default: lr-find-CONFIG.png here); the numbers go beside it "
                         "as .json")
-    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_FILE)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing PNG image and an earlier lr-find's numbers there "
+                        "(never another JSON, a file the command reads, nor a run's own files)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(handler=c.lr_find_command)
 

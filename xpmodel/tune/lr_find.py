@@ -18,14 +18,17 @@ then a pair: train.lr as above, and train.muon_lr scaled by the same factor
 (suggested lr / the config's lr), the rate Muon had at that point of the sweep.
 """
 import math
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import numpy
 
 from ..atomic import atomic_write_json
 from ..data import RandomWindowSampler
 from ..errors import UsageError
+from ..files import open_regular, read_json
 from ..train.optim import clipped_step
+from ..train.outputs import check_output
 from ..train.setup import optimizer_for
 from .plot import check_png_output, pyplot, save_figure
 
@@ -37,6 +40,9 @@ MAX_STEPS = 100_000   # far more points than a plot shows; more would run for da
 # smallest float that a tenth of any rate of the ramp is a normal positive
 # number (train.lr takes it, and it prints as one).
 MIN_START_LR = 1e-100
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The JSON of --steps MAX_STEPS is a few MB; a larger file is not lr-find's and is not read.
+_MAX_RESULT_BYTES = 64 << 20
 
 
 @dataclass
@@ -148,6 +154,43 @@ def _centred_average(values, window):
         lo, hi = max(0, i - half), min(len(values), i + half + 1)
         out[i] = (sums[hi] - sums[lo]) / (hi - lo)
     return out
+
+
+def check_outputs(png_path, inputs, overwrite):
+    """Refuse, before the test runs, to write the plot `png_path` or its numbers
+    beside it (same stem, .json) where check_output refuses them (given as
+    --out: one of `inputs`, a run's own file, an existing file without
+    `overwrite`), and, even with `overwrite`, to replace a file that lr-find
+    could not have written there: the plot only replaces a PNG image, the
+    numbers only an earlier lr-find's (a tokenizer tok.json beside
+    --out tok.png stays). Returns png_path as a Path."""
+    png_path = check_png_output(png_path)
+    for path, is_lr_finds, what in ((png_path, _is_png, "a PNG image"),
+                                    (png_path.with_suffix(".json"), _is_result_json,
+                                     "an earlier lr-find's numbers")):
+        check_output(path, "--out", inputs, overwrite)
+        if os.path.lexists(path) and not is_lr_finds(path):
+            raise UsageError(f"--out {png_path}: {path} exists and is not {what}; lr-find will "
+                             f"not replace it, even with --overwrite; choose another --out")
+    return png_path
+
+
+def _is_png(path):
+    """Whether `path` is a regular file that starts as a PNG does."""
+    try:
+        with open_regular(path, UsageError, "plot") as f:
+            return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    except (UsageError, OSError):
+        return False
+
+
+def _is_result_json(path):
+    """Whether `path` is a JSON object with every key write_results writes."""
+    keys = {f.name for f in fields(RangeTest) if f.default is MISSING} | {"rule"}
+    try:
+        return keys <= read_json(path, _MAX_RESULT_BYTES, UsageError, "lr-find result").keys()
+    except (UsageError, OSError):   # not a regular file, too large, not a JSON object
+        return False
 
 
 def write_results(result, png_path, title):
