@@ -77,6 +77,21 @@ def test_doctor_refuses_a_bad_device_before_any_check(capsys, corpus, device):
     assert shown == []
 
 
+def test_doctor_refuses_to_skip_every_check(capsys, corpus):
+    """It had reported "0 passed" and exited 0."""
+    from xpmodel.errors import UsageError
+    from xpmodel.tune.doctor import CHECKS
+    skips = [arg for name in CHECKS for arg in ("--skip", name)]
+    code, out, err = run_cli(capsys, "doctor", TINY, f"data.source={corpus}", *skips)
+    assert code == 2 and out == ""
+    assert_one_line_error(err)
+    assert err.startswith("error: --skip leaves out every check"), err
+    with pytest.raises(UsageError, match="--skip leaves out every check"):
+        diagnose(load_subject(TINY, [f"data.source={corpus}"]), skip=CHECKS)
+    report = diagnose(load_subject(TINY, [f"data.source={corpus}"]), skip=CHECKS[1:])
+    assert [check.name for check in report.checks] == ["config"]
+
+
 def test_doctor_fails_a_broken_backward_and_names_the_layer(capsys, corpus, monkeypatch):
     real = block_module.attention_backward
     monkeypatch.setattr(block_module, "attention_backward",

@@ -390,10 +390,11 @@ def import_hf_command(args):
 def doctor_command(args):
     from ..backend import get_device
     from ..tune.common import load_subject
-    from ..tune.doctor import diagnose
+    from ..tune.doctor import checks_to_skip, diagnose
     if args.overfit_steps < 1:
         raise UsageError(f"--overfit-steps must be at least 1, got {args.overfit_steps}")
     get_device(args.device)   # before the config is read or a tokenizer trained
+    checks_to_skip(args.skip)
     _check_subject(args.target, "CONFIG_OR_RUN")
     subject = load_subject(args.target, args.overrides)
     progress = (lambda text: print(text, file=sys.stderr, flush=True)) if sys.stderr.isatty() else None

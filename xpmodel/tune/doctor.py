@@ -86,10 +86,7 @@ def diagnose(subject, device="cpu", overfit_steps=300, say=None, skip=(), show=l
     the report's lines as they come: its title, each check's as soon as it
     ends, the summary. A device this machine lacks is refused before any check."""
     device = get_device(device)
-    skip = {name.replace(" ", "-") for name in skip}
-    unknown = sorted(skip - set(CHECKS))
-    if unknown:
-        raise UsageError(f"unknown check {unknown[0]!r} to skip; the checks are {', '.join(CHECKS)}")
+    skip = checks_to_skip(skip)
     steps = [("config", lambda: check_config(subject)),
              ("data", lambda: check_data(subject)),
              ("tokenizer", lambda: check_tokenizer(subject)),
@@ -114,6 +111,19 @@ def diagnose(subject, device="cpu", overfit_steps=300, say=None, skip=(), show=l
             show(line)
     show(report.summary())
     return report
+
+
+def checks_to_skip(names):
+    """The set of CHECKS that --skip `names` leaves out ("finite diff" is taken
+    for "finite-diff"); a UsageError for an unknown name, or for all of them (a
+    report of no check would say "0 passed" and exit 0)."""
+    skip = {name.replace(" ", "-") for name in names}
+    unknown = sorted(skip - set(CHECKS))
+    if unknown:
+        raise UsageError(f"unknown check {unknown[0]!r} to skip; the checks are {', '.join(CHECKS)}")
+    if skip == set(CHECKS):
+        raise UsageError(f"--skip leaves out every check ({', '.join(CHECKS)}); keep at least one")
+    return skip
 
 
 # ---- config, data, tokenizer -------------------------------------------------------
