@@ -212,6 +212,15 @@ def test_lr_find_refuses_a_number_of_steps_out_of_range_naming_it(capsys, corpus
     assert not out.exists() and not out.with_suffix(".json").exists()
 
 
+def test_lr_find_refuses_a_bad_device_before_its_header(capsys, corpus, tmp_path):
+    out = tmp_path / "lr.png"
+    code, text, err = run_cli(capsys, "lr-find", "--config", TINY, f"data.source={corpus}",
+                              "--device", "tpu", "--steps", 10, "--out", out)
+    assert code == 2 and text == ""
+    assert_one_line_error(err)
+    assert "bad device 'tpu'" in err
+
+
 def test_lr_find_suggests_what_train_lr_takes_from_the_lowest_start(capsys, corpus, tmp_path):
     from xpmodel.config import load_config
     from xpmodel.tune.lr_find import MIN_START_LR

@@ -413,10 +413,12 @@ def _check_subject(target, flag):
 
 
 def lr_find_command(args):
+    from ..backend import get_device
     from ..tune.common import load_subject
     from ..tune.lr_find import check_outputs, check_ramp, lr_range_test, write_results
     from ..tune.plot import check_png_output
     check_ramp(args.start_lr, args.end_lr, args.steps)
+    get_device(args.device)   # before the config is read or a tokenizer trained
     if args.out is not None:
         check_png_output(args.out)
     target = args.config or "default"
