@@ -63,6 +63,28 @@ def test_doctor_prints_each_checks_line_as_the_check_ends(capsys, corpus, monkey
     assert "PASS  gradients" in out and out.splitlines()[-1] == "5 passed, 0 warnings, 0 failed"
 
 
+@pytest.mark.parametrize("batching", ["random", "epochs"])
+def test_doctor_counts_an_epoch_runs_steps_as_the_trainer_does(capsys, tmp_path, corpus, batching):
+    from xpmodel.config import load_config
+    from xpmodel.train import Trainer
+    overrides = [f"data.source={corpus}", "train.max_iters=null", "train.epochs=1",
+                 f"data.batching={batching}", "train.warmup_iters=1"]
+    trainer = Trainer.start(load_config(TINY, overrides), device="cpu", out=tmp_path / "run",
+                            show=False)
+    code, out, _ = run_cli(capsys, "doctor", TINY, *overrides, "--skip", "overfit",
+                           "--skip", "finite-diff", "--skip", "gradients")
+    config_line = next(line for line in out.splitlines() if "config" in line.split()[:2])
+    data_line = next(line for line in out.splitlines() if "data" in line.split()[:2])
+    assert f" {trainer.total_steps:,} steps" in config_line and \
+        f"; {trainer.total_steps:,} steps x " in data_line, out
+    long_warmup = f"train.warmup_iters={trainer.total_steps + 1}"
+    code, out, _ = run_cli(capsys, "doctor", TINY, *overrides, long_warmup, "--skip", "overfit",
+                           "--skip", "finite-diff", "--skip", "gradients")
+    assert code == 1 and (f"FAIL  config        train.warmup_iters ({trainer.total_steps + 1:,}) is "
+                          f"longer than the run (train.epochs = 1: {trainer.total_steps:,} steps)"
+                          in out), out
+
+
 @pytest.mark.parametrize("device", ["cuda:x", "tpu"])
 def test_doctor_refuses_a_bad_device_before_any_check(capsys, corpus, device):
     """It had run the config, data and tokenizer checks first."""

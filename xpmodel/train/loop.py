@@ -78,9 +78,6 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
         self.defer_reads = self.device.is_cuda
         self.sampler = make_sampler(config, tokenizer, self.train_tokens)
         self.total_steps = count_steps(config.train, self.sampler)
-        if t.epochs is not None and t.warmup_iters > self.total_steps:   # max_iters: checked in the config
-            raise UsageError(f"train.warmup_iters ({t.warmup_iters:,}) is longer than the run "
-                             f"(train.epochs = {t.epochs}: {self.total_steps:,} steps)")
         self.schedule = schedule_from_config(t, self.total_steps)
         self.step = 0
         self.tokens_seen = 0

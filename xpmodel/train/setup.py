@@ -202,7 +202,8 @@ def make_sampler(config, tokenizer, train_tokens):
 
 def count_steps(t, sampler):
     """The run's length in optimizer steps: train.max_iters (`t` is the TrainConfig), else
-    train.epochs of the sampler."""
+    train.epochs of the sampler, which must hold train.warmup_iters (a max_iters run's
+    warmup is checked with the config)."""
     if t.max_iters is not None:
         return t.max_iters
     steps = t.epochs * sampler.batches_per_epoch // t.grad_accum
@@ -210,6 +211,9 @@ def count_steps(t, sampler):
         raise UsageError(f"train.epochs={t.epochs}: one epoch has only "
                          f"{sampler.batches_per_epoch} batches, fewer than "
                          f"train.grad_accum={t.grad_accum}")
+    if t.warmup_iters > steps:
+        raise UsageError(f"train.warmup_iters ({t.warmup_iters:,}) is longer than the run "
+                         f"(train.epochs = {t.epochs}: {steps:,} steps)")
     return steps
 
 

@@ -21,11 +21,11 @@ from dataclasses import dataclass, replace
 import numpy
 
 from ..backend import get_device, to_host
-from ..data import RandomWindowSampler, resolve_source
+from ..data import RandomWindowSampler
 from ..errors import UsageError, XpmodelError
 from ..model.gpt import GPT
 from ..train.optim import clipped_step
-from ..train.setup import optimizer_for
+from ..train.setup import count_steps, make_sampler, optimizer_for
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 # The checks in the order they run; `--skip NAME` takes these names.
@@ -130,7 +130,7 @@ def checks_to_skip(names):
 
 def check_config(subject):
     t = subject.config.train
-    steps = _total_steps(subject)
+    steps, epochs = _run_length(subject)
     notes, advice = [], []
     if t.optimizer == "adamw" and not 1e-5 <= t.lr <= 1e-2:
         notes.append(f"train.lr={t.lr:g} is outside AdamW's usual 1e-5..1e-2")
@@ -145,7 +145,7 @@ def check_config(subject):
     if t.grad_clip == 0:
         notes.append("gradient clipping is off")
         advice.append("train.grad_clip=1.0 guards against loss spikes")
-    if subject.config.model.dropout > 0 and _epochs(subject) < 1:
+    if subject.config.model.dropout > 0 and epochs < 1:
         notes.append(f"dropout {subject.config.model.dropout:g} in a run of under one epoch")
         advice.append("model.dropout=0 trains faster when no token is seen twice")
     detail = "; ".join(notes) if notes else (f"{steps:,} steps, lr {t.lr:g}, warmup "
@@ -153,33 +153,22 @@ def check_config(subject):
     return Check("config", WARN if notes else PASS, detail, "; ".join(advice))
 
 
-def _total_steps(subject):
+def _run_length(subject):
+    """(steps, epochs) of the run, counted as the trainer counts them."""
     t = subject.config.train
-    if t.max_iters is not None:
-        return t.max_iters
-    train, _ = subject.tokens
-    windows = len(train) // (subject.config.model.block_size + 1)
-    return max(1, t.epochs * (windows // t.batch_size) // t.grad_accum)
-
-
-def _epochs(subject):
-    t, T = subject.config.train, subject.config.model.block_size
-    train, _ = subject.tokens
-    return _total_steps(subject) * t.batch_size * t.grad_accum * T / max(len(train), 1)
+    sampler = make_sampler(subject.config, subject.tokenizer, subject.tokens[0])
+    steps = count_steps(t, sampler)
+    return steps, sampler.epochs_after(steps * t.grad_accum)
 
 
 def check_data(subject):
     t, T = subject.config.train, subject.config.model.block_size
     train, val = subject.tokens
     n_params = subject.gpt_config.num_params()
-    epochs = _epochs(subject)
+    steps, epochs = _run_length(subject)
     per_param = len(train) / n_params
-    try:
-        corpus = f"{resolve_source(subject.config.data.source).total_bytes():,} bytes -> "
-    except XpmodelError:
-        corpus = ""
-    detail = (f"{corpus}{len(train):,} train + {len(val):,} val tokens; {per_param:.2g} train "
-              f"tokens per parameter; {_total_steps(subject):,} steps x "
+    detail = (f"{subject.corpus.size_text()} -> {len(train):,} train + {len(val):,} val tokens; "
+              f"{per_param:.2g} train tokens per parameter; {steps:,} steps x "
               f"{t.batch_size * t.grad_accum * T:,} tokens = {epochs:.2f} epochs")
     problems, advice = [], []
     if len(val) < t.batch_size * (T + 1):
