@@ -1,6 +1,7 @@
 """Tests for xpmodel.config: shipped configs, overrides, validation messages, save/load."""
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -710,3 +711,40 @@ def test_a_base_60_number_is_kept_as_text_by_a_string_key(tmp_path):
 def test_the_other_yaml_1_1_integer_forms_still_read(tmp_path, text, value):
     assert load_config(write(tmp_path, f"model:\n  n_layer: {text}\n")).model.n_layer == value
     assert load_config("default", [f"model.n_layer={text}"]).model.n_layer == value
+
+
+# ---- keys that apply only under another key's choice ------------------------------------
+
+@pytest.mark.parametrize("override, chooser, chosen, choice", [
+    ("model.rope_theta=500000", "model.position", "learned", "rope"),
+    ("train.gamma=0.5", "train.schedule", "cosine", "step"),
+    ("train.step_size=100", "train.schedule", "cosine", "step"),
+    ("train.decay_fraction=0.3", "train.schedule", "cosine", "wsd"),
+    ("train.muon_lr=0.05", "train.optimizer", "adamw", "muon"),
+])
+def test_a_key_that_would_be_ignored_is_refused_naming_its_chooser(tmp_path, override, chooser,
+                                                                   chosen, choice):
+    key = override.partition("=")[0]
+    with pytest.raises(UsageError, match=re.escape(
+            f"override '{override}': {key} is set but {chooser} is {chosen} (it applies with "
+            f"{chooser}={choice})")):
+        load_config("default", [override])
+    # chosen together, in the same layer or a later one, it applies
+    load_config("default", [override, f"{chooser}={choice}"])
+    section, _, name = key.partition(".")
+    value = override.partition("=")[2]
+    both = write(tmp_path, f"{section}:\n  {name}: {value}\n", name="both.yaml")
+    with pytest.raises(UsageError, match=re.escape(f"{both}: {key} is set but {chooser}")):
+        load_config(both)
+    both.write_text(f"base: default\n{section}:\n  {name}: {value}\n" +
+                    (f"  {chooser.partition('.')[2]}: {choice}\n" if chooser.startswith(section)
+                     else f"{chooser.partition('.')[0]}:\n  {chooser.partition('.')[2]}: {choice}\n"))
+    load_config(both)
+    # a layer that chooses otherwise on purpose keeps the keys below it
+    load_config(both, [f"{chooser}={chosen}"])
+
+
+def test_a_vocab_size_for_the_byte_tokenizer_is_refused(tmp_path):
+    byte = write(tmp_path, "base: default\ndata:\n  tokenizer: byte\n", name="byte.yaml")
+    with pytest.raises(UsageError, match=r"data.vocab_size is set but data.tokenizer is byte"):
+        load_config(byte, ["data.vocab_size=512"])

@@ -191,40 +191,59 @@ def load_config_and_files(name_or_path=None, overrides=(), notify=None):
         overrides = (overrides,)
     merged = {}
     layers = _read_layers(DEFAULT_CONFIG if name_or_path is None else name_or_path)
-    train_keys = []     # per layer, {train key it sets: label to blame}
+    layer_keys = []     # per layer, {dotted key it sets: label to blame}
     for label, _, document in layers:
         before = dict(merged.get("train", {}))
         _apply_document(merged, document, label)
-        train = document.get("train")
-        train_keys.append({key: label for key in train} if isinstance(train, dict) else {})
-        _fit_schedule(merged, before, set(train_keys[-1]), notify)
+        layer_keys.append({f"{section}.{key}": label for section, values in document.items()
+                           if section in SECTIONS and isinstance(values, dict) for key in values})
+        _fit_schedule(merged, before, _train_keys(layer_keys[-1]), notify)
     before = dict(merged.get("train", {}))
     _apply_overrides(merged, overrides)
-    train_keys.append({str(text).partition("=")[0].strip().partition(".")[2]: f"override {quote(text, 200)}"
-                       for text in overrides if str(text).strip().startswith("train.")})
-    _fit_schedule(merged, before, set(train_keys[-1]), notify)
+    layer_keys.append({str(text).partition("=")[0].strip(): f"override {quote(text, 200)}"
+                       for text in overrides})
+    _fit_schedule(merged, before, _train_keys(layer_keys[-1]), notify)
     label = layers[-1][0] + (" with overrides" if overrides else "")
     config = _build(merged, label)
-    _check_muon_keys_apply(config.train.optimizer, train_keys)
+    _check_dependent_keys_apply(config, layer_keys)
     return config, [Path(path) for _, path, _ in layers]
 
 
-def _check_muon_keys_apply(optimizer, train_keys):
-    """Refuse a Muon key (train.muon_*) that would be ignored: set by a layer (a
-    file, or the overrides together) that does not choose train.optimizer
-    itself, with no later layer choosing it, while the optimizer is adamw. A
-    layer that chooses the optimizer keeps its Muon keys: a saved run config
-    spells out every key, and `train.optimizer=adamw` over a Muon config
-    switches optimizers on purpose."""
-    if optimizer != "adamw":
-        return
-    for keys in reversed(train_keys):
-        if "optimizer" in keys:
-            return
-        muon = [key for key in _fields_by_name("train") if key.startswith("muon_") and key in keys]
-        if muon:
-            raise UsageError(f"{keys[muon[0]]}: train.{muon[0]} is set but train.optimizer is adamw "
-                             f"(Muon's keys apply with train.optimizer=muon)")
+def _train_keys(keys):
+    """The names of the train.* keys among dotted `keys`."""
+    return {key.partition(".")[2] for key in keys if key.startswith("train.")}
+
+
+# Keys that apply only under another key's choice: (whether a dotted key is one
+# of them, the choosing key, the choice they apply with).
+_DEPENDENT_KEYS = (
+    (lambda key: key.startswith("train.muon_"), "train.optimizer", "muon"),
+    (lambda key: key == "model.rope_theta", "model.position", "rope"),
+    (lambda key: key in ("train.step_size", "train.gamma"), "train.schedule", "step"),
+    (lambda key: key == "train.decay_fraction", "train.schedule", "wsd"),
+    (lambda key: key == "data.vocab_size", "data.tokenizer", "bpe"),
+)
+
+
+def _check_dependent_keys_apply(config, layer_keys):
+    """Refuse a key that would be ignored (_DEPENDENT_KEYS: train.muon_lr while
+    train.optimizer is adamw, model.rope_theta with learned positions): set by
+    a layer (a file, or the overrides together) that does not choose the
+    choosing key itself, with no later layer choosing it. A layer that chooses
+    keeps its dependent keys: a saved run config spells out every key, and
+    `train.optimizer=adamw` over a Muon config switches optimizers on purpose."""
+    for is_dependent, chooser, choice in _DEPENDENT_KEYS:
+        section, _, name = chooser.partition(".")
+        chosen = getattr(getattr(config, section), name)
+        if chosen == choice:
+            continue
+        for keys in reversed(layer_keys):
+            if chooser in keys:
+                break
+            dependent = [key for key in keys if is_dependent(key)]
+            if dependent:
+                raise UsageError(f"{keys[dependent[0]]}: {dependent[0]} is set but {chooser} is "
+                                 f"{chosen} (it applies with {chooser}={choice})")
 
 
 def _fit_schedule(merged, before, named, notify):
