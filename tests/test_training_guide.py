@@ -347,6 +347,11 @@ def test_plot_draws_the_gap_between_validation_and_train(tmp_path, corpus, capsy
                      run.path / ".." / run.path.name / "loss.png"):
         code, _, err = run_cli(capsys, "plot", run.path, "--out", spelling)
         assert code == 0, err
+    (tmp_path / "link.png").symlink_to(run.path / "loss.png")   # a link to it refreshes the run's plot
+    (tmp_path / "link-health.png").write_bytes(b"notes")
+    code, _, err = run_cli(capsys, "plot", run.path, "--out", tmp_path / "link.png")
+    assert code == 0 and (tmp_path / "link.png").is_symlink()
+    assert (tmp_path / "link-health.png").read_bytes() == b"notes"
     (tmp_path / "mine.png").write_bytes(b"mine")
     code, _, err = run_cli(capsys, "plot", run.path, "--out", tmp_path / "mine.png")
     assert code == 2 and "already exists" in err and (tmp_path / "mine.png").read_bytes() == b"mine"

@@ -50,9 +50,12 @@ def plot_run(run_dir, out=None, overwrite=False):
     health = [r for r in records if r.get("type") == "health"]
     if not train:
         raise DataError(f"{run.metrics_path}: no training steps logged yet")
-    out = run.path / "loss.png" if out is None else check_png_output(out)
+    default = run.path / "loss.png"
+    out = default if out is None else check_png_output(out)
+    if same_file(out, default):     # the run's own plot, however named, is refreshed in place
+        out = default
     health_out = out.with_name(out.stem + "-health.png") if health else None
-    if not same_file(out, run.path / "loss.png"):    # the run's own plot is refreshed
+    if out != default:
         for path in (out, health_out):
             if path is not None:
                 check_output(path, "--out", overwrite=overwrite)
