@@ -18,8 +18,8 @@ from ..errors import UsageError, quote
 
 # The longest a string setting may be (YAML's other bounds are in yaml_files.py).
 _MAX_STRING_CHARS = 1 << 16
-# String keys that mean nothing when empty.
-_NON_EMPTY = {"data.source"}
+# String keys that mean nothing when empty (null says "none" for the optional ones).
+_NON_EMPTY = {"data.source", "train.init_from", "data.cache_dir"}
 
 
 def _setting(default, within=None, choices=None):

@@ -91,11 +91,11 @@ def _read_text(path, label):
 
 
 # YAML 1.1's plain int and float forms as PyYAML's resolver writes them, less
-# base 60: `1:2` is 62 there and `1:30.5` 90.5, a clock time taken for a
-# number. Without it such text stays a string, which a number's key refuses.
+# base 60 and base 8: `1:2` is 62 there, `1:30.5` 90.5 (a clock time taken for a
+# number) and `010` 8 (a decimal with a leading zero). Without them such text
+# stays a string, which a number's key refuses.
 _NUMBERS_WITHOUT_BASE_60 = {
     "tag:yaml.org,2002:int": re.compile(r"""^(?:[-+]?0b[0-1_]+
-                    |[-+]?0[0-7_]+
                     |[-+]?(?:0|[1-9][0-9_]*)
                     |[-+]?0x[0-9a-fA-F_]+)$""", re.X),
     "tag:yaml.org,2002:float": re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
@@ -107,7 +107,7 @@ _NUMBERS_WITHOUT_BASE_60 = {
 
 class _StrictLoader(yaml.SafeLoader):
     """A safe YAML loader that rejects a key repeated within one mapping and
-    reads no number in base 60 (otherwise YAML 1.1 as PyYAML reads it)."""
+    reads no number in base 60 or 8 (otherwise YAML 1.1 as PyYAML reads it)."""
 
     yaml_implicit_resolvers = {
         first: [(tag, _NUMBERS_WITHOUT_BASE_60.get(tag, regexp)) for tag, regexp in resolvers]
