@@ -94,7 +94,7 @@ def _read_text(path, label):
 # base 60 and base 8: `1:2` is 62 there, `1:30.5` 90.5 (a clock time taken for a
 # number) and `010` 8 (a decimal with a leading zero). Without them such text
 # stays a string, which a number's key refuses.
-_NUMBERS_WITHOUT_BASE_60 = {
+_PLAIN_NUMBERS = {
     "tag:yaml.org,2002:int": re.compile(r"""^(?:[-+]?0b[0-1_]+
                     |[-+]?(?:0|[1-9][0-9_]*)
                     |[-+]?0x[0-9a-fA-F_]+)$""", re.X),
@@ -110,7 +110,7 @@ class _StrictLoader(yaml.SafeLoader):
     reads no number in base 60 or 8 (otherwise YAML 1.1 as PyYAML reads it)."""
 
     yaml_implicit_resolvers = {
-        first: [(tag, _NUMBERS_WITHOUT_BASE_60.get(tag, regexp)) for tag, regexp in resolvers]
+        first: [(tag, _PLAIN_NUMBERS.get(tag, regexp)) for tag, regexp in resolvers]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
     def construct_mapping(self, node, deep=False):
