@@ -493,7 +493,6 @@ def test_argument_mistakes_are_one_line_naming_the_command_and_the_argument(args
     assert err.rstrip().endswith(f"({command} --help lists the options)")
 
 
-
 @pytest.mark.parametrize("args, command, argument", [
     (["train", "--resume", ""], "train", "--resume"),
     (["train", "--init-from", "", "train.max_iters=1"], "train", "--init-from"),
@@ -535,6 +534,22 @@ def test_every_path_argument_of_every_command_refuses_an_empty_path():
                     action.type("")
                 assert action.type("x") == "x"
     assert seen == paths
+
+
+def test_an_empty_storage_url_is_refused_naming_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "sweep", "--out", "s", "--sampler", "tpe", "--storage", "",
+                           "train.lr=log:1e-4..1e-2")
+    assert code == 2 and err.startswith("error: xpmodel sweep: argument --storage: an empty URL")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command, needed", [("doctor", "CONFIG_OR_RUN"), ("sweep", "--out")])
+def test_a_missing_argument_names_only_what_is_required(command, needed, capsys):
+    code, _, err = run_cli(capsys, command)
+    assert code == 2 and f"the following arguments are required: {needed} (" in err
+    assert "KEY=VALUE" not in err and "SPEC" not in err
+
 
 def test_tokenizer_without_a_subcommand_shows_its_own_help(capsys):
     code, out, _ = run_cli(capsys, "tokenizer")

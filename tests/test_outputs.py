@@ -209,11 +209,17 @@ def test_lr_find_never_writes_over_a_run_and_refuses_an_existing_sidecar(capsys,
                        "--overwrite", "--steps", 10)
     assert out == "" and "run.json" in err and "even with --overwrite" in err
     assert snapshot(run) == before
-    (tmp_path / "lr.json").write_text("mine")
+    (tmp_path / "lr.json").write_text("mine")   # not lr-find's: --overwrite would not help
     out, err = refused(capsys, "lr-find", "--config", run, "--out", tmp_path / "lr.png",
                        "--steps", 10)
-    assert out == "" and f"--out {tmp_path / 'lr.json'}: already exists" in err
+    assert out == "" and f"{tmp_path / 'lr.json'} exists and is not an earlier lr-find's" in err
     assert (tmp_path / "lr.json").read_text() == "mine"
+    earlier = dict.fromkeys(["lrs", "losses", "smoothed", "min_lr", "steepest_lr", "suggested_lr",
+                             "stopped_early", "rule"], 0)
+    (tmp_path / "lr.json").write_text(json.dumps(earlier))   # lr-find's: --overwrite replaces it
+    out, err = refused(capsys, "lr-find", "--config", run, "--out", tmp_path / "lr.png",
+                       "--steps", 10)
+    assert out == "" and f"--out {tmp_path / 'lr.json'}: already exists; pass --overwrite" in err
 
 
 def test_lr_find_overwrite_replaces_only_what_an_earlier_lr_find_wrote(capsys, run, tmp_path):

@@ -5,7 +5,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..config.sections import names_tokenizer_file
+from ..config.sections import MAX_SEED, names_tokenizer_file
 from ..cpu_threads import usable_cores
 from ..errors import DataError, UsageError, quote
 from ..files import existing_file, inside, same_file
@@ -201,7 +201,7 @@ def sample_command(args):
 
 def _check_seed(seed):
     """Refuse a --seed that NumPy's generators and a checkpoint cannot hold."""
-    if not 0 <= seed < 2**63:
+    if not 0 <= seed <= MAX_SEED:
         raise UsageError(f"--seed must be an integer from 0 to 2**63 - 1, got {quote(seed, 40)}")
 
 

@@ -170,8 +170,17 @@ def path_argument(text):
     """The `type` of every path argument: an empty one is refused (argparse
     names the argument) rather than read as no path at all (`--resume ''`
     would start a new run) or as the current folder (`runs ''`)."""
+    return _non_empty(text, "path")
+
+
+def url_argument(text):
+    """The `type` of a URL argument: an empty one is refused, not read as none."""
+    return _non_empty(text, "URL")
+
+
+def _non_empty(text, what):
     if not text:
-        raise argparse.ArgumentTypeError("an empty path")
+        raise argparse.ArgumentTypeError(f"an empty {what}")
     return text
 
 
@@ -230,7 +239,8 @@ def _add_training(commands, common):
     p.add_argument("--out", type=path_argument, default=None,
                    help="run directory (default: runs/CONFIG_NAME, or runs/CONFIG_NAME-2, -3, ... "
                         "when that exists; the start says which)")
-    p.add_argument("--resume", type=path_argument, default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--resume", type=path_argument, default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR")
     p.add_argument("--init-from", type=path_argument, default=None, metavar="DIR",
                    help="start from the weights of a run or a Hugging Face GPT-2 or Llama directory")
     p.add_argument("--overwrite", action="store_true",
@@ -238,7 +248,7 @@ def _add_training(commands, common):
     p.add_argument("--quiet", action="store_true",
                    help="plain log lines, no live display (so without a terminal, and under "
                         "mpirun with several ranks)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. model.n_layer=4 train.max_iters=200")
     p.set_defaults(handler=c.train_command, outlives_stdout=True)
 
@@ -247,8 +257,8 @@ def _add_run_commands(commands, common):
     """The commands that read a trained run: sample, eval, plot."""
     from . import commands as c
     trained_run = argparse.ArgumentParser(add_help=False)   # options of commands that load a run
-    trained_run.add_argument("run_dir", type=path_argument, metavar="RUN_DIR", help="a run directory made by train "
-                                                                "or import-hf")
+    trained_run.add_argument("run_dir", type=path_argument, metavar="RUN_DIR",
+                             help="a run directory made by train or import-hf")
     trained_run.add_argument("--device", default=_DEVICE, help=_DEVICE_HELP)
     trained_run.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
                              help="which checkpoint to load (default: latest)")
@@ -297,8 +307,10 @@ def _add_data_commands(commands, common):
     from . import commands as c
     p = commands.add_parser("prepare", parents=[common], help="tokenize a corpus into a token file",
                             description="Tokenize a corpus once into a token file that runs reuse.")
-    p.add_argument("source", type=path_argument, metavar="SOURCE", help="a file, folder, glob or built-in corpus")
-    p.add_argument("--tokenizer", type=path_argument, required=True, metavar="FILE", help="a tokenizer JSON file")
+    p.add_argument("source", type=path_argument, metavar="SOURCE",
+                   help="a file, folder, glob or built-in corpus")
+    p.add_argument("--tokenizer", type=path_argument, required=True, metavar="FILE",
+                   help="a tokenizer JSON file")
     p.add_argument("--out", type=path_argument, default=None, metavar="FILE",
                    help="token file path, with FILE.json beside it (default: the cache)")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_FILE)
@@ -315,10 +327,12 @@ def _add_data_commands(commands, common):
     sub = p.add_subparsers(title="tokenizer commands", metavar="COMMAND")
     q = sub.add_parser("train", parents=[common], help="train a BPE tokenizer on a corpus",
                        description="Learn a byte-level BPE vocabulary from a corpus.")
-    q.add_argument("source", type=path_argument, metavar="SOURCE", help="a file, folder, glob or built-in corpus")
+    q.add_argument("source", type=path_argument, metavar="SOURCE",
+                   help="a file, folder, glob or built-in corpus")
     q.add_argument("--vocab-size", type=int, required=True, metavar="N",
                    help="ids in the vocabulary: 256 bytes + merges + <|endoftext|>")
-    q.add_argument("--out", type=path_argument, required=True, metavar="FILE", help="tokenizer JSON file to write")
+    q.add_argument("--out", type=path_argument, required=True, metavar="FILE",
+                   help="tokenizer JSON file to write")
     q.add_argument("--export-hf", type=path_argument, default=None, metavar="DIR",
                    help="also write Hugging Face tokenizer files to DIR (new or empty; never a "
                         "run or a model folder)")
@@ -337,7 +351,8 @@ def _add_hf_commands(commands, common):
                             description="Write a run as a GPT2LMHeadModel or LlamaForCausalLM directory "
                                         "with its tokenizer (the architecture follows the run's options).")
     p.add_argument("run_dir", type=path_argument, metavar="RUN_DIR", help="the run to export")
-    p.add_argument("out_dir", type=path_argument, metavar="OUT_DIR", help="folder to write (outside the run)")
+    p.add_argument("out_dir", type=path_argument, metavar="OUT_DIR",
+                   help="folder to write (outside the run)")
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
                    help="which checkpoint to export (default: latest)")
     p.add_argument("--overwrite", action="store_true",
@@ -351,7 +366,8 @@ def _add_hf_commands(commands, common):
     p.add_argument("hf_dir", type=path_argument, metavar="HF_DIR",
                    help="a local GPT-2 or Llama directory (config.json, model.safetensors, "
                         "tokenizer files)")
-    p.add_argument("--out", type=path_argument, required=True, metavar="RUN_DIR", help="run directory to create")
+    p.add_argument("--out", type=path_argument, required=True, metavar="RUN_DIR",
+                   help="run directory to create")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run already in RUN_DIR (other files there are kept)")
     p.set_defaults(handler=c.import_hf_command)
@@ -382,7 +398,7 @@ def _add_doctor(commands, common):
                    type=lambda name: name.strip().replace(" ", "-"),
                    help=f"leave a check out (repeatable): {', '.join(DOCTOR_CHECKS)}; "
                         f"e.g. --skip overfit")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(handler=c.doctor_command)
 
 
@@ -408,7 +424,7 @@ def _add_lr_find(commands, common):
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing PNG image and an earlier lr-find's numbers there "
                         "(never another JSON, a file the command reads, nor a run's own files)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(handler=c.lr_find_command)
 
 
@@ -456,7 +472,8 @@ def _add_sweep(commands, common):
                                         "train.grad_clip=0.5..2 (ranges).")
     p.add_argument("--config", type=path_argument, default="default", metavar="NAME_OR_PATH",
                    help="the base config: a shipped name or a YAML file (default: default)")
-    p.add_argument("--out", type=path_argument, required=True, metavar="SWEEP_DIR", help="the sweep's folder")
+    p.add_argument("--out", type=path_argument, required=True, metavar="SWEEP_DIR",
+                   help="the sweep's folder")
     p.add_argument("--trials", type=int, default=None, metavar="N",
                    help="trials to run (default: every grid combination, or 8 with ranges)")
     p.add_argument("--max-iters", type=int, default=None, metavar="N",
@@ -478,7 +495,7 @@ def _add_sweep(commands, common):
                    help="stop a trial early: median (above the finished trials' median at an "
                         "evaluation), halving (Optuna's successive halving; --sampler tpe), or "
                         "none (default: median)")
-    p.add_argument("--storage", default=None, metavar="URL",
+    p.add_argument("--storage", default=None, type=url_argument, metavar="URL",
                    help="with --sampler tpe: the study's database, shared by every process "
                         "given the same command (e.g. postgresql://user@host/db; default: "
                         "sqlite:///SWEEP_DIR/study.db)")
@@ -486,7 +503,7 @@ def _add_sweep(commands, common):
     p.add_argument("--preset", choices=PRESETS, default=None,
                    help="tuning-order: stages lr, then batch size, then width, then clipping, "
                         "each fixing the previous stage's winner (SPECs then fix keys)")
-    p.add_argument("specs", nargs="*", metavar="SPEC", help="KEY=VALUES to search")
+    p.add_argument("specs", nargs="*", default=[], metavar="SPEC", help="KEY=VALUES to search")
     p.set_defaults(handler=c.sweep_command)
 
 

@@ -168,10 +168,11 @@ def check_outputs(png_path, inputs, overwrite):
     for path, is_lr_finds, what in ((png_path, _is_png, "a PNG image"),
                                     (png_path.with_suffix(".json"), _is_result_json,
                                      "an earlier lr-find's numbers")):
-        check_output(path, "--out", inputs, overwrite)
+        check_output(path, "--out", inputs, overwrite=True)   # an input, a run's file, a folder
         if os.path.lexists(path) and not is_lr_finds(path):
             raise UsageError(f"--out {png_path}: {path} exists and is not {what}; lr-find will "
                              f"not replace it, even with --overwrite; choose another --out")
+        check_output(path, "--out", overwrite=overwrite)
     return png_path
 
 
