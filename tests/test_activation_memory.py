@@ -2,43 +2,57 @@
 allocated or written, by every command that builds a model from a config."""
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 import xpmodel
+import xpmodel.train.setup as setup
 from cli_helpers import assert_one_line_error, run_cli, write_corpus
+from xpmodel.config import load_config
 from xpmodel.errors import UsageError
+from xpmodel.tokenizer.bpe import BPETokenizer
 
 TINY = Path(__file__).parent / "tiny-run.yaml"
 HUGE_BATCH = "train.batch_size=16000000"    # within the config's bound, far past 8 GiB
+SHAPE = xpmodel.GPTConfig(vocab_size=50, block_size=64, n_layer=3, n_head=2, n_embd=32)
+FITS = (8 << 30) // (64 * 32 * (3 + 1) * 4)     # windows whose bound is 8 GiB at most
+CPU, GPU = xpmodel.get_device("cpu"), SimpleNamespace(is_cuda=True)
 
 
 @pytest.fixture
 def small_machine(tmp_path, monkeypatch):
-    """A host of 8 GiB, and a corpus in tmp_path."""
-    import xpmodel.train.setup as setup
+    """A host of 8 GiB and a GPU of 4 GiB, and a corpus in tmp_path."""
     monkeypatch.setattr(setup, "_host_memory", lambda: 8 << 30)
+    monkeypatch.setattr(setup, "_gpu_memory", lambda device: 4 << 30)
     monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
     return write_corpus(tmp_path / "corpus.txt")
 
 
-def test_the_bound_counts_each_blocks_input_and_the_stream_in_float32():
-    from xpmodel.train.setup import check_activations_fit
-    config = xpmodel.GPTConfig(vocab_size=50, block_size=64, n_layer=3, n_head=2, n_embd=32)
-    cpu = xpmodel.get_device("cpu")
-    fits = (8 << 30) // (64 * 32 * (3 + 1) * 4)     # windows whose bound is exactly 8 GiB or less
-    import xpmodel.train.setup as setup
-    original = setup._host_memory
-    try:
-        setup._host_memory = lambda: 8 << 30
-        check_activations_fit(config, fits, cpu)
-        with pytest.raises(UsageError, match=r"^train.batch_size=262,145: .* keeps at least 8.0 GiB"):
-            check_activations_fit(config, fits + 1, cpu)
-    finally:
-        setup._host_memory = original
+def test_the_bound_counts_each_blocks_input_and_the_stream_in_float32(small_machine):
+    setup.check_activations_fit(SHAPE, FITS, CPU)
+    with pytest.raises(UsageError, match=r"^train.batch_size: a micro-batch of 262,145 windows .* "
+                                         r"keeps at least 8.0 GiB .* more than this machine's"):
+        setup.check_activations_fit(SHAPE, FITS + 1, CPU)
 
 
-REFUSAL = ("train.batch_size=16,000,000: a micro-batch of 16,000,000 windows of 16 tokens keeps "
+def test_a_gpu_run_is_held_to_the_gpus_memory(small_machine):
+    setup.check_activations_fit(SHAPE, FITS // 2, GPU)
+    with pytest.raises(UsageError, match=r"keeps at least 4.0 GiB of activations, more than "
+                                         r"the GPU's 4.0 GiB"):
+        setup.check_activations_fit(SHAPE, FITS // 2 + 1, GPU)
+
+
+def test_data_parallel_ranks_are_each_held_to_their_share(small_machine):
+    config = load_config(TINY, [f"train.batch_size={2 * 16 * FITS}", "model.n_layer=3",
+                                "model.n_embd=32", "model.block_size=64"])
+    tokenizer = BPETokenizer()
+    with pytest.raises(UsageError, match=f"a micro-batch of {2 * FITS:,} windows"):
+        setup.build_model(config, tokenizer, "cpu", ranks=16)
+    assert setup.build_model(config, tokenizer, "cpu", ranks=32).config.n_layer == 3
+
+
+REFUSAL = ("train.batch_size: a micro-batch of 16,000,000 windows of 16 tokens keeps "
            "at least 30.5 GiB of activations, more than this machine's 8.0 GiB; lower "
            "train.batch_size")
 

@@ -143,7 +143,7 @@ def test_a_warmup_longer_than_an_epoch_run_is_refused_before_writing(capsys, tmp
     code, _, err = run_cli(capsys, *args, "train.warmup_iters=100000", "--out", tmp_path / "long")
     assert code == 2 and not (tmp_path / "long").exists()
     assert_one_line_error(err)
-    assert "train.warmup_iters (100,000) is longer than the run (train.epochs = 1: " in err
+    assert "train.warmup_iters (100000) is longer than the run (train.epochs = 1: " in err
     code, _, err = run_cli(capsys, *args, "train.warmup_iters=2", "--out", tmp_path / "short",
                            "--quiet")
     assert code == 0, err

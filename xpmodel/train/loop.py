@@ -58,7 +58,8 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
         self._say = (lambda text: print(text, flush=True)) if self.display_enabled else (lambda text: None)
 
         # the model first: one that cannot fit is refused before the corpus is read
-        self.model = build_model(config, tokenizer, self.device)
+        self.model = build_model(config, tokenizer, self.device,
+                                 ranks=1 if dist is None else dist.world_size)
         self.gpt_config = self.model.config
         try:
             self.optimizer = optimizer_for(self.model, t)   # AdamW, or Muon with AdamW

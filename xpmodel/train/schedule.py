@@ -135,14 +135,14 @@ class ConstantSchedule:
 def schedule_from_config(train, total_steps):
     """The schedule `train.schedule` names, for a run of `total_steps` steps.
 
-    train.lr_decay_iters None means the run's length; the warmup is cut to
-    the decay span if longer. step decay's step_size None means a third of
-    the steps after the warmup, so the rate drops three times in the run.
+    train.lr_decay_iters None means the run's length (the config and
+    setup.count_steps hold the warmup within both). step decay's step_size
+    None means a third of the steps after the warmup, so the rate drops three
+    times in the run.
     """
     if train.schedule == "constant":
         return ConstantSchedule(train.lr, train.warmup_iters)
-    decay = train.lr_decay_iters or total_steps
-    warmup = min(train.warmup_iters, decay)
+    decay, warmup = train.lr_decay_iters or total_steps, train.warmup_iters
     if train.schedule == "cosine":
         return CosineSchedule(train.lr, train.min_lr, warmup, decay)
     if train.schedule == "linear":

@@ -30,20 +30,20 @@ def gpt_config_for(config, tokenizer):
     return gpt_config(config.model, tokenizer.vocab_size)
 
 
-def build_model(config, tokenizer, device, dropout=None, embedding_noise=None):
+def build_model(config, tokenizer, device, dropout=None, embedding_noise=None, ranks=1):
     """The model a run config (`config`) trains, at the seed's initial weights:
     its GPTConfig checked against this machine's memory before anything is
     allocated, then train.seed, precision, kernels, recompute and
     embedding_noise. Training and the tuning tools (lr-find, doctor) build
     their models here; `dropout` and `embedding_noise` (an alpha) override the
-    config's."""
+    config's; `ranks` processes share each batch (data parallelism)."""
     t = config.train
     shape = gpt_config_for(config, tokenizer)
     if dropout is not None:
         shape = replace(shape, dropout=dropout)
     device = get_device(device)
     check_fits_in_memory(shape, device)
-    check_activations_fit(shape, t.batch_size, device)
+    check_activations_fit(shape, t.batch_size // ranks, device)
     try:
         model = GPT(shape, device=device, seed=t.seed, precision=t.precision, kernels=t.kernels,
                     recompute=t.recompute)
@@ -78,18 +78,19 @@ def check_fits_in_memory(gpt_config, device):
                              f"{' or '.join(_largest_parts(gpt_config))}")
 
 
-def check_activations_fit(gpt_config, batch_size, device):
-    """Refuse, naming train.batch_size, a micro-batch whose activations cannot
-    fit where the model computes (the host, or the GPU), by a lower bound: what
-    every train.recompute mode keeps for backward, each block's input in
-    float32, and the residual stream, C channels a token each. An absurd batch
-    is refused at once instead of after minutes of allocating."""
+def check_activations_fit(gpt_config, rows, device):
+    """Refuse, naming train.batch_size, a micro-batch whose `rows` windows (this
+    process's share) cannot keep their activations where the model computes
+    (the host, or the GPU), by a lower bound: what every train.recompute mode
+    keeps for backward, each block's input in float32, and the residual
+    stream, C channels a token each. An absurd batch is refused at once
+    instead of after minutes of allocating."""
     c = gpt_config
-    needed = batch_size * c.block_size * c.n_embd * (c.n_layer + 1) * 4
+    needed = rows * c.block_size * c.n_embd * (c.n_layer + 1) * 4
     where, available = (("the GPU", _gpu_memory(device)) if device.is_cuda
                         else ("this machine", _host_memory()))
     if available is not None and needed > available:
-        raise UsageError(f"train.batch_size={batch_size:,}: a micro-batch of {batch_size:,} "
+        raise UsageError(f"train.batch_size: a micro-batch of {rows:,} "
                          f"windows of {c.block_size:,} tokens keeps at least "
                          f"{needed / 2**30:,.1f} GiB of activations, more than {where}'s "
                          f"{available / 2**30:,.1f} GiB; lower train.batch_size (train.grad_accum "
@@ -212,8 +213,9 @@ def count_steps(t, sampler):
                          f"{sampler.batches_per_epoch} batches, fewer than "
                          f"train.grad_accum={t.grad_accum}")
     if t.warmup_iters > steps:
-        raise UsageError(f"train.warmup_iters ({t.warmup_iters:,}) is longer than the run "
-                         f"(train.epochs = {t.epochs}: {steps:,} steps)")
+        raise UsageError(f"train.warmup_iters ({t.warmup_iters}) is longer than the run "
+                         f"(train.epochs = {t.epochs}: {steps} steps); set train.warmup_iters "
+                         f"to at most {steps}")
     return steps
 
 

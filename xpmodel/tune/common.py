@@ -9,7 +9,7 @@ from ..data.corpus import build_tokenizer, load_tokens
 from ..data.sources import resolve_given
 from ..train.rundir import RunDir
 from ..train.runs import adopt_pretrained, load_pretrained
-from ..train.setup import build_model, gpt_config_for
+from ..train.setup import build_model, gpt_config_for, make_sampler
 
 
 @dataclass
@@ -22,6 +22,14 @@ class Subject:
     config_files: tuple = ()         # the files the config was read from (load_config_and_files)
     pretrained: dict | None = None   # name -> array of train.init_from, else None
     _tokens: tuple | None = None
+    _sampler: object = None
+
+    @property
+    def sampler(self):
+        """The training sampler the trainer would build (train.setup.make_sampler), made once."""
+        if self._sampler is None:
+            self._sampler = make_sampler(self.config, self.tokenizer, self.tokens[0])
+        return self._sampler
 
     @property
     def tokens(self):

@@ -22,10 +22,10 @@ import numpy
 
 from ..backend import get_device, to_host
 from ..data import RandomWindowSampler
-from ..errors import UsageError, XpmodelError
+from ..errors import DataError, UsageError, XpmodelError
 from ..model.gpt import GPT
 from ..train.optim import clipped_step
-from ..train.setup import count_steps, make_sampler, optimizer_for
+from ..train.setup import count_steps, optimizer_for
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 # The checks in the order they run; `--skip NAME` takes these names.
@@ -129,55 +129,68 @@ def checks_to_skip(names):
 # ---- config, data, tokenizer -------------------------------------------------------
 
 def check_config(subject):
+    """The run's settings; the run's length (a UsageError such as a warmup
+    longer than an epoch run fails this check) unless the data cannot make
+    the trainer's batches, which check_data reports."""
     t = subject.config.train
-    steps, epochs = _run_length(subject)
+    try:
+        steps, epochs = _run_length(subject)
+    except DataError:
+        steps = epochs = None
     notes, advice = [], []
     if t.optimizer == "adamw" and not 1e-5 <= t.lr <= 1e-2:
         notes.append(f"train.lr={t.lr:g} is outside AdamW's usual 1e-5..1e-2")
         advice.append("run `xpmodel lr-find` to choose train.lr")
-    if t.warmup_iters > 0.3 * steps:
+    if steps is not None and t.warmup_iters > 0.3 * steps:
         notes.append(f"warmup ({t.warmup_iters} steps) is {t.warmup_iters / steps:.0%} of the run")
         advice.append("lower train.warmup_iters to a few percent of the run")
-    if t.eval_interval > steps:
+    if steps is not None and t.eval_interval > steps:
         notes.append(f"train.eval_interval={t.eval_interval} is longer than the run ({steps} "
                      f"steps): validation only at the end")
         advice.append("lower train.eval_interval to see the validation curve")
     if t.grad_clip == 0:
         notes.append("gradient clipping is off")
         advice.append("train.grad_clip=1.0 guards against loss spikes")
-    if subject.config.model.dropout > 0 and epochs < 1:
+    if subject.config.model.dropout > 0 and epochs is not None and epochs < 1:
         notes.append(f"dropout {subject.config.model.dropout:g} in a run of under one epoch")
         advice.append("model.dropout=0 trains faster when no token is seen twice")
-    detail = "; ".join(notes) if notes else (f"{steps:,} steps, lr {t.lr:g}, warmup "
+    length = f"{steps:,} steps" if steps is not None else "length unknown (see data)"
+    detail = "; ".join(notes) if notes else (f"{length}, lr {t.lr:g}, warmup "
                                               f"{t.warmup_iters}, clip {t.grad_clip:g}")
     return Check("config", WARN if notes else PASS, detail, "; ".join(advice))
 
 
 def _run_length(subject):
-    """(steps, epochs) of the run, counted as the trainer counts them."""
+    """(steps, epochs) of the run, counted as the trainer counts them: a
+    DataError where the data cannot make its batches, a UsageError where the
+    settings do not fit the run's length."""
     t = subject.config.train
-    sampler = make_sampler(subject.config, subject.tokenizer, subject.tokens[0])
-    steps = count_steps(t, sampler)
-    return steps, sampler.epochs_after(steps * t.grad_accum)
+    steps = count_steps(t, subject.sampler)
+    return steps, subject.sampler.epochs_after(steps * t.grad_accum)
 
 
 def check_data(subject):
     t, T = subject.config.train, subject.config.model.block_size
     train, val = subject.tokens
     n_params = subject.gpt_config.num_params()
-    steps, epochs = _run_length(subject)
+    try:
+        steps, epochs = _run_length(subject)
+    except UsageError:      # a setting that does not fit the run: check_config's to report
+        steps = epochs = None
     per_param = len(train) / n_params
     detail = (f"{subject.corpus.size_text()} -> {len(train):,} train + {len(val):,} val tokens; "
-              f"{per_param:.2g} train tokens per parameter; {steps:,} steps x "
-              f"{t.batch_size * t.grad_accum * T:,} tokens = {epochs:.2f} epochs")
+              f"{per_param:.2g} train tokens per parameter")
+    if steps is not None:
+        tokens_per_step = t.batch_size * t.grad_accum * T
+        detail += f"; {steps:,} steps x {tokens_per_step:,} tokens = {epochs:.2f} epochs"
     problems, advice = [], []
     if len(val) < t.batch_size * (T + 1):
         problems.append("the validation split holds fewer than one batch of windows")
         advice.append("raise data.val_fraction so validation is more than a few windows")
-    if epochs > 20:
+    if epochs is not None and epochs > 20:
         problems.append(f"{epochs:.0f} epochs will memorise the training data")
         advice.append("use more data, a smaller model, fewer steps, or train.early_stop_patience")
-    if per_param < 0.5 and epochs > 3:
+    if per_param < 0.5 and epochs is not None and epochs > 3:
         problems.append(f"only {per_param:.2g} tokens per parameter")
         advice.append("a smaller model (model.n_embd, model.n_layer) or more data; "
                       "about 20 tokens per parameter is compute-optimal")
