@@ -118,7 +118,8 @@ def test_file_may_omit_sections_and_keys(tmp_path):
     assert config.data == DataConfig()
 
 
-@pytest.mark.parametrize("text", ["", "# only a comment\n", "---\n...\n"])
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "---\n...\n", "{}\n", "model:\n",
+                                  "model: {}\ntrain:\n"])
 def test_an_empty_file_is_refused_as_config_or_base(tmp_path, text):
     empty = write(tmp_path, text)
     with pytest.raises(UsageError, match=f"^{empty}: the config file is empty"):

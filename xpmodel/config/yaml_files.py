@@ -182,6 +182,8 @@ def _parse_yaml(text, label):
             raise
         # e.g. a date that does not exist (2024-13-45)
         raise UsageError(f"{label}: invalid YAML value: {one_line(exc, 200)}") from None
+    if isinstance(document, dict) and all(values in (None, {}) for values in document.values()):
+        document = None     # only empty sections, as `{}` or a lone `model:`
     if document is None:    # empty, or only comments: surely not what was meant
         raise UsageError(f"{label}: the config file is empty (no settings); write the keys to "
                          f"change in it, or name a shipped config such as default")
