@@ -63,6 +63,18 @@ def test_doctor_prints_each_checks_line_as_the_check_ends(capsys, corpus, monkey
     assert "PASS  gradients" in out and out.splitlines()[-1] == "5 passed, 0 warnings, 0 failed"
 
 
+def test_the_report_and_the_run_count_one_thing_in_the_singular(capsys, tmp_path, corpus):
+    from xpmodel.tune.doctor import Check, Report
+    report = Report("run", [Check("config", "warn", "x"), Check("data", "pass", "y")])
+    assert report.summary() == "1 passed, 1 warning, 0 failed"
+    report.checks.append(Check("tokenizer", "warn", "z"))
+    assert report.summary() == "1 passed, 2 warnings, 0 failed"
+    code, out, err = run_cli(capsys, "train", "--config", TINY, f"data.source={corpus}",
+                             "train.max_iters=1", "train.warmup_iters=0", "--quiet",
+                             "--out", tmp_path / "run")
+    assert code == 0 and "done (finished): 1 step, train loss" in out, err
+
+
 @pytest.mark.parametrize("batching", ["random", "epochs"])
 def test_doctor_counts_an_epoch_runs_steps_as_the_trainer_does(capsys, tmp_path, corpus, batching):
     from xpmodel.config import load_config

@@ -53,3 +53,8 @@ def quote(text, limit=200):
     a value the user typed or a file held may be any length."""
     shown = repr(text)
     return shown if len(shown) <= limit else shown[:limit - 4] + "...'"
+
+
+def counted(count, noun):
+    """"1 step", "2 steps": a count and its noun for a message (nouns taking an s)."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"

@@ -7,7 +7,7 @@ import numpy
 
 from ..backend import gpu_name, to_host
 from ..data import eval_batches, resolve_source
-from ..errors import XpmodelError
+from ..errors import XpmodelError, counted
 from ..model.generate import generate
 from .peak_flops import mfu_peak
 
@@ -165,6 +165,6 @@ class Evaluation:
     def _print_summary(self, s):
         val = f"{s['val_loss']:.4f} (perplexity {s['val_perplexity']:.2f})" if s["val_loss"] is not None else "-"
         train = "-" if s["train_loss"] is None else f"{s['train_loss']:.4f}"
-        print(f"done ({s['stop_reason']}): {s['steps']} steps, train loss {train}, "
+        print(f"done ({s['stop_reason']}): {counted(s['steps'], 'step')}, train loss {train}, "
               f"val loss {val}, {s['tokens_seen']:,} tokens in {s['wall_time_s']:.1f} s "
               f"({s['tokens_per_s']:,.0f} tokens/s); run saved in {s['run_dir']}", flush=True)

@@ -22,7 +22,7 @@ import numpy
 
 from ..backend import get_device, to_host
 from ..data import RandomWindowSampler
-from ..errors import DataError, UsageError, XpmodelError
+from ..errors import DataError, UsageError, XpmodelError, counted
 from ..model.gpt import GPT
 from ..train.optim import clipped_step
 from ..train.setup import count_steps, optimizer_for
@@ -76,7 +76,8 @@ class Report:
 
     def summary(self):
         failed, warned = len(self.failed), sum(c.status == WARN for c in self.checks)
-        return f"{len(self.checks) - failed - warned} passed, {warned} warnings, {failed} failed"
+        passed = len(self.checks) - failed - warned
+        return f"{passed} passed, {counted(warned, 'warning')}, {failed} failed"
 
 
 def diagnose(subject, device="cpu", overfit_steps=300, say=None, skip=(), show=lambda line: None):
