@@ -105,7 +105,7 @@ extern "C" __global__ void merge_rope_heads(const X_T* dq, const X_T* dk, const 
 struct RopePair {
     int part, h, part_heads;   // q, k or v (0, 1, 2); head h of its part's part_heads
     int column, qkv_column;    // 8p: in the head, and in a row of qkv
-    bool rotated;              // a q or k head, with rotary positions
+    bool turns;                // a q or k head, with rotary positions
 };
 
 __device__ __forceinline__ RopePair rope_pair(int c, int H, int H_kv, int D, bool rope) {
@@ -116,7 +116,7 @@ __device__ __forceinline__ RopePair rope_pair(int c, int H, int H_kv, int D, boo
     p.part_heads = p.part == 0 ? H : H_kv;
     p.column = (c - head * pairs) * 8;
     p.qkv_column = head * D + p.column;
-    p.rotated = rope && p.part < 2;
+    p.turns = rope && p.part < 2;
     return p;
 }
 
@@ -156,7 +156,7 @@ extern "C" __global__ void split_rope_heads_h16x8(const h16* qkv, const h16* bia
                 second[e] += second_bias[e];
             }
         }
-        if (p.rotated) turn_pair(first, second, cos, sin, t, half, p.column, 1.0f);
+        if (p.turns) turn_pair(first, second, cos, sin, t, half, p.column, 1.0f);
         if (p.part == 0) {
             #pragma unroll
             for (int e = 0; e < 8; e++) {
@@ -184,7 +184,7 @@ extern "C" __global__ void merge_rope_heads_h16x8(const h16* dq, const h16* dk, 
         float first[8], second[8];
         unpack8(*(const uint4*)at, first);
         unpack8(*(const uint4*)(at + half), second);
-        if (p.rotated) turn_pair(first, second, cos, sin, t, half, p.column, -1.0f);
+        if (p.turns) turn_pair(first, second, cos, sin, t, half, p.column, -1.0f);
         *(uint4*)(out + r * width + column) = pack8(first);
         *(uint4*)(out + r * width + column + half) = pack8(second);
         #pragma unroll
