@@ -536,6 +536,19 @@ def test_every_path_argument_of_every_command_refuses_an_empty_path():
     assert seen == paths
 
 
+@pytest.mark.parametrize("args, dest, expected", [
+    (["train", "--quiet", "model.n_layer=2", "--out", "o", "train.max_iters=3"], "overrides",
+     ["model.n_layer=2", "train.max_iters=3"]),
+    (["sweep", "--out", "s", "data.source=c", "--device", "cpu", "train.lr=1,2"], "specs",
+     ["data.source=c", "train.lr=1,2"]),
+    (["lr-find", "train.lr=1", "--steps", "20", "model.n_layer=1"], "overrides",
+     ["train.lr=1", "model.n_layer=1"]),
+])
+def test_key_value_arguments_may_come_between_and_after_options(args, dest, expected):
+    from xpmodel.cli.main import build_parser
+    assert getattr(build_parser().parse_args(args), dest) == expected
+
+
 def test_an_empty_storage_url_is_refused_naming_it(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(capsys, "sweep", "--out", "s", "--sampler", "tpe", "--storage", "",

@@ -191,8 +191,9 @@ class CommandParser(argparse.ArgumentParser):
 
         error: xpmodel sample: argument --top-k: invalid int value: 'x' (xpmodel sample --help lists the options)
 
-    KEY=VALUE overrides may come after options too (`--quiet model.n_layer=2`);
-    any other argument left over is refused by the command it was given to."""
+    KEY=VALUE arguments may come after options too (`--quiet model.n_layer=2`,
+    a sweep's SPECs): they join the command's KEY=VALUE list; any other
+    argument left over is refused by the command it was given to."""
 
     def error(self, message):
         self.exit(2, f"error: {self.prog}: {one_line(message, 2000)} ({self.prog} --help lists "
@@ -200,9 +201,9 @@ class CommandParser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         namespace, extra = super().parse_known_args(args, namespace)
-        if extra and hasattr(namespace, "overrides") and all(
-                "=" in a and not a.startswith("-") for a in extra):
-            namespace.overrides = list(namespace.overrides) + extra
+        pairs = [a.dest for a in self._actions if a.metavar in ("KEY=VALUE", "SPEC")]
+        if extra and pairs and all("=" in a and not a.startswith("-") for a in extra):
+            setattr(namespace, pairs[0], list(getattr(namespace, pairs[0])) + extra)
         elif extra:
             self.error(f"unrecognized arguments: {one_line(' '.join(extra), 200)}")
         return namespace, []
