@@ -98,7 +98,8 @@ if want tests && starts tests 120; then   # about 90 s, most of it compiling ker
     # without a GPU, and the CPU ones ran in CI.
     limited "$PY" -m pytest -q -p no:cacheprovider -k "not emulated and (gpu or cuda)" \
         tests/test_cuda_kernels.py tests/test_backends.py tests/test_bf16.py \
-        tests/test_kernels_switch.py tests/test_muon.py > "$OUT/tests.log" 2>&1
+        tests/test_kernels_switch.py tests/test_muon.py tests/test_rope_heads_vectors.py \
+        > "$OUT/tests.log" 2>&1
     code=$?
     note "tests exit code $code ($(tail -1 "$OUT/tests.log"))"
     (( code == 124 || code == 137 )) && note "the tests ran out of their ${limit} s; the parts below use flash attention as usual"
