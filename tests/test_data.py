@@ -104,6 +104,15 @@ def test_glob_matching_nothing_is_named_alone(tmp_path, capsys, folder):
     assert capsys.readouterr().err == ""     # no note of a folder that cannot be listed
 
 
+@pytest.mark.parametrize("tail", ["", "/*.txt"])
+def test_a_name_too_long_is_named_by_its_key(tmp_path, tail):
+    from xpmodel.data.sources import resolve_given
+    from xpmodel.errors import UsageError
+    spec = str(tmp_path / ("a" * 300)) + tail
+    with pytest.raises(UsageError, match=r"^data.source .*: File name too long$"):
+        resolve_given(spec, "data.source")
+
+
 def test_empty_corpus_errors(tmp_path):
     (tmp_path / "empty_folder").mkdir()
     with pytest.raises(DataError, match="empty corpus: no .txt files"):

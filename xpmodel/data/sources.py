@@ -151,6 +151,10 @@ def _resolve_path_spec(spec: str) -> Source:
     if not spec.strip():
         raise DataError("the corpus spec is empty: name a file, folder, glob or built-in corpus")
     path = Path(spec).expanduser()
+    try:
+        path.exists()
+    except OSError as exc:      # a name too long, say: nothing there can be read
+        raise DataError(f"{shown_path(spec)}: {exc.strerror}") from None
     if path.is_file():
         return Source(spec, "file", (path,), path.parent, PLAIN_TEXT)
     if path.is_dir():
@@ -237,7 +241,7 @@ def reads_from(spec: str, folder) -> bool:
     if spec in BUILTIN_NAMES:
         return False
     path = Path(spec).expanduser()
-    if path.exists() or not _GLOB_CHARACTERS.intersection(spec):
+    if os.path.exists(path) or not _GLOB_CHARACTERS.intersection(spec):   # False for a name too long
         return inside(path, folder) or inside(folder, path)
     prefix, wanted = _glob_parts(os.path.expanduser(spec))
     base = Path(prefix or os.curdir)
