@@ -504,11 +504,12 @@ def test_messages_quote_at_most_a_few_hundred_characters_of_input(tmp_path, caps
 
 
 def test_a_system_error_on_a_very_long_path_keeps_its_reason(tmp_path, capsys):
-    """An OSError's message shows the two ends of a long file name, and the reason whole."""
+    """An OSError's message shows the two ends of a long file name, and the reason
+    whole; a name too long names nothing, so it is a mistake in the SOURCE given."""
     pattern = "/".join(["abcdefgh"] * 1500) + "/*.txt"
     code, _, err = run_cli(capsys, "tokenizer", "train", pattern, "--vocab-size", 300,
                            "--out", tmp_path / "tok.json")
-    assert code == 1
+    assert code == 2 and err.startswith("error: SOURCE abcdefgh/")
     assert_one_line_error(err)
     assert err.rstrip().endswith(": File name too long"), err
     assert len(err) < 300 and "abcdefgh/*.txt" in err
