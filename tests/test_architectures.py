@@ -281,6 +281,15 @@ def test_the_api_refuses_a_norm_eps_outside_the_configs_bounds(norm_eps):
     assert tiny(norm_eps=1.0).norm_eps == 1.0
 
 
+@pytest.mark.parametrize("theta", [1e-300, 0.5, 1.0, 1e13, 1e308])
+def test_a_rope_theta_outside_1_to_1e12_is_refused_by_config_and_api(theta):
+    with pytest.raises(UsageError, match=r"model.rope_theta must be in \(1, 1e\+12\]"):
+        load_config(None, ["model.position=rope", f"model.rope_theta={theta!r}"])
+    with pytest.raises(ValueError, match=r"GPTConfig.rope_theta must be a finite number in \(1, "):
+        tiny(position="rope", rope_theta=theta)
+    assert tiny(position="rope", rope_theta=5e5).rope_theta == 5e5
+
+
 def test_all_targets_ignored_gives_zero_gradients():
     model = xpmodel.GPT(tiny(), dtype="float64")
     idx = np.zeros((2, 5), dtype=np.int64)

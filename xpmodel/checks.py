@@ -48,6 +48,10 @@ NON_NEGATIVE = Range(low=0)
 OPEN_UNIT = Range(0, 1, low_inclusive=False, high_inclusive=False)    # (0, 1)
 HALF_OPEN_UNIT = Range(0, 1, high_inclusive=False)                    # [0, 1)
 POSITIVE_FRACTION = Range(0, 1, low_inclusive=False)                  # (0, 1]
+# model.rope_theta: pair j turns at theta^(-2j/D) a position, so at 1 or less no
+# pair turns slower than the first; long-context models use bases up to about
+# 1e8, so one past 1e12 is taken for a mistake
+ROPE_THETAS = Range(1, 1e12, low_inclusive=False)                    # (1, 1e12]
 
 
 def check_number(name, value, within):

@@ -14,7 +14,8 @@ import difflib
 from dataclasses import dataclass, field
 
 from ..backend import KERNELS
-from ..checks import HALF_OPEN_UNIT, NON_NEGATIVE, OPEN_UNIT, POSITIVE, POSITIVE_FRACTION, Range
+from ..checks import (HALF_OPEN_UNIT, NON_NEGATIVE, OPEN_UNIT, POSITIVE, POSITIVE_FRACTION,
+                      ROPE_THETAS, Range)
 from ..errors import UsageError, one_line, quote
 from ..ns_coefficients import NS_COEFFICIENTS, check_ns_coefficients, parse_ns_coefficients
 from ..options import ADJUST_LR, MLPS, NOISE_KINDS, NORMS, POSITIONS, SCHEDULES, TOKEN_DROPOUT_MODES
@@ -115,7 +116,7 @@ class ModelConfig:
     # "rope": rotary positions on q and k instead of a learned table
     position: str = _setting("learned", choices=POSITIONS)
     # rotary base: head dimension pair j turns at rope_theta^(-2j/D) per position
-    rope_theta: float = _setting(10000.0, within=POSITIVE)
+    rope_theta: float = _setting(10000.0, within=ROPE_THETAS)
     # RMSNorm of every q and k head (before the rotation)
     qk_norm: bool = False
     # the MLP's activation: "swiglu" gates it, "relu2" squares a ReLU

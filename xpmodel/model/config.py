@@ -10,7 +10,8 @@ squared-ReLU MLPs, grouped-query attention, no biases, an untied head.
 import math
 from dataclasses import dataclass, fields
 
-from ..checks import HALF_OPEN_UNIT, POSITIVE, POSITIVE_FRACTION, check_integer, check_number
+from ..checks import (HALF_OPEN_UNIT, POSITIVE, POSITIVE_FRACTION, ROPE_THETAS, check_integer,
+                      check_number)
 from ..options import MLPS, NORMS, POSITIONS
 
 SWIGLU_MULTIPLE = 64    # SwiGLU's default hidden width is rounded up to a multiple of this
@@ -70,7 +71,8 @@ class GPTConfig:
         if self.n_head % self.kv_heads != 0:
             raise ValueError(f"GPTConfig: n_head ({self.n_head}) must be divisible by "
                              f"n_kv_head ({self.kv_heads})")
-        for name, within in (("dropout", HALF_OPEN_UNIT), ("norm_eps", POSITIVE_FRACTION), ("rope_theta", POSITIVE)):
+        for name, within in (("dropout", HALF_OPEN_UNIT), ("norm_eps", POSITIVE_FRACTION),
+                             ("rope_theta", ROPE_THETAS)):
             object.__setattr__(self, name, check_number(f"GPTConfig.{name}", getattr(self, name), within))
         for name in ("qk_norm", "bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
