@@ -130,6 +130,10 @@ def test_an_empty_file_is_refused_as_config_or_base(tmp_path, text):
         load_config(top)
 
 
+def test_a_misspelt_empty_section_is_named_not_taken_for_an_empty_file(tmp_path):
+    assert "unknown section 'modle'" in usage_error(write(tmp_path, "modle:\n"))
+
+
 def test_path_given_as_string(tmp_path):
     path = write(tmp_path, "train:\n  seed: 7\n")
     assert load_config(str(path)).train.seed == 7

@@ -18,7 +18,7 @@ import yaml
 
 from ..errors import UsageError, one_line, quote
 from ..files import read_bounded
-from .sections import _TOP_LEVEL_KEYS
+from .sections import SECTIONS, _TOP_LEVEL_KEYS
 
 _YAML_SUFFIXES = (".yaml", ".yml")
 # Bounds on a YAML document, checked from its parse events before anything is
@@ -182,8 +182,9 @@ def _parse_yaml(text, label):
             raise
         # e.g. a date that does not exist (2024-13-45)
         raise UsageError(f"{label}: invalid YAML value: {one_line(exc, 200)}") from None
-    if isinstance(document, dict) and all(values in (None, {}) for values in document.values()):
-        document = None     # only empty sections, as `{}` or a lone `model:`
+    if isinstance(document, dict) and all(key in SECTIONS and values in (None, {})
+                                          for key, values in document.items()):
+        document = None     # only empty sections, as `{}` or a lone `model:` (not a misspelt one)
     if document is None:    # empty, or only comments: surely not what was meant
         raise UsageError(f"{label}: the config file is empty (no settings); write the keys to "
                          f"change in it, or name a shipped config such as default")

@@ -32,6 +32,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,9 +142,9 @@ def corpus_fingerprint(spec: "str | os.PathLike | Source") -> str:
         reading["play_text_version"] = PLAY_TEXT_VERSION
     digest.update(json.dumps(reading, sort_keys=True).encode())
     for path in source.files:
-        stat = path.stat()
-        digest.update(f"\0{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
-        digest.update(_content_digest(path, stat.st_size))
+        info = path.stat()
+        digest.update(f"\0{path.resolve()}\0{info.st_size}\0{info.st_mtime_ns}\0".encode())
+        digest.update(_content_digest(path, info.st_size))
     return digest.hexdigest()
 
 
@@ -152,16 +153,17 @@ def _resolve_path_spec(spec: str) -> Source:
         raise DataError("the corpus spec is empty: name a file, folder, glob or built-in corpus")
     path = Path(spec).expanduser()
     try:
-        path.exists()
+        mode = path.stat().st_mode     # links followed
+    except (FileNotFoundError, NotADirectoryError):
+        mode = None
     except OSError as exc:      # a name too long, say: nothing there can be read
         raise DataError(f"{shown_path(spec)}: {exc.strerror}") from None
-    if path.is_file():
+    if mode is not None and stat.S_ISREG(mode):
         return Source(spec, "file", (path,), path.parent, PLAIN_TEXT)
-    if path.is_dir():
+    if mode is not None and stat.S_ISDIR(mode):
         return Source(spec, "folder", tuple(_text_files_below(path, spec)), path, PLAIN_TEXT)
-    if path.exists():
-        kind = file_kind(path.stat().st_mode)
-        raise DataError(f"{shown_path(spec)}: is {kind}, not a text file or folder")
+    if mode is not None:
+        raise DataError(f"{shown_path(spec)}: is {file_kind(mode)}, not a text file or folder")
     if _GLOB_CHARACTERS.intersection(spec):
         files = tuple(Path(match) for match in sorted(_glob_files(os.path.expanduser(spec), spec)))
         if not files:

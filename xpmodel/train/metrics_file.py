@@ -13,6 +13,7 @@ import os
 import sys
 
 from ..atomic import atomic_write_bytes
+from ..errors import counted
 from ..files import MAX_JSON_COUNT, finite_json_number, open_regular, parse_json
 from .checkpoint import CheckpointError
 
@@ -71,8 +72,7 @@ def read_records(path, warn=None, checked=True):
             records.append(record)
     if damaged:
         lines = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
-        warn(f"{path}: skipped {len(damaged)} damaged line"
-             f"{'s' if len(damaged) > 1 else ''} (line {lines})")
+        warn(f"{path}: skipped {counted(len(damaged), 'damaged line')} (line {lines})")
     return records
 
 

@@ -20,7 +20,7 @@ import numpy
 
 from ..backend import to_device, to_host
 from ..config import config_to_dict
-from ..errors import CheckpointError, DataError, XpmodelError, quote
+from ..errors import CheckpointError, DataError, XpmodelError, counted, quote
 from .checkpoint import save_checkpoint
 from .rundir import saved_optimizer
 
@@ -125,7 +125,7 @@ class CheckpointState:
         saved_by = meta.get("world_size", 1)
         if saved_by != world:
             how = "without mpirun" if saved_by == 1 else f"with mpirun -n {saved_by}"
-            raise CheckpointError(f"{path}: saved by {saved_by} rank{'s' if saved_by != 1 else ''}, "
+            raise CheckpointError(f"{path}: saved by {counted(saved_by, 'rank')}, "
                                   f"resumed with {world}; resume {how}")
         _, params, optim = header.load(self.model.layout.shapes, self.optimizer.state_sizes())
         self._note_other_shard_count(meta)
