@@ -28,8 +28,7 @@ class ReferenceMasks:
     def next_key(self):
         return self.keys.next_key()
 
-    def keep_mask(self, shape, dtype, rate):
-        threshold, scale = dropout_threshold(rate)
+    def keep_mask(self, shape, rate):
+        threshold, _ = dropout_threshold(rate)
         index = np.arange(int(np.prod(shape)), dtype=np.uint64).reshape(shape)
-        kept = reference_random_bits(self.next_key(), index) >= threshold
-        return np.where(kept, float(scale), 0.0).astype(dtype)
+        return reference_random_bits(self.next_key(), index) >= threshold

@@ -230,14 +230,16 @@ def test_head_split_and_merge(cp, options):
 
 
 def test_residual_add(cp):
+    """The dropout scale 1 / 0.9 applies in float32, not rounded to bfloat16's 1.109375."""
+    from xpmodel.layers.dropout import KeepMask
     from xpmodel.layers.residual import residual_forward
     rng = np.random.default_rng(8)
     stream = rng.standard_normal((20, 24)).astype(np.float32)
     branch, bias = bf16(rng, (20, 24)), bf16(rng, (24,))
-    mask = (rng.random((20, 24)) > 0.2).astype(BFLOAT16) * BFLOAT16.type(1.25)
+    keep = rng.random((20, 24)) > 0.1
     g_stream = cp.asarray(stream)
-    residual_forward(g_stream, cp.asarray(branch), cp.asarray(bias), cp.asarray(mask))
-    want = wide(stream) + (wide(branch) + wide(bias)) * wide(mask)
+    residual_forward(g_stream, cp.asarray(branch), cp.asarray(bias), KeepMask(cp.asarray(keep), 1 / 0.9))
+    want = wide(stream) + (wide(branch) + wide(bias)) * keep / 0.9
     assert relative_error(g_stream, want) < 1e-6
 
 

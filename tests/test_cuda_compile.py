@@ -30,12 +30,13 @@ def kernels_of_a_pass(cp, C, V, T, low):
     from xpmodel.layers.crossentropy import crossentropy_fused
     from xpmodel.layers.gelu import gelu_backward, gelu_forward
     from xpmodel.layers.layernorm import layernorm_backward, layernorm_forward
+    from xpmodel.layers.dropout import KeepMask
     from xpmodel.layers.residual import residual_forward
     x, w = cp.ones((2, C), np.float32), cp.ones(C, np.float32)
     out, cache = layernorm_forward(x, w, w, low)
     layernorm_backward(out, cache, w, cp.zeros(C, np.float32), cp.zeros(C, np.float32), dx=x,
                        dx_low=cp.empty((2, C), low))
-    residual_forward(x, cp.ones((2, C), low), cp.ones(C, low), cp.ones((2, C), low))
+    residual_forward(x, cp.ones((2, C), low), cp.ones(C, low), KeepMask(cp.ones((2, C), bool), 1.25))
     split_heads(cp.ones((1, 2, 3 * C), low), cp.ones(3 * C, low), C // 64)
     h = cp.ones((2, 4 * C), low)
     gelu_forward(h, cp.ones(4 * C, low))
@@ -62,7 +63,7 @@ def kernels_of_a_pass(cp, C, V, T, low):
     g, _ = relu2_forward(h, cp.ones(4 * C, low))
     relu2_backward(g, h, None, dbias=cp.zeros(4 * C, np.float32))
     from xpmodel.cuda.random import CounterGenerator
-    CounterGenerator(0).keep_mask((2, C), low, 0.1)
+    CounterGenerator(0).keep_mask((2, C), 0.1)
     CounterGenerator(0).random((2, C), np.float32)
     if is_half(low):
         from xpmodel.cuda.flash import flash_backward, flash_forward

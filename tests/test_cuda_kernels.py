@@ -203,16 +203,18 @@ def test_merge_heads_sums_the_bias_gradient(cp, dtype):
                                                        (np.float32, np.float32),
                                                        (np.float32, np.float16)])
 def test_residual_add_with_bias_and_dropout_mask(cp, stream_dtype, branch_dtype):
+    from xpmodel.layers.dropout import KeepMask
     from xpmodel.layers.residual import residual_forward
     rng = np.random.default_rng(0)
     stream, branch = rand(rng, (7, 24), stream_dtype), rand(rng, (7, 24), branch_dtype)
-    bias, mask = rand(rng, (24,), branch_dtype), (rng.random((7, 24)) > 0.3).astype(branch_dtype) * 2
-    wide = [a.astype(np.float64) for a in (stream, branch, bias, mask)]
-    for args in [(), (2,), (2, 3)]:   # no bias, bias, bias and mask
-        want = residual_forward(wide[0].copy(), wide[1].copy(), *[wide[i] for i in args])
+    bias, keep = rand(rng, (24,), branch_dtype), rng.random((7, 24)) > 0.3
+    wide = [a.astype(np.float64) for a in (stream, branch, bias)]
+    for with_bias, with_mask in [(False, False), (True, False), (True, True)]:
+        want = residual_forward(wide[0].copy(), wide[1].copy(), wide[2] if with_bias else None,
+                                KeepMask(keep, 1 / 0.7) if with_mask else None)
         got = cp.asarray(stream)
-        out = residual_forward(got, cp.asarray(branch), *[cp.asarray((stream, branch, bias, mask)[i])
-                                                         for i in args])
+        out = residual_forward(got, cp.asarray(branch), cp.asarray(bias) if with_bias else None,
+                               KeepMask(cp.asarray(keep), 1 / 0.7) if with_mask else None)
         assert out is got and relative_error(got, want) < TOLERANCE[np.dtype(branch_dtype).type]
 
 
@@ -242,16 +244,18 @@ def test_residual_add_in_16_byte_vectors_equals_the_element_kernel(cp, dtype, mi
     columns, all 16-byte aligned, take the vector kernel; any one of them off
     alignment, the element kernel. The streams after equal bit for bit."""
     from xpmodel.cuda import residual
+    from xpmodel.layers.dropout import KeepMask
     rng = np.random.default_rng(4)
     shape = (VECTOR_ROWS, VECTOR_COLUMNS)
-    mask = ((rng.random(shape) > 0.25) * rng.uniform(0.5, 1.5, shape)).astype(dtype)
     arrays = {"stream": rand(rng, shape, np.float32),
               "branch": rand(rng, shape, np.float32).astype(dtype),
               "bias": rand(rng, shape[1:], np.float32).astype(dtype) if "bias" in parts else None,
-              "scaled_mask": mask if "mask" in parts else None}
-    misaligned = "scaled_mask" if misaligned == "mask" else misaligned
-    built, runs = vector_and_element_runs(cp, residual, residual.residual_add, arrays, misaligned,
-                                          monkeypatch)
+              "keep": rng.random(shape) > 0.25 if "mask" in parts else None}
+    misaligned = "keep" if misaligned == "mask" else misaligned
+
+    def add(stream, branch, bias, keep):
+        return residual.residual_add(stream, branch, bias, keep if keep is None else KeepMask(keep, 1.3))
+    built, runs = vector_and_element_runs(cp, residual, add, arrays, misaligned, monkeypatch)
     assert built == ["residual_add_h16x8", "residual_add"] and runs[0] == runs[1]
 
 
@@ -447,7 +451,7 @@ def test_grouped_query_attention_matches_float64(cp, H, n_kv_head, dtype, monkey
     assert relative_error(g_dbias, dqkv.sum(axis=0)) < tolerance["grad"]
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16, BFLOAT16, np.float64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_counter_generator_draws_its_definition(cp, dtype):
     """A CounterGenerator's masks are the hash of their key and index (the
     NumPy reference), about 1 - rate of them kept; each draw is a new stream,
@@ -455,19 +459,18 @@ def test_counter_generator_draws_its_definition(cp, dtype):
     from xpmodel.cuda.random import CounterGenerator
     shape, rate = (7, 300), 0.25
     generator, reference = CounterGenerator([3, 1]), ReferenceMasks([3, 1])
-    first = to_host(generator.keep_mask(shape, dtype, rate))
-    assert first.dtype == dtype and np.array_equal(first, reference.keep_mask(shape, dtype, rate))
-    assert abs((first != 0).mean() - (1 - rate)) < 0.04      # 4 standard deviations
-    second = to_host(generator.keep_mask(shape, dtype, rate))
-    assert np.array_equal(second, reference.keep_mask(shape, dtype, rate))
-    assert abs(((first != 0) == (second != 0)).mean() - (rate ** 2 + (1 - rate) ** 2)) < 0.04
-    assert np.array_equal(to_host(CounterGenerator([3, 1]).keep_mask(shape, dtype, rate)), first)
-    if dtype in (np.float32, np.float64):
-        values = to_host(generator.random(shape, dtype))
-        assert values.dtype == dtype and values.min() >= 0.0 and values.max() < 1.0
-        assert abs(values.mean() - 0.5) < 0.03
-        normal = to_host(generator.standard_normal((20000,), dtype))
-        assert abs(normal.mean()) < 0.05 and abs(normal.std() - 1.0) < 0.05
+    first = to_host(generator.keep_mask(shape, rate))
+    assert first.dtype == np.bool_ and np.array_equal(first, reference.keep_mask(shape, rate))
+    assert abs(first.mean() - (1 - rate)) < 0.04      # 4 standard deviations
+    second = to_host(generator.keep_mask(shape, rate))
+    assert np.array_equal(second, reference.keep_mask(shape, rate))
+    assert abs((first == second).mean() - (rate ** 2 + (1 - rate) ** 2)) < 0.04
+    assert np.array_equal(to_host(CounterGenerator([3, 1]).keep_mask(shape, rate)), first)
+    values = to_host(generator.random(shape, dtype))
+    assert values.dtype == dtype and values.min() >= 0.0 and values.max() < 1.0
+    assert abs(values.mean() - 0.5) < 0.03
+    normal = to_host(generator.standard_normal((20000,), dtype))
+    assert abs(normal.mean()) < 0.05 and abs(normal.std() - 1.0) < 0.05
 
 
 def test_counter_keys_are_splitmix64_of_the_seed():

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from gradcheck import directional_check
+from xpmodel.backend import BFLOAT16
 from xpmodel.layers.attention import attention_backward, attention_forward
 from xpmodel.layers.crossentropy import (crossentropy_backward, crossentropy_forward,
                                          lm_head_backward, lm_head_forward)
@@ -155,6 +156,19 @@ def test_dropout(rng):
     np.testing.assert_allclose(dropout_backward(r, mask), np.where(out != 0, r / 0.75, 0.0))
     same, none = dropout_forward(x, 0.0, None)
     assert same is x and none is None
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16])
+def test_dropout_scales_16_bit_values_by_the_unrounded_scale(rng, dtype):
+    """Kept 16-bit values are x / (1 - p) rounded once, not x times 1 / (1 - p)
+    rounded to 16 bits (1.109375 in bfloat16 for p = 0.1); the mask is a byte an
+    element whatever the values' dtype."""
+    x = rng.standard_normal((300, 64)).astype(dtype)
+    out, mask = dropout_forward(x, 0.1, np.random.default_rng(1))
+    assert out.dtype == dtype and mask.keep.dtype == np.bool_ and 0.07 < 1 - mask.keep.mean() < 0.13
+    want = np.where(mask.keep, x.astype(np.float32) * np.float32(1 / 0.9), 0).astype(dtype)
+    assert np.array_equal(out, want)
+    np.testing.assert_array_equal(dropout_backward(x, mask), want)
 
 
 @pytest.mark.parametrize("kind", ["uniform", "gaussian"])

@@ -17,7 +17,7 @@ in a resumed run or a recomputed block.
 import numpy
 
 from ..backend import _import_cupy
-from .compile import c_type, half_of, raw_kernel, stride_grid
+from .compile import c_type, raw_kernel, stride_grid
 
 # 32 random bits of element `index` of the stream (key0, key1): two rounds of
 # a 32-bit integer finaliser (x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15;
@@ -39,15 +39,17 @@ __device__ __forceinline__ unsigned random_bits(unsigned key0, unsigned key1, un
 }
 """
 
-_SOURCE = RANDOM_BITS + r"""
-// out[i] = 1 / (1 - rate) where element i is kept (its bits >= threshold), else 0
-extern "C" __global__ void keep_mask(X_T* out, long long n, unsigned key0, unsigned key1,
-        unsigned threshold, float scale) {
+_KEEP_SOURCE = RANDOM_BITS + r"""
+// keep[i] = 1 where element i is kept (its bits >= threshold), else 0
+extern "C" __global__ void keep_mask(unsigned char* keep, long long n, unsigned key0,
+        unsigned key1, unsigned threshold) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x)
-        store(out + i, random_bits(key0, key1, i) >= threshold ? scale : 0.0f);
+        keep[i] = random_bits(key0, key1, i) >= threshold;
 }
+"""
 
+_UNIFORM_SOURCE = RANDOM_BITS + r"""
 // out[i] uniform in [0, 1): the top 24 bits of element i, over 2^24
 extern "C" __global__ void uniform(X_T* out, long long n, unsigned key0, unsigned key1) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
@@ -87,14 +89,15 @@ class CounterGenerator:
         z ^= z >> 31
         return numpy.uint32(z & 0xFFFFFFFF), numpy.uint32(z >> 32)
 
-    def keep_mask(self, shape, dtype, rate):
-        """A new stream's scaled keep mask: 1 / (1 - rate) where an element is
-        kept, 0 where dropped, in dtype."""
-        return self._launch("keep_mask", shape, dtype, *dropout_threshold(rate))
+    def keep_mask(self, shape, rate):
+        """A new stream's keep mask for dropout rate `rate`: bool, True where an
+        element is kept."""
+        threshold, _ = dropout_threshold(rate)
+        return self._launch(_KEEP_SOURCE, "keep_mask", shape, numpy.bool_, threshold)
 
     def random(self, shape, dtype=numpy.float32):
         """A new stream's values, uniform in [0, 1), in dtype (float32 or float64)."""
-        return self._launch("uniform", shape, dtype)
+        return self._launch(_UNIFORM_SOURCE, "uniform", shape, dtype, X_T=c_type(dtype))
 
     def standard_normal(self, shape, dtype=numpy.float32):
         """Normal values from two uniform streams (Box-Muller)."""
@@ -102,9 +105,11 @@ class CounterGenerator:
         radius = cupy.sqrt(-2.0 * cupy.log1p(-self.random(shape, dtype)))
         return radius * cupy.cos((2.0 * numpy.pi) * self.random(shape, dtype))
 
-    def _launch(self, name, shape, dtype, *extra):
+    def _launch(self, source, name, shape, dtype, *extra, **macros):
+        """A new stream's values of `name(out, n, key0, key1, *extra)` in a new
+        array of shape and dtype."""
         out = _import_cupy().empty(shape, dtype=dtype)
         n = out.size
-        kernel = raw_kernel(_SOURCE, name, half=half_of(dtype), X_T=c_type(dtype))
+        kernel = raw_kernel(source, name, **macros)
         kernel(*stride_grid(n), (out, numpy.int64(n), *self.next_key(), *extra))
         return out

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import numpy
 
 from ..backend import array_module, fused_kernels, upcast
-from .dropout import dropout_backward, dropout_forward
+from .dropout import apply_mask, dropout_backward, dropout_forward
 from .matmul import matmul
 from .rmsnorm import rmsnorm_backward, rmsnorm_forward
 from .rope import rope_backward, rope_forward
@@ -324,7 +324,7 @@ def _core_backward(dy, cache):
     dheads = xp.empty_like(heads)
     dq, dk, dv = dheads[0], dheads[1], dheads[2]
     blocks = _causal_blocks(T, fused_kernels(dy))
-    probs_used = probs if drop_mask is None else probs * drop_mask          # recomputed, not kept
+    probs_used = apply_mask(probs, drop_mask)                             # recomputed, not kept
     dy = xp.ascontiguousarray(dy.reshape(B, T, H, D).transpose(0, 2, 1, 3))  # (B, H, T, D)
     # keys `rows` are seen by the queries from rows.start on
     for rows, _ in blocks:

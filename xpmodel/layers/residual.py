@@ -6,18 +6,17 @@ CuPy with the "fused" kernels that is one kernel (xpmodel.cuda.residual)
 instead of three. Backward
 needs no function: the stream's gradient reaches the branch unchanged."""
 from ..backend import fused_kernels
+from .dropout import apply_mask
 
 
-def residual_forward(stream, branch, bias=None, scaled_mask=None):
-    """stream (N, C) += (branch (N, C) + bias (C,)) * scaled_mask (N, C), in place;
-    returns stream. `branch` may be overwritten."""
+def residual_forward(stream, branch, bias=None, mask=None):
+    """stream (N, C) += (branch (N, C) + bias (C,)) with dropout's KeepMask
+    `mask` (N, C) applied, in place; returns stream. `branch` may be overwritten."""
     if fused_kernels(stream):
         from ..cuda.residual import residual_add
-        return residual_add(stream, branch, bias, scaled_mask)
+        return residual_add(stream, branch, bias, mask)
     if bias is not None:
         branch += bias
-    if scaled_mask is not None:
-        branch *= scaled_mask
-    stream += branch
+    stream += apply_mask(branch, mask)
     return stream
 
