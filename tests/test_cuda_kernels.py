@@ -259,6 +259,30 @@ def test_residual_add_in_16_byte_vectors_equals_the_element_kernel(cp, dtype, mi
     assert built == ["residual_add_h16x8", "residual_add"] and runs[0] == runs[1]
 
 
+def test_residual_kernels_round_the_masked_sum_alike():
+    """With a dropout mask, stream + branch x scale is one explicit fused
+    multiply-add in both residual kernels: left to NVRTC, the element kernel's
+    was fused and the vector kernel's rounded twice, so the two would differ on
+    a GPU though not on the emulator, which fuses nothing."""
+    from cuda_emulator import nvrtc
+
+    from xpmodel.layers.dropout import KeepMask
+    from xpmodel.layers.residual import residual_forward
+    if cuda_emulator.compiler() is None or nvrtc.library() is None:
+        pytest.skip("needs g++ and the nvidia-cuda-nvrtc wheel")
+    start = len(cuda_emulator.built)
+    with cuda_emulator.emulated_cuda() as cp:
+        for dtype in (np.float16, BFLOAT16):
+            for bias in (None, cp.ones(8, dtype)):
+                residual_forward(cp.zeros((2, 8), np.float32), cp.ones((2, 8), dtype), bias,
+                                 KeepMask(cp.ones((2, 8), bool), 1.25))
+    codes = {code for name, code in cuda_emulator.built[start:] if "residual_add" in name}
+    assert len(codes) == 2                     # float16 and bfloat16
+    for code in codes:
+        sums = nvrtc.unfused_sums(code)
+        assert set(sums) == {"residual_add", "residual_add_h16x8"} and not any(sums.values()), sums
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
 def test_gelu_adds_the_bias_in_place(cp, dtype):
     from xpmodel.layers.gelu import gelu_forward

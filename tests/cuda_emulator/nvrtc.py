@@ -62,3 +62,26 @@ def spills(log):
 def registers(log):
     """Registers per thread of each kernel the log reports."""
     return [int(n) for n in re.findall(r"Used (\d+) registers", log)]
+
+
+def unfused_sums(code, arch=80):
+    """{kernel name: its float32 adds and subtractions that take a separately
+    rounded float32 product} in the PTX of `code`: where NVRTC left a product
+    and a sum apart, which it may fuse in one kernel and not in another (the
+    emulator fuses nothing). PTX reuses registers, so an operand is a product
+    when the last instruction before the sum to write it was a multiply."""
+    instruction = re.compile(r"^\s*(\w+)[.\w]*\s+(%f\d+)(?:, (%f\d+|[^,;]+))?(?:, (%f\d+|[^,;]+))?")
+    found = {}
+    for kernel in ptx(library(), code, arch).split(".entry ")[1:]:
+        last_written, sums = {}, []
+        for line in kernel.splitlines():
+            match = instruction.match(line)
+            if not match:
+                continue
+            op, target, *operands = match.groups()
+            if op in ("add", "sub") and ".f32" in line and \
+                    any(last_written.get(a) == "mul" for a in operands):
+                sums.append(line.strip())
+            last_written[target] = op
+        found[kernel.split("(")[0].strip()] = sums
+    return found

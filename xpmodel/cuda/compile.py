@@ -112,6 +112,10 @@ __device__ __forceinline__ void store(h16* p, float x) { *p = float_to_h16(x); }
 __device__ __forceinline__ void store(float* p, float x) { *p = x; }
 __device__ __forceinline__ void store(float* p, double x) { *p = (float)x; }
 __device__ __forceinline__ void store(double* p, double x) { *p = x; }
+// a * b + c rounded once, spelled out where two kernels are to round alike: NVRTC
+// contracts a product and a sum into one where it chooses (the emulator never does)
+__device__ __forceinline__ float fused_multiply_add(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fused_multiply_add(double a, double b, double c) { return fma(a, b, c); }
 // exp for statistics: the hardware exp2 in float32 (relative error about
 // |x| * 1e-7), the accurate one in float64
 __device__ __forceinline__ float EXP(float x) { return __expf(x); }

@@ -12,15 +12,15 @@ from .compile import (acc_type, c_type, column_grid, half_of, in_16_byte_vectors
 _THREADS = 256
 
 _SOURCE = r"""
-// stream[i] += (branch[i] + bias[i % C]) * (keep[i] ? scale : 0); bias and keep may be null
+// stream[i] += (branch[i] + bias[i % C]) * (keep[i] ? scale : 0), the product and sum rounded
+// once in both kernels; bias and keep may be null
 extern "C" __global__ void residual_add(S_T* stream, const B_T* branch, const B_T* bias,
         const unsigned char* keep, double scale, long long n, int C) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
-        ACC v = (ACC)load(branch + i);
+        ACC v = (ACC)load(branch + i), s = (ACC)load(stream + i);
         if (bias) v += (ACC)load(bias + i % C);
-        if (keep) v *= keep[i] ? (ACC)scale : (ACC)0;
-        store(stream + i, (ACC)load(stream + i) + v);
+        store(stream + i, keep ? fused_multiply_add(v, keep[i] ? (ACC)scale : (ACC)0, s) : s + v);
     }
 }
 
@@ -44,10 +44,8 @@ extern "C" __global__ void residual_add_h16x8(float* stream, const h16* branch, 
         float sum[8] = {low.x, low.y, low.z, low.w, high.x, high.y, high.z, high.w};
         #pragma unroll
         for (int e = 0; e < 8; e++) {
-            float x = v[e];
-            if (bias) x += b[e];
-            if (keep) x *= k[e] ? kept_scale : 0.0f;
-            sum[e] += x;
+            float x = bias ? v[e] + b[e] : v[e];
+            sum[e] = keep ? fused_multiply_add(x, k[e] ? kept_scale : 0.0f, sum[e]) : sum[e] + x;
         }
         s[0] = float4{sum[0], sum[1], sum[2], sum[3]};
         s[1] = float4{sum[4], sum[5], sum[6], sum[7]};

@@ -27,8 +27,6 @@ _SOURCE = r"""
 // half, x c + partner s in the second; sign -1 turns back. One fused multiply-add
 // of x c and the rounded partner s, spelled out: left to itself NVRTC fuses the
 // element and vector kernels' expressions differently, and they are to round alike.
-__device__ __forceinline__ float fused_multiply_add(float a, float b, float c) { return fmaf(a, b, c); }
-__device__ __forceinline__ double fused_multiply_add(double a, double b, double c) { return fma(a, b, c); }
 __device__ __forceinline__ ACC turned(ACC x, ACC partner, ACC c, ACC s, bool first_half, ACC sign) {
     return fused_multiply_add(x, c, (first_half ? -sign : sign) * partner * s);
 }
