@@ -245,7 +245,8 @@ def layernorm_backward(dout, xhat, rstd, w, dw, db, dx=None, dx_low=None, dx_sum
     row_warps, rows = _layout(C)
     threads = 32 * row_warps * rows
     # the blocks a multiprocessor holds at once, as their registers allow: two
-    # of eight one-warp rows (128 registers a thread at C = 768), or a guess of
+    # of eight one-warp rows (128 registers a thread at C = 768; at C = 1024,
+    # 166-168 registers hold one, and the other half of the grid waits), or a guess of
     # eight warps of wide rows (209-220 registers at C >= 4096; at C = 1025-1600
     # NVRTC gives 118-165 and more would fit: tools/GPU_NOTES.md, wide norms, 3)
     resident = 2 if rows > 1 else _WARPS // row_warps
