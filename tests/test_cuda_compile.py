@@ -1,9 +1,9 @@
 """Every raw CUDA kernel, in the variants the configs use (float32, float16
 and bfloat16 activations), compiles with NVRTC (the compiler CuPy uses) for
-the A100 and the H100 / H200 architectures, without register spills; the
-bfloat16 builds use bfloat16 instructions only. Needs g++ (the kernels are built
-by running the layers on the CPU emulator) and the nvidia-cuda-nvrtc
-wheel; no GPU."""
+the A100 and the H100 / H200 architectures, without register spills, and
+every launch's block fits a multiprocessor's registers; the bfloat16 builds
+use bfloat16 instructions only. Needs g++ (the kernels are built by running
+the layers on the CPU emulator) and the nvidia-cuda-nvrtc wheel; no GPU."""
 import numpy as np
 import pytest
 
@@ -74,7 +74,9 @@ def kernels_of_a_pass(cp, C, V, T, low):
 
 
 def every_kernel_variant():
-    start = len(cuda_emulator.built)
+    """{source: names of its kernels built} and [(name, source, block)] of
+    every launch, for every kernel variant of a pass at SHAPES."""
+    start, launches = len(cuda_emulator.built), len(cuda_emulator.launched)
     with cuda_emulator.emulated_cuda() as cp:
         for C, V, T in SHAPES:
             for low in (np.float16, BFLOAT16, np.float32):
@@ -82,13 +84,24 @@ def every_kernel_variant():
     names_by_code = {}
     for name, code in cuda_emulator.built[start:]:
         names_by_code.setdefault(code, set()).add(name)
-    return names_by_code
+    return names_by_code, cuda_emulator.launched[launches:]
+
+
+def check_launches_fit(code, log, launches, arch):
+    """Each launch of `code`'s kernels asks for no more registers than a
+    multiprocessor has (ptxas's count a thread times the block's threads)."""
+    registers = nvrtc.registers(log)
+    for name, launched_code, block in launches:
+        if launched_code == code:
+            threads = block[0] * block[1] * block[2]
+            assert nvrtc.fits_a_multiprocessor(registers[name], threads), \
+                f"{name}: {threads} threads of {registers[name]} registers do not fit sm_{arch}"
 
 
 @pytest.mark.parametrize("arch", [80, 90])
-def test_every_kernel_compiles_without_spills(arch):
-    variants = every_kernel_variant()
-    names = set().union(*variants.values())
+def test_every_kernel_compiles_without_spills_and_every_launch_fits(arch):
+    variants, launches = every_kernel_variant()
+    every_name = set().union(*variants.values())
     assert {"layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward",
             "causal_softmax_forward", "causal_softmax_backward", "crossentropy",
             "crossentropy_rows", "residual_add", "split_heads", "causal_softmax_forward_h16",
@@ -96,12 +109,14 @@ def test_every_kernel_compiles_without_spills(arch):
             "flash_backward", "flash_dq_store", "split_heads_h16", "merge_heads_h16",
             "split_rope_heads", "merge_rope_heads", "split_rope_heads_h16x8",
             "merge_rope_heads_h16x8", "swiglu_forward", "swiglu_backward",
-            "relu2_forward", "relu2_backward", "keep_mask", "uniform"} <= names
+            "relu2_forward", "relu2_backward", "keep_mask", "uniform"} <= every_name
     for code, names in variants.items():
         name = "/".join(sorted(names))
         ok, log = nvrtc.compile_kernel(NVRTC, code, arch)
         assert ok, f"{name} does not compile for sm_{arch}:\n{log}"
         assert nvrtc.spills(log) == 0, f"{name} spills registers on sm_{arch}:\n{log}"
+        check_launches_fit(code, log, launches, arch)
+    assert {name for name, _, _ in launches} == every_name
 
 
 @pytest.mark.parametrize("arch", [80, 90])
@@ -114,7 +129,7 @@ def test_norm_kernels_compile_without_spills_at_larger_widths(arch):
     eight warps; float16, bfloat16 and float32 activations. (RMSNorm's build is
     LayerNorm's without the mean's sums.)"""
     from xpmodel.cuda.layernorm import MAX_WIDTH
-    start = len(cuda_emulator.built)
+    start, launches = len(cuda_emulator.built), len(cuda_emulator.launched)
     widths = (1024, 1280, 1600, 4096, MAX_WIDTH)
     with cuda_emulator.emulated_cuda() as cp:
         from xpmodel.layers.layernorm import layernorm_backward, layernorm_forward
@@ -129,6 +144,7 @@ def test_norm_kernels_compile_without_spills_at_larger_widths(arch):
     for code in codes:
         ok, log = nvrtc.compile_kernel(NVRTC, code, arch)
         assert ok and nvrtc.spills(log) == 0, log
+        check_launches_fit(code, log, cuda_emulator.launched[launches:], arch)
 
 
 def test_bfloat16_builds_use_bfloat16_instructions():

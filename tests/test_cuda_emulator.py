@@ -95,6 +95,18 @@ def test_arguments_must_match_the_kernel_parameters():
         kernel(source, "takes_an_int")((1,), (32,), (None, np.int32(32)))
 
 
+@pytest.mark.parametrize("grid,block", [((1,), (1025,)), ((1,), (32, 32, 2)), ((1,), (1, 1, 65)),
+                                        ((1, 65536), (32,)), ((1, 1, 65536), (32,))])
+def test_a_launch_past_a_gpus_limits_is_refused(grid, block):
+    """1024 threads a block (64 along z), 65,535 blocks along y and z: a GPU
+    refuses more, the emulator's loops would not."""
+    source = r"""
+    extern "C" __global__ void nothing(float* x) {}
+    """
+    with pytest.raises(RuntimeError, match="more than a GPU launches"):
+        kernel(source, "nothing")(grid, block, (cuda_emulator.zeros(1, np.float32),))
+
+
 def warp_matrix_kernel(source, name):
     from xpmodel.cuda.compile import PRELUDE, WARP_MATRIX
     return cuda_emulator.RawKernel(H16_CONVERSIONS + PRELUDE + WARP_MATRIX + source, name)

@@ -440,6 +440,7 @@ def _build(code, name):
 
 
 built = []   # (name, GPU source) of every RawKernel made, for the NVRTC compile test
+launched = []   # (name, GPU source, block) of every launch, for the NVRTC resource test
 
 
 class RawKernel:
@@ -449,6 +450,7 @@ class RawKernel:
         if _GPU_H16_CONVERSIONS not in code:
             raise ValueError(f"kernel {name}: source without xpmodel's 16-bit float conversions")
         built.append((name, code))
+        self.gpu_code = code
         self.code = (code.replace(_GPU_H16_CONVERSIONS, EMULATED_H16_CONVERSIONS)
                      .replace(_GPU_WARP_MATRIX, EMULATED_WARP_MATRIX))
         self.name = name
@@ -457,6 +459,8 @@ class RawKernel:
     def __call__(self, grid, block, args, shared_mem=0):
         if shared_mem:
             raise NotImplementedError("dynamic shared memory is not emulated")
+        _check_launch_limits(self.name, _dims(grid), _dims(block))
+        launched.append((self.name, self.gpu_code, tuple(_dims(block))))
         if self._launch is None:
             self._launch = _build(self.code, self.name).xpemu_launch
         values = [_argument(a) for a in args]
@@ -486,6 +490,16 @@ def _capturing_stderr(call):
             os.close(saved)
         capture.seek(0)
         return result, capture.read().decode(errors="replace")
+
+
+def _check_launch_limits(name, grid, block):
+    """The launch limits of every GPU since sm_30, which a GPU enforces and
+    the emulator's loops would not: 1024 threads a block (1024, 1024, 64 along
+    x, y, z), 2^31 - 1 blocks along x and 65,535 along y and z."""
+    if block[0] * block[1] * block[2] > 1024 or block[0] > 1024 or block[1] > 1024 or block[2] > 64:
+        raise RuntimeError(f"kernel {name}: block {tuple(block)} is more than a GPU launches")
+    if grid[0] > 2 ** 31 - 1 or grid[1] > 65535 or grid[2] > 65535:
+        raise RuntimeError(f"kernel {name}: grid {tuple(grid)} is more than a GPU launches")
 
 
 def _dims(dims):

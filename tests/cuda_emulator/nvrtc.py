@@ -60,8 +60,25 @@ def spills(log):
 
 
 def registers(log):
-    """Registers per thread of each kernel the log reports."""
-    return [int(n) for n in re.findall(r"Used (\d+) registers", log)]
+    """{kernel name: registers a thread} of every kernel the log reports."""
+    found, name = {}, None
+    for line in log.splitlines():
+        entry = re.search(r"(?:Compiling entry function|Function properties for) '?(\w+)'?", line)
+        if entry:
+            name = entry.group(1)
+        used = re.search(r"Used (\d+) registers", line)
+        if used and name:
+            found[name] = int(used.group(1))
+    return found
+
+
+def fits_a_multiprocessor(registers_a_thread, threads):
+    """Whether a block of `threads` fits the 65,536 registers of an sm_80 /
+    sm_90 multiprocessor, registers allocated a warp at a time in units of 256
+    (8 a thread); a launch that does not fails on a GPU with too many resources
+    requested."""
+    warps = -(-threads // 32)
+    return warps * 32 * -(-registers_a_thread // 8) * 8 <= 65536
 
 
 def unfused_sums(code, arch=80):
