@@ -37,7 +37,7 @@ def test_mfu_peak_says_which_peak_it_uses():
     assert flops == 989e12 and "H200" in source and "bf16" in source and "989 TFLOP/s" in source
     assert mfu_peak("NVIDIA H200", "fp16")[0] == 989e12
     flops, source = mfu_peak("NVIDIA H200", "fp32")
-    assert flops is None and "train.peak_flops" in source
+    assert flops is None and "train.peak_flops" in source and "train.precision=bf16" in source
     flops, source = mfu_peak("NVIDIA B300", "bf16")
     assert flops is None and "NVIDIA B300" in source and "train.peak_flops" in source
     assert mfu_peak("NVIDIA B300", "fp32", 2.5e15) == (2.5e15, "train.peak_flops, 2500 TFLOP/s")

@@ -68,7 +68,9 @@ def mfu_peak(gpu_name, precision, peak_flops=None):
     if peak_flops:
         return float(peak_flops), f"train.peak_flops, {peak_flops / 1e12:g} TFLOP/s"
     if precision not in _LOW_PRECISIONS:
-        return None, f"no MFU for {precision} without train.peak_flops (the table holds 16-bit tensor-core peaks)"
+        return None, (f"no MFU for {precision} without train.peak_flops (the table holds 16-bit "
+                      f"tensor-core peaks); train.precision=bf16, or fp16 before Ampere, runs the "
+                      f"matrix products on the tensor cores, several times faster")
     entry = table_peak(gpu_name)
     if entry is None:
         return None, f"no MFU: {gpu_name or 'this GPU'} is not in xpmodel's peak table; set train.peak_flops"
