@@ -63,7 +63,8 @@ def kernels_of_a_pass(cp, C, V, T, low):
     g, _ = relu2_forward(h, cp.ones(4 * C, low))
     relu2_backward(g, h, None, dbias=cp.zeros(4 * C, np.float32))
     from xpmodel.cuda.random import CounterGenerator
-    CounterGenerator(0).keep_mask((2, C), 0.1)
+    from xpmodel.layers.dropout import apply_mask
+    apply_mask(h, KeepMask(CounterGenerator(0).keep_mask(h.shape, 0.1), 1 / 0.9))
     CounterGenerator(0).random((2, C), np.float32)
     if is_half(low):
         from xpmodel.cuda.flash import flash_backward, flash_forward
@@ -81,6 +82,10 @@ def every_kernel_variant():
         for C, V, T in SHAPES:
             for low in (np.float16, BFLOAT16, np.float32):
                 kernels_of_a_pass(cp, C, V, T, low)
+        from xpmodel.layers.attention import merge_heads, split_heads
+        for low in (np.float16, BFLOAT16):   # the widest head grids: 1024 threads from C = 2731
+            heads = split_heads(cp.ones((1, 2, 3 * 3072), low), cp.ones(3 * 3072, low), 48)
+            merge_heads(heads, cp.zeros(3 * 3072, np.float32))
     names_by_code = {}
     for name, code in cuda_emulator.built[start:]:
         names_by_code.setdefault(code, set()).add(name)
@@ -109,7 +114,7 @@ def test_every_kernel_compiles_without_spills_and_every_launch_fits(arch):
             "flash_backward", "flash_dq_store", "split_heads_h16", "merge_heads_h16",
             "split_rope_heads", "merge_rope_heads", "split_rope_heads_h16x8",
             "merge_rope_heads_h16x8", "swiglu_forward", "swiglu_backward",
-            "relu2_forward", "relu2_backward", "keep_mask", "uniform"} <= every_name
+            "relu2_forward", "relu2_backward", "keep_mask", "uniform", "apply_keep_mask"} <= every_name
     for code, names in variants.items():
         name = "/".join(sorted(names))
         ok, log = nvrtc.compile_kernel(NVRTC, code, arch)

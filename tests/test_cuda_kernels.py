@@ -6,6 +6,8 @@ on the CPU emulator of tests/cuda_emulator (skipped without g++), which runs
 the same kernel source, launched by the same wrappers, one fiber per CUDA
 thread, and with cuBLAS's two calls computed from the pointers, leading
 dimensions and strides they are given."""
+import re
+
 import numpy as np
 import pytest
 
@@ -209,7 +211,7 @@ def test_residual_add_with_bias_and_dropout_mask(cp, stream_dtype, branch_dtype)
     stream, branch = rand(rng, (7, 24), stream_dtype), rand(rng, (7, 24), branch_dtype)
     bias, keep = rand(rng, (24,), branch_dtype), rng.random((7, 24)) > 0.3
     wide = [a.astype(np.float64) for a in (stream, branch, bias)]
-    for with_bias, with_mask in [(False, False), (True, False), (True, True)]:
+    for with_bias, with_mask in [(False, False), (True, False), (False, True), (True, True)]:
         want = residual_forward(wide[0].copy(), wide[1].copy(), wide[2] if with_bias else None,
                                 KeepMask(keep, 1 / 0.7) if with_mask else None)
         got = cp.asarray(stream)
@@ -259,11 +261,29 @@ def test_residual_add_in_16_byte_vectors_equals_the_element_kernel(cp, dtype, mi
     assert built == ["residual_add_h16x8", "residual_add"] and runs[0] == runs[1]
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16, BFLOAT16])
+def test_a_dropout_mask_applies_in_one_kernel_as_numpy_applies_it(cp, dtype):
+    """x * keep / (1 - p) rounded once to x's dtype, bit for bit NumPy's, a
+    dropped infinity NaN in both (as a product with 0 is)."""
+    from xpmodel.layers.dropout import KeepMask, apply_mask
+    rng = np.random.default_rng(3)
+    x = rand(rng, (5, 7, 33), np.float32, 3.0).astype(dtype)
+    x[0, 0, :2] = np.inf
+    keep = rng.random(x.shape) > 0.1
+    keep[0, 0, :2] = (False, True)
+    with np.errstate(invalid="ignore"):
+        want = apply_mask(x, KeepMask(keep, 1 / 0.9))
+    got = to_host(apply_mask(cp.asarray(x), KeepMask(cp.asarray(keep), 1 / 0.9)))
+    assert got.dtype == dtype and np.isnan(got[0, 0, 0]) and np.isinf(got[0, 0, 1])
+    assert np.array_equal(got, want, equal_nan=True)
+
+
 def test_residual_kernels_round_the_masked_sum_alike():
     """With a dropout mask, stream + branch x scale is one explicit fused
-    multiply-add in both residual kernels: left to NVRTC, the element kernel's
-    was fused and the vector kernel's rounded twice, so the two would differ on
-    a GPU though not on the emulator, which fuses nothing."""
+    multiply-add in both residual kernels, so neither multiplies on its own:
+    left to NVRTC, the element kernel's was fused (without a bias) and the
+    vector kernel's rounded twice, so the two would differ on a GPU though not
+    on the emulator, which fuses nothing."""
     from cuda_emulator import nvrtc
 
     from xpmodel.layers.dropout import KeepMask
@@ -279,8 +299,10 @@ def test_residual_kernels_round_the_masked_sum_alike():
     codes = {code for name, code in cuda_emulator.built[start:] if "residual_add" in name}
     assert len(codes) == 2                     # float16 and bfloat16
     for code in codes:
-        sums = nvrtc.unfused_sums(code)
-        assert set(sums) == {"residual_add", "residual_add_h16x8"} and not any(sums.values()), sums
+        kernels = nvrtc.ptx(nvrtc.library(), code, 80).split(".entry ")[1:]
+        assert sorted(k.split("(")[0].strip() for k in kernels) == ["residual_add", "residual_add_h16x8"]
+        for kernel in kernels:          # the scale's product is only ever an fma's
+            assert not re.search(r"\bmul(\.rn)?\.f32", kernel) and "fma.rn.f32" in kernel
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
@@ -298,7 +320,7 @@ def test_gelu_adds_the_bias_in_place(cp, dtype):
 
 def vector_and_element_runs(cp, module, call, arrays, misaligned, monkeypatch):
     """call(**arrays on the device) twice: with every array 16-byte aligned, then
-    with arrays[misaligned] 2 or 4 bytes off (a copy inside a larger buffer);
+    with arrays[misaligned] one element off (a copy inside a larger buffer);
     returns the kernels each built and, per run, the host bytes of the arrays
     and of what call returned."""
     built = []
@@ -475,11 +497,10 @@ def test_grouped_query_attention_matches_float64(cp, H, n_kv_head, dtype, monkey
     assert relative_error(g_dbias, dqkv.sum(axis=0)) < tolerance["grad"]
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_counter_generator_draws_its_definition(cp, dtype):
+def test_counter_generator_masks_are_their_definition(cp):
     """A CounterGenerator's masks are the hash of their key and index (the
     NumPy reference), about 1 - rate of them kept; each draw is a new stream,
-    the same seed gives the same streams; uniform values lie in [0, 1)."""
+    the same seed gives the same streams."""
     from xpmodel.cuda.random import CounterGenerator
     shape, rate = (7, 300), 0.25
     generator, reference = CounterGenerator([3, 1]), ReferenceMasks([3, 1])
@@ -490,6 +511,12 @@ def test_counter_generator_draws_its_definition(cp, dtype):
     assert np.array_equal(second, reference.keep_mask(shape, rate))
     assert abs((first == second).mean() - (rate ** 2 + (1 - rate) ** 2)) < 0.04
     assert np.array_equal(to_host(CounterGenerator([3, 1]).keep_mask(shape, rate)), first)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_counter_generator_draws_uniform_and_normal_values(cp, dtype):
+    from xpmodel.cuda.random import CounterGenerator
+    generator, shape = CounterGenerator([3, 1]), (7, 300)
     values = to_host(generator.random(shape, dtype))
     assert values.dtype == dtype and values.min() >= 0.0 and values.max() < 1.0
     assert abs(values.mean() - 0.5) < 0.03

@@ -85,9 +85,13 @@ def unfused_sums(code, arch=80):
     """{kernel name: its float32 adds and subtractions that take a separately
     rounded float32 product} in the PTX of `code`: where NVRTC left a product
     and a sum apart, which it may fuse in one kernel and not in another (the
-    emulator fuses nothing). PTX reuses registers, so an operand is a product
-    when the last instruction before the sum to write it was a multiply."""
-    instruction = re.compile(r"^\s*(\w+)[.\w]*\s+(%f\d+)(?:, (%f\d+|[^,;]+))?(?:, (%f\d+|[^,;]+))?")
+    emulator fuses nothing). PTX writes a register in several places (a loop's
+    value, both sides of a branch), so an operand counts as a product when the
+    last instruction before the sum, in the text, to write it was a multiply:
+    a screen, not a proof, since a product that reaches a sum through a join
+    or a `selp` is not seen."""
+    instruction = re.compile(r"^\s*(?:@!?%p\d+\s+)?(\w+)[.\w]*\s+(%f\d+)"
+                             r"(?:, (%f\d+|[^,;]+))?(?:, (%f\d+|[^,;]+))?")
     found = {}
     for kernel in ptx(library(), code, arch).split(".entry ")[1:]:
         last_written, sums = {}, []

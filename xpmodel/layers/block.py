@@ -43,13 +43,13 @@ class BlockCache(NamedTuple):
     ln1_cache: object    # norm_1's statistics: normalised x (N, C) and 1/std (N,), float32 or wider
     y: object            # (N, C) attention output, before c_proj
     attn_cache: object   # attention.AttentionCache: the heads and what the core kept
-    attn_mask: object    # (N, C) scaled dropout keep mask of the attention branch, or None
+    attn_mask: object    # dropout.KeepMask (N, C) of the attention branch, or None
     ln2: object          # (N, C) norm_2's output, in the compute dtype
     ln2_cache: object    # norm_2's statistics, as ln1_cache
     h: object            # (N, F or 2F) c_fc's output, its bias added
     act_cache: object    # (N, F) the xp GELU's or SwiGLU's saved sigmoid; None from a fused kernel
     g: object            # (N, F) the activation's output
-    mlp_mask: object     # (N, C) scaled dropout keep mask of the MLP branch, or None
+    mlp_mask: object     # dropout.KeepMask (N, C) of the MLP branch, or None
 
 
 def norm_forward(cfg, x, P, name, out_dtype):

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy
 
-from ..backend import array_module, fused_mode, random_generator
+from ..backend import array_module, fused_kernels, fused_mode, random_generator
 
 
 class KeepMask(NamedTuple):
@@ -52,9 +52,13 @@ def dropout_mask(like, p, rng):
 
 def apply_mask(x, mask):
     """x * mask.keep * mask.scale in x's dtype, computed in at least float32
-    and rounded once; x itself when mask is None."""
+    and rounded once (on CuPy with the fused kernels in one kernel, with no
+    float32 copy of a 16-bit x); x itself when mask is None."""
     if mask is None:
         return x
+    if fused_kernels(x):
+        from ..cuda.dropout import apply_keep_mask
+        return apply_keep_mask(x, mask.keep, mask.scale)
     wide = numpy.promote_types(x.dtype, numpy.float32)
     out = array_module(x).multiply(x, mask.keep, dtype=wide)
     out *= wide.type(mask.scale)
