@@ -1,9 +1,10 @@
 """Every raw CUDA kernel, in the variants the configs use (float32, float16
 and bfloat16 activations), compiles with NVRTC (the compiler CuPy uses) for
-the A100 and the H100 / H200 architectures, without register spills, and
-every launch's block fits a multiprocessor's registers; the bfloat16 builds
-use bfloat16 instructions only. Needs g++ (the kernels are built by running
-the layers on the CPU emulator) and the nvidia-cuda-nvrtc wheel; no GPU."""
+the Ampere, Ada, Hopper and Blackwell architectures without register spills
+(ARCHS names the one Blackwell exception), and every launch's block fits a
+multiprocessor's registers; the bfloat16 builds use bfloat16 instructions
+only. Needs g++ (the kernels are built by running the layers on the CPU
+emulator) and the nvidia-cuda-nvrtc wheel; no GPU."""
 import numpy as np
 import pytest
 
@@ -16,6 +17,12 @@ pytestmark = [
     pytest.mark.skipif(cuda_emulator.compiler() is None, reason="the CUDA emulator needs g++"),
     pytest.mark.skipif(NVRTC is None, reason="needs the nvidia-cuda-nvrtc wheel"),
 ]
+
+# sm_80 (A100), sm_89 (L4, L40S, RTX 4090) and sm_90 (H100, H200): without spills.
+# sm_100 (B200) and sm_120 (RTX 50xx): compiled and every launch fits; NVRTC 12.9
+# spills 56-88 bytes of crossentropy_rows at GPT-2's vocabulary there (800 threads,
+# 72 registers), left until a Blackwell GPU has timed it (tools/GPU_NOTES.md)
+ARCHS, SPILLS_ALLOWED = [80, 89, 90, 100, 120], {100, 120}
 
 # (n_embd, vocab_size, block_size): shakespeare-char, char-mid, gpt2-small
 SHAPES = [(384, 65, 256), (384, 4096, 256), (768, 50304, 1024)]
@@ -103,7 +110,7 @@ def check_launches_fit(code, log, launches, arch):
                 f"{name}: {threads} threads of {registers[name]} registers do not fit sm_{arch}"
 
 
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_every_kernel_compiles_without_spills_and_every_launch_fits(arch):
     variants, launches = every_kernel_variant()
     every_name = set().union(*variants.values())
@@ -119,12 +126,13 @@ def test_every_kernel_compiles_without_spills_and_every_launch_fits(arch):
         name = "/".join(sorted(names))
         ok, log = nvrtc.compile_kernel(NVRTC, code, arch)
         assert ok, f"{name} does not compile for sm_{arch}:\n{log}"
-        assert nvrtc.spills(log) == 0, f"{name} spills registers on sm_{arch}:\n{log}"
+        assert arch in SPILLS_ALLOWED or nvrtc.spills(log) == 0, \
+            f"{name} spills registers on sm_{arch}:\n{log}"
         check_launches_fit(code, log, launches, arch)
     assert {name for name, _, _ in launches} == every_name
 
 
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_norm_kernels_compile_without_spills_at_larger_widths(arch):
     """The norm kernels hold a row's C values in registers (and, a warp a row,
     the block's column sums in shared memory), so they are the ones C can
