@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy
 
+from .checks import POSITIVE, check_number
+
 # bfloat16 (8 exponent bits like float32, 8 significand bits) as NumPy and
 # CuPy 14 both read it, through ml_dtypes
 BFLOAT16 = numpy.dtype(ml_dtypes.bfloat16)
@@ -162,6 +164,33 @@ def to_host(array):
     return numpy.asarray(array)
 
 
+def check_scale(scale):
+    """A gradient scale (loss scaling, accumulation): a Python float from a
+    finite positive number; a 0-d float array on the GPU is passed through
+    unread, so that a step need not wait for it."""
+    if is_cuda_array(scale) and scale.shape == () and scale.dtype.kind == "f":
+        return scale
+    return check_number("scale", scale, POSITIVE)
+
+
+def check_real_values(name, array, dtype, non_negative=False):
+    """ValueError naming `name` unless `array` (host or device) holds real
+    numbers that stay finite cast to `dtype` (and, with non_negative, none
+    below zero): what may be copied into weights or optimizer state."""
+    kind = getattr(array, "dtype", None)
+    if kind is None or not (kind.kind in "fiu" or kind == BFLOAT16):
+        raise ValueError(f"{name} must be an array of real numbers, got "
+                         f"{kind if kind is not None else type(array).__name__}")
+    xp = array_module(array)
+    with numpy.errstate(over="ignore", invalid="ignore"):
+        cast = array.astype(dtype, copy=False)
+        if not bool(xp.isfinite(cast).all()):
+            raise ValueError(f"{name} holds values that are not finite as {numpy.dtype(dtype)} "
+                             f"(NaN, infinity, or past its range)")
+        if non_negative and bool((cast < 0).any()):
+            raise ValueError(f"{name} holds negative values")
+
+
 def device_scalar(xp, value, dtype=numpy.float64):
     """`value`, a host number (or 0-d NumPy array) or a 0-d array of `xp`, as a
     0-d array of `xp` and `dtype`. On a GPU it is made there: a host number is
@@ -186,12 +215,20 @@ _DTYPES = {"float32": numpy.float32, "fp32": numpy.float32,
 
 
 def get_dtype(name):
-    """A NumPy dtype from `float32`, `float64` or `float16` (or a dtype)."""
+    """A NumPy dtype from `float32`, `float64` or `float16`, or a NumPy float
+    dtype or type of those; ValueError for anything else (None included,
+    which NumPy would read as float64)."""
     if isinstance(name, str):
         if name not in _DTYPES:
             raise ValueError(f"unknown dtype {name!r}: expected one of float32, float64, float16")
         return numpy.dtype(_DTYPES[name])
-    return numpy.dtype(name)
+    try:
+        dtype = None if name is None else numpy.dtype(name)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype not in [numpy.dtype(d) for d in _DTYPES.values()]:
+        raise ValueError(f"dtype must be one of float32, float64, float16, got {name!r}")
+    return dtype
 
 
 def is_half(dtype):

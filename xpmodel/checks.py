@@ -75,3 +75,21 @@ def _finite_float(value):
         return math.isfinite(value)
     except OverflowError:       # an int past float's range
         return False
+
+
+class CheckedNumber:
+    """A class attribute whose instances' value is check_number'ed `within`
+    whenever it is set, in the constructor or later (an optimizer's lr, which
+    schedules set every step)."""
+
+    def __init__(self, within):
+        self.within = within
+
+    def __set_name__(self, owner, name):
+        self.name, self.slot = name, "_" + name
+
+    def __get__(self, instance, owner=None):
+        return self if instance is None else getattr(instance, self.slot)
+
+    def __set__(self, instance, value):
+        setattr(instance, self.slot, check_number(self.name, value, self.within))

@@ -336,7 +336,7 @@ def tokenizer_train_command(args):
           f"{shlex.quote(f'data.source={args.source}')} {shlex.quote(f'data.tokenizer={as_file}')}")
     if args.export_hf:
         from ..tokenizer.hf_export import export_tokenizer_hf
-        export_tokenizer_hf(tokenizer, args.export_hf)
+        export_tokenizer_hf(tokenizer, args.export_hf, overwrite=args.overwrite)
         print(f"wrote Hugging Face tokenizer files to {args.export_hf}")
     return 0
 

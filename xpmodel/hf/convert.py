@@ -41,6 +41,7 @@ replaces it without asking; a directory of the same file names without the
 marker (a `save_pretrained` folder, say) is replaced only with overwrite.
 Nothing is unpickled: a directory with only pytorch_model.bin is refused.
 """
+import numbers
 import os
 import re
 from contextlib import ExitStack
@@ -92,6 +93,10 @@ def export_hf(model, tokenizer, out_dir, overwrite=False, special_ids=None):
         raise UsageError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab "
                          f"has only {cfg.vocab_size} rows")
     hf_vocab(tokenizer)   # refuses a tokenizer Hugging Face cannot hold, before writing
+    if special_ids is not None and (not isinstance(special_ids, dict)
+                                    or not set(special_ids) <= set(SPECIAL_ID_KEYS)):
+        raise UsageError(f"special_ids must be a dict of {' and/or '.join(SPECIAL_ID_KEYS)}, got "
+                         f"{quote(special_ids, 100)}")
     ids = default_special_ids(tokenizer) if special_ids is None else \
         check_special_ids(special_ids, tokenizer.vocab_size, UsageError, "special_ids")
     out_dir = Path(out_dir)
@@ -246,14 +251,22 @@ def _renumbered(value, ours):
 def check_special_ids(ids, vocab_size, error, where):
     """{"bos_token_id", "eos_token_id"} of `ids`, each None or a token id below
     vocab_size (eos_token_id also a non-empty list of them); else `error`."""
+    checked = {}
     for key in SPECIAL_ID_KEYS:
         value = ids.get(key)
         listed = value if key == "eos_token_id" and isinstance(value, list) and value else [value]
-        if value is not None and not all(type(i) is int and 0 <= i < vocab_size for i in listed):
+        if value is not None and not all(_is_integer(i) and 0 <= i < vocab_size for i in listed):
             raise error(f"{where}: {key} {quote(value, 100)} is not a token id of the tokenizer (0 to "
                         f"{vocab_size - 1}){', a list of them' if key == 'eos_token_id' else ''} "
                         f"or null")
-    return {key: ids.get(key) for key in SPECIAL_ID_KEYS}
+        checked[key] = [int(i) for i in value] if isinstance(value, list) else \
+            (None if value is None else int(value))
+    return checked
+
+
+def _is_integer(value):
+    """Whether value is an integer (a NumPy one too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def import_family(hf_cfg, where="config.json"):

@@ -9,13 +9,14 @@ The residual stream is kept as an (N, C) matrix so every projection is a
 """
 import functools
 import math
+from collections.abc import Mapping
 from contextlib import contextmanager
 
 import numpy
 
-from ..backend import (BFLOAT16, check_kernels, get_device, get_dtype, is_cuda_array, is_half,
+from ..backend import (BFLOAT16, check_kernels, check_real_values, check_scale, get_device, get_dtype, is_half,
                        bfloat16_problem, to_device, to_host, upcast, use_kernels)
-from ..checks import NON_NEGATIVE, POSITIVE, check_integer, check_number
+from ..checks import NON_NEGATIVE, check_integer, check_number
 from ..cpu_threads import keep_freed_memory, run_parallel, single_threaded_blas, split, thread_count
 from ..layers.block import block_backward, block_forward, norm_backward, norm_forward, proj_bias_sums
 from ..layers.crossentropy import IGNORE_INDEX, crossentropy_fused, lm_head_backward, lm_head_forward
@@ -199,7 +200,7 @@ class GPT:
         target is ignored, with zero gradients): a NumPy scalar,
         or a 0-d CuPy array so that a GPU step need not wait for the device.
         """
-        scale = _check_scale(scale)
+        scale = check_scale(scale)
         idx = self.check_ids(idx, "idx")
         targets = self._check_targets(targets, idx.shape)
         self._refresh_working_copy()
@@ -414,26 +415,25 @@ class GPT:
         return self.layout.views(flat)
 
     def load_state_arrays(self, arrays):
-        """Copy named arrays (host or device) into the parameters, checking shapes."""
+        """Copy named arrays (host or device) into the parameters, every name,
+        shape and value (real, finite in the model's dtype) checked before
+        any is copied."""
+        if not isinstance(arrays, Mapping):
+            raise ValueError(f"parameters must be a mapping of names to arrays, got "
+                             f"{type(arrays).__name__}")
         missing = [n for n in self.layout.names if n not in arrays]
         unexpected = [n for n in arrays if n not in self.layout.shapes]
         if missing or unexpected:
             raise ValueError(f"parameter names do not match: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
         for name, view in self.params.items():
-            value = arrays[name]
-            if tuple(value.shape) != tuple(view.shape):
-                raise ValueError(f"parameter {name}: shape {tuple(value.shape)} does not "
-                                 f"match the model's {tuple(view.shape)}")
-            view[...] = to_device(numpy.asarray(to_host(value), dtype=self.dtype), self.device)
-
-
-def _check_scale(scale):
-    """forward_backward's scale: a Python float from a finite positive number;
-    a 0-d float array on the GPU is passed through unread."""
-    if is_cuda_array(scale) and scale.shape == () and scale.dtype.kind == "f":
-        return scale
-    return check_number("scale", scale, POSITIVE)
+            shape = getattr(arrays[name], "shape", None)
+            if shape is None or tuple(shape) != tuple(view.shape):
+                raise ValueError(f"parameter {name}: shape {shape} does not match the model's "
+                                 f"{tuple(view.shape)}")
+            check_real_values(f"parameter {name}", arrays[name], self.dtype)
+        for name, view in self.params.items():
+            view[...] = to_device(numpy.asarray(to_host(arrays[name]), dtype=self.dtype), self.device)
 
 
 def _init_parameters(config, layout, seed):

@@ -1,11 +1,12 @@
 """Writing a BPETokenizer as a Hugging Face tokenizer directory (tokenizer.json,
 vocab.json + merges.txt, tokenizer_config.json, special_tokens_map.json), in
 the forms hf_forms.py describes."""
+import os
 from pathlib import Path
 
 from ..atomic import atomic_write_bytes, atomic_write_json
 from ..errors import UsageError, quote
-from .bpe import ENDOFTEXT
+from .bpe import ENDOFTEXT, BPETokenizer
 from .hf_forms import (BYTE_TOKENS, PREPEND, HF_PREPEND_SCHEMES, REPLACE_SPACES, SPACE, SPACE_DECODERS,
                        STRIP_DECODER, gpt2_byte_to_unicode)
 from .pretokenize import GPT2_SPLIT_PATTERN
@@ -50,13 +51,23 @@ def first_eos_id(special_ids):
     return eos[0] if isinstance(eos, list) else eos
 
 
-def export_tokenizer_hf(tokenizer, directory, model_max_length=None, special_ids=None):
-    """Write the five Hugging Face files for `tokenizer` into `directory`
-    (created if needed); bos_token and eos_token are the tokens of special_ids
-    (see default_special_ids)."""
+def export_tokenizer_hf(tokenizer, directory, model_max_length=None, special_ids=None,
+                        overwrite=False):
+    """Write the Hugging Face files for `tokenizer` into `directory` (created
+    if needed; a file of the same name already there is refused unless
+    overwrite); bos_token and eos_token are the tokens of special_ids (see
+    default_special_ids)."""
+    if not isinstance(tokenizer, BPETokenizer):
+        raise TypeError(f"export_tokenizer_hf takes a BPETokenizer, got {type(tokenizer).__name__}")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     vocab = hf_vocab(tokenizer)
+    names = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+    names += ["vocab.json", "merges.txt"] if tokenizer.metaspace is None else []
+    present = [name for name in names if os.path.lexists(directory / name)]
+    if present and not overwrite:
+        raise UsageError(f"{directory}: {present[0]} is already there; pass overwrite=True to "
+                         f"replace the Hugging Face tokenizer files in it")
+    directory.mkdir(parents=True, exist_ok=True)
     names = list(vocab)  # id -> token string, as ids run 0.. in order
     merges = [f"{names[left]} {names[right]}" for left, right in tokenizer.merges]
     specials = tokenizer.special_tokens

@@ -11,20 +11,24 @@ The state lives in a small array on the model's device, so on a GPU a step
 records its outcome without waiting for the device; `check` (called when
 the host reads a step's results anyway) raises when the run is diverging.
 """
-import math
-
 import numpy
 
 from ..backend import array_module, to_host
-from ..errors import XpmodelError
+from ..checks import Range, check_integer, check_number
+from ..errors import XpmodelError, quote
 
 _SCALE, _GOOD, _SKIPPED_IN_A_ROW, _SKIPPED_TOTAL = range(4)
+AT_LEAST_ONE = Range(low=1)
 
 
 class LossScaler:
     def __init__(self, scale=2.0 ** 16, growth_interval=2000, max_skipped_in_a_row=50, xp=numpy):
-        self.growth_interval = growth_interval
-        self.max_skipped_in_a_row = max_skipped_in_a_row
+        scale = check_number("scale", scale, AT_LEAST_ONE)
+        self.growth_interval = check_integer("growth_interval", growth_interval, AT_LEAST_ONE)
+        self.max_skipped_in_a_row = check_integer("max_skipped_in_a_row", max_skipped_in_a_row,
+                                                  AT_LEAST_ONE)
+        if not hasattr(xp, "asarray"):
+            raise ValueError(f"xp must be an array module (numpy or cupy), got {xp!r}")
         # scale, good steps since the last change of scale, skipped in a row, skipped in total
         self.state = xp.asarray([float(scale), 0.0, 0.0, 0.0], dtype=numpy.float64)
 
@@ -71,9 +75,11 @@ class LossScaler:
                 "skipped_in_a_row": int(s[_SKIPPED_IN_A_ROW]), "skipped_total": int(s[_SKIPPED_TOTAL])}
 
     def load_state_dict(self, state):
-        scale = float(state["scale"])
-        if not (math.isfinite(scale) and scale >= 1.0):
-            raise ValueError(f"bad loss scale {scale}")
-        values = [scale, int(state["good_steps"]), int(state["skipped_in_a_row"]),
-                  int(state["skipped_total"])]
+        """A state as state_dict gives it, every entry checked before any is set."""
+        keys = ("scale", "good_steps", "skipped_in_a_row", "skipped_total")
+        if not isinstance(state, dict) or set(state) != set(keys):
+            raise ValueError(f"a loss scaler's state is a dict of {', '.join(keys)}, got "
+                             f"{quote(state, 100)}")
+        values = [check_number("scale", state["scale"], AT_LEAST_ONE)]
+        values += [check_integer(key, state[key]) for key in keys[1:]]
         self.state[...] = self.xp.asarray(values, dtype=numpy.float64)

@@ -62,7 +62,8 @@ import numpy
 
 from ..cpu_threads import run_elementwise, run_parallel, single_threaded_blas, split, thread_count
 from ..backend import device_scalar, is_half
-from ..checks import HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, Range, check_integer, check_number
+from ..checks import (HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, CheckedNumber, Range, check_integer,
+                      check_number)
 from ..errors import XpmodelError
 from ..layers.matmul import matmul
 from ..ns_coefficients import NS_COEFFICIENTS, check_ns_coefficients, parse_ns_coefficients
@@ -76,6 +77,9 @@ NS_DTYPES = ("float16", "float32", "float64")   # the ns_dtype choices
 NON_FINITE_UPDATE = ("Muon's orthogonalised update is not finite although the gradients are: the "
                      "Newton-Schulz iteration overflowed; weights not updated (check "
                      "train.muon_ns_coefficients and train.muon_ns_steps)")
+NON_FINITE_MOMENTUM = ("Muon's step met gradients or a momentum that are not finite: weights not "
+                       "updated, but the momentum now holds them (clipped_step skips a step whose "
+                       "gradients are not finite)")
 
 
 def _names_ns_dtype(spec):
@@ -225,6 +229,7 @@ class Muon:
     update_finite: whether the latest step's orthogonalised update was
     finite, a 0-d bool on the model's device (see step).
     """
+    lr = CheckedNumber(NON_NEGATIVE)   # a schedule may take it to 0 after a positive start
 
     def __init__(self, model, lr, muon_lr=0.02, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                  momentum=0.95, nesterov=True, ns_coefficients="jordan", ns_steps=5,
@@ -325,7 +330,8 @@ class Muon:
         run_elementwise(g.size, lambda part: self._momentum(part, scale), model.device.is_cuda)
         self._orthogonalise()
         if not bool(self._update_is_finite()):
-            raise XpmodelError(NON_FINITE_UPDATE)
+            finite_momentum = bool(xp.isfinite(self.momentum_buffer).all())
+            raise XpmodelError(NON_FINITE_UPDATE if finite_momentum else NON_FINITE_MOMENTUM)
         self._step_adamw(grad_scale, True)
         self._applied += 1.0
         run_elementwise(g.size, self._apply, model.device.is_cuda)
@@ -418,7 +424,7 @@ class Muon:
     def load_state_arrays(self, arrays, step_count):
         """The state as state_arrays gives it, and the steps applied, all
         checked before any is set."""
-        check_state_arrays(arrays, self.state_sizes())
+        check_state_arrays(arrays, self.state_sizes(), self.momentum_buffer.dtype, non_negative=("v",))
         steps = check_integer("step_count", step_count)
         start = 0
         for part in self._adamw:

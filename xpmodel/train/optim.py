@@ -8,19 +8,20 @@ import math
 
 import numpy
 
-from ..backend import device_scalar
-from ..checks import (HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, POSITIVE_FRACTION, check_integer,
-                      check_number)
+from ..backend import check_real_values, check_scale, device_scalar
+from ..checks import (HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, POSITIVE_FRACTION, CheckedNumber,
+                      check_integer, check_number)
 from ..cpu_threads import run_elementwise
 
 
 class AdamW:
     """The update rule of torch.optim.AdamW (decoupled weight decay, bias
     correction), with decay on matrices only. `lr` may be changed before
-    any step, which is how schedules drive it."""
+    any step, which is how schedules drive it (checked when set)."""
+    lr = CheckedNumber(NON_NEGATIVE)
 
     def __init__(self, model, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
-        self.lr = check_number("lr", lr, NON_NEGATIVE)
+        self.lr = lr
         self.betas = check_betas(betas)
         self.eps = check_number("eps", eps, POSITIVE_FRACTION)
         self.weight_decay = check_number("weight_decay", weight_decay, NON_NEGATIVE)
@@ -111,33 +112,39 @@ class AdamW:
     def load_state(self, m, v, step_count):
         """The moments (flat, as state_arrays gives them) and the steps applied,
         all checked before any is set."""
-        check_state_arrays({"m": m, "v": v}, self.state_sizes())
+        check_state_arrays({"m": m, "v": v}, self.state_sizes(), self.m.dtype, non_negative=("v",))
         steps = check_integer("step_count", step_count)
         self.m[...] = m
         self.v[...] = v
         self._applied[...] = steps
 
     def load_state_arrays(self, arrays, step_count):
-        check_state_arrays(arrays, self.state_sizes())
+        check_state_arrays(arrays, self.state_sizes(), self.m.dtype, non_negative=("v",))
         self.load_state(arrays["m"], arrays["v"], step_count)
 
 
 class SGD:
     """Plain SGD with optional momentum and L2 weight decay (added to the gradient) on matrices."""
 
+    lr = CheckedNumber(NON_NEGATIVE)
+
     def __init__(self, model, lr, momentum=0.0, weight_decay=0.0):
-        self.lr = check_number("lr", lr, NON_NEGATIVE)
+        self.lr = lr
         self.momentum = check_number("momentum", momentum, HALF_OPEN_UNIT)
         self.weight_decay = check_number("weight_decay", weight_decay, NON_NEGATIVE)
         self.model = model
         self.velocity = model.xp.zeros_like(model.flat_params) if self.momentum else None
         self.step_count = 0
 
-    def step(self):
+    def step(self, grad_scale=1.0, apply=True):
+        """One update from model.flat_grads * grad_scale, skipped where apply
+        is false (read on the host), as AdamW.step takes them."""
+        if not bool(apply):
+            return
         p, g = self.model.flat_params, self.model.flat_grads
         n_decay = self.model.layout.n_decay
         self.step_count += 1
-        update = g.copy()
+        update = g * self.model.xp.asarray(grad_scale, dtype=g.dtype)
         if self.weight_decay:
             update[:n_decay] += self.weight_decay * p[:n_decay]
         if self.velocity is not None:
@@ -163,6 +170,8 @@ def clipped_step(optimizer, grad_clip, scale=1.0, loss=None):
 
     Returns the unscaled gradient norm and whether the gradients were finite,
     as 0-d arrays on the model's device."""
+    grad_clip = check_number("grad_clip", grad_clip, NON_NEGATIVE)
+    scale = check_scale(scale)
     xp = optimizer.model.xp
     norm = xp.asarray(grad_norm(optimizer.model), dtype=numpy.float64) / scale
     grads_finite = xp.isfinite(norm)
@@ -191,9 +200,10 @@ def check_betas(betas):
     return tuple(check_number(f"betas[{i}]", beta, HALF_OPEN_UNIT) for i, beta in enumerate(betas))
 
 
-def check_state_arrays(arrays, sizes):
+def check_state_arrays(arrays, sizes, dtype, non_negative=()):
     """ValueError unless `arrays` holds exactly the optimizer state `sizes`
-    names (name -> length), each a flat array of that length."""
+    names (name -> length), each a flat array of that length of real values
+    finite in `dtype`, those of the names in `non_negative` none below zero."""
     if not isinstance(arrays, dict):
         raise ValueError(f"optimizer state must be a dict of arrays, got {type(arrays).__name__}")
     missing, unexpected = sorted(set(sizes) - set(arrays)), sorted(set(arrays) - set(sizes))
@@ -204,3 +214,4 @@ def check_state_arrays(arrays, sizes):
         if shape is None or tuple(shape) != (size,):
             raise ValueError(f"optimizer state {name}: shape {shape} does not match the "
                              f"optimizer's ({size},)")
+        check_real_values(f"optimizer state {name}", arrays[name], dtype, name in non_negative)

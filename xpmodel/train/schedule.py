@@ -54,6 +54,7 @@ class _WarmupDecay:
         self.warmup_iters, self.decay_iters = _check_decay(warmup_iters, decay_iters)
 
     def __call__(self, step):
+        step = check_integer("step", step)
         if step < self.warmup_iters:
             return _warmup(self.lr, self.warmup_iters, step)
         if step >= self.decay_iters:
@@ -90,6 +91,7 @@ class StepSchedule:
         self.gamma = check_number("gamma", gamma, POSITIVE_FRACTION)
 
     def __call__(self, step):
+        step = check_integer("step", step)
         if step < self.warmup_iters:
             return _warmup(self.lr, self.warmup_iters, step)
         drops = (step - self.warmup_iters) // self.step_size
@@ -109,6 +111,7 @@ class WSDSchedule:
         self.decay_start = max(warmup_iters, decay_iters - round(decay_fraction * decay_iters))
 
     def __call__(self, step):
+        step = check_integer("step", step)
         if step < self.warmup_iters:
             return _warmup(self.lr, self.warmup_iters, step)
         if step >= self.decay_iters:
@@ -127,6 +130,7 @@ class ConstantSchedule:
         self.warmup_iters = check_integer("warmup_iters", warmup_iters)
 
     def __call__(self, step):
+        step = check_integer("step", step)
         if step < self.warmup_iters:
             return _warmup(self.lr, self.warmup_iters, step)
         return self.lr

@@ -1,0 +1,170 @@
+"""The Python API refuses what would train nonsense, with one line naming the
+argument: rates set after construction, clipping and scale arguments, a
+model's dtype, parameter and optimizer state with values that cannot be
+weights, loss-scaler settings, and export arguments; and an export never
+replaces files it was not told it may."""
+import math
+
+import numpy as np
+import pytest
+
+import xpmodel
+from xpmodel.errors import UsageError, XpmodelError
+from xpmodel.train.muon import NON_FINITE_MOMENTUM
+from xpmodel.train.optim import clipped_step
+
+CONFIG = xpmodel.GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16)
+
+
+def model_with_gradients():
+    model = xpmodel.GPT(CONFIG, seed=0)
+    ids = np.random.default_rng(0).integers(0, 64, (2, 8))
+    model.forward_backward(ids, ids)
+    return model
+
+
+@pytest.mark.parametrize("make", [lambda m: xpmodel.AdamW(m, 1e-3), lambda m: xpmodel.SGD(m, 1e-3),
+                                  lambda m: xpmodel.Muon(m, 1e-3)], ids=["adamw", "sgd", "muon"])
+@pytest.mark.parametrize("rate", [math.nan, math.inf, -1e-2, "0.1", None])
+def test_a_rate_set_after_construction_is_checked(make, rate):
+    optimizer = make(model_with_gradients())
+    with pytest.raises(ValueError, match="^lr must be a finite number >= 0"):
+        optimizer.lr = rate
+    assert optimizer.lr == 1e-3
+    optimizer.lr = 0          # where a schedule may end, Muon's included
+    assert optimizer.lr == 0.0
+
+
+@pytest.mark.parametrize("schedule", [xpmodel.CosineSchedule(3e-4, 3e-5, 10, 100),
+                                      xpmodel.ConstantSchedule(1e-3, 5)])
+@pytest.mark.parametrize("step", [-100, math.nan, 2.5, "3"])
+def test_a_schedule_refuses_a_step_that_is_not_a_count(schedule, step):
+    with pytest.raises(ValueError, match="^step must be an integer >= 0"):
+        schedule(step)
+
+
+@pytest.mark.parametrize("grad_clip,scale,culprit", [(-1.0, 1.0, "grad_clip"), (math.nan, 1.0, "grad_clip"),
+                                                     ("1", 1.0, "grad_clip"), (1.0, 0.0, "scale"),
+                                                     (1.0, -1.0, "scale"), (1.0, math.inf, "scale")])
+def test_clipped_step_checks_its_arguments_before_stepping(grad_clip, scale, culprit):
+    model = model_with_gradients()
+    before = model.flat_params.copy()
+    with pytest.raises(ValueError, match=f"^{culprit} must be"):
+        clipped_step(xpmodel.AdamW(model, 1e-2), grad_clip, scale)
+    assert np.array_equal(model.flat_params, before)
+
+
+def test_clipped_step_drives_sgd_as_it_drives_adamw():
+    """SGD.step takes grad_scale and apply as AdamW's does: clipped_step
+    clips its gradients, and skips a step whose gradients are not finite."""
+    clipped, by_hand = model_with_gradients(), model_with_gradients()
+    norm, finite = clipped_step(xpmodel.SGD(clipped, 0.1), 0.5)
+    assert bool(finite) and float(norm) > 0.5
+    xpmodel.clip_grad_norm(by_hand, 0.5)
+    xpmodel.SGD(by_hand, 0.1).step()
+    np.testing.assert_allclose(clipped.flat_params, by_hand.flat_params, rtol=1e-6, atol=1e-9)
+    before = clipped.flat_params.copy()
+    clipped.flat_grads[0] = math.nan
+    _, finite = clipped_step(xpmodel.SGD(clipped, 0.1), 0.5)
+    assert not bool(finite) and np.array_equal(clipped.flat_params, before)
+
+
+def test_muon_names_gradients_that_are_not_finite():
+    """Not the Newton-Schulz coefficients, which the overflow message blames."""
+    model = model_with_gradients()
+    before = model.flat_params.copy()
+    model.flat_grads[:] = math.nan
+    with pytest.raises(XpmodelError, match="^" + NON_FINITE_MOMENTUM.split(":")[0]):
+        xpmodel.Muon(model, 1e-3).step()
+    assert np.array_equal(model.flat_params, before)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, bool, np.complex128, object, None])
+def test_a_model_refuses_a_dtype_that_is_not_a_float(dtype):
+    with pytest.raises(ValueError, match="^dtype must be one of float32, float64, float16"):
+        xpmodel.GPT(CONFIG, dtype=dtype)
+
+
+@pytest.mark.parametrize("value,problem", [(math.nan, "not finite"), (1e300, "not finite"),
+                                           (1 + 2j, "real numbers"), ("a", "real numbers")])
+def test_parameters_that_cannot_be_weights_are_refused_before_any_is_copied(value, problem):
+    model = xpmodel.GPT(CONFIG, seed=0)
+    arrays = {name: array.copy() for name, array in model.state_arrays().items()}
+    name = model.layout.names[-1]
+    arrays[name] = np.full(arrays[name].shape, value)
+    before = model.flat_params.copy()
+    with pytest.raises(ValueError, match=f"^parameter {name}.*{problem}"):
+        model.load_state_arrays(arrays)
+    assert np.array_equal(model.flat_params, before)
+    with pytest.raises(ValueError, match="^parameters must be a mapping"):
+        model.load_state_arrays(None)
+    arrays[name] = arrays[name].tolist()
+    with pytest.raises(ValueError, match=f"^parameter {name}: shape None"):
+        model.load_state_arrays(arrays)
+
+
+def test_optimizer_state_that_cannot_be_moments_is_refused():
+    model = model_with_gradients()
+    optimizer = xpmodel.AdamW(model, 1e-3)
+    m, v = np.zeros_like(optimizer.m), np.zeros_like(optimizer.v)
+    with pytest.raises(ValueError, match="^optimizer state v holds negative values"):
+        optimizer.load_state(m, v - 1.0, 3)
+    with pytest.raises(ValueError, match="^optimizer state m holds values that are not finite"):
+        optimizer.load_state(m + math.nan, v, 3)
+    muon = xpmodel.Muon(model, 1e-3)
+    state = {name: np.zeros_like(array) for name, array in muon.state_arrays().items()}
+    state["muon_momentum"][0] = math.inf
+    with pytest.raises(ValueError, match="^optimizer state muon_momentum holds values that are not"):
+        muon.load_state_arrays(state, 3)
+    assert optimizer.step_count == 0 and muon.step_count == 0
+
+
+@pytest.mark.parametrize("arguments,culprit", [({"scale": math.nan}, "scale"), ({"scale": 0.5}, "scale"),
+                                               ({"growth_interval": 0}, "growth_interval"),
+                                               ({"growth_interval": 1.5}, "growth_interval"),
+                                               ({"xp": "numpy"}, "xp")])
+def test_a_loss_scaler_checks_its_settings(arguments, culprit):
+    with pytest.raises(ValueError, match=f"^{culprit} must be"):
+        xpmodel.LossScaler(**arguments)
+
+
+def test_a_loss_scaler_checks_a_state_before_taking_it():
+    scaler = xpmodel.LossScaler()
+    good = scaler.state_dict()
+    for state, culprit in [({}, "a loss scaler's state"), (dict(good, good_steps=-5), "good_steps"),
+                           (dict(good, scale=math.inf), "scale")]:
+        with pytest.raises(ValueError, match=f"^{culprit}"):
+            scaler.load_state_dict(state)
+    assert scaler.state_dict() == good
+
+
+@pytest.fixture
+def tokenizer():
+    from xpmodel.tokenizer.bpe import BPETokenizer
+    return BPETokenizer.train(["hello world, hello there"] * 4, 260)
+
+
+def test_an_export_refuses_special_ids_it_would_not_write(tokenizer, tmp_path):
+    from xpmodel.hf.convert import export_hf
+    model = xpmodel.GPT(xpmodel.GPTConfig(vocab_size=tokenizer.vocab_size, block_size=8, n_layer=1,
+                                          n_head=2, n_embd=16))
+    for special_ids in [{"eos_token": 256}, "256"]:
+        with pytest.raises(UsageError, match="^special_ids must be a dict of bos_token_id and/or"):
+            export_hf(model, tokenizer, tmp_path / "out", special_ids=special_ids)
+    assert not (tmp_path / "out").exists()
+    export_hf(model, tokenizer, tmp_path / "out", special_ids={"eos_token_id": np.int64(5)})
+    assert '"eos_token_id": 5' in (tmp_path / "out" / "config.json").read_text()
+
+
+def test_a_tokenizer_export_replaces_files_only_when_told(tokenizer, tmp_path):
+    from xpmodel.tokenizer.hf_export import export_tokenizer_hf
+    (tmp_path / "tokenizer.json").write_text("mine")
+    with pytest.raises(UsageError, match="tokenizer.json is already there; pass overwrite=True"):
+        export_tokenizer_hf(tokenizer, tmp_path)
+    assert (tmp_path / "tokenizer.json").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json"]
+    export_tokenizer_hf(tokenizer, tmp_path, overwrite=True)
+    assert (tmp_path / "tokenizer.json").read_text() != "mine"
+    with pytest.raises(TypeError, match="takes a BPETokenizer, got NoneType"):
+        export_tokenizer_hf(None, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
