@@ -216,8 +216,8 @@ _DTYPES = {"float32": numpy.float32, "fp32": numpy.float32,
 
 def get_dtype(name):
     """A NumPy dtype from `float32`, `float64` or `float16`, or a NumPy float
-    dtype or type of those; ValueError for anything else (None included,
-    which NumPy would read as float64)."""
+    dtype or type of those or bfloat16; ValueError for anything else (None
+    included, which NumPy would read as float64)."""
     if isinstance(name, str):
         if name not in _DTYPES:
             raise ValueError(f"unknown dtype {name!r}: expected one of float32, float64, float16")
@@ -226,7 +226,7 @@ def get_dtype(name):
         dtype = None if name is None else numpy.dtype(name)
     except TypeError:
         dtype = None
-    if dtype is None or dtype not in [numpy.dtype(d) for d in _DTYPES.values()]:
+    if dtype is None or dtype not in [numpy.dtype(d) for d in _DTYPES.values()] + [BFLOAT16]:
         raise ValueError(f"dtype must be one of float32, float64, float16, got {name!r}")
     return dtype
 
