@@ -168,3 +168,24 @@ def test_a_tokenizer_export_replaces_files_only_when_told(tokenizer, tmp_path):
     with pytest.raises(TypeError, match="takes a BPETokenizer, got NoneType"):
         export_tokenizer_hf(None, tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+def test_a_long_block_size_costs_only_the_positions_a_pass_uses():
+    """RoPE's tables grow with the positions asked for, and generation's cache
+    holds the prompt and the new tokens, not block_size positions (a Llama
+    import can have 131,072); the tokens are those of uncached generation."""
+    import tracemalloc
+
+    from xpmodel.model.generate import generate
+    config = xpmodel.GPTConfig(vocab_size=64, block_size=2 ** 24, n_layer=1, n_head=2, n_embd=16,
+                               position="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+    model = xpmodel.GPT(config, seed=0)
+    tracemalloc.start()
+    try:
+        logits = model.forward(np.arange(8).reshape(1, 8))
+        cached = list(generate(model, [1, 2, 3], 5, seed=0))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert logits.shape == (1, 8, 64) and peak < 16 * 2 ** 20
+    assert cached == list(generate(model, [1, 2, 3], 5, seed=0, use_cache=False))

@@ -9,19 +9,23 @@ import numpy
 
 from ..backend import array_module, to_device
 
-_tables = {}   # (positions, D, theta, device, dtype) -> (cos, sin)
+_tables = {}   # (D, theta, device, dtype) -> (cos, sin) of the most positions asked for yet
 
 
 def rope_tables(positions, D, theta, device, dtype):
     """(cos, sin), each (positions, D/2) on device in dtype (>= float32),
-    computed once in float64 on the host."""
-    key = (positions, D, float(theta), str(device), numpy.dtype(dtype).str)
-    if key not in _tables:
+    computed in float64 on the host: the first rows of tables kept per (D,
+    theta, device, dtype), which double in length when more positions are
+    asked for (so a long block_size costs only the positions a pass uses)."""
+    key = (D, float(theta), str(device), numpy.dtype(dtype).str)
+    if key not in _tables or len(_tables[key][0]) < positions:
+        rows = 1 << max(0, positions - 1).bit_length()
         inv_freq = float(theta) ** (-numpy.arange(0, D, 2, dtype=numpy.float64) / D)   # (D/2,)
-        angles = numpy.outer(numpy.arange(positions, dtype=numpy.float64), inv_freq)
+        angles = numpy.outer(numpy.arange(rows, dtype=numpy.float64), inv_freq)
         _tables[key] = tuple(to_device(table.astype(dtype), device)
                              for table in (numpy.cos(angles), numpy.sin(angles)))
-    return _tables[key]
+    cos, sin = _tables[key]
+    return cos[:positions], sin[:positions]
 
 
 def rope_forward(x, cos, sin):

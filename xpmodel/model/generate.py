@@ -34,17 +34,21 @@ from ..checks import NON_NEGATIVE, POSITIVE, POSITIVE_FRACTION, Range, check_int
 
 
 class KVCache:
-    """Keys and values of every layer for up to block_size positions.
+    """Keys and values of every layer for up to `capacity` positions (default
+    and at most block_size; generate asks for no more than a sample needs,
+    so a model of a long block_size does not hold a cache that long).
 
-    keys[i], values[i]: (B, H_kv, block_size, D) on the model's device, in its
+    keys[i], values[i]: (B, H_kv, capacity, D) on the model's device, in its
     compute dtype (the 16-bit one in mixed precision, as forward's keys and
     values); positions [0, length) are filled. All sequences in the batch share
     the same length.
     """
 
-    def __init__(self, model, batch_size):
+    def __init__(self, model, batch_size, capacity=None):
         self.batch_size = check_integer("KVCache batch_size", batch_size, POSITIVE)
-        self.capacity = model.config.block_size
+        block_size = model.config.block_size
+        self.capacity = block_size if capacity is None else \
+            check_integer("KVCache capacity", capacity, Range(1, block_size))
         shape = self._shape(model)
         model.device.activate()
         xp = model.xp
@@ -55,7 +59,7 @@ class KVCache:
 
     def _shape(self, model):
         cfg = model.config
-        return (self.batch_size, cfg.kv_heads, cfg.block_size, cfg.head_size)
+        return (self.batch_size, cfg.kv_heads, self.capacity, cfg.head_size)
 
     @property
     def is_full(self):
@@ -67,7 +71,8 @@ class KVCache:
 
     def _check_fits(self, model):
         expected = self._shape(model)
-        if len(self.keys) != model.config.n_layer or tuple(self.keys[0].shape) != expected:
+        if len(self.keys) != model.config.n_layer or tuple(self.keys[0].shape) != expected \
+                or self.capacity > model.config.block_size:
             raise ValueError(f"KVCache of {len(self.keys)} layers x {tuple(self.keys[0].shape)} "
                              f"does not fit this model ({model.config.n_layer} layers x {expected})")
 
@@ -103,6 +108,8 @@ def prefill(model, idx, cache=None):
         if cache.batch_size != B:
             raise ValueError(f"prefill: cache batch size {cache.batch_size} does not match "
                              f"the prompt batch size {B}")
+        if T > cache.capacity:
+            raise ValueError(f"prefill: {T} positions do not fit the cache's {cache.capacity}")
     cache.length = 0
     return _forward_cached(model, idx, cache), cache
 
@@ -272,7 +279,8 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
     _check_vocab_limit(vocab_limit, model.config.vocab_size)
     _check_stop_id(stop_id, model.config.vocab_size if vocab_limit is None else vocab_limit)
     seed = None if seed is None else check_integer("seed", seed)
-    next_logits = _cached_logits(model) if use_cache else _uncached_logits(model)
+    positions = min(model.config.block_size, len(context) + int(max_new_tokens))
+    next_logits = _cached_logits(model, positions) if use_cache else _uncached_logits(model)
     return _stream(model, context, int(max_new_tokens), next_logits, temperature, top_k,
                    top_p, numpy.random.default_rng(seed), stop_id, vocab_limit)
 
@@ -303,8 +311,8 @@ def _uncached_logits(model):
     return next_logits
 
 
-def _cached_logits(model):
-    """Like _uncached_logits, but through a KVCache.
+def _cached_logits(model, capacity):
+    """Like _uncached_logits, but through a KVCache of `capacity` positions.
 
     While the context fits in block_size, each call feeds only the token
     appended since the last call. Past that, every window is shifted by one,
@@ -313,11 +321,11 @@ def _cached_logits(model):
     path evaluates.
     """
     block_size = model.config.block_size
-    cache, seen = None, 0   # seen: the context length the cache reflects
+    cache, seen = KVCache(model, 1, capacity), 0   # seen: the context length the cache reflects
 
     def next_logits(context):
         nonlocal cache, seen
-        if cache is not None and len(context) == seen + 1 and not cache.is_full:
+        if seen and len(context) == seen + 1 and not cache.is_full:
             logits = decode_step(model, cache, numpy.array([context[-1]], dtype=numpy.int64))
         else:
             logits, cache = prefill(model, _window(context, block_size), cache)

@@ -357,9 +357,8 @@ class GPT:
         cfg = self.config
         if cfg.position != "rope":
             return None
-        cos, sin = rope_tables(cfg.block_size, cfg.head_size, cfg.rope_theta, self.device,
-                               self.dtype)
-        return cos[start:start + T], sin[start:start + T]
+        cos, sin = rope_tables(start + T, cfg.head_size, cfg.rope_theta, self.device, self.dtype)
+        return cos[start:], sin[start:]
 
     @property
     def head_weight_name(self):
