@@ -189,3 +189,18 @@ def test_a_long_block_size_costs_only_the_positions_a_pass_uses():
         tracemalloc.stop()
     assert logits.shape == (1, 8, 64) and peak < 16 * 2 ** 20
     assert cached == list(generate(model, [1, 2, 3], 5, seed=0, use_cache=False))
+
+
+def test_options_are_checked_when_set_after_construction_too():
+    from xpmodel.model.generate import generate
+    model = xpmodel.GPT(CONFIG, seed=0)
+    with pytest.raises(ValueError, match="^recompute must be one of none, mlp, block, got 'bogus'"):
+        model.recompute = "bogus"
+    with pytest.raises(ValueError, match="^kernels must be one of fused, xp"):
+        model.kernels = "fast"
+    assert (model.recompute, model.kernels) == ("none", "fused")
+    with pytest.raises(ValueError, match="^use_cache must be True or False, got 'no'"):
+        generate(model, [1, 2], 3, use_cache="no")
+    config = xpmodel.GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16,
+                               norm=np.str_("rmsnorm"))
+    assert type(config.norm) is str      # so that the config serialises as YAML and JSON

@@ -57,9 +57,10 @@ class GPTConfig:
 
     def __post_init__(self):
         for name, choices in (("norm", NORMS), ("position", POSITIONS), ("mlp", MLPS)):
-            if getattr(self, name) not in choices:
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in choices:
                 raise ValueError(f"GPTConfig.{name} must be one of {', '.join(choices)}, "
                                  f"got {getattr(self, name)!r}")
+            object.__setattr__(self, name, str(getattr(self, name)))   # a NumPy string as str
         sizes = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
         given = [name for name in ("n_kv_head", "mlp_hidden") if getattr(self, name) is not None]
         # numbers are stored as Python ints and floats, so a config given NumPy scalars serialises

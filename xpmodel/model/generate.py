@@ -279,6 +279,8 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
     _check_vocab_limit(vocab_limit, model.config.vocab_size)
     _check_stop_id(stop_id, model.config.vocab_size if vocab_limit is None else vocab_limit)
     seed = None if seed is None else check_integer("seed", seed)
+    if not isinstance(use_cache, bool):
+        raise ValueError(f"use_cache must be True or False, got {use_cache!r}")
     positions = min(model.config.block_size, len(context) + int(max_new_tokens))
     next_logits = _cached_logits(model, positions) if use_cache else _uncached_logits(model)
     return _stream(model, context, int(max_new_tokens), next_logits, temperature, top_k,

@@ -97,9 +97,7 @@ class GPT:
         if problem:
             raise ValueError(f"train.precision=bf16: {problem}")
         self.precision = precision
-        self.kernels = check_kernels(kernels)
-        if recompute not in RECOMPUTE:
-            raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
+        self.kernels = kernels
         self.recompute = recompute
         # Matmul weights: the masters themselves, or a 16-bit copy refreshed
         # from them (one whole-buffer cast) at the start of every pass.
@@ -149,6 +147,26 @@ class GPT:
 
     def zero_grad(self):
         self.flat_grads.fill(0)
+
+    @property
+    def kernels(self):
+        """"fused" or "xp" (see the class docstring); checked when set."""
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, mode):
+        self._kernels = check_kernels(mode)
+
+    @property
+    def recompute(self):
+        """"none", "mlp" or "block" (see the class docstring); checked when set."""
+        return self._recompute
+
+    @recompute.setter
+    def recompute(self, mode):
+        if not isinstance(mode, str) or mode not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {mode!r}")
+        self._recompute = mode
 
     def num_params(self):
         return self.layout.size
