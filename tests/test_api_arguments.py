@@ -204,3 +204,22 @@ def test_options_are_checked_when_set_after_construction_too():
     config = xpmodel.GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16,
                                norm=np.str_("rmsnorm"))
     assert type(config.norm) is str      # so that the config serialises as YAML and JSON
+
+
+def test_a_kv_cache_of_a_given_capacity():
+    from xpmodel.model.generate import KVCache, decode_step, prefill
+    model = xpmodel.GPT(CONFIG, seed=0)
+    for capacity in (0, CONFIG.block_size + 1, True, 2.0):
+        with pytest.raises(ValueError, match="^KVCache capacity must be an integer in"):
+            KVCache(model, 1, capacity)
+    cache = KVCache(model, 1, 3)
+    assert tuple(cache.keys[0].shape) == (1, CONFIG.kv_heads, 3, CONFIG.head_size)
+    with pytest.raises(ValueError, match="^prefill: 4 positions do not fit the cache's 3"):
+        prefill(model, np.zeros((1, 4), int), cache)
+    logits, cache = prefill(model, np.array([[1, 2]]), cache)
+    decode_step(model, cache, np.array([3]))
+    with pytest.raises(ValueError, match=r"^decode_step: the cache is full \(3 positions\)"):
+        decode_step(model, cache, np.array([4]))
+    short = xpmodel.GPT(xpmodel.GPTConfig(vocab_size=64, block_size=2, n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(ValueError, match="^KVCache of 3 positions is longer than this model's block_size 2"):
+        prefill(short, np.array([[1]]), cache)

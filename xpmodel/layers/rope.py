@@ -18,13 +18,16 @@ def rope_tables(positions, D, theta, device, dtype):
     theta, device, dtype), which double in length when more positions are
     asked for (so a long block_size costs only the positions a pass uses)."""
     key = (D, float(theta), str(device), numpy.dtype(dtype).str)
-    if key not in _tables or len(_tables[key][0]) < positions:
+    tables = _tables.get(key)
+    if tables is None or len(tables[0]) < positions:
         rows = 1 << max(0, positions - 1).bit_length()
         inv_freq = float(theta) ** (-numpy.arange(0, D, 2, dtype=numpy.float64) / D)   # (D/2,)
         angles = numpy.outer(numpy.arange(rows, dtype=numpy.float64), inv_freq)
-        _tables[key] = tuple(to_device(table.astype(dtype), device)
-                             for table in (numpy.cos(angles), numpy.sin(angles)))
-    cos, sin = _tables[key]
+        tables = tuple(to_device(table.astype(dtype), device)
+                       for table in (numpy.cos(angles), numpy.sin(angles)))
+        if len(_tables.get(key, tables)[0]) <= rows:   # another thread's may be longer
+            _tables[key] = tables
+    cos, sin = tables
     return cos[:positions], sin[:positions]
 
 

@@ -70,9 +70,11 @@ class KVCache:
         return LayerKV(self.keys[i], self.values[i], self.length)
 
     def _check_fits(self, model):
+        if self.capacity > model.config.block_size:
+            raise ValueError(f"KVCache of {self.capacity} positions is longer than this model's "
+                             f"block_size {model.config.block_size}")
         expected = self._shape(model)
-        if len(self.keys) != model.config.n_layer or tuple(self.keys[0].shape) != expected \
-                or self.capacity > model.config.block_size:
+        if len(self.keys) != model.config.n_layer or tuple(self.keys[0].shape) != expected:
             raise ValueError(f"KVCache of {len(self.keys)} layers x {tuple(self.keys[0].shape)} "
                              f"does not fit this model ({model.config.n_layer} layers x {expected})")
 
@@ -96,7 +98,8 @@ def prefill(model, idx, cache=None):
     """Run a prompt through the model, filling a cache.
 
     idx: (B, T) ints with T <= block_size. `cache`, when given, must have
-    batch size B; it is overwritten (a fresh one is made otherwise).
+    batch size B and room for T positions; it is overwritten (a fresh one of
+    block_size positions is made otherwise).
     Returns (logits (B, V) of the last position, cache) with cache.length == T.
     """
     idx = model.check_ids(idx, "idx")
@@ -119,7 +122,7 @@ def decode_step(model, cache, token_ids):
 
     token_ids: (B,) ints. Appends this position's keys and values to the cache
     and returns the logits (B, V) for the position after it. A full cache
-    (length == block_size) raises ValueError: rebuild it with `prefill` on a
+    (length == its capacity) raises ValueError: rebuild it with `prefill` on a
     cropped window.
     """
     cache._check_fits(model)

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 
 import numpy
 
-from ..backend import (BFLOAT16, check_kernels, check_real_values, check_scale, get_device, get_dtype, is_half,
-                       bfloat16_problem, to_device, to_host, upcast, use_kernels)
+from ..backend import (BFLOAT16, bfloat16_problem, check_kernels, check_real_values, check_scale,
+                       get_device, get_dtype, is_half, to_device, to_host, upcast, use_kernels)
 from ..checks import NON_NEGATIVE, check_integer, check_number
 from ..cpu_threads import keep_freed_memory, run_parallel, single_threaded_blas, split, thread_count
 from ..layers.block import block_backward, block_forward, norm_backward, norm_forward, proj_bias_sums

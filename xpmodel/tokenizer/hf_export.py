@@ -61,9 +61,9 @@ def export_tokenizer_hf(tokenizer, directory, model_max_length=None, special_ids
         raise TypeError(f"export_tokenizer_hf takes a BPETokenizer, got {type(tokenizer).__name__}")
     directory = Path(directory)
     vocab = hf_vocab(tokenizer)
-    names = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
-    names += ["vocab.json", "merges.txt"] if tokenizer.metaspace is None else []
-    present = [name for name in names if os.path.lexists(directory / name)]
+    files = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+    files += ["vocab.json", "merges.txt"] if tokenizer.metaspace is None else []   # as written below
+    present = [name for name in files if os.path.lexists(directory / name)]
     if present and not overwrite:
         raise UsageError(f"{directory}: {present[0]} is already there; pass overwrite=True to "
                          f"replace the Hugging Face tokenizer files in it")
