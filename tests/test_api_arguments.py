@@ -223,3 +223,27 @@ def test_a_kv_cache_of_a_given_capacity():
     short = xpmodel.GPT(xpmodel.GPTConfig(vocab_size=64, block_size=2, n_layer=1, n_head=2, n_embd=16))
     with pytest.raises(ValueError, match="^KVCache of 3 positions is longer than this model's block_size 2"):
         prefill(short, np.array([[1]]), cache)
+
+
+@pytest.mark.parametrize("call", [lambda m: xpmodel.AdamW(m, 1e-3), lambda m: xpmodel.SGD(m, 1e-3),
+                                  lambda m: xpmodel.Muon(m, 1e-3), xpmodel.grad_norm,
+                                  lambda m: xpmodel.clip_grad_norm(m, 1.0)],
+                         ids=["adamw", "sgd", "muon", "grad_norm", "clip_grad_norm"])
+@pytest.mark.parametrize("not_a_model", [None, CONFIG, {}], ids=["none", "config", "params"])
+def test_what_takes_a_model_says_so(call, not_a_model):
+    with pytest.raises(TypeError, match=f"takes a GPT model, got {type(not_a_model).__name__}"):
+        call(not_a_model)
+
+
+def test_generation_and_export_say_what_they_take(tokenizer, tmp_path):
+    from xpmodel.hf.convert import export_hf
+    from xpmodel.model.generate import generate
+    with pytest.raises(TypeError, match="^generate takes a GPT model, got NoneType"):
+        generate(None, [1], 2)
+    with pytest.raises(TypeError, match="^export_hf takes a GPT model, got NoneType"):
+        export_hf(None, tokenizer, tmp_path / "out")
+    model = xpmodel.GPT(xpmodel.GPTConfig(vocab_size=tokenizer.vocab_size, block_size=8, n_layer=1,
+                                          n_head=2, n_embd=16))
+    with pytest.raises(TypeError, match="^export_hf takes a BPETokenizer, got NoneType"):
+        export_hf(model, None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -54,8 +54,10 @@ from ..atomic import atomic_write_json, write_folder_atomically
 from ..errors import DataError, UsageError, one_line, quote
 from ..files import read_json
 from ..model.config import GPTConfig
+from ..model.gpt import check_model
 from ..model.params import parameter_shapes
 from ..tokenizer.hf_export import default_special_ids, export_tokenizer_hf, first_eos_id, hf_vocab
+from ..tokenizer.bpe import BPETokenizer
 from ..tokenizer.hf_import import read_hf_tokenizer
 from . import gpt2, llama
 from .safetensors_file import FLOAT_DTYPES, SafetensorsFile
@@ -87,6 +89,9 @@ def export_hf(model, tokenizer, out_dir, overwrite=False, special_ids=None):
     also be another directory holding only files an export writes.
     special_ids: {"bos_token_id", "eos_token_id"} in the tokenizer's ids (as
     hf_special_ids gives them); by default "<|endoftext|>"'s for both."""
+    check_model(model, "export_hf")
+    if not isinstance(tokenizer, BPETokenizer):
+        raise TypeError(f"export_hf takes a BPETokenizer, got {type(tokenizer).__name__}")
     cfg = model.config
     family = export_family(cfg)
     if tokenizer.vocab_size > cfg.vocab_size:

@@ -31,6 +31,7 @@ import numpy
 
 from ..backend import to_host
 from ..checks import NON_NEGATIVE, POSITIVE, POSITIVE_FRACTION, Range, check_integer, check_number
+from .gpt import check_model
 
 
 class KVCache:
@@ -276,6 +277,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
     before each token is yielded. Arguments are checked here, before the
     first token is asked for.
     """
+    check_model(model, "generate")
     context = _check_prompt(prompt_ids, model.config.vocab_size)
     check_integer("max_new_tokens", max_new_tokens)
     check_sampling(temperature, top_k, top_p)

@@ -453,6 +453,13 @@ class GPT:
             view[...] = to_device(numpy.asarray(to_host(arrays[name]), dtype=self.dtype), self.device)
 
 
+def check_model(model, who):
+    """TypeError unless `model` is a GPT (or, as Muon's AdamW parts are, holds
+    flat buffers laid out as one does): for functions that take a model."""
+    if not (hasattr(model, "flat_params") and hasattr(model, "layout")):
+        raise TypeError(f"{who} takes a GPT model, got {type(model).__name__}")
+
+
 def _init_parameters(config, layout, seed):
     """GPT-2 initialisation on the host in float64: N(0, 0.02) matrices,
     N(0, 0.02/sqrt(2 L)) residual projections, zero biases, unit LayerNorm.

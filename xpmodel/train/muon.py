@@ -66,6 +66,7 @@ from ..checks import (HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, CheckedNumber, Ran
                       check_number)
 from ..errors import XpmodelError
 from ..layers.matmul import matmul
+from ..model.gpt import check_model
 from ..ns_coefficients import NS_COEFFICIENTS, check_ns_coefficients, parse_ns_coefficients
 from ..options import ADJUST_LR
 from .optim import AdamW, check_state_arrays
@@ -234,6 +235,7 @@ class Muon:
     def __init__(self, model, lr, muon_lr=0.02, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                  momentum=0.95, nesterov=True, ns_coefficients="jordan", ns_steps=5,
                  muon_weight_decay=0.0, adjust_lr="original", ns_dtype=None):
+        check_model(model, "Muon")
         lr = check_number("lr", lr, POSITIVE)
         muon_lr = check_number("muon_lr", muon_lr, NON_NEGATIVE)
         muon_weight_decay = check_number("muon_weight_decay", muon_weight_decay, NON_NEGATIVE)

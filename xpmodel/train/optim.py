@@ -12,6 +12,7 @@ from ..backend import check_real_values, check_scale, device_scalar
 from ..checks import (HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, POSITIVE_FRACTION, CheckedNumber,
                       check_integer, check_number)
 from ..cpu_threads import run_elementwise
+from ..model.gpt import check_model
 
 
 class AdamW:
@@ -21,6 +22,7 @@ class AdamW:
     lr = CheckedNumber(NON_NEGATIVE)
 
     def __init__(self, model, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+        check_model(model, "AdamW")
         self.lr = lr
         self.betas = check_betas(betas)
         self.eps = check_number("eps", eps, POSITIVE_FRACTION)
@@ -129,6 +131,7 @@ class SGD:
     lr = CheckedNumber(NON_NEGATIVE)
 
     def __init__(self, model, lr, momentum=0.0, weight_decay=0.0):
+        check_model(model, "SGD")
         self.lr = lr
         self.momentum = check_number("momentum", momentum, HALF_OPEN_UNIT)
         self.weight_decay = check_number("weight_decay", weight_decay, NON_NEGATIVE)
@@ -156,6 +159,7 @@ class SGD:
 
 def grad_norm(model):
     """Global L2 norm of all gradients, a 0-d array (no host sync on GPU)."""
+    check_model(model, "grad_norm")
     g = model.flat_grads
     return model.xp.sqrt(model.xp.dot(g, g))
 
