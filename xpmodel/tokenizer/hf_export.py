@@ -59,15 +59,7 @@ def export_tokenizer_hf(tokenizer, directory, model_max_length=None, special_ids
     default_special_ids)."""
     if not isinstance(tokenizer, BPETokenizer):
         raise TypeError(f"export_tokenizer_hf takes a BPETokenizer, got {type(tokenizer).__name__}")
-    directory = Path(directory)
     vocab = hf_vocab(tokenizer)
-    files = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
-    files += ["vocab.json", "merges.txt"] if tokenizer.metaspace is None else []   # as written below
-    present = [name for name in files if os.path.lexists(directory / name)]
-    if present and not overwrite:
-        raise UsageError(f"{directory}: {present[0]} is already there; pass overwrite=True to "
-                         f"replace the Hugging Face tokenizer files in it")
-    directory.mkdir(parents=True, exist_ok=True)
     names = list(vocab)  # id -> token string, as ids run 0.. in order
     merges = [f"{names[left]} {names[right]}" for left, right in tokenizer.merges]
     specials = tokenizer.special_tokens
@@ -102,12 +94,6 @@ def export_tokenizer_hf(tokenizer, directory, model_max_length=None, special_ids
                   "ignore_merges": tokenizer.ignore_merges,
                   "vocab": vocab, "merges": merges},
     }
-    atomic_write_json(directory / "tokenizer.json", tokenizer_json)
-    if tokenizer.metaspace is None:   # GPT2Tokenizer's files mean byte-level BPE
-        atomic_write_json(directory / "vocab.json", vocab)
-        atomic_write_bytes(directory / "merges.txt", (
-            "#version: 0.2\n" + "".join(line + "\n" for line in merges)).encode("utf-8"))
-
     special_map = _special_tokens_map(names, specials, special_ids or default_special_ids(tokenizer))
     # GPT2TokenizerFast would split as GPT-2 whatever tokenizer.json says; the
     # generic class reads tokenizer.json as it is, as Llama 3's config names it.
@@ -116,8 +102,21 @@ def export_tokenizer_hf(tokenizer, directory, model_max_length=None, special_ids
               "add_bos_token": False, "clean_up_tokenization_spaces": False, **special_map}
     if model_max_length is not None:
         config["model_max_length"] = int(model_max_length)
-    atomic_write_json(directory / "tokenizer_config.json", config)
-    atomic_write_json(directory / "special_tokens_map.json", special_map)
+
+    files = {"tokenizer.json": tokenizer_json, "tokenizer_config.json": config,
+             "special_tokens_map.json": special_map}
+    if tokenizer.metaspace is None:   # GPT2Tokenizer's files mean byte-level BPE
+        files["vocab.json"] = vocab
+        files["merges.txt"] = ("#version: 0.2\n" + "".join(line + "\n" for line in merges)).encode("utf-8")
+    directory = Path(directory)
+    present = [name for name in files if os.path.lexists(directory / name)]
+    if present and not overwrite:
+        raise UsageError(f"{directory}: {present[0]} is already there; pass overwrite=True to "
+                         f"replace the Hugging Face tokenizer files in it")
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        write = atomic_write_bytes if isinstance(content, bytes) else atomic_write_json
+        write(directory / name, content)
 
 
 def _special_tokens_map(names, specials, special_ids):

@@ -114,15 +114,14 @@ class AdamW:
     def load_state(self, m, v, step_count):
         """The moments (flat, as state_arrays gives them) and the steps applied,
         all checked before any is set."""
-        check_state_arrays({"m": m, "v": v}, self.state_sizes(), self.m.dtype, non_negative=("v",))
-        steps = check_integer("step_count", step_count)
-        self.m[...] = m
-        self.v[...] = v
-        self._applied[...] = steps
+        self.load_state_arrays({"m": m, "v": v}, step_count)
 
     def load_state_arrays(self, arrays, step_count):
         check_state_arrays(arrays, self.state_sizes(), self.m.dtype, non_negative=("v",))
-        self.load_state(arrays["m"], arrays["v"], step_count)
+        steps = check_integer("step_count", step_count)
+        self.m[...] = arrays["m"]
+        self.v[...] = arrays["v"]
+        self._applied[...] = steps
 
 
 class SGD:
