@@ -196,7 +196,7 @@ def test_export_refuses_a_model_directory_it_did_not_write(model, tokenizer, exp
     hf_random_model(PADDED_VOCAB, seed=7).save_pretrained(theirs, safe_serialization=True)
     export_tokenizer_hf(tokenizer, theirs)
     before = {p.name: p.read_bytes() for p in theirs.iterdir()}
-    with pytest.raises(UsageError, match=f"{theirs} holds a model directory xpmodel did not "
+    with pytest.raises(UsageError, match=f"{theirs}: holds a model directory xpmodel did not "
                                          f"export .* pass --overwrite"):
         export_hf(model, tokenizer, theirs)
     assert {p.name: p.read_bytes() for p in theirs.iterdir()} == before

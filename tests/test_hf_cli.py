@@ -218,3 +218,25 @@ def test_export_keeps_the_bos_and_eos_of_the_imported_model(tmp_path, monkeypatc
     ids, tokens, err = exported_ids("tuned")
     assert ids == [default, default] and tokens == (None, None)
     assert err.startswith("note: ") and "the export names the default bos and eos" in err
+
+
+def test_export_refuses_an_out_dir_it_cannot_make_before_loading_the_run(tmp_path, monkeypatch,
+                                                                         capsys):
+    from cli_helpers import assert_one_line_error, run_cli
+    import xpmodel.train.runs as runs
+    monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
+    tiny_hf_dir(tmp_path / "gpt")
+    assert run_cli(capsys, "import-hf", tmp_path / "gpt", "--out", tmp_path / "run")[0] == 0
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the run was loaded before OUT_DIR was checked")
+    monkeypatch.setattr(runs, "load", loaded)
+    for target, problem in ((notes / "hf", f"{notes} is not a folder"),
+                            (notes, "exists and is not a directory")):
+        code, _, err = run_cli(capsys, "export-hf", tmp_path / "run", target)
+        assert code == 2
+        assert_one_line_error(err)
+        assert err.startswith(f"error: OUT_DIR {target}: {problem}"), err
+    assert notes.read_text() == "mine"

@@ -347,12 +347,13 @@ def _overlap(a, b):
 
 
 def export_hf_command(args):
-    from ..hf.convert import export_hf
+    from ..hf.convert import check_export_target, export_hf
     from ..train.runs import load, overlaps_source, special_ids, weight_sources
     refuse_model_folder(args.run_dir, "RUN_DIR")
     if _overlap(args.out_dir, args.run_dir):
         raise UsageError(f"OUT_DIR {args.out_dir}: overlaps the run {args.run_dir}; export to a "
                          f"folder outside it")
+    check_export_target(args.out_dir, args.overwrite, "OUT_DIR")
     model, tokenizer = load(args.run_dir, checkpoint=args.checkpoint)
     for source in weight_sources(args.run_dir):
         if overlaps_source(args.out_dir, source):

@@ -52,7 +52,7 @@ from safetensors.numpy import save as safetensors_bytes
 
 from ..atomic import atomic_write_json, write_folder_atomically
 from ..errors import DataError, UsageError, one_line, quote
-from ..files import read_json
+from ..files import folder_problem, read_json
 from ..model.config import GPTConfig
 from ..model.gpt import check_model
 from ..model.params import parameter_shapes
@@ -104,10 +104,7 @@ def export_hf(model, tokenizer, out_dir, overwrite=False, special_ids=None):
                          f"{quote(special_ids, 100)}")
     ids = default_special_ids(tokenizer) if special_ids is None else \
         check_special_ids(special_ids, tokenizer.vocab_size, UsageError, "special_ids")
-    out_dir = Path(out_dir)
-    if out_dir.is_symlink():
-        out_dir = out_dir.resolve()
-    _check_export_target(out_dir, overwrite)
+    out_dir = check_export_target(out_dir, overwrite)
 
     tensors = to_hf_tensors(family.tensor_table(cfg), model.state_arrays())
 
@@ -123,22 +120,31 @@ def export_hf(model, tokenizer, out_dir, overwrite=False, special_ids=None):
     return family.ARCHITECTURE
 
 
-def _check_export_target(out_dir, overwrite):
-    """Refuse an out_dir that is not a directory, holds files an export does
-    not write, or holds a model directory xpmodel did not export (unless
-    overwrite)."""
+def check_export_target(out_dir, overwrite, given_as="out_dir"):
+    """The folder to export into (a link to one resolved), or a UsageError
+    naming it (as `given_as`): a folder that cannot be made where it is
+    asked for, a file, a folder holding files an export does not write, or
+    one holding a model directory xpmodel did not export (unless overwrite)."""
+    out_dir = Path(out_dir)
+    if out_dir.is_symlink():
+        out_dir = out_dir.resolve()
     if not out_dir.exists():
-        return
+        problem = folder_problem(out_dir)
+        if problem is not None:
+            raise UsageError(f"{given_as} {out_dir}: {problem}; export into another folder")
+        return out_dir
     if not out_dir.is_dir():
-        raise UsageError(f"{out_dir} exists and is not a directory")
+        raise UsageError(f"{given_as} {out_dir}: exists and is not a directory")
     names = sorted(p.name for p in out_dir.iterdir())
     others = [name for name in names if name not in EXPORT_FILES]
     if others:
-        raise UsageError(f"{out_dir} already holds files an export does not write "
+        raise UsageError(f"{given_as} {out_dir}: already holds files an export does not write "
                          f"({', '.join(others[:5])}); export into a new or empty directory")
     if names and EXPORT_MARKER not in names and not overwrite:
-        raise UsageError(f"{out_dir} holds a model directory xpmodel did not export (no "
-                         f"{EXPORT_MARKER}); export elsewhere, or pass --overwrite to replace it")
+        raise UsageError(f"{given_as} {out_dir}: holds a model directory xpmodel did not export "
+                         f"(no {EXPORT_MARKER}); export elsewhere, or pass --overwrite to "
+                         f"replace it")
+    return out_dir
 
 
 def export_family(config):
