@@ -493,6 +493,17 @@ def test_argument_mistakes_are_one_line_naming_the_command_and_the_argument(args
     assert err.rstrip().endswith(f"({command} --help lists the options)")
 
 
+@pytest.mark.parametrize("value", ["a" * 5000, 'b"' * 3000, "c'" * 3000])
+@pytest.mark.parametrize("flag", ["--top-k", "--seed", "--temperature"])
+def test_a_long_flag_value_is_quoted_in_about_200_characters(flag, value, capsys):
+    code, out, err = run_cli(capsys, "sample", "run", flag, value)
+    assert code == 2 and out == ""
+    assert_one_line_error(err)
+    assert err.startswith(f"error: xpmodel sample: argument {flag}: invalid ")
+    assert value[:150] in err and value not in err
+    assert len(err) < 320, len(err)
+
+
 @pytest.mark.parametrize("args, command, argument", [
     (["train", "--resume", ""], "train", "--resume"),
     (["train", "--init-from", "", "train.max_iters=1"], "train", "--init-from"),

@@ -11,10 +11,15 @@ that is blocked in C unkillable by its pool.
 """
 import argparse
 import os
+import re
 import sys
 
 from .. import __version__
 from ..errors import XpmodelError, one_line, shown_path
+
+# A quoted string in an argparse message: the value typed, as repr shows it.
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'" r'|"(?:[^"\\]|\\.)*"')
+_MAX_QUOTED = 200
 
 _EPILOG = "Run `xpmodel COMMAND --help` for the options of each command."
 _OVERWRITE_FILE = ("replace an existing output file (never one the command reads, nor a run's "
@@ -196,6 +201,9 @@ class CommandParser(argparse.ArgumentParser):
     argument left over is refused by the command it was given to."""
 
     def error(self, message):
+        """Exit with `message` on one line, each value quoted in it cut to
+        about 200 characters (the choices it lists are kept whole)."""
+        message = _QUOTED.sub(lambda value: _cut_quoted(value.group()), message)
         self.exit(2, f"error: {self.prog}: {one_line(message, 2000)} ({self.prog} --help lists "
                      f"the options)\n")
 
@@ -207,6 +215,13 @@ class CommandParser(argparse.ArgumentParser):
         elif extra:
             self.error(f"unrecognized arguments: {one_line(' '.join(extra), 200)}")
         return namespace, []
+
+
+def _cut_quoted(value):
+    """A quoted value ('...' or "...") cut to about _MAX_QUOTED characters."""
+    if len(value) <= _MAX_QUOTED:
+        return value
+    return value[:_MAX_QUOTED - 4] + "..." + value[-1]
 
 
 def build_parser():
