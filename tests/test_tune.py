@@ -162,6 +162,19 @@ def test_doctor_overfit_fails_when_the_loss_cannot_move(corpus):
     assert statuses(report)["config"] != PASS    # lr 1e-7 is outside AdamW's usual range
 
 
+def test_doctor_overfit_calls_a_loss_that_climbs_diverged_and_names_the_lr(corpus):
+    """At lr 1 the loss climbs far above its start and stays finite: the steps are
+    too large, not too small, and the advice says to lower train.lr."""
+    report = diagnose(load_subject(TINY, [f"data.source={corpus}", "train.lr=1"]),
+                      skip={"finite-diff"}, overfit_steps=20)
+    check = next(c for c in report.checks if c.name == "overfit")
+    first, last = (float(v) for v in check.detail.split("loss ")[1].split(" in ")[0].split(" -> "))
+    assert numpy.isfinite(last) and last > 2 * first, check.detail
+    assert check.status == FAIL and "highest" in check.detail
+    assert "diverged" in check.advice and "lower train.lr (now 1)" in check.advice, check.advice
+    assert "barely moved" not in check.advice
+
+
 def test_doctor_overfits_with_the_optimizer_the_config_asks_for(corpus, monkeypatch):
     """optimizer: muon is checked with Muon (weight decay off, at the peak rates)."""
     import xpmodel.tune.doctor as doctor

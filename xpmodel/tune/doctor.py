@@ -39,6 +39,12 @@ FINITE_DIFFERENCE_TOLERANCE = 1e-5
 OVERFIT_TARGET = 0.1
 # Rows of the batch the overfit check memorises (more rows only take longer).
 OVERFIT_ROWS = 8
+# The overfit check calls the run diverged when the loss is NaN/Inf, or when at
+# some step it stood more than this far (relative) above its first value and the
+# batch was not learned: on one fixed batch with no noise, small enough steps
+# only lower the loss, so a loss that climbs past its start took steps too large.
+# Below the margin, a loss that ends where it began is flat, not diverged.
+OVERFIT_RISE_MARGIN = 0.1
 # The checks must repeat: no dropout and no embedding noise in their models.
 NOISELESS = dict(dropout=0.0, embedding_noise=0.0)
 
@@ -338,27 +344,39 @@ def check_finite_differences(config):
 def check_overfit(subject, device, steps=300, target=OVERFIT_TARGET):
     """Train on one batch with the config's optimizer (dropout and weight decay
     off, its peak rates held constant) until the loss is below `target`, at
-    most `steps` steps."""
+    most `steps` steps. A loss that turns NaN/Inf, or that climbs more than
+    OVERFIT_RISE_MARGIN above its first value and does not reach `target`,
+    is reported as diverged (lower the rate), never as barely moving."""
     t = replace(subject.config.train, weight_decay=0.0, muon_weight_decay=0.0)
     model = subject.model(device, **NOISELESS)
     optimizer = optimizer_for(model, t)
     (x, y), = _batches(subject, rows=min(t.batch_size, OVERFIT_ROWS))
     first = loss = None
+    highest, highest_step = -math.inf, 0
     with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for step in range(1, steps + 1):
             model.zero_grad()
             loss = float(model.forward_backward(x, y))
             first = loss if first is None else first
+            if loss > highest:
+                highest, highest_step = loss, step
             if loss < target or not math.isfinite(loss):
                 break
             clipped_step(optimizer, t.grad_clip)
-    rates = f"lr {t.lr:g}" + (f", muon_lr {t.muon_lr:g}" if t.optimizer == "muon" else "")
+    muon = t.optimizer == "muon"
+    rates = f"lr {t.lr:g}" + (f", muon_lr {t.muon_lr:g}" if muon else "")
     detail = (f"one batch of {x.shape[0]}x{x.shape[1]} tokens: loss {first:.3f} -> {loss:.4f} "
               f"in {step} steps with {t.optimizer} at {rates}")
+    lower = (f"lower train.lr (now {t.lr:g})" + (f" and train.muon_lr (now {t.muon_lr:g})" if muon
+                                                  else "") + "; `xpmodel lr-find` suggests one")
     if not math.isfinite(loss):
-        return Check("overfit", FAIL, detail, "the loss diverged on one batch: lower train.lr"
-                     + (" and train.muon_lr" if t.optimizer == "muon" else ""))
+        return Check("overfit", FAIL, detail, f"the loss diverged on one batch: {lower}")
     if loss >= target:
+        if highest > first * (1 + OVERFIT_RISE_MARGIN):
+            return Check("overfit", FAIL, detail + f" (highest {highest:.4f} at step "
+                                                   f"{highest_step}; target < {target})",
+                         f"the loss diverged: it rose above where it started, so the steps are "
+                         f"too large: {lower}")
         fell = first - loss
         hint = ("the loss barely moved: gradients are not reaching the weights, or train.lr is "
                 "far too small" if fell < 0.1 * first else
