@@ -89,6 +89,22 @@ def test_vocab_size_counts_bytes_merges_and_specials():
     assert several.special_tokens == {"<|a|>": 298, "<|b|>": 299} and several.eot_id is None
 
 
+def test_vocab_size_note_says_why_a_tokenizer_has_another_count(monkeypatch):
+    from xpmodel.tokenizer import learning
+    from xpmodel.tokenizer.learning import vocab_size_note
+    assert vocab_size_note(BPETokenizer.train(CORPUS, 300), 300) is None
+    assert vocab_size_note(BPETokenizer.train(CORPUS, 256), 256) == (
+        "257 ids, not 256: the 256 byte ids and 1 special token are always there")
+    short = BPETokenizer.train("ab ab", 1000)
+    assert vocab_size_note(short, 1000) == (
+        f"{short.vocab_size} ids, not 1,000: after {len(short.merges)} merges the corpus held "
+        f"no pair of adjacent tokens left to merge")
+    monkeypatch.setattr(learning, "MAX_TOTAL_TOKEN_BYTES", 256 + 40)
+    capped = BPETokenizer.train(CORPUS, 1000)
+    assert vocab_size_note(capped, 1000).endswith(": the tokens reached the 296 bytes a "
+                                                  "tokenizer may hold")
+
+
 def test_vocab_size_256_is_a_byte_tokenizer():
     tok = BPETokenizer.train(CORPUS, 256)
     assert tok.merges == () and tok.vocab_size == 257 and tok.eot_id == 256

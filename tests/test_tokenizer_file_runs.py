@@ -146,6 +146,24 @@ def test_tokenizer_train_says_how_to_train_with_its_file(tmp_path, corpus, capsy
     assert DataConfig(tokenizer=named).tokenizer == named
 
 
+def test_tokenizer_train_and_a_run_say_when_the_tokenizer_has_another_count(tmp_path, capsys,
+                                                                            private_cache):
+    small = tmp_path / "small.txt"
+    small.write_text("hello world hello there " * 400)
+    code, stdout, err = run_cli(capsys, "tokenizer", "train", small, "--vocab-size", "400",
+                                "--out", tmp_path / "tok.json")
+    assert code == 0, err
+    tokens = json.loads((tmp_path / "tok.json").read_text())
+    merges = len(tokens["merges"])
+    assert stdout.startswith(f"note: the tokenizer has {256 + merges + 1} ids, not 400: after "
+                             f"{merges} merges the corpus held no pair of adjacent tokens left")
+    code, stdout, err = run_cli(capsys, "train", "--config", TINY, "--out", tmp_path / "run",
+                                f"data.source={small}", "data.tokenizer=bpe",
+                                "data.vocab_size=400", "train.max_iters=1")
+    assert code == 0, err
+    assert f"note: the BPE tokenizer has {256 + merges + 1} ids, not 400" in stdout
+
+
 def test_lr_find_never_writes_over_its_tokenizer_file(tmp_path, corpus, private_cache, capsys):
     """lr-find --out tok.png writes tok.json beside it: not over the data.tokenizer
     file it reads, even with --overwrite."""

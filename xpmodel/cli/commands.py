@@ -317,6 +317,7 @@ def tokenizer_train_command(args):
     from ..data import iter_texts
     from ..data.sources import resolve_given
     from ..tokenizer.bpe import MAX_VOCAB, BPETokenizer
+    from ..tokenizer.learning import vocab_size_note
     if not 256 <= args.vocab_size <= MAX_VOCAB:
         raise UsageError(f"--vocab-size must be from 256 to {MAX_VOCAB:,}, got {args.vocab_size}")
     source = resolve_given(args.source, "SOURCE")
@@ -331,6 +332,9 @@ def tokenizer_train_command(args):
     tokenizer.save(args.out)
     # data.tokenizer takes a path holding a / or ending in .json as a file
     as_file = args.out if names_tokenizer_file(str(args.out)) else os.path.join(".", args.out)
+    note = vocab_size_note(tokenizer, args.vocab_size)
+    if note is not None:
+        print(f"note: the tokenizer has {note}")
     print(f"wrote a {tokenizer.vocab_size}-id tokenizer to {args.out}; train with it: "
           f"xpmodel train "
           f"{shlex.quote(f'data.source={args.source}')} {shlex.quote(f'data.tokenizer={as_file}')}")

@@ -15,6 +15,7 @@ from ..config.sections import names_tokenizer_file
 from ..errors import DataError, UsageError
 from ..files import existing_file
 from ..tokenizer.bpe import ENDOFTEXT, MASK, BPETokenizer
+from ..tokenizer.learning import vocab_size_note
 from .batching import split_tokens
 from .prepare import CACHED_TOKENIZER, cache_root, prepare, remove_dead_temporaries
 from .progress import tokenizing_progress
@@ -50,20 +51,34 @@ def build_tokenizer(data_config, say=print):
     key = hashlib.sha256(facts.encode()).hexdigest()[:24]
     path = run_cache_root(data_config) / "tokenizers" / f"bpe-{data_config.vocab_size}-{key}.json"
     remove_dead_temporaries(path.parent, CACHED_TOKENIZER)
+    tokenizer = _cached_tokenizer(path)
+    if tokenizer is None:
+        tokenizer = _train_bpe(source, data_config, specials, say)
+        tokenizer.save(path)
+    note = vocab_size_note(tokenizer, data_config.vocab_size)
+    if note is not None:
+        say(f"note: the BPE tokenizer has {note}; the model's vocabulary is sized to its ids")
+    return tokenizer
+
+
+def _cached_tokenizer(path):
+    """The tokenizer cached at `path`, or None (none there, or damaged: removed)."""
     if path.exists():
         try:
             return BPETokenizer.load(path)
         except DataError:
             path.unlink(missing_ok=True)   # a damaged cache entry is rebuilt
+    return None
+
+
+def _train_bpe(source, data_config, specials, say):
     pieces = iter_text_pieces(source)
     # The corpus's first piece is read (and checked to be text) before training
     # is announced, so a binary or non-UTF-8 source fails with nothing promised.
     first = list(itertools.islice(pieces, 1))
     say(f"training a {data_config.vocab_size}-token BPE tokenizer on {data_config.source} ...")
-    tokenizer = BPETokenizer.train(_leading_texts(itertools.chain(first, pieces), _TOKENIZER_TRAIN_BYTES),
-                                   data_config.vocab_size, special_tokens=specials)
-    tokenizer.save(path)
-    return tokenizer
+    return BPETokenizer.train(_leading_texts(itertools.chain(first, pieces), _TOKENIZER_TRAIN_BYTES),
+                              data_config.vocab_size, special_tokens=specials)
 
 
 def _tokenizer_file(path, specials):

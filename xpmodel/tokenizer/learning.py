@@ -2,7 +2,7 @@
 import heapq
 from collections import defaultdict
 
-from ..errors import quote
+from ..errors import counted, quote
 from .vocab import MAX_TOKEN_BYTES, MAX_TOTAL_TOKEN_BYTES, is_iterable
 
 
@@ -115,3 +115,20 @@ def _merge_in_word(words, index, freq, left, right, new_id, deltas, pair_words):
             i += 1
     if len(merged) != n:
         words[index] = merged
+
+
+def vocab_size_note(tokenizer, requested):
+    """None when `tokenizer`, trained for `requested` ids, has that many;
+    else why it has another count, for a note ("45,351 ids, not 50,304: ...")."""
+    have = tokenizer.vocab_size
+    if have == requested:
+        return None
+    why = f"{have:,} ids, not {requested:,}"
+    if have > requested:
+        specials = counted(len(tokenizer.special_tokens), "special token")
+        return f"{why}: the 256 byte ids and {specials} are always there"
+    held = sum(len(tokenizer.token_bytes(i)) for i in range(256 + len(tokenizer.merges)))
+    if held + MAX_TOKEN_BYTES > MAX_TOTAL_TOKEN_BYTES:
+        return f"{why}: the tokens reached the {MAX_TOTAL_TOKEN_BYTES:,} bytes a tokenizer may hold"
+    return (f"{why}: after {counted(len(tokenizer.merges), 'merge')} the corpus held no pair "
+            f"of adjacent tokens left to merge")
