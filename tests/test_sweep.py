@@ -50,6 +50,17 @@ def test_a_spec_value_of_the_wrong_kind_is_refused_before_any_trial(capsys, tmp_
     assert not out.exists()
 
 
+def test_a_key_given_twice_is_named_alone(capsys, tmp_path):
+    """The error names the key given twice, not every key of the SPECs."""
+    out = tmp_path / "sweep"
+    code, _, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out, "--max-iters", 5,
+                           "data.source=a.txt", "train.lr=1e-3,2e-3", "data.source=b.txt")
+    assert code == 2
+    assert_one_line_error(err)
+    assert "the SPECs give data.source more than once" in err and "train.lr" not in err, err
+    assert not out.exists()
+
+
 def test_max_iters_zero_is_refused(capsys, tmp_path):
     out = tmp_path / "sweep"
     code, _, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out, "--max-iters", 0,

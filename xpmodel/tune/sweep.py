@@ -91,8 +91,9 @@ class Sweep:
         self.largest = largest   # a key: the winner is the finished trial with its largest value
         params = [parse_spec(s) for s in specs]
         keys = [p.key for p in params]
-        if len(set(keys)) != len(keys):
-            raise UsageError(f"a key is given twice among the SPECs: {', '.join(keys)}")
+        repeated = list(dict.fromkeys(key for key in keys if keys.count(key) > 1))
+        if repeated:
+            raise UsageError(f"the SPECs give {', '.join(repeated)} more than once; one SPEC per key")
         fixed = [f"train.max_iters={max_iters}"] if max_iters is not None else []
         fixed += [f"{p.key}={format_value(p.values[0])}" for p in params     # one value: fixed
                   if p.kind == "grid" and len(p.values) == 1]
