@@ -79,10 +79,20 @@ def test_muon_names_gradients_that_are_not_finite():
     assert np.array_equal(model.flat_params, before)
 
 
-@pytest.mark.parametrize("dtype", [np.int32, bool, np.complex128, object, None])
+@pytest.mark.parametrize("dtype", [np.int32, bool, np.complex128, object, None, "int8"])
 def test_a_model_refuses_a_dtype_that_is_not_a_float(dtype):
-    with pytest.raises(ValueError, match="^dtype must be one of float32, float64, float16"):
+    with pytest.raises(ValueError, match="^(unknown )?dtype .*: expected float32 or float64 "
+                                         r"\(float16 and bfloat16 train as mixed precision"):
         xpmodel.GPT(CONFIG, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", np.float16])
+def test_a_16_bit_dtype_points_to_mixed_precision(dtype, precision="fp16"):
+    with pytest.raises(ValueError, match="GPT parameters are float32 or float64; .* trains as "
+                                         f"mixed precision over float32 weights: "
+                                         f"precision='{precision}'"):
+        xpmodel.GPT(CONFIG, dtype=dtype)
+    assert xpmodel.GPT(CONFIG, precision=precision).precision == precision
 
 
 @pytest.mark.parametrize("value,problem", [(math.nan, "not finite"), (1e300, "not finite"),

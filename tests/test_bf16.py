@@ -382,7 +382,8 @@ def test_a_cupy_that_cannot_compute_in_bfloat16_is_refused_clearly(monkeypatch):
 
 def test_bfloat16_master_weights_are_refused():
     config = xpmodel.GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16)
-    with pytest.raises(ValueError, match="fp16 or bf16"):
+    with pytest.raises(ValueError, match="bfloat16 trains as mixed precision over float32 "
+                                         "weights: precision='bf16'"):
         xpmodel.GPT(config, dtype=BFLOAT16)
     with pytest.raises(ValueError, match="bf16 mixed precision keeps float32 master weights"):
         xpmodel.GPT(config, dtype="float64", precision="bf16")

@@ -214,20 +214,25 @@ _DTYPES = {"float32": numpy.float32, "fp32": numpy.float32,
            "float16": numpy.float16, "fp16": numpy.float16}
 
 
+_DTYPE_CHOICES = ("expected float32 or float64 (float16 and bfloat16 train as mixed precision "
+                  "over float32 weights: precision fp16 or bf16)")
+
+
 def get_dtype(name):
     """A NumPy dtype from `float32`, `float64` or `float16`, or a NumPy float
-    dtype or type of those or bfloat16; ValueError for anything else (None
-    included, which NumPy would read as float64)."""
+    dtype or type of those or bfloat16 (the 16-bit ones for a caller to refuse
+    with its own hint); ValueError for anything else (None included, which
+    NumPy would read as float64)."""
     if isinstance(name, str):
         if name not in _DTYPES:
-            raise ValueError(f"unknown dtype {name!r}: expected one of float32, float64, float16")
+            raise ValueError(f"unknown dtype {name!r}: {_DTYPE_CHOICES}")
         return numpy.dtype(_DTYPES[name])
     try:
         dtype = None if name is None else numpy.dtype(name)
     except TypeError:
         dtype = None
     if dtype is None or dtype not in [numpy.dtype(d) for d in _DTYPES.values()] + [BFLOAT16]:
-        raise ValueError(f"dtype must be one of float32, float64, float16, got {name!r}")
+        raise ValueError(f"dtype {name!r}: {_DTYPE_CHOICES}")
     return dtype
 
 

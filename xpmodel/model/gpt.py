@@ -79,8 +79,10 @@ class GPT:
         self.device = get_device(device)
         self.dtype = get_dtype(dtype)
         if is_half(self.dtype):
-            raise ValueError("GPT parameters must be float32 or float64; "
-                             "use train.precision=fp16 or bf16 for mixed precision")
+            raise ValueError(f"dtype {self.dtype.name}: GPT parameters are float32 or float64; "
+                             f"{self.dtype.name} trains as mixed precision over float32 weights: "
+                             f"precision='{'bf16' if self.dtype == BFLOAT16 else 'fp16'}' "
+                             f"(train.precision in a config)")
         self.device.activate()
         self.xp = self.device.xp
         self.layout = FlatLayout(parameter_shapes(config))
