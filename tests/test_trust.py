@@ -548,6 +548,16 @@ def test_a_short_run_is_one_override():
         load_config(None, ["train.max_iters=60", "train.warmup_iters=100"])
 
 
+@pytest.mark.parametrize("config, mistake", [("default", "train.epochs=1"),
+                                             ("default", "model.n_head=7"),
+                                             ("shakespeare-char-cpu", "data.vocab_size=300")])
+def test_a_config_mistake_is_the_only_line_not_after_a_schedule_note(config, mistake, capsys):
+    """A run shortened below its warmup gets a note, but only once the config is valid."""
+    code, out, err = run_cli(capsys, "train", "--config", config, "train.max_iters=5", mistake)
+    assert code == 2 and out == ""
+    assert_one_line_error(err)
+
+
 def test_a_second_run_says_where_it_goes_before_training(tmp_path, corpus, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "tiny-run").mkdir(parents=True)

@@ -192,20 +192,23 @@ def load_config_and_files(name_or_path=None, overrides=(), notify=None):
     merged = {}
     layers = _read_layers(DEFAULT_CONFIG if name_or_path is None else name_or_path)
     layer_keys = []     # per layer, {dotted key it sets: label to blame}
+    notes = []          # told once the whole config is known to be valid
     for label, _, document in layers:
         before = dict(merged.get("train", {}))
         _apply_document(merged, document, label)
         layer_keys.append({f"{section}.{key}": label for section, values in document.items()
                            if section in SECTIONS and isinstance(values, dict) for key in values})
-        _fit_schedule(merged, before, _train_keys(layer_keys[-1]), notify)
+        notes += _fit_schedule(merged, before, _train_keys(layer_keys[-1]))
     before = dict(merged.get("train", {}))
     _apply_overrides(merged, overrides)
     layer_keys.append({str(text).partition("=")[0].strip(): f"override {quote(text, 200)}"
                        for text in overrides})
-    _fit_schedule(merged, before, _train_keys(layer_keys[-1]), notify)
+    notes += _fit_schedule(merged, before, _train_keys(layer_keys[-1]))
     label = layers[-1][0] + (" with overrides" if overrides else "")
     config = _build(merged, label)
     _check_dependent_keys_apply(config, layer_keys)
+    for note in notes if notify is not None else ():
+        notify(note)
     return config, [Path(path) for _, path, _ in layers]
 
 
@@ -246,8 +249,9 @@ def _check_dependent_keys_apply(config, layer_keys):
                                  f"{chosen} (it applies with {chooser}={choice})")
 
 
-def _fit_schedule(merged, before, named, notify):
-    """Scale warmup_iters and lr_decay_iters to a run that a layer made shorter.
+def _fit_schedule(merged, before, named):
+    """Scale warmup_iters and lr_decay_iters to a run that a layer made shorter;
+    returns the notes saying so (none or one).
 
     `xpmodel train train.max_iters=60` over a config with warmup_iters: 100
     means "the same run, shorter": a warmup or decay longer than the new run
@@ -256,11 +260,11 @@ def _fit_schedule(merged, before, named, notify):
     is never changed; a conflict then is an error.
     """
     if "max_iters" not in named:
-        return
+        return []
     train = merged.setdefault("train", {})
     steps = train.get("max_iters")
     if steps is None:
-        return
+        return []
     defaults = {spec.name: spec.default for spec in dataclasses.fields(TrainConfig)}
     old_steps = before.get("max_iters", defaults["max_iters"])
     scale = steps / old_steps if old_steps and old_steps > steps else None
@@ -275,9 +279,10 @@ def _fit_schedule(merged, before, named, notify):
         decay = max(warmup, min(steps, round(decay * scale))) if scale else steps
         train["lr_decay_iters"] = decay
         changed.append(f"train.lr_decay_iters={decay}")
-    if changed and notify is not None:
-        notify(f"note: train.max_iters={steps} is shorter than the schedule it was given, so "
-               f"{' and '.join(changed)} (the same share of the run; set them to choose)")
+    if not changed:
+        return []
+    return [f"note: train.max_iters={steps} is shorter than the schedule it was given, so "
+            f"{' and '.join(changed)} (the same share of the run; set them to choose)"]
 
 
 def config_to_dict(config):
