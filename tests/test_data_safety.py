@@ -240,6 +240,8 @@ def test_folders_and_globs_follow_linked_folders_once_and_say_what_they_skipped(
                                  for line in err), err
     resolve_source(str(corpus))
     assert capsys.readouterr().err == ""                      # once per process
+    resolve_source(os.path.relpath(corpus))                   # however it is spelled
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("make, kind", [(os.mkfifo, "a FIFO"),

@@ -53,7 +53,7 @@ _FULL_HASH_LIMIT = 4 << 20
 _EDGE_HASH_BYTES = 1 << 20
 _GLOB_CHARACTERS = frozenset("*?[")
 _MAX_WALK_ENTRIES = 1_000_000
-_noted = set()   # skip notes already printed by this process
+_noted = set()   # (real folder, kind of spec, what was skipped) noted by this process
 _DANGLING = ("a link that points nowhere", "links that point nowhere")
 _AGAIN = ("a folder reached again through a link", "folders reached again through links")
 _UNLISTABLE = ("a folder that cannot be listed", "folders that cannot be listed")
@@ -217,11 +217,15 @@ def _walk(base: str, spec: str, what: str, enter, take) -> list[tuple[str, tuple
                 found.append((entry.path, names))
             elif dangling and (enter(names) or take(names)):
                 skipped[_DANGLING].append(names)
-    _note_skipped(spec, skipped)
+    _note_skipped(base, spec, what, skipped)
     return found
 
 
-def _note_skipped(spec: str, skipped: dict) -> None:
+def _note_skipped(base: str, spec: str, what: str, skipped: dict) -> None:
+    """Note on stderr what a walk below `base` (the corpus `spec`, a `what`)
+    passed over: once a process for each real folder, kind of spec and set of
+    places, however the corpus is spelled (a run names it as given, then by
+    its absolute path)."""
     parts = []
     for kind, places in skipped.items():
         if places:
@@ -229,10 +233,10 @@ def _note_skipped(spec: str, skipped: dict) -> None:
             more = f" and {len(places) - 3} more" if len(places) > 3 else ""
             parts.append(f"{kind[0] if len(places) == 1 else f'{len(places)} {kind[1]}'} "
                          f"({shown}{more})")
-    note = f"note: {shown_path(spec)}: skipped {'; '.join(parts)}" if parts else None
-    if note and note not in _noted:
-        _noted.add(note)
-        print(note, file=sys.stderr, flush=True)
+    key = (os.path.realpath(base), what, tuple(parts))
+    if parts and key not in _noted:
+        _noted.add(key)
+        print(f"note: {shown_path(spec)}: skipped {'; '.join(parts)}", file=sys.stderr, flush=True)
 
 
 def reads_from(spec: str, folder) -> bool:
