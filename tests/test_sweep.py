@@ -316,6 +316,95 @@ def _planned_sweep(out):
     return json.loads((out / "sweep.json").read_text())
 
 
+class RecordedStage:
+    """A preset stage that runs no trial: it records its SPECs, refuses a key
+    given twice as Sweep does, and writes as its best.yaml the trial of each
+    SPEC's first value."""
+    opened = []
+
+    def __init__(self, out, config, specs, largest=None, **options):
+        from xpmodel.tune.sweep_plan import parse_spec
+        keys = [parse_spec(spec).key for spec in specs]
+        assert len(set(keys)) == len(keys), f"{out.name}: a key given twice in {specs}"
+        self.out, self.config, self.specs = out, config, specs
+        RecordedStage.opened.append((out.name, config, specs))
+
+    def run(self):
+        from xpmodel.config import load_config, save_config
+        trial = [spec.split(",")[0] for spec in self.specs]
+        key, _, value = trial[0].partition("=")
+        self.out.mkdir(parents=True)
+        save_config(load_config(self.config, trial), self.out / "best.yaml")
+        row = {"trial": "trial-000", "status": "done", key: value, "val_loss": 1.0}
+        return {"metric": "val_loss", "best": "trial-000", "best_params": {key: value},
+                "trials": [row]}
+
+    def table(self):
+        return []
+
+
+@pytest.mark.parametrize("fixed, stages, skipped", [
+    (["train.batch_size=4", "model.n_embd=16"], ["1-lr", "4-clip"],
+     ["stage 2-batch: skipped: the SPECs fix train.batch_size=4",
+      "stage 3-width: skipped: the SPECs fix model.n_embd=16"]),
+    (["train.lr=0.001"], ["2-batch", "3-width", "4-clip"],
+     ["stage 1-lr: skipped: the SPECs fix train.lr=0.001"]),
+])
+def test_a_preset_holds_a_key_its_specs_fix_and_skips_the_stage_that_searches_it(
+        tmp_path, monkeypatch, capsys, fixed, stages, skipped):
+    """SPECs given with --preset fix their keys in every stage, as the README
+    says: a stage that searches one of them leaves it out, and a stage left
+    with nothing to search is skipped (it failed with the key given twice,
+    after the earlier stages had run their trials)."""
+    import xpmodel.tune.preset as preset
+    from xpmodel.config import load_config
+    from xpmodel.tune.sweep_plan import format_value
+    monkeypatch.setattr(RecordedStage, "opened", [])
+    monkeypatch.setattr(preset, "open_sweep", RecordedStage)
+    out = tmp_path / "tuned"
+    assert preset.run_preset(out, str(TINY), fixed) == 0
+    assert [name for name, _, _ in RecordedStage.opened] == stages
+    assert all(specs[1:] == fixed for _, _, specs in RecordedStage.opened)
+    # each stage after the first starts from the best.yaml of the stage before it that ran
+    assert [config for _, config, _ in RecordedStage.opened][1:] == \
+        [str(out / name / "best.yaml") for name in stages[:-1]]
+    lines = capsys.readouterr().out.splitlines()
+    for line in skipped:
+        assert line in lines, lines
+    best = load_config(out / "best.yaml")
+    for spec in fixed:
+        (section, key), value = spec.partition("=")[0].split("."), spec.partition("=")[2]
+        assert format_value(getattr(getattr(best, section), key)) == value
+
+
+def test_a_preset_whose_specs_fix_every_key_it_tunes_is_refused(capsys, tmp_path):
+    out = tmp_path / "tuned"
+    code, stdout, err = run_cli(capsys, "sweep", "--preset", "tuning-order", "--config", TINY,
+                                "--out", out, "train.lr=1e-3", "train.batch_size=4",
+                                "model.n_embd=16", "train.grad_clip=1")
+    assert code == 2, (stdout, err)
+    assert_one_line_error(err)
+    assert "the SPECs fix every key it tunes (train.lr, train.batch_size, model.n_embd, " \
+           "train.grad_clip)" in err
+    assert stdout == "" and not out.exists()
+
+
+def test_a_value_a_later_stage_cannot_take_is_refused_before_the_first_stage(capsys, tmp_path):
+    """Stage 2-batch would try 4x the config's batch_size, past MAX_BATCH_SIZE:
+    refused at the start, naming the stage, not after stage 1-lr's trials."""
+    config = tmp_path / "big-batch.yaml"
+    config.write_text(f"base: {json.dumps(str(TINY))}\ntrain:\n  batch_size: 5000000\n")
+    out = tmp_path / "tuned"
+    code, stdout, err = run_cli(capsys, "sweep", "--preset", "tuning-order", "--config", config,
+                                "--out", out)
+    assert code == 2, (stdout, err)
+    assert_one_line_error(err)
+    assert "stage 2-batch: SPEC 'train.batch_size=5000000,10000000,20000000': " \
+           "train.batch_size must be in (0, 16,777,216], got 20000000; give " \
+           "train.batch_size=VALUE to hold it fixed" in err, err
+    assert stdout == "" and not out.exists()
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda s: s.update(trials={"trial-000": {}}), "trials is not a list"),
     (lambda s: s["trials"].__setitem__(0, "trial-000"), "trial 0: not a mapping"),

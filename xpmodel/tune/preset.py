@@ -57,25 +57,40 @@ def run_preset(out, config, specs=(), **options):
     """`--preset tuning-order`: learning rate, then the largest batch size that
     fits, then width, then clipping, each stage a sweep in OUT/N-name starting
     from the previous stage's best.yaml. `specs` fix one value each in every
-    stage; `options` are open_sweep's (max_iters, parallel, metric, device,
-    seed, and sweep_strategy's). Resumable as one sweep is."""
+    stage: a stage leaves out a key they fix, and a stage left with nothing to
+    search is skipped. `options` are open_sweep's (max_iters, parallel, metric,
+    device, seed, and sweep_strategy's). Resumable as one sweep is."""
     out = Path(out)
-    fixed = list(specs)
+    fixed, held = list(specs), {}
     for spec in fixed:
-        if parse_spec(spec).kind != "grid" or len(parse_spec(spec).values) != 1:
+        param = parse_spec(spec)
+        if param.kind != "grid" or len(param.values) != 1:
             raise UsageError(f"with --preset, SPECs fix one value each (KEY=VALUE); got {spec}")
+        held[param.key] = format_value(param.values[0])
     base, inputs = load_config_and_files(config, fixed)
-    stage_names = [name for name, _, _ in tuning_order_stages(base)]
+    stages = tuning_order_stages(base)
+    searched = [name for name, stage_specs, _ in stages if _searched(stage_specs, held)]
+    if not searched:
+        tuned = [spec.partition("=")[0] for _, stage_specs, _ in stages for spec in stage_specs]
+        raise UsageError(f"--preset tuning-order: the SPECs fix every key it tunes "
+                         f"({', '.join(tuned)}); leave one of them to search")
+    _check_stage_values(stages, held)
     check_output(out / "best.yaml", "--out", inputs, overwrite=True)
     # OUT/best.yaml is replaced only where an earlier run of this preset wrote it
-    if os.path.lexists(out / "best.yaml") and not os.path.lexists(out / stage_names[0]):
+    if os.path.lexists(out / "best.yaml") and not os.path.lexists(out / searched[0]):
         raise UsageError(f"--out {out}: holds a best.yaml that no --preset run wrote there; "
                          f"xpmodel will not replace it: choose another --out")
     check_trial_inputs(base, [])        # before any stage says it starts
-    for i, name in enumerate(stage_names):
-        if i:               # the stage starts from the previous stage's best.yaml
+    for i, (name, stage_specs, _) in enumerate(stages):
+        if name not in searched:
+            keys = [spec.partition("=")[0] for spec in stage_specs]
+            print(f"stage {name}: skipped: the SPECs fix "
+                  f"{', '.join(f'{key}={held[key]}' for key in keys)}", flush=True)
+            continue
+        if name != searched[0]:     # the stage starts from the previous stage's best.yaml
             base = load_config(config, fixed)
         _, stage_specs, largest = tuning_order_stages(base)[i]
+        stage_specs = _searched(stage_specs, held)
         print(f"stage {name}: {' '.join(stage_specs)} (from {config})", flush=True)
         sweep = open_sweep(out / name, config, stage_specs + fixed, largest=largest, **options)
         results = sweep.run()
@@ -89,6 +104,27 @@ def run_preset(out, config, specs=(), **options):
     save_config(load_config(config), out / "best.yaml")
     print(f"best config: {out / 'best.yaml'} (xpmodel train --config {out / 'best.yaml'})")
     return 0
+
+
+def _searched(stage_specs, held):
+    """A stage's SPECs less those of the keys in `held`, which the preset's SPECs fix."""
+    return [spec for spec in stage_specs if spec.partition("=")[0] not in held]
+
+
+def _check_stage_values(stages, held):
+    """Refuse, before the first stage runs, a value a stage would search that
+    its key cannot take (4x a batch_size past MAX_BATCH_SIZE, say). A stage's
+    values come from its own key in the config the preset starts from, which
+    no earlier stage changes, and are made to suit the keys they relate to
+    (widths are multiples of n_head); each trial is checked whole when its
+    stage starts."""
+    for name, stage_specs, _ in stages:
+        for spec in _searched(stage_specs, held):
+            try:
+                parse_spec(spec)
+            except UsageError as exc:
+                raise UsageError(f"--preset tuning-order, stage {name}: {exc}; give "
+                                 f"{spec.partition('=')[0]}=VALUE to hold it fixed") from None
 
 
 def _rule(results, largest):
