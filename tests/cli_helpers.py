@@ -36,10 +36,12 @@ def write_corpus(path, lines=1500, seed=0):
     return path
 
 
-def kill_sweep_mid_trial(sweep, trial, steps=60, timeout=60):
+def kill_sweep_mid_trial(sweep, trial, steps=60, timeout=300):
     """kill -9 a running `xpmodel sweep` process once the trial in the run
     folder `trial` has trained `steps` steps, then wait until that trial, told
-    to stop when its parent died, has saved and released its run lock."""
+    to stop when its parent died, has saved and released its run lock. The
+    timeout only stops a hung test: a busy 2-core machine may take a minute
+    to reach the trial."""
     import signal
     import time
     from xpmodel.train.rundir import RunDir
