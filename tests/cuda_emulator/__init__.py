@@ -10,8 +10,9 @@ pointers, leading dimensions and strides they are given (cublas.py).
 
 Kernels are compiled with UndefinedBehaviorSanitizer checks: an index past a
 register array or a signed overflow fails the launch (a misaligned 16-byte
-load is logged, then usually crashes the process). Every array this module allocates sits between two canary regions filled
-with a signalling NaN of its dtype (-2 for integers). A kernel that writes
+load is logged, then usually crashes the process). Every array this module
+allocates sits between two canary regions filled with a signalling NaN of its
+dtype (-2 for integers). A kernel that writes
 outside an argument's bytes is reported after its launch (arithmetic on a
 signalling NaN gives a quiet one, so even a value computed from a canary
 changes the bytes); one that reads outside them picks up NaNs, which the
