@@ -16,9 +16,12 @@ the user's own files.
 
 A folder written as a whole (a Hugging Face export) goes through
 `write_folder_atomically`: its files are written into a new folder beside the
-target, synced, and the folder is renamed into place.
+target, synced, and the folder is renamed into place, or, over an existing
+one, swapped with it in one step where the system can (Linux's renameat2).
 """
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import re
@@ -27,6 +30,7 @@ import time
 from pathlib import Path
 
 from .errors import XpmodelError
+from .files import process_alive
 
 # Temporary files being written right now, so that a second Ctrl-C, which
 # leaves at once, can remove them on its way out (see `abandon_partial_writes`).
@@ -156,15 +160,17 @@ def _fsync_dir(directory):
 
 
 def write_folder_atomically(out_dir, write, owned_names):
-    """Call write(folder) on a new folder beside out_dir, then rename it to
-    out_dir. A previous folder there, holding only `owned_names` (files this
-    kind of folder holds), is set aside and its files removed after. On a
-    failure the new folder is removed and out_dir is left as it was; the error
-    names the file that could not be written."""
+    """Call write(folder) on a new folder beside out_dir, then put it in
+    out_dir's place. A previous folder there, holding only `owned_names`
+    (files this kind of folder holds), is swapped out and its files removed
+    after. On a failure the new folder is removed and out_dir is left as it
+    was; the error names the file that could not be written. What a killed
+    writer left beside out_dir (see `_clear_leftovers`) is cleared first."""
     target = Path(os.path.abspath(out_dir))   # "out/.." or "." named by a real name
     parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
+        _clear_leftovers(target, owned_names)
         staging = temporary_path(target)   # a killed process's leftover is recognisable
         staging.mkdir()
     except OSError as exc:
@@ -189,8 +195,15 @@ def write_folder_atomically(out_dir, write, owned_names):
 
 
 def _put_in_place(staging, out_dir, owned_names):
+    """Move the written folder `staging` to `out_dir`. Over an existing folder:
+    one atomic swap where renameat2 can, so a kill at any instant leaves the
+    old folder or the new one in place; elsewhere two renames, the old folder
+    set aside first as STAGING.old, which `_clear_leftovers` puts back if the
+    process dies between them."""
     if not out_dir.exists():
         os.rename(staging, out_dir)
+    elif _exchange(staging, out_dir):
+        _remove_owned(staging, owned_names)   # the old folder, now under staging's name
     else:
         old = staging.with_name(staging.name + ".old")
         os.rename(out_dir, old)
@@ -199,13 +212,66 @@ def _put_in_place(staging, out_dir, owned_names):
         except BaseException:   # an error, or Ctrl-C between the two renames
             os.rename(old, out_dir)
             raise
-        for name in owned_names:   # nothing else was there when the write began
-            (old / name).unlink(missing_ok=True)
-        try:
-            old.rmdir()
-        except OSError:   # a file appeared there meanwhile: left for its owner
-            pass
+        _remove_owned(old, owned_names)
     _fsync_dir(out_dir.parent)
+
+
+def _remove_owned(folder, owned_names):
+    """Remove `owned_names` from `folder`, then the folder if that empties it;
+    anything else found there is left for its owner."""
+    for name in owned_names:
+        (folder / name).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a, b):
+    """Swap the paths a and b in one step (Linux renameat2 RENAME_EXCHANGE);
+    False where the C library, kernel or file system cannot, nothing moved."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _clear_leftovers(target, owned_names):
+    """Before a folder write to `target`: of the folders a killed writer left
+    beside it (`.NAME.tmp-PID`, and `.NAME.tmp-PID.old` between the two
+    renames of `_put_in_place`), put a set-aside old folder back where target
+    is missing, and remove the rest. Only folders holding nothing but
+    `owned_names` count, and only those of a dead process or of one with this
+    process's id (which has made none yet: a leftover of an earlier process
+    that had the same id, as every first process of a new container has)."""
+    for entry in sorted(target.parent.iterdir()):
+        pid = _leftover_pid(entry.name, target.name)
+        if pid is None or not entry.is_dir() or entry.is_symlink() or \
+                (process_alive(pid) and pid != os.getpid()) or \
+                any(path.name not in owned_names for path in entry.iterdir()):
+            continue
+        if entry.name.endswith(".old") and not os.path.lexists(target):
+            os.rename(entry, target)
+        else:
+            _remove_owned(entry, owned_names)
+
+
+def _leftover_pid(name, target_name):
+    """The writer's pid in a leftover folder's name, or None for another name."""
+    stem = name[:-len(".old")] if name.endswith(".old") else name
+    found = temporary_target(stem)
+    return found[1] if found is not None and found[0] == target_name else None
 
 
 def _fsync_file(path):
