@@ -97,3 +97,52 @@ def test_leftovers_that_may_not_be_a_killed_writers_are_kept(tmp_path):
     other.mkdir()
     write_folder_atomically(out, _writer({"a.json": b"new"}), OWNED)
     assert alive.is_dir() and (foreign / "notes.txt").read_text() == "mine" and other.is_dir()
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_a_folder_is_never_swapped_with_a_file_or_a_link(tmp_path, kind):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    out = tmp_path / "hf"
+    if kind == "file":
+        out.write_text("mine too")
+    else:
+        out.symlink_to(tmp_path)
+    with pytest.raises(atomic.XpmodelError, match="exists and is not a folder"):
+        write_folder_atomically(out, _writer({"a.json": b"new"}), OWNED)
+    assert mine.read_text() == "mine" and os.path.lexists(out)
+    assert (out.read_text() == "mine too") if kind == "file" else out.is_symlink()
+    assert _leftovers(tmp_path) == []
+
+
+def _interrupt_the_second_file(monkeypatch):
+    """Make a tokenizer export stop, as a kill would, after writing one file."""
+    from xpmodel.tokenizer import hf_export
+    written = []
+
+    def write(path, content):
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        path.write_bytes(b"{}")
+    monkeypatch.setattr(hf_export, "atomic_write_json", write)
+
+
+def test_a_tokenizer_export_stopped_midway_leaves_the_old_files_or_none(tmp_path, monkeypatch):
+    from xpmodel.tokenizer.bpe import BPETokenizer
+    from xpmodel.tokenizer.hf_export import export_tokenizer_hf
+    old, new = BPETokenizer.train("low lower lowest " * 20, 270), BPETokenizer.train("ab " * 9, 260)
+    out = tmp_path / "tok"
+    export_tokenizer_hf(old, out)
+    before = _files(out)
+    with monkeypatch.context() as patch:
+        _interrupt_the_second_file(patch)
+        with pytest.raises(KeyboardInterrupt):
+            export_tokenizer_hf(new, out, overwrite=True)
+        with pytest.raises(KeyboardInterrupt):
+            export_tokenizer_hf(new, tmp_path / "fresh")
+    assert _files(out) == before
+    assert not os.path.lexists(tmp_path / "fresh")
+    assert _leftovers(tmp_path) == []
+    export_tokenizer_hf(new, out, overwrite=True)
+    assert _files(out) != before and set(_files(out)) == set(before)

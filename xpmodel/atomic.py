@@ -168,6 +168,8 @@ def write_folder_atomically(out_dir, write, owned_names):
     writer left beside out_dir (see `_clear_leftovers`) is cleared first."""
     target = Path(os.path.abspath(out_dir))   # "out/.." or "." named by a real name
     parent = target.parent
+    if os.path.lexists(target) and (target.is_symlink() or not target.is_dir()):
+        raise XpmodelError(f"{out_dir}: exists and is not a folder; nothing was written there")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         _clear_leftovers(target, owned_names)

@@ -56,7 +56,8 @@ from ..files import folder_problem, read_json
 from ..model.config import GPTConfig
 from ..model.gpt import check_model
 from ..model.params import parameter_shapes
-from ..tokenizer.hf_export import default_special_ids, export_tokenizer_hf, first_eos_id, hf_vocab
+from ..tokenizer.hf_export import (TOKENIZER_FILES, default_special_ids, first_eos_id,
+                                   hf_tokenizer_files, hf_vocab, write_tokenizer_files)
 from ..tokenizer.bpe import BPETokenizer
 from ..tokenizer.hf_import import read_hf_tokenizer
 from . import gpt2, llama
@@ -68,9 +69,8 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 # Marks a directory as an xpmodel export; Hugging Face's loaders ignore it.
 EXPORT_MARKER = "xpmodel_export.json"
 # Files an export writes; an existing directory holding anything else is refused.
-EXPORT_FILES = frozenset({
-    "config.json", WEIGHTS_FILE, "generation_config.json", "tokenizer.json", "vocab.json",
-    "merges.txt", "tokenizer_config.json", "special_tokens_map.json", EXPORT_MARKER})
+EXPORT_FILES = TOKENIZER_FILES | {"config.json", WEIGHTS_FILE, "generation_config.json",
+                                  EXPORT_MARKER}
 _PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 _OTHER_FORMATS = ("tf_model.h5", "flax_model.msgpack", "model.ckpt.index")
 MAX_JSON_BYTES = 16 * 2**20   # a config.json or shard index is a few kilobytes
@@ -113,7 +113,7 @@ def export_hf(model, tokenizer, out_dir, overwrite=False, special_ids=None):
         atomic_write_json(folder / "config.json", family.hf_config(cfg, ids))
         atomic_write_json(folder / "generation_config.json",
                     {**ids, "pad_token_id": first_eos_id(ids)})
-        export_tokenizer_hf(tokenizer, folder, model_max_length=cfg.block_size, special_ids=ids)
+        write_tokenizer_files(folder, hf_tokenizer_files(tokenizer, cfg.block_size, ids))
         atomic_write_json(folder / EXPORT_MARKER, {"written_by": "xpmodel export-hf",
                                              "architecture": family.ARCHITECTURE})
     write_folder_atomically(out_dir, write, EXPORT_FILES)

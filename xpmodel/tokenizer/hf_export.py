@@ -4,7 +4,7 @@ the forms hf_forms.py describes."""
 import os
 from pathlib import Path
 
-from ..atomic import atomic_write_bytes, atomic_write_json
+from ..atomic import atomic_write_bytes, atomic_write_json, write_folder_atomically
 from ..errors import UsageError, quote
 from .bpe import ENDOFTEXT, BPETokenizer
 from .hf_forms import (BYTE_TOKENS, PREPEND, HF_PREPEND_SCHEMES, REPLACE_SPACES, SPACE, SPACE_DECODERS,
@@ -51,12 +51,50 @@ def first_eos_id(special_ids):
     return eos[0] if isinstance(eos, list) else eos
 
 
+# Every file a Hugging Face tokenizer export may write.
+TOKENIZER_FILES = frozenset({"tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                             "special_tokens_map.json"})
+
+
 def export_tokenizer_hf(tokenizer, directory, model_max_length=None, special_ids=None,
                         overwrite=False):
     """Write the Hugging Face files for `tokenizer` into `directory` (created
     if needed; a file of the same name already there is refused unless
     overwrite); bos_token and eos_token are the tokens of special_ids (see
-    default_special_ids)."""
+    default_special_ids).
+
+    A new directory, or one that holds an earlier export's files and nothing
+    else, is written as a whole (atomic.write_folder_atomically), so that a
+    kill leaves all the old files or all the new ones, never a mix; into an
+    empty directory or one that holds other files too, the files are written
+    one by one."""
+    files = hf_tokenizer_files(tokenizer, model_max_length, special_ids)
+    directory = Path(directory)
+    present = [name for name in files if os.path.lexists(directory / name)]
+    if present and not overwrite:
+        raise UsageError(f"{directory}: {present[0]} is already there; pass overwrite=True to "
+                         f"replace the Hugging Face tokenizer files in it")
+    if directory.is_symlink():
+        directory = directory.resolve()
+    held = {path.name for path in directory.iterdir()} if directory.is_dir() else None
+    if held is None or (held and held <= TOKENIZER_FILES):
+        write_folder_atomically(directory, lambda folder: write_tokenizer_files(folder, files),
+                                TOKENIZER_FILES)
+    else:
+        write_tokenizer_files(directory, files)
+
+
+def write_tokenizer_files(folder, files):
+    """Write `files` ({name: JSON document or bytes}, hf_tokenizer_files) into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        write = atomic_write_bytes if isinstance(content, bytes) else atomic_write_json
+        write(folder / name, content)
+
+
+def hf_tokenizer_files(tokenizer, model_max_length=None, special_ids=None):
+    """{file name: JSON document, or bytes}: the Hugging Face tokenizer files
+    of `tokenizer` (see export_tokenizer_hf)."""
     if not isinstance(tokenizer, BPETokenizer):
         raise TypeError(f"export_tokenizer_hf takes a BPETokenizer, got {type(tokenizer).__name__}")
     vocab = hf_vocab(tokenizer)
@@ -108,15 +146,7 @@ def export_tokenizer_hf(tokenizer, directory, model_max_length=None, special_ids
     if tokenizer.metaspace is None:   # GPT2Tokenizer's files mean byte-level BPE
         files["vocab.json"] = vocab
         files["merges.txt"] = ("#version: 0.2\n" + "".join(line + "\n" for line in merges)).encode("utf-8")
-    directory = Path(directory)
-    present = [name for name in files if os.path.lexists(directory / name)]
-    if present and not overwrite:
-        raise UsageError(f"{directory}: {present[0]} is already there; pass overwrite=True to "
-                         f"replace the Hugging Face tokenizer files in it")
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, content in files.items():
-        write = atomic_write_bytes if isinstance(content, bytes) else atomic_write_json
-        write(directory / name, content)
+    return files
 
 
 def _special_tokens_map(names, specials, special_ids):
