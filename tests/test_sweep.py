@@ -1,8 +1,10 @@
 """`xpmodel sweep` (grid and random) refusing what it cannot run before any
 trial: SPEC values of the wrong kind, --max-iters 0, a folder another sweep
 process holds; a sweep whose every trial fails exits non-zero, and a rerun
-retries its failed trials."""
+retries its failed trials; a folder left by a sweep killed while creating it
+is started again, and the temporaries of killed writes are removed."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -115,6 +117,83 @@ def test_a_sweep_whose_every_trial_fails_exits_non_zero_and_a_rerun_retries(caps
     log = (out / "logs" / "trial-000.log").read_text()
     assert log.count("$ ") == 2, log          # started again, not skipped as done
     assert time.time() - started < 120
+
+
+def dead_pid():
+    """The id of a process that has exited."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def killed_while_creating(out):
+    """`out` as a sweep killed while writing its first sweep.json leaves it: that
+    write's temporary and the folder's lock, recording the dead process."""
+    import socket
+    pid = dead_pid()
+    out.mkdir(parents=True)
+    (out / f".sweep.json.tmp-{pid}").write_text('{"format": "xpmodel-sweep", "vers')
+    (out / ".xpmodel.lock").write_text(json.dumps(
+        {"pid": pid, "host": socket.gethostname(), "started": time.time(),
+         "command": "xpmodel sweep"}) + "\n")
+    return pid
+
+
+def test_a_sweep_killed_while_creating_its_folder_starts_there_again(capsys, tmp_path):
+    """The rerun takes the folder as a new sweep and removes the leftovers (it
+    was refused as 'not a sweep', forever)."""
+    out = tmp_path / "sweep"
+    killed_while_creating(out)
+    code, stdout, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out, "--max-iters", 3,
+                                "train.lr=1e-3,2e-3")
+    assert code == 0, (stdout, err)
+    state = json.loads((out / "sweep.json").read_text())
+    assert [t["status"] for t in state["trials"]] == ["done", "done"]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_preset_stage_killed_while_creating_its_folder_starts_there_again(capsys, tmp_path):
+    out = tmp_path / "tuned"
+    killed_while_creating(out / "1-lr")
+    code, stdout, err = run_cli(capsys, "sweep", "--preset", "tuning-order", "--config", TINY,
+                                "--out", out, "--max-iters", 2, "train.batch_size=4",
+                                "model.n_embd=16", "train.grad_clip=1")
+    assert code == 0, (stdout, err)
+    assert "stage 1-lr winner: " in stdout and (out / "best.yaml").is_file()
+    assert [p.name for p in (out / "1-lr").iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("sampler", ["grid", "tpe"])
+@pytest.mark.parametrize("other", ["notes.txt", ".notes.txt.tmp-{pid}"])
+def test_a_killed_creations_leftovers_beside_other_files_are_not_a_sweep(tmp_path, sampler, other):
+    """Only a folder that holds nothing else is taken as a new sweep; nothing
+    in another is removed."""
+    if sampler == "tpe":
+        pytest.importorskip("optuna")
+    from xpmodel.errors import UsageError
+    from xpmodel.tune.preset import open_sweep
+    out = tmp_path / "sweep"
+    pid = killed_while_creating(out)
+    (out / other.format(pid=pid)).write_text("mine\n")
+    kept = sorted(p.name for p in out.iterdir() if p.name != ".xpmodel.lock")
+    with pytest.raises(UsageError, match="exists and is not a sweep"):
+        open_sweep(out, str(TINY), ["train.lr=1e-3,2e-3"], sampler=sampler, show=False)
+    assert sorted(p.name for p in out.iterdir() if p.name != ".xpmodel.lock") == kept
+
+
+def test_a_sweep_removes_the_temporaries_its_killed_writes_left(tmp_path):
+    """Those of its own files whose writer is gone; a live writer's, and another
+    file's, are kept."""
+    from xpmodel.tune.preset import open_sweep
+    out = tmp_path / "sweep"
+    _planned_sweep(out)
+    dead = dead_pid()
+    leftovers = [f".{name}.tmp-{dead}" for name in ("sweep.json", "results.json", "curves.png")]
+    kept = [f".results.csv.tmp-{os.getppid()}", f".notes.txt.tmp-{dead}"]
+    for name in leftovers + kept:
+        (out / name).write_text("partial")
+    open_sweep(out, str(TINY), ["train.lr=1e-3,2e-3"], show=False).close()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == sorted(kept)
 
 
 @pytest.mark.parametrize("source_spec", ["data.source={missing}", "data.source={corpus},{missing}"])

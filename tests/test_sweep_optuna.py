@@ -83,6 +83,25 @@ def test_tpe_sweep_prunes_a_trial_and_resumes_after_kill_9(capsys, tmp_path, cor
     assert code == 2 and "specs" in err
 
 
+def test_a_tpe_sweep_killed_while_creating_its_folder_starts_there_again(capsys, tmp_path,
+                                                                         corpus):
+    """Killed while writing its first sweep.json, the sweep leaves that write's
+    temporary alone in --out; the rerun takes the folder as a new sweep and
+    removes it (it was refused as 'not a sweep', forever)."""
+    pytest.importorskip("optuna")
+    out = tmp_path / "sweep"
+    out.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    (out / f".sweep.json.tmp-{child.pid}").write_text('{"format": "xpmodel-sweep", "vers')
+    code, stdout, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out, "--max-iters", 3,
+                                "--trials", 2, "--sampler", "tpe", f"data.source={corpus}",
+                                "train.lr=log:1e-3..1e-2")
+    assert code == 0, (stdout, err)
+    assert states(out) == ["COMPLETE", "COMPLETE"]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
 def test_two_processes_share_one_study(tmp_path, corpus):
     pytest.importorskip("optuna")
     out = tmp_path / "sweep"

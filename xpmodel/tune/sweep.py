@@ -59,7 +59,7 @@ from ..files import finite_json_number
 from ..train.checkpoint import step_of_name
 from ..train.outputs import check_holds_no_input
 from ..train.rundir import LOCK_NAME, RunDir
-from ..train.runlock import RunLock
+from ..train.runlock import RunLock, lock_is_free
 from .compare import format_table, summarize
 from .sweep_plan import (check_trial_inputs, format_value, grid_size, parse_spec, plan_trials,
                          trial_overrides)
@@ -139,6 +139,10 @@ class Sweep:
 
     def _open_state(self, out, plan, fixed):
         state = self._load_state()
+        if state is None and self._others():
+            raise UsageError(f"--out {out}: exists and is not a sweep; choose another --out")
+        for path in self.dir.dead_temporaries():     # left by a sweep killed mid-write
+            path.unlink(missing_ok=True)
         if state is not None and state["plan"] == plan:
             return state
         replaced = None         # the settings of a never-started plan this one replaces
@@ -148,8 +152,6 @@ class Sweep:
             if not self._never_started(state):
                 raise UsageError(f"--out {out}: holds a sweep with other settings ({replaced} "
                                  f"differ); run the same command to resume it, or choose another --out")
-        elif self.dir.path.is_dir() and any(p.name != LOCK_NAME for p in self.dir.path.iterdir()):
-            raise UsageError(f"--out {out}: exists and is not a sweep; choose another --out")
         if self.dir.path.exists() and not self.dir.path.is_dir():
             raise UsageError(f"--out {out}: exists and is not a directory; choose another --out")
         planned = self._plan_trials()
@@ -169,13 +171,23 @@ class Sweep:
         return self.ONE_PROCESS and all(t["status"] == "pending" for t in state["trials"]) and \
             all(p.name in (LOCK_NAME, self.dir.state_path.name) for p in self.dir.path.iterdir())
 
+    def _others(self):
+        """What the sweep folder holds besides what a sweep killed while creating
+        it leaves: its lock, which no live process holds (this one, for a grid
+        or random sweep, holds it now), and the temporaries of dead writers."""
+        if not self.dir.path.is_dir():
+            return []
+        leftovers = set(self.dir.dead_temporaries())
+        if self._lock is not None or lock_is_free(self.dir.path / LOCK_NAME):
+            leftovers.add(self.dir.path / LOCK_NAME)
+        return [p for p in self.dir.path.iterdir() if p not in leftovers]
+
     def _load_state(self):
         """sweep.json, waiting a moment for another worker that is creating it."""
         for _ in range(20):
             state = self.dir.load()
-            entries = [p.name for p in self.dir.path.iterdir() if p.name != LOCK_NAME] \
-                if self.dir.path.is_dir() else []
-            if state is not None or not entries or not all(map(is_temporary_name, entries)):
+            others = self._others()
+            if state is not None or not others or not all(is_temporary_name(p.name) for p in others):
                 return state
             time.sleep(0.1)
         return self.dir.load()

@@ -4,20 +4,26 @@ sweep.json is rewritten atomically and checked whole when read back: each
 value must have the type the sweep writes, and a trial's name, which its
 run folder and log are named after, must be trial-NNN, so nothing read from
 it leads outside the sweep folder.
+
+A sweep killed while writing one of its files leaves that write's temporary
+(`.NAME.tmp-PID`, atomic.py); `dead_temporaries` finds those whose writer is
+gone, for the next sweep opened on the folder to remove.
 """
 import re
 from pathlib import Path
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_write_json, temporary_target
 from ..config import check_override
 from ..errors import UsageError, XpmodelError, quote
-from ..files import MAX_JSON_COUNT, finite_json_number, read_json
+from ..files import MAX_JSON_COUNT, finite_json_number, process_alive, read_json
 from .sweep_plan import format_value
 
 FORMAT = "xpmodel-sweep"
 STATUSES = ("pending", "running", "done", "pruned", "failed")
 _TRIAL_NAME = re.compile(r"trial-\d{3,}")
 _MAX_STATE_BYTES = 16 << 20
+# the files a sweep writes in its folder, each atomically
+_OWN_FILES = ("sweep.json", "results.json", "results.csv", "curves.png", "best.yaml")
 
 
 class SweepDir:
@@ -48,6 +54,17 @@ class SweepDir:
     def save(self, state):
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.state_path, state)
+
+    def dead_temporaries(self):
+        """The temporary files of the sweep's own files (`.sweep.json.tmp-PID`...)
+        whose writing process is gone: regular files only, never a link."""
+        found = []
+        for path in self.path.iterdir() if self.path.is_dir() else ():
+            temporary = temporary_target(path.name)
+            if temporary is not None and temporary[0] in _OWN_FILES and \
+                    not process_alive(temporary[1]) and path.is_file() and not path.is_symlink():
+                found.append(path)
+        return found
 
 
 def trial_name(number):
