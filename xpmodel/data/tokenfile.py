@@ -21,9 +21,13 @@ existed have none.
 
 Writes are atomic (`atomic.atomic_writer`): ids stream into a temporary file
 next to the target, the count is patched into its header at the end, and the
-file is renamed over the target only when complete. Reads check every header field and that the
-file size matches the count before anything is mapped, so a corrupt or
-crafted header cannot trigger a large allocation.
+file is renamed over the target only when complete. The two files are a pair
+written in file_pairs.py's order: the old token file is removed, the sidecar
+(stamped with the token file's name) lands, then the token file, so a token
+file is always beside its own sidecar, and a write killed in between leaves
+a sidecar alone that the next prepare replaces. Reads check every header
+field and that the file size matches the count before anything is mapped, so
+a corrupt or crafted header cannot trigger a large allocation.
 """
 
 import hashlib
@@ -38,6 +42,7 @@ import numpy
 
 from ..atomic import atomic_write_bytes, atomic_writer
 from ..errors import DataError, UsageError
+from ..file_pairs import remove_last_file, stamp
 from ..files import open_regular, read_json
 
 MAGIC = b"XPMTOK\0\0"
@@ -104,20 +109,21 @@ def write_token_file(
             count += ids.size
         file.seek(_COUNT_OFFSET)
         file.write(struct.pack("<Q", count))
-    sidecar = {
-        "format": "xpmodel-tokens",
-        "version": FORMAT_VERSION,
-        "dtype": dtype.name,
-        "count": count,
-        "vocab_size": vocab_size,
-        "tokenizer_fingerprint": tokenizer_fingerprint,
-        CHECKSUM_KEY: digest.hexdigest(),
-        "meta": meta or {},
-    }
-    # The ids land first: a stale sidecar next to a new token file fails
-    # the cache check in prepare.py and is rebuilt, never trusted.
-    text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
-    atomic_write_bytes(sidecar_path(path), text.encode("utf-8"))
+        sidecar = {
+            "format": "xpmodel-tokens",
+            "version": FORMAT_VERSION,
+            "dtype": dtype.name,
+            "count": count,
+            "vocab_size": vocab_size,
+            "tokenizer_fingerprint": tokenizer_fingerprint,
+            CHECKSUM_KEY: digest.hexdigest(),
+            "meta": meta or {},
+            **stamp(path),
+        }
+        # the pair's order: the ids are renamed into place when this block ends
+        remove_last_file(path)
+        text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
+        atomic_write_bytes(sidecar_path(path), text.encode("utf-8"))
     return path
 
 

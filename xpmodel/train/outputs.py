@@ -2,14 +2,17 @@
 `--export-hf DIR`) goes through `check_output` or `check_output_dir` before any
 slow work: a command never writes over one of its own inputs or a run
 directory's own files, and replaces an existing file only when asked to with
---overwrite. An output's missing folders are allowed when they can be created;
-they are created only when the output is written (atomic.py), so a command that
-fails before then leaves no empty folder behind.
+--overwrite, or when it is the leftover of a pair of files whose write was
+interrupted (file_pairs.py), which a rerun finishes. An output's missing
+folders are allowed when they can be created; they are created only when the
+output is written (atomic.py), so a command that fails before then leaves no
+empty folder behind.
 """
 import os
 from pathlib import Path
 
 from ..errors import UsageError
+from ..file_pairs import is_interrupted_pair
 from ..files import folder_problem, inside, same_file
 from ..hf.convert import EXPORT_MARKER, WEIGHTS_FILE, WEIGHTS_INDEX
 from .rundir import RunDir
@@ -21,7 +24,10 @@ def check_output(path, flag, inputs=(), overwrite=False):
     command reads; a folder among them, such as train.init_from's model folder,
     stands for every file in it) or one of a run directory's own files (see
     `_run_file`); when its folder cannot be created or written in (see
-    `_check_folder`); when it exists, unless `overwrite`. Returns `path` as a Path."""
+    `_check_folder`); when it exists, unless `overwrite` or it is the leftover
+    of an interrupted write of a pair of files (`is_interrupted_pair`: a file
+    xpmodel wrote first, whose pair's last file is missing). Returns `path`
+    as a Path."""
     path = Path(path)
     for source in inputs:
         _check_not_an_input(path, flag, source)
@@ -32,7 +38,7 @@ def check_output(path, flag, inputs=(), overwrite=False):
     _check_folder(path.parent, path, flag)
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a directory; give a file path")
-    if (path.exists() or path.is_symlink()) and not overwrite:
+    if (path.exists() or path.is_symlink()) and not overwrite and not is_interrupted_pair(path):
         raise UsageError(f"{flag} {path}: already exists; pass --overwrite to replace it, or "
                          f"choose another {flag}")
     return path

@@ -26,6 +26,7 @@ import numpy
 from ..atomic import atomic_write_json
 from ..data import RandomWindowSampler
 from ..errors import UsageError
+from ..file_pairs import PNG_SIGNATURE, remove_last_file, stamp
 from ..files import open_regular, read_json
 from ..train.optim import clipped_step
 from ..train.outputs import check_output
@@ -40,7 +41,6 @@ MAX_STEPS = 100_000   # far more points than a plot shows; more would run for da
 # smallest float that a tenth of any rate of the ramp is a normal positive
 # number (train.lr takes it, and it prints as one).
 MIN_START_LR = 1e-100
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The JSON of --steps MAX_STEPS is a few MB; a larger file is not lr-find's and is not read.
 _MAX_RESULT_BYTES = 64 << 20
 
@@ -196,16 +196,29 @@ def _is_result_json(path):
 
 def write_results(result, png_path, title):
     """The test's numbers as JSON beside `png_path` (same stem, .json), and the
-    plot when matplotlib is installed; returns the paths written."""
+    plot when matplotlib is installed; returns the paths written. The two are
+    a pair written in file_pairs.py's order: an existing plot is removed, the
+    numbers land naming the plot, then the plot, so a plot is only ever beside
+    the numbers it shows, and numbers left alone by a kill are replaced by the
+    rerun. Without matplotlib the numbers name no plot and are whole alone."""
     png_path = check_png_output(png_path)
     json_path = png_path.with_suffix(".json")
     document = {**asdict(result), "rule": result.rule}
-    atomic_write_json(json_path, document)
-    written = [json_path]
     try:
         plt = pyplot()
     except UsageError:   # without matplotlib, the JSON alone
-        return written
+        remove_last_file(png_path)   # an earlier test's plot, which these numbers are not
+        atomic_write_json(json_path, document)
+        return [json_path]
+    fig = draw_range_test(plt, result, title)
+    remove_last_file(png_path)
+    atomic_write_json(json_path, {**document, **stamp(png_path)})
+    return [save_figure(plt, fig, png_path), json_path]
+
+
+def draw_range_test(plt, result, title):
+    """A figure of the loss at each step and smoothed against the learning
+    rate (log scale), with the lowest smoothed loss and the suggestion marked."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     points = [(lr, loss) for lr, loss in zip(result.lrs, result.losses) if loss is not None]
     ax.plot(*zip(*points), ".", ms=3, alpha=0.4, color="tab:blue", label="loss at each step")
@@ -224,4 +237,4 @@ def write_results(result, png_path, title):
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    return [save_figure(plt, fig, png_path)] + written
+    return fig

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from ..atomic import atomic_writer
 from ..errors import DataError, UsageError
+from ..file_pairs import remove_last_file, stamp
 from ..files import same_file
 from ..train.outputs import check_output
 from ..train.rundir import RunDir
@@ -23,12 +24,12 @@ def pyplot(what="xpmodel plot"):
     return plt
 
 
-def save_figure(plt, fig, out, dpi=100):
+def save_figure(plt, fig, out, dpi=100, metadata=None):
     """Write `fig` to `out` as a PNG, atomically (a failure leaves no partial
-    file), and close it; returns out."""
+    file), with `metadata` as its text chunks, and close it; returns out."""
     try:
         with atomic_writer(out) as f:
-            fig.savefig(f, dpi=dpi, format="png")
+            fig.savefig(f, dpi=dpi, format="png", metadata=metadata)
     finally:
         plt.close(fig)
     return out
@@ -41,7 +42,9 @@ def plot_run(run_dir, out=None, overwrite=False):
     either is written: an `out` the user names may not replace an existing
     file unless `overwrite`, nor ever a run's own files (train/outputs.py);
     the default, RUN_DIR/loss.png and loss-health.png, are the run's plots and
-    are replaced."""
+    are replaced. The two are a pair written in file_pairs.py's order (`out`
+    removed, the health plot naming it, then `out`), so a kill between them
+    leaves a health plot alone that the rerun replaces."""
     run = RunDir(run_dir)
     run.require_run("RUN_DIR")
     records = run.read_metrics()
@@ -61,11 +64,12 @@ def plot_run(run_dir, out=None, overwrite=False):
                 check_output(path, "--out", overwrite=overwrite)
     plt = pyplot()             # matplotlib is needed only once the inputs are known good
     fig = draw_metrics(plt, train, evals, f"xpmodel run {run.path.name}")
-    written = [save_figure(plt, fig, out, dpi=110)]
-    if health_out is not None:
-        fig = draw_health(plt, health, f"xpmodel run {run.path.name}: per-layer health")
-        written.append(save_figure(plt, fig, health_out))
-    return written
+    if health_out is None:
+        return [save_figure(plt, fig, out, dpi=110)]
+    health_fig = draw_health(plt, health, f"xpmodel run {run.path.name}: per-layer health")
+    remove_last_file(out)
+    save_figure(plt, health_fig, health_out, metadata=stamp(out))
+    return [save_figure(plt, fig, out, dpi=110), health_out]
 
 
 def check_png_output(out, flag="--out"):

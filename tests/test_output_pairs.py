@@ -1,0 +1,237 @@
+"""Outputs that are a pair of files (xpmodel/file_pairs.py): `prepare --out X`
+(X and X.json), `lr-find --out lr.png` (lr.png and lr.json), `plot --out x.png`
+(x.png and x-health.png). A command killed between the pair's two renames is
+simulated by making the second rename raise (kill -9 runs nothing after it):
+the same command run again, without --overwrite, writes the whole pair, and a
+file of a pair is never found beside the other file of an older write. A file
+of the user's at either name still needs --overwrite."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import assert_one_line_error, copy_run, run_cli, train_tiny_run, write_corpus
+from xpmodel.data import read_token_file
+from xpmodel.data.tokenfile import check_token_checksum
+from xpmodel.file_pairs import COMPLETED_BY, is_interrupted_pair, stamp
+from xpmodel.tokenizer.bpe import BPETokenizer
+
+try:
+    import matplotlib
+    HAVE_MATPLOTLIB = bool(matplotlib)
+except ImportError:
+    HAVE_MATPLOTLIB = False
+needs_matplotlib = pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="needs matplotlib")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_tiny_run(tmp_path_factory.mktemp("pairs"))
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    return copy_run(trained, tmp_path)
+
+
+class Killed(BaseException):
+    """Stands for kill -9: the command stops where it is."""
+
+
+def kill_between(monkeypatch, *pair):
+    """Make the second of the renames that put the files `pair` in place raise
+    Killed; returns the list the target it stopped is appended to."""
+    real, renamed, stopped = os.replace, [], []
+
+    def replace(source, target, **kwargs):
+        if Path(target) in pair:
+            if renamed:
+                stopped.append(Path(target))
+                raise Killed(target)
+            renamed.append(Path(target))
+        return real(source, target, **kwargs)
+    monkeypatch.setattr(os, "replace", replace)
+    return stopped
+
+
+def succeeds(capsys, *args):
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    return out
+
+
+# ---- prepare --------------------------------------------------------------------------
+
+@pytest.fixture
+def tokenizer(tmp_path):
+    path = tmp_path / "tok.json"
+    BPETokenizer().save(path)
+    return path
+
+
+def test_prepare_killed_between_its_two_files_is_finished_by_its_rerun(capsys, tmp_path,
+                                                                       monkeypatch, tokenizer):
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=50)
+    out = tmp_path / "c.tok"
+    command = ("prepare", corpus, "--tokenizer", tokenizer, "--out", out, "--workers", 1)
+    with monkeypatch.context() as patch:
+        stopped = kill_between(patch, out, Path(f"{out}.json"))
+        assert run_cli(capsys, *command)[0] == 1 and stopped
+    assert not out.exists()    # the token file comes last: present means whole
+    assert f"tokens to {out}" in succeeds(capsys, *command)
+    assert check_token_checksum(out) is True and len(read_token_file(out)) > 0
+
+
+def test_prepare_overwrite_killed_never_leaves_a_token_file_beside_an_older_sidecar(
+        capsys, tmp_path, monkeypatch, tokenizer):
+    first = write_corpus(tmp_path / "first.txt", lines=50)
+    second = tmp_path / "second.txt"
+    second.write_text("something else entirely\n" * 40)
+    out = tmp_path / "c.tok"
+    succeeds(capsys, "prepare", first, "--tokenizer", tokenizer, "--out", out, "--workers", 1)
+    command = ("prepare", second, "--tokenizer", tokenizer, "--out", out, "--workers", 1,
+               "--overwrite")
+    with monkeypatch.context() as patch:
+        stopped = kill_between(patch, out, Path(f"{out}.json"))
+        assert run_cli(capsys, *command)[0] == 1 and stopped
+    # no token file a plain read_token_file would take beside the other write's sidecar
+    assert not out.exists() or check_token_checksum(out) is True
+    succeeds(capsys, *command)
+    assert check_token_checksum(out) is True
+    assert len(read_token_file(out)) == len("something else entirely\n" * 40)   # byte BPE
+
+
+def test_prepare_still_refuses_a_sidecar_it_did_not_leave(capsys, tmp_path, tokenizer):
+    """An xpmodel sidecar beside its token file, or one without the stamp, is not a leftover."""
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=50)
+    out = tmp_path / "c.tok"
+    succeeds(capsys, "prepare", corpus, "--tokenizer", tokenizer, "--out", out, "--workers", 1)
+    sidecar = Path(f"{out}.json")
+    document = json.loads(sidecar.read_text())
+    assert document[COMPLETED_BY] == "c.tok"
+    os.rename(out, tmp_path / "kept.tok")   # the pair's last file is elsewhere: a leftover now
+    assert is_interrupted_pair(sidecar)
+    del document[COMPLETED_BY]
+    sidecar.write_text(json.dumps(document))
+    code, _, err = run_cli(capsys, "prepare", corpus, "--tokenizer", tokenizer, "--out", out)
+    assert code == 2 and f"--out {sidecar}: already exists" in err
+    assert_one_line_error(err)
+
+
+# ---- lr-find --------------------------------------------------------------------------
+
+@needs_matplotlib
+def test_lr_find_killed_between_its_numbers_and_its_plot_is_finished_by_its_rerun(
+        capsys, run, tmp_path, monkeypatch):
+    png, numbers = tmp_path / "lr" / "lr.png", tmp_path / "lr" / "lr.json"
+    command = ("lr-find", "--config", run, "--out", png, "--steps", 10)
+    with monkeypatch.context() as patch:
+        stopped = kill_between(patch, png, numbers)
+        assert run_cli(capsys, *command)[0] == 1 and stopped
+    assert not png.exists() and is_interrupted_pair(numbers)
+    out = succeeds(capsys, *command)
+    assert f"wrote {png}, {numbers}" in out
+    assert png.read_bytes()[:4] == b"\x89PNG" and json.loads(numbers.read_text())["suggested_lr"]
+
+
+@needs_matplotlib
+def test_lr_find_overwrite_killed_never_leaves_a_plot_beside_other_numbers(capsys, run, tmp_path,
+                                                                           monkeypatch):
+    png, numbers = tmp_path / "lr.png", tmp_path / "lr.json"
+    succeeds(capsys, "lr-find", "--config", run, "--out", png, "--steps", 10)
+    old_png, old_numbers = png.read_bytes(), numbers.read_bytes()
+    command = ("lr-find", "--config", run, "--out", png, "--steps", 12, "--overwrite")
+    with monkeypatch.context() as patch:
+        stopped = kill_between(patch, png, numbers)
+        assert run_cli(capsys, *command)[0] == 1 and stopped
+    if png.exists():   # a plot there is the one its numbers were drawn from
+        assert (png.read_bytes(), numbers.read_bytes()) == (old_png, old_numbers)
+    succeeds(capsys, *command)
+    assert len(json.loads(numbers.read_text())["lrs"]) == 12 and png.read_bytes() != old_png
+
+
+@needs_matplotlib
+def test_lr_find_still_refuses_numbers_whose_plot_is_there(capsys, run, tmp_path):
+    """An earlier lr-find's whole pair, or its numbers alone without a stamp,
+    need --overwrite; a user's own JSON is never replaced."""
+    png, numbers = tmp_path / "lr.png", tmp_path / "lr.json"
+    succeeds(capsys, "lr-find", "--config", run, "--out", png, "--steps", 10)
+    assert json.loads(numbers.read_text())[COMPLETED_BY] == "lr.png"
+    code, out, err = run_cli(capsys, "lr-find", "--config", run, "--out", png, "--steps", 10)
+    assert code == 2 and f"--out {png}: already exists" in err
+    png.unlink()
+    numbers.write_text(json.dumps({**json.loads(numbers.read_text()), COMPLETED_BY: None}))
+    code, out, err = run_cli(capsys, "lr-find", "--config", run, "--out", png, "--steps", 10)
+    assert code == 2 and f"--out {numbers}: already exists" in err
+
+
+# ---- plot -----------------------------------------------------------------------------
+
+def add_health_records(run):
+    """Health records, as train.health_interval writes them, in the run's metrics."""
+    groups = ["embed", "h.0", "head"]
+    with open(run / "metrics.jsonl", "a") as metrics:
+        for step in (10, 20, 30):
+            metrics.write(json.dumps({"type": "health", "step": step, "groups": groups,
+                                      "grad_norm": [0.5, 1.0, 2.0],
+                                      "update_ratio": [1e-3, 2e-3, 3e-3],
+                                      "weight_norm": [1.0, 1.0, 1.0]}) + "\n")
+
+
+@needs_matplotlib
+def test_plot_killed_between_its_two_pictures_is_finished_by_its_rerun(capsys, run, tmp_path,
+                                                                       monkeypatch):
+    add_health_records(run)
+    out, health = tmp_path / "p" / "x.png", tmp_path / "p" / "x-health.png"
+    with monkeypatch.context() as patch:
+        stopped = kill_between(patch, out, health)
+        assert run_cli(capsys, "plot", run, "--out", out)[0] == 1 and stopped
+    assert not out.exists() and is_interrupted_pair(health)
+    assert succeeds(capsys, "plot", run, "--out", out) == f"wrote {out}\nwrote {health}\n"
+    assert not is_interrupted_pair(health)
+    out.unlink()
+    mine = tmp_path / "mine.png"   # a picture of the user's, by matplotlib too: no stamp
+    succeeds(capsys, "plot", run, "--out", mine)
+    os.replace(mine, health)
+    code, _, err = run_cli(capsys, "plot", run, "--out", out)
+    assert code == 2 and f"--out {health}: already exists" in err
+
+
+# ---- the stamp itself -----------------------------------------------------------------
+
+def test_a_leftover_is_a_stamped_file_whose_named_partner_is_missing(tmp_path):
+    first = tmp_path / "a.json"
+    for document, leftover in (({"n": 1}, False), (stamp(tmp_path / "a.png"), True),
+                               ({COMPLETED_BY: "../a.png"}, False), ({COMPLETED_BY: ""}, False),
+                               ({COMPLETED_BY: "a.json"}, False), ({COMPLETED_BY: 3}, False)):
+        first.write_text(json.dumps(document))
+        assert is_interrupted_pair(first) == leftover, document
+    (tmp_path / "a.png").write_bytes(b"")
+    first.write_text(json.dumps(stamp(tmp_path / "a.png")))
+    assert not is_interrupted_pair(first)
+    for junk in (b"", b"{", b"\x89PNG\r\n\x1a\n\xff\xff", b"\0" * 100):
+        first.write_bytes(junk)
+        assert not is_interrupted_pair(first)
+    os.symlink(first, tmp_path / "link.json")
+    first.write_text(json.dumps(stamp(tmp_path / "gone.png")))
+    assert is_interrupted_pair(first) and not is_interrupted_pair(tmp_path / "link.json")
+    assert not is_interrupted_pair(tmp_path / "nothing.json")
+
+
+@needs_matplotlib
+@pytest.mark.parametrize("partner", ["x.png", "graphique-été.png", "图.png"])
+def test_a_pictures_stamp_is_read_back_whatever_the_name(tmp_path, partner):
+    """A latin-1 name goes in a tEXt chunk, any other in an iTXt one."""
+    from xpmodel.tune.plot import pyplot, save_figure
+    plt = pyplot()
+    fig, _ = plt.subplots(figsize=(2, 2))
+    picture = save_figure(plt, fig, tmp_path / "x-health.png", metadata=stamp(tmp_path / partner))
+    assert is_interrupted_pair(picture)
+    (tmp_path / partner).write_bytes(b"")
+    assert not is_interrupted_pair(picture)

@@ -1,0 +1,92 @@
+"""Outputs written as a pair of files: a token file and its `.json` sidecar
+(data/tokenfile.py), lr-find's plot and its `.json` numbers, a run's plot and
+its `-health.png` (tune/). Each file is written atomically (atomic.py), but a
+pair takes two renames, and a process killed between them leaves one file.
+
+So a pair is written in one order. Its last file (the one named by `--out`:
+the token file, the plot) is removed if it exists (`remove_last_file`); the
+first file is written carrying a stamp that names the last one (`stamp`: the
+key COMPLETED_BY of a JSON object, or a PNG text chunk of that keyword); then
+the last file is written. A last file's presence therefore means its pair is
+whole, and it is never found beside the first file of another write. A first
+file whose stamp names a last file that is missing is the leftover of an
+interrupted write (`is_interrupted_pair`): train/outputs.py lets a rerun
+replace it without --overwrite, while a file without the stamp (a user's own)
+still needs --overwrite.
+"""
+import os
+import struct
+from pathlib import Path
+
+from .errors import UsageError
+from .files import open_regular, parse_json
+
+COMPLETED_BY = "xpmodel_completed_by"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# lr-find's numbers of its longest ramp are a few MB; a larger file is no first file of a pair
+_MAX_JSON_BYTES = 64 << 20
+# a PNG's text chunks come before its image data, within its first bytes
+_MAX_PNG_HEAD_BYTES = 1 << 16
+
+
+def stamp(last):
+    """The stamp of a first file whose pair ends with the file `last`: JSON
+    keys to add to its document, or a PNG's text chunks (savefig's metadata)."""
+    return {COMPLETED_BY: Path(last).name}
+
+
+def remove_last_file(last):
+    """Remove the pair's existing last file, before its first file is written."""
+    Path(last).unlink(missing_ok=True)
+
+
+def is_interrupted_pair(path):
+    """Whether `path` is a regular file (not a link) whose stamp names another
+    file of its folder that does not exist: the first file of a pair whose
+    write stopped before its last file was written."""
+    path = Path(path)
+    if path.is_symlink():
+        return False
+    last = _stamped_last_name(path)
+    if not isinstance(last, str) or last in ("", ".", "..", path.name) or "/" in last \
+            or os.sep in last or "\0" in last:
+        return False
+    return not os.path.lexists(path.with_name(last))
+
+
+def _stamped_last_name(path):
+    """The value of the stamp in the JSON object or PNG `path`, or None."""
+    try:
+        with open_regular(path, UsageError, "output") as file:
+            head = file.read(_MAX_PNG_HEAD_BYTES)
+            if head.startswith(PNG_SIGNATURE):
+                return _png_text(head, COMPLETED_BY.encode("latin-1"))
+            if not head.lstrip().startswith(b"{") or os.fstat(file.fileno()).st_size > _MAX_JSON_BYTES:
+                return None
+            document = parse_json(head + file.read())
+    except (UsageError, OSError, ValueError):
+        return None
+    return document.get(COMPLETED_BY) if isinstance(document, dict) else None
+
+
+def _png_text(data, keyword):
+    """The text of the chunk `keyword` among the PNG bytes `data` (tEXt, or
+    uncompressed iTXt) before its image data, or None."""
+    at = len(PNG_SIGNATURE)
+    while at + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        body = data[at + 8:at + 8 + length]
+        if kind == b"IDAT" or len(body) < length:
+            return None
+        key, _, text = body.partition(b"\0")
+        try:
+            if key == keyword and kind == b"tEXt":
+                return text.decode("latin-1")
+            if key == keyword and kind == b"iTXt" and text[:1] == b"\0":   # not compressed
+                _language, _, text = text[2:].partition(b"\0")
+                _translated_keyword, _, text = text.partition(b"\0")
+                return text.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        at += 12 + length
+    return None
