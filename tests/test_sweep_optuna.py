@@ -3,6 +3,7 @@ trial, resumed after kill -9 from its SQLite study; two processes sharing one
 study; the one-line errors when Optuna is absent or an option needs it."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -100,6 +101,50 @@ def test_a_tpe_sweep_killed_while_creating_its_folder_starts_there_again(capsys,
     assert code == 0, (stdout, err)
     assert states(out) == ["COMPLETE", "COMPLETE"]
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_tpe_sweep_retries_a_trial_whose_train_process_was_killed(capsys, tmp_path, corpus):
+    """trial-000's `xpmodel train` is SIGKILLed (the sweep lives on and marks
+    it failed); the rerun tries it again, as a grid sweep does and as the
+    sweep said it would: a new trial of the study with the same values (the
+    failed one stays FAIL), under its name, resumed from its checkpoint. Reruns
+    kept it failed."""
+    pytest.importorskip("optuna")
+    from xpmodel.train.rundir import RunDir
+    out = tmp_path / "sweep"
+    args = ["sweep", "--config", TINY, "--out", out, "--max-iters", 1000, "--trials", 2,
+            "--sampler", "tpe", "--no-prune", f"data.source={corpus}", "train.eval_interval=10",
+            "train.save_interval=10", "train.lr=log:1e-3..1e-2"]
+    process = sweep_process(args)
+    first = RunDir(out / "trials" / "trial-000")
+    deadline = time.time() + 300
+    while time.time() < deadline and not (first.is_run() and first.checkpoint_steps()[-1] >= 20):
+        time.sleep(0.02)
+    os.kill(json.loads(first.lock_path.read_text())["pid"], signal.SIGKILL)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    assert "1 of 2 trials failed" in output and "run the same command again to retry them" in output
+    assert states(out) == ["FAIL", "COMPLETE"]
+    saved = first.checkpoint_steps()[-1]
+
+    code, text, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert "1 of 2 trials done; retrying 1 failed: trial-000" in text
+    assert f"trial-000 resumed at step {saved}: " in text
+    trials = study_of(out).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[2].params == trials[0].params
+    assert trials[2].system_attrs["failed_trial"] == 0        # Optuna's record of a retry
+    steps = [r["step"] for r in first.read_metrics() if r["type"] == "train"]
+    assert steps == list(range(1, 1001))      # continued, not restarted
+    results = json.loads((out / "results.json").read_text())
+    assert [(t["trial"], t["status"]) for t in results["trials"]] == \
+        [("trial-000", "done"), ("trial-001", "done")]
+    assert results["trials"][0]["val_loss"] == trials[2].value
+
+    code, text, err = run_cli(capsys, *args)         # nothing is left to run
+    assert code == 0 and "2 of 2 trials done" in text and "retrying" not in text, (text, err)
+    assert states(out) == ["FAIL", "COMPLETE", "COMPLETE"]
 
 
 def test_two_processes_share_one_study(tmp_path, corpus):

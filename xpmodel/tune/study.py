@@ -12,6 +12,14 @@ same --storage, on several machines) ask it for trials until --trials of them
 exist. A trial left running by a killed sweep (its claim lock is free) is
 taken up by the next process started on the same SWEEP_DIR and continued with
 `xpmodel train --resume`, its reported evaluations kept.
+
+A failed trial stays failed in the study (Optuna's states are final): a sweep
+started on its SWEEP_DIR tries it again as a new trial of the study with the
+same values, recorded as Optuna's RetryFailedTrialCallback records a retry
+(system attributes failed_trial, the first attempt's number, and
+retry_history), which keeps the first attempt's name, run directory and log,
+so `xpmodel train --resume` continues it where it saved a checkpoint. Only a
+name's last attempt counts toward --trials and is listed in the results.
 """
 import fcntl
 import os
@@ -101,6 +109,7 @@ class OptunaSweep(Sweep):
             storage = optuna.storages.RDBStorage(url, engine_kwargs=engine)
         except Exception as exc:      # a bad URL, a missing driver, a refused connection
             raise XpmodelError(f"--storage {quote(url, 120)}: {str(exc).splitlines()[0]}") from None
+        self._storage = storage
         study = optuna.create_study(storage=storage, study_name=self.study_name,
                                     direction="minimize", load_if_exists=True,
                                     sampler=self._sampler(storage), pruner=self._pruner())
@@ -158,21 +167,39 @@ class OptunaSweep(Sweep):
         return self.study.get_trials(deepcopy=False)
 
     def _counted(self, frozen):
-        return [t for t in frozen if not t.user_attrs.get(_SKIPPED)]
+        """The trials that count toward --trials, in the order of their names:
+        the last attempt of each name, none of those skipped."""
+        latest = {}
+        for trial in frozen:
+            number = _first_attempt(trial)
+            if not trial.user_attrs.get(_SKIPPED) and \
+                    (number not in latest or trial.number > latest[number].number):
+                latest[number] = trial
+        return [latest[number] for number in sorted(latest)]
 
     # ---- choosing trials ---------------------------------------------------------------
     def _begin(self):
         state = self.optuna.trial.TrialState
-        done = [t for t in self._counted(self._frozen())
-                if t.state not in (state.RUNNING, state.WAITING)]
-        if self.show and done:
+        counted = self._counted(self._frozen())
+        mine = str(self.dir.path.resolve())
+        self._failed = [t for t in counted if t.state == state.FAIL and
+                        t.user_attrs.get("sweep_dir") == mine]     # tried again, as a grid sweep's
+        done = [t for t in counted if t.state not in (state.RUNNING, state.WAITING)
+                and t not in self._failed]
+        if self.show and (done or self._failed):
+            names = ", ".join(trial_name(_first_attempt(t)) for t in self._failed)
+            retry = f"; retrying {len(self._failed)} failed: {names}" if self._failed else ""
             print(f"resuming the sweep in {self.dir.path}: {len(done)} of {self.n_wanted} trials "
-                  f"done", flush=True)
+                  f"done{retry}", flush=True)
 
     def _next_trial(self):
         orphan = self._adopt_orphan()
         if orphan is not None:
             return orphan
+        while self._failed:
+            retry = self._retry(self._failed.pop(0))
+            if retry is not None:
+                return retry
         for _ in range(200):
             counted = self._counted(self._frozen())
             waiting = any(t.state == self.optuna.trial.TrialState.WAITING for t in counted)
@@ -181,7 +208,8 @@ class OptunaSweep(Sweep):
             trial = self.study.ask()
             name = trial_name(trial.number)
             params = {p.key: self._suggest(trial, p) for p in self.params}
-            earlier = [t for t in self._counted(self._frozen()) if t.number < trial.number]
+            earlier = [t for t in self._counted(self._frozen())
+                       if _first_attempt(t) < trial.number]
             if len(earlier) >= self.n_wanted:       # another worker took the last one
                 self._skip(trial, "surplus")
                 return None
@@ -191,11 +219,39 @@ class OptunaSweep(Sweep):
                 self._skip(trial, f"invalid: {exc}")
                 continue
             self._claims[name] = _try_lock(self._claim_path(name))
-            trial.set_user_attr("sweep_dir", str(self.dir.path.resolve()))
-            trial.set_user_attr("params", params)
-            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+            for key, value in self._owner_attrs(params).items():
+                trial.set_user_attr(key, value)
             return self._own_trial(trial, name, params, reported=())
         raise UsageError("200 trials in a row drew invalid configs; narrow the SPECs' ranges")
+
+    def _owner_attrs(self, params):
+        """The user attributes that tie a trial to this SWEEP_DIR and process."""
+        return {"sweep_dir": str(self.dir.path.resolve()), "params": params,
+                "worker": f"{socket.gethostname()}:{os.getpid()}"}
+
+    def _retry(self, failed):
+        """A new trial of the study that tries the failed trial `failed` again
+        under its name, or None when another process has since taken it."""
+        name = trial_name(_first_attempt(failed))
+        fd = _try_lock(self._claim_path(name))
+        if fd is None:
+            return None                   # another process is trying it again
+        latest = next((t for t in self._counted(self._frozen())
+                       if _first_attempt(t) == _first_attempt(failed)), None)
+        if latest is None or latest.number != failed.number:
+            os.close(fd)                  # tried again since this process started
+            return None
+        self._claims[name] = fd
+        history = [*failed.system_attrs.get("retry_history", []), failed.number]
+        params = failed.user_attrs.get("params", failed.params)
+        attempt = self.optuna.trial.create_trial(
+            state=self.optuna.trial.TrialState.RUNNING, params=failed.params,
+            distributions=failed.distributions, user_attrs=self._owner_attrs(params),
+            system_attrs={"failed_trial": history[0], "retry_history": history})
+        trial_id = self._storage.create_new_trial(
+            self._storage.get_study_id_from_name(self.study_name), template_trial=attempt)
+        return self._own_trial(self.optuna.trial.Trial(self.study, trial_id), name, params,
+                               reported=())
 
     def _suggest(self, trial, param):
         if param.kind == "grid":
@@ -213,14 +269,14 @@ class OptunaSweep(Sweep):
         """A running trial of this SWEEP_DIR that no live process holds."""
         mine = str(self.dir.path.resolve())
         for frozen in self._frozen():
-            name = trial_name(frozen.number)
+            name = trial_name(_first_attempt(frozen))
             if frozen.state != self.optuna.trial.TrialState.RUNNING or name in self._own or \
                     frozen.user_attrs.get("sweep_dir") != mine:
                 continue
             fd = _try_lock(self._claim_path(name))
             if fd is None:
                 continue                  # another process runs it
-            if self.study._storage.get_trial(frozen._trial_id).state != \
+            if self._storage.get_trial(frozen._trial_id).state != \
                     self.optuna.trial.TrialState.RUNNING:
                 os.close(fd)              # it finished since the list was read
                 continue
@@ -297,7 +353,7 @@ class OptunaSweep(Sweep):
         status = {state.COMPLETE: "done", state.PRUNED: "pruned", state.FAIL: "failed",
                   state.RUNNING: "running", state.WAITING: "pending"}
         for frozen in self._counted(self._frozen()):
-            name = trial_name(frozen.number)
+            name = trial_name(_first_attempt(frozen))
             if name in self._own and self._own[name]["status"] in ("running", "pending"):
                 rows.append(self._own[name])
                 continue
@@ -322,6 +378,12 @@ class OptunaSweep(Sweep):
         if time.time() - getattr(self, "_rows_read", 0) >= 1:
             self._rows_read = time.time()
             self.state["trials"] = self._trial_rows()
+
+
+def _first_attempt(trial):
+    """The number of a trial's first attempt, which names it (trial-NNN): its
+    own, or for an attempt that tries a failed trial again, the first's."""
+    return trial.system_attrs.get("failed_trial", trial.number)
 
 
 def _try_lock(path):
