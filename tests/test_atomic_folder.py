@@ -1,23 +1,26 @@
-"""write_folder_atomically: a folder written as a whole (a Hugging Face export)
-is the old one or the new one at every instant, and what a killed writer left
-beside it never blocks or confuses the next write."""
+"""folder_write.write_folder_atomically: a folder written as a whole (a Hugging
+Face export) is the old one or the new one at every instant, what a killed
+writer left beside it never blocks or confuses the next write, and nothing
+but the folder's own files is ever removed."""
+import fcntl
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from xpmodel import atomic
-from xpmodel.atomic import write_folder_atomically
+from xpmodel import folder_write
+from xpmodel.errors import XpmodelError
+from xpmodel.folder_write import write_folder_atomically
 
 OWNED = frozenset({"a.json", "b.bin"})
 
 
-def _writer(contents):
+def _writer(contents, also=None):
     def write(folder):
         for name, data in contents.items():
             (folder / name).write_bytes(data)
+        if also is not None:
+            also()
     return write
 
 
@@ -29,58 +32,79 @@ def _leftovers(parent):
     return sorted(name for name in os.listdir(parent) if ".tmp-" in name)
 
 
-def _dead_pid():
-    """The id of a process that has exited."""
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
+def _leftover(parent, name, files):
+    """A folder as a killed writer leaves it, holding `files`."""
+    folder = parent / name
+    folder.mkdir()
+    for file_name, data in files.items():
+        (folder / file_name).write_bytes(data)
+    return folder
 
 
-def test_a_folder_over_an_old_one_is_swapped_in_one_step(tmp_path, monkeypatch):
+def test_a_folder_over_an_old_one_is_never_missing(tmp_path, monkeypatch):
     out = tmp_path / "hf"
     write_folder_atomically(out, _writer({"a.json": b"old", "b.bin": b"old"}), OWNED)
+    swapped = []
+    exchange = folder_write._exchange
+    monkeypatch.setattr(folder_write, "_exchange", lambda a, b: swapped.append(exchange(a, b))
+                        or swapped[-1])
     renames = []
     real_rename = os.rename
-    monkeypatch.setattr(atomic.os, "rename", lambda a, b: (renames.append((a, b)), real_rename(a, b)))
+    monkeypatch.setattr(folder_write.os, "rename",
+                        lambda a, b: (renames.append((a, b)), real_rename(a, b)))
     write_folder_atomically(out, _writer({"a.json": b"new"}), OWNED)
     assert _files(out) == {"a.json": b"new"}
-    assert renames == []            # no instant without `out` in place
     assert _leftovers(tmp_path) == []
+    if swapped != [True]:
+        pytest.skip("renameat2's RENAME_EXCHANGE is not available here")
+    assert renames == []            # one swap: no instant without `out` in place
+
+
+def test_a_file_put_in_the_old_folder_meanwhile_is_kept(tmp_path):
+    out = tmp_path / "hf"
+    write_folder_atomically(out, _writer({"a.json": b"old"}), OWNED)
+
+    def user_adds_files():
+        (out / "README.md").write_text("mine")
+        (out / "sub").mkdir()
+        (out / "sub" / "x").write_text("mine too")
+    write_folder_atomically(out, _writer({"a.json": b"new"}, also=user_adds_files), OWNED)
+    assert _files(out) == {"a.json": b"new"}
+    [kept] = _leftovers(tmp_path)           # the old folder, set aside with the user's files
+    assert (tmp_path / kept / "README.md").read_text() == "mine"
+    assert (tmp_path / kept / "sub" / "x").read_text() == "mine too"
 
 
 def test_without_an_atomic_swap_a_kill_between_the_renames_is_undone_by_the_next_write(
         tmp_path, monkeypatch):
     out = tmp_path / "hf"
     write_folder_atomically(out, _writer({"a.json": b"old"}), OWNED)
-    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(folder_write, "_exchange", lambda a, b: False)
     real_rename = os.rename
 
     def interrupted_moving_the_new_folder_in(a, b):
-        if Path(b) == out and os.path.isdir(f"{a}.old"):
+        if Path(b) == out and Path(a).name == f".hf.tmp-{os.getpid()}":    # the new folder
             raise KeyboardInterrupt
         real_rename(a, b)
-    monkeypatch.setattr(atomic.os, "rename", interrupted_moving_the_new_folder_in)
+    monkeypatch.setattr(folder_write.os, "rename", interrupted_moving_the_new_folder_in)
     with pytest.raises(KeyboardInterrupt):
         write_folder_atomically(out, _writer({"a.json": b"new"}), OWNED)
-    monkeypatch.setattr(atomic.os, "rename", real_rename)
+    monkeypatch.setattr(folder_write.os, "rename", real_rename)
     assert _files(out) == {"a.json": b"old"}     # put back
-    # a kill -9 runs no handler: the old folder stays set aside under the dead writer's id
-    pid = _dead_pid()
-    os.rename(out, tmp_path / f".hf.tmp-{pid}.old")
-    (tmp_path / f".hf.tmp-{pid}").mkdir()
-    (tmp_path / f".hf.tmp-{pid}" / "b.bin").write_bytes(b"half")
+    # a kill -9 runs no handler: the old folder stays set aside, the new one half made
+    os.rename(out, tmp_path / ".hf.old.tmp-12345")
+    _leftover(tmp_path, ".hf.tmp-12345", {"b.bin": b"half", ".a.json.tmp-12345": b"{"})
     write_folder_atomically(out, _writer({"a.json": b"newer"}), OWNED)
     assert _files(out) == {"a.json": b"newer"}
     assert _leftovers(tmp_path) == []
 
 
-def test_a_leftover_of_a_process_with_this_process_id_is_cleared(tmp_path):
-    """Every first process of a new container has the same id: a staging
-    folder of a killed one is in the way of the next under the same name."""
+def test_a_leftover_under_this_process_id_is_cleared(tmp_path):
+    """Every first process of a new container has the same id: a killed
+    export's folder is in the way of the next one under the same name."""
     out = tmp_path / "hf"
-    staging = tmp_path / f".hf.tmp-{os.getpid()}"
-    staging.mkdir()
-    (staging / "b.bin").write_bytes(b"a killed export's weights")
+    _leftover(tmp_path, f".hf.tmp-{os.getpid()}",
+              {"b.bin": b"a killed export's weights", f".a.json.tmp-{os.getpid()}": b"{"})
     write_folder_atomically(out, _writer({"a.json": b"new"}), OWNED)
     assert _files(out) == {"a.json": b"new"}
     assert _leftovers(tmp_path) == []
@@ -88,15 +112,17 @@ def test_a_leftover_of_a_process_with_this_process_id_is_cleared(tmp_path):
 
 def test_leftovers_that_may_not_be_a_killed_writers_are_kept(tmp_path):
     out = tmp_path / "hf"
-    alive = tmp_path / f".hf.tmp-{os.getppid()}"          # a live writer's
-    alive.mkdir()
-    foreign = tmp_path / f".hf.tmp-{_dead_pid()}"          # holds a file no export writes
-    foreign.mkdir()
-    (foreign / "notes.txt").write_text("mine")
-    other = tmp_path / f".other.tmp-{_dead_pid()}"         # another folder's
-    other.mkdir()
-    write_folder_atomically(out, _writer({"a.json": b"new"}), OWNED)
-    assert alive.is_dir() and (foreign / "notes.txt").read_text() == "mine" and other.is_dir()
+    live = _leftover(tmp_path, ".hf.tmp-7", {"b.bin": b"being written"})
+    foreign = _leftover(tmp_path, ".hf.tmp-8", {"notes.txt": b"mine"})    # no export writes it
+    other = _leftover(tmp_path, ".other.tmp-9", {"b.bin": b"another folder's"})
+    held = os.open(live, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)         # as a live writer holds its folder
+    try:
+        write_folder_atomically(out, _writer({"a.json": b"new"}), OWNED)
+    finally:
+        os.close(held)
+    assert _files(live) == {"b.bin": b"being written"}
+    assert _files(foreign) == {"notes.txt": b"mine"} and other.is_dir()
 
 
 @pytest.mark.parametrize("kind", ["file", "link"])
@@ -108,41 +134,38 @@ def test_a_folder_is_never_swapped_with_a_file_or_a_link(tmp_path, kind):
         out.write_text("mine too")
     else:
         out.symlink_to(tmp_path)
-    with pytest.raises(atomic.XpmodelError, match="exists and is not a folder"):
+    with pytest.raises(XpmodelError, match="exists and is not a folder"):
         write_folder_atomically(out, _writer({"a.json": b"new"}), OWNED)
     assert mine.read_text() == "mine" and os.path.lexists(out)
     assert (out.read_text() == "mine too") if kind == "file" else out.is_symlink()
     assert _leftovers(tmp_path) == []
 
 
-def _interrupt_the_second_file(monkeypatch):
-    """Make a tokenizer export stop, as a kill would, after writing one file."""
+def test_a_tokenizer_export_stopped_midway_leaves_no_new_folder(tmp_path, monkeypatch):
     from xpmodel.tokenizer import hf_export
+    from xpmodel.tokenizer.bpe import BPETokenizer
     written = []
 
-    def write(path, content):
+    def stopped_at_the_second_file(path, content):
         if written:
             raise KeyboardInterrupt
         written.append(path)
         path.write_bytes(b"{}")
-    monkeypatch.setattr(hf_export, "atomic_write_json", write)
+    monkeypatch.setattr(hf_export, "atomic_write_json", stopped_at_the_second_file)
+    with pytest.raises(KeyboardInterrupt):
+        hf_export.export_tokenizer_hf(BPETokenizer.train("ab " * 9, 260), tmp_path / "fresh")
+    assert not os.path.lexists(tmp_path / "fresh") and _leftovers(tmp_path) == []
 
 
-def test_a_tokenizer_export_stopped_midway_leaves_the_old_files_or_none(tmp_path, monkeypatch):
+def test_a_tokenizer_export_into_an_existing_folder_keeps_it_and_its_files(tmp_path):
     from xpmodel.tokenizer.bpe import BPETokenizer
     from xpmodel.tokenizer.hf_export import export_tokenizer_hf
-    old, new = BPETokenizer.train("low lower lowest " * 20, 270), BPETokenizer.train("ab " * 9, 260)
-    out = tmp_path / "tok"
-    export_tokenizer_hf(old, out)
-    before = _files(out)
-    with monkeypatch.context() as patch:
-        _interrupt_the_second_file(patch)
-        with pytest.raises(KeyboardInterrupt):
-            export_tokenizer_hf(new, out, overwrite=True)
-        with pytest.raises(KeyboardInterrupt):
-            export_tokenizer_hf(new, tmp_path / "fresh")
-    assert _files(out) == before
-    assert not os.path.lexists(tmp_path / "fresh")
-    assert _leftovers(tmp_path) == []
-    export_tokenizer_hf(new, out, overwrite=True)
-    assert _files(out) != before and set(_files(out)) == set(before)
+    folder = tmp_path / "tok"
+    folder.mkdir(mode=0o750)
+    (folder / "README.md").write_text("mine")
+    identity = os.stat(folder)
+    export_tokenizer_hf(BPETokenizer.train("ab " * 9, 260), folder)
+    after = os.stat(folder)
+    assert (after.st_ino, after.st_mode) == (identity.st_ino, identity.st_mode)
+    assert (folder / "README.md").read_text() == "mine" and (folder / "tokenizer.json").is_file()
+

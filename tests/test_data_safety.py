@@ -168,19 +168,28 @@ def test_temporaries_of_dead_prepares_are_removed_from_the_cache_only(tmp_path, 
     cache = tmp_path / "cache"
     cache.mkdir()
     old = 1_000_000_000          # mtime long ago
-    dead, alive = dead_pid(), os.getpid()
+    import subprocess
+    import sys
+    living = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    dead, alive = dead_pid(), living.pid
     names = {f".corpus.txt-{'a' * 24}.tok.tmp-{dead}": False,        # ours, writer gone
              f".corpus.txt-{'a' * 24}.tok.json.tmp-{dead}": False,
              f".corpus.txt-{'b' * 24}.tok.tmp-{alive}": True,        # writer alive
              f".notes.txt.tmp-{dead}": True,                          # not our name
-             f"corpus.txt-{'a' * 24}.tok.tmp-{dead}": True}           # not a temporary
+             f"corpus.txt-{'a' * 24}.tok.tmp-{dead}": True,           # not a temporary
+             # this process's id, no write of it under way: an earlier process's
+             f".corpus.txt-{'d' * 24}.tok.tmp-{os.getpid()}": False}
     for name in names:
         (cache / name).write_bytes(b"partial")
         os.utime(cache / name, (old, old))
     fresh = cache / f".corpus.txt-{'c' * 24}.tok.tmp-{dead}"          # may be another host's
     fresh.write_bytes(b"partial")
     names[fresh.name] = True
-    prepare(corpus_file(tmp_path), byte_tokenizer, cache_dir=cache)
+    try:
+        prepare(corpus_file(tmp_path), byte_tokenizer, cache_dir=cache)
+    finally:
+        living.kill()
+        living.wait()
     assert {name: (cache / name).exists() for name in names} == names
     user_folder = tmp_path / "mine"                                   # out_path: not the cache
     user_folder.mkdir()

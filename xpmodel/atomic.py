@@ -14,22 +14,16 @@ Temporary files are named `.NAME.tmp-PID`; `is_temporary_name` recognises
 them (`temporary_target` reads NAME and PID back), so a folder's leftovers from a killed process can be told apart from
 the user's own files.
 
-A folder written as a whole (a Hugging Face export) goes through
-`write_folder_atomically`: its files are written into a new folder beside the
-target, synced, and the folder is renamed into place, or, over an existing
-one, swapped with it in one step where the system can (Linux's renameat2).
+A folder written as a whole goes through folder_write.py, which builds on
+these writes. `dead_temporaries` finds the temporaries a killed writer left.
 """
 import contextlib
-import ctypes
-import errno
 import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
-from .errors import XpmodelError
 from .files import process_alive
 
 # Temporary files being written right now, so that a second Ctrl-C, which
@@ -81,7 +75,7 @@ def atomic_writer(path, pause=0.0):
     and leaves `path` as it was.
     """
     path = Path(path)
-    tmp = temporary_path(path)
+    tmp = Path(os.path.abspath(temporary_path(path)))   # as `dead_temporaries` compares it
     _in_flight.add(tmp)
     try:
         try:
@@ -110,7 +104,7 @@ def atomic_writer(path, pause=0.0):
         raise
     finally:
         _in_flight.discard(tmp)
-    _fsync_dir(path.parent)
+    fsync_folder(path.parent)
 
 
 class _TargetFile:
@@ -146,7 +140,8 @@ def abandon_partial_writes():
             pass
 
 
-def _fsync_dir(directory):
+def fsync_folder(directory):
+    """Sync a folder's entries (a rename in it) to disk, where the system can."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -159,128 +154,23 @@ def _fsync_dir(directory):
         os.close(fd)
 
 
-def write_folder_atomically(out_dir, write, owned_names):
-    """Call write(folder) on a new folder beside out_dir, then put it in
-    out_dir's place. A previous folder there, holding only `owned_names`
-    (files this kind of folder holds), is swapped out and its files removed
-    after. On a failure the new folder is removed and out_dir is left as it
-    was; the error names the file that could not be written. What a killed
-    writer left beside out_dir (see `_clear_leftovers`) is cleared first."""
-    target = Path(os.path.abspath(out_dir))   # "out/.." or "." named by a real name
-    parent = target.parent
-    if os.path.lexists(target) and (target.is_symlink() or not target.is_dir()):
-        raise XpmodelError(f"{out_dir}: exists and is not a folder; nothing was written there")
+def dead_temporaries(folder, is_target):
+    """[(path, NAME)] of the temporaries `.NAME.tmp-PID` in `folder` (files,
+    or a folder write's folders; never a link) whose NAME `is_target` accepts
+    and whose writer is gone: no process has its id, or this process has it
+    and is not writing that file (an earlier process had the id, as the first
+    process of every new container has)."""
+    found = []
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        _clear_leftovers(target, owned_names)
-        staging = temporary_path(target)   # a killed process's leftover is recognisable
-        staging.mkdir()
-    except OSError as exc:
-        raise XpmodelError(f"cannot create {exc.filename or parent}: "
-                           f"{exc.strerror or exc}") from None
-    try:
-        try:
-            write(staging)
-            for path in staging.iterdir():
-                _fsync_file(path)
-        except OSError as exc:
-            name = Path(exc.filename).name if exc.filename else "the folder"
-            raise XpmodelError(f"cannot write {Path(out_dir) / name}: {exc.strerror or exc}; "
-                               f"nothing was written to {out_dir}") from None
-        try:
-            _put_in_place(staging, target, owned_names)
-        except OSError as exc:
-            raise XpmodelError(f"cannot move the new folder into {out_dir}: "
-                               f"{exc.strerror or exc}; nothing was written there") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _put_in_place(staging, out_dir, owned_names):
-    """Move the written folder `staging` to `out_dir`. Over an existing folder:
-    one atomic swap where renameat2 can, so a kill at any instant leaves the
-    old folder or the new one in place; elsewhere two renames, the old folder
-    set aside first as STAGING.old, which `_clear_leftovers` puts back if the
-    process dies between them."""
-    if not out_dir.exists():
-        os.rename(staging, out_dir)
-    elif _exchange(staging, out_dir):
-        _remove_owned(staging, owned_names)   # the old folder, now under staging's name
-    else:
-        old = staging.with_name(staging.name + ".old")
-        os.rename(out_dir, old)
-        try:
-            os.rename(staging, out_dir)
-        except BaseException:   # an error, or Ctrl-C between the two renames
-            os.rename(old, out_dir)
-            raise
-        _remove_owned(old, owned_names)
-    _fsync_dir(out_dir.parent)
-
-
-def _remove_owned(folder, owned_names):
-    """Remove `owned_names` from `folder`, then the folder if that empties it;
-    anything else found there is left for its owner."""
-    for name in owned_names:
-        (folder / name).unlink(missing_ok=True)
-    try:
-        folder.rmdir()
+        entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
     except OSError:
-        pass
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a, b):
-    """Swap the paths a and b in one step (Linux renameat2 RENAME_EXCHANGE);
-    False where the C library, kernel or file system cannot, nothing moved."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                          ctypes.c_uint]
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
-        return False
-    raise OSError(code, os.strerror(code), str(b))
-
-
-def _clear_leftovers(target, owned_names):
-    """Before a folder write to `target`: of the folders a killed writer left
-    beside it (`.NAME.tmp-PID`, and `.NAME.tmp-PID.old` between the two
-    renames of `_put_in_place`), put a set-aside old folder back where target
-    is missing, and remove the rest. Only folders holding nothing but
-    `owned_names` count, and only those of a dead process or of one with this
-    process's id (which has made none yet: a leftover of an earlier process
-    that had the same id, as every first process of a new container has)."""
-    for entry in sorted(target.parent.iterdir()):
-        pid = _leftover_pid(entry.name, target.name)
-        if pid is None or not entry.is_dir() or entry.is_symlink() or \
-                (process_alive(pid) and pid != os.getpid()) or \
-                any(path.name not in owned_names for path in entry.iterdir()):
+        return found
+    for entry in entries:
+        temporary = temporary_target(entry.name)
+        if temporary is None or not is_target(temporary[0]) or entry.is_symlink():
             continue
-        if entry.name.endswith(".old") and not os.path.lexists(target):
-            os.rename(entry, target)
-        else:
-            _remove_owned(entry, owned_names)
-
-
-def _leftover_pid(name, target_name):
-    """The writer's pid in a leftover folder's name, or None for another name."""
-    stem = name[:-len(".old")] if name.endswith(".old") else name
-    found = temporary_target(stem)
-    return found[1] if found is not None and found[0] == target_name else None
-
-
-def _fsync_file(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, str(path)) from None
-    finally:
-        os.close(fd)
+        path, pid = Path(os.path.abspath(entry.path)), temporary[1]
+        if (pid == os.getpid() and path not in _in_flight) or \
+                (pid != os.getpid() and not process_alive(pid)):
+            found.append((path, temporary[0]))
+    return found

@@ -49,9 +49,9 @@ from .tokenfile import (
     read_token_header,
     write_token_file,
 )
-from ..atomic import temporary_target
+from ..atomic import dead_temporaries
 from ..errors import DataError, UsageError, quote
-from ..files import folder_problem, process_alive
+from ..files import folder_problem
 
 ProgressCallback = Callable[[int, int], None]  # (bytes_done, bytes_total)
 
@@ -193,25 +193,17 @@ _STALE_TEMPORARY_S = 60
 
 def remove_dead_temporaries(folder: Path, target_names: "re.Pattern") -> list[Path]:
     """Remove, from a folder of xpmodel's cache, the temporary files
-    (`.NAME.tmp-PID`, atomic.py) of cache files named like `target_names`
+    (atomic.dead_temporaries) of cache files named like `target_names`
     whose writer is gone: a prepare or a tokenizer training killed mid-write.
     Regular files only, untouched for a minute; returns what was removed."""
     removed = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return removed
     now = time.time()
-    for entry in entries:
-        temporary = temporary_target(entry.name)
-        if temporary is None or not target_names.match(temporary[0]) or process_alive(temporary[1]):
-            continue
+    for path, _ in dead_temporaries(folder, target_names.match):
         try:
-            if not entry.is_file(follow_symlinks=False) or \
-                    now - entry.stat(follow_symlinks=False).st_mtime < _STALE_TEMPORARY_S:
+            if not path.is_file() or now - path.stat().st_mtime < _STALE_TEMPORARY_S:
                 continue
-            os.unlink(entry.path)
-            removed.append(Path(entry.path))
+            path.unlink()
+            removed.append(path)
         except OSError:
             pass
     return removed

@@ -50,9 +50,10 @@ from pathlib import Path
 import numpy
 from safetensors.numpy import save as safetensors_bytes
 
-from ..atomic import atomic_write_json, write_folder_atomically
+from ..atomic import atomic_write_json
 from ..errors import DataError, UsageError, one_line, quote
 from ..files import folder_problem, read_json
+from ..folder_write import write_folder_atomically
 from ..model.config import GPTConfig
 from ..model.gpt import check_model
 from ..model.params import parameter_shapes

@@ -4,7 +4,8 @@ the forms hf_forms.py describes."""
 import os
 from pathlib import Path
 
-from ..atomic import atomic_write_bytes, atomic_write_json, write_folder_atomically
+from ..atomic import atomic_write_bytes, atomic_write_json
+from ..folder_write import write_folder_atomically
 from ..errors import UsageError, quote
 from .bpe import ENDOFTEXT, BPETokenizer
 from .hf_forms import (BYTE_TOKENS, PREPEND, HF_PREPEND_SCHEMES, REPLACE_SPACES, SPACE, SPACE_DECODERS,
@@ -63,11 +64,9 @@ def export_tokenizer_hf(tokenizer, directory, model_max_length=None, special_ids
     overwrite); bos_token and eos_token are the tokens of special_ids (see
     default_special_ids).
 
-    A new directory, or one that holds an earlier export's files and nothing
-    else, is written as a whole (atomic.write_folder_atomically), so that a
-    kill leaves all the old files or all the new ones, never a mix; into an
-    empty directory or one that holds other files too, the files are written
-    one by one."""
+    A new directory is written as a whole (folder_write.py), so that a kill
+    leaves all the files or none; into an existing one, which keeps its
+    identity, permissions and other files, the files are written one by one."""
     files = hf_tokenizer_files(tokenizer, model_max_length, special_ids)
     directory = Path(directory)
     present = [name for name in files if os.path.lexists(directory / name)]
@@ -76,12 +75,11 @@ def export_tokenizer_hf(tokenizer, directory, model_max_length=None, special_ids
                          f"replace the Hugging Face tokenizer files in it")
     if directory.is_symlink():
         directory = directory.resolve()
-    held = {path.name for path in directory.iterdir()} if directory.is_dir() else None
-    if held is None or (held and held <= TOKENIZER_FILES):
+    if os.path.lexists(directory):
+        write_tokenizer_files(directory, files)
+    else:
         write_folder_atomically(directory, lambda folder: write_tokenizer_files(folder, files),
                                 TOKENIZER_FILES)
-    else:
-        write_tokenizer_files(directory, files)
 
 
 def write_tokenizer_files(folder, files):

@@ -177,10 +177,10 @@ class Sweep:
         or random sweep, holds it now), and the temporaries of dead writers."""
         if not self.dir.path.is_dir():
             return []
-        leftovers = set(self.dir.dead_temporaries())
+        leftovers = {path.name for path in self.dir.dead_temporaries()}
         if self._lock is not None or lock_is_free(self.dir.path / LOCK_NAME):
-            leftovers.add(self.dir.path / LOCK_NAME)
-        return [p for p in self.dir.path.iterdir() if p not in leftovers]
+            leftovers.add(LOCK_NAME)
+        return [p for p in self.dir.path.iterdir() if p.name not in leftovers]
 
     def _load_state(self):
         """sweep.json, waiting a moment for another worker that is creating it."""

@@ -12,10 +12,10 @@ gone, for the next sweep opened on the folder to remove.
 import re
 from pathlib import Path
 
-from ..atomic import atomic_write_json, temporary_target
+from ..atomic import atomic_write_json, dead_temporaries
 from ..config import check_override
 from ..errors import UsageError, XpmodelError, quote
-from ..files import MAX_JSON_COUNT, finite_json_number, process_alive, read_json
+from ..files import MAX_JSON_COUNT, finite_json_number, read_json
 from .sweep_plan import format_value
 
 FORMAT = "xpmodel-sweep"
@@ -57,14 +57,9 @@ class SweepDir:
 
     def dead_temporaries(self):
         """The temporary files of the sweep's own files (`.sweep.json.tmp-PID`...)
-        whose writing process is gone: regular files only, never a link."""
-        found = []
-        for path in self.path.iterdir() if self.path.is_dir() else ():
-            temporary = temporary_target(path.name)
-            if temporary is not None and temporary[0] in _OWN_FILES and \
-                    not process_alive(temporary[1]) and path.is_file() and not path.is_symlink():
-                found.append(path)
-        return found
+        whose writing process is gone (atomic.dead_temporaries): regular files only."""
+        return [path for path, _ in dead_temporaries(self.path, _OWN_FILES.__contains__)
+                if path.is_file()]
 
 
 def trial_name(number):
