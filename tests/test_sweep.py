@@ -126,11 +126,12 @@ def dead_pid():
     return child.pid
 
 
-def killed_while_creating(out):
+def killed_while_creating(out, pid=None):
     """`out` as a sweep killed while writing its first sweep.json leaves it: that
-    write's temporary and the folder's lock, recording the dead process."""
+    write's temporary and the folder's lock, recording the dead process (`pid`,
+    or one that has exited)."""
     import socket
-    pid = dead_pid()
+    pid = dead_pid() if pid is None else pid
     out.mkdir(parents=True)
     (out / f".sweep.json.tmp-{pid}").write_text('{"format": "xpmodel-sweep", "vers')
     (out / ".xpmodel.lock").write_text(json.dumps(
@@ -139,11 +140,13 @@ def killed_while_creating(out):
     return pid
 
 
-def test_a_sweep_killed_while_creating_its_folder_starts_there_again(capsys, tmp_path):
+@pytest.mark.parametrize("own_id", [False, True])
+def test_a_sweep_killed_while_creating_its_folder_starts_there_again(capsys, tmp_path, own_id):
     """The rerun takes the folder as a new sweep and removes the leftovers (it
-    was refused as 'not a sweep', forever)."""
+    was refused as 'not a sweep', forever), also when the rerun has the killed
+    sweep's process id, as the first process of every new container has."""
     out = tmp_path / "sweep"
-    killed_while_creating(out)
+    killed_while_creating(out, os.getpid() if own_id else None)
     code, stdout, err = run_cli(capsys, "sweep", "--config", TINY, "--out", out, "--max-iters", 3,
                                 "train.lr=1e-3,2e-3")
     assert code == 0, (stdout, err)
