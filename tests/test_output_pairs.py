@@ -5,15 +5,19 @@ simulated by making the second rename raise (kill -9 runs nothing after it):
 the same command run again, without --overwrite, writes the whole pair, and a
 file of a pair is never found beside the other file of an older write. A file
 of the user's at either name still needs --overwrite."""
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
+import numpy
 import pytest
 
 from cli_helpers import assert_one_line_error, copy_run, run_cli, train_tiny_run, write_corpus
-from xpmodel.data import read_token_file
-from xpmodel.data.tokenfile import check_token_checksum
+from xpmodel.atomic import temporary_path
+from xpmodel.data import read_token_file, write_token_file
+from xpmodel.data.tokenfile import check_token_checksum, read_sidecar
 from xpmodel.file_pairs import COMPLETED_BY, is_interrupted_pair, stamp
 from xpmodel.tokenizer.bpe import BPETokenizer
 
@@ -116,12 +120,63 @@ def test_prepare_still_refuses_a_sidecar_it_did_not_leave(capsys, tmp_path, toke
     document = json.loads(sidecar.read_text())
     assert document[COMPLETED_BY] == "c.tok"
     os.rename(out, tmp_path / "kept.tok")   # the pair's last file is elsewhere: a leftover now
-    assert is_interrupted_pair(sidecar)
+    assert is_interrupted_pair(sidecar, out)
     del document[COMPLETED_BY]
     sidecar.write_text(json.dumps(document))
     code, _, err = run_cli(capsys, "prepare", corpus, "--tokenizer", tokenizer, "--out", out)
     assert code == 2 and f"--out {sidecar}: already exists" in err
     assert_one_line_error(err)
+
+
+FINGERPRINT = "ab" * 32
+
+
+def ids(*values):
+    return [numpy.array(values, dtype=numpy.uint32)]
+
+
+def on_each_fsync(monkeypatch, check):
+    """Call check(fd) before every fsync."""
+    real = os.fsync
+
+    def fsync(fd):
+        check(fd)
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_second_write_of_the_same_ids_leaves_the_token_file_readable_throughout(tmp_path,
+                                                                                monkeypatch):
+    """Two trials of `sweep --parallel` on a cold cache tokenize into one cache
+    entry; the later write never takes away the file the earlier one is read from."""
+    path = write_token_file(tmp_path / "c.tok", ids(*range(300)), 300, FINGERPRINT, {"n": 1})
+    checked = []
+
+    def readable(fd):
+        assert len(read_token_file(path, verify_checksum=True)) == 300
+        checked.append(fd)
+    on_each_fsync(monkeypatch, readable)
+    write_token_file(path, ids(*range(300)), 300, FINGERPRINT, {"n": 2})
+    assert len(checked) >= 3      # the ids, the sidecar, their folder
+    assert read_sidecar(path)["meta"] == {"n": 2} and check_token_checksum(path) is True
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
+                                     KeyboardInterrupt()], ids=["disk-full", "ctrl-c"])
+def test_a_write_that_fails_while_its_ids_are_synced_leaves_the_old_pair(tmp_path, monkeypatch,
+                                                                          failure):
+    path = write_token_file(tmp_path / "c.tok", ids(1, 2, 3), 300, FINGERPRINT)
+    old = (path.read_bytes(), Path(f"{path}.json").read_bytes())
+
+    def fails_on_the_ids(fd):
+        temporary = temporary_path(path)
+        if temporary.exists() and os.path.samestat(os.fstat(fd), temporary.stat()):
+            raise failure
+    on_each_fsync(monkeypatch, fails_on_the_ids)
+    with pytest.raises(type(failure)):
+        write_token_file(path, ids(*range(200)), 300, FINGERPRINT)
+    assert (path.read_bytes(), Path(f"{path}.json").read_bytes()) == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.tok", "c.tok.json"]
 
 
 # ---- lr-find --------------------------------------------------------------------------
@@ -134,7 +189,7 @@ def test_lr_find_killed_between_its_numbers_and_its_plot_is_finished_by_its_reru
     with monkeypatch.context() as patch:
         stopped = kill_between(patch, png, numbers)
         assert run_cli(capsys, *command)[0] == 1 and stopped
-    assert not png.exists() and is_interrupted_pair(numbers)
+    assert not png.exists() and is_interrupted_pair(numbers, png)
     out = succeeds(capsys, *command)
     assert f"wrote {png}, {numbers}" in out
     assert png.read_bytes()[:4] == b"\x89PNG" and json.loads(numbers.read_text())["suggested_lr"]
@@ -192,9 +247,9 @@ def test_plot_killed_between_its_two_pictures_is_finished_by_its_rerun(capsys, r
     with monkeypatch.context() as patch:
         stopped = kill_between(patch, out, health)
         assert run_cli(capsys, "plot", run, "--out", out)[0] == 1 and stopped
-    assert not out.exists() and is_interrupted_pair(health)
+    assert not out.exists() and is_interrupted_pair(health, out)
     assert succeeds(capsys, "plot", run, "--out", out) == f"wrote {out}\nwrote {health}\n"
-    assert not is_interrupted_pair(health)
+    assert not is_interrupted_pair(health, out)
     out.unlink()
     mine = tmp_path / "mine.png"   # a picture of the user's, by matplotlib too: no stamp
     succeeds(capsys, "plot", run, "--out", mine)
@@ -203,25 +258,86 @@ def test_plot_killed_between_its_two_pictures_is_finished_by_its_rerun(capsys, r
     assert code == 2 and f"--out {health}: already exists" in err
 
 
+@needs_matplotlib
+def test_plot_of_a_run_without_health_removes_the_health_plot_beside_its_out(capsys, run,
+                                                                           tmp_path):
+    """x-health.png of an earlier plot --out x.png is removed, not left beside
+    a new x.png it does not belong to, as lr-find removes an earlier plot
+    beside numbers it writes alone; a file of the user's there is kept."""
+    healthy = tmp_path / "healthy"
+    shutil.copytree(run, healthy)
+    add_health_records(healthy)
+    out, health = tmp_path / "p" / "x.png", tmp_path / "p" / "x-health.png"
+    succeeds(capsys, "plot", healthy, "--out", out)
+    assert succeeds(capsys, "plot", run, "--out", out, "--overwrite") == f"wrote {out}\n"
+    assert not health.exists()
+    succeeds(capsys, "plot", healthy, "--out", out, "--overwrite")
+    out.unlink()      # the health plot alone: a leftover, replaced without --overwrite
+    assert succeeds(capsys, "plot", run, "--out", out) == f"wrote {out}\n"
+    assert not health.exists()
+    out.unlink()
+    health.write_text("my notes")     # not a PNG: kept even with --overwrite
+    succeeds(capsys, "plot", run, "--out", out)
+    succeeds(capsys, "plot", run, "--out", out, "--overwrite")
+    assert health.read_text() == "my notes"
+    out.unlink()
+    succeeds(capsys, "plot", run, "--out", health, "--overwrite")   # a PNG without the stamp
+    succeeds(capsys, "plot", run, "--out", out)
+    assert health.exists()            # kept without --overwrite
+    succeeds(capsys, "plot", run, "--out", out, "--overwrite")
+    assert not health.exists()        # replaced where lr-find would replace its plot
+
+
+# ---- a leftover is replaced only by the command writing its pair ----------------------
+
+@needs_matplotlib
+def test_a_leftover_needs_overwrite_for_any_other_output(capsys, run, tmp_path, tokenizer):
+    """lr-find's numbers lr.json stamped for lr.png, whose plot is missing: the
+    rerun of lr-find --out lr.png replaces them, but no other command's --out,
+    nor lr-find's with another plot, replaces them (or a copy) without --overwrite."""
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=50)
+    png, numbers = tmp_path / "lr.png", tmp_path / "lr.json"
+    succeeds(capsys, "lr-find", "--config", run, "--out", png, "--steps", 10)
+    png.unlink()
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(numbers, results / "a.json")
+    left = numbers.read_bytes()
+    for command, refused in (
+            (("tokenizer", "train", corpus, "--vocab-size", 260, "--out", numbers), numbers),
+            (("prepare", corpus, "--tokenizer", tokenizer, "--out", tmp_path / "lr"), numbers),
+            (("lr-find", "--config", run, "--out", results / "a.png", "--steps", 10),
+             results / "a.json")):
+        code, _, err = run_cli(capsys, *command)
+        assert code == 2 and f"--out {refused}: already exists" in err, command
+    assert numbers.read_bytes() == left and (results / "a.json").read_bytes() == left
+    assert sorted(p.name for p in results.iterdir()) == ["a.json"]
+    succeeds(capsys, "lr-find", "--config", run, "--out", png, "--steps", 12)
+    assert png.exists() and len(json.loads(numbers.read_text())["lrs"]) == 12
+
+
 # ---- the stamp itself -----------------------------------------------------------------
 
-def test_a_leftover_is_a_stamped_file_whose_named_partner_is_missing(tmp_path):
-    first = tmp_path / "a.json"
-    for document, leftover in (({"n": 1}, False), (stamp(tmp_path / "a.png"), True),
+def test_a_leftover_is_a_file_stamped_with_the_name_of_its_missing_partner(tmp_path):
+    first, last = tmp_path / "a.json", tmp_path / "a.png"
+    for document, leftover in (({"n": 1}, False), (stamp(last), True),
                                ({COMPLETED_BY: "../a.png"}, False), ({COMPLETED_BY: ""}, False),
-                               ({COMPLETED_BY: "a.json"}, False), ({COMPLETED_BY: 3}, False)):
+                               ({COMPLETED_BY: "b.png"}, False), ({COMPLETED_BY: 3}, False)):
         first.write_text(json.dumps(document))
-        assert is_interrupted_pair(first) == leftover, document
-    (tmp_path / "a.png").write_bytes(b"")
-    first.write_text(json.dumps(stamp(tmp_path / "a.png")))
-    assert not is_interrupted_pair(first)
+        assert is_interrupted_pair(first, last) == leftover, document
+    first.write_text(json.dumps(stamp(last)))
+    assert not is_interrupted_pair(first, tmp_path / "b.png")       # another pair's
+    assert not is_interrupted_pair(first, tmp_path / "sub" / "a.png")   # another folder's
+    last.write_bytes(b"")
+    assert not is_interrupted_pair(first, last)
     for junk in (b"", b"{", b"\x89PNG\r\n\x1a\n\xff\xff", b"\0" * 100):
         first.write_bytes(junk)
-        assert not is_interrupted_pair(first)
+        assert not is_interrupted_pair(first, tmp_path / "gone.png")
     os.symlink(first, tmp_path / "link.json")
     first.write_text(json.dumps(stamp(tmp_path / "gone.png")))
-    assert is_interrupted_pair(first) and not is_interrupted_pair(tmp_path / "link.json")
-    assert not is_interrupted_pair(tmp_path / "nothing.json")
+    assert is_interrupted_pair(first, tmp_path / "gone.png")
+    assert not is_interrupted_pair(tmp_path / "link.json", tmp_path / "gone.png")
+    assert not is_interrupted_pair(tmp_path / "nothing.json", tmp_path / "gone.png")
 
 
 @needs_matplotlib
@@ -232,6 +348,6 @@ def test_a_pictures_stamp_is_read_back_whatever_the_name(tmp_path, partner):
     plt = pyplot()
     fig, _ = plt.subplots(figsize=(2, 2))
     picture = save_figure(plt, fig, tmp_path / "x-health.png", metadata=stamp(tmp_path / partner))
-    assert is_interrupted_pair(picture)
+    assert is_interrupted_pair(picture, tmp_path / partner)
     (tmp_path / partner).write_bytes(b"")
-    assert not is_interrupted_pair(picture)
+    assert not is_interrupted_pair(picture, tmp_path / partner)

@@ -9,10 +9,11 @@ first file is written carrying a stamp that names the last one (`stamp`: the
 key COMPLETED_BY of a JSON object, or a PNG text chunk of that keyword); then
 the last file is written. A last file's presence therefore means its pair is
 whole, and it is never found beside the first file of another write. A first
-file whose stamp names a last file that is missing is the leftover of an
-interrupted write (`is_interrupted_pair`): train/outputs.py lets a rerun
-replace it without --overwrite, while a file without the stamp (a user's own)
-still needs --overwrite.
+file stamped as the first of a given last file (`is_first_of`) whose last
+file is missing is the leftover of an interrupted write of that pair
+(`is_interrupted_pair`): train/outputs.py lets the command writing that same
+pair replace it without --overwrite. To any other output, and without the
+stamp (a user's own file), it is a file like any other.
 """
 import os
 import struct
@@ -23,8 +24,9 @@ from .files import open_regular, parse_json
 
 COMPLETED_BY = "xpmodel_completed_by"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# lr-find's numbers of its longest ramp are a few MB; a larger file is no first file of a pair
-_MAX_JSON_BYTES = 64 << 20
+# the largest JSON first file of a pair: lr-find's numbers of its longest ramp
+# are a few MB, a sidecar far less; a larger file is no pair's, and is not read
+MAX_JSON_BYTES = 64 << 20
 # a PNG's text chunks come before its image data, within its first bytes
 _MAX_PNG_HEAD_BYTES = 1 << 16
 
@@ -40,18 +42,19 @@ def remove_last_file(last):
     Path(last).unlink(missing_ok=True)
 
 
-def is_interrupted_pair(path):
-    """Whether `path` is a regular file (not a link) whose stamp names another
-    file of its folder that does not exist: the first file of a pair whose
-    write stopped before its last file was written."""
-    path = Path(path)
-    if path.is_symlink():
-        return False
-    last = _stamped_last_name(path)
-    if not isinstance(last, str) or last in ("", ".", "..", path.name) or "/" in last \
-            or os.sep in last or "\0" in last:
-        return False
-    return not os.path.lexists(path.with_name(last))
+def is_first_of(first, last):
+    """Whether `first` is a regular file (not a link) stamped as the first file
+    of the pair whose last file is `last`, a file of the same folder."""
+    first, last = Path(first), Path(last)
+    return first.parent == last.parent and not first.is_symlink() \
+        and _stamped_last_name(first) == last.name
+
+
+def is_interrupted_pair(first, last):
+    """Whether `first` is the leftover of a write of the pair (`first`, `last`)
+    that stopped before its last file was written: `first` is stamped as its
+    first file (`is_first_of`) and `last` does not exist."""
+    return is_first_of(first, last) and not os.path.lexists(last)
 
 
 def _stamped_last_name(path):
@@ -61,7 +64,8 @@ def _stamped_last_name(path):
             head = file.read(_MAX_PNG_HEAD_BYTES)
             if head.startswith(PNG_SIGNATURE):
                 return _png_text(head, COMPLETED_BY.encode("latin-1"))
-            if not head.lstrip().startswith(b"{") or os.fstat(file.fileno()).st_size > _MAX_JSON_BYTES:
+            if not head.lstrip().startswith(b"{") or \
+                    os.fstat(file.fileno()).st_size > MAX_JSON_BYTES:
                 return None
             document = parse_json(head + file.read())
     except (UsageError, OSError, ValueError):

@@ -269,8 +269,11 @@ def prepare_command(args):
         raise UsageError(f"--preview must be at least 1 token, got {args.preview}")
     source = resolve_given(args.source, "SOURCE")
     if args.out is not None:
-        for target in (Path(args.out), sidecar_path(args.out)):   # the token file and its sidecar
-            check_output(target, "--out", [*source.files, Path(args.tokenizer)], args.overwrite)
+        inputs = [*source.files, Path(args.tokenizer)]
+        check_output(args.out, "--out", inputs, args.overwrite)
+        # its sidecar, the first file of the pair the token file completes
+        check_output(sidecar_path(args.out), "--out", inputs, args.overwrite,
+                     partner=Path(args.out))
     with tokenizing_progress() as progress:
         path = prepare(source, tokenizer, out_path=args.out, workers=workers,
                        progress=progress)

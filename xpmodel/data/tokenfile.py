@@ -22,12 +22,17 @@ existed have none.
 Writes are atomic (`atomic.atomic_writer`): ids stream into a temporary file
 next to the target, the count is patched into its header at the end, and the
 file is renamed over the target only when complete. The two files are a pair
-written in file_pairs.py's order: the old token file is removed, the sidecar
-(stamped with the token file's name) lands, then the token file, so a token
-file is always beside its own sidecar, and a write killed in between leaves
-a sidecar alone that the next prepare replaces. Reads check every header
-field and that the file size matches the count before anything is mapped, so
-a corrupt or crafted header cannot trigger a large allocation.
+written in file_pairs.py's order, once the new ids are on disk: the old token
+file is removed, the sidecar (stamped with the token file's name) lands, then
+the token file, so a token file is always beside a sidecar that describes it,
+and a write killed in between leaves a sidecar alone that the next prepare
+replaces. A write that fails before then (a full disk, Ctrl-C) leaves the old
+pair as it was. An old token file holding the same ids as the new one (the
+sidecar beside it records them) is not removed: it is whole beside the new
+sidecar too, and stays readable to whoever uses it meanwhile, as two trials of
+a parallel sweep filling one cache entry do. Reads check every header field
+and that the file size matches the count before anything is mapped, so a
+corrupt or crafted header cannot trigger a large allocation.
 """
 
 import hashlib
@@ -40,7 +45,7 @@ from typing import Iterable
 
 import numpy
 
-from ..atomic import atomic_write_bytes, atomic_writer
+from ..atomic import atomic_write_bytes, atomic_writer, temporary_path
 from ..errors import DataError, UsageError
 from ..file_pairs import remove_last_file, stamp
 from ..files import open_regular, read_json
@@ -56,6 +61,9 @@ _CHECK_CHUNK = 1 << 24  # ids checked against the vocab per pass
 _MAX_SIDECAR_BYTES = 1 << 20
 _HASH_CHUNK = 1 << 24  # bytes hashed per read
 CHECKSUM_KEY = "ids_sha256"
+# the sidecar's facts that tell two token files' ids apart
+_ID_FACTS = ("format", "version", "dtype", "count", "vocab_size", "tokenizer_fingerprint",
+             CHECKSUM_KEY)
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,7 @@ def write_token_file(
             count += ids.size
         file.seek(_COUNT_OFFSET)
         file.write(struct.pack("<Q", count))
+        _sync_ids(file, path)
         sidecar = {
             "format": "xpmodel-tokens",
             "version": FORMAT_VERSION,
@@ -121,10 +130,36 @@ def write_token_file(
             **stamp(path),
         }
         # the pair's order: the ids are renamed into place when this block ends
-        remove_last_file(path)
+        if not _holds_same_ids(path, sidecar):
+            remove_last_file(path)
         text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
         atomic_write_bytes(sidecar_path(path), text.encode("utf-8"))
     return path
+
+
+def _sync_ids(file, path):
+    """Put what was written to `file`, atomic_writer's temporary for the token
+    file `path`, on disk now rather than at the end of its block: a seek hands
+    the buffered bytes to the system, then the temporary is synced."""
+    file.seek(0, os.SEEK_END)
+    try:
+        fd = os.open(temporary_path(path), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(path)) from None
+
+
+def _holds_same_ids(path, sidecar):
+    """Whether the sidecar beside the token file `path` records the ids that
+    `sidecar` describes (their type, count, vocab, tokenizer and checksum)."""
+    try:
+        old = read_sidecar(path)
+    except DataError:
+        return False
+    return all(old.get(key) == sidecar[key] for key in _ID_FACTS)
 
 
 def read_token_header(path: "str | os.PathLike") -> TokenFileHeader:

@@ -2,11 +2,11 @@
 `--export-hf DIR`) goes through `check_output` or `check_output_dir` before any
 slow work: a command never writes over one of its own inputs or a run
 directory's own files, and replaces an existing file only when asked to with
---overwrite, or when it is the leftover of a pair of files whose write was
-interrupted (file_pairs.py), which a rerun finishes. An output's missing
-folders are allowed when they can be created; they are created only when the
-output is written (atomic.py), so a command that fails before then leaves no
-empty folder behind.
+--overwrite, or, for a command writing a pair of files (file_pairs.py), when
+it is the leftover of an interrupted write of that same pair, which the rerun
+finishes. An output's missing folders are allowed when they can be created;
+they are created only when the output is written (atomic.py), so a command
+that fails before then leaves no empty folder behind.
 """
 import os
 from pathlib import Path
@@ -18,16 +18,18 @@ from ..hf.convert import EXPORT_MARKER, WEIGHTS_FILE, WEIGHTS_INDEX
 from .rundir import RunDir
 
 
-def check_output(path, flag, inputs=(), overwrite=False):
+def check_output(path, flag, inputs=(), overwrite=False, partner=None):
     """Refuse to write the file `path` (given as `flag`, e.g. "--out") with a
     one-line UsageError naming it: always when it is one of `inputs` (files the
     command reads; a folder among them, such as train.init_from's model folder,
     stands for every file in it) or one of a run directory's own files (see
     `_run_file`); when its folder cannot be created or written in (see
-    `_check_folder`); when it exists, unless `overwrite` or it is the leftover
-    of an interrupted write of a pair of files (`is_interrupted_pair`: a file
-    xpmodel wrote first, whose pair's last file is missing). Returns `path`
-    as a Path."""
+    `_check_folder`); when it exists, unless `overwrite`. `partner`: when
+    `path` is the first file of a pair the command writes (file_pairs.py), the
+    pair's last file, written after it; an existing `path` stamped as the
+    first file of that very pair, with `partner` missing, is the leftover of
+    an interrupted write of it (`is_interrupted_pair`) and needs no
+    `overwrite`. Returns `path` as a Path."""
     path = Path(path)
     for source in inputs:
         _check_not_an_input(path, flag, source)
@@ -38,7 +40,8 @@ def check_output(path, flag, inputs=(), overwrite=False):
     _check_folder(path.parent, path, flag)
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a directory; give a file path")
-    if (path.exists() or path.is_symlink()) and not overwrite and not is_interrupted_pair(path):
+    if (path.exists() or path.is_symlink()) and not overwrite and \
+            not (partner is not None and is_interrupted_pair(path, partner)):
         raise UsageError(f"{flag} {path}: already exists; pass --overwrite to replace it, or "
                          f"choose another {flag}")
     return path

@@ -26,12 +26,12 @@ import numpy
 from ..atomic import atomic_write_json
 from ..data import RandomWindowSampler
 from ..errors import UsageError
-from ..file_pairs import PNG_SIGNATURE, remove_last_file, stamp
-from ..files import open_regular, read_json
+from ..file_pairs import MAX_JSON_BYTES, remove_last_file, stamp
+from ..files import read_json
 from ..train.optim import clipped_step
 from ..train.outputs import check_output
 from ..train.setup import optimizer_for
-from .plot import check_png_output, pyplot, save_figure
+from .plot import check_png_output, is_png, pyplot, save_figure
 
 DIVERGENCE_FACTOR = 4.0
 SUGGESTION_DIVISOR = 10.0
@@ -41,8 +41,6 @@ MAX_STEPS = 100_000   # far more points than a plot shows; more would run for da
 # smallest float that a tenth of any rate of the ramp is a normal positive
 # number (train.lr takes it, and it prints as one).
 MIN_START_LR = 1e-100
-# The JSON of --steps MAX_STEPS is a few MB; a larger file is not lr-find's and is not read.
-_MAX_RESULT_BYTES = 64 << 20
 
 
 @dataclass
@@ -163,33 +161,27 @@ def check_outputs(png_path, inputs, overwrite):
     `overwrite`), and, even with `overwrite`, to replace a file that lr-find
     could not have written there: the plot only replaces a PNG image, the
     numbers only an earlier lr-find's (a tokenizer tok.json beside
-    --out tok.png stays). Returns png_path as a Path."""
+    --out tok.png stays). Numbers left by a write of this same pair that
+    stopped before its plot (file_pairs.py) need no `overwrite`. Returns
+    png_path as a Path."""
     png_path = check_png_output(png_path)
-    for path, is_lr_finds, what in ((png_path, _is_png, "a PNG image"),
-                                    (png_path.with_suffix(".json"), _is_result_json,
-                                     "an earlier lr-find's numbers")):
+    for path, partner, is_lr_finds, what in (
+            (png_path, None, is_png, "a PNG image"),
+            (png_path.with_suffix(".json"), png_path, _is_result_json,
+             "an earlier lr-find's numbers")):
         check_output(path, "--out", inputs, overwrite=True)   # an input, a run's file, a folder
         if os.path.lexists(path) and not is_lr_finds(path):
             raise UsageError(f"--out {png_path}: {path} exists and is not {what}; lr-find will "
                              f"not replace it, even with --overwrite; choose another --out")
-        check_output(path, "--out", overwrite=overwrite)
+        check_output(path, "--out", overwrite=overwrite, partner=partner)
     return png_path
-
-
-def _is_png(path):
-    """Whether `path` is a regular file that starts as a PNG does."""
-    try:
-        with open_regular(path, UsageError, "plot") as f:
-            return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
-    except (UsageError, OSError):
-        return False
 
 
 def _is_result_json(path):
     """Whether `path` is a JSON object with every key write_results writes."""
     keys = {f.name for f in fields(RangeTest) if f.default is MISSING} | {"rule"}
     try:
-        return keys <= read_json(path, _MAX_RESULT_BYTES, UsageError, "lr-find result").keys()
+        return keys <= read_json(path, MAX_JSON_BYTES, UsageError, "lr-find result").keys()
     except (UsageError, OSError):   # not a regular file, too large, not a JSON object
         return False
 

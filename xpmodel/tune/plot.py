@@ -4,8 +4,8 @@ from pathlib import Path
 
 from ..atomic import atomic_writer
 from ..errors import DataError, UsageError
-from ..file_pairs import remove_last_file, stamp
-from ..files import same_file
+from ..file_pairs import PNG_SIGNATURE, is_first_of, remove_last_file, stamp
+from ..files import open_regular, same_file
 from ..train.outputs import check_output
 from ..train.rundir import RunDir
 
@@ -44,7 +44,12 @@ def plot_run(run_dir, out=None, overwrite=False):
     the default, RUN_DIR/loss.png and loss-health.png, are the run's plots and
     are replaced. The two are a pair written in file_pairs.py's order (`out`
     removed, the health plot naming it, then `out`), so a kill between them
-    leaves a health plot alone that the rerun replaces."""
+    leaves a health plot alone that the rerun replaces. Without health
+    records, an earlier health plot beside `out` is removed before `out` is
+    written where it is that plot's partner (stamped with its name), or where
+    `out` may be replaced (the run's own, or `overwrite`) and it is a PNG, so
+    a new plot is never beside an older health plot; a file of the user's
+    stays."""
     run = RunDir(run_dir)
     run.require_run("RUN_DIR")
     records = run.read_metrics()
@@ -57,19 +62,31 @@ def plot_run(run_dir, out=None, overwrite=False):
     out = default if out is None else check_png_output(out)
     if same_file(out, default):     # the run's own plot, however named, is refreshed in place
         out = default
-    health_out = out.with_name(out.stem + "-health.png") if health else None
+    health_out = out.with_name(out.stem + "-health.png")
     if out != default:
-        for path in (out, health_out):
-            if path is not None:
-                check_output(path, "--out", overwrite=overwrite)
+        check_output(out, "--out", overwrite=overwrite)
+        if health:
+            check_output(health_out, "--out", overwrite=overwrite, partner=out)
     plt = pyplot()             # matplotlib is needed only once the inputs are known good
     fig = draw_metrics(plt, train, evals, f"xpmodel run {run.path.name}")
-    if health_out is None:
+    if not health:
+        if is_first_of(health_out, out) or \
+                ((overwrite or out == default) and is_png(health_out)):
+            health_out.unlink()
         return [save_figure(plt, fig, out, dpi=110)]
     health_fig = draw_health(plt, health, f"xpmodel run {run.path.name}: per-layer health")
     remove_last_file(out)
     save_figure(plt, health_fig, health_out, metadata=stamp(out))
     return [save_figure(plt, fig, out, dpi=110), health_out]
+
+
+def is_png(path):
+    """Whether `path` is a regular file that starts as a PNG does."""
+    try:
+        with open_regular(path, UsageError, "plot") as f:
+            return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    except (UsageError, OSError):
+        return False
 
 
 def check_png_output(out, flag="--out"):
