@@ -125,6 +125,15 @@ class _TargetFile:
     def tell(self):
         return self._raw.tell()
 
+    def sync(self):
+        """Put what was written so far on disk now, before the block ends (which
+        syncs and renames): a writer that must know its data is safe first."""
+        try:
+            self._raw.flush()
+            os.fsync(self._raw.fileno())
+        except OSError as exc:
+            raise _naming(exc, self._target) from None
+
 
 def _naming(exc, path):
     return OSError(exc.errno, exc.strerror or str(exc), str(path))

@@ -45,7 +45,7 @@ from typing import Iterable
 
 import numpy
 
-from ..atomic import atomic_write_bytes, atomic_writer, temporary_path
+from ..atomic import atomic_write_bytes, atomic_writer
 from ..errors import DataError, UsageError
 from ..file_pairs import remove_last_file, stamp
 from ..files import open_regular, read_json
@@ -117,7 +117,7 @@ def write_token_file(
             count += ids.size
         file.seek(_COUNT_OFFSET)
         file.write(struct.pack("<Q", count))
-        _sync_ids(file, path)
+        file.sync()   # the ids on disk before the old pair is touched
         sidecar = {
             "format": "xpmodel-tokens",
             "version": FORMAT_VERSION,
@@ -135,21 +135,6 @@ def write_token_file(
         text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
         atomic_write_bytes(sidecar_path(path), text.encode("utf-8"))
     return path
-
-
-def _sync_ids(file, path):
-    """Put what was written to `file`, atomic_writer's temporary for the token
-    file `path`, on disk now rather than at the end of its block: a seek hands
-    the buffered bytes to the system, then the temporary is synced."""
-    file.seek(0, os.SEEK_END)
-    try:
-        fd = os.open(temporary_path(path), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as error:
-        raise OSError(error.errno, error.strerror, str(path)) from None
 
 
 def _holds_same_ids(path, sidecar):
