@@ -175,6 +175,46 @@ def test_doctor_overfit_calls_a_loss_that_climbs_diverged_and_names_the_lr(corpu
     assert "barely moved" not in check.advice
 
 
+def overfit_losses(subject, steps):
+    """doctor's overfit check on `subject`, and the loss of each of its steps."""
+    import xpmodel.tune.doctor as doctor
+    losses, make_model = [], subject.model
+
+    def recording_model(*args, **kwargs):
+        model = make_model(*args, **kwargs)
+        forward_backward = model.forward_backward
+
+        def recorded(x, y):
+            loss = forward_backward(x, y)
+            losses.append(float(loss))
+            return loss
+        model.forward_backward = recorded
+        return model
+    subject.model = recording_model
+    return doctor.check_overfit(subject, "cpu", steps), losses
+
+
+def test_doctor_overfit_does_not_call_a_loss_that_spikes_once_and_learns_diverged(corpus):
+    """Adam at lr 3e-3 without warmup spikes above the start at an early step and
+    then learns: still learning at the last step, not diverged."""
+    check, losses = overfit_losses(load_subject("shakespeare-char-cpu", [
+        f"data.source={corpus}", "train.lr=3e-3"]), steps=30)
+    assert max(losses) > 1.2 * losses[0] and losses[-1] < 0.3 * losses[0], losses
+    assert check.status == FAIL and "learns but slowly" in check.advice, check.advice
+    assert "diverged" not in check.advice and "lower train.lr" not in check.advice
+
+
+def test_doctor_overfit_says_a_loss_that_rose_again_took_steps_too_large(corpus):
+    """At lr 0.1 the loss falls, then bounces back up above its lowest: raising
+    the rate, as 'learns but slowly' said, is the wrong way."""
+    check, losses = overfit_losses(load_subject(TINY, [f"data.source={corpus}", "train.lr=0.1"]),
+                                   steps=60)
+    assert max(losses) == losses[0] and losses[-1] > 2 * min(losses), losses
+    assert check.status == FAIL and f"lowest {min(losses):.4f}" in check.detail, check.detail
+    assert "rose again" in check.advice and "lower train.lr (now 0.1)" in check.advice
+    assert "raise train.lr" not in check.advice
+
+
 def test_doctor_overfits_with_the_optimizer_the_config_asks_for(corpus, monkeypatch):
     """optimizer: muon is checked with Muon (weight decay off, at the peak rates)."""
     import xpmodel.tune.doctor as doctor
