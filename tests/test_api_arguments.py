@@ -87,7 +87,8 @@ def test_a_model_refuses_a_dtype_that_is_not_a_float(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float16", np.float16])
-def test_a_16_bit_dtype_points_to_mixed_precision(dtype, precision="fp16"):
+def test_a_16_bit_dtype_points_to_mixed_precision(dtype):
+    precision = "fp16"
     with pytest.raises(ValueError, match="GPT parameters are float32 or float64; .* trains as "
                                          f"mixed precision over float32 weights: "
                                          f"precision='{precision}'"):
