@@ -3,6 +3,7 @@ trial, resumed after kill -9 from its SQLite study; two processes sharing one
 study; the one-line errors when Optuna is absent or an option needs it."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,12 @@ def study_of(out):
 
 def states(out):
     return [t.state.name for t in study_of(out).get_trials(deepcopy=False)]
+
+
+def states_in(database, study_name):
+    import optuna
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{database}")
+    return [t.state.name for t in study.get_trials(deepcopy=False)]
 
 
 def sweep_process(args):
@@ -145,6 +152,85 @@ def test_a_tpe_sweep_retries_a_trial_whose_train_process_was_killed(capsys, tmp_
     code, text, err = run_cli(capsys, *args)         # nothing is left to run
     assert code == 0 and "2 of 2 trials done" in text and "retrying" not in text, (text, err)
     assert states(out) == ["FAIL", "COMPLETE", "COMPLETE"]
+
+
+def set_trial_states(database, states):
+    """Trial number -> Optuna state written straight into the study's SQLite
+    database, as a kill or a failure elsewhere would have left them."""
+    import sqlite3
+    with sqlite3.connect(database) as db:
+        for number, state in states.items():
+            trial_id, = db.execute("select trial_id from trials where number = ?",
+                                   (number,)).fetchone()
+            db.execute("update trials set state = ? where trial_id = ?", (state, trial_id))
+            db.execute("delete from trial_values where trial_id = ?", (trial_id,))
+
+
+def test_a_machine_leaves_the_trials_another_ran_to_it(capsys, tmp_path, corpus):
+    """Machines sharing a --storage each give their --out, often the same path;
+    a machine retries or takes up only the trials its own folder ran. Both were
+    taken by any folder at that path: machine B retried machine A's failed trial
+    and took over its running one, each from scratch (it has no run folder)."""
+    pytest.importorskip("optuna")
+    out = tmp_path / "sweep"
+    args = ["sweep", "--config", TINY, "--out", out, "--max-iters", 3, "--trials", 2,
+            "--sampler", "tpe", "--no-prune", "--storage", f"sqlite:///{tmp_path / 'shared.db'}",
+            f"data.source={corpus}", "train.lr=log:1e-3..1e-2"]
+    code, text, err = run_cli(capsys, *args)
+    assert code == 0, (text, err)
+    set_trial_states(tmp_path / "shared.db", {0: "FAIL", 1: "RUNNING"})
+    out.rename(tmp_path / "machine-a")
+
+    code, text, err = run_cli(capsys, *args)       # machine B: its own folder at the same path
+    assert "retrying" not in text and " started: " not in text and " resumed" not in text, \
+        (text, err)
+    assert states_in(tmp_path / "shared.db", out.name) == ["FAIL", "RUNNING"]
+    assert not (out / "trials").exists()
+
+    shutil.rmtree(out)
+    (tmp_path / "machine-a").rename(out)           # machine A's folder: both are its trials
+    code, text, err = run_cli(capsys, *args)
+    assert code == 0, (text, err)
+    assert "retrying 1 failed: trial-000" in text
+    assert "trial-000 resumed at step 3: " in text and "trial-001 resumed at step 3: " in text
+    assert states_in(tmp_path / "shared.db", out.name) == ["FAIL", "COMPLETE", "COMPLETE"]
+
+
+def test_sweeps_started_together_on_one_folder_retry_a_failed_trial_once(tmp_path, corpus):
+    """Three sweeps on one folder all see trial-000 failed as they start. The
+    second reaches its retry while the first is creating one (the first holds
+    the trial's claim), the third after the first's retry has ended (the claim
+    is free again): neither tries it a second time."""
+    pytest.importorskip("optuna")
+    from xpmodel.tune.preset import open_sweep
+    out = tmp_path / "sweep"
+    specs = [f"data.source={corpus}", "train.lr=log:1e-3..1e-2"]
+
+    def sweep():
+        return open_sweep(out, str(TINY), specs, sampler="tpe", pruner="none", trials=2,
+                          max_iters=3, show=False)
+    sweep().run()
+    set_trial_states(out / "study.db", {0: "FAIL"})
+    first, second, third = sweep(), sweep(), sweep()
+    for each in (first, second, third):
+        each._begin()
+    raced = []
+    create = first._storage.create_new_trial
+
+    def create_while_the_second_retries(*args, **kwargs):
+        raced.append(second._next_trial())
+        return create(*args, **kwargs)
+    first._storage.create_new_trial = create_while_the_second_retries
+    assert first._next_trial()["name"] == "trial-000"
+    assert raced == [None]
+    first.study.tell(first._optuna_trials["trial-000"], 5.0)
+    first.close()
+    assert third._next_trial() is None
+    second.close()
+    third.close()
+    trials = study_of(out).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[2].system_attrs["failed_trial"] == 0
 
 
 def test_two_processes_share_one_study(tmp_path, corpus):

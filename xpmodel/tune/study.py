@@ -3,23 +3,27 @@ sampler and pruned by its median or successive-halving pruner, from the
 validation losses the trials write to metrics.jsonl (the `tune` extra).
 
     SWEEP_DIR/study.db        the Optuna study (SQLite), unless --storage URL names another
-    SWEEP_DIR/claims/         trial-NNN.lock: held (flock) by the sweep process running it
+    SWEEP_DIR/claims/         trial-NNN.lock: held (flock) by the sweep process running it;
+                              left in place, it marks the trial as this folder's
 
 Each trial is still an `xpmodel train` child with its own run directory,
-SWEEP_DIR/trials/trial-NNN, NNN being Optuna's trial number. The study is the
-state: any number of `xpmodel sweep` processes given the same command (and the
-same --storage, on several machines) ask it for trials until --trials of them
-exist. A trial left running by a killed sweep (its claim lock is free) is
-taken up by the next process started on the same SWEEP_DIR and continued with
+SWEEP_DIR/trials/trial-NNN, NNN being the Optuna trial number of its first
+attempt (a retry, below, is a trial of the study with a number of its own, so
+the names skip the retries' numbers). The study is the state: any number of
+`xpmodel sweep` processes given the same command (and the same --storage, on
+several machines) ask it for trials until --trials of them exist. A trial left
+running by a killed sweep (its claim lock is free) is taken up by the next
+process started on the SWEEP_DIR that holds its claim file, and continued with
 `xpmodel train --resume`, its reported evaluations kept.
 
 A failed trial stays failed in the study (Optuna's states are final): a sweep
-started on its SWEEP_DIR tries it again as a new trial of the study with the
-same values, recorded as Optuna's RetryFailedTrialCallback records a retry
-(system attributes failed_trial, the first attempt's number, and
-retry_history), which keeps the first attempt's name, run directory and log,
-so `xpmodel train --resume` continues it where it saved a checkpoint. Only a
-name's last attempt counts toward --trials and is listed in the results.
+started on the SWEEP_DIR that holds its claim file tries it again as a new
+trial of the study with the same values, recorded as Optuna's
+RetryFailedTrialCallback records a retry (system attributes failed_trial, the
+first attempt's number, and retry_history), which keeps the first attempt's
+name, run directory and log, so `xpmodel train --resume` continues it where it
+saved a checkpoint. Only a name's last attempt counts toward --trials and is
+listed in the results.
 """
 import fcntl
 import os
@@ -181,9 +185,8 @@ class OptunaSweep(Sweep):
     def _begin(self):
         state = self.optuna.trial.TrialState
         counted = self._counted(self._frozen())
-        mine = str(self.dir.path.resolve())
         self._failed = [t for t in counted if t.state == state.FAIL and
-                        t.user_attrs.get("sweep_dir") == mine]     # tried again, as a grid sweep's
+                        self._ran_here(t)]      # tried again, as a grid sweep's
         done = [t for t in counted if t.state not in (state.RUNNING, state.WAITING)
                 and t not in self._failed]
         if self.show and (done or self._failed):
@@ -267,11 +270,10 @@ class OptunaSweep(Sweep):
 
     def _adopt_orphan(self):
         """A running trial of this SWEEP_DIR that no live process holds."""
-        mine = str(self.dir.path.resolve())
         for frozen in self._frozen():
             name = trial_name(_first_attempt(frozen))
             if frozen.state != self.optuna.trial.TrialState.RUNNING or name in self._own or \
-                    frozen.user_attrs.get("sweep_dir") != mine:
+                    not self._ran_here(frozen):
                 continue
             fd = _try_lock(self._claim_path(name))
             if fd is None:
@@ -296,6 +298,15 @@ class OptunaSweep(Sweep):
 
     def _claim_path(self, name):
         return self.dir.path / "claims" / f"{name}.lock"
+
+    def _ran_here(self, trial):
+        """Whether a process on this SWEEP_DIR claimed the trial: its sweep_dir
+        attribute (set once the claim is held) is this folder's path, and this
+        folder holds its claim file. Machines sharing a --storage often give
+        their --out the same path; the claim file, which no process makes for
+        another's trial, tells this machine's folder from the others'."""
+        return trial.user_attrs.get("sweep_dir") == str(self.dir.path.resolve()) and \
+            self._claim_path(trial_name(_first_attempt(trial))).exists()
 
     # ---- reporting ---------------------------------------------------------------------
     def _should_prune(self, trial):
