@@ -1,12 +1,13 @@
 """Reading small files a user or a run supplies, with their sizes bounded;
 comparing paths and telling files apart; whether a folder can be made and
-written in; whether a process is alive.
+written in; whether a process is alive, or holds a lock.
 
 Config, tokenizer and run files are read whole, so each is first checked to
 be a regular file (a FIFO or a device such as /dev/zero would block or never
 end) no larger than a limit, and JSON is parsed so that absurd nesting is a
 one-line error rather than a RecursionError.
 """
+import fcntl
 import json
 import math
 import os
@@ -192,3 +193,21 @@ def process_alive(pid):
     except PermissionError:   # alive, but another user's
         return True
     return True
+
+
+def try_exclusive_lock(path, create=False):
+    """An open descriptor of `path` (a file, made if missing with create, or a
+    folder) holding flock(2)'s exclusive lock, which the kernel drops when the
+    process dies; None while another process holds it. An OSError where the
+    file system has no locks."""
+    flags = (os.O_RDWR | os.O_CREAT) if create else os.O_RDONLY
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:
+        os.close(fd)
+        raise
+    return fd

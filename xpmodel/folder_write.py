@@ -16,13 +16,13 @@ process that has the same id (every first process of a new container has).
 """
 import ctypes
 import errno
-import fcntl
 import os
 import shutil
 from pathlib import Path
 
 from .atomic import fsync_folder, temporary_path, temporary_target
 from .errors import XpmodelError
+from .files import try_exclusive_lock
 
 
 def write_folder_atomically(out_dir, write, owned_names):
@@ -131,15 +131,13 @@ def _exchange(a, b):
 
 
 def _locked(folder):
-    """An open descriptor of `folder` holding its flock, or None where the
-    file system has no locks (a leftover there is then never taken as dead)."""
-    fd = os.open(folder, os.O_RDONLY)
+    """An open descriptor of `folder` holding its flock, or None while another
+    process holds it or where the file system has no locks (a leftover there
+    is then never taken as dead)."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return try_exclusive_lock(folder)
     except OSError:
-        os.close(fd)
         return None
-    return fd
 
 
 def _clear_leftovers(target, owned_names):
@@ -153,10 +151,7 @@ def _clear_leftovers(target, owned_names):
         if temporary is None or temporary[0] not in (target.name, set_aside) or \
                 not entry.is_dir(follow_symlinks=False):
             continue
-        try:
-            lock = _locked(entry.path)
-        except OSError:
-            continue
+        lock = _locked(entry.path)
         if lock is None:
             continue       # a live writer's
         try:

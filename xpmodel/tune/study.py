@@ -25,7 +25,6 @@ name, run directory and log, so `xpmodel train --resume` continues it where it
 saved a checkpoint. Only a name's last attempt counts toward --trials and is
 listed in the results.
 """
-import fcntl
 import os
 import socket
 import time
@@ -36,6 +35,7 @@ import numpy
 
 from ..config import load_config
 from ..errors import UsageError, XpmodelError, quote
+from ..files import try_exclusive_lock
 from .sweep import MIN_FINISHED_TO_PRUNE, Sweep
 from .sweep_plan import check_trial, grid_size, trial_overrides
 from .sweep_state import trial_name
@@ -151,7 +151,7 @@ class OptunaSweep(Sweep):
         folder = self.dir.path / "claims"
         folder.mkdir(parents=True, exist_ok=True)
         for index in range(1000):
-            fd = _try_lock(folder / f"worker-{index}.lock")
+            fd = try_exclusive_lock(folder / f"worker-{index}.lock", create=True)
             if fd is not None:
                 self._worker_fd = fd
                 return index
@@ -221,7 +221,7 @@ class OptunaSweep(Sweep):
             except UsageError as exc:
                 self._skip(trial, f"invalid: {exc}")
                 continue
-            self._claims[name] = _try_lock(self._claim_path(name))
+            self._claims[name] = try_exclusive_lock(self._claim_path(name), create=True)
             for key, value in self._owner_attrs(params).items():
                 trial.set_user_attr(key, value)
             return self._own_trial(trial, name, params, reported=())
@@ -236,7 +236,7 @@ class OptunaSweep(Sweep):
         """A new trial of the study that tries the failed trial `failed` again
         under its name, or None when another process has since taken it."""
         name = trial_name(_first_attempt(failed))
-        fd = _try_lock(self._claim_path(name))
+        fd = try_exclusive_lock(self._claim_path(name), create=True)
         if fd is None:
             return None                   # another process is trying it again
         latest = next((t for t in self._counted(self._frozen())
@@ -275,7 +275,7 @@ class OptunaSweep(Sweep):
             if frozen.state != self.optuna.trial.TrialState.RUNNING or name in self._own or \
                     not self._ran_here(frozen):
                 continue
-            fd = _try_lock(self._claim_path(name))
+            fd = try_exclusive_lock(self._claim_path(name), create=True)
             if fd is None:
                 continue                  # another process runs it
             if self._storage.get_trial(frozen._trial_id).state != \
@@ -395,14 +395,3 @@ def _first_attempt(trial):
     """The number of a trial's first attempt, which names it (trial-NNN): its
     own, or for an attempt that tries a failed trial again, the first's."""
     return trial.system_attrs.get("failed_trial", trial.number)
-
-
-def _try_lock(path):
-    """An fd holding an exclusive flock on path, or None when another process holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
