@@ -184,11 +184,14 @@ def test_a_machine_leaves_the_trials_another_ran_to_it(capsys, tmp_path, corpus)
     code, text, err = run_cli(capsys, *args)       # machine B: its own folder at the same path
     assert "retrying" not in text and " started: " not in text and " resumed" not in text, \
         (text, err)
+    assert "1 of them ran in another sweep folder sharing the study, where the same command " \
+           "retries it" in text and "run the same command again" not in text, text
     assert states_in(tmp_path / "shared.db", out.name) == ["FAIL", "RUNNING"]
     assert not (out / "trials").exists()
 
     shutil.rmtree(out)
-    (tmp_path / "machine-a").rename(out)           # machine A's folder: both are its trials
+    (tmp_path / "machine-a").rename(out)           # machine A's folder: both are its trials,
+    shutil.rmtree(out / "claims")                  # its run folders say so without claim files
     code, text, err = run_cli(capsys, *args)
     assert code == 0, (text, err)
     assert "retrying 1 failed: trial-000" in text

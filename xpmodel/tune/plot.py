@@ -72,7 +72,7 @@ def plot_run(run_dir, out=None, overwrite=False):
     if not health:
         if is_first_of(health_out, out) or \
                 ((overwrite or out == default) and is_png(health_out)):
-            health_out.unlink()
+            health_out.unlink(missing_ok=True)
         return [save_figure(plt, fig, out, dpi=110)]
     health_fig = draw_health(plt, health, f"xpmodel run {run.path.name}: per-layer health")
     remove_last_file(out)

@@ -302,11 +302,13 @@ class OptunaSweep(Sweep):
     def _ran_here(self, trial):
         """Whether a process on this SWEEP_DIR claimed the trial: its sweep_dir
         attribute (set once the claim is held) is this folder's path, and this
-        folder holds its claim file. Machines sharing a --storage often give
-        their --out the same path; the claim file, which no process makes for
-        another's trial, tells this machine's folder from the others'."""
+        folder holds its claim file or its run directory. Machines sharing a
+        --storage often give their --out the same path; the claim file, which
+        no process makes for another's trial, and the run directory tell this
+        machine's folder from the others' (either, should one be removed)."""
+        name = trial_name(_first_attempt(trial))
         return trial.user_attrs.get("sweep_dir") == str(self.dir.path.resolve()) and \
-            self._claim_path(trial_name(_first_attempt(trial))).exists()
+            (self._claim_path(name).exists() or self.dir.trial_dir(name).exists())
 
     # ---- reporting ---------------------------------------------------------------------
     def _should_prune(self, trial):

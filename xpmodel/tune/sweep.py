@@ -270,13 +270,25 @@ class Sweep:
         if any(t["status"] in ("done", "running", "pending") for t in trials) or not trials:
             if failed and self.show:
                 print(f"{len(failed)} of {len(trials)} trials failed (see {self.dir.path / 'logs'}); "
-                      f"run the same command again to retry them", flush=True)
+                      f"{self._retry_advice(failed)}", flush=True)
             return
         if self.show:
             print("\n".join(self.table()), flush=True)
         raise XpmodelError(f"no trial of the sweep in {self.dir.path} succeeded ({len(failed)} of "
-                           f"{len(trials)} failed; see {self.dir.path / 'logs'}); run the same "
-                           f"command again to retry them")
+                           f"{len(trials)} failed; see {self.dir.path / 'logs'}); "
+                           f"{self._retry_advice(failed)}")
+
+    def _retry_advice(self, failed):
+        """How the `failed` trials are tried again: by a rerun here, for those
+        this folder ran (it holds their logs); by one in the folder that ran
+        them, for those of another machine sharing an Optuna study."""
+        elsewhere = sum(not (self.dir.path / "logs" / f"{name}.log").exists() for name in failed)
+        here = "run the same command again to retry them"
+        if not elsewhere:
+            return here
+        there = (f"{elsewhere} of them ran in another sweep folder sharing the study, where the "
+                 f"same command retries {'it' if elsewhere == 1 else 'them'}")
+        return there if elsewhere == len(failed) else f"{here}; {there}"
 
     def _next_trial(self):
         """The next trial to start, or None when none is left."""
