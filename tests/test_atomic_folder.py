@@ -4,6 +4,8 @@ writer left beside it never blocks or confuses the next write, and nothing
 but the folder's own files is ever removed."""
 import fcntl
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,13 @@ def _leftover(parent, name, files):
     for file_name, data in files.items():
         (folder / file_name).write_bytes(data)
     return folder
+
+
+def _exited_pid():
+    """The id of a process that has exited."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
 
 
 def test_a_folder_over_an_old_one_is_never_missing(tmp_path, monkeypatch):
@@ -92,8 +101,9 @@ def test_without_an_atomic_swap_a_kill_between_the_renames_is_undone_by_the_next
     monkeypatch.setattr(folder_write.os, "rename", real_rename)
     assert _files(out) == {"a.json": b"old"}     # put back
     # a kill -9 runs no handler: the old folder stays set aside, the new one half made
-    os.rename(out, tmp_path / ".hf.old.tmp-12345")
-    _leftover(tmp_path, ".hf.tmp-12345", {"b.bin": b"half", ".a.json.tmp-12345": b"{"})
+    pid = _exited_pid()
+    os.rename(out, tmp_path / f".hf.tmp-{pid}.old")
+    _leftover(tmp_path, f".hf.tmp-{pid}", {"b.bin": b"half", f".a.json.tmp-{pid}": b"{"})
     write_folder_atomically(out, _writer({"a.json": b"newer"}), OWNED)
     assert _files(out) == {"a.json": b"newer"}
     assert _leftovers(tmp_path) == []
@@ -169,3 +179,60 @@ def test_a_tokenizer_export_into_an_existing_folder_keeps_it_and_its_files(tmp_p
     assert (after.st_ino, after.st_mode) == (identity.st_ino, identity.st_mode)
     assert (folder / "README.md").read_text() == "mine" and (folder / "tokenizer.json").is_file()
 
+
+
+def test_a_killed_write_to_a_folder_named_like_a_set_aside_one_is_not_put_in_place(tmp_path):
+    """`.hf.old.tmp-PID` is a killed write to hf.old, not hf's old folder."""
+    pid = _exited_pid()
+    other = _leftover(tmp_path, f".hf.old.tmp-{pid}", {"a.json": b"a killed write to hf.old"})
+    write_folder_atomically(tmp_path / "hf", _writer({"a.json": b"new"}), OWNED)
+    assert _files(tmp_path / "hf") == {"a.json": b"new"}
+    assert _files(other) == {"a.json": b"a killed write to hf.old"}     # hf.old's to clear
+
+
+def test_a_set_aside_old_folder_comes_back_with_the_users_files(tmp_path):
+    pid = _exited_pid()
+    _leftover(tmp_path, f".hf.tmp-{pid}.old", {"a.json": b"old", "README.md": b"mine"})
+    write_folder_atomically(tmp_path / "hf", _writer({"a.json": b"new"}), OWNED)
+    assert _files(tmp_path / "hf") == {"a.json": b"new"}
+    [kept] = _leftovers(tmp_path)       # the old folder, swapped out, with the user's file
+    assert _files(tmp_path / kept) == {"README.md": b"mine"}
+
+
+def test_interrupted_right_after_the_swap_the_users_files_are_kept(tmp_path, monkeypatch):
+    out = tmp_path / "hf"
+    write_folder_atomically(out, _writer({"a.json": b"old"}), OWNED)
+    (out / "README.md").write_text("mine")
+    real_fsync = folder_write.fsync_folder
+
+    def interrupted(folder):
+        monkeypatch.setattr(folder_write, "fsync_folder", real_fsync)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(folder_write, "fsync_folder", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_folder_atomically(out, _writer({"a.json": b"new"}), OWNED)
+    if _files(out) == {"a.json": b"new"}:        # swapped: the old folder keeps the user's file
+        [kept] = _leftovers(tmp_path)
+        assert _files(tmp_path / kept) == {"README.md": b"mine"}
+    else:                                         # no swap here: the old folder stays in place
+        assert _files(out) == {"a.json": b"old", "README.md": b"mine"}
+
+
+def test_a_writer_whose_new_folder_another_process_holds_stops(tmp_path, monkeypatch):
+    held = []
+    real_mkdir = Path.mkdir
+
+    def made_then_taken(self, *args, **kwargs):
+        real_mkdir(self, *args, **kwargs)
+        if self.name.startswith(".hf.tmp-"):
+            fd = os.open(self, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX)      # as another writer clearing leftovers would
+            held.append(fd)
+    monkeypatch.setattr(Path, "mkdir", made_then_taken)
+    try:
+        with pytest.raises(XpmodelError, match="another process is writing beside it"):
+            write_folder_atomically(tmp_path / "hf", _writer({"a.json": b"new"}), OWNED)
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert not os.path.lexists(tmp_path / "hf")

@@ -5,7 +5,7 @@ killed at any instant, see the old folder or the new one, never a mix.
 target (`.NAME.tmp-PID`, named as atomic.py names temporaries), syncs them,
 and renames the folder into place; over an existing folder, it swaps the two
 in one step where the system can (Linux's renameat2), and elsewhere sets the
-old folder aside first (`.NAME.old.tmp-PID`) and renames the new one in.
+old folder aside first (`.NAME.tmp-PID.old`) and renames the new one in.
 
 The writer holds an flock on its new folder until the folder is in place. A
 folder beside the target named so that no process holds locked is what a
@@ -17,12 +17,14 @@ process that has the same id (every first process of a new container has).
 import ctypes
 import errno
 import os
-import shutil
 from pathlib import Path
 
 from .atomic import fsync_folder, temporary_path, temporary_target
 from .errors import XpmodelError
-from .files import try_exclusive_lock
+from .files import process_alive, try_exclusive_lock
+
+# The suffix of an old folder set aside: no folder being written ends so.
+_SET_ASIDE = ".old"
 
 
 def write_folder_atomically(out_dir, write, owned_names):
@@ -41,11 +43,10 @@ def write_folder_atomically(out_dir, write, owned_names):
         _clear_leftovers(target, owned_names)
         staging = temporary_path(target)
         staging.mkdir()
-        lock = _locked(staging)
     except OSError as exc:
         raise XpmodelError(f"cannot create {exc.filename or parent}: "
                            f"{exc.strerror or exc}") from None
-    placed = False
+    lock, placed = _hold(staging, out_dir), False
     try:
         try:
             write(staging)
@@ -66,8 +67,8 @@ def write_folder_atomically(out_dir, write, owned_names):
     finally:
         if lock is not None:
             os.close(lock)
-        if not placed:
-            shutil.rmtree(staging, ignore_errors=True)
+        if not placed:     # the new folder; or, swapped but interrupted, the old one
+            _remove_owned(staging, owned_names)
 
 
 def _put_in_place(staging, out_dir):
@@ -81,7 +82,7 @@ def _put_in_place(staging, out_dir):
     elif _exchange(staging, out_dir):
         old = staging
     else:
-        old = temporary_path(out_dir.with_name(out_dir.name + ".old"))
+        old = staging.with_name(staging.name + _SET_ASIDE)
         os.rename(out_dir, old)
         try:
             os.rename(staging, out_dir)
@@ -130,38 +131,46 @@ def _exchange(a, b):
     raise OSError(code, os.strerror(code), str(b))
 
 
-def _locked(folder):
-    """An open descriptor of `folder` holding its flock, or None while another
-    process holds it or where the file system has no locks (a leftover there
-    is then never taken as dead)."""
+def _hold(staging, out_dir):
+    """The flock on the new folder `staging`, as an open descriptor (None where
+    the file system has no locks); an error when another process holds it,
+    clearing it as a leftover while this one had just made it."""
     try:
-        return try_exclusive_lock(folder)
+        lock = try_exclusive_lock(staging)
     except OSError:
         return None
+    if lock is None:
+        raise XpmodelError(f"cannot write {out_dir}: another process is writing beside it; "
+                           f"nothing was written there")
+    return lock
 
 
 def _clear_leftovers(target, owned_names):
     """Before a folder write to `target`: of the folders a killed writer left
-    beside it (`.NAME.tmp-PID`, `.NAME.old.tmp-PID`) that no process holds
-    locked and that hold nothing but the folder's own files, put a set-aside
-    old folder back where target is missing, and remove the rest."""
-    set_aside = target.name + ".old"
+    beside it (`.NAME.tmp-PID`, `.NAME.tmp-PID.old`) that no process holds
+    locked and whose writer's id is this process's or no live one's, put a
+    set-aside old folder back where target is missing, and remove the rest
+    when they hold nothing but the folder's own files."""
     for entry in sorted(os.scandir(target.parent), key=lambda entry: entry.name):
-        temporary = temporary_target(entry.name)
-        if temporary is None or temporary[0] not in (target.name, set_aside) or \
-                not entry.is_dir(follow_symlinks=False):
+        set_aside = entry.name.endswith(_SET_ASIDE)
+        temporary = temporary_target(entry.name[:-len(_SET_ASIDE)] if set_aside else entry.name)
+        if temporary is None or temporary[0] != target.name or \
+                not entry.is_dir(follow_symlinks=False) or \
+                (temporary[1] != os.getpid() and process_alive(temporary[1])):
             continue
-        lock = _locked(entry.path)
+        try:
+            lock = try_exclusive_lock(entry.path)
+        except OSError:
+            continue       # no locks here: a live writer's cannot be told apart
         if lock is None:
             continue       # a live writer's
         try:
             leftover = Path(entry.path)
-            if all(_owns(path.name, owned_names) and not path.is_dir()
-                   for path in leftover.iterdir()):
-                if temporary[0] == set_aside and not os.path.lexists(target):
-                    os.rename(leftover, target)
-                else:
-                    _remove_owned(leftover, owned_names)
+            if set_aside and not os.path.lexists(target):
+                os.rename(leftover, target)
+            elif all(_owns(path.name, owned_names) and not path.is_dir()
+                     for path in leftover.iterdir()):
+                _remove_owned(leftover, owned_names)
         except OSError:
             pass
         finally:
