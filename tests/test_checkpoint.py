@@ -379,3 +379,26 @@ def test_a_failed_write_names_the_target_not_the_temporary(tmp_path):
     with pytest.raises(OSError) as failure:
         atomic_write_bytes(target, b"{}")
     assert failure.value.filename == str(target)
+
+
+def test_a_write_removes_what_killed_writes_of_the_same_file_left(tmp_path):
+    """Their temporaries, once a minute old; never a live writer's, a recent
+    one (another machine's, in a shared folder), or another file's."""
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    living = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    old = time.time() - 2 * atomic_module.STALE_TEMPORARY_S
+    kept = {f".out.json.tmp-{living.pid}", ".other.json.tmp-{dead}".format(dead=exited.pid)}
+    names = {f".out.json.tmp-{exited.pid}", *kept}
+    try:
+        for name in names:
+            (tmp_path / name).write_text("{")
+            os.utime(tmp_path / name, (old, old))
+        recent = tmp_path / f".out.json.tmp-{exited.pid + 1_000_000}"
+        recent.write_text("{")
+        kept.add(recent.name)
+        atomic_write_bytes(tmp_path / "out.json", b"{}")
+    finally:
+        living.kill()
+        living.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept | {"out.json"})

@@ -11,11 +11,13 @@ command checks its outputs first (train/outputs.py), and one that fails
 before writing leaves no empty folder behind.
 
 Temporary files are named `.NAME.tmp-PID`; `is_temporary_name` recognises
-them (`temporary_target` reads NAME and PID back), so a folder's leftovers from a killed process can be told apart from
-the user's own files.
+them (`temporary_target` reads NAME and PID back), so a folder's leftovers
+from a killed process can be told apart from the user's own files:
+`dead_temporaries` finds them, and a write of NAME removes those of NAME
+(`remove_stale_temporaries`).
 
 A folder written as a whole goes through folder_write.py, which builds on
-these writes. `dead_temporaries` finds the temporaries a killed writer left.
+these writes.
 """
 import contextlib
 import json
@@ -29,6 +31,8 @@ from .files import process_alive
 # Temporary files being written right now, so that a second Ctrl-C, which
 # leaves at once, can remove them on its way out (see `abandon_partial_writes`).
 _in_flight = set()
+# A temporary this recent may be another machine's write in a shared folder.
+STALE_TEMPORARY_S = 60
 _TEMPORARY = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)$")
 
 
@@ -80,6 +84,7 @@ def atomic_writer(path, pause=0.0):
     try:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(path.parent, path.name.__eq__)   # a killed write's of path
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
         except OSError as exc:
             raise _naming(exc, path) from None
@@ -183,3 +188,22 @@ def dead_temporaries(folder, is_target):
                 (pid != os.getpid() and not process_alive(pid)):
             found.append((path, temporary[0]))
     return found
+
+
+def remove_stale_temporaries(folder, is_target):
+    """Remove the temporary files in `folder` of targets NAME that
+    `is_target(NAME)` accepts, whose writer is gone (`dead_temporaries`) and
+    which nothing has touched for STALE_TEMPORARY_S (in a folder several
+    machines share, a process id says nothing of another machine's writer);
+    regular files only. Returns what was removed."""
+    removed = []
+    now = time.time()
+    for path, _ in dead_temporaries(folder, is_target):
+        try:
+            if not path.is_file() or now - path.stat().st_mtime < STALE_TEMPORARY_S:
+                continue
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed

@@ -11,13 +11,14 @@ corpus is never tokenized twice.
 import hashlib
 import itertools
 
+from ..atomic import remove_stale_temporaries
 from ..config.sections import names_tokenizer_file
 from ..errors import DataError, UsageError
 from ..files import existing_file
 from ..tokenizer.bpe import ENDOFTEXT, MASK, BPETokenizer
 from ..tokenizer.learning import vocab_size_note
 from .batching import split_tokens
-from .prepare import CACHED_TOKENIZER, cache_root, prepare, remove_dead_temporaries
+from .prepare import CACHED_TOKENIZER, cache_root, prepare
 from .progress import tokenizing_progress
 from .reading import iter_text_pieces
 from .sources import corpus_fingerprint, resolve_source
@@ -50,7 +51,7 @@ def build_tokenizer(data_config, say=print):
         facts += "\0" + "\0".join(specials)
     key = hashlib.sha256(facts.encode()).hexdigest()[:24]
     path = run_cache_root(data_config) / "tokenizers" / f"bpe-{data_config.vocab_size}-{key}.json"
-    remove_dead_temporaries(path.parent, CACHED_TOKENIZER)
+    remove_stale_temporaries(path.parent, CACHED_TOKENIZER.match)
     tokenizer = _cached_tokenizer(path)
     if tokenizer is None:
         tokenizer = _train_bpe(source, data_config, specials, say)

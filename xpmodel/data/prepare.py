@@ -32,7 +32,6 @@ import hashlib
 import os
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -49,7 +48,7 @@ from .tokenfile import (
     read_token_header,
     write_token_file,
 )
-from ..atomic import dead_temporaries
+from ..atomic import remove_stale_temporaries
 from ..errors import DataError, UsageError, quote
 from ..files import folder_problem
 
@@ -113,7 +112,7 @@ def prepare(
         folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         target = folder / f"{_file_stem(source.spec)}-{key[:24]}.tok"
     if out_path is None:
-        remove_dead_temporaries(target.parent, CACHED_TOKEN_FILE)
+        remove_stale_temporaries(target.parent, CACHED_TOKEN_FILE.match)
     if _is_current(target, key, own_cache=out_path is None):
         return target
     total = source.total_bytes()
@@ -187,28 +186,6 @@ def _is_current(target: Path, key: str, own_cache: bool = True) -> bool:
 # sidecars, corpus.py's tokenizers); only their temporaries are ever removed.
 CACHED_TOKEN_FILE = re.compile(r"^[A-Za-z0-9._-]*-[0-9a-f]{24}\.tok(\.json)?$")
 CACHED_TOKENIZER = re.compile(r"^bpe-\d+-[0-9a-f]{24}\.json$")
-# A temporary this recent may be another machine's write in a shared cache.
-_STALE_TEMPORARY_S = 60
-
-
-def remove_dead_temporaries(folder: Path, target_names: "re.Pattern") -> list[Path]:
-    """Remove, from a folder of xpmodel's cache, the temporary files
-    (atomic.dead_temporaries) of cache files named like `target_names`
-    whose writer is gone: a prepare or a tokenizer training killed mid-write.
-    Regular files only, untouched for a minute; returns what was removed."""
-    removed = []
-    now = time.time()
-    for path, _ in dead_temporaries(folder, target_names.match):
-        try:
-            if not path.is_file() or now - path.stat().st_mtime < _STALE_TEMPORARY_S:
-                continue
-            path.unlink()
-            removed.append(path)
-        except OSError:
-            pass
-    return removed
-
-
 def _file_stem(spec: str) -> str:
     # A readable hint of the corpus in the file name; the key makes it unique.
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(spec).name.replace("*", "all")).strip("._")
