@@ -310,6 +310,12 @@ class OptunaSweep(Sweep):
         return trial.user_attrs.get("sweep_dir") == str(self.dir.path.resolve()) and \
             (self._claim_path(name).exists() or self.dir.trial_dir(name).exists())
 
+    def _retried_here(self, failed):
+        """Of the `failed` trials' names, those this folder ran (`_ran_here`):
+        the others are another machine's, which a rerun here leaves alone."""
+        latest = {trial_name(_first_attempt(t)): t for t in self._counted(self._frozen())}
+        return [name for name in failed if name in latest and self._ran_here(latest[name])]
+
     # ---- reporting ---------------------------------------------------------------------
     def _should_prune(self, trial):
         """Report the trial's new evaluations; whether the pruner stops it at one."""

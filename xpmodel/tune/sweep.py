@@ -280,15 +280,20 @@ class Sweep:
 
     def _retry_advice(self, failed):
         """How the `failed` trials are tried again: by a rerun here, for those
-        this folder ran (it holds their logs); by one in the folder that ran
+        a rerun here retries (`_retried_here`); by one in the folder that ran
         them, for those of another machine sharing an Optuna study."""
-        elsewhere = sum(not (self.dir.path / "logs" / f"{name}.log").exists() for name in failed)
+        elsewhere = len(failed) - len(self._retried_here(failed))
         here = "run the same command again to retry them"
         if not elsewhere:
             return here
         there = (f"{elsewhere} of them ran in another sweep folder sharing the study, where the "
                  f"same command retries {'it' if elsewhere == 1 else 'them'}")
         return there if elsewhere == len(failed) else f"{here}; {there}"
+
+    def _retried_here(self, failed):
+        """Those of the `failed` trials' names that a rerun in this folder
+        retries: all of a sweep whose trials are all its own."""
+        return list(failed)
 
     def _next_trial(self):
         """The next trial to start, or None when none is left."""
