@@ -4,6 +4,7 @@ writer left beside it never blocks or confuses the next write, and nothing
 but the folder's own files is ever removed."""
 import fcntl
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,17 @@ def _exited_pid():
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     return child.pid
+
+
+def _can_swap(folder):
+    """Whether this system swaps two folders in one step."""
+    (folder / "x").mkdir()
+    (folder / "y").mkdir()
+    try:
+        return folder_write._exchange(folder / "x", folder / "y")
+    finally:
+        (folder / "x").rmdir()
+        (folder / "y").rmdir()
 
 
 def test_a_folder_over_an_old_one_is_never_missing(tmp_path, monkeypatch):
@@ -180,7 +192,6 @@ def test_a_tokenizer_export_into_an_existing_folder_keeps_it_and_its_files(tmp_p
     assert (folder / "README.md").read_text() == "mine" and (folder / "tokenizer.json").is_file()
 
 
-
 def test_a_killed_write_to_a_folder_named_like_a_set_aside_one_is_not_put_in_place(tmp_path):
     """`.hf.old.tmp-PID` is a killed write to hf.old, not hf's old folder."""
     pid = _exited_pid()
@@ -190,32 +201,55 @@ def test_a_killed_write_to_a_folder_named_like_a_set_aside_one_is_not_put_in_pla
     assert _files(other) == {"a.json": b"a killed write to hf.old"}     # hf.old's to clear
 
 
-def test_a_set_aside_old_folder_comes_back_with_the_users_files(tmp_path):
+def test_a_set_aside_old_folder_comes_back_and_one_with_the_users_files_stops_the_write(
+        tmp_path):
+    out = tmp_path / "hf"
     pid = _exited_pid()
+    _leftover(tmp_path, f".hf.tmp-{pid}.old", {"a.json": b"old"})
+    write_folder_atomically(out, _writer({"a.json": b"new"}), OWNED)     # an export's only
+    assert _files(out) == {"a.json": b"new"} and _leftovers(tmp_path) == []
+    shutil.rmtree(out)
     _leftover(tmp_path, f".hf.tmp-{pid}.old", {"a.json": b"old", "README.md": b"mine"})
-    write_folder_atomically(tmp_path / "hf", _writer({"a.json": b"new"}), OWNED)
-    assert _files(tmp_path / "hf") == {"a.json": b"new"}
-    [kept] = _leftovers(tmp_path)       # the old folder, swapped out, with the user's file
-    assert _files(tmp_path / kept) == {"README.md": b"mine"}
+    with pytest.raises(XpmodelError, match="put back as it was before an interrupted write.*"
+                                           r"\(README\.md\): check them, then run again"):
+        write_folder_atomically(out, _writer({"a.json": b"new"}), OWNED)
+    assert _files(out) == {"a.json": b"old", "README.md": b"mine"} and _leftovers(tmp_path) == []
 
 
-def test_interrupted_right_after_the_swap_the_users_files_are_kept(tmp_path, monkeypatch):
+@pytest.mark.parametrize("swap", [True, False])
+def test_interrupted_right_after_the_new_folder_is_in_place_nothing_of_the_users_is_lost(
+        tmp_path, monkeypatch, swap):
     out = tmp_path / "hf"
     write_folder_atomically(out, _writer({"a.json": b"old"}), OWNED)
     (out / "README.md").write_text("mine")
-    real_fsync = folder_write.fsync_folder
+    if not swap:
+        monkeypatch.setattr(folder_write, "_exchange", lambda a, b: False)
+    elif not _can_swap(tmp_path):
+        pytest.skip("renameat2's RENAME_EXCHANGE is not available here")
 
     def interrupted(folder):
-        monkeypatch.setattr(folder_write, "fsync_folder", real_fsync)
         raise KeyboardInterrupt
     monkeypatch.setattr(folder_write, "fsync_folder", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_folder_atomically(out, _writer({"a.json": b"new"}), OWNED)
-    if _files(out) == {"a.json": b"new"}:        # swapped: the old folder keeps the user's file
-        [kept] = _leftovers(tmp_path)
-        assert _files(tmp_path / kept) == {"README.md": b"mine"}
-    else:                                         # no swap here: the old folder stays in place
-        assert _files(out) == {"a.json": b"old", "README.md": b"mine"}
+    assert _files(out) == {"a.json": b"new"}
+    [kept] = _leftovers(tmp_path)         # the old folder, with the user's file and nothing else
+    assert _files(tmp_path / kept) == {"README.md": b"mine"}
+
+
+def test_a_leftover_holding_a_users_file_in_the_writers_way_is_named(tmp_path):
+    _leftover(tmp_path, f".hf.tmp-{os.getpid()}", {"a.json": b"half", "notes.txt": b"mine"})
+    with pytest.raises(XpmodelError, match=rf"\.hf\.tmp-{os.getpid()}: an interrupted write left "
+                                           r"this folder, holding files it does not write "
+                                           r"\(notes\.txt\); move them out"):
+        write_folder_atomically(tmp_path / "hf", _writer({"a.json": b"new"}), OWNED)
+    assert _files(tmp_path / f".hf.tmp-{os.getpid()}")["notes.txt"] == b"mine"
+
+
+def test_a_name_with_a_line_break_is_no_temporary():
+    from xpmodel.atomic import temporary_target
+    assert temporary_target(".out.json.tmp-123") == ("out.json", 123)
+    assert temporary_target(".out.json.tmp-123\n") is None
 
 
 def test_a_writer_whose_new_folder_another_process_holds_stops(tmp_path, monkeypatch):

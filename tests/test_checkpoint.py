@@ -388,7 +388,7 @@ def test_a_write_removes_what_killed_writes_of_the_same_file_left(tmp_path):
     exited.wait()
     living = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     old = time.time() - 2 * atomic_module.STALE_TEMPORARY_S
-    kept = {f".out.json.tmp-{living.pid}", ".other.json.tmp-{dead}".format(dead=exited.pid)}
+    kept = {f".out.json.tmp-{living.pid}", f".other.json.tmp-{exited.pid}"}
     names = {f".out.json.tmp-{exited.pid}", *kept}
     try:
         for name in names:

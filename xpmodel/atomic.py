@@ -33,7 +33,7 @@ from .files import process_alive
 _in_flight = set()
 # A temporary this recent may be another machine's write in a shared folder.
 STALE_TEMPORARY_S = 60
-_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)$")
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)\Z")
 
 
 def temporary_path(path):

@@ -40,13 +40,19 @@ def write_folder_atomically(out_dir, write, owned_names):
         raise XpmodelError(f"{out_dir}: exists and is not a folder; nothing was written there")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        _clear_leftovers(target, owned_names)
+        restored = _clear_leftovers(target, owned_names)
+        if restored:
+            raise XpmodelError(f"{out_dir}: put back as it was before an interrupted write, which "
+                               f"had set it aside; it holds files this write would set aside "
+                               f"again ({', '.join(restored[:3])}): check them, then run again")
         staging = temporary_path(target)
+        for leftover in (staging, staging.with_name(staging.name + _SET_ASIDE)):
+            _refuse_in_the_way(leftover, owned_names)
         staging.mkdir()
     except OSError as exc:
         raise XpmodelError(f"cannot create {exc.filename or parent}: "
                            f"{exc.strerror or exc}") from None
-    lock, placed = _hold(staging, out_dir), False
+    lock, placed, old = _hold(staging, out_dir), False, None
     try:
         try:
             write(staging)
@@ -62,13 +68,15 @@ def write_folder_atomically(out_dir, write, owned_names):
             raise XpmodelError(f"cannot move the new folder into {out_dir}: "
                                f"{exc.strerror or exc}; nothing was written there") from None
         placed = True
-        if old is not None:
-            _remove_owned(old, owned_names)
+        fsync_folder(parent)
     finally:
         if lock is not None:
             os.close(lock)
-        if not placed:     # the new folder; or, swapped but interrupted, the old one
-            _remove_owned(staging, owned_names)
+        # the old folder once the new one is in place; before, the new folder
+        # (or, swapped but interrupted before `placed`, the old one)
+        leftover = old if placed else staging
+        if leftover is not None:
+            _remove_owned(leftover, owned_names)
 
 
 def _put_in_place(staging, out_dir):
@@ -89,7 +97,6 @@ def _put_in_place(staging, out_dir):
         except BaseException:   # an error, or Ctrl-C between the two renames
             os.rename(old, out_dir)
             raise
-    fsync_folder(out_dir.parent)
     return old
 
 
@@ -145,12 +152,26 @@ def _hold(staging, out_dir):
     return lock
 
 
+def _refuse_in_the_way(leftover, owned_names):
+    """An error when the folder `leftover`, where this write must make its own,
+    is an interrupted write's that holds files such a write does not (which
+    `_clear_leftovers` therefore kept)."""
+    if os.path.lexists(leftover):
+        others = sorted(path.name for path in leftover.iterdir()
+                        if not _owns(path.name, owned_names) or path.is_dir())
+        raise XpmodelError(f"{leftover}: an interrupted write left this folder, holding files it "
+                           f"does not write ({', '.join(others[:3]) or 'none'}); move them out "
+                           f"of it and remove it, then run again")
+
+
 def _clear_leftovers(target, owned_names):
     """Before a folder write to `target`: of the folders a killed writer left
     beside it (`.NAME.tmp-PID`, `.NAME.tmp-PID.old`) that no process holds
     locked and whose writer's id is this process's or no live one's, put a
     set-aside old folder back where target is missing, and remove the rest
-    when they hold nothing but the folder's own files."""
+    when they hold nothing but the folder's own files. Returns the names of
+    the files other than those in a folder put back (none: the write goes on)."""
+    restored = []
     for entry in sorted(os.scandir(target.parent), key=lambda entry: entry.name):
         set_aside = entry.name.endswith(_SET_ASIDE)
         temporary = temporary_target(entry.name[:-len(_SET_ASIDE)] if set_aside else entry.name)
@@ -168,6 +189,8 @@ def _clear_leftovers(target, owned_names):
             leftover = Path(entry.path)
             if set_aside and not os.path.lexists(target):
                 os.rename(leftover, target)
+                restored = sorted(path.name for path in target.iterdir()
+                                  if not _owns(path.name, owned_names) or path.is_dir())
             elif all(_owns(path.name, owned_names) and not path.is_dir()
                      for path in leftover.iterdir()):
                 _remove_owned(leftover, owned_names)
@@ -175,6 +198,7 @@ def _clear_leftovers(target, owned_names):
             pass
         finally:
             os.close(lock)
+    return restored
 
 
 def _fsync_file(path):

@@ -186,6 +186,8 @@ def _is_current(target: Path, key: str, own_cache: bool = True) -> bool:
 # sidecars, corpus.py's tokenizers); only their temporaries are ever removed.
 CACHED_TOKEN_FILE = re.compile(r"^[A-Za-z0-9._-]*-[0-9a-f]{24}\.tok(\.json)?$")
 CACHED_TOKENIZER = re.compile(r"^bpe-\d+-[0-9a-f]{24}\.json$")
+
+
 def _file_stem(spec: str) -> str:
     # A readable hint of the corpus in the file name; the key makes it unique.
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(spec).name.replace("*", "all")).strip("._")
