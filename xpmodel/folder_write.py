@@ -8,11 +8,12 @@ in one step where the system can (Linux's renameat2), and elsewhere sets the
 old folder aside first (`.NAME.tmp-PID.old`) and renames the new one in.
 
 The writer holds an flock on its new folder until the folder is in place. A
-folder beside the target named so that no process holds locked is what a
-killed writer left: the next write puts a set-aside old folder back where the
-target is missing, and removes the rest, when they hold nothing but the
-folder's own files. A lock, unlike a process id, is not fooled by another
-process that has the same id (every first process of a new container has).
+folder beside the target, named as a write names these, that no process holds
+locked is what a killed writer left: the next write puts a set-aside old
+folder back where the target is missing, and removes the rest when they hold
+nothing but the folder's own files. A lock, unlike a process id, is not fooled
+by another process that has the same id (every first process of a new
+container has).
 """
 import ctypes
 import errno

@@ -5,8 +5,8 @@ import os
 from pathlib import Path
 
 from ..atomic import atomic_write_bytes, atomic_write_json
-from ..folder_write import write_folder_atomically
 from ..errors import UsageError, quote
+from ..folder_write import write_folder_atomically
 from .bpe import ENDOFTEXT, BPETokenizer
 from .hf_forms import (BYTE_TOKENS, PREPEND, HF_PREPEND_SCHEMES, REPLACE_SPACES, SPACE, SPACE_DECODERS,
                        STRIP_DECODER, gpt2_byte_to_unicode)
