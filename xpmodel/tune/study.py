@@ -5,6 +5,7 @@ validation losses the trials write to metrics.jsonl (the `tune` extra).
     SWEEP_DIR/study.db        the Optuna study (SQLite), unless --storage URL names another
     SWEEP_DIR/claims/         trial-NNN.lock: held (flock) by the sweep process running it;
                               left in place, it marks the trial as this folder's
+                              (as does the trial's run directory)
 
 Each trial is still an `xpmodel train` child with its own run directory,
 SWEEP_DIR/trials/trial-NNN, NNN being the Optuna trial number of its first
@@ -13,12 +14,12 @@ the names skip the retries' numbers). The study is the state: any number of
 `xpmodel sweep` processes given the same command (and the same --storage, on
 several machines) ask it for trials until --trials of them exist. A trial left
 running by a killed sweep (its claim lock is free) is taken up by the next
-process started on the SWEEP_DIR that holds its claim file, and continued with
-`xpmodel train --resume`, its reported evaluations kept.
+process started on the SWEEP_DIR that holds its claim file (or run directory),
+and continued with `xpmodel train --resume`, its reported evaluations kept.
 
 A failed trial stays failed in the study (Optuna's states are final): a sweep
-started on the SWEEP_DIR that holds its claim file tries it again as a new
-trial of the study with the same values, recorded as Optuna's
+started on the SWEEP_DIR that holds its claim file (or run directory) tries it
+again as a new trial of the study with the same values, recorded as Optuna's
 RetryFailedTrialCallback records a retry (system attributes failed_trial, the
 first attempt's number, and retry_history), which keeps the first attempt's
 name, run directory and log, so `xpmodel train --resume` continues it where it
