@@ -29,9 +29,7 @@ except ImportError:
 needs_matplotlib = pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="needs matplotlib")
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")   # each test's own XPMODEL_CACHE
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,7 @@ except ImportError:
     HAVE_MATPLOTLIB = False
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XPMODEL_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")   # each test's own XPMODEL_CACHE
 
 
 @pytest.fixture(scope="module")
