@@ -22,14 +22,18 @@ import math
 
 import numpy
 
+from .errors import quote
+
 NS_COEFFICIENTS = {"jordan": (3.4445, -4.775, 2.0315), "cubic": (1.5, -0.5, 0.0)}
 NS_BOUND = 2.0  # the largest singular value an iteration may produce (check_ns_coefficients)
 MAX_COEFFICIENT = 1e3   # far beyond any that works (those known are below 5)
 
 
-def parse_ns_coefficients(spec):
+def parse_ns_coefficients(spec, name="ns_coefficients"):
     """(a, b, c) from a name in NS_COEFFICIENTS, a string "a,b,c" or three numbers;
-    ValueError for anything else, or a slope at zero (a) that is not positive."""
+    ValueError naming the setting `name` and the reason for anything else: not
+    three finite numbers, one beyond MAX_COEFFICIENT, or a slope at zero (a)
+    that is not positive."""
     if isinstance(spec, str) and spec.strip() in NS_COEFFICIENTS:
         return NS_COEFFICIENTS[spec.strip()]
     parts = spec.split(",") if isinstance(spec, str) else spec
@@ -38,11 +42,13 @@ def parse_ns_coefficients(spec):
     except (TypeError, ValueError):
         values = ()
     if len(values) != 3 or not all(math.isfinite(v) for v in values):
-        raise ValueError(f"expected {' or '.join(NS_COEFFICIENTS)} or three numbers a,b,c, got {spec!r}")
+        raise ValueError(f"{name} must be {', '.join(NS_COEFFICIENTS)} or three finite numbers "
+                         f"a,b,c, got {quote(spec, 60)}")
     if max(abs(v) for v in values) > MAX_COEFFICIENT:
-        raise ValueError(f"each coefficient must be within +-{MAX_COEFFICIENT:g}, got {spec!r}")
+        raise ValueError(f"{name}: each coefficient must be within +-{MAX_COEFFICIENT:g}, "
+                         f"got {quote(spec, 60)}")
     if values[0] <= 0:
-        raise ValueError(f"a (the slope at zero) must be positive, got {values[0]:g}")
+        raise ValueError(f"{name}: a (the slope at zero) must be positive, got {values[0]:g}")
     return values
 
 

@@ -17,7 +17,7 @@ from ..backend import KERNELS
 from ..checks import (HALF_OPEN_UNIT, NON_NEGATIVE, OPEN_UNIT, POSITIVE, POSITIVE_FRACTION,
                       ROPE_THETAS, Range)
 from ..errors import UsageError, one_line, quote
-from ..ns_coefficients import NS_COEFFICIENTS, check_ns_coefficients, parse_ns_coefficients
+from ..ns_coefficients import check_ns_coefficients, parse_ns_coefficients
 from ..options import ADJUST_LR, MLPS, NOISE_KINDS, NORMS, POSITIONS, SCHEDULES, TOKEN_DROPOUT_MODES
 from ..tokenizer.bpe import MAX_VOCAB
 from .fields import _check_field, _check_fields, _fields_of, _setting, _types_of
@@ -271,10 +271,9 @@ class TrainConfig:
 
     def _check_ns_coefficients(self):
         try:
-            coefficients = parse_ns_coefficients(self.muon_ns_coefficients)
-        except ValueError:
-            raise UsageError(f"train.muon_ns_coefficients must be {', '.join(NS_COEFFICIENTS)} or "
-                             f"three numbers a,b,c with a > 0; got {quote(self.muon_ns_coefficients, 60)}") from None
+            coefficients = parse_ns_coefficients(self.muon_ns_coefficients, "train.muon_ns_coefficients")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         try:
             check_ns_coefficients(coefficients, self.muon_ns_steps)
         except ValueError as exc:
