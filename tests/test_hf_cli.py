@@ -171,10 +171,11 @@ def test_export_refuses_a_source_named_by_a_relative_path(tmp_path, monkeypatch,
 
     monkeypatch.chdir(tmp_path)   # another working directory than the runs were made from
     for run in ("imported", "tuned"):
-        code, _, err = run_cli(capsys, "export-hf", f"work/runs/{run}", "work/gpt", "--overwrite")
-        assert code == 2
-        assert_one_line_error(err)
-        assert f"overlaps {work / 'gpt'}, which the run's weights came from" in err
+        for overwrite in ([], ["--overwrite"]):   # the reason, not a flag that cannot help
+            code, _, err = run_cli(capsys, "export-hf", f"work/runs/{run}", "work/gpt", *overwrite)
+            assert code == 2
+            assert_one_line_error(err)
+            assert f"overlaps {work / 'gpt'}, which the run's weights came from" in err
         # an older xpmodel recorded "gpt" as typed: any folder ending in it may be the source
         record_relative_sources(work / "runs" / run, "gpt")
         for target in ("work/gpt", "elsewhere/gpt", "work/gpt/inside"):

@@ -360,15 +360,15 @@ def export_hf_command(args):
     if _overlap(args.out_dir, args.run_dir):
         raise UsageError(f"OUT_DIR {args.out_dir}: overlaps the run {args.run_dir}; export to a "
                          f"folder outside it")
-    check_export_target(args.out_dir, args.overwrite, "OUT_DIR")
-    model, tokenizer = load(args.run_dir, checkpoint=args.checkpoint)
-    for source in weight_sources(args.run_dir):
+    for source in weight_sources(args.run_dir):   # no --overwrite helps there
         if overlaps_source(args.out_dir, source):
             relative = "" if source.is_absolute() else (
                 " (recorded as a relative path, from an unknown working directory, so it may be "
                 "any folder whose path ends with it)")
             raise UsageError(f"OUT_DIR {args.out_dir}: overlaps {source}, which the run's "
                              f"weights came from{relative}; export to another folder")
+    check_export_target(args.out_dir, args.overwrite, "OUT_DIR")
+    model, tokenizer = load(args.run_dir, checkpoint=args.checkpoint)
     ids = special_ids(args.run_dir, tokenizer,
                       warn=lambda text: print(f"note: {text}", file=sys.stderr, flush=True))
     architecture = export_hf(model, tokenizer, args.out_dir, overwrite=args.overwrite,
