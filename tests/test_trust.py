@@ -186,7 +186,11 @@ def test_an_output_that_is_an_input_is_refused(run, corpus, tmp_path, capsys):
         (["import-hf", run.path, "--out", run.path, "--overwrite"], "which the import reads"),
         (["export-hf", run.path, run.path / "hf"], "overlaps the run"),
         (["train", "--config", TINY, "--device", "cpu", "--out", run.path, "--overwrite",
-          "--init-from", run.path, f"data.source={corpus}"], "is the run --init-from reads"),
+          "--init-from", run.path, f"data.source={corpus}"], "the folder --init-from reads"),
+        (["train", "--config", TINY, "--device", "cpu", "--out", run.path / "sub",
+          "--init-from", run.path, f"data.source={corpus}"], "the folder --init-from reads"),
+        (["train", "--config", TINY, "--device", "cpu", "--out", run.path.parent, "--overwrite",
+          "--init-from", run.path, f"data.source={corpus}"], "the folder --init-from reads"),
     ]
     for args, why in cases:
         code, _, err = run_cli(capsys, *args)
@@ -197,7 +201,7 @@ def test_an_output_that_is_an_input_is_refused(run, corpus, tmp_path, capsys):
     assert corpus.read_bytes() == before
     assert BPETokenizer.load(tokenizer) == BPETokenizer()
     assert run.is_run() and run.checkpoint_steps() == [20, 30]
-    assert not (run.path / "hf").exists()
+    assert not (run.path / "hf").exists() and not (run.path / "sub").exists()
 
 
 def test_lr_find_never_writes_over_the_model_it_starts_from(run, corpus, tmp_path, capsys):

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config.sections import MAX_SEED, names_tokenizer_file
 from ..cpu_threads import usable_cores
 from ..errors import DataError, UsageError, quote
-from ..files import existing_file, inside, same_file
+from ..files import existing_file, inside
 from ..train.outputs import check_output, check_output_dir
 from .inputs import refuse_model_folder
 
@@ -73,8 +73,9 @@ def _train(args, device, dist):
     config = _with_absolute_init_from(config)
     out = Path(args.out) if args.out else default_run_path(config_name)
     init_from = config.train.init_from
-    if init_from and Path(init_from).exists() and same_file(init_from, out):
-        raise UsageError(f"--out {out}: is the run --init-from reads; choose another --out")
+    if init_from and _overlap(init_from, out):
+        raise UsageError(f"--out {out}: overlaps {init_from}, the folder --init-from reads; "
+                         f"choose another --out")
     for source in config_files:
         if RunDir(out).owns(source):
             raise UsageError(f"--out {out}: holds {source} among its run files, which this "
