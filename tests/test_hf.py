@@ -486,6 +486,65 @@ def test_import_refuses_a_shape_that_disagrees_with_the_config(copy_of_export):
         import_hf(copy_of_export)
 
 
+def add_empty_tensors(path, names):
+    """Append zero-size F32 entries called `names` to the header of the
+    safetensors file `path`, all at the end of its data (where a file of
+    200,000 of them takes seconds to write with safetensors)."""
+    import struct
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header, data = json.loads(raw[8:8 + length]), raw[8 + length:]
+    header.update({name: {"dtype": "F32", "shape": [0], "data_offsets": [len(data)] * 2}
+                   for name in names})
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+@pytest.mark.parametrize("empty_names, named", [
+    (lambda n: [f"z{i}" for i in range(n)], "n_layer is 20,000 but the weights hold layers 0..1$"),
+    (lambda n: [f"transformer.h.{i}.ln_1.weight" for i in range(2, n)],
+     r"the weights lack transformer\.h\.2\.ln_1\.bias, "),
+])
+def test_import_refuses_a_layer_count_the_weights_do_not_hold_before_building_its_names(
+        copy_of_export, empty_names, named):
+    """n_layer 20,000 over a header of ~20,000 empty tensors: the names and
+    shapes of 20,000 layers (~12 tensors each) were built before any was
+    compared with the file, ~120 times the file's size in memory."""
+    import tracemalloc
+    layers = 20_000
+    add_empty_tensors(copy_of_export / "model.safetensors", empty_names(layers))
+    edit_config(copy_of_export, n_layer=layers)
+    size = (copy_of_export / "model.safetensors").stat().st_size
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=named):
+            import_hf(copy_of_export)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * size, (peak, size)
+
+
+@pytest.mark.parametrize("n_layer, rename, named", [
+    (1, None, "n_layer is 1 but the weights hold layers 0..1$"),
+    (3, None, "n_layer is 3 but the weights hold layers 0..1$"),
+    (2, ("transformer.h.1.", "transformer.h.5."),
+     r"n_layer is 2 but the weights hold 2 layers numbered up to 5 \(none numbered 1\)$"),
+    (1, ("transformer.h.", "transformer.blocks."), "n_layer is 1 but the weights hold no layers$"),
+])
+def test_import_names_the_layers_the_weights_hold_when_n_layer_differs(model, copy_of_export,
+                                                                       n_layer, rename, named):
+    from safetensors.numpy import save_file
+    tensors = {"transformer." + name: value.astype(numpy.float32)
+               for name, value in model.state_arrays().items()}
+    if rename is not None:
+        tensors = {name.replace(*rename): value for name, value in tensors.items()}
+    save_file(tensors, str(copy_of_export / "model.safetensors"))
+    edit_config(copy_of_export, n_layer=n_layer)
+    with pytest.raises(DataError, match="config.json: " + named):
+        import_hf(copy_of_export)
+
+
 @pytest.mark.parametrize("edit, feature", [
     (lambda doc: doc["pre_tokenizer"].update(add_prefix_space=True), "add_prefix_space"),
     (lambda doc: doc.update(normalizer={"type": "NFKC"}), "normalizer 'NFKC'"),

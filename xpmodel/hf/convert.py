@@ -45,6 +45,7 @@ import numbers
 import os
 import re
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import numpy
@@ -220,7 +221,7 @@ def _read_model(hf_dir):
                         f"model's vocab has only {config.vocab_size} rows")
     with ExitStack() as files:    # each file read through one descriptor, closed at the end
         sources = [(files.enter_context(_weights_file(path)), keys) for path, keys in _weight_paths(hf_dir)]
-        _check_layers(config, family, sources, where)     # before anything sized by n_layer
+        _check_layers(config, family, sources, hf_dir)    # before anything sized by n_layer
         table = family.tensor_table(config)
         tensors = _read_tensors(hf_dir, sources, family, _hf_shapes(table, config),
                                 config.tie_embeddings)
@@ -342,15 +343,55 @@ def _check_integer_sizes(hf_cfg, where):
                             f"xpmodel reads")
 
 
-def _check_layers(config, family, sources, where):
-    """Refuse more layers than the files have tensors before anything loops over
-    them (a crafted num_hidden_layers of 10**9 is refused at once); every other
-    size is checked against each tensor's stored shape before it is read."""
-    stored = sum(len(source.names) for source, _ in sources)
-    if config.n_layer > stored:
+def _check_layers(config, family, sources, hf_dir):
+    """Refuse weights whose layers are not config.json's before anything is
+    built per layer: the stored names must number layers 0 .. n_layer - 1,
+    each holding as many tensors as a layer has (the first that holds fewer
+    is refused naming what it lacks). The names and shapes then built for
+    n_layer layers are no more than the files hold: a crafted
+    num_hidden_layers of 10**9, or of 200,000 over as many empty tensors, is
+    refused at once."""
+    head, tail = family.LAYER_PREFIX.split("{}")
+    numbered = re.compile(re.escape(head) + r"(0|[1-9][0-9]{0,17})" + re.escape(tail))
+    layers = {}   # layer number -> the names stored under it
+    for source, _ in sources:
+        for key in source.names:
+            name = family.canonical(key)
+            match = numbered.match(name)
+            if match and not key.endswith(family.IGNORED_SUFFIXES):
+                layers.setdefault(int(match[1]), set()).add(name)
+    n_layer = config.n_layer
+    if len(layers) != n_layer or max(layers) != n_layer - 1:
         key = family.HF_KEYS.get("n_layer", "n_layer")
-        raise DataError(f"{where}: {key} is {config.n_layer:,} but the weights hold only "
-                        f"{stored:,} tensors")
+        raise DataError(f"{hf_dir / 'config.json'}: {key} is {n_layer:,} but the weights hold "
+                        f"{_layers_held(layers)}")
+    first = family.LAYER_PREFIX.format(0)
+    one_layer = family.tensor_table(replace(config, n_layer=1))
+    layer_names = [hf_name[len(first):] for _, parts, _ in one_layer
+                   for hf_name, _ in parts if hf_name.startswith(first)]
+    for number in sorted(layers):
+        if len(layers[number]) < len(layer_names):
+            prefix = family.LAYER_PREFIX.format(number)
+            raise DataError(_lacking(hf_dir, [prefix + name for name in layer_names
+                                              if prefix + name not in layers[number]]))
+
+
+def _layers_held(layers):
+    """The layer numbers of the weights, for a message: "layers 0..5", "no
+    layers", or "3 layers numbered up to 5 (none numbered 1)"."""
+    if not layers:
+        return "no layers"
+    numbers = sorted(layers)
+    gap = next((expected for expected, number in enumerate(numbers) if number != expected), None)
+    if gap is None:
+        return "layer 0" if len(numbers) == 1 else f"layers 0..{numbers[-1]}"
+    return f"{len(numbers):,} layers numbered up to {numbers[-1]} (none numbered {gap})"
+
+
+def _lacking(hf_dir, missing):
+    """The message for weights that lack the tensors `missing`."""
+    more = " ..." if len(missing) > 5 else ""
+    return f"{hf_dir}: the weights lack {', '.join(missing[:5])}{more}"
 
 
 def _hf_shapes(table, config):
@@ -404,8 +445,7 @@ def _read_tensors(hf_dir, sources, family, shapes, tied):
                          f"{' ...' if len(unexpected) > 5 else ''} (another head or architecture?)")
     missing = [name for name in shapes if name not in tensors]
     if missing:
-        raise DataError(f"{hf_dir}: the weights lack {', '.join(missing[:5])}"
-                        f"{' ...' if len(missing) > 5 else ''}")
+        raise DataError(_lacking(hf_dir, missing))
     head = tensors.pop("lm_head.weight") if tied and "lm_head.weight" in tensors else None
     if head is not None and not numpy.array_equal(head, tensors[embedding]):
         raise UsageError(f"{hf_dir}: lm_head.weight differs from {embedding}, but config.json "

@@ -13,6 +13,8 @@ ARCHITECTURE = "GPT2LMHeadModel"
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
 MODEL_TYPE = "gpt2"
 EMBEDDING = "transformer.wte.weight"
+# The start of every name of layer i's tensors, with i for {}.
+LAYER_PREFIX = "transformer.h.{}."
 # Causal-mask buffers that older checkpoints saved; they hold no parameters.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 # (option, the value GPT-2 has, what a differing value means for GPT-2)

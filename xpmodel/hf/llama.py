@@ -25,6 +25,8 @@ ARCHITECTURE = "LlamaForCausalLM"
 ARCHITECTURES = ("LlamaForCausalLM",)
 MODEL_TYPE = "llama"
 EMBEDDING = "model.embed_tokens.weight"
+# The start of every name of layer i's tensors, with i for {}.
+LAYER_PREFIX = "model.layers.{}."
 # Rotary tables that older checkpoints saved; they hold no parameters.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 # (option, the value Llama has, what a differing value means for Llama)
