@@ -545,6 +545,24 @@ def test_import_names_the_layers_the_weights_hold_when_n_layer_differs(model, co
         import_hf(copy_of_export)
 
 
+@pytest.mark.parametrize("rates, named", [
+    ({"attn_pdrop": float("nan")}, "attn_pdrop must be a finite number in \\[0, 1\\), got nan"),
+    ({"attn_pdrop": -5}, "attn_pdrop must be a finite number in \\[0, 1\\), got -5"),
+    ({"embd_pdrop": float("-inf")}, "embd_pdrop must be a finite number .*, got -inf"),
+    ({"resid_pdrop": 1.0, "attn_pdrop": 2.0}, "resid_pdrop must be a finite number .*, got 1.0"),
+    ({"attn_pdrop": "0.1"}, "attn_pdrop must be a finite number .*, got '0.1'"),
+])
+def test_import_checks_each_dropout_rate_by_its_own_key(copy_of_export, rates, named):
+    edit_config(copy_of_export, **rates)
+    with pytest.raises(DataError, match="config.json: " + named):
+        import_hf(copy_of_export)
+
+
+def test_import_takes_the_largest_dropout_rate(copy_of_export):
+    edit_config(copy_of_export, resid_pdrop=0.0, embd_pdrop=0.05, attn_pdrop=0.2)
+    assert import_hf(copy_of_export)[0].dropout == 0.2
+
+
 @pytest.mark.parametrize("edit, feature", [
     (lambda doc: doc["pre_tokenizer"].update(add_prefix_space=True), "add_prefix_space"),
     (lambda doc: doc.update(normalizer={"type": "NFKC"}), "normalizer 'NFKC'"),

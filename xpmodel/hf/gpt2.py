@@ -6,6 +6,7 @@ tensor maps to itself. GPT-2's options are xpmodel's defaults; its MLP width
 (n_inner), LayerNorm epsilon and an untied head (tie_word_embeddings false,
 with lm_head.weight) carry over too.
 """
+from ..checks import HALF_OPEN_UNIT, check_number
 from ..errors import DataError, UsageError
 from ..model.params import parameter_shapes
 
@@ -24,6 +25,7 @@ OPTIONS = (("norm", "layernorm", "GPT-2 uses LayerNorm"),
            ("qk_norm", False, "GPT-2 has no QK-norm"),
            ("bias", True, "GPT-2 has biases everywhere"))
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")   # both are the tanh GELU xpmodel computes
+DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
 # GPT2Config's defaults, which Hugging Face applies to keys a config.json leaves out.
 HF_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12,
                "n_head": 12, "n_inner": None, "activation_function": "gelu_new",
@@ -92,9 +94,10 @@ def config_fields(hf_cfg, where):
     """GPTConfig's fields from a GPT-2 config.json document, refusing what xpmodel
     does not compute."""
     value = {key: hf_cfg.get(key, default) for key, default in HF_DEFAULTS.items()}
-    rates = [value[key] for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop")]
-    if not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rates):
-        raise DataError(f"{where}: dropout rates must be numbers, got {rates}")
+    try:
+        rates = [check_number(key, value[key], HALF_OPEN_UNIT) for key in DROPOUT_KEYS]
+    except ValueError as exc:
+        raise DataError(f"{where}: {exc}") from None
     refusals = [
         (value["activation_function"] not in ACTIVATIONS,
          f"activation_function {value['activation_function']!r} (xpmodel computes the tanh "
@@ -110,10 +113,10 @@ def config_fields(hf_cfg, where):
     # One dropout rate for all three sites; when the file's differ, the largest.
     return dict(vocab_size=value["vocab_size"], block_size=value["n_positions"],
                 n_layer=value["n_layer"], n_head=value["n_head"], n_embd=value["n_embd"],
-                dropout=float(max(rates)), mlp_hidden=value["n_inner"],
+                dropout=max(rates), mlp_hidden=value["n_inner"],
                 norm_eps=value["layer_norm_epsilon"], tie_embeddings=value["tie_word_embeddings"])
 
 
 # config.json's name for each GPTConfig field, for error messages.
-HF_KEYS = {"block_size": "n_positions", "dropout": "resid_pdrop", "mlp_hidden": "n_inner",
+HF_KEYS = {"block_size": "n_positions", "mlp_hidden": "n_inner",
            "norm_eps": "layer_norm_epsilon", "tie_embeddings": "tie_word_embeddings"}
