@@ -14,7 +14,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
-from xpmodel.errors import DataError, UsageError  # noqa: E402
+from xpmodel.errors import DataError, UsageError, XpmodelError  # noqa: E402
 from xpmodel.hf.convert import export_hf, import_hf  # noqa: E402
 from xpmodel.model.gpt import GPT, GPTConfig  # noqa: E402
 from xpmodel.tokenizer.bpe import ENDOFTEXT, BPETokenizer  # noqa: E402
@@ -486,15 +486,15 @@ def test_import_refuses_a_shape_that_disagrees_with_the_config(copy_of_export):
         import_hf(copy_of_export)
 
 
-def add_empty_tensors(path, names):
-    """Append zero-size F32 entries called `names` to the header of the
+def add_empty_tensors(path, names, dtype="F32"):
+    """Append zero-size entries (of `dtype`) called `names` to the header of the
     safetensors file `path`, all at the end of its data (where a file of
     200,000 of them takes seconds to write with safetensors)."""
     import struct
     raw = path.read_bytes()
     (length,) = struct.unpack("<Q", raw[:8])
     header, data = json.loads(raw[8:8 + length]), raw[8 + length:]
-    header.update({name: {"dtype": "F32", "shape": [0], "data_offsets": [len(data)] * 2}
+    header.update({name: {"dtype": dtype, "shape": [0], "data_offsets": [len(data)] * 2}
                    for name in names})
     text = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(text)) + text + data)
@@ -563,6 +563,20 @@ def test_import_takes_the_largest_dropout_rate(copy_of_export):
     assert import_hf(copy_of_export)[0].dropout == 0.2
 
 
+@pytest.mark.parametrize("changes, named", [
+    ({"activation_function": "x" * 10**6}, "activation_function 'xxx"),
+    ({"architectures": "x" * 10**6}, "architectures must be a list, got 'xxx"),
+    ({"model_type": "x" * 10**6}, "model_type 'xxx"),
+    ({"model_type": "qwen3", "architectures": ["x" * 10**6]}, "model_type 'qwen3' \\(xxx"),
+    ({"architectures": ["x" * 10**6]}, "xxx"),
+])
+def test_import_cuts_a_long_config_value_in_its_message(copy_of_export, changes, named):
+    edit_config(copy_of_export, **changes)
+    with pytest.raises(XpmodelError, match=named) as info:
+        import_hf(copy_of_export)
+    assert len(str(info.value)) < 600
+
+
 @pytest.mark.parametrize("edit, feature", [
     (lambda doc: doc["pre_tokenizer"].update(add_prefix_space=True), "add_prefix_space"),
     (lambda doc: doc.update(normalizer={"type": "NFKC"}), "normalizer 'NFKC'"),
@@ -619,6 +633,18 @@ def test_tokenizer_import_refuses_added_tokens_that_are_not_a_list_of_objects(co
     document["added_tokens"] = added
     path.write_text(json.dumps(document, ensure_ascii=False), encoding="utf-8")
     with pytest.raises(DataError, match="tokenizer.json: " + named):
+        import_hf_tokenizer(copy_of_export)
+
+
+@pytest.mark.parametrize("token_id, named", [("abc", "'abc'"), ("9" * 5000, "'99999.*\\.\\.\\.'")])
+def test_tokenizer_import_names_an_added_tokens_decoder_id_that_is_no_number(copy_of_export,
+                                                                             token_id, named):
+    (copy_of_export / "tokenizer.json").unlink()   # vocab.json and tokenizer_config.json are read
+    path = copy_of_export / "tokenizer_config.json"
+    document = json.loads(path.read_text(encoding="utf-8"))
+    document["added_tokens_decoder"] = {token_id: {"content": "<|x|>", "special": True}}
+    path.write_text(json.dumps(document), encoding="utf-8")
+    with pytest.raises(UsageError, match=f"added token '<\\|x\\|>' with id {named} is malformed$"):
         import_hf_tokenizer(copy_of_export)
 
 

@@ -613,6 +613,58 @@ def test_import_names_a_dtype_it_does_not_read(copy_of_llama, dtype, named):
         import_hf(copy_of_llama)
 
 
+@pytest.mark.parametrize("dtype, named", [("Q99", "'Q99'"), (["F32"], "\\['F32'\\]"),
+                                          ("Q" * 10**5, "'QQQ.*\\.\\.\\.'")])
+def test_import_names_a_dtype_safetensors_does_not_have(copy_of_llama, dtype, named):
+    from test_hf import add_empty_tensors
+    add_empty_tensors(copy_of_llama / "model.safetensors", ["model.norm.extra"], dtype)
+    with pytest.raises(DataError, match=f"model.safetensors: unknown dtype {named} of tensor "
+                                        f"'model.norm.extra'$") as info:
+        import_hf(copy_of_llama)
+    assert len(str(info.value)) < 400
+
+
+@pytest.mark.parametrize("kind, named", [("fifo", "is a FIFO"), ("folder", "is a directory"),
+                                         ("link to /dev/zero", "is a character device"),
+                                         ("dangling link", "no such safetensors file"),
+                                         ("absent", "listed in model.safetensors.index.json is "
+                                                    "missing")])
+def test_import_names_what_a_listed_shard_is_when_it_is_no_file(tokenizer, tmp_path, kind, named):
+    import os
+    directory = save_llama(hf_random_llama(seed=15), tmp_path, tokenizer, max_shard_size="20KB")
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    shard = directory / index["weight_map"]["model.norm.weight"]
+    shard.unlink()
+    make = {"fifo": os.mkfifo, "folder": os.mkdir,
+            "link to /dev/zero": lambda p: os.symlink("/dev/zero", p),
+            "dangling link": lambda p: os.symlink(directory / "gone", p), "absent": lambda p: None}
+    make[kind](shard)
+    start = time.perf_counter()
+    with pytest.raises(DataError, match=named) as info:
+        import_hf(directory)
+    assert time.perf_counter() - start < 5
+    assert shard.name in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("changes, named", [
+    (dict(hidden_act="x" * 10**6), "hidden_act 'xxx"),
+    (dict(rope_scaling="x" * 10**6), "rope_scaling must be an object or null, got 'xxx"),
+    (dict(rope_parameters={"rope_type": "x" * 10**6}), "rope_parameters with rope_type 'xxx"),
+    (dict(rope_parameters={"x" * 10**6: 1}), "rope_parameters with 'xxx"),
+    (dict(rope_theta="x" * 10**6),
+     "rope_theta 'xxx.* and rope_parameters.rope_theta 500.0 disagree"),
+    (dict(partial_rotary_factor="x" * 10**6), "partial_rotary_factor 'xxx"),
+    (dict(pretraining_tp="x" * 10**6), "pretraining_tp 'xxx"),
+    (dict(attention_bias="x" * 10**6), "attention_bias must be true or false, got 'xxx"),
+    (dict(head_dim="x" * 10**6), "head_dim 'xxx"),
+])
+def test_import_cuts_a_long_config_value_in_its_message(copy_of_llama, changes, named):
+    edit_config(copy_of_llama, **changes)
+    with pytest.raises(XpmodelError, match=named) as info:
+        import_hf(copy_of_llama)
+    assert len(str(info.value)) < 600
+
+
 @pytest.mark.parametrize("text, named", [("[" * 100_000, "nested too deeply"),
                                          (" " * (17 * 2**20), "more than")])
 def test_import_refuses_a_crafted_config_json(copy_of_llama, text, named):

@@ -289,15 +289,15 @@ def import_family(hf_cfg, where="config.json"):
     model_type = hf_cfg.get("model_type")
     architectures = hf_cfg.get("architectures") or []
     if not isinstance(architectures, list):
-        raise DataError(f"{where}: architectures must be a list, got {architectures!r}")
+        raise DataError(f"{where}: architectures must be a list, got {quote(architectures, 100)}")
     family = next((f for f in FAMILIES if f.MODEL_TYPE == model_type), None)
     others = [a for a in architectures if family is None or a not in family.ARCHITECTURES]
     if family is None or others:
         if family is None:   # the architecture may be a known one (Mistral's is LlamaForCausalLM)
-            name = f"model_type {model_type!r}" + (f" ({', '.join(map(str, architectures))})"
-                                                  if architectures else "")
+            name = f"model_type {quote(model_type, 100)}" + (
+                f" ({one_line(', '.join(map(str, architectures)), 100)})" if architectures else "")
         else:
-            name = f"{others[0]} with model_type {model_type!r}"
+            name = f"{one_line(others[0], 100)} with model_type {quote(model_type, 100)}"
         raise UsageError(f"{where}: {name} is not supported; xpmodel imports GPT-2 "
                          f"(model_type \"gpt2\", {' or '.join(gpt2.ARCHITECTURES)}) and Llama "
                          f"(model_type \"llama\", {llama.ARCHITECTURE})")
@@ -481,11 +481,11 @@ def _weight_paths(hf_dir):
         for key, file_name in weight_map.items():
             if not isinstance(file_name, str) or Path(file_name).name != file_name \
                     or file_name in ("", ".", ".."):
-                raise DataError(f"{hf_dir / WEIGHTS_INDEX}: shard {file_name!r} of {key} is "
-                                f"not a file name in the directory")
+                raise DataError(f"{hf_dir / WEIGHTS_INDEX}: shard {quote(file_name, 100)} of "
+                                f"{quote(key, 100)} is not a file name in the directory")
             shards.setdefault(file_name, set()).add(key)
-        for file_name in shards:
-            if not (hf_dir / file_name).is_file():
+        for file_name in shards:   # SafetensorsFile names what one that is no file is
+            if not os.path.lexists(hf_dir / file_name):
                 raise DataError(f"{hf_dir}: shard {file_name} listed in {WEIGHTS_INDEX} is missing")
         return [(hf_dir / name, keys) for name, keys in sorted(shards.items())]
     pickled = [name for name in _PICKLED if (hf_dir / name).exists()]

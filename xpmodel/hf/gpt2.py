@@ -7,7 +7,7 @@ tensor maps to itself. GPT-2's options are xpmodel's defaults; its MLP width
 with lm_head.weight) carry over too.
 """
 from ..checks import HALF_OPEN_UNIT, check_number
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, quote
 from ..model.params import parameter_shapes
 
 ARCHITECTURE = "GPT2LMHeadModel"
@@ -100,8 +100,8 @@ def config_fields(hf_cfg, where):
         raise DataError(f"{where}: {exc}") from None
     refusals = [
         (value["activation_function"] not in ACTIVATIONS,
-         f"activation_function {value['activation_function']!r} (xpmodel computes the tanh "
-         f"GELU: {' or '.join(ACTIVATIONS)})"),
+         f"activation_function {quote(value['activation_function'], 100)} (xpmodel computes "
+         f"the tanh GELU: {' or '.join(ACTIVATIONS)})"),
         (not value["scale_attn_weights"], "scale_attn_weights false"),
         (value["scale_attn_by_inverse_layer_idx"], "scale_attn_by_inverse_layer_idx"),
         (value["reorder_and_upcast_attn"], "reorder_and_upcast_attn"),

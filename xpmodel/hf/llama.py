@@ -19,7 +19,7 @@ them and stores (in, out):
 Both number q's heads the same way (head h is columns h D .. (h+1) D) and
 rotate each head by halves (Hugging Face's rotate_half), so no column moves.
 """
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, quote
 
 ARCHITECTURE = "LlamaForCausalLM"
 ARCHITECTURES = ("LlamaForCausalLM",)
@@ -132,19 +132,20 @@ def config_fields(hf_cfg, where):
     theta = _rope_theta(hf_cfg, where)
     for key in ("attention_bias", "mlp_bias"):
         if not isinstance(value[key], bool):
-            raise DataError(f"{where}: {key} must be true or false, got {value[key]!r}")
+            raise DataError(f"{where}: {key} must be true or false, got {quote(value[key], 100)}")
     heads, hidden = value["num_attention_heads"], value["hidden_size"]
     positions = value["max_position_embeddings"]
     refusals = [
         (value["hidden_act"] not in ACTIVATIONS,
-         f"hidden_act {value['hidden_act']!r} (xpmodel's SwiGLU gates with silu)"),
+         f"hidden_act {quote(value['hidden_act'], 100)} (xpmodel's SwiGLU gates with silu)"),
         (value["attention_bias"] != value["mlp_bias"],
          f"attention_bias {_yaml(value['attention_bias'])} with mlp_bias "
          f"{_yaml(value['mlp_bias'])} (xpmodel's bias option covers both)"),
-        (value["pretraining_tp"] not in (None, 1), f"pretraining_tp {value['pretraining_tp']!r}"),
+        (value["pretraining_tp"] not in (None, 1),
+         f"pretraining_tp {quote(value['pretraining_tp'], 100)}"),
         (value["head_dim"] is not None
          and _head_size(hidden, heads) not in (None, value["head_dim"]),
-         f"head_dim {value['head_dim']!r} (xpmodel's head size is hidden_size / "
+         f"head_dim {quote(value['head_dim'], 100)} (xpmodel's head size is hidden_size / "
          f"num_attention_heads)"),
         (_is_int(positions) and positions > MAX_POSITIONS,
          f"max_position_embeddings {positions} (more than xpmodel's {MAX_POSITIONS})"),
@@ -173,23 +174,23 @@ def _rope_theta(hf_cfg, where):
         if rope is None:
             continue
         if not isinstance(rope, dict):
-            raise DataError(f"{where}: {key} must be an object or null, got {rope!r}")
+            raise DataError(f"{where}: {key} must be an object or null, got {quote(rope, 100)}")
         kind = rope.get("rope_type", rope.get("type", "default"))
         others = sorted(set(rope) - {"rope_type", "type", "rope_theta"})
         if kind != "default" or others:
-            what = f"rope_type {kind!r}" if kind != "default" else f"{others[0]}"
+            what = f"rope_type {quote(kind, 100)}" if kind != "default" else quote(others[0], 100)
             raise UsageError(f"{where}: {key} with {what} is not supported (xpmodel computes "
                              f"plain RoPE)")
         if "rope_theta" in rope:
             thetas[f"{key}.rope_theta"] = rope["rope_theta"]
     values = list(thetas.values())
     if any(theta != values[0] for theta in values[1:]):
-        given = " and ".join(f"{name} {theta!r}" for name, theta in thetas.items())
+        given = " and ".join(f"{name} {quote(theta, 100)}" for name, theta in thetas.items())
         raise DataError(f"{where}: {given} disagree (transformers 4 and 5 would use "
                         f"different ones); keep one rope_theta")
     partial = hf_cfg.get("partial_rotary_factor")
     if partial not in (None, 1, 1.0):
-        raise UsageError(f"{where}: partial_rotary_factor {partial!r} is not supported "
+        raise UsageError(f"{where}: partial_rotary_factor {quote(partial, 100)} is not supported "
                          f"(xpmodel rotates whole heads)")
     return values[0] if values else HF_DEFAULTS["rope_theta"]
 

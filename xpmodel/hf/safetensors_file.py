@@ -96,6 +96,9 @@ class SafetensorsFile:
         self.metadata = metadata
         self._entries = {}
         for key, entry in header.items():
+            if isinstance(entry, dict) and "dtype" in entry and _itemsize(entry["dtype"]) is None:
+                raise error(f"{self.path}: unknown dtype {quote(entry['dtype'], 80)} of tensor "
+                            f"{quote(key, 80)}")
             if not _entry_fits(entry, data_len):
                 raise error(f"{self.path}: truncated or corrupt {what} (tensor {quote(key, 80)})")
             self._entries[key] = (entry["dtype"], tuple(entry["shape"]), *entry["data_offsets"])

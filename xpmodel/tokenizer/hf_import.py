@@ -155,7 +155,7 @@ def _read_vocab_and_merges(directory):
     if isinstance(decoder, dict):
         for token_id, entry in decoder.items():
             if isinstance(entry, dict):
-                added.append((_int_or_none(token_id), entry.get("content"),
+                added.append((_token_id(token_id), entry.get("content"),
                               entry.get("special", False)))
     if os.path.lexists(directory / "added_tokens.json"):
         extra = _load_json(directory / "added_tokens.json")
@@ -419,11 +419,13 @@ def _kind(component):
     return quote(component.get("type"), 100) if isinstance(component, dict) else quote(component, 100)
 
 
-def _int_or_none(text):
+def _token_id(key):
+    """An added_tokens_decoder key as the id it spells, or the key itself
+    (which _names_by_id refuses, naming it)."""
     try:
-        return int(text)
+        return int(key)
     except (TypeError, ValueError):
-        return None
+        return key
 
 
 def _load_json(path):
