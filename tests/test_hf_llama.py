@@ -357,18 +357,28 @@ def test_llama_round_trip_is_exact(exported, tokenizer):
 
 
 @pytest.mark.parametrize("options, named", [
-    (dict(LLAMA, qk_norm=True), "model.qk_norm true cannot be exported: LlamaForCausalLM"),
-    (dict(LLAMA, mlp="relu2"), "model.mlp relu2 cannot be exported"),
-    (dict(LLAMA, mlp="gelu"), "model.mlp gelu cannot be exported: Llama's MLP is SwiGLU"),
-    (dict(position="rope"), "model.position rope cannot be exported: GPT-2"),
-    (dict(n_kv_head=2), "model.n_kv_head 2 cannot be exported: GPT-2"),
-    (dict(bias=False), "model.bias false cannot be exported: GPT-2"),
+    (dict(LLAMA, qk_norm=True),
+     "^model.qk_norm true cannot be exported as LlamaForCausalLM, which has no QK-norm \\("),
+    (dict(LLAMA, mlp="relu2"), "^model.mlp relu2 cannot be exported as LlamaForCausalLM"),
+    (dict(LLAMA, mlp="gelu"), "^model.mlp gelu cannot be exported as LlamaForCausalLM, which has "
+                              "a SwiGLU MLP \\("),
+    (dict(position="rope"), "^model.position rope cannot be exported as GPT2LMHeadModel, which "
+                            "has learned positions \\("),
+    (dict(n_kv_head=2), "^model.n_kv_head 2 cannot be exported as GPT2LMHeadModel"),
+    (dict(bias=False), "^model.bias false cannot be exported as GPT2LMHeadModel"),
+    (dict(position="rope", mlp="relu2", qk_norm=True),
+     "^model.position rope, model.mlp relu2, model.qk_norm true cannot be exported as "
+     "GPT2LMHeadModel, which has learned positions, a GELU MLP and no QK-norm \\(Hugging Face"),
+    (dict(LLAMA, qk_norm=True, bias=True, mlp="gelu", n_kv_head=2),
+     "^model.mlp gelu, model.qk_norm true cannot be exported as LlamaForCausalLM, which has a "
+     "SwiGLU MLP and no QK-norm \\("),
 ])
 def test_export_names_the_option_it_cannot_write(options, named, tokenizer, tmp_path):
     config = GPTConfig(vocab_size=PADDED_VOCAB, block_size=16, n_layer=1, n_head=4, n_embd=16,
                        **options)
-    with pytest.raises(UsageError, match=named):
+    with pytest.raises(UsageError, match=named) as info:
         export_hf(GPT(config), tokenizer, tmp_path / "out")
+    assert "\n" not in str(info.value)
     assert not list(tmp_path.iterdir())
 
 

@@ -6,7 +6,7 @@ export_hf(model, tokenizer, out_dir, special_ids=None)
     (float32), generation_config.json and the tokenizer files. A model with
     GPT-2's options becomes a GPT2LMHeadModel, one with Llama's (rmsnorm,
     rope, swiglu, no QK-norm) a LlamaForCausalLM; any other is refused,
-    naming the option.
+    naming every option the closer of the two does not hold.
 import_hf(hf_dir) -> (GPTConfig, arrays, tokenizer)
     reads a local GPT-2 or Llama directory (one safetensors file or shards)
     into xpmodel's parameter names, ready for `GPT.load_state_arrays`.
@@ -151,15 +151,17 @@ def check_export_target(out_dir, overwrite, given_as="out_dir"):
 
 def export_family(config):
     """The family (gpt2 or llama) whose architecture holds `config`
-    exactly; otherwise a UsageError naming the first option neither holds,
-    for the family it is closest to."""
+    exactly; otherwise a UsageError naming every option that the family it
+    is closest to does not hold, and what that family has instead."""
     found = [(family.mismatches(config), family) for family in FAMILIES]
     for mismatched, family in found:
         if not mismatched:
             return family
     mismatched, family = min(found, key=lambda pair: len(pair[0]))
-    key, value, reason = mismatched[0]
-    raise UsageError(f"model.{key} {_yaml(value)} cannot be exported: {reason} "
+    options = ", ".join(f"model.{key} {_yaml(value)}" for key, value, _ in mismatched)
+    *others, last = [has for _, _, has in mismatched]
+    has = f"{', '.join(others)} and {last}" if others else last
+    raise UsageError(f"{options} cannot be exported as {family.ARCHITECTURE}, which has {has} "
                      f"(Hugging Face export takes GPT-2's options as {gpt2.ARCHITECTURE}, or "
                      f"norm rmsnorm, position rope, mlp swiglu and qk_norm false as "
                      f"{llama.ARCHITECTURE})")

@@ -18,12 +18,12 @@ EMBEDDING = "transformer.wte.weight"
 LAYER_PREFIX = "transformer.h.{}."
 # Causal-mask buffers that older checkpoints saved; they hold no parameters.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-# (option, the value GPT-2 has, what a differing value means for GPT-2)
-OPTIONS = (("norm", "layernorm", "GPT-2 uses LayerNorm"),
-           ("position", "learned", "GPT-2 learns its positions"),
-           ("mlp", "gelu", "GPT-2's MLP is GELU"),
-           ("qk_norm", False, "GPT-2 has no QK-norm"),
-           ("bias", True, "GPT-2 has biases everywhere"))
+# (option, the value GPT-2 has, what GPT-2 has there, for a message)
+OPTIONS = (("norm", "layernorm", "LayerNorm"),
+           ("position", "learned", "learned positions"),
+           ("mlp", "gelu", "a GELU MLP"),
+           ("qk_norm", False, "no QK-norm"),
+           ("bias", True, "biases everywhere"))
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")   # both are the tanh GELU xpmodel computes
 DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
 # GPT2Config's defaults, which Hugging Face applies to keys a config.json leaves out.
@@ -36,11 +36,11 @@ HF_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer
 
 
 def mismatches(config):
-    """[(option, value, reason)] of `config` that GPT2LMHeadModel cannot hold."""
+    """[(option, value, what GPT2LMHeadModel has instead)] of `config`."""
     found = [(key, getattr(config, key), why) for key, value, why in OPTIONS
              if getattr(config, key) != value]
     if config.kv_heads != config.n_head:
-        found.append(("n_kv_head", config.kv_heads, "GPT-2 has no grouped-query attention"))
+        found.append(("n_kv_head", config.kv_heads, "no grouped-query attention"))
     return found
 
 

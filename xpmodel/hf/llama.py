@@ -29,11 +29,11 @@ EMBEDDING = "model.embed_tokens.weight"
 LAYER_PREFIX = "model.layers.{}."
 # Rotary tables that older checkpoints saved; they hold no parameters.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-# (option, the value Llama has, what a differing value means for Llama)
-OPTIONS = (("norm", "rmsnorm", "Llama uses RMSNorm"),
-           ("position", "rope", "Llama uses rotary positions"),
-           ("mlp", "swiglu", "Llama's MLP is SwiGLU"),
-           ("qk_norm", False, "LlamaForCausalLM has no QK-norm"))
+# (option, the value Llama has, what Llama has there, for a message)
+OPTIONS = (("norm", "rmsnorm", "RMSNorm"),
+           ("position", "rope", "rotary positions"),
+           ("mlp", "swiglu", "a SwiGLU MLP"),
+           ("qk_norm", False, "no QK-norm"))
 ACTIVATIONS = ("silu", "swish")   # two names of x * sigmoid(x)
 # Rotary positions beyond this are refused: xpmodel builds tables of block_size rows.
 MAX_POSITIONS = 1 << 20
@@ -53,7 +53,7 @@ HF_KEYS = {"vocab_size": "vocab_size", "block_size": "max_position_embeddings",
 
 
 def mismatches(config):
-    """[(option, value, reason)] of `config` that LlamaForCausalLM cannot hold."""
+    """[(option, value, what LlamaForCausalLM has instead)] of `config`."""
     return [(key, getattr(config, key), why) for key, value, why in OPTIONS
             if getattr(config, key) != value]
 
