@@ -764,9 +764,10 @@ def test_cli_imports_samples_exports_and_fine_tunes_a_llama(tmp_path, tokenizer,
 
     code, out, err = run_cli(capsys, "train", "--device", "cpu", "--quiet", "--out", tuned,
                              "--init-from", source, f"data.source={tinyshakespeare}",
-                             "model.n_layer=3", "model.block_size=16", *TRAIN)
+                             "model.n_layer=3", "model.qk_norm=true", "model.block_size=16", *TRAIN)
     assert code == 0, err
-    assert "ignoring model.n_layer=3\n" in out   # rope: the shorter context is kept
+    # rope: the shorter context is kept, and the note does not say block_size is the source's
+    assert "come from the source; ignoring model.n_layer=3, model.qk_norm=true\n" in out
     tuned_model, _ = xpmodel.load(tuned)
     assert tuned_model.config == replace(model.config, block_size=16)
     saved = RunDir(tuned).load_config().model

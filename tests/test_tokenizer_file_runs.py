@@ -128,7 +128,8 @@ def test_init_from_says_it_uses_the_source_runs_tokenizer_instead_of_a_file(tmp_
                              "--init-from", tmp_path / "source", f"data.source={corpus}",
                              f"data.tokenizer={tokenizer}")
     assert code == 0, err
-    assert "the model shape and tokenizer come from the source" in out
+    assert "the model shape and tokenizer come from the source (block_size too: its positions " \
+        "are learned)" in out
     assert f"ignoring data.tokenizer={tokenizer}" in out
     assert (tmp_path / "tuned" / "tokenizer.json").read_bytes() == \
         (tmp_path / "source" / "tokenizer.json").read_bytes()

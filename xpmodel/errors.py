@@ -55,6 +55,12 @@ def quote(text, limit=200):
     return shown if len(shown) <= limit else shown[:limit - 4] + "...'"
 
 
+def setting_text(value):
+    """A setting's value as a config file or a KEY=VALUE override spells it
+    (true and false for booleans), for a message."""
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
 def counted(count, noun):
     """"1 step", "2 steps": a count and its noun for a message (nouns taking an s)."""
     return f"{count:,} {noun}{'' if count == 1 else 's'}"

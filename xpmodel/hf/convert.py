@@ -52,7 +52,7 @@ import numpy
 from safetensors.numpy import save as safetensors_bytes
 
 from ..atomic import atomic_write_json
-from ..errors import DataError, UsageError, one_line, quote
+from ..errors import DataError, UsageError, one_line, quote, setting_text
 from ..files import folder_problem, read_json
 from ..folder_write import write_folder_atomically
 from ..model.config import GPTConfig
@@ -158,7 +158,7 @@ def export_family(config):
         if not mismatched:
             return family
     mismatched, family = min(found, key=lambda pair: len(pair[0]))
-    options = ", ".join(f"model.{key} {_yaml(value)}" for key, value, _ in mismatched)
+    options = ", ".join(f"model.{key} {setting_text(value)}" for key, value, _ in mismatched)
     *others, last = [has for _, _, has in mismatched]
     has = f"{', '.join(others)} and {last}" if others else last
     raise UsageError(f"{options} cannot be exported as {family.ARCHITECTURE}, which has {has} "
@@ -176,10 +176,6 @@ def to_hf_tensors(table, arrays):
         for (hf_name, _), piece in zip(parts, pieces):
             tensors[hf_name] = numpy.ascontiguousarray(piece.T if transposed else piece)
     return tensors
-
-
-def _yaml(value):
-    return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
 # ----- import ---------------------------------------------------------------

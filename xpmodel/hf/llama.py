@@ -19,7 +19,7 @@ them and stores (in, out):
 Both number q's heads the same way (head h is columns h D .. (h+1) D) and
 rotate each head by halves (Hugging Face's rotate_half), so no column moves.
 """
-from ..errors import DataError, UsageError, quote
+from ..errors import DataError, UsageError, quote, setting_text
 
 ARCHITECTURE = "LlamaForCausalLM"
 ARCHITECTURES = ("LlamaForCausalLM",)
@@ -139,8 +139,8 @@ def config_fields(hf_cfg, where):
         (value["hidden_act"] not in ACTIVATIONS,
          f"hidden_act {quote(value['hidden_act'], 100)} (xpmodel's SwiGLU gates with silu)"),
         (value["attention_bias"] != value["mlp_bias"],
-         f"attention_bias {_yaml(value['attention_bias'])} with mlp_bias "
-         f"{_yaml(value['mlp_bias'])} (xpmodel's bias option covers both)"),
+         f"attention_bias {setting_text(value['attention_bias'])} with mlp_bias "
+         f"{setting_text(value['mlp_bias'])} (xpmodel's bias option covers both)"),
         (value["pretraining_tp"] not in (None, 1),
          f"pretraining_tp {quote(value['pretraining_tp'], 100)}"),
         (value["head_dim"] is not None
@@ -204,7 +204,3 @@ def _head_size(hidden, heads):
 
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _yaml(flag):
-    return "true" if flag else "false"

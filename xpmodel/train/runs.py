@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import ModelConfig, load_config
-from ..errors import CheckpointError, UsageError, XpmodelError
+from ..errors import CheckpointError, UsageError, XpmodelError, setting_text
 from ..files import inside, same_file
 from ..hf.convert import (SPECIAL_ID_KEYS, check_special_ids, hf_special_ids, import_hf,
                           import_hf_with_special_ids)
@@ -261,7 +261,7 @@ def settings_chosen(model):
 def ignored_settings(model, adopted):
     """`model.KEY=value` of each setting `model` chose that `adopted` (its
     config after adopt_pretrained) does not have."""
-    return [f"model.{key}={getattr(model, key)}" for key in settings_chosen(model)
+    return [f"model.{key}={setting_text(getattr(model, key))}" for key in settings_chosen(model)
             if getattr(model, key) != getattr(adopted, key)]
 
 

@@ -249,9 +249,10 @@ class RunSetup:
             if names_tokenizer_file(config.data.tokenizer):
                 ignored.append(f"data.tokenizer={config.data.tokenizer}")
             if ignored and show and is_main:
+                learned = " (block_size too: its positions are learned)" \
+                    if adopted.model.position == "learned" else ""
                 print(f"--init-from {config.train.init_from}: the model shape and tokenizer come "
-                      f"from the source (block_size too, with learned positions); ignoring "
-                      f"{', '.join(ignored)}")
+                      f"from the source{learned}; ignoring {', '.join(ignored)}")
             config = adopted
         else:
             tokenizer = build_tokenizer(config.data, say=print if (show and is_main) else (lambda s: None))
