@@ -474,7 +474,12 @@ def test_import_refuses_extra_and_missing_tensors(model, copy_of_export):
     save_file(tensors, str(copy_of_export / "model.safetensors"))
     with pytest.raises(UsageError, match="score.weight"):
         import_hf(copy_of_export)
-    del tensors["score.weight"], tensors["transformer.h.1.mlp.c_fc.bias"]
+    del tensors["score.weight"]
+    add_empty_tensors(copy_of_export / "model.safetensors", ["score." + "x" * 100_000])
+    with pytest.raises(UsageError) as refusal:   # a name the file holds is cut in the message
+        import_hf(copy_of_export)
+    assert "score.xxx" in str(refusal.value) and len(str(refusal.value)) < 500
+    del tensors["transformer.h.1.mlp.c_fc.bias"]
     save_file(tensors, str(copy_of_export / "model.safetensors"))
     with pytest.raises(DataError, match="h.1.mlp.c_fc.bias"):
         import_hf(copy_of_export)

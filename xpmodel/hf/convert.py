@@ -415,18 +415,18 @@ def _read_tensors(hf_dir, sources, family, shapes, tied):
             if key.endswith(family.IGNORED_SUFFIXES):
                 continue
             if listed is not None and key not in listed:
-                raise DataError(f"{source.path}: holds {key}, which {WEIGHTS_INDEX} does not "
-                                f"list in this shard")
+                raise DataError(f"{source.path}: holds {one_line(key, 100)}, which "
+                                f"{WEIGHTS_INDEX} does not list in this shard")
             name = family.canonical(key)
             if name in shapes:
                 shape = shapes[name]
             elif name == "lm_head.weight" and tied:
                 shape = shapes[embedding]
             else:
-                unexpected.append(key)
+                unexpected.append(one_line(key, 100))
                 continue
             if name in tensors:
-                raise DataError(f"{hf_dir}: {name} is stored twice (as {key} too)")
+                raise DataError(f"{hf_dir}: {name} is stored twice (as {one_line(key, 100)} too)")
             if source.shape(key) != tuple(shape):
                 raise DataError(f"{source.path}: {key} has shape {list(source.shape(key))}; "
                                 f"config.json needs {list(shape)}")
