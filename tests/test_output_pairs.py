@@ -47,18 +47,22 @@ class Killed(BaseException):
 
 
 def kill_between(monkeypatch, *pair):
-    """Make the second of the renames that put the files `pair` in place raise
-    Killed; returns the list the target it stopped is appended to."""
-    real, renamed, stopped = os.replace, [], []
+    """Make the second of the renames (or links, for a new output) that put
+    the files `pair` in place raise Killed; returns the list the target it
+    stopped is appended to."""
+    renamed, stopped = [], []
 
-    def replace(source, target, **kwargs):
-        if Path(target) in pair:
-            if renamed:
-                stopped.append(Path(target))
-                raise Killed(target)
-            renamed.append(Path(target))
-        return real(source, target, **kwargs)
-    monkeypatch.setattr(os, "replace", replace)
+    def stopping(real):
+        def place(source, target, **kwargs):
+            if Path(target) in pair:
+                if renamed:
+                    stopped.append(Path(target))
+                    raise Killed(target)
+                renamed.append(Path(target))
+            return real(source, target, **kwargs)
+        return place
+    monkeypatch.setattr(os, "replace", stopping(os.replace))
+    monkeypatch.setattr(os, "link", stopping(os.link))
     return stopped
 
 

@@ -3,6 +3,7 @@ inputs or a run's own files, and an existing file is replaced only with
 --overwrite (train/outputs.py: check_output / check_output_dir), checked before any slow
 work. Also: training outlives a closed stdout, --workers is bounded, an empty
 config is refused, and the one-line messages of the new-user audit."""
+import errno
 import json
 import os
 import subprocess
@@ -56,6 +57,43 @@ def refused(capsys, *args, code=2):
     assert got == code, (args, out, err)
     assert_one_line_error(err)
     return out, err
+
+
+# ---- 0. two commands given the same new output at once ---------------------------------
+
+def _written_meanwhile(monkeypatch, files):
+    """Make another process's `files` ({path: bytes}, in one folder) appear
+    between the command's check of its outputs and its first write there."""
+    import xpmodel.atomic as atomic
+    clean = atomic.remove_stale_temporaries   # the first step of every write
+
+    def first_write(folder, is_target):
+        for path, data in files.items():
+            if Path(folder) == path.parent and not path.exists():
+                path.write_bytes(data)
+        return clean(folder, is_target)
+    monkeypatch.setattr(atomic, "remove_stale_temporaries", first_write)
+
+
+@pytest.mark.parametrize("command", ["tokenizer", "prepare", "plot", "lr-find"])
+def test_a_new_output_another_process_wrote_meanwhile_is_kept(command, capsys, run, corpus,
+                                                              tmp_path, monkeypatch):
+    if command in ("plot", "lr-find") and not HAVE_MATPLOTLIB:
+        pytest.skip("the plot needs matplotlib")
+    tokenizer = tmp_path / "tok.json"
+    BPETokenizer().save(tokenizer)
+    out = tmp_path / "theirs" / {"tokenizer": "t.json", "prepare": "x.bin"}.get(command, "p.png")
+    args = {"tokenizer": ["tokenizer", "train", corpus, "--vocab-size", 260, "--out", out],
+            "prepare": ["prepare", corpus, "--tokenizer", tokenizer, "--out", out],
+            "plot": ["plot", run, "--out", out],
+            "lr-find": ["lr-find", "--config", run, "--out", out, "--steps", 10]}[command]
+    partner = {"prepare": out.with_name("x.bin.json"), "lr-find": out.with_suffix(".json")}
+    theirs = {out: b"theirs", **({partner[command]: b"their numbers"} if command in partner else {})}
+    _written_meanwhile(monkeypatch, theirs)
+    _, err = refused(capsys, *args, code=1)
+    assert "another process wrote this file while this command ran" in err
+    assert {path: path.read_bytes() for path in theirs} == theirs
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(p.name for p in theirs)
 
 
 # ---- 1. outputs: tokenizer train ------------------------------------------------------
@@ -512,3 +550,28 @@ def test_a_narrow_terminal_cuts_the_figures_not_the_step_count(width):
         display.step(150, 5.0648, 7.5e-4, 1.75, 43300)
     shown = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", buffer.getvalue()).replace("\r", "\n")
     assert any(line.strip().startswith("150/2000 ") for line in shown.split("\n"))
+
+
+@pytest.mark.parametrize("error", [errno.EPERM, errno.EOPNOTSUPP])
+def test_a_new_output_on_a_file_system_without_hard_links(error, tmp_path, monkeypatch):
+    """Where a hard link cannot be made, a new output is checked just before
+    its rename: put in place while absent, refused once another made it."""
+    from xpmodel.atomic import atomic_write_bytes, note_output
+    from xpmodel.errors import XpmodelError
+
+    def no_links(source, target):
+        raise OSError(error, os.strerror(error))
+    monkeypatch.setattr(os, "link", no_links)
+    out = tmp_path / "new.bin"
+    note_output(out)
+    atomic_write_bytes(out, b"mine")
+    assert out.read_bytes() == b"mine"
+    other = tmp_path / "other.bin"
+    note_output(other)
+    other.write_bytes(b"theirs")
+    with pytest.raises(XpmodelError, match="another process wrote this file"):
+        atomic_write_bytes(other, b"mine")
+    assert other.read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.bin", "other.bin"]
+    atomic_write_bytes(out, b"again")   # written once, the output is this process's own
+    assert out.read_bytes() == b"again"

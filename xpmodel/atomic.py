@@ -16,21 +16,31 @@ from a killed process can be told apart from the user's own files:
 `dead_temporaries` finds them, and a write of NAME removes those of NAME
 (`remove_stale_temporaries`).
 
+An output a command found absent when it checked it (train/outputs.py
+calls `note_output`) is put in place only while it is still absent: by a hard
+link, which fails if another process wrote the same file meanwhile (two
+commands started with the same --out), so that the later one stops with an
+error instead of replacing the other's file.
+
 A folder written as a whole goes through folder_write.py, which builds on
 these writes.
 """
 import contextlib
+import errno
 import json
 import os
 import re
 import time
 from pathlib import Path
 
+from .errors import XpmodelError
 from .files import process_alive
 
 # Temporary files being written right now, so that a second Ctrl-C, which
 # leaves at once, can remove them on its way out (see `abandon_partial_writes`).
 _in_flight = set()
+# Outputs found absent when the command checked them (absolute paths; `note_output`).
+_new_outputs = set()
 # A temporary this recent may be another machine's write in a shared folder.
 STALE_TEMPORARY_S = 60
 _TEMPORARY = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)\Z")
@@ -98,7 +108,10 @@ def atomic_writer(path, pause=0.0):
         if pause > 0:
             time.sleep(pause)
         try:
-            os.replace(tmp, path)
+            if os.path.abspath(path) in _new_outputs:
+                _place_new(tmp, path)
+            else:
+                os.replace(tmp, path)
         except OSError as exc:
             raise _naming(exc, path) from None
     except BaseException:
@@ -110,6 +123,44 @@ def atomic_writer(path, pause=0.0):
     finally:
         _in_flight.discard(tmp)
     fsync_folder(path.parent)
+
+
+def note_output(path):
+    """Record whether the output `path` exists now, as a command checks it:
+    if not, it is new, and this process's next write of it puts it in place
+    only while it is still absent."""
+    absolute = os.path.abspath(path)
+    if os.path.lexists(path):
+        _new_outputs.discard(absolute)
+    else:
+        _new_outputs.add(absolute)
+
+
+def refuse_if_written_meanwhile(path):
+    """An error when the new output `path` (`note_output`) exists now:
+    another process wrote it after this one checked its outputs."""
+    if os.path.abspath(path) in _new_outputs and os.path.lexists(path):
+        raise XpmodelError(f"{path}: another process wrote this file while this command ran; "
+                           f"it is kept, and nothing was written over it")
+
+
+def _place_new(tmp, path):
+    """Put the written temporary `tmp` at the new output `path`, unless another
+    process wrote `path` meanwhile: a hard link does not replace a file. Where
+    the file system has no hard links, a check just before the rename."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        refuse_if_written_meanwhile(path)
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+            raise
+        refuse_if_written_meanwhile(path)
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
+    _new_outputs.discard(os.path.abspath(path))   # written: this process's own file now
 
 
 class _TargetFile:

@@ -19,6 +19,7 @@ import os
 import struct
 from pathlib import Path
 
+from .atomic import refuse_if_written_meanwhile
 from .errors import UsageError
 from .files import open_regular, parse_json
 
@@ -38,7 +39,10 @@ def stamp(last):
 
 
 def remove_last_file(last):
-    """Remove the pair's existing last file, before its first file is written."""
+    """Remove the pair's existing last file, before its first file is written;
+    an error instead when the command found no such file when it checked its
+    outputs, and another process wrote it since (atomic.note_output)."""
+    refuse_if_written_meanwhile(last)
     Path(last).unlink(missing_ok=True)
 
 

@@ -11,6 +11,7 @@ that fails before then leaves no empty folder behind.
 import os
 from pathlib import Path
 
+from ..atomic import note_output
 from ..errors import UsageError
 from ..file_pairs import is_interrupted_pair
 from ..files import folder_problem, inside, same_file
@@ -29,7 +30,9 @@ def check_output(path, flag, inputs=(), overwrite=False, partner=None):
     pair's last file, written after it; an existing `path` stamped as the
     first file of that very pair, with `partner` missing, is the leftover of
     an interrupted write of it (`is_interrupted_pair`) and needs no
-    `overwrite`. Returns `path` as a Path."""
+    `overwrite`. A `path` absent now is written only while it is still
+    absent (atomic.note_output): two commands given the same new output at
+    once never replace each other's file. Returns `path` as a Path."""
     path = Path(path)
     for source in inputs:
         _check_not_an_input(path, flag, source)
@@ -40,7 +43,8 @@ def check_output(path, flag, inputs=(), overwrite=False, partner=None):
     _check_folder(path.parent, path, flag)
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a directory; give a file path")
-    if (path.exists() or path.is_symlink()) and not overwrite and \
+    note_output(path)   # one absent now is written only while still absent: never over another's
+    if os.path.lexists(path) and not overwrite and \
             not (partner is not None and is_interrupted_pair(path, partner)):
         raise UsageError(f"{flag} {path}: already exists; pass --overwrite to replace it, or "
                          f"choose another {flag}")
