@@ -575,3 +575,28 @@ def test_a_new_output_on_a_file_system_without_hard_links(error, tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.bin", "other.bin"]
     atomic_write_bytes(out, b"again")   # written once, the output is this process's own
     assert out.read_bytes() == b"again"
+
+
+def test_a_write_that_fails_part_way_names_the_file_and_leaves_nothing(tmp_path):
+    """A file-size limit (as a full disk) met part way through small writes:
+    the error names the target (a second error, from closing the file,
+    replaced it when the file was buffered), and neither the temporary nor the
+    folders made for it are left."""
+    script = """
+import resource, signal, sys
+from pathlib import Path
+from xpmodel.atomic import atomic_writer
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+try:
+    with atomic_writer(Path(sys.argv[1])) as f:
+        for _ in range(100):
+            f.write(b"x" * 1000)
+except OSError as exc:
+    print(repr(exc.filename), exc.strerror)
+"""
+    target = tmp_path / "made" / "deeper" / "out.bin"
+    result = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.stdout == f"{str(target)!r} File too large\n", result.stderr
+    assert list(tmp_path.iterdir()) == []

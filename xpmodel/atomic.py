@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from .errors import XpmodelError
-from .files import process_alive
+from .files import missing_folders, process_alive
 
 # Temporary files being written right now, so that a second Ctrl-C, which
 # leaves at once, can remove them on its way out (see `abandon_partial_writes`).
@@ -86,11 +86,13 @@ def atomic_writer(path, pause=0.0):
 
     An OSError of the write itself (a full disk, say) names `path`, not the
     temporary file; an exception from the block removes the temporary file
-    and leaves `path` as it was.
+    and the folders made for it, and leaves `path` as it was. The file is
+    unbuffered, so that an error is met where the data is written, and once.
     """
     path = Path(path)
     tmp = Path(os.path.abspath(temporary_path(path)))   # as `dead_temporaries` compares it
     _in_flight.add(tmp)
+    made = missing_folders(path.parent)[1]   # deepest first
     try:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +100,7 @@ def atomic_writer(path, pause=0.0):
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
         except OSError as exc:
             raise _naming(exc, path) from None
-        with open(fd, "wb") as raw:
+        with open(fd, "wb", buffering=0) as raw:
             yield _TargetFile(raw, path)
             try:
                 raw.flush()
@@ -119,6 +121,11 @@ def atomic_writer(path, pause=0.0):
             os.unlink(tmp)
         except OSError:
             pass
+        for folder in made:
+            try:
+                os.rmdir(folder)   # only while empty: a file another process put there stays
+            except OSError:
+                break
         raise
     finally:
         _in_flight.discard(tmp)
@@ -170,10 +177,15 @@ class _TargetFile:
         self._raw, self._target = raw, target
 
     def write(self, data):
+        """Write all of `data` (an unbuffered write may take part of it)."""
+        view = memoryview(data).cast("B")
+        size = view.nbytes
         try:
-            return self._raw.write(data)
+            while view:
+                view = view[self._raw.write(view):]
         except OSError as exc:
             raise _naming(exc, self._target) from None
+        return size
 
     def seek(self, offset, whence=os.SEEK_SET):
         return self._raw.seek(offset, whence)
