@@ -346,10 +346,46 @@ def test_a_leftover_is_a_file_stamped_with_the_name_of_its_missing_partner(tmp_p
 @pytest.mark.parametrize("partner", ["x.png", "graphique-été.png", "图.png"])
 def test_a_pictures_stamp_is_read_back_whatever_the_name(tmp_path, partner):
     """A latin-1 name goes in a tEXt chunk, any other in an iTXt one."""
-    from xpmodel.tune.plot import pyplot, save_figure
+    from xpmodel.tune.plot import png_bytes, pyplot
     plt = pyplot()
     fig, _ = plt.subplots(figsize=(2, 2))
-    picture = save_figure(plt, fig, tmp_path / "x-health.png", metadata=stamp(tmp_path / partner))
+    picture = tmp_path / "x-health.png"
+    picture.write_bytes(png_bytes(plt, fig, metadata=stamp(tmp_path / partner)))
     assert is_interrupted_pair(picture, tmp_path / partner)
     (tmp_path / partner).write_bytes(b"")
     assert not is_interrupted_pair(picture, tmp_path / partner)
+
+
+@pytest.mark.parametrize("command", ["prepare", "lr-find", "plot"])
+def test_overwrite_that_fails_writing_the_first_file_keeps_the_old_pair(command, capsys, run,
+                                                                        tmp_path, monkeypatch,
+                                                                        tokenizer):
+    """Both files are written before the old pair is touched: a full disk met
+    while writing the first file (the sidecar, the numbers, the health plot)
+    leaves the old pair whole."""
+    if command != "prepare" and not HAVE_MATPLOTLIB:
+        pytest.skip("the plot needs matplotlib")
+    import xpmodel.atomic as atomic
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=50)
+    out = tmp_path / "o" / {"prepare": "c.tok"}.get(command, "x.png")
+    first = {"prepare": Path(f"{out}.json"), "lr-find": out.with_suffix(".json"),
+             "plot": out.with_name("x-health.png")}[command]
+    args = {"prepare": ["prepare", corpus, "--tokenizer", tokenizer, "--out", out, "--workers", 1],
+            "lr-find": ["lr-find", "--config", run, "--out", out, "--steps", 10],
+            "plot": ["plot", run, "--out", out]}[command]
+    if command == "plot":
+        add_health_records(run)
+    succeeds(capsys, *args)
+    old = {path: path.read_bytes() for path in (out, first)}
+    corpus.write_text("other text, other ids\n" * 40)   # prepare's rerun has new ids to write
+    real_write = atomic._TargetFile.write
+
+    def full_on_the_first_file(self, data):
+        if self._target == first:
+            raise OSError(errno.ENOSPC, "No space left on device", str(first))
+        return real_write(self, data)
+    monkeypatch.setattr(atomic._TargetFile, "write", full_on_the_first_file)
+    code, _, err = run_cli(capsys, *args, "--overwrite")
+    assert code == 1 and f"{first}: No space left on device" in err, err
+    assert {path: path.read_bytes() for path in (out, first)} == old
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(p.name for p in (out, first))

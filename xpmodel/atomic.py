@@ -75,9 +75,14 @@ def atomic_write_bytes(path, data, pause=0.0):
 
 
 def atomic_write_json(path, document):
-    """`document` as indented UTF-8 JSON ending in a newline, written as
-    atomic_write_bytes writes."""
-    atomic_write_bytes(path, (json.dumps(document, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+    """`document` as `json_bytes`, written as atomic_write_bytes writes."""
+    atomic_write_bytes(path, json_bytes(document))
+
+
+def json_bytes(document):
+    """`document` as indented UTF-8 JSON ending in a newline, as xpmodel writes JSON."""
+    return (json.dumps(document, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+
 
 @contextlib.contextmanager
 def atomic_writer(path, pause=0.0):

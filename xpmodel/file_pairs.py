@@ -3,11 +3,13 @@
 its `-health.png` (tune/). Each file is written atomically (atomic.py), but a
 pair takes two renames, and a process killed between them leaves one file.
 
-So a pair is written in one order. Its last file (the one named by `--out`:
-the token file, the plot) is removed if it exists (`remove_last_file`); the
-first file is written carrying a stamp that names the last one (`stamp`: the
-key COMPLETED_BY of a JSON object, or a PNG text chunk of that keyword); then
-the last file is written. A last file's presence therefore means its pair is
+So a pair is written in one order (`write_pair`). Both files' data goes to
+their temporaries first, so that a full disk stops the write before anything
+is replaced; then the last file (the one named by `--out`: the token file,
+the plot) is removed if it exists (`remove_last_file`); the first file is put
+in place, carrying a stamp that names the last one (`stamp`: the key
+COMPLETED_BY of a JSON object, or a PNG text chunk of that keyword); then the
+last file. A last file's presence therefore means its pair is
 whole, and it is never found beside the first file of another write. A first
 file stamped as the first of a given last file (`is_first_of`) whose last
 file is missing is the leftover of an interrupted write of that pair
@@ -19,7 +21,7 @@ import os
 import struct
 from pathlib import Path
 
-from .atomic import refuse_if_written_meanwhile
+from .atomic import atomic_writer, refuse_if_written_meanwhile
 from .errors import UsageError
 from .files import open_regular, parse_json
 
@@ -36,6 +38,20 @@ def stamp(last):
     """The stamp of a first file whose pair ends with the file `last`: JSON
     keys to add to its document, or a PNG's text chunks (savefig's metadata)."""
     return {COMPLETED_BY: Path(last).name}
+
+
+def write_pair(first, last, write_first, write_last, last_matches=None):
+    """Write the pair (first, last) in this module's order: write_last(file),
+    then write_first(file), each given an atomic_writer file to fill (the
+    first one's data stamped by the caller); then the old last file is
+    removed, unless `last_matches()` says it holds what the new first file
+    describes, the first file is put in place, and the last."""
+    with atomic_writer(last) as last_file:
+        write_last(last_file)
+        with atomic_writer(first) as first_file:
+            write_first(first_file)
+            if last_matches is None or not last_matches():
+                remove_last_file(last)
 
 
 def remove_last_file(last):

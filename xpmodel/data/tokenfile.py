@@ -22,9 +22,9 @@ existed have none.
 Writes are atomic (`atomic.atomic_writer`): ids stream into a temporary file
 next to the target, the count is patched into its header at the end, and the
 file is renamed over the target only when complete. The two files are a pair
-written in file_pairs.py's order, once the new ids are on disk: the old token
-file is removed, the sidecar (stamped with the token file's name) lands, then
-the token file, so a token file is always beside a sidecar that describes it,
+written in file_pairs.py's order, once the new ids and sidecar are written:
+the old token file is removed, the sidecar (stamped with the token file's
+name) lands, then the token file, so a token file is always beside a sidecar that describes it,
 and a write killed in between leaves a sidecar alone that the next prepare
 replaces. A write that fails before then (a full disk, Ctrl-C) leaves the old
 pair as it was. An old token file holding the same ids as the new one (the
@@ -45,9 +45,8 @@ from typing import Iterable
 
 import numpy
 
-from ..atomic import atomic_write_bytes, atomic_writer
 from ..errors import DataError, UsageError
-from ..file_pairs import remove_last_file, stamp
+from ..file_pairs import stamp, write_pair
 from ..files import open_regular, read_json
 
 MAGIC = b"XPMTOK\0\0"
@@ -102,9 +101,11 @@ def write_token_file(
     dtype = token_dtype(vocab_size)
     fingerprint = _fingerprint_bytes(tokenizer_fingerprint)
     dtype_code = next(code for code, known in _DTYPE_CODES.items() if known == dtype)
-    count = 0
-    digest = hashlib.sha256()
-    with atomic_writer(path) as file:
+    sidecar = {}
+
+    def write_ids(file):
+        count = 0
+        digest = hashlib.sha256()
         file.write(HEADER.pack(MAGIC, FORMAT_VERSION, dtype_code, 0, vocab_size, fingerprint))
         for chunk in chunks:
             ids = numpy.asarray(chunk)  # (n,)
@@ -118,7 +119,7 @@ def write_token_file(
         file.seek(_COUNT_OFFSET)
         file.write(struct.pack("<Q", count))
         file.sync()   # the ids on disk before the old pair is touched
-        sidecar = {
+        sidecar.update({
             "format": "xpmodel-tokens",
             "version": FORMAT_VERSION,
             "dtype": dtype.name,
@@ -128,12 +129,13 @@ def write_token_file(
             CHECKSUM_KEY: digest.hexdigest(),
             "meta": meta or {},
             **stamp(path),
-        }
-        # the pair's order: the ids are renamed into place when this block ends
-        if not _holds_same_ids(path, sidecar):
-            remove_last_file(path)
-        text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
-        atomic_write_bytes(sidecar_path(path), text.encode("utf-8"))
+        })
+
+    def write_sidecar(file):
+        file.write((json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+    write_pair(sidecar_path(path), path, write_sidecar, write_ids,
+               last_matches=lambda: _holds_same_ids(path, sidecar))
     return path
 
 

@@ -23,15 +23,15 @@ from dataclasses import MISSING, asdict, dataclass, fields
 
 import numpy
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_write_json, json_bytes
 from ..data import RandomWindowSampler
 from ..errors import UsageError
-from ..file_pairs import MAX_JSON_BYTES, remove_last_file, stamp
+from ..file_pairs import MAX_JSON_BYTES, remove_last_file, stamp, write_pair
 from ..files import read_json
 from ..train.optim import clipped_step
 from ..train.outputs import check_output
 from ..train.setup import optimizer_for
-from .plot import check_png_output, is_png, pyplot, save_figure
+from .plot import check_png_output, is_png, png_bytes, pyplot
 
 DIVERGENCE_FACTOR = 4.0
 SUGGESTION_DIVISOR = 10.0
@@ -189,8 +189,8 @@ def _is_result_json(path):
 def write_results(result, png_path, title):
     """The test's numbers as JSON beside `png_path` (same stem, .json), and the
     plot when matplotlib is installed; returns the paths written. The two are
-    a pair written in file_pairs.py's order: an existing plot is removed, the
-    numbers land naming the plot, then the plot, so a plot is only ever beside
+    a pair written in file_pairs.py's order: both written, then an existing
+    plot is removed, the numbers land naming the plot, then the plot, so a plot is only ever beside
     the numbers it shows, and numbers left alone by a kill are replaced by the
     rerun. Without matplotlib the numbers name no plot and are whole alone."""
     png_path = check_png_output(png_path)
@@ -202,10 +202,10 @@ def write_results(result, png_path, title):
         remove_last_file(png_path)   # an earlier test's plot, which these numbers are not
         atomic_write_json(json_path, document)
         return [json_path]
-    fig = draw_range_test(plt, result, title)
-    remove_last_file(png_path)
-    atomic_write_json(json_path, {**document, **stamp(png_path)})
-    return [save_figure(plt, fig, png_path), json_path]
+    plot = png_bytes(plt, draw_range_test(plt, result, title))
+    numbers = json_bytes({**document, **stamp(png_path)})
+    write_pair(json_path, png_path, lambda f: f.write(numbers), lambda f: f.write(plot))
+    return [png_path, json_path]
 
 
 def draw_range_test(plt, result, title):

@@ -1,10 +1,11 @@
 """`xpmodel plot`: a run's train and validation loss, the gap between them, and the
 learning rate, against step."""
+import io
 from pathlib import Path
 
-from ..atomic import atomic_writer
+from ..atomic import atomic_write_bytes
 from ..errors import DataError, UsageError
-from ..file_pairs import PNG_SIGNATURE, is_first_of, remove_last_file, stamp
+from ..file_pairs import PNG_SIGNATURE, is_first_of, stamp, write_pair
 from ..files import open_regular, same_file
 from ..train.outputs import check_output
 from ..train.rundir import RunDir
@@ -24,15 +25,21 @@ def pyplot(what="xpmodel plot"):
     return plt
 
 
-def save_figure(plt, fig, out, dpi=100, metadata=None):
+def save_figure(plt, fig, out, dpi=100):
     """Write `fig` to `out` as a PNG, atomically (a failure leaves no partial
-    file), with `metadata` as its text chunks, and close it; returns out."""
+    file), and close it; returns out."""
+    atomic_write_bytes(out, png_bytes(plt, fig, dpi))
+    return out
+
+
+def png_bytes(plt, fig, dpi=100, metadata=None):
+    """`fig` as a PNG, with `metadata` as its text chunks; the figure is closed."""
+    image = io.BytesIO()
     try:
-        with atomic_writer(out) as f:
-            fig.savefig(f, dpi=dpi, format="png", metadata=metadata)
+        fig.savefig(image, dpi=dpi, format="png", metadata=metadata)
     finally:
         plt.close(fig)
-    return out
+    return image.getvalue()
 
 
 def plot_run(run_dir, out=None, overwrite=False):
@@ -75,9 +82,9 @@ def plot_run(run_dir, out=None, overwrite=False):
             health_out.unlink(missing_ok=True)
         return [save_figure(plt, fig, out, dpi=110)]
     health_fig = draw_health(plt, health, f"xpmodel run {run.path.name}: per-layer health")
-    remove_last_file(out)
-    save_figure(plt, health_fig, health_out, metadata=stamp(out))
-    return [save_figure(plt, fig, out, dpi=110), health_out]
+    plot, health_plot = png_bytes(plt, fig, dpi=110), png_bytes(plt, health_fig, metadata=stamp(out))
+    write_pair(health_out, out, lambda f: f.write(health_plot), lambda f: f.write(plot))
+    return [out, health_out]
 
 
 def is_png(path):
