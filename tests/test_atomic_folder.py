@@ -166,14 +166,14 @@ def test_a_folder_is_never_swapped_with_a_file_or_a_link(tmp_path, kind):
 def test_a_tokenizer_export_stopped_midway_leaves_no_new_folder(tmp_path, monkeypatch):
     from xpmodel.tokenizer import hf_export
     from xpmodel.tokenizer.bpe import BPETokenizer
-    written = []
+    written, json_bytes = [], hf_export.json_bytes
 
-    def stopped_at_the_second_file(path, content):
+    def stopped_at_the_second_file(content):
         if written:
             raise KeyboardInterrupt
-        written.append(path)
-        path.write_bytes(b"{}")
-    monkeypatch.setattr(hf_export, "atomic_write_json", stopped_at_the_second_file)
+        written.append(content)
+        return json_bytes(content)
+    monkeypatch.setattr(hf_export, "json_bytes", stopped_at_the_second_file)
     with pytest.raises(KeyboardInterrupt):
         hf_export.export_tokenizer_hf(BPETokenizer.train("ab " * 9, 260), tmp_path / "fresh")
     assert not os.path.lexists(tmp_path / "fresh") and _leftovers(tmp_path) == []

@@ -122,6 +122,32 @@ def test_tokenizer_train_never_writes_a_runs_files(capsys, run, corpus, tmp_path
     assert not (tmp_path / "t.json").exists()
 
 
+@pytest.mark.parametrize("earlier", [False, True])
+def test_tokenizer_train_with_export_hf_on_a_full_disk_changes_neither_output(
+        earlier, capsys, tmp_path, corpus, monkeypatch):
+    """--out's data is written first and put in place after the export; the
+    export writes every file aside before renaming any: a full disk met in
+    the export (its vocab.json) leaves both outputs as they were, whether new
+    (then absent) or an earlier run's (then whole)."""
+    import xpmodel.atomic as atomic
+    out, hf = tmp_path / "t.json", tmp_path / "hf"
+    command = ["tokenizer", "train", corpus, "--out", out, "--export-hf", hf, "--overwrite"]
+    if earlier:
+        assert run_cli(capsys, *command, "--vocab-size", 260)[0] == 0
+        (hf / "README.md").write_text("mine")
+    before, names = snapshot(tmp_path), sorted(tmp_path.rglob("*"))   # folders, temporaries too
+    real_write = atomic._TargetFile.write
+
+    def full_at_the_vocab(self, data):
+        if self._target.name == "vocab.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self._target))
+        return real_write(self, data)
+    monkeypatch.setattr(atomic._TargetFile, "write", full_at_the_vocab)
+    _, err = refused(capsys, *command, "--vocab-size", 300, code=1)
+    assert "vocab.json: No space left on device" in err
+    assert snapshot(tmp_path) == before and sorted(tmp_path.rglob("*")) == names
+
+
 def test_tokenizer_train_export_hf_refuses_a_model_folder_and_a_non_empty_one(capsys, tmp_path,
                                                                                corpus):
     model = tmp_path / "hf" / "my-gpt2"

@@ -5,6 +5,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..atomic import atomic_writer
 from ..config.sections import MAX_SEED, names_tokenizer_file
 from ..cpu_threads import usable_cores
 from ..errors import DataError, UsageError, quote
@@ -333,7 +334,13 @@ def tokenizer_train_command(args):
                              f"files the export writes; keep the two apart")
     texts = (text for _, text in iter_texts(source))
     tokenizer = BPETokenizer.train(texts, args.vocab_size)
-    tokenizer.save(args.out)
+    # --out's data is written first and put in place after the export, which a
+    # full disk then stops before either output changes
+    with atomic_writer(args.out) as out:
+        out.write(tokenizer.to_json().encode("utf-8"))
+        if args.export_hf:
+            from ..tokenizer.hf_export import export_tokenizer_hf
+            export_tokenizer_hf(tokenizer, args.export_hf, overwrite=args.overwrite)
     # data.tokenizer takes a path holding a / or ending in .json as a file
     as_file = args.out if names_tokenizer_file(str(args.out)) else os.path.join(".", args.out)
     note = vocab_size_note(tokenizer, args.vocab_size)
@@ -343,8 +350,6 @@ def tokenizer_train_command(args):
           f"xpmodel train "
           f"{shlex.quote(f'data.source={args.source}')} {shlex.quote(f'data.tokenizer={as_file}')}")
     if args.export_hf:
-        from ..tokenizer.hf_export import export_tokenizer_hf
-        export_tokenizer_hf(tokenizer, args.export_hf, overwrite=args.overwrite)
         print(f"wrote Hugging Face tokenizer files to {args.export_hf}")
     return 0
 

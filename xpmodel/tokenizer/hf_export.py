@@ -1,10 +1,11 @@
 """Writing a BPETokenizer as a Hugging Face tokenizer directory (tokenizer.json,
 vocab.json + merges.txt, tokenizer_config.json, special_tokens_map.json), in
 the forms hf_forms.py describes."""
+import contextlib
 import os
 from pathlib import Path
 
-from ..atomic import atomic_write_bytes, atomic_write_json
+from ..atomic import atomic_writer, json_bytes
 from ..errors import UsageError, quote
 from ..folder_write import write_folder_atomically
 from .bpe import ENDOFTEXT, BPETokenizer
@@ -66,7 +67,8 @@ def export_tokenizer_hf(tokenizer, directory, model_max_length=None, special_ids
 
     A new directory is written as a whole (folder_write.py), so that a kill
     leaves all the files or none; into an existing one, which keeps its
-    identity, permissions and other files, the files are written one by one."""
+    identity, permissions and other files, all the files are written aside,
+    then renamed one by one."""
     files = hf_tokenizer_files(tokenizer, model_max_length, special_ids)
     directory = Path(directory)
     present = [name for name in files if os.path.lexists(directory / name)]
@@ -83,11 +85,14 @@ def export_tokenizer_hf(tokenizer, directory, model_max_length=None, special_ids
 
 
 def write_tokenizer_files(folder, files):
-    """Write `files` ({name: JSON document or bytes}, hf_tokenizer_files) into `folder`."""
+    """Write `files` ({name: JSON document or bytes}, hf_tokenizer_files) into
+    `folder`: every file's data first, then the renames, which need no space,
+    so that a full disk leaves the folder's files as they were."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, content in files.items():
-        write = atomic_write_bytes if isinstance(content, bytes) else atomic_write_json
-        write(folder / name, content)
+    with contextlib.ExitStack() as writes:
+        for name, content in files.items():
+            data = content if isinstance(content, bytes) else json_bytes(content)
+            writes.enter_context(atomic_writer(folder / name)).write(data)
 
 
 def hf_tokenizer_files(tokenizer, model_max_length=None, special_ids=None):
