@@ -609,3 +609,61 @@ def test_the_readmes_sweep_examples_start_from_what_a_wheel_installs(tmp_path):
             open_sweep(tmp_path / "sweep", parsed.config, parsed.specs, show=False,
                        trials=parsed.trials, max_iters=parsed.max_iters).close()
             shutil.rmtree(tmp_path / "sweep")
+
+
+@pytest.mark.parametrize("sampler", ["grid", "tpe"])
+@pytest.mark.parametrize("made_with, config_text, differs", [
+    (["train.lr=0.5", "train.max_iters=3"], None, "holds a run made with train.lr=0.5, not trial-001's "),
+    (["train.lr=2e-3", "train.min_lr=2e-4", "train.max_iters=4"], None,
+     "holds a run made with train.max_iters=4, not trial-001's 3"),
+    (["train.max_iters=3"], "train: [", "holds a run whose config cannot be read"),
+])
+def test_a_run_someone_made_in_a_trials_folder_is_not_taken_for_the_trials_result(
+        capsys, tmp_path, sampler, made_with, config_text, differs):
+    """A run made by hand in trials/trial-001 before the sweep came to it was
+    resumed as the trial ('done (already complete)') and its losses reported
+    under the trial's values: the trial fails instead, naming the folder and
+    the value that differs, and the run is left as it was."""
+    if sampler == "tpe":
+        pytest.importorskip("optuna")
+    out = tmp_path / "sweep"
+    args = ["sweep", "--config", TINY, "--out", out, "--max-iters", 3, "--sampler", sampler,
+            "--trials", 2, "train.lr=1e-3,2e-3"]
+    from xpmodel.tune.preset import open_sweep
+    open_sweep(out, str(TINY), ["train.lr=1e-3,2e-3"], max_iters=3, trials=2, sampler=sampler,
+               show=False).close()
+    other = out / "trials" / "trial-001"
+    assert run_cli(capsys, "train", "--config", TINY, "--quiet", "--out", other, *made_with)[0] == 0
+    if config_text is not None:
+        (other / "config.yaml").write_text(config_text)
+    made = other.joinpath("metrics.jsonl").read_bytes()
+    code, stdout, err = run_cli(capsys, *args)
+    assert code == 0, (stdout, err)
+    failed = [line for line in stdout.splitlines() if line.startswith("trial-001 failed: ")]
+    assert len(failed) == 1 and f"{other}: {differs}" in failed[0], stdout
+    assert f"error: {failed[0][len('trial-001 failed: '):]}" in (out / "logs" / "trial-001.log").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert [t["status"] for t in results["trials"]] == ["done", "failed"]
+    assert results["best"] == "trial-000"
+    assert other.joinpath("metrics.jsonl").read_bytes() == made
+
+
+def test_a_run_of_the_trials_own_settings_in_its_folder_is_resumed(capsys, tmp_path, monkeypatch):
+    """What a sweep killed mid-trial leaves, a run of the trial's settings (its
+    data.source relative here, made absolute in the run's config.yaml), is
+    resumed as the trial."""
+    monkeypatch.chdir(tmp_path)
+    write_corpus(tmp_path / "corpus.txt", lines=50)
+    out = tmp_path / "sweep"
+    args = ["sweep", "--config", TINY, "--out", out, "--max-iters", 3, "data.source=corpus.txt",
+            "train.lr=1e-3,2e-3"]
+    from xpmodel.tune.preset import open_sweep
+    open_sweep(out, str(TINY), args[7:], max_iters=3, show=False).close()
+    trial = out / "trials" / "trial-001"
+    assert run_cli(capsys, "train", "--config", TINY, "--quiet", "--out", trial, "train.max_iters=3",
+                   "data.source=corpus.txt", "train.lr=0.002", "train.min_lr=0.0002")[0] == 0
+    code, stdout, err = run_cli(capsys, *args)
+    assert code == 0, (stdout, err)
+    assert "trial-001 resumed at step 3: lr=0.002" in stdout, stdout
+    results = json.loads((out / "results.json").read_text())
+    assert [t["status"] for t in results["trials"]] == ["done", "done"]

@@ -18,8 +18,9 @@ n_head, say) are drawn again. The plan is fixed when the sweep starts (from
 --seed), so a resumed sweep runs the same trials.
 
 Each trial is `xpmodel train` in a child process (`--resume` when its run
-directory already holds a run), K at once with --parallel K (CPU threads split
-among them, or one GPU each with --device cuda). A child gets SIGTERM if the
+directory already holds a run of the trial's values; a run made there with
+others fails the trial, naming the value), K at once with --parallel K (CPU
+threads split among them, or one GPU each with --device cuda). A child gets SIGTERM if the
 sweep dies, even by kill -9, so it saves a checkpoint and stops; running the
 same command again finishes what is left: finished trials are not rerun, an
 interrupted one resumes.
@@ -54,12 +55,13 @@ from rich.table import Table
 from ..atomic import atomic_write_bytes, atomic_write_json, is_temporary_name
 from ..config import load_config, load_config_and_files, save_config
 from ..cpu_threads import thread_count
-from ..errors import UsageError, XpmodelError, quote
+from ..errors import UsageError, XpmodelError, quote, setting_text
 from ..files import finite_json_number
 from ..train.checkpoint import step_of_name
 from ..train.outputs import check_holds_no_input
 from ..train.rundir import LOCK_NAME, RunDir
 from ..train.runlock import RunLock, lock_is_free
+from ..train.setup import absolute_source, absolute_tokenizer
 from .compare import format_table, summarize
 from .sweep_plan import (check_trial_inputs, format_value, grid_size, parse_spec, plan_trials,
                          trial_overrides)
@@ -223,7 +225,11 @@ class Sweep:
                         if trial is None:
                             break
                         slot = slots.pop(0)
-                        running[trial["name"]] = self._start(trial, slot)
+                        started = self._start(trial, slot)
+                        if started is None:       # refused before it started: failed
+                            slots.append(slot)
+                            continue
+                        running[trial["name"]] = started
                     if not running:
                         break
                     time.sleep(_POLL_S)
@@ -306,19 +312,25 @@ class Sweep:
         """Bring state["trials"] up to date for the live table (it always is here)."""
 
     def _start(self, trial, slot):
+        """(process, trial, slot, log file) of the trial's `xpmodel train` child,
+        or None when the run in its folder is not the trial's (`_other_run`):
+        the trial has then failed, saying so."""
         name = trial["name"]
-        run_dir = self.dir.trial_dir(name)
+        run = RunDir(self.dir.trial_dir(name))
         log_path = self.dir.log_path(name)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "xpmodel", "train", "--quiet"]
         started = "started"
-        if RunDir(run_dir).is_run():
-            _wait_for_lock(RunDir(run_dir))   # a trial of a killed sweep still saving
-            command += ["--resume", str(run_dir)]
-            started = _resumed_at(RunDir(run_dir))
+        if run.is_run():
+            other = self._other_run(trial, run)
+            if other is not None:
+                return self._refuse(trial, other)
+            _wait_for_lock(run)   # a trial of a killed sweep still saving
+            command += ["--resume", str(run.path)]
+            started = _resumed_at(run)
         else:
-            run_dir.parent.mkdir(parents=True, exist_ok=True)
-            command += ["--config", self.config, "--out", str(run_dir),
+            run.path.parent.mkdir(parents=True, exist_ok=True)
+            command += ["--config", self.config, "--out", str(run.path),
                         *trial_overrides(self.config, trial["params"], self.state["fixed"])]
         env = dict(os.environ)
         device = self.device
@@ -338,6 +350,34 @@ class Sweep:
         self._save()
         self._say(f"{name} {started}: {params_text(trial['params'])} (log: {log_path})")
         return process, trial, slot, log
+
+    def _other_run(self, trial, run):
+        """None when the run in the trial's folder was started with the values
+        the trial sets (its overrides and its train.max_iters): the trial of a
+        sweep killed while it ran, to resume. Else why it is not the trial's,
+        naming the folder and the first value that differs: a run someone
+        made there by hand is never taken for the trial's result."""
+        overrides = trial_overrides(self.config, trial["params"], self.state["fixed"])
+        wanted = load_config(self.config, overrides)
+        try:
+            held = run.load_config()
+        except XpmodelError as exc:
+            return f"{run.path}: holds a run whose config cannot be read ({exc}); move it away"
+        for key in dict.fromkeys([o.partition("=")[0] for o in overrides] + ["train.max_iters"]):
+            value, kept = _as_a_run_keeps(wanted, key), _value_of(held, key)
+            if value != kept:
+                return (f"{run.path}: holds a run made with {key}={_value_text(kept)}, not "
+                        f"{trial['name']}'s {_value_text(value)}; the sweep does not take it for "
+                        f"the trial's: move it away and run the sweep again")
+        return None
+
+    def _refuse(self, trial, error):
+        """Fail a trial that was not started, `error` also in its log; None."""
+        with open(self.dir.log_path(trial["name"]), "a") as log:
+            log.write(f"error: {error}\n")
+        self._fail(trial, error)
+        self._close_trial(trial)
+        return None
 
     def _read_progress(self, trial):
         """The trial's step, evaluations and best metric from its metrics.jsonl."""
@@ -393,9 +433,16 @@ class Sweep:
             self._save()
             raise KeyboardInterrupt
         else:
-            trial["status"] = "failed"
-            trial["error"] = _last_error(self.dir.log_path(trial["name"]))
-            self._say(f"{trial['name']} failed: {trial['error']}")
+            self._fail(trial, _last_error(self.dir.log_path(trial["name"])))
+        self._close_trial(trial)
+
+    def _fail(self, trial, error):
+        trial["status"] = "failed"
+        trial["error"] = error
+        self._say(f"{trial['name']} failed: {error}")
+
+    def _close_trial(self, trial):
+        """Record the trial's final status (done, pruned or failed)."""
         self._ended(trial)
         self._save()
         self.write_results()
@@ -489,6 +536,24 @@ class _SweepLock(RunLock):
             if holder else ""
         return (f"{self.flag} {self.run.path}: in use by another xpmodel sweep{who}; one process "
                 f"runs a grid or random sweep at a time: wait for it to finish or stop it first")
+
+
+def _value_of(config, key):
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def _as_a_run_keeps(config, key):
+    """config's value of `key` as `xpmodel train` writes it in the run's
+    config.yaml: data.source and a tokenizer file's path made absolute."""
+    value = _value_of(config, key)
+    if key == "data.source":
+        return absolute_source(value)
+    return absolute_tokenizer(value) if key == "data.tokenizer" else value
+
+
+def _value_text(value):
+    return quote(value, 80) if isinstance(value, str) else setting_text(value)
 
 
 def _resumed_at(run):
