@@ -18,8 +18,8 @@ tensorboard/ or wandb/ that is itself a link (to another run's checkpoints,
 say) is a folder the run does not own: a run is not started, resumed or
 replaced through it, and nothing is listed for deletion or pruned in it.
 
-Only files with these names (and xpmodel's own temporary files) are ever
-deleted (tensorboard/'s event files never are: a restarted run purges their
+Only files with these names (and xpmodel's temporaries of them whose writer
+is gone) are ever deleted (tensorboard/'s event files never are: a restarted run purges their
 steps instead): --overwrite and a failed start leave a user's other files
 alone, and a folder that holds such names without being a run is never
 written to.
@@ -43,16 +43,17 @@ import re
 import time
 from pathlib import Path
 
-from ..atomic import atomic_write_json, temporary_target
+from ..atomic import atomic_write_json, dead_temporaries, temporary_target
 from ..config import config_to_dict, load_config, save_config
 from ..errors import UsageError, XpmodelError, quote
-from ..files import inside, process_alive, read_json
+from ..files import inside, read_json
 from ..model.config import unused_options
 from ..tokenizer.bpe import BPETokenizer
 from .checkpoint import (FORMAT_VERSION, CheckpointError, read_checkpoint_header, step_file_name,
                          step_of_name)
 from .metrics_file import append_record, read_records, truncate_records
-from .runlock import RunLock, held_lock, lock_file_problem, lock_is_free
+from .runlock import (RunLock, held_lock, holder_text, lock_file_problem, lock_holder,
+                      lock_is_free)
 
 RUN_FORMAT = "xpmodel-run"
 LOCK_NAME = ".xpmodel.lock"
@@ -146,19 +147,21 @@ class RunDir:
 
     def _own_temporaries(self, only_dead=False):
         """xpmodel's temporary files for the run's files, e.g. `.config.yaml.tmp-PID`;
-        with only_dead, just those whose writing process is gone."""
+        with only_dead, just those whose writer is gone (atomic.dead_temporaries):
+        a live writer's, such as `plot`'s `.loss.png.tmp-PID`, is not the run's."""
         found = []
         for folder, names in ((self.path, lambda n: n in _TOP_FILES),
                               (self.checkpoint_dir, _CHECKPOINT_FILE.match),
                               (self.wandb_id_path.parent, lambda n: n == _WANDB_ID[1])):
             if not folder.is_dir() or (folder != self.path and folder.is_symlink()):
                 continue
+            if only_dead:
+                found += [folder / path.name for path, _ in dead_temporaries(folder, names)]
+                continue
             for path in folder.iterdir():
                 temporary = temporary_target(path.name)
-                if temporary is not None:
-                    target, pid = temporary
-                    if names(target) and not (only_dead and process_alive(pid)):
-                        found.append(path)
+                if temporary is not None and names(temporary[0]):
+                    found.append(path)
         return found
 
     def _other_entries(self):
@@ -177,6 +180,18 @@ class RunDir:
     def is_locked(self):
         """Whether a live process holds this run's lock (it is training or being written)."""
         return self.lock_path.exists() and not lock_is_free(self.lock_path)
+
+    def refuse_if_being_written(self, flag="RUN_DIR"):
+        """Refuse (one line naming the writer) a run whose lock another live
+        process holds, for a reader that found the run's files missing or
+        unusable: the run is being created, or replaced with --overwrite.
+        Only reads the lock file (a reader writes nothing into the run)."""
+        if not _present(self.lock_path) or held_lock(self.path) is not None:
+            return
+        holder = lock_holder(self.lock_path)
+        if holder is not None:
+            raise UsageError(f"{flag} {self.path}: being written by {holder_text(holder)}; wait "
+                             f"for it to finish")
 
     def lock_problem(self):
         """None, or why the entry named like the run's lock file is not one
@@ -267,8 +282,9 @@ class RunDir:
                 raise
 
     def _remove_run_files(self):
-        """Remove what a previous run (or a cut-short creation) wrote; nothing else."""
-        for path in self._layout_files() + self._own_temporaries():
+        """Remove what a previous run (or a cut-short creation) wrote; nothing else:
+        a temporary whose writer still runs is that writer's (`_own_temporaries`)."""
+        for path in self._layout_files() + self._own_temporaries(only_dead=True):
             if path.is_dir() and not path.is_symlink():
                 continue   # a folder with such a name is not something xpmodel wrote
             path.unlink(missing_ok=True)
@@ -285,6 +301,7 @@ class RunDir:
             if self._creation_was_cut_short():
                 raise UsageError(f"{flag} {self.path}: the run was stopped while it was being "
                                  f"created; start it again with --out {self.path}")
+            self.refuse_if_being_written(flag)
             raise UsageError(f"{flag} {self.path}: not an xpmodel run (no run.json)"
                              f"{self._closest_run_hint()}")
         marker = read_json(self.marker, _MAX_MARKER_BYTES, CheckpointError, "run marker")

@@ -159,14 +159,8 @@ class RunLock:
                          f"try again")
 
     def _in_use(self, holder):
-        who = "another xpmodel process"
-        if holder:
-            started = holder.get("started")
-            since = (f", since {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))}"
-                     if isinstance(started, (int, float)) and math.isfinite(started) else "")
-            who += f" (pid {quote(holder.get('pid'), 20)} on {quote(holder.get('host'), 80)}{since})"
-        return (f"{self.flag} {self.run.path}: in use by {who}; one process writes a run at a "
-                f"time: wait for it to finish or stop it first")
+        return (f"{self.flag} {self.run.path}: in use by {holder_text(holder)}; one process "
+                f"writes a run at a time: wait for it to finish or stop it first")
 
     def release(self):
         if self._fd is not None:
@@ -250,26 +244,45 @@ def _holder_alive(holder):
     return type(pid) is int and process_alive(pid)
 
 
+def holder_text(holder):
+    """'another xpmodel process (pid N on HOST, since DATE)': a lock's holder,
+    as its lock file records it (`lock_holder`), for a message."""
+    who = "another xpmodel process"
+    if holder:
+        started = holder.get("started")
+        since = (f", since {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))}"
+                 if isinstance(started, (int, float)) and math.isfinite(started) else "")
+        who += f" (pid {quote(holder.get('pid'), 20)} on {quote(holder.get('host'), 80)}{since})"
+    return who
+
+
 def lock_is_free(lock_path):
-    """True when nobody holds the lock file (its holder died). A lock file
+    """True when nobody holds the lock file (its holder died)."""
+    return lock_holder(lock_path) is None
+
+
+def lock_holder(lock_path):
+    """None when nobody holds the lock file (its holder died); else what the
+    file records of the holder (pid, host, started, command), {} when that
+    cannot be read. Only reads: nothing is created or written. A lock file
     that is not a regular file with one link is never one xpmodel holds
     (`lock_file_problem` says what it is); it is not opened, so never waited on."""
     if lock_file_problem(lock_path) is not None:
-        return True
+        return None
     try:
         fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
                      | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        return exc.errno == errno.ELOOP   # replaced by a link since the check
+        return None if exc.errno == errno.ELOOP else {}   # ELOOP: replaced by a link since the check
     try:
         if _not_a_lock_file(os.fstat(fd)) is not None:
-            return True
+            return None
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return True
+        return None
     except BlockingIOError:
-        return False
+        return _read_holder(fd) or {}
     except OSError:
         holder = _read_holder(fd)
-        return not (holder and _holder_alive(holder))
+        return holder if holder and _holder_alive(holder) else None
     finally:
         os.close(fd)

@@ -21,6 +21,9 @@ from .rundir import RunDir
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", *OPTION_KEYS)
 # load's choices of checkpoint
 CHECKPOINTS = ("latest", "best")
+# How often load lists checkpoints/ again when a checkpoint it was about to
+# read was pruned meanwhile (a trainer saving at every step prunes as often)
+_RELISTS = 10
 
 
 def load(run_dir, device="cpu", checkpoint="latest", kernels="fused", warn=None):
@@ -30,36 +33,61 @@ def load(run_dir, device="cpu", checkpoint="latest", kernels="fused", warn=None)
     The model's shape comes from the run's config.yaml; a checkpoint whose
     tensors do not have exactly those shapes is refused before any tensor is
     read. A damaged latest checkpoint is passed over for an older one, and
-    `warn` (by default a line on stderr) is told of each file passed over.
-    Each header is read once, and only until a checkpoint is usable.
+    `warn` (by default a line on stderr) is told of each file passed over;
+    one pruned by a trainer as it was about to be read is not passed over:
+    checkpoints/ is listed again. Each header is read once, and only until a
+    checkpoint is usable. A run whose files are missing while another
+    process holds its lock (creating it, or replacing it with --overwrite)
+    is refused, naming that process.
     """
     if checkpoint not in CHECKPOINTS:
         raise UsageError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
     warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr, flush=True))
     run = RunDir(run_dir)
     run.require_run("RUN_DIR")
-    config = run.load_config()
-    tokenizer = run.load_tokenizer()
-    problems = []
-    for path, header, problem in _candidates(run, checkpoint):
-        weights, problem = _weights_or_problem(header, problem, config, tokenizer, run)
-        if weights is None and header is not None and not header.unchanged():
-            # a trainer saved a new file there since its header was read: read that one
-            weights, problem = _weights_or_problem(*run.read_checkpoint(path), config, tokenizer,
-                                                   run)
-        if weights is not None:
-            gpt_config, arrays = weights
-            break
-        problems.append(problem)
-    else:
+    try:
+        config = run.load_config()
+        tokenizer = run.load_tokenizer()
+    except XpmodelError:
+        if not (run.config_path.is_file() and run.tokenizer_path.is_file()):
+            run.refuse_if_being_written("RUN_DIR")   # removed by --overwrite, say
+        raise
+    path, weights, problems = _usable_checkpoint(run, checkpoint, config, tokenizer)
+    if weights is None:     # none while a trainer holds the lock: --overwrite is replacing them
+        run.refuse_if_being_written("RUN_DIR")
         if problems:
             raise CheckpointError(f"{run.path}: no usable checkpoint; the newest: {problems[0]}")
         raise CheckpointError(f"{run.path}: the run has no checkpoint")
+    gpt_config, arrays = weights
     for problem in problems:
         warn(f"skipping checkpoint: {problem}; using {path.name}")
     model = GPT(gpt_config, device=device, kernels=kernels)
     model.load_state_arrays(arrays)
     return model.eval(), tokenizer
+
+
+def _usable_checkpoint(run, which, config, tokenizer):
+    """(path, _read_weights' result, problems) of the first usable checkpoint
+    of `_candidates` ((None, None, problems) when none is), and why each
+    one tried before it could not be used. A step checkpoint gone when it is
+    read was pruned by a trainer that saved a newer one since checkpoints/
+    was listed: it is listed again (up to _RELISTS times), and the one gone
+    is no problem to warn of."""
+    for relists_left in reversed(range(_RELISTS + 1)):
+        problems = []
+        for path, header, problem in _candidates(run, which):
+            weights, problem = _weights_or_problem(header, problem, config, tokenizer, run)
+            if weights is None and header is not None and not header.unchanged():
+                # a trainer saved a new file there since its header was read: read that one
+                weights, problem = _weights_or_problem(*run.read_checkpoint(path), config,
+                                                       tokenizer, run)
+            if weights is not None:
+                return path, weights, problems
+            if relists_left and path != run.best_path and not os.path.lexists(path):
+                break
+            problems.append(problem)
+        else:
+            return None, None, problems
 
 
 def _candidates(run, which):
