@@ -355,3 +355,22 @@ def test_a_health_record_of_thousands_of_groups_draws_a_bounded_figure(capsys, r
     assert code == 0, err
     width, height = png_size(tmp_path / "plot-health.png")
     assert width <= 2000 and height <= 5000, (width, height)
+
+
+def test_a_lock_file_that_cannot_be_written_leaves_no_folder(capsys, tmp_path, monkeypatch):
+    """A full disk met writing the lock record: one line naming the lock file,
+    and neither the lock file nor the folders made for the run are left."""
+    import errno
+    from cli_helpers import write_corpus
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=50)
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "pwrite", full)
+    out = tmp_path / "runs" / "new"
+    code, _, err = run_cli(capsys, "train", "--config", TINY, "--device", "cpu", "--quiet",
+                           "--out", out, f"data.source={corpus}")
+    assert code == 1, err
+    assert_one_line_error(err)
+    assert f"cannot write its lock file {out / '.xpmodel.lock'} (No space left on device)" in err
+    assert not (tmp_path / "runs").exists()

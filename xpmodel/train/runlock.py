@@ -23,7 +23,7 @@ import stat
 import sys
 import time
 
-from ..errors import UsageError, quote
+from ..errors import UsageError, XpmodelError, quote
 from ..files import file_identity, file_kind, missing_folders, parse_json, process_alive
 
 _held = {}   # (device, inode) of a run directory -> RunLock holding it in this process
@@ -125,8 +125,14 @@ class RunLock:
                 self.found_stale = holder is not None and not self.run.is_run()
                 record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
                           "command": " ".join(sys.argv)[:300]}
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+                try:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+                except OSError as exc:   # a full disk: the lock file, held by this process, goes
+                    lock_path.unlink(missing_ok=True)
+                    raise XpmodelError(f"{self.flag} {self.run.path}: cannot write its lock file "
+                                       f"{lock_path} ({exc.strerror or exc}); nothing was "
+                                       f"written there") from None
                 self._fd = fd
                 return
             except BaseException:
