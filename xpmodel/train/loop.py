@@ -13,6 +13,7 @@ update that is not finite from finite gradients stops the run too (muon.py).
 A kill at any instant loses at most `save_interval` steps, since every file
 is replaced atomically.
 """
+import contextlib
 import math
 import signal
 import sys
@@ -28,6 +29,7 @@ from .display import TrainDisplay
 from .evaluate import Evaluation
 from .health import Health
 from .loss_scale import LossScaler
+from .metrics_file import appending
 from .mirrors import Mirrors
 from .muon import NON_FINITE_UPDATE
 from .optim import clipped_step
@@ -108,44 +110,43 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
         t = self.config.train
         self._started = time.perf_counter()
         self._install_signal_handlers()
-        metrics = open(self.run_dir.metrics_path, "a") if self.is_main else None
-        if metrics and t.log_to:
-            self.mirrors = Mirrors(self.run_dir, self.config, self.step, self._warn)
-        display = TrainDisplay(self.total_steps, self.step, quiet=self.quiet,
-                               enabled=self.display_enabled, last_val=self.last_val,
-                               total_epochs=t.epochs)
-        self._say(self.data_summary())
-        stop_reason = "finished" if self.step < self.total_steps and not self._stopped_early() \
-            else self._already_complete()
-        window = _StepWindow()
-        try:
-            with display:
-                self._display = display
-                while self.step < self.total_steps and stop_reason == "finished":
-                    values, lr = self._train_step()
-                    window.queue(self.step + 1, values, lr, self.sampler.epochs_done,
-                                 self.tokens_per_step)
-                    self.tokens_seen += self.tokens_per_step
-                    read = self._host_needed(self.step + 1)   # else the GPU queues on
-                    if read:
-                        self._report_steps(window, display, metrics)
-                    self.step += 1
-                    if read:
-                        stop_reason = self._after_step(display, metrics)
-        except Interrupted as interrupt:
-            path = self.run_dir.step_path(self.step)
-            if self.is_main and not self._saved_this_step():
-                path = self.save()
-            if self.dist is not None:
-                self.dist.barrier()     # rank 0's checkpoint is on disk before any rank ends the job
-            interrupt.step, interrupt.checkpoint, interrupt.run_dir = self.step, path, self.run_dir.path
-            raise
-        finally:
-            self._display = None
-            if metrics:
-                metrics.close()
-            self.mirrors.close()
-            self._restore_signal_handlers()
+        log = appending(self.run_dir.metrics_path) if self.is_main else contextlib.nullcontext()
+        with log as metrics:
+            if metrics and t.log_to:
+                self.mirrors = Mirrors(self.run_dir, self.config, self.step, self._warn)
+            display = TrainDisplay(self.total_steps, self.step, quiet=self.quiet,
+                                   enabled=self.display_enabled, last_val=self.last_val,
+                                   total_epochs=t.epochs)
+            self._say(self.data_summary())
+            stop_reason = "finished" if self.step < self.total_steps and not self._stopped_early() \
+                else self._already_complete()
+            window = _StepWindow()
+            try:
+                with display:
+                    self._display = display
+                    while self.step < self.total_steps and stop_reason == "finished":
+                        values, lr = self._train_step()
+                        window.queue(self.step + 1, values, lr, self.sampler.epochs_done,
+                                     self.tokens_per_step)
+                        self.tokens_seen += self.tokens_per_step
+                        read = self._host_needed(self.step + 1)   # else the GPU queues on
+                        if read:
+                            self._report_steps(window, display, metrics)
+                        self.step += 1
+                        if read:
+                            stop_reason = self._after_step(display, metrics)
+            except Interrupted as interrupt:
+                path = self.run_dir.step_path(self.step)
+                if self.is_main and not self._saved_this_step():
+                    path = self.save()
+                if self.dist is not None:
+                    self.dist.barrier()     # rank 0's checkpoint is on disk before any rank ends the job
+                interrupt.step, interrupt.checkpoint, interrupt.run_dir = self.step, path, self.run_dir.path
+                raise
+            finally:
+                self._display = None
+                self.mirrors.close()
+                self._restore_signal_handlers()
         summary = self._summary(self.last_train_loss, stop_reason)
         if self.display_enabled:
             self._print_summary(summary)

@@ -6,7 +6,12 @@ Readers are `runs`, `compare`, `plot` and a resume. A line is read only up to
 _MAX_LINE bytes; a record whose fields those readers use have the wrong type
 or range is skipped with one warning naming the file, as is a line that is not
 JSON. The last line, cut short by a kill, is dropped quietly.
+
+A write that fails (a full disk) is an OSError naming the file and saying the
+run's checkpoints are intact: the record is lost, a resume continues from the
+last checkpoint and cuts the file back to it (a half-written line included).
 """
+import contextlib
 import json
 import math
 import os
@@ -24,16 +29,45 @@ _NUMBERS = ("time", "epoch", "loss", "lr", "val_loss", "train_loss", "gap")
 _HEALTH_SERIES = ("grad_norm", "update_ratio", "weight_norm")
 
 
+@contextlib.contextmanager
+def appending(path):
+    """The file at `path` open for `append_record` while a run trains. A
+    failure closing it is reported as a failed write, unless the block ends
+    with an error already: that first error is the one to report (after a
+    full disk failed a write, the close fails too, flushing what is left)."""
+    handle = open(path, "a")
+    try:
+        yield handle
+    except BaseException:
+        with contextlib.suppress(OSError):
+            handle.close()
+        raise
+    try:
+        handle.close()
+    except OSError as exc:
+        raise _write_error(exc, path) from None
+
+
 def append_record(path, record, handle=None):
     """Add one record as a JSON line (to the open `handle`, else to `path`);
     NaN and infinities are written as null."""
     line = json.dumps({k: _json_number(v) for k, v in record.items()}, allow_nan=False) + "\n"
-    if handle is not None:
-        handle.write(line)
-        handle.flush()
-    else:
-        with open(path, "a") as f:
-            f.write(line)
+    try:
+        if handle is not None:
+            handle.write(line)
+            handle.flush()
+        else:
+            with open(path, "a") as f:
+                f.write(line)
+    except OSError as exc:
+        raise _write_error(exc, path) from None
+
+
+def _write_error(exc, path):
+    """A failed write of the metrics file at `path`: an OSError naming it, its
+    reason followed by what it means for the run."""
+    return OSError(exc.errno, f"{exc.strerror or exc}; the run's checkpoints are intact and "
+                              f"train --resume continues from the last one", str(path))
 
 
 def read_records(path, warn=None, checked=True):

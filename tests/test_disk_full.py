@@ -1,0 +1,107 @@
+"""A full disk while training: the error is one line naming the file that
+could not be written, nothing already there is lost, and running the command
+again (once there is room) works.
+
+The disk fills at a chosen write: the file's write, flush or close raises
+ENOSPC as it would on a full file system."""
+import builtins
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import assert_one_line_error, run_cli
+from xpmodel.train import metrics_file
+from xpmodel.train.checkpoint import read_checkpoint_meta
+from xpmodel.train.rundir import RunDir
+
+TINY = Path(__file__).resolve().parent / "tiny-run.yaml"
+NO_SPACE = os.strerror(errno.ENOSPC)
+
+pytestmark = pytest.mark.usefixtures("private_cache")   # conftest.py
+
+
+def _no_space():
+    return OSError(errno.ENOSPC, NO_SPACE)
+
+
+class _FillsUp:
+    """A file opened for appending on a disk that fills after `lines` more
+    lines: the next line is written halfway, then every flush and the close
+    fail, as a buffered file's do while it holds the rest."""
+
+    def __init__(self, real, lines):
+        self.real, self.lines, self.full = real, lines, False
+
+    def write(self, text):
+        if self.lines == 0:
+            self.real.write(text[:len(text) // 2])
+            self.real.flush()
+            self.full = True
+            return len(text)
+        self.lines -= 1
+        return self.real.write(text)
+
+    def flush(self):
+        if self.full:
+            raise _no_space()
+        self.real.flush()
+
+    def close(self):
+        self.real.close()
+        if self.full:
+            raise _no_space()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _metrics_fill_up_after(monkeypatch, path, lines):
+    """While `monkeypatch` holds, opening `path` to append gives a file that
+    fills up after `lines` lines."""
+    real_open = builtins.open
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if mode == "a" and os.path.abspath(os.fsdecode(file)) == os.path.abspath(path):
+            return _FillsUp(handle, lines)
+        return handle
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+
+
+def test_a_full_disk_while_logging_names_metrics_jsonl_and_resume_continues(tmp_path, corpus,
+                                                                             capsys, monkeypatch):
+    run = RunDir(tmp_path / "run")
+    with monkeypatch.context() as full:
+        _metrics_fill_up_after(full, run.metrics_path, 15)
+        code, _, err = run_cli(capsys, "train", "--config", TINY, "--device", "cpu", "--out",
+                               run.path, f"data.source={corpus}", "train.log_interval=1")
+    assert code == 1
+    assert_one_line_error(err)
+    assert f"{run.metrics_path}: {NO_SPACE}; the run's checkpoints are intact and " \
+           f"train --resume continues" in err
+    assert not run.metrics_path.read_text().endswith("\n")         # the line cut short
+    latest, _ = run.latest_checkpoint()
+    assert latest == run.step_path(10) and read_checkpoint_meta(latest)["step"] == 10
+
+    code, _, err = run_cli(capsys, "train", "--resume", run.path)
+    assert code == 0, err
+    warnings = []
+    records = run.read_metrics(warn=warnings.append)
+    assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, 31))
+    assert warnings == []                                           # the cut line went quietly
+
+
+def test_a_metrics_file_that_fails_to_close_is_named(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    _metrics_fill_up_after(monkeypatch, path, 1)
+    with pytest.raises(OSError) as failed:
+        with metrics_file.appending(path) as handle:
+            metrics_file.append_record(path, {"step": 1}, handle)
+            handle.write("{")          # written halfway: the close cannot flush the rest
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(path)
