@@ -105,3 +105,28 @@ def test_a_metrics_file_that_fails_to_close_is_named(tmp_path, monkeypatch):
             metrics_file.append_record(path, {"step": 1}, handle)
             handle.write("{")          # written halfway: the close cannot flush the rest
     assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(path)
+
+
+def test_a_run_whose_first_checkpoint_cannot_be_written_is_not_created(tmp_path, corpus, capsys,
+                                                                        monkeypatch):
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".step-00000000"):
+            raise _no_space()
+        return real_fsync(fd)
+
+    run = RunDir(tmp_path / "run")
+    args = ["train", "--config", TINY, "--device", "cpu", "--out", run.path,
+            f"data.source={corpus}", "train.max_iters=10"]
+    with monkeypatch.context() as full:
+        full.setattr(os, "fsync", fsync)
+        code, _, err = run_cli(capsys, *args)
+    assert code == 1
+    assert_one_line_error(err)
+    assert f"could not write checkpoint {run.step_path(0)}: {NO_SPACE}; the run was not created" \
+        in err
+    assert not run.path.exists()
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert run.latest_checkpoint()[0] == run.step_path(10)

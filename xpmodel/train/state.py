@@ -88,8 +88,12 @@ class CheckpointState:
         try:
             save_checkpoint(path, self.model.state_arrays(), optim, self._meta())
         except OSError as exc:
+            # before run.json, this is the step-0 checkpoint of a run being
+            # created, which removes the files it wrote (RunDir.create)
+            kept = "the previous checkpoint is intact" if self.run_dir.is_run() else \
+                "the run was not created (the files it wrote are removed)"
             raise XpmodelError(f"could not write checkpoint {path}: {exc.strerror or exc}; "
-                               f"the previous checkpoint is intact") from None
+                               f"{kept}") from None
         if is_best:
             self.best_file_val = self.best_val
         else:
