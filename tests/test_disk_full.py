@@ -1,6 +1,6 @@
-"""A full disk while training: the error is one line naming the file that
-could not be written, nothing already there is lost, and running the command
-again (once there is room) works.
+"""A full disk while training or exporting: the error is one line naming the
+file that could not be written, nothing already there is lost, and running
+the command again (once there is room) works.
 
 The disk fills at a chosen write: the file's write, flush or close raises
 ENOSPC as it would on a full file system."""
@@ -12,6 +12,11 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import assert_one_line_error, run_cli
+from xpmodel.errors import XpmodelError
+from xpmodel.folder_write import write_folder_atomically
+from xpmodel.hf.convert import export_hf
+from xpmodel.model.gpt import GPT, GPTConfig
+from xpmodel.tokenizer.bpe import BPETokenizer
 from xpmodel.train import metrics_file
 from xpmodel.train.checkpoint import read_checkpoint_meta
 from xpmodel.train.rundir import RunDir
@@ -130,3 +135,52 @@ def test_a_run_whose_first_checkpoint_cannot_be_written_is_not_created(tmp_path,
     code, _, err = run_cli(capsys, *args)
     assert code == 0, err
     assert run.latest_checkpoint()[0] == run.step_path(10)
+
+
+def test_an_export_whose_weights_do_not_fit_names_the_file(tmp_path, monkeypatch):
+    tokenizer = BPETokenizer.train("the king shall speak of love and war to my lord " * 20, 270)
+    model = GPT(GPTConfig(vocab_size=320, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, real):
+            self.real = real
+
+        def write(self, data):
+            raise _no_space()
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.real.close()
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if "w" in mode and "model.safetensors" in os.readlink(f"/proc/self/fd/{handle.fileno()}"):
+            return Full(handle)
+        return handle
+
+    out = tmp_path / "hf"
+    with monkeypatch.context() as full, pytest.raises(XpmodelError) as failed:
+        full.setattr(builtins, "open", fake_open)
+        export_hf(model, tokenizer, out)
+    assert str(failed.value) == (f"cannot write {out / 'model.safetensors'}: {NO_SPACE}; "
+                                 f"nothing was written to {out}")
+    assert list(tmp_path.iterdir()) == []
+    export_hf(model, tokenizer, out)
+    assert (out / "model.safetensors").is_file()
+
+
+def test_a_folder_write_error_without_a_file_name_names_the_folder(tmp_path):
+    def write(folder):
+        raise _no_space()
+
+    out = tmp_path / "out"
+    with pytest.raises(XpmodelError) as failed:
+        write_folder_atomically(out, write, frozenset())
+    assert str(failed.value) == f"cannot write into {out}: {NO_SPACE}; nothing was written to {out}"
+    assert list(tmp_path.iterdir()) == []

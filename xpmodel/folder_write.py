@@ -60,8 +60,8 @@ def write_folder_atomically(out_dir, write, owned_names):
             for path in staging.iterdir():
                 _fsync_file(path)
         except OSError as exc:
-            name = Path(exc.filename).name if exc.filename else "the folder"
-            raise XpmodelError(f"cannot write {Path(out_dir) / name}: {exc.strerror or exc}; "
+            where = Path(out_dir) / Path(exc.filename).name if exc.filename else f"into {out_dir}"
+            raise XpmodelError(f"cannot write {where}: {exc.strerror or exc}; "
                                f"nothing was written to {out_dir}") from None
         try:
             old = _put_in_place(staging, target)

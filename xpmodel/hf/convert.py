@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy
 from safetensors.numpy import save as safetensors_bytes
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_write_bytes, atomic_write_json
 from ..errors import DataError, UsageError, one_line, quote, setting_text
 from ..files import folder_problem, read_json
 from ..folder_write import write_folder_atomically
@@ -499,9 +499,7 @@ def _weight_paths(hf_dir):
 
 
 def _write_safetensors(path, tensors):
-    data = safetensors_bytes(tensors, metadata={"format": "pt"})
-    with open(path, "wb") as f:
-        f.write(data)
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata={"format": "pt"}))
 
 
 def _read_json(path):
