@@ -30,7 +30,6 @@ from torch_gpt import torch_forward, torch_params  # noqa: E402
 from xpmodel.tokenizer.hf_export import export_tokenizer_hf  # noqa: E402
 from xpmodel.hf import convert as hf  # noqa: E402
 from xpmodel.hf import llama as hf_llama  # noqa: E402
-from xpmodel.tokenizer import hf_export as tokenizer_hf  # noqa: E402
 from xpmodel.tokenizer.hf_import import read_hf_tokenizer  # noqa: E402
 from xpmodel import atomic  # noqa: E402
 from xpmodel.errors import DataError, UsageError, XpmodelError  # noqa: E402
@@ -686,15 +685,16 @@ def test_import_refuses_a_crafted_config_json(copy_of_llama, text, named):
 # ----- an export is written whole or not at all -----------------------------
 
 
-def full_disk(fail_on, write):
-    """`write` (a writer taking the path first), except that writing the file
-    `fail_on` stops part way with ENOSPC."""
-    def writer(path, *args, **kwargs):
-        if path.name == fail_on:
-            path.write_bytes(b"half")
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return write(path, *args, **kwargs)
-    return writer
+def full_disk(monkeypatch, fail_on):
+    """Make every write of the file named `fail_on` stop part way with ENOSPC."""
+    write = atomic._TargetFile.write
+
+    def writer(self, data):
+        if self._target.name == fail_on:
+            write(self, bytes(memoryview(data).cast("B")[:4]))
+            raise OSError(errno.ENOSPC, "No space left on device", str(self._target))
+        return write(self, data)
+    monkeypatch.setattr(atomic._TargetFile, "write", writer)
 
 
 @pytest.mark.parametrize("fail_on", ["model.safetensors", "config.json", "tokenizer.json",
@@ -704,10 +704,7 @@ def test_export_on_a_full_disk_leaves_nothing_half_written(tokenizer, tmp_path, 
     previous = tmp_path / "previous"
     export_hf(GPT(llama_config(n_layer=1), seed=5), tokenizer, previous)
     before = {p.name: p.read_bytes() for p in previous.iterdir()}
-    monkeypatch.setattr(hf, "_write_safetensors", full_disk(fail_on, hf._write_safetensors))
-    monkeypatch.setattr(atomic, "atomic_write_bytes", full_disk(fail_on, atomic.atomic_write_bytes))
-    monkeypatch.setattr(tokenizer_hf, "atomic_write_bytes",
-                        full_disk(fail_on, tokenizer_hf.atomic_write_bytes))
+    full_disk(monkeypatch, fail_on)
     for out in (tmp_path / "new", previous):
         with pytest.raises(XpmodelError, match=f"cannot write {out / fail_on}: No space left"):
             export_hf(randomized(GPT(llama_config(n_layer=1)), seed=6), tokenizer, out)
