@@ -189,3 +189,36 @@ def test_log_to_names_are_checked(capsys, corpus):
     assert_one_line_error(err)
     assert load_config(TINY, ["train.log_to=[wandb, tensorboard]"]).train.log_to == \
         ["wandb", "tensorboard"]
+
+
+def test_a_tensorboard_writer_that_fails_on_a_full_disk_warns_and_training_goes_on(tmp_path,
+                                                                                   corpus):
+    """tensorboardX writes from a thread of its own; a write failing there ended
+    that thread with a traceback through the display, and once its queue of 10
+    events was full, training blocked for good. Now one warning, and the run
+    finishes."""
+    pytest.importorskip("tensorboardX")
+    script = """
+import errno, sys
+from tensorboardX import event_file_writer
+write, written = event_file_writer.EventsWriter.write_event, []
+def full_after_a_few(self, event):
+    written.append(event)
+    if len(written) > 5:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return write(self, event)
+event_file_writer.EventsWriter.write_event = full_after_a_few
+from xpmodel.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-c", script, "train", "--config", TINY, "--device", "cpu", "--quiet",
+         "--out", run, f"data.source={corpus}", "train.log_to=tensorboard",
+         "train.log_interval=1"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "train.log_to tensorboard: OSError: [Errno 28] No space left on device" in result.stdout
+    records = RunDir(run).read_metrics()
+    assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, 31))
+    assert [r["kind"] for r in records if r["type"] == "warning"] == ["log_to"]

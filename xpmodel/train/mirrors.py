@@ -22,6 +22,7 @@ import html
 import os
 import re
 import secrets
+import threading
 
 from ..atomic import atomic_write_bytes
 from ..config import config_to_dict, config_to_yaml
@@ -104,8 +105,14 @@ def _scalars(record):
 
 
 class TensorBoardSink:
+    """tensorboardX writes the events from a thread of its own. A write that
+    fails there (a full disk) ends that thread: its error is kept, not printed
+    through the display (`_keep_writer_errors`), and the next call raises it,
+    before a put into the thread's queue could block training for good."""
+
     def __init__(self, run_dir, config, step):
         from tensorboardX import SummaryWriter
+        _keep_writer_errors()
         # purge_step: TensorBoard drops earlier processes' events after the step
         # this one starts from (metrics.jsonl lost them too when the run resumed;
         # all of them when --overwrite started the run again)
@@ -118,15 +125,48 @@ class TensorBoardSink:
     def record(self, record):
         step = record.get("step", 0)
         for tag, value in _scalars(record).items():
-            self.writer.add_scalar(tag, value, step)
+            self._add("add_scalar", tag, value, step)
         if record.get("type") == "warning":
-            self.writer.add_text("warnings", f"{record.get('kind')}: {record.get('message')}", step)
+            self._add("add_text", "warnings", f"{record.get('kind')}: {record.get('message')}", step)
 
     def sample(self, step, text):
-        self.writer.add_text("samples", _fenced(text), step)
+        self._add("add_text", "samples", _fenced(text), step)
 
     def close(self):
+        self._check_writer()
         self.writer.close()
+
+    def _add(self, method, *args):
+        """One event, put into the writer thread's queue after a check that the
+        thread runs: a thread that ends does so on an event it took from the
+        queue, which leaves a place for the one put after the check."""
+        self._check_writer()
+        getattr(self.writer, method)(*args)
+
+    def _check_writer(self):
+        """Raise the error that ended tensorboardX's writer thread, if it ended."""
+        worker = getattr(self.writer._get_file_writer().event_writer, "_worker", None)
+        if worker is not None and not worker.is_alive():
+            raise _writer_errors.pop(worker, None) or OSError("tensorboardX's event writer stopped")
+
+
+_writer_errors = {}   # tensorboardX writer thread -> the error that ended it
+
+
+def _keep_writer_errors():
+    """Keep the errors that end tensorboardX's threads in _writer_errors, where
+    Python would print their tracebacks; other threads' are printed as before."""
+    if getattr(threading.excepthook, "keeps_writer_errors", False):
+        return
+    printing = threading.excepthook
+
+    def hook(args):
+        if type(args.thread).__module__.startswith("tensorboardX"):
+            _writer_errors[args.thread] = args.exc_value
+        else:
+            printing(args)
+    hook.keeps_writer_errors = True
+    threading.excepthook = hook
 
 
 def _fenced(text):
