@@ -10,11 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy
 import pytest
 
 from cli_helpers import assert_one_line_error, copy_run, run_cli, train_tiny_run, write_corpus
 from config_reads import count_config_reads, two_level_chain
 from xpmodel.cli import main as cli
+from xpmodel.errors import XpmodelError
 from xpmodel.train.rundir import RunDir
 from xpmodel.tokenizer.bpe import BPETokenizer
 
@@ -578,7 +580,7 @@ def test_a_narrow_terminal_cuts_the_figures_not_the_step_count(width):
     assert any(line.strip().startswith("150/2000 ") for line in shown.split("\n"))
 
 
-@pytest.mark.parametrize("error", [errno.EPERM, errno.EOPNOTSUPP])
+@pytest.mark.parametrize("error", [errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EIO])
 def test_a_new_output_on_a_file_system_without_hard_links(error, tmp_path, monkeypatch):
     """Where a hard link cannot be made, a new output is checked just before
     its rename: put in place while absent, refused once another made it."""
@@ -626,3 +628,79 @@ except OSError as exc:
                             text=True, timeout=60)
     assert result.stdout == f"{str(target)!r} File too large\n", result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pairs_new_last_file_another_process_wrote_is_never_removed(tmp_path, monkeypatch):
+    """Their pair (sidecar, then token file), landing after this write checked
+    its last file and before it would remove the old one: a new output has no
+    old file to remove, so theirs stays, and the write stops at its sidecar."""
+    import xpmodel.atomic as atomic
+    import xpmodel.file_pairs as file_pairs
+    from xpmodel.data import write_token_file
+    from xpmodel.errors import XpmodelError
+    out = tmp_path / "x.tok"
+    atomic.note_output(out)
+    atomic.note_output(tmp_path / "x.tok.json")
+    check = file_pairs.refuse_if_written_meanwhile
+
+    def theirs_lands_after_the_check(path):
+        check(path)
+        if Path(path) == out and not out.exists():
+            (tmp_path / "x.tok.json").write_bytes(b"their sidecar")
+            out.write_bytes(b"theirs")
+    monkeypatch.setattr(file_pairs, "refuse_if_written_meanwhile", theirs_lands_after_the_check)
+    with pytest.raises(XpmodelError, match="another process wrote this file"):
+        write_token_file(out, [numpy.arange(5, dtype=numpy.uint32)], 300, "ab" * 32)
+    assert out.read_bytes() == b"theirs" and (tmp_path / "x.tok.json").read_bytes() == \
+        b"their sidecar" and sorted(p.name for p in tmp_path.iterdir()) == ["x.tok", "x.tok.json"]
+
+
+def test_a_killed_writers_temporary_under_this_process_id_is_never_written_through(tmp_path):
+    """A process killed between placing a new output by a hard link and removing
+    the link's other name left `.NAME.tmp-PID`, a second name of NAME; a write
+    of NAME by a later process with that id replaces NAME, never rewrites it."""
+    from xpmodel.atomic import atomic_write_bytes, temporary_path
+    out = tmp_path / "x.bin"
+    out.write_bytes(b"whole" * 200)
+    os.link(out, temporary_path(out))
+
+    class Stop(Exception):
+        pass
+    with pytest.raises(Stop):
+        from xpmodel.atomic import atomic_writer
+        with atomic_writer(out) as f:
+            f.write(b"BBBB")
+            raise Stop
+    assert out.read_bytes() == b"whole" * 200
+    atomic_write_bytes(out, b"new")
+    assert out.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
+
+
+def test_outputs_noted_by_one_command_are_forgotten_when_it_ends(capsys, corpus, tmp_path,
+                                                                monkeypatch):
+    """tokenizer train stopped before writing leaves no mark on its --out: the
+    Python API's save there later replaces a file as it always did. And a
+    mark names the file, whichever working directory or link reaches it."""
+    from xpmodel.atomic import atomic_write_bytes, is_new_output, note_output
+    import xpmodel.tokenizer.bpe as bpe
+    out = tmp_path / "tok.json"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(bpe.BPETokenizer, "train", stopped)
+        code, _, _ = run_cli(capsys, "tokenizer", "train", corpus, "--vocab-size", 260,
+                             "--out", out)
+    assert code == 130 or code == 1 or code == 2, code
+    out.write_text("another file")
+    BPETokenizer().save(out)
+    assert BPETokenizer.load(out) == BPETokenizer()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path / "link")
+    note_output("new.bin")
+    monkeypatch.chdir(tmp_path)
+    assert is_new_output(tmp_path / "real" / "new.bin")
+    (tmp_path / "real" / "new.bin").write_bytes(b"theirs")
+    with pytest.raises(XpmodelError, match="another process wrote this file"):
+        atomic_write_bytes(Path("real/new.bin"), b"mine")

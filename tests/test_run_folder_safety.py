@@ -207,15 +207,15 @@ def test_a_folder_that_takes_a_held_folders_inode_is_not_taken_for_it(tmp_path, 
 def test_a_folder_another_process_makes_while_the_lock_is_taken_is_kept(tmp_path, monkeypatch):
     """a is missing when the lock looks, then made by someone else before the
     lock makes it: the lock makes a/b and a/b/run, and removes only those."""
-    import xpmodel.train.runlock as runlock
-    walk = runlock.missing_folders
+    import xpmodel.files as files
+    walk = files.missing_folders
 
     def walk_then_another_process_makes_a(path):
         found = walk(path)
         (tmp_path / "a").mkdir()
         return found
 
-    monkeypatch.setattr(runlock, "missing_folders", walk_then_another_process_makes_a)
+    monkeypatch.setattr(files, "missing_folders", walk_then_another_process_makes_a)
     with RunDir(tmp_path / "a" / "b" / "run").lock():
         assert (tmp_path / "a" / "b" / "run" / ".xpmodel.lock").is_file()
     assert list(tmp_path.iterdir()) == [tmp_path / "a"] and list((tmp_path / "a").iterdir()) == []

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from .errors import XpmodelError
-from .files import missing_folders, process_alive
+from .files import make_folders, process_alive, remove_made_folders
 
 # Temporary files being written right now, so that a second Ctrl-C, which
 # leaves at once, can remove them on its way out (see `abandon_partial_writes`).
@@ -73,7 +73,6 @@ def atomic_write_bytes(path, data, pause=0.0):
         f.write(data)
 
 
-
 def atomic_write_json(path, document):
     """`document` as `json_bytes`, written as atomic_write_bytes writes."""
     atomic_write_bytes(path, json_bytes(document))
@@ -96,13 +95,18 @@ def atomic_writer(path, pause=0.0):
     """
     path = Path(path)
     tmp = Path(os.path.abspath(temporary_path(path)))   # as `dead_temporaries` compares it
-    _in_flight.add(tmp)
-    made = missing_folders(path.parent)[1]   # deepest first
+    made = []
     try:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            made = make_folders(path.parent)
             remove_stale_temporaries(path.parent, path.name.__eq__)   # a killed write's of path
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+            # one under this name now is a killed process's that had this id (a
+            # container's first process has): never written through, as it may be
+            # a second name of the file it was put in place as (_place_new)
+            Path(tmp).unlink(missing_ok=True)
+            _in_flight.add(tmp)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                         0o666)
         except OSError as exc:
             raise _naming(exc, path) from None
         with open(fd, "wb", buffering=0) as raw:
@@ -115,22 +119,16 @@ def atomic_writer(path, pause=0.0):
         if pause > 0:
             time.sleep(pause)
         try:
-            if os.path.abspath(path) in _new_outputs:
+            if is_new_output(path):
                 _place_new(tmp, path)
             else:
                 os.replace(tmp, path)
         except OSError as exc:
             raise _naming(exc, path) from None
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        for folder in made:
-            try:
-                os.rmdir(folder)   # only while empty: a file another process put there stays
-            except OSError:
-                break
+        if tmp in _in_flight:
+            Path(tmp).unlink(missing_ok=True)
+        remove_made_folders(made)   # those still empty: a file another process put there stays
         raise
     finally:
         _in_flight.discard(tmp)
@@ -140,20 +138,40 @@ def atomic_writer(path, pause=0.0):
 def note_output(path):
     """Record whether the output `path` exists now, as a command checks it:
     if not, it is new, and this process's next write of it puts it in place
-    only while it is still absent."""
-    absolute = os.path.abspath(path)
+    only while it is still absent (until `forget_outputs`)."""
     if os.path.lexists(path):
-        _new_outputs.discard(absolute)
+        _new_outputs.discard(_output_key(path))
     else:
-        _new_outputs.add(absolute)
+        _new_outputs.add(_output_key(path))
+
+
+def is_new_output(path):
+    """Whether `path` is an output noted as new (`note_output`) and not yet written."""
+    return _output_key(path) in _new_outputs
+
+
+def forget_outputs():
+    """Forget the outputs noted: the command that checked them has ended."""
+    _new_outputs.clear()
 
 
 def refuse_if_written_meanwhile(path):
     """An error when the new output `path` (`note_output`) exists now:
     another process wrote it after this one checked its outputs."""
-    if os.path.abspath(path) in _new_outputs and os.path.lexists(path):
+    if is_new_output(path) and os.path.lexists(path):
         raise XpmodelError(f"{path}: another process wrote this file while this command ran; "
                            f"it is kept, and nothing was written over it")
+
+
+def _output_key(path):
+    """`path` as the file it names: its folder's real path, and its name."""
+    path = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
+# link() errors of file systems without hard links (FUSE mounts answer ENOSYS or EIO)
+_NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS,
+                  errno.EIO)
 
 
 def _place_new(tmp, path):
@@ -166,13 +184,13 @@ def _place_new(tmp, path):
         refuse_if_written_meanwhile(path)
         raise
     except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+        if exc.errno not in _NO_HARD_LINKS:
             raise
         refuse_if_written_meanwhile(path)
         os.replace(tmp, path)
     else:
         os.unlink(tmp)
-    _new_outputs.discard(os.path.abspath(path))   # written: this process's own file now
+    _new_outputs.discard(_output_key(path))   # written: this process's own file now
 
 
 class _TargetFile:

@@ -21,7 +21,7 @@ import os
 import struct
 from pathlib import Path
 
-from .atomic import atomic_writer, refuse_if_written_meanwhile
+from .atomic import atomic_writer, is_new_output, refuse_if_written_meanwhile
 from .errors import UsageError
 from .files import open_regular, parse_json
 
@@ -43,23 +43,28 @@ def stamp(last):
 def write_pair(first, last, write_first, write_last, last_matches=None):
     """Write the pair (first, last) in this module's order: write_last(file),
     then write_first(file), each given an atomic_writer file to fill (the
-    first one's data stamped by the caller); then the old last file is
-    removed, unless `last_matches()` says it holds what the new first file
-    describes, the first file is put in place, and the last."""
+    first one's data stamped by the caller), both synced to disk; then the
+    old last file is removed, unless `last_matches()` says it holds what the
+    new first file describes, the first file is put in place, and the last."""
     with atomic_writer(last) as last_file:
         write_last(last_file)
+        last_file.sync()
         with atomic_writer(first) as first_file:
             write_first(first_file)
+            first_file.sync()
+            refuse_if_written_meanwhile(first)   # before the old last file goes
             if last_matches is None or not last_matches():
                 remove_last_file(last)
 
 
 def remove_last_file(last):
-    """Remove the pair's existing last file, before its first file is written;
-    an error instead when the command found no such file when it checked its
-    outputs, and another process wrote it since (atomic.note_output)."""
+    """Remove the pair's existing last file, before its first file is written.
+    A last file the command found absent when it checked its outputs
+    (atomic.note_output) is not removed: one there now is another process's,
+    and an error says so."""
     refuse_if_written_meanwhile(last)
-    Path(last).unlink(missing_ok=True)
+    if not is_new_output(last):
+        Path(last).unlink(missing_ok=True)
 
 
 def is_first_of(first, last):

@@ -160,6 +160,44 @@ def missing_folders(path):
     return first_made_in or existing, missing[::-1]
 
 
+def make_folders(path):
+    """Create the missing folders of `path`, outermost first, one level at a
+    time; returns [(folder, identity)] of those made here, deepest first (a
+    folder another process made meanwhile is not among them), for
+    `remove_made_folders`. An OSError when one cannot be made, those made
+    before it removed again."""
+    made = []
+    for folder in reversed(missing_folders(path)[1]):
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            continue
+        except OSError:
+            remove_made_folders(made)
+            raise
+        made.insert(0, (folder, entry_identity(folder)))
+    return made
+
+
+def remove_made_folders(made):
+    """Remove the folders `make_folders` made, deepest first, while empty and
+    still the ones made (not another folder a link now leads to)."""
+    for folder, identity in made:
+        if entry_identity(folder) == identity:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass   # not empty (or gone): kept
+
+
+def entry_identity(path):
+    """(device, inode) of the entry `path` itself (a link is not followed), or None."""
+    try:
+        return file_identity(os.lstat(path))
+    except OSError:
+        return None
+
+
 def existing_file(path, given_as, what):
     """Refuse a file given as `given_as` (a flag or key) that names nothing
     ("data.tokenizer tok.json: no such tokenizer file", a UsageError, exit 2);

@@ -338,6 +338,7 @@ def tokenizer_train_command(args):
     # full disk then stops before either output changes
     with atomic_writer(args.out) as out:
         out.write(tokenizer.to_json().encode("utf-8"))
+        out.sync()
         if args.export_hf:
             from ..tokenizer.hf_export import export_tokenizer_hf
             export_tokenizer_hf(tokenizer, args.export_hf, overwrite=args.overwrite)

@@ -15,6 +15,7 @@ import re
 import sys
 
 from .. import __version__
+from ..atomic import forget_outputs
 from ..errors import XpmodelError, one_line, shown_path
 
 # A quoted string in an argparse message: the value typed, as repr shows it.
@@ -44,6 +45,8 @@ def main(argv=None):
         if debug:
             raise
         return _last_resort(exc)
+    finally:
+        forget_outputs()   # what this command noted as new: a later one notes its own
 
 
 def _last_resort(exc):

@@ -118,7 +118,6 @@ def write_token_file(
             count += ids.size
         file.seek(_COUNT_OFFSET)
         file.write(struct.pack("<Q", count))
-        file.sync()   # the ids on disk before the old pair is touched
         sidecar.update({
             "format": "xpmodel-tokens",
             "version": FORMAT_VERSION,

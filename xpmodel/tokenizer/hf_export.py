@@ -86,13 +86,15 @@ def export_tokenizer_hf(tokenizer, directory, model_max_length=None, special_ids
 
 def write_tokenizer_files(folder, files):
     """Write `files` ({name: JSON document or bytes}, hf_tokenizer_files) into
-    `folder`: every file's data first, then the renames, which need no space,
-    so that a full disk leaves the folder's files as they were."""
+    `folder`: every file's data first, on disk, then the renames, which need
+    no space, so that a full disk leaves the folder's files as they were."""
     folder.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as writes:
         for name, content in files.items():
             data = content if isinstance(content, bytes) else json_bytes(content)
-            writes.enter_context(atomic_writer(folder / name)).write(data)
+            file = writes.enter_context(atomic_writer(folder / name))
+            file.write(data)
+            file.sync()
 
 
 def hf_tokenizer_files(tokenizer, model_max_length=None, special_ids=None):

@@ -24,7 +24,8 @@ import sys
 import time
 
 from ..errors import UsageError, XpmodelError, quote
-from ..files import file_identity, file_kind, missing_folders, parse_json, process_alive
+from ..files import (entry_identity, file_identity, file_kind, make_folders, parse_json,
+                     process_alive, remove_made_folders)
 
 _held = {}   # (device, inode) of a run directory -> RunLock holding it in this process
 
@@ -35,7 +36,7 @@ def held_lock(path):
     lock file must be the one the lock has open."""
     key = _key(path)
     lock = None if key is None else _held.get(key)
-    if lock is None or _identity_of(os.path.join(path, lock.run.lock_path.name)) != \
+    if lock is None or entry_identity(os.path.join(path, lock.run.lock_path.name)) != \
             file_identity(os.fstat(lock._fd)):
         return None
     return lock
@@ -91,15 +92,9 @@ class RunLock:
         return False
 
     def _make_folders(self, path):
-        """Create the missing folders of `path` one level at a time, outermost
-        first, recording those this lock made: a folder another process made
-        since the walk (os.mkdir finds it there) is not this lock's to remove."""
-        for folder in reversed(missing_folders(path)[1]):
-            try:
-                os.mkdir(folder)
-            except FileExistsError:
-                continue
-            self._made.insert(0, (folder, _identity_of(folder)))
+        """Create the missing folders of `path`, recording those this lock made
+        (files.make_folders)."""
+        self._made = make_folders(path)
         if not path.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
 
@@ -119,7 +114,7 @@ class RunLock:
                         raise
                     if holder and _holder_alive(holder):
                         raise UsageError(self._in_use(holder)) from None
-                if file_identity(os.fstat(fd)) != _identity_of(lock_path):
+                if file_identity(os.fstat(fd)) != entry_identity(lock_path):
                     os.close(fd)   # released and removed by its holder meanwhile: try again
                     continue
                 self.found_stale = holder is not None and not self.run.is_run()
@@ -171,7 +166,7 @@ class RunLock:
     def release(self):
         if self._fd is not None:
             try:
-                if file_identity(os.fstat(self._fd)) == _identity_of(self.run.lock_path):
+                if file_identity(os.fstat(self._fd)) == entry_identity(self.run.lock_path):
                     self.run.lock_path.unlink(missing_ok=True)
             except OSError:
                 pass
@@ -183,14 +178,7 @@ class RunLock:
         self._remove_made_folders()
 
     def _remove_made_folders(self):
-        """Remove the folders this lock made, deepest first, while empty and
-        still the ones made (not another folder a link now leads to)."""
-        for folder, identity in self._made:
-            if _identity_of(folder) == identity:
-                try:
-                    folder.rmdir()
-                except OSError:
-                    pass   # not empty (or gone): kept
+        remove_made_folders(self._made)
         self._made = []
 
 
@@ -198,14 +186,6 @@ def _key(path):
     """(device, inode) of the directory `path` leads to, or None where it leads nowhere."""
     try:
         return file_identity(os.stat(path))
-    except OSError:
-        return None
-
-
-def _identity_of(path):
-    """(device, inode) of the entry `path` itself (a link is not followed), or None."""
-    try:
-        return file_identity(os.lstat(path))
     except OSError:
         return None
 
