@@ -271,7 +271,8 @@ class TrainConfig:
 
     def _check_ns_coefficients(self):
         try:
-            coefficients = parse_ns_coefficients(self.muon_ns_coefficients, "train.muon_ns_coefficients")
+            coefficients = parse_ns_coefficients(self.muon_ns_coefficients,
+                                                 "train.muon_ns_coefficients")
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         try:

@@ -140,8 +140,10 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
                 if self.is_main and not self._saved_this_step():
                     path = self.save()
                 if self.dist is not None:
-                    self.dist.barrier()     # rank 0's checkpoint is on disk before any rank ends the job
-                interrupt.step, interrupt.checkpoint, interrupt.run_dir = self.step, path, self.run_dir.path
+                    # rank 0's checkpoint is on disk before any rank ends the job
+                    self.dist.barrier()
+                interrupt.step, interrupt.checkpoint = self.step, path
+                interrupt.run_dir = self.run_dir.path
                 raise
             finally:
                 self._display = None

@@ -127,7 +127,8 @@ class TensorBoardSink:
         for tag, value in _scalars(record).items():
             self._add("add_scalar", tag, value, step)
         if record.get("type") == "warning":
-            self._add("add_text", "warnings", f"{record.get('kind')}: {record.get('message')}", step)
+            self._add("add_text", "warnings", f"{record.get('kind')}: {record.get('message')}",
+                      step)
 
     def sample(self, step, text):
         self._add("add_text", "samples", _fenced(text), step)

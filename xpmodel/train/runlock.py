@@ -259,7 +259,8 @@ def lock_holder(lock_path):
         fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
                      | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        return None if exc.errno == errno.ELOOP else {}   # ELOOP: replaced by a link since the check
+        # ELOOP: replaced by a link since the check
+        return None if exc.errno == errno.ELOOP else {}
     try:
         if _not_a_lock_file(os.fstat(fd)) is not None:
             return None

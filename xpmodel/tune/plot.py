@@ -82,7 +82,8 @@ def plot_run(run_dir, out=None, overwrite=False):
             health_out.unlink(missing_ok=True)
         return [save_figure(plt, fig, out, dpi=110)]
     health_fig = draw_health(plt, health, f"xpmodel run {run.path.name}: per-layer health")
-    plot, health_plot = png_bytes(plt, fig, dpi=110), png_bytes(plt, health_fig, metadata=stamp(out))
+    plot = png_bytes(plt, fig, dpi=110)
+    health_plot = png_bytes(plt, health_fig, metadata=stamp(out))
     write_pair(health_out, out, lambda f: f.write(health_plot), lambda f: f.write(plot))
     return [out, health_out]
 
