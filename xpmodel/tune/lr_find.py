@@ -190,9 +190,10 @@ def write_results(result, png_path, title):
     """The test's numbers as JSON beside `png_path` (same stem, .json), and the
     plot when matplotlib is installed; returns the paths written. The two are
     a pair written in file_pairs.py's order: both written, then an existing
-    plot is removed, the numbers land naming the plot, then the plot, so a plot is only ever beside
-    the numbers it shows, and numbers left alone by a kill are replaced by the
-    rerun. Without matplotlib the numbers name no plot and are whole alone."""
+    plot is removed, the numbers land naming the plot, then the plot, so a
+    plot is only ever beside the numbers it shows, and numbers left alone by
+    a kill are replaced by the rerun. Without matplotlib the numbers name no
+    plot and are whole alone."""
     png_path = check_png_output(png_path)
     json_path = png_path.with_suffix(".json")
     document = {**asdict(result), "rule": result.rule}
