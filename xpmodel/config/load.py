@@ -236,8 +236,7 @@ def _check_dependent_keys_apply(config, layer_keys):
     keeps its dependent keys: a saved run config spells out every key, and
     `train.optimizer=adamw` over a Muon config switches optimizers on purpose."""
     for is_dependent, chooser, choice in _DEPENDENT_KEYS:
-        section, _, name = chooser.partition(".")
-        chosen = getattr(getattr(config, section), name)
+        chosen = setting_value(config, chooser)
         if chosen == choice:
             continue
         for keys in reversed(layer_keys):
@@ -283,6 +282,12 @@ def _fit_schedule(merged, before, named):
         return []
     return [f"note: train.max_iters={steps} is shorter than the schedule it was given, so "
             f"{' and '.join(changed)} (the same share of the run; set them to choose)"]
+
+
+def setting_value(config, key):
+    """The value of a dotted `key`, "train.lr" say, in the RunConfig `config`."""
+    section, _, name = key.partition(".")
+    return getattr(getattr(config, section), name)
 
 
 def config_to_dict(config):

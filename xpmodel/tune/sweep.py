@@ -20,10 +20,10 @@ n_head, say) are drawn again. The plan is fixed when the sweep starts (from
 Each trial is `xpmodel train` in a child process (`--resume` when its run
 directory already holds a run of the trial's values; a run made there with
 others fails the trial, naming the value), K at once with --parallel K (CPU
-threads split among them, or one GPU each with --device cuda). A child gets SIGTERM if the
-sweep dies, even by kill -9, so it saves a checkpoint and stops; running the
-same command again finishes what is left: finished trials are not rerun, an
-interrupted one resumes.
+threads split among them, or one GPU each with --device cuda). A child gets
+SIGTERM if the sweep dies, even by kill -9, so it saves a checkpoint and
+stops; running the same command again finishes what is left: finished trials
+are not rerun, an interrupted one resumes.
 
 Pruning (median rule, as Optuna's MedianPruner): at each evaluation of a
 running trial, once at least 2 trials have finished, a trial whose validation
@@ -54,6 +54,7 @@ from rich.table import Table
 
 from ..atomic import atomic_write_bytes, atomic_write_json, is_temporary_name
 from ..config import load_config, load_config_and_files, save_config
+from ..config.load import setting_value
 from ..cpu_threads import thread_count
 from ..errors import UsageError, XpmodelError, quote, setting_text
 from ..files import finite_json_number
@@ -364,7 +365,7 @@ class Sweep:
         except XpmodelError as exc:
             return f"{run.path}: holds a run whose config cannot be read ({exc}); move it away"
         for key in dict.fromkeys([o.partition("=")[0] for o in overrides] + ["train.max_iters"]):
-            value, kept = _as_a_run_keeps(wanted, key), _value_of(held, key)
+            value, kept = _as_a_run_keeps(wanted, key), setting_value(held, key)
             if value != kept:
                 return (f"{run.path}: holds a run made with {key}={_value_text(kept)}, not "
                         f"{trial['name']}'s {_value_text(value)}; the sweep does not take it for "
@@ -538,15 +539,10 @@ class _SweepLock(RunLock):
                 f"runs a grid or random sweep at a time: wait for it to finish or stop it first")
 
 
-def _value_of(config, key):
-    section, name = key.split(".")
-    return getattr(getattr(config, section), name)
-
-
 def _as_a_run_keeps(config, key):
     """config's value of `key` as `xpmodel train` writes it in the run's
     config.yaml: data.source and a tokenizer file's path made absolute."""
-    value = _value_of(config, key)
+    value = setting_value(config, key)
     if key == "data.source":
         return absolute_source(value)
     return absolute_tokenizer(value) if key == "data.tokenizer" else value

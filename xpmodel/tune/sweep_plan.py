@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy
 
 from ..config import check_key, check_override, load_config
+from ..config.load import setting_value
 from ..config.sections import names_tokenizer_file
 from ..data.sources import resolve_given
 from ..errors import DataError, UsageError, quote, shown_path
@@ -218,5 +219,4 @@ def check_trial_inputs(base, params):
 def _trial_values(base, params, key):
     """The values trials give `key`: a SPEC's, or `base`'s."""
     swept = next((p for p in params if p.key == key), None)
-    section, name = key.split(".")
-    return swept.values if swept is not None else [getattr(getattr(base, section), name)]
+    return swept.values if swept is not None else [setting_value(base, key)]
