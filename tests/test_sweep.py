@@ -616,6 +616,8 @@ def test_the_readmes_sweep_examples_start_from_what_a_wheel_installs(tmp_path):
     (["train.lr=0.5", "train.max_iters=3"], None, "holds a run made with train.lr=0.5, not trial-001's "),
     (["train.lr=2e-3", "train.min_lr=2e-4", "train.max_iters=4"], None,
      "holds a run made with train.max_iters=4, not trial-001's 3"),
+    (["train.lr=2e-3", "train.min_lr=1e-4", "train.max_iters=3"], None,    # min_lr follows lr
+     "holds a run made with train.min_lr=0.0001, not trial-001's 0.0002"),
     (["train.max_iters=3"], "train: [", "holds a run whose config cannot be read"),
 ])
 def test_a_run_someone_made_in_a_trials_folder_is_not_taken_for_the_trials_result(
@@ -666,4 +668,37 @@ def test_a_run_of_the_trials_own_settings_in_its_folder_is_resumed(capsys, tmp_p
     assert code == 0, (stdout, err)
     assert "trial-001 resumed at step 3: lr=0.002" in stdout, stdout
     results = json.loads((out / "results.json").read_text())
+    assert [t["status"] for t in results["trials"]] == ["done", "done"]
+
+
+@pytest.mark.parametrize("specs, resumed", [
+    (["train.init_from=base", "train.lr=1e-3,2e-3"], "lr=0.002"),
+    (["train.init_from=base,link"], "init_from=link"),
+    (["train.init_from={here}/base", "model.n_layer=2", "train.lr=1e-3,2e-3"], "lr=0.002"),
+    (["train.init_from={here}/base", "model.n_layer=2,3"], "n_layer=3"),
+    (["train.init_from={here}/base", "data.tokenizer=byte,bpe"], "tokenizer=bpe"),
+])
+def test_a_killed_trial_started_from_a_relative_init_from_is_resumed(capsys, tmp_path,
+                                                                     monkeypatch, specs, resumed):
+    """train keeps train.init_from resolved (here 'base', or 'link' to it) and
+    takes the model shape and tokenizer from it: a trial left running by a
+    killed sweep failed on every rerun with 'holds a run made with
+    train.init_from=.../base, not trial-001's 'base'' (or, from an absolute
+    init_from, model.n_layer=1, not 2). The trial's own run is resumed."""
+    monkeypatch.chdir(tmp_path)
+    write_corpus(tmp_path / "corpus.txt", lines=50)
+    assert run_cli(capsys, "train", "--config", TINY, "--quiet", "--out", "base",
+                   "train.max_iters=2", "data.source=corpus.txt")[0] == 0
+    (tmp_path / "link").symlink_to("base")
+    args = ["sweep", "--config", TINY, "--out", "sweep", "--max-iters", 3, "--no-prune",
+            "data.source=corpus.txt", *[spec.format(here=tmp_path.resolve()) for spec in specs]]
+    assert run_cli(capsys, *args)[0] == 0
+    state = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [t["status"] for t in state["trials"]] == ["done", "done"]
+    state["trials"][1]["status"] = "running"       # what a sweep killed in trial-001 leaves
+    (tmp_path / "sweep" / "sweep.json").write_text(json.dumps(state))
+    code, stdout, err = run_cli(capsys, *args)
+    assert code == 0, (stdout, err)
+    assert f"trial-001 resumed at step 3: {resumed}" in stdout, stdout
+    results = json.loads((tmp_path / "sweep" / "results.json").read_text())
     assert [t["status"] for t in results["trials"]] == ["done", "done"]

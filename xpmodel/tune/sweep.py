@@ -18,12 +18,13 @@ n_head, say) are drawn again. The plan is fixed when the sweep starts (from
 --seed), so a resumed sweep runs the same trials.
 
 Each trial is `xpmodel train` in a child process (`--resume` when its run
-directory already holds a run of the trial's values; a run made there with
-others fails the trial, naming the value), K at once with --parallel K (CPU
-threads split among them, or one GPU each with --device cuda). A child gets
-SIGTERM if the sweep dies, even by kill -9, so it saves a checkpoint and
-stops; running the same command again finishes what is left: finished trials
-are not rerun, an interrupted one resumes.
+directory already holds a run of the values the trial searches and its
+train.max_iters; a run made there with others fails the trial, naming the
+value), K at once with --parallel K (CPU threads split among them, or one GPU
+each with --device cuda). A child gets SIGTERM if the sweep dies, even by
+kill -9, so it saves a checkpoint and stops; running the same command again
+finishes what is left: finished trials are not rerun, an interrupted one
+resumes.
 
 Pruning (median rule, as Optuna's MedianPruner): at each evaluation of a
 running trial, once at least 2 trials have finished, a trial whose validation
@@ -47,6 +48,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy
 from rich.live import Live
@@ -62,16 +64,21 @@ from ..train.checkpoint import step_of_name
 from ..train.outputs import check_holds_no_input
 from ..train.rundir import LOCK_NAME, RunDir
 from ..train.runlock import RunLock, lock_is_free
+from ..train.runs import SHAPE_KEYS
 from ..train.setup import absolute_source, absolute_tokenizer
 from .compare import format_table, summarize
 from .sweep_plan import (check_trial_inputs, format_value, grid_size, parse_spec, plan_trials,
-                         trial_overrides)
+                         searched_overrides, trial_overrides)
 from .sweep_state import FORMAT, SweepDir, trial_name
 from .plot import pyplot, save_figure
 
 METRICS = ("val_loss", "train_loss")
 MIN_FINISHED_TO_PRUNE = 2
 _POLL_S = 0.2
+# The settings `xpmodel train` takes from train.init_from's source, when it is
+# set, in place of the config's (runs.adopt_pretrained; block_size with its caveat)
+_FROM_INIT_FROM = ("data.tokenizer", "data.vocab_size", "model.vocab_size",
+                   *(f"model.{key}" for key in SHAPE_KEYS))
 
 
 class Sweep:
@@ -354,17 +361,25 @@ class Sweep:
 
     def _other_run(self, trial, run):
         """None when the run in the trial's folder was started with the values
-        the trial sets (its overrides and its train.max_iters): the trial of a
-        sweep killed while it ran, to resume. Else why it is not the trial's,
-        naming the folder and the first value that differs: a run someone
-        made there by hand is never taken for the trial's result."""
-        overrides = trial_overrides(self.config, trial["params"], self.state["fixed"])
-        wanted = load_config(self.config, overrides)
+        the trial searches (`searched_overrides`: its params, and train.min_lr
+        where it follows train.lr) and the trial's train.max_iters: the trial
+        of a sweep killed while it ran, to resume. Else why it is not the
+        trial's, naming the folder and the first value that differs: a run
+        someone made there by hand is never taken for the trial's result.
+        The sweep's fixed values are not compared, nor a searched one that
+        train takes from train.init_from's source (_FROM_INIT_FROM): train
+        keeps them otherwise than given (the source's model shape, say)."""
+        fixed = self.state["fixed"]
+        wanted = load_config(self.config, trial_overrides(self.config, trial["params"], fixed))
         try:
             held = run.load_config()
         except XpmodelError as exc:
             return f"{run.path}: holds a run whose config cannot be read ({exc}); move it away"
-        for key in dict.fromkeys([o.partition("=")[0] for o in overrides] + ["train.max_iters"]):
+        searched = [o.partition("=")[0] for o in searched_overrides(self.config, trial["params"],
+                                                                   fixed)]
+        for key in dict.fromkeys(searched + ["train.max_iters"]):
+            if wanted.train.init_from and key in _FROM_INIT_FROM:
+                continue
             value, kept = _as_a_run_keeps(wanted, key), setting_value(held, key)
             if value != kept:
                 return (f"{run.path}: holds a run made with {key}={_value_text(kept)}, not "
@@ -541,11 +556,14 @@ class _SweepLock(RunLock):
 
 def _as_a_run_keeps(config, key):
     """config's value of `key` as `xpmodel train` writes it in the run's
-    config.yaml: data.source and a tokenizer file's path made absolute."""
+    config.yaml: data.source and a tokenizer file's path made absolute,
+    train.init_from resolved to an absolute path (links followed)."""
     value = setting_value(config, key)
     if key == "data.source":
         return absolute_source(value)
-    return absolute_tokenizer(value) if key == "data.tokenizer" else value
+    if key == "data.tokenizer":
+        return absolute_tokenizer(value)
+    return str(Path(value).resolve()) if key == "train.init_from" and value else value
 
 
 def _value_text(value):

@@ -171,8 +171,15 @@ def _combination(grids, index):
 
 
 def trial_overrides(config_name, params, fixed=()):
-    """The KEY=VALUE list of a trial: the fixed ones, its values, min_lr following lr."""
-    overrides = list(fixed) + [f"{k}={format_value(v)}" for k, v in params.items()]
+    """The KEY=VALUE list of a trial: the fixed ones, then its own (`searched_overrides`)."""
+    return list(fixed) + searched_overrides(config_name, params, fixed)
+
+
+def searched_overrides(config_name, params, fixed=()):
+    """The KEY=VALUE list of what a trial searches: its values, and
+    train.min_lr following train.lr at the base config's ratio (unless
+    train.min_lr is searched too)."""
+    overrides = [f"{k}={format_value(v)}" for k, v in params.items()]
     lr = params.get("train.lr")
     if isinstance(lr, (int, float)) and not isinstance(lr, bool) and "train.min_lr" not in params:
         base = load_config(config_name, list(fixed)).train
