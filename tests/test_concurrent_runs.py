@@ -156,3 +156,38 @@ def test_a_reader_of_a_run_being_written_is_told_so(capsys, run, live_process, r
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize("lock", ["held by the sweep", "left by a killed sweep", "none"])
+def test_a_sweep_folder_given_as_a_run_is_named_as_one(capsys, trained, tmp_path, live_process,
+                                                       lock):
+    """`sample SW` on a sweep folder said 'being written by another xpmodel
+    process (...); wait for it to finish' while the sweep ran (it holds
+    SW/.xpmodel.lock), and 'the run was stopped while it was being created;
+    start it again' once a killed sweep had left the lock file: neither makes
+    a run of it. The reader is told it is a sweep folder whose trials are the
+    runs, and writes nothing there."""
+    import socket
+    from xpmodel.tune.preset import open_sweep
+    sweep = RunDir(tmp_path / "sweep")
+    open_sweep(sweep.path, trained["run"] / "config.yaml", ["train.lr=1e-3,2e-3"], max_iters=3,
+               show=False).close()
+    holder = hold_lock(sweep, live_process) if lock == "held by the sweep" else None
+    if lock == "left by a killed sweep":
+        sweep.lock_path.write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))
+    before = sorted(path.name for path in sweep.path.iterdir())
+    try:
+        with pytest.raises(UsageError) as error:
+            xpmodel.load(sweep.path)
+        assert str(error.value) == (f"RUN_DIR {sweep.path}: not an xpmodel run (no run.json) "
+                                    f"but a sweep folder (sweep.json); its trials are the runs: "
+                                    f"{sweep.path / 'trials'}/trial-NNN")
+        code, _, err = run_cli(capsys, "sample", sweep.path, "--max-new-tokens", 2)
+        assert code == 2
+        assert_one_line_error(err)
+        assert f"error: {error.value}" in err
+        assert sorted(path.name for path in sweep.path.iterdir()) == before
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()

@@ -62,6 +62,8 @@ _TOP_FILES = ("run.json", "config.yaml", "tokenizer.json", "metrics.jsonl", "los
               "loss-health.png")
 _WANDB_ID = ("wandb", "run-id")
 _TENSORBOARD = "tensorboard"
+# What marks a sweep's folder (tune/sweep_state.py), whose trials are the runs
+_SWEEP_STATE = "sweep.json"
 _MAX_MARKER_BYTES = 1 << 16
 
 
@@ -290,14 +292,19 @@ class RunDir:
             path.unlink(missing_ok=True)
 
     def require_run(self, flag="RUN_DIR"):
-        """Refuse a path that is not a run (one line, naming it); with flag
-        --resume, also a run whose folders are links (`check_folders_owned`),
-        as it is about to be written."""
+        """Refuse a path that is not a run (one line, naming it; a sweep's
+        folder is named as one, its lock, held or left by a killed sweep, never
+        taken for a run's); with flag --resume, also a run whose folders are
+        links (`check_folders_owned`), as it is about to be written."""
         if _present(self.path) and not self.path.is_dir():
             raise UsageError(f"{flag} {self.path}: is a file, not a run directory")
         if not self.path.is_dir():
             raise UsageError(f"{flag} {self.path}: no such directory{self._closest_run_hint()}")
         if not self.is_run():
+            if (self.path / _SWEEP_STATE).is_file():    # the sweep may hold its lock: not a run's
+                raise UsageError(f"{flag} {self.path}: not an xpmodel run (no run.json) but a "
+                                 f"sweep folder ({_SWEEP_STATE}); its trials are the runs: "
+                                 f"{self.path / 'trials'}/trial-NNN")
             if self._creation_was_cut_short():
                 raise UsageError(f"{flag} {self.path}: the run was stopped while it was being "
                                  f"created; start it again with --out {self.path}")
