@@ -374,3 +374,39 @@ def test_a_lock_file_that_cannot_be_written_leaves_no_folder(capsys, tmp_path, m
     assert_one_line_error(err)
     assert f"cannot write its lock file {out / '.xpmodel.lock'} (No space left on device)" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_ctrl_c_while_overwrite_removes_the_old_run_leaves_a_run_overwrite_takes(
+        capsys, run, trained, monkeypatch):
+    """SIGINT at the first file --overwrite removes: the removal finishes, then
+    the interrupt acts; the folder is no half-removed run that no command
+    would take again (run.json went first, then the lock file)."""
+    import signal
+    real_unlink, sent = Path.unlink, []
+
+    def interrupted_at_the_first(path, missing_ok=False):
+        real_unlink(path, missing_ok=missing_ok)
+        if not sent and path.parent == run:
+            sent.append(path)
+            os.kill(os.getpid(), signal.SIGINT)
+    command = ("train", "--config", TINY, "--device", "cpu", "--quiet", "--out", run,
+               "--overwrite", f"data.source={trained['corpus']}", "train.max_iters=4")
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "unlink", interrupted_at_the_first)
+        code, _, _ = run_cli(capsys, *command)
+    assert code == 130 and sent
+    code, _, err = run_cli(capsys, *command)
+    assert code == 0, err
+    assert RunDir(run).checkpoint_steps()[-1] == 4
+
+
+def test_deferred_signals_hold_a_signal_until_the_block_ends():
+    import signal
+    from xpmodel.interrupts import deferred_signals
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("after the signal")
+    assert done == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

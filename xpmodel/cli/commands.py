@@ -10,6 +10,7 @@ from ..config.sections import MAX_SEED, names_tokenizer_file
 from ..cpu_threads import usable_cores
 from ..errors import DataError, UsageError, quote
 from ..files import existing_file, inside
+from ..interrupts import deferred_signals
 from ..train.outputs import check_output, check_output_dir
 from .inputs import refuse_model_folder
 
@@ -335,8 +336,8 @@ def tokenizer_train_command(args):
     texts = (text for _, text in iter_texts(source))
     tokenizer = BPETokenizer.train(texts, args.vocab_size)
     # --out's data is written first and put in place after the export, which a
-    # full disk then stops before either output changes
-    with atomic_writer(args.out) as out:
+    # full disk then stops before either output changes; a Ctrl-C waits for both
+    with deferred_signals(), atomic_writer(args.out) as out:
         out.write(tokenizer.to_json().encode("utf-8"))
         out.sync()
         if args.export_hf:

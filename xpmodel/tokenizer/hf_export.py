@@ -8,6 +8,7 @@ from pathlib import Path
 from ..atomic import atomic_writer, json_bytes
 from ..errors import UsageError, quote
 from ..folder_write import write_folder_atomically
+from ..interrupts import deferred_signals
 from .bpe import ENDOFTEXT, BPETokenizer
 from .hf_forms import (BYTE_TOKENS, PREPEND, HF_PREPEND_SCHEMES, REPLACE_SPACES, SPACE, SPACE_DECODERS,
                        STRIP_DECODER, gpt2_byte_to_unicode)
@@ -87,9 +88,10 @@ def export_tokenizer_hf(tokenizer, directory, model_max_length=None, special_ids
 def write_tokenizer_files(folder, files):
     """Write `files` ({name: JSON document or bytes}, hf_tokenizer_files) into
     `folder`: every file's data first, on disk, then the renames, which need
-    no space, so that a full disk leaves the folder's files as they were."""
+    no space, so that a full disk leaves the folder's files as they were; a
+    signal meanwhile acts once they are all written (interrupts.py)."""
     folder.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as writes:
+    with deferred_signals(), contextlib.ExitStack() as writes:   # no Ctrl-C between renames
         for name, content in files.items():
             data = content if isinstance(content, bytes) else json_bytes(content)
             file = writes.enter_context(atomic_writer(folder / name))

@@ -47,6 +47,7 @@ from ..atomic import atomic_write_json, dead_temporaries, temporary_target
 from ..config import config_to_dict, load_config, save_config
 from ..errors import UsageError, XpmodelError, quote
 from ..files import inside, read_json
+from ..interrupts import deferred_signals
 from ..model.config import unused_options
 from ..tokenizer.bpe import BPETokenizer
 from .checkpoint import (FORMAT_VERSION, CheckpointError, read_checkpoint_header, step_file_name,
@@ -261,7 +262,8 @@ class RunDir:
         with self.lock("--out"):
             self.check_can_create(overwrite)
             if self.is_run() or self._creation_was_cut_short():
-                self._remove_run_files()
+                with deferred_signals():   # a Ctrl-C midway would leave neither run nor start
+                    self._remove_run_files()
             written = []
             made_checkpoint_dir = not self.checkpoint_dir.is_dir()
             try:
@@ -277,16 +279,19 @@ class RunDir:
                 written.append(self.marker)
                 atomic_write_json(self.marker, marker)
             except BaseException:
-                for path in written:
-                    path.unlink(missing_ok=True)
-                if made_checkpoint_dir:
-                    _remove_empty_folder(self.checkpoint_dir)
+                with deferred_signals():   # a second Ctrl-C cannot cut the cleanup short
+                    for path in written:
+                        path.unlink(missing_ok=True)
+                    if made_checkpoint_dir:
+                        _remove_empty_folder(self.checkpoint_dir)
                 raise
 
     def _remove_run_files(self):
         """Remove what a previous run (or a cut-short creation) wrote; nothing else:
         a temporary whose writer still runs is that writer's (`_own_temporaries`)."""
-        for path in self._layout_files() + self._own_temporaries(only_dead=True):
+        # run.json last: a folder stopped midway is still a run, which --overwrite takes again
+        files = self._layout_files() + self._own_temporaries(only_dead=True)
+        for path in sorted(files, key=lambda path: path == self.marker):
             if path.is_dir() and not path.is_symlink():
                 continue   # a folder with such a name is not something xpmodel wrote
             path.unlink(missing_ok=True)

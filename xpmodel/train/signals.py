@@ -1,12 +1,13 @@
-"""Signals: SIGINT or SIGTERM finishes the current step, saves, and raises
-`Interrupted` (exit 130 / 143); a second one leaves at once."""
+"""Signals: SIGINT, SIGTERM or SIGHUP (the terminal closed) finishes the
+current step, saves, and raises `Interrupted` (exit 130 / 143 / 129); a
+second one leaves at once, saying so."""
 import os
 import signal
 import sys
 
 from ..atomic import abandon_partial_writes
 
-_SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+_SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
 
 class Interrupted(Exception):
@@ -45,6 +46,8 @@ class SignalHandling:
                 # only the temporary file of a save in progress needs removing.
                 abandon_partial_writes()
                 _show_cursor()   # the live display hid it
+                _say(f"stopped at once by a second {signal.Signals(signum).name}; train --resume "
+                     f"continues from the last checkpoint saved")
                 os._exit(_SIGNAL_EXIT.get(signum, 130))
             self._stop_signal = signum
 
@@ -57,6 +60,14 @@ class SignalHandling:
     def _restore_signal_handlers(self):
         for signum, previous in self._previous_handlers.items():
             signal.signal(signum, previous)
+
+
+def _say(text):
+    """One line on stderr, from a signal handler about to leave."""
+    try:
+        os.write(2, f"{text}\n".encode())
+    except OSError:
+        pass
 
 
 def _show_cursor():

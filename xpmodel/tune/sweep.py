@@ -351,8 +351,10 @@ class Sweep:
         log = open(log_path, "a")
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
+        # a session of its own: a Ctrl-C at the terminal reaches the sweep alone, whose
+        # one SIGTERM then has the trial save (a second signal would stop it unsaved)
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   preexec_fn=_die_with_parent)
+                                   preexec_fn=_die_with_parent, start_new_session=True)
         trial["status"] = "running"
         trial.setdefault("step", 0)
         self._save()
