@@ -101,13 +101,11 @@ def _train(args, device, dist):
 
 
 def _with_absolute_init_from(config):
-    """`config` with train.init_from resolved to an absolute path, as the run
-    records it: export-hf must know that folder from any working directory."""
+    """`config` with train.init_from as the run records it (absolute_init_from)."""
     from dataclasses import replace
-    if not config.train.init_from:
-        return config
-    absolute = str(Path(config.train.init_from).resolve())
-    return replace(config, train=replace(config.train, init_from=absolute))
+    from ..train.setup import absolute_init_from
+    return replace(config, train=replace(config.train,
+                                         init_from=absolute_init_from(config.train.init_from)))
 
 
 def _resume_config(run, args, checkpoints):

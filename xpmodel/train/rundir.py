@@ -63,8 +63,8 @@ _TOP_FILES = ("run.json", "config.yaml", "tokenizer.json", "metrics.jsonl", "los
               "loss-health.png")
 _WANDB_ID = ("wandb", "run-id")
 _TENSORBOARD = "tensorboard"
-# What marks a sweep's folder (tune/sweep_state.py), whose trials are the runs
-_SWEEP_STATE = "sweep.json"
+# What marks a sweep's folder, whose trials are the runs (tune/sweep_state.py takes it here)
+SWEEP_STATE = "sweep.json"
 _MAX_MARKER_BYTES = 1 << 16
 
 
@@ -306,9 +306,9 @@ class RunDir:
         if not self.path.is_dir():
             raise UsageError(f"{flag} {self.path}: no such directory{self._closest_run_hint()}")
         if not self.is_run():
-            if (self.path / _SWEEP_STATE).is_file():    # the sweep may hold its lock: not a run's
+            if (self.path / SWEEP_STATE).is_file():    # the sweep may hold its lock: not a run's
                 raise UsageError(f"{flag} {self.path}: not an xpmodel run (no run.json) but a "
-                                 f"sweep folder ({_SWEEP_STATE}); its trials are the runs: "
+                                 f"sweep folder ({SWEEP_STATE}); its trials are the runs: "
                                  f"{self.path / 'trials'}/trial-NNN")
             if self._creation_was_cut_short():
                 raise UsageError(f"{flag} {self.path}: the run was stopped while it was being "

@@ -5,6 +5,7 @@ shape from its source (runs.adopt_pretrained); the one config-to-model path
 length in steps."""
 import os
 from dataclasses import replace
+from pathlib import Path
 
 from ..backend import _import_cupy, get_device, out_of_memory_errors
 from ..config.sections import names_tokenizer_file
@@ -165,6 +166,12 @@ def absolute_source(source):
     """data.source as the run keeps it: a path (or glob) made absolute, so the
     run resumes and evaluates from any folder; a built-in corpus name as it is."""
     return source if source in BUILTIN_NAMES else os.path.abspath(os.path.expanduser(source))
+
+
+def absolute_init_from(init_from):
+    """train.init_from as the run keeps it: the folder resolved to an absolute
+    path (links followed), so export-hf knows it from any working directory."""
+    return str(Path(init_from).resolve()) if init_from else init_from
 
 
 def absolute_tokenizer(tokenizer):

@@ -48,7 +48,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy
 from rich.live import Live
@@ -65,7 +64,7 @@ from ..train.outputs import check_holds_no_input
 from ..train.rundir import LOCK_NAME, RunDir
 from ..train.runlock import RunLock, lock_is_free
 from ..train.runs import SHAPE_KEYS
-from ..train.setup import absolute_source, absolute_tokenizer
+from ..train.setup import absolute_init_from, absolute_source, absolute_tokenizer
 from .compare import format_table, summarize
 from .sweep_plan import (check_trial_inputs, format_value, grid_size, parse_spec, plan_trials,
                          searched_overrides, trial_overrides)
@@ -565,7 +564,7 @@ def _as_a_run_keeps(config, key):
         return absolute_source(value)
     if key == "data.tokenizer":
         return absolute_tokenizer(value)
-    return str(Path(value).resolve()) if key == "train.init_from" and value else value
+    return absolute_init_from(value) if key == "train.init_from" else value
 
 
 def _value_text(value):

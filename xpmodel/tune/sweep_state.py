@@ -16,6 +16,7 @@ from ..atomic import atomic_write_json, dead_temporaries
 from ..config import check_override
 from ..errors import UsageError, XpmodelError, quote
 from ..files import MAX_JSON_COUNT, finite_json_number, read_json
+from ..train.rundir import SWEEP_STATE
 from .sweep_plan import format_value
 
 FORMAT = "xpmodel-sweep"
@@ -23,13 +24,13 @@ STATUSES = ("pending", "running", "done", "pruned", "failed")
 _TRIAL_NAME = re.compile(r"trial-\d{3,}")
 _MAX_STATE_BYTES = 16 << 20
 # the files a sweep writes in its folder, each atomically
-_OWN_FILES = ("sweep.json", "results.json", "results.csv", "curves.png", "best.yaml")
+_OWN_FILES = (SWEEP_STATE, "results.json", "results.csv", "curves.png", "best.yaml")
 
 
 class SweepDir:
     def __init__(self, path):
         self.path = Path(path)
-        self.state_path = self.path / "sweep.json"
+        self.state_path = self.path / SWEEP_STATE
 
     def trial_dir(self, name):
         return self.path / "trials" / name
