@@ -94,3 +94,14 @@ def test_block_tables_implement_every_choice_the_config_offers():
     """A new norm or MLP is a name in options.py and an entry in block.py's tables."""
     assert tuple(block.NORM_LAYERS) == options.NORMS
     assert tuple(block.ACTIVATIONS) == options.MLPS
+
+
+def test_the_command_starts_without_numpy_or_the_model():
+    """`xpmodel` imports the heavy modules inside main()'s handling, so that a
+    Ctrl-C in its first instant is one line, not an import's traceback; the
+    package's names are still there when used."""
+    script = ("import sys, xpmodel.cli.main; heavy = [m for m in ('numpy', 'xpmodel.model.gpt') "
+              "if m in sys.modules]; import xpmodel; print(heavy, xpmodel.GPT.__name__)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60)
+    assert result.stdout == "[] GPT\n", result.stderr
