@@ -2,8 +2,8 @@
 
 Every failure xpmodel foresees is one line on stderr, `error: ...`, with exit
 code 2 for usage and config mistakes and 1 for runtime failures; `--debug`
-shows the traceback instead. A training run stopped by Ctrl-C or SIGTERM
-saves a checkpoint, says where on stderr and exits with 130 or 143.
+shows the traceback instead. A training run stopped by Ctrl-C, SIGTERM or
+SIGHUP saves a checkpoint, says where on stderr and exits with 130, 143 or 129.
 
 SIGTERM keeps its default action outside the training loop: the tokenizer's
 forked workers inherit it, and a Python-level handler could leave a worker
