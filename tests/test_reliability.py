@@ -2,7 +2,7 @@
 
 - kill -9 at random moments (some inside checkpoint writes) and resume until
   done: the losses equal an uninterrupted run's bit for bit;
-- SIGINT / SIGTERM save a checkpoint and exit 130 / 143; a second Ctrl-C
+- SIGINT / SIGTERM / SIGHUP save a checkpoint and exit 130 / 143 / 129; a second Ctrl-C
   leaves at once and leaves nothing half-written;
 - every foreseen bad input is one `error:` line with exit 2 (usage, config)
   or 1 (runtime), and leaves no stray files;
@@ -289,7 +289,8 @@ def _start_long_run(tmp_path, corpus, processes, extra_env=None):
     return process, RunDir(run_dir)
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143),
+                                          (signal.SIGHUP, 129)])
 def test_a_signal_saves_a_checkpoint_and_exits(signum, code, tmp_path, corpus, capsys, processes):
     process, run = _start_long_run(tmp_path, corpus, processes)
     process.send_signal(signum)
@@ -320,9 +321,10 @@ def test_a_second_ctrl_c_leaves_at_once_without_damage(tmp_path, corpus, process
     assert _wait(process, lambda: bool(_step_temporaries(run.checkpoint_dir)), timeout=30)
     sent = time.monotonic()
     process.send_signal(signal.SIGINT)
-    process.communicate(timeout=30)
+    _, err = process.communicate(timeout=30)
     assert time.monotonic() - sent < 1.5
     assert process.returncode == 130
+    assert "stopped at once by a second SIGINT; train --resume continues" in err
     assert not stray_files(run.path)
     latest, skipped = run.latest_checkpoint()
     assert latest == run.step_path(0) and not skipped
