@@ -1,9 +1,9 @@
 """Atomic file writes: readers see a file's old contents or its new ones, never a mix.
 
 Every file xpmodel writes goes through `atomic_writer` (or its one-call form
-`atomic_write_bytes`): the data goes to a temporary file beside the target,
-is flushed and fsynced, and is renamed over the target; the folder is
-fsynced so the rename itself survives a power cut. A failure, or a signal,
+`atomic_write_bytes`): the data goes, unbuffered, to a temporary file beside
+the target, is fsynced, and is renamed over the target; the folder is fsynced
+so the rename itself survives a power cut. A failure, or a signal,
 removes the temporary file. New files get the permissions the user's umask
 allows (0644 under the usual 022), like any file a shell command writes.
 Missing folders above the target are created at the write, not before: a
@@ -103,7 +103,7 @@ def atomic_writer(path, pause=0.0):
             # one under this name now is a killed process's that had this id (a
             # container's first process has): never written through, as it may be
             # a second name of the file it was put in place as (_place_new)
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             _in_flight.add(tmp)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
                          0o666)
@@ -112,7 +112,6 @@ def atomic_writer(path, pause=0.0):
         with open(fd, "wb", buffering=0) as raw:
             yield _TargetFile(raw, path)
             try:
-                raw.flush()
                 os.fsync(raw.fileno())
             except OSError as exc:
                 raise _naming(exc, path) from None
@@ -127,7 +126,7 @@ def atomic_writer(path, pause=0.0):
             raise _naming(exc, path) from None
     except BaseException:
         if tmp in _in_flight:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
         remove_made_folders(made)   # those still empty: a file another process put there stays
         raise
     finally:
@@ -220,7 +219,6 @@ class _TargetFile:
         """Put what was written so far on disk now, before the block ends (which
         syncs and renames): a writer that must know its data is safe first."""
         try:
-            self._raw.flush()
             os.fsync(self._raw.fileno())
         except OSError as exc:
             raise _naming(exc, self._target) from None

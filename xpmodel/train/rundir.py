@@ -19,10 +19,10 @@ say) is a folder the run does not own: a run is not started, resumed or
 replaced through it, and nothing is listed for deletion or pruned in it.
 
 Only files with these names (and xpmodel's temporaries of them whose writer
-is gone) are ever deleted (tensorboard/'s event files never are: a restarted run purges their
-steps instead): --overwrite and a failed start leave a user's other files
-alone, and a folder that holds such names without being a run is never
-written to.
+is gone) are ever deleted (tensorboard/'s event files never are: a restarted
+run purges their steps instead): --overwrite and a failed start leave a
+user's other files alone, and a folder that holds such names without being a
+run is never written to.
 Pruning old checkpoints is narrower still: it deletes only regular files
 whose header reads as an xpmodel checkpoint of the run's own data.* and
 model.* settings, never a link, a folder, a checkpoint copied from another
