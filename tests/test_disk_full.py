@@ -129,7 +129,7 @@ def test_a_run_whose_first_checkpoint_cannot_be_written_is_not_created(tmp_path,
         code, _, err = run_cli(capsys, *args)
     assert code == 1
     assert_one_line_error(err)
-    assert f"could not write checkpoint {run.step_path(0)}: {NO_SPACE}; the run was not created" \
+    assert f"could not write {run.step_path(0)}: {NO_SPACE}; the run was not created" \
         in err
     assert not run.path.exists()
     code, _, err = run_cli(capsys, *args)
@@ -184,3 +184,30 @@ def test_a_folder_write_error_without_a_file_name_names_the_folder(tmp_path):
         write_folder_atomically(out, write, frozenset())
     assert str(failed.value) == f"cannot write into {out}: {NO_SPACE}; nothing was written to {out}"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_replacing_run_that_cannot_be_written_keeps_the_run_there(tmp_path, corpus, capsys,
+                                                                    monkeypatch):
+    run = RunDir(tmp_path / "run")
+    args = ["train", "--config", TINY, "--device", "cpu", "--out", run.path,
+            f"data.source={corpus}", "train.max_iters=10"]
+    assert run_cli(capsys, *args)[0] == 0
+    before = {path: path.read_bytes() for path in sorted(run.path.rglob("*")) if path.is_file()}
+    real_fsync = os.fsync
+
+    def fsync(fd):   # the disk fills at the new run's step-0 checkpoint, after its config
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".step-00000000"):
+            raise _no_space()
+        return real_fsync(fd)
+
+    with monkeypatch.context() as full:
+        full.setattr(os, "fsync", fsync)
+        code, _, err = run_cli(capsys, *args, "--overwrite", "train.lr=0.002")
+    assert code == 1
+    assert_one_line_error(err)
+    assert f"could not write {run.step_path(0)}: {NO_SPACE}; the run that was there is kept" in err
+    after = {path: path.read_bytes() for path in sorted(run.path.rglob("*")) if path.is_file()}
+    assert after == before                                   # not a file changed, none left over
+    code, _, err = run_cli(capsys, *args, "--overwrite", "train.lr=0.002")
+    assert code == 0, err
+    assert "lr: 0.002" in run.config_path.read_text()

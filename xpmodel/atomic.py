@@ -26,6 +26,7 @@ A folder written as a whole goes through folder_write.py, which builds on
 these writes.
 """
 import contextlib
+import contextvars
 import errno
 import json
 import os
@@ -39,6 +40,8 @@ from .files import make_folders, process_alive, remove_made_folders
 # Temporary files being written right now, so that a second Ctrl-C, which
 # leaves at once, can remove them on its way out (see `abandon_partial_writes`).
 _in_flight = set()
+# The `staged_writes` block this thread's writes are held in, if any.
+_stage = contextvars.ContextVar("xpmodel_staged_writes", default=None)
 # Outputs found absent when the command checked them (absolute paths; `note_output`).
 _new_outputs = set()
 # A temporary this recent may be another machine's write in a shared folder.
@@ -117,21 +120,60 @@ def atomic_writer(path, pause=0.0):
                 raise _naming(exc, path) from None
         if pause > 0:
             time.sleep(pause)
-        try:
-            if is_new_output(path):
-                _place_new(tmp, path)
-            else:
-                os.replace(tmp, path)
-        except OSError as exc:
-            raise _naming(exc, path) from None
+        stage = _stage.get()
+        if stage is not None:
+            stage.append((tmp, path))   # placed by the stage, or removed with it
+            return
+        _put_in_place(tmp, path)
     except BaseException:
         if tmp in _in_flight:
             tmp.unlink(missing_ok=True)
         remove_made_folders(made)   # those still empty: a file another process put there stays
-        raise
-    finally:
         _in_flight.discard(tmp)
+        raise
+
+
+def _put_in_place(tmp, path):
+    """Rename the written temporary `tmp` to `path` (`_place_new` for a new output)."""
+    try:
+        if is_new_output(path):
+            _place_new(tmp, path)
+        else:
+            os.replace(tmp, path)
+    except OSError as exc:
+        raise _naming(exc, path) from None   # the caller removes `tmp`
+    _in_flight.discard(tmp)
     fsync_folder(path.parent)
+
+
+class _Stage(list):
+    """The (temporary, target) pairs written inside a `staged_writes` block."""
+
+    def place(self, placed):
+        """Put every staged file in place, in the order written, appending each
+        target to the list `placed` as it lands."""
+        while self:
+            tmp, path = self[0]
+            _put_in_place(tmp, path)
+            del self[0]
+            placed.append(path)
+
+
+@contextlib.contextmanager
+def staged_writes():
+    """Writes inside the block are written and synced but put in place only
+    when the block calls `place` on what it yields: so a full disk stops the
+    block before any of its files replaces another. Staged files not placed
+    when the block ends are removed. For one thread's writes (a context variable)."""
+    stage = _Stage()
+    token = _stage.set(stage)
+    try:
+        yield stage
+    finally:
+        _stage.reset(token)
+        for tmp, _ in stage:
+            tmp.unlink(missing_ok=True)
+            _in_flight.discard(tmp)
 
 
 def note_output(path):

@@ -43,7 +43,7 @@ import re
 import time
 from pathlib import Path
 
-from ..atomic import atomic_write_json, dead_temporaries, temporary_target
+from ..atomic import atomic_write_json, dead_temporaries, staged_writes, temporary_target
 from ..config import config_to_dict, load_config, save_config
 from ..errors import UsageError, XpmodelError, quote
 from ..files import inside, read_json
@@ -256,35 +256,45 @@ class RunDir:
         """Start a new run here, refusing to mix with another run's files.
 
         first_checkpoint(path): writes the step-0 checkpoint before run.json
-        marks the folder as a run. If creating fails, the files it wrote are
-        removed again; files that were there before are never touched.
+        marks the folder as a run. Every file is written and synced aside
+        before a run already here (--overwrite) is removed, so a full disk
+        leaves that run as it was. If creating fails, the files it put in
+        place are removed again; files that were there before are never
+        touched, nor a replaced run's before the new files are all written.
         """
         with self.lock("--out"):
             self.check_can_create(overwrite)
-            if self.is_run() or self._creation_was_cut_short():
-                with deferred_signals():   # a Ctrl-C midway would leave neither run nor start
-                    self._remove_run_files()
-            written = []
+            replacing = self.is_run() or self._creation_was_cut_short()
             made_checkpoint_dir = not self.checkpoint_dir.is_dir()
+            placed, removed = [], False
             try:
                 self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-                written.append(self.config_path)
-                save_config(config, self.config_path)
-                written.append(self.tokenizer_path)
-                tokenizer.save(self.tokenizer_path)
-                if first_checkpoint is not None:
-                    written.append(self.step_path(0))
-                    first_checkpoint(self.step_path(0))
+                with staged_writes() as staged:
+                    save_config(config, self.config_path)
+                    tokenizer.save(self.tokenizer_path)
+                    if first_checkpoint is not None:
+                        first_checkpoint(self.step_path(0))
+                    # a Ctrl-C midway would leave neither the old run nor the new one
+                    with deferred_signals():
+                        if replacing:
+                            removed = True
+                            self._remove_run_files()
+                        staged.place(placed)
                 marker = {"format": RUN_FORMAT, "version": FORMAT_VERSION, "created": time.time()}
-                written.append(self.marker)
+                placed.append(self.marker)
                 atomic_write_json(self.marker, marker)
-            except BaseException:
+            except BaseException as exc:
                 with deferred_signals():   # a second Ctrl-C cannot cut the cleanup short
-                    for path in written:
+                    for path in placed:
                         path.unlink(missing_ok=True)
                     if made_checkpoint_dir:
                         _remove_empty_folder(self.checkpoint_dir)
-                raise
+                if not isinstance(exc, OSError):
+                    raise
+                kept = "the run that was there is kept as it was" if replacing and not removed \
+                    else "the run was not created (the files it wrote are removed)"
+                raise XpmodelError(f"could not write {exc.filename or self.path}: "
+                                   f"{exc.strerror or exc}; {kept}") from None
 
     def _remove_run_files(self):
         """Remove what a previous run (or a cut-short creation) wrote; nothing else:

@@ -267,7 +267,7 @@ class RunSetup:
         if pretrained is not None:
             trainer.model.load_state_arrays(pretrained[1])
         if is_main:
-            run.create(config, tokenizer, overwrite=overwrite, first_checkpoint=trainer.save)
+            run.create(config, tokenizer, overwrite=overwrite, first_checkpoint=trainer.save_first)
         if dist is not None:
             dist.barrier()
         if pretrained is not None:

@@ -76,24 +76,15 @@ class CheckpointState:
         """Write a checkpoint (rank 0 only), refusing to save non-finite weights."""
         if not self.is_main:
             return None
-        xp = self.model.xp
-        if not bool(xp.isfinite(xp.dot(self.model.flat_params, self.model.flat_params))):
-            raise XpmodelError(f"step {self.step}: weights hold NaN or Inf; not saving over the "
-                               f"last good checkpoint")
         path = path or self.run_dir.step_path(self.step)
         is_best = path == self.run_dir.best_path
         if is_best and self.best_file_val is not None and not self.best_val < self.best_file_val:
             return None   # the file holds a model at least as good (from before a fallback)
-        optim = {name: to_host(state) for name, state in self.optimizer.state_arrays().items()}
         try:
-            save_checkpoint(path, self.model.state_arrays(), optim, self._meta())
+            self._write_checkpoint(path)
         except OSError as exc:
-            # before run.json, this is the step-0 checkpoint of a run being
-            # created, which removes the files it wrote (RunDir.create)
-            kept = "the previous checkpoint is intact" if self.run_dir.is_run() else \
-                "the run was not created (the files it wrote are removed)"
             raise XpmodelError(f"could not write checkpoint {path}: {exc.strerror or exc}; "
-                               f"{kept}") from None
+                               f"the previous checkpoint is intact") from None
         if is_best:
             self.best_file_val = self.best_val
         else:
@@ -102,6 +93,20 @@ class CheckpointState:
         if self._display is not None:
             self._display.print(f"checkpoint saved at step {self.step}: {path}")
         return path
+
+    def save_first(self, path):
+        """The step-0 checkpoint of the run being created (RunDir.create, which
+        names a failure to write it)."""
+        self._write_checkpoint(path)
+        self.saved_step = self.step
+
+    def _write_checkpoint(self, path):
+        xp = self.model.xp
+        if not bool(xp.isfinite(xp.dot(self.model.flat_params, self.model.flat_params))):
+            raise XpmodelError(f"step {self.step}: weights hold NaN or Inf; not saving over the "
+                               f"last good checkpoint")
+        optim = {name: to_host(state) for name, state in self.optimizer.state_arrays().items()}
+        save_checkpoint(path, self.model.state_arrays(), optim, self._meta())
 
     def prune_checkpoints(self, written=None):
         """RunDir.prune_checkpoints with the run's train.keep_last and config."""
