@@ -179,6 +179,26 @@ def test_newton_schulz_singular_values_land_in_the_documented_band():
     assert np.all(np.diff(y) > 0) and y.max() < 0.68 and np.all(y <= 3.4445 ** 5 * x)
 
 
+@pytest.mark.parametrize("name, steps", [("jordan", 12), ("jordan", 99), ("cubic", 30),
+                                         ("bernstein 3,-3.2,1.2", 60)])
+def test_many_steps_on_a_rank_deficient_wide_matrix_stay_bounded_in_float32(name, steps):
+    """A wide gradient of low rank (a batch of few tokens gives one): rounding
+    leaves eigenvalues of its Gram matrix just below zero, which the iteration
+    on Gram matrices alone grows by a^2 a step (NaN from 11 "jordan" steps).
+    Any allowed step count stays finite, bounded and, on G's singular values,
+    as the float64 iteration of the plain order maps them."""
+    rng = np.random.default_rng(3)
+    sigma = np.geomspace(0.05, 1.0, 8)
+    g = matrix_with_singular_values(rng, sigma, 32, 96)          # rank 8 of 32
+    coefficients = ACCEPTED[name]
+    x = orthogonalise(g.astype(np.float32), coefficients, steps).astype(np.float64)
+    assert np.isfinite(x).all() and np.linalg.svd(x, compute_uv=False).max() <= NS_BOUND
+    u, _, vt = np.linalg.svd(g, full_matrices=False)
+    mapped = np.diag(u[:, :8].T @ x @ vt[:8].T)
+    expected = scalar_map(sigma[::-1] / np.linalg.norm(g), coefficients, steps)   # as svd orders
+    np.testing.assert_allclose(mapped, expected, atol=2e-3)
+
+
 ACCEPTED = {   # coefficient sets in use: xpmodel's two and published custom ones
     "jordan": NS_COEFFICIENTS["jordan"], "cubic": NS_COEFFICIENTS["cubic"],
     "bernstein 3,-3.2,1.2": (3.0, -3.2, 1.2), "quintic 15/8,-10/8,3/8": (1.875, -1.25, 0.375),

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy
@@ -708,6 +709,16 @@ def test_weights_that_went_non_finite_are_never_saved(tmp_path, corpus):
         trainer.save(trainer.run_dir.step_path(0))
     assert trainer.run_dir.step_path(0).read_bytes() == before
     assert not stray_files(tmp_path)
+
+
+def test_huge_but_finite_weights_are_saved_without_a_warning(tmp_path, corpus):
+    """Their square sum overflows float32; the weights themselves are finite."""
+    trainer = Trainer.start(tiny_config(corpus), device="cpu", out=tmp_path / "run", show=False)
+    trainer.model.flat_params[3] = 1e30
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.save(trainer.run_dir.step_path(0))
+    assert read_checkpoint_meta(trainer.run_dir.step_path(0))["step"] == 0
 
 
 def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path, corpus):

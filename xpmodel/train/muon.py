@@ -74,6 +74,9 @@ from .optim import AdamW, check_state_arrays
 # the weights Muon takes, by their name inside a block (h.{i}.NAME)
 HIDDEN_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 NS_EPS = 1e-7   # floor of ||U||_F, as torch.optim.Muon's
+# Newton-Schulz steps a wide stack takes on its Gram matrices before forming them
+# from X again (newton_schulz): a negative rounding error grows to about 2% of A's scale
+GRAM_STEPS = 5
 NS_DTYPES = ("float16", "float32", "float64")   # the ns_dtype choices
 NON_FINITE_UPDATE = ("Muon's orthogonalised update is not finite although the gradients are: the "
                      "Newton-Schulz iteration overflowed; weights not updated (check "
@@ -109,10 +112,14 @@ def newton_schulz(x, coefficients=NS_COEFFICIENTS["jordan"], steps=5):
     a wide stack (m >= 2n) iterates on (n, n) matrices alone and multiplies
     X_0 once at the end: 4 n^2 m + 34 n^3 multiply-adds for 5 steps instead of
     20 n^2 m + 10 n^3. The two orders agree to rounding in float32 and float64;
-    16-bit stacks take the plain order, since A_k = P A P squares their rounding."""
+    16-bit stacks take the plain order, since A_k = P A P squares their rounding.
+    A rounding error that leaves an eigenvalue of A_k below zero grows by a^2
+    (about 12) a step there, so A is formed from X again every GRAM_STEPS steps."""
     x = _xp(x).ascontiguousarray(x)    # the products write row-major stacks
-    if x.shape[-1] >= 2 * x.shape[-2] and steps > 1 and not is_half(x.dtype):
-        return _newton_schulz_gram(x, coefficients, steps)
+    if x.shape[-1] >= 2 * x.shape[-2] and not is_half(x.dtype):
+        for done in range(0, steps, GRAM_STEPS):
+            x = _newton_schulz_gram(x, coefficients, min(GRAM_STEPS, steps - done))
+        return x
     a, b, c = coefficients
     for _ in range(steps):
         gram = matmul(x, x, transpose_b=True)                    # A = X X^T   (G, n, n)
@@ -124,7 +131,7 @@ def newton_schulz(x, coefficients=NS_COEFFICIENTS["jordan"], steps=5):
 
 
 def _newton_schulz_gram(x, coefficients, steps):
-    """newton_schulz for a wide stack: P_k = a I + b A_k + c A_k^2,
+    """`steps` steps of newton_schulz for a wide stack: P_k = a I + b A_k + c A_k^2,
     Q_{k+1} = P_k Q_k, A_{k+1} = P_k A_k P_k (all polynomials in A_0, so they
     commute), and X = Q X_0 at the end."""
     a, b, c = coefficients

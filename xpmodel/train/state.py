@@ -101,12 +101,20 @@ class CheckpointState:
         self.saved_step = self.step
 
     def _write_checkpoint(self, path):
-        xp = self.model.xp
-        if not bool(xp.isfinite(xp.dot(self.model.flat_params, self.model.flat_params))):
+        if not self._weights_finite():
             raise XpmodelError(f"step {self.step}: weights hold NaN or Inf; not saving over the "
                                f"last good checkpoint")
         optim = {name: to_host(state) for name, state in self.optimizer.state_arrays().items()}
         save_checkpoint(path, self.model.state_arrays(), optim, self._meta())
+
+    def _weights_finite(self):
+        """Whether every weight is finite: one dot product, and where that
+        overflows (finite weights above about 1e19 in float32), a look at each."""
+        xp, flat = self.model.xp, self.model.flat_params
+        with numpy.errstate(over="ignore", invalid="ignore"):
+            if bool(xp.isfinite(xp.dot(flat, flat))):
+                return True
+        return bool(xp.isfinite(flat).all())
 
     def prune_checkpoints(self, written=None):
         """RunDir.prune_checkpoints with the run's train.keep_last and config."""
