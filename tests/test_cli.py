@@ -107,6 +107,9 @@ def test_resume_continues_from_the_checkpoint_and_can_raise_max_iters(trained, t
     assert "already reached step 40" in out
     last_loss = [r["loss"] for r in records if r["type"] == "train"][-1]
     assert f"done (already complete): 40 steps, train loss {last_loss:.4f}," in out
+    code, out, err = run_cli(capsys, "train", "--resume", run, "train.max_iters=20")
+    assert code == 0, err
+    assert "already reached step 40 (this config trains 20)" in out
 
 
 @pytest.mark.parametrize("override,message", [

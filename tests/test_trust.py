@@ -12,6 +12,7 @@ what went wrong in one line.
   one line naming the file or the flag; nothing prints a traceback.
 """
 import json
+import math
 import os
 import shutil
 import signal
@@ -638,13 +639,33 @@ def test_the_log_line_starts_with_step_and_eta_and_fits_80_columns(capsys):
     with TrainDisplay(7000, quiet=True) as display:
         for step in (10, 20):
             display.step(step, 2.34567, 3e-4, 0.51234, 12345.6, log_line=True)
-        display.validation(20, 2.45678, 11.6, True)
+        display.validation({"step": 20, "val_loss": 2.45678, "val_perplexity": 11.6}, True)
         display.step(30, 2.3, 3e-4, 0.5, 12345.6, log_line=True)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("step 10/7000 eta -:--:-- loss~ 2.3457")
     assert lines[1].startswith("step 20/7000 eta ")
     assert "val 2.4568" in lines[3]
     assert all(len(line) <= 80 for line in lines), lines
+
+
+def test_a_diverged_loss_is_shown_with_a_short_perplexity_and_the_summary_is_made(tmp_path,
+                                                                                   capsys):
+    """exp(800) overflows a float: a val loss above about 709.8 ended the run
+    with OverflowError when the summary was made, and an eval line printed a
+    perplexity of 305 digits."""
+    from xpmodel.train.display import TrainDisplay
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    trainer = Trainer.start(load_config(TINY, [f"data.source={corpus}"]), device="cpu",
+                            out=tmp_path / "run", show=False)
+    trainer.last_val = 800.0
+    summary = trainer._summary(1.0, "done")
+    assert summary["val_perplexity"] == math.exp(700)
+    with TrainDisplay(100, quiet=True) as display:
+        display.validation({"step": 20, "val_loss": 800.0, "val_perplexity": math.exp(700),
+                            "train_loss": 750.0, "train_perplexity": math.exp(700), "gap": 50.0},
+                           False)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert "perplexity 1.01e+304 val, 1.01e+304 train" in line and len(line) < 120, line
 
 
 def test_hugging_face_tokenizer_files_are_bounded(tmp_path):

@@ -175,8 +175,9 @@ def test_doctor_overfit_calls_a_loss_that_climbs_diverged_and_names_the_lr(corpu
     assert "barely moved" not in check.advice
 
 
-def overfit_losses(subject, steps):
-    """doctor's overfit check on `subject`, and the loss of each of its steps."""
+def overfit_losses(subject, steps, script=None):
+    """doctor's overfit check on `subject`, and the loss of each of its steps;
+    with `script`, the model trains as it would but reports these losses."""
     import xpmodel.tune.doctor as doctor
     losses, make_model = [], subject.model
 
@@ -186,6 +187,8 @@ def overfit_losses(subject, steps):
 
         def recorded(x, y):
             loss = forward_backward(x, y)
+            if script is not None:
+                loss = script[len(losses)]
             losses.append(float(loss))
             return loss
         model.forward_backward = recorded
@@ -205,12 +208,15 @@ def test_doctor_overfit_does_not_call_a_loss_that_spikes_once_and_learns_diverge
 
 
 def test_doctor_overfit_says_a_loss_that_rose_again_took_steps_too_large(corpus):
-    """At lr 0.1 the loss falls, then bounces back up above its lowest: raising
-    the rate, as 'learns but slowly' said, is the wrong way."""
-    check, losses = overfit_losses(load_subject(TINY, [f"data.source={corpus}", "train.lr=0.1"]),
-                                   steps=60)
-    assert max(losses) == losses[0] and losses[-1] > 2 * min(losses), losses
-    assert check.status == FAIL and f"lowest {min(losses):.4f}" in check.detail, check.detail
+    """A loss that falls, then bounces back up above its lowest (as at lr 0.1
+    here, on some BLAS kernels and not others: the bounce is chaotic): raising
+    the rate, as 'learns but slowly' said, is the wrong way. The model's own
+    losses are replaced by such a curve, so the rule is what is tested."""
+    curve = [5.5 - 0.09 * step for step in range(50)] + [1.0 + 0.15 * step for step in range(10)]
+    subject = load_subject(TINY, [f"data.source={corpus}", "train.lr=0.1"])
+    check, losses = overfit_losses(subject, steps=60, script=curve)
+    assert losses == curve
+    assert check.status == FAIL and f"lowest {min(curve):.4f}" in check.detail, check.detail
     assert "rose again" in check.advice and "lower train.lr (now 0.1)" in check.advice
     assert "raise train.lr" not in check.advice
 

@@ -11,6 +11,7 @@ from ..cpu_threads import usable_cores
 from ..errors import DataError, UsageError, quote
 from ..files import existing_file, inside
 from ..interrupts import deferred_signals
+from ..train.display import perplexity_text
 from ..train.outputs import check_output, check_output_dir
 from .inputs import refuse_model_folder
 
@@ -246,7 +247,7 @@ def eval_command(args):
     # No gradients or backward caches here, so batches can be larger than in training.
     batch_size = max(config.train.batch_size, _EVAL_TOKENS_PER_BATCH // T)
     result = evaluate_tokens(model, tokenizer, tokens, batch_size, args.batches)
-    print(f"{what}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
+    print(f"{what}: loss {result['loss']:.4f}  perplexity {perplexity_text(result['perplexity'])}  "
           f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']:,} tokens)")
     return 0
 

@@ -41,12 +41,18 @@ def _fields_text(fields):
     return " ".join(parts)
 
 
-def _compact(number):
-    """12345.6 -> '12.3k': a rate in few characters."""
+def compact_number(number):
+    """12345.6 -> '12.3k': a rate or a count in few characters."""
     for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if number >= scale:
             return f"{number / scale:.3g}{suffix}"
     return f"{number:.0f}"
+
+
+def perplexity_text(perplexity):
+    """A perplexity to two decimals, or to three digits once it is huge (a
+    diverged run's reaches exp(700), a number of 305 digits)."""
+    return f"{perplexity:.2f}" if perplexity < 1e6 else f"{perplexity:.3g}"
 
 
 def _eta(seconds):
@@ -103,7 +109,7 @@ class TrainDisplay:
             current = min(max(1, math.ceil(epoch - 1e-9)), self.total_epochs)   # 1-based
             self.fields["epoch"] = f"{current}/{self.total_epochs}"
         self.fields.update(loss=f"{loss:.4f}", lr=f"{lr:.1e}".replace("e-0", "e-"), grad_norm=f"{grad_norm:.2f}",
-                           tok_s=_compact(tokens_per_s), mfu=f"{100 * mfu:.1f}%" if mfu else "")
+                           tok_s=compact_number(tokens_per_s), mfu=f"{100 * mfu:.1f}%" if mfu else "")
         if self._progress is not None:
             self._progress.update(self._task, completed=step, summary=_fields_text(self.fields))
         elif log_line:
@@ -118,16 +124,19 @@ class TrainDisplay:
         start_time, start_step = self._started
         return _eta((now - start_time) / (step - start_step) * (self.total_steps - step))
 
-    def validation(self, step, val_loss, perplexity, best, train_loss=None):
-        """One line: the val loss and, with the mean train loss of the steps since
-        the last evaluation, that loss, the gap val - train and both perplexities."""
+    def validation(self, record, best):
+        """One line from an eval record: the val loss and, with the mean train
+        loss of the steps since the last evaluation, that loss, the gap
+        val - train and both perplexities."""
+        step, val_loss, train_loss = record["step"], record["val_loss"], record.get("train_loss")
         self.fields["val"] = f"{val_loss:.4f}"
+        val_perplexity = perplexity_text(record["val_perplexity"])
         if train_loss is None:
-            text = f"step {step}: val loss {val_loss:.4f}, perplexity {perplexity:.2f}"
+            text = f"step {step}: val loss {val_loss:.4f}, perplexity {val_perplexity}"
         else:
             text = (f"step {step}: val loss {val_loss:.4f}, train loss {train_loss:.4f}, "
-                    f"gap {val_loss - train_loss:+.4f}; perplexity {perplexity:.2f} val, "
-                    f"{math.exp(min(train_loss, 700)):.2f} train")
+                    f"gap {record['gap']:+.4f}; perplexity {val_perplexity} val, "
+                    f"{perplexity_text(record['train_perplexity'])} train")
         self.print(text + ("  (best so far)" if best else ""))
 
     def sample(self, step, text):

@@ -9,6 +9,7 @@ from ..backend import gpu_name, to_host
 from ..data import eval_batches, resolve_source
 from ..errors import XpmodelError, counted
 from ..model.generate import generate
+from .display import perplexity_text
 from .peak_flops import mfu_peak
 
 
@@ -53,8 +54,13 @@ def evaluate_tokens(model, tokenizer, tokens, batch_size, max_batches=None):
         total_nats += float(loss) * count
     total_tokens, total_bytes = (sum(column) for column in zip(*sizes))
     loss = total_nats / total_tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": total_tokens,
+    return {"loss": loss, "perplexity": perplexity(loss), "tokens": total_tokens,
             "bits_per_byte": total_nats / math.log(2) / max(total_bytes, 1)}
+
+
+def perplexity(loss):
+    """exp(loss), held at exp(700) where a diverged loss would overflow a float."""
+    return math.exp(min(loss, 700))
 
 
 class Evaluation:
@@ -64,7 +70,6 @@ class Evaluation:
         """Validation loss on `eval_batches` batches; True when early stopping triggers."""
         t = self.config.train
         val_loss = self.evaluate_loss(self.val_tokens, t.eval_batches)
-        perplexity = math.exp(min(val_loss, 700))
         total, count = self.interval_loss
         train_loss = total / count if count else None   # the steps since the last evaluation
         self.interval_loss = [0.0, 0]
@@ -76,13 +81,13 @@ class Evaluation:
         else:
             self.evals_without_improvement += 1
         record = {"type": "eval", "step": self.step, "epoch": round(self.sampler.epochs_done, 6),
-                  "val_loss": val_loss, "val_perplexity": perplexity}
+                  "val_loss": val_loss, "val_perplexity": perplexity(val_loss)}
         if train_loss is not None:
-            record.update(train_loss=train_loss, train_perplexity=math.exp(min(train_loss, 700)),
+            record.update(train_loss=train_loss, train_perplexity=perplexity(train_loss),
                           gap=val_loss - train_loss)
         if metrics:
             self.log_record(record, metrics)
-        display.validation(self.step, val_loss, perplexity, best, train_loss)
+        display.validation(record, best)
         if best:
             self.save(self.run_dir.best_path)
         self.health.on_eval(record, display, metrics)
@@ -156,14 +161,14 @@ class Evaluation:
         wall = self.elapsed_before + self._elapsed()
         summary = {"stop_reason": stop_reason, "steps": self.step, "train_loss": last_loss,
                    "val_loss": self.last_val, "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
-                   "val_perplexity": math.exp(self.last_val) if self.last_val is not None else None,
+                   "val_perplexity": perplexity(self.last_val) if self.last_val is not None else None,
                    "tokens_seen": self.tokens_seen, "wall_time_s": wall,
                    "tokens_per_s": self.tokens_seen / wall if wall > 0 else 0.0,
                    "mfu_peak": self.mfu_peak()[1], "run_dir": str(self.run_dir.path)}
         return summary
 
     def _print_summary(self, s):
-        val = f"{s['val_loss']:.4f} (perplexity {s['val_perplexity']:.2f})" if s["val_loss"] is not None else "-"
+        val = f"{s['val_loss']:.4f} (perplexity {perplexity_text(s['val_perplexity'])})" if s["val_loss"] is not None else "-"
         train = "-" if s["train_loss"] is None else f"{s['train_loss']:.4f}"
         print(f"done ({s['stop_reason']}): {counted(s['steps'], 'step')}, train loss {train}, "
               f"val loss {val}, {s['tokens_seen']:,} tokens in {s['wall_time_s']:.1f} s "

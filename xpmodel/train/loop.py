@@ -179,7 +179,8 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
                       f"{t.early_stop_patience} evaluations); to train further, resume with a "
                       f"larger train.early_stop_patience (or 0 to turn it off)")
         else:
-            self._say(f"the run already reached step {self.total_steps}; to train further, "
+            beyond = f" (this config trains {self.total_steps})" if self.step > self.total_steps else ""
+            self._say(f"the run already reached step {self.step}{beyond}; to train further, "
                       f"resume with a larger train.max_iters (or train.epochs)")
         if self.is_main and self.resumed_from is not None:
             self.prune_checkpoints()

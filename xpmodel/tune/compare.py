@@ -14,6 +14,7 @@ from ..config import config_to_dict
 from ..errors import CheckpointError, DataError, UsageError
 from ..files import finite_json_number
 from ..train.checkpoint import step_of_name
+from ..train.display import compact_number
 from ..train.rundir import RunDir
 from .plot import check_png_output, pyplot, save_figure
 
@@ -122,7 +123,7 @@ def runs_table(summaries, extra_columns=()):
         steps = f"{s['step']:,}" + (f"/{s['total_steps']:,}" if s["total_steps"] else "")
         best = "-" if s["best_val"] is None else f"{s['best_val']:.4f} ({s['best_step']:,})"
         flat = _flatten(config_to_dict(s["config"])) if s["config"] is not None else {}
-        rows.append([s["run"], s["status"], steps, _count(s["tokens"]), best,
+        rows.append([s["run"], s["status"], steps, "-" if s["tokens"] is None else compact_number(s["tokens"]), best,
                      "-" if s["last_val"] is None else f"{s['last_val']:.4f}",
                      _duration(s["wall_time_s"]), *[_show(flat.get(k)) for k in extra_columns],
                      ",".join(s["warnings"]) or "-"])
@@ -148,14 +149,6 @@ def _show(value):
         return f"{value:g}"
     return "-" if value is None else str(value)
 
-
-def _count(n):
-    if n is None:
-        return "-"
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if n >= scale:
-            return f"{n / scale:.3g}{suffix}"
-    return str(n)
 
 
 def _duration(seconds):
