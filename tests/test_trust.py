@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy
 import pytest
+from safetensors.numpy import load_file
 
 from cli_helpers import assert_one_line_error, run_cli, write_corpus
 from xpmodel.cli import main as cli
@@ -551,6 +552,30 @@ def test_a_short_run_is_one_override():
     assert (config.train.warmup_iters, config.train.lr_decay_iters) == (5, 2000)
     with pytest.raises(UsageError, match="warmup_iters"):
         load_config(None, ["train.max_iters=60", "train.warmup_iters=100"])
+
+
+def test_a_run_made_longer_keeps_a_decay_set_past_its_end(tmp_path, capsys):
+    """A decay planned past the end (train part of it, then extend) is kept
+    when a later layer or a resume makes the run longer, so the extended run
+    is the one planned: resumed, it equals the run trained in one go."""
+    base = tmp_path / "base.yaml"
+    base.write_text("base: default\ntrain:\n  max_iters: 6\n  warmup_iters: 2\n  lr_decay_iters: 21\n")
+    notes = []
+    config = load_config(base, ["train.max_iters=9"], notify=notes.append)
+    assert (config.train.max_iters, config.train.lr_decay_iters, notes) == (9, 21, [])
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    common = ["--config", TINY, "--device", "cpu", f"data.source={corpus}", "train.warmup_iters=2",
+              "train.lr_decay_iters=21", "train.lr=0.01", "train.min_lr=0"]
+    assert run_cli(capsys, "train", "--out", tmp_path / "whole", *common, "train.max_iters=9")[0] == 0
+    assert run_cli(capsys, "train", "--out", tmp_path / "part", *common, "train.max_iters=6")[0] == 0
+    code, _, err = run_cli(capsys, "train", "--resume", tmp_path / "part", "train.max_iters=9")
+    assert code == 0, err
+    assert load_config(tmp_path / "part" / "config.yaml").train.lr_decay_iters == 21
+    whole, part = (load_file(tmp_path / run / "checkpoints" / "step-00000009.safetensors")
+                   for run in ("whole", "part"))
+    assert whole.keys() == part.keys()
+    for name in whole:
+        numpy.testing.assert_array_equal(whole[name], part[name])
 
 
 @pytest.mark.parametrize("config, mistake", [("default", "train.epochs=1"),

@@ -266,7 +266,9 @@ def _fit_schedule(merged, before, named):
         return []
     defaults = {spec.name: spec.default for spec in dataclasses.fields(TrainConfig)}
     old_steps = before.get("max_iters", defaults["max_iters"])
-    scale = steps / old_steps if old_steps and old_steps > steps else None
+    if old_steps is not None and steps >= old_steps:
+        return []   # not shorter: a decay set past the run's end (to extend it later) stays
+    scale = steps / old_steps if old_steps else None
     changed = []
     warmup = train.get("warmup_iters", defaults["warmup_iters"])
     if "warmup_iters" not in named and warmup > steps:
