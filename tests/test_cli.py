@@ -635,3 +635,15 @@ def test_init_from_keeps_a_chosen_block_size_only_with_rope(position, block_size
     expected = ["model.n_layer=3"] + ([f"model.block_size={block_size}"]
                                       if block_size is not None and taken != block_size else [])
     assert ignored_settings(config.model, adopted.model) == expected
+
+
+def test_an_epoch_run_whose_training_split_holds_no_batch_names_the_corpus_and_keys(tmp_path,
+                                                                                      corpus, capsys):
+    code, _, err = run_cli(capsys, "train", "--config", TINY, "--device", "cpu",
+                           "--out", tmp_path / "run", f"data.source={corpus}",
+                           "data.batching=epochs", "data.val_fraction=0.995")
+    assert code == 1
+    assert_one_line_error(err)
+    assert f"{corpus}: the training split's " in err and " for data.batching=epochs; lower " \
+        "train.batch_size or data.val_fraction, or use data.batching=random" in err, err
+    assert not (tmp_path / "run").exists()

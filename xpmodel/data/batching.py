@@ -32,7 +32,7 @@ from typing import Iterator
 
 import numpy
 
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, counted
 from ..options import TOKEN_DROPOUT_MODES
 
 # Generator streams of one epoch in EpochSampler, kept apart by this tag.
@@ -164,6 +164,7 @@ class EpochSampler(_Sampler):
         vocab_size: int | None = None,
         token_dropout_mode: str = "random",
         mask_id: int | None = None,
+        source: str = "corpus",
     ):
         super().__init__(tokens, batch_size, block_size, seed, token_dropout, vocab_size,
                          token_dropout_mode, mask_id)
@@ -172,9 +173,12 @@ class EpochSampler(_Sampler):
         largest_offset = self.block_size - 1 if self.random_crop else 0
         fewest_windows = max(len(tokens) - largest_offset, 0) // window
         if fewest_windows < self.batch_size:
+            cropped = " (with data.crop_augment's offsets)" if self.random_crop else ""
             raise DataError(
-                f"{len(tokens)} tokens make only {fewest_windows} windows of block_size + 1 = {window}, "
-                f"fewer than one batch of {self.batch_size}"
+                f"{source}: the training split's {len(tokens):,} tokens make "
+                f"{counted(fewest_windows, 'window')} of block_size + 1 = {window}{cropped}, fewer "
+                f"than one batch of {self.batch_size} for data.batching=epochs; lower "
+                f"train.batch_size or data.val_fraction, or use data.batching=random"
             )
         self.epoch = 0
         self.position = 0  # batches already served in this epoch

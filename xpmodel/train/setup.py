@@ -203,8 +203,8 @@ def make_sampler(config, tokenizer, train_tokens):
     common = dict(token_dropout=d.token_dropout, vocab_size=tokenizer.vocab_size,
                   token_dropout_mode=d.token_dropout_mode, mask_id=mask_id)
     if d.batching == "epochs":
-        return EpochSampler(train_tokens, t.batch_size, T, t.seed,
-                            random_crop=d.crop_augment, **common)
+        return EpochSampler(train_tokens, t.batch_size, T, t.seed, random_crop=d.crop_augment,
+                            source=d.source, **common)
     return RandomWindowSampler(train_tokens, t.batch_size, T, t.seed, **common)
 
 
