@@ -396,3 +396,14 @@ def test_config_takes_numpy_scalars_and_stores_python_numbers():
     values = dataclasses.asdict(config)
     assert all(type(value) in (int, float, str, bool, type(None)) for value in values.values())
     assert json.loads(json.dumps(values)) == yaml.safe_load(yaml.safe_dump(values)) == values
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluating_restores_the_mode_even_when_the_block_fails(training):
+    model = xpmodel.GPT(TINY, seed=1)
+    model.train() if training else model.eval()
+    with pytest.raises(RuntimeError):
+        with model.evaluating():
+            assert not model.training
+            raise RuntimeError("an evaluation batch failed")
+    assert model.training is training

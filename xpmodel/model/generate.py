@@ -25,7 +25,6 @@ rebuilt the same way, so both paths number the window's positions from 0.)
 
 This is inference only: no dropout, no caches for backward.
 """
-from contextlib import contextmanager
 
 import numpy
 
@@ -229,18 +228,6 @@ def _resolve_infinities(logits):
 
 # ---- generation -----------------------------------------------------------------
 
-@contextmanager
-def _eval_mode(model):
-    """The model in eval mode inside the block, its previous mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        if was_training:
-            model.train()
-
-
 def _check_prompt(prompt_ids, vocab_size):
     prompt = numpy.asarray(to_host(prompt_ids))
     if prompt.size == 0:
@@ -295,7 +282,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
 def _stream(model, context, max_new_tokens, next_logits, temperature, top_k, top_p, rng,
             stop_id, vocab_limit):
     for _ in range(max_new_tokens):
-        with _eval_mode(model):
+        with model.evaluating():
             logits = next_logits(context)
         token = sample_next(logits, temperature, top_k, top_p, rng, vocab_limit)
         if stop_id is not None and token == stop_id:

@@ -131,6 +131,16 @@ class GPT:
         self.training = False
         return self
 
+    @contextmanager
+    def evaluating(self):
+        """The model in eval mode inside the block, its previous mode restored after."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield self
+        finally:
+            self.training = was_training
+
     @property
     def embedding_noise(self):
         """(alpha, kind): NEFTune noise on the embeddings of training passes

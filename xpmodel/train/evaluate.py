@@ -107,22 +107,18 @@ class Evaluation:
             size = f" ({resolve_source(self.config.data.source).size_text()})"
         except XpmodelError:
             size = ""
-        tokens_per_step = t.batch_size * t.grad_accum * self.config.model.block_size
         epochs = self.sampler.epochs_after(self.total_steps * t.grad_accum)
         length = (f"train.epochs={t.epochs}: {self.total_steps:,} steps" if t.epochs else
-                  f"{self.total_steps:,} steps x {tokens_per_step:,} tokens = {epochs:.2f} epochs")
+                  f"{self.total_steps:,} steps x {self.tokens_per_step:,} tokens = {epochs:.2f} epochs")
         return (f"data: {self.config.data.source}{size} -> {n_train + n_val:,} tokens "
                 f"({n_train:,} train, {n_val:,} val), {n_train / self.gpt_config.num_params():.2g} "
                 f"train tokens per parameter; {length}")
 
     def evaluate_loss(self, tokens, n_batches):
-        was_training = self.model.training
-        self.model.eval()
         T = self.config.model.block_size
-        losses = batch_losses(self.model, eval_batches(tokens, self.config.train.batch_size, T,
-                                                        n_batches))
-        if was_training:
-            self.model.train()
+        with self.model.evaluating():
+            losses = batch_losses(self.model, eval_batches(tokens, self.config.train.batch_size, T,
+                                                            n_batches))
         return float(numpy.mean(losses))
 
     def sample_text(self):
