@@ -24,3 +24,5 @@ ADJUST_LR = ("original", "match_rms_adamw")
 NOISE_KINDS = ("uniform", "gaussian")
 # data.token_dropout_mode (data/batching.py)
 TOKEN_DROPOUT_MODES = ("random", "mask")
+# data.vocab_size's bound: the most ids a tokenizer may hold (tokenizer/vocab.py)
+MAX_VOCAB = 1 << 20

@@ -20,8 +20,8 @@ otherwise fail on or silently ignore (the run's length, warmup and decay
 spans, weight decay that would zero the weights, Muon's Newton-Schulz
 coefficients, a Muon key set while the optimizer is adamw). What a setting
 does is left to the trainer, the data pipeline and the model that read it;
-the names of the choices come from options.py, so this package imports only
-the ground floor (and the BPE tokenizer's MAX_VOCAB).
+the names of the choices and the vocabulary's bound come from options.py, so
+this package imports only the ground floor.
 
   fields.py      a setting's rules (type, range, choices) and checking a value against them
   sections.py    DataConfig, ModelConfig, TrainConfig, RunConfig; keys looked up by name

@@ -18,8 +18,8 @@ from ..checks import (HALF_OPEN_UNIT, NON_NEGATIVE, OPEN_UNIT, POSITIVE, POSITIV
                       ROPE_THETAS, Range)
 from ..errors import UsageError, one_line, quote
 from ..ns_coefficients import check_ns_coefficients, parse_ns_coefficients
-from ..options import ADJUST_LR, MLPS, NOISE_KINDS, NORMS, POSITIONS, SCHEDULES, TOKEN_DROPOUT_MODES
-from ..tokenizer.bpe import MAX_VOCAB
+from ..options import (ADJUST_LR, MAX_VOCAB, MLPS, NOISE_KINDS, NORMS, POSITIONS, SCHEDULES,
+                       TOKEN_DROPOUT_MODES)
 from .fields import _check_field, _check_fields, _fields_of, _setting, _types_of
 
 TOKENIZERS = ("bpe", "byte")

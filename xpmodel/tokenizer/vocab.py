@@ -4,11 +4,11 @@ the checks of merges and tokens against them, and which token each merge makes.
 import operator
 
 from ..errors import UsageError, quote
+from ..options import MAX_VOCAB
 
 # Bounds on what a tokenizer file may describe, checked from its sizes before
 # anything is built: real vocabularies have at most a few hundred thousand ids
-# and tokens of at most a few hundred bytes.
-MAX_VOCAB = 1 << 20
+# (MAX_VOCAB) and tokens of at most a few hundred bytes.
 MAX_TOKEN_BYTES = 1 << 14
 MAX_TOTAL_TOKEN_BYTES = 1 << 28
 _MAX_SPECIAL_TOKENS = 1024
