@@ -28,7 +28,7 @@ from xpmodel.train.checkpoint import (FORMAT, load_checkpoint,
                                 read_checkpoint_meta, save_checkpoint)
 from xpmodel.config import load_config, save_config
 from xpmodel.data.tokenfile import HEADER, MAGIC, read_token_file
-from xpmodel.errors import CheckpointError, DataError
+from xpmodel.errors import CheckpointError, DataError, XpmodelError
 from xpmodel.model.gpt import GPT, GPTConfig
 from xpmodel.model.params import parameter_shapes
 from xpmodel.train.rundir import RunDir
@@ -335,7 +335,7 @@ def test_creating_a_run_that_fails_leaves_nothing_behind(tmp_path):
     def failing_checkpoint(path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(XpmodelError, match="No space left on device; the run was not created"):
         run.create(load_config(TINY, ["data.source=unused.txt"]), BPETokenizer(),
                    first_checkpoint=failing_checkpoint)
     assert not run.path.exists()

@@ -38,7 +38,7 @@ import numpy
 
 from ..backend import array_module, fused_kernels, upcast
 from .dropout import apply_mask, dropout_backward, dropout_forward
-from .matmul import matmul
+from .matmul import add_column_sums, matmul
 from .rmsnorm import rmsnorm_backward, rmsnorm_forward
 from .rope import rope_backward, rope_forward
 
@@ -227,7 +227,7 @@ def merge_qkv(dq, dk, dv, dbias=None):
     merged = xp.concatenate([part.transpose(0, 2, 1, 3).reshape(B * T, -1).astype(dq.dtype, copy=False)
                              for part in (dq, dk, dv)], axis=1)
     if dbias is not None:
-        dbias += merged.sum(axis=0, dtype=dbias.dtype)
+        add_column_sums(merged, dbias)
     return merged
 
 
@@ -306,7 +306,7 @@ def merge_heads(dheads, dbias=None):
     _, B, H, T, D = dheads.shape
     merged = dheads.transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * H * D)
     if dbias is not None:
-        dbias += merged.sum(axis=0, dtype=dbias.dtype)
+        add_column_sums(merged, dbias)
     return merged
 
 

@@ -11,6 +11,7 @@ the bias of the projection before it, and backward sums that bias's gradient.
 import math
 
 from ..backend import array_module, fused_kernels, ignore_overflow, upcast
+from .matmul import add_column_sums
 
 _K = math.sqrt(2.0 / math.pi)
 _CUBIC = 0.044715
@@ -60,5 +61,5 @@ def gelu_backward(dout, x, s, dbias=None):
     dx *= dout
     dx = dx.astype(low, copy=False)
     if dbias is not None:
-        dbias += dx.reshape(-1, dx.shape[-1]).sum(axis=0, dtype=dbias.dtype)
+        add_column_sums(dx.reshape(-1, dx.shape[-1]), dbias)
     return dx

@@ -4,6 +4,7 @@ CuPy arrays of at most cuda.layernorm.MAX_WIDTH (8192) channels go to one
 fused kernel each way (xpmodel.cuda.layernorm), unless the "xp" kernels are
 chosen (backend.use_kernels); wider rows run as the xp expressions here."""
 from ..backend import array_module, fused_kernels, upcast
+from .matmul import add_column_sums
 
 EPS = 1e-5
 
@@ -52,7 +53,7 @@ def layernorm_backward(dout, cache, w, dw, db, dx=None, dx_low=None, dx_sum=None
     dout = upcast(dout)
     dw += xp.sum(dout * xhat, axis=0)
     if db is not None:
-        db += dout.sum(axis=0)
+        add_column_sums(dout, db)
     dxhat = dout * w
     # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
     mean_dxhat = dxhat.mean(axis=1, keepdims=True)
@@ -74,5 +75,5 @@ def deliver_input_gradient(grad, dx=None, dx_low=None, dx_sum=None):
     if dx_low is not None:
         dx_low[...] = dx
     if dx_sum is not None:
-        dx_sum += dx.reshape(-1, dx.shape[-1]).sum(axis=0)
+        add_column_sums(dx.reshape(-1, dx.shape[-1]), dx_sum)
     return dx

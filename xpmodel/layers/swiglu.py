@@ -7,6 +7,7 @@ kernels, CuPy arrays go to one kernel each way (xpmodel.cuda.swiglu), whose
 backward recomputes s instead of keeping it.
 """
 from ..backend import array_module, fused_kernels, ignore_overflow, upcast
+from .matmul import add_column_sums
 
 
 def swiglu_forward(h, bias=None):
@@ -47,5 +48,5 @@ def swiglu_backward(dout, h, s, dbias=None):
     dgate *= d
     dh[:, :F] = dgate
     if dbias is not None:
-        dbias += dh.sum(axis=0, dtype=dbias.dtype)
+        add_column_sums(dh, dbias)
     return dh
