@@ -206,6 +206,15 @@ def test_an_output_that_is_an_input_is_refused(run, corpus, tmp_path, capsys):
     assert not (run.path / "hf").exists() and not (run.path / "sub").exists()
 
 
+def test_the_python_api_refuses_a_run_inside_the_folder_it_starts_from(run, corpus):
+    config = load_config(TINY, [f"data.source={corpus}", f"train.init_from={run.path}"])
+    for out in (run.path / "sub", run.path):
+        with pytest.raises(UsageError, match="the folder --init-from reads"):
+            Trainer.start(config, device="cpu", out=out, overwrite=True, show=False)
+    assert run.is_run() and run.checkpoint_steps() == [20, 30]
+    assert not (run.path / "sub").exists()
+
+
 def test_lr_find_never_writes_over_the_model_it_starts_from(run, corpus, tmp_path, capsys):
     """lr-find --out NAME.png writes NAME.json beside it: never over a file of
     train.init_from's folder (its config.json, tokenizer.json), even with

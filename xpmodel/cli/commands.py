@@ -39,7 +39,8 @@ def _train(args, device, dist):
     from ..train.rundir import RunDir, default_run_path
     from ..backend import get_device
     from ..data.sources import resolve_given
-    from ..train.setup import absolute_source, check_out_outside_corpus
+    from ..train.setup import (absolute_source, check_out_outside_corpus,
+                               check_out_outside_init_from)
     is_main = dist is None or dist.is_main
     get_device(device)   # a bad --device is named before anything is read or chosen
     # Open MPI gives every rank a terminal even when the job writes to a log: several ranks print
@@ -76,9 +77,7 @@ def _train(args, device, dist):
     config = _with_absolute_init_from(config)
     out = Path(args.out) if args.out else default_run_path(config_name)
     init_from = config.train.init_from
-    if init_from and _overlap(init_from, out):
-        raise UsageError(f"--out {out}: overlaps {init_from}, the folder --init-from reads; "
-                         f"choose another --out")
+    check_out_outside_init_from(init_from, out)
     for source in config_files:
         if RunDir(out).owns(source):
             raise UsageError(f"--out {out}: holds {source} among its run files, which this "

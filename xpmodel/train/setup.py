@@ -13,8 +13,10 @@ from ..data import BUILTIN_NAMES, EpochSampler, RandomWindowSampler
 from ..data.corpus import build_tokenizer
 from ..data.sources import reads_from
 from ..errors import CheckpointError, UsageError, XpmodelError, quote
+from ..files import inside
 from ..model.config import gpt_config
 from ..model.gpt import GPT
+from ..model.params import part_sizes
 from .muon import Muon
 from .optim import AdamW
 from .rundir import RunDir, default_run_path
@@ -124,14 +126,12 @@ def _largest_parts(gpt_config):
     all. The MLPs count under model.mlp_hidden when it is set, else under
     model.n_layer. (The estimate counts weights, not activations: the batch
     size plays no part in it.)"""
-    c = gpt_config
-    n = c.num_params()
-    embeddings = c.vocab_size * c.n_embd * (1 if c.tie_embeddings else 2)
-    positions = c.block_size * c.n_embd if c.position == "learned" else 0
-    mlps = c.n_layer * c.n_embd * c.mlp_width * (3 if c.mlp == "swiglu" else 2)
-    parts = [(mlps, "model.n_layer" if c.mlp_hidden is None else "model.mlp_hidden"),
-             (n - embeddings - positions - mlps, "model.n_layer"),
-             (embeddings, "model.vocab_size"), (positions, "model.block_size")]
+    sizes = part_sizes(gpt_config)
+    n = sum(sizes.values())
+    parts = [(sizes["mlps"], "model.n_layer" if gpt_config.mlp_hidden is None else "model.mlp_hidden"),
+             (sizes["other"], "model.n_layer"),
+             (sizes["wte"] + sizes["lm_head"], "model.vocab_size"),
+             (sizes["positions"], "model.block_size")]
     large = [key for size, key in sorted(parts, reverse=True) if size >= n / 10]
     return list(dict.fromkeys(large + ["model.n_embd"]))
 
@@ -190,6 +190,14 @@ def check_out_outside_corpus(source, out):
                          f"text; choose an --out outside the corpus")
 
 
+def check_out_outside_init_from(init_from, out):
+    """Refuse a run directory that is, holds or lies inside the folder
+    train.init_from reads (links resolved): the run would write into its source."""
+    if init_from and (inside(init_from, out) or inside(out, init_from)):
+        raise UsageError(f"--out {out}: overlaps {init_from}, the folder --init-from reads; "
+                         f"choose another --out")
+
+
 def make_sampler(config, tokenizer, train_tokens):
     """The training sampler a run config asks for: random windows or epochs,
     with crops and token dropout."""
@@ -245,6 +253,7 @@ class RunSetup:
             dist.shard(config.train.batch_size)   # refuses a batch the ranks cannot split
         run = RunDir(out or default_run_path(config_name))
         check_out_outside_corpus(config.data.source, run.path)
+        check_out_outside_init_from(config.train.init_from, run.path)
         if is_main:
             run.check_can_create(overwrite)
         pretrained = None
