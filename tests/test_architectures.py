@@ -415,8 +415,16 @@ def test_recompute_lowers_the_peak_memory_of_a_pass():
 @pytest.mark.parametrize("name", list(OPTIONS) + ["gpt2"])
 def test_parameter_count_is_the_layouts_size(name):
     config = tiny(**OPTIONS.get(name, {}))
-    assert config.num_params() == xpmodel.model.params.FlatLayout(
-        xpmodel.model.params.parameter_shapes(config)).size
+    shapes = dict(xpmodel.model.params.parameter_shapes(config))
+    assert config.num_params() == xpmodel.model.params.FlatLayout(shapes.items()).size
+    sizes = xpmodel.model.params.part_sizes(config)
+
+    def count(chosen):
+        return sum(int(np.prod(shape)) for key, shape in shapes.items() if chosen(key))
+    assert sizes["mlps"] == count(lambda key: ".mlp." in key)
+    for part, key in (("wte", "wte.weight"), ("lm_head", "lm_head.weight"),
+                      ("positions", "wpe.weight")):
+        assert sizes[part] == count(key.__eq__), part
 
 
 def test_a_huge_model_is_refused_at_once_naming_the_keys():

@@ -222,7 +222,7 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="targets"):
         model.forward_backward(np.zeros((1, 3), dtype=np.int64), np.zeros((1, 4), dtype=np.int64))
     for bad in (50, -2):
-        with pytest.raises(ValueError, match=r"targets: ids must be in \[0, 50\) or -1"):
+        with pytest.raises(ValueError, match=r"targets: token ids must be in \[0, 50\) or -1"):
             model.forward_backward(np.zeros((1, 3), dtype=np.int64), np.full((1, 3), bad))
     with pytest.raises(ValueError, match="float32 or float64"):
         xpmodel.GPT(TINY, dtype="float16")

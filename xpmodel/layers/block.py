@@ -1,6 +1,7 @@
 """One transformer block, the unit the model repeats, from the chosen options.
 
-Pre-norm wiring: x += attn(norm_1(x)); x += mlp(norm_2(x)). Which norm and
+Pre-norm wiring: x += attn(ln_1(x)); x += mlp(ln_2(x)), ln_1 and ln_2 being
+LayerNorm or RMSNorm (GPT-2's names for them either way). Which norm and
 which MLP activation it uses is chosen in the two tables below; every entry
 is a forward/backward pair with the same signature, so a new variant is one
 layer file, one line here and its name in xpmodel/options.py, the choices the
@@ -39,13 +40,13 @@ ACTIVATIONS = {"gelu": (gelu_forward, gelu_backward),
 class BlockCache(NamedTuple):
     """What one block's backward reads from its forward (h, act_cache and g
     are None when the forward was told not to keep them)."""
-    ln1: object          # (N, C) norm_1's output, in the compute dtype
-    ln1_cache: object    # norm_1's statistics: normalised x (N, C) and 1/std (N,), float32 or wider
+    ln1: object          # (N, C) ln_1's output, in the compute dtype
+    ln1_cache: object    # ln_1's statistics: normalised x (N, C) and 1/std (N, 1), float32 or wider
     y: object            # (N, C) attention output, before c_proj
     attn_cache: object   # attention.AttentionCache: the heads and what the core kept
     attn_mask: object    # dropout.KeepMask (N, C) of the attention branch, or None
-    ln2: object          # (N, C) norm_2's output, in the compute dtype
-    ln2_cache: object    # norm_2's statistics, as ln1_cache
+    ln2: object          # (N, C) ln_2's output, in the compute dtype
+    ln2_cache: object    # ln_2's statistics, as ln1_cache
     h: object            # (N, F or 2F) c_fc's output, its bias added
     act_cache: object    # (N, F) the xp GELU's or SwiGLU's saved sigmoid; None from a fused kernel
     g: object            # (N, F) the activation's output
@@ -81,18 +82,18 @@ def block_forward(cfg, layer, x, shape, P, W, low, p_drop=0.0, rng=None, rope=No
     backward recomputes them from ln2."""
     p = f"h.{layer}."
     B, T = shape
-    ln1, ln1_cache = norm_forward(cfg, x, P, p + "ln_1", low)
-    qkv = matmul(ln1, W[p + "attn.c_attn.weight"])
+    ln1, ln1_cache = norm_forward(cfg, x, P, p + "ln_1", low)               # (N, C)
+    qkv = matmul(ln1, W[p + "attn.c_attn.weight"])                          # (N, (H + 2 H_kv) D)
     y, attn_cache = attention_forward(qkv.reshape(B, T, cfg.qkv_width), cfg.n_head, p_drop, rng,
                                       bias=W.get(p + "attn.c_attn.bias"), n_kv_head=cfg.kv_heads,
                                       qk_norm=_qk_norm(cfg, P, p), rope=rope, kv_cache=kv_cache)
-    attn_branch = matmul(y, W[p + "attn.c_proj.weight"])
+    attn_branch = matmul(y, W[p + "attn.c_proj.weight"])                    # (N, C)
     attn_mask = dropout_mask(attn_branch, p_drop, rng)
     x = residual_forward(x, attn_branch, W.get(p + "attn.c_proj.bias"), attn_mask)
 
-    ln2, ln2_cache = norm_forward(cfg, x, P, p + "ln_2", low)
-    h, act_cache, g = mlp_hidden(cfg, p, ln2, W)
-    mlp_branch = matmul(g, W[p + "mlp.c_proj.weight"])
+    ln2, ln2_cache = norm_forward(cfg, x, P, p + "ln_2", low)               # (N, C)
+    h, act_cache, g = mlp_hidden(cfg, p, ln2, W)                            # g (N, F)
+    mlp_branch = matmul(g, W[p + "mlp.c_proj.weight"])                      # (N, C)
     mlp_mask = dropout_mask(mlp_branch, p_drop, rng)
     x = residual_forward(x, mlp_branch, W.get(p + "mlp.c_proj.bias"), mlp_mask)
     if not keep_mlp:
@@ -107,7 +108,7 @@ def block_backward(cfg, layer, dx, cache, P, W, G, dx_low=None, input_low=None, 
     of its input as each norm backward adds into it.
 
     dx_low: in mixed precision, a float16 copy of dx that the branches read
-    and the norm_2 backward rewrites. input_low / input_sum: where the norm_1
+    and the ln_2 backward rewrites. input_low / input_sum: where the ln_1
     backward writes the float16 copy of the input's gradient and its column
     sums (the block below's c_proj bias gradient), or None.
     """

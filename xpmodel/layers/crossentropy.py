@@ -1,4 +1,5 @@
-"""Tied output layer and numerically stable softmax cross-entropy.
+"""The output layer (the token embedding when tied, lm_head.weight when not)
+and numerically stable softmax cross-entropy.
 
 The logits of N rows over V classes are the largest activation in the model,
 so the model evaluates these functions on chunks of rows: each chunk's

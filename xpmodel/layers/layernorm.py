@@ -26,6 +26,7 @@ def layernorm_forward(x, w, b, out_dtype=None, eps=EPS):
         out, xhat, rstd = fused(x, w, b, eps, out_dtype or x.dtype)
         return out, (xhat, rstd)
     xp = array_module(x)
+    x = upcast(x)   # statistics in float32 at least, whatever the input's dtype
     mean = x.mean(axis=1, keepdims=True)
     xhat = x - mean
     var = xp.mean(xhat * xhat, axis=1, keepdims=True)

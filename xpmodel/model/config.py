@@ -120,21 +120,20 @@ class GPTConfig:
         return (self.n_head + 2 * self.kv_heads) * self.head_size
 
     def num_params(self, include_embeddings=True):
-        """Parameters; without embeddings, those the 6N FLOPs rule counts:
-        the position table, and the token table when the head is untied."""
-        from .params import parameter_count
-        total = parameter_count(self)
+        """Parameters; include_embeddings=False leaves out the lookup tables, as
+        the 6N FLOPs rule does: the position table, and the token table when
+        the head is untied (a tied one is the head's matrix too, and counts)."""
+        from .params import part_sizes
+        parts = part_sizes(self)
+        total = sum(parts.values())
         if include_embeddings:
             return total
-        lookups = self.block_size * self.n_embd if self.position == "learned" else 0
-        if not self.tie_embeddings:
-            lookups += self.vocab_size * self.n_embd
-        return total - lookups
+        return total - parts["positions"] - (0 if self.tie_embeddings else parts["wte"])
 
-    def flops_per_token(self, seq_len=None):
-        """Training FLOPs per token: 6N + 12 L C T (N without lookup tables)."""
-        T = seq_len or self.block_size
-        return 6 * self.num_params(include_embeddings=False) + 12 * self.n_layer * self.n_embd * T
+    def flops_per_token(self):
+        """Training FLOPs per token: 6N + 12 L C T (N without lookup tables, T block_size)."""
+        return (6 * self.num_params(include_embeddings=False)
+                + 12 * self.n_layer * self.n_embd * self.block_size)
 
 
 def unused_options(config):

@@ -1,6 +1,6 @@
 """Autoregressive text generation, with a key/value cache.
 
-Dimension letters as in gpt.py: B batch, T time, C n_embd, H n_head,
+Dimension letters as in layers/__init__.py: B batch, T time, C n_embd, H n_head,
 H_kv key/value heads, D head size (C // H), V vocab.
 
 `prefill` runs a prompt through the model once and keeps every layer's keys
@@ -30,7 +30,7 @@ import numpy
 
 from ..backend import to_host
 from ..checks import NON_NEGATIVE, POSITIVE, POSITIVE_FRACTION, Range, check_integer, check_number
-from .gpt import check_model
+from .gpt import check_model, check_token_ids
 
 
 class KVCache:
@@ -235,12 +235,7 @@ def _check_prompt(prompt_ids, vocab_size):
     if prompt.ndim != 1:
         raise ValueError(f"prompt_ids must be a 1-D sequence of token ids, got shape "
                          f"{prompt.shape}")
-    if not numpy.issubdtype(prompt.dtype, numpy.integer):
-        raise ValueError(f"prompt_ids must hold integers, got {prompt.dtype}")
-    low, high = int(prompt.min()), int(prompt.max())
-    if low < 0 or high >= vocab_size:
-        raise ValueError(f"prompt_ids: token ids must be in [0, {vocab_size}), "
-                         f"got range [{low}, {high}]")
+    check_token_ids("prompt_ids", prompt, vocab_size)
     return [int(t) for t in prompt]
 
 

@@ -1,8 +1,8 @@
 """The language model: embeddings -> blocks -> head, from the hand-written layers.
 
 GPT-2 by default; the options of config.py choose the block's parts
-(layers/block.py). Dimension letters: B batch, T time, C n_embd, H n_head,
-V vocab, N = B*T.
+(layers/block.py). Dimension letters as in layers/__init__.py: B batch,
+T time, C n_embd, V vocab, N = B*T.
 The residual stream is kept as an (N, C) matrix so every projection is a
 2-D matmul. Parameters and gradients are named views into two flat buffers
 (see params.py); backward adds into the gradient views.
@@ -297,13 +297,13 @@ class GPT:
         its backward too, adding into G; returns the shard's summed cross-entropy.
         rng: the pass's generator, seeded by rng_key (a list of ints)."""
         W, xp = self.weights, self.xp
-        hidden, caches = self._forward_hidden(idx, rng, rng_key)
-        targets = targets.reshape(-1)
+        hidden, caches = self._forward_hidden(idx, rng, rng_key)        # (N, C)
+        targets = targets.reshape(-1)                                   # (N,)
         total = 0.0
-        dhidden = None if G is None else xp.empty_like(hidden)
+        dhidden = None if G is None else xp.empty_like(hidden)          # (N, C)
         head = self.head_weight_name
         for rows in self._logit_chunks(hidden.shape[0]):
-            logits = lm_head_forward(hidden[rows], W[head])
+            logits = lm_head_forward(hidden[rows], W[head])             # (rows, V)
             losses, dlogits = crossentropy_fused(logits, targets[rows], dlosses)
             total = total + losses.sum()
             if G is not None:
@@ -363,7 +363,7 @@ class GPT:
         # norm backward writes as it updates dx. Each norm backward also sums
         # the c_proj bias gradient of the branch below it (proj_bias_sums).
         dx_low = None if self.compute_dtype == self.dtype else \
-            self.xp.empty(dhidden.shape, dtype=self.compute_dtype)
+            self.xp.empty(dhidden.shape, dtype=self.compute_dtype)    # (N, C)
 
         def bias_sum_below(i):
             """Where the norm above block i's output sums its mlp c_proj bias gradient."""
@@ -371,7 +371,7 @@ class GPT:
                 proj_bias_sums(p_drop > 0, G.get(f"h.{i}.mlp.c_proj.bias"))[0]
 
         dx = norm_backward(cfg, dhidden, lnf_cache, P, G, "ln_f", dx_low=dx_low,
-                           dx_sum=bias_sum_below(cfg.n_layer - 1))
+                           dx_sum=bias_sum_below(cfg.n_layer - 1))           # (N, C)
         for i in reversed(range(cfg.n_layer)):
             cache = block_caches[i]
             if self.recompute == "block":
@@ -379,7 +379,8 @@ class GPT:
                 _, cache = self._block_forward(i, block_input, (B, T), p_drop, block_seed, rope)
             block_backward(cfg, i, dx, cache, P, W, G, dx_low,
                            input_low=dx_low if i > 0 else None, input_sum=bias_sum_below(i - 1))
-        demb = embedding_noise_backward(dropout_backward(dx.reshape(B, T, cfg.n_embd), emb_mask))
+        demb = embedding_noise_backward(dropout_backward(dx.reshape(B, T, cfg.n_embd),
+                                                         emb_mask))            # (B, T, C)
         embedding_backward(demb, idx, G["wte.weight"], G.get("wpe.weight"))
 
     def rope_tables(self, start, T):
@@ -416,24 +417,14 @@ class GPT:
                              f"{self.config.block_size}")
         if shape[0] == 0 or shape[1] == 0:
             raise ValueError(f"{what}: empty batch of shape {shape}")
-        if not numpy.issubdtype(idx.dtype, numpy.integer):
-            raise ValueError(f"{what} must hold integers, got {idx.dtype}")
-        low, high = int(idx.min()), int(idx.max())   # one small sync for a device array
-        if low < 0 or high >= self.config.vocab_size:
-            raise ValueError(f"{what}: token ids must be in [0, {self.config.vocab_size}), "
-                             f"got range [{low}, {high}]")
+        check_token_ids(what, idx, self.config.vocab_size)
         return to_device(idx.astype(numpy.int64, copy=False), self.device)
 
     def _check_targets(self, targets, shape):
         if getattr(targets, "shape", None) != shape:
             raise ValueError(f"targets must have the shape of idx {shape}, "
                              f"got {getattr(targets, 'shape', None)}")
-        if not numpy.issubdtype(targets.dtype, numpy.integer):
-            raise ValueError(f"targets must hold integers, got {targets.dtype}")
-        low, high = int(targets.min()), int(targets.max())
-        if low < IGNORE_INDEX or high >= self.config.vocab_size:
-            raise ValueError(f"targets: ids must be in [0, {self.config.vocab_size}) "
-                             f"or {IGNORE_INDEX}, got range [{low}, {high}]")
+        check_token_ids("targets", targets, self.config.vocab_size, ignored=IGNORE_INDEX)
         return to_device(targets.astype(numpy.int64, copy=False), self.device)
 
     def state_arrays(self):
@@ -488,3 +479,16 @@ def _init_parameters(config, layout, seed):
             std = residual_std if name.endswith("c_proj.weight") else 0.02
             view[...] = rng.normal(0.0, std, size=view.shape)
     return flat
+
+
+def check_token_ids(what, ids, vocab_size, ignored=None):
+    """Refuse `ids` (an array, host or device) unless they are integers in
+    [0, vocab_size), or the one value `ignored` (a target that is skipped)."""
+    if not numpy.issubdtype(ids.dtype, numpy.integer):
+        raise ValueError(f"{what} must hold integers, got {ids.dtype}")
+    low, high = int(ids.min()), int(ids.max())   # one small sync for a device array
+    lowest = 0 if ignored is None else min(ignored, 0)
+    if low < lowest or high >= vocab_size:
+        allowed = "" if ignored is None else f" or {ignored}"
+        raise ValueError(f"{what}: token ids must be in [0, {vocab_size}){allowed}, "
+                         f"got range [{low}, {high}]")

@@ -49,20 +49,29 @@ def parameter_shapes(config):
     return shapes
 
 
-def parameter_count(config):
-    """The number of parameters parameter_shapes(config) lists, worked out
-    without listing them, so a config of any size is measured at once."""
+def part_sizes(config):
+    """The parameter counts of the model's parts, worked out without listing
+    them, so a config of any size is measured at once: "wte" (the token
+    table), "lm_head" (0 when tied to wte), "positions" (0 with rotary ones),
+    the blocks' "mlps", and "other" (attention and the norms). They add up to
+    the parameters parameter_shapes(config) lists."""
     C, F, D = config.n_embd, config.mlp_width, config.head_size
     norm = C * (2 if config.norm == "layernorm" and config.bias else 1)
 
     def linear(n_in, n_out):
         return n_in * n_out + (n_out if config.bias else 0)
     fc_width = 2 * F if config.mlp == "swiglu" else F
-    block = (2 * norm + linear(C, config.qkv_width) + (2 * D if config.qk_norm else 0)
-             + linear(C, C) + linear(C, fc_width) + linear(F, C))
-    embeddings = config.vocab_size * C * (1 if config.tie_embeddings else 2)
-    positions = config.block_size * C if config.position == "learned" else 0
-    return embeddings + positions + config.n_layer * block + norm
+    attention = linear(C, config.qkv_width) + (2 * D if config.qk_norm else 0) + linear(C, C)
+    return {"wte": config.vocab_size * C,
+            "lm_head": 0 if config.tie_embeddings else config.vocab_size * C,
+            "positions": config.block_size * C if config.position == "learned" else 0,
+            "mlps": config.n_layer * (linear(C, fc_width) + linear(F, C)),
+            "other": config.n_layer * (2 * norm + attention) + norm}
+
+
+def parameter_count(config):
+    """The number of parameters parameter_shapes(config) lists (part_sizes' sum)."""
+    return sum(part_sizes(config).values())
 
 
 def is_norm_weight(name):

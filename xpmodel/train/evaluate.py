@@ -143,11 +143,6 @@ class Evaluation:
     def _mfu(self, tokens_per_s):
         """Model FLOPs utilisation of each GPU against mfu_peak(); None on CPU or
         where no peak is known. tokens_per_s counts the tokens of every rank."""
-        if not self.device.is_cuda:
-            return None
-        if not hasattr(self, "_peak_flops"):
-            self._peak_flops, _ = self.mfu_peak()
-            self._flops_per_token = self.gpt_config.flops_per_token()
         if self._peak_flops is None:
             return None
         gpus = 1 if self.dist is None else self.dist.world_size

@@ -100,10 +100,15 @@ class Trainer(RunSetup, CheckpointState, Evaluation, SignalHandling):
         self._stop_agreed = False
         self.health = Health(self)     # per-layer records, warnings, where a NaN came from
         self.mirrors = Mirrors.off()   # train.log_to, while run() runs
+        self.checkpoints_read = ()     # a resume's (path, header, problem), which pruning reuses
+        self._started = None           # run()'s start, on the performance counter
+        # MFU's peak FLOP/s (None on CPU or where no peak is known) and the model's FLOPs a token
+        self._peak_flops = self.mfu_peak()[0]
+        self._flops_per_token = self.gpt_config.flops_per_token()
 
     # ---- the loop ----------------------------------------------------------------
     def _elapsed(self):
-        return time.perf_counter() - self._started if hasattr(self, "_started") else 0.0
+        return 0.0 if self._started is None else time.perf_counter() - self._started
 
     def run(self):
         """Train to the end (or a signal or early stop); returns the summary dict."""

@@ -35,10 +35,6 @@ _HASH_CHUNK_BYTES = 16 * 2**20
 class CheckpointState:
     """The Trainer's checkpoint writing and reading."""
 
-    # (path, header, problem) of the checkpoints a resume read, which pruning
-    # does not read again while their files are unchanged
-    checkpoints_read = ()
-
     def _meta(self):
         return {
             "step": self.step, "tokens_seen": self.tokens_seen,

@@ -19,18 +19,17 @@ then a pair: train.lr as above, and train.muon_lr scaled by the same factor
 """
 import math
 import os
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 
 import numpy
 
 from ..atomic import atomic_write_json, json_bytes
-from ..data import RandomWindowSampler
 from ..errors import UsageError
 from ..file_pairs import MAX_JSON_BYTES, remove_last_file, stamp, write_pair
 from ..files import read_json
 from ..train.optim import clipped_step
 from ..train.outputs import check_output
-from ..train.setup import optimizer_for
+from ..train.setup import make_sampler, optimizer_for
 from .plot import check_png_output, is_png, png_bytes, pyplot
 
 DIVERGENCE_FACTOR = 4.0
@@ -64,18 +63,16 @@ class RangeTest:
         return rule
 
 
-def lr_range_test(subject, device="cpu", start_lr=1e-7, end_lr=1.0, steps=200, progress=None):
-    """Run the range test on a tune.common.Subject; returns a RangeTest."""
+def lr_range_test(subject, device="cpu", start_lr=1e-7, end_lr=1.0, steps=200):
+    """Run the range test on a tune.common.Subject; returns a RangeTest.
+    Its batches are random windows, whatever data.batching the config chose."""
     check_ramp(start_lr, end_lr, steps)
-    t, T = subject.config.train, subject.config.model.block_size
+    t, config = subject.config.train, subject.config
     model = subject.model(device)
     optimizer = optimizer_for(model, t)
     train, _ = subject.tokens
-    d = subject.config.data
-    sampler = RandomWindowSampler(train, t.batch_size, T, t.seed, token_dropout=d.token_dropout,
-                                  vocab_size=subject.tokenizer.vocab_size,
-                                  token_dropout_mode=d.token_dropout_mode,
-                                  mask_id=subject.tokenizer.mask_id)
+    sampler = make_sampler(replace(config, data=replace(config.data, batching="random")),
+                           subject.tokenizer, train)
     lrs, losses = [], []
     average, lowest = None, math.inf
     stopped_early = False
@@ -90,8 +87,6 @@ def lr_range_test(subject, device="cpu", start_lr=1e-7, end_lr=1.0, steps=200, p
                 loss += float(model.forward_backward(x, y, scale=1.0 / t.grad_accum)) / t.grad_accum
             lrs.append(lr)
             losses.append(loss if math.isfinite(loss) else None)
-            if progress:
-                progress(i + 1, steps, lr, loss)
             if not math.isfinite(loss):
                 stopped_early = True
                 break

@@ -40,6 +40,7 @@ sweeps (--preset tuning-order).
 When swept, train.lr carries train.min_lr along at the base config's ratio
 (unless train.min_lr is swept too), so min_lr never exceeds lr.
 """
+import contextlib
 import csv
 import ctypes
 import io
@@ -225,7 +226,7 @@ class Sweep:
         slots = list(range(self.parallel))
         live = _Live(self) if self.show else None
         try:
-            with live or _nothing():
+            with live or contextlib.nullcontext():
                 while True:
                     while slots:
                         trial = self._next_trial()
@@ -594,14 +595,6 @@ def _die_with_parent():
         libc.prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _Live:
