@@ -112,10 +112,10 @@ def main():
         import cuda_emulator
         context, EXPECTED_BACKEND = cuda_emulator.emulated_cuda(), "mpi-host"
     from mpi4py import MPI
-    from xpmodel.backend import _import_cupy
+    from xpmodel.backend import import_cupy
     from xpmodel.distributed import MPIDistributed
     with context, tempfile.TemporaryDirectory() as folder:
-        cupy = _import_cupy()
+        cupy = import_cupy()
         dist = MPIDistributed(MPI, MPI.COMM_WORLD, "cuda")
         cupy.cuda.Device(int(dist.device_spec.split(":")[1])).use()
         if dist.is_main:

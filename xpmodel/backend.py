@@ -30,7 +30,9 @@ _cupy = None          # the cupy module once imported
 _cupy_error = None    # why it could not be imported
 
 
-def _import_cupy():
+def import_cupy():
+    """The cupy module, imported once; None where it cannot be imported (the
+    reason is kept for the error that asks for a GPU)."""
     global _cupy, _cupy_error
     if _cupy is None and _cupy_error is None:
         try:
@@ -43,7 +45,7 @@ def _import_cupy():
 
 def cuda_available():
     """True when CuPy imports and sees at least one GPU."""
-    cupy = _import_cupy()
+    cupy = import_cupy()
     if cupy is None:
         return False
     try:
@@ -97,7 +99,7 @@ def get_device(spec="cpu"):
         if not index_text.isdigit():
             raise DeviceError(f"bad device {spec!r}: expected cpu, cuda, cuda:N or auto")
         index = int(index_text)
-        if _import_cupy() is None:
+        if import_cupy() is None:
             raise DeviceError(f"device {spec!r} needs CuPy, which is not importable "
                               f"({_cupy_error.__class__.__name__}): {_INSTALL_HINT}")
         try:

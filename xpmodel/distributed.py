@@ -245,7 +245,7 @@ class MPIDistributed(Distributed):
         if text != "cuda":
             return text
         if cuda_available():
-            count = backend._import_cupy().cuda.runtime.getDeviceCount()
+            count = backend.import_cupy().cuda.runtime.getDeviceCount()
             if self.local_rank >= count:
                 raise UsageError(f"rank {self.rank}: local rank {self.local_rank} needs GPU "
                                  f"{self.local_rank}, but this node shows {count} GPU(s): "

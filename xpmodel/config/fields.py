@@ -2,8 +2,8 @@
 
 Each section of the run config is a dataclass whose fields are settings: a
 type annotation (int, float, bool, str, a list of one of them, each optionally
-None) and, made by _setting, a range the value must lie `within` or the
-`choices` it must be one of. _check_field converts a value to its field's type
+None) and, made by setting, a range the value must lie `within` or the
+`choices` it must be one of. check_field converts a value to its field's type
 where that loses nothing (an int or a numeric string for a float) and checks it,
 raising a one-line UsageError that names the dotted key. The sections
 themselves are in sections.py; this file knows nothing of them.
@@ -22,23 +22,23 @@ _MAX_STRING_CHARS = 1 << 16
 _NON_EMPTY = {"data.source", "train.init_from", "data.cache_dir"}
 
 
-def _setting(default, within=None, choices=None):
+def setting(default, within=None, choices=None):
     """A dataclass field whose value must lie `within` a range or be one of `choices`."""
     return field(default=default, metadata={"within": within, "choices": choices})
 
 
-def _check_fields(config, section):
+def check_fields(config, section):
     """Type-check, convert and range-check every field of one section in place."""
     for spec in dataclasses.fields(config):
-        value = _check_field(type(config), spec.name, getattr(config, spec.name), f"{section}.{spec.name}")
+        value = check_field(type(config), spec.name, getattr(config, spec.name), f"{section}.{spec.name}")
         object.__setattr__(config, spec.name, value)
 
 
-def _check_field(cls, key, value, dotted):
+def check_field(cls, key, value, dotted):
     """Return `value` converted to the type of the field `key` of the dataclass
     `cls`, or raise UsageError naming it `dotted` (section.key)."""
-    spec = _fields_of(cls)[key]
-    value = _convert(dotted, value, _types_of(cls)[key])
+    spec = fields_of(cls)[key]
+    value = _convert(dotted, value, types_of(cls)[key])
     if value is None:
         return None
     within, choices = spec.metadata.get("within"), spec.metadata.get("choices")
@@ -51,12 +51,12 @@ def _check_field(cls, key, value, dotted):
 
 
 @functools.cache
-def _fields_of(cls):
+def fields_of(cls):
     return {spec.name: spec for spec in dataclasses.fields(cls)}
 
 
 @functools.cache
-def _types_of(cls):
+def types_of(cls):
     # Annotations are strings under `from __future__ import annotations`.
     return typing.get_type_hints(cls)
 

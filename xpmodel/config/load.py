@@ -17,9 +17,9 @@ import yaml
 
 from ..atomic import atomic_write_bytes
 from ..errors import UsageError, quote
-from .sections import (SECTIONS, RunConfig, TrainConfig, _field_types, _fields_by_name,
-                       _unknown_key_message, _unknown_section_message, check_key, check_value)
-from .yaml_files import _StrictLoader, _check_yaml_bounds, _locate, _parse_yaml, _shipped_dir
+from .sections import (SECTIONS, RunConfig, TrainConfig, field_types, fields_by_name,
+                       unknown_key_message, unknown_section_message, check_key, check_value)
+from .yaml_files import StrictLoader, check_yaml_bounds, locate, parse_yaml, shipped_dir
 
 DEFAULT_CONFIG = "default"
 _MAX_BASE_DEPTH = 16    # deeper `base:` chains are almost surely a mistake
@@ -35,13 +35,13 @@ def _read_layers(name_or_path, relative_to=None, chain=()):
     """Return [(label, path, document)] for a config and its `base:` ancestors,
     oldest first: `path` is the file read, `label` names it in messages
     (_label); `chain` holds the paths of the configs that led here."""
-    path, text = _locate(name_or_path, relative_to)
+    path, text = locate(name_or_path, relative_to)
     label = _label(name_or_path, path)
     if path in chain:
         raise UsageError(f"{label}: `base:` chain loops back on itself ({' -> '.join((*chain, path))})")
     if len(chain) >= _MAX_BASE_DEPTH:
         raise UsageError(f"{label}: `base:` chain deeper than {_MAX_BASE_DEPTH} configs")
-    document = _parse_yaml(text, label)
+    document = parse_yaml(text, label)
     base = document.get("base")
     if base is None:
         return [(label, path, document)]
@@ -56,7 +56,7 @@ def _label(name_or_path, path):
     as: a shipped config by its name ("default"), not by where the package is
     installed; a user's file by its path as given."""
     name = str(name_or_path)
-    return name if path == str(_shipped_dir().joinpath(name + ".yaml")) else path
+    return name if path == str(shipped_dir().joinpath(name + ".yaml")) else path
 
 
 def _apply_document(merged, document, label):
@@ -65,7 +65,7 @@ def _apply_document(merged, document, label):
         if section == "base":
             continue
         if section not in SECTIONS:
-            raise UsageError(f"{label}: {_unknown_section_message(section)}")
+            raise UsageError(f"{label}: {unknown_section_message(section)}")
         if values is None:      # `model:` with nothing under it
             continue
         if not isinstance(values, dict):
@@ -76,11 +76,11 @@ def _apply_document(merged, document, label):
 
 def _apply_values(merged, section, values, labels):
     """Check each key of one section and lay the values over `merged`."""
-    valid = _fields_by_name(section)
+    valid = fields_by_name(section)
     checked = {}
     for key, value in values.items():
         if key not in valid:
-            raise UsageError(f"{labels[key]}: {_unknown_key_message(section, key)}")
+            raise UsageError(f"{labels[key]}: {unknown_key_message(section, key)}")
         try:
             checked[key] = check_value(section, key, value)
         except UsageError as exc:
@@ -112,10 +112,10 @@ def parse_override_value(section, key, raw):
     the mode, not null) or the key is a string. Not yet checked against the
     key: check_value does that. A UsageError (a value past the YAML bounds)
     names the key."""
-    choices = _fields_by_name(section)[key].metadata.get("choices") or ()
+    choices = fields_by_name(section)[key].metadata.get("choices") or ()
     if raw.strip() in choices:
         return raw.strip()
-    annotation = _field_types(section)[key]
+    annotation = field_types(section)[key]
     if raw.strip().lower() in ("none", "null", "~"):
         return None
     kinds = () if typing.get_origin(annotation) is list else \
@@ -126,8 +126,8 @@ def parse_override_value(section, key, raw):
     if str in kinds and not quoted:
         return raw
     try:
-        _check_yaml_bounds(raw, f"{section}.{key}")
-        return yaml.load(raw, Loader=_StrictLoader)
+        check_yaml_bounds(raw, f"{section}.{key}")
+        return yaml.load(raw, Loader=StrictLoader)
     except UsageError:
         raise
     except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError):

@@ -20,7 +20,7 @@ from ..errors import UsageError, one_line, quote
 from ..ns_coefficients import check_ns_coefficients, parse_ns_coefficients
 from ..options import (ADJUST_LR, MAX_VOCAB, MLPS, NOISE_KINDS, NORMS, POSITIONS, SCHEDULES,
                        TOKEN_DROPOUT_MODES)
-from .fields import _check_field, _check_fields, _fields_of, _setting, _types_of
+from .fields import check_field, check_fields, fields_of, setting, types_of
 
 TOKENIZERS = ("bpe", "byte")
 BATCHINGS = ("random", "epochs")
@@ -61,22 +61,22 @@ class DataConfig:
     # `xpmodel tokenizer train --out` writes
     tokenizer: str = "bpe"
     # BPE vocabulary size; ignored for "byte" and a tokenizer file
-    vocab_size: int = _setting(4096, within=Range(low=256))
+    vocab_size: int = setting(4096, within=Range(low=256))
     # share of the tokens held out for validation
-    val_fraction: float = _setting(0.1, within=OPEN_UNIT)
+    val_fraction: float = setting(0.1, within=OPEN_UNIT)
     # "random": nanoGPT-style random windows; "epochs": every window once per epoch
-    batching: str = _setting("random", choices=BATCHINGS)
+    batching: str = setting("random", choices=BATCHINGS)
     # epochs batching: cut each epoch's windows at a new random offset
     crop_augment: bool = False
     # chance an input token is replaced (augmentation); the target stays
-    token_dropout: float = _setting(0.0, within=HALF_OPEN_UNIT)
+    token_dropout: float = setting(0.0, within=HALF_OPEN_UNIT)
     # "random": by a uniformly drawn id; "mask": by the tokenizer's reserved <|mask|> id
-    token_dropout_mode: str = _setting("random", choices=TOKEN_DROPOUT_MODES)
+    token_dropout_mode: str = setting("random", choices=TOKEN_DROPOUT_MODES)
     # where tokenized corpora are cached; None: the default cache directory
     cache_dir: str | None = None
 
     def __post_init__(self):
-        _check_fields(self, "data")
+        check_fields(self, "data")
         if self.tokenizer not in TOKENIZERS and not names_tokenizer_file(self.tokenizer):
             raise UsageError(f"data.tokenizer must be one of bpe, byte or a tokenizer file (a path holding "
                              f"a / or ending in .json, as `xpmodel tokenizer train --out` writes); "
@@ -98,40 +98,40 @@ class ModelConfig:
     vocabulary size comes from the tokenizer unless `vocab_size` pads it, e.g.
     to 50304, a multiple of 64). See model/config.py for what each option does."""
     # transformer blocks
-    n_layer: int = _setting(6, within=POSITIVE)
+    n_layer: int = setting(6, within=POSITIVE)
     # attention heads per block
-    n_head: int = _setting(8, within=POSITIVE)
+    n_head: int = setting(8, within=POSITIVE)
     # C, the residual stream width
-    n_embd: int = _setting(256, within=POSITIVE)
+    n_embd: int = setting(256, within=POSITIVE)
     # T, the longest context the model sees
-    block_size: int = _setting(128, within=POSITIVE)
+    block_size: int = setting(128, within=POSITIVE)
     # dropout on attention weights, residual branches and embeddings
-    dropout: float = _setting(0.0, within=HALF_OPEN_UNIT)
+    dropout: float = setting(0.0, within=HALF_OPEN_UNIT)
     # embedding rows; None: the tokenizer's vocabulary size; larger pads it
-    vocab_size: int | None = _setting(None, within=Range(low=256))
+    vocab_size: int | None = setting(None, within=Range(low=256))
     # "rmsnorm": x / rms(x) * w, without the mean or a bias
-    norm: str = _setting("layernorm", choices=NORMS)
+    norm: str = setting("layernorm", choices=NORMS)
     # the norms' denominator guard, at most 1 (more outweighs a unit-scale variance)
-    norm_eps: float = _setting(1e-5, within=POSITIVE_FRACTION)
+    norm_eps: float = setting(1e-5, within=POSITIVE_FRACTION)
     # "rope": rotary positions on q and k instead of a learned table
-    position: str = _setting("learned", choices=POSITIONS)
+    position: str = setting("learned", choices=POSITIONS)
     # rotary base: head dimension pair j turns at rope_theta^(-2j/D) per position
-    rope_theta: float = _setting(10000.0, within=ROPE_THETAS)
+    rope_theta: float = setting(10000.0, within=ROPE_THETAS)
     # RMSNorm of every q and k head (before the rotation)
     qk_norm: bool = False
     # the MLP's activation: "swiglu" gates it, "relu2" squares a ReLU
-    mlp: str = _setting("gelu", choices=MLPS)
+    mlp: str = setting("gelu", choices=MLPS)
     # MLP hidden width; None: 4 * n_embd, or for swiglu 8/3 * n_embd rounded up to 64
-    mlp_hidden: int | None = _setting(None, within=POSITIVE)
+    mlp_hidden: int | None = setting(None, within=POSITIVE)
     # key/value heads (grouped-query attention); None: n_head
-    n_kv_head: int | None = _setting(None, within=POSITIVE)
+    n_kv_head: int | None = setting(None, within=POSITIVE)
     # biases on the projections and LayerNorms
     bias: bool = True
     # the output head shares the token embedding's weights
     tie_embeddings: bool = True
 
     def __post_init__(self):
-        _check_fields(self, "model")
+        check_fields(self, "model")
         if self.n_embd % self.n_head:
             raise UsageError(
                 f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
@@ -147,107 +147,107 @@ class ModelConfig:
 class TrainConfig:
     """Optimizer, learning-rate schedule, evaluation, sampling and checkpoints."""
     # B, sequences per micro-batch
-    batch_size: int = _setting(16, within=Range(0, MAX_BATCH_SIZE, low_inclusive=False))
+    batch_size: int = setting(16, within=Range(0, MAX_BATCH_SIZE, low_inclusive=False))
     # micro-batches summed into one optimizer step
-    grad_accum: int = _setting(1, within=Range(0, MAX_GRAD_ACCUM, low_inclusive=False))
+    grad_accum: int = setting(1, within=Range(0, MAX_GRAD_ACCUM, low_inclusive=False))
     # optimizer steps to run (set this or epochs)
-    max_iters: int | None = _setting(5000, within=POSITIVE)
+    max_iters: int | None = setting(5000, within=POSITIVE)
     # passes over the training tokens (set this or max_iters)
-    epochs: int | None = _setting(None, within=POSITIVE)
+    epochs: int | None = setting(None, within=POSITIVE)
     # peak learning rate
-    lr: float = _setting(3e-4, within=POSITIVE)
+    lr: float = setting(3e-4, within=POSITIVE)
     # learning rate at the end of the decay
-    min_lr: float = _setting(3e-5, within=NON_NEGATIVE)
+    min_lr: float = setting(3e-5, within=NON_NEGATIVE)
     # steps of linear warmup from 0 to lr
-    warmup_iters: int = _setting(100, within=NON_NEGATIVE)
+    warmup_iters: int = setting(100, within=NON_NEGATIVE)
     # step at which the decay reaches min_lr; None: the run's length
-    lr_decay_iters: int | None = _setting(None, within=POSITIVE)
+    lr_decay_iters: int | None = setting(None, within=POSITIVE)
     # learning-rate shape after warmup: cosine, linear, step, wsd (warmup-stable-decay) or constant
-    schedule: str = _setting("cosine", choices=SCHEDULES)
+    schedule: str = setting("cosine", choices=SCHEDULES)
     # step: steps between drops of the rate by gamma; None: a third of the steps after warmup
-    step_size: int | None = _setting(None, within=POSITIVE)
+    step_size: int | None = setting(None, within=POSITIVE)
     # step: the factor each drop multiplies the rate by
-    gamma: float = _setting(0.1, within=Range(0, 1, low_inclusive=False))
+    gamma: float = setting(0.1, within=Range(0, 1, low_inclusive=False))
     # wsd: the share of the run (of lr_decay_iters) spent decaying at its end
-    decay_fraction: float = _setting(0.2, within=Range(0, 1, low_inclusive=False))
+    decay_fraction: float = setting(0.2, within=Range(0, 1, low_inclusive=False))
     # AdamW decoupled weight decay (applied to matrices only); lr * weight_decay must be below 1
-    weight_decay: float = _setting(0.1, within=NON_NEGATIVE)
+    weight_decay: float = setting(0.1, within=NON_NEGATIVE)
     # AdamW first-moment decay
-    beta1: float = _setting(0.9, within=HALF_OPEN_UNIT)
+    beta1: float = setting(0.9, within=HALF_OPEN_UNIT)
     # AdamW second-moment decay
-    beta2: float = _setting(0.95, within=HALF_OPEN_UNIT)
+    beta2: float = setting(0.95, within=HALF_OPEN_UNIT)
     # AdamW denominator guard, at most 1 (more outweighs the gradients' scale)
-    eps: float = _setting(1e-8, within=POSITIVE_FRACTION)
+    eps: float = setting(1e-8, within=POSITIVE_FRACTION)
     # "muon": Muon for the blocks' attention and MLP matrices, AdamW at lr for the rest
-    optimizer: str = _setting("adamw", choices=OPTIMIZERS)
+    optimizer: str = setting("adamw", choices=OPTIMIZERS)
     # Muon's peak learning rate; the schedule scales it as it scales lr
-    muon_lr: float = _setting(0.02, within=POSITIVE)
+    muon_lr: float = setting(0.02, within=POSITIVE)
     # Muon's momentum (a running average of gradients)
-    muon_momentum: float = _setting(0.95, within=HALF_OPEN_UNIT)
+    muon_momentum: float = setting(0.95, within=HALF_OPEN_UNIT)
     # Nesterov momentum: orthogonalise G + mu (M - G) instead of M
     muon_nesterov: bool = True
     # Newton-Schulz iterations per step
-    muon_ns_steps: int = _setting(5, within=Range(1, 99))
+    muon_ns_steps: int = setting(5, within=Range(1, 99))
     # Newton-Schulz coefficients: jordan, cubic, or three numbers "a,b,c" that keep every
     # singular value in (0, 2] through muon_ns_steps iterations (ns_coefficients.py)
     muon_ns_coefficients: str = "jordan"
     # Muon's decoupled weight decay; muon_lr * muon_weight_decay must be below 1
-    muon_weight_decay: float = _setting(0.0, within=NON_NEGATIVE)
+    muon_weight_decay: float = setting(0.0, within=NON_NEGATIVE)
     # Muon's per-shape rate: original sqrt(max(1, out/in)) | match_rms_adamw 0.2 sqrt(max(in, out))
-    muon_adjust_lr: str = _setting("original", choices=ADJUST_LR)
+    muon_adjust_lr: str = setting("original", choices=ADJUST_LR)
     # global gradient-norm limit; 0 = off
-    grad_clip: float = _setting(1.0, within=NON_NEGATIVE)
+    grad_clip: float = setting(1.0, within=NON_NEGATIVE)
     # NEFTune alpha: noise of size alpha / sqrt(T * C) on the input embeddings in training; 0 = off
-    embedding_noise: float = _setting(0.0, within=Range(0, MAX_EMBEDDING_NOISE))
+    embedding_noise: float = setting(0.0, within=Range(0, MAX_EMBEDDING_NOISE))
     # that noise's distribution: uniform in [-1, 1] (NEFTune's) or gaussian, times the size
-    embedding_noise_kind: str = _setting("uniform", choices=NOISE_KINDS)
+    embedding_noise_kind: str = setting("uniform", choices=NOISE_KINDS)
     # steps between validation-loss estimates
-    eval_interval: int = _setting(500, within=POSITIVE)
+    eval_interval: int = setting(500, within=POSITIVE)
     # batches averaged per loss estimate
-    eval_batches: int = _setting(20, within=Range(0, MAX_EVAL_BATCHES, low_inclusive=False))
+    eval_batches: int = setting(20, within=Range(0, MAX_EVAL_BATCHES, low_inclusive=False))
     # steps between printed samples; 0 = off
-    sample_interval: int = _setting(500, within=NON_NEGATIVE)
+    sample_interval: int = setting(500, within=NON_NEGATIVE)
     # text the samples continue
     sample_prompt: str = "\n"
     # tokens generated per sample
-    sample_tokens: int = _setting(200, within=POSITIVE)
+    sample_tokens: int = setting(200, within=POSITIVE)
     # softmax temperature of those samples; 0 = greedy (always the likeliest token)
-    sample_temperature: float = _setting(0.8, within=NON_NEGATIVE)
+    sample_temperature: float = setting(0.8, within=NON_NEGATIVE)
     # draw only among the k likeliest tokens; None: all of them
-    sample_top_k: int | None = _setting(200, within=POSITIVE)
+    sample_top_k: int | None = setting(200, within=POSITIVE)
     # nucleus sampling: the fewest likeliest tokens whose probability reaches p; None: off
-    sample_top_p: float | None = _setting(None, within=Range(0, 1, low_inclusive=False))
+    sample_top_p: float | None = setting(None, within=Range(0, 1, low_inclusive=False))
     # steps between checkpoints
-    save_interval: int = _setting(1000, within=POSITIVE)
+    save_interval: int = setting(1000, within=POSITIVE)
     # periodic checkpoints kept on disk
-    keep_last: int = _setting(3, within=POSITIVE)
+    keep_last: int = setting(3, within=POSITIVE)
     # steps between log lines
-    log_interval: int = _setting(10, within=POSITIVE)
+    log_interval: int = setting(10, within=POSITIVE)
     # evaluations without a better val loss before stopping; 0 = off
-    early_stop_patience: int = _setting(0, within=NON_NEGATIVE)
+    early_stop_patience: int = setting(0, within=NON_NEGATIVE)
     # steps between per-layer health records (gradient norm, update/weight ratio); 0 = off
-    health_interval: int = _setting(100, within=NON_NEGATIVE)
+    health_interval: int = setting(100, within=NON_NEGATIVE)
     # "fp16": float16 compute with loss scaling; "bf16": bfloat16 compute, no loss
     # scaling (float32 master weights and statistics in both)
-    precision: str = _setting("fp32", choices=PRECISIONS)
+    precision: str = setting("fp32", choices=PRECISIONS)
     # CUDA: "fused" kernels, or "xp": every layer's own xp code on CuPy
-    kernels: str = _setting("fused", choices=KERNELS)
+    kernels: str = setting("fused", choices=KERNELS)
     # FLOP/s (not TFLOP/s; at least MIN_PEAK_FLOPS) that MFU is measured against; None: the
     # GPU's dense fp16/bf16 tensor-core peak from xpmodel/train/peak_flops.py (no MFU for
     # GPUs it lacks, or fp32)
-    peak_flops: float | None = _setting(None, within=POSITIVE)
+    peak_flops: float | None = setting(None, within=POSITIVE)
     # activation memory for compute: "mlp" recomputes the MLP's hidden activations
     # in backward, "block" each whole block (about one more forward pass)
-    recompute: str = _setting("none", choices=("none", "mlp", "block"))
+    recompute: str = setting("none", choices=("none", "mlp", "block"))
     # where metrics.jsonl's records, samples and the config are mirrored: tensorboard, wandb
     log_to: list[str] = field(default_factory=list, metadata={"choices": LOG_TO})
     # seeds weight init, batching and dropout
-    seed: int = _setting(1337, within=Range(0, MAX_SEED))
+    seed: int = setting(1337, within=Range(0, MAX_SEED))
     # checkpoint or run directory to start from; None: fresh weights
     init_from: str | None = None
 
     def __post_init__(self):
-        _check_fields(self, "train")
+        check_fields(self, "train")
         if (self.max_iters is None) == (self.epochs is None):
             state = "both set" if self.max_iters is not None else "both unset"
             raise UsageError(
@@ -304,7 +304,7 @@ class RunConfig:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
-_TOP_LEVEL_KEYS = ("base", *SECTIONS)
+TOP_LEVEL_KEYS = ("base", *SECTIONS)
 
 
 # ---------------------------------------------------------------------------
@@ -312,15 +312,15 @@ _TOP_LEVEL_KEYS = ("base", *SECTIONS)
 
 def check_value(section, key, value):
     """Return `value` converted to the type of `section.key`, or raise UsageError."""
-    return _check_field(SECTIONS[section], key, value, f"{section}.{key}")
+    return check_field(SECTIONS[section], key, value, f"{section}.{key}")
 
 
-def _fields_by_name(section):
-    return _fields_of(SECTIONS[section])
+def fields_by_name(section):
+    return fields_of(SECTIONS[section])
 
 
-def _field_types(section):
-    return _types_of(SECTIONS[section])
+def field_types(section):
+    return types_of(SECTIONS[section])
 
 
 def check_key(dotted):
@@ -330,13 +330,13 @@ def check_key(dotted):
     section, dot, key = str(dotted).strip().partition(".")
     if section not in SECTIONS:
         raise UsageError(f"the key must be SECTION.KEY with SECTION one of {', '.join(SECTIONS)}")
-    if not dot or key not in _fields_by_name(section):
-        raise UsageError(_unknown_key_message(section, key))
+    if not dot or key not in fields_by_name(section):
+        raise UsageError(unknown_key_message(section, key))
     return section, key
 
 
-def _unknown_key_message(section, key):
-    valid = list(_fields_by_name(section))
+def unknown_key_message(section, key):
+    valid = list(fields_by_name(section))
     if not isinstance(key, str):
         return (f"the key {_not_a_name(key)} under {section} is not a key name; valid {section} "
                 f"keys: {', '.join(valid)}")
@@ -350,18 +350,18 @@ def _key_guesses(section, key):
     sections (as section.key), else the closest key of its own section, else
     the closest key of another section (as section.key)."""
     others = [name for name in SECTIONS if name != section]
-    if any(key in _fields_by_name(name) for name in others):
-        return [f"{name}.{key}" for name in others if key in _fields_by_name(name)]
-    close = difflib.get_close_matches(key, list(_fields_by_name(section)), n=1)
+    if any(key in fields_by_name(name) for name in others):
+        return [f"{name}.{key}" for name in others if key in fields_by_name(name)]
+    close = difflib.get_close_matches(key, list(fields_by_name(section)), n=1)
     if close:
         return close
-    close = difflib.get_close_matches(key, [field for name in others for field in _fields_by_name(name)], n=1)
-    return [f"{name}.{close[0]}" for name in others if close and close[0] in _fields_by_name(name)]
+    close = difflib.get_close_matches(key, [field for name in others for field in fields_by_name(name)], n=1)
+    return [f"{name}.{close[0]}" for name in others if close and close[0] in fields_by_name(name)]
 
 
-def _unknown_section_message(section):
+def unknown_section_message(section):
     shown = quote(section, 60) if isinstance(section, str) else _not_a_name(section)
-    return f"unknown section {shown}; valid top-level keys: {', '.join(_TOP_LEVEL_KEYS)}"
+    return f"unknown section {shown}; valid top-level keys: {', '.join(TOP_LEVEL_KEYS)}"
 
 
 def _not_a_name(key):

@@ -18,7 +18,7 @@ import yaml
 
 from ..errors import UsageError, one_line, quote
 from ..files import read_bounded
-from .sections import SECTIONS, _TOP_LEVEL_KEYS
+from .sections import SECTIONS, TOP_LEVEL_KEYS
 
 _YAML_SUFFIXES = (".yaml", ".yml")
 # Bounds on a YAML document, checked from its parse events before anything is
@@ -29,7 +29,7 @@ _MAX_YAML_DEPTH = 16
 _MAX_YAML_NODES = 10_000
 
 
-def _shipped_dir():
+def shipped_dir():
     """The directory of shipped configs: the installed package, else the source tree."""
     try:
         return importlib.resources.files("xpmodel.configs")
@@ -40,7 +40,7 @@ def _shipped_dir():
 def shipped_configs():
     """Names of the configs that ship with xpmodel, sorted."""
     names = []
-    for entry in _shipped_dir().iterdir():
+    for entry in shipped_dir().iterdir():
         stem, dot, suffix = entry.name.rpartition(".")
         if entry.is_file() and dot and "." + suffix in _YAML_SUFFIXES:
             names.append(stem)
@@ -51,7 +51,7 @@ def _looks_like_path(text):
     return "/" in text or os.sep in text or text.endswith(_YAML_SUFFIXES)
 
 
-def _locate(name_or_path, relative_to=None):
+def locate(name_or_path, relative_to=None):
     """Return (label, text) for a shipped config name or a YAML file path."""
     if "\0" in str(name_or_path):
         raise UsageError(f"config {quote(str(name_or_path), 200)}: no file name holds a NUL character (\\0)")
@@ -62,7 +62,7 @@ def _locate(name_or_path, relative_to=None):
         return str(path), _read_text(path, str(path))
     name = str(name_or_path)
     if name in shipped_configs():
-        entry = _shipped_dir().joinpath(name + ".yaml")
+        entry = shipped_dir().joinpath(name + ".yaml")
         return str(entry), _read_text(entry, str(entry))
     path = Path(name) if relative_to is None else relative_to / name
     if path.is_file():
@@ -105,7 +105,7 @@ _PLAIN_NUMBERS = {
 }
 
 
-class _StrictLoader(yaml.SafeLoader):
+class StrictLoader(yaml.SafeLoader):
     """A safe YAML loader that rejects a key repeated within one mapping and
     reads no number in base 60 or 8 (otherwise YAML 1.1 as PyYAML reads it)."""
 
@@ -126,7 +126,7 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _check_yaml_bounds(text, label):
+def check_yaml_bounds(text, label):
     """Refuse YAML nested deeper than _MAX_YAML_DEPTH, with more than
     _MAX_YAML_NODES nodes once aliases are expanded, or with an alias inside
     the node it names. Parse events come from a loop, not recursion, and are
@@ -137,7 +137,7 @@ def _check_yaml_bounds(text, label):
     open_nodes = []     # [expanded size, anchor] of each collection being read
     sizes = {}          # anchor -> expanded size of the node it names
     total = 0
-    for event in yaml.parse(text, Loader=_StrictLoader):
+    for event in yaml.parse(text, Loader=StrictLoader):
         if isinstance(event, yaml.CollectionStartEvent):
             open_nodes.append([1, event.anchor])
             if len(open_nodes) > _MAX_YAML_DEPTH:
@@ -171,10 +171,10 @@ def _yaml_error(exc, label):
     return UsageError(f"{label}: {where}invalid YAML: {' '.join(problem.split())[:200]}")
 
 
-def _parse_yaml(text, label):
+def parse_yaml(text, label):
     try:
-        _check_yaml_bounds(text, label)
-        document = yaml.load(text, Loader=_StrictLoader)
+        check_yaml_bounds(text, label)
+        document = yaml.load(text, Loader=StrictLoader)
     except yaml.YAMLError as exc:
         raise _yaml_error(exc, label) from None
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
@@ -191,5 +191,5 @@ def _parse_yaml(text, label):
     if not isinstance(document, dict):
         raise UsageError(
             f"{label}: the top level must be a mapping of sections "
-            f"({', '.join(_TOP_LEVEL_KEYS)}), got {type(document).__name__}")
+            f"({', '.join(TOP_LEVEL_KEYS)}), got {type(document).__name__}")
     return document

@@ -9,7 +9,7 @@ buffer's dtype.
 """
 import numpy
 
-from ..backend import _import_cupy
+from ..backend import import_cupy
 
 _BODY = """
 if (s[1] != 0) {
@@ -27,7 +27,7 @@ def adamw_step(p, g, m, v, scalars, beta1, beta2, eps, n_decay):
     """One AdamW step on flat p, g, m, v, in place; scalars as described above."""
     global _kernel
     if _kernel is None:
-        _kernel = _import_cupy().ElementwiseKernel(
+        _kernel = import_cupy().ElementwiseKernel(
             "T g, raw float64 s, float64 beta1, float64 beta2, float64 eps, int64 n_decay",
             "T p, T m, T v", _BODY, "xpmodel_adamw")
     _kernel(g, scalars, numpy.float64(beta1), numpy.float64(beta2), numpy.float64(eps),

@@ -12,7 +12,7 @@ the tests (tests/cuda_emulator) can put its own versions in their place.
 """
 import numpy
 
-from ..backend import BFLOAT16, HALF_DTYPES, _import_cupy
+from ..backend import BFLOAT16, HALF_DTYPES, import_cupy
 
 # h16 <-> float32 (round to nearest even), and pack_h16x2: two floats as the
 # low and high halves of a 32-bit word. float16: one PTX instruction each way.
@@ -205,7 +205,7 @@ def raw_kernel(source, name, half=None, **macros):
     key = (source, name, tuple(sorted(macros.items())))
     if key not in _compiled:
         defines = "".join(f"#define {k} {v}\n" for k, v in sorted(macros.items()))
-        _compiled[key] = _import_cupy().RawKernel(defines + H16_CONVERSIONS + PRELUDE + source, name)
+        _compiled[key] = import_cupy().RawKernel(defines + H16_CONVERSIONS + PRELUDE + source, name)
     return _compiled[key]
 
 
@@ -214,7 +214,7 @@ _multiprocessors = {}
 
 def multiprocessor_count():
     """Streaming multiprocessors of the current GPU (sizes persistent grids)."""
-    device = _import_cupy().cuda.Device()
+    device = import_cupy().cuda.Device()
     if device.id not in _multiprocessors:
         _multiprocessors[device.id] = device.attributes["MultiProcessorCount"]
     return _multiprocessors[device.id]

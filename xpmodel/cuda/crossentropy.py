@@ -12,7 +12,7 @@ dtypes and widths take `crossentropy`, which reads the row three times
 """
 import numpy
 
-from ..backend import _import_cupy, device_scalar, is_half
+from ..backend import import_cupy, device_scalar, is_half
 from .compile import acc_type, c_type, half_of, raw_kernel
 
 _THREADS = 512
@@ -141,7 +141,7 @@ def crossentropy(logits, targets, dloss=None):
     Returns per-row losses (n,) (0 where ignored). With dloss (a scalar or
     0-d array, the gradient of each row's loss) the logits are replaced by
     their gradient, in place."""
-    cupy = _import_cupy()
+    cupy = import_cupy()
     n, V = logits.shape
     if not logits.flags.c_contiguous:
         raise ValueError("crossentropy: logits must be C-contiguous")

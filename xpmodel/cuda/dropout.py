@@ -3,7 +3,7 @@ computed in float32 (float64 for float64) and rounded once to x's dtype, with
 no wider copy of x (the attention probabilities' T x T path)."""
 import numpy
 
-from ..backend import _import_cupy
+from ..backend import import_cupy
 from .compile import acc_type, c_type, half_of, raw_kernel, stride_grid
 
 _SOURCE = r"""
@@ -18,7 +18,7 @@ extern "C" __global__ void apply_keep_mask(X_T* out, const X_T* x, const unsigne
 
 def apply_keep_mask(x, keep, scale):
     """x * keep * scale as dropout.apply_mask computes it; keep: bool, x's shape."""
-    cupy = _import_cupy()
+    cupy = import_cupy()
     x = cupy.ascontiguousarray(x)
     keep = cupy.ascontiguousarray(keep, dtype=numpy.bool_)
     out = cupy.empty_like(x)

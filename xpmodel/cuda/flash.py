@@ -24,7 +24,7 @@ import os
 
 import numpy
 
-from ..backend import _import_cupy, is_half
+from ..backend import import_cupy, is_half
 from .compile import WARP_MATRIX, raw_kernel, stride_grid
 from .random import RANDOM_BITS, dropout_threshold
 
@@ -472,7 +472,7 @@ def empty_heads(B, H, H_kv, T, D, dtype):
     attention core reads: q (B, H, T, D) and k, v (B, H_kv, T, D). One
     (3, B, H, T, D) array when H_kv = H (GPT-2's head split and merge move it
     as one), else the three arrays, H + 2 H_kv heads in all."""
-    cupy = _import_cupy()
+    cupy = import_cupy()
     if H_kv == H:
         return cupy.empty((3, B, H, T, D), dtype=dtype)
     return (cupy.empty((B, H, T, D), dtype=dtype), cupy.empty((B, H_kv, T, D), dtype=dtype),
@@ -484,7 +484,7 @@ _compute_capability = {}
 
 def _has_mma():
     """Whether the current GPU runs mma.sync m16n8k16 and cp.async (sm_80 and later)."""
-    device = _import_cupy().cuda.Device()
+    device = import_cupy().cuda.Device()
     if device.id not in _compute_capability:
         _compute_capability[device.id] = int(device.compute_capability)
     return _compute_capability[device.id] >= 80
@@ -519,7 +519,7 @@ def flash_forward(heads, dropout=None):
     float16 or bfloat16, as flash_applies requires -> out (B*T, H*64) in the
     heads' dtype, lse (B, H, T) float32. dropout: (rate, stream key) of the
     dropout on the probabilities (cuda/random.py), or None."""
-    cupy = _import_cupy()
+    cupy = import_cupy()
     q, k, v = heads
     _check_vector_operands(q, k, v)
     B, H, T, _ = q.shape
@@ -537,7 +537,7 @@ def flash_backward(dout, heads, out, lse, q_scale, dropout=None):
     forward's -> dheads in the heads' form (empty_heads), dk and dv of the
     H_kv key/value heads themselves, dq with respect to the unscaled q
     (q_scale is the factor the split applied)."""
-    cupy = _import_cupy()
+    cupy = import_cupy()
     q, k, v = heads
     B, H, T, _ = q.shape
     H_kv = k.shape[1]

@@ -6,7 +6,7 @@ import math
 
 import numpy
 
-from ..backend import _import_cupy, is_half
+from ..backend import import_cupy, is_half
 from .compile import (acc_type, c_type, column_backward, column_grid, half_of, in_16_byte_vectors,
                       optional, raw_kernel, stride_grid, warps_for)
 
@@ -80,7 +80,7 @@ _MACROS = dict(K=repr(math.sqrt(2.0 / math.pi)), CUBIC="0.044715")
 def gelu_forward(x, bias=None):
     """x: (..., C) C-contiguous -> GELU(x + bias) in x's dtype; with a bias (C,)
     x is replaced by x + bias."""
-    cupy = _import_cupy()
+    cupy = import_cupy()
     if not x.flags.c_contiguous:
         raise ValueError("gelu_forward: x must be C-contiguous")
     if bias is not None and bias.dtype != x.dtype:
@@ -104,7 +104,7 @@ def gelu_forward(x, bias=None):
 def gelu_backward(dout, x, dbias=None):
     """dout, x: (..., C), the same shape -> dx in dout's dtype; with dbias (C,)
     (float32 or float64) the column sums of dx are added into it."""
-    cupy = _import_cupy()
+    cupy = import_cupy()
     dout, x = cupy.ascontiguousarray(dout), cupy.ascontiguousarray(x)
     return column_backward(_SOURCE, "gelu_backward", dout, x, cupy.empty_like(dout), dbias,
                            x.shape[-1], **_MACROS)

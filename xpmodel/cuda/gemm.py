@@ -17,7 +17,7 @@ import math
 
 import numpy
 
-from ..backend import BFLOAT16, _import_cupy
+from ..backend import BFLOAT16, import_cupy
 
 # cudaDataType codes: CUDA_R_16F, CUDA_R_16BF, CUDA_R_32F, CUDA_R_64F
 _CUDA_TYPES = {numpy.dtype(numpy.float16): 2, BFLOAT16: 14, numpy.dtype(numpy.float32): 0,
@@ -41,7 +41,7 @@ def _operand(x):
         return x, _cublas().CUBLAS_OP_N, row_stride
     if row_stride == 1 and col_stride >= max(rows, 1):
         return x, _cublas().CUBLAS_OP_T, col_stride
-    x = _import_cupy().ascontiguousarray(x)
+    x = import_cupy().ascontiguousarray(x)
     return x, _cublas().CUBLAS_OP_N, cols
 
 
@@ -118,7 +118,7 @@ class _Plan:
         self.call = cublas.gemmStridedBatchedEx if self.batched else cublas.gemmEx
 
     def run(self, a, b, out):
-        cupy = _import_cupy()
+        cupy = import_cupy()
         if self.copy_a:
             a = cupy.ascontiguousarray(a)
         if self.copy_b:

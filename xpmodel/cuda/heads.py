@@ -4,7 +4,7 @@ projection that made qkv and scales q on the way, the merge sums that bias's
 gradient."""
 import numpy
 
-from ..backend import _import_cupy
+from ..backend import import_cupy
 from ..backend import is_half
 from .compile import (acc_type, c_type, column_grid, half_of, multiprocessor_count, optional,
                       raw_kernel, stride_grid)
@@ -115,7 +115,7 @@ def _vectors_fit(D, *arrays):
 def split_heads(qkv, bias, n_head, q_scale):
     """qkv: (B, T, 3C) C-contiguous, bias: (3C,) or None -> (3, B, H, T, D)
     contiguous, bias added and q multiplied by q_scale."""
-    cupy = _import_cupy()
+    cupy = import_cupy()
     if not qkv.flags.c_contiguous:
         raise ValueError("split_heads: qkv must be C-contiguous")
     B, T, C3 = qkv.shape
@@ -142,7 +142,7 @@ def split_heads(qkv, bias, n_head, q_scale):
 def merge_heads(dheads, dbias=None):
     """dheads: (3, B, H, T, D) contiguous -> (B*T, 3C); with dbias (3C,) (float32
     or float64) the column sums of the result are added into it."""
-    cupy = _import_cupy()
+    cupy = import_cupy()
     _, B, H, T, D = dheads.shape
     C3 = 3 * H * D
     dheads = cupy.ascontiguousarray(dheads)

@@ -12,7 +12,7 @@ memory, so every block adds one atomic per channel into the results.
 """
 import numpy
 
-from ..backend import _import_cupy
+from ..backend import import_cupy
 from .compile import acc_type, c_type, half_of, multiprocessor_count, optional, raw_kernel
 
 _WARPS = 8    # a block's warps: eight rows of one warp, or one row of at most eight
@@ -201,7 +201,7 @@ def _macros(C, acc, eps, center):
 def layernorm_forward(x, w, b, eps, out_dtype, center=True):
     """x: (N, C) -> out (N, C) in out_dtype, xhat (N, C) and rstd (N,) in the
     accumulator type. b may be None; center=False is RMSNorm (no mean)."""
-    cupy = _import_cupy()
+    cupy = import_cupy()
     N, C = x.shape
     acc = acc_type(x.dtype, w.dtype)
     kernel = raw_kernel(_SOURCE, "layernorm_forward", half=half_of(x.dtype, w.dtype, out_dtype),
@@ -223,7 +223,7 @@ def layernorm_backward(dout, xhat, rstd, w, dw, db, dx=None, dx_low=None, dx_sum
     Returns dx (N, C), added into `dx`
     when given; `dx_low` (N, C), when given, receives a copy of the result, and
     `dx_sum` (C,) its column sums."""
-    cupy = _import_cupy()
+    cupy = import_cupy()
     N, C = dout.shape
     acc = acc_type(xhat.dtype)
     if any(g is not None and g.dtype != xhat.dtype for g in (dw, db, dx_sum)):

@@ -13,7 +13,7 @@ slice of the flat buffers.
 """
 import numpy
 
-from ..backend import _import_cupy
+from ..backend import import_cupy
 
 # M + (1 - mu) (G s0 - M), the momentum after this step's gradient G
 _NEXT_MOMENTUM = "buf + (T)(1.0 - mu) * (g * (T)s[0] - buf)"
@@ -37,7 +37,7 @@ _kernels = {}
 
 def _kernel(name, in_params, out_params, body):
     if name not in _kernels:
-        _kernels[name] = _import_cupy().ElementwiseKernel(in_params, out_params, body, name)
+        _kernels[name] = import_cupy().ElementwiseKernel(in_params, out_params, body, name)
     return _kernels[name]
 
 

@@ -16,7 +16,7 @@ in a resumed run or a recomputed block.
 """
 import numpy
 
-from ..backend import _import_cupy
+from ..backend import import_cupy
 from .compile import c_type, raw_kernel, stride_grid
 
 # 32 random bits of element `index` of the stream (key0, key1): two rounds of
@@ -101,14 +101,14 @@ class CounterGenerator:
 
     def standard_normal(self, shape, dtype=numpy.float32):
         """Normal values from two uniform streams (Box-Muller)."""
-        cupy = _import_cupy()
+        cupy = import_cupy()
         radius = cupy.sqrt(-2.0 * cupy.log1p(-self.random(shape, dtype)))
         return radius * cupy.cos((2.0 * numpy.pi) * self.random(shape, dtype))
 
     def _launch(self, source, name, shape, dtype, *extra, **macros):
         """A new stream's values of `name(out, n, key0, key1, *extra)` in a new
         array of shape and dtype."""
-        out = _import_cupy().empty(shape, dtype=dtype)
+        out = import_cupy().empty(shape, dtype=dtype)
         n = out.size
         kernel = raw_kernel(source, name, **macros)
         kernel(*stride_grid(n), (out, numpy.int64(n), *self.next_key(), *extra))

@@ -2,7 +2,7 @@
 max(h, 0) from h."""
 import numpy
 
-from ..backend import _import_cupy
+from ..backend import import_cupy
 from .compile import acc_type, c_type, column_backward, half_of, optional, raw_kernel, stride_grid
 
 _THREADS = 256
@@ -41,7 +41,7 @@ extern "C" __global__ void relu2_backward(const D_T* dout, const X_T* h, D_T* dh
 def relu2_forward(h, bias=None):
     """h: (rows, C) C-contiguous -> max(h + bias, 0)^2 in h's dtype; with a bias
     (C,), h is replaced by h + bias."""
-    cupy = _import_cupy()
+    cupy = import_cupy()
     if not h.flags.c_contiguous:
         raise ValueError("relu2_forward: h must be C-contiguous")
     if bias is not None and bias.dtype != h.dtype:
@@ -56,7 +56,7 @@ def relu2_forward(h, bias=None):
 def relu2_backward(dout, h, dbias=None):
     """dout, h: (rows, C) -> dh in dout's dtype; with dbias (C,) (float32 or
     float64) dh's column sums are added into it."""
-    cupy = _import_cupy()
+    cupy = import_cupy()
     dout, h = cupy.ascontiguousarray(dout), cupy.ascontiguousarray(h)
     return column_backward(_SOURCE, "relu2_backward", dout, h, cupy.empty_like(dout), dbias,
                            dout.shape[-1])

@@ -5,7 +5,7 @@ dropout's KeepMask: a byte an element (kept or not) and the scale, applied
 in the statistics' dtype."""
 import numpy
 
-from ..backend import _import_cupy, is_half
+from ..backend import import_cupy, is_half
 from .compile import (acc_type, c_type, column_grid, half_of, in_16_byte_vectors, optional,
                       raw_kernel, stride_grid, warps_for)
 
@@ -57,7 +57,7 @@ extern "C" __global__ void residual_add_h16x8(float* stream, const h16* branch, 
 def residual_add(stream, branch, bias=None, mask=None):
     """stream (N, C) += (branch + bias) with dropout's KeepMask `mask` applied,
     in place; returns stream."""
-    cupy = _import_cupy()
+    cupy = import_cupy()
     if not stream.flags.c_contiguous:
         raise ValueError("residual_add: the stream must be C-contiguous")
     branch = cupy.ascontiguousarray(branch)

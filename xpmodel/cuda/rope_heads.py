@@ -14,7 +14,7 @@ reduction over each head, stays on the layer's own `xp` code.
 """
 import numpy
 
-from ..backend import _import_cupy, is_half
+from ..backend import import_cupy, is_half
 from .compile import (acc_type, c_type, column_grid, half_of, in_16_byte_vectors, optional,
                       raw_kernel, stride_grid, warps_for)
 from .flash import empty_heads
@@ -206,7 +206,7 @@ def split_rope_heads(qkv, bias, n_head, n_kv_head, rope, q_scale):
     """qkv: (B, T, (H + 2 H_kv) D) C-contiguous, bias or None, rope (cos, sin)
     (T, D/2) or None -> heads q (B, H, T, D), scaled by q_scale, and k, v
     (B, H_kv, T, D), in the form of flash.empty_heads."""
-    cupy = _import_cupy()
+    cupy = import_cupy()
     qkv = cupy.ascontiguousarray(qkv)
     B, T, width = qkv.shape
     D = width // (n_head + 2 * n_kv_head)
@@ -237,7 +237,7 @@ def split_rope_heads(qkv, bias, n_head, n_kv_head, rope, q_scale):
 def merge_rope_heads(dheads, rope, dbias=None):
     """dheads: dq (B, H, T, D), dk, dv (B, H_kv, T, D) -> (B*T, (H + 2 H_kv) D),
     the gradient of split_rope_heads' input; with dbias, its column sums are added."""
-    cupy = _import_cupy()
+    cupy = import_cupy()
     dq, dk, dv = (cupy.ascontiguousarray(part) for part in dheads)
     B, H, T, D = dq.shape
     n_kv_head = dk.shape[1]
@@ -268,5 +268,5 @@ def _tables(rope):
     """The contiguous (cos, sin) tables, or (None, None) without rotary positions."""
     if rope is None:
         return None, None
-    cupy = _import_cupy()
+    cupy = import_cupy()
     return tuple(cupy.ascontiguousarray(table) for table in rope)

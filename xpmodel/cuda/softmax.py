@@ -13,7 +13,7 @@ into registers, so a row is read once and written once.
 """
 import numpy
 
-from ..backend import _import_cupy
+from ..backend import import_cupy
 from ..backend import is_half
 from .compile import acc_type, c_type, half_of, raw_kernel
 
@@ -197,7 +197,7 @@ def causal_softmax_forward(scores, out_dtype, key_block=None):
 
     key_block: the future part of a row is written (as zeros) only up to the
     end of its query's block of key_block keys; None: to the end of the row."""
-    cupy = _import_cupy()
+    cupy = import_cupy()
     scores = cupy.ascontiguousarray(scores)
     T = scores.shape[-1]
     R = scores.size // T
@@ -216,7 +216,7 @@ def causal_softmax_forward(scores, out_dtype, key_block=None):
 
 def causal_softmax_backward(dprobs, probs, out_dtype, key_block=None):
     """dprobs, probs: (..., T, T) -> dscores in out_dtype (key_block: as forward's)."""
-    cupy = _import_cupy()
+    cupy = import_cupy()
     dprobs, probs = cupy.ascontiguousarray(dprobs), cupy.ascontiguousarray(probs)
     T = probs.shape[-1]
     R = probs.size // T

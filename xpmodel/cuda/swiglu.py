@@ -6,7 +6,7 @@ writes silu(gate) * up; the backward recomputes sigmoid(gate) instead of
 keeping it, and sums the bias's gradient."""
 import numpy
 
-from ..backend import _import_cupy, is_half
+from ..backend import import_cupy, is_half
 from .compile import (acc_type, c_type, column_backward, column_grid, half_of, in_16_byte_vectors,
                       optional, raw_kernel, stride_grid, warps_for)
 
@@ -92,7 +92,7 @@ extern "C" __global__ void swiglu_backward(const D_T* dout, const X_T* h, D_T* d
 def swiglu_forward(h, bias=None):
     """h: (rows, 2F) C-contiguous -> silu(gate) * up (rows, F) in h's dtype; with
     a bias (2F,), h is replaced by h + bias."""
-    cupy = _import_cupy()
+    cupy = import_cupy()
     if not h.flags.c_contiguous:
         raise ValueError("swiglu_forward: h must be C-contiguous")
     if bias is not None and bias.dtype != h.dtype:
@@ -116,7 +116,7 @@ def swiglu_forward(h, bias=None):
 def swiglu_backward(dout, h, dbias=None):
     """dout: (rows, F), h: (rows, 2F) as forward left it -> dh (rows, 2F) in
     dout's dtype; with dbias (2F,) (float32 or float64) dh's column sums are added."""
-    cupy = _import_cupy()
+    cupy = import_cupy()
     dout, h = cupy.ascontiguousarray(dout), cupy.ascontiguousarray(h)
     return column_backward(_SOURCE, "swiglu_backward", dout, h,
                            cupy.empty(h.shape, dtype=dout.dtype), dbias, dout.shape[-1])

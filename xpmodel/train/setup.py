@@ -7,7 +7,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from ..backend import _import_cupy, get_device, out_of_memory_errors
+from ..backend import import_cupy, get_device, out_of_memory_errors
 from ..config.sections import names_tokenizer_file
 from ..data import BUILTIN_NAMES, EpochSampler, RandomWindowSampler
 from ..data.corpus import build_tokenizer
@@ -146,8 +146,8 @@ def _host_memory():
 def _gpu_memory(device):
     """The GPU's total memory in bytes, or None where CuPy cannot tell."""
     try:
-        with _import_cupy().cuda.Device(device.index):
-            return int(_import_cupy().cuda.runtime.memGetInfo()[1])
+        with import_cupy().cuda.Device(device.index):
+            return int(import_cupy().cuda.runtime.memGetInfo()[1])
     except Exception:   # an emulated or unusual CuPy: leave it to the allocation
         return None
 
