@@ -32,6 +32,30 @@ def train_command(args):
             dist.abort(str(stop), stop.exit_code)
 
 
+def _resume(args, device, dist, quiet):
+    """train --resume RUN_DIR, with the train.* overrides given."""
+    from contextlib import nullcontext
+    from ..config import save_config
+    from ..train import Trainer
+    from ..train.rundir import RunDir
+    if args.config or args.init_from or args.out:
+        raise UsageError("--resume RUN_DIR takes its config from the run; drop --config, "
+                         "--init-from and --out (KEY=VALUE may change train.* settings)")
+    refuse_model_folder(args.resume, "--resume")
+    run = RunDir(args.resume)
+    run.require_run("--resume")
+    with run.lock("--resume") if dist is None or dist.is_main else nullcontext():
+        checkpoints = list(run.checkpoints_newest_first())   # each header read once
+        config = _resume_config(run, args, checkpoints)
+        trainer = Trainer.resume(args.resume, device=device, overrides_config=config,
+                                 quiet=quiet, dist=dist, checkpoints=checkpoints)
+        if config is not None and trainer.is_main:
+            save_config(config, run.config_path)
+        _print_header(trainer)
+        trainer.run()
+    return 0
+
+
 def _train(args, device, dist):
     from contextlib import nullcontext
     from ..config import load_config_and_files
@@ -47,23 +71,7 @@ def _train(args, device, dist):
     # plain lines, as --quiet does.
     quiet = args.quiet or dist is not None
     if args.resume:
-        if args.config or args.init_from or args.out:
-            raise UsageError("--resume RUN_DIR takes its config from the run; drop --config, "
-                             "--init-from and --out (KEY=VALUE may change train.* settings)")
-        refuse_model_folder(args.resume, "--resume")
-        run = RunDir(args.resume)
-        run.require_run("--resume")
-        with run.lock("--resume") if is_main else nullcontext():
-            checkpoints = list(run.checkpoints_newest_first())   # each header read once
-            config = _resume_config(run, args, checkpoints)
-            trainer = Trainer.resume(args.resume, device=device, overrides_config=config,
-                                     quiet=quiet, dist=dist, checkpoints=checkpoints)
-            if config is not None and trainer.is_main:
-                from ..config import save_config
-                save_config(config, run.config_path)
-            _print_header(trainer)
-            trainer.run()
-        return 0
+        return _resume(args, device, dist, quiet)
     if dist is not None and not args.out:
         raise UsageError("under mpirun every rank must name the same run: pass --out RUN_DIR")
     overrides = list(args.overrides)
