@@ -81,6 +81,41 @@ MASK = "<|mask|>"
 _CACHE_LIMIT = 1 << 20
 
 
+def _check_options(metaspace, split_pattern, normalizer, ignore_merges):
+    """Refuse options a tokenizer cannot take, naming the first (UsageError)."""
+    if metaspace is not None:
+        if not isinstance(metaspace, Metaspace):
+            raise UsageError(f"metaspace must be a Metaspace or None, got {quote(metaspace, 40)}")
+        if split_pattern is not None or normalizer is not None or ignore_merges:
+            raise UsageError("a metaspace tokenizer takes no split_pattern, normalizer "
+                             "or ignore_merges")
+    if normalizer is not None and normalizer not in NORMALIZERS:
+        raise UsageError(f"normalizer must be one of {list(NORMALIZERS)} or None, "
+                         f"got {quote(normalizer, 40)}")
+    if not isinstance(ignore_merges, bool):
+        raise UsageError(f"ignore_merges must be true or false, got {quote(ignore_merges, 40)}")
+
+
+def _merge_keys(merges, made, ranked):
+    """(left_id, right_id) -> the key encoding prefers: the id the merge makes,
+    or, when the ids are not in merge order (ranked), rank << RANK_SHIFT | id."""
+    keys = {}
+    for rank, (pair, new_id) in enumerate(zip(merges, made)):
+        if pair in keys:
+            raise UsageError(f"merge {rank} {list(pair)} is listed twice")
+        keys[pair] = rank << RANK_SHIFT | new_id if ranked else new_id
+    return keys
+
+
+def _special_splitter(specials):
+    """A pattern that splits text at the special tokens (longest first, so a
+    special that contains another wins), or None without any."""
+    if not specials:
+        return None
+    alternatives = sorted(specials, key=len, reverse=True)
+    return regex.compile("(" + "|".join(regex.escape(s) for s in alternatives) + ")")
+
+
 class BPETokenizer:
     """A byte-level BPE tokenizer: merges learned by `train`, or loaded by `load`.
 
@@ -96,24 +131,11 @@ class BPETokenizer:
     def __init__(self, merges=(), special_tokens=(ENDOFTEXT,), split_pattern=GPT2_SPLIT_PATTERN,
                  normalizer=None, ignore_merges=False, tokens=None, metaspace=None):
         check_special_tokens(special_tokens)
-        if metaspace is not None:
-            if not isinstance(metaspace, Metaspace):
-                raise UsageError(f"metaspace must be a Metaspace or None, "
-                                 f"got {quote(metaspace, 40)}")
-            if split_pattern is not None or normalizer is not None or ignore_merges:
-                raise UsageError("a metaspace tokenizer takes no split_pattern, normalizer "
-                                 "or ignore_merges")
-        self._metaspace = metaspace
-        self._split_pattern = split_pattern
+        _check_options(metaspace, split_pattern, normalizer, ignore_merges)
+        self._metaspace, self._split_pattern = metaspace, split_pattern
+        self._normalizer, self._ignore_merges = normalizer, ignore_merges
         if metaspace is None:
             self._pieces = splitter(split_pattern)   # text -> list of piece str
-        if normalizer is not None and normalizer not in NORMALIZERS:
-            raise UsageError(f"normalizer must be one of {list(NORMALIZERS)} or None, "
-                             f"got {quote(normalizer, 40)}")
-        self._normalizer = normalizer
-        if not isinstance(ignore_merges, bool):
-            raise UsageError(f"ignore_merges must be true or false, got {quote(ignore_merges, 40)}")
-        self._ignore_merges = ignore_merges
         merges = tuple(merges)
         count = len(merges) if tokens is None else len(tokens)
         if max(count, len(merges)) + 256 + len(special_tokens) > MAX_VOCAB:
@@ -130,23 +152,15 @@ class BPETokenizer:
         made = made_ids(self._merges, self._token_bytes, metaspace is not None)  # merge -> id
         # Tokens that are exactly what the merges make, in order, need not be stored.
         self._tokens = None if made == list(range(256, 256 + len(tokens))) else tokens
-        self._merge_ids = {}  # (left_id, right_id) -> merge key (see vocab.RANK_SHIFT)
-        for rank, (pair, new_id) in enumerate(zip(self._merges, made)):
-            if pair in self._merge_ids:
-                raise UsageError(f"merge {rank} {list(pair)} is listed twice")
-            self._merge_ids[pair] = new_id if self._tokens is None else rank << RANK_SHIFT | new_id
+        # (left_id, right_id) -> merge key (see vocab.RANK_SHIFT)
+        self._merge_ids = _merge_keys(self._merges, made, ranked=self._tokens is not None)
         # Merging all of a piece's best pair per round is exact when no merge
         # ranks before one that makes its sides; otherwise every piece takes the heap.
         self._long_piece = LONG_PIECE if sides_made_first(self._merges, made) else 0
         first_special = len(self._token_bytes)
         self._special_ids = {s: first_special + i for i, s in enumerate(self._specials)}
         self._token_bytes.extend(s.encode("utf-8") for s in self._specials)
-        self._special_split = None
-        if self._specials:
-            # Longest first, so a special that contains another wins.
-            alternatives = sorted(self._specials, key=len, reverse=True)
-            self._special_split = regex.compile(
-                "(" + "|".join(regex.escape(s) for s in alternatives) + ")")
+        self._special_split = _special_splitter(self._specials)
         self._whole_ids = None  # with ignore_merges: bytes -> id of every non-special token
         if ignore_merges:
             self._whole_ids = {b: i for i, b in enumerate(self._token_bytes[:first_special])}
