@@ -34,21 +34,9 @@ def learn_merges(word_counts, num_merges):
     and learning stops before the tokens' bytes pass MAX_TOTAL_TOKEN_BYTES:
     the tokenizer loads what it learns.
     """
-    words = []  # unique pieces, each a list of ids
-    freqs = []  # how often each piece occurs
-    for piece, freq in word_counts.items():
-        words.append(list(piece.encode("utf-8")))
-        freqs.append(freq)
-    pair_counts = defaultdict(int)
-    pair_words = defaultdict(set)
-    for index, word in enumerate(words):
-        freq = freqs[index]
-        for pair in zip(word, word[1:]):
-            pair_counts[pair] += freq
-            pair_words[pair].add(index)
-    heap = [(-count, pair) for pair, count in pair_counts.items()]
-    heapq.heapify(heap)
-
+    words = [list(piece.encode("utf-8")) for piece in word_counts]   # unique pieces, as ids
+    freqs = list(word_counts.values())                                # how often each occurs
+    pair_counts, pair_words, heap = _pair_statistics(words, freqs)
     known_bytes = {bytes([i]) for i in range(256)}
     token_bytes = [bytes([i]) for i in range(256)]
     total_bytes = 256
@@ -74,15 +62,34 @@ def learn_merges(word_counts, num_merges):
         for index in pair_words.pop(pair):
             _merge_in_word(words, index, freqs[index], left, right, new_id, deltas, pair_words)
         deltas.pop(pair, None)
-        for changed, delta in deltas.items():
-            if delta:
-                count = pair_counts[changed] + delta
-                if count > 0:
-                    pair_counts[changed] = count
-                    heapq.heappush(heap, (-count, changed))
-                else:
-                    del pair_counts[changed]
+        _apply_deltas(deltas, pair_counts, heap)
     return merges
+
+
+def _pair_statistics(words, freqs):
+    """(pair -> weighted count, pair -> indices of the words holding it, a
+    heap of (-count, pair)) of the adjacent pairs in `words`."""
+    pair_counts = defaultdict(int)
+    pair_words = defaultdict(set)
+    for index, word in enumerate(words):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += freqs[index]
+            pair_words[pair].add(index)
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+    return pair_counts, pair_words, heap
+
+
+def _apply_deltas(deltas, pair_counts, heap):
+    """Add a merge's changes of pair counts, pushing each new count on the heap."""
+    for changed, delta in deltas.items():
+        if delta:
+            count = pair_counts[changed] + delta
+            if count > 0:
+                pair_counts[changed] = count
+                heapq.heappush(heap, (-count, changed))
+            else:
+                del pair_counts[changed]
 
 
 def _merge_in_word(words, index, freq, left, right, new_id, deltas, pair_words):
