@@ -7,6 +7,7 @@
   sweep.py    `xpmodel sweep`: grid and random search, resumable
   sweep_plan.py  its SPECs and the trials they plan
   sweep_state.py its folder and sweep.json, checked whole when read back
+  sweep_results.py  its table of trials (live in a terminal) and result files
   study.py    the sweep's trials drawn and pruned by Optuna (`--sampler tpe`)
   plot.py     matplotlib figures written atomically (`xpmodel plot`, compare, lr-find, sweep)
 """

@@ -41,9 +41,7 @@ When swept, train.lr carries train.min_lr along at the base config's ratio
 (unless train.min_lr is swept too), so min_lr never exceeds lr.
 """
 import contextlib
-import csv
 import ctypes
-import io
 import os
 import signal
 import subprocess
@@ -51,11 +49,9 @@ import sys
 import time
 
 import numpy
-from rich.live import Live
-from rich.table import Table
 
-from ..atomic import atomic_write_bytes, atomic_write_json, is_temporary_name
-from ..config import load_config, load_config_and_files, save_config
+from ..atomic import is_temporary_name
+from ..config import load_config, load_config_and_files
 from ..config.load import setting_value
 from ..cpu_threads import thread_count
 from ..errors import UsageError, XpmodelError, quote, setting_text
@@ -69,8 +65,8 @@ from ..train.setup import absolute_init_from, absolute_source, absolute_tokenize
 from .compare import format_table, summarize
 from .sweep_plan import (check_trial_inputs, format_value, grid_size, parse_spec, plan_trials,
                          searched_overrides, trial_overrides)
+from .sweep_results import LiveTable, metric_text, params_text, trial_table, write_results
 from .sweep_state import FORMAT, SweepDir, trial_name
-from .plot import pyplot, save_figure
 
 METRICS = ("val_loss", "train_loss")
 MIN_FINISHED_TO_PRUNE = 2
@@ -224,7 +220,7 @@ class Sweep:
         self._begin()
         running = {}    # name -> (Popen, trial, slot, log file)
         slots = list(range(self.parallel))
-        live = _Live(self) if self.show else None
+        live = LiveTable(self) if self.show else None
         try:
             with live or contextlib.nullcontext():
                 while True:
@@ -445,7 +441,7 @@ class Sweep:
             trial["status"] = "done"
             # to its final save, after the last evaluation, as `xpmodel runs` counts it
             trial["wall_time_s"] = summarize(RunDir(self.dir.trial_dir(trial["name"])))["wall_time_s"]
-            self._say(f"{trial['name']} done: {self.metric} {_number(trial['metric'])}")
+            self._say(f"{trial['name']} done: {self.metric} {metric_text(trial['metric'])}")
         elif code in (-signal.SIGTERM, 143, -signal.SIGINT, 130):
             trial["status"] = "running"       # stopped from outside: resumes next time
             self._save()
@@ -475,66 +471,10 @@ class Sweep:
     # ---- results -----------------------------------------------------------------------
     def write_results(self):
         """results.csv, results.json, curves.png (with matplotlib) and best.yaml."""
-        trials = self.state["trials"]
-        keys = list(dict.fromkeys(k for t in trials for k in t["params"]))
-        rows = [{"trial": t["name"], "status": t["status"],
-                 **{k: t["params"].get(k) for k in keys},
-                 self.metric: t.get("metric"), "best_step": t.get("best_step"),
-                 "steps": t.get("step"), "wall_time_s": t.get("wall_time_s")} for t in trials]
-        ranked = sorted((t for t in trials if t["status"] == "done" and t.get("metric") is not None),
-                        key=(lambda t: -t["params"][self.largest]) if self.largest else
-                        (lambda t: t["metric"]))
-        best = ranked[0] if ranked else None
-        document = {"metric": self.metric, "best": best and best["name"],
-                    "best_params": best and best["params"], "trials": rows}
-        path = self.dir.path
-        atomic_write_json(path / "results.json", document)
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["trial"])
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_bytes(path / "results.csv", text.getvalue().encode())
-        if best is not None:
-            overrides = [o for o in trial_overrides(self.config, best["params"], self.state["fixed"])
-                         if not o.startswith("train.max_iters=")]
-            save_config(load_config(self.config, overrides), path / "best.yaml")
-        self._plot_curves(trials)
-        return document
-
-    def _plot_curves(self, trials):
-        try:
-            plt = pyplot()
-        except UsageError:   # the curves need matplotlib; the tables do not
-            return
-        fig, ax = plt.subplots(figsize=(9, 5))
-        for t in trials:
-            if not t.get("evals"):
-                continue
-            style = {"done": "-", "pruned": ":", "failed": ":", "running": "--"}.get(t["status"], "-")
-            ax.plot(*zip(*t["evals"]), style, marker="o", ms=3,
-                    label=f"{t['name']} {params_text(t['params'])} ({t['status']})")
-        ax.set_xlabel("step")
-        ax.set_ylabel(self.metric.replace("_", " "))
-        ax.set_title(f"sweep {self.dir.path.name}: {self.metric} of every trial")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize="x-small")
-        fig.tight_layout()
-        save_figure(plt, fig, self.dir.path / "curves.png")
+        return write_results(self.dir.path, self.state, self.metric, self.config, self.largest)
 
     def table(self):
-        keys = list(dict.fromkeys(k for t in self.state["trials"] for k in t["params"]))
-        rows = [[t["name"], *[format_value(t["params"].get(k)) for k in keys], f"{t.get('step', 0)}",
-                 _number(t.get("metric")), t["status"]] for t in self.state["trials"]]
-        return format_table(["trial", *keys, "step", f"best {self.metric}", "state"], rows)
-
-
-def params_text(params):
-    return " ".join(f"{k.split('.')[-1]}={format_value(v)}" for k, v in params.items())
-
-
-def _number(value):
-    return "-" if value is None else f"{value:.4f}"
+        return format_table(*trial_table(self.state["trials"], self.metric))
 
 
 def _last_error(log_path):
@@ -595,38 +535,3 @@ def _die_with_parent():
         libc.prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-
-
-class _Live:
-    """A live rich table of the trials in a terminal; nothing otherwise (the
-    sweep prints a line per event instead)."""
-
-    def __init__(self, sweep):
-        self.sweep = sweep
-        self.live = None
-
-    def __enter__(self):
-        if sys.stdout.isatty():
-            self.live = Live(self._render(), refresh_per_second=4)
-            self.live.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.live is not None:
-            self.live.__exit__(*exc)
-
-    def refresh(self):
-        if self.live is not None:
-            self.sweep.refresh_rows()
-            self.live.update(self._render())
-
-    def _render(self):
-        sweep = self.sweep
-        keys = list(dict.fromkeys(k for t in sweep.state["trials"] for k in t["params"]))
-        table = Table(title=f"sweep {sweep.dir.path}")
-        for header in ["trial", *keys, "step", f"best {sweep.metric}", "state"]:
-            table.add_column(header)
-        for t in sweep.state["trials"]:
-            table.add_row(t["name"], *[format_value(t["params"].get(k)) for k in keys],
-                          str(t.get("step", 0)), _number(t.get("metric")), t["status"])
-        return table
