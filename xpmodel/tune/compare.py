@@ -122,8 +122,9 @@ def runs_table(summaries, extra_columns=()):
     for s in summaries:
         steps = f"{s['step']:,}" + (f"/{s['total_steps']:,}" if s["total_steps"] else "")
         best = "-" if s["best_val"] is None else f"{s['best_val']:.4f} ({s['best_step']:,})"
+        tokens = "-" if s["tokens"] is None else compact_number(s["tokens"])
         flat = _flatten(config_to_dict(s["config"])) if s["config"] is not None else {}
-        rows.append([s["run"], s["status"], steps, "-" if s["tokens"] is None else compact_number(s["tokens"]), best,
+        rows.append([s["run"], s["status"], steps, tokens, best,
                      "-" if s["last_val"] is None else f"{s['last_val']:.4f}",
                      _duration(s["wall_time_s"]), *[_show(flat.get(k)) for k in extra_columns],
                      ",".join(s["warnings"]) or "-"])
