@@ -7,6 +7,7 @@ with evaluation, sampling, checkpoints and exact resume.
   state.py       what a checkpoint holds, saved and restored
   evaluate.py    validation loss, samples, MFU and the summary
   health.py      per-layer records, warnings, and where a NaN came from
+  nonfinite.py   the model's passes re-run with every layer's result checked
   mirrors.py     TensorBoard and W&B copies of the metrics
   signals.py     SIGINT / SIGTERM: finish the step, save, stop
   optim.py       AdamW, SGD and global-norm clipping on the flat buffers
