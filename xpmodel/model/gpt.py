@@ -83,6 +83,13 @@ class GPT:
                              f"{self.dtype.name} trains as mixed precision over float32 weights: "
                              f"precision='{'bf16' if self.dtype == BFLOAT16 else 'fp16'}' "
                              f"(train.precision in a config)")
+        if precision not in _WORKING_DTYPES:
+            raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
+        if precision != "fp32" and self.dtype != numpy.float32:
+            raise ValueError(f"{precision} mixed precision keeps float32 master weights: use dtype float32")
+        problem = bfloat16_problem(self.device) if precision == "bf16" else None
+        if problem:
+            raise ValueError(f"train.precision=bf16: {problem}")
         self.device.activate()
         self.xp = self.device.xp
         self.layout = FlatLayout(parameter_shapes(config))
@@ -91,13 +98,6 @@ class GPT:
         self.flat_grads = self.xp.zeros_like(self.flat_params)
         self.params = self.layout.views(self.flat_params)
         self.grads = self.layout.views(self.flat_grads)
-        if precision not in _WORKING_DTYPES:
-            raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
-        if precision != "fp32" and self.dtype != numpy.float32:
-            raise ValueError(f"{precision} mixed precision keeps float32 master weights: use dtype float32")
-        problem = bfloat16_problem(self.device) if precision == "bf16" else None
-        if problem:
-            raise ValueError(f"train.precision=bf16: {problem}")
         self.precision = precision
         self.kernels = kernels
         self.recompute = recompute
