@@ -231,6 +231,17 @@ def test_sample_next_respects_top_p():
     assert sample_next(logits, 1.0, top_p=0.4, rng=rng) == 1
 
 
+def test_a_filter_that_keeps_every_id_draws_as_none_does():
+    """sample --top-p 1 or --top-k V (the defaults, given) with a seed gives
+    the text the seed gives without them."""
+    logits = np.random.default_rng(3).normal(size=TINY.vocab_size)
+    for kwargs in ({"top_p": 1.0}, {"top_k": TINY.vocab_size}, {"top_k": 10 ** 6},
+                   {"top_k": TINY.vocab_size, "top_p": 1.0}):
+        plain, filtered = np.random.default_rng(4), np.random.default_rng(4)
+        assert [sample_next(logits, 0.8, rng=plain) for _ in range(200)] == \
+            [sample_next(logits, 0.8, rng=filtered, **kwargs) for _ in range(200)], kwargs
+
+
 def test_sample_next_greedy_and_temperature():
     logits = np.array([0.0, 2.0, 2.0, -1.0])
     assert sample_next(logits, 0.0) == 1                   # argmax, lowest id on ties

@@ -702,3 +702,13 @@ def test_a_killed_trial_started_from_a_relative_init_from_is_resumed(capsys, tmp
     assert f"trial-001 resumed at step 3: {resumed}" in stdout, stdout
     results = json.loads((tmp_path / "sweep" / "results.json").read_text())
     assert [t["status"] for t in results["trials"]] == ["done", "done"]
+
+
+def test_a_path_holding_two_dots_is_a_value_not_a_range():
+    from xpmodel.tune.sweep_plan import parse_spec
+    for spec, values in [("data.source=../small.txt", ["../small.txt"]),
+                         ("data.source=/data/../a.txt,b.txt", ["/data/../a.txt", "b.txt"]),
+                         ("train.init_from=../runs/base", ["../runs/base"])]:
+        param = parse_spec(spec)
+        assert (param.kind, param.values) == ("grid", values), spec
+    assert parse_spec("train.lr=1e-3..2e-3").values == [1e-3, 2e-3]    # a number's range still

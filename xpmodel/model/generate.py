@@ -190,6 +190,9 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, rng=None, vocab
     # shift before dividing: a tiny temperature then gives -large or -inf, never inf - inf
     with numpy.errstate(over="ignore"):
         scaled = (logits - logits.max()) / temperature
+    # a filter that keeps every id is none: the draw is then the same as without it
+    top_k = None if top_k is not None and top_k >= scaled.shape[0] else top_k
+    top_p = None if top_p is not None and top_p >= 1 else top_p
     if top_k is None and top_p is None:
         ids = None
     else:

@@ -11,13 +11,14 @@ anything (check_trial_inputs).
 import math
 import os
 import random
+import typing
 from dataclasses import dataclass
 
 import numpy
 
 from ..config import check_key, check_override, load_config
 from ..config.load import setting_value
-from ..config.sections import names_tokenizer_file
+from ..config.sections import field_types, names_tokenizer_file
 from ..data.sources import resolve_given
 from ..errors import DataError, UsageError, quote, shown_path
 from ..files import existing_file
@@ -56,7 +57,7 @@ def parse_spec(text):
     section, name = _spec_part(text, check_key, key)
     key = f"{section}.{name}"
     kind, _, body = value.partition(":") if value.split(":")[0] in ("log", "int") else ("", "", value)
-    if ".." in body:
+    if ".." in body and (kind or _is_numeric(section, name)):   # a path's "../" is no range
         low_text, _, high_text = body.partition("..")
         try:
             low, high = (int(low_text), int(high_text)) if kind == "int" else \
@@ -74,6 +75,12 @@ def parse_spec(text):
     if repeated:    # the same trial twice, as the same key twice among overrides is refused
         raise UsageError(f"SPEC {quote(text, 80)}: {', '.join(repeated)} given more than once")
     return _checked(Param(key, "grid", values), text)
+
+
+def _is_numeric(section, name):
+    """Whether the setting takes numbers (int or float, with or without null)."""
+    return any(kind in (int, float) for kind in typing.get_args(field_types(section)[name])
+               or (field_types(section)[name],))
 
 
 def _checked(param, text):
