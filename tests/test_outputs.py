@@ -264,6 +264,11 @@ def test_a_missing_input_is_named_before_an_output_in_the_way(capsys, run, tmp_p
     assert err == "error: HF_DIR hf/nope: no such directory\n"
     _, err = refused(capsys, "import-hf", "compare.png", "--out", run)
     assert err == "error: HF_DIR compare.png: not a directory\n"
+    Path("full").mkdir()
+    Path("full", "notes.txt").write_text("mine")
+    for out in ("full", "compare.png"):   # export-hf: the run named before OUT_DIR in the way
+        _, err = refused(capsys, "export-hf", "runs/nope", out)
+        assert err == "error: RUN_DIR runs/nope: no such directory\n", err
     assert Path("compare.png").read_bytes() == b"my picture"
 
 

@@ -497,6 +497,18 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(finished_run, 
     assert model.config == TINY_GPT
 
 
+def test_a_removed_best_checkpoint_is_named_without_blaming_the_run(finished_run, tmp_path,
+                                                                     capsys):
+    """The run recorded validation losses; its best.safetensors was removed."""
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(finished_run, run.path)
+    run.best_path.unlink()
+    code, _, err = run_cli(capsys, "eval", run.path, "--checkpoint", "best", "--batches", "1")
+    assert code == 0, err
+    assert f"{run.best_path}: no such file (a run writes it at its first evaluation)" in err
+    assert "recorded no validation loss" not in err
+
+
 @pytest.fixture(scope="module")
 def wider_checkpoint(finished_run, tmp_path_factory):
     return _checkpoint_trained_with("model.n_embd=32", finished_run, tmp_path_factory)

@@ -369,8 +369,10 @@ def _overlap(a, b):
 
 def export_hf_command(args):
     from ..hf.convert import check_export_target, export_hf
+    from ..train.rundir import RunDir
     from ..train.runs import load, overlaps_source, special_ids, weight_sources
     refuse_model_folder(args.run_dir, "RUN_DIR")
+    RunDir(args.run_dir).require_run("RUN_DIR")   # a missing input is named before OUT_DIR
     if _overlap(args.out_dir, args.run_dir):
         raise UsageError(f"OUT_DIR {args.out_dir}: overlaps the run {args.run_dir}; export to a "
                          f"folder outside it")

@@ -103,8 +103,8 @@ def _candidates(run, which):
 
 def _best_candidate(run):
     if not os.path.lexists(run.best_path):
-        return run.best_path, None, (f"{run.best_path}: no such file (the run has recorded no "
-                                     f"validation loss)")
+        return run.best_path, None, (f"{run.best_path}: no such file (a run writes it at its "
+                                     f"first evaluation)")
     return (run.best_path, *run.read_checkpoint(run.best_path))
 
 
