@@ -709,3 +709,13 @@ def test_outputs_noted_by_one_command_are_forgotten_when_it_ends(capsys, corpus,
     (tmp_path / "real" / "new.bin").write_bytes(b"theirs")
     with pytest.raises(XpmodelError, match="another process wrote this file"):
         atomic_write_bytes(Path("real/new.bin"), b"mine")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="needs Linux's /proc/self/mem")
+def test_a_file_that_fails_to_read_is_named(capsys, corpus):
+    """/proc/self/mem opens as a regular file and fails at its read (EIO), as a
+    failing disk does: the error names the file, not only 'Input/output error'."""
+    code, _, err = run_cli(capsys, "prepare", corpus, "--tokenizer", "/proc/self/mem")
+    assert code == 1
+    assert_one_line_error(err)
+    assert "/proc/self/mem: cannot read tokenizer file (" in err, err

@@ -60,7 +60,10 @@ def read_bounded(path, limit, error, what):
     path = Path(path)
     with open_regular(path, error, what) as f:
         size = os.fstat(f.fileno()).st_size
-        data = f.read(size + 1) if size <= limit else b""   # size + 1: a file that grew is seen
+        try:
+            data = f.read(size + 1) if size <= limit else b""   # size + 1: a file that grew is seen
+        except OSError as exc:   # a failing disk, /proc/self/mem: named, as open names it
+            raise error(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
     if size > limit or len(data) > limit:
         raise error(f"{path}: {what} is {max(size, len(data)):,} bytes, more than the "
                     f"{limit:,} xpmodel reads")
