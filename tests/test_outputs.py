@@ -458,6 +458,14 @@ def test_sample_into_a_closed_pipe_stops_quietly(trained, tmp_path):
     assert process.wait(timeout=120) == 0 and err == b""
 
 
+def test_sample_started_with_stdout_closed_stops_quietly(trained, tmp_path):
+    env = dict(os.environ, XPMODEL_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    result = subprocess.run(   # `xpmodel sample ... >&-`: Python starts with sys.stdout None
+        [sys.executable, "-m", "xpmodel", "sample", str(trained["run"]), "--max-new-tokens", "5"],
+        stderr=subprocess.PIPE, env=env, timeout=120, preexec_fn=lambda: os.close(1))
+    assert result.returncode == 0 and result.stderr == b"", result.stderr
+
+
 # ---- 6. an empty config ----------------------------------------------------------------
 
 @pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n---\n"])

@@ -190,6 +190,8 @@ def sample_command(args):
     context = tokenizer.encode(args.prompt, allowed_special="all")
     prompt = context or [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
     out = sys.stdout
+    if out is None:   # started with stdout closed: no reader, as with a closed pipe
+        return 0
     for i in range(args.num_samples):
         if args.num_samples > 1:
             out.write(f"--- sample {i + 1} ---\n")
