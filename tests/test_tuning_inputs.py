@@ -49,6 +49,21 @@ def test_an_empty_corpus_file_is_bad_data_exit_1(command, tokenizer, tmp_path, c
     assert out == ""
 
 
+@pytest.mark.parametrize("text, message", [(b"hello\xff\xfeworld\n", "not UTF-8 text"),
+                                           (b"short", "corpus has 5 tokens")],
+                         ids=["not-utf8", "too-short"])
+def test_doctor_on_a_corpus_it_cannot_use_is_one_line_without_a_report(text, message, tmp_path,
+                                                                       capsys):
+    """Every check would fail on it the same way: one line, as train says it."""
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(text)
+    code, out, err = run_cli(capsys, "doctor", TINY, f"data.source={bad}", "data.tokenizer=byte")
+    assert code == 1, out + err
+    assert_one_line_error(err)
+    assert message in err, err
+    assert out == ""
+
+
 def test_doctor_on_a_run_names_a_data_source_that_names_nothing(tmp_path, corpus, capsys):
     """The run's own tokenizer is loaded, not trained, yet the corpus is still
     checked first."""

@@ -111,6 +111,7 @@ def diagnose(subject, device="cpu", overfit_steps=300, say=None, skip=(), show=l
              ("gradients", lambda: check_gradients(subject, device)),
              ("finite-diff", lambda: check_finite_differences(subject.gpt_config)),
              ("overfit", lambda: check_overfit(subject, device, overfit_steps))]
+    subject.tokens   # read first: data that cannot be read (not UTF-8, too short) is one error
     report = Report(f"{subject.name} ({subject.gpt_config.num_params():,} parameters, "
                     f"vocab {subject.gpt_config.vocab_size:,})", [])
     show(report.title())
