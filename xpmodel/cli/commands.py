@@ -356,7 +356,7 @@ def tokenizer_train_command(args):
     note = vocab_size_note(tokenizer, args.vocab_size)
     if note is not None:
         print(f"note: the tokenizer has {note}")
-    print(f"wrote a {tokenizer.vocab_size}-id tokenizer to {args.out}; train with it: "
+    print(f"wrote a {tokenizer.vocab_size:,}-id tokenizer to {args.out}; train with it: "
           f"xpmodel train "
           f"{shlex.quote(f'data.source={args.source}')} {shlex.quote(f'data.tokenizer={as_file}')}")
     if args.export_hf:
