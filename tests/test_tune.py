@@ -542,6 +542,11 @@ def test_runs_lists_status_steps_and_best_val_and_compare_overlays_them(capsys, 
         assert (tmp_path / "c.png").stat().st_size > 10_000
     else:
         assert code == 2 and "needs matplotlib" in err
+    (tmp_path / "fast-link").symlink_to(runs / "fast")
+    code, out, err = run_cli(capsys, "compare", runs / "fast", runs, tmp_path / "fast-link",
+                             "--out", tmp_path / "d.png")
+    names = [line.split()[0].rsplit("/", 1)[-1] for line in out.splitlines()[2:] if line.strip()]
+    assert sorted(names[:3]) == ["cut", "fast", "slow"] and names.count("fast") == 1, out
 
 
 def test_compare_takes_a_folder_of_runs_that_holds_a_config_json_of_its_own(capsys, tmp_path,

@@ -9,7 +9,7 @@ from ..atomic import atomic_writer
 from ..config.sections import MAX_SEED, names_tokenizer_file
 from ..cpu_threads import usable_cores
 from ..errors import DataError, UsageError, quote
-from ..files import existing_file, inside
+from ..files import existing_file, inside, same_file
 from ..interrupts import deferred_signals
 from ..train.display import perplexity_text
 from ..train.outputs import check_output, check_output_dir
@@ -490,7 +490,7 @@ def compare_command(args):
         found = find_runs(folder)
         if not found:   # a folder of runs may hold a config.json of its own
             refuse_model_folder(folder, "RUN")
-        runs += found
+        runs += [run for run in found if not any(same_file(run.path, seen.path) for seen in runs)]
     if not runs:
         raise UsageError(f"no runs in {' '.join(args.run_dirs)}")
     out = check_output(png, "--out", overwrite=args.overwrite)   # after the runs: inputs first
