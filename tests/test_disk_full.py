@@ -211,3 +211,45 @@ def test_a_replacing_run_that_cannot_be_written_keeps_the_run_there(tmp_path, co
     code, _, err = run_cli(capsys, *args, "--overwrite", "train.lr=0.002")
     assert code == 0, err
     assert "lr: 0.002" in run.config_path.read_text()
+
+
+def test_a_failure_after_the_old_run_was_removed_says_so(tmp_path, corpus, capsys, monkeypatch):
+    run = RunDir(tmp_path / "run")
+    args = ["train", "--config", TINY, "--device", "cpu", "--out", run.path,
+            f"data.source={corpus}", "train.max_iters=10"]
+    assert run_cli(capsys, *args)[0] == 0
+    real_replace = os.replace
+
+    def replace(source, target):   # the rename of the new tokenizer.json fails (a failing disk)
+        if str(target).endswith("tokenizer.json"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_replace(source, target)
+
+    with monkeypatch.context() as failing:
+        failing.setattr(os, "replace", replace)
+        code, _, err = run_cli(capsys, *args, "--overwrite")
+    assert code == 1
+    assert_one_line_error(err)
+    assert "the run that was there was removed, and the new one was not created" in err, err
+    assert not run.is_run()
+    assert run_cli(capsys, *args)[0] == 0      # the folder is taken over without --overwrite
+
+
+def test_a_signal_while_the_old_run_is_replaced_leaves_the_new_run_whole(tmp_path, corpus,
+                                                                         capsys, monkeypatch):
+    import signal
+    run = RunDir(tmp_path / "run")
+    args = ["train", "--config", TINY, "--device", "cpu", "--out", run.path,
+            f"data.source={corpus}", "train.max_iters=10"]
+    assert run_cli(capsys, *args)[0] == 0
+    real_remove = RunDir._remove_run_files
+
+    def remove_then_interrupt(self):
+        real_remove(self)
+        signal.raise_signal(signal.SIGINT)    # held until run.json is written
+
+    monkeypatch.setattr(RunDir, "_remove_run_files", remove_then_interrupt)
+    code, _, err = run_cli(capsys, *args, "--overwrite", "train.lr=0.002")
+    assert code == 130, err
+    assert run.is_run() and run.checkpoint_steps() == [0]
+    assert "lr: 0.002" in run.config_path.read_text()

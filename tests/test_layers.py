@@ -56,6 +56,15 @@ def test_layernorm(rng):
     assert directional_check(lambda b_: f(x, w, b_), b, db, rng) < TOL
 
 
+def test_layernorm_of_a_16_bit_input_keeps_its_statistics_in_float32_and_its_dtype(rng):
+    x = (rng.standard_normal((6, 8)) * 100 + 3000).astype(np.float16)   # float16 statistics lose it
+    w, b = np.ones(8, np.float16), np.zeros(8, np.float16)
+    out, (xhat, rstd) = layernorm_forward(x, w, b)
+    assert out.dtype == np.float16 and xhat.dtype == rstd.dtype == np.float32
+    ref, _ = layernorm_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64))
+    np.testing.assert_allclose(out.astype(np.float64), ref, atol=2e-2)
+
+
 def test_gelu(rng):
     x = rng.standard_normal((4, 7)) * 3
     r = rng.standard_normal((4, 7))

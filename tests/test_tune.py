@@ -259,6 +259,16 @@ def test_lr_find_suggests_a_rate_in_the_band_that_trains_the_tiny_model(capsys, 
     assert lrs[0] == pytest.approx(1e-7) and all(b > a for a, b in zip(lrs, lrs[1:]))
 
 
+def test_lr_find_runs_a_config_that_crops_its_epochs(capsys, tmp_path, corpus):
+    """lr-find draws random windows whatever the config batches; a crop belongs to
+    epochs alone, so it is dropped, not refused."""
+    code, _, err = run_cli(capsys, "lr-find", "--config", TINY, f"data.source={corpus}",
+                           "data.batching=epochs", "data.crop_augment=true", "--steps", 20,
+                           "--out", tmp_path / "lr.png")
+    assert code == 0, err
+    assert (tmp_path / "lr.json").is_file()
+
+
 def test_lr_find_with_muon_suggests_muon_lr_scaled_as_lr(capsys, tmp_path, corpus):
     """During the sweep Muon runs at muon_lr * lr / (the config's lr), so the
     suggested muon_lr is the config's scaled by suggested lr / the config's lr."""

@@ -126,6 +126,11 @@ def same_file(a, b):
         return False
 
 
+def overlaps(a, b):
+    """Whether one of two folders is the other or lies below it (links resolved)."""
+    return inside(a, b) or inside(b, a)
+
+
 def inside(path, folder):
     """Whether `path` is `folder` or lies below it (links resolved)."""
     try:

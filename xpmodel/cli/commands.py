@@ -9,7 +9,7 @@ from ..atomic import atomic_writer
 from ..config.sections import MAX_SEED, names_tokenizer_file
 from ..cpu_threads import usable_cores
 from ..errors import DataError, UsageError, quote
-from ..files import existing_file, inside, same_file
+from ..files import existing_file, inside, overlaps, same_file
 from ..interrupts import deferred_signals
 from ..train.display import perplexity_text
 from ..train.outputs import check_output, check_output_dir
@@ -364,18 +364,13 @@ def tokenizer_train_command(args):
     return 0
 
 
-def _overlap(a, b):
-    """Whether one of two folders is the other or lies below it (links resolved)."""
-    return inside(a, b) or inside(b, a)
-
-
 def export_hf_command(args):
     from ..hf.convert import check_export_target, export_hf
     from ..train.rundir import RunDir
     from ..train.runs import load, overlaps_source, special_ids, weight_sources
     refuse_model_folder(args.run_dir, "RUN_DIR")
     RunDir(args.run_dir).require_run("RUN_DIR")   # a missing input is named before OUT_DIR
-    if _overlap(args.out_dir, args.run_dir):
+    if overlaps(args.out_dir, args.run_dir):
         raise UsageError(f"OUT_DIR {args.out_dir}: overlaps the run {args.run_dir}; export to a "
                          f"folder outside it")
     for source in weight_sources(args.run_dir):   # no --overwrite helps there
@@ -401,7 +396,7 @@ def import_hf_command(args):
     if not Path(args.hf_dir).is_dir():   # the input first, then --out
         what = "not a" if os.path.lexists(args.hf_dir) else "no such"
         raise UsageError(f"HF_DIR {args.hf_dir}: {what} directory")
-    if _overlap(args.out, args.hf_dir):
+    if overlaps(args.out, args.hf_dir):
         raise UsageError(f"--out {args.out}: overlaps HF_DIR {args.hf_dir}, which the import "
                          f"reads; choose another --out")
     RunDir(args.out).check_can_create(args.overwrite, resumable=False)

@@ -26,6 +26,7 @@ def layernorm_forward(x, w, b, out_dtype=None, eps=EPS):
         out, xhat, rstd = fused(x, w, b, eps, out_dtype or x.dtype)
         return out, (xhat, rstd)
     xp = array_module(x)
+    out_dtype = out_dtype or x.dtype
     x = upcast(x)   # statistics in float32 at least, whatever the input's dtype
     mean = x.mean(axis=1, keepdims=True)
     xhat = x - mean
@@ -35,7 +36,7 @@ def layernorm_forward(x, w, b, out_dtype=None, eps=EPS):
     out = xhat * w
     if b is not None:
         out += b
-    return out.astype(out_dtype or x.dtype, copy=False), (xhat, rstd)
+    return out.astype(out_dtype, copy=False), (xhat, rstd)
 
 
 def layernorm_backward(dout, cache, w, dw, db, dx=None, dx_low=None, dx_sum=None):

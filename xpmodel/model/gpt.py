@@ -483,7 +483,7 @@ def _init_parameters(config, layout, seed):
 
 def check_token_ids(what, ids, vocab_size, ignored=None):
     """Refuse `ids` (an array, host or device) unless they are integers in
-    [0, vocab_size), or the one value `ignored` (a target that is skipped)."""
+    [0, vocab_size), or `ignored` (a negative id: a target that is skipped)."""
     if not numpy.issubdtype(ids.dtype, numpy.integer):
         raise ValueError(f"{what} must hold integers, got {ids.dtype}")
     low, high = int(ids.min()), int(ids.max())   # one small sync for a device array

@@ -116,7 +116,7 @@ def newton_schulz(x, coefficients=NS_COEFFICIENTS["jordan"], steps=5):
     A rounding error that leaves an eigenvalue of A_k below zero grows by a^2
     (about 12) a step there, so A is formed from X again every GRAM_STEPS steps."""
     x = _xp(x).ascontiguousarray(x)    # the products write row-major stacks
-    if x.shape[-1] >= 2 * x.shape[-2] and not is_half(x.dtype):
+    if x.shape[-1] >= 2 * x.shape[-2] and steps > 1 and not is_half(x.dtype):
         for done in range(0, steps, GRAM_STEPS):
             x = _newton_schulz_gram(x, coefficients, min(GRAM_STEPS, steps - done))
         return x

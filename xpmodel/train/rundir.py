@@ -41,6 +41,7 @@ import difflib
 import os
 import re
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from ..atomic import atomic_write_json, dead_temporaries, staged_writes, temporary_target
@@ -267,22 +268,25 @@ class RunDir:
             replacing = self.is_run() or self._creation_was_cut_short()
             made_checkpoint_dir = not self.checkpoint_dir.is_dir()
             placed, removed = [], False
+            held = ExitStack()   # signals, from the old run's removal until run.json is written
             try:
                 self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-                with staged_writes() as staged:
-                    save_config(config, self.config_path)
-                    tokenizer.save(self.tokenizer_path)
-                    if first_checkpoint is not None:
-                        first_checkpoint(self.step_path(0))
-                    # a Ctrl-C midway would leave neither the old run nor the new one
-                    with deferred_signals():
+                with held:
+                    with staged_writes() as staged:
+                        save_config(config, self.config_path)
+                        tokenizer.save(self.tokenizer_path)
+                        if first_checkpoint is not None:
+                            first_checkpoint(self.step_path(0))
+                        # a Ctrl-C from here on would leave neither the old run nor the new one
+                        held.enter_context(deferred_signals())
                         if replacing:
                             removed = True
                             self._remove_run_files()
                         staged.place(placed)
-                marker = {"format": RUN_FORMAT, "version": FORMAT_VERSION, "created": time.time()}
-                placed.append(self.marker)
-                atomic_write_json(self.marker, marker)
+                    marker = {"format": RUN_FORMAT, "version": FORMAT_VERSION, "created": time.time()}
+                    placed.append(self.marker)
+                    atomic_write_json(self.marker, marker)
+                    placed.clear()   # created: a signal held until now leaves the run as it is
             except BaseException as exc:
                 with deferred_signals():   # a second Ctrl-C cannot cut the cleanup short
                     for path in placed:
@@ -291,8 +295,10 @@ class RunDir:
                         _remove_empty_folder(self.checkpoint_dir)
                 if not isinstance(exc, OSError):
                     raise
-                kept = "the run that was there is kept as it was" if replacing and not removed \
-                    else "the run was not created (the files it wrote are removed)"
+                kept = ("the run that was there is kept as it was" if not removed else
+                        "the run that was there was removed, and the new one was not created")
+                if not replacing:
+                    kept = "the run was not created (the files it wrote are removed)"
                 raise XpmodelError(f"could not write {exc.filename or self.path}: "
                                    f"{exc.strerror or exc}; {kept}") from None
 

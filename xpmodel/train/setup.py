@@ -13,7 +13,7 @@ from ..data import BUILTIN_NAMES, EpochSampler, RandomWindowSampler
 from ..data.corpus import build_tokenizer
 from ..data.sources import reads_from
 from ..errors import CheckpointError, UsageError, XpmodelError, quote
-from ..files import inside
+from ..files import overlaps
 from ..model.config import gpt_config
 from ..model.gpt import GPT
 from ..model.params import part_sizes
@@ -193,7 +193,7 @@ def check_out_outside_corpus(source, out):
 def check_out_outside_init_from(init_from, out):
     """Refuse a run directory that is, holds or lies inside the folder
     train.init_from reads (links resolved): the run would write into its source."""
-    if init_from and (inside(init_from, out) or inside(out, init_from)):
+    if init_from and overlaps(init_from, out):
         raise UsageError(f"--out {out}: overlaps {init_from}, the folder --init-from reads; "
                          f"choose another --out")
 

@@ -71,7 +71,8 @@ def lr_range_test(subject, device="cpu", start_lr=1e-7, end_lr=1.0, steps=200):
     model = subject.model(device)
     optimizer = optimizer_for(model, t)
     train, _ = subject.tokens
-    sampler = make_sampler(replace(config, data=replace(config.data, batching="random")),
+    sampler = make_sampler(replace(config, data=replace(config.data, batching="random",
+                                                         crop_augment=False)),
                            subject.tokenizer, train)
     lrs, losses = [], []
     average, lowest = None, math.inf
