@@ -25,7 +25,6 @@ rebuilt the same way, so both paths number the window's positions from 0.)
 
 This is inference only: no dropout, no caches for backward.
 """
-
 import numpy
 
 from ..backend import to_host

@@ -295,10 +295,12 @@ class RunDir:
                         _remove_empty_folder(self.checkpoint_dir)
                 if not isinstance(exc, OSError):
                     raise
-                kept = ("the run that was there is kept as it was" if not removed else
-                        "the run that was there was removed, and the new one was not created")
                 if not replacing:
                     kept = "the run was not created (the files it wrote are removed)"
+                elif removed:
+                    kept = "the run that was there was removed, and the new one was not created"
+                else:
+                    kept = "the run that was there is kept as it was"
                 raise XpmodelError(f"could not write {exc.filename or self.path}: "
                                    f"{exc.strerror or exc}; {kept}") from None
 

@@ -79,8 +79,8 @@ def parse_spec(text):
 
 def _is_numeric(section, name):
     """Whether the setting takes numbers (int or float, with or without null)."""
-    return any(kind in (int, float) for kind in typing.get_args(field_types(section)[name])
-               or (field_types(section)[name],))
+    annotation = field_types(section)[name]
+    return any(kind in (int, float) for kind in typing.get_args(annotation) or (annotation,))
 
 
 def _checked(param, text):
