@@ -656,12 +656,12 @@ def emulated_cuda():
     from xpmodel.cuda import compile as kernels, gemm
     from xpmodel.layers import matmul
     saved = [(backend, "_cupy", backend._cupy), (kernels, "_compiled", kernels._compiled),
-             (kernels, "_multiprocessors", kernels._multiprocessors), (matmul, "_ones", matmul._ones),
+             (kernels, "_multiprocessors", kernels._multiprocessors), (matmul, "_filled_arrays", matmul._filled_arrays),
              (gemm, "_cublas", gemm._cublas), (gemm, "_plans", gemm._plans)]
     from xpmodel.cuda import adamw, flash
     saved += [(adamw, "_kernel", adamw._kernel), (flash, "_compute_capability", flash._compute_capability)]
     backend._cupy = sys.modules[__name__]
-    kernels._compiled, kernels._multiprocessors, matmul._ones, adamw._kernel = {}, {}, {}, None
+    kernels._compiled, kernels._multiprocessors, matmul._filled_arrays, adamw._kernel = {}, {}, {}, None
     flash._compute_capability = {}
     gemm._cublas, gemm._plans = (lambda: cublas), {}
     try:

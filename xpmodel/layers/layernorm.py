@@ -4,7 +4,7 @@ CuPy arrays of at most cuda.layernorm.MAX_WIDTH (8192) channels go to one
 fused kernel each way (xpmodel.cuda.layernorm), unless the "xp" kernels are
 chosen (backend.use_kernels); wider rows run as the xp expressions here."""
 from ..backend import array_module, fused_kernels, upcast
-from .matmul import add_column_sums
+from .matmul import add_column_sums, row_means
 
 EPS = 1e-5
 
@@ -28,10 +28,8 @@ def layernorm_forward(x, w, b, out_dtype=None, eps=EPS):
     xp = array_module(x)
     out_dtype = out_dtype or x.dtype
     x = upcast(x)   # statistics in float32 at least, whatever the input's dtype
-    mean = x.mean(axis=1, keepdims=True)
-    xhat = x - mean
-    var = xp.mean(xhat * xhat, axis=1, keepdims=True)
-    rstd = 1.0 / xp.sqrt(var + eps)
+    xhat = x - row_means(x)
+    rstd = 1.0 / xp.sqrt(row_means(xhat * xhat) + eps)
     xhat *= rstd
     out = xhat * w
     if b is not None:
@@ -58,8 +56,8 @@ def layernorm_backward(dout, cache, w, dw, db, dx=None, dx_low=None, dx_sum=None
         add_column_sums(dout, db)
     dxhat = dout * w
     # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-    mean_dxhat = dxhat.mean(axis=1, keepdims=True)
-    mean_dxhat_xhat = xp.mean(dxhat * xhat, axis=1, keepdims=True)
+    mean_dxhat = row_means(dxhat)
+    mean_dxhat_xhat = row_means(dxhat * xhat)
     dxhat -= mean_dxhat
     dxhat -= xhat * mean_dxhat_xhat
     dxhat *= rstd

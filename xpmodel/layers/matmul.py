@@ -53,17 +53,28 @@ def add_column_sums(dout, db):
     """db (Cout,) += dout (N, Cout) summed over rows, in db's dtype (bias gradients)."""
     if fused_kernels(dout):
         # a (1, N) @ (N, Cout) product reads dout once and adds into db in cuBLAS
-        matmul(_ones_row(dout), dout, out=db.reshape(1, -1), accumulate=True)
+        matmul(_filled(dout, (1, dout.shape[0]), 1.0), dout, out=db.reshape(1, -1), accumulate=True)
     else:
         db += dout.sum(axis=0, dtype=db.dtype)
 
 
-_ones = {}
+def row_means(a):
+    """a (..., C) -> (..., 1): the mean over the last axis, as one matrix-vector
+    product with a column of 1/C. On NumPy that is one BLAS pass, where a
+    reduction along a short last axis takes two to three times as long
+    (a LayerNorm of (768, 128) float32 rows: 160 instead of 316 us forward)."""
+    C = a.shape[-1]
+    means = matmul(a.reshape(-1, C), _filled(a, (C, 1), 1.0 / C))
+    return means.reshape(a.shape[:-1] + (1,))
 
 
-def _ones_row(like):
-    """A cached (1, N) row of ones in like's dtype, on like's device."""
-    key = (like.shape[0], like.dtype.str, like.device.id)
-    if key not in _ones:
-        _ones[key] = array_module(like).ones((1, like.shape[0]), dtype=like.dtype)
-    return _ones[key]
+_filled_arrays = {}
+
+
+def _filled(like, shape, value):
+    """A cached array of `shape` filled with `value`, in like's dtype, on like's device."""
+    device = like.device.id if is_cuda_array(like) else None
+    key = (shape, value, like.dtype.str, device)
+    if key not in _filled_arrays:
+        _filled_arrays[key] = array_module(like).full(shape, value, dtype=like.dtype)
+    return _filled_arrays[key]

@@ -6,6 +6,7 @@ whole difference from LayerNorm, here and in the shared CUDA kernel
 where it normalises each head's D values."""
 from ..backend import array_module, upcast
 from .layernorm import EPS, deliver_input_gradient, fused_norm_takes
+from .matmul import row_means
 
 
 def rmsnorm_forward(x, w, b=None, out_dtype=None, eps=EPS):
@@ -22,7 +23,7 @@ def rmsnorm_forward(x, w, b=None, out_dtype=None, eps=EPS):
     xhat = upcast(x)
     if xhat is x:    # upcast made no copy; xhat is scaled in place below
         xhat = xhat.copy()
-    rstd = 1.0 / xp.sqrt(xp.mean(xhat * xhat, axis=-1, keepdims=True) + eps)
+    rstd = 1.0 / xp.sqrt(row_means(xhat * xhat) + eps)
     xhat *= rstd
     out = xhat * w
     return out.astype(out_dtype or x.dtype, copy=False), (xhat, rstd)
@@ -50,6 +51,6 @@ def rmsnorm_backward(dout, cache, w, dw, db=None, dx=None, dx_low=None, dx_sum=N
     C = dout.shape[-1]
     dw += xp.sum((dout * xhat).reshape(-1, C), axis=0)
     dxhat = dout * w
-    dxhat -= xhat * xp.mean(dxhat * xhat, axis=-1, keepdims=True)
+    dxhat -= xhat * row_means(dxhat * xhat)
     dxhat *= rstd
     return deliver_input_gradient(dxhat, dx, dx_low, dx_sum)
