@@ -38,7 +38,7 @@ import numpy
 
 from ..backend import array_module, fused_kernels, upcast
 from .dropout import apply_mask, dropout_backward, dropout_forward
-from .matmul import add_column_sums, matmul
+from .matmul import add_column_sums, matmul, row_sums
 from .rmsnorm import rmsnorm_backward, rmsnorm_forward
 from .rope import rope_backward, rope_forward
 
@@ -70,7 +70,7 @@ def causal_softmax_forward(scores, out_dtype=None, key_block=None):
     scores += _causal_mask(xp, scores.shape[-1], scores.dtype)
     scores -= scores.max(axis=-1, keepdims=True)
     probs = xp.exp(scores, out=scores)
-    probs *= 1.0 / probs.sum(axis=-1, keepdims=True)
+    probs *= 1.0 / row_sums(probs)
     return probs.astype(out_dtype, copy=False)
 
 
@@ -85,8 +85,7 @@ def causal_softmax_backward(dprobs, probs, out_dtype=None, key_block=None):
         from ..cuda.softmax import causal_softmax_backward as fused
         return fused(dprobs, probs, out_dtype, key_block)
     dprobs, probs = upcast(dprobs), upcast(probs)
-    dot = (dprobs * probs).sum(axis=-1, keepdims=True)
-    dprobs -= dot
+    dprobs -= row_sums(dprobs * probs)
     dprobs *= probs
     return dprobs.astype(out_dtype, copy=False)
 

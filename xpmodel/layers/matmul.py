@@ -58,14 +58,20 @@ def add_column_sums(dout, db):
         db += dout.sum(axis=0, dtype=db.dtype)
 
 
-def row_means(a):
-    """a (..., C) -> (..., 1): the mean over the last axis, as one matrix-vector
-    product with a column of 1/C. On NumPy that is one BLAS pass, where a
-    reduction along a short last axis takes two to three times as long
-    (a LayerNorm of (768, 128) float32 rows: 160 instead of 316 us forward)."""
+def row_sums(a, scale=1.0):
+    """a (..., C) -> (..., 1): each row's sum over the last axis times `scale`,
+    as one matrix-vector product with a column of `scale`. On NumPy that is one
+    BLAS pass, where a reduction along a short last axis takes two to five
+    times as long (a LayerNorm of (768, 128) float32 rows: 160 instead of
+    316 us forward; the sums of (6, 4, 64, 64) probabilities: 12 instead of 59 us)."""
     C = a.shape[-1]
-    means = matmul(a.reshape(-1, C), _filled(a, (C, 1), 1.0 / C))
-    return means.reshape(a.shape[:-1] + (1,))
+    sums = matmul(a.reshape(-1, C), _filled(a, (C, 1), scale))
+    return sums.reshape(a.shape[:-1] + (1,))
+
+
+def row_means(a):
+    """a (..., C) -> (..., 1): the mean over the last axis (see row_sums)."""
+    return row_sums(a, 1.0 / a.shape[-1])
 
 
 _filled_arrays = {}
