@@ -14,6 +14,7 @@ from xpmodel.layers.embedding_noise import (embedding_noise, embedding_noise_bac
 from xpmodel.layers.gelu import gelu_backward, gelu_forward
 from xpmodel.layers.layernorm import layernorm_backward, layernorm_forward
 from xpmodel.layers.linear import linear_backward, linear_forward
+from xpmodel.layers.matmul import row_means, row_sums
 
 TOL = 1e-7
 
@@ -201,3 +202,16 @@ def test_embedding_noise(rng, kind):
     assert embedding_noise_forward(x, alpha, kind, None)[0] is x
     assert embedding_noise_forward(x, 0.0, kind, np.random.default_rng(3))[0] is x
     assert embedding_noise(x.astype(np.float32), alpha, kind, np.random.default_rng(3)).dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(7, 5), (2, 3, 4, 6), (1, 1)])
+def test_row_sums_and_means_equal_numpys_over_the_last_axis(shape, dtype):
+    a = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    for got, want in ((row_sums(a), a.sum(axis=-1, keepdims=True)),
+                      (row_sums(a, 0.5), 0.5 * a.sum(axis=-1, keepdims=True)),
+                      (row_means(a), a.mean(axis=-1, keepdims=True)),
+                      (row_means(a.swapaxes(-1, -2)), a.swapaxes(-1, -2).mean(axis=-1, keepdims=True))):
+        assert got.shape == want.shape and got.dtype == a.dtype
+        np.testing.assert_allclose(got, want, **tolerance)
