@@ -385,6 +385,7 @@ def test_tokenizer_train_then_prepare(tmp_path, capsys):
     header = read_token_header(tokens)
     assert header.count == len(tokenizer.encode(corpus.read_text()))
     assert f"wrote {header.count:,} tokens to {tokens}" in out
+    assert "tokenizing" not in out + err   # the progress bar is for terminals only
 
 
 # ---- config errors -----------------------------------------------------------------

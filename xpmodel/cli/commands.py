@@ -3,6 +3,7 @@ import math
 import os
 import shlex
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from ..atomic import atomic_writer
@@ -285,7 +286,8 @@ def prepare_command(args):
         # its sidecar, the first file of the pair the token file completes
         check_output(sidecar_path(args.out), "--out", inputs, args.overwrite,
                      partner=Path(args.out))
-    with tokenizing_progress() as progress:
+    # the bar is for terminals; a pipe or a file gets the result line alone
+    with tokenizing_progress() if sys.stdout.isatty() else nullcontext() as progress:
         path = prepare(source, tokenizer, out_path=args.out, workers=workers,
                        progress=progress)
     header = read_token_header(path)

@@ -10,6 +10,7 @@ corpus is never tokenized twice.
 """
 import hashlib
 import itertools
+from contextlib import nullcontext
 
 from ..atomic import remove_stale_temporaries
 from ..config.sections import names_tokenizer_file
@@ -135,12 +136,8 @@ def load_tokens(data_config, tokenizer, block_size, show_progress=True, corpus=N
     cache_dir = run_cache_root(data_config) / "tokens"
     source = resolve_source(data_config.source if corpus is None else corpus)
     workers = encoding_workers(source)
-    if show_progress:
-        with tokenizing_progress() as progress:
-            path = prepare(source, tokenizer, cache_dir=cache_dir, workers=workers,
-                           progress=progress)
-    else:
-        path = prepare(source, tokenizer, cache_dir=cache_dir, workers=workers)
+    with tokenizing_progress() if show_progress else nullcontext() as progress:
+        path = prepare(source, tokenizer, cache_dir=cache_dir, workers=workers, progress=progress)
     tokens = read_token_file(path, expected_fingerprint=tokenizer.fingerprint(),
                              vocab_size=tokenizer.vocab_size)
     return split_tokens(tokens, data_config.val_fraction, block_size=block_size,
