@@ -73,6 +73,16 @@ def test_max_iters_zero_is_refused(capsys, tmp_path):
     assert not out.exists()
 
 
+def test_a_sweep_folder_that_cannot_be_made_is_named_as_one(capsys, tmp_path):
+    (tmp_path / "a-file").write_text("mine")
+    code, _, err = run_cli(capsys, "sweep", "--config", TINY, "--out", tmp_path / "a-file" / "sweep",
+                           "train.lr=1e-3,2e-3")
+    assert code == 2
+    assert_one_line_error(err)
+    assert "cannot create the sweep folder (Not a directory)" in err, err
+    assert (tmp_path / "a-file").read_text() == "mine"
+
+
 def test_a_second_process_on_the_same_sweep_folder_is_refused(capsys, tmp_path):
     out = tmp_path / "sweep"
     holder = subprocess.Popen(

@@ -45,6 +45,8 @@ def held_lock(path):
 class RunLock:
     """An exclusive lock on a run directory; see `RunDir.lock`."""
 
+    folder_name = "the run directory"   # what messages call the folder
+
     def __init__(self, run, flag):
         self.run, self.flag = run, flag
         self.found_stale = False   # a lock file was left by a process that died
@@ -63,7 +65,7 @@ class RunLock:
                 self._make_folders(path)
             except OSError as exc:
                 self._remove_made_folders()
-                raise UsageError(f"{self.flag} {path}: cannot create the run directory "
+                raise UsageError(f"{self.flag} {path}: cannot create {self.folder_name} "
                                  f"({exc.strerror or exc})") from None
             # a/../b names b only once a exists: a lock this process holds on b
             # is found now, not taken for another process's.

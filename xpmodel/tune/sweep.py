@@ -489,6 +489,8 @@ def _last_error(log_path):
 class _SweepLock(RunLock):
     """train's one-writer lock (train/rundir.py), taken on a sweep folder."""
 
+    folder_name = "the sweep folder"
+
     def _in_use(self, holder):
         who = f" (pid {quote(holder.get('pid'), 20)} on {quote(holder.get('host'), 80)})" \
             if holder else ""
