@@ -559,6 +559,17 @@ def test_runs_lists_status_steps_and_best_val_and_compare_overlays_them(capsys, 
     assert sorted(names[:3]) == ["cut", "fast", "slow"] and names.count("fast") == 1, out
 
 
+def test_runs_lists_a_run_sized_in_epochs_of_random_windows_as_finished(capsys, tmp_path, corpus):
+    """Random windows count epochs as tokens served; a whole number of steps
+    falls short of train.epochs, and the run is still finished."""
+    runs = tmp_path / "runs"
+    trainer = tiny_trainer(runs, corpus, "train.epochs=2", "train.warmup_iters=1", name="epochs")
+    trainer.run()
+    code, out, _ = run_cli(capsys, "runs", runs)
+    assert code == 0
+    assert "finished" in out and f"{trainer.total_steps}/{trainer.total_steps}" in out, out
+
+
 def test_compare_takes_a_folder_of_runs_that_holds_a_config_json_of_its_own(capsys, tmp_path,
                                                                              corpus):
     """Only a folder with no run under it is told it looks like a Hugging Face model."""

@@ -151,7 +151,7 @@ def step_file_name(step):
 _META_TYPES = {
     "step": "count", "tokens_seen": "count", "optimizer_steps": "count", "dropout_calls": "count",
     "evals_without_improvement": "count", "world_size": "count", "shards": "count",
-    "vocab_size": "count",
+    "vocab_size": "count", "total_steps": "count",
     "elapsed": "number", "best_val": "number or null", "last_val": "number or null",
     "sampler": "object", "loss_scaler": "object or null", "config": "object",
     "tokenizer_fingerprint": "string", "data_fingerprint": "string", "kind": "string",

@@ -47,6 +47,7 @@ class CheckpointState:
             "last_val": self.last_val,
             "evals_without_improvement": self.evals_without_improvement,
             "epoch": self.sampler.epochs_done,
+            "total_steps": self.total_steps,
             "train_loss": self.last_train_loss,
             "val_loss": self.last_val, "val_loss_step": self.last_val_step,
             "interval_train_loss_sum": self.interval_loss[0],

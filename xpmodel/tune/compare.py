@@ -62,8 +62,10 @@ def summarize(run):
     except (CheckpointError, UsageError):
         config = None
     step = train[-1]["step"] if train else 0
-    total = config.train.max_iters if config is not None else None
     newest = _newest_checkpoint(run, config, step if train else None)
+    total = config.train.max_iters if config is not None else None
+    if total is None and newest is not None and newest.meta.get("step") == step:
+        total = newest.meta.get("total_steps")   # a run sized in epochs: its length when saved
     if run.is_locked():
         status = "running"
     elif not train and newest is not None and newest.meta.get("kind") == "imported":
