@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy
 import pytest
+from safetensors.numpy import save_file
 
 from cli_helpers import assert_one_line_error, run_cli, write_corpus
 from test_checkpoint import N, SHAPES, tiny_state
@@ -173,6 +174,36 @@ def test_pruning_leaves_files_links_and_folders_it_did_not_write(tmp_path, capsy
     assert user_link.is_symlink() and target.exists()
     assert user_folder.is_dir()
     assert run.step_path(6).is_file() and not run.step_path(4).exists()
+
+
+def test_a_save_and_overwrite_keep_files_links_and_folders_with_checkpoint_names(tmp_path, capsys):
+    run = _trained_tiny_run(tmp_path, capsys, "train.max_iters=2", "train.keep_last=1")
+    target = tmp_path / "elsewhere.safetensors"
+    target.write_text("the link's own")
+    foreign = {3: lambda path: path.write_text("user-made"),
+               4: lambda path: save_file({"x": numpy.zeros(2)}, str(path)),   # another program's
+               5: lambda path: path.symlink_to(target),
+               6: lambda path: path.mkdir()}
+    for step, make in foreign.items():
+        make(run.step_path(step))
+    kept = {step: (run.step_path(step).is_dir() or run.step_path(step).read_bytes())
+            for step in foreign}
+    for step in foreign:
+        code, out, err = run_cli(capsys, "train", "--resume", run.path, f"train.max_iters={step}",
+                                 "train.save_interval=100")
+        assert code == 1
+        assert_one_line_error(err)
+        assert f"could not write checkpoint {run.step_path(step)}: the entry of that name" in err
+        assert "it is kept" in err and f"xpmodel train --resume {run.path}" in err
+        assert (run.step_path(step).is_dir() or run.step_path(step).read_bytes()) == kept[step]
+        assert run.latest_checkpoint()[0] == run.step_path(2)   # the previous one, intact
+    config = shutil.copy(run.config_path, tmp_path / "config.yaml")
+    code, out, err = run_cli(capsys, "train", "--config", config, "--out", run.path, "--overwrite",
+                             "train.max_iters=2")
+    assert code == 0, err
+    assert all((run.step_path(step).is_dir() or run.step_path(step).read_bytes()) == kept[step]
+               for step in foreign)
+    assert target.read_text() == "the link's own"
 
 
 # ---- 3: step names of nine digits and more ----------------------------------------
@@ -361,8 +392,8 @@ def test_a_signal_saves_over_a_stale_file_of_the_same_step(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
     trainer = Trainer.start(tiny_config(corpus, tmp_path), device="cpu", out=tmp_path / "run",
                             show=False)
-    stale = trainer.run_dir.step_path(3)
-    stale.write_bytes(b"left from before")
+    stale = trainer.run_dir.step_path(3)   # an xpmodel checkpoint cut short in its tensors
+    stale.write_bytes(trainer.run_dir.step_path(0).read_bytes()[:-100])
     real_step = trainer._train_step
 
     def step_then_signal():

@@ -70,6 +70,14 @@ def _read_header(f, path, error, what):
     return header, 8 + header_len, size - 8 - header_len
 
 
+def header_metadata(path, error, what):
+    """The `__metadata__` of the safetensors file at `path` ({} when it has
+    none), its header alone read: the tensors' data may be missing or damaged."""
+    with _open(path, error, what) as f:
+        metadata = _read_header(f, path, error, what)[0].get("__metadata__")
+    return metadata if isinstance(metadata, dict) else {}
+
+
 class SafetensorsFile:
     """One safetensors file, its header checked when opened, read through one
     file descriptor until `close()` (or the end of a `with` block).

@@ -33,10 +33,11 @@ from ..atomic import atomic_write_bytes
 from ..errors import CheckpointError, quote
 from ..files import MAX_JSON_COUNT, finite_json_number, parse_json
 from ..data.batching import SamplerStateError, check_sampler_state
-from ..hf.safetensors_file import SafetensorsFile
+from ..hf.safetensors_file import SafetensorsFile, header_metadata
 
 FORMAT = "xpmodel-checkpoint"
 FORMAT_VERSION = 1
+_META_KEY = "xpmodel"   # the safetensors metadata entry that holds the JSON document
 STEP_FILE = re.compile(r"^step-(\d{8,})\.safetensors$")
 _SLOW_SAVE_ENV = "XPMODEL_TEST_SLOW_SAVE"
 
@@ -56,7 +57,7 @@ def save_checkpoint(path, params, optimizer_state, meta):
     tensors.update({f"optim/{name}": numpy.ascontiguousarray(value)
                     for name, value in optimizer_state.items()})
     document = dict(meta, format=FORMAT, format_version=FORMAT_VERSION)
-    data = safetensors_bytes(tensors, metadata={"xpmodel": json.dumps(document)})
+    data = safetensors_bytes(tensors, metadata={_META_KEY: json.dumps(document)})
     atomic_write_bytes(path, data, pause=_test_pause())
 
 
@@ -105,6 +106,13 @@ def read_checkpoint_header(path):
         return CheckpointHeader(file, _checked_meta(file, path))
 
 
+def names_itself_a_checkpoint(path):
+    """Whether the safetensors header of the file at `path` says xpmodel wrote
+    it as a checkpoint (its tensors may be damaged); CheckpointError when
+    there is no readable header."""
+    return _META_KEY in header_metadata(path, CheckpointError, "checkpoint")
+
+
 def read_checkpoint_meta(path):
     """The checked JSON document of the checkpoint at `path` (read_checkpoint_header)."""
     return read_checkpoint_header(path).meta
@@ -117,7 +125,7 @@ def load_checkpoint(path, param_shapes, optimizer_sizes):
 
 def _checked_meta(file, path):
     try:
-        document = parse_json(file.metadata.get("xpmodel", ""))
+        document = parse_json(file.metadata.get(_META_KEY, ""))
     except (ValueError, AttributeError, TypeError):
         raise CheckpointError(f"{path}: not an xpmodel checkpoint (no xpmodel metadata)") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:

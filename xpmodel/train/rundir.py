@@ -40,6 +40,7 @@ creation that was cut short; the next start takes it over without --overwrite.
 import difflib
 import os
 import re
+import stat
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -47,12 +48,12 @@ from pathlib import Path
 from ..atomic import atomic_write_json, dead_temporaries, staged_writes, temporary_target
 from ..config import config_to_dict, load_config, save_config
 from ..errors import UsageError, XpmodelError, quote
-from ..files import inside, read_json
+from ..files import file_kind, inside, read_json
 from ..interrupts import deferred_signals
 from ..model.config import unused_options
 from ..tokenizer.bpe import BPETokenizer
-from .checkpoint import (FORMAT_VERSION, CheckpointError, read_checkpoint_header, step_file_name,
-                         step_of_name)
+from .checkpoint import (FORMAT_VERSION, CheckpointError, names_itself_a_checkpoint,
+                         read_checkpoint_header, step_file_name, step_of_name)
 from .metrics_file import append_record, read_records, truncate_records
 from .runlock import (RunLock, held_lock, holder_text, lock_file_problem, lock_holder,
                       lock_is_free)
@@ -312,6 +313,9 @@ class RunDir:
         for path in sorted(files, key=lambda path: path == self.marker):
             if path.is_dir() and not path.is_symlink():
                 continue   # a folder with such a name is not something xpmodel wrote
+            if path.parent == self.checkpoint_dir and _CHECKPOINT_FILE.match(path.name) \
+                    and self.foreign_checkpoint_file(path):
+                continue   # nor a link or a file with a checkpoint's name that is not one
             path.unlink(missing_ok=True)
 
     def require_run(self, flag="RUN_DIR"):
@@ -532,6 +536,26 @@ class RunDir:
                     path.unlink()
                 except OSError:
                     pass   # housekeeping: a file that cannot be removed stays
+
+    @staticmethod
+    def foreign_checkpoint_file(path):
+        """Why the entry at `path`, named as a checkpoint, is not xpmodel's to
+        replace or remove: a link, a folder or a FIFO, or a file whose header
+        does not name it an xpmodel checkpoint (someone's own file); None
+        when there is no entry or it is one, whole or damaged past its header
+        (a step trained again is saved over it)."""
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return f"cannot be read ({exc.strerror or exc})"
+        if not stat.S_ISREG(mode):
+            return f"is {file_kind(mode)}"
+        try:
+            return None if names_itself_a_checkpoint(path) else "is a safetensors file of another program"
+        except CheckpointError as exc:
+            return f"is not an xpmodel checkpoint ({str(exc).removeprefix(f'{path}: ')})"
 
     def _own_checkpoint_header(self, path, config, header=None):
         """The header of the regular file (not a link) at `path` when it reads

@@ -77,6 +77,11 @@ class CheckpointState:
         is_best = path == self.run_dir.best_path
         if is_best and self.best_file_val is not None and not self.best_val < self.best_file_val:
             return None   # the file holds a model at least as good (from before a fallback)
+        foreign = self.run_dir.foreign_checkpoint_file(path)
+        if foreign:
+            raise XpmodelError(f"could not write checkpoint {path}: the entry of that name {foreign}; "
+                               f"it is kept, and the previous checkpoint is intact: move it away, "
+                               f"then xpmodel train --resume {self.run_dir.path}")
         try:
             self._write_checkpoint(path)
         except OSError as exc:
