@@ -23,6 +23,7 @@ from xpmodel.train.checkpoint import load_checkpoint, read_checkpoint_meta, save
 from xpmodel.config import load_config
 from xpmodel.data.corpus import load_tokens
 from xpmodel.data import eval_batches, read_token_header
+from xpmodel.data.tokenfile import check_token_checksum
 from xpmodel.model.params import parameter_shapes
 from xpmodel.train.rundir import RunDir
 from xpmodel.tokenizer.bpe import BPETokenizer
@@ -386,6 +387,21 @@ def test_tokenizer_train_then_prepare(tmp_path, capsys):
     assert header.count == len(tokenizer.encode(corpus.read_text()))
     assert f"wrote {header.count:,} tokens to {tokens}" in out
     assert "tokenizing" not in out + err   # the progress bar is for terminals only
+    code, out, err = run_cli(capsys, "prepare", corpus, "--tokenizer", tokenizer_path,
+                             "--out", tokens, "--workers", 1)
+    assert code == 2 and "already exists; pass --overwrite" in err
+    written = tokens.stat().st_mtime_ns
+    code, out, err = run_cli(capsys, "prepare", corpus, "--tokenizer", tokenizer_path)
+    assert code == 0 and out.startswith("wrote "), err
+    code, out, err = run_cli(capsys, "prepare", corpus, "--tokenizer", tokenizer_path)
+    assert code == 0 and f"already holds these {header.count:,} tokens" in out, err
+    damaged = bytearray(tokens.read_bytes())
+    damaged[-3] ^= 0xFF
+    tokens.write_bytes(damaged)
+    code, out, err = run_cli(capsys, "prepare", corpus, "--tokenizer", tokenizer_path,
+                             "--out", tokens, "--workers", 1, "--overwrite")
+    assert code == 0 and f"wrote {header.count:,} tokens to {tokens}" in out, err
+    assert tokens.stat().st_mtime_ns != written and check_token_checksum(tokens) is True
 
 
 # ---- config errors -----------------------------------------------------------------

@@ -286,12 +286,18 @@ def prepare_command(args):
         # its sidecar, the first file of the pair the token file completes
         check_output(sidecar_path(args.out), "--out", inputs, args.overwrite,
                      partner=Path(args.out))
+    encoded = []   # bytes encoded so far: none when the file was already up to date
     # the bar is for terminals; a pipe or a file gets the result line alone
-    with tokenizing_progress() if sys.stdout.isatty() else nullcontext() as progress:
-        path = prepare(source, tokenizer, out_path=args.out, workers=workers,
-                       progress=progress)
+    with tokenizing_progress() if sys.stdout.isatty() else nullcontext() as bar:
+        def progress(done, total):
+            encoded.append(done)
+            if bar is not None:
+                bar(done, total)
+        path = prepare(source, tokenizer, out_path=args.out, workers=workers, progress=progress,
+                       rebuild=args.overwrite)
     header = read_token_header(path)
-    print(f"wrote {header.count:,} tokens to {path}")
+    print(f"wrote {header.count:,} tokens to {path}" if encoded else
+          f"{path} already holds these {header.count:,} tokens (corpus and tokenizer unchanged)")
     if args.preview is not None:
         from ..data import read_token_file
         tokens = read_token_file(path, expected_fingerprint=tokenizer.fingerprint(),

@@ -96,8 +96,10 @@ def prepare(
     workers: int | None = None,
     progress: ProgressCallback | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    rebuild: bool = False,
 ) -> Path:
-    """The path of a token file holding `source` encoded by `tokenizer`, built only if needed."""
+    """The path of a token file holding `source` encoded by `tokenizer`, built only if
+    needed, or always with `rebuild` (prepare --overwrite: a damaged `out_path` too)."""
     vocab_size = int(tokenizer.vocab_size)
     if vocab_size < MIN_VOCAB_SIZE:
         raise UsageError(f"vocab size {vocab_size} is below {MIN_VOCAB_SIZE}: a byte-level "
@@ -113,7 +115,7 @@ def prepare(
         target = folder / f"{_file_stem(source.spec)}-{key[:24]}.tok"
     if out_path is None:
         remove_stale_temporaries(target.parent, CACHED_TOKEN_FILE.match)
-    if _is_current(target, key, own_cache=out_path is None):
+    if not rebuild and _is_current(target, key, own_cache=out_path is None):
         return target
     total = source.total_bytes()
     eot_id = getattr(tokenizer, "eot_id", None)
