@@ -751,6 +751,15 @@ def test_a_key_that_would_be_ignored_is_refused_naming_its_chooser(tmp_path, ove
     load_config(both, [f"{chooser}={chosen}"])
 
 
+def test_a_noise_kind_without_noise_is_refused_and_applies_with_it():
+    with pytest.raises(UsageError, match=re.escape(
+            "train.embedding_noise_kind is set but train.embedding_noise is 0.0 (it applies with "
+            "train.embedding_noise above 0)")):
+        load_config("default", ["train.embedding_noise_kind=gaussian"])
+    assert load_config("default", ["train.embedding_noise_kind=gaussian",
+                                   "train.embedding_noise=5"]).train.embedding_noise_kind == "gaussian"
+
+
 def test_a_vocab_size_for_the_byte_tokenizer_is_refused(tmp_path):
     byte = write(tmp_path, "base: default\ndata:\n  tokenizer: byte\n", name="byte.yaml")
     with pytest.raises(UsageError, match=r"data.vocab_size is set but data.tokenizer is byte"):

@@ -219,12 +219,20 @@ def _train_keys(keys):
 
 # Keys that apply only under another key's choice: (whether a dotted key is one
 # of them, the choosing key, the choice they apply with).
+def _equals(choice):
+    return lambda value: value == choice, f"={choice}"
+
+
+_ABOVE_ZERO = (lambda value: value > 0, " above 0")
+
+# (is a dependent key, the choosing key, (whether its value applies them, that as text))
 _DEPENDENT_KEYS = (
-    (lambda key: key.startswith("train.muon_"), "train.optimizer", "muon"),
-    (lambda key: key == "model.rope_theta", "model.position", "rope"),
-    (lambda key: key in ("train.step_size", "train.gamma"), "train.schedule", "step"),
-    (lambda key: key == "train.decay_fraction", "train.schedule", "wsd"),
-    (lambda key: key == "data.vocab_size", "data.tokenizer", "bpe"),
+    (lambda key: key.startswith("train.muon_"), "train.optimizer", _equals("muon")),
+    (lambda key: key == "model.rope_theta", "model.position", _equals("rope")),
+    (lambda key: key in ("train.step_size", "train.gamma"), "train.schedule", _equals("step")),
+    (lambda key: key == "train.decay_fraction", "train.schedule", _equals("wsd")),
+    (lambda key: key == "data.vocab_size", "data.tokenizer", _equals("bpe")),
+    (lambda key: key == "train.embedding_noise_kind", "train.embedding_noise", _ABOVE_ZERO),
 )
 
 
@@ -235,9 +243,9 @@ def _check_dependent_keys_apply(config, layer_keys):
     choosing key itself, with no later layer choosing it. A layer that chooses
     keeps its dependent keys: a saved run config spells out every key, and
     `train.optimizer=adamw` over a Muon config switches optimizers on purpose."""
-    for is_dependent, chooser, choice in _DEPENDENT_KEYS:
+    for is_dependent, chooser, (applies, when) in _DEPENDENT_KEYS:
         chosen = setting_value(config, chooser)
-        if chosen == choice:
+        if applies(chosen):
             continue
         for keys in reversed(layer_keys):
             if chooser in keys:
@@ -245,7 +253,7 @@ def _check_dependent_keys_apply(config, layer_keys):
             dependent = [key for key in keys if is_dependent(key)]
             if dependent:
                 raise UsageError(f"{keys[dependent[0]]}: {dependent[0]} is set but {chooser} is "
-                                 f"{chosen} (it applies with {chooser}={choice})")
+                                 f"{chosen} (it applies with {chooser}{when})")
 
 
 def _fit_schedule(merged, before, named):
