@@ -1,6 +1,7 @@
 """xpmodel's CPU threads: a batch's shards, split evenly and run concurrently
 under the calling thread's NumPy error handling."""
 import platform
+import re
 import subprocess
 import sys
 import threading
@@ -9,7 +10,8 @@ import warnings
 import numpy as np
 import pytest
 
-from xpmodel.cpu_threads import CACHE_ELEMENTS, run_elementwise, run_parallel, split
+from xpmodel.cpu_threads import CACHE_ELEMENTS, run_elementwise, run_parallel, split, thread_count
+from xpmodel.errors import UsageError
 
 
 @pytest.mark.parametrize("n,parts", [(10, 3), (2, 5), (7, 1), (16, 2)])
@@ -19,6 +21,21 @@ def test_split_covers_the_range_in_contiguous_nonempty_slices(n, parts):
     assert [i for s in slices for i in range(n)[s]] == list(range(n))
     sizes = [s.stop - s.start for s in slices]
     assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+
+
+def test_the_thread_count_comes_from_the_environment_and_a_bad_own_value_is_named(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setenv("XPMODEL_NUM_THREADS", "5")
+    assert thread_count() == 5
+    monkeypatch.delenv("XPMODEL_NUM_THREADS")
+    assert thread_count() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")       # another program's variable: passed over
+    assert thread_count() >= 1
+    for bad in ("abc", "0", "-2", "1.5"):
+        monkeypatch.setenv("XPMODEL_NUM_THREADS", bad)
+        with pytest.raises(UsageError, match=f"XPMODEL_NUM_THREADS='{re.escape(bad)}': expected a "
+                                             f"positive whole number"):
+            thread_count()
 
 
 def test_tasks_run_concurrently_and_results_come_back_in_order():

@@ -26,13 +26,22 @@ from contextlib import contextmanager
 
 import numpy
 
+from .errors import UsageError
+
 _pool = None
 _controller = None
+THREADS_ENV = "XPMODEL_NUM_THREADS"
 
 
 def thread_count():
-    for name in ("XPMODEL_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        value = os.environ.get(name, "")
+    """XPMODEL_NUM_THREADS (a positive whole number, or an error naming it),
+    else OMP_NUM_THREADS or OPENBLAS_NUM_THREADS where they hold one, else
+    the usable cores."""
+    own = os.environ.get(THREADS_ENV, "").strip()
+    if own and not (own.isdigit() and int(own) > 0):
+        raise UsageError(f"{THREADS_ENV}={own!r}: expected a positive whole number of threads")
+    others = (os.environ.get(name, "") for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"))
+    for value in (own, *others):
         if value.isdigit() and int(value) > 0:
             return int(value)
     return usable_cores()
