@@ -173,6 +173,15 @@ def test_base_bare_name_is_read_next_to_the_including_file(tmp_path, monkeypatch
     assert config.model.n_layer == 3
 
 
+def test_a_missing_base_names_the_file_that_names_it_and_where_it_looked(tmp_path):
+    write(tmp_path, "model:\n  n_layer: 1\n", name="mybase.yaml")
+    child = write(tmp_path, "base: mybase\n", name="child.yaml")
+    with pytest.raises(UsageError, match=re.escape(
+            f"{child}: base: unknown config 'mybase': not a shipped config, and no file "
+            f"{tmp_path / 'mybase'}; {tmp_path / 'mybase.yaml'} exists: name it as mybase.yaml")):
+        load_config(child)
+
+
 def test_a_config_and_its_files_come_from_one_reading_of_the_base_chain(tmp_path, monkeypatch):
     from config_reads import count_config_reads
     write(tmp_path, "model:\n  n_layer: 3\n", name="grandparent.yaml")

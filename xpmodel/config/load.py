@@ -48,7 +48,13 @@ def _read_layers(name_or_path, relative_to=None, chain=()):
     if not isinstance(base, str) or not base:
         raise UsageError(f"{label}: base must be a config name or path, got {quote(base, 60)}")
     # A relative base path is read next to the file that names it.
-    return _read_layers(base, Path(path).parent, (*chain, path)) + [(label, path, document)]
+    try:
+        ancestors = _read_layers(base, Path(path).parent, (*chain, path))
+    except UsageError as exc:
+        if not str(exc).startswith("unknown config"):
+            raise
+        raise UsageError(f"{label}: base: {exc}") from None
+    return ancestors + [(label, path, document)]
 
 
 def _label(name_or_path, path):

@@ -67,8 +67,10 @@ def locate(name_or_path, relative_to=None):
     path = Path(name) if relative_to is None else relative_to / name
     if path.is_file():
         return str(path), _read_text(path, str(path))
+    with_suffix = path.with_name(path.name + ".yaml")
+    hint = f"; {with_suffix} exists: name it as {name}.yaml" if with_suffix.is_file() else ""
     raise UsageError(
-        f"unknown config {quote(name, 200)}: not a file and not a shipped config; "
+        f"unknown config {quote(name, 200)}: not a shipped config, and no file {path}{hint}; "
         f"shipped configs: {', '.join(shipped_configs())}")
 
 
