@@ -236,6 +236,13 @@ def add_token(document, name):
 @pytest.mark.parametrize("edit, named", [
     (lambda d: d["model"].update(byte_fallback=False), "pre_tokenizer 'Metaspace' without BPE "
                                                        "byte_fallback is not supported"),
+    (lambda d: (d["model"].update(byte_fallback=False), d.update(normalizer=FORMS["llama2"][0],
+                                                                  pre_tokenizer=None)),
+     "SentencePiece's BPE .spaces written \u2581 by the normalizer. without BPE byte_fallback is "
+     "not supported"),
+    (lambda d: (d["model"].update(byte_fallback=False), d.update(normalizer=REPLACE_SPACES,
+                                                                  pre_tokenizer=None)),
+     "SentencePiece's BPE .spaces written \u2581 by the normalizer. without BPE byte_fallback"),
     (lambda d: d["model"].update(ignore_merges=True), "BPE ignore_merges with byte_fallback"),
     (lambda d: d.update(pre_tokenizer={"type": "ByteLevel"}), "pre_tokenizer 'ByteLevel' with BPE "
                                                               "byte_fallback is not supported"),

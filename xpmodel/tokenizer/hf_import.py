@@ -314,6 +314,10 @@ def _read_metaspace_decoder(decoder, path):
 def _read_normalizer(normalizer, path):
     """None, or "nfc" for NFC (alone or as a one-step Sequence, as Qwen2 writes it)."""
     steps = _steps(normalizer, "normalizers")
+    if isinstance(steps, list) and any(step in (PREPEND, REPLACE_SPACES) for step in steps):
+        raise UsageError(f"{path}: SentencePiece's BPE (spaces written {SPACE} by the normalizer) "
+                         f"without BPE byte_fallback is not supported (a character outside the "
+                         f"vocab would be the unknown token)")
     if isinstance(steps, list) and len(steps) <= 1:
         normalizer = steps[0] if steps else None
     if normalizer is None:
