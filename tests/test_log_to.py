@@ -107,6 +107,7 @@ def test_a_folder_holding_a_users_mirror_files_is_never_written(mine, capsys, tm
     assert code == 2
     assert_one_line_error(err)
     assert f"holds {mine.split('/events')[0]}, which no xpmodel run here wrote" in err
+    assert "will not replace it, even with --overwrite: move it away" in err
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == sorted([mine, mine.split("/")[0]])
     assert (out / mine).read_text() == "my own\n"
 

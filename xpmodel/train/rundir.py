@@ -236,9 +236,10 @@ class RunDir:
             foreign.append(self.tensorboard_dir)
         if foreign:
             names = ", ".join(str(p.relative_to(self.path)) for p in foreign[:3])
+            them = "them" if len(foreign) > 1 else "it"
             raise UsageError(f"--out {self.path}: holds {names}, which no xpmodel run here wrote "
-                             f"(there is no run.json); xpmodel will not replace them, even with "
-                             f"--overwrite: move them away or choose another --out")
+                             f"(there is no run.json); xpmodel will not replace {them}, even with "
+                             f"--overwrite: move {them} away or choose another --out")
         if self._other_entries() and not overwrite:
             raise UsageError(f"--out {self.path}: directory is not empty and is not a run; "
                              f"choose another --out or pass --overwrite (which keeps its files "
