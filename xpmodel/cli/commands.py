@@ -16,7 +16,7 @@ from ..train.display import perplexity_text
 from ..train.outputs import check_output, check_output_dir
 from .inputs import refuse_model_folder
 
-_EVAL_TOKENS_PER_BATCH = 4096
+EVAL_TOKENS_PER_BATCH = 4096
 
 
 def train_command(args):
@@ -255,7 +255,7 @@ def eval_command(args):
     if len(tokens) < 2:
         raise DataError(f"{what}: fewer than 2 tokens to evaluate")
     # No gradients or backward caches here, so batches can be larger than in training.
-    batch_size = max(config.train.batch_size, _EVAL_TOKENS_PER_BATCH // T)
+    batch_size = max(config.train.batch_size, EVAL_TOKENS_PER_BATCH // T)
     result = evaluate_tokens(model, tokenizer, tokens, batch_size, args.batches)
     print(f"{what}: loss {result['loss']:.4f}  perplexity {perplexity_text(result['perplexity'])}  "
           f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']:,} tokens)")

@@ -308,7 +308,10 @@ def _add_run_commands(commands, common):
                             description="Evaluate a run on its validation split or on other text.")
     p.add_argument("--data", type=path_argument, default=None, metavar="SOURCE",
                    help="a file, folder, glob or built-in corpus (default: the run's validation split)")
-    p.add_argument("--batches", type=int, default=None, help="batches to evaluate (default: all)")
+    p.add_argument("--batches", type=int, default=None, metavar="N",
+                   help=f"batches to evaluate, spread evenly over the text: each holds "
+                        f"train.batch_size windows of block_size tokens, or more to make "
+                        f"{c.EVAL_TOKENS_PER_BATCH:,} tokens (default: all)")
     p.set_defaults(handler=c.eval_command)
 
     p = commands.add_parser("plot", parents=[common], help="plot a run's losses to a PNG",
