@@ -222,6 +222,11 @@ def test_an_unusable_cache_folder_is_named_before_any_work(tmp_path, monkeypatch
     assert named in err and f"{afile} is not a folder" in err
     assert "training" not in out and not (tmp_path / "run").exists()
     assert afile.read_text() == "not a folder"
+    monkeypatch.chdir(tmp_path)                  # no --out, and the config's folder is taken
+    (tmp_path / "runs" / "tiny-run").mkdir(parents=True)
+    code, out, err = run_cli(capsys, *args[:3], *args[5:])
+    assert code == 2 and named in err
+    assert "this run goes to" not in out and sorted(os.listdir(tmp_path / "runs")) == ["tiny-run"]
 
 
 # ---- links in a folder corpus ------------------------------------------------------------

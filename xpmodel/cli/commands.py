@@ -63,6 +63,7 @@ def _train(args, device, dist):
     from ..train import Trainer
     from ..train.rundir import RunDir, default_run_path
     from ..backend import get_device
+    from ..data.corpus import run_cache_root
     from ..data.sources import resolve_given
     from ..train.setup import (absolute_source, check_out_outside_corpus,
                                check_out_outside_init_from)
@@ -96,6 +97,7 @@ def _train(args, device, dist):
     resolve_given(config.data.source, "data.source")
     if names_tokenizer_file(config.data.tokenizer) and not init_from:
         existing_file(config.data.tokenizer, "data.tokenizer", "tokenizer file")
+    run_cache_root(config.data)   # an unusable cache folder is named before the run's folder
     if not args.out and out.name != Path(config_name).stem and is_main:
         print(f"{out.parent / Path(config_name).stem} already exists, so this run goes to {out} "
               f"(--out chooses the folder; --resume continues a run)", flush=True)
