@@ -183,6 +183,32 @@ def test_a_failing_mirror_warns_once_and_training_goes_on(tmp_path, corpus, monk
     assert _BreaksOnThirdRecord.calls == 3                            # off after it failed
 
 
+class _Records(_BreaksOnThirdRecord):
+    got = []
+
+    def record(self, record):
+        type(self).got.append(record)
+
+
+class _FailsToStart(_BreaksOnThirdRecord):
+    def __init__(self, run_dir, config, step):
+        raise RuntimeError("cannot start")
+
+
+def test_a_mirror_that_fails_is_named_in_a_warning_the_other_mirrors_get(tmp_path, corpus,
+                                                                        monkeypatch):
+    monkeypatch.setitem(mirrors_module.SINKS, "wandb", _FailsToStart)        # named first
+    monkeypatch.setitem(mirrors_module.SINKS, "tensorboard", _Records)
+    _Records.got = []
+    run = tmp_path / "run"
+    train(run, corpus, "train.log_to=wandb,tensorboard")
+    warnings = [r for r in RunDir(run).read_metrics() if r["type"] == "warning"]
+    assert [w["kind"] for w in warnings] == ["log_to"]
+    assert "train.log_to wandb: RuntimeError: cannot start" in warnings[0]["message"]
+    assert [r for r in _Records.got if r["type"] == "warning"] == warnings
+    assert len([r for r in _Records.got if r["type"] == "train"]) == 30
+
+
 def test_log_to_names_are_checked(capsys, corpus):
     code, _, err = run_cli(capsys, "train", "--config", TINY, f"data.source={corpus}",
                            "train.log_to=tensorboard,wandbb")

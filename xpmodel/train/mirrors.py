@@ -38,11 +38,14 @@ class Mirrors:
     def __init__(self, run_dir, config, step, say):
         self.run_dir, self.say = run_dir, say
         self.sinks = {}
+        failed = []
         for name in config.train.log_to:
             try:
                 self.sinks[name] = SINKS[name](run_dir, config, step)
             except Exception as exc:      # noqa: BLE001 - a mirror never stops training
-                self._failed(name, exc, step)
+                failed.append((name, exc))
+        for name, exc in failed:          # once the others are there to mirror the warning
+            self._failed(name, exc, step)
 
     @classmethod
     def off(cls):
@@ -64,8 +67,8 @@ class Mirrors:
 
     def _each(self, method, step, *args, only=None):
         for name, sink in list(self.sinks.items()):
-            if only is not None and name != only:
-                continue
+            if only is not None and name != only or name not in self.sinks:
+                continue                  # (a sink that failed while another's warning was mirrored)
             try:
                 getattr(sink, method)(*args)
             except Exception as exc:      # noqa: BLE001
@@ -80,11 +83,12 @@ class Mirrors:
         text = (f"train.log_to {name}: {problem}; not mirroring to {name} for the rest of this "
                 f"run (metrics.jsonl is complete)")
         self.say(f"warning: {text}")
+        record = {"type": "warning", "step": step or 0, "kind": "log_to", "message": text}
         try:
-            self.run_dir.append_metrics({"type": "warning", "step": step or 0, "kind": "log_to",
-                                         "message": text})
+            self.run_dir.append_metrics(record)
         except OSError:
-            pass
+            return
+        self.record(record)               # to the mirrors still on
 
 
 def _scalars(record):
