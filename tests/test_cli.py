@@ -111,13 +111,48 @@ def test_resume_continues_from_the_checkpoint_and_can_raise_max_iters(trained, t
     code, out, err = run_cli(capsys, "train", "--resume", run, "train.max_iters=20")
     assert code == 0, err
     assert "already reached step 40 (this config trains 20)" in out
+    assert load_config(run / "config.yaml").train.max_iters == 40   # a resume that trains nothing
+
+
+def test_resume_of_a_shorter_run_says_how_it_fits_the_schedule(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--config", TINY, "--out", run,
+                           f"data.source={trained['corpus']}", "train.max_iters=12",
+                           "train.warmup_iters=12", "train.save_interval=4", "train.keep_last=5")
+    assert code == 0, err
+    for step in (8, 12):                                          # as if killed after step 4
+        (run / "checkpoints" / f"step-{step:08d}.safetensors").unlink()
+    code, out, err = run_cli(capsys, "train", "--resume", run, "train.max_iters=6")
+    assert code == 0, err
+    assert "note: train.max_iters=6 is shorter than the schedule" in out
+    assert load_config(run / "config.yaml").train.warmup_iters == 6
+
+
+def test_resume_of_a_run_sized_in_epochs_keeps_its_grad_accum(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--config", TINY, "--out", run,
+                           f"data.source={trained['corpus']}", "train.max_iters=null",
+                           "train.epochs=1", "train.warmup_iters=1")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", "--resume", run, "train.grad_accum=2")
+    assert code == 2
+    assert_one_line_error(err)
+    assert ("train.grad_accum cannot change in a run sized by train.epochs=1 (its length in "
+            "steps depends on it); give the length as train.max_iters instead") in err
+    steps = RunDir(run).checkpoint_steps()[-1]
+    code, out, err = run_cli(capsys, "train", "--resume", run, "train.grad_accum=2",
+                             f"train.max_iters={steps + 2}")
+    assert code == 0, err
+    assert RunDir(run).checkpoint_steps()[-1] == steps + 2
 
 
 @pytest.mark.parametrize("override,message", [
     ("model.n_layer=2", "not model.*"),
     ("data.source=notes.txt", "not data.*; to train this run's weights on new data, start a new "
                               "run with --init-from RUN"),
-    ("train.batch_size=8", "train.batch_size cannot change")])
+    ("train.batch_size=8", "train.batch_size cannot change"),
+    ("train.init_from=elsewhere", "train.init_from cannot change: a resumed run goes on from its "
+                                  "own checkpoints")])
 def test_resume_refuses_to_change_the_model_the_data_or_the_batch_size(trained, tmp_path, capsys,
                                                                         override, message):
     run = copy_run(trained, tmp_path)

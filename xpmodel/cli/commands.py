@@ -47,11 +47,12 @@ def _resume(args, device, dist, quiet):
     run.require_run("--resume")
     with run.lock("--resume") if dist is None or dist.is_main else nullcontext():
         checkpoints = list(run.checkpoints_newest_first())   # each header read once
-        config = _resume_config(run, args, checkpoints)
+        is_main = dist is None or dist.is_main
+        config = _resume_config(run, args, checkpoints, notify=print if is_main else None)
         trainer = Trainer.resume(args.resume, device=device, overrides_config=config,
                                  quiet=quiet, dist=dist, checkpoints=checkpoints)
-        if config is not None and trainer.is_main:
-            save_config(config, run.config_path)
+        if config is not None and is_main and trainer.step < trainer.total_steps:
+            save_config(config, run.config_path)   # kept only by a resume that trains
         _print_header(trainer)
         trainer.run()
     return 0
@@ -119,16 +120,17 @@ def _with_absolute_init_from(config):
                                          init_from=absolute_init_from(config.train.init_from)))
 
 
-def _resume_config(run, args, checkpoints):
+def _resume_config(run, args, checkpoints, notify=None):
     """The config a resumed run continues with: the run's own, with KEY=VALUE
-    overrides of train.* settings; None when nothing is overridden. A config.yaml
+    overrides of train.* settings (`notify` gets the notes on a schedule fitted
+    to a shorter run); None when nothing is overridden. A config.yaml
     edited by hand to change data.* or model.* settings is refused, and so is a
     train.optimizer other than the one the run's checkpoints (a list of
     run.checkpoints_newest_first()'s) were saved with."""
     from ..config import config_to_dict, load_config
     saved = run.load_config()
     run.check_config_matches_checkpoint(saved, checkpoints)
-    config = load_config(run.config_path, args.overrides) if args.overrides else saved
+    config = load_config(run.config_path, args.overrides, notify) if args.overrides else saved
     for section in ("data", "model"):
         if config_to_dict(config)[section] != config_to_dict(saved)[section]:
             way_forward = (f"; to train this run's weights on new data, start a new run with "
@@ -140,6 +142,13 @@ def _resume_config(run, args, checkpoints):
             raise UsageError(f"--resume: train.{key} cannot change within a run (the data "
                              f"sampler's position depends on it); start a new run with "
                              f"--init-from {args.resume}")
+    if config.train.init_from != saved.train.init_from:
+        raise UsageError("--resume: train.init_from cannot change: a resumed run goes on from its "
+                         "own checkpoints")
+    if config.train.epochs and config.train.grad_accum != saved.train.grad_accum:
+        raise UsageError(f"--resume: train.grad_accum cannot change in a run sized by "
+                         f"train.epochs={config.train.epochs} (its length in steps depends on it); "
+                         f"give the length as train.max_iters instead")
     run.check_optimizer_matches_checkpoints(config, checkpoints)
     return config if args.overrides else None
 
