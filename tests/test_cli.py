@@ -98,6 +98,8 @@ def test_resume_continues_from_the_checkpoint_and_can_raise_max_iters(trained, t
     code, out, err = run_cli(capsys, "train", "--resume", run, "train.max_iters=40")
     assert code == 0, err
     assert f"resumed {run} at step 30" in out
+    assert ("note: train.lr_decay_iters is null (the run's length), so the learning-rate "
+            "schedule now spans 40 steps instead of 30") in out
     records = RunDir(run).read_metrics()
     steps = [r["step"] for r in records if r["type"] == "train"]
     assert steps == list(range(1, 41))

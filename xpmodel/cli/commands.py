@@ -150,6 +150,14 @@ def _resume_config(run, args, checkpoints, notify=None):
                          f"train.epochs={config.train.epochs} (its length in steps depends on it); "
                          f"give the length as train.max_iters instead")
     run.check_optimizer_matches_checkpoints(config, checkpoints)
+    old, new = saved.train, config.train
+    if (notify and old.lr_decay_iters is None and new.lr_decay_iters is None
+            and new.schedule != "constant" and old.max_iters and new.max_iters
+            and new.max_iters > old.max_iters):
+        notify(f"note: train.lr_decay_iters is null (the run's length), so the learning-rate "
+               f"schedule now spans {new.max_iters:,} steps instead of {old.max_iters:,}, from "
+               f"its first step; to extend a run without changing its schedule, give "
+               f"train.lr_decay_iters when the run starts")
     return config if args.overrides else None
 
 
