@@ -148,6 +148,15 @@ def test_resume_of_a_run_sized_in_epochs_keeps_its_grad_accum(trained, tmp_path,
     assert RunDir(run).checkpoint_steps()[-1] == steps + 2
 
 
+@pytest.mark.parametrize("flag", [["--config", "default"], ["--out", "elsewhere"], ["--overwrite"]])
+def test_resume_refuses_the_flags_of_a_new_run(trained, tmp_path, capsys, flag):
+    run = copy_run(trained, tmp_path)
+    code, _, err = run_cli(capsys, "train", "--resume", run, *flag)
+    assert code == 2
+    assert_one_line_error(err)
+    assert "drop --config, --init-from, --out and --overwrite" in err
+
+
 @pytest.mark.parametrize("override,message", [
     ("model.n_layer=2", "not model.*"),
     ("data.source=notes.txt", "not data.*; to train this run's weights on new data, start a new "

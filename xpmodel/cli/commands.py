@@ -39,9 +39,10 @@ def _resume(args, device, dist, quiet):
     from ..config import save_config
     from ..train import Trainer
     from ..train.rundir import RunDir
-    if args.config or args.init_from or args.out:
-        raise UsageError("--resume RUN_DIR takes its config from the run; drop --config, "
-                         "--init-from and --out (KEY=VALUE may change train.* settings)")
+    if args.config or args.init_from or args.out or args.overwrite:
+        raise UsageError("--resume RUN_DIR takes its config from the run and writes only there; "
+                         "drop --config, --init-from, --out and --overwrite (KEY=VALUE may change "
+                         "train.* settings)")
     refuse_model_folder(args.resume, "--resume")
     run = RunDir(args.resume)
     run.require_run("--resume")
