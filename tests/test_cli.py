@@ -436,6 +436,8 @@ def test_tokenizer_train_then_prepare(tmp_path, capsys):
     code, out, err = run_cli(capsys, "prepare", corpus, "--tokenizer", tokenizer_path,
                              "--out", tokens, "--workers", 1)
     assert code == 2 and "already exists; pass --overwrite" in err
+    code, out, err = run_cli(capsys, "prepare", corpus, "--tokenizer", tmp_path)
+    assert code == 2 and f"--tokenizer {tmp_path}: is a directory, not a tokenizer file" in err
     written = tokens.stat().st_mtime_ns
     code, out, err = run_cli(capsys, "prepare", corpus, "--tokenizer", tokenizer_path)
     assert code == 0 and out.startswith("wrote "), err

@@ -182,6 +182,13 @@ def test_a_missing_base_names_the_file_that_names_it_and_where_it_looked(tmp_pat
         load_config(child)
 
 
+def test_a_folder_named_as_a_config_is_refused_as_one(tmp_path, monkeypatch):
+    (tmp_path / "adir").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=r"config 'adir': adir is a directory, not a config file"):
+        load_config("adir")
+
+
 def test_a_config_and_its_files_come_from_one_reading_of_the_base_chain(tmp_path, monkeypatch):
     from config_reads import count_config_reads
     write(tmp_path, "model:\n  n_layer: 3\n", name="grandparent.yaml")

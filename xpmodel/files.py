@@ -208,10 +208,12 @@ def entry_identity(path):
 
 def existing_file(path, given_as, what):
     """Refuse a file given as `given_as` (a flag or key) that names nothing
-    ("data.tokenizer tok.json: no such tokenizer file", a UsageError, exit 2);
-    what is there is for its reader to check."""
+    ("data.tokenizer tok.json: no such tokenizer file", a UsageError, exit 2)
+    or a folder; what else is there is for its reader to check."""
     if not os.path.exists(path):
         raise UsageError(f"{given_as} {shown_path(path)}: no such {what}")
+    if os.path.isdir(path):
+        raise UsageError(f"{given_as} {shown_path(path)}: is a directory, not a {what}")
 
 
 def folder_problem(folder):

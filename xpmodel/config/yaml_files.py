@@ -67,6 +67,9 @@ def locate(name_or_path, relative_to=None):
     path = Path(name) if relative_to is None else relative_to / name
     if path.is_file():
         return str(path), _read_text(path, str(path))
+    if path.is_dir():
+        raise UsageError(f"config {quote(name, 200)}: {path} is a directory, not a config file "
+                         f"(a YAML file or a shipped config's name)")
     with_suffix = path.with_name(path.name + ".yaml")
     hint = f"; {with_suffix} exists: name it as {name}.yaml" if with_suffix.is_file() else ""
     raise UsageError(
