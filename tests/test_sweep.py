@@ -73,6 +73,16 @@ def test_max_iters_zero_is_refused(capsys, tmp_path):
     assert not out.exists()
 
 
+def test_more_cpu_trials_at_once_than_cores_are_capped_to_the_cores(capsys, tmp_path, monkeypatch):
+    import xpmodel.cli.commands as commands
+    monkeypatch.setattr(commands, "usable_cores", lambda: 2)
+    code, out, err = run_cli(capsys, "sweep", "--config", TINY, "--out", tmp_path / "sweep",
+                             "--max-iters", 2, "--parallel", 99, "train.lr=1e-3,2e-3")
+    assert code == 0, err
+    assert "note: --parallel 99 is more than the 2 cores here; running 2 trials at once" in err
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["trials"][1]["status"] == "done"
+
+
 def test_a_sweep_folder_that_cannot_be_made_is_named_as_one(capsys, tmp_path):
     (tmp_path / "a-file").write_text("mine")
     code, _, err = run_cli(capsys, "sweep", "--config", TINY, "--out", tmp_path / "a-file" / "sweep",

@@ -527,9 +527,14 @@ def compare_command(args):
 def sweep_command(args):
     from ..backend import get_device
     from ..tune.preset import open_sweep, run_preset, sweep_strategy
-    get_device(args.device)   # a bad --device is named before the sweep folder is made or read
+    device = get_device(args.device)   # a bad --device is named before the sweep folder is made or read
     _check_seed(args.seed)
-    options = dict(max_iters=args.max_iters, parallel=args.parallel, metric=args.metric,
+    parallel, cores = args.parallel, usable_cores()
+    if not device.is_cuda and parallel > cores:
+        print(f"note: --parallel {parallel} is more than the {cores} cores here; running {cores} "
+              f"trials at once", file=sys.stderr, flush=True)
+        parallel = cores
+    options = dict(max_iters=args.max_iters, parallel=parallel, metric=args.metric,
                    device=args.device, seed=args.seed,
                    **sweep_strategy(args.sampler, args.pruner, args.storage, args.no_prune))
     if args.preset:

@@ -506,7 +506,9 @@ def _add_sweep(commands, common):
     p.add_argument("--metric", default="val_loss", choices=METRICS,
                    help="what is minimised: the best validation loss, or the training loss at "
                         "evaluations (default: val_loss)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="the trials' device, as train takes it: cpu, cuda, cuda:N or auto; with "
+                        "--parallel K and CUDA, trial slot i gets GPU i (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws (default: 0)")
     p.add_argument("--sampler", choices=("grid", "random", "tpe"), default=None,
                    help="grid: every combination of lists; random: ranges drawn at random and "
