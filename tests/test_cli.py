@@ -410,9 +410,9 @@ def test_every_command_that_runs_a_model_takes_the_gpu_when_there_is_one(command
     assert code == 0 and "(default: auto)" in " ".join(out.split())
 
 
-def test_no_command_prints_usage(capsys):
-    code, out, _ = run_cli(capsys)
-    assert code == 2 and "usage: xpmodel" in out
+def test_no_command_prints_usage_on_stderr(capsys):
+    code, out, err = run_cli(capsys)
+    assert code == 2 and "usage: xpmodel" in err and out == ""
 
 
 # ---- prepare and tokenizer ---------------------------------------------------------
@@ -644,8 +644,8 @@ def test_a_missing_argument_names_only_what_is_required(command, needed, capsys)
 
 
 def test_tokenizer_without_a_subcommand_shows_its_own_help(capsys):
-    code, out, _ = run_cli(capsys, "tokenizer")
-    assert code == 2 and out.startswith("usage: xpmodel tokenizer")
+    code, out, err = run_cli(capsys, "tokenizer")
+    assert code == 2 and err.startswith("usage: xpmodel tokenizer") and out == ""
 
 
 def test_bits_per_byte_gives_special_tokens_no_bytes(trained):

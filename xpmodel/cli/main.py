@@ -70,8 +70,8 @@ def _last_resort(exc):
 
 
 def _run(parser, args):
-    if not getattr(args, "handler", None):
-        parser.print_help()
+    if not getattr(args, "handler", None):   # no command: a usage error, its help on stderr
+        parser.print_help(sys.stderr)
         return 2
     stdout = sys.stdout
     if getattr(args, "outlives_stdout", False):
@@ -363,7 +363,7 @@ def _add_data_commands(commands, common):
                         "DIR (its other files are kept); never an input, a run's files or a "
                         "model's")
     q.set_defaults(handler=c.tokenizer_train_command)
-    p.set_defaults(handler=lambda args, parser=p: parser.print_help() or 2)
+    p.set_defaults(handler=lambda args, parser=p: parser.print_help(sys.stderr) or 2)
 
 
 def _add_hf_commands(commands, common):
