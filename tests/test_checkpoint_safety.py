@@ -439,6 +439,15 @@ def test_checkpoint_best_without_a_best_file_says_what_it_uses(run_copy, capsys)
     assert lines[0].endswith(f"using {run_copy.step_path(30).name}")
 
 
+def test_a_fallback_to_the_step_0_checkpoint_says_its_weights_are_untrained(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    run = Trainer.start(tiny_config(corpus, tmp_path), device="cpu", out=tmp_path / "run",
+                        show=False).run_dir                       # created, never trained
+    code, _, err = run_cli(capsys, "eval", run.path, "--checkpoint", "best", "--batches", "1")
+    assert code == 0, err
+    assert err.strip().endswith("using step-00000000.safetensors (the untrained weights)")
+
+
 # ---- 11: best.safetensors after a fallback -------------------------------------------
 
 def test_a_fallback_resume_does_not_replace_best_with_a_worse_model(run_copy, capsys):

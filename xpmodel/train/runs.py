@@ -14,7 +14,7 @@ from ..hf.convert import (SPECIAL_ID_KEYS, check_special_ids, hf_special_ids, im
 from ..model.config import OPTION_KEYS, gpt_config
 from ..model.gpt import GPT
 from ..model.params import parameter_shapes
-from .checkpoint import read_checkpoint_meta, save_checkpoint
+from .checkpoint import read_checkpoint_meta, save_checkpoint, step_of_name
 from .rundir import RunDir
 
 # The ModelConfig keys --init-from takes from its source (block_size with a caveat)
@@ -59,8 +59,9 @@ def load(run_dir, device="cpu", checkpoint="latest", kernels="fused", warn=None)
             raise CheckpointError(f"{run.path}: no usable checkpoint; the newest: {problems[0]}")
         raise CheckpointError(f"{run.path}: the run has no checkpoint")
     gpt_config, arrays = weights
+    untrained = " (the untrained weights)" if step_of_name(path.name) == 0 else ""
     for problem in problems:
-        warn(f"skipping checkpoint: {problem}; using {path.name}")
+        warn(f"skipping checkpoint: {problem}; using {path.name}{untrained}")
     model = GPT(gpt_config, device=device, kernels=kernels)
     model.load_state_arrays(arrays)
     return model.eval(), tokenizer
