@@ -13,7 +13,6 @@ flash kernels draw themselves.
     python tools/attention_probe.py [--configs char-mid gpt2-small llama-small] [--dtypes float16 bfloat16]
     python tools/attention_probe.py --configs char-mid --dropout 0.2
 """
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -24,14 +23,21 @@ import numpy as np
 def main():
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_gpu import CONFIGS
+    from cli_args import ArgumentParser, DocstringFormatter, non_negative_float
     from gpu_sections import timed
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__, formatter_class=DocstringFormatter)
     parser.add_argument("--configs", nargs="+", default=["char-mid", "gpt2-small", "llama-small"],
                         choices=list(CONFIGS))
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"], choices=("float16", "bfloat16"))
-    parser.add_argument("--dropout", type=float, default=0.0, help="dropout on the probabilities")
+    parser.add_argument("--dropout", type=non_negative_float, default=0.0,
+                        help="dropout on the probabilities, below 1")
     args = parser.parse_args()
-    import cupy
+    if args.dropout >= 1:
+        parser.error(f"--dropout {args.dropout:g}: must be below 1")
+    try:
+        import cupy
+    except ImportError:
+        parser.error("CuPy is not importable: the probe runs on a GPU (pip install 'xpmodel[cuda12]')")
     from xpmodel.backend import BFLOAT16, use_kernels
     from xpmodel.cuda import flash
     from xpmodel.cuda.random import CounterGenerator

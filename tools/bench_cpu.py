@@ -5,7 +5,7 @@ A step is zero-grad, forward, backward, global-norm clip and AdamW, on
 random tokens. Prints tokens/s (B*T / median step time), xpmodel's peak
 traced memory for one step, and the ratio to PyTorch.
 
-    python tools/bench_cpu.py [--configs seed nano-cpu llama-seed llama-nano-cpu] [--steps 20] [--threads 2]
+    python tools/bench_cpu.py [--configs seed nano-cpu llama-seed llama-nano-cpu] [--steps 20] [--threads N]
 
 The llama-* configs are the same sizes with the Llama-style block (RMSNorm,
 RoPE, SwiGLU, grouped-query attention, no biases); PyTorch runs them with
@@ -17,7 +17,6 @@ set it to work around old OpenBLAS bugs); a forced older kernel (Haswell's
 AVX2 on an AVX-512 CPU) slows xpmodel's matrix products, not PyTorch's, so
 the line says when it is forced.
 """
-import argparse
 import os
 import statistics
 import sys
@@ -108,13 +107,20 @@ def time_steps(step, n):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per framework")
-    parser.add_argument("--rounds", type=int, default=4, help="alternations between frameworks")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from cli_args import ArgumentParser, DocstringFormatter, positive_int
+    parser = ArgumentParser(description=__doc__, formatter_class=DocstringFormatter)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                        help="models to time")
+    parser.add_argument("--steps", type=positive_int, default=20,
+                        help="timed steps per framework, at least --rounds")
+    parser.add_argument("--rounds", type=positive_int, default=4, help="alternations between frameworks")
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1,
+                        help="PyTorch's threads (default: the CPU count)")
+    args = parser.parse_args()
+    if args.steps < args.rounds:
+        parser.error(f"--steps {args.steps} is fewer than --rounds {args.rounds}: each round times "
+                     f"--steps // --rounds steps")
     import xpmodel
     try:
         import torch
@@ -140,7 +146,7 @@ def main():
         if theirs:
             theirs()
         our_times, their_times = [], []
-        per_round = max(1, args.steps // args.rounds)
+        per_round = args.steps // args.rounds
         for _ in range(args.rounds):
             our_times += time_steps(ours, per_round)
             if theirs:

@@ -26,6 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+from cli_args import (ArgumentParser, DocstringFormatter, int_at_least, non_negative_int,
+                      positive_float, positive_int)
+
 NANO_CPU = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=256)
 GPT2_SMALL = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)
 THREAD_ENVS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -112,10 +115,13 @@ def print_cost_model(args):
     compute_s = flops / (args.tflops * 1e12)
     grad_bytes = 4 * N
     ring_bytes = 2 * (K - 1) / K * grad_bytes   # sent (and received) by each GPU
-    print(f"\ncost model: GPT-2 small ({N / 1e6:.1f}M parameters) on {K} GPUs, "
+    print(f"\ncost model: GPT-2 small ({N / 1e6:.1f}M parameters) on {K} GPU{'s' if K > 1 else ''}, "
           f"{tokens:,} tokens per GPU per optimizer step")
     print(f"  compute: 6*N*tokens = {flops / 1e12:.1f} TFLOP per GPU per step; at an assumed "
           f"{args.tflops:g} TFLOP/s achieved: {compute_s * 1e3:.1f} ms")
+    if K == 1:
+        print("  one GPU: no all-reduce, so no communication time")
+        return
     print(f"  all-reduce of fp32 gradients: 4*N = {grad_bytes / 1e6:.0f} MB; a ring moves "
           f"2*(K-1)/K of that = {ring_bytes / 1e6:.0f} MB per GPU")
     for name, gbps in (("NVLink (H100 SXM)", args.nvlink_gbps), ("PCIe", args.pcie_gbps)):
@@ -128,27 +134,30 @@ def print_cost_model(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=12, help="global batch (rows of T=64)")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3, help="alternations; best one kept")
-    parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--gpus", type=int, default=8, help="cost model: GPUs")
-    parser.add_argument("--tokens-per-gpu", type=int, default=2**19 // 8,
+    parser = ArgumentParser(description=__doc__, formatter_class=DocstringFormatter)
+    parser.add_argument("--batch", type=positive_int, default=12,
+                        help="global batch (rows of T=64), at least --ranks")
+    parser.add_argument("--steps", type=positive_int, default=30, help="timed steps per run")
+    parser.add_argument("--warmup", type=non_negative_int, default=5, help="untimed steps first")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="alternations; best one kept")
+    parser.add_argument("--ranks", type=int_at_least(2), default=2, help="ranks of the multi-rank run")
+    parser.add_argument("--gpus", type=positive_int, default=8, help="cost model: GPUs")
+    parser.add_argument("--tokens-per-gpu", type=positive_int, default=2**19 // 8,
                         help="cost model: tokens per GPU per optimizer step "
                              "(configs/gpt2-small.yaml: 2**19 per step over all GPUs)")
-    parser.add_argument("--tflops", type=float, default=400.0,
+    parser.add_argument("--tflops", type=positive_float, default=400.0,
                         help="cost model: achieved TFLOP/s per GPU (H100 SXM dense fp16 "
                              "peak is 989)")
-    parser.add_argument("--nvlink-gbps", type=float, default=400.0,
+    parser.add_argument("--nvlink-gbps", type=positive_float, default=400.0,
                         help="cost model: NCCL all-reduce bus bandwidth over NVLink")
-    parser.add_argument("--pcie-gbps", type=float, default=25.0,
+    parser.add_argument("--pcie-gbps", type=positive_float, default=25.0,
                         help="cost model: NCCL all-reduce bus bandwidth over PCIe")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-runs", action="store_true", help="print only the cost model")
     args = parser.parse_args()
+    if args.batch < args.ranks and not args.no_runs:
+        parser.error(f"--batch {args.batch} is smaller than --ranks {args.ranks}: "
+                     f"every rank needs a row")
     if args.worker:
         return worker(args)
 

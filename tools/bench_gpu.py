@@ -18,7 +18,6 @@ linear weights, scaled_dot_product_attention, fused AdamW). Prints tokens/s
     python tools/bench_gpu.py --kernels fused   # xpmodel's fused kernels only, as before
     python tools/bench_gpu.py --device cpu --precisions fp32 bf16 --configs tiny --compile-configs   # a smoke test
 """
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -130,25 +129,42 @@ class CupyPeakTracker:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from cli_args import ArgumentParser, DocstringFormatter, positive_float, positive_int
+    parser = ArgumentParser(description=__doc__, formatter_class=DocstringFormatter)
     parser.add_argument("--configs", nargs="+", default=["char-mid", "gpt2-small"], choices=list(CONFIGS))
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N, cpu or auto")
     parser.add_argument("--precisions", nargs="+", default=["fp16"], choices=("fp16", "bf16", "fp32"),
                         help="each config is timed in each (PyTorch under autocast to the same type)")
-    parser.add_argument("--peak-flops", type=float, default=None,
+    parser.add_argument("--peak-flops", type=positive_float, default=None,
                         help="FLOP/s for MFU (default: xpmodel/train/peak_flops.py's entry for this GPU)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per side")
-    parser.add_argument("--rounds", type=int, default=4, help="alternations between sides")
+    parser.add_argument("--steps", type=positive_int, default=20,
+                        help="timed steps per side, at least --rounds")
+    parser.add_argument("--rounds", type=positive_int, default=4, help="alternations between sides")
     parser.add_argument("--compile-configs", nargs="*", default=["gpt2-small"],
-                        help="configs also timed under torch.compile (compiling takes minutes)")
+                        help="configs also timed under torch.compile (compiling takes minutes); "
+                             "none after the flag: none")
     parser.add_argument("--kernels", nargs="+", default=["fused", "xp"], choices=("fused", "xp"),
-                        help="xpmodel's sides: its fused kernels, the layers' own xp code (default: both)")
+                        help="xpmodel's sides: its fused kernels, the layers' own xp code")
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    unknown = [name for name in args.compile_configs if name not in CONFIGS]
+    if unknown:   # (not argparse's choices: with nargs="*", Python 3.10 checks an empty list too)
+        parser.error(f"--compile-configs: unknown config {unknown[0]!r} "
+                     f"(choose from {', '.join(CONFIGS)})")
+    if args.steps < args.rounds:
+        parser.error(f"--steps {args.steps} is fewer than --rounds {args.rounds}: each round times "
+                     f"--steps // --rounds steps")
+    from xpmodel.backend import DeviceError, get_device
+    try:
+        args.device = str(get_device(args.device))
+    except DeviceError as exc:
+        parser.error(f"--device: {exc}")
+    import torch
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: PyTorch sees no GPU")
     import xpmodel
     from bench_cpu import time_steps
     from xpmodel.train.peak_flops import mfu_peak
-    import torch
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"device {gpu}, torch {torch.__version__}")
     tracker = CupyPeakTracker() if args.device.startswith("cuda") else None
@@ -192,7 +208,7 @@ def main():
         times = {side: [] for side in sides}
         for _ in range(args.rounds):
             for side, step in sides.items():
-                times[side] += time_steps(step, max(1, args.steps // args.rounds))
+                times[side] += time_steps(step, args.steps // args.rounds)
         tokens = B * T
         tps = {side: tokens / statistics.median(t) for side, t in times.items()}
         print(f"{name} {precision}: L={L} H={H} C={C} T={T} B={B} V={V}")

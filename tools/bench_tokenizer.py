@@ -7,7 +7,6 @@ installed. This is a measurement, not a test: timings depend on the machine.
 
     python tools/bench_tokenizer.py [--data PATH] [--vocab-size 4096]
 """
-import argparse
 import os
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from cli_args import ArgumentParser, DocstringFormatter, int_at_least, positive_int, text_file  # noqa: E402
 from xpmodel.tokenizer.bpe import ENDOFTEXT, BPETokenizer  # noqa: E402
 
 
@@ -53,12 +53,13 @@ def bench_hf(text, vocab_size):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path,
-                        default=REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt",
+    parser = ArgumentParser(description=__doc__, formatter_class=DocstringFormatter)
+    parser.add_argument("--data", type=text_file,
+                        default=str(REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"),
                         help="UTF-8 text file to train on and encode")
-    parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--vocab-size", type=int_at_least(256), default=4096,
+                        help="ids in all, at least the 256 byte ids")
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help="processes for the encode_chunks measurement")
     args = parser.parse_args()
 

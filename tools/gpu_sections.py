@@ -7,7 +7,6 @@ fused kernel buys. For finding the next thing to speed up.
 
     python tools/gpu_sections.py [--config gpt2-small] [--precision fp16|bf16|fp32] [--kernels fused xp]
 """
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -33,12 +32,16 @@ def timed(fn, repeat=10):
 def main():
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_gpu import CONFIGS
-    parser = argparse.ArgumentParser(description=__doc__)
+    from cli_args import ArgumentParser
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="gpt2-small", choices=list(CONFIGS))
     parser.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32"))
     parser.add_argument("--kernels", nargs="+", default=["fused", "xp"], choices=("fused", "xp"))
     args = parser.parse_args()
-    import cupy
+    try:
+        import cupy
+    except ImportError:
+        parser.error("CuPy is not importable: the sections run on a GPU (pip install 'xpmodel[cuda12]')")
     import xpmodel
     from xpmodel.backend import use_kernels
     from xpmodel.layers import attention, crossentropy, linear

@@ -22,7 +22,7 @@ plus, once, the block being recomputed in backward (recompute "block": its
 of the head: a chunk of 2^27 logits in float16 and the float32 hidden-state
 gradient.
 """
-import argparse
+from cli_args import ArgumentParser, DocstringFormatter, fraction, positive_int
 
 SIZES = {"124M": (12, 768), "350M": (24, 1024), "774M": (36, 1280), "1.5B": (48, 1600)}
 PER_TOKEN_LAYER = {"none": 36, "mlp": 20, "block": 4}   # bytes per channel
@@ -52,12 +52,11 @@ def largest_batch(L, C, T, capacity, recompute):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--headroom", type=float, default=0.9,
-                        help="share of the GPU's memory the plan may use (the rest: CUDA context, "
-                             "cuBLAS workspace, the allocator's slack)")
+    parser = ArgumentParser(description=__doc__, formatter_class=DocstringFormatter)
+    parser.add_argument("--seq", type=positive_int, default=1024, help="sequence length T")
+    parser.add_argument("--headroom", type=fraction, default=0.9,
+                        help="share of the GPU's memory the plan may use, above 0 and at most 1 "
+                             "(the rest: CUDA context, cuBLAS workspace, the allocator's slack)")
     args = parser.parse_args()
     T = args.seq
     print(f"check: gpt2-small B=16 T=1024 -> {peak_bytes(12, 768, 1024, 16, 'none') / GIB:.2f} GiB "

@@ -9,12 +9,13 @@ the best one. Exits 1 when either check fails.
 
     python tools/soak.py [--steps 10000] [--save-interval 50] [--data FILE] [--out DIR]
 """
-import argparse
 import random
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from cli_args import ArgumentParser, positive_float, positive_int
 
 
 def resident_kib(field="VmRSS"):
@@ -37,16 +38,23 @@ def write_corpus(path, lines=20000, seed=0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10_000)
-    parser.add_argument("--save-interval", type=int, default=50)
-    parser.add_argument("--eval-interval", type=int, default=500)
-    parser.add_argument("--keep-last", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=200, help="steps before the first reading")
-    parser.add_argument("--max-growth", type=float, default=0.05)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=positive_int, default=10_000)
+    parser.add_argument("--save-interval", type=positive_int, default=50)
+    parser.add_argument("--eval-interval", type=positive_int, default=500)
+    parser.add_argument("--keep-last", type=positive_int, default=3)
+    parser.add_argument("--warmup", type=positive_int, default=200,
+                        help="steps before the first reading (fewer than --steps)")
+    parser.add_argument("--max-growth", type=positive_float, default=0.05)
     parser.add_argument("--data", default=None, help="a text file (default: generated text)")
     parser.add_argument("--out", default=None, help="run directory (default: a temporary one)")
+    parser.add_argument("--overwrite", action="store_true", help="let --out replace an existing run")
     args = parser.parse_args(argv)
+    if args.warmup >= args.steps:
+        parser.error(f"--warmup {args.warmup} must be below --steps {args.steps}: "
+                     f"memory is read after the warmup and again at the end")
+    if args.out and Path(args.out).exists() and not args.overwrite:
+        parser.error(f"--out {args.out}: it exists; --overwrite replaces it")
 
     from xpmodel.config import load_config
     from xpmodel.train import Trainer
@@ -59,8 +67,8 @@ def main(argv=None):
         f"data.source={data}", f"data.cache_dir={root / 'cache'}",
         f"train.max_iters={args.steps}", f"train.save_interval={args.save_interval}",
         f"train.eval_interval={args.eval_interval}", f"train.keep_last={args.keep_last}",
-        "train.warmup_iters=100", f"train.log_interval={args.steps}"])
-    trainer = Trainer.start(config, device="cpu", out=out, overwrite=True, show=False)
+        f"train.warmup_iters={min(100, args.steps // 10)}", f"train.log_interval={args.steps}"])
+    trainer = Trainer.start(config, device="cpu", out=out, overwrite=args.overwrite, show=False)
 
     readings = {}
     one_step = trainer._train_step

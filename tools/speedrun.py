@@ -84,6 +84,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cli_args import ArgumentParser, DocstringFormatter, positive_int
+
 TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
 DEFAULT_DATA = Path(os.environ.get("XPMODEL_SHARED_DATA", REPO.parent / "shared" / "data")) / "tinyshakespeare.txt"
@@ -511,17 +513,6 @@ def check_arguments(parser, args):
         parser.error(problem)
 
 
-def positive_int(text):
-    """--repeats, --eval-every, --threads: a whole number above 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
 def target_value(text):
     """--target: a validation loss (finite, above 0), or `baseline`."""
     if text == "baseline":
@@ -556,7 +547,7 @@ def run_in_child(name, args, target, repeat):
 
 def main():
     from xpmodel.cpu_threads import usable_cores
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=DocstringFormatter)
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--size", choices=SIZES, default="cpu",
                         help="cpu: the *-char-cpu configs, target 1.88; gpu: the *-char ones, 1.47; "
@@ -567,8 +558,10 @@ def main():
     parser.add_argument("--data", help="the corpus (default: for the char sizes Tiny Shakespeare "
                                        "from $XPMODEL_SHARED_DATA or ../shared/data where it is, "
                                        "else the configs' own)")
-    parser.add_argument("--repeats", type=positive_int, default=1)
-    parser.add_argument("--eval-every", type=positive_int, default=50)
+    parser.add_argument("--repeats", type=positive_int, default=1,
+                        help="runs of each recipe, interleaved; the table shows the median")
+    parser.add_argument("--eval-every", type=positive_int, default=50,
+                        help="steps between evaluations (every 10 near the target)")
     parser.add_argument("--threads", type=positive_int, default=usable_cores(),
                         help="PyTorch's threads (xpmodel uses every core it may run on)")
     parser.add_argument("--json", help="write every run and the machine here, after every run")

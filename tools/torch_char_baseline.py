@@ -7,7 +7,6 @@ batches every 250 steps) as `xpmodel train --config shakespeare-char-cpu`.
 
     python tools/torch_char_baseline.py [--data ../shared/data/tinyshakespeare.txt] [--iters 2000]
 """
-import argparse
 import math
 import sys
 import time
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_args import ArgumentParser, DocstringFormatter, positive_int, text_file  # noqa: E402
 from torch_gpt import torch_adamw, torch_loss, torch_params  # noqa: E402
 
 L, H, C, T, B = 4, 4, 128, 64, 12
@@ -31,15 +31,18 @@ def lr_at(step, iters):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=DocstringFormatter)
     default_data = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
-    parser.add_argument("--data", default=str(default_data))
-    parser.add_argument("--iters", type=int, default=2000)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data", type=text_file, default=str(default_data), help="the corpus, read as bytes")
+    parser.add_argument("--iters", type=positive_int, default=2000, help="training steps")
+    parser.add_argument("--threads", type=positive_int, default=2, help="PyTorch's threads")
     args = parser.parse_args()
+    if round(args.data.stat().st_size * 0.1) < T + 2:
+        parser.error(f"--data {args.data}: too short; its last 10% (validation) must hold "
+                     f"more than {T + 1} bytes")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    data = np.frombuffer(Path(args.data).read_bytes(), dtype=np.uint8).astype(np.int64)
+    data = np.frombuffer(args.data.read_bytes(), dtype=np.uint8).astype(np.int64)
     n_val = int(round(len(data) * 0.1))
     train, val = torch.from_numpy(data[:-n_val]), torch.from_numpy(data[-n_val:])
     import xpmodel
