@@ -45,7 +45,7 @@ def test_an_empty_corpus_file_is_bad_data_exit_1(command, tokenizer, tmp_path, c
                              f"data.tokenizer={tokenizer}")
     assert code == 1, out + err
     assert_one_line_error(err)
-    assert f"{empty}: empty corpus: the file is empty" in err
+    assert f"data.source {empty}: empty corpus: the file is empty" in err   # the key named
     assert out == ""
 
 

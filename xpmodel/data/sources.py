@@ -124,13 +124,12 @@ def resolve_given(spec: "str | os.PathLike", given_as: str) -> Source:
     such file or folder, a glob that finds no text, an empty spec), is a mistake in what was
     asked: a UsageError naming it ("--data notes.txt: no such file or
     folder"). One that is there but cannot be used (an empty file or folder,
-    a FIFO) is bad data: its DataError stays as it is."""
+    a FIFO) is bad data: a DataError, named the same way."""
     try:
         return resolve_source(spec)
     except DataError as exc:
-        if spec in BUILTIN_NAMES or os.path.exists(os.path.expanduser(spec)):
-            raise
-        raise UsageError(f"{given_as} {exc}") from None
+        there = spec in BUILTIN_NAMES or os.path.exists(os.path.expanduser(spec))
+        raise (DataError if there else UsageError)(f"{given_as} {exc}") from None
 
 
 def corpus_fingerprint(spec: "str | os.PathLike | Source") -> str:
