@@ -46,9 +46,9 @@ def _resume(args, device, dist, quiet):
     refuse_model_folder(args.resume, "--resume")
     run = RunDir(args.resume)
     run.require_run("--resume")
-    with run.lock("--resume") if dist is None or dist.is_main else nullcontext():
+    is_main = dist is None or dist.is_main
+    with run.lock("--resume") if is_main else nullcontext():
         checkpoints = list(run.checkpoints_newest_first())   # each header read once
-        is_main = dist is None or dist.is_main
         config = _resume_config(run, args, checkpoints, notify=print if is_main else None)
         trainer = Trainer.resume(args.resume, device=device, overrides_config=config,
                                  quiet=quiet, dist=dist, checkpoints=checkpoints)
@@ -527,7 +527,7 @@ def compare_command(args):
 def sweep_command(args):
     from ..backend import get_device
     from ..tune.preset import open_sweep, run_preset, sweep_strategy
-    device = get_device(args.device)   # a bad --device is named before the sweep folder is made or read
+    device = get_device(args.device)   # named before the sweep folder is made or read
     _check_seed(args.seed)
     parallel, cores = args.parallel, usable_cores()
     if not device.is_cuda and parallel > cores:

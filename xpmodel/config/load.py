@@ -223,15 +223,15 @@ def _train_keys(keys):
     return {key.partition(".")[2] for key in keys if key.startswith("train.")}
 
 
-# Keys that apply only under another key's choice: (whether a dotted key is one
-# of them, the choosing key, the choice they apply with).
 def _equals(choice):
+    """(whether a choosing key's value is `choice`, that as text)"""
     return lambda value: value == choice, f"={choice}"
 
 
 _ABOVE_ZERO = (lambda value: value > 0, " above 0")
 
-# (is a dependent key, the choosing key, (whether its value applies them, that as text))
+# Keys that apply only under another key's choice: (whether a dotted key is one
+# of them, the choosing key, (whether its value applies them, that as text)).
 _DEPENDENT_KEYS = (
     (lambda key: key.startswith("train.muon_"), "train.optimizer", _equals("muon")),
     (lambda key: key == "model.rope_theta", "model.position", _equals("rope")),

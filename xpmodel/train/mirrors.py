@@ -67,7 +67,7 @@ class Mirrors:
 
     def _each(self, method, step, *args, only=None):
         for name, sink in list(self.sinks.items()):
-            if only is not None and name != only or name not in self.sinks:
+            if (only is not None and name != only) or name not in self.sinks:
                 continue                  # (a sink that failed while another's warning was mirrored)
             try:
                 getattr(sink, method)(*args)

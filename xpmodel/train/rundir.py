@@ -554,9 +554,10 @@ class RunDir:
         if not stat.S_ISREG(mode):
             return f"is {file_kind(mode)}"
         try:
-            return None if names_itself_a_checkpoint(path) else "is a safetensors file of another program"
+            ours = names_itself_a_checkpoint(path)
         except CheckpointError as exc:
             return f"is not an xpmodel checkpoint ({str(exc).removeprefix(f'{path}: ')})"
+        return None if ours else "is a safetensors file of another program"
 
     def _own_checkpoint_header(self, path, config, header=None):
         """The header of the regular file (not a link) at `path` when it reads
