@@ -34,9 +34,12 @@ CONFIGS.update({"llama-nano-cpu": CONFIGS["nano-cpu"][:-1] + (LLAMA,),
                 "llama-seed": CONFIGS["seed"][:-1] + (dict(LLAMA, n_kv_head=4),)})
 
 
-def xpmodel_step(config, B):
+def xpmodel_step(config, B, xpmodel=None):
+    """A training step of `config` at batch B, by the package `xpmodel` (default:
+    the installed one; tools/ab_checkouts.py passes another checkout's)."""
     import numpy as np
-    import xpmodel
+    if xpmodel is None:
+        import xpmodel
     model = xpmodel.GPT(config, seed=0)
     opt = xpmodel.AdamW(model, lr=3e-4)
     rng = np.random.default_rng(0)
