@@ -242,6 +242,10 @@ def test_folders_and_globs_follow_linked_folders_once_and_say_what_they_skipped(
     (corpus / "linked").symlink_to(elsewhere)
     (corpus / "again").symlink_to(elsewhere)                 # a second way into the same folder
     (corpus / "sub" / "loop").symlink_to(corpus)             # a loop
+    (corpus / "sub" / "up").symlink_to(tmp_path)             # a loop through a folder above
+    (tmp_path / "beside.txt").write_text("not the corpus's")
+    (corpus / "z.txt").symlink_to(corpus / "a.txt")          # a second way to a file
+    os.link(corpus / "sub" / "s.txt", corpus / "sub" / "t.txt")   # and a hard link
     (corpus / "gone.txt").symlink_to(tmp_path / "missing.txt")
     names = {"a.txt", "again/r.txt", "sub/s.txt"}            # read through the first name
     folder = resolve_source(str(corpus))
@@ -250,12 +254,25 @@ def test_folders_and_globs_follow_linked_folders_once_and_say_what_they_skipped(
     assert {p.relative_to(corpus).as_posix() for p in glob.files} == names
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all("a link that points nowhere (gone.txt)" in line and
-                                 "2 folders reached again through links (linked, sub/loop)" in line
-                                 for line in err), err
+                                 "a folder reached again through a link (linked)" in line and
+                                 "2 links back to the walk's folder or above it (sub/loop, sub/up)"
+                                 in line and "2 files reached again through links (sub/t.txt, "
+                                 "z.txt)" in line for line in err), err
     resolve_source(str(corpus))
     assert capsys.readouterr().err == ""                      # once per process
     resolve_source(os.path.relpath(corpus))                   # however it is spelled
     assert capsys.readouterr().err == ""
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_fingerprinted(tmp_path):
+    from xpmodel.data import resolve_source
+    from xpmodel.data.sources import corpus_fingerprint
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    with open(os.fsencode(folder) + b"/x\xff.txt", "wb") as f:
+        f.write(b"hello\n" * 50)
+    source = resolve_source(str(folder))
+    assert len(source.files) == 1 and len(corpus_fingerprint(source)) == 64
 
 
 @pytest.mark.parametrize("make, kind", [(os.mkfifo, "a FIFO"),

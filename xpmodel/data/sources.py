@@ -13,12 +13,14 @@ A spec is read as, in this order:
    files, sorted by path.
 
 Folders and globs walk alike: links to folders are followed, but each real
-folder is read once (by device and inode), so a link that loops back (to
-`..`, say) or a second link to the same folder adds nothing and cannot make
-the walk endless; at most `_MAX_WALK_ENTRIES` entries are looked at. What a
-walk passes over that it might have read (a link that points nowhere, a
-folder reached again through a link, a folder it cannot list) is named in one
-line on stderr, once per process.
+folder is read once (by device and inode), so a second link to the same folder
+adds nothing and the walk cannot be endless; a link to the walk's own folder
+or one above it (to `..`, say) is a loop and adds nothing either, not even
+the files beside the walk's folder; and each real file is read once, however
+many links or hard links reach it. At most `_MAX_WALK_ENTRIES` entries are
+looked at. What a walk passes over that it might have read (a link that
+points nowhere, a folder or file reached again, a folder it cannot list) is
+named in one line on stderr, once per process.
 
 A spec that names a FIFO, a device or a socket is refused: reading one could
 block or never end. `resolve_given` tells a spec that names nothing (a usage
@@ -56,6 +58,8 @@ _MAX_WALK_ENTRIES = 1_000_000
 _noted = set()   # (real folder, kind of spec, what was skipped) noted by this process
 _DANGLING = ("a link that points nowhere", "links that point nowhere")
 _AGAIN = ("a folder reached again through a link", "folders reached again through links")
+_LOOP = ("a link back to the walk's folder or above it", "links back to the walk's folder or above it")
+_FILE_AGAIN = ("a file reached again through a link", "files reached again through links")
 _UNLISTABLE = ("a folder that cannot be listed", "folders that cannot be listed")
 
 
@@ -142,7 +146,9 @@ def corpus_fingerprint(spec: "str | os.PathLike | Source") -> str:
     digest.update(json.dumps(reading, sort_keys=True).encode())
     for path in source.files:
         info = path.stat()
-        digest.update(f"\0{path.resolve()}\0{info.st_size}\0{info.st_mtime_ns}\0".encode())
+        # the name as the file system holds it (os.fsencode: not every name is UTF-8)
+        digest.update(b"\0" + os.fsencode(path.resolve()) +
+                      f"\0{info.st_size}\0{info.st_mtime_ns}\0".encode())
         digest.update(_content_digest(path, info.st_size))
     return digest.hexdigest()
 
@@ -177,7 +183,8 @@ def _walk(base: str, spec: str, what: str, enter, take) -> list[tuple[str, tuple
     folders followed, each real folder read once; what was passed over is
     noted on stderr (see the module's docstring)."""
     found, seen, looked = [], set(), 0
-    skipped = {_DANGLING: [], _AGAIN: [], _UNLISTABLE: []}
+    skipped = {_DANGLING: [], _AGAIN: [], _LOOP: [], _FILE_AGAIN: [], _UNLISTABLE: []}
+    top = os.path.realpath(base)
     pending = [(base, ())]
     while pending:
         folder, relative = pending.pop()
@@ -211,13 +218,41 @@ def _walk(base: str, spec: str, what: str, enter, take) -> list[tuple[str, tuple
             except OSError:
                 continue
             if is_dir and enter(names):
-                pending.append((entry.path, names))
+                if entry.is_symlink() and _is_within(top, os.path.realpath(entry.path)):
+                    skipped[_LOOP].append(names)
+                else:
+                    pending.append((entry.path, names))
             elif is_file and take(names):
                 found.append((entry.path, names))
             elif dangling and (enter(names) or take(names)):
                 skipped[_DANGLING].append(names)
+    found = _each_file_once(found, skipped[_FILE_AGAIN])
     _note_skipped(base, spec, what, skipped)
     return found
+
+
+def _each_file_once(found, again):
+    """`found` (path, names) without a second way to a real file (a link, a hard
+    link): the first in path order is kept, a plain file before a link;
+    the names of the others go to `again`."""
+    first = {}
+    for path, names in sorted(found, key=lambda item: (os.path.islink(item[0]), item[1])):
+        try:
+            identity = os.stat(path)
+        except OSError:
+            continue
+        key = (identity.st_dev, identity.st_ino)
+        if key in first:
+            again.append(names)
+        else:
+            first[key] = path
+    kept = set(first.values())
+    return [(path, names) for path, names in found if path in kept]
+
+
+def _is_within(path: str, folder: str) -> bool:
+    """Whether the real path `path` is `folder` or lies below it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _note_skipped(base: str, spec: str, what: str, skipped: dict) -> None:
