@@ -37,10 +37,10 @@ def subprocess_env(cache):
                 OMP_NUM_THREADS="1", COLUMNS="120")
 
 
-def xpmodel_process(*args, cache, timeout=120):
+def xpmodel_process(*args, cache, timeout=120, env=None):
     return subprocess.run([sys.executable, "-m", "xpmodel.cli.main", *map(str, args)],
                           capture_output=True, encoding="utf-8", errors="replace",
-                          env=subprocess_env(cache), timeout=timeout)
+                          env={**subprocess_env(cache), **(env or {})}, timeout=timeout)
 
 
 @pytest.fixture(autouse=True)
@@ -243,6 +243,33 @@ def test_sample_never_prints_control_characters(trained, tmp_path, capsys):
                              "--temperature", 0)
     assert code == 0, err
     assert out == "Good" + "\\x1b" * 5 + "\n"
+    code, out, err = run_cli(capsys, "sample", run, "--prompt", "\x1b[31mred", "--max-new-tokens",
+                             1, "--temperature", 0)
+    assert code == 0 and out == "\\x1b[31mred\\x1b\n", err     # the prompt too
+
+
+def test_sample_to_a_stdout_that_is_not_utf8_escapes_what_it_cannot_show(trained):
+    done = xpmodel_process("sample", trained["run"], "--prompt", "caf\u00e9", "--max-new-tokens", 3,
+                           "--seed", 1, cache=trained["cache"], env={"PYTHONIOENCODING": "ascii"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("caf\\xe9")
+
+
+def test_eval_batches_are_spread_from_the_first_to_the_last(trained, monkeypatch):
+    import xpmodel
+    from xpmodel.train import evaluate
+    model, tokenizer = xpmodel.load(trained["run"])
+    T = model.config.block_size
+    tokens = numpy.arange(5 * 2 * T + 1) % 200                      # five batches of two windows
+    firsts = []
+
+    def recording(model, batches):
+        for x, _ in batches:
+            firsts.append(int(x[0, 0]))
+            yield 1.0
+    monkeypatch.setattr(evaluate, "batch_losses", recording)
+    evaluate.evaluate_tokens(model, tokenizer, tokens, 2, max_batches=3)
+    assert firsts == [int(tokens[0]), int(tokens[2 * 2 * T]), int(tokens[4 * 2 * T])]
 
 
 def test_training_samples_are_shown_without_control_characters(capsys):

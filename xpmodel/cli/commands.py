@@ -213,10 +213,12 @@ def sample_command(args):
     out = sys.stdout
     if out is None:   # started with stdout closed: no reader, as with a closed pipe
         return 0
+    if hasattr(out, "reconfigure"):   # a stdout that is not UTF-8 shows other characters as \uXXXX
+        out.reconfigure(errors="backslashreplace")
     for i in range(args.num_samples):
         if args.num_samples > 1:
             out.write(f"--- sample {i + 1} ---\n")
-        out.write(args.prompt)
+        out.write(printable(args.prompt))
         seed = None if args.seed is None else args.seed + i
         decoder = tokenizer.incremental_decoder(context)
         for token in generate(model, prompt, args.max_new_tokens, temperature=args.temperature,

@@ -26,7 +26,8 @@ def batch_losses(model, batches):
 def evaluate_tokens(model, tokenizer, tokens, batch_size, max_batches=None):
     """Loss, perplexity and bits per byte of `model` over `tokens` (xpmodel
     eval): consecutive windows of block_size, so each target is predicted
-    once, `batch_size` windows a batch, at most `max_batches` batches."""
+    once, `batch_size` windows a batch; at most `max_batches` batches, spread
+    evenly from the first to the last."""
     T = model.config.block_size
     specials = set(tokenizer.special_tokens.values())   # e.g. <|endoftext|>: no bytes of text
     byte_lengths = numpy.array([len(tokenizer.token_bytes(i))
@@ -34,8 +35,9 @@ def evaluate_tokens(model, tokenizer, tokens, batch_size, max_batches=None):
                                 for i in range(model.config.vocab_size)])
     starts = list(range(0, len(tokens) - 1, T))
     batches = [starts[i:i + batch_size] for i in range(0, len(starts), batch_size)]
-    if max_batches is not None:
-        batches = batches[:max_batches]
+    if max_batches is not None and max_batches < len(batches):
+        picks = numpy.linspace(0, len(batches) - 1, num=max_batches).round().astype(int)
+        batches = [batches[i] for i in picks]
     sizes = []   # (targets, bytes of text) of each batch, as it is made
 
     def windows():
