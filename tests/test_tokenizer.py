@@ -292,6 +292,18 @@ def test_encode_chunks_yields_uint32_arrays_in_order(tokenizer, workers):
         assert array.tolist() == tokenizer.encode_ordinary(chunk)
 
 
+def test_encoding_workers_leave_ctrl_c_to_the_command(tokenizer, monkeypatch):
+    """Ctrl-C reaches every process of the group; the command stops its workers
+    itself, so a worker ignores it instead of printing a traceback."""
+    import signal
+    from xpmodel.tokenizer import parallel
+    installed = {}
+    monkeypatch.setattr(signal, "signal", lambda number, handler: installed.update({number: handler}))
+    parallel._install_worker_tokenizer(BPETokenizer, tokenizer.to_json())
+    assert installed == {signal.SIGINT: signal.SIG_IGN}
+    assert parallel._encode_in_worker("hello", False).tolist() == tokenizer.encode_ordinary("hello")
+
+
 # ----- files -----------------------------------------------------------------
 
 

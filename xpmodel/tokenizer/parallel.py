@@ -2,6 +2,7 @@
 of the tokenizer rebuilt from its JSON."""
 import json
 import multiprocessing
+import signal
 from collections import deque
 
 _worker_tokenizer = None  # set in each worker by _install_worker_tokenizer
@@ -38,6 +39,9 @@ def encode_in_workers(tokenizer_class, document, chunks, workers):
 
 def _install_worker_tokenizer(tokenizer_class, document):
     global _worker_tokenizer
+    # Ctrl-C reaches the whole process group: the command stops the workers
+    # itself (pool.terminate), so a worker does not print its own traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_tokenizer = tokenizer_class._from_document(json.loads(document))
 
 
