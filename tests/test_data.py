@@ -442,8 +442,19 @@ def test_split_takes_the_last_fraction_contiguously():
 def test_split_errors_name_the_numbers():
     with pytest.raises(DataError, match=r"tiny\.txt: corpus has 8 tokens, fewer than block_size \+ 1 = 9"):
         split_tokens(np.arange(8), 0.1, block_size=8, source="tiny.txt")
-    with pytest.raises(DataError, match=r"validation split has 5 tokens.*raise val_fraction"):
+    with pytest.raises(DataError, match=r"validation split has 5 tokens.*raise data.val_fraction "
+                                         r"from 0.05 to 0.09$"):
         split_tokens(np.arange(100), 0.05, block_size=8)
+    split_tokens(np.arange(100), 0.09, block_size=8)                 # the advice holds
+    with pytest.raises(DataError, match=r"training split has 5 tokens.*lower data.val_fraction "
+                                         r"from 0.95 to 0.09$"):
+        split_tokens(np.arange(100), 0.95, block_size=8)
+    with pytest.raises(DataError, match=r"validation split has 1000 tokens.*from 0.1 to 0.103$"):
+        split_tokens(np.arange(10_000), 0.1, block_size=1024)        # 1025 / 10000 rounded up
+    split_tokens(np.arange(10_000), 0.103, block_size=1024)
+    with pytest.raises(DataError, match=r"corpus has 12 tokens, too few for a training and a "
+                                         r"validation split of block_size \+ 1 = 9 each"):
+        split_tokens(np.arange(12), 0.5, block_size=8)               # no fraction holds both
 
 
 def _starts(x: np.ndarray) -> list[int]:

@@ -28,6 +28,7 @@ must then predict each next token from a context with holes in it.
 validation losses of different steps are comparable.
 """
 
+import math
 from typing import Iterator
 
 import numpy
@@ -53,17 +54,29 @@ def split_tokens(tokens, val_fraction: float = 0.1, *, block_size: int, source: 
         raise DataError(f"{source}: corpus has {total} tokens, fewer than block_size + 1 = {window}")
     n_val = int(round(total * val_fraction))
     train, val = tokens[: total - n_val], tokens[total - n_val :]
-    if val_fraction > 0 and len(val) < window:
+    if val_fraction > 0 and (len(val) < window or len(train) < window):
+        enough = _fraction_holding(window, total)
+        if total - int(round(total * enough)) < window:
+            raise DataError(
+                f"{source}: corpus has {total} tokens, too few for a training and a validation "
+                f"split of block_size + 1 = {window} each; lower model.block_size, or set "
+                f"data.val_fraction=0 to train without validation"
+            )
+        split, count = ("validation", len(val)) if len(val) < window else ("training", len(train))
+        change = "raise" if len(val) < window else "lower"
         raise DataError(
-            f"{source}: validation split has {len(val)} tokens, fewer than block_size + 1 = {window}; "
-            f"raise val_fraction from {val_fraction} to at least {window / total:.3g}"
-        )
-    if len(train) < window:
-        raise DataError(
-            f"{source}: training split has {len(train)} tokens, fewer than block_size + 1 = {window}; "
-            f"lower val_fraction from {val_fraction}"
+            f"{source}: {split} split has {count} tokens, fewer than block_size + 1 = {window}; "
+            f"{change} data.val_fraction from {val_fraction} to {enough:g}"
         )
     return train, val
+
+
+def _fraction_holding(window, total):
+    """The least fraction, rounded up to 3 significant digits, whose share of
+    `total` tokens is at least `window`."""
+    exact = window / total
+    scale = 10.0 ** (2 - math.floor(math.log10(exact)))
+    return math.ceil(exact * scale) / scale
 
 
 def eval_batches(tokens, batch_size: int, block_size: int,
