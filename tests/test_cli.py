@@ -295,6 +295,21 @@ def test_sample_rejects_bad_options(trained, capsys):
 _EVAL_LINE = re.compile(r"loss (\S+)\s+perplexity (\S+)\s+bits/byte (\S+)\s+\((\S+) tokens\)")
 
 
+def test_eval_warns_when_the_runs_corpus_changed_since_it_trained(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--config", TINY, "--out", run, f"data.source={corpus}",
+                           "train.max_iters=2")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "eval", run)
+    assert code == 0 and "validation split: loss" in out and err == "", err
+    write_corpus(corpus, lines=300)
+    code, out, err = run_cli(capsys, "eval", run)
+    assert code == 0 and "validation split: loss" in out
+    assert err == (f"warning: {run}: data.source has changed since the run trained on it; this is "
+                   f"the validation split of the corpus as it is now\n")
+
+
 def test_eval_on_the_validation_split_and_on_a_file(trained, tmp_path, capsys):
     code, out, err = run_cli(capsys, "eval", trained["run"])
     assert code == 0, err

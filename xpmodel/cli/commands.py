@@ -249,6 +249,19 @@ def _check_utf8(flag, text):
                          f"{quote(text, 80)})") from None
 
 
+def _warn_if_data_changed(run, train_tokens, val_tokens):
+    """A warning when the run's corpus no longer gives the tokens its newest
+    checkpoint was trained on (its data_fingerprint): eval then scores the
+    validation split of the text as it is now."""
+    from ..train.checkpoint import read_checkpoint_meta
+    from ..train.state import tokens_fingerprint
+    path, _ = run.latest_checkpoint()
+    recorded = None if path is None else read_checkpoint_meta(path).get("data_fingerprint")
+    if recorded is not None and recorded != tokens_fingerprint(train_tokens, val_tokens):
+        print(f"warning: {run.path}: data.source has changed since the run trained on it; this "
+              f"is the validation split of the corpus as it is now", file=sys.stderr, flush=True)
+
+
 def eval_command(args):
     from ..data import prepare, read_token_file
     from ..data.corpus import load_tokens
@@ -265,7 +278,8 @@ def eval_command(args):
     config = RunDir(args.run_dir).load_config()
     T = model.config.block_size
     if source is None:
-        _, tokens = load_tokens(config.data, tokenizer, T, show_progress=False)
+        train_tokens, tokens = load_tokens(config.data, tokenizer, T, show_progress=False)
+        _warn_if_data_changed(RunDir(args.run_dir), train_tokens, tokens)
         what = "validation split"
     else:
         from ..data.corpus import encoding_workers, run_cache_root

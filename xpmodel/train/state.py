@@ -63,10 +63,7 @@ class CheckpointState:
     def data_fingerprint(self):
         """A hex sha256 of the train and validation tokens (computed once)."""
         if self._data_fingerprint is None:
-            digest = hashlib.sha256(b"xpmodel-data-v1")
-            for name, tokens in (("train", self.train_tokens), ("val", self.val_tokens)):
-                _hash_tokens(digest, name, tokens)
-            self._data_fingerprint = digest.hexdigest()
+            self._data_fingerprint = tokens_fingerprint(self.train_tokens, self.val_tokens)
         return self._data_fingerprint
 
     def save(self, path=None):
@@ -209,6 +206,15 @@ class CheckpointState:
         header, _ = self.run_dir.read_checkpoint(self.run_dir.best_path)
         value = None if header is None else header.meta.get("best_val")
         return value if type(value) in (int, float) else None
+
+
+def tokens_fingerprint(train_tokens, val_tokens):
+    """A hex sha256 of a run's train and validation tokens, as its checkpoints
+    record it ("data_fingerprint")."""
+    digest = hashlib.sha256(b"xpmodel-data-v1")
+    for name, tokens in (("train", train_tokens), ("val", val_tokens)):
+        _hash_tokens(digest, name, tokens)
+    return digest.hexdigest()
 
 
 def _hash_tokens(digest, name, tokens):
