@@ -6,6 +6,7 @@ config is refused, and the one-line messages of the new-user audit."""
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +175,16 @@ def test_tokenizer_train_export_hf_refuses_a_model_folder_and_a_non_empty_one(ca
                            "--out", tmp_path / "t.json", "--export-hf", other, "--overwrite")
     assert code == 0, err
     assert (other / "todo.txt").read_text() == "keep" and (other / "tokenizer.json").is_file()
+
+
+def test_tokenizer_train_export_hf_inside_its_corpus_folder_is_refused(capsys, tmp_path, corpus):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    shutil.copy(corpus, folder / "a.txt")
+    _, err = refused(capsys, "tokenizer", "train", folder, "--vocab-size", 260,
+                     "--out", tmp_path / "t.json", "--export-hf", folder / "hf")
+    assert f"--export-hf {folder / 'hf'}: SOURCE '{folder}' reaches into it" in err
+    assert sorted(p.name for p in folder.iterdir()) == ["a.txt"] and not (tmp_path / "t.json").exists()
 
 
 @pytest.mark.parametrize("link", [os.symlink, os.link])

@@ -373,7 +373,7 @@ def token_preview(tokenizer, ids, total):
 
 def tokenizer_train_command(args):
     from ..data import iter_texts
-    from ..data.sources import resolve_given
+    from ..data.sources import reads_from, resolve_given
     from ..tokenizer.bpe import MAX_VOCAB, BPETokenizer
     from ..tokenizer.learning import vocab_size_note
     if not 256 <= args.vocab_size <= MAX_VOCAB:
@@ -382,6 +382,10 @@ def tokenizer_train_command(args):
     check_output(args.out, "--out", source.files, args.overwrite)
     if args.export_hf:
         check_output_dir(args.export_hf, "--export-hf", source.files, args.overwrite)
+        if reads_from(args.source, args.export_hf):
+            raise UsageError(f"--export-hf {args.export_hf}: SOURCE {quote(args.source, 200)} "
+                             f"reaches into it, so the export's merges.txt would become corpus "
+                             f"text; choose a folder outside the corpus")
         if inside(args.out, args.export_hf):
             raise UsageError(f"--out {args.out}: is inside --export-hf {args.export_hf}, whose "
                              f"files the export writes; keep the two apart")
