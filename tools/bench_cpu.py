@@ -34,6 +34,13 @@ CONFIGS.update({"llama-nano-cpu": CONFIGS["nano-cpu"][:-1] + (LLAMA,),
                 "llama-seed": CONFIGS["seed"][:-1] + (dict(LLAMA, n_kv_head=4),)})
 
 
+def model_config(name, xpmodel):
+    """(GPTConfig of the package `xpmodel`, batch size) of CONFIGS[name]."""
+    L, H, C, T, B, V, options = CONFIGS[name]
+    return xpmodel.GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C,
+                             **options), B
+
+
 def xpmodel_step(config, B, xpmodel=None):
     """A training step of `config` at batch B, by the package `xpmodel` (default:
     the installed one; tools/ab_checkouts.py passes another checkout's)."""
@@ -136,9 +143,8 @@ def main():
           f"threads {args.threads}, cpus {os.cpu_count()}")
     print(f"{cpu_model()}; NumPy's BLAS: {blas_kernel()}")
     for name in args.configs:
-        L, H, C, T, B, V, options = CONFIGS[name]
-        config = xpmodel.GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C,
-                                   **options)
+        L, H, C, T, B, V, _ = CONFIGS[name]
+        config, _ = model_config(name, xpmodel)
         ours = xpmodel_step(config, B)
         ours()                                  # warm up
         tracemalloc.start()
